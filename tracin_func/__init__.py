@@ -1,0 +1,18 @@
+"""tracin_func: functional TracIn influence for PyTorch."""
+
+from ._api import embeddings, influence, self_influence, top_k
+from ._checkpoints import Checkpoint, load_checkpoints
+from ._loss import ExampleLoss
+from ._topk import TopK
+
+__all__ = [
+    "Checkpoint",
+    "ExampleLoss",
+    "TopK",
+    "embeddings",
+    "influence",
+    "load_checkpoints",
+    "self_influence",
+    "top_k",
+]
+__version__ = "0.1.0"

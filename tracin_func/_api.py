@@ -1,0 +1,258 @@
+"""Public scoring functions: validate at the edge, prepare each checkpoint once, then fold the pure core."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypedDict
+
+import torch
+from tqdm.auto import tqdm
+
+from ._checkpoints import Checkpoint
+from ._grads import with_loop_fallback
+from ._loss import ExampleLoss, example_loss
+from ._model import ParamSelector, model_spec, prepare
+from ._scorer import Run, embedding_rows, make_updates, score_blocks, self_scores, test_representations
+from ._topk import TopK, merge
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+
+class Options(TypedDict, total=False):
+    """Keyword options shared by every scorer (see :func:`influence` for their meaning)."""
+
+    params: ParamSelector
+    layers: Sequence[str] | None
+    batch_size: int
+    chunk_size: int | None
+    device: str | torch.device | None
+    dtype: torch.dtype | None
+    strict: bool
+    progress: bool
+    compile: bool
+
+
+def _default_device(model: Any, first: Checkpoint) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for t in (*model.parameters(), *model.buffers()):
+            return t.device
+    tensors = [t for t in first.params.values() if isinstance(t, torch.Tensor)]
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    return value
+
+
+def _check_options(options: dict[str, Any], function: str) -> None:
+    unknown = sorted(set(options) - set(Options.__annotations__))
+    if unknown:
+        raise TypeError(f"`{function}` got unknown option(s) {unknown}; options are {sorted(Options.__annotations__)}.")
+
+
+def _run(
+    model: Any,
+    checkpoints: Iterable[Checkpoint],
+    *,
+    loss_fn: Any,
+    test_loss_fn: Any = None,
+    params: ParamSelector = None,
+    layers: Sequence[str] | None = None,
+    batch_size: int = 64,
+    chunk_size: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
+    progress: bool = False,
+    compile: bool = False,
+) -> Run:
+    """Validate the options shared by every scorer and prepare each checkpoint once."""
+    if isinstance(checkpoints, (Checkpoint, str)) or not isinstance(checkpoints, Iterable):
+        raise TypeError(
+            f"`checkpoints` must be a list of `tc.Checkpoint`, got {type(checkpoints).__name__}; load files with "
+            f"`tc.load_checkpoints(...)`."
+        )
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        raise ValueError("`checkpoints` is empty; pass at least one `tc.Checkpoint(params=..., lr=...)`.")
+    if loss_fn is None:
+        raise TypeError("`loss_fn` is required: a criterion such as `nn.CrossEntropyLoss()`, or `tc.ExampleLoss(fn)`.")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"`dtype` must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
+    batch_size = _positive_int(batch_size, "batch_size")
+    if chunk_size is not None:
+        _positive_int(chunk_size, "chunk_size")
+    first = checkpoints[0]
+    if not isinstance(first, Checkpoint):
+        raise TypeError(
+            f"`checkpoints[0]` is a {type(first).__name__}; wrap it as `tc.Checkpoint(params=state_dict, lr=...)` or "
+            f"load files with `tc.load_checkpoints`."
+        )
+    spec = model_spec(model, first.params, params, layers)
+    target = torch.device(device) if device is not None else _default_device(model, first)
+    bar = tqdm(checkpoints, desc="preparing checkpoints", unit="ckpt", disable=not progress, leave=False)
+    prepared = [prepare(spec, c, i, device=target, dtype=dtype, strict=strict) for i, c in enumerate(bar)]
+    test_loss_fn = loss_fn if test_loss_fn is None else test_loss_fn
+    train_loss = example_loss(spec.forward, loss_fn, "loss_fn")
+    test_loss = example_loss(spec.forward, test_loss_fn, "test_loss_fn")
+    updates = make_updates(
+        with_loop_fallback(train_loss, chunk_size), with_loop_fallback(test_loss, chunk_size), compile=compile
+    )
+    needs_target = (not isinstance(loss_fn, ExampleLoss), not isinstance(test_loss_fn, ExampleLoss))
+    return Run(prepared, updates, target, dtype, batch_size, needs_target, progress)
+
+
+def influence(
+    model: Any,
+    checkpoints: Iterable[Checkpoint],
+    train: Any,
+    test: Any,
+    *,
+    loss_fn: Any,
+    test_loss_fn: Any = None,
+    aggregate: bool = False,
+    **options: Unpack[Options],
+) -> torch.Tensor:
+    """TracIn influence of every training example on every test example.
+
+    ``S[i, j] = sum_c lr_c <grad test_loss(test_i; theta_c), grad loss(train_j; theta_c)>``.
+
+    Args:
+        model: an ``nn.Module`` (only its function shape is used; it is never modified) or a pure function
+            ``f(params, *inputs)``.
+        checkpoints: ``tc.Checkpoint`` list, from :func:`load_checkpoints` or kept by a training loop.
+        train, test: a batch ``(x1, ..., xk, y)``, a ``Dataset``, a ``DataLoader`` or an iterable of batches. The
+            model gets ``x1..xk``; the target comes last. Index ``j`` is the j-th example in iteration order.
+        loss_fn: criterion ``loss_fn(outputs, targets)`` with any ``reduction`` (one example's loss is the sum over
+            its elements for ``"none"`` / ``"sum"``, their mean for ``"mean"``), or ``tc.ExampleLoss(fn)``.
+        test_loss_fn: the same for test examples; defaults to ``loss_fn``.
+        aggregate: sum over test examples, returning ``[1, n_train]``.
+        **options: shared by every scorer:
+
+            - ``params``: names of the parameters to differentiate, or a predicate ``name -> bool``. Default:
+              every parameter of the model that requires grad. ``layers`` (module names) selects the parameters
+              under those modules instead, like Captum's ``layers=``.
+            - ``batch_size`` (64): examples per batch when data is a single batch or a ``Dataset``.
+            - ``chunk_size``: examples per ``vmap`` call inside a batch (bounds activation memory).
+            - ``device`` / ``dtype``: where and in which floating dtype to compute (``torch.float64`` works end to
+              end). Default: the model's device, the checkpoints' dtype.
+            - ``strict`` (True): a checkpoint must hold every entry of the model's state dict; ``False`` takes
+              missing ones from the model. Unexpected entries are always an error.
+            - ``progress`` (False): tqdm bars over checkpoints and batches.
+            - ``compile`` (False): run the per-checkpoint updates through ``torch.compile`` (same numbers).
+
+    Returns:
+        ``[n_test, n_train]`` float tensor (``[1, n_train]`` with ``aggregate=True``).
+
+    Memory: the test gradients of every checkpoint are kept (``C * n_test * P`` floats); split very large test
+    sets into several calls.
+
+    Example:
+        >>> import torch, tracin_func as tc
+        >>> model = torch.nn.Linear(4, 3)
+        >>> ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+        >>> x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+        >>> S = tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=torch.nn.CrossEntropyLoss())
+        >>> S.shape
+        torch.Size([2, 10])
+    """
+    _check_options(options, "influence")
+    run = _run(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
+    test_reps = test_representations(run, test, aggregate=aggregate)
+    blocks = [block for _, block in score_blocks(run, test_reps, train, "influence")]
+    if not blocks:
+        raise ValueError("`train` holds no examples.")
+    return torch.cat(blocks, dim=1)
+
+
+def top_k(
+    model: Any,
+    checkpoints: Iterable[Checkpoint],
+    train: Any,
+    test: Any,
+    *,
+    k: int,
+    loss_fn: Any,
+    test_loss_fn: Any = None,
+    proponents: bool = True,
+    aggregate: bool = False,
+    **options: Unpack[Options],
+) -> TopK:
+    """The ``k`` strongest proponents (highest scores) or opponents (lowest) of each test example.
+
+    Streams over training batches keeping a running top-k, so memory does not grow with ``n_train``. Arguments
+    and options as in :func:`influence`, plus ``k`` (``1 <= k <= n_train``) and ``proponents``.
+
+    Returns:
+        ``TopK(indices, scores)``, each ``[n_test, k]`` (``[1, k]`` with ``aggregate=True``), sorted by score:
+        descending for proponents, ascending for opponents.
+
+    Example:
+        >>> import torch, tracin_func as tc
+        >>> model = torch.nn.Linear(4, 3)
+        >>> ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+        >>> x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+        >>> top = tc.top_k(model, ckpts, (x, y), (x[:2], y[:2]), k=3, loss_fn=torch.nn.CrossEntropyLoss())
+        >>> top.indices.shape, bool((top.scores[:, :-1] >= top.scores[:, 1:]).all())
+        (torch.Size([2, 3]), True)
+    """
+    _check_options(options, "top_k")
+    k = _positive_int(k, "k")
+    run = _run(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
+    test_reps = test_representations(run, test, aggregate=aggregate)
+    best, seen = None, 0
+    for offset, block in score_blocks(run, test_reps, train, "proponents" if proponents else "opponents"):
+        best, seen = merge(best, block, offset, k, largest=proponents), offset + block.shape[1]
+    if best is None or seen < k:
+        raise ValueError(f"`k`={k} exceeds the number of training examples ({seen}); pass `k <= {seen}`.")
+    return best
+
+
+def self_influence(
+    model: Any, checkpoints: Iterable[Checkpoint], data: Any, *, loss_fn: Any, **options: Unpack[Options]
+) -> torch.Tensor:
+    """Self-influence ``sum_c lr_c |grad loss(z; theta_c)|^2`` of every example of ``data``.
+
+    ``data`` is the training data or any other. High values flag examples the model found surprising, often
+    mislabeled ones. Arguments and options as in :func:`influence`.
+
+    Returns:
+        ``[n]`` float tensor, equal to the diagonal of ``influence(data, data)``.
+
+    Example:
+        >>> import torch, tracin_func as tc
+        >>> model = torch.nn.Linear(4, 3)
+        >>> ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+        >>> x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+        >>> tc.self_influence(model, ckpts, (x, y), loss_fn=torch.nn.CrossEntropyLoss()).shape
+        torch.Size([10])
+    """
+    _check_options(options, "self_influence")
+    return self_scores(_run(model, checkpoints, loss_fn=loss_fn, **options), data)
+
+
+def embeddings(
+    model: Any, checkpoints: Iterable[Checkpoint], data: Any, *, loss_fn: Any, **options: Unpack[Options]
+) -> torch.Tensor:
+    """Influence embeddings: per checkpoint ``sqrt(lr_c) * grad loss(z; theta_c)``, concatenated over checkpoints,
+    so that ``embeddings(test) @ embeddings(train).T == influence(train, test)``.
+
+    Embed test examples with the test loss (``loss_fn=test_loss_fn``). Arguments and options as in
+    :func:`influence`.
+
+    Returns:
+        ``[n, C * P]`` float tensor (C checkpoints, P differentiated parameters).
+
+    Example:
+        >>> import torch, tracin_func as tc
+        >>> model = torch.nn.Linear(4, 3)
+        >>> ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)] * 2
+        >>> x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+        >>> tc.embeddings(model, ckpts, (x, y), loss_fn=torch.nn.CrossEntropyLoss()).shape
+        torch.Size([10, 30])
+    """
+    _check_options(options, "embeddings")
+    return embedding_rows(_run(model, checkpoints, loss_fn=loss_fn, **options), data)

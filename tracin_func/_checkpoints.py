@@ -1,0 +1,187 @@
+"""Checkpoints: a parameter dict and the learning rate that weights it, and loading them from files."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import optree
+import torch
+
+NAMESPACE = "tracin_func"
+
+PathLike = Union[str, "os.PathLike[str]"]
+LR_KEYS = ("learning_rate", "lr")
+STATE_KEYS = ("model_state_dict", "state_dict")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Model state at one point of training and the learning rate that weights its scores.
+
+    A pytree (optree namespace ``"tracin_func"``) whose leaves are the tensors of ``params`` and ``lr``.
+
+    Attributes:
+        params: ``{name: tensor}``, the model's state dict (parameters and buffers) at this checkpoint.
+        lr: learning rate used after this checkpoint, a positive finite number or 0-d tensor.
+
+    Example:
+        >>> import torch, tracin_func as tc
+        >>> ckpt = tc.Checkpoint(params={"weight": torch.zeros(2, 3)}, lr=0.1)
+        >>> ckpt.lr
+        0.1
+    """
+
+    params: Mapping[str, torch.Tensor]
+    lr: float | torch.Tensor = 1.0
+
+
+def _flatten(ckpt: Checkpoint):
+    keys = tuple(ckpt.params)
+    return (tuple(ckpt.params[k] for k in keys) + (ckpt.lr,)), keys, (*keys, "lr")
+
+
+def _unflatten(keys: tuple[str, ...], leaves: Iterable[Any]) -> Checkpoint:
+    *values, lr = leaves
+    return Checkpoint(params=dict(zip(keys, values)), lr=lr)
+
+
+optree.register_pytree_node(Checkpoint, _flatten, _unflatten, namespace=NAMESPACE)
+
+
+def check_lr(lr: Any, where: str) -> None:
+    """Raise unless ``lr`` is a positive finite number (a Python number or a 0-d tensor)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(
+                f"`lr` of {where} must be a number or a 0-d tensor, got a tensor of shape {tuple(lr.shape)}."
+            )
+        value = float(lr.detach().reshape(()).cpu())
+    elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        value = float(lr)
+    else:
+        raise TypeError(f"`lr` of {where} must be a positive number, got {lr!r} of type {type(lr).__name__}.")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"`lr` of {where} must be positive and finite, got {value}. Pass the learning rate used after it."
+        )
+
+
+def _natural_key(path: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", os.path.basename(path))]
+
+
+def _list_directory(directory: str) -> list[str]:
+    files = [os.path.join(directory, f) for f in os.listdir(directory) if not f.startswith(".")]
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        raise ValueError(f"`source` directory {directory!r} contains no checkpoint files.")
+    return sorted(files, key=_natural_key)
+
+
+def _read_file(path: str, *, map_location: Any, weights_only: bool) -> Mapping[str, Any]:
+    if str(path).endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:  # pragma: no cover - depends on the optional extra
+            raise ImportError(
+                f"Loading {path!r} needs the `safetensors` package: pip install 'tracin-func[safetensors]'."
+            ) from err
+        device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
+        return load_file(path, device=str(device))
+    obj = torch.load(path, map_location=map_location, weights_only=weights_only)
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"Checkpoint file {path!r} holds a {type(obj).__name__}, expected a state dict (a mapping).")
+    return obj
+
+
+def split_state_and_lr(obj: Mapping[str, Any], where: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a loaded checkpoint into its state dict and its stored learning rate (``None`` if absent).
+
+    Accepts a flat state dict, a flat state dict with a ``learning_rate`` (or ``lr``) entry, or a dict holding
+    ``model_state_dict`` / ``state_dict`` next to ``learning_rate`` (Captum's tutorial format). A ``module.``
+    prefix (DataParallel / DDP) is stripped from every key.
+    """
+    lr = next((obj[k] for k in LR_KEYS if k in obj), None)
+    nested = next((k for k in STATE_KEYS if k in obj), None)
+    state = obj[nested] if nested is not None else {k: v for k, v in obj.items() if k not in LR_KEYS}
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise TypeError(
+            f"Checkpoint {where} has non-tensor entries {bad[:5]}; expected a state dict, optionally with a "
+            f"`learning_rate` entry or nested under `model_state_dict`."
+        )
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state), lr
+
+
+def load_checkpoints(
+    source: PathLike | Sequence[PathLike] | Iterable[PathLike],
+    *,
+    lr: float | Sequence[float] | None = None,
+    map_location: Any = "cpu",
+    weights_only: bool = True,
+) -> list[Checkpoint]:
+    """Load checkpoints from files into memory.
+
+    Args:
+        source: a directory (every non-hidden file in it, in natural order: ``ckpt-2`` before ``ckpt-10``), a list
+            of paths (kept in the given order), or an iterator of paths. The iterator is consumed once and its
+            checkpoints are materialised in memory: scoring visits every checkpoint once per training block.
+        lr: learning rate for all checkpoints, or one per checkpoint. Overrides the one stored in a file. When
+            ``None``, each file must store one (``learning_rate`` or ``lr``).
+        map_location: passed to ``torch.load``; the default loads onto the CPU.
+        weights_only: passed to ``torch.load``. Keep ``True`` unless you trust the files: unpickling can run
+            arbitrary code.
+
+    Supported files: a ``torch.save``d state dict; a dict with ``model_state_dict`` / ``state_dict`` and
+    ``learning_rate`` (Captum tutorial format); a flat state dict with a ``learning_rate`` entry; ``.safetensors``
+    (needs the ``safetensors`` extra; no learning rate inside, pass ``lr=``). A ``module.`` prefix is stripped.
+
+    Returns:
+        ``list[Checkpoint]`` in the order described above.
+
+    Example:
+        >>> import os, tempfile, torch, tracin_func as tc
+        >>> d = tempfile.mkdtemp()
+        >>> for epoch in (2, 10):
+        ...     state = {"weight": torch.full((1, 2), float(epoch))}
+        ...     torch.save({"model_state_dict": state, "learning_rate": 0.1}, os.path.join(d, f"ckpt-{epoch}.pt"))
+        >>> [c.params["weight"][0, 0].item() for c in tc.load_checkpoints(d)]
+        [2.0, 10.0]
+    """
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isdir(source):
+            raise ValueError(f"`source` {os.fspath(source)!r} is not a directory; pass a directory or a list of paths.")
+        paths: list[str] = _list_directory(os.fspath(source))
+    else:
+        paths = [os.fspath(p) for p in source]
+    if not paths:
+        raise ValueError("`source` holds no checkpoints; pass a non-empty directory or list of paths.")
+    if lr is None or isinstance(lr, (int, float, torch.Tensor)):
+        lrs: list[Any] = [lr] * len(paths)
+    else:
+        lrs = list(lr)
+        if len(lrs) != len(paths):
+            raise ValueError(
+                f"`lr` has {len(lrs)} entries but there are {len(paths)} checkpoints; give one per checkpoint."
+            )
+    checkpoints = []
+    for path, given_lr in zip(paths, lrs):
+        state, stored_lr = split_state_and_lr(
+            _read_file(path, map_location=map_location, weights_only=weights_only), repr(path)
+        )
+        ckpt_lr = given_lr if given_lr is not None else stored_lr
+        if ckpt_lr is None:
+            raise ValueError(
+                f"Checkpoint {path!r} stores no learning rate; pass `lr=` (one value or one per checkpoint) or save "
+                f"it as a `learning_rate` entry."
+            )
+        check_lr(ckpt_lr, repr(path))
+        checkpoints.append(Checkpoint(params=state, lr=ckpt_lr))
+    return checkpoints

@@ -1,0 +1,106 @@
+"""Data at the edge: turn a batch, a Dataset, a DataLoader or an iterable of batches into batches on a device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import optree
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+Batch = Any  # a tuple (x1, ..., xk, y) of tensors, or a dict / pytree of tensors with a leading batch dim
+
+
+def is_single_batch(data: Any) -> bool:
+    """A tuple / list of tensors, or a dict whose leaves are tensors, is one batch; a list of tuples is not."""
+    if isinstance(data, Mapping):
+        leaves = optree.tree_leaves(data, none_is_leaf=True)
+        return bool(leaves) and all(isinstance(leaf, torch.Tensor) for leaf in leaves)
+    return isinstance(data, (tuple, list)) and len(data) > 0 and all(isinstance(x, torch.Tensor) for x in data)
+
+
+def batch_size_of(batch: Batch, where: str) -> int:
+    """Leading size shared by all tensors of ``batch``; raise if they disagree or a leaf is not a tensor."""
+    leaves = optree.tree_leaves(batch, none_is_leaf=True)
+    if not leaves or not all(isinstance(leaf, torch.Tensor) and leaf.dim() > 0 for leaf in leaves):
+        kinds = [
+            type(leaf).__name__ if not isinstance(leaf, torch.Tensor) else f"Tensor{tuple(leaf.shape)}"
+            for leaf in leaves
+        ]
+        raise TypeError(
+            f"{where}: every element of a batch must be a tensor with a leading batch dimension, got {kinds[:6]}. "
+            f"Pass batches like `(x, y)` or `(x1, x2, y)`."
+        )
+    sizes = {leaf.shape[0] for leaf in leaves}
+    if len(sizes) != 1:
+        shapes = [tuple(leaf.shape) for leaf in leaves]
+        raise ValueError(f"{where}: the tensors of a batch disagree on the batch size: shapes {shapes[:6]}.")
+    return sizes.pop()
+
+
+def check_batch_structure(batch: Batch, where: str, *, needs_target: bool) -> None:
+    """A criterion needs ``(x1, ..., xk, y)``; a per-example loss takes any structure."""
+    if not needs_target:
+        return
+    if isinstance(batch, Mapping):
+        raise TypeError(
+            f"{where}: a dict batch (keys {list(batch)[:6]}) needs a per-example loss; wrap your loss as "
+            f"`tc.ExampleLoss(lambda params, batch: ...)`, or pass tuples `(x1, ..., xk, y)`."
+        )
+    if not isinstance(batch, (tuple, list)):
+        raise TypeError(f"{where}: expected a batch `(x1, ..., xk, y)`, got {type(batch).__name__}.")
+    if len(batch) < 2:
+        raise ValueError(
+            f"{where}: a batch of {len(batch)} element has no target; pass `(x1, ..., xk, y)` with the target last "
+            f"(the model gets `x1..xk`)."
+        )
+
+
+def _slice(batch: Batch, start: int, stop: int) -> Batch:
+    return optree.tree_map(lambda t: t[start:stop], batch, none_is_leaf=True)
+
+
+def iter_batches(data: Any, batch_size: int, where: str) -> Iterator[Batch]:
+    """Yield batches of ``data`` in order: a single batch is cut into ``batch_size`` slices, a ``Dataset`` is
+    wrapped in an unshuffled ``DataLoader``, a ``DataLoader`` or any other iterable of batches is used as is."""
+    if is_single_batch(data):
+        n = batch_size_of(data, where)
+        for start in range(0, n, batch_size):
+            yield _slice(data, start, min(start + batch_size, n))
+        return
+    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        data = DataLoader(data, batch_size=batch_size, shuffle=False)
+    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"`{where}` must be a batch `(x1, ..., xk, y)`, a Dataset, a DataLoader or an iterable of batches; "
+            f"got {type(data).__name__}."
+        )
+    yield from data
+
+
+def num_batches(data: Any, batch_size: int) -> int | None:
+    """Number of batches ``iter_batches`` yields, when known without iterating (for progress bars)."""
+    if is_single_batch(data):
+        leaves = optree.tree_leaves(data)
+        return -(-leaves[0].shape[0] // batch_size) if leaves[0].dim() else None
+    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        try:
+            return -(-len(data) // batch_size)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> Batch:
+    """Move every tensor to ``device``; cast floating tensors to ``dtype`` when given (integers stay integers)."""
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device)
+
+    return optree.tree_map(move, batch, none_is_leaf=True)

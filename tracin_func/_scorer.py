@@ -1,0 +1,149 @@
+"""The stateless scorer: pure per-checkpoint updates, folded over checkpoints for each block of training data.
+
+Loop order (DESIGN.md): training blocks outside, checkpoints inside, test gradients computed once per checkpoint
+and cached. Each checkpoint is prepared once per call; each training batch is differentiated once per checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ._data import batch_size_of, check_batch_structure, iter_batches, num_batches, to_device
+from ._grads import GradFn
+from ._model import Prepared
+from ._reps import Dense
+
+
+class Updates(NamedTuple):
+    """Pure functions of one checkpoint and one batch; each may be wrapped by ``torch.compile``."""
+
+    cross: Callable[..., torch.Tensor]  # (acc, diff, frozen, lr, test_rep, batch) -> acc + lr <test, train>
+    self: Callable[..., torch.Tensor]  # (acc, diff, frozen, lr, batch) -> acc + lr |train|^2
+    embed: Callable[..., torch.Tensor]  # (diff, frozen, lr, batch) -> sqrt(lr) train gradients, [B, P]
+    test: Callable[..., Dense]  # (diff, frozen, batch) -> test gradient representation
+
+
+def make_updates(train_grads: GradFn, test_grads: GradFn, *, compile: bool = False) -> Updates:
+    """The per-checkpoint updates of every scorer, built on the given per-sample gradient functions."""
+
+    def cross(acc, diff, frozen, lr, test_rep: Dense, batch):
+        return acc + lr * test_rep.dot(Dense(train_grads(diff, frozen, batch)))
+
+    def self_(acc, diff, frozen, lr, batch):
+        return acc + lr * Dense(train_grads(diff, frozen, batch)).sq_norm()
+
+    def embed(diff, frozen, lr, batch):
+        return Dense(train_grads(diff, frozen, batch)).flat() * lr.sqrt()
+
+    def test(diff, frozen, batch):
+        return Dense(test_grads(diff, frozen, batch))
+
+    updates = Updates(cross, self_, embed, test)
+    if compile:
+        updates = Updates(*(torch.compile(fn) for fn in updates))
+    return updates
+
+
+class Run(NamedTuple):
+    """Everything a scoring call needs, validated and prepared once."""
+
+    checkpoints: list[Prepared]
+    updates: Updates
+    device: torch.device
+    dtype: torch.dtype | None
+    batch_size: int
+    needs_target: tuple[bool, bool]  # (train, test): a criterion needs (x..., y) batches
+    progress: bool
+
+
+def _batches(run: Run, data: Any, where: str, desc: str) -> Iterator[tuple[int, Any]]:
+    """(offset, batch on device) pairs of the argument named ``where``, validated, with a progress bar."""
+    needs_target = run.needs_target[where == "test"]
+    bar = tqdm(
+        iter_batches(data, run.batch_size, where),
+        total=num_batches(data, run.batch_size),
+        desc=desc,
+        unit="batch",
+        disable=not run.progress,
+        leave=False,
+    )
+    offset = 0
+    for i, batch in enumerate(bar):
+        check_batch_structure(batch, f"`{where}` batch {i}", needs_target=needs_target)
+        n = batch_size_of(batch, f"`{where}` batch {i}")
+        yield offset, to_device(batch, run.device, run.dtype)
+        offset += n
+
+
+def _check_finite(values: torch.Tensor, example_dim: int, offset: int, where: str, ckpt: int) -> None:
+    """Raise naming the examples (along ``example_dim`` of ``values``) whose scores are NaN or infinite."""
+    finite = torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    other = [d for d in range(values.dim()) if d != example_dim % values.dim()]
+    bad = ((~finite).any(dim=other) if other else ~finite).nonzero().flatten() + offset
+    raise FloatingPointError(
+        f"Non-finite gradients for `{where}` examples {bad.tolist()[:10]} at checkpoints[{ckpt}]: the loss or its "
+        f"gradient is NaN or infinite there. Check those inputs and targets, the checkpoint's weights, and the dtype."
+    )
+
+
+def test_representations(run: Run, test: Any, *, aggregate: bool) -> list[Dense]:
+    """One test-gradient representation per checkpoint (summed over test examples when ``aggregate``)."""
+    per_ckpt: list[list[Dense]] = [[] for _ in run.checkpoints]
+    for offset, batch in _batches(run, test, "test", "test gradients"):
+        for c, ckpt in enumerate(run.checkpoints):
+            rep = run.updates.test(ckpt.diff, ckpt.frozen, batch)
+            _check_finite(rep.sq_norm(), 0, offset, "test", c)
+            per_ckpt[c].append(rep.total() if aggregate else rep)
+    if not per_ckpt[0]:
+        raise ValueError("`test` holds no examples.")
+    if aggregate:
+        return [Dense({n: sum(r.grads[n] for r in reps) for n in reps[0].grads}) for reps in per_ckpt]
+    return [Dense.concat(reps) for reps in per_ckpt]
+
+
+def score_blocks(run: Run, test_reps: list[Dense], train: Any, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(offset, scores [n_test, b])`` for each training batch: sum over checkpoints of lr <test, train>."""
+    n_test = test_reps[0].size
+    for offset, batch in _batches(run, train, "train", desc):
+        acc = torch.zeros(n_test, batch_size_of(batch, "train"), device=run.device, dtype=_acc_dtype(run))
+        for c, (ckpt, test_rep) in enumerate(zip(run.checkpoints, test_reps)):
+            acc = run.updates.cross(acc, ckpt.diff, ckpt.frozen, ckpt.lr, test_rep, batch)
+            _check_finite(acc, 1, offset, "train", c)
+        yield offset, acc
+
+
+def self_scores(run: Run, data: Any) -> torch.Tensor:
+    """``[n]``: sum over checkpoints of lr |grad|^2 for every example of ``data``."""
+    out = []
+    for offset, batch in _batches(run, data, "data", "self-influence"):
+        acc = torch.zeros(batch_size_of(batch, "data"), device=run.device, dtype=_acc_dtype(run))
+        for c, ckpt in enumerate(run.checkpoints):
+            acc = run.updates.self(acc, ckpt.diff, ckpt.frozen, ckpt.lr, batch)
+            _check_finite(acc, 0, offset, "data", c)
+        out.append(acc)
+    if not out:
+        raise ValueError("`data` holds no examples.")
+    return torch.cat(out)
+
+
+def embedding_rows(run: Run, data: Any) -> torch.Tensor:
+    """``[n, C * P]``: per checkpoint ``sqrt(lr) * grad``, concatenated in checkpoint order."""
+    out = []
+    for offset, batch in _batches(run, data, "train", "embeddings"):
+        rows = [run.updates.embed(ckpt.diff, ckpt.frozen, ckpt.lr, batch) for ckpt in run.checkpoints]
+        for c, r in enumerate(rows):
+            _check_finite(r, 0, offset, "data", c)
+        out.append(torch.cat(rows, dim=1))
+    if not out:
+        raise ValueError("`data` holds no examples.")
+    return torch.cat(out)
+
+
+def _acc_dtype(run: Run) -> torch.dtype:
+    return run.checkpoints[0].lr.dtype
