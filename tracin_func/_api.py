@@ -9,10 +9,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ._checkpoints import Checkpoint
-from ._grads import with_loop_fallback
+from ._factored import make_plan, representation_fn
 from ._loss import ExampleLoss, example_loss
 from ._model import ParamSelector, model_spec, prepare
-from ._scorer import Run, embedding_rows, make_updates, score_blocks, self_scores, test_representations
+from ._scorer import Run, Updates, embedding_rows, make_updates, score_blocks, self_scores, test_representations
 from ._topk import TopK, merge
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ class Options(TypedDict, total=False):
     strict: bool
     progress: bool
     compile: bool
+    factored: bool | None
 
 
 def _default_device(model: Any, first: Checkpoint) -> torch.device:
@@ -68,6 +69,7 @@ def _run(
     strict: bool = True,
     progress: bool = False,
     compile: bool = False,
+    factored: bool | None = None,
 ) -> Run:
     """Validate the options shared by every scorer and prepare each checkpoint once."""
     if isinstance(checkpoints, (Checkpoint, str)) or not isinstance(checkpoints, Iterable):
@@ -98,11 +100,16 @@ def _run(
     test_loss_fn = loss_fn if test_loss_fn is None else test_loss_fn
     train_loss = example_loss(spec.forward, loss_fn, "loss_fn")
     test_loss = example_loss(spec.forward, test_loss_fn, "test_loss_fn")
-    updates = make_updates(
-        with_loop_fallback(train_loss, chunk_size), with_loop_fallback(test_loss, chunk_size), compile=compile
-    )
+
+    def build(batch: Any) -> Updates:
+        first = prepared[0]
+        losses = [train_loss] if test_loss is train_loss else [train_loss, test_loss]
+        plan = make_plan(model, spec.diff_names, losses, first.diff, first.frozen, batch, factored=factored)
+        reps = [representation_fn(model, loss, plan, chunk_size) for loss in (train_loss, test_loss)]
+        return make_updates(*reps, compile=compile)
+
     needs_target = (not isinstance(loss_fn, ExampleLoss), not isinstance(test_loss_fn, ExampleLoss))
-    return Run(prepared, updates, target, dtype, batch_size, needs_target, progress)
+    return Run(prepared, build, target, dtype, batch_size, needs_target, progress)
 
 
 def influence(
@@ -143,6 +150,10 @@ def influence(
               missing ones from the model. Unexpected entries are always an error.
             - ``progress`` (False): tqdm bars over checkpoints and batches.
             - ``compile`` (False): run the per-checkpoint updates through ``torch.compile`` (same numbers).
+            - ``factored`` (None): how Linear / Conv / Embedding layers are handled. ``None`` picks per layer by
+              a cost model: exact factored inner products from layer inputs and output gradients (no per-sample
+              gradient formed) when ``T^2 (d_in + d_out) < d_in d_out`` for ``T`` rows per example, else dense
+              per-sample gradients. ``True`` factors every eligible layer, ``False`` none. Same numbers.
 
     Returns:
         ``[n_test, n_train]`` float tensor (``[1, n_train]`` with ``aggregate=True``).
@@ -161,8 +172,8 @@ def influence(
     """
     _check_options(options, "influence")
     run = _run(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
-    test_reps = test_representations(run, test, aggregate=aggregate)
-    blocks = [block for _, block in score_blocks(run, test_reps, train, "influence")]
+    updates, test_reps = test_representations(run, test, aggregate=aggregate)
+    blocks = [block for _, block in score_blocks(run, updates, test_reps, train, "influence")]
     if not blocks:
         raise ValueError("`train` holds no examples.")
     return torch.cat(blocks, dim=1)
@@ -202,9 +213,9 @@ def top_k(
     _check_options(options, "top_k")
     k = _positive_int(k, "k")
     run = _run(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
-    test_reps = test_representations(run, test, aggregate=aggregate)
+    updates, test_reps = test_representations(run, test, aggregate=aggregate)
     best, seen = None, 0
-    for offset, block in score_blocks(run, test_reps, train, "proponents" if proponents else "opponents"):
+    for offset, block in score_blocks(run, updates, test_reps, train, "proponents" if proponents else "opponents"):
         best, seen = merge(best, block, offset, k, largest=proponents), offset + block.shape[1]
     if best is None or seen < k:
         raise ValueError(f"`k`={k} exceeds the number of training examples ({seen}); pass `k <= {seen}`.")

@@ -12,69 +12,67 @@ from torch.func import grad, vmap
 
 from ._loss import ExampleLossFn
 
-Grads = dict[str, torch.Tensor]  # {name: [B, *shape]}
-GradFn = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], Any], Grads]
+Tensors = Mapping[str, torch.Tensor]
+GradFn = Callable[[Tensors, Tensors, Any], dict[str, torch.Tensor]]  # (diff, frozen, batch) -> {name: [B, ...]}
 
 
-def _one_example_loss(loss: ExampleLossFn) -> Callable[..., torch.Tensor]:
-    """Loss of ONE example without its batch dimension: restore it (batch of one), as the torch.func tutorial."""
-
-    def loss_of_example(
-        diff: Mapping[str, torch.Tensor], frozen: Mapping[str, torch.Tensor], example: Any
-    ) -> torch.Tensor:
-        batch = optree.tree_map(lambda t: t.unsqueeze(0), example, none_is_leaf=True)
-        out = loss({**frozen, **diff}, batch)
-        if not isinstance(out, torch.Tensor) or out.numel() != 1:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"The per-example loss must return a scalar, got {shape}.")
-        return out.reshape(())
-
-    return loss_of_example
+def batch_of_one(example: Any) -> Any:
+    """Give every tensor of one example back its batch dimension, as the torch.func per-sample-gradient tutorial."""
+    return optree.tree_map(lambda t: t.unsqueeze(0), example, none_is_leaf=True)
 
 
-def vmapped_grads(loss: ExampleLossFn, chunk_size: int | None = None) -> GradFn:
-    """``(diff, frozen, batch) -> {name: [B, *shape]}``: a pure function, safe under ``torch.compile``."""
-    return vmap(grad(_one_example_loss(loss)), in_dims=(None, None, 0), chunk_size=chunk_size)
+def scalar_loss(loss: ExampleLossFn, state: Tensors, batch: Any) -> torch.Tensor:
+    out = loss(state, batch)
+    if not isinstance(out, torch.Tensor) or out.numel() != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"The per-example loss must return a scalar, got {shape}.")
+    return out.reshape(())
 
 
 def _example(batch: Any, i: int) -> Any:
     return optree.tree_map(lambda t: t[i], batch, none_is_leaf=True)
 
 
-def looped_grads(loss: ExampleLossFn) -> GradFn:
-    """The same function as :func:`vmapped_grads`, one ``grad`` call per example."""
-    one = grad(_one_example_loss(loss))
+def over_batch(one: Callable[..., Any], n_static: int, chunk_size: int | None = None) -> Callable[..., Any]:
+    """Map ``one(*static, example)`` over the examples of a batch (its last argument), stacking the outputs.
 
-    def grads(diff: Mapping[str, torch.Tensor], frozen: Mapping[str, torch.Tensor], batch: Any) -> Grads:
-        n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
-        per_example = [one(diff, frozen, _example(batch, i)) for i in range(n)]
-        return {name: torch.stack([g[name] for g in per_example]) for name in diff}
-
-    return grads
-
-
-def with_loop_fallback(loss: ExampleLossFn, chunk_size: int | None = None) -> GradFn:
-    """vmapped gradients; if vmap fails where a per-example loop works (no batching rule, e.g. ``nn.GRU``), warn
-    once naming the cause and loop from then on. Results are identical either way."""
-    fast, slow = vmapped_grads(loss, chunk_size), looped_grads(loss)
+    Uses ``vmap``; if vmap fails where a per-example loop works (no batching rule, e.g. ``nn.GRU`` on torch 2.13),
+    warns once naming the cause and loops from then on. Results are identical either way.
+    """
+    fast = vmap(one, in_dims=(None,) * n_static + (0,), chunk_size=chunk_size)
     use_loop = False
 
-    def grads(diff: Mapping[str, torch.Tensor], frozen: Mapping[str, torch.Tensor], batch: Any) -> Grads:
+    def slow(*args: Any) -> Any:
+        *static, batch = args
+        n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
+        outs = [one(*static, _example(batch, i)) for i in range(n)]
+        return optree.tree_map(lambda *xs: torch.stack(xs), *outs, none_is_leaf=True)
+
+    def mapped(*args: Any) -> Any:
         nonlocal use_loop
         if use_loop:
-            return slow(diff, frozen, batch)
+            return slow(*args)
         try:
-            return fast(diff, frozen, batch)
+            return fast(*args)
         except (RuntimeError, NotImplementedError) as vmap_error:
-            result = slow(diff, frozen, batch)  # a genuine error in the loss raises here, from the loop
+            result = slow(*args)  # a genuine error in the loss raises here, from the loop
             use_loop = True
             cause = str(vmap_error).strip().splitlines()[0][:300]
             warnings.warn(
                 f"torch.func.vmap failed on this model ({type(vmap_error).__name__}: {cause}); computing per-example "
                 f"gradients with a loop instead (same results, slower).",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             return result
 
-    return grads
+    return mapped
+
+
+def dense_grads(loss: ExampleLossFn, chunk_size: int | None = None) -> GradFn:
+    """``(diff, frozen, batch) -> {name: [B, *shape]}``, the per-sample gradients w.r.t. ``diff``."""
+
+    def loss_of_example(diff: Tensors, frozen: Tensors, example: Any) -> torch.Tensor:
+        return scalar_loss(loss, {**frozen, **diff}, batch_of_one(example))
+
+    return over_batch(grad(loss_of_example), 2, chunk_size)

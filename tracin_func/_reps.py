@@ -1,39 +1,41 @@
-"""Gradient representations: what a batch of per-example gradients is kept as, and the operations scoring needs.
+"""Gradient representations: how a batch of per-example gradients is kept, and the operations scoring needs.
 
-Every representation offers the same operations, so scorers never look inside:
-``dot(a, b) -> [Ba, Bb]``, ``sq_norm(a) -> [B]``, ``flat(a) -> [B, P]``, ``total(a)`` (sum over examples, B = 1)
-and ``concat([a, b, ...])`` (along examples). ``Dense`` holds materialised per-sample gradients.
+Every part offers the same operations, so scorers never look inside:
+``dot(a, b) -> [Ba, Bb]``, ``sq_norm(a) -> [B]``, ``materialize(a) -> {name: [B, *shape]}``, ``total(a)`` (the
+sum over examples, B = 1) and ``concat([a, b, ...])`` along examples.
+
+- ``Dense``: materialised per-sample gradients, reduced leaf by leaf (never concatenated into one copy).
+- ``Factored``: a Linear / Conv / Embedding layer kept as input rows ``A`` and output gradients ``G``; inner
+  products are exact without forming any per-sample gradient: ``<g_i, g_j> = sum((A_i A_j^T) * (G_i G_j^T))``.
+- ``Grads``: the parts of one batch, summed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import torch
+import torch.nn.functional as F
+
+from ._layers import Site, materialize
+
+_PAIR_BLOCK = 1 << 22  # elements of the [rows, m, T, S] kernel formed at once by Factored.dot
 
 
 class Dense(NamedTuple):
-    """Per-sample gradients ``{name: [B, *shape]}``, reduced leaf by leaf (never concatenated into one copy)."""
+    """Per-sample gradients ``{name: [B, *shape]}``."""
 
     grads: dict[str, torch.Tensor]
 
-    @property
-    def size(self) -> int:
-        return next(iter(self.grads.values())).shape[0]
-
     def dot(self, other: Dense) -> torch.Tensor:
-        out = None
-        for name, a in self.grads.items():
-            term = a.flatten(1) @ other.grads[name].flatten(1).T
-            out = term if out is None else out + term
-        return out
+        return sum(a.flatten(1) @ other.grads[name].flatten(1).T for name, a in self.grads.items())
 
     def sq_norm(self) -> torch.Tensor:
         return sum(g.flatten(1).square().sum(1) for g in self.grads.values())
 
-    def flat(self) -> torch.Tensor:
-        return torch.cat([g.flatten(1) for g in self.grads.values()], dim=1)
+    def materialize(self) -> dict[str, torch.Tensor]:
+        return self.grads
 
     def total(self) -> Dense:
         return Dense({name: g.sum(0, keepdim=True) for name, g in self.grads.items()})
@@ -42,7 +44,103 @@ class Dense(NamedTuple):
         return Dense({name: g * factor for name, g in self.grads.items()})
 
     @staticmethod
-    def concat(reps: Sequence[Dense]) -> Dense:
-        if len(reps) == 1:
-            return reps[0]
-        return Dense({name: torch.cat([r.grads[name] for r in reps]) for name in reps[0].grads})
+    def concat(parts: Sequence[Dense]) -> Dense:
+        return Dense({name: torch.cat([p.grads[name] for p in parts]) for name in parts[0].grads})
+
+
+def _token_kernel(site: Site, a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
+    """``[n, m, T, S]`` kernel of the inputs: dot products, or token equality for an Embedding."""
+    if site.kind == "embedding":
+        return (a1[:, None, :, None] == a2[None, :, None, :]) & (a1 >= 0)[:, None, :, None]
+    return torch.einsum("itd,jsd->ijts", a1, a2)
+
+
+class Factored(NamedTuple):
+    """One layer's factors: ``a`` ``[B, T, d_in (+1)]`` (or ids ``[B, T]``) and ``g`` ``[B, T, d_out]``."""
+
+    site: Site
+    a: torch.Tensor
+    g: torch.Tensor
+
+    def dot(self, other: Factored) -> torch.Tensor:
+        a1, g1, a2, g2 = self.a, self.g, other.a, other.g
+        if self.site.kind != "embedding" and a1.shape[1] == 1 and a2.shape[1] == 1:
+            return (a1[:, 0] @ a2[:, 0].T) * (g1[:, 0] @ g2[:, 0].T)
+        rows = max(1, _PAIR_BLOCK // max(1, a2.shape[0] * a1.shape[1] * a2.shape[1]))
+        blocks = []
+        for i in range(0, a1.shape[0], rows):
+            ka = _token_kernel(self.site, a1[i : i + rows], a2).to(g1.dtype)
+            kg = torch.einsum("itd,jsd->ijts", g1[i : i + rows], g2)
+            blocks.append((ka * kg).sum((2, 3)))
+        return torch.cat(blocks)
+
+    def sq_norm(self) -> torch.Tensor:
+        a, g = self.a, self.g
+        if self.site.kind == "embedding":
+            ka = ((a[:, :, None] == a[:, None, :]) & (a >= 0)[:, :, None]).to(g.dtype)
+        else:
+            ka = a @ a.transpose(1, 2)
+        return (ka * (g @ g.transpose(1, 2))).sum((1, 2))
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        return materialize(self.site, self.a, self.g)
+
+    def total(self) -> Factored:
+        """The sum of B examples' gradients is one example whose rows are all of theirs."""
+        return Factored(self.site, self.a.reshape(1, -1, *self.a.shape[2:]), self.g.reshape(1, -1, self.g.shape[-1]))
+
+    def scale(self, factor: torch.Tensor) -> Factored:
+        return Factored(self.site, self.a, self.g * factor)
+
+    @staticmethod
+    def concat(parts: Sequence[Factored]) -> Factored:
+        """Concatenate along examples, padding rows with inert zeros (ids with -1) when lengths differ."""
+        t = max(p.a.shape[1] for p in parts)
+        fill = -1 if parts[0].site.kind == "embedding" else 0
+
+        def pad(x: torch.Tensor, value: float) -> torch.Tensor:
+            widths = [0, 0] * (x.dim() - 2) + [0, t - x.shape[1]]
+            return F.pad(x, widths, value=value) if t > x.shape[1] else x
+
+        a = torch.cat([pad(p.a, fill) for p in parts])
+        g = torch.cat([pad(p.g, 0.0) for p in parts])
+        return Factored(parts[0].site, a, g)
+
+
+Part = Union[Dense, Factored]
+
+
+class Grads(NamedTuple):
+    """The gradient representation of one batch: parts in a fixed order, over the parameters ``names``."""
+
+    parts: tuple[Part, ...]
+    names: tuple[str, ...]  # differentiated parameters, in the order ``flat`` lays them out
+
+    @property
+    def size(self) -> int:
+        first = self.parts[0]
+        return first.a.shape[0] if isinstance(first, Factored) else next(iter(first.grads.values())).shape[0]
+
+    def dot(self, other: Grads) -> torch.Tensor:
+        return sum(a.dot(b) for a, b in zip(self.parts, other.parts))
+
+    def sq_norm(self) -> torch.Tensor:
+        return sum(p.sq_norm() for p in self.parts)
+
+    def flat(self) -> torch.Tensor:
+        """``[B, P]`` per-example gradients, parameters in ``names`` order whatever the parts."""
+        grads = {name: g for p in self.parts for name, g in p.materialize().items()}
+        return torch.cat([grads[name].flatten(1) for name in self.names], dim=1)
+
+    def total(self) -> Grads:
+        return Grads(tuple(p.total() for p in self.parts), self.names)
+
+    def scale(self, factor: torch.Tensor) -> Grads:
+        return Grads(tuple(p.scale(factor) for p in self.parts), self.names)
+
+    @staticmethod
+    def concat(batches: Sequence[Grads]) -> Grads:
+        if len(batches) == 1:
+            return batches[0]
+        parts = tuple(type(ps[0]).concat(ps) for ps in zip(*(b.parts for b in batches)))
+        return Grads(parts, batches[0].names)

@@ -13,9 +13,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ._data import batch_size_of, check_batch_structure, iter_batches, num_batches, to_device
-from ._grads import GradFn
+from ._factored import RepFn
 from ._model import Prepared
-from ._reps import Dense
+from ._reps import Grads
 
 
 class Updates(NamedTuple):
@@ -24,23 +24,20 @@ class Updates(NamedTuple):
     cross: Callable[..., torch.Tensor]  # (acc, diff, frozen, lr, test_rep, batch) -> acc + lr <test, train>
     self: Callable[..., torch.Tensor]  # (acc, diff, frozen, lr, batch) -> acc + lr |train|^2
     embed: Callable[..., torch.Tensor]  # (diff, frozen, lr, batch) -> sqrt(lr) train gradients, [B, P]
-    test: Callable[..., Dense]  # (diff, frozen, batch) -> test gradient representation
+    test: Callable[..., Grads]  # (diff, frozen, batch) -> test gradient representation
 
 
-def make_updates(train_grads: GradFn, test_grads: GradFn, *, compile: bool = False) -> Updates:
-    """The per-checkpoint updates of every scorer, built on the given per-sample gradient functions."""
+def make_updates(train: RepFn, test: RepFn, *, compile: bool = False) -> Updates:
+    """The per-checkpoint updates of every scorer, built on the given gradient-representation functions."""
 
-    def cross(acc, diff, frozen, lr, test_rep: Dense, batch):
-        return acc + lr * test_rep.dot(Dense(train_grads(diff, frozen, batch)))
+    def cross(acc, diff, frozen, lr, test_rep: Grads, batch):
+        return acc + lr * test_rep.dot(train(diff, frozen, batch))
 
     def self_(acc, diff, frozen, lr, batch):
-        return acc + lr * Dense(train_grads(diff, frozen, batch)).sq_norm()
+        return acc + lr * train(diff, frozen, batch).sq_norm()
 
     def embed(diff, frozen, lr, batch):
-        return Dense(train_grads(diff, frozen, batch)).flat() * lr.sqrt()
-
-    def test(diff, frozen, batch):
-        return Dense(test_grads(diff, frozen, batch))
+        return train(diff, frozen, batch).flat() * lr.sqrt()
 
     updates = Updates(cross, self_, embed, test)
     if compile:
@@ -52,7 +49,7 @@ class Run(NamedTuple):
     """Everything a scoring call needs, validated and prepared once."""
 
     checkpoints: list[Prepared]
-    updates: Updates
+    build: Callable[[Any], Updates]  # from the first batch (on device): plan the layers, build the updates
     device: torch.device
     dtype: torch.dtype | None
     batch_size: int
@@ -92,39 +89,43 @@ def _check_finite(values: torch.Tensor, example_dim: int, offset: int, where: st
     )
 
 
-def test_representations(run: Run, test: Any, *, aggregate: bool) -> list[Dense]:
-    """One test-gradient representation per checkpoint (summed over test examples when ``aggregate``)."""
-    per_ckpt: list[list[Dense]] = [[] for _ in run.checkpoints]
+def test_representations(run: Run, test: Any, *, aggregate: bool) -> tuple[Updates, list[Grads]]:
+    """The updates (planned on the first test batch) and one test representation per checkpoint, summed over
+    test examples when ``aggregate``."""
+    updates, per_ckpt = None, [[] for _ in run.checkpoints]
     for offset, batch in _batches(run, test, "test", "test gradients"):
+        updates = updates or run.build(batch)
         for c, ckpt in enumerate(run.checkpoints):
-            rep = run.updates.test(ckpt.diff, ckpt.frozen, batch)
+            rep = updates.test(ckpt.diff, ckpt.frozen, batch)
             _check_finite(rep.sq_norm(), 0, offset, "test", c)
             per_ckpt[c].append(rep.total() if aggregate else rep)
-    if not per_ckpt[0]:
+    if updates is None:
         raise ValueError("`test` holds no examples.")
-    if aggregate:
-        return [Dense({n: sum(r.grads[n] for r in reps) for n in reps[0].grads}) for reps in per_ckpt]
-    return [Dense.concat(reps) for reps in per_ckpt]
+    reps = [Grads.concat(r) for r in per_ckpt]
+    return updates, [r.total() for r in reps] if aggregate else reps
 
 
-def score_blocks(run: Run, test_reps: list[Dense], train: Any, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
+def score_blocks(
+    run: Run, updates: Updates, test_reps: list[Grads], train: Any, desc: str
+) -> Iterator[tuple[int, torch.Tensor]]:
     """``(offset, scores [n_test, b])`` for each training batch: sum over checkpoints of lr <test, train>."""
     n_test = test_reps[0].size
     for offset, batch in _batches(run, train, "train", desc):
         acc = torch.zeros(n_test, batch_size_of(batch, "train"), device=run.device, dtype=_acc_dtype(run))
         for c, (ckpt, test_rep) in enumerate(zip(run.checkpoints, test_reps)):
-            acc = run.updates.cross(acc, ckpt.diff, ckpt.frozen, ckpt.lr, test_rep, batch)
+            acc = updates.cross(acc, ckpt.diff, ckpt.frozen, ckpt.lr, test_rep, batch)
             _check_finite(acc, 1, offset, "train", c)
         yield offset, acc
 
 
 def self_scores(run: Run, data: Any) -> torch.Tensor:
     """``[n]``: sum over checkpoints of lr |grad|^2 for every example of ``data``."""
-    out = []
+    updates, out = None, []
     for offset, batch in _batches(run, data, "data", "self-influence"):
+        updates = updates or run.build(batch)
         acc = torch.zeros(batch_size_of(batch, "data"), device=run.device, dtype=_acc_dtype(run))
         for c, ckpt in enumerate(run.checkpoints):
-            acc = run.updates.self(acc, ckpt.diff, ckpt.frozen, ckpt.lr, batch)
+            acc = updates.self(acc, ckpt.diff, ckpt.frozen, ckpt.lr, batch)
             _check_finite(acc, 0, offset, "data", c)
         out.append(acc)
     if not out:
@@ -134,9 +135,10 @@ def self_scores(run: Run, data: Any) -> torch.Tensor:
 
 def embedding_rows(run: Run, data: Any) -> torch.Tensor:
     """``[n, C * P]``: per checkpoint ``sqrt(lr) * grad``, concatenated in checkpoint order."""
-    out = []
-    for offset, batch in _batches(run, data, "train", "embeddings"):
-        rows = [run.updates.embed(ckpt.diff, ckpt.frozen, ckpt.lr, batch) for ckpt in run.checkpoints]
+    updates, out = None, []
+    for offset, batch in _batches(run, data, "data", "embeddings"):
+        updates = updates or run.build(batch)
+        rows = [updates.embed(ckpt.diff, ckpt.frozen, ckpt.lr, batch) for ckpt in run.checkpoints]
         for c, r in enumerate(rows):
             _check_finite(r, 0, offset, "data", c)
         out.append(torch.cat(rows, dim=1))

@@ -1,0 +1,125 @@
+"""Layers whose per-example gradients factor as ``G_i^T A_i``: Linear, Conv1d / Conv2d (unfolded patches), Embedding.
+
+For one example, ``A`` holds the layer's input rows ``[T, d_in]`` (a ones column appended for the bias; token
+ids ``[T]`` for an Embedding) and ``G`` the gradient of the loss w.r.t. the layer's output rows ``[T, d_out]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Site(NamedTuple):
+    """A factorable layer: its module path, kind and the names of its differentiated parameters."""
+
+    path: str
+    kind: str  # "linear" | "conv" | "embedding"
+    weight: str | None  # full parameter name when the weight is differentiated
+    bias: str | None  # full parameter name when the bias is differentiated
+    weight_shape: tuple[int, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.weight, self.bias) if n is not None)
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        plain = module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+        return "conv" if plain else None
+    if isinstance(module, nn.Embedding):
+        return "embedding" if module.max_norm is None and not module.scale_grad_by_freq else None
+    return None
+
+
+def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, Site]:
+    """Factorable layers holding differentiated parameters, keyed by module path.
+
+    A parameter shared by several modules (weight tying) is left to the dense path: its gradient sums over uses
+    of different kinds. A module called several times is fine: its calls are concatenated along ``T``.
+    """
+    diff = set(diff_names)
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    sites = {}
+    for path, module in model.named_modules():
+        kind = _kind(module)
+        own = dict(module.named_parameters(recurse=False))
+        if kind is None or any(owners[id(p)] > 1 for p in own.values()):
+            continue
+        prefix = f"{path}." if path else ""
+        weight = f"{prefix}weight" if f"{prefix}weight" in diff else None
+        bias = f"{prefix}bias" if "bias" in own and f"{prefix}bias" in diff else None
+        if weight or bias:
+            sites[path] = Site(path, kind, weight, bias, tuple(module.weight.shape))
+    return sites
+
+
+def layer_output(module: nn.Module, site: Site, x: torch.Tensor, *, detach: bool) -> torch.Tensor:
+    """Recompute the layer's output from its input (``detach``: without gradient to its own parameters)."""
+    w, b = module.weight, getattr(module, "bias", None)
+    if detach:
+        w, b = w.detach(), (b.detach() if b is not None else None)
+    if site.kind == "linear":
+        return F.linear(x, w, b)
+    if site.kind == "conv":
+        return module._conv_forward(x, w, b)
+    return F.embedding(x, w, module.padding_idx)
+
+
+def input_rows(module: nn.Module, site: Site, x: torch.Tensor) -> torch.Tensor:
+    """``A`` of one example (batch of one): ``[T, d_in (+1)]`` floats, or ``[T]`` token ids for an Embedding."""
+    if site.kind == "embedding":
+        ids = x.reshape(-1)
+        if module.padding_idx is not None:  # no gradient flows to the padding row: drop those tokens
+            ids = torch.where(ids == module.padding_idx, torch.full_like(ids, -1), ids)
+        return ids
+    if site.kind == "conv":
+        if isinstance(module, nn.Conv1d):
+            x = x.unsqueeze(2)
+            kernel, dilation = (1, module.kernel_size[0]), (1, module.dilation[0])
+            padding, stride = (0, module.padding[0]), (1, module.stride[0])
+        else:
+            kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+        rows = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)[0].T  # [L, C_in * k]
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+    if site.weight is None:
+        rows = rows[:, :0]
+    if site.bias is not None:
+        rows = torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1)
+    return rows
+
+
+def output_rows(site: Site, g: torch.Tensor) -> torch.Tensor:
+    """``G`` ``[B, T, d_out]`` from per-example gradients w.r.t. the layer output of a batch of one, ``[B, 1, ...]``."""
+    if site.kind == "conv":
+        return g.reshape(g.shape[0], g.shape[2], -1).transpose(1, 2)  # [B, C_out, L] -> [B, L, C_out]
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def materialize(site: Site, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example gradients ``{name: [B, *shape]}`` from factors ``a`` ``[B, T, ...]`` and ``g`` ``[B, T, d_out]``."""
+    out: dict[str, Any] = {}
+    if site.kind == "embedding":
+        vocab = site.weight_shape[0]
+        valid = (a >= 0).unsqueeze(-1)
+        index = a.clamp(min=0).unsqueeze(-1).expand_as(g)
+        w = torch.zeros(g.shape[0], vocab, g.shape[-1], dtype=g.dtype, device=g.device)
+        out[site.weight] = w.scatter_add(1, index, g * valid)
+        return out
+    if site.weight is not None:
+        d_in = a.shape[-1] - (site.bias is not None)
+        out[site.weight] = torch.einsum("bto,bti->boi", g, a[..., :d_in]).reshape(-1, *site.weight_shape)
+    if site.bias is not None:
+        out[site.bias] = g.sum(1)
+    return out
