@@ -9,10 +9,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ._checkpoints import Checkpoint
-from ._factored import make_plan, representation_fn
+from ._factored import last_layer_params, make_plan, representation_fn
 from ._loss import ExampleLoss, example_loss
 from ._model import ParamSelector, model_spec, prepare
-from ._scorer import Run, Updates, embedding_rows, make_updates, score_blocks, self_scores, test_representations
+from ._scorer import Engine, Run, embedding_rows, make_updates, score_blocks, self_scores, test_representations
 from ._topk import TopK, merge
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ class Options(TypedDict, total=False):
     progress: bool
     compile: bool
     factored: bool | None
+    method: str
 
 
 def _default_device(model: Any, first: Checkpoint) -> torch.device:
@@ -70,6 +71,7 @@ def _run(
     progress: bool = False,
     compile: bool = False,
     factored: bool | None = None,
+    method: str = "exact",
 ) -> Run:
     """Validate the options shared by every scorer and prepare each checkpoint once."""
     if isinstance(checkpoints, (Checkpoint, str)) or not isinstance(checkpoints, Iterable):
@@ -84,6 +86,13 @@ def _run(
         raise TypeError("`loss_fn` is required: a criterion such as `nn.CrossEntropyLoss()`, or `tc.ExampleLoss(fn)`.")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"`dtype` must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
+    if method not in ("exact", "last_layer"):
+        raise ValueError(f"`method` must be 'exact' or 'last_layer', got {method!r}.")
+    if method == "last_layer" and (params is not None or layers is not None or not isinstance(model, torch.nn.Module)):
+        raise ValueError(
+            "`method='last_layer'` picks the model's final nn.Linear itself: drop `params` / `layers`, or keep them "
+            "and use the default `method='exact'` (an nn.Module is required)."
+        )
     batch_size = _positive_int(batch_size, "batch_size")
     if chunk_size is not None:
         _positive_int(chunk_size, "chunk_size")
@@ -101,12 +110,14 @@ def _run(
     train_loss = example_loss(spec.forward, loss_fn, "loss_fn")
     test_loss = example_loss(spec.forward, test_loss_fn, "test_loss_fn")
 
-    def build(batch: Any) -> Updates:
-        first = prepared[0]
+    def build(batch: Any) -> Engine:
+        ckpts, force = prepared, factored
+        if method == "last_layer":
+            ckpts, force = [c.split(last_layer_params(model, train_loss, prepared[0], batch)) for c in ckpts], True
         losses = [train_loss] if test_loss is train_loss else [train_loss, test_loss]
-        plan = make_plan(model, spec.diff_names, losses, first.diff, first.frozen, batch, factored=factored)
+        plan = make_plan(model, list(ckpts[0].diff), losses, ckpts[0].diff, ckpts[0].frozen, batch, factored=force)
         reps = [representation_fn(model, loss, plan, chunk_size) for loss in (train_loss, test_loss)]
-        return make_updates(*reps, compile=compile)
+        return Engine(make_updates(*reps, compile=compile), ckpts)
 
     needs_target = (not isinstance(loss_fn, ExampleLoss), not isinstance(test_loss_fn, ExampleLoss))
     return Run(prepared, build, target, dtype, batch_size, needs_target, progress)
@@ -154,6 +165,9 @@ def influence(
               a cost model: exact factored inner products from layer inputs and output gradients (no per-sample
               gradient formed) when ``T^2 (d_in + d_out) < d_in d_out`` for ``T`` rows per example, else dense
               per-sample gradients. ``True`` factors every eligible layer, ``False`` none. Same numbers.
+            - ``method`` ("exact"): ``"last_layer"`` restricts scores to the weight and bias of the last
+              ``nn.Linear`` the forward pass calls: exact TracIn on those parameters, whatever follows the layer
+              (activations, other losses), at the cost of about one forward pass per example.
 
     Returns:
         ``[n_test, n_train]`` float tensor (``[1, n_train]`` with ``aggregate=True``).
@@ -172,8 +186,8 @@ def influence(
     """
     _check_options(options, "influence")
     run = _run(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
-    updates, test_reps = test_representations(run, test, aggregate=aggregate)
-    blocks = [block for _, block in score_blocks(run, updates, test_reps, train, "influence")]
+    engine, test_reps = test_representations(run, test, aggregate=aggregate)
+    blocks = [block for _, block in score_blocks(run, engine, test_reps, train, "influence")]
     if not blocks:
         raise ValueError("`train` holds no examples.")
     return torch.cat(blocks, dim=1)
@@ -213,9 +227,9 @@ def top_k(
     _check_options(options, "top_k")
     k = _positive_int(k, "k")
     run = _run(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
-    updates, test_reps = test_representations(run, test, aggregate=aggregate)
+    engine, test_reps = test_representations(run, test, aggregate=aggregate)
     best, seen = None, 0
-    for offset, block in score_blocks(run, updates, test_reps, train, "proponents" if proponents else "opponents"):
+    for offset, block in score_blocks(run, engine, test_reps, train, "proponents" if proponents else "opponents"):
         best, seen = merge(best, block, offset, k, largest=proponents), offset + block.shape[1]
     if best is None or seen < k:
         raise ValueError(f"`k`={k} exceeds the number of training examples ({seen}); pass `k <= {seen}`.")

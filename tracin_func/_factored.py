@@ -182,3 +182,23 @@ def representation_fn(model: Any, loss: ExampleLossFn, plan: Plan, chunk_size: i
         return Grads(tuple(parts), plan.names)
 
     return representation
+
+
+def last_layer_params(model: nn.Module, loss: ExampleLossFn, ckpt: Any, batch: Any) -> list[str]:
+    """Parameter names of the last ``nn.Linear`` called when computing the loss of the first example of ``batch``."""
+    linears = {path: m for path, m in model.named_modules() if isinstance(m, nn.Linear)}
+    order: list[str] = []
+
+    def hook_for(path: str) -> Hook:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            order.append(path)
+
+        return hook
+
+    with torch.no_grad(), _hooked(linears, {path: hook_for(path) for path in linears}):
+        loss({**ckpt.frozen, **ckpt.diff}, _first_example(batch))
+    if not order:
+        raise ValueError("`method='last_layer'` found no nn.Linear called by the model; select `layers=` instead.")
+    module = linears[order[-1]]
+    prefix = f"{order[-1]}." if order[-1] else ""
+    return [prefix + name for name, _ in module.named_parameters(recurse=False)]

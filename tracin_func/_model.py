@@ -19,11 +19,17 @@ _TRAIN_MODE_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._Dr
 
 
 class Prepared(NamedTuple):
-    """One checkpoint ready for the pure core: differentiated and frozen tensors on the target device."""
+    """One checkpoint ready for the pure core: its state on the target device, split into the differentiated
+    tensors and the frozen rest (parameters and buffers)."""
 
     diff: dict[str, torch.Tensor]
     frozen: dict[str, torch.Tensor]
     lr: torch.Tensor  # 0-d, so compiled code does not specialise on its value
+
+    def split(self, names: Sequence[str]) -> Prepared:
+        """The same checkpoint differentiated w.r.t. ``names`` instead."""
+        state = {**self.frozen, **self.diff}
+        return Prepared({n: state[n] for n in names}, {n: t for n, t in state.items() if n not in names}, self.lr)
 
 
 class ModelSpec(NamedTuple):

@@ -45,11 +45,18 @@ def make_updates(train: RepFn, test: RepFn, *, compile: bool = False) -> Updates
     return updates
 
 
+class Engine(NamedTuple):
+    """The updates and the checkpoints split for them, planned on the first batch of a call."""
+
+    updates: Updates
+    checkpoints: list[Prepared]
+
+
 class Run(NamedTuple):
     """Everything a scoring call needs, validated and prepared once."""
 
     checkpoints: list[Prepared]
-    build: Callable[[Any], Updates]  # from the first batch (on device): plan the layers, build the updates
+    build: Callable[[Any], Engine]  # from the first batch (on device): plan the layers, build the updates
     device: torch.device
     dtype: torch.dtype | None
     batch_size: int
@@ -89,43 +96,43 @@ def _check_finite(values: torch.Tensor, example_dim: int, offset: int, where: st
     )
 
 
-def test_representations(run: Run, test: Any, *, aggregate: bool) -> tuple[Updates, list[Grads]]:
-    """The updates (planned on the first test batch) and one test representation per checkpoint, summed over
+def test_representations(run: Run, test: Any, *, aggregate: bool) -> tuple[Engine, list[Grads]]:
+    """The engine (planned on the first test batch) and one test representation per checkpoint, summed over
     test examples when ``aggregate``."""
-    updates, per_ckpt = None, [[] for _ in run.checkpoints]
+    engine, per_ckpt = None, [[] for _ in run.checkpoints]
     for offset, batch in _batches(run, test, "test", "test gradients"):
-        updates = updates or run.build(batch)
-        for c, ckpt in enumerate(run.checkpoints):
-            rep = updates.test(ckpt.diff, ckpt.frozen, batch)
+        engine = engine or run.build(batch)
+        for c, ckpt in enumerate(engine.checkpoints):
+            rep = engine.updates.test(ckpt.diff, ckpt.frozen, batch)
             _check_finite(rep.sq_norm(), 0, offset, "test", c)
             per_ckpt[c].append(rep.total() if aggregate else rep)
-    if updates is None:
+    if engine is None:
         raise ValueError("`test` holds no examples.")
     reps = [Grads.concat(r) for r in per_ckpt]
-    return updates, [r.total() for r in reps] if aggregate else reps
+    return engine, [r.total() for r in reps] if aggregate else reps
 
 
 def score_blocks(
-    run: Run, updates: Updates, test_reps: list[Grads], train: Any, desc: str
+    run: Run, engine: Engine, test_reps: list[Grads], train: Any, desc: str
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """``(offset, scores [n_test, b])`` for each training batch: sum over checkpoints of lr <test, train>."""
     n_test = test_reps[0].size
     for offset, batch in _batches(run, train, "train", desc):
         acc = torch.zeros(n_test, batch_size_of(batch, "train"), device=run.device, dtype=_acc_dtype(run))
-        for c, (ckpt, test_rep) in enumerate(zip(run.checkpoints, test_reps)):
-            acc = updates.cross(acc, ckpt.diff, ckpt.frozen, ckpt.lr, test_rep, batch)
+        for c, (ckpt, test_rep) in enumerate(zip(engine.checkpoints, test_reps)):
+            acc = engine.updates.cross(acc, ckpt.diff, ckpt.frozen, ckpt.lr, test_rep, batch)
             _check_finite(acc, 1, offset, "train", c)
         yield offset, acc
 
 
 def self_scores(run: Run, data: Any) -> torch.Tensor:
     """``[n]``: sum over checkpoints of lr |grad|^2 for every example of ``data``."""
-    updates, out = None, []
+    engine, out = None, []
     for offset, batch in _batches(run, data, "data", "self-influence"):
-        updates = updates or run.build(batch)
+        engine = engine or run.build(batch)
         acc = torch.zeros(batch_size_of(batch, "data"), device=run.device, dtype=_acc_dtype(run))
-        for c, ckpt in enumerate(run.checkpoints):
-            acc = updates.self(acc, ckpt.diff, ckpt.frozen, ckpt.lr, batch)
+        for c, ckpt in enumerate(engine.checkpoints):
+            acc = engine.updates.self(acc, ckpt.diff, ckpt.frozen, ckpt.lr, batch)
             _check_finite(acc, 0, offset, "data", c)
         out.append(acc)
     if not out:
@@ -135,10 +142,10 @@ def self_scores(run: Run, data: Any) -> torch.Tensor:
 
 def embedding_rows(run: Run, data: Any) -> torch.Tensor:
     """``[n, C * P]``: per checkpoint ``sqrt(lr) * grad``, concatenated in checkpoint order."""
-    updates, out = None, []
+    engine, out = None, []
     for offset, batch in _batches(run, data, "data", "embeddings"):
-        updates = updates or run.build(batch)
-        rows = [updates.embed(ckpt.diff, ckpt.frozen, ckpt.lr, batch) for ckpt in run.checkpoints]
+        engine = engine or run.build(batch)
+        rows = [engine.updates.embed(c.diff, c.frozen, c.lr, batch) for c in engine.checkpoints]
         for c, r in enumerate(rows):
             _check_finite(r, 0, offset, "data", c)
         out.append(torch.cat(rows, dim=1))
