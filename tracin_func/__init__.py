@@ -3,7 +3,7 @@
 from ._api import embeddings, influence, self_influence, top_k
 from ._checkpoints import Checkpoint, load_checkpoints
 from ._loss import ExampleLoss
-from ._topk import TopK
+from ._topk import TopK, top_k_embeddings
 
 __all__ = [
     "Checkpoint",
@@ -14,5 +14,6 @@ __all__ = [
     "load_checkpoints",
     "self_influence",
     "top_k",
+    "top_k_embeddings",
 ]
 __version__ = "0.1.0"

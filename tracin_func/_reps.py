@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._layers import Site, materialize
+from ._projection import project_grad, project_outer, project_vector
 
 _PAIR_BLOCK = 1 << 22  # elements of the [rows, m, T, S] kernel formed at once by Factored.dot
 
@@ -36,6 +37,9 @@ class Dense(NamedTuple):
 
     def materialize(self) -> dict[str, torch.Tensor]:
         return self.grads
+
+    def project(self, seed: int, k: int) -> torch.Tensor:
+        return sum(project_grad(name, g, seed, k) for name, g in self.grads.items())
 
     def total(self) -> Dense:
         return Dense({name: g.sum(0, keepdim=True) for name, g in self.grads.items()})
@@ -85,6 +89,20 @@ class Factored(NamedTuple):
     def materialize(self) -> dict[str, torch.Tensor]:
         return materialize(self.site, self.a, self.g)
 
+    def project(self, seed: int, k: int) -> torch.Tensor:
+        """Same projection as the materialised gradients get (``Dense.project``), computed from the factors."""
+        site, a, g = self.site, self.a, self.g
+        out = g.new_zeros(g.shape[0], k)
+        if site.kind == "embedding":
+            out += project_outer(site.weight, a, g, seed, k)
+            return out
+        if site.weight is not None:
+            d_in = a.shape[-1] - (site.bias is not None)
+            out += project_outer(site.weight, g, a[..., :d_in], seed, k)
+        if site.bias is not None:
+            out += project_vector(site.bias, g.sum(1), seed, k)
+        return out
+
     def total(self) -> Factored:
         """The sum of B examples' gradients is one example whose rows are all of theirs."""
         return Factored(self.site, self.a.reshape(1, -1, *self.a.shape[2:]), self.g.reshape(1, -1, self.g.shape[-1]))
@@ -126,6 +144,10 @@ class Grads(NamedTuple):
 
     def sq_norm(self) -> torch.Tensor:
         return sum(p.sq_norm() for p in self.parts)
+
+    def project(self, seed: int, k: int) -> torch.Tensor:
+        """``[B, k]`` seeded projection; the same for a parameter whichever part holds it."""
+        return sum(p.project(seed, k) for p in self.parts)
 
     def flat(self) -> torch.Tensor:
         """``[B, P]`` per-example gradients, parameters in ``names`` order whatever the parts."""

@@ -27,8 +27,13 @@ class Updates(NamedTuple):
     test: Callable[..., Grads]  # (diff, frozen, batch) -> test gradient representation
 
 
-def make_updates(train: RepFn, test: RepFn, *, compile: bool = False) -> Updates:
-    """The per-checkpoint updates of every scorer, built on the given gradient-representation functions."""
+def make_updates(
+    train: RepFn, test: RepFn, *, projection: tuple[int, int] | None = None, compile: bool = False
+) -> Updates:
+    """The per-checkpoint updates of every scorer, built on the given gradient-representation functions.
+
+    ``projection = (k, seed)`` makes ``embed`` return seeded ``[B, k]`` projections instead of full gradients.
+    """
 
     def cross(acc, diff, frozen, lr, test_rep: Grads, batch):
         return acc + lr * test_rep.dot(train(diff, frozen, batch))
@@ -37,7 +42,8 @@ def make_updates(train: RepFn, test: RepFn, *, compile: bool = False) -> Updates
         return acc + lr * train(diff, frozen, batch).sq_norm()
 
     def embed(diff, frozen, lr, batch):
-        return train(diff, frozen, batch).flat() * lr.sqrt()
+        rep = train(diff, frozen, batch)
+        return (rep.flat() if projection is None else rep.project(projection[1], projection[0])) * lr.sqrt()
 
     updates = Updates(cross, self_, embed, test)
     if compile:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -30,3 +31,56 @@ def merge(best: TopK | None, block: torch.Tensor, offset: int, k: int, largest: 
     indices = torch.cat([best.indices, candidate.indices], dim=1)
     scores, pos = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=largest, sorted=True)
     return TopK(torch.gather(indices, 1, pos), scores)
+
+
+def top_k_embeddings(
+    test: torch.Tensor,
+    train: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    k: int,
+    proponents: bool = True,
+    block_size: int = 65536,
+) -> TopK:
+    """Exact top-k search of influence embeddings: one GEMM per block of training rows and a streaming merge.
+
+    Memory is ``O(n_test * (block_size + k))`` whatever the number of training rows, which may be a tensor
+    (sliced by ``block_size``; a memory-mapped one works) or any iterable of ``[b, D]`` blocks in order.
+
+    Args:
+        test: ``[n_test, D]`` embeddings of the test examples.
+        train: ``[n_train, D]`` embeddings of the training examples, or an iterable of row blocks.
+        k: how many to return per test example, ``1 <= k <= n_train``.
+        proponents: highest scores (True) or lowest (False).
+        block_size: training rows scored at once when ``train`` is a tensor.
+
+    Returns:
+        ``TopK(indices, scores)``, each ``[n_test, k]``, sorted as in :func:`top_k`.
+
+    Example:
+        >>> import torch, tracin_func as tc
+        >>> train, test = torch.randn(1000, 8), torch.randn(2, 8)
+        >>> top = tc.top_k_embeddings(test, train, k=3, block_size=128)
+        >>> torch.equal(top.indices, (test @ train.T).topk(3).indices)
+        True
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be a positive int, got {k!r}.")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
+    if not isinstance(test, torch.Tensor) or test.dim() != 2:
+        raise ValueError(
+            f"`test` must be a [n_test, D] tensor, got {type(test).__name__} {getattr(test, 'shape', '')}."
+        )
+    if isinstance(train, torch.Tensor):
+        if train.dim() != 2:
+            raise ValueError(f"`train` must be a [n_train, D] tensor, got shape {tuple(train.shape)}.")
+        train = (train[i : i + block_size] for i in range(0, train.shape[0], block_size))
+    best, seen = None, 0
+    for block in train:
+        if block.dim() != 2 or block.shape[1] != test.shape[1]:
+            raise ValueError(f"`train` rows have shape {tuple(block.shape[1:])}; expected width {test.shape[1]}.")
+        block = block.to(device=test.device, dtype=test.dtype)
+        best, seen = merge(best, test @ block.T, seen, k, largest=proponents), seen + block.shape[0]
+    if best is None or seen < k:
+        raise ValueError(f"`k`={k} exceeds the number of training rows ({seen}); pass `k <= {seen}`.")
+    return best

@@ -1,0 +1,93 @@
+"""Seeded random projections, generated on the fly from a counter-based hash: never stored, same on any device.
+
+Entry ``(row, col)`` of the projection of a parameter block is ``±1/sqrt(k)`` with the sign drawn from
+``hash(seed, block, row, col)``, so ``E[P P^T] = I`` and projected inner products are unbiased estimates of the
+exact ones. Blocks (parameters, factors) use independent keys, so their projections can simply be summed.
+Integer arithmetic on the device makes the matrix identical on CPU and GPU and for test and training data.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+_MASK = 0xFFFFFFFF
+_ROWS_ELEMENTS = 1 << 22  # entries generated at once when projecting a dense block
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values below 2**32.
+
+    Multipliers stay below 2**31 so no product overflows int64: the same bits on every device.
+    """
+    x = x & _MASK
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK
+    x = ((x ^ (x >> 15)) * 0x4C8F3CA5) & _MASK
+    return x ^ (x >> 16)
+
+
+def block_key(seed: int, name: str) -> int:
+    """Key of one projected block: the seed and a stable hash of the block's name."""
+    return (zlib.crc32(name.encode()) ^ (seed * 0x9E3779B1)) & _MASK
+
+
+def signs(key: int, rows: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[len(rows), k]`` entries ``±1/sqrt(k)`` for the given row indices (int64, on the target device)."""
+    cols = torch.arange(k, device=rows.device, dtype=torch.int64)
+    row_hash = _mix(rows.to(torch.int64) * 0x2545F491 + key)  # below 2**31 * 2**32: no int64 overflow
+    bits = _mix(row_hash[:, None] ^ _mix(cols + key * 7 + 1)[None, :])
+    return ((bits >> 15) & 1).to(dtype).mul_(2).sub_(1).div_(math.sqrt(k))
+
+
+def project_dense(flat: torch.Tensor, key: int, k: int) -> torch.Tensor:
+    """``flat [B, p] @ P [p, k]`` with ``P`` generated in row blocks."""
+    out = flat.new_zeros(flat.shape[0], k)
+    step = max(1, _ROWS_ELEMENTS // k)
+    for start in range(0, flat.shape[1], step):
+        rows = torch.arange(start, min(start + step, flat.shape[1]), device=flat.device)
+        out += flat[:, start : start + step] @ signs(key, rows, k, flat.dtype)
+    return out
+
+
+def kron_split(k: int) -> tuple[int, int]:
+    """``k = k_out * k_in`` with the two factors as close as possible (Kronecker-factored projections)."""
+    k_out = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
+    return k_out, k // k_out
+
+
+def _factor(name: str, side: str, seed: int, n: int, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return signs(block_key(seed, f"{name}/{side}"), torch.arange(n, device=device), k, dtype)
+
+
+def project_matrix(name: str, g: torch.Tensor, seed: int, k: int) -> torch.Tensor:
+    """Project per-example gradients ``g [B, r, *rest]`` of a matrix-shaped parameter with ``P_rows ⊗ P_cols``."""
+    k_r, k_c = kron_split(k)
+    g = g.reshape(g.shape[0], g.shape[1], -1)
+    p_r = _factor(name, "rows", seed, g.shape[1], k_r, g.device, g.dtype)
+    p_c = _factor(name, "cols", seed, g.shape[2], k_c, g.device, g.dtype)
+    return torch.einsum("brc,rk,cl->bkl", g, p_r, p_c).reshape(g.shape[0], k)
+
+
+def project_outer(name: str, u: torch.Tensor, v: torch.Tensor, seed: int, k: int) -> torch.Tensor:
+    """The same projection for gradients given as sums of outer products ``sum_t u_t v_t^T``: ``u [B, T, r]``,
+    ``v [B, T, c]``, without forming them. ``u`` may instead be row indices ``[B, T]`` (one-hot rows, -1 = none)."""
+    k_r, k_c = kron_split(k)
+    p_c = _factor(name, "cols", seed, v.shape[-1], k_c, v.device, v.dtype)
+    if u.dtype == torch.int64:
+        key = block_key(seed, f"{name}/rows")
+        ur = signs(key, u.clamp(min=0).reshape(-1), k_r, v.dtype).reshape(*u.shape, k_r) * (u >= 0).unsqueeze(-1)
+    else:
+        ur = u @ _factor(name, "rows", seed, u.shape[-1], k_r, u.device, u.dtype)
+    return torch.einsum("btk,btl->bkl", ur, v @ p_c).reshape(v.shape[0], k)
+
+
+def project_vector(name: str, g: torch.Tensor, seed: int, k: int) -> torch.Tensor:
+    """Project per-example gradients ``g [B, p]`` of a vector-shaped parameter with a dense hashed matrix."""
+    return project_dense(g, block_key(seed, name), k)
+
+
+def project_grad(name: str, g: torch.Tensor, seed: int, k: int) -> torch.Tensor:
+    """Project materialised per-example gradients ``[B, *shape]`` of parameter ``name`` to ``[B, k]``."""
+    return project_matrix(name, g, seed, k) if g.dim() > 2 else project_vector(name, g.flatten(1), seed, k)
