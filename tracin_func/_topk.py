@@ -71,12 +71,13 @@ def top_k_embeddings(
         raise ValueError(
             f"`test` must be a [n_test, D] tensor, got {type(test).__name__} {getattr(test, 'shape', '')}."
         )
+    blocks = train
     if isinstance(train, torch.Tensor):
         if train.dim() != 2:
             raise ValueError(f"`train` must be a [n_train, D] tensor, got shape {tuple(train.shape)}.")
-        train = (train[i : i + block_size] for i in range(0, train.shape[0], block_size))
+        blocks = (train[i : i + block_size] for i in range(0, train.shape[0], block_size))
     best, seen = None, 0
-    for block in train:
+    for block in blocks:
         if block.dim() != 2 or block.shape[1] != test.shape[1]:
             raise ValueError(f"`train` rows have shape {tuple(block.shape[1:])}; expected width {test.shape[1]}.")
         block = block.to(device=test.device, dtype=test.dtype)
