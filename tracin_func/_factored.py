@@ -1,9 +1,15 @@
-"""Factored gradients: layer inputs and output gradients of Linear / Conv / Embedding layers, obtained functionally.
+"""Factored gradients: layer inputs ``A`` and output gradients ``G`` of Linear / Conv / Embedding layers, obtained
+functionally, and the per-call plan of which layers are handled that way.
 
 A zero "probe" is added to each factored layer's output and differentiated (``G``); the layer's input rows are
-returned as auxiliary outputs (``A``). Forward hooks do both; they live only for the duration of the call and
-are removed in ``finally`` blocks, so the user's module keeps no trace. Parameters of other layers (LayerNorm,
-attention in-projections, custom layers) are differentiated densely in the same pass.
+kept (``A``). Forward hooks do both; they live only for the duration of the call and are removed in ``finally``
+blocks, so the user's module keeps no trace. Two ways to run them:
+
+- batched: one ordinary forward / backward over the whole batch, the criterion mapped over examples. Used when
+  every differentiated parameter is factored and the loss is a criterion, after checking on the first examples
+  that batching does not change them (examples do not interact in the forward pass).
+- vmapped: ``vmap(grad)`` over examples, differentiating the probes and, in the same pass, the parameters of
+  other layers (LayerNorm, attention in-projections, custom layers) densely.
 """
 
 from __future__ import annotations
@@ -19,19 +25,22 @@ from torch.func import grad
 
 from ._grads import Tensors, batch_of_one, dense_grads, over_batch, scalar_loss
 from ._layers import Site, factorable_sites, input_rows, layer_output, output_rows
-from ._loss import ExampleLossFn
+from ._loss import CriterionLoss, ExampleLossFn
 from ._reps import Dense, Factored, Grads
 
 Hook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
 RepFn = Callable[[Tensors, Tensors, Any], Grads]  # (diff, frozen, batch) -> Grads
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # site path -> (A [B, T, ...], G [B, T, d_out])
 
 
 class Plan(NamedTuple):
-    """Which differentiated parameters go through which path; decided once per call."""
+    """How each differentiated parameter is handled in one call; decided on its first batch."""
 
     names: tuple[str, ...]  # all differentiated parameters, in the user's order
-    dense: tuple[str, ...]
-    sites: tuple[Site, ...]  # factored layers
+    dense: tuple[str, ...]  # differentiated by vmap(grad)
+    sites: tuple[Site, ...]  # layers whose gradients are obtained as factors
+    kernel: frozenset[str]  # paths of sites scored by factored inner products (the others are materialised)
+    batched: bool  # factors from one batched forward / backward (else vmapped)
 
 
 @contextmanager
@@ -44,26 +53,32 @@ def _hooked(modules: Mapping[str, nn.Module], hooks: Mapping[str, Hook]) -> Iter
             handle.remove()
 
 
-class _Probe(NamedTuple):
-    shape: tuple[int, ...]  # the layer output's shape for a batch of one
-    dtype: torch.dtype
+def _first(batch: Any, n: int = 1) -> Any:
+    return optree.tree_map(lambda t: t[:n], batch, none_is_leaf=True)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _discover(
     model: nn.Module, loss: ExampleLossFn, sites: Sequence[Site], diff: Tensors, frozen: Tensors, batch: Any
-) -> tuple[dict[str, list[_Probe]], dict[str, torch.Tensor]]:
-    """Run a batch of one example under ``vmap(grad)`` with the factored layers' own parameter use detached.
+) -> tuple[dict[str, list[tuple[int, ...]]], dict[str, torch.Tensor]]:
+    """Run the first example of ``batch`` under ``vmap(grad)`` with each site's own parameter use detached.
 
-    Returns each site's output shapes per call and the gradient that still reaches each differentiated parameter:
-    a factored layer's parameters must get none (any other use, e.g. a direct ``F.linear(x, layer.weight)``,
-    would be missed by its factors), so a non-zero entry sends that layer to the dense path.
+    Returns each site's output shapes (one per call) and the gradient that still reaches each differentiated
+    parameter: a site's parameters must get none, since another use (a direct ``F.linear(x, layer.weight)``,
+    a regulariser in the loss) would be missed by its factors; a non-zero entry sends that layer to vmap(grad).
     """
     modules = dict(model.named_modules())
-    calls: dict[str, list[_Probe]] = {s.path: [] for s in sites}
+    calls: dict[str, list[tuple[int, ...]]] = {s.path: [] for s in sites}
 
     def hook_for(site: Site) -> Hook:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
-            calls[site.path].append(_Probe(tuple(output.shape), output.dtype))
+            calls[site.path].append(tuple(output.shape))
             return layer_output(module, site, args[0], detach=True)
 
         return hook
@@ -72,8 +87,22 @@ def _discover(
         with _hooked(modules, {s.path: hook_for(s) for s in sites}):
             return scalar_loss(loss, {**frozen, **diff}, batch_of_one(example))
 
-    leaked = over_batch(grad(loss_of_example), 2)(diff, frozen, batch)
+    leaked = over_batch(grad(loss_of_example), 2)(diff, frozen, _first(batch))
     return calls, leaked
+
+
+def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...]]) -> int:
+    """``T``: rows of ``A`` / ``G`` per example, over all calls of the layer (shapes of a batch of one)."""
+    return sum(_numel(s[2:]) if site.kind == "conv" else _numel(s[:-1]) for s in shapes)
+
+
+def _kernel_is_cheaper(site: Site, rows: int) -> bool:
+    """One pair's inner product: factored ``T^2 (d_in + d_out)`` against materialised ``d_in d_out`` flops."""
+    if site.kind == "embedding":
+        vocab, dim = site.weight_shape
+        return rows * rows * (dim + 1) < vocab * dim
+    d_out, d_in = site.weight_shape[0], _numel(site.weight_shape[1:]) + (site.bias is not None)
+    return rows * rows * (d_in + d_out) < d_in * d_out
 
 
 def make_plan(
@@ -86,60 +115,92 @@ def make_plan(
     *,
     factored: bool | None,
 ) -> Plan:
-    """Choose per layer: factored when a cost model says so (``factored=None``), always (``True``) or never.
-
-    The cost model compares one pair's inner product: factored costs ``T^2 (d_in + d_out)``, dense ``d_in d_out``.
-    """
+    """Plan one call: which layers give factors, which of those are scored by factored inner products (a cost
+    model for ``factored=None``, all for ``True``; ``False`` uses vmap(grad) for everything), and how factors are
+    obtained."""
     sites = factorable_sites(model, names) if isinstance(model, nn.Module) and factored is not False else {}
-    chosen = []
-    if sites:
-        for loss in losses:
-            calls, leaked = _discover(model, loss, list(sites.values()), diff, frozen, _first_example(batch))
-            for path, site in list(sites.items()):
-                if not calls[path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
-                    del sites[path]  # not called as a module, or its parameters are also used elsewhere
-                    continue
-                if factored is None and not _factored_is_cheaper(site, calls[path]):
-                    del sites[path]
-        chosen = list(sites.values())
-    in_sites = {n for s in chosen for n in s.names}
-    return Plan(tuple(names), tuple(n for n in names if n not in in_sites), tuple(chosen))
+    kernel = set()
+    for loss in losses if sites else ():
+        calls, leaked = _discover(model, loss, list(sites.values()), diff, frozen, batch)
+        for path, site in list(sites.items()):
+            if not calls[path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
+                del sites[path]  # not called as a module, or its parameters are also used elsewhere
+            elif factored or _kernel_is_cheaper(site, _rows_per_example(site, calls[path])):
+                kernel.add(path)
+    in_sites = {n for s in sites.values() for n in s.names}
+    dense = tuple(n for n in names if n not in in_sites)
+    plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel & set(sites)), batched=False)
+    if sites and not dense and all(isinstance(loss, CriterionLoss) for loss in losses):
+        plan = plan._replace(batched=_batching_is_exact(model, losses, plan, diff, frozen, batch))
+    return plan
 
 
-def _first_example(batch: Any) -> Any:
-    return optree.tree_map(lambda t: t[:1], batch, none_is_leaf=True)
+def _batching_is_exact(
+    model: nn.Module, losses: Sequence[ExampleLossFn], plan: Plan, diff: Tensors, frozen: Tensors, batch: Any
+) -> bool:
+    """Whether a batched forward gives each example the factors it gets alone (no interaction across examples)."""
+    few = _first(batch, 4)
+    for loss in losses:
+        batched = _batched_factors(model, loss, plan, {**frozen, **diff}, few)
+        alone = _vmapped_factors(model, loss, plan, chunk_size=None)(diff, frozen, few)[1]
+        if not all(_close(x, y) for path in alone for x, y in zip(alone[path], batched[path])):
+            return False
+    return True
 
 
-def _factored_is_cheaper(site: Site, calls: Sequence[_Probe]) -> bool:
-    d_out = site.weight_shape[0]
-    if site.kind == "embedding":
-        d_in, d_out = site.weight_shape[0], site.weight_shape[1]
-        rows = sum(_numel(p.shape[:-1]) for p in calls)
-        return rows * rows * (d_out + 1) < d_in * d_out
-    d_in = _numel(site.weight_shape[1:]) + (site.bias is not None)
-    if site.kind == "conv":
-        rows = sum(_numel(p.shape[2:]) for p in calls)
-    else:
-        rows = sum(_numel(p.shape[:-1]) for p in calls)
-    return rows * rows * (d_in + d_out) < d_in * d_out
+def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal up to float rounding (a batched GEMM may sum in another order), relative to the largest entry."""
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    if not x.is_floating_point() or torch.equal(x, y):
+        return torch.equal(x, y)
+    return bool((x - y).abs().max() <= 1e-4 * y.abs().max())
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def _batched_factors(model: nn.Module, loss: CriterionLoss, plan: Plan, state: Tensors, batch: Any) -> Factors:
+    """Factors of every site from one forward / backward over the whole batch (probes via autograd)."""
+    modules = dict(model.named_modules())
+    rows: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
+    probes: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
+
+    def hook_for(site: Site) -> Hook:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
+            probe = torch.zeros_like(output, requires_grad=True)
+            rows[site.path].append(input_rows(module, site, args[0]))
+            probes[site.path].append(probe)
+            return output + probe
+
+        return hook
+
+    def criterion_of_example(example: tuple[Any, Any]) -> torch.Tensor:
+        output, target = batch_of_one(example)
+        return loss.criterion(output, target).sum()
+
+    *inputs, target = batch
+    with torch.enable_grad():
+        with _hooked(modules, {s.path: hook_for(s) for s in plan.sites}):
+            output = loss.forward(state, *inputs)
+        total = over_batch(criterion_of_example, 0)((output, target)).sum()
+        flat = [p for s in plan.sites for p in probes[s.path]]
+        grads = iter(torch.autograd.grad(total, flat, allow_unused=True))
+    factors = {}
+    for site in plan.sites:
+        gs = [next(grads) for _ in probes[site.path]]
+        gs = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, probes[site.path])]
+        factors[site.path] = (
+            torch.cat(rows[site.path], dim=1).detach(),
+            torch.cat([output_rows(site, g) for g in gs], dim=1),
+        )
+    return factors
 
 
-def representation_fn(model: Any, loss: ExampleLossFn, plan: Plan, chunk_size: int | None = None) -> RepFn:
-    """``(diff, frozen, batch) -> Grads``: dense parts by ``vmap(grad)``, factored layers by probes, in one pass."""
-    if not plan.sites:
-        grads = dense_grads(loss, chunk_size)
-        return lambda diff, frozen, batch: Grads((Dense(grads(diff, frozen, batch)),), plan.names)
-
+def _vmapped_factors(
+    model: nn.Module, loss: ExampleLossFn, plan: Plan, chunk_size: int | None
+) -> Callable[[Tensors, Tensors, Any], tuple[dict[str, torch.Tensor], Factors]]:
+    """``(diff, frozen, batch) -> (dense grads, factors)`` in one ``vmap(grad)`` pass over examples."""
     modules = dict(model.named_modules())
     factored_names = {n for s in plan.sites for n in s.names}
-    probe_shapes: dict[Any, dict[str, list[_Probe]]] = {}  # per example signature, discovered once per call
+    probe_shapes: dict[Any, dict[str, list[tuple[int, ...]]]] = {}  # per example signature, found once per call
 
     def loss_of_example(dense: Tensors, probes: Mapping[str, Sequence[torch.Tensor]], frozen: Tensors, example: Any):
         rows: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
@@ -148,8 +209,8 @@ def representation_fn(model: Any, loss: ExampleLossFn, plan: Plan, chunk_size: i
             def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
                 k = len(rows[site.path])
                 if k >= len(probes[site.path]):
-                    raise RuntimeError(f"Layer {site.path!r} was called more often than when it was planned.")
-                rows[site.path].append(input_rows(module, site, args[0]))
+                    raise RuntimeError(f"Layer {site.path!r} was called more often than when the call was planned.")
+                rows[site.path].append(input_rows(module, site, args[0])[0])
                 return output + probes[site.path][k]
 
             return hook
@@ -160,28 +221,54 @@ def representation_fn(model: Any, loss: ExampleLossFn, plan: Plan, chunk_size: i
 
     mapped = over_batch(grad(loss_of_example, argnums=(0, 1), has_aux=True), 3, chunk_size)
 
-    def representation(diff: Tensors, frozen: Tensors, batch: Any) -> Grads:
+    def factors(diff: Tensors, frozen: Tensors, batch: Any) -> tuple[dict[str, torch.Tensor], Factors]:
         signature = tuple((tuple(t.shape[1:]), t.dtype) for t in optree.tree_leaves(batch, none_is_leaf=True))
         if signature not in probe_shapes:
-            probe_shapes[signature] = _discover(model, loss, plan.sites, diff, frozen, _first_example(batch))[0]
-        shapes = probe_shapes[signature]
-        device = next(iter(diff.values())).device
+            probe_shapes[signature] = _discover(model, loss, plan.sites, diff, frozen, batch)[0]
+        dtype, device = next(iter(diff.values())).dtype, next(iter(diff.values())).device
         probes = {
-            path: [torch.zeros(p.shape, dtype=p.dtype, device=device) for p in calls] for path, calls in shapes.items()
+            path: [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+            for path, shapes in probe_shapes[signature].items()
         }
         dense = {n: diff[n] for n in plan.dense}
         held = {**frozen, **{n: diff[n] for n in factored_names}}
         (dense_grads_, probe_grads), inputs = mapped(dense, probes, held, batch)
-        parts: list[Any] = [Dense(dense_grads_)] if plan.dense else []
+        out = {}
         for site in plan.sites:
-            g = torch.cat([output_rows(site, pg) for pg in probe_grads[site.path]], dim=1)
-            a = inputs[site.path]
-            if a.shape[1] != g.shape[1]:
-                raise RuntimeError(f"Layer {site.path!r} was called differently than when it was planned.")
-            parts.append(Factored(site, a, g))
-        return Grads(tuple(parts), plan.names)
+            g = torch.cat([output_rows(site, pg[:, 0]) for pg in probe_grads[site.path]], dim=1)
+            if inputs[site.path].shape[1] != g.shape[1]:
+                raise RuntimeError(f"Layer {site.path!r} was called differently than when the call was planned.")
+            out[site.path] = (inputs[site.path], g)
+        return dense_grads_, out
 
-    return representation
+    return factors
+
+
+def _assemble(plan: Plan, dense: dict[str, torch.Tensor], factors: Factors) -> Grads:
+    """Kernel sites stay factored; the other sites are materialised next to the dense gradients."""
+    parts: list[Any] = []
+    for site in plan.sites:
+        a, g = factors[site.path]
+        if site.path in plan.kernel:
+            parts.append(Factored(site, a, g))
+        else:
+            dense = {**dense, **Factored(site, a, g).materialize()}
+    if dense:
+        parts.insert(0, Dense(dense))
+    return Grads(tuple(parts), plan.names)
+
+
+def representation_fn(model: Any, loss: ExampleLossFn, plan: Plan, chunk_size: int | None = None) -> RepFn:
+    """``(diff, frozen, batch) -> Grads`` for one loss under ``plan``."""
+    if not plan.sites:
+        grads = dense_grads(loss, chunk_size)
+        return lambda diff, frozen, batch: Grads((Dense(grads(diff, frozen, batch)),), plan.names)
+    if plan.batched and isinstance(loss, CriterionLoss):
+        return lambda diff, frozen, batch: _assemble(
+            plan, {}, _batched_factors(model, loss, plan, {**frozen, **diff}, batch)
+        )
+    vmapped = _vmapped_factors(model, loss, plan, chunk_size)
+    return lambda diff, frozen, batch: _assemble(plan, *vmapped(diff, frozen, batch))
 
 
 def last_layer_params(model: nn.Module, loss: ExampleLossFn, ckpt: Any, batch: Any) -> list[str]:
@@ -196,7 +283,7 @@ def last_layer_params(model: nn.Module, loss: ExampleLossFn, ckpt: Any, batch: A
         return hook
 
     with torch.no_grad(), _hooked(linears, {path: hook_for(path) for path in linears}):
-        loss({**ckpt.frozen, **ckpt.diff}, _first_example(batch))
+        loss({**ckpt.frozen, **ckpt.diff}, _first(batch))
     if not order:
         raise ValueError("`method='last_layer'` found no nn.Linear called by the model; select `layers=` instead.")
     module = linears[order[-1]]

@@ -77,9 +77,9 @@ def layer_output(module: nn.Module, site: Site, x: torch.Tensor, *, detach: bool
 
 
 def input_rows(module: nn.Module, site: Site, x: torch.Tensor) -> torch.Tensor:
-    """``A`` of one example (batch of one): ``[T, d_in (+1)]`` floats, or ``[T]`` token ids for an Embedding."""
+    """``A`` of a batch: ``[B, T, d_in (+1)]`` floats, or ``[B, T]`` token ids for an Embedding (-1: no gradient)."""
     if site.kind == "embedding":
-        ids = x.reshape(-1)
+        ids = x.reshape(x.shape[0], -1)
         if module.padding_idx is not None:  # no gradient flows to the padding row: drop those tokens
             ids = torch.where(ids == module.padding_idx, torch.full_like(ids, -1), ids)
         return ids
@@ -90,20 +90,20 @@ def input_rows(module: nn.Module, site: Site, x: torch.Tensor) -> torch.Tensor:
             padding, stride = (0, module.padding[0]), (1, module.stride[0])
         else:
             kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
-        rows = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)[0].T  # [L, C_in * k]
+        rows = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
     else:
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
     if site.weight is None:
-        rows = rows[:, :0]
+        rows = rows[..., :0]
     if site.bias is not None:
-        rows = torch.cat([rows, torch.ones_like(rows[:, :1])], dim=1)
+        rows = torch.cat([rows, torch.ones_like(rows[..., :1])], dim=-1)
     return rows
 
 
 def output_rows(site: Site, g: torch.Tensor) -> torch.Tensor:
-    """``G`` ``[B, T, d_out]`` from per-example gradients w.r.t. the layer output of a batch of one, ``[B, 1, ...]``."""
+    """``G`` ``[B, T, d_out]`` from the gradient w.r.t. the layer output of a batch, ``[B, ...]``."""
     if site.kind == "conv":
-        return g.reshape(g.shape[0], g.shape[2], -1).transpose(1, 2)  # [B, C_out, L] -> [B, L, C_out]
+        return g.reshape(g.shape[0], g.shape[1], -1).transpose(1, 2)  # [B, C_out, L] -> [B, L, C_out]
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 

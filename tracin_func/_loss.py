@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -53,8 +53,19 @@ def example_loss(forward: Forward, loss_fn: Any, name: str) -> ExampleLossFn:
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"`{name}.reduction` must be 'none', 'sum' or 'mean', got {reduction!r}.")
 
-    def loss(state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        *inputs, target = batch
-        return loss_fn(forward(state, *inputs), target).sum()
+    return CriterionLoss(forward, loss_fn)
 
-    return loss
+
+class CriterionLoss(NamedTuple):
+    """``criterion(forward(state, *inputs), target).sum()`` for a batch ``(*inputs, target)`` of one example.
+
+    Kept apart from an opaque ``ExampleLoss`` so that the forward pass can run on a whole batch at once and only
+    the criterion is mapped over examples (see ``_factored.batched_representation_fn``).
+    """
+
+    forward: Forward
+    criterion: Callable[[Any, Any], torch.Tensor]
+
+    def __call__(self, state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        *inputs, target = batch
+        return self.criterion(self.forward(state, *inputs), target).sum()
