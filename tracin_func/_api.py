@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ._checkpoints import Checkpoint
 from ._factored import last_layer_params, make_plan, representation_fn
+from ._grads import Mapper
 from ._loss import ExampleLoss, example_loss
 from ._model import ParamSelector, model_spec, prepare
 from ._scorer import Engine, Run, embedding_rows, make_updates, score_blocks, self_scores, test_representations
@@ -122,8 +123,11 @@ def _run(
         if method == "last_layer":
             ckpts, force = [c.split(last_layer_params(model, train_loss, prepared[0], batch)) for c in ckpts], True
         losses = [train_loss] if test_loss is train_loss else [train_loss, test_loss]
-        plan = make_plan(model, list(ckpts[0].diff), losses, ckpts[0].diff, ckpts[0].frozen, batch, factored=force)
-        reps = [representation_fn(model, loss, plan, chunk_size) for loss in (train_loss, test_loss)]
+        mapper = Mapper(chunk_size)
+        plan = make_plan(
+            model, list(ckpts[0].diff), losses, ckpts[0].diff, ckpts[0].frozen, batch, mapper, factored=force
+        )
+        reps = [representation_fn(model, loss, plan, mapper) for loss in (train_loss, test_loss)]
         return Engine(make_updates(*reps, projection=projection, compile=compile), ckpts)
 
     needs_target = (not isinstance(loss_fn, ExampleLoss), not isinstance(test_loss_fn, ExampleLoss))

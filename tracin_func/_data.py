@@ -17,17 +17,17 @@ def is_single_batch(data: Any) -> bool:
     if isinstance(data, Mapping):
         leaves = optree.tree_leaves(data, none_is_leaf=True)
         return bool(leaves) and all(isinstance(leaf, torch.Tensor) for leaf in leaves)
-    return isinstance(data, (tuple, list)) and len(data) > 0 and all(isinstance(x, torch.Tensor) for x in data)
+    # A tuple / list holding any tensor directly is meant as a batch (a list of batches holds tuples); its other
+    # elements are then reported by `batch_size_of` rather than silently read as batches.
+    return isinstance(data, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in data)
 
 
 def batch_size_of(batch: Batch, where: str) -> int:
     """Leading size shared by all tensors of ``batch``; raise if they disagree or a leaf is not a tensor."""
     leaves = optree.tree_leaves(batch, none_is_leaf=True)
     if not leaves or not all(isinstance(leaf, torch.Tensor) and leaf.dim() > 0 for leaf in leaves):
-        kinds = [
-            type(leaf).__name__ if not isinstance(leaf, torch.Tensor) else f"Tensor{tuple(leaf.shape)}"
-            for leaf in leaves
-        ]
+        elements = batch if isinstance(batch, (tuple, list)) else leaves
+        kinds = [f"Tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__ for x in elements]
         raise TypeError(
             f"{where}: every element of a batch must be a tensor with a leading batch dimension, got {kinds[:6]}. "
             f"Pass batches like `(x, y)` or `(x1, x2, y)`."
@@ -70,7 +70,8 @@ def iter_batches(data: Any, batch_size: int, where: str) -> Iterator[Batch]:
             yield _slice(data, start, min(start + batch_size, n))
         return
     if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        data = DataLoader(data, batch_size=batch_size, shuffle=False)
+        # Its own generator: iterating a DataLoader otherwise draws a seed from the global RNG.
+        data = DataLoader(data, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
         raise TypeError(
             f"`{where}` must be a batch `(x1, ..., xk, y)`, a Dataset, a DataLoader or an iterable of batches; "
@@ -82,8 +83,8 @@ def iter_batches(data: Any, batch_size: int, where: str) -> Iterator[Batch]:
 def num_batches(data: Any, batch_size: int) -> int | None:
     """Number of batches ``iter_batches`` yields, when known without iterating (for progress bars)."""
     if is_single_batch(data):
-        leaves = optree.tree_leaves(data)
-        return -(-leaves[0].shape[0] // batch_size) if leaves[0].dim() else None
+        sizes = [t.shape[0] for t in optree.tree_leaves(data) if isinstance(t, torch.Tensor) and t.dim()]
+        return -(-sizes[0] // batch_size) if sizes else None
     if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         try:
             return -(-len(data) // batch_size)  # type: ignore[arg-type]

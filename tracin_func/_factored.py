@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.func import grad
 
-from ._grads import Tensors, batch_of_one, dense_grads, over_batch, scalar_loss
+from ._grads import Mapper, Tensors, batch_of_one, dense_grads, scalar_loss
 from ._layers import Site, factorable_sites, input_rows, layer_output, output_rows
 from ._loss import CriterionLoss, ExampleLossFn
 from ._reps import Dense, Factored, Grads
@@ -65,7 +65,13 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def _discover(
-    model: nn.Module, loss: ExampleLossFn, sites: Sequence[Site], diff: Tensors, frozen: Tensors, batch: Any
+    model: nn.Module,
+    loss: ExampleLossFn,
+    sites: Sequence[Site],
+    diff: Tensors,
+    frozen: Tensors,
+    batch: Any,
+    mapper: Mapper,
 ) -> tuple[dict[str, list[tuple[int, ...]]], dict[str, torch.Tensor]]:
     """Run the first example of ``batch`` under ``vmap(grad)`` with each site's own parameter use detached.
 
@@ -87,7 +93,7 @@ def _discover(
         with _hooked(modules, {s.path: hook_for(s) for s in sites}):
             return scalar_loss(loss, {**frozen, **diff}, batch_of_one(example))
 
-    leaked = over_batch(grad(loss_of_example), 2)(diff, frozen, _first(batch))
+    leaked = mapper.over_batch(grad(loss_of_example), 2)(diff, frozen, _first(batch))
     return calls, leaked
 
 
@@ -112,6 +118,7 @@ def make_plan(
     diff: Tensors,
     frozen: Tensors,
     batch: Any,
+    mapper: Mapper,
     *,
     factored: bool | None,
 ) -> Plan:
@@ -121,7 +128,7 @@ def make_plan(
     sites = factorable_sites(model, names) if isinstance(model, nn.Module) and factored is not False else {}
     kernel = set()
     for loss in losses if sites else ():
-        calls, leaked = _discover(model, loss, list(sites.values()), diff, frozen, batch)
+        calls, leaked = _discover(model, loss, list(sites.values()), diff, frozen, batch, mapper)
         for path, site in list(sites.items()):
             if not calls[path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
                 del sites[path]  # not called as a module, or its parameters are also used elsewhere
@@ -131,18 +138,24 @@ def make_plan(
     dense = tuple(n for n in names if n not in in_sites)
     plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel & set(sites)), batched=False)
     if sites and not dense and all(isinstance(loss, CriterionLoss) for loss in losses):
-        plan = plan._replace(batched=_batching_is_exact(model, losses, plan, diff, frozen, batch))
+        plan = plan._replace(batched=_batching_is_exact(model, losses, plan, diff, frozen, batch, mapper))
     return plan
 
 
 def _batching_is_exact(
-    model: nn.Module, losses: Sequence[ExampleLossFn], plan: Plan, diff: Tensors, frozen: Tensors, batch: Any
+    model: nn.Module,
+    losses: Sequence[ExampleLossFn],
+    plan: Plan,
+    diff: Tensors,
+    frozen: Tensors,
+    batch: Any,
+    mapper: Mapper,
 ) -> bool:
     """Whether a batched forward gives each example the factors it gets alone (no interaction across examples)."""
     few = _first(batch, 4)
     for loss in losses:
-        batched = _batched_factors(model, loss, plan, {**frozen, **diff}, few)
-        alone = _vmapped_factors(model, loss, plan, chunk_size=None)(diff, frozen, few)[1]
+        batched = _batched_factors(model, loss, plan, {**frozen, **diff}, few, mapper)
+        alone = _vmapped_factors(model, loss, plan, mapper)(diff, frozen, few)[1]
         if not all(_close(x, y) for path in alone for x, y in zip(alone[path], batched[path])):
             return False
     return True
@@ -157,7 +170,9 @@ def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
     return bool((x - y).abs().max() <= 1e-4 * y.abs().max())
 
 
-def _batched_factors(model: nn.Module, loss: CriterionLoss, plan: Plan, state: Tensors, batch: Any) -> Factors:
+def _batched_factors(
+    model: nn.Module, loss: CriterionLoss, plan: Plan, state: Tensors, batch: Any, mapper: Mapper
+) -> Factors:
     """Factors of every site from one forward / backward over the whole batch (probes via autograd)."""
     modules = dict(model.named_modules())
     rows: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
@@ -180,7 +195,7 @@ def _batched_factors(model: nn.Module, loss: CriterionLoss, plan: Plan, state: T
     with torch.enable_grad():
         with _hooked(modules, {s.path: hook_for(s) for s in plan.sites}):
             output = loss.forward(state, *inputs)
-        total = over_batch(criterion_of_example, 0)((output, target)).sum()
+        total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
         flat = [p for s in plan.sites for p in probes[s.path]]
         grads = iter(torch.autograd.grad(total, flat, allow_unused=True))
     factors = {}
@@ -195,7 +210,7 @@ def _batched_factors(model: nn.Module, loss: CriterionLoss, plan: Plan, state: T
 
 
 def _vmapped_factors(
-    model: nn.Module, loss: ExampleLossFn, plan: Plan, chunk_size: int | None
+    model: nn.Module, loss: ExampleLossFn, plan: Plan, mapper: Mapper
 ) -> Callable[[Tensors, Tensors, Any], tuple[dict[str, torch.Tensor], Factors]]:
     """``(diff, frozen, batch) -> (dense grads, factors)`` in one ``vmap(grad)`` pass over examples."""
     modules = dict(model.named_modules())
@@ -219,12 +234,12 @@ def _vmapped_factors(
             out = scalar_loss(loss, {**frozen, **dense}, batch_of_one(example))
         return out, {path: torch.cat(r) for path, r in rows.items()}
 
-    mapped = over_batch(grad(loss_of_example, argnums=(0, 1), has_aux=True), 3, chunk_size)
+    mapped = mapper.over_batch(grad(loss_of_example, argnums=(0, 1), has_aux=True), 3)
 
     def factors(diff: Tensors, frozen: Tensors, batch: Any) -> tuple[dict[str, torch.Tensor], Factors]:
         signature = tuple((tuple(t.shape[1:]), t.dtype) for t in optree.tree_leaves(batch, none_is_leaf=True))
         if signature not in probe_shapes:
-            probe_shapes[signature] = _discover(model, loss, plan.sites, diff, frozen, batch)[0]
+            probe_shapes[signature] = _discover(model, loss, plan.sites, diff, frozen, batch, mapper)[0]
         dtype, device = next(iter(diff.values())).dtype, next(iter(diff.values())).device
         probes = {
             path: [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
@@ -258,16 +273,16 @@ def _assemble(plan: Plan, dense: dict[str, torch.Tensor], factors: Factors) -> G
     return Grads(tuple(parts), plan.names)
 
 
-def representation_fn(model: Any, loss: ExampleLossFn, plan: Plan, chunk_size: int | None = None) -> RepFn:
+def representation_fn(model: Any, loss: ExampleLossFn, plan: Plan, mapper: Mapper) -> RepFn:
     """``(diff, frozen, batch) -> Grads`` for one loss under ``plan``."""
     if not plan.sites:
-        grads = dense_grads(loss, chunk_size)
+        grads = dense_grads(loss, mapper)
         return lambda diff, frozen, batch: Grads((Dense(grads(diff, frozen, batch)),), plan.names)
     if plan.batched and isinstance(loss, CriterionLoss):
         return lambda diff, frozen, batch: _assemble(
-            plan, {}, _batched_factors(model, loss, plan, {**frozen, **diff}, batch)
+            plan, {}, _batched_factors(model, loss, plan, {**frozen, **diff}, batch, mapper)
         )
-    vmapped = _vmapped_factors(model, loss, plan, chunk_size)
+    vmapped = _vmapped_factors(model, loss, plan, mapper)
     return lambda diff, frozen, batch: _assemble(plan, *vmapped(diff, frozen, batch))
 
 

@@ -33,46 +33,52 @@ def _example(batch: Any, i: int) -> Any:
     return optree.tree_map(lambda t: t[i], batch, none_is_leaf=True)
 
 
-def over_batch(one: Callable[..., Any], n_static: int, chunk_size: int | None = None) -> Callable[..., Any]:
-    """Map ``one(*static, example)`` over the examples of a batch (its last argument), stacking the outputs.
+class Mapper:
+    """Maps per-example functions over batches for one scoring call.
 
     Uses ``vmap``; if vmap fails where a per-example loop works (no batching rule, e.g. ``nn.GRU`` on torch 2.13),
-    warns once naming the cause and loops from then on. Results are identical either way.
+    it warns once naming the cause and every function of the call loops from then on. Results are identical.
+    The only state is that switch, and a Mapper lives for one call.
     """
-    fast = vmap(one, in_dims=(None,) * n_static + (0,), chunk_size=chunk_size)
-    use_loop = False
 
-    def slow(*args: Any) -> Any:
-        *static, batch = args
-        n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
-        outs = [one(*static, _example(batch, i)) for i in range(n)]
-        return optree.tree_map(lambda *xs: torch.stack(xs), *outs, none_is_leaf=True)
+    def __init__(self, chunk_size: int | None = None) -> None:
+        self.chunk_size = chunk_size
+        self.loop = False
 
-    def mapped(*args: Any) -> Any:
-        nonlocal use_loop
-        if use_loop:
-            return slow(*args)
-        try:
-            return fast(*args)
-        except (RuntimeError, NotImplementedError) as vmap_error:
-            result = slow(*args)  # a genuine error in the loss raises here, from the loop
-            use_loop = True
-            cause = str(vmap_error).strip().splitlines()[0][:300]
-            warnings.warn(
-                f"torch.func.vmap failed on this model ({type(vmap_error).__name__}: {cause}); computing per-example "
-                f"gradients with a loop instead (same results, slower).",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return result
+    def over_batch(self, one: Callable[..., Any], n_static: int) -> Callable[..., Any]:
+        """``f(*static, batch)`` stacking ``one(*static, example)`` over the examples of ``batch``."""
+        fast = vmap(one, in_dims=(None,) * n_static + (0,), chunk_size=self.chunk_size)
 
-    return mapped
+        def slow(*args: Any) -> Any:
+            *static, batch = args
+            n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
+            outs = [one(*static, _example(batch, i)) for i in range(n)]
+            return optree.tree_map(lambda *xs: torch.stack(xs), *outs, none_is_leaf=True)
+
+        def mapped(*args: Any) -> Any:
+            if self.loop:
+                return slow(*args)
+            try:
+                return fast(*args)
+            except (RuntimeError, NotImplementedError) as vmap_error:
+                result = slow(*args)  # a genuine error in the loss raises here, from the loop
+                self.loop = True
+                cause = str(vmap_error).strip().splitlines()[0][:300]
+                warnings.warn(
+                    f"torch.func.vmap failed on this model ({type(vmap_error).__name__}: {cause}); computing "
+                    f"per-example gradients with a loop instead (same results, slower).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return result
+
+        return mapped
 
 
-def dense_grads(loss: ExampleLossFn, chunk_size: int | None = None) -> GradFn:
+def dense_grads(loss: ExampleLossFn, mapper: Mapper) -> GradFn:
     """``(diff, frozen, batch) -> {name: [B, *shape]}``, the per-sample gradients w.r.t. ``diff``."""
 
     def loss_of_example(diff: Tensors, frozen: Tensors, example: Any) -> torch.Tensor:
         return scalar_loss(loss, {**frozen, **diff}, batch_of_one(example))
 
-    return over_batch(grad(loss_of_example), 2, chunk_size)
+    return mapper.over_batch(grad(loss_of_example), 2)

@@ -93,10 +93,11 @@ def input_rows(module: nn.Module, site: Site, x: torch.Tensor) -> torch.Tensor:
         rows = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
     else:
         rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    ones = torch.ones_like(rows[..., :1])
     if site.weight is None:
         rows = rows[..., :0]
     if site.bias is not None:
-        rows = torch.cat([rows, torch.ones_like(rows[..., :1])], dim=-1)
+        rows = torch.cat([rows, ones], dim=-1)
     return rows
 
 
