@@ -25,7 +25,7 @@ class Options(TypedDict, total=False):
 
     params: ParamSelector
     layers: Sequence[str] | None
-    batch_size: int
+    batch_size: int | None
     chunk_size: int | None
     device: str | torch.device | None
     dtype: torch.dtype | None
@@ -56,6 +56,12 @@ def _check_options(options: dict[str, Any], function: str) -> None:
         raise TypeError(f"`{function}` got unknown option(s) {unknown}; options are {sorted(Options.__annotations__)}.")
 
 
+def _auto_batch_size(diff: Iterable[torch.Tensor], budget_bytes: int = 1 << 28) -> int:
+    """Examples per batch so that dense per-sample gradients of every differentiated parameter fit ``budget``."""
+    per_example = sum(t.numel() * t.element_size() for t in diff)
+    return max(16, min(1024, budget_bytes // max(1, per_example)))
+
+
 def _seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"`seed` must be an int in [0, 2**32), got {seed!r}.")
@@ -70,7 +76,7 @@ def _run(
     test_loss_fn: Any = None,
     params: ParamSelector = None,
     layers: Sequence[str] | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     chunk_size: int | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -101,7 +107,8 @@ def _run(
             "`method='last_layer'` picks the model's final nn.Linear itself: drop `params` / `layers`, or keep them "
             "and use the default `method='exact'` (an nn.Module is required)."
         )
-    batch_size = _positive_int(batch_size, "batch_size")
+    if batch_size is not None:
+        _positive_int(batch_size, "batch_size")
     if chunk_size is not None:
         _positive_int(chunk_size, "chunk_size")
     first = checkpoints[0]
@@ -114,6 +121,7 @@ def _run(
     target = torch.device(device) if device is not None else _default_device(model, first)
     bar = tqdm(checkpoints, desc="preparing checkpoints", unit="ckpt", disable=not progress, leave=False)
     prepared = [prepare(spec, c, i, device=target, dtype=dtype, strict=strict) for i, c in enumerate(bar)]
+    batch_size = batch_size or _auto_batch_size(prepared[0].diff.values())
     test_loss_fn = loss_fn if test_loss_fn is None else test_loss_fn
     train_loss = example_loss(spec.forward, loss_fn, "loss_fn")
     test_loss = example_loss(spec.forward, test_loss_fn, "test_loss_fn")
@@ -122,7 +130,7 @@ def _run(
         ckpts, force = prepared, factored
         if method == "last_layer":
             ckpts, force = [c.split(last_layer_params(model, train_loss, prepared[0], batch)) for c in ckpts], True
-        losses = [train_loss] if test_loss is train_loss else [train_loss, test_loss]
+        losses = [train_loss] if test_loss_fn is loss_fn else [train_loss, test_loss]
         mapper = Mapper(chunk_size)
         plan = make_plan(
             model, list(ckpts[0].diff), losses, ckpts[0].diff, ckpts[0].frozen, batch, mapper, factored=force
@@ -164,7 +172,8 @@ def influence(
             - ``params``: names of the parameters to differentiate, or a predicate ``name -> bool``. Default:
               every parameter of the model that requires grad. ``layers`` (module names) selects the parameters
               under those modules instead, like Captum's ``layers=``.
-            - ``batch_size`` (64): examples per batch when data is a single batch or a ``Dataset``.
+            - ``batch_size``: examples per batch when data is a single batch or a ``Dataset``. Default: as many
+              as keep dense per-sample gradients of the differentiated parameters within 256 MB (16 to 1024).
             - ``chunk_size``: examples per ``vmap`` call inside a batch (bounds activation memory).
             - ``device`` / ``dtype``: where and in which floating dtype to compute (``torch.float64`` works end to
               end). Default: the model's device, the checkpoints' dtype.
