@@ -9,12 +9,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ._checkpoints import Checkpoint
+from ._data import num_examples
 from ._factored import last_layer_params, make_plan, representation_fn
 from ._grads import Mapper
 from ._loss import ExampleLoss, example_loss
 from ._model import ParamSelector, model_spec, prepare
 from ._scorer import Engine, Run, embedding_rows, make_updates, score_blocks, self_scores, test_representations
 from ._topk import TopK, merge
+from ._validate import positive_int
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -42,12 +44,6 @@ def _default_device(model: Any, first: Checkpoint) -> torch.device:
             return t.device
     tensors = [t for t in first.params.values() if isinstance(t, torch.Tensor)]
     return tensors[0].device if tensors else torch.device("cpu")
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    return value
 
 
 def _check_options(options: dict[str, Any], function: str) -> None:
@@ -107,10 +103,15 @@ def _run(
             "`method='last_layer'` picks the model's final nn.Linear itself: drop `params` / `layers`, or keep them "
             "and use the default `method='exact'` (an nn.Module is required)."
         )
+    for name, value in (("strict", strict), ("progress", progress), ("compile", compile)):
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    if factored is not None and not isinstance(factored, bool):
+        raise TypeError(f"`factored` must be None (choose per layer), True or False, got {factored!r}.")
     if batch_size is not None:
-        _positive_int(batch_size, "batch_size")
+        positive_int(batch_size, "batch_size")
     if chunk_size is not None:
-        _positive_int(chunk_size, "chunk_size")
+        positive_int(chunk_size, "chunk_size")
     first = checkpoints[0]
     if not isinstance(first, Checkpoint):
         raise TypeError(
@@ -245,7 +246,10 @@ def top_k(
         (torch.Size([2, 3]), True)
     """
     _check_options(options, "top_k")
-    k = _positive_int(k, "k")
+    k = positive_int(k, "k")
+    n_train = num_examples(train)
+    if n_train is not None and k > n_train:
+        raise ValueError(f"`k`={k} exceeds the number of training examples ({n_train}); pass `k <= {n_train}`.")
     run = _run(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
     engine, test_reps = test_representations(run, test, aggregate=aggregate)
     best, seen = None, 0
@@ -317,5 +321,5 @@ def embeddings(
     _check_options(options, "embeddings")
     projection = None
     if projection_dim is not None:
-        projection = (_positive_int(projection_dim, "projection_dim"), _seed(seed))
+        projection = (positive_int(projection_dim, "projection_dim"), _seed(seed))
     return embedding_rows(_run(model, checkpoints, loss_fn=loss_fn, projection=projection, **options), data)

@@ -82,18 +82,26 @@ def iter_batches(data: Any, batch_size: int, where: str) -> Iterator[Batch]:
 
 def num_batches(data: Any, batch_size: int) -> int | None:
     """Number of batches ``iter_batches`` yields, when known without iterating (for progress bars)."""
-    if is_single_batch(data):
-        sizes = [t.shape[0] for t in optree.tree_leaves(data) if isinstance(t, torch.Tensor) and t.dim()]
-        return -(-sizes[0] // batch_size) if sizes else None
-    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        try:
-            return -(-len(data) // batch_size)  # type: ignore[arg-type]
-        except TypeError:
-            return None
+    if is_single_batch(data) or isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        n = num_examples(data)
+        return None if n is None else -(-n // batch_size)
     try:
         return len(data)
     except TypeError:
         return None
+
+
+def num_examples(data: Any) -> int | None:
+    """Number of examples in ``data`` when known without iterating (a single batch or a sized Dataset)."""
+    if is_single_batch(data):
+        sizes = [t.shape[0] for t in optree.tree_leaves(data) if isinstance(t, torch.Tensor) and t.dim()]
+        return sizes[0] if sizes else None
+    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        try:
+            return len(data)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    return None
 
 
 def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> Batch:

@@ -42,6 +42,18 @@ class ModelSpec(NamedTuple):
     defaults: Mapping[str, torch.Tensor]  # the model's own state, used for names a checkpoint omits (strict=False)
 
 
+def check_no_backward_hooks(model: Any) -> None:
+    """Raise if a module has backward hooks: torch.func transforms cannot run through them."""
+    if not isinstance(model, nn.Module):
+        return
+    for name, module in model.named_modules():
+        if module._backward_hooks or module._backward_pre_hooks:
+            raise ValueError(
+                f"`model` has a backward hook on {type(module).__name__} {name or '(root)'!r}; torch.func transforms "
+                f"cannot run through it. Remove it (`handle.remove()`) before scoring."
+            )
+
+
 def check_eval_mode(model: Any) -> None:
     """Raise if a module whose training-mode output couples or randomises examples is in training mode."""
     if not isinstance(model, nn.Module):
@@ -107,6 +119,7 @@ def model_spec(
     """Build the function shape of ``model``: an ``nn.Module`` or a pure function ``f(params, *inputs)``."""
     if isinstance(model, nn.Module):
         check_eval_mode(model)
+        check_no_backward_hooks(model)
         named = dict(model.named_parameters())  # de-duplicated: a tied tensor appears under its first name
         state = model.state_dict(keep_vars=True)
         param_ids = {id(p) for p in named.values()}

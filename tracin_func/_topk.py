@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._validate import positive_int
+
 
 class TopK(NamedTuple):
     """The k most influential training examples per test example.
@@ -63,10 +65,8 @@ def top_k_embeddings(
         >>> torch.equal(top.indices, (test @ train.T).topk(3).indices)
         True
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"`k` must be a positive int, got {k!r}.")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"`block_size` must be a positive int, got {block_size!r}.")
+    positive_int(k, "k")
+    positive_int(block_size, "block_size")
     if not isinstance(test, torch.Tensor) or test.dim() != 2:
         raise ValueError(
             f"`test` must be a [n_test, D] tensor, got {type(test).__name__} {getattr(test, 'shape', '')}."

@@ -1,0 +1,383 @@
+"""`tc.load_checkpoints` on every supported file format, its ordering rules and errors, and `tc.Checkpoint` as a
+pytree."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import optree
+import pytest
+import torch
+from torch import nn
+
+import tracin_func as tc
+
+# --- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+
+
+def _states(n: int, model: nn.Module | None = None) -> list[dict[str, torch.Tensor]]:
+    """``n`` distinct state dicts for ``model``; state ``i`` is recognisable by ``state["0.bias"][0] == i``."""
+    model = model or _model()
+    out = []
+    for i in range(n):
+        gen = torch.Generator().manual_seed(100 + i)
+        state = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in model.state_dict().items()}
+        state["0.bias"][0] = float(i)
+        out.append(state)
+    return out
+
+
+def _tag(ckpt: tc.Checkpoint) -> int:
+    return int(ckpt.params["0.bias"][0])
+
+
+def _assert_same_state(ckpt: tc.Checkpoint, state: dict[str, torch.Tensor]) -> None:
+    assert set(ckpt.params) == set(state)
+    for k, v in state.items():
+        assert torch.equal(ckpt.params[k], v), k
+        assert ckpt.params[k].dtype == v.dtype
+
+
+def _lr(ckpt: tc.Checkpoint) -> float:
+    return float(ckpt.lr)
+
+
+_PAYLOAD_RAN: list[str] = []
+
+
+def _payload_effect(tag: str) -> str:
+    """Stands for arbitrary code run by unpickling."""
+    _PAYLOAD_RAN.append(tag)
+    return tag
+
+
+class _Payload:
+    def __reduce__(self):
+        return (_payload_effect, ("payload ran",))
+
+
+# --- formats -----------------------------------------------------------------------------------------------------
+
+
+def test_plain_state_dict_with_lr_argument(tmp_path):
+    (state,) = _states(1)
+    torch.save(state, tmp_path / "ckpt.pt")
+    (ckpt,) = tc.load_checkpoints([str(tmp_path / "ckpt.pt")], lr=0.3)
+    _assert_same_state(ckpt, state)
+    assert _lr(ckpt) == 0.3
+
+
+def test_captum_tutorial_format(tmp_path):
+    (state,) = _states(1)
+    torch.save({"model_state_dict": state, "learning_rate": 0.1}, tmp_path / "ckpt.pt")
+    (ckpt,) = tc.load_checkpoints([tmp_path / "ckpt.pt"])
+    _assert_same_state(ckpt, state)
+    assert _lr(ckpt) == 0.1
+
+
+def test_state_dict_key_with_lr_argument(tmp_path):
+    (state,) = _states(1)
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "ckpt.pt")
+    (ckpt,) = tc.load_checkpoints([tmp_path / "ckpt.pt"], lr=0.2)
+    _assert_same_state(ckpt, state)
+    assert _lr(ckpt) == 0.2
+
+
+def test_state_dict_key_with_stored_lr(tmp_path):
+    (state,) = _states(1)
+    torch.save({"state_dict": state, "lr": 0.05}, tmp_path / "ckpt.pt")
+    (ckpt,) = tc.load_checkpoints([tmp_path / "ckpt.pt"])
+    _assert_same_state(ckpt, state)
+    assert _lr(ckpt) == 0.05
+
+
+@pytest.mark.parametrize("key", ["learning_rate", "lr"])
+def test_flat_state_dict_with_learning_rate_entry(tmp_path, key):
+    (state,) = _states(1)
+    torch.save({**state, key: 0.25}, tmp_path / "ckpt.pt")
+    (ckpt,) = tc.load_checkpoints([tmp_path / "ckpt.pt"])
+    _assert_same_state(ckpt, state)  # the lr entry is not a parameter
+    assert _lr(ckpt) == 0.25
+
+
+def test_stored_lr_as_tensor(tmp_path):
+    (state,) = _states(1)
+    torch.save({"model_state_dict": state, "learning_rate": torch.tensor(0.125)}, tmp_path / "ckpt.pt")
+    (ckpt,) = tc.load_checkpoints([tmp_path / "ckpt.pt"])
+    assert _lr(ckpt) == 0.125
+
+
+def test_safetensors_with_lr_argument(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    (state,) = _states(1)
+    safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "ckpt.safetensors"))
+    (ckpt,) = tc.load_checkpoints([tmp_path / "ckpt.safetensors"], lr=0.4)
+    _assert_same_state(ckpt, state)
+    assert _lr(ckpt) == 0.4
+
+
+def test_safetensors_without_lr_is_an_error(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    (state,) = _states(1)
+    safetensors_torch.save_file(state, str(tmp_path / "ckpt.safetensors"))
+    with pytest.raises(ValueError, match=r"stores no learning rate; pass `lr=`"):
+        tc.load_checkpoints([tmp_path / "ckpt.safetensors"])
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_dataparallel_prefix_is_stripped(tmp_path, nested):
+    (state,) = _states(1)
+    prefixed = {f"module.{k}": v for k, v in state.items()}
+    torch.save({"model_state_dict": prefixed, "learning_rate": 0.1} if nested else prefixed, tmp_path / "ckpt.pt")
+    (ckpt,) = tc.load_checkpoints([tmp_path / "ckpt.pt"], lr=None if nested else 0.1)
+    _assert_same_state(ckpt, state)
+    # and it scores against the unwrapped model
+    x = torch.randn(3, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1])
+    s = tc.self_influence(_model(), [ckpt], (x, y), loss_fn=nn.CrossEntropyLoss())
+    assert s.shape == (3,)
+
+
+# --- ordering ----------------------------------------------------------------------------------------------------
+
+
+def test_directory_natural_order_and_hidden_files_ignored(tmp_path):
+    states = _states(4)
+    # written in a shuffled order, names whose lexicographic order differs from the natural one
+    for epoch, i in [(10, 2), (2, 0), (100, 3), (3, 1)]:
+        torch.save({"model_state_dict": states[i], "learning_rate": 0.1 * (i + 1)}, tmp_path / f"ckpt-{epoch}.pt")
+    torch.save({"junk": "not a checkpoint"}, tmp_path / ".hidden.pt")  # would fail to load if read
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x01garbage")
+    (tmp_path / "subdir").mkdir()
+    ckpts = tc.load_checkpoints(str(tmp_path))
+    assert [_tag(c) for c in ckpts] == [0, 1, 2, 3]  # ckpt-2, ckpt-3, ckpt-10, ckpt-100
+    assert [_lr(c) for c in ckpts] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    for c, s in zip(ckpts, states):
+        _assert_same_state(c, s)
+
+
+def test_directory_as_pathlike(tmp_path):
+    states = _states(2)
+    for i, s in enumerate(states):
+        torch.save(s, tmp_path / f"c{i}.pt")
+    ckpts = tc.load_checkpoints(tmp_path, lr=0.5)  # a pathlib.Path, not a str
+    assert [_tag(c) for c in ckpts] == [0, 1]
+
+
+def test_list_of_paths_keeps_given_order(tmp_path):
+    states = _states(3)
+    paths = []
+    for i, s in enumerate(states):
+        torch.save(s, tmp_path / f"ckpt-{i}.pt")
+        paths.append(str(tmp_path / f"ckpt-{i}.pt"))
+    given = [paths[2], paths[0], paths[1]]  # NOT sorted: Captum would re-sort this
+    ckpts = tc.load_checkpoints(given, lr=[0.3, 0.1, 0.2])
+    assert [_tag(c) for c in ckpts] == [2, 0, 1]
+    assert [_lr(c) for c in ckpts] == [0.3, 0.1, 0.2]  # each lr stays with its path
+
+
+def test_iterator_of_paths(tmp_path):
+    states = _states(3)
+    for i, s in enumerate(states):
+        torch.save({"model_state_dict": s, "learning_rate": 0.1}, tmp_path / f"ckpt-{i}.pt")
+    order = [1, 2, 0]
+    gen = (tmp_path / f"ckpt-{i}.pt" for i in order)
+    ckpts = tc.load_checkpoints(gen)
+    assert isinstance(ckpts, list)
+    assert [_tag(c) for c in ckpts] == order
+    ckpts_iter = tc.load_checkpoints(iter([str(tmp_path / "ckpt-2.pt")]), lr=[0.7])
+    assert [_tag(c) for c in ckpts_iter] == [2] and _lr(ckpts_iter[0]) == 0.7
+
+
+# --- learning rates ----------------------------------------------------------------------------------------------
+
+
+def test_lr_list_per_checkpoint_overrides_stored_values(tmp_path):
+    states = _states(3)
+    for i, s in enumerate(states):
+        torch.save({"model_state_dict": s, "learning_rate": 0.1}, tmp_path / f"ckpt-{i}.pt")
+    ckpts = tc.load_checkpoints(str(tmp_path), lr=[0.5, 0.25, 0.125])
+    assert [_lr(c) for c in ckpts] == [0.5, 0.25, 0.125]
+    one = tc.load_checkpoints(str(tmp_path), lr=2.0)
+    assert [_lr(c) for c in one] == [2.0, 2.0, 2.0]
+    stored = tc.load_checkpoints(str(tmp_path))
+    assert [_lr(c) for c in stored] == pytest.approx([0.1, 0.1, 0.1])
+
+
+def test_missing_lr_is_an_error(tmp_path):
+    (state,) = _states(1)
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"ckpt\.pt.*stores no learning rate; pass `lr=`"):
+        tc.load_checkpoints([tmp_path / "ckpt.pt"])
+
+
+def test_missing_lr_in_one_of_several_files(tmp_path):
+    states = _states(2)
+    torch.save({"model_state_dict": states[0], "learning_rate": 0.1}, tmp_path / "ckpt-1.pt")
+    torch.save({"model_state_dict": states[1]}, tmp_path / "ckpt-2.pt")
+    with pytest.raises(ValueError, match=r"ckpt-2\.pt.*stores no learning rate"):
+        tc.load_checkpoints(str(tmp_path))
+
+
+@pytest.mark.parametrize("lrs", [[0.1], [0.1, 0.2, 0.3]])
+def test_lr_list_of_wrong_length(tmp_path, lrs):
+    for i, s in enumerate(_states(2)):
+        torch.save(s, tmp_path / f"ckpt-{i}.pt")
+    with pytest.raises(ValueError, match=rf"`lr` has {len(lrs)} entries but there are 2 checkpoints"):
+        tc.load_checkpoints(str(tmp_path), lr=lrs)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, math.nan, math.inf, -math.inf])
+def test_non_positive_or_non_finite_lr_argument(tmp_path, bad):
+    (state,) = _states(1)
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"`lr` of .*ckpt\.pt.* must be positive and finite, got"):
+        tc.load_checkpoints([tmp_path / "ckpt.pt"], lr=bad)
+    with pytest.raises(ValueError, match=r"must be positive and finite"):
+        tc.load_checkpoints([tmp_path / "ckpt.pt"], lr=[bad])
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
+def test_non_positive_or_non_finite_stored_lr(tmp_path, bad):
+    (state,) = _states(1)
+    torch.save({"model_state_dict": state, "learning_rate": bad}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"must be positive and finite"):
+        tc.load_checkpoints([tmp_path / "ckpt.pt"])
+    # an explicit valid lr overrides the bad stored one
+    (ckpt,) = tc.load_checkpoints([tmp_path / "ckpt.pt"], lr=0.1)
+    assert _lr(ckpt) == 0.1
+
+
+def test_non_number_lr(tmp_path):
+    (state,) = _states(1)
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(TypeError, match=r"`lr` of .* must be a positive number, got '0.1'"):
+        tc.load_checkpoints([tmp_path / "ckpt.pt"], lr=["0.1"])
+
+
+# --- loading options ---------------------------------------------------------------------------------------------
+
+
+def test_map_location(tmp_path):
+    (state,) = _states(1)
+    torch.save({"model_state_dict": state, "learning_rate": 0.1}, tmp_path / "ckpt.pt")
+    (meta,) = tc.load_checkpoints([tmp_path / "ckpt.pt"], map_location="meta")
+    assert all(t.device.type == "meta" for t in meta.params.values())
+    seen = []
+
+    def remap(storage, location):
+        seen.append(location)
+        return storage
+
+    (ckpt,) = tc.load_checkpoints([tmp_path / "ckpt.pt"], map_location=remap)
+    assert seen and all(loc == "cpu" for loc in seen)
+    _assert_same_state(ckpt, state)
+    (default,) = tc.load_checkpoints([tmp_path / "ckpt.pt"])
+    assert all(t.device.type == "cpu" for t in default.params.values())
+
+
+def test_weights_only_refuses_arbitrary_pickle(tmp_path):
+    (state,) = _states(1)
+    torch.save({"model_state_dict": state, "learning_rate": 0.1, "extra": _Payload()}, tmp_path / "ckpt.pt")
+    _PAYLOAD_RAN.clear()
+    with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only load failed"):
+        tc.load_checkpoints([tmp_path / "ckpt.pt"])  # weights_only=True is the default
+    assert _PAYLOAD_RAN == []
+    (ckpt,) = tc.load_checkpoints([tmp_path / "ckpt.pt"], weights_only=False)
+    assert _PAYLOAD_RAN == ["payload ran"]  # what weights_only=True protects against
+    _assert_same_state(ckpt, state)
+    assert _lr(ckpt) == 0.1
+
+
+# --- source errors -----------------------------------------------------------------------------------------------
+
+
+def test_empty_directory(tmp_path):
+    (tmp_path / ".hidden").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"directory .* contains no checkpoint files"):
+        tc.load_checkpoints(str(tmp_path))
+
+
+def test_empty_list():
+    with pytest.raises(ValueError, match=r"`source` holds no checkpoints"):
+        tc.load_checkpoints([])
+    with pytest.raises(ValueError, match=r"`source` holds no checkpoints"):
+        tc.load_checkpoints(iter([]))
+
+
+def test_non_directory_string(tmp_path):
+    (state,) = _states(1)
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"is not a directory; pass a directory or a list of paths"):
+        tc.load_checkpoints(str(tmp_path / "ckpt.pt"), lr=0.1)  # a single file: wrap it in a list
+    with pytest.raises(ValueError, match=r"is not a directory"):
+        tc.load_checkpoints(str(tmp_path / "does-not-exist"), lr=0.1)
+
+
+def test_file_not_holding_a_mapping(tmp_path):
+    torch.save([torch.zeros(2)], tmp_path / "ckpt.pt")
+    with pytest.raises(TypeError, match=r"holds a list, expected a state dict"):
+        tc.load_checkpoints([tmp_path / "ckpt.pt"], lr=0.1)
+
+
+def test_flat_dict_with_non_tensor_entries(tmp_path):
+    (state,) = _states(1)
+    torch.save({**state, "epoch": 3}, tmp_path / "ckpt.pt")
+    with pytest.raises(TypeError, match=r"non-tensor entries \['epoch'\]"):
+        tc.load_checkpoints([tmp_path / "ckpt.pt"], lr=0.1)
+
+
+# --- Checkpoint as a pytree, and scoring loaded checkpoints ------------------------------------------------------
+
+
+def test_checkpoint_is_an_optree_pytree():
+    params = {"b": torch.tensor([1.0, 2.0]), "a": torch.tensor([[3.0]])}
+    ckpt = tc.Checkpoint(params=params, lr=0.5)
+    leaves = optree.tree_leaves(ckpt, namespace="tracin_func")
+    assert len(leaves) == 3
+    assert any(isinstance(leaf, float) and leaf == 0.5 for leaf in leaves)
+    doubled = optree.tree_map(lambda t: t * 2, ckpt, namespace="tracin_func")
+    assert isinstance(doubled, tc.Checkpoint)
+    assert set(doubled.params) == {"a", "b"}
+    assert torch.equal(doubled.params["b"], torch.tensor([2.0, 4.0]))
+    assert torch.equal(doubled.params["a"], torch.tensor([[6.0]]))
+    assert doubled.lr == 1.0
+    assert torch.equal(ckpt.params["b"], torch.tensor([1.0, 2.0]))  # the original is untouched
+    # structure round trip
+    flat, spec = optree.tree_flatten(ckpt, namespace="tracin_func")
+    back = optree.tree_unflatten(spec, flat)
+    assert isinstance(back, tc.Checkpoint) and back.lr == 0.5
+    assert all(torch.equal(back.params[k], params[k]) for k in params)
+    # a list of checkpoints maps leaf by leaf too (e.g. moving all of them to a dtype)
+    cast = optree.tree_map(
+        lambda t: t.double() if isinstance(t, torch.Tensor) else t, [ckpt, ckpt], namespace="tracin_func"
+    )
+    assert all(c.params["a"].dtype == torch.float64 for c in cast)
+
+
+def test_loaded_checkpoints_score_like_in_memory_ones(tmp_path):
+    model = _model()
+    states = _states(3, model)
+    lrs = [0.3, 0.2, 0.1]
+    for i, (s, lr) in enumerate(zip(states, lrs)):
+        torch.save({"model_state_dict": s, "learning_rate": lr}, tmp_path / f"epoch-{i}.pt")
+    loaded = tc.load_checkpoints(str(tmp_path))
+    memory = [tc.Checkpoint(params=s, lr=lr) for s, lr in zip(states, lrs)]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (7,), generator=gen)
+    loss = nn.CrossEntropyLoss()
+    s_loaded = tc.influence(model, loaded, (x, y), (x[:3], y[:3]), loss_fn=loss)
+    s_memory = tc.influence(model, memory, (x, y), (x[:3], y[:3]), loss_fn=loss)
+    assert torch.equal(s_loaded, s_memory)
+    assert s_loaded.abs().max() > 0
+    # lr really enters: halving every lr halves the scores
+    halved = tc.load_checkpoints(str(tmp_path), lr=[lr / 2 for lr in lrs])
+    s_halved = tc.influence(model, halved, (x, y), (x[:3], y[:3]), loss_fn=loss)
+    torch.testing.assert_close(s_halved * 2, s_memory, rtol=1e-12, atol=0)

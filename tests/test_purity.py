@@ -1,0 +1,411 @@
+"""Purity: no public call changes the user's model, its inputs, or global torch state.
+
+Checked after every call: state-dict values (bitwise) and their version counters, parameter objects, requires_grad
+flags (a frozen parameter included), the training flag of every submodule (an eval model with a Linear left in
+training mode), every hook dict, `.grad` left None, no attribute stuck on a module or a parameter, the inputs and
+checkpoints, and the global grad mode, RNG state and default dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+import tracin_func as tc
+
+CE = nn.CrossEntropyLoss()
+
+_HOOK_ATTRS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_module_registration_hooks",
+    "_global_parameter_registration_hooks",
+    "_global_buffer_registration_hooks",
+)
+
+
+class PurityNet(nn.Module):
+    """Linear-BatchNorm-Dropout-Linear, then a frozen Linear and a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.drop = nn.Dropout(0.3)
+        self.fc2 = nn.Linear(6, 3)
+        self.frozen = nn.Linear(3, 3)
+        self.frozen.weight.requires_grad_(False)
+        self.register_buffer("scale", torch.tensor(1.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.bn(torch.tanh(self.fc1(x))))
+        return self.frozen(self.fc2(h)) * self.scale
+
+
+class GRUNet(nn.Module):
+    """vmap has no batching rule for nn.GRU on CPU: exercises the per-example loop fallback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(x)
+        return self.fc(out[:, -1])
+
+
+def _noop_forward_hook(module, inputs, output):
+    return None
+
+
+def _noop_pre_hook(module, inputs):
+    return None
+
+
+def _purity_setup():
+    torch.manual_seed(0)
+    model = PurityNet()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    model.fc1.train()  # harmless: a Linear behaves the same in both modes
+    handles = [model.fc2.register_forward_hook(_noop_forward_hook), model.register_forward_pre_hook(_noop_pre_hook)]
+    # checkpoint 0 IS the model's state (same tensors), as in the README example; checkpoint 1 is a perturbed copy
+    ckpts = [
+        tc.Checkpoint(params=dict(model.state_dict()), lr=0.1),
+        tc.Checkpoint(
+            params={k: v + 0.05 if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}, lr=0.2
+        ),
+    ]
+    x = torch.randn(7, 4)
+    y = torch.randint(0, 3, (7,))
+    return model, ckpts, (x, y), handles
+
+
+def _gru_setup():
+    torch.manual_seed(1)
+    model = GRUNet().eval()
+    handles = [model.fc.register_forward_hook(_noop_forward_hook)]
+    ckpts = [
+        tc.Checkpoint(params=dict(model.state_dict()), lr=0.1),
+        tc.Checkpoint(params={k: v * 0.9 for k, v in model.state_dict().items()}, lr=0.3),
+    ]
+    x = torch.randn(4, 5, 3)
+    y = torch.randint(0, 2, (4,))
+    return model, ckpts, (x, y), handles
+
+
+# --- snapshots ---------------------------------------------------------------------------------------------------
+
+
+def _model_snapshot(model: nn.Module) -> dict[str, Any]:
+    state = model.state_dict(keep_vars=True)
+    return {
+        "state": {k: v.detach().clone() for k, v in state.items()},
+        "state_ids": {k: id(v) for k, v in state.items()},
+        "versions": {k: v._version for k, v in state.items()},
+        "dtypes": {k: (v.dtype, v.device) for k, v in state.items()},
+        "params": [(n, id(p)) for n, p in model.named_parameters()],
+        "buffers": [(n, id(b)) for n, b in model.named_buffers()],
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+        "hooks": {n: {a: dict(getattr(m, a, None) or {}) for a in _HOOK_ATTRS} for n, m in model.named_modules()},
+        "module_attrs": {n: sorted(vars(m)) for n, m in model.named_modules()},
+        "param_attrs": {n: sorted(vars(p)) for n, p in model.named_parameters()},
+        "grads": {n: p.grad for n, p in model.named_parameters()},
+        "modules": [(n, id(m), type(m)) for n, m in model.named_modules()],
+    }
+
+
+def _assert_model_unchanged(before: dict[str, Any], model: nn.Module) -> None:
+    after = _model_snapshot(model)
+    assert after["state"].keys() == before["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), f"state_dict value {k!r} changed"
+    for key in before:
+        if key != "state":
+            assert after[key] == before[key], f"model {key} changed"
+    assert all(g is None for g in after["grads"].values())
+
+
+def _global_snapshot() -> dict[str, Any]:
+    mod = torch.nn.modules.module
+    return {
+        "grad_enabled": torch.is_grad_enabled(),
+        "inference_mode": torch.is_inference_mode_enabled(),
+        "rng": torch.get_rng_state(),
+        "default_dtype": torch.get_default_dtype(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "anomaly": torch.is_anomaly_enabled(),
+        "global_hooks": {a: dict(getattr(mod, a, None) or {}) for a in _GLOBAL_HOOKS},
+    }
+
+
+def _assert_globals_unchanged(before: dict[str, Any]) -> None:
+    after = _global_snapshot()
+    assert torch.equal(after.pop("rng"), before["rng"]), "global RNG state changed"
+    assert after == {k: v for k, v in before.items() if k != "rng"}
+
+
+def _inputs_snapshot(batch, ckpts):
+    return (
+        [(t.clone(), t._version) for t in batch],
+        [
+            (id(c), id(c.params), list(c.params), {k: (v.clone(), v._version) for k, v in c.params.items()}, c.lr)
+            for c in ckpts
+        ],
+    )
+
+
+def _assert_inputs_unchanged(before, batch, ckpts) -> None:
+    tensors, checkpoints = before
+    assert len(tensors) == len(batch)
+    for (old, version), new in zip(tensors, batch):
+        assert torch.equal(old, new) and old.dtype == new.dtype and new._version == version
+    assert len(ckpts) == len(checkpoints)
+    for (cid, pid, keys, values, lr), c in zip(checkpoints, ckpts):
+        assert id(c) == cid and id(c.params) == pid and list(c.params) == keys and c.lr == lr
+        for k, (v, version) in values.items():
+            assert torch.equal(c.params[k], v) and c.params[k].dtype == v.dtype and c.params[k]._version == version
+
+
+# --- the calls ---------------------------------------------------------------------------------------------------
+
+
+def _example_loss(model):
+    def loss(params, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+
+    return tc.ExampleLoss(loss)
+
+
+def _strict_false(model, ckpts, batch):
+    partial = [tc.Checkpoint({k: v for k, v in c.params.items() if k != "fc2.bias"}, c.lr) for c in ckpts]
+    return tc.influence(model, partial, batch, batch, loss_fn=CE, strict=False)
+
+
+CALLS: dict[str, Callable[..., Any]] = {
+    "influence": lambda m, c, b: tc.influence(m, c, b, b, loss_fn=CE),
+    "aggregate": lambda m, c, b: tc.influence(m, c, b, b, loss_fn=CE, aggregate=True),
+    "top_k proponents": lambda m, c, b: tc.top_k(m, c, b, b, k=3, loss_fn=CE),
+    "top_k opponents": lambda m, c, b: tc.top_k(m, c, b, b, k=3, loss_fn=CE, proponents=False, aggregate=True),
+    "aggregate, frozen Linear skipped": lambda m, c, b: tc.influence(
+        m, c, b, b, loss_fn=CE, aggregate=True, params=lambda n: not n.startswith("frozen")
+    ),
+    "top_k opponents, frozen Linear skipped": lambda m, c, b: tc.top_k(
+        m, c, b, b, k=3, loss_fn=CE, proponents=False, aggregate=True, params=lambda n: not n.startswith("frozen")
+    ),
+    # a user's DataLoader draws its base seed from its own generator here (else iterating it advances the RNG)
+    "top_k dataloader": lambda m, c, b: tc.top_k(
+        m, c, DataLoader(TensorDataset(*b), batch_size=3, generator=torch.Generator()), b, k=2, loss_fn=CE
+    ),
+    "self_influence": lambda m, c, b: tc.self_influence(m, c, b, loss_fn=CE),
+    "embeddings": lambda m, c, b: tc.embeddings(m, c, b, loss_fn=CE),
+    "params=": lambda m, c, b: tc.influence(m, c, b, b, loss_fn=CE, params=["fc2.weight", "frozen.weight"]),
+    "params predicate": lambda m, c, b: tc.self_influence(m, c, b, loss_fn=CE, params=lambda n: n.endswith("bias")),
+    "layers=": lambda m, c, b: tc.influence(m, c, b, b, loss_fn=CE, layers=["fc1", "bn"]),
+    "dtype=float64": lambda m, c, b: tc.influence(m, c, b, b, loss_fn=CE, dtype=torch.float64),
+    "dtype=float64 self": lambda m, c, b: tc.self_influence(m, c, b, loss_fn=CE, dtype=torch.float64),
+    "dtype=float64 embeddings": lambda m, c, b: tc.embeddings(m, c, b, loss_fn=CE, dtype=torch.float64),
+    "compile=False": lambda m, c, b: tc.influence(m, c, b, b, loss_fn=CE, compile=False, batch_size=3, chunk_size=2),
+    "strict=False": _strict_false,
+    "factored=True": lambda m, c, b: tc.influence(m, c, b, b, loss_fn=CE, factored=True),
+    "factored=False": lambda m, c, b: tc.self_influence(m, c, b, loss_fn=CE, factored=False),
+    "method=last_layer": lambda m, c, b: tc.top_k(m, c, b, b, k=2, loss_fn=CE, method="last_layer"),
+    "embeddings projection_dim": lambda m, c, b: tc.embeddings(m, c, b, loss_fn=CE, projection_dim=16, seed=3),
+    "ExampleLoss": lambda m, c, b: tc.influence(m, c, b, b, loss_fn=_example_loss(m), test_loss_fn=CE),
+    "device=cpu progress": lambda m, c, b: tc.self_influence(m, c, b, loss_fn=CE, device="cpu", progress=True),
+}
+
+
+def _check_pure(setup, call, *, expect_warning: bool = False):
+    model, ckpts, batch, handles = setup()
+    before_model = _model_snapshot(model)
+    before_inputs = _inputs_snapshot(batch, ckpts)
+    before_globals = _global_snapshot()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call(model, ckpts, batch)
+    _assert_model_unchanged(before_model, model)
+    _assert_inputs_unchanged(before_inputs, batch, ckpts)
+    _assert_globals_unchanged(before_globals)
+    if expect_warning:
+        assert any("loop" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    for h in handles:
+        h.remove()
+    return result
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_public_call_leaves_model_inputs_and_globals_unchanged(name):
+    result = _check_pure(_purity_setup, CALLS[name])
+    scores = result.scores if isinstance(result, tc.TopK) else result
+    assert torch.isfinite(scores).all() and scores.abs().sum() > 0  # the call did real work
+
+
+@pytest.mark.parametrize("name", ["influence", "aggregate", "top_k proponents", "self_influence", "embeddings"])
+def test_loop_fallback_is_pure(name):
+    _check_pure(_gru_setup, CALLS[name], expect_warning=True)
+
+
+def test_pure_when_the_call_raises():
+    """An error in the middle of scoring (a NaN in the second training batch) leaves everything as it was."""
+
+    def call(model, ckpts, batch):
+        x, y = batch
+        bad = x.clone()
+        bad[5, 0] = math.nan
+        with pytest.raises(FloatingPointError, match=r"examples \[5\]"):
+            tc.influence(model, ckpts, (bad, y), batch, loss_fn=CE, batch_size=3)
+
+    _check_pure(_purity_setup, call)
+
+
+def test_pure_when_the_loss_raises():
+    def call(model, ckpts, batch):
+        def bad_loss(params, batch):
+            return functional_call(model, params, (batch[0],))  # not a scalar
+
+        with pytest.raises(ValueError, match="must return a scalar"):
+            tc.self_influence(model, ckpts, batch, loss_fn=tc.ExampleLoss(bad_loss))
+
+    _check_pure(_purity_setup, call)
+
+
+@pytest.mark.parametrize("scorer", ["influence", "self_influence"])
+def test_dataset_input_leaves_global_rng_unchanged(scorer):
+    def call(model, ckpts, batch):
+        data = TensorDataset(*batch)
+        if scorer == "influence":
+            return tc.influence(model, ckpts, data, data, loss_fn=CE, batch_size=3)
+        return tc.self_influence(model, ckpts, data, loss_fn=CE, batch_size=3)
+
+    _check_pure(_purity_setup, call)
+
+
+def test_works_and_stays_off_under_no_grad():
+    """The user may call from inside `torch.no_grad()`: same scores, and grad mode stays off."""
+    model, ckpts, batch, _ = _purity_setup()
+    expected = tc.influence(model, ckpts, batch, batch, loss_fn=CE)
+    with torch.no_grad():
+        got = tc.influence(model, ckpts, batch, batch, loss_fn=CE)
+        assert not torch.is_grad_enabled()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert torch.is_grad_enabled()
+
+
+def test_default_dtype_float64_is_kept():
+    model, ckpts, batch, _ = _purity_setup()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        tc.self_influence(model, ckpts, batch, loss_fn=CE)
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(old)
+
+
+def test_float64_scoring_does_not_cast_the_model():
+    model, ckpts, batch, _ = _purity_setup()
+    s = tc.self_influence(model, ckpts, batch, loss_fn=CE, dtype=torch.float64)
+    assert s.dtype == torch.float64
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(c.params["fc1.weight"].dtype == torch.float32 for c in ckpts)
+    assert batch[0].dtype == torch.float32
+
+
+def _loop_grads(net, params, batch):
+    rows = []
+    for i in range(batch[0].shape[0]):
+        loss = CE(net(batch[0][i : i + 1].double()), batch[1][i : i + 1])
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def _reference_influence(model, ckpts, train, test):
+    """Float64 loop, one autograd.grad per example, over the parameters that require grad."""
+    total = 0
+    for c in ckpts:
+        net = copy.deepcopy(model).double()
+        net.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in c.params.items()})
+        params = [p for p in net.parameters() if p.requires_grad]
+
+        total = total + c.lr * _loop_grads(net, params, test) @ _loop_grads(net, params, train).T
+    return total
+
+
+def test_frozen_weight_layer_bias_is_scored():
+    """The purity model's frozen Linear (weight frozen, bias trainable) is scored like a plain autograd loop."""
+    model, ckpts, batch, _ = _purity_setup()
+    got = tc.influence(model, ckpts, batch, batch, loss_fn=CE, dtype=torch.float64)
+    dense = tc.influence(model, ckpts, batch, batch, loss_fn=CE, dtype=torch.float64, factored=False)
+    reference = _reference_influence(model, ckpts, batch, batch)
+    torch.testing.assert_close(dense, reference, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_model_weights_are_not_read_when_checkpoints_are_complete():
+    """The module is only a function shape: scrambling its own weights does not change the scores."""
+    model, ckpts, batch, _ = _purity_setup()
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in c.params.items()}, c.lr) for c in ckpts]
+    before = tc.influence(model, ckpts, batch, batch, loss_fn=CE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-3.0)
+        model.bn.running_mean.add_(10.0)
+    after = tc.influence(model, ckpts, batch, batch, loss_fn=CE)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def _reload_same_values(model, ckpts, batch):
+    model.load_state_dict(model.state_dict())  # same values, but written in place
+
+
+MUTATIONS: dict[str, Callable[..., Any]] = {
+    "eval()": lambda m, c, b: m.eval(),
+    "requires_grad_": lambda m, c, b: m.frozen.weight.requires_grad_(True),
+    "load_state_dict": _reload_same_values,
+    "grad left": lambda m, c, b: m(b[0]).sum().backward(),
+    "hook left": lambda m, c, b: m.fc1.register_forward_hook(_noop_forward_hook),
+    "attribute stuck": lambda m, c, b: setattr(m.fc2.weight, "sample_grad", None),
+    "manual_seed": lambda m, c, b: torch.manual_seed(0),
+    "input edited": lambda m, c, b: b[0].mul_(1.0),
+    "checkpoint edited": lambda m, c, b: c[1].params["fc2.bias"].add_(1.0),
+    "set_grad_enabled": lambda m, c, b: torch.set_grad_enabled(False),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_the_purity_check_detects_mutations(name):
+    """The harness itself can fail: each of these side effects (Captum's, among others) is caught."""
+    try:
+        with pytest.raises(AssertionError):
+            _check_pure(_purity_setup, MUTATIONS[name])
+    finally:
+        torch.set_grad_enabled(True)

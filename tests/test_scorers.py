@@ -1,0 +1,440 @@
+"""Every public scorer against the float64 for-loop reference, on every test model, and the options that change
+what is differentiated or how data arrives."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import tracin_func as tc
+from tests.models import (
+    TASKS,
+    Reference,
+    Task,
+    assert_close,
+    assert_topk,
+    cast_task,
+    mlp_task,
+    multi_output_task,
+    reference_scores,
+)
+
+LOOP_WARNING = r"vmap failed on this model \(RuntimeError: .+\); computing per-example gradients with a loop"
+
+
+@functools.cache
+def task_and_reference(name: str) -> tuple[Task, Reference]:
+    task = TASKS[name]()
+    return task, reference_scores(task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn)
+
+
+def scoring(name: str):
+    """The GRU has no vmap batching rule on torch 2.13: every call must warn and fall back to a loop. The LSTM may
+    fall back too in float64 (torch-version dependent), so its warning is allowed, not required."""
+    if name == "gru":
+        return pytest.warns(RuntimeWarning, match=LOOP_WARNING)
+    if name == "lstm":
+        return _loop_warning_allowed()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _loop_warning_allowed():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.func.vmap failed", category=RuntimeWarning)
+        yield
+
+
+MODELS = list(TASKS)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_influence(name):
+    task, ref = task_and_reference(name)
+    with scoring(name):
+        scores = tc.influence(task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn, batch_size=4)
+    assert scores.dtype == torch.float64
+    assert_close(scores, ref.influence)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_influence_aggregate(name):
+    task, ref = task_and_reference(name)
+    with scoring(name):
+        scores = tc.influence(task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn, aggregate=True)
+    assert_close(scores, ref.influence.sum(0, keepdim=True))
+
+
+@pytest.mark.parametrize("proponents", [True, False], ids=["proponents", "opponents"])
+@pytest.mark.parametrize("name", MODELS)
+def test_top_k(name, proponents):
+    task, ref = task_and_reference(name)
+    with scoring(name):
+        top = tc.top_k(
+            task.model,
+            task.checkpoints,
+            task.train,
+            task.test,
+            k=4,
+            loss_fn=task.loss_fn,
+            proponents=proponents,
+            batch_size=3,
+        )
+    assert_topk(top, ref.influence, 4, largest=proponents)
+
+
+@pytest.mark.parametrize("name", ["mlp", "two_inputs", "function", "dict_batch"])
+@pytest.mark.parametrize("proponents", [True, False], ids=["proponents", "opponents"])
+def test_top_k_aggregate(name, proponents):
+    task, ref = task_and_reference(name)
+    top = tc.top_k(
+        task.model,
+        task.checkpoints,
+        task.train,
+        task.test,
+        k=3,
+        loss_fn=task.loss_fn,
+        proponents=proponents,
+        aggregate=True,
+        batch_size=4,
+    )
+    assert_topk(top, ref.influence.sum(0, keepdim=True), 3, largest=proponents)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_self_influence(name):
+    task, ref = task_and_reference(name)
+    with scoring(name):
+        scores = tc.self_influence(task.model, task.checkpoints, task.train, loss_fn=task.loss_fn, batch_size=4)
+    assert scores.dtype == torch.float64
+    assert_close(scores, ref.self_influence)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_embeddings(name):
+    task, ref = task_and_reference(name)
+    with scoring(name):
+        e_train = tc.embeddings(task.model, task.checkpoints, task.train, loss_fn=task.loss_fn, batch_size=4)
+    with scoring(name):
+        e_test = tc.embeddings(task.model, task.checkpoints, task.test, loss_fn=task.loss_fn)
+    # per checkpoint sqrt(lr) * gradient, parameters in the model's order, checkpoints concatenated in order
+    assert_close(e_train, ref.train_embeddings)
+    assert_close(e_test, ref.test_embeddings)
+    assert_close(e_test @ e_train.T, ref.influence)
+    assert_close(e_train.square().sum(1), ref.self_influence)
+
+
+@pytest.mark.parametrize("factored", [True, False], ids=["factored", "dense"])
+@pytest.mark.parametrize("name", MODELS)
+def test_factored_and_dense_paths(name, factored):
+    """Both gradient representations, forced for every eligible layer (the default picks per layer by cost)."""
+    task, ref = task_and_reference(name)
+    args = (task.model, task.checkpoints)
+    kw = {"loss_fn": task.loss_fn, "factored": factored}
+    with scoring(name):
+        assert_close(tc.influence(*args, task.train, task.test, batch_size=4, **kw), ref.influence)
+    with scoring(name):
+        assert_close(tc.self_influence(*args, task.train, **kw), ref.self_influence)
+    if factored:
+        with scoring(name):
+            scores = tc.influence(*args, task.train, task.test, aggregate=True, batch_size=3, **kw)
+        assert_close(scores, ref.influence.sum(0, keepdim=True))
+        with scoring(name):
+            assert_close(tc.embeddings(*args, task.test, **kw), ref.test_embeddings)
+
+
+LAST_LAYER = {"mlp": "fc2", "cnn": "fc", "transformer": "fc", "two_inputs": "head", "batchnorm": "fc2"}
+
+
+@pytest.mark.parametrize("name", list(LAST_LAYER))
+def test_last_layer_method_is_exact_tracin_on_the_last_linear(name):
+    """`method="last_layer"` equals exact TracIn restricted to the final Linear's weight and bias, even with an
+    activation after it (the MLP's tanh), unlike Captum's TracInCPFast."""
+    task, _ = task_and_reference(name)
+    names = [f"{LAST_LAYER[name]}.weight", f"{LAST_LAYER[name]}.bias"]
+    ref = reference_scores(task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn, params=names)
+    args = (task.model, task.checkpoints)
+    kw = {"loss_fn": task.loss_fn, "method": "last_layer"}
+    assert_close(tc.influence(*args, task.train, task.test, **kw), ref.influence)
+    assert_close(tc.self_influence(*args, task.train, **kw), ref.self_influence)
+
+
+# ---------------------------------------------------------------------------------------------- vmap fallback
+
+
+def _gru_calls(task):
+    args = (task.model, task.checkpoints)
+    kw = {"loss_fn": task.loss_fn}
+    return {
+        "influence": lambda: tc.influence(*args, task.train, task.test, **kw),
+        "top_k": lambda: tc.top_k(*args, task.train, task.test, k=2, **kw),
+        "self_influence": lambda: tc.self_influence(*args, task.train, **kw),
+        "embeddings": lambda: tc.embeddings(*args, task.train, **kw),
+    }
+
+
+@pytest.mark.parametrize("scorer", ["influence", "top_k", "self_influence", "embeddings"])
+def test_gru_falls_back_to_a_loop_with_one_warning(scorer):
+    task, _ = task_and_reference("gru")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _gru_calls(task)[scorer]()
+    loop = [w for w in caught if issubclass(w.category, RuntimeWarning) and "vmap failed" in str(w.message)]
+    assert len(loop) == 1, [str(w.message) for w in loop]
+    assert re.search(LOOP_WARNING, str(loop[0].message))  # names the cause: torch's own error message
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+@functools.cache
+def _mse(reduction: str) -> tuple[Task, Reference]:
+    task = multi_output_task(reduction=reduction)
+    return task, reference_scores(task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn)
+
+
+def _all_scores(task: Task, **kw) -> dict[str, torch.Tensor]:
+    args = (task.model, task.checkpoints)
+    return {
+        "influence": tc.influence(*args, task.train, task.test, loss_fn=task.loss_fn, **kw),
+        "self": tc.self_influence(*args, task.train, loss_fn=task.loss_fn, **kw),
+        "embeddings": tc.embeddings(*args, task.train, loss_fn=task.loss_fn, **kw),
+    }
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_mse_reductions_match_reference(reduction):
+    task, ref = _mse(reduction)
+    got = _all_scores(task)
+    assert_close(got["influence"], ref.influence)
+    assert_close(got["self"], ref.self_influence)
+    assert_close(got["embeddings"], ref.train_embeddings)
+
+
+def test_mse_mean_is_sum_over_output_size():
+    """Per example, "mean" averages the 6 output elements: its gradient is the "sum" gradient / 6, so influence
+    and self-influence scale by 1/36 and embeddings by 1/6; "none" sums like "sum"."""
+    n_out = 6
+    by = {r: _all_scores(multi_output_task(reduction=r)) for r in ("none", "sum", "mean")}
+    for key in by["sum"]:
+        assert_close(by["none"][key], by["sum"][key])
+    assert_close(by["mean"]["embeddings"], by["sum"]["embeddings"] / n_out)
+    assert_close(by["mean"]["influence"], by["sum"]["influence"] / n_out**2)
+    assert_close(by["mean"]["self"], by["sum"]["self"] / n_out**2)
+
+
+@pytest.mark.parametrize(
+    "test_loss_fn",
+    [nn.MSELoss(reduction="mean"), lambda out, y: (out - y).abs().pow(3)],
+    ids=["mse_mean", "plain_function"],
+)
+def test_test_loss_fn(test_loss_fn):
+    task, _ = _mse("sum")
+    ref = reference_scores(
+        task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn, test_loss_fn=test_loss_fn
+    )
+    args = (task.model, task.checkpoints, task.train, task.test)
+    scores = tc.influence(*args, loss_fn=task.loss_fn, test_loss_fn=test_loss_fn)
+    assert_close(scores, ref.influence)
+    assert not torch.allclose(scores, _mse("sum")[1].influence)  # the test loss really is different
+    top = tc.top_k(*args, k=3, loss_fn=task.loss_fn, test_loss_fn=test_loss_fn, proponents=False)
+    assert_topk(top, ref.influence, 3, largest=False)
+    agg = tc.influence(*args, loss_fn=task.loss_fn, test_loss_fn=test_loss_fn, aggregate=True)
+    assert_close(agg, ref.influence.sum(0, keepdim=True))
+    # self-influence and embeddings of training data use `loss_fn`
+    e_test = tc.embeddings(task.model, task.checkpoints, task.test, loss_fn=test_loss_fn)
+    e_train = tc.embeddings(task.model, task.checkpoints, task.train, loss_fn=task.loss_fn)
+    assert_close(e_test @ e_train.T, ref.influence)
+
+
+def test_test_loss_fn_reduction_is_respected():
+    """Captum's TracInCP ignores `test_loss_fn`'s reduction; here MSE "mean" on test examples gives 1/6 of "sum"."""
+    task, ref = _mse("sum")
+    args = (task.model, task.checkpoints, task.train, task.test)
+    mean = tc.influence(*args, loss_fn=nn.MSELoss(reduction="sum"), test_loss_fn=nn.MSELoss(reduction="mean"))
+    assert_close(mean, ref.influence / 6)
+
+
+# ---------------------------------------------------------------------------------------------- parameter selection
+
+
+SELECTIONS = {
+    "names": ({"params": ["fc2.weight", "fc1.bias"]}, ["fc2.weight", "fc1.bias"]),
+    "one_name": ({"params": ["fc1.weight"]}, ["fc1.weight"]),
+    "predicate": ({"params": lambda n: n.startswith("fc2.")}, ["fc2.weight", "fc2.bias"]),
+    "bias_predicate": ({"params": lambda n: n.endswith("bias")}, ["fc1.bias", "fc2.bias"]),
+    "layers": ({"layers": ["fc2"]}, ["fc2.weight", "fc2.bias"]),
+    "two_layers": ({"layers": ["fc1", "fc2"]}, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]),
+}
+
+
+@pytest.mark.parametrize("selection", list(SELECTIONS))
+def test_parameter_selection(selection):
+    option, names = SELECTIONS[selection]
+    task = mlp_task()
+    ref = reference_scores(task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn, params=names)
+    full = task_and_reference("mlp")[1]
+    assert ref.train_embeddings.shape[1] < full.train_embeddings.shape[1] or selection == "two_layers"
+    args = (task.model, task.checkpoints)
+    kw = {"loss_fn": task.loss_fn, **option}
+    assert_close(tc.influence(*args, task.train, task.test, **kw), ref.influence)
+    assert_close(tc.self_influence(*args, task.train, **kw), ref.self_influence)
+    e_train = tc.embeddings(*args, task.train, **kw)
+    assert e_train.shape == ref.train_embeddings.shape
+    assert_close(e_train, ref.train_embeddings)
+    assert_topk(tc.top_k(*args, task.train, task.test, k=2, **kw), ref.influence, 2, largest=True)
+
+
+def test_parameter_selection_on_a_function():
+    task, _ = task_and_reference("function")
+    ref = reference_scores(
+        task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn, params=["w2", "b1"]
+    )
+    scores = tc.influence(
+        task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn, params=["w2", "b1"]
+    )
+    assert_close(scores, ref.influence)
+
+
+def test_frozen_parameters_are_excluded_by_default():
+    """Parameters with requires_grad=False are held fixed unless selected (and the flag is left alone)."""
+    task = mlp_task()
+    task.model.fc1.weight.requires_grad_(False)
+    try:
+        ref = reference_scores(task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn)
+        names = ["fc1.bias", "fc2.weight", "fc2.bias"]
+        ref_named = reference_scores(
+            task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn, params=names
+        )
+        assert_close(ref.influence, ref_named.influence, 0)
+        scores = tc.influence(task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn)
+        assert_close(scores, ref.influence)
+        assert not task.model.fc1.weight.requires_grad
+    finally:
+        task.model.fc1.weight.requires_grad_(True)
+
+
+@pytest.mark.parametrize("factored", [None, True, False])
+def test_bias_only_linear(factored):
+    """Only the bias of a Linear layer differentiated (the factored path once gave it zero gradients)."""
+    model = nn.Linear(4, 3).to(torch.float64).eval()
+    gen = torch.Generator().manual_seed(0)
+    ckpts = [
+        tc.Checkpoint(
+            params={
+                "weight": torch.randn(3, 4, generator=gen, dtype=torch.float64),
+                "bias": torch.randn(3, generator=gen, dtype=torch.float64),
+            },
+            lr=0.3,
+        )
+    ]
+    data = (torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (5,), generator=gen))
+    loss_fn = nn.CrossEntropyLoss()
+    ref = reference_scores(model, ckpts, data, loss_fn=loss_fn, params=["bias"])
+    got = tc.self_influence(model, ckpts, data, loss_fn=loss_fn, params=["bias"], factored=factored)
+    assert_close(got, ref.self_influence)
+
+
+# ---------------------------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lstm", "batchnorm", "function"])
+def test_float32_matches_float64_reference(name):
+    task64, ref = task_and_reference(name)
+    task = cast_task(task64, torch.float32)
+    # the reference of the rounded float32 values, so only the float32 arithmetic is measured
+    ref = reference_scores(task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn)
+    args = (task.model, task.checkpoints)
+    with _loop_warning_allowed():
+        scores = tc.influence(*args, task.train, task.test, loss_fn=task.loss_fn)
+        self_scores = tc.self_influence(*args, task.train, loss_fn=task.loss_fn)
+    assert scores.dtype == self_scores.dtype == torch.float32
+    assert_close(scores, ref.influence, 1e-4)
+    assert_close(self_scores, ref.self_influence, 1e-4)
+
+
+@pytest.mark.parametrize("name", ["mlp", "two_inputs", "batchnorm", "function", "dict_batch", "transformer"])
+def test_dtype_float64_option_computes_in_float64(name):
+    """float32 model, checkpoints and inputs with `dtype=torch.float64`: float64 end to end, so the result matches
+    the float64 reference of the same (float32-representable) values to 1e-10, far below float32 rounding."""
+    task = cast_task(task_and_reference(name)[0], torch.float32)
+    ref = reference_scores(task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn)
+    args = (task.model, task.checkpoints)
+    kw = {"loss_fn": task.loss_fn, "dtype": torch.float64}
+    if name == "dict_batch":  # the user's loss closes over a float64 module; give it float32 like the others
+        kw["loss_fn"] = _float32_dict_loss(task)
+        ref = reference_scores(task.model, task.checkpoints, task.train, task.test, loss_fn=kw["loss_fn"])
+    scores = tc.influence(*args, task.train, task.test, **kw)
+    self_scores = tc.self_influence(*args, task.train, **kw)
+    e_train = tc.embeddings(*args, task.train, **kw)
+    for out in (scores, self_scores, e_train):
+        assert out.dtype == torch.float64
+    assert_close(scores, ref.influence)
+    assert_close(self_scores, ref.self_influence)
+    assert_close(e_train, ref.train_embeddings)
+    if isinstance(task.model, nn.Module):
+        assert all(p.dtype == torch.float32 for p in task.model.parameters())  # the model is not converted
+
+
+def _float32_dict_loss(task: Task) -> tc.ExampleLoss:
+    model = task.model
+
+    def loss(params, batch):
+        logits = torch.func.functional_call(model, dict(params), (batch["x"],))
+        return nn.functional.cross_entropy(logits, batch["labels"]) + 0.1 * logits.square().sum()
+
+    return tc.ExampleLoss(loss)
+
+
+# ---------------------------------------------------------------------------------------------- data forms
+
+
+def _forms(batch, batch_size: int = 3) -> dict[str, object]:
+    n = batch[0].shape[0]
+    return {
+        "tuple": tuple(batch),
+        "list_batch": list(batch),
+        "dataset": TensorDataset(*batch),
+        "dataloader": DataLoader(TensorDataset(*batch), batch_size=batch_size, shuffle=False),
+        "list_of_batches": [tuple(t[i : i + batch_size] for t in batch) for i in range(0, n, batch_size)],
+        "generator": (tuple(t[i : i + 2] for t in batch) for i in range(0, n, 2)),
+    }
+
+
+def test_data_forms_give_identical_scores():
+    """One batch (tuple or list), a TensorDataset, a DataLoader, a list of batches, a generator: the same scores.
+    The two-input model checks that `(x1, x2, y)` is unpacked the same way from every form."""
+    task, ref = task_and_reference("two_inputs")
+    args = (task.model, task.checkpoints)
+    kw = {"loss_fn": task.loss_fn, "batch_size": 4}
+    forms = list(_forms(task.train))
+    # iterables may be consumed: build fresh ones for every call
+    influence = {f: tc.influence(*args, _forms(task.train)[f], _forms(task.test, 2)[f], **kw) for f in forms}
+    for f in forms:
+        assert_close(influence[f], ref.influence)
+        assert_close(influence[f], influence["tuple"], 1e-13)
+    for f in ("dataset", "dataloader", "list_of_batches"):
+        assert_close(tc.self_influence(*args, _forms(task.train)[f], **kw), ref.self_influence)
+    top = tc.top_k(*args, _forms(task.train)["dataloader"], _forms(task.test, 2)["dataset"], k=3, **kw)
+    assert_topk(top, ref.influence, 3, largest=True)
+    assert_close(tc.embeddings(*args, _forms(task.train)["dataloader"], **kw), ref.train_embeddings)
+
+
+def test_dict_batch_forms():
+    """Dict batches: one dict, a list of dicts, a DataLoader over a dataset of dicts."""
+    task, ref = task_and_reference("dict_batch")
+    args = (task.model, task.checkpoints)
+    n = ref.influence.shape[1]
+    as_list = [{k: v[i : i + 3] for k, v in task.train.items()} for i in range(0, n, 3)]
+    rows = [{k: v[i] for k, v in task.train.items()} for i in range(n)]
+    loader = DataLoader(rows, batch_size=4, shuffle=False)
+    for train in (task.train, as_list, loader):
+        assert_close(tc.influence(*args, train, task.test, loss_fn=task.loss_fn), ref.influence)
+        assert_close(tc.self_influence(*args, train, loss_fn=task.loss_fn), ref.self_influence)

@@ -1,0 +1,530 @@
+"""Bad input: one test per error, each asserting what the message says (what was wrong, the value, the fix)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.data import DataLoader, TensorDataset
+
+import tracin_func as tc
+
+CE = nn.CrossEntropyLoss()
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 5)
+        self.fc2 = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = MLP().double().eval()
+    ckpts = [
+        tc.Checkpoint(params={k: v + 0.1 * i for k, v in model.state_dict().items()}, lr=0.1 * (i + 1))
+        for i in range(2)
+    ]
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    return model, ckpts, (x, y)
+
+
+def _all_calls(model, ckpts, train, test, **kw):
+    """Every public scorer, as thunks, on the same arguments."""
+    return {
+        "influence": lambda: tc.influence(model, ckpts, train, test, loss_fn=CE, **kw),
+        "aggregate": lambda: tc.influence(model, ckpts, train, test, loss_fn=CE, aggregate=True, **kw),
+        "top_k": lambda: tc.top_k(model, ckpts, train, test, k=2, loss_fn=CE, **kw),
+        "self_influence": lambda: tc.self_influence(model, ckpts, train, loss_fn=CE, **kw),
+        "embeddings": lambda: tc.embeddings(model, ckpts, train, loss_fn=CE, **kw),
+    }
+
+
+SCORERS = ["influence", "aggregate", "top_k", "self_influence", "embeddings"]
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_empty_checkpoints(scorer):
+    model, _, batch = _setup()
+    with pytest.raises(ValueError, match=r"`checkpoints` is empty; pass at least one `tc.Checkpoint"):
+        _all_calls(model, [], batch, batch)[scorer]()
+
+
+def test_checkpoints_not_a_list():
+    model, ckpts, batch = _setup()
+    with pytest.raises(TypeError, match=r"`checkpoints` must be a list of `tc.Checkpoint`, got Checkpoint"):
+        tc.influence(model, ckpts[0], batch, batch, loss_fn=CE)
+    with pytest.raises(TypeError, match=r"got str; load files with `tc.load_checkpoints"):
+        tc.influence(model, "runs/ckpts", batch, batch, loss_fn=CE)
+
+
+def test_checkpoints_list_of_state_dicts():
+    model, ckpts, batch = _setup()
+    with pytest.raises(TypeError, match=r"`checkpoints\[0\]` is a dict; wrap it as `tc.Checkpoint\(params="):
+        tc.influence(model, [dict(model.state_dict())], batch, batch, loss_fn=CE)
+    with pytest.raises(TypeError, match=r"`checkpoints\[1\]` is a dict"):
+        tc.self_influence(model, [ckpts[0], dict(model.state_dict())], batch, loss_fn=CE)
+
+
+def test_checkpoint_missing_keys_listed():
+    model, ckpts, batch = _setup()
+    params = {k: v for k, v in ckpts[0].params.items() if k not in ("fc2.bias", "fc1.weight")}
+    with pytest.raises(
+        ValueError,
+        match=r"`checkpoints\[0\]` does not match the model: missing \['fc1.weight', 'fc2.bias'\], unexpected \[\]"
+        r".*pass `strict=False`",
+    ):
+        tc.influence(model, [tc.Checkpoint(params, lr=0.1)], batch, batch, loss_fn=CE)
+
+
+def test_checkpoint_unexpected_keys_listed():
+    model, ckpts, batch = _setup()
+    params = {**ckpts[1].params, "head.weight": torch.zeros(2, 2), "module.fc1.bias": torch.zeros(5)}
+    with pytest.raises(
+        ValueError,
+        match=r"`checkpoints\[1\]` does not match the model: missing \[\], unexpected "
+        r"\['head.weight', 'module.fc1.bias'\]",
+    ):
+        tc.self_influence(model, [ckpts[0], tc.Checkpoint(params, lr=0.1)], batch, loss_fn=CE)
+    # strict=False does not accept unexpected names
+    with pytest.raises(ValueError, match=r"unexpected \['head.weight', 'module.fc1.bias'\]"):
+        tc.self_influence(model, [tc.Checkpoint(params, lr=0.1)], batch, loss_fn=CE, strict=False)
+
+
+def test_strict_false_takes_missing_entries_from_the_model():
+    model, ckpts, (x, y) = _setup()
+    partial = {k: v for k, v in ckpts[1].params.items() if k != "fc1.weight"}
+    completed = {**partial, "fc1.weight": model.state_dict()["fc1.weight"].clone()}
+    got = tc.influence(model, [tc.Checkpoint(partial, lr=0.2)], (x, y), (x[:2], y[:2]), loss_fn=CE, strict=False)
+    want = tc.influence(model, [tc.Checkpoint(completed, lr=0.2)], (x, y), (x[:2], y[:2]), loss_fn=CE)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # and the missing entry really matters: the checkpoint's bias would score differently
+    other = tc.influence(model, [tc.Checkpoint(ckpts[1].params, lr=0.2)], (x, y), (x[:2], y[:2]), loss_fn=CE)
+    assert not torch.allclose(got, other)
+
+
+@pytest.mark.parametrize("lr", [0.0, -0.5, -1])
+def test_non_positive_lr(lr):
+    model, ckpts, batch = _setup()
+    with pytest.raises(ValueError, match=rf"`lr` of checkpoints\[1\] must be positive and finite, got {float(lr)}"):
+        tc.influence(model, [ckpts[0], tc.Checkpoint(ckpts[1].params, lr=lr)], batch, batch, loss_fn=CE)
+
+
+@pytest.mark.parametrize("lr", [math.nan, math.inf, -math.inf, torch.tensor(math.nan), torch.tensor(math.inf)])
+def test_non_finite_lr(lr):
+    model, ckpts, batch = _setup()
+    with pytest.raises(ValueError, match=r"`lr` of checkpoints\[0\] must be positive and finite, got (nan|inf|-inf)"):
+        tc.self_influence(model, [tc.Checkpoint(ckpts[0].params, lr=lr)], batch, loss_fn=CE)
+
+
+def test_lr_of_wrong_type_or_shape():
+    model, ckpts, batch = _setup()
+    with pytest.raises(TypeError, match=r"`lr` of checkpoints\[0\] must be a positive number, got '0.1' of type str"):
+        tc.self_influence(model, [tc.Checkpoint(ckpts[0].params, lr="0.1")], batch, loss_fn=CE)
+    with pytest.raises(TypeError, match=r"got True of type bool"):
+        tc.self_influence(model, [tc.Checkpoint(ckpts[0].params, lr=True)], batch, loss_fn=CE)
+    with pytest.raises(ValueError, match=r"must be a number or a 0-d tensor, got a tensor of shape \(2,\)"):
+        tc.self_influence(model, [tc.Checkpoint(ckpts[0].params, lr=torch.ones(2))], batch, loss_fn=CE)
+
+
+# --- data --------------------------------------------------------------------------------------------------------
+
+
+def test_bare_tensor_as_data():
+    model, ckpts, (x, y) = _setup()
+    msg = r"must be a batch `\(x1, ..., xk, y\)`, a Dataset, a DataLoader or an iterable of batches; got Tensor"
+    with pytest.raises(TypeError, match=r"`train` " + msg):
+        tc.influence(model, ckpts, x, (x, y), loss_fn=CE)
+    with pytest.raises(TypeError, match=r"`test` " + msg):
+        tc.influence(model, ckpts, (x, y), x, loss_fn=CE)
+    with pytest.raises(TypeError, match=r"`data` " + msg):
+        tc.self_influence(model, ckpts, x, loss_fn=CE)
+
+
+def test_batch_sizes_disagree():
+    model, ckpts, (x, y) = _setup()
+    with pytest.raises(ValueError, match=r"train.*disagree on the batch size: shapes \[\(6, 3\), \(5,\)\]"):
+        tc.influence(model, ckpts, (x, y[:5]), (x, y), loss_fn=CE)
+    with pytest.raises(ValueError, match=r"`test` batch 0: the tensors of a batch disagree on the batch size"):
+        tc.influence(model, ckpts, (x, y), [(x, y[:4])], loss_fn=CE)
+
+
+def test_non_tensor_batch_element_in_iterable():
+    model, ckpts, (x, y) = _setup()
+    with pytest.raises(
+        TypeError,
+        match=r"`train` batch 0: every element of a batch must be a tensor with a leading batch dimension, "
+        r"got \['Tensor\(6, 3\)', 'int'\]",
+    ):
+        tc.influence(model, ckpts, [(x, 3)], (x, y), loss_fn=CE)
+    with pytest.raises(TypeError, match=r"`data` batch 1: every element of a batch must be a tensor"):
+        tc.self_influence(model, ckpts, [(x, y), (x, y.tolist())], loss_fn=CE)
+
+
+def test_non_tensor_element_in_single_batch():
+    model, ckpts, (x, y) = _setup()
+    with pytest.raises(
+        TypeError, match=r"every element of a batch must be a tensor with a leading batch dimension, got .*'list'"
+    ):
+        tc.influence(model, ckpts, (x, y.tolist()), (x, y), loss_fn=CE)
+
+
+def test_test_batch_without_target():
+    model, ckpts, (x, y) = _setup()
+    msg = r"batch 0: a batch of 1 element has no target; pass `\(x1, ..., xk, y\)` with the target last"
+    with pytest.raises(ValueError, match=r"`test` " + msg):
+        tc.influence(model, ckpts, (x, y), (x,), loss_fn=CE)
+    with pytest.raises(ValueError, match=r"`test` " + msg):
+        tc.top_k(model, ckpts, (x, y), (x,), k=1, loss_fn=CE)
+    with pytest.raises(ValueError, match=r"`train` " + msg):
+        tc.influence(model, ckpts, (x,), (x, y), loss_fn=CE)
+    with pytest.raises(ValueError, match=r"`data` " + msg):
+        tc.self_influence(model, ckpts, (x,), loss_fn=CE)
+
+
+def test_embeddings_names_its_data_argument():
+    model, ckpts, (x, y) = _setup()
+    with pytest.raises(ValueError, match=r"`data` batch 0: a batch of 1 element has no target"):
+        tc.embeddings(model, ckpts, (x,), loss_fn=CE)
+
+
+def test_dict_batch_with_plain_criterion():
+    model, ckpts, (x, y) = _setup()
+    data = {"x": x, "label": y}
+    msg = r"a dict batch \(keys \['x', 'label'\]\) needs a per-example loss; wrap your loss as `tc.ExampleLoss"
+    with pytest.raises(TypeError, match=r"`train` batch 0: " + msg):
+        tc.influence(model, ckpts, data, (x, y), loss_fn=CE)
+    with pytest.raises(TypeError, match=r"`test` batch 0: " + msg):
+        tc.influence(model, ckpts, (x, y), data, loss_fn=CE)
+    with pytest.raises(TypeError, match=r"`data` batch 0: " + msg):
+        tc.self_influence(model, ckpts, data, loss_fn=CE)
+
+    # the fix the message suggests works
+    def loss(params, batch):
+        return nn.functional.cross_entropy(functional_call(model, params, (batch["x"],)), batch["label"])
+
+    s = tc.self_influence(model, ckpts, data, loss_fn=tc.ExampleLoss(loss))
+    torch.testing.assert_close(s, tc.self_influence(model, ckpts, (x, y), loss_fn=CE), rtol=1e-12, atol=0)
+
+
+def test_empty_data():
+    model, ckpts, batch = _setup()
+    with pytest.raises(ValueError, match=r"`train` holds no examples"):
+        tc.influence(model, ckpts, [], batch, loss_fn=CE)
+    with pytest.raises(ValueError, match=r"`test` holds no examples"):
+        tc.influence(model, ckpts, batch, [], loss_fn=CE)
+    with pytest.raises(ValueError, match=r"`data` holds no examples"):
+        tc.self_influence(model, ckpts, [], loss_fn=CE)
+
+
+# --- k -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, -3])
+def test_k_below_one(k):
+    model, ckpts, batch = _setup()
+    with pytest.raises(ValueError, match=rf"`k` must be a positive int, got {k}"):
+        tc.top_k(model, ckpts, batch, batch, k=k, loss_fn=CE)
+
+
+def _int_error(value):
+    """A non-int is a TypeError, an int out of range a ValueError."""
+    return ValueError if isinstance(value, int) and not isinstance(value, bool) else TypeError
+
+
+@pytest.mark.parametrize("k", [2.0, 1.5, "3", True, None])
+def test_k_not_an_int(k):
+    model, ckpts, batch = _setup()
+    with pytest.raises(TypeError, match=r"`k` must be a positive int, got " + repr(k).replace(".", r"\.")):
+        tc.top_k(model, ckpts, batch, batch, k=k, loss_fn=CE)
+
+
+def test_k_above_n_train():
+    model, ckpts, (x, y) = _setup()
+    with pytest.raises(ValueError, match=r"`k`=7 exceeds the number of training examples \(6\); pass `k <= 6`"):
+        tc.top_k(model, ckpts, (x, y), (x, y), k=7, loss_fn=CE)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    with pytest.raises(ValueError, match=r"`k`=10 exceeds the number of training examples \(6\)"):
+        tc.top_k(model, ckpts, loader, (x, y), k=10, loss_fn=CE, proponents=False)
+    assert tc.top_k(model, ckpts, loader, (x, y), k=6, loss_fn=CE).indices.shape == (6, 6)  # k == n_train is fine
+
+
+# --- training mode -----------------------------------------------------------------------------------------------
+
+
+def _train_mode_model(layer: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), layer, nn.Linear(4, 2)).double()
+
+
+@pytest.mark.parametrize(
+    "make_layer, name",
+    [
+        (lambda: nn.BatchNorm1d(4), "BatchNorm1d"),
+        (lambda: nn.Dropout(0.5), "Dropout"),
+        (lambda: nn.Dropout1d(0.1), "Dropout1d"),
+    ],
+    ids=["batchnorm", "dropout", "dropout1d"],
+)
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_train_mode_layers_are_refused_not_switched(make_layer, name, scorer):
+    model = _train_mode_model(make_layer())  # nn.Module() starts in training mode
+    ckpts = [tc.Checkpoint(params={k: v.clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    with pytest.raises(ValueError, match=rf"`model` has {name} '1' in training mode.*Call `model.eval\(\)` before"):
+        _all_calls(model, ckpts, (x, y), (x, y))[scorer]()
+    assert all(m.training for m in model.modules())  # the library did not call .eval() for the user
+    model.eval()
+    result = _all_calls(model, ckpts, (x, y), (x, y))[scorer]()  # the suggested fix works
+    assert torch.isfinite(result.scores if isinstance(result, tc.TopK) else result).all()
+
+
+def test_train_mode_nested_batchnorm_named():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Tanh(), nn.BatchNorm1d(4)), nn.Linear(4, 2)).eval()
+    model[1][1].train()
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+    with pytest.raises(ValueError, match=r"`model` has BatchNorm1d '1.1' in training mode"):
+        tc.influence(model, ckpts, (x, y), (x, y), loss_fn=CE)
+    assert model[1][1].training and not model.training
+
+
+def test_dropout_zero_in_training_mode_is_accepted():
+    model = _train_mode_model(nn.Dropout(0.0))
+    ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    assert tc.self_influence(model, ckpts, (x, y), loss_fn=CE).shape == (4,)
+
+
+# --- parameter selection -----------------------------------------------------------------------------------------
+
+
+def test_unknown_params_names():
+    model, ckpts, batch = _setup()
+    with pytest.raises(
+        ValueError,
+        match=r"`params` names unknown parameters \['fc3.weight'\]; available: "
+        r"\['fc1.weight', 'fc1.bias', 'fc2.weight', 'fc2.bias'\]",
+    ):
+        tc.influence(model, ckpts, batch, batch, loss_fn=CE, params=["fc1.weight", "fc3.weight"])
+
+
+def test_params_as_a_bare_string():
+    model, ckpts, batch = _setup()
+    with pytest.raises(TypeError, match=r"got the string 'fc1.weight'; use `\['fc1.weight'\]`"):
+        tc.influence(model, ckpts, batch, batch, loss_fn=CE, params="fc1.weight")
+
+
+def test_params_selecting_nothing():
+    model, ckpts, batch = _setup()
+    with pytest.raises(ValueError, match=r"No parameters selected to differentiate"):
+        tc.self_influence(model, ckpts, batch, loss_fn=CE, params=lambda name: name.startswith("head"))
+
+
+def test_unknown_layer():
+    model, ckpts, batch = _setup()
+    with pytest.raises(
+        ValueError, match=r"`layers` names unknown module 'fc3'; modules with parameters: \['fc1', 'fc2'\]"
+    ):
+        tc.influence(model, ckpts, batch, batch, loss_fn=CE, layers=["fc2", "fc3"])
+
+
+def test_layers_as_a_bare_string():
+    model, ckpts, batch = _setup()
+    with pytest.raises(TypeError, match=r"`layers` must be a list of module names.*`layers=\['fc'\]`"):
+        tc.influence(model, ckpts, batch, batch, loss_fn=CE, layers="fc2")
+
+
+def test_params_and_layers_together():
+    model, ckpts, batch = _setup()
+    with pytest.raises(ValueError, match=r"Pass either `params` or `layers`, not both"):
+        tc.influence(model, ckpts, batch, batch, loss_fn=CE, params=["fc2.weight"], layers=["fc2"])
+
+
+# --- non-finite gradients ----------------------------------------------------------------------------------------
+
+
+def test_nan_in_one_training_input_names_the_example():
+    model, ckpts, (x, y) = _setup()
+    bad = x.clone()
+    bad[4, 1] = math.nan
+    msg = r"Non-finite gradients for `{}` examples \[4\] at checkpoints\[0\]"
+    with pytest.raises(FloatingPointError, match=msg.format("train")):
+        tc.influence(model, ckpts, (bad, y), (x, y), loss_fn=CE)
+    with pytest.raises(FloatingPointError, match=msg.format("train")):
+        tc.top_k(model, ckpts, (bad, y), (x, y), k=2, loss_fn=CE)
+    with pytest.raises(FloatingPointError, match=msg.format("test")):
+        tc.influence(model, ckpts, (x, y), (bad, y), loss_fn=CE)
+    with pytest.raises(FloatingPointError, match=msg.format("data")):
+        tc.self_influence(model, ckpts, (bad, y), loss_fn=CE)
+    with pytest.raises(FloatingPointError, match=msg.format("data")):
+        tc.embeddings(model, ckpts, (bad, y), loss_fn=CE)
+
+
+def test_nan_index_counts_across_batches():
+    model, ckpts, (x, y) = _setup()
+    bad = x.clone()
+    bad[4] = math.inf
+    with pytest.raises(FloatingPointError, match=r"`data` examples \[4\] at checkpoints\[0\]"):
+        tc.self_influence(model, ckpts, (bad, y), loss_fn=CE, batch_size=3)  # second batch, position 1
+    with pytest.raises(FloatingPointError, match=r"`train` examples \[4\]"):
+        tc.influence(model, ckpts, DataLoader(TensorDataset(bad, y), batch_size=2), (x, y), loss_fn=CE)
+
+
+def test_nan_weight_names_the_checkpoint():
+    model, ckpts, batch = _setup()
+    params = {k: v.clone() for k, v in ckpts[1].params.items()}
+    params["fc1.weight"][0, 0] = math.nan
+    bad = [ckpts[0], tc.Checkpoint(params, lr=0.1)]
+    msg = r"Non-finite gradients for `test` examples \[0, 1, 2, 3, 4, 5\] at checkpoints\[1\].*checkpoint's weights"
+    with pytest.raises(FloatingPointError, match=msg):
+        tc.influence(model, bad, batch, batch, loss_fn=CE)
+    with pytest.raises(FloatingPointError, match=r"`data` examples \[0, 1, 2, 3, 4, 5\] at checkpoints\[1\]"):
+        tc.self_influence(model, bad, batch, loss_fn=CE)
+
+
+# --- options -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_unknown_option(scorer):
+    model, ckpts, batch = _setup()
+    function = "influence" if scorer == "aggregate" else scorer
+    with pytest.raises(TypeError, match=rf"`{function}` got unknown option\(s\) \['bach_size'\]; options are \["):
+        _all_calls(model, ckpts, batch, batch, bach_size=2)[scorer]()
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0, True, "8"])
+def test_bad_batch_size(batch_size):
+    model, ckpts, batch = _setup()
+    with pytest.raises(_int_error(batch_size), match=r"`batch_size` must be a positive int, got " + repr(batch_size)):
+        tc.influence(model, ckpts, batch, batch, loss_fn=CE, batch_size=batch_size)
+
+
+def test_bad_chunk_size():
+    model, ckpts, batch = _setup()
+    with pytest.raises(ValueError, match=r"`chunk_size` must be a positive int, got 0"):
+        tc.self_influence(model, ckpts, batch, loss_fn=CE, chunk_size=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float64", float])
+def test_bad_dtype(dtype):
+    model, ckpts, batch = _setup()
+    with pytest.raises(TypeError, match=r"`dtype` must be a floating torch.dtype such as torch.float64, got"):
+        tc.influence(model, ckpts, batch, batch, loss_fn=CE, dtype=dtype)
+
+
+def test_loss_fn_none():
+    model, ckpts, batch = _setup()
+    with pytest.raises(TypeError, match=r"`loss_fn` is required: a criterion such as `nn.CrossEntropyLoss\(\)`"):
+        tc.influence(model, ckpts, batch, batch, loss_fn=None)
+    with pytest.raises(TypeError, match=r"`loss_fn` is required"):
+        tc.self_influence(model, ckpts, batch, loss_fn=None)
+
+
+def test_loss_fn_not_callable():
+    model, ckpts, batch = _setup()
+    with pytest.raises(TypeError, match=r"`loss_fn` must be a criterion `loss_fn\(outputs, targets\)` or "):
+        tc.influence(model, ckpts, batch, batch, loss_fn="cross_entropy")
+    with pytest.raises(TypeError, match=r"`test_loss_fn` must be a criterion"):
+        tc.influence(model, ckpts, batch, batch, loss_fn=CE, test_loss_fn=3)
+
+
+def test_loss_fn_unknown_reduction():
+    model, ckpts, batch = _setup()
+    with pytest.raises(ValueError, match=r"`loss_fn.reduction` must be 'none', 'sum' or 'mean', got 'batchmean'"):
+        tc.influence(model, ckpts, batch, batch, loss_fn=nn.KLDivLoss(reduction="batchmean"))
+
+
+def test_per_example_loss_returning_a_non_scalar():
+    model, ckpts, batch = _setup()
+
+    def logits(params, batch):  # forgot to apply the loss: [1, 2] instead of a scalar
+        return functional_call(model, params, (batch[0],))
+
+    with pytest.raises(ValueError, match=r"The per-example loss must return a scalar, got \(1, 2\)"):
+        tc.self_influence(model, ckpts, batch, loss_fn=tc.ExampleLoss(logits))
+    with pytest.raises(ValueError, match=r"The per-example loss must return a scalar"):
+        tc.influence(model, ckpts, batch, batch, loss_fn=CE, test_loss_fn=tc.ExampleLoss(logits))
+
+
+def test_model_not_a_module_or_function():
+    _, ckpts, batch = _setup()
+    with pytest.raises(TypeError, match=r"`model` must be an nn.Module or a function f\(params, \*inputs\), got int"):
+        tc.influence(3, ckpts, batch, batch, loss_fn=CE)
+
+
+def test_unknown_method():
+    model, ckpts, batch = _setup()
+    with pytest.raises(ValueError, match=r"`method` must be 'exact' or 'last_layer', got 'fast'"):
+        tc.influence(model, ckpts, batch, batch, loss_fn=CE, method="fast")
+
+
+def test_last_layer_with_params_or_layers():
+    model, ckpts, batch = _setup()
+    msg = r"`method='last_layer'` picks the model's final nn.Linear itself: drop `params` / `layers`"
+    with pytest.raises(ValueError, match=msg):
+        tc.influence(model, ckpts, batch, batch, loss_fn=CE, method="last_layer", params=["fc2.weight"])
+    with pytest.raises(ValueError, match=msg):
+        tc.self_influence(model, ckpts, batch, loss_fn=CE, method="last_layer", layers=["fc2"])
+
+
+def test_last_layer_without_a_linear():
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(4, 2)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.emb(tokens).mean(1)
+
+    model = Bag().eval()
+    tokens, y = torch.randint(0, 4, (5, 3)), torch.randint(0, 2, (5,))
+    ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+    with pytest.raises(ValueError, match=r"`method='last_layer'` found no nn.Linear called by the model; select "):
+        tc.self_influence(model, ckpts, (tokens, y), loss_fn=CE, method="last_layer")
+
+
+@pytest.mark.parametrize("projection_dim", [0, -4, 2.5, True])
+def test_bad_projection_dim(projection_dim):
+    model, ckpts, batch = _setup()
+    with pytest.raises(
+        _int_error(projection_dim), match=r"`projection_dim` must be a positive int, got " + repr(projection_dim)
+    ):
+        tc.embeddings(model, ckpts, batch, loss_fn=CE, projection_dim=projection_dim)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.0, "0", None])
+def test_bad_seed(seed):
+    model, ckpts, batch = _setup()
+    with pytest.raises(ValueError, match=r"`seed` must be an int in \[0, 2\*\*32\), got " + re.escape(repr(seed))):
+        tc.embeddings(model, ckpts, batch, loss_fn=CE, projection_dim=4, seed=seed)
+
+
+def test_backward_hook_on_the_model():
+    model, ckpts, batch = _setup()
+    handle = model.fc2.register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    try:
+        with pytest.raises((ValueError, TypeError), match=r"backward hook.*'fc2'"):
+            tc.self_influence(model, ckpts, batch, loss_fn=CE)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("option", ["strict", "factored"])
+def test_bool_option_given_a_string(option):
+    model, ckpts, batch = _setup()
+    with pytest.raises((TypeError, ValueError), match=rf"`{option}` must be"):
+        tc.influence(model, ckpts, batch, batch, loss_fn=CE, **{option: "false"})

@@ -1,0 +1,14 @@
+"""Small argument checks shared by the public functions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def positive_int(value: Any, name: str) -> int:
+    """``value`` if it is an int >= 1; otherwise a TypeError (not an int) or ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be a positive int, got {value!r} of type {type(value).__name__}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    return value
