@@ -25,7 +25,7 @@ from torch.func import grad
 
 from ._grads import Mapper, Tensors, batch_of_one, dense_grads, scalar_loss
 from ._layers import Site, factorable_sites, input_rows, layer_output, output_rows
-from ._loss import CriterionLoss, ExampleLossFn
+from ._loss import CriterionLoss, ExampleLossFn, summed_example_losses
 from ._reps import Dense, Factored, Grads
 
 Hook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
@@ -195,7 +195,9 @@ def _batched_factors(
     with torch.enable_grad():
         with _hooked(modules, {s.path: hook_for(s) for s in plan.sites}):
             output = loss.forward(state, *inputs)
-        total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
+        total = summed_example_losses(loss.criterion, output, target)
+        if total is None:
+            total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
         flat = [p for s in plan.sites for p in probes[s.path]]
         grads = iter(torch.autograd.grad(total, flat, allow_unused=True))
     factors = {}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
 from ._model import Forward
 
@@ -69,3 +71,38 @@ class CriterionLoss(NamedTuple):
     def __call__(self, state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         *inputs, target = batch
         return self.criterion(self.forward(state, *inputs), target).sum()
+
+
+# Built-in criteria whose "none" output holds one loss per element with the batch first, so that the loss of one
+# example under "mean" is the mean of its elements (when no class weights or ignored targets rescale it).
+_ELEMENTWISE = (
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.BCELoss,
+    nn.BCEWithLogitsLoss,
+    nn.CrossEntropyLoss,
+    nn.NLLLoss,
+    nn.KLDivLoss,
+    nn.SoftMarginLoss,
+)
+
+
+def summed_example_losses(
+    criterion: Callable[[Any, Any], torch.Tensor], output: Any, target: Any
+) -> torch.Tensor | None:
+    """``sum_i criterion(output_i, target_i)`` over a batch without mapping over examples, or ``None`` when that
+    cannot be done exactly for this criterion (the caller then maps it over examples)."""
+    reduction = getattr(criterion, "reduction", None)
+    if reduction in ("none", "sum"):
+        return criterion(output, target).sum()
+    if reduction != "mean" or type(criterion) not in _ELEMENTWISE or getattr(criterion, "weight", None) is not None:
+        return None
+    ignore = getattr(criterion, "ignore_index", None)
+    if ignore is not None and isinstance(target, torch.Tensor) and bool((target == ignore).any()):
+        return None
+    per_element = copy.copy(criterion)  # a shallow copy: the user's criterion keeps its reduction
+    per_element.reduction = "none"
+    losses = per_element(output, target)
+    return losses.reshape(losses.shape[0], -1).mean(1).sum()
