@@ -24,13 +24,13 @@ from torch import nn
 from torch.func import grad
 
 from ._grads import Mapper, Tensors, batch_of_one, dense_grads, scalar_loss
-from ._layers import Site, factorable_sites, input_rows, layer_output, output_rows
+from ._layers import Site, factorable_sites, input_rows, layer_grads, layer_output, output_rows
 from ._loss import CriterionLoss, ExampleLossFn, summed_example_losses
 from ._reps import Dense, Factored, Grads
 
 Hook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
 RepFn = Callable[[Tensors, Tensors, Any], Grads]  # (diff, frozen, batch) -> Grads
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # site path -> (A [B, T, ...], G [B, T, d_out])
+Factors = dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]  # path -> per call: inputs, output grads
 
 
 class Plan(NamedTuple):
@@ -156,8 +156,10 @@ def _batching_is_exact(
     for loss in losses:
         batched = _batched_factors(model, loss, plan, {**frozen, **diff}, few, mapper)
         alone = _vmapped_factors(model, loss, plan, mapper)(diff, frozen, few)[1]
-        if not all(_close(x, y) for path in alone for x, y in zip(alone[path], batched[path])):
-            return False
+        for path, (xs, gs) in alone.items():
+            b_xs, b_gs = batched[path]
+            if len(xs) != len(b_xs) or not all(_close(x, y) for x, y in zip([*xs, *gs], [*b_xs, *b_gs])):
+                return False
     return True
 
 
@@ -173,15 +175,15 @@ def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
 def _batched_factors(
     model: nn.Module, loss: CriterionLoss, plan: Plan, state: Tensors, batch: Any, mapper: Mapper
 ) -> Factors:
-    """Factors of every site from one forward / backward over the whole batch (probes via autograd)."""
+    """Each site's inputs and output gradients from one forward / backward over the whole batch."""
     modules = dict(model.named_modules())
-    rows: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
+    inputs: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
     probes: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
 
     def hook_for(site: Site) -> Hook:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
             probe = torch.zeros_like(output, requires_grad=True)
-            rows[site.path].append(input_rows(module, site, args[0]))
+            inputs[site.path].append(args[0].detach())
             probes[site.path].append(probe)
             return output + probe
 
@@ -191,24 +193,17 @@ def _batched_factors(
         output, target = batch_of_one(example)
         return loss.criterion(output, target).sum()
 
-    *inputs, target = batch
+    *model_inputs, target = batch
     with torch.enable_grad():
         with _hooked(modules, {s.path: hook_for(s) for s in plan.sites}):
-            output = loss.forward(state, *inputs)
+            output = loss.forward(state, *model_inputs)
         total = summed_example_losses(loss.criterion, output, target)
         if total is None:
             total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
         flat = [p for s in plan.sites for p in probes[s.path]]
-        grads = iter(torch.autograd.grad(total, flat, allow_unused=True))
-    factors = {}
-    for site in plan.sites:
-        gs = [next(grads) for _ in probes[site.path]]
-        gs = [torch.zeros_like(p) if g is None else g for g, p in zip(gs, probes[site.path])]
-        factors[site.path] = (
-            torch.cat(rows[site.path], dim=1).detach(),
-            torch.cat([output_rows(site, g) for g in gs], dim=1),
-        )
-    return factors
+        grads = torch.autograd.grad(total, flat, allow_unused=True)
+    grads = iter(torch.zeros_like(p) if g is None else g for g, p in zip(grads, flat))
+    return {s.path: (inputs[s.path], [next(grads) for _ in probes[s.path]]) for s in plan.sites}
 
 
 def _vmapped_factors(
@@ -220,21 +215,21 @@ def _vmapped_factors(
     probe_shapes: dict[Any, dict[str, list[tuple[int, ...]]]] = {}  # per example signature, found once per call
 
     def loss_of_example(dense: Tensors, probes: Mapping[str, Sequence[torch.Tensor]], frozen: Tensors, example: Any):
-        rows: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
+        inputs: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
 
         def hook_for(site: Site) -> Hook:
             def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
-                k = len(rows[site.path])
+                k = len(inputs[site.path])
                 if k >= len(probes[site.path]):
                     raise RuntimeError(f"Layer {site.path!r} was called more often than when the call was planned.")
-                rows[site.path].append(input_rows(module, site, args[0])[0])
+                inputs[site.path].append(args[0])
                 return output + probes[site.path][k]
 
             return hook
 
         with _hooked(modules, {s.path: hook_for(s) for s in plan.sites}):
             out = scalar_loss(loss, {**frozen, **dense}, batch_of_one(example))
-        return out, {path: torch.cat(r) for path, r in rows.items()}
+        return out, inputs
 
     mapped = mapper.over_batch(grad(loss_of_example, argnums=(0, 1), has_aux=True), 3)
 
@@ -252,24 +247,30 @@ def _vmapped_factors(
         (dense_grads_, probe_grads), inputs = mapped(dense, probes, held, batch)
         out = {}
         for site in plan.sites:
-            g = torch.cat([output_rows(site, pg[:, 0]) for pg in probe_grads[site.path]], dim=1)
-            if inputs[site.path].shape[1] != g.shape[1]:
+            xs, gs = inputs[site.path], probe_grads[site.path]
+            if len(xs) != len(gs):
                 raise RuntimeError(f"Layer {site.path!r} was called differently than when the call was planned.")
-            out[site.path] = (inputs[site.path], g)
+            out[site.path] = ([x[:, 0] for x in xs], [g[:, 0] for g in gs])  # drop each example's batch of one
         return dense_grads_, out
 
     return factors
 
 
-def _assemble(plan: Plan, dense: dict[str, torch.Tensor], factors: Factors) -> Grads:
-    """Kernel sites stay factored; the other sites are materialised next to the dense gradients."""
+def _assemble(model: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], factors: Factors) -> Grads:
+    """Kernel sites become factored parts; the other sites are materialised next to the dense gradients."""
+    modules = dict(model.named_modules())
     parts: list[Any] = []
+    dense = dict(dense)
     for site in plan.sites:
-        a, g = factors[site.path]
+        module, (xs, gs) = modules[site.path], factors[site.path]
         if site.path in plan.kernel:
+            a = torch.cat([input_rows(module, site, x) for x in xs], dim=1)
+            g = torch.cat([output_rows(site, g) for g in gs], dim=1)
             parts.append(Factored(site, a, g))
-        else:
-            dense = {**dense, **Factored(site, a, g).materialize()}
+            continue
+        for x, g in zip(xs, gs):
+            for name, grad_ in layer_grads(module, site, x, g).items():
+                dense[name] = dense[name] + grad_ if name in dense else grad_
     if dense:
         parts.insert(0, Dense(dense))
     return Grads(tuple(parts), plan.names)
@@ -282,10 +283,10 @@ def representation_fn(model: Any, loss: ExampleLossFn, plan: Plan, mapper: Mappe
         return lambda diff, frozen, batch: Grads((Dense(grads(diff, frozen, batch)),), plan.names)
     if plan.batched and isinstance(loss, CriterionLoss):
         return lambda diff, frozen, batch: _assemble(
-            plan, {}, _batched_factors(model, loss, plan, {**frozen, **diff}, batch, mapper)
+            model, plan, {}, _batched_factors(model, loss, plan, {**frozen, **diff}, batch, mapper)
         )
     vmapped = _vmapped_factors(model, loss, plan, mapper)
-    return lambda diff, frozen, batch: _assemble(plan, *vmapped(diff, frozen, batch))
+    return lambda diff, frozen, batch: _assemble(model, plan, *vmapped(diff, frozen, batch))
 
 
 def last_layer_params(model: nn.Module, loss: ExampleLossFn, ckpt: Any, batch: Any) -> list[str]:

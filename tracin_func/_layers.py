@@ -77,28 +77,39 @@ def layer_output(module: nn.Module, site: Site, x: torch.Tensor, *, detach: bool
 
 
 def input_rows(module: nn.Module, site: Site, x: torch.Tensor) -> torch.Tensor:
-    """``A`` of a batch: ``[B, T, d_in (+1)]`` floats, or ``[B, T]`` token ids for an Embedding (-1: no gradient)."""
+    """``A`` of a batch: ``[B, T, d_in]`` floats (``d_in = 0`` when the weight is not differentiated), or ``[B, T]``
+    token ids for an Embedding (-1: a padding token, which gets no gradient)."""
     if site.kind == "embedding":
         ids = x.reshape(x.shape[0], -1)
-        if module.padding_idx is not None:  # no gradient flows to the padding row: drop those tokens
+        if module.padding_idx is not None:
             ids = torch.where(ids == module.padding_idx, torch.full_like(ids, -1), ids)
         return ids
-    if site.kind == "conv":
-        if isinstance(module, nn.Conv1d):
-            x = x.unsqueeze(2)
-            kernel, dilation = (1, module.kernel_size[0]), (1, module.dilation[0])
-            padding, stride = (0, module.padding[0]), (1, module.stride[0])
-        else:
-            kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
-        rows = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
-    else:
-        rows = x.reshape(x.shape[0], -1, x.shape[-1])
-    ones = torch.ones_like(rows[..., :1])
     if site.weight is None:
-        rows = rows[..., :0]
-    if site.bias is not None:
-        rows = torch.cat([rows, ones], dim=-1)
+        return x.new_zeros(x.shape[0], _rows(module, site, x), 0)
+    if site.kind == "conv":
+        kernel, dilation, padding, stride = _conv2d_geometry(module)
+        x = x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
+        return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _rows(module: nn.Module, site: Site, x: torch.Tensor) -> int:
+    """Rows per example: tokens of a Linear input, output positions of a convolution."""
+    if site.kind != "conv":
+        return x[0].numel() // x.shape[-1]
+    kernel, dilation, padding, stride = _conv2d_geometry(module)
+    sizes = (1, x.shape[-1]) if isinstance(module, nn.Conv1d) else x.shape[-2:]
+    rows = 1
+    for n, k, d, p, s in zip(sizes, kernel, dilation, padding, stride):
+        rows *= (n + 2 * p - d * (k - 1) - 1) // s + 1
     return rows
+
+
+def _conv2d_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Kernel, dilation, padding and stride of a Conv1d / Conv2d seen as a 2-d convolution."""
+    if isinstance(module, nn.Conv1d):
+        return (1, module.kernel_size[0]), (1, module.dilation[0]), (0, module.padding[0]), (1, module.stride[0])
+    return module.kernel_size, module.dilation, module.padding, module.stride
 
 
 def output_rows(site: Site, g: torch.Tensor) -> torch.Tensor:
@@ -119,8 +130,34 @@ def materialize(site: Site, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch
         out[site.weight] = w.scatter_add(1, index, g * valid)
         return out
     if site.weight is not None:
-        d_in = a.shape[-1] - (site.bias is not None)
-        out[site.weight] = torch.einsum("bto,bti->boi", g, a[..., :d_in]).reshape(-1, *site.weight_shape)
+        out[site.weight] = torch.einsum("bto,bti->boi", g, a).reshape(-1, *site.weight_shape)
     if site.bias is not None:
         out[site.bias] = g.sum(1)
+    return out
+
+
+def layer_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example gradients ``{name: [B, *shape]}`` from one call's input ``x`` and output gradient ``g``.
+
+    A convolution's weight gradient is computed as a grouped convolution of the input with the output gradient
+    (one group per example) instead of through unfolded patches, which would be ``k^2`` times larger.
+    """
+    if site.kind != "conv" or site.weight is None:
+        return materialize(site, input_rows(module, site, x), output_rows(site, g))
+    kernel, dilation, padding, stride = _conv2d_geometry(module)
+    if isinstance(module, nn.Conv1d):
+        x, g = x.unsqueeze(2), g.unsqueeze(2)
+    b, c_in, c_out = x.shape[0], x.shape[1], g.shape[1]
+    # dW[b, o, c] = x_b[c] cross-correlated with g_b[o]: the batch becomes the groups, the channels the batch.
+    weight = F.conv2d(
+        F.pad(x, (padding[1], padding[1], padding[0], padding[0])).transpose(0, 1),  # [C_in, B, H, W]
+        g.reshape(b * c_out, 1, *g.shape[2:]),
+        stride=dilation,
+        dilation=stride,
+        groups=b,
+    )[..., : kernel[0], : kernel[1]]  # [C_in, B * C_out, kh, kw]
+    weight = weight.reshape(c_in, b, c_out, *kernel).permute(1, 2, 0, 3, 4).reshape(b, *site.weight_shape)
+    out = {site.weight: weight}
+    if site.bias is not None:
+        out[site.bias] = g.flatten(2).sum(2)
     return out

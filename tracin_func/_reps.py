@@ -52,15 +52,18 @@ class Dense(NamedTuple):
         return Dense({name: torch.cat([p.grads[name] for p in parts]) for name in parts[0].grads})
 
 
-def _token_kernel(site: Site, a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
-    """``[n, m, T, S]`` kernel of the inputs: dot products, or token equality for an Embedding."""
+def _token_kernel(site: Site, a1: torch.Tensor, a2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[n, m, T, S]`` kernel of the inputs: dot products (plus 1 for the bias, a constant input), or token
+    equality for an Embedding."""
     if site.kind == "embedding":
-        return (a1[:, None, :, None] == a2[None, :, None, :]) & (a1 >= 0)[:, None, :, None]
-    return torch.einsum("itd,jsd->ijts", a1, a2)
+        return ((a1[:, None, :, None] == a2[None, :, None, :]) & (a1 >= 0)[:, None, :, None]).to(dtype)
+    kernel = torch.einsum("itd,jsd->ijts", a1, a2)
+    return kernel + 1 if site.bias is not None else kernel
 
 
 class Factored(NamedTuple):
-    """One layer's factors: ``a`` ``[B, T, d_in (+1)]`` (or ids ``[B, T]``) and ``g`` ``[B, T, d_out]``."""
+    """One layer's factors: inputs ``a`` ``[B, T, d_in]`` (ids ``[B, T]`` for an Embedding) and output gradients
+    ``g`` ``[B, T, d_out]``. A bias is a constant input 1: its gradient is ``g.sum(1)``."""
 
     site: Site
     a: torch.Tensor
@@ -69,11 +72,12 @@ class Factored(NamedTuple):
     def dot(self, other: Factored) -> torch.Tensor:
         a1, g1, a2, g2 = self.a, self.g, other.a, other.g
         if self.site.kind != "embedding" and a1.shape[1] == 1 and a2.shape[1] == 1:
-            return (a1[:, 0] @ a2[:, 0].T) * (g1[:, 0] @ g2[:, 0].T)
+            ka = a1[:, 0] @ a2[:, 0].T
+            return (ka + 1 if self.site.bias is not None else ka) * (g1[:, 0] @ g2[:, 0].T)
         rows = max(1, _PAIR_BLOCK // max(1, a2.shape[0] * a1.shape[1] * a2.shape[1]))
         blocks = []
         for i in range(0, a1.shape[0], rows):
-            ka = _token_kernel(self.site, a1[i : i + rows], a2).to(g1.dtype)
+            ka = _token_kernel(self.site, a1[i : i + rows], a2, g1.dtype)
             kg = torch.einsum("itd,jsd->ijts", g1[i : i + rows], g2)
             blocks.append((ka * kg).sum((2, 3)))
         return torch.cat(blocks)
@@ -83,7 +87,7 @@ class Factored(NamedTuple):
         if self.site.kind == "embedding":
             ka = ((a[:, :, None] == a[:, None, :]) & (a >= 0)[:, :, None]).to(g.dtype)
         else:
-            ka = a @ a.transpose(1, 2)
+            ka = a @ a.transpose(1, 2) + (1 if self.site.bias is not None else 0)
         return (ka * (g @ g.transpose(1, 2))).sum((1, 2))
 
     def materialize(self) -> dict[str, torch.Tensor]:
@@ -97,15 +101,15 @@ class Factored(NamedTuple):
             out += project_outer(site.weight, a, g, seed, k)
             return out
         if site.weight is not None:
-            d_in = a.shape[-1] - (site.bias is not None)
-            out += project_outer(site.weight, g, a[..., :d_in], seed, k)
+            out += project_outer(site.weight, g, a, seed, k)
         if site.bias is not None:
             out += project_vector(site.bias, g.sum(1), seed, k)
         return out
 
     def total(self) -> Factored:
         """The sum of B examples' gradients is one example whose rows are all of theirs."""
-        return Factored(self.site, self.a.reshape(1, -1, *self.a.shape[2:]), self.g.reshape(1, -1, self.g.shape[-1]))
+        rows = self.g.shape[0] * self.g.shape[1]
+        return Factored(self.site, self.a.reshape(1, rows, *self.a.shape[2:]), self.g.reshape(1, rows, -1))
 
     def scale(self, factor: torch.Tensor) -> Factored:
         return Factored(self.site, self.a, self.g * factor)

@@ -1,0 +1,184 @@
+"""The factored path (layer inputs x output gradients) gives the dense path's numbers on every layer shape,
+falls back to vmap(grad) where factors would be wrong, and picks its plan as documented."""
+
+import pytest
+import torch
+from torch import nn
+
+import tracin_func as tc
+import tracin_func._api as api
+
+CE = nn.CrossEntropyLoss()
+
+
+def _ckpts(model, lrs=(0.4, 1.5)):
+    gen = torch.Generator().manual_seed(1)
+    return [
+        tc.Checkpoint(
+            {k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v
+             for k, v in model.state_dict().items()},
+            lr=lr,
+        )
+        for lr in lrs
+    ]  # fmt: skip
+
+
+def _assert_paths_agree(model, train, test, loss_fn=CE, **kw):
+    ckpts = _ckpts(model)
+    results = {}
+    for factored in (False, None, True):
+        opts = dict(loss_fn=loss_fn, factored=factored, batch_size=5, **kw)
+        results[factored] = (
+            tc.influence(model, ckpts, train, test, **opts),
+            tc.influence(model, ckpts, train, test, aggregate=True, **opts),
+            tc.self_influence(model, ckpts, train, **opts),
+            tc.embeddings(model, ckpts, train, **opts),
+        )
+    for factored in (None, True):
+        for got, want in zip(results[factored], results[False]):
+            assert (got - want).abs().max() <= 1e-10 * want.abs().max(), factored
+
+
+class Convs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, stride=2, padding=2, dilation=2)
+        self.c2 = nn.Conv2d(3, 4, (2, 3), stride=(1, 2), bias=False)
+        self.c3 = nn.Conv1d(4, 3, 3, padding=1, dilation=2)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c2(torch.tanh(self.c1(x))))
+        h = torch.tanh(self.c3(h.flatten(2)))
+        return self.fc(h.mean(2))
+
+
+def test_convolutions_with_stride_dilation_padding():
+    torch.manual_seed(0)
+    model = Convs().double().eval()
+    x, y = torch.randn(11, 2, 9, 10, dtype=torch.float64), torch.randint(0, 3, (11,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, 5, padding_idx=0)
+        self.shared = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, ids):
+        h = self.shared(torch.tanh(self.shared(self.emb(ids))))  # the same module called twice
+        return self.out(h.mean(1))
+
+
+def test_embedding_padding_and_a_module_called_twice():
+    torch.manual_seed(0)
+    model = Tokens().double().eval()
+    ids, y = torch.randint(0, 12, (10, 6)), torch.randint(0, 3, (10,))
+    ids[:, -2:] = 0
+    _assert_paths_agree(model, (ids, y), (ids[:4], y[:4]))
+
+
+def test_sequence_inputs_and_a_bias_only_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    x, y = torch.randn(9, 7, 4, dtype=torch.float64), torch.randn(9, 7, 3, dtype=torch.float64)
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]), loss_fn=nn.MSELoss(), params=["0.bias", "2.weight"])
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+class DirectUse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(self.a(x) + nn.functional.linear(x, self.a.weight))
+
+
+class MixesExamples(nn.Module):
+    """Centers over the batch: batching changes every example, so the batched path must not be used."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0, keepdim=True))
+
+
+def _plan(model, batch, loss_fn=CE, **kw):
+    seen = []
+    original = api.make_plan
+    api.make_plan = lambda *a, **k: seen.append(original(*a, **k)) or seen[-1]
+    try:
+        tc.self_influence(model, _ckpts(model), batch, loss_fn=loss_fn, **kw)
+    finally:
+        api.make_plan = original
+    return seen[0]
+
+
+def test_tied_weights_fall_back_to_vmap_exactly():
+    torch.manual_seed(0)
+    model = Tied().double().eval()
+    ids, y = torch.randint(0, 10, (8, 5)), torch.randint(0, 10, (8,))
+    _assert_paths_agree(model, (ids, y), (ids[:3], y[:3]))
+    assert "emb.weight" in _plan(model, (ids, y), factored=True).dense
+
+
+def test_a_weight_also_used_directly_falls_back_to_vmap():
+    torch.manual_seed(0)
+    model = DirectUse().double().eval()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    plan = _plan(model, (x, y), factored=True)
+    assert [s.path for s in plan.sites] == ["b"] and "a.weight" in plan.dense
+
+
+def test_a_regulariser_in_the_loss_falls_back_to_vmap():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+
+    def loss(params, batch):
+        x, y = batch
+        logits = torch.func.functional_call(model, params, (x,))
+        return CE(logits, y) + 0.1 * params["2.weight"].square().sum()
+
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]), loss_fn=tc.ExampleLoss(loss))
+    plan = _plan(model, (x, y), loss_fn=tc.ExampleLoss(loss), factored=True)
+    assert [s.path for s in plan.sites] == ["0"] and "2.weight" in plan.dense
+
+
+def test_models_that_mix_examples_are_not_batched():
+    torch.manual_seed(0)
+    model = MixesExamples().double().eval()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    assert not _plan(model, (x, y)).batched
+    assert _plan(nn.Sequential(nn.Linear(4, 3)).double().eval(), (x, y)).batched
+
+
+@pytest.mark.parametrize(
+    ("tokens", "kernel"), [(1, True), (40, False)]
+)  # T^2 (d_in + d_out) against d_in d_out = 16 * 16
+def test_cost_model_chooses_factored_inner_products_for_few_rows(tokens, kernel):
+    model = nn.Sequential(nn.Linear(16, 16)).double().eval()
+    x, y = torch.randn(4, tokens, 16, dtype=torch.float64), torch.randn(4, tokens, 16, dtype=torch.float64)
+    plan = _plan(model, (x, y), loss_fn=nn.MSELoss())
+    assert [s.path for s in plan.sites] == ["0"]
+    assert (plan.kernel == {"0"}) is kernel
