@@ -1,0 +1,358 @@
+"""tracin_func vs Captum ``TracInCP`` (and dattri ``TracInAttributor``) on the reference workloads, in one process.
+
+For each workload (DESIGN.md, "Reference workloads") and each question (full influence matrix, top-k proponents,
+self-influence over the training set) it prints the best wall time, the peak memory of one call, the ratio
+(other / ours) and the max relative difference of the scores against ours (``max|other - ours| / max|ours|``),
+the proof that both computed the same thing.
+
+Every measured call does the whole job: ours includes ``tc.load_checkpoints(paths)`` (Captum and dattri load
+checkpoint files inside their calls), Captum's includes building its ``TracInCP`` object.
+
+Usage::
+
+    python benchmarks/bench_core.py                 # everything (Captum's per-example path takes minutes)
+    python benchmarks/bench_core.py --quick         # transformer subsampled to 10 test x 200 train, 1 timed run
+    python benchmarks/bench_core.py --workloads mlp cnn --repeat 5 --batch-size 128
+    python benchmarks/bench_core.py --quick --threads 1   # on a shared/loaded machine (see below)
+
+On a machine where other processes compete for the cores, multi-threaded batched kernels (ours, Captum's batch-wise
+path) slow down far more than Captum's per-example loop of tiny ops (OpenMP oversubscription); ``--threads 1`` gives
+much more stable ratios there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from common import Measurement, environment, fmt, max_rel_diff, measure, print_kv, print_table
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from workloads import BUILDERS, Workload
+
+import tracin_func as tc
+
+QUICK_TRANSFORMER = (10, 200)  # (n_test, n_train) of the transformer in --quick mode
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="bench_core")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"subsample the transformer to {QUICK_TRANSFORMER[0]} test x {QUICK_TRANSFORMER[1]} train (for every "
+        f"implementation) and default --repeat to 1",
+    )
+    parser.add_argument(
+        "--workloads", nargs="+", choices=sorted(BUILDERS), default=list(BUILDERS), metavar="NAME",
+        help=f"workloads to run, any of {list(BUILDERS)} (default: all)",
+    )  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size of Captum and dattri (default 64)")
+    parser.add_argument(
+        "--our-batch-size", type=int, default=None, help="tracin_func's batch_size (default: its own automatic choice)"
+    )
+    parser.add_argument("--repeat", type=int, default=None, help="timed runs per call, best kept (default 3, quick 1)")
+    parser.add_argument("--k", type=int, default=5, help="k of the top-k proponents question")
+    parser.add_argument("--device", default="cpu", help="device for every implementation (default cpu)")
+    parser.add_argument("--no-captum", action="store_true", help="skip Captum")
+    parser.add_argument("--no-dattri", action="store_true", help="skip dattri")
+    parser.add_argument(
+        "--no-per-example", action="store_true", help="skip Captum's slow per-example path on the MLP and CNN"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice)")
+    args = parser.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    return args
+
+
+def to_device(w: Workload, device: torch.device) -> Workload:
+    return replace(
+        w,
+        model=w.model.to(device),
+        x_train=w.x_train.to(device),
+        y_train=w.y_train.to(device),
+        x_test=w.x_test.to(device),
+        y_test=w.y_test.to(device),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- implementations
+
+
+def ours(w: Workload, bs: int | None, k: int, device: torch.device) -> dict[str, Callable[[], Any]]:
+    """tracin_func: checkpoints loaded inside every call."""
+    common = dict(loss_fn=nn.CrossEntropyLoss(), batch_size=bs, device=device)
+
+    def ckpts() -> list[tc.Checkpoint]:
+        return tc.load_checkpoints(w.checkpoint_paths, map_location=device)
+
+    return {
+        "influence": lambda: tc.influence(w.model, ckpts(), w.train, w.test, **common),
+        "top_k": lambda: tc.top_k(w.model, ckpts(), w.train, w.test, k=k, **common),
+        "self": lambda: tc.self_influence(w.model, ckpts(), w.train, **common),
+    }
+
+
+def captum_loader(model: nn.Module, path: str) -> float:
+    """Captum ``checkpoints_load_func``: its default loader cannot carry a learning rate (DESIGN.md)."""
+    device = next(model.parameters()).device
+    obj = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(obj["model_state_dict"])
+    return float(obj["learning_rate"])
+
+
+def captum(w: Workload, model: nn.Module, bs: int, k: int, sample_wise: bool) -> dict[str, Callable[[], Any]]:
+    """Captum ``TracInCP``; ``sample_wise`` selects its batch-wise hook path (Linear/Conv2d only) or per-example loop.
+
+    ``model`` is Captum's own copy: it loads every checkpoint into it in place.
+    """
+    from captum.influence import TracInCP
+
+    def make() -> TracInCP:
+        return TracInCP(
+            model,
+            TensorDataset(*w.train),
+            list(w.checkpoint_paths),
+            checkpoints_load_func=captum_loader,
+            loss_fn=nn.CrossEntropyLoss(reduction="sum" if sample_wise else "none"),
+            batch_size=bs,
+            sample_wise_grads_per_batch=sample_wise,
+        )
+
+    return {
+        "influence": lambda: make().influence(w.test, k=None),
+        "top_k": lambda: make().influence(w.test, k=k, proponents=True),
+        "self_by_ckpt": lambda: make().self_influence(None, outer_loop_by_checkpoints=True),
+        "self_default": lambda: make().self_influence(None),
+    }
+
+
+def dattri_influence(w: Workload, model: nn.Module, bs: int, device: torch.device, project: bool) -> Callable:
+    """dattri 0.3.0 ``TracInAttributor``; returns a callable giving ``[n_test, n_train]`` (dattri's is transposed).
+
+    dattri's ``weight_list`` is the per-checkpoint learning rate and its loss function scores one example, so with
+    ``normalized_grad=False`` and no projection the scores are exactly TracIn's. Its constructor always installs a
+    random projector (``DEFAULT_PROJECTOR_KWARGS``: 512 dims, seed 0, even when ``projector_kwargs=None``); the exact
+    variant switches it off by setting ``attributor.projector_kwargs = None``, which ``attribute`` checks.
+    """
+    import dattri.algorithm.tracin as dattri_tracin
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.task import AttributionTask
+
+    dattri_tracin.tqdm = lambda iterable, **kwargs: iterable  # silence its per-batch progress bars
+
+    def loss_func(params: dict[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = data
+        out = torch.func.functional_call(model, params, (x.unsqueeze(0),))
+        return nn.functional.cross_entropy(out, y.unsqueeze(0))
+
+    def load(m: nn.Module, path: str) -> nn.Module:
+        obj = torch.load(path, map_location=device, weights_only=True)
+        m.load_state_dict(obj["model_state_dict"])
+        return m.eval()
+
+    def run() -> torch.Tensor:
+        task = AttributionTask(
+            loss_func=loss_func, model=model, checkpoints=list(w.checkpoint_paths), checkpoints_load_func=load
+        )
+        projector = {"device": str(device)} if device.type != "cpu" else None
+        attributor = TracInAttributor(
+            task=task,
+            weight_list=torch.full((len(w.checkpoint_paths),), w.lr),
+            normalized_grad=False,
+            projector_kwargs=projector,
+            device=str(device),
+        )
+        if not project:
+            attributor.projector_kwargs = None
+        train = DataLoader(TensorDataset(*w.train), batch_size=bs, shuffle=False)
+        test = DataLoader(TensorDataset(*w.test), batch_size=bs, shuffle=False)
+        with torch.no_grad():
+            return attributor.attribute(train, test).T
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------- the bench
+
+
+class Rows:
+    """Accumulates table rows and machine-readable results for one workload."""
+
+    def __init__(self, workload: str) -> None:
+        self.workload = workload
+        self.rows: list[list[str]] = []
+        self.results: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+
+    def add(
+        self,
+        question: str,
+        impl: str,
+        m: Measurement | None,
+        ours: Measurement | None,
+        diff: float | None,
+        note: str = "",
+    ) -> None:
+        ratio = m.seconds / ours.seconds if m is not None and ours is not None and ours.seconds > 0 else None
+        self.rows.append(
+            [
+                question,
+                impl,
+                fmt(m.seconds, ".3f") if m else "-",
+                str(m.runs) if m else "-",
+                fmt(m.peak_mb, ".1f") if m else "-",
+                fmt(ratio, ".2f") if ratio is not None else "-",
+                fmt(diff, ".1e") if diff is not None else "-",
+                note,
+            ]
+        )
+        self.results.append(
+            {
+                "bench": "core",
+                "workload": self.workload,
+                "question": question,
+                "impl": impl,
+                "seconds": m.seconds if m else None,
+                "runs": m.runs if m else None,
+                "peak_mb": m.peak_mb if m else None,
+                "ratio_vs_ours": ratio,
+                "max_rel_diff_vs_ours": diff,
+                "note": note,
+            }
+        )
+
+    def print(self, title: str) -> None:
+        headers = ["question", "implementation", "time s", "runs", "peak MB", "x ours", "rel diff", "note"]
+        print_table(headers, self.rows, title=title, align="llrrrrrl")
+        for note in self.notes:
+            print(f"  note: {note}")
+        if self.notes:
+            print()
+
+
+def _try(fn: Callable[[], Measurement]) -> tuple[Measurement | None, str]:
+    try:
+        return fn(), ""
+    except Exception as err:  # noqa: BLE001 - a failing competitor is a result, not a crash
+        return None, f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"
+
+
+def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) -> Rows:
+    bs, k, repeat = args.batch_size, args.k, args.repeat
+    rows = Rows(w.name)
+    is_transformer = w.name == "tiny_transformer"
+
+    def run(fn: Callable[[], Any], slow: bool = False) -> Measurement:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return measure(fn, 0 if slow else repeat, device)
+
+    mine = ours(w, args.our_batch_size, k, device)
+    o_inf = run(mine["influence"])
+    o_top = run(mine["top_k"])
+    o_self = run(mine["self"])
+    S, top, s = o_inf.result, o_top.result, o_self.result
+    ref_top = S.topk(k, dim=1)  # our own consistency: top-k equals the top of the influence matrix
+    rows.add("influence", "tracin_func", o_inf, o_inf, None, f"[{S.shape[0]} x {S.shape[1]}]")
+    rows.add(
+        "top-k",
+        "tracin_func",
+        o_top,
+        o_top,
+        max_rel_diff(top.scores, ref_top.values),
+        f"k={k}; diff vs topk(own influence)",
+    )
+    rows.add("self-influence", "tracin_func", o_self, o_self, None, "")
+
+    if not args.no_captum:
+        # (label, sample_wise, all questions?): the path Captum users would pick gets every question
+        if is_transformer:  # its batch-wise path cannot differentiate Embedding/LayerNorm/attention
+            paths = [("per-example", False, True), ("batch-wise", True, False)]
+        else:
+            paths = [("batch-wise", True, True)] + ([] if args.no_per_example else [("per-example", False, False)])
+        for label, sample_wise, full_path in paths:
+            slow = not sample_wise
+            cap = captum(w, copy.deepcopy(w.model), bs, k, sample_wise)
+            impl = f"Captum TracInCP {label}"
+            m, err = _try(lambda cap=cap, slow=slow: run(cap["influence"], slow=slow))
+            diff = max_rel_diff(m.result, S) if m else None
+            note = err
+            if not err and is_transformer and sample_wise and diff is not None and diff > 1e-3:
+                note = "silently wrong: its hooks skip Embedding/LayerNorm/attention"
+            rows.add("influence", impl, m, o_inf, diff, note)
+            if not full_path:
+                continue  # the secondary path is reported for influence only
+            m, err = _try(lambda cap=cap, slow=slow: run(cap["top_k"], slow=slow))
+            if m is not None:
+                agree = (m.result.indices.cpu() == top.indices.cpu()).float().mean().item()
+                rows.add("top-k", impl, m, o_top, max_rel_diff(m.result.influence_scores, top.scores),
+                         f"k={k}; indices agree {agree:.0%}")  # fmt: skip
+            else:
+                rows.add("top-k", impl, None, o_top, None, err)
+            for key, desc in (("self_by_ckpt", "outer_loop_by_checkpoints=True"), ("self_default", "default")):
+                m, err = _try(lambda cap=cap, key=key, slow=slow: run(cap[key], slow=slow))
+                rows.add("self-influence", impl, m, o_self, max_rel_diff(m.result, s) if m else None, err or desc)
+        rows.notes.append(
+            "Captum per-example rows are a single run (they are slow); its loss is CrossEntropyLoss(reduction='none'), "
+            "batch-wise uses reduction='sum'."
+        )
+
+    if not args.no_dattri and not is_transformer:
+        for project, impl, note in (
+            (False, "dattri TracIn exact", "projector_kwargs=None after init"),
+            (True, "dattri TracIn default", "random projection to 512 dims (its default)"),
+        ):
+            fn = dattri_influence(w, copy.deepcopy(w.model), bs, device, project)
+            m, err = _try(lambda fn=fn: run(fn))
+            rows.add("influence", impl, m, o_inf, max_rel_diff(m.result, S) if m else None, err or note)
+        rows.notes.append(
+            "dattri: TracInAttributor(weight_list=lr per checkpoint, normalized_grad=False); no rescaling needed. "
+            "It always projects gradients to 512 dims unless its projector_kwargs attribute is cleared after init."
+        )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print_kv("environment", environment())
+    print(
+        f"bench_core: batch_size={args.batch_size} (Captum, dattri), {args.our_batch_size or 'automatic'} (ours), "
+        f"k={args.k}, best of {args.repeat} timed "
+        f"run(s) after one memory run, device={device}{', QUICK' if args.quick else ''}"
+    )
+    print("columns: 'x ours' = time / our time for the same question; 'rel diff' = max|scores - ours| / max|ours|")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > (os.cpu_count() or 1) * 0.75:
+        print(
+            f"WARNING: load average {load:.1f} on {os.cpu_count()} CPUs: other processes compete for the cores and "
+            f"multi-threaded (batched) kernels suffer most from oversubscription; timings are unreliable. "
+            f"Consider --threads 1."
+        )
+    print()
+    results: list[dict[str, Any]] = []
+    for name in args.workloads:
+        w = BUILDERS[name]()
+        if args.quick and name == "transformer":
+            w = w.subsample(*QUICK_TRANSFORMER)
+        w = to_device(w, device)
+        rows = bench_workload(w, args, device)
+        rows.print(w.describe())
+        sys.stdout.flush()
+        results.extend(rows.results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""Shared benchmark helpers: timing, peak memory of a call, score comparison, plain-text tables."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib.metadata
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process, from ``/proc/self/statm`` (Linux); 0 where it is unavailable."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so an RSS baseline is not inflated by earlier calls."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _RssSampler:
+    """Background thread recording the peak RSS every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.001) -> None:
+        self.interval = interval
+        self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def peak_memory_mb(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tuple[float, Any]:
+    """Run ``fn()`` once; return (peak memory it added in MB, its result).
+
+    CPU: peak RSS sampled every ~1 ms by a background thread, minus the RSS just before the call (after garbage
+    collection and ``malloc_trim``). Allocations that live shorter than the sampling interval can be missed.
+    CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call (device memory only).
+    """
+    device = torch.device(device)
+    _release_memory()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20, result
+    before = _rss_bytes()
+    with _RssSampler() as sampler:
+        result = fn()
+    return max(sampler.peak - before, 0) / 2**20, result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], Any], repeat: int = 3, device: str | torch.device = "cpu") -> tuple[float, Any]:
+    """Best wall time (``time.perf_counter``) of ``repeat`` calls of ``fn()``; return (seconds, last result)."""
+    device = torch.device(device)
+    best, result = float("inf"), None
+    for _ in range(max(repeat, 1)):
+        result = None
+        gc.collect()
+        _sync(device)
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+@dataclass
+class Measurement:
+    seconds: float
+    peak_mb: float
+    result: Any
+    runs: int
+
+
+def measure(fn: Callable[[], Any], repeat: int = 3, device: str | torch.device = "cpu") -> Measurement:
+    """Peak memory of one call (its own run, which also warms up), then the best time of ``repeat`` further calls.
+
+    With ``repeat=0`` the memory run is also the only timed run (for calls that take minutes); its time then
+    includes the first-call warm-up and the ~1 ms sampler thread.
+    """
+    device = torch.device(device)
+    _sync(device)
+    start = time.perf_counter()
+    peak, result = peak_memory_mb(fn, device)
+    _sync(device)
+    first = time.perf_counter() - start
+    if repeat <= 0:
+        return Measurement(first, peak, result, 1)
+    result = None
+    seconds, result = best_time(fn, repeat, device)
+    return Measurement(seconds, peak, result, repeat)
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max|a - b| / max|b|`` in float64 on the CPU (``b`` is the reference); inf if the shapes differ."""
+    a = torch.as_tensor(a).detach().to("cpu", torch.float64)
+    b = torch.as_tensor(b).detach().to("cpu", torch.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def environment() -> list[tuple[str, str]]:
+    """Versions, threads and hardware, for the header of every benchmark."""
+    rows = [
+        ("python", platform.python_version()),
+        ("platform", platform.platform()),
+        ("torch", torch.__version__),
+        ("torch threads", f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op"),
+        (
+            "cpu count",
+            f"{os.cpu_count()} (affinity {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else '?'})",
+        ),
+        ("cuda", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"),
+    ]
+    for name in ("captum", "dattri", "tracin_func"):
+        try:
+            rows.append((name, importlib.metadata.version(name.replace("_", "-"))))
+        except importlib.metadata.PackageNotFoundError:
+            rows.append((name, "not installed"))
+    try:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        rows.append(("load average", load))
+    except OSError:
+        pass
+    return rows
+
+
+def print_kv(title: str, rows: Sequence[tuple[str, str]], file: Any = None) -> None:
+    file = file or sys.stdout
+    print(title, file=file)
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}", file=file)
+    print(file=file)
+
+
+def fmt(value: Any, spec: str = "") -> str:
+    """Format a table cell: ``None`` as ``-``, floats with ``spec``."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return str(value)
+        return format(value, spec) if spec else f"{value:.3g}"
+    return str(value)
+
+
+def print_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    title: str | None = None,
+    align: str | None = None,
+    file: Any = None,
+) -> None:
+    """Plain fixed-width text table of ``str(cell)``.
+
+    ``align``: one letter per column, ``l`` or ``r``; by default the first column is left-aligned, the rest right.
+    """
+    file = file or sys.stdout
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    align = align or "l" + "r" * (len(headers) - 1)
+
+    def line(values: Sequence[str]) -> str:
+        parts = [v.ljust(widths[i]) if align[i] == "l" else v.rjust(widths[i]) for i, v in enumerate(values)]
+        return "  ".join(parts).rstrip()
+
+    if title:
+        print(title, file=file)
+    print(line(headers), file=file)
+    print("  ".join("-" * w for w in widths), file=file)
+    for row in cells:
+        print(line(row), file=file)
+    print(file=file)
