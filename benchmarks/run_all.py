@@ -23,8 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_adapter  # noqa: E402
 import bench_core  # noqa: E402
+import bench_speed  # noqa: E402
 
-MODULES = [("core", bench_core), ("adapter", bench_adapter)]
+MODULES = [("core", bench_core), ("adapter", bench_adapter), ("speed", bench_speed)]
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
