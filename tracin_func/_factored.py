@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import grad
 
 from ._grads import Mapper, Tensors, batch_of_one, dense_grads, scalar_loss
-from ._layers import Site, factorable_sites, input_rows, layer_grads, layer_output, output_rows
+from ._layers import Site, factorable_sites, input_rows, layer_output, materialize, output_rows
 from ._loss import CriterionLoss, ExampleLossFn, summed_example_losses
 from ._reps import Dense, Factored, Grads
 
@@ -269,7 +269,7 @@ def _assemble(model: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
             parts.append(Factored(site, a, g))
             continue
         for x, g in zip(xs, gs):
-            for name, grad_ in layer_grads(module, site, x, g).items():
+            for name, grad_ in materialize(site, input_rows(module, site, x), output_rows(site, g)).items():
                 dense[name] = dense[name] + grad_ if name in dense else grad_
     if dense:
         parts.insert(0, Dense(dense))

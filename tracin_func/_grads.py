@@ -9,6 +9,7 @@ from typing import Any
 import optree
 import torch
 from torch.func import grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._loss import ExampleLossFn
 
@@ -59,7 +60,9 @@ class Mapper:
             if self.loop:
                 return slow(*args)
             try:
-                return fast(*args)
+                # The math attention kernel has vmap batching rules; the fused CPU kernels fall back to a slow loop.
+                with sdpa_kernel(SDPBackend.MATH):
+                    return fast(*args)
             except (RuntimeError, NotImplementedError) as vmap_error:
                 result = slow(*args)  # a genuine error in the loss raises here, from the loop
                 self.loop = True

@@ -134,30 +134,3 @@ def materialize(site: Site, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch
     if site.bias is not None:
         out[site.bias] = g.sum(1)
     return out
-
-
-def layer_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-example gradients ``{name: [B, *shape]}`` from one call's input ``x`` and output gradient ``g``.
-
-    A convolution's weight gradient is computed as a grouped convolution of the input with the output gradient
-    (one group per example) instead of through unfolded patches, which would be ``k^2`` times larger.
-    """
-    if site.kind != "conv" or site.weight is None:
-        return materialize(site, input_rows(module, site, x), output_rows(site, g))
-    kernel, dilation, padding, stride = _conv2d_geometry(module)
-    if isinstance(module, nn.Conv1d):
-        x, g = x.unsqueeze(2), g.unsqueeze(2)
-    b, c_in, c_out = x.shape[0], x.shape[1], g.shape[1]
-    # dW[b, o, c] = x_b[c] cross-correlated with g_b[o]: the batch becomes the groups, the channels the batch.
-    weight = F.conv2d(
-        F.pad(x, (padding[1], padding[1], padding[0], padding[0])).transpose(0, 1),  # [C_in, B, H, W]
-        g.reshape(b * c_out, 1, *g.shape[2:]),
-        stride=dilation,
-        dilation=stride,
-        groups=b,
-    )[..., : kernel[0], : kernel[1]]  # [C_in, B * C_out, kh, kw]
-    weight = weight.reshape(c_in, b, c_out, *kernel).permute(1, 2, 0, 3, 4).reshape(b, *site.weight_shape)
-    out = {site.weight: weight}
-    if site.bias is not None:
-        out[site.bias] = g.flatten(2).sum(2)
-    return out
