@@ -39,7 +39,7 @@ class Plan(NamedTuple):
     names: tuple[str, ...]  # all differentiated parameters, in the user's order
     dense: tuple[str, ...]  # differentiated by vmap(grad)
     sites: tuple[Site, ...]  # layers whose gradients are obtained as factors
-    kernel: frozenset[str]  # paths of sites scored by factored inner products (the others are materialised)
+    kernel: frozenset[str]  # paths of sites kept as factors (the others are materialised next to dense grads)
     batched: bool  # factors from one batched forward / backward (else vmapped)
 
 
@@ -132,8 +132,8 @@ def make_plan(
         for path, site in list(sites.items()):
             if not calls[path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
                 del sites[path]  # not called as a module, or its parameters are also used elsewhere
-            elif factored or _kernel_is_cheaper(site, _rows_per_example(site, calls[path])):
-                kernel.add(path)
+            elif factored or site.kind == "embedding" or _kernel_is_cheaper(site, _rows_per_example(site, calls[path])):
+                kernel.add(path)  # an Embedding is never materialised on the training side (see Gathered)
     in_sites = {n for s in sites.values() for n in s.names}
     dense = tuple(n for n in names if n not in in_sites)
     plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel & set(sites)), batched=False)

@@ -129,7 +129,48 @@ class Factored(NamedTuple):
         return Factored(parts[0].site, a, g)
 
 
-Part = Union[Dense, Factored]
+class Gathered(NamedTuple):
+    """Test-side Embedding gradients ``w`` ``[n, V, d]``, scored against training factors by gathering the rows of
+    the training tokens: ``<W_i, sum_t e_(id_t) g_t^T> = sum_t W_i[id_t] . g_t``, ``T d`` flops per pair instead of
+    ``V d`` (materialised) or ``T^2 (d + 1)`` (token kernel)."""
+
+    site: Site
+    w: torch.Tensor
+
+    @staticmethod
+    def of(part: Factored) -> Gathered:
+        return Gathered(part.site, part.materialize()[part.site.weight])
+
+    def dot(self, other: Factored) -> torch.Tensor:
+        ids, g = other.a, other.g * (other.a >= 0).unsqueeze(-1)
+        rows = max(1, _PAIR_BLOCK // max(1, self.w.shape[0] * ids.shape[1] * g.shape[-1]))
+        blocks = []
+        for j in range(0, ids.shape[0], rows):
+            picked = self.w[:, ids[j : j + rows].clamp(min=0)]  # [n, m, T, d]
+            blocks.append(torch.einsum("nmtd,mtd->nm", picked, g[j : j + rows]))
+        return torch.cat(blocks, dim=1)
+
+    def sq_norm(self) -> torch.Tensor:
+        return self.w.flatten(1).square().sum(1)
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        return {self.site.weight: self.w}
+
+    def project(self, seed: int, k: int) -> torch.Tensor:
+        return project_grad(self.site.weight, self.w, seed, k)
+
+    def total(self) -> Gathered:
+        return Gathered(self.site, self.w.sum(0, keepdim=True))
+
+    def scale(self, factor: torch.Tensor) -> Gathered:
+        return Gathered(self.site, self.w * factor)
+
+    @staticmethod
+    def concat(parts: Sequence[Gathered]) -> Gathered:
+        return Gathered(parts[0].site, torch.cat([p.w for p in parts]))
+
+
+Part = Union[Dense, Factored, Gathered]
 
 
 class Grads(NamedTuple):
@@ -141,7 +182,9 @@ class Grads(NamedTuple):
     @property
     def size(self) -> int:
         first = self.parts[0]
-        return first.a.shape[0] if isinstance(first, Factored) else next(iter(first.grads.values())).shape[0]
+        if isinstance(first, Dense):
+            return next(iter(first.grads.values())).shape[0]
+        return first.w.shape[0] if isinstance(first, Gathered) else first.a.shape[0]
 
     def dot(self, other: Grads) -> torch.Tensor:
         return sum(a.dot(b) for a, b in zip(self.parts, other.parts))
@@ -160,6 +203,13 @@ class Grads(NamedTuple):
 
     def total(self) -> Grads:
         return Grads(tuple(p.total() for p in self.parts), self.names)
+
+    def for_test(self) -> Grads:
+        """The test side: Embedding factors materialised once, to be gathered by each training batch."""
+        parts = tuple(
+            Gathered.of(p) if isinstance(p, Factored) and p.site.kind == "embedding" else p for p in self.parts
+        )
+        return Grads(parts, self.names)
 
     def scale(self, factor: torch.Tensor) -> Grads:
         return Grads(tuple(p.scale(factor) for p in self.parts), self.names)

@@ -111,6 +111,7 @@ def test_representations(run: Run, test: Any, *, aggregate: bool) -> tuple[Engin
         for c, ckpt in enumerate(engine.checkpoints):
             rep = engine.updates.test(ckpt.diff, ckpt.frozen, batch)
             _check_finite(rep.sq_norm(), 0, offset, "test", c)
+            rep = rep.for_test()
             per_ckpt[c].append(rep.total() if aggregate else rep)
     if engine is None:
         raise ValueError("`test` holds no examples.")
