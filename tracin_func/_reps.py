@@ -7,6 +7,7 @@ sum over examples, B = 1) and ``concat([a, b, ...])`` along examples.
 - ``Dense``: materialised per-sample gradients, reduced leaf by leaf (never concatenated into one copy).
 - ``Factored``: a Linear / Conv / Embedding layer kept as input rows ``A`` and output gradients ``G``; inner
   products are exact without forming any per-sample gradient: ``<g_i, g_j> = sum((A_i A_j^T) * (G_i G_j^T))``.
+- ``Gathered``: an Embedding's test-side gradients, materialised once and gathered by training tokens.
 - ``Grads``: the parts of one batch, summed.
 """
 
@@ -43,9 +44,6 @@ class Dense(NamedTuple):
 
     def total(self) -> Dense:
         return Dense({name: g.sum(0, keepdim=True) for name, g in self.grads.items()})
-
-    def scale(self, factor: torch.Tensor) -> Dense:
-        return Dense({name: g * factor for name, g in self.grads.items()})
 
     @staticmethod
     def concat(parts: Sequence[Dense]) -> Dense:
@@ -111,9 +109,6 @@ class Factored(NamedTuple):
         rows = self.g.shape[0] * self.g.shape[1]
         return Factored(self.site, self.a.reshape(1, rows, *self.a.shape[2:]), self.g.reshape(1, rows, -1))
 
-    def scale(self, factor: torch.Tensor) -> Factored:
-        return Factored(self.site, self.a, self.g * factor)
-
     @staticmethod
     def concat(parts: Sequence[Factored]) -> Factored:
         """Concatenate along examples, padding rows with inert zeros (ids with -1) when lengths differ."""
@@ -162,9 +157,6 @@ class Gathered(NamedTuple):
     def total(self) -> Gathered:
         return Gathered(self.site, self.w.sum(0, keepdim=True))
 
-    def scale(self, factor: torch.Tensor) -> Gathered:
-        return Gathered(self.site, self.w * factor)
-
     @staticmethod
     def concat(parts: Sequence[Gathered]) -> Gathered:
         return Gathered(parts[0].site, torch.cat([p.w for p in parts]))
@@ -210,9 +202,6 @@ class Grads(NamedTuple):
             Gathered.of(p) if isinstance(p, Factored) and p.site.kind == "embedding" else p for p in self.parts
         )
         return Grads(parts, self.names)
-
-    def scale(self, factor: torch.Tensor) -> Grads:
-        return Grads(tuple(p.scale(factor) for p in self.parts), self.names)
 
     @staticmethod
     def concat(batches: Sequence[Grads]) -> Grads:
