@@ -104,9 +104,6 @@ def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...]]) -> int:
 
 def _kernel_is_cheaper(site: Site, rows: int) -> bool:
     """One pair's inner product: factored ``T^2 (d_in + d_out)`` against materialised ``d_in d_out`` flops."""
-    if site.kind == "embedding":
-        vocab, dim = site.weight_shape
-        return rows * rows * (dim + 1) < vocab * dim
     d_out, d_in = site.weight_shape[0], _numel(site.weight_shape[1:]) + (site.bias is not None)
     return rows * rows * (d_in + d_out) < d_in * d_out
 
