@@ -55,7 +55,7 @@ def _check_options(options: dict[str, Any], function: str) -> None:
 def _auto_batch_size(diff: Iterable[torch.Tensor], budget_bytes: int = 1 << 28) -> int:
     """Examples per batch so that dense per-sample gradients of every differentiated parameter fit ``budget``."""
     per_example = sum(t.numel() * t.element_size() for t in diff)
-    return max(16, min(1024, budget_bytes // max(1, per_example)))
+    return max(16, min(4096, budget_bytes // max(1, per_example)))
 
 
 def _seed(seed: Any) -> int:
@@ -174,7 +174,7 @@ def influence(
               every parameter of the model that requires grad. ``layers`` (module names) selects the parameters
               under those modules instead, like Captum's ``layers=``.
             - ``batch_size``: examples per batch when data is a single batch or a ``Dataset``. Default: as many
-              as keep dense per-sample gradients of the differentiated parameters within 256 MB (16 to 1024).
+              as keep dense per-sample gradients of the differentiated parameters within 256 MB (16 to 4096).
             - ``chunk_size``: examples per ``vmap`` call inside a batch (bounds activation memory).
             - ``device`` / ``dtype``: where and in which floating dtype to compute (``torch.float64`` works end to
               end). Default: the model's device, the checkpoints' dtype.
