@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from common import Measurement, environment, fmt, max_rel_diff, measure, print_kv, print_table
+from common import Measurement, captum_loader, environment, fmt, max_rel_diff, measure, print_kv, print_table
 from torch import nn
 from torch.utils.data import TensorDataset
 from workloads import Workload, digits_mlp
@@ -50,14 +50,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:
         args.repeat = 1
     return args
-
-
-def load_with_lr(model: nn.Module, path: str) -> float:
-    """The ``checkpoints_load_func`` given to both: load the tutorial-format file into ``model``, return its lr."""
-    device = next(model.parameters()).device
-    obj = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(obj["model_state_dict"])
-    return float(obj["learning_rate"])
 
 
 class Table:
@@ -118,10 +110,10 @@ def bench(w: Workload, args: argparse.Namespace) -> Table:
 
     # TracInCP: influence, proponents, self-influence (construction included)
     def ours_cp() -> adapter.TracInCP:
-        return adapter.TracInCP(model, train, paths, load_with_lr, **batch_wise)
+        return adapter.TracInCP(model, train, paths, captum_loader, **batch_wise)
 
     def theirs_cp() -> TracInCP:
-        return TracInCP(theirs_model, train, paths, load_with_lr, **batch_wise)
+        return TracInCP(theirs_model, train, paths, captum_loader, **batch_wise)
 
     def functional() -> torch.Tensor:
         ckpts = tc.load_checkpoints(paths, map_location=device)
@@ -151,8 +143,10 @@ def bench(w: Workload, args: argparse.Namespace) -> Table:
     exact = tc.influence(model, ckpts, train, test, loss_fn=nn.CrossEntropyLoss(), layers=["fc3"])
     weight_only = tc.influence(model, ckpts, train, test, loss_fn=nn.CrossEntropyLoss(), params=["fc3.weight"])
     q = "TracInCPFast influence"
-    o = run(lambda: adapter.TracInCPFast(model, model.fc3, train, paths, load_with_lr, **fast_kw).influence(test))
-    t = run(lambda: TracInCPFast(theirs_model, theirs_model.fc3, train, paths, load_with_lr, **fast_kw).influence(test))
+    o = run(lambda: adapter.TracInCPFast(model, model.fc3, train, paths, captum_loader, **fast_kw).influence(test))
+    t = run(
+        lambda: TracInCPFast(theirs_model, theirs_model.fc3, train, paths, captum_loader, **fast_kw).influence(test)
+    )
     table.add(q, "adapter", o, o, max_rel_diff(o.result, exact), "fc3 weight + bias; diff vs tc layers=['fc3']")
     note = f"drops fc3.bias; vs exact weight-only: {max_rel_diff(t.result, weight_only):.1e}"
     table.add(q, "Captum", t, o, max_rel_diff(t.result, o.result), note)
@@ -160,8 +154,8 @@ def bench(w: Workload, args: argparse.Namespace) -> Table:
     # TracInCPFastRandProj: build (training embeddings; Captum also builds its Annoy index), then top-k queries
     proj = dict(fast_kw, projection_dim=args.projection_dim)
     q = "TracInCPFastRandProj build"
-    o = run(lambda: adapter.TracInCPFastRandProj(model, model.fc3, train, paths, load_with_lr, **proj))
-    t = run(lambda: TracInCPFastRandProj(theirs_model, theirs_model.fc3, train, paths, load_with_lr, **proj))
+    o = run(lambda: adapter.TracInCPFastRandProj(model, model.fc3, train, paths, captum_loader, **proj))
+    t = run(lambda: TracInCPFastRandProj(theirs_model, theirs_model.fc3, train, paths, captum_loader, **proj))
     ours_rp, theirs_rp = o.result, t.result
     rows = f"projection_dim={args.projection_dim}; embeddings {tuple(ours_rp.src_intermediate_quantities.shape)}"
     table.add(q, "adapter", o, o, None, rows)
@@ -178,7 +172,8 @@ def bench(w: Workload, args: argparse.Namespace) -> Table:
     table.add(q, "Captum", t, o, max_rel_diff(t.result.influence_scores, o.result.influence_scores), note)
 
     table.notes += [
-        "Both get the same load_with_lr loader, CrossEntropyLoss(reduction='sum') and sample_wise_grads_per_batch=True "
+        "Both get the same loader (captum_loader), CrossEntropyLoss(reduction='sum') and "
+        "sample_wise_grads_per_batch=True "
         "(Captum's batch-wise path; the adapter gives the same numbers either way).",
         "The adapter's Fast / RandProj scores include fc3.bias (exact TracIn on the layer); Captum's drop it, hence "
         "their rel diff to the adapter; their diff to exact weight-only TracIn is float32 rounding (Annoy: float32 "

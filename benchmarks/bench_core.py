@@ -32,7 +32,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from common import Measurement, environment, fmt, max_rel_diff, measure, print_kv, print_table
+from common import Measurement, captum_loader, environment, fmt, max_rel_diff, measure, print_kv, print_table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from workloads import BUILDERS, Workload
@@ -99,14 +99,6 @@ def ours(w: Workload, bs: int | None, k: int, device: torch.device) -> dict[str,
         "top_k": lambda: tc.top_k(w.model, ckpts(), w.train, w.test, k=k, **common),
         "self": lambda: tc.self_influence(w.model, ckpts(), w.train, **common),
     }
-
-
-def captum_loader(model: nn.Module, path: str) -> float:
-    """Captum ``checkpoints_load_func``: its default loader cannot carry a learning rate (DESIGN.md)."""
-    device = next(model.parameters()).device
-    obj = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(obj["model_state_dict"])
-    return float(obj["learning_rate"])
 
 
 def captum(w: Workload, model: nn.Module, bs: int, k: int, sample_wise: bool) -> dict[str, Callable[[], Any]]:

@@ -33,7 +33,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from common import best_time, environment, fmt, max_rel_diff, measure, peak_memory_mb, print_kv, print_table
+from common import (
+    best_time,
+    captum_loader,
+    environment,
+    fmt,
+    max_rel_diff,
+    measure,
+    peak_memory_mb,
+    print_kv,
+    print_table,
+)
 from torch import nn
 from torch.utils.data import TensorDataset
 from workloads import BUILDERS, Workload
@@ -82,14 +92,6 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     if not found:
         raise ValueError("model has no nn.Linear")
     return found[-1]
-
-
-def captum_loader(model: nn.Module, path: str) -> float:
-    """Captum ``checkpoints_load_func`` returning the stored learning rate (as bench_core.captum_loader)."""
-    device = next(model.parameters()).device
-    obj = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(obj["model_state_dict"])
-    return float(obj["learning_rate"])
 
 
 def captum_kwargs(w: Workload, bs: int) -> dict[str, Any]:

@@ -214,3 +214,12 @@ def print_table(
     for row in cells:
         print(line(row), file=file)
     print(file=file)
+
+
+def captum_loader(model: torch.nn.Module, path: str) -> float:
+    """Captum ``checkpoints_load_func``: load a ``{"model_state_dict", "learning_rate"}`` file into ``model`` and
+    return its learning rate (Captum's default loader cannot carry one)."""
+    device = next(model.parameters()).device
+    obj = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(obj["model_state_dict"])
+    return float(obj["learning_rate"])
