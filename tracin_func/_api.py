@@ -298,12 +298,14 @@ def embeddings(
     so that ``embeddings(test) @ embeddings(train).T == influence(train, test)``.
 
     With ``projection_dim=k`` each checkpoint's gradient is projected to ``k`` dimensions by a seeded random
-    matrix with ``E[P P^T] = I``, so dot products of embeddings are unbiased estimates of the exact scores (error
-    shrinking like ``1 / sqrt(k)``). The matrix is never stored: it is generated block by block from ``seed``
+    matrix with ``E[P P^T] = I``, so dot products of embeddings are unbiased estimates of the exact scores. The
+    matrix is never stored: it is generated block by block from ``seed``
     with integer hashing, identical on every device and for every call with the same seed, so embed test and
     training data separately with the same ``seed``. Matrix-shaped parameters (Linear, Conv, Embedding weights,
     whether factored or not) get Kronecker-factored projections ``P_rows ⊗ P_cols`` with ``k = k_rows * k_cols``
-    (choose ``k`` with two close factors, e.g. a power of two); vector parameters a dense hashed one.
+    (choose ``k`` with two close factors, e.g. a power of two); vector parameters a dense hashed one. The error
+    shrinks like ``1 / sqrt(k)`` for vector parameters and more slowly for Kronecker-projected matrices (between
+    ``k^(-1/4)`` and ``k^(-1/2)``: the factors have only ``sqrt(k)`` columns each).
 
     Embed test examples with the test loss (``loss_fn=test_loss_fn``). Search them with :func:`top_k_embeddings`.
     Arguments and options as in :func:`influence`.

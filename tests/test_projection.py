@@ -1,0 +1,146 @@
+"""Seeded projections (unbiased, error ~ 1/sqrt(k), deterministic, the same for factored and dense gradients,
+device-independent hashing) and exact blocked embedding search."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import tracin_func as tc
+from tracin_func import _projection
+
+CE = nn.CrossEntropyLoss()
+
+
+class Mixed(nn.Module):
+    """Embedding, LayerNorm, Conv1d and Linear: every projection kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6, padding_idx=0)
+        self.norm = nn.LayerNorm(6)
+        self.conv = nn.Conv1d(6, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, ids):
+        h = self.norm(self.emb(ids))
+        h = torch.tanh(self.conv(h.transpose(1, 2)))
+        return self.fc(h.mean(2))
+
+
+def _task():
+    torch.manual_seed(0)
+    model = Mixed().double().eval()
+    gen = torch.Generator().manual_seed(1)
+    state = model.state_dict()
+    ckpts = [
+        tc.Checkpoint(
+            {k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in state.items()}, lr=lr
+        )
+        for lr in (0.5, 1.2)
+    ]
+    ids, y = torch.randint(0, 20, (24, 7)), torch.randint(0, 3, (24,))
+    return model, ckpts, (ids, y), (ids[:4], y[:4])
+
+
+def _embed(model, ckpts, data, **kw):
+    return tc.embeddings(model, ckpts, data, loss_fn=CE, batch_size=8, **kw)
+
+
+def test_same_seed_same_projection_other_seed_another():
+    model, ckpts, train, _ = _task()
+    a = _embed(model, ckpts, train, projection_dim=16, seed=3)
+    assert a.shape == (24, 2 * 16)
+    assert torch.equal(a, _embed(model, ckpts, train, projection_dim=16, seed=3))
+    assert not torch.allclose(a, _embed(model, ckpts, train, projection_dim=16, seed=4))
+
+
+def test_factored_and_dense_gradients_get_the_same_projection():
+    model, ckpts, train, _ = _task()
+    dense = _embed(model, ckpts, train, projection_dim=16, seed=5, factored=False)
+    for factored in (None, True):
+        got = _embed(model, ckpts, train, projection_dim=16, seed=5, factored=factored)
+        assert (got - dense).abs().max() <= 1e-10 * dense.abs().max()
+
+
+VECTORS = ["norm.weight", "norm.bias", "conv.bias", "fc.bias"]  # projected by dense hashed matrices
+
+
+def _relative_errors(k, seeds, **kw):
+    model, ckpts, train, test = _task()
+    exact = tc.influence(model, ckpts, train, test, loss_fn=CE, batch_size=8, **kw)
+    estimates = []
+    for seed in seeds:
+        e_train = _embed(model, ckpts, train, projection_dim=k, seed=seed, **kw)
+        e_test = _embed(model, ckpts, test, projection_dim=k, seed=seed, **kw)
+        estimates.append(e_test @ e_train.T)
+    estimates = torch.stack(estimates)
+    scale = exact.norm()
+    single = torch.stack([(s - exact).norm() / scale for s in estimates])
+    mean = (estimates.mean(0) - exact).norm() / scale
+    return single, mean
+
+
+def test_projected_scores_are_unbiased():
+    single, mean = _relative_errors(16, range(100))
+    # The mean of 100 independent estimates has ~1/sqrt(100) = 1/10 of one estimate's error if unbiased; a bias
+    # would not average away. Fixed seeds: the numbers are deterministic.
+    assert mean < single.mean() / 4
+
+
+def _rms_error_ratio(**kw):
+    small, _ = _relative_errors(16, range(30), **kw)
+    large, _ = _relative_errors(256, range(30), **kw)
+    return (small.square().mean() / large.square().mean()).sqrt()
+
+
+def test_dense_hashed_error_shrinks_like_one_over_sqrt_k():
+    assert 4 / 1.4 < _rms_error_ratio(params=VECTORS) < 4 * 1.4  # sqrt(256 / 16) = 4
+
+
+def test_kronecker_error_shrinks_between_k_quarter_and_k_half():
+    # k = k_r * k_c with k_r = k_c = sqrt(k): the error has 1/sqrt(k_r) + 1/sqrt(k_c) terms besides 1/sqrt(k), so
+    # from k = 16 to 256 it shrinks by between 256/16 ** 1/4 = 2 and ** 1/2 = 4.
+    assert 2 < _rms_error_ratio(params=["conv.weight", "fc.weight", "emb.weight"]) < 4
+
+
+def test_hashed_matrix_has_identity_second_moment():
+    p = _projection.signs(_projection.block_key(0, "w"), torch.arange(64), 4096, torch.float64)
+    assert set(p.mul(math.sqrt(4096)).unique().tolist()) == {-1.0, 1.0}
+    gram = p @ p.T  # E[P P^T] = I
+    assert torch.equal(gram.diagonal(), torch.ones(64, dtype=torch.float64))
+    assert (gram - torch.eye(64, dtype=torch.float64)).abs().max() < 6 / math.sqrt(4096)
+
+
+def _mix_reference(x):
+    """The hash in plain Python integers: any device with exact int64 arithmetic must give these bits."""
+    m = 0xFFFFFFFF
+    x &= m
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & m
+    x = ((x ^ (x >> 15)) * 0x4C8F3CA5) & m
+    return x ^ (x >> 16)
+
+
+def test_hash_matches_a_plain_integer_reference():
+    values = [0, 1, 2, 12345, 2**31 - 1, 2**32 - 1, 0xDEADBEEF]
+    got = _projection._mix(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert got == [_mix_reference(v) for v in values]
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 64, 1000])
+@pytest.mark.parametrize("proponents", [True, False])
+def test_top_k_embeddings_equals_dense_topk(block_size, proponents):
+    gen = torch.Generator().manual_seed(0)
+    train, test = torch.randn(300, 12, generator=gen), torch.randn(5, 12, generator=gen)
+    got = tc.top_k_embeddings(test, train, k=10, proponents=proponents, block_size=block_size)
+    want = (test @ train.T).topk(10, dim=1, largest=proponents)
+    assert torch.equal(got.indices, want.indices)
+    assert torch.allclose(got.scores, want.values, rtol=1e-6, atol=1e-6)
+    blocks = tc.top_k_embeddings(test, iter(train.split(37)), k=10, proponents=proponents)
+    assert torch.equal(blocks.indices, want.indices)
+
+
+def test_top_k_embeddings_rejects_k_above_rows():
+    with pytest.raises(ValueError, match=r"`k`=11 exceeds the number of training rows \(10\)"):
+        tc.top_k_embeddings(torch.randn(2, 3), torch.randn(10, 3), k=11)
