@@ -14,7 +14,7 @@ from ._factored import last_layer_params, make_plan, representation_fn
 from ._grads import Mapper
 from ._loss import ExampleLoss, example_loss
 from ._model import ParamSelector, model_spec, prepare
-from ._scorer import Engine, Run, embedding_rows, make_updates, score_blocks, self_scores, test_representations
+from ._scorer import Engine, Run, embedding_rows, make_updates, representations_of_test_data, score_blocks, self_scores
 from ._topk import TopK, merge
 from ._validate import positive_int
 
@@ -208,7 +208,7 @@ def influence(
     """
     _check_options(options, "influence")
     run = _run(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
-    engine, test_reps = test_representations(run, test, aggregate=aggregate)
+    engine, test_reps = representations_of_test_data(run, test, aggregate=aggregate)
     blocks = [block for _, block in score_blocks(run, engine, test_reps, train, "influence")]
     if not blocks:
         raise ValueError("`train` holds no examples.")
@@ -252,7 +252,7 @@ def top_k(
     if n_train is not None and k > n_train:
         raise ValueError(f"`k`={k} exceeds the number of training examples ({n_train}); pass `k <= {n_train}`.")
     run = _run(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
-    engine, test_reps = test_representations(run, test, aggregate=aggregate)
+    engine, test_reps = representations_of_test_data(run, test, aggregate=aggregate)
     best, seen = None, 0
     for offset, block in score_blocks(run, engine, test_reps, train, "proponents" if proponents else "opponents"):
         best, seen = merge(best, block, offset, k, largest=proponents), offset + block.shape[1]

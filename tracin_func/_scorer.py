@@ -102,7 +102,7 @@ def _check_finite(values: torch.Tensor, example_dim: int, offset: int, where: st
     )
 
 
-def test_representations(run: Run, test: Any, *, aggregate: bool) -> tuple[Engine, list[Grads]]:
+def representations_of_test_data(run: Run, test: Any, *, aggregate: bool) -> tuple[Engine, list[Grads]]:
     """The engine (planned on the first test batch) and one test representation per checkpoint, summed over
     test examples when ``aggregate``."""
     engine, per_ckpt = None, [[] for _ in run.checkpoints]
