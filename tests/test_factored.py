@@ -80,6 +80,29 @@ def test_embedding_padding_and_a_module_called_twice():
     _assert_paths_agree(model, (ids, y), (ids[:4], y[:4]))
 
 
+@pytest.mark.parametrize("block", [1, 7, 1 << 22])  # matches per block: one, a few, all at once
+def test_token_rows_match_materialised_embedding_gradients(monkeypatch, block):
+    from tracin_func import _reps
+    from tracin_func._layers import Site
+
+    monkeypatch.setattr(_reps, "_PAIR_BLOCK", block * 3)
+    gen = torch.Generator().manual_seed(0)
+    site = Site("emb", "embedding", "emb.weight", None, (6, 3))
+    part = lambda n, t: _reps.Factored(  # noqa: E731  (ids -1 are padding; small vocab: many repeats)
+        site, torch.randint(-1, 6, (n, t), generator=gen), torch.randn(n, t, 3, generator=gen, dtype=torch.float64)
+    )
+    test_a, test_b, train = part(3, 5), part(2, 4), part(7, 4)
+    rows = _reps.TokenRows.concat([_reps.TokenRows.of(test_a), _reps.TokenRows.of(test_b)])
+    dense_test = _reps.Factored.concat([test_a, test_b])
+    flat = lambda p: p.materialize()["emb.weight"].flatten(1)  # noqa: E731
+    torch.testing.assert_close(flat(rows), flat(dense_test), rtol=0, atol=0)
+    torch.testing.assert_close(rows.dot(train), flat(dense_test) @ flat(train).T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rows.sq_norm(), flat(dense_test).square().sum(1), rtol=1e-12, atol=1e-12)
+    total = flat(dense_test).sum(0, keepdim=True) @ flat(train).T
+    torch.testing.assert_close(rows.total().dot(train), total, rtol=1e-12, atol=1e-12)
+    assert rows.n == 5 and rows.total().n == 1
+
+
 def test_sequence_inputs_and_a_bias_only_layer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()

@@ -130,7 +130,7 @@ def make_plan(
             if not calls[path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
                 del sites[path]  # not called as a module, or its parameters are also used elsewhere
             elif factored or site.kind == "embedding" or _kernel_is_cheaper(site, _rows_per_example(site, calls[path])):
-                kernel.add(path)  # an Embedding is never materialised on the training side (see Gathered)
+                kernel.add(path)  # an Embedding is never materialised on the training side (see TokenRows)
     in_sites = {n for s in sites.values() for n in s.names}
     dense = tuple(n for n in names if n not in in_sites)
     plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel & set(sites)), batched=False)

@@ -7,7 +7,7 @@ sum over examples, B = 1) and ``concat([a, b, ...])`` along examples.
 - ``Dense``: materialised per-sample gradients, reduced leaf by leaf (never concatenated into one copy).
 - ``Factored``: a Linear / Conv / Embedding layer kept as input rows ``A`` and output gradients ``G``; inner
   products are exact without forming any per-sample gradient: ``<g_i, g_j> = sum((A_i A_j^T) * (G_i G_j^T))``.
-- ``Gathered``: an Embedding's test-side gradients, materialised once and gathered by training tokens.
+- ``TokenRows``: an Embedding's test-side gradients as their non-zero rows, matched to training tokens by id.
 - ``Grads``: the parts of one batch, summed.
 """
 
@@ -124,45 +124,86 @@ class Factored(NamedTuple):
         return Factored(parts[0].site, a, g)
 
 
-class Gathered(NamedTuple):
-    """Test-side Embedding gradients ``w`` ``[n, V, d]``, scored against training factors by gathering the rows of
-    the training tokens: ``<W_i, sum_t e_(id_t) g_t^T> = sum_t W_i[id_t] . g_t``, ``T d`` flops per pair instead of
-    ``V d`` (materialised) or ``T^2 (d + 1)`` (token kernel)."""
+class TokenRows(NamedTuple):
+    """Test-side Embedding gradients kept as their non-zero rows: ``rows[k]`` is row ``token[k]`` of example
+    ``example[k]``'s gradient, one entry per distinct (example, token), sorted by token; ``start`` ``[V + 1]`` indexes
+    the entries of each token. A training token ``v`` with output gradient ``g`` contributes ``rows[k] . g`` to the
+    examples of the entries of ``v`` only: at most ``n`` (usually about ``n T / V``) dot products of length ``d``
+    per training token, where materialising costs ``V d`` per pair and the token kernel ``T^2 (d + 1)``."""
 
     site: Site
-    w: torch.Tensor
+    n: int  # examples
+    example: torch.Tensor  # [K]
+    token: torch.Tensor  # [K]
+    rows: torch.Tensor  # [K, d]
+    start: torch.Tensor  # [V + 1]
 
     @staticmethod
-    def of(part: Factored) -> Gathered:
-        return Gathered(part.site, part.materialize()[part.site.weight])
+    def build(site: Site, n: int, example: torch.Tensor, token: torch.Tensor, rows: torch.Tensor) -> TokenRows:
+        """Sum the rows of equal (example, token) pairs (``token`` -1: padding, dropped) and index them by token."""
+        vocab, keep = site.weight_shape[0], token >= 0
+        example, token, rows = example[keep], token[keep], rows[keep]
+        keys, inverse = torch.unique(token * n + example, return_inverse=True)  # sorted by token, then example
+        summed = rows.new_zeros(keys.shape[0], rows.shape[-1]).index_add_(0, inverse, rows)
+        token, example = keys // n, keys % n
+        start = F.pad(torch.bincount(token, minlength=vocab).cumsum(0), (1, 0))
+        return TokenRows(site, n, example, token, summed, start)
+
+    @staticmethod
+    def of(part: Factored) -> TokenRows:
+        n, t = part.a.shape
+        example = torch.arange(n, device=part.a.device).repeat_interleave(t)
+        return TokenRows.build(part.site, n, example, part.a.reshape(-1), part.g.reshape(n * t, -1))
 
     def dot(self, other: Factored) -> torch.Tensor:
-        ids, g = other.a, other.g * (other.a >= 0).unsqueeze(-1)
-        rows = max(1, _PAIR_BLOCK // max(1, self.w.shape[0] * ids.shape[1] * g.shape[-1]))
-        blocks = []
-        for j in range(0, ids.shape[0], rows):
-            picked = self.w[:, ids[j : j + rows].clamp(min=0)]  # [n, m, T, d]
-            blocks.append(torch.einsum("nmtd,mtd->nm", picked, g[j : j + rows]))
-        return torch.cat(blocks, dim=1)
+        m, t = other.a.shape
+        token, g = other.a.reshape(-1), other.g.reshape(m * t, -1)
+        keep = token >= 0
+        owner = torch.arange(m, device=token.device).repeat_interleave(t)[keep]
+        token, g = token[keep], g[keep]
+        count = (self.start[1:] - self.start[:-1])[token]  # entries matching each training token
+        out = g.new_zeros(self.n * m)
+        ends = count.cumsum(0)
+        budget = max(1, _PAIR_BLOCK // max(1, g.shape[-1]))
+        lo = 0
+        while lo < token.shape[0]:  # blocks of training tokens with at most ~budget matches each
+            done = int(ends[lo - 1]) if lo else 0
+            hi = max(lo + 1, int(torch.searchsorted(ends, done + budget, right=True)))
+            c = count[lo:hi]
+            which = torch.repeat_interleave(torch.arange(hi - lo, device=c.device), c)  # token of each match
+            first = self.start[token[lo:hi]] - (ends[lo:hi] - c - done)  # entry index = first + match number
+            entry = first[which] + torch.arange(which.shape[0], device=c.device)
+            values = (self.rows[entry] * g[lo:hi][which]).sum(-1)
+            out.index_add_(0, self.example[entry] * m + owner[lo:hi][which], values)
+            lo = hi
+        return out.view(self.n, m)
 
     def sq_norm(self) -> torch.Tensor:
-        return self.w.flatten(1).square().sum(1)
+        return self.rows.new_zeros(self.n).index_add_(0, self.example, self.rows.square().sum(-1))
 
     def materialize(self) -> dict[str, torch.Tensor]:
-        return {self.site.weight: self.w}
+        vocab, d = self.site.weight_shape
+        w = self.rows.new_zeros(self.n, vocab, d)
+        w[self.example, self.token] = self.rows
+        return {self.site.weight: w}
 
     def project(self, seed: int, k: int) -> torch.Tensor:
-        return project_grad(self.site.weight, self.w, seed, k)
+        return project_grad(self.site.weight, self.materialize()[self.site.weight], seed, k)
 
-    def total(self) -> Gathered:
-        return Gathered(self.site, self.w.sum(0, keepdim=True))
+    def total(self) -> TokenRows:
+        return TokenRows.build(self.site, 1, torch.zeros_like(self.example), self.token, self.rows)
 
     @staticmethod
-    def concat(parts: Sequence[Gathered]) -> Gathered:
-        return Gathered(parts[0].site, torch.cat([p.w for p in parts]))
+    def concat(parts: Sequence[TokenRows]) -> TokenRows:
+        offsets = [0]
+        for p in parts:
+            offsets.append(offsets[-1] + p.n)
+        example = torch.cat([p.example + o for p, o in zip(parts, offsets)])
+        token = torch.cat([p.token for p in parts])
+        return TokenRows.build(parts[0].site, offsets[-1], example, token, torch.cat([p.rows for p in parts]))
 
 
-Part = Union[Dense, Factored, Gathered]
+Part = Union[Dense, Factored, TokenRows]
 
 
 class Grads(NamedTuple):
@@ -176,7 +217,7 @@ class Grads(NamedTuple):
         first = self.parts[0]
         if isinstance(first, Dense):
             return next(iter(first.grads.values())).shape[0]
-        return first.w.shape[0] if isinstance(first, Gathered) else first.a.shape[0]
+        return first.n if isinstance(first, TokenRows) else first.a.shape[0]
 
     def dot(self, other: Grads) -> torch.Tensor:
         return sum(a.dot(b) for a, b in zip(self.parts, other.parts))
@@ -197,9 +238,9 @@ class Grads(NamedTuple):
         return Grads(tuple(p.total() for p in self.parts), self.names)
 
     def for_test(self) -> Grads:
-        """The test side: Embedding factors materialised once, to be gathered by each training batch."""
+        """The test side: Embedding factors summed into rows per (example, token), matched by each training batch."""
         parts = tuple(
-            Gathered.of(p) if isinstance(p, Factored) and p.site.kind == "embedding" else p for p in self.parts
+            TokenRows.of(p) if isinstance(p, Factored) and p.site.kind == "embedding" else p for p in self.parts
         )
         return Grads(parts, self.names)
 
