@@ -14,7 +14,7 @@ blocks, so the user's module keeps no trace. Two ways to run them:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -131,12 +131,19 @@ def make_plan(
                 del sites[path]  # not called as a module, or its parameters are also used elsewhere
             elif factored or site.kind == "embedding" or _kernel_is_cheaper(site, _rows_per_example(site, calls[path])):
                 kernel.add(path)  # an Embedding is never materialised on the training side (see TokenRows)
-    in_sites = {n for s in sites.values() for n in s.names}
-    dense = tuple(n for n in names if n not in in_sites)
+    dense = _not_in_sites(names, sites.values())
+    if dense:  # vmap(grad) runs anyway: a layer whose gradients would be materialised is cheaper left to it
+        sites = {path: site for path, site in sites.items() if path in kernel}
+        dense = _not_in_sites(names, sites.values())
     plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel & set(sites)), batched=False)
     if sites and not dense and all(isinstance(loss, CriterionLoss) for loss in losses):
         plan = plan._replace(batched=_batching_is_exact(model, losses, plan, diff, frozen, batch, mapper))
     return plan
+
+
+def _not_in_sites(names: Sequence[str], sites: Iterable[Site]) -> tuple[str, ...]:
+    in_sites = {n for site in sites for n in site.names}
+    return tuple(n for n in names if n not in in_sites)
 
 
 def _batching_is_exact(
