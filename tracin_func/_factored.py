@@ -14,6 +14,7 @@ blocks, so the user's module keeps no trace. Two ways to run them:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -24,7 +25,7 @@ from torch import nn
 from torch.func import grad
 
 from ._grads import Mapper, Tensors, batch_of_one, dense_grads, scalar_loss
-from ._layers import Site, factorable_sites, input_rows, layer_output, materialize, output_rows
+from ._layers import Site, factorable_sites, input_rows, layer_output, output_rows, per_example_grads
 from ._loss import CriterionLoss, ExampleLossFn, summed_example_losses
 from ._reps import Dense, Factored, Grads
 
@@ -55,13 +56,6 @@ def _hooked(modules: Mapping[str, nn.Module], hooks: Mapping[str, Hook]) -> Iter
 
 def _first(batch: Any, n: int = 1) -> Any:
     return optree.tree_map(lambda t: t[:n], batch, none_is_leaf=True)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _discover(
@@ -99,12 +93,12 @@ def _discover(
 
 def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...]]) -> int:
     """``T``: rows of ``A`` / ``G`` per example, over all calls of the layer (shapes of a batch of one)."""
-    return sum(_numel(s[2:]) if site.kind == "conv" else _numel(s[:-1]) for s in shapes)
+    return sum(math.prod(s[2:]) if site.kind == "conv" else math.prod(s[:-1]) for s in shapes)
 
 
 def _kernel_is_cheaper(site: Site, rows: int) -> bool:
     """One pair's inner product: factored ``T^2 (d_in + d_out)`` against materialised ``d_in d_out`` flops."""
-    d_out, d_in = site.weight_shape[0], _numel(site.weight_shape[1:]) + (site.bias is not None)
+    d_out, d_in = site.weight_shape[0], math.prod(site.weight_shape[1:]) + (site.bias is not None)
     return rows * rows * (d_in + d_out) < d_in * d_out
 
 
@@ -273,7 +267,7 @@ def _assemble(model: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
             parts.append(Factored(site, a, g))
             continue
         for x, g in zip(xs, gs):
-            for name, grad_ in materialize(site, input_rows(module, site, x), output_rows(site, g)).items():
+            for name, grad_ in per_example_grads(module, site, x, g).items():
                 dense[name] = dense[name] + grad_ if name in dense else grad_
     if dense:
         parts.insert(0, Dense(dense))
