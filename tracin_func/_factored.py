@@ -55,7 +55,15 @@ def _hooked(modules: Mapping[str, nn.Module], hooks: Mapping[str, Hook]) -> Iter
 
 
 def _first(batch: Any, n: int = 1) -> Any:
-    return optree.tree_map(lambda t: t[:n], batch, none_is_leaf=True)
+    return _slice(batch, 0, n)
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    return optree.tree_map(lambda t: t[start:stop], batch, none_is_leaf=True)
+
+
+def _example(batch: Any, i: int) -> Any:
+    return optree.tree_map(lambda t: t[i], batch, none_is_leaf=True)
 
 
 def _discover(
@@ -87,7 +95,7 @@ def _discover(
         with _hooked(modules, {s.path: hook_for(s) for s in sites}):
             return scalar_loss(loss, {**frozen, **diff}, batch_of_one(example))
 
-    leaked = mapper.over_batch(grad(loss_of_example), 2)(diff, frozen, _first(batch))
+    leaked = grad(loss_of_example)(diff, frozen, _example(batch, 0))  # one example: no vmap needed
     return calls, leaked
 
 
@@ -131,7 +139,7 @@ def make_plan(
         dense = _not_in_sites(names, sites.values())
     plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel & set(sites)), batched=False)
     if sites and not dense and all(isinstance(loss, CriterionLoss) for loss in losses):
-        plan = plan._replace(batched=_batching_is_exact(model, losses, plan, diff, frozen, batch, mapper))
+        plan = plan._replace(batched=_batching_is_exact(model, losses, plan, {**frozen, **diff}, batch, mapper))
     return plan
 
 
@@ -141,22 +149,17 @@ def _not_in_sites(names: Sequence[str], sites: Iterable[Site]) -> tuple[str, ...
 
 
 def _batching_is_exact(
-    model: nn.Module,
-    losses: Sequence[ExampleLossFn],
-    plan: Plan,
-    diff: Tensors,
-    frozen: Tensors,
-    batch: Any,
-    mapper: Mapper,
+    model: nn.Module, losses: Sequence[ExampleLossFn], plan: Plan, state: Tensors, batch: Any, mapper: Mapper
 ) -> bool:
     """Whether a batched forward gives each example the factors it gets alone (no interaction across examples)."""
     few = _first(batch, 4)
+    n = optree.tree_leaves(few, none_is_leaf=True)[0].shape[0]
     for loss in losses:
-        batched = _batched_factors(model, loss, plan, {**frozen, **diff}, few, mapper)
-        alone = _vmapped_factors(model, loss, plan, mapper)(diff, frozen, few)[1]
-        for path, (xs, gs) in alone.items():
-            b_xs, b_gs = batched[path]
-            if len(xs) != len(b_xs) or not all(_close(x, y) for x, y in zip([*xs, *gs], [*b_xs, *b_gs])):
+        together = _batched_factors(model, loss, plan, state, few, mapper)
+        alone = [_batched_factors(model, loss, plan, state, _slice(few, i, i + 1), mapper) for i in range(n)]
+        for path, (xs, gs) in together.items():
+            singles = [torch.cat(ts) for ts in zip(*(a[path][0] + a[path][1] for a in alone))]
+            if len(singles) != len(xs) + len(gs) or not all(map(_close, singles, [*xs, *gs])):
                 return False
     return True
 
@@ -262,8 +265,8 @@ def _assemble(model: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
     for site in plan.sites:
         module, (xs, gs) = modules[site.path], factors[site.path]
         if site.path in plan.kernel:
-            a = torch.cat([input_rows(module, site, x) for x in xs], dim=1)
-            g = torch.cat([output_rows(site, g) for g in gs], dim=1)
+            a = _cat([input_rows(module, site, x) for x in xs], dim=1)
+            g = _cat([output_rows(site, g) for g in gs], dim=1)
             parts.append(Factored(site, a, g))
             continue
         for x, g in zip(xs, gs):
@@ -272,6 +275,10 @@ def _assemble(model: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
     if dense:
         parts.insert(0, Dense(dense))
     return Grads(tuple(parts), plan.names)
+
+
+def _cat(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)  # a layer called once: no copy
 
 
 def representation_fn(model: Any, loss: ExampleLossFn, plan: Plan, mapper: Mapper) -> RepFn:

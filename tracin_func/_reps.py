@@ -71,14 +71,14 @@ class Factored(NamedTuple):
         a1, g1, a2, g2 = self.a, self.g, other.a, other.g
         if self.site.kind != "embedding" and a1.shape[1] == 1 and a2.shape[1] == 1:
             ka = a1[:, 0] @ a2[:, 0].T
-            return (ka + 1 if self.site.bias is not None else ka) * (g1[:, 0] @ g2[:, 0].T)
+            return (ka.add_(1) if self.site.bias is not None else ka).mul_(g1[:, 0] @ g2[:, 0].T)
         rows = max(1, _PAIR_BLOCK // max(1, a2.shape[0] * a1.shape[1] * a2.shape[1]))
         blocks = []
         for i in range(0, a1.shape[0], rows):
             ka = _token_kernel(self.site, a1[i : i + rows], a2, g1.dtype)
             kg = torch.einsum("itd,jsd->ijts", g1[i : i + rows], g2)
             blocks.append((ka * kg).sum((2, 3)))
-        return torch.cat(blocks)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def sq_norm(self) -> torch.Tensor:
         a, g = self.a, self.g
