@@ -53,7 +53,11 @@ class Convs(nn.Module):
         return self.fc(h.mean(2))
 
 
-def test_convolutions_with_stride_dilation_padding():
+@pytest.mark.parametrize("chunk", [2, 512])  # grouped per-example conv gradients in several calls, or one
+def test_convolutions_with_stride_dilation_padding(monkeypatch, chunk):
+    from tracin_func import _layers
+
+    monkeypatch.setattr(_layers, "_GROUPED_CONV_CHUNK", chunk)
     torch.manual_seed(0)
     model = Convs().double().eval()
     x, y = torch.randn(11, 2, 9, 10, dtype=torch.float64), torch.randint(0, 3, (11,))
