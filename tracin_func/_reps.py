@@ -155,6 +155,7 @@ class TokenRows(NamedTuple):
         example = torch.arange(n, device=part.a.device).repeat_interleave(t)
         return TokenRows.build(part.site, n, example, part.a.reshape(-1), part.g.reshape(n * t, -1))
 
+    @torch.compiler.disable  # sizes depend on the token ids: run eagerly inside compiled updates (no graph breaks)
     def dot(self, other: Factored) -> torch.Tensor:
         m, t = other.a.shape
         token, g = other.a.reshape(-1), other.g.reshape(m * t, -1)
