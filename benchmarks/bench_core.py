@@ -40,6 +40,7 @@ from workloads import BUILDERS, Workload
 import tracin_func as tc
 
 QUICK_TRANSFORMER = (10, 200)  # (n_test, n_train) of the transformer in --quick mode
+FLOOR_BATCH = 512  # batch size of the plain backprop reference rows
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -99,6 +100,27 @@ def ours(w: Workload, bs: int | None, k: int, device: torch.device) -> dict[str,
         "top_k": lambda: tc.top_k(w.model, ckpts(), w.train, w.test, k=k, **common),
         "self": lambda: tc.self_influence(w.model, ckpts(), w.train, **common),
     }
+
+
+def backprop_floor(w: Workload, device: torch.device, with_test: bool, bs: int = FLOOR_BATCH) -> Callable[[], Any]:
+    """Not TracIn: one ordinary batched forward / backward (summed loss, summed gradients) per checkpoint over the
+    training examples (and the test examples when ``with_test``). Any exact method does at least this much work."""
+    from torch.func import functional_call
+
+    model = copy.deepcopy(w.model)
+    data = [w.train, w.test] if with_test else [w.train]
+
+    def run() -> None:
+        for ckpt in tc.load_checkpoints(w.checkpoint_paths, map_location=device):
+            state = {k: v.requires_grad_(v.is_floating_point()) for k, v in ckpt.params.items()}
+            params = [v for k, v in state.items() if k in dict(model.named_parameters())]
+            for x, y in data:
+                for start in range(0, x.shape[0], bs):
+                    out = functional_call(model, state, (x[start : start + bs],))
+                    loss = nn.functional.cross_entropy(out, y[start : start + bs], reduction="sum")
+                    torch.autograd.grad(loss, params)
+
+    return run
 
 
 def captum(w: Workload, model: nn.Module, bs: int, k: int, sample_wise: bool) -> dict[str, Callable[[], Any]]:
@@ -264,6 +286,13 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
         f"k={k}; diff vs topk(own influence)",
     )
     rows.add("self-influence", "tracin_func", o_self, o_self, None, "")
+    floor = "not TracIn: summed gradients only"
+    rows.add("influence", "plain backprop (floor)", run(backprop_floor(w, device, True)), o_inf, None, floor)
+    rows.add("self-influence", "plain backprop (floor)", run(backprop_floor(w, device, False)), o_self, None, floor)
+    rows.notes.append(
+        f"plain backprop (floor) = one ordinary forward / backward per checkpoint over the same examples (batch "
+        f"{FLOOR_BATCH}, summed loss): the least work any exact method does; 'x ours' < 1 shows how close we are."
+    )
 
     if not args.no_captum:
         # (label, sample_wise, all questions?): the path Captum users would pick gets every question

@@ -158,10 +158,21 @@ def _batching_is_exact(
         together = _batched_factors(model, loss, plan, state, few, mapper)
         alone = [_batched_factors(model, loss, plan, state, _slice(few, i, i + 1), mapper) for i in range(n)]
         for path, (xs, gs) in together.items():
-            singles = [torch.cat(ts) for ts in zip(*(a[path][0] + a[path][1] for a in alone))]
-            if len(singles) != len(xs) + len(gs) or not all(map(_close, singles, [*xs, *gs])):
+            singles = _concat_examples([a[path] for a in alone])
+            if singles is None or len(singles) != len(xs) + len(gs) or not all(map(_close, singles, [*xs, *gs])):
                 return False
     return True
+
+
+def _concat_examples(factors: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> list[torch.Tensor] | None:
+    """One layer's inputs then output gradients per call, concatenated over examples that were run alone; None
+    when the examples called the layer a different number of times or with different shapes."""
+    if len({len(xs) for xs, _ in factors}) > 1:
+        return None
+    per_call = list(zip(*(xs + gs for xs, gs in factors)))
+    if any(t.shape[1:] != ts[0].shape[1:] for ts in per_call for t in ts):
+        return None
+    return [torch.cat(ts) for ts in per_call]
 
 
 def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
