@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.func import grad
 
-from ._grads import Mapper, Tensors, batch_of_one, dense_grads, scalar_loss
+from ._grads import Mapper, Tensors, batch_of_one, dense_grads, example_at, scalar_loss
 from ._layers import Site, factorable_sites, input_rows, layer_output, output_rows, per_example_grads
 from ._loss import CriterionLoss, ExampleLossFn, summed_example_losses
 from ._reps import Dense, Factored, Grads
@@ -62,10 +62,6 @@ def _slice(batch: Any, start: int, stop: int) -> Any:
     return optree.tree_map(lambda t: t[start:stop], batch, none_is_leaf=True)
 
 
-def _example(batch: Any, i: int) -> Any:
-    return optree.tree_map(lambda t: t[i], batch, none_is_leaf=True)
-
-
 def _discover(
     model: nn.Module,
     loss: ExampleLossFn,
@@ -95,7 +91,7 @@ def _discover(
         with _hooked(modules, {s.path: hook_for(s) for s in sites}):
             return scalar_loss(loss, {**frozen, **diff}, batch_of_one(example))
 
-    leaked = grad(loss_of_example)(diff, frozen, _example(batch, 0))  # one example: no vmap needed
+    leaked = grad(loss_of_example)(diff, frozen, example_at(batch, 0))  # one example: no vmap needed
     return calls, leaked
 
 

@@ -30,7 +30,8 @@ def scalar_loss(loss: ExampleLossFn, state: Tensors, batch: Any) -> torch.Tensor
     return out.reshape(())
 
 
-def _example(batch: Any, i: int) -> Any:
+def example_at(batch: Any, i: int) -> Any:
+    """Example ``i`` of ``batch``, without its batch dimension."""
     return optree.tree_map(lambda t: t[i], batch, none_is_leaf=True)
 
 
@@ -53,7 +54,7 @@ class Mapper:
         def slow(*args: Any) -> Any:
             *static, batch = args
             n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
-            outs = [one(*static, _example(batch, i)) for i in range(n)]
+            outs = [one(*static, example_at(batch, i)) for i in range(n)]
             return optree.tree_map(lambda *xs: torch.stack(xs), *outs, none_is_leaf=True)
 
         def mapped(*args: Any) -> Any:
