@@ -43,12 +43,13 @@ def signs(key: int, rows: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Ten
 
 def project_dense(flat: torch.Tensor, key: int, k: int) -> torch.Tensor:
     """``flat [B, p] @ P [p, k]`` with ``P`` generated in row blocks."""
-    out = flat.new_zeros(flat.shape[0], k)
     step = max(1, _ROWS_ELEMENTS // k)
+    out = None
     for start in range(0, flat.shape[1], step):
         rows = torch.arange(start, min(start + step, flat.shape[1]), device=flat.device)
-        out += flat[:, start : start + step] @ signs(key, rows, k, flat.dtype)
-    return out
+        block = (flat[:, start : start + step], signs(key, rows, k, flat.dtype))
+        out = block[0] @ block[1] if out is None else out.addmm_(*block)
+    return flat.new_zeros(flat.shape[0], k) if out is None else out
 
 
 def kron_split(k: int) -> tuple[int, int]:

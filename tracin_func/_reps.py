@@ -94,15 +94,11 @@ class Factored(NamedTuple):
     def project(self, seed: int, k: int) -> torch.Tensor:
         """Same projection as the materialised gradients get (``Dense.project``), computed from the factors."""
         site, a, g = self.site, self.a, self.g
-        out = g.new_zeros(g.shape[0], k)
         if site.kind == "embedding":
-            out += project_outer(site.weight, a, g, seed, k)
-            return out
-        if site.weight is not None:
-            out += project_outer(site.weight, g, a, seed, k)
-        if site.bias is not None:
-            out += project_vector(site.bias, g.sum(1), seed, k)
-        return out
+            return project_outer(site.weight, a, g, seed, k)
+        weight = project_outer(site.weight, g, a, seed, k) if site.weight is not None else None
+        bias = project_vector(site.bias, g.sum(1), seed, k) if site.bias is not None else None
+        return weight if bias is None else bias if weight is None else weight.add_(bias)
 
     def total(self) -> Factored:
         """The sum of B examples' gradients is one example whose rows are all of theirs."""

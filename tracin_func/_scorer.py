@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from ._data import batch_size_of, check_batch_structure, iter_batches, num_batches, to_device
+from ._data import batch_size_of, check_batch_structure, iter_batches, num_batches, num_examples, to_device
 from ._factored import RepFn
 from ._model import Prepared
 from ._reps import Grads
@@ -43,7 +43,7 @@ def make_updates(
 
     def embed(diff, frozen, lr, batch):
         rep = train(diff, frozen, batch)
-        return (rep.flat() if projection is None else rep.project(projection[1], projection[0])) * lr.sqrt()
+        return (rep.flat() if projection is None else rep.project(projection[1], projection[0])).mul_(lr.sqrt())
 
     updates = Updates(cross, self_, embed, test)
     if compile:
@@ -91,9 +91,9 @@ def _batches(run: Run, data: Any, where: str, desc: str) -> Iterator[tuple[int, 
 
 def _check_finite(values: torch.Tensor, example_dim: int, offset: int, where: str, ckpt: int) -> None:
     """Raise naming the examples (along ``example_dim`` of ``values``) whose scores are NaN or infinite."""
+    if values.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(values)):
+        return  # min and max propagate NaN: one cheap pass instead of an elementwise check
     finite = torch.isfinite(values)
-    if bool(finite.all()):
-        return
     other = [d for d in range(values.dim()) if d != example_dim % values.dim()]
     bad = ((~finite).any(dim=other) if other else ~finite).nonzero().flatten() + offset
     raise FloatingPointError(
@@ -149,16 +149,22 @@ def self_scores(run: Run, data: Any) -> torch.Tensor:
 
 def embedding_rows(run: Run, data: Any) -> torch.Tensor:
     """``[n, C * P]``: per checkpoint ``sqrt(lr) * grad``, concatenated in checkpoint order."""
-    engine, out = None, []
+    n = num_examples(data)
+    engine, out, blocks = None, None, []
     for offset, batch in _batches(run, data, "data", "embeddings"):
         engine = engine or run.build(batch)
         rows = [engine.updates.embed(c.diff, c.frozen, c.lr, batch) for c in engine.checkpoints]
         for c, r in enumerate(rows):
             _check_finite(r, 0, offset, "data", c)
-        out.append(torch.cat(rows, dim=1))
-    if not out:
+        if n is None:
+            blocks.append(torch.cat(rows, dim=1))
+            continue
+        if out is None:  # the size is known: write every batch into place (no second copy)
+            out = rows[0].new_empty(n, sum(r.shape[1] for r in rows))
+        torch.cat(rows, dim=1, out=out[offset : offset + rows[0].shape[0]])
+    if out is None and not blocks:
         raise ValueError("`data` holds no examples.")
-    return torch.cat(out)
+    return out if out is not None else torch.cat(blocks)
 
 
 def _acc_dtype(run: Run) -> torch.dtype:
