@@ -75,7 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--chunk", type=int, default=100_000, help="training rows per tc.embeddings call in table 3 (default 100000)"
     )
     parser.add_argument(
-        "--embed-batch-size", type=int, default=32768, help="tc.embeddings batch_size in table 3 (default 32768)"
+        "--embed-batch-size", type=int, default=8192, help="tc.embeddings batch_size in table 3 (default 8192)"
     )
     parser.add_argument("--no-captum", action="store_true", help="skip Captum")
     args, _ = parser.parse_known_args(argv)  # run_all passes flags meant for other modules too
