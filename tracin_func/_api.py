@@ -16,7 +16,7 @@ from ._loss import ExampleLoss, example_loss
 from ._model import ParamSelector, model_spec, prepare
 from ._scorer import Engine, Run, embedding_rows, make_updates, representations_of_test_data, score_blocks, self_scores
 from ._topk import TopK, merge
-from ._validate import positive_int
+from ._validate import positive_int, seed_value
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -56,12 +56,6 @@ def _auto_batch_size(diff: Iterable[torch.Tensor], budget_bytes: int = 1 << 28) 
     """Examples per batch so that dense per-sample gradients of every differentiated parameter fit ``budget``."""
     per_example = sum(t.numel() * t.element_size() for t in diff)
     return max(16, min(4096, budget_bytes // max(1, per_example)))
-
-
-def _seed(seed: Any) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ValueError(f"`seed` must be an int in [0, 2**32), got {seed!r}.")
-    return seed
 
 
 def _run(
@@ -324,5 +318,5 @@ def embeddings(
     _check_options(options, "embeddings")
     projection = None
     if projection_dim is not None:
-        projection = (positive_int(projection_dim, "projection_dim"), _seed(seed))
+        projection = (positive_int(projection_dim, "projection_dim"), seed_value(seed))
     return embedding_rows(_run(model, checkpoints, loss_fn=loss_fn, projection=projection, **options), data)

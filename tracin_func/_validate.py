@@ -12,3 +12,10 @@ def positive_int(value: Any, name: str) -> int:
     if value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
     return value
+
+
+def seed_value(seed: Any) -> int:
+    """``seed`` if it is an int in ``[0, 2**32)``; otherwise a ValueError."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"`seed` must be an int in [0, 2**32), got {seed!r}.")
+    return seed

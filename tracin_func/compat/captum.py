@@ -79,6 +79,7 @@ import tracin_func as tc
 
 from .._checkpoints import split_state_and_lr
 from .._data import batch_size_of
+from .._validate import positive_int, seed_value
 
 __all__ = [
     "KMostInfluentialResults",
@@ -706,12 +707,9 @@ class TracInCPFastRandProj(TracInCPFast):
         projection_dim: int | None = None,
         seed: int = 0,
     ) -> None:
-        if projection_dim is not None and (
-            isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1
-        ):
-            raise ValueError(f"`projection_dim` must be a positive int or None, got {projection_dim!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-            raise ValueError(f"`seed` must be an int in [0, 2**32), got {seed!r}.")
+        if projection_dim is not None:
+            positive_int(projection_dim, "projection_dim")
+        seed_value(seed)
         if nearest_neighbors is not None and not all(
             callable(getattr(nearest_neighbors, m, None)) for m in ("setup", "get_nearest_neighbors")
         ):
