@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from common import Measurement, captum_loader, environment, fmt, max_rel_diff, measure, print_kv, print_table
+from common import Measurement, begin_bench, captum_loader, fmt, max_rel_diff, measure, print_table
 from torch import nn
 from torch.utils.data import TensorDataset
 from workloads import Workload, digits_mlp
@@ -184,15 +184,12 @@ def bench(w: Workload, args: argparse.Namespace) -> Table:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    print_kv("environment", environment())
-    print(
+    begin_bench(
+        args.threads,
         f"bench_adapter: batch_size={args.batch_size}, k={args.k}, best of {args.repeat} timed run(s) after one "
-        f"memory run, device={args.device}"
+        f"memory run, device={args.device}",
+        "columns: 'x adapter' = time / the adapter's time; 'rel diff' = max|scores - adapter's| / max|adapter's|",
     )
-    print("columns: 'x adapter' = time / the adapter's time; 'rel diff' = max|scores - adapter's| / max|adapter's|")
-    print()
     w = digits_mlp()
     device = torch.device(args.device)
     w = replace(w, model=w.model.to(device), x_train=w.x_train.to(device), y_train=w.y_train.to(device))

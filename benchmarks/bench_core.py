@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,7 +31,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from common import Measurement, captum_loader, environment, fmt, max_rel_diff, measure, print_kv, print_table
+from common import Measurement, begin_bench, captum_loader, fmt, max_rel_diff, measure, print_table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from workloads import BUILDERS, Workload
@@ -344,24 +343,14 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print_kv("environment", environment())
-    print(
+    begin_bench(
+        args.threads,
         f"bench_core: batch_size={args.batch_size} (Captum, dattri), {args.our_batch_size or 'automatic'} (ours), "
-        f"k={args.k}, best of {args.repeat} timed "
-        f"run(s) after one memory run, device={device}{', QUICK' if args.quick else ''}"
+        f"k={args.k}, best of {args.repeat} timed run(s) after one memory run, device={device}"
+        f"{', QUICK' if args.quick else ''}",
+        "columns: 'x ours' = time / our time for the same question; 'rel diff' = max|scores - ours| / max|ours|",
     )
-    print("columns: 'x ours' = time / our time for the same question; 'rel diff' = max|scores - ours| / max|ours|")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > (os.cpu_count() or 1) * 0.75:
-        print(
-            f"WARNING: load average {load:.1f} on {os.cpu_count()} CPUs: other processes compete for the cores and "
-            f"multi-threaded (batched) kernels suffer most from oversubscription; timings are unreliable. "
-            f"Consider --threads 1."
-        )
-    print()
     results: list[dict[str, Any]] = []
     for name in args.workloads:
         w = BUILDERS[name]()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 import warnings
@@ -34,14 +33,13 @@ from typing import Any
 
 import torch
 from common import (
+    begin_bench,
     best_time,
     captum_loader,
-    environment,
     fmt,
     max_rel_diff,
     measure,
     peak_memory_mb,
-    print_kv,
     print_table,
 )
 from torch import nn
@@ -433,17 +431,11 @@ def bench_gflops(w: Workload, args: argparse.Namespace, gemm: dict[str, float]) 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    print_kv("environment", environment())
-    print(
+    begin_bench(
+        args.threads,
         f"bench_speed: best of {args.repeat} timed run(s), Captum batch_size={args.batch_size}, k={args.topk}, "
-        f"scaling sizes {args.scaling_sizes}{', QUICK' if args.quick else ''}"
+        f"scaling sizes {args.scaling_sizes}{', QUICK' if args.quick else ''}",
     )
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > (os.cpu_count() or 1) * 0.75:
-        print(f"WARNING: load average {load:.1f} on {os.cpu_count()} CPUs: timings are unreliable.")
-    print()
     results: list[dict[str, Any]] = []
     mlp = None
     for name in args.speed_workloads:

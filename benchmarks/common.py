@@ -223,3 +223,20 @@ def captum_loader(model: torch.nn.Module, path: str) -> float:
     obj = torch.load(path, map_location=device, weights_only=True)
     model.load_state_dict(obj["model_state_dict"])
     return float(obj["learning_rate"])
+
+
+def begin_bench(threads: int | None, *header: str) -> None:
+    """Set torch's thread count, print the environment and the bench's header lines, and warn when the machine is
+    busy (other processes competing for the cores slow multi-threaded batched kernels most)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    print_kv("environment", environment())
+    for line in header:
+        print(line)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > (os.cpu_count() or 1) * 0.75:
+        print(
+            f"WARNING: load average {load:.1f} on {os.cpu_count()} CPUs: timings are unreliable (batched kernels "
+            f"suffer most from oversubscription; consider --threads 1)."
+        )
+    print()

@@ -1,0 +1,34 @@
+"""The benchmark scripts still run end to end (small settings, no competitors), so they do not rot between
+benchmark sessions. Their numbers are printed, never asserted."""
+
+import os
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture(autouse=True)
+def _importable(monkeypatch):
+    monkeypatch.syspath_prepend(BENCHMARKS)
+
+
+@pytest.mark.slow
+def test_bench_core_runs(capsys):
+    import bench_core
+
+    results = bench_core.main(["--quick", "--no-captum", "--no-dattri", "--workloads", "mlp", "--repeat", "1"])
+    impls = {(r["question"], r["impl"]) for r in results}
+    assert ("influence", "tracin_func") in impls and ("self-influence", "plain backprop (floor)") in impls
+    assert all(r["seconds"] > 0 for r in results)
+    assert "digits_mlp" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_speed_scaling_runs(capsys):
+    import bench_speed
+
+    results = bench_speed.main(["--speed-workloads", "--scaling-sizes", "600", "--repeat", "1", "--no-captum"])
+    scaling = [r for r in results if r["table"] == "scaling"]
+    assert [r["n_train"] for r in scaling] == [600] and scaling[0]["embed_s"] > 0
+    assert "scaling of projected top-10" in capsys.readouterr().out
