@@ -439,3 +439,17 @@ def assert_topk(top: tc.TopK, scores: torch.Tensor, k: int, *, largest: bool, rt
             gaps = (ordered[row] - ordered[row, j]).abs()
             if int((gaps <= tol).sum()) == 1:  # no other score within tol: the index is determined
                 assert int(top.indices[row, j]) == int(ref_idx[row, j]), (row, j)
+
+
+class EmbedNormNet(nn.Module):
+    """Embedding -> LayerNorm -> mean over tokens -> Linear. Token ids arrive as floats (Captum's batch-wise path
+    clones the inputs and sets requires_grad on them, which integer tensors refuse)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(self.emb(tokens.long())).mean(1))

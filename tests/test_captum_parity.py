@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import tracin_func as tc
+from tests.models import EmbedNormNet
 
 pytest.importorskip("captum")
 pytest.importorskip(
@@ -366,24 +367,10 @@ def test_defect_fast_last_layer_drops_bias_and_differentiates_the_output(single)
     _assert_differs(fast.self_influence(), ours_self)
 
 
-class _EmbedNormNet(nn.Module):
-    """Embedding -> LayerNorm -> mean over tokens -> Linear. Token ids arrive as floats (Captum's batch-wise path
-    clones the inputs and sets requires_grad on them, which integer tensors refuse)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(7, 4)
-        self.norm = nn.LayerNorm(4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(self.emb(tokens.long())).mean(1))
-
-
 def test_defect_batch_wise_path_drops_embedding_and_layernorm(tmp_path):
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        net = _EmbedNormNet().double().eval()
+        net = EmbedNormNet().double().eval()
         names = []
         for i in range(2):
             state = {k: torch.randn_like(v) for k, v in net.state_dict().items()}

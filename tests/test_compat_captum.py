@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tracin_func as tc
+from tests.models import EmbedNormNet
 from tracin_func.compat import captum as compat
 
 pytest.importorskip("captum")
@@ -236,20 +237,6 @@ def test_tracincp_sample_wise_flag_gives_the_same_numbers(single):
             kw = dict(loss_fn=loss, batch_size=8, sample_wise_grads_per_batch=sample_wise)
             ours = compat.TracInCP(net, train, directory, load_with_lr, **kw)
             assert_rel(ours.influence(test), reference)
-
-
-class EmbedNormNet(nn.Module):
-    """Embedding - LayerNorm - mean - Linear; token ids arrive as floats (Captum's batch-wise path clones the inputs
-    and sets requires_grad on them, which integer tensors refuse)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(7, 4)
-        self.norm = nn.LayerNorm(4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(self.emb(tokens.long())).mean(1))
 
 
 def test_tracincp_sample_wise_keeps_embedding_and_layernorm(tmp_path):
