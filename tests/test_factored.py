@@ -64,6 +64,38 @@ def test_convolutions_with_stride_dilation_padding(monkeypatch, chunk):
     _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
 
 
+class Norms(nn.Module):
+    """Conv-BatchNorm2d, Conv1d-BatchNorm1d over a sequence, LayerNorm over two dims and one without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(3)
+        self.conv1 = nn.Conv1d(3, 4, 3)
+        self.bn1 = nn.BatchNorm1d(4)
+        self.ln2 = nn.LayerNorm((4, 5))
+        self.ln = nn.LayerNorm(4, bias=False)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn2(self.conv(x)))  # [B, 3, 5, 6]
+        h = torch.tanh(self.bn1(self.conv1(h.flatten(2)[..., :7])))  # [B, 4, 5]
+        h = self.ln2(h)
+        return self.fc(self.ln(h.mean(2)))
+
+
+def test_norm_layers_with_running_statistics():
+    torch.manual_seed(0)
+    model = Norms().double()
+    with torch.no_grad():  # non-trivial running statistics, different in every checkpoint (_ckpts perturbs them)
+        for bn in (model.bn2, model.bn1):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    x, y = torch.randn(9, 2, 5, 6, dtype=torch.float64), torch.randint(0, 3, (9,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    assert _plan(model, (x, y)).batched  # every layer gives factors: one batched pass
+
+
 class Tokens(nn.Module):
     def __init__(self):
         super().__init__()

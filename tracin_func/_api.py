@@ -180,7 +180,8 @@ def influence(
               a cost model: exact factored inner products from layer inputs and output gradients (no per-sample
               gradient formed) when ``T^2 (d_in + d_out) < d_in d_out`` for ``T`` rows per example, else dense
               per-sample gradients (Embedding layers: test gradients kept as their non-zero rows, matched to
-              training tokens by id). ``True`` factors every eligible layer, ``False`` none. Same numbers.
+              training tokens by id; LayerNorm / eval-mode BatchNorm: materialised from their normalised inputs).
+              ``True`` factors every eligible layer, ``False`` none (all through ``vmap(grad)``). Same numbers.
             - ``method`` ("exact"): ``"last_layer"`` restricts scores to the weight and bias of the last
               ``nn.Linear`` the forward pass calls: exact TracIn on those parameters, whatever follows the layer
               (activations, other losses), at the cost of about one forward pass per example.

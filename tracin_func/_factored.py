@@ -25,7 +25,15 @@ from torch import nn
 from torch.func import grad
 
 from ._grads import Mapper, Tensors, batch_of_one, dense_grads, example_at, scalar_loss
-from ._layers import Site, factorable_sites, input_rows, layer_output, output_rows, per_example_grads
+from ._layers import (
+    Site,
+    factorable_sites,
+    input_rows,
+    layer_output,
+    output_rows,
+    per_example_grads,
+    recorded_input,
+)
 from ._loss import CriterionLoss, ExampleLossFn, summed_example_losses
 from ._reps import Dense, Factored, Grads
 
@@ -127,7 +135,9 @@ def make_plan(
         for path, site in list(sites.items()):
             if not calls[path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
                 del sites[path]  # not called as a module, or its parameters are also used elsewhere
-            elif factored or site.kind == "embedding" or _kernel_is_cheaper(site, _rows_per_example(site, calls[path])):
+            elif site.kind != "norm" and (
+                factored or site.kind == "embedding" or _kernel_is_cheaper(site, _rows_per_example(site, calls[path]))
+            ):
                 kernel.add(path)  # an Embedding is never materialised on the training side (see TokenRows)
     dense = _not_in_sites(names, sites.values())
     if dense:  # vmap(grad) runs anyway: a layer whose gradients would be materialised is cheaper left to it
@@ -191,7 +201,7 @@ def _batched_factors(
     def hook_for(site: Site) -> Hook:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
             probe = torch.zeros_like(output, requires_grad=True)
-            inputs[site.path].append(args[0].detach())
+            inputs[site.path].append(recorded_input(module, site, args[0]).detach())
             probes[site.path].append(probe)
             return output + probe
 
@@ -230,7 +240,7 @@ def _vmapped_factors(
                 k = len(inputs[site.path])
                 if k >= len(probes[site.path]):
                     raise RuntimeError(f"Layer {site.path!r} was called more often than when the call was planned.")
-                inputs[site.path].append(args[0])
+                inputs[site.path].append(recorded_input(module, site, args[0]))
                 return output + probes[site.path][k]
 
             return hook

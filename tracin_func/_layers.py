@@ -1,4 +1,6 @@
-"""Layers whose per-example gradients factor as ``G_i^T A_i``: Linear, Conv1d / Conv2d (unfolded patches), Embedding.
+"""Layers whose per-example gradients follow from their inputs and output gradients: Linear, Conv1d / Conv2d
+(unfolded patches), Embedding, whose gradients factor as ``G_i^T A_i``, and the affine part of LayerNorm /
+BatchNorm in eval mode (``sum(normalised input * G)``, always materialised).
 
 For one example, ``A`` holds the layer's input rows ``[T, d_in]`` (a ones column appended for the bias; token
 ids ``[T]`` for an Embedding) and ``G`` the gradient of the loss w.r.t. the layer's output rows ``[T, d_out]``.
@@ -24,7 +26,7 @@ class Site(NamedTuple):
     """A factorable layer: its module path, kind and the names of its differentiated parameters."""
 
     path: str
-    kind: str  # "linear" | "conv" | "embedding"
+    kind: str  # "linear" | "conv" | "embedding" | "norm"
     weight: str | None  # full parameter name when the weight is differentiated
     bias: str | None  # full parameter name when the bias is differentiated
     weight_shape: tuple[int, ...]
@@ -42,6 +44,11 @@ def _kind(module: nn.Module) -> str | None:
         return "conv" if plain else None
     if isinstance(module, nn.Embedding):
         return "embedding" if module.max_norm is None and not module.scale_grad_by_freq else None
+    if isinstance(module, nn.LayerNorm):
+        return "norm" if module.elementwise_affine else None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):  # eval mode with running statistics: per example
+        running = module.track_running_stats and module.running_mean is not None and not module.training
+        return "norm" if module.affine and running else None
     return None
 
 
@@ -79,7 +86,22 @@ def layer_output(module: nn.Module, site: Site, x: torch.Tensor, *, detach: bool
         return F.linear(x, w, b)
     if site.kind == "conv":
         return module._conv_forward(x, w, b)
+    if site.kind == "norm":
+        return _normalized(module, x, w, b)
     return F.embedding(x, w, module.padding_idx)
+
+
+def recorded_input(module: nn.Module, site: Site, x: torch.Tensor) -> torch.Tensor:
+    """What a hook keeps of a layer's input: the input itself, or a norm layer's normalised input (computed in
+    the forward pass, while the module holds the checkpoint's running statistics)."""
+    return _normalized(module, x) if site.kind == "norm" else x
+
+
+def _normalized(module: nn.Module, x: torch.Tensor, w: Any = None, b: Any = None) -> torch.Tensor:
+    """A LayerNorm / eval-mode BatchNorm applied to ``x``, with affine ``w`` and ``b`` (None: the normalised input)."""
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, w, b, module.eps)
+    return F.batch_norm(x, module.running_mean, module.running_var, w, b, False, 0.0, module.eps)
 
 
 def input_rows(module: nn.Module, site: Site, x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +149,8 @@ def output_rows(site: Site, g: torch.Tensor) -> torch.Tensor:
 
 def per_example_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{name: [B, *shape]}`` from one call's layer input ``x`` and output gradient ``g`` (batches)."""
+    if site.kind == "norm":
+        return _norm_grads(module, site, x, g)
     if site.kind != "conv" or site.weight is None or math.prod(site.weight_shape[:2]) > _GROUPED_CONV_MAX_CHANNELS:
         return materialize(site, input_rows(module, site, x), output_rows(site, g))
     n = _GROUPED_CONV_CHUNK
@@ -134,6 +158,26 @@ def per_example_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.T
     out = {site.weight: chunks[0] if len(chunks) == 1 else torch.cat(chunks)}
     if site.bias is not None:
         out[site.bias] = g.flatten(2).sum(2)
+    return out
+
+
+def _norm_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Affine norm layers: weight gradient ``sum(x * g)`` for the normalised input ``x``, bias ``sum(g)``, over
+    every dimension but the batch and the parameter's (LayerNorm: the trailing normalised ones; BatchNorm:
+    channels, dim 1)."""
+    if isinstance(module, nn.LayerNorm):
+        dims = tuple(range(1, g.dim() - len(site.weight_shape)))
+    else:
+        dims = tuple(range(2, g.dim()))
+
+    def total(t: torch.Tensor) -> torch.Tensor:
+        return t.sum(dims) if dims else t
+
+    out = {}
+    if site.weight is not None:
+        out[site.weight] = total(x * g)  # x: the normalised input (recorded_input)
+    if site.bias is not None:
+        out[site.bias] = total(g)
     return out
 
 
