@@ -108,11 +108,12 @@ def backprop_floor(w: Workload, device: torch.device, with_test: bool, bs: int =
 
     model = copy.deepcopy(w.model)
     data = [w.train, w.test] if with_test else [w.train]
+    param_names = {name for name, _ in model.named_parameters()}
 
     def run() -> None:
         for ckpt in tc.load_checkpoints(w.checkpoint_paths, map_location=device):
             state = {k: v.requires_grad_(v.is_floating_point()) for k, v in ckpt.params.items()}
-            params = [v for k, v in state.items() if k in dict(model.named_parameters())]
+            params = [v for k, v in state.items() if k in param_names]
             for x, y in data:
                 for start in range(0, x.shape[0], bs):
                     out = functional_call(model, state, (x[start : start + bs],))

@@ -93,6 +93,8 @@ def test_norm_layers_with_running_statistics():
     model.eval()
     x, y = torch.randn(9, 2, 5, 6, dtype=torch.float64), torch.randint(0, 3, (9,))
     _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    bias_only = [n for n, _ in model.named_parameters() if n != "bn2.weight"]  # no normalised input needed there
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]), params=bias_only)
     assert _plan(model, (x, y)).batched  # every layer gives factors: one batched pass
 
 

@@ -19,7 +19,9 @@ from torch import nn
 # Grouped weight gradients beat unfolded patches + bmm up to about this many channel pairs (measured on CPU: 2-4x
 # faster for 16 x 32 and 64 x 64 channels, 1.7x slower for 128 x 128).
 _GROUPED_CONV_MAX_CHANNELS = 4096
-_GROUPED_CONV_CHUNK = 512  # examples per grouped call: larger batches ran ~1.3x slower per example (cache)
+# Examples per grouped call: CNN self-influence on digits (1500 examples, 5 checkpoints) took 0.32-0.46 s in chunks
+# of 512 against 0.46-0.52 s in one call per batch.
+_GROUPED_CONV_CHUNK = 512
 
 
 class Site(NamedTuple):
@@ -47,8 +49,7 @@ def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.LayerNorm):
         return "norm" if module.elementwise_affine else None
     if isinstance(module, nn.modules.batchnorm._BatchNorm):  # eval mode with running statistics: per example
-        running = module.track_running_stats and module.running_mean is not None and not module.training
-        return "norm" if module.affine and running else None
+        return "norm" if module.affine and module.running_mean is not None and not module.training else None
     return None
 
 
@@ -94,7 +95,7 @@ def layer_output(module: nn.Module, site: Site, x: torch.Tensor, *, detach: bool
 def recorded_input(module: nn.Module, site: Site, x: torch.Tensor) -> torch.Tensor:
     """What a hook keeps of a layer's input: the input itself, or a norm layer's normalised input (computed in
     the forward pass, while the module holds the checkpoint's running statistics)."""
-    return _normalized(module, x) if site.kind == "norm" else x
+    return _normalized(module, x) if site.kind == "norm" and site.weight is not None else x
 
 
 def _normalized(module: nn.Module, x: torch.Tensor, w: Any = None, b: Any = None) -> torch.Tensor:

@@ -50,11 +50,16 @@ class Dense(NamedTuple):
         return Dense({name: torch.cat([p.grads[name] for p in parts]) for name in parts[0].grads})
 
 
+def _same_token(ids1: torch.Tensor, ids2: torch.Tensor) -> torch.Tensor:
+    """Broadcast token equality; padding (-1) matches nothing."""
+    return (ids1 == ids2) & (ids1 >= 0)
+
+
 def _token_kernel(site: Site, a1: torch.Tensor, a2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[n, m, T, S]`` kernel of the inputs: dot products (plus 1 for the bias, a constant input), or token
     equality for an Embedding."""
     if site.kind == "embedding":
-        return ((a1[:, None, :, None] == a2[None, :, None, :]) & (a1 >= 0)[:, None, :, None]).to(dtype)
+        return _same_token(a1[:, None, :, None], a2[None, :, None, :]).to(dtype)
     kernel = torch.einsum("itd,jsd->ijts", a1, a2)
     return kernel + 1 if site.bias is not None else kernel
 
@@ -83,7 +88,7 @@ class Factored(NamedTuple):
     def sq_norm(self) -> torch.Tensor:
         a, g = self.a, self.g
         if self.site.kind == "embedding":
-            ka = ((a[:, :, None] == a[:, None, :]) & (a >= 0)[:, :, None]).to(g.dtype)
+            ka = _same_token(a[:, :, None], a[:, None, :]).to(g.dtype)
         else:
             ka = a @ a.transpose(1, 2) + (1 if self.site.bias is not None else 0)
         return (ka * (g @ g.transpose(1, 2))).sum((1, 2))
