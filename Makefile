@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean wheel-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: setup
 bench: setup
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/run_all.py
+
+# Build the sdist and wheel, install the wheel into a fresh venv and smoke-test it outside the checkout.
+wheel-check:
+	PYTHON="$(PYTHON)" TORCH_SPEC="$(TORCH_SPEC)" .ci/wheel_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

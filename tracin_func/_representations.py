@@ -1,0 +1,259 @@
+"""Gradient representations: how a batch of per-example gradients is kept, and the operations scoring needs.
+
+Every part offers the same operations, so scorers never look inside:
+``dot(a, b) -> [Ba, Bb]``, ``sq_norm(a) -> [B]``, ``materialize(a) -> {name: [B, *shape]}``, ``total(a)`` (the
+sum over examples, B = 1) and ``concat([a, b, ...])`` along examples.
+
+- ``Dense``: materialised per-sample gradients, reduced leaf by leaf (never concatenated into one copy).
+- ``Factored``: a Linear / Conv / Embedding layer kept as input rows ``A`` and output gradients ``G``; inner
+  products are exact without forming any per-sample gradient: ``<g_i, g_j> = sum((A_i A_j^T) * (G_i G_j^T))``.
+- ``TokenRows``: an Embedding's test-side gradients as their non-zero rows, matched to training tokens by id.
+- ``Representation``: the parts of one batch, summed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from ._layers import Site, materialize
+from ._projection import project_grad, project_outer, project_vector
+
+_PAIR_BLOCK = 1 << 22  # elements of the [rows, m, T, S] kernel formed at once by Factored.dot
+
+
+def _rows(g: torch.Tensor) -> torch.Tensor:
+    """``[B, *shape] -> [B, numel]``, also for a 0-d parameter (``[B]``, e.g. a CLIP-style ``logit_scale``)."""
+    return g.reshape(g.shape[0], -1)
+
+
+class Dense(NamedTuple):
+    """Per-sample gradients ``{name: [B, *shape]}``."""
+
+    grads: dict[str, torch.Tensor]
+
+    def dot(self, other: Dense) -> torch.Tensor:
+        return sum(_rows(a) @ _rows(other.grads[name]).T for name, a in self.grads.items())
+
+    def sq_norm(self) -> torch.Tensor:
+        return sum(_rows(g).square().sum(1) for g in self.grads.values())
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        return self.grads
+
+    def project(self, seed: int, k: int) -> torch.Tensor:
+        return sum(project_grad(name, g, seed, k) for name, g in self.grads.items())
+
+    def total(self) -> Dense:
+        return Dense({name: g.sum(0, keepdim=True) for name, g in self.grads.items()})
+
+    @staticmethod
+    def concat(parts: Sequence[Dense]) -> Dense:
+        return Dense({name: torch.cat([p.grads[name] for p in parts]) for name in parts[0].grads})
+
+
+def _same_token(ids1: torch.Tensor, ids2: torch.Tensor) -> torch.Tensor:
+    """Broadcast token equality; padding (-1) matches nothing."""
+    return (ids1 == ids2) & (ids1 >= 0)
+
+
+def _token_kernel(site: Site, a1: torch.Tensor, a2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[n, m, T, S]`` kernel of the inputs: dot products (plus 1 for the bias, a constant input), or token
+    equality for an Embedding."""
+    if site.kind == "embedding":
+        return _same_token(a1[:, None, :, None], a2[None, :, None, :]).to(dtype)
+    kernel = torch.einsum("itd,jsd->ijts", a1, a2)
+    return kernel + 1 if site.bias is not None else kernel
+
+
+class Factored(NamedTuple):
+    """One layer's factors: inputs ``a`` ``[B, T, d_in]`` (ids ``[B, T]`` for an Embedding) and output gradients
+    ``g`` ``[B, T, d_out]``. A bias is a constant input 1: its gradient is ``g.sum(1)``."""
+
+    site: Site
+    a: torch.Tensor
+    g: torch.Tensor
+
+    def dot(self, other: Factored) -> torch.Tensor:
+        a1, g1, a2, g2 = self.a, self.g, other.a, other.g
+        if self.site.kind != "embedding" and a1.shape[1] == 1 and a2.shape[1] == 1:
+            ka = a1[:, 0] @ a2[:, 0].T
+            return (ka.add_(1) if self.site.bias is not None else ka).mul_(g1[:, 0] @ g2[:, 0].T)
+        rows = max(1, _PAIR_BLOCK // max(1, a2.shape[0] * a1.shape[1] * a2.shape[1]))
+        blocks = []
+        for i in range(0, a1.shape[0], rows):
+            ka = _token_kernel(self.site, a1[i : i + rows], a2, g1.dtype)
+            kg = torch.einsum("itd,jsd->ijts", g1[i : i + rows], g2)
+            blocks.append((ka * kg).sum((2, 3)))
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+
+    def sq_norm(self) -> torch.Tensor:
+        a, g = self.a, self.g
+        if self.site.kind == "embedding":
+            ka = _same_token(a[:, :, None], a[:, None, :]).to(g.dtype)
+        else:
+            ka = a @ a.transpose(1, 2) + (1 if self.site.bias is not None else 0)
+        return (ka * (g @ g.transpose(1, 2))).sum((1, 2))
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        return materialize(self.site, self.a, self.g)
+
+    def project(self, seed: int, k: int) -> torch.Tensor:
+        """Same projection as the materialised gradients get (``Dense.project``), computed from the factors."""
+        site, a, g = self.site, self.a, self.g
+        if site.kind == "embedding":
+            return project_outer(site.weight, a, g, seed, k)
+        weight = project_outer(site.weight, g, a, seed, k) if site.weight is not None else None
+        bias = project_vector(site.bias, g.sum(1), seed, k) if site.bias is not None else None
+        return weight if bias is None else bias if weight is None else weight.add_(bias)
+
+    def total(self) -> Factored:
+        """The sum of B examples' gradients is one example whose rows are all of theirs."""
+        rows = self.g.shape[0] * self.g.shape[1]
+        return Factored(self.site, self.a.reshape(1, rows, *self.a.shape[2:]), self.g.reshape(1, rows, -1))
+
+    @staticmethod
+    def concat(parts: Sequence[Factored]) -> Factored:
+        """Concatenate along examples, padding rows with inert zeros (ids with -1) when lengths differ."""
+        t = max(p.a.shape[1] for p in parts)
+        fill = -1 if parts[0].site.kind == "embedding" else 0
+
+        def pad(x: torch.Tensor, value: float) -> torch.Tensor:
+            widths = [0, 0] * (x.dim() - 2) + [0, t - x.shape[1]]
+            return F.pad(x, widths, value=value) if t > x.shape[1] else x
+
+        a = torch.cat([pad(p.a, fill) for p in parts])
+        g = torch.cat([pad(p.g, 0.0) for p in parts])
+        return Factored(parts[0].site, a, g)
+
+
+class TokenRows(NamedTuple):
+    """Test-side Embedding gradients kept as their non-zero rows: ``rows[k]`` is row ``token[k]`` of example
+    ``example[k]``'s gradient, one entry per distinct (example, token), sorted by token; ``start`` ``[V + 1]`` indexes
+    the entries of each token. A training token ``v`` with output gradient ``g`` contributes ``rows[k] . g`` to the
+    examples of the entries of ``v`` only: at most ``n`` (usually about ``n T / V``) dot products of length ``d``
+    per training token, where materialising costs ``V d`` per pair and the token kernel ``T^2 (d + 1)``."""
+
+    site: Site
+    n: int  # examples
+    example: torch.Tensor  # [K]
+    token: torch.Tensor  # [K]
+    rows: torch.Tensor  # [K, d]
+    start: torch.Tensor  # [V + 1]
+
+    @staticmethod
+    def build(site: Site, n: int, example: torch.Tensor, token: torch.Tensor, rows: torch.Tensor) -> TokenRows:
+        """Sum the rows of equal (example, token) pairs (``token`` -1: padding, dropped) and index them by token."""
+        vocab, keep = site.weight_shape[0], token >= 0
+        example, token, rows = example[keep], token[keep], rows[keep]
+        keys, inverse = torch.unique(token * n + example, return_inverse=True)  # sorted by token, then example
+        summed = rows.new_zeros(keys.shape[0], rows.shape[-1]).index_add_(0, inverse, rows)
+        token, example = keys // n, keys % n
+        start = F.pad(torch.bincount(token, minlength=vocab).cumsum(0), (1, 0))
+        return TokenRows(site, n, example, token, summed, start)
+
+    @staticmethod
+    def of(part: Factored) -> TokenRows:
+        n, t = part.a.shape
+        example = torch.arange(n, device=part.a.device).repeat_interleave(t)
+        return TokenRows.build(part.site, n, example, part.a.reshape(-1), part.g.reshape(n * t, -1))
+
+    @torch.compiler.disable  # sizes depend on the token ids: run eagerly inside compiled updates (no graph breaks)
+    def dot(self, other: Factored) -> torch.Tensor:
+        m, t = other.a.shape
+        token, g = other.a.reshape(-1), other.g.reshape(m * t, -1)
+        keep = token >= 0
+        owner = torch.arange(m, device=token.device).repeat_interleave(t)[keep]
+        token, g = token[keep], g[keep]
+        count = (self.start[1:] - self.start[:-1])[token]  # entries matching each training token
+        out = g.new_zeros(self.n * m)
+        ends = count.cumsum(0)
+        budget = max(1, _PAIR_BLOCK // max(1, g.shape[-1]))
+        lo = 0
+        while lo < token.shape[0]:  # blocks of training tokens with at most ~budget matches each
+            done = int(ends[lo - 1]) if lo else 0
+            hi = max(lo + 1, int(torch.searchsorted(ends, done + budget, right=True)))
+            c = count[lo:hi]
+            which = torch.repeat_interleave(torch.arange(hi - lo, device=c.device), c)  # token of each match
+            first = self.start[token[lo:hi]] - (ends[lo:hi] - c - done)  # entry index = first + match number
+            entry = first[which] + torch.arange(which.shape[0], device=c.device)
+            values = (self.rows[entry] * g[lo:hi][which]).sum(-1)
+            out.index_add_(0, self.example[entry] * m + owner[lo:hi][which], values)
+            lo = hi
+        return out.view(self.n, m)
+
+    def sq_norm(self) -> torch.Tensor:
+        return self.rows.new_zeros(self.n).index_add_(0, self.example, self.rows.square().sum(-1))
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        vocab, d = self.site.weight_shape
+        w = self.rows.new_zeros(self.n, vocab, d)
+        w[self.example, self.token] = self.rows
+        return {self.site.weight: w}
+
+    def project(self, seed: int, k: int) -> torch.Tensor:
+        return project_grad(self.site.weight, self.materialize()[self.site.weight], seed, k)
+
+    def total(self) -> TokenRows:
+        return TokenRows.build(self.site, 1, torch.zeros_like(self.example), self.token, self.rows)
+
+    @staticmethod
+    def concat(parts: Sequence[TokenRows]) -> TokenRows:
+        offsets = [0]
+        for p in parts:
+            offsets.append(offsets[-1] + p.n)
+        example = torch.cat([p.example + o for p, o in zip(parts, offsets)])
+        token = torch.cat([p.token for p in parts])
+        return TokenRows.build(parts[0].site, offsets[-1], example, token, torch.cat([p.rows for p in parts]))
+
+
+Part = Union[Dense, Factored, TokenRows]
+
+
+class Representation(NamedTuple):
+    """The gradient representation of one batch: parts in a fixed order, over the parameters ``names``."""
+
+    parts: tuple[Part, ...]
+    names: tuple[str, ...]  # differentiated parameters, in the order ``flat`` lays them out
+
+    @property
+    def size(self) -> int:
+        first = self.parts[0]
+        if isinstance(first, Dense):
+            return next(iter(first.grads.values())).shape[0]
+        return first.n if isinstance(first, TokenRows) else first.a.shape[0]
+
+    def dot(self, other: Representation) -> torch.Tensor:
+        return sum(a.dot(b) for a, b in zip(self.parts, other.parts))
+
+    def sq_norm(self) -> torch.Tensor:
+        return sum(p.sq_norm() for p in self.parts)
+
+    def project(self, seed: int, k: int) -> torch.Tensor:
+        """``[B, k]`` seeded projection; the same for a parameter whichever part holds it."""
+        return sum(p.project(seed, k) for p in self.parts)
+
+    def flat(self) -> torch.Tensor:
+        """``[B, P]`` per-example gradients, parameters in ``names`` order whatever the parts."""
+        grads = {name: g for p in self.parts for name, g in p.materialize().items()}
+        return torch.cat([_rows(grads[name]) for name in self.names], dim=1)
+
+    def total(self) -> Representation:
+        return Representation(tuple(p.total() for p in self.parts), self.names)
+
+    def for_test(self) -> Representation:
+        """The test side: Embedding factors summed into rows per (example, token), matched by each training batch."""
+        parts = tuple(
+            TokenRows.of(p) if isinstance(p, Factored) and p.site.kind == "embedding" else p for p in self.parts
+        )
+        return Representation(parts, self.names)
+
+    @staticmethod
+    def concat(batches: Sequence[Representation]) -> Representation:
+        if len(batches) == 1:
+            return batches[0]
+        parts = tuple(type(ps[0]).concat(ps) for ps in zip(*(b.parts for b in batches)))
+        return Representation(parts, batches[0].names)
