@@ -1,9 +1,9 @@
 """tracin_func vs Captum ``TracInCP`` (and dattri ``TracInAttributor``) on the reference workloads, in one process.
 
-For each workload (DESIGN.md, "Reference workloads") and each question (full influence matrix, top-k proponents,
-self-influence over the training set) it prints the best wall time, the peak memory of one call, the ratio
-(other / ours) and the max relative difference of the scores against ours (``max|other - ours| / max|ours|``),
-the proof that both computed the same thing.
+For each reference workload (``workloads.py``: digits MLP and CNN, tiny transformer) and each question (full
+influence matrix, top-k proponents, self-influence over the training set) it prints the best wall time, the peak
+memory of one call, the ratio (other / ours) and the max relative difference of the scores against ours
+(``max|other - ours| / max|ours|``), the proof that both computed the same thing.
 
 Every measured call does the whole job: ours includes ``tc.load_checkpoints(paths)`` (Captum and dattri load
 checkpoint files inside their calls), Captum's includes building its ``TracInCP`` object.

@@ -1,4 +1,5 @@
-"""The three reference workloads of DESIGN.md ("Reference workloads"): trained models and checkpoint files on disk.
+"""The three reference workloads (the digits MLP and CNN and a tiny transformer): trained models and checkpoint files
+on disk, as every benchmark here uses them.
 
 Each builder trains a small model with fixed seeds, saves a checkpoint file every few epochs in the Captum tutorial
 format ``{"model_state_dict": ..., "learning_rate": lr}`` (``torch.save``) into a temporary directory, and returns a

@@ -1,25 +1,21 @@
-"""Tiny reusable test models and the ground truth every numeric path is checked against.
+"""Tiny reusable test models and tasks.
 
 Each factory returns a :class:`Task`: a model (in eval mode, with its own random parameters that the checkpoints
 do NOT share), two or three ``tc.Checkpoint`` with different random parameters and learning rates, a train batch,
-a test batch and a loss. :func:`reference_scores` computes TracIn with a plain float64 for-loop, one
-``torch.autograd.grad`` call per example per checkpoint, on a deep copy of the model loaded with each checkpoint:
-no ``vmap``, no ``functional_call`` and no code of the library.
+a test batch and a loss. The float64 ground truth they are scored against is :mod:`tests.reference`.
 
 Example:
     >>> task = mlp_task()
-    >>> ref = reference_scores(task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn)
-    >>> ref.influence.shape, ref.self_influence.shape
-    (torch.Size([4, 10]), torch.Size([10]))
+    >>> len(task.checkpoints), task.train[0].shape, task.test[0].shape
+    (3, torch.Size([10, 4]), torch.Size([4, 4]))
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,8 +25,6 @@ import tracin_func as tc
 DTYPE = torch.float64
 LRS = (0.3, 0.05, 1.7)
 N_TRAIN, N_TEST = 10, 4
-
-Names = Union[Sequence[str], Callable[[str], bool], None]
 
 
 @dataclass(frozen=True)
@@ -293,152 +287,6 @@ def cast_task(task: Task, dtype: torch.dtype) -> Task:
     model = copy.deepcopy(task.model).to(dtype) if isinstance(task.model, nn.Module) else task.model
     ckpts = [tc.Checkpoint(params={k: cast(v) for k, v in c.params.items()}, lr=c.lr) for c in task.checkpoints]
     return Task(task.name, model, ckpts, cast_batch(task.train), cast_batch(task.test), task.loss_fn)
-
-
-# ----------------------------------------------------------------------------------------------------- reference
-
-
-@dataclass(frozen=True)
-class Reference:
-    """Ground-truth TracIn quantities, all float64."""
-
-    influence: torch.Tensor  # [n_test, n_train]
-    self_influence: torch.Tensor  # [n_train]
-    train_embeddings: torch.Tensor  # [n_train, C * P]
-    test_embeddings: torch.Tensor  # [n_test, C * P]
-
-
-def _num_examples(batch: Any) -> int:
-    first = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
-    return first.shape[0]
-
-
-def _example(batch: Any, i: int) -> Any:
-    """Example ``i`` as a batch of one, floating tensors in float64."""
-
-    def take(t: torch.Tensor) -> torch.Tensor:
-        t = t[i : i + 1]
-        return t.to(DTYPE) if t.is_floating_point() else t
-
-    return {k: take(v) for k, v in batch.items()} if isinstance(batch, Mapping) else tuple(map(take, batch))
-
-
-def _criterion_loss(loss_fn: Any, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Captum's per-example loss: ``"none"`` / ``"sum"`` sum the example's elements, ``"mean"`` averages them."""
-    reduction = getattr(loss_fn, "reduction", None)
-    if reduction is None:  # a plain function: whatever it reduces to
-        return loss_fn(outputs, target).sum()
-    elementwise = copy.copy(loss_fn)
-    elementwise.reduction = "none"
-    values = elementwise(outputs, target)
-    return values.mean() if reduction == "mean" else values.sum()
-
-
-def _selected(available: Sequence[str], default: Sequence[str], params: Names) -> list[str]:
-    if params is None:
-        return list(default)
-    if callable(params):
-        return [n for n in available if params(n)]
-    return list(params)
-
-
-def _state_of(model: Any, ckpt: tc.Checkpoint, params: Names) -> tuple[dict[str, torch.Tensor], list[str], Callable]:
-    """Checkpoint tensors in float64 (the selected ones require grad), their selected names, and ``forward``."""
-    if isinstance(model, nn.Module):
-        module = copy.deepcopy(model).to(DTYPE)
-        module.load_state_dict(
-            {k: v.detach().to(DTYPE) if v.is_floating_point() else v for k, v in ckpt.params.items()}
-        )
-        module.requires_grad_(False)
-        named = dict(module.named_parameters())
-        default = [n for n, p in model.named_parameters() if p.requires_grad]
-        names = _selected(list(named), default, params)
-        for n in names:
-            named[n].requires_grad_(True)
-        return module.state_dict(keep_vars=True), names, lambda state, *inputs: module(*inputs)
-    floating = [k for k, v in ckpt.params.items() if v.is_floating_point()]
-    names = _selected(list(ckpt.params), floating, params)
-    state = {
-        k: v.detach().to(DTYPE).requires_grad_(k in names) if v.is_floating_point() else v
-        for k, v in ckpt.params.items()
-    }
-    return state, names, lambda state, *inputs: model(state, *inputs)
-
-
-def reference_grads(model: Any, ckpt: tc.Checkpoint, data: Any, loss_fn: Any, params: Names = None) -> torch.Tensor:
-    """``[n, P]`` float64 per-example gradients at ``ckpt``, one ``torch.autograd.grad`` call per example.
-
-    Columns: the selected parameters flattened and concatenated in selection order (by default the model's
-    ``named_parameters()`` order, or the checkpoint's key order for a pure function).
-    """
-    state, names, forward = _state_of(model, ckpt, params)
-    leaves = [state[n] for n in names]
-    rows = []
-    for i in range(_num_examples(data)):
-        example = _example(data, i)
-        if isinstance(loss_fn, tc.ExampleLoss):
-            loss = loss_fn.fn(state, example)
-        else:
-            *inputs, target = example
-            loss = _criterion_loss(loss_fn, forward(state, *inputs), target)
-        grads = torch.autograd.grad(loss, leaves)
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
-    return torch.stack(rows)
-
-
-def reference_scores(
-    model: Any,
-    checkpoints: Sequence[tc.Checkpoint],
-    train: Any,
-    test: Any = None,
-    *,
-    loss_fn: Any,
-    test_loss_fn: Any = None,
-    params: Names = None,
-) -> Reference:
-    """TracIn by the definition: ``S = sum_c lr_c G_test_c @ G_train_c.T``, ``self = sum_c lr_c |g|^2``,
-    ``embeddings = cat_c sqrt(lr_c) g``. ``test`` defaults to ``train``; ``test_loss_fn`` to ``loss_fn``."""
-    test = train if test is None else test
-    test_loss_fn = loss_fn if test_loss_fn is None else test_loss_fn
-    influence, self_influence, train_emb, test_emb = 0, 0, [], []
-    for ckpt in checkpoints:
-        lr = float(ckpt.lr)
-        g_train = reference_grads(model, ckpt, train, loss_fn, params)
-        g_test = reference_grads(model, ckpt, test, test_loss_fn, params)
-        influence = influence + lr * g_test @ g_train.T
-        self_influence = self_influence + lr * g_train.square().sum(1)
-        train_emb.append(math.sqrt(lr) * g_train)
-        test_emb.append(math.sqrt(lr) * g_test)
-    return Reference(influence, self_influence, torch.cat(train_emb, 1), torch.cat(test_emb, 1))
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-10) -> None:
-    """``max |actual - expected| <= rtol * max |expected|``, same shape (dtype may differ)."""
-    assert isinstance(actual, torch.Tensor), type(actual)
-    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
-    scale = expected.abs().max().item()
-    err = (actual.to(DTYPE) - expected.to(DTYPE)).abs().max().item()
-    assert scale > 0, "degenerate reference (all zeros): the comparison would prove nothing"
-    assert err <= rtol * scale, f"max abs error {err:.3e} > {rtol:.0e} * {scale:.3e}"
-
-
-def assert_topk(top: tc.TopK, scores: torch.Tensor, k: int, *, largest: bool, rtol: float = 1e-10) -> None:
-    """``top`` equals ``torch.topk(scores, k)``: scores equal; each index points at its score; indices equal
-    wherever the reference has no near-tie."""
-    ref_scores, ref_idx = torch.topk(scores, k, dim=1, largest=largest, sorted=True)
-    assert top.indices.shape == top.scores.shape == (scores.shape[0], k)
-    assert top.indices.dtype == torch.long
-    assert_close(top.scores, ref_scores, rtol)
-    assert_close(torch.gather(scores, 1, top.indices), ref_scores, rtol)
-    for row in range(scores.shape[0]):
-        assert len(set(top.indices[row].tolist())) == k, "duplicate indices"
-    tol = 1e-8 * scores.abs().max()
-    ordered = torch.sort(scores, dim=1, descending=largest).values
-    for row in range(scores.shape[0]):
-        for j in range(k):
-            gaps = (ordered[row] - ordered[row, j]).abs()
-            if int((gaps <= tol).sum()) == 1:  # no other score within tol: the index is determined
-                assert int(top.indices[row, j]) == int(ref_idx[row, j]), (row, j)
 
 
 class EmbedNormNet(nn.Module):

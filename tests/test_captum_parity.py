@@ -1,5 +1,5 @@
-"""Parity with captum==0.9.0 `TracInCP` on Captum's own fixtures, and Captum's defects shown against a brute-force
-reference (one `torch.autograd.grad` per example, float64).
+"""Parity with captum==0.9.0 `TracInCP` on Captum's own fixtures, and Captum's defects shown against the brute-force
+float64 reference of `tests/reference.py` (one `torch.autograd.grad` per example).
 
 Captum's default checkpoint loader gives lr = 1, so every comparison here loads Captum's checkpoints with a custom
 `checkpoints_load_func` returning a distinct lr != 1 per checkpoint, and gives ours the same lrs.
@@ -11,7 +11,6 @@ import copy
 import functools
 import os
 import warnings
-from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -19,7 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import tracin_func as tc
+from tests.conftest import assert_close, assert_differs
 from tests.models import EmbedNormNet
+from tests.reference import reference_scores
 
 pytest.importorskip("captum")
 pytest.importorskip(
@@ -62,19 +63,7 @@ def _our_checkpoints(directory: str) -> list[tc.Checkpoint]:
     return tc.load_checkpoints([os.path.join(directory, n) for n in names], lr=[LRS[n] for n in names])
 
 
-def _assert_rel(ours: torch.Tensor, theirs: torch.Tensor, rel: float) -> None:
-    assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
-    scale = theirs.abs().max()
-    assert scale > 0
-    err = (ours.to(theirs.dtype) - theirs).abs().max()
-    assert err <= rel * scale, f"max abs diff {err:.3e} > {rel:g} * {scale:.3e}"
-
-
-def _assert_differs(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-3) -> None:
-    assert (a - b).abs().max() > rel * b.abs().max(), "expected Captum to differ here"
-
-
-# --- brute-force reference ---------------------------------------------------------------------------------------
+# --- per-example losses for the float64 reference (tests/reference.py) -------------------------------------------
 
 
 def _sum_sq(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -83,36 +72,6 @@ def _sum_sq(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _mean_sq(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((out - target) ** 2).mean()
-
-
-def _brute_grads(
-    net: nn.Module,
-    state: dict[str, torch.Tensor],
-    batch: Sequence[torch.Tensor],
-    example_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    names: Sequence[str] | None = None,
-) -> torch.Tensor:
-    """``[n, P]`` per-example gradients, one autograd.grad per example, in float64."""
-    model = copy.deepcopy(net).double()
-    model.load_state_dict(state)
-    params = [p for n, p in model.named_parameters() if names is None or n in names]
-    rows = []
-    for i in range(batch[-1].shape[0]):
-        out = model(*(t[i : i + 1].double() for t in batch[:-1]))
-        g = torch.autograd.grad(example_loss(out, batch[-1][i : i + 1].double()), params)
-        rows.append(torch.cat([x.flatten() for x in g]))
-    return torch.stack(rows)
-
-
-def _brute_influence(net, ckpts, train, test, train_loss, test_loss=None, names=None, lr_power=1.0):
-    test_loss = test_loss or train_loss
-    total = 0
-    for c in ckpts:
-        state = {k: v.double() for k, v in c.params.items()}
-        g_test = _brute_grads(net, state, test, test_loss, names)
-        g_train = _brute_grads(net, state, train, train_loss, names)
-        total = total + float(c.lr) ** lr_power * g_test @ g_train.T
-    return total
 
 
 def _as_batch(dataset) -> tuple[torch.Tensor, ...]:
@@ -201,9 +160,9 @@ def test_tracincp_parity_float64(fixture, loss_name, layers):
     kw = dict(loss_fn=make_loss(), layers=layers, batch_size=8)
 
     scores = tc.influence(net, ckpts, train, test, **kw)
-    _assert_rel(scores, captum.influence(test), REL64)
+    assert_close(scores, captum.influence(test), REL64)
 
-    _assert_rel(
+    assert_close(
         tc.influence(net, ckpts, train, test, aggregate=True, **kw), captum.influence(test, aggregate=True), REL64
     )
 
@@ -211,15 +170,15 @@ def test_tracincp_parity_float64(fixture, loss_name, layers):
         theirs = captum.influence(test, k=K, proponents=proponents)
         ours = tc.top_k(net, ckpts, train, test, k=K, proponents=proponents, **kw)
         assert torch.equal(ours.indices, theirs.indices)
-        _assert_rel(ours.scores, theirs.influence_scores, REL64)
+        assert_close(ours.scores, theirs.influence_scores, REL64)
         torch.testing.assert_close(scores.gather(1, ours.indices), ours.scores, rtol=1e-12, atol=0)
 
     theirs = captum.influence(test, k=K, proponents=True, aggregate=True)
     ours = tc.top_k(net, ckpts, train, test, k=K, aggregate=True, **kw)
     assert torch.equal(ours.indices, theirs.indices)
-    _assert_rel(ours.scores, theirs.influence_scores, REL64)
+    assert_close(ours.scores, theirs.influence_scores, REL64)
 
-    _assert_rel(tc.self_influence(net, ckpts, train, **kw), captum.self_influence(), REL64)
+    assert_close(tc.self_influence(net, ckpts, train, **kw), captum.self_influence(), REL64)
 
 
 def test_parity_with_captum_default_loader_lr_one(fixture):
@@ -229,18 +188,18 @@ def test_parity_with_captum_default_loader_lr_one(fixture):
     ckpts = tc.load_checkpoints(directory, lr=1.0)
     loss = nn.MSELoss(reduction="none")
     theirs = captum.influence(test)
-    _assert_rel(tc.influence(net, ckpts, train, test, loss_fn=loss), theirs, REL64)
-    _assert_rel(tc.self_influence(net, ckpts, train, loss_fn=loss), captum.self_influence(), REL64)
+    assert_close(tc.influence(net, ckpts, train, test, loss_fn=loss), theirs, REL64)
+    assert_close(tc.self_influence(net, ckpts, train, loss_fn=loss), captum.self_influence(), REL64)
     # and the lr really matters: our lr != 1 checkpoints differ from Captum's lr = 1
-    _assert_differs(tc.influence(net, _our_checkpoints(directory), train, test, loss_fn=loss), theirs)
+    assert_differs(tc.influence(net, _our_checkpoints(directory), train, test, loss_fn=loss), theirs)
 
 
 def test_parity_matches_brute_force(fixture):
     """Both agree with each other above; this pins them to the ground truth (lr != 1, per-example sum of squares)."""
     net, train, test, directory, _ = fixture
     ckpts = _our_checkpoints(directory)
-    reference = _brute_influence(net, ckpts, _as_batch(train), test, _sum_sq)
-    _assert_rel(tc.influence(net, ckpts, train, test, loss_fn=nn.MSELoss(reduction="none")), reference, REL64)
+    reference = reference_scores(net, ckpts, _as_batch(train), test, loss_fn=_sum_sq).influence
+    assert_close(tc.influence(net, ckpts, train, test, loss_fn=nn.MSELoss(reduction="none")), reference, REL64)
 
 
 @pytest.mark.parametrize(
@@ -271,10 +230,10 @@ def test_tracincp_parity_float32(fixture, loss_name):
     kw = dict(loss_fn=make_loss(), batch_size=8, dtype=torch.float32)
     ours = tc.influence(net32, ckpts, train32, test32, **kw)
     assert ours.dtype == torch.float32
-    _assert_rel(ours, captum.influence(test32), REL32)
-    _assert_rel(tc.self_influence(net32, ckpts, train32, **kw), captum.self_influence(), REL32)
+    assert_close(ours, captum.influence(test32), REL32)
+    assert_close(tc.self_influence(net32, ckpts, train32, **kw), captum.self_influence(), REL32)
     # float32 is not float64: the comparison tolerance is meaningful
-    _assert_rel(ours.double(), tc.influence(net, ckpts, train, test, loss_fn=make_loss()), REL32)
+    assert_close(ours.double(), tc.influence(net, ckpts, train, test, loss_fn=make_loss()), REL32)
 
 
 # --- Captum's defects: we are right (vs brute force), Captum differs ---------------------------------------------
@@ -285,17 +244,18 @@ def test_defect_intermediate_quantities_scale_by_lr_not_sqrt_lr(single):
     loss = nn.MSELoss(reduction="none")
     captum = TracInCP(net, train, directory, checkpoints_load_func=_load_with_lr, loss_fn=loss, batch_size=8)
     ckpts = _our_checkpoints(directory)
-    reference = _brute_influence(net, ckpts, _as_batch(train), test, _sum_sq)
+    reference = reference_scores(net, ckpts, _as_batch(train), test, loss_fn=_sum_sq).influence
 
     ours = tc.embeddings(net, ckpts, test, loss_fn=loss) @ tc.embeddings(net, ckpts, train, loss_fn=loss).T
-    _assert_rel(ours, reference, REL64)
+    assert_close(ours, reference, REL64)
 
     train_loader = DataLoader(train, batch_size=8, shuffle=False)
     theirs = captum.compute_intermediate_quantities(test) @ captum.compute_intermediate_quantities(train_loader).T
-    _assert_differs(theirs, reference)
-    squared = _brute_influence(net, ckpts, _as_batch(train), test, _sum_sq, lr_power=2.0)
-    _assert_rel(theirs, squared, REL64)  # Captum's embeddings give sum_c lr_c^2 <g, g'>
-    _assert_rel(captum.influence(test), reference, REL64)  # while its influence is right
+    assert_differs(theirs, reference)
+    lr_squared = [tc.Checkpoint(c.params, float(c.lr) ** 2) for c in ckpts]
+    squared = reference_scores(net, lr_squared, _as_batch(train), test, loss_fn=_sum_sq).influence
+    assert_close(theirs, squared, REL64)  # Captum's embeddings give sum_c lr_c^2 <g, g'>
+    assert_close(captum.influence(test), reference, REL64)  # while its influence is right
 
 
 def test_defect_test_loss_fn_reduction_ignored_raises(single):
@@ -318,7 +278,8 @@ def test_defect_test_loss_fn_reduction_ignored_raises(single):
     ours = tc.influence(
         net, ckpts, train, test, loss_fn=nn.MSELoss(reduction="sum"), test_loss_fn=nn.MSELoss(reduction="mean")
     )
-    _assert_rel(ours, _brute_influence(net, ckpts, _as_batch(train), test, _sum_sq, _mean_sq), REL64)
+    reference = reference_scores(net, ckpts, _as_batch(train), test, loss_fn=_sum_sq, test_loss_fn=_mean_sq)
+    assert_close(ours, reference.influence, REL64)
 
 
 def test_defect_test_loss_fn_reduction_ignored_silently_misscales(single):
@@ -340,12 +301,12 @@ def test_defect_test_loss_fn_reduction_ignored_silently_misscales(single):
         sample_wise_grads_per_batch=True,
     )
     ckpts = _our_checkpoints(directory)
-    reference = _brute_influence(net, ckpts, _as_batch(train), test, _mean_sq, _sum_sq)
+    reference = reference_scores(net, ckpts, _as_batch(train), test, loss_fn=_mean_sq, test_loss_fn=_sum_sq).influence
     ours = tc.influence(net, ckpts, train, test, loss_fn=nn.MSELoss(reduction="mean"), test_loss_fn=summed)
-    _assert_rel(ours, reference, REL64)
+    assert_close(ours, reference, REL64)
     theirs = captum.influence(test)
-    _assert_differs(theirs, reference)
-    _assert_rel(theirs, reference * test[-1].shape[0], REL64)
+    assert_differs(theirs, reference)
+    assert_close(theirs, reference * test[-1].shape[0], REL64)
 
 
 def test_defect_fast_last_layer_drops_bias_and_differentiates_the_output(single):
@@ -356,15 +317,15 @@ def test_defect_fast_last_layer_drops_bias_and_differentiates_the_output(single)
     fast = TracInCPFast(net, net.linear2, train, directory, _load_with_lr, loss_fn=loss, batch_size=8)
     ckpts = _our_checkpoints(directory)
     names = ["linear2.weight", "linear2.bias"]
-    reference = _brute_influence(net, ckpts, _as_batch(train), test, _sum_sq, names=names)
+    reference = reference_scores(net, ckpts, _as_batch(train), test, loss_fn=_sum_sq, params=names).influence
     ours = tc.influence(net, ckpts, train, test, loss_fn=loss, method="last_layer")
-    _assert_rel(ours, reference, REL64)
-    _assert_differs(fast.influence(test), reference)
+    assert_close(ours, reference, REL64)
+    assert_differs(fast.influence(test), reference)
     ours_self = tc.self_influence(net, ckpts, train, loss_fn=loss, method="last_layer")
     train_batch = _as_batch(train)
-    self_reference = torch.diagonal(_brute_influence(net, ckpts, train_batch, train_batch, _sum_sq, names=names))
-    _assert_rel(ours_self, self_reference, REL64)
-    _assert_differs(fast.self_influence(), ours_self)
+    self_reference = reference_scores(net, ckpts, train_batch, loss_fn=_sum_sq, params=names).self_influence
+    assert_close(ours_self, self_reference, REL64)
+    assert_differs(fast.self_influence(), ours_self)
 
 
 def test_defect_batch_wise_path_drops_embedding_and_layernorm(tmp_path):
@@ -391,20 +352,20 @@ def test_defect_batch_wise_path_drops_embedding_and_layernorm(tmp_path):
     )
     ckpts = tc.load_checkpoints([tmp_path / n for n in names], lr=[LRS[n] for n in names])
     train_batch = (tokens[:8], targets[:8])
-    reference = _brute_influence(net, ckpts, train_batch, test, _sum_sq)
+    reference = reference_scores(net, ckpts, train_batch, test, loss_fn=_sum_sq).influence
 
     ours = tc.influence(net, ckpts, train, test, loss_fn=nn.MSELoss(reduction="sum"))
-    _assert_rel(ours, reference, REL64)
+    assert_close(ours, reference, REL64)
     assert tc.embeddings(net, ckpts, test, loss_fn=nn.MSELoss()).shape[1] == 2 * sum(
         p.numel() for p in net.parameters()
     )
 
     theirs = captum.influence(test)
-    _assert_differs(theirs, reference)
-    fc_only = _brute_influence(net, ckpts, train_batch, test, _sum_sq, names=["fc.weight", "fc.bias"])
-    _assert_rel(theirs, fc_only, REL64)  # Captum silently scored the Linear layer only
+    assert_differs(theirs, reference)
+    fc_only = reference_scores(net, ckpts, train_batch, test, loss_fn=_sum_sq, params=["fc.weight", "fc.bias"])
+    assert_close(theirs, fc_only.influence, REL64)  # Captum silently scored the Linear layer only
     ours_fc = tc.influence(net, ckpts, train, test, loss_fn=nn.MSELoss(reduction="sum"), layers=["fc"])
-    _assert_rel(ours_fc, theirs, REL64)
+    assert_close(ours_fc, theirs, REL64)
 
 
 def test_defect_default_loader_cannot_carry_a_learning_rate(single, tmp_path):
@@ -416,14 +377,14 @@ def test_defect_default_loader_cannot_carry_a_learning_rate(single, tmp_path):
     torch.save({**state, "learning_rate": 0.1}, flat / "ckpt-1.pt")
     torch.save({"model_state_dict": state, "learning_rate": 0.1}, nested / "ckpt-1.pt")
     loss = nn.MSELoss(reduction="none")
-    reference = _brute_influence(net, [tc.Checkpoint(state, 0.1)], _as_batch(train), test, _sum_sq)
+    reference = reference_scores(net, [tc.Checkpoint(state, 0.1)], _as_batch(train), test, loss_fn=_sum_sq).influence
     for directory_with_lr in (flat, nested):
         captum = TracInCP(net, train, str(directory_with_lr), loss_fn=loss, batch_size=8)
         with pytest.raises(RuntimeError, match="Unexpected key|Missing key"):
             captum.influence(test)
         ckpts = tc.load_checkpoints(str(directory_with_lr))
         assert float(ckpts[0].lr) == 0.1
-        _assert_rel(tc.influence(net, ckpts, train, test, loss_fn=loss), reference, REL64)
+        assert_close(tc.influence(net, ckpts, train, test, loss_fn=loss), reference, REL64)
 
 
 def test_defect_checkpoint_list_resorted_and_requires_grad_changed(single):

@@ -2,8 +2,8 @@
 
 Both libraries get the same constructor arguments, including the same `checkpoints_load_func`, which returns a
 distinct lr != 1 per checkpoint (Captum's default loader gives lr = 1). Where Captum is right the adapter matches it
-at 1e-10 relative in float64; where Captum is wrong (documented in the adapter's module docstring) the adapter
-matches a brute-force reference (one `torch.autograd.grad` per example, float64) and Captum is shown to differ.
+at 1e-10 relative in float64; where Captum is wrong (listed in docs/captum_adapter.md) the adapter matches a
+brute-force reference (one `torch.autograd.grad` per example, float64) and Captum is shown to differ.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import tracin_func as tc
-from tests.models import N_TEST, N_TRAIN, assert_close, assert_topk, mlp_task, reference_scores
+from tests.conftest import assert_close, assert_topk
+from tests.models import N_TEST, N_TRAIN, mlp_task
+from tests.reference import reference_scores
 
 pytestmark = pytest.mark.slow
 

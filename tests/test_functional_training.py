@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import tracin_func as tc
-from tests.models import assert_close, assert_topk, reference_scores
+from tests.conftest import assert_close, assert_topk
+from tests.reference import reference_scores
 
 pytest.importorskip("sklearn")
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tracin_func as tc
-from tests.models import N_TRAIN, Task, assert_close, assert_topk, function_task, mlp_task, two_inputs_task
+from tests.conftest import assert_close, assert_topk
+from tests.models import N_TRAIN, Task, function_task, mlp_task, two_inputs_task
 
 EXACT = 1e-12  # the same numbers computed in another order
 FAST = settings(max_examples=6, deadline=None, database=None)

@@ -8,7 +8,6 @@ checkpoints, and the global grad mode, RNG state and default dtype.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from typing import Any, Callable
@@ -20,6 +19,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 import tracin_func as tc
+from tests.reference import reference_scores
 
 CE = nn.CrossEntropyLoss()
 
@@ -340,32 +340,12 @@ def test_float64_scoring_does_not_cast_the_model():
     assert batch[0].dtype == torch.float32
 
 
-def _loop_grads(net, params, batch):
-    rows = []
-    for i in range(batch[0].shape[0]):
-        loss = CE(net(batch[0][i : i + 1].double()), batch[1][i : i + 1])
-        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
-    return torch.stack(rows)
-
-
-def _reference_influence(model, ckpts, train, test):
-    """Float64 loop, one autograd.grad per example, over the parameters that require grad."""
-    total = 0
-    for c in ckpts:
-        net = copy.deepcopy(model).double()
-        net.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in c.params.items()})
-        params = [p for p in net.parameters() if p.requires_grad]
-
-        total = total + c.lr * _loop_grads(net, params, test) @ _loop_grads(net, params, train).T
-    return total
-
-
 def test_frozen_weight_layer_bias_is_scored():
     """The purity model's frozen Linear (weight frozen, bias trainable) is scored like a plain autograd loop."""
     model, ckpts, batch, _ = _purity_setup()
     got = tc.influence(model, ckpts, batch, batch, loss_fn=CE, dtype=torch.float64)
     dense = tc.influence(model, ckpts, batch, batch, loss_fn=CE, dtype=torch.float64, factored=False)
-    reference = _reference_influence(model, ckpts, batch, batch)
+    reference = reference_scores(model, ckpts, batch, batch, loss_fn=CE).influence  # the parameters requiring grad
     torch.testing.assert_close(dense, reference, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-12)
 

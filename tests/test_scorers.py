@@ -14,17 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tracin_func as tc
-from tests.models import (
-    TASKS,
-    Reference,
-    Task,
-    assert_close,
-    assert_topk,
-    cast_task,
-    mlp_task,
-    multi_output_task,
-    reference_scores,
-)
+from tests.conftest import assert_close, assert_topk
+from tests.models import TASKS, Task, cast_task, mlp_task, multi_output_task
+from tests.reference import Reference, reference_scores
 
 LOOP_WARNING = r"vmap failed on this model \(RuntimeError: .+\); computing per-example gradients with a loop"
 

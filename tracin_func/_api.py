@@ -6,15 +6,12 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
-from tqdm.auto import tqdm
 
 from ._checkpoints import Checkpoint
 from ._data import num_examples
-from ._factored import last_layer_params, make_plan, representation_fn
-from ._grads import Mapper
-from ._loss import ExampleLoss, example_loss
-from ._model import ParamSelector, model_spec, prepare
-from ._scorer import Engine, Run, embedding_rows, make_updates, representations_of_test_data, score_blocks, self_scores
+from ._driver import embedding_rows, score_blocks, self_scores, test_representations
+from ._model import ParamSelector, exclusive_use
+from ._setup import make_setup
 from ._topk import TopK, merge
 from ._validate import positive_int, seed_value
 
@@ -38,103 +35,10 @@ class Options(TypedDict, total=False):
     method: str
 
 
-def _default_device(model: Any, first: Checkpoint) -> torch.device:
-    if isinstance(model, torch.nn.Module):
-        for t in (*model.parameters(), *model.buffers()):
-            return t.device
-    tensors = [t for t in first.params.values() if isinstance(t, torch.Tensor)]
-    return tensors[0].device if tensors else torch.device("cpu")
-
-
 def _check_options(options: dict[str, Any], function: str) -> None:
     unknown = sorted(set(options) - set(Options.__annotations__))
     if unknown:
         raise TypeError(f"`{function}` got unknown option(s) {unknown}; options are {sorted(Options.__annotations__)}.")
-
-
-def _auto_batch_size(diff: Iterable[torch.Tensor], budget_bytes: int = 1 << 28) -> int:
-    """Examples per batch so that dense per-sample gradients of every differentiated parameter fit ``budget``."""
-    per_example = sum(t.numel() * t.element_size() for t in diff)
-    return max(16, min(4096, budget_bytes // max(1, per_example)))
-
-
-def _run(
-    model: Any,
-    checkpoints: Iterable[Checkpoint],
-    *,
-    loss_fn: Any,
-    test_loss_fn: Any = None,
-    params: ParamSelector = None,
-    layers: Sequence[str] | None = None,
-    batch_size: int | None = None,
-    chunk_size: int | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    strict: bool = True,
-    progress: bool = False,
-    compile: bool = False,
-    factored: bool | None = None,
-    method: str = "exact",
-    projection: tuple[int, int] | None = None,
-) -> Run:
-    """Validate the options shared by every scorer and prepare each checkpoint once."""
-    if isinstance(checkpoints, (Checkpoint, str)) or not isinstance(checkpoints, Iterable):
-        raise TypeError(
-            f"`checkpoints` must be a list of `tc.Checkpoint`, got {type(checkpoints).__name__}; load files with "
-            f"`tc.load_checkpoints(...)`."
-        )
-    checkpoints = list(checkpoints)
-    if not checkpoints:
-        raise ValueError("`checkpoints` is empty; pass at least one `tc.Checkpoint(params=..., lr=...)`.")
-    if loss_fn is None:
-        raise TypeError("`loss_fn` is required: a criterion such as `nn.CrossEntropyLoss()`, or `tc.ExampleLoss(fn)`.")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"`dtype` must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
-    if method not in ("exact", "last_layer"):
-        raise ValueError(f"`method` must be 'exact' or 'last_layer', got {method!r}.")
-    if method == "last_layer" and (params is not None or layers is not None or not isinstance(model, torch.nn.Module)):
-        raise ValueError(
-            "`method='last_layer'` picks the model's final nn.Linear itself: drop `params` / `layers`, or keep them "
-            "and use the default `method='exact'` (an nn.Module is required)."
-        )
-    for name, value in (("strict", strict), ("progress", progress), ("compile", compile)):
-        if not isinstance(value, bool):
-            raise TypeError(f"`{name}` must be True or False, got {value!r}.")
-    if factored is not None and not isinstance(factored, bool):
-        raise TypeError(f"`factored` must be None (choose per layer), True or False, got {factored!r}.")
-    if batch_size is not None:
-        positive_int(batch_size, "batch_size")
-    if chunk_size is not None:
-        positive_int(chunk_size, "chunk_size")
-    first = checkpoints[0]
-    if not isinstance(first, Checkpoint):
-        raise TypeError(
-            f"`checkpoints[0]` is a {type(first).__name__}; wrap it as `tc.Checkpoint(params=state_dict, lr=...)` or "
-            f"load files with `tc.load_checkpoints`."
-        )
-    spec = model_spec(model, first.params, params, layers)
-    target = torch.device(device) if device is not None else _default_device(model, first)
-    bar = tqdm(checkpoints, desc="preparing checkpoints", unit="ckpt", disable=not progress, leave=False)
-    prepared = [prepare(spec, c, i, device=target, dtype=dtype, strict=strict) for i, c in enumerate(bar)]
-    batch_size = batch_size or _auto_batch_size(prepared[0].diff.values())
-    test_loss_fn = loss_fn if test_loss_fn is None else test_loss_fn
-    train_loss = example_loss(spec.forward, loss_fn, "loss_fn")
-    test_loss = example_loss(spec.forward, test_loss_fn, "test_loss_fn")
-
-    def build(batch: Any) -> Engine:
-        ckpts, force = prepared, factored
-        if method == "last_layer":
-            ckpts, force = [c.split(last_layer_params(model, train_loss, prepared[0], batch)) for c in ckpts], True
-        losses = [train_loss] if test_loss_fn is loss_fn else [train_loss, test_loss]
-        mapper = Mapper(chunk_size)
-        plan = make_plan(
-            model, list(ckpts[0].diff), losses, ckpts[0].diff, ckpts[0].frozen, batch, mapper, factored=force
-        )
-        reps = [representation_fn(model, loss, plan, mapper) for loss in (train_loss, test_loss)]
-        return Engine(make_updates(*reps, projection=projection, compile=compile), ckpts)
-
-    needs_target = (not isinstance(loss_fn, ExampleLoss), not isinstance(test_loss_fn, ExampleLoss))
-    return Run(prepared, build, target, dtype, batch_size, needs_target, progress)
 
 
 def influence(
@@ -171,7 +75,9 @@ def influence(
               as keep dense per-sample gradients of the differentiated parameters within 256 MB (16 to 4096).
             - ``chunk_size``: examples per ``vmap`` call inside a batch (bounds activation memory).
             - ``device`` / ``dtype``: where and in which floating dtype to compute (``torch.float64`` works end to
-              end). Default: the model's device, the checkpoints' dtype.
+              end). Default: the model's device, the checkpoints' one floating dtype (mixed or half-precision
+              checkpoints need an explicit ``dtype``). Checkpoints and floating inputs are converted to it for
+              the call; integer inputs (token ids) stay integers.
             - ``strict`` (True): a checkpoint must hold every entry of the model's state dict; ``False`` takes
               missing ones from the model. Unexpected entries are always an error.
             - ``progress`` (False): tqdm bars over checkpoints and batches.
@@ -202,9 +108,10 @@ def influence(
         torch.Size([2, 10])
     """
     _check_options(options, "influence")
-    run = _run(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
-    engine, test_reps = representations_of_test_data(run, test, aggregate=aggregate)
-    blocks = [block for _, block in score_blocks(run, engine, test_reps, train, "influence")]
+    setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
+    with exclusive_use(model, setup.spec):
+        updates, test_reps = test_representations(setup, test, aggregate=aggregate)
+        blocks = [block for _, block in score_blocks(setup, updates, test_reps, train, "influence")]
     if not blocks:
         raise ValueError("`train` holds no examples.")
     return torch.cat(blocks, dim=1)
@@ -246,11 +153,12 @@ def top_k(
     n_train = num_examples(train)
     if n_train is not None and k > n_train:
         raise ValueError(f"`k`={k} exceeds the number of training examples ({n_train}); pass `k <= {n_train}`.")
-    run = _run(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
-    engine, test_reps = representations_of_test_data(run, test, aggregate=aggregate)
-    best, seen = None, 0
-    for offset, block in score_blocks(run, engine, test_reps, train, "proponents" if proponents else "opponents"):
-        best, seen = merge(best, block, offset, k, largest=proponents), offset + block.shape[1]
+    setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
+    best, seen, desc = None, 0, "proponents" if proponents else "opponents"
+    with exclusive_use(model, setup.spec):
+        updates, test_reps = test_representations(setup, test, aggregate=aggregate)
+        for offset, block in score_blocks(setup, updates, test_reps, train, desc):
+            best, seen = merge(best, block, offset, k, largest=proponents), offset + block.shape[1]
     if best is None or seen < k:
         raise ValueError(f"`k`={k} exceeds the number of training examples ({seen}); pass `k <= {seen}`.")
     return best
@@ -276,7 +184,9 @@ def self_influence(
         torch.Size([10])
     """
     _check_options(options, "self_influence")
-    return self_scores(_run(model, checkpoints, loss_fn=loss_fn, **options), data)
+    setup = make_setup(model, checkpoints, loss_fn=loss_fn, **options)
+    with exclusive_use(model, setup.spec):
+        return self_scores(setup, data)
 
 
 def embeddings(
@@ -320,4 +230,6 @@ def embeddings(
     projection = None
     if projection_dim is not None:
         projection = (positive_int(projection_dim, "projection_dim"), seed_value(seed))
-    return embedding_rows(_run(model, checkpoints, loss_fn=loss_fn, projection=projection, **options), data)
+    setup = make_setup(model, checkpoints, loss_fn=loss_fn, projection=projection, **options)
+    with exclusive_use(model, setup.spec):
+        return embedding_rows(setup, data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -76,11 +77,10 @@ def _natural_key(path: str) -> list[Any]:
 
 
 def _list_directory(directory: str) -> list[str]:
-    files = [os.path.join(directory, f) for f in os.listdir(directory) if not f.startswith(".")]
-    files = [f for f in files if os.path.isfile(f)]
+    files = checkpoint_files(directory)
     if not files:
         raise ValueError(f"`source` directory {directory!r} contains no checkpoint files.")
-    return sorted(files, key=_natural_key)
+    return files
 
 
 def _read_file(path: str, *, map_location: Any, weights_only: bool) -> Mapping[str, Any]:
@@ -92,11 +92,30 @@ def _read_file(path: str, *, map_location: Any, weights_only: bool) -> Mapping[s
                 f"Loading {path!r} needs the `safetensors` package: pip install 'tracin-func[safetensors]'."
             ) from err
         device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
-        return load_file(path, device=str(device))
-    obj = torch.load(path, map_location=map_location, weights_only=weights_only)
+        try:
+            return load_file(path, device=str(device))
+        except Exception as err:  # safetensors raises its own error type for a corrupt header
+            raise _unreadable(path, err) from err
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):  # weights_only refused code in a valid file: keep torch's message
+            raise pickle.UnpicklingError(f"Checkpoint file {path!r}: {err}") from err
+        raise _unreadable(path, err) from err
+    except Exception as err:  # a corrupt pickle fails with any error type
+        raise _unreadable(path, err) from err
     if not isinstance(obj, Mapping):
         raise TypeError(f"Checkpoint file {path!r} holds a {type(obj).__name__}, expected a state dict (a mapping).")
     return obj
+
+
+def _unreadable(path: str, err: BaseException) -> ValueError:
+    cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return ValueError(
+        f"Checkpoint file {path!r} could not be read ({type(err).__name__}: {cause}): it is empty, truncated or not "
+        f"a checkpoint. Re-save it with `torch.save(state_dict, path)`, or remove it from the directory / list of "
+        f"paths (a directory's every non-hidden file is read as a checkpoint)."
+    )
 
 
 def split_state_and_lr(obj: Mapping[str, Any], where: str) -> tuple[dict[str, torch.Tensor], Any]:
@@ -106,9 +125,11 @@ def split_state_and_lr(obj: Mapping[str, Any], where: str) -> tuple[dict[str, to
     ``model_state_dict`` / ``state_dict`` next to ``learning_rate`` (Captum's tutorial format). A ``module.``
     prefix (DataParallel / DDP) is stripped from every key.
     """
-    lr = next((obj[k] for k in LR_KEYS if k in obj), None)
     nested = next((k for k in STATE_KEYS if k in obj), None)
-    state = obj[nested] if nested is not None else {k: v for k, v in obj.items() if k not in LR_KEYS}
+    # A non-scalar tensor under an lr key is a parameter of that name (``self.lr = nn.Parameter(...)``).
+    lr_keys = [k for k in LR_KEYS if k in obj and not (isinstance(obj[k], torch.Tensor) and obj[k].numel() != 1)]
+    lr = obj[lr_keys[0]] if lr_keys else None
+    state = obj[nested] if nested is not None else {k: v for k, v in obj.items() if k not in lr_keys}
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise TypeError(
@@ -185,3 +206,9 @@ def load_checkpoints(
         check_lr(ckpt_lr, repr(path))
         checkpoints.append(Checkpoint(params=state, lr=ckpt_lr))
     return checkpoints
+
+
+def checkpoint_files(directory: str) -> list[str]:
+    """The non-hidden regular files of ``directory`` in natural order (``ckpt-2`` before ``ckpt-10``); may be empty."""
+    files = [os.path.join(directory, f) for f in os.listdir(directory) if not f.startswith(".")]
+    return sorted((f for f in files if os.path.isfile(f)), key=_natural_key)

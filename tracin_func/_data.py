@@ -7,7 +7,14 @@ from typing import Any
 
 import optree
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 Batch = Any  # a tuple (x1, ..., xk, y) of tensors, or a dict / pytree of tensors with a leading batch dim
 
@@ -57,7 +64,8 @@ def check_batch_structure(batch: Batch, where: str, *, needs_target: bool) -> No
         )
 
 
-def _slice(batch: Batch, start: int, stop: int) -> Batch:
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Examples ``start:stop`` of every tensor of ``batch``."""
     return optree.tree_map(lambda t: t[start:stop], batch, none_is_leaf=True)
 
 
@@ -67,17 +75,59 @@ def iter_batches(data: Any, batch_size: int, where: str) -> Iterator[Batch]:
     if is_single_batch(data):
         n = batch_size_of(data, where)
         for start in range(0, n, batch_size):
-            yield _slice(data, start, min(start + batch_size, n))
+            yield slice_batch(data, start, min(start + batch_size, n))
         return
     if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        # Its own generator: iterating a DataLoader otherwise draws a seed from the global RNG.
-        data = DataLoader(data, batch_size=batch_size, shuffle=False, generator=torch.Generator())
+        data = sequential_loader(data, batch_size)
+    if isinstance(data, DataLoader):
+        check_stable_order(data, where)
+    if _holds_numpy(data):
+        raise TypeError(
+            f"`{where}` holds numpy arrays; convert them with `torch.from_numpy(a)` (e.g. "
+            f"`tuple(map(torch.from_numpy, arrays))`)."
+        )
     if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
         raise TypeError(
             f"`{where}` must be a batch `(x1, ..., xk, y)`, a Dataset, a DataLoader or an iterable of batches; "
             f"got {type(data).__name__}."
         )
     yield from data
+
+
+def _holds_numpy(data: Any) -> bool:
+    elements = data.values() if isinstance(data, Mapping) else data if isinstance(data, (tuple, list)) else [data]
+    return any(type(x).__module__ == "numpy" for x in elements)
+
+
+_SHUFFLING_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+
+
+def check_stable_order(loader: DataLoader, where: str) -> None:
+    """Refuse a DataLoader whose iteration order changes between passes or that drops examples: result index
+    ``j`` is the j-th example in iteration order, and every example must be scored."""
+    sampler = loader.batch_sampler.sampler if isinstance(loader.batch_sampler, BatchSampler) else loader.sampler
+    shuffles = isinstance(sampler, _SHUFFLING_SAMPLERS) or getattr(sampler, "shuffle", False) is True
+    if shuffles:
+        raise ValueError(
+            f"`{where}` is a DataLoader that shuffles ({type(sampler).__name__}): result indices would name "
+            f"different examples on every pass. Pass a DataLoader with `shuffle=False` and a sequential sampler, or "
+            f"the Dataset itself."
+        )
+    size = _sized(sampler)
+    if isinstance(loader.batch_sampler, BatchSampler) and loader.batch_sampler.drop_last and size is not None:
+        dropped = size % loader.batch_sampler.batch_size
+        if dropped:
+            raise ValueError(
+                f"`{where}` is a DataLoader with `drop_last=True`, which leaves out its last {dropped} examples. "
+                f"Pass `drop_last=False` so that every example is scored."
+            )
+
+
+def _sized(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
 
 
 def num_batches(data: Any, batch_size: int) -> int | None:
@@ -113,3 +163,9 @@ def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> 
         return t.to(device=device)
 
     return optree.tree_map(move, batch, none_is_leaf=True)
+
+
+def sequential_loader(dataset: Dataset, batch_size: int) -> DataLoader:
+    """``dataset`` in an unshuffled ``DataLoader`` with its own generator, so iterating never draws from the global
+    RNG (a DataLoader otherwise takes a seed from it on every iteration)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 # Grouped weight gradients beat unfolded patches + bmm up to about this many channel pairs (measured on CPU: 2-4x
 # faster for 16 x 32 and 64 x 64 channels, 1.7x slower for 128 x 128).
@@ -38,7 +39,39 @@ class Site(NamedTuple):
         return tuple(n for n in (self.weight, self.bias) if n is not None)
 
 
+# The classes whose own forward a factor site must run: a subclass overriding it (a scaled output, a standardised
+# or clamped weight) computes something else, and its factors would give wrong scores.
+_PLAIN_FORWARD = {
+    nn.Linear: ("forward",),
+    nn.Conv1d: ("forward", "_conv_forward"),
+    nn.Conv2d: ("forward", "_conv_forward"),
+    nn.Embedding: ("forward",),
+    nn.LayerNorm: ("forward",),
+    nn.modules.batchnorm._BatchNorm: ("forward",),
+}
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _is_plain(module: nn.Module) -> bool:
+    """Whether ``module`` provably computes its base class's function: the class's own ``forward`` (and conv
+    ``_conv_forward``), no hooks that could change inputs, outputs or weights, no parametrized weight."""
+    if any(getattr(module, hooks) for hooks in _HOOKS) or parametrize.is_parametrized(module):
+        return False
+    if type(module).__call__ is not nn.Module.__call__:
+        return False
+    base = next((cls for cls in _PLAIN_FORWARD if isinstance(module, cls)), None)
+    return base is not None and all(getattr(type(module), f) is getattr(base, f) for f in _PLAIN_FORWARD[base])
+
+
+def global_hooks_present() -> bool:
+    """Global module hooks (``register_module_forward_hook``) run on every layer: no layer is provably plain."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks)
+
+
 def _kind(module: nn.Module) -> str | None:
+    if not _is_plain(module):
+        return None
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
@@ -59,6 +92,8 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
     A parameter shared by several modules (weight tying) is left to the dense path: its gradient sums over uses
     of different kinds. A module called several times is fine: its calls are concatenated along ``T``.
     """
+    if global_hooks_present():
+        return {}
     diff = set(diff_names)
     owners: dict[int, int] = {}
     for module in model.modules():

@@ -62,7 +62,7 @@ class CriterionLoss(NamedTuple):
     """``criterion(forward(state, *inputs), target).sum()`` for a batch ``(*inputs, target)`` of one example.
 
     Kept apart from an opaque ``ExampleLoss`` so that the forward pass can run on a whole batch at once and only
-    the criterion is mapped over examples (see ``_factored.batched_representation_fn``).
+    the criterion is mapped over examples (``_capture.batched_factors``).
     """
 
     forward: Forward

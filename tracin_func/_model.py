@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import copy
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple, Union
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from ._checkpoints import Checkpoint, check_lr
+from ._checkpoints import LR_KEYS, Checkpoint, check_lr
 
 Forward = Callable[..., Any]  # forward(state, *inputs) -> outputs
 ParamSelector = Union[Sequence[str], Callable[[str], bool], None]
@@ -18,28 +22,64 @@ ParamSelector = Union[Sequence[str], Callable[[str], bool], None]
 _TRAIN_MODE_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
-class Prepared(NamedTuple):
-    """One checkpoint ready for the pure core: its state on the target device, split into the differentiated
-    tensors and the frozen rest (parameters and buffers)."""
+class CheckpointState(NamedTuple):
+    """One checkpoint ready for the pure core: its full state (parameters and buffers) on the target device and in
+    the computation dtype, and its learning rate."""
 
-    diff: dict[str, torch.Tensor]
-    frozen: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor]
     lr: torch.Tensor  # 0-d, so compiled code does not specialise on its value
-
-    def split(self, names: Sequence[str]) -> Prepared:
-        """The same checkpoint differentiated w.r.t. ``names`` instead."""
-        state = {**self.frozen, **self.diff}
-        return Prepared({n: state[n] for n in names}, {n: t for n, t in state.items() if n not in names}, self.lr)
 
 
 class ModelSpec(NamedTuple):
     """What the core needs from the user's model: a forward function and the names it takes."""
 
     forward: Forward
+    module: nn.Module | None  # the module that runs: a private copy of the user's (see `private_copy`) or the
+    # user's own when a loss calls it directly; None for a pure function
     diff_names: tuple[str, ...]
     expected: frozenset[str] | None  # state-dict names a checkpoint must hold; None for a pure function
     aliases: frozenset[str]  # tied names (second name of a shared tensor): accepted, not passed on
     defaults: Mapping[str, torch.Tensor]  # the model's own state, used for names a checkpoint omits (strict=False)
+
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+@contextmanager
+def exclusive_use(model: Any, spec: ModelSpec) -> Iterator[None]:
+    """Hold the user's module for the whole call when the call runs on it (not on a private copy): concurrent
+    calls on that module then run one after the other instead of swapping tensors into it at the same time."""
+    if spec.module is None or spec.module is not model:
+        yield
+        return
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(model, threading.RLock())
+    with lock:
+        yield
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares the user's tensors and attributes but not its module objects.
+
+    ``functional_call`` swaps checkpoint tensors into the modules it calls and planning registers forward hooks;
+    both happen on this copy only, so the user's modules are never touched and concurrent calls (threads) never
+    see each other's tensors or hooks. Only the per-module dicts and sets (parameters, buffers, submodules, hooks)
+    are copied; tensors, weight tying and every other attribute are shared.
+    """
+    copies: dict[int, nn.Module] = {}
+
+    def copy_of(module: nn.Module) -> nn.Module:
+        if id(module) not in copies:
+            clone = object.__new__(type(module))  # not copy.copy: parametrized modules refuse to be pickled
+            for key, value in vars(module).items():
+                object.__setattr__(clone, key, copy.copy(value) if isinstance(value, (dict, set)) else value)
+            copies[id(module)] = clone
+            for name, child in module._modules.items():
+                clone._modules[name] = None if child is None else copy_of(child)
+        return copies[id(module)]
+
+    return copy_of(model)
 
 
 def check_no_backward_hooks(model: Any) -> None:
@@ -114,9 +154,18 @@ def select_params(
 
 
 def model_spec(
-    model: Any, first_params: Mapping[str, torch.Tensor], params: ParamSelector, layers: Sequence[str] | None
+    model: Any,
+    first_params: Mapping[str, torch.Tensor],
+    params: ParamSelector,
+    layers: Sequence[str] | None,
+    *,
+    private: bool,
 ) -> ModelSpec:
-    """Build the function shape of ``model``: an ``nn.Module`` or a pure function ``f(params, *inputs)``."""
+    """Build the function shape of ``model``: an ``nn.Module`` or a pure function ``f(params, *inputs)``.
+
+    ``private``: run a private copy of the module tree (see ``private_copy``). Not possible when a user's loss
+    calls the module itself (``tc.ExampleLoss``): then the call runs on the user's module, under its lock.
+    """
     if isinstance(model, nn.Module):
         check_eval_mode(model)
         check_no_backward_hooks(model)
@@ -126,27 +175,61 @@ def model_spec(
         aliases = frozenset(n for n, t in state.items() if n not in named and id(t) in param_ids)
         trainable = [n for n, p in named.items() if p.requires_grad]
         diff = select_params(list(named), trainable, params, layers, model)
+        module = private_copy(model) if private else model
 
         def forward(state: Mapping[str, torch.Tensor], *inputs: Any) -> Any:
-            return functional_call(model, dict(state), inputs)
+            return functional_call(module, dict(state), inputs)
 
         defaults = {n: t.detach() for n, t in state.items() if n not in aliases}
-        return ModelSpec(forward, diff, frozenset(state), aliases, defaults)
+        return ModelSpec(forward, module, diff, frozenset(state), aliases, defaults)
     if not callable(model):
         raise TypeError(f"`model` must be an nn.Module or a function f(params, *inputs), got {type(model).__name__}.")
     floating = [n for n, t in first_params.items() if t.is_floating_point()]
     diff = select_params(list(first_params), floating, params, layers, model)
-    return ModelSpec(model, diff, None, frozenset(), {})
+    return ModelSpec(model, None, diff, None, frozenset(), {})
 
 
 def _names(names: list[str], limit: int = 10) -> str:
     return str(names[:limit])[:-1] + (", ...]" if len(names) > limit else "]")
 
 
-def prepare(
-    spec: ModelSpec, ckpt: Checkpoint, index: int, *, device: torch.device, dtype: torch.dtype | None, strict: bool
-) -> Prepared:
-    """Validate one checkpoint against the model and move it to ``device`` / ``dtype``."""
+def _check_tensor(value: Any, where: str) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            raise ValueError(
+                f"{where} is on the meta device: it holds no values. Load real weights (e.g. `tc.load_checkpoints`, "
+                f"or `model.to_empty(...)` then `load_state_dict`) before scoring."
+            )
+        return
+    fix = "convert it with `torch.from_numpy(a)`" if type(value).__module__ == "numpy" else "pass tensors"
+    raise TypeError(f"{where} is a {type(value).__name__}, not a torch.Tensor; {fix}.")
+
+
+def computation_dtype(states: Sequence[Mapping[str, torch.Tensor]]) -> torch.dtype:
+    """The one floating dtype of the checked checkpoint states, when ``dtype=None``."""
+    floating = sorted({t.dtype for state in states for t in state.values() if t.is_floating_point()}, key=str)
+    if len(floating) > 1:
+        raise ValueError(
+            f"`checkpoints` mix the floating dtypes {[str(d) for d in floating]}; pass `dtype=torch.float32` (or "
+            f"torch.float64) to compute in one dtype (tensors are converted for the call, never changed)."
+        )
+    dtype = floating[0] if floating else torch.get_default_dtype()
+    if dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"`checkpoints` hold {dtype} tensors: inner products of gradients in half precision lose most of their "
+            f"digits. Pass `dtype=torch.float32` to compute in float32 (tensors are converted for the call)."
+        )
+    return dtype
+
+
+def checked_state(
+    spec: ModelSpec, ckpt: Checkpoint, index: int, *, shapes: Mapping[str, tuple[int, ...]], strict: bool
+) -> dict[str, torch.Tensor]:
+    """The full state of one checkpoint, validated against the model: names, tensors on a real device, shapes.
+
+    ``shapes``: the shape every tensor must have (the model's own; for a pure function, the first checkpoint's).
+    Missing entries are taken from the model when not ``strict``; tied aliases are dropped.
+    """
     if not isinstance(ckpt, Checkpoint):
         raise TypeError(
             f"`checkpoints[{index}]` is a {type(ckpt).__name__}; wrap it as `tc.Checkpoint(params=state_dict, lr=...)` "
@@ -159,6 +242,11 @@ def prepare(
         missing = sorted(spec.expected - set(state) - spec.aliases)
         if unexpected or (missing and strict):
             fix = "" if unexpected else ", or pass `strict=False` to take missing entries from the model"
+            if set(missing) & set(LR_KEYS):
+                fix += (
+                    f". A file's flat {sorted(set(missing) & set(LR_KEYS))} entry is read as the learning rate: save "
+                    f"`{{'model_state_dict': state, 'learning_rate': lr}}` instead"
+                )
             raise ValueError(
                 f"`checkpoints[{index}]` does not match the model: missing {_names(missing)}, unexpected "
                 f"{_names(unexpected)}. Save the model's `state_dict()`{fix}."
@@ -168,14 +256,23 @@ def prepare(
     missing_diff = [n for n in spec.diff_names if n not in state]
     if missing_diff:
         raise ValueError(f"`checkpoints[{index}]` lacks the differentiated parameters {missing_diff[:10]}.")
+    for name, t in state.items():
+        _check_tensor(t, f"`checkpoints[{index}][{name!r}]`")
+        if name in shapes and tuple(t.shape) != shapes[name]:
+            raise ValueError(
+                f"`checkpoints[{index}][{name!r}]` has shape {tuple(t.shape)} but the model's has shape "
+                f"{shapes[name]}; save the checkpoint from the same architecture (a broadcastable shape would give "
+                f"wrong scores silently)."
+            )
+
+    return state
+
+
+def converted(state: Mapping[str, torch.Tensor], lr: Any, device: torch.device, dtype: torch.dtype) -> CheckpointState:
+    """A checked state on ``device`` with floating tensors in ``dtype`` (the same tensors when already there)."""
 
     def move(t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
-        return t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+        return t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
-    moved = {n: move(t) for n, t in state.items()}
-    diff = {n: moved[n] for n in spec.diff_names}
-    frozen = {n: t for n, t in moved.items() if n not in diff}
-    lr_dtype = dtype or next(iter(diff.values())).dtype
-    lr = torch.as_tensor(ckpt.lr, dtype=lr_dtype, device=device).detach().reshape(())
-    return Prepared(diff, frozen, lr)
+    lr = torch.as_tensor(lr, dtype=dtype, device=device).detach().reshape(())
+    return CheckpointState({n: move(t) for n, t in state.items()}, lr)

@@ -91,4 +91,4 @@ def project_vector(name: str, g: torch.Tensor, seed: int, k: int) -> torch.Tenso
 
 def project_grad(name: str, g: torch.Tensor, seed: int, k: int) -> torch.Tensor:
     """Project materialised per-example gradients ``[B, *shape]`` of parameter ``name`` to ``[B, k]``."""
-    return project_matrix(name, g, seed, k) if g.dim() > 2 else project_vector(name, g.flatten(1), seed, k)
+    return project_matrix(name, g, seed, k) if g.dim() > 2 else project_vector(name, g.reshape(g.shape[0], -1), seed, k)

@@ -35,6 +35,18 @@ def merge(best: TopK | None, block: torch.Tensor, offset: int, k: int, largest: 
     return TopK(torch.gather(indices, 1, pos), scores)
 
 
+def _check_finite(scores: torch.Tensor, offset: int) -> None:
+    """NaN would rank first (``topk`` orders it above every number): name the rows instead."""
+    if scores.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(scores)):
+        return
+    bad = ~torch.isfinite(scores)
+    rows, cols = bad.any(1).nonzero().flatten().tolist(), (bad.any(0).nonzero().flatten() + offset).tolist()
+    raise FloatingPointError(
+        f"Non-finite influence scores between `test` rows {rows[:10]} and `train` rows {cols[:10]}: those "
+        f"embeddings hold NaN or infinite values. Recompute or drop them."
+    )
+
+
 def top_k_embeddings(
     test: torch.Tensor,
     train: torch.Tensor | Iterable[torch.Tensor],
@@ -81,7 +93,9 @@ def top_k_embeddings(
         if block.dim() != 2 or block.shape[1] != test.shape[1]:
             raise ValueError(f"`train` rows have shape {tuple(block.shape[1:])}; expected width {test.shape[1]}.")
         block = block.to(device=test.device, dtype=test.dtype)
-        best, seen = merge(best, test @ block.T, seen, k, largest=proponents), seen + block.shape[0]
+        scores = test @ block.T
+        _check_finite(scores, seen)
+        best, seen = merge(best, scores, seen, k, largest=proponents), seen + block.shape[0]
     if best is None or seen < k:
         raise ValueError(f"`k`={k} exceeds the number of training rows ({seen}); pass `k <= {seen}`.")
     return best

@@ -1,73 +1,56 @@
-"""Captum-compatible TracIn classes on top of tracin_func: migrating is an import change.
+"""Captum-compatible ``TracInCP``, ``TracInCPFast`` and ``TracInCPFastRandProj`` on top of tracin_func.
 
-.. code-block:: python
+Migrating from captum 0.9.0 is an import change: ``from tracin_func.compat.captum import TracInCP`` instead of
+``from captum.influence import TracInCP``. The constructors take Captum's arguments (same names, order and
+defaults, except the default checkpoint loader) and the classes have Captum's methods; Captum is not imported.
+Scores are exact TracIn, ``sum_c lr_c <grad test_loss(test; theta_c), grad loss(train; theta_c)>`` over the
+checkpoints ``c``, equal to Captum's wherever Captum is right. Every deliberate difference from Captum, and why,
+is listed in ``docs/captum_adapter.md``.
 
-    from captum.influence import TracInCP, TracInCPFast, TracInCPFastRandProj          # before
-    from tracin_func.compat.captum import TracInCP, TracInCPFast, TracInCPFastRandProj  # after
+Example:
+    >>> import os, tempfile, torch
+    >>> from torch.utils.data import TensorDataset
+    >>> from tracin_func.compat.captum import TracInCP, TracInCPFast, TracInCPFastRandProj
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    >>> train, test, loss = TensorDataset(x, y), (x[:2], y[:2]), torch.nn.CrossEntropyLoss(reduction="none")
+    >>> def load(model, state):  # Captum's contract: load the checkpoint into `model`, return its learning rate
+    ...     model.load_state_dict(state)
+    ...     return 0.1
+    >>> tracin = TracInCP(model, train, [model.state_dict()], load, loss_fn=loss, batch_size=4)
+    >>> tracin.influence(test).shape
+    torch.Size([2, 10])
+    >>> top = tracin.influence(test, k=3, proponents=False)  # opponents: lowest scores first
+    >>> top.indices.shape, bool((top.influence_scores[:, 1:] >= top.influence_scores[:, :-1]).all())
+    (torch.Size([2, 3]), True)
+    >>> tracin.self_influence().shape
+    torch.Size([10])
+    >>> iq = tracin.compute_intermediate_quantities
+    >>> torch.allclose(iq(test) @ iq((x, y)).T, tracin.influence(test), atol=1e-5)
+    True
 
-The constructors take captum 0.9.0's arguments (same names, order and defaults, except the default loader) and the
-classes have its methods: ``influence`` (scores, or ``KMostInfluentialResults(indices, influence_scores)`` when
-``k`` is given), ``self_influence``, ``compute_intermediate_quantities``, ``get_name`` and the ``checkpoints``
-property. Captum itself is not imported. Scores are exact TracIn (DESIGN.md), equal to Captum's wherever Captum is
-right; the differences, all deliberate:
+    A directory of files and the default loader, :func:`load_checkpoint`:
 
-1. The model is never modified. Each checkpoint is loaded once, at construction, by calling
-   ``checkpoints_load_func(copy, checkpoint)`` on a ``copy.deepcopy`` of ``model`` and reading the copy's
-   ``state_dict()``, kept in memory (C copies of the state dict). Captum loads every checkpoint into ``model``
-   itself, again for every training batch, and leaves the last one loaded. Files changed after construction are
-   not re-read, and ``checkpoints`` is read-only.
-2. The default loader is :func:`load_checkpoint`: ``torch.load(weights_only=True, map_location=<model's device>)``,
-   honouring a ``learning_rate`` (or ``lr``) entry, ``model_state_dict`` / ``state_dict`` nesting and
-   ``module.`` prefixes; lr 1 when the file stores none. Captum's default runs a bare ``torch.load`` and cannot
-   carry a learning rate (a ``learning_rate`` key breaks its strict ``load_state_dict``).
-3. A list of checkpoint paths keeps the user's order (Captum re-sorts it). A directory is sorted naturally
-   (``ckpt-2`` before ``ckpt-10``) as in Captum, skipping hidden files and subdirectories. No checkpoint at all
-   raises ``ValueError`` (Captum raises ``IndexError`` for an empty list).
-4. ``sample_wise_grads_per_batch`` is accepted; both values give the same exact numbers, for every layer type and
-   any ``reduction`` of ``loss_fn`` (``"none"``, ``"sum"`` or ``"mean"``, whatever the flag). Captum's ``True``
-   path silently drops Embedding, LayerNorm, Conv1d and attention parameters and fails on ``nn.Linear``
-   subclasses, and Captum requires ``reduction="none"`` exactly when the flag is ``False``.
-5. ``test_loss_fn``'s own reduction is honoured; Captum's ``TracInCP`` applies ``loss_fn``'s to it.
-6. ``TracInCP.compute_intermediate_quantities`` scales each checkpoint's gradients by ``sqrt(lr)``, so that
-   ``IQ(test) @ IQ(train).T == influence(test)``; Captum scales by ``lr`` (its products are ``sum lr^2 <g, g'>``).
-7. ``TracInCPFast`` and ``TracInCPFastRandProj`` compute exact TracIn restricted to the weight and bias of
-   ``final_fc_layer``, whatever follows the layer. Captum drops the bias gradient and differentiates the loss
-   w.r.t. the model output, which is right only for a bias-free final layer whose output is the model output.
-   They also accept ``loss_fn=None``, any reduction, a ``DataLoader`` as ``inputs`` and ``aggregate=``.
-8. ``TracInCPFastRandProj`` builds its training embeddings with ``loss_fn`` (Captum uses ``test_loss_fn``).
-   Projections are seeded hashed ``±1/sqrt(k)`` matrices (Kronecker-factored for the weight, see
-   :func:`tracin_func.embeddings`), generated without the global RNG, so projected scores differ from Captum's
-   for the same seed. Each checkpoint contributes ``projection_dim`` columns, and only when ``projection_dim`` is
-   below the layer's parameter count; otherwise the exact gradient, ``d_out * d_in`` (``+ d_out`` with a bias).
-   Captum uses ``min(isqrt(projection_dim), d_out) * min(isqrt(projection_dim), d_in)`` columns, when
-   ``d_out * d_in > projection_dim``.
-9. ``TracInCPFastRandProj`` finds proponents / opponents by an exact search (:func:`tracin_func.top_k_embeddings`)
-   unless a ``nearest_neighbors`` object is given, which is then used through Captum's ``NearestNeighbors`` API
-   (``setup`` / ``get_nearest_neighbors``). Captum defaults to Annoy: approximate, float32, needs ``annoy``.
-10. ``TracInCPFastRandProj.self_influence`` works (exact on the layer, unprojected, as ``TracInCPFast``); Captum
-    raises ``NotImplementedError``. Its ``compute_intermediate_quantities`` uses ``loss_fn`` (the rows stored for
-    the training data); Captum's uses ``test_loss_fn``.
-11. No global side effects: no ``torch.manual_seed``, no ``requires_grad`` changes, no hooks left behind, no
-    ``zero_grad``, no draw from the global RNG when iterating a ``Dataset``. Captum seeds the global generator
-    (``TracInCPFastRandProj``) and sets ``requires_grad=True`` permanently (``layers``, ``final_fc_layer``).
-12. Invalid arguments raise ``ValueError`` / ``TypeError`` naming the argument (``inputs=None``, a bad
-    ``batch_size``, unknown ``layers``; checked at construction where possible) instead of ``AssertionError`` or
-    errors deep in a call. ``k`` must be a positive int or ``None``; ``k`` above the number of training examples
-    returns them all, as in Captum.
-13. A model holding BatchNorm or Dropout in training mode is refused (call ``model.eval()``): their outputs would
-    depend on the batch or on random numbers. Captum scores in whatever mode the model is.
-14. ``outer_loop_by_checkpoints`` and ``vectorize`` are accepted and ignored (same numbers; checkpoints are in
-    memory, so loop order costs nothing). ``show_progress`` shows tracin_func's tqdm bars, with other texts.
-15. Every element of a batch must be a tensor with a leading batch dimension (the last one being the target, as
-    in Captum). Batches are moved to the model's device (Captum needs them there already); scores are computed
-    in the dtype of the loaded checkpoints, i.e. the model's, and returned on the model's device.
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> torch.save({"model_state_dict": model.state_dict(), "learning_rate": 0.1}, os.path.join(tmp.name, "c-1.pt"))
+    >>> from_files = TracInCP(model, train, tmp.name, loss_fn=loss, batch_size=4)
+    >>> torch.equal(from_files.influence(test), tracin.influence(test))
+    True
+    >>> tmp.cleanup()
+
+    The final-layer classes take the layer (a module of ``model`` or its dotted name):
+
+    >>> TracInCPFast(model, model[2], train, [model.state_dict()], load, loss_fn=loss).influence(test).shape
+    torch.Size([2, 10])
+    >>> proj = TracInCPFastRandProj(model, "2", train, [model.state_dict()], load, loss_fn=loss, projection_dim=4)
+    >>> proj.src_intermediate_quantities.shape, proj.influence(test).indices.shape  # Captum's default k=5
+    (torch.Size([10, 4]), torch.Size([2, 5]))
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Union
 
@@ -77,8 +60,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import tracin_func as tc
 
-from .._checkpoints import split_state_and_lr
-from .._data import batch_size_of
+from .._checkpoints import _read_file, check_lr, checkpoint_files, split_state_and_lr
+from .._data import batch_size_of, sequential_loader
+from .._setup import _default_device
 from .._validate import positive_int, seed_value
 
 __all__ = [
@@ -101,8 +85,6 @@ class KMostInfluentialResults(NamedTuple):
         influence_scores: ``[n_test, k]`` float tensor, sorted: descending for proponents, ascending for opponents.
 
     Example:
-        >>> import torch
-        >>> from tracin_func.compat.captum import KMostInfluentialResults
         >>> KMostInfluentialResults(torch.tensor([[2, 0]]), torch.tensor([[0.9, 0.1]])).indices
         tensor([[2, 0]])
     """
@@ -114,38 +96,22 @@ class KMostInfluentialResults(NamedTuple):
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> float:
     """The default ``checkpoints_load_func``: load a checkpoint file into ``model`` and return its learning rate.
 
     Follows Captum's loader contract (``f(model, checkpoint) -> lr``, loading in place); the classes of this module
-    only ever call it on a copy of the user's model. The file is read with ``torch.load(weights_only=True)`` onto
-    the model's device and may be a state dict, a state dict with a ``learning_rate`` (or ``lr``) entry, or a dict
-    holding ``model_state_dict`` / ``state_dict`` next to ``learning_rate`` (Captum's tutorial format). A
-    ``module.`` prefix (DataParallel / DDP) is matched to the model's own keys.
+    only ever call it on a copy of the user's model. The file is read onto the model's device as
+    :func:`tracin_func.load_checkpoints` reads it (``torch.load(weights_only=True)``, or ``.safetensors``): a state
+    dict, a state dict with a ``learning_rate`` (or ``lr``) entry, or a dict holding ``model_state_dict`` /
+    ``state_dict`` next to ``learning_rate`` (Captum's tutorial format). A ``module.`` prefix (DataParallel / DDP)
+    is matched to the model's own keys.
 
     Returns:
         The stored learning rate, or 1.0 when the file stores none (as Captum's default loader).
-
-    Example:
-        >>> import os, tempfile, torch
-        >>> from tracin_func.compat.captum import load_checkpoint
-        >>> model, tmp = torch.nn.Linear(2, 1), tempfile.TemporaryDirectory()
-        >>> path = os.path.join(tmp.name, "ckpt-1.pt")
-        >>> torch.save({"model_state_dict": torch.nn.Linear(2, 1).state_dict(), "learning_rate": 0.1}, path)
-        >>> load_checkpoint(model, path)
-        0.1
-        >>> tmp.cleanup()
     """
-    obj = torch.load(path, map_location=_model_device(model), weights_only=True)
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"Checkpoint file {os.fspath(path)!r} holds a {type(obj).__name__}, expected a state dict.")
-    state, lr = split_state_and_lr(obj, repr(os.fspath(path)))
+    path = os.fspath(path)
+    device = _default_device(model, tc.Checkpoint(params={}))  # the model's device; CPU if it holds no tensor
+    state, lr = split_state_and_lr(_read_file(path, map_location=device, weights_only=True), repr(path))
     expected = list(model.state_dict())
     if expected and all(k.startswith("module.") for k in expected):
         state = {f"module.{k}": v for k, v in state.items()}
@@ -153,24 +119,15 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> float:
     return 1.0 if lr is None else lr
 
 
-def _natural_key(path: str) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
-
-
 def _checkpoint_sources(checkpoints: Any) -> list[Any]:
     """Captum's ``checkpoints`` argument as a list: a directory (natural order), a list (kept) or an iterable."""
     if isinstance(checkpoints, (str, os.PathLike)):
-        directory = os.fspath(checkpoints)
-        if not os.path.isdir(directory):
+        if not os.path.isdir(checkpoints):
             raise ValueError(
-                f"`checkpoints` {directory!r} is not a directory; pass a directory of checkpoint files, a list of "
-                f"paths, or an iterable of objects `checkpoints_load_func` understands."
+                f"`checkpoints` {os.fspath(checkpoints)!r} is not a directory; pass a directory of checkpoint files, "
+                f"a list of paths, or an iterable of objects `checkpoints_load_func` understands."
             )
-        names = [n for n in os.listdir(directory) if not n.startswith(".")]
-        sources: list[Any] = sorted(
-            (os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))),
-            key=_natural_key,
-        )
+        sources: list[Any] = checkpoint_files(os.fspath(checkpoints))
     elif isinstance(checkpoints, Iterable) and not isinstance(checkpoints, (Mapping, torch.Tensor)):
         sources = list(checkpoints)
     else:
@@ -186,24 +143,11 @@ def _checkpoint_sources(checkpoints: Any) -> list[Any]:
     return sources
 
 
-def _checked_lr(lr: Any, index: int, source: Any) -> float | torch.Tensor:
-    where = f"`checkpoints_load_func` for checkpoints[{index}] ({source!r})"
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"{where} returned a tensor of shape {tuple(lr.shape)}; return the learning rate.")
-        lr = lr.detach().reshape(())
-        value = float(lr)
-    else:
-        try:
-            value = lr = float(lr)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"{where} returned {lr!r}; it must load the checkpoint into the model it is given and return the "
-                f"learning rate (a positive number)."
-            ) from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{where} returned the learning rate {value}; it must be positive and finite.")
-    return lr
+def _learning_rate(lr: Any, index: int, source: Any) -> float | torch.Tensor:
+    """``checkpoints_load_func``'s return value, checked: a positive finite number or one-element tensor."""
+    where = f"checkpoints[{index}] ({source!r}) returned by `checkpoints_load_func`"
+    check_lr(lr, f"{where} (which must load the checkpoint into the model it is given and return the learning rate)")
+    return lr.detach().reshape(()) if isinstance(lr, torch.Tensor) else float(lr)
 
 
 def _load_all(model: nn.Module, sources: Sequence[Any], load_func: LoadFunc) -> list[tc.Checkpoint]:
@@ -219,7 +163,7 @@ def _load_all(model: nn.Module, sources: Sequence[Any], load_func: LoadFunc) -> 
         ) from err
     checkpoints = []
     for i, source in enumerate(sources):
-        lr = _checked_lr(load_func(shadow, source), i, source)
+        lr = _learning_rate(load_func(shadow, source), i, source)
         state = {k: v.detach().clone() for k, v in shadow.state_dict().items()}
         checkpoints.append(tc.Checkpoint(params=state, lr=lr))
     return checkpoints
@@ -239,13 +183,7 @@ def _train_loader(train_dataset: Any, batch_size: Any) -> DataLoader:
         )
     if not isinstance(train_dataset, Dataset):
         raise TypeError(f"`train_dataset` must be a Dataset or a DataLoader, got {type(train_dataset).__name__}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise TypeError(
-            f"since `train_dataset` is a Dataset, `batch_size` must be a positive int, got {batch_size!r}; or pass "
-            f"a DataLoader."
-        )
-    # Its own generator: iterating a DataLoader otherwise draws a seed from the global RNG.
-    return DataLoader(train_dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
+    return sequential_loader(train_dataset, positive_int(batch_size, "batch_size"))
 
 
 def _inputs(inputs: Any, method: str) -> Any:
@@ -276,10 +214,9 @@ def _num_examples(loader: DataLoader) -> int:
     return sum(batch_size_of(batch, "`train_dataset` batch") for batch in loader)
 
 
-def _positive_k(k: Any, loader: DataLoader) -> int:
+def _clipped_k(k: Any, loader: DataLoader) -> int:
     """``k``, clipped to the number of training examples (Captum returns them all when ``k`` is larger)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"`k` must be a positive int (or None for all scores), got {k!r}.")
+    k = positive_int(k, "k")
     try:
         if k <= len(loader):  # every batch holds at least one example
             return k
@@ -319,7 +256,7 @@ def _module_name(model: nn.Module, layer: Any, argument: str) -> str:
 
 
 class _TracInBase:
-    """Shared construction: the training loader, the losses, and the checkpoints loaded once."""
+    """Shared construction (the training loader, the losses, the checkpoints loaded once) and scoring methods."""
 
     def __init__(
         self,
@@ -343,22 +280,12 @@ class _TracInBase:
         self._checkpoints: list[tc.Checkpoint] = []
 
     def _load(self) -> None:
+        """Called by subclasses once their own arguments are checked: loading may be slow."""
         self._checkpoints = _load_all(self.model, self._sources, self.checkpoints_load_func)
 
     @property
     def checkpoints(self) -> list[Any]:
-        """The checkpoints, in the order they are used: sorted paths of a directory, or the user's list as given.
-
-        Example:
-            >>> import torch
-            >>> from torch.utils.data import TensorDataset
-            >>> from tracin_func.compat.captum import TracInCP
-            >>> model, data = torch.nn.Linear(2, 1), TensorDataset(torch.randn(3, 2), torch.randn(3, 1))
-            >>> def load(model, name):  # any object the loader understands can stand for a checkpoint
-            ...     return {"early": 0.5, "late": 0.1}[name]
-            >>> TracInCP(model, data, ["late", "early"], load).checkpoints
-            ['late', 'early']
-        """
+        """The checkpoints, in the order they are used: sorted paths of a directory, or the user's list as given."""
         return list(self._sources)
 
     @classmethod
@@ -366,7 +293,6 @@ class _TracInBase:
         """The class name (Captum uses it in progress texts).
 
         Example:
-            >>> from tracin_func.compat.captum import TracInCP
             >>> TracInCP.get_name()
             'TracInCP'
         """
@@ -378,26 +304,65 @@ class _TracInBase:
     def _test_loss(self) -> Any:
         return _sum_of_outputs if self.test_loss_fn is None else self.test_loss_fn
 
-    def _losses(self) -> dict[str, Any]:
-        train, test = self._train_loss(), self._test_loss()
-        return {"loss_fn": train, "test_loss_fn": None if test is train else test}
-
     def _selection(self) -> dict[str, Any]:
+        """The differentiated parameters, as options of the functional API."""
         raise NotImplementedError
 
-    def _scores(self, inputs: Any, k: int | None, proponents: bool, progress: bool, aggregate: bool, method: str):
-        test = _inputs(inputs, method)
-        args = (self.model, self._checkpoints, self.train_dataloader, test)
-        options = {**self._losses(), **self._selection(), "aggregate": bool(aggregate), "progress": bool(progress)}
+    def _embed(self, data: Any, loss_fn: Any) -> torch.Tensor:
+        return tc.embeddings(self.model, self._checkpoints, data, loss_fn=loss_fn, **self._selection())
+
+    def influence(
+        self,
+        inputs: Inputs,
+        k: int | None = None,
+        proponents: bool = True,
+        show_progress: bool = False,
+        aggregate: bool = False,
+    ) -> torch.Tensor | KMostInfluentialResults:
+        """Influence scores of the training examples on ``inputs``, or the ``k`` most influential of them.
+
+        Args:
+            inputs: one batch ``(x1, ..., xk, y)`` or a ``DataLoader`` of batches.
+            k: ``None`` for all scores; else how many proponents / opponents to return per test example.
+            proponents: the highest scores (True) or the lowest (False).
+            show_progress: tqdm progress bars.
+            aggregate: sum over the test examples first (one row).
+
+        Returns:
+            ``[n_test, n_train]`` scores (``[1, n_train]`` aggregated), or ``KMostInfluentialResults`` of
+            ``[n_test, k]`` (``[1, k]``) tensors sorted by score.
+        """
+        train_loss, test_loss = self._train_loss(), self._test_loss()
+        args = (self.model, self._checkpoints, self.train_dataloader, _inputs(inputs, "influence"))
+        options = {
+            "loss_fn": train_loss,
+            "test_loss_fn": None if test_loss is train_loss else test_loss,
+            "aggregate": bool(aggregate),
+            "progress": bool(show_progress),
+            **self._selection(),
+        }
         if k is None:
             return tc.influence(*args, **options)
-        k = _positive_k(k, self.train_dataloader)
+        k = _clipped_k(k, self.train_dataloader)
         top = tc.top_k(*args, k=k, proponents=bool(proponents), **options)
         return KMostInfluentialResults(top.indices, top.scores)
 
-    def _self(self, inputs: Any, progress: bool) -> torch.Tensor:
+    def self_influence(
+        self, inputs: Inputs | None = None, show_progress: bool = False, outer_loop_by_checkpoints: bool = False
+    ) -> torch.Tensor:
+        """Self-influence ``sum_c lr_c |grad loss(z; theta_c)|^2`` (with ``loss_fn``) of each example of ``inputs``.
+
+        Args:
+            inputs: one batch or a ``DataLoader``; ``None`` scores ``train_dataset``.
+            show_progress: tqdm progress bars.
+            outer_loop_by_checkpoints: accepted for compatibility; the numbers do not depend on it.
+
+        Returns:
+            ``[n]`` float tensor.
+        """
+        del outer_loop_by_checkpoints  # checkpoints are in memory: the loop order changes nothing
         data = self.train_dataloader if inputs is None else _inputs(inputs, "self_influence")
-        options = {"loss_fn": self._train_loss(), "progress": bool(progress), **self._selection()}
+        options = {"loss_fn": self._train_loss(), "progress": bool(show_progress), **self._selection()}
         return tc.self_influence(self.model, self._checkpoints, data, **options)
 
 
@@ -406,8 +371,7 @@ class TracInCP(_TracInBase):
 
     ``score[i, j] = sum_c lr_c <grad test_loss(test_i; theta_c), grad loss(train_j; theta_c)>``, exact, with
     Captum's per-example losses: the sum over an example's loss elements for ``reduction="none"`` / ``"sum"``, their
-    mean for ``"mean"``, the sum of the model's outputs for ``loss_fn=None``. See the module docstring for the
-    differences from Captum.
+    mean for ``"mean"``, the sum of the model's outputs for ``loss_fn=None``.
 
     Args:
         model: the model; only its shape is used, it is never modified.
@@ -422,19 +386,6 @@ class TracInCP(_TracInBase):
         batch_size: batch size when ``train_dataset`` is a Dataset.
         test_loss_fn: criterion for the test examples; default ``loss_fn``.
         sample_wise_grads_per_batch: accepted for compatibility; both values give the same numbers.
-
-    Example:
-        >>> import torch
-        >>> from torch.utils.data import TensorDataset
-        >>> from tracin_func.compat.captum import TracInCP
-        >>> model, x, y = torch.nn.Linear(4, 3), torch.randn(10, 4), torch.randint(0, 3, (10,))
-        >>> def load(model, state):  # Captum's contract: load into `model`, return the learning rate
-        ...     model.load_state_dict(state)
-        ...     return 0.1
-        >>> tracin = TracInCP(model, TensorDataset(x, y), [model.state_dict()], load,
-        ...                   loss_fn=torch.nn.CrossEntropyLoss(reduction="none"), batch_size=4)
-        >>> tracin.influence((x[:2], y[:2])).shape
-        torch.Size([2, 10])
     """
 
     def __init__(
@@ -461,72 +412,6 @@ class TracInCP(_TracInBase):
     def _selection(self) -> dict[str, Any]:
         return {"layers": self.layers}
 
-    def influence(
-        self,
-        inputs: Inputs,
-        k: int | None = None,
-        proponents: bool = True,
-        show_progress: bool = False,
-        aggregate: bool = False,
-    ) -> torch.Tensor | KMostInfluentialResults:
-        """Influence scores of the training examples on ``inputs``, or the ``k`` most influential of them.
-
-        Args:
-            inputs: one batch ``(x1, ..., xk, y)`` or a ``DataLoader`` of batches.
-            k: ``None`` for all scores; else how many proponents / opponents to return per test example.
-            proponents: the highest scores (True) or the lowest (False).
-            show_progress: tqdm progress bars.
-            aggregate: sum over the test examples first (one row).
-
-        Returns:
-            ``[n_test, n_train]`` scores (``[1, n_train]`` aggregated), or ``KMostInfluentialResults`` of
-            ``[n_test, k]`` (``[1, k]``) tensors sorted by score.
-
-        Example:
-            >>> import torch
-            >>> from torch.utils.data import TensorDataset
-            >>> from tracin_func.compat.captum import TracInCP
-            >>> model, x, y = torch.nn.Linear(4, 3), torch.randn(10, 4), torch.randn(10, 3)
-            >>> def load(model, state):
-            ...     model.load_state_dict(state)
-            ...     return 0.1
-            >>> tracin = TracInCP(model, TensorDataset(x, y), [model.state_dict()], load,
-            ...                   loss_fn=torch.nn.MSELoss(reduction="none"), batch_size=4)
-            >>> top = tracin.influence((x[:2], y[:2]), k=3, proponents=False)
-            >>> top.indices.shape, bool((top.influence_scores[:, 1:] >= top.influence_scores[:, :-1]).all())
-            (torch.Size([2, 3]), True)
-        """
-        return self._scores(inputs, k, proponents, show_progress, aggregate, "influence")
-
-    def self_influence(
-        self, inputs: Inputs | None = None, show_progress: bool = False, outer_loop_by_checkpoints: bool = False
-    ) -> torch.Tensor:
-        """Self-influence ``sum_c lr_c |grad loss(z; theta_c)|^2`` of the examples of ``inputs`` (with ``loss_fn``).
-
-        Args:
-            inputs: one batch or a ``DataLoader``; ``None`` scores ``train_dataset``.
-            show_progress: tqdm progress bars.
-            outer_loop_by_checkpoints: accepted for compatibility; the numbers do not depend on it.
-
-        Returns:
-            ``[n]`` float tensor.
-
-        Example:
-            >>> import torch
-            >>> from torch.utils.data import TensorDataset
-            >>> from tracin_func.compat.captum import TracInCP
-            >>> model, x, y = torch.nn.Linear(4, 3), torch.randn(10, 4), torch.randn(10, 3)
-            >>> def load(model, state):
-            ...     model.load_state_dict(state)
-            ...     return 0.1
-            >>> tracin = TracInCP(model, TensorDataset(x, y), [model.state_dict()], load,
-            ...                   loss_fn=torch.nn.MSELoss(reduction="sum"), batch_size=4)
-            >>> tracin.self_influence().shape
-            torch.Size([10])
-        """
-        del outer_loop_by_checkpoints  # checkpoints are in memory: the loop order changes nothing
-        return self._self(inputs, show_progress)
-
     def compute_intermediate_quantities(self, inputs: Inputs, aggregate: bool = False) -> torch.Tensor:
         """Embeddings ``cat_c sqrt(lr_c) * grad loss(z; theta_c)`` (with ``loss_fn``): ``IQ(test) @ IQ(train).T``
         equals ``influence(test)`` when ``test_loss_fn`` is ``loss_fn``.
@@ -538,30 +423,14 @@ class TracInCP(_TracInBase):
         Returns:
             ``[n, C * P]`` float tensor (``[1, C * P]`` aggregated) for C checkpoints and P differentiated
             parameters, laid out per checkpoint in parameter order.
-
-        Example:
-            >>> import torch
-            >>> from torch.utils.data import TensorDataset
-            >>> from tracin_func.compat.captum import TracInCP
-            >>> model, x, y = torch.nn.Linear(4, 3), torch.randn(10, 4), torch.randn(10, 3)
-            >>> def load(model, state):
-            ...     model.load_state_dict(state)
-            ...     return 0.1
-            >>> tracin = TracInCP(model, TensorDataset(x, y), [model.state_dict()], load,
-            ...                   loss_fn=torch.nn.MSELoss(reduction="none"), batch_size=4)
-            >>> test = (x[:2], y[:2])
-            >>> iq = tracin.compute_intermediate_quantities(test) @ tracin.compute_intermediate_quantities((x, y)).T
-            >>> torch.allclose(iq, tracin.influence(test), atol=1e-5)
-            True
         """
         data = _inputs(inputs, "compute_intermediate_quantities")
-        loss = self._train_loss()
         if not aggregate:
-            return tc.embeddings(self.model, self._checkpoints, data, loss_fn=loss, **self._selection())
+            return self._embed(data, self._train_loss())
         total = None
         for batch in data:  # one batch at a time: memory O(P * C), not O(n * P * C)
-            rows = tc.embeddings(self.model, self._checkpoints, [batch], loss_fn=loss, **self._selection())
-            total = rows.sum(0, keepdim=True) if total is None else total + rows.sum(0, keepdim=True)
+            rows = self._embed([batch], self._train_loss()).sum(0, keepdim=True)
+            total = rows if total is None else total + rows
         if total is None:
             raise ValueError("`inputs` holds no examples.")
         return total
@@ -570,25 +439,10 @@ class TracInCP(_TracInBase):
 class TracInCPFast(_TracInBase):
     """Exact TracIn restricted to the weight and bias of ``final_fc_layer``: Captum's ``TracInCPFast``, corrected.
 
-    Captum's version drops the bias and differentiates the loss w.r.t. the model output, so it equals TracIn on the
-    layer only for a bias-free final layer whose output is the model output; this one is exact whatever follows
-    the layer (factored inner products from the layer's inputs and output gradients, no per-example gradient
-    formed). Arguments as :class:`TracInCP`, with ``final_fc_layer`` (a module of ``model`` or its dotted name)
-    instead of ``layers``; ``vectorize`` is accepted and ignored.
-
-    Example:
-        >>> import torch
-        >>> from torch.utils.data import TensorDataset
-        >>> from tracin_func.compat.captum import TracInCPFast
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-        >>> x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
-        >>> def load(model, state):
-        ...     model.load_state_dict(state)
-        ...     return 0.1
-        >>> fast = TracInCPFast(model, model[2], TensorDataset(x, y), [model.state_dict()], load,
-        ...                     loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=4)
-        >>> fast.influence((x[:2], y[:2])).shape
-        torch.Size([2, 10])
+    Exact whatever follows the layer (factored inner products from the layer's inputs and output gradients, no
+    per-example gradient formed); Captum's drops the bias and differentiates the loss w.r.t. the model output.
+    Arguments as :class:`TracInCP`, with ``final_fc_layer`` (a module of ``model`` or its dotted name) instead of
+    ``layers``; ``vectorize`` is accepted and ignored.
     """
 
     def __init__(
@@ -616,80 +470,21 @@ class TracInCPFast(_TracInBase):
     def _selection(self) -> dict[str, Any]:
         return {"params": self._params, "factored": True}
 
-    def influence(
-        self,
-        inputs: Inputs,
-        k: int | None = None,
-        proponents: bool = True,
-        show_progress: bool = False,
-        aggregate: bool = False,
-    ) -> torch.Tensor | KMostInfluentialResults:
-        """Influence scores on ``inputs``, or the ``k`` most influential training examples (as ``TracInCP``).
-
-        Example:
-            >>> import torch
-            >>> from torch.utils.data import TensorDataset
-            >>> from tracin_func.compat.captum import TracInCPFast
-            >>> model, x, y = torch.nn.Linear(4, 3), torch.randn(10, 4), torch.randint(0, 3, (10,))
-            >>> def load(model, state):
-            ...     model.load_state_dict(state)
-            ...     return 0.1
-            >>> fast = TracInCPFast(model, model, TensorDataset(x, y), [model.state_dict()], load,
-            ...                     loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=4)
-            >>> fast.influence((x[:2], y[:2]), k=3).indices.shape
-            torch.Size([2, 3])
-        """
-        return self._scores(inputs, k, proponents, show_progress, aggregate, "influence")
-
-    def self_influence(
-        self, inputs: Inputs | None = None, show_progress: bool = False, outer_loop_by_checkpoints: bool = False
-    ) -> torch.Tensor:
-        """Self-influence on the layer's parameters of the examples of ``inputs`` (``None``: the training data).
-
-        Example:
-            >>> import torch
-            >>> from torch.utils.data import TensorDataset
-            >>> from tracin_func.compat.captum import TracInCPFast
-            >>> model, x, y = torch.nn.Linear(4, 3), torch.randn(10, 4), torch.randint(0, 3, (10,))
-            >>> def load(model, state):
-            ...     model.load_state_dict(state)
-            ...     return 0.1
-            >>> fast = TracInCPFast(model, model, TensorDataset(x, y), [model.state_dict()], load,
-            ...                     loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=4)
-            >>> fast.self_influence().shape
-            torch.Size([10])
-        """
-        del outer_loop_by_checkpoints  # checkpoints are in memory: the loop order changes nothing
-        return self._self(inputs, show_progress)
-
 
 class TracInCPFastRandProj(TracInCPFast):
-    """Last-layer TracIn through stored training embeddings, for fast repeated queries: Captum's
+    """Final-layer TracIn through stored training embeddings, for fast repeated queries: Captum's
     ``TracInCPFastRandProj``, exact unless projected.
 
-    At construction, every training example is embedded as ``cat_c sqrt(lr_c) * grad loss(z; theta_c)`` over the
-    weight and bias of ``final_fc_layer`` (with ``loss_fn``), projected to ``projection_dim`` columns per
-    checkpoint by seeded random matrices when ``projection_dim`` is below the layer's parameter count. A query
-    embeds the test batch the same way (with ``test_loss_fn``) and takes dot products. Without projection the
-    scores equal :class:`TracInCPFast`'s. Proponents / opponents come from an exact search, or from
-    ``nearest_neighbors`` (an object with Captum's ``setup(data)`` / ``get_nearest_neighbors(query, k)``) when
-    given. Arguments as :class:`TracInCPFast`, plus ``nearest_neighbors``, ``projection_dim`` and ``seed``.
+    At construction every training example is embedded as ``cat_c sqrt(lr_c) * grad loss(z; theta_c)`` over the
+    weight and bias of ``final_fc_layer`` (with ``loss_fn``), projected to ``projection_dim`` columns per checkpoint
+    by seeded random matrices when ``projection_dim`` is below the layer's parameter count. A query embeds the test
+    batch the same way (with ``test_loss_fn``) and takes dot products; unprojected, the scores equal
+    :class:`TracInCPFast`'s. Proponents / opponents come from an exact search, or from ``nearest_neighbors`` (an
+    object with Captum's ``setup(data)`` / ``get_nearest_neighbors(query, k)``) when given. Arguments as
+    :class:`TracInCPFast`, plus ``nearest_neighbors``, ``projection_dim`` and ``seed``.
 
     Attributes:
         src_intermediate_quantities: ``[n_train, C * D]`` training embeddings (Captum's name).
-
-    Example:
-        >>> import torch
-        >>> from torch.utils.data import TensorDataset
-        >>> from tracin_func.compat.captum import TracInCPFastRandProj
-        >>> model, x, y = torch.nn.Linear(4, 3), torch.randn(10, 4), torch.randint(0, 3, (10,))
-        >>> def load(model, state):
-        ...     model.load_state_dict(state)
-        ...     return 0.1
-        >>> proj = TracInCPFastRandProj(model, model, TensorDataset(x, y), [model.state_dict()], load,
-        ...                             loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=4)
-        >>> proj.influence((x[:2], y[:2])).indices.shape  # Captum's default: k=5 proponents
-        torch.Size([2, 5])
     """
 
     def __init__(
@@ -717,17 +512,8 @@ class TracInCPFastRandProj(TracInCPFast):
                 "`nearest_neighbors` must have Captum's NearestNeighbors methods `setup(data)` and "
                 "`get_nearest_neighbors(query, k)`, or be None for an exact search."
             )
-        super().__init__(
-            model,
-            final_fc_layer,
-            train_dataset,
-            checkpoints,
-            checkpoints_load_func,
-            loss_fn,
-            batch_size,
-            test_loss_fn,
-            vectorize,
-        )
+        args = (model, final_fc_layer, train_dataset, checkpoints, checkpoints_load_func, loss_fn, batch_size)
+        super().__init__(*args, test_loss_fn, vectorize)
         self.nearest_neighbors = nearest_neighbors
         self.projection_dim = projection_dim
         self.seed = seed
@@ -738,15 +524,8 @@ class TracInCPFastRandProj(TracInCPFast):
             nearest_neighbors.setup(self.src_intermediate_quantities)
 
     def _embed(self, data: Any, loss_fn: Any) -> torch.Tensor:
-        return tc.embeddings(
-            self.model,
-            self._checkpoints,
-            data,
-            loss_fn=loss_fn,
-            projection_dim=self._projection,
-            seed=self.seed,
-            **self._selection(),
-        )
+        selection = {**self._selection(), "projection_dim": self._projection, "seed": self.seed}
+        return tc.embeddings(self.model, self._checkpoints, data, loss_fn=loss_fn, **selection)
 
     def influence(  # type: ignore[override]
         self, inputs: Inputs, k: int | None = 5, proponents: bool = True
@@ -756,27 +535,12 @@ class TracInCPFastRandProj(TracInCPFast):
 
         Returns:
             ``[n_test, n_train]`` scores, or ``KMostInfluentialResults`` of ``[n_test, k]`` tensors sorted by score.
-
-        Example:
-            >>> import torch
-            >>> from torch.utils.data import TensorDataset
-            >>> from tracin_func.compat.captum import TracInCPFastRandProj
-            >>> model, x, y = torch.nn.Linear(4, 3), torch.randn(10, 4), torch.randint(0, 3, (10,))
-            >>> def load(model, state):
-            ...     model.load_state_dict(state)
-            ...     return 0.1
-            >>> proj = TracInCPFastRandProj(model, model, TensorDataset(x, y), [model.state_dict()], load,
-            ...                             loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), projection_dim=4)
-            >>> proj.src_intermediate_quantities.shape, proj.influence((x[:2], y[:2]), k=None).shape
-            (torch.Size([10, 4]), torch.Size([2, 10]))
         """
         test = self._embed(_inputs(inputs, "influence"), self._test_loss())
         train = self.src_intermediate_quantities
         if k is None:
             return test @ train.T
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"`k` must be a positive int (or None for all scores), got {k!r}.")
-        k = min(k, train.shape[0])
+        k = min(positive_int(k, "k"), train.shape[0])
         if self.nearest_neighbors is None:
             top = tc.top_k_embeddings(test, train, k=k, proponents=bool(proponents))
             return KMostInfluentialResults(top.indices, top.scores)
@@ -787,19 +551,5 @@ class TracInCPFastRandProj(TracInCPFast):
         )
 
     def compute_intermediate_quantities(self, inputs: Inputs) -> torch.Tensor:
-        """Embeddings of ``inputs`` with ``loss_fn``, as stored for the training data (``[n, C * D]``).
-
-        Example:
-            >>> import torch
-            >>> from torch.utils.data import TensorDataset
-            >>> from tracin_func.compat.captum import TracInCPFastRandProj
-            >>> model, x, y = torch.nn.Linear(4, 3), torch.randn(10, 4), torch.randint(0, 3, (10,))
-            >>> def load(model, state):
-            ...     model.load_state_dict(state)
-            ...     return 0.1
-            >>> proj = TracInCPFastRandProj(model, model, TensorDataset(x, y), [model.state_dict()], load,
-            ...                             loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"), batch_size=4)
-            >>> torch.allclose(proj.compute_intermediate_quantities((x, y)), proj.src_intermediate_quantities)
-            True
-        """
+        """Embeddings of ``inputs`` with ``loss_fn``, as stored for the training data (``[n, C * D]``)."""
         return self._embed(_inputs(inputs, "compute_intermediate_quantities"), self._train_loss())

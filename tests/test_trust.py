@@ -1,0 +1,734 @@
+"""Trust contract: factor sites only where provably plain, thread safety, no writes through the forward pass,
+checkpoint shape / dtype / device validation, 0-d parameters, data order, and actionable messages.
+
+Every numeric check compares against the float64 loop reference (``tests/reference.py``) with ``rtol=1e-10``
+relative to the largest entry of the expected tensor.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+import tracin_func as tc
+from tests.conftest import assert_close
+from tests.reference import reference_scores
+
+F64 = torch.float64
+LRS = (0.3, 0.05)
+CE = nn.CrossEntropyLoss()
+
+
+def reference(model, ckpts, train, test, loss_fn=CE, params=None):
+    """``(influence [n_test, n_train], self_influence [n_train])`` from the float64 loop reference."""
+    ref = reference_scores(model, ckpts, train, test, loss_fn=loss_fn, params=params)
+    return ref.influence, ref.self_influence
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def all_of(*needles: str) -> str:
+    """A regex (for ``pytest.raises(match=...)``) that matches when every needle occurs, in any order."""
+    return "(?s)^" + "".join(f"(?=.*{re.escape(n)})" for n in needles)
+
+
+def make_ckpts(model, seed=0, lrs=LRS, dtype=F64, scale=0.5):
+    """Checkpoints with parameters perturbed randomly from the model's (buffers copied), cast to ``dtype``."""
+    gen = torch.Generator().manual_seed(seed)
+    names = {n for n, _ in model.named_parameters()}
+    out = []
+    for lr in lrs:
+        params = {}
+        for k, v in model.state_dict().items():
+            v = v.detach().clone()
+            if v.is_floating_point():
+                v = v.to(dtype)
+                if k in names:
+                    v = v + scale * torch.randn(v.shape, generator=gen, dtype=dtype)
+            params[k] = v
+        out.append(tc.Checkpoint(params=params, lr=lr))
+    return out
+
+
+def data(*shape, n=8, classes=3, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=gen, dtype=dtype), torch.randint(0, classes, (n,), generator=gen)
+
+
+def clone_ckpts(ckpts):
+    return [{k: v.clone() for k, v in c.params.items()} for c in ckpts]
+
+
+def assert_ckpts_untouched(ckpts, saved):
+    for c, s in zip(ckpts, saved):
+        assert list(c.params) == list(s)
+        for k, v in c.params.items():
+            assert v.dtype == s[k].dtype and torch.equal(v, s[k]), f"checkpoint tensor {k!r} was modified"
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+def global_hooks():
+    """Sizes of torch's global module hook registries."""
+    module = torch.nn.modules.module
+    names = [n for n in dir(module) if n.startswith("_global_") and n.endswith("hooks")]
+    return {n: len(getattr(module, n)) for n in names}
+
+
+def snapshot(model):
+    return {
+        "types": [(n, type(m)) for n, m in model.named_modules()],
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "params": {n: dict(m._parameters) for n, m in model.named_modules()},
+        "buffers": {n: dict(m._buffers) for n, m in model.named_modules()},
+        "hooks": {n: {h: dict(getattr(m, h, {})) for h in _HOOK_DICTS} for n, m in model.named_modules()},
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def assert_unchanged(model, snap):
+    now = snapshot(model)
+    assert now["types"] == snap["types"]
+    assert now["training"] == snap["training"]
+    assert list(now["state"]) == list(snap["state"])
+    for k, v in now["state"].items():
+        assert v.dtype == snap["state"][k].dtype and torch.equal(v, snap["state"][k]), f"model entry {k!r} changed"
+    for name, params in snap["params"].items():
+        assert now["params"][name].keys() == params.keys()
+        for k, p in params.items():
+            assert now["params"][name][k] is p, f"parameter {name}.{k} was replaced"
+    for name, bufs in snap["buffers"].items():
+        assert now["buffers"][name].keys() == bufs.keys()
+        for k, b in bufs.items():
+            assert now["buffers"][name][k] is b, f"buffer {name}.{k} was replaced"
+    for name, hooks in snap["hooks"].items():
+        for h, d in hooks.items():
+            got = now["hooks"][name][h]
+            assert got.keys() == d.keys() and all(got[i] is d[i] for i in d), f"hooks {h} of {name!r} changed"
+
+
+def check_against_reference(model, ckpts, train, test, loss_fn=CE, params=None, factored_modes=(None, True, False)):
+    """influence and self_influence for every ``factored`` mode equal the reference; nothing is modified."""
+    ref_infl, ref_self = reference(model, ckpts, train, test, loss_fn, params)
+    snap, saved = snapshot(model), clone_ckpts(ckpts)
+    opts = {} if params is None else {"params": list(params)}
+    for mode in factored_modes:
+        infl = tc.influence(model, ckpts, train, test, loss_fn=loss_fn, factored=mode, **opts)
+        assert_close(infl, ref_infl)
+        self_ = tc.self_influence(model, ckpts, train, loss_fn=loss_fn, factored=mode, **opts)
+        assert_close(self_, ref_self)
+    assert_unchanged(model, snap)
+    assert_ckpts_untouched(ckpts, saved)
+
+
+class MLP(nn.Module):
+    def __init__(self, fc1=None, d_in=4, hidden=6, d_out=3):
+        super().__init__()
+        self.fc1 = fc1 if fc1 is not None else nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+# ------------------------------------------------------------------ 1. factor sites must be provably plain
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 3 * F.linear(x, self.weight, self.bias)
+
+
+class StdConv2d(nn.Conv2d):
+    """timm-style weight standardisation in forward."""
+
+    def forward(self, x):
+        w = self.weight
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        w = (w - mean) / torch.sqrt(var + 1e-6)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ClampedLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight.clamp(-0.1, 0.1), self.bias)
+
+
+class StdCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = StdConv2d(1, 2, 3)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_1a_forward_hook_on_linear():
+    model = MLP().eval()
+    handle = model.fc1.register_forward_hook(lambda m, a, o: o * 2)
+    try:
+        check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
+        assert list(model.fc1._forward_hooks) == [handle.id]
+    finally:
+        handle.remove()
+
+
+def test_1b_linear_subclass_scaling_output():
+    model = MLP(fc1=ScaledLinear(4, 6)).eval()
+    check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
+
+
+def test_1c_weight_standardised_conv2d():
+    model = StdCNN().eval()
+    check_against_reference(model, make_ckpts(model), data(1, 6, 6, seed=1), data(1, 6, 6, n=3, seed=2))
+
+
+def test_1d_linear_subclass_clamping_weight():
+    model = MLP(fc1=ClampedLinear(4, 6)).eval()
+    ckpts = make_ckpts(model, scale=0.15)
+    w = ckpts[0].params["fc1.weight"]
+    assert bool((w.abs() > 0.1).any()) and bool((w.abs() < 0.1).any())  # both sides of the clamp are exercised
+    check_against_reference(model, ckpts, data(4, seed=1), data(4, n=3, seed=2))
+
+
+def test_1e_last_layer_with_output_scaling_hook():
+    model = MLP().eval()
+    handle = model.fc2.register_forward_hook(lambda m, a, o: o * 2.5)
+    try:
+        ckpts, train, test = make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2)
+        ref_infl, ref_self = reference(model, ckpts, train, test, params=["fc2.weight", "fc2.bias"])
+        snap, saved = snapshot(model), clone_ckpts(ckpts)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, method="last_layer"), ref_infl)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, method="last_layer"), ref_self)
+        assert_unchanged(model, snap)
+        assert_ckpts_untouched(ckpts, saved)
+        assert list(model.fc2._forward_hooks) == [handle.id]
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------------------------- 2. threads
+
+
+def test_2_threads_share_one_model():
+    model = MLP().eval()
+    train, test = data(4, n=12, seed=1), data(4, n=5, seed=2)
+    ckpt_lists = [make_ckpts(model, seed=10 + t) for t in range(4)]
+    serial = [tc.influence(model, c, train, test, loss_fn=CE) for c in ckpt_lists]
+    snap, hooks_before = snapshot(model), global_hooks()
+    barrier = threading.Barrier(len(ckpt_lists), timeout=60)
+    results: list[list[torch.Tensor]] = [[] for _ in ckpt_lists]
+    errors: list[BaseException] = []
+
+    def work(t):
+        try:
+            barrier.wait()
+            for _ in range(12):
+                results[t].append(tc.influence(model, ckpt_lists[t], train, test, loss_fn=CE))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # interleave the threads as much as possible
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(len(ckpt_lists))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, f"{len(errors)} thread(s) raised, first: {errors[0]!r}"
+    for t, runs in enumerate(results):
+        assert len(runs) == 12
+        for r in runs:
+            assert_close(r, serial[t], rtol=1e-12)
+    assert_unchanged(model, snap)
+    for name, m in model.named_modules():
+        for h in _HOOK_DICTS:
+            assert not getattr(m, h, {}), f"{h} left on {name!r}"
+    assert global_hooks() == hooks_before
+
+
+# ----------------------------------------------------------------------- 3. forward passes that write or are random
+
+
+class SpectralNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.utils.parametrizations.spectral_norm(nn.Linear(4, 6))
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x)))
+
+
+class InstanceNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 10)
+        self.inorm = nn.InstanceNorm1d(2, affine=True, track_running_stats=True)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        h = self.lin(x).reshape(x.shape[0], 2, 5)
+        return self.head(torch.tanh(self.inorm(h)).flatten(1))
+
+
+class Noisy(nn.Module):
+    def forward(self, x):
+        return F.dropout(x, 0.5, self.training)
+
+
+class NoisyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.noisy = Noisy()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.noisy(torch.tanh(self.lin(x))))
+
+
+def _buffers_nontrivial(model):
+    """InstanceNorm's running statistics away from their initial values, so a write would show."""
+    if isinstance(model, InstanceNet):
+        model.inorm.running_mean.fill_(0.3)
+        model.inorm.running_var.fill_(1.7)
+    return model
+
+
+SCORERS = {
+    "influence": lambda m, c, tr, te, **kw: tc.influence(m, c, tr, te, loss_fn=CE, **kw),
+    "top_k": lambda m, c, tr, te, **kw: tc.top_k(m, c, tr, te, k=2, loss_fn=CE, **kw),
+    "self_influence": lambda m, c, tr, te, **kw: tc.self_influence(m, c, tr, loss_fn=CE, **kw),
+    "embeddings": lambda m, c, tr, te, **kw: tc.embeddings(m, c, tr, loss_fn=CE, **kw),
+}
+
+
+@pytest.mark.parametrize("scorer", list(SCORERS))
+@pytest.mark.parametrize(
+    "build, layer",
+    [(SpectralNet, "fc"), (InstanceNet, "inorm")],
+    ids=["3a_spectral_norm", "3b_instance_norm"],
+)
+def test_3ab_writing_forward_in_training_mode(build, layer, scorer):
+    model = _buffers_nontrivial(build()).train()
+    ckpts = make_ckpts(model)
+    saved, snap = clone_ckpts(ckpts), snapshot(model)
+    with pytest.raises(ValueError, match=all_of(layer, "model.eval()")):
+        SCORERS[scorer](model, ckpts, data(4, seed=1), data(4, n=3, seed=2))
+    assert_ckpts_untouched(ckpts, saved)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("scorer", list(SCORERS))
+def test_3c_random_forward_in_training_mode(scorer):
+    model = NoisyNet().train()
+    ckpts = make_ckpts(model)
+    saved, snap = clone_ckpts(ckpts), snapshot(model)
+    with pytest.raises(ValueError, match=all_of("noisy", "random", "model.eval()")):
+        SCORERS[scorer](model, ckpts, data(4, seed=1), data(4, n=3, seed=2))
+    assert_ckpts_untouched(ckpts, saved)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("build", [SpectralNet, InstanceNet, NoisyNet], ids=["spectral", "instance", "noisy"])
+def test_3d_eval_mode_scores_match_reference(build):
+    model = _buffers_nontrivial(build()).eval()
+    check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.bn = nn.BatchNorm2d(2)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+_CALLS = {
+    "influence": lambda m, c, tr, te, **kw: tc.influence(m, c, tr, te, loss_fn=CE, **kw),
+    "influence_aggregate": lambda m, c, tr, te, **kw: tc.influence(m, c, tr, te, loss_fn=CE, aggregate=True, **kw),
+    "top_k": lambda m, c, tr, te, **kw: tc.top_k(m, c, tr, te, k=3, loss_fn=CE, **kw),
+    "top_k_opponents": lambda m, c, tr, te, **kw: tc.top_k(m, c, tr, te, k=3, loss_fn=CE, proponents=False, **kw),
+    "self_influence": lambda m, c, tr, te, **kw: tc.self_influence(m, c, tr, loss_fn=CE, **kw),
+    "embeddings": lambda m, c, tr, te, **kw: tc.embeddings(m, c, tr, loss_fn=CE, **kw),
+    "embeddings_projected": lambda m, c, tr, te, **kw: tc.embeddings(m, c, tr, loss_fn=CE, projection_dim=4, **kw),
+}
+# Every public scorer with its defaults, and each option that changes the code path with influence / self_influence.
+_CASES = (
+    [(call, {}) for call in _CALLS]
+    + [
+        (call, options)
+        for call in ("influence", "self_influence")
+        for options in (
+            {"factored": True},
+            {"factored": False},
+            {"method": "last_layer"},
+            {"dtype": F64},
+            {"batch_size": 3},
+        )
+    ]
+    + [("top_k_opponents", {"batch_size": 3}), ("embeddings", {"method": "last_layer"})]
+)
+
+
+@pytest.mark.parametrize("build", [MLP, BNNet], ids=["mlp", "bn_cnn"])
+def test_3e_checkpoints_bit_identical_after_every_scorer(build):
+    model = build().eval()
+    if isinstance(model, BNNet):
+        model.bn.running_mean.fill_(0.2)
+        model.bn.running_var.fill_(1.5)
+        shape = (1, 6, 6)
+    else:
+        shape = (4,)
+    ckpts = make_ckpts(model, dtype=torch.float32)
+    train, test = data(*shape, seed=1, dtype=torch.float32), data(*shape, n=3, seed=2, dtype=torch.float32)
+    saved, snap = clone_ckpts(ckpts), snapshot(model)
+    cases = (
+        _CASES
+        if isinstance(model, MLP)
+        else [("influence", {}), ("self_influence", {"factored": False}), ("embeddings_projected", {})]
+    )
+    for call, options in cases:
+        _CALLS[call](model, ckpts, train, test, **options)
+        assert_ckpts_untouched(ckpts, saved)
+        assert_unchanged(model, snap)
+
+
+# ----------------------------------------------------------------------------- 4. checkpoint shapes and dtypes
+
+
+class Single(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_4a_bias_shape_mismatch():
+    model = Single().eval()
+    ckpts = make_ckpts(model)
+    bad = [tc.Checkpoint(params={**c.params, "fc.bias": c.params["fc.bias"][:1].clone()}, lr=c.lr) for c in ckpts]
+    with pytest.raises(ValueError, match=all_of("'fc.bias'", "(1,)", "(8,)")):
+        tc.influence(model, bad, data(4, classes=8), data(4, n=2, classes=8), loss_fn=CE)
+
+
+class EmbNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+
+def test_4b_embedding_shape_mismatch():
+    model = EmbNet().eval()
+    ckpts = make_ckpts(model)
+    bad = [tc.Checkpoint(params={**c.params, "emb.weight": torch.randn(12, 6, dtype=F64)}, lr=c.lr) for c in ckpts]
+    ids = torch.randint(0, 10, (6, 5))
+    y = torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=all_of("emb.weight", "(12, 6)", "(10, 6)")):
+        tc.self_influence(model, bad, (ids, y), loss_fn=CE)
+
+
+def test_4c_float16_checkpoint_needs_dtype():
+    model = Single().eval()
+    half = make_ckpts(model, dtype=torch.float16)
+    train, test = data(4, classes=8, dtype=torch.float32), data(4, n=2, classes=8, seed=3, dtype=torch.float32)
+    with pytest.raises(ValueError, match=re.escape("dtype=torch.float32")):
+        tc.influence(model, half, train, test, loss_fn=CE)
+    got = tc.influence(model, half, train, test, loss_fn=CE, dtype=torch.float32)
+    cast = [tc.Checkpoint(params={k: v.float() for k, v in c.params.items()}, lr=c.lr) for c in half]
+    expected = tc.influence(model, cast, train, test, loss_fn=CE)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, expected)
+
+
+def test_4d_mixed_dtype_checkpoint():
+    model = Single().eval()
+    c = make_ckpts(model, dtype=torch.float32)[0]
+    mixed = [tc.Checkpoint(params={**c.params, "fc.bias": c.params["fc.bias"].double()}, lr=0.1)]
+    with pytest.raises(ValueError, match=re.escape("dtype=")):
+        tc.influence(
+            model,
+            mixed,
+            data(4, classes=8, dtype=torch.float32),
+            data(4, n=2, classes=8, dtype=torch.float32),
+            loss_fn=CE,
+        )
+
+
+def test_4e_float64_inputs_cast_to_checkpoint_dtype():
+    model = MLP().eval()
+    ckpts = make_ckpts(model, dtype=torch.float32)
+    (x32, y), (t32, ty) = data(4, dtype=torch.float32), data(4, n=3, seed=2, dtype=torch.float32)
+    expected = tc.influence(model, ckpts, (x32, y), (t32, ty), loss_fn=CE)
+    got = tc.influence(model, ckpts, (x32.double(), y), (t32.double(), ty), loss_fn=CE)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, expected)
+    expected_self = tc.self_influence(model, ckpts, (x32, y), loss_fn=CE)
+    assert torch.equal(tc.self_influence(model, ckpts, (x32.double(), y), loss_fn=CE), expected_self)
+
+
+def test_4f_integer_inputs_to_linear():
+    model = MLP().eval()
+    ckpts = make_ckpts(model, dtype=torch.float32)
+    xi = torch.randint(0, 5, (6, 4))
+    y = torch.randint(0, 3, (6,))
+    test = data(4, n=2, dtype=torch.float32)
+    with pytest.raises(TypeError, match=all_of("`train`", "int64", ".float()")):
+        tc.influence(model, ckpts, (xi, y), test, loss_fn=CE)
+    with pytest.raises(TypeError, match=all_of("`test`", "int64", ".float()")):
+        tc.influence(model, ckpts, data(4, dtype=torch.float32), (xi, y), loss_fn=CE)
+    with pytest.raises(TypeError, match=all_of("`data`", "int64", ".float()")):
+        tc.self_influence(model, ckpts, (xi, y), loss_fn=CE)
+
+
+def test_4g_meta_checkpoint_tensor():
+    model = Single().eval()
+    c = make_ckpts(model)[0]
+    bad = [tc.Checkpoint(params={**c.params, "fc.weight": torch.empty(8, 4, dtype=F64, device="meta")}, lr=0.1)]
+    with pytest.raises(ValueError, match="meta"):
+        tc.self_influence(model, bad, data(4, classes=8), loss_fn=CE)
+
+
+def test_4h_meta_device_option():
+    model = Single().eval()
+    with pytest.raises(ValueError, match=re.escape("`device`")):
+        tc.self_influence(model, make_ckpts(model), data(4, classes=8), loss_fn=CE, device="meta")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_4i_cuda_device_unavailable():
+    model = Single().eval()
+    with pytest.raises(ValueError, match=all_of("`device`", "not available")):
+        tc.self_influence(model, make_ckpts(model), data(4, classes=8), loss_fn=CE, device="cuda")
+
+
+def test_4j_numpy_data_and_checkpoint():
+    model = Single().eval()
+    ckpts = make_ckpts(model)
+    x, y = data(4, classes=8)
+    with pytest.raises(TypeError, match=re.escape("torch.from_numpy")):
+        tc.self_influence(model, ckpts, (x.numpy(), y.numpy()), loss_fn=CE)
+    with pytest.raises(TypeError, match=re.escape("torch.from_numpy")):
+        tc.influence(model, ckpts, (x.numpy(), y.numpy()), (x, y), loss_fn=CE)
+    c = ckpts[0]
+    bad = [tc.Checkpoint(params={**c.params, "fc.bias": c.params["fc.bias"].numpy()}, lr=0.1)]
+    with pytest.raises(TypeError, match=all_of("fc.bias", "torch.from_numpy")):
+        tc.self_influence(model, bad, (x, y), loss_fn=CE)
+
+
+# -------------------------------------------------------------------------------------- 5. a 0-d parameter
+
+
+class ClipLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return self.logit_scale * self.fc(x)
+
+
+@pytest.mark.parametrize("factored", [None, True, False])
+def test_5_zero_dim_parameter(factored):
+    model = ClipLike().eval()
+    ckpts, train, test = make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2)
+    assert ckpts[0].params["logit_scale"].dim() == 0
+    ref_infl, ref_self = reference(model, ckpts, train, test)
+    infl = tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored)
+    assert_close(infl, ref_infl)
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored), ref_self)
+    top = tc.top_k(model, ckpts, train, test, k=3, loss_fn=CE, factored=factored)
+    assert_close(top.scores, ref_infl.topk(3, dim=1).values)
+    e_train = tc.embeddings(model, ckpts, train, loss_fn=CE, factored=factored)
+    e_test = tc.embeddings(model, ckpts, test, loss_fn=CE, factored=factored)
+    assert e_train.shape == (8, len(ckpts) * (4 * 3 + 3 + 1))
+    assert_close(e_test @ e_train.T, infl)
+    p_train = tc.embeddings(model, ckpts, train, loss_fn=CE, projection_dim=16, factored=factored)
+    p_test = tc.embeddings(model, ckpts, test, loss_fn=CE, projection_dim=16, factored=factored)
+    assert p_train.shape == (8, len(ckpts) * 16) and p_test.shape == (3, len(ckpts) * 16)
+    assert bool(torch.isfinite(p_train).all())
+
+
+# -------------------------------------------------------------------------------------------- 6. data order
+
+
+def _ds(n=10):
+    x, y = data(4, n=n, seed=1)
+    return TensorDataset(x, y)
+
+
+def test_6a_shuffled_loader_refused():
+    model = MLP().eval()
+    ckpts, test = make_ckpts(model), data(4, n=2, seed=2)
+    loader = DataLoader(_ds(), batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match=re.escape("shuffle=False")):
+        tc.influence(model, ckpts, loader, test, loss_fn=CE)
+    with pytest.raises(ValueError, match=re.escape("shuffle=False")):
+        tc.top_k(model, ckpts, loader, test, k=2, loss_fn=CE)
+
+
+def test_6b_random_sampler_refused():
+    model = MLP().eval()
+    loader = DataLoader(_ds(), batch_size=4, sampler=SubsetRandomSampler(list(range(8))))
+    with pytest.raises(ValueError):
+        tc.influence(model, make_ckpts(model), loader, data(4, n=2, seed=2), loss_fn=CE)
+
+
+def test_6c_drop_last():
+    model = MLP().eval()
+    ckpts, test = make_ckpts(model), data(4, n=2, seed=2)
+    with pytest.raises(ValueError, match=re.escape("drop_last=False")):
+        tc.influence(model, ckpts, DataLoader(_ds(10), batch_size=4, drop_last=True), test, loss_fn=CE)
+    ds = _ds(12)
+    got = tc.influence(model, ckpts, DataLoader(ds, batch_size=4, drop_last=True), test, loss_fn=CE)
+    assert_close(got, tc.influence(model, ckpts, ds.tensors, test, loss_fn=CE))
+
+
+def test_6d_top_k_embeddings_nan_rows():
+    train, test = torch.randn(12, 5, dtype=F64), torch.randn(3, 5, dtype=F64)
+    bad_train = train.clone()
+    bad_train[7, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"\b7\b"):
+        tc.top_k_embeddings(test, bad_train, k=3)
+    bad_test = test.clone()
+    bad_test[1, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        tc.top_k_embeddings(bad_test, train, k=3)
+
+
+# ----------------------------------------------------------------------------------------------- 7. messages
+
+
+def test_7a_unreadable_checkpoint_files(tmp_path):
+    good = {"model_state_dict": {"w": torch.randn(3, 2)}, "learning_rate": 0.1}
+    full = tmp_path / "full.pt"
+    torch.save(good, full)
+    raw = full.read_bytes()
+    cases = {"empty.pt": b"", "truncated.pt": raw[: len(raw) // 2], "text.pt": b"these are not weights\n"}
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(name)):
+            tc.load_checkpoints([path])
+    directory = tmp_path / "run"
+    directory.mkdir()
+    for i in (1, 2):
+        torch.save(good, directory / f"ckpt-{i}.pt")
+    (directory / "notes.txt").write_text("lr 0.1, trained on digits\n")
+    with pytest.raises(ValueError, match=re.escape("notes.txt")):
+        tc.load_checkpoints(directory)
+
+
+def test_7b_label_out_of_range_names_example():
+    model = MLP(d_out=10).eval()
+    x, y = data(4, classes=10, seed=1)
+    y[5] = 12
+    with pytest.raises(Exception, match=re.escape("`train` example 5")):
+        tc.influence(model, make_ckpts(model), (x, y), data(4, n=2, classes=10, seed=2), loss_fn=CE)
+
+
+def test_7c_loss_class_instead_of_instance():
+    model = MLP().eval()
+    with pytest.raises(TypeError, match=re.escape("nn.CrossEntropyLoss()")):
+        tc.self_influence(model, make_ckpts(model), data(4), loss_fn=nn.CrossEntropyLoss)
+
+
+def test_7d_inference_mode_and_no_grad():
+    model = MLP().eval()
+    ckpts, train, test = make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2)
+    expected = tc.influence(model, ckpts, train, test, loss_fn=CE)
+    with torch.no_grad():
+        got = tc.influence(model, ckpts, train, test, loss_fn=CE)
+    assert_close(got, expected, rtol=1e-12)
+    with pytest.raises(RuntimeError, match="inference_mode"):
+        with torch.inference_mode():
+            tc.influence(model, ckpts, train, test, loss_fn=CE)
+
+
+class TupleOut(MLP):
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h), h
+
+
+class DictOut(MLP):
+    def forward(self, x):
+        return {"logits": self.fc2(torch.tanh(self.fc1(x)))}
+
+
+def test_7e_non_tensor_model_outputs():
+    model = TupleOut().eval()
+    with pytest.raises(TypeError, match=all_of("tuple", "tc.ExampleLoss")):
+        tc.influence(model, make_ckpts(model), data(4), data(4, n=2), loss_fn=nn.CrossEntropyLoss())
+    model = DictOut().eval()
+    with pytest.raises(TypeError, match="dict"):
+        tc.influence(model, make_ckpts(model), data(4), data(4, n=2), loss_fn=nn.CrossEntropyLoss())
+
+
+class HasLr(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.lr = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.fc(x) * self.lr
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["float64", "float32"])
+def test_7f_parameter_named_lr(tmp_path, dtype):
+    model = HasLr().eval()
+    ckpt = make_ckpts(model, lrs=(0.1,), dtype=dtype)[0]
+    assert not torch.equal(ckpt.params["lr"], model.lr.detach().to(dtype))  # the model's own value would be wrong
+    train, test = data(4, seed=1, dtype=dtype), data(4, n=3, seed=2, dtype=dtype)
+    memory = tc.Checkpoint(params=dict(ckpt.params), lr=0.1)
+    expected = tc.influence(model, [memory], train, test, loss_fn=CE)
+    if dtype == F64:
+        assert_close(expected, reference(model, [memory], train, test)[0])
+    path = tmp_path / "ckpt.pt"
+    torch.save(dict(ckpt.params), path)
+    try:
+        loaded = tc.load_checkpoints([path], lr=0.1)
+        got = tc.influence(model, loaded, train, test, loss_fn=CE)
+    except ValueError as err:
+        assert "learning_rate" in str(err), f"unhelpful error: {err}"
+    else:
+        assert torch.equal(loaded[0].params["lr"], ckpt.params["lr"])
+        assert_close(got, expected, rtol=1e-12 if dtype == F64 else 1e-6)

@@ -1,0 +1,58 @@
+"""From captured factors and dense gradients to the gradient representation of a batch, for one loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ._capture import Factors, batched_factors, vmapped_factors
+from ._grads import Mapper, Tensors, dense_grads
+from ._layers import input_rows, output_rows, per_example_grads
+from ._loss import CriterionLoss, ExampleLossFn
+from ._representations import Dense, Factored, Part, Representation
+
+if TYPE_CHECKING:
+    from ._plan import Plan
+
+RepresentationFn = Callable[[Tensors, Tensors, Any], Representation]  # (diff, frozen, batch) -> Representation
+
+
+def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], factors: Factors) -> Representation:
+    """Kernel sites become factored parts; the other sites are materialised next to the dense gradients."""
+    modules = dict(module.named_modules())
+    parts: list[Part] = []
+    dense = dict(dense)
+    for site in plan.sites:
+        layer, (xs, gs) = modules[site.path], factors[site.path]
+        if site.path in plan.kernel:
+            a = _cat([input_rows(layer, site, x) for x in xs], dim=1)
+            g = _cat([output_rows(site, g) for g in gs], dim=1)
+            parts.append(Factored(site, a, g))
+            continue
+        for x, g in zip(xs, gs):
+            for name, grad_ in per_example_grads(layer, site, x, g).items():
+                dense[name] = dense[name] + grad_ if name in dense else grad_
+    if dense:
+        parts.insert(0, Dense(dense))
+    return Representation(tuple(parts), plan.names)
+
+
+def _cat(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)  # a layer called once: no copy
+
+
+def representation_fn(module: nn.Module | None, loss: ExampleLossFn, plan: Plan, mapper: Mapper) -> RepresentationFn:
+    """``(diff, frozen, batch) -> Representation`` for one loss under ``plan``."""
+    if not plan.sites:
+        grads = dense_grads(loss, mapper)
+        return lambda diff, frozen, batch: Representation((Dense(grads(diff, frozen, batch)),), plan.names)
+    assert module is not None  # sites exist only on modules
+    if plan.batched and isinstance(loss, CriterionLoss):
+        return lambda diff, frozen, batch: assemble(
+            module, plan, {}, batched_factors(module, loss, plan, {**frozen, **diff}, batch, mapper)
+        )
+    vmapped = vmapped_factors(module, loss, plan, mapper)
+    return lambda diff, frozen, batch: assemble(module, plan, *vmapped(diff, frozen, batch))

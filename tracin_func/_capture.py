@@ -1,0 +1,152 @@
+"""Capturing factors: layer inputs ``A`` and output gradients ``G`` of factor sites, obtained functionally.
+
+A zero "probe" is added to each site's output and differentiated (``G``); the site's input rows are kept (``A``).
+Forward hooks do both. They are registered on the call's private copy of the model (``_model.private_copy``) and
+removed in ``finally`` blocks. Two ways to run them:
+
+- batched: one ordinary forward / backward over the whole batch, the criterion mapped over examples (planning
+  checked on the first examples that batching does not change them);
+- vmapped: ``vmap(grad)`` over examples, differentiating the probes and, in the same pass, the parameters of
+  other layers (attention in-projections, custom layers) densely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import optree
+import torch
+from torch import nn
+from torch.func import grad
+
+from ._grads import Mapper, Tensors, batch_of_one, example_at, scalar_loss
+from ._layers import Site, layer_output, recorded_input
+from ._loss import CriterionLoss, ExampleLossFn, summed_example_losses
+
+if TYPE_CHECKING:
+    from ._plan import Plan
+
+Hook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
+Factors = dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]  # path -> per call: inputs, output grads
+
+
+@contextmanager
+def hooked(module: nn.Module, hooks: Mapping[str, Hook]) -> Iterator[None]:
+    """Forward hooks on the submodules at the given paths, for the duration of the block."""
+    modules = dict(module.named_modules())
+    handles = [modules[path].register_forward_hook(hook) for path, hook in hooks.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def discover(
+    module: nn.Module, loss: ExampleLossFn, sites: Sequence[Site], diff: Tensors, frozen: Tensors, batch: Any
+) -> tuple[dict[str, list[tuple[int, ...]]], dict[str, torch.Tensor]]:
+    """Run the first example of ``batch`` under ``grad`` with each site's own parameter use detached.
+
+    Returns each site's output shapes (one per call) and the gradient that still reaches each differentiated
+    parameter: a site's parameters must get none, since another use (a direct ``F.linear(x, layer.weight)``,
+    a regulariser in the loss) would be missed by its factors.
+    """
+    calls: dict[str, list[tuple[int, ...]]] = {s.path: [] for s in sites}
+
+    def hook_for(site: Site) -> Hook:
+        def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
+            calls[site.path].append(tuple(output.shape))
+            return layer_output(layer, site, args[0], detach=True)
+
+        return hook
+
+    def loss_of_example(diff: Tensors, frozen: Tensors, example: Any) -> torch.Tensor:
+        with hooked(module, {s.path: hook_for(s) for s in sites}):
+            return scalar_loss(loss, {**frozen, **diff}, batch_of_one(example))
+
+    leaked = grad(loss_of_example)(diff, frozen, example_at(batch, 0))  # one example: no vmap needed
+    return calls, leaked
+
+
+def batched_factors(
+    module: nn.Module, loss: CriterionLoss, plan: Plan, state: Tensors, batch: Any, mapper: Mapper
+) -> Factors:
+    """Each site's inputs and output gradients from one forward / backward over the whole batch."""
+    inputs: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
+    probes: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
+
+    def hook_for(site: Site) -> Hook:
+        def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
+            probe = torch.zeros_like(output, requires_grad=True)
+            inputs[site.path].append(recorded_input(layer, site, args[0]).detach())
+            probes[site.path].append(probe)
+            return output + probe
+
+        return hook
+
+    def criterion_of_example(example: tuple[Any, Any]) -> torch.Tensor:
+        output, target = batch_of_one(example)
+        return loss.criterion(output, target).sum()
+
+    *model_inputs, target = batch
+    with torch.enable_grad():
+        with hooked(module, {s.path: hook_for(s) for s in plan.sites}):
+            output = loss.forward(state, *model_inputs)
+        total = summed_example_losses(loss.criterion, output, target)
+        if total is None:
+            total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
+        flat = [p for s in plan.sites for p in probes[s.path]]
+        grads = torch.autograd.grad(total, flat, allow_unused=True)
+    grads = iter(torch.zeros_like(p) if g is None else g for g, p in zip(grads, flat))
+    return {s.path: (inputs[s.path], [next(grads) for _ in probes[s.path]]) for s in plan.sites}
+
+
+def vmapped_factors(
+    module: nn.Module, loss: ExampleLossFn, plan: Plan, mapper: Mapper
+) -> Callable[[Tensors, Tensors, Any], tuple[dict[str, torch.Tensor], Factors]]:
+    """``(diff, frozen, batch) -> (dense grads, factors)`` in one ``vmap(grad)`` pass over examples."""
+    factored_names = {n for s in plan.sites for n in s.names}
+    probe_shapes: dict[Any, dict[str, list[tuple[int, ...]]]] = {}  # per example signature, found once per call
+
+    def loss_of_example(dense: Tensors, probes: Mapping[str, Sequence[torch.Tensor]], frozen: Tensors, example: Any):
+        inputs: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
+
+        def hook_for(site: Site) -> Hook:
+            def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
+                k = len(inputs[site.path])
+                if k >= len(probes[site.path]):
+                    raise RuntimeError(f"Layer {site.path!r} was called more often than when the call was planned.")
+                inputs[site.path].append(recorded_input(layer, site, args[0]))
+                return output + probes[site.path][k]
+
+            return hook
+
+        with hooked(module, {s.path: hook_for(s) for s in plan.sites}):
+            out = scalar_loss(loss, {**frozen, **dense}, batch_of_one(example))
+        return out, inputs
+
+    mapped = mapper.over_batch(grad(loss_of_example, argnums=(0, 1), has_aux=True), 3)
+
+    def factors(diff: Tensors, frozen: Tensors, batch: Any) -> tuple[dict[str, torch.Tensor], Factors]:
+        signature = tuple((tuple(t.shape[1:]), t.dtype) for t in optree.tree_leaves(batch, none_is_leaf=True))
+        if signature not in probe_shapes:
+            probe_shapes[signature] = discover(module, loss, plan.sites, diff, frozen, batch)[0]
+        dtype, device = next(iter(diff.values())).dtype, next(iter(diff.values())).device
+        probes = {
+            path: [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+            for path, shapes in probe_shapes[signature].items()
+        }
+        dense = {n: diff[n] for n in plan.dense}
+        held = {**frozen, **{n: diff[n] for n in factored_names}}
+        (dense_grads, probe_grads), inputs = mapped(dense, probes, held, batch)
+        out = {}
+        for site in plan.sites:
+            xs, gs = inputs[site.path], probe_grads[site.path]
+            if len(xs) != len(gs):
+                raise RuntimeError(f"Layer {site.path!r} was called differently than when the call was planned.")
+            out[site.path] = ([x[:, 0] for x in xs], [g[:, 0] for g in gs])  # drop each example's batch of one
+        return dense_grads, out
+
+    return factors

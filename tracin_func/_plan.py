@@ -1,0 +1,155 @@
+"""Planning a call on its first batch: check the forward pass, choose the parameters (all selected, or the last
+layer's), decide per layer how gradients are obtained, and build the pure updates for that plan."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import nn
+
+from ._assemble import representation_fn
+from ._capture import Hook, batched_factors, discover, hooked
+from ._data import slice_batch
+from ._grads import Mapper, Tensors
+from ._layers import Site, factorable_sites
+from ._loss import CriterionLoss, ExampleLossFn
+from ._purity import check_forward
+from ._setup import Setup
+from ._updates import Updates, make_updates
+
+
+class Plan(NamedTuple):
+    """How each differentiated parameter is handled in one call."""
+
+    names: tuple[str, ...]  # all differentiated parameters, in the user's order
+    dense: tuple[str, ...]  # differentiated by vmap(grad)
+    sites: tuple[Site, ...]  # layers whose gradients are obtained as factors
+    kernel: frozenset[str]  # paths of sites kept as factors (the others are materialised next to dense grads)
+    batched: bool  # factors from one batched forward / backward (else vmapped)
+
+
+def plan_updates(setup: Setup, batch: Any, where: str) -> Updates:
+    """The pure updates of a call, planned on ``batch`` (on device) of the argument named ``where``."""
+    module, first = setup.spec.module, setup.checkpoints[0].state
+    losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
+    for loss in losses:
+        check_forward(module, loss, first, batch, where)
+    names, factored = setup.spec.diff_names, setup.factored
+    if setup.method == "last_layer":
+        assert module is not None  # checked when the call was set up
+        names, factored = last_layer_params(module, setup.train_loss, first, batch), True
+    diff = {n: first[n] for n in names}
+    frozen = {n: t for n, t in first.items() if n not in diff}
+    mapper = Mapper(setup.chunk_size)
+    plan = make_plan(module, names, losses, diff, frozen, batch, mapper, factored=factored)
+    train, test = (representation_fn(module, loss, plan, mapper) for loss in (setup.train_loss, setup.test_loss))
+    return make_updates(train, test, names, projection=setup.projection)
+
+
+def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...]]) -> int:
+    """``T``: rows of ``A`` / ``G`` per example, over all calls of the layer (shapes of a batch of one)."""
+    return sum(math.prod(s[2:]) if site.kind == "conv" else math.prod(s[:-1]) for s in shapes)
+
+
+def _kernel_is_cheaper(site: Site, rows: int) -> bool:
+    """One pair's inner product: factored ``T^2 (d_in + d_out)`` against materialised ``d_in d_out`` flops."""
+    d_out, d_in = site.weight_shape[0], math.prod(site.weight_shape[1:]) + (site.bias is not None)
+    return rows * rows * (d_in + d_out) < d_in * d_out
+
+
+def make_plan(
+    module: nn.Module | None,
+    names: Sequence[str],
+    losses: Sequence[ExampleLossFn],
+    diff: Tensors,
+    frozen: Tensors,
+    batch: Any,
+    mapper: Mapper,
+    *,
+    factored: bool | None,
+) -> Plan:
+    """Which layers give factors, which of those are scored by factored inner products (a cost model for
+    ``factored=None``, all for ``True``; ``False`` uses vmap(grad) for everything), and how factors are obtained."""
+    sites = factorable_sites(module, names) if module is not None and factored is not False else {}
+    kernel = set()
+    for loss in losses if sites else ():
+        calls, leaked = discover(module, loss, list(sites.values()), diff, frozen, batch)
+        for path, site in list(sites.items()):
+            if not calls[path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
+                del sites[path]  # not called as a module, or its parameters are also used elsewhere
+            elif site.kind != "norm" and (
+                factored or site.kind == "embedding" or _kernel_is_cheaper(site, _rows_per_example(site, calls[path]))
+            ):
+                kernel.add(path)  # an Embedding is never materialised on the training side (see TokenRows)
+    dense = _not_in_sites(names, sites.values())
+    if dense:  # vmap(grad) runs anyway: a layer whose gradients would be materialised is cheaper left to it
+        sites = {path: site for path, site in sites.items() if path in kernel}
+        dense = _not_in_sites(names, sites.values())
+    plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel & set(sites)), batched=False)
+    if sites and not dense and all(isinstance(loss, CriterionLoss) for loss in losses):
+        plan = plan._replace(batched=_batching_is_exact(module, losses, plan, {**frozen, **diff}, batch, mapper))
+    return plan
+
+
+def _not_in_sites(names: Sequence[str], sites: Iterable[Site]) -> tuple[str, ...]:
+    in_sites = {n for site in sites for n in site.names}
+    return tuple(n for n in names if n not in in_sites)
+
+
+def _batching_is_exact(
+    module: nn.Module, losses: Sequence[CriterionLoss], plan: Plan, state: Tensors, batch: Any, mapper: Mapper
+) -> bool:
+    """Whether a batched forward gives each example the factors it gets alone (no interaction across examples)."""
+    few = slice_batch(batch, 0, 4)
+    n = optree.tree_leaves(few, none_is_leaf=True)[0].shape[0]
+    for loss in losses:
+        together = batched_factors(module, loss, plan, state, few, mapper)
+        alone = [batched_factors(module, loss, plan, state, slice_batch(few, i, i + 1), mapper) for i in range(n)]
+        for path, (xs, gs) in together.items():
+            singles = _concat_examples([a[path] for a in alone])
+            if singles is None or len(singles) != len(xs) + len(gs) or not all(map(_close, singles, [*xs, *gs])):
+                return False
+    return True
+
+
+def _concat_examples(factors: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> list[torch.Tensor] | None:
+    """One layer's inputs then output gradients per call, concatenated over examples that were run alone; None
+    when the examples called the layer a different number of times or with different shapes."""
+    if len({len(xs) for xs, _ in factors}) > 1:
+        return None
+    per_call = list(zip(*(xs + gs for xs, gs in factors)))
+    if any(t.shape[1:] != ts[0].shape[1:] for ts in per_call for t in ts):
+        return None
+    return [torch.cat(ts) for ts in per_call]
+
+
+def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal up to float rounding (a batched GEMM may sum in another order), relative to the largest entry."""
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    if not x.is_floating_point() or torch.equal(x, y):
+        return torch.equal(x, y)
+    return bool((x - y).abs().max() <= 1e-4 * y.abs().max())
+
+
+def last_layer_params(module: nn.Module, loss: ExampleLossFn, state: Tensors, batch: Any) -> list[str]:
+    """Parameter names of the last ``nn.Linear`` called when computing the loss of the first example of ``batch``."""
+    linears = {path: m for path, m in module.named_modules() if isinstance(m, nn.Linear)}
+    order: list[str] = []
+
+    def hook_for(path: str) -> Hook:
+        def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            order.append(path)
+
+        return hook
+
+    with torch.no_grad(), hooked(module, {path: hook_for(path) for path in linears}):
+        loss(state, slice_batch(batch, 0, 1))
+    if not order:
+        raise ValueError("`method='last_layer'` found no nn.Linear called by the model; select `layers=` instead.")
+    prefix = f"{order[-1]}." if order[-1] else ""
+    return [prefix + name for name, _ in linears[order[-1]].named_parameters(recurse=False)]

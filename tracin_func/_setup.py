@@ -1,0 +1,165 @@
+"""Everything one scoring call needs, validated at the edge and prepared once: the model's function shape, the
+checkpoints on the target device, the losses and the options."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ._checkpoints import Checkpoint
+from ._loss import ExampleLoss, ExampleLossFn, example_loss
+from ._model import (
+    CheckpointState,
+    ModelSpec,
+    ParamSelector,
+    checked_state,
+    computation_dtype,
+    converted,
+    model_spec,
+)
+from ._validate import positive_int
+
+
+class Setup(NamedTuple):
+    """A validated scoring call. The driver iterates the data; planning happens on its first batch."""
+
+    spec: ModelSpec
+    checkpoints: list[CheckpointState]
+    train_loss: ExampleLossFn
+    test_loss: ExampleLossFn  # the same object as ``train_loss`` when no ``test_loss_fn`` was given
+    method: str  # "exact" | "last_layer"
+    factored: bool | None
+    chunk_size: int | None
+    compile: bool
+    projection: tuple[int, int] | None  # (k, seed) for projected embeddings
+    device: torch.device
+    dtype: torch.dtype  # of the computation: checkpoints and floating inputs are converted to it
+    batch_size: int
+    needs_target: tuple[bool, bool]  # (train, test): a criterion needs (x..., y) batches
+    progress: bool
+
+
+def _default_device(model: Any, first: Checkpoint) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for t in (*model.parameters(), *model.buffers()):
+            return t.device
+    tensors = [t for t in first.params.values() if isinstance(t, torch.Tensor)]
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+def _target_device(device: Any, model: Any, first: Checkpoint) -> torch.device:
+    try:
+        target = torch.device(device) if device is not None else _default_device(model, first)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"`device`={device!r} is not a device ({err}); pass e.g. 'cpu' or 'cuda:0'.") from err
+    if target.type == "meta":
+        source = "`device`" if device is not None else "`device` (the model's, by default)"
+        raise ValueError(
+            f"{source} is 'meta', which holds no values; pass `device='cpu'` or an accelerator, with real weights."
+        )
+    try:
+        torch.empty(0, device=target)
+    except Exception as err:  # torch raises RuntimeError or AssertionError for a device it was not built for
+        raise ValueError(
+            f"`device`={str(target)!r} is not available on this machine ({str(err).splitlines()[0]}); pass "
+            f"`device='cpu'` or an available accelerator."
+        ) from err
+    return target
+
+
+def _check_loss(loss_fn: Any, name: str) -> None:
+    if isinstance(loss_fn, type):
+        raise TypeError(
+            f"`{name}` is the class {loss_fn.__module__.replace('torch.nn.modules.loss', 'nn')}.{loss_fn.__name__}; "
+            f"pass an instance, e.g. `nn.{loss_fn.__name__}()`."
+        )
+
+
+def _auto_batch_size(diff: Iterable[torch.Tensor], budget_bytes: int = 1 << 28) -> int:
+    """Examples per batch so that dense per-sample gradients of every differentiated parameter fit ``budget``."""
+    per_example = sum(t.numel() * t.element_size() for t in diff)
+    return max(16, min(4096, budget_bytes // max(1, per_example)))
+
+
+def make_setup(
+    model: Any,
+    checkpoints: Iterable[Checkpoint],
+    *,
+    loss_fn: Any,
+    test_loss_fn: Any = None,
+    params: ParamSelector = None,
+    layers: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    chunk_size: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
+    progress: bool = False,
+    compile: bool = False,
+    factored: bool | None = None,
+    method: str = "exact",
+    projection: tuple[int, int] | None = None,
+) -> Setup:
+    """Validate the options shared by every scorer and prepare each checkpoint once."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "Scores need gradients, which torch cannot compute under `torch.inference_mode()`; call the scorer "
+            "outside that block (`torch.no_grad()` is fine: scorers enable what they need)."
+        )
+    if isinstance(checkpoints, (Checkpoint, str)) or not isinstance(checkpoints, Iterable):
+        raise TypeError(
+            f"`checkpoints` must be a list of `tc.Checkpoint`, got {type(checkpoints).__name__}; load files with "
+            f"`tc.load_checkpoints(...)`."
+        )
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        raise ValueError("`checkpoints` is empty; pass at least one `tc.Checkpoint(params=..., lr=...)`.")
+    if loss_fn is None:
+        raise TypeError("`loss_fn` is required: a criterion such as `nn.CrossEntropyLoss()`, or `tc.ExampleLoss(fn)`.")
+    _check_loss(loss_fn, "loss_fn")
+    _check_loss(test_loss_fn, "test_loss_fn")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"`dtype` must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
+    if method not in ("exact", "last_layer"):
+        raise ValueError(f"`method` must be 'exact' or 'last_layer', got {method!r}.")
+    if method == "last_layer" and (params is not None or layers is not None or not isinstance(model, torch.nn.Module)):
+        raise ValueError(
+            "`method='last_layer'` picks the model's final nn.Linear itself: drop `params` / `layers`, or keep them "
+            "and use the default `method='exact'` (an nn.Module is required)."
+        )
+    for name, value in (("strict", strict), ("progress", progress), ("compile", compile)):
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    if factored is not None and not isinstance(factored, bool):
+        raise TypeError(f"`factored` must be None (choose per layer), True or False, got {factored!r}.")
+    if batch_size is not None:
+        positive_int(batch_size, "batch_size")
+    if chunk_size is not None:
+        positive_int(chunk_size, "chunk_size")
+    first = checkpoints[0]
+    if not isinstance(first, Checkpoint):
+        raise TypeError(
+            f"`checkpoints[0]` is a {type(first).__name__}; wrap it as `tc.Checkpoint(params=state_dict, lr=...)` or "
+            f"load files with `tc.load_checkpoints`."
+        )
+    private = not any(isinstance(fn, ExampleLoss) for fn in (loss_fn, test_loss_fn))
+    spec = model_spec(model, first.params, params, layers, private=private)
+    target = _target_device(device, model, first)
+    shapes = {n: tuple(t.shape) for n, t in (spec.defaults or first.params).items() if isinstance(t, torch.Tensor)}
+    states = [checked_state(spec, c, i, shapes=shapes, strict=strict) for i, c in enumerate(checkpoints)]
+    dtype = dtype or computation_dtype(states)
+    bar = tqdm(zip(states, checkpoints), total=len(states), desc="preparing checkpoints", unit="ckpt",
+               disable=not progress, leave=False)
+    prepared = [converted(state, c.lr, target, dtype) for state, c in bar]
+    batch_size = batch_size or _auto_batch_size(prepared[0].state[n] for n in spec.diff_names)
+    train_loss = example_loss(spec.forward, loss_fn, "loss_fn")
+    same = test_loss_fn is None or test_loss_fn is loss_fn
+    test_loss = train_loss if same else example_loss(spec.forward, test_loss_fn, "test_loss_fn")
+    needs_target = (not isinstance(loss_fn, ExampleLoss), not isinstance(test_loss_fn or loss_fn, ExampleLoss))
+    return Setup(
+        spec, prepared, train_loss, test_loss, method, factored, chunk_size, compile, projection, target, dtype,
+        batch_size, needs_target, progress,
+    )
