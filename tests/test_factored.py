@@ -244,3 +244,84 @@ def test_cost_model_chooses_factored_inner_products_for_few_rows(tokens, kernel)
     plan = _plan(model, (x, y), loss_fn=nn.MSELoss())
     assert [s.path for s in plan.sites] == ["0"]
     assert (plan.kernel == {"0"}) is kernel
+
+
+class GroupedConvs(nn.Module):
+    """A MobileNet-style block: depthwise and grouped convolutions between plain ones, eval-mode BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.grouped = nn.Conv2d(4, 6, 1, groups=2)
+        self.bn = nn.BatchNorm2d(6)
+        self.c3 = nn.Conv1d(6, 4, 3, groups=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.grouped(torch.relu(self.depthwise(self.c1(x))))))
+        return self.fc(torch.tanh(self.c3(h.flatten(2))).mean(2))
+
+
+@pytest.mark.parametrize("chunk", [2, 512])
+def test_grouped_and_depthwise_convolutions_are_materialised_from_factors(monkeypatch, chunk):
+    from tracin_func import _layers
+
+    monkeypatch.setattr(_layers, "_GROUPED_CONV_CHUNK", chunk)
+    torch.manual_seed(0)
+    model = GroupedConvs().double().eval()
+    x, y = torch.randn(9, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    plan = _plan(model, (x, y))
+    assert plan.batched and not plan.dense  # every layer gives factors: one batched pass
+    grouped = {s.path for s in plan.sites if s.groups > 1}
+    assert grouped == {"depthwise", "grouped", "c3"} and not grouped & plan.kernel  # never a factored kernel
+
+
+class TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)).mean(1))
+
+
+def test_last_layer_with_a_tied_weight_names_the_shared_tensor():
+    model = TiedHead().double().eval()
+    ids, y = torch.randint(0, 10, (4, 3)), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match=r"shares its weight 'head.weight' with 'emb.weight'.*params=\['emb.weight'\]"):
+        tc.self_influence(model, _ckpts(model), (ids, y), loss_fn=CE, method="last_layer")
+
+
+def test_transformers_conv1d_is_a_transposed_linear_site():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class Gpt2Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc, self.c_proj, self.fc = Conv1D(6, 3), Conv1D(3, 6), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.c_proj(torch.tanh(self.c_fc(x)))).mean(1))
+
+    class Scaled(Conv1D):  # a subclass is not recognised: it may compute anything
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = Gpt2Mlp().double().eval()
+    x, y = torch.randn(8, 2, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    projected = [  # a Conv1D weight [d_in, d_out] gets the same projection from factors as materialised
+        tc.embeddings(model, _ckpts(model), (x, y), loss_fn=CE, projection_dim=16, factored=f) for f in (True, False)
+    ]
+    assert_close(*projected)
+    plan = _plan(model, (x, y), factored=True)
+    assert plan.batched and {s.path for s in plan.sites if s.transposed} == {"c_fc", "c_proj"}
+    model.c_fc = Scaled(6, 3).double()
+    assert "c_fc" not in {s.path for s in _plan(model, (x, y), factored=True).sites}
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))

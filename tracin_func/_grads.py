@@ -67,10 +67,10 @@ class Mapper:
             except (RuntimeError, NotImplementedError) as vmap_error:
                 result = slow(*args)  # a genuine error in the loss raises here, from the loop
                 self.loop = True
-                cause = str(vmap_error).strip().splitlines()[0][:300]
                 warnings.warn(
-                    f"torch.func.vmap failed on this model ({type(vmap_error).__name__}: {cause}); computing "
-                    f"per-example gradients with a loop instead (same results, slower).",
+                    f"torch.func.vmap failed on this model, so per-example gradients are computed with a loop "
+                    f"instead (same results, slower). The cause, in full: {type(vmap_error).__name__}: "
+                    f"{str(vmap_error).strip()}",
                     RuntimeWarning,
                     stacklevel=2,
                 )

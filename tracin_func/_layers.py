@@ -1,6 +1,9 @@
-"""Layers whose per-example gradients follow from their inputs and output gradients: Linear, Conv1d / Conv2d
-(unfolded patches), Embedding, whose gradients factor as ``G_i^T A_i``, and the affine part of LayerNorm /
-BatchNorm in eval mode (``sum(normalised input * G)``, always materialised).
+"""Layers whose per-example gradients follow from their inputs and output gradients: Linear (and transformers'
+``Conv1D``, a Linear with its weight stored transposed), Conv1d / Conv2d (unfolded patches; grouped and depthwise
+ones only materialised, as grouped weight gradients), Embedding, whose gradients factor as ``G_i^T A_i``, and the
+affine part of LayerNorm / BatchNorm in eval mode (``sum(normalised input * G)``, always materialised).
+
+A layer is a factor site only when it provably computes its class's function (``_is_plain``).
 
 For one example, ``A`` holds the layer's input rows ``[T, d_in]`` (a ones column appended for the bias; token
 ids ``[T]`` for an Embedding) and ``G`` the gradient of the loss w.r.t. the layer's output rows ``[T, d_out]``.
@@ -33,10 +36,17 @@ class Site(NamedTuple):
     weight: str | None  # full parameter name when the weight is differentiated
     bias: str | None  # full parameter name when the bias is differentiated
     weight_shape: tuple[int, ...]
+    transposed: bool = False  # a Linear whose weight is stored [d_in, d_out] (transformers' Conv1D)
+    groups: int = 1  # a grouped / depthwise convolution: gradients always materialised, never a factored kernel
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(n for n in (self.weight, self.bias) if n is not None)
+
+    @property
+    def kernel_ok(self) -> bool:
+        """Whether factored inner products apply (plain Linear / ungrouped Conv / Embedding)."""
+        return self.kind != "norm" and self.groups == 1
 
 
 # The classes whose own forward a factor site must run: a subclass overriding it (a scaled output, a standardised
@@ -59,8 +69,17 @@ def _is_plain(module: nn.Module) -> bool:
         return False
     if type(module).__call__ is not nn.Module.__call__:
         return False
+    if _is_transformers_conv1d(module):
+        return True
     base = next((cls for cls in _PLAIN_FORWARD if isinstance(module, cls)), None)
     return base is not None and all(getattr(type(module), f) is getattr(base, f) for f in _PLAIN_FORWARD[base])
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` itself (GPT-2's projections: ``addmm(bias, x, weight)``, weight ``[d_in, d_out]``),
+    recognised by its defining module so that transformers is never imported; a subclass is not recognised."""
+    cls = type(module)
+    return cls.__qualname__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
 
 
 def global_hooks_present() -> bool:
@@ -72,11 +91,10 @@ def global_hooks_present() -> bool:
 def _kind(module: nn.Module) -> str | None:
     if not _is_plain(module):
         return None
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or _is_transformers_conv1d(module):
         return "linear"
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        plain = module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-        return "conv" if plain else None
+        return "conv" if module.padding_mode == "zeros" and not isinstance(module.padding, str) else None
     if isinstance(module, nn.Embedding):
         return "embedding" if module.max_norm is None and not module.scale_grad_by_freq else None
     if isinstance(module, nn.LayerNorm):
@@ -109,7 +127,8 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
         weight = f"{prefix}weight" if f"{prefix}weight" in diff else None
         bias = f"{prefix}bias" if "bias" in own and f"{prefix}bias" in diff else None
         if weight or bias:
-            sites[path] = Site(path, kind, weight, bias, tuple(module.weight.shape))
+            shape, groups = tuple(module.weight.shape), getattr(module, "groups", 1)
+            sites[path] = Site(path, kind, weight, bias, shape, _is_transformers_conv1d(module), groups)
     return sites
 
 
@@ -119,7 +138,7 @@ def layer_output(module: nn.Module, site: Site, x: torch.Tensor, *, detach: bool
     if detach:
         w, b = w.detach(), (b.detach() if b is not None else None)
     if site.kind == "linear":
-        return F.linear(x, w, b)
+        return F.linear(x, w.t() if site.transposed else w, b)
     if site.kind == "conv":
         return module._conv_forward(x, w, b)
     if site.kind == "norm":
@@ -187,7 +206,8 @@ def per_example_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.T
     """``{name: [B, *shape]}`` from one call's layer input ``x`` and output gradient ``g`` (batches)."""
     if site.kind == "norm":
         return _norm_grads(module, site, x, g)
-    if site.kind != "conv" or site.weight is None or math.prod(site.weight_shape[:2]) > _GROUPED_CONV_MAX_CHANNELS:
+    many_channels = math.prod(site.weight_shape[:2]) > _GROUPED_CONV_MAX_CHANNELS and site.groups == 1
+    if site.kind != "conv" or site.weight is None or many_channels:
         return materialize(site, input_rows(module, site, x), output_rows(site, g))
     n = _GROUPED_CONV_CHUNK
     chunks = [_grouped_weight_grads(module, site, xs, gs) for xs, gs in zip(x.split(n), g.split(n))]
@@ -218,18 +238,18 @@ def _norm_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor)
 
 
 def _grouped_weight_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``[B, *weight_shape]``: the batch as the groups of one convolution, whose weight gradient holds every
-    example's (no unfolded patches)."""
+    """``[B, *weight_shape]``: the batch as the groups of one convolution (times the layer's own groups), whose
+    weight gradient holds every example's (no unfolded patches)."""
     b, (c_out, c_in, *kernel) = x.shape[0], site.weight_shape
     weight_grad = torch.nn.grad.conv2d_weight if isinstance(module, nn.Conv2d) else torch.nn.grad.conv1d_weight
     w = weight_grad(
-        x.reshape(1, b * c_in, *x.shape[2:]),
+        x.reshape(1, b * c_in * site.groups, *x.shape[2:]),
         (b * c_out, c_in, *kernel),
         g.reshape(1, b * c_out, *g.shape[2:]),
         module.stride,
         module.padding,
         module.dilation,
-        groups=b,
+        groups=b * site.groups,
     )
     return w.view(b, *site.weight_shape)
 
@@ -245,7 +265,8 @@ def materialize(site: Site, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch
         out[site.weight] = w.scatter_add(1, index, g * valid)
         return out
     if site.weight is not None:
-        out[site.weight] = torch.einsum("bto,bti->boi", g, a).reshape(-1, *site.weight_shape)
+        spec = "bti,bto->bio" if site.transposed else "bti,bto->boi"
+        out[site.weight] = torch.einsum(spec, a, g).reshape(-1, *site.weight_shape)
     if site.bias is not None:
         out[site.bias] = g.sum(1)
     return out

@@ -41,7 +41,7 @@ def plan_updates(setup: Setup, batch: Any, where: str) -> Updates:
     names, factored = setup.spec.diff_names, setup.factored
     if setup.method == "last_layer":
         assert module is not None  # checked when the call was set up
-        names, factored = last_layer_params(module, setup.train_loss, first, batch), True
+        names, factored = last_layer_params(module, setup.train_loss, first, batch, setup.spec.aliases), True
     diff = {n: first[n] for n in names}
     frozen = {n: t for n, t in first.items() if n not in diff}
     mapper = Mapper(setup.chunk_size)
@@ -81,7 +81,7 @@ def make_plan(
         for path, site in list(sites.items()):
             if not calls[path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
                 del sites[path]  # not called as a module, or its parameters are also used elsewhere
-            elif site.kind != "norm" and (
+            elif site.kernel_ok and (
                 factored or site.kind == "embedding" or _kernel_is_cheaper(site, _rows_per_example(site, calls[path]))
             ):
                 kernel.add(path)  # an Embedding is never materialised on the training side (see TokenRows)
@@ -136,8 +136,14 @@ def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
     return bool((x - y).abs().max() <= 1e-4 * y.abs().max())
 
 
-def last_layer_params(module: nn.Module, loss: ExampleLossFn, state: Tensors, batch: Any) -> list[str]:
-    """Parameter names of the last ``nn.Linear`` called when computing the loss of the first example of ``batch``."""
+def last_layer_params(
+    module: nn.Module, loss: ExampleLossFn, state: Tensors, batch: Any, aliases: frozenset[str]
+) -> list[str]:
+    """Parameter names of the last ``nn.Linear`` called when computing the loss of the first example of ``batch``.
+
+    A tied weight (``aliases``: e.g. GPT-2's ``lm_head.weight``, the token embedding's) is refused: its gradient
+    includes the other uses of the shared tensor, so "the last layer's" gradient is not defined by that layer.
+    """
     linears = {path: m for path, m in module.named_modules() if isinstance(m, nn.Linear)}
     order: list[str] = []
 
@@ -152,4 +158,14 @@ def last_layer_params(module: nn.Module, loss: ExampleLossFn, state: Tensors, ba
     if not order:
         raise ValueError("`method='last_layer'` found no nn.Linear called by the model; select `layers=` instead.")
     prefix = f"{order[-1]}." if order[-1] else ""
-    return [prefix + name for name, _ in linears[order[-1]].named_parameters(recurse=False)]
+    names = [prefix + name for name, _ in linears[order[-1]].named_parameters(recurse=False)]
+    tied = [n for n in names if n in aliases]
+    if tied:
+        shared = {id(p): n for n, p in module.named_parameters()}
+        owner = shared[id(dict(module.named_parameters(remove_duplicate=False))[tied[0]])]
+        raise ValueError(
+            f"`method='last_layer'`: the last nn.Linear {order[-1]!r} shares its weight {tied[0]!r} with {owner!r} "
+            f"(weight tying), whose gradient sums every use of the shared tensor. Score that tensor exactly with "
+            f"`params=[{owner!r}]` (or add the layer's other parameters) and the default `method='exact'`."
+        )
+    return names

@@ -106,7 +106,8 @@ class Factored(NamedTuple):
         site, a, g = self.site, self.a, self.g
         if site.kind == "embedding":
             return project_outer(site.weight, a, g, seed, k)
-        weight = project_outer(site.weight, g, a, seed, k) if site.weight is not None else None
+        rows, cols = (a, g) if site.transposed else (g, a)  # the weight's rows: d_out, or d_in for a Conv1D
+        weight = project_outer(site.weight, rows, cols, seed, k) if site.weight is not None else None
         bias = project_vector(site.bias, g.sum(1), seed, k) if site.bias is not None else None
         return weight if bias is None else bias if weight is None else weight.add_(bias)
 
