@@ -18,7 +18,7 @@ from tests.conftest import assert_close, assert_topk
 from tests.models import TASKS, Task, cast_task, mlp_task, multi_output_task
 from tests.reference import Reference, reference_scores
 
-LOOP_WARNING = r"vmap failed on this model, so per-example gradients are computed with a loop .+ The cause, in full: RuntimeError: "
+LOOP_WARNING = r"vmap failed on this model, so per-example gradients are computed with a loop .+ full: RuntimeError: "
 
 
 @functools.cache
