@@ -1,6 +1,8 @@
 """The factored path (layer inputs x output gradients) gives the dense path's numbers on every layer shape,
 falls back to vmap(grad) where factors would be wrong, and picks its plan as documented."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -325,3 +327,39 @@ def test_transformers_conv1d_is_a_transposed_linear_site():
     model.c_fc = Scaled(6, 3).double()
     assert "c_fc" not in {s.path for s in _plan(model, (x, y), factored=True).sites}
     _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+
+
+def test_explain_names_every_route_and_reason():
+    torch.manual_seed(0)
+    model = GroupedConvs().double().eval()
+    x, y = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    plan = tc.explain(model, _ckpts(model), (x, y), loss_fn=CE)
+    routes = {r.parameter: r.route for r in plan.routes}
+    assert routes == {n: "factored" if n.startswith("fc.") else "materialised" for n, _ in model.named_parameters()}
+    assert plan.batching == "one batched forward / backward gives every layer's factors"
+    reasons = {r.parameter: r.reason for r in plan.routes}
+    # 5 x 5 output positions, 2 x 3 x 3 inputs and a bias, 4 outputs
+    assert reasons["c1.weight"] == "T^2 (d_in + d_out) = 14375 >= d_in d_out = 76 (T = 25)"
+    assert reasons["depthwise.weight"] == "grouped convolution: per-example gradients from factors"
+    assert str(plan).splitlines()[0] == f"batching: {plan.batching}" and len(str(plan).splitlines()) == 2 + len(routes)
+
+
+def test_leaving_the_batched_path_warns_with_the_module_and_the_reason():
+    class Hooked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+            self.b.register_forward_hook(lambda m, args, out: 2 * out)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    model = Hooked().double().eval()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.warns(tc.SlowPathWarning, match=r"'b.weight' \(Linear has hooks, whose effect .*tc.explain"):
+        tc.self_influence(model, _ckpts(model), (x, y), loss_fn=CE)
+    routes = {r.parameter: (r.route, r.reason) for r in tc.explain(model, _ckpts(model), (x, y), loss_fn=CE).routes}
+    assert routes["b.weight"] == ("vmap", "Linear has hooks, whose effect on its output cannot be proven")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tc.SlowPathWarning)  # an explicit factored=False is not a surprise
+        tc.self_influence(model, _ckpts(model), (x, y), loss_fn=CE, factored=False)

@@ -123,9 +123,9 @@ def check_stable_order(loader: DataLoader, where: str) -> None:
             )
 
 
-def _sized(dataset: Any) -> int | None:
+def _sized(obj: Any) -> int | None:
     try:
-        return len(dataset)
+        return len(obj)
     except TypeError:
         return None
 
@@ -147,10 +147,7 @@ def num_examples(data: Any) -> int | None:
         sizes = [t.shape[0] for t in optree.tree_leaves(data) if isinstance(t, torch.Tensor) and t.dim()]
         return sizes[0] if sizes else None
     if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        try:
-            return len(data)  # type: ignore[arg-type]
-        except TypeError:
-            return None
+        return _sized(data)
     return None
 
 

@@ -24,14 +24,14 @@ from ._data import (
     to_device,
 )
 from ._loss import ExampleLossFn
-from ._plan import plan_updates
+from ._plan import plan_call
 from ._purity import check_forward
 from ._representations import Representation
 from ._setup import Setup
 from ._updates import Updates
 
 
-def _batches(setup: Setup, data: Any, where: str, desc: str) -> Iterator[tuple[int, Any]]:
+def batches(setup: Setup, data: Any, where: str, desc: str) -> Iterator[tuple[int, Any]]:
     """(offset, batch on device) pairs of the argument named ``where``, validated, with a progress bar."""
     needs_target = setup.needs_target[where == "test"]
     bar = tqdm(
@@ -51,13 +51,13 @@ def _batches(setup: Setup, data: Any, where: str, desc: str) -> Iterator[tuple[i
 
 
 def _planned(setup: Setup, batch: Any, where: str) -> Updates:
-    with _naming_failures(setup.test_loss if where == "test" else setup.train_loss, setup, batch, where, 0):
-        updates = plan_updates(setup, batch, where)
+    with naming_failures(setup.test_loss if where == "test" else setup.train_loss, setup, batch, where, 0):
+        updates = plan_call(setup, batch, where).updates
     return Updates(*(torch.compile(fn) for fn in updates)) if setup.compile else updates
 
 
 @contextmanager
-def _naming_failures(loss: ExampleLossFn, setup: Setup, batch: Any, where: str, offset: int) -> Iterator[None]:
+def naming_failures(loss: ExampleLossFn, setup: Setup, batch: Any, where: str, offset: int) -> Iterator[None]:
     """Re-raise an error of a batch with the index of the first example whose loss alone raises (e.g. a class
     label outside the model's outputs), found by the same guarded dry run as planning; errors of our own (they
     start with the argument's name) and errors that no single example reproduces pass unchanged."""
@@ -98,10 +98,10 @@ def test_representations(setup: Setup, test: Any, *, aggregate: bool) -> tuple[U
     """The updates (planned on the first test batch) and one test representation per checkpoint, summed over
     test examples when ``aggregate``."""
     updates, per_ckpt = None, [[] for _ in setup.checkpoints]
-    for offset, batch in _batches(setup, test, "test", "test gradients"):
+    for offset, batch in batches(setup, test, "test", "test gradients"):
         updates = updates or _planned(setup, batch, "test")
         for c, ckpt in enumerate(setup.checkpoints):
-            with _naming_failures(setup.test_loss, setup, batch, "test", offset):
+            with naming_failures(setup.test_loss, setup, batch, "test", offset):
                 rep = updates.test(ckpt, batch)
             _check_finite(rep.sq_norm(), 0, offset, "test", c)
             rep = rep.for_test()
@@ -117,10 +117,10 @@ def score_blocks(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """``(offset, scores [n_test, b])`` for each training batch: sum over checkpoints of lr <test, train>."""
     n_test = test_reps[0].size
-    for offset, batch in _batches(setup, train, "train", desc):
+    for offset, batch in batches(setup, train, "train", desc):
         acc = torch.zeros(n_test, batch_size_of(batch, "train"), device=setup.device, dtype=setup.dtype)
         for c, (ckpt, test_rep) in enumerate(zip(setup.checkpoints, test_reps)):
-            with _naming_failures(setup.train_loss, setup, batch, "train", offset):
+            with naming_failures(setup.train_loss, setup, batch, "train", offset):
                 acc = updates.influence(acc, ckpt, test_rep, batch)
             _check_finite(acc, 1, offset, "train", c)
         yield offset, acc
@@ -129,11 +129,11 @@ def score_blocks(
 def self_scores(setup: Setup, data: Any) -> torch.Tensor:
     """``[n]``: sum over checkpoints of lr |grad|^2 for every example of ``data``."""
     updates, out = None, []
-    for offset, batch in _batches(setup, data, "data", "self-influence"):
+    for offset, batch in batches(setup, data, "data", "self-influence"):
         updates = updates or _planned(setup, batch, "data")
         acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)
         for c, ckpt in enumerate(setup.checkpoints):
-            with _naming_failures(setup.train_loss, setup, batch, "data", offset):
+            with naming_failures(setup.train_loss, setup, batch, "data", offset):
                 acc = updates.self_influence(acc, ckpt, batch)
             _check_finite(acc, 0, offset, "data", c)
         out.append(acc)
@@ -146,9 +146,9 @@ def embedding_rows(setup: Setup, data: Any) -> torch.Tensor:
     """``[n, C * P]``: per checkpoint ``sqrt(lr) * grad``, concatenated in checkpoint order."""
     n = num_examples(data)
     updates, out, blocks = None, None, []
-    for offset, batch in _batches(setup, data, "data", "embeddings"):
+    for offset, batch in batches(setup, data, "data", "embeddings"):
         updates = updates or _planned(setup, batch, "data")
-        with _naming_failures(setup.train_loss, setup, batch, "data", offset):
+        with naming_failures(setup.train_loss, setup, batch, "data", offset):
             rows = [updates.embedding(ckpt, batch) for ckpt in setup.checkpoints]
         for c, r in enumerate(rows):
             _check_finite(r, 0, offset, "data", c)

@@ -82,13 +82,30 @@ def _is_transformers_conv1d(module: nn.Module) -> bool:
     return cls.__qualname__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
 
 
+def why_not_a_site(module: nn.Module) -> str:
+    """Why ``module`` (holding a differentiated parameter) is not a factor site, in words for ``tc.explain``."""
+    name = type(module).__name__
+    if any(getattr(module, hooks) for hooks in _HOOKS):
+        return f"{name} has hooks, whose effect on its output cannot be proven"
+    if parametrize.is_parametrized(module):
+        return f"{name} has a parametrized weight"
+    base = next((cls for cls in _PLAIN_FORWARD if isinstance(module, cls)), None)
+    base = base or next((cls for cls in type(module).__mro__[1:] if cls.__qualname__ == "Conv1D"), None)
+    if base is None and not _is_transformers_conv1d(module):
+        return f"{name} has no factored form"
+    if not _is_plain(module):
+        return f"{name} overrides {base.__name__}'s own forward"
+    return f"{name} is configured without a factored form (padding mode, max_norm, no affine weight or training mode)"
+
+
 def global_hooks_present() -> bool:
     """Global module hooks (``register_module_forward_hook``) run on every layer: no layer is provably plain."""
     m = nn.modules.module
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks)
 
 
-def _kind(module: nn.Module) -> str | None:
+def site_kind(module: nn.Module) -> str | None:
+    """The factored form of a provably plain layer ("linear", "conv", "embedding", "norm"), else None."""
     if not _is_plain(module):
         return None
     if isinstance(module, nn.Linear) or _is_transformers_conv1d(module):
@@ -119,7 +136,7 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
             owners[id(p)] = owners.get(id(p), 0) + 1
     sites = {}
     for path, module in model.named_modules():
-        kind = _kind(module)
+        kind = site_kind(module)
         own = dict(module.named_parameters(recurse=False))
         if kind is None or any(owners[id(p)] > 1 for p in own.values()):
             continue

@@ -4,7 +4,8 @@ layer's), decide per layer how gradients are obtained, and build the pure update
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import optree
@@ -15,7 +16,7 @@ from ._assemble import representation_fn
 from ._capture import Hook, batched_factors, discover, hooked
 from ._data import slice_batch
 from ._grads import Mapper, Tensors
-from ._layers import Site, factorable_sites
+from ._layers import Site, factorable_sites, global_hooks_present, site_kind, why_not_a_site
 from ._loss import CriterionLoss, ExampleLossFn
 from ._purity import check_forward
 from ._setup import Setup
@@ -30,10 +31,28 @@ class Plan(NamedTuple):
     sites: tuple[Site, ...]  # layers whose gradients are obtained as factors
     kernel: frozenset[str]  # paths of sites kept as factors (the others are materialised next to dense grads)
     batched: bool  # factors from one batched forward / backward (else vmapped)
+    reasons: Mapping[str, str]  # parameter name -> why it takes its route (for `tc.explain` and warnings)
+    batching: str  # why the call runs one batched pass, or not
+
+    def route(self, name: str) -> str:
+        """``"factored"`` (inner products of factors), ``"materialised"`` (from factors) or ``"vmap"``."""
+        site = next((s for s in self.sites if name in s.names), None)
+        return "vmap" if site is None else "factored" if site.path in self.kernel else "materialised"
 
 
-def plan_updates(setup: Setup, batch: Any, where: str) -> Updates:
-    """The pure updates of a call, planned on ``batch`` (on device) of the argument named ``where``."""
+class SlowPathWarning(UserWarning):
+    """A call leaves the batched path (one forward / backward per batch) for ``vmap(grad)`` over examples."""
+
+
+class PlannedCall(NamedTuple):
+    plan: Plan
+    mapper: Mapper  # says, once used, whether vmap fell back to a per-example loop
+    updates: Updates
+
+
+def plan_call(setup: Setup, batch: Any, where: str) -> PlannedCall:
+    """Check the forward pass and plan a call on ``batch`` (on device) of the argument named ``where``; warn when
+    the plan leaves the batched path although layers could give factors."""
     module, first = setup.spec.module, setup.checkpoints[0].state
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
     for loss in losses:
@@ -46,8 +65,18 @@ def plan_updates(setup: Setup, batch: Any, where: str) -> Updates:
     frozen = {n: t for n, t in first.items() if n not in diff}
     mapper = Mapper(setup.chunk_size)
     plan = make_plan(module, names, losses, diff, frozen, batch, mapper, factored=factored)
+    if module is not None and factored is not False and not plan.batched:
+        causes = sorted(plan.dense, key=lambda n: plan.reasons[n].startswith("materialising"))  # root causes first
+        slow = [f"{n!r} ({plan.reasons[n]})" for n in causes[:3]]
+        warnings.warn(
+            f"This call runs {plan.batching}"
+            + (f"; through vmap(grad): {', '.join(slow)}{', ...' if len(causes) > 3 else ''}" if slow else "")
+            + ". `tc.explain(model, checkpoints, data, loss_fn=...)` shows every parameter's route and why.",
+            SlowPathWarning,
+            stacklevel=5,  # the user's line: scorer -> driver -> _planned -> plan_call
+        )
     train, test = (representation_fn(module, loss, plan, mapper) for loss in (setup.train_loss, setup.test_loss))
-    return make_updates(train, test, names, projection=setup.projection)
+    return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection))
 
 
 def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...]]) -> int:
@@ -55,10 +84,15 @@ def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...]]) -> int:
     return sum(math.prod(s[2:]) if site.kind == "conv" else math.prod(s[:-1]) for s in shapes)
 
 
-def _kernel_is_cheaper(site: Site, rows: int) -> bool:
-    """One pair's inner product: factored ``T^2 (d_in + d_out)`` against materialised ``d_in d_out`` flops."""
+def _pair_costs(site: Site, rows: int) -> tuple[int, int]:
+    """Flops of one pair's inner product: factored ``T^2 (d_in + d_out)``, materialised ``d_in d_out``."""
     d_out, d_in = site.weight_shape[0], math.prod(site.weight_shape[1:]) + (site.bias is not None)
-    return rows * rows * (d_in + d_out) < d_in * d_out
+    return rows * rows * (d_in + d_out), d_in * d_out
+
+
+def _kernel_is_cheaper(site: Site, rows: int) -> bool:
+    factored, materialised = _pair_costs(site, rows)
+    return factored < materialised
 
 
 def make_plan(
@@ -75,24 +109,64 @@ def make_plan(
     """Which layers give factors, which of those are scored by factored inner products (a cost model for
     ``factored=None``, all for ``True``; ``False`` uses vmap(grad) for everything), and how factors are obtained."""
     sites = factorable_sites(module, names) if module is not None and factored is not False else {}
+    reasons = {n: _why_dense(module, n, factored) for n in _not_in_sites(names, sites.values())}
     kernel = set()
     for loss in losses if sites else ():
         calls, leaked = discover(module, loss, list(sites.values()), diff, frozen, batch)
         for path, site in list(sites.items()):
             if not calls[path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
-                del sites[path]  # not called as a module, or its parameters are also used elsewhere
-            elif site.kernel_ok and (
-                factored or site.kind == "embedding" or _kernel_is_cheaper(site, _rows_per_example(site, calls[path]))
-            ):
+                del sites[path]
+                why = "not called as a module" if not calls[path] else "also used outside the layer (tied weight, "
+                why += "" if not calls[path] else "direct use or a term of the loss)"
+                reasons.update({n: f"{site.path!r} is {why}" for n in site.names})
+                continue
+            rows = _rows_per_example(site, calls[path])
+            if site.kernel_ok and (factored or site.kind == "embedding" or _kernel_is_cheaper(site, rows)):
                 kernel.add(path)  # an Embedding is never materialised on the training side (see TokenRows)
+            reasons.update({n: _why_site(site, rows, factored, path in kernel) for n in site.names})
     dense = _not_in_sites(names, sites.values())
     if dense:  # vmap(grad) runs anyway: a layer whose gradients would be materialised is cheaper left to it
-        sites = {path: site for path, site in sites.items() if path in kernel}
+        for path, site in list(sites.items()):
+            if path not in kernel:
+                del sites[path]
+                reasons.update({n: "materialising costs less inside vmap(grad), which runs anyway" for n in site.names})
         dense = _not_in_sites(names, sites.values())
-    plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel & set(sites)), batched=False)
-    if sites and not dense and all(isinstance(loss, CriterionLoss) for loss in losses):
-        plan = plan._replace(batched=_batching_is_exact(module, losses, plan, {**frozen, **diff}, batch, mapper))
-    return plan
+    plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel & set(sites)), False, reasons, "")
+    if not sites:
+        return plan._replace(batching="vmap(grad) over examples: no layer gives factors")
+    if dense:
+        return plan._replace(batching=f"vmap(grad) over examples, for {len(dense)} parameter(s) outside factor sites")
+    if not all(isinstance(loss, CriterionLoss) for loss in losses):
+        return plan._replace(batching="vmap(grad) over examples: a tc.ExampleLoss is computed one example at a time")
+    if not _batching_is_exact(module, losses, plan, {**frozen, **diff}, batch, mapper):
+        return plan._replace(batching="vmap(grad) over examples: a batched forward changed the first examples' "
+                             "factors (examples interact, e.g. through batch statistics)")
+    return plan._replace(batched=True, batching="one batched forward / backward gives every layer's factors")
+
+
+def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> str:
+    if factored is False:
+        return "factored=False"
+    if module is None:
+        return "the model is a function: it has no layers to factor"
+    if global_hooks_present():
+        return "global module hooks are registered: no layer is provably plain"
+    owner = dict(module.named_modules()).get(name.rpartition(".")[0])
+    if owner is None:
+        return "not a parameter of a layer"
+    if site_kind(owner) is not None:
+        return "its tensor is shared with another module (weight tying)"
+    return why_not_a_site(owner)
+
+
+def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool) -> str:
+    if not site.kernel_ok:
+        return "grouped convolution: per-example gradients from factors" if site.groups > 1 else "norm layer"
+    if factored or site.kind == "embedding":
+        return "factored=True" if factored else "Embedding: test gradients kept as token rows"
+    factored_cost, materialised_cost = _pair_costs(site, rows)
+    sign = "<" if kernel else ">="
+    return f"T^2 (d_in + d_out) = {factored_cost} {sign} d_in d_out = {materialised_cost} (T = {rows})"
 
 
 def _not_in_sites(names: Sequence[str], sites: Iterable[Site]) -> tuple[str, ...]:

@@ -1,0 +1,95 @@
+"""Say what a call does: how every differentiated parameter is handled (its route) and why."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from ._api import Options, _check_options
+from ._checkpoints import Checkpoint
+from ._data import batch_size_of
+from ._driver import batches, naming_failures
+from ._model import exclusive_use
+from ._plan import SlowPathWarning, plan_call
+from ._setup import make_setup
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+
+class Route(NamedTuple):
+    """One differentiated parameter: ``route`` is ``"factored"`` (exact inner products of layer inputs and output
+    gradients, no per-sample gradient), ``"materialised"`` (per-sample gradients from those factors), ``"vmap"``
+    (``vmap(grad)`` over examples) or ``"loop"`` (one example at a time: vmap failed on the model)."""
+
+    parameter: str
+    route: str
+    reason: str
+
+
+class Explanation(NamedTuple):
+    """The plan of a call, printable as a table."""
+
+    routes: tuple[Route, ...]
+    batching: str  # one batched forward / backward per batch, or vmap over examples, and why
+
+    def __str__(self) -> str:
+        width = max(len("parameter"), *(len(r.parameter) for r in self.routes))
+        lines = [f"batching: {self.batching}", f"{'parameter':<{width}}  {'route':<12}  reason"]
+        lines += [f"{r.parameter:<{width}}  {r.route:<12}  {r.reason}" for r in self.routes]
+        return "\n".join(lines)
+
+
+def explain(
+    model: Any,
+    checkpoints: Iterable[Checkpoint],
+    data: Any,
+    *,
+    loss_fn: Any,
+    test_loss_fn: Any = None,
+    **options: Unpack[Options],
+) -> Explanation:
+    """How a scoring call with these arguments handles every differentiated parameter, and why.
+
+    The call is planned exactly as a scorer plans it, on the first batch of ``data``, and that batch's gradients
+    are computed once at the first checkpoint to see whether ``vmap`` runs or falls back to a loop. Use it to see
+    why a model is slower than expected and what to change (``params=``, ``factored=``, the model's layers).
+
+    Returns:
+        :class:`Explanation`: ``routes`` (one :class:`Route` per parameter, in order) and ``batching``; ``print``
+        it for a table.
+
+    Example:
+        >>> import torch, tracin_func as tc
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).eval()
+        >>> ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+        >>> x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+        >>> plan = tc.explain(model, ckpts, (x, y), loss_fn=torch.nn.CrossEntropyLoss())
+        >>> [(r.parameter, r.route) for r in plan.routes][:2]
+        [('0.weight', 'factored'), ('0.bias', 'factored')]
+        >>> print(plan.batching)
+        one batched forward / backward gives every layer's factors
+    """
+    _check_options(options, "explain")
+    setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
+    with exclusive_use(model, setup.spec):
+        offset, batch = next(iter(batches(setup, data, "data", "explain")), (0, None))
+        if batch is None:
+            raise ValueError("`data` holds no examples.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SlowPathWarning)  # the explanation says it all
+            with naming_failures(setup.train_loss, setup, batch, "data", offset):
+                planned = plan_call(setup, batch, "data")
+            with warnings.catch_warnings(record=True), naming_failures(setup.train_loss, setup, batch, "data", 0):
+                acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)
+                planned.updates.self_influence(acc, setup.checkpoints[0], batch)
+    plan, loop = planned.plan, planned.mapper.loop
+    routes = []
+    for name in plan.names:
+        route = plan.route(name)
+        routes.append(Route(name, "loop" if loop and route == "vmap" else route, plan.reasons[name]))
+    batching = plan.batching + ("; vmap failed on this model, so examples run one at a time" if loop else "")
+    return Explanation(tuple(routes), batching)
