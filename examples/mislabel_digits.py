@@ -4,12 +4,15 @@ Flips the labels of a fraction of sklearn's digits training set (each to a diffe
 small CNN with SGD while saving checkpoints to files, loads them back with ``tc.load_checkpoints``, ranks the
 training examples by ``tc.self_influence`` and reports how many flipped labels are found by inspecting the top
 10 / 20 / 30 % of the ranking (against ranking by training loss and a random order). It also shows the top
-proponents and opponents (``tc.top_k``) of a few test digits.
+proponents and opponents (``tc.influence``) of a few test digits, by raw TracIn and by the renormalised
+(gradient-cosine, ``normalize="cosine"``) score, and summarises the top-k lists of the first ``--n-stats`` test
+digits both ways: raw TracIn lists are dominated by the flipped training digits (their gradients are largest).
 
     python examples/mislabel_digits.py                       # defaults: ~1500 train digits, 10% flipped
     python examples/mislabel_digits.py --noise 0.2 --seed 1 --out out/noise20
 
-Writes ``mislabel_curve.png``, ``proponents_opponents.png``, ``results.json`` and ``checkpoints/`` into ``--out``.
+Writes ``mislabel_curve.png``, ``proponents_opponents.png``, ``proponents_opponents_cosine.png``,
+``results.json`` and ``checkpoints/`` into ``--out``.
 Everything is deterministic for a given ``--seed``; nothing is downloaded (the digits ship with scikit-learn).
 """
 
@@ -37,6 +40,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import tracin_func as tc  # noqa: E402
 
 FRACTIONS = (0.1, 0.2, 0.3)
+SCORES = {None: "raw", "cosine": "cosine"}  # tc.top_k's `normalize` -> name in results.json
 FLIP_COLOR = "#d62728"
 WRONG_COLOR = "#ff7f0e"
 
@@ -72,6 +76,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-show", type=int, default=4, help="test digits shown with proponents (default: %(default)s)")
     p.add_argument("--k", type=int, default=5, help="proponents / opponents per test digit (default: %(default)s)")
     p.add_argument(
+        "--n-stats",
+        type=int,
+        default=100,
+        help="first test digits whose top-k lists are summarised, raw vs cosine (default: %(default)s)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -88,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--checkpoints must be between 1 and --epochs ({args.epochs}), got {args.checkpoints}")
     if not 10 <= args.n_train <= 1797 - args.n_show:
         p.error(f"--n-train must be between 10 and {1797 - args.n_show} (digits has 1797 images), got {args.n_train}")
+    if not 1 <= args.n_stats <= 1797 - args.n_train:
+        p.error(f"--n-stats must be between 1 and the {1797 - args.n_train} test digits, got {args.n_stats}")
     return args
 
 
@@ -243,8 +255,16 @@ def _show_digit(ax: Any, image: torch.Tensor, title: str, *, color: str = "black
         spine.set_linewidth(2.5 if frame else 0.8)
 
 
-def plot_proponents(data: Data, shown: list[dict[str, Any]], path: str) -> None:
-    """One row per test digit: the digit, then its top-k proponents and top-k opponents among the training digits."""
+SCORE_CAPTIONS = {
+    "raw": "score: TracIn influence of the training digit on the test digit's loss (summed over checkpoints).",
+    "cosine": "score: renormalised TracIn, sum over checkpoints of lr x cosine of the two loss gradients "
+    '(normalize="cosine").',
+}
+
+
+def plot_proponents(data: Data, shown: list[dict[str, Any]], path: str, scoring: str = "raw") -> None:
+    """One row per test digit: the digit, then its top-k proponents and top-k opponents among the training digits,
+    by the ``scoring`` named in ``SCORE_CAPTIONS``."""
     k = len(shown[0]["proponents"]["indices"])
     fmt = _score_format(shown)
     widths = [1.0, 0.35] + [1.0] * k + [0.35] + [1.0] * k  # test | gap | proponents | gap | opponents
@@ -289,8 +309,7 @@ def plot_proponents(data: Data, shown: list[dict[str, Any]], path: str) -> None:
     fig.text(
         0.5,
         bottom - 0.02,
-        "score: TracIn influence of the training digit on the test digit's loss (summed over "
-        "checkpoints).  Red: flipped training label (original in brackets).",
+        f"{SCORE_CAPTIONS[scoring]}  Red: flipped training label (original in brackets).",
         ha="center",
         va="top",
         fontsize=8.5,
@@ -299,34 +318,35 @@ def plot_proponents(data: Data, shown: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
-def top_k_table(
+def top_k_lists(
     model: nn.Module,
     ckpts: list[tc.Checkpoint],
     data: Data,
     test_idx: list[int],
-    pred: torch.Tensor,
     *,
     k: int,
+    normalize: str | None,
     progress: bool,
-) -> list[dict[str, Any]]:
-    """``tc.top_k`` proponents and opponents of the chosen test digits (scored with their true labels)."""
+) -> dict[str, tc.TopK]:
+    """Top-k proponents and opponents of the test digits ``test_idx`` (scored with their true labels), from one
+    ``tc.influence`` matrix: a few hundred test digits by 1500 training digits is small, and one call gives both
+    lists (``tc.top_k`` streams them instead, for training sets whose matrix would not fit)."""
     test = (data.x_test[test_idx], data.y_test[test_idx])
     train = (data.x_train, data.y_train)
-    loss_fn = nn.CrossEntropyLoss()
-    found = {
-        kind: tc.top_k(
-            model,
-            ckpts,
-            train,
-            test,
-            k=k,
-            loss_fn=loss_fn,
-            proponents=kind == "proponents",
-            batch_size=256,
-            progress=progress,
-        )
-        for kind in ("proponents", "opponents")
-    }
+    scores = tc.influence(
+        model, ckpts, train, test, loss_fn=nn.CrossEntropyLoss(), normalize=normalize, batch_size=256, progress=progress
+    )
+    lists = {}
+    for kind in ("proponents", "opponents"):
+        values, indices = torch.topk(scores, k, dim=1, largest=kind == "proponents")
+        lists[kind] = tc.TopK(indices, values)
+    return lists
+
+
+def top_k_table(
+    data: Data, found: dict[str, tc.TopK], rows: list[int], test_idx: list[int], pred: torch.Tensor
+) -> list[dict[str, Any]]:
+    """The lists of ``found`` at ``rows``, for test digits ``test_idx``, as JSON-ready dicts."""
     return [
         {
             "test_index": i,
@@ -341,8 +361,23 @@ def top_k_table(
                 for kind, top in found.items()
             },
         }
-        for row, i in enumerate(test_idx)
+        for row, i in zip(rows, test_idx)
     ]
+
+
+def list_statistics(data: Data, found: dict[str, tc.TopK], test_idx: list[int]) -> dict[str, float]:
+    """How the top-k lists of the test digits ``test_idx`` (rows of ``found``, in order) look: the fraction of
+    proponents whose training label is correct and equal to the test digit's, and how many distinct training digits
+    the opponents are (a score that picks the same few opponents for every test digit is of little use)."""
+    props, opps = found["proponents"].indices, found["opponents"].indices
+    same = (data.y_train[props] == data.y_test[test_idx][:, None]) & ~data.flipped[props]
+    return {
+        "proponents_correct_same_label": float(same.double().mean()),
+        "proponents_flipped": float(data.flipped[props].double().mean()),
+        "opponents_distinct": int(opps.unique().numel()),
+        "opponents_total": int(opps.numel()),
+        "opponents_flipped": float(data.flipped[opps].double().mean()),
+    }
 
 
 def print_summary(results: dict[str, Any], data: Data, scores: torch.Tensor, n_top: int = 10) -> None:
@@ -361,15 +396,33 @@ def print_summary(results: dict[str, Any], data: Data, scores: torch.Tensor, n_t
         given, clean = int(data.y_train[idx]), int(data.y_clean[idx])
         mark = f"FLIPPED (was {clean})" if given != clean else "correct label"
         print(f"  {rank:>2}: #{idx:<5} label {given}  {mark:<20} score {float(scores[idx]):.3f}")
-    print("\ntop proponents / opponents of test digits (training index:label, * = flipped):")
-    for item in results["top_k"]:
-        print(f"  test #{item['test_index']} (true {item['label']}, pred {item['prediction']})")
-        for kind in ("proponents", "opponents"):
-            cells = [
-                f"#{i}:{int(data.y_train[i])}{'*' if f else ''} ({v:+.2f})"
-                for i, v, f in zip(item[kind]["indices"], item[kind]["scores"], item[kind]["flipped"])
-            ]
-            print(f"    {kind:<10} " + "  ".join(cells))
+    for key, title in (("top_k", "raw TracIn"), ("top_k_cosine", 'renormalised, normalize="cosine"')):
+        print(f"\ntop proponents / opponents of test digits, {title} (training index:label, * = flipped):")
+        for item in results[key]:
+            print(f"  test #{item['test_index']} (true {item['label']}, pred {item['prediction']})")
+            for kind in ("proponents", "opponents"):
+                cells = [
+                    f"#{i}:{int(data.y_train[i])}{'*' if f else ''} ({v:+.2f})"
+                    for i, v, f in zip(item[kind]["indices"], item[kind]["scores"], item[kind]["flipped"])
+                ]
+                print(f"    {kind:<10} " + "  ".join(cells))
+    stats = results["top_k_statistics"]
+    raw, cos = stats["raw"], stats["cosine"]
+    header = f"top-{s['k']} lists of the first {stats['n_test']} test digits"
+    print(f"\n{header:<46}  {'raw':>7}  {'cosine':>7}")
+    rows = [
+        ("proponents: correct label = test digit's", "proponents_correct_same_label", "{:.1%}"),
+        ("proponents: flipped label", "proponents_flipped", "{:.1%}"),
+        (f"opponents: distinct training digits (of {raw['opponents_total']})", "opponents_distinct", "{}"),
+        ("opponents: flipped label", "opponents_flipped", "{:.1%}"),
+    ]
+    for label, key, fmt in rows:
+        print(f"  {label:<44}  {fmt.format(raw[key]):>7}  {fmt.format(cos[key]):>7}")
+
+
+def _rows(top: tc.TopK, n: int) -> tc.TopK:
+    """The first ``n`` rows of ``top`` (the scored digits are sorted, so these are test digits 0..n-1)."""
+    return tc.TopK(top.indices[:n], top.scores[:n])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -431,12 +484,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t = time.perf_counter()
     test_idx = pick_test_digits(pred, data.y_test, args.n_show)
-    shown = top_k_table(model, ckpts, data, test_idx, pred, k=args.k, progress=args.progress)
+    stats_idx = list(range(args.n_stats))
+    scored = sorted(set(test_idx) | set(stats_idx))  # one tc.influence call per score covers both
+    shown, stats = {}, {"n_test": args.n_stats}
+    for normalize, name in SCORES.items():
+        found = top_k_lists(model, ckpts, data, scored, k=args.k, normalize=normalize, progress=args.progress)
+        shown[name] = top_k_table(data, found, [scored.index(i) for i in test_idx], test_idx, pred)
+        stats[name] = list_statistics(data, {kind: _rows(top, args.n_stats) for kind, top in found.items()}, stats_idx)
     timing["top_k_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     plot_curve(curves, args.noise, os.path.join(args.out, "mislabel_curve.png"))
-    plot_proponents(data, shown, os.path.join(args.out, "proponents_opponents.png"))
+    plot_proponents(data, shown["raw"], os.path.join(args.out, "proponents_opponents.png"))
+    plot_proponents(data, shown["cosine"], os.path.join(args.out, "proponents_opponents_cosine.png"), "cosine")
     timing["plots_s"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - t_start
     timing["total_cpu_s"] = time.process_time() - cpu_start  # all threads; wall time depends on machine load
@@ -463,7 +523,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             for i in order[:20].tolist()
         ],
-        "top_k": shown,
+        "top_k": shown["raw"],
+        "top_k_cosine": shown["cosine"],
+        "top_k_statistics": stats,
         "timing": timing,
     }
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -474,7 +536,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for key in ("train_s", "self_influence_s", "top_k_s", "plots_s")
     )
     print(f"\ntook {timing['total_s']:.1f} s wall, {timing['total_cpu_s']:.1f} s CPU ({phases})")
-    print(f"wrote mislabel_curve.png, proponents_opponents.png, results.json, checkpoints/ to {args.out}")
+    print(
+        "wrote mislabel_curve.png, proponents_opponents.png, proponents_opponents_cosine.png, results.json, "
+        f"checkpoints/ to {args.out}"
+    )
     return results
 
 

@@ -35,6 +35,21 @@ class Options(TypedDict, total=False):
     method: str
 
 
+NORMALIZE = {
+    None: "TracIn, the default",
+    "cosine": "sum_c lr_c cos(g_c(test), g_c(train))",
+    "train": "sum_c lr_c <g_c(test), g_c(train)> / |g_c(train)|",
+}
+
+
+def _check_normalize(normalize: Any) -> str | None:
+    if normalize is None or (isinstance(normalize, str) and normalize in NORMALIZE):
+        return normalize
+    allowed = "; ".join(f"{key!r} ({meaning})" for key, meaning in NORMALIZE.items())
+    error = ValueError if isinstance(normalize, str) else TypeError
+    raise error(f"`normalize`={normalize!r} is not allowed; pass one of {allowed}.")
+
+
 def _check_options(options: dict[str, Any], function: str) -> None:
     unknown = sorted(set(options) - set(Options.__annotations__))
     if unknown:
@@ -50,11 +65,18 @@ def influence(
     loss_fn: Any,
     test_loss_fn: Any = None,
     aggregate: bool = False,
+    normalize: str | None = None,
     **options: Unpack[Options],
 ) -> torch.Tensor:
     """TracIn influence of every training example on every test example.
 
     ``S[i, j] = sum_c lr_c <grad test_loss(test_i; theta_c), grad loss(train_j; theta_c)>``.
+
+    Raw TracIn favours training examples with large gradients (often mislabeled ones): they tend to be the top
+    proponents and opponents of every test example. ``normalize`` renormalises each checkpoint's term:
+    ``"cosine"`` gives ``sum_c lr_c cos(g_c(test_i), g_c(train_j))`` (each score within ``+-sum_c lr_c``), and
+    ``"train"`` divides by the training gradient's norm only, ``sum_c lr_c <g_c(test_i), g_c(train_j)> /
+    |g_c(train_j)|``, which keeps the test gradients' scale (with one checkpoint it ranks like the cosine).
 
     Args:
         model: an ``nn.Module`` (only its function shape is used; it is never modified) or a pure function
@@ -65,7 +87,12 @@ def influence(
         loss_fn: criterion ``loss_fn(outputs, targets)`` with any ``reduction`` (one example's loss is the sum over
             its elements for ``"none"`` / ``"sum"``, their mean for ``"mean"``), or ``tc.ExampleLoss(fn)``.
         test_loss_fn: the same for test examples; defaults to ``loss_fn``.
-        aggregate: sum over test examples, returning ``[1, n_train]``.
+        aggregate: sum over test examples, returning ``[1, n_train]``. With ``normalize="cosine"`` it is the sum of
+            the test examples' cosines (each test gradient normalised before summing), which costs as much as the
+            full matrix; with ``"train"`` the test gradients are summed first as usual.
+        normalize: ``None`` (TracIn), ``"cosine"`` or ``"train"`` (see above). Exact on every path: the norms
+            come from the same representations as the inner products (also factored ones). A zero gradient norm
+            gives a score of 0 (its cosine with anything is defined as 0), never NaN.
         **options: shared by every scorer:
 
             - ``params``: names of the parameters to differentiate, or a predicate ``name -> bool``. Default:
@@ -106,12 +133,19 @@ def influence(
         >>> S = tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=torch.nn.CrossEntropyLoss())
         >>> S.shape
         torch.Size([2, 10])
+        >>> C = tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=torch.nn.CrossEntropyLoss(),
+        ...                  normalize="cosine")
+        >>> bool((C.abs() <= 0.1 + 1e-6).all())  # one checkpoint, lr 0.1: |cosine| <= 1
+        True
+        >>> torch.allclose(C.diagonal(), torch.tensor([0.1, 0.1]))  # test_i is train_i: cosine 1
+        True
     """
     _check_options(options, "influence")
+    normalize = _check_normalize(normalize)
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
     with exclusive_use(model, setup.spec):
-        updates, test_reps = test_representations(setup, test, aggregate=aggregate)
-        blocks = [block for _, block in score_blocks(setup, updates, test_reps, train, "influence")]
+        queries = test_representations(setup, test, aggregate=aggregate, normalize=normalize)
+        blocks = [block for _, block in score_blocks(setup, queries, train, "influence")]
     if not blocks:
         raise ValueError("`train` holds no examples.")
     return torch.cat(blocks, dim=1)
@@ -128,12 +162,15 @@ def top_k(
     test_loss_fn: Any = None,
     proponents: bool = True,
     aggregate: bool = False,
+    normalize: str | None = None,
     **options: Unpack[Options],
 ) -> TopK:
     """The ``k`` strongest proponents (highest scores) or opponents (lowest) of each test example.
 
     Streams over training batches keeping a running top-k, so memory does not grow with ``n_train``. Arguments
-    and options as in :func:`influence`, plus ``k`` (``1 <= k <= n_train``) and ``proponents``.
+    and options as in :func:`influence`, plus ``k`` (``1 <= k <= n_train``) and ``proponents``. With
+    ``normalize="cosine"`` (or ``"train"``) the ranking is by the renormalised scores, so training examples with
+    large gradients (often mislabeled) no longer top every test example's list.
 
     Returns:
         ``TopK(indices, scores)``, each ``[n_test, k]`` (``[1, k]`` with ``aggregate=True``), sorted by score:
@@ -147,8 +184,13 @@ def top_k(
         >>> top = tc.top_k(model, ckpts, (x, y), (x[:2], y[:2]), k=3, loss_fn=torch.nn.CrossEntropyLoss())
         >>> top.indices.shape, bool((top.scores[:, :-1] >= top.scores[:, 1:]).all())
         (torch.Size([2, 3]), True)
+        >>> cos = tc.top_k(model, ckpts, (x, y), (x[:2], y[:2]), k=3, loss_fn=torch.nn.CrossEntropyLoss(),
+        ...               normalize="cosine")
+        >>> bool((cos.scores <= 0.1 + 1e-6).all())  # sum_c lr_c cos(...) <= sum_c lr_c
+        True
     """
     _check_options(options, "top_k")
+    normalize = _check_normalize(normalize)
     k = positive_int(k, "k")
     n_train = num_examples(train)
     if n_train is not None and k > n_train:
@@ -156,8 +198,8 @@ def top_k(
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
     best, seen, desc = None, 0, "proponents" if proponents else "opponents"
     with exclusive_use(model, setup.spec):
-        updates, test_reps = test_representations(setup, test, aggregate=aggregate)
-        for offset, block in score_blocks(setup, updates, test_reps, train, desc):
+        queries = test_representations(setup, test, aggregate=aggregate, normalize=normalize)
+        for offset, block in score_blocks(setup, queries, train, desc):
             best, seen = merge(best, block, offset, k, largest=proponents), offset + block.shape[1]
     if best is None or seen < k:
         raise ValueError(f"`k`={k} exceeds the number of training examples ({seen}); pass `k <= {seen}`.")
@@ -165,12 +207,20 @@ def top_k(
 
 
 def self_influence(
-    model: Any, checkpoints: Iterable[Checkpoint], data: Any, *, loss_fn: Any, **options: Unpack[Options]
+    model: Any,
+    checkpoints: Iterable[Checkpoint],
+    data: Any,
+    *,
+    loss_fn: Any,
+    normalize: None = None,
+    **options: Unpack[Options],
 ) -> torch.Tensor:
     """Self-influence ``sum_c lr_c |grad loss(z; theta_c)|^2`` of every example of ``data``.
 
     ``data`` is the training data or any other. High values flag examples the model found surprising, often
-    mislabeled ones. Arguments and options as in :func:`influence`.
+    mislabeled ones. Arguments and options as in :func:`influence`. ``normalize`` must stay ``None``: a cosine
+    self-influence is ``sum_c lr_c`` for every example (it ranks nothing), and ``"train"`` would give
+    ``sum_c lr_c |g_c|``, a gradient norm rather than a renormalised score.
 
     Returns:
         ``[n]`` float tensor, equal to the diagonal of ``influence(data, data)``.
@@ -184,6 +234,14 @@ def self_influence(
         torch.Size([10])
     """
     _check_options(options, "self_influence")
+    if _check_normalize(normalize) is not None:
+        raise ValueError(
+            f"`normalize`={normalize!r} has no use in `self_influence`: an example's cosine with itself is 1, so "
+            f"the cosine self-influence is sum_c lr_c for every example (0 where its gradient is zero) and ranks "
+            f"nothing; 'train' would give sum_c lr_c |g_c|, a plain gradient norm. Drop `normalize` (TracIn "
+            f"self-influence, sum_c lr_c |g_c|^2, is what finds mislabeled examples); renormalised scores are for "
+            f"test / train pairs: `tc.influence` and `tc.top_k`."
+        )
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, **options)
     with exclusive_use(model, setup.spec):
         return self_scores(setup, data)

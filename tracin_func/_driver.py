@@ -2,14 +2,15 @@
 fold the pure updates over checkpoints, check every result is finite, and name the example behind any failure.
 
 Loop order: training blocks outside, checkpoints inside, test gradients computed once per checkpoint and kept, so
-each training batch is differentiated once per checkpoint and no checkpoint is ever reloaded.
+each training batch is differentiated once per checkpoint and no checkpoint is ever reloaded. Renormalised scores
+take the test gradient norms once, with the test representations, and the training norms inside the update.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -28,7 +29,7 @@ from ._plan import plan_call
 from ._purity import check_forward
 from ._representations import Representation
 from ._setup import Setup
-from ._updates import Updates
+from ._updates import Updates, inverse_norm
 
 
 def batches(setup: Setup, data: Any, where: str, desc: str) -> Iterator[tuple[int, Any]]:
@@ -94,36 +95,60 @@ def _check_finite(values: torch.Tensor, example_dim: int, offset: int, where: st
     )
 
 
-def test_representations(setup: Setup, test: Any, *, aggregate: bool) -> tuple[Updates, list[Representation]]:
+class Queries(NamedTuple):
+    """The test side every training batch is scored against: the updates, one test representation per checkpoint
+    and, for cosine scores, the test examples' inverse gradient norms per checkpoint."""
+
+    updates: Updates
+    reps: list[Representation]
+    scales: list[torch.Tensor] | None  # per checkpoint ``1 / |g_test|`` [n_test] ("cosine"), else None
+    normalize_train: bool  # divide by the training gradients' norms ("cosine", "train")
+    sum_rows: bool  # aggregate over per-example test rows after scoring (a sum of cosines)
+
+
+def test_representations(setup: Setup, test: Any, *, aggregate: bool, normalize: str | None = None) -> Queries:
     """The updates (planned on the first test batch) and one test representation per checkpoint, summed over
-    test examples when ``aggregate``."""
-    updates, per_ckpt = None, [[] for _ in setup.checkpoints]
+    test examples when ``aggregate``. With ``normalize="cosine"`` the test gradient norms come from the same
+    representations (``sq_norm``, also the finiteness check), and ``aggregate`` sums per-example cosines: the rows
+    stay per example and are summed after scoring."""
+    cosine = normalize == "cosine"
+    total = aggregate and not cosine
+    updates, per_ckpt, scales = None, [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints]
     for offset, batch in batches(setup, test, "test", "test gradients"):
         updates = updates or _planned(setup, batch, "test")
         for c, ckpt in enumerate(setup.checkpoints):
             with naming_failures(setup.test_loss, setup, batch, "test", offset):
                 rep = updates.test(ckpt, batch)
-            _check_finite(rep.sq_norm(), 0, offset, "test", c)
+            sq_norm = rep.sq_norm()
+            _check_finite(sq_norm, 0, offset, "test", c)
+            if cosine:
+                scales[c].append(inverse_norm(sq_norm))
             rep = rep.for_test()
-            per_ckpt[c].append(rep.total() if aggregate else rep)
+            per_ckpt[c].append(rep.total() if total else rep)
     if updates is None:
         raise ValueError("`test` holds no examples.")
     reps = [Representation.concat(r) for r in per_ckpt]
-    return updates, [r.total() for r in reps] if aggregate else reps
+    return Queries(
+        updates,
+        [r.total() for r in reps] if total else reps,
+        [torch.cat(s) for s in scales] if cosine else None,
+        normalize is not None,
+        aggregate and cosine,
+    )
 
 
-def score_blocks(
-    setup: Setup, updates: Updates, test_reps: list[Representation], train: Any, desc: str
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(offset, scores [n_test, b])`` for each training batch: sum over checkpoints of lr <test, train>."""
-    n_test = test_reps[0].size
+def score_blocks(setup: Setup, queries: Queries, train: Any, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(offset, scores [n_test, b])`` for each training batch: sum over checkpoints of lr <test, train>, each
+    term normalised as ``queries`` says."""
+    n_test = queries.reps[0].size
     for offset, batch in batches(setup, train, "train", desc):
         acc = torch.zeros(n_test, batch_size_of(batch, "train"), device=setup.device, dtype=setup.dtype)
-        for c, (ckpt, test_rep) in enumerate(zip(setup.checkpoints, test_reps)):
+        for c, (ckpt, test_rep) in enumerate(zip(setup.checkpoints, queries.reps)):
+            scale = None if queries.scales is None else queries.scales[c]
             with naming_failures(setup.train_loss, setup, batch, "train", offset):
-                acc = updates.influence(acc, ckpt, test_rep, batch)
+                acc = queries.updates.influence(acc, ckpt, test_rep, batch, scale, queries.normalize_train)
             _check_finite(acc, 1, offset, "train", c)
-        yield offset, acc
+        yield offset, acc.sum(0, keepdim=True) if queries.sum_rows else acc
 
 
 def self_scores(setup: Setup, data: Any) -> torch.Tensor:

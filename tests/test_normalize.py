@@ -1,0 +1,225 @@
+"""Renormalised scores (``normalize="cosine"`` / ``"train"``) against float64 per-example gradients.
+
+The reference is built from :func:`tests.reference.reference_grads` by the definitions:
+``cosine = sum_c lr_c <g_test, g_train> / (|g_test| |g_train|)`` and ``train = sum_c lr_c <g_test, g_train> /
+|g_train|``, a zero norm giving 0.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import tracin_func as tc
+from tests.conftest import assert_close, assert_topk
+from tests.models import N_TEST, N_TRAIN, cnn_task, mlp_task, transformer_task
+from tests.reference import reference_grads
+from tracin_func._representations import Factored, TokenRows
+
+TASKS = {"mlp": mlp_task, "cnn": cnn_task, "transformer": transformer_task}
+MODES = ("cosine", "train")
+
+
+def _inverse_norm(g: torch.Tensor) -> torch.Tensor:
+    norm = g.norm(dim=1)
+    return torch.where(norm > 0, 1 / norm, torch.zeros_like(norm))
+
+
+def normalized_reference(model, checkpoints, train, test, loss_fn, normalize, params=None) -> torch.Tensor:
+    """``[n_test, n_train]`` float64 renormalised TracIn from one ``autograd.grad`` per example and checkpoint."""
+    total = 0
+    for ckpt in checkpoints:
+        g_train = reference_grads(model, ckpt, train, loss_fn, params)
+        g_test = reference_grads(model, ckpt, test, loss_fn, params)
+        scores = (g_test @ g_train.T) * _inverse_norm(g_train)[None, :]
+        if normalize == "cosine":
+            scores = scores * _inverse_norm(g_test)[:, None]
+        total = total + float(ckpt.lr) * scores
+    return total
+
+
+@functools.cache
+def _task_and_reference(name: str, normalize: str):
+    t = TASKS[name]()
+    return t, normalized_reference(t.model, t.checkpoints, t.train, t.test, t.loss_fn, normalize)
+
+
+@pytest.mark.parametrize("normalize", MODES)
+@pytest.mark.parametrize("factored", [None, True, False])
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_influence_matches_the_reference(name, factored, normalize):
+    t, ref = _task_and_reference(name, normalize)
+    # batch_size 3: several test batches (norms concatenated) and training batches
+    scores = tc.influence(
+        t.model,
+        t.checkpoints,
+        t.train,
+        t.test,
+        loss_fn=t.loss_fn,
+        factored=factored,
+        normalize=normalize,
+        batch_size=3,
+    )
+    assert scores.shape == (N_TEST, N_TRAIN)
+    assert_close(scores, ref)
+    if normalize == "cosine":
+        assert bool((scores.abs() <= sum(float(c.lr) for c in t.checkpoints) * (1 + 1e-12)).all())
+
+
+@pytest.mark.parametrize("normalize", MODES)
+@pytest.mark.parametrize("name", ["cnn", "transformer"])
+def test_norms_come_from_the_factors(monkeypatch, name, normalize):
+    """On the factored path the norms are the factored representations' own ``sq_norm`` (no per-sample gradient)."""
+    calls = []
+    for cls in (Factored, TokenRows):
+        original = cls.sq_norm
+
+        def counted(self, _original=original, _cls=cls):
+            calls.append(_cls.__name__)
+            return _original(self)
+
+        monkeypatch.setattr(cls, "sq_norm", counted)
+    t, ref = _task_and_reference(name, normalize)
+    kw = {"loss_fn": t.loss_fn, "factored": True, "normalize": normalize}
+    assert_close(tc.influence(t.model, t.checkpoints, t.train, t.test, **kw), ref)
+    assert "Factored" in calls
+
+
+@pytest.mark.parametrize("normalize", MODES)
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_aggregate_is_the_sum_over_test_examples(name, normalize):
+    """``aggregate=True`` sums the per-test-example normalised scores (a sum of cosines for "cosine")."""
+    t, ref = _task_and_reference(name, normalize)
+    for factored in (None, False):
+        total = tc.influence(
+            t.model,
+            t.checkpoints,
+            t.train,
+            t.test,
+            loss_fn=t.loss_fn,
+            aggregate=True,
+            normalize=normalize,
+            factored=factored,
+            batch_size=3,
+        )
+        assert_close(total, ref.sum(0, keepdim=True))
+
+
+@pytest.mark.parametrize("proponents", [True, False])
+@pytest.mark.parametrize("normalize", MODES)
+@pytest.mark.parametrize("name", ["cnn", "mlp"])
+def test_top_k_is_the_top_k_of_the_normalised_matrix(name, normalize, proponents):
+    t, ref = _task_and_reference(name, normalize)
+    kw = {"loss_fn": t.loss_fn, "normalize": normalize, "batch_size": 4}
+    top = tc.top_k(t.model, t.checkpoints, t.train, t.test, k=4, proponents=proponents, **kw)
+    assert_topk(top, ref, 4, largest=proponents)
+    matrix = tc.influence(t.model, t.checkpoints, t.train, t.test, **kw)
+    assert_topk(top, matrix, 4, largest=proponents, rtol=1e-12)
+    agg = tc.top_k(t.model, t.checkpoints, t.train, t.test, k=3, proponents=proponents, aggregate=True, **kw)
+    assert_topk(agg, ref.sum(0, keepdim=True), 3, largest=proponents)
+
+
+def test_raw_scores_are_unchanged_by_default():
+    t = mlp_task()
+    kw = {"loss_fn": t.loss_fn}
+    assert_close(
+        tc.influence(t.model, t.checkpoints, t.train, t.test, normalize=None, **kw),
+        tc.influence(t.model, t.checkpoints, t.train, t.test, **kw),
+        0,
+    )
+
+
+def test_last_layer_norms_are_those_of_the_last_layer():
+    t = cnn_task()
+    ref = normalized_reference(
+        t.model, t.checkpoints, t.train, t.test, t.loss_fn, "cosine", params=["fc.weight", "fc.bias"]
+    )
+    scores = tc.influence(
+        t.model, t.checkpoints, t.train, t.test, loss_fn=t.loss_fn, method="last_layer", normalize="cosine"
+    )
+    assert_close(scores, ref)
+
+
+@pytest.mark.parametrize("normalize", MODES)
+@pytest.mark.parametrize("factored", [None, True, False])
+def test_a_zero_gradient_scores_zero_not_nan(factored, normalize):
+    """Example 0 has an exactly zero gradient (zero input, zero bias, target equal to the output): its cosine with
+    anything is defined as 0."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Linear(3, 2).double().eval()
+    ckpts = [
+        tc.Checkpoint(
+            params={
+                "weight": torch.randn(2, 3, generator=gen, dtype=torch.float64),
+                "bias": torch.zeros(2, dtype=torch.float64),
+            },
+            lr=lr,
+        )
+        for lr in (0.5, 2.0)
+    ]
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    x[0], y[0] = 0.0, 0.0
+    loss = nn.MSELoss(reduction="sum")
+    scores = tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=loss, normalize=normalize, factored=factored)
+    assert bool(torch.isfinite(scores).all())
+    assert bool((scores[:, 0] == 0).all())
+    if normalize == "cosine":
+        assert bool((scores[0] == 0).all())
+        assert_close(scores.diagonal()[1:], torch.full((2,), 2.5, dtype=torch.float64))  # cos(g, g) = 1
+    assert_close(scores, normalized_reference(model, ckpts, (x, y), (x[:3], y[:3]), loss, normalize))
+
+
+@pytest.mark.parametrize("normalize", MODES)
+def test_self_influence_refuses_normalize_and_says_why(normalize):
+    t = mlp_task()
+    with pytest.raises(ValueError, match="`normalize`=") as err:
+        tc.self_influence(t.model, t.checkpoints, t.train, loss_fn=t.loss_fn, normalize=normalize)
+    message = str(err.value)
+    assert repr(normalize) in message
+    assert "sum_c lr_c for every example" in message and "ranks" in message  # the cosine self-influence is constant
+    assert "tc.influence" in message and "tc.top_k" in message
+    # None is the default TracIn self-influence
+    plain = tc.self_influence(t.model, t.checkpoints, t.train, loss_fn=t.loss_fn)
+    assert_close(tc.self_influence(t.model, t.checkpoints, t.train, loss_fn=t.loss_fn, normalize=None), plain, 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [("cos", ValueError), ("Cosine", ValueError), ("", ValueError), (1, TypeError), (True, TypeError)],
+)
+@pytest.mark.parametrize("scorer", ["influence", "top_k", "self_influence"])
+def test_bad_values_name_the_argument_the_value_and_the_choices(scorer, value, error):
+    t = mlp_task()
+    kw = {"loss_fn": t.loss_fn, "normalize": value}
+    call = {
+        "influence": lambda: tc.influence(t.model, t.checkpoints, t.train, t.test, **kw),
+        "top_k": lambda: tc.top_k(t.model, t.checkpoints, t.train, t.test, k=2, **kw),
+        "self_influence": lambda: tc.self_influence(t.model, t.checkpoints, t.train, **kw),
+    }[scorer]
+    with pytest.raises(error) as err:
+        call()
+    message = str(err.value)
+    assert message.startswith(f"`normalize`={value!r} is not allowed")
+    for allowed in ("None", "'cosine'", "'train'"):
+        assert allowed in message
+
+
+def test_embeddings_take_no_normalize():
+    t = mlp_task()
+    with pytest.raises(TypeError, match="normalize"):
+        tc.embeddings(t.model, t.checkpoints, t.train, loss_fn=t.loss_fn, normalize="cosine")
+
+
+@pytest.mark.slow
+def test_compiled_update_gives_the_same_normalised_scores():
+    torch._dynamo.reset()
+    try:
+        t, ref = _task_and_reference("mlp", "cosine")
+        kw = {"loss_fn": t.loss_fn, "batch_size": N_TRAIN, "normalize": "cosine"}
+        assert_close(tc.influence(t.model, t.checkpoints, t.train, t.test, compile=True, **kw), ref)
+    finally:
+        torch._dynamo.reset()
