@@ -14,6 +14,15 @@ Usage::
     python benchmarks/bench_core.py --quick         # transformer subsampled to 10 test x 200 train, 1 timed run
     python benchmarks/bench_core.py --workloads mlp cnn --repeat 5 --batch-size 128
     python benchmarks/bench_core.py --quick --threads 1   # on a shared/loaded machine (see below)
+    python benchmarks/bench_core.py --workloads --real    # only the real models (GPT-2, BERT, ResNet-18, ...)
+    python benchmarks/bench_core.py --workloads --real lstm resnet18 --captum-train 50
+
+``--real [NAME ...]`` adds the real-model table (``real_models.py``: Hugging Face GPT-2 and BERT from small configs,
+ResNet-18, MobileNetV3-small, an LSTM classifier; 200 train x 20 test, 3 in-memory checkpoints; ``--quick``: 16 x
+4): ours with the default options and ``factored=False``, the plain-backprop floor, and Captum ``TracInCP``'s
+per-example path at the best of ``--captum-batch-sizes``, for influence and self-influence; ratios to the floor
+and to ours. GPT-2 and BERT are scored in both forms (``tc.ExampleLoss`` over dict batches, the issue's form, and a
+logits criterion, the only one Captum takes). ``transformers`` is needed for those two (the ``bench`` extra).
 
 On a machine where other processes compete for the cores, multi-threaded batched kernels (ours, Captum's batch-wise
 path) slow down far more than Captum's per-example loop of tiny ops (OpenMP oversubscription); ``--threads 1`` gives
@@ -30,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+import real_models
 import torch
 from common import Measurement, begin_bench, captum_loader, fmt, max_rel_diff, measure, print_table
 from torch import nn
@@ -39,6 +49,8 @@ from workloads import BUILDERS, Workload
 import tracin_func as tc
 
 QUICK_TRANSFORMER = (10, 200)  # (n_test, n_train) of the transformer in --quick mode
+REAL_SIZES = (20, 200)  # (n_test, n_train) of the real models
+QUICK_REAL = (4, 16)  # the same in --quick mode
 FLOOR_BATCH = 512  # batch size of the plain backprop reference rows
 
 
@@ -51,9 +63,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         f"implementation) and default --repeat to 1",
     )
     parser.add_argument(
-        "--workloads", nargs="+", choices=sorted(BUILDERS), default=list(BUILDERS), metavar="NAME",
-        help=f"workloads to run, any of {list(BUILDERS)} (default: all)",
+        "--workloads", nargs="*", choices=sorted(BUILDERS), default=list(BUILDERS), metavar="NAME",
+        help=f"reference workloads to run, any of {list(BUILDERS)} (default: all; none with a bare --workloads)",
     )  # fmt: skip
+    parser.add_argument(
+        "--real", nargs="*", choices=sorted(real_models.BUILDERS), default=None, metavar="NAME",
+        help=f"also run the real-model workloads, any of {list(real_models.BUILDERS)} (a bare --real: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--captum-batch-sizes", type=int, nargs="+", default=[1, 4, 16], metavar="B",
+        help="real models: batch sizes tried for Captum's per-example path, the fastest kept (default 1 4 16: each of "
+        "its per-example backward passes runs through the whole batch's graph, so larger batches are slower)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--captum-train",
+        type=int,
+        default=None,
+        metavar="N",
+        help="real models: run Captum on the first N training examples only, its ratios taken against the floor and "
+        "our default call re-timed on the same subset (default: all)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of Captum and dattri (default 64)")
     parser.add_argument(
         "--our-batch-size", type=int, default=None, help="tracin_func's batch_size (default: its own automatic choice)"
@@ -70,6 +99,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
+    if args.real is not None and not args.real:
+        args.real = list(real_models.BUILDERS)
     return args
 
 
@@ -193,6 +224,272 @@ def dattri_influence(w: Workload, model: nn.Module, bs: int, device: torch.devic
             return attributor.attribute(train, test).T
 
     return run
+
+
+# ------------------------------------------------------------------------------------------------- real models
+
+
+def real_forms(name: str, n_test: int, n_train: int) -> list[real_models.RealWorkload]:
+    """The workload in each form it is scored in: GPT-2 and BERT as ``tc.ExampleLoss`` (first: the issue's form)
+    and as a logits criterion (Captum's only form); the others as a criterion."""
+    build = real_models.BUILDERS[name]
+    if name in ("gpt2", "bert"):
+        return [build(n_train, n_test, form=form) for form in ("example_loss", "criterion")]
+    return [build(n_train, n_test)]
+
+
+def real_to_device(w: real_models.RealWorkload, device: torch.device) -> real_models.RealWorkload:
+    if device.type == "cpu":
+        return w
+
+    def move(batch: Any) -> Any:
+        if isinstance(batch, dict):
+            return {k: v.to(device) for k, v in batch.items()}
+        return tuple(t.to(device) for t in batch)
+
+    ckpts = [tc.Checkpoint(params={k: v.to(device) for k, v in c.params.items()}, lr=c.lr) for c in w.checkpoints]
+    return replace(w, model=w.model.to(device), checkpoints=ckpts, train=move(w.train), test=move(w.test))
+
+
+def real_ours(w: real_models.RealWorkload, bs: int | None, device: torch.device, **options: Any) -> dict[str, Callable]:
+    common = dict(loss_fn=w.loss_fn, batch_size=bs, device=device, **options)
+    return {
+        "influence": lambda: tc.influence(w.model, w.checkpoints, w.train, w.test, **common),
+        "self": lambda: tc.self_influence(w.model, w.checkpoints, w.train, **common),
+    }
+
+
+def real_floor(w: real_models.RealWorkload, with_test: bool, bs: int = FLOOR_BATCH) -> Callable[[], Any]:
+    """Not TracIn: one ordinary batched forward / backward of the summed per-example losses per checkpoint over
+    the training examples (and the test examples when ``with_test``), as ``backprop_floor``."""
+    names = [name for name, _ in w.model.named_parameters()]  # tied tensors once
+    data = [w.train, w.test] if with_test else [w.train]
+
+    def run() -> None:
+        for ckpt in w.checkpoints:
+            leaves: dict[int, torch.Tensor] = {}  # one leaf per tensor: tied names (GPT-2's lm_head) share it
+            differentiated = {id(ckpt.params[n]) for n in names}  # parameters, not buffers
+            for v in ckpt.params.values():
+                leaves.setdefault(id(v), v.detach().requires_grad_(id(v) in differentiated))
+            state = {k: leaves[id(v)] for k, v in ckpt.params.items()}
+            params = [state[n] for n in names]
+            for batch in data:
+                for start in range(0, real_models.num_examples(batch), bs):
+                    part = real_models.take(batch, start, start + bs)
+                    torch.autograd.grad(w.batch_loss(state, part), params)
+
+    return run
+
+
+def real_captum(w: real_models.RealWorkload, bs: int) -> dict[str, Callable[[], Any]]:
+    """Captum ``TracInCP``'s per-example path (``sample_wise_grads_per_batch=False``, a reduction="none" criterion
+    with one loss per example) on a criterion-form workload, checkpoints loaded from memory into its own model copy,
+    train and test examples in batches of ``bs``."""
+    from captum.influence import TracInCP
+
+    model = copy.deepcopy(w.model)
+    states = {f"ckpt-{i}": c for i, c in enumerate(w.checkpoints)}
+
+    def load(m: nn.Module, key: str) -> float:
+        m.load_state_dict(states[key].params)
+        return float(states[key].lr)
+
+    def make() -> TracInCP:
+        return TracInCP(
+            model,
+            TensorDataset(*w.train),
+            list(states),
+            checkpoints_load_func=load,
+            loss_fn=w.captum_loss,
+            batch_size=bs,
+            sample_wise_grads_per_batch=False,
+        )
+
+    return {
+        # test examples in batches of ``bs`` too: a single tuple would be one batch, whose per-example backward
+        # passes each run through the graph of the whole test set
+        "influence": lambda: make().influence(DataLoader(TensorDataset(*w.test), batch_size=bs), k=None),
+        "self": lambda: make().self_influence(None),
+    }
+
+
+def route_summary(w: real_models.RealWorkload) -> str:
+    """How the default call handles the parameters (``tc.explain``, where this version has it): the share of
+    parameter elements per route and the batching line."""
+    if not hasattr(tc, "explain"):
+        return "routes: tc.explain not available"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            e = tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn)
+    except Exception as err:  # noqa: BLE001 - a diagnostic, not the measurement
+        return f"routes: tc.explain failed: {type(err).__name__}: {str(err)[:80]}"
+    sizes = {k: v.numel() for k, v in w.checkpoints[0].params.items()}
+    total = sum(sizes[r.parameter] for r in e.routes)
+    parts = []
+    for route in ("factored", "materialised", "vmap", "loop"):
+        names = [r.parameter for r in e.routes if r.route == route]
+        if names:
+            share = sum(sizes[n] for n in names) / total
+            parts.append(f"{route} {share:.0%} ({len(names)} tensors)")
+    others = sorted({r.route for r in e.routes} - {"factored", "materialised", "vmap", "loop"})
+    parts += [f"{route} ({sum(r.route == route for r in e.routes)} tensors)" for route in others]
+    return f"routes of the default call ({w.form}): {', '.join(parts)}; batching: {e.batching}"
+
+
+class RealRows:
+    """The real-model table: times with ratios to the floor and to ours (same form, default options)."""
+
+    HEADERS = ["question", "implementation", "time s", "runs", "peak MB", "x floor", "x ours", "rel diff", "note"]
+
+    def __init__(self, workload: str) -> None:
+        self.workload = workload
+        self.rows: list[list[str]] = []
+        self.results: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+
+    def add(
+        self,
+        question: str,
+        impl: str,
+        m: Measurement | None,
+        floor: Measurement | None,
+        ours: Measurement | None,
+        diff: float | None,
+        note: str = "",
+    ) -> None:
+        seconds = m.seconds if m else None
+        x_floor = seconds / floor.seconds if seconds is not None and floor is not None else None
+        x_ours = seconds / ours.seconds if seconds is not None and ours is not None else None
+        self.rows.append(
+            [
+                question,
+                impl,
+                fmt(seconds, ".3f") if seconds is not None else "-",
+                str(m.runs) if m else "-",
+                fmt(m.peak_mb, ".1f") if m else "-",
+                fmt(x_floor, ".2f") if x_floor is not None else "-",
+                fmt(x_ours, ".2f") if x_ours is not None else "-",
+                fmt(diff, ".1e") if diff is not None else "-",
+                note,
+            ]
+        )
+        self.results.append(
+            {
+                "bench": "core-real",
+                "workload": self.workload,
+                "question": question,
+                "impl": impl,
+                "seconds": seconds,
+                "runs": m.runs if m else None,
+                "peak_mb": m.peak_mb if m else None,
+                "ratio_vs_floor": x_floor,
+                "ratio_vs_ours": x_ours,
+                "max_rel_diff_vs_ours": diff,
+                "note": note,
+            }
+        )
+
+    def print(self, title: str) -> None:
+        order = ["influence", "self-influence"]
+        rows = sorted(self.rows, key=lambda row: order.index(row[0]) if row[0] in order else len(order))
+        print_table(self.HEADERS, rows, title=title, align="llrrrrrrl")
+        for note in self.notes:
+            print(f"  note: {note}")
+        print()
+
+
+def captum_real_rows(
+    rows: RealRows,
+    w: real_models.RealWorkload,
+    args: argparse.Namespace,
+    floors: dict[str, Measurement],
+    ours: dict[str, Measurement],
+    run: Callable[..., Measurement],
+) -> None:
+    """Captum's per-example path on ``w`` (criterion form): influence at each of ``--captum-batch-sizes``, the
+    fastest kept, then self-influence at that batch size. With ``--captum-train N`` Captum runs on the first N
+    training examples, and the floor and our default call are re-timed on the same subset for its ratios."""
+    sub = w
+    if args.captum_train is not None and args.captum_train < w.n_train:
+        sub = w.subsample(None, args.captum_train)
+        floors = {"influence": run(real_floor(sub, True)), "self": run(real_floor(sub, False))}
+        ours = {q: run(fn) for q, fn in real_ours(sub, args.our_batch_size, torch.device(args.device)).items()}
+    subset = ""
+    if sub is not w:
+        subset = (
+            f"; on {sub.n_test} x {sub.n_train} (ratios vs floor {floors['influence'].seconds:.2f} / "
+            f"{floors['self'].seconds:.2f} s and ours {ours['influence'].seconds:.2f} / {ours['self'].seconds:.2f} s "
+            f"on that subset)"
+        )
+    tried: dict[int, tuple[Measurement | None, str]] = {}
+    for bs in args.captum_batch_sizes:
+        tried[bs] = _try(lambda bs=bs: run(real_captum(sub, bs)["influence"], repeat=0))
+    note = "tried " + ", ".join(
+        f"b{bs}: {fmt(m.seconds, '.1f')} s" if m else f"b{bs}: {err}" for bs, (m, err) in tried.items()
+    )
+    ok = {bs: m for bs, (m, _) in tried.items() if m is not None}
+    if not ok:
+        rows.add("influence", "Captum TracInCP per-example", None, floors["influence"], ours["influence"], None, note)
+        return
+    best = min(ok, key=lambda bs: ok[bs].seconds)
+    impl = f"Captum TracInCP per-example (b{best})"
+    m = ok[best]
+    diff = max_rel_diff(m.result, ours["influence"].result)
+    rows.add("influence", impl, m, floors["influence"], ours["influence"], diff, note + subset)
+    m, err = _try(lambda: run(real_captum(sub, best)["self"], repeat=0))
+    diff = max_rel_diff(m.result, ours["self"].result) if m else None
+    note = (err or "self_influence(None), default loop order") + subset
+    rows.add("self-influence", impl, m, floors["self"], ours["self"], diff, note)
+
+
+def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tuple[RealRows, str]:
+    n_test, n_train = QUICK_REAL if args.quick else REAL_SIZES
+    forms = [real_to_device(w, device) for w in real_forms(name, n_test, n_train)]
+    rows = RealRows(name)
+
+    def run(fn: Callable[[], Any], repeat: int | None = None) -> Measurement:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return measure(fn, args.repeat if repeat is None else repeat, device)
+
+    primary = forms[0]
+    floors = {
+        "influence": run(real_floor(primary, with_test=True)),
+        "self": run(real_floor(primary, with_test=False)),
+    }
+    questions = (("influence", "influence"), ("self", "self-influence"))
+    for q, question in questions:
+        rows.add(question, "plain backprop (floor)", floors[q], floors[q], None, None, "not TracIn")
+    first: dict[str, Measurement] = {}
+    for w in forms:
+        label = {"example_loss": "ExampleLoss", "criterion": "criterion"}[w.form]
+        default = {q: run(fn) for q, fn in real_ours(w, args.our_batch_size, device).items()}
+        unfactored = {q: run(fn) for q, fn in real_ours(w, args.our_batch_size, device, factored=False).items()}
+        for q, question in questions:
+            note = f"[{'x'.join(map(str, default[q].result.shape))}]"
+            if q in first:  # a second form of the same workload: the same scores?
+                note += f"; rel diff vs first form {fmt(max_rel_diff(default[q].result, first[q].result), '.1e')}"
+            first.setdefault(q, default[q])
+            rows.add(question, f"tracin_func ({label})", default[q], floors[q], default[q], None, note)
+            rows.add(
+                question,
+                f"tracin_func factored=False ({label})",
+                unfactored[q],
+                floors[q],
+                default[q],
+                max_rel_diff(unfactored[q].result, default[q].result),
+            )
+        rows.notes.append(route_summary(w))
+        if w.captum_loss is None or args.no_captum:
+            continue
+        captum_real_rows(rows, w, args, floors, default, run)
+    rows.notes.append(
+        "x floor = time / plain backprop (one batched forward / backward of the summed loss per checkpoint over the "
+        "same examples); x ours = time / tracin_func's default call in the same form; rel diff vs that call. "
+        "Checkpoints are in memory for every row (no file loading). Captum rows are one run."
+    )
+    return rows, "; ".join(w.describe() for w in forms)
 
 
 # ----------------------------------------------------------------------------------------------------- the bench
@@ -360,6 +657,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         w = to_device(w, device)
         rows = bench_workload(w, args, device)
         rows.print(w.describe())
+        sys.stdout.flush()
+        results.extend(rows.results)
+    for name in args.real or ():
+        rows, title = bench_real(name, args, device)
+        rows.print(title)
         sys.stdout.flush()
         results.extend(rows.results)
     return results

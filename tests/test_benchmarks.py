@@ -25,6 +25,21 @@ def test_bench_core_runs(capsys):
 
 
 @pytest.mark.slow
+def test_bench_core_real_models_run(capsys):
+    """The real-model table at its --quick size (16 train x 4 test), the LSTM only, Captum at one batch size."""
+    import bench_core
+
+    results = bench_core.main(["--quick", "--workloads", "--real", "lstm", "--captum-batch-sizes", "8"])
+    impls = {(r["question"], r["impl"]) for r in results}
+    assert ("influence", "tracin_func factored=False (criterion)") in impls
+    assert ("self-influence", "plain backprop (floor)") in impls
+    assert ("self-influence", "Captum TracInCP per-example (b8)") in impls
+    assert all(r["seconds"] > 0 for r in results)
+    assert all(r["max_rel_diff_vs_ours"] < 1e-4 for r in results if r["max_rel_diff_vs_ours"] is not None)
+    assert "lstm (criterion)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_bench_speed_scaling_runs(capsys):
     import bench_speed
 

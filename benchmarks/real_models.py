@@ -1,0 +1,594 @@
+"""Real-model workloads: Hugging Face GPT-2 and BERT (small configs, random weights), ResNet-18, a
+MobileNetV3-small-style net and an LSTM classifier, each with three in-memory checkpoints and random data.
+
+Nothing is trained or downloaded: each builder makes the model from a seed, derives three ``tc.Checkpoint`` from
+its initial weights by seeded noise (every floating parameter perturbed; BatchNorm running statistics made
+non-trivial), and draws its data from the same seed. ``transformers`` is only needed by :func:`gpt2` and
+:func:`bert` (an optional ``test`` / ``bench`` dependency, never a runtime one); torchvision is not used (its
+registry wheel does not import with the CPU torch), so ResNet-18 and MobileNetV3-small are defined here.
+
+Each builder takes the sizes (``n_train``, ``n_test``, sequence length or image size, ``dtype``) so that the tests
+run them tiny in float64 and ``bench_core.py --real`` at the issue's 200 train x 20 test. It returns a
+:class:`RealWorkload`: the model in eval mode, the checkpoints, a train and a test batch (a tuple with the target
+last, or a dict for ``tc.ExampleLoss``), the ``loss_fn`` as the scorers take it, a batched summed loss for the
+plain-backprop floor, and (for tuple batches) a per-example criterion Captum's ``TracInCP`` accepts.
+
+- ``gpt2``: ``GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64))``
+  (eager attention, ``lm_head`` tied to ``wte``), random token sequences whose last tokens (random length) are
+  padding with label -100. Per-example loss: HF's causal-LM loss, the mean next-token cross-entropy over the
+  example's non-ignored (shifted) labels. ``form="example_loss"``: dict batches ``{"input_ids", "labels"}`` and
+  ``tc.ExampleLoss(... .loss)``; ``form="criterion"``: :class:`LogitsOnly` (logits ``[B, T, V]``) with
+  :class:`CausalLMLoss` and batches ``(input_ids, labels)``.
+- ``bert``: ``BertForSequenceClassification(BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+  intermediate_size=128, vocab_size=1000, num_labels=4))``, right-padded sequences (random lengths) with their
+  ``attention_mask``, 4 classes. ``form="example_loss"``: dict batches ``{"input_ids", "attention_mask",
+  "labels"}``, ``tc.ExampleLoss(... .loss)``; ``form="criterion"``: :class:`LogitsOnly` with
+  ``CrossEntropyLoss`` and batches ``(input_ids, attention_mask, labels)``.
+- ``resnet18``: :class:`ResNet18` (BasicBlock, [2, 2, 2, 2], 64-512 channels by default, CIFAR stem: 3x3 conv
+  stride 1, no max-pool), 32x32 images, 10 classes, ``CrossEntropyLoss``.
+- ``mobilenet``: :class:`MobileNetV3Small` (torchvision's MobileNetV3-small block table: inverted residuals with
+  depthwise 3x3 / 5x5 convolutions, squeeze-excitation, hardswish / hardsigmoid, BatchNorm; stem stride 1 for
+  32x32 images), 10 classes, ``CrossEntropyLoss``.
+- ``lstm``: :class:`LSTMClassifier` (Embedding(1000, 64), LSTM(64, 64, batch_first), Linear(64, 4) on the last
+  hidden state), token sequences, ``CrossEntropyLoss``.
+
+Example:
+    >>> w = resnet18(n_train=4, n_test=2, image_size=8, width=4)
+    >>> len(w.checkpoints), w.train[0].shape, w.n_test
+    (3, torch.Size([4, 3, 8, 8]), 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import tracin_func as tc
+
+LRS = (0.1, 0.05, 0.02)  # learning rates of the three checkpoints
+NOISE = 0.05  # checkpoint noise, relative to each parameter's RMS (absolute where the RMS is 0)
+
+BatchLoss = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]  # (state, batch) -> summed per-example loss
+
+
+@dataclass(frozen=True)
+class RealWorkload:
+    """A model (eval mode), its checkpoints, one train and one test batch, and the losses to score them with."""
+
+    name: str
+    model: nn.Module
+    checkpoints: list[tc.Checkpoint]
+    train: Any  # (x1, ..., xk, y) or a dict of tensors
+    test: Any
+    loss_fn: Any  # a criterion or a tc.ExampleLoss, as the scorers take it
+    batch_loss: BatchLoss  # sum over a batch of the per-example losses, batched (the plain-backprop floor)
+    captum_loss: nn.Module | None = None  # reduction="none" criterion with one loss per example; None: dict batches
+    form: str = "criterion"  # "criterion" | "example_loss"
+
+    @property
+    def n_train(self) -> int:
+        return num_examples(self.train)
+
+    @property
+    def n_test(self) -> int:
+        return num_examples(self.test)
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def subsample(self, n_test: int | None = None, n_train: int | None = None) -> RealWorkload:
+        """The first ``n_test`` test and ``n_train`` training examples (same model and checkpoints)."""
+        return replace(self, train=take(self.train, 0, n_train), test=take(self.test, 0, n_test))
+
+    def describe(self) -> str:
+        return (
+            f"{self.name} ({self.form}): {self.n_params:,} params, {len(self.checkpoints)} checkpoints "
+            f"(lr {', '.join(str(c.lr) for c in self.checkpoints)}), {self.n_test} test x {self.n_train} train"
+        )
+
+
+def num_examples(batch: Any) -> int:
+    """Examples in a tuple or dict batch."""
+    return next(iter(batch.values())).shape[0] if isinstance(batch, Mapping) else batch[0].shape[0]
+
+
+def take(batch: Any, start: int = 0, stop: int | None = None) -> Any:
+    """Examples ``start:stop`` of a tuple or dict batch."""
+    if isinstance(batch, Mapping):
+        return {k: v[start:stop] for k, v in batch.items()}
+    return tuple(t[start:stop] for t in batch)
+
+
+# ----------------------------------------------------------------------------------------------------- checkpoints
+
+
+def make_checkpoints(
+    model: nn.Module, seed: int, lrs: Sequence[float] = LRS, noise: float = NOISE
+) -> list[tc.Checkpoint]:
+    """One checkpoint per learning rate: the model's state with every floating parameter perturbed by seeded
+    Gaussian noise (``noise`` times the parameter's RMS, or ``noise`` where it is 0); BatchNorm running means and
+    variances drawn at random (mean ~ N(0, 0.1^2), var ~ U(0.5, 1.5)); integer buffers copied. Tied parameters
+    (GPT-2's ``lm_head.weight`` and ``wte.weight``) stay one tensor under both names."""
+    generator = torch.Generator().manual_seed(seed)
+    state = model.state_dict(keep_vars=True)
+    params = {id(p) for p in model.parameters()}
+    bn_stats = {
+        id(t): kind
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for kind, t in (("mean", m.running_mean), ("var", m.running_var))
+        if t is not None
+    }
+    checkpoints = []
+    for lr in lrs:
+        new: dict[int, torch.Tensor] = {}  # keyed by tensor identity: tied names share one new tensor
+        for t in state.values():  # keep_vars: the parameter and buffer objects themselves
+            if id(t) in new:
+                continue
+            value = t.detach()
+            if id(t) in params and value.is_floating_point():
+                rms = value.square().mean().sqrt().item() if value.numel() else 0.0
+                scale = noise * (rms if rms > 0 else 1.0)
+                value = value + scale * torch.randn(value.shape, generator=generator, dtype=value.dtype)
+            elif bn_stats.get(id(t)) == "mean":
+                value = 0.1 * torch.randn(value.shape, generator=generator, dtype=value.dtype)
+            elif bn_stats.get(id(t)) == "var":
+                value = 0.5 + torch.rand(value.shape, generator=generator, dtype=value.dtype)
+            else:
+                value = value.clone()
+            new[id(t)] = value
+        checkpoints.append(tc.Checkpoint(params={k: new[id(v)] for k, v in state.items()}, lr=lr))
+    return checkpoints
+
+
+def _criterion_batch_loss(model: nn.Module, per_example: nn.Module) -> BatchLoss:
+    """Summed per-example losses of a tuple batch; ``per_example`` (reduction "none") gives one loss per example."""
+
+    def loss(state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        *inputs, target = batch
+        return per_example(functional_call(model, state, tuple(inputs)), target).sum()
+
+    return loss
+
+
+# ------------------------------------------------------------------------------------------------------- losses
+
+
+class CausalLMLoss(nn.Module):
+    """Causal-LM loss as a criterion ``(logits [B, T, V], labels [B, T]) -> loss``, with one loss per example.
+
+    Example ``i``'s loss is Hugging Face's: the mean cross-entropy of ``logits[i, :-1]`` against ``labels[i, 1:]``
+    over the labels that are not ``ignore_index``. ``reduction`` then acts over examples like any criterion's:
+    ``"none"`` gives ``[B]`` (what Captum's per-example path needs), ``"sum"`` / ``"mean"`` their sum / mean, so
+    the per-example loss of a batch of one is the same under every reduction.
+    """
+
+    def __init__(self, reduction: str = "none", ignore_index: int = -100) -> None:
+        super().__init__()
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+        tokens = nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=self.ignore_index, reduction="none"
+        )  # [B, T - 1], 0 at ignored labels
+        counts = (labels != self.ignore_index).sum(1).clamp(min=1)
+        losses = tokens.sum(1) / counts
+        if self.reduction == "sum":
+            return losses.sum()
+        if self.reduction == "mean":
+            return losses.mean()
+        return losses
+
+
+class LogitsOnly(nn.Module):
+    """A Hugging Face model called with positional inputs (``names``), returning ``.logits``: the criterion form
+    (plain ``loss_fn(outputs, targets)``, usable by Captum too). Its state-dict names carry the prefix ``hf.``."""
+
+    def __init__(self, hf: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        self.hf = hf
+        self.names = tuple(names)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.hf(**dict(zip(self.names, inputs))).logits
+
+
+def _hf_example_loss(model: nn.Module) -> tc.ExampleLoss:
+    def loss(params: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(model, params, (), dict(batch)).loss
+
+    return tc.ExampleLoss(loss)
+
+
+def _prefixed(checkpoints: Sequence[tc.Checkpoint], prefix: str) -> list[tc.Checkpoint]:
+    return [tc.Checkpoint(params={prefix + k: v for k, v in c.params.items()}, lr=c.lr) for c in checkpoints]
+
+
+def _lengths(n: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """Random sequence lengths in ``[seq_len // 2, seq_len]``."""
+    return torch.randint(max(2, seq_len // 2), seq_len + 1, (n,), generator=generator)
+
+
+def _split(t: Any, n_train: int) -> tuple[Any, Any]:
+    if isinstance(t, Mapping):
+        return {k: v[:n_train] for k, v in t.items()}, {k: v[n_train:] for k, v in t.items()}
+    return t[:n_train], t[n_train:]
+
+
+# --------------------------------------------------------------------------------------------- Hugging Face models
+
+
+def gpt2(
+    n_train: int = 200,
+    n_test: int = 20,
+    seq_len: int = 32,
+    *,
+    form: str = "example_loss",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealWorkload:
+    """GPT-2 (2 layers, 64 dims, 4 heads, vocabulary 1000) scored with its causal-LM loss (see the module doc)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64, bos_token_id=0, eos_token_id=0
+    )  # GPT-2's own token ids (50256) lie outside this vocabulary
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(config).to(dtype).eval()
+    hf.loss_type = "ForCausalLM"  # the default it would pick, with a warning, from the class name
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    ids = torch.randint(0, config.vocab_size, (n, seq_len), generator=generator)
+    pad = torch.arange(seq_len) >= _lengths(n, seq_len, generator)[:, None]
+    ids = ids.masked_fill(pad, 0)
+    labels = ids.masked_fill(pad, -100)
+    checkpoints = make_checkpoints(hf, seed + 2)
+    return _hf_workload("gpt2", hf, checkpoints, {"input_ids": ids, "labels": labels}, n_train, form, CausalLMLoss())
+
+
+def bert(
+    n_train: int = 200,
+    n_test: int = 20,
+    seq_len: int = 32,
+    *,
+    form: str = "example_loss",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealWorkload:
+    """BERT sequence classifier (2 layers, 64 dims, 4 heads, 4 labels) on right-padded random tokens."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=1000,
+        num_labels=4,
+        problem_type="single_label_classification",  # else transformers sets it on the first call
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    hf = BertForSequenceClassification(config).to(dtype).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    mask = (torch.arange(seq_len) < _lengths(n, seq_len, generator)[:, None]).long()
+    ids = torch.randint(1, config.vocab_size, (n, seq_len), generator=generator) * mask
+    labels = torch.randint(0, config.num_labels, (n,), generator=generator)
+    data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    checkpoints = make_checkpoints(hf, seed + 2)
+    return _hf_workload("bert", hf, checkpoints, data, n_train, form, nn.CrossEntropyLoss())
+
+
+def _hf_workload(
+    name: str,
+    hf: nn.Module,
+    checkpoints: list[tc.Checkpoint],
+    data: dict[str, torch.Tensor],
+    n_train: int,
+    form: str,
+    criterion: nn.Module,
+) -> RealWorkload:
+    train, test = _split(data, n_train)
+    if form == "example_loss":
+
+        def batch_loss(state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+            # HF's batch loss is a mean over the batch's tokens / examples; the floor only needs its cost
+            return functional_call(hf, state, (), dict(batch)).loss * num_examples(batch)
+
+        return RealWorkload(name, hf, checkpoints, train, test, _hf_example_loss(hf), batch_loss, None, form)
+    if form != "criterion":
+        raise ValueError(f"`form` must be 'example_loss' or 'criterion', got {form!r}.")
+    names = [k for k in data if k != "labels"]
+    model = LogitsOnly(hf, names).eval()
+
+    def as_tuple(d: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return (*(d[k] for k in names), d["labels"])
+
+    captum_loss = type(criterion)(reduction="none")
+    return RealWorkload(
+        name,
+        model,
+        _prefixed(checkpoints, "hf."),
+        as_tuple(train),
+        as_tuple(test),
+        criterion,
+        _criterion_batch_loss(model, captum_loss),
+        captum_loss,
+        form,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ ResNet-18
+
+
+class BasicBlock(nn.Module):
+    """ResNet's two-conv residual block (3x3, 3x3) with BatchNorm; a 1x1 projection when the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return torch.relu(out + identity)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (BasicBlock, [2, 2, 2, 2]; channels ``width * (1, 2, 4, 8)``, 64-512 by default) with the CIFAR
+    stem (3x3 conv, stride 1, no max-pool), global average pooling and a Linear classifier."""
+
+    def __init__(self, n_classes: int = 10, width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, c_in = [], width
+        for i, blocks in enumerate((2, 2, 2, 2)):
+            c_out = width * 2**i
+            stage = [BasicBlock(c_in, c_out, 1 if i == 0 else 2)]
+            stage += [BasicBlock(c_out, c_out, 1) for _ in range(blocks - 1)]
+            layers.append(nn.Sequential(*stage))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = nn.Linear(c_in, n_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet18(
+    n_train: int = 200,
+    n_test: int = 20,
+    image_size: int = 32,
+    *,
+    width: int = 64,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealWorkload:
+    """ResNet-18 on random ``3 x image_size x image_size`` images, 10 classes."""
+    torch.manual_seed(seed)
+    model = ResNet18(10, width).to(dtype).eval()
+    return _image_workload("resnet18", model, n_train, n_test, image_size, dtype, seed)
+
+
+def _image_workload(
+    name: str, model: nn.Module, n_train: int, n_test: int, image_size: int, dtype: torch.dtype, seed: int
+) -> RealWorkload:
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    x = torch.randn(n, 3, image_size, image_size, generator=generator, dtype=dtype)
+    y = torch.randint(0, 10, (n,), generator=generator)
+    checkpoints = make_checkpoints(model, seed + 2)
+    criterion = nn.CrossEntropyLoss()
+    return RealWorkload(
+        name,
+        model,
+        checkpoints,
+        (x[:n_train], y[:n_train]),
+        (x[n_train:], y[n_train:]),
+        criterion,
+        _criterion_batch_loss(model, nn.CrossEntropyLoss(reduction="none")),
+        nn.CrossEntropyLoss(reduction="none"),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ MobileNetV3-small
+
+
+def _divisible(v: float, divisor: int = 8) -> int:
+    """torchvision's ``_make_divisible``: round to a multiple of ``divisor``, never down by more than 10%."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int, groups: int, act: type[nn.Module] | None):
+    layers: list[nn.Module] = [
+        nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(c_out, eps=0.001, momentum=0.01),
+    ]
+    if act is not None:
+        layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class SqueezeExcitation(nn.Module):
+    """Squeeze-excitation: global average pool, 1x1 conv, ReLU, 1x1 conv, hardsigmoid, channel scaling."""
+
+    def __init__(self, channels: int, squeeze: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.relu = nn.ReLU()
+        self.scale_activation = nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = nn.functional.adaptive_avg_pool2d(x, 1)
+        return x * self.scale_activation(self.fc2(self.relu(self.fc1(s))))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV3 block: 1x1 expansion (skipped when not expanding), depthwise k x k conv (groups = channels), SE,
+    1x1 linear projection; a residual connection when stride 1 and the channels match."""
+
+    def __init__(self, c_in: int, kernel: int, expanded: int, c_out: int, se: bool, act: str, stride: int) -> None:
+        super().__init__()
+        activation = nn.Hardswish if act == "HS" else nn.ReLU
+        self.use_res_connect = stride == 1 and c_in == c_out
+        layers: list[nn.Module] = []
+        if expanded != c_in:
+            layers.append(_conv_bn(c_in, expanded, 1, 1, 1, activation))
+        layers.append(_conv_bn(expanded, expanded, kernel, stride, expanded, activation))
+        if se:
+            layers.append(SqueezeExcitation(expanded, _divisible(expanded // 4)))
+        layers.append(_conv_bn(expanded, c_out, 1, 1, 1, None))
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block(x)
+        return out + x if self.use_res_connect else out
+
+
+# torchvision's mobilenet_v3_small table: input, kernel, expanded, output, SE, activation, stride
+MOBILENET_V3_SMALL = (
+    (16, 3, 16, 16, True, "RE", 2),
+    (16, 3, 72, 24, False, "RE", 2),
+    (24, 3, 88, 24, False, "RE", 1),
+    (24, 5, 96, 40, True, "HS", 2),
+    (40, 5, 240, 40, True, "HS", 1),
+    (40, 5, 240, 40, True, "HS", 1),
+    (40, 5, 120, 48, True, "HS", 1),
+    (48, 5, 144, 48, True, "HS", 1),
+    (48, 5, 288, 96, True, "HS", 2),
+    (96, 5, 576, 96, True, "HS", 1),
+    (96, 5, 576, 96, True, "HS", 1),
+)
+
+
+class MobileNetV3Small(nn.Module):
+    """MobileNetV3-small (torchvision's block table, last conv 576 channels, classifier 576-1024-classes with
+    hardswish and dropout) with a stride-1 stem for 32x32 inputs. ``width`` scales every channel count."""
+
+    def __init__(self, n_classes: int = 10, width: float = 1.0, stem_stride: int = 1) -> None:
+        super().__init__()
+
+        def c(v: int) -> int:
+            return _divisible(v * width)
+
+        layers: list[nn.Module] = [_conv_bn(3, c(16), 3, stem_stride, 1, nn.Hardswish)]
+        for c_in, k, e, c_out, se, act, s in MOBILENET_V3_SMALL:
+            layers.append(InvertedResidual(c(c_in), k, c(e), c(c_out), se, act, s))
+        last = c(576)
+        layers.append(_conv_bn(c(96), last, 1, 1, 1, nn.Hardswish))
+        self.features = nn.Sequential(*layers)
+        hidden = c(1024)
+        self.classifier = nn.Sequential(
+            nn.Linear(last, hidden), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(hidden, n_classes)
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+def mobilenet(
+    n_train: int = 200,
+    n_test: int = 20,
+    image_size: int = 32,
+    *,
+    width: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealWorkload:
+    """MobileNetV3-small-style net on random ``3 x image_size x image_size`` images, 10 classes."""
+    torch.manual_seed(seed)
+    model = MobileNetV3Small(10, width).to(dtype).eval()
+    return _image_workload("mobilenet", model, n_train, n_test, image_size, dtype, seed)
+
+
+# ----------------------------------------------------------------------------------------------------------- LSTM
+
+
+class LSTMClassifier(nn.Module):
+    """Embedding -> LSTM (batch_first) -> Linear on the last time step's hidden state."""
+
+    def __init__(self, vocab: int = 1000, dim: int = 64, n_classes: int = 4) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, dim, batch_first=True)
+        self.fc = nn.Linear(dim, n_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm(self.embedding(tokens))
+        return self.fc(h[-1])
+
+
+def lstm(
+    n_train: int = 200,
+    n_test: int = 20,
+    seq_len: int = 32,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealWorkload:
+    """LSTM classifier on random token sequences, 4 classes."""
+    torch.manual_seed(seed)
+    model = LSTMClassifier().to(dtype).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    x = torch.randint(0, 1000, (n, seq_len), generator=generator)
+    y = torch.randint(0, 4, (n,), generator=generator)
+    criterion = nn.CrossEntropyLoss()
+    return RealWorkload(
+        "lstm",
+        model,
+        make_checkpoints(model, seed + 2),
+        (x[:n_train], y[:n_train]),
+        (x[n_train:], y[n_train:]),
+        criterion,
+        _criterion_batch_loss(model, nn.CrossEntropyLoss(reduction="none")),
+        nn.CrossEntropyLoss(reduction="none"),
+    )
+
+
+BUILDERS: dict[str, Callable[..., RealWorkload]] = {
+    "gpt2": gpt2,
+    "bert": bert,
+    "resnet18": resnet18,
+    "mobilenet": mobilenet,
+    "lstm": lstm,
+}
+
+
+if __name__ == "__main__":
+    for build in BUILDERS.values():
+        print(build().describe())

@@ -1,0 +1,121 @@
+"""Real models on the scorers: Hugging Face GPT-2 and BERT (small configs, random weights, nothing downloaded),
+ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, as ``benchmarks/real_models.py`` builds them, at
+tiny sizes in float64. ``tc.influence`` and ``tc.self_influence`` (default options and ``factored=False``) equal
+the one-backward-per-example reference to 1e-10.
+
+Sizes are cut for the 2-core budget, not the architectures: ResNet-18 keeps its 4 stages of 2 BasicBlocks and
+BatchNorm but with channels 8-64 (one full-width 64-512 case is marked slow), MobileNetV3-small its full block table
+with channels scaled by 0.5, images are 16x16, sequences 8 tokens, 6 train x 3 test examples, 3 checkpoints.
+
+The routes a call takes (factored, materialised, vmap(grad), or a per-example loop when vmap fails on the model)
+are not asserted here, only the numbers; the slow-path warnings they print are silenced.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import tracin_func as tc
+from benchmarks import real_models as rm
+from tests.conftest import assert_close
+from tests.reference import Reference, reference_scores
+
+F64 = torch.float64
+N_TRAIN, N_TEST, SEQ, IMAGE = 6, 3, 8, 16
+
+CASES: dict[str, Callable[[], rm.RealWorkload]] = {
+    "gpt2_example_loss": lambda: rm.gpt2(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
+    "gpt2_criterion": lambda: rm.gpt2(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
+    "bert_example_loss": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
+    "bert_criterion": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
+    "resnet18": lambda: rm.resnet18(N_TRAIN, N_TEST, IMAGE, width=8, dtype=F64),
+    "mobilenet": lambda: rm.mobilenet(N_TRAIN, N_TEST, IMAGE, width=0.5, dtype=F64),
+    "lstm": lambda: rm.lstm(N_TRAIN, N_TEST, SEQ, dtype=F64),
+}
+HF = {"gpt2_example_loss", "gpt2_criterion", "bert_example_loss", "bert_criterion"}
+
+pytestmark = [  # the slow-path and loop-fallback notices (routes are not what these tests check)
+    pytest.mark.filterwarnings("ignore:This call runs vmap"),
+    pytest.mark.filterwarnings("ignore:torch.func.vmap failed on this model"),
+]
+
+
+@functools.cache
+def built(case: str) -> tuple[rm.RealWorkload, Reference]:
+    w = CASES[case]()
+    return w, reference_scores(w.model, w.checkpoints, w.train, w.test, loss_fn=w.loss_fn)
+
+
+def workload(case: str) -> tuple[rm.RealWorkload, Reference]:
+    if case in HF:
+        pytest.importorskip("transformers")
+    return built(case)
+
+
+@pytest.mark.parametrize("factored", [None, False], ids=["default", "unfactored"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_influence_matches_reference(case, factored):
+    w, ref = workload(case)
+    S = tc.influence(w.model, w.checkpoints, w.train, w.test, loss_fn=w.loss_fn, dtype=F64, factored=factored)
+    assert_close(S, ref.influence)
+
+
+@pytest.mark.parametrize("factored", [None, False], ids=["default", "unfactored"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_self_influence_matches_reference(case, factored):
+    w, ref = workload(case)
+    s = tc.self_influence(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn, dtype=F64, factored=factored)
+    assert_close(s, ref.self_influence)
+
+
+@pytest.mark.slow
+def test_full_width_resnet18_matches_reference():
+    """ResNet-18 at its real 64-512 channels (11M parameters) on 8x8 images, 2 train x 2 test."""
+    w = rm.resnet18(2, 2, 8, dtype=F64)
+    ref = reference_scores(w.model, w.checkpoints, w.train, w.test, loss_fn=w.loss_fn)
+    assert_close(tc.influence(w.model, w.checkpoints, w.train, w.test, loss_fn=w.loss_fn, dtype=F64), ref.influence)
+    assert_close(tc.self_influence(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn, dtype=F64), ref.self_influence)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_criterion_form_is_the_hugging_face_loss(name):
+    """The criterion form (logits + CausalLMLoss / CrossEntropyLoss) scores what the model's own ``.loss`` (HF's
+    convention: labels -100 ignored, mean over the example's tokens) scores. GPT-2's ``.loss`` casts the logits
+    to float32 before its cross-entropy (transformers' ``ForCausalLMLoss``), so in float64 the two forms agree to
+    float32 rounding only (about 5e-8 here); BERT's agree exactly."""
+    by_loss, ref_loss = workload(f"{name}_example_loss")
+    by_criterion, ref_criterion = workload(f"{name}_criterion")
+    rtol = 1e-6 if name == "gpt2" else 1e-10
+    assert_close(ref_criterion.influence, ref_loss.influence, rtol)
+    assert_close(ref_criterion.self_influence, ref_loss.self_influence, rtol)
+    if name == "gpt2":  # the data has ignored labels (padding) and full-length examples
+        labels = by_loss.train["labels"]
+        assert bool((labels == -100).any()) and bool((labels != -100).all(1).any())
+        assert torch.equal(by_criterion.train[1], labels)
+
+
+def test_checkpoints_are_distinct_and_tied_weights_stay_tied():
+    pytest.importorskip("transformers")
+    w = rm.gpt2(2, 1, 4)
+    first, second = (c.params for c in w.checkpoints[:2])
+    assert first["lm_head.weight"] is first["transformer.wte.weight"]
+    assert not torch.equal(first["transformer.h.0.attn.c_attn.weight"], second["transformer.h.0.attn.c_attn.weight"])
+    assert [c.lr for c in w.checkpoints] == list(rm.LRS)
+    r = rm.resnet18(2, 1, 8, width=4)
+    bn = r.checkpoints[0].params
+    assert not torch.equal(bn["bn1.running_var"], torch.ones_like(bn["bn1.running_var"]))
+    assert not torch.equal(bn["bn1.running_mean"], r.checkpoints[1].params["bn1.running_mean"])
+    assert not r.model.training and not any(m.training for m in r.model.modules())
+
+
+def test_subsample_and_batch_loss():
+    w = rm.lstm(5, 3, 4).subsample(2, 4)
+    assert (w.n_test, w.n_train) == (2, 4)
+    state = dict(w.checkpoints[0].params)
+    total = w.batch_loss(state, w.train)
+    each = sum(w.batch_loss(state, tuple(t[i : i + 1] for t in w.train)) for i in range(4))
+    torch.testing.assert_close(total, each)
