@@ -85,6 +85,11 @@ with tempfile.TemporaryDirectory() as tmp:
     assert nearest.indices.shape == (2, 3), nearest.indices.shape
     assert torch.equal(nearest.indices, top.indices), (nearest.indices, top.indices)
 
+    # the on-disk index (safetensors shards: a runtime dependency of the wheel)
+    index = tc.build_index(os.path.join(tmp, "index"), model, ckpts, (x, y), loss_fn=loss, storage_dtype=torch.float64)
+    assert torch.allclose(tc.open_index(index.path).self_influence(), self_inf, rtol=1e-12, atol=1e-12)
+    assert torch.equal(tc.top_k(model, ckpts, index, (x[:2], y[:2]), k=3, loss_fn=loss).indices, top.indices)
+
     # the Captum-compatible adapter, with its default loader reading the same file
     tracin = compat_captum.TracInCP(model, torch.utils.data.TensorDataset(x, y), [path], loss_fn=loss, batch_size=4)
     captum_scores = tracin.influence((x[:2], y[:2]))

@@ -230,11 +230,13 @@ def dattri_influence(w: Workload, model: nn.Module, bs: int, device: torch.devic
 
 
 def real_forms(name: str, n_test: int, n_train: int) -> list[real_models.RealWorkload]:
-    """The workload in each form it is scored in: GPT-2 and BERT as ``tc.ExampleLoss`` (first: the issue's form)
-    and as a logits criterion (Captum's only form); the others as a criterion."""
+    """The workload in each form it is scored in: GPT-2 and BERT on dict batches with the library's per-example
+    Hugging Face loss (``tc.causal_lm_loss`` / ``tc.sequence_classification_loss``, a ``tc.BatchLoss``; first: the
+    issue's form) and as a logits criterion (Captum's only form); the others as a criterion. (The third form,
+    ``tc.ExampleLoss`` of the model's own ``.loss``, runs one example at a time by definition.)"""
     build = real_models.BUILDERS[name]
     if name in ("gpt2", "bert"):
-        return [build(n_train, n_test, form=form) for form in ("example_loss", "criterion")]
+        return [build(n_train, n_test, form=form) for form in ("batch_loss", "criterion")]
     return [build(n_train, n_test)]
 
 
@@ -463,7 +465,7 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
         rows.add(question, "plain backprop (floor)", floors[q], floors[q], None, None, "not TracIn")
     first: dict[str, Measurement] = {}
     for w in forms:
-        label = {"example_loss": "ExampleLoss", "criterion": "criterion"}[w.form]
+        label = {"batch_loss": "BatchLoss", "example_loss": "ExampleLoss", "criterion": "criterion"}[w.form]
         default = {q: run(fn) for q, fn in real_ours(w, args.our_batch_size, device).items()}
         unfactored = {q: run(fn) for q, fn in real_ours(w, args.our_batch_size, device, factored=False).items()}
         for q, question in questions:

@@ -16,13 +16,16 @@ plain-backprop floor, and (for tuple batches) a per-example criterion Captum's `
 - ``gpt2``: ``GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64))``
   (eager attention, ``lm_head`` tied to ``wte``), random token sequences whose last tokens (random length) are
   padding with label -100. Per-example loss: HF's causal-LM loss, the mean next-token cross-entropy over the
-  example's non-ignored (shifted) labels. ``form="example_loss"``: dict batches ``{"input_ids", "labels"}`` and
-  ``tc.ExampleLoss(... .loss)``; ``form="criterion"``: :class:`LogitsOnly` (logits ``[B, T, V]``) with
+  example's non-ignored (shifted) labels. ``form="batch_loss"``: dict batches ``{"input_ids", "labels"}`` and
+  ``tc.causal_lm_loss(model)`` (the library's per-example HF loss, run on whole batches);
+  ``form="example_loss"``: the same batches and ``tc.ExampleLoss(... .loss)`` (the model's own ``.loss``, one
+  example at a time); ``form="criterion"``: :class:`LogitsOnly` (logits ``[B, T, V]``) with
   :class:`CausalLMLoss` and batches ``(input_ids, labels)``.
 - ``bert``: ``BertForSequenceClassification(BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
   intermediate_size=128, vocab_size=1000, num_labels=4))``, right-padded sequences (random lengths) with their
-  ``attention_mask``, 4 classes. ``form="example_loss"``: dict batches ``{"input_ids", "attention_mask",
-  "labels"}``, ``tc.ExampleLoss(... .loss)``; ``form="criterion"``: :class:`LogitsOnly` with
+  ``attention_mask``, 4 classes. ``form="batch_loss"``: dict batches ``{"input_ids", "attention_mask",
+  "labels"}`` with ``tc.sequence_classification_loss(model)``; ``form="example_loss"``: the same batches with
+  ``tc.ExampleLoss(... .loss)``; ``form="criterion"``: :class:`LogitsOnly` with
   ``CrossEntropyLoss`` and batches ``(input_ids, attention_mask, labels)``.
 - ``resnet18``: :class:`ResNet18` (BasicBlock, [2, 2, 2, 2], 64-512 channels by default, CIFAR stem: 3x3 conv
   stride 1, no max-pool), 32x32 images, 10 classes, ``CrossEntropyLoss``.
@@ -231,7 +234,7 @@ def gpt2(
     n_test: int = 20,
     seq_len: int = 32,
     *,
-    form: str = "example_loss",
+    form: str = "batch_loss",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> RealWorkload:
@@ -260,7 +263,7 @@ def bert(
     n_test: int = 20,
     seq_len: int = 32,
     *,
-    form: str = "example_loss",
+    form: str = "batch_loss",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> RealWorkload:
@@ -299,6 +302,13 @@ def _hf_workload(
     criterion: nn.Module,
 ) -> RealWorkload:
     train, test = _split(data, n_train)
+    if form == "batch_loss":
+        loss = tc.causal_lm_loss(hf) if name == "gpt2" else tc.sequence_classification_loss(hf)
+
+        def summed(state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+            return loss.fn(state, batch).sum()
+
+        return RealWorkload(name, hf, checkpoints, train, test, loss, summed, None, form)
     if form == "example_loss":
 
         def batch_loss(state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
@@ -307,7 +317,7 @@ def _hf_workload(
 
         return RealWorkload(name, hf, checkpoints, train, test, _hf_example_loss(hf), batch_loss, None, form)
     if form != "criterion":
-        raise ValueError(f"`form` must be 'example_loss' or 'criterion', got {form!r}.")
+        raise ValueError(f"`form` must be 'batch_loss', 'example_loss' or 'criterion', got {form!r}.")
     names = [k for k in data if k != "labels"]
     model = LogitsOnly(hf, names).eval()
 

@@ -1,8 +1,11 @@
-"""JAX-style training with torch.func, scored by TracIn straight from memory.
+"""JAX-style training with torch.func, scored by TracIn straight from memory and traced inside the loop.
 
 The parameters are a plain dict updated functionally (``params = {k: p - lr * g[k]}`` with ``torch.func.grad``):
 no optimizer, no ``.backward()``, the module's own parameters are never touched. Every few steps the loop keeps
-``tc.Checkpoint(params=params, lr=lr)``; the list is scored directly, without writing a file.
+``tc.Checkpoint(params=params, lr=lr)``; the list is scored directly, without writing a file. Given test examples,
+the loop also threads a TracIn tracer through every step (``tc.tracer_update``): TracIn's own definition, the sum
+over the steps actually taken, not an approximation from a few checkpoints. ``train_torch_optim`` is the same
+training written as a plain ``torch.optim`` loop, traced the same way.
 
 Some training labels are flipped on purpose; self-influence should rank them first.
 
@@ -11,6 +14,7 @@ Some training labels are flipped on purpose; self-influence should rank them fir
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -57,11 +61,15 @@ def train(
     checkpoint_every: int = 50,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-) -> tuple[dict[str, torch.Tensor], list[tc.Checkpoint]]:
-    """Minibatch SGD on a parameter dict with ``torch.func.grad``; returns the final parameters and the checkpoints.
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[tc.Checkpoint], tc.TracerState | None]:
+    """Minibatch SGD on a parameter dict with ``torch.func.grad``; returns the final parameters, the checkpoints and
+    the tracer's state (``None`` without ``test``).
 
     The learning rate decays every epoch; each checkpoint carries the rate used in the steps after it, as TracIn
-    expects. The initial parameters are a copy of the module's, which stay as they are.
+    expects. The initial parameters are a copy of the module's, which stay as they are. With ``test`` examples, each
+    step also adds ``rate * <g(test_i), g(z_j)>`` at the step's parameters for the examples ``z_j`` of its batch to
+    ``state.scores`` ``[n_test, n_train]`` (and ``rate * |g(z_j)|^2`` to ``state.self_influence``).
     """
     params = {k: v.detach().to(dtype).clone() for k, v in model.named_parameters()}
 
@@ -72,6 +80,8 @@ def train(
     x, y = data
     x = x.to(dtype)
     gen = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+    state = None if test is None else tc.tracer_init(test, n_train=len(y), dtype=dtype)
     checkpoints, step = [], 0
     for epoch in range(epochs):
         rate = lr * decay**epoch
@@ -80,10 +90,52 @@ def train(
             if step % checkpoint_every == 0:
                 checkpoints.append(tc.Checkpoint(params=params, lr=rate))  # the dict is never mutated: no copy
             idx = order[start : start + batch_size]
+            if state is not None:  # the parameters the step starts from, its rate, its batch and dataset indices
+                state = tc.tracer_update(state, model, params, rate, (x[idx], y[idx]), idx, loss_fn=loss_fn)
             g = step_grad(params, x[idx], y[idx])
             params = {k: p - rate * g[k] for k, p in params.items()}
             step += 1
-    return params, checkpoints
+    return params, checkpoints, state
+
+
+def train_torch_optim(
+    model: nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    epochs: int = 30,
+    batch_size: int = 64,
+    lr: float = 0.5,
+    decay: float = 0.97,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Module, tc.TracerState]:
+    """The same training as :func:`train` as an ordinary ``torch.optim`` loop on a copy of ``model``, traced.
+
+    The tracer reads ``dict(model.named_parameters())`` before ``optimizer.step()`` (it detaches them and changes
+    nothing) and the rate of the step from the optimizer. Same seed, same batches, same numbers as :func:`train`.
+    """
+    model = copy.deepcopy(model).to(dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = data
+    x = x.to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    state = tc.tracer_init(test, n_train=len(y), dtype=dtype)
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=gen)
+        for start in range(0, len(y), batch_size):
+            idx = order[start : start + batch_size]
+            rate = optimizer.param_groups[0]["lr"]
+            state = tc.tracer_update(
+                state, model, dict(model.named_parameters()), rate, (x[idx], y[idx]), idx, loss_fn=loss_fn
+            )
+            optimizer.zero_grad()
+            loss_fn(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+        scheduler.step()
+    return model, state
 
 
 def accuracy(model: nn.Module, params: Mapping[str, torch.Tensor], data: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -97,14 +149,18 @@ def main() -> None:
     torch.manual_seed(0)
     model = make_model()
     train_data, test_data, flipped = load_data()
-    params, ckpts = train(model, train_data)
+    params, ckpts, traced = train(model, train_data, test=test_data)
     loss_fn = nn.CrossEntropyLoss()
     print(f"{len(ckpts)} in-memory checkpoints, test accuracy {accuracy(model, params, test_data):.3f}")
 
     self_scores = tc.self_influence(model, ckpts, train_data, loss_fn=loss_fn, batch_size=256)
-    top = self_scores.topk(2 * len(flipped)).indices
-    found = len(set(top.tolist()) & set(flipped.tolist()))
-    print(f"flipped labels among the {len(top)} most self-influential examples: {found} / {len(flipped)}")
+    for name, scores in (("checkpoints", self_scores), ("every step (tracer)", traced.self_influence)):
+        top = scores.topk(2 * len(flipped)).indices
+        found = len(set(top.tolist()) & set(flipped.tolist()))
+        print(f"flipped labels among the {len(top)} most self-influential examples, {name}: {found} / {len(flipped)}")
+    checkpoint_scores = tc.influence(model, ckpts, train_data, test_data, loss_fn=loss_fn, batch_size=256)
+    agree = torch.corrcoef(torch.stack([checkpoint_scores.flatten(), traced.scores.flatten()]))[0, 1]
+    print(f"correlation of checkpoint TracIn ({len(ckpts)} checkpoints) with the traced scores: {float(agree):.3f}")
 
     proponents = tc.top_k(model, ckpts, train_data, test_data, k=3, loss_fn=loss_fn, batch_size=256)
     opponents = tc.top_k(model, ckpts, train_data, test_data, k=3, loss_fn=loss_fn, proponents=False)

@@ -196,12 +196,60 @@ def _plan(model, batch, loss_fn=CE, **kw):
     return seen[0]
 
 
-def test_tied_weights_fall_back_to_vmap_exactly():
+def test_tied_weights_are_materialised_from_every_use():
+    """A tensor shared by an Embedding and a Linear (GPT-2's wte / lm_head): its per-example gradient is the sum of
+    both uses' gradients from factors, under its first name, never a factored kernel; the call stays batched."""
     torch.manual_seed(0)
     model = Tied().double().eval()
     ids, y = torch.randint(0, 10, (8, 5)), torch.randint(0, 10, (8,))
     _assert_paths_agree(model, (ids, y), (ids[:3], y[:3]))
-    assert "emb.weight" in _plan(model, (ids, y), factored=True).dense
+    plan = _plan(model, (ids, y), factored=True)
+    tied = {s.path: s.weight for s in plan.sites if s.tied}
+    assert tied == {"emb": "emb.weight", "head": "emb.weight"} and not plan.dense and plan.batched
+    assert plan.route("emb.weight") == "materialised" and plan.route("head.bias") == "materialised"
+
+
+class TiedAndDirect(Tied):
+    def forward(self, ids):
+        h = self.emb(ids).mean(1)
+        return self.head(h) + nn.functional.linear(h, self.emb.weight)  # a third use, outside any layer
+
+
+def test_a_tied_weight_with_a_use_outside_layers_falls_back_to_vmap():
+    torch.manual_seed(0)
+    model = TiedAndDirect().double().eval()
+    ids, y = torch.randint(0, 10, (8, 5)), torch.randint(0, 10, (8,))
+    _assert_paths_agree(model, (ids, y), (ids[:3], y[:3]))
+    plan = _plan(model, (ids, y), factored=True)
+    assert not plan.sites and set(plan.dense) == {"emb.weight", "head.bias"}  # every use of the tensor, or none
+
+
+class BroadcastRow(nn.Module):
+    """Position embeddings looked up once as ``[1, T]`` and broadcast over the batch (BERT, GPT-2); ``mix``
+    instead reduces that row over dim 0, which only a batch of one leaves alone."""
+
+    def __init__(self, mix=False):
+        super().__init__()
+        self.tok, self.pos, self.fc = nn.Embedding(10, 4), nn.Embedding(6, 4), nn.Linear(4, 3)
+        self.register_buffer("ids", torch.arange(6)[None], persistent=False)
+        self.mix = mix
+
+    def forward(self, tokens):
+        pos = self.pos(self.ids[:, : tokens.shape[1]])
+        h = self.tok(tokens) + (pos.mean(0) if self.mix else pos)
+        return self.fc(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("mix", [False, True], ids=["broadcast", "reduced-over-the-batch"])
+def test_rows_broadcast_over_the_batch_are_batched_and_mixing_is_refused(mix):
+    torch.manual_seed(0)
+    model = BroadcastRow(mix).double().eval()
+    tokens, y = torch.randint(0, 10, (8, 5)), torch.randint(0, 3, (8,))
+    _assert_paths_agree(model, (tokens, y), (tokens[:3], y[:3]))
+    plan = _plan(model, (tokens, y))
+    assert not plan.dense and plan.batched is not mix
+    if mix:
+        assert "changed the first examples' factors at 'pos'" in plan.batching
 
 
 def test_a_weight_also_used_directly_falls_back_to_vmap():

@@ -37,9 +37,10 @@ def test_functional_training_checkpoints_score_like_the_reference():
     flags = {k: p.requires_grad for k, p in model.named_parameters()}
     train_data, test_data, flipped = example.load_data(40, 6, n_flipped=4, seed=1, dtype=torch.float64)
     assert train_data[0].dtype == torch.float64 and len(flipped) == 4
-    params, ckpts = example.train(
+    params, ckpts, state = example.train(
         model, train_data, epochs=3, batch_size=16, lr=0.4, decay=0.5, checkpoint_every=3, dtype=torch.float64
     )
+    assert state is None  # no test examples: no tracer
     # 3 epochs x 3 steps, a checkpoint every 3 steps: steps 0, 3, 6, each with its epoch's learning rate
     assert [c.lr for c in ckpts] == pytest.approx([0.4, 0.2, 0.1])
     assert all(isinstance(c, tc.Checkpoint) and set(c.params) == set(before) for c in ckpts)
@@ -68,7 +69,40 @@ def test_functional_training_learns():
     torch.manual_seed(0)
     model = example.make_model(hidden=16)
     train_data, test_data, _ = example.load_data(300, 100, n_flipped=0, seed=2)
-    params, ckpts = example.train(model, train_data, epochs=8, batch_size=32, lr=0.5, checkpoint_every=20)
+    params, ckpts, _ = example.train(model, train_data, epochs=8, batch_size=32, lr=0.5, checkpoint_every=20)
     assert len(ckpts) == 4
     initial = {k: v.detach() for k, v in model.named_parameters()}
     assert example.accuracy(model, params, test_data) > example.accuracy(model, initial, test_data) + 0.3
+
+
+def test_traced_full_batch_training_is_tracin_over_every_step():
+    """Full-batch steps with a checkpoint at every step: the tracer's sum over the steps is exactly TracIn over
+    those checkpoints (the float64 loop reference); the batch order is shuffled, so indices must be honoured."""
+    torch.manual_seed(0)
+    model = example.make_model(hidden=8)
+    train_data, test_data, _ = example.load_data(24, 5, n_flipped=2, seed=3, dtype=torch.float64)
+    _, ckpts, state = example.train(
+        model, train_data, epochs=4, batch_size=24, lr=0.4, decay=0.5, checkpoint_every=1, dtype=torch.float64,
+        test=test_data,
+    )
+    assert len(ckpts) == 4 and int(state.steps) == 4
+    ref = reference_scores(model, ckpts, train_data, test_data, loss_fn=nn.CrossEntropyLoss())
+    assert_close(state.scores, ref.influence)
+    assert_close(state.self_influence, ref.self_influence)
+
+
+def test_torch_optim_loop_traces_like_the_functional_loop():
+    """Minibatches: the plain torch.optim loop takes the same steps as the functional one, so the traces agree;
+    the user's module is left as it was."""
+    torch.manual_seed(0)
+    model = example.make_model(hidden=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_data, test_data, _ = example.load_data(40, 6, n_flipped=4, seed=1, dtype=torch.float64)
+    kw = dict(epochs=3, batch_size=16, lr=0.4, decay=0.5, dtype=torch.float64)
+    params, _, functional = example.train(model, train_data, test=test_data, **kw)
+    trained, optim = example.train_torch_optim(model, train_data, test_data, **kw)
+    assert_close(optim.scores, functional.scores)
+    assert_close(optim.self_influence, functional.self_influence)
+    assert_close(trained.state_dict()["0.weight"], params["0.weight"])
+    assert (functional.self_influence > 0).all()  # 3 epochs: every example was seen
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

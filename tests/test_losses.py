@@ -73,3 +73,152 @@ def test_criterion_is_not_modified():
     model, ckpts, batch = _mlp_task(N_CLASSES, torch.randint(0, N_CLASSES, (12,)))
     tc.self_influence(model, ckpts, batch, loss_fn=criterion)
     assert criterion.reduction == "mean"
+
+
+# ---------------------------------------------------------------------------------------------------- tc.BatchLoss
+
+
+def _dict_task():
+    model, ckpts, (x, y) = _mlp_task(N_CLASSES, torch.randint(0, N_CLASSES, (12,)))
+    return model, ckpts, {"x": x, "label": y}
+
+
+def _batch_loss(model, reduce=False):
+    def losses(params, batch):
+        out = nn.functional.cross_entropy(
+            torch.func.functional_call(model, params, (batch["x"],)), batch["label"], reduction="none"
+        )
+        return out.mean() if reduce else out
+
+    return losses
+
+
+def test_batch_loss_runs_batched_and_equals_the_example_loss():
+    model, ckpts, data = _dict_task()
+    losses = _batch_loss(model)
+    one = tc.ExampleLoss(lambda params, batch: losses(params, batch).sum())
+    for factored in (None, False):
+        kw = dict(batch_size=5, factored=factored)
+        assert_close(tc.influence(model, ckpts, data, data, loss_fn=tc.BatchLoss(losses), **kw),
+                     tc.influence(model, ckpts, data, data, loss_fn=one, **kw), 1e-10)  # fmt: skip
+        assert_close(tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(losses), **kw),
+                     tc.self_influence(model, ckpts, data, loss_fn=one, **kw), 1e-10)  # fmt: skip
+    assert tc.explain(model, ckpts, data, loss_fn=tc.BatchLoss(losses)).batching.startswith("one batched forward")
+    assert "tc.BatchLoss runs whole batches" in tc.explain(model, ckpts, data, loss_fn=one).batching
+
+
+def test_batch_loss_must_return_one_loss_per_example():
+    model, ckpts, data = _dict_task()
+    with pytest.raises(ValueError, match=r"`loss_fn`: a tc.BatchLoss must return one loss per example, a tensor of "
+                       r"shape \[1\] for a batch of 1, got \(\)"):  # fmt: skip
+        tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(_batch_loss(model, reduce=True)))
+
+
+class _Centered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, N_CLASSES)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0, keepdim=True))  # batch statistics: examples interact
+
+
+def test_batch_loss_on_a_model_that_mixes_examples_is_not_batched():
+    torch.manual_seed(0)
+    model = _Centered().double().eval()
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=0.5)]
+    _, _, data = _dict_task()
+    loss = tc.BatchLoss(_batch_loss(model))
+    assert "examples interact" in tc.explain(model, ckpts, data, loss_fn=loss).batching
+    with pytest.warns(tc.SlowPathWarning, match="examples interact"):
+        got = tc.self_influence(model, ckpts, data, loss_fn=loss)
+    assert_close(got, tc.self_influence(model, ckpts, data, loss_fn=loss, factored=False), 1e-10)
+
+
+def _causal_lm_reference(logits, labels, ignore=-100):
+    """Hugging Face's ForCausalLMLoss for a batch of one: the mean next-token cross-entropy over kept labels."""
+    logits, labels = logits[0, :-1], labels[0, 1:]
+    keep = labels != ignore
+    if not keep.any():
+        return logits.sum() * 0
+    return nn.functional.cross_entropy(logits[keep], labels[keep])
+
+
+class _LM(nn.Module):
+    def __init__(self, out=10):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(10, 4), nn.Linear(4, out)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        return {"logits": self.head(torch.tanh(h))}
+
+
+@pytest.mark.filterwarnings("ignore:torch.func.vmap failed on this model")  # the reference's `if`
+def test_causal_lm_loss_is_hugging_faces_per_example():
+    torch.manual_seed(0)
+    model = _LM().double().eval()
+    ids = torch.randint(0, 10, (5, 6))
+    labels = ids.masked_fill(torch.arange(6) >= torch.tensor([6, 4, 2, 1, 3])[:, None], -100)  # row 3: no label
+    data = {"input_ids": ids, "attention_mask": torch.ones(5, 6), "labels": labels}
+    state = dict(model.state_dict())
+    got = tc.causal_lm_loss(model).fn(state, data)
+    want = [_causal_lm_reference(model(ids[i : i + 1])["logits"], labels[i : i + 1]) for i in range(5)]
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-12, atol=0)
+    assert got[3] == 0
+    ckpts = [tc.Checkpoint(state, lr=0.5)]
+    by_example = tc.ExampleLoss(lambda p, b: _causal_lm_reference(torch.func.functional_call(
+        model, p, (b["input_ids"],))["logits"], b["labels"]))  # fmt: skip
+    assert_close(tc.influence(model, ckpts, data, data, loss_fn=tc.causal_lm_loss(model)),
+                 tc.influence(model, ckpts, data, data, loss_fn=by_example), 1e-10)  # fmt: skip
+
+
+@pytest.mark.parametrize("problem_type", ["single_label_classification", "regression", "multi_label_classification"])
+def test_sequence_classification_loss_is_hugging_faces_per_example(problem_type):
+    torch.manual_seed(0)
+    n_out = 1 if problem_type == "regression" else 3
+    model = _LM(n_out).double().eval()
+    ids = torch.randint(0, 10, (4, 5))
+
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = model
+
+        def forward(self, input_ids):
+            return (self.lm(input_ids)["logits"].mean(1),)
+
+    pooled = Pooled().eval()
+    labels = {
+        "single_label_classification": torch.tensor([0, 2, -100, 1]),
+        "regression": torch.randn(4, dtype=torch.float64),
+        "multi_label_classification": torch.randint(0, 2, (4, 3)).double(),
+    }[problem_type]
+    data = {"input_ids": ids, "labels": labels}
+    state = dict(pooled.state_dict())
+    got = tc.sequence_classification_loss(pooled, problem_type=problem_type).fn(state, data)
+    want = []
+    for i in range(4):  # transformers' BertForSequenceClassification loss on a batch of one
+        logits, y = pooled(ids[i : i + 1])[0], labels[i : i + 1]
+        if problem_type == "single_label_classification":
+            want.append(nn.functional.cross_entropy(logits, y, reduction="sum"))  # -100: 0, HF: NaN
+        elif problem_type == "regression":
+            want.append(nn.functional.mse_loss(logits.squeeze(), y.squeeze()))
+        else:
+            want.append(nn.functional.binary_cross_entropy_with_logits(logits, y))
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-12, atol=0)
+
+
+def test_hugging_face_losses_name_the_labels_key():
+    model = _LM().eval()
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=0.5)]
+    data = {"input_ids": torch.randint(0, 10, (3, 4)), "target": torch.randint(0, 10, (3, 4))}
+    with pytest.raises(TypeError, match=r"tc.causal_lm_loss takes dict batches holding the labels under 'labels'.*"
+                       r"pass `labels=`"):  # fmt: skip
+        tc.self_influence(model, ckpts, data, loss_fn=tc.causal_lm_loss(model))
+    assert tc.self_influence(model, ckpts, data, loss_fn=tc.causal_lm_loss(model, labels="target")).shape == (3,)
+    with pytest.raises(ValueError, match="`problem_type` must be one of"):
+        tc.sequence_classification_loss(model, problem_type="ranking")

@@ -7,17 +7,20 @@ Sizes are cut for the 2-core budget, not the architectures: ResNet-18 keeps its 
 BatchNorm but with channels 8-64 (one full-width 64-512 case is marked slow), MobileNetV3-small its full block table
 with channels scaled by 0.5, images are 16x16, sequences 8 tokens, 6 train x 3 test examples, 3 checkpoints.
 
-The routes a call takes (factored, materialised, vmap(grad), or a per-example loop when vmap fails on the model)
-are not asserted here, only the numbers; the slow-path warnings they print are silenced.
+The plan of each (the route every parameter takes: factored, materialised, vmap(grad), or a per-example loop when
+vmap fails on the model, and whether one batched forward / backward serves the call) is pinned in ``PLANS`` so that
+a regression to vmap or the loop fails a test; the exactness tests silence the slow-path warnings.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import pytest
 import torch
+from torch.func import functional_call
 
 import tracin_func as tc
 from benchmarks import real_models as rm
@@ -28,15 +31,17 @@ F64 = torch.float64
 N_TRAIN, N_TEST, SEQ, IMAGE = 6, 3, 8, 16
 
 CASES: dict[str, Callable[[], rm.RealWorkload]] = {
+    "gpt2_batch_loss": lambda: rm.gpt2(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "gpt2_example_loss": lambda: rm.gpt2(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
     "gpt2_criterion": lambda: rm.gpt2(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
+    "bert_batch_loss": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "bert_example_loss": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
     "bert_criterion": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
     "resnet18": lambda: rm.resnet18(N_TRAIN, N_TEST, IMAGE, width=8, dtype=F64),
     "mobilenet": lambda: rm.mobilenet(N_TRAIN, N_TEST, IMAGE, width=0.5, dtype=F64),
     "lstm": lambda: rm.lstm(N_TRAIN, N_TEST, SEQ, dtype=F64),
 }
-HF = {"gpt2_example_loss", "gpt2_criterion", "bert_example_loss", "bert_criterion"}
+HF = {f"{model}_{form}" for model in ("gpt2", "bert") for form in ("batch_loss", "example_loss", "criterion")}
 
 pytestmark = [  # the slow-path and loop-fallback notices (routes are not what these tests check)
     pytest.mark.filterwarnings("ignore:This call runs vmap"),
@@ -81,6 +86,56 @@ def test_full_width_resnet18_matches_reference():
     assert_close(tc.self_influence(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn, dtype=F64), ref.self_influence)
 
 
+BATCHED = "one batched forward / backward gives every layer's factors"
+# case -> (batching, {route: number of parameter tensors}, parameters on vmap(grad)); every other parameter is factored
+# or materialised from factors (the split between those two is the cost model's, at these test sizes). The LSTM's
+# own parameters take vmap(grad), which in float64 falls back to the per-example loop (no batching rule).
+PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
+    "gpt2_batch_loss": (BATCHED, {"factored": 1, "materialised": 27}, ()),
+    "gpt2_criterion": (BATCHED, {"factored": 1, "materialised": 27}, ()),
+    "bert_batch_loss": (BATCHED, {"factored": 7, "materialised": 34}, ()),
+    "bert_criterion": (BATCHED, {"factored": 7, "materialised": 34}, ()),
+    "resnet18": (BATCHED, {"factored": 7, "materialised": 55}, ()),
+    "mobilenet": (BATCHED, {}, ()),
+    "lstm": ("vmap(grad) over examples", {"factored": 3, "loop": 4}, ("lstm.",)),
+}
+
+
+@pytest.mark.parametrize("case", list(PLANS))
+def test_plan_is_pinned(case):
+    """Every parameter's route and the batching line of the default call (``tc.explain``): no regression to vmap or
+    to the per-example loop. GPT-2's tied ``lm_head`` / ``wte`` is materialised from both uses' factors; BERT's and
+    GPT-2's ``[1, T]`` position ids (broadcast over the batch) run batched; dict batches with the library's
+    Hugging Face losses (``tc.BatchLoss``) run batched although HF's mask code cannot run under vmap."""
+    w, _ = workload(case)
+    batching, counts, on_vmap = PLANS[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if on_vmap else "error")  # batched: no slow-path or loop warning either
+        e = tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn, dtype=F64)
+    assert e.batching.startswith(batching), e.batching
+    routes = {r.parameter: r.route for r in e.routes}
+    dense = sorted(n for n, route in routes.items() if route in ("vmap", "loop"))
+    assert dense == sorted(n for n in routes if on_vmap and n.startswith(on_vmap)), dense
+    for route, count in counts.items():
+        assert sum(r == route for r in routes.values()) == count, (route, routes)
+    if case.startswith("gpt2"):
+        tied = next(r for r in e.routes if r.parameter.endswith("transformer.wte.weight"))
+        assert (tied.route, tied.reason.split(":")[0]) == ("materialised", "tied weight")
+
+
+def test_hugging_face_losses_equal_the_models_own():
+    """``tc.causal_lm_loss`` / ``tc.sequence_classification_loss`` give each example the loss the model's own
+    ``.loss`` gives it alone (HF: labels -100 ignored, causal shift, the mean over the example's labels)."""
+    pytest.importorskip("transformers")
+    for build in (rm.gpt2, rm.bert):
+        w = build(4, 1, SEQ, form="batch_loss", dtype=F64)
+        state = dict(w.checkpoints[0].params)
+        losses = w.loss_fn.fn(state, w.train)
+        own = [functional_call(w.model, state, (), rm.take(w.train, i, i + 1)).loss for i in range(4)]
+        rtol = 1e-6 if build is rm.gpt2 else 1e-12  # GPT-2's own loss is computed in float32
+        torch.testing.assert_close(losses, torch.stack(own).to(F64), rtol=rtol, atol=0)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "bert"])
 def test_criterion_form_is_the_hugging_face_loss(name):
     """The criterion form (logits + CausalLMLoss / CrossEntropyLoss) scores what the model's own ``.loss`` (HF's
@@ -92,6 +147,9 @@ def test_criterion_form_is_the_hugging_face_loss(name):
     rtol = 1e-6 if name == "gpt2" else 1e-10
     assert_close(ref_criterion.influence, ref_loss.influence, rtol)
     assert_close(ref_criterion.self_influence, ref_loss.self_influence, rtol)
+    _, ref_batch = workload(f"{name}_batch_loss")
+    assert_close(ref_batch.influence, ref_criterion.influence)
+    assert_close(ref_batch.self_influence, ref_criterion.self_influence)
     if name == "gpt2":  # the data has ignored labels (padding) and full-length examples
         labels = by_loss.train["labels"]
         assert bool((labels == -100).any()) and bool((labels != -100).all(1).any())

@@ -9,8 +9,12 @@ import torch
 
 from ._checkpoints import Checkpoint
 from ._data import num_examples
-from ._driver import embedding_rows, score_blocks, self_scores, test_representations
+from ._distributed import gather_objects, join, merge_top_k, on_every_rank, share
+from ._driver import collect_rows, embedding_blocks, query_chunks, score_blocks, self_blocks
+from ._index import Index
 from ._model import ParamSelector, exclusive_use
+from ._search import index_influence, index_setup, index_top_k
+from ._search import rerank as rerank_candidates
 from ._setup import make_setup
 from ._topk import TopK, merge
 from ._validate import positive_int, seed_value
@@ -33,6 +37,8 @@ class Options(TypedDict, total=False):
     compile: bool
     factored: bool | None
     method: str
+    distributed: Any
+    test_memory_bytes: int
 
 
 NORMALIZE = {
@@ -48,6 +54,11 @@ def _check_normalize(normalize: Any) -> str | None:
     allowed = "; ".join(f"{key!r} ({meaning})" for key, meaning in NORMALIZE.items())
     error = ValueError if isinstance(normalize, str) else TypeError
     raise error(f"`normalize`={normalize!r} is not allowed; pass one of {allowed}.")
+
+
+def _check_per_layer(per_layer: Any) -> None:
+    if not isinstance(per_layer, bool):
+        raise TypeError(f"`per_layer` must be True or False, got {per_layer!r}.")
 
 
 def _check_options(options: dict[str, Any], function: str) -> None:
@@ -66,8 +77,9 @@ def influence(
     test_loss_fn: Any = None,
     aggregate: bool = False,
     normalize: str | None = None,
+    per_layer: bool = False,
     **options: Unpack[Options],
-) -> torch.Tensor:
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """TracIn influence of every training example on every test example.
 
     ``S[i, j] = sum_c lr_c <grad test_loss(test_i; theta_c), grad loss(train_j; theta_c)>``.
@@ -81,7 +93,10 @@ def influence(
     Args:
         model: an ``nn.Module`` (only its function shape is used; it is never modified) or a pure function
             ``f(params, *inputs)``.
-        checkpoints: ``tc.Checkpoint`` list, from :func:`load_checkpoints` or kept by a training loop.
+        checkpoints: ``tc.Checkpoint`` list, from :func:`load_checkpoints` or kept by a training loop. Checkpoints
+            carrying an Adam / AdamW ``optimizer_state`` give Adam-aware TracIn: each training gradient is replaced
+            by the update Adam would take for that example alone, ``S[i, j] = sum_c lr_c <g_c(test_i),
+            u_c(train_j)>`` (README "Adam-aware TracIn"); ``self_influence`` is then ``sum_c lr_c <g_c, u_c>``.
         train, test: a batch ``(x1, ..., xk, y)``, a ``Dataset``, a ``DataLoader`` or an iterable of batches. The
             model gets ``x1..xk``; the target comes last. Index ``j`` is the j-th example in iteration order.
         loss_fn: criterion ``loss_fn(outputs, targets)`` with any ``reduction`` (one example's loss is the sum over
@@ -93,6 +108,15 @@ def influence(
         normalize: ``None`` (TracIn), ``"cosine"`` or ``"train"`` (see above). Exact on every path: the norms
             come from the same representations as the inner products (also factored ones). A zero gradient norm
             gives a score of 0 (its cosine with anything is defined as 0), never NaN.
+        per_layer: return the scores split by layer, ``{layer: [n_test, n_train]}``, summing exactly to the total
+            (the README's "Per-layer scores"). A parameter's layer is the module that owns it, its name without
+            the last component (``"encoder.0.fc1.weight"`` -> ``"encoder.0.fc1"``; parameters of the root module,
+            e.g. a bare ``nn.Linear``'s, -> ``""``); a pure function's dotted keys group the same way and a key
+            without a dot is a layer of its own. Layers come in the order of their first parameter. Every route
+            (factored, materialised, vmap, loop, Embedding token rows) splits its own parts, at about the cost of
+            the total. With ``normalize``, each layer's share is its inner product divided by the norms of the
+            whole gradients, so the shares still sum to the renormalised score (it is not the layer's own cosine).
+            Works with ``aggregate``.
         **options: shared by every scorer:
 
             - ``params``: names of the parameters to differentiate, or a predicate ``name -> bool``. Default:
@@ -118,12 +142,20 @@ def influence(
             - ``method`` ("exact"): ``"last_layer"`` restricts scores to the weight and bias of the last
               ``nn.Linear`` the forward pass calls: exact TracIn on those parameters, whatever follows the layer
               (activations, other losses), at the cost of about one forward pass per example.
+            - ``distributed`` (False): ``True`` (the default process group) or a ``torch.distributed``
+              ``ProcessGroup``: each rank computes its share of the training data (a batch or ``Dataset`` by row
+              range, other iterables by batch number, an index by shard) and every rank returns the full result.
+            - ``test_memory_bytes`` (1 GiB): test representations held at once; a larger test set is scored in
+              chunks, each against the whole training data (same results).
+
+        ``train`` may also be a :class:`Index` (from :func:`build_index`): the test examples are embedded with its
+        projection and its shards streamed; the call's checkpoints, parameters, loss and dtype must match it.
 
     Returns:
-        ``[n_test, n_train]`` float tensor (``[1, n_train]`` with ``aggregate=True``).
+        ``[n_test, n_train]`` float tensor (``[1, n_train]`` with ``aggregate=True``); with ``per_layer=True`` a dict
+        ``{layer: tensor}`` of that shape.
 
-    Memory: the test gradients of every checkpoint are kept (``C * n_test * P`` floats); split very large test
-    sets into several calls.
+    Memory: test gradients of every checkpoint up to ``test_memory_bytes``, plus one training batch's.
 
     Example:
         >>> import torch, tracin_func as tc
@@ -139,16 +171,44 @@ def influence(
         True
         >>> torch.allclose(C.diagonal(), torch.tensor([0.1, 0.1]))  # test_i is train_i: cosine 1
         True
+
+        Per-layer scores of a two-layer model sum to the total:
+
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> ckpts = [tc.Checkpoint(params=dict(mlp.state_dict()), lr=0.1)]
+        >>> parts = tc.influence(mlp, ckpts, (x, y), (x[:2], y[:2]), loss_fn=torch.nn.CrossEntropyLoss(),
+        ...                      per_layer=True)
+        >>> list(parts), parts["2"].shape
+        (['0', '2'], torch.Size([2, 10]))
+        >>> total = tc.influence(mlp, ckpts, (x, y), (x[:2], y[:2]), loss_fn=torch.nn.CrossEntropyLoss())
+        >>> torch.allclose(parts["0"] + parts["2"], total, atol=1e-6)
+        True
     """
     _check_options(options, "influence")
     normalize = _check_normalize(normalize)
+    _check_per_layer(per_layer)
+    if isinstance(train, Index):
+        _check_index_call(normalize, per_layer)
+        setup = index_setup(train, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options)
+        return index_influence(train, setup, model, test, aggregate=aggregate)
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
-    with exclusive_use(model, setup.spec):
-        queries = test_representations(setup, test, aggregate=aggregate, normalize=normalize)
-        blocks = [block for _, block in score_blocks(setup, queries, train, "influence")]
-    if not blocks:
+    data, start, by_batch = share(train, setup.ranks)
+
+    def local() -> list[list[tuple[int, Any]]]:  # per chunk of test examples, this rank's score blocks
+        with exclusive_use(model, setup.spec):
+            chunks = query_chunks(setup, test, aggregate=aggregate, normalize=normalize, budget=setup.test_budget)
+            return [
+                list(score_blocks(setup, q, data, "influence", start=start, ranks=by_batch, per_layer=per_layer))
+                for q in chunks
+            ]
+
+    like = torch.empty(0, device=setup.device, dtype=setup.dtype)
+    rows = [join(blocks, 1, setup.ranks, like) for blocks in on_every_rank(setup.ranks, local)]
+    if rows[0] is None:
         raise ValueError("`train` holds no examples.")
-    return torch.cat(blocks, dim=1)
+    if per_layer:
+        return {layer: torch.cat([r[layer] for r in rows]) for layer in rows[0]}
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
 def top_k(
@@ -163,6 +223,8 @@ def top_k(
     proponents: bool = True,
     aggregate: bool = False,
     normalize: str | None = None,
+    rerank: Any = None,
+    candidates: int | None = None,
     **options: Unpack[Options],
 ) -> TopK:
     """The ``k`` strongest proponents (highest scores) or opponents (lowest) of each test example.
@@ -171,6 +233,10 @@ def top_k(
     and options as in :func:`influence`, plus ``k`` (``1 <= k <= n_train``) and ``proponents``. With
     ``normalize="cosine"`` (or ``"train"``) the ranking is by the renormalised scores, so training examples with
     large gradients (often mislabeled) no longer top every test example's list.
+
+    With an :class:`Index` as ``train``, ``rerank`` (the training data the index was built from, a batch or a
+    ``Dataset`` in the same order) recomputes exact scores for the ``candidates`` (default ``10 k``) best rows
+    of the index's (projected) search and returns the exact top-k among them.
 
     Returns:
         ``TopK(indices, scores)``, each ``[n_test, k]`` (``[1, k]`` with ``aggregate=True``), sorted by score:
@@ -192,18 +258,98 @@ def top_k(
     _check_options(options, "top_k")
     normalize = _check_normalize(normalize)
     k = positive_int(k, "k")
+    if isinstance(train, Index):
+        return _index_top_k(
+            train, model, checkpoints, test, k=k, loss_fn=loss_fn, test_loss_fn=test_loss_fn, proponents=proponents,
+            aggregate=aggregate, normalize=normalize, rerank=rerank, candidates=candidates, options=options,
+        )
+    if rerank is not None or candidates is not None:
+        raise ValueError(
+            "`rerank` / `candidates` re-rank the candidates an index proposes: pass a `tc.Index` as `train` (from "
+            "`tc.build_index` or `tc.open_index`) and the training data as `rerank=`."
+        )
     n_train = num_examples(train)
     if n_train is not None and k > n_train:
         raise ValueError(f"`k`={k} exceeds the number of training examples ({n_train}); pass `k <= {n_train}`.")
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
-    best, seen, desc = None, 0, "proponents" if proponents else "opponents"
-    with exclusive_use(model, setup.spec):
-        queries = test_representations(setup, test, aggregate=aggregate, normalize=normalize)
-        for offset, block in score_blocks(setup, queries, train, desc):
-            best, seen = merge(best, block, offset, k, largest=proponents), offset + block.shape[1]
-    if best is None or seen < k:
+    data, start, by_batch = share(train, setup.ranks)
+    desc = "proponents" if proponents else "opponents"
+
+    def local() -> tuple[list[tuple[TopK | None, int]], int]:  # per test chunk (this rank's top-k, rows), seen
+        lists, seen = [], 0
+        with exclusive_use(model, setup.spec):
+            for q in query_chunks(setup, test, aggregate=aggregate, normalize=normalize, budget=setup.test_budget):
+                best, seen = None, 0
+                for offset, block in score_blocks(setup, q, data, desc, start=start, ranks=by_batch):
+                    best, seen = merge(best, block, offset, k, largest=proponents), seen + block.shape[1]
+                lists.append((best, 1 if q.sum_rows else q.reps[0].size))
+        return lists, seen
+
+    lists, seen = on_every_rank(setup.ranks, local)
+    if setup.ranks is not None:
+        seen = int(sum(gather_objects(seen, setup.ranks)))
+    if seen < k:
         raise ValueError(f"`k`={k} exceeds the number of training examples ({seen}); pass `k <= {seen}`.")
-    return best
+    if setup.ranks is not None:
+        like = torch.empty(0, device=setup.device, dtype=setup.dtype)
+        lists = [(merge_top_k(best, n_rows, k, proponents, setup.ranks, like), n_rows) for best, n_rows in lists]
+    if len(lists) == 1:
+        return lists[0][0]
+    return TopK(torch.cat([b.indices for b, _ in lists]), torch.cat([b.scores for b, _ in lists]))
+
+
+def _check_index_call(normalize: str | None, per_layer: bool = False) -> None:
+    if normalize is not None or per_layer:
+        option = f"`normalize`={normalize!r}" if normalize is not None else "`per_layer=True`"
+        raise ValueError(
+            f"{option} is not available with an index as `train`: an index stores each example's embedding over all "
+            f"checkpoints and layers. Pass the training data itself as `train`."
+        )
+
+
+def _index_top_k(
+    index: Index,
+    model: Any,
+    checkpoints: Iterable[Checkpoint],
+    test: Any,
+    *,
+    k: int,
+    loss_fn: Any,
+    test_loss_fn: Any,
+    proponents: bool,
+    aggregate: bool,
+    normalize: str | None,
+    rerank: Any,
+    candidates: int | None,
+    options: dict[str, Any],
+) -> TopK:
+    """``top_k`` with an index as ``train``: streamed over its shards, then optionally re-ranked exactly."""
+    _check_index_call(normalize)
+    if k > len(index):
+        raise ValueError(f"`k`={k} exceeds the number of rows of the index ({len(index)}); pass `k <= {len(index)}`.")
+    setup = index_setup(index, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options)
+    if rerank is None:
+        if candidates is not None:
+            raise ValueError("`candidates` is how many candidates to re-rank: pass the training data as `rerank=`.")
+        return index_top_k(index, setup, model, test, k=k, proponents=proponents, aggregate=aggregate)
+    m = min(len(index), 10 * k) if candidates is None else positive_int(candidates, "candidates")
+    if not k <= m <= len(index):
+        raise ValueError(f"`candidates`={m} must lie in [k, rows of the index] = [{k}, {len(index)}].")
+    n = num_examples(rerank)
+    if n != len(index):
+        raise ValueError(
+            f"`rerank` must be the training data the index was built from, in the same order (a batch or a Dataset "
+            f"of {len(index)} examples); got {n if n is not None else 'data of unknown size'}."
+        )
+    proposed = index_top_k(index, setup, model, test, k=m, proponents=proponents, aggregate=aggregate)
+
+    def exact(subset: Any) -> torch.Tensor:
+        return influence(
+            model, checkpoints, subset, test, loss_fn=loss_fn, test_loss_fn=test_loss_fn, aggregate=aggregate,
+            **options,
+        )
+
+    return rerank_candidates(proposed, k, proponents, rerank, exact)
 
 
 def self_influence(
@@ -213,8 +359,9 @@ def self_influence(
     *,
     loss_fn: Any,
     normalize: None = None,
+    per_layer: bool = False,
     **options: Unpack[Options],
-) -> torch.Tensor:
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """Self-influence ``sum_c lr_c |grad loss(z; theta_c)|^2`` of every example of ``data``.
 
     ``data`` is the training data or any other. High values flag examples the model found surprising, often
@@ -222,8 +369,12 @@ def self_influence(
     self-influence is ``sum_c lr_c`` for every example (it ranks nothing), and ``"train"`` would give
     ``sum_c lr_c |g_c|``, a gradient norm rather than a renormalised score.
 
+    ``per_layer=True`` splits it by layer (layers as in :func:`influence`): ``{layer: [n]}``, each entry
+    ``sum_c lr_c |g_c restricted to the layer|^2``, summing exactly to the total.
+
     Returns:
-        ``[n]`` float tensor, equal to the diagonal of ``influence(data, data)``.
+        ``[n]`` float tensor, equal to the diagonal of ``influence(data, data)``; with ``per_layer=True`` a dict
+        ``{layer: [n]}``.
 
     Example:
         >>> import torch, tracin_func as tc
@@ -232,8 +383,12 @@ def self_influence(
         >>> x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
         >>> tc.self_influence(model, ckpts, (x, y), loss_fn=torch.nn.CrossEntropyLoss()).shape
         torch.Size([10])
+        >>> parts = tc.self_influence(model, ckpts, (x, y), loss_fn=torch.nn.CrossEntropyLoss(), per_layer=True)
+        >>> list(parts), parts[""].shape  # a bare nn.Linear: its parameters belong to the root module ""
+        ([''], torch.Size([10]))
     """
     _check_options(options, "self_influence")
+    _check_per_layer(per_layer)
     if _check_normalize(normalize) is not None:
         raise ValueError(
             f"`normalize`={normalize!r} has no use in `self_influence`: an example's cosine with itself is 1, so "
@@ -243,8 +398,17 @@ def self_influence(
             f"test / train pairs: `tc.influence` and `tc.top_k`."
         )
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, **options)
-    with exclusive_use(model, setup.spec):
-        return self_scores(setup, data)
+    mine, start, by_batch = share(data, setup.ranks)
+
+    def local() -> list[tuple[int, Any]]:
+        with exclusive_use(model, setup.spec):
+            return list(self_blocks(setup, mine, start=start, ranks=by_batch, per_layer=per_layer))
+
+    like = torch.empty(0, dtype=setup.dtype, device=setup.device)
+    scores = join(on_every_rank(setup.ranks, local), 0, setup.ranks, like)
+    if scores is None:
+        raise ValueError("`data` holds no examples.")
+    return scores
 
 
 def embeddings(
@@ -271,6 +435,9 @@ def embeddings(
     ``k^(-1/4)`` and ``k^(-1/2)``: the factors have only ``sqrt(k)`` columns each).
 
     Embed test examples with the test loss (``loss_fn=test_loss_fn``). Search them with :func:`top_k_embeddings`.
+    Checkpoints carrying an Adam ``optimizer_state`` embed the training side, ``sqrt(lr_c) * u_c`` (each example's
+    Adam update): embed test examples with the same checkpoints without it (``tc.Checkpoint(c.params, c.lr)``), so
+    that ``E_test @ E_train.T`` is Adam-aware TracIn (projected: the LESS recipe).
     Arguments and options as in :func:`influence`.
 
     Returns:
@@ -289,5 +456,16 @@ def embeddings(
     if projection_dim is not None:
         projection = (positive_int(projection_dim, "projection_dim"), seed_value(seed))
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, projection=projection, **options)
-    with exclusive_use(model, setup.spec):
-        return embedding_rows(setup, data)
+    mine, start, by_batch = share(data, setup.ranks)
+
+    def local() -> torch.Tensor | list[tuple[int, torch.Tensor]]:
+        with exclusive_use(model, setup.spec):
+            blocks = embedding_blocks(setup, mine, start=start, ranks=by_batch)
+            return list(blocks) if setup.ranks is not None else collect_rows(blocks, num_examples(mine))
+
+    rows = on_every_rank(setup.ranks, local)
+    if setup.ranks is not None:
+        rows = join(rows, 0, setup.ranks, torch.empty(0, dtype=setup.dtype, device=setup.device))
+    if rows is None:
+        raise ValueError("`data` holds no examples.")
+    return rows

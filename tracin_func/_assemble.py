@@ -11,7 +11,7 @@ from torch import nn
 from ._capture import Factors, batched_factors, vmapped_factors
 from ._grads import Mapper, Tensors, dense_grads
 from ._layers import input_rows, output_rows, per_example_grads
-from ._loss import CriterionLoss, ExampleLossFn
+from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
 from ._representations import Dense, Factored, Part, Representation
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def representation_fn(module: nn.Module | None, loss: ExampleLossFn, plan: Plan,
         grads = dense_grads(loss, mapper)
         return lambda diff, frozen, batch: Representation((Dense(grads(diff, frozen, batch)),), plan.names)
     assert module is not None  # sites exist only on modules
-    if plan.batched and isinstance(loss, CriterionLoss):
+    if plan.batched and isinstance(loss, (CriterionLoss, BatchedLoss)):
         return lambda diff, frozen, batch: assemble(
             module, plan, {}, batched_factors(module, loss, plan, {**frozen, **diff}, batch, mapper)
         )

@@ -4,8 +4,9 @@ A zero "probe" is added to each site's output and differentiated (``G``); the si
 Forward hooks do both. They are registered on the call's private copy of the model (``_model.private_copy``) and
 removed in ``finally`` blocks. Two ways to run them:
 
-- batched: one ordinary forward / backward over the whole batch, the criterion mapped over examples (planning
-  checked on the first examples that batching does not change them);
+- batched: one ordinary forward / backward over the whole batch, the criterion mapped over examples or a
+  ``tc.BatchLoss`` giving every example's loss (planning checked on the first examples that batching does not
+  change them);
 - vmapped: ``vmap(grad)`` over examples, differentiating the probes and, in the same pass, the parameters of
   other layers (attention in-projections, custom layers) densely.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 import optree
 import torch
@@ -23,13 +24,14 @@ from torch.func import grad
 
 from ._grads import Mapper, Tensors, batch_of_one, example_at, scalar_loss
 from ._layers import Site, layer_output, recorded_input
-from ._loss import CriterionLoss, ExampleLossFn, summed_example_losses
+from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, summed_example_losses
 
 if TYPE_CHECKING:
     from ._plan import Plan
 
 Hook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
 Factors = dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]  # path -> per call: inputs, output grads
+BatchableLoss = Union[CriterionLoss, BatchedLoss]  # losses whose model runs on whole batches
 
 
 @contextmanager
@@ -71,16 +73,27 @@ def discover(
 
 
 def batched_factors(
-    module: nn.Module, loss: CriterionLoss, plan: Plan, state: Tensors, batch: Any, mapper: Mapper
+    module: nn.Module, loss: BatchableLoss, plan: Plan, state: Tensors, batch: Any, mapper: Mapper
 ) -> Factors:
-    """Each site's inputs and output gradients from one forward / backward over the whole batch."""
+    """Each site's inputs and output gradients from one forward / backward over the whole batch.
+
+    A site called on one row that the model broadcasts over the batch (BERT's and GPT-2's ``[1, T]`` position ids)
+    gets a probe with one row per example, so that its output gradient is each example's own; planning checks on
+    the first examples that the model treats that row like any batched one (``_plan._batching_refused``).
+    """
+    n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
     inputs: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
     probes: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
 
     def hook_for(site: Site) -> Hook:
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
-            probe = torch.zeros_like(output, requires_grad=True)
-            inputs[site.path].append(recorded_input(layer, site, args[0]).detach())
+            x = recorded_input(layer, site, args[0]).detach()
+            if n > 1 and output.dim() > 1 and x.dim() > 1 and output.shape[0] == 1 and x.shape[0] == 1:
+                x = x.expand(n, *x.shape[1:])  # one row for the whole batch: each example's copy of it
+                probe = output.new_zeros((n, *output.shape[1:])).requires_grad_()
+            else:
+                probe = torch.zeros_like(output, requires_grad=True)
+            inputs[site.path].append(x)
             probes[site.path].append(probe)
             return output + probe
 
@@ -90,13 +103,17 @@ def batched_factors(
         output, target = batch_of_one(example)
         return loss.criterion(output, target).sum()
 
-    *model_inputs, target = batch
     with torch.enable_grad():
         with hooked(module, {s.path: hook_for(s) for s in plan.sites}):
-            output = loss.forward(state, *model_inputs)
-        total = summed_example_losses(loss.criterion, output, target)
-        if total is None:
-            total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
+            if isinstance(loss, BatchedLoss):
+                total = loss.per_example(state, batch).sum()
+            else:
+                *model_inputs, target = batch
+                output = loss.forward(state, *model_inputs)
+        if isinstance(loss, CriterionLoss):
+            total = summed_example_losses(loss.criterion, output, target)
+            if total is None:
+                total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
         flat = [p for s in plan.sites for p in probes[s.path]]
         grads = torch.autograd.grad(total, flat, allow_unused=True)
     grads = iter(torch.zeros_like(p) if g is None else g for g, p in zip(grads, flat))

@@ -17,7 +17,8 @@ NAMESPACE = "tracin_func"
 
 PathLike = Union[str, "os.PathLike[str]"]
 LR_KEYS = ("learning_rate", "lr")
-STATE_KEYS = ("model_state_dict", "state_dict")
+STATE_KEYS = ("model_state_dict", "state_dict", "model")
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict")
 
 
 @dataclass(frozen=True)
@@ -29,26 +30,35 @@ class Checkpoint:
     Attributes:
         params: ``{name: tensor}``, the model's state dict (parameters and buffers) at this checkpoint.
         lr: learning rate used after this checkpoint, a positive finite number or 0-d tensor.
+        optimizer_state: ``None`` (plain TracIn), or the ``state_dict()`` of the ``torch.optim.Adam`` / ``AdamW``
+            that trained the model, saved with the parameters: training examples are then scored by the update
+            Adam would take for each of them alone, test examples by their gradients (Adam-aware TracIn, see the
+            README's "Adam-aware TracIn"). Its parameter ids are matched to names when scoring.
 
     Example:
         >>> import torch, tracin_func as tc
         >>> ckpt = tc.Checkpoint(params={"weight": torch.zeros(2, 3)}, lr=0.1)
         >>> ckpt.lr
         0.1
+        >>> model = torch.nn.Linear(3, 2)
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> ckpt = tc.Checkpoint(dict(model.state_dict()), lr=1e-3, optimizer_state=opt.state_dict())
     """
 
     params: Mapping[str, torch.Tensor]
     lr: float | torch.Tensor = 1.0
+    optimizer_state: Mapping[str, Any] | None = None
 
 
 def _flatten(ckpt: Checkpoint):
     keys = tuple(ckpt.params)
-    return (tuple(ckpt.params[k] for k in keys) + (ckpt.lr,)), keys, (*keys, "lr")
+    children = (*(ckpt.params[k] for k in keys), ckpt.lr, ckpt.optimizer_state)
+    return children, keys, (*keys, "lr", "optimizer_state")
 
 
 def _unflatten(keys: tuple[str, ...], leaves: Iterable[Any]) -> Checkpoint:
-    *values, lr = leaves
-    return Checkpoint(params=dict(zip(keys, values)), lr=lr)
+    *values, lr, optimizer_state = leaves
+    return Checkpoint(params=dict(zip(keys, values)), lr=lr, optimizer_state=optimizer_state)
 
 
 optree.register_pytree_node(Checkpoint, _flatten, _unflatten, namespace=NAMESPACE)
@@ -125,7 +135,7 @@ def split_state_and_lr(obj: Mapping[str, Any], where: str) -> tuple[dict[str, to
     ``model_state_dict`` / ``state_dict`` next to ``learning_rate`` (Captum's tutorial format). A ``module.``
     prefix (DataParallel / DDP) is stripped from every key.
     """
-    nested = next((k for k in STATE_KEYS if k in obj), None)
+    nested = next((k for k in STATE_KEYS if isinstance(obj.get(k), Mapping)), None)
     # A non-scalar tensor under an lr key is a parameter of that name (``self.lr = nn.Parameter(...)``).
     lr_keys = [k for k in LR_KEYS if k in obj and not (isinstance(obj[k], torch.Tensor) and obj[k].numel() != 1)]
     lr = obj[lr_keys[0]] if lr_keys else None
@@ -155,14 +165,21 @@ def load_checkpoints(
             of paths (kept in the given order), or an iterator of paths. The iterator is consumed once and its
             checkpoints are materialised in memory: scoring visits every checkpoint once per training block.
         lr: learning rate for all checkpoints, or one per checkpoint. Overrides the one stored in a file. When
-            ``None``, each file must store one (``learning_rate`` or ``lr``).
+            ``None``, each file must store one (``learning_rate`` or ``lr``, or its optimizer's).
         map_location: passed to ``torch.load``; the default loads onto the CPU.
         weights_only: passed to ``torch.load``. Keep ``True`` unless you trust the files: unpickling can run
             arbitrary code.
 
-    Supported files: a ``torch.save``d state dict; a dict with ``model_state_dict`` / ``state_dict`` and
-    ``learning_rate`` (Captum tutorial format); a flat state dict with a ``learning_rate`` entry; ``.safetensors``
-    (needs the ``safetensors`` extra; no learning rate inside, pass ``lr=``). A ``module.`` prefix is stripped.
+    Supported files: a ``torch.save``d state dict; a dict with ``model_state_dict`` / ``state_dict`` / ``model``
+    and ``learning_rate`` (Captum tutorial format); a flat state dict with a ``learning_rate`` entry;
+    ``.safetensors`` (needs the ``safetensors`` extra; no learning rate inside, pass ``lr=``). A ``module.`` prefix
+    is stripped. Other entries (``epoch``, ``loss``, ...) next to a nested state dict are ignored.
+
+    An ``optimizer`` / ``optimizer_state_dict`` entry holding a torch optimizer's ``state_dict()`` (the usual
+    ``{"model": model.state_dict(), "optimizer": optimizer.state_dict()}`` layout) becomes the checkpoint's
+    ``optimizer_state`` (Adam-aware TracIn for Adam / AdamW; its parameter ids are matched to the model's names when
+    scoring, where the model says which entries are parameters). A file without a learning rate then takes the
+    optimizer's, when all its param groups share one.
 
     Returns:
         ``list[Checkpoint]`` in the order described above.
@@ -175,6 +192,12 @@ def load_checkpoints(
         ...     torch.save({"model_state_dict": state, "learning_rate": 0.1}, os.path.join(d, f"ckpt-{epoch}.pt"))
         >>> [c.params["weight"][0, 0].item() for c in tc.load_checkpoints(d)]
         [2.0, 10.0]
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        >>> torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, os.path.join(d, "adam.pt"))
+        >>> (ckpt,) = tc.load_checkpoints([os.path.join(d, "adam.pt")])
+        >>> ckpt.lr, sorted(ckpt.optimizer_state)
+        (0.01, ['param_groups', 'state'])
     """
     if isinstance(source, (str, os.PathLike)):
         if not os.path.isdir(source):
@@ -194,9 +217,11 @@ def load_checkpoints(
             )
     checkpoints = []
     for path, given_lr in zip(paths, lrs):
-        state, stored_lr = split_state_and_lr(
-            _read_file(path, map_location=map_location, weights_only=weights_only), repr(path)
-        )
+        obj = dict(_read_file(path, map_location=map_location, weights_only=weights_only))
+        key = next((k for k in OPTIMIZER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        optimizer = obj.pop(key) if key is not None else None
+        state, stored_lr = split_state_and_lr(obj, repr(path))
+        stored_lr = stored_lr if stored_lr is not None else _optimizer_lr(optimizer)
         ckpt_lr = given_lr if given_lr is not None else stored_lr
         if ckpt_lr is None:
             raise ValueError(
@@ -204,8 +229,17 @@ def load_checkpoints(
                 f"it as a `learning_rate` entry."
             )
         check_lr(ckpt_lr, repr(path))
-        checkpoints.append(Checkpoint(params=state, lr=ckpt_lr))
+        checkpoints.append(Checkpoint(params=state, lr=ckpt_lr, optimizer_state=optimizer))
     return checkpoints
+
+
+def _optimizer_lr(optimizer: Mapping[str, Any] | None) -> Any:
+    """The learning rate all param groups of a saved optimizer share, else None."""
+    groups = optimizer.get("param_groups") if optimizer is not None else None
+    if not isinstance(groups, Sequence) or not groups:
+        return None
+    lrs = {float(g["lr"]) for g in groups if isinstance(g, Mapping) and "lr" in g}
+    return lrs.pop() if len(lrs) == 1 and all(isinstance(g, Mapping) and "lr" in g for g in groups) else None
 
 
 def checkpoint_files(directory: str) -> list[str]:

@@ -12,6 +12,7 @@ from torch.utils.data import (
     DataLoader,
     Dataset,
     RandomSampler,
+    Subset,
     SubsetRandomSampler,
     WeightedRandomSampler,
 )
@@ -166,3 +167,17 @@ def sequential_loader(dataset: Dataset, batch_size: int) -> DataLoader:
     """``dataset`` in an unshuffled ``DataLoader`` with its own generator, so iterating never draws from the global
     RNG (a DataLoader otherwise takes a seed from it on every iteration)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
+
+
+def rows_of(data: Any, start: int, stop: int) -> Any:
+    """Examples ``start:stop`` of sized data: a batch is sliced, a ``Dataset`` becomes a ``Subset``."""
+    if is_single_batch(data):
+        return slice_batch(data, start, stop)
+    return Subset(data, range(start, stop))
+
+
+def select_rows(data: Any, indices: torch.Tensor) -> Any:
+    """Examples ``indices`` (in that order) of sized data: a batch or a ``Dataset``."""
+    if is_single_batch(data):
+        return optree.tree_map(lambda t: t[indices.to(t.device)], data, none_is_leaf=True)
+    return Subset(data, indices.tolist())

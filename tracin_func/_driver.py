@@ -8,10 +8,11 @@ take the test gradient norms once, with the test representations, and the traini
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
+import optree
 import torch
 from tqdm.auto import tqdm
 
@@ -20,10 +21,10 @@ from ._data import (
     check_batch_structure,
     iter_batches,
     num_batches,
-    num_examples,
     slice_batch,
     to_device,
 )
+from ._distributed import Ranks
 from ._loss import ExampleLossFn
 from ._plan import plan_call
 from ._purity import check_forward
@@ -32,8 +33,12 @@ from ._setup import Setup
 from ._updates import Updates, inverse_norm
 
 
-def batches(setup: Setup, data: Any, where: str, desc: str) -> Iterator[tuple[int, Any]]:
-    """(offset, batch on device) pairs of the argument named ``where``, validated, with a progress bar."""
+def batches(
+    setup: Setup, data: Any, where: str, desc: str, *, start: int = 0, ranks: Ranks | None = None
+) -> Iterator[tuple[int, Any]]:
+    """(offset, batch on device) pairs of the argument named ``where``, validated, with a progress bar. Offsets
+    count from ``start``; with ``ranks`` only the batches whose number belongs to that rank are yielded (the others
+    are read for their size only)."""
     needs_target = setup.needs_target[where == "test"]
     bar = tqdm(
         iter_batches(data, setup.batch_size, where),
@@ -43,16 +48,19 @@ def batches(setup: Setup, data: Any, where: str, desc: str) -> Iterator[tuple[in
         disable=not setup.progress,
         leave=False,
     )
-    offset = 0
+    offset = start
     for i, batch in enumerate(bar):
-        check_batch_structure(batch, f"`{where}` batch {i}", needs_target=needs_target)
+        mine = ranks is None or i % ranks.world == ranks.rank
+        if mine:
+            check_batch_structure(batch, f"`{where}` batch {i}", needs_target=needs_target)
         n = batch_size_of(batch, f"`{where}` batch {i}")
-        yield offset, to_device(batch, setup.device, setup.dtype)
+        if mine:
+            yield offset, to_device(batch, setup.device, setup.dtype)
         offset += n
 
 
-def _planned(setup: Setup, batch: Any, where: str) -> Updates:
-    with naming_failures(setup.test_loss if where == "test" else setup.train_loss, setup, batch, where, 0):
+def _planned(setup: Setup, batch: Any, where: str, offset: int) -> Updates:
+    with naming_failures(setup.test_loss if where == "test" else setup.train_loss, setup, batch, where, offset):
         updates = plan_call(setup, batch, where).updates
     return Updates(*(torch.compile(fn) for fn in updates)) if setup.compile else updates
 
@@ -82,8 +90,13 @@ def naming_failures(loss: ExampleLossFn, setup: Setup, batch: Any, where: str, o
         raise
 
 
-def _check_finite(values: torch.Tensor, example_dim: int, offset: int, where: str, ckpt: int) -> None:
-    """Raise naming the examples (along ``example_dim`` of ``values``) whose scores are NaN or infinite."""
+def _check_finite(values: Any, example_dim: int, offset: int, where: str, ckpt: int) -> None:
+    """Raise naming the examples (along ``example_dim`` of ``values``, or of each entry of a per-layer dict)
+    whose scores are NaN or infinite."""
+    if isinstance(values, dict):
+        for v in values.values():
+            _check_finite(v, example_dim, offset, where, ckpt)
+        return
     if values.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(values)):
         return  # min and max propagate NaN: one cheap pass instead of an elementwise check
     finite = torch.isfinite(values)
@@ -106,16 +119,37 @@ class Queries(NamedTuple):
     sum_rows: bool  # aggregate over per-example test rows after scoring (a sum of cosines)
 
 
-def test_representations(setup: Setup, test: Any, *, aggregate: bool, normalize: str | None = None) -> Queries:
-    """The updates (planned on the first test batch) and one test representation per checkpoint, summed over
-    test examples when ``aggregate``. With ``normalize="cosine"`` the test gradient norms come from the same
-    representations (``sq_norm``, also the finiteness check), and ``aggregate`` sums per-example cosines: the rows
-    stay per example and are summed after scoring."""
+def _nbytes(tree: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
+def query_chunks(
+    setup: Setup, test: Any, *, aggregate: bool, normalize: str | None = None, budget: int | None = None
+) -> Iterator[Queries]:
+    """The test side in chunks: the updates (planned on the first test batch) and one test representation per
+    checkpoint, for consecutive test batches whose representations (over all checkpoints) reach ``budget`` bytes
+    (None, or ``aggregate``: one chunk). Each chunk is scored against the whole training data before the next
+    one is formed, so memory is bounded by the budget whatever the number of test examples.
+
+    Summed over test examples when ``aggregate``. With ``normalize="cosine"`` the test gradient norms come from
+    the same representations (``sq_norm``, also the finiteness check), and ``aggregate`` sums per-example
+    cosines: the rows stay per example and are summed after scoring."""
     cosine = normalize == "cosine"
     total = aggregate and not cosine
-    updates, per_ckpt, scales = None, [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints]
+    updates, per_ckpt, scales, size = None, [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
+
+    def chunk() -> Queries:
+        reps = [Representation.concat(r) for r in per_ckpt]
+        return Queries(
+            updates,
+            [r.total() for r in reps] if total else reps,
+            [torch.cat(s) for s in scales] if cosine else None,
+            normalize is not None,
+            aggregate and cosine,
+        )
+
     for offset, batch in batches(setup, test, "test", "test gradients"):
-        updates = updates or _planned(setup, batch, "test")
+        updates = updates or _planned(setup, batch, "test", offset)
         for c, ckpt in enumerate(setup.checkpoints):
             with naming_failures(setup.test_loss, setup, batch, "test", offset):
                 rep = updates.test(ckpt, batch)
@@ -125,64 +159,102 @@ def test_representations(setup: Setup, test: Any, *, aggregate: bool, normalize:
                 scales[c].append(inverse_norm(sq_norm))
             rep = rep.for_test()
             per_ckpt[c].append(rep.total() if total else rep)
+            size += _nbytes(per_ckpt[c][-1])
+        if budget is not None and size >= budget and not aggregate:
+            yield chunk()
+            per_ckpt, scales, size = [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
     if updates is None:
         raise ValueError("`test` holds no examples.")
-    reps = [Representation.concat(r) for r in per_ckpt]
-    return Queries(
-        updates,
-        [r.total() for r in reps] if total else reps,
-        [torch.cat(s) for s in scales] if cosine else None,
-        normalize is not None,
-        aggregate and cosine,
-    )
+    if per_ckpt[0]:
+        yield chunk()
 
 
-def score_blocks(setup: Setup, queries: Queries, train: Any, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(offset, scores [n_test, b])`` for each training batch: sum over checkpoints of lr <test, train>, each
-    term normalised as ``queries`` says."""
-    n_test = queries.reps[0].size
-    for offset, batch in batches(setup, train, "train", desc):
-        acc = torch.zeros(n_test, batch_size_of(batch, "train"), device=setup.device, dtype=setup.dtype)
+def score_blocks(
+    setup: Setup,
+    queries: Queries,
+    train: Any,
+    desc: str,
+    *,
+    start: int = 0,
+    ranks: Ranks | None = None,
+    per_layer: bool = False,
+) -> Iterator[tuple[int, Any]]:
+    """``(offset, scores [n_test, b])`` for each training batch (of this rank): sum over checkpoints of
+    lr <test, train>, each term normalised as ``queries`` says; with ``per_layer`` a dict layer -> scores."""
+    n_test, module = queries.reps[0].size, setup.spec.module is not None
+    for offset, batch in batches(setup, train, "train", desc, start=start, ranks=ranks):
+        acc: Any = None
+        if not per_layer:
+            acc = torch.zeros(n_test, batch_size_of(batch, "train"), device=setup.device, dtype=setup.dtype)
         for c, (ckpt, test_rep) in enumerate(zip(setup.checkpoints, queries.reps)):
             scale = None if queries.scales is None else queries.scales[c]
             with naming_failures(setup.train_loss, setup, batch, "train", offset):
-                acc = queries.updates.influence(acc, ckpt, test_rep, batch, scale, queries.normalize_train)
+                if per_layer:
+                    acc = queries.updates.influence_by_layer(
+                        acc, ckpt, test_rep, batch, scale, queries.normalize_train, module=module
+                    )
+                else:
+                    acc = queries.updates.influence(acc, ckpt, test_rep, batch, scale, queries.normalize_train)
             _check_finite(acc, 1, offset, "train", c)
-        yield offset, acc.sum(0, keepdim=True) if queries.sum_rows else acc
+        if queries.sum_rows:
+            acc = {k: v.sum(0, keepdim=True) for k, v in acc.items()} if per_layer else acc.sum(0, keepdim=True)
+        yield offset, acc
 
 
-def self_scores(setup: Setup, data: Any) -> torch.Tensor:
-    """``[n]``: sum over checkpoints of lr |grad|^2 for every example of ``data``."""
-    updates, out = None, []
-    for offset, batch in batches(setup, data, "data", "self-influence"):
-        updates = updates or _planned(setup, batch, "data")
-        acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)
+def self_blocks(
+    setup: Setup, data: Any, *, start: int = 0, ranks: Ranks | None = None, per_layer: bool = False
+) -> Iterator[tuple[int, Any]]:
+    """``(offset, [b])`` per batch: sum over checkpoints of lr |grad|^2; with ``per_layer`` a dict layer -> [b]."""
+    updates, module = None, setup.spec.module is not None
+    for offset, batch in batches(setup, data, "data", "self-influence", start=start, ranks=ranks):
+        updates = updates or _planned(setup, batch, "data", offset)
+        acc: Any = None
+        if not per_layer:
+            acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)
         for c, ckpt in enumerate(setup.checkpoints):
             with naming_failures(setup.train_loss, setup, batch, "data", offset):
-                acc = updates.self_influence(acc, ckpt, batch)
+                if per_layer:
+                    acc = updates.self_influence_by_layer(acc, ckpt, batch, module=module)
+                else:
+                    acc = updates.self_influence(acc, ckpt, batch)
             _check_finite(acc, 0, offset, "data", c)
-        out.append(acc)
-    if not out:
-        raise ValueError("`data` holds no examples.")
-    return torch.cat(out)
+        yield offset, acc
 
 
-def embedding_rows(setup: Setup, data: Any) -> torch.Tensor:
-    """``[n, C * P]``: per checkpoint ``sqrt(lr) * grad``, concatenated in checkpoint order."""
-    n = num_examples(data)
-    updates, out, blocks = None, None, []
-    for offset, batch in batches(setup, data, "data", "embeddings"):
-        updates = updates or _planned(setup, batch, "data")
-        with naming_failures(setup.train_loss, setup, batch, "data", offset):
-            rows = [updates.embedding(ckpt, batch) for ckpt in setup.checkpoints]
+def embedding_blocks(
+    setup: Setup,
+    data: Any,
+    *,
+    start: int = 0,
+    ranks: Ranks | None = None,
+    with_self: bool = False,
+    where: str = "data",
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(offset, [b, C * P])`` per batch: per checkpoint ``sqrt(lr) * grad`` (or its projection), concatenated in
+    checkpoint order. ``with_self`` appends a last column, the self-influence ``sum_c lr_c |grad_c|^2``, from the
+    same gradients (exact, also when the embeddings are projected)."""
+    updates = None
+    for offset, batch in batches(setup, data, where, "embeddings", start=start, ranks=ranks):
+        updates = updates or _planned(setup, batch, where, offset)
+        with naming_failures(setup.train_loss, setup, batch, where, offset):
+            pairs = [updates.embedding(ckpt, batch, with_self) for ckpt in setup.checkpoints]
+        rows = [r for r, _ in pairs]
         for c, r in enumerate(rows):
-            _check_finite(r, 0, offset, "data", c)
+            _check_finite(r, 0, offset, where, c)
+        if with_self:
+            rows.append(sum(s for _, s in pairs)[:, None])
+        yield offset, torch.cat(rows, dim=1)
+
+
+def collect_rows(blocks: Iterable[tuple[int, torch.Tensor]], n: int | None, start: int = 0) -> torch.Tensor | None:
+    """The blocks' rows in one tensor (None when there are none): written into place when the number of rows
+    ``n`` is known (no second copy), concatenated otherwise. Offsets count from ``start``."""
+    out, parts = None, []
+    for offset, block in blocks:
         if n is None:
-            blocks.append(torch.cat(rows, dim=1))
+            parts.append(block)
             continue
-        if out is None:  # the size is known: write every batch into place (no second copy)
-            out = rows[0].new_empty(n, sum(r.shape[1] for r in rows))
-        torch.cat(rows, dim=1, out=out[offset : offset + rows[0].shape[0]])
-    if out is None and not blocks:
-        raise ValueError("`data` holds no examples.")
-    return out if out is not None else torch.cat(blocks)
+        if out is None:
+            out = block.new_empty(n, *block.shape[1:])
+        out[offset - start : offset - start + block.shape[0]] = block
+    return out if n is not None else torch.cat(parts) if parts else None

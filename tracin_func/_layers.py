@@ -38,6 +38,7 @@ class Site(NamedTuple):
     weight_shape: tuple[int, ...]
     transposed: bool = False  # a Linear whose weight is stored [d_in, d_out] (transformers' Conv1D)
     groups: int = 1  # a grouped / depthwise convolution: gradients always materialised, never a factored kernel
+    tied: bool = False  # a parameter shared with other sites (GPT-2's lm_head / wte): gradients of every use summed
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -45,8 +46,8 @@ class Site(NamedTuple):
 
     @property
     def kernel_ok(self) -> bool:
-        """Whether factored inner products apply (plain Linear / ungrouped Conv / Embedding)."""
-        return self.kind != "norm" and self.groups == 1
+        """Whether factored inner products apply (plain Linear / ungrouped Conv / Embedding, untied)."""
+        return self.kind != "norm" and self.groups == 1 and not self.tied
 
 
 # The classes whose own forward a factor site must run: a subclass overriding it (a scaled output, a standardised
@@ -124,28 +125,32 @@ def site_kind(module: nn.Module) -> str | None:
 def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, Site]:
     """Factorable layers holding differentiated parameters, keyed by module path.
 
-    A parameter shared by several modules (weight tying) is left to the dense path: its gradient sums over uses
-    of different kinds. A module called several times is fine: its calls are concatenated along ``T``.
+    A parameter shared by several modules (weight tying, e.g. GPT-2's ``lm_head`` and token embedding) is a site
+    of each when every one of them is a factor site: each site's per-example gradient is materialised under the
+    parameter's (first) name and the uses are summed. Otherwise it is left to the dense path. A module called
+    several times is fine: its calls are concatenated along ``T``.
     """
     if global_hooks_present():
         return {}
     diff = set(diff_names)
-    owners: dict[int, int] = {}
+    names = {id(p): n for n, p in model.named_parameters()}  # a tied tensor under its first name, as `diff` has it
+    owners: dict[int, list[nn.Module]] = {}
     for module in model.modules():
         for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
+            owners.setdefault(id(p), []).append(module)
     sites = {}
     for path, module in model.named_modules():
         kind = site_kind(module)
         own = dict(module.named_parameters(recurse=False))
-        if kind is None or any(owners[id(p)] > 1 for p in own.values()):
+        shared = [p for p in own.values() if len(owners[id(p)]) > 1]
+        if kind is None or any(site_kind(m) is None for p in shared for m in owners[id(p)]):
             continue
-        prefix = f"{path}." if path else ""
-        weight = f"{prefix}weight" if f"{prefix}weight" in diff else None
-        bias = f"{prefix}bias" if "bias" in own and f"{prefix}bias" in diff else None
+        weight = names[id(own["weight"])] if "weight" in own and names[id(own["weight"])] in diff else None
+        bias = names[id(own["bias"])] if "bias" in own and names[id(own["bias"])] in diff else None
         if weight or bias:
             shape, groups = tuple(module.weight.shape), getattr(module, "groups", 1)
-            sites[path] = Site(path, kind, weight, bias, shape, _is_transformers_conv1d(module), groups)
+            conv1d = _is_transformers_conv1d(module)
+            sites[path] = Site(path, kind, weight, bias, shape, conv1d, groups, bool(shared))
     return sites
 
 

@@ -7,7 +7,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import optree
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._model import Forward
@@ -38,6 +40,178 @@ class ExampleLoss:
     fn: ExampleLossFn
 
 
+@dataclass(frozen=True)
+class BatchLoss(ExampleLoss):
+    """Per-example losses of a whole batch, so that the model runs once per batch (the batched path).
+
+    ``fn(params, batch)`` gets the full state dict of one checkpoint and a batch of ``B`` examples (any structure,
+    e.g. a Hugging Face dict) and returns a ``[B]`` tensor: entry ``i`` is example ``i``'s loss, computed as if it
+    were alone (no mean over the batch). A batch of one is a special case, so a ``BatchLoss`` is also an
+    :class:`ExampleLoss` and runs wherever one does; planning checks on the first examples of a call that the
+    batched losses' gradients equal the examples' own, and otherwise computes them one example at a time.
+    :func:`causal_lm_loss` and :func:`sequence_classification_loss` are ready-made ones for Hugging Face models.
+
+    Example:
+        >>> import torch, tracin_func as tc
+        >>> from torch.func import functional_call
+        >>> model = torch.nn.Linear(3, 2).eval()
+        >>> def losses(params, batch):  # [B]
+        ...     logits = functional_call(model, params, (batch["x"],))
+        ...     return torch.nn.functional.cross_entropy(logits, batch["label"], reduction="none")
+        >>> data = {"x": torch.randn(4, 3), "label": torch.tensor([0, 1, 1, 0])}
+        >>> ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+        >>> tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(losses)).shape
+        torch.Size([4])
+        >>> print(tc.explain(model, ckpts, data, loss_fn=tc.BatchLoss(losses)).batching)
+        one batched forward / backward gives every layer's factors
+    """
+
+    fn: Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
+
+
+class BatchedLoss(NamedTuple):
+    """A :class:`BatchLoss` inside the core: ``per_example(state, batch)`` gives ``[B]`` losses, and calling it on a
+    batch of one gives that example's loss (an ``ExampleLossFn``)."""
+
+    fn: Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
+    name: str  # the argument it came from, for messages
+
+    def per_example(self, state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        losses = self.fn(state, batch)
+        n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
+        if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (n,):
+            got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ValueError(
+                f"`{self.name}`: a tc.BatchLoss must return one loss per example, a tensor of shape [{n}] for a batch "
+                f"of {n}, got {got}. Do not reduce over the batch (e.g. `reduction='none'`, then a mean per example)."
+            )
+        return losses
+
+    def __call__(self, state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        return self.per_example(state, batch)
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """A model output's logits: ``.logits`` (Hugging Face ``ModelOutput``), ``["logits"]``, the first element of a
+    tuple, or the tensor itself."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"The model returned a {type(output).__name__} without logits (`.logits`, ['logits'], [0]).")
+    return logits
+
+
+def _model_inputs(batch: Any, labels: str, loss: str) -> tuple[dict[str, Any], torch.Tensor]:
+    if not isinstance(batch, Mapping) or labels not in batch:
+        keys = list(batch)[:6] if isinstance(batch, Mapping) else type(batch).__name__
+        raise TypeError(
+            f"`loss_fn`: tc.{loss} takes dict batches holding the labels under {labels!r} (the model gets the other "
+            f"entries as keyword arguments), got {keys}; pass `labels=` to name the key."
+        )
+    return {k: v for k, v in batch.items() if k != labels}, batch[labels]
+
+
+def causal_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: int = -100) -> BatchLoss:
+    """Hugging Face's causal-LM loss, one per example, for dict batches (``input_ids``, ``attention_mask``, ...).
+
+    The model gets every entry of the batch but ``labels`` as keyword arguments; example ``i``'s loss is the mean
+    next-token cross-entropy of ``logits[i, :-1]`` against ``labels[i, 1:]`` over the labels that are not
+    ``ignore_index`` (padding, prompt tokens): what ``model(**batch).loss`` is for a batch holding only that example.
+    An example with no label left has loss 0 (Hugging Face's would be NaN). The cross-entropy is computed in the
+    logits' dtype (transformers upcasts it to float32, so in float64 the two differ at float32 rounding).
+
+    Args:
+        model: the module the scorers get (e.g. ``GPT2LMHeadModel``); it returns logits ``[B, T, V]`` as
+            ``.logits``, ``["logits"]``, its first element or itself.
+        labels: the batch key of the ``[B, T]`` token labels (``input_ids`` with ignored positions set to
+            ``ignore_index``; the shift happens here).
+        ignore_index: the label of positions that carry no loss.
+
+    Returns:
+        A :class:`BatchLoss`, for ``loss_fn=`` (the model then runs once per batch when it can).
+
+    Example:
+        >>> import torch, tracin_func as tc
+        >>> class TinyLM(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.embed, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10)
+        ...     def forward(self, input_ids):
+        ...         return {"logits": self.head(self.embed(input_ids))}
+        >>> model = TinyLM().eval()
+        >>> ids = torch.randint(0, 10, (3, 5))
+        >>> data = {"input_ids": ids, "labels": ids.masked_fill(torch.arange(5) >= 4, -100)}  # last token ignored
+        >>> ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+        >>> tc.self_influence(model, ckpts, data, loss_fn=tc.causal_lm_loss(model)).shape
+        torch.Size([3])
+    """
+    from torch.func import functional_call
+
+    def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        inputs, target = _model_inputs(batch, labels, "causal_lm_loss")
+        logits = _logits(functional_call(model, dict(params), (), inputs))[:, :-1]
+        target = target[:, 1:]
+        tokens = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=ignore_index, reduction="none")
+        counts = (target != ignore_index).sum(1).clamp(min=1)
+        return tokens.sum(1) / counts
+
+    return BatchLoss(losses)
+
+
+def sequence_classification_loss(
+    model: nn.Module, *, labels: str = "labels", problem_type: str = "single_label_classification"
+) -> BatchLoss:
+    """Hugging Face's sequence-classification loss, one per example, for dict batches.
+
+    The model gets every entry of the batch but ``labels`` as keyword arguments and returns logits ``[B, C]``.
+    Example ``i``'s loss is what ``model(**batch).loss`` is for a batch holding only that example, by
+    ``problem_type`` (the model config's): ``"single_label_classification"`` the cross-entropy of its class label
+    (a label ``-100`` gives 0), ``"regression"`` the mean squared error over its outputs, and
+    ``"multi_label_classification"`` the mean binary cross-entropy with logits over its labels.
+
+    Example:
+        >>> import torch, tracin_func as tc
+        >>> class Classifier(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.embed, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3)
+        ...     def forward(self, input_ids, attention_mask):
+        ...         h = (self.embed(input_ids) * attention_mask[..., None]).sum(1)
+        ...         return (self.head(h),)
+        >>> model = Classifier().eval()
+        >>> data = {"input_ids": torch.randint(0, 10, (4, 6)), "attention_mask": torch.ones(4, 6),
+        ...         "labels": torch.tensor([0, 2, 1, 0])}
+        >>> ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+        >>> loss = tc.sequence_classification_loss(model)
+        >>> tc.influence(model, ckpts, data, data, loss_fn=loss).shape
+        torch.Size([4, 4])
+    """
+    from torch.func import functional_call
+
+    kinds = ("single_label_classification", "regression", "multi_label_classification")
+    if problem_type not in kinds:
+        raise ValueError(f"`problem_type` must be one of {kinds}, got {problem_type!r}.")
+
+    def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        inputs, target = _model_inputs(batch, labels, "sequence_classification_loss")
+        logits = _logits(functional_call(model, dict(params), (), inputs))
+        if problem_type == "single_label_classification":
+            return F.cross_entropy(logits.reshape(logits.shape[0], -1), target.reshape(-1), reduction="none")
+        n = logits.shape[0]
+        if problem_type == "regression":
+            each = F.mse_loss(logits.reshape(n, -1), target.reshape(n, -1).to(logits.dtype), reduction="none")
+        else:
+            each = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
+        return each.reshape(n, -1).mean(1)
+
+    return BatchLoss(losses)
+
+
 def example_loss(forward: Forward, loss_fn: Any, name: str) -> ExampleLossFn:
     """The loss of one example as a function of the state.
 
@@ -45,11 +219,14 @@ def example_loss(forward: Forward, loss_fn: Any, name: str) -> ExampleLossFn:
     ``reduction="none"`` / ``"sum"`` that is the sum over the example's elements, for ``"mean"`` their mean,
     and a callable without ``.reduction`` gives whatever it reduces to (as Captum defines the per-example loss).
     """
+    if isinstance(loss_fn, BatchLoss):
+        return BatchedLoss(loss_fn.fn, name)
     if isinstance(loss_fn, ExampleLoss):
         return loss_fn.fn
     if not callable(loss_fn):
         raise TypeError(
-            f"`{name}` must be a criterion `loss_fn(outputs, targets)` or `tc.ExampleLoss(fn)`, got {loss_fn!r}."
+            f"`{name}` must be a criterion `loss_fn(outputs, targets)` or `tc.ExampleLoss(fn)` (`tc.BatchLoss(fn)` "
+            f"for per-example losses of a whole batch), got {loss_fn!r}."
         )
     reduction = getattr(loss_fn, "reduction", "none")
     if reduction not in ("none", "sum", "mean"):

@@ -28,6 +28,7 @@ class CheckpointState(NamedTuple):
 
     state: dict[str, torch.Tensor]
     lr: torch.Tensor  # 0-d, so compiled code does not specialise on its value
+    adam: Any = None  # {name: _adam.AdamParam} when the checkpoint carries an Adam / AdamW optimizer state
 
 
 class ModelSpec(NamedTuple):

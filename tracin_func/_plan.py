@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from ._assemble import representation_fn
-from ._capture import Hook, batched_factors, discover, hooked
+from ._capture import BatchableLoss, Hook, batched_factors, discover, hooked
 from ._data import slice_batch
 from ._grads import Mapper, Tensors
 from ._layers import Site, factorable_sites, global_hooks_present, site_kind, why_not_a_site
-from ._loss import CriterionLoss, ExampleLossFn
+from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
 from ._purity import check_forward
 from ._setup import Setup
 from ._updates import Updates, make_updates
@@ -114,10 +114,15 @@ def make_plan(
     for loss in losses if sites else ():
         calls, leaked = discover(module, loss, list(sites.values()), diff, frozen, batch)
         for path, site in list(sites.items()):
+            if path not in sites:  # dropped with a tied partner
+                continue
             if not calls[path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
-                del sites[path]
                 why = "not called as a module" if not calls[path] else "also used outside the layer (tied weight, "
                 why += "" if not calls[path] else "direct use or a term of the loss)"
+                for other in [p for p, s in sites.items() if p != path and set(s.names) & set(site.names)]:
+                    # a tied tensor's gradient sums every use: all its uses are sites, or none
+                    reasons.update({n: f"tied to {site.path!r}, which is {why}" for n in sites.pop(other).names})
+                del sites[path]
                 reasons.update({n: f"{site.path!r} is {why}" for n in site.names})
                 continue
             rows = _rows_per_example(site, calls[path])
@@ -136,11 +141,12 @@ def make_plan(
         return plan._replace(batching="vmap(grad) over examples: no layer gives factors")
     if dense:
         return plan._replace(batching=f"vmap(grad) over examples, for {len(dense)} parameter(s) outside factor sites")
-    if not all(isinstance(loss, CriterionLoss) for loss in losses):
-        return plan._replace(batching="vmap(grad) over examples: a tc.ExampleLoss is computed one example at a time")
-    if not _batching_is_exact(module, losses, plan, {**frozen, **diff}, batch, mapper):
-        return plan._replace(batching="vmap(grad) over examples: a batched forward changed the first examples' "
-                             "factors (examples interact, e.g. through batch statistics)")
+    if not all(isinstance(loss, (CriterionLoss, BatchedLoss)) for loss in losses):
+        return plan._replace(batching="vmap(grad) over examples: a tc.ExampleLoss is computed one example at a time "
+                             "(a tc.BatchLoss runs whole batches)")
+    refused = _batching_refused(module, losses, plan, {**frozen, **diff}, batch, mapper)
+    if refused:
+        return plan._replace(batching=f"vmap(grad) over examples: {refused}")
     return plan._replace(batched=True, batching="one batched forward / backward gives every layer's factors")
 
 
@@ -155,11 +161,13 @@ def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> st
     if owner is None:
         return "not a parameter of a layer"
     if site_kind(owner) is not None:
-        return "its tensor is shared with another module (weight tying)"
+        return "its tensor is shared with a module that is not a factor site (weight tying)"
     return why_not_a_site(owner)
 
 
 def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool) -> str:
+    if site.tied:
+        return "tied weight: per-example gradients of every use from factors, summed"
     if not site.kernel_ok:
         return "grouped convolution: per-example gradients from factors" if site.groups > 1 else "norm layer"
     if factored or site.kind == "embedding":
@@ -174,20 +182,31 @@ def _not_in_sites(names: Sequence[str], sites: Iterable[Site]) -> tuple[str, ...
     return tuple(n for n in names if n not in in_sites)
 
 
-def _batching_is_exact(
-    module: nn.Module, losses: Sequence[CriterionLoss], plan: Plan, state: Tensors, batch: Any, mapper: Mapper
-) -> bool:
-    """Whether a batched forward gives each example the factors it gets alone (no interaction across examples)."""
+def _batching_refused(
+    module: nn.Module, losses: Sequence[BatchableLoss], plan: Plan, state: Tensors, batch: Any, mapper: Mapper
+) -> str:
+    """Why a batched forward does not give each example the factors it gets alone (examples interact), or ``""``.
+
+    Each layer's inputs and output gradients on the first examples run together must equal theirs run one at a
+    time: this refuses batch statistics and any other mixing of examples, and accepts rows the model computes once
+    and broadcasts over the batch (position ids ``[1, T]``), which get a row per example (``batched_factors``).
+    """
     few = slice_batch(batch, 0, 4)
     n = optree.tree_leaves(few, none_is_leaf=True)[0].shape[0]
     for loss in losses:
-        together = batched_factors(module, loss, plan, state, few, mapper)
         alone = [batched_factors(module, loss, plan, state, slice_batch(few, i, i + 1), mapper) for i in range(n)]
+        try:
+            together = batched_factors(module, loss, plan, state, few, mapper)
+        except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes
+            return f"a batched forward failed where examples alone ran ({type(err).__name__}: {str(err).strip()})"
         for path, (xs, gs) in together.items():
             singles = _concat_examples([a[path] for a in alone])
             if singles is None or len(singles) != len(xs) + len(gs) or not all(map(_close, singles, [*xs, *gs])):
-                return False
-    return True
+                return (
+                    f"a batched forward changed the first examples' factors at {path!r} (examples interact, e.g. "
+                    f"through batch statistics)"
+                )
+    return ""
 
 
 def _concat_examples(factors: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> list[torch.Tensor] | None:

@@ -9,7 +9,9 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from ._adam import with_adam_states
 from ._checkpoints import Checkpoint
+from ._distributed import Ranks, resolve
 from ._loss import ExampleLoss, ExampleLossFn, example_loss
 from ._model import (
     CheckpointState,
@@ -40,6 +42,8 @@ class Setup(NamedTuple):
     batch_size: int
     needs_target: tuple[bool, bool]  # (train, test): a criterion needs (x..., y) batches
     progress: bool
+    ranks: Ranks | None = None  # torch.distributed: this process's share of the training data
+    test_budget: int | None = None  # bytes of test representations held at once (more: scored in chunks)
 
 
 def _default_device(model: Any, first: Checkpoint) -> torch.device:
@@ -102,6 +106,8 @@ def make_setup(
     factored: bool | None = None,
     method: str = "exact",
     projection: tuple[int, int] | None = None,
+    distributed: Any = False,
+    test_memory_bytes: int = 1 << 30,
 ) -> Setup:
     """Validate the options shared by every scorer and prepare each checkpoint once."""
     if torch.is_inference_mode_enabled():
@@ -139,6 +145,8 @@ def make_setup(
         positive_int(batch_size, "batch_size")
     if chunk_size is not None:
         positive_int(chunk_size, "chunk_size")
+    positive_int(test_memory_bytes, "test_memory_bytes")
+    ranks = resolve(distributed)
     first = checkpoints[0]
     if not isinstance(first, Checkpoint):
         raise TypeError(
@@ -154,6 +162,7 @@ def make_setup(
     bar = tqdm(zip(states, checkpoints), total=len(states), desc="preparing checkpoints", unit="ckpt",
                disable=not progress, leave=False)
     prepared = [converted(state, c.lr, target, dtype) for state, c in bar]
+    prepared = with_adam_states(model, checkpoints, prepared, shapes, target, dtype)
     batch_size = batch_size or _auto_batch_size(prepared[0].state[n] for n in spec.diff_names)
     train_loss = example_loss(spec.forward, loss_fn, "loss_fn")
     same = test_loss_fn is None or test_loss_fn is loss_fn
@@ -161,5 +170,5 @@ def make_setup(
     needs_target = (not isinstance(loss_fn, ExampleLoss), not isinstance(test_loss_fn or loss_fn, ExampleLoss))
     return Setup(
         spec, prepared, train_loss, test_loss, method, factored, chunk_size, compile, projection, target, dtype,
-        batch_size, needs_target, progress,
+        batch_size, needs_target, progress, ranks, test_memory_bytes,
     )

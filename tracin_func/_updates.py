@@ -11,8 +11,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._adam import adam_representation, dense, row_dots
 from ._assemble import RepresentationFn
 from ._model import CheckpointState
+from ._per_layer import dots_by_layer, sq_norms_by_layer, sum_by_layer
 from ._representations import Representation
 
 
@@ -23,8 +25,14 @@ class Updates(NamedTuple):
     # each row times ``test_scale`` [n_test] and each column divided by the training gradient's norm when asked
     influence: Callable[..., torch.Tensor]
     self_influence: Callable[..., torch.Tensor]  # (acc, ckpt, batch) -> acc + lr |train|^2  [B]
-    embedding: Callable[..., torch.Tensor]  # (ckpt, batch) -> sqrt(lr) train gradients [B, P] (or projected [B, k])
+    # (ckpt, batch, with_self=False) -> (sqrt(lr) train gradients [B, P] (or projected [B, k]), lr |train|^2 [B]
+    # from the same gradients when ``with_self``, else None)
+    embedding: Callable[..., tuple[torch.Tensor, Any]]
     test: Callable[..., Representation]  # (ckpt, batch) -> test gradient representation
+    # per-layer forms of ``influence`` / ``self_influence`` (``acc``: a dict layer -> tensor, or None at the first
+    # checkpoint; keyword ``module``: how names map to layers, see ``_per_layer``): the entries sum to the total
+    influence_by_layer: Callable[..., dict[str, torch.Tensor]]
+    self_influence_by_layer: Callable[..., dict[str, torch.Tensor]]
 
 
 def inverse_norm(sq_norm: torch.Tensor) -> torch.Tensor:
@@ -62,7 +70,7 @@ def make_updates(
         """``test_scale``: the test examples' ``1 / |g|`` at this checkpoint (cosine scores), computed once by the
         caller; ``normalize_train``: divide by the training gradients' norms, from the same representation (the
         batch is differentiated once)."""
-        rep = train(*split(ckpt), batch)
+        rep, _ = train_side(ckpt, batch)
         scores = test_rep.dot(rep)
         if test_scale is not None:
             scores = scores * test_scale[:, None]
@@ -70,15 +78,67 @@ def make_updates(
             scores = scores * inverse_norm(rep.sq_norm())
         return acc + ckpt.lr * scores
 
-    def self_influence(acc: torch.Tensor, ckpt: CheckpointState, batch: Any) -> torch.Tensor:
-        return acc + ckpt.lr * train(*split(ckpt), batch).sq_norm()
+    def train_side(ckpt: CheckpointState, batch: Any) -> tuple[Representation, Representation | None]:
+        """The training representation scored against test gradients, and the plain gradients when it holds Adam
+        updates instead (a checkpoint with an optimizer state; see ``_adam``), else None."""
+        diff, frozen = split(ckpt)
+        rep = train(diff, frozen, batch)
+        if ckpt.adam is None:
+            return rep, None
+        grads, updates = adam_representation(rep, ckpt.adam, diff)
+        return updates, grads
 
-    def embedding(ckpt: CheckpointState, batch: Any) -> torch.Tensor:
-        rep = train(*split(ckpt), batch)
+    def self_terms(ckpt: CheckpointState, batch: Any, module: bool | None) -> Any:
+        """``|g|^2`` per example, or ``<g, u>`` with Adam updates ``u``; per layer unless ``module`` is None."""
+        rep, grads = train_side(ckpt, batch)
+        if grads is None:
+            return rep.sq_norm() if module is None else sq_norms_by_layer(rep, module=module)
+        per_name = row_dots(grads, rep)
+        return sum(per_name.values()) if module is None else sum_by_layer(per_name, module=module)
+
+    def self_influence(acc: torch.Tensor, ckpt: CheckpointState, batch: Any) -> torch.Tensor:
+        return acc + ckpt.lr * self_terms(ckpt, batch, None)
+
+    def influence_by_layer(
+        acc: dict[str, torch.Tensor] | None,
+        ckpt: CheckpointState,
+        test_rep: Representation,
+        batch: Any,
+        test_scale: torch.Tensor | None = None,
+        normalize_train: bool = False,
+        *,
+        module: bool,
+    ) -> dict[str, torch.Tensor]:
+        """``influence`` split by layer. Renormalised scores divide each layer's inner product by the norms of the
+        whole gradients, so the layers' shares sum to the renormalised total."""
+        rep, _ = train_side(ckpt, batch)
+        scale = ckpt.lr
+        if test_scale is not None:
+            scale = scale * test_scale[:, None]
+        if normalize_train:
+            scale = scale * inverse_norm(rep.sq_norm())
+        scores = dots_by_layer(test_rep, rep, module=module)
+        return {layer: s * scale if acc is None else acc[layer] + s * scale for layer, s in scores.items()}
+
+    def self_influence_by_layer(
+        acc: dict[str, torch.Tensor] | None, ckpt: CheckpointState, batch: Any, *, module: bool
+    ) -> dict[str, torch.Tensor]:
+        norms = self_terms(ckpt, batch, module)
+        return {layer: ckpt.lr * s if acc is None else acc[layer] + ckpt.lr * s for layer, s in norms.items()}
+
+    def embedding(ckpt: CheckpointState, batch: Any, with_self: bool = False) -> tuple[torch.Tensor, Any]:
+        rep, grads = train_side(ckpt, batch)
         rows = rep.flat() if projection is None else rep.project(projection[1], projection[0])
-        return rows.mul_(ckpt.lr.sqrt())
+        if not with_self:
+            return rows.mul_(ckpt.lr.sqrt()), None
+        self_term = rep.sq_norm() if grads is None else sum(row_dots(grads, rep).values())
+        return rows.mul_(ckpt.lr.sqrt()), ckpt.lr * self_term
 
     def test_representation(ckpt: CheckpointState, batch: Any) -> Representation:
-        return test(*split(ckpt), batch)
+        """Test gradients; dense when the checkpoint carries Adam state (the training side is dense then)."""
+        rep = test(*split(ckpt), batch)
+        return rep if ckpt.adam is None else dense(rep)
 
-    return Updates(influence, self_influence, embedding, test_representation)
+    return Updates(
+        influence, self_influence, embedding, test_representation, influence_by_layer, self_influence_by_layer
+    )

@@ -1,0 +1,85 @@
+"""One rank of tests/test_distributed.py: ``python -m tests.distributed_worker RANK WORLD PORT OUT_DIR``.
+
+Runs every scorer with ``distributed=True`` (gloo on 127.0.0.1) on several kinds of data and saves what it got to
+``OUT_DIR/rank{RANK}.pt``; the parent test compares every rank's results with single-process ones.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import TensorDataset
+
+import tracin_func as tc
+from tests.models import DTYPE, MLP, random_checkpoints
+
+LOSS = torch.nn.CrossEntropyLoss()
+
+
+def workload():
+    """The model, checkpoints and data every rank (and the parent) uses: 7 training examples."""
+    torch.manual_seed(0)
+    model = MLP().to(DTYPE).eval()
+    gen = torch.Generator().manual_seed(11)
+    x, y = torch.randn(7, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (7,), generator=gen)
+    xt, yt = torch.randn(3, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (3,), generator=gen)
+    return model, random_checkpoints(model.state_dict(), 2), (x, y), (xt, yt)
+
+
+def datasets(train):
+    """Kinds of training data: split by row range (a batch, a Dataset), by batch number (a list of batches), and
+    one example (a rank with no rows)."""
+    x, y = train
+    return {
+        "batch": train,
+        "dataset": TensorDataset(x, y),
+        "batches": [(x[:3], y[:3]), (x[3:5], y[3:5]), (x[5:], y[5:])],
+        "one": (x[:1], y[:1]),
+    }
+
+
+def results(distributed, index_dir=None):
+    """Everything the scorers return for each kind of data, keyed by name."""
+    model, ckpts, train, test = workload()
+    kw = dict(loss_fn=LOSS, distributed=distributed, batch_size=2)
+    out = {}
+    for name, data in datasets(train).items():
+        k = 1 if name == "one" else 3
+        out[f"{name}/influence"] = tc.influence(model, ckpts, data, test, **kw)
+        out[f"{name}/cosine"] = tc.influence(model, ckpts, data, test, normalize="cosine", **kw)
+        top = tc.top_k(model, ckpts, data, test, k=k, proponents=False, **kw)
+        out[f"{name}/top_k"] = (top.indices, top.scores)
+        out[f"{name}/self_influence"] = tc.self_influence(model, ckpts, data, **kw)
+        out[f"{name}/embeddings"] = tc.embeddings(model, ckpts, data, projection_dim=4, **kw)
+    if index_dir is not None:
+        index = tc.build_index(index_dir, model, ckpts, train, shard_size=2, **kw)
+        out["index/self_influence"] = index.self_influence()
+        top = tc.top_k(model, ckpts, index, test, k=3, **kw)
+        out["index/top_k"] = (top.indices, top.scores)
+        out["index/influence"] = tc.influence(model, ckpts, index, test, **kw)
+    return out
+
+
+def main(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        out = results(True, f"{out_dir}/index")
+        model, ckpts, train, test = workload()
+        x, y = train
+        bad = (x, torch.where(torch.arange(7) == 5, 9, y))  # example 5, on rank 1, has a label out of range
+        try:
+            tc.self_influence(model, ckpts, bad, loss_fn=LOSS, distributed=True)
+        except Exception as err:  # every rank must raise, naming the failing one
+            out["error"] = f"{type(err).__name__}: {err}"
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

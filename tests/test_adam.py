@@ -1,0 +1,304 @@
+"""Adam-aware TracIn against a float64 loop reference: one ``torch.autograd.grad`` per example
+(:func:`tests.reference.reference_grads`), then Adam's update written out by hand from the saved optimizer state
+of real ``torch.optim.Adam`` / ``AdamW`` training runs, saved with ``torch.save`` and loaded with
+``tc.load_checkpoints``.
+
+Reference: ``S = sum_c lr_c G_test_c @ U_train_c.T`` and ``self = sum_c lr_c <g_c, u_c>``, where for every
+parameter ``u = (m' / (1 - b1^(t+1))) / (sqrt(v' / (1 - b2^(t+1))) + eps)``, ``m' = b1 m + (1 - b1) g``,
+``v' = b2 v + (1 - b2) g^2`` (``max`` with ``max_exp_avg_sq`` for amsgrad), ``g`` plus ``wd * theta`` for Adam's
+coupled weight decay, nothing for AdamW's decoupled one.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import tracin_func as tc
+from tests.conftest import assert_close, assert_differs, assert_topk
+from tests.models import DTYPE, MLP, TinyTransformer
+from tests.reference import reference_grads
+
+N_TRAIN, N_TEST = 12, 5
+OPTIMIZERS = {
+    "adam": lambda params: torch.optim.Adam(params, lr=0.01),
+    "adam_l2": lambda params: torch.optim.Adam(params, lr=0.01, weight_decay=0.1),  # coupled: enters m and v
+    "adamw": lambda params: torch.optim.AdamW(params, lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05),
+    "amsgrad": lambda params: torch.optim.Adam(params, lr=0.01, amsgrad=True),
+}
+
+
+def _data(model: nn.Module, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    if isinstance(model, TinyTransformer):
+        x = torch.randint(0, 11, (n, 5), generator=gen)
+    else:
+        x = torch.randn(n, 4, generator=gen, dtype=DTYPE)
+    return x, torch.randint(0, 3, (n,), generator=gen)
+
+
+def train_run(tmp_path, model: nn.Module, optimizer: str, *, steps=(2, 5), named=False, trainable=None) -> list:
+    """Train ``model`` (float64) with a real torch optimizer, saving ``{"model", "optimizer"}`` after each number
+    of ``steps``; returns the loaded checkpoints."""
+    torch.manual_seed(0)
+    params = [(n, p) for n, p in model.named_parameters() if trainable is None or n in trainable]
+    for n, p in model.named_parameters():
+        p.requires_grad_(trainable is None or n in trainable)
+    opt = OPTIMIZERS[optimizer](params if named else [p for _, p in params])
+    x, y = _data(model, 32, 100)
+    paths = []
+    for step in range(1, max(steps) + 1):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[(step * 8) % 32 :][:8]), y[(step * 8) % 32 :][:8]).backward()
+        opt.step()
+        if step in steps:
+            paths.append(tmp_path / f"{optimizer}-{step}.pt")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, paths[-1])
+    model.requires_grad_(True)
+    return tc.load_checkpoints(paths)
+
+
+def adam_by_hand(model: nn.Module, ckpt: tc.Checkpoint, g: torch.Tensor, names) -> torch.Tensor:
+    """``[n, P]`` Adam update directions from per-example gradients ``g`` (columns: ``names`` flattened in order),
+    from the raw optimizer state (ids in ``model.named_parameters()`` order, one param group)."""
+    (group,) = ckpt.optimizer_state["param_groups"]
+    ids = dict(zip([n for n, p in model.named_parameters() if p.requires_grad], group["params"]))
+    b1, b2 = group["betas"]
+    out, start = [], 0
+    for name in names:
+        theta = ckpt.params[name].to(DTYPE)
+        size = theta.numel()
+        gi = g[:, start : start + size]
+        start += size
+        state = ckpt.optimizer_state["state"][ids[name]]
+        m, v = state["exp_avg"].reshape(-1).to(DTYPE), state["exp_avg_sq"].reshape(-1).to(DTYPE)
+        t = float(state["step"]) + 1
+        if group["weight_decay"] and not group["decoupled_weight_decay"]:
+            gi = gi + group["weight_decay"] * theta.reshape(-1)
+        m = b1 * m + (1 - b1) * gi
+        v = b2 * v + (1 - b2) * gi**2
+        if group["amsgrad"]:
+            v = torch.maximum(state["max_exp_avg_sq"].reshape(-1).to(DTYPE), v)
+        out.append((m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + group["eps"]))
+    return torch.cat(out, 1)
+
+
+class AdamReference:
+    def __init__(self, model, ckpts, train, test, params=None) -> None:
+        loss = nn.CrossEntropyLoss()
+        names = list(params) if params else [n for n, p in model.named_parameters() if p.requires_grad]
+        self.influence, self.self_influence, self.cosine, self.plain = 0, 0, 0, 0
+        self.train_emb, self.test_emb = [], []
+        for ckpt in ckpts:
+            lr = float(ckpt.lr)
+            g_train = reference_grads(model, ckpt, train, loss, names)
+            g_test = reference_grads(model, ckpt, test, loss, names)
+            u = adam_by_hand(model, ckpt, g_train, names)
+            self.influence = self.influence + lr * g_test @ u.T
+            self.self_influence = self.self_influence + lr * (g_train * u).sum(1)
+            self.cosine = self.cosine + lr * (g_test @ u.T) / (g_test.norm(dim=1)[:, None] * u.norm(dim=1)[None, :])
+            self.plain = self.plain + lr * g_test @ g_train.T
+            self.train_emb.append(math.sqrt(lr) * u)
+            self.test_emb.append(math.sqrt(lr) * g_test)
+
+
+@functools.cache
+def _run(optimizer: str, kind: str = "mlp"):
+    import tempfile
+    from pathlib import Path
+
+    torch.manual_seed(1)
+    model = (MLP() if kind == "mlp" else TinyTransformer()).to(DTYPE).eval()
+    ckpts = train_run(Path(tempfile.mkdtemp()), model, optimizer)
+    train, test = _data(model, N_TRAIN, 1), _data(model, N_TEST, 2)
+    return model, ckpts, train, test, AdamReference(model, ckpts, train, test)
+
+
+LOSS = nn.CrossEntropyLoss()
+
+
+@pytest.mark.parametrize("factored", [None, True, False])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_influence_and_self_influence_match_the_reference(optimizer, factored):
+    model, ckpts, train, test, ref = _run(optimizer)
+    assert float(ckpts[0].lr) == ckpts[0].optimizer_state["param_groups"][0]["lr"]  # the optimizer's lr
+    kw = {"loss_fn": LOSS, "factored": factored, "batch_size": 5}
+    scores = tc.influence(model, ckpts, train, test, **kw)
+    assert_close(scores, ref.influence)
+    assert_differs(scores, ref.plain)  # Adam's updates are not the gradients
+    assert_close(tc.self_influence(model, ckpts, train, **kw), ref.self_influence)
+
+
+@pytest.mark.parametrize("factored", [None, True, False])
+def test_an_embedding_model(factored):
+    """Embedding (token rows on the plain path), LayerNorm, attention: all materialised for Adam."""
+    model, ckpts, train, test, ref = _run("adamw", "transformer")
+    kw = {"loss_fn": LOSS, "factored": factored}
+    assert_close(tc.influence(model, ckpts, train, test, **kw), ref.influence)
+    assert_close(tc.self_influence(model, ckpts, train, **kw), ref.self_influence)
+
+
+def test_self_influence_is_the_diagonal():
+    model, ckpts, train, _, _ = _run("adam")
+    square = tc.influence(model, ckpts, train, train, loss_fn=LOSS)
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=LOSS), square.diagonal(), 1e-12)
+
+
+def test_top_k_and_aggregate():
+    model, ckpts, train, test, ref = _run("adamw")
+    for proponents in (True, False):
+        top = tc.top_k(model, ckpts, train, test, k=4, loss_fn=LOSS, proponents=proponents, batch_size=5)
+        assert_topk(top, ref.influence, 4, largest=proponents)
+    agg = tc.influence(model, ckpts, train, test, loss_fn=LOSS, aggregate=True)
+    assert_close(agg, ref.influence.sum(0, keepdim=True))
+
+
+def test_cosine_is_less_style_gradient_update_cosine():
+    model, ckpts, train, test, ref = _run("adamw")
+    scores = tc.influence(model, ckpts, train, test, loss_fn=LOSS, normalize="cosine", batch_size=5)
+    assert_close(scores, ref.cosine)
+
+
+def test_per_layer_with_adam():
+    model, ckpts, train, test, ref = _run("adam_l2")
+    parts = tc.influence(model, ckpts, train, test, loss_fn=LOSS, per_layer=True)
+    assert list(parts) == ["fc1", "fc2"]
+    for layer in parts:
+        names = [f"{layer}.weight", f"{layer}.bias"]
+        assert_close(parts[layer], AdamReference(model, ckpts, train, test, params=names).influence)
+    assert_close(sum(parts.values()), ref.influence, 1e-12)
+    self_parts = tc.self_influence(model, ckpts, train, loss_fn=LOSS, per_layer=True)
+    assert_close(sum(self_parts.values()), ref.self_influence, 1e-12)
+    fc2 = AdamReference(model, ckpts, train, test, params=["fc2.weight", "fc2.bias"])
+    assert_close(self_parts["fc2"], fc2.self_influence)
+
+
+def test_last_layer_and_selected_parameters():
+    """Adam is elementwise: the update of a parameter depends on its own gradient and moments only, so restricting
+    to some parameters (the last layer) is exact."""
+    model, ckpts, train, test, _ = _run("adamw")
+    fc2 = AdamReference(model, ckpts, train, test, params=["fc2.weight", "fc2.bias"])
+    last = tc.influence(model, ckpts, train, test, loss_fn=LOSS, method="last_layer")
+    assert_close(last, fc2.influence)
+    chosen = tc.influence(model, ckpts, train, test, loss_fn=LOSS, layers=["fc2"])
+    assert_close(chosen, fc2.influence)
+
+
+def test_embeddings_are_updates_for_training_and_gradients_for_test():
+    model, ckpts, train, test, ref = _run("adam")
+    e_train = tc.embeddings(model, ckpts, train, loss_fn=LOSS)
+    plain = [tc.Checkpoint(c.params, c.lr) for c in ckpts]
+    e_test = tc.embeddings(model, plain, test, loss_fn=LOSS)
+    assert_close(e_train, torch.cat(ref.train_emb, 1))
+    assert_close(e_test @ e_train.T, ref.influence)
+    projected = tc.embeddings(model, ckpts, train, loss_fn=LOSS, projection_dim=256)
+    assert projected.shape == (N_TRAIN, 2 * 256)
+
+
+def test_a_frozen_parameter_and_a_named_optimizer(tmp_path):
+    """An optimizer over the trainable parameters only, and one built from ``named_parameters()`` (its state dict
+    names each id)."""
+    torch.manual_seed(1)
+    model = MLP().to(DTYPE).eval()
+    ckpts = train_run(tmp_path, model, "adam", trainable={"fc1.weight", "fc2.weight", "fc2.bias"})
+    train, test = _data(model, N_TRAIN, 1), _data(model, N_TEST, 2)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n != "fc1.bias")
+    try:
+        ref = AdamReference(model, ckpts, train, test)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=LOSS), ref.influence)
+    finally:
+        model.requires_grad_(True)
+    torch.manual_seed(1)
+    model = MLP().to(DTYPE).eval()
+    named = train_run(tmp_path, model, "adamw", named=True)
+    assert "param_names" in named[0].optimizer_state["param_groups"][0]
+    ref = AdamReference(model, named, train, test)
+    assert_close(tc.influence(model, named, train, test, loss_fn=LOSS), ref.influence)
+
+
+def test_a_fresh_optimizer_is_adams_first_step():
+    """No state yet (m = v = 0, t = 0): u = g / (|g| + eps) elementwise."""
+    model = nn.Linear(4, 3).to(DTYPE)
+    ckpt = tc.Checkpoint(dict(model.state_dict()), 0.1, torch.optim.Adam(model.parameters(), eps=1e-3).state_dict())
+    x, y = _data(nn.Linear(1, 1), N_TRAIN, 3)
+    g = reference_grads(model, ckpt, (x, y), LOSS)
+    expected = 0.1 * g @ (g / (g.abs() + 1e-3)).T
+    assert_close(tc.influence(model, [ckpt], (x, y), (x, y), loss_fn=LOSS), expected)
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+
+
+def _linear_ckpt(opt_state, model=None):
+    model = model or nn.Linear(4, 3).to(DTYPE)
+    return model, tc.Checkpoint(dict(model.state_dict()), 0.1, opt_state)
+
+
+def _score(model, ckpts):
+    ckpts = [ckpts] if isinstance(ckpts, tc.Checkpoint) else ckpts
+    x, y = _data(nn.Linear(1, 1), 6, 3)
+    return tc.influence(model, ckpts, (x, y), (x, y), loss_fn=LOSS)
+
+
+def test_several_param_groups_without_names_are_refused():
+    model = nn.Linear(4, 3).to(DTYPE)
+    opt = torch.optim.Adam([{"params": [model.bias]}, {"params": [model.weight], "weight_decay": 0.0}])
+    with pytest.raises(ValueError, match=r"has 2 param groups without 'param_names'.+named_parameters\(\)"):
+        _score(*_linear_ckpt(opt.state_dict(), model))
+
+
+def test_a_count_mismatch_is_refused():
+    model = nn.Linear(4, 3).to(DTYPE)
+    opt = torch.optim.Adam([model.weight])
+    with pytest.raises(ValueError, match=r"holds 1 parameters but the model has 2 \(2 requiring grad\)"):
+        _score(*_linear_ckpt(opt.state_dict(), model))
+
+
+def test_a_shape_mismatch_is_refused():
+    model = nn.Linear(4, 3).to(DTYPE)
+    other = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 3)).double()  # 4 tensors, wrong model
+    opt = torch.optim.Adam([other[0].weight, other[0].bias])
+    other[0].weight.grad, other[0].bias.grad = torch.ones(2, 2, dtype=DTYPE), torch.ones(2, dtype=DTYPE)
+    opt.step()
+    with pytest.raises(ValueError, match=r"exp_avg of parameter 0 has shape \(2, 2\), but it was matched to 'weight'"):
+        _score(*_linear_ckpt(opt.state_dict(), model))
+
+
+def test_other_optimizers_are_refused():
+    model = nn.Linear(4, 3).to(DTYPE)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"is not torch.optim.Adam / AdamW's"):
+        _score(*_linear_ckpt(sgd.state_dict(), model))
+    with pytest.raises(ValueError, match=r"is not torch.optim.Adam / AdamW's"):
+        _score(*_linear_ckpt(torch.optim.NAdam(model.parameters()).state_dict(), model))
+    with pytest.raises(ValueError, match=r"maximize=True"):
+        _score(*_linear_ckpt(torch.optim.Adam(model.parameters(), maximize=True).state_dict(), model))
+    with pytest.raises(TypeError, match=r"must be a torch optimizer's `state_dict\(\)`"):
+        _score(*_linear_ckpt({"exp_avg": {}}, model))
+
+
+def test_old_states_with_weight_decay_must_say_which_decay():
+    model = nn.Linear(4, 3).to(DTYPE)
+    state = torch.optim.AdamW(model.parameters(), weight_decay=0.01).state_dict()
+    del state["param_groups"][0]["decoupled_weight_decay"]  # as saved by torch < 2.6
+    with pytest.raises(ValueError, match=r"cannot be told from AdamW"):
+        _score(*_linear_ckpt(state, model))
+
+
+def test_mixing_checkpoints_with_and_without_optimizer_state_is_refused():
+    model, ckpt = _linear_ckpt(torch.optim.Adam(nn.Linear(4, 3).parameters()).state_dict())
+    with pytest.raises(ValueError, match=r"`checkpoints\[1\]` carries an `optimizer_state` but `checkpoints\[0\]`"):
+        _score(model, [tc.Checkpoint(ckpt.params, 0.1), ckpt])
+
+
+def test_the_checkpoint_pytree_carries_the_optimizer_state():
+    import optree
+
+    model, ckpt = _linear_ckpt(torch.optim.Adam(nn.Linear(4, 3).parameters()).state_dict())
+    moved = optree.tree_map(lambda t: t, ckpt, namespace="tracin_func")
+    assert moved.optimizer_state["param_groups"][0]["betas"] == (0.9, 0.999)

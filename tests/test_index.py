@@ -1,0 +1,265 @@
+"""The on-disk index: exact against the float64 loop reference, resumable byte for byte after a kill, refusing
+mismatched settings, naming damaged shards; queries, re-ranking and the test side in chunks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import tracin_func as tc
+from tests.conftest import assert_close, assert_topk
+from tests.models import DTYPE, MLP, cnn_task, random_checkpoints
+from tests.reference import reference_scores
+from tracin_func import _build, _shards
+
+N, N_TEST = 23, 5
+LOSS = nn.CrossEntropyLoss()
+
+
+@pytest.fixture(scope="module")
+def task():
+    torch.manual_seed(0)
+    model = MLP().to(DTYPE).eval()
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(N, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (N,), generator=gen)
+    xt, yt = torch.randn(N_TEST, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (N_TEST,), generator=gen)
+    ckpts = random_checkpoints(model.state_dict(), 3)
+    return model, ckpts, (x, y), (xt, yt), reference_scores(model, ckpts, (x, y), (xt, yt), loss_fn=LOSS)
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_exact_index_matches_the_loop_reference(task, tmp_path):
+    model, ckpts, train, test, ref = task
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, storage_dtype=DTYPE, shard_size=7, batch_size=4)
+    assert len(index) == N and index.dim == ref.train_embeddings.shape[1] and len(index.shards) == 4
+    assert_close(index.self_influence(), ref.self_influence)
+    assert_close(index.embeddings(), ref.train_embeddings)
+    assert_close(index.embeddings([22, 0, 8, -1]), ref.train_embeddings[[22, 0, 8, 22]])
+    assert_close(tc.influence(model, ckpts, index, test, loss_fn=LOSS), ref.influence)
+    total = tc.influence(model, ckpts, index, test, loss_fn=LOSS, aggregate=True)
+    assert_close(total, ref.influence.sum(0, keepdim=True))
+    for proponents in (True, False):
+        top = tc.top_k(model, ckpts, index, test, k=4, loss_fn=LOSS, proponents=proponents)
+        assert_topk(top, ref.influence, 4, largest=proponents)
+
+
+def test_projected_index_keeps_exact_self_influence(task, tmp_path):
+    model, ckpts, train, test, ref = task
+    dataset = TensorDataset(*train)
+    index = tc.build_index(tmp_path, model, ckpts, dataset, loss_fn=LOSS, projection_dim=16, seed=3, shard_size=10)
+    assert index.projection == (16, 3) and index.dim == 3 * 16
+    assert_close(index.self_influence(), ref.self_influence)  # from the unprojected gradients
+    expected = tc.embeddings(model, ckpts, train, loss_fn=LOSS, projection_dim=16, seed=3)
+    assert_close(index.embeddings().to(DTYPE), expected.float().to(DTYPE), 1e-6)  # stored in float32
+    test_emb = tc.embeddings(model, ckpts, test, loss_fn=LOSS, projection_dim=16, seed=3)
+    scores = tc.influence(model, ckpts, index, test, loss_fn=LOSS)
+    assert_close(scores, test_emb @ index.embeddings().to(DTYPE).T)
+
+
+def test_same_call_resumes_and_ends_byte_identical(task, tmp_path, monkeypatch):
+    model, ckpts, train, _, _ = task
+    kw = dict(loss_fn=LOSS, projection_dim=8, shard_size=5)
+    tc.build_index(tmp_path / "whole", model, ckpts, train, **kw)
+    real_write = _shards.write_atomically
+    calls = []
+
+    def killed_after_two_shards(path, data):  # the third shard's temporary file is written, never renamed
+        calls.append(path)
+        if len([p for p in calls if p.endswith(".safetensors")]) == 3:
+            Path(path + _shards.TEMPORARY).write_bytes(data[: len(data) // 2])
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    monkeypatch.setattr(_shards, "write_atomically", killed_after_two_shards)
+    with pytest.raises(KeyboardInterrupt):
+        tc.build_index(tmp_path / "resumed", model, ckpts, train, **kw)
+    monkeypatch.setattr(_shards, "write_atomically", real_write)
+    partial = _files(tmp_path / "resumed")
+    assert "shard-00002.safetensors.partial" in partial and json.loads(partial["manifest.json"])["complete"] is False
+    with pytest.raises(ValueError, match="incomplete"):
+        tc.open_index(tmp_path / "resumed")
+    written = []
+    monkeypatch.setattr(_build, "write_shard", lambda path, *a: written.append(path) or _shards.write_shard(path, *a))
+    tc.build_index(tmp_path / "resumed", model, ckpts, train, **kw)
+    assert [Path(p).name for p in written] == [f"shard-0000{i}.safetensors" for i in (2, 3, 4)]  # 0, 1 kept
+    assert _files(tmp_path / "resumed") == _files(tmp_path / "whole")
+
+
+_BUILD = """
+import os, sys, time, torch, tracin_func as tc
+from torch.func import functional_call
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 3).double()
+ckpts = [tc.Checkpoint(params={k: v.detach() for k, v in model.state_dict().items()}, lr=0.1)]
+gen = torch.Generator().manual_seed(0)
+x, y = torch.randn(60, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (60,), generator=gen)
+
+def slow(params, batch):
+    if os.environ.get("SLOW"):  # the same code either way: the loss's fingerprint does not change
+        time.sleep(0.05)
+    x, y = batch
+    return torch.nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+
+tc.build_index(sys.argv[1], model, ckpts, (x, y), loss_fn=tc.ExampleLoss(slow), shard_size=2, batch_size=2)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_resume(tmp_path):
+    script = tmp_path / "build.py"
+    script.write_text(_BUILD)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, script, tmp_path / "whole"], check=True, env=env)
+    target = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, script, target], env={**env, "SLOW": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(target.glob("shard-*.safetensors"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shards = list(target.glob("shard-*.safetensors"))
+    assert 3 <= len(shards) < 30, "the build was not killed midway"
+    subprocess.run([sys.executable, script, target], check=True, env=env)
+    assert _files(target) == _files(tmp_path / "whole")
+
+
+def test_other_settings_are_refused_naming_the_difference(task, tmp_path):
+    model, ckpts, train, test, _ = task
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)
+    other_lr = [tc.Checkpoint(c.params, lr=2 * c.lr) for c in ckpts]
+    with pytest.raises(ValueError, match=r"learning rates.*overwrite=True"):
+        tc.build_index(tmp_path, model, other_lr, train, loss_fn=LOSS, shard_size=8)
+    with pytest.raises(ValueError, match=r"`projection`.*differ"):
+        tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8, projection_dim=4)
+    with pytest.raises(ValueError, match=r"the loss .*differ"):
+        tc.build_index(tmp_path, model, ckpts, train, loss_fn=nn.CrossEntropyLoss(reduction="sum"), shard_size=8)
+    index = tc.open_index(tmp_path)
+    with pytest.raises(ValueError, match=r"built with other settings.*checkpoints \[1\]"):
+        changed = [ckpts[0], tc.Checkpoint({k: v + 1 for k, v in ckpts[1].params.items()}, ckpts[1].lr), ckpts[2]]
+        tc.top_k(model, changed, index, test, k=2, loss_fn=LOSS)
+    with pytest.raises(ValueError, match=r"differentiated parameters"):
+        tc.influence(model, ckpts, index, test, loss_fn=LOSS, layers=["fc1"])
+    rebuilt = tc.build_index(tmp_path, model, other_lr, train, loss_fn=LOSS, shard_size=8, overwrite=True)
+    assert rebuilt.fingerprint["learning_rates"] == [2 * c.lr for c in ckpts]
+
+
+def test_a_directory_that_is_not_an_index_is_never_deleted(task, tmp_path):
+    model, ckpts, train, _, _ = task
+    (tmp_path / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"not empty and holds no tracin_func index.*never deleted"):
+            tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, overwrite=overwrite)
+    assert _files(tmp_path) == {"notes.txt": b"mine"}
+
+
+def test_damaged_shards_are_named(task, tmp_path):
+    model, ckpts, train, test, _ = task
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)
+    shard = tmp_path / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # one flipped bit in the embeddings
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors` is corrupt.*build_index"):
+        tc.open_index(tmp_path)
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)  # the same call redoes that shard
+    assert shard.read_bytes() != bytes(data)
+    tc.open_index(tmp_path)
+    shard.write_bytes(bytes(data))
+    index = tc.open_index(tmp_path, verify=False)
+    shard.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors.*cannot be read.*build_index"):
+        tc.influence(model, ckpts, index, test, loss_fn=LOSS)
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors` is not a readable index shard"):
+        tc.open_index(tmp_path, verify=False)
+    shard.unlink()
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors` is missing"):
+        tc.open_index(tmp_path)
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)  # the same call repairs it
+    tc.open_index(tmp_path)
+
+
+def test_disk_space_is_checked_first(task, tmp_path, monkeypatch):
+    model, ckpts, train, _, _ = task
+    monkeypatch.setattr(_build.shutil, "disk_usage", lambda path: SimpleNamespace(free=100))
+    with pytest.raises(ValueError, match=r"needs about .* GiB .* free.*projection_dim="):
+        tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS)
+    assert not list(tmp_path.glob("shard-*"))
+
+
+def test_bad_arguments(task, tmp_path):
+    model, ckpts, train, test, _ = task
+    with pytest.raises(TypeError, match="known size"):
+        tc.build_index(tmp_path, model, ckpts, iter([train]), loss_fn=LOSS)
+    with pytest.raises(TypeError, match="storage_dtype"):
+        tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, storage_dtype=torch.int8)
+    with pytest.raises(ValueError, match="holds no index"):
+        tc.open_index(tmp_path)
+    index = tc.build_index(tmp_path / "i", model, ckpts, train, loss_fn=LOSS)
+    with pytest.raises(ValueError, match="normalize.*not available with an index"):
+        tc.top_k(model, ckpts, index, test, k=2, loss_fn=LOSS, normalize="cosine")
+    with pytest.raises(ValueError, match="`rerank` must be the training data"):
+        tc.top_k(model, ckpts, index, test, k=2, loss_fn=LOSS, rerank=(train[0][:5], train[1][:5]))
+    with pytest.raises(ValueError, match="pass a `tc.Index` as `train`"):
+        tc.top_k(model, ckpts, train, test, k=2, loss_fn=LOSS, rerank=train)
+    with pytest.raises(ValueError, match=r"`k`=30 exceeds the number of rows of the index \(23\)"):
+        tc.top_k(model, ckpts, index, test, k=30, loss_fn=LOSS)
+
+
+def test_rerank_returns_exact_scores_and_recovers_the_exact_top_k(task, tmp_path):
+    model, ckpts, train, test, ref = task
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, projection_dim=4, seed=1)
+    reranked = tc.top_k(model, ckpts, index, test, k=3, loss_fn=LOSS, rerank=train, candidates=8)
+    assert_close(reranked.scores, torch.gather(ref.influence, 1, reranked.indices))  # exact TracIn scores
+    everything = tc.top_k(model, ckpts, index, test, k=3, loss_fn=LOSS, rerank=TensorDataset(*train), candidates=N)
+    assert_topk(everything, ref.influence, 3, largest=True)
+
+
+def test_the_test_side_in_chunks_gives_the_same_results(task, tmp_path):
+    model, ckpts, train, test, ref = task
+    small = dict(test_memory_bytes=1, batch_size=2)  # every test batch is a chunk of its own
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=LOSS, **small), ref.influence)
+    assert_topk(tc.top_k(model, ckpts, train, test, k=3, loss_fn=LOSS, **small), ref.influence, 3, largest=True)
+    cos = dict(loss_fn=LOSS, normalize="cosine", aggregate=True)
+    summed = tc.influence(model, ckpts, train, test, **cos)
+    assert_close(tc.influence(model, ckpts, train, test, **cos, **small), summed)
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, storage_dtype=DTYPE)
+    assert_close(tc.influence(model, ckpts, index, test, loss_fn=LOSS, **small), ref.influence)
+    assert_topk(tc.top_k(model, ckpts, index, test, k=3, loss_fn=LOSS, **small), ref.influence, 3, largest=True)
+
+
+def test_cnn_index_through_the_factored_path(tmp_path):
+    t = cnn_task()
+    ref = reference_scores(t.model, t.checkpoints, t.train, t.test, loss_fn=t.loss_fn)
+    index = tc.build_index(
+        tmp_path, t.model, t.checkpoints, t.train, loss_fn=t.loss_fn, storage_dtype=DTYPE, shard_size=3
+    )
+    assert_close(index.self_influence(), ref.self_influence)
+    assert_close(tc.influence(t.model, t.checkpoints, index, t.test, loss_fn=t.loss_fn), ref.influence)
+
+
+@pytest.mark.slow
+def test_the_example_resumes_after_a_kill(tmp_path):
+    pytest.importorskip("sklearn")
+    example = Path(__file__).parents[1] / "examples" / "index_digits.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, str(example), "--out", str(tmp_path), "--shard-size", "300"]
+    killed = subprocess.run([*run, "--kill-after", "2"], env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert not json.loads((tmp_path / "index" / "manifest.json").read_text())["complete"]
+    done = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
+    assert "Index(" in done.stdout and "rows=1500" in done.stdout and "most self-influential" in done.stdout
+    tc.open_index(tmp_path / "index")

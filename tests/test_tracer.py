@@ -1,0 +1,256 @@
+"""TracIn inside the training loop (`tc.tracer_init` / `tc.tracer_update`) against a float64 loop reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad
+
+import tracin_func as tc
+from tests.conftest import assert_close, assert_differs
+from tests.models import CNN, MLP, mlp_function, mlp_task
+from tests.reference import reference_grads
+
+DTYPE = torch.float64
+
+
+def _data(shape, n, n_classes=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=gen, dtype=DTYPE), torch.randint(0, n_classes, (n,), generator=gen)
+
+
+def _schedule(n_train):
+    """Steps (indices, lr): batches of different sizes, repeated indices across steps and within one step."""
+    return [
+        (torch.tensor([0, 1, 2, 3]), 0.3),
+        (torch.tensor([4, 5, 0]), 0.05),
+        (torch.tensor([6, 7, 8, 9, 1]), 1.7),
+        (torch.tensor([2, 2, 9]), 0.2),  # index 2 twice in one step
+    ]
+
+
+def _sgd_run(model, params, train, test, steps, loss_fn, **kw):
+    """A functional SGD loop threading the tracer; returns the final state and the parameters of every step."""
+    x, y = train
+    state = tc.tracer_init(test, n_train=x.shape[0], dtype=DTYPE)
+    history = []
+    for idx, lr in steps:
+        history.append((params, lr, idx))
+        batch = (x[idx], y[idx])
+        state = tc.tracer_update(state, model, params, torch.tensor(lr, dtype=DTYPE), batch, idx, loss_fn=loss_fn, **kw)
+        g = grad(lambda p, b: loss_fn(functional_call(model, p, (b[0],)), b[1]))(params, batch)
+        params = {k: p - lr * g[k] for k, p in params.items()}
+    return state, history
+
+
+def _loop_reference(model, history, train, test, loss_fn, n_train):
+    """TracIn by its definition: for every step, one `torch.autograd.grad` per example (tests.reference)."""
+    scores = torch.zeros(test[0].shape[0], n_train, dtype=DTYPE)
+    self_influence = torch.zeros(n_train, dtype=DTYPE)
+    for params, lr, idx in history:
+        ckpt = tc.Checkpoint(params={**model.state_dict(), **params}, lr=lr)
+        g_test = reference_grads(model, ckpt, test, loss_fn, params=list(params))
+        g_batch = reference_grads(model, ckpt, (train[0][idx], train[1][idx]), loss_fn, params=list(params))
+        for b, j in enumerate(idx.tolist()):
+            scores[:, j] += lr * g_test @ g_batch[b]
+            self_influence[j] += lr * g_batch[b].square().sum()
+    return scores, self_influence
+
+
+@pytest.mark.parametrize("factored", [None, False])
+@pytest.mark.parametrize("make", [MLP, CNN], ids=["mlp", "cnn"])
+def test_tracer_matches_the_loop_reference(make, factored):
+    torch.manual_seed(0)
+    model = make().to(DTYPE).eval()
+    shape = (4,) if make is MLP else (1, 6, 6)
+    train, test = _data(shape, 10, seed=1), _data(shape, 4, seed=2)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    before = copy.deepcopy(model.state_dict())
+    loss_fn = nn.CrossEntropyLoss()
+    state, history = _sgd_run(model, params, train, test, _schedule(10), loss_fn, factored=factored)
+    scores, self_influence = _loop_reference(model, history, train, test, loss_fn, 10)
+    assert state.scores.shape == (4, 10) and state.scores.dtype == DTYPE
+    assert_close(state.scores, scores)
+    assert_close(state.self_influence, self_influence)
+    assert int(state.steps) == 4
+    # the repeated index (2, seen at steps 0 and 3, twice at step 3) is not the same as counting it once
+    once = _loop_reference(model, [(p, lr, idx.unique()) for p, lr, idx in history], train, test, loss_fn, 10)
+    assert_differs(state.self_influence, once[1])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_update_is_pure():
+    t = mlp_task()
+    state = tc.tracer_init(t.test, n_train=10, dtype=DTYPE)
+    params = dict(t.checkpoints[0].params)
+    copies = {k: v.clone() for k, v in params.items()}
+    idx = torch.tensor([3, 1, 3])
+    batch = (t.train[0][idx], t.train[1][idx])
+    new = tc.tracer_update(state, t.model, params, 0.5, batch, idx, loss_fn=t.loss_fn)
+    assert not state.scores.any() and not state.self_influence.any() and int(state.steps) == 0
+    assert all(torch.equal(copies[k], v) for k, v in params.items())
+    assert new.test is state.test
+    # the same update twice from the same state gives the same state (no hidden state in between)
+    again = tc.tracer_update(state, t.model, params, 0.5, batch, idx, loss_fn=t.loss_fn)
+    assert torch.equal(new.scores, again.scores) and torch.equal(new.self_influence, again.self_influence)
+    untouched = [j for j in range(10) if j not in (1, 3)]
+    assert not new.scores[:, untouched].any() and not new.self_influence[untouched].any()
+
+
+def test_one_pass_at_fixed_params_equals_influence():
+    """Property: parameters fixed over the steps, every example seen once with the same lr == `tc.influence` at
+    that one checkpoint (and `tc.self_influence`)."""
+    t = mlp_task()
+    ckpt = tc.Checkpoint(params=t.checkpoints[1].params, lr=0.05)
+    state = tc.tracer_init(t.test, n_train=10, dtype=DTYPE)
+    order = torch.tensor([7, 2, 9, 0, 5, 1, 8, 3, 6, 4])
+    for idx in order.split(3):
+        state = tc.tracer_update(state, t.model, ckpt.params, ckpt.lr, (t.train[0][idx], t.train[1][idx]), idx,
+                                 loss_fn=t.loss_fn)
+    assert_close(state.scores, tc.influence(t.model, [ckpt], t.train, t.test, loss_fn=t.loss_fn))
+    assert_close(state.self_influence, tc.self_influence(t.model, [ckpt], t.train, loss_fn=t.loss_fn))
+
+
+def test_pure_function_model_and_example_loss():
+    t = mlp_task()
+    gen = torch.Generator().manual_seed(5)
+    params = {
+        "w1": torch.randn(4, 5, generator=gen, dtype=DTYPE), "b1": torch.randn(5, generator=gen, dtype=DTYPE),
+        "w2": torch.randn(5, 3, generator=gen, dtype=DTYPE), "b2": torch.randn(3, generator=gen, dtype=DTYPE),
+    }
+    idx = torch.tensor([4, 0, 4])
+    batch = (t.train[0][idx], t.train[1][idx])
+    state = tc.tracer_init(t.test, n_train=10, dtype=DTYPE)
+    criterion = nn.CrossEntropyLoss()
+    by_criterion = tc.tracer_update(state, mlp_function, params, 0.7, batch, idx, loss_fn=criterion)
+    example_loss = tc.ExampleLoss(lambda p, b: criterion(mlp_function(p, b[0]), b[1]))
+    by_example = tc.tracer_update(state, mlp_function, params, 0.7, batch, idx, loss_fn=example_loss)
+    ckpt = tc.Checkpoint(params=params, lr=0.7)
+    g_test = reference_grads(mlp_function, ckpt, t.test, criterion)
+    g_batch = reference_grads(mlp_function, ckpt, batch, criterion)
+    expected = torch.zeros(4, 10, dtype=DTYPE).index_add(1, idx, 0.7 * g_test @ g_batch.T)
+    assert_close(by_criterion.scores, expected)
+    assert_close(by_example.scores, expected)
+    assert_close(by_example.self_influence, by_criterion.self_influence)
+
+
+def test_torch_optim_loop_with_a_test_loss():
+    """A plain torch.optim loop: `dict(model.named_parameters())` before `optimizer.step()`; the model's own
+    parameters require grad and are updated in place by the optimizer, the tracer only reads them."""
+    torch.manual_seed(3)
+    model = MLP().to(DTYPE).eval()
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    train, test = _data((4,), 10, seed=3), _data((4,), 4, seed=4)
+    loss_fn, test_loss_fn = nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    state = tc.tracer_init(test, n_train=10, dtype=DTYPE)
+    history = []
+    for idx, lr in _schedule(10):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        history.append(({k: v.detach().clone() for k, v in model.named_parameters()}, lr, idx))
+        state = tc.tracer_update(state, model, dict(model.named_parameters()), lr, (train[0][idx], train[1][idx]),
+                                 idx, loss_fn=loss_fn, test_loss_fn=test_loss_fn)
+        optimizer.zero_grad()
+        loss_fn(model(train[0][idx]), train[1][idx]).backward()
+        optimizer.step()
+    assert not torch.equal(start["fc1.weight"], model.fc1.weight)
+    scores = torch.zeros(4, 10, dtype=DTYPE)
+    for params, lr, idx in history:
+        ckpt = tc.Checkpoint(params=params, lr=lr)
+        g_test = reference_grads(model, ckpt, test, test_loss_fn)
+        g_batch = reference_grads(model, ckpt, (train[0][idx], train[1][idx]), loss_fn)
+        scores.index_add_(1, idx, lr * g_test @ g_batch.T)
+    assert_close(state.scores, scores)
+
+
+@pytest.mark.slow
+def test_compiled_update_equals_eager():
+    torch._dynamo.reset()
+    try:
+        t = mlp_task()
+        params = dict(t.checkpoints[0].params)
+        state = tc.tracer_init(t.test, n_train=10, dtype=DTYPE)
+        update = torch.compile(tc.tracer_update)
+        eager, compiled = state, state
+        for idx, lr in _schedule(10)[:3]:
+            batch, lr = (t.train[0][idx], t.train[1][idx]), torch.tensor(lr, dtype=DTYPE)
+            eager = tc.tracer_update(eager, t.model, params, lr, batch, idx, loss_fn=t.loss_fn)
+            compiled = update(compiled, t.model, params, lr, batch, idx, loss_fn=t.loss_fn)
+        assert_close(compiled.scores, eager.scores, 1e-12)
+        assert_close(compiled.self_influence, eager.self_influence, 1e-12)
+        assert int(compiled.steps) == 3
+    finally:
+        torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.fixture
+def call():
+    t = mlp_task()
+    state = tc.tracer_init(t.test, n_train=10, dtype=DTYPE)
+    idx = torch.tensor([0, 1])
+    args = dict(state=state, model=t.model, params=dict(t.checkpoints[0].params), lr=0.1,
+                batch=(t.train[0][:2], t.train[1][:2]), indices=idx, loss_fn=t.loss_fn)
+    return lambda **kw: tc.tracer_update(**{**args, **kw})
+
+
+def test_error_indices_out_of_range(call):
+    with pytest.raises(ValueError, match=r"`indices` \[10\] are outside \[0, n_train\) = \[0, 10\)"):
+        call(indices=torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match=r"`indices` \[-1\] are outside"):
+        call(indices=torch.tensor([-1, 0]))
+
+
+def test_error_indices_length(call):
+    with pytest.raises(ValueError, match="`indices` has 3 entries but `batch` holds 2 examples"):
+        call(indices=torch.tensor([0, 1, 2]))
+
+
+def test_error_indices_type(call):
+    with pytest.raises(TypeError, match="`indices` must be a 1-d integer tensor.*torch.float32"):
+        call(indices=torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="`indices` must be a 1-d integer tensor.*list"):
+        call(indices=[0, 1])
+    with pytest.raises(TypeError, match=r"`indices` must be a 1-d integer tensor.*shape \(2, 1\)"):
+        call(indices=torch.tensor([[0], [1]]))
+
+
+def test_error_lr(call):
+    with pytest.raises(ValueError, match="`lr` must be finite and non-negative.*-0.1"):
+        call(lr=-0.1)
+    with pytest.raises(ValueError, match=r"`lr` must be a number or a floating 0-d tensor.*shape \(2,\)"):
+        call(lr=torch.tensor([0.1, 0.2]))
+    with pytest.raises(TypeError, match="`lr` must be a number or a 0-d tensor, got '0.1'"):
+        call(lr="0.1")
+
+
+def test_error_state_and_params(call):
+    with pytest.raises(TypeError, match="`state` must be the `tc.TracerState`"):
+        call(state={"scores": torch.zeros(4, 10)})
+    with pytest.raises(ValueError, match="`params` holds none of the model's parameters"):
+        call(params={"weight": torch.zeros(3)})
+    with pytest.raises(TypeError, match="`params` must be a non-empty dict"):
+        call(params=[torch.zeros(3)])
+
+
+def test_error_batch_without_target(call):
+    with pytest.raises(ValueError, match="`batch`: a batch of 1 element has no target"):
+        call(batch=(torch.zeros(2, 4, dtype=DTYPE),))
+
+
+def test_error_init():
+    test = (torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="`n_train` must be a positive int.*got 0"):
+        tc.tracer_init(test, n_train=0)
+    with pytest.raises(ValueError, match="`dtype`=torch.float16: sums of gradient inner products"):
+        tc.tracer_init(test, n_train=3, dtype=torch.float16)
+    with pytest.raises(TypeError, match="`dtype` must be a floating torch.dtype"):
+        tc.tracer_init(test, n_train=3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="disagree on the batch size"):
+        tc.tracer_init((torch.randn(2, 3), torch.tensor([0, 1, 2])), n_train=3)

@@ -1,0 +1,255 @@
+"""Adam-aware TracIn: a checkpoint's saved ``torch.optim.Adam`` / ``AdamW`` state turns each training example's
+gradient into the update Adam would take for that example alone (test examples keep plain gradients, as in LESS,
+Xia et al. 2024).
+
+For a parameter with saved moments ``m``, ``v``, ``t = step`` (torch's count of steps already taken) and its
+param group's ``betas = (b1, b2)``, ``eps``, the example's gradient ``g`` gives
+
+    m' = b1 m + (1 - b1) g        v' = b2 v + (1 - b2) g^2        (v' = max(max_exp_avg_sq, v') with amsgrad)
+    u  = (m' / (1 - b1^(t+1))) / (sqrt(v' / (1 - b2^(t+1))) + eps)
+
+the direction of the next step (``theta <- theta - lr u``), bias-corrected for step ``t + 1`` exactly as torch
+does. Adam's coupled weight decay (``torch.optim.Adam(weight_decay=wd)``) is part of the gradient Adam sees, so
+``g`` is ``g + wd theta`` there. AdamW's decoupled decay (``theta <- theta - lr wd theta``) is the same for every
+example: it would shift every score of a test example by the same ``lr <g_test, wd theta>`` per checkpoint, so it
+is left out (the score is the example's own effect). A parameter without saved state (never stepped) starts from
+``m = v = 0``, ``t = 0``, as torch's first step does.
+
+Optimizer state dicts key parameters by integer ids. They are matched to names by the ``param_names`` torch
+stores when an optimizer is built from ``model.named_parameters()``; otherwise, for one param group, in the order
+of ``model.named_parameters()`` (all of them, or those that require grad: the order of ``model.parameters()``, from
+which optimizers are usually built) or of a pure function's floating checkpoint entries. Counts and every shape
+must match. Several param groups without ``param_names`` cannot be matched safely (their order is the user's) and
+are refused.
+
+Example:
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> opt = torch.optim.Adam([w], lr=0.1)
+    >>> w.grad = torch.tensor([1.0, -2.0]); opt.step()
+    >>> states = adam_states(opt.state_dict(), ["w"], {"w": (2,)}, "checkpoints[0]")
+    >>> states["w"].step.item(), states["w"].beta1
+    (1.0, 0.9)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from ._representations import Dense, Representation, _rows
+
+
+class AdamParam(NamedTuple):
+    """One parameter's saved Adam state and hyper-parameters (tensors on the computation device and dtype)."""
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    max_exp_avg_sq: torch.Tensor | None  # amsgrad
+    step: torch.Tensor  # 0-d: steps already taken
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float  # coupled (Adam's L2): added to the gradient; 0 for AdamW (decoupled, left out)
+
+
+def _group_of(groups: Sequence[Mapping[str, Any]], index: int, where: str) -> Mapping[str, Any]:
+    group = groups[index]
+    if "amsgrad" not in group or "betas" not in group or "eps" not in group or "momentum_decay" in group:
+        raise ValueError(
+            f"`optimizer_state` of {where}: param_groups[{index}] (keys {sorted(group)}) is not torch.optim.Adam / "
+            f"AdamW's (they store 'betas', 'eps' and 'amsgrad'); only Adam and AdamW states are supported. Drop "
+            f"`optimizer_state` to score with plain gradients."
+        )
+    if group.get("maximize", False):
+        raise ValueError(
+            f"`optimizer_state` of {where}: param_groups[{index}] has maximize=True (gradient ascent); TracIn scores "
+            f"loss descent. Drop `optimizer_state`, or save the state of a minimising optimizer."
+        )
+    if group.get("weight_decay", 0) and "decoupled_weight_decay" not in group:
+        raise ValueError(
+            f"`optimizer_state` of {where}: param_groups[{index}] has weight_decay={group['weight_decay']} but no "
+            f"'decoupled_weight_decay' entry (torch < 2.6), so Adam (L2 decay, part of the gradient) cannot be told "
+            f"from AdamW (decoupled decay, left out). Set `group['decoupled_weight_decay']` to True (AdamW) or False "
+            f"(Adam) in the saved state."
+        )
+    return group
+
+
+def _ids_to_names(
+    groups: Sequence[Mapping[str, Any]], order: Sequence[str], trainable: Sequence[str], where: str
+) -> dict[Any, tuple[str, int]]:
+    """``{parameter id: (name, group index)}``."""
+    ids = [(i, g) for g, group in enumerate(groups) for i in group["params"]]
+    if all("param_names" in group for group in groups):
+        names = [n for group in groups for n in group["param_names"]]
+        unknown = [n for n in names if n not in order]
+        if unknown or len(names) != len(ids):
+            raise ValueError(
+                f"`optimizer_state` of {where} names parameters {unknown[:5]} that the model does not have; save the "
+                f"optimizer of this model (its parameters: {list(order)[:10]})."
+            )
+        return {i: (n, g) for (i, g), n in zip(ids, names)}
+    if len(groups) > 1:
+        raise ValueError(
+            f"`optimizer_state` of {where} has {len(groups)} param groups without 'param_names', so its parameter "
+            f"ids cannot be matched to names safely (the groups' order is the training script's). Build the "
+            f"optimizer from `model.named_parameters()` (torch >= 2.6 then saves the names), or use one param group."
+        )
+    for candidate in (order, trainable):
+        if len(ids) == len(candidate):
+            return {i: (n, g) for (i, g), n in zip(ids, candidate)}
+    raise ValueError(
+        f"`optimizer_state` of {where} holds {len(ids)} parameters but the model has {len(order)} "
+        f"({len(trainable)} requiring grad); ids are matched to `model.named_parameters()` in order. Save the "
+        f"optimizer built from `model.parameters()` (or from `model.named_parameters()`, which stores the names)."
+    )
+
+
+def adam_states(
+    optimizer_state: Any,
+    order: Sequence[str],
+    shapes: Mapping[str, tuple[int, ...]],
+    where: str,
+    trainable: Sequence[str] | None = None,
+) -> dict[str, AdamParam]:
+    """Name-keyed Adam state of a torch ``optimizer.state_dict()``, validated (see the module docstring).
+
+    ``order``: the model's parameter names in ``named_parameters()`` order; ``trainable``: those requiring grad
+    (default: all); ``shapes``: each parameter's shape. Tensors stay where they are (see :func:`on_device`)."""
+    if not (
+        isinstance(optimizer_state, Mapping)
+        and isinstance(optimizer_state.get("state"), Mapping)
+        and isinstance(optimizer_state.get("param_groups"), Sequence)
+        and all(isinstance(g, Mapping) and "params" in g for g in optimizer_state["param_groups"])
+    ):
+        got = sorted(optimizer_state) if isinstance(optimizer_state, Mapping) else type(optimizer_state).__name__
+        raise TypeError(
+            f"`optimizer_state` of {where} must be a torch optimizer's `state_dict()` (a dict with 'state' and "
+            f"'param_groups'), got {got}."
+        )
+    groups = optimizer_state["param_groups"]
+    by_id = _ids_to_names(groups, order, order if trainable is None else trainable, where)
+    states: dict[str, AdamParam] = {}
+    for pid, (name, g) in by_id.items():
+        group = _group_of(groups, g, where)
+        entry = optimizer_state["state"].get(pid, {})
+        if entry and not {"exp_avg", "exp_avg_sq", "step"} <= set(entry):
+            raise ValueError(
+                f"`optimizer_state` of {where}: the state of parameter {pid} ({name!r}) has keys {sorted(entry)}, "
+                f"not Adam's 'exp_avg', 'exp_avg_sq' and 'step'; only Adam and AdamW states are supported."
+            )
+        shape = tuple(shapes[name])
+        if entry:
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in entry and tuple(entry[key].shape) != shape:
+                    raise ValueError(
+                        f"`optimizer_state` of {where}: {key} of parameter {pid} has shape {tuple(entry[key].shape)}, "
+                        f"but it was matched to {name!r} of shape {shape}. The ids do not follow "
+                        f"`model.named_parameters()`: build the optimizer from `model.named_parameters()` (torch "
+                        f">= 2.6 then saves the names)."
+                    )
+        zeros = torch.zeros(shape)
+        amsgrad = bool(group["amsgrad"])
+        b1, b2 = (float(b) for b in group["betas"])
+        decay = 0.0 if group.get("decoupled_weight_decay", False) else float(group.get("weight_decay", 0))
+        states[name] = AdamParam(
+            entry.get("exp_avg", zeros),
+            entry.get("exp_avg_sq", zeros),
+            entry.get("max_exp_avg_sq", zeros) if amsgrad else None,
+            torch.as_tensor(entry.get("step", 0.0)).detach().reshape(()),
+            b1,
+            b2,
+            float(group["eps"]),
+            decay,
+        )
+    return states
+
+
+def on_device(states: Mapping[str, AdamParam], device: torch.device, dtype: torch.dtype) -> dict[str, AdamParam]:
+    """The states with every tensor on ``device`` in ``dtype`` (the step too: it enters ``b ** (t + 1)``)."""
+
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().to(device=device, dtype=dtype)
+
+    return {
+        n: s._replace(exp_avg=move(s.exp_avg), exp_avg_sq=move(s.exp_avg_sq), max_exp_avg_sq=move(s.max_exp_avg_sq),
+                      step=move(s.step))
+        for n, s in states.items()
+    }
+
+
+def adam_update(grad: torch.Tensor, state: AdamParam, param: torch.Tensor) -> torch.Tensor:
+    """``[B, *shape]``: each example's Adam step direction ``u`` from its gradient ``grad`` ``[B, *shape]`` at the
+    parameter value ``param`` (used by Adam's coupled weight decay only)."""
+    if state.weight_decay:
+        grad = grad + state.weight_decay * param
+    t = state.step + 1
+    correction1, correction2 = 1 - state.beta1**t, 1 - state.beta2**t
+    # [B, *shape] temporaries updated in place: the transform is memory-bound (a few passes over B x P floats)
+    v = grad.square().mul_(1 - state.beta2).add_(state.beta2 * state.exp_avg_sq)
+    if state.max_exp_avg_sq is not None:
+        v = torch.maximum(v, state.max_exp_avg_sq, out=v)
+    denominator = v.div_(correction2).sqrt_().add_(state.eps)
+    m = grad.mul(1 - state.beta1).add_(state.beta1 * state.exp_avg)
+    return m.div_(correction1).div_(denominator)
+
+
+def dense(rep: Representation) -> Representation:
+    """The same gradients as one dense part (factored parts materialised), parameters in ``rep.names`` order."""
+    grads = {n: g for part in rep.parts for n, g in part.materialize().items()}
+    return Representation((Dense({n: grads[n] for n in rep.names}),), rep.names)
+
+
+def adam_representation(
+    rep: Representation, states: Mapping[str, AdamParam], diff: Mapping[str, torch.Tensor]
+) -> tuple[Representation, Representation]:
+    """``(gradients, updates)`` of a training batch, both dense: every part is materialised (the update is
+    elementwise nonlinear in the gradient, so it has no factored form) and transformed parameter by parameter."""
+    grads = dense(rep).parts[0].materialize()
+    missing = [n for n in rep.names if n not in states]
+    if missing:
+        raise ValueError(f"`optimizer_state` has no entry for the differentiated parameters {missing[:10]}.")
+    updates = {n: adam_update(grads[n], states[n], diff[n]) for n in rep.names}
+    return Representation((Dense(grads),), rep.names), Representation((Dense(updates),), rep.names)
+
+
+def row_dots(a: Representation, b: Representation) -> dict[str, torch.Tensor]:
+    """``{name: [B]}`` per-example inner products of two dense representations of the same examples."""
+    ga, gb = a.parts[0].materialize(), b.parts[0].materialize()
+    return {n: (_rows(ga[n]) * _rows(gb[n])).sum(1) for n in a.names}
+
+
+def with_adam_states(
+    model: Any,
+    checkpoints: Sequence[Any],
+    prepared: Sequence[Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[Any]:
+    """``prepared`` (``CheckpointState`` list) with each checkpoint's Adam state attached, on ``device`` in
+    ``dtype``; unchanged when no checkpoint carries an optimizer state. Either every checkpoint carries one or none."""
+    carrying = [c.optimizer_state is not None for c in checkpoints]
+    if not any(carrying):
+        return list(prepared)
+    if not all(carrying):
+        without, with_ = carrying.index(False), carrying.index(True)
+        raise ValueError(
+            f"`checkpoints[{with_}]` carries an `optimizer_state` but `checkpoints[{without}]` does not: Adam-aware "
+            f"and plain TracIn terms would be mixed in one score. Give every checkpoint its optimizer state (an empty "
+            f"optimizer's `state_dict()` before the first step), or none."
+        )
+    if isinstance(model, torch.nn.Module):
+        named = list(model.named_parameters())
+        order = [n for n, _ in named]
+        trainable = [n for n, p in named if p.requires_grad]
+    else:
+        order = trainable = [n for n, t in checkpoints[0].params.items() if t.is_floating_point()]
+    out = []
+    for i, (c, ready) in enumerate(zip(checkpoints, prepared)):
+        states = adam_states(c.optimizer_state, order, shapes, f"checkpoints[{i}]", trainable)
+        out.append(ready._replace(adam=on_device(states, device, dtype)))
+    return out

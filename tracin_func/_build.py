@@ -1,0 +1,289 @@
+"""Building an index: embed every training example once, shard by shard, crash-safe and resumable, on one process
+or across ``torch.distributed`` ranks (shard ``i`` is built by rank ``i % W``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ._api import _check_options
+from ._checkpoints import Checkpoint
+from ._data import num_examples, rows_of
+from ._distributed import gather_objects, on_every_rank
+from ._driver import collect_rows, embedding_blocks
+from ._fingerprint import differences, fingerprint
+from ._index import FORMAT, MANIFEST, VERSION, Index, check_shard, open_index, read_manifest
+from ._model import exclusive_use
+from ._setup import Setup, make_setup
+from ._shards import TEMPORARY, file_sha256, shard_info, shard_name, write_json, write_shard
+from ._validate import positive_int, seed_value
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ._api import Options
+
+SHARD_BYTES = 1 << 28  # default shard size: about 256 MB of embeddings
+STORAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _plan_manifest(
+    setup: Setup, loss_fn: Any, n: int, shard_size: int | None, storage_dtype: torch.dtype
+) -> dict[str, Any]:
+    """The manifest of an index still being built (``complete: false``, no shard list yet); shards of about
+    ``SHARD_BYTES`` of embeddings unless ``shard_size`` is given."""
+    state = setup.checkpoints[0].state
+    k = setup.projection[0] if setup.projection else sum(state[name].numel() for name in setup.spec.diff_names)
+    dim = len(setup.checkpoints) * k
+    prints = fingerprint(setup, loss_fn)
+    layout = {
+        "rows": n,
+        "shard_size": shard_size or max(1, min(n, SHARD_BYTES // max(1, dim * storage_dtype.itemsize))),
+        "dim": dim,
+        "projection": None if setup.projection is None else {"dim": setup.projection[0], "seed": setup.projection[1]},
+        "storage_dtype": str(storage_dtype).replace("torch.", ""),
+    }
+    digest = hashlib.sha256(json.dumps({**layout, "fingerprint": prints}, sort_keys=True).encode()).hexdigest()
+    return {"format": FORMAT, "version": VERSION, "complete": False, **layout, "fingerprint": prints, "digest": digest}
+
+
+def _shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+
+
+def _what_differs(stored: dict[str, Any], planned: dict[str, Any]) -> list[str]:
+    found = differences(stored.get("fingerprint", {}), planned["fingerprint"])
+    for key in ("rows", "shard_size", "dim", "projection", "storage_dtype"):
+        if stored.get(key) != planned[key]:
+            found.append(f"`{key}` ({stored.get(key)!r} -> {planned[key]!r})")
+    return found
+
+
+def _ours(name: str) -> bool:
+    base = name[: -len(TEMPORARY)] if name.endswith(TEMPORARY) else name
+    return base == MANIFEST or (base.startswith("shard-") and base.endswith(".safetensors"))
+
+
+def _prepare_directory(path: str, planned: dict[str, Any], overwrite: bool) -> None:
+    """Make ``path`` ready for this build: new, resumed (same plan) or, with ``overwrite``, emptied of an index
+    of another plan. A directory that is not an index is never touched."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"`path`={path!r} is a file; pass a directory for the index.")
+    os.makedirs(path, exist_ok=True)
+    stored = read_manifest(path)
+    entries = os.listdir(path)
+    if stored is None and entries:
+        raise ValueError(
+            f"`path`={path!r} is not empty and holds no tracin_func index ({sorted(entries)[:5]}); it is never "
+            f"deleted, even with `overwrite=True`. Pass a new or empty directory."
+        )
+    if stored is not None and not stored.get("complete") and stored.get("digest") == planned["digest"]:
+        pass  # resume: keep the complete shards
+    elif stored is not None and stored.get("digest") != planned["digest"]:
+        if not overwrite:
+            found = _what_differs(stored, planned)
+            raise ValueError(
+                f"`path`={path!r} holds an index built with other settings: {'; '.join(found) or 'its fingerprint'} "
+                f"differ. Pass `overwrite=True` to replace it, or another `path`."
+            )
+        for name in entries:
+            if _ours(name):
+                os.remove(os.path.join(path, name))
+        write_json(os.path.join(path, MANIFEST), planned)
+    elif stored is None:
+        write_json(os.path.join(path, MANIFEST), planned)
+    for name in os.listdir(path):  # files a killed build was writing
+        if name.endswith(TEMPORARY) and _ours(name):
+            os.remove(os.path.join(path, name))
+
+
+def _complete(path: str, file: str, start: int, stop: int, planned: dict[str, Any]) -> bool:
+    """Whether a finished shard of this plan is on disk (a shard file exists only once fully written)."""
+    full = os.path.join(path, file)
+    if not os.path.exists(full):
+        return False
+    try:
+        info = shard_info(full)
+    except ValueError:
+        return False
+    rows = stop - start
+    expected = {"embeddings": [rows, planned["dim"]], "self_influence": [rows]}
+    return info.get("rows") == [start, stop] and info.get("digest") == planned["digest"] and info["shapes"] == expected
+
+
+def _remove_damaged(path: str, planned: dict[str, Any]) -> None:
+    """Rebuilding a complete index: remove the shards whose bytes no longer match the manifest's checksum (and mark
+    the index incomplete until they are redone)."""
+    stored = read_manifest(path)
+    if not (stored and stored.get("complete")):
+        return
+    damaged = [s["file"] for s in stored["shards"] if _damaged(os.path.join(path, s["file"]), s["sha256"])]
+    for name in damaged:
+        if os.path.exists(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
+    if damaged:
+        write_json(os.path.join(path, MANIFEST), planned)
+
+
+def _damaged(file: str, sha256: str) -> bool:
+    return not os.path.exists(file) or file_sha256(file) != sha256
+
+
+def _check_disk(path: str, missing_rows: int, planned: dict[str, Any], self_itemsize: int) -> None:
+    itemsize = getattr(torch, planned["storage_dtype"]).itemsize
+    needed = missing_rows * (planned["dim"] * itemsize + self_itemsize)
+    free = shutil.disk_usage(path).free
+    if needed > free:
+        raise ValueError(
+            f"The index needs about {needed / 2**30:.2f} GiB for {missing_rows} more rows of {planned['dim']} values, "
+            f"but `{path}` has {free / 2**30:.2f} GiB free. Pass `projection_dim=` (e.g. 1024), a smaller "
+            f"`storage_dtype` (torch.float16), fewer `params`, or another `path`."
+        )
+
+
+def _shard_rows(setup: Setup, train: Any, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = embedding_blocks(setup, rows_of(train, start, stop), start=start, with_self=True)
+    rows = collect_rows(blocks, stop - start, start)
+    return rows[:, :-1], rows[:, -1]
+
+
+def build_index(
+    path: str | os.PathLike,
+    model: Any,
+    checkpoints: Iterable[Checkpoint],
+    train: Any,
+    *,
+    loss_fn: Any,
+    projection_dim: int | None = None,
+    seed: int = 0,
+    storage_dtype: torch.dtype = torch.float32,
+    shard_size: int | None = None,
+    overwrite: bool = False,
+    **options: Unpack[Options],
+) -> Index:
+    """Embed every training example once and write the embeddings and exact self-influences under ``path``.
+
+    The embeddings are those of :func:`embeddings` (``sqrt(lr_c) * grad`` per checkpoint, projected with the
+    same seeded projection when ``projection_dim`` is given); each example's self-influence is computed from
+    the unprojected gradients, so it is exact even when the embeddings are projected. Shards of ``shard_size``
+    rows are ``safetensors`` files, each made visible only when complete; the JSON manifest lists them with
+    their sha256 and a fingerprint of everything the numbers depend on (``docs/index_format.md``).
+
+    **Resumable:** after the process was killed (at any moment), the same call skips the complete shards, redoes
+    the rest and ends with an index identical byte for byte to an uninterrupted build. A call whose fingerprint
+    (checkpoints, learning rates, parameters, loss, dtype, projection, rows, shard size) differs from the
+    directory's refuses, saying what differs; ``overwrite=True`` replaces it. A directory that is not an index
+    is never deleted. The size is checked against the free disk space first.
+
+    **Distributed:** with ``distributed=True`` (or a process group), shard ``i`` is built by rank ``i % W``; one
+    rank writes the manifest after every shard is done, and every rank returns the opened index.
+
+    Args:
+        path: directory of the index (created if needed).
+        model, checkpoints, loss_fn, **options: as in :func:`influence` (``progress=True`` shows a bar over rows).
+        train: the training data: a batch or a ``Dataset`` (its size must be known, so that shards have fixed
+            row ranges).
+        projection_dim, seed: as in :func:`embeddings`; None stores exact gradients (``C * P`` values a row).
+        storage_dtype: dtype of the stored embeddings (self-influence is kept in the computation dtype).
+        shard_size: rows per shard; default about 256 MB of embeddings per shard.
+        overwrite: replace an index of other settings at ``path``.
+
+    Returns:
+        The opened :class:`Index`.
+
+    Example:
+        >>> import tempfile, torch, tracin_func as tc
+        >>> model = torch.nn.Linear(4, 3)
+        >>> ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+        >>> x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+        >>> loss = torch.nn.CrossEntropyLoss()
+        >>> index = tc.build_index(tempfile.mkdtemp(), model, ckpts, (x, y), loss_fn=loss, storage_dtype=torch.float64)
+        >>> torch.allclose(index.self_influence(), tc.self_influence(model, ckpts, (x, y), loss_fn=loss))
+        True
+        >>> top = tc.top_k(model, ckpts, index, (x[:2], y[:2]), k=3, loss_fn=loss)
+        >>> torch.equal(top.indices, tc.top_k(model, ckpts, (x, y), (x[:2], y[:2]), k=3, loss_fn=loss).indices)
+        True
+    """
+    _check_options(options, "build_index")
+    path = os.fspath(path)
+    projection = None
+    if projection_dim is not None:
+        projection = (positive_int(projection_dim, "projection_dim"), seed_value(seed))
+    if storage_dtype not in STORAGE_DTYPES:
+        raise TypeError(f"`storage_dtype` must be one of {[str(d) for d in STORAGE_DTYPES]}, got {storage_dtype!r}.")
+    if shard_size is not None:
+        positive_int(shard_size, "shard_size")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"`overwrite` must be True or False, got {overwrite!r}.")
+    n = num_examples(train)
+    if n is None:
+        raise TypeError(
+            f"`train` must have a known size to be indexed (a batch `(x1, ..., y)` or a Dataset), got "
+            f"{type(train).__name__}; pass the DataLoader's Dataset and its batch size as `batch_size=`."
+        )
+    if n == 0:
+        raise ValueError("`train` holds no examples.")
+    setup = make_setup(model, checkpoints, loss_fn=loss_fn, projection=projection, **options)
+    planned = _plan_manifest(setup, loss_fn, n, shard_size, storage_dtype)
+    ranges = _shard_ranges(n, planned["shard_size"])
+    ranks = setup.ranks
+    mine = [i for i in range(len(ranges)) if ranks is None or i % ranks.world == ranks.rank]
+
+    def prepare() -> None:
+        if ranks is None or ranks.rank == 0:
+            _prepare_directory(path, planned, overwrite)
+            _remove_damaged(path, planned)
+            missing = sum(b - a for i, (a, b) in enumerate(ranges) if not _complete(path, shard_name(i), a, b, planned))
+            _check_disk(path, missing, planned, setup.dtype.itemsize)
+
+    on_every_rank(ranks, prepare)  # rank 0 prepares; the others wait for its outcome
+
+    def build_mine() -> dict[int, str]:
+        kept = [i for i in mine if _complete(path, shard_name(i), *ranges[i], planned)]
+        done = {i: file_sha256(os.path.join(path, shard_name(i))) for i in kept}
+        todo = [i for i in mine if i not in done]
+        rows = sum(ranges[i][1] - ranges[i][0] for i in mine)
+        bar = tqdm(
+            total=rows,
+            initial=rows - sum(ranges[i][1] - ranges[i][0] for i in todo),
+            desc="index rows" if ranks is None else f"index rows (rank {ranks.rank})",
+            unit="row",
+            disable=not setup.progress,
+            leave=False,
+        )
+        with exclusive_use(model, setup.spec), bar:
+            for i in todo:
+                start, stop = ranges[i]
+                embeddings, self_influence = _shard_rows(setup, train, start, stop)
+                info = {"rows": [start, stop], "digest": planned["digest"]}
+                file = os.path.join(path, shard_name(i))
+                done[i] = write_shard(file, embeddings.to(storage_dtype), self_influence, info)
+                bar.update(stop - start)
+        return done
+
+    checksums = on_every_rank(ranks, build_mine)
+    if ranks is not None:
+        checksums = {i: sha for part in gather_objects(checksums, ranks) for i, sha in part.items()}
+    manifest = {
+        **planned,
+        "complete": True,
+        "shards": [
+            {"file": shard_name(i), "start": a, "stop": b, "sha256": checksums[i]} for i, (a, b) in enumerate(ranges)
+        ],
+    }
+
+    def finish() -> None:
+        if ranks is None or ranks.rank == 0:
+            for shard in manifest["shards"]:
+                check_shard(path, shard, manifest, checksum=False)
+            write_json(os.path.join(path, MANIFEST), manifest)
+
+    on_every_rank(ranks, finish)
+    return open_index(path, verify=False)

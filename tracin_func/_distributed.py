@@ -1,0 +1,166 @@
+"""Scoring across processes with ``torch.distributed``: each rank computes its own part of the training data and
+every rank returns the same full result.
+
+Parts: a ``Dataset`` or a batch is split into contiguous row ranges (rank ``r`` of ``W`` takes rows
+``[r n / W, (r + 1) n / W)``); any other iterable by batch number (batch ``i`` belongs to rank ``i % W``); index
+shards by shard number. Results are combined exactly: a matrix or vector is filled with this rank's entries and
+zeros elsewhere and summed over ranks (adding zeros is exact); top-k lists are gathered and merged. A failure on
+one rank is raised on every rank (naming it), so no rank waits forever in a collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ._data import num_examples, rows_of
+from ._topk import TopK
+
+T = TypeVar("T")
+
+
+class Ranks(NamedTuple):
+    """This process's share of the work: ``rank`` of ``world`` in ``group`` (None: the default group)."""
+
+    group: Any
+    rank: int
+    world: int
+
+
+def resolve(distributed: Any) -> Ranks | None:
+    """``False`` / ``None``: one process; ``True``: the default process group; a ``ProcessGroup``: that group."""
+    if distributed is None or distributed is False:
+        return None
+    if distributed is not True and not (dist.is_available() and isinstance(distributed, dist.ProcessGroup)):
+        raise TypeError(
+            f"`distributed` must be False, True (the default process group) or a torch.distributed ProcessGroup, "
+            f"got {distributed!r}."
+        )
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"`distributed`={distributed!r} needs an initialised process group: launch with `torchrun` and call "
+            f"`torch.distributed.init_process_group()` first (backend 'gloo' on CPU, 'nccl' on GPUs)."
+        )
+    if distributed is True:
+        return Ranks(None, dist.get_rank(), dist.get_world_size())
+    return Ranks(distributed, dist.get_rank(distributed), dist.get_world_size(distributed))
+
+
+def row_range(n: int, ranks: Ranks) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of ``n`` that belong to ``ranks.rank`` (contiguous, sizes differ by at most one)."""
+    return ranks.rank * n // ranks.world, (ranks.rank + 1) * n // ranks.world
+
+
+def _collective_tensor(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """gloo reduces CPU tensors; NCCL device ones: move only when the backend needs it."""
+    if dist.get_backend(ranks.group) == "gloo" and t.device.type != "cpu":
+        return t.cpu()
+    return t
+
+
+def sum_over_ranks(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """Sum of ``t`` over the ranks (each rank holds its entries and zeros elsewhere, so the sum is exact)."""
+    moved = _collective_tensor(t, ranks)
+    dist.all_reduce(moved, group=ranks.group)
+    return moved.to(t.device)
+
+
+def max_over_ranks(value: int, ranks: Ranks) -> int:
+    t = torch.tensor([value], dtype=torch.int64)
+    t = t.cuda() if dist.get_backend(ranks.group) == "nccl" else t
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ranks.group)
+    return int(t.item())
+
+
+def gather_objects(value: Any, ranks: Ranks) -> list[Any]:
+    out: list[Any] = [None] * ranks.world
+    dist.all_gather_object(out, value, group=ranks.group)
+    return out
+
+
+def merge_top_k(best: TopK | None, n_rows: int, k: int, largest: bool, ranks: Ranks, like: torch.Tensor) -> TopK:
+    """The top-k over every rank's lists (a rank with fewer than ``k`` candidates pads with ``-1`` / infinity)."""
+    pad = float("-inf") if largest else float("inf")
+    scores = torch.full((n_rows, k), pad, dtype=like.dtype, device=like.device)
+    indices = torch.full((n_rows, k), -1, dtype=torch.int64, device=like.device)
+    if best is not None:
+        scores[:, : best.scores.shape[1]] = best.scores
+        indices[:, : best.indices.shape[1]] = best.indices
+    gathered = [_collective_tensor(x, ranks) for x in (scores, indices)]
+    lists = [[torch.empty_like(x) for _ in range(ranks.world)] for x in gathered]
+    for out, x in zip(lists, gathered):
+        dist.all_gather(out, x, group=ranks.group)
+    all_scores, all_indices = torch.cat(lists[0], dim=1), torch.cat(lists[1], dim=1)
+    top, pos = torch.topk(all_scores, k, dim=1, largest=largest, sorted=True)
+    return TopK(torch.gather(all_indices, 1, pos).to(like.device), top.to(like.device))
+
+
+def on_every_rank(ranks: Ranks | None, compute: Callable[[], T]) -> T:
+    """Run this rank's ``compute``; if it raises on any rank, raise on every rank (the failing rank re-raises its
+    own error, the others a RuntimeError naming it), so no rank is left waiting in the next collective."""
+    if ranks is None:
+        return compute()
+    error: BaseException | None = None
+    try:
+        result = compute()
+    except Exception as err:  # reported to the other ranks below, then re-raised
+        error = err
+    failures = gather_objects(None if error is None else f"{type(error).__name__}: {error}", ranks)
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, message in enumerate(failures) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise RuntimeError(f"rank {rank} failed, so this rank stops too: {message}")
+    return result
+
+
+def share(data: Any, ranks: Ranks | None) -> tuple[Any, int, Ranks | None]:
+    """``(this rank's data, the index of its first example, ranks to split by batch number or None)``: sized data
+    (a batch, a ``Dataset``) by row range, any other iterable by batch number."""
+    if ranks is None:
+        return data, 0, None
+    n = num_examples(data)
+    if n is None:
+        return data, 0, ranks
+    start, stop = row_range(n, ranks)
+    return rows_of(data, start, stop), start, None
+
+
+def _length(block: Any, dim: int) -> int:
+    return next(iter(block.values())).shape[dim] if isinstance(block, dict) else block.shape[dim]
+
+
+def join(
+    blocks: list[tuple[int, Any]], dim: int, ranks: Ranks | None, like: torch.Tensor
+) -> torch.Tensor | dict[str, torch.Tensor] | None:
+    """One result from ``(offset, block)`` pairs laid along ``dim`` (blocks are tensors or ``{name: tensor}``),
+    over every rank when ``ranks`` is given (each rank fills its columns of a zero result, then a sum over ranks).
+    None when no rank holds any block. ``like``: the dtype and device of the result."""
+    if ranks is None:
+        if not blocks:
+            return None
+        first = blocks[0][1]
+        if isinstance(first, dict):
+            return {key: torch.cat([b[key] for _, b in blocks], dim) for key in first}
+        return torch.cat([b for _, b in blocks], dim)
+    n = max_over_ranks(max((o + _length(b, dim) for o, b in blocks), default=0), ranks)
+    shape_of = lambda b: {k: list(v.shape) for k, v in b.items()} if isinstance(b, dict) else list(b.shape)  # noqa: E731
+    layouts = [x for x in gather_objects(shape_of(blocks[0][1]) if blocks else None, ranks) if x is not None]
+    if not layouts:
+        return None
+
+    def assemble(shape: list[int], pick: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+        shape[dim] = n
+        out = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        for offset, block in blocks:
+            part = pick(block)
+            out.narrow(dim, offset, part.shape[dim]).copy_(part)
+        return sum_over_ranks(out, ranks)
+
+    if isinstance(layouts[0], dict):
+        return {key: assemble(shape, lambda b, key=key: b[key]) for key, shape in layouts[0].items()}
+    return assemble(layouts[0], lambda b: b)

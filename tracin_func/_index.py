@@ -1,0 +1,188 @@
+"""An influence index on disk, read-only: every training example's influence embedding and exact self-influence,
+in shards of rows (``safetensors`` files) listed by a JSON manifest. ``docs/index_format.md`` describes the format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ._shards import file_sha256, read_rows, shard_info
+
+FORMAT = "tracin_func.index"
+VERSION = 1
+MANIFEST = "manifest.json"
+BLOCK_BYTES = 1 << 28  # rows of embeddings read at once when streaming an index
+
+
+def _rebuild_hint(path: str) -> str:
+    return (
+        f"rebuild it by running the same `tc.build_index({path!r}, ...)` call again (it redoes missing or damaged "
+        f"shards), or with `overwrite=True`"
+    )
+
+
+def read_manifest(path: str) -> dict[str, Any] | None:
+    """The manifest of the index at ``path``; None when the directory holds none. Raises when it is unreadable or
+    is not an index manifest."""
+    file = os.path.join(path, MANIFEST)
+    if not os.path.exists(file):
+        return None
+    try:
+        with open(file) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"`{file}` is not a readable index manifest ({err}); {_rebuild_hint(path)}.") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"`{file}` is not a tracin_func index manifest (no `\"format\": \"{FORMAT}\"`).")
+    if manifest.get("version") != VERSION:
+        raise ValueError(
+            f"`{file}` has index format version {manifest.get('version')!r}; this tracin_func reads version "
+            f"{VERSION}. {_rebuild_hint(path).capitalize()}."
+        )
+    return manifest
+
+
+def check_shard(path: str, shard: dict[str, Any], manifest: dict[str, Any], *, checksum: bool) -> None:
+    """Raise naming the shard when its file is missing, unreadable, of other rows or shapes than the manifest says,
+    or (``checksum``) when its bytes differ from the manifest's sha256."""
+    file = os.path.join(path, shard["file"])
+    if not os.path.exists(file):
+        raise ValueError(f"Index shard `{file}` is missing; {_rebuild_hint(path)}.")
+    try:
+        info = shard_info(file)
+    except ValueError as err:
+        raise ValueError(f"{err} {_rebuild_hint(path).capitalize()}.") from err
+    rows = shard["stop"] - shard["start"]
+    expected = {"embeddings": [rows, manifest["dim"]], "self_influence": [rows]}
+    if info.get("rows") != [shard["start"], shard["stop"]] or info["shapes"] != expected:
+        raise ValueError(
+            f"Index shard `{file}` holds rows {info.get('rows')} with shapes {info['shapes']}, but the manifest lists "
+            f"rows [{shard['start']}, {shard['stop']}) with shapes {expected}; {_rebuild_hint(path)}."
+        )
+    if checksum and file_sha256(file) != shard["sha256"]:
+        raise ValueError(
+            f"Index shard `{file}` is corrupt (its sha256 differs from the manifest's); {_rebuild_hint(path)}."
+        )
+
+
+class Index:
+    """A read-only, memory-mapped influence index (from :func:`open_index` or :func:`build_index`).
+
+    Pass it as ``train`` to :func:`influence` and :func:`top_k`: test examples are embedded with the index's own
+    projection and seed, and the shards are streamed through one GEMM per block of rows.
+
+    Attributes:
+        path: the index directory.
+        dim: width ``D`` of an embedding row (``C * projection_dim``, or ``C * P`` unprojected).
+        projection: ``(projection_dim, seed)``, or None for exact (unprojected) gradients.
+        storage_dtype: dtype of the stored embeddings.
+    """
+
+    def __init__(self, path: str, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self._manifest = manifest
+        self.dim: int = manifest["dim"]
+        projection = manifest["projection"]
+        self.projection = None if projection is None else (projection["dim"], projection["seed"])
+        self.storage_dtype: torch.dtype = getattr(torch, manifest["storage_dtype"])
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What the stored numbers depend on (checkpoints, parameters, loss, dtype), as written at build time."""
+        return dict(self._manifest["fingerprint"])
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return [dict(s) for s in self._manifest["shards"]]
+
+    def __len__(self) -> int:
+        return self._manifest["rows"]
+
+    def __repr__(self) -> str:
+        kind = "exact gradients" if self.projection is None else f"projection_dim={self.projection[0]}"
+        return f"Index({self.path!r}, rows={len(self)}, dim={self.dim}, {kind}, shards={len(self.shards)})"
+
+    def _read(self, shard: dict[str, Any], name: str, start: int, stop: int) -> torch.Tensor:
+        file = os.path.join(self.path, shard["file"])
+        try:
+            return read_rows(file, name, start, stop)
+        except Exception as err:
+            raise ValueError(
+                f"Index shard `{file}` cannot be read ({type(err).__name__}: {err}); {_rebuild_hint(self.path)}."
+            ) from err
+
+    def self_influence(self) -> torch.Tensor:
+        """``[n]``: every training example's exact self-influence ``sum_c lr_c |g_c|^2`` (from the unprojected
+        gradients, in the computation dtype of the build)."""
+        return torch.cat([self._read(s, "self_influence", 0, s["stop"] - s["start"]) for s in self._manifest["shards"]])
+
+    def embeddings(self, rows: Sequence[int] | torch.Tensor | slice | None = None) -> torch.Tensor:
+        """``[len(rows), D]`` embeddings of the given rows (all rows when None), in the storage dtype; only the
+        shards holding them are read."""
+        n = len(self)
+        if rows is None:
+            rows = slice(None)
+        if isinstance(rows, slice):
+            rows = range(*rows.indices(n))
+        rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
+        if rows.numel() and (int(rows.min()) < -n or int(rows.max()) >= n):
+            raise IndexError(f"`rows` must lie in [-{n}, {n}) for an index of {n} rows.")
+        rows = torch.where(rows < 0, rows + n, rows)
+        out = torch.empty(rows.numel(), self.dim, dtype=self.storage_dtype)
+        for shard in self._manifest["shards"]:
+            inside = ((rows >= shard["start"]) & (rows < shard["stop"])).nonzero().flatten()
+            if inside.numel():
+                local = rows[inside] - shard["start"]
+                lo, hi = int(local.min()), int(local.max()) + 1
+                out[inside] = self._read(shard, "embeddings", lo, hi)[local - lo]
+        return out
+
+    def blocks(self, shard_numbers: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row, [b, D] embeddings)`` for the given shards (all by default), in blocks of about
+        ``BLOCK_BYTES``: memory is bounded by a block, not by the index."""
+        shards = self._manifest["shards"]
+        step = max(1, BLOCK_BYTES // max(1, self.dim * self.storage_dtype.itemsize))
+        for number in range(len(shards)) if shard_numbers is None else shard_numbers:
+            shard = shards[number]
+            for start in range(0, shard["stop"] - shard["start"], step):
+                stop = min(start + step, shard["stop"] - shard["start"])
+                yield shard["start"] + start, self._read(shard, "embeddings", start, stop)
+
+
+def open_index(path: str | os.PathLike, *, verify: bool = True) -> Index:
+    """Open an index written by :func:`build_index`, read-only and memory-mapped.
+
+    Args:
+        path: the index directory.
+        verify: check every shard's sha256 against the manifest (one read of the whole index, about 1 GB/s).
+            Without it, only each shard's header, rows and shapes are checked (and again whenever it is read).
+
+    Returns:
+        An :class:`Index`: ``len(index)``, ``index.self_influence()``, ``index.embeddings(rows)``, and ``train``
+        for :func:`influence` / :func:`top_k`.
+
+    Example:
+        >>> import tempfile, torch, tracin_func as tc
+        >>> model = torch.nn.Linear(4, 3)
+        >>> ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+        >>> x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+        >>> path = tempfile.mkdtemp()
+        >>> _ = tc.build_index(path, model, ckpts, (x, y), loss_fn=torch.nn.CrossEntropyLoss(), shard_size=4)
+        >>> index = tc.open_index(path)
+        >>> len(index), index.dim, len(index.shards)
+        (10, 15, 3)
+    """
+    path = os.fspath(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise ValueError(f"`{path}` holds no index (no {MANIFEST}); build one with `tc.build_index({path!r}, ...)`.")
+    if not manifest.get("complete"):
+        raise ValueError(f"The index at `{path}` is incomplete (its build was interrupted); {_rebuild_hint(path)}.")
+    for shard in manifest["shards"]:
+        check_shard(path, shard, manifest, checksum=verify)
+    return Index(path, manifest)

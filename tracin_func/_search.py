@@ -1,0 +1,118 @@
+"""Scoring test examples against an on-disk index: embed the test examples with the index's own projection, stream
+its shards through one GEMM per block of rows (a running top-k, or the full matrix), and optionally re-rank the
+proposed candidates with exact scores."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ._data import select_rows
+from ._distributed import join, merge_top_k, on_every_rank
+from ._driver import embedding_blocks
+from ._fingerprint import differences, fingerprint
+from ._index import Index
+from ._model import exclusive_use
+from ._setup import Setup, make_setup
+from ._topk import TopK, merge
+
+
+def index_setup(
+    index: Index, model: Any, checkpoints: Any, *, loss_fn: Any, test_loss_fn: Any, options: dict[str, Any]
+) -> Setup:
+    """The call's setup, refused when its checkpoints, parameters, loss or dtype are not the index's."""
+    setup = make_setup(
+        model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, projection=index.projection, **options
+    )
+    found = differences(index.fingerprint, fingerprint(setup, loss_fn))
+    if found:
+        raise ValueError(
+            f"`train` is an index built with other settings than this call's: {'; '.join(found)} differ. Pass the "
+            f"checkpoints, `params` / `layers`, `loss_fn` and `dtype` the index was built with, or rebuild it with "
+            f"`tc.build_index(..., overwrite=True)`."
+        )
+    return setup
+
+
+def _test_chunks(setup: Setup, test: Any, aggregate: bool) -> Iterator[torch.Tensor]:
+    """Test embeddings ``[n, D]`` (with the test loss and the index's projection), in chunks within the test
+    memory budget; one summed row with ``aggregate``."""
+    test_setup = setup._replace(train_loss=setup.test_loss, needs_target=(setup.needs_target[1],) * 2)
+    rows, size, total = [], 0, None
+    for _, block in embedding_blocks(test_setup, test, where="test"):
+        if aggregate:
+            total = block.sum(0, keepdim=True) if total is None else total + block.sum(0, keepdim=True)
+            continue
+        rows.append(block)
+        size += block.numel() * block.element_size()
+        if size >= setup.test_budget:
+            yield torch.cat(rows)
+            rows, size = [], 0
+    if aggregate and total is not None:
+        yield total
+    elif rows:
+        yield torch.cat(rows)
+
+
+def _mine(index: Index, setup: Setup) -> list[int] | None:
+    ranks = setup.ranks
+    return None if ranks is None else [i for i in range(len(index.shards)) if i % ranks.world == ranks.rank]
+
+
+def _scores(index: Index, setup: Setup, queries: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    for offset, block in index.blocks(_mine(index, setup)):
+        yield offset, queries @ block.to(device=queries.device, dtype=queries.dtype).T
+
+
+def index_influence(index: Index, setup: Setup, model: Any, test: Any, *, aggregate: bool) -> torch.Tensor:
+    """``[n_test, n_train]`` scores of the test examples against every row of ``index``."""
+
+    def local() -> list[list[tuple[int, torch.Tensor]]]:
+        with exclusive_use(model, setup.spec):
+            return [list(_scores(index, setup, q)) for q in _test_chunks(setup, test, aggregate)]
+
+    like = torch.empty(0, device=setup.device, dtype=setup.dtype)
+    rows = [join(blocks, 1, setup.ranks, like) for blocks in on_every_rank(setup.ranks, local)]
+    if not rows:
+        raise ValueError("`test` holds no examples.")
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+def index_top_k(
+    index: Index, setup: Setup, model: Any, test: Any, *, k: int, proponents: bool, aggregate: bool
+) -> TopK:
+    """The top-k rows of ``index`` for each test example, streaming its shards (memory: one block)."""
+
+    def local() -> list[tuple[TopK | None, int]]:
+        lists = []
+        with exclusive_use(model, setup.spec):
+            for q in _test_chunks(setup, test, aggregate):
+                best = None
+                for offset, block in _scores(index, setup, q):
+                    best = merge(best, block, offset, k, largest=proponents)
+                lists.append((best, q.shape[0]))
+        return lists
+
+    lists = on_every_rank(setup.ranks, local)
+    if not lists:
+        raise ValueError("`test` holds no examples.")
+    if setup.ranks is not None:
+        like = torch.empty(0, device=setup.device, dtype=setup.dtype)
+        lists = [(merge_top_k(best, rows, k, proponents, setup.ranks, like), rows) for best, rows in lists]
+    if len(lists) == 1:
+        return lists[0][0]
+    return TopK(torch.cat([b.indices for b, _ in lists]), torch.cat([b.scores for b, _ in lists]))
+
+
+def rerank(proposed: TopK, k: int, proponents: bool, train: Any, exact_scores: Any) -> TopK:
+    """Exact top-k among the proposed candidates: ``exact_scores(subset)`` gives ``[n_test, m]`` exact scores of
+    the training examples ``subset`` (the union of every test example's candidates)."""
+    candidates = proposed.indices
+    union = torch.unique(candidates.cpu())
+    scores = exact_scores(select_rows(train, union))
+    positions = torch.searchsorted(union, candidates.cpu()).to(scores.device)
+    exact = torch.gather(scores, 1, positions)
+    top, pos = torch.topk(exact, k, dim=1, largest=proponents, sorted=True)
+    return TopK(torch.gather(candidates.to(scores.device), 1, pos), top)
