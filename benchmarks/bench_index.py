@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import tracin_func as tc  # noqa: E402
 from workloads import digits_cnn  # noqa: E402
+
+import tracin_func as tc  # noqa: E402
 
 
 def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
@@ -28,9 +29,9 @@ def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
     return sum(hits) / exact.numel()
 
 
-def timed(fn):
+def timed(fn, *args, **kwargs):
     start = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
 
 
@@ -47,20 +48,20 @@ def main() -> None:
     ckpts = tc.load_checkpoints(w.checkpoint_paths)
     kw = dict(loss_fn=w.loss_fn)
     print(w.describe(), f"| k = {args.k}, threads = {torch.get_num_threads()}")
-    exact, t_exact = timed(lambda: tc.top_k(w.model, ckpts, w.train, w.test, k=args.k, **kw))
-    _, t_self = timed(lambda: tc.self_influence(w.model, ckpts, w.train, **kw))
+    exact, t_exact = timed(tc.top_k, w.model, ckpts, w.train, w.test, k=args.k, **kw)
+    _, t_self = timed(tc.self_influence, w.model, ckpts, w.train, **kw)
     print(f"exact tc.top_k: {t_exact:.2f} s; tc.self_influence: {t_self:.2f} s")
     print("| projection_dim | build (s) | build / exact top_k | query (s) | recall@k | re-rank candidates | "
           "query + re-rank (s) | recall@k re-ranked |")
     print("|---|---|---|---|---|---|---|---|")
     for dim in args.dims:
         with tempfile.TemporaryDirectory() as path:
-            index, t_build = timed(lambda: tc.build_index(path, w.model, ckpts, w.train, projection_dim=dim, **kw))
+            index, t_build = timed(tc.build_index, path, w.model, ckpts, w.train, projection_dim=dim, **kw)
             assert torch.allclose(index.self_influence(), tc.self_influence(w.model, ckpts, w.train, **kw))
-            top, t_query = timed(lambda: tc.top_k(w.model, ckpts, index, w.test, k=args.k, **kw))
+            top, t_query = timed(tc.top_k, w.model, ckpts, index, w.test, k=args.k, **kw)
             for m in args.candidates:
                 reranked, t_rerank = timed(
-                    lambda: tc.top_k(w.model, ckpts, index, w.test, k=args.k, rerank=w.train, candidates=m, **kw)
+                    tc.top_k, w.model, ckpts, index, w.test, k=args.k, rerank=w.train, candidates=m, **kw
                 )
                 print(
                     f"| {dim} | {t_build:.2f} | {t_build / t_exact:.2f} | {t_query:.3f} | "

@@ -215,6 +215,8 @@ def test_bad_arguments(task, tmp_path):
         tc.top_k(model, ckpts, index, test, k=2, loss_fn=LOSS, rerank=(train[0][:5], train[1][:5]))
     with pytest.raises(ValueError, match="pass a `tc.Index` as `train`"):
         tc.top_k(model, ckpts, train, test, k=2, loss_fn=LOSS, rerank=train)
+    with pytest.raises(TypeError, match=r"call `index.self_influence\(\)`"):
+        tc.self_influence(model, ckpts, index, loss_fn=LOSS)
     with pytest.raises(ValueError, match=r"`k`=30 exceeds the number of rows of the index \(23\)"):
         tc.top_k(model, ckpts, index, test, k=30, loss_fn=LOSS)
 

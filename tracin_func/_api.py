@@ -9,12 +9,11 @@ import torch
 
 from ._checkpoints import Checkpoint
 from ._data import num_examples
-from ._distributed import gather_objects, join, merge_top_k, on_every_rank, share
+from ._distributed import gather_objects, join, on_every_rank, share, stack_top_k
 from ._driver import collect_rows, embedding_blocks, query_chunks, score_blocks, self_blocks
 from ._index import Index
 from ._model import ParamSelector, exclusive_use
-from ._search import index_influence, index_setup, index_top_k
-from ._search import rerank as rerank_candidates
+from ._search import index_influence, index_setup, index_top_k, rerank_candidates
 from ._setup import make_setup
 from ._topk import TopK, merge
 from ._validate import positive_int, seed_value
@@ -290,12 +289,7 @@ def top_k(
         seen = int(sum(gather_objects(seen, setup.ranks)))
     if seen < k:
         raise ValueError(f"`k`={k} exceeds the number of training examples ({seen}); pass `k <= {seen}`.")
-    if setup.ranks is not None:
-        like = torch.empty(0, device=setup.device, dtype=setup.dtype)
-        lists = [(merge_top_k(best, n_rows, k, proponents, setup.ranks, like), n_rows) for best, n_rows in lists]
-    if len(lists) == 1:
-        return lists[0][0]
-    return TopK(torch.cat([b.indices for b, _ in lists]), torch.cat([b.scores for b, _ in lists]))
+    return stack_top_k(lists, k, proponents, setup.ranks, torch.empty(0, device=setup.device, dtype=setup.dtype))
 
 
 def _check_index_call(normalize: str | None, per_layer: bool = False) -> None:
@@ -388,6 +382,8 @@ def self_influence(
         ([''], torch.Size([10]))
     """
     _check_options(options, "self_influence")
+    if isinstance(data, Index):
+        raise TypeError("`data` is an index, which holds every row's self-influence: call `index.self_influence()`.")
     _check_per_layer(per_layer)
     if _check_normalize(normalize) is not None:
         raise ValueError(
@@ -452,6 +448,8 @@ def embeddings(
         torch.Size([10, 30])
     """
     _check_options(options, "embeddings")
+    if isinstance(data, Index):
+        raise TypeError("`data` is an index, which holds the embeddings: call `index.embeddings(rows)`.")
     projection = None
     if projection_dim is not None:
         projection = (positive_int(projection_dim, "projection_dim"), seed_value(seed))

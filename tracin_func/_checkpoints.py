@@ -12,6 +12,7 @@ from typing import Any, Union
 
 import optree
 import torch
+from safetensors.torch import load_file
 
 NAMESPACE = "tracin_func"
 
@@ -95,12 +96,6 @@ def _list_directory(directory: str) -> list[str]:
 
 def _read_file(path: str, *, map_location: Any, weights_only: bool) -> Mapping[str, Any]:
     if str(path).endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as err:  # pragma: no cover - depends on the optional extra
-            raise ImportError(
-                f"Loading {path!r} needs the `safetensors` package: pip install 'tracin-func[safetensors]'."
-            ) from err
         device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
         try:
             return load_file(path, device=str(device))
@@ -172,7 +167,7 @@ def load_checkpoints(
 
     Supported files: a ``torch.save``d state dict; a dict with ``model_state_dict`` / ``state_dict`` / ``model``
     and ``learning_rate`` (Captum tutorial format); a flat state dict with a ``learning_rate`` entry;
-    ``.safetensors`` (needs the ``safetensors`` extra; no learning rate inside, pass ``lr=``). A ``module.`` prefix
+    ``.safetensors`` (no learning rate inside, pass ``lr=``). A ``module.`` prefix
     is stripped. Other entries (``epoch``, ``loss``, ...) next to a nested state dict are ignored.
 
     An ``optimizer`` / ``optimizer_state_dict`` entry holding a torch optimizer's ``state_dict()`` (the usual

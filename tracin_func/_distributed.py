@@ -164,3 +164,15 @@ def join(
     if isinstance(layouts[0], dict):
         return {key: assemble(shape, lambda b, key=key: b[key]) for key, shape in layouts[0].items()}
     return assemble(layouts[0], lambda b: b)
+
+
+def stack_top_k(
+    chunks: list[tuple[TopK | None, int]], k: int, largest: bool, ranks: Ranks | None, like: torch.Tensor
+) -> TopK:
+    """One ``TopK`` from the lists of consecutive test chunks ``(this rank's top-k or None, rows)``, merged over
+    the ranks first when ``ranks`` is given."""
+    if ranks is not None:
+        chunks = [(merge_top_k(best, rows, k, largest, ranks, like), rows) for best, rows in chunks]
+    if len(chunks) == 1:
+        return chunks[0][0]
+    return TopK(torch.cat([b.indices for b, _ in chunks]), torch.cat([b.scores for b, _ in chunks]))

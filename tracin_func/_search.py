@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ._data import select_rows
-from ._distributed import join, merge_top_k, on_every_rank
+from ._distributed import join, on_every_rank, stack_top_k
 from ._driver import embedding_blocks
 from ._fingerprint import differences, fingerprint
 from ._index import Index
@@ -98,15 +98,10 @@ def index_top_k(
     lists = on_every_rank(setup.ranks, local)
     if not lists:
         raise ValueError("`test` holds no examples.")
-    if setup.ranks is not None:
-        like = torch.empty(0, device=setup.device, dtype=setup.dtype)
-        lists = [(merge_top_k(best, rows, k, proponents, setup.ranks, like), rows) for best, rows in lists]
-    if len(lists) == 1:
-        return lists[0][0]
-    return TopK(torch.cat([b.indices for b, _ in lists]), torch.cat([b.scores for b, _ in lists]))
+    return stack_top_k(lists, k, proponents, setup.ranks, torch.empty(0, device=setup.device, dtype=setup.dtype))
 
 
-def rerank(proposed: TopK, k: int, proponents: bool, train: Any, exact_scores: Any) -> TopK:
+def rerank_candidates(proposed: TopK, k: int, proponents: bool, train: Any, exact_scores: Any) -> TopK:
     """Exact top-k among the proposed candidates: ``exact_scores(subset)`` gives ``[n_test, m]`` exact scores of
     the training examples ``subset`` (the union of every test example's candidates)."""
     candidates = proposed.indices
