@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import tracin_func as tc
 from tests.models import DTYPE, MLP, random_checkpoints
@@ -70,12 +70,23 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         out = results(True, f"{out_dir}/index")
         model, ckpts, train, test = workload()
-        x, y = train
+        (x, y), (xt, yt) = train, test
+        kw = dict(loss_fn=LOSS, distributed=True)
         bad = (x, torch.where(torch.arange(7) == 5, 9, y))  # example 5, on rank 1, has a label out of range
         try:
             tc.self_influence(model, ckpts, bad, loss_fn=LOSS, distributed=True)
         except Exception as err:  # every rank must raise, naming the failing one
             out["error"] = f"{type(err).__name__}: {err}"
+        dataset = TensorDataset(x, y)
+        split = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, shuffle=False))
+        for name, call in {
+            "sampler": lambda: tc.self_influence(model, ckpts, split, loss_fn=LOSS, distributed=True),
+            "test sizes": lambda: tc.influence(model, ckpts, train, (xt[: 1 + rank], yt[: 1 + rank]), **kw),
+        }.items():
+            try:
+                call()
+            except ValueError as err:
+                out[name] = str(err)
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -80,3 +80,10 @@ def test_distributed_needs_a_process_group():
         tc.self_influence(model, ckpts, data, loss_fn=torch.nn.CrossEntropyLoss(), distributed=True)
     with pytest.raises(TypeError, match="`distributed` must be False, True"):
         tc.self_influence(model, ckpts, data, loss_fn=torch.nn.CrossEntropyLoss(), distributed="yes")
+
+
+def test_data_already_split_or_differing_between_ranks_is_refused_on_every_rank(ranks):
+    _, per_rank = ranks
+    for got in per_rank:
+        assert "DistributedSampler, which already gives each rank a part" in got["sampler"]
+        assert "The ranks disagree on the number of test examples: [1, 2]" in got["test sizes"]

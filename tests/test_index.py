@@ -265,3 +265,74 @@ def test_the_example_resumes_after_a_kill(tmp_path):
     done = subprocess.run(run, env=env, capture_output=True, text=True, check=True)
     assert "Index(" in done.stdout and "rows=1500" in done.stdout and "most self-influential" in done.stdout
     tc.open_index(tmp_path / "index")
+
+
+def test_adam_checkpoints_index_the_adam_updates_and_query_with_plain_gradients(tmp_path):
+    from tests.test_adam import _run
+
+    model, ckpts, train, test, ref = _run("adam")
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, storage_dtype=DTYPE)
+    assert_close(tc.influence(model, ckpts, index, test, loss_fn=LOSS), ref.influence)
+    plain = [tc.Checkpoint(c.params, c.lr) for c in ckpts]
+    with pytest.raises(ValueError, match="optimizer states"):
+        tc.influence(model, plain, index, test, loss_fn=LOSS)
+
+
+def test_changed_training_data_is_recomputed_not_reused(task, tmp_path):
+    model, ckpts, train, _, ref = task
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, storage_dtype=DTYPE, shard_size=7)
+    relabelled = (train[0], (train[1] + 1) % 3)
+    index = tc.build_index(tmp_path, model, ckpts, relabelled, loss_fn=LOSS, storage_dtype=DTYPE, shard_size=7)
+    assert_close(index.self_influence(), tc.self_influence(model, ckpts, relabelled, loss_fn=LOSS))
+
+
+def test_killed_while_writing_the_first_manifest_or_with_an_unreadable_one(task, tmp_path):
+    model, ckpts, train, _, _ = task
+    (tmp_path / "manifest.json.partial").write_text('{"format": "tracin_fu')
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS)
+    assert not list(tmp_path.glob("*.partial"))
+    (tmp_path / "manifest.json").write_text('{"format": "tracin_fu')
+    with pytest.raises(ValueError, match=r"not a readable index manifest.*overwrite=True"):
+        tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS)
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, overwrite=True)
+    tc.open_index(tmp_path)
+
+
+_LOSSES = """
+import functools, torch
+from tracin_func._fingerprint import describe_loss
+ce = torch.nn.functional.cross_entropy
+
+def comprehension(out, y):
+    return sum(ce(o[None], t[None]) for o, t in zip(out, y)) if "x" in {"a", "b", "x"} else [1 for _ in ()]
+
+print(describe_loss(comprehension))
+print(describe_loss(functools.partial(ce, label_smoothing=0.1)))
+"""
+
+
+def test_the_loss_fingerprint_is_stable_across_processes_and_tells_settings_apart(tmp_path):
+    script = tmp_path / "losses.py"
+    script.write_text(_LOSSES)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    runs = [subprocess.run([sys.executable, script], env={**env, "PYTHONHASHSEED": seed}, capture_output=True,
+                           text=True, check=True).stdout for seed in ("1", "2")]
+    assert runs[0] == runs[1] and "0x" not in runs[0]
+    from functools import partial
+
+    from tracin_func._fingerprint import describe_loss
+
+    ce = nn.functional.cross_entropy
+    assert describe_loss(partial(ce, label_smoothing=0.1)) != describe_loss(partial(ce, label_smoothing=0.5))
+    assert describe_loss(nn.CrossEntropyLoss()) == describe_loss(nn.CrossEntropyLoss().eval())
+    assert describe_loss(nn.CrossEntropyLoss()) != describe_loss(nn.CrossEntropyLoss(label_smoothing=0.1))
+    scale = 2.0
+    first = describe_loss(lambda out, y: scale * ce(out, y))
+    scale = 3.0
+    assert describe_loss(lambda out, y: scale * ce(out, y)) != first  # captured values count
+
+
+def test_test_memory_bytes_belongs_to_scorers_with_a_test_side(task):
+    model, ckpts, train, _, _ = task
+    with pytest.raises(TypeError, match="no test side"):
+        tc.self_influence(model, ckpts, train, loss_fn=LOSS, test_memory_bytes=10)

@@ -9,7 +9,7 @@ import torch
 
 from ._checkpoints import Checkpoint
 from ._data import num_examples
-from ._distributed import gather_objects, join, on_every_rank, share, stack_top_k
+from ._distributed import agree, gather_objects, join, on_every_rank, share, stack_top_k
 from ._driver import collect_rows, embedding_blocks, query_chunks, score_blocks, self_blocks
 from ._index import Index
 from ._model import ParamSelector, exclusive_use
@@ -64,6 +64,10 @@ def _check_options(options: dict[str, Any], function: str) -> None:
     unknown = sorted(set(options) - set(Options.__annotations__))
     if unknown:
         raise TypeError(f"`{function}` got unknown option(s) {unknown}; options are {sorted(Options.__annotations__)}.")
+    if "test_memory_bytes" in options and function not in ("influence", "top_k"):
+        raise TypeError(
+            f"`{function}` has no test side: `test_memory_bytes` bounds the test gradients of `influence` / `top_k`."
+        )
 
 
 def influence(
@@ -192,6 +196,7 @@ def influence(
         return index_influence(train, setup, model, test, aggregate=aggregate)
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
     data, start, by_batch = share(train, setup.ranks)
+    agree(setup.ranks, **{"the number of test examples": num_examples(test)})
 
     def local() -> list[list[tuple[int, Any]]]:  # per chunk of test examples, this rank's score blocks
         with exclusive_use(model, setup.spec):
@@ -206,8 +211,15 @@ def influence(
     if rows[0] is None:
         raise ValueError("`train` holds no examples.")
     if per_layer:
-        return {layer: torch.cat([r[layer] for r in rows]) for layer in rows[0]}
-    return torch.cat(rows) if len(rows) > 1 else rows[0]
+        return {layer: _stack([r[layer] for r in rows], aggregate) for layer in rows[0]}
+    return _stack(rows, aggregate)
+
+
+def _stack(rows: list[torch.Tensor], aggregate: bool) -> torch.Tensor:
+    """The scores of consecutive test chunks: their rows, or with ``aggregate`` (a sum of cosines) their sum."""
+    if len(rows) == 1:
+        return rows[0]
+    return torch.stack(rows).sum(0) if aggregate else torch.cat(rows)
 
 
 def top_k(
@@ -272,12 +284,14 @@ def top_k(
         raise ValueError(f"`k`={k} exceeds the number of training examples ({n_train}); pass `k <= {n_train}`.")
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
     data, start, by_batch = share(train, setup.ranks)
+    agree(setup.ranks, **{"the number of test examples": num_examples(test)})
     desc = "proponents" if proponents else "opponents"
 
     def local() -> tuple[list[tuple[TopK | None, int]], int]:  # per test chunk (this rank's top-k, rows), seen
         lists, seen = [], 0
         with exclusive_use(model, setup.spec):
-            for q in query_chunks(setup, test, aggregate=aggregate, normalize=normalize, budget=setup.test_budget):
+            budget = None if aggregate else setup.test_budget  # lists of summed scores cannot be merged by chunk
+            for q in query_chunks(setup, test, aggregate=aggregate, normalize=normalize, budget=budget):
                 best, seen = None, 0
                 for offset, block in score_blocks(setup, q, data, desc, start=start, ranks=by_batch):
                     best, seen = merge(best, block, offset, k, largest=proponents), seen + block.shape[1]

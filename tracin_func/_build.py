@@ -7,18 +7,19 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import optree
 import torch
 from tqdm.auto import tqdm
 
 from ._api import _check_options
 from ._checkpoints import Checkpoint
-from ._data import num_examples, rows_of
-from ._distributed import gather_objects, on_every_rank
+from ._data import iter_batches, num_examples, rows_of
+from ._distributed import agree, gather_objects, on_every_rank
 from ._driver import collect_rows, embedding_blocks
-from ._fingerprint import differences, fingerprint
+from ._fingerprint import differences, fingerprint, tensor_bytes
 from ._index import FORMAT, MANIFEST, VERSION, Index, check_shard, open_index, read_manifest
 from ._model import exclusive_use
 from ._setup import Setup, make_setup
@@ -72,68 +73,87 @@ def _ours(name: str) -> bool:
 
 
 def _prepare_directory(path: str, planned: dict[str, Any], overwrite: bool) -> None:
-    """Make ``path`` ready for this build: new, resumed (same plan) or, with ``overwrite``, emptied of an index
-    of another plan. A directory that is not an index is never touched."""
+    """Make ``path`` ready for this build: new, resumed (same plan), rebuilt (a complete index of the same plan: its
+    damaged shards removed) or, with ``overwrite``, replacing an index of another plan. Until the build ends the
+    manifest says ``complete: false``. A directory that is not an index is never touched."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"`path`={path!r} is a file; pass a directory for the index.")
     os.makedirs(path, exist_ok=True)
-    stored = read_manifest(path)
+    for name in os.listdir(path):  # files a killed build was writing: never complete, never read
+        if name.endswith(TEMPORARY) and _ours(name):
+            os.remove(os.path.join(path, name))
+    manifest = os.path.join(path, MANIFEST)
+    try:
+        stored = read_manifest(path)
+    except ValueError:
+        if not overwrite:
+            raise
+        stored = {}  # an unreadable manifest of ours: replaced, with the shards it described
     entries = os.listdir(path)
     if stored is None and entries:
         raise ValueError(
             f"`path`={path!r} is not empty and holds no tracin_func index ({sorted(entries)[:5]}); it is never "
             f"deleted, even with `overwrite=True`. Pass a new or empty directory."
         )
-    if stored is not None and not stored.get("complete") and stored.get("digest") == planned["digest"]:
-        pass  # resume: keep the complete shards
-    elif stored is not None and stored.get("digest") != planned["digest"]:
+    if stored is None:
+        write_json(manifest, planned)
+    elif stored.get("digest") != planned["digest"]:
         if not overwrite:
             found = _what_differs(stored, planned)
             raise ValueError(
                 f"`path`={path!r} holds an index built with other settings: {'; '.join(found) or 'its fingerprint'} "
                 f"differ. Pass `overwrite=True` to replace it, or another `path`."
             )
+        write_json(manifest, planned)  # first: from now on the old shards do not belong to the index
         for name in entries:
-            if _ours(name):
+            if _ours(name) and name != MANIFEST:
                 os.remove(os.path.join(path, name))
-        write_json(os.path.join(path, MANIFEST), planned)
-    elif stored is None:
-        write_json(os.path.join(path, MANIFEST), planned)
-    for name in os.listdir(path):  # files a killed build was writing
-        if name.endswith(TEMPORARY) and _ours(name):
-            os.remove(os.path.join(path, name))
+    elif stored.get("complete"):
+        for shard in stored["shards"]:
+            file = os.path.join(path, shard["file"])
+            if os.path.exists(file) and file_sha256(file) != shard["sha256"]:
+                os.remove(file)  # damaged since the build: redone below
+        write_json(manifest, planned)
 
 
-def _complete(path: str, file: str, start: int, stop: int, planned: dict[str, Any]) -> bool:
-    """Whether a finished shard of this plan is on disk (a shard file exists only once fully written)."""
+def _complete(path: str, file: str, start: int, stop: int, planned: dict[str, Any]) -> dict[str, Any] | None:
+    """The info of a finished shard of this plan on disk (a shard file exists only once fully written), else None."""
     full = os.path.join(path, file)
     if not os.path.exists(full):
-        return False
+        return None
     try:
         info = shard_info(full)
     except ValueError:
-        return False
+        return None
     rows = stop - start
     expected = {"embeddings": [rows, planned["dim"]], "self_influence": [rows]}
-    return info.get("rows") == [start, stop] and info.get("digest") == planned["digest"] and info["shapes"] == expected
+    fits = info.get("rows") == [start, stop] and info.get("digest") == planned["digest"] and info["shapes"] == expected
+    return info if fits else None
 
 
-def _remove_damaged(path: str, planned: dict[str, Any]) -> None:
-    """Rebuilding a complete index: remove the shards whose bytes no longer match the manifest's checksum (and mark
-    the index incomplete until they are redone)."""
-    stored = read_manifest(path)
-    if not (stored and stored.get("complete")):
-        return
-    damaged = [s["file"] for s in stored["shards"] if _damaged(os.path.join(path, s["file"]), s["sha256"])]
-    for name in damaged:
-        if os.path.exists(os.path.join(path, name)):
-            os.remove(os.path.join(path, name))
-    if damaged:
-        write_json(os.path.join(path, MANIFEST), planned)
+def _hashed(batches: Iterable[Any], digests: list[Any]) -> Iterator[Any]:
+    """``batches`` unchanged, each tensor hashed into the digest of its position in the batch: one digest per
+    position over all rows, so the result does not depend on where batches start."""
+    for batch in batches:
+        for i, leaf in enumerate(optree.tree_leaves(batch, none_is_leaf=True)):
+            if len(digests) <= i:
+                digests.append(hashlib.sha256(f"{getattr(leaf, 'dtype', type(leaf))}".encode()))
+            if isinstance(leaf, torch.Tensor):
+                tensor_bytes(digests[i], leaf)
+            else:
+                digests[i].update(repr(leaf).encode())
+        yield batch
 
 
-def _damaged(file: str, sha256: str) -> bool:
-    return not os.path.exists(file) or file_sha256(file) != sha256
+def _rows_digest(digests: list[Any]) -> str:
+    return hashlib.sha256("".join(d.hexdigest() for d in digests).encode()).hexdigest()
+
+
+def _data_digest(setup: Setup, train: Any, start: int, stop: int) -> str:
+    digests: list[Any] = []
+    for _ in _hashed(iter_batches(rows_of(train, start, stop), setup.batch_size, "train"), digests):
+        pass
+    return _rows_digest(digests)
 
 
 def _check_disk(path: str, missing_rows: int, planned: dict[str, Any], self_itemsize: int) -> None:
@@ -148,10 +168,12 @@ def _check_disk(path: str, missing_rows: int, planned: dict[str, Any], self_item
         )
 
 
-def _shard_rows(setup: Setup, train: Any, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    blocks = embedding_blocks(setup, rows_of(train, start, stop), start=start, with_self=True)
-    rows = collect_rows(blocks, stop - start, start)
-    return rows[:, :-1], rows[:, -1]
+def _shard_rows(setup: Setup, train: Any, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Embeddings ``[rows, D]``, self-influences ``[rows]`` and the digest of the input rows of one shard."""
+    digests: list[Any] = []
+    data = _hashed(iter_batches(rows_of(train, start, stop), setup.batch_size, "train"), digests)
+    rows = collect_rows(embedding_blocks(setup, data, start=start, with_self=True), stop - start, start)
+    return rows[:, :-1], rows[:, -1], _rows_digest(digests)
 
 
 def build_index(
@@ -234,20 +256,23 @@ def build_index(
     planned = _plan_manifest(setup, loss_fn, n, shard_size, storage_dtype)
     ranges = _shard_ranges(n, planned["shard_size"])
     ranks = setup.ranks
+    agree(ranks, **{"the index's settings (its digest)": planned["digest"]})
     mine = [i for i in range(len(ranges)) if ranks is None or i % ranks.world == ranks.rank]
 
     def prepare() -> None:
         if ranks is None or ranks.rank == 0:
             _prepare_directory(path, planned, overwrite)
-            _remove_damaged(path, planned)
             missing = sum(b - a for i, (a, b) in enumerate(ranges) if not _complete(path, shard_name(i), a, b, planned))
             _check_disk(path, missing, planned, setup.dtype.itemsize)
 
     on_every_rank(ranks, prepare)  # rank 0 prepares; the others wait for its outcome
 
     def build_mine() -> dict[int, str]:
-        kept = [i for i in mine if _complete(path, shard_name(i), *ranges[i], planned)]
-        done = {i: file_sha256(os.path.join(path, shard_name(i))) for i in kept}
+        done = {}
+        for i in mine:  # a finished shard is kept when its input rows are unchanged (read, not differentiated)
+            info = _complete(path, shard_name(i), *ranges[i], planned)
+            if info is not None and info.get("data") == _data_digest(setup, train, *ranges[i]):
+                done[i] = file_sha256(os.path.join(path, shard_name(i)))
         todo = [i for i in mine if i not in done]
         rows = sum(ranges[i][1] - ranges[i][0] for i in mine)
         bar = tqdm(
@@ -261,8 +286,8 @@ def build_index(
         with exclusive_use(model, setup.spec), bar:
             for i in todo:
                 start, stop = ranges[i]
-                embeddings, self_influence = _shard_rows(setup, train, start, stop)
-                info = {"rows": [start, stop], "digest": planned["digest"]}
+                embeddings, self_influence, data = _shard_rows(setup, train, start, stop)
+                info = {"rows": [start, stop], "digest": planned["digest"], "data": data}
                 file = os.path.join(path, shard_name(i))
                 done[i] = write_shard(file, embeddings.to(storage_dtype), self_influence, info)
                 bar.update(stop - start)

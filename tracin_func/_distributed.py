@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ._data import num_examples, rows_of
 from ._topk import TopK
@@ -118,12 +119,34 @@ def on_every_rank(ranks: Ranks | None, compute: Callable[[], T]) -> T:
     return result
 
 
+def agree(ranks: Ranks | None, **values: Any) -> None:
+    """Raise on every rank unless every rank holds the same ``values`` (e.g. data sizes): results are combined by
+    position, so ranks that were given different data would mix unrelated rows."""
+    if ranks is None:
+        return
+    seen = gather_objects(values, ranks)
+    for key in values:
+        per_rank = [v[key] for v in seen]
+        if any(v != per_rank[0] for v in per_rank):
+            raise ValueError(
+                f"The ranks disagree on {key}: {per_rank} (rank by rank). With `distributed=`, pass every rank the "
+                f"same, whole data: each rank takes its own share."
+            )
+
+
 def share(data: Any, ranks: Ranks | None) -> tuple[Any, int, Ranks | None]:
     """``(this rank's data, the index of its first example, ranks to split by batch number or None)``: sized data
     (a batch, a ``Dataset``) by row range, any other iterable by batch number."""
     if ranks is None:
         return data, 0, None
+    if isinstance(data, DataLoader) and isinstance(data.sampler, DistributedSampler):
+        raise ValueError(
+            "The data is a DataLoader with a DistributedSampler, which already gives each rank a part of it; with "
+            "`distributed=` every rank passes the whole data (the Dataset, or a DataLoader over all of it) and "
+            "takes its own share."
+        )
     n = num_examples(data)
+    agree(ranks, **{"the number of examples": n})
     if n is None:
         return data, 0, ranks
     start, stop = row_range(n, ranks)

@@ -128,7 +128,7 @@ def query_chunks(
 ) -> Iterator[Queries]:
     """The test side in chunks: the updates (planned on the first test batch) and one test representation per
     checkpoint, for consecutive test batches whose representations (over all checkpoints) reach ``budget`` bytes
-    (None, or ``aggregate``: one chunk). Each chunk is scored against the whole training data before the next
+    (None, or a plain ``aggregate``: one chunk). Each chunk is scored against the whole training data before the next
     one is formed, so memory is bounded by the budget whatever the number of test examples.
 
     Summed over test examples when ``aggregate``. With ``normalize="cosine"`` the test gradient norms come from
@@ -160,7 +160,7 @@ def query_chunks(
             rep = rep.for_test()
             per_ckpt[c].append(rep.total() if total else rep)
             size += _nbytes(per_ckpt[c][-1])
-        if budget is not None and size >= budget and not aggregate:
+        if budget is not None and size >= budget and not total:
             yield chunk()
             per_ckpt, scales, size = [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
     if updates is None:

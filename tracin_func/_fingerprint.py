@@ -1,29 +1,35 @@
 """A fingerprint of everything an index's numbers depend on, compared part by part so a mismatch says what differs.
 
 Parts: the model's state names and shapes, the differentiated parameters, every checkpoint's tensors (their bytes,
-dtype and shape, in the computation dtype) and learning rate, the loss, the computation dtype and the method. The
-loss is identified by its class and settings (a criterion module: its class, public attributes and buffers) or by
-the function's qualified name and code (``tc.ExampleLoss`` and plain functions); a closure's captured values are
-not part of it.
+dtype and shape, in the computation dtype), learning rate and optimizer state, the loss, the computation dtype and
+the method. The loss is described by value (``_describe``): a criterion by its class, settings and buffers, a
+function by its qualified name, code, defaults and captured values, so the description is the same in every
+process for the same loss and differs when a setting differs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
-import inspect
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from ._loss import ExampleLoss
 from ._setup import Setup
 
 
-def _update(digest: Any, t: torch.Tensor) -> None:
-    t = t.detach().to("cpu").contiguous()
+def tensor_digest(digest: Any, t: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and bytes into a hashlib digest."""
     digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    tensor_bytes(digest, t)
+
+
+def tensor_bytes(digest: Any, t: torch.Tensor) -> None:
+    """Feed a tensor's bytes (row-major, on the CPU) into a hashlib digest."""
+    t = t.detach().to("cpu").contiguous()
     if t.numel():
         digest.update((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr()))
 
@@ -32,33 +38,66 @@ def _sha(parts: Iterable[Any]) -> str:
     digest = hashlib.sha256()
     for part in parts:
         if isinstance(part, torch.Tensor):
-            _update(digest, part)
+            tensor_digest(digest, part)
         else:
             digest.update(repr(part).encode())
     return digest.hexdigest()
 
 
-def _code(fn: Any) -> str:
-    fn = getattr(fn, "__func__", fn)
-    code = getattr(fn, "__code__", None)
-    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-    if code is None:
-        return name
-    return f"{name}:{_sha([code.co_code, code.co_consts, code.co_names])[:16]}"
+_SIMPLE = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _describe(obj: Any, depth: int = 0) -> str:
+    """A description of ``obj`` that is equal across processes for equal settings: values, tensors (by content),
+    containers, functions (qualified name, code, defaults and closure values), ``functools.partial`` and objects
+    (class and attributes), never a memory address or a hash-seeded order. Modules nested inside a loss (a model a
+    closure calls) count by class only: their weights are the checkpoints'."""
+    if isinstance(obj, _SIMPLE):
+        return repr(obj)
+    if isinstance(obj, torch.Tensor):
+        return f"tensor:{_sha([obj])[:16]}"
+    if depth > 4:
+        return type(obj).__qualname__
+    inner = lambda x: _describe(x, depth + 1)  # noqa: E731
+    if isinstance(obj, (tuple, list)):
+        return f"[{', '.join(map(inner, obj))}]"
+    if isinstance(obj, (set, frozenset)):
+        return f"{{{', '.join(sorted(map(inner, obj)))}}}"
+    if isinstance(obj, dict):
+        return f"{{{', '.join(sorted(f'{inner(k)}: {inner(v)}' for k, v in obj.items()))}}}"
+    if isinstance(obj, types.CodeType):
+        return f"code({obj.co_name}, {obj.co_code.hex()}, {inner(obj.co_names)}, {inner(obj.co_consts)})"
+    if isinstance(obj, functools.partial):
+        return f"partial({inner(obj.func)}, {inner(obj.args)}, {inner(obj.keywords)})"
+    if isinstance(obj, types.MethodType):
+        return f"method({inner(obj.__func__)}, {inner(obj.__self__)})"
+    name = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+    if isinstance(obj, types.FunctionType):
+        cells = [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
+        return f"function({name}, {inner(obj.__code__)}, {inner(obj.__defaults__)}, {inner(cells)})"
+    if callable(obj) and not hasattr(obj, "__dict__") or isinstance(obj, type):
+        return name  # builtins, classes
+    cls = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if isinstance(obj, torch.nn.Module):
+        if depth:
+            return cls
+        settings = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "training"}
+        return f"{cls}({inner(settings)}, {inner(dict(obj.state_dict()))})"
+    return f"{cls}({inner({k: v for k, v in vars(obj).items() if not k.startswith('__')})})"
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:
+        return False
+    return True
 
 
 def describe_loss(loss_fn: Any) -> str:
-    """A stable description of a loss: equal for the same criterion settings or the same function code."""
-    if isinstance(loss_fn, ExampleLoss):
-        return f"ExampleLoss({_code(loss_fn.fn)})"
-    if isinstance(loss_fn, torch.nn.Module):
-        settings = {k: v for k, v in sorted(vars(loss_fn).items()) if not k.startswith("_")}
-        settings = {k: v for k, v in settings.items() if isinstance(v, (bool, int, float, str, type(None)))}
-        buffers = _sha(t for _, t in sorted(loss_fn.state_dict().items()))[:16] if loss_fn.state_dict() else ""
-        return f"{type(loss_fn).__module__}.{type(loss_fn).__qualname__}({settings}{buffers})"
-    if inspect.isfunction(loss_fn) or inspect.ismethod(loss_fn) or inspect.isbuiltin(loss_fn):
-        return _code(loss_fn)
-    return f"{type(loss_fn).__module__}.{type(loss_fn).__qualname__}({_code(type(loss_fn).__call__)})"
+    """A stable description of a loss: equal for the same criterion settings or the same function code and
+    captured values, in any process."""
+    return _describe(loss_fn)
 
 
 def fingerprint(setup: Setup, loss_fn: Any) -> dict[str, Any]:
@@ -69,6 +108,7 @@ def fingerprint(setup: Setup, loss_fn: Any) -> dict[str, Any]:
         "differentiated": _sha(sorted(setup.spec.diff_names)),
         "checkpoints": [_sha(x for name in sorted(c.state) for x in (name, c.state[name])) for c in setup.checkpoints],
         "learning_rates": [float(c.lr) for c in setup.checkpoints],
+        "optimizer": [None if c.adam is None else _sha([_describe(c.adam)]) for c in setup.checkpoints],
         "loss": describe_loss(loss_fn),
         "dtype": str(setup.dtype).replace("torch.", ""),
         "method": setup.method,
@@ -80,6 +120,7 @@ _MEANING = {
     "differentiated": "the differentiated parameters (`params` / `layers` / `method`)",
     "checkpoints": "the checkpoints' tensors",
     "learning_rates": "the learning rates",
+    "optimizer": "the checkpoints' optimizer states (Adam-aware training side)",
     "loss": "the loss",
     "dtype": "the computation dtype (`dtype`)",
     "method": "the method",
@@ -98,7 +139,7 @@ def differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
         elif key == "checkpoints":
             changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
             found.append(f"the tensors of checkpoints {changed}")
-        elif key in ("parameters", "differentiated", "checkpoints"):
+        elif key in ("parameters", "differentiated", "checkpoints", "optimizer"):
             found.append(meaning)
         else:
             found.append(f"{meaning} ({old!r} -> {new!r})")

@@ -36,7 +36,10 @@ def read_manifest(path: str) -> dict[str, Any] | None:
         with open(file) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as err:
-        raise ValueError(f"`{file}` is not a readable index manifest ({err}); {_rebuild_hint(path)}.") from err
+        raise ValueError(
+            f"`{file}` is not a readable index manifest ({err}); rebuild the index with `tc.build_index({path!r}, "
+            f"..., overwrite=True)`."
+        ) from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"`{file}` is not a tracin_func index manifest (no `\"format\": \"{FORMAT}\"`).")
     if manifest.get("version") != VERSION:

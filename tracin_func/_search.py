@@ -26,20 +26,28 @@ def index_setup(
     setup = make_setup(
         model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, projection=index.projection, **options
     )
-    found = differences(index.fingerprint, fingerprint(setup, loss_fn))
-    if found:
-        raise ValueError(
-            f"`train` is an index built with other settings than this call's: {'; '.join(found)} differ. Pass the "
-            f"checkpoints, `params` / `layers`, `loss_fn` and `dtype` the index was built with, or rebuild it with "
-            f"`tc.build_index(..., overwrite=True)`."
-        )
+
+    def check() -> None:
+        found = differences(index.fingerprint, fingerprint(setup, loss_fn))
+        if found:
+            raise ValueError(
+                f"`train` is an index built with other settings than this call's: {'; '.join(found)} differ. Pass "
+                f"the checkpoints, `params` / `layers`, `loss_fn` and `dtype` the index was built with, or rebuild "
+                f"it with `tc.build_index(..., overwrite=True)`."
+            )
+
+    on_every_rank(setup.ranks, check)  # raised on every rank, so none waits in a collective
     return setup
 
 
 def _test_chunks(setup: Setup, test: Any, aggregate: bool) -> Iterator[torch.Tensor]:
     """Test embeddings ``[n, D]`` (with the test loss and the index's projection), in chunks within the test
     memory budget; one summed row with ``aggregate``."""
-    test_setup = setup._replace(train_loss=setup.test_loss, needs_target=(setup.needs_target[1],) * 2)
+    test_setup = setup._replace(  # test examples: plain gradients, also with Adam-aware checkpoints
+        train_loss=setup.test_loss,
+        needs_target=(setup.needs_target[1],) * 2,
+        checkpoints=[c._replace(adam=None) for c in setup.checkpoints],
+    )
     rows, size, total = [], 0, None
     for _, block in embedding_blocks(test_setup, test, where="test"):
         if aggregate:
