@@ -336,3 +336,19 @@ def test_test_memory_bytes_belongs_to_scorers_with_a_test_side(task):
     model, ckpts, train, _, _ = task
     with pytest.raises(TypeError, match="no test side"):
         tc.self_influence(model, ckpts, train, loss_fn=LOSS, test_memory_bytes=10)
+
+
+def test_shards_are_plain_safetensors_files(task, tmp_path):
+    from safetensors import safe_open
+
+    model, ckpts, train, _, ref = task
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, storage_dtype=torch.float16, shard_size=10)
+    rows, self_influence = [], []
+    for shard in index.shards:
+        with safe_open(tmp_path / shard["file"], framework="pt") as f:
+            assert json.loads(f.metadata()["tracin_func"])["rows"] == [shard["start"], shard["stop"]]
+            rows.append(f.get_tensor("embeddings"))
+            self_influence.append(f.get_tensor("self_influence"))
+    assert torch.cat(rows).dtype == torch.float16
+    assert torch.equal(torch.cat(rows), ref.train_embeddings.half())
+    assert_close(torch.cat(self_influence), ref.self_influence)

@@ -2,21 +2,22 @@
 only when complete (written under a temporary name, flushed to disk, then renamed), with checksums.
 
 A shard holds ``self_influence`` ``[rows]`` and ``embeddings`` ``[rows, D]``; its ``safetensors`` metadata has one
-key, ``tracin_func``, a JSON string with its row range and the index's fingerprint digest (one key, because the
-library writes several keys in a random order, and a rebuilt shard must equal the first build byte for byte).
+key, ``tracin_func``, a JSON string with its row range, the index's fingerprint digest and its input rows' digest.
+The bytes are a function of the tensors and that key only, so a rebuilt shard equals the first build byte for byte.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import struct
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save
 
 TEMPORARY = ".partial"  # suffix of files being written; never read, removed on the next build
 
@@ -62,11 +63,30 @@ def write_json(path: str, content: Mapping[str, Any]) -> None:
     write_atomically(path, (json.dumps(content, indent=1, sort_keys=True) + "\n").encode())
 
 
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The ``safetensors`` serialisation of ``tensors`` (in the given order): an 8-byte little-endian header length,
+    the JSON header (padded with spaces to 8 bytes), then the tensors' bytes. Written here because the library's
+    own writer needs numpy, which is not a dependency; its reader reads these files."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    payload, offset = [], 0
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        payload.append(ctypes.string_at(t.data_ptr(), size) if size else b"")
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(payload)
+
+
 def write_shard(path: str, embeddings: torch.Tensor, self_influence: torch.Tensor, info: Mapping[str, Any]) -> str:
     """Write one shard atomically and return its file's sha256."""
     tensors = {"self_influence": self_influence, "embeddings": embeddings}
-    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    data = save(tensors, metadata={"tracin_func": json.dumps(dict(info), sort_keys=True)})
+    data = safetensors_bytes(tensors, {"tracin_func": json.dumps(dict(info), sort_keys=True)})
     write_atomically(path, data)
     return hashlib.sha256(data).hexdigest()
 
