@@ -1,15 +1,16 @@
-"""Cost per step of TracIn inside the training loop (`tc.tracer_update`) relative to the training step itself.
+"""Cost per step of TracIn inside the training loop (`tc.tracer`, `tc.tracer_update`) relative to the training step.
 
 Digits MLP and CNN of the reference workloads (final weights), one SGD step on a batch of 64 training examples,
 100 test examples traced. Rows, each the best of ``--repeat`` runs, all measured in this process:
 
 - training step: ``zero_grad``, forward / backward of the batch's mean loss, ``optimizer.step()`` (torch.optim SGD);
-- tracer_update: one full call (validation, planning the call, test and batch gradients, scatter into the scores);
-- of which planning: ``make_setup`` + ``plan_call`` alone (checks of the forward pass on a few examples, routes),
-  redone at every step because the state holds only tensors;
-- tracer_update factored=False: every parameter through ``vmap(grad)``;
-- with ``--compile``: the training step and ``tc.tracer_update`` under ``torch.compile`` (the tracer's gradient part
-  runs eagerly there by design; see ``tracin_func/_tracer.py``).
+- tc.tracer(...): the factory, which validates and plans the call once (on the test batch), before the loop;
+- tracer.update: one step under that plan (checks of the step's arguments against the plan, test and batch
+  gradients, scatter into the scores);
+- tracer.update factored=False: every parameter through ``vmap(grad)``;
+- tracer_update: the simple form, which plans the call again at every step (``tc.tracer`` + ``update``);
+- with ``--compile``: the training step, ``tracer.update`` and ``tc.tracer_update`` under ``torch.compile`` (the
+  tracer's gradient part runs eagerly there by design; see ``tracin_func/_tracer.py``).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_tracer.py --threads 1 [--compile]
 """
@@ -27,9 +28,6 @@ from torch import nn
 from workloads import digits_cnn, digits_mlp
 
 import tracin_func as tc
-from tracin_func._checkpoints import Checkpoint
-from tracin_func._plan import plan_call
-from tracin_func._setup import make_setup
 
 BATCH = 64
 
@@ -51,28 +49,37 @@ def _rows(workload: Any, repeat: int, compile: bool) -> list[tuple[str, float]]:
         loss_fn(net(batch[0]), batch[1]).backward()
         optimizer.step()
 
-    def update(fn: Any = tc.tracer_update, **kw: Any) -> tc.TracerState:
-        return fn(state, model, params, lr, batch, idx, loss_fn=loss_fn, **kw)
+    def make(**kw: Any) -> tc.Tracer:
+        return tc.tracer(model, workload.test, n_train=workload.n_train, loss_fn=loss_fn, **kw)
 
-    def planning() -> Any:
-        setup = make_setup(model, [Checkpoint(params, 1.0)], loss_fn=loss_fn, params=list(params), strict=False)
-        return plan_call(setup, batch, "batch")
+    def simple(fn: Any = tc.tracer_update) -> tc.TracerState:
+        return fn(state, model, params, lr, batch, idx, loss_fn=loss_fn)
 
     rows = [("training step (torch.optim SGD)", best_time(train_step, repeat)[0])]
-    best, out = best_time(update, repeat)
-    rows.append(("tracer_update", best))
-    rows.append(("  of which planning", best_time(planning, repeat)[0]))
-    dense, out_dense = best_time(lambda: update(factored=False), repeat)
-    rows.append(("tracer_update factored=False", dense))
+    plan_seconds, tracer = best_time(make, repeat)
+    rows.append(("tc.tracer(...): planning, once per loop", plan_seconds))
+    best, out = best_time(lambda: tracer.update(state, params, lr, batch, idx), repeat)
+    rows.append(("tracer.update", best))
+    dense_tracer = make(factored=False)
+    dense, out_dense = best_time(lambda: dense_tracer.update(state, params, lr, batch, idx), repeat)
+    rows.append(("tracer.update factored=False", dense))
+    each, out_simple = best_time(simple, repeat)
+    rows.append(("tracer_update (plans at every step)", each))
     diff = float((out.scores - out_dense.scores).abs().max() / out_dense.scores.abs().max())
     rows.append((f"  (max rel diff factored vs dense {diff:.1e})", float("nan")))
+    same = torch.equal(out.scores, out_simple.scores) and torch.equal(out.self_influence, out_simple.self_influence)
+    rows.append((f"  (tracer.update == tracer_update bit for bit: {same})", float("nan")))
     if compile:
         compiled_net = torch.compile(trained)
         train_step(compiled_net)  # compile once, untimed
         rows.append(("training step, compiled model", best_time(lambda: train_step(compiled_net), repeat)[0]))
-        compiled_update = torch.compile(tc.tracer_update)
-        update(compiled_update)
-        rows.append(("tracer_update under torch.compile", best_time(lambda: update(compiled_update), repeat)[0]))
+        compiled = torch.compile(tracer.update)
+        compiled(state, params, lr, batch, idx)
+        rows.append(("tracer.update under torch.compile",
+                     best_time(lambda: compiled(state, params, lr, batch, idx), repeat)[0]))
+        compiled_simple = torch.compile(tc.tracer_update)
+        simple(compiled_simple)
+        rows.append(("tracer_update under torch.compile", best_time(lambda: simple(compiled_simple), repeat)[0]))
     return rows
 
 

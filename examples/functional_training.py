@@ -3,8 +3,9 @@
 The parameters are a plain dict updated functionally (``params = {k: p - lr * g[k]}`` with ``torch.func.grad``):
 no optimizer, no ``.backward()``, the module's own parameters are never touched. Every few steps the loop keeps
 ``tc.Checkpoint(params=params, lr=lr)``; the list is scored directly, without writing a file. Given test examples,
-the loop also threads a TracIn tracer through every step (``tc.tracer_update``): TracIn's own definition, the sum
-over the steps actually taken, not an approximation from a few checkpoints. ``train_torch_optim`` is the same
+the loop also threads a TracIn tracer through every step (``tc.tracer``, planned once before the loop; its pure
+``update`` returns a new state each step): TracIn's own definition, the sum over the steps actually taken, not an
+approximation from a few checkpoints. ``train_torch_optim`` is the same
 training written as a plain ``torch.optim`` loop, traced the same way.
 
 Some training labels are flipped on purpose; self-influence should rank them first.
@@ -81,7 +82,10 @@ def train(
     x = x.to(dtype)
     gen = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
-    state = None if test is None else tc.tracer_init(test, n_train=len(y), dtype=dtype)
+    tracer, state = None, None
+    if test is not None:  # planned once, on the test batch and the initial parameters: each update only computes
+        tracer = tc.tracer(model, test, n_train=len(y), loss_fn=loss_fn, params=params, dtype=dtype)
+        state = tracer.init()
     checkpoints, step = [], 0
     for epoch in range(epochs):
         rate = lr * decay**epoch
@@ -90,8 +94,8 @@ def train(
             if step % checkpoint_every == 0:
                 checkpoints.append(tc.Checkpoint(params=params, lr=rate))  # the dict is never mutated: no copy
             idx = order[start : start + batch_size]
-            if state is not None:  # the parameters the step starts from, its rate, its batch and dataset indices
-                state = tc.tracer_update(state, model, params, rate, (x[idx], y[idx]), idx, loss_fn=loss_fn)
+            if tracer is not None:  # the parameters the step starts from, its rate, its batch and dataset indices
+                state = tracer.update(state, params, rate, (x[idx], y[idx]), idx)
             g = step_grad(params, x[idx], y[idx])
             params = {k: p - rate * g[k] for k, p in params.items()}
             step += 1
@@ -122,15 +126,14 @@ def train_torch_optim(
     x, y = data
     x = x.to(dtype)
     gen = torch.Generator().manual_seed(seed)
-    state = tc.tracer_init(test, n_train=len(y), dtype=dtype)
+    tracer = tc.tracer(model, test, n_train=len(y), loss_fn=loss_fn, dtype=dtype)  # plans on the test batch, once
+    state = tracer.init()
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=gen)
         for start in range(0, len(y), batch_size):
             idx = order[start : start + batch_size]
             rate = optimizer.param_groups[0]["lr"]
-            state = tc.tracer_update(
-                state, model, dict(model.named_parameters()), rate, (x[idx], y[idx]), idx, loss_fn=loss_fn
-            )
+            state = tracer.update(state, dict(model.named_parameters()), rate, (x[idx], y[idx]), idx)
             optimizer.zero_grad()
             loss_fn(model(x[idx]), y[idx]).backward()
             optimizer.step()

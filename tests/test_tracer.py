@@ -1,8 +1,10 @@
-"""TracIn inside the training loop (`tc.tracer_init` / `tc.tracer_update`) against a float64 loop reference."""
+"""TracIn inside the training loop (`tc.tracer`, planned once, and `tc.tracer_init` / `tc.tracer_update`, planned at
+every step) against a float64 loop reference."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad
 
 import tracin_func as tc
+import tracin_func._tracer as tracer_module
 from tests.conftest import assert_close, assert_differs
 from tests.models import CNN, MLP, mlp_function, mlp_task
 from tests.reference import reference_grads
@@ -32,15 +35,24 @@ def _schedule(n_train):
     ]
 
 
-def _sgd_run(model, params, train, test, steps, loss_fn, **kw):
-    """A functional SGD loop threading the tracer; returns the final state and the parameters of every step."""
+def _sgd_run(model, params, train, test, steps, loss_fn, *, factory=False, **kw):
+    """A functional SGD loop threading the tracer (`tc.tracer` when `factory`, else `tc.tracer_update`); returns
+    the final state and the parameters of every step."""
     x, y = train
-    state = tc.tracer_init(test, n_train=x.shape[0], dtype=DTYPE)
+    if factory:
+        tracer = tc.tracer(model, test, n_train=x.shape[0], loss_fn=loss_fn, params=params, dtype=DTYPE, **kw)
+        state, update = tracer.init(), tracer.update
+    else:
+        state = tc.tracer_init(test, n_train=x.shape[0], dtype=DTYPE)
+
+        def update(state, *args):
+            return tc.tracer_update(state, model, *args, loss_fn=loss_fn, **kw)
+
     history = []
     for idx, lr in steps:
         history.append((params, lr, idx))
         batch = (x[idx], y[idx])
-        state = tc.tracer_update(state, model, params, torch.tensor(lr, dtype=DTYPE), batch, idx, loss_fn=loss_fn, **kw)
+        state = update(state, params, torch.tensor(lr, dtype=DTYPE), batch, idx)
         g = grad(lambda p, b: loss_fn(functional_call(model, p, (b[0],)), b[1]))(params, batch)
         params = {k: p - lr * g[k] for k, p in params.items()}
     return state, history
@@ -60,9 +72,10 @@ def _loop_reference(model, history, train, test, loss_fn, n_train):
     return scores, self_influence
 
 
+@pytest.mark.parametrize("factory", [True, False], ids=["tracer", "tracer_update"])
 @pytest.mark.parametrize("factored", [None, False])
 @pytest.mark.parametrize("make", [MLP, CNN], ids=["mlp", "cnn"])
-def test_tracer_matches_the_loop_reference(make, factored):
+def test_tracer_matches_the_loop_reference(make, factored, factory):
     torch.manual_seed(0)
     model = make().to(DTYPE).eval()
     shape = (4,) if make is MLP else (1, 6, 6)
@@ -70,7 +83,7 @@ def test_tracer_matches_the_loop_reference(make, factored):
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     before = copy.deepcopy(model.state_dict())
     loss_fn = nn.CrossEntropyLoss()
-    state, history = _sgd_run(model, params, train, test, _schedule(10), loss_fn, factored=factored)
+    state, history = _sgd_run(model, params, train, test, _schedule(10), loss_fn, factory=factory, factored=factored)
     scores, self_influence = _loop_reference(model, history, train, test, loss_fn, 10)
     assert state.scores.shape == (4, 10) and state.scores.dtype == DTYPE
     assert_close(state.scores, scores)
@@ -98,6 +111,59 @@ def test_update_is_pure():
     assert torch.equal(new.scores, again.scores) and torch.equal(new.self_influence, again.self_influence)
     untouched = [j for j in range(10) if j not in (1, 3)]
     assert not new.scores[:, untouched].any() and not new.self_influence[untouched].any()
+
+
+def test_factory_equals_tracer_update_and_never_plans_again(monkeypatch):
+    """`tc.tracer(...).update` is `tc.tracer_update` under a plan made once: the same numbers bit for bit (the same
+    plan, made on the test batch), with planning switched off after the factory returned."""
+    t = mlp_task()
+    tracer = tc.tracer(t.model, t.test, n_train=10, loss_fn=t.loss_fn, dtype=DTYPE)
+
+    def no_planning(*args, **kwargs):
+        raise AssertionError("planned again after `tc.tracer`")
+
+    monkeypatch.setattr(tracer_module, "plan_call", no_planning)
+    monkeypatch.setattr(tracer_module, "make_setup", no_planning)
+    steps = list(zip(_schedule(10), itertools.cycle(t.checkpoints)))
+    state = tracer.init()
+    for (idx, lr), ckpt in steps:
+        state = tracer.update(state, dict(ckpt.params), lr, (t.train[0][idx], t.train[1][idx]), idx)
+    monkeypatch.undo()
+    simple = tc.tracer_init(t.test, n_train=10, dtype=DTYPE)
+    for (idx, lr), ckpt in steps:
+        simple = tc.tracer_update(simple, t.model, ckpt.params, lr, (t.train[0][idx], t.train[1][idx]), idx,
+                                  loss_fn=t.loss_fn)
+    assert torch.equal(state.scores, simple.scores) and torch.equal(state.self_influence, simple.self_influence)
+    assert int(state.steps) == 4 and state.scores.abs().max() > 0
+
+
+def test_factory_update_is_pure():
+    t = mlp_task()
+    test_copy = tuple(x.clone() for x in t.test)
+    before = copy.deepcopy(t.model.state_dict())
+    tracer = tc.tracer(t.model, t.test, n_train=10, loss_fn=t.loss_fn, dtype=DTYPE)
+    state = tracer.init()
+    params = dict(t.checkpoints[2].params)
+    copies = {k: v.clone() for k, v in params.items()}
+    idx = torch.tensor([3, 1, 3])
+    batch = (t.train[0][idx], t.train[1][idx])
+    batch_copy = tuple(x.clone() for x in batch)
+    new = tracer.update(state, params, 0.5, batch, idx)
+    assert not state.scores.any() and not state.self_influence.any() and int(state.steps) == 0
+    assert all(torch.equal(copies[k], v) for k, v in params.items())
+    assert all(torch.equal(a, b) for a, b in zip(batch, batch_copy))
+    assert all(torch.equal(a, b) for a, b in zip(t.test, test_copy))
+    assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+    assert new.test is state.test
+    # the same update twice from the same state gives the same state (no hidden state in between)
+    again = tracer.update(state, params, 0.5, batch, idx)
+    assert torch.equal(new.scores, again.scores) and torch.equal(new.self_influence, again.self_influence)
+    # init gives new zeros each time; an older state stays as it was when updated further
+    fresh = tracer.init()
+    assert fresh.scores is not state.scores and not fresh.scores.any() and fresh.test is state.test
+    newer = tracer.update(new, params, 0.5, batch, idx)
+    assert torch.equal(new.scores, again.scores) and int(new.steps) == 1 and int(newer.steps) == 2
+    assert_close(newer.scores, 2 * new.scores)
 
 
 def test_one_pass_at_fixed_params_equals_influence():
@@ -128,6 +194,9 @@ def test_pure_function_model_and_example_loss():
     by_criterion = tc.tracer_update(state, mlp_function, params, 0.7, batch, idx, loss_fn=criterion)
     example_loss = tc.ExampleLoss(lambda p, b: criterion(mlp_function(p, b[0]), b[1]))
     by_example = tc.tracer_update(state, mlp_function, params, 0.7, batch, idx, loss_fn=example_loss)
+    factories = [tc.tracer(mlp_function, t.test, n_train=10, loss_fn=fn, params=params, dtype=DTYPE)
+                 for fn in (criterion, example_loss)]
+    by_factory = [f.update(f.init(), params, 0.7, batch, idx) for f in factories]
     ckpt = tc.Checkpoint(params=params, lr=0.7)
     g_test = reference_grads(mlp_function, ckpt, t.test, criterion)
     g_batch = reference_grads(mlp_function, ckpt, batch, criterion)
@@ -135,6 +204,9 @@ def test_pure_function_model_and_example_loss():
     assert_close(by_criterion.scores, expected)
     assert_close(by_example.scores, expected)
     assert_close(by_example.self_influence, by_criterion.self_influence)
+    for traced in by_factory:
+        assert_close(traced.scores, expected)
+        assert_close(traced.self_influence, by_criterion.self_influence)
 
 
 def test_torch_optim_loop_with_a_test_loss():
@@ -147,6 +219,8 @@ def test_torch_optim_loop_with_a_test_loss():
     loss_fn, test_loss_fn = nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
     state = tc.tracer_init(test, n_train=10, dtype=DTYPE)
+    tracer = tc.tracer(model, test, n_train=10, loss_fn=loss_fn, test_loss_fn=test_loss_fn, dtype=DTYPE)
+    planned = tracer.init()
     history = []
     for idx, lr in _schedule(10):
         for group in optimizer.param_groups:
@@ -154,6 +228,7 @@ def test_torch_optim_loop_with_a_test_loss():
         history.append(({k: v.detach().clone() for k, v in model.named_parameters()}, lr, idx))
         state = tc.tracer_update(state, model, dict(model.named_parameters()), lr, (train[0][idx], train[1][idx]),
                                  idx, loss_fn=loss_fn, test_loss_fn=test_loss_fn)
+        planned = tracer.update(planned, dict(model.named_parameters()), lr, (train[0][idx], train[1][idx]), idx)
         optimizer.zero_grad()
         loss_fn(model(train[0][idx]), train[1][idx]).backward()
         optimizer.step()
@@ -165,6 +240,7 @@ def test_torch_optim_loop_with_a_test_loss():
         g_batch = reference_grads(model, ckpt, (train[0][idx], train[1][idx]), loss_fn)
         scores.index_add_(1, idx, lr * g_test @ g_batch.T)
     assert_close(state.scores, scores)
+    assert_close(planned.scores, scores)
 
 
 @pytest.mark.slow
@@ -180,6 +256,25 @@ def test_compiled_update_equals_eager():
             batch, lr = (t.train[0][idx], t.train[1][idx]), torch.tensor(lr, dtype=DTYPE)
             eager = tc.tracer_update(eager, t.model, params, lr, batch, idx, loss_fn=t.loss_fn)
             compiled = update(compiled, t.model, params, lr, batch, idx, loss_fn=t.loss_fn)
+        assert_close(compiled.scores, eager.scores, 1e-12)
+        assert_close(compiled.self_influence, eager.self_influence, 1e-12)
+        assert int(compiled.steps) == 3
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_factory_update_equals_eager():
+    torch._dynamo.reset()
+    try:
+        t = mlp_task()
+        tracer = tc.tracer(t.model, t.test, n_train=10, loss_fn=t.loss_fn, dtype=DTYPE)
+        update = torch.compile(tracer.update)
+        eager = compiled = tracer.init()
+        for (idx, lr), ckpt in zip(_schedule(10)[:3], t.checkpoints):
+            batch, lr = (t.train[0][idx], t.train[1][idx]), torch.tensor(lr, dtype=DTYPE)
+            eager = tracer.update(eager, dict(ckpt.params), lr, batch, idx)
+            compiled = update(compiled, dict(ckpt.params), lr, batch, idx)
         assert_close(compiled.scores, eager.scores, 1e-12)
         assert_close(compiled.self_influence, eager.self_influence, 1e-12)
         assert int(compiled.steps) == 3
@@ -254,3 +349,78 @@ def test_error_init():
         tc.tracer_init(test, n_train=3, dtype=torch.int64)
     with pytest.raises(ValueError, match="disagree on the batch size"):
         tc.tracer_init((torch.randn(2, 3), torch.tensor([0, 1, 2])), n_train=3)
+
+
+@pytest.fixture
+def planned_call():
+    t = mlp_task()
+    tracer = tc.tracer(t.model, t.test, n_train=10, loss_fn=t.loss_fn, dtype=DTYPE)
+    args = dict(state=tracer.init(), params=dict(t.checkpoints[0].params), lr=0.1,
+                batch=(t.train[0][:2], t.train[1][:2]), indices=torch.tensor([0, 1]))
+    return lambda **kw: tracer.update(**{**args, **kw})
+
+
+def test_factory_error_params_other_than_planned(planned_call):
+    params = dict(mlp_task().checkpoints[0].params)
+    missing = {k: v for k, v in params.items() if k != "fc2.bias"}
+    with pytest.raises(ValueError, match=r"`params` does not match the names the tracer was planned for: missing "
+                                         r"\['fc2.bias'\], unexpected \[\]\..*make a new tracer"):
+        planned_call(params=missing)
+    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['extra'\]"):
+        planned_call(params={**params, "extra": torch.zeros(3, dtype=DTYPE)})
+    with pytest.raises(ValueError, match=r"`params\['fc1.weight'\]` has shape \(6, 5\) but the tracer was planned "
+                                         r"for shape \(6, 4\)"):
+        planned_call(params={**params, "fc1.weight": torch.zeros(6, 5, dtype=DTYPE)})
+    with pytest.raises(TypeError, match=r"`params\['fc1.bias'\]` is a list, not a torch.Tensor"):
+        planned_call(params={**params, "fc1.bias": [0.0] * 6})
+    with pytest.raises(TypeError, match=r"`params\['fc1.bias'\]` is a torch.int64 tensor but is differentiated"):
+        planned_call(params={**params, "fc1.bias": torch.zeros(6, dtype=torch.long)})
+    with pytest.raises(TypeError, match="`params` must be a dict .* with the names the tracer was planned for; got "
+                                        "list"):
+        planned_call(params=list(params.values()))
+
+
+def test_factory_error_state_of_another_shape(planned_call):
+    t = mlp_task()
+    with pytest.raises(ValueError, match=r"`state` holds torch.float64 scores of shape \(4, 12\) on cpu, but this "
+                                         r"tracer was made for torch.float64 \[n_test, n_train\] = \[4, 10\]"):
+        planned_call(state=tc.tracer_init(t.test, n_train=12, dtype=DTYPE))
+    with pytest.raises(ValueError, match=r"`state` holds torch.float32 scores .* start from this tracer's `init\(\)`"):
+        planned_call(state=tc.tracer_init(t.test, n_train=10, dtype=torch.float32))
+    with pytest.raises(TypeError, match="`state` must be the `tc.TracerState`"):
+        planned_call(state={"scores": torch.zeros(4, 10)})
+
+
+def test_factory_errors_of_the_step(planned_call):
+    with pytest.raises(ValueError, match=r"`indices` \[10\] are outside .*a larger `n_train` to `tc.tracer`"):
+        planned_call(indices=torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match="`indices` has 3 entries but `batch` holds 2 examples"):
+        planned_call(indices=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="`lr` must be finite and non-negative.*-0.1"):
+        planned_call(lr=-0.1)
+    with pytest.raises(ValueError, match="`batch`: a batch of 1 element has no target"):
+        planned_call(batch=(torch.zeros(2, 4, dtype=DTYPE),))
+
+
+def test_factory_error_model_switched_to_training_mode():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Linear(5, 3)).to(DTYPE).eval()
+    train, test = _data((4,), 6, seed=6), _data((4,), 2, seed=7)
+    tracer = tc.tracer(model, test, n_train=6, loss_fn=nn.CrossEntropyLoss(), dtype=DTYPE)
+    params = dict(model.named_parameters())
+    idx = torch.tensor([0, 1])
+    tracer.update(tracer.init(), params, 0.1, (train[0][idx], train[1][idx]), idx)
+    model.train()
+    with pytest.raises(ValueError, match="`model` has Dropout '1' in training mode.*Call `model.eval\\(\\)`"):
+        tracer.update(tracer.init(), params, 0.1, (train[0][idx], train[1][idx]), idx)
+
+
+def test_factory_error_arguments():
+    t = mlp_task()
+    with pytest.raises(TypeError, match="`params` is required when `model` is a function"):
+        tc.tracer(mlp_function, t.test, n_train=10, loss_fn=t.loss_fn)
+    with pytest.raises(ValueError, match="`n_train` must be a positive int.*got 0"):
+        tc.tracer(t.model, t.test, n_train=0, loss_fn=t.loss_fn)
+    with pytest.raises(ValueError, match="`params` holds none of the model's parameters"):
+        tc.tracer(t.model, t.test, n_train=10, loss_fn=t.loss_fn, params={"weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match="`test`: a batch of 1 element has no target"):
+        tc.tracer(t.model, (t.test[0],), n_train=10, loss_fn=t.loss_fn)

@@ -8,7 +8,7 @@ from ._index import Index, open_index
 from ._loss import BatchLoss, ExampleLoss, causal_lm_loss, sequence_classification_loss
 from ._plan import SlowPathWarning
 from ._topk import TopK, top_k_embeddings
-from ._tracer import TracerState, tracer_init, tracer_update
+from ._tracer import Tracer, TracerState, tracer, tracer_init, tracer_update
 
 __all__ = [
     "BatchLoss",
@@ -19,6 +19,7 @@ __all__ = [
     "Route",
     "SlowPathWarning",
     "TopK",
+    "Tracer",
     "TracerState",
     "build_index",
     "causal_lm_loss",
@@ -31,6 +32,7 @@ __all__ = [
     "sequence_classification_loss",
     "top_k",
     "top_k_embeddings",
+    "tracer",
     "tracer_init",
     "tracer_update",
 ]

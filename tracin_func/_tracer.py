@@ -3,33 +3,42 @@
 TracIn's own definition sums over the training steps, not over a few saved checkpoints: step ``t`` at parameters
 ``theta_t`` with learning rate ``lr_t`` on a batch of training examples adds
 ``lr_t <g(test_i; theta_t), g(z_j; theta_t)>`` to the score of every test example ``i`` and batch example ``z_j``.
-:func:`tracer_init` makes the state (zero scores and the test batch), :func:`tracer_update` adds one step and
-returns a new state; nothing is mutated, so a functional (JAX-style) loop and a plain ``torch.optim`` loop use it
-the same way.
 
-Each update is the scorers' pure core on one "checkpoint" (the step's parameters): the call is validated and
-planned as a scoring call (per layer: factored inner products, gradients materialised from layer factors, or
-``vmap(grad)``), the test examples and the batch are differentiated once each, and the ``[n_test, B]`` inner
-products and ``[B]`` squared norms are scattered into the ``[n_test, n_train]`` and ``[n_train]`` totals with
-``index_add`` (an example seen twice, in one step or in several, accumulates). The gradient part runs eagerly
-(``torch.compiler.disable``) also inside a compiled training step: on CPU, compiling the hooks and ``autograd.grad``
-of the batched path costs a minute and runs slower than eager, and the dense ``vmap(grad)`` route compiled is
-still slower than the eager factored one. The learning rate and the state update stay in the compiled graph.
+Two forms, the same numbers:
+
+- :func:`tracer` plans the call once (the optax way): it returns a :class:`Tracer`, a NamedTuple of pure functions
+  ``init() -> TracerState`` and ``update(state, params, lr, batch, indices) -> TracerState`` that close over the
+  plan (validated model spec, losses, per-layer routes, representation functions), which never changes after the
+  factory returns. Each step then only checks its arguments against the plan and computes.
+- :func:`tracer_init` / :func:`tracer_update`: the simple form, nothing to keep but the state; each update plans
+  the call again (dry runs of the forward pass, the batching check, site discovery), which costs several training
+  steps on a small model.
+
+The call is planned like a scoring call, on the test batch, and the plan is reused for every training batch, as the
+scorers plan on their first test batch and reuse it for every training batch. Each update is the scorers' pure
+core on one "checkpoint" (the step's parameters): per layer factored inner products, gradients materialised from
+layer factors, or ``vmap(grad)``; the test examples and the batch are differentiated once each, and the
+``[n_test, B]`` inner products and ``[B]`` squared norms are scattered into the ``[n_test, n_train]`` and
+``[n_train]`` totals with ``index_add`` (an example seen twice, in one step or in several, accumulates). The
+gradient part runs eagerly (``torch.compiler.disable``) also inside a compiled training step: on CPU, compiling the
+hooks and ``autograd.grad`` of the batched path costs a minute and runs slower than eager, and the dense
+``vmap(grad)`` route compiled is still slower than the eager factored one. The learning rate and the state update
+stay in the compiled graph.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import optree
 import torch
 
-from ._assemble import representation_fn
+from ._assemble import RepresentationFn, representation_fn
 from ._checkpoints import Checkpoint
 from ._data import batch_size_of, check_batch_structure, to_device
-from ._model import exclusive_use
+from ._model import ModelSpec, check_eval_mode, check_no_backward_hooks, exclusive_use
 from ._plan import plan_call
 from ._setup import make_setup
 
@@ -50,6 +59,71 @@ class TracerState(NamedTuple):
     self_influence: torch.Tensor
     test: Any
     steps: torch.Tensor
+
+
+class Tracer(NamedTuple):
+    """A TracIn tracer planned once by :func:`tracer`: pure functions over an explicit :class:`TracerState`.
+
+    Attributes:
+        init: ``init() -> TracerState``: zero scores and the test batch (new tensors at each call).
+        update: ``update(state, params, lr, batch, indices) -> TracerState``: one training step added, the old state
+            unchanged; the arguments mean what they mean for :func:`tracer_update`.
+    """
+
+    init: Callable[[], TracerState]
+    update: Callable[..., TracerState]
+
+
+class _Planned(NamedTuple):
+    """Everything a step needs besides its tensors, made once and never changed. (The representation functions'
+    ``Mapper`` may switch once from ``vmap`` to a per-example loop where vmap fails, as within one scoring call:
+    the results are the same.)"""
+
+    model: Any  # the user's model: checked for eval mode and hooks at each step, locked when the call runs on it
+    spec: ModelSpec
+    train: RepresentationFn  # (diff, frozen, batch) -> Representation, for the training loss
+    test: RepresentationFn  # the same for the test loss
+    names: tuple[str, ...]  # differentiated parameters
+    shapes: Mapping[str, tuple[int, ...]]  # every entry of `params`: its shape
+    defaults: tuple[str, ...]  # model state entries not in `params` (buffers, parameters not given)
+    needs_target: bool  # the training loss is a criterion: batches are `(x1, ..., xk, y)`
+    shape: tuple[int, int]  # (n_test, n_train)
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _checked_test(
+    test: Any, n_train: Any, dtype: Any, device: Any
+) -> tuple[Any, int, torch.dtype, torch.device]:
+    """``(test on the target device in dtype, n_test, dtype, device)``, validated."""
+    if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1:
+        raise ValueError(f"`n_train` must be a positive int (the size of the training set), got {n_train!r}.")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"`dtype` must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
+    dtype = dtype or torch.get_default_dtype()
+    if dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"`dtype`={dtype}: sums of gradient inner products in half precision lose most of their digits; pass "
+            f"`dtype=torch.float32` (parameters and inputs are converted for each step)."
+        )
+    n_test = batch_size_of(test, "`test`")  # every leaf a tensor with one batch size
+    leaves = optree.tree_leaves(test, none_is_leaf=True)
+    try:
+        target = torch.device(device) if device is not None else leaves[0].device
+        torch.empty(0, device=target)
+    except Exception as err:
+        why = str(err).splitlines()[0]
+        raise ValueError(f"`device`={device!r} is not available ({why}); pass e.g. `device='cpu'`.") from err
+    return to_device(test, target, dtype), n_test, dtype, target
+
+
+def _zeros(test: Any, n_test: int, n_train: int, dtype: torch.dtype, device: torch.device) -> TracerState:
+    return TracerState(
+        scores=torch.zeros(n_test, n_train, dtype=dtype, device=device),
+        self_influence=torch.zeros(n_train, dtype=dtype, device=device),
+        test=test,
+        steps=torch.zeros((), dtype=torch.long, device=device),
+    )
 
 
 def tracer_init(
@@ -75,31 +149,98 @@ def tracer_init(
         >>> state.scores.shape, state.self_influence.shape, int(state.steps)
         (torch.Size([3, 100]), torch.Size([100]), 0)
     """
-    if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1:
-        raise ValueError(f"`n_train` must be a positive int (the size of the training set), got {n_train!r}.")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"`dtype` must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
-    dtype = dtype or torch.get_default_dtype()
-    if dtype in (torch.float16, torch.bfloat16):
-        raise ValueError(
-            f"`dtype`={dtype}: sums of gradient inner products in half precision lose most of their digits; pass "
-            f"`dtype=torch.float32` (parameters and inputs are converted for each step)."
-        )
-    n_test = batch_size_of(test, "`test`")  # every leaf a tensor with one batch size
-    leaves = optree.tree_leaves(test, none_is_leaf=True)
-    try:
-        target = torch.device(device) if device is not None else leaves[0].device
-        torch.empty(0, device=target)
-    except Exception as err:
-        why = str(err).splitlines()[0]
-        raise ValueError(f"`device`={device!r} is not available ({why}); pass e.g. `device='cpu'`.") from err
-    test = to_device(test, target, dtype)
-    return TracerState(
-        scores=torch.zeros(n_test, n_train, dtype=dtype, device=target),
-        self_influence=torch.zeros(n_train, dtype=dtype, device=target),
-        test=test,
-        steps=torch.zeros((), dtype=torch.long, device=target),
+    test, n_test, dtype, target = _checked_test(test, n_train, dtype, device)
+    return _zeros(test, n_test, n_train, dtype, target)
+
+
+def tracer(
+    model: Any,
+    test: Any,
+    *,
+    n_train: int,
+    loss_fn: Any,
+    test_loss_fn: Any = None,
+    params: Mapping[str, torch.Tensor] | None = None,
+    factored: bool | None = None,
+    chunk_size: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> Tracer:
+    """A TracIn tracer for a training loop, planned once: ``init()`` and ``update(state, params, lr, batch, indices)``.
+
+    The call is validated and planned here, on the test batch (forward-pass checks, per-layer routes, whether one
+    batched forward / backward gives every layer's factors), and the plan is kept in the returned functions; it is
+    never changed afterwards, and every step reuses it, as the scorers reuse the plan of their first test batch for
+    every training batch. A step then costs its gradients, not a new plan (compare :func:`tracer_update`, which
+    plans at every step). The functions are pure: the state goes in and a new one comes out.
+
+    Args:
+        model: an ``nn.Module`` (called through ``functional_call``; never modified) or a pure function
+            ``f(params, *inputs)``.
+        test: one batch of test examples, as for :func:`tracer_init`.
+        n_train: size of the training set: ``indices`` lie in ``[0, n_train)``.
+        loss_fn: criterion ``loss_fn(outputs, targets)`` applied to one example at a time (as in the scorers), or
+            ``tc.ExampleLoss(fn)``.
+        test_loss_fn: the same for the test examples; defaults to ``loss_fn``.
+        params: the parameter dict the loop will pass to ``update`` (its names and shapes are planned, its values
+            only serve the planning dry runs): for an ``nn.Module`` by default ``dict(model.named_parameters())``,
+            as a ``torch.optim`` loop passes; required for a pure function (the initial parameters). Every entry
+            that is a parameter of the model (for a pure function: every floating entry) is differentiated; the
+            model's other state (buffers, parameters not given) is read from the model at each step.
+        factored: as in :func:`tracin_func.influence` (``None``: per layer by cost; ``False``: ``vmap(grad)``).
+        chunk_size: examples per ``vmap`` call (bounds activation memory).
+        dtype: floating dtype of the scores and of the computation. Default: ``torch.get_default_dtype()``.
+        device: where the scores live and the gradients are computed. Default: the test batch's device.
+
+    Returns:
+        A :class:`Tracer`. ``update(state, params, lr, batch, indices)`` takes ``params`` with exactly the planned
+        names and shapes (anything else is refused: make a new tracer), ``lr`` a number or a 0-d tensor (a tensor
+        inside ``torch.compile``), ``batch`` the step's training batch and ``indices`` its ``[B]`` dataset indices.
+
+    Example:
+        >>> import torch, tracin_func as tc
+        >>> model = torch.nn.Linear(4, 3)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> loss_fn = torch.nn.CrossEntropyLoss()
+        >>> tracer = tc.tracer(model, (x[:2], y[:2]), n_train=8, loss_fn=loss_fn)  # planned here, once
+        >>> state = tracer.init()
+        >>> params = {k: v.detach() for k, v in model.named_parameters()}
+        >>> for step in range(4):  # plain SGD on batches of 2
+        ...     idx = torch.tensor([2 * step, 2 * step + 1])
+        ...     state = tracer.update(state, params, 0.1, (x[idx], y[idx]), idx)
+        ...     g = torch.func.grad(lambda p: loss_fn(torch.func.functional_call(model, p, (x[idx],)), y[idx]))(params)
+        ...     params = {k: p - 0.1 * g[k] for k, p in params.items()}
+        >>> state.scores.shape, int(state.steps)
+        (torch.Size([2, 8]), 4)
+        >>> bool((state.self_influence > 0).all())
+        True
+    """
+    test, n_test, dtype, target = _checked_test(test, n_train, dtype, device)
+    if params is None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                "`params` is required when `model` is a function: pass the parameter dict the loop starts from "
+                "(its names and shapes are planned)."
+            )
+        params = dict(model.named_parameters())
+    planned = _plan(
+        model, test, params, "test", n_test=n_test, n_train=n_train, loss_fn=loss_fn, test_loss_fn=test_loss_fn,
+        factored=factored, chunk_size=chunk_size, dtype=dtype, device=target,
     )
+
+    def init() -> TracerState:
+        return _zeros(test, n_test, n_train, dtype, target)
+
+    def update(
+        state: TracerState,
+        params: Mapping[str, torch.Tensor],
+        lr: float | torch.Tensor,
+        batch: Any,
+        indices: torch.Tensor,
+    ) -> TracerState:
+        return _apply(state, lr, indices, lambda lr_, idx: _products(planned, state, params, lr_, batch, idx))
+
+    return Tracer(init, update)
 
 
 def tracer_update(
@@ -115,12 +256,16 @@ def tracer_update(
     factored: bool | None = None,
     chunk_size: int | None = None,
 ) -> TracerState:
-    """Add one training step to the TracIn scores: a new state, the old one unchanged.
+    """Add one training step to the TracIn scores: a new state, the old one unchanged (plans the call every time).
 
     ``scores[i, indices[b]] += lr * <grad test_loss(test_i; params), grad loss(batch_b; params)>`` and
     ``self_influence[indices[b]] += lr * |grad loss(batch_b; params)|^2`` for every example ``b`` of the batch
     (repeated indices accumulate). Call it with the parameters the step starts from and the step's learning rate,
     before or after computing the step's update, but with the parameters before it is applied.
+
+    This is the simple form: nothing to keep but the state, but each call plans the call again (checks of the
+    forward pass on a few examples, per-layer routes), which costs several training steps on a small model.
+    :func:`tracer` plans once and gives the same numbers; prefer it in a loop of many steps.
 
     Args:
         state: from :func:`tracer_init` or a previous update.
@@ -144,8 +289,7 @@ def tracer_update(
         A new :class:`TracerState`.
 
     Each step costs about one batched forward / backward over the test examples and one over the batch (with
-    factored layers), plus planning the call (checks of the forward pass on a few examples), which is done at every
-    step because the state holds only tensors. Inside ``torch.compile`` the gradient part runs eagerly (see the
+    factored layers), plus planning the call. Inside ``torch.compile`` the gradient part runs eagerly (see the
     module's notes); the result is the same.
 
     Example:
@@ -165,10 +309,27 @@ def tracer_update(
         >>> bool((state.self_influence[[0, 7]] > 0).all())
         True
     """
+
+    def products(lr_: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _planned_products(
+            state, model, params, lr_, batch, idx, loss_fn=loss_fn, test_loss_fn=test_loss_fn, factored=factored,
+            chunk_size=chunk_size,
+        )
+
+    return _apply(state, lr, indices, products)
+
+
+def _apply(
+    state: TracerState,
+    lr: float | torch.Tensor,
+    indices: torch.Tensor,
+    products: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> TracerState:
+    """The step shared by both forms: type checks, ``lr`` as a 0-d tensor, the products, the scatter."""
     if not isinstance(state, TracerState):
         raise TypeError(
-            f"`state` must be the `tc.TracerState` of `tc.tracer_init(...)` or of the previous update, got "
-            f"{type(state).__name__}."
+            f"`state` must be the `tc.TracerState` of `tc.tracer_init(...)` / `tracer.init()` or of the previous "
+            f"update, got {type(state).__name__}."
         )
     if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int64, torch.int32) or indices.dim() != 1:
         got = f"a {indices.dtype} tensor of shape {tuple(indices.shape)}" if isinstance(indices, torch.Tensor) else (
@@ -188,10 +349,7 @@ def tracer_update(
     else:
         raise TypeError(f"`lr` must be a number or a 0-d tensor, got {lr!r} of type {type(lr).__name__}.")
     indices = indices.to(state.scores.device)
-    dots, sq_norms = _products(
-        state, model, params, lr, batch, indices, loss_fn=loss_fn, test_loss_fn=test_loss_fn, factored=factored,
-        chunk_size=chunk_size,
-    )
+    dots, sq_norms = products(lr, indices)
     return TracerState(
         scores=state.scores.index_add(1, indices, lr * dots),
         self_influence=state.self_influence.index_add(0, indices, lr * sq_norms),
@@ -200,7 +358,7 @@ def tracer_update(
     )
 
 
-def _check_values(state: TracerState, lr: torch.Tensor, batch: Any, indices: torch.Tensor) -> None:
+def _check_values(state: TracerState, lr: torch.Tensor, batch: Any, indices: torch.Tensor, fix: str) -> None:
     """Checks that read tensor values (run eagerly, also inside a compiled step)."""
     value = float(lr)
     if not (math.isfinite(value) and value >= 0):
@@ -216,26 +374,12 @@ def _check_values(state: TracerState, lr: torch.Tensor, batch: Any, indices: tor
         bad = indices[(indices < 0) | (indices >= n_train)].tolist()[:10]
         raise ValueError(
             f"`indices` {bad} are outside [0, n_train) = [0, {n_train}); pass dataset indices of the training set "
-            f"(or a larger `n_train` to `tc.tracer_init`)."
+            f"(or a larger `n_train` to {fix})."
         )
 
 
-@torch.compiler.disable  # validated and planned as a scoring call; eager inside compiled code (see module notes)
-def _products(
-    state: TracerState,
-    model: Any,
-    params: Mapping[str, torch.Tensor],
-    lr: torch.Tensor,
-    batch: Any,
-    indices: torch.Tensor,
-    *,
-    loss_fn: Any,
-    test_loss_fn: Any,
-    factored: bool | None,
-    chunk_size: int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(<g(test_i), g(batch_b)> [n_test, B], |g(batch_b)|^2 [B])`` at ``params``."""
-    _check_values(state, lr, batch, indices)
+def _selected(model: Any, params: Any) -> list[str]:
+    """The names of ``params`` that are differentiated: the model's parameters, or a function's floating entries."""
     if not isinstance(params, Mapping) or not params:
         raise TypeError(
             f"`params` must be a non-empty dict {{name: tensor}} of the parameters at this step, e.g. "
@@ -249,8 +393,27 @@ def _products(
                 f"`params` holds none of the model's parameters (got {list(params)[:5]}, the model has "
                 f"{list(named)[:5]}); pass `dict(model.named_parameters())` or the dict a functional loop updates."
             )
-    else:
-        selected = [n for n, t in params.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return selected
+    return [n for n, t in params.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _plan(
+    model: Any,
+    test: Any,
+    params: Any,
+    where: str,
+    *,
+    n_test: int,
+    n_train: int,
+    loss_fn: Any,
+    test_loss_fn: Any,
+    factored: bool | None,
+    chunk_size: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> _Planned:
+    """Validate the call and plan it on the test batch ``test`` (on device), named ``where`` in messages."""
+    selected = _selected(model, params)
     setup = make_setup(
         model,
         [Checkpoint(params=params, lr=1.0)],  # the step's lr multiplies the products outside (a tensor)
@@ -258,24 +421,99 @@ def _products(
         test_loss_fn=test_loss_fn,
         params=selected,
         strict=False,
-        device=state.scores.device,
-        dtype=state.scores.dtype,
+        device=device,
+        dtype=dtype,
         factored=factored,
         chunk_size=chunk_size,
     )
-    test = state.test
-    check_batch_structure(test, "`state.test`", needs_target=setup.needs_target[1])
-    check_batch_structure(batch, "`batch`", needs_target=setup.needs_target[0])
-    batch = to_device(batch, setup.device, setup.dtype)
-    ckpt = setup.checkpoints[0]
+    check_batch_structure(test, f"`{where}`", needs_target=setup.needs_target[1])
     with exclusive_use(model, setup.spec):
-        planned = plan_call(setup, batch, "batch")
-        names = planned.plan.names
-        diff = {n: ckpt.state[n] for n in names}
-        frozen = {n: t for n, t in ckpt.state.items() if n not in diff}
-        train_rep = representation_fn(setup.spec.module, setup.train_loss, planned.plan, planned.mapper)
-        test_rep = planned.updates.test(ckpt, test)
-        rep = train_rep(diff, frozen, batch)
+        planned = plan_call(setup, test, where)
+    module, plan = setup.spec.module, planned.plan
+    train = representation_fn(module, setup.train_loss, plan, planned.mapper)
+    test_rep = train if setup.test_loss is setup.train_loss else representation_fn(
+        module, setup.test_loss, plan, planned.mapper
+    )
+    return _Planned(
+        model=model,
+        spec=setup.spec,
+        train=train,
+        test=test_rep,
+        names=plan.names,
+        shapes={n: tuple(t.shape) for n, t in params.items()},
+        defaults=tuple(n for n in setup.spec.defaults if n not in params),
+        needs_target=setup.needs_target[0],
+        shape=(n_test, n_train),
+        device=device,
+        dtype=dtype,
+    )
+
+
+def _check_params(planned: _Planned, params: Any) -> None:
+    """``params`` has the planned names and shapes (cheap: no tensor values read)."""
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"`params` must be a dict {{name: tensor}} of the parameters at this step, with the names the tracer was "
+            f"planned for; got {type(params).__name__}."
+        )
+    if params.keys() != planned.shapes.keys():
+        missing = [n for n in planned.shapes if n not in params]
+        unexpected = [n for n in params if n not in planned.shapes]
+        raise ValueError(
+            f"`params` does not match the names the tracer was planned for: missing {missing[:10]}, unexpected "
+            f"{unexpected[:10]}. Pass the same entries at every step (those of `tc.tracer(..., params=...)`, by "
+            f"default `dict(model.named_parameters())`), or make a new tracer for the new ones."
+        )
+    for name, t in params.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"`params[{name!r}]` is a {type(t).__name__}, not a torch.Tensor; pass tensors.")
+        if tuple(t.shape) != planned.shapes[name]:
+            raise ValueError(
+                f"`params[{name!r}]` has shape {tuple(t.shape)} but the tracer was planned for shape "
+                f"{planned.shapes[name]}; pass the parameters of the same architecture, or make a new tracer."
+            )
+    for name in planned.names:
+        if not params[name].is_floating_point():
+            raise TypeError(
+                f"`params[{name!r}]` is a {params[name].dtype} tensor but is differentiated; pass a floating tensor."
+            )
+
+
+@torch.compiler.disable  # eager inside compiled code (see module notes)
+def _products(
+    planned: _Planned,
+    state: TracerState,
+    params: Mapping[str, torch.Tensor],
+    lr: torch.Tensor,
+    batch: Any,
+    indices: torch.Tensor,
+    fix: str = "`tc.tracer`",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(<g(test_i), g(batch_b)> [n_test, B], |g(batch_b)|^2 [B])`` at ``params``, under a plan."""
+    if (tuple(state.scores.shape), state.scores.dtype, state.scores.device) != (
+        planned.shape, planned.dtype, planned.device
+    ):
+        raise ValueError(
+            f"`state` holds {state.scores.dtype} scores of shape {tuple(state.scores.shape)} on "
+            f"{state.scores.device}, but this tracer was made for {planned.dtype} [n_test, n_train] = "
+            f"{list(planned.shape)} on {planned.device}; start from this tracer's `init()`."
+        )
+    _check_values(state, lr, batch, indices, fix)
+    _check_params(planned, params)
+    check_eval_mode(planned.model)  # the model may have been switched to training mode since planning
+    check_no_backward_hooks(planned.model)
+    check_batch_structure(batch, "`batch`", needs_target=planned.needs_target)
+    batch = to_device(batch, planned.device, planned.dtype)
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device=planned.device, dtype=planned.dtype if t.is_floating_point() else t.dtype)
+
+    diff = {n: move(params[n]) for n in planned.names}
+    frozen = {n: move(planned.spec.defaults[n]) for n in planned.defaults}  # buffers: read at each step
+    frozen.update({n: move(t) for n, t in params.items() if n not in diff})
+    with exclusive_use(planned.model, planned.spec):
+        test_rep = planned.test(diff, frozen, state.test)
+        rep = planned.train(diff, frozen, batch)
         sq_norms = rep.sq_norm()
         dots = test_rep.dot(rep)
     for bad, where in (~torch.isfinite(sq_norms), "`batch`"), (~torch.isfinite(dots).all(1), "`state.test`"):
@@ -286,3 +524,27 @@ def _products(
                 f"targets, the parameters and the dtype."
             )
     return dots, sq_norms
+
+
+@torch.compiler.disable  # planned as a scoring call at every step; eager inside compiled code (see module notes)
+def _planned_products(
+    state: TracerState,
+    model: Any,
+    params: Mapping[str, torch.Tensor],
+    lr: torch.Tensor,
+    batch: Any,
+    indices: torch.Tensor,
+    *,
+    loss_fn: Any,
+    test_loss_fn: Any,
+    factored: bool | None,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_products` under a plan made for this step only (:func:`tracer_update`)."""
+    _check_values(state, lr, batch, indices, "`tc.tracer_init`")  # before planning: cheap errors first
+    planned = _plan(
+        model, state.test, params, "state.test", n_test=state.scores.shape[0], n_train=state.scores.shape[1],
+        loss_fn=loss_fn, test_loss_fn=test_loss_fn, factored=factored, chunk_size=chunk_size,
+        dtype=state.scores.dtype, device=state.scores.device,
+    )
+    return _products(planned, state, params, lr, batch, indices, "`tc.tracer_init`")
