@@ -352,3 +352,15 @@ def test_shards_are_plain_safetensors_files(task, tmp_path):
     assert torch.cat(rows).dtype == torch.float16
     assert torch.equal(torch.cat(rows), ref.train_embeddings.half())
     assert_close(torch.cat(self_influence), ref.self_influence)
+
+
+def test_queries_stream_the_index_in_small_blocks(task, tmp_path, monkeypatch):
+    from tracin_func import _index, _search
+
+    model, ckpts, train, test, ref = task
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, storage_dtype=DTYPE, shard_size=10)
+    for module in (_index, _search):
+        monkeypatch.setattr(module, "BLOCK_BYTES", 3 * N_TEST * 8)  # scores [5, 3] in float64; rows of D > 15 values
+    assert [(offset, len(b)) for offset, b in index.blocks()] == [(row, 1) for row in range(N)]
+    assert_close(tc.influence(model, ckpts, index, test, loss_fn=LOSS), ref.influence)
+    assert_topk(tc.top_k(model, ckpts, index, test, k=4, loss_fn=LOSS), ref.influence, 4, largest=True)

@@ -145,11 +145,14 @@ class Index:
                 out[inside] = self._read(shard, "embeddings", lo, hi)[local - lo]
         return out
 
-    def blocks(self, shard_numbers: Sequence[int] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    def blocks(
+        self, shard_numbers: Sequence[int] | None = None, max_rows: int | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(first row, [b, D] embeddings)`` for the given shards (all by default), in blocks of about
-        ``BLOCK_BYTES``: memory is bounded by a block, not by the index."""
+        ``BLOCK_BYTES`` (and at most ``max_rows`` rows): memory is bounded by a block, not by the index."""
         shards = self._manifest["shards"]
         step = max(1, BLOCK_BYTES // max(1, self.dim * self.storage_dtype.itemsize))
+        step = min(step, max_rows or step)
         for number in range(len(shards)) if shard_numbers is None else shard_numbers:
             shard = shards[number]
             for start in range(0, shard["stop"] - shard["start"], step):

@@ -13,7 +13,7 @@ from ._data import select_rows
 from ._distributed import join, on_every_rank, stack_top_k
 from ._driver import embedding_blocks
 from ._fingerprint import differences, fingerprint
-from ._index import Index
+from ._index import BLOCK_BYTES, Index
 from ._model import exclusive_use
 from ._setup import Setup, make_setup
 from ._topk import TopK, merge
@@ -70,7 +70,10 @@ def _mine(index: Index, setup: Setup) -> list[int] | None:
 
 
 def _scores(index: Index, setup: Setup, queries: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    for offset, block in index.blocks(_mine(index, setup)):
+    """``(first row, [n_test, b] scores)`` per block of this rank's shards; a block's scores stay within
+    ``BLOCK_BYTES`` too."""
+    rows = max(1, BLOCK_BYTES // max(1, queries.shape[0] * queries.element_size()))
+    for offset, block in index.blocks(_mine(index, setup), rows):
         yield offset, queries @ block.to(device=queries.device, dtype=queries.dtype).T
 
 
