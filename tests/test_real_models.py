@@ -1,7 +1,9 @@
 """Real models on the scorers: Hugging Face GPT-2 and BERT (small configs, random weights, nothing downloaded),
 ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, as ``benchmarks/real_models.py`` builds them, at
 tiny sizes in float64. ``tc.influence`` and ``tc.self_influence`` (default options and ``factored=False``) equal
-the one-backward-per-example reference to 1e-10.
+the one-backward-per-example reference to 1e-10. GPT-2 and BERT run in three forms: dict batches with the library's
+Hugging Face losses (``tc.causal_lm_loss`` / ``tc.sequence_classification_loss``, a ``tc.BatchLoss``: batched),
+``tc.ExampleLoss`` of the model's own ``.loss`` (one example at a time) and a logits criterion.
 
 Sizes are cut for the 2-core budget, not the architectures: ResNet-18 keeps its 4 stages of 2 BasicBlocks and
 BatchNorm but with channels 8-64 (one full-width 64-512 case is marked slow), MobileNetV3-small its full block table
