@@ -90,8 +90,8 @@ def test_full_width_resnet18_matches_reference():
 
 BATCHED = "one batched forward / backward gives every layer's factors"
 # case -> (batching, {route: number of parameter tensors}, parameters on vmap(grad)); every other parameter is factored
-# or materialised from factors (the split between those two is the cost model's, at these test sizes). The LSTM's
-# own parameters take vmap(grad), which in float64 falls back to the per-example loop (no batching rule).
+# or materialised from factors (the split between those two is the cost model's, at these test sizes). The LSTM runs
+# as unrolled cells (``_recurrent``): its products are Linear-like sites, materialised at these sizes.
 PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     "gpt2_batch_loss": (BATCHED, {"factored": 1, "materialised": 27}, ()),
     "gpt2_criterion": (BATCHED, {"factored": 1, "materialised": 27}, ()),
@@ -99,7 +99,7 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     "bert_criterion": (BATCHED, {"factored": 7, "materialised": 34}, ()),
     "resnet18": (BATCHED, {"factored": 7, "materialised": 55}, ()),
     "mobilenet": (BATCHED, {}, ()),
-    "lstm": ("vmap(grad) over examples", {"factored": 3, "loop": 4}, ("lstm.",)),
+    "lstm": (BATCHED, {"factored": 3, "materialised": 4}, ()),
 }
 
 

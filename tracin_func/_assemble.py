@@ -10,7 +10,7 @@ from torch import nn
 
 from ._capture import Factors, batched_factors, vmapped_factors
 from ._grads import Mapper, Tensors, dense_grads
-from ._layers import input_rows, output_rows, per_example_grads
+from ._layers import input_rows, materialize, output_rows, per_example_grads
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
 from ._representations import Dense, Factored, Part, Representation
 
@@ -26,14 +26,18 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
     parts: list[Part] = []
     dense = dict(dense)
     for site in plan.sites:
-        layer, (xs, gs) = modules[site.path], factors[site.path]
-        if site.path in plan.kernel:
+        layer, (xs, gs) = modules.get(site.path), factors[site.path]
+        if site.path in plan.kernel or site.owner is not None:  # a recurrent product: one call per time step
             a = _cat([input_rows(layer, site, x) for x in xs], dim=1)
             g = _cat([output_rows(site, g) for g in gs], dim=1)
-            parts.append(Factored(site, a, g))
-            continue
-        for x, g in zip(xs, gs):
-            for name, grad_ in per_example_grads(layer, site, x, g).items():
+            if site.path in plan.kernel:
+                parts.append(Factored(site, a, g))
+                continue
+            grads = [materialize(site, a, g)]  # every step's rows at once
+        else:
+            grads = [per_example_grads(layer, site, x, g) for x, g in zip(xs, gs)]
+        for grads_ in grads:
+            for name, grad_ in grads_.items():
                 dense[name] = dense[name] + grad_ if name in dense else grad_
     if dense:
         parts.insert(0, Dense(dense))

@@ -25,6 +25,7 @@ from torch.func import grad
 from ._grads import Mapper, Tensors, batch_of_one, example_at, scalar_loss
 from ._layers import Site, layer_output, recorded_input
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, summed_example_losses
+from ._recurrent import unrolled
 
 if TYPE_CHECKING:
     from ._plan import Plan
@@ -36,11 +37,14 @@ BatchableLoss = Union[CriterionLoss, BatchedLoss]  # losses whose model runs on 
 
 @contextmanager
 def hooked(module: nn.Module, hooks: Mapping[str, Hook]) -> Iterator[None]:
-    """Forward hooks on the submodules at the given paths, for the duration of the block."""
+    """Forward hooks on the submodules at the given paths, for the duration of the block. A path that is not a
+    module's names a product of a recurrent layer, which then runs as unrolled cells (``_recurrent.unrolled``)."""
     modules = dict(module.named_modules())
-    handles = [modules[path].register_forward_hook(hook) for path, hook in hooks.items()]
+    products = {path: hook for path, hook in hooks.items() if path not in modules}
+    handles = [modules[path].register_forward_hook(hook) for path, hook in hooks.items() if path in modules]
     try:
-        yield
+        with unrolled(modules, products):
+            yield
     finally:
         for handle in handles:
             handle.remove()

@@ -39,6 +39,7 @@ class Site(NamedTuple):
     transposed: bool = False  # a Linear whose weight is stored [d_in, d_out] (transformers' Conv1D)
     groups: int = 1  # a grouped / depthwise convolution: gradients always materialised, never a factored kernel
     tied: bool = False  # a parameter shared with other sites (GPT-2's lm_head / wte): gradients of every use summed
+    owner: str | None = None  # a product of an unrolled nn.LSTM / nn.GRU at this path (see _recurrent)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from ._grads import Mapper, Tensors
 from ._layers import Site, factorable_sites, global_hooks_present, site_kind, why_not_a_site
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
 from ._purity import check_forward
+from ._recurrent import recurrent_sites, why_not_unrolled
 from ._setup import Setup
 from ._updates import Updates, make_updates
 
@@ -108,7 +109,9 @@ def make_plan(
 ) -> Plan:
     """Which layers give factors, which of those are scored by factored inner products (a cost model for
     ``factored=None``, all for ``True``; ``False`` uses vmap(grad) for everything), and how factors are obtained."""
-    sites = factorable_sites(module, names) if module is not None and factored is not False else {}
+    sites = {}
+    if module is not None and factored is not False:
+        sites = {**factorable_sites(module, names), **recurrent_sites(module, names)}
     reasons = {n: _why_dense(module, n, factored) for n in _not_in_sites(names, sites.values())}
     kernel = set()
     for loss in losses if sites else ():
@@ -119,6 +122,8 @@ def make_plan(
             if not calls[path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
                 why = "not called as a module" if not calls[path] else "also used outside the layer (tied weight, "
                 why += "" if not calls[path] else "direct use or a term of the loss)"
+                if site.owner is not None and not calls[path]:
+                    why = "not run as unrolled cells (a PackedSequence or unbatched input runs the fused op)"
                 for other in [p for p, s in sites.items() if p != path and set(s.names) & set(site.names)]:
                     # a tied tensor's gradient sums every use: all its uses are sites, or none
                     reasons.update({n: f"tied to {site.path!r}, which is {why}" for n in sites.pop(other).names})
@@ -130,9 +135,10 @@ def make_plan(
                 kernel.add(path)  # an Embedding is never materialised on the training side (see TokenRows)
             reasons.update({n: _why_site(site, rows, factored, path in kernel) for n in site.names})
     dense = _not_in_sites(names, sites.values())
-    if dense:  # vmap(grad) runs anyway: a layer whose gradients would be materialised is cheaper left to it
+    if dense:  # vmap(grad) runs anyway: a layer whose gradients would be materialised is cheaper left to it, except
+        # a recurrent layer, whose fused op has no batching rule (vmap would fall back to a per-example loop)
         for path, site in list(sites.items()):
-            if path not in kernel:
+            if path not in kernel and site.owner is None:
                 del sites[path]
                 reasons.update({n: "materialising costs less inside vmap(grad), which runs anyway" for n in site.names})
         dense = _not_in_sites(names, sites.values())
@@ -162,10 +168,16 @@ def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> st
         return "not a parameter of a layer"
     if site_kind(owner) is not None:
         return "its tensor is shared with a module that is not a factor site (weight tying)"
+    if isinstance(owner, nn.RNNBase):
+        return why_not_unrolled(owner) or "its tensor is shared with another module (weight tying)"
     return why_not_a_site(owner)
 
 
 def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool) -> str:
+    if site.owner is not None:
+        product = "input-to-hidden" if site.path.rpartition(".")[2].startswith("ih") else "hidden-to-hidden"
+        return f"unrolled recurrent layer, {product} product: " + _why_site(site._replace(owner=None), rows, factored,
+                                                                            kernel)
     if site.tied:
         return "tied weight: per-example gradients of every use from factors, summed"
     if not site.kernel_ok:

@@ -1,0 +1,257 @@
+"""nn.LSTM / nn.GRU as unrolled cells (``_recurrent``): the unrolled forward equals the fused op, scores equal the
+float64 per-example loop reference, the plan shows the layers batched, and anything unusual (a PackedSequence,
+``proj_size > 0``, a subclass) keeps the old route (vmap(grad), which falls back to the loop)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import tracin_func as tc
+from tests.conftest import assert_close
+from tests.reference import reference_scores
+from tracin_func._capture import hooked
+from tracin_func._model import private_copy
+from tracin_func._recurrent import recurrent_sites, why_not_unrolled
+
+F64 = torch.float64
+CE = nn.CrossEntropyLoss()
+BATCHED = "one batched forward / backward gives every layer's factors"
+# (cell, num_layers, bidirectional, batch_first, bias, initial state given as an input)
+CONFIGS = {
+    "lstm-1": (nn.LSTM, 1, False, True, True, False),
+    "lstm-2-bi-h0": (nn.LSTM, 2, True, False, True, True),
+    "lstm-2-nobias-h0": (nn.LSTM, 2, False, True, False, True),
+    "lstm-1-bi-nobias": (nn.LSTM, 1, True, False, False, False),
+    "gru-1": (nn.GRU, 1, False, True, True, False),
+    "gru-2-bi-h0": (nn.GRU, 2, True, False, True, True),
+    "gru-2-nobias-h0": (nn.GRU, 2, False, True, False, True),
+    "gru-1-bi-nobias": (nn.GRU, 1, True, False, False, False),
+}
+
+
+class Net(nn.Module):
+    """A recurrent layer over ``x`` ``[B, T, 3]`` (fed time-major when not ``batch_first``), optionally from an
+    initial state given per example ``[B, layers * directions, 4]``, then a Linear on the mean output."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.fc = nn.Linear(4 * (1 + rnn.bidirectional), 2)
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+        x = x if self.rnn.batch_first else x.transpose(0, 1)
+        hx = None
+        if h0 is not None:
+            h = h0.transpose(0, 1).contiguous()
+            hx = (h, torch.tanh(h)) if isinstance(self.rnn, nn.LSTM) else h
+        out, _ = self.rnn(x, hx)
+        out = out if self.rnn.batch_first else out.transpose(0, 1)
+        return self.fc(out.mean(1))
+
+
+def _rnn(config: str, **extra) -> nn.Module:
+    cell, layers, bidirectional, batch_first, bias, _ = CONFIGS[config]
+    return cell(3, 4, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias, **extra)
+
+
+def _data(n: int, with_h0: bool, states: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    x = torch.randn(n, 5, 3, generator=gen, dtype=F64)
+    y = torch.randint(0, 2, (n,), generator=gen)
+    return (x, torch.randn(n, states, 4, generator=gen, dtype=F64), y) if with_h0 else (x, y)
+
+
+def _checkpoints(model: nn.Module) -> list[tc.Checkpoint]:
+    gen = torch.Generator().manual_seed(7)
+    state = dict(model.state_dict())
+    perturbed = {k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in state.items()}
+    return [tc.Checkpoint(params=state, lr=0.1), tc.Checkpoint(params=perturbed, lr=0.05)]
+
+
+@functools.cache
+def _task(config: str):
+    torch.manual_seed(0)
+    model = Net(_rnn(config)).to(F64).eval()
+    gen = torch.Generator().manual_seed(1)
+    states = model.rnn.num_layers * (1 + model.rnn.bidirectional)
+    train, test = (_data(n, CONFIGS[config][5], states, gen) for n in (7, 3))
+    ckpts = _checkpoints(model)
+    return model, ckpts, train, test, reference_scores(model, ckpts, train, test, loss_fn=CE)
+
+
+def _record(seen: list, layer, args, out) -> None:
+    seen.append(tuple(out.shape))
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_unrolled_forward_equals_the_fused_op(config):
+    """Each layer and direction: one input-to-hidden product on the whole sequence, one hidden-to-hidden per step."""
+    torch.manual_seed(0)
+    rnn = _rnn(config).to(F64).eval()
+    x = torch.randn(2, 6, 3, dtype=F64)
+    x = x if rnn.batch_first else x.transpose(0, 1)
+    h = torch.randn(rnn.num_layers * (1 + rnn.bidirectional), 2, 4, dtype=F64)
+    copy = private_copy(rnn)
+    names = [n for n, _ in copy.named_parameters()]
+    for hx in (None, (h, torch.randn_like(h)) if isinstance(rnn, nn.LSTM) else h):
+        expected, seen = rnn(x, hx), []
+        products = {path: functools.partial(_record, seen) for path in recurrent_sites(copy, names)}
+        with hooked(copy, products):
+            actual = copy(x, hx)
+        assert "forward" not in vars(copy) and "forward" not in vars(rnn)
+        assert len(seen) == rnn.num_layers * (1 + rnn.bidirectional) * (1 + x.shape[0 if not rnn.batch_first else 1])
+        states = (actual[1], expected[1]) if isinstance(rnn, nn.LSTM) else ((actual[1],), (expected[1],))
+        for a, e in [(actual[0], expected[0]), *zip(*states)]:
+            assert_close(a, e, 1e-12)
+
+
+@pytest.mark.parametrize("factored", [None, True])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_scores_equal_the_loop_reference(config, factored):
+    model, ckpts, train, test, ref = _task(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # batched: no slow-path or loop warning
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored), ref.self_influence)
+        e = tc.explain(model, ckpts, train, loss_fn=CE, factored=factored)
+    assert e.batching == BATCHED
+    rnn = [r for r in e.routes if r.parameter.startswith("rnn.")]
+    assert len(rnn) == len(list(model.rnn.parameters()))
+    assert all(r.route in ("factored", "materialised") and r.reason.startswith("unrolled recurrent") for r in rnn)
+    if factored:
+        assert {r.route for r in rnn} == {"factored"}
+    assert "forward" not in vars(model.rnn)
+
+
+@pytest.mark.parametrize("config", ["lstm-2-bi-h0", "gru-2-bi-h0"])
+def test_projected_embeddings_equal_the_old_route(config):
+    """Projections from factors equal those of the per-example gradients (factored=False: vmap, then the loop)."""
+    model, ckpts, train, _, ref = _task(config)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.func.vmap failed", category=RuntimeWarning)
+        old = tc.embeddings(model, ckpts, train, loss_fn=CE, projection_dim=16, factored=False)
+    for factored in (None, True):
+        assert_close(tc.embeddings(model, ckpts, train, loss_fn=CE, projection_dim=16, factored=factored), old)
+    assert_close(tc.embeddings(model, ckpts, train, loss_fn=CE), ref.train_embeddings)
+
+
+class Scaled(Net):
+    """A free parameter outside any layer: the call runs vmap(grad) over examples, the recurrent layer unrolled in
+    it (its fused op has no batching rule), its products materialised or factored."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__(rnn)
+        self.scale = nn.Parameter(torch.tensor(1.3))
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x, h0) * self.scale
+
+
+@pytest.mark.parametrize("factored", [None, True])
+@pytest.mark.parametrize("config", ["lstm-2-bi-h0", "gru-1"])
+def test_unrolled_under_vmap(config, factored):
+    torch.manual_seed(0)
+    model = Scaled(_rnn(config)).to(F64).eval()
+    gen = torch.Generator().manual_seed(3)
+    train, test = (_data(n, CONFIGS[config][5], model.rnn.num_layers * (1 + model.rnn.bidirectional), gen) for n in
+                   (5, 2))
+    ckpts = _checkpoints(model)
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tc.SlowPathWarning)
+        warnings.filterwarnings("error", message="torch.func.vmap failed", category=RuntimeWarning)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored), ref.self_influence)
+        e = tc.explain(model, ckpts, train, loss_fn=CE, factored=factored)
+    assert e.batching.startswith("vmap(grad) over examples, for 1 parameter"), e.batching
+    routes = {r.parameter: r.route for r in e.routes}
+    assert routes.pop("scale") == "vmap" and set(routes.values()) <= {"factored", "materialised"}, routes
+
+
+class Packed(nn.Module):
+    """An LSTM over a PackedSequence (lengths given per example)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=x.shape[1])
+        return self.fc(out.sum(1))
+
+
+class Subclassed(nn.GRU):
+    """Its own class: the unrolled cells cannot be proven to compute its function."""
+
+
+def _old_route_cases():
+    torch.manual_seed(0)
+    proj = Net(_rnn("lstm-1", proj_size=2))
+    proj.fc = nn.Linear(2, 2)
+    return {
+        "proj_size": (proj, "proj_size > 0"),
+        "subclass": (Net(Subclassed(3, 4, batch_first=True)), "subclass of GRU"),
+    }
+
+
+@pytest.mark.parametrize("case", ["proj_size", "subclass"])
+def test_unusual_recurrent_layers_keep_the_old_route(case):
+    model, reason = _old_route_cases()[case]
+    model = model.to(F64).eval()
+    ckpts = _checkpoints(model)
+    gen = torch.Generator().manual_seed(2)
+    data = (torch.randn(5, 4, 3, generator=gen, dtype=F64), torch.randint(0, 2, (5,), generator=gen))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.func.vmap failed", category=RuntimeWarning)
+        warnings.simplefilter("ignore", tc.SlowPathWarning)
+        e = tc.explain(model, ckpts, data, loss_fn=CE)
+        scores = tc.self_influence(model, ckpts, data, loss_fn=CE)
+    rnn = [r for r in e.routes if r.parameter.startswith("rnn.")]
+    assert rnn and all(r.route in ("vmap", "loop") and reason in r.reason for r in rnn), rnn
+    assert_close(scores, reference_scores(model, ckpts, data, loss_fn=CE).self_influence)
+
+
+def test_an_instance_forward_is_not_unrolled():
+    """A ``forward`` set on the module object (not its class's) is not proven to be the LSTM's function."""
+    rnn = nn.GRU(3, 4, batch_first=True)
+    assert recurrent_sites(rnn, ["weight_ih_l0"])
+    rnn.forward = functools.partial(nn.GRU.forward, rnn)
+    assert recurrent_sites(rnn, ["weight_ih_l0"]) == {}
+    assert why_not_unrolled(rnn) == "GRU has its own `forward` attribute"
+
+
+def test_packed_and_unbatched_inputs_run_the_fused_op():
+    """Inside the unrolled block, a PackedSequence or an unbatched input runs the layer's own fused op and calls no
+    product (so planning finds the layer's products uncalled and leaves its parameters to the dense route)."""
+    torch.manual_seed(0)
+    rnn = nn.LSTM(3, 4, batch_first=True).to(F64).eval()
+    x = torch.randn(3, 4, 3, dtype=F64)
+    packed = pack_padded_sequence(x, torch.tensor([4, 2, 3]), batch_first=True, enforce_sorted=False)
+    copy, seen = private_copy(rnn), []
+    products = {path: functools.partial(_record, seen) for path in recurrent_sites(copy, ["weight_ih_l0"])}
+    assert list(products) == ["ih_l0"]
+    with hooked(copy, products):
+        actual_packed, actual_single = copy(packed), copy(x[0])
+    assert seen == []
+    expected_packed, expected_single = rnn(packed), rnn(x[0])
+    assert torch.equal(actual_packed[0].data, expected_packed[0].data)
+    assert torch.equal(actual_single[0], expected_single[0])
+
+
+def test_packed_sequences_fail_as_on_the_old_route():
+    """torch.func cannot run the fused op on a PackedSequence (no storage behind its wrapped tensors): the call
+    fails as it does with ``factored=False``, not with another error from the unrolled cells."""
+    model = Packed().to(F64).eval()
+    ckpts = _checkpoints(model)
+    data = (torch.randn(5, 4, 3, dtype=F64), torch.tensor([4, 2, 3, 1, 4]), torch.randint(0, 2, (5,)))
+    for factored in (None, False):
+        with warnings.catch_warnings(), pytest.raises(RuntimeError, match="data pointer of Tensor"):
+            warnings.simplefilter("ignore")
+            tc.self_influence(model, ckpts, data, loss_fn=CE, factored=factored)

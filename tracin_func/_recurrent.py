@@ -1,0 +1,181 @@
+"""Recurrent layers (``nn.LSTM``, ``nn.GRU``) as factor sites: run as unrolled cells on the call's private copy.
+
+vmap has no batching rule for the fused RNN op, so these layers would go through the per-example loop. Unrolled,
+each layer and direction is two Linear-like products: the input-to-hidden product ``x_t W_ih^T + b_ih`` (applied to
+the whole sequence at once) and the hidden-to-hidden product ``h_{t-1} W_hh^T + b_hh`` (one per time step). The
+per-example gradient of each weight is then a sum over time steps of outer products, ``weight_ih = sum_t G_t x_t^T``,
+``weight_hh = sum_t G_t h_{t-1}^T``, biases ``sum_t G_t``: a Linear site with ``T`` rows per example, whose ``G`` is
+the gradient at the product's own output (for a GRU's ``n`` gate: before the multiplication by ``r``).
+
+Only the exact classes ``nn.LSTM`` / ``nn.GRU`` (their own forward, no hooks or parametrizations, ``proj_size``
+0, no active dropout) are unrolled, and only on ordinary padded inputs ``[B, T, d]`` (``[T, B, d]``): on a
+``PackedSequence`` or an unbatched input the fused op runs and the layer keeps the dense route (planning sees no
+product called). Each product of a layer is a :class:`~tracin_func._layers.Site` whose ``owner`` is the layer's
+path and whose ``path`` is ``"<owner>.ih_l0"``, ``"<owner>.hh_l1_reverse"``, ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ._layers import _HOOKS, Site, global_hooks_present
+
+Hook = Callable[[Any, tuple[Any, ...], Any], Any]
+_CLASSES = (nn.LSTM, nn.GRU)
+
+
+class Weights(NamedTuple):
+    """What a hook sees as the "layer" of one product: its weight and bias (as ``layer_output`` reads them)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def unrollable(module: nn.Module) -> bool:
+    """Whether ``module`` is a plain ``nn.LSTM`` / ``nn.GRU`` that the unrolled cells reproduce exactly."""
+    return type(module) in _CLASSES and not why_not_unrolled(module)
+
+
+def why_not_unrolled(module: nn.Module) -> str:
+    """Why a recurrent layer is not run as unrolled cells, or ``""``."""
+    name = type(module).__name__
+    if any(getattr(module, hooks) for hooks in _HOOKS):
+        return f"{name} has hooks, whose effect on its output cannot be proven"
+    if parametrize.is_parametrized(module):
+        return f"{name} has a parametrized weight"
+    base = next((cls for cls in _CLASSES if isinstance(module, cls)), None)
+    if base is None:
+        return f"{name} has no unrolled form (only nn.LSTM and nn.GRU)"
+    if type(module) is not base:
+        return f"{name} is a subclass of {base.__name__}, whose forward may differ"
+    if "forward" in vars(module):
+        return f"{name} has its own `forward` attribute"
+    if getattr(module, "proj_size", 0):
+        return f"{name} with proj_size > 0 has no unrolled form"
+    if module.training and module.dropout > 0 and module.num_layers > 1:
+        return f"{name} has dropout between layers in training mode"
+    return ""
+
+
+def recurrent_sites(model: nn.Module, diff_names: Any) -> dict[str, Site]:
+    """The products of unrollable recurrent layers holding differentiated parameters, keyed by site path.
+
+    A layer sharing a parameter tensor with another module (or with itself) is left to the dense path."""
+    if global_hooks_present():
+        return {}
+    diff = set(diff_names)
+    users: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            users[id(p)] = users.get(id(p), 0) + 1
+    sites: dict[str, Site] = {}
+    for path, module in model.named_modules():
+        if not unrollable(module):
+            continue
+        own = list(module._parameters.values())
+        if any(p is None or users[id(p)] > 1 for p in own) or len({id(p) for p in own}) < len(own):
+            continue
+        prefix = f"{path}." if path else ""
+        for layer in range(module.num_layers):
+            for suffix in ("", "_reverse")[: 1 + module.bidirectional]:
+                for product in ("ih", "hh"):
+                    key = f"{product}_l{layer}{suffix}"
+                    weight, bias = f"{prefix}weight_{key}", f"{prefix}bias_{key}"
+                    weight = weight if weight in diff else None
+                    bias = bias if module.bias and bias in diff else None
+                    if weight or bias:
+                        shape = tuple(getattr(module, f"weight_{key}").shape)
+                        sites[prefix + key] = Site(prefix + key, "linear", weight, bias, shape, owner=path)
+    return sites
+
+
+@contextmanager
+def unrolled(modules: Mapping[str, nn.Module], hooks: Mapping[str, Hook]) -> Iterator[None]:
+    """Run the recurrent layers owning the products named in ``hooks`` (site paths) as unrolled cells, each
+    product's output passed through its hook (forward-hook convention: ``hook(weights, (input,), output)``).
+
+    The unrolled forward is set on the module object for the block only (the call's private copy)."""
+    by_owner: dict[str, dict[str, Hook]] = {}
+    for path, hook in hooks.items():
+        owner, _, product = path.rpartition(".")
+        by_owner.setdefault(owner, {})[product] = hook
+    installed = []
+    try:
+        for owner, products in by_owner.items():
+            module = modules[owner]
+            if not unrollable(module):
+                raise RuntimeError(f"Layer {owner!r} cannot be run as unrolled cells.")
+            object.__setattr__(module, "forward", partial(_forward, module, products))
+            installed.append(module)
+        yield
+    finally:
+        for module in installed:
+            object.__delattr__(module, "forward")
+
+
+def _product(hooks: Mapping[str, Hook], key: str, x: torch.Tensor, w: torch.Tensor, b: Any) -> torch.Tensor:
+    out = F.linear(x, w, b)
+    hook = hooks.get(key)
+    if hook is None:
+        return out
+    replaced = hook(Weights(w, b), (x,), out)
+    return out if replaced is None else replaced
+
+
+def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any = None) -> Any:
+    """``module``'s forward as unrolled cells (gate order LSTM: i, f, g, o; GRU: r, z, n); the fused op's own
+    forward on a ``PackedSequence`` or an unbatched input."""
+    lstm = isinstance(module, nn.LSTM)
+    states = hx if lstm and hx is not None else (hx,)
+    plain = isinstance(input, torch.Tensor) and input.dim() == 3 and input.numel() > 0
+    if not plain or any(s is not None and s.dim() != 3 for s in states):
+        return type(module).forward(module, input, hx)
+    x = input if module.batch_first else input.transpose(0, 1)  # [B, T, d]
+    n, steps, size = x.shape[0], x.shape[1], module.hidden_size
+    directions = 2 if module.bidirectional else 1
+    if hx is None:
+        zeros = x.new_zeros(module.num_layers * directions, n, size)
+        h0, c0 = zeros, zeros
+    else:
+        h0, c0 = hx if lstm else (hx, None)  # [layers * directions, B, H], batch_first or not
+    last_h, last_c = [], []
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(directions):
+            key = f"_l{layer}{'_reverse' if direction else ''}"
+            w_ih, w_hh = getattr(module, f"weight_ih{key}"), getattr(module, f"weight_hh{key}")
+            b_ih = getattr(module, f"bias_ih{key}") if module.bias else None
+            b_hh = getattr(module, f"bias_hh{key}") if module.bias else None
+            xi = _product(hooks, f"ih{key}", x, w_ih, b_ih)  # [B, T, gates * H]: the whole sequence at once
+            h = h0[layer * directions + direction]
+            c = c0[layer * directions + direction] if lstm else None
+            inputs, out = xi.unbind(1), [None] * steps
+            for t in range(steps - 1, -1, -1) if direction else range(steps):
+                hh = _product(hooks, f"hh{key}", h, w_hh, b_hh)  # [B, gates * H]: G is taken here, before any gate
+                if lstm:  # i, f, g, o
+                    gates = inputs[t] + hh
+                    i, f, _, o = gates.sigmoid().chunk(4, 1)
+                    c = torch.addcmul(f * c, i, gates[:, 2 * size : 3 * size].tanh())
+                    h = o * c.tanh()
+                else:  # r, z, n; the n gate's hidden product (bias included) is multiplied by r
+                    r, z = (inputs[t][:, : 2 * size] + hh[:, : 2 * size]).sigmoid().chunk(2, 1)
+                    candidate = torch.addcmul(inputs[t][:, 2 * size :], r, hh[:, 2 * size :]).tanh()
+                    h = torch.lerp(candidate, h, z)  # (1 - z) * n + z * h
+                out[t] = h
+            outputs.append(torch.stack(out, 1))
+            last_h.append(h)
+            last_c.append(c)
+        x = outputs[0] if directions == 1 else torch.cat(outputs, 2)
+        if module.training and module.dropout > 0 and layer < module.num_layers - 1:  # refused by `unrollable`
+            raise RuntimeError("dropout between recurrent layers in training mode is not unrolled")
+    output = x if module.batch_first else x.transpose(0, 1)
+    h_n = torch.stack(last_h)
+    return (output, (h_n, torch.stack(last_c))) if lstm else (output, h_n)
