@@ -201,6 +201,26 @@ def test_1b_linear_subclass_scaling_output():
     check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
 
 
+def _scaled_forward(self, x):
+    return 3 * F.linear(x, self.weight, self.bias)
+
+
+def test_1b2_forward_set_on_the_instance():
+    """A method bound to the layer runs on the call's private copy (the checkpoint's weights), never as a factor
+    site; a partial or closure that may hold the user's module is refused."""
+    import functools
+    import types
+
+    model = MLP().eval()
+    model.fc1.forward = types.MethodType(_scaled_forward, model.fc1)
+    check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
+    assert "has a forward set on the instance" in str(tc.explain(model, make_ckpts(model), data(4, seed=1),
+                                                                 loss_fn=nn.CrossEntropyLoss()))
+    model.fc1.forward = functools.partial(_scaled_forward, model.fc1)
+    with pytest.raises(ValueError, match=r"module 'fc1' \(Linear\) has a `forward` set on the instance \(partial\)"):
+        tc.self_influence(model, make_ckpts(model), data(4, seed=1), loss_fn=nn.CrossEntropyLoss())
+
+
 def test_1c_weight_standardised_conv2d():
     model = StdCNN().eval()
     check_against_reference(model, make_ckpts(model), data(1, 6, 6, seed=1), data(1, 6, 6, n=3, seed=2))

@@ -64,12 +64,15 @@ _PLAIN_FORWARD = {
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
+_INSTANCE_OVERRIDES = {"forward", "_conv_forward"}  # set on the instance, they replace the class's own function
+
+
 def _is_plain(module: nn.Module) -> bool:
     """Whether ``module`` provably computes its base class's function: the class's own ``forward`` (and conv
     ``_conv_forward``), no hooks that could change inputs, outputs or weights, no parametrized weight."""
     if any(getattr(module, hooks) for hooks in _HOOKS) or parametrize.is_parametrized(module):
         return False
-    if type(module).__call__ is not nn.Module.__call__:
+    if type(module).__call__ is not nn.Module.__call__ or _INSTANCE_OVERRIDES & set(vars(module)):
         return False
     if _is_transformers_conv1d(module):
         return True
@@ -95,6 +98,8 @@ def why_not_a_site(module: nn.Module) -> str:
     base = base or next((cls for cls in type(module).__mro__[1:] if cls.__qualname__ == "Conv1D"), None)
     if base is None and not _is_transformers_conv1d(module):
         return f"{name} has no factored form"
+    if _INSTANCE_OVERRIDES & set(vars(module)):
+        return f"{name} has a forward set on the instance"
     if not _is_plain(module):
         return f"{name} overrides {base.__name__}'s own forward"
     return f"{name} is configured without a factored form (padding mode, max_norm, no affine weight or training mode)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -80,7 +81,31 @@ def private_copy(model: nn.Module) -> nn.Module:
                 clone._modules[name] = None if child is None else copy_of(child)
         return copies[id(module)]
 
-    return copy_of(model)
+    root = copy_of(model)
+    for name, module in model.named_modules(remove_duplicate=False):
+        _rebind_instance_forward(name, module, copies)
+    return root
+
+
+def _rebind_instance_forward(name: str, module: nn.Module, copies: dict[int, nn.Module]) -> None:
+    """A ``forward`` set on a module instance would still run on the user's module (with the user's weights, not
+    the checkpoint's): a method bound to a module of the tree is rebound to that module's copy; anything else that
+    could hold the user's module (a partial, a closure) is refused."""
+    forward = vars(module).get("forward")
+    if forward is None:
+        return
+    if isinstance(forward, types.MethodType) and id(forward.__self__) in copies:
+        rebound = types.MethodType(forward.__func__, copies[id(forward.__self__)])
+        object.__setattr__(copies[id(module)], "forward", rebound)
+        return
+    if isinstance(forward, types.MethodType) and not isinstance(forward.__self__, nn.Module):
+        return  # bound to a plain object: holds no module state
+    raise ValueError(
+        f"`model` module {name or '(root)'!r} ({type(module).__name__}) has a `forward` set on the instance "
+        f"({type(forward).__name__}). Scores run a private copy of the model with the checkpoint's weights, and such "
+        f"a function may still read the original module's. Define the behaviour in a subclass's `forward`, or bind "
+        f"it as a method of that module (`module.forward = types.MethodType(fn, module)`)."
+    )
 
 
 def check_no_backward_hooks(model: Any) -> None:
