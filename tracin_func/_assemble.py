@@ -25,6 +25,7 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
     modules = dict(module.named_modules())
     parts: list[Part] = []
     dense = dict(dense)
+    owned: set[str] = set()  # names whose tensor in ``dense`` was made here, aliasing nothing: safe to add into
     for site in plan.sites:
         layer, (xs, gs) = modules.get(site.path), factors[site.path]
         if site.path in plan.kernel or site.owner is not None:  # a recurrent product: one call per time step
@@ -36,9 +37,16 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
             grads = [materialize(site, a, g)]  # every step's rows at once
         else:
             grads = [per_example_grads(layer, site, x, g) for x, g in zip(xs, gs)]
+        captured = {t.untyped_storage().data_ptr() for t in (*xs, *gs)}  # a grad may alias one (a norm's bias)
         for grads_ in grads:
             for name, grad_ in grads_.items():
+                if name in owned:  # a tied weight's next use: add in place, no new [B, *shape] tensor
+                    dense[name].add_(grad_)
+                    continue
+                fresh = name in dense or grad_.untyped_storage().data_ptr() not in captured  # a sum is always new
                 dense[name] = dense[name] + grad_ if name in dense else grad_
+                if fresh:
+                    owned.add(name)
     if dense:
         parts.insert(0, Dense(dense))
     return Representation(tuple(parts), plan.names)

@@ -290,7 +290,7 @@ def materialize(site: Site, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch
         valid = (a >= 0).unsqueeze(-1)
         index = a.clamp(min=0).unsqueeze(-1).expand_as(g)
         w = torch.zeros(g.shape[0], vocab, g.shape[-1], dtype=g.dtype, device=g.device)
-        out[site.weight] = w.scatter_add(1, index, g * valid)
+        out[site.weight] = w.scatter_add_(1, index, g * valid)  # in place: ``w`` is ours, no [B, V, d] copy
         return out
     if site.weight is not None:
         spec = "bti,bto->bio" if site.transposed else "bti,bto->boi"

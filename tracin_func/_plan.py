@@ -91,7 +91,16 @@ def _pair_costs(site: Site, rows: int) -> tuple[int, int]:
     return rows * rows * (d_in + d_out), d_in * d_out
 
 
+# An Embedding's test side kept as token rows costs about T^2 / V gathered row products per pair (uniform tokens;
+# more when few ids recur in every example, like positions), each far slower than a GEMM's multiply-add; the
+# materialised gradient costs V d per pair in a GEMM. Token rows are kept when V >= _TOKEN_ROWS_MIN_RATIO * T, else
+# (GPT-2's positions, BERT's token types: every test row matches every training row) it is materialised.
+_TOKEN_ROWS_MIN_RATIO = 8
+
+
 def _kernel_is_cheaper(site: Site, rows: int) -> bool:
+    if site.kind == "embedding":
+        return site.weight_shape[0] >= _TOKEN_ROWS_MIN_RATIO * rows
     factored, materialised = _pair_costs(site, rows)
     return factored < materialised
 
@@ -131,8 +140,8 @@ def make_plan(
                 reasons.update({n: f"{site.path!r} is {why}" for n in site.names})
                 continue
             rows = _rows_per_example(site, calls[path])
-            if site.kernel_ok and (factored or site.kind == "embedding" or _kernel_is_cheaper(site, rows)):
-                kernel.add(path)  # an Embedding is never materialised on the training side (see TokenRows)
+            if site.kernel_ok and (factored or _kernel_is_cheaper(site, rows)):
+                kernel.add(path)  # a kept Embedding is never materialised on the training side (see TokenRows)
             reasons.update({n: _why_site(site, rows, factored, path in kernel) for n in site.names})
     dense = _not_in_sites(names, sites.values())
     if dense:  # vmap(grad) runs anyway: a layer whose gradients would be materialised is cheaper left to it, except
@@ -182,8 +191,13 @@ def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool) -> str
         return "tied weight: per-example gradients of every use from factors, summed"
     if not site.kernel_ok:
         return "grouped convolution: per-example gradients from factors" if site.groups > 1 else "norm layer"
-    if factored or site.kind == "embedding":
-        return "factored=True" if factored else "Embedding: test gradients kept as token rows"
+    if factored:
+        return "factored=True"
+    if site.kind == "embedding":
+        vocab, ratio = site.weight_shape[0], _TOKEN_ROWS_MIN_RATIO
+        if kernel:
+            return f"Embedding: test gradients kept as token rows (V = {vocab} >= {ratio} T, T = {rows})"
+        return f"Embedding: V = {vocab} < {ratio} T (T = {rows}): ids recur densely, materialising costs less"
     factored_cost, materialised_cost = _pair_costs(site, rows)
     sign = "<" if kernel else ">="
     return f"T^2 (d_in + d_out) = {factored_cost} {sign} d_in d_out = {materialised_cost} (T = {rows})"
