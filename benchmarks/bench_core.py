@@ -339,70 +339,8 @@ def route_summary(w: real_models.RealWorkload) -> str:
     return f"routes of the default call ({w.form}): {', '.join(parts)}; batching: {e.batching}"
 
 
-class RealRows:
-    """The real-model table: times with ratios to the floor and to ours (same form, default options)."""
-
-    HEADERS = ["question", "implementation", "time s", "runs", "peak MB", "x floor", "x ours", "rel diff", "note"]
-
-    def __init__(self, workload: str) -> None:
-        self.workload = workload
-        self.rows: list[list[str]] = []
-        self.results: list[dict[str, Any]] = []
-        self.notes: list[str] = []
-
-    def add(
-        self,
-        question: str,
-        impl: str,
-        m: Measurement | None,
-        floor: Measurement | None,
-        ours: Measurement | None,
-        diff: float | None,
-        note: str = "",
-    ) -> None:
-        seconds = m.seconds if m else None
-        x_floor = seconds / floor.seconds if seconds is not None and floor is not None else None
-        x_ours = seconds / ours.seconds if seconds is not None and ours is not None else None
-        self.rows.append(
-            [
-                question,
-                impl,
-                fmt(seconds, ".3f") if seconds is not None else "-",
-                str(m.runs) if m else "-",
-                fmt(m.peak_mb, ".1f") if m else "-",
-                fmt(x_floor, ".2f") if x_floor is not None else "-",
-                fmt(x_ours, ".2f") if x_ours is not None else "-",
-                fmt(diff, ".1e") if diff is not None else "-",
-                note,
-            ]
-        )
-        self.results.append(
-            {
-                "bench": "core-real",
-                "workload": self.workload,
-                "question": question,
-                "impl": impl,
-                "seconds": seconds,
-                "runs": m.runs if m else None,
-                "peak_mb": m.peak_mb if m else None,
-                "ratio_vs_floor": x_floor,
-                "ratio_vs_ours": x_ours,
-                "max_rel_diff_vs_ours": diff,
-                "note": note,
-            }
-        )
-
-    def print(self, title: str) -> None:
-        order = ["influence", "self-influence"]
-        rows = sorted(self.rows, key=lambda row: order.index(row[0]) if row[0] in order else len(order))
-        print_table(self.HEADERS, rows, title=title, align="llrrrrrrl")
-        for note in self.notes:
-            print(f"  note: {note}")
-        print()
-
-
 def captum_real_rows(
-    rows: RealRows,
+    rows: Rows,
     w: real_models.RealWorkload,
     args: argparse.Namespace,
     floors: dict[str, Measurement],
@@ -432,23 +370,24 @@ def captum_real_rows(
     )
     ok = {bs: m for bs, (m, _) in tried.items() if m is not None}
     if not ok:
-        rows.add("influence", "Captum TracInCP per-example", None, floors["influence"], ours["influence"], None, note)
+        impl = "Captum TracInCP per-example"
+        rows.add("influence", impl, None, ours["influence"], None, note, floor=floors["influence"])
         return
     best = min(ok, key=lambda bs: ok[bs].seconds)
     impl = f"Captum TracInCP per-example (b{best})"
     m = ok[best]
     diff = max_rel_diff(m.result, ours["influence"].result)
-    rows.add("influence", impl, m, floors["influence"], ours["influence"], diff, note + subset)
+    rows.add("influence", impl, m, ours["influence"], diff, note + subset, floor=floors["influence"])
     m, err = _try(lambda: run(real_captum(sub, best)["self"], repeat=0))
     diff = max_rel_diff(m.result, ours["self"].result) if m else None
     note = (err or "self_influence(None), default loop order") + subset
-    rows.add("self-influence", impl, m, floors["self"], ours["self"], diff, note)
+    rows.add("self-influence", impl, m, ours["self"], diff, note, floor=floors["self"])
 
 
-def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tuple[RealRows, str]:
+def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tuple[Rows, str]:
     n_test, n_train = QUICK_REAL if args.quick else REAL_SIZES
     forms = [real_to_device(w, device) for w in real_forms(name, n_test, n_train)]
-    rows = RealRows(name)
+    rows = Rows(name, floor_column=True)
 
     def run(fn: Callable[[], Any], repeat: int | None = None) -> Measurement:
         with warnings.catch_warnings():
@@ -462,7 +401,7 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
     }
     questions = (("influence", "influence"), ("self", "self-influence"))
     for q, question in questions:
-        rows.add(question, "plain backprop (floor)", floors[q], floors[q], None, None, "not TracIn")
+        rows.add(question, "plain backprop (floor)", floors[q], None, None, "not TracIn", floor=floors[q])
     first: dict[str, Measurement] = {}
     for w in forms:
         label = {"batch_loss": "BatchLoss", "example_loss": "ExampleLoss", "criterion": "criterion"}[w.form]
@@ -473,14 +412,14 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
             if q in first:  # a second form of the same workload: the same scores?
                 note += f"; rel diff vs first form {fmt(max_rel_diff(default[q].result, first[q].result), '.1e')}"
             first.setdefault(q, default[q])
-            rows.add(question, f"tracin_func ({label})", default[q], floors[q], default[q], None, note)
+            rows.add(question, f"tracin_func ({label})", default[q], default[q], None, note, floor=floors[q])
             rows.add(
                 question,
                 f"tracin_func factored=False ({label})",
                 unfactored[q],
-                floors[q],
                 default[q],
                 max_rel_diff(unfactored[q].result, default[q].result),
+                floor=floors[q],
             )
         rows.notes.append(route_summary(w))
         if w.captum_loss is None or args.no_captum:
@@ -498,10 +437,12 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
 
 
 class Rows:
-    """Accumulates table rows and machine-readable results for one workload."""
+    """Accumulates table rows and machine-readable results for one workload; ``floor_column`` adds each row's ratio
+    to the floor (the real-model tables, sorted by question)."""
 
-    def __init__(self, workload: str) -> None:
+    def __init__(self, workload: str, *, floor_column: bool = False) -> None:
         self.workload = workload
+        self.floor_column = floor_column
         self.rows: list[list[str]] = []
         self.results: list[dict[str, Any]] = []
         self.notes: list[str] = []
@@ -514,41 +455,50 @@ class Rows:
         ours: Measurement | None,
         diff: float | None,
         note: str = "",
+        *,
+        floor: Measurement | None = None,
     ) -> None:
-        ratio = m.seconds / ours.seconds if m is not None and ours is not None and ours.seconds > 0 else None
+        seconds = m.seconds if m else None
+        x_ours = seconds / ours.seconds if seconds is not None and ours is not None and ours.seconds > 0 else None
+        x_floor = seconds / floor.seconds if seconds is not None and floor is not None else None
+        ratios = [x_floor, x_ours] if self.floor_column else [x_ours]
         self.rows.append(
             [
                 question,
                 impl,
-                fmt(m.seconds, ".3f") if m else "-",
+                fmt(seconds, ".3f") if seconds is not None else "-",
                 str(m.runs) if m else "-",
                 fmt(m.peak_mb, ".1f") if m else "-",
-                fmt(ratio, ".2f") if ratio is not None else "-",
+                *(fmt(r, ".2f") if r is not None else "-" for r in ratios),
                 fmt(diff, ".1e") if diff is not None else "-",
                 note,
             ]
         )
-        self.results.append(
-            {
-                "bench": "core",
-                "workload": self.workload,
-                "question": question,
-                "impl": impl,
-                "seconds": m.seconds if m else None,
-                "runs": m.runs if m else None,
-                "peak_mb": m.peak_mb if m else None,
-                "ratio_vs_ours": ratio,
-                "max_rel_diff_vs_ours": diff,
-                "note": note,
-            }
-        )
+        result = {
+            "bench": "core-real" if self.floor_column else "core",
+            "workload": self.workload,
+            "question": question,
+            "impl": impl,
+            "seconds": seconds,
+            "runs": m.runs if m else None,
+            "peak_mb": m.peak_mb if m else None,
+            "ratio_vs_ours": x_ours,
+            "max_rel_diff_vs_ours": diff,
+            "note": note,
+        }
+        self.results.append({**result, "ratio_vs_floor": x_floor} if self.floor_column else result)
 
     def print(self, title: str) -> None:
         headers = ["question", "implementation", "time s", "runs", "peak MB", "x ours", "rel diff", "note"]
-        print_table(headers, self.rows, title=title, align="llrrrrrl")
+        rows = self.rows
+        if self.floor_column:
+            headers.insert(5, "x floor")
+            order = ["influence", "self-influence"]
+            rows = sorted(rows, key=lambda row: order.index(row[0]) if row[0] in order else len(order))
+        print_table(headers, rows, title=title, align="llrrr" + "r" * (len(headers) - 6) + "l")
         for note in self.notes:
             print(f"  note: {note}")
-        if self.notes:
+        if self.notes or self.floor_column:
             print()
 
 
