@@ -224,7 +224,7 @@ def test_an_instance_forward_is_not_unrolled():
     assert recurrent_sites(rnn, ["weight_ih_l0"])
     rnn.forward = functools.partial(nn.GRU.forward, rnn)
     assert recurrent_sites(rnn, ["weight_ih_l0"]) == {}
-    assert why_not_unrolled(rnn) == "GRU has its own `forward` attribute"
+    assert why_not_unrolled(rnn) == "GRU has a forward set on the instance"
 
 
 def test_packed_and_unbatched_inputs_run_the_fused_op():

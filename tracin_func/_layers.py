@@ -67,12 +67,23 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 _INSTANCE_OVERRIDES = {"forward", "_conv_forward"}  # set on the instance, they replace the class's own function
 
 
+def wrapped(module: nn.Module) -> str:
+    """Why ``module``'s call may differ from its class's function whatever the class (hooks, a parametrized weight,
+    a ``forward`` set on the instance), in words; ``""`` when none applies."""
+    name = type(module).__name__
+    if any(getattr(module, hooks) for hooks in _HOOKS):
+        return f"{name} has hooks, whose effect on its output cannot be proven"
+    if parametrize.is_parametrized(module):
+        return f"{name} has a parametrized weight"
+    if _INSTANCE_OVERRIDES & set(vars(module)):
+        return f"{name} has a forward set on the instance"
+    return ""
+
+
 def _is_plain(module: nn.Module) -> bool:
     """Whether ``module`` provably computes its base class's function: the class's own ``forward`` (and conv
     ``_conv_forward``), no hooks that could change inputs, outputs or weights, no parametrized weight."""
-    if any(getattr(module, hooks) for hooks in _HOOKS) or parametrize.is_parametrized(module):
-        return False
-    if type(module).__call__ is not nn.Module.__call__ or _INSTANCE_OVERRIDES & set(vars(module)):
+    if wrapped(module) or type(module).__call__ is not nn.Module.__call__:
         return False
     if _is_transformers_conv1d(module):
         return True
@@ -90,16 +101,12 @@ def _is_transformers_conv1d(module: nn.Module) -> bool:
 def why_not_a_site(module: nn.Module) -> str:
     """Why ``module`` (holding a differentiated parameter) is not a factor site, in words for ``tc.explain``."""
     name = type(module).__name__
-    if any(getattr(module, hooks) for hooks in _HOOKS):
-        return f"{name} has hooks, whose effect on its output cannot be proven"
-    if parametrize.is_parametrized(module):
-        return f"{name} has a parametrized weight"
+    if wrapped(module):
+        return wrapped(module)
     base = next((cls for cls in _PLAIN_FORWARD if isinstance(module, cls)), None)
     base = base or next((cls for cls in type(module).__mro__[1:] if cls.__qualname__ == "Conv1D"), None)
     if base is None and not _is_transformers_conv1d(module):
         return f"{name} has no factored form"
-    if _INSTANCE_OVERRIDES & set(vars(module)):
-        return f"{name} has a forward set on the instance"
     if not _is_plain(module):
         return f"{name} overrides {base.__name__}'s own forward"
     return f"{name} is configured without a factored form (padding mode, max_norm, no affine weight or training mode)"

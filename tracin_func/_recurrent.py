@@ -24,9 +24,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
-from ._layers import _HOOKS, Site, global_hooks_present
+from ._layers import Site, global_hooks_present, wrapped
 
 Hook = Callable[[Any, tuple[Any, ...], Any], Any]
 _CLASSES = (nn.LSTM, nn.GRU)
@@ -47,17 +46,13 @@ def unrollable(module: nn.Module) -> bool:
 def why_not_unrolled(module: nn.Module) -> str:
     """Why a recurrent layer is not run as unrolled cells, or ``""``."""
     name = type(module).__name__
-    if any(getattr(module, hooks) for hooks in _HOOKS):
-        return f"{name} has hooks, whose effect on its output cannot be proven"
-    if parametrize.is_parametrized(module):
-        return f"{name} has a parametrized weight"
+    if wrapped(module):
+        return wrapped(module)
     base = next((cls for cls in _CLASSES if isinstance(module, cls)), None)
     if base is None:
         return f"{name} has no unrolled form (only nn.LSTM and nn.GRU)"
     if type(module) is not base:
         return f"{name} is a subclass of {base.__name__}, whose forward may differ"
-    if "forward" in vars(module):
-        return f"{name} has its own `forward` attribute"
     if getattr(module, "proj_size", 0):
         return f"{name} with proj_size > 0 has no unrolled form"
     if module.training and module.dropout > 0 and module.num_layers > 1:
