@@ -71,12 +71,19 @@ def make_updates(
         caller; ``normalize_train``: divide by the training gradients' norms, from the same representation (the
         batch is differentiated once)."""
         rep, _ = train_side(ckpt, batch)
-        scores = test_rep.dot(rep)
+        return acc + test_rep.dot(rep) * weight(ckpt, rep, test_scale, normalize_train)
+
+    def weight(
+        ckpt: CheckpointState, rep: Representation, test_scale: torch.Tensor | None, normalize_train: bool
+    ) -> torch.Tensor:
+        """What multiplies ``<test, train>``: ``lr``, times the test norms' inverses and the training ones' when
+        renormalised (broadcast over ``[n_test, B]``)."""
+        scale = ckpt.lr
         if test_scale is not None:
-            scores = scores * test_scale[:, None]
+            scale = scale * test_scale[:, None]
         if normalize_train:
-            scores = scores * inverse_norm(rep.sq_norm())
-        return acc + ckpt.lr * scores
+            scale = scale * inverse_norm(rep.sq_norm())
+        return scale
 
     def train_side(ckpt: CheckpointState, batch: Any) -> tuple[Representation, Representation | None]:
         """The training representation scored against test gradients, and the plain gradients when it holds Adam
@@ -88,16 +95,16 @@ def make_updates(
         grads, updates = adam_representation(rep, ckpt.adam, diff)
         return updates, grads
 
-    def self_terms(ckpt: CheckpointState, batch: Any, module: bool | None) -> Any:
-        """``|g|^2`` per example, or ``<g, u>`` with Adam updates ``u``; per layer unless ``module`` is None."""
-        rep, grads = train_side(ckpt, batch)
+    def self_terms(rep: Representation, grads: Representation | None, module: bool | None) -> Any:
+        """``|g|^2`` per example, or ``<g, u>`` with Adam updates ``u`` (``rep``; ``grads`` the plain gradients);
+        per layer unless ``module`` is None."""
         if grads is None:
             return rep.sq_norm() if module is None else sq_norms_by_layer(rep, module=module)
         per_name = row_dots(grads, rep)
         return sum(per_name.values()) if module is None else sum_by_layer(per_name, module=module)
 
     def self_influence(acc: torch.Tensor, ckpt: CheckpointState, batch: Any) -> torch.Tensor:
-        return acc + ckpt.lr * self_terms(ckpt, batch, None)
+        return acc + ckpt.lr * self_terms(*train_side(ckpt, batch), None)
 
     def influence_by_layer(
         acc: dict[str, torch.Tensor] | None,
@@ -112,18 +119,14 @@ def make_updates(
         """``influence`` split by layer. Renormalised scores divide each layer's inner product by the norms of the
         whole gradients, so the layers' shares sum to the renormalised total."""
         rep, _ = train_side(ckpt, batch)
-        scale = ckpt.lr
-        if test_scale is not None:
-            scale = scale * test_scale[:, None]
-        if normalize_train:
-            scale = scale * inverse_norm(rep.sq_norm())
+        scale = weight(ckpt, rep, test_scale, normalize_train)
         scores = dots_by_layer(test_rep, rep, module=module)
         return {layer: s * scale if acc is None else acc[layer] + s * scale for layer, s in scores.items()}
 
     def self_influence_by_layer(
         acc: dict[str, torch.Tensor] | None, ckpt: CheckpointState, batch: Any, *, module: bool
     ) -> dict[str, torch.Tensor]:
-        norms = self_terms(ckpt, batch, module)
+        norms = self_terms(*train_side(ckpt, batch), module)
         return {layer: ckpt.lr * s if acc is None else acc[layer] + ckpt.lr * s for layer, s in norms.items()}
 
     def embedding(ckpt: CheckpointState, batch: Any, with_self: bool = False) -> tuple[torch.Tensor, Any]:
@@ -131,8 +134,7 @@ def make_updates(
         rows = rep.flat() if projection is None else rep.project(projection[1], projection[0])
         if not with_self:
             return rows.mul_(ckpt.lr.sqrt()), None
-        self_term = rep.sq_norm() if grads is None else sum(row_dots(grads, rep).values())
-        return rows.mul_(ckpt.lr.sqrt()), ckpt.lr * self_term
+        return rows.mul_(ckpt.lr.sqrt()), ckpt.lr * self_terms(rep, grads, None)
 
     def test_representation(ckpt: CheckpointState, batch: Any) -> Representation:
         """Test gradients; dense when the checkpoint carries Adam state (the training side is dense then)."""
