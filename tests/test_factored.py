@@ -10,6 +10,7 @@ from torch import nn
 import tracin_func as tc
 import tracin_func._plan as plan_module
 from tests.conftest import assert_close
+from tests.reference import reference_scores
 
 CE = nn.CrossEntropyLoss()
 
@@ -411,3 +412,68 @@ def test_leaving_the_batched_path_warns_with_the_module_and_the_reason():
     with warnings.catch_warnings():
         warnings.simplefilter("error", tc.SlowPathWarning)  # an explicit factored=False is not a surprise
         tc.self_influence(model, _ckpts(model), (x, y), loss_fn=CE, factored=False)
+
+
+class TokenMixer(nn.Module):
+    """A Linear over T = 4 positions: T^2 (d_in + d_out) = 528 >= d_in d_out = 272, but < (T + 1) d_in d_out."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(x)).mean(1))
+
+
+def test_self_influence_factors_a_layer_whose_pairs_are_cheaper_materialised():
+    """A gradient that meets only itself pays for its own materialisation: self-influence keeps the factors of a
+    layer that influence materialises (its materialised gradients serve every test example), and both are exact."""
+    torch.manual_seed(0)
+    model = TokenMixer().double().eval()
+    x, y = torch.randn(9, 4, 16, dtype=torch.float64), torch.randint(0, 3, (9,))
+    ckpts = _ckpts(model)
+    routes = {
+        q: {r.parameter: (r.route, r.reason) for r in tc.explain(model, ckpts, (x, y), loss_fn=CE, question=q).routes}
+        for q in ("influence", "self_influence")
+    }
+    assert routes["influence"]["mix.weight"] == ("materialised", "T^2 (d_in + d_out) = 528 >= d_in d_out = 272 (T = 4)")
+    assert routes["self_influence"]["mix.weight"] == (
+        "factored", "T^2 (d_in + d_out) = 528 < (T + 1) d_in d_out = 1360 (T = 4)"
+    )
+    ref = reference_scores(model, ckpts, (x, y), loss_fn=CE)
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE, batch_size=4), ref.self_influence, 1e-12)
+    assert_close(tc.influence(model, ckpts, (x, y), (x, y), loss_fn=CE, batch_size=4), ref.influence, 1e-12)
+    with pytest.raises(ValueError, match=r"`question` must be one of \('influence', 'self_influence'\), got 'self'"):
+        tc.explain(model, ckpts, (x, y), loss_fn=CE, question="self")
+
+
+class Wide(nn.Module):
+    """16 MB of weights (dense per-sample gradients: 16 examples per batch) whose factors take 20 KB per example."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4096, 1024)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_the_automatic_batch_size_follows_the_plan(as_dataset):
+    """The first batch is cut assuming dense per-sample gradients; once planned, the rest is cut for the plan's
+    factors, in even batches; scores equal those of an explicit batch size."""
+    torch.manual_seed(0)
+    model = Wide().eval()
+    x, y = torch.randn(100, 4096), torch.randint(0, 1024, (100,))
+    sizes = []
+
+    def losses(state, batch):
+        sizes.append(len(batch[0]))
+        logits = torch.func.functional_call(model, state, (batch[0],))
+        return nn.functional.cross_entropy(logits, batch[1], reduction="none")
+
+    data = torch.utils.data.TensorDataset(x, y) if as_dataset else (x, y)
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=0.5)]
+    got = tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(losses))
+    assert [s for s in sizes if s > 4] == [16, 84]  # planning runs the first examples alone and the first 4 together
+    assert_close(got, tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(losses), batch_size=7), 1e-5)

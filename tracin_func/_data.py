@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Union
 
 import optree
 import torch
@@ -70,16 +70,20 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
     return optree.tree_map(lambda t: t[start:stop], batch, none_is_leaf=True)
 
 
-def iter_batches(data: Any, batch_size: int, where: str) -> Iterator[Batch]:
-    """Yield batches of ``data`` in order: a single batch is cut into ``batch_size`` slices, a ``Dataset`` is
-    wrapped in an unshuffled ``DataLoader``, a ``DataLoader`` or any other iterable of batches is used as is."""
+BatchSize = Union[int, Callable[[int], int]]  # examples per batch, or remaining examples -> the next batch's size
+
+
+def iter_batches(data: Any, batch_size: BatchSize, where: str) -> Iterator[Batch]:
+    """Yield batches of ``data`` in order: a single batch is cut into slices and a ``Dataset`` read in batches of
+    ``batch_size`` (a callable is asked before each batch: the automatic size is known once the first batch is
+    planned), a ``DataLoader`` or any other iterable of batches is used as is."""
     if is_single_batch(data):
-        n = batch_size_of(data, where)
-        for start in range(0, n, batch_size):
-            yield slice_batch(data, start, min(start + batch_size, n))
+        for rows in _row_ranges(batch_size_of(data, where), batch_size):
+            yield slice_batch(data, rows.start, rows.stop)
         return
     if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        data = sequential_loader(data, batch_size)
+        batches = (list(rows) for rows in _row_ranges(len(data), batch_size))  # type: ignore[arg-type]
+        data = DataLoader(data, batch_sampler=batches, generator=torch.Generator())  # read lazily, in order
     if isinstance(data, DataLoader):
         check_stable_order(data, where)
     if _holds_numpy(data):
@@ -93,6 +97,19 @@ def iter_batches(data: Any, batch_size: int, where: str) -> Iterator[Batch]:
             f"got {type(data).__name__}."
         )
     yield from data
+
+
+def _row_ranges(n: int, batch_size: BatchSize) -> Iterator[range]:
+    start = 0
+    while start < n:
+        stop = min(n, start + (batch_size(n - start) if callable(batch_size) else batch_size))
+        yield range(start, stop)
+        start = stop
+
+
+def count_batches(n: int, batch_size: BatchSize) -> int:
+    """Batches that ``n`` examples take at ``batch_size`` as it stands."""
+    return sum(1 for _ in _row_ranges(n, batch_size))
 
 
 def _holds_numpy(data: Any) -> bool:
@@ -131,11 +148,11 @@ def _sized(obj: Any) -> int | None:
         return None
 
 
-def num_batches(data: Any, batch_size: int) -> int | None:
+def num_batches(data: Any, batch_size: BatchSize) -> int | None:
     """Number of batches ``iter_batches`` yields, when known without iterating (for progress bars)."""
     if is_single_batch(data) or isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         n = num_examples(data)
-        return None if n is None else -(-n // batch_size)
+        return None if n is None else count_batches(n, batch_size)
     try:
         return len(data)
     except TypeError:

@@ -17,10 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ._data import (
+    BatchSize,
     batch_size_of,
     check_batch_structure,
+    count_batches,
     iter_batches,
     num_batches,
+    num_examples,
     slice_batch,
     to_device,
 )
@@ -29,20 +32,30 @@ from ._loss import ExampleLossFn
 from ._plan import plan_call
 from ._purity import check_forward
 from ._representations import Representation
-from ._setup import Setup
+from ._setup import Setup, auto_batch_size, even_batches
 from ._updates import Updates, inverse_norm
 
 
 def batches(
-    setup: Setup, data: Any, where: str, desc: str, *, start: int = 0, ranks: Ranks | None = None
+    setup: Setup,
+    data: Any,
+    where: str,
+    desc: str,
+    *,
+    start: int = 0,
+    ranks: Ranks | None = None,
+    batch_size: BatchSize | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """(offset, batch on device) pairs of the argument named ``where``, validated, with a progress bar. Offsets
     count from ``start``; with ``ranks`` only the batches whose number belongs to that rank are yielded (the others
-    are read for their size only)."""
+    are read for their size only). ``batch_size`` (default ``setup.batch_size``) may be a callable asked before
+    each batch (the automatic size, known once the first batch is planned)."""
     needs_target = setup.needs_target[where == "test"]
+    size = setup.batch_size if batch_size is None else batch_size
+    rows = num_examples(data) if callable(size) else None  # the progress bar's total follows the size
     bar = tqdm(
-        iter_batches(data, setup.batch_size, where),
-        total=num_batches(data, setup.batch_size),
+        iter_batches(data, size, where),
+        total=num_batches(data, size),
         desc=desc,
         unit="batch",
         disable=not setup.progress,
@@ -57,12 +70,39 @@ def batches(
         if mine:
             yield offset, to_device(batch, setup.device, setup.dtype)
         offset += n
+        if rows is not None:
+            bar.total = i + 1 + count_batches(rows - (offset - start), size)
 
 
-def _planned(setup: Setup, batch: Any, where: str, offset: int) -> Updates:
+class Planned(NamedTuple):
+    updates: Updates
+    batch_size: BatchSize  # of the batches after the planned one: the automatic size follows the plan
+
+
+def _planned(setup: Setup, batch: Any, where: str, offset: int, *, self_only: bool = False) -> Planned:
     with naming_failures(setup.test_loss if where == "test" else setup.train_loss, setup, batch, where, offset):
-        updates = plan_call(setup, batch, where).updates
-    return Updates(*(torch.compile(fn) for fn in updates)) if setup.compile else updates
+        planned = plan_call(setup, batch, where, self_only=self_only)
+    updates = Updates(*(torch.compile(fn) for fn in planned.updates)) if setup.compile else planned.updates
+    size = even_batches(auto_batch_size(planned.plan.example_bytes)) if setup.auto_batch else setup.batch_size
+    return Planned(updates, size)
+
+
+def planned_batches(
+    setup: Setup, data: Any, where: str, desc: str, *, self_only: bool = False, **where_from: Any
+) -> Iterator[tuple[Planned, int, Any]]:
+    """``batches`` of ``data``, the call planned on the first: (plan, offset, batch) triples."""
+    planned: Planned | None = None
+
+    def size(left: int) -> int:  # the automatic size, once the plan says how large an example's gradients are
+        return setup.batch_size if planned is None else _size(planned.batch_size, left)
+
+    for offset, batch in batches(setup, data, where, desc, batch_size=size if setup.auto_batch else None, **where_from):
+        planned = planned or _planned(setup, batch, where, offset, self_only=self_only)
+        yield planned, offset, batch
+
+
+def _size(batch_size: BatchSize, left: int) -> int:
+    return batch_size(left) if callable(batch_size) else batch_size
 
 
 @contextmanager
@@ -113,6 +153,7 @@ class Queries(NamedTuple):
     and, for cosine scores, the test examples' inverse gradient norms per checkpoint."""
 
     updates: Updates
+    batch_size: BatchSize  # of the training batches (the automatic size follows the plan)
     reps: list[Representation]
     scales: list[torch.Tensor] | None  # per checkpoint ``1 / |g_test|`` [n_test] ("cosine"), else None
     normalize_train: bool  # divide by the training gradients' norms ("cosine", "train")
@@ -136,23 +177,23 @@ def query_chunks(
     cosines: the rows stay per example and are summed after scoring."""
     cosine = normalize == "cosine"
     total = aggregate and not cosine
-    updates, per_ckpt, scales, size = None, [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
+    planned, per_ckpt, scales, size = None, [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
 
     def chunk() -> Queries:
         reps = [Representation.concat(r) for r in per_ckpt]
         return Queries(
-            updates,
+            planned.updates,
+            planned.batch_size,
             [r.total() for r in reps] if total else reps,
             [torch.cat(s) for s in scales] if cosine else None,
             normalize is not None,
             aggregate and cosine,
         )
 
-    for offset, batch in batches(setup, test, "test", "test gradients"):
-        updates = updates or _planned(setup, batch, "test", offset)
+    for planned, offset, batch in planned_batches(setup, test, "test", "test gradients"):
         for c, ckpt in enumerate(setup.checkpoints):
             with naming_failures(setup.test_loss, setup, batch, "test", offset):
-                rep = updates.test(ckpt, batch)
+                rep = planned.updates.test(ckpt, batch)
             sq_norm = rep.sq_norm()
             _check_finite(sq_norm, 0, offset, "test", c)
             if cosine:
@@ -163,7 +204,7 @@ def query_chunks(
         if budget is not None and size >= budget and not total:
             yield chunk()
             per_ckpt, scales, size = [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
-    if updates is None:
+    if planned is None:
         raise ValueError("`test` holds no examples.")
     if per_ckpt[0]:
         yield chunk()
@@ -182,7 +223,8 @@ def score_blocks(
     """``(offset, scores [n_test, b])`` for each training batch (of this rank): sum over checkpoints of
     lr <test, train>, each term normalised as ``queries`` says; with ``per_layer`` a dict layer -> scores."""
     n_test, module = queries.reps[0].size, setup.spec.module is not None
-    for offset, batch in batches(setup, train, "train", desc, start=start, ranks=ranks):
+    size = queries.batch_size if setup.auto_batch else None
+    for offset, batch in batches(setup, train, "train", desc, start=start, ranks=ranks, batch_size=size):
         acc: Any = None
         if not per_layer:
             acc = torch.zeros(n_test, batch_size_of(batch, "train"), device=setup.device, dtype=setup.dtype)
@@ -205,9 +247,9 @@ def self_blocks(
     setup: Setup, data: Any, *, start: int = 0, ranks: Ranks | None = None, per_layer: bool = False
 ) -> Iterator[tuple[int, Any]]:
     """``(offset, [b])`` per batch: sum over checkpoints of lr |grad|^2; with ``per_layer`` a dict layer -> [b]."""
-    updates, module = None, setup.spec.module is not None
-    for offset, batch in batches(setup, data, "data", "self-influence", start=start, ranks=ranks):
-        updates = updates or _planned(setup, batch, "data", offset)
+    module = setup.spec.module is not None
+    blocks = planned_batches(setup, data, "data", "self-influence", self_only=True, start=start, ranks=ranks)
+    for (updates, _), offset, batch in blocks:
         acc: Any = None
         if not per_layer:
             acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)
@@ -233,9 +275,7 @@ def embedding_blocks(
     """``(offset, [b, C * P])`` per batch: per checkpoint ``sqrt(lr) * grad`` (or its projection), concatenated in
     checkpoint order. ``with_self`` appends a last column, the self-influence ``sum_c lr_c |grad_c|^2``, from the
     same gradients (exact, also when the embeddings are projected)."""
-    updates = None
-    for offset, batch in batches(setup, data, where, "embeddings", start=start, ranks=ranks):
-        updates = updates or _planned(setup, batch, where, offset)
+    for (updates, _), offset, batch in planned_batches(setup, data, where, "embeddings", start=start, ranks=ranks):
         with naming_failures(setup.train_loss, setup, batch, where, offset):
             pairs = [updates.embedding(ckpt, batch, with_self) for ckpt in setup.checkpoints]
         rows = [r for r, _ in pairs]

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 
+_QUESTIONS = ("influence", "self_influence")
+
+
 class Route(NamedTuple):
     """One differentiated parameter: ``route`` is ``"factored"`` (exact inner products of layer inputs and output
     gradients, no per-sample gradient), ``"materialised"`` (per-sample gradients from those factors), ``"vmap"``
@@ -50,6 +53,7 @@ def explain(
     *,
     loss_fn: Any,
     test_loss_fn: Any = None,
+    question: str = "influence",
     **options: Unpack[Options],
 ) -> Explanation:
     """How a scoring call with these arguments handles every differentiated parameter, and why.
@@ -57,6 +61,8 @@ def explain(
     The call is planned exactly as a scorer plans it, on the first batch of ``data``, and that batch's gradients
     are computed once at the first checkpoint to see whether ``vmap`` runs or falls back to a loop. Use it to see
     why a model is slower than expected and what to change (``params=``, ``factored=``, the model's layers).
+    ``question="self_influence"`` plans as :func:`self_influence` does (a gradient that meets only itself is
+    factored more often); ``"influence"`` (the default) as the other scorers do.
 
     Returns:
         :class:`Explanation`: ``routes`` (one :class:`Route` per parameter, in order) and ``batching``; ``print``
@@ -74,6 +80,8 @@ def explain(
         one batched forward / backward gives every layer's factors
     """
     _check_options(options, "explain")
+    if question not in _QUESTIONS:
+        raise ValueError(f"`question` must be one of {_QUESTIONS}, got {question!r}.")
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
     with exclusive_use(model, setup.spec):
         offset, batch = next(iter(batches(setup, data, "data", "explain")), (0, None))
@@ -82,7 +90,7 @@ def explain(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SlowPathWarning)  # the explanation says it all
             with naming_failures(setup.train_loss, setup, batch, "data", offset):
-                planned = plan_call(setup, batch, "data")
+                planned = plan_call(setup, batch, "data", self_only=question == "self_influence")
             with warnings.catch_warnings(record=True), naming_failures(setup.train_loss, setup, batch, "data", 0):
                 acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)
                 planned.updates.self_influence(acc, setup.checkpoints[0], batch)

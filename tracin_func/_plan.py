@@ -34,6 +34,7 @@ class Plan(NamedTuple):
     batched: bool  # factors from one batched forward / backward (else vmapped)
     reasons: Mapping[str, str]  # parameter name -> why it takes its route (for `tc.explain` and warnings)
     batching: str  # why the call runs one batched pass, or not
+    example_bytes: int  # one example's gradient representation: factors of kept sites, per-sample grads of the rest
 
     def route(self, name: str) -> str:
         """``"factored"`` (inner products of factors), ``"materialised"`` (from factors) or ``"vmap"``."""
@@ -51,9 +52,10 @@ class PlannedCall(NamedTuple):
     updates: Updates
 
 
-def plan_call(setup: Setup, batch: Any, where: str) -> PlannedCall:
+def plan_call(setup: Setup, batch: Any, where: str, *, self_only: bool = False) -> PlannedCall:
     """Check the forward pass and plan a call on ``batch`` (on device) of the argument named ``where``; warn when
-    the plan leaves the batched path although layers could give factors."""
+    the plan leaves the batched path although layers could give factors. ``self_only``: every gradient meets only
+    itself (self-influence), which changes what factoring saves."""
     module, first = setup.spec.module, setup.checkpoints[0].state
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
     for loss in losses:
@@ -65,7 +67,7 @@ def plan_call(setup: Setup, batch: Any, where: str) -> PlannedCall:
     diff = {n: first[n] for n in names}
     frozen = {n: t for n, t in first.items() if n not in diff}
     mapper = Mapper(setup.chunk_size)
-    plan = make_plan(module, names, losses, diff, frozen, batch, mapper, factored=factored)
+    plan = make_plan(module, names, losses, diff, frozen, batch, mapper, factored=factored, self_only=self_only)
     if module is not None and factored is not False and not plan.batched:
         causes = sorted(plan.dense, key=lambda n: plan.reasons[n].startswith("materialising"))  # root causes first
         slow = [f"{n!r} ({plan.reasons[n]})" for n in causes[:3]]
@@ -85,10 +87,17 @@ def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...]]) -> int:
     return sum(math.prod(s[2:]) if site.kind == "conv" else math.prod(s[:-1]) for s in shapes)
 
 
-def _pair_costs(site: Site, rows: int) -> tuple[int, int]:
-    """Flops of one pair's inner product: factored ``T^2 (d_in + d_out)``, materialised ``d_in d_out``."""
-    d_out, d_in = site.weight_shape[0], math.prod(site.weight_shape[1:]) + (site.bias is not None)
-    return rows * rows * (d_in + d_out), d_in * d_out
+def _pair_costs(site: Site, rows: int, self_only: bool) -> tuple[int, int]:
+    """Flops of one pair's inner product: factored ``T^2 (d_in + d_out)``, materialised ``d_in d_out``; a gradient
+    that meets only itself (``self_only``) also pays for its own materialisation, ``T d_in d_out``, which pairs
+    with many partners share."""
+    d_in, d_out = _widths(site)
+    return rows * rows * (d_in + d_out), d_in * d_out * (rows + 1 if self_only else 1)
+
+
+def _widths(site: Site) -> tuple[int, int]:
+    """``d_in`` (a bias is one more, constant, input) and ``d_out`` of a site's factor rows."""
+    return math.prod(site.weight_shape[1:]) + (site.bias is not None), site.weight_shape[0]
 
 
 # An Embedding's test side kept as token rows costs about T^2 / V gathered row products per pair (uniform tokens;
@@ -98,10 +107,10 @@ def _pair_costs(site: Site, rows: int) -> tuple[int, int]:
 _TOKEN_ROWS_MIN_RATIO = 8
 
 
-def _kernel_is_cheaper(site: Site, rows: int) -> bool:
+def _kernel_is_cheaper(site: Site, rows: int, self_only: bool) -> bool:
     if site.kind == "embedding":
         return site.weight_shape[0] >= _TOKEN_ROWS_MIN_RATIO * rows
-    factored, materialised = _pair_costs(site, rows)
+    factored, materialised = _pair_costs(site, rows, self_only)
     return factored < materialised
 
 
@@ -115,14 +124,16 @@ def make_plan(
     mapper: Mapper,
     *,
     factored: bool | None,
+    self_only: bool = False,
 ) -> Plan:
     """Which layers give factors, which of those are scored by factored inner products (a cost model for
-    ``factored=None``, all for ``True``; ``False`` uses vmap(grad) for everything), and how factors are obtained."""
+    ``factored=None``, all for ``True``; ``False`` uses vmap(grad) for everything), and how factors are obtained.
+    ``self_only``: each gradient is only multiplied with itself (self-influence)."""
     sites = {}
     if module is not None and factored is not False:
         sites = {**factorable_sites(module, names), **recurrent_sites(module, names)}
     reasons = {n: _why_dense(module, n, factored) for n in _not_in_sites(names, sites.values())}
-    kernel = set()
+    kernel, rows_of = set(), {}
     for loss in losses if sites else ():
         calls, leaked = discover(module, loss, list(sites.values()), diff, frozen, batch)
         for path, site in list(sites.items()):
@@ -139,10 +150,10 @@ def make_plan(
                 del sites[path]
                 reasons.update({n: f"{site.path!r} is {why}" for n in site.names})
                 continue
-            rows = _rows_per_example(site, calls[path])
-            if site.kernel_ok and (factored or _kernel_is_cheaper(site, rows)):
+            rows = rows_of[path] = _rows_per_example(site, calls[path])
+            if site.kernel_ok and (factored or _kernel_is_cheaper(site, rows, self_only)):
                 kernel.add(path)  # a kept Embedding is never materialised on the training side (see TokenRows)
-            reasons.update({n: _why_site(site, rows, factored, path in kernel) for n in site.names})
+            reasons.update({n: _why_site(site, rows, factored, path in kernel, self_only) for n in site.names})
     dense = _not_in_sites(names, sites.values())
     if dense:  # vmap(grad) runs anyway: a layer whose gradients would be materialised is cheaper left to it, except
         # a recurrent layer, whose fused op has no batching rule (vmap would fall back to a per-example loop)
@@ -151,7 +162,9 @@ def make_plan(
                 del sites[path]
                 reasons.update({n: "materialising costs less inside vmap(grad), which runs anyway" for n in site.names})
         dense = _not_in_sites(names, sites.values())
-    plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel & set(sites)), False, reasons, "")
+    kernel &= set(sites)
+    size = _example_bytes([s for p, s in sites.items() if p in kernel], rows_of, names, diff)
+    plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel), False, reasons, "", size)
     if not sites:
         return plan._replace(batching="vmap(grad) over examples: no layer gives factors")
     if dense:
@@ -163,6 +176,15 @@ def make_plan(
     if refused:
         return plan._replace(batching=f"vmap(grad) over examples: {refused}")
     return plan._replace(batched=True, batching="one batched forward / backward gives every layer's factors")
+
+
+def _example_bytes(kept: Sequence[Site], rows: Mapping[str, int], names: Sequence[str], diff: Tensors) -> int:
+    """Bytes of one example's representation: ``T (d_in + d_out)`` factor entries per kept site, a per-sample
+    gradient of every other parameter."""
+    kept_names = {n for site in kept for n in site.names}
+    factors = sum(rows[site.path] * sum(_widths(site)) for site in kept)
+    per_sample = sum(diff[n].numel() for n in names if n not in kept_names)
+    return (factors + per_sample) * next(iter(diff.values())).element_size() if diff else 0
 
 
 def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> str:
@@ -182,11 +204,11 @@ def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> st
     return why_not_a_site(owner)
 
 
-def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool) -> str:
+def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool, self_only: bool) -> str:
     if site.owner is not None:
         product = "input-to-hidden" if site.path.rpartition(".")[2].startswith("ih") else "hidden-to-hidden"
-        return f"unrolled recurrent layer, {product} product: " + _why_site(site._replace(owner=None), rows, factored,
-                                                                            kernel)
+        plain = _why_site(site._replace(owner=None), rows, factored, kernel, self_only)
+        return f"unrolled recurrent layer, {product} product: {plain}"
     if site.tied:
         return "tied weight: per-example gradients of every use from factors, summed"
     if not site.kernel_ok:
@@ -198,9 +220,9 @@ def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool) -> str
         if kernel:
             return f"Embedding: test gradients kept as token rows (V = {vocab} >= {ratio} T, T = {rows})"
         return f"Embedding: V = {vocab} < {ratio} T (T = {rows}): ids recur densely, materialising costs less"
-    factored_cost, materialised_cost = _pair_costs(site, rows)
-    sign = "<" if kernel else ">="
-    return f"T^2 (d_in + d_out) = {factored_cost} {sign} d_in d_out = {materialised_cost} (T = {rows})"
+    factored_cost, materialised_cost = _pair_costs(site, rows, self_only)
+    sign, materialised = "<" if kernel else ">=", "(T + 1) d_in d_out" if self_only else "d_in d_out"
+    return f"T^2 (d_in + d_out) = {factored_cost} {sign} {materialised} = {materialised_cost} (T = {rows})"
 
 
 def _not_in_sites(names: Sequence[str], sites: Iterable[Site]) -> tuple[str, ...]:

@@ -3,7 +3,7 @@ checkpoints on the target device, the losses and the options."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -44,6 +44,7 @@ class Setup(NamedTuple):
     progress: bool
     ranks: Ranks | None = None  # torch.distributed: this process's share of the training data
     test_budget: int | None = None  # bytes of test representations held at once (more: scored in chunks)
+    auto_batch: bool = False  # ``batch_size`` is the automatic first guess: planning sets the size of later batches
 
 
 def _default_device(model: Any, first: Checkpoint) -> torch.device:
@@ -82,10 +83,15 @@ def _check_loss(loss_fn: Any, name: str) -> None:
         )
 
 
-def _auto_batch_size(diff: Iterable[torch.Tensor], budget_bytes: int = 1 << 28) -> int:
-    """Examples per batch so that dense per-sample gradients of every differentiated parameter fit ``budget``."""
-    per_example = sum(t.numel() * t.element_size() for t in diff)
-    return max(16, min(4096, budget_bytes // max(1, per_example)))
+def auto_batch_size(example_bytes: int, budget_bytes: int = 1 << 28) -> int:
+    """Examples per batch whose gradient representations fit ``budget`` (16 to 4096)."""
+    return max(16, min(4096, budget_bytes // max(1, example_bytes)))
+
+
+def even_batches(most: int) -> Callable[[int], int]:
+    """Remaining examples -> the next batch's size: at most ``most``, the same for every batch up to one example
+    (no small last batch)."""
+    return lambda left: -(-left // -(-left // most))
 
 
 def make_setup(
@@ -163,12 +169,13 @@ def make_setup(
                disable=not progress, leave=False)
     prepared = [converted(state, c.lr, target, dtype) for state, c in bar]
     prepared = with_adam_states(model, checkpoints, prepared, shapes, target, dtype)
-    batch_size = batch_size or _auto_batch_size(prepared[0].state[n] for n in spec.diff_names)
+    auto_batch = batch_size is None  # the first batch's size assumes dense per-sample gradients; the plan refines it
+    batch_size = batch_size or auto_batch_size(sum(prepared[0].state[n].nbytes for n in spec.diff_names))
     train_loss = example_loss(spec.forward, loss_fn, "loss_fn")
     same = test_loss_fn is None or test_loss_fn is loss_fn
     test_loss = train_loss if same else example_loss(spec.forward, test_loss_fn, "test_loss_fn")
     needs_target = (not isinstance(loss_fn, ExampleLoss), not isinstance(test_loss_fn or loss_fn, ExampleLoss))
     return Setup(
         spec, prepared, train_loss, test_loss, method, factored, chunk_size, compile, projection, target, dtype,
-        batch_size, needs_target, progress, ranks, test_memory_bytes,
+        batch_size, needs_target, progress, ranks, test_memory_bytes, auto_batch,
     )
