@@ -167,7 +167,14 @@ def vmapped_factors(
             xs, gs = inputs[site.path], probe_grads[site.path]
             if len(xs) != len(gs):
                 raise RuntimeError(f"Layer {site.path!r} was called differently than when the call was planned.")
-            out[site.path] = ([x[:, 0] for x in xs], [g[:, 0] for g in gs])  # drop each example's batch of one
+            out[site.path] = ([_merged(x) for x in xs], [_merged(g) for g in gs])
         return dense_grads, out
 
     return factors
+
+
+def _merged(x: torch.Tensor) -> torch.Tensor:
+    """``[examples, *one example's layer tensor]`` with the example's batch of one merged into the next dim. The
+    batch of one is dim 0 of a convolution's (and any batch-first layer's) tensor, so this drops it; a sequence-first
+    layer sees ``[T, 1, d]``, whose rows this keeps (indexing dim 0 would keep the first position's only)."""
+    return x.flatten(1, 2) if x.dim() > 2 else x[:, 0]
