@@ -12,7 +12,7 @@ ids ``[T]`` for an Embedding) and ``G`` the gradient of the loss w.r.t. the laye
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -26,6 +26,27 @@ _GROUPED_CONV_MAX_CHANNELS = 4096
 # Examples per grouped call: CNN self-influence on digits (1500 examples, 5 checkpoints) took 0.32-0.46 s in chunks
 # of 512 against 0.46-0.52 s in one call per batch.
 _GROUPED_CONV_CHUNK = 512
+
+
+Hook = Callable[[Any, tuple[Any, ...], Any], Any]  # forward-hook convention: hook(layer, (input,), output)
+
+
+class Weights(NamedTuple):
+    """What a hook sees as the "layer" of an unrolled product: its weight and bias (as ``layer_output`` reads them)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def product(hooks: Mapping[str, Hook], key: str, x: torch.Tensor, w: torch.Tensor, b: Any) -> torch.Tensor:
+    """``x w^T + b``, passed through ``hooks[key]`` when there is one: a Linear-like product inside an unrolled
+    layer (``_recurrent``, ``_attention``), which hooks see as they see a layer call."""
+    out = F.linear(x, w, b)
+    hook = hooks.get(key)
+    if hook is None:
+        return out
+    replaced = hook(Weights(w, b), (x,), out)
+    return out if replaced is None else replaced
 
 
 class Site(NamedTuple):

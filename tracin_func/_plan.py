@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from ._assemble import representation_fn
+from ._attention import PRODUCT as ATTENTION_PRODUCT
+from ._attention import why_not_unrolled as why_not_attention
 from ._capture import BatchableLoss, Hook, batched_factors, discover, hooked
 from ._data import slice_batch
 from ._grads import Mapper, Tensors
@@ -143,7 +145,7 @@ def make_plan(
                 why = "not called as a module" if not calls[path] else "also used outside the layer (tied weight, "
                 why += "" if not calls[path] else "direct use or a term of the loss)"
                 if site.owner is not None and not calls[path]:
-                    why = "not run as unrolled cells (a PackedSequence or unbatched input runs the fused op)"
+                    why = "not run unrolled (a PackedSequence, an unbatched input or cross-attention runs the fused op)"
                 for other in [p for p, s in sites.items() if p != path and set(s.names) & set(site.names)]:
                     # a tied tensor's gradient sums every use: all its uses are sites, or none
                     reasons.update({n: f"tied to {site.path!r}, which is {why}" for n in sites.pop(other).names})
@@ -199,15 +201,19 @@ def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> st
         return "not a parameter of a layer"
     if site_kind(owner) is not None:
         return "its tensor is shared with a module that is not a factor site (weight tying)"
-    if isinstance(owner, nn.RNNBase):
-        return why_not_unrolled(owner) or "its tensor is shared with another module (weight tying)"
+    if isinstance(owner, (nn.RNNBase, nn.MultiheadAttention)):
+        why = why_not_attention(owner) if isinstance(owner, nn.MultiheadAttention) else why_not_unrolled(owner)
+        return why or "its tensor is shared with another module (weight tying)"
     return why_not_a_site(owner)
 
 
 def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool, self_only: bool) -> str:
     if site.owner is not None:
-        product = "input-to-hidden" if site.path.rpartition(".")[2].startswith("ih") else "hidden-to-hidden"
+        key = site.path.rpartition(".")[2]
         plain = _why_site(site._replace(owner=None), rows, factored, kernel, self_only)
+        if key == ATTENTION_PRODUCT:
+            return f"unrolled attention, in-projection: {plain}"
+        product = "input-to-hidden" if key.startswith("ih") else "hidden-to-hidden"
         return f"unrolled recurrent layer, {product} product: {plain}"
     if site.tied:
         return "tied weight: per-example gradients of every use from factors, summed"
@@ -252,7 +258,8 @@ def _batching_refused(
             if singles is None or len(singles) != len(xs) + len(gs) or not all(map(_close, singles, [*xs, *gs])):
                 return (
                     f"a batched forward changed the first examples' factors at {path!r} (examples interact, e.g. "
-                    f"through batch statistics)"
+                    f"through batch statistics, or the layer's input is not batch-first, like a sequence-first "
+                    f"transformer's)"
                 )
     return ""
 

@@ -27,8 +27,10 @@ def _storage(t: torch.Tensor) -> int | None:
 
 
 def _bound(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Every argument by name, defaults included (SDPA's CPU kernel is called without its ``dropout_p=0``)."""
     schema = func._schema.arguments
-    return {**{a.name: v for a, v in zip(schema, args)}, **kwargs}
+    defaults = {a.name: a.default_value for a in schema if a.has_default_value()}
+    return {**defaults, **{a.name: v for a, v in zip(schema, args)}, **kwargs}
 
 
 def _draws_random(func: Any, values: Mapping[str, Any]) -> bool:

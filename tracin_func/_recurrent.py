@@ -1,4 +1,5 @@
-"""Recurrent layers (``nn.LSTM``, ``nn.GRU``) as factor sites: run as unrolled cells on the call's private copy.
+"""Recurrent layers (``nn.LSTM``, ``nn.GRU``) as factor sites: run as unrolled cells on the call's private copy;
+and the one mechanism that runs layers unrolled (also ``nn.MultiheadAttention``: ``_attention``).
 
 vmap has no batching rule for the fused RNN op, so these layers would go through the per-example loop. Unrolled,
 each layer and direction is two Linear-like products: the input-to-hidden product ``x_t W_ih^T + b_ih`` (applied to
@@ -11,31 +12,25 @@ Only the exact classes ``nn.LSTM`` / ``nn.GRU`` (their own forward, no hooks or 
 0, no active dropout) are unrolled, and only on ordinary padded inputs ``[B, T, d]`` (``[T, B, d]``): on a
 ``PackedSequence`` or an unbatched input the fused op runs and the layer keeps the dense route (planning sees no
 product called). Each product of a layer is a :class:`~tracin_func._layers.Site` whose ``owner`` is the layer's
-path and whose ``path`` is ``"<owner>.ih_l0"``, ``"<owner>.hh_l1_reverse"``, ...
+path and whose ``path`` is ``"<owner>.ih_l0"``, ``"<owner>.hh_l1_reverse"``, ... (``"<owner>.in_proj"`` for
+attention).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ._layers import Site, global_hooks_present, wrapped
+from ._attention import attention_forward, attention_sites
+from ._attention import why_not_unrolled as why_not_attention
+from ._layers import Hook, Site, global_hooks_present, product, wrapped
 
-Hook = Callable[[Any, tuple[Any, ...], Any], Any]
 _CLASSES = (nn.LSTM, nn.GRU)
-
-
-class Weights(NamedTuple):
-    """What a hook sees as the "layer" of one product: its weight and bias (as ``layer_output`` reads them)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
 
 
 def unrollable(module: nn.Module) -> bool:
@@ -61,7 +56,8 @@ def why_not_unrolled(module: nn.Module) -> str:
 
 
 def recurrent_sites(model: nn.Module, diff_names: Any) -> dict[str, Site]:
-    """The products of unrollable recurrent layers holding differentiated parameters, keyed by site path.
+    """The products of unrollable layers (recurrent ones, and attention in-projections: ``_attention``) holding
+    differentiated parameters, keyed by site path.
 
     A layer sharing a parameter tensor with another module (or with itself) is left to the dense path."""
     if global_hooks_present():
@@ -71,7 +67,7 @@ def recurrent_sites(model: nn.Module, diff_names: Any) -> dict[str, Site]:
     for module in model.modules():
         for p in module.parameters(recurse=False):
             users[id(p)] = users.get(id(p), 0) + 1
-    sites: dict[str, Site] = {}
+    sites: dict[str, Site] = attention_sites(model, diff, users)
     for path, module in model.named_modules():
         if not unrollable(module):
             continue
@@ -81,8 +77,8 @@ def recurrent_sites(model: nn.Module, diff_names: Any) -> dict[str, Site]:
         prefix = f"{path}." if path else ""
         for layer in range(module.num_layers):
             for suffix in ("", "_reverse")[: 1 + module.bidirectional]:
-                for product in ("ih", "hh"):
-                    key = f"{product}_l{layer}{suffix}"
+                for kind in ("ih", "hh"):
+                    key = f"{kind}_l{layer}{suffix}"
                     weight, bias = f"{prefix}weight_{key}", f"{prefix}bias_{key}"
                     weight = weight if weight in diff else None
                     bias = bias if module.bias and bias in diff else None
@@ -94,35 +90,29 @@ def recurrent_sites(model: nn.Module, diff_names: Any) -> dict[str, Site]:
 
 @contextmanager
 def unrolled(modules: Mapping[str, nn.Module], hooks: Mapping[str, Hook]) -> Iterator[None]:
-    """Run the recurrent layers owning the products named in ``hooks`` (site paths) as unrolled cells, each
-    product's output passed through its hook (forward-hook convention: ``hook(weights, (input,), output)``).
+    """Run the layers owning the products named in ``hooks`` (site paths) unrolled (recurrent layers as cells,
+    attention with its in-projection a product), each product's output passed through its hook (forward-hook
+    convention: ``hook(weights, (input,), output)``).
 
     The unrolled forward is set on the module object for the block only (the call's private copy)."""
     by_owner: dict[str, dict[str, Hook]] = {}
     for path, hook in hooks.items():
-        owner, _, product = path.rpartition(".")
-        by_owner.setdefault(owner, {})[product] = hook
+        owner, _, key = path.rpartition(".")
+        by_owner.setdefault(owner, {})[key] = hook
     installed = []
     try:
         for owner, products in by_owner.items():
             module = modules[owner]
-            if not unrollable(module):
-                raise RuntimeError(f"Layer {owner!r} cannot be run as unrolled cells.")
-            object.__setattr__(module, "forward", partial(_forward, module, products))
+            attention = isinstance(module, nn.MultiheadAttention)
+            if why_not_attention(module) if attention else not unrollable(module):
+                raise RuntimeError(f"Layer {owner!r} cannot be run unrolled.")
+            forward = attention_forward if attention else _forward
+            object.__setattr__(module, "forward", partial(forward, module, products))
             installed.append(module)
         yield
     finally:
         for module in installed:
             object.__delattr__(module, "forward")
-
-
-def _product(hooks: Mapping[str, Hook], key: str, x: torch.Tensor, w: torch.Tensor, b: Any) -> torch.Tensor:
-    out = F.linear(x, w, b)
-    hook = hooks.get(key)
-    if hook is None:
-        return out
-    replaced = hook(Weights(w, b), (x,), out)
-    return out if replaced is None else replaced
 
 
 def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any = None) -> Any:
@@ -149,12 +139,12 @@ def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any 
             w_ih, w_hh = getattr(module, f"weight_ih{key}"), getattr(module, f"weight_hh{key}")
             b_ih = getattr(module, f"bias_ih{key}") if module.bias else None
             b_hh = getattr(module, f"bias_hh{key}") if module.bias else None
-            xi = _product(hooks, f"ih{key}", x, w_ih, b_ih)  # [B, T, gates * H]: the whole sequence at once
+            xi = product(hooks, f"ih{key}", x, w_ih, b_ih)  # [B, T, gates * H]: the whole sequence at once
             h = h0[layer * directions + direction]
             c = c0[layer * directions + direction] if lstm else None
             inputs, out = xi.unbind(1), [None] * steps
             for t in range(steps - 1, -1, -1) if direction else range(steps):
-                hh = _product(hooks, f"hh{key}", h, w_hh, b_hh)  # [B, gates * H]: G is taken here, before any gate
+                hh = product(hooks, f"hh{key}", h, w_hh, b_hh)  # [B, gates * H]: G is taken here, before any gate
                 if lstm:  # i, f, g, o
                     gates = inputs[t] + hh
                     i, f, _, o = gates.sigmoid().chunk(4, 1)

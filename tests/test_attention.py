@@ -1,0 +1,158 @@
+"""nn.MultiheadAttention run unrolled (``_attention``): the same outputs as the fused op under every mask form,
+its in-projection and out_proj as factor sites, exact scores, and the fused op (dense route) where it is not
+unrolled."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import tracin_func as tc
+from tests.conftest import assert_close
+from tests.reference import reference_scores
+from tracin_func._attention import attention_forward
+
+F64 = torch.float64
+CE = nn.CrossEntropyLoss()
+
+
+def _masks(n, heads, length):
+    gen = torch.Generator().manual_seed(3)
+    padding = torch.arange(length) >= torch.tensor([length, length - 2, 1])[:n, None]
+    causal = nn.Transformer.generate_square_subsequent_mask(length, dtype=F64)
+    return {
+        "none": (None, None, False),
+        "causal float": (causal, None, False),
+        "causal hint": (causal, None, True),
+        "bool attn": (torch.rand(length, length, generator=gen) > 0.7, None, False),
+        "3-d float attn": (torch.randn(n * heads, length, length, generator=gen, dtype=F64), None, False),
+        "bool padding": (None, padding, False),
+        "float padding": (None, torch.zeros(n, length, dtype=F64).masked_fill(padding, -1e4), False),
+        "causal + padding": (causal, padding.to(F64).masked_fill(padding, float("-inf")), True),
+    }
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights,average", [(False, True), (True, True), (True, False)])
+def test_unrolled_attention_equals_the_fused_op(batch_first, need_weights, average):
+    torch.manual_seed(0)
+    n, heads, length, embed = 3, 2, 5, 8
+    module = nn.MultiheadAttention(embed, heads, batch_first=batch_first, dtype=F64).eval()
+    x = torch.randn(n, length, embed, dtype=F64)
+    x = x if batch_first else x.transpose(0, 1)
+    for name, (attn_mask, padding, causal) in _masks(n, heads, length).items():
+        kw = dict(key_padding_mask=padding, need_weights=need_weights, attn_mask=attn_mask,
+                  average_attn_weights=average, is_causal=causal)  # fmt: skip
+        fused = module(x, x, x, **kw)
+        unrolled = attention_forward(module, {}, x, x, x, **kw)
+        assert_close(unrolled[0], fused[0], 1e-12, msg=name)
+        assert (unrolled[1] is None) == (fused[1] is None), name
+        if fused[1] is not None:
+            assert_close(unrolled[1], fused[1], 1e-12, msg=name)
+
+
+class Encoder(nn.Module):
+    def __init__(self, batch_first=True, nested=False):
+        super().__init__()
+        self.embedding = nn.Embedding(20, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=nested)
+        self.fc = nn.Linear(8, 3)
+        self.batch_first = batch_first
+
+    def forward(self, tokens, padding):
+        h = self.embedding(tokens)
+        h = h if self.batch_first else h.transpose(0, 1)
+        h = self.encoder(h, src_key_padding_mask=padding)
+        h = h if self.batch_first else h.transpose(0, 1)
+        return self.fc(h.masked_fill(padding[..., None], 0).sum(1))
+
+
+def _ckpts(model):
+    gen = torch.Generator().manual_seed(1)
+    return [
+        tc.Checkpoint({k: v + 0.2 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in
+                       model.state_dict().items()}, lr=lr)
+        for lr in (0.3, 1.1)
+    ]  # fmt: skip
+
+
+def _data(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 20, (n, 6), generator=gen)
+    padding = torch.arange(6) >= torch.randint(2, 7, (n,), generator=gen)[:, None]
+    return tokens, padding, torch.randint(0, 3, (n,), generator=gen)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("batch_first,nested", [(True, False), (False, False), (True, True)])
+def test_transformer_encoder_runs_batched_and_exact(batch_first, nested):
+    torch.manual_seed(0)
+    model = Encoder(batch_first, nested).to(F64).eval()
+    ckpts, train, test = _ckpts(model), _data(7, 0), _data(3, 1)
+    plan = tc.explain(model, ckpts, train, loss_fn=CE)
+    if batch_first:
+        assert plan.batching == "one batched forward / backward gives every layer's factors"
+        routes = {r.parameter: r for r in plan.routes}
+        assert routes["encoder.layers.1.self_attn.in_proj_weight"].reason.startswith("unrolled attention")
+        assert {r.route for r in plan.routes} <= {"factored", "materialised"}
+    else:  # [L, B, d] layer inputs: a batched pass does not give rows per example, which the batching check sees
+        assert plan.batching.endswith("or the layer's input is not batch-first, like a sequence-first transformer's)")
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, batch_size=4), ref.influence, 1e-12)
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=4), ref.self_influence, 1e-12)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=True), ref.influence, 1e-12)
+
+
+class Attend(nn.Module):
+    """Attention over ``x`` itself, or over another sequence, ``context(x)``."""
+
+    def __init__(self, attn, context=None):
+        super().__init__()
+        self.attn, self.fc, self.context = attn, nn.Linear(8, 3), context
+
+    def forward(self, x):
+        kv = x if self.context is None else self.context(x)
+        return self.fc(self.attn(x, kv, kv, need_weights=False)[0].mean(1))
+
+
+class Subclassed(nn.MultiheadAttention):
+    pass
+
+
+@pytest.mark.parametrize(
+    "attn,context,parameter,reason",
+    [
+        (nn.MultiheadAttention(8, 2, batch_first=True), lambda x: x.flip(1), "attn.in_proj_weight",
+         "'attn.in_proj' is not run unrolled (a PackedSequence, an unbatched input or cross-attention runs the fused "
+         "op)"),
+        (nn.MultiheadAttention(8, 2, batch_first=True, kdim=4, vdim=4), lambda x: x[..., :4], "attn.q_proj_weight",
+         "MultiheadAttention with kdim / vdim other than embed_dim has no unrolled form"),
+        (nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True), None, "attn.in_proj_weight",
+         "MultiheadAttention with bias_k / bias_v or add_zero_attn has no unrolled form"),
+        (Subclassed(8, 2, batch_first=True), None, "attn.in_proj_weight",
+         "Subclassed is a subclass of MultiheadAttention, whose forward may differ"),
+    ],
+)  # fmt: skip
+def test_attention_that_is_not_unrolled_keeps_the_fused_op_and_says_why(attn, context, parameter, reason):
+    torch.manual_seed(0)
+    model = Attend(attn, context).to(F64).eval()
+    x, y = torch.randn(5, 4, 8, dtype=F64), torch.randint(0, 3, (5,))
+    ckpts = _ckpts(model)
+    routes = {r.parameter: r for r in tc.explain(model, ckpts, (x, y), loss_fn=CE).routes}
+    assert (routes[parameter].route, routes[parameter].reason) == ("vmap", reason)
+    with pytest.warns(tc.SlowPathWarning, match=parameter):
+        got = tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
+    assert_close(got, reference_scores(model, ckpts, (x, y), loss_fn=CE).self_influence, 1e-12)
+
+
+def test_every_combination_of_masks_is_exact_through_the_scorers():
+    """Masks reach the unrolled attention unchanged: influence with padding masks equals the loop reference."""
+    torch.manual_seed(0)
+    model = Encoder().to(F64).eval()
+    ckpts = _ckpts(model)
+    for seed_train, seed_test in itertools.product((2, 3), (4,)):
+        train, test = _data(5, seed_train), _data(2, seed_test)
+        ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence, 1e-12)

@@ -1,0 +1,120 @@
+"""``nn.MultiheadAttention`` as factor sites: self-attention run unrolled on the call's private copy.
+
+The fused ``F.multi_head_attention_forward`` uses ``in_proj_weight`` and ``out_proj.weight`` directly, so neither
+is a layer call that hooks can see, and every transformer built from ``nn.MultiheadAttention`` (``nn.Transformer*``
+layers, ViTs) fell to ``vmap(grad)``. Unrolled, the in-projection is one Linear-like product over the sequence,
+``[q, k, v] = x W_in^T + b_in`` (a site with ``T`` rows per example, whose ``G`` is the gradient at ``[q, k, v]``),
+the attention itself runs as torch computes it (scaled dot products, the same masks), and ``out_proj`` is called as
+the module it is, an ordinary Linear site.
+
+Only the exact class ``nn.MultiheadAttention`` (its own forward, no hooks or parametrizations) with one packed
+in-projection (``kdim = vdim = embed_dim``), no ``bias_k`` / ``bias_v`` / ``add_zero_attn`` and no active dropout
+is unrolled, and only for self-attention (``query``, ``key`` and ``value`` the same tensor) on a batched input:
+other calls run the fused op, and planning then sees the product uncalled and keeps the dense route.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._layers import Hook, Site, product, wrapped
+
+PRODUCT = "in_proj"  # the site path of a layer's in-projection: "<layer>.in_proj"
+
+
+def why_not_unrolled(module: nn.MultiheadAttention) -> str:
+    """Why an attention layer is not run unrolled, or ``""``."""
+    name = type(module).__name__
+    if wrapped(module):
+        return wrapped(module)
+    if type(module) is not nn.MultiheadAttention:
+        return f"{name} is a subclass of MultiheadAttention, whose forward may differ"
+    if not module._qkv_same_embed_dim:
+        return f"{name} with kdim / vdim other than embed_dim has no unrolled form"
+    if module.bias_k is not None or module.add_zero_attn:
+        return f"{name} with bias_k / bias_v or add_zero_attn has no unrolled form"
+    if module.training and module.dropout > 0:
+        return f"{name} has attention dropout in training mode"
+    return ""
+
+
+def attention_sites(model: nn.Module, diff: set[str], users: Mapping[int, int]) -> dict[str, Site]:
+    """The in-projections of unrollable attention layers holding differentiated parameters, keyed by site path
+    (``users``: modules holding each parameter tensor; a shared one is left to the dense path)."""
+    sites: dict[str, Site] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.MultiheadAttention) or why_not_unrolled(module):
+            continue
+        own = [module.in_proj_weight, module.in_proj_bias]
+        if any(p is not None and users[id(p)] > 1 for p in own):
+            continue
+        prefix = f"{path}." if path else ""
+        weight = f"{prefix}in_proj_weight" if f"{prefix}in_proj_weight" in diff else None
+        bias = f"{prefix}in_proj_bias" if module.in_proj_bias is not None and f"{prefix}in_proj_bias" in diff else None
+        if weight or bias:
+            shape = tuple(module.in_proj_weight.shape)
+            sites[prefix + PRODUCT] = Site(prefix + PRODUCT, "linear", weight, bias, shape, owner=path)
+    return sites
+
+
+def attention_forward(
+    module: nn.MultiheadAttention,
+    hooks: Mapping[str, Hook],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``module``'s forward with the in-projection a hooked product and ``out_proj`` called as a module; the
+    fused op on anything but batched self-attention (or an ``is_causal`` hint without a mask, which it refuses)."""
+    self_attention = query is key and key is value and isinstance(query, torch.Tensor) and query.dim() == 3
+    if not self_attention or (is_causal and attn_mask is None):
+        return type(module).forward(
+            module, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+        )
+    x = query if module.batch_first else query.transpose(0, 1)  # [B, L, E]
+    n, length, embed = x.shape
+    heads = module.num_heads
+    qkv = product(hooks, PRODUCT, x, module.in_proj_weight, module.in_proj_bias)  # [B, L, 3E]
+    q, k, v = (t.reshape(n, length, heads, embed // heads).transpose(1, 2) for t in qkv.chunk(3, -1))  # [B, H, L, D]
+    causal = is_causal and key_padding_mask is None and not need_weights  # the fused op's own rule
+    mask = None if causal else _additive_mask(attn_mask, key_padding_mask, n, heads, x.dtype)
+    weights = None
+    if need_weights:
+        scores = (q * math.sqrt(1.0 / q.shape[-1])) @ k.transpose(-2, -1)
+        weights = (scores if mask is None else scores + mask).softmax(-1)  # [B, H, L, L]
+        out = weights @ v
+        weights = weights.mean(1) if average_attn_weights else weights
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal)
+    out = module.out_proj(out.transpose(1, 2).reshape(n, length, embed))
+    return (out if module.batch_first else out.transpose(0, 1)), weights
+
+
+def _additive_mask(
+    attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, n: int, heads: int, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Both masks as one additive float mask broadcasting to ``[B, H, L, S]`` (True in a boolean mask: masked)."""
+
+    def additive(mask: torch.Tensor) -> torch.Tensor:
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+        return mask.to(dtype)
+
+    mask = None
+    if attn_mask is not None:  # [L, S] or [B * H, L, S]
+        mask = additive(attn_mask)
+        mask = mask if mask.dim() == 2 else mask.view(n, heads, *mask.shape[1:])
+    if key_padding_mask is not None:  # [B, S]
+        padding = additive(key_padding_mask).view(n, 1, 1, -1)
+        mask = padding if mask is None else mask + padding
+    return mask
