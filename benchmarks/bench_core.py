@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+import bounds
 import real_models
 import torch
 from common import Measurement, begin_bench, captum_loader, fmt, max_rel_diff, measure, print_table
@@ -402,6 +403,15 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
     questions = (("influence", "influence"), ("self", "self-influence"))
     for q, question in questions:
         rows.add(question, "plain backprop (floor)", floors[q], None, None, "not TracIn", floor=floors[q])
+    states = [c.params for c in primary.checkpoints]
+    one = real_models.take(primary.train, 0, 1)
+    first_example = lambda: primary.batch_loss(states[0], one)  # noqa: E731
+    bound, what = influence_bound(primary.model, first_example, primary, floors["influence"], run)
+    rows.add("influence", "floor + pair products", bound, None, None, f"lower bound; {what}", floor=floors["influence"])
+    for q, question in questions:
+        data = [primary.train, primary.test] if q == "influence" else [primary.train]
+        m = run(bounds.forward_only(primary.batch_loss, states, data))
+        rows.add(question, "forward only", m, None, None, "lower bound of any method", floor=floors[q])
     first: dict[str, Measurement] = {}
     for w in forms:
         label = {"batch_loss": "BatchLoss", "example_loss": "ExampleLoss", "criterion": "criterion"}[w.form]
@@ -431,6 +441,19 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
         "Checkpoints are in memory for every row (no file loading). Captum rows are one run."
     )
     return rows, "; ".join(w.describe() for w in forms)
+
+
+def influence_bound(
+    model: nn.Module, run_one_example: Callable[[], Any], w: Any, floor: Measurement, run: Callable[..., Measurement]
+) -> tuple[Measurement, str]:
+    """The floor plus the pair products of the influence matrix (``bounds.pair_products``), as one measurement."""
+    layers = bounds.layer_shapes(model, run_one_example)
+    n_ckpts = len(getattr(w, "checkpoints", None) or w.checkpoint_paths)
+    pairs, what = bounds.pair_products(layers, w.n_test, w.n_train, n_ckpts)
+    m = run(pairs)
+    ratio = (floor.seconds + m.seconds) / floor.seconds
+    note = f"pair GEMMs of {what} {m.seconds:.3f} s: {ratio:.2f} x floor at best"
+    return Measurement(floor.seconds + m.seconds, max(floor.peak_mb, m.peak_mb), None, m.runs), note
 
 
 # ----------------------------------------------------------------------------------------------------- the bench
@@ -536,11 +559,16 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
     )
     rows.add("self-influence", "tracin_func", o_self, o_self, None, "")
     floor = "not TracIn: summed gradients only"
-    rows.add("influence", "plain backprop (floor)", run(backprop_floor(w, device, True)), o_inf, None, floor)
+    floor_inf = run(backprop_floor(w, device, True))
+    rows.add("influence", "plain backprop (floor)", floor_inf, o_inf, None, floor)
     rows.add("self-influence", "plain backprop (floor)", run(backprop_floor(w, device, False)), o_self, None, floor)
+    bound, what = influence_bound(w.model, lambda: w.model(w.x_train[:1].to(device)), w, floor_inf, run)
+    rows.add("influence", "floor + pair products", bound, o_inf, None, f"lower bound; {what}")
     rows.notes.append(
         f"plain backprop (floor) = one ordinary forward / backward per checkpoint over the same examples (batch "
-        f"{FLOOR_BATCH}, summed loss): the least work any exact method does; 'x ours' < 1 shows how close we are."
+        f"{FLOOR_BATCH}, summed loss): the least work any exact method does; 'x ours' < 1 shows how close we are. "
+        f"floor + pair products = the floor plus the influence matrix's inner products alone (bounds.py): no exact "
+        f"influence matrix takes less; its time / the floor's is the best 'x floor' possible here."
     )
 
     if not args.no_captum:

@@ -1,0 +1,121 @@
+"""Lower bounds on the time of any exact TracIn method, measured in the same process as the floor, so that a
+target ratio can be checked against what is physically possible on this machine.
+
+- ``pair_products``: the influence matrix needs, beyond the per-example gradients, one inner product per (test,
+  train) pair and checkpoint. Per layer the cheapest known exact form is either the factored one (``T = 1``:
+  ``(A_test A_train^T) * (G_test G_train^T)``, two GEMMs and a product; ``T^2 (d_in + d_out)`` per pair) or the
+  materialised one (one GEMM of ``d_in d_out`` per pair). This times those GEMMs alone, on random tensors of each
+  layer's shapes, at the cheaper form by flop count (layers whose cheaper form is factored with ``T > 1``, and
+  every other kind of parameter, are left out: leaving work out keeps it a lower bound). ``floor + pair products``
+  then bounds any exact influence matrix from below: it does the floor's forward / backward work (or more) and
+  these inner products.
+- ``forward_only``: one forward pass (no autograd) per checkpoint over the same examples, which every gradient
+  method runs at least once: ``Captum / forward_only`` is the most any method can be faster than Captum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+_BLOCK_ELEMENTS = 1 << 26  # of one block of materialised training gradients (256 MB in float32)
+
+
+class Layer(NamedTuple):
+    name: str
+    rows: int  # T: rows of A / G per example
+    d_in: int  # with the bias, a constant input
+    d_out: int
+
+
+def layer_shapes(model: nn.Module, run_one_example: Callable[[], Any]) -> list[Layer]:
+    """Every Linear-like product of one example's forward (Linear, transformers' Conv1D, Conv1d / Conv2d, the
+    in-projection of nn.MultiheadAttention), with its rows per example, summed over the layer's calls."""
+    found: dict[str, Layer] = {}
+
+    def hook_for(name: str, module: nn.Module) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            x = args[0]
+            if isinstance(mod, nn.MultiheadAttention):
+                rows = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+                d_in, d_out = mod.embed_dim + (mod.in_proj_bias is not None), 3 * mod.embed_dim
+            elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+                out = output
+                rows = math.prod(out.shape[2:]) * out.shape[0]
+                d_in = math.prod(mod.weight.shape[1:]) + (mod.bias is not None)
+                d_out = mod.weight.shape[0]
+                if mod.groups > 1:
+                    return  # grouped: no pair GEMM of this form (left out)
+            else:
+                weight = mod.weight if isinstance(mod, nn.Linear) else mod.weight.t()  # Conv1D: stored [d_in, d_out]
+                rows = x.numel() // x.shape[-1]
+                d_in, d_out = weight.shape[1] + (mod.bias is not None), weight.shape[0]
+            prev = found.get(name)
+            found[name] = Layer(name, rows + (prev.rows if prev else 0), d_in, d_out)
+
+        return hook
+
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
+    handles = [
+        module.register_forward_hook(hook_for(name, module))
+        for name, module in model.named_modules()
+        if isinstance(module, kinds) or type(module).__qualname__ == "Conv1D"
+    ]
+    try:
+        with torch.no_grad():
+            run_one_example()
+    finally:
+        for h in handles:
+            h.remove()
+    return list(found.values())
+
+
+def pair_products(
+    layers: Sequence[Layer], n_test: int, n_train: int, checkpoints: int, dtype: torch.dtype = torch.float32
+) -> tuple[Callable[[], None], str]:
+    """A function running every layer's pair GEMMs once per checkpoint, and a description of what it runs."""
+    gen = torch.Generator().manual_seed(0)
+    work: list[Callable[[], Any]] = []
+    kept = []
+    for layer in layers:
+        factored = layer.rows**2 * (layer.d_in + layer.d_out)
+        materialised = layer.d_in * layer.d_out
+        if factored < materialised and layer.rows > 1:
+            continue  # its cheapest form is a [T, T] kernel per pair: left out (still a lower bound)
+        if factored < materialised:
+            a = [torch.randn(n, layer.d_in, generator=gen, dtype=dtype) for n in (n_test, n_train)]
+            g = [torch.randn(n, layer.d_out, generator=gen, dtype=dtype) for n in (n_test, n_train)]
+            work.append(lambda a=a, g=g: (a[0] @ a[1].T).mul_(g[0] @ g[1].T))
+            kept.append(f"{layer.name} factored")
+        else:
+            block = max(1, min(n_train, _BLOCK_ELEMENTS // materialised))  # training rows per GEMM (bounded memory)
+            t = torch.randn(n_test, materialised, generator=gen, dtype=dtype)
+            r = torch.randn(block, materialised, generator=gen, dtype=dtype)
+            sizes = [min(block, n_train - start) for start in range(0, n_train, block)]
+            work.append(lambda t=t, r=r, sizes=sizes: [t @ r[:m].T for m in sizes])
+            kept.append(f"{layer.name} materialised")
+
+    def run() -> None:
+        for _ in range(checkpoints):
+            for fn in work:
+                fn()
+
+    return run, f"{len(kept)} of {len(layers)} layers"
+
+
+def forward_only(
+    forward: Callable[[Any, Any], Any], states: Sequence[Any], batches: Sequence[Any]
+) -> Callable[[], None]:
+    """``forward(state, batch)`` under ``no_grad`` for every checkpoint state and batch."""
+
+    def run() -> None:
+        with torch.no_grad():
+            for state in states:
+                for batch in batches:
+                    forward(state, batch)
+
+    return run
