@@ -329,6 +329,37 @@ def test_grouped_and_depthwise_convolutions_are_materialised_from_factors(monkey
     assert grouped == {"depthwise", "grouped", "c3"} and not grouped & plan.kernel  # never a factored kernel
 
 
+class Depthwise(nn.Module):
+    """Depthwise convolutions whose weight gradients take both forms: a forward convolution with the output
+    gradient as kernel (many output positions; stride, padding, dilation, 1-d) and sums of shifted windows (at
+    most 4 positions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Conv2d(3, 3, 5, stride=2, padding=2, groups=3)  # 7 x 7 -> 4 x 4
+        self.dilated = nn.Conv2d(3, 3, 3, stride=2, padding=1, dilation=2, groups=3)  # 4 x 4 -> 1 x 1
+        self.strided = nn.Conv2d(3, 3, 3, stride=2, padding=1, groups=3, bias=False)  # 4 x 4 -> 2 x 2
+        self.seq = nn.Conv1d(3, 3, 3, padding=2, dilation=2, groups=3)  # 16 -> 16
+        self.fc = nn.Linear(3 + 12 + 3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.wide(x))
+        parts = [self.dilated(h).flatten(1), torch.tanh(self.strided(h)).flatten(1), self.seq(h.flatten(2)).mean(2)]
+        return self.fc(torch.cat(parts, 1))
+
+
+@pytest.mark.parametrize("chunk", [2, 512])
+def test_depthwise_weight_gradients_in_both_forms(monkeypatch, chunk):
+    from tracin_func import _layers
+
+    monkeypatch.setattr(_layers, "_GROUPED_CONV_CHUNK", chunk)
+    torch.manual_seed(0)
+    model = Depthwise().double().eval()
+    x, y = torch.randn(7, 3, 7, 7, dtype=torch.float64), torch.randint(0, 3, (7,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    assert {s.path for s in _plan(model, (x, y)).sites if s.groups > 1} == {"wide", "dilated", "strided", "seq"}
+
+
 class TiedHead(nn.Module):
     def __init__(self):
         super().__init__()

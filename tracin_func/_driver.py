@@ -223,8 +223,7 @@ def score_blocks(
     """``(offset, scores [n_test, b])`` for each training batch (of this rank): sum over checkpoints of
     lr <test, train>, each term normalised as ``queries`` says; with ``per_layer`` a dict layer -> scores."""
     n_test, module = queries.reps[0].size, setup.spec.module is not None
-    size = queries.batch_size if setup.auto_batch else None
-    for offset, batch in batches(setup, train, "train", desc, start=start, ranks=ranks, batch_size=size):
+    for offset, batch in batches(setup, train, "train", desc, start=start, ranks=ranks, batch_size=queries.batch_size):
         acc: Any = None
         if not per_layer:
             acc = torch.zeros(n_test, batch_size_of(batch, "train"), device=setup.device, dtype=setup.dtype)

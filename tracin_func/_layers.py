@@ -26,6 +26,7 @@ _GROUPED_CONV_MAX_CHANNELS = 4096
 # Examples per grouped call: CNN self-influence on digits (1500 examples, 5 checkpoints) took 0.32-0.46 s in chunks
 # of 512 against 0.46-0.52 s in one call per batch.
 _GROUPED_CONV_CHUNK = 512
+_FEW_POSITIONS = 4  # depthwise outputs this small get their weight gradients as sums of shifted windows
 
 
 Hook = Callable[[Any, tuple[Any, ...], Any], Any]  # forward-hook convention: hook(layer, (input,), output)
@@ -266,7 +267,9 @@ def per_example_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.T
     if site.kind != "conv" or site.weight is None or many_channels:
         return materialize(site, input_rows(module, site, x), output_rows(site, g))
     n = _GROUPED_CONV_CHUNK
-    chunks = [_grouped_weight_grads(module, site, xs, gs) for xs, gs in zip(x.split(n), g.split(n))]
+    depthwise = site.groups == site.weight_shape[0] and site.weight_shape[1] == 1  # one channel in and out per group
+    weight_grads = _depthwise_weight_grads if depthwise else _grouped_weight_grads
+    chunks = [weight_grads(module, site, xs, gs) for xs, gs in zip(x.split(n), g.split(n))]
     out = {site.weight: chunks[0] if len(chunks) == 1 else torch.cat(chunks)}
     if site.bias is not None:
         out[site.bias] = g.flatten(2).sum(2)
@@ -308,6 +311,37 @@ def _grouped_weight_grads(module: nn.Module, site: Site, x: torch.Tensor, g: tor
         groups=b * site.groups,
     )
     return w.view(b, *site.weight_shape)
+
+
+def _depthwise_weight_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[B, *weight_shape]`` of a depthwise convolution: each example and channel's weight gradient correlates its
+    padded input with its output gradient. Computed as a forward convolution with the gradient as the kernel (its
+    taps ``stride`` apart, the layer's dilation as the stride), which is several times faster than the grouped
+    weight gradient on CPU for 5 x 5 kernels; for outputs of at most 4 positions (where that kernel is tiny and
+    slow), as the sum over positions of the shifted input windows weighted by the position's gradient."""
+    kernel, dilation, padding, stride = _conv2d_geometry(module)
+    if isinstance(module, nn.Conv1d):
+        x, g = x.unsqueeze(2), g.unsqueeze(2)
+    b, c, ho, wo = g.shape
+    if ho * wo <= _FEW_POSITIONS:
+        padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        span = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+        out = x.new_zeros(b, c, *kernel)
+        for p in range(ho):
+            for q in range(wo):
+                rows, cols = p * stride[0], q * stride[1]
+                window = padded[:, :, rows : rows + span[0] : dilation[0], cols : cols + span[1] : dilation[1]]
+                out.addcmul_(window, g[:, :, p : p + 1, q : q + 1])
+    else:
+        out = F.conv2d(
+            x.reshape(1, b * c, *x.shape[2:]),
+            g.reshape(b * c, 1, ho, wo),
+            padding=padding,
+            stride=dilation,
+            dilation=stride,
+            groups=b * c,
+        )[..., : kernel[0], : kernel[1]]
+    return out.reshape(b, *site.weight_shape)
 
 
 def materialize(site: Site, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
