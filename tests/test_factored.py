@@ -16,15 +16,17 @@ CE = nn.CrossEntropyLoss()
 
 
 def _ckpts(model, lrs=(0.4, 1.5)):
-    gen = torch.Generator().manual_seed(1)
-    return [
-        tc.Checkpoint(
-            {k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v
-             for k, v in model.state_dict().items()},
-            lr=lr,
-        )
-        for lr in lrs
-    ]  # fmt: skip
+    """Perturbed copies of the model's state; tied names (one tensor under two names) keep one tensor."""
+    gen, ckpts = torch.Generator().manual_seed(1), []
+    for lr in lrs:
+        state, perturbed = model.state_dict(), {}
+        key = {k: (v.data_ptr(), v.shape, v.dtype) for k, v in state.items()}  # tied names: one key
+        for k, v in state.items():
+            if key[k] not in perturbed:
+                noise = 0.3 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else 0
+                perturbed[key[k]] = v + noise
+        ckpts.append(tc.Checkpoint({k: perturbed[key[k]] for k in state}, lr=lr))
+    return ckpts
 
 
 def _assert_paths_agree(model, train, test, loss_fn=CE, **kw):
@@ -376,6 +378,50 @@ def test_last_layer_with_a_tied_weight_names_the_shared_tensor():
     ids, y = torch.randint(0, 10, (4, 3)), torch.randint(0, 10, (4,))
     with pytest.raises(ValueError, match=r"shares its weight 'head.weight' with 'emb.weight'.*params=\['emb.weight'\]"):
         tc.self_influence(model, _ckpts(model), (ids, y), loss_fn=CE, method="last_layer")
+
+
+class TiedEverywhere(nn.Module):
+    """One [V, d] tensor used as an Embedding (with padding), a Linear head, and again as a Linear over the tokens;
+    a second tensor shared by two Linears, one with a bias of its own; T = 6 tokens."""
+
+    def __init__(self, conv1d=None):
+        super().__init__()
+        self.emb = nn.Embedding(40, 16, padding_idx=0)
+        self.head, self.mix = nn.Linear(16, 40, bias=False), nn.Linear(16, 40, bias=False)
+        self.head.weight = self.mix.weight = self.emb.weight
+        self.a, self.b = nn.Linear(40, 40, bias=False), nn.Linear(40, 40)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(40, 3)
+
+    def forward(self, ids):
+        h = torch.tanh(self.emb(ids))  # [B, T, d]
+        h = torch.tanh(self.mix(h))  # [B, T, V]
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(h)))).mean(1) + self.head(h[..., :16].mean(1)))
+
+
+def test_self_influence_keeps_tied_weights_factored_with_the_cross_terms_between_uses():
+    """Self-influence keeps a tied weight as every use's factors (Embedding ids with padding against Linear rows,
+    Linear against Linear) when that is cheaper, exact against the loop reference; a use with a bias of its own
+    keeps the materialised route; influence plans materialise."""
+    torch.manual_seed(0)
+    model = TiedEverywhere().double().eval()
+    ids = torch.randint(0, 40, (7, 6))
+    ids[:, -2:] = 0  # padding tokens
+    data = (ids, torch.randint(0, 3, (7,)))
+    ckpts = _ckpts(model)
+    routes = {r.parameter: r for r in tc.explain(model, ckpts, data, loss_fn=CE, question="self_influence").routes}
+    assert routes["emb.weight"].route == "factored" and routes["emb.weight"].reason.startswith("tied weight, every use")
+    assert routes["a.weight"].route == "materialised"  # b, a use of a.weight, has a bias of its own
+    explained = {r.parameter: r.route for r in tc.explain(model, ckpts, data, loss_fn=CE).routes}
+    assert explained["emb.weight"] == "materialised"
+    ref = reference_scores(model, ckpts, data, loss_fn=CE)
+    for factored in (None, True):
+        got = tc.self_influence(model, ckpts, data, loss_fn=CE, factored=factored, batch_size=4)
+        assert_close(got, ref.self_influence, 1e-12, msg=factored)
+    per_layer = tc.self_influence(model, ckpts, data, loss_fn=CE, per_layer=True)
+    assert_close(sum(per_layer.values()), ref.self_influence, 1e-12)
+    emb_only = reference_scores(model, ckpts, data, loss_fn=CE, params=["emb.weight"]).self_influence
+    assert_close(per_layer["emb"], emb_only, 1e-12)
 
 
 def test_transformers_conv1d_is_a_transposed_linear_site():

@@ -12,7 +12,7 @@ from ._capture import Factors, batched_factors, vmapped_factors
 from ._grads import Mapper, Tensors, dense_grads
 from ._layers import input_rows, materialize, output_rows, per_example_grads
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
-from ._representations import Dense, Factored, Part, Representation
+from ._representations import Dense, Factored, Part, Representation, Tied
 
 if TYPE_CHECKING:
     from ._plan import Plan
@@ -49,7 +49,22 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
                     owned.add(name)
     if dense:
         parts.insert(0, Dense(dense))
-    return Representation(tuple(parts), plan.names)
+    return Representation(_tied_uses_together(parts), plan.names)
+
+
+def _tied_uses_together(parts: list[Part]) -> tuple[Part, ...]:
+    """The kept factors of a tied weight's uses as one ``Tied`` part (at its first use's place)."""
+    uses: dict[str, list[Factored]] = {}
+    for p in parts:
+        if isinstance(p, Factored) and p.site.tied:
+            uses.setdefault(p.site.weight, []).append(p)
+    out: list[Part] = []
+    for p in parts:
+        if not (isinstance(p, Factored) and p.site.tied):
+            out.append(p)
+        elif p is uses[p.site.weight][0]:
+            out.append(Tied(tuple(uses[p.site.weight])))
+    return tuple(out)
 
 
 def _cat(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:

@@ -156,6 +156,8 @@ def make_plan(
             if site.kernel_ok and (factored or _kernel_is_cheaper(site, rows, self_only)):
                 kernel.add(path)  # a kept Embedding is never materialised on the training side (see TokenRows)
             reasons.update({n: _why_site(site, rows, factored, path in kernel, self_only) for n in site.names})
+    if self_only and factored is not False:
+        kernel |= _tied_kept(sites, rows_of, factored, reasons)
     dense = _not_in_sites(names, sites.values())
     if dense:  # vmap(grad) runs anyway: a layer whose gradients would be materialised is cheaper left to it, except
         # a recurrent layer, whose fused op has no batching rule (vmap would fall back to a per-example loop)
@@ -178,6 +180,32 @@ def make_plan(
     if refused:
         return plan._replace(batching=f"vmap(grad) over examples: {refused}")
     return plan._replace(batched=True, batching="one batched forward / backward gives every layer's factors")
+
+
+def _tied_kept(
+    sites: Mapping[str, Site], rows: Mapping[str, int], factored: bool | None, reasons: dict[str, str]
+) -> set[str]:
+    """Paths of tied-weight uses that a self-influence plan keeps as factors (``_representations.Tied``): every use
+    a bias-free Linear or an Embedding, and, for ``factored=None``, the products of all pairs of uses cheaper than
+    materialising each use and the norm of their sum."""
+    groups: dict[str, list[Site]] = {}
+    for site in sites.values():
+        if site.tied and site.path in rows:
+            groups.setdefault(site.weight, []).append(site)
+    kept = set()
+    for weight, uses in groups.items():
+        if any(u.kind not in ("linear", "embedding") or u.bias is not None or u.owner is not None for u in uses):
+            continue
+        r, c = uses[0].weight_shape
+        t = {u.path: rows[u.path] for u in uses}
+        row_width = {(u.path, v.path): r if u.kind == v.kind == "linear" else 1 for u in uses for v in uses}
+        pairs = sum(t[u] * t[v] * (c + width) for (u, v), width in row_width.items())
+        materialised = sum((t[u.path] if u.kind == "linear" else 1) * r * c for u in uses) + r * c
+        if factored or pairs < materialised:
+            kept.update(u.path for u in uses)
+            sign = "" if factored else f": {pairs} < materialising each use and the norm of their sum, {materialised}"
+            reasons[weight] = f"tied weight, every use's factors and the products between uses{sign}"
+    return kept
 
 
 def _example_bytes(kept: Sequence[Site], rows: Mapping[str, int], names: Sequence[str], diff: Tensors) -> int:
@@ -285,7 +313,7 @@ def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
 
 
 def last_layer_params(
-    module: nn.Module, loss: ExampleLossFn, state: Tensors, batch: Any, aliases: frozenset[str]
+    module: nn.Module, loss: ExampleLossFn, state: Tensors, batch: Any, aliases: Mapping[str, str]
 ) -> list[str]:
     """Parameter names of the last ``nn.Linear`` called when computing the loss of the first example of ``batch``.
 
@@ -309,8 +337,7 @@ def last_layer_params(
     names = [prefix + name for name, _ in linears[order[-1]].named_parameters(recurse=False)]
     tied = [n for n in names if n in aliases]
     if tied:
-        shared = {id(p): n for n, p in module.named_parameters()}
-        owner = shared[id(dict(module.named_parameters(remove_duplicate=False))[tied[0]])]
+        owner = aliases[tied[0]]
         raise ValueError(
             f"`method='last_layer'`: the last nn.Linear {order[-1]!r} shares its weight {tied[0]!r} with {owner!r} "
             f"(weight tying), whose gradient sums every use of the shared tensor. Score that tensor exactly with "

@@ -211,7 +211,69 @@ class TokenRows(NamedTuple):
         return TokenRows.build(parts[0].site, offsets[-1], example, token, torch.cat([p.rows for p in parts]))
 
 
-Part = Union[Dense, Factored, TokenRows]
+class Tied(NamedTuple):
+    """A weight shared by several layers (GPT-2's token embedding and ``lm_head``) kept as every use's factors.
+
+    In the shared tensor's ``[R, C]`` layout each use's gradient is ``sum_t row_t col_t^T``: an Embedding's rows are
+    one-hot ids and its columns ``G``; a Linear's rows ``G`` and columns ``A`` (transformers' ``Conv1D``: the other
+    way round). The squared norm of the summed gradient adds every pair of uses, ``sum_{s,t} <row_u[s], row_v[t]>
+    <col_u[s], col_v[t]>``: ``T_u T_v`` products per pair of uses instead of a ``[B, R, C]`` gradient. Kept only by
+    self-influence plans (each gradient meets itself); the other operations go through the materialised sum."""
+
+    uses: tuple[Factored, ...]
+
+    @property
+    def site(self) -> Site:
+        return self.uses[0].site
+
+    def sq_norm(self) -> torch.Tensor:
+        return sum(_tied_kernel(u, v).sum((1, 2)) for u in self.uses for v in self.uses)
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        grads = [use.materialize()[self.site.weight] for use in self.uses]
+        return {self.site.weight: sum(grads[1:], grads[0])}
+
+    def dot(self, other: Tied) -> torch.Tensor:
+        return Dense(self.materialize()).dot(Dense(other.materialize()))
+
+    def project(self, seed: int, k: int) -> torch.Tensor:
+        return sum(use.project(seed, k) for use in self.uses)
+
+    def total(self) -> Tied:
+        return Tied(tuple(use.total() for use in self.uses))
+
+    @staticmethod
+    def concat(parts: Sequence[Tied]) -> Tied:
+        return Tied(tuple(Factored.concat(uses) for uses in zip(*(p.uses for p in parts))))
+
+
+def _rows_and_columns(use: Factored) -> tuple[torch.Tensor, torch.Tensor]:
+    """A use's factors in the shared weight's ``[R, C]`` layout: (rows ``[B, T, R]`` or ids ``[B, T]``, columns)."""
+    if use.site.kind == "embedding" or use.site.transposed:
+        return use.a, use.g
+    return use.g, use.a
+
+
+def _tied_kernel(u: Factored, v: Factored) -> torch.Tensor:
+    """``[B, T_u, T_v]``: ``<row_u[s], row_v[t]> <col_u[s], col_v[t]>`` per example."""
+    (ru, cu), (rv, cv) = _rows_and_columns(u), _rows_and_columns(v)
+    columns = cu @ cv.transpose(1, 2)
+    if ru.dim() == 2 and rv.dim() == 2:  # ids against ids
+        return _same_token(ru[:, :, None], rv[:, None, :]).to(columns.dtype) * columns
+    if ru.dim() == 2:  # ids against rows: the rows' entry at each id
+        return _gathered(rv, ru).transpose(1, 2) * columns
+    if rv.dim() == 2:
+        return _gathered(ru, rv) * columns
+    return (ru @ rv.transpose(1, 2)) * columns
+
+
+def _gathered(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T_rows, T_ids]``: ``rows[b, s, ids[b, t]]``, 0 for padding ids (-1)."""
+    index = ids.clamp(min=0)[:, None, :].expand(-1, rows.shape[1], -1)
+    return torch.gather(rows, 2, index) * (ids >= 0)[:, None, :].to(rows.dtype)
+
+
+Part = Union[Dense, Factored, TokenRows, Tied]
 
 
 class Representation(NamedTuple):
@@ -225,6 +287,8 @@ class Representation(NamedTuple):
         first = self.parts[0]
         if isinstance(first, Dense):
             return next(iter(first.grads.values())).shape[0]
+        if isinstance(first, Tied):
+            first = first.uses[0]
         return first.n if isinstance(first, TokenRows) else first.a.shape[0]
 
     def dot(self, other: Representation) -> torch.Tensor:
