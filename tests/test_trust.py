@@ -782,3 +782,28 @@ def test_7g_sequence_first_layers_are_exact():
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), self_influence)
     with pytest.warns(tc.SlowPathWarning):
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), influence)
+
+
+def test_7h_tied_weights_with_different_values_in_a_checkpoint_are_refused():
+    """A checkpoint whose tied names hold different values (saved from an untied model) cannot be scored: one of
+    them would be dropped silently."""
+
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.emb(ids).mean(1))
+
+    model = TiedHead().eval()
+    data = (torch.randint(0, 10, (4, 3)), torch.randint(0, 10, (4,)))
+    state = dict(model.state_dict())
+    assert_close(tc.self_influence(model, [tc.Checkpoint(state, lr=1.0)], data, loss_fn=CE),
+                 tc.self_influence(model, [tc.Checkpoint({"emb.weight": state["emb.weight"]}, lr=1.0)], data,
+                                   loss_fn=CE), 0)  # fmt: skip
+    untied = {**state, "head.weight": state["head.weight"] + 1}
+    with pytest.raises(ValueError, match=r"`checkpoints\[0\]` holds different values for 'emb.weight' and "
+                                         r"'head.weight', which are one tensor in the model \(tied weights\)"):
+        tc.self_influence(model, [tc.Checkpoint(untied, lr=1.0)], data, loss_fn=CE)

@@ -40,7 +40,7 @@ class ModelSpec(NamedTuple):
     # user's own when a loss calls it directly; None for a pure function
     diff_names: tuple[str, ...]
     expected: frozenset[str] | None  # state-dict names a checkpoint must hold; None for a pure function
-    aliases: frozenset[str]  # tied names (second name of a shared tensor): accepted, not passed on
+    aliases: Mapping[str, str]  # tied names (second name of a shared tensor) -> the first: accepted, not passed on
     defaults: Mapping[str, torch.Tensor]  # the model's own state, used for names a checkpoint omits (strict=False)
 
 
@@ -197,8 +197,8 @@ def model_spec(
         check_no_backward_hooks(model)
         named = dict(model.named_parameters())  # de-duplicated: a tied tensor appears under its first name
         state = model.state_dict(keep_vars=True)
-        param_ids = {id(p) for p in named.values()}
-        aliases = frozenset(n for n, t in state.items() if n not in named and id(t) in param_ids)
+        first_name = {id(p): n for n, p in named.items()}
+        aliases = {n: first_name[id(t)] for n, t in state.items() if n not in named and id(t) in first_name}
         trainable = [n for n, p in named.items() if p.requires_grad]
         diff = select_params(list(named), trainable, params, layers, model)
         module = private_copy(model) if private else model
@@ -212,7 +212,7 @@ def model_spec(
         raise TypeError(f"`model` must be an nn.Module or a function f(params, *inputs), got {type(model).__name__}.")
     floating = [n for n, t in first_params.items() if t.is_floating_point()]
     diff = select_params(list(first_params), floating, params, layers, model)
-    return ModelSpec(model, None, diff, None, frozenset(), {})
+    return ModelSpec(model, None, diff, None, {}, {})
 
 
 def _names(names: list[str], limit: int = 10) -> str:
@@ -265,7 +265,7 @@ def checked_state(
     state = dict(ckpt.params)
     if spec.expected is not None:
         unexpected = sorted(set(state) - spec.expected)
-        missing = sorted(spec.expected - set(state) - spec.aliases)
+        missing = sorted(spec.expected - set(state) - set(spec.aliases))
         if unexpected or (missing and strict):
             fix = "" if unexpected else ", or pass `strict=False` to take missing entries from the model"
             if set(missing) & set(LR_KEYS):
@@ -278,6 +278,13 @@ def checked_state(
                 f"{_names(unexpected)}. Save the model's `state_dict()`{fix}."
             )
         state = {**{n: spec.defaults[n] for n in spec.defaults if n not in state}, **state}
+        for alias, first in spec.aliases.items():
+            if alias in state and state[alias] is not state[first] and not torch.equal(state[alias], state[first]):
+                raise ValueError(
+                    f"`checkpoints[{index}]` holds different values for {first!r} and {alias!r}, which are one "
+                    f"tensor in the model (tied weights): only one could be used. Save the checkpoint from the tied "
+                    f"model (its `state_dict()` holds one tensor under both names), or untie the model's weights."
+                )
         state = {n: t for n, t in state.items() if n not in spec.aliases}
     missing_diff = [n for n in spec.diff_names if n not in state]
     if missing_diff:
