@@ -10,7 +10,7 @@ from torch import nn
 
 from ._capture import Factors, batched_factors, vmapped_factors
 from ._grads import Mapper, Tensors, dense_grads
-from ._layers import input_rows, materialize, output_rows, per_example_grads
+from ._layers import Site, input_rows, materialize, output_rows, per_example_grads, scatter_rows
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
 from ._representations import Dense, Factored, Part, Representation, Tied
 
@@ -26,8 +26,12 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
     parts: list[Part] = []
     dense = dict(dense)
     owned: set[str] = set()  # names whose tensor in ``dense`` was made here, aliasing nothing: safe to add into
-    for site in plan.sites:
+    for site in sorted(plan.sites, key=_scattered_last):
         layer, (xs, gs) = modules.get(site.path), factors[site.path]
+        if site.kind == "embedding" and site.weight in owned and site.path not in plan.kernel:
+            for x, g in zip(xs, gs):  # a tied weight's Embedding use: its rows added into the other uses' gradient
+                scatter_rows(site, input_rows(layer, site, x), output_rows(site, g), dense[site.weight])
+            continue
         if site.path in plan.kernel or site.owner is not None:  # a recurrent product: one call per time step
             a = _cat([input_rows(layer, site, x) for x in xs], dim=1)
             g = _cat([output_rows(site, g) for g in gs], dim=1)
@@ -65,6 +69,12 @@ def _tied_uses_together(parts: list[Part]) -> tuple[Part, ...]:
         elif p is uses[p.site.weight][0]:
             out.append(Tied(tuple(uses[p.site.weight])))
     return tuple(out)
+
+
+def _scattered_last(site: Site) -> bool:
+    """Sort key: a tied weight's Embedding uses after its other uses, so that their rows are scattered into the
+    gradient those made (no zero-filled ``[B, V, d]`` tensor and no second pass to add it)."""
+    return site.tied and site.kind == "embedding"
 
 
 def _cat(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:

@@ -344,15 +344,19 @@ def _depthwise_weight_grads(module: nn.Module, site: Site, x: torch.Tensor, g: t
     return out.reshape(b, *site.weight_shape)
 
 
+def scatter_rows(site: Site, ids: torch.Tensor, g: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """Add an Embedding's per-example gradients (rows ``g`` ``[B, T, d]`` at ``ids`` ``[B, T]``, -1: padding) into
+    ``into`` ``[B, V, d]``, in place."""
+    index = ids.clamp(min=0).unsqueeze(-1).expand_as(g)
+    return into.scatter_add_(1, index, g * (ids >= 0).unsqueeze(-1))
+
+
 def materialize(site: Site, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example gradients ``{name: [B, *shape]}`` from factors ``a`` ``[B, T, ...]`` and ``g`` ``[B, T, d_out]``."""
     out: dict[str, Any] = {}
     if site.kind == "embedding":
-        vocab = site.weight_shape[0]
-        valid = (a >= 0).unsqueeze(-1)
-        index = a.clamp(min=0).unsqueeze(-1).expand_as(g)
-        w = torch.zeros(g.shape[0], vocab, g.shape[-1], dtype=g.dtype, device=g.device)
-        out[site.weight] = w.scatter_add_(1, index, g * valid)  # in place: ``w`` is ours, no [B, V, d] copy
+        w = torch.zeros(g.shape[0], site.weight_shape[0], g.shape[-1], dtype=g.dtype, device=g.device)
+        out[site.weight] = scatter_rows(site, a, g, w)
         return out
     if site.weight is not None:
         spec = "bti,bto->bio" if site.transposed else "bti,bto->boi"
