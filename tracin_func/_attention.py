@@ -77,6 +77,7 @@ def attention_forward(
     """``module``'s forward with the in-projection a hooked product and ``out_proj`` called as a module; the
     fused op on anything but batched self-attention (or an ``is_causal`` hint without a mask, which it refuses)."""
     self_attention = query is key and key is value and isinstance(query, torch.Tensor) and query.dim() == 3
+    self_attention = self_attention and not query.is_nested
     if not self_attention or (is_causal and attn_mask is None):
         return type(module).forward(
             module, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
