@@ -40,9 +40,11 @@ def layer_shapes(model: nn.Module, run_one_example: Callable[[], Any]) -> list[L
     def hook_for(name: str, module: nn.Module) -> Callable[..., None]:
         def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             x = args[0]
-            if isinstance(mod, nn.MultiheadAttention):
+            if isinstance(mod, nn.MultiheadAttention):  # the in-projection, and out_proj (used by the fused op)
                 rows = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
                 d_in, d_out = mod.embed_dim + (mod.in_proj_bias is not None), 3 * mod.embed_dim
+                out_bias = mod.out_proj.bias is not None
+                found[f"{name}.out_proj"] = Layer(f"{name}.out_proj", rows, mod.embed_dim + out_bias, mod.embed_dim)
             elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
                 out = output
                 rows = math.prod(out.shape[2:]) * out.shape[0]
@@ -66,8 +68,7 @@ def layer_shapes(model: nn.Module, run_one_example: Callable[[], Any]) -> list[L
         if isinstance(module, kinds) or type(module).__qualname__ == "Conv1D"
     ]
     try:
-        with torch.no_grad():
-            run_one_example()
+        run_one_example()  # with autograd on: nn.Transformer* layers would otherwise take a fused path, no calls
     finally:
         for h in handles:
             h.remove()
