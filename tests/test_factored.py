@@ -316,21 +316,6 @@ class GroupedConvs(nn.Module):
         return self.fc(torch.tanh(self.c3(h.flatten(2))).mean(2))
 
 
-@pytest.mark.parametrize("chunk", [2, 512])
-def test_grouped_and_depthwise_convolutions_are_materialised_from_factors(monkeypatch, chunk):
-    from tracin_func import _layers
-
-    monkeypatch.setattr(_layers, "_GROUPED_CONV_CHUNK", chunk)
-    torch.manual_seed(0)
-    model = GroupedConvs().double().eval()
-    x, y = torch.randn(9, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
-    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
-    plan = _plan(model, (x, y))
-    assert plan.batched and not plan.dense  # every layer gives factors: one batched pass
-    grouped = {s.path for s in plan.sites if s.groups > 1}
-    assert grouped == {"depthwise", "grouped", "c3"} and not grouped & plan.kernel  # never a factored kernel
-
-
 class Depthwise(nn.Module):
     """Depthwise convolutions whose weight gradients take both forms: a forward convolution with the output
     gradient as kernel (many output positions; stride, padding, dilation, 1-d) and sums of shifted windows (at
@@ -350,16 +335,26 @@ class Depthwise(nn.Module):
         return self.fc(torch.cat(parts, 1))
 
 
-@pytest.mark.parametrize("chunk", [2, 512])
-def test_depthwise_weight_gradients_in_both_forms(monkeypatch, chunk):
+@pytest.mark.parametrize("chunk", [2, 512])  # grouped per-example weight gradients in several calls, or one
+@pytest.mark.parametrize(
+    "make,shape,grouped",
+    [
+        (GroupedConvs, (9, 2, 5, 5), {"depthwise", "grouped", "c3"}),
+        (Depthwise, (7, 3, 7, 7), {"wide", "dilated", "strided", "seq"}),
+    ],
+)
+def test_grouped_and_depthwise_convolutions_are_materialised_from_factors(monkeypatch, chunk, make, shape, grouped):
     from tracin_func import _layers
 
     monkeypatch.setattr(_layers, "_GROUPED_CONV_CHUNK", chunk)
     torch.manual_seed(0)
-    model = Depthwise().double().eval()
-    x, y = torch.randn(7, 3, 7, 7, dtype=torch.float64), torch.randint(0, 3, (7,))
+    model = make().double().eval()
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
     _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
-    assert {s.path for s in _plan(model, (x, y)).sites if s.groups > 1} == {"wide", "dilated", "strided", "seq"}
+    plan = _plan(model, (x, y))
+    assert plan.batched and not plan.dense  # every layer gives factors: one batched pass
+    got = {s.path for s in plan.sites if s.groups > 1}
+    assert got == grouped and not got & plan.kernel  # never a factored kernel
 
 
 class TiedHead(nn.Module):
