@@ -209,10 +209,11 @@ def _tied_kept(
 
 
 def _example_bytes(kept: Sequence[Site], rows: Mapping[str, int], names: Sequence[str], diff: Tensors) -> int:
-    """Bytes of one example's representation: ``T (d_in + d_out)`` factor entries per kept site, a per-sample
-    gradient of every other parameter."""
+    """Bytes of one example's representation: ``T (d_in + d_out)`` factor entries per kept site (``T (1 + d)`` for
+    an Embedding: an id and an output gradient row), a per-sample gradient of every other parameter."""
     kept_names = {n for site in kept for n in site.names}
-    factors = sum(rows[site.path] * sum(_widths(site)) for site in kept)
+    widths = [1 + site.weight_shape[-1] if site.kind == "embedding" else sum(_widths(site)) for site in kept]
+    factors = sum(rows[site.path] * width for site, width in zip(kept, widths))
     per_sample = sum(diff[n].numel() for n in names if n not in kept_names)
     return (factors + per_sample) * next(iter(diff.values())).element_size() if diff else 0
 
