@@ -8,7 +8,7 @@ removed in ``finally`` blocks. Two ways to run them:
   ``tc.BatchLoss`` giving every example's loss (planning checked on the first examples that batching does not
   change them);
 - vmapped: ``vmap(grad)`` over examples, differentiating the probes and, in the same pass, the parameters of
-  other layers (attention in-projections, custom layers) densely.
+  other layers (custom layers, cross-attention) densely.
 """
 
 from __future__ import annotations
