@@ -549,3 +549,37 @@ def test_the_automatic_batch_size_follows_the_plan(as_dataset):
     got = tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(losses))
     assert [s for s in sizes if s > 4] == [16, 84]  # planning runs the first examples alone and the first 4 together
     assert_close(got, tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(losses), batch_size=7), 1e-5)
+
+
+class PositionsAndWords(nn.Module):
+    """Word and position embeddings (positions 0..T-1 in every example, like BERT's), summed, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.words, self.positions = nn.Embedding(500, 6, padding_idx=0), nn.Embedding(64, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+        return self.head(torch.tanh(self.words(ids) + self.positions(positions)).mean(1))
+
+
+def test_token_rows_are_kept_where_ids_rarely_recur_across_examples():
+    """V >= 8 T for both Embeddings; the influence plan looks at the ids of the first examples: positions match T
+    times per pair of examples (materialised), words rarely (token rows); self-influence keeps both factored."""
+    torch.manual_seed(0)
+    model = PositionsAndWords().double().eval()
+    ids = torch.randint(1, 500, (9, 8))
+    ids[:, -2:] = 0  # padding matches nothing
+    data, ckpts = (ids, torch.randint(0, 3, (9,))), _ckpts(model)
+    routes = {r.parameter: (r.route, r.reason) for r in tc.explain(model, ckpts, data, loss_fn=CE).routes}
+    assert routes["positions.weight"] == (
+        "materialised", "Embedding: 8.0 equal ids per pair of the first examples: 16 x 8.0 >= V = 64, materialising "
+        "costs less"
+    )  # fmt: skip
+    assert routes["words.weight"][0] == "factored" and "token rows" in routes["words.weight"][1]
+    plan = tc.explain(model, ckpts, data, loss_fn=CE, question="self_influence")
+    assert {r.parameter: r.route for r in plan.routes}["positions.weight"] == "factored"
+    ref = reference_scores(model, ckpts, data, data, loss_fn=CE)
+    assert_close(tc.influence(model, ckpts, data, data, loss_fn=CE, batch_size=4), ref.influence, 1e-12)
+    assert_close(tc.self_influence(model, ckpts, data, loss_fn=CE, batch_size=4), ref.self_influence, 1e-12)
