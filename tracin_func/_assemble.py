@@ -30,7 +30,7 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
         layer, (xs, gs) = modules.get(site.path), factors[site.path]
         if site.kind == "embedding" and site.weight in owned and site.path not in plan.kernel:
             for x, g in zip(xs, gs):  # a tied weight's Embedding use: its rows added into the other uses' gradient
-                scatter_rows(site, input_rows(layer, site, x), output_rows(site, g), dense[site.weight])
+                scatter_rows(input_rows(layer, site, x), output_rows(site, g), dense[site.weight])
             continue
         if site.path in plan.kernel or site.owner is not None:  # a recurrent product: one call per time step
             a = _cat([input_rows(layer, site, x) for x in xs], dim=1)

@@ -344,7 +344,7 @@ def _depthwise_weight_grads(module: nn.Module, site: Site, x: torch.Tensor, g: t
     return out.reshape(b, *site.weight_shape)
 
 
-def scatter_rows(site: Site, ids: torch.Tensor, g: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+def scatter_rows(ids: torch.Tensor, g: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
     """Add an Embedding's per-example gradients (rows ``g`` ``[B, T, d]`` at ``ids`` ``[B, T]``, -1: padding) into
     ``into`` ``[B, V, d]``, in place."""
     index = ids.clamp(min=0).unsqueeze(-1).expand_as(g)
@@ -356,7 +356,7 @@ def materialize(site: Site, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch
     out: dict[str, Any] = {}
     if site.kind == "embedding":
         w = torch.zeros(g.shape[0], site.weight_shape[0], g.shape[-1], dtype=g.dtype, device=g.device)
-        out[site.weight] = scatter_rows(site, a, g, w)
+        out[site.weight] = scatter_rows(a, g, w)
         return out
     if site.weight is not None:
         spec = "bti,bto->bio" if site.transposed else "bti,bto->boi"
