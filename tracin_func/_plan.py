@@ -186,7 +186,8 @@ def make_plan(
     for site in plan.sites:  # token rows pay per matching pair of tokens: check how often the ids really recur
         if site.kind != "embedding" or site.path not in kernel:
             continue
-        matches = _matches_per_pair(torch.cat([input_rows(modules[site.path], site, x) for x in seen[site.path]], 1))
+        ids = torch.cat([input_rows(modules[site.path], site, x) for x in seen[site.path]], 1)
+        matches = _matches_per_pair(ids, site.weight_shape[0])
         kept = _TOKEN_MATCH_COST * matches < site.weight_shape[0]
         if not kept:
             kernel.discard(site.path)
@@ -201,13 +202,17 @@ def make_plan(
 _TOKEN_MATCH_COST = 16
 
 
-def _matches_per_pair(ids: torch.Tensor) -> float:
-    """Mean number of equal (non-padding) ids between two different examples of ``ids`` ``[n, T]``."""
+def _matches_per_pair(ids: torch.Tensor, vocab: int) -> float:
+    """Mean number of equal (non-padding) id pairs between two different examples of ``ids`` ``[n, T]``, from
+    per-example id counts (``[n, V]``: no ``[n, n, T, T]`` comparison for long sequences)."""
     n = ids.shape[0]
     if n < 2:
         return 0.0
-    a, b = ids[:, None, :, None], ids[None, :, None, :]
-    equal = ((a == b) & (a >= 0)).sum((2, 3))  # padding (-1) matches nothing
+    valid = ids >= 0  # padding (-1) matches nothing
+    rows = torch.arange(n, device=ids.device)[:, None].expand_as(ids)[valid]
+    counts = torch.zeros(n, vocab, dtype=torch.float64, device=ids.device)
+    counts.index_put_((rows, ids[valid]), torch.ones_like(rows, dtype=torch.float64), accumulate=True)
+    equal = counts @ counts.T  # [n, n]: sum over ids of count_i(v) count_j(v)
     return float((equal.sum() - equal.diagonal().sum()) / (n * (n - 1)))
 
 
