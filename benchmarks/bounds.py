@@ -37,27 +37,24 @@ def layer_shapes(model: nn.Module, run_one_example: Callable[[], Any]) -> list[L
     in-projection of nn.MultiheadAttention), with its rows per example, summed over the layer's calls."""
     found: dict[str, Layer] = {}
 
+    def add(name: str, rows: int, d_in: int, d_out: int) -> None:  # a layer called again adds its rows
+        prev = found.get(name)
+        found[name] = Layer(name, rows + (prev.rows if prev else 0), d_in, d_out)
+
     def hook_for(name: str, module: nn.Module) -> Callable[..., None]:
         def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             x = args[0]
             if isinstance(mod, nn.MultiheadAttention):  # the in-projection, and out_proj (used by the fused op)
                 rows = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
-                d_in, d_out = mod.embed_dim + (mod.in_proj_bias is not None), 3 * mod.embed_dim
-                out_bias = mod.out_proj.bias is not None
-                found[f"{name}.out_proj"] = Layer(f"{name}.out_proj", rows, mod.embed_dim + out_bias, mod.embed_dim)
+                add(name, rows, mod.embed_dim + (mod.in_proj_bias is not None), 3 * mod.embed_dim)
+                add(f"{name}.out_proj", rows, mod.embed_dim + (mod.out_proj.bias is not None), mod.embed_dim)
             elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-                out = output
-                rows = math.prod(out.shape[2:]) * out.shape[0]
-                d_in = math.prod(mod.weight.shape[1:]) + (mod.bias is not None)
-                d_out = mod.weight.shape[0]
-                if mod.groups > 1:
-                    return  # grouped: no pair GEMM of this form (left out)
+                if mod.groups == 1:  # grouped: no pair GEMM of this form (left out)
+                    rows = math.prod(output.shape[2:]) * output.shape[0]
+                    add(name, rows, math.prod(mod.weight.shape[1:]) + (mod.bias is not None), mod.weight.shape[0])
             else:
                 weight = mod.weight if isinstance(mod, nn.Linear) else mod.weight.t()  # Conv1D: stored [d_in, d_out]
-                rows = x.numel() // x.shape[-1]
-                d_in, d_out = weight.shape[1] + (mod.bias is not None), weight.shape[0]
-            prev = found.get(name)
-            found[name] = Layer(name, rows + (prev.rows if prev else 0), d_in, d_out)
+                add(name, x.numel() // x.shape[-1], weight.shape[1] + (mod.bias is not None), weight.shape[0])
 
         return hook
 
