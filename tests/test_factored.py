@@ -147,6 +147,36 @@ def test_token_rows_match_materialised_embedding_gradients(monkeypatch, block):
     assert rows.n == 5 and rows.total().n == 1
 
 
+def test_materialised_embedding_rows_match_full_gradients():
+    """``Rows`` keeps an Embedding's gradients on the ids its batch uses: every operation equals the full
+    ``[B, V, d]`` gradients' across batches with the same, overlapping and disjoint ids (and padding)."""
+    from tracin_func import _representations as _reps
+    from tracin_func._layers import Site
+
+    gen = torch.Generator().manual_seed(0)
+    site = Site("emb", "embedding", "emb.weight", None, (9, 3))
+
+    def part(n, t, low, high):  # ids in [low, high), -1 padding
+        ids = torch.randint(low, high, (n, t), generator=gen)
+        ids[0, -1] = -1
+        return _reps.Factored(site, ids, torch.randn(n, t, 3, generator=gen, dtype=torch.float64))
+
+    flat = lambda p: p.materialize()["emb.weight"].flatten(1)  # noqa: E731
+    a, b, c = part(4, 5, 0, 5), part(3, 4, 3, 9), part(2, 3, 6, 9)  # a, b overlap; a, c disjoint
+    rows = {k: _reps.Rows.of(site, p.a, p.g) for k, p in dict(a=a, b=b, c=c).items()}
+    assert rows["c"].ids.tolist() == sorted(set(c.a[c.a >= 0].tolist()))
+    for p, r in zip((a, b, c), rows.values()):
+        torch.testing.assert_close(flat(r), flat(p), rtol=0, atol=0)
+        torch.testing.assert_close(r.sq_norm(), flat(p).square().sum(1), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(r.total().materialize(), p.total().materialize(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(r.project(3, 4), p.project(3, 4), rtol=1e-12, atol=1e-12)
+        for q, s in zip((a, b, c), rows.values()):
+            torch.testing.assert_close(r.dot(s), flat(p) @ flat(q).T, rtol=1e-12, atol=1e-12)
+    joined = _reps.Rows.concat(list(rows.values()))
+    torch.testing.assert_close(flat(joined), torch.cat([flat(a), flat(b), flat(c)]), rtol=0, atol=0)
+    assert torch.equal(rows["a"].dot(rows["c"]), torch.zeros(4, 2, dtype=torch.float64))
+
+
 def test_sequence_inputs_and_a_bias_only_layer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()

@@ -12,7 +12,7 @@ from ._capture import Factors, batched_factors, vmapped_factors
 from ._grads import Mapper, Tensors, dense_grads
 from ._layers import Site, input_rows, materialize, output_rows, per_example_grads, scatter_rows
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
-from ._representations import Dense, Factored, Part, Representation, Tied
+from ._representations import Dense, Factored, Part, Representation, Rows, Tied
 
 if TYPE_CHECKING:
     from ._plan import Plan
@@ -21,7 +21,8 @@ RepresentationFn = Callable[[Tensors, Tensors, Any], Representation]  # (diff, f
 
 
 def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], factors: Factors) -> Representation:
-    """Kernel sites become factored parts; the other sites are materialised next to the dense gradients."""
+    """Kernel sites become factored parts, other Embeddings the rows their ids touch; the other sites are
+    materialised next to the dense gradients."""
     modules = dict(module.named_modules())
     parts: list[Part] = []
     dense = dict(dense)
@@ -32,11 +33,12 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
             for x, g in zip(xs, gs):  # a tied weight's Embedding use: its rows added into the other uses' gradient
                 scatter_rows(input_rows(layer, site, x), output_rows(site, g), dense[site.weight])
             continue
-        if site.path in plan.kernel or site.owner is not None:  # a recurrent product: one call per time step
-            a = _cat([input_rows(layer, site, x) for x in xs], dim=1)
+        rows_kept = site.kind == "embedding" and not site.tied  # materialised on the rows its ids touch only
+        if site.path in plan.kernel or site.owner is not None or rows_kept:  # owner: a recurrent product
+            a = _cat([input_rows(layer, site, x) for x in xs], dim=1)  # every call (time step) at once
             g = _cat([output_rows(site, g) for g in gs], dim=1)
-            if site.path in plan.kernel:
-                parts.append(Factored(site, a, g))
+            if site.path in plan.kernel or rows_kept:
+                parts.append(Factored(site, a, g) if site.path in plan.kernel else Rows.of(site, a, g))
                 continue
             grads = [materialize(site, a, g)]  # every step's rows at once
         else:

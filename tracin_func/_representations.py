@@ -8,6 +8,8 @@ sum over examples, B = 1) and ``concat([a, b, ...])`` along examples.
 - ``Factored``: a Linear / Conv / Embedding layer kept as input rows ``A`` and output gradients ``G``; inner
   products are exact without forming any per-sample gradient: ``<g_i, g_j> = sum((A_i A_j^T) * (G_i G_j^T))``.
 - ``TokenRows``: an Embedding's test-side gradients as their non-zero rows, matched to training tokens by id.
+- ``Rows``: an Embedding's materialised gradients on the rows its batch's ids touch.
+- ``Tied``: a weight shared by several layers, kept as every use's factors.
 - ``Representation``: the parts of one batch, summed.
 """
 
@@ -19,7 +21,7 @@ from typing import NamedTuple, Union
 import torch
 import torch.nn.functional as F
 
-from ._layers import Site, materialize
+from ._layers import Site, materialize, scatter_rows
 from ._projection import project_grad, project_outer, project_vector
 
 _PAIR_BLOCK = 1 << 22  # elements of the [rows, m, T, S] kernel formed at once by Factored.dot
@@ -211,6 +213,56 @@ class TokenRows(NamedTuple):
         return TokenRows.build(parts[0].site, offsets[-1], example, token, torch.cat([p.rows for p in parts]))
 
 
+class Rows(NamedTuple):
+    """An Embedding's materialised per-example gradients on the rows its batch's ids touch: ``ids`` ``[U]``
+    (sorted), ``g`` ``[B, U, d]``; every other row is zero for every example. Two batches' gradients meet only on
+    their common ids, so a table much larger than the ids in use (BERT's 512 positions, 32 used) costs ``U d`` per
+    example and pair instead of ``V d``, and no zero-filled ``[B, V, d]`` tensor is ever written."""
+
+    site: Site
+    ids: torch.Tensor  # [U]
+    g: torch.Tensor  # [B, U, d]
+
+    @staticmethod
+    @torch.compiler.disable  # sizes depend on the token ids: run eagerly inside compiled updates
+    def of(site: Site, ids: torch.Tensor, g: torch.Tensor) -> Rows:
+        """From factors: ``ids`` ``[B, T]`` (-1: padding) and output gradients ``g`` ``[B, T, d]``."""
+        seen = torch.unique(ids[ids >= 0])
+        slot = torch.where(ids >= 0, torch.searchsorted(seen, ids.contiguous()), -1)
+        return Rows(site, seen, scatter_rows(slot, g, g.new_zeros(g.shape[0], seen.shape[0], g.shape[-1])))
+
+    @torch.compiler.disable
+    def dot(self, other: Rows) -> torch.Tensor:
+        if torch.equal(self.ids, other.ids):  # e.g. positions: every batch uses the same
+            return _rows(self.g) @ _rows(other.g).T
+        mine, theirs = torch.isin(self.ids, other.ids), torch.isin(other.ids, self.ids)  # common ids, both sorted
+        return _rows(self.g[:, mine]) @ _rows(other.g[:, theirs]).T
+
+    def sq_norm(self) -> torch.Tensor:
+        return _rows(self.g).square().sum(1)
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        w = self.g.new_zeros(self.g.shape[0], *self.site.weight_shape)
+        w[:, self.ids] = self.g
+        return {self.site.weight: w}
+
+    def project(self, seed: int, k: int) -> torch.Tensor:
+        return project_grad(self.site.weight, self.materialize()[self.site.weight], seed, k)
+
+    def total(self) -> Rows:
+        return Rows(self.site, self.ids, self.g.sum(0, keepdim=True))
+
+    @staticmethod
+    def concat(parts: Sequence[Rows]) -> Rows:
+        ids = torch.unique(torch.cat([p.ids for p in parts]))
+        g = parts[0].g.new_zeros(sum(p.g.shape[0] for p in parts), ids.shape[0], parts[0].g.shape[-1])
+        start = 0
+        for p in parts:
+            g[start : start + p.g.shape[0], torch.searchsorted(ids, p.ids)] = p.g
+            start += p.g.shape[0]
+        return Rows(parts[0].site, ids, g)
+
+
 class Tied(NamedTuple):
     """A weight shared by several layers (GPT-2's token embedding and ``lm_head``) kept as every use's factors.
 
@@ -273,7 +325,7 @@ def _gathered(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(rows, 2, index) * (ids >= 0)[:, None, :].to(rows.dtype)
 
 
-Part = Union[Dense, Factored, TokenRows, Tied]
+Part = Union[Dense, Factored, TokenRows, Tied, Rows]
 
 
 class Representation(NamedTuple):
@@ -289,6 +341,8 @@ class Representation(NamedTuple):
             return next(iter(first.grads.values())).shape[0]
         if isinstance(first, Tied):
             first = first.uses[0]
+        if isinstance(first, Rows):
+            return first.g.shape[0]
         return first.n if isinstance(first, TokenRows) else first.a.shape[0]
 
     def dot(self, other: Representation) -> torch.Tensor:
