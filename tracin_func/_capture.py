@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Union
 import optree
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import grad
 
 from ._grads import Mapper, Tensors, batch_of_one, example_at, scalar_loss
@@ -87,18 +88,22 @@ def batched_factors(
     """
     n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
     inputs: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
-    probes: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
+    # per call: (a tensor shaped like the output gradient, what autograd differentiates: a probe or the output's edge)
+    outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor | GradientEdge]]] = {s.path: [] for s in plan.sites}
 
     def hook_for(site: Site) -> Hook:
-        def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
+        def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
             x = recorded_input(layer, site, args[0]).detach()
-            if n > 1 and output.dim() > 1 and x.dim() > 1 and output.shape[0] == 1 and x.shape[0] == 1:
-                x = x.expand(n, *x.shape[1:])  # one row for the whole batch: each example's copy of it
-                probe = output.new_zeros((n, *output.shape[1:])).requires_grad_()
-            else:
-                probe = torch.zeros_like(output, requires_grad=True)
             inputs[site.path].append(x)
-            probes[site.path].append(probe)
+            if n > 1 and output.dim() > 1 and x.dim() > 1 and output.shape[0] == 1 and x.shape[0] == 1:
+                inputs[site.path][-1] = x.expand(n, *x.shape[1:])  # one row for the whole batch: each example's
+                probe = output.new_zeros((n, *output.shape[1:])).requires_grad_()  # copy of it, and of its gradient
+            elif output.requires_grad:  # its gradient where autograd passes it (before any later in-place change)
+                outputs[site.path].append((output, get_gradient_edge(output)))
+                return None
+            else:  # nothing before it needs gradients (the first layer): a zero probe adds the entry point
+                probe = torch.zeros_like(output, requires_grad=True)
+            outputs[site.path].append((probe, probe))
             return output + probe
 
         return hook
@@ -118,10 +123,10 @@ def batched_factors(
             total = summed_example_losses(loss.criterion, output, target)
             if total is None:
                 total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
-        flat = [p for s in plan.sites for p in probes[s.path]]
-        grads = torch.autograd.grad(total, flat, allow_unused=True)
-    grads = iter(torch.zeros_like(p) if g is None else g for g, p in zip(grads, flat))
-    return {s.path: (inputs[s.path], [next(grads) for _ in probes[s.path]]) for s in plan.sites}
+        flat = [o for s in plan.sites for o in outputs[s.path]]
+        grads = torch.autograd.grad(total, [edge for _, edge in flat], allow_unused=True)
+    grads = iter(torch.zeros_like(like) if g is None else g for g, (like, _) in zip(grads, flat))
+    return {s.path: (inputs[s.path], [next(grads) for _ in outputs[s.path]]) for s in plan.sites}
 
 
 def vmapped_factors(
