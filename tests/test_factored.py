@@ -206,16 +206,19 @@ class DirectUse(nn.Module):
 
 
 class MixesExamples(nn.Module):
-    """Centers over the batch: batching changes every example, so the batched path must not be used."""
+    """Centers over the batch, or over all examples but the first (which then gets the same factors in a batch as
+    alone): the batched path must not be used."""
 
-    def __init__(self):
+    def __init__(self, all_but_first=False):
         super().__init__()
         self.a = nn.Linear(4, 5)
         self.b = nn.Linear(5, 3)
+        self.all_but_first = all_but_first
 
     def forward(self, x):
         h = torch.tanh(self.a(x))
-        return self.b(h - h.mean(0, keepdim=True))
+        mixed = int(self.all_but_first)
+        return self.b(torch.cat([h[:mixed], h[mixed:] - h[mixed:].mean(0, keepdim=True)]))
 
 
 def _plan(model, batch, loss_fn=CE, **kw):
@@ -309,10 +312,14 @@ def test_a_regulariser_in_the_loss_falls_back_to_vmap():
     assert [s.path for s in plan.sites] == ["0"] and "2.weight" in plan.dense
 
 
-def test_models_that_mix_examples_are_not_batched():
+@pytest.mark.parametrize("all_but_first", [False, True], ids=["all", "all-but-first"])
+@pytest.mark.parametrize("equal_first", [False, True])  # the first three examples equal: only the fourth differs
+def test_models_that_mix_examples_are_not_batched(all_but_first, equal_first):
     torch.manual_seed(0)
-    model = MixesExamples().double().eval()
+    model = MixesExamples(all_but_first).double().eval()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    if equal_first:
+        x[1:3], y[1:3] = x[0], y[0]
     _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
     assert not _plan(model, (x, y)).batched
     assert _plan(nn.Sequential(nn.Linear(4, 3)).double().eval(), (x, y)).batched
