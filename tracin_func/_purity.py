@@ -9,6 +9,7 @@ The same run turns deep torch errors about outputs and dtypes into messages that
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -33,11 +34,17 @@ def _bound(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[
     return {**defaults, **{a.name: v for a, v in zip(schema, args)}, **kwargs}
 
 
-def _draws_random(func: Any, values: Mapping[str, Any]) -> bool:
-    """Seeded random ops, except those a zero probability or ``train=False`` makes deterministic (the attention
-    kernels carry the tag whatever their ``dropout_p``)."""
-    if torch.Tag.nondeterministic_seeded not in func.tags:
-        return False
+@functools.cache
+def _inspected(func: Any) -> tuple[bool, tuple[str, ...]]:
+    """Whether an op may draw random numbers, and the names of the arguments it writes (per op, once: most ops
+    are neither, and pass the watch without their arguments being bound)."""
+    written = tuple(a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write)
+    return torch.Tag.nondeterministic_seeded in func.tags, written
+
+
+def _draws_random(values: Mapping[str, Any]) -> bool:
+    """A seeded random op's arguments: deterministic when a zero probability or ``train=False`` makes it so (the
+    attention kernels carry the tag whatever their ``dropout_p``)."""
     if any(isinstance(values.get(key), (int, float)) and values[key] == 0 for key in ("dropout_p", "p")):
         return False
     return values.get("train") is not False
@@ -52,17 +59,19 @@ class _Watch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        values = _bound(func, args, kwargs)
-        if _draws_random(func, values):
-            self._refuse(f"draws random numbers ({func}), so its scores would be random")
-        for arg in func._schema.arguments:
-            if arg.alias_info is None or not arg.alias_info.is_write:
-                continue
-            written = values.get(arg.name)
-            for t in written if isinstance(written, (list, tuple)) else [written]:
-                name = self.protected.get(_storage(t)) if isinstance(t, torch.Tensor) else None
-                if name is not None:
-                    self._refuse(f"writes into {name} ({func}), which would change it and make scores depend on order")
+        seeded, writes = _inspected(func)
+        if seeded or writes:
+            values = _bound(func, args, kwargs)
+            if seeded and _draws_random(values):
+                self._refuse(f"draws random numbers ({func}), so its scores would be random")
+            for name in writes:
+                written = values.get(name)
+                for t in written if isinstance(written, (list, tuple)) else [written]:
+                    target = self.protected.get(_storage(t)) if isinstance(t, torch.Tensor) else None
+                    if target is not None:
+                        self._refuse(
+                            f"writes into {target} ({func}), which would change it and make scores depend on order"
+                        )
         return func(*args, **kwargs)
 
     def _refuse(self, what: str) -> None:
