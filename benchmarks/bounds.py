@@ -9,6 +9,11 @@ target ratio can be checked against what is physically possible on this machine.
   every other kind of parameter, are left out: leaving work out keeps it a lower bound). ``floor + pair products``
   then bounds any exact influence matrix from below: it does the floor's forward / backward work (or more) and
   these inner products.
+- ``per_example_gradients``: the layers whose pair products are materialised need each example's gradient
+  ``G_i^T A_i`` (``T`` rows per example), where the floor forms one summed weight gradient ``G^T A`` over all rows.
+  Same flops, but as batched small GEMMs (``K = T``) against one large GEMM; this times both on random tensors of
+  those layers' shapes. Their difference estimates what materialising costs beyond the floor (not a bound: the
+  floor's parameter gradients cost it more than these GEMMs alone).
 - ``forward_only``: one forward pass (no autograd) per checkpoint over the same examples, which every gradient
   method runs at least once: ``Captum / forward_only`` is the most any method can be faster than Captum.
 """
@@ -103,6 +108,39 @@ def pair_products(
                 fn()
 
     return run, f"{len(kept)} of {len(layers)} layers"
+
+
+def per_example_gradients(
+    layers: Sequence[Layer], n_examples: int, checkpoints: int, dtype: torch.dtype = torch.float32
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(batched, summed)``: every materialised layer's (as ``pair_products`` chooses) per-example weight gradients
+    ``G_i^T A_i`` for ``n_examples`` examples per checkpoint as one batched GEMM per block of examples, and the same
+    rows' summed gradient ``G^T A`` as one GEMM per block (the floor's weight gradient)."""
+    gen = torch.Generator().manual_seed(0)
+    work: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
+    for layer in layers:
+        factored = layer.rows**2 * (layer.d_in + layer.d_out)
+        materialised = layer.d_in * layer.d_out
+        if factored < materialised or layer.rows == 1:
+            continue  # factored (no per-example gradient), or one row per example: the floor's GEMM is the same
+        block = max(1, min(n_examples, _BLOCK_ELEMENTS // materialised))
+        a = torch.randn(block, layer.rows, layer.d_in, generator=gen, dtype=dtype)
+        g = torch.randn(block, layer.rows, layer.d_out, generator=gen, dtype=dtype)
+        work.append((a, g, [min(block, n_examples - start) for start in range(0, n_examples, block)]))
+
+    def batched() -> None:
+        for _ in range(checkpoints):
+            for a, g, sizes in work:
+                for m in sizes:
+                    torch.bmm(g[:m].transpose(1, 2), a[:m])
+
+    def summed() -> None:
+        for _ in range(checkpoints):
+            for a, g, sizes in work:
+                for m in sizes:
+                    g[:m].reshape(-1, g.shape[-1]).T @ a[:m].reshape(-1, a.shape[-1])
+
+    return batched, summed
 
 
 def forward_only(

@@ -20,6 +20,7 @@ def test_bench_core_runs(capsys):
     results = bench_core.main(["--quick", "--no-captum", "--no-dattri", "--workloads", "mlp", "--repeat", "1"])
     impls = {(r["question"], r["impl"]) for r in results}
     assert ("influence", "tracin_func") in impls and ("self-influence", "plain backprop (floor)") in impls
+    assert ("influence", "floor + pairs + per-example GEMMs") in impls
     assert all(r["seconds"] > 0 for r in results)
     assert "digits_mlp" in capsys.readouterr().out
 
