@@ -1,7 +1,8 @@
 """Capturing factors: layer inputs ``A`` and output gradients ``G`` of factor sites, obtained functionally.
 
-A zero "probe" is added to each site's output and differentiated (``G``); the site's input rows are kept (``A``).
-Forward hooks do both. They are registered on the call's private copy of the model (``_model.private_copy``) and
+Each site's output is differentiated (``G``) and its input rows are kept (``A``), by forward hooks: the batched path
+differentiates the outputs' gradient edges (a zero "probe" is added only where nothing before the layer needs
+gradients, or for a row broadcast over the batch); the vmapped path adds a zero probe to every output. They are registered on the call's private copy of the model (``_model.private_copy``) and
 removed in ``finally`` blocks. Two ways to run them:
 
 - batched: one ordinary forward / backward over the whole batch, the criterion mapped over examples or a
