@@ -97,8 +97,9 @@ class Factored(NamedTuple):
         if self.site.kind == "embedding":
             ka = _same_token(a[:, :, None], a[:, None, :]).to(g.dtype)
         else:
-            ka = a @ a.transpose(1, 2) + (1 if self.site.bias is not None else 0)
-        return (ka * (g @ g.transpose(1, 2))).sum((1, 2))
+            ka = a @ a.transpose(1, 2)
+            ka = ka.add_(1) if self.site.bias is not None else ka
+        return ka.mul_(g @ g.transpose(1, 2)).sum((1, 2))  # ka is fresh: in place
 
     def materialize(self) -> dict[str, torch.Tensor]:
         return materialize(self.site, self.a, self.g)
