@@ -2,8 +2,9 @@
 
 Each site's output is differentiated (``G``) and its input rows are kept (``A``), by forward hooks: the batched path
 differentiates the outputs' gradient edges (a zero "probe" is added only where nothing before the layer needs
-gradients, or for a row broadcast over the batch); the vmapped path adds a zero probe to every output. They are registered on the call's private copy of the model (``_model.private_copy``) and
-removed in ``finally`` blocks. Two ways to run them:
+gradients, or for a row broadcast over the batch); the vmapped path adds a zero probe to every output. The hooks
+are registered on the call's private copy of the model (``_model.private_copy``) and removed in ``finally`` blocks.
+Two ways to run them:
 
 - batched: one ordinary forward / backward over the whole batch, the criterion mapped over examples or a
   ``tc.BatchLoss`` giving every example's loss (planning checked on the first examples that batching does not
