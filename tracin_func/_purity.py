@@ -43,8 +43,8 @@ def _inspected(func: Any) -> tuple[bool, tuple[str, ...]]:
 
 
 def _draws_random(values: Mapping[str, Any]) -> bool:
-    """A seeded random op's arguments: deterministic when a zero probability or ``train=False`` makes it so (the
-    attention kernels carry the tag whatever their ``dropout_p``)."""
+    """Whether a seeded random op called with ``values`` draws random numbers: not when a zero probability or
+    ``train=False`` makes it deterministic (the attention kernels carry the tag whatever their ``dropout_p``)."""
     if any(isinstance(values.get(key), (int, float)) and values[key] == 0 for key in ("dropout_p", "p")):
         return False
     return values.get("train") is not False
