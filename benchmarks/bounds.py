@@ -77,6 +77,12 @@ def layer_shapes(model: nn.Module, run_one_example: Callable[[], Any]) -> list[L
     return list(found.values())
 
 
+def _materialised(layer: Layer) -> bool:
+    """Whether a pair's inner product is cheaper on the materialised gradient (``d_in d_out``) than on the factors
+    (``T^2 (d_in + d_out)``)."""
+    return layer.rows**2 * (layer.d_in + layer.d_out) >= layer.d_in * layer.d_out
+
+
 def pair_products(
     layers: Sequence[Layer], n_test: int, n_train: int, checkpoints: int, dtype: torch.dtype = torch.float32
 ) -> tuple[Callable[[], None], str]:
@@ -85,11 +91,10 @@ def pair_products(
     work: list[Callable[[], Any]] = []
     kept = []
     for layer in layers:
-        factored = layer.rows**2 * (layer.d_in + layer.d_out)
         materialised = layer.d_in * layer.d_out
-        if factored < materialised and layer.rows > 1:
+        if not _materialised(layer) and layer.rows > 1:
             continue  # its cheapest form is a [T, T] kernel per pair: left out (still a lower bound)
-        if factored < materialised:
+        if not _materialised(layer):
             a = [torch.randn(n, layer.d_in, generator=gen, dtype=dtype) for n in (n_test, n_train)]
             g = [torch.randn(n, layer.d_out, generator=gen, dtype=dtype) for n in (n_test, n_train)]
             work.append(lambda a=a, g=g: (a[0] @ a[1].T).mul_(g[0] @ g[1].T))
@@ -119,11 +124,9 @@ def per_example_gradients(
     gen = torch.Generator().manual_seed(0)
     work: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
     for layer in layers:
-        factored = layer.rows**2 * (layer.d_in + layer.d_out)
-        materialised = layer.d_in * layer.d_out
-        if factored < materialised or layer.rows == 1:
+        if not _materialised(layer) or layer.rows == 1:
             continue  # factored (no per-example gradient), or one row per example: the floor's GEMM is the same
-        block = max(1, min(n_examples, _BLOCK_ELEMENTS // materialised))
+        block = max(1, min(n_examples, _BLOCK_ELEMENTS // (layer.d_in * layer.d_out)))
         a = torch.randn(block, layer.rows, layer.d_in, generator=gen, dtype=dtype)
         g = torch.randn(block, layer.rows, layer.d_out, generator=gen, dtype=dtype)
         work.append((a, g, [min(block, n_examples - start) for start in range(0, n_examples, block)]))
