@@ -83,7 +83,8 @@ def _planned(setup: Setup, batch: Any, where: str, offset: int, *, self_only: bo
     with naming_failures(setup.test_loss if where == "test" else setup.train_loss, setup, batch, where, offset):
         planned = plan_call(setup, batch, where, self_only=self_only)
     updates = Updates(*(torch.compile(fn) for fn in planned.updates)) if setup.compile else planned.updates
-    size = even_batches(auto_batch_size(planned.plan.example_bytes)) if setup.auto_batch else setup.batch_size
+    auto = setup.auto_batch
+    size = even_batches(auto_batch_size(planned.plan.example_bytes, setup.device)) if auto else setup.batch_size
     return Planned(updates, size)
 
 
