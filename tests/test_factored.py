@@ -516,6 +516,17 @@ def test_leaving_the_batched_path_warns_with_the_module_and_the_reason():
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
     with pytest.warns(tc.SlowPathWarning, match=r"'b.weight' \(Linear has hooks, whose effect .*tc.explain"):
         tc.self_influence(model, _ckpts(model), (x, y), loss_fn=CE)
+    calls = {
+        "influence": lambda: tc.influence(model, _ckpts(model), (x, y), (x, y), loss_fn=CE),
+        "top_k": lambda: tc.top_k(model, _ckpts(model), (x, y), (x, y), loss_fn=CE, k=2),
+        "self_influence": lambda: tc.self_influence(model, _ckpts(model), (x, y), loss_fn=CE),
+        "embeddings": lambda: tc.embeddings(model, _ckpts(model), (x, y), loss_fn=CE),
+        "tracer": lambda: tc.tracer(model, (x, y), n_train=6, loss_fn=CE),
+    }
+    for name, call in calls.items():
+        with pytest.warns(tc.SlowPathWarning) as caught:
+            call()
+        assert [w.filename for w in caught] == [__file__], name  # the caller's line, however deep the cause
     routes = {r.parameter: (r.route, r.reason) for r in tc.explain(model, _ckpts(model), (x, y), loss_fn=CE).routes}
     assert routes["b.weight"] == ("vmap", "Linear has hooks, whose effect on its output cannot be proven")
     with warnings.catch_warnings():

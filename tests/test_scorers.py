@@ -189,6 +189,7 @@ def test_gru_falls_back_to_a_loop_with_one_warning(scorer):
     loop = [w for w in caught if issubclass(w.category, RuntimeWarning) and "vmap failed" in str(w.message)]
     assert len(loop) == 1, [str(w.message) for w in loop]
     assert re.search(LOOP_WARNING, str(loop[0].message))  # names the cause: torch's own error message
+    assert loop[0].filename == __file__  # attributed to the caller's line (the lambda above), not the library's
 
 
 # ---------------------------------------------------------------------------------------------- losses

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,6 +11,7 @@ from torch.func import grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._loss import ExampleLossFn
+from ._warn import warn
 
 Tensors = Mapping[str, torch.Tensor]
 GradFn = Callable[[Tensors, Tensors, Any], dict[str, torch.Tensor]]  # (diff, frozen, batch) -> {name: [B, ...]}
@@ -67,12 +67,11 @@ class Mapper:
             except (RuntimeError, NotImplementedError) as vmap_error:
                 result = slow(*args)  # a genuine error in the loss raises here, from the loop
                 self.loop = True
-                warnings.warn(
+                warn(
                     f"torch.func.vmap failed on this model, so per-example gradients are computed with a loop "
                     f"instead (same results, slower). The cause, in full: {type(vmap_error).__name__}: "
                     f"{str(vmap_error).strip()}",
                     RuntimeWarning,
-                    stacklevel=2,
                 )
                 return result
 

@@ -4,7 +4,6 @@ layer's), decide per layer how gradients are obtained, and build the pure update
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -24,6 +23,7 @@ from ._purity import check_forward
 from ._recurrent import recurrent_sites, why_not_unrolled
 from ._setup import Setup
 from ._updates import Updates, make_updates
+from ._warn import warn
 
 
 class Plan(NamedTuple):
@@ -73,12 +73,11 @@ def plan_call(setup: Setup, batch: Any, where: str, *, self_only: bool = False) 
     if module is not None and factored is not False and not plan.batched:
         causes = sorted(plan.dense, key=lambda n: plan.reasons[n].startswith("materialising"))  # root causes first
         slow = [f"{n!r} ({plan.reasons[n]})" for n in causes[:3]]
-        warnings.warn(
+        warn(
             f"This call runs {plan.batching}"
             + (f"; through vmap(grad): {', '.join(slow)}{', ...' if len(causes) > 3 else ''}" if slow else "")
             + ". `tc.explain(model, checkpoints, data, loss_fn=...)` shows every parameter's route and why.",
             SlowPathWarning,
-            stacklevel=5,  # the user's line: scorer -> driver -> _planned -> plan_call
         )
     train, test = (representation_fn(module, loss, plan, mapper) for loss in (setup.train_loss, setup.test_loss))
     return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection))
