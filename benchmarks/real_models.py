@@ -1,11 +1,12 @@
-"""Real-model workloads: Hugging Face GPT-2 and BERT (small configs, random weights), ResNet-18, a
+"""Real-model workloads: Hugging Face GPT-2, BERT and a Llama-style LM (small configs, random weights), ResNet-18, a
 MobileNetV3-small-style net and an LSTM classifier, each with three in-memory checkpoints and random data.
 
 Nothing is trained or downloaded: each builder makes the model from a seed, derives three ``tc.Checkpoint`` from
 its initial weights by seeded noise (every floating parameter perturbed; BatchNorm running statistics made
-non-trivial), and draws its data from the same seed. ``transformers`` is only needed by :func:`gpt2` and
-:func:`bert` (an optional ``test`` / ``bench`` dependency, never a runtime one); torchvision is not used (its
-registry wheel does not import with the CPU torch), so ResNet-18 and MobileNetV3-small are defined here.
+non-trivial), and draws its data from the same seed. ``transformers`` is only needed by :func:`gpt2`,
+:func:`bert` and :func:`llama` (an optional ``test`` / ``bench`` dependency, never a runtime one); torchvision is
+not used (its registry wheel does not import with the CPU torch), so ResNet-18 and MobileNetV3-small are defined
+here.
 
 Each builder takes the sizes (``n_train``, ``n_test``, sequence length or image size, ``dtype``) so that the tests
 run them tiny in float64 and ``bench_core.py --real`` at the issue's 200 train x 20 test. It returns a
@@ -27,6 +28,10 @@ plain-backprop floor, and (for tuple batches) a per-example criterion Captum's `
   "labels"}`` with ``tc.sequence_classification_loss(model)``; ``form="example_loss"``: the same batches with
   ``tc.ExampleLoss(... .loss)``; ``form="criterion"``: :class:`LogitsOnly` with
   ``CrossEntropyLoss`` and batches ``(input_ids, attention_mask, labels)``.
+- ``llama``: ``LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+  num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))``: RMSNorm (a layer of no known kind, its weight
+  an elementwise scale), rotary positions, grouped key / value heads, SwiGLU; right-padded sequences with their
+  ``attention_mask``, the causal-LM loss; the same three forms as ``gpt2``.
 - ``resnet18``: :class:`ResNet18` (BasicBlock, [2, 2, 2, 2], 64-512 channels by default, CIFAR stem: 3x3 conv
   stride 1, no max-pool), 32x32 images, 10 classes, ``CrossEntropyLoss``.
 - ``mobilenet``: :class:`MobileNetV3Small` (torchvision's MobileNetV3-small block table: inverted residuals with
@@ -258,6 +263,35 @@ def gpt2(
     return _hf_workload("gpt2", hf, checkpoints, {"input_ids": ids, "labels": labels}, n_train, form, CausalLMLoss())
 
 
+def llama(
+    n_train: int = 200,
+    n_test: int = 20,
+    seq_len: int = 32,
+    *,
+    form: str = "batch_loss",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealWorkload:
+    """Llama-style causal LM (2 layers, 64 dims, 4 heads of which 2 key / value, RMSNorm, rotary positions, SwiGLU)
+    on right-padded random tokens with their attention mask."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=1000, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(config).to(dtype).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    ids = torch.randint(0, config.vocab_size, (n, seq_len), generator=generator)
+    pad = torch.arange(seq_len) >= _lengths(n, seq_len, generator)[:, None]
+    data = {"input_ids": ids.masked_fill(pad, 0), "attention_mask": (~pad).long(), "labels": ids.masked_fill(pad, -100)}
+    checkpoints = make_checkpoints(hf, seed + 2)
+    return _hf_workload("llama", hf, checkpoints, data, n_train, form, CausalLMLoss())
+
+
 def bert(
     n_train: int = 200,
     n_test: int = 20,
@@ -303,7 +337,7 @@ def _hf_workload(
 ) -> RealWorkload:
     train, test = _split(data, n_train)
     if form == "batch_loss":
-        loss = tc.causal_lm_loss(hf) if name == "gpt2" else tc.sequence_classification_loss(hf)
+        loss = tc.sequence_classification_loss(hf) if name == "bert" else tc.causal_lm_loss(hf)
 
         def summed(state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
             return loss.fn(state, batch).sum()
@@ -593,6 +627,7 @@ def lstm(
 BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "gpt2": gpt2,
     "bert": bert,
+    "llama": llama,
     "resnet18": resnet18,
     "mobilenet": mobilenet,
     "lstm": lstm,

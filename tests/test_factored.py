@@ -645,3 +645,155 @@ def test_the_automatic_batch_size_is_cache_sized_on_cpu():
     assert auto_batch_size(2_356, cpu) == auto_batch_size(2_356, cuda) == 4096
     assert auto_batch_size(6_371_628, cpu) == auto_batch_size(6_371_628, cuda) == 42  # ResNet-18's: memory bounds it
     assert auto_batch_size(1 << 30, cpu) == 16
+
+
+# ---------------------------------------------------------------------------------------------- elementwise scales
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm as a model defines it: a layer of no known kind whose weight scales its output elementwise."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class ScaleShift(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return torch.addcmul(self.bias, x, self.weight)
+
+
+class Scaled(nn.Module):
+    """Tokens through ``norm`` (called twice: its calls' gradients add up) and a scale-and-shift, then a head."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.emb, self.norm, self.shift, self.fc = nn.Embedding(50, 8), norm, ScaleShift(8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.fc(self.norm(self.shift(self.norm(self.emb(ids)))).mean(1))
+
+
+def _scaled_task(norm):
+    torch.manual_seed(0)
+    model = Scaled(norm).double().eval()
+    train = (torch.randint(0, 50, (7, 5)), torch.randint(0, 3, (7,)))
+    test = (torch.randint(0, 50, (3, 5)), torch.randint(0, 3, (3,)))
+    return model, _ckpts(model), train, test
+
+
+def test_elementwise_scales_run_batched_and_exact():
+    """Vectors of layers of no known kind (an RMSNorm, a scale-and-shift) get per-example gradients from copies
+    expanded over the batch: the call stays on the batched path, and the scores equal the reference."""
+    model, ckpts, train, test = _scaled_task(RMSNorm(8))
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no slow-path warning
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+        plan = tc.explain(model, ckpts, train, loss_fn=CE)
+    assert plan.batching == "one batched forward / backward gives every layer's factors"
+    routes = {r.parameter: (r.route, r.reason.split(":")[0]) for r in plan.routes}
+    for name in ("norm.weight", "shift.weight", "shift.bias"):
+        assert routes[name] == ("materialised", "elementwise scale"), routes
+
+
+class FirstEntry(nn.Module):
+    """Scales by the weight's first entry: an expanded copy's first row is a whole vector, not that entry."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return x * self.weight[0]
+
+
+class Summed(nn.Module):
+    """Scales by the weight's sum: over expanded copies, a sum over the batch (examples would interact)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return x * self.weight.sum()
+
+
+class FunctionalNorm(nn.Module):
+    """Passes its weight to ``F.layer_norm``, which refuses a weight of another shape than the normalised one."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x, x.shape[-1:], self.weight)
+
+
+@pytest.mark.parametrize(
+    ("norm", "why"),
+    [
+        (FirstEntry, "did not give the first example its gradient"),
+        (Summed, "changed the first examples' factors"),
+        (FunctionalNorm, "a forward with expanded copies of elementwise parameters failed"),
+    ],
+)
+def test_vectors_not_used_elementwise_are_refused_and_scored_exactly(norm, why):
+    """Planning checks what an expanded copy gives: the first example's true gradient, the first examples run
+    alone and together alike, no shape error; otherwise the call leaves the batched path, saying why, and is exact."""
+    model, ckpts, train, test = _scaled_task(norm(8))
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with pytest.warns(tc.SlowPathWarning, match=why):
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+    with pytest.warns(tc.SlowPathWarning, match=why):
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+
+
+def test_torch_rmsnorm_is_a_norm_site():
+    """``nn.RMSNorm``: per-example gradients of its weight from the normalised input, like a LayerNorm's."""
+    model, ckpts, train, test = _scaled_task(nn.RMSNorm(8))
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+        routes = {r.parameter: (r.route, r.reason) for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
+    assert routes["norm.weight"] == ("materialised", "norm layer")
+
+
+class TupleScale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return x * self.weight, x
+
+
+class UsesTuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.scale, self.fc = nn.Embedding(50, 8), TupleScale(8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        scaled, _ = self.scale(self.emb(ids))
+        return self.fc(scaled.mean(1))
+
+
+def test_a_vector_layer_with_a_tuple_output_is_left_to_vmap():
+    torch.manual_seed(0)
+    model = UsesTuple().double().eval()
+    train, ckpts = (torch.randint(0, 50, (5, 4)), torch.randint(0, 3, (5,))), _ckpts(UsesTuple().double().eval())
+    routes = {r.parameter: (r.route, r.reason) for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
+    assert routes["scale.weight"] == ("vmap", "'scale' has no factored form, and its output is not a tensor")
+    ref = reference_scores(model, ckpts, train, train, loss_fn=CE)
+    with pytest.warns(tc.SlowPathWarning, match="'scale.weight'"):
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)

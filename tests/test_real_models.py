@@ -1,9 +1,10 @@
-"""Real models on the scorers: Hugging Face GPT-2 and BERT (small configs, random weights, nothing downloaded),
-ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, as ``benchmarks/real_models.py`` builds them, at
-tiny sizes in float64. ``tc.influence`` and ``tc.self_influence`` (default options and ``factored=False``) equal
-the one-backward-per-example reference to 1e-10. GPT-2 and BERT run in three forms: dict batches with the library's
-Hugging Face losses (``tc.causal_lm_loss`` / ``tc.sequence_classification_loss``, a ``tc.BatchLoss``: batched),
-``tc.ExampleLoss`` of the model's own ``.loss`` (one example at a time) and a logits criterion.
+"""Real models on the scorers: Hugging Face GPT-2, BERT and a Llama-style LM (small configs, random weights,
+nothing downloaded), ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, as
+``benchmarks/real_models.py`` builds them, at tiny sizes in float64. ``tc.influence`` and ``tc.self_influence``
+(default options and ``factored=False``) equal the one-backward-per-example reference to 1e-10. The Hugging Face
+models run in three forms: dict batches with the library's Hugging Face losses (``tc.causal_lm_loss`` /
+``tc.sequence_classification_loss``, a ``tc.BatchLoss``: batched), ``tc.ExampleLoss`` of the model's own ``.loss``
+(one example at a time) and a logits criterion.
 
 Sizes are cut for the 2-core budget, not the architectures: ResNet-18 keeps its 4 stages of 2 BasicBlocks and
 BatchNorm but with channels 8-64 (one full-width 64-512 case is marked slow), MobileNetV3-small its full block table
@@ -39,11 +40,14 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "bert_batch_loss": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "bert_example_loss": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
     "bert_criterion": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
+    "llama_batch_loss": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
+    "llama_example_loss": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
+    "llama_criterion": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
     "resnet18": lambda: rm.resnet18(N_TRAIN, N_TEST, IMAGE, width=8, dtype=F64),
     "mobilenet": lambda: rm.mobilenet(N_TRAIN, N_TEST, IMAGE, width=0.5, dtype=F64),
     "lstm": lambda: rm.lstm(N_TRAIN, N_TEST, SEQ, dtype=F64),
 }
-HF = {f"{model}_{form}" for model in ("gpt2", "bert") for form in ("batch_loss", "example_loss", "criterion")}
+HF = {f"{m}_{form}" for m in ("gpt2", "bert", "llama") for form in ("batch_loss", "example_loss", "criterion")}
 
 pytestmark = [  # the slow-path and loop-fallback notices (routes are not what these tests check)
     pytest.mark.filterwarnings("ignore:This call runs vmap"),
@@ -99,6 +103,10 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     # BERT's token types (V = 2: every id recurs in every example) are materialised, not kept as token rows
     "bert_batch_loss": (BATCHED, {"factored": 6, "materialised": 35}, ()),
     "bert_criterion": (BATCHED, {"factored": 6, "materialised": 35}, ()),
+    # Llama's RMSNorm is no known layer: its weight, an elementwise scale, gets per-example gradients from copies
+    # expanded over the batch; its token embedding (V = 1000 >= 8 T) keeps test gradients as token rows
+    "llama_batch_loss": (BATCHED, {"factored": 1, "materialised": 20}, ()),
+    "llama_criterion": (BATCHED, {"factored": 1, "materialised": 20}, ()),
     "resnet18": (BATCHED, {"factored": 7, "materialised": 55}, ()),
     "mobilenet": (BATCHED, {}, ()),
     "lstm": (BATCHED, {"factored": 3, "materialised": 4}, ()),

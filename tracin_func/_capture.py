@@ -55,17 +55,22 @@ def hooked(module: nn.Module, hooks: Mapping[str, Hook]) -> Iterator[None]:
 
 def discover(
     module: nn.Module, loss: ExampleLossFn, sites: Sequence[Site], diff: Tensors, frozen: Tensors, batch: Any
-) -> tuple[dict[str, list[tuple[int, ...]]], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, list[tuple[int, ...] | None]], dict[str, torch.Tensor]]:
     """Run the first example of ``batch`` under ``grad`` with each site's own parameter use detached.
 
-    Returns each site's output shapes (one per call) and the gradient that still reaches each differentiated
-    parameter: a site's parameters must get none, since another use (a direct ``F.linear(x, layer.weight)``,
-    a regulariser in the loss) would be missed by its factors.
+    Returns each site's output shapes (one per call; None: not a tensor) and the gradient that still reaches each
+    differentiated parameter: a site's parameters must get none, since another use (a direct
+    ``F.linear(x, layer.weight)``, a regulariser in the loss) would be missed by its factors. A "scale" site's use
+    is not detached: its parameters get the example's whole gradient, which its expanded copies must reproduce
+    (``_plan._batching_refused``).
     """
-    calls: dict[str, list[tuple[int, ...]]] = {s.path: [] for s in sites}
+    calls: dict[str, list[tuple[int, ...] | None]] = {s.path: [] for s in sites}
 
     def hook_for(site: Site) -> Hook:
-        def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
+        def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
+            if site.kind == "scale":  # its gradient is taken whole (expanded copies): here, the example's true one
+                calls[site.path].append(tuple(output.shape) if isinstance(output, torch.Tensor) else None)
+                return None
             calls[site.path].append(tuple(output.shape))
             return layer_output(layer, site, args[0], detach=True)
 
@@ -114,8 +119,11 @@ def batched_factors(
         output, target = batch_of_one(example)
         return loss.criterion(output, target).sum()
 
+    scaled = [s for s in plan.sites if s.kind == "scale"]
+    copies = {name: _expanded(state[name], n, site.rank) for site in scaled for name in site.names}
+    state = {**state, **copies}
     with torch.enable_grad():
-        with hooked(module, {s.path: hook_for(s) for s in plan.sites}):
+        with hooked(module, {s.path: hook_for(s) for s in plan.sites if s.kind != "scale"}):
             if isinstance(loss, BatchedLoss):
                 total = loss.per_example(state, batch).sum()
             else:
@@ -125,10 +133,20 @@ def batched_factors(
             total = summed_example_losses(loss.criterion, output, target)
             if total is None:
                 total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
-        flat = [o for s in plan.sites for o in outputs[s.path]]
+        flat = [o for s in plan.sites for o in outputs[s.path]] + [(c, c) for c in copies.values()]
         grads = torch.autograd.grad(total, [edge for _, edge in flat], allow_unused=True)
     grads = iter(torch.zeros_like(like) if g is None else g for g, (like, _) in zip(grads, flat))
-    return {s.path: (inputs[s.path], [next(grads) for _ in outputs[s.path]]) for s in plan.sites}
+    factors = {s.path: (inputs[s.path], [next(grads) for _ in outputs[s.path]]) for s in plan.sites}
+    for site in scaled:  # no inputs: the per-example gradients themselves, [B, *shape]
+        factors[site.path] = ([], [next(grads).reshape(n, *copies[name].shape[-1:]) for name in site.names])
+    return factors
+
+
+def _expanded(p: torch.Tensor, n: int, rank: int) -> torch.Tensor:
+    """A leaf copy of vector ``p`` per example, shaped to broadcast against a ``[n, ..., d]`` output of ``rank``
+    dims: ``[n, 1, ..., 1, d]``."""
+    shape = (n, *[1] * (rank - 1 - p.dim()), *p.shape)
+    return p.detach().expand(shape).clone().requires_grad_()
 
 
 def vmapped_factors(
