@@ -1,12 +1,12 @@
-"""Real-model workloads: Hugging Face GPT-2, BERT and a Llama-style LM (small configs, random weights), ResNet-18, a
-MobileNetV3-small-style net and an LSTM classifier, each with three in-memory checkpoints and random data.
+"""Real-model workloads: Hugging Face GPT-2, BERT, a Llama-style LM and ViT (small configs, random weights),
+ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, each with three in-memory checkpoints and random
+data.
 
 Nothing is trained or downloaded: each builder makes the model from a seed, derives three ``tc.Checkpoint`` from
 its initial weights by seeded noise (every floating parameter perturbed; BatchNorm running statistics made
-non-trivial), and draws its data from the same seed. ``transformers`` is only needed by :func:`gpt2`,
-:func:`bert` and :func:`llama` (an optional ``test`` / ``bench`` dependency, never a runtime one); torchvision is
-not used (its registry wheel does not import with the CPU torch), so ResNet-18 and MobileNetV3-small are defined
-here.
+non-trivial), and draws its data from the same seed. ``transformers`` is only needed by :func:`gpt2`, :func:`bert`,
+:func:`llama` and :func:`vit` (an optional ``test`` / ``bench`` dependency, never a runtime one); torchvision is not
+used (its registry wheel does not import with the CPU torch), so ResNet-18 and MobileNetV3-small are defined here.
 
 Each builder takes the sizes (``n_train``, ``n_test``, sequence length or image size, ``dtype``) so that the tests
 run them tiny in float64 and ``bench_core.py --real`` at the issue's 200 train x 20 test. It returns a
@@ -32,6 +32,10 @@ plain-backprop floor, and (for tuple batches) a per-example criterion Captum's `
   num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))``: RMSNorm (a layer of no known kind, its weight
   an elementwise scale), rotary positions, grouped key / value heads, SwiGLU; right-padded sequences with their
   ``attention_mask``, the causal-LM loss; the same three forms as ``gpt2``.
+- ``vit``: ``ViTForImageClassification(ViTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+  intermediate_size=128, patch_size=4, num_labels=10))`` on random 32x32 images: its class token and position
+  embeddings are parameters of ``ViTEmbeddings`` itself (rows ``[1, ...]`` broadcast over the batch); the forms of
+  ``bert`` (``pixel_values`` for ``input_ids`` and the mask).
 - ``resnet18``: :class:`ResNet18` (BasicBlock, [2, 2, 2, 2], 64-512 channels by default, CIFAR stem: 3x3 conv
   stride 1, no max-pool), 32x32 images, 10 classes, ``CrossEntropyLoss``.
 - ``mobilenet``: :class:`MobileNetV3Small` (torchvision's MobileNetV3-small block table: inverted residuals with
@@ -292,6 +296,33 @@ def llama(
     return _hf_workload("llama", hf, checkpoints, data, n_train, form, CausalLMLoss())
 
 
+def vit(
+    n_train: int = 200,
+    n_test: int = 20,
+    image_size: int = 32,
+    *,
+    form: str = "batch_loss",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealWorkload:
+    """ViT image classifier (2 layers, 64 dims, 4 heads, 4 x 4 patches, 10 labels) on random images."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=image_size, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=128, num_labels=10,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    hf = ViTForImageClassification(config).to(dtype).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    images = torch.randn(n, 3, image_size, image_size, generator=generator, dtype=dtype)
+    data = {"pixel_values": images, "labels": torch.randint(0, 10, (n,), generator=generator)}
+    checkpoints = make_checkpoints(hf, seed + 2)
+    return _hf_workload("vit", hf, checkpoints, data, n_train, form, nn.CrossEntropyLoss())
+
+
 def bert(
     n_train: int = 200,
     n_test: int = 20,
@@ -337,7 +368,8 @@ def _hf_workload(
 ) -> RealWorkload:
     train, test = _split(data, n_train)
     if form == "batch_loss":
-        loss = tc.sequence_classification_loss(hf) if name == "bert" else tc.causal_lm_loss(hf)
+        causal = name in ("gpt2", "llama")
+        loss = tc.causal_lm_loss(hf) if causal else tc.sequence_classification_loss(hf)
 
         def summed(state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
             return loss.fn(state, batch).sum()
@@ -628,6 +660,7 @@ BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "gpt2": gpt2,
     "bert": bert,
     "llama": llama,
+    "vit": vit,
     "resnet18": resnet18,
     "mobilenet": mobilenet,
     "lstm": lstm,

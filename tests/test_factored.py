@@ -702,7 +702,7 @@ def test_elementwise_scales_run_batched_and_exact():
     assert plan.batching == "one batched forward / backward gives every layer's factors"
     routes = {r.parameter: (r.route, r.reason.split(":")[0]) for r in plan.routes}
     for name in ("norm.weight", "shift.weight", "shift.bias"):
-        assert routes[name] == ("materialised", "elementwise scale"), routes
+        assert routes[name] == ("materialised", "expanded"), routes
 
 
 class FirstEntry(nn.Module):
@@ -743,7 +743,7 @@ class FunctionalNorm(nn.Module):
     [
         (FirstEntry, "did not give the first example its gradient"),
         (Summed, "changed the first examples' factors"),
-        (FunctionalNorm, "a forward with expanded copies of elementwise parameters failed"),
+        (FunctionalNorm, "a forward with parameters copied over the batch failed"),
     ],
 )
 def test_vectors_not_used_elementwise_are_refused_and_scored_exactly(norm, why):
@@ -797,3 +797,70 @@ def test_a_vector_layer_with_a_tuple_output_is_left_to_vmap():
     ref = reference_scores(model, ckpts, train, train, loss_fn=CE)
     with pytest.warns(tc.SlowPathWarning, match="'scale.weight'"):
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+
+
+class ClassTokenEmbeddings(nn.Module):
+    """ViT's embeddings: a class token and position embeddings, rows ``[1, ...]`` the layer broadcasts over the
+    batch (``take_first``: position rows read as ``pos[0]``, the same for every example either way)."""
+
+    def __init__(self, take_first=False):
+        super().__init__()
+        self.emb, self.take_first = nn.Embedding(50, 8), take_first
+        self.cls_token, self.pos = nn.Parameter(torch.randn(1, 1, 8)), nn.Parameter(torch.randn(1, 6, 8))
+
+    def forward(self, ids):
+        h = torch.cat([self.cls_token.expand(ids.shape[0], -1, -1), self.emb(ids)], 1)
+        return h + (self.pos[0] if self.take_first else self.pos)
+
+
+class ClassTokenNet(nn.Module):
+    def __init__(self, take_first=False):
+        super().__init__()
+        self.embeddings, self.fc = ClassTokenEmbeddings(take_first), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.fc(torch.tanh(self.embeddings(ids))[:, 0])
+
+
+@pytest.mark.parametrize("take_first", [False, True])
+def test_rows_broadcast_over_the_batch_get_copies_per_example(take_first):
+    """A class token and position embeddings (``[1, ...]`` parameters of a custom layer) run batched and exact;
+    read as ``pos[0]`` an expanded copy's first row serves every example, which the check refuses."""
+    torch.manual_seed(0)
+    model = ClassTokenNet(take_first).double().eval()
+    ckpts = _ckpts(model)
+    train = (torch.randint(0, 50, (7, 5)), torch.randint(0, 3, (7,)))
+    test = (torch.randint(0, 50, (3, 5)), torch.randint(0, 3, (3,)))
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+    slow = [str(w.message) for w in caught if issubclass(w.category, tc.SlowPathWarning)]
+    routes = {r.parameter: r.route for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
+    if take_first:
+        assert len(slow) == 2 and all("examples' factors" in m for m in slow), slow
+        assert routes["embeddings.pos"] == "vmap"
+    else:
+        assert not slow
+        assert routes["embeddings.cls_token"] == routes["embeddings.pos"] == "materialised"
+
+
+def test_groupnorm_is_a_norm_site():
+    """``nn.GroupNorm`` (statistics per example and group): per-example gradients of its weight and bias from the
+    normalised input, summed over positions per channel, like an eval-mode BatchNorm's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 3)
+    ).double().eval()
+    ckpts = _ckpts(model)
+    train = (torch.randn(7, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (7,)))
+    test = (torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (3,)))
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+        plan = tc.explain(model, ckpts, train, loss_fn=CE)
+    assert {r.parameter: (r.route, r.reason) for r in plan.routes}["1.weight"] == ("materialised", "norm layer")
+    assert plan.batching == "one batched forward / backward gives every layer's factors"

@@ -1,4 +1,4 @@
-"""Real models on the scorers: Hugging Face GPT-2, BERT and a Llama-style LM (small configs, random weights,
+"""Real models on the scorers: Hugging Face GPT-2, BERT, a Llama-style LM and ViT (small configs, random weights,
 nothing downloaded), ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, as
 ``benchmarks/real_models.py`` builds them, at tiny sizes in float64. ``tc.influence`` and ``tc.self_influence``
 (default options and ``factored=False``) equal the one-backward-per-example reference to 1e-10. The Hugging Face
@@ -43,11 +43,13 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "llama_batch_loss": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "llama_example_loss": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
     "llama_criterion": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
+    "vit_batch_loss": lambda: rm.vit(N_TRAIN, N_TEST, IMAGE, form="batch_loss", dtype=F64),
+    "vit_criterion": lambda: rm.vit(N_TRAIN, N_TEST, IMAGE, form="criterion", dtype=F64),
     "resnet18": lambda: rm.resnet18(N_TRAIN, N_TEST, IMAGE, width=8, dtype=F64),
     "mobilenet": lambda: rm.mobilenet(N_TRAIN, N_TEST, IMAGE, width=0.5, dtype=F64),
     "lstm": lambda: rm.lstm(N_TRAIN, N_TEST, SEQ, dtype=F64),
 }
-HF = {f"{m}_{form}" for m in ("gpt2", "bert", "llama") for form in ("batch_loss", "example_loss", "criterion")}
+HF = {f"{m}_{form}" for m in ("gpt2", "bert", "llama", "vit") for form in ("batch_loss", "example_loss", "criterion")}
 
 pytestmark = [  # the slow-path and loop-fallback notices (routes are not what these tests check)
     pytest.mark.filterwarnings("ignore:This call runs vmap"),
@@ -107,6 +109,9 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     # expanded over the batch; its token embedding (V = 1000 >= 8 T) keeps test gradients as token rows
     "llama_batch_loss": (BATCHED, {"factored": 1, "materialised": 20}, ()),
     "llama_criterion": (BATCHED, {"factored": 1, "materialised": 20}, ()),
+    # ViT's class token and position embeddings, rows [1, ...] of ViTEmbeddings itself, get copies per example
+    "vit_batch_loss": (BATCHED, {"factored": 2, "materialised": 38}, ()),
+    "vit_criterion": (BATCHED, {"factored": 2, "materialised": 38}, ()),
     "resnet18": (BATCHED, {"factored": 7, "materialised": 55}, ()),
     "mobilenet": (BATCHED, {}, ()),
     "lstm": (BATCHED, {"factored": 3, "materialised": 4}, ()),

@@ -34,7 +34,7 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
                 scatter_rows(input_rows(layer, site, x), output_rows(site, g), dense[site.weight])
             continue
         rows_kept = site.kind == "embedding" and not site.tied  # materialised on the rows its ids touch only
-        if site.kind == "scale":  # its "output gradients" are its per-example gradients
+        if site.kind == "expanded":  # its "output gradients" are its per-example gradients
             grads = [dict(zip(site.names, gs))]
         elif site.path in plan.kernel or site.owner is not None or rows_kept:  # owner: a recurrent product
             a = _cat([input_rows(layer, site, x) for x in xs], dim=1)  # every call (time step) at once

@@ -60,15 +60,15 @@ def discover(
 
     Returns each site's output shapes (one per call; None: not a tensor) and the gradient that still reaches each
     differentiated parameter: a site's parameters must get none, since another use (a direct
-    ``F.linear(x, layer.weight)``, a regulariser in the loss) would be missed by its factors. A "scale" site's use
-    is not detached: its parameters get the example's whole gradient, which its expanded copies must reproduce
-    (``_plan._batching_refused``).
+    ``F.linear(x, layer.weight)``, a regulariser in the loss) would be missed by its factors. An "expanded" site's
+    use is not detached: its parameters get the example's whole gradient, which their expanded copies must
+    reproduce (``_plan._batching_refused``).
     """
     calls: dict[str, list[tuple[int, ...] | None]] = {s.path: [] for s in sites}
 
     def hook_for(site: Site) -> Hook:
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
-            if site.kind == "scale":  # its gradient is taken whole (expanded copies): here, the example's true one
+            if site.kind == "expanded":  # its gradient is taken whole (copies): here, the example's true one
                 calls[site.path].append(tuple(output.shape) if isinstance(output, torch.Tensor) else None)
                 return None
             calls[site.path].append(tuple(output.shape))
@@ -119,11 +119,12 @@ def batched_factors(
         output, target = batch_of_one(example)
         return loss.criterion(output, target).sum()
 
-    scaled = [s for s in plan.sites if s.kind == "scale"]
-    copies = {name: _expanded(state[name], n, site.rank) for site in scaled for name in site.names}
+    expanded = [s for s in plan.sites if s.kind == "expanded"]
+    shapes = {name: state[name].shape for site in expanded for name in site.names}
+    copies = {name: _expanded(state[name], n, site.rank) for site in expanded for name in site.names}
     state = {**state, **copies}
     with torch.enable_grad():
-        with hooked(module, {s.path: hook_for(s) for s in plan.sites if s.kind != "scale"}):
+        with hooked(module, {s.path: hook_for(s) for s in plan.sites if s.kind != "expanded"}):
             if isinstance(loss, BatchedLoss):
                 total = loss.per_example(state, batch).sum()
             else:
@@ -137,15 +138,15 @@ def batched_factors(
         grads = torch.autograd.grad(total, [edge for _, edge in flat], allow_unused=True)
     grads = iter(torch.zeros_like(like) if g is None else g for g, (like, _) in zip(grads, flat))
     factors = {s.path: (inputs[s.path], [next(grads) for _ in outputs[s.path]]) for s in plan.sites}
-    for site in scaled:  # no inputs: the per-example gradients themselves, [B, *shape]
-        factors[site.path] = ([], [next(grads).reshape(n, *copies[name].shape[-1:]) for name in site.names])
+    for site in expanded:  # no inputs: the per-example gradients themselves, [B, *shape]
+        factors[site.path] = ([], [next(grads).reshape(n, *shapes[name]) for name in site.names])
     return factors
 
 
 def _expanded(p: torch.Tensor, n: int, rank: int) -> torch.Tensor:
-    """A leaf copy of vector ``p`` per example, shaped to broadcast against a ``[n, ..., d]`` output of ``rank``
-    dims: ``[n, 1, ..., 1, d]``."""
-    shape = (n, *[1] * (rank - 1 - p.dim()), *p.shape)
+    """A leaf copy of ``p`` per example: a vector shaped to broadcast against a ``[n, ..., d]`` output of ``rank``
+    dims (``[n, 1, ..., 1, d]``), a row ``[1, ...]`` as ``[n, ...]``."""
+    shape = (n, *[1] * (rank - 2), *p.shape) if p.dim() == 1 else (n, *p.shape[1:])
     return p.detach().expand(shape).clone().requires_grad_()
 
 

@@ -1,7 +1,9 @@
 """Layers whose per-example gradients follow from their inputs and output gradients: Linear (and transformers'
 ``Conv1D``, a Linear with its weight stored transposed), Conv1d / Conv2d (unfolded patches; grouped and depthwise
 ones only materialised, as grouped weight gradients), Embedding, whose gradients factor as ``G_i^T A_i``, and the
-affine part of LayerNorm / BatchNorm in eval mode (``sum(normalised input * G)``, always materialised).
+affine part of LayerNorm / RMSNorm / GroupNorm / BatchNorm in eval mode (``sum(normalised input * G)``, always
+materialised). Layers of no known kind whose own parameters are vectors or ``[1, ...]`` rows (``expandable``) get
+copies of them per example instead (``_capture.batched_factors``).
 
 A layer is a factor site only when it provably computes its class's function (``_is_plain``).
 
@@ -54,7 +56,7 @@ class Site(NamedTuple):
     """A factorable layer: its module path, kind and the names of its differentiated parameters."""
 
     path: str
-    kind: str  # "linear" | "conv" | "embedding" | "norm" | "scale" (see `scale_candidate`)
+    kind: str  # "linear" | "conv" | "embedding" | "norm" | "expanded" (see `expandable`)
     weight: str | None  # full parameter name when the weight is differentiated
     bias: str | None  # full parameter name when the bias is differentiated
     weight_shape: tuple[int, ...]
@@ -62,16 +64,17 @@ class Site(NamedTuple):
     groups: int = 1  # a grouped / depthwise convolution: gradients always materialised, never a factored kernel
     tied: bool = False  # a parameter shared with other sites (GPT-2's lm_head / wte): gradients of every use summed
     owner: str | None = None  # a product of an unrolled nn.LSTM / nn.GRU at this path (see _recurrent)
-    rank: int = 0  # a "scale" site's output rank, to which its parameters are expanded (found by discovery)
+    others: tuple[str, ...] = ()  # an "expanded" site's differentiated parameters (``weight`` and ``bias`` unused)
+    rank: int = 0  # an "expanded" site's output rank, to which its vectors are expanded (found by discovery)
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(n for n in (self.weight, self.bias) if n is not None)
+        return tuple(n for n in (self.weight, self.bias, *self.others) if n is not None)
 
     @property
     def kernel_ok(self) -> bool:
         """Whether factored inner products apply (plain Linear / ungrouped Conv / Embedding, untied)."""
-        return self.kind not in ("norm", "scale") and self.groups == 1 and not self.tied
+        return self.kind not in ("norm", "expanded") and self.groups == 1 and not self.tied
 
 
 # The classes whose own forward a factor site must run: a subclass overriding it (a scaled output, a standardised
@@ -83,6 +86,7 @@ _PLAIN_FORWARD = {
     nn.Embedding: ("forward",),
     nn.LayerNorm: ("forward",),
     nn.RMSNorm: ("forward",),
+    nn.GroupNorm: ("forward",),
     nn.modules.batchnorm._BatchNorm: ("forward",),
 }
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -154,21 +158,28 @@ def site_kind(module: nn.Module) -> str | None:
         return "embedding" if module.max_norm is None and not module.scale_grad_by_freq else None
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         return "norm" if module.elementwise_affine else None
+    if isinstance(module, nn.GroupNorm):  # statistics per example and group
+        return "norm" if module.affine else None
     if isinstance(module, nn.modules.batchnorm._BatchNorm):  # eval mode with running statistics: per example
         return "norm" if module.affine and module.running_mean is not None and not module.training else None
     return None
 
 
-def scale_candidate(module: nn.Module) -> bool:
+def expandable(module: nn.Module) -> bool:
     """A layer of no known kind whose own parameters are vectors named ``weight`` / ``bias`` (an RMSNorm of
-    Llama-style models, T5's LayerNorm): if it uses them elementwise on its output's trailing dimension, a copy
-    expanded over the batch (``[B, 1, ..., d]``) gives each example its own gradient in one batched pass. Planning
-    checks that use (shapes, the first example's true gradient, the first examples run alone)."""
+    Llama-style models, T5's LayerNorm) or rows ``[1, ...]`` (ViT's class token and position embeddings). If it uses
+    the vectors elementwise on its output's last dimension and broadcasts the rows over the batch, copies expanded
+    over the batch (``[B, 1, ..., d]``, ``[B, ...]``) give each example its own gradient in one batched pass.
+    Planning checks that use (shapes, the first example's true gradient, the first examples alone and together)."""
     own = dict(module.named_parameters(recurse=False))
     plain_call = type(module).__call__ is nn.Module.__call__ and not wrapped(module)
     torch_layer = type(module).__module__.startswith("torch.")  # known semantics: a site kind, or none applies
-    vectors = bool(own) and set(own) <= {"weight", "bias"} and all(p.dim() == 1 for p in own.values())
-    return plain_call and not torch_layer and vectors
+    return plain_call and not torch_layer and bool(own) and all(map(_expandable_parameter, own.items()))
+
+
+def _expandable_parameter(item: tuple[str, torch.Tensor]) -> bool:
+    name, p = item
+    return (name in ("weight", "bias") and p.dim() == 1) or (p.dim() >= 2 and p.shape[0] == 1)
 
 
 def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, Site]:
@@ -192,14 +203,17 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
         kind = site_kind(module)
         own = dict(module.named_parameters(recurse=False))
         shared = [p for p in own.values() if len(owners[id(p)]) > 1]
-        if kind is None and not shared and scale_candidate(module):
-            kind = "scale"
+        if kind is None and not shared and expandable(module):
+            others = tuple(names[id(p)] for p in own.values() if names[id(p)] in diff)
+            if others:
+                sites[path] = Site(path, "expanded", None, None, tuple(next(iter(own.values())).shape), others=others)
+            continue
         if kind is None or any(site_kind(m) is None for p in shared for m in owners[id(p)]):
             continue
         weight = names[id(own["weight"])] if "weight" in own and names[id(own["weight"])] in diff else None
         bias = names[id(own["bias"])] if "bias" in own and names[id(own["bias"])] in diff else None
         if weight or bias:
-            shape, groups = tuple(own.get("weight", own.get("bias")).shape), getattr(module, "groups", 1)
+            shape, groups = tuple(module.weight.shape), getattr(module, "groups", 1)
             conv1d = _is_transformers_conv1d(module)
             sites[path] = Site(path, kind, weight, bias, shape, conv1d, groups, bool(shared))
     return sites
@@ -226,12 +240,14 @@ def recorded_input(module: nn.Module, site: Site, x: torch.Tensor) -> torch.Tens
 
 
 def _normalized(module: nn.Module, x: torch.Tensor, w: Any = None, b: Any = None) -> torch.Tensor:
-    """A LayerNorm / RMSNorm / eval-mode BatchNorm applied to ``x``, with affine ``w`` and ``b`` (None: the
-    normalised input)."""
+    """A LayerNorm / RMSNorm / GroupNorm / eval-mode BatchNorm applied to ``x``, with affine ``w`` and ``b`` (None:
+    the normalised input)."""
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, w, b, module.eps)
     if isinstance(module, nn.RMSNorm):  # no bias
         return F.rms_norm(x, module.normalized_shape, w, module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, w, b, module.eps)
     return F.batch_norm(x, module.running_mean, module.running_var, w, b, False, 0.0, module.eps)
 
 
@@ -297,8 +313,8 @@ def per_example_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.T
 
 def _norm_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Affine norm layers: weight gradient ``sum(x * g)`` for the normalised input ``x``, bias ``sum(g)``, over
-    every dimension but the batch and the parameter's (LayerNorm: the trailing normalised ones; BatchNorm:
-    channels, dim 1)."""
+    every dimension but the batch and the parameter's (LayerNorm / RMSNorm: the trailing normalised ones;
+    BatchNorm / GroupNorm: channels, dim 1)."""
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         dims = tuple(range(1, g.dim() - len(site.weight_shape)))
     else:

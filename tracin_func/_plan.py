@@ -138,20 +138,20 @@ def make_plan(
         sites = {**factorable_sites(module, names), **recurrent_sites(module, names)}
     reasons = {n: _why_dense(module, n, factored) for n in _not_in_sites(names, sites.values())}
     kernel, rows_of = set(), {}
-    truth: list[dict[str, torch.Tensor]] = []  # per loss: the first example's gradients of "scale" parameters
+    truth: list[dict[str, torch.Tensor]] = []  # per loss: the first example's gradients of "expanded" parameters
     for loss in losses if sites else ():
         calls, leaked = discover(module, loss, list(sites.values()), diff, frozen, batch)
-        truth.append({n: leaked[n] for s in sites.values() if s.kind == "scale" for n in s.names})
+        truth.append({n: leaked[n] for s in sites.values() if s.kind == "expanded" for n in s.names})
         for path, site in list(sites.items()):
             if path not in sites:  # dropped with a tied partner
                 continue
-            if site.kind == "scale" and calls[path]:
-                why = _why_not_scaled(site, calls[path], diff)
+            if site.kind == "expanded" and calls[path]:
+                why = _why_not_expanded(site, calls[path], diff)
                 if why:
                     del sites[path]
                     reasons.update({n: why for n in site.names})
                     continue
-                sites[path] = site = site._replace(rank=len(calls[path][0]))
+                sites[path] = site = site._replace(rank=len(calls[path][0] or ()))
             elif not calls[path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
                 why = "not called as a module" if not calls[path] else "also used outside the layer (tied weight, "
                 why += "" if not calls[path] else "direct use or a term of the loss)"
@@ -185,11 +185,11 @@ def make_plan(
     if dense:
         return plan._replace(batching=f"vmap(grad) over examples, for {len(dense)} parameter(s) outside factor sites")
     if not all(isinstance(loss, (CriterionLoss, BatchedLoss)) for loss in losses):
-        return _unscaled(plan)._replace(batching="vmap(grad) over examples: a tc.ExampleLoss is computed one "
-                                        "example at a time (a tc.BatchLoss runs whole batches)")
+        return _unexpanded(plan)._replace(batching="vmap(grad) over examples: a tc.ExampleLoss is computed one "
+                                          "example at a time (a tc.BatchLoss runs whole batches)")
     refused, seen = _batching_refused(module, losses, plan, {**frozen, **diff}, batch, mapper, truth)
     if refused:
-        return _unscaled(plan)._replace(batching=f"vmap(grad) over examples: {refused}")
+        return _unexpanded(plan)._replace(batching=f"vmap(grad) over examples: {refused}")
     plan = plan._replace(batched=True, batching="one batched forward / backward gives every layer's factors")
     if factored or self_only:
         return plan
@@ -227,29 +227,31 @@ def _matches_per_pair(ids: torch.Tensor, vocab: int) -> float:
     return float((equal.sum() - equal.diagonal().sum()) / (n * (n - 1)))
 
 
-def _why_not_scaled(site: Site, shapes: Sequence[tuple[int, ...] | None], diff: Tensors) -> str:
-    """Why a "scale" candidate cannot take expanded copies of its vectors (``""`` when it can): every call's output
-    must be a tensor ending in their length, after a batch dimension, at one rank."""
-    sizes = {diff[n].shape[0] for n in site.names}
+def _why_not_expanded(site: Site, shapes: Sequence[tuple[int, ...] | None], diff: Tensors) -> str:
+    """Why an "expanded" site cannot take copies of its vectors (``""`` when it can, or has rows only): every call's
+    output must be a tensor ending in their length, after a batch dimension, at one rank."""
+    sizes = {diff[n].shape[0] for n in site.names if diff[n].dim() == 1}
+    if not sizes:
+        return ""
     if any(s is None for s in shapes):
         return f"{site.path!r} has no factored form, and its output is not a tensor"
     if len({len(s) for s in shapes}) == 1 and all(len(s) >= 2 and {s[-1]} == sizes for s in shapes):
         return ""
     return (
-        f"{site.path!r} has no factored form, and its output {list(shapes[0])} does not end in its parameters' length "
+        f"{site.path!r} has no factored form, and its output {list(shapes[0])} does not end in its vectors' length "
         f"{sorted(sizes)} (as an elementwise scale's would)"
     )
 
 
-def _unscaled(plan: Plan) -> Plan:
-    """The plan for vmap(grad) over examples: "scale" sites' parameters join the dense ones (expanded copies need
+def _unexpanded(plan: Plan) -> Plan:
+    """The plan for vmap(grad) over examples: "expanded" sites' parameters join the dense ones (their copies need
     the batched pass), and so do the layers that would be materialised, as when planned with dense parameters."""
-    if not any(s.kind == "scale" for s in plan.sites):
+    if not any(s.kind == "expanded" for s in plan.sites):
         return plan
-    left = [s for s in plan.sites if s.kind == "scale" or (s.path not in plan.kernel and s.owner is None)]
+    left = [s for s in plan.sites if s.kind == "expanded" or (s.path not in plan.kernel and s.owner is None)]
     reasons = dict(plan.reasons)
     for site in left:
-        why = "elementwise scale: expanded copies need the batched pass" if site.kind == "scale" else _TO_VMAP
+        why = "copies expanded over the batch need the batched pass" if site.kind == "expanded" else _TO_VMAP
         reasons.update({n: why for n in site.names})
     names = {n for s in left for n in s.names}
     dense = tuple(n for n in plan.names if n in names or n in plan.dense)
@@ -328,8 +330,8 @@ def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool, self_o
         return f"unrolled recurrent layer, {product} product: {plain}"
     if site.tied:
         return "tied weight: per-example gradients of every use from factors, summed"
-    if site.kind == "scale":
-        return "elementwise scale: per-example gradients of copies expanded over the batch (checked on examples)"
+    if site.kind == "expanded":
+        return "expanded: per-example gradients of copies over the batch (a vector used elementwise, a [1, ...] row)"
     if not site.kernel_ok:
         return "grouped convolution: per-example gradients from factors" if site.groups > 1 else "norm layer"
     if factored:
@@ -364,28 +366,28 @@ def _batching_refused(
     Each layer's inputs and output gradients on the first examples run together must equal theirs run one at a
     time: this refuses batch statistics and any other mixing of examples, and accepts rows the model computes once
     and broadcasts over the batch (position ids ``[1, T]``), which get a row per example (``batched_factors``).
-    A "scale" site's expanded copies must also give the first example its true gradient (``truth``, per loss).
+    An "expanded" site's copies must also give the first example its true gradient (``truth``, per loss).
     """
     few = slice_batch(batch, 0, 4)
     n = optree.tree_leaves(few, none_is_leaf=True)[0].shape[0]
     seen: dict[str, list[torch.Tensor]] = {}
-    scaled = [s for s in plan.sites if s.kind == "scale"]
+    expanded = [s for s in plan.sites if s.kind == "expanded"]
     for loss, true in zip(losses, truth):
         try:
             alone = [batched_factors(module, loss, plan, state, slice_batch(few, i, i + 1), mapper) for i in range(n)]
-        except RuntimeError as err:  # expanded copies of a "scale" site's vectors break a shape the layer assumes
-            if not scaled:
+        except RuntimeError as err:  # copies of an "expanded" site's parameters break a shape the layer assumes
+            if not expanded:
                 raise
-            return f"a forward with expanded copies of elementwise parameters failed ({_cause(err)})", {}
+            return f"a forward with parameters copied over the batch failed ({_cause(err)})", {}
         try:
             together = batched_factors(module, loss, plan, state, few, mapper)
         except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes
             return f"a batched forward failed where examples alone ran ({_cause(err)})", {}
-        for site in scaled:
+        for site in expanded:
             if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[n] for n in site.names))):
                 return (
                     f"copies of {site.path!r}'s parameters expanded over the batch did not give the first example "
-                    f"its gradient (the layer does not use them elementwise on its output)"
+                    f"its gradient (the layer does not use them elementwise or broadcast over the batch)"
                 ), {}
         for path, (xs, gs) in together.items():
             singles = _concat_examples([a[path] for a in alone])
