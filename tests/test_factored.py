@@ -864,3 +864,44 @@ def test_groupnorm_is_a_norm_site():
         plan = tc.explain(model, ckpts, train, loss_fn=CE)
     assert {r.parameter: (r.route, r.reason) for r in plan.routes}["1.weight"] == ("materialised", "norm layer")
     assert plan.batching == "one batched forward / backward gives every layer's factors"
+
+
+class LegacyTanh(torch.autograd.Function):
+    """An autograd.Function in the old style (no ``setup_context``), as BLOOM's GeLU: torch.func refuses it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class LegacyActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(LegacyTanh.apply(self.a(x)))
+
+
+def test_a_legacy_autograd_function_runs_batched_and_says_why_a_loop_cannot():
+    """Planning and the batched path use plain autograd, so the default call is exact; per-example torch.func
+    (``factored=False``) cannot run the Function, and the error says so and names the way that works."""
+    torch.manual_seed(0)
+    model = LegacyActivation().double().eval()
+    ckpts = _ckpts(model)
+    train = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    test = (torch.randn(2, 4, dtype=torch.float64), torch.randint(0, 3, (2,)))
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+    with pytest.raises(RuntimeError, match=r"without a `setup_context` method .* Keep the default `factored=None`"):
+        tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False)

@@ -76,11 +76,14 @@ def discover(
 
         return hook
 
-    def loss_of_example(diff: Tensors, frozen: Tensors, example: Any) -> torch.Tensor:
-        with hooked(module, {s.path: hook_for(s) for s in sites}):
-            return scalar_loss(loss, {**frozen, **diff}, batch_of_one(example))
-
-    leaked = grad(loss_of_example)(diff, frozen, example_at(batch, 0))  # one example: no vmap needed
+    # plain autograd on one example (no vmap needed): also through autograd.Functions that torch.func refuses
+    # (BLOOM's GeLU), which the batched path runs too
+    leaves = {n: t.detach().requires_grad_() for n, t in diff.items()}
+    with torch.enable_grad(), hooked(module, {s.path: hook_for(s) for s in sites}):
+        total = scalar_loss(loss, {**frozen, **leaves}, batch_of_one(example_at(batch, 0)))
+    reached = total.requires_grad  # not when every parameter's only use was detached
+    grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True) if reached else [None] * len(leaves)
+    leaked = {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}
     return calls, leaked
 
 

@@ -35,6 +35,15 @@ def example_at(batch: Any, i: int) -> Any:
     return optree.tree_map(lambda t: t[i], batch, none_is_leaf=True)
 
 
+_FUNCTION_WITHOUT_SETUP_CONTEXT = (
+    "The model runs a torch.autograd.Function without a `setup_context` method (e.g. BLOOM's GeLU), which "
+    "torch.func (vmap, grad) cannot differentiate, so this call cannot compute per-example gradients one example at "
+    "a time. Keep the default `factored=None` with a criterion `loss_fn` or a `tc.BatchLoss` (the batched path "
+    "differentiates with plain autograd), or give the Function a `setup_context` "
+    "(https://pytorch.org/docs/stable/notes/extending.func.html)."
+)
+
+
 class Mapper:
     """Maps per-example functions over batches for one scoring call.
 
@@ -65,7 +74,12 @@ class Mapper:
                 with sdpa_kernel(SDPBackend.MATH):
                     return fast(*args)
             except (RuntimeError, NotImplementedError) as vmap_error:
-                result = slow(*args)  # a genuine error in the loss raises here, from the loop
+                try:
+                    result = slow(*args)  # a genuine error in the loss raises here, from the loop
+                except RuntimeError as err:
+                    if "setup_context" not in str(err):
+                        raise
+                    raise RuntimeError(_FUNCTION_WITHOUT_SETUP_CONTEXT) from err
                 self.loop = True
                 warn(
                     f"torch.func.vmap failed on this model, so per-example gradients are computed with a loop "
