@@ -905,3 +905,105 @@ def test_a_legacy_autograd_function_runs_batched_and_says_why_a_loop_cannot():
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
     with pytest.raises(RuntimeError, match=r"without a `setup_context` method .* Keep the default `factored=None`"):
         tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False)
+
+
+# ------------------------------------------------------------------------- Embedding subclasses, flattened rows
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's word embedding: the plain lookup, scaled."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 3.0
+
+
+class OffsetPositions(nn.Embedding):
+    """OPT's / BART's learned positions: ids computed from the attention mask, shifted by an offset."""
+
+    def forward(self, mask):
+        return super().forward((torch.cumsum(mask, 1) * mask - 1) + 2)
+
+
+class AlsoMeanOfWeight(nn.Embedding):
+    def forward(self, ids):
+        return super().forward(ids) + self.weight.mean()
+
+
+class SubclassedEmbeddings(nn.Module):
+    def __init__(self, words):
+        super().__init__()
+        self.words, self.positions, self.fc = words, OffsetPositions(20, 8, padding_idx=1), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        mask = (ids > 0).long()
+        return self.fc((self.words(ids) + self.positions(mask)).mean(1))
+
+
+@pytest.mark.parametrize("words", [ScaledEmbedding, AlsoMeanOfWeight])
+def test_embedding_subclasses_are_sites_at_their_lookup(words):
+    """An Embedding subclass with its own forward gives factors where it calls ``F.embedding`` on its weight (the
+    scale and the id arithmetic around it are differentiated as usual); another use of the weight is found and
+    left to vmap(grad). Exact either way."""
+    torch.manual_seed(0)
+    model = SubclassedEmbeddings(words(50, 8)).double().eval()
+    ckpts = _ckpts(model)
+    train = (torch.randint(0, 50, (7, 5)), torch.randint(0, 3, (7,)))
+    test = (torch.randint(0, 50, (3, 5)), torch.randint(0, 3, (3,)))
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tc.SlowPathWarning)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+        routes = {r.parameter: (r.route, r.reason) for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
+    if words is ScaledEmbedding:
+        assert {route for route, _ in routes.values()} <= {"factored", "materialised"}, routes
+    else:
+        assert routes["words.weight"] == ("vmap", "'words' is also used outside the layer (tied weight, direct use "
+                                          "or a term of the loss)")
+
+
+class FlattensTokens(nn.Module):
+    """OPT's decoder MLP: tokens flattened into rows ``[B T, d]`` before the Linear layers, restored after."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.up, self.down, self.fc = nn.Embedding(50, 8), nn.Linear(8, 12), nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        flat = self.down(torch.tanh(self.up(h.reshape(-1, h.shape[-1]))))
+        return self.fc((h + flat.reshape(h.shape)).mean(1))
+
+
+class FramesInBatch(nn.Module):
+    """Video frames merged into the batch for a convolution: its rows are frames, which a conv site cannot split."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 3, 3, padding=1), nn.Linear(3, 3)
+
+    def forward(self, video):  # [B, F, 1, H, W]
+        b = video.shape[0]
+        frames = self.conv(video.flatten(0, 1))  # [B F, 3, H, W]
+        return self.fc(frames.mean((2, 3)).reshape(b, -1, 3).mean(1))
+
+
+def test_rows_of_examples_merged_into_the_batch_dimension():
+    """A token-wise layer fed ``[B T, d]`` gets its rows split per example (checked example-major on the first
+    examples) and runs batched; a convolution fed frames merged into the batch is refused, naming the layer."""
+    torch.manual_seed(0)
+    model = FlattensTokens().double().eval()
+    ckpts = _ckpts(model)
+    train = (torch.randint(0, 50, (7, 5)), torch.randint(0, 3, (7,)))
+    test = (torch.randint(0, 50, (3, 5)), torch.randint(0, 3, (3,)))
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+    model = FramesInBatch().double().eval()
+    ckpts = _ckpts(model)
+    train = (torch.randn(5, 2, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    ref = reference_scores(model, ckpts, train, train, loss_fn=CE)
+    with pytest.warns(tc.SlowPathWarning, match=r"'conv.weight' \('conv' sees 2 rows for one example \(the model "):
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)

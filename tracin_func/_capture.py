@@ -21,12 +21,15 @@ from typing import TYPE_CHECKING, Any, Union
 
 import optree
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import grad
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
 
 from ._grads import Mapper, Tensors, batch_of_one, example_at, scalar_loss
-from ._layers import Site, layer_output, recorded_input
+from ._layers import Site, embedding_call_site, layer_output, recorded_input, token_wise
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, summed_example_losses
 from ._recurrent import unrolled
 
@@ -41,16 +44,60 @@ BatchableLoss = Union[CriterionLoss, BatchedLoss]  # losses whose model runs on 
 @contextmanager
 def hooked(module: nn.Module, hooks: Mapping[str, Hook]) -> Iterator[None]:
     """Forward hooks on the submodules at the given paths, for the duration of the block. A path that is not a
-    module's names a product of a recurrent layer, which then runs as unrolled cells (``_recurrent.unrolled``)."""
+    module's names a product of a recurrent layer, which then runs as unrolled cells (``_recurrent.unrolled``); an
+    Embedding subclass with its own forward is hooked at its ``F.embedding`` call (``_layers.embedding_call_site``)."""
     modules = dict(module.named_modules())
     products = {path: hook for path, hook in hooks.items() if path not in modules}
-    handles = [modules[path].register_forward_hook(hook) for path, hook in hooks.items() if path in modules]
+    handles = []
+    for path, hook in hooks.items():
+        layer = modules.get(path)
+        if layer is not None and embedding_call_site(layer):
+            handles += _at_embedding_calls(layer, hook)
+        elif layer is not None:
+            handles.append(layer.register_forward_hook(hook))
     try:
         with unrolled(modules, products):
             yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _at_embedding_calls(layer: nn.Module, hook: Hook) -> list[RemovableHandle]:
+    """Run ``hook(layer, (ids,), out)`` at each ``F.embedding`` call of ``layer``'s forward on its own weight and
+    configuration, its result replacing ``out`` (as a forward hook's does); a mode active only during the forward."""
+    calls = _EmbeddingCalls(layer, hook)
+
+    def enter(*_: Any) -> None:  # returns None: a pre-hook's result would replace the layer's inputs
+        calls.__enter__()
+
+    def leave(*_: Any) -> None:
+        calls.__exit__(None, None, None)
+
+    return [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave, always_call=True)]
+
+
+_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+
+
+class _EmbeddingCalls(TorchFunctionMode):
+    def __init__(self, layer: nn.Module, hook: Hook) -> None:
+        super().__init__()
+        self.layer, self.hook = layer, hook
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is not F.embedding:
+            return out
+        layer, named = self.layer, dict(zip(_EMBEDDING_ARGS, args), **kwargs)
+        padding = named.get("padding_idx")
+        padding = padding + layer.weight.shape[0] if padding is not None and padding < 0 else padding
+        own = named["weight"] is layer.weight and padding == layer.padding_idx and named.get("max_norm") is None
+        if not own or named.get("scale_grad_by_freq", False) or named.get("sparse", False):
+            return out  # another configuration: an unhooked use of the weight, which discovery refuses
+        replaced = self.hook(layer, (named["input"],), out)
+        return out if replaced is None else replaced
 
 
 def discover(
@@ -141,9 +188,20 @@ def batched_factors(
         grads = torch.autograd.grad(total, [edge for _, edge in flat], allow_unused=True)
     grads = iter(torch.zeros_like(like) if g is None else g for g, (like, _) in zip(grads, flat))
     factors = {s.path: (inputs[s.path], [next(grads) for _ in outputs[s.path]]) for s in plan.sites}
+    modules = dict(module.named_modules())
+    for site in plan.sites:  # a token-wise layer fed [n T, d] (OPT flattens tokens before its MLP): rows per example
+        if token_wise(modules.get(site.path), site):
+            xs, gs = factors[site.path]
+            factors[site.path] = ([_split_rows(x, n) for x in xs], [_split_rows(g, n) for g in gs])
     for site in expanded:  # no inputs: the per-example gradients themselves, [B, *shape]
         factors[site.path] = ([], [next(grads).reshape(n, *shapes[name]) for name in site.names])
     return factors
+
+
+def _split_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n k, ...]`` as ``[n, k, ...]`` (example-major, as planning checks on the first examples), else ``t``."""
+    rows = t.shape[0]
+    return t.reshape(n, rows // n, *t.shape[1:]) if rows != n and rows % n == 0 and t.dim() > 1 else t
 
 
 def _expanded(p: torch.Tensor, n: int, rank: int) -> torch.Tensor:

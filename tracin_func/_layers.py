@@ -146,10 +146,20 @@ def global_hooks_present() -> bool:
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks)
 
 
+def embedding_call_site(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` subclass with its own ``forward`` (Gemma's scaled word embedding, OPT's and BART's learned
+    positions with an offset): a site whose factors are taken where it calls ``F.embedding`` on its own weight, with
+    its own configuration (``_capture.hooked``); whatever the forward does around that call is differentiated as
+    usual, and any other use of the weight is found by discovery."""
+    plain_call = type(module).__call__ is nn.Module.__call__ and not wrapped(module)
+    own = isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward
+    return plain_call and own and module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+
+
 def site_kind(module: nn.Module) -> str | None:
     """The factored form of a provably plain layer ("linear", "conv", "embedding", "norm"), else None."""
     if not _is_plain(module):
-        return None
+        return "embedding" if embedding_call_site(module) else None
     if isinstance(module, nn.Linear) or _is_transformers_conv1d(module):
         return "linear"
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
@@ -217,6 +227,12 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
             conv1d = _is_transformers_conv1d(module)
             sites[path] = Site(path, kind, weight, bias, shape, conv1d, groups, bool(shared))
     return sites
+
+
+def token_wise(layer: nn.Module | None, site: Site) -> bool:
+    """A layer that treats every row of its input alike (a Linear, an Embedding, a LayerNorm / RMSNorm): fed the
+    rows of several examples merged into one dimension (``[B T, d]``), it still gives each example's factors."""
+    return site.kind in ("linear", "embedding") or isinstance(layer, (nn.LayerNorm, nn.RMSNorm))
 
 
 def layer_output(module: nn.Module, site: Site, x: torch.Tensor, *, detach: bool) -> torch.Tensor:

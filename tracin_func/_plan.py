@@ -17,7 +17,7 @@ from ._attention import why_not_unrolled as why_not_attention
 from ._capture import BatchableLoss, Hook, batched_factors, discover, hooked
 from ._data import slice_batch
 from ._grads import Mapper, Tensors
-from ._layers import Site, factorable_sites, global_hooks_present, input_rows, site_kind, why_not_a_site
+from ._layers import Site, factorable_sites, global_hooks_present, input_rows, site_kind, token_wise, why_not_a_site
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
 from ._purity import check_forward
 from ._recurrent import recurrent_sites, why_not_unrolled
@@ -138,6 +138,7 @@ def make_plan(
         sites = {**factorable_sites(module, names), **recurrent_sites(module, names)}
     reasons = {n: _why_dense(module, n, factored) for n in _not_in_sites(names, sites.values())}
     kernel, rows_of = set(), {}
+    modules = dict(module.named_modules()) if module is not None else {}
     truth: list[dict[str, torch.Tensor]] = []  # per loss: the first example's gradients of "expanded" parameters
     for loss in losses if sites else ():
         calls, leaked = discover(module, loss, list(sites.values()), diff, frozen, batch)
@@ -152,6 +153,12 @@ def make_plan(
                     reasons.update({n: why for n in site.names})
                     continue
                 sites[path] = site = site._replace(rank=len(calls[path][0] or ()))
+            elif calls[path] and not token_wise(modules.get(path), site) and any(s[0] != 1 for s in calls[path]):
+                rows = next(s[0] for s in calls[path] if s[0] != 1)
+                why = f"{path!r} sees {rows} rows for one example (the model merges the batch with another dimension)"
+                del sites[path]
+                reasons.update({n: why for n in site.names})
+                continue
             elif not calls[path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
                 why = "not called as a module" if not calls[path] else "also used outside the layer (tied weight, "
                 why += "" if not calls[path] else "direct use or a term of the loss)"
@@ -391,7 +398,9 @@ def _batching_refused(
                 ), {}
         for path, (xs, gs) in together.items():
             singles = _concat_examples([a[path] for a in alone])
-            if singles is None or len(singles) != len(xs) + len(gs) or not all(map(_close, singles, [*xs, *gs])):
+            per_example = all(t.shape[0] == n for t in xs + gs)  # not: rows that did not split into examples
+            same = singles is not None and len(singles) == len(xs) + len(gs) and all(map(_close, singles, [*xs, *gs]))
+            if not (per_example and same):
                 return (
                     f"a batched forward changed the first examples' factors at {path!r} (examples interact, e.g. "
                     f"through batch statistics, or the layer's input is not batch-first, like a sequence-first "
