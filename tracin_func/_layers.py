@@ -176,20 +176,19 @@ def site_kind(module: nn.Module) -> str | None:
 
 
 def expandable(module: nn.Module) -> bool:
-    """A layer of no known kind whose own parameters are vectors named ``weight`` / ``bias`` (an RMSNorm of
-    Llama-style models, T5's LayerNorm) or rows ``[1, ...]`` (ViT's class token and position embeddings). If it uses
-    the vectors elementwise on its output's last dimension and broadcasts the rows over the batch, copies expanded
-    over the batch (``[B, 1, ..., d]``, ``[B, ...]``) give each example its own gradient in one batched pass.
-    Planning checks that use (shapes, the first example's true gradient, the first examples alone and together)."""
+    """A layer of no known kind whose own parameters are vectors (the weight of Llama's RMSNorm or T5's LayerNorm,
+    ConvNeXt's layer scale) or rows ``[1, ...]`` (ViT's class token and position embeddings). If it uses the vectors
+    elementwise on a tensor of its output's rank and broadcasts the rows over the batch, copies expanded over the
+    batch (``[B, 1, ..., d]``, ``[B, ...]``) give each example its own gradient in one batched pass. Planning checks
+    that use (the first example's true gradient, the first examples alone and together, no shape error)."""
     own = dict(module.named_parameters(recurse=False))
     plain_call = type(module).__call__ is nn.Module.__call__ and not wrapped(module)
     torch_layer = type(module).__module__.startswith("torch.")  # known semantics: a site kind, or none applies
-    return plain_call and not torch_layer and bool(own) and all(map(_expandable_parameter, own.items()))
+    return plain_call and not torch_layer and bool(own) and all(map(_expandable_parameter, own.values()))
 
 
-def _expandable_parameter(item: tuple[str, torch.Tensor]) -> bool:
-    name, p = item
-    return (name in ("weight", "bias") and p.dim() == 1) or (p.dim() >= 2 and p.shape[0] == 1)
+def _expandable_parameter(p: torch.Tensor) -> bool:
+    return p.dim() == 1 or (p.dim() >= 2 and p.shape[0] == 1)
 
 
 def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, Site]:

@@ -235,19 +235,15 @@ def _matches_per_pair(ids: torch.Tensor, vocab: int) -> float:
 
 
 def _why_not_expanded(site: Site, shapes: Sequence[tuple[int, ...] | None], diff: Tensors) -> str:
-    """Why an "expanded" site cannot take copies of its vectors (``""`` when it can, or has rows only): every call's
-    output must be a tensor ending in their length, after a batch dimension, at one rank."""
-    sizes = {diff[n].shape[0] for n in site.names if diff[n].dim() == 1}
-    if not sizes:
+    """Why an "expanded" site cannot take copies of its vectors (``""`` when it can, or has rows only): its calls'
+    outputs must be tensors of one rank, with a batch dimension, which sets the copies' shape."""
+    if not any(diff[n].dim() == 1 for n in site.names):
         return ""
     if any(s is None for s in shapes):
         return f"{site.path!r} has no factored form, and its output is not a tensor"
-    if len({len(s) for s in shapes}) == 1 and all(len(s) >= 2 and {s[-1]} == sizes for s in shapes):
+    if len({len(s) for s in shapes}) == 1 and len(shapes[0]) >= 2:
         return ""
-    return (
-        f"{site.path!r} has no factored form, and its output {list(shapes[0])} does not end in its vectors' length "
-        f"{sorted(sizes)} (as an elementwise scale's would)"
-    )
+    return f"{site.path!r} has no factored form, and its outputs {[list(s) for s in shapes]} have no one batched rank"
 
 
 def _unexpanded(plan: Plan) -> Plan:
