@@ -103,7 +103,7 @@ class _EmbeddingCalls(TorchFunctionMode):
 def discover(
     module: nn.Module, loss: ExampleLossFn, sites: Sequence[Site], diff: Tensors, frozen: Tensors, batch: Any
 ) -> tuple[dict[str, list[tuple[int, ...] | None]], dict[str, torch.Tensor]]:
-    """Run the first example of ``batch`` under ``grad`` with each site's own parameter use detached.
+    """Run the first example of ``batch`` (plain autograd) with each site's own parameter use detached.
 
     Returns each site's output shapes (one per call; None: not a tensor) and the gradient that still reaches each
     differentiated parameter: a site's parameters must get none, since another use (a direct
