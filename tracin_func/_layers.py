@@ -408,9 +408,12 @@ def materialize(site: Site, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch
         w = torch.zeros(g.shape[0], site.weight_shape[0], g.shape[-1], dtype=g.dtype, device=g.device)
         out[site.weight] = scatter_rows(a, g, w)
         return out
-    if site.weight is not None:
+    if site.weight is not None and a.shape[1] == 1:  # outer products: einsum multiplies without a GEMM
         spec = "bti,bto->bio" if site.transposed else "bti,bto->boi"
         out[site.weight] = torch.einsum(spec, a, g).reshape(-1, *site.weight_shape)
+    elif site.weight is not None:  # one GEMM per example in the weight's layout (einsum may permute and copy)
+        grads = torch.bmm(a.transpose(1, 2), g) if site.transposed else torch.bmm(g.transpose(1, 2), a)
+        out[site.weight] = grads.reshape(-1, *site.weight_shape)
     if site.bias is not None:
         out[site.bias] = g.sum(1)
     return out
