@@ -83,21 +83,27 @@ def _check_loss(loss_fn: Any, name: str) -> None:
         )
 
 
-# On CPU, a batch whose per-example tensors outgrow the caches runs slower: the digits CNN's influence took 1.25 s in
-# batches of 512 and 1.38 s in one batch of 1500 (self-influence 0.93 s and 0.98 s; best of 7, interleaved). Small
-# examples still need many per batch to amortise its fixed costs (digits MLP self-influence: 0.09 s in batches of 512,
-# 0.07 s in one of 1500), so the cap is 512 examples or 16 MB of representations, whichever holds more.
-_CPU_BATCH_EXAMPLES = 512
-_CPU_BATCH_BYTES = 1 << 24
+# On CPU, a batch whose per-example tensors outgrow the caches runs slower: scoring reads a batch's representations
+# back after its backward pass, from memory once they no longer fit the last-level cache. Large representations get
+# 32 MB per batch (the tiny transformer's influence, 277 KB per example: 1.60 s in batches of 125, 1.90 s of 500;
+# GPT-2 / BERT / Llama / ViT, 250-670 KB: 2-14% faster in batches of 100 than of 200), but at least 128 examples
+# (fixed costs per batch: MobileNet's influence took 1.97 s in batches of 50, 1.90 s of 100). Small ones keep 512
+# per batch, or 16 MB when that holds more (the digits CNN, 27 KB: 1.25 s at 512, 1.38 s in one batch of 1500; the
+# MLP, 2.4 KB, runs fastest in one batch of 1500).
+_CPU_BATCH_EXAMPLES = (128, 512)
+_CPU_SMALL_BATCH_BYTES = 1 << 24
+_CPU_BATCH_BYTES = 1 << 25
 
 
 def auto_batch_size(example_bytes: int, device: torch.device, budget_bytes: int = 1 << 28) -> int:
-    """Examples per batch whose gradient representations fit ``budget`` (16 to 4096); on CPU at most 512 examples
-    or 16 MB of representations, whichever holds more."""
+    """Examples per batch whose gradient representations fit ``budget`` (16 to 4096); on CPU 32 MB of
+    representations, 128 to 512 examples, or more when 16 MB holds more (small examples)."""
     example_bytes = max(1, example_bytes)
     most = budget_bytes // example_bytes
     if device.type == "cpu":
-        most = min(most, max(_CPU_BATCH_EXAMPLES, _CPU_BATCH_BYTES // example_bytes))
+        fewest, usual = _CPU_BATCH_EXAMPLES
+        small = max(usual, _CPU_SMALL_BATCH_BYTES // example_bytes)
+        most = min(most, max(fewest, min(small, _CPU_BATCH_BYTES // example_bytes)))
     return max(16, min(4096, most))
 
 
