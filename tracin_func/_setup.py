@@ -101,9 +101,10 @@ def auto_batch_size(example_bytes: int, device: torch.device, budget_bytes: int 
     example_bytes = max(1, example_bytes)
     most = budget_bytes // example_bytes
     if device.type == "cpu":
-        fewest, usual = _CPU_BATCH_EXAMPLES
-        small = max(usual, _CPU_SMALL_BATCH_BYTES // example_bytes)
-        most = min(most, max(fewest, min(small, _CPU_BATCH_BYTES // example_bytes)))
+        fewest, most_examples = _CPU_BATCH_EXAMPLES
+        cached = _CPU_BATCH_BYTES // example_bytes
+        small = _CPU_SMALL_BATCH_BYTES // example_bytes  # above 512 for small examples only
+        most = min(most, max(fewest, min(cached, max(most_examples, small))))
     return max(16, min(4096, most))
 
 
