@@ -229,6 +229,14 @@ def _lengths(n: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(max(2, seq_len // 2), seq_len + 1, (n,), generator=generator)
 
 
+def _right_padded(n: int, seq_len: int, vocab: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids ``[n, seq_len]`` whose last positions (a random number, ``_lengths``) are padding (id 0),
+    and the padding mask."""
+    ids = torch.randint(0, vocab, (n, seq_len), generator=generator)
+    pad = torch.arange(seq_len) >= _lengths(n, seq_len, generator)[:, None]
+    return ids.masked_fill(pad, 0), pad
+
+
 def _split(t: Any, n_train: int) -> tuple[Any, Any]:
     if isinstance(t, Mapping):
         return {k: v[:n_train] for k, v in t.items()}, {k: v[n_train:] for k, v in t.items()}
@@ -259,9 +267,7 @@ def gpt2(
     hf.loss_type = "ForCausalLM"  # the default it would pick, with a warning, from the class name
     generator = torch.Generator().manual_seed(seed + 1)
     n = n_train + n_test
-    ids = torch.randint(0, config.vocab_size, (n, seq_len), generator=generator)
-    pad = torch.arange(seq_len) >= _lengths(n, seq_len, generator)[:, None]
-    ids = ids.masked_fill(pad, 0)
+    ids, pad = _right_padded(n, seq_len, config.vocab_size, generator)
     labels = ids.masked_fill(pad, -100)
     checkpoints = make_checkpoints(hf, seed + 2)
     return _hf_workload("gpt2", hf, checkpoints, {"input_ids": ids, "labels": labels}, n_train, form, CausalLMLoss())
@@ -289,9 +295,8 @@ def llama(
     hf = LlamaForCausalLM(config).to(dtype).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     n = n_train + n_test
-    ids = torch.randint(0, config.vocab_size, (n, seq_len), generator=generator)
-    pad = torch.arange(seq_len) >= _lengths(n, seq_len, generator)[:, None]
-    data = {"input_ids": ids.masked_fill(pad, 0), "attention_mask": (~pad).long(), "labels": ids.masked_fill(pad, -100)}
+    ids, pad = _right_padded(n, seq_len, config.vocab_size, generator)
+    data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": ids.masked_fill(pad, -100)}
     checkpoints = make_checkpoints(hf, seed + 2)
     return _hf_workload("llama", hf, checkpoints, data, n_train, form, CausalLMLoss())
 
