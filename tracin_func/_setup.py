@@ -87,23 +87,24 @@ def _check_loss(loss_fn: Any, name: str) -> None:
 # back after its backward pass, from memory once they no longer fit the last-level cache. Large representations get
 # 32 MB per batch (the tiny transformer's influence, 277 KB per example: 1.60 s in batches of 125, 1.90 s of 500;
 # GPT-2 / BERT / Llama / ViT, 250-670 KB: 2-14% faster in batches of 100 than of 200), but at least 128 examples
-# (fixed costs per batch: MobileNet's influence took 1.97 s in batches of 50, 1.90 s of 100). Small ones keep 512
-# per batch, or 16 MB when that holds more (the digits CNN, 27 KB: 1.25 s at 512, 1.38 s in one batch of 1500; the
-# MLP, 2.4 KB, runs fastest in one batch of 1500).
-_CPU_BATCH_EXAMPLES = (128, 512)
-_CPU_SMALL_BATCH_BYTES = 1 << 24
+# (fixed costs per batch: MobileNet's influence took 1.97 s in batches of 50, 1.90 s of 100). Small ones get 256
+# per batch (the digits CNN, 27 KB: self-influence 0.35 s in batches of 250, 0.36 s of 375, 0.50 s of 500; influence
+# 0.49 / 0.54 / 0.58 s; timed alternately in one process), or 4 MB when that holds more (the digits MLP, 2.4 KB,
+# runs fastest in one batch of 1500).
+_CPU_BATCH_EXAMPLES = (128, 256)
+_CPU_SMALL_BATCH_BYTES = 1 << 22
 _CPU_BATCH_BYTES = 1 << 25
 
 
 def auto_batch_size(example_bytes: int, device: torch.device, budget_bytes: int = 1 << 28) -> int:
     """Examples per batch whose gradient representations fit ``budget`` (16 to 4096); on CPU 32 MB of
-    representations, 128 to 512 examples, or more when 16 MB holds more (small examples)."""
+    representations, 128 to 256 examples, or more when 4 MB holds more (small examples)."""
     example_bytes = max(1, example_bytes)
     most = budget_bytes // example_bytes
     if device.type == "cpu":
         fewest, most_examples = _CPU_BATCH_EXAMPLES
         cached = _CPU_BATCH_BYTES // example_bytes
-        small = _CPU_SMALL_BATCH_BYTES // example_bytes  # above 512 for small examples only
+        small = _CPU_SMALL_BATCH_BYTES // example_bytes  # above 256 for small examples only
         most = min(most, max(fewest, min(cached, max(most_examples, small))))
     return max(16, min(4096, most))
 
