@@ -237,7 +237,7 @@ def real_forms(name: str, n_test: int, n_train: int) -> list[real_models.RealWor
     first: the issue's form) and as a logits criterion (Captum's only form); the others as a criterion. (The third
     form, ``tc.ExampleLoss`` of the model's own ``.loss``, runs one example at a time by definition.)"""
     build = real_models.BUILDERS[name]
-    if name in ("gpt2", "bert", "llama", "vit"):
+    if name in real_models.HF_MODELS:
         return [build(n_train, n_test, form=form) for form in ("batch_loss", "criterion")]
     return [build(n_train, n_test)]
 

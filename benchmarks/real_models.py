@@ -66,6 +66,7 @@ LRS = (0.1, 0.05, 0.02)  # learning rates of the three checkpoints
 NOISE = 0.05  # checkpoint noise, relative to each parameter's RMS (absolute where the RMS is 0)
 
 BatchLoss = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]  # (state, batch) -> summed per-example loss
+HF_MODELS = ("gpt2", "bert", "llama", "vit")  # builders of Hugging Face models (``form=`` selects the loss form)
 
 
 @dataclass(frozen=True)
@@ -261,9 +262,7 @@ def gpt2(
     config = GPT2Config(
         n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64, bos_token_id=0, eos_token_id=0
     )  # GPT-2's own token ids (50256) lie outside this vocabulary
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(config).to(dtype).eval()
+    hf = _hf_model(GPT2LMHeadModel, config, dtype, seed)
     hf.loss_type = "ForCausalLM"  # the default it would pick, with a warning, from the class name
     generator = torch.Generator().manual_seed(seed + 1)
     n = n_train + n_test
@@ -290,9 +289,7 @@ def llama(
         num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=1000, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    hf = LlamaForCausalLM(config).to(dtype).eval()
+    hf = _hf_model(LlamaForCausalLM, config, dtype, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     n = n_train + n_test
     ids, pad = _right_padded(n, seq_len, config.vocab_size, generator)
@@ -317,9 +314,7 @@ def vit(
         image_size=image_size, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2,
         num_attention_heads=4, intermediate_size=128, num_labels=10,
     )  # fmt: skip
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    hf = ViTForImageClassification(config).to(dtype).eval()
+    hf = _hf_model(ViTForImageClassification, config, dtype, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     n = n_train + n_test
     images = torch.randn(n, 3, image_size, image_size, generator=generator, dtype=dtype)
@@ -349,9 +344,7 @@ def bert(
         num_labels=4,
         problem_type="single_label_classification",  # else transformers sets it on the first call
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    hf = BertForSequenceClassification(config).to(dtype).eval()
+    hf = _hf_model(BertForSequenceClassification, config, dtype, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     n = n_train + n_test
     mask = (torch.arange(seq_len) < _lengths(n, seq_len, generator)[:, None]).long()
@@ -360,6 +353,13 @@ def bert(
     data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     checkpoints = make_checkpoints(hf, seed + 2)
     return _hf_workload("bert", hf, checkpoints, data, n_train, form, nn.CrossEntropyLoss())
+
+
+def _hf_model(model_class: type, config: Any, dtype: torch.dtype, seed: int) -> nn.Module:
+    """A Hugging Face model with seeded random weights, eager attention (the same ops in every run), in eval mode."""
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return model_class(config).to(dtype).eval()
 
 
 def _hf_workload(

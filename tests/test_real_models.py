@@ -49,7 +49,7 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "mobilenet": lambda: rm.mobilenet(N_TRAIN, N_TEST, IMAGE, width=0.5, dtype=F64),
     "lstm": lambda: rm.lstm(N_TRAIN, N_TEST, SEQ, dtype=F64),
 }
-HF = {f"{m}_{form}" for m in ("gpt2", "bert", "llama", "vit") for form in ("batch_loss", "example_loss", "criterion")}
+HF = {f"{m}_{form}" for m in rm.HF_MODELS for form in ("batch_loss", "example_loss", "criterion")}
 
 pytestmark = [  # the slow-path and loop-fallback notices (routes are not what these tests check)
     pytest.mark.filterwarnings("ignore:This call runs vmap"),

@@ -200,7 +200,6 @@ def make_plan(
     plan = plan._replace(batched=True, batching="one batched forward / backward gives every layer's factors")
     if factored or self_only:
         return plan
-    modules = dict(module.named_modules())
     for site in plan.sites:  # token rows pay per matching pair of tokens: check how often the ids really recur
         if site.kind != "embedding" or site.path not in kernel:
             continue
@@ -387,7 +386,7 @@ def _batching_refused(
         except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes
             return f"a batched forward failed where examples alone ran ({_cause(err)})", {}
         for site in expanded:
-            if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[n] for n in site.names))):
+            if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[name] for name in site.names))):
                 return (
                     f"copies of {site.path!r}'s parameters expanded over the batch did not give the first example "
                     f"its gradient (the layer does not use them elementwise or broadcast over the batch)"
