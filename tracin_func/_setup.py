@@ -86,7 +86,7 @@ def _check_loss(loss_fn: Any, name: str) -> None:
 # On CPU, a batch whose per-example tensors outgrow the caches runs slower: scoring reads a batch's representations
 # back after its backward pass, from memory once they no longer fit the last-level cache. Large representations get
 # 32 MB per batch (the tiny transformer's influence, 277 KB per example: 1.60 s in batches of 125, 1.90 s of 500;
-# GPT-2 / BERT / Llama / ViT, 250-670 KB: 2-14% faster in batches of 100 than of 200), but at least 128 examples
+# GPT-2 / BERT / Llama / ViT, 250-670 KB: 6-24% faster in batches of 100 than of 200), but at least 128 examples
 # (fixed costs per batch: MobileNet's influence took 1.97 s in batches of 50, 1.90 s of 100). Small ones get 256
 # per batch (the digits CNN, 27 KB: self-influence 0.35 s in batches of 250, 0.36 s of 375, 0.50 s of 500; influence
 # 0.49 / 0.54 / 0.58 s; timed alternately in one process), or 4 MB when that holds more (the digits MLP, 2.4 KB,
