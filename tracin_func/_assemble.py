@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,7 +13,7 @@ from ._capture import Factors, batched_factors, vmapped_factors
 from ._grads import Mapper, Tensors, dense_grads
 from ._layers import Site, input_rows, materialize, output_rows, per_example_grads, scatter_rows
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
-from ._representations import Dense, Factored, Part, Representation, Rows, Tied
+from ._representations import Deferred, Dense, Factored, Part, Representation, Rows, Tied
 
 if TYPE_CHECKING:
     from ._plan import Plan
@@ -22,7 +23,7 @@ RepresentationFn = Callable[[Tensors, Tensors, Any], Representation]  # (diff, f
 
 def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], factors: Factors) -> Representation:
     """Kernel sites become factored parts, other Embeddings the rows their ids touch; the other sites are
-    materialised next to the dense gradients."""
+    materialised next to the dense gradients, or, for a plan scoring pairs, Linears when scored (``Deferred``)."""
     modules = dict(module.named_modules())
     parts: list[Part] = []
     dense = dict(dense)
@@ -36,15 +37,20 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
         rows_kept = site.kind == "embedding" and not site.tied  # materialised on the rows its ids touch only
         if site.kind == "expanded":  # its "output gradients" are its per-example gradients
             grads = [dict(zip(site.names, gs))]
-        elif site.path in plan.kernel or site.owner is not None or rows_kept:  # owner: a recurrent product
-            a = _cat([input_rows(layer, site, x) for x in xs], dim=1)  # every call (time step) at once
-            g = _cat([output_rows(site, g) for g in gs], dim=1)
-            if site.path in plan.kernel or rows_kept:
-                parts.append(Factored(site, a, g) if site.path in plan.kernel else Rows.of(site, a, g))
-                continue
-            grads = [materialize(site, a, g)]  # every step's rows at once
         else:
-            grads = [per_example_grads(layer, site, x, g) for x, g in zip(xs, gs)]
+            if site.path in plan.kernel or site.owner is not None or rows_kept:  # owner: a recurrent product
+                a = _cat([input_rows(layer, site, x) for x in xs], dim=1)  # every call (time step) at once
+                g = _cat([output_rows(site, g) for g in gs], dim=1)
+                if site.path in plan.kernel or rows_kept:
+                    parts.append(Factored(site, a, g) if site.path in plan.kernel else Rows.of(site, a, g))
+                    continue
+                forms = [partial(materialize, site, a, g)]  # every step's rows at once
+            else:
+                forms = [partial(per_example_grads, layer, site, x, g) for x, g in zip(xs, gs)]
+            if plan.deferred and site.kind == "linear" and not site.tied:
+                parts.append(Deferred(site, partial(_summed, forms), gs[0].shape[0]))
+                continue
+            grads = [form() for form in forms]
         captured = {t.untyped_storage().data_ptr() for t in (*xs, *gs)}  # a grad may alias one (a norm's bias)
         for grads_ in grads:
             for name, grad_ in grads_.items():
@@ -58,6 +64,14 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
     if dense:
         parts.insert(0, Dense(dense))
     return Representation(_tied_uses_together(parts), plan.names)
+
+
+def _summed(forms: Sequence[Callable[[], dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """The per-example gradients of a layer's calls, summed (a layer called once: its own)."""
+    out = forms[0]()
+    for form in forms[1:]:
+        out = {name: out[name] + grad for name, grad in form().items()}
+    return out
 
 
 def _tied_uses_together(parts: list[Part]) -> tuple[Part, ...]:

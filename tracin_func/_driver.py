@@ -194,12 +194,11 @@ def query_chunks(
     for planned, offset, batch in planned_batches(setup, test, "test", "test gradients"):
         for c, ckpt in enumerate(setup.checkpoints):
             with naming_failures(setup.test_loss, setup, batch, "test", offset):
-                rep = planned.updates.test(ckpt, batch)
+                rep = planned.updates.test(ckpt, batch).for_test()
             sq_norm = rep.sq_norm()
             _check_finite(sq_norm, 0, offset, "test", c)
             if cosine:
                 scales[c].append(inverse_norm(sq_norm))
-            rep = rep.for_test()
             per_ckpt[c].append(rep.total() if total else rep)
             size += _nbytes(per_ckpt[c][-1])
         if budget is not None and size >= budget and not total:

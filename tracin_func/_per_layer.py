@@ -47,9 +47,9 @@ def _pieces(a: Representation, b: Representation, module: bool) -> Iterator[tupl
         groups: dict[str, list[str]] = {}
         for name in p.grads:
             groups.setdefault(layer_of(name, module=module), []).append(name)
-        assert isinstance(q, Dense)
+        q_grads = q.materialize()  # a training side's deferred layer
         for layer, names in groups.items():
-            yield layer, Dense({n: p.grads[n] for n in names}), Dense({n: q.grads[n] for n in names})
+            yield layer, Dense({n: p.grads[n] for n in names}), Dense({n: q_grads[n] for n in names})
 
 
 def _summed(rep: Representation, terms: Iterator[tuple[str, torch.Tensor]], module: bool) -> dict[str, torch.Tensor]:

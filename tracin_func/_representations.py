@@ -5,6 +5,7 @@ Every part offers the same operations, so scorers never look inside:
 sum over examples, B = 1) and ``concat([a, b, ...])`` along examples.
 
 - ``Dense``: materialised per-sample gradients, reduced leaf by leaf (never concatenated into one copy).
+- ``Deferred``: a layer's per-sample gradients formed from its factors when scored, used while in cache.
 - ``Factored``: a Linear / Conv / Embedding layer kept as input rows ``A`` and output gradients ``G``; inner
   products are exact without forming any per-sample gradient: ``<g_i, g_j> = sum((A_i A_j^T) * (G_i G_j^T))``.
 - ``TokenRows``: an Embedding's test-side gradients as their non-zero rows, matched to training tokens by id.
@@ -15,7 +16,7 @@ sum over examples, B = 1) and ``concat([a, b, ...])`` along examples.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Union
 
 import torch
@@ -37,8 +38,9 @@ class Dense(NamedTuple):
 
     grads: dict[str, torch.Tensor]
 
-    def dot(self, other: Dense) -> torch.Tensor:
-        return sum(_rows(a) @ _rows(other.grads[name]).T for name, a in self.grads.items())
+    def dot(self, other: Dense | Deferred) -> torch.Tensor:
+        grads = other.materialize()  # a deferred layer's gradients are formed here, used while in cache
+        return sum(_rows(a) @ _rows(grads[name]).T for name, a in self.grads.items())
 
     def sq_norm(self) -> torch.Tensor:
         return sum(_rows(g).square().sum(1) for g in self.grads.values())
@@ -55,6 +57,36 @@ class Dense(NamedTuple):
     @staticmethod
     def concat(parts: Sequence[Dense]) -> Dense:
         return Dense({name: torch.cat([p.grads[name] for p in parts]) for name in parts[0].grads})
+
+
+class Deferred(NamedTuple):
+    """One layer's per-example gradients, formed when scored (``form()``: ``{name: [B, *shape]}``) and dropped
+    after: each layer's gradients are read while still in cache, instead of every layer's being written out
+    before any is scored. Formed at each use: a caller using it more than once forms it first
+    (``Representation.formed``; the test side, ``for_test``)."""
+
+    site: Site
+    form: Callable[[], dict[str, torch.Tensor]]
+    n: int  # examples
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        return self.form()
+
+    def dot(self, other: Dense | Deferred) -> torch.Tensor:
+        return Dense(self.form()).dot(other)
+
+    def sq_norm(self) -> torch.Tensor:
+        return Dense(self.form()).sq_norm()
+
+    def project(self, seed: int, k: int) -> torch.Tensor:
+        return Dense(self.form()).project(seed, k)
+
+    def total(self) -> Dense:
+        return Dense(self.form()).total()
+
+    @staticmethod
+    def concat(parts: Sequence[Deferred]) -> Dense:
+        return Dense.concat([Dense(p.form()) for p in parts])
 
 
 def _same_token(ids1: torch.Tensor, ids2: torch.Tensor) -> torch.Tensor:
@@ -326,7 +358,7 @@ def _gathered(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(rows, 2, index) * (ids >= 0)[:, None, :].to(rows.dtype)
 
 
-Part = Union[Dense, Factored, TokenRows, Tied, Rows]
+Part = Union[Dense, Deferred, Factored, TokenRows, Tied, Rows]
 
 
 class Representation(NamedTuple):
@@ -344,7 +376,7 @@ class Representation(NamedTuple):
             first = first.uses[0]
         if isinstance(first, Rows):
             return first.g.shape[0]
-        return first.n if isinstance(first, TokenRows) else first.a.shape[0]
+        return first.n if isinstance(first, (TokenRows, Deferred)) else first.a.shape[0]
 
     def dot(self, other: Representation) -> torch.Tensor:
         return sum(a.dot(b) for a, b in zip(self.parts, other.parts))
@@ -364,12 +396,18 @@ class Representation(NamedTuple):
     def total(self) -> Representation:
         return Representation(tuple(p.total() for p in self.parts), self.names)
 
+    def formed(self) -> Representation:
+        """Deferred layers formed once: for a representation used more than once (a norm and a dot)."""
+        if not any(isinstance(p, Deferred) for p in self.parts):
+            return self
+        return Representation(tuple(Dense(p.form()) if isinstance(p, Deferred) else p for p in self.parts), self.names)
+
     def for_test(self) -> Representation:
-        """The test side: Embedding factors summed into rows per (example, token), matched by each training batch."""
-        parts = tuple(
-            TokenRows.of(p) if isinstance(p, Factored) and p.site.kind == "embedding" else p for p in self.parts
-        )
-        return Representation(parts, self.names)
+        """The test side, formed: Embedding factors summed into rows per (example, token), matched by each
+        training batch."""
+        parts = self.formed().parts
+        kept = tuple(TokenRows.of(p) if isinstance(p, Factored) and p.site.kind == "embedding" else p for p in parts)
+        return Representation(kept, self.names)
 
     @staticmethod
     def concat(batches: Sequence[Representation]) -> Representation:

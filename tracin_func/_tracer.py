@@ -513,7 +513,7 @@ def _products(
     frozen.update({n: move(t) for n, t in params.items() if n not in diff})
     with exclusive_use(planned.model, planned.spec):
         test_rep = planned.test(diff, frozen, state.test)
-        rep = planned.train(diff, frozen, batch)
+        rep = planned.train(diff, frozen, batch).formed()  # used twice: a norm and the dot
         sq_norms = rep.sq_norm()
         dots = test_rep.dot(rep)
     for bad, where in (~torch.isfinite(sq_norms), "`batch`"), (~torch.isfinite(dots).all(1), "`state.test`"):

@@ -70,7 +70,8 @@ def make_updates(
         """``test_scale``: the test examples' ``1 / |g|`` at this checkpoint (cosine scores), computed once by the
         caller; ``normalize_train``: divide by the training gradients' norms, from the same representation (the
         batch is differentiated once)."""
-        rep, _ = train_side(ckpt, batch)
+        rep = train_side(ckpt, batch)[0]
+        rep = rep.formed() if normalize_train else rep  # used twice: a norm and the dot
         return acc + test_rep.dot(rep) * weight(ckpt, rep, test_scale, normalize_train)
 
     def weight(
@@ -118,7 +119,8 @@ def make_updates(
     ) -> dict[str, torch.Tensor]:
         """``influence`` split by layer. Renormalised scores divide each layer's inner product by the norms of the
         whole gradients, so the layers' shares sum to the renormalised total."""
-        rep, _ = train_side(ckpt, batch)
+        rep = train_side(ckpt, batch)[0]
+        rep = rep.formed() if normalize_train else rep
         scale = weight(ckpt, rep, test_scale, normalize_train)
         scores = dots_by_layer(test_rep, rep, module=module)
         return {layer: s * scale if acc is None else acc[layer] + s * scale for layer, s in scores.items()}
@@ -131,6 +133,7 @@ def make_updates(
 
     def embedding(ckpt: CheckpointState, batch: Any, with_self: bool = False) -> tuple[torch.Tensor, Any]:
         rep, grads = train_side(ckpt, batch)
+        rep = rep.formed() if with_self else rep
         rows = rep.flat() if projection is None else rep.project(projection[1], projection[0])
         if not with_self:
             return rows.mul_(ckpt.lr.sqrt()), None
