@@ -1012,28 +1012,31 @@ def test_rows_of_examples_merged_into_the_batch_dimension():
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
 
 
-class LinearTwice(nn.Module):
-    """Linears with many rows per example (materialised from factors), one of them called twice."""
+class Deferrable(nn.Module):
+    """A Conv1d and a Linear called twice, many rows per example: both materialised from factors."""
 
     def __init__(self):
         super().__init__()
+        self.conv = nn.Conv1d(3, 3, 3, padding=1)
         self.a = nn.Linear(3, 3)
         self.b = nn.Linear(3, 4)
 
     def forward(self, x):
-        return self.b(torch.tanh(self.a(torch.tanh(self.a(x))))).mean(1)
+        h = torch.tanh(self.conv(x)).transpose(1, 2)
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(h))))).mean(1)
 
 
-def test_materialised_linears_are_formed_when_scored_and_exact_in_every_use(monkeypatch, tmp_path):
-    """Pair scores form a materialised Linear's per-example gradients when a training batch is scored
-    (``Deferred``); every use of a training representation (a dot, the norms of renormalised scores, per-layer
-    shares, an index's self-influence column, a tracer step) gives the vmap(grad) path's numbers."""
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])  # one example per chunk (dots: the test side's rows), or all
+def test_materialised_layers_are_formed_when_scored_and_exact_in_every_use(monkeypatch, tmp_path, chunk_bytes):
+    """Materialised layers' per-example gradients are formed chunk by chunk when a batch is scored (``Deferred``);
+    every use of a representation (dots, norms, renormalised scores, per-layer shares, an index's columns, a tracer
+    step) gives the vmap(grad) path's numbers."""
     import tracin_func._assemble as assemble_module
     from tracin_func._representations import Deferred
 
     torch.manual_seed(0)
-    model = LinearTwice().double().eval()
-    x, y = torch.randn(11, 12, 3, dtype=torch.float64), torch.randint(0, 4, (11,))
+    model = Deferrable().double().eval()
+    x, y = torch.randn(11, 3, 12, dtype=torch.float64), torch.randint(0, 4, (11,))
     train, test, ckpts = (x, y), (x[:4], y[:4]), _ckpts(model)
     deferred = []
     original = assemble_module.assemble
@@ -1044,18 +1047,20 @@ def test_materialised_linears_are_formed_when_scored_and_exact_in_every_use(monk
         return rep
 
     monkeypatch.setattr(assemble_module, "assemble", spy)
+    monkeypatch.setattr(assemble_module, "_CHUNK_BYTES", chunk_bytes)
     results = {}
     for factored in (False, None):
         opts = dict(loss_fn=CE, factored=factored, batch_size=5)
         scores = [tc.influence(model, ckpts, train, test, normalize=n, **opts) for n in (None, "cosine", "train")]
         scores.append(tc.influence(model, ckpts, train, test, per_layer=True, **opts))
+        scores += [tc.self_influence(model, ckpts, train, **opts), tc.embeddings(model, ckpts, train, **opts)]
         index = tc.build_index(tmp_path / str(factored), model, ckpts, train, storage_dtype=torch.float64, **opts)
         scores += [index.self_influence(), index.embeddings()]
         tracer = tc.tracer(model, test, n_train=11, loss_fn=CE, factored=factored, dtype=torch.float64)
         params = {k: v.detach() for k, v in model.named_parameters()}
         scores.append(tracer.update(tracer.init(), params, torch.tensor(0.7), train, torch.arange(11)).scores)
         results[factored] = scores
-    assert {"a", "b"} in deferred  # the default's influence formed both layers when scored
+    assert {"conv", "a", "b"} in deferred  # the default formed every layer when scored
     for got, want in zip(results[None], results[False]):
         if isinstance(want, dict):
             assert got.keys() == want.keys()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -18,12 +19,16 @@ from ._representations import Deferred, Dense, Factored, Part, Representation, R
 if TYPE_CHECKING:
     from ._plan import Plan
 
+# Of a deferred layer's gradients formed at once (about L2-sized). Timed against 0.125 / 0.5 / 2 / 4 / 64 MB: digits
+# CNN self-influence 0.30 s (0.46 / 0.32 / 0.40 / 0.34-0.56 / 0.46), tiny transformer influence 1.56-1.62 s (2.39 /
+# 1.77 / 1.57 / 1.52 / 1.51), BERT influence 0.42 s (0.49 / 0.47 / 0.38 / 0.41 / 0.43).
+_CHUNK_BYTES = 1 << 20
 RepresentationFn = Callable[[Tensors, Tensors, Any], Representation]  # (diff, frozen, batch) -> Representation
 
 
 def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], factors: Factors) -> Representation:
     """Kernel sites become factored parts, other Embeddings the rows their ids touch; the other sites are
-    materialised next to the dense gradients, or, for a plan scoring pairs, Linears when scored (``Deferred``)."""
+    materialised: Linears and Convs when scored (``Deferred``), the others next to the dense gradients."""
     modules = dict(module.named_modules())
     parts: list[Part] = []
     dense = dict(dense)
@@ -44,13 +49,14 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
                 if site.path in plan.kernel or rows_kept:
                     parts.append(Factored(site, a, g) if site.path in plan.kernel else Rows.of(site, a, g))
                     continue
-                forms = [partial(materialize, site, a, g)]  # every step's rows at once
+                grads_of, calls = partial(materialize, site), [(a, g)]  # every step's rows at once
             else:
-                forms = [partial(per_example_grads, layer, site, x, g) for x, g in zip(xs, gs)]
-            if plan.deferred and site.kind == "linear" and not site.tied:
-                parts.append(Deferred(site, partial(_summed, forms), gs[0].shape[0]))
+                grads_of, calls = partial(per_example_grads, layer, site), list(zip(xs, gs))
+            if site.kind in ("linear", "conv") and not site.tied:  # formed when scored
+                n, width = gs[0].shape[0], math.prod(site.weight_shape) * gs[0].element_size()
+                parts.append(Deferred(site, partial(_form, grads_of, calls), n, max(1, _CHUNK_BYTES // width)))
                 continue
-            grads = [form() for form in forms]
+            grads = [grads_of(x, g) for x, g in calls]
         captured = {t.untyped_storage().data_ptr() for t in (*xs, *gs)}  # a grad may alias one (a norm's bias)
         for grads_ in grads:
             for name, grad_ in grads_.items():
@@ -66,11 +72,16 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
     return Representation(_tied_uses_together(parts), plan.names)
 
 
-def _summed(forms: Sequence[Callable[[], dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
-    """The per-example gradients of a layer's calls, summed (a layer called once: its own)."""
-    out = forms[0]()
-    for form in forms[1:]:
-        out = {name: out[name] + grad for name, grad in form().items()}
+def _form(
+    grads_of: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+    calls: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    rows: slice,
+) -> dict[str, torch.Tensor]:
+    """The per-example gradients of the examples in ``rows`` from each call's factors, summed over the calls."""
+    out: dict[str, torch.Tensor] = {}
+    for x, g in calls:
+        grads = grads_of(x[rows], g[rows])
+        out = {name: out[name] + grad for name, grad in grads.items()} if out else grads
     return out
 
 

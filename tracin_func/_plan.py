@@ -37,9 +37,6 @@ class Plan(NamedTuple):
     reasons: Mapping[str, str]  # parameter name -> why it takes its route (for `tc.explain` and warnings)
     batching: str  # why the call runs one batched pass, or not
     example_bytes: int  # one example's gradient representation: factors of kept sites, per-sample grads of the rest
-    # materialised Linears formed when scored, each dotted while in cache (``_representations.Deferred``): for
-    # pair scores; a gradient that meets only itself gains nothing from it (timed: 3-7% slower)
-    deferred: bool = False
 
     def route(self, name: str) -> str:
         """``"factored"`` (inner products of factors), ``"materialised"`` (from factors) or ``"vmap"``."""
@@ -189,7 +186,7 @@ def make_plan(
         dense = _not_in_sites(names, sites.values())
     kernel &= set(sites)
     size = _example_bytes([s for p, s in sites.items() if p in kernel], rows_of, names, diff)
-    plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel), False, reasons, "", size, not self_only)
+    plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel), False, reasons, "", size)
     if not sites:
         return plan._replace(batching="vmap(grad) over examples: no layer gives factors")
     if dense:

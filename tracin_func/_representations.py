@@ -39,8 +39,9 @@ class Dense(NamedTuple):
     grads: dict[str, torch.Tensor]
 
     def dot(self, other: Dense | Deferred) -> torch.Tensor:
-        grads = other.materialize()  # a deferred layer's gradients are formed here, used while in cache
-        return sum(_rows(a) @ _rows(grads[name]).T for name, a in self.grads.items())
+        if isinstance(other, Deferred):  # its gradients formed here, chunk by chunk, used while in cache
+            return other.dotted_by(self)
+        return sum(_rows(a) @ _rows(other.grads[name]).T for name, a in self.grads.items())
 
     def sq_norm(self) -> torch.Tensor:
         return sum(_rows(g).square().sum(1) for g in self.grads.values())
@@ -60,33 +61,52 @@ class Dense(NamedTuple):
 
 
 class Deferred(NamedTuple):
-    """One layer's per-example gradients, formed when scored (``form()``: ``{name: [B, *shape]}``) and dropped
-    after: each layer's gradients are read while still in cache, instead of every layer's being written out
-    before any is scored. Formed at each use: a caller using it more than once forms it first
-    (``Representation.formed``; the test side, ``for_test``)."""
+    """One layer's per-example gradients, formed when scored, ``form(rows)`` giving those of the examples in the
+    slice ``rows`` (``{name: [b, *shape]}``), in chunks of ``chunk`` examples, each reduced (dotted, normed) while
+    in cache and dropped: no ``[B, *shape]`` tensor per layer is written out and read back, and the chunks reuse
+    freed memory instead of faulting in fresh pages. Formed at each use: a caller using it more than once forms it
+    first (``Representation.formed``; the test side, ``for_test``)."""
 
     site: Site
-    form: Callable[[], dict[str, torch.Tensor]]
+    form: Callable[[slice], dict[str, torch.Tensor]]
     n: int  # examples
+    chunk: int  # examples formed at once
+
+    def _chunks(self, least: int = 1) -> list[slice]:
+        size = max(self.chunk, least)
+        return [slice(i, min(i + size, self.n)) for i in range(0, self.n, size)]
 
     def materialize(self) -> dict[str, torch.Tensor]:
-        return self.form()
+        return self.form(slice(None))
+
+    def dotted_by(self, dense: Dense) -> torch.Tensor:
+        """``dense.dot(self)``: ``[B_dense, n]``, in chunks of at least ``B_dense`` examples (``dense`` is read once
+        per chunk: no more often than its rows' worth of these gradients are formed)."""
+        blocks = [dense.dot(Dense(self.form(rows))) for rows in self._chunks(_size(dense))]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
     def dot(self, other: Dense | Deferred) -> torch.Tensor:
-        return Dense(self.form()).dot(other)
+        other = Dense(other.materialize()) if isinstance(other, Deferred) else other
+        blocks = [Dense(self.form(rows)).dot(other) for rows in self._chunks(_size(other))]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def sq_norm(self) -> torch.Tensor:
-        return Dense(self.form()).sq_norm()
+        norms = [Dense(self.form(rows)).sq_norm() for rows in self._chunks()]
+        return norms[0] if len(norms) == 1 else torch.cat(norms)
 
     def project(self, seed: int, k: int) -> torch.Tensor:
-        return Dense(self.form()).project(seed, k)
+        return Dense(self.materialize()).project(seed, k)
 
     def total(self) -> Dense:
-        return Dense(self.form()).total()
+        return Dense(self.materialize()).total()
 
     @staticmethod
     def concat(parts: Sequence[Deferred]) -> Dense:
-        return Dense.concat([Dense(p.form()) for p in parts])
+        return Dense.concat([Dense(p.materialize()) for p in parts])
+
+
+def _size(dense: Dense) -> int:
+    return next(iter(dense.grads.values())).shape[0]
 
 
 def _same_token(ids1: torch.Tensor, ids2: torch.Tensor) -> torch.Tensor:
@@ -400,7 +420,8 @@ class Representation(NamedTuple):
         """Deferred layers formed once: for a representation used more than once (a norm and a dot)."""
         if not any(isinstance(p, Deferred) for p in self.parts):
             return self
-        return Representation(tuple(Dense(p.form()) if isinstance(p, Deferred) else p for p in self.parts), self.names)
+        parts = tuple(Dense(p.materialize()) if isinstance(p, Deferred) else p for p in self.parts)
+        return Representation(parts, self.names)
 
     def for_test(self) -> Representation:
         """The test side, formed: Embedding factors summed into rows per (example, token), matched by each
