@@ -1029,8 +1029,8 @@ class Deferrable(nn.Module):
 @pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])  # one example per chunk (dots: the test side's rows), or all
 def test_materialised_layers_are_formed_when_scored_and_exact_in_every_use(monkeypatch, tmp_path, chunk_bytes):
     """Materialised layers' per-example gradients are formed chunk by chunk when a batch is scored (``Deferred``);
-    every use of a representation (dots, norms, renormalised scores, per-layer shares, an index's columns, a tracer
-    step) gives the vmap(grad) path's numbers."""
+    every use of a representation (dots, norms, projections, renormalised scores, per-layer shares, an index's
+    columns, a tracer step) gives the vmap(grad) path's numbers."""
     import tracin_func._assemble as assemble_module
     from tracin_func._representations import Deferred
 
@@ -1054,6 +1054,7 @@ def test_materialised_layers_are_formed_when_scored_and_exact_in_every_use(monke
         scores = [tc.influence(model, ckpts, train, test, normalize=n, **opts) for n in (None, "cosine", "train")]
         scores.append(tc.influence(model, ckpts, train, test, per_layer=True, **opts))
         scores += [tc.self_influence(model, ckpts, train, **opts), tc.embeddings(model, ckpts, train, **opts)]
+        scores.append(tc.embeddings(model, ckpts, train, projection_dim=8, seed=1, **opts))
         index = tc.build_index(tmp_path / str(factored), model, ckpts, train, storage_dtype=torch.float64, **opts)
         scores += [index.self_influence(), index.embeddings()]
         tracer = tc.tracer(model, test, n_train=11, loss_fn=CE, factored=factored, dtype=torch.float64)

@@ -95,7 +95,8 @@ class Deferred(NamedTuple):
         return norms[0] if len(norms) == 1 else torch.cat(norms)
 
     def project(self, seed: int, k: int) -> torch.Tensor:
-        return Dense(self.materialize()).project(seed, k)
+        blocks = [Dense(self.form(rows)).project(seed, k) for rows in self._chunks()]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def total(self) -> Dense:
         return Dense(self.materialize()).total()
