@@ -39,9 +39,10 @@ def layer_order(names: Sequence[str], *, module: bool) -> tuple[str, ...]:
 
 
 def _pieces(a: Representation, b: Representation, module: bool) -> Iterator[tuple[str, Part, Part]]:
-    """``(layer, part of a, matching part of b)``: a factored part (one layer) whole, a dense part split by layer."""
+    """``(layer, part of a, matching part of b)``: a part of one layer whole (factored, or deferred: matched by the
+    test side's formed copy), a dense part split by layer."""
     for p, q in zip(a.parts, b.parts):
-        if not isinstance(p, Dense) or isinstance(q, Deferred):  # p: the test side's formed copy of q's layer
+        if not isinstance(p, Dense) or isinstance(q, Deferred):
             yield layer_of(q.site.names[0], module=module), p, q  # one layer's weight and bias
             continue
         groups: dict[str, list[str]] = {}

@@ -83,8 +83,9 @@ def _check_loss(loss_fn: Any, name: str) -> None:
         )
 
 
-# On CPU, a batch whose per-example tensors outgrow the caches runs slower: scoring reads a batch's representations
-# back after its backward pass, from memory once they no longer fit the last-level cache. Large representations get
+# On CPU, a batch whose per-example tensors outgrow the caches runs slower: scoring reads a batch's factors and
+# representations back after its backward pass, from memory once they no longer fit the last-level cache (still the
+# fastest rule by hand after materialised layers became formed when scored). Large representations get
 # 32 MB per batch (the tiny transformer's influence, 277 KB per example: 1.60 s in batches of 125, 1.90 s of 500;
 # GPT-2 / BERT / Llama / ViT, 250-670 KB: 6-24% faster in batches of 100 than of 200), but at least 128 examples
 # (fixed costs per batch: MobileNet's influence took 1.97 s in batches of 50, 1.90 s of 100). Small ones get 256
