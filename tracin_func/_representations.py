@@ -82,21 +82,17 @@ class Deferred(NamedTuple):
     def dotted_by(self, dense: Dense) -> torch.Tensor:
         """``dense.dot(self)``: ``[B_dense, n]``, in chunks of at least ``B_dense`` examples (``dense`` is read once
         per chunk: no more often than its rows' worth of these gradients are formed)."""
-        blocks = [dense.dot(Dense(self.form(rows))) for rows in self._chunks(_size(dense))]
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        return _joined([dense.dot(Dense(self.form(rows))) for rows in self._chunks(_size(dense))], dim=1)
 
     def dot(self, other: Dense | Deferred) -> torch.Tensor:
         other = Dense(other.materialize()) if isinstance(other, Deferred) else other
-        blocks = [Dense(self.form(rows)).dot(other) for rows in self._chunks(_size(other))]
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        return _joined([Dense(self.form(rows)).dot(other) for rows in self._chunks(_size(other))])
 
     def sq_norm(self) -> torch.Tensor:
-        norms = [Dense(self.form(rows)).sq_norm() for rows in self._chunks()]
-        return norms[0] if len(norms) == 1 else torch.cat(norms)
+        return _joined([Dense(self.form(rows)).sq_norm() for rows in self._chunks()])
 
     def project(self, seed: int, k: int) -> torch.Tensor:
-        blocks = [Dense(self.form(rows)).project(seed, k) for rows in self._chunks()]
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        return _joined([Dense(self.form(rows)).project(seed, k) for rows in self._chunks()])
 
     def total(self) -> Dense:
         return Dense(self.materialize()).total()
@@ -108,6 +104,10 @@ class Deferred(NamedTuple):
 
 def _size(dense: Dense) -> int:
     return next(iter(dense.grads.values())).shape[0]
+
+
+def _joined(blocks: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=dim)
 
 
 def _same_token(ids1: torch.Tensor, ids2: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,7 @@ class Factored(NamedTuple):
             ka = _token_kernel(self.site, a1[i : i + rows], a2, g1.dtype)
             kg = torch.einsum("itd,jsd->ijts", g1[i : i + rows], g2)
             blocks.append((ka * kg).sum((2, 3)))
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        return _joined(blocks)
 
     def sq_norm(self) -> torch.Tensor:
         a, g = self.a, self.g

@@ -70,7 +70,7 @@ def make_updates(
         """``test_scale``: the test examples' ``1 / |g|`` at this checkpoint (cosine scores), computed once by the
         caller; ``normalize_train``: divide by the training gradients' norms, from the same representation (the
         batch is differentiated once)."""
-        rep = train_side(ckpt, batch)[0]
+        rep, _ = train_side(ckpt, batch)
         rep = rep.formed() if normalize_train else rep  # used twice: a norm and the dot
         return acc + test_rep.dot(rep) * weight(ckpt, rep, test_scale, normalize_train)
 
@@ -119,7 +119,7 @@ def make_updates(
     ) -> dict[str, torch.Tensor]:
         """``influence`` split by layer. Renormalised scores divide each layer's inner product by the norms of the
         whole gradients, so the layers' shares sum to the renormalised total."""
-        rep = train_side(ckpt, batch)[0]
+        rep, _ = train_side(ckpt, batch)
         rep = rep.formed() if normalize_train else rep
         scale = weight(ckpt, rep, test_scale, normalize_train)
         scores = dots_by_layer(test_rep, rep, module=module)
