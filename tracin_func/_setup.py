@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._adam import with_adam_states
+from ._allocator import keep_freed_batches
 from ._checkpoints import Checkpoint
 from ._distributed import Ranks, resolve
 from ._loss import ExampleLoss, ExampleLossFn, example_loss
@@ -184,6 +185,8 @@ def make_setup(
     private = not any(isinstance(fn, ExampleLoss) for fn in (loss_fn, test_loss_fn))
     spec = model_spec(model, first.params, params, layers, private=private)
     target = _target_device(device, model, first)
+    if target.type == "cpu":
+        keep_freed_batches()
     shapes = {n: tuple(t.shape) for n, t in (spec.defaults or first.params).items() if isinstance(t, torch.Tensor)}
     states = [checked_state(spec, c, i, shapes=shapes, strict=strict) for i, c in enumerate(checkpoints)]
     dtype = dtype or computation_dtype(states)
