@@ -635,13 +635,14 @@ def test_token_rows_are_kept_where_ids_rarely_recur_across_examples():
 
 def test_the_automatic_batch_size_is_cache_sized_on_cpu():
     """256 MB of representations bound every device; on CPU a batch holds 32 MB of representations, at least 128 and
-    at most 256 examples, or 4 MB when that is more (small examples), and never fewer than 16 or more than 4096."""
+    at most 512 examples, or 4 MB when that is more (small examples), and never fewer than 16 or more than 4096."""
     from tracin_func._setup import auto_batch_size
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert auto_batch_size(27_436, cuda) == 4096  # the digits CNN's factors: 256 MB hold 9784
-    assert auto_batch_size(27_436, cpu) == 256
-    assert auto_batch_size(10_000, cpu) == (1 << 22) // 10_000 == 419  # 4 MB hold more than 256 examples
+    assert auto_batch_size(27_436, cpu) == 512
+    assert auto_batch_size(10_000, cpu) == 512  # 4 MB hold 419
+    assert auto_batch_size(5_000, cpu) == (1 << 22) // 5_000 == 838  # 4 MB hold more than 512 examples
     assert auto_batch_size(208_788, cpu) == (1 << 25) // 208_788 == 160  # the tiny transformer's: 32 MB
     assert auto_batch_size(672_768, cpu) == 128  # GPT-2's: 32 MB hold 49, but at least 128 examples
     assert auto_batch_size(672_768, cuda) == 399

@@ -126,7 +126,7 @@ def influence(
               every parameter of the model that requires grad. ``layers`` (module names) selects the parameters
               under those modules instead, like Captum's ``layers=``.
             - ``batch_size``: examples per batch when data is a single batch or a ``Dataset``. Default: as many
-              as keep the gradients within 256 MB (16 to 4096; on CPU 32 MB, 128 to 256 examples, or more when
+              as keep the gradients within 256 MB (16 to 4096; on CPU 32 MB, 128 to 512 examples, or more when
               4 MB holds more, which keeps a batch's tensors cache-friendly): the first batch assumes dense
               per-sample gradients, the others follow the call's plan (factors of factored layers, per-sample
               gradients of the rest) and are of even size.

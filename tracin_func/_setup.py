@@ -85,22 +85,23 @@ def _check_loss(loss_fn: Any, name: str) -> None:
 
 
 # On CPU, a batch whose per-example tensors outgrow the caches runs slower: scoring reads a batch's factors and
-# representations back after its backward pass, from memory once they no longer fit the last-level cache (still the
-# fastest rule by hand after materialised layers became formed when scored). Large representations get
-# 32 MB per batch (the tiny transformer's influence, 277 KB per example: 1.60 s in batches of 125, 1.90 s of 500;
-# GPT-2 / BERT / Llama / ViT, 250-670 KB: 6-24% faster in batches of 100 than of 200), but at least 128 examples
-# (fixed costs per batch: MobileNet's influence took 1.97 s in batches of 50, 1.90 s of 100). Small ones get 256
-# per batch (the digits CNN, 27 KB: self-influence 0.35 s in batches of 250, 0.36 s of 375, 0.50 s of 500; influence
-# 0.49 / 0.54 / 0.58 s; timed alternately in one process), or 4 MB when that holds more (the digits MLP, 2.4 KB,
-# runs fastest in one batch of 1500).
-_CPU_BATCH_EXAMPLES = (128, 256)
+# representations back after its backward pass, from memory once they no longer fit the last-level cache. Large
+# representations get 32 MB per batch (the tiny transformer's influence, 277 KB per example, batches of 125 / 250 /
+# 500: 1.49 / 1.48-1.44 / 1.52 s; BERT and GPT-2, 250-670 KB: batches of 100 to 200 within 1%, GPT-2's self-
+# influence 8% slower in batches of 314), but at least 128 examples (fixed costs per batch: MobileNet's
+# influence took 1.97 s in batches of 50, 1.90 s of 100). Small ones get 512 per batch (the digits CNN, 27 KB:
+# influence 0.47 / 0.44 / 0.43 s in batches of 256 / 512 / 1024, self-influence 0.31 / 0.29 / 0.29 s; the LSTM, 91
+# KB, the same within 3% at 256 and 369), or 4 MB when that holds more (the digits MLP, 2.4 KB, runs fastest in one
+# batch of 1500). Timed alternately in one process, freed batches kept (``_allocator``); before that, larger batches
+# paid more page faults and 256 examples was the fastest cap.
+_CPU_BATCH_EXAMPLES = (128, 512)
 _CPU_SMALL_BATCH_BYTES = 1 << 22
 _CPU_BATCH_BYTES = 1 << 25
 
 
 def auto_batch_size(example_bytes: int, device: torch.device, budget_bytes: int = 1 << 28) -> int:
     """Examples per batch whose gradient representations fit ``budget`` (16 to 4096); on CPU 32 MB of
-    representations, 128 to 256 examples, or more when 4 MB holds more (small examples)."""
+    representations, 128 to 512 examples, or more when 4 MB holds more (small examples)."""
     example_bytes = max(1, example_bytes)
     most = budget_bytes // example_bytes
     if device.type == "cpu":
