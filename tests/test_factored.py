@@ -104,6 +104,29 @@ def test_norm_layers_with_running_statistics():
     assert _plan(model, (x, y)).batched  # every layer gives factors: one batched pass
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(4,), (3, 4)])
+def test_a_layernorms_normalised_input_comes_from_the_statistics_its_forward_saved(monkeypatch, dtype, shape):
+    from torch.nn import functional as F
+
+    from tracin_func import _layers
+    from tracin_func._layers import Site, _saved_statistics, recorded_input
+
+    torch.manual_seed(0)
+    layer = nn.LayerNorm(shape, dtype=dtype)
+    site = Site("ln", "norm", "ln.weight", "ln.bias", shape)
+    x = torch.randn(5, 2, *shape, dtype=dtype) * 3 + 1
+    output = layer(x)
+    assert _saved_statistics(layer, output) is not None  # the cheap path is taken, not normalising again
+    again = F.layer_norm(x, shape, None, None, layer.eps)
+    torch.testing.assert_close(recorded_input(layer, site, x, output), again, rtol=0, atol=4 * torch.finfo(dtype).eps)
+    torch.testing.assert_close(recorded_input(layer, site, x), again, rtol=0, atol=0)  # no output: normalised again
+    with torch.no_grad():  # no graph, no saved statistics: normalised again
+        assert _saved_statistics(layer, layer(x)) is None
+    monkeypatch.setattr(_layers, "_saved_statistics", lambda module, out: (torch.zeros(()), torch.ones(())))
+    assert torch.equal(recorded_input(layer, site, x, output), x)  # the statistics given are the ones used
+
+
 class Tokens(nn.Module):
     def __init__(self):
         super().__init__()

