@@ -17,7 +17,7 @@ def keep_freed_batches() -> None:
     to 32 MB / 64 MB). Until some block that large is freed, each batch's tensors (a few MB) are returned to the OS
     when freed and faulted in again, page by page, at the next batch: 56-89k page faults per influence call on the
     digits CNN (0.59 s; 0.45 s without). One untouched block of just under 32 MB, allocated and freed, is enough; no
-    page of it is written. Other allocators (jemalloc, macOS) are unaffected, and glibc never lowers the threshold
-    again."""
+    page of it is written. Under another allocator it is an ordinary allocation and free; glibc does not lower the
+    threshold again."""
     block = torch.empty(((32 << 20) - (64 << 10)) // 4, dtype=torch.float32)
     del block

@@ -86,14 +86,14 @@ def _check_loss(loss_fn: Any, name: str) -> None:
 
 # On CPU, a batch whose per-example tensors outgrow the caches runs slower: scoring reads a batch's factors and
 # representations back after its backward pass, from memory once they no longer fit the last-level cache. Large
-# representations get 32 MB per batch (the tiny transformer's influence, 277 KB per example, batches of 125 / 250 /
-# 500: 1.49 / 1.48-1.44 / 1.52 s; BERT and GPT-2, 250-670 KB: batches of 100 to 200 within 1%, GPT-2's self-
-# influence 8% slower in batches of 314), but at least 128 examples (fixed costs per batch: MobileNet's
+# representations get 32 MB per batch (the tiny transformer's influence, 277 KB per example, in batches of 125 / 200
+# / 334: 1.49 / 1.44-1.48 / 1.52 s; BERT and GPT-2, 250-670 KB: batches of 100 and one of 200 within 1%, but GPT-2's
+# self-influence 8% slower in one batch of 200), but at least 128 examples (fixed costs per batch: MobileNet's
 # influence took 1.97 s in batches of 50, 1.90 s of 100). Small ones get 512 per batch (the digits CNN, 27 KB:
-# influence 0.47 / 0.44 / 0.43 s in batches of 256 / 512 / 1024, self-influence 0.31 / 0.29 / 0.29 s; the LSTM, 91
-# KB, the same within 3% at 256 and 369), or 4 MB when that holds more (the digits MLP, 2.4 KB, runs fastest in one
-# batch of 1500). Timed alternately in one process, freed batches kept (``_allocator``); before that, larger batches
-# paid more page faults and 256 examples was the fastest cap.
+# influence 0.47 / 0.44 / 0.43 s in batches of 250 / 500 / 750, self-influence 0.31 / 0.29 / 0.29 s), or 4 MB when
+# that holds more (the digits MLP, 2.4 KB, runs fastest in one batch of 1500). Timed alternately in one process,
+# freed batches kept (``_allocator``); before that, larger batches paid more page faults and 256 examples was the
+# fastest cap.
 _CPU_BATCH_EXAMPLES = (128, 512)
 _CPU_SMALL_BATCH_BYTES = 1 << 22
 _CPU_BATCH_BYTES = 1 << 25
