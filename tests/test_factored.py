@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import tracin_func as tc
+import tracin_func._assemble
 import tracin_func._plan as plan_module
 from tests.conftest import assert_close
 from tests.reference import reference_scores
@@ -357,6 +358,60 @@ def test_cost_model_chooses_factored_inner_products_for_few_rows(tokens, kernel)
     plan = _plan(model, (x, y), loss_fn=nn.MSELoss())
     assert [s.path for s in plan.sites] == ["0"]
     assert (plan.kernel == {"0"}) is kernel
+
+
+class ReadsFirstRow(nn.Module):
+    """Rows mixed across positions, then a head on the first row only: ``mid``'s output gradient is zero on every
+    other row, and ``inp``'s on each example's padding (``keep`` 0). ``extra`` is added to ``mid``'s input."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x, keep, extra):
+        h = torch.tanh(self.inp(x)) * keep[..., None]
+        return self.head(self.mid(h + h.sum(1, keepdim=True) + extra)[:, 0])
+
+
+def _reads_first_row_data(n):
+    """Five rows per example; the first four examples use at most two, the later ones four or five."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([2, 1, 2, 1] + [5, 4] * n)[:n]
+    keep = (torch.arange(5) < lengths[:, None]).double()
+    x, extra = torch.randn(n, 5, 4, generator=gen, dtype=torch.float64), torch.zeros(n, 5, 6, dtype=torch.float64)
+    return x, keep, extra, torch.randint(0, 3, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("batch_size", [4, None])  # inp's rows dropped in the first batch only, or in none
+def test_rows_whose_output_gradient_is_zero_in_every_example_are_dropped(monkeypatch, batch_size):
+    model = ReadsFirstRow().double().eval()
+    ckpts, train, test = _ckpts(model), _reads_first_row_data(10), _reads_first_row_data(6)
+    reasons = {r.parameter: r.reason for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
+    assert reasons["mid.weight"].endswith("(T = 1): 1 of 5 rows carry gradient in the first examples")
+    assert reasons["inp.weight"].endswith("(T = 2): 2 of 5 rows carry gradient in the first examples")
+    kept, live_rows = [], tracin_func._assemble._live_rows
+
+    def recorded(a, g):
+        kept.append(live_rows(a, g)[1].shape[1])
+        return live_rows(a, g)
+
+    monkeypatch.setattr(tracin_func._assemble, "_live_rows", recorded)
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    opts = dict(loss_fn=CE, batch_size=batch_size)
+    assert_close(tc.influence(model, ckpts, train, test, **opts), ref.influence, 1e-12)
+    assert_close(tc.self_influence(model, ckpts, train, **opts), ref.self_influence, 1e-12)
+    assert set(kept) == ({1, 2, 5} if batch_size else {1, 5})  # mid: 1 row; inp: 2 in lengths [2, 1, 2, 1], else 5
+
+
+def test_a_dropped_row_with_an_infinite_input_still_makes_the_gradient_nan():
+    """Autograd's gradient of ``mid.weight`` is NaN when its input is infinite on a row no loss reads (0 * inf):
+    the call reports it as it does without dropping rows."""
+    model = ReadsFirstRow().double().eval()
+    x, keep, extra, y = _reads_first_row_data(6)
+    extra[2, 4] = torch.inf  # row 4 of example 2: mid's output there is read by nothing, the loss stays finite
+    for factored in (False, None):
+        with pytest.raises(FloatingPointError, match=r"examples \[2\]"):
+            tc.self_influence(model, _ckpts(model), (x, keep, extra, y), loss_fn=CE, factored=factored)
 
 
 class GroupedConvs(nn.Module):

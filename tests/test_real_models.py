@@ -102,16 +102,19 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     # GPT-2's positions (V = 64; T = 8 here: every position matches in every pair of examples) are materialised
     "gpt2_batch_loss": (BATCHED, {"materialised": 28}, ()),
     "gpt2_criterion": (BATCHED, {"materialised": 28}, ()),
-    # BERT's token types (V = 2: every id recurs in every example) are materialised, not kept as token rows
-    "bert_batch_loss": (BATCHED, {"factored": 6, "materialised": 35}, ()),
-    "bert_criterion": (BATCHED, {"factored": 6, "materialised": 35}, ()),
+    # BERT's token types (V = 2: every id recurs in every example) are materialised, not kept as token rows; the
+    # last layer's query, attention output and feed-forward Linears are factored: only the [CLS] row, which the pooler
+    # reads, carries gradient (the other rows are dropped)
+    "bert_batch_loss": (BATCHED, {"factored": 14, "materialised": 27}, ()),
+    "bert_criterion": (BATCHED, {"factored": 14, "materialised": 27}, ()),
     # Llama's RMSNorm is no known layer: its weight, an elementwise scale, gets per-example gradients from copies
     # expanded over the batch; its token embedding (V = 1000 >= 8 T) keeps test gradients as token rows
     "llama_batch_loss": (BATCHED, {"factored": 1, "materialised": 20}, ()),
     "llama_criterion": (BATCHED, {"factored": 1, "materialised": 20}, ()),
-    # ViT's class token and position embeddings, rows [1, ...] of ViTEmbeddings itself, get copies per example
-    "vit_batch_loss": (BATCHED, {"factored": 2, "materialised": 38}, ()),
-    "vit_criterion": (BATCHED, {"factored": 2, "materialised": 38}, ()),
+    # ViT's class token and position embeddings, rows [1, ...] of ViTEmbeddings itself, get copies per example; as in
+    # BERT, the last layer's Linears whose only row with gradient is the class token's are factored
+    "vit_batch_loss": (BATCHED, {"factored": 10, "materialised": 30}, ()),
+    "vit_criterion": (BATCHED, {"factored": 10, "materialised": 30}, ()),
     "resnet18": (BATCHED, {"factored": 7, "materialised": 55}, ()),
     "mobilenet": (BATCHED, {}, ()),
     "lstm": (BATCHED, {"factored": 3, "materialised": 4}, ()),

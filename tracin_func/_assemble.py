@@ -44,9 +44,11 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
         if site.kind == "expanded":  # its "output gradients" are its per-example gradients
             grads = [dict(zip(site.names, gs))]
         else:
-            if site.path in plan.kernel or site.owner is not None or rows_kept:  # owner: a recurrent product
+            trimmed = site.path in plan.trimmed
+            if site.path in plan.kernel or site.owner is not None or rows_kept or trimmed:  # owner: recurrent
                 a = _cat([input_rows(layer, site, x) for x in xs], dim=1)  # every call (time step) at once
                 g = _cat([output_rows(site, g) for g in gs], dim=1)
+                a, g = _live_rows(a, g) if trimmed else (a, g)
                 if site.path in plan.kernel or rows_kept:
                     parts.append(Factored(site, a, g) if site.path in plan.kernel else Rows.of(site, a, g))
                     continue
@@ -84,6 +86,17 @@ def _form(
         grads = grads_of(x[rows], g[rows])
         out = {name: out[name] + grad for name, grad in grads.items()} if out else grads
     return out
+
+
+def _live_rows(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors without the rows (positions) where every example's output gradient is zero, when at least half are:
+    they add nothing to any gradient (dropping fewer saves less than copying the rest costs). All kept when an input
+    is not finite (``0 * inf`` is NaN in the gradient, which the call reports)."""
+    keep = g.abs().sum((0, 2)).ne(0) | ~a.sum().isfinite()  # sums: bool reductions are slow on CPU; NaN is kept
+    if 2 * int(keep.sum()) > keep.shape[0]:
+        return a, g
+    rows = keep.nonzero().squeeze(1)
+    return a.index_select(1, rows), g.index_select(1, rows)
 
 
 def _tied_uses_together(parts: list[Part]) -> tuple[Part, ...]:

@@ -17,7 +17,16 @@ from ._attention import why_not_unrolled as why_not_attention
 from ._capture import BatchableLoss, Hook, batched_factors, discover, hooked
 from ._data import slice_batch
 from ._grads import Mapper, Tensors
-from ._layers import Site, factorable_sites, global_hooks_present, input_rows, site_kind, token_wise, why_not_a_site
+from ._layers import (
+    Site,
+    factorable_sites,
+    global_hooks_present,
+    input_rows,
+    output_rows,
+    site_kind,
+    token_wise,
+    why_not_a_site,
+)
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
 from ._purity import check_forward
 from ._recurrent import recurrent_sites, why_not_unrolled
@@ -37,6 +46,7 @@ class Plan(NamedTuple):
     reasons: Mapping[str, str]  # parameter name -> why it takes its route (for `tc.explain` and warnings)
     batching: str  # why the call runs one batched pass, or not
     example_bytes: int  # one example's gradient representation: factors of kept sites, per-sample grads of the rest
+    trimmed: frozenset[str] = frozenset()  # paths of Linears whose rows of zero output gradient are dropped per batch
 
     def route(self, name: str) -> str:
         """``"factored"`` (inner products of factors), ``"materialised"`` (from factors) or ``"vmap"``."""
@@ -197,26 +207,43 @@ def make_plan(
     refused, seen = _batching_refused(module, losses, plan, {**frozen, **diff}, batch, mapper, truth)
     if refused:
         return _unexpanded(plan)._replace(batching=f"vmap(grad) over examples: {refused}")
-    plan = plan._replace(batched=True, batching="one batched forward / backward gives every layer's factors")
-    if factored or self_only:
-        return plan
-    for site in plan.sites:  # token rows pay per matching pair of tokens: check how often the ids really recur
-        if site.kind != "embedding" or site.path not in kernel:
+    trimmed = set()
+    for site in plan.sites:  # rows of zero output gradient (positions every loss ignores) are dropped per batch
+        if site.kind != "linear" or site.owner is not None:
             continue
-        ids = torch.cat([input_rows(modules[site.path], site, x) for x in seen[site.path]], 1)
+        rows, live = rows_of[site.path], _live_rows(site, seen[site.path][1])
+        if 2 * live > rows:  # as in ``_assemble._live_rows``
+            continue
+        trimmed.add(site.path)
+        if site.kernel_ok and factored is None:
+            (kernel.add if _kernel_is_cheaper(site, live, self_only) else kernel.discard)(site.path)
+            why = f"{_why_site(site, live, factored, site.path in kernel, self_only)}: {live} of {rows} rows carry"
+            reasons.update({n: f"{why} gradient in the first examples" for n in site.names})
+    for site in plan.sites if not (factored or self_only) else ():  # token rows pay per matching pair of tokens:
+        if site.kind != "embedding" or site.path not in kernel:  # check how often the ids really recur
+            continue
+        ids = torch.cat([input_rows(modules[site.path], site, x) for x in seen[site.path][0]], 1)
         matches = _matches_per_pair(ids, site.weight_shape[0])
         kept = _TOKEN_MATCH_COST * matches < site.weight_shape[0]
         if not kept:
             kernel.discard(site.path)
         reasons[site.weight] = _why_token_rows(site, matches, kept)
     size = _example_bytes([s for s in plan.sites if s.path in kernel], rows_of, names, diff)
-    return plan._replace(kernel=frozenset(kernel), example_bytes=size)
+    batching = "one batched forward / backward gives every layer's factors"
+    return plan._replace(batched=True, batching=batching, kernel=frozenset(kernel), trimmed=frozenset(trimmed),
+                         example_bytes=size)
 
 
 # One gathered row product of a token-rows dot costs about as much as this many multiply-adds of a materialised
 # gradient's GEMM (BERT's position embedding, V = 512, every one of T = 32 positions matching: 1.11 s kept as token
 # rows, 1.03 s materialised).
 _TOKEN_MATCH_COST = 16
+
+
+def _live_rows(site: Site, gs: Sequence[torch.Tensor]) -> int:
+    """Rows per example (over all calls) at which some example's output gradient is not zero: a position every
+    example's loss ignores (a token after the one a classifier reads, padding) adds nothing to any gradient."""
+    return sum(int(output_rows(site, g).abs().sum((0, 2)).ne(0).sum()) for g in gs)
 
 
 def _matches_per_pair(ids: torch.Tensor, vocab: int) -> float:
@@ -361,9 +388,9 @@ def _batching_refused(
     batch: Any,
     mapper: Mapper,
     truth: Sequence[Mapping[str, torch.Tensor]],
-) -> tuple[str, dict[str, list[torch.Tensor]]]:
+) -> tuple[str, dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]:
     """Why a batched forward does not give each example the factors it gets alone (examples interact), or ``""``,
-    and each site's inputs on the first examples run together (per call).
+    and each site's inputs and output gradients on the first examples run together (per call).
 
     Each layer's inputs and output gradients on the first examples run together must equal theirs run one at a
     time: this refuses batch statistics and any other mixing of examples, and accepts rows the model computes once
@@ -372,7 +399,7 @@ def _batching_refused(
     """
     few = slice_batch(batch, 0, 4)
     n = optree.tree_leaves(few, none_is_leaf=True)[0].shape[0]
-    seen: dict[str, list[torch.Tensor]] = {}
+    seen: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     expanded = [s for s in plan.sites if s.kind == "expanded"]
     for loss, true in zip(losses, truth):
         try:
@@ -401,7 +428,7 @@ def _batching_refused(
                     f"through batch statistics, or the layer's input is not batch-first, like a sequence-first "
                     f"transformer's)"
                 ), {}
-            seen.setdefault(path, xs)
+            seen.setdefault(path, (xs, gs))
     return "", seen
 
 
