@@ -88,6 +88,7 @@ def _form(
     return out
 
 
+@torch.compiler.disable  # sizes depend on the gradients: run eagerly inside compiled updates
 def _live_rows(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors without the rows (positions) where every example's output gradient is zero, when at least half are:
     they add nothing to any gradient (dropping fewer saves less than copying the rest costs). All kept when an input
