@@ -360,9 +360,10 @@ def test_cost_model_chooses_factored_inner_products_for_few_rows(tokens, kernel)
     assert (plan.kernel == {"0"}) is kernel
 
 
-class ReadsFirstRow(nn.Module):
-    """Rows mixed across positions, then a head on the first row only: ``mid``'s output gradient is zero on every
-    other row, and ``inp``'s on each example's padding (``keep`` 0). ``extra`` is added to ``mid``'s input."""
+class ReadsOneRow(nn.Module):
+    """Rows mixed across positions, then a head on each example's last kept row (as GPT-2's sequence classifier
+    reads its last token): ``mid``'s output gradient is zero on every other row, ``inp``'s on the rows ``keep``
+    masks. ``extra`` is added to ``mid``'s input."""
 
     def __init__(self):
         super().__init__()
@@ -370,11 +371,12 @@ class ReadsFirstRow(nn.Module):
 
     def forward(self, x, keep, extra):
         h = torch.tanh(self.inp(x)) * keep[..., None]
-        return self.head(self.mid(h + h.sum(1, keepdim=True) + extra)[:, 0])
+        last = keep.sum(1).long() - 1
+        return self.head(self.mid(h + h.sum(1, keepdim=True) + extra)[torch.arange(x.shape[0]), last])
 
 
-def _reads_first_row_data(n):
-    """Five rows per example; the first four examples use at most two, the later ones four or five."""
+def _reads_one_row_data(n):
+    """Five rows per example; the first four examples keep at most two, the later ones four or five."""
     gen = torch.Generator().manual_seed(3)
     lengths = torch.tensor([2, 1, 2, 1] + [5, 4] * n)[:n]
     keep = (torch.arange(5) < lengths[:, None]).double()
@@ -383,12 +385,13 @@ def _reads_first_row_data(n):
 
 
 @pytest.mark.parametrize("batch_size", [4, None])  # inp's rows dropped in the first batch only, or in none
-def test_rows_whose_output_gradient_is_zero_in_every_example_are_dropped(monkeypatch, batch_size):
-    model = ReadsFirstRow().double().eval()
-    ckpts, train, test = _ckpts(model), _reads_first_row_data(10), _reads_first_row_data(6)
+def test_each_examples_rows_of_zero_output_gradient_are_dropped(monkeypatch, batch_size):
+    model = ReadsOneRow().double().eval()
+    ckpts, train, test = _ckpts(model), _reads_one_row_data(10), _reads_one_row_data(6)
     reasons = {r.parameter: r.reason for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
-    assert reasons["mid.weight"].endswith("(T = 1): 1 of 5 rows carry gradient in the first examples")
-    assert reasons["inp.weight"].endswith("(T = 2): 2 of 5 rows carry gradient in the first examples")
+    carry = "rows per example carry gradient in the first examples"
+    assert reasons["mid.weight"].endswith(f"(T = 1): at most 1 of 5 {carry}")
+    assert reasons["inp.weight"].endswith(f"(T = 2): at most 2 of 5 {carry}")
     kept, live_rows = [], tracin_func._assemble._live_rows
 
     def recorded(a, g):
@@ -406,9 +409,9 @@ def test_rows_whose_output_gradient_is_zero_in_every_example_are_dropped(monkeyp
 def test_a_dropped_row_with_an_infinite_input_still_makes_the_gradient_nan():
     """Autograd's gradient of ``mid.weight`` is NaN when its input is infinite on a row no loss reads (0 * inf):
     the call reports it as it does without dropping rows."""
-    model = ReadsFirstRow().double().eval()
-    x, keep, extra, y = _reads_first_row_data(6)
-    extra[2, 4] = torch.inf  # row 4 of example 2: mid's output there is read by nothing, the loss stays finite
+    model = ReadsOneRow().double().eval()
+    x, keep, extra, y = _reads_one_row_data(6)
+    extra[2, 0] = torch.inf  # row 0 of example 2 (which keeps two): mid's output there is read by nothing
     for factored in (False, None):
         with pytest.raises(FloatingPointError, match=r"examples \[2\]"):
             tc.self_influence(model, _ckpts(model), (x, keep, extra, y), loss_fn=CE, factored=factored)

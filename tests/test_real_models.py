@@ -197,3 +197,29 @@ def test_subsample_and_batch_loss():
     total = w.batch_loss(state, w.train)
     each = sum(w.batch_loss(state, tuple(t[i : i + 1] for t in w.train)) for i in range(4))
     torch.testing.assert_close(total, each)
+
+
+def test_gpt2_sequence_classifier_factors_its_last_block_on_the_one_token_it_reads():
+    """``GPT2ForSequenceClassification`` reads each example's last non-padding token, at a different position per
+    example: the last block's Linears after attention see one row with gradient per example and are factored with
+    ``T = 1`` (each example's row gathered), the scores still exact."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=SEQ, num_labels=3)
+    config.pad_token_id = 0
+    hf = rm._hf_model(transformers.GPT2ForSequenceClassification, config, F64, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    n = N_TRAIN + N_TEST
+    mask = (torch.arange(SEQ) < torch.tensor([3, 2, 3, 2, 8, 5, 7, 6, 4])[:, None]).long()
+    data = {"input_ids": torch.randint(1, 50, (n, SEQ), generator=gen) * mask, "attention_mask": mask,
+            "labels": torch.randint(0, 3, (n,), generator=gen)}
+    train, test = rm._split(data, N_TRAIN)
+    ckpts, loss = rm.make_checkpoints(hf, seed=2), tc.sequence_classification_loss(hf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # batched: no slow-path warning
+        routes = {r.parameter: r for r in tc.explain(hf, ckpts, train, loss_fn=loss, dtype=F64).routes}
+    for layer in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        route = routes[f"transformer.h.1.{layer}.weight"]
+        assert route.route == "factored" and "at most 1 of 8 rows per example" in route.reason, route
+    ref = reference_scores(hf, ckpts, train, test, loss_fn=loss)
+    assert_close(tc.influence(hf, ckpts, train, test, loss_fn=loss, dtype=F64), ref.influence)
+    assert_close(tc.self_influence(hf, ckpts, train, loss_fn=loss, dtype=F64), ref.self_influence)

@@ -90,14 +90,16 @@ def _form(
 
 @torch.compiler.disable  # sizes depend on the gradients: run eagerly inside compiled updates
 def _live_rows(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors without the rows (positions) where every example's output gradient is zero, when at least half are:
-    they add nothing to any gradient (dropping fewer saves less than copying the rest costs). All kept when an input
-    is not finite (``0 * inf`` is NaN in the gradient, which the call reports)."""
-    keep = g.abs().sum((0, 2)).ne(0) | ~a.sum().isfinite()  # sums: bool reductions are slow on CPU; NaN is kept
-    if 2 * int(keep.sum()) > keep.shape[0]:
+    """Factors of each example's rows whose output gradient is not zero, gathered to the front (in order), when every
+    example has at most half its rows live (dropping fewer saves less than the copies cost): the rows left out add
+    nothing to any gradient, and an example with fewer live rows takes zero-gradient ones to fill up. All kept when an
+    input is not finite (``0 * inf`` is NaN in the gradient, which the call reports)."""
+    live = g.abs().sum(2).ne(0)  # [B, T]; a sum, as bool reductions are slow on CPU; NaN counts as live
+    t = int(live.sum(1).max()) if live.numel() else 0
+    if 2 * t > live.shape[1] or not bool(a.sum().isfinite()):
         return a, g
-    rows = keep.nonzero().squeeze(1)
-    return a.index_select(1, rows), g.index_select(1, rows)
+    rows = torch.argsort(live.logical_not().to(torch.uint8), dim=1, stable=True)[:, :t, None]  # live rows first
+    return a.gather(1, rows.expand(-1, -1, a.shape[2])), g.gather(1, rows.expand(-1, -1, g.shape[2]))
 
 
 def _tied_uses_together(parts: list[Part]) -> tuple[Part, ...]:

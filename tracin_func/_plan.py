@@ -208,7 +208,7 @@ def make_plan(
     if refused:
         return _unexpanded(plan)._replace(batching=f"vmap(grad) over examples: {refused}")
     trimmed = set()
-    for site in plan.sites:  # rows of zero output gradient (positions every loss ignores) are dropped per batch
+    for site in plan.sites:  # rows of zero output gradient (ignored by the loss) are dropped per batch
         if site.kind != "linear" or site.owner is not None:
             continue
         rows, live = rows_of[site.path], _live_rows(site, seen[site.path][1])
@@ -217,8 +217,8 @@ def make_plan(
         trimmed.add(site.path)
         if site.kernel_ok and factored is None:
             (kernel.add if _kernel_is_cheaper(site, live, self_only) else kernel.discard)(site.path)
-            why = f"{_why_site(site, live, factored, site.path in kernel, self_only)}: {live} of {rows} rows carry"
-            reasons.update({n: f"{why} gradient in the first examples" for n in site.names})
+            why = f"{_why_site(site, live, factored, site.path in kernel, self_only)}: at most {live} of {rows} rows"
+            reasons.update({n: f"{why} per example carry gradient in the first examples" for n in site.names})
     for site in plan.sites if not (factored or self_only) else ():  # token rows pay per matching pair of tokens:
         if site.kind != "embedding" or site.path not in kernel:  # check how often the ids really recur
             continue
@@ -241,9 +241,9 @@ _TOKEN_MATCH_COST = 16
 
 
 def _live_rows(site: Site, gs: Sequence[torch.Tensor]) -> int:
-    """Rows per example (over all calls) at which some example's output gradient is not zero: a position every
-    example's loss ignores (a token after the one a classifier reads, padding) adds nothing to any gradient."""
-    return sum(int(output_rows(site, g).abs().sum((0, 2)).ne(0).sum()) for g in gs)
+    """The most rows (over all calls) whose output gradient is not zero in one example: a row the loss ignores (any
+    but the token a classifier reads, padding) adds nothing to any gradient."""
+    return int(torch.cat([output_rows(site, g).abs().sum(2).ne(0) for g in gs], 1).sum(1).max())
 
 
 def _matches_per_pair(ids: torch.Tensor, vocab: int) -> float:
