@@ -141,7 +141,8 @@ def influence(
             - ``compile`` (False): run the per-checkpoint updates through ``torch.compile`` (same numbers).
             - ``factored`` (None): how Linear / Conv / Embedding layers are handled. ``None`` picks per layer by
               a cost model: exact factored inner products from layer inputs and output gradients (no per-sample
-              gradient formed) when ``T^2 (d_in + d_out) < d_in d_out`` for ``T`` rows per example, else dense
+              gradient formed) when ``T^2 (d_in + d_out) < d_in d_out`` for ``T`` rows per example (a Linear's
+              rows with output gradient: a classifier reading one token leaves the rest zero), else dense
               per-sample gradients (Embedding layers: test gradients kept as their non-zero rows, matched to
               training tokens by id; LayerNorm / eval-mode BatchNorm: materialised from their normalised inputs).
               ``True`` factors every eligible layer, ``False`` none (all through ``vmap(grad)``). Same numbers.
