@@ -417,6 +417,34 @@ def test_a_dropped_row_with_an_infinite_input_still_makes_the_gradient_nan():
             tc.self_influence(model, _ckpts(model), (x, keep, extra, y), loss_fn=CE, factored=factored)
 
 
+class TiedHeadOnFirstRow(nn.Module):
+    """A token embedding tied to an output head that reads row 0 only: the head's use of the shared weight drops
+    its other rows, the embedding's use keeps every row."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = torch.tanh(self.emb(ids))
+        return self.head(torch.tanh(self.mid(h + h.mean(1, keepdim=True))))[:, 0]
+
+
+@pytest.mark.parametrize("factored", [None, True])
+def test_a_tied_weights_use_with_dropped_rows_sums_with_its_other_uses(factored):
+    model = TiedHeadOnFirstRow().double().eval()
+    gen = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 11, (9, 6), generator=gen), torch.randint(0, 11, (9,), generator=gen)
+    ckpts, train, test = _ckpts(model), (ids[:6], y[:6]), (ids[6:], y[6:])
+    assert {"head", "mid"} <= _plan(model, train, factored=factored).trimmed
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    opts = dict(loss_fn=CE, factored=factored)
+    assert_close(tc.influence(model, ckpts, train, test, **opts), ref.influence, 1e-12)
+    for batch_size in (2, None):  # self-influence keeps the tied weight as its uses' factors (Tied)
+        assert_close(tc.self_influence(model, ckpts, train, batch_size=batch_size, **opts), ref.self_influence, 1e-12)
+
+
 class GroupedConvs(nn.Module):
     """A MobileNet-style block: depthwise and grouped convolutions between plain ones, eval-mode BatchNorm."""
 
