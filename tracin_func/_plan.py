@@ -211,7 +211,7 @@ def make_plan(
     for site in plan.sites:  # rows of zero output gradient (ignored by the loss) are dropped per batch
         if site.kind != "linear" or site.owner is not None:
             continue
-        rows, live = rows_of[site.path], _live_rows(site, seen[site.path][1])
+        rows, live = rows_of[site.path], _live_row_count(site, seen[site.path][1])
         if 2 * live > rows:  # as in ``_assemble._live_rows``
             continue
         trimmed.add(site.path)
@@ -240,7 +240,7 @@ def make_plan(
 _TOKEN_MATCH_COST = 16
 
 
-def _live_rows(site: Site, gs: Sequence[torch.Tensor]) -> int:
+def _live_row_count(site: Site, gs: Sequence[torch.Tensor]) -> int:
     """The most rows (over all calls) whose output gradient is not zero in one example: a row the loss ignores (any
     but the token a classifier reads, padding) adds nothing to any gradient."""
     return int(torch.cat([output_rows(site, g).abs().sum(2).ne(0) for g in gs], 1).sum(1).max())
