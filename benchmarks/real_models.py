@@ -1,12 +1,13 @@
-"""Real-model workloads: Hugging Face GPT-2, BERT, a Llama-style LM and ViT (small configs, random weights),
-ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, each with three in-memory checkpoints and random
-data.
+"""Real-model workloads: Hugging Face GPT-2 (language model and sequence classifier), BERT, a Llama-style LM and ViT
+(small configs, random weights), ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, each with three
+in-memory checkpoints and random data.
 
 Nothing is trained or downloaded: each builder makes the model from a seed, derives three ``tc.Checkpoint`` from
 its initial weights by seeded noise (every floating parameter perturbed; BatchNorm running statistics made
-non-trivial), and draws its data from the same seed. ``transformers`` is only needed by :func:`gpt2`, :func:`bert`,
-:func:`llama` and :func:`vit` (an optional ``test`` / ``bench`` dependency, never a runtime one); torchvision is not
-used (its registry wheel does not import with the CPU torch), so ResNet-18 and MobileNetV3-small are defined here.
+non-trivial), and draws its data from the same seed. ``transformers`` is only needed by :func:`gpt2`,
+:func:`gpt2_classifier`, :func:`bert`, :func:`llama` and :func:`vit` (an optional ``test`` / ``bench`` dependency,
+never a runtime one); torchvision is not used (its registry wheel does not import with the CPU torch), so ResNet-18
+and MobileNetV3-small are defined here.
 
 Each builder takes the sizes (``n_train``, ``n_test``, sequence length or image size, ``dtype``) so that the tests
 run them tiny in float64 and ``bench_core.py --real`` at the issue's 200 train x 20 test. It returns a
@@ -22,6 +23,9 @@ plain-backprop floor, and (for tuple batches) a per-example criterion Captum's `
   ``form="example_loss"``: the same batches and ``tc.ExampleLoss(... .loss)`` (the model's own ``.loss``, one
   example at a time); ``form="criterion"``: :class:`LogitsOnly` (logits ``[B, T, V]``) with
   :class:`CausalLMLoss` and batches ``(input_ids, labels)``.
+- ``gpt2_cls``: ``GPT2ForSequenceClassification`` at the ``gpt2`` sizes (4 labels, padding id 0), right-padded
+  sequences with their ``attention_mask``: the classifier reads each example's last non-padding token, so the last
+  block's Linears after attention have one row with gradient per example. The forms of ``bert``.
 - ``bert``: ``BertForSequenceClassification(BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
   intermediate_size=128, vocab_size=1000, num_labels=4))``, right-padded sequences (random lengths) with their
   ``attention_mask``, 4 classes. ``form="batch_loss"``: dict batches ``{"input_ids", "attention_mask",
@@ -66,7 +70,7 @@ LRS = (0.1, 0.05, 0.02)  # learning rates of the three checkpoints
 NOISE = 0.05  # checkpoint noise, relative to each parameter's RMS (absolute where the RMS is 0)
 
 BatchLoss = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]  # (state, batch) -> summed per-example loss
-HF_MODELS = ("gpt2", "bert", "llama", "vit")  # builders of Hugging Face models (``form=`` selects the loss form)
+HF_MODELS = ("gpt2", "gpt2_cls", "bert", "llama", "vit")  # builders of Hugging Face models (``form=``: the loss form)
 
 
 @dataclass(frozen=True)
@@ -270,6 +274,34 @@ def gpt2(
     labels = ids.masked_fill(pad, -100)
     checkpoints = make_checkpoints(hf, seed + 2)
     return _hf_workload("gpt2", hf, checkpoints, {"input_ids": ids, "labels": labels}, n_train, form, CausalLMLoss())
+
+
+def gpt2_classifier(
+    n_train: int = 200,
+    n_test: int = 20,
+    seq_len: int = 32,
+    *,
+    form: str = "batch_loss",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealWorkload:
+    """GPT-2 sequence classifier (the ``gpt2`` sizes, 4 labels), which reads each example's last non-padding token,
+    on right-padded random tokens with their attention mask."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    config = GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0, num_labels=4, problem_type="single_label_classification",
+    )  # fmt: skip
+    hf = _hf_model(GPT2ForSequenceClassification, config, dtype, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    ids, pad = _right_padded(n, seq_len, config.vocab_size - 1, generator)
+    ids = (ids + 1).masked_fill(pad, 0)  # the classifier finds each example's last token by the padding id 0
+    labels = torch.randint(0, config.num_labels, (n,), generator=generator)
+    data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": labels}
+    checkpoints = make_checkpoints(hf, seed + 2)
+    return _hf_workload("gpt2_cls", hf, checkpoints, data, n_train, form, nn.CrossEntropyLoss())
 
 
 def llama(
@@ -663,6 +695,7 @@ def lstm(
 
 BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "gpt2": gpt2,
+    "gpt2_cls": gpt2_classifier,
     "bert": bert,
     "llama": llama,
     "vit": vit,

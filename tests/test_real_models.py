@@ -37,6 +37,8 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "gpt2_batch_loss": lambda: rm.gpt2(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "gpt2_example_loss": lambda: rm.gpt2(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
     "gpt2_criterion": lambda: rm.gpt2(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
+    "gpt2_cls_batch_loss": lambda: rm.gpt2_classifier(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
+    "gpt2_cls_criterion": lambda: rm.gpt2_classifier(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
     "bert_batch_loss": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "bert_example_loss": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
     "bert_criterion": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
@@ -102,6 +104,10 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     # GPT-2's positions (V = 64; T = 8 here: every position matches in every pair of examples) are materialised
     "gpt2_batch_loss": (BATCHED, {"materialised": 28}, ()),
     "gpt2_criterion": (BATCHED, {"materialised": 28}, ()),
+    # GPT-2's sequence classifier: its last block's Linears after attention (one row with gradient per example, the
+    # last real token's), its score head and its token embedding (token rows) are factored
+    "gpt2_cls_batch_loss": (BATCHED, {"factored": 8, "materialised": 21}, ()),
+    "gpt2_cls_criterion": (BATCHED, {"factored": 8, "materialised": 21}, ()),
     # BERT's token types (V = 2: every id recurs in every example) are materialised, not kept as token rows; the
     # last layer's query, attention output and feed-forward Linears are factored: only the [CLS] row, which the pooler
     # reads, carries gradient (the other rows are dropped)
@@ -138,7 +144,7 @@ def test_plan_is_pinned(case):
     assert dense == sorted(n for n in routes if on_vmap and n.startswith(on_vmap)), dense
     for route, count in counts.items():
         assert sum(r == route for r in routes.values()) == count, (route, routes)
-    if case.startswith("gpt2"):
+    if case in ("gpt2_batch_loss", "gpt2_criterion"):
         tied = next(r for r in e.routes if r.parameter.endswith("transformer.wte.weight"))
         assert (tied.route, tied.reason.split(":")[0]) == ("materialised", "tied weight")
 
@@ -199,27 +205,14 @@ def test_subsample_and_batch_loss():
     torch.testing.assert_close(total, each)
 
 
-def test_gpt2_sequence_classifier_factors_its_last_block_on_the_one_token_it_reads():
+@pytest.mark.parametrize("case", ["gpt2_cls_batch_loss", "gpt2_cls_criterion"])
+def test_gpt2_sequence_classifier_factors_its_last_block_on_the_one_token_it_reads(case):
     """``GPT2ForSequenceClassification`` reads each example's last non-padding token, at a different position per
     example: the last block's Linears after attention see one row with gradient per example and are factored with
-    ``T = 1`` (each example's row gathered), the scores still exact."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=SEQ, num_labels=3)
-    config.pad_token_id = 0
-    hf = rm._hf_model(transformers.GPT2ForSequenceClassification, config, F64, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    n = N_TRAIN + N_TEST
-    mask = (torch.arange(SEQ) < torch.tensor([3, 2, 3, 2, 8, 5, 7, 6, 4])[:, None]).long()
-    data = {"input_ids": torch.randint(1, 50, (n, SEQ), generator=gen) * mask, "attention_mask": mask,
-            "labels": torch.randint(0, 3, (n,), generator=gen)}
-    train, test = rm._split(data, N_TRAIN)
-    ckpts, loss = rm.make_checkpoints(hf, seed=2), tc.sequence_classification_loss(hf)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # batched: no slow-path warning
-        routes = {r.parameter: r for r in tc.explain(hf, ckpts, train, loss_fn=loss, dtype=F64).routes}
+    ``T = 1`` (each example's row gathered; exact: ``test_influence_matches_reference``)."""
+    w, _ = workload(case)
+    routes = {r.parameter: r for r in tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn, dtype=F64).routes}
+    prefix = "hf." if case.endswith("criterion") else ""
     for layer in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-        route = routes[f"transformer.h.1.{layer}.weight"]
+        route = routes[f"{prefix}transformer.h.1.{layer}.weight"]
         assert route.route == "factored" and "at most 1 of 8 rows per example" in route.reason, route
-    ref = reference_scores(hf, ckpts, train, test, loss_fn=loss)
-    assert_close(tc.influence(hf, ckpts, train, test, loss_fn=loss, dtype=F64), ref.influence)
-    assert_close(tc.self_influence(hf, ckpts, train, loss_fn=loss, dtype=F64), ref.self_influence)
