@@ -389,9 +389,9 @@ def test_each_examples_rows_of_zero_output_gradient_are_dropped(monkeypatch, bat
     model = ReadsOneRow().double().eval()
     ckpts, train, test = _ckpts(model), _reads_one_row_data(10), _reads_one_row_data(6)
     reasons = {r.parameter: r.reason for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
-    carry = "rows per example carry gradient in the first examples"
-    assert reasons["mid.weight"].endswith(f"(T = 1): at most 1 of 5 {carry}")
-    assert reasons["inp.weight"].endswith(f"(T = 2): at most 2 of 5 {carry}")
+    assert reasons["mid.weight"].endswith("(T = 1): 1 of 5 rows carry gradient in each of the first examples")
+    # inp's rows with gradient differ between examples (padding, which later batches fill): costed at all 5 rows
+    assert reasons["inp.weight"].endswith("(T = 5)"), reasons["inp.weight"]
     kept, live_rows = [], tracin_func._assemble._live_rows
 
     def recorded(a, g):
@@ -404,6 +404,19 @@ def test_each_examples_rows_of_zero_output_gradient_are_dropped(monkeypatch, bat
     assert_close(tc.influence(model, ckpts, train, test, **opts), ref.influence, 1e-12)
     assert_close(tc.self_influence(model, ckpts, train, **opts), ref.self_influence, 1e-12)
     assert set(kept) == ({1, 2, 5} if batch_size else {1, 5})  # mid: 1 row; inp: 2 in lengths [2, 1, 2, 1], else 5
+
+
+def test_first_examples_without_any_gradient_leave_the_cost_model_at_all_rows():
+    """Ignored targets (-100) give the first examples no gradient at all: nothing tells which rows later examples
+    use, so every layer is costed at all its rows; the scores stay exact."""
+    model = ReadsOneRow().double().eval()
+    x, keep, extra, y = _reads_one_row_data(8)
+    y[:4] = -100
+    ckpts, train = _ckpts(model), (x, keep, extra, y)
+    reasons = {r.parameter: r.reason for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
+    assert reasons["mid.weight"].endswith("(T = 5)"), reasons["mid.weight"]
+    ref = reference_scores(model, ckpts, train, loss_fn=CE)
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=4), ref.self_influence, 1e-12)
 
 
 def test_a_dropped_row_with_an_infinite_input_still_makes_the_gradient_nan():

@@ -215,4 +215,4 @@ def test_gpt2_sequence_classifier_factors_its_last_block_on_the_one_token_it_rea
     prefix = "hf." if case.endswith("criterion") else ""
     for layer in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
         route = routes[f"{prefix}transformer.h.1.{layer}.weight"]
-        assert route.route == "factored" and "at most 1 of 8 rows per example" in route.reason, route
+        assert route.route == "factored" and "1 of 8 rows carry gradient in each of the first" in route.reason, route

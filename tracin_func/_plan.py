@@ -211,14 +211,17 @@ def make_plan(
     for site in plan.sites:  # rows of zero output gradient (ignored by the loss) are dropped per batch
         if site.kind != "linear" or site.owner is not None:
             continue
-        rows, live = rows_of[site.path], _live_row_count(site, seen[site.path][1])
+        rows, counts = rows_of[site.path], _live_rows_per_example(site, seen[site.path][1])
+        live = max(counts)
         if 2 * live > rows:  # as in ``_assemble._live_rows``
             continue
         trimmed.add(site.path)
-        if site.kernel_ok and factored is None:
+        # the cost model takes the fewer rows only when every first example has as many, and some: rows the model
+        # itself ignores (all but a classifier's token), not padding or a saturated loss, which later batches can fill
+        if site.kernel_ok and factored is None and 0 < live == min(counts):
             (kernel.add if _kernel_is_cheaper(site, live, self_only) else kernel.discard)(site.path)
-            why = f"{_why_site(site, live, factored, site.path in kernel, self_only)}: at most {live} of {rows} rows"
-            reasons.update({n: f"{why} per example carry gradient in the first examples" for n in site.names})
+            why = f"{_why_site(site, live, factored, site.path in kernel, self_only)}: {live} of {rows} rows carry"
+            reasons.update({n: f"{why} gradient in each of the first examples" for n in site.names})
     for site in plan.sites if not (factored or self_only) else ():  # token rows pay per matching pair of tokens:
         if site.kind != "embedding" or site.path not in kernel:  # check how often the ids really recur
             continue
@@ -240,10 +243,10 @@ def make_plan(
 _TOKEN_MATCH_COST = 16
 
 
-def _live_row_count(site: Site, gs: Sequence[torch.Tensor]) -> int:
-    """The most rows (over all calls) whose output gradient is not zero in one example: a row the loss ignores (any
-    but the token a classifier reads, padding) adds nothing to any gradient."""
-    return int(torch.cat([output_rows(site, g).abs().sum(2).ne(0) for g in gs], 1).sum(1).max())
+def _live_rows_per_example(site: Site, gs: Sequence[torch.Tensor]) -> list[int]:
+    """Each example's rows (over all calls) whose output gradient is not zero: a row the loss ignores (any but the
+    token a classifier reads, padding) adds nothing to any gradient."""
+    return torch.cat([output_rows(site, g).abs().sum(2).ne(0) for g in gs], 1).sum(1).tolist()
 
 
 def _matches_per_pair(ids: torch.Tensor, vocab: int) -> float:
