@@ -458,6 +458,31 @@ def test_a_tied_weights_use_with_dropped_rows_sums_with_its_other_uses(factored)
         assert_close(tc.self_influence(model, ckpts, train, batch_size=batch_size, **opts), ref.self_influence, 1e-12)
 
 
+@pytest.mark.parametrize("factored", [None, True])
+def test_batches_with_many_more_rows_than_planned_are_scored_from_formed_gradients(monkeypatch, factored):
+    """Dynamic padding: the plan factors ``mix`` for the first batches' 2 rows; batches of 12 rows, where its
+    factored products would cost several times more, are scored from formed gradients (unless ``factored=True``
+    asks for factors), exactly either way."""
+    import tracin_func._representations as representations_module
+
+    model = TokenMixer().double().eval()
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(n, rows):
+        return torch.randn(n, rows, 16, generator=gen, dtype=torch.float64), torch.randint(0, 3, (n,), generator=gen)
+
+    train, test, ckpts = [batch(4, 2), batch(4, 12)], [batch(3, 2), batch(3, 12)], _ckpts(model)
+    assert tc.explain(model, ckpts, train, loss_fn=CE).routes[0].reason.endswith("(T = 2)")
+    formed, form = [], representations_module.Factored._formed
+    monkeypatch.setattr(representations_module.Factored, "_formed", lambda f: formed.append(f.a.shape[1]) or form(f))
+    S = tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored)
+    s = tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored)
+    refs = [[reference_scores(model, ckpts, b, t, loss_fn=CE) for b in train] for t in test]
+    assert_close(S, torch.cat([torch.cat([r.influence for r in row], 1) for row in refs]), 1e-12)
+    assert_close(s, torch.cat([r.self_influence for r in refs[0]]), 1e-12)
+    assert set(formed) == (set() if factored else {12})
+
+
 class GroupedConvs(nn.Module):
     """A MobileNet-style block: depthwise and grouped convolutions between plain ones, eval-mode BatchNorm."""
 
@@ -1155,6 +1180,7 @@ def test_materialised_layers_are_formed_when_scored_and_exact_in_every_use(monke
     every use of a representation (dots, norms, projections, renormalised scores, per-layer shares, an index's
     columns, a tracer step) gives the vmap(grad) path's numbers."""
     import tracin_func._assemble as assemble_module
+    import tracin_func._representations as representations_module
     from tracin_func._representations import Deferred
 
     torch.manual_seed(0)
@@ -1170,7 +1196,7 @@ def test_materialised_layers_are_formed_when_scored_and_exact_in_every_use(monke
         return rep
 
     monkeypatch.setattr(assemble_module, "assemble", spy)
-    monkeypatch.setattr(assemble_module, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(representations_module, "_CHUNK_BYTES", chunk_bytes)
     results = {}
     for factored in (False, None):
         opts = dict(loss_fn=CE, factored=factored, batch_size=5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -14,16 +13,11 @@ from ._capture import Factors, batched_factors, vmapped_factors
 from ._grads import Mapper, Tensors, dense_grads
 from ._layers import Site, input_rows, materialize, output_rows, per_example_grads, scatter_rows
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
-from ._representations import Deferred, Dense, Factored, Part, Representation, Rows, Tied
+from ._representations import Deferred, Dense, Factored, Part, Representation, Rows, Tied, chunk_examples
 
 if TYPE_CHECKING:
     from ._plan import Plan
 
-# Of a deferred layer's gradients formed at once (about L2-sized). Timed against 0.125 / 0.5 / 2 / 4 / 64 MB: digits
-# CNN self-influence 0.30-0.35 s (0.46 / 0.32 / 0.40 / 0.34-0.56 / 0.46), tiny transformer influence 1.56-1.62 s (2.39 /
-# 1.77 / 1.57 / 1.52 / 1.51), BERT influence 0.42 s (0.49 / 0.47 / 0.38 / 0.41 / 0.43). With freed batches kept
-# (``_allocator``), 0.5 to 4 MB are within 5% of each other on the digits CNN.
-_CHUNK_BYTES = 1 << 20
 RepresentationFn = Callable[[Tensors, Tensors, Any], Representation]  # (diff, frozen, batch) -> Representation
 
 
@@ -50,14 +44,14 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
                 g = _cat([output_rows(site, g) for g in gs], dim=1)
                 a, g = _live_rows(a, g) if trimmed else (a, g)
                 if site.path in plan.kernel or rows_kept:
-                    parts.append(Factored(site, a, g) if site.path in plan.kernel else Rows.of(site, a, g))
+                    parts.append(Factored(site, a, g, plan.costed) if site.path in plan.kernel else Rows.of(site, a, g))
                     continue
                 grads_of, calls = partial(materialize, site), [(a, g)]  # every step's rows at once
             else:
                 grads_of, calls = partial(per_example_grads, layer, site), list(zip(xs, gs))
             if site.kind in ("linear", "conv") and not site.tied:  # formed when scored
-                n, width = gs[0].shape[0], math.prod(site.weight_shape) * gs[0].element_size()
-                parts.append(Deferred(site, partial(_form, grads_of, calls), n, max(1, _CHUNK_BYTES // width)))
+                n, chunk = gs[0].shape[0], chunk_examples(site, gs[0].element_size())
+                parts.append(Deferred(site, partial(_form, grads_of, calls), n, chunk))
                 continue
             grads = [grads_of(x, g) for x, g in calls]
         captured = {t.untyped_storage().data_ptr() for t in (*xs, *gs)}  # a grad may alias one (a norm's bias)

@@ -47,6 +47,7 @@ class Plan(NamedTuple):
     batching: str  # why the call runs one batched pass, or not
     example_bytes: int  # one example's gradient representation: factors of kept sites, per-sample grads of the rest
     trimmed: frozenset[str] = frozenset()  # paths of Linears whose rows of zero output gradient are dropped per batch
+    costed: bool = True  # kernel sites chosen by the cost model (factored=None), not all forced (factored=True)
 
     def route(self, name: str) -> str:
         """``"factored"`` (inner products of factors), ``"materialised"`` (from factors) or ``"vmap"``."""
@@ -197,6 +198,7 @@ def make_plan(
     kernel &= set(sites)
     size = _example_bytes([s for p, s in sites.items() if p in kernel], rows_of, names, diff)
     plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel), False, reasons, "", size)
+    plan = plan._replace(costed=not factored)
     if not sites:
         return plan._replace(batching="vmap(grad) over examples: no layer gives factors")
     if dense:
