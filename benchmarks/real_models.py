@@ -251,6 +251,10 @@ def _split(t: Any, n_train: int) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------------------------- Hugging Face models
 
 
+# GPT-2's sizes here; its own token ids (50256) lie outside this vocabulary
+_GPT2_SIZES = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64, bos_token_id=0, eos_token_id=0)
+
+
 def gpt2(
     n_train: int = 200,
     n_test: int = 20,
@@ -263,14 +267,11 @@ def gpt2(
     """GPT-2 (2 layers, 64 dims, 4 heads, vocabulary 1000) scored with its causal-LM loss (see the module doc)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64, bos_token_id=0, eos_token_id=0
-    )  # GPT-2's own token ids (50256) lie outside this vocabulary
-    hf = _hf_model(GPT2LMHeadModel, config, dtype, seed)
+    hf = _hf_model(GPT2LMHeadModel, GPT2Config(**_GPT2_SIZES), dtype, seed)
     hf.loss_type = "ForCausalLM"  # the default it would pick, with a warning, from the class name
     generator = torch.Generator().manual_seed(seed + 1)
     n = n_train + n_test
-    ids, pad = _right_padded(n, seq_len, config.vocab_size, generator)
+    ids, pad = _right_padded(n, seq_len, hf.config.vocab_size, generator)
     labels = ids.masked_fill(pad, -100)
     checkpoints = make_checkpoints(hf, seed + 2)
     return _hf_workload("gpt2", hf, checkpoints, {"input_ids": ids, "labels": labels}, n_train, form, CausalLMLoss())
@@ -289,10 +290,7 @@ def gpt2_classifier(
     on right-padded random tokens with their attention mask."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    config = GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64, bos_token_id=0, eos_token_id=0,
-        pad_token_id=0, num_labels=4, problem_type="single_label_classification",
-    )  # fmt: skip
+    config = GPT2Config(**_GPT2_SIZES, pad_token_id=0, num_labels=4, problem_type="single_label_classification")
     hf = _hf_model(GPT2ForSequenceClassification, config, dtype, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     n = n_train + n_test

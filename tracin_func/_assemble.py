@@ -82,15 +82,25 @@ def _form(
     return out
 
 
+def rows_with_gradient(g: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: whether each row of output gradients ``g`` ``[B, T, d_out]`` is not zero (NaN counts as not)."""
+    return g.abs().sum(2).ne(0)  # a sum: bool reductions are slow on CPU
+
+
+def worth_dropping(live: int, rows: int) -> bool:
+    """Whether keeping ``live`` of ``rows`` rows per example saves more than copying them costs: at most half."""
+    return 2 * live <= rows
+
+
 @torch.compiler.disable  # sizes depend on the gradients: run eagerly inside compiled updates
 def _live_rows(a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors of each example's rows whose output gradient is not zero, gathered to the front (in order), when every
     example has at most half its rows live (dropping fewer saves less than the copies cost): the rows left out add
     nothing to any gradient, and an example with fewer live rows takes zero-gradient ones to fill up. All kept when an
     input is not finite (``0 * inf`` is NaN in the gradient, which the call reports)."""
-    live = g.abs().sum(2).ne(0)  # [B, T]; a sum, as bool reductions are slow on CPU; NaN counts as live
+    live = rows_with_gradient(g)
     t = int(live.sum(1).max()) if live.numel() else 0
-    if 2 * t > live.shape[1] or not bool(a.sum().isfinite()):
+    if not worth_dropping(t, live.shape[1]) or not bool(a.sum().isfinite()):
         return a, g
     rows = torch.argsort(live.logical_not().to(torch.uint8), dim=1, stable=True)[:, :t, None]  # live rows first
     return a.gather(1, rows.expand(-1, -1, a.shape[2])), g.gather(1, rows.expand(-1, -1, g.shape[2]))

@@ -11,7 +11,7 @@ import optree
 import torch
 from torch import nn
 
-from ._assemble import representation_fn
+from ._assemble import representation_fn, rows_with_gradient, worth_dropping
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._attention import why_not_unrolled as why_not_attention
 from ._capture import BatchableLoss, Hook, batched_factors, discover, hooked
@@ -215,7 +215,7 @@ def make_plan(
             continue
         rows, counts = rows_of[site.path], _live_rows_per_example(site, seen[site.path][1])
         live = max(counts)
-        if 2 * live > rows:  # as in ``_assemble._live_rows``
+        if not worth_dropping(live, rows):
             continue
         trimmed.add(site.path)
         # the cost model takes the fewer rows only when every first example has as many, and some: rows the model
@@ -248,7 +248,7 @@ _TOKEN_MATCH_COST = 16
 def _live_rows_per_example(site: Site, gs: Sequence[torch.Tensor]) -> list[int]:
     """Each example's rows (over all calls) whose output gradient is not zero: a row the loss ignores (any but the
     token a classifier reads, padding) adds nothing to any gradient."""
-    return torch.cat([output_rows(site, g).abs().sum(2).ne(0) for g in gs], 1).sum(1).tolist()
+    return torch.cat([rows_with_gradient(output_rows(site, g)) for g in gs], 1).sum(1).tolist()
 
 
 def _matches_per_pair(ids: torch.Tensor, vocab: int) -> float:
