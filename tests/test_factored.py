@@ -284,6 +284,78 @@ def test_a_tied_weight_with_a_use_outside_layers_falls_back_to_vmap():
     assert not plan.sites and set(plan.dense) == {"emb.weight", "head.bias"}  # every use of the tensor, or none
 
 
+class SharedTable(nn.Module):
+    """T5's and BART's tie: a ``shared`` Embedding that the forward never calls, whose tensor two other Embeddings
+    (encoder, decoder) and the LM head use. ``late``: ``shared`` is called itself in a batch where some example
+    starts with token 9 (the first examples do not)."""
+
+    def __init__(self, late=False):
+        super().__init__()
+        self.shared, self.enc, self.dec = nn.Embedding(10, 4), nn.Embedding(10, 4), nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.enc.weight = self.dec.weight = self.head.weight = self.shared.weight
+        self.mix = nn.Linear(4, 4)
+        self.late = late
+
+    def forward(self, ids, use_shared=False):
+        h = torch.tanh(self.mix(self.enc(ids))).mean(1, keepdim=True) + self.dec(ids.flip(1))
+        if use_shared or self.late and bool((ids[:, 0] == 9).any()):
+            h = h + self.shared(ids)
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_a_tied_tensors_uncalled_module_leaves_its_other_uses_batched():
+    """The uncalled ``shared`` adds nothing: the tensor's gradient is its called uses' (exact, batched, not vmap)."""
+    torch.manual_seed(0)
+    model = SharedTable().double().eval()
+    ids, y = torch.randint(0, 9, (8, 5)), torch.randint(0, 10, (8,))
+    _assert_paths_agree(model, (ids, y), (ids[:3], y[:3]))
+    ref = reference_scores(model, _ckpts(model), (ids, y), (ids[:3], y[:3]), loss_fn=CE)
+    assert_close(tc.influence(model, _ckpts(model), (ids, y), (ids[:3], y[:3]), loss_fn=CE), ref.influence, 1e-12)
+    for factored in (None, True):
+        plan = _plan(model, (ids, y), factored=factored)
+        assert plan.batched and not plan.dense and plan.uncalled == ("shared",)
+        assert {s.path for s in plan.sites if s.tied} == {"enc", "dec", "head"}
+
+
+def test_a_tied_tensors_module_called_only_after_planning_is_refused():
+    """``shared`` uncalled on the first examples but called in a later batch would add a use outside the factors:
+    refused with the fix, which is exact."""
+    torch.manual_seed(0)
+    model = SharedTable(late=True).double().eval()
+    ids, y = torch.randint(0, 9, (8, 5)), torch.randint(0, 10, (8,))
+    ids[6, 0] = 9
+    ckpts = _ckpts(model)
+    with pytest.raises(ValueError, match=r"module 'shared' \(Embedding\) shares its weight.*factored=False"):
+        tc.self_influence(model, ckpts, (ids, y), loss_fn=CE, batch_size=4)
+    ref = reference_scores(model, ckpts, (ids, y), loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap fails on the branch: the loop
+        assert_close(tc.self_influence(model, ckpts, (ids, y), loss_fn=CE, factored=False), ref.self_influence, 1e-12)
+
+
+def test_a_tied_tensors_module_called_by_one_loss_only_leaves_the_tensor_to_vmap():
+    """The test loss calls ``shared``, the training loss does not: every use of the tensor goes to vmap(grad)."""
+    torch.manual_seed(0)
+    model = SharedTable().double().eval()
+    ids, y = torch.randint(0, 9, (8, 5)), torch.randint(0, 10, (8,))
+
+    def with_shared(params, batch):
+        out = torch.func.functional_call(model, params, (batch[0],), {"use_shared": True})
+        return nn.functional.cross_entropy(out, batch[1], reduction="none")
+
+    test_loss = tc.BatchLoss(with_shared)
+    ckpts = _ckpts(model)
+    routes = {r.parameter: r for r in tc.explain(model, ckpts, (ids, y), loss_fn=CE, test_loss_fn=test_loss).routes}
+    shared = routes["shared.weight"]
+    assert shared.route == "vmap" and "called under one loss and not the other" in shared.reason
+    ref = reference_scores(model, ckpts, (ids, y), (ids[:3], y[:3]), loss_fn=CE, test_loss_fn=test_loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = tc.influence(model, ckpts, (ids, y), (ids[:3], y[:3]), loss_fn=CE, test_loss_fn=test_loss)
+    assert_close(got, ref.influence, 1e-12)
+
+
 class BroadcastRow(nn.Module):
     """Position embeddings looked up once as ``[1, T]`` and broadcast over the batch (BERT, GPT-2); ``mix``
     instead reduces that row over dim 0, which only a batch of one leaves alone."""
@@ -310,6 +382,29 @@ def test_rows_broadcast_over_the_batch_are_batched_and_mixing_is_refused(mix):
     assert not plan.dense and plan.batched is not mix
     if mix:
         assert "changed the first examples' factors at 'pos'" in plan.batching
+
+
+class RelativeBias(nn.Module):
+    """T5's relative position bias: an Embedding looked up on ``[T, T]`` offsets (no batch dimension), added to every
+    example's scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.rel, self.fc = nn.Embedding(10, 4), nn.Embedding(9, 1), nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        t = torch.arange(tokens.shape[1])
+        scores = torch.softmax(self.rel(t[:, None] - t[None] + 4)[..., 0], -1)  # [T, T]
+        return self.fc(torch.tanh(scores @ self.tok(tokens)).mean(1))
+
+
+def test_a_layer_run_once_for_the_whole_batch_is_named():
+    torch.manual_seed(0)
+    model = RelativeBias().double().eval()
+    tokens, y = torch.randint(0, 10, (8, 4)), torch.randint(0, 3, (8,))
+    _assert_paths_agree(model, (tokens, y), (tokens[:3], y[:3]))
+    plan = _plan(model, (tokens, y))
+    assert not plan.batched and "'rel' runs once for the whole batch" in plan.batching
 
 
 def test_a_weight_also_used_directly_falls_back_to_vmap():

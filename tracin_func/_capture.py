@@ -174,7 +174,8 @@ def batched_factors(
     copies = {name: _expanded(state[name], n, site.rank) for site in expanded for name in site.names}
     state = {**state, **copies}
     with torch.enable_grad():
-        with hooked(module, {s.path: hook_for(s) for s in plan.sites if s.kind != "expanded"}):
+        hooks = {s.path: hook_for(s) for s in plan.sites if s.kind != "expanded"}
+        with hooked(module, {**hooks, **uncalled_guards(plan)}):
             if isinstance(loss, BatchedLoss):
                 total = loss.per_example(state, batch).sum()
             else:
@@ -196,6 +197,24 @@ def batched_factors(
     for site in expanded:  # no inputs: the per-example gradients themselves, [B, *shape]
         factors[site.path] = ([], [next(grads).reshape(n, *shapes[name]) for name in site.names])
     return factors
+
+
+def uncalled_guards(plan: Plan) -> dict[str, Hook]:
+    """Hooks that refuse a call of a module the plan found uncalled although it holds a tied tensor of its sites
+    (``Plan.uncalled``): that use would add to the tensor's gradient outside every site's factors."""
+
+    def refuse_at(path: str) -> Hook:
+        def refuse(layer: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            raise ValueError(
+                f"`model`: module {path!r} ({type(layer).__name__}) shares its weight with other layers and was not "
+                f"called on the first example, where the call was planned, so that weight is scored through the "
+                f"other layers' factors; it is called in this batch. The model's modules depend on the example: pass "
+                f"`factored=False`."
+            )
+
+        return refuse
+
+    return {path: refuse_at(path) for path in plan.uncalled}
 
 
 def _split_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -231,7 +250,7 @@ def vmapped_factors(
 
             return hook
 
-        with hooked(module, {s.path: hook_for(s) for s in plan.sites}):
+        with hooked(module, {**{s.path: hook_for(s) for s in plan.sites}, **uncalled_guards(plan)}):
             out = scalar_loss(loss, {**frozen, **dense}, batch_of_one(example))
         return out, inputs
 

@@ -48,6 +48,8 @@ class Plan(NamedTuple):
     example_bytes: int  # one example's gradient representation: factors of kept sites, per-sample grads of the rest
     trimmed: frozenset[str] = frozenset()  # paths of Linears whose rows of zero output gradient are dropped per batch
     costed: bool = True  # kernel sites chosen by the cost model (factored=None), not all forced (factored=True)
+    # modules holding a tied tensor of sites that the forward did not call when planned: refused if called later
+    uncalled: tuple[str, ...] = ()
 
     def route(self, name: str) -> str:
         """``"factored"`` (inner products of factors), ``"materialised"`` (from factors) or ``"vmap"``."""
@@ -151,7 +153,8 @@ def make_plan(
     kernel, rows_of = set(), {}
     modules = dict(module.named_modules()) if module is not None else {}
     truth: list[dict[str, torch.Tensor]] = []  # per loss: the first example's gradients of "expanded" parameters
-    for loss in losses if sites else ():
+    idle: dict[str, Site] = {}  # modules holding a tied tensor that no loss calls: its other uses are its sites
+    for i, loss in enumerate(losses if sites else ()):
         calls, leaked = discover(module, loss, list(sites.values()), diff, frozen, batch)
         truth.append({n: leaked[n] for s in sites.values() if s.kind == "expanded" for n in s.names})
         for path, site in list(sites.items()):
@@ -170,9 +173,13 @@ def make_plan(
                 del sites[path]
                 reasons.update({n: why for n in site.names})
                 continue
-            elif not calls[path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
+            elif (i == 0 or path in idle) and _idle_tied_use(site, sites, calls, leaked):
+                idle[path] = site
+                continue
+            elif not calls[path] or path in idle or any(bool(leaked[n].ne(0).any()) for n in site.names):
                 why = "not called as a module" if not calls[path] else "also used outside the layer (tied weight, "
                 why += "" if not calls[path] else "direct use or a term of the loss)"
+                why = "called under one loss and not the other" if path in idle else why
                 if site.owner is not None and not calls[path]:
                     why = "not run unrolled (a PackedSequence, an unbatched input or cross-attention runs the fused op)"
                 for other in [p for p, s in sites.items() if p != path and set(s.names) & set(site.names)]:
@@ -185,6 +192,8 @@ def make_plan(
             if site.kernel_ok and (factored or _kernel_is_cheaper(site, rows, self_only)):
                 kernel.add(path)  # a kept Embedding is never materialised on the training side (see TokenRows)
             reasons.update({n: _why_site(site, rows, factored, path in kernel, self_only) for n in site.names})
+    for path in idle:
+        sites.pop(path, None)  # (unless dropped with a partner)
     if self_only and factored is not False:
         kernel |= _tied_kept(sites, rows_of, factored, reasons)
     dense = _not_in_sites(names, sites.values())
@@ -198,7 +207,9 @@ def make_plan(
     kernel &= set(sites)
     size = _example_bytes([s for p, s in sites.items() if p in kernel], rows_of, names, diff)
     plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel), False, reasons, "", size)
-    plan = plan._replace(costed=not factored)
+    covered = {n for s in sites.values() for n in s.names}
+    uncalled = tuple(p for p, s in idle.items() if set(s.names) <= covered)
+    plan = plan._replace(costed=not factored, uncalled=uncalled)
     if not sites:
         return plan._replace(batching="vmap(grad) over examples: no layer gives factors")
     if dense:
@@ -243,6 +254,15 @@ def make_plan(
 # gradient's GEMM (BERT's position embedding, V = 512, every one of T = 32 positions matching: 1.11 s kept as token
 # rows, 1.03 s materialised).
 _TOKEN_MATCH_COST = 16
+
+
+def _idle_tied_use(site: Site, sites: Mapping[str, Site], calls: Mapping[str, list], leaked: Tensors) -> bool:
+    """Whether ``site`` holds a tied tensor but is not called, while another module holding it is (T5's and BART's
+    ``shared`` Embedding, whose tensor the encoder's and decoder's embeddings and the LM head use), and nothing else
+    uses the tensor: the called modules' factors then give its whole gradient."""
+    if not site.tied or calls[site.path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
+        return False
+    return any(calls[p] for p, s in sites.items() if p != site.path and set(s.names) & set(site.names))
 
 
 def _live_rows_per_example(site: Site, gs: Sequence[torch.Tensor]) -> list[int]:
@@ -427,6 +447,11 @@ def _batching_refused(
             singles = _concat_examples([a[path] for a in alone])
             per_example = all(t.shape[0] == n for t in xs + gs)  # not: rows that did not split into examples
             same = singles is not None and len(singles) == len(xs) + len(gs) and all(map(_close, singles, [*xs, *gs]))
+            if n > 1 and xs and list(map(torch.numel, xs + gs)) == list(map(torch.numel, sum(alone[0][path], []))):
+                return (  # as many elements for the first examples as for the first alone
+                    f"{path!r} runs once for the whole batch (its input has no batch dimension, like T5's relative "
+                    f"position bias, which every example then adds), so its gradient does not split into examples"
+                ), {}
             if not (per_example and same):
                 return (
                     f"a batched forward changed the first examples' factors at {path!r} (examples interact, e.g. "
