@@ -1,13 +1,13 @@
-"""Real-model workloads: Hugging Face GPT-2 (language model and sequence classifier), BERT, a Llama-style LM and ViT
-(small configs, random weights), ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, each with three
-in-memory checkpoints and random data.
+"""Real-model workloads: Hugging Face GPT-2 (language model and sequence classifier), BERT, BART, a Llama-style LM
+and ViT (small configs, random weights), ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, each with
+three in-memory checkpoints and random data.
 
 Nothing is trained or downloaded: each builder makes the model from a seed, derives three ``tc.Checkpoint`` from
 its initial weights by seeded noise (every floating parameter perturbed; BatchNorm running statistics made
 non-trivial), and draws its data from the same seed. ``transformers`` is only needed by :func:`gpt2`,
-:func:`gpt2_classifier`, :func:`bert`, :func:`llama` and :func:`vit` (an optional ``test`` / ``bench`` dependency,
-never a runtime one); torchvision is not used (its registry wheel does not import with the CPU torch), so ResNet-18
-and MobileNetV3-small are defined here.
+:func:`gpt2_classifier`, :func:`bert`, :func:`bart`, :func:`llama` and :func:`vit` (an optional ``test`` /
+``bench`` dependency, never a runtime one); torchvision is not used (its registry wheel does not import with the
+CPU torch), so ResNet-18 and MobileNetV3-small are defined here.
 
 Each builder takes the sizes (``n_train``, ``n_test``, sequence length or image size, ``dtype``) so that the tests
 run them tiny in float64 and ``bench_core.py --real`` at the issue's 200 train x 20 test. It returns a
@@ -32,6 +32,13 @@ plain-backprop floor, and (for tuple batches) a per-example criterion Captum's `
   "labels"}`` with ``tc.sequence_classification_loss(model)``; ``form="example_loss"``: the same batches with
   ``tc.ExampleLoss(... .loss)``; ``form="criterion"``: :class:`LogitsOnly` with
   ``CrossEntropyLoss`` and batches ``(input_ids, attention_mask, labels)``.
+- ``bart``: ``BartForConditionalGeneration(BartConfig(d_model=64, encoder_layers=2, decoder_layers=2, 4 heads,
+  ffn 128, vocab_size=1000))``: the token table is held by ``model.shared`` (never called) and used by the encoder's
+  and the decoder's embeddings and the LM head; right-padded source sequences with their ``attention_mask``,
+  right-padded targets of half their length (padding labelled -100). ``form="batch_loss"``: dict batches with
+  ``tc.seq2seq_lm_loss(model)`` (the decoder's inputs made from the labels by the model's own shift);
+  ``form="example_loss"``: the model's own ``.loss``; ``form="criterion"``: :class:`LogitsOnly` with
+  :class:`Seq2SeqLMLoss` and batches ``(input_ids, attention_mask, decoder_input_ids, labels)``.
 - ``llama``: ``LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
   num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))``: RMSNorm (a layer of no known kind, its weight
   an elementwise scale), rotary positions, grouped key / value heads, SwiGLU; right-padded sequences with their
@@ -70,7 +77,8 @@ LRS = (0.1, 0.05, 0.02)  # learning rates of the three checkpoints
 NOISE = 0.05  # checkpoint noise, relative to each parameter's RMS (absolute where the RMS is 0)
 
 BatchLoss = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]  # (state, batch) -> summed per-example loss
-HF_MODELS = ("gpt2", "gpt2_cls", "bert", "llama", "vit")  # builders of Hugging Face models (``form=``: the loss form)
+# builders of Hugging Face models (``form=``: the loss form)
+HF_MODELS = ("gpt2", "gpt2_cls", "bert", "bart", "llama", "vit")
 
 
 @dataclass(frozen=True)
@@ -203,6 +211,16 @@ class CausalLMLoss(nn.Module):
         if self.reduction == "mean":
             return losses.mean()
         return losses
+
+
+class Seq2SeqLMLoss(CausalLMLoss):
+    """Sequence-to-sequence LM loss as a criterion ``(logits [B, T, V], labels [B, T]) -> loss``: example ``i``'s is
+    Hugging Face's, the mean cross-entropy of ``logits[i]`` against ``labels[i]`` (no shift) over the labels that are
+    not ``ignore_index``; ``reduction`` as :class:`CausalLMLoss`'s."""
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pad = logits.new_zeros(logits.shape[0], 1, logits.shape[2])  # the shift drops this position and label
+        return super().forward(torch.cat([logits, pad], 1), torch.cat([labels[:, :1], labels], 1))
 
 
 class LogitsOnly(nn.Module):
@@ -353,6 +371,40 @@ def vit(
     return _hf_workload("vit", hf, checkpoints, data, n_train, form, nn.CrossEntropyLoss())
 
 
+def bart(
+    n_train: int = 200,
+    n_test: int = 20,
+    seq_len: int = 32,
+    *,
+    form: str = "batch_loss",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealWorkload:
+    """BART encoder-decoder (2 + 2 layers, 64 dims, 4 heads, vocabulary 1000; the token table shared by both
+    embeddings and the LM head) on right-padded source sequences with their ``attention_mask`` and right-padded
+    targets of half their length (padding labelled -100), scored with its sequence-to-sequence LM loss."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(
+        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=1000, max_position_embeddings=64,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+    )  # fmt: skip
+    hf = _hf_model(BartForConditionalGeneration, config, dtype, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    ids, pad = _right_padded(n, seq_len, config.vocab_size - 3, generator)
+    target, target_pad = _right_padded(n, seq_len // 2, config.vocab_size - 3, generator)
+    ids = (ids + 3).masked_fill(pad, config.pad_token_id)  # ids 0-2 are BART's special tokens
+    labels = (target + 3).masked_fill(target_pad, -100)
+    data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": labels}
+    if form == "criterion":  # a logits criterion gets no labels: the decoder's inputs as the model makes them
+        data = {**data, "decoder_input_ids": hf.prepare_decoder_input_ids_from_labels(labels)}
+        data["labels"] = data.pop("labels")
+    checkpoints = make_checkpoints(hf, seed + 2)
+    return _hf_workload("bart", hf, checkpoints, data, n_train, form, Seq2SeqLMLoss())
+
+
 def bert(
     n_train: int = 200,
     n_test: int = 20,
@@ -403,8 +455,8 @@ def _hf_workload(
 ) -> RealWorkload:
     train, test = _split(data, n_train)
     if form == "batch_loss":
-        causal = name in ("gpt2", "llama")
-        loss = tc.causal_lm_loss(hf) if causal else tc.sequence_classification_loss(hf)
+        losses = {"gpt2": tc.causal_lm_loss, "llama": tc.causal_lm_loss, "bart": tc.seq2seq_lm_loss}
+        loss = losses.get(name, tc.sequence_classification_loss)(hf)
 
         def summed(state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
             return loss.fn(state, batch).sum()
@@ -695,6 +747,7 @@ BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "gpt2": gpt2,
     "gpt2_cls": gpt2_classifier,
     "bert": bert,
+    "bart": bart,
     "llama": llama,
     "vit": vit,
     "resnet18": resnet18,

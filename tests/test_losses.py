@@ -212,6 +212,48 @@ def test_sequence_classification_loss_is_hugging_faces_per_example(problem_type)
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-12, atol=0)
 
 
+class _Seq2Seq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(10, 4), nn.Linear(4, 10)
+
+    def forward(self, input_ids, decoder_input_ids):
+        h = self.emb(input_ids).mean(1, keepdim=True) + self.emb(decoder_input_ids)
+        return {"logits": self.head(torch.tanh(h))}
+
+
+class _Seq2SeqWithShift(_Seq2Seq):
+    def prepare_decoder_input_ids_from_labels(self, labels):  # Hugging Face's: shifted right behind a start token
+        return torch.cat([torch.full_like(labels[:, :1], 7), labels[:, :-1]], 1).masked_fill(labels == -100, 0)
+
+
+def test_seq2seq_lm_loss_is_hugging_faces_per_example():
+    """The mean cross-entropy over each example's labels (no shift), with the decoder's inputs made from the labels
+    as the model makes them, or taken from the batch; a model that cannot make them is named."""
+    torch.manual_seed(0)
+    model = _Seq2SeqWithShift().double().eval()
+    labels = torch.randint(0, 10, (4, 5)).masked_fill(torch.arange(5) >= torch.tensor([5, 3, 0, 1])[:, None], -100)
+    data = {"input_ids": torch.randint(0, 10, (4, 6)), "labels": labels}
+    state = dict(model.state_dict())
+    got = tc.seq2seq_lm_loss(model).fn(state, data)
+    want = []
+    for i in range(4):
+        decoder = model.prepare_decoder_input_ids_from_labels(labels[i : i + 1])
+        logits, keep = model(data["input_ids"][i : i + 1], decoder)["logits"][0], labels[i] != -100
+        want.append(nn.functional.cross_entropy(logits[keep], labels[i][keep]) if keep.any() else 0 * got[0])
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-12, atol=0)
+    assert got[2] == 0
+    given = {**data, "decoder_input_ids": torch.zeros_like(labels)}
+    own = model(data["input_ids"], given["decoder_input_ids"])["logits"]
+    assert_close(tc.seq2seq_lm_loss(model).fn(state, given)[:2], torch.stack(
+        [nn.functional.cross_entropy(own[i][labels[i] != -100], labels[i][labels[i] != -100]) for i in range(2)]))
+    plain = _Seq2Seq().eval()
+    ckpts = [tc.Checkpoint(dict(plain.state_dict()), lr=1.0)]
+    with pytest.raises(TypeError, match=r"`prepare_decoder_input_ids_from_labels`.*which _Seq2Seq lacks; put "
+                       r"`decoder_input_ids` in the batches"):  # fmt: skip
+        tc.self_influence(plain, ckpts, data, loss_fn=tc.seq2seq_lm_loss(plain))
+
+
 def test_hugging_face_losses_name_the_labels_key():
     model = _LM().eval()
     ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=0.5)]

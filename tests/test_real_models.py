@@ -1,10 +1,10 @@
-"""Real models on the scorers: Hugging Face GPT-2, BERT, a Llama-style LM and ViT (small configs, random weights,
-nothing downloaded), ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, as
+"""Real models on the scorers: Hugging Face GPT-2, BERT, BART, a Llama-style LM and ViT (small configs, random
+weights, nothing downloaded), ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, as
 ``benchmarks/real_models.py`` builds them, at tiny sizes in float64. ``tc.influence`` and ``tc.self_influence``
 (default options and ``factored=False``) equal the one-backward-per-example reference to 1e-10. The Hugging Face
 models run in three forms: dict batches with the library's Hugging Face losses (``tc.causal_lm_loss`` /
-``tc.sequence_classification_loss``, a ``tc.BatchLoss``: batched), ``tc.ExampleLoss`` of the model's own ``.loss``
-(one example at a time) and a logits criterion.
+``tc.seq2seq_lm_loss`` / ``tc.sequence_classification_loss``, a ``tc.BatchLoss``: batched), ``tc.ExampleLoss`` of
+the model's own ``.loss`` (one example at a time) and a logits criterion.
 
 Sizes are cut for the 2-core budget, not the architectures: ResNet-18 keeps its 4 stages of 2 BasicBlocks and
 BatchNorm but with channels 8-64 (one full-width 64-512 case is marked slow), MobileNetV3-small its full block table
@@ -42,6 +42,9 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "bert_batch_loss": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "bert_example_loss": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
     "bert_criterion": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
+    "bart_batch_loss": lambda: rm.bart(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
+    "bart_example_loss": lambda: rm.bart(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
+    "bart_criterion": lambda: rm.bart(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
     "llama_batch_loss": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "llama_example_loss": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
     "llama_criterion": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
@@ -113,6 +116,10 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     # reads, carries gradient (the other rows are dropped)
     "bert_batch_loss": (BATCHED, {"factored": 14, "materialised": 27}, ()),
     "bert_criterion": (BATCHED, {"factored": 14, "materialised": 27}, ()),
+    # BART's token table is held by `model.shared`, which the forward never calls, and used by the encoder's and the
+    # decoder's embeddings and the LM head: materialised from those three uses; the cross-attention's Linears are sites
+    "bart_batch_loss": (BATCHED, {"factored": 33, "materialised": 58}, ()),
+    "bart_criterion": (BATCHED, {"factored": 33, "materialised": 58}, ()),
     # Llama's RMSNorm is no known layer: its weight, an elementwise scale, gets per-example gradients from copies
     # expanded over the batch; its token embedding (V = 1000 >= 8 T) keeps test gradients as token rows
     "llama_batch_loss": (BATCHED, {"factored": 1, "materialised": 20}, ()),
@@ -150,10 +157,11 @@ def test_plan_is_pinned(case):
 
 
 def test_hugging_face_losses_equal_the_models_own():
-    """``tc.causal_lm_loss`` / ``tc.sequence_classification_loss`` give each example the loss the model's own
-    ``.loss`` gives it alone (HF: labels -100 ignored, causal shift, the mean over the example's labels)."""
+    """``tc.causal_lm_loss`` / ``tc.seq2seq_lm_loss`` / ``tc.sequence_classification_loss`` give each example the
+    loss the model's own ``.loss`` gives it alone (HF: labels -100 ignored, causal shift, the decoder's inputs made
+    from the labels, the mean over the example's labels)."""
     pytest.importorskip("transformers")
-    for build in (rm.gpt2, rm.bert):
+    for build in (rm.gpt2, rm.bart, rm.bert):
         w = build(4, 1, SEQ, form="batch_loss", dtype=F64)
         state = dict(w.checkpoints[0].params)
         losses = w.loss_fn.fn(state, w.train)
@@ -162,12 +170,12 @@ def test_hugging_face_losses_equal_the_models_own():
         torch.testing.assert_close(losses, torch.stack(own).to(F64), rtol=rtol, atol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert"])
+@pytest.mark.parametrize("name", ["gpt2", "bart", "bert"])
 def test_criterion_form_is_the_hugging_face_loss(name):
-    """The criterion form (logits + CausalLMLoss / CrossEntropyLoss) scores what the model's own ``.loss`` (HF's
-    convention: labels -100 ignored, mean over the example's tokens) scores. GPT-2's ``.loss`` casts the logits
-    to float32 before its cross-entropy (transformers' ``ForCausalLMLoss``), so in float64 the two forms agree to
-    float32 rounding only (about 5e-8 here); BERT's agree exactly."""
+    """The criterion form (logits + CausalLMLoss / Seq2SeqLMLoss / CrossEntropyLoss) scores what the model's own
+    ``.loss`` (HF's convention: labels -100 ignored, mean over the example's tokens) scores. GPT-2's ``.loss``
+    casts the logits to float32 before its cross-entropy (transformers' ``ForCausalLMLoss``), so in float64 the two
+    forms agree to float32 rounding only (about 5e-8 here); BART's and BERT's agree exactly."""
     by_loss, ref_loss = workload(f"{name}_example_loss")
     by_criterion, ref_criterion = workload(f"{name}_criterion")
     rtol = 1e-6 if name == "gpt2" else 1e-10

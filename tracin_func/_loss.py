@@ -154,13 +154,68 @@ def causal_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: in
 
     def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         inputs, target = _model_inputs(batch, labels, "causal_lm_loss")
-        logits = _logits(functional_call(model, dict(params), (), inputs))[:, :-1]
-        target = target[:, 1:]
-        tokens = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=ignore_index, reduction="none")
-        counts = (target != ignore_index).sum(1).clamp(min=1)
-        return tokens.sum(1) / counts
+        logits = _logits(functional_call(model, dict(params), (), inputs))
+        return _mean_token_loss(logits[:, :-1], target[:, 1:], ignore_index)
 
     return BatchLoss(losses)
+
+
+def seq2seq_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: int = -100) -> BatchLoss:
+    """Hugging Face's sequence-to-sequence LM loss (BART, T5, Marian, Pegasus, ...), one per example, for dict
+    batches (``input_ids``, ``attention_mask``, ``labels``: the target tokens).
+
+    The model gets every entry of the batch but ``labels`` as keyword arguments, and ``decoder_input_ids`` made
+    from the labels as the model makes them when it is given labels (``model.prepare_decoder_input_ids_from_labels``:
+    the labels shifted right behind the decoder's start token) unless the batch holds them. Example ``i``'s loss is
+    the mean cross-entropy of ``logits[i]`` against ``labels[i]`` (no shift: the decoder's output at a position
+    predicts that position's label) over the labels that are not ``ignore_index``: what ``model(**batch).loss`` is
+    for a batch holding only that example. An example with no label left has loss 0 (Hugging Face's would be NaN).
+
+    Example:
+        >>> import torch, tracin_func as tc
+        >>> class TinySeq2Seq(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.embed, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10)
+        ...     def forward(self, input_ids, decoder_input_ids):
+        ...         h = self.embed(input_ids).mean(1, keepdim=True) + self.embed(decoder_input_ids)
+        ...         return {"logits": self.head(h)}
+        ...     def prepare_decoder_input_ids_from_labels(self, labels):
+        ...         return torch.cat([torch.zeros_like(labels[:, :1]), labels[:, :-1].clamp(min=0)], 1)
+        >>> model = TinySeq2Seq().eval()
+        >>> data = {"input_ids": torch.randint(0, 10, (3, 5)), "labels": torch.randint(0, 10, (3, 4))}
+        >>> ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+        >>> tc.self_influence(model, ckpts, data, loss_fn=tc.seq2seq_lm_loss(model)).shape
+        torch.Size([3])
+    """
+    from torch.func import functional_call
+
+    def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        inputs, target = _model_inputs(batch, labels, "seq2seq_lm_loss")
+        if "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
+            inputs["decoder_input_ids"] = _decoder_inputs(model, target)
+        logits = _logits(functional_call(model, dict(params), (), inputs))
+        return _mean_token_loss(logits, target, ignore_index)
+
+    return BatchLoss(losses)
+
+
+def _decoder_inputs(model: nn.Module, target: torch.Tensor) -> torch.Tensor:
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is None:
+        raise TypeError(
+            f"`loss_fn`: tc.seq2seq_lm_loss makes `decoder_input_ids` from the labels with the model's "
+            f"`prepare_decoder_input_ids_from_labels` (Hugging Face's encoder-decoder models have it), which "
+            f"{type(model).__name__} lacks; put `decoder_input_ids` in the batches."
+        )
+    return prepare(labels=target)
+
+
+def _mean_token_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``[B]``: each example's mean cross-entropy of ``logits [B, T, V]`` against ``target [B, T]`` over the targets
+    that are not ``ignore_index`` (0 where none is left)."""
+    tokens = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=ignore_index, reduction="none")
+    return tokens.sum(1) / (target != ignore_index).sum(1).clamp(min=1)
 
 
 def sequence_classification_loss(

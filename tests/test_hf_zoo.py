@@ -1,0 +1,191 @@
+"""Hugging Face architectures beyond the benchmark's (``tests/test_real_models.py``), tried as a new user would: each
+built from a small config with random weights (nothing downloaded), scored on dict batches with the library's
+Hugging Face losses, exact against the one-backward-per-example reference, with the call's batching pinned: fully
+batched, or the reason ``tc.explain`` gives for leaving the batched path.
+
+6 train x 3 test examples of 8 tokens (16 x 16 images), 3 checkpoints, float64; the mixture-of-experts models run
+in float32 against a float32 loop (their grouped matmul has no float64 kernel on the CPU).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+import tracin_func as tc
+from benchmarks import real_models as rm
+from tests.conftest import assert_close
+from tests.reference import reference_scores
+
+T = pytest.importorskip("transformers")
+F64 = torch.float64
+N_TRAIN, SEQ = 6, 8
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
+BATCHED = "one batched forward / backward gives every layer's factors"
+
+Built = tuple[torch.nn.Module, dict[str, torch.Tensor], tc.BatchLoss]
+
+
+def _model(model_cls: type, config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    return rm._hf_model(model_cls, config, dtype, seed=0)
+
+
+def classifier(config_cls: type, model_cls: type, dtype: torch.dtype = F64, **sizes: Any) -> Built:
+    model = _model(model_cls, config_cls(num_labels=3, **sizes), dtype)
+    g = torch.Generator().manual_seed(1)
+    mask = (torch.arange(SEQ) < rm._lengths(N_TRAIN + 3, SEQ, g)[:, None]).long()
+    ids = torch.randint(3, 100, (N_TRAIN + 3, SEQ), generator=g) * mask
+    data = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (N_TRAIN + 3,), generator=g)}
+    return model, data, tc.sequence_classification_loss(model)
+
+
+def causal_lm(config_cls: type, model_cls: type, dtype: torch.dtype = F64, **sizes: Any) -> Built:
+    model = _model(model_cls, config_cls(**sizes), dtype)
+    ids, pad = rm._right_padded(N_TRAIN + 3, SEQ, 100, torch.Generator().manual_seed(1))
+    data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": ids.masked_fill(pad, -100)}
+    return model, data, tc.causal_lm_loss(model)
+
+
+def seq2seq(config_cls: type, model_cls: type, dtype: torch.dtype = F64, **sizes: Any) -> Built:
+    model = _model(model_cls, config_cls(**sizes), dtype)
+    g = torch.Generator().manual_seed(1)
+    ids, pad = rm._right_padded(N_TRAIN + 3, SEQ, 97, g)
+    target, target_pad = rm._right_padded(N_TRAIN + 3, SEQ // 2, 97, g)
+    data = {"input_ids": (ids + 3).masked_fill(pad, 1), "attention_mask": (~pad).long(),
+            "labels": (target + 3).masked_fill(target_pad, -100)}  # fmt: skip
+    return model, data, tc.seq2seq_lm_loss(model)
+
+
+def image(config_cls: type, model_cls: type, size: int = 16, dtype: torch.dtype = F64, **sizes: Any) -> Built:
+    model = _model(model_cls, config_cls(num_labels=3, **sizes), dtype)
+    g = torch.Generator().manual_seed(1)
+    data = {"pixel_values": torch.randn(N_TRAIN + 3, 3, size, size, generator=g, dtype=dtype),
+            "labels": torch.randint(0, 3, (N_TRAIN + 3,), generator=g)}  # fmt: skip
+    return model, data, tc.sequence_classification_loss(model)
+
+
+KV = dict(num_key_value_heads=2, max_position_embeddings=40)
+# name -> (builder, BATCHED or the reason `tc.explain` gives for leaving the batched path)
+ZOO: dict[str, tuple[Callable[[], Built], str]] = {
+    "roberta": (lambda: classifier(T.RobertaConfig, T.RobertaForSequenceClassification, pad_token_id=1,
+                                   max_position_embeddings=40, **SMALL), BATCHED),  # fmt: skip
+    "distilbert": (lambda: classifier(T.DistilBertConfig, T.DistilBertForSequenceClassification, dim=32, n_layers=2,
+                                      n_heads=4, hidden_dim=64, vocab_size=100), BATCHED),  # fmt: skip
+    "albert": (lambda: classifier(T.AlbertConfig, T.AlbertForSequenceClassification, embedding_size=16, **SMALL),
+               BATCHED),  # fmt: skip  (one layer's weights shared by every layer: its calls concatenated)
+    "electra": (lambda: classifier(T.ElectraConfig, T.ElectraForSequenceClassification, embedding_size=16, **SMALL),
+                BATCHED),  # fmt: skip
+    "deberta_v2": (lambda: classifier(T.DebertaV2Config, T.DebertaV2ForSequenceClassification, **SMALL), BATCHED),
+    "deberta_v2_relative": (  # its relative embeddings' table is used directly, not called as a module
+        lambda: classifier(T.DebertaV2Config, T.DebertaV2ForSequenceClassification, relative_attention=True,
+                           position_buckets=4, max_relative_positions=8, pos_att_type=["p2c", "c2p"], **SMALL),
+        "'deberta.encoder.rel_embeddings' is not called as a module"),  # fmt: skip
+    "gpt_neo": (lambda: causal_lm(T.GPTNeoConfig, T.GPTNeoForCausalLM, hidden_size=32, num_layers=2, num_heads=4,
+                                  vocab_size=100, attention_types=[[["global", "local"], 1]],
+                                  max_position_embeddings=40, bos_token_id=0, eos_token_id=0), BATCHED),  # fmt: skip
+    "gptj": (lambda: causal_lm(T.GPTJConfig, T.GPTJForCausalLM, n_embd=32, n_layer=2, n_head=4, vocab_size=100,
+                               rotary_dim=4, n_positions=40, bos_token_id=0, eos_token_id=0), BATCHED),  # fmt: skip
+    "gpt_neox": (lambda: causal_lm(T.GPTNeoXConfig, T.GPTNeoXForCausalLM, max_position_embeddings=40, **SMALL),
+                 BATCHED),  # fmt: skip
+    "gpt_bigcode": (lambda: causal_lm(T.GPTBigCodeConfig, T.GPTBigCodeForCausalLM, n_embd=32, n_layer=2, n_head=4,
+                                      vocab_size=100, n_positions=40, bos_token_id=0, eos_token_id=0),
+                    BATCHED),  # fmt: skip
+    "codegen": (lambda: causal_lm(T.CodeGenConfig, T.CodeGenForCausalLM, n_embd=32, n_layer=2, n_head=4,
+                                  vocab_size=100, rotary_dim=4, n_positions=40, bos_token_id=0, eos_token_id=0),
+                BATCHED),  # fmt: skip
+    "opt": (lambda: causal_lm(T.OPTConfig, T.OPTForCausalLM, hidden_size=32, num_hidden_layers=2,
+                              num_attention_heads=4, ffn_dim=64, vocab_size=100, word_embed_proj_dim=32,
+                              max_position_embeddings=40, pad_token_id=1), BATCHED),  # fmt: skip
+    "bloom": (lambda: causal_lm(T.BloomConfig, T.BloomForCausalLM, hidden_size=32, n_layer=2, n_head=4,
+                                vocab_size=100), BATCHED),  # fmt: skip
+    "phi": (lambda: causal_lm(T.PhiConfig, T.PhiForCausalLM, max_position_embeddings=40, **SMALL), BATCHED),
+    "qwen2": (lambda: causal_lm(T.Qwen2Config, T.Qwen2ForCausalLM, **KV, **SMALL), BATCHED),
+    "mistral": (lambda: causal_lm(T.MistralConfig, T.MistralForCausalLM, **KV, **SMALL), BATCHED),
+    "gemma": (lambda: causal_lm(T.GemmaConfig, T.GemmaForCausalLM, head_dim=8, **KV, **SMALL), BATCHED),
+    "stablelm": (lambda: causal_lm(T.StableLmConfig, T.StableLmForCausalLM, **KV, **SMALL), BATCHED),
+    "olmo": (lambda: causal_lm(T.OlmoConfig, T.OlmoForCausalLM, **KV, **SMALL), BATCHED),
+    "falcon": (  # FalconLinear overrides nn.Linear's forward: not provably a Linear
+        lambda: causal_lm(T.FalconConfig, T.FalconForCausalLM, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, vocab_size=100),
+        "FalconLinear overrides Linear's own forward"),  # fmt: skip
+    "bart": (lambda: seq2seq(T.BartConfig, T.BartForConditionalGeneration, d_model=32, encoder_layers=1,
+                             decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                             encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, max_position_embeddings=40,
+                             pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2),
+             BATCHED),  # fmt: skip
+    "t5": (lambda: seq2seq(T.T5Config, T.T5ForConditionalGeneration, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                           num_heads=4, vocab_size=100, decoder_start_token_id=0, pad_token_id=1),
+           "'encoder.block.0.layer.0.SelfAttention.relative_attention_bias' runs once for the whole "
+           "batch"),  # fmt: skip
+    "resnet": (lambda: image(T.ResNetConfig, T.ResNetForImageClassification, embedding_size=8, hidden_sizes=[8, 16],
+                             depths=[1, 1]), BATCHED),  # fmt: skip
+    "mobilevit": (lambda: image(T.MobileViTConfig, T.MobileViTForImageClassification, size=32, image_size=32,
+                                hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16]),
+                  BATCHED),  # fmt: skip
+    "swin": (lambda: image(T.SwinConfig, T.SwinForImageClassification, image_size=16, patch_size=2, embed_dim=8,
+                           depths=[1, 1], num_heads=[2, 2], window_size=4),
+             "SwinRelativePositionBias has no factored form"),  # fmt: skip
+}
+MOE = {
+    "mixtral": lambda: causal_lm(T.MixtralConfig, T.MixtralForCausalLM, torch.float32, num_local_experts=4,
+                                 num_experts_per_tok=2, **KV, **SMALL),  # fmt: skip
+    "qwen2_moe": lambda: causal_lm(T.Qwen2MoeConfig, T.Qwen2MoeForCausalLM, torch.float32, num_experts=4,
+                                   num_experts_per_tok=2, moe_intermediate_size=16,
+                                   shared_expert_intermediate_size=32, **KV, **SMALL),  # fmt: skip
+}
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:torch.func.vmap failed on this model"),
+    pytest.mark.filterwarnings("ignore::UserWarning:transformers"),
+]
+
+
+def _split(data: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    return {k: v[:N_TRAIN] for k, v in data.items()}, {k: v[N_TRAIN:] for k, v in data.items()}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_scores_are_exact_and_the_batching_is_pinned(name):
+    build, why = ZOO[name]
+    model, data, loss = build()
+    ckpts = rm.make_checkpoints(model, 2)
+    train, test = _split(data)
+    e = tc.explain(model, ckpts, train, loss_fn=loss)
+    assert e.batching.startswith(BATCHED if why == BATCHED else "vmap(grad) over examples"), e.batching
+    assert why in str(e)
+    ref = reference_scores(model, ckpts, train, test, loss_fn=tc.ExampleLoss(lambda p, b: loss.fn(p, b).sum()))
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss), ref.self_influence)
+
+
+def _float32_loop(model: torch.nn.Module, ckpts: list[tc.Checkpoint], train: Any, test: Any, loss: tc.BatchLoss):
+    """``sum_c lr_c G_test G_train^T``, one ``torch.autograd.grad`` per example, in the model's float32."""
+
+    def grads(state: dict[str, torch.Tensor], params: list[torch.Tensor], example: Any) -> torch.Tensor:
+        gs = torch.autograd.grad(loss.fn(state, example).sum(), params, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(gs, params)])
+
+    scores = 0
+    for ckpt in ckpts:
+        params = {k: v.detach().clone().requires_grad_() for k, v in ckpt.params.items() if v.is_floating_point()}
+        state, leaves = {**ckpt.params, **params}, list(params.values())
+        g_train, g_test = (torch.stack([grads(state, leaves, rm.take(b, i, i + 1)) for i in range(rm.num_examples(b))])
+                           for b in (train, test))  # fmt: skip
+        scores = scores + ckpt.lr * g_test @ g_train.T
+    return scores
+
+
+@pytest.mark.parametrize("name", list(MOE))
+def test_mixture_of_experts_is_exact_in_float32(name):
+    """Expert layers of no known kind (routed tokens of the whole batch): vmap(grad), exact to float32 rounding."""
+    model, data, loss = MOE[name]()
+    ckpts = rm.make_checkpoints(model, 2)
+    train, test = _split(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = tc.influence(model, ckpts, train, test, loss_fn=loss)
+    assert_close(got, _float32_loop(model, ckpts, train, test, loss), 1e-5)
