@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tracin_func as tc
+from tests import models
 from tests.conftest import assert_close, assert_topk
 from tests.models import TASKS, Task, cast_task, mlp_task, multi_output_task
 from tests.reference import Reference, reference_scores
@@ -189,6 +190,9 @@ def test_gru_falls_back_to_a_loop_with_one_warning(scorer):
     loop = [w for w in caught if issubclass(w.category, RuntimeWarning) and "vmap failed" in str(w.message)]
     assert len(loop) == 1, [str(w.message) for w in loop]
     assert re.search(LOOP_WARNING, str(loop[0].message))  # names the cause: torch's own error message
+    line = models.Recurrent.forward.__code__.co_firstlineno + 1  # the model's own line that calls the GRU
+    where = f", at {models.__file__}:{line} (forward): `out, _ = self.rnn(x)`. The cause"
+    assert where in str(loop[0].message)
     assert loop[0].filename == __file__  # attributed to the caller's line (the lambda above), not the library's
 
 

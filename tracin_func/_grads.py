@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -83,13 +85,25 @@ class Mapper:
                 self.loop = True
                 warn(
                     f"torch.func.vmap failed on this model, so per-example gradients are computed with a loop "
-                    f"instead (same results, slower). The cause, in full: {type(vmap_error).__name__}: "
-                    f"{str(vmap_error).strip()}",
+                    f"instead (same results, slower){_in_model_code(vmap_error)}. The cause, in full: "
+                    f"{type(vmap_error).__name__}: {str(vmap_error).strip()}",
                     RuntimeWarning,
                 )
                 return result
 
         return mapped
+
+
+def _in_model_code(err: BaseException) -> str:
+    """``", at file:line (function): `code`"``: the innermost frame of ``err``'s traceback in the model's code (not
+    torch's, not this library's), where the model did what vmap cannot; ``""`` if none."""
+    library = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(library)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    where = frame.filename.split("site-packages" + os.sep)[-1]
+    return f", at {where}:{frame.lineno} ({frame.name})" + (f": `{frame.line.strip()}`" if frame.line else "")
 
 
 def dense_grads(loss: ExampleLossFn, mapper: Mapper) -> GradFn:
