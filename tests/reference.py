@@ -114,8 +114,8 @@ def reference_grads(model: Any, ckpt: tc.Checkpoint, data: Any, loss_fn: Any, pa
         else:
             *inputs, target = example
             loss = _criterion_loss(loss_fn, forward(state, *inputs), target)
-        grads = torch.autograd.grad(loss, leaves)
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)  # an unused parameter's gradient is 0
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, leaves)]))
     return torch.stack(rows)
 
 

@@ -13,7 +13,7 @@ from ._capture import Factors, batched_factors, vmapped_factors
 from ._grads import Mapper, Tensors, dense_grads
 from ._layers import Site, input_rows, materialize, output_rows, per_example_grads, scatter_rows
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
-from ._representations import Deferred, Dense, Factored, Part, Representation, Rows, Tied, chunk_examples
+from ._representations import Deferred, Dense, Factored, Part, Representation, Rows, Tied, Zero, chunk_examples
 
 if TYPE_CHECKING:
     from ._plan import Plan
@@ -138,8 +138,13 @@ def representation_fn(module: nn.Module | None, loss: ExampleLossFn, plan: Plan,
         return lambda diff, frozen, batch: Representation((Dense(grads(diff, frozen, batch)),), plan.names)
     assert module is not None  # sites exist only on modules
     if plan.batched and isinstance(loss, (CriterionLoss, BatchedLoss)):
-        return lambda diff, frozen, batch: assemble(
-            module, plan, {}, batched_factors(module, loss, plan, {**frozen, **diff}, batch, mapper)
-        )
+
+        def batched(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
+            rep = assemble(module, plan, {}, batched_factors(module, loss, plan, {**frozen, **diff}, batch, mapper))
+            if not plan.unused:
+                return rep
+            return rep._replace(parts=(*rep.parts, Zero.of({n: diff[n] for n in plan.unused}, rep.size)))
+
+        return batched
     vmapped = vmapped_factors(module, loss, plan, mapper)
     return lambda diff, frozen, batch: assemble(module, plan, *vmapped(diff, frozen, batch))

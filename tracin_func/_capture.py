@@ -102,12 +102,13 @@ class _EmbeddingCalls(TorchFunctionMode):
 
 def discover(
     module: nn.Module, loss: ExampleLossFn, sites: Sequence[Site], diff: Tensors, frozen: Tensors, batch: Any
-) -> tuple[dict[str, list[tuple[int, ...] | None]], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, list[tuple[int, ...] | None]], dict[str, torch.Tensor], set[str]]:
     """Run the first example of ``batch`` (plain autograd) with each site's own parameter use detached.
 
-    Returns each site's output shapes (one per call; None: not a tensor) and the gradient that still reaches each
-    differentiated parameter: a site's parameters must get none, since another use (a direct
-    ``F.linear(x, layer.weight)``, a regulariser in the loss) would be missed by its factors. An "expanded" site's
+    Returns each site's output shapes (one per call; None: not a tensor), the gradient that still reaches each
+    differentiated parameter, and the parameters autograd does not reach at all. A site's parameters must get no
+    gradient, since another use (a direct ``F.linear(x, layer.weight)``, a regulariser in the loss) would be missed
+    by its factors. An "expanded" site's
     use is not detached: its parameters get the example's whole gradient, which their expanded copies must
     reproduce (``_plan._batching_refused``).
     """
@@ -131,7 +132,7 @@ def discover(
     reached = total.requires_grad  # not when every parameter's only use was detached
     grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True) if reached else [None] * len(leaves)
     leaked = {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}
-    return calls, leaked
+    return calls, leaked, {n for n, g in zip(leaves, grads) if g is None}
 
 
 def batched_factors(
@@ -172,7 +173,8 @@ def batched_factors(
     expanded = [s for s in plan.sites if s.kind == "expanded"]
     shapes = {name: state[name].shape for site in expanded for name in site.names}
     copies = {name: _expanded(state[name], n, site.rank) for site in expanded for name in site.names}
-    state = {**state, **copies}
+    unused = {name: state[name].detach().requires_grad_() for name in plan.unused}  # must stay unreached
+    state = {**state, **copies, **unused}
     with torch.enable_grad():
         hooks = {s.path: hook_for(s) for s in plan.sites if s.kind != "expanded"}
         with hooked(module, {**hooks, **uncalled_guards(plan)}):
@@ -186,7 +188,8 @@ def batched_factors(
             if total is None:
                 total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
         flat = [o for s in plan.sites for o in outputs[s.path]] + [(c, c) for c in copies.values()]
-        grads = torch.autograd.grad(total, [edge for _, edge in flat], allow_unused=True)
+        grads = torch.autograd.grad(total, [edge for _, edge in flat] + list(unused.values()), allow_unused=True)
+    _refuse_used(plan.unused, grads[len(flat) :])
     grads = iter(torch.zeros_like(like) if g is None else g for g, (like, _) in zip(grads, flat))
     factors = {s.path: (inputs[s.path], [next(grads) for _ in outputs[s.path]]) for s in plan.sites}
     modules = dict(module.named_modules())
@@ -197,6 +200,17 @@ def batched_factors(
     for site in expanded:  # no inputs: the per-example gradients themselves, [B, *shape]
         factors[site.path] = ([], [next(grads).reshape(n, *shapes[name]) for name in site.names])
     return factors
+
+
+def _refuse_used(unused: Sequence[str], grads: Sequence[torch.Tensor | None]) -> None:
+    """Refuse a batch that reaches a parameter planned as unused (``Plan.unused``): its gradients were taken as 0."""
+    for name, g in zip(unused, grads):
+        if g is not None:
+            raise ValueError(
+                f"`model`: parameter {name!r} was not used by the forward pass or the loss on the first example, "
+                f"where the call was planned, so its gradients were taken as zero; this batch uses it. The model's "
+                f"computation depends on the example: pass `factored=False`, or leave it out with `params=`."
+            )
 
 
 def uncalled_guards(plan: Plan) -> dict[str, Hook]:

@@ -26,7 +26,8 @@ _QUESTIONS = ("influence", "self_influence")
 class Route(NamedTuple):
     """One differentiated parameter: ``route`` is ``"factored"`` (exact inner products of layer inputs and output
     gradients, no per-sample gradient), ``"materialised"`` (per-sample gradients from those factors), ``"vmap"``
-    (``vmap(grad)`` over examples) or ``"loop"`` (one example at a time: vmap failed on the model)."""
+    (``vmap(grad)`` over examples), ``"loop"`` (one example at a time: vmap failed on the model) or ``"unused"``
+    (the forward pass and the loss do not use it: zero gradients)."""
 
     parameter: str
     route: str

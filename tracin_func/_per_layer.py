@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ._representations import Deferred, Dense, Part, Representation
+from ._representations import Deferred, Dense, Part, Representation, Zero
 
 
 def layer_of(name: str, *, module: bool) -> str:
@@ -42,6 +42,9 @@ def _pieces(a: Representation, b: Representation, module: bool) -> Iterator[tupl
     """``(layer, part of a, matching part of b)``: a part of one layer whole (factored, or deferred: matched by the
     test side's formed copy), a dense part split by layer."""
     for p, q in zip(a.parts, b.parts):
+        if isinstance(p, Zero):  # unused parameters: zero, for each of their layers
+            yield from ((layer, p, q) for layer in layer_order(list(p.shapes), module=module))
+            continue
         if not isinstance(p, Dense) or isinstance(q, Deferred):
             yield layer_of(q.site.names[0], module=module), p, q  # one layer's weight and bias
             continue

@@ -19,6 +19,7 @@ from ._data import slice_batch
 from ._grads import Mapper, Tensors
 from ._layers import (
     Site,
+    embedding_call_site,
     factorable_sites,
     global_hooks_present,
     input_rows,
@@ -50,9 +51,12 @@ class Plan(NamedTuple):
     costed: bool = True  # kernel sites chosen by the cost model (factored=None), not all forced (factored=True)
     # modules holding a tied tensor of sites that the forward did not call when planned: refused if called later
     uncalled: tuple[str, ...] = ()
+    unused: tuple[str, ...] = ()  # parameters the forward and the loss do not use: zero gradients (refused if used)
 
     def route(self, name: str) -> str:
-        """``"factored"`` (inner products of factors), ``"materialised"`` (from factors) or ``"vmap"``."""
+        """``"factored"`` (inner products of factors), ``"materialised"`` (from factors), ``"unused"`` or ``"vmap"``."""
+        if name in self.unused:
+            return "unused"
         site = next((s for s in self.sites if name in s.names), None)
         return "vmap" if site is None else "factored" if site.path in self.kernel else "materialised"
 
@@ -84,7 +88,7 @@ def plan_call(setup: Setup, batch: Any, where: str, *, self_only: bool = False) 
     mapper = Mapper(setup.chunk_size)
     plan = make_plan(module, names, losses, diff, frozen, batch, mapper, factored=factored, self_only=self_only)
     if module is not None and factored is not False and not plan.batched:
-        causes = sorted(plan.dense, key=lambda n: plan.reasons[n].startswith("materialising"))  # root causes first
+        causes = sorted(plan.dense, key=lambda n: plan.reasons[n] in (_TO_VMAP, _UNUSED_ON_VMAP))  # root causes first
         slow = [f"{n!r} ({plan.reasons[n]})" for n in causes[:3]]
         warn(
             f"This call runs {plan.batching}"
@@ -122,6 +126,8 @@ _TOKEN_ROWS_MIN_RATIO = 8
 
 
 _TO_VMAP = "materialising costs less inside vmap(grad), which runs anyway"
+_UNUSED = "not used by the forward pass or the loss on the first example: zero gradients (a batch using it is refused)"
+_UNUSED_ON_VMAP = "not used by the forward pass or the loss on the first example (zero gradients); vmap runs anyway"
 
 
 def _kernel_is_cheaper(site: Site, rows: int, self_only: bool) -> bool:
@@ -154,8 +160,11 @@ def make_plan(
     modules = dict(module.named_modules()) if module is not None else {}
     truth: list[dict[str, torch.Tensor]] = []  # per loss: the first example's gradients of "expanded" parameters
     idle: dict[str, Site] = {}  # modules holding a tied tensor that no loss calls: its other uses are its sites
+    unused = set(names)  # parameters no loss reaches: not even through a site's call
     for i, loss in enumerate(losses if sites else ()):
-        calls, leaked = discover(module, loss, list(sites.values()), diff, frozen, batch)
+        calls, leaked, unreached = discover(module, loss, list(sites.values()), diff, frozen, batch)
+        detached = {n for p, s in sites.items() if calls[p] and s.kind != "expanded" for n in s.names}
+        unused &= unreached - detached
         truth.append({n: leaked[n] for s in sites.values() if s.kind == "expanded" for n in s.names})
         for path, site in list(sites.items()):
             if path not in sites:  # dropped with a tied partner
@@ -182,6 +191,8 @@ def make_plan(
                 why = "called under one loss and not the other" if path in idle else why
                 if site.owner is not None and not calls[path]:
                     why = "not run unrolled (a PackedSequence, an unbatched input or cross-attention runs the fused op)"
+                elif not calls[path] and embedding_call_site(modules[path]):
+                    why = "an Embedding whose forward does not call `F.embedding` on its weight (it indexes it)"
                 for other in [p for p, s in sites.items() if p != path and set(s.names) & set(site.names)]:
                     # a tied tensor's gradient sums every use: all its uses are sites, or none
                     reasons.update({n: f"tied to {site.path!r}, which is {why}" for n in sites.pop(other).names})
@@ -197,8 +208,10 @@ def make_plan(
     if self_only and factored is not False:
         kernel |= _tied_kept(sites, rows_of, factored, reasons)
     dense = _not_in_sites(names, sites.values())
-    if dense:  # vmap(grad) runs anyway: a layer whose gradients would be materialised is cheaper left to it, except
-        # a recurrent layer, whose fused op has no batching rule (vmap would fall back to a per-example loop)
+    unused &= set(dense) if sites else set()
+    reasons.update({n: _UNUSED_ON_VMAP for n in unused})  # unless the call is batched (below)
+    if set(dense) - unused:  # vmap(grad) runs anyway: a layer whose gradients would be materialised is cheaper left
+        # to it, except a recurrent layer, whose fused op has no batching rule (vmap would fall back to a loop)
         for path, site in list(sites.items()):
             if path not in kernel and site.owner is None:
                 del sites[path]
@@ -212,7 +225,7 @@ def make_plan(
     plan = plan._replace(costed=not factored, uncalled=uncalled)
     if not sites:
         return plan._replace(batching="vmap(grad) over examples: no layer gives factors")
-    if dense:
+    if set(dense) - unused:
         return plan._replace(batching=f"vmap(grad) over examples, for {len(dense)} parameter(s) outside factor sites")
     if not all(isinstance(loss, (CriterionLoss, BatchedLoss)) for loss in losses):
         return _unexpanded(plan)._replace(batching="vmap(grad) over examples: a tc.ExampleLoss is computed one "
@@ -244,10 +257,12 @@ def make_plan(
         if not kept:
             kernel.discard(site.path)
         reasons[site.weight] = _why_token_rows(site, matches, kept)
-    size = _example_bytes([s for s in plan.sites if s.path in kernel], rows_of, names, diff)
+    used = [n for n in names if n not in unused]
+    size = _example_bytes([s for s in plan.sites if s.path in kernel], rows_of, used, diff)
+    reasons.update({n: _UNUSED for n in unused})
     batching = "one batched forward / backward gives every layer's factors"
     return plan._replace(batched=True, batching=batching, kernel=frozenset(kernel), trimmed=frozenset(trimmed),
-                         example_bytes=size)
+                         example_bytes=size, dense=(), unused=plan.dense)
 
 
 # One gathered row product of a token-rows dot costs about as much as this many multiply-adds of a materialised

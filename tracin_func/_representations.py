@@ -11,6 +11,7 @@ sum over examples, B = 1) and ``concat([a, b, ...])`` along examples.
 - ``TokenRows``: an Embedding's test-side gradients as their non-zero rows, matched to training tokens by id.
 - ``Rows``: an Embedding's materialised gradients on the rows its batch's ids touch.
 - ``Tied``: a weight shared by several layers, kept as every use's factors.
+- ``Zero``: parameters the forward pass does not use: every per-example gradient is zero.
 - ``Representation``: the parts of one batch, summed.
 """
 
@@ -395,6 +396,37 @@ class Tied(NamedTuple):
         return Tied(tuple(Factored.concat(uses) for uses in zip(*(p.uses for p in parts))))
 
 
+class Zero(NamedTuple):
+    """Parameters the plan found unused (``Plan.unused``): their per-example gradients are all zero."""
+
+    shapes: dict[str, torch.Size]
+    n: int
+    like: torch.Tensor  # 0-d, of the gradients' dtype and device
+
+    @staticmethod
+    def of(params: dict[str, torch.Tensor], n: int) -> Zero:
+        return Zero({name: p.shape for name, p in params.items()}, n, next(iter(params.values())).new_zeros(()))
+
+    def dot(self, other: Zero) -> torch.Tensor:
+        return self.like.new_zeros(self.n, other.n)
+
+    def sq_norm(self) -> torch.Tensor:
+        return self.like.new_zeros(self.n)
+
+    def materialize(self) -> dict[str, torch.Tensor]:
+        return {name: self.like.new_zeros(self.n, *shape) for name, shape in self.shapes.items()}
+
+    def project(self, seed: int, k: int) -> torch.Tensor:
+        return self.like.new_zeros(self.n, k)
+
+    def total(self) -> Zero:
+        return self._replace(n=1)
+
+    @staticmethod
+    def concat(parts: Sequence[Zero]) -> Zero:
+        return parts[0]._replace(n=sum(p.n for p in parts))
+
+
 def _rows_and_columns(use: Factored) -> tuple[torch.Tensor, torch.Tensor]:
     """A use's factors in the shared weight's ``[R, C]`` layout: (rows ``[B, T, R]`` or ids ``[B, T]``, columns)."""
     if use.site.kind == "embedding" or use.site.transposed:
@@ -421,7 +453,7 @@ def _gathered(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(rows, 2, index) * (ids >= 0)[:, None, :].to(rows.dtype)
 
 
-Part = Union[Dense, Deferred, Factored, TokenRows, Tied, Rows]
+Part = Union[Dense, Deferred, Factored, TokenRows, Tied, Rows, Zero]
 
 
 class Representation(NamedTuple):
