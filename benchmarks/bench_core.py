@@ -17,13 +17,13 @@ Usage::
     python benchmarks/bench_core.py --workloads --real    # only the real models (GPT-2, BERT, ResNet-18, ...)
     python benchmarks/bench_core.py --workloads --real lstm resnet18 --captum-train 50
 
-``--real [NAME ...]`` adds the real-model table (``real_models.py``: Hugging Face GPT-2, BERT, a Llama-style LM and ViT
-from small configs, ResNet-18, MobileNetV3-small, an LSTM classifier; 200 train x 20 test, 3 in-memory checkpoints;
-``--quick``: 16 x 4): ours with the default options and ``factored=False``, the plain-backprop floor, and Captum
-``TracInCP``'s per-example path at the best of ``--captum-batch-sizes``, for influence and self-influence; ratios to
-the floor and to ours. The Hugging Face models are scored in two forms (dict batches with the library's
-``tc.BatchLoss``, the issue's form, and a logits criterion, the only one Captum takes). ``transformers`` is needed
-for those four (the ``bench`` extra).
+``--real [NAME ...]`` adds the real-model table (``real_models.py``: Hugging Face GPT-2, BERT, BART, a Llama-style LM
+and ViT from small configs, ResNet-18, MobileNetV3-small, an LSTM classifier; 200 train x 20 test, 3 in-memory
+checkpoints; ``--quick``: 16 x 4): ours with the default options and ``factored=False``, the plain-backprop floor, and
+Captum ``TracInCP``'s per-example path at the best of ``--captum-batch-sizes``, for influence and self-influence;
+ratios to the floor and to ours. The Hugging Face models are scored in two forms (dict batches with the library's
+``tc.BatchLoss``, the issue's form, and a logits criterion, the only one Captum takes). ``transformers`` is needed for
+those (the ``bench`` extra).
 
 On a machine where other processes compete for the cores, multi-threaded batched kernels (ours, Captum's batch-wise
 path) slow down far more than Captum's per-example loop of tiny ops (OpenMP oversubscription); ``--threads 1`` gives
@@ -232,10 +232,11 @@ def dattri_influence(w: Workload, model: nn.Module, bs: int, device: torch.devic
 
 
 def real_forms(name: str, n_test: int, n_train: int) -> list[real_models.RealWorkload]:
-    """The workload in each form it is scored in: the Hugging Face models (GPT-2, BERT, Llama, ViT) on dict batches with
-    the library's per-example loss (``tc.causal_lm_loss`` / ``tc.sequence_classification_loss``, a ``tc.BatchLoss``;
-    first: the issue's form) and as a logits criterion (Captum's only form); the others as a criterion. (The third
-    form, ``tc.ExampleLoss`` of the model's own ``.loss``, runs one example at a time by definition.)"""
+    """The workload in each form it is scored in: the Hugging Face models (``real_models.HF_MODELS``) on dict batches
+    with the library's per-example loss (``tc.causal_lm_loss`` / ``tc.seq2seq_lm_loss`` /
+    ``tc.sequence_classification_loss``, a ``tc.BatchLoss``; first: the issue's form) and as a logits criterion
+    (Captum's only form); the others as a criterion. (The third form, ``tc.ExampleLoss`` of the model's own ``.loss``,
+    runs one example at a time by definition.)"""
     build = real_models.BUILDERS[name]
     if name in real_models.HF_MODELS:
         return [build(n_train, n_test, form=form) for form in ("batch_loss", "criterion")]
