@@ -11,8 +11,9 @@ flipped labels first, and ``tc.top_k`` gives each test sentence's proponents (wh
 
     python examples/hf_text_classifier.py          # needs transformers (pip install -e ".[test]")
 
-Seeds 0-3 of the defaults: test accuracy 0.90-1.00; 60-100% of the flipped labels among the top 40 self-influence
-scores (seeds 0-2: all); proponents of every test sentence's label, opponents of the other.
+Seeds 0-3 of the defaults: test accuracy 0.975-1.00; 80-100% of the flipped labels among the top 40 self-influence
+scores (seeds 1 and 3: all, with one or two threads); proponents of every test sentence's label, opponents of the
+other.
 """
 
 from __future__ import annotations
@@ -78,9 +79,9 @@ def train(
     for _ in range(epochs):
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         checkpoints.append(tc.Checkpoint(state, lr=lr, optimizer_state=copy.deepcopy(optimizer.state_dict())))
+        order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
-            idx = torch.randperm(n, generator=gen)[:batch_size] if start else torch.arange(min(batch_size, n))
-            batch = {k: v[idx] for k, v in data.items()}
+            batch = {k: v[order[start : start + batch_size]] for k, v in data.items()}
             optimizer.zero_grad()
             model(**batch).loss.backward()
             optimizer.step()

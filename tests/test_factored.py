@@ -334,6 +334,54 @@ def test_a_tied_tensors_module_called_only_after_planning_is_refused():
         assert_close(tc.self_influence(model, ckpts, (ids, y), loss_fn=CE, factored=False), ref.self_influence, 1e-12)
 
 
+class IndexingTable(nn.Embedding):
+    def forward(self, ids):
+        return self.weight[ids] * 2.0  # no F.embedding call: a hook at that call would never fire
+
+
+class SharedIndexingTable(SharedTable):
+    def __init__(self):
+        super().__init__(late=True)
+        self.shared = IndexingTable(10, 4)
+        self.enc.weight = self.dec.weight = self.head.weight = self.shared.weight
+
+
+class TiedWithOwnBias(nn.Module):
+    """A Linear whose weight is the Embedding's but whose bias is its own, called only when an example starts with
+    token 9: never the module left out for its partners (its bias would have no site)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.proj, self.head = nn.Embedding(10, 4), nn.Linear(4, 10), nn.Linear(4, 3)
+        self.proj.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids).mean(1)
+        if bool((ids[:, 0] == 9).any()):
+            h = h + self.proj(h)[:, :4]
+        return self.head(torch.tanh(h))
+
+
+def test_an_uncalled_tied_module_is_refused_whatever_its_forward_does_or_holds():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 9, (8, 5))
+    ids[6, 0] = 9
+    model = SharedIndexingTable().double().eval()
+    ckpts = _ckpts(model)
+    y = torch.randint(0, 10, (8,))
+    with pytest.raises(ValueError, match=r"module 'shared' \(IndexingTable\) shares its weight"):
+        tc.self_influence(model, ckpts, (ids, y), loss_fn=CE, batch_size=4)
+    model = TiedWithOwnBias().double().eval()
+    ckpts, y = _ckpts(model), torch.randint(0, 3, (8,))
+    assert _plan(model, (ids, y)).uncalled == ()
+    ref = reference_scores(model, ckpts, (ids, y), (ids[:3], y[:3]), loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap fails on the branch: the loop
+        for loss in (CE, tc.ExampleLoss(lambda p, b: CE(torch.func.functional_call(model, p, (b[0],)), b[1]))):
+            got = tc.self_influence(model, ckpts, (ids, y), loss_fn=loss, batch_size=4)
+            assert_close(got, ref.self_influence, 1e-12)
+
+
 def test_a_tied_tensors_module_called_by_one_loss_only_leaves_the_tensor_to_vmap():
     """The test loss calls ``shared``, the training loss does not: every use of the tensor goes to vmap(grad)."""
     torch.manual_seed(0)
@@ -374,8 +422,9 @@ class UnusedParts(nn.Module):
         self.a, self.b, self.spare, self.masker = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(5, 3), Table()
 
     def forward(self, x):
-        if bool((x > 2).any()):
-            x = self.masker(x)
+        high = (x > 2).any(1, keepdim=True)
+        if bool(high.any()):  # (each example as alone: the others keep x)
+            x = torch.where(high, self.masker(x), x)
         return self.b(torch.tanh(self.a(x)))
 
 
@@ -397,18 +446,35 @@ def test_unused_parameters_get_zero_gradients_on_the_batched_path():
     assert routes["masker.table"].route == "unused" and "zero gradients" in routes["masker.table"].reason
 
 
-def test_a_parameter_unused_when_planned_but_used_later_is_refused():
+def test_a_parameter_unused_when_planned_but_reached_later_is_refused_where_its_gradient_counts():
+    """Example 6 uses ``masker``. Influence needs its gradients only on the test side: with example 6 among the
+    training data, the scores are exact; self-influence, embeddings, cosine normalisation (training norms) and
+    influence with it among the test examples are refused."""
     torch.manual_seed(0)
     model = UnusedParts().double().eval()
     x, y = torch.randn(8, 4, dtype=torch.float64).clamp(-2, 2), torch.randint(0, 3, (8,))
     x[6, 0] = 3.0
     ckpts = _ckpts(model)
-    with pytest.raises(ValueError, match=r"parameter 'masker.table' was not used .* batch uses it.*factored=False"):
-        tc.self_influence(model, ckpts, (x, y), loss_fn=CE, batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reference's vmap fails on the branch: the loop
+        ref = reference_scores(model, ckpts, (x, y), loss_fn=CE)
+    got = tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE, batch_size=4)
+    assert_close(got, ref.influence[:3], 1e-12)
+    top = tc.top_k(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE, k=2, batch_size=4)
+    assert torch.equal(top.indices, ref.influence[:3].topk(2).indices)
+    refused = r"parameter 'masker.table' was not used .* some batch uses it.*factored=False"
+    for call in (
+        lambda: tc.self_influence(model, ckpts, (x, y), loss_fn=CE, batch_size=4),
+        lambda: tc.embeddings(model, ckpts, (x, y), loss_fn=CE, batch_size=4),
+        lambda: tc.influence(model, ckpts, (x, y), (x[4:], y[4:]), loss_fn=CE, batch_size=4),
+        lambda: tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE, normalize="cosine", batch_size=4),
+    ):
+        with pytest.raises(ValueError, match=refused):
+            call()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # vmap fails on the branch: the loop
         got = tc.self_influence(model, ckpts, (x, y), loss_fn=CE, factored=False)
-    assert_close(got, reference_scores(model, ckpts, (x, y), loss_fn=CE).self_influence, 1e-12)
+    assert_close(got, ref.self_influence, 1e-12)
 
 
 class BroadcastRow(nn.Module):
@@ -460,6 +526,29 @@ def test_a_layer_run_once_for_the_whole_batch_is_named():
     _assert_paths_agree(model, (tokens, y), (tokens[:3], y[:3]))
     plan = _plan(model, (tokens, y))
     assert not plan.batched and "'rel' runs once for the whole batch" in plan.batching
+
+
+class TiedConvOnMergedRows(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.c2.weight = self.c1.weight
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))  # [B, 2, 4, 4]
+        z = self.c2(h.reshape(-1, 2, 2, 4))  # the batch merged with the rows: 2 images per example
+        return self.fc(torch.tanh(h + z.reshape(h.shape)).flatten(1))
+
+
+def test_a_tied_layer_fed_merged_rows_takes_its_partners_to_vmap():
+    torch.manual_seed(0)
+    model = TiedConvOnMergedRows().double().eval()
+    x, y = torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    plan = _plan(model, (x, y))
+    assert [s.path for s in plan.sites] == ["fc"] and "c1.weight" in plan.dense
+    assert plan.reasons["c1.weight"].startswith("'c2' sees 2 rows for one example")
 
 
 def test_a_weight_also_used_directly_falls_back_to_vmap():

@@ -140,10 +140,12 @@ def representation_fn(module: nn.Module | None, loss: ExampleLossFn, plan: Plan,
     if plan.batched and isinstance(loss, (CriterionLoss, BatchedLoss)):
 
         def batched(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
-            rep = assemble(module, plan, {}, batched_factors(module, loss, plan, {**frozen, **diff}, batch, mapper))
+            factors, reached = batched_factors(module, loss, plan, {**frozen, **diff}, batch, mapper)
+            rep = assemble(module, plan, {}, factors)
             if not plan.unused:
                 return rep
-            return rep._replace(parts=(*rep.parts, Zero.of({n: diff[n] for n in plan.unused}, rep.size)))
+            zero = Zero.of({n: diff[n] for n in plan.unused}, rep.size, reached)
+            return rep._replace(parts=(*rep.parts, zero))
 
         return batched
     vmapped = vmapped_factors(module, loss, plan, mapper)

@@ -108,9 +108,8 @@ def discover(
     Returns each site's output shapes (one per call; None: not a tensor), the gradient that still reaches each
     differentiated parameter, and the parameters autograd does not reach at all. A site's parameters must get no
     gradient, since another use (a direct ``F.linear(x, layer.weight)``, a regulariser in the loss) would be missed
-    by its factors. An "expanded" site's
-    use is not detached: its parameters get the example's whole gradient, which their expanded copies must
-    reproduce (``_plan._batching_refused``).
+    by its factors. An "expanded" site's use is not detached: its parameters get the example's whole gradient,
+    which their expanded copies must reproduce (``_plan._batching_refused``).
     """
     calls: dict[str, list[tuple[int, ...] | None]] = {s.path: [] for s in sites}
 
@@ -137,8 +136,9 @@ def discover(
 
 def batched_factors(
     module: nn.Module, loss: BatchableLoss, plan: Plan, state: Tensors, batch: Any, mapper: Mapper
-) -> Factors:
-    """Each site's inputs and output gradients from one forward / backward over the whole batch.
+) -> tuple[Factors, tuple[str, ...]]:
+    """Each site's inputs and output gradients from one forward / backward over the whole batch, and the parameters
+    planned as unused (``Plan.unused``) that this batch reaches after all.
 
     A site called on one row that the model broadcasts over the batch (BERT's and GPT-2's ``[1, T]`` position ids)
     gets a probe with one row per example, so that its output gradient is each example's own; planning checks on
@@ -173,11 +173,11 @@ def batched_factors(
     expanded = [s for s in plan.sites if s.kind == "expanded"]
     shapes = {name: state[name].shape for site in expanded for name in site.names}
     copies = {name: _expanded(state[name], n, site.rank) for site in expanded for name in site.names}
-    unused = {name: state[name].detach().requires_grad_() for name in plan.unused}  # must stay unreached
+    unused = {name: state[name].detach().requires_grad_() for name in plan.unused}  # a batch may still reach them
     state = {**state, **copies, **unused}
     with torch.enable_grad():
         hooks = {s.path: hook_for(s) for s in plan.sites if s.kind != "expanded"}
-        with hooked(module, {**hooks, **uncalled_guards(plan)}):
+        with hooked(module, hooks), refusing_uncalled(module, plan):
             if isinstance(loss, BatchedLoss):
                 total = loss.per_example(state, batch).sum()
             else:
@@ -189,7 +189,7 @@ def batched_factors(
                 total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
         flat = [o for s in plan.sites for o in outputs[s.path]] + [(c, c) for c in copies.values()]
         grads = torch.autograd.grad(total, [edge for _, edge in flat] + list(unused.values()), allow_unused=True)
-    _refuse_used(plan.unused, grads[len(flat) :])
+    reached = tuple(name for name, g in zip(unused, grads[len(flat) :]) if g is not None)
     grads = iter(torch.zeros_like(like) if g is None else g for g, (like, _) in zip(grads, flat))
     factors = {s.path: (inputs[s.path], [next(grads) for _ in outputs[s.path]]) for s in plan.sites}
     modules = dict(module.named_modules())
@@ -199,36 +199,34 @@ def batched_factors(
             factors[site.path] = ([_split_rows(x, n) for x in xs], [_split_rows(g, n) for g in gs])
     for site in expanded:  # no inputs: the per-example gradients themselves, [B, *shape]
         factors[site.path] = ([], [next(grads).reshape(n, *shapes[name]) for name in site.names])
-    return factors
+    return factors, reached
 
 
-def _refuse_used(unused: Sequence[str], grads: Sequence[torch.Tensor | None]) -> None:
-    """Refuse a batch that reaches a parameter planned as unused (``Plan.unused``): its gradients were taken as 0."""
-    for name, g in zip(unused, grads):
-        if g is not None:
-            raise ValueError(
-                f"`model`: parameter {name!r} was not used by the forward pass or the loss on the first example, "
-                f"where the call was planned, so its gradients were taken as zero; this batch uses it. The model's "
-                f"computation depends on the example: pass `factored=False`, or leave it out with `params=`."
-            )
+@contextmanager
+def refusing_uncalled(module: nn.Module, plan: Plan) -> Iterator[None]:
+    """Refuse a call of a module the plan found uncalled although it holds a tied tensor of its sites
+    (``Plan.uncalled``): that use would add to the tensor's gradient outside every site's factors. (A plain
+    forward pre-hook: it sees every call through the module, whatever its forward does; a direct ``.forward()``
+    call bypasses all hooks and is not seen.)"""
 
-
-def uncalled_guards(plan: Plan) -> dict[str, Hook]:
-    """Hooks that refuse a call of a module the plan found uncalled although it holds a tied tensor of its sites
-    (``Plan.uncalled``): that use would add to the tensor's gradient outside every site's factors."""
-
-    def refuse_at(path: str) -> Hook:
-        def refuse(layer: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def refuse_at(path: str) -> Callable[[nn.Module, Any], None]:
+        def refuse(layer: nn.Module, args: Any) -> None:
             raise ValueError(
                 f"`model`: module {path!r} ({type(layer).__name__}) shares its weight with other layers and was not "
-                f"called on the first example, where the call was planned, so that weight is scored through the "
-                f"other layers' factors; it is called in this batch. The model's modules depend on the example: pass "
+                f"called on the first example the call was planned on, so that weight is scored through the other "
+                f"layers' factors; this batch calls it. The model's modules depend on the example: pass "
                 f"`factored=False`."
             )
 
         return refuse
 
-    return {path: refuse_at(path) for path in plan.uncalled}
+    modules = dict(module.named_modules())
+    handles = [modules[path].register_forward_pre_hook(refuse_at(path)) for path in plan.uncalled]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _split_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -264,7 +262,7 @@ def vmapped_factors(
 
             return hook
 
-        with hooked(module, {**{s.path: hook_for(s) for s in plan.sites}, **uncalled_guards(plan)}):
+        with hooked(module, {s.path: hook_for(s) for s in plan.sites}), refusing_uncalled(module, plan):
             out = scalar_loss(loss, {**frozen, **dense}, batch_of_one(example))
         return out, inputs
 

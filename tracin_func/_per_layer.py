@@ -40,7 +40,7 @@ def layer_order(names: Sequence[str], *, module: bool) -> tuple[str, ...]:
 
 def _pieces(a: Representation, b: Representation, module: bool) -> Iterator[tuple[str, Part, Part]]:
     """``(layer, part of a, matching part of b)``: a part of one layer whole (factored, or deferred: matched by the
-    test side's formed copy), a dense part split by layer."""
+    test side's formed copy), a dense part split by layer, unused parameters (zero) once per layer."""
     for p, q in zip(a.parts, b.parts):
         if isinstance(p, Zero):  # unused parameters: zero, for each of their layers
             yield from ((layer, p, q) for layer in layer_order(list(p.shapes), module=module))

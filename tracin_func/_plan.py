@@ -51,7 +51,9 @@ class Plan(NamedTuple):
     costed: bool = True  # kernel sites chosen by the cost model (factored=None), not all forced (factored=True)
     # modules holding a tied tensor of sites that the forward did not call when planned: refused if called later
     uncalled: tuple[str, ...] = ()
-    unused: tuple[str, ...] = ()  # parameters the forward and the loss do not use: zero gradients (refused if used)
+    # parameters the forward and the loss do not use, on a batched plan: zero gradients (refused if used later); a
+    # plan that runs vmap(grad) anyway keeps them in ``dense``
+    unused: tuple[str, ...] = ()
 
     def route(self, name: str) -> str:
         """``"factored"`` (inner products of factors), ``"materialised"`` (from factors), ``"unused"`` or ``"vmap"``."""
@@ -161,6 +163,7 @@ def make_plan(
     truth: list[dict[str, torch.Tensor]] = []  # per loss: the first example's gradients of "expanded" parameters
     idle: dict[str, Site] = {}  # modules holding a tied tensor that no loss calls: its other uses are its sites
     unused = set(names)  # parameters no loss reaches: not even through a site's call
+    called: set[str] = set()  # sites called under some loss so far
     for i, loss in enumerate(losses if sites else ()):
         calls, leaked, unreached = discover(module, loss, list(sites.values()), diff, frozen, batch)
         detached = {n for p, s in sites.items() if calls[p] and s.kind != "expanded" for n in s.names}
@@ -178,27 +181,26 @@ def make_plan(
                 sites[path] = site = site._replace(rank=len(calls[path][0] or ()))
             elif calls[path] and not token_wise(modules.get(path), site) and any(s[0] != 1 for s in calls[path]):
                 rows = next(s[0] for s in calls[path] if s[0] != 1)
-                why = f"{path!r} sees {rows} rows for one example (the model merges the batch with another dimension)"
-                del sites[path]
-                reasons.update({n: why for n in site.names})
+                _drop(sites, site, f"sees {rows} rows for one example (the model merges the batch with another "
+                                   f"dimension)", reasons)  # fmt: skip
                 continue
             elif (i == 0 or path in idle) and _idle_tied_use(site, sites, calls, leaked):
                 idle[path] = site
                 continue
             elif not calls[path] or path in idle or any(bool(leaked[n].ne(0).any()) for n in site.names):
-                why = "not called as a module" if not calls[path] else "also used outside the layer (tied weight, "
-                why += "" if not calls[path] else "direct use or a term of the loss)"
-                why = "called under one loss and not the other" if path in idle else why
-                if site.owner is not None and not calls[path]:
+                if calls[path] and path in idle or not calls[path] and path in called:
+                    why = "called under one loss and not the other"
+                elif site.owner is not None and not calls[path]:
                     why = "not run unrolled (a PackedSequence, an unbatched input or cross-attention runs the fused op)"
                 elif not calls[path] and embedding_call_site(modules[path]):
-                    why = "an Embedding whose forward does not call `F.embedding` on its weight (it indexes it)"
-                for other in [p for p, s in sites.items() if p != path and set(s.names) & set(site.names)]:
-                    # a tied tensor's gradient sums every use: all its uses are sites, or none
-                    reasons.update({n: f"tied to {site.path!r}, which is {why}" for n in sites.pop(other).names})
-                del sites[path]
-                reasons.update({n: f"{site.path!r} is {why}" for n in site.names})
+                    why = "an Embedding whose forward did not call `F.embedding` on its weight (or was not called)"
+                elif not calls[path]:
+                    why = "not called as a module"
+                else:
+                    why = "also used outside the layer (tied weight, direct use or a term of the loss)"
+                _drop(sites, site, f"is {why}", reasons)
                 continue
+            called.add(path)
             rows = rows_of[path] = _rows_per_example(site, calls[path])
             if site.kernel_ok and (factored or _kernel_is_cheaper(site, rows, self_only)):
                 kernel.add(path)  # a kept Embedding is never materialised on the training side (see TokenRows)
@@ -262,7 +264,7 @@ def make_plan(
     reasons.update({n: _UNUSED for n in unused})
     batching = "one batched forward / backward gives every layer's factors"
     return plan._replace(batched=True, batching=batching, kernel=frozenset(kernel), trimmed=frozenset(trimmed),
-                         example_bytes=size, dense=(), unused=plan.dense)
+                         example_bytes=size, dense=(), unused=tuple(n for n in names if n in unused))
 
 
 # One gathered row product of a token-rows dot costs about as much as this many multiply-adds of a materialised
@@ -272,12 +274,23 @@ _TOKEN_MATCH_COST = 16
 
 
 def _idle_tied_use(site: Site, sites: Mapping[str, Site], calls: Mapping[str, list], leaked: Tensors) -> bool:
-    """Whether ``site`` holds a tied tensor but is not called, while another module holding it is (T5's and BART's
-    ``shared`` Embedding, whose tensor the encoder's and decoder's embeddings and the LM head use), and nothing else
-    uses the tensor: the called modules' factors then give its whole gradient."""
+    """Whether ``site`` holds only tied tensors and is not called, while other modules holding them are (T5's and
+    BART's ``shared`` Embedding, whose tensor the encoder's and decoder's embeddings and the LM head use), and
+    nothing else uses them: the called modules' factors then give their whole gradient. (A parameter of its own,
+    a bias, would have no site left to give its gradient if a later batch called it.)"""
     if not site.tied or calls[site.path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
         return False
-    return any(calls[p] for p, s in sites.items() if p != site.path and set(s.names) & set(site.names))
+    held = {n for p, s in sites.items() if p != site.path and calls[p] for n in s.names}
+    return set(site.names) <= held
+
+
+def _drop(sites: dict[str, Site], site: Site, why: str, reasons: dict[str, str]) -> None:
+    """Remove ``site`` and every other site holding one of its tensors (a tied tensor's gradient sums every use: all
+    its uses are sites, or none); ``why`` completes "'path' ..."."""
+    for other in [p for p, s in sites.items() if p != site.path and set(s.names) & set(site.names)]:
+        reasons.update({n: f"tied to {site.path!r}, which {why}" for n in sites.pop(other).names})
+    del sites[site.path]
+    reasons.update({n: f"{site.path!r} {why}" for n in site.names})
 
 
 def _live_rows_per_example(site: Site, gs: Sequence[torch.Tensor]) -> list[int]:
@@ -443,13 +456,13 @@ def _batching_refused(
     expanded = [s for s in plan.sites if s.kind == "expanded"]
     for loss, true in zip(losses, truth):
         try:
-            alone = [batched_factors(module, loss, plan, state, slice_batch(few, i, i + 1), mapper) for i in range(n)]
+            alone = [batched_factors(module, loss, plan, state, one, mapper)[0] for one in _singles(few, n)]
         except RuntimeError as err:  # copies of an "expanded" site's parameters break a shape the layer assumes
             if not expanded:
                 raise
             return f"a forward with parameters copied over the batch failed ({_cause(err)})", {}
         try:
-            together = batched_factors(module, loss, plan, state, few, mapper)
+            together = batched_factors(module, loss, plan, state, few, mapper)[0]
         except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes
             return f"a batched forward failed where examples alone ran ({_cause(err)})", {}
         for site in expanded:
@@ -475,6 +488,10 @@ def _batching_refused(
                 ), {}
             seen.setdefault(path, (xs, gs))
     return "", seen
+
+
+def _singles(batch: Any, n: int) -> list[Any]:
+    return [slice_batch(batch, i, i + 1) for i in range(n)]
 
 
 def _cause(err: Exception) -> str:
