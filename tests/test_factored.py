@@ -446,34 +446,26 @@ def test_unused_parameters_get_zero_gradients_on_the_batched_path():
     assert routes["masker.table"].route == "unused" and "zero gradients" in routes["masker.table"].reason
 
 
-def test_a_parameter_unused_when_planned_but_reached_later_is_refused_where_its_gradient_counts():
-    """Example 6 uses ``masker``. Influence needs its gradients only on the test side: with example 6 among the
-    training data, the scores are exact; self-influence, embeddings, cosine normalisation (training norms) and
-    influence with it among the test examples are refused."""
+def test_a_parameter_unused_when_planned_but_reached_later_is_refused():
+    """Example 6 uses ``masker``: every call whose batches reach it is refused (its gradients were taken as zero),
+    influence too (a batch whose structure differs from the planned one may also mix its examples)."""
     torch.manual_seed(0)
     model = UnusedParts().double().eval()
     x, y = torch.randn(8, 4, dtype=torch.float64).clamp(-2, 2), torch.randint(0, 3, (8,))
     x[6, 0] = 3.0
     ckpts = _ckpts(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the reference's vmap fails on the branch: the loop
-        ref = reference_scores(model, ckpts, (x, y), loss_fn=CE)
-    got = tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE, batch_size=4)
-    assert_close(got, ref.influence[:3], 1e-12)
-    top = tc.top_k(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE, k=2, batch_size=4)
-    assert torch.equal(top.indices, ref.influence[:3].topk(2).indices)
-    refused = r"parameter 'masker.table' was not used .* some batch uses it.*factored=False"
+    refused = r"parameter 'masker.table' was not used .* this batch uses it.*factored=False"
     for call in (
         lambda: tc.self_influence(model, ckpts, (x, y), loss_fn=CE, batch_size=4),
+        lambda: tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE, batch_size=4),
         lambda: tc.embeddings(model, ckpts, (x, y), loss_fn=CE, batch_size=4),
-        lambda: tc.influence(model, ckpts, (x, y), (x[4:], y[4:]), loss_fn=CE, batch_size=4),
-        lambda: tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE, normalize="cosine", batch_size=4),
     ):
         with pytest.raises(ValueError, match=refused):
             call()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # vmap fails on the branch: the loop
         got = tc.self_influence(model, ckpts, (x, y), loss_fn=CE, factored=False)
+        ref = reference_scores(model, ckpts, (x, y), loss_fn=CE)
     assert_close(got, ref.self_influence, 1e-12)
 
 

@@ -140,12 +140,10 @@ def representation_fn(module: nn.Module | None, loss: ExampleLossFn, plan: Plan,
     if plan.batched and isinstance(loss, (CriterionLoss, BatchedLoss)):
 
         def batched(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
-            factors, reached = batched_factors(module, loss, plan, {**frozen, **diff}, batch, mapper)
-            rep = assemble(module, plan, {}, factors)
+            rep = assemble(module, plan, {}, batched_factors(module, loss, plan, {**frozen, **diff}, batch, mapper))
             if not plan.unused:
                 return rep
-            zero = Zero.of({n: diff[n] for n in plan.unused}, rep.size, reached)
-            return rep._replace(parts=(*rep.parts, zero))
+            return rep._replace(parts=(*rep.parts, Zero.of({n: diff[n] for n in plan.unused}, rep.size)))
 
         return batched
     vmapped = vmapped_factors(module, loss, plan, mapper)

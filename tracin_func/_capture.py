@@ -15,7 +15,7 @@ Two ways to run them:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Union
 
@@ -136,9 +136,9 @@ def discover(
 
 def batched_factors(
     module: nn.Module, loss: BatchableLoss, plan: Plan, state: Tensors, batch: Any, mapper: Mapper
-) -> tuple[Factors, tuple[str, ...]]:
-    """Each site's inputs and output gradients from one forward / backward over the whole batch, and the parameters
-    planned as unused (``Plan.unused``) that this batch reaches after all.
+) -> Factors:
+    """Each site's inputs and output gradients from one forward / backward over the whole batch (refused if it
+    reaches a parameter planned as unused, ``Plan.unused``).
 
     A site called on one row that the model broadcasts over the batch (BERT's and GPT-2's ``[1, T]`` position ids)
     gets a probe with one row per example, so that its output gradient is each example's own; planning checks on
@@ -173,7 +173,7 @@ def batched_factors(
     expanded = [s for s in plan.sites if s.kind == "expanded"]
     shapes = {name: state[name].shape for site in expanded for name in site.names}
     copies = {name: _expanded(state[name], n, site.rank) for site in expanded for name in site.names}
-    unused = {name: state[name].detach().requires_grad_() for name in plan.unused}  # a batch may still reach them
+    unused = {name: state[name].detach().requires_grad_() for name in plan.unused}  # must stay unreached
     state = {**state, **copies, **unused}
     with torch.enable_grad():
         hooks = {s.path: hook_for(s) for s in plan.sites if s.kind != "expanded"}
@@ -189,7 +189,7 @@ def batched_factors(
                 total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
         flat = [o for s in plan.sites for o in outputs[s.path]] + [(c, c) for c in copies.values()]
         grads = torch.autograd.grad(total, [edge for _, edge in flat] + list(unused.values()), allow_unused=True)
-    reached = tuple(name for name, g in zip(unused, grads[len(flat) :]) if g is not None)
+    _refuse_reached(unused, grads[len(flat) :])
     grads = iter(torch.zeros_like(like) if g is None else g for g, (like, _) in zip(grads, flat))
     factors = {s.path: (inputs[s.path], [next(grads) for _ in outputs[s.path]]) for s in plan.sites}
     modules = dict(module.named_modules())
@@ -199,7 +199,20 @@ def batched_factors(
             factors[site.path] = ([_split_rows(x, n) for x in xs], [_split_rows(g, n) for g in gs])
     for site in expanded:  # no inputs: the per-example gradients themselves, [B, *shape]
         factors[site.path] = ([], [next(grads).reshape(n, *shapes[name]) for name in site.names])
-    return factors, reached
+    return factors
+
+
+def _refuse_reached(unused: Iterable[str], grads: Sequence[torch.Tensor | None]) -> None:
+    """Refuse a batch that reaches a parameter planned as unused: its gradients were taken as zero, and a batch whose
+    structure differs from the planned one may also mix its examples (a branch on the whole batch)."""
+    for name, g in zip(unused, grads):
+        if g is not None:
+            raise ValueError(
+                f"`model`: parameter {name!r} was not used by the forward pass or the loss on the first example the "
+                f"call was planned on (for influence, top-k and a tracer: the first test example), so its gradients "
+                f"were taken as zero; this batch uses it. The model's computation depends on the example: pass "
+                f"`factored=False`, or leave the parameter out with `params=` if it should not count."
+            )
 
 
 @contextmanager

@@ -456,13 +456,13 @@ def _batching_refused(
     expanded = [s for s in plan.sites if s.kind == "expanded"]
     for loss, true in zip(losses, truth):
         try:
-            alone = [batched_factors(module, loss, plan, state, one, mapper)[0] for one in _singles(few, n)]
+            alone = [batched_factors(module, loss, plan, state, one, mapper) for one in _singles(few, n)]
         except RuntimeError as err:  # copies of an "expanded" site's parameters break a shape the layer assumes
             if not expanded:
                 raise
             return f"a forward with parameters copied over the batch failed ({_cause(err)})", {}
         try:
-            together = batched_factors(module, loss, plan, state, few, mapper)[0]
+            together = batched_factors(module, loss, plan, state, few, mapper)
         except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes
             return f"a batched forward failed where examples alone ran ({_cause(err)})", {}
         for site in expanded:

@@ -397,47 +397,26 @@ class Tied(NamedTuple):
 
 
 class Zero(NamedTuple):
-    """Parameters the plan found unused (``Plan.unused``): their per-example gradients are zero, except where a
-    batch reached some of them after all (``reached``): those gradients are unknown. An inner product with a side
-    that did not reach them is still exactly zero (a training batch's against the test side's); anything else
-    needs the unknown gradients (norms, which the test side's finiteness check takes too, embeddings), and is
-    refused."""
+    """Parameters the plan found unused (``Plan.unused``): their per-example gradients are all zero."""
 
     shapes: dict[str, torch.Size]
     n: int
     like: torch.Tensor  # 0-d, of the gradients' dtype and device
-    reached: tuple[str, ...] = ()
 
     @staticmethod
-    def of(params: dict[str, torch.Tensor], n: int, reached: tuple[str, ...] = ()) -> Zero:
-        like = next(iter(params.values())).new_zeros(())
-        return Zero({name: p.shape for name, p in params.items()}, n, like, reached)
-
-    def _known(self) -> None:
-        if self.reached:
-            raise ValueError(
-                f"`model`: parameter {self.reached[0]!r} was not used by the forward pass or the loss on the first "
-                f"example the call was planned on, so its gradients were taken as zero, but some batch uses it and "
-                f"this result needs that batch's own gradients (influence needs them only for test examples: "
-                f"training examples that use it are scored exactly). The model's computation depends on the "
-                f"example: pass `factored=False`, or leave the parameter out with `params=` if it should not count."
-            )
+    def of(params: dict[str, torch.Tensor], n: int) -> Zero:
+        return Zero({name: p.shape for name, p in params.items()}, n, next(iter(params.values())).new_zeros(()))
 
     def dot(self, other: Zero) -> torch.Tensor:
-        if self.reached and other.reached:
-            self._known()
         return self.like.new_zeros(self.n, other.n)
 
     def sq_norm(self) -> torch.Tensor:
-        self._known()
         return self.like.new_zeros(self.n)
 
     def materialize(self) -> dict[str, torch.Tensor]:
-        self._known()
         return {name: self.like.new_zeros(self.n, *shape) for name, shape in self.shapes.items()}
 
     def project(self, seed: int, k: int) -> torch.Tensor:
-        self._known()
         return self.like.new_zeros(self.n, k)
 
     def total(self) -> Zero:
@@ -445,8 +424,7 @@ class Zero(NamedTuple):
 
     @staticmethod
     def concat(parts: Sequence[Zero]) -> Zero:
-        reached = tuple(dict.fromkeys(name for p in parts for name in p.reached))
-        return parts[0]._replace(n=sum(p.n for p in parts), reached=reached)
+        return parts[0]._replace(n=sum(p.n for p in parts))
 
 
 def _rows_and_columns(use: Factored) -> tuple[torch.Tensor, torch.Tensor]:
