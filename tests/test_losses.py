@@ -104,7 +104,8 @@ def test_batch_loss_runs_batched_and_equals_the_example_loss():
         assert_close(tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(losses), **kw),
                      tc.self_influence(model, ckpts, data, loss_fn=one, **kw), 1e-10)  # fmt: skip
     assert tc.explain(model, ckpts, data, loss_fn=tc.BatchLoss(losses)).batching.startswith("one batched forward")
-    assert "tc.BatchLoss runs whole batches" in tc.explain(model, ckpts, data, loss_fn=one).batching
+    why = tc.explain(model, ckpts, data, loss_fn=one).batching
+    assert "tc.BatchLoss runs whole batches" in why and "tc.seq2seq_lm_loss" in why  # and the ready-made HF losses
 
 
 def test_batch_loss_must_return_one_loss_per_example():
