@@ -879,7 +879,10 @@ def test_explain_names_every_route_and_reason():
     # 5 x 5 output positions, 2 x 3 x 3 inputs and a bias, 4 outputs
     assert reasons["c1.weight"] == "T^2 (d_in + d_out) = 14375 >= d_in d_out = 76 (T = 25)"
     assert reasons["depthwise.weight"] == "grouped convolution: per-example gradients from factors"
-    assert str(plan).splitlines()[0] == f"batching: {plan.batching}" and len(str(plan).splitlines()) == 2 + len(routes)
+    lines = str(plan).splitlines()
+    counts = f"materialised {len(routes) - 2}, factored 2"  # fc's weight and bias
+    assert lines[0] == f"batching: {plan.batching}" and lines[1] == f"routes: {counts}"
+    assert len(lines) == 3 + len(routes)
 
 
 def test_leaving_the_batched_path_warns_with_the_module_and_the_reason():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -42,7 +43,9 @@ class Explanation(NamedTuple):
 
     def __str__(self) -> str:
         width = max(len("parameter"), *(len(r.parameter) for r in self.routes))
-        lines = [f"batching: {self.batching}", f"{'parameter':<{width}}  {'route':<12}  reason"]
+        counts = Counter(r.route for r in self.routes)
+        lines = [f"batching: {self.batching}", "routes: " + ", ".join(f"{k} {v}" for k, v in counts.items())]
+        lines.append(f"{'parameter':<{width}}  {'route':<12}  reason")
         lines += [f"{r.parameter:<{width}}  {r.route:<12}  {r.reason}" for r in self.routes]
         return "\n".join(lines)
 
