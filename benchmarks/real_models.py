@@ -199,11 +199,14 @@ class CausalLMLoss(nn.Module):
         self.reduction = reduction
         self.ignore_index = ignore_index
 
+    shift = True  # position t predicts label t + 1
+
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits, labels = logits[:, :-1], labels[:, 1:]
+        if self.shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
         tokens = nn.functional.cross_entropy(
             logits.transpose(1, 2), labels, ignore_index=self.ignore_index, reduction="none"
-        )  # [B, T - 1], 0 at ignored labels
+        )  # 0 at ignored labels
         counts = (labels != self.ignore_index).sum(1).clamp(min=1)
         losses = tokens.sum(1) / counts
         if self.reduction == "sum":
@@ -218,9 +221,7 @@ class Seq2SeqLMLoss(CausalLMLoss):
     Hugging Face's, the mean cross-entropy of ``logits[i]`` against ``labels[i]`` (no shift) over the labels that are
     not ``ignore_index``; ``reduction`` as :class:`CausalLMLoss`'s."""
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pad = logits.new_zeros(logits.shape[0], 1, logits.shape[2])  # the shift drops this position and label
-        return super().forward(torch.cat([logits, pad], 1), torch.cat([labels[:, :1], labels], 1))
+    shift = False  # the decoder's output at a position predicts that position's label
 
 
 class LogitsOnly(nn.Module):

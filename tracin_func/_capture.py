@@ -233,7 +233,7 @@ def refusing_uncalled(module: nn.Module, plan: Plan) -> Iterator[None]:
 
         return refuse
 
-    modules = dict(module.named_modules())
+    modules = dict(module.named_modules()) if plan.uncalled else {}  # (run per batch: no walk when none)
     handles = [modules[path].register_forward_pre_hook(refuse_at(path)) for path in plan.uncalled]
     try:
         yield

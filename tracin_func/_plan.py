@@ -187,7 +187,7 @@ def make_plan(
             elif (i == 0 or path in idle) and _idle_tied_use(site, sites, calls, leaked):
                 idle[path] = site
                 continue
-            elif not calls[path] or path in idle or any(bool(leaked[n].ne(0).any()) for n in site.names):
+            elif not calls[path] or path in idle or _leaks(site, leaked):
                 if calls[path] and path in idle or not calls[path] and path in called:
                     why = "called under one loss and not the other"
                 elif site.owner is not None and not calls[path]:
@@ -280,10 +280,15 @@ def _idle_tied_use(site: Site, sites: Mapping[str, Site], calls: Mapping[str, li
     BART's ``shared`` Embedding, whose tensor the encoder's and decoder's embeddings and the LM head use), and
     nothing else uses them: the called modules' factors then give their whole gradient. (A parameter of its own,
     a bias, would have no site left to give its gradient if a later batch called it.)"""
-    if not site.tied or calls[site.path] or any(bool(leaked[n].ne(0).any()) for n in site.names):
+    if not site.tied or calls[site.path] or _leaks(site, leaked):
         return False
     held = {n for p, s in sites.items() if p != site.path and calls[p] for n in s.names}
     return set(site.names) <= held
+
+
+def _leaks(site: Site, leaked: Tensors) -> bool:
+    """Whether gradient reaches ``site``'s parameters with its own use detached (discovery): another use."""
+    return any(bool(leaked[n].ne(0).any()) for n in site.names)
 
 
 def _drop(sites: dict[str, Site], site: Site, why: str, reasons: dict[str, str]) -> None:
