@@ -48,3 +48,13 @@ def test_bench_speed_scaling_runs(capsys):
     scaling = [r for r in results if r["table"] == "scaling"]
     assert [r["n_train"] for r in scaling] == [600] and scaling[0]["embed_s"] > 0
     assert "scaling of projected top-10" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_batch_size_runs(capsys):
+    import bench_batch_size
+
+    results = bench_batch_size.main(["--workloads", "mlp", "--sizes", "500", "--rounds", "1"])
+    assert [r["question"] for r in results] == ["influence", "self"]
+    assert all(r["auto"] > 0 and r["best_size"] == 500 and sum(r["auto_sizes"]) == 1500 for r in results)
+    assert "auto / best" in capsys.readouterr().out

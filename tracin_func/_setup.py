@@ -195,7 +195,7 @@ def make_setup(
                disable=not progress, leave=False)
     prepared = [converted(state, c.lr, target, dtype) for state, c in bar]
     prepared = with_adam_states(model, checkpoints, prepared, shapes, target, dtype)
-    auto_batch = batch_size is None  # the first batch's size assumes dense per-sample gradients; the plan refines it
+    auto_batch = batch_size is None  # a batch read before the plan (a Dataset's first) assumes dense gradients
     batch_size = batch_size or auto_batch_size(sum(prepared[0].state[n].nbytes for n in spec.diff_names), target)
     train_loss = example_loss(spec.forward, loss_fn, "loss_fn")
     same = test_loss_fn is None or test_loss_fn is loss_fn
