@@ -21,7 +21,6 @@ from ._data import (
     batch_size_of,
     check_batch_structure,
     count_batches,
-    is_single_batch,
     iter_batches,
     num_batches,
     num_examples,
@@ -97,11 +96,12 @@ def planned_batches(
     setup: Setup, data: Any, where: str, desc: str, *, self_only: bool = False, **where_from: Any
 ) -> Iterator[tuple[Planned, int, Any]]:
     """``batches`` of ``data``, the call planned on the first: (plan, offset, batch) triples. With the automatic
-    size, a single batch is planned on its first examples, so that the plan sizes every batch, the first too (not a
-    guess made before the plan: 128 + 72 of 200 examples where the plan asks for one batch or two of 100)."""
+    size, a batch or a ``Dataset`` is planned on its first examples, so that the plan sizes every batch, the first
+    too (not a guess made before the plan: 128 + 72 of 200 examples where the plan asks for one batch or two of 100);
+    a ``DataLoader``'s or other iterable's batches are the user's."""
     planned: Planned | None = None
-    if setup.auto_batch and is_single_batch(data) and batch_size_of(data, f"`{where}`"):
-        head = slice_batch(data, 0, _PLANNING_EXAMPLES)
+    if setup.auto_batch and num_examples(data):
+        head = next(iter_batches(data, _PLANNING_EXAMPLES, where))
         check_batch_structure(head, f"`{where}` batch 0", needs_target=setup.needs_target[where == "test"])
         head = to_device(head, setup.device, setup.dtype)
         planned = _planned(setup, head, where, where_from.get("start", 0), self_only=self_only)

@@ -45,7 +45,7 @@ class Setup(NamedTuple):
     progress: bool
     ranks: Ranks | None = None  # torch.distributed: this process's share of the training data
     test_budget: int | None = None  # bytes of test representations held at once (more: scored in chunks)
-    auto_batch: bool = False  # ``batch_size`` is the automatic first guess: planning sets the size of later batches
+    auto_batch: bool = False  # ``batch_size`` is a guess before the plan (dense gradients): the plan sizes batches
 
 
 def _default_device(model: Any, first: Checkpoint) -> torch.device:
@@ -195,7 +195,7 @@ def make_setup(
                disable=not progress, leave=False)
     prepared = [converted(state, c.lr, target, dtype) for state, c in bar]
     prepared = with_adam_states(model, checkpoints, prepared, shapes, target, dtype)
-    auto_batch = batch_size is None  # a batch read before the plan (a Dataset's first) assumes dense gradients
+    auto_batch = batch_size is None  # the plan sizes the batches; before it (index digests), dense gradients
     batch_size = batch_size or auto_batch_size(sum(prepared[0].state[n].nbytes for n in spec.diff_names), target)
     train_loss = example_loss(spec.forward, loss_fn, "loss_fn")
     same = test_loss_fn is None or test_loss_fn is loss_fn
