@@ -16,6 +16,7 @@ Usage::
     python benchmarks/bench_core.py --quick --threads 1   # on a shared/loaded machine (see below)
     python benchmarks/bench_core.py --workloads --real    # only the real models (GPT-2, BERT, ResNet-18, ...)
     python benchmarks/bench_core.py --workloads --real lstm resnet18 --captum-train 50
+    python benchmarks/bench_core.py --workloads --real bert --real-train 2000 --no-captum   # fixed costs amortised
 
 ``--real [NAME ...]`` adds the real-model table (``real_models.py``: Hugging Face GPT-2, BERT, BART, a Llama-style LM
 and ViT from small configs, ResNet-18, MobileNetV3-small, an LSTM classifier; 200 train x 20 test, 3 in-memory
@@ -84,6 +85,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="N",
         help="real models: run Captum on the first N training examples only, its ratios taken against the floor and "
         "our default call re-timed on the same subset (default: all)",
+    )
+    parser.add_argument(
+        "--real-train",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"real models: N training examples (default {REAL_SIZES[1]}; --quick {QUICK_REAL[1]}): fixed costs per "
+        "call (planning) weigh less against more examples",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of Captum and dattri (default 64)")
     parser.add_argument(
@@ -389,6 +398,7 @@ def captum_real_rows(
 
 def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tuple[Rows, str]:
     n_test, n_train = QUICK_REAL if args.quick else REAL_SIZES
+    n_train = args.real_train or n_train
     forms = [real_to_device(w, device) for w in real_forms(name, n_test, n_train)]
     rows = Rows(name, floor_column=True)
 
