@@ -12,6 +12,7 @@ import tracin_func._assemble
 import tracin_func._plan as plan_module
 from tests.conftest import assert_close
 from tests.reference import reference_scores
+from tracin_func._setup import auto_batch_size
 
 CE = nn.CrossEntropyLoss()
 
@@ -881,8 +882,14 @@ def test_explain_names_every_route_and_reason():
     assert reasons["depthwise.weight"] == "grouped convolution: per-example gradients from factors"
     lines = str(plan).splitlines()
     counts = f"materialised {len(routes) - 2}, factored 2"  # fc's weight and bias
-    assert lines[0] == f"batching: {plan.batching}" and lines[1] == f"routes: {counts}"
-    assert len(lines) == 3 + len(routes)
+    assert lines[0] == f"batching: {plan.batching}" and lines[2] == f"routes: {counts}"
+    assert len(lines) == 4 + len(routes)
+    assert plan.example_bytes > 0 and plan.batch_size == auto_batch_size(plan.example_bytes, torch.device("cpu"))
+    kb = plan.example_bytes / 1024
+    assert lines[1] == f"batch size: at most {plan.batch_size} examples ({kb:,.1f} KB of gradients per example)"
+    assert tc.explain(model, _ckpts(model), (x, y), loss_fn=CE, batch_size=4).batch_size == 4
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
+    assert "batch size: the data's own batches" in str(tc.explain(model, _ckpts(model), loader, loss_fn=CE))
 
 
 def test_leaving_the_batched_path_warns_with_the_module_and_the_reason():

@@ -11,11 +11,11 @@ import torch
 
 from ._api import Options, _check_options
 from ._checkpoints import Checkpoint
-from ._data import batch_size_of
+from ._data import batch_size_of, num_examples
 from ._driver import batches, naming_failures
 from ._model import exclusive_use
 from ._plan import SlowPathWarning, plan_call
-from ._setup import make_setup
+from ._setup import auto_batch_size, make_setup
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -40,11 +40,19 @@ class Explanation(NamedTuple):
 
     routes: tuple[Route, ...]
     batching: str  # one batched forward / backward per batch, or vmap over examples, and why
+    batch_size: int | None  # examples per batch at most: ``batch_size=`` or the plan's automatic size (None: the
+    # batches of a DataLoader or iterable, used as they are)
+    example_bytes: int  # one example's gradient representation under the plan (factors and per-sample gradients)
 
     def __str__(self) -> str:
         width = max(len("parameter"), *(len(r.parameter) for r in self.routes))
         counts = Counter(r.route for r in self.routes)
-        lines = [f"batching: {self.batching}", "routes: " + ", ".join(f"{k} {v}" for k, v in counts.items())]
+        size = "the data's own batches" if self.batch_size is None else f"at most {self.batch_size} examples"
+        lines = [
+            f"batching: {self.batching}",
+            f"batch size: {size} ({self.example_bytes / 1024:,.1f} KB of gradients per example)",
+            "routes: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
+        ]
         lines.append(f"{'parameter':<{width}}  {'route':<12}  reason")
         lines += [f"{r.parameter:<{width}}  {r.route:<12}  {r.reason}" for r in self.routes]
         return "\n".join(lines)
@@ -69,8 +77,9 @@ def explain(
     factored more often); ``"influence"`` (the default) as the other scorers do.
 
     Returns:
-        :class:`Explanation`: ``routes`` (one :class:`Route` per parameter, in order) and ``batching``; ``print``
-        it for a table.
+        :class:`Explanation`: ``routes`` (one :class:`Route` per parameter, in order), ``batching``, the most
+        examples per batch the call takes (``batch_size``) and the bytes of one example's gradients under the plan
+        (``example_bytes``, what the automatic batch size follows); ``print`` it for a table.
 
     Example:
         >>> import torch, tracin_func as tc
@@ -104,4 +113,5 @@ def explain(
         route = plan.route(name)
         routes.append(Route(name, "loop" if loop and route == "vmap" else route, plan.reasons[name]))
     batching = plan.batching + ("; vmap failed on this model, so examples run one at a time" if loop else "")
-    return Explanation(tuple(routes), batching)
+    size = auto_batch_size(plan.example_bytes, setup.device) if setup.auto_batch else setup.batch_size
+    return Explanation(tuple(routes), batching, size if num_examples(data) else None, plan.example_bytes)
