@@ -29,7 +29,7 @@ from ._data import (
 )
 from ._distributed import Ranks
 from ._loss import ExampleLossFn
-from ._plan import plan_call
+from ._plan import Plan, plan_call
 from ._purity import check_forward
 from ._representations import Representation
 from ._setup import Setup, auto_batch_size, even_batches
@@ -83,9 +83,13 @@ def _planned(setup: Setup, batch: Any, where: str, offset: int, *, self_only: bo
     with naming_failures(setup.test_loss if where == "test" else setup.train_loss, setup, batch, where, offset):
         planned = plan_call(setup, batch, where, self_only=self_only)
     updates = Updates(*(torch.compile(fn) for fn in planned.updates)) if setup.compile else planned.updates
-    auto = setup.auto_batch
-    size = even_batches(auto_batch_size(planned.plan.example_bytes, setup.device)) if auto else setup.batch_size
-    return Planned(updates, size)
+    most = most_per_batch(setup, planned.plan)
+    return Planned(updates, even_batches(most) if setup.auto_batch else most)
+
+
+def most_per_batch(setup: Setup, plan: Plan) -> int:
+    """Examples per batch at most: ``batch_size=``, or the automatic size for the plan's bytes per example."""
+    return auto_batch_size(plan.example_bytes, setup.device) if setup.auto_batch else setup.batch_size
 
 
 # Planning reads an example or two (the forward check, discovery) and the batching check's first four.

@@ -12,10 +12,10 @@ import torch
 from ._api import Options, _check_options
 from ._checkpoints import Checkpoint
 from ._data import batch_size_of, num_examples
-from ._driver import batches, naming_failures
+from ._driver import batches, most_per_batch, naming_failures
 from ._model import exclusive_use
 from ._plan import SlowPathWarning, plan_call
-from ._setup import auto_batch_size, make_setup
+from ._setup import make_setup
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -113,5 +113,5 @@ def explain(
         route = plan.route(name)
         routes.append(Route(name, "loop" if loop and route == "vmap" else route, plan.reasons[name]))
     batching = plan.batching + ("; vmap failed on this model, so examples run one at a time" if loop else "")
-    size = auto_batch_size(plan.example_bytes, setup.device) if setup.auto_batch else setup.batch_size
-    return Explanation(tuple(routes), batching, size if num_examples(data) else None, plan.example_bytes)
+    size = most_per_batch(setup, plan) if num_examples(data) else None
+    return Explanation(tuple(routes), batching, size, plan.example_bytes)
