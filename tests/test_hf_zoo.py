@@ -189,3 +189,40 @@ def test_mixture_of_experts_is_exact_in_float32(name):
         warnings.simplefilter("ignore")
         got = tc.influence(model, ckpts, train, test, loss_fn=loss)
     assert_close(got, _float32_loop(model, ckpts, train, test, loss), 1e-5)
+
+
+class LoraLinear(torch.nn.Module):
+    """peft's LoRA ``Linear`` in miniature (peft is no dependency here): the frozen base layer plus
+    ``lora_B(lora_A(dropout(x))) * alpha / r``."""
+
+    def __init__(self, base: torch.nn.Linear, r: int = 4, alpha: float = 8.0):
+        super().__init__()
+        self.base_layer, self.lora_dropout, self.scaling = base, torch.nn.Dropout(0.1), alpha / r
+        self.lora_A = torch.nn.Linear(base.in_features, r, bias=False, dtype=base.weight.dtype)
+        self.lora_B = torch.nn.Linear(r, base.out_features, bias=False, dtype=base.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+
+def test_lora_adapters_scored_alone_are_exact_and_batched():
+    """A LoRA fine-tune's influence: adapters around Llama's query and value projections, scored alone (``params=``):
+    the adapters' Linears are factor sites of their own and the frozen base layers no site, all in one batched pass."""
+    model, data, loss = causal_lm(T.LlamaConfig, T.LlamaForCausalLM, **KV, **SMALL)
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        attention.q_proj, attention.v_proj = LoraLinear(attention.q_proj), LoraLinear(attention.v_proj)
+    model.eval()
+    ckpts, train, test = rm.make_checkpoints(model, 2), *_split(data)
+
+    def lora(name: str) -> bool:
+        return ".lora_" in name
+
+    e = tc.explain(model, ckpts, train, loss_fn=loss, params=lora)
+    assert e.batching == BATCHED and len(e.routes) == 8 and all(lora(r.parameter) for r in e.routes)
+    ref = reference_scores(model, ckpts, train, test, loss_fn=tc.ExampleLoss(lambda p, b: loss.fn(p, b).sum()),
+                           params=lora)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tc.SlowPathWarning)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss, params=lora), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss, params=lora), ref.self_influence)
