@@ -1,5 +1,7 @@
 """Per-example loss semantics on the batched factored path equal the batch-of-one definition (dense vmap path)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -211,6 +213,35 @@ def test_sequence_classification_loss_is_hugging_faces_per_example(problem_type)
         else:
             want.append(nn.functional.binary_cross_entropy_with_logits(logits, y))
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-12, atol=0)
+    # by default, Hugging Face's rule (no config here: one logit is a regression, integer labels a single label)
+    torch.testing.assert_close(tc.sequence_classification_loss(pooled).fn(state, data), got, rtol=0, atol=0)
+
+
+def test_sequence_classification_loss_takes_the_model_configs_problem_type():
+    """A config's ``problem_type`` wins; without one, ``num_labels == 1`` is a regression even with integer labels
+    (cross-entropy over one class would give every example a zero loss, and zero influence)."""
+    torch.manual_seed(0)
+    model = _LM(1).double().eval()
+
+    class Rated(nn.Module):
+        def __init__(self, problem_type):
+            super().__init__()
+            self.lm, self.config = model, SimpleNamespace(num_labels=1, problem_type=problem_type)
+
+        def forward(self, input_ids):
+            return (self.lm(input_ids)["logits"].mean(1),)
+
+    data = {"input_ids": torch.randint(0, 10, (4, 5)), "labels": torch.tensor([1, 5, 3, 4])}  # star ratings
+    rated = Rated(None).eval()
+    state = dict(rated.state_dict())
+    got = tc.sequence_classification_loss(rated).fn(state, data)
+    logits = rated(data["input_ids"])[0][:, 0]
+    torch.testing.assert_close(got, (logits - data["labels"].double()) ** 2, rtol=1e-12, atol=0)
+    rated.config.problem_type = "multi_label_classification"
+    labels = torch.randint(0, 2, (4, 1)).double()
+    torch.testing.assert_close(tc.sequence_classification_loss(rated).fn(state, {**data, "labels": labels}),
+                               tc.sequence_classification_loss(rated, problem_type="multi_label_classification").fn(
+                                   state, {**data, "labels": labels}), rtol=0, atol=0)  # fmt: skip
 
 
 class _Seq2Seq(nn.Module):
@@ -263,5 +294,5 @@ def test_hugging_face_losses_name_the_labels_key():
                        r"pass `labels=`"):  # fmt: skip
         tc.self_influence(model, ckpts, data, loss_fn=tc.causal_lm_loss(model))
     assert tc.self_influence(model, ckpts, data, loss_fn=tc.causal_lm_loss(model, labels="target")).shape == (3,)
-    with pytest.raises(ValueError, match="`problem_type` must be one of"):
+    with pytest.raises(ValueError, match="`problem_type` must be None \\(the model's\\) or one of"):
         tc.sequence_classification_loss(model, problem_type="ranking")

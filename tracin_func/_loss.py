@@ -219,15 +219,17 @@ def _mean_token_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: i
 
 
 def sequence_classification_loss(
-    model: nn.Module, *, labels: str = "labels", problem_type: str = "single_label_classification"
+    model: nn.Module, *, labels: str = "labels", problem_type: str | None = None
 ) -> BatchLoss:
     """Hugging Face's sequence-classification loss, one per example, for dict batches.
 
     The model gets every entry of the batch but ``labels`` as keyword arguments and returns logits ``[B, C]``.
     Example ``i``'s loss is what ``model(**batch).loss`` is for a batch holding only that example, by
-    ``problem_type`` (the model config's): ``"single_label_classification"`` the cross-entropy of its class label
-    (a label ``-100`` gives 0), ``"regression"`` the mean squared error over its outputs, and
-    ``"multi_label_classification"`` the mean binary cross-entropy with logits over its labels.
+    ``problem_type``: ``"single_label_classification"`` the cross-entropy of its class label (a label ``-100``
+    gives 0), ``"regression"`` the mean squared error over its outputs, and ``"multi_label_classification"`` the
+    mean binary cross-entropy with logits over its labels. Default: the model config's ``problem_type``, or where
+    it sets none Hugging Face's rule: one label (``num_labels``, else one logit) is a regression, integer labels
+    a single-label classification, other labels a multi-label one.
 
     Example:
         >>> import torch, tracin_func as tc
@@ -249,22 +251,33 @@ def sequence_classification_loss(
     from torch.func import functional_call
 
     kinds = ("single_label_classification", "regression", "multi_label_classification")
-    if problem_type not in kinds:
-        raise ValueError(f"`problem_type` must be one of {kinds}, got {problem_type!r}.")
+    if problem_type not in (None, *kinds):
+        raise ValueError(f"`problem_type` must be None (the model's) or one of {kinds}, got {problem_type!r}.")
 
     def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         inputs, target = _model_inputs(batch, labels, "sequence_classification_loss")
         logits = _logits(functional_call(model, dict(params), (), inputs))
-        if problem_type == "single_label_classification":
+        kind = problem_type or _problem_type(model, logits, target)
+        if kind == "single_label_classification":
             return F.cross_entropy(logits.reshape(logits.shape[0], -1), target.reshape(-1), reduction="none")
         n = logits.shape[0]
-        if problem_type == "regression":
+        if kind == "regression":
             each = F.mse_loss(logits.reshape(n, -1), target.reshape(n, -1).to(logits.dtype), reduction="none")
         else:
             each = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
         return each.reshape(n, -1).mean(1)
 
     return BatchLoss(losses)
+
+
+def _problem_type(model: nn.Module, logits: torch.Tensor, target: torch.Tensor) -> str:
+    """The model config's ``problem_type``, or the one Hugging Face's classifiers infer when it is None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "problem_type", None) is not None:
+        return config.problem_type
+    if getattr(config, "num_labels", logits.shape[-1]) == 1:
+        return "regression"
+    return "single_label_classification" if target.dtype in (torch.long, torch.int) else "multi_label_classification"
 
 
 def example_loss(forward: Forward, loss_fn: Any, name: str) -> ExampleLossFn:
