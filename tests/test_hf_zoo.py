@@ -226,3 +226,24 @@ def test_lora_adapters_scored_alone_are_exact_and_batched():
         warnings.simplefilter("error", tc.SlowPathWarning)
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss, params=lora), ref.influence)
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss, params=lora), ref.self_influence)
+
+
+def test_token_classification_loss_is_hugging_faces_and_batched():
+    """BERT tagging: each example's loss is ``model(**example).loss`` (its tokens' mean cross-entropy, -100 ignored:
+    padding and a word's later sub-tokens), the call runs batched and its scores are exact."""
+    model = _model(T.BertForTokenClassification, T.BertConfig(num_labels=5, **SMALL), F64)
+    g = torch.Generator().manual_seed(1)
+    mask = (torch.arange(SEQ) < rm._lengths(N_TRAIN + 3, SEQ, g)[:, None]).long()
+    labels = torch.randint(0, 5, (N_TRAIN + 3, SEQ), generator=g).masked_fill(mask == 0, -100)
+    labels[0, 1::2] = -100  # later sub-tokens of words
+    data = {"input_ids": torch.randint(3, 100, (N_TRAIN + 3, SEQ), generator=g) * mask, "attention_mask": mask,
+            "labels": labels}  # fmt: skip
+    loss = tc.token_classification_loss(model)
+    ckpts, (train, test) = rm.make_checkpoints(model, 2), _split(data)
+    got = loss.fn(dict(model.state_dict()), data)
+    want = torch.stack([model(**rm.take(data, i, i + 1)).loss for i in range(N_TRAIN + 3)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert tc.explain(model, ckpts, train, loss_fn=loss).batching == BATCHED
+    ref = reference_scores(model, ckpts, train, test, loss_fn=tc.ExampleLoss(lambda p, b: loss.fn(p, b).sum()))
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss), ref.self_influence)

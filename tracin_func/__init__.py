@@ -5,7 +5,14 @@ from ._build import build_index
 from ._checkpoints import Checkpoint, load_checkpoints
 from ._explain import Explanation, Route, explain
 from ._index import Index, open_index
-from ._loss import BatchLoss, ExampleLoss, causal_lm_loss, seq2seq_lm_loss, sequence_classification_loss
+from ._loss import (
+    BatchLoss,
+    ExampleLoss,
+    causal_lm_loss,
+    seq2seq_lm_loss,
+    sequence_classification_loss,
+    token_classification_loss,
+)
 from ._plan import SlowPathWarning
 from ._topk import TopK, top_k_embeddings
 from ._tracer import Tracer, TracerState, tracer, tracer_init, tracer_update
@@ -31,6 +38,7 @@ __all__ = [
     "self_influence",
     "seq2seq_lm_loss",
     "sequence_classification_loss",
+    "token_classification_loss",
     "top_k",
     "top_k_embeddings",
     "tracer",

@@ -200,6 +200,37 @@ def seq2seq_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: i
     return BatchLoss(losses)
 
 
+def token_classification_loss(model: nn.Module, *, labels: str = "labels", ignore_index: int = -100) -> BatchLoss:
+    """Hugging Face's token-classification loss (NER, tagging), one per example, for dict batches.
+
+    The model gets every entry of the batch but ``labels`` as keyword arguments and returns logits ``[B, T, C]``.
+    Example ``i``'s loss is the mean cross-entropy of its tokens' logits against their labels ``[B, T]`` (no shift)
+    over the labels that are not ``ignore_index`` (padding, a word's later sub-tokens): what ``model(**batch).loss``
+    is for a batch holding only that example. An example with no label left has loss 0.
+
+    Example:
+        >>> import torch, tracin_func as tc
+        >>> class Tagger(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.embed, self.head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3)
+        ...     def forward(self, input_ids):
+        ...         return {"logits": self.head(self.embed(input_ids))}
+        >>> model = Tagger().eval()
+        >>> data = {"input_ids": torch.randint(0, 10, (3, 5)), "labels": torch.randint(0, 3, (3, 5))}
+        >>> ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+        >>> tc.self_influence(model, ckpts, data, loss_fn=tc.token_classification_loss(model)).shape
+        torch.Size([3])
+    """
+    from torch.func import functional_call
+
+    def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        inputs, target = _model_inputs(batch, labels, "token_classification_loss")
+        return _mean_token_loss(_logits(functional_call(model, dict(params), (), inputs)), target, ignore_index)
+
+    return BatchLoss(losses)
+
+
 def _decoder_inputs(model: nn.Module, target: torch.Tensor) -> torch.Tensor:
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
     if prepare is None:

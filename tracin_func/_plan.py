@@ -232,8 +232,9 @@ def make_plan(
     if not all(isinstance(loss, (CriterionLoss, BatchedLoss)) for loss in losses):
         return _unexpanded(plan)._replace(batching="vmap(grad) over examples: a tc.ExampleLoss is computed one "
                                           "example at a time (a tc.BatchLoss runs whole batches, as do "
-                                          "tc.causal_lm_loss, tc.seq2seq_lm_loss and "
-                                          "tc.sequence_classification_loss for Hugging Face models)")
+                                          "tc.causal_lm_loss, tc.seq2seq_lm_loss, "
+                                          "tc.sequence_classification_loss and tc.token_classification_loss for "
+                                          "Hugging Face models)")
     refused, seen = _batching_refused(module, losses, plan, {**frozen, **diff}, batch, mapper, truth)
     if refused:
         return _unexpanded(plan)._replace(batching=f"vmap(grad) over examples: {refused}")
