@@ -570,6 +570,33 @@ def test_a_regulariser_in_the_loss_falls_back_to_vmap():
     assert [s.path for s in plan.sites] == ["0"] and "2.weight" in plan.dense
 
 
+class FoldsChoices(nn.Module):
+    """Scores an example's C choices ``[B, C, d]`` folded into the batch (``[B C, d]``, multiple-choice heads): its
+    Linears see C rows of one example each, the last without a bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 1, bias=False)
+
+    def forward(self, x):
+        b, c, d = x.shape
+        return self.b(torch.tanh(self.a(x.reshape(b * c, d)))).reshape(b, c)
+
+
+@pytest.mark.parametrize("factored", [None, True])
+def test_a_model_folding_choices_into_its_batch_is_exact_through_vmap(factored):
+    """Through vmap(grad) (an ExampleLoss), one example's layer input ``[C, d]`` is C rows, not one row of C d
+    values (which made the last Linear's "gradient" an outer product of concatenations: scores 2.9x off)."""
+    torch.manual_seed(0)
+    model = FoldsChoices().double().eval()
+    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss = tc.ExampleLoss(lambda p, b: CE(torch.func.functional_call(model, p, (b[0],)), b[1]))
+    ckpts = _ckpts(model)
+    ref = reference_scores(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=loss)
+    assert_close(tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=loss, factored=factored), ref.influence)
+    assert_close(tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE), ref.influence)  # batched
+
+
 @pytest.mark.parametrize("all_but_first", [False, True], ids=["all", "all-but-first"])
 @pytest.mark.parametrize("equal_first", [False, True])  # the first three examples equal: only the fourth differs
 def test_models_that_mix_examples_are_not_batched(all_but_first, equal_first):

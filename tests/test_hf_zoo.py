@@ -60,6 +60,16 @@ def seq2seq(config_cls: type, model_cls: type, dtype: torch.dtype = F64, **sizes
     return model, data, tc.seq2seq_lm_loss(model)
 
 
+def multiple_choice(config_cls: type, model_cls: type, choices: int = 3, **sizes: Any) -> Built:
+    """``[B, choices, T]`` inputs, which the model folds into its batch (``[B choices, T]``), and a label each."""
+    model = _model(model_cls, config_cls(**sizes), F64)
+    g, n = torch.Generator().manual_seed(1), N_TRAIN + 3
+    mask = (torch.arange(SEQ) < torch.randint(3, SEQ + 1, (n, choices, 1), generator=g)).long()
+    data = {"input_ids": torch.randint(3, 100, (n, choices, SEQ), generator=g) * mask, "attention_mask": mask,
+            "labels": torch.randint(0, choices, (n,), generator=g)}  # fmt: skip
+    return model, data, tc.sequence_classification_loss(model)
+
+
 def image(config_cls: type, model_cls: type, size: int = 16, dtype: torch.dtype = F64, **sizes: Any) -> Built:
     model = _model(model_cls, config_cls(num_labels=3, **sizes), dtype)
     g = torch.Generator().manual_seed(1)
@@ -84,6 +94,9 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
         lambda: classifier(T.DebertaV2Config, T.DebertaV2ForSequenceClassification, relative_attention=True,
                            position_buckets=4, max_relative_positions=8, pos_att_type=["p2c", "c2p"], **SMALL),
         "'deberta.encoder.rel_embeddings' is not called as a module"),  # fmt: skip
+    "bert_multiple_choice": (  # its [1, T] position row broadcast over the folded batch meets a row per example
+        lambda: multiple_choice(T.BertConfig, T.BertForMultipleChoice, **SMALL),
+        "a batched forward failed where examples alone ran"),  # fmt: skip
     "gpt_neo": (lambda: causal_lm(T.GPTNeoConfig, T.GPTNeoForCausalLM, hidden_size=32, num_layers=2, num_heads=4,
                                   vocab_size=100, attention_types=[[["global", "local"], 1]],
                                   max_position_embeddings=40, bos_token_id=0, eos_token_id=0), BATCHED),  # fmt: skip

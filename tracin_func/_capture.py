@@ -307,5 +307,9 @@ def vmapped_factors(
 def _merged(x: torch.Tensor) -> torch.Tensor:
     """``[examples, *one example's layer tensor]`` with the example's batch of one merged into the next dim. The
     batch of one is dim 0 of a convolution's (and any batch-first layer's) tensor, so this drops it; a sequence-first
-    layer sees ``[T, 1, d]``, whose rows this keeps (indexing dim 0 would keep the first position's only)."""
+    layer sees ``[T, 1, d]``, whose rows this keeps (indexing dim 0 would keep the first position's only). A layer
+    fed ``[C, d]`` for one example (a model folding an example's C items into its batch: multiple choice) keeps its
+    C rows, as it keeps the C T rows of ``[C, T, d]``."""
+    if x.dim() == 3 and x.shape[1] != 1:
+        return x
     return x.flatten(1, 2) if x.dim() > 2 else x[:, 0]
