@@ -597,32 +597,6 @@ def test_a_model_folding_choices_into_its_batch_is_exact_through_vmap(factored):
     assert_close(tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE), ref.influence)  # batched
 
 
-class ChoicesWithPositions(nn.Module):
-    """Token ids ``[B, C, T]`` folded into the batch, plus a position row ``[1, T]`` broadcast over the folded batch
-    (BERT's multiple-choice head)."""
-
-    def __init__(self):
-        super().__init__()
-        self.words, self.positions, self.head = nn.Embedding(50, 6), nn.Embedding(8, 6), nn.Linear(6, 1)
-
-    def forward(self, ids):
-        b, c, t = ids.shape
-        h = self.words(ids.reshape(b * c, t)) + self.positions(torch.arange(t)[None])
-        return self.head(torch.tanh(h).mean(1)).reshape(b, c)
-
-
-def test_a_row_broadcast_over_a_folded_batch_gets_a_row_per_item():
-    torch.manual_seed(0)
-    model = ChoicesWithPositions().double().eval()
-    ids, y = torch.randint(0, 50, (7, 3, 5)), torch.randint(0, 3, (7,))
-    plan = _plan(model, (ids, y))
-    assert plan.batched and plan.fold == 3
-    ckpts = _ckpts(model)
-    ref = reference_scores(model, ckpts, (ids, y), (ids[:2], y[:2]), loss_fn=CE)
-    assert_close(tc.influence(model, ckpts, (ids, y), (ids[:2], y[:2]), loss_fn=CE, batch_size=4), ref.influence)
-    assert_close(tc.self_influence(model, ckpts, (ids, y), loss_fn=CE), ref.self_influence)
-
-
 @pytest.mark.parametrize("all_but_first", [False, True], ids=["all", "all-but-first"])
 @pytest.mark.parametrize("equal_first", [False, True])  # the first three examples equal: only the fourth differs
 def test_models_that_mix_examples_are_not_batched(all_but_first, equal_first):

@@ -145,7 +145,6 @@ def batched_factors(
     the first examples that the model treats that row like any batched one (``_plan._batching_refused``).
     """
     n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
-    rows = n * plan.fold  # of the model's own batch
     inputs: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
     # per call: (a tensor shaped like the output gradient, what autograd differentiates: a probe or the output's edge)
     outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor | GradientEdge]]] = {s.path: [] for s in plan.sites}
@@ -154,9 +153,9 @@ def batched_factors(
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
             x = recorded_input(layer, site, args[0], output).detach()
             inputs[site.path].append(x)
-            if rows > 1 and output.dim() > 1 and x.dim() > 1 and output.shape[0] == 1 and x.shape[0] == 1:
-                inputs[site.path][-1] = x.expand(rows, *x.shape[1:])  # one row for the whole batch: each example's
-                probe = output.new_zeros((rows, *output.shape[1:])).requires_grad_()  # copy, and of its gradient
+            if n > 1 and output.dim() > 1 and x.dim() > 1 and output.shape[0] == 1 and x.shape[0] == 1:
+                inputs[site.path][-1] = x.expand(n, *x.shape[1:])  # one row for the whole batch: each example's
+                probe = output.new_zeros((n, *output.shape[1:])).requires_grad_()  # copy of it, and of its gradient
             elif output.requires_grad:  # its gradient where autograd passes it (before any later in-place change)
                 outputs[site.path].append((output, get_gradient_edge(output)))
                 return None

@@ -54,9 +54,6 @@ class Plan(NamedTuple):
     # parameters the forward and the loss do not use, on a batched plan: zero gradients (refused if used later); a
     # plan that runs vmap(grad) anyway keeps them in ``dense``
     unused: tuple[str, ...] = ()
-    # rows of the model's own batch per example (its Embeddings' on the first example): C where the model folds an
-    # example's C items into its batch (multiple choice); a row broadcast over the batch gets that many per example
-    fold: int = 1
 
     def route(self, name: str) -> str:
         """``"factored"`` (inner products of factors), ``"materialised"`` (from factors), ``"unused"`` or ``"vmap"``."""
@@ -167,12 +164,8 @@ def make_plan(
     idle: dict[str, Site] = {}  # modules holding a tied tensor that no loss calls: its other uses are its sites
     unused = set(names)  # parameters no loss reaches: not even through a site's call
     called: set[str] = set()  # sites called under some loss so far
-    fold = 1  # rows of the model's own batch per example (``Plan.fold``)
     for i, loss in enumerate(losses if sites else ()):
         calls, leaked, unreached = discover(module, loss, list(sites.values()), diff, frozen, batch)
-        if i == 0:  # the first Embedding called (token embeddings come first in a module tree): its rows
-            first = [c[0] for p, c in calls.items() if sites[p].kind == "embedding" and c and c[0]]
-            fold = first[0][0] if first else 1
         detached = {n for p, s in sites.items() if calls[p] and s.kind != "expanded" for n in s.names}
         unused &= unreached - detached
         truth.append({n: leaked[n] for s in sites.values() if s.kind == "expanded" for n in s.names})
@@ -231,7 +224,7 @@ def make_plan(
     plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel), False, reasons, "", size)
     covered = {n for s in sites.values() for n in s.names}
     uncalled = tuple(p for p, s in idle.items() if set(s.names) <= covered)
-    plan = plan._replace(costed=not factored, uncalled=uncalled, fold=fold)
+    plan = plan._replace(costed=not factored, uncalled=uncalled)
     if not sites:
         return plan._replace(batching="vmap(grad) over examples: no layer gives factors")
     if set(dense) - unused:
@@ -472,11 +465,10 @@ def _batching_refused(
     for loss, true in zip(losses, truth):
         try:
             alone = [batched_factors(module, loss, plan, state, one, mapper) for one in _singles(few, n)]
-        except Exception as err:  # copies of an "expanded" site's parameters, or a row broadcast over a folded
-            if not expanded and plan.fold == 1:  # batch, break a shape the model assumes
+        except RuntimeError as err:  # copies of an "expanded" site's parameters break a shape the layer assumes
+            if not expanded:
                 raise
-            copied = "parameters" if expanded else f"broadcast rows ({plan.fold} per example: a folded batch)"
-            return f"a forward with {copied} copied over the batch failed ({_cause(err)})", {}
+            return f"a forward with parameters copied over the batch failed ({_cause(err)})", {}
         try:
             together = batched_factors(module, loss, plan, state, few, mapper)
         except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes
