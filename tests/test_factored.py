@@ -583,18 +583,34 @@ class FoldsChoices(nn.Module):
         return self.b(torch.tanh(self.a(x.reshape(b * c, d)))).reshape(b, c)
 
 
+class FoldsChoiceIds(nn.Module):
+    """One token id per choice: ids ``[B, C]`` looked up as ``[B C]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.b = nn.Embedding(30, 4), nn.Linear(4, 1)
+
+    def forward(self, ids):
+        b, c = ids.shape
+        return self.b(torch.tanh(self.emb(ids.reshape(-1)))).reshape(b, c)
+
+
 @pytest.mark.parametrize("factored", [None, True])
-def test_a_model_folding_choices_into_its_batch_is_exact_through_vmap(factored):
-    """Through vmap(grad) (an ExampleLoss), one example's layer input ``[C, d]`` is C rows, not one row of C d
-    values (which made the last Linear's "gradient" an outer product of concatenations: scores 2.9x off)."""
+@pytest.mark.parametrize("ids", [False, True], ids=["vectors", "ids"])
+def test_a_model_folding_choices_into_its_batch_is_exact_through_vmap(factored, ids):
+    """Through vmap(grad) (an ExampleLoss), one example's layer input ``[C, d]`` (or ids ``[C]``) is C rows, not one
+    row of C d values (which made the last Linear's "gradient" an outer product of concatenations: scores 2.9x off)
+    nor the first id alone."""
     torch.manual_seed(0)
-    model = FoldsChoices().double().eval()
-    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model = (FoldsChoiceIds() if ids else FoldsChoices()).double().eval()
+    x = torch.randint(0, 30, (6, 3)) if ids else torch.randn(6, 3, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
     loss = tc.ExampleLoss(lambda p, b: CE(torch.func.functional_call(model, p, (b[0],)), b[1]))
     ckpts = _ckpts(model)
     ref = reference_scores(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=loss)
     assert_close(tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=loss, factored=factored), ref.influence)
-    assert_close(tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE), ref.influence)  # batched
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=loss, factored=factored), ref.self_influence)
+    assert_close(tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE), ref.influence)
 
 
 @pytest.mark.parametrize("all_but_first", [False, True], ids=["all", "all-but-first"])

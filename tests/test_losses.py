@@ -218,8 +218,9 @@ def test_sequence_classification_loss_is_hugging_faces_per_example(problem_type)
 
 
 def test_sequence_classification_loss_takes_the_model_configs_problem_type():
-    """A config's ``problem_type`` wins; without one, ``num_labels == 1`` is a regression even with integer labels
-    (cross-entropy over one class would give every example a zero loss, and zero influence)."""
+    """A config's ``problem_type`` wins, except on a multiple-choice head (always cross-entropy, as in Hugging
+    Face); without one, one logit is a regression even with integer labels (cross-entropy over one class would give
+    every example a zero loss, and zero influence)."""
     torch.manual_seed(0)
     model = _LM(1).double().eval()
 
@@ -237,6 +238,13 @@ def test_sequence_classification_loss_takes_the_model_configs_problem_type():
     got = tc.sequence_classification_loss(rated).fn(state, data)
     logits = rated(data["input_ids"])[0][:, 0]
     torch.testing.assert_close(got, (logits - data["labels"].double()) ** 2, rtol=1e-12, atol=0)
+    choices = _LM(3).double().eval()  # a multiple-choice head: one logit per choice, one label; its config is ignored
+    chooser = Rated("regression").eval()
+    chooser.lm = choices
+    picks = data["labels"] % 3
+    picked = tc.sequence_classification_loss(chooser).fn(dict(chooser.state_dict()), {**data, "labels": picks})
+    want = nn.functional.cross_entropy(chooser(data["input_ids"])[0], picks, reduction="none")
+    torch.testing.assert_close(picked, want, rtol=1e-12, atol=0)
     rated.config.problem_type = "multi_label_classification"
     labels = torch.randint(0, 2, (4, 1)).double()
     torch.testing.assert_close(tc.sequence_classification_loss(rated).fn(state, {**data, "labels": labels}),

@@ -260,6 +260,7 @@ def vmapped_factors(
 ) -> Callable[[Tensors, Tensors, Any], tuple[dict[str, torch.Tensor], Factors]]:
     """``(diff, frozen, batch) -> (dense grads, factors)`` in one ``vmap(grad)`` pass over examples."""
     factored_names = {n for s in plan.sites for n in s.names}
+    modules = dict(module.named_modules())
     probe_shapes: dict[Any, dict[str, list[tuple[int, ...]]]] = {}  # per example signature, found once per call
 
     def loss_of_example(dense: Tensors, probes: Mapping[str, Sequence[torch.Tensor]], frozen: Tensors, example: Any):
@@ -298,18 +299,19 @@ def vmapped_factors(
             xs, gs = inputs[site.path], probe_grads[site.path]
             if len(xs) != len(gs):
                 raise RuntimeError(f"Layer {site.path!r} was called differently than when the call was planned.")
-            out[site.path] = ([_merged(x) for x in xs], [_merged(g) for g in gs])
+            rows = token_wise(modules.get(site.path), site)
+            out[site.path] = ([_merged(x, rows) for x in xs], [_merged(g, rows) for g in gs])
         return dense_grads, out
 
     return factors
 
 
-def _merged(x: torch.Tensor) -> torch.Tensor:
+def _merged(x: torch.Tensor, rows: bool) -> torch.Tensor:
     """``[examples, *one example's layer tensor]`` with the example's batch of one merged into the next dim. The
     batch of one is dim 0 of a convolution's (and any batch-first layer's) tensor, so this drops it; a sequence-first
-    layer sees ``[T, 1, d]``, whose rows this keeps (indexing dim 0 would keep the first position's only). A layer
-    fed ``[C, d]`` for one example (a model folding an example's C items into its batch: multiple choice) keeps its
-    C rows, as it keeps the C T rows of ``[C, T, d]``."""
-    if x.dim() == 3 and x.shape[1] != 1:
+    layer sees ``[T, 1, d]``, whose rows this keeps (indexing dim 0 would keep the first position's only). A token-wise
+    layer (``rows``) fed ``[C, d]`` or ids ``[C]`` for one example (a model folding an example's C items into its
+    batch: multiple choice) keeps those C rows, as it keeps the C T rows of ``[C, T, d]``."""
+    if rows and x.dim() in (2, 3) and x.shape[1] != 1:
         return x
     return x.flatten(1, 2) if x.dim() > 2 else x[:, 0]

@@ -259,8 +259,9 @@ def sequence_classification_loss(
     ``problem_type``: ``"single_label_classification"`` the cross-entropy of its class label (a label ``-100``
     gives 0), ``"regression"`` the mean squared error over its outputs, and ``"multi_label_classification"`` the
     mean binary cross-entropy with logits over its labels. Default: the model config's ``problem_type``, or where
-    it sets none Hugging Face's rule: one label (``num_labels``, else one logit) is a regression, integer labels
-    a single-label classification, other labels a multi-label one.
+    it sets none Hugging Face's rule: one logit per example (``num_labels=1``) is a regression, integer labels a
+    single-label classification, other labels a multi-label one; logits ``[B, C]`` with one integer label per
+    example (a multiple-choice head, ``*ForMultipleChoice``) always a single-label classification, as there.
 
     Example:
         >>> import torch, tracin_func as tc
@@ -302,13 +303,20 @@ def sequence_classification_loss(
 
 
 def _problem_type(model: nn.Module, logits: torch.Tensor, target: torch.Tensor) -> str:
-    """The model config's ``problem_type``, or the one Hugging Face's classifiers infer when it is None."""
-    config = getattr(model, "config", None)
-    if getattr(config, "problem_type", None) is not None:
-        return config.problem_type
-    if getattr(config, "num_labels", logits.shape[-1]) == 1:
+    """The model config's ``problem_type``, or the one Hugging Face's sequence classifiers infer when it is None
+    (``num_labels == 1``, here one logit per example: a multiple-choice head has one per choice, and one label)."""
+    configured = getattr(getattr(model, "config", None), "problem_type", None)
+    if configured is not None and not _choices(logits, target):
+        return configured
+    if logits[0].numel() == 1:
         return "regression"
     return "single_label_classification" if target.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
+def _choices(logits: torch.Tensor, target: torch.Tensor) -> bool:
+    """Logits ``[B, C]`` against one integer label per example: a multiple-choice head, which Hugging Face always
+    scores with cross-entropy, whatever its config says."""
+    return logits.dim() == 2 and logits.shape[1] > 1 and target.dim() == 1 and not target.is_floating_point()
 
 
 def example_loss(forward: Forward, loss_fn: Any, name: str) -> ExampleLossFn:
