@@ -626,6 +626,30 @@ def test_models_that_mix_examples_are_not_batched(all_but_first, equal_first):
     assert _plan(nn.Sequential(nn.Linear(4, 3)).double().eval(), (x, y)).batched
 
 
+def test_one_test_example_checks_the_batching_on_the_training_data():
+    """Influence is planned on the test data, whose first batch here holds one example: its batched and lone runs
+    are the same, so the training data's first examples are checked instead (a model mixing the training batch's
+    examples got batched training passes: 15% off); a model that does not mix stays batched."""
+    torch.manual_seed(0)
+    model = MixesExamples().double().eval()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    ckpts = _ckpts(model)
+    ref = reference_scores(model, ckpts, (x, y), (x[:1], y[:1]), loss_fn=CE)
+    with pytest.warns(tc.SlowPathWarning, match="a batched forward changed the first examples' factors"):
+        assert_close(tc.influence(model, ckpts, (x, y), (x[:1], y[:1]), loss_fn=CE), ref.influence)
+    top = tc.top_k(model, ckpts, torch.utils.data.TensorDataset(x, y), (x[:1], y[:1]), loss_fn=CE, k=3)
+    assert_close(top.scores, ref.influence.topk(3, dim=1).values)
+    plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    seen = []
+    original = plan_module.make_plan
+    plan_module.make_plan = lambda *a, **k: seen.append(original(*a, **k)) or seen[-1]
+    try:
+        tc.influence(plain, _ckpts(plain), (x, y), (x[:1], y[:1]), loss_fn=CE)
+    finally:
+        plan_module.make_plan = original
+    assert seen[0].batched
+
+
 @pytest.mark.parametrize(
     ("tokens", "kernel"), [(1, True), (40, False)]
 )  # T^2 (d_in + d_out) against d_in d_out = 16 * 16

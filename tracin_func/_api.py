@@ -203,7 +203,9 @@ def influence(
 
     def local() -> list[list[tuple[int, Any]]]:  # per chunk of test examples, this rank's score blocks
         with exclusive_use(model, setup.spec):
-            chunks = query_chunks(setup, test, aggregate=aggregate, normalize=normalize, budget=setup.test_budget)
+            chunks = query_chunks(
+                setup, test, aggregate=aggregate, normalize=normalize, budget=setup.test_budget, train=data
+            )
             return [
                 list(score_blocks(setup, q, data, "influence", start=start, ranks=by_batch, per_layer=per_layer))
                 for q in chunks
@@ -294,7 +296,7 @@ def top_k(
         lists, seen = [], 0
         with exclusive_use(model, setup.spec):
             budget = None if aggregate else setup.test_budget  # lists of summed scores cannot be merged by chunk
-            for q in query_chunks(setup, test, aggregate=aggregate, normalize=normalize, budget=budget):
+            for q in query_chunks(setup, test, aggregate=aggregate, normalize=normalize, budget=budget, train=data):
                 best, seen = None, 0
                 for offset, block in score_blocks(setup, q, data, desc, start=start, ranks=by_batch):
                     best, seen = merge(best, block, offset, k, largest=proponents), seen + block.shape[1]

@@ -79,9 +79,11 @@ class Planned(NamedTuple):
     batch_size: BatchSize  # of the batches after the planned one: the automatic size follows the plan
 
 
-def _planned(setup: Setup, batch: Any, where: str, offset: int, *, self_only: bool = False) -> Planned:
+def _planned(
+    setup: Setup, batch: Any, where: str, offset: int, *, self_only: bool = False, scored: Any = None
+) -> Planned:
     with naming_failures(setup.test_loss if where == "test" else setup.train_loss, setup, batch, where, offset):
-        planned = plan_call(setup, batch, where, self_only=self_only)
+        planned = plan_call(setup, batch, where, self_only=self_only, scored=scored)
     updates = Updates(*(torch.compile(fn) for fn in planned.updates)) if setup.compile else planned.updates
     most = most_per_batch(setup, planned.plan)
     return Planned(updates, even_batches(most) if setup.auto_batch else most)
@@ -97,25 +99,38 @@ _PLANNING_EXAMPLES = 4
 
 
 def planned_batches(
-    setup: Setup, data: Any, where: str, desc: str, *, self_only: bool = False, **where_from: Any
+    setup: Setup,
+    data: Any,
+    where: str,
+    desc: str,
+    *,
+    self_only: bool = False,
+    scored: Any = None,
+    **where_from: Any,
 ) -> Iterator[tuple[Planned, int, Any]]:
     """``batches`` of ``data``, the call planned on the first: (plan, offset, batch) triples. With the automatic
     size, a batch or a ``Dataset`` is planned on its first examples, so that the plan sizes every batch, the first
     too (not a guess made before the plan: 128 + 72 of 200 examples where the plan asks for one batch or two of 100);
-    a ``DataLoader``'s or other iterable's batches are the user's."""
+    a ``DataLoader``'s or other iterable's batches are the user's. ``scored``: other data the plan scores in
+    batches (influence's training data; see ``plan_call``)."""
     planned: Planned | None = None
     if setup.auto_batch and num_examples(data):
-        head = next(iter_batches(data, _PLANNING_EXAMPLES, where))
-        check_batch_structure(head, f"`{where}` batch 0", needs_target=setup.needs_target[where == "test"])
-        head = to_device(head, setup.device, setup.dtype)
-        planned = _planned(setup, head, where, where_from.get("start", 0), self_only=self_only)
+        head = first_examples(setup, data, where)
+        planned = _planned(setup, head, where, where_from.get("start", 0), self_only=self_only, scored=scored)
 
     def size(left: int) -> int:  # the automatic size, once the plan says how large an example's gradients are
         return setup.batch_size if planned is None else _size(planned.batch_size, left)
 
     for offset, batch in batches(setup, data, where, desc, batch_size=size if setup.auto_batch else None, **where_from):
-        planned = planned or _planned(setup, batch, where, offset, self_only=self_only)
+        planned = planned or _planned(setup, batch, where, offset, self_only=self_only, scored=scored)
         yield planned, offset, batch
+
+
+def first_examples(setup: Setup, data: Any, where: str) -> Any:
+    """The first examples of a batch or a ``Dataset`` (as many as planning reads), checked and on device."""
+    head = next(iter_batches(data, _PLANNING_EXAMPLES, where))
+    check_batch_structure(head, f"`{where}` batch 0", needs_target=setup.needs_target[where == "test"])
+    return to_device(head, setup.device, setup.dtype)
 
 
 def _size(batch_size: BatchSize, left: int) -> int:
@@ -182,7 +197,13 @@ def _nbytes(tree: Any) -> int:
 
 
 def query_chunks(
-    setup: Setup, test: Any, *, aggregate: bool, normalize: str | None = None, budget: int | None = None
+    setup: Setup,
+    test: Any,
+    *,
+    aggregate: bool,
+    normalize: str | None = None,
+    budget: int | None = None,
+    train: Any = None,
 ) -> Iterator[Queries]:
     """The test side in chunks: the updates (planned on the first test batch) and one test representation per
     checkpoint, for consecutive test batches whose representations (over all checkpoints) reach ``budget`` bytes
@@ -194,6 +215,9 @@ def query_chunks(
     cosines: the rows stay per example and are summed after scoring."""
     cosine = normalize == "cosine"
     total = aggregate and not cosine
+    # the training data's first examples check the plan's batching where the test data's first batch cannot (one
+    # example); read only from a batch or a Dataset (an iterable's first batch may not come again)
+    scored = first_examples(setup, train, "train") if train is not None and num_examples(train) else None
     planned, per_ckpt, scales, size = None, [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
 
     def chunk() -> Queries:
@@ -207,7 +231,7 @@ def query_chunks(
             aggregate and cosine,
         )
 
-    for planned, offset, batch in planned_batches(setup, test, "test", "test gradients"):
+    for planned, offset, batch in planned_batches(setup, test, "test", "test gradients", scored=scored):
         for c, ckpt in enumerate(setup.checkpoints):
             with naming_failures(setup.test_loss, setup, batch, "test", offset):
                 rep = planned.updates.test(ckpt, batch).for_test()

@@ -73,10 +73,12 @@ class PlannedCall(NamedTuple):
     updates: Updates
 
 
-def plan_call(setup: Setup, batch: Any, where: str, *, self_only: bool = False) -> PlannedCall:
+def plan_call(setup: Setup, batch: Any, where: str, *, self_only: bool = False, scored: Any = None) -> PlannedCall:
     """Check the forward pass and plan a call on ``batch`` (on device) of the argument named ``where``; warn when
     the plan leaves the batched path although layers could give factors. ``self_only``: every gradient meets only
-    itself (self-influence), which changes what factoring saves."""
+    itself (self-influence), which changes what factoring saves. ``scored``: the first examples of other data the
+    plan scores in batches (influence's training data), which the batching check runs on when ``batch`` holds a
+    single example (whose batched and lone runs are the same)."""
     module, first = setup.spec.module, setup.checkpoints[0].state
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
     for loss in losses:
@@ -88,7 +90,9 @@ def plan_call(setup: Setup, batch: Any, where: str, *, self_only: bool = False) 
     diff = {n: first[n] for n in names}
     frozen = {n: t for n, t in first.items() if n not in diff}
     mapper = Mapper(setup.chunk_size)
-    plan = make_plan(module, names, losses, diff, frozen, batch, mapper, factored=factored, self_only=self_only)
+    plan = make_plan(
+        module, names, losses, diff, frozen, batch, mapper, factored=factored, self_only=self_only, scored=scored
+    )
     if module is not None and factored is not False and not plan.batched:
         causes = sorted(plan.dense, key=lambda n: plan.reasons[n] in (_TO_VMAP, _UNUSED_ON_VMAP))  # root causes first
         slow = [f"{n!r} ({plan.reasons[n]})" for n in causes[:3]]
@@ -150,6 +154,7 @@ def make_plan(
     *,
     factored: bool | None,
     self_only: bool = False,
+    scored: Any = None,
 ) -> Plan:
     """Which layers give factors, which of those are scored by factored inner products (a cost model for
     ``factored=None``, all for ``True``; ``False`` uses vmap(grad) for everything), and how factors are obtained.
@@ -235,12 +240,16 @@ def make_plan(
                                           "tc.causal_lm_loss, tc.seq2seq_lm_loss, "
                                           "tc.sequence_classification_loss and tc.token_classification_loss for "
                                           "Hugging Face models)")
-    refused, seen = _batching_refused(module, losses, plan, {**frozen, **diff}, batch, mapper, truth)
+    checked, check_losses = batch, losses
+    if scored is not None and _examples(batch) < 2 <= _examples(scored):  # check the training loss on its data
+        checked, check_losses = scored, losses[:1]
+        truth = [_true_expanded(module, losses[0], plan, diff, frozen, scored)]
+    refused, seen = _batching_refused(module, check_losses, plan, {**frozen, **diff}, checked, mapper, truth)
     if refused:
         return _unexpanded(plan)._replace(batching=f"vmap(grad) over examples: {refused}")
     trimmed = set()
     for site in plan.sites:  # rows of zero output gradient (ignored by the loss) are dropped per batch
-        if site.kind != "linear" or site.owner is not None:
+        if site.kind != "linear" or site.owner is not None or site.path not in seen:  # (called by the test loss only)
             continue
         rows, counts = rows_of[site.path], _live_rows_per_example(site, seen[site.path][1])
         live = max(counts)
@@ -254,7 +263,7 @@ def make_plan(
             why = f"{_why_site(site, live, factored, site.path in kernel, self_only)}: {live} of {rows} rows carry"
             reasons.update({n: f"{why} gradient in each of the first examples" for n in site.names})
     for site in plan.sites if not (factored or self_only) else ():  # token rows pay per matching pair of tokens:
-        if site.kind != "embedding" or site.path not in kernel:  # check how often the ids really recur
+        if site.kind != "embedding" or site.path not in kernel or site.path not in seen:  # how often ids recur
             continue
         ids = torch.cat([input_rows(modules[site.path], site, x) for x in seen[site.path][0]], 1)
         matches = _matches_per_pair(ids, site.weight_shape[0])
@@ -496,6 +505,19 @@ def _batching_refused(
                 ), {}
             seen.setdefault(path, (xs, gs))
     return "", seen
+
+
+def _examples(batch: Any) -> int:
+    return optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
+
+
+def _true_expanded(
+    module: nn.Module, loss: ExampleLossFn, plan: Plan, diff: Tensors, frozen: Tensors, batch: Any
+) -> dict[str, torch.Tensor]:
+    """The first example's true gradients of the "expanded" sites' parameters (discovery on ``batch``)."""
+    names = [n for s in plan.sites if s.kind == "expanded" for n in s.names]
+    leaked = discover(module, loss, list(plan.sites), diff, frozen, batch)[1] if names else {}
+    return {n: leaked[n] for n in names}
 
 
 def _singles(batch: Any, n: int) -> list[Any]:
