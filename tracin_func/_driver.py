@@ -216,8 +216,9 @@ def query_chunks(
     cosine = normalize == "cosine"
     total = aggregate and not cosine
     # the training data's first examples check the plan's batching where the test data's first batch cannot (one
-    # example); read only from a batch or a Dataset (an iterable's first batch may not come again)
-    scored = first_examples(setup, train, "train") if train is not None and num_examples(train) else None
+    # example); read only then, and only from a batch or a Dataset (an iterable's first batch may not come again)
+    one_test = (num_examples(test) or 0) < 2  # (an iterable's first batch may hold one)
+    scored = first_examples(setup, train, "train") if one_test and train is not None and num_examples(train) else None
     planned, per_ckpt, scales, size = None, [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
 
     def chunk() -> Queries:
