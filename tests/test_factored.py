@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import tracin_func as tc
@@ -1422,6 +1423,55 @@ def test_embedding_subclasses_are_sites_at_their_lookup(words):
     else:
         assert routes["words.weight"] == ("vmap", "'words' is also used outside the layer (tied weight, direct use "
                                           "or a term of the loss)")
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """ConvNeXt's and timm's LayerNorm over the channels of ``[B, C, H, W]``: the plain one between two permutes."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class OwnEpsLayerNorm(nn.LayerNorm):
+    def forward(self, x):  # not the layer's own configuration: an unhooked use of its parameters
+        h = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, 1e-3)
+        return h.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.stem, self.norm, self.fc = nn.Conv2d(2, 6, 3, padding=1), norm(6), nn.Linear(6, 3)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.fc(torch.tanh(self.norm(self.dw(h)) + h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("norm", [ChannelsFirstLayerNorm, OwnEpsLayerNorm])
+def test_layer_norm_subclasses_are_sites_at_their_call(norm):
+    """A LayerNorm subclass with its own forward gives factors where it calls ``F.layer_norm`` on its own parameters
+    with its own configuration (the permutes around it are differentiated as usual); a call with another
+    configuration is an unhooked use, left to vmap(grad). Exact either way."""
+    torch.manual_seed(0)
+    model = ConvNeXtBlock(norm).double().eval()
+    ckpts = _ckpts(model)
+    train = (torch.randn(7, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (7,)))
+    test = (torch.randn(3, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (3,)))
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tc.SlowPathWarning)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+        explained = tc.explain(model, ckpts, train, loss_fn=CE)
+    routes = {r.parameter: (r.route, r.reason) for r in explained.routes}
+    if norm is ChannelsFirstLayerNorm:
+        assert explained.batching == "one batched forward / backward gives every layer's factors"
+        assert routes["norm.weight"] == routes["norm.bias"] == ("materialised", "norm layer")
+    else:
+        why = "'norm' is a layer whose forward did not call `F.layer_norm` on its own parameters (or was not called)"
+        assert routes["norm.weight"] == ("vmap", why)
 
 
 class FlattensTokens(nn.Module):

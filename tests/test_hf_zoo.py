@@ -139,6 +139,11 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
     "mobilevit": (lambda: image(T.MobileViTConfig, T.MobileViTForImageClassification, size=32, image_size=32,
                                 hidden_sizes=[16, 16, 16], neck_hidden_sizes=[8, 8, 8, 8, 8, 8, 16]),
                   BATCHED),  # fmt: skip
+    "convnext": (lambda: image(T.ConvNextConfig, T.ConvNextForImageClassification, hidden_sizes=[8, 16], depths=[1, 1],
+                               num_stages=2), BATCHED),  # fmt: skip  (its LayerNorms: at their F.layer_norm calls)
+    "xlnet": (lambda: classifier(T.XLNetConfig, T.XLNetForSequenceClassification, d_model=32, n_layer=2, n_head=4,
+                                 d_inner=64, vocab_size=100),
+              "XLNetRelativeAttention has no factored form"),  # fmt: skip  (its projections are raw einsum weights)
     "swin": (lambda: image(T.SwinConfig, T.SwinForImageClassification, image_size=16, patch_size=2, embed_dim=8,
                            depths=[1, 1], num_heads=[2, 2], window_size=4),
              "SwinRelativePositionBias has no factored form"),  # fmt: skip

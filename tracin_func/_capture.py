@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from ._grads import Mapper, Tensors, batch_of_one, example_at, scalar_loss
-from ._layers import Site, embedding_call_site, layer_output, recorded_input, token_wise
+from ._layers import Site, call_site, layer_output, recorded_input, token_wise
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, summed_example_losses
 from ._recurrent import unrolled
 
@@ -44,15 +44,15 @@ BatchableLoss = Union[CriterionLoss, BatchedLoss]  # losses whose model runs on 
 @contextmanager
 def hooked(module: nn.Module, hooks: Mapping[str, Hook]) -> Iterator[None]:
     """Forward hooks on the submodules at the given paths, for the duration of the block. A path that is not a
-    module's names a product of a recurrent layer, which then runs as unrolled cells (``_recurrent.unrolled``); an
-    Embedding subclass with its own forward is hooked at its ``F.embedding`` call (``_layers.embedding_call_site``)."""
+    module's names a product of a recurrent layer, which then runs as unrolled cells (``_recurrent.unrolled``); a
+    layer subclass with its own forward is hooked at its calls of a functional (``_layers.call_site``)."""
     modules = dict(module.named_modules())
     products = {path: hook for path, hook in hooks.items() if path not in modules}
     handles = []
     for path, hook in hooks.items():
         layer = modules.get(path)
-        if layer is not None and embedding_call_site(layer):
-            handles += _at_embedding_calls(layer, hook)
+        if layer is not None and call_site(layer) is not None:
+            handles += _at_calls(layer, hook)
         elif layer is not None:
             handles.append(layer.register_forward_hook(hook))
     try:
@@ -63,10 +63,11 @@ def hooked(module: nn.Module, hooks: Mapping[str, Hook]) -> Iterator[None]:
             handle.remove()
 
 
-def _at_embedding_calls(layer: nn.Module, hook: Hook) -> list[RemovableHandle]:
-    """Run ``hook(layer, (ids,), out)`` at each ``F.embedding`` call of ``layer``'s forward on its own weight and
-    configuration, its result replacing ``out`` (as a forward hook's does); a mode active only during the forward."""
-    calls = _EmbeddingCalls(layer, hook)
+def _at_calls(layer: nn.Module, hook: Hook) -> list[RemovableHandle]:
+    """Run ``hook(layer, (input,), out)`` at each call of ``layer``'s functional (``call_site``) on its own parameters
+    and configuration, its result replacing ``out`` (as a forward hook's does); a mode active only during the
+    forward."""
+    calls = _Calls(layer, hook)
 
     def enter(*_: Any) -> None:  # returns None: a pre-hook's result would replace the layer's inputs
         calls.__enter__()
@@ -77,26 +78,40 @@ def _at_embedding_calls(layer: nn.Module, hook: Hook) -> list[RemovableHandle]:
     return [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave, always_call=True)]
 
 
-_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+_ARGS = {
+    F.embedding: ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+    F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+}
 
 
-class _EmbeddingCalls(TorchFunctionMode):
+def _own_call(layer: nn.Module, func: Any, named: Mapping[str, Any]) -> bool:
+    """Whether a call of ``layer``'s functional uses its own parameters and configuration: any other call is an
+    unhooked use of the parameters, which discovery refuses."""
+    if func is F.embedding:
+        padding = named.get("padding_idx")
+        padding = padding + layer.weight.shape[0] if padding is not None and padding < 0 else padding
+        plain = named.get("max_norm") is None and not named.get("scale_grad_by_freq") and not named.get("sparse")
+        return named["weight"] is layer.weight and padding == layer.padding_idx and plain
+    shape = named["normalized_shape"]
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    same = named.get("weight") is layer.weight and named.get("bias") is layer.bias
+    return same and shape == tuple(layer.normalized_shape) and named.get("eps", 1e-5) == layer.eps
+
+
+class _Calls(TorchFunctionMode):
     def __init__(self, layer: nn.Module, hook: Hook) -> None:
         super().__init__()
-        self.layer, self.hook = layer, hook
+        self.layer, self.hook, self.func = layer, hook, call_site(layer)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func is not F.embedding:
+        if func is not self.func:
             return out
-        layer, named = self.layer, dict(zip(_EMBEDDING_ARGS, args), **kwargs)
-        padding = named.get("padding_idx")
-        padding = padding + layer.weight.shape[0] if padding is not None and padding < 0 else padding
-        own = named["weight"] is layer.weight and padding == layer.padding_idx and named.get("max_norm") is None
-        if not own or named.get("scale_grad_by_freq", False) or named.get("sparse", False):
-            return out  # another configuration: an unhooked use of the weight, which discovery refuses
-        replaced = self.hook(layer, (named["input"],), out)
+        named = dict(zip(_ARGS[func], args), **kwargs)
+        if not _own_call(self.layer, func, named):
+            return out
+        replaced = self.hook(self.layer, (named["input"],), out)
         return out if replaced is None else replaced
 
 

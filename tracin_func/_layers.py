@@ -146,20 +146,30 @@ def global_hooks_present() -> bool:
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks)
 
 
-def embedding_call_site(module: nn.Module) -> bool:
-    """An ``nn.Embedding`` subclass with its own ``forward`` (Gemma's scaled word embedding, OPT's and BART's learned
-    positions with an offset): a site whose factors are taken where it calls ``F.embedding`` on its own weight, with
-    its own configuration (``_capture.hooked``); whatever the forward does around that call is differentiated as
-    usual, and any other use of the weight is found by discovery."""
-    plain_call = type(module).__call__ is nn.Module.__call__ and not wrapped(module)
-    own = isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward
-    return plain_call and own and module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+def call_site(module: nn.Module) -> Callable[..., Any] | None:
+    """The functional at whose calls a layer subclass with its own ``forward`` is a site, or None: ``F.embedding``
+    for an ``nn.Embedding`` subclass (Gemma's scaled word embedding, OPT's and BART's learned positions with an
+    offset), ``F.layer_norm`` for an ``nn.LayerNorm`` subclass (ConvNeXt's and timm's channels-first LayerNorms,
+    which permute around it). Its factors are taken where the forward calls that function on the layer's own
+    parameters with the layer's own configuration (``_capture.hooked``); whatever the forward does around the call is
+    differentiated as usual, and any other use of the parameters is found by discovery."""
+    if type(module).__call__ is not nn.Module.__call__ or wrapped(module):
+        return None
+    if isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward:
+        plain = module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+        return F.embedding if plain else None
+    if isinstance(module, nn.LayerNorm) and type(module).forward is not nn.LayerNorm.forward:
+        return F.layer_norm if module.elementwise_affine else None
+    return None
+
+
+_CALL_SITE_KINDS = {F.embedding: "embedding", F.layer_norm: "norm"}
 
 
 def site_kind(module: nn.Module) -> str | None:
     """The factored form of a provably plain layer ("linear", "conv", "embedding", "norm"), else None."""
     if not _is_plain(module):
-        return "embedding" if embedding_call_site(module) else None
+        return _CALL_SITE_KINDS.get(call_site(module))
     if isinstance(module, nn.Linear) or _is_transformers_conv1d(module):
         return "linear"
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):

@@ -19,7 +19,7 @@ from ._data import slice_batch
 from ._grads import Mapper, Tensors
 from ._layers import (
     Site,
-    embedding_call_site,
+    call_site,
     factorable_sites,
     global_hooks_present,
     input_rows,
@@ -106,8 +106,11 @@ def plan_call(setup: Setup, batch: Any, where: str, *, self_only: bool = False, 
     return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection))
 
 
-def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...]]) -> int:
-    """``T``: rows of ``A`` / ``G`` per example, over all calls of the layer (shapes of a batch of one)."""
+def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...] | None]) -> int:
+    """``T``: rows of ``A`` / ``G`` per example, over all calls of the layer (shapes of a batch of one); none for an
+    "expanded" site, which has no factors (its output need not even be a tensor: XLNet's whole model holds a row)."""
+    if site.kind == "expanded":
+        return 0
     return sum(math.prod(s[2:]) if site.kind == "conv" else math.prod(s[:-1]) for s in shapes)
 
 
@@ -197,8 +200,9 @@ def make_plan(
                     why = "called under one loss and not the other"
                 elif site.owner is not None and not calls[path]:
                     why = "not run unrolled (a PackedSequence, an unbatched input or cross-attention runs the fused op)"
-                elif not calls[path] and embedding_call_site(modules[path]):
-                    why = "an Embedding whose forward did not call `F.embedding` on its weight (or was not called)"
+                elif not calls[path] and call_site(modules[path]) is not None:
+                    func = call_site(modules[path]).__name__
+                    why = f"a layer whose forward did not call `F.{func}` on its own parameters (or was not called)"
                 elif not calls[path]:
                     why = "not called as a module"
                 else:
