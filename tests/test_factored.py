@@ -1220,6 +1220,57 @@ def test_vectors_not_used_elementwise_are_refused_and_scored_exactly(norm, why):
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
 
 
+class SeparableConv(nn.Module):
+    """ConvBERT's separable convolution: depthwise then pointwise, plus a bias ``[C, 1]`` of its own added to the
+    channels-first ``[B, C, T]`` output (a vector shaped for that broadcast)."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.depthwise = nn.Conv1d(c_in, c_in, 3, padding=1, groups=c_in, bias=False)
+        self.pointwise = nn.Conv1d(c_in, c_out, 1, bias=False)
+        self.bias = nn.Parameter(torch.linspace(-1, 1, c_out)[:, None])
+
+    def forward(self, x):
+        return self.pointwise(self.depthwise(x)) + self.bias
+
+
+class MatrixTimesBias(SeparableConv):
+    def forward(self, x):  # ``torch.mm`` takes 2-D tensors only: copies [B, C, 1] break it
+        return self.pointwise(self.depthwise(x)) * torch.mm(self.bias, self.bias.t()).sum()
+
+
+class TokensThroughConv(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.emb, self.conv, self.fc = nn.Embedding(50, 8), conv, nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.fc(torch.tanh(self.conv(self.emb(ids).transpose(1, 2))).mean(2))
+
+
+@pytest.mark.parametrize("conv", [SeparableConv, MatrixTimesBias])
+def test_channels_first_vectors_are_expanded(conv):
+    """A vector shaped ``[C, 1]`` for a channels-first output takes copies ``[B, C, 1]``: batched and exact; one used
+    otherwise (here by a 2-D-only op) is refused by planning's check and scored exactly by vmap(grad)."""
+    torch.manual_seed(0)
+    model = TokensThroughConv(conv(8, 6)).double().eval()
+    ckpts = _ckpts(model)
+    train = (torch.randint(0, 50, (7, 5)), torch.randint(0, 3, (7,)))
+    test = (torch.randint(0, 50, (3, 5)), torch.randint(0, 3, (3,)))
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tc.SlowPathWarning)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+        plan = tc.explain(model, ckpts, train, loss_fn=CE)
+    routes = {r.parameter: (r.route, r.reason.split(":")[0]) for r in plan.routes}
+    if conv is SeparableConv:
+        assert plan.batching == "one batched forward / backward gives every layer's factors"
+        assert routes["conv.bias"] == ("materialised", "expanded"), routes
+    else:
+        assert plan.batching.startswith("vmap(grad) over examples: a forward with parameters copied over the batch")
+
+
 def test_torch_rmsnorm_is_a_norm_site():
     """``nn.RMSNorm``: per-example gradients of its weight from the normalised input, like a LayerNorm's."""
     model, ckpts, train, test = _scaled_task(nn.RMSNorm(8))

@@ -89,6 +89,10 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
                BATCHED),  # fmt: skip  (one layer's weights shared by every layer: its calls concatenated)
     "electra": (lambda: classifier(T.ElectraConfig, T.ElectraForSequenceClassification, embedding_size=16, **SMALL),
                 BATCHED),  # fmt: skip
+    "convbert": (lambda: classifier(T.ConvBertConfig, T.ConvBertForSequenceClassification, **SMALL),
+                 BATCHED),  # fmt: skip  (its separable convolutions' own bias [C, 1]: expanded copies)
+    "mpnet": (lambda: classifier(T.MPNetConfig, T.MPNetForSequenceClassification, **SMALL),
+              "'mpnet.encoder.relative_attention_bias' runs once for the whole batch"),  # fmt: skip  (like T5)
     "deberta_v2": (lambda: classifier(T.DebertaV2Config, T.DebertaV2ForSequenceClassification, **SMALL), BATCHED),
     "deberta_v2_relative": (  # its relative embeddings' table is used directly, not called as a module
         lambda: classifier(T.DebertaV2Config, T.DebertaV2ForSequenceClassification, relative_attention=True,

@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from ._grads import Mapper, Tensors, batch_of_one, example_at, scalar_loss
-from ._layers import Site, call_site, layer_output, recorded_input, token_wise
+from ._layers import Site, broadcast_row, call_site, layer_output, recorded_input, token_wise
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, summed_example_losses
 from ._recurrent import unrolled
 
@@ -264,9 +264,9 @@ def _split_rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _expanded(p: torch.Tensor, n: int, rank: int) -> torch.Tensor:
-    """A leaf copy of ``p`` per example: a vector shaped to broadcast against a ``[n, ..., d]`` output of ``rank``
-    dims (``[n, 1, ..., 1, d]``), a row ``[1, ...]`` as ``[n, ...]``."""
-    shape = (n, *[1] * (rank - 2), *p.shape) if p.dim() == 1 else (n, *p.shape[1:])
+    """A leaf copy of ``p`` per example: a row ``[1, ...]`` as ``[n, ...]``, a vector shaped to broadcast against an
+    output of ``rank`` dims (``[n, 1, ..., 1, d]``; ``[n, 1, ..., C, 1, 1]`` for a vector ``[C, 1, 1]``)."""
+    shape = (n, *p.shape[1:]) if broadcast_row(p) else (n, *[1] * (rank - 1 - p.dim()), *p.shape)
     return p.detach().expand(shape).clone().requires_grad_()
 
 

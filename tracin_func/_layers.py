@@ -187,10 +187,11 @@ def site_kind(module: nn.Module) -> str | None:
 
 def expandable(module: nn.Module) -> bool:
     """A layer of no known kind whose own parameters are vectors (the weight of Llama's RMSNorm or T5's LayerNorm,
-    ConvNeXt's layer scale) or rows ``[1, ...]`` (ViT's class token and position embeddings). If it uses the vectors
-    elementwise on a tensor of its output's rank and broadcasts the rows over the batch, copies expanded over the
-    batch (``[B, 1, ..., d]``, ``[B, ...]``) give each example its own gradient in one batched pass. Planning checks
-    that use (the first example's true gradient, the first examples alone and together, no shape error)."""
+    ConvNeXt's layer scale; also shaped ``[C, 1, ...]`` for channels-first tensors, like ConvBERT's bias) or rows
+    ``[1, ...]`` (ViT's class token and position embeddings). If it uses the vectors elementwise on a tensor of its
+    output's rank and broadcasts the rows over the batch, copies expanded over the batch (``[B, 1, ..., d]``,
+    ``[B, ...]``) give each example its own gradient in one batched pass. Planning checks that use (the first
+    example's true gradient, the first examples alone and together, no shape error)."""
     own = dict(module.named_parameters(recurse=False))
     plain_call = type(module).__call__ is nn.Module.__call__ and not wrapped(module)
     torch_layer = type(module).__module__.startswith("torch.")  # known semantics: a site kind, or none applies
@@ -198,7 +199,13 @@ def expandable(module: nn.Module) -> bool:
 
 
 def _expandable_parameter(p: torch.Tensor) -> bool:
-    return p.dim() == 1 or (p.dim() >= 2 and p.shape[0] == 1)
+    return p.dim() >= 1 and (broadcast_row(p) or all(size == 1 for size in p.shape[1:]))
+
+
+def broadcast_row(p: torch.Tensor) -> bool:
+    """A parameter ``[1, ...]`` that a layer broadcasts over the batch; its copies take the batch in place of the 1
+    (any other expandable parameter is a vector, its copies ``[B, 1, ..., *shape]`` of the output's rank)."""
+    return p.dim() >= 2 and p.shape[0] == 1
 
 
 def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, Site]:

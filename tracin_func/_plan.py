@@ -19,6 +19,7 @@ from ._data import slice_batch
 from ._grads import Mapper, Tensors
 from ._layers import (
     Site,
+    broadcast_row,
     call_site,
     factorable_sites,
     global_hooks_present,
@@ -336,12 +337,14 @@ def _matches_per_pair(ids: torch.Tensor, vocab: int) -> float:
 
 def _why_not_expanded(site: Site, shapes: Sequence[tuple[int, ...] | None], diff: Tensors) -> str:
     """Why an "expanded" site cannot take copies of its vectors (``""`` when it can, or has rows only): its calls'
-    outputs must be tensors of one rank, with a batch dimension, which sets the copies' shape."""
-    if not any(diff[n].dim() == 1 for n in site.names):
+    outputs must be tensors of one rank, with a batch dimension and the vectors' dimensions, which sets the copies'
+    shape."""
+    vectors = [diff[n] for n in site.names if not broadcast_row(diff[n])]
+    if not vectors:
         return ""
     if any(s is None for s in shapes):
         return f"{site.path!r} has no factored form, and its output is not a tensor"
-    if len({len(s) for s in shapes}) == 1 and len(shapes[0]) >= 2:
+    if len({len(s) for s in shapes}) == 1 and len(shapes[0]) > max(v.dim() for v in vectors):
         return ""
     return f"{site.path!r} has no factored form, and its outputs {[list(s) for s in shapes]} have no one batched rank"
 
