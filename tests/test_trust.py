@@ -383,6 +383,72 @@ def test_3d_eval_mode_scores_match_reference(build):
     check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
 
 
+class CachedBias(nn.Module):
+    """LeViT's attention biases in eval mode: computed from a parameter once, then kept in a dict across calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bias_table, self.cache = nn.Linear(4, 6), nn.Parameter(torch.linspace(-1, 1, 6)), {}
+
+    def forward(self, x):
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.bias_table * 2
+        return self.lin(x) + self.cache["bias"]
+
+
+class CachedFrequencies(nn.Module):
+    """Dynamic rotary positions: a tensor computed from a buffer (no parameter) kept as an attribute: harmless."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.register_buffer("freq", torch.linspace(0.5, 1.5, 6))
+
+    def forward(self, x):
+        self.scaled = self.freq * 2  # rebound on every call
+        return self.lin(x) * self.scaled
+
+
+class StoresActivation(nn.Module):
+    """Keeps its last output for inspection (an attention map for plots): rebound on every call, never read back."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+
+    def forward(self, x):
+        self.last = out = torch.tanh(self.lin(x))
+        return out
+
+
+class Cached(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer, self.head = layer, nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.layer(x)))
+
+
+@pytest.mark.parametrize("options", [{}, {"factored": False}, {"method": "last_layer"}], ids=str)
+@pytest.mark.parametrize("scorer", ["influence", "self_influence"])
+def test_3f_a_cache_of_parameter_values_is_refused(scorer, options):
+    """A layer keeping a tensor computed from its parameters across forward passes (a cache) would give every later
+    pass the first checkpoint's values and no gradient: refused on every path, the model left as it was."""
+    model = Cached(CachedBias()).double().eval()
+    ckpts = make_ckpts(model)
+    with pytest.raises(ValueError, match=all_of("'layer' (CachedBias) keeps 'cache'", "a cache")):
+        SCORERS[scorer](model, ckpts, data(4, seed=1), data(4, n=3, seed=2), **options)
+    assert model.layer.cache == {}
+
+
+@pytest.mark.parametrize("layer", [CachedFrequencies, StoresActivation])
+def test_3g_attributes_set_on_every_call_are_scored_exactly(layer):
+    """A tensor computed from a buffer, or one stored anew on every call (never read back), is no cache."""
+    model = Cached(layer()).double().eval()
+    check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
+
+
 class BNNet(nn.Module):
     def __init__(self):
         super().__init__()

@@ -30,7 +30,7 @@ from ._layers import (
     why_not_a_site,
 )
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
-from ._purity import check_forward
+from ._purity import check_forward, leaving_no_trace
 from ._recurrent import recurrent_sites, why_not_unrolled
 from ._setup import Setup
 from ._updates import Updates, make_updates
@@ -173,6 +173,8 @@ def make_plan(
     idle: dict[str, Site] = {}  # modules holding a tied tensor that no loss calls: its other uses are its sites
     unused = set(names)  # parameters no loss reaches: not even through a site's call
     called: set[str] = set()  # sites called under some loss so far
+    for loss in losses if module is not None and not sites else ():  # discovery below checks this for sites
+        discover(module, loss, [], diff, frozen, batch)  # refuses a cache of parameter values (LeViT's)
     for i, loss in enumerate(losses if sites else ()):
         calls, leaked, unreached = discover(module, loss, list(sites.values()), diff, frozen, batch)
         detached = {n for p, s in sites.items() if calls[p] and s.kind != "expanded" for n in s.names}
@@ -572,7 +574,7 @@ def last_layer_params(
 
         return hook
 
-    with torch.no_grad(), hooked(module, {path: hook_for(path) for path in linears}):
+    with torch.no_grad(), leaving_no_trace(module), hooked(module, {path: hook_for(path) for path in linears}):
         loss(state, slice_batch(batch, 0, 1))
     if not order:
         raise ValueError("`method='last_layer'` found no nn.Linear called by the model; select `layers=` instead.")

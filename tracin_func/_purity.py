@@ -9,10 +9,11 @@ The same run turns deep torch errors about outputs and dtypes into messages that
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -85,6 +86,17 @@ class _Watch(TorchDispatchMode):
 
 
 @contextmanager
+def leaving_no_trace(module: nn.Module | None) -> Iterator[None]:
+    """A dry run of the model within the block leaves its layers' own attributes as they were (a cache it filled is
+    emptied again, so that the first run to fill it, discovery, shows what it holds)."""
+    taken = layer_state(module)
+    try:
+        yield
+    finally:
+        restore_state(taken)
+
+
+@contextmanager
 def _running_modules(module: nn.Module | None) -> Iterator[list[tuple[str, nn.Module]]]:
     """A stack of the modules whose forward is running (hooks on the call's private copy, removed on exit)."""
     stack: list[tuple[str, nn.Module]] = []
@@ -118,10 +130,100 @@ def _protected(module: nn.Module | None, state: Tensors, example: Any) -> dict[i
     return {ptr: name for name, t in named.items() if isinstance(t, torch.Tensor) and (ptr := _storage(t))}
 
 
+# nn.Module's own bookkeeping (parameter, buffer, submodule and hook dicts, the training flag): not a layer's state
+_MODULE_SLOTS = frozenset(vars(nn.Module()))
+
+
+class Attributes(NamedTuple):
+    """The attributes a layer of no known kind (not torch's own) holds besides nn.Module's bookkeeping, when taken:
+    ``values`` by name, ``contents`` shallow copies of the dicts, lists and sets among them (filled in place)."""
+
+    path: str
+    module: nn.Module
+    values: dict[str, Any]
+    contents: dict[str, Any]
+
+
+def layer_state(module: nn.Module | None) -> list[Attributes]:
+    """Every custom layer's own attributes (caches a forward pass may fill), to compare and restore after a run."""
+    taken = []
+    for path, m in module.named_modules() if module is not None else ():
+        if type(m).__module__.startswith("torch."):  # known state (an LSTM's flat weights follow its weights)
+            continue
+        values = {k: v for k, v in vars(m).items() if k not in _MODULE_SLOTS}
+        contents = {k: copy.copy(v) for k, v in values.items() if type(v) in (dict, list, set)}
+        taken.append(Attributes(path, m, values, contents))
+    return taken
+
+
+def changed_state(taken: list[Attributes]) -> list[tuple[str, nn.Module, str, Any]]:
+    """``(path, module, attribute, value)`` of each attribute a run added, rebound or filled since ``taken``."""
+    out = []
+    for path, m, values, contents in taken:
+        for key, value in vars(m).items():
+            if key in _MODULE_SLOTS:
+                continue
+            filled = key in contents and not _same_items(value, contents[key])
+            if key not in values or value is not values[key] or filled:
+                out.append((path, m, key, value))
+    return out
+
+
+def restore_state(taken: list[Attributes]) -> None:
+    """Undo a run's changes to the layers' own attributes (``layer_state``): added ones removed, rebound ones set
+    back, filled containers emptied back to their content."""
+    for _, m, values, contents in taken:
+        for key in [k for k in vars(m) if k not in _MODULE_SLOTS and k not in values]:
+            delattr(m, key)
+        for key, value in values.items():
+            if vars(m).get(key) is not value:
+                object.__setattr__(m, key, value)
+            if key in contents and not _same_items(value, contents[key]):
+                value.clear()
+                (value.extend if isinstance(value, list) else value.update)(contents[key])
+
+
+def kept_gradients(taken: list[Attributes]) -> list[tuple[str, nn.Module, str, Any, Any]]:
+    """The attributes a run (with gradients) set or filled since ``taken`` that hold a tensor computed from the
+    parameters: ``(path, module, attribute, value, shallow copy of its items)``. Stored on every run (an attention
+    map kept for inspection), such a tensor is harmless; kept and read back by later runs (a cache), it is not."""
+    out = []
+    for path, m, key, value in changed_state(taken):
+        leaves = optree.tree_leaves(value, none_is_leaf=True) if type(value) in (dict, list, tuple) else [value]
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
+            out.append((path, m, key, value, copy.copy(value) if type(value) in (dict, list, set) else None))
+    return out
+
+
+def refuse_reused(taken: list[Attributes], kept: list[tuple[str, nn.Module, str, Any, Any]]) -> None:
+    """After a second run of the same example: raise (the attributes restored to ``taken``) when an attribute of
+    ``kept_gradients`` still holds the first run's tensors, a cache (LeViT's attention biases in eval mode) that every
+    later pass would reuse, with the first checkpoint's values and graph instead of its own."""
+    for path, m, key, value, items in kept:
+        now = vars(m).get(key)
+        if now is value and (items is None or _same_items(now, items)):
+            restore_state(taken)
+            raise ValueError(
+                f"`model`: module {path or '(root)'!r} ({type(m).__name__}) keeps {key!r} from one forward pass to "
+                f"the next, and it holds a tensor computed from the parameters (a cache, like LeViT's attention "
+                f"biases in eval mode): later passes would reuse the first checkpoint's values instead of their "
+                f"own, and no gradient would reach those parameters. Make the forward pass compute it every time "
+                f"(e.g. override the method that fills the cache), then score."
+            )
+
+
+def _same_items(now: Any, then: Any) -> bool:
+    if isinstance(now, dict):
+        return now.keys() == then.keys() and all(now[k] is then[k] for k in now)
+    return len(now) == len(then) and all(a is b for a, b in zip(now, then))  # (a set: same size, no lookup needed)
+
+
 def check_forward(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, batch: Any, where: str) -> None:
-    """Run ``loss`` on the first example of ``batch`` under the watch; raise with the fix on anything untrustworthy."""
+    """Run ``loss`` on the first example of ``batch`` under the watch; raise with the fix on anything untrustworthy.
+    The run leaves no trace in the layers' own attributes (a cache it filled is emptied again)."""
     example = batch_of_one(example_at(batch, 0))
-    with torch.no_grad(), _running_modules(module) as stack, _Watch(_protected(module, state, example), stack):
+    protected = _protected(module, state, example)
+    with leaving_no_trace(module), torch.no_grad(), _running_modules(module) as stack, _Watch(protected, stack):
         try:
             if not isinstance(loss, CriterionLoss):
                 loss(state, example)
