@@ -93,6 +93,12 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
                  BATCHED),  # fmt: skip  (its separable convolutions' own bias [C, 1]: expanded copies)
     "mpnet": (lambda: classifier(T.MPNetConfig, T.MPNetForSequenceClassification, **SMALL),
               "'mpnet.encoder.relative_attention_bias' runs once for the whole batch"),  # fmt: skip  (like T5)
+    "esm": (lambda: classifier(T.EsmConfig, T.EsmForSequenceClassification, pad_token_id=1, max_position_embeddings=40,
+                               **SMALL), BATCHED),  # fmt: skip  (protein language model)
+    "longformer": (  # pads the batch to its attention window, in shapes a single example does not have
+        lambda: classifier(T.LongformerConfig, T.LongformerForSequenceClassification, attention_window=4,
+                           pad_token_id=1, max_position_embeddings=40, **SMALL),
+        "a batched forward failed where examples alone ran"),  # fmt: skip
     "deberta_v2": (lambda: classifier(T.DebertaV2Config, T.DebertaV2ForSequenceClassification, **SMALL), BATCHED),
     "deberta_v2_relative": (  # its relative embeddings' table is used directly, not called as a module
         lambda: classifier(T.DebertaV2Config, T.DebertaV2ForSequenceClassification, relative_attention=True,
@@ -122,6 +128,9 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
     "phi": (lambda: causal_lm(T.PhiConfig, T.PhiForCausalLM, max_position_embeddings=40, **SMALL), BATCHED),
     "qwen2": (lambda: causal_lm(T.Qwen2Config, T.Qwen2ForCausalLM, **KV, **SMALL), BATCHED),
     "mistral": (lambda: causal_lm(T.MistralConfig, T.MistralForCausalLM, **KV, **SMALL), BATCHED),
+    "gemma2": (lambda: causal_lm(T.Gemma2Config, T.Gemma2ForCausalLM, head_dim=8, **KV, **SMALL), BATCHED),
+    "phi3": (lambda: causal_lm(T.Phi3Config, T.Phi3ForCausalLM, pad_token_id=0, **KV, **SMALL), BATCHED),
+    "qwen3": (lambda: causal_lm(T.Qwen3Config, T.Qwen3ForCausalLM, head_dim=8, **KV, **SMALL), BATCHED),
     "gemma": (lambda: causal_lm(T.GemmaConfig, T.GemmaForCausalLM, head_dim=8, **KV, **SMALL), BATCHED),
     "stablelm": (lambda: causal_lm(T.StableLmConfig, T.StableLmForCausalLM, **KV, **SMALL), BATCHED),
     "olmo": (lambda: causal_lm(T.OlmoConfig, T.OlmoForCausalLM, **KV, **SMALL), BATCHED),
@@ -145,6 +154,14 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
                   BATCHED),  # fmt: skip
     "convnext": (lambda: image(T.ConvNextConfig, T.ConvNextForImageClassification, hidden_sizes=[8, 16], depths=[1, 1],
                                num_stages=2), BATCHED),  # fmt: skip  (its LayerNorms: at their F.layer_norm calls)
+    "convnextv2": (lambda: image(T.ConvNextV2Config, T.ConvNextV2ForImageClassification, hidden_sizes=[8, 16],
+                                 depths=[1, 1], num_stages=2), BATCHED),  # fmt: skip
+    "dinov2": (lambda: image(T.Dinov2Config, T.Dinov2ForImageClassification, image_size=16, patch_size=4,
+                             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2),
+               BATCHED),  # fmt: skip
+    "segformer": (lambda: image(T.SegformerConfig, T.SegformerForImageClassification, num_encoder_blocks=2,
+                                depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
+                                patch_sizes=[3, 3], strides=[2, 2], mlp_ratios=[2, 2]), BATCHED),  # fmt: skip
     "xlnet": (lambda: classifier(T.XLNetConfig, T.XLNetForSequenceClassification, d_model=32, n_layer=2, n_head=4,
                                  d_inner=64, vocab_size=100),
               "XLNetRelativeAttention has no factored form"),  # fmt: skip  (its projections are raw einsum weights)
@@ -182,6 +199,18 @@ def test_scores_are_exact_and_the_batching_is_pinned(name):
     ref = reference_scores(model, ckpts, train, test, loss_fn=tc.ExampleLoss(lambda p, b: loss.fn(p, b).sum()))
     assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss), ref.self_influence)
+
+
+def test_a_cache_of_parameter_values_is_refused():
+    """LeViT keeps its attention biases, computed from a parameter, in a dict across forward passes in eval mode:
+    later passes would score every checkpoint with the first one's biases. Refused, the model left as it was."""
+    model, data, loss = image(T.LevitConfig, T.LevitForImageClassification, size=32, image_size=32,
+                              hidden_sizes=[16, 24, 32], num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+                              key_dim=[8, 8, 8], patch_size=16)  # fmt: skip
+    ckpts, (train, test) = rm.make_checkpoints(model, 2), _split(data)
+    with pytest.raises(ValueError, match="'levit.encoder.stages.0.layers.0.module' .* keeps 'attention_bias_cache'"):
+        tc.influence(model, ckpts, train, test, loss_fn=loss)
+    assert all(not m.attention_bias_cache for m in model.modules() if hasattr(m, "attention_bias_cache"))
 
 
 def _float32_loop(model: torch.nn.Module, ckpts: list[tc.Checkpoint], train: Any, test: Any, loss: tc.BatchLoss):
