@@ -47,6 +47,10 @@ plain-backprop floor, and (for tuple batches) a per-example criterion Captum's `
   intermediate_size=128, patch_size=4, num_labels=10))`` on random 32x32 images: its class token and position
   embeddings are parameters of ``ViTEmbeddings`` itself (rows ``[1, ...]`` broadcast over the batch); the forms of
   ``bert`` (``pixel_values`` for ``input_ids`` and the mask).
+- ``convnext``: ``ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[32, 64], depths=[2, 2],
+  num_stages=2, patch_size=4, num_labels=10))`` on random 32x32 images: depthwise 7x7 convolutions, channels-first
+  LayerNorms (an ``nn.LayerNorm`` subclass permuting around its ``F.layer_norm`` call) and layer scales (vectors of
+  the block itself); the forms of ``vit``.
 - ``resnet18``: :class:`ResNet18` (BasicBlock, [2, 2, 2, 2], 64-512 channels by default, CIFAR stem: 3x3 conv
   stride 1, no max-pool), 32x32 images, 10 classes, ``CrossEntropyLoss``.
 - ``mobilenet``: :class:`MobileNetV3Small` (torchvision's MobileNetV3-small block table: inverted residuals with
@@ -78,7 +82,7 @@ NOISE = 0.05  # checkpoint noise, relative to each parameter's RMS (absolute whe
 
 BatchLoss = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]  # (state, batch) -> summed per-example loss
 # builders of Hugging Face models (``form=``: the loss form)
-HF_MODELS = ("gpt2", "gpt2_cls", "bert", "bart", "llama", "vit")
+HF_MODELS = ("gpt2", "gpt2_cls", "bert", "bart", "llama", "vit", "convnext")
 
 
 @dataclass(frozen=True)
@@ -370,6 +374,29 @@ def vit(
     data = {"pixel_values": images, "labels": torch.randint(0, 10, (n,), generator=generator)}
     checkpoints = make_checkpoints(hf, seed + 2)
     return _hf_workload("vit", hf, checkpoints, data, n_train, form, nn.CrossEntropyLoss())
+
+
+def convnext(
+    n_train: int = 200,
+    n_test: int = 20,
+    image_size: int = 32,
+    *,
+    form: str = "batch_loss",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealWorkload:
+    """ConvNeXt image classifier (2 stages of 2 blocks, widths 32 / 64, 4 x 4 patches, 10 labels) on random images."""
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    config = ConvNextConfig(num_channels=3, patch_size=4, hidden_sizes=[32, 64], depths=[2, 2], num_stages=2,
+                            num_labels=10, image_size=image_size)  # fmt: skip
+    hf = _hf_model(ConvNextForImageClassification, config, dtype, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    images = torch.randn(n, 3, image_size, image_size, generator=generator, dtype=dtype)
+    data = {"pixel_values": images, "labels": torch.randint(0, 10, (n,), generator=generator)}
+    checkpoints = make_checkpoints(hf, seed + 2)
+    return _hf_workload("convnext", hf, checkpoints, data, n_train, form, nn.CrossEntropyLoss())
 
 
 def bart(
@@ -751,6 +778,7 @@ BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "bart": bart,
     "llama": llama,
     "vit": vit,
+    "convnext": convnext,
     "resnet18": resnet18,
     "mobilenet": mobilenet,
     "lstm": lstm,

@@ -1,4 +1,4 @@
-"""Real models on the scorers: Hugging Face GPT-2, BERT, BART, a Llama-style LM and ViT (small configs, random
+"""Real models on the scorers: Hugging Face GPT-2, BERT, BART, a Llama-style LM, ViT and ConvNeXt (small configs, random
 weights, nothing downloaded), ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, as
 ``benchmarks/real_models.py`` builds them, at tiny sizes in float64. ``tc.influence`` and ``tc.self_influence``
 (default options and ``factored=False``) equal the one-backward-per-example reference to 1e-10. The Hugging Face
@@ -50,6 +50,8 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "llama_criterion": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
     "vit_batch_loss": lambda: rm.vit(N_TRAIN, N_TEST, IMAGE, form="batch_loss", dtype=F64),
     "vit_criterion": lambda: rm.vit(N_TRAIN, N_TEST, IMAGE, form="criterion", dtype=F64),
+    "convnext_batch_loss": lambda: rm.convnext(N_TRAIN, N_TEST, IMAGE, form="batch_loss", dtype=F64),
+    "convnext_criterion": lambda: rm.convnext(N_TRAIN, N_TEST, IMAGE, form="criterion", dtype=F64),
     "resnet18": lambda: rm.resnet18(N_TRAIN, N_TEST, IMAGE, width=8, dtype=F64),
     "mobilenet": lambda: rm.mobilenet(N_TRAIN, N_TEST, IMAGE, width=0.5, dtype=F64),
     "lstm": lambda: rm.lstm(N_TRAIN, N_TEST, SEQ, dtype=F64),
@@ -128,6 +130,10 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     # BERT, the last layer's Linears whose only row with gradient is the class token's are factored
     "vit_batch_loss": (BATCHED, {"factored": 10, "materialised": 30}, ()),
     "vit_criterion": (BATCHED, {"factored": 10, "materialised": 30}, ()),
+    # ConvNeXt's LayerNorms (an nn.LayerNorm subclass permuting around its F.layer_norm call) are norm sites at that
+    # call, its layer scales (vectors of the block itself) get copies per example
+    "convnext_batch_loss": (BATCHED, {"factored": 12, "materialised": 36}, ()),
+    "convnext_criterion": (BATCHED, {"factored": 12, "materialised": 36}, ()),
     "resnet18": (BATCHED, {"factored": 7, "materialised": 55}, ()),
     "mobilenet": (BATCHED, {}, ()),
     "lstm": (BATCHED, {"factored": 3, "materialised": 4}, ()),
