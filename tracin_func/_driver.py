@@ -8,9 +8,10 @@ take the test gradient norms once, with the test representations, and the traini
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any, NamedTuple, Optional
 
 import optree
 import torch
@@ -74,13 +75,16 @@ def batches(
             bar.total = i + 1 + count_batches(rows - (offset - start), size)
 
 
+Scored = Optional[Callable[[], Any]]  # reads the first examples of the data a plan scores in batches (see plan_call)
+
+
 class Planned(NamedTuple):
     updates: Updates
     batch_size: BatchSize  # of the batches after the planned one: the automatic size follows the plan
 
 
 def _planned(
-    setup: Setup, batch: Any, where: str, offset: int, *, self_only: bool = False, scored: Any = None
+    setup: Setup, batch: Any, where: str, offset: int, *, self_only: bool = False, scored: Scored = None
 ) -> Planned:
     with naming_failures(setup.test_loss if where == "test" else setup.train_loss, setup, batch, where, offset):
         planned = plan_call(setup, batch, where, self_only=self_only, scored=scored)
@@ -105,7 +109,7 @@ def planned_batches(
     desc: str,
     *,
     self_only: bool = False,
-    scored: Any = None,
+    scored: Scored = None,
     **where_from: Any,
 ) -> Iterator[tuple[Planned, int, Any]]:
     """``batches`` of ``data``, the call planned on the first: (plan, offset, batch) triples. With the automatic
@@ -216,9 +220,10 @@ def query_chunks(
     cosine = normalize == "cosine"
     total = aggregate and not cosine
     # the training data's first examples check the plan's batching where the test data's first batch cannot (one
-    # example); read only then, and only from a batch or a Dataset (an iterable's first batch may not come again)
-    one_test = (num_examples(test) or 0) < 2  # (an iterable's first batch may hold one)
-    scored = first_examples(setup, train, "train") if one_test and train is not None and num_examples(train) else None
+    # example): read only then, from a batch, a Dataset or a DataLoader (not a one-pass iterator: its first batch
+    # would not come again)
+    readable = train is not None and (num_examples(train) is not None or not isinstance(train, Iterator))
+    scored = partial(first_examples, setup, train, "train") if readable else None
     planned, per_ckpt, scales, size = None, [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
 
     def chunk() -> Queries:

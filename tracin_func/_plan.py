@@ -4,7 +4,7 @@ layer's), decide per layer how gradients are obtained, and build the pure update
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import optree
@@ -74,12 +74,14 @@ class PlannedCall(NamedTuple):
     updates: Updates
 
 
-def plan_call(setup: Setup, batch: Any, where: str, *, self_only: bool = False, scored: Any = None) -> PlannedCall:
+def plan_call(
+    setup: Setup, batch: Any, where: str, *, self_only: bool = False, scored: Callable[[], Any] | None = None
+) -> PlannedCall:
     """Check the forward pass and plan a call on ``batch`` (on device) of the argument named ``where``; warn when
     the plan leaves the batched path although layers could give factors. ``self_only``: every gradient meets only
-    itself (self-influence), which changes what factoring saves. ``scored``: the first examples of other data the
-    plan scores in batches (influence's training data), which the batching check runs on when ``batch`` holds a
-    single example (whose batched and lone runs are the same)."""
+    itself (self-influence), which changes what factoring saves. ``scored``: reads the first examples of other data
+    the plan scores in batches (influence's training data), which the batching check runs on when ``batch`` holds a
+    single example (whose batched and lone runs are the same); called only then."""
     module, first = setup.spec.module, setup.checkpoints[0].state
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
     for loss in losses:
@@ -158,7 +160,7 @@ def make_plan(
     *,
     factored: bool | None,
     self_only: bool = False,
-    scored: Any = None,
+    scored: Callable[[], Any] | None = None,
 ) -> Plan:
     """Which layers give factors, which of those are scored by factored inner products (a cost model for
     ``factored=None``, all for ``True``; ``False`` uses vmap(grad) for everything), and how factors are obtained.
@@ -248,9 +250,10 @@ def make_plan(
                                           "tc.sequence_classification_loss and tc.token_classification_loss for "
                                           "Hugging Face models)")
     checked, check_losses = batch, losses
-    if scored is not None and _examples(batch) < 2 <= _examples(scored):  # check the training loss on its data
-        checked, check_losses = scored, losses[:1]
-        truth = [_true_expanded(module, losses[0], plan, diff, frozen, scored)]
+    head = scored() if scored is not None and _examples(batch) < 2 else None
+    if head is not None and _examples(head) >= 2:  # check the training loss on its data
+        checked, check_losses = head, losses[:1]
+        truth = [_true_expanded(module, losses[0], plan, diff, frozen, head)]
     refused, seen = _batching_refused(module, check_losses, plan, {**frozen, **diff}, checked, mapper, truth)
     if refused:
         return _unexpanded(plan)._replace(batching=f"vmap(grad) over examples: {refused}")
