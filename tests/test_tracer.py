@@ -95,6 +95,24 @@ def test_tracer_matches_the_loop_reference(make, factored, factory):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_tracer_update_checks_one_test_examples_batching_on_the_steps_batch():
+    """Planned per step on a single test example, whose batched and lone runs are the same, ``tracer_update`` checks
+    the batching on the step's training batch: a model mixing a batch's examples is not scored batched (it was:
+    scores 15% off, self-influence 112%)."""
+    from tests.test_factored import MixesExamples
+
+    torch.manual_seed(0)
+    model = MixesExamples().to(DTYPE).eval()
+    train, test = _data((4,), 10, seed=1), _data((4,), 1, seed=2)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.warns(tc.SlowPathWarning, match="a batched forward changed the first examples' factors"):
+        state, history = _sgd_run(model, params, train, test, _schedule(10), loss_fn)
+    scores, self_influence = _loop_reference(model, history, train, test, loss_fn, 10)
+    assert_close(state.scores, scores)
+    assert_close(state.self_influence, self_influence)
+
+
 def test_update_is_pure():
     t = mlp_task()
     state = tc.tracer_init(t.test, n_train=10, dtype=DTYPE)

@@ -411,8 +411,11 @@ def _plan(
     chunk_size: int | None,
     dtype: torch.dtype,
     device: torch.device,
+    train_batch: Any = None,
 ) -> _Planned:
-    """Validate the call and plan it on the test batch ``test`` (on device), named ``where`` in messages."""
+    """Validate the call and plan it on the test batch ``test`` (on device), named ``where`` in messages; a single
+    test example's plan checks its batching on ``train_batch`` (the step's, when planned per step; see
+    ``plan_call``)."""
     selected = _selected(model, params)
     setup = make_setup(
         model,
@@ -427,8 +430,13 @@ def _plan(
         chunk_size=chunk_size,
     )
     check_batch_structure(test, f"`{where}`", needs_target=setup.needs_target[1])
+
+    def scored() -> Any:
+        check_batch_structure(train_batch, "`batch`", needs_target=setup.needs_target[0])
+        return to_device(train_batch, device, dtype)
+
     with exclusive_use(model, setup.spec):
-        planned = plan_call(setup, test, where)
+        planned = plan_call(setup, test, where, scored=None if train_batch is None else scored)
     module, plan = setup.spec.module, planned.plan
     train = representation_fn(module, setup.train_loss, plan, planned.mapper)
     test_rep = train if setup.test_loss is setup.train_loss else representation_fn(
@@ -545,6 +553,6 @@ def _planned_products(
     planned = _plan(
         model, state.test, params, "state.test", n_test=state.scores.shape[0], n_train=state.scores.shape[1],
         loss_fn=loss_fn, test_loss_fn=test_loss_fn, factored=factored, chunk_size=chunk_size,
-        dtype=state.scores.dtype, device=state.scores.device,
+        dtype=state.scores.dtype, device=state.scores.device, train_batch=batch,
     )
     return _products(planned, state, params, lr, batch, indices, "`tc.tracer_init`")
