@@ -1493,6 +1493,19 @@ class OwnEpsLayerNorm(nn.LayerNorm):
         return h.permute(0, 3, 1, 2)
 
 
+class DelegatingLayerNorm(nn.LayerNorm):
+    """Calls a LayerNorm of its own holding the same (tied) weight and bias: a call site would also see the inner
+    layer's call, counted again by the inner layer's own hook."""
+
+    def __init__(self, d):
+        super().__init__(d)
+        self.inner = nn.LayerNorm(d)
+        self.inner.weight, self.inner.bias = self.weight, self.bias
+
+    def forward(self, x):
+        return self.inner(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * 1.5
+
+
 class ConvNeXtBlock(nn.Module):
     def __init__(self, norm):
         super().__init__()
@@ -1504,7 +1517,7 @@ class ConvNeXtBlock(nn.Module):
         return self.fc(torch.tanh(self.norm(self.dw(h)) + h).mean((2, 3)))
 
 
-@pytest.mark.parametrize("norm", [ChannelsFirstLayerNorm, OwnEpsLayerNorm])
+@pytest.mark.parametrize("norm", [ChannelsFirstLayerNorm, OwnEpsLayerNorm, DelegatingLayerNorm])
 def test_layer_norm_subclasses_are_sites_at_their_call(norm):
     """A LayerNorm subclass with its own forward gives factors where it calls ``F.layer_norm`` on its own parameters
     with its own configuration (the permutes around it are differentiated as usual); a call with another
@@ -1524,9 +1537,11 @@ def test_layer_norm_subclasses_are_sites_at_their_call(norm):
     if norm is ChannelsFirstLayerNorm:
         assert explained.batching == "one batched forward / backward gives every layer's factors"
         assert routes["norm.weight"] == routes["norm.bias"] == ("materialised", "norm layer")
-    else:
+    elif norm is OwnEpsLayerNorm:
         why = "'norm' is a layer whose forward did not call `F.layer_norm` on its own parameters (or was not called)"
         assert routes["norm.weight"] == ("vmap", why)
+    else:  # a subclass with layers of its own is no call site: exact through vmap(grad) (was 4x the reference)
+        assert routes["norm.weight"] == ("vmap", "DelegatingLayerNorm overrides LayerNorm's own forward")
 
 
 class FlattensTokens(nn.Module):

@@ -384,16 +384,30 @@ def test_3d_eval_mode_scores_match_reference(build):
 
 
 class CachedBias(nn.Module):
-    """LeViT's attention biases in eval mode: computed from a parameter once, then kept in a dict across calls."""
+    """LeViT's attention biases in eval mode: computed from a parameter once, then kept across calls."""
 
-    def __init__(self):
+    def __init__(self, where="dict"):
         super().__init__()
-        self.lin, self.bias_table, self.cache = nn.Linear(4, 6), nn.Parameter(torch.linspace(-1, 1, 6)), {}
+        self.lin, self.bias_table, self.where = nn.Linear(4, 6), nn.Parameter(torch.linspace(-1, 1, 6)), where
+        self.cache = {"nested": {}} if where == "nested" else {}
+        if where == "buffer":
+            self.register_buffer("kept", None, persistent=False)
+
+    def _bias(self):
+        if self.where == "buffer":  # a non-persistent buffer assigned in forward
+            self.kept = self.kept if self.kept is not None else self.bias_table * 2
+            return self.kept
+        if self.where == "child":  # a plain attribute set on a torch sublayer
+            if not hasattr(self.lin, "kept"):
+                self.lin.kept = self.bias_table * 2
+            return self.lin.kept
+        cache = self.cache["nested"] if self.where == "nested" else self.cache
+        if "bias" not in cache:
+            cache["bias"] = self.bias_table * 2
+        return cache["bias"]
 
     def forward(self, x):
-        if "bias" not in self.cache:
-            self.cache["bias"] = self.bias_table * 2
-        return self.lin(x) + self.cache["bias"]
+        return self.lin(x) + self._bias()
 
 
 class CachedFrequencies(nn.Module):
@@ -409,15 +423,18 @@ class CachedFrequencies(nn.Module):
         return self.lin(x) * self.scaled
 
 
-class StoresActivation(nn.Module):
-    """Keeps its last output for inspection (an attention map for plots): rebound on every call, never read back."""
+class StoresActivations(nn.Module):
+    """Keeps outputs for inspection, never read back: the last one, a list of all, an auxiliary loss only when
+    gradients are on (a dry run without them stores nothing), an attribute rebound from a list to None."""
 
     def __init__(self):
         super().__init__()
-        self.lin = nn.Linear(4, 6)
+        self.lin, self.maps, self.aux = nn.Linear(4, 6), [], []
 
     def forward(self, x):
         self.last = out = torch.tanh(self.lin(x))
+        self.maps.append(out)
+        self.aux = out.square().mean() if torch.is_grad_enabled() else None
         return out
 
 
@@ -431,22 +448,30 @@ class Cached(nn.Module):
 
 
 @pytest.mark.parametrize("options", [{}, {"factored": False}, {"method": "last_layer"}], ids=str)
-@pytest.mark.parametrize("scorer", ["influence", "self_influence"])
-def test_3f_a_cache_of_parameter_values_is_refused(scorer, options):
-    """A layer keeping a tensor computed from its parameters across forward passes (a cache) would give every later
-    pass the first checkpoint's values and no gradient: refused on every path, the model left as it was."""
-    model = Cached(CachedBias()).double().eval()
+@pytest.mark.parametrize("where", ["dict", "nested", "buffer", "child"])
+@pytest.mark.parametrize("filled", [False, True], ids=["empty", "filled_before"])
+def test_3f_a_cache_of_parameter_values_is_refused(filled, where, options):
+    """A layer keeping a tensor computed from its parameters across forward passes (a cache) would score every
+    checkpoint with the values it was filled from, and no gradient would reach those parameters: refused on every
+    path, whether the call's dry run fills it or the user's own forward already did, the model left as it was."""
+    model = Cached(CachedBias(where)).double().eval()
+    if filled:
+        with torch.no_grad():
+            model(data(4)[0])  # the user evaluates the model first
+    before = {k: v for k, v in vars(model.layer).items() if k != "_buffers"}, dict(model.layer._buffers)
     ckpts = make_ckpts(model)
-    with pytest.raises(ValueError, match=all_of("'layer' (CachedBias) keeps 'cache'", "a cache")):
-        SCORERS[scorer](model, ckpts, data(4, seed=1), data(4, n=3, seed=2), **options)
-    assert model.layer.cache == {}
+    with pytest.raises(ValueError, match=all_of("'layer' (CachedBias) keeps", "never reads", "a cache")):
+        SCORERS["influence"](model, ckpts, data(4, seed=1), data(4, n=3, seed=2), **options)
+    assert ({k: v for k, v in vars(model.layer).items() if k != "_buffers"}, dict(model.layer._buffers)) == before
 
 
-@pytest.mark.parametrize("layer", [CachedFrequencies, StoresActivation])
+@pytest.mark.parametrize("layer", [CachedFrequencies, StoresActivations])
 def test_3g_attributes_set_on_every_call_are_scored_exactly(layer):
-    """A tensor computed from a buffer, or one stored anew on every call (never read back), is no cache."""
+    """A tensor computed from a buffer, or one stored anew on every call (never read back), is no cache; what the
+    passes stored is undone after each call."""
     model = Cached(layer()).double().eval()
     check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
+    assert getattr(model.layer, "maps", []) == [] and not hasattr(model.layer, "last")
 
 
 class BNNet(nn.Module):

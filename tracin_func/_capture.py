@@ -31,7 +31,6 @@ from torch.utils.hooks import RemovableHandle
 from ._grads import Mapper, Tensors, batch_of_one, example_at, scalar_loss
 from ._layers import Site, broadcast_row, call_site, layer_output, recorded_input, token_wise
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, summed_example_losses
-from ._purity import kept_gradients, layer_state, refuse_reused
 from ._recurrent import unrolled
 
 if TYPE_CHECKING:
@@ -142,18 +141,9 @@ def discover(
     # plain autograd on one example (no vmap needed): also through autograd.Functions that torch.func refuses
     # (BLOOM's GeLU), which the batched path runs too
     leaves = {n: t.detach().requires_grad_() for n, t in diff.items()}
-    parameters = {n for n, _ in module.named_parameters(remove_duplicate=False)}
-    # frozen parameters tracked too, so that a cache computed from any of them is seen (never differentiated)
-    tracked = {n: t.detach().requires_grad_() for n, t in frozen.items() if n in parameters and t.is_floating_point()}
-    taken = layer_state(module)
     with torch.enable_grad(), hooked(module, {s.path: hook_for(s) for s in sites}):
-        total = scalar_loss(loss, {**frozen, **tracked, **leaves}, batch_of_one(example_at(batch, 0)))
-    kept = kept_gradients(taken)
-    if kept:  # a cache or an attention map stored for inspection: a second run tells them apart
-        with torch.no_grad():
-            scalar_loss(loss, {**frozen, **diff}, batch_of_one(example_at(batch, 0)))
-        refuse_reused(taken, kept)
-    reached = total.requires_grad and bool(leaves)  # not when every parameter's only use was detached
+        total = scalar_loss(loss, {**frozen, **leaves}, batch_of_one(example_at(batch, 0)))
+    reached = total.requires_grad  # not when every parameter's only use was detached
     grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True) if reached else [None] * len(leaves)
     leaked = {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}
     return calls, leaked, {n for n, g in zip(leaves, grads) if g is None}

@@ -152,8 +152,9 @@ def call_site(module: nn.Module) -> Callable[..., Any] | None:
     offset), ``F.layer_norm`` for an ``nn.LayerNorm`` subclass (ConvNeXt's and timm's channels-first LayerNorms,
     which permute around it). Its factors are taken where the forward calls that function on the layer's own
     parameters with the layer's own configuration (``_capture.hooked``); whatever the forward does around the call is
-    differentiated as usual, and any other use of the parameters is found by discovery."""
-    if type(module).__call__ is not nn.Module.__call__ or wrapped(module):
+    differentiated as usual, and any other use of the parameters is found by discovery. A subclass with layers of
+    its own is none: the mode would also see their calls, which a shared weight could not tell from its own."""
+    if type(module).__call__ is not nn.Module.__call__ or wrapped(module) or next(module.children(), None) is not None:
         return None
     if isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward:
         plain = module.max_norm is None and not module.scale_grad_by_freq and not module.sparse

@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ._checkpoints import LR_KEYS, Checkpoint, check_lr
+from ._state import leaving_no_trace
 
 Forward = Callable[..., Any]  # forward(state, *inputs) -> outputs
 ParamSelector = Union[Sequence[str], Callable[[str], bool], None]
@@ -51,13 +52,16 @@ _LOCKS_GUARD = threading.Lock()
 @contextmanager
 def exclusive_use(model: Any, spec: ModelSpec) -> Iterator[None]:
     """Hold the user's module for the whole call when the call runs on it (not on a private copy): concurrent
-    calls on that module then run one after the other instead of swapping tensors into it at the same time."""
+    calls on that module then run one after the other instead of swapping tensors into it at the same time. The
+    layers' own attributes are as they were after the call (what the forward passes stored in them, say attention
+    maps appended to a list, is undone: also in containers a private copy shares with the user's layers)."""
     if spec.module is None or spec.module is not model:
-        yield
+        with leaving_no_trace(spec.module):
+            yield
         return
     with _LOCKS_GUARD:
         lock = _LOCKS.setdefault(model, threading.RLock())
-    with lock:
+    with lock, leaving_no_trace(model):
         yield
 
 

@@ -30,9 +30,10 @@ from ._layers import (
     why_not_a_site,
 )
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
-from ._purity import check_forward, leaving_no_trace
+from ._purity import check_forward
 from ._recurrent import recurrent_sites, why_not_unrolled
 from ._setup import Setup
+from ._state import leaving_no_trace
 from ._updates import Updates, make_updates
 from ._warn import warn
 
@@ -175,8 +176,6 @@ def make_plan(
     idle: dict[str, Site] = {}  # modules holding a tied tensor that no loss calls: its other uses are its sites
     unused = set(names)  # parameters no loss reaches: not even through a site's call
     called: set[str] = set()  # sites called under some loss so far
-    for loss in losses if module is not None and not sites else ():  # discovery below checks this for sites
-        discover(module, loss, [], diff, frozen, batch)  # refuses a cache of parameter values (LeViT's)
     for i, loss in enumerate(losses if sites else ()):
         calls, leaked, unreached = discover(module, loss, list(sites.values()), diff, frozen, batch)
         detached = {n for p, s in sites.items() if calls[p] and s.kind != "expanded" for n in s.names}

@@ -9,11 +9,11 @@ The same run turns deep torch errors about outputs and dtypes into messages that
 
 from __future__ import annotations
 
-import copy
 import functools
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any
 
 import optree
 import torch
@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._grads import Tensors, batch_of_one, example_at
 from ._loss import CriterionLoss, ExampleLossFn
+from ._state import CONTAINERS, leaving_no_trace, own_attributes
 
 
 def _storage(t: torch.Tensor) -> int | None:
@@ -52,11 +53,20 @@ def _draws_random(values: Mapping[str, Any]) -> bool:
 
 
 class _Watch(TorchDispatchMode):
-    """Raises on a random op or a write into a protected storage, naming the innermost running module."""
+    """Raises on a random op or a write into a protected storage, naming the innermost running module. Also follows
+    the values computed from the checkpoint's tensors, and the tensors read that the run was neither given (the
+    checkpoint, the inputs) nor made: tensors the model keeps (constants, or caches)."""
 
-    def __init__(self, protected: Mapping[int, str], modules: list[tuple[str, nn.Module]]) -> None:
+    def __init__(
+        self, protected: Mapping[int, str], modules: list[tuple[str, nn.Module]], given: set[int], checkpoint: set[int]
+    ) -> None:
         super().__init__()
-        self.protected, self.modules = protected, modules
+        self.protected, self.modules, self.given = protected, modules, given
+        self.derived = set(checkpoint)  # storages of values computed from the checkpoint's tensors
+        self.made: set[int] = set()  # storages of the tensors this run made
+        self.read: set[int] = set()  # storages an op read
+        self.kept: dict[str, tuple[nn.Module, set[int]]] = {}  # innermost module -> kept storages it read
+        self.derived_made: list[weakref.ref] = []  # alive after the run: kept somewhere
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -73,7 +83,50 @@ class _Watch(TorchDispatchMode):
                         self._refuse(
                             f"writes into {target} ({func}), which would change it and make scores depend on order"
                         )
-        return func(*args, **kwargs)
+        read = {s for t in _tensors(args, kwargs) if (s := _storage(t)) is not None}
+        self.read |= read
+        kept = read - self.given - self.made
+        if kept and self.modules:
+            path, module = self.modules[-1]
+            self.kept.setdefault(path, (module, set()))[1].update(kept)
+        out = func(*args, **kwargs)
+        from_checkpoint = not read.isdisjoint(self.derived)
+        for t in _tensors(out):
+            s = _storage(t)
+            if s is None:
+                continue
+            self.made.add(s)
+            if from_checkpoint:
+                self.derived.add(s)
+                self.derived_made.append(weakref.ref(t))
+            else:
+                self.derived.discard(s)  # (a storage freed and reused)
+        return out
+
+    def refuse_kept(self, state: Tensors) -> None:
+        """Raise when a layer computed with a tensor the model keeps and did not read one of its parameters (its own,
+        or its sublayers'): a cache of values computed from that parameter (LeViT's attention biases in eval mode),
+        filled by an earlier pass (a call before this one, ``model.eval()``, or the first dry run), which every
+        checkpoint would be scored with. (A kept constant, like a mask, leaves the layer's parameters read.)"""
+        for path, (module, kept) in self.kept.items():
+            prefix = f"{path}." if path else ""
+            for name, _ in module.named_parameters(recurse=bool(path)):  # a layer's own, or its sublayers'
+                if prefix + name not in state or _storage(state[prefix + name]) in self.read:
+                    continue
+                attributes = {**module._buffers, **own_attributes(module)}
+                held = [k for k, v in attributes.items() if _holds(v, kept)]
+                where = f"keeps {held[0]!r}" if held else "keeps tensors"
+                raise ValueError(
+                    f"`model`: module {path or '(root)'!r} ({type(module).__name__}) {where} between forward passes "
+                    f"and computes with it instead of its parameter {prefix + name!r}, which it never reads (a cache, "
+                    f"like LeViT's attention biases in eval mode): every checkpoint would be scored with the values "
+                    f"it was filled from, and no gradient would reach {prefix + name!r}. Make the forward compute "
+                    f"them from the parameter on every call (empty or switch off the cache), then score."
+                )
+
+    def kept_derived(self) -> bool:
+        """Whether tensors this run computed from the checkpoint are still alive (held by a layer, say)."""
+        return any(ref() is not None for ref in self.derived_made)
 
     def _refuse(self, what: str) -> None:
         path, module = self.modules[-1] if self.modules else ("", None)
@@ -83,17 +136,6 @@ class _Watch(TorchDispatchMode):
             f"checkpoint and the example: call `model.eval()` before scoring (training mode updates running "
             f"statistics and turns on dropout), or remove the state update / randomness from that module."
         )
-
-
-@contextmanager
-def leaving_no_trace(module: nn.Module | None) -> Iterator[None]:
-    """A dry run of the model within the block leaves its layers' own attributes as they were (a cache it filled is
-    emptied again, so that the first run to fill it, discovery, shows what it holds)."""
-    taken = layer_state(module)
-    try:
-        yield
-    finally:
-        restore_state(taken)
 
 
 @contextmanager
@@ -118,6 +160,26 @@ def _running_modules(module: nn.Module | None) -> Iterator[list[tuple[str, nn.Mo
             handle.remove()
 
 
+def _tensors(*trees: Any) -> list[torch.Tensor]:
+    """The tensors among an op's arguments or outputs (in lists and tuples: ``cat``'s inputs, ``split``'s outputs)."""
+    out = []
+    for tree in trees:
+        for x in tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else (tree,):
+            if isinstance(x, torch.Tensor):
+                out.append(x)
+            elif isinstance(x, (list, tuple)):
+                out.extend(t for t in x if isinstance(t, torch.Tensor))
+    return out
+
+
+def _holds(value: Any, storages: set[int]) -> bool:
+    """Whether ``value`` (a tensor, or containers of them) holds a tensor on one of ``storages``."""
+    if isinstance(value, torch.Tensor):
+        return _storage(value) in storages
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, CONTAINERS) else ()
+    return any(_holds(v, storages) for v in items)
+
+
 def _protected(module: nn.Module | None, state: Tensors, example: Any) -> dict[int, str]:
     """Storages no forward pass may write: the checkpoint's tensors, the model's tensors and the inputs."""
     named: dict[str, torch.Tensor] = {}
@@ -130,111 +192,40 @@ def _protected(module: nn.Module | None, state: Tensors, example: Any) -> dict[i
     return {ptr: name for name, t in named.items() if isinstance(t, torch.Tensor) and (ptr := _storage(t))}
 
 
-# nn.Module's own bookkeeping (parameter, buffer, submodule and hook dicts, the training flag): not a layer's state
-_MODULE_SLOTS = frozenset(vars(nn.Module()))
-
-
-class Attributes(NamedTuple):
-    """The attributes a layer of no known kind (not torch's own) holds besides nn.Module's bookkeeping, when taken:
-    ``values`` by name, ``contents`` shallow copies of the dicts, lists and sets among them (filled in place)."""
-
-    path: str
-    module: nn.Module
-    values: dict[str, Any]
-    contents: dict[str, Any]
-
-
-def layer_state(module: nn.Module | None) -> list[Attributes]:
-    """Every custom layer's own attributes (caches a forward pass may fill), to compare and restore after a run."""
-    taken = []
-    for path, m in module.named_modules() if module is not None else ():
-        if type(m).__module__.startswith("torch."):  # known state (an LSTM's flat weights follow its weights)
-            continue
-        values = {k: v for k, v in vars(m).items() if k not in _MODULE_SLOTS}
-        contents = {k: copy.copy(v) for k, v in values.items() if type(v) in (dict, list, set)}
-        taken.append(Attributes(path, m, values, contents))
-    return taken
-
-
-def changed_state(taken: list[Attributes]) -> list[tuple[str, nn.Module, str, Any]]:
-    """``(path, module, attribute, value)`` of each attribute a run added, rebound or filled since ``taken``."""
-    out = []
-    for path, m, values, contents in taken:
-        for key, value in vars(m).items():
-            if key in _MODULE_SLOTS:
-                continue
-            filled = key in contents and not _same_items(value, contents[key])
-            if key not in values or value is not values[key] or filled:
-                out.append((path, m, key, value))
-    return out
-
-
-def restore_state(taken: list[Attributes]) -> None:
-    """Undo a run's changes to the layers' own attributes (``layer_state``): added ones removed, rebound ones set
-    back, filled containers emptied back to their content."""
-    for _, m, values, contents in taken:
-        for key in [k for k in vars(m) if k not in _MODULE_SLOTS and k not in values]:
-            delattr(m, key)
-        for key, value in values.items():
-            if vars(m).get(key) is not value:
-                object.__setattr__(m, key, value)
-            if key in contents and not _same_items(value, contents[key]):
-                value.clear()
-                (value.extend if isinstance(value, list) else value.update)(contents[key])
-
-
-def kept_gradients(taken: list[Attributes]) -> list[tuple[str, nn.Module, str, Any, Any]]:
-    """The attributes a run (with gradients) set or filled since ``taken`` that hold a tensor computed from the
-    parameters: ``(path, module, attribute, value, shallow copy of its items)``. Stored on every run (an attention
-    map kept for inspection), such a tensor is harmless; kept and read back by later runs (a cache), it is not."""
-    out = []
-    for path, m, key, value in changed_state(taken):
-        leaves = optree.tree_leaves(value, none_is_leaf=True) if type(value) in (dict, list, tuple) else [value]
-        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
-            out.append((path, m, key, value, copy.copy(value) if type(value) in (dict, list, set) else None))
-    return out
-
-
-def refuse_reused(taken: list[Attributes], kept: list[tuple[str, nn.Module, str, Any, Any]]) -> None:
-    """After a second run of the same example: raise (the attributes restored to ``taken``) when an attribute of
-    ``kept_gradients`` still holds the first run's tensors, a cache (LeViT's attention biases in eval mode) that every
-    later pass would reuse, with the first checkpoint's values and graph instead of its own."""
-    for path, m, key, value, items in kept:
-        now = vars(m).get(key)
-        if now is value and (items is None or _same_items(now, items)):
-            restore_state(taken)
-            raise ValueError(
-                f"`model`: module {path or '(root)'!r} ({type(m).__name__}) keeps {key!r} from one forward pass to "
-                f"the next, and it holds a tensor computed from the parameters (a cache, like LeViT's attention "
-                f"biases in eval mode): later passes would reuse the first checkpoint's values instead of their "
-                f"own, and no gradient would reach those parameters. Make the forward pass compute it every time "
-                f"(e.g. override the method that fills the cache), then score."
-            )
-
-
-def _same_items(now: Any, then: Any) -> bool:
-    if isinstance(now, dict):
-        return now.keys() == then.keys() and all(now[k] is then[k] for k in now)
-    return len(now) == len(then) and all(a is b for a, b in zip(now, then))  # (a set: same size, no lookup needed)
-
-
 def check_forward(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, batch: Any, where: str) -> None:
     """Run ``loss`` on the first example of ``batch`` under the watch; raise with the fix on anything untrustworthy.
-    The run leaves no trace in the layers' own attributes (a cache it filled is emptied again)."""
+    When the run leaves tensors computed from the checkpoint alive (kept by a layer: a cache, or an attention map
+    stored for plots), it runs again, which reads a cache back. The runs leave the layers' attributes as they were."""
     example = batch_of_one(example_at(batch, 0))
+    with leaving_no_trace(module):
+        if _watched_run(module, loss, state, example, where):
+            _watched_run(module, loss, state, example, where)
+
+
+def _watched_run(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, example: Any, where: str) -> bool:
+    """One dry run under the watch; whether it left tensors computed from the checkpoint alive."""
     protected = _protected(module, state, example)
-    with leaving_no_trace(module), torch.no_grad(), _running_modules(module) as stack, _Watch(protected, stack):
+    checkpoint = {s for t in state.values() if (s := _storage(t)) is not None}
+    given = checkpoint | {s for t in optree.tree_leaves(example) if isinstance(t, torch.Tensor) and (s := _storage(t))}
+    with torch.no_grad(), _running_modules(module) as stack, _Watch(protected, stack, given, checkpoint) as watch:
         try:
-            if not isinstance(loss, CriterionLoss):
-                loss(state, example)
-                return
-            *inputs, target = example
-            output = loss.forward(state, *inputs)
-            _check_output(output)
-            loss.criterion(output, target)
+            _run(loss, state, example)
         except RuntimeError as err:
             _explain_dtype(err, example, state, where)
             raise
+    watch.refuse_kept(state)
+    return watch.kept_derived()
+
+
+def _run(loss: ExampleLossFn, state: Tensors, example: Any) -> None:
+    """The loss of ``example``; nothing it computed is held after the return."""
+    if not isinstance(loss, CriterionLoss):
+        loss(state, example)
+        return
+    *inputs, target = example
+    output = loss.forward(state, *inputs)
+    _check_output(output)
+    loss.criterion(output, target)
 
 
 def _check_output(output: Any) -> None:

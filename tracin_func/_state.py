@@ -1,0 +1,104 @@
+"""The layers' own attributes (besides their parameters, buffers and sublayers): what a forward pass may store in
+them (a cache, attention maps kept for plots) is taken before a run and restored after it, so that planning's dry
+runs and every call leave the user's model as they found it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+from torch import nn
+
+# nn.Module's own bookkeeping (parameter, buffer, submodule and hook dicts, the training flag): not a layer's state
+_MODULE_SLOTS = frozenset(vars(nn.Module()))
+CONTAINERS = (dict, list, set, tuple)
+
+
+class _Taken(NamedTuple):
+    """A container as it was: the object and its items (nested containers taken too)."""
+
+    original: Any
+    items: dict[Any, Any]  # keys, or positions, to items
+
+
+def _structure(value: Any, depth: int = 3) -> Any:
+    """``value`` with the containers nested in it (dicts, lists, sets, tuples, subclasses too) taken as
+    ``_Taken``, their other items by reference: what a run may fill in place, to compare and restore."""
+    if depth == 0 or not isinstance(value, CONTAINERS):
+        return value
+    return _Taken(value, {k: _structure(v, depth - 1) for k, v in _items(value)})
+
+
+def _items(container: Any) -> Any:
+    return container.items() if isinstance(container, dict) else enumerate(container)
+
+
+def _same(now: Any, then: Any) -> bool:
+    """Whether ``now`` is still what ``_structure`` took as ``then``: the same objects, holding the same items."""
+    if not isinstance(then, _Taken):
+        return now is then
+    if now is not then.original:
+        return False
+    items = dict(_items(now))
+    return items.keys() == then.items.keys() and all(_same(items[k], then.items[k]) for k in items)
+
+
+def _put_back(taken: Any) -> Any:
+    """The object ``_structure`` took, given its items back in place (nested containers too)."""
+    if not isinstance(taken, _Taken):
+        return taken
+    container, items = taken.original, [(k, _put_back(v)) for k, v in taken.items.items()]
+    if not isinstance(container, tuple):  # (a tuple's mutable items are put back above)
+        container.clear()
+        if isinstance(container, dict):
+            container.update(items)
+        else:
+            (container.update if isinstance(container, set) else container.extend)(v for _, v in items)
+    return container
+
+
+def own_attributes(m: nn.Module) -> dict[str, Any]:
+    """A layer's attributes besides nn.Module's bookkeeping (of torch's own layers, the public ones only: an LSTM
+    keeps private flat weights that follow its weights)."""
+    torch_layer = type(m).__module__.startswith("torch.")
+    return {k: v for k, v in vars(m).items() if k not in _MODULE_SLOTS and not (torch_layer and k.startswith("_"))}
+
+
+class Attributes(NamedTuple):
+    module: nn.Module
+    values: dict[str, Any]  # by name, as taken
+    contents: dict[str, Any]  # ``_structure`` of the containers among them (filled in place by a run)
+
+
+def layer_state(module: nn.Module | None) -> list[Attributes]:
+    """Every layer's own attributes (caches a forward pass may fill), to restore after a run."""
+    taken = []
+    for m in module.modules() if module is not None else ():
+        values = own_attributes(m)
+        taken.append(Attributes(m, values, {k: _structure(v) for k, v in values.items() if isinstance(v, CONTAINERS)}))
+    return taken
+
+
+def restore_state(taken: list[Attributes]) -> None:
+    """Undo a run's changes to the layers' own attributes (``layer_state``): added ones removed, rebound ones set
+    back, filled containers given their items back."""
+    for m, values, contents in taken:
+        for key in [k for k in own_attributes(m) if k not in values]:
+            delattr(m, key)
+        for key, value in values.items():
+            if vars(m).get(key) is not value:
+                object.__setattr__(m, key, value)
+            if key in contents and not _same(value, contents[key]):
+                _put_back(contents[key])
+
+
+@contextmanager
+def leaving_no_trace(module: nn.Module | None) -> Iterator[None]:
+    """A dry run of the model within the block leaves its layers' own attributes as they were (a cache it filled is
+    emptied again)."""
+    taken = layer_state(module)
+    try:
+        yield
+    finally:
+        restore_state(taken)
