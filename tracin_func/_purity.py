@@ -62,10 +62,10 @@ class _Watch(TorchDispatchMode):
     ) -> None:
         super().__init__()
         self.protected, self.modules, self.given = protected, modules, given
-        self.derived = set(checkpoint)  # storages of values computed from the checkpoint's tensors
-        self.made: set[int] = set()  # storages of the tensors this run made
-        self.read: set[int] = set()  # storages an op read
-        self.kept: dict[str, tuple[nn.Module, set[int]]] = {}  # innermost module -> kept storages it read
+        self.derived = set(checkpoint)  # tensors (identities) computed from the checkpoint's tensors
+        self.made: set[int] = set()  # tensors this run made
+        self.read: set[int] = set()  # tensors an op read
+        self.kept: dict[str, tuple[nn.Module, set[int]]] = {}  # innermost module -> kept tensors it read
         self.derived_made: list[weakref.ref] = []  # alive after the run: kept somewhere
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
@@ -83,7 +83,7 @@ class _Watch(TorchDispatchMode):
                         self._refuse(
                             f"writes into {target} ({func}), which would change it and make scores depend on order"
                         )
-        read = {s for t in _tensors(args, kwargs) if (s := _storage(t)) is not None}
+        read = {id(t) for t in _tensors(args, kwargs)}  # (tensors by identity: views are made by ops too)
         self.read |= read
         kept = read - self.given - self.made
         if kept and self.modules:
@@ -92,15 +92,12 @@ class _Watch(TorchDispatchMode):
         out = func(*args, **kwargs)
         from_checkpoint = not read.isdisjoint(self.derived)
         for t in _tensors(out):
-            s = _storage(t)
-            if s is None:
-                continue
-            self.made.add(s)
+            self.made.add(id(t))
             if from_checkpoint:
-                self.derived.add(s)
+                self.derived.add(id(t))
                 self.derived_made.append(weakref.ref(t))
             else:
-                self.derived.discard(s)  # (a storage freed and reused)
+                self.derived.discard(id(t))  # (the identity of a tensor freed meanwhile)
         return out
 
     def refuse_kept(self, state: Tensors) -> None:
@@ -111,7 +108,7 @@ class _Watch(TorchDispatchMode):
         for path, (module, kept) in self.kept.items():
             prefix = f"{path}." if path else ""
             for name, _ in module.named_parameters(recurse=bool(path)):  # a layer's own, or its sublayers'
-                if prefix + name not in state or _storage(state[prefix + name]) in self.read:
+                if prefix + name not in state or id(state[prefix + name]) in self.read:
                     continue
                 attributes = {**module._buffers, **own_attributes(module)}
                 held = [k for k, v in attributes.items() if _holds(v, kept)]
@@ -172,12 +169,12 @@ def _tensors(*trees: Any) -> list[torch.Tensor]:
     return out
 
 
-def _holds(value: Any, storages: set[int]) -> bool:
-    """Whether ``value`` (a tensor, or containers of them) holds a tensor on one of ``storages``."""
+def _holds(value: Any, tensors: set[int]) -> bool:
+    """Whether ``value`` (a tensor, or containers of them) holds one of ``tensors`` (identities)."""
     if isinstance(value, torch.Tensor):
-        return _storage(value) in storages
+        return id(value) in tensors
     items = value.values() if isinstance(value, dict) else value if isinstance(value, CONTAINERS) else ()
-    return any(_holds(v, storages) for v in items)
+    return any(_holds(v, tensors) for v in items)
 
 
 def _protected(module: nn.Module | None, state: Tensors, example: Any) -> dict[int, str]:
@@ -205,8 +202,8 @@ def check_forward(module: nn.Module | None, loss: ExampleLossFn, state: Tensors,
 def _watched_run(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, example: Any, where: str) -> bool:
     """One dry run under the watch; whether it left tensors computed from the checkpoint alive."""
     protected = _protected(module, state, example)
-    checkpoint = {s for t in state.values() if (s := _storage(t)) is not None}
-    given = checkpoint | {s for t in optree.tree_leaves(example) if isinstance(t, torch.Tensor) and (s := _storage(t))}
+    checkpoint = {id(t) for t in state.values()}
+    given = checkpoint | {id(t) for t in optree.tree_leaves(example) if isinstance(t, torch.Tensor)}
     with torch.no_grad(), _running_modules(module) as stack, _Watch(protected, stack, given, checkpoint) as watch:
         try:
             _run(loss, state, example)
