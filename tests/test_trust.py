@@ -465,13 +465,108 @@ def test_3f_a_cache_of_parameter_values_is_refused(filled, where, options):
     assert ({k: v for k, v in vars(model.layer).items() if k != "_buffers"}, dict(model.layer._buffers)) == before
 
 
-@pytest.mark.parametrize("layer", [CachedFrequencies, StoresActivations])
+class RootReadsCache(nn.Module):
+    """The root adds its sublayer's cache itself (not through the sublayer's forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer, self.head = CachedBias(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.layer.lin(x) + self.layer._bias()))
+
+
+class TiedHead(nn.Module):
+    """An output layer tied to an embedding's table (registered after it: the table's second name), keeping the
+    transposed table from ``model.eval()`` on."""
+
+    def __init__(self, emb):
+        super().__init__()
+        self.weight, self.cache = emb.weight, None
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.cache = None if mode else self.weight.detach().t().clone()
+        return self
+
+    def forward(self, h):
+        return h @ (self.weight.t() if self.training else self.cache)
+
+
+class TiedCache(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.emb = nn.Linear(4, 5), nn.Embedding(3, 5)
+        self.head = TiedHead(self.emb)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inp(x)))
+
+
+class UnusedParameterAndConstant(nn.Module):
+    """A training-only head never called in eval mode, a constant mask and a constant built in the forward: no cache
+    (the head's parameters get zero gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.aux, self.mask = nn.Linear(4, 6), nn.Linear(6, 2), torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+
+    def forward(self, x):
+        return self.lin(x) * self.mask.to(x.dtype) * torch.tensor(2.0, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("build", [RootReadsCache, TiedCache])
+def test_3f_caches_read_elsewhere_are_refused(build):
+    """A sublayer's cache read by the root, a tied weight's cache under its second name: refused too."""
+    model = build().double().eval()
+    from tests.test_factored import _ckpts  # (tied names: one tensor)
+
+    with pytest.raises(ValueError, match=all_of("keeps", "never reads", "a cache")):
+        tc.influence(model, _ckpts(model), data(4, seed=1), data(4, n=3, seed=2), loss_fn=CE)
+
+
+def test_3f_writes_into_tensors_held_in_containers_are_refused():
+    """A counter tensor in a dict, incremented in place by the forward: refused before the write, left at 0."""
+
+    class Counting(CachedBias):
+        def forward(self, x):
+            self.cache["calls"] += 1
+            return self.lin(x) + self.bias_table
+
+    model = Cached(Counting()).double().eval()
+    model.layer.cache["calls"] = torch.zeros((), dtype=torch.float64)
+    with pytest.raises(ValueError, match=all_of("writes into a tensor in the model's", "'cache'")):
+        tc.self_influence(model, make_ckpts(model), data(4, seed=1), loss_fn=CE)
+    assert model.layer.cache["calls"].item() == 0
+
+
+@pytest.mark.parametrize("layer", [CachedFrequencies, StoresActivations, UnusedParameterAndConstant])
 def test_3g_attributes_set_on_every_call_are_scored_exactly(layer):
     """A tensor computed from a buffer, or one stored anew on every call (never read back), is no cache; what the
     passes stored is undone after each call."""
     model = Cached(layer()).double().eval()
     check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
     assert getattr(model.layer, "maps", []) == [] and not hasattr(model.layer, "last")
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.a, self.b, self.reentrant = nn.Linear(4, 4), nn.Linear(4, 3), reentrant
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=self.reentrant)
+        return self.b(h)
+
+
+def test_3h_activation_checkpointing():
+    """Non-reentrant activation checkpointing recomputes its region in the backward pass, outside the call's
+    parameters and hooks (the batched path's scores were 13x off): refused. Reentrant checkpointing is exact."""
+    model = Checkpointed(reentrant=False).double().eval()
+    with pytest.raises(ValueError, match=all_of("activation checkpointing", "gradient_checkpointing_disable")):
+        tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), loss_fn=CE)
+    model = Checkpointed(reentrant=True).double().eval()
+    check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), factored_modes=(None,))
 
 
 class BNNet(nn.Module):

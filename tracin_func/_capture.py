@@ -16,7 +16,7 @@ Two ways to run them:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Union
 
 import optree
@@ -150,7 +150,14 @@ def discover(
 
 
 def batched_factors(
-    module: nn.Module, loss: BatchableLoss, plan: Plan, state: Tensors, batch: Any, mapper: Mapper
+    module: nn.Module,
+    loss: BatchableLoss,
+    plan: Plan,
+    state: Tensors,
+    batch: Any,
+    mapper: Mapper,
+    *,
+    refuse_recomputing: bool = False,
 ) -> Factors:
     """Each site's inputs and output gradients from one forward / backward over the whole batch (refused if it
     reaches a parameter planned as unused, ``Plan.unused``).
@@ -158,6 +165,7 @@ def batched_factors(
     A site called on one row that the model broadcasts over the batch (BERT's and GPT-2's ``[1, T]`` position ids)
     gets a probe with one row per example, so that its output gradient is each example's own; planning checks on
     the first examples that the model treats that row like any batched one (``_plan._batching_refused``).
+    ``refuse_recomputing`` (planning's check): refuse a forward that recomputes layers in the backward pass.
     """
     n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
     inputs: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
@@ -192,7 +200,8 @@ def batched_factors(
     state = {**state, **copies, **unused}
     with torch.enable_grad():
         hooks = {s.path: hook_for(s) for s in plan.sites if s.kind != "expanded"}
-        with hooked(module, hooks), refusing_uncalled(module, plan):
+        watch = _Recomputing() if refuse_recomputing else nullcontext()
+        with hooked(module, hooks), refusing_uncalled(module, plan), watch:
             if isinstance(loss, BatchedLoss):
                 total = loss.per_example(state, batch).sum()
             else:
@@ -215,6 +224,22 @@ def batched_factors(
     for site in expanded:  # no inputs: the per-example gradients themselves, [B, *shape]
         factors[site.path] = ([], [next(grads).reshape(n, *shapes[name]) for name in site.names])
     return factors
+
+
+class _Recomputing(TorchFunctionMode):
+    """Refuses a forward run under activation checkpointing (``torch.utils.checkpoint`` without reentrancy, whose
+    saved-tensor hooks are active in the region): the backward pass recomputes that region outside the call's
+    parameters and hooks, so the factors would be wrong (13x the true scores, for one recomputed Linear)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint":
+            raise ValueError(
+                "`model`: its forward runs under activation checkpointing (`torch.utils.checkpoint`), whose backward "
+                "pass recomputes layers, which per-example factors cannot follow. Switch checkpointing off for "
+                "scoring (Hugging Face: `model.gradient_checkpointing_disable()`; `use_reentrant=True` is followed)."
+            )
+        return func(*args, **(kwargs or {}))
 
 
 def _refuse_reached(unused: Iterable[str], grads: Sequence[torch.Tensor | None]) -> None:

@@ -490,7 +490,7 @@ def _batching_refused(
                 raise
             return f"a forward with parameters copied over the batch failed ({_cause(err)})", {}
         try:
-            together = batched_factors(module, loss, plan, state, few, mapper)
+            together = batched_factors(module, loss, plan, state, few, mapper, refuse_recomputing=True)
         except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes
             return f"a batched forward failed where examples alone ran ({_cause(err)})", {}
         for site in expanded:

@@ -52,6 +52,9 @@ def _draws_random(values: Mapping[str, Any]) -> bool:
     return values.get("train") is not False
 
 
+_LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.lift.default)
+
+
 class _Watch(TorchDispatchMode):
     """Raises on a random op or a write into a protected storage, naming the innermost running module. Also follows
     the values computed from the checkpoint's tensors, and the tensors read that the run was neither given (the
@@ -63,7 +66,7 @@ class _Watch(TorchDispatchMode):
         super().__init__()
         self.protected, self.modules, self.given = protected, modules, given
         self.derived = set(checkpoint)  # tensors (identities) computed from the checkpoint's tensors
-        self.made: set[int] = set()  # tensors this run made
+        self.made: dict[int, weakref.ref] = {}  # tensors this run made (alive: an identity may be reused)
         self.read: set[int] = set()  # tensors an op read
         self.kept: dict[str, tuple[nn.Module, set[int]]] = {}  # innermost module -> kept tensors it read
         self.derived_made: list[weakref.ref] = []  # alive after the run: kept somewhere
@@ -83,16 +86,18 @@ class _Watch(TorchDispatchMode):
                         self._refuse(
                             f"writes into {target} ({func}), which would change it and make scores depend on order"
                         )
-        read = {id(t) for t in _tensors(args, kwargs)}  # (tensors by identity: views are made by ops too)
+        inputs = _tensors(args, kwargs)
+        read = {id(t) for t in inputs}  # (tensors by identity: views are made by ops too)
         self.read |= read
-        kept = read - self.given - self.made
+        fresh = func in _LIFTS  # a constant the forward creates (``torch.tensor``, ``from_numpy``): not kept
+        kept = {id(t) for t in inputs if id(t) not in self.given and not self._made(t)} if not fresh else set()
         if kept and self.modules:
             path, module = self.modules[-1]
             self.kept.setdefault(path, (module, set()))[1].update(kept)
         out = func(*args, **kwargs)
         from_checkpoint = not read.isdisjoint(self.derived)
         for t in _tensors(out):
-            self.made.add(id(t))
+            self.made[id(t)] = weakref.ref(t)
             if from_checkpoint:
                 self.derived.add(id(t))
                 self.derived_made.append(weakref.ref(t))
@@ -100,26 +105,41 @@ class _Watch(TorchDispatchMode):
                 self.derived.discard(id(t))  # (the identity of a tensor freed meanwhile)
         return out
 
-    def refuse_kept(self, state: Tensors) -> None:
-        """Raise when a layer computed with a tensor the model keeps and did not read one of its parameters (its own,
-        or its sublayers'): a cache of values computed from that parameter (LeViT's attention biases in eval mode),
-        filled by an earlier pass (a call before this one, ``model.eval()``, or the first dry run), which every
-        checkpoint would be scored with. (A kept constant, like a mask, leaves the layer's parameters read.)"""
-        for path, (module, kept) in self.kept.items():
-            prefix = f"{path}." if path else ""
-            for name, _ in module.named_parameters(recurse=bool(path)):  # a layer's own, or its sublayers'
-                if prefix + name not in state or id(state[prefix + name]) in self.read:
-                    continue
-                attributes = {**module._buffers, **own_attributes(module)}
-                held = [k for k, v in attributes.items() if _holds(v, kept)]
-                where = f"keeps {held[0]!r}" if held else "keeps tensors"
-                raise ValueError(
-                    f"`model`: module {path or '(root)'!r} ({type(module).__name__}) {where} between forward passes "
-                    f"and computes with it instead of its parameter {prefix + name!r}, which it never reads (a cache, "
-                    f"like LeViT's attention biases in eval mode): every checkpoint would be scored with the values "
-                    f"it was filled from, and no gradient would reach {prefix + name!r}. Make the forward compute "
-                    f"them from the parameter on every call (empty or switch off the cache), then score."
-                )
+    def _made(self, t: torch.Tensor) -> bool:
+        ref = self.made.get(id(t))
+        return ref is not None and ref() is t
+
+    def refuse_kept(self, state: Tensors, root: nn.Module | None) -> None:
+        """Raise when the forward computed with a tensor the model keeps (a layer's attribute or buffer, or else
+        somewhere the reading layer alone knows) while a parameter of the layer holding it (or of the reading layer)
+        was never read: a cache of values computed from that parameter (LeViT's attention biases in eval mode), filled
+        by an earlier pass (a call before this one, ``model.eval()``, the first dry run), which every checkpoint would
+        be scored with. A kept constant (a mask) leaves its layer's parameters read."""
+        if not self.kept or root is None:
+            return
+        first_name = {}  # a parameter's name in the checkpoint (a tied one: its first)
+        for name, p in root.named_parameters(remove_duplicate=False):
+            first_name.setdefault(id(p), name)
+        layers = list(root.named_modules())
+        for path, (reader, kept) in self.kept.items():
+            holders = [(p, m, k) for p, m in layers for k, v in _attributes(m).items() if _holds(v, kept)]
+            for layer_path, layer, key in [*holders, (path, reader, holders[0][2] if holders else None)]:
+                for _, p in layer.named_parameters(recurse=False):
+                    name = first_name.get(id(p))
+                    if name is None or name not in state or id(state[name]) in self.read:
+                        continue
+                    what = (
+                        f"keeps {key!r} between forward passes, and the forward computes with it"
+                        if key
+                        else ("computes with a tensor kept between forward passes")
+                    )
+                    raise ValueError(
+                        f"`model`: module {layer_path or '(root)'!r} ({type(layer).__name__}) {what} instead of the "
+                        f"parameter {name!r}, which it never reads (a cache, like LeViT's attention biases in eval "
+                        f"mode): every checkpoint would be scored with the values it was filled from, and no gradient "
+                        f"would reach {name!r}. Make the forward compute them from the parameter on every call (empty "
+                        f"or switch off the cache), then score."
+                    )
 
     def kept_derived(self) -> bool:
         """Whether tensors this run computed from the checkpoint are still alive (held by a layer, say)."""
@@ -169,6 +189,19 @@ def _tensors(*trees: Any) -> list[torch.Tensor]:
     return out
 
 
+def _tensors_within(value: Any, depth: int = 3) -> list[torch.Tensor]:
+    """The tensors in the containers nested in ``value`` (small ones: a vocabulary list is not walked)."""
+    if depth == 0 or not isinstance(value, CONTAINERS) or len(value) > 1000:
+        return []
+    items = value.values() if isinstance(value, dict) else value
+    out = [v for v in items if isinstance(v, torch.Tensor)]
+    return out + [t for v in items if isinstance(v, CONTAINERS) for t in _tensors_within(v, depth - 1)]
+
+
+def _attributes(m: nn.Module) -> dict[str, Any]:
+    return {**m._buffers, **own_attributes(m)}
+
+
 def _holds(value: Any, tensors: set[int]) -> bool:
     """Whether ``value`` (a tensor, or containers of them) holds one of ``tensors`` (identities)."""
     if isinstance(value, torch.Tensor):
@@ -184,6 +217,8 @@ def _protected(module: nn.Module | None, state: Tensors, example: Any) -> dict[i
         prefix = f"{path}." if path else ""
         tensors = {**m._parameters, **m._buffers, **{k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}}
         named.update({f"the model's tensor {prefix}{k!r}": t for k, t in tensors.items() if t is not None})
+        for key, value in own_attributes(m).items():  # tensors held in containers ("calls" counters, statistics)
+            named.update({f"a tensor in the model's {prefix}{key!r}": t for t in _tensors_within(value)})
     named.update({f"the checkpoint's tensor {n!r}": t for n, t in state.items()})
     named.update({f"input tensor {i}": t for i, t in enumerate(optree.tree_leaves(example, none_is_leaf=True))})
     return {ptr: name for name, t in named.items() if isinstance(t, torch.Tensor) and (ptr := _storage(t))}
@@ -210,7 +245,7 @@ def _watched_run(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, 
         except RuntimeError as err:
             _explain_dtype(err, example, state, where)
             raise
-    watch.refuse_kept(state)
+    watch.refuse_kept(state, module)
     return watch.kept_derived()
 
 

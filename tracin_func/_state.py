@@ -4,6 +4,8 @@ runs and every call leave the user's model as they found it."""
 
 from __future__ import annotations
 
+import operator
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -12,21 +14,25 @@ from torch import nn
 
 # nn.Module's own bookkeeping (parameter, buffer, submodule and hook dicts, the training flag): not a layer's state
 _MODULE_SLOTS = frozenset(vars(nn.Module()))
-CONTAINERS = (dict, list, set, tuple)
+CONTAINERS = (dict, list, set, tuple, deque)
+_FLAT_ABOVE = 1000  # items of a container taken as one flat copy (a vocabulary list): not walked item by item
 
 
 class _Taken(NamedTuple):
-    """A container as it was: the object and its items (nested containers taken too)."""
+    """A container as it was: the object and its items (nested containers taken too, unless ``flat``)."""
 
     original: Any
     items: dict[Any, Any]  # keys, or positions, to items
+    flat: Any = None  # a large container's items, copied at once (a list, or a dict), instead of ``items``
 
 
 def _structure(value: Any, depth: int = 3) -> Any:
-    """``value`` with the containers nested in it (dicts, lists, sets, tuples, subclasses too) taken as
+    """``value`` with the containers nested in it (dicts, lists, sets, tuples, deques, subclasses too) taken as
     ``_Taken``, their other items by reference: what a run may fill in place, to compare and restore."""
     if depth == 0 or not isinstance(value, CONTAINERS):
         return value
+    if len(value) > _FLAT_ABOVE:
+        return _Taken(value, {}, dict(value) if isinstance(value, dict) else list(value))
     return _Taken(value, {k: _structure(v, depth - 1) for k, v in _items(value)})
 
 
@@ -40,6 +46,11 @@ def _same(now: Any, then: Any) -> bool:
         return now is then
     if now is not then.original:
         return False
+    if then.flat is not None:
+        if isinstance(now, dict):
+            same_keys = len(now) == len(then.flat) and now.keys() == then.flat.keys()
+            return same_keys and all(map(operator.is_, now.values(), then.flat.values()))
+        return len(now) == len(then.flat) and all(map(operator.is_, now, then.flat))
     items = dict(_items(now))
     return items.keys() == then.items.keys() and all(_same(items[k], then.items[k]) for k in items)
 
@@ -48,7 +59,9 @@ def _put_back(taken: Any) -> Any:
     """The object ``_structure`` took, given its items back in place (nested containers too)."""
     if not isinstance(taken, _Taken):
         return taken
-    container, items = taken.original, [(k, _put_back(v)) for k, v in taken.items.items()]
+    container = taken.original
+    flat = taken.flat.items() if isinstance(taken.flat, dict) else enumerate(taken.flat or ())
+    items = list(flat) if taken.flat is not None else [(k, _put_back(v)) for k, v in taken.items.items()]
     if not isinstance(container, tuple):  # (a tuple's mutable items are put back above)
         container.clear()
         if isinstance(container, dict):
