@@ -253,8 +253,22 @@ def test_1e_last_layer_with_output_scaling_hook():
 # --------------------------------------------------------------------------------------------- 2. threads
 
 
+class KeepsMaps(MLP):
+    """Appends its hidden activations to a list (kept for plots): threads scoring it at once must not pile them up
+    in the user's model (each call's private copy has its own list)."""
+
+    def __init__(self):
+        super().__init__()
+        self.maps = []
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        self.maps.append(h.detach())
+        return self.fc2(h)
+
+
 def test_2_threads_share_one_model():
-    model = MLP().eval()
+    model = KeepsMaps().eval()
     train, test = data(4, n=12, seed=1), data(4, n=5, seed=2)
     ckpt_lists = [make_ckpts(model, seed=10 + t) for t in range(4)]
     serial = [tc.influence(model, c, train, test, loss_fn=CE) for c in ckpt_lists]
@@ -287,6 +301,7 @@ def test_2_threads_share_one_model():
         for r in runs:
             assert_close(r, serial[t], rtol=1e-12)
     assert_unchanged(model, snap)
+    assert model.maps == []
     for name, m in model.named_modules():
         for h in _HOOK_DICTS:
             assert not getattr(m, h, {}), f"{h} left on {name!r}"

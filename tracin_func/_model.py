@@ -6,6 +6,7 @@ import copy
 import threading
 import types
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple, Union
@@ -15,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ._checkpoints import LR_KEYS, Checkpoint, check_lr
-from ._state import leaving_no_trace
+from ._state import MODULE_SLOTS, leaving_no_trace
 
 Forward = Callable[..., Any]  # forward(state, *inputs) -> outputs
 ParamSelector = Union[Sequence[str], Callable[[str], bool], None]
@@ -70,16 +71,20 @@ def private_copy(model: nn.Module) -> nn.Module:
 
     ``functional_call`` swaps checkpoint tensors into the modules it calls and planning registers forward hooks;
     both happen on this copy only, so the user's modules are never touched and concurrent calls (threads) never
-    see each other's tensors or hooks. Only the per-module dicts and sets (parameters, buffers, submodules, hooks)
-    are copied; tensors, weight tying and every other attribute are shared.
+    see each other's tensors or hooks. The per-module dicts and sets (parameters, buffers, submodules, hooks) are
+    copied, and so are the containers a layer keeps (a list its forward appends attention maps to: concurrent calls
+    would fill and restore the same list), shared ones staying shared within the copy; tensors, weight tying and
+    every other attribute are shared with the user's modules.
     """
     copies: dict[int, nn.Module] = {}
+    containers: dict[int, Any] = {}  # the copy of each container, by identity: shared ones stay shared
 
     def copy_of(module: nn.Module) -> nn.Module:
         if id(module) not in copies:
             clone = object.__new__(type(module))  # not copy.copy: parametrized modules refuse to be pickled
             for key, value in vars(module).items():
-                object.__setattr__(clone, key, copy.copy(value) if isinstance(value, (dict, set)) else value)
+                object.__setattr__(clone, key, _copied(value, containers) if key not in MODULE_SLOTS else (
+                    copy.copy(value) if isinstance(value, (dict, set)) else value))  # fmt: skip
             copies[id(module)] = clone
             for name, child in module._modules.items():
                 clone._modules[name] = None if child is None else copy_of(child)
@@ -89,6 +94,18 @@ def private_copy(model: nn.Module) -> nn.Module:
     for name, module in model.named_modules(remove_duplicate=False):
         _rebind_instance_forward(name, module, copies)
     return root
+
+
+def _copied(value: Any, containers: dict[int, Any], depth: int = 3) -> Any:
+    """``value`` with the containers nested in it (up to ``depth``) copied, once each; other objects shared."""
+    if depth == 0 or type(value) not in (dict, list, set, deque):  # (exact types: a subclass may hold more state)
+        return value
+    if id(value) not in containers:
+        if isinstance(value, dict):
+            containers[id(value)] = {k: _copied(v, containers, depth - 1) for k, v in value.items()}
+        else:
+            containers[id(value)] = type(value)(_copied(v, containers, depth - 1) for v in value)
+    return containers[id(value)]
 
 
 def _rebind_instance_forward(name: str, module: nn.Module, copies: dict[int, nn.Module]) -> None:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 # nn.Module's own bookkeeping (parameter, buffer, submodule and hook dicts, the training flag): not a layer's state
-_MODULE_SLOTS = frozenset(vars(nn.Module()))
+MODULE_SLOTS = frozenset(vars(nn.Module()))
 CONTAINERS = (dict, list, set, tuple, deque)
 _FLAT_ABOVE = 1000  # items of a container taken as one flat copy (a vocabulary list): not walked item by item
 
@@ -75,7 +75,7 @@ def own_attributes(m: nn.Module) -> dict[str, Any]:
     """A layer's attributes besides nn.Module's bookkeeping (of torch's own layers, the public ones only: an LSTM
     keeps private flat weights that follow its weights)."""
     torch_layer = type(m).__module__.startswith("torch.")
-    return {k: v for k, v in vars(m).items() if k not in _MODULE_SLOTS and not (torch_layer and k.startswith("_"))}
+    return {k: v for k, v in vars(m).items() if k not in MODULE_SLOTS and not (torch_layer and k.startswith("_"))}
 
 
 class Attributes(NamedTuple):
