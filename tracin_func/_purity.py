@@ -4,7 +4,9 @@ The forward pass must be a function of the checkpoint and the example: a module 
 statistics of a train-mode norm layer, spectral norm's power-iteration vectors, a custom counter) would write into
 the checkpoint's or the model's tensors, and one that draws random numbers (train-mode dropout in custom code)
 gives random scores. Every aten op of the dry run is inspected *before* it runs, so a refused write never happens.
-The same run turns deep torch errors about outputs and dtypes into messages that name the fix.
+The same run follows which values come from the checkpoint and which tensors the model keeps between passes, to
+refuse a cache of parameter values (``_Watch.refuse_kept``), and turns deep torch errors about outputs and dtypes into
+messages that name the fix.
 """
 
 from __future__ import annotations
@@ -128,11 +130,8 @@ class _Watch(TorchDispatchMode):
                     name = first_name.get(id(p))
                     if name is None or name not in state or id(state[name]) in self.read:
                         continue
-                    what = (
-                        f"keeps {key!r} between forward passes, and the forward computes with it"
-                        if key
-                        else ("computes with a tensor kept between forward passes")
-                    )
+                    kept_where = f"keeps {key!r} between forward passes, and the forward computes with it"
+                    what = kept_where if key else "computes with a tensor kept between forward passes"
                     raise ValueError(
                         f"`model`: module {layer_path or '(root)'!r} ({type(layer).__name__}) {what} instead of the "
                         f"parameter {name!r}, which it never reads (a cache, like LeViT's attention biases in eval "
