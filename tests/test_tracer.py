@@ -113,6 +113,27 @@ def test_tracer_update_checks_one_test_examples_batching_on_the_steps_batch():
     assert_close(state.self_influence, self_influence)
 
 
+def test_tracer_checks_one_test_examples_batching_on_the_first_training_batch():
+    """``tc.tracer`` planned on a single test example (no training batch at hand) checks the batching on its first
+    training batch of two or more examples and refuses a model that mixes them (it was scored batched: 15% off); a
+    model that does not mix runs as usual."""
+    from tests.test_factored import MixesExamples
+
+    torch.manual_seed(0)
+    train, test = _data((4,), 10, seed=1), _data((4,), 1, seed=2)
+    loss_fn = nn.CrossEntropyLoss()
+    model = MixesExamples().to(DTYPE).eval()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with pytest.raises(ValueError, match="planned on a single test example.*factored=False"):
+        _sgd_run(model, params, train, test, _schedule(10), loss_fn, factory=True)
+    state, history = _sgd_run(model, params, train, test, _schedule(10), loss_fn, factory=True, factored=False)
+    assert_close(state.scores, _loop_reference(model, history, train, test, loss_fn, 10)[0])
+    model = MLP().to(DTYPE).eval()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    state, history = _sgd_run(model, params, train, test, _schedule(10), loss_fn, factory=True)
+    assert_close(state.scores, _loop_reference(model, history, train, test, loss_fn, 10)[0])
+
+
 def test_update_is_pure():
     t = mlp_task()
     state = tc.tracer_init(t.test, n_train=10, dtype=DTYPE)

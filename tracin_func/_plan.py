@@ -518,6 +518,15 @@ def _batching_refused(
     return "", seen
 
 
+def training_batching_refused(
+    module: nn.Module, loss: BatchableLoss, plan: Plan, diff: Tensors, frozen: Tensors, batch: Any, mapper: Mapper
+) -> str:
+    """Why batching the training loss on ``batch`` is refused (``""`` when it is not): the check that a plan made
+    on a single test example, with no training examples at hand, could not run (``tc.tracer``)."""
+    truth = [_true_expanded(module, loss, plan, diff, frozen, batch)]
+    return _batching_refused(module, [loss], plan, {**frozen, **diff}, batch, mapper, truth)[0]
+
+
 def _examples(batch: Any) -> int:
     return optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
 
