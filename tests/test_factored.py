@@ -629,9 +629,9 @@ def test_models_that_mix_examples_are_not_batched(all_but_first, equal_first):
 
 def test_one_test_example_checks_the_batching_on_the_training_data():
     """Influence is planned on the test data, whose first batch here holds one example: its batched and lone runs
-    are the same, so the training data's first examples are checked instead (a batch, a Dataset, a DataLoader; a model
-    mixing the training batch's examples got batched training passes: 15% off); a model that does not mix stays
-    batched."""
+    are the same, so the training data's first examples are checked instead (a batch, a Dataset, a DataLoader, a
+    one-pass generator of batches, whose first batch is kept; a model mixing the training batch's examples got
+    batched training passes: 15% off); a model that does not mix stays batched."""
     torch.manual_seed(0)
     model = MixesExamples().double().eval()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
@@ -644,6 +644,9 @@ def test_one_test_example_checks_the_batching_on_the_training_data():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)  # read again after
     with pytest.warns(tc.SlowPathWarning, match="a batched forward changed the first examples' factors"):
         assert_close(tc.influence(model, ckpts, loader, (x[:1], y[:1]), loss_fn=CE), ref.influence)
+    one_pass = ((x[i : i + 3], y[i : i + 3]) for i in range(0, 8, 3))  # its first batch is kept for the check
+    with pytest.warns(tc.SlowPathWarning, match="a batched forward changed the first examples' factors"):
+        assert_close(tc.influence(model, ckpts, one_pass, (x[:1], y[:1]), loss_fn=CE), ref.influence)
     plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
     seen = []
     original = plan_module.make_plan

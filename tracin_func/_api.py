@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import torch
 
 from ._checkpoints import Checkpoint
-from ._data import num_examples
+from ._data import num_examples, replayable
 from ._distributed import agree, gather_objects, join, on_every_rank, share, stack_top_k
 from ._driver import collect_rows, embedding_blocks, query_chunks, score_blocks, self_blocks
 from ._index import Index
@@ -198,7 +198,7 @@ def influence(
         setup = index_setup(train, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options)
         return index_influence(train, setup, model, test, aggregate=aggregate)
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
-    data, start, by_batch = share(train, setup.ranks)
+    data, start, by_batch = share(replayable(train), setup.ranks)  # (a one-pass iterator's head: for planning)
     agree(setup.ranks, **{"the number of test examples": num_examples(test)})
 
     def local() -> list[list[tuple[int, Any]]]:  # per chunk of test examples, this rank's score blocks
@@ -288,7 +288,7 @@ def top_k(
     if n_train is not None and k > n_train:
         raise ValueError(f"`k`={k} exceeds the number of training examples ({n_train}); pass `k <= {n_train}`.")
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
-    data, start, by_batch = share(train, setup.ranks)
+    data, start, by_batch = share(replayable(train), setup.ranks)  # (a one-pass iterator's head: for planning)
     agree(setup.ranks, **{"the number of test examples": num_examples(test)})
     desc = "proponents" if proponents else "opponents"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Union
 
@@ -97,6 +98,27 @@ def iter_batches(data: Any, batch_size: BatchSize, where: str) -> Iterator[Batch
             f"got {type(data).__name__}."
         )
     yield from data
+
+
+class Replayed:
+    """A one-pass iterator of batches whose first batch may be read before the pass (planning reads the training
+    data's first examples when a single test example cannot check the batching): every iteration starts with that
+    batch again, then goes on with the iterator."""
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self._batches = batches
+        self._head: list[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self._head:
+            self._head.extend(itertools.islice(self._batches, 1))
+        yield from self._head
+        yield from self._batches
+
+
+def replayable(data: Any) -> Any:
+    """``data``, a one-pass iterator wrapped so that its first batch can be read twice (``Replayed``)."""
+    return Replayed(data) if isinstance(data, Iterator) else data
 
 
 def _row_ranges(n: int, batch_size: BatchSize) -> Iterator[range]:

@@ -220,8 +220,8 @@ def query_chunks(
     cosine = normalize == "cosine"
     total = aggregate and not cosine
     # the training data's first examples check the plan's batching where the test data's first batch cannot (one
-    # example): read only then, from a batch, a Dataset or a DataLoader (not a one-pass iterator: its first batch
-    # would not come again)
+    # example): read only then, from a batch, a Dataset, a DataLoader or a ``Replayed`` iterator (a bare one-pass
+    # iterator's first batch would not come again)
     readable = train is not None and (num_examples(train) is not None or not isinstance(train, Iterator))
     scored = partial(first_examples, setup, train, "train") if readable else None
     planned, per_ckpt, scales, size = None, [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
