@@ -584,6 +584,39 @@ def test_3h_activation_checkpointing():
     check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), factored_modes=(None,))
 
 
+class LoopsOverAList(nn.Module):
+    """Calls its layers through a plain list (not an nn.ModuleList): the call's copy must hold the copies of its
+    layers there too, or the checkpoint's tensors never reach them (every score was 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.order = [self.a, torch.tanh, self.b]
+        self.view = (self.order,)  # (the same list, seen through a tuple: stays the same list in the copy)
+
+    def forward(self, x):
+        for step in self.view[0]:
+            x = step(x)
+        return x
+
+
+def test_3i_layers_held_in_plain_containers_are_scored_exactly():
+    model = LoopsOverAList().double().eval()
+    check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
+
+
+def test_3j_a_one_pass_iterator_read_twice_is_refused():
+    """A generator of training batches can be read once: several chunks of test examples need it once each."""
+    model = MLP().double().eval()
+    x, y = data(4, n=6, seed=1)
+    batches = ((x[i : i + 2], y[i : i + 2]) for i in range(0, 6, 2))
+    with pytest.raises(ValueError, match=all_of("one-pass iterator", "test_memory_bytes")):
+        tc.influence(model, make_ckpts(model), batches, data(4, n=3, seed=2), loss_fn=CE, test_memory_bytes=1,
+                     batch_size=2)  # fmt: skip  (two chunks of test examples)
+    with pytest.raises(ValueError, match="`train` holds no examples"):
+        tc.influence(model, make_ckpts(model), iter([]), data(4, n=1, seed=2), loss_fn=CE)
+
+
 class BNNet(nn.Module):
     def __init__(self):
         super().__init__()

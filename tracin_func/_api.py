@@ -202,7 +202,7 @@ def influence(
     agree(setup.ranks, **{"the number of test examples": num_examples(test)})
 
     def local() -> list[list[tuple[int, Any]]]:  # per chunk of test examples, this rank's score blocks
-        with exclusive_use(model, setup.spec):
+        with exclusive_use(setup.spec):
             chunks = query_chunks(
                 setup, test, aggregate=aggregate, normalize=normalize, budget=setup.test_budget, train=data
             )
@@ -294,7 +294,7 @@ def top_k(
 
     def local() -> tuple[list[tuple[TopK | None, int]], int]:  # per test chunk (this rank's top-k, rows), seen
         lists, seen = [], 0
-        with exclusive_use(model, setup.spec):
+        with exclusive_use(setup.spec):
             budget = None if aggregate else setup.test_budget  # lists of summed scores cannot be merged by chunk
             for q in query_chunks(setup, test, aggregate=aggregate, normalize=normalize, budget=budget, train=data):
                 best, seen = None, 0
@@ -416,7 +416,7 @@ def self_influence(
     mine, start, by_batch = share(data, setup.ranks)
 
     def local() -> list[tuple[int, Any]]:
-        with exclusive_use(model, setup.spec):
+        with exclusive_use(setup.spec):
             return list(self_blocks(setup, mine, start=start, ranks=by_batch, per_layer=per_layer))
 
     like = torch.empty(0, dtype=setup.dtype, device=setup.device)
@@ -476,7 +476,7 @@ def embeddings(
     mine, start, by_batch = share(data, setup.ranks)
 
     def local() -> torch.Tensor | list[tuple[int, torch.Tensor]]:
-        with exclusive_use(model, setup.spec):
+        with exclusive_use(setup.spec):
             blocks = embedding_blocks(setup, mine, start=start, ranks=by_batch)
             return list(blocks) if setup.ranks is not None else collect_rows(blocks, num_examples(mine))
 

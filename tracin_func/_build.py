@@ -283,7 +283,7 @@ def build_index(
             disable=not setup.progress,
             leave=False,
         )
-        with exclusive_use(model, setup.spec), bar:
+        with exclusive_use(setup.spec), bar:
             for i in todo:
                 start, stop = ranges[i]
                 embeddings, self_influence, data = _shard_rows(setup, train, start, stop)

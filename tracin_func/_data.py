@@ -108,11 +108,19 @@ class Replayed:
     def __init__(self, batches: Iterator[Any]) -> None:
         self._batches = batches
         self._head: list[Any] = []
+        self._passes = 0
 
     def __iter__(self) -> Iterator[Any]:
         if not self._head:
             self._head.extend(itertools.islice(self._batches, 1))
         yield from self._head
+        self._passes += bool(self._head)  # (reading the first batch alone is no pass; an empty one has no second)
+        if self._passes > 1:
+            raise ValueError(
+                "`train` is a one-pass iterator (a generator), which this call needs to read more than once: once per "
+                "chunk of test examples (more than `test_memory_bytes` holds). Pass a list of batches, a Dataset or "
+                "a DataLoader, or a larger `test_memory_bytes`."
+            )
         yield from self._batches
 
 

@@ -131,8 +131,11 @@ def planned_batches(
 
 
 def first_examples(setup: Setup, data: Any, where: str) -> Any:
-    """The first examples of a batch or a ``Dataset`` (as many as planning reads), checked and on device."""
-    head = next(iter_batches(data, _PLANNING_EXAMPLES, where))
+    """The first examples of a batch or a ``Dataset`` (as many as planning reads), checked and on device; None
+    when ``data`` holds none (an empty iterable: the call says so where it reads the data)."""
+    head = next(iter_batches(data, _PLANNING_EXAMPLES, where), None)
+    if head is None:
+        return None
     check_batch_structure(head, f"`{where}` batch 0", needs_target=setup.needs_target[where == "test"])
     return to_device(head, setup.device, setup.dtype)
 

@@ -96,7 +96,7 @@ def explain(
     if question not in _QUESTIONS:
         raise ValueError(f"`question` must be one of {_QUESTIONS}, got {question!r}.")
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
-    with exclusive_use(model, setup.spec):
+    with exclusive_use(setup.spec):
         offset, batch = next(iter(batches(setup, data, "data", "explain")), (0, None))
         if batch is None:
             raise ValueError("`data` holds no examples.")

@@ -51,61 +51,96 @@ _LOCKS_GUARD = threading.Lock()
 
 
 @contextmanager
-def exclusive_use(model: Any, spec: ModelSpec) -> Iterator[None]:
-    """Hold the user's module for the whole call when the call runs on it (not on a private copy): concurrent
-    calls on that module then run one after the other instead of swapping tensors into it at the same time. The
-    layers' own attributes are as they were after the call (what the forward passes stored in them, say attention
-    maps appended to a list, is undone: also in containers a private copy shares with the user's layers)."""
-    if spec.module is None or spec.module is not model:
-        with leaving_no_trace(spec.module):
-            yield
+def exclusive_use(spec: ModelSpec) -> Iterator[None]:
+    """Hold the module a call runs on for the whole call: the user's (a ``tc.ExampleLoss`` calls it) or a private
+    copy (uncontended, except a tracer's, which every step of every thread uses): concurrent calls on it then run
+    one after the other instead of swapping tensors into it at the same time. The layers' own attributes are as
+    they were after the call (what the forward passes stored in them, say attention maps appended to a list, is
+    undone)."""
+    if spec.module is None:
+        yield
         return
     with _LOCKS_GUARD:
-        lock = _LOCKS.setdefault(model, threading.RLock())
-    with lock, leaving_no_trace(model):
+        lock = _LOCKS.setdefault(spec.module, threading.RLock())
+    with lock, leaving_no_trace(spec.module):
         yield
 
 
 def private_copy(model: nn.Module) -> nn.Module:
-    """A copy of the module tree that shares the user's tensors and attributes but not its module objects.
+    """A copy of the module tree that shares the user's tensors but not its module objects or containers.
 
     ``functional_call`` swaps checkpoint tensors into the modules it calls and planning registers forward hooks;
     both happen on this copy only, so the user's modules are never touched and concurrent calls (threads) never
     see each other's tensors or hooks. The per-module dicts and sets (parameters, buffers, submodules, hooks) are
     copied, and so are the containers a layer keeps (a list its forward appends attention maps to: concurrent calls
-    would fill and restore the same list), shared ones staying shared within the copy; tensors, weight tying and
-    every other attribute are shared with the user's modules.
+    would fill and restore the same list), shared ones staying shared within the copy; a layer of the tree held in
+    an attribute or a container (a plain list of layers the forward loops over) is its copy, so that the call's
+    tensors reach it. Tensors, weight tying and every other attribute are shared with the user's modules.
     """
     copies: dict[int, nn.Module] = {}
-    containers: dict[int, Any] = {}  # the copy of each container, by identity: shared ones stay shared
 
     def copy_of(module: nn.Module) -> nn.Module:
         if id(module) not in copies:
             clone = object.__new__(type(module))  # not copy.copy: parametrized modules refuse to be pickled
             for key, value in vars(module).items():
-                object.__setattr__(clone, key, _copied(value, containers) if key not in MODULE_SLOTS else (
-                    copy.copy(value) if isinstance(value, (dict, set)) else value))  # fmt: skip
+                object.__setattr__(clone, key, copy.copy(value) if isinstance(value, (dict, set)) else value)
             copies[id(module)] = clone
             for name, child in module._modules.items():
                 clone._modules[name] = None if child is None else copy_of(child)
         return copies[id(module)]
 
     root = copy_of(model)
+    containers: dict[int, Any] = {}  # the copy of each container, by identity: shared ones stay shared
+    for clone in copies.values():
+        for key, value in vars(clone).items():
+            if key not in MODULE_SLOTS:
+                object.__setattr__(clone, key, _copied(value, copies, containers))
     for name, module in model.named_modules(remove_duplicate=False):
         _rebind_instance_forward(name, module, copies)
     return root
 
 
-def _copied(value: Any, containers: dict[int, Any], depth: int = 3) -> Any:
-    """``value`` with the containers nested in it (up to ``depth``) copied, once each; other objects shared."""
-    if depth == 0 or type(value) not in (dict, list, set, deque):  # (exact types: a subclass may hold more state)
+def _copied(value: Any, copies: Mapping[int, nn.Module], containers: dict[int, Any], depth: int = 3) -> Any:
+    """``value`` with the tree's modules in it replaced by their copies and its containers (dicts, lists, sets,
+    deques, tuples, subclasses too) copied, once each, ``depth`` levels deep (large ones at once, not walked);
+    other objects shared."""
+    if isinstance(value, nn.Module):
+        return copies.get(id(value), value)
+    if depth == 0 or not isinstance(value, (dict, list, set, deque, tuple)):
         return value
-    if id(value) not in containers:
-        if isinstance(value, dict):
-            containers[id(value)] = {k: _copied(v, containers, depth - 1) for k, v in value.items()}
-        else:
-            containers[id(value)] = type(value)(_copied(v, containers, depth - 1) for v in value)
-    return containers[id(value)]
+    if id(value) in containers:
+        return containers[id(value)]
+    if len(value) > 1000:  # (a vocabulary: items neither modules nor mutated in place, taken to be)
+        copied = value if isinstance(value, tuple) else _shallow(value)
+    else:
+        items = value.items() if isinstance(value, dict) else value
+        new = [(k, _copied(v, copies, containers, depth - 1)) for k, v in items] if isinstance(value, dict) else [
+            _copied(v, copies, containers, depth - 1) for v in items]  # fmt: skip
+        copied = _rebuilt(value, new)
+    containers[id(value)] = copied
+    return copied
+
+
+def _shallow(container: Any) -> Any:
+    try:
+        return copy.copy(container)
+    except Exception:  # a subclass that cannot be copied: shared, as any other object
+        return container
+
+
+def _rebuilt(container: Any, items: list[Any]) -> Any:
+    """A container like ``container`` (its type: a subclass's state, like a defaultdict's factory, copied too) with
+    ``items`` (``(key, value)`` pairs for a dict)."""
+    if isinstance(container, tuple):
+        if type(container) is tuple:
+            return tuple(items)
+        return type(container)._make(items) if hasattr(container, "_fields") else container  # a namedtuple
+    copied = _shallow(container)
+    if copied is container:
+        return container
+    copied.clear()
+    (copied.update if isinstance(copied, (dict, set)) else copied.extend)(items)
+    return copied
 
 
 def _rebind_instance_forward(name: str, module: nn.Module, copies: dict[int, nn.Module]) -> None:

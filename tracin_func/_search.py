@@ -81,7 +81,7 @@ def index_influence(index: Index, setup: Setup, model: Any, test: Any, *, aggreg
     """``[n_test, n_train]`` scores of the test examples against every row of ``index``."""
 
     def local() -> list[list[tuple[int, torch.Tensor]]]:
-        with exclusive_use(model, setup.spec):
+        with exclusive_use(setup.spec):
             return [list(_scores(index, setup, q)) for q in _test_chunks(setup, test, aggregate)]
 
     like = torch.empty(0, device=setup.device, dtype=setup.dtype)
@@ -98,7 +98,7 @@ def index_top_k(
 
     def local() -> list[tuple[TopK | None, int]]:
         lists = []
-        with exclusive_use(model, setup.spec):
+        with exclusive_use(setup.spec):
             for q in _test_chunks(setup, test, aggregate):
                 best = None
                 for offset, block in _scores(index, setup, q):

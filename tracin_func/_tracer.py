@@ -441,7 +441,7 @@ def _plan(
         check_batch_structure(train_batch, "`batch`", needs_target=setup.needs_target[0])
         return to_device(train_batch, device, dtype)
 
-    with exclusive_use(model, setup.spec):
+    with exclusive_use(setup.spec):
         planned = plan_call(setup, test, where, scored=None if train_batch is None else scored)
     module, plan = setup.spec.module, planned.plan
     deferred = plan.batched and n_test < 2 and train_batch is None  # (a one-example batch cannot show mixing)
@@ -545,7 +545,7 @@ def _products(
     diff = {n: move(params[n]) for n in planned.names}
     frozen = {n: move(planned.spec.defaults[n]) for n in planned.defaults}  # buffers: read at each step
     frozen.update({n: move(t) for n, t in params.items() if n not in diff})
-    with exclusive_use(planned.model, planned.spec):
+    with exclusive_use(planned.spec):
         _check_first_batch(planned, diff, frozen, batch)
         test_rep = planned.test(diff, frozen, state.test)
         rep = planned.train(diff, frozen, batch).formed()  # used twice: a norm and the dot
