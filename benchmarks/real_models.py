@@ -368,12 +368,7 @@ def vit(
         num_attention_heads=4, intermediate_size=128, num_labels=10,
     )  # fmt: skip
     hf = _hf_model(ViTForImageClassification, config, dtype, seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    n = n_train + n_test
-    images = torch.randn(n, 3, image_size, image_size, generator=generator, dtype=dtype)
-    data = {"pixel_values": images, "labels": torch.randint(0, 10, (n,), generator=generator)}
-    checkpoints = make_checkpoints(hf, seed + 2)
-    return _hf_workload("vit", hf, checkpoints, data, n_train, form, nn.CrossEntropyLoss())
+    return _image_classifier("vit", hf, n_train, n_test, image_size, form, dtype, seed)
 
 
 def convnext(
@@ -391,12 +386,19 @@ def convnext(
     config = ConvNextConfig(num_channels=3, patch_size=4, hidden_sizes=[32, 64], depths=[2, 2], num_stages=2,
                             num_labels=10, image_size=image_size)  # fmt: skip
     hf = _hf_model(ConvNextForImageClassification, config, dtype, seed)
+    return _image_classifier("convnext", hf, n_train, n_test, image_size, form, dtype, seed)
+
+
+def _image_classifier(
+    name: str, hf: nn.Module, n_train: int, n_test: int, image_size: int, form: str, dtype: torch.dtype, seed: int
+) -> RealWorkload:
+    """A Hugging Face image classifier (10 labels) on random RGB images with random labels."""
     generator = torch.Generator().manual_seed(seed + 1)
     n = n_train + n_test
     images = torch.randn(n, 3, image_size, image_size, generator=generator, dtype=dtype)
     data = {"pixel_values": images, "labels": torch.randint(0, 10, (n,), generator=generator)}
     checkpoints = make_checkpoints(hf, seed + 2)
-    return _hf_workload("convnext", hf, checkpoints, data, n_train, form, nn.CrossEntropyLoss())
+    return _hf_workload(name, hf, checkpoints, data, n_train, form, nn.CrossEntropyLoss())
 
 
 def bart(

@@ -32,6 +32,22 @@ def _ckpts(model, lrs=(0.4, 1.5)):
     return ckpts
 
 
+def _token_task(n_train=7, n_test=3):
+    """Token ids ``[n, 5]`` (vocabulary 50) and labels of 3 classes, for training and test."""
+    return tuple((torch.randint(0, 50, (n, 5)), torch.randint(0, 3, (n,))) for n in (n_train, n_test))
+
+
+def _exact_and_explained(model, train, test):
+    """Influence and self-influence equal the reference (slow paths allowed); the call's ``tc.explain``."""
+    ckpts = _ckpts(model)
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tc.SlowPathWarning)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+        return tc.explain(model, ckpts, train, loss_fn=CE)
+
+
 def _assert_paths_agree(model, train, test, loss_fn=CE, **kw):
     ckpts = _ckpts(model)
     results = {}
@@ -1260,16 +1276,7 @@ def test_channels_first_vectors_are_expanded(conv):
     """A vector shaped ``[C, 1]`` for a channels-first output takes copies ``[B, C, 1]``: batched and exact; one used
     otherwise (here by a 2-D-only op) is refused by planning's check and scored exactly by vmap(grad)."""
     torch.manual_seed(0)
-    model = TokensThroughConv(conv(8, 6)).double().eval()
-    ckpts = _ckpts(model)
-    train = (torch.randint(0, 50, (7, 5)), torch.randint(0, 3, (7,)))
-    test = (torch.randint(0, 50, (3, 5)), torch.randint(0, 3, (3,)))
-    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", tc.SlowPathWarning)
-        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
-        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
-        plan = tc.explain(model, ckpts, train, loss_fn=CE)
+    plan = _exact_and_explained(TokensThroughConv(conv(8, 6)).double().eval(), *_token_task())
     routes = {r.parameter: (r.route, r.reason.split(":")[0]) for r in plan.routes}
     if conv is SeparableConv:
         assert plan.batching == "one batched forward / backward gives every layer's factors"
@@ -1467,15 +1474,7 @@ def test_embedding_subclasses_are_sites_at_their_lookup(words):
     left to vmap(grad). Exact either way."""
     torch.manual_seed(0)
     model = SubclassedEmbeddings(words(50, 8)).double().eval()
-    ckpts = _ckpts(model)
-    train = (torch.randint(0, 50, (7, 5)), torch.randint(0, 3, (7,)))
-    test = (torch.randint(0, 50, (3, 5)), torch.randint(0, 3, (3,)))
-    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", tc.SlowPathWarning)
-        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
-        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
-        routes = {r.parameter: (r.route, r.reason) for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
+    routes = {r.parameter: (r.route, r.reason) for r in _exact_and_explained(model, *_token_task()).routes}
     if words is ScaledEmbedding:
         assert {route for route, _ in routes.values()} <= {"factored", "materialised"}, routes
     else:
@@ -1526,16 +1525,9 @@ def test_layer_norm_subclasses_are_sites_at_their_call(norm):
     with its own configuration (the permutes around it are differentiated as usual); a call with another
     configuration is an unhooked use, left to vmap(grad). Exact either way."""
     torch.manual_seed(0)
-    model = ConvNeXtBlock(norm).double().eval()
-    ckpts = _ckpts(model)
     train = (torch.randn(7, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (7,)))
     test = (torch.randn(3, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (3,)))
-    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", tc.SlowPathWarning)
-        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
-        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
-        explained = tc.explain(model, ckpts, train, loss_fn=CE)
+    explained = _exact_and_explained(ConvNeXtBlock(norm).double().eval(), train, test)
     routes = {r.parameter: (r.route, r.reason) for r in explained.routes}
     if norm is ChannelsFirstLayerNorm:
         assert explained.batching == "one batched forward / backward gives every layer's factors"

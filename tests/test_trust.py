@@ -549,7 +549,7 @@ def test_3f_writes_into_tensors_held_in_containers_are_refused():
             return self.lin(x) + self.bias_table
 
     model = Cached(Counting()).double().eval()
-    model.layer.cache["calls"] = torch.zeros((), dtype=torch.float64)
+    model.layer.cache.update(calls=torch.zeros((), dtype=torch.float64), other=torch.zeros(2))  # (each protected)
     with pytest.raises(ValueError, match=all_of("writes into a tensor in the model's", "'cache'")):
         tc.self_influence(model, make_ckpts(model), data(4, seed=1), loss_fn=CE)
     assert model.layer.cache["calls"].item() == 0

@@ -131,8 +131,8 @@ def planned_batches(
 
 
 def first_examples(setup: Setup, data: Any, where: str) -> Any:
-    """The first examples of a batch or a ``Dataset`` (as many as planning reads), checked and on device; None
-    when ``data`` holds none (an empty iterable: the call says so where it reads the data)."""
+    """The first examples of ``data`` (a batch's or a ``Dataset``'s as many as planning reads, an iterable's first
+    batch), checked and on device; None when it holds none (the call says so where it reads the data)."""
     head = next(iter_batches(data, _PLANNING_EXAMPLES, where), None)
     if head is None:
         return None
@@ -223,10 +223,8 @@ def query_chunks(
     cosine = normalize == "cosine"
     total = aggregate and not cosine
     # the training data's first examples check the plan's batching where the test data's first batch cannot (one
-    # example): read only then, from a batch, a Dataset, a DataLoader or a ``Replayed`` iterator (a bare one-pass
-    # iterator's first batch would not come again)
-    readable = train is not None and (num_examples(train) is not None or not isinstance(train, Iterator))
-    scored = partial(first_examples, setup, train, "train") if readable else None
+    # example): read only then (a one-pass iterator comes wrapped to keep its first batch: ``_data.Replayed``)
+    scored = partial(first_examples, setup, train, "train") if train is not None else None
     planned, per_ckpt, scales, size = None, [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
 
     def chunk() -> Queries:

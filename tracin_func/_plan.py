@@ -15,7 +15,7 @@ from ._assemble import representation_fn, rows_with_gradient, worth_dropping
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._attention import why_not_unrolled as why_not_attention
 from ._capture import BatchableLoss, Hook, batched_factors, discover, hooked
-from ._data import slice_batch
+from ._data import num_examples, slice_batch
 from ._grads import Mapper, Tensors
 from ._layers import (
     Site,
@@ -248,12 +248,11 @@ def make_plan(
                                           "tc.causal_lm_loss, tc.seq2seq_lm_loss, "
                                           "tc.sequence_classification_loss and tc.token_classification_loss for "
                                           "Hugging Face models)")
-    checked, check_losses = batch, losses
-    head = scored() if scored is not None and _examples(batch) < 2 else None
-    if head is not None and _examples(head) >= 2:  # check the training loss on its data
-        checked, check_losses = head, losses[:1]
-        truth = [_true_expanded(module, losses[0], plan, diff, frozen, head)]
-    refused, seen = _batching_refused(module, check_losses, plan, {**frozen, **diff}, checked, mapper, truth)
+    head = scored() if scored is not None and num_examples(batch) < 2 else None
+    if head is not None and num_examples(head) >= 2:  # check the training loss on its data
+        refused, seen = _refused_on_training(module, losses[0], plan, diff, frozen, head, mapper)
+    else:
+        refused, seen = _batching_refused(module, losses, plan, {**frozen, **diff}, batch, mapper, truth)
     if refused:
         return _unexpanded(plan)._replace(batching=f"vmap(grad) over examples: {refused}")
     trimmed = set()
@@ -523,12 +522,15 @@ def training_batching_refused(
 ) -> str:
     """Why batching the training loss on ``batch`` is refused (``""`` when it is not): the check that a plan made
     on a single test example, with no training examples at hand, could not run (``tc.tracer``)."""
+    return _refused_on_training(module, loss, plan, diff, frozen, batch, mapper)[0]
+
+
+def _refused_on_training(
+    module: nn.Module, loss: BatchableLoss, plan: Plan, diff: Tensors, frozen: Tensors, batch: Any, mapper: Mapper
+) -> tuple[str, dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+    """``_batching_refused`` for the training loss alone, on training examples (their "expanded" sites' truth too)."""
     truth = [_true_expanded(module, loss, plan, diff, frozen, batch)]
-    return _batching_refused(module, [loss], plan, {**frozen, **diff}, batch, mapper, truth)[0]
-
-
-def _examples(batch: Any) -> int:
-    return optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
+    return _batching_refused(module, [loss], plan, {**frozen, **diff}, batch, mapper, truth)
 
 
 def _true_expanded(

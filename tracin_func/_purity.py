@@ -189,7 +189,10 @@ def _tensors(*trees: Any) -> list[torch.Tensor]:
 
 
 def _tensors_within(value: Any, depth: int = 3) -> list[torch.Tensor]:
-    """The tensors in the containers nested in ``value`` (small ones: a vocabulary list is not walked)."""
+    """``value`` if a tensor, else the tensors in the containers nested in it (small ones: a vocabulary list is not
+    walked)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
     if depth == 0 or not isinstance(value, CONTAINERS) or len(value) > 1000:
         return []
     items = value.values() if isinstance(value, dict) else value
@@ -203,24 +206,22 @@ def _attributes(m: nn.Module) -> dict[str, Any]:
 
 def _holds(value: Any, tensors: set[int]) -> bool:
     """Whether ``value`` (a tensor, or containers of them) holds one of ``tensors`` (identities)."""
-    if isinstance(value, torch.Tensor):
-        return id(value) in tensors
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, CONTAINERS) else ()
-    return any(_holds(v, tensors) for v in items)
+    return any(id(t) in tensors for t in _tensors_within(value))
 
 
 def _protected(module: nn.Module | None, state: Tensors, example: Any) -> dict[int, str]:
     """Storages no forward pass may write: the checkpoint's tensors, the model's tensors and the inputs."""
-    named: dict[str, torch.Tensor] = {}
+    named: list[tuple[str, Any]] = []  # (a name for messages, a tensor): later ones win a shared storage
     for path, m in module.named_modules() if module is not None else ():
         prefix = f"{path}." if path else ""
         tensors = {**m._parameters, **m._buffers, **{k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}}
-        named.update({f"the model's tensor {prefix}{k!r}": t for k, t in tensors.items() if t is not None})
+        named += [(f"the model's tensor {prefix}{k!r}", t) for k, t in tensors.items()]
         for key, value in own_attributes(m).items():  # tensors held in containers ("calls" counters, statistics)
-            named.update({f"a tensor in the model's {prefix}{key!r}": t for t in _tensors_within(value)})
-    named.update({f"the checkpoint's tensor {n!r}": t for n, t in state.items()})
-    named.update({f"input tensor {i}": t for i, t in enumerate(optree.tree_leaves(example, none_is_leaf=True))})
-    return {ptr: name for name, t in named.items() if isinstance(t, torch.Tensor) and (ptr := _storage(t))}
+            if isinstance(value, CONTAINERS):
+                named += [(f"a tensor in the model's {prefix}{key!r}", t) for t in _tensors_within(value)]
+    named += [(f"the checkpoint's tensor {n!r}", t) for n, t in state.items()]
+    named += [(f"input tensor {i}", t) for i, t in enumerate(optree.tree_leaves(example, none_is_leaf=True))]
+    return {ptr: name for name, t in named if isinstance(t, torch.Tensor) and (ptr := _storage(t))}
 
 
 def check_forward(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, batch: Any, where: str) -> None:

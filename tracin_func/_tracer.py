@@ -444,8 +444,9 @@ def _plan(
     with exclusive_use(setup.spec):
         planned = plan_call(setup, test, where, scored=None if train_batch is None else scored)
     module, plan = setup.spec.module, planned.plan
-    deferred = plan.batched and n_test < 2 and train_batch is None  # (a one-example batch cannot show mixing)
-    check = partial(training_batching_refused, module, setup.train_loss, plan, mapper=planned.mapper)
+    check = None
+    if plan.batched and n_test < 2 and train_batch is None:  # (a one-example batch cannot show mixing)
+        check = partial(training_batching_refused, module, setup.train_loss, plan, mapper=planned.mapper)
     train = representation_fn(module, setup.train_loss, plan, planned.mapper)
     test_rep = train if setup.test_loss is setup.train_loss else representation_fn(
         module, setup.test_loss, plan, planned.mapper
@@ -462,7 +463,7 @@ def _plan(
         shape=(n_test, n_train),
         device=device,
         dtype=dtype,
-        first_batch_check=check if deferred else None,
+        first_batch_check=check,
         checked=[False],
     )
 
