@@ -517,6 +517,58 @@ def test_rows_broadcast_over_the_batch_are_batched_and_mixing_is_refused(mix):
         assert "changed the first examples' factors at 'pos'" in plan.batching
 
 
+class FoldedEmbeddings(nn.Module):
+    """Token rows plus position rows ``[1, T]`` broadcast over the batch (an Embedding lookup and a parameter), times
+    a scale used elementwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(10, 4), nn.Embedding(6, 4)
+        self.shift, self.scale = nn.Parameter(torch.randn(1, 6, 4)), nn.Parameter(torch.randn(4))
+        self.register_buffer("ids", torch.arange(6)[None], persistent=False)
+
+    def forward(self, tokens):
+        t = tokens.shape[1]
+        return torch.tanh(self.tok(tokens) + self.pos(self.ids[:, :t]) + self.shift[:, :t]) * self.scale
+
+
+class FoldedChoices(nn.Module):
+    """Multiple choice as Hugging Face runs it: ``[B, C, T]`` tokens folded into the batch (``[B C, T]``), one score
+    per choice unfolded into ``[B, C]`` logits; ``mix`` centres every row over the folded batch."""
+
+    def __init__(self, mix=False):
+        super().__init__()
+        self.embeddings, self.fc, self.mix = FoldedEmbeddings(), nn.Linear(4, 1), mix
+
+    def forward(self, tokens):
+        b, c, t = tokens.shape
+        h = self.embeddings(tokens.view(b * c, t))
+        return self.fc((h - h.mean(0) if self.mix else h).mean(1)).view(b, c)
+
+
+@pytest.mark.parametrize("mix", [False, True], ids=["folded", "mixed-over-the-folded-batch"])
+def test_rows_broadcast_over_a_folded_batch_are_batched(mix):
+    """Each broadcast row (lookup, parameter) gets a row per row of the folded batch, summed per example: exact
+    and batched (multiple choice ran through the per-example loop); examples mixing over that batch refused."""
+    torch.manual_seed(0)
+    model = FoldedChoices(mix).double().eval()
+    tokens, y = torch.randint(0, 10, (8, 3, 5)), torch.randint(0, 3, (8,))
+    train, test = (tokens, y), (tokens[:3], y[:3])
+    _assert_paths_agree(model, train, test)
+    ckpts = _ckpts(model)
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    for batch_size in (None, 3):  # one batch, and batches of 3, 3, 2
+        got = tc.influence(model, ckpts, train, test, loss_fn=CE, batch_size=batch_size)
+        assert_close(got, ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=batch_size), ref.self_influence)
+    plan = _plan(model, train)
+    assert plan.fold == 3 and plan.batched is not mix
+    if mix:
+        assert "changed the first examples' factors" in plan.batching
+    else:
+        assert not plan.dense and plan.route("embeddings.shift") == plan.route("embeddings.scale") == "materialised"
+
+
 class RelativeBias(nn.Module):
     """T5's relative position bias: an Embedding looked up on ``[T, T]`` offsets (no batch dimension), added to every
     example's scores."""

@@ -104,9 +104,8 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
         lambda: classifier(T.DebertaV2Config, T.DebertaV2ForSequenceClassification, relative_attention=True,
                            position_buckets=4, max_relative_positions=8, pos_att_type=["p2c", "c2p"], **SMALL),
         "'deberta.encoder.rel_embeddings' is not called as a module"),  # fmt: skip
-    "bert_multiple_choice": (  # its [1, T] position row broadcast over the folded batch meets a row per example
-        lambda: multiple_choice(T.BertConfig, T.BertForMultipleChoice, **SMALL),
-        "a batched forward failed where examples alone ran"),  # fmt: skip
+    "bert_multiple_choice": (  # [B, C, T] folded into [B C, T]: its [1, T] position row gets a row per row of that
+        lambda: multiple_choice(T.BertConfig, T.BertForMultipleChoice, **SMALL), BATCHED),  # fmt: skip
     "gpt_neo": (lambda: causal_lm(T.GPTNeoConfig, T.GPTNeoForCausalLM, hidden_size=32, num_layers=2, num_heads=4,
                                   vocab_size=100, attention_types=[[["global", "local"], 1]],
                                   max_position_embeddings=40, bos_token_id=0, eos_token_id=0), BATCHED),  # fmt: skip

@@ -163,14 +163,17 @@ def batched_factors(
     reaches a parameter planned as unused, ``Plan.unused``).
 
     A site called on one row that the model broadcasts over the batch (BERT's and GPT-2's ``[1, T]`` position ids)
-    gets a probe with one row per example, so that its output gradient is each example's own; planning checks on
-    the first examples that the model treats that row like any batched one (``_plan._batching_refused``).
+    gets a probe with one row per example (per row of its folded batch, ``Plan.fold``, summed per example), so that
+    its output gradient is each example's own; planning checks on the first examples that the model treats that row
+    like any batched one (``_plan._batching_refused``).
     ``refuse_recomputing`` (planning's check): refuse a forward that recomputes layers in the backward pass.
     """
     n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
+    rows = n * plan.fold  # of the batch dimension, where the model folds an example's items into it
     inputs: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
     # per call: (a tensor shaped like the output gradient, what autograd differentiates: a probe or the output's edge)
     outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor | GradientEdge]]] = {s.path: [] for s in plan.sites}
+    copied: set[torch.Tensor] = set()  # probes and parameter copies with a row per row of the batch dimension
 
     def hook_for(site: Site) -> Hook:
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
@@ -178,7 +181,8 @@ def batched_factors(
             inputs[site.path].append(x)
             if n > 1 and output.dim() > 1 and x.dim() > 1 and output.shape[0] == 1 and x.shape[0] == 1:
                 inputs[site.path][-1] = x.expand(n, *x.shape[1:])  # one row for the whole batch: each example's
-                probe = output.new_zeros((n, *output.shape[1:])).requires_grad_()  # copy of it, and of its gradient
+                probe = output.new_zeros((rows, *output.shape[1:])).requires_grad_()  # copy of it and of its gradient
+                copied.add(probe)
             elif output.requires_grad:  # its gradient where autograd passes it (before any later in-place change)
                 outputs[site.path].append((output, get_gradient_edge(output)))
                 return None
@@ -195,8 +199,9 @@ def batched_factors(
 
     expanded = [s for s in plan.sites if s.kind == "expanded"]
     shapes = {name: state[name].shape for site in expanded for name in site.names}
-    copies = {name: _expanded(state[name], n, site.rank) for site in expanded for name in site.names}
+    copies = {name: _expanded(state[name], rows, site.rank) for site in expanded for name in site.names}
     unused = {name: state[name].detach().requires_grad_() for name in plan.unused}  # must stay unreached
+    copied.update(copies.values())
     state = {**state, **copies, **unused}
     with torch.enable_grad():
         hooks = {s.path: hook_for(s) for s in plan.sites if s.kind != "expanded"}
@@ -214,7 +219,10 @@ def batched_factors(
         flat = [o for s in plan.sites for o in outputs[s.path]] + [(c, c) for c in copies.values()]
         grads = torch.autograd.grad(total, [edge for _, edge in flat] + list(unused.values()), allow_unused=True)
     _refuse_reached(unused, grads[len(flat) :])
-    grads = iter(torch.zeros_like(like) if g is None else g for g, (like, _) in zip(grads, flat))
+    grads = iter(
+        torch.zeros_like(like) if g is None else _per_example(g, n) if like in copied else g
+        for g, (like, _) in zip(grads, flat)
+    )
     factors = {s.path: (inputs[s.path], [next(grads) for _ in outputs[s.path]]) for s in plan.sites}
     modules = dict(module.named_modules())
     for site in plan.sites:  # a token-wise layer fed [n T, d] (OPT flattens tokens before its MLP): rows per example
@@ -280,6 +288,12 @@ def refusing_uncalled(module: nn.Module, plan: Plan) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _per_example(g: torch.Tensor, n: int) -> torch.Tensor:
+    """The gradient of a probe or copy with a row per row of the batch dimension, ``[n fold, ...]``, summed over each
+    example's rows (all copies of the same row)."""
+    return g if g.shape[0] == n else g.reshape(n, -1, *g.shape[1:]).sum(1)
 
 
 def _split_rows(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -56,6 +56,9 @@ class Plan(NamedTuple):
     # parameters the forward and the loss do not use, on a batched plan: zero gradients (refused if used later); a
     # plan that runs vmap(grad) anyway keeps them in ``dense``
     unused: tuple[str, ...] = ()
+    # rows of the batch dimension per example where the model folds an example's items into its batch (``[B, C, T]``
+    # ids run as ``[B C, T]``: multiple choice); a row broadcast over the batch meets ``B fold`` rows
+    fold: int = 1
 
     def route(self, name: str) -> str:
         """``"factored"`` (inner products of factors), ``"materialised"`` (from factors), ``"unused"`` or ``"vmap"``."""
@@ -176,8 +179,10 @@ def make_plan(
     idle: dict[str, Site] = {}  # modules holding a tied tensor that no loss calls: its other uses are its sites
     unused = set(names)  # parameters no loss reaches: not even through a site's call
     called: set[str] = set()  # sites called under some loss so far
+    first_calls: dict[str, list[tuple[int, ...] | None]] = {}  # the first loss's output shapes per site
     for i, loss in enumerate(losses if sites else ()):
         calls, leaked, unreached = discover(module, loss, list(sites.values()), diff, frozen, batch)
+        first_calls = first_calls or calls
         detached = {n for p, s in sites.items() if calls[p] and s.kind != "expanded" for n in s.names}
         unused &= unreached - detached
         truth.append({n: leaked[n] for s in sites.values() if s.kind == "expanded" for n in s.names})
@@ -220,6 +225,7 @@ def make_plan(
             reasons.update({n: _why_site(site, rows, factored, path in kernel, self_only) for n in site.names})
     for path in idle:
         sites.pop(path, None)  # (unless dropped with a partner)
+    fold = _folded_rows(sites, first_calls, modules)
     if self_only and factored is not False:
         kernel |= _tied_kept(sites, rows_of, factored, reasons)
     dense = _not_in_sites(names, sites.values())
@@ -237,7 +243,7 @@ def make_plan(
     plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel), False, reasons, "", size)
     covered = {n for s in sites.values() for n in s.names}
     uncalled = tuple(p for p, s in idle.items() if set(s.names) <= covered)
-    plan = plan._replace(costed=not factored, uncalled=uncalled)
+    plan = plan._replace(costed=not factored, uncalled=uncalled, fold=fold)
     if not sites:
         return plan._replace(batching="vmap(grad) over examples: no layer gives factors")
     if set(dense) - unused:
@@ -285,6 +291,22 @@ def make_plan(
     batching = "one batched forward / backward gives every layer's factors"
     return plan._replace(batched=True, batching=batching, kernel=frozenset(kernel), trimmed=frozenset(trimmed),
                          example_bytes=size, dense=(), unused=tuple(n for n in names if n in unused))
+
+
+def _folded_rows(
+    sites: Mapping[str, Site], calls: Mapping[str, list[tuple[int, ...] | None]], modules: Mapping[str, nn.Module]
+) -> int:
+    """Rows of the batch dimension per example (``Plan.fold``): the leading size, other than 1, of one example's
+    sequences (``[C, T, d]``) at token-wise layers, when they all have the same; else 1 (the batching check refuses a
+    model whose broadcast rows then meet a batch they do not fit)."""
+    sizes = {
+        shape[0]
+        for path, site in sites.items()
+        if token_wise(modules.get(path), site)
+        for shape in calls.get(path, ())
+        if shape is not None and len(shape) >= 3 and shape[0] != 1
+    }
+    return sizes.pop() if len(sizes) == 1 else 1
 
 
 # One gathered row product of a token-rows dot costs about as much as this many multiply-adds of a materialised
