@@ -726,6 +726,39 @@ def test_one_test_example_checks_the_batching_on_the_training_data():
     assert seen[0].batched
 
 
+def test_a_plan_made_on_one_example_checks_its_first_batch_of_two_or_more():
+    """Batches of 1, 3 and 4 examples (a bucketing sampler): planned on the first, whose batched and lone runs are the
+    same, the call checks the batching on the next batch and refuses a model that mixes the examples of a batch (it
+    was scored batched, silently: self-influence, embeddings, and influence of one test example); a model that does
+    not mix stays batched and exact."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    sizes = [[0], [1, 2, 3], [4, 5, 6, 7]]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_sampler=sizes)
+    model = MixesExamples().double().eval()
+    ckpts = _ckpts(model)
+    refused = "planned on a single example.*the first batch of two or more examples shows it does not.*factored=False"
+    for call in (
+        lambda: tc.self_influence(model, ckpts, loader, loss_fn=CE),
+        lambda: tc.embeddings(model, ckpts, loader, loss_fn=CE),
+        lambda: tc.influence(model, ckpts, loader, (x[:1], y[:1]), loss_fn=CE),
+    ):
+        with pytest.raises(ValueError, match=refused):
+            call()
+    ref = reference_scores(model, ckpts, (x, y), (x[:1], y[:1]), loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap falls back to the loop on the model's batch statistics
+        assert_close(tc.self_influence(model, ckpts, loader, loss_fn=CE, factored=False), ref.self_influence)
+    plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    ckpts = _ckpts(plain)
+    ref = reference_scores(plain, ckpts, (x, y), (x[:1], y[:1]), loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # batched: no slow-path warning
+        assert_close(tc.self_influence(plain, ckpts, loader, loss_fn=CE), ref.self_influence)
+        assert_close(tc.influence(plain, ckpts, loader, (x[:1], y[:1]), loss_fn=CE), ref.influence)
+    assert _plan(plain, loader).batched and not _plan(plain, loader).checked
+
+
 @pytest.mark.parametrize(
     ("tokens", "kernel"), [(1, True), (40, False)]
 )  # T^2 (d_in + d_out) against d_in d_out = 16 * 16

@@ -11,7 +11,7 @@ import optree
 import torch
 from torch import nn
 
-from ._assemble import representation_fn, rows_with_gradient, worth_dropping
+from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, worth_dropping
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._attention import why_not_unrolled as why_not_attention
 from ._capture import BatchableLoss, Hook, batched_factors, discover, hooked
@@ -32,6 +32,7 @@ from ._layers import (
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
 from ._purity import check_forward
 from ._recurrent import recurrent_sites, why_not_unrolled
+from ._representations import Representation
 from ._setup import Setup
 from ._state import leaving_no_trace
 from ._updates import Updates, make_updates
@@ -56,6 +57,9 @@ class Plan(NamedTuple):
     # parameters the forward and the loss do not use, on a batched plan: zero gradients (refused if used later); a
     # plan that runs vmap(grad) anyway keeps them in ``dense``
     unused: tuple[str, ...] = ()
+    # whether the batching check ran on two or more examples (a lone example's batched and single runs are the same:
+    # a plan made on one example checks its first batch of two or more, ``_checking_first_batch``)
+    checked: bool = True
     # rows of the batch dimension per example where the model folds an example's items into its batch (``[B, C, T]``
     # ids run as ``[B C, T]``: multiple choice); a row broadcast over the batch meets ``B fold`` rows
     fold: int = 1
@@ -76,6 +80,8 @@ class PlannedCall(NamedTuple):
     plan: Plan
     mapper: Mapper  # says, once used, whether vmap fell back to a per-example loop
     updates: Updates
+    train: RepresentationFn  # (diff, frozen, batch) -> Representation, for the training loss
+    test: RepresentationFn  # the same for the test loss
 
 
 def plan_call(
@@ -109,8 +115,41 @@ def plan_call(
             + ". `tc.explain(model, checkpoints, data, loss_fn=...)` shows every parameter's route and why.",
             SlowPathWarning,
         )
-    train, test = (representation_fn(module, loss, plan, mapper) for loss in (setup.train_loss, setup.test_loss))
-    return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection))
+    reps = {}
+    for loss in losses:
+        reps[id(loss)] = representation_fn(module, loss, plan, mapper)
+        if plan.batched and not plan.checked:
+            reps[id(loss)] = _checking_first_batch(reps[id(loss)], module, loss, plan, mapper)
+    train, test = reps[id(setup.train_loss)], reps[id(setup.test_loss)]
+    return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection), train, test)
+
+
+def _checking_first_batch(
+    rep: RepresentationFn, module: nn.Module, loss: BatchableLoss, plan: Plan, mapper: Mapper
+) -> RepresentationFn:
+    """``rep`` checking the batching first on its first batch of two or more examples, for a plan made on a single
+    example (``Plan.checked``): a model that mixes a batch's examples is refused there, never scored batched."""
+    checked = []  # set once; threads may both check the first batch (the same answer)
+
+    @torch.compiler.disable  # eager inside compiled updates
+    def check(diff: Tensors, frozen: Tensors, batch: Any) -> None:
+        if checked or num_examples(batch) < 2:
+            return
+        why = _refused_on(module, loss, plan, diff, frozen, batch, mapper)[0]
+        if why:
+            raise ValueError(
+                f"`model`: the call was planned on a single example, whose batched and single runs are the same, so "
+                f"planning could not check that the model keeps a batch's examples apart; the first batch of two or "
+                f"more examples shows it does not ({why}). Pass `factored=False`, or plan on two or more examples "
+                f"(a first batch of two or more; for a tracer, two or more test examples)."
+            )
+        checked.append(True)
+
+    def checking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
+        check(diff, frozen, batch)
+        return rep(diff, frozen, batch)
+
+    return checking
 
 
 def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...] | None]) -> int:
@@ -256,9 +295,10 @@ def make_plan(
                                           "Hugging Face models)")
     head = scored() if scored is not None and num_examples(batch) < 2 else None
     if head is not None and num_examples(head) >= 2:  # check the training loss on its data
-        refused, seen = _refused_on_training(module, losses[0], plan, diff, frozen, head, mapper)
+        refused, seen = _refused_on(module, losses[0], plan, diff, frozen, head, mapper)
     else:
         refused, seen = _batching_refused(module, losses, plan, {**frozen, **diff}, batch, mapper, truth)
+    checked = num_examples(batch) >= 2 or head is not None and num_examples(head) >= 2
     if refused:
         return _unexpanded(plan)._replace(batching=f"vmap(grad) over examples: {refused}")
     trimmed = set()
@@ -290,7 +330,7 @@ def make_plan(
     reasons.update({n: _UNUSED for n in unused})
     batching = "one batched forward / backward gives every layer's factors"
     return plan._replace(batched=True, batching=batching, kernel=frozenset(kernel), trimmed=frozenset(trimmed),
-                         example_bytes=size, dense=(), unused=tuple(n for n in names if n in unused))
+                         example_bytes=size, dense=(), unused=tuple(n for n in names if n in unused), checked=checked)
 
 
 def _folded_rows(
@@ -539,18 +579,11 @@ def _batching_refused(
     return "", seen
 
 
-def training_batching_refused(
-    module: nn.Module, loss: BatchableLoss, plan: Plan, diff: Tensors, frozen: Tensors, batch: Any, mapper: Mapper
-) -> str:
-    """Why batching the training loss on ``batch`` is refused (``""`` when it is not): the check that a plan made
-    on a single test example, with no training examples at hand, could not run (``tc.tracer``)."""
-    return _refused_on_training(module, loss, plan, diff, frozen, batch, mapper)[0]
-
-
-def _refused_on_training(
+def _refused_on(
     module: nn.Module, loss: BatchableLoss, plan: Plan, diff: Tensors, frozen: Tensors, batch: Any, mapper: Mapper
 ) -> tuple[str, dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]:
-    """``_batching_refused`` for the training loss alone, on training examples (their "expanded" sites' truth too)."""
+    """``_batching_refused`` for one loss on ``batch`` (its "expanded" sites' truth too), other data than the plan was
+    made on (training examples, when it was made on a single test example)."""
     truth = [_true_expanded(module, loss, plan, diff, frozen, batch)]
     return _batching_refused(module, [loss], plan, {**frozen, **diff}, batch, mapper, truth)
 

@@ -30,18 +30,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from functools import partial
 from typing import Any, NamedTuple
 
 import optree
 import torch
 
-from ._assemble import RepresentationFn, representation_fn
+from ._assemble import RepresentationFn
 from ._checkpoints import Checkpoint
 from ._data import batch_size_of, check_batch_structure, to_device
-from ._grads import Tensors
 from ._model import ModelSpec, check_eval_mode, check_no_backward_hooks, exclusive_use
-from ._plan import plan_call, training_batching_refused
+from ._plan import plan_call
 from ._setup import make_setup
 
 
@@ -92,10 +90,6 @@ class _Planned(NamedTuple):
     shape: tuple[int, int]  # (n_test, n_train)
     device: torch.device
     dtype: torch.dtype
-    # planned batched on a single test example, before any training batch: (diff, frozen, batch) -> why the first
-    # training batch of two or more examples refuses batching ("" if not), and whether one was checked yet
-    first_batch_check: Callable[[Tensors, Tensors, Any], str] | None
-    checked: list[bool]  # [whether the first training batch was checked]: set once, by the first step
 
 
 def _checked_test(
@@ -443,45 +437,19 @@ def _plan(
 
     with exclusive_use(setup.spec):
         planned = plan_call(setup, test, where, scored=None if train_batch is None else scored)
-    module, plan = setup.spec.module, planned.plan
-    check = None
-    if plan.batched and n_test < 2 and train_batch is None:  # (a one-example batch cannot show mixing)
-        check = partial(training_batching_refused, module, setup.train_loss, plan, mapper=planned.mapper)
-    train = representation_fn(module, setup.train_loss, plan, planned.mapper)
-    test_rep = train if setup.test_loss is setup.train_loss else representation_fn(
-        module, setup.test_loss, plan, planned.mapper
-    )
     return _Planned(
         model=model,
         spec=setup.spec,
-        train=train,
-        test=test_rep,
-        names=plan.names,
+        train=planned.train,  # planned on a single test example: checks the batching on its first training batch
+        test=planned.test,
+        names=planned.plan.names,
         shapes={n: tuple(t.shape) for n, t in params.items()},
         defaults=tuple(n for n in setup.spec.defaults if n not in params),
         needs_target=setup.needs_target[0],
         shape=(n_test, n_train),
         device=device,
         dtype=dtype,
-        first_batch_check=check,
-        checked=[False],
     )
-
-
-def _check_first_batch(planned: _Planned, diff: Tensors, frozen: Tensors, batch: Any) -> None:
-    """A tracer planned batched on a single test example checks the batching on its first training batch of two or
-    more examples (a lone example's batched and single runs are the same: planning could not see the model mix the
-    examples of a batch), and refuses the step when that batch shows it."""
-    if planned.first_batch_check is None or planned.checked[0] or batch_size_of(batch, "`batch`") < 2:
-        return
-    why = planned.first_batch_check(diff, frozen, batch)
-    if why:
-        raise ValueError(
-            f"`tc.tracer` was planned on a single test example, whose batched and single runs are the same, so it "
-            f"could not check that the model keeps a batch's examples apart; this first training batch shows it does "
-            f"not ({why}). Make the tracer with `factored=False`, or on two or more test examples."
-        )
-    planned.checked[0] = True
 
 
 def _check_params(planned: _Planned, params: Any) -> None:
@@ -547,7 +515,6 @@ def _products(
     frozen = {n: move(planned.spec.defaults[n]) for n in planned.defaults}  # buffers: read at each step
     frozen.update({n: move(t) for n, t in params.items() if n not in diff})
     with exclusive_use(planned.spec):
-        _check_first_batch(planned, diff, frozen, batch)
         test_rep = planned.test(diff, frozen, state.test)
         rep = planned.train(diff, frozen, batch).formed()  # used twice: a norm and the dot
         sq_norms = rep.sq_norm()
