@@ -569,6 +569,66 @@ def test_rows_broadcast_over_a_folded_batch_are_batched(mix):
         assert not plan.dense and plan.route("embeddings.shift") == plan.route("embeddings.scale") == "materialised"
 
 
+class Chunked(nn.Module):
+    """A long-document classifier: ``[B, L]`` tokens cut into chunks of 4 folded into the batch (``[B L / 4, 4]``), a
+    ``[1, 4]`` position row broadcast over them, a scale used elementwise, the chunks summed per document."""
+
+    def __init__(self):
+        super().__init__()
+        self.embeddings, self.fc = FoldedEmbeddings(), nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        return self.fc(self.embeddings(tokens.reshape(-1, 4)).reshape(tokens.shape[0], -1, 4).sum(1))
+
+
+def test_a_batch_folding_another_number_of_items_is_exact_or_refused():
+    """Planned on documents of 3 chunks: a last batch of one document of 1 chunk is exact (its broadcast rows got 3
+    copies: 2x the reference, silently); a batch of documents of 2 chunks is refused with the fix (a raw error)."""
+    torch.manual_seed(0)
+    model = Chunked().double().eval()
+    ckpts, g = _ckpts(model), torch.Generator().manual_seed(1)
+
+    def docs(n, chunks):
+        return torch.randint(0, 10, (n, 4 * chunks), generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    test = docs(3, 3)
+    train = [docs(4, 3), docs(1, 1)]
+    refs = [reference_scores(model, ckpts, b, test, loss_fn=CE) for b in train]
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), torch.cat([r.influence for r in refs], 1))
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), torch.cat([r.self_influence for r in refs]))
+    assert _plan(model, test).fold == 3
+    with pytest.raises(ValueError, match="folds 3 items .* this batch of 3 folds 2 per example.*factored=False"):
+        tc.influence(model, ckpts, [docs(4, 3), docs(3, 2)], test, loss_fn=CE)
+
+
+class ContextAndChoices(nn.Module):
+    """A context ``[B, T]`` with a ``[1, T]`` position row, and choices ``[B, C, T]`` folded into the batch through a
+    Linear: the row meets the unfolded context."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.proj = nn.Embedding(10, 4), nn.Embedding(5, 4), nn.Linear(4, 4)
+        self.register_buffer("ids", torch.arange(5)[None], persistent=False)
+
+    def forward(self, x):  # [B, 1 + C, T]: the context, then the choices
+        b, c = x.shape[0], x.shape[1] - 1
+        context = torch.tanh(self.tok(x[:, 0]) + self.pos(self.ids)).mean(1)
+        choices = self.proj(self.tok(x[:, 1:].reshape(b * c, -1))).mean(1).view(b, c, 4)
+        return (choices * context[:, None]).sum(-1)
+
+
+def test_a_row_broadcast_over_an_unfolded_part_stays_batched():
+    """The choices fold (3 rows per example) but the position row meets the context (1): planning retries unfolded."""
+    torch.manual_seed(0)
+    model = ContextAndChoices().double().eval()
+    x, y = torch.randint(0, 10, (8, 4, 5)), torch.randint(0, 3, (8,))
+    ckpts = _ckpts(model)
+    ref = reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE)
+    assert_close(tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE), ref.influence)
+    plan = _plan(model, (x, y))
+    assert plan.batched and plan.fold == 1
+
+
 class RelativeBias(nn.Module):
     """T5's relative position bias: an Embedding looked up on ``[T, T]`` offsets (no batch dimension), added to every
     example's scores."""

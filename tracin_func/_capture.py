@@ -169,7 +169,10 @@ def batched_factors(
     ``refuse_recomputing`` (planning's check): refuse a forward that recomputes layers in the backward pass.
     """
     n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
-    rows = n * plan.fold  # of the batch dimension, where the model folds an example's items into it
+    # rows of the batch dimension, where the model folds an example's items into it (one example: a row broadcast
+    # over its items gets their gradients summed by autograd, whatever their number)
+    rows = n * plan.fold if n > 1 else 1
+    folded: set[int] = set()  # leading sizes of the sequences token-wise layers give ([rows, T, d])
     inputs: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
     # per call: (a tensor shaped like the output gradient, what autograd differentiates: a probe or the output's edge)
     outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor | GradientEdge]]] = {s.path: [] for s in plan.sites}
@@ -179,7 +182,9 @@ def batched_factors(
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
             x = recorded_input(layer, site, args[0], output).detach()
             inputs[site.path].append(x)
-            if n > 1 and output.dim() > 1 and x.dim() > 1 and output.shape[0] == 1 and x.shape[0] == 1:
+            if output.dim() >= 3 and token_wise(layer, site):
+                folded.add(output.shape[0])
+            if rows > 1 and output.dim() > 1 and x.dim() > 1 and output.shape[0] == 1 and x.shape[0] == 1:
                 inputs[site.path][-1] = x.expand(n, *x.shape[1:])  # one row for the whole batch: each example's
                 probe = output.new_zeros((rows, *output.shape[1:])).requires_grad_()  # copy of it and of its gradient
                 copied.add(probe)
@@ -206,12 +211,22 @@ def batched_factors(
     with torch.enable_grad():
         hooks = {s.path: hook_for(s) for s in plan.sites if s.kind != "expanded"}
         watch = _Recomputing() if refuse_recomputing else nullcontext()
-        with hooked(module, hooks), refusing_uncalled(module, plan), watch:
-            if isinstance(loss, BatchedLoss):
-                total = loss.per_example(state, batch).sum()
-            else:
-                *model_inputs, target = batch
-                output = loss.forward(state, *model_inputs)
+        try:
+            with hooked(module, hooks), refusing_uncalled(module, plan), watch:
+                if isinstance(loss, BatchedLoss):
+                    total = loss.per_example(state, batch).sum()
+                else:
+                    *model_inputs, target = batch
+                    output = loss.forward(state, *model_inputs)
+        except RuntimeError as err:  # broadcast rows given `rows` rows meet a batch folding another number of items
+            if rows == n or not folded - {1, rows}:
+                raise
+            raise FoldMismatch(
+                f"`model`: the call was planned on examples whose model folds {plan.fold} items (choices, chunks) into "
+                f"its batch, and this batch of {n} folds {sorted(folded - {1, rows})[0] / n:g} per example, which the "
+                f"planned rows broadcast over the batch do not fit ({type(err).__name__}: {err}). Pass "
+                f"`factored=False`, or data with as many items per example throughout."
+            ) from err
         if isinstance(loss, CriterionLoss):
             total = summed_example_losses(loss.criterion, output, target)
             if total is None:
@@ -232,6 +247,11 @@ def batched_factors(
     for site in expanded:  # no inputs: the per-example gradients themselves, [B, *shape]
         factors[site.path] = ([], [next(grads).reshape(n, *shapes[name]) for name in site.names])
     return factors
+
+
+class FoldMismatch(ValueError, RuntimeError):
+    """A batch folding another number of items per example into the batch than the call was planned on (a
+    ``RuntimeError`` too: planning's batching check refuses the batched path on it, as on any failed batched run)."""
 
 
 class _Recomputing(TorchFunctionMode):

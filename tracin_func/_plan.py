@@ -294,10 +294,18 @@ def make_plan(
                                           "tc.sequence_classification_loss and tc.token_classification_loss for "
                                           "Hugging Face models)")
     head = scored() if scored is not None and num_examples(batch) < 2 else None
-    if head is not None and num_examples(head) >= 2:  # check the training loss on its data
-        refused, seen = _refused_on(module, losses[0], plan, diff, frozen, head, mapper)
-    else:
-        refused, seen = _batching_refused(module, losses, plan, {**frozen, **diff}, batch, mapper, truth)
+
+    def refused_for(plan: Plan) -> tuple[str, dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+        if head is not None and num_examples(head) >= 2:  # check the training loss on its data
+            return _refused_on(module, losses[0], plan, diff, frozen, head, mapper)
+        return _batching_refused(module, losses, plan, {**frozen, **diff}, batch, mapper, truth)
+
+    refused, seen = refused_for(plan)
+    if refused and plan.fold > 1:  # rows broadcast over a part of the model that does not fold (a context)?
+        unfolded = plan._replace(fold=1)
+        refused_unfolded, seen_unfolded = refused_for(unfolded)
+        if not refused_unfolded:
+            plan, refused, seen = unfolded, "", seen_unfolded
     checked = num_examples(batch) >= 2 or head is not None and num_examples(head) >= 2
     if refused:
         return _unexpanded(plan)._replace(batching=f"vmap(grad) over examples: {refused}")
