@@ -643,13 +643,47 @@ class RelativeBias(nn.Module):
         return self.fc(torch.tanh(scores @ self.tok(tokens)).mean(1))
 
 
-def test_a_layer_run_once_for_the_whole_batch_is_named():
+def test_a_layer_run_once_for_the_whole_batch_is_followed_to_the_batch():
+    """Its output, followed through a softmax to the matrix product where it meets each example's rows, gets a probe
+    per example there: batched and exact (it took vmap(grad); T5's bias, with transformers' masks, took the loop)."""
     torch.manual_seed(0)
     model = RelativeBias().double().eval()
     tokens, y = torch.randint(0, 10, (8, 4)), torch.randint(0, 3, (8,))
     _assert_paths_agree(model, (tokens, y), (tokens[:3], y[:3]))
+    ckpts = _ckpts(model)
+    ref = reference_scores(model, ckpts, (tokens, y), (tokens[:3], y[:3]), loss_fn=CE)
+    train, test = (tokens, y), (tokens[:3], y[:3])
+    for bs in (None, 3):
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, batch_size=bs), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, (tokens, y), loss_fn=CE, batch_size=bs), ref.self_influence)
     plan = _plan(model, (tokens, y))
-    assert not plan.batched and "'rel' runs once for the whole batch" in plan.batching
+    assert plan.batched and plan.batch_free == {"rel"}
+
+
+class RelativeBiasLeaking(RelativeBias):
+    """``scaled``: the bias's mean scaled by a statistic of the whole batch reaches every logit; ``gather``: each
+    example's rows are picked from it by the example's tokens."""
+
+    def __init__(self, way):
+        super().__init__()
+        self.way = way
+
+    def forward(self, tokens):
+        t = torch.arange(tokens.shape[1])
+        bias = self.rel(t[:, None] - t[None] + 4)[..., 0]  # [T, T]
+        if self.way == "gather":
+            return self.fc(torch.tanh(bias[tokens % 4] + self.tok(tokens)[..., :1]).mean(1)[:, :4].expand(-1, 4))
+        out = super().forward(tokens)
+        return out + bias.mean() * tokens.double().mean()
+
+
+@pytest.mark.parametrize("way", ["scaled", "gather"])
+def test_a_layer_run_once_for_the_whole_batch_met_otherwise_is_refused(way):
+    torch.manual_seed(0)
+    model = RelativeBiasLeaking(way).double().eval()
+    tokens, y = torch.randint(0, 10, (8, 4)), torch.randint(0, 3, (8,))
+    _assert_paths_agree(model, (tokens, y), (tokens[:3], y[:3]))
+    assert not _plan(model, (tokens, y)).batched
 
 
 class TiedConvOnMergedRows(nn.Module):

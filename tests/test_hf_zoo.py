@@ -92,7 +92,7 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
     "convbert": (lambda: classifier(T.ConvBertConfig, T.ConvBertForSequenceClassification, **SMALL),
                  BATCHED),  # fmt: skip  (its separable convolutions' own bias [C, 1]: expanded copies)
     "mpnet": (lambda: classifier(T.MPNetConfig, T.MPNetForSequenceClassification, **SMALL),
-              "'mpnet.encoder.relative_attention_bias' runs once for the whole batch"),  # fmt: skip  (like T5)
+              BATCHED),  # fmt: skip  (its relative position bias, like T5's)
     "esm": (lambda: classifier(T.EsmConfig, T.EsmForSequenceClassification, pad_token_id=1, max_position_embeddings=40,
                                **SMALL), BATCHED),  # fmt: skip  (protein language model)
     "longformer": (  # pads the batch to its attention window, in shapes a single example does not have
@@ -144,8 +144,7 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
              BATCHED),  # fmt: skip
     "t5": (lambda: seq2seq(T.T5Config, T.T5ForConditionalGeneration, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                            num_heads=4, vocab_size=100, decoder_start_token_id=0, pad_token_id=1),
-           "'encoder.block.0.layer.0.SelfAttention.relative_attention_bias' runs once for the whole "
-           "batch"),  # fmt: skip
+           BATCHED),  # fmt: skip  (its relative position biases run once for the whole batch: followed to the batch)
     "resnet": (lambda: image(T.ResNetConfig, T.ResNetForImageClassification, embedding_size=8, hidden_sizes=[8, 16],
                              depths=[1, 1]), BATCHED),  # fmt: skip
     "mobilevit": (lambda: image(T.MobileViTConfig, T.MobileViTForImageClassification, size=32, image_size=32,

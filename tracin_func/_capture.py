@@ -28,6 +28,7 @@ from torch.func import grad
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from ._batch_free import Meetings, per_example_grads
 from ._grads import Mapper, Tensors, batch_of_one, example_at, scalar_loss
 from ._layers import Site, broadcast_row, call_site, layer_output, recorded_input, token_wise
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, summed_example_losses
@@ -178,10 +179,19 @@ def batched_factors(
     outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor | GradientEdge]]] = {s.path: [] for s in plan.sites}
     copied: set[torch.Tensor] = set()  # probes and parameter copies with a row per row of the batch dimension
 
+    meetings = Meetings(batch, n) if plan.batch_free else None
+    roots: dict[str, list[tuple[int, torch.Tensor]]] = {p: [] for p in plan.batch_free}  # per call: (root, probe)
+
     def hook_for(site: Site) -> Hook:
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
             x = recorded_input(layer, site, args[0], output).detach()
             inputs[site.path].append(x)
+            if meetings is not None and site.path in plan.batch_free:  # run once for the whole batch: its output
+                inputs[site.path][-1] = x.expand(n, *x.shape)  # followed to where it meets the batch (each
+                probe = torch.zeros_like(output, requires_grad=True)  # example's input: the same)
+                followed = output + probe
+                roots[site.path].append((meetings.follow(followed), probe))
+                return followed
             if output.dim() >= 3 and token_wise(layer, site):
                 folded.add(output.shape[0])
             if rows > 1 and output.dim() > 1 and x.dim() > 1 and output.shape[0] == 1 and x.shape[0] == 1:
@@ -212,7 +222,7 @@ def batched_factors(
         hooks = {s.path: hook_for(s) for s in plan.sites if s.kind != "expanded"}
         watch = _Recomputing() if refuse_recomputing else nullcontext()
         try:
-            with hooked(module, hooks), refusing_uncalled(module, plan), watch:
+            with hooked(module, hooks), refusing_uncalled(module, plan), watch, meetings or nullcontext():
                 if isinstance(loss, BatchedLoss):
                     total = loss.per_example(state, batch).sum()
                 else:
@@ -232,8 +242,17 @@ def batched_factors(
             if total is None:
                 total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
         flat = [o for s in plan.sites for o in outputs[s.path]] + [(c, c) for c in copies.values()]
-        grads = torch.autograd.grad(total, [edge for _, edge in flat] + list(unused.values()), allow_unused=True)
-    _refuse_reached(unused, grads[len(flat) :])
+        met = [probe for _, probe in meetings.met] if meetings is not None else []
+        whole = [probe for calls in roots.values() for _, probe in calls]  # each root's whole gradient
+        grads = torch.autograd.grad(
+            total,
+            [edge for _, edge in flat] + met + whole + list(unused.values()),
+            allow_unused=True,
+            retain_graph=bool(met),  # the roots' graph, for their per-example gradients
+        )
+        if meetings is not None:
+            at_roots = _batch_free_grads(meetings, roots, grads[len(flat) : len(flat) + len(met) + len(whole)], n)
+    _refuse_reached(unused, grads[len(flat) + len(met) + len(whole) :])
     grads = iter(
         torch.zeros_like(like) if g is None else _per_example(g, n) if like in copied else g
         for g, (like, _) in zip(grads, flat)
@@ -246,7 +265,32 @@ def batched_factors(
             factors[site.path] = ([_split_rows(x, n) for x in xs], [_split_rows(g, n) for g in gs])
     for site in expanded:  # no inputs: the per-example gradients themselves, [B, *shape]
         factors[site.path] = ([], [next(grads).reshape(n, *shapes[name]) for name in site.names])
+    for path in plan.batch_free if meetings is not None else ():
+        factors[path] = (inputs[path], at_roots[path])
     return factors
+
+
+def _batch_free_grads(
+    meetings: Meetings, roots: Mapping[str, list[tuple[int, torch.Tensor]]], grads: Sequence[Any], n: int
+) -> dict[str, list[torch.Tensor]]:
+    """Per layer run once for the whole batch, per call: each example's gradient of its output ``[n, *shape]``
+    (``_batch_free``), checked to sum to the output's whole gradient."""
+    met, whole = grads[: len(meetings.met)], grads[len(meetings.met) :]
+    per_root = per_example_grads(meetings, list(met), n)
+    wholes = iter(whole)
+    out: dict[str, list[torch.Tensor]] = {}
+    for path, calls in roots.items():
+        out[path] = []
+        for root, probe in calls:
+            g, total = per_root[root], next(wholes)
+            total = torch.zeros_like(probe) if total is None else total
+            if (g.sum(0) - total).abs().max() > 1e-4 * max(g.abs().max(), total.abs().max()):
+                raise RuntimeError(
+                    f"{path!r} runs once for the whole batch and its output reaches the loss other than by meeting the "
+                    f"batch in elementwise ops"
+                )
+            out[path].append(g)
+    return out
 
 
 class FoldMismatch(ValueError, RuntimeError):

@@ -4,6 +4,7 @@ layer's), decide per layer how gradients are obtained, and build the pure update
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -63,6 +64,9 @@ class Plan(NamedTuple):
     # rows of the batch dimension per example where the model folds an example's items into its batch (``[B, C, T]``
     # ids run as ``[B C, T]``: multiple choice); a row broadcast over the batch meets ``B fold`` rows
     fold: int = 1
+    # paths of sites run once for the whole batch (T5's relative position bias: no batch dimension), whose output is
+    # followed to where it meets the batch (``_batch_free``)
+    batch_free: frozenset[str] = frozenset()
 
     def route(self, name: str) -> str:
         """``"factored"`` (inner products of factors), ``"materialised"`` (from factors), ``"unused"`` or ``"vmap"``."""
@@ -135,7 +139,7 @@ def _checking_first_batch(
     def check(diff: Tensors, frozen: Tensors, batch: Any) -> None:
         if checked or num_examples(batch) < 2:
             return
-        why = _refused_on(module, loss, plan, diff, frozen, batch, mapper)[0]
+        why = _refused_on(module, loss, plan, diff, frozen, batch, mapper).reason
         if why:
             raise ValueError(
                 f"`model`: the call was planned on a single example, whose batched and single runs are the same, so "
@@ -295,17 +299,20 @@ def make_plan(
                                           "Hugging Face models)")
     head = scored() if scored is not None and num_examples(batch) < 2 else None
 
-    def refused_for(plan: Plan) -> tuple[str, dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+    def checked_on(plan: Plan) -> BatchingCheck:
         if head is not None and num_examples(head) >= 2:  # check the training loss on its data
             return _refused_on(module, losses[0], plan, diff, frozen, head, mapper)
         return _batching_refused(module, losses, plan, {**frozen, **diff}, batch, mapper, truth)
 
-    refused, seen = refused_for(plan)
-    if refused and plan.fold > 1:  # rows broadcast over a part of the model that does not fold (a context)?
-        unfolded = plan._replace(fold=1)
-        refused_unfolded, seen_unfolded = refused_for(unfolded)
-        if not refused_unfolded:
-            plan, refused, seen = unfolded, "", seen_unfolded
+    check = checked_on(plan)
+    if check.reason and plan.fold > 1:  # rows broadcast over a part of the model that does not fold (a context)?
+        unfolded = checked_on(plan._replace(fold=1))
+        if not unfolded.reason or unfolded.batch_free:
+            plan, check = plan._replace(fold=1), unfolded
+    if check.batch_free:  # layers run once for the whole batch: their output followed to where it meets the batch
+        plan = plan._replace(batch_free=frozenset(check.batch_free))
+        check = checked_on(plan)
+    refused, seen = check.reason, check.seen
     checked = num_examples(batch) >= 2 or head is not None and num_examples(head) >= 2
     if refused:
         return _unexpanded(plan)._replace(batching=f"vmap(grad) over examples: {refused}")
@@ -344,17 +351,19 @@ def make_plan(
 def _folded_rows(
     sites: Mapping[str, Site], calls: Mapping[str, list[tuple[int, ...] | None]], modules: Mapping[str, nn.Module]
 ) -> int:
-    """Rows of the batch dimension per example (``Plan.fold``): the leading size, other than 1, of one example's
-    sequences (``[C, T, d]``) at token-wise layers, when they all have the same; else 1 (the batching check refuses a
-    model whose broadcast rows then meet a batch they do not fit)."""
-    sizes = {
+    """Rows of the batch dimension per example (``Plan.fold``): the one leading size other than 1 of one example's
+    sequences (``[C, T, d]``) at token-wise layers, when at least as many calls have it as have 1 (not a few layers run
+    once for the whole batch: T5's ``[T, S, H]`` bias); else 1. The batching check refuses a fold that broadcast rows
+    then do not fit."""
+    sizes = Counter(
         shape[0]
         for path, site in sites.items()
         if token_wise(modules.get(path), site)
         for shape in calls.get(path, ())
-        if shape is not None and len(shape) >= 3 and shape[0] != 1
-    }
-    return sizes.pop() if len(sizes) == 1 else 1
+        if shape is not None and len(shape) >= 3
+    )
+    folds = [size for size in sizes if size != 1]
+    return folds[0] if len(folds) == 1 and sizes[folds[0]] >= sizes[1] else 1
 
 
 # One gathered row product of a token-rows dot costs about as much as this many multiply-adds of a materialised
@@ -530,6 +539,12 @@ def _not_in_sites(names: Sequence[str], sites: Iterable[Site]) -> tuple[str, ...
     return tuple(n for n in names if n not in in_sites)
 
 
+class BatchingCheck(NamedTuple):
+    reason: str  # why batching is refused, or ""
+    seen: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]  # each site's factors on the first examples
+    batch_free: tuple[str, ...] = ()  # sites found to run once for the whole batch, not yet planned as such
+
+
 def _batching_refused(
     module: nn.Module,
     losses: Sequence[BatchableLoss],
@@ -538,14 +553,16 @@ def _batching_refused(
     batch: Any,
     mapper: Mapper,
     truth: Sequence[Mapping[str, torch.Tensor]],
-) -> tuple[str, dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+) -> BatchingCheck:
     """Why a batched forward does not give each example the factors it gets alone (examples interact), or ``""``,
     and each site's inputs and output gradients on the first examples run together (per call).
 
     Each layer's inputs and output gradients on the first examples run together must equal theirs run one at a
     time: this refuses batch statistics and any other mixing of examples, and accepts rows the model computes once
     and broadcasts over the batch (position ids ``[1, T]``), which get a row per example (``batched_factors``).
-    An "expanded" site's copies must also give the first example its true gradient (``truth``, per loss).
+    An "expanded" site's copies must also give the first example its true gradient (``truth``, per loss). A layer
+    that gives as many factors for the first examples together as for the first alone runs once for the whole
+    batch: returned in ``batch_free`` (refused), to be planned as such.
     """
     few = slice_batch(batch, 0, 4)
     n = optree.tree_leaves(few, none_is_leaf=True)[0].shape[0]
@@ -554,42 +571,52 @@ def _batching_refused(
     for loss, true in zip(losses, truth):
         try:
             alone = [batched_factors(module, loss, plan, state, one, mapper) for one in _singles(few, n)]
-        except RuntimeError as err:  # copies of an "expanded" site's parameters break a shape the layer assumes
-            if not expanded:
+        except RuntimeError as err:  # copies of an "expanded" site's parameters break a shape the layer assumes, or
+            if not expanded and not plan.batch_free:  # a followed output meets the batch in a way not followed
                 raise
-            return f"a forward with parameters copied over the batch failed ({_cause(err)})", {}
+            what = "parameters copied over the batch" if expanded else "outputs followed to the batch"
+            return BatchingCheck(f"a forward with {what} failed ({_cause(err)})", {})
         try:
             together = batched_factors(module, loss, plan, state, few, mapper, refuse_recomputing=True)
         except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes
-            return f"a batched forward failed where examples alone ran ({_cause(err)})", {}
+            return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
         for site in expanded:
             if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[name] for name in site.names))):
-                return (
+                return BatchingCheck(
                     f"copies of {site.path!r}'s parameters expanded over the batch did not give the first example "
-                    f"its gradient (the layer does not use them elementwise or broadcast over the batch)"
-                ), {}
+                    f"its gradient (the layer does not use them elementwise or broadcast over the batch)",
+                    {},
+                )
+        batch_free = [
+            path  # as many elements for the first examples as for the first alone
+            for path, (xs, gs) in together.items()
+            if n > 1 and xs and list(map(torch.numel, xs + gs)) == list(map(torch.numel, sum(alone[0][path], [])))
+        ]
+        if batch_free:
+            return BatchingCheck(
+                f"{batch_free[0]!r} runs once for the whole batch (its input has no batch dimension, like T5's "
+                f"relative position bias, which every example then adds), so its gradient does not split into examples",
+                {},
+                tuple(p for p in batch_free if p not in plan.batch_free),
+            )
         for path, (xs, gs) in together.items():
             singles = _concat_examples([a[path] for a in alone])
             per_example = all(t.shape[0] == n for t in xs + gs)  # not: rows that did not split into examples
             same = singles is not None and len(singles) == len(xs) + len(gs) and all(map(_close, singles, [*xs, *gs]))
-            if n > 1 and xs and list(map(torch.numel, xs + gs)) == list(map(torch.numel, sum(alone[0][path], []))):
-                return (  # as many elements for the first examples as for the first alone
-                    f"{path!r} runs once for the whole batch (its input has no batch dimension, like T5's relative "
-                    f"position bias, which every example then adds), so its gradient does not split into examples"
-                ), {}
             if not (per_example and same):
-                return (
+                return BatchingCheck(
                     f"a batched forward changed the first examples' factors at {path!r} (examples interact, e.g. "
                     f"through batch statistics, or the layer's input is not batch-first, like a sequence-first "
-                    f"transformer's)"
-                ), {}
+                    f"transformer's)",
+                    {},
+                )
             seen.setdefault(path, (xs, gs))
-    return "", seen
+    return BatchingCheck("", seen)
 
 
 def _refused_on(
     module: nn.Module, loss: BatchableLoss, plan: Plan, diff: Tensors, frozen: Tensors, batch: Any, mapper: Mapper
-) -> tuple[str, dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+) -> BatchingCheck:
     """``_batching_refused`` for one loss on ``batch`` (its "expanded" sites' truth too), other data than the plan was
     made on (training examples, when it was made on a single test example)."""
     truth = [_true_expanded(module, loss, plan, diff, frozen, batch)]

@@ -1,0 +1,152 @@
+"""Layers run once for the whole batch (T5's and MPNet's relative position bias: an Embedding on ``[T, S]`` offsets
+whose output every example adds to its attention scores): each example's gradient of their output, from the points
+where that output meets the batch.
+
+The output is followed through the ops that compute with it alone (a permute, a slice, a softmax: still one for
+the whole batch) to each elementwise op or matrix product where it meets a tensor of the batch (derived from the
+batch's inputs, its first dimension the batch's rows). There it gets a zero probe with a row per row of the batch,
+whose gradient is each example's gradient of what met it; mapped back through the ops in between (autograd, batched
+over examples) and summed over the meetings, these give each example's gradient of the layer's output. Any other
+way of meeting the batch is refused, and so is an output whose whole gradient the examples' gradients do not sum to
+(a path to the loss that never met the batch).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import optree
+import torch
+from torch.overrides import TorchFunctionMode
+
+# Ops that broadcast their operands elementwise: a row for the whole batch meets each example's row alike.
+_ELEMENTWISE = {
+    torch.add, torch.sub, torch.mul, torch.div,
+    torch.Tensor.add, torch.Tensor.sub, torch.Tensor.mul, torch.Tensor.div,
+    torch.Tensor.add_, torch.Tensor.sub_, torch.Tensor.mul_, torch.Tensor.div_,
+    torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__,
+    torch.Tensor.__sub__, torch.Tensor.__rsub__, torch.Tensor.__isub__,
+    torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__imul__,
+    torch.Tensor.__truediv__, torch.Tensor.__itruediv__,
+}  # fmt: skip
+# Products broadcasting their operands' batch dimensions (a matrix for the whole batch times each example's).
+_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
+# Copies over the batch made by the model itself (MPNet's ``bias.expand(batch_size, ...)``).
+_EXPAND = {torch.Tensor.expand, torch.Tensor.expand_as, torch.broadcast_to}
+
+
+class Meetings(TorchFunctionMode):
+    """Active during a batched forward of ``n`` examples: follows the outputs of layers run once for the whole batch
+    (``follow``) and the tensors of the batch, and gives each meeting of the two a probe with a row per row of the
+    batch (``n`` rows, or a multiple where the model folds an example's items into its batch).
+    """
+
+    def __init__(self, batch: Any, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self._batch: dict[int, weakref.ref] = {}  # id -> the tensor, for tensors derived from the batch's inputs
+        self._followed: dict[int, tuple[weakref.ref, frozenset[int]]] = {}  # id -> (tensor, indices of its roots)
+        self.roots: list[torch.Tensor] = []  # the followed outputs, one per call of a layer
+        self.met: list[tuple[torch.Tensor, torch.Tensor]] = []  # (what met the batch, its probe)
+        for t in optree.tree_leaves(batch, none_is_leaf=True):
+            if isinstance(t, torch.Tensor):
+                self._batch[id(t)] = weakref.ref(t)
+
+    def follow(self, output: torch.Tensor) -> int:
+        """Follow a layer call's output (in the autograd graph); its index among ``roots``."""
+        self.roots.append(output)
+        self._followed[id(output)] = (weakref.ref(output), frozenset({len(self.roots) - 1}))
+        return len(self.roots) - 1
+
+    def _roots_of(self, t: Any) -> frozenset[int]:
+        entry = self._followed.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0]() is t else frozenset()
+
+    def _of_batch(self, t: Any) -> bool:
+        ref = self._batch.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return ref is not None and ref() is t
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        tensors = [t for t in optree.tree_leaves((args, kwargs), none_is_leaf=True) if isinstance(t, torch.Tensor)]
+        followed = [t for t in tensors if self._roots_of(t)]
+        of_batch = [t for t in tensors if self._of_batch(t)]
+        if followed and of_batch:
+            args, kwargs = self._met(func, followed, of_batch, args, kwargs)
+        out = func(*args, **kwargs)
+        if func in _EXPAND and followed and followed[0] is args[0] and self._rows(out) > 1:
+            out = self._probed(args[0], out.shape)  # copied over the batch: each example's copy
+            self._batch[id(out)] = weakref.ref(out)
+            return out
+        roots = frozenset().union(*map(self._roots_of, followed))
+        for t in optree.tree_leaves(out, none_is_leaf=True):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if of_batch:
+                self._batch[id(t)] = weakref.ref(t)
+            elif roots:
+                self._followed[id(t)] = (weakref.ref(t), roots)
+        return out
+
+    def _met(
+        self, func: Any, followed: list[torch.Tensor], of_batch: list[torch.Tensor], args: Any, kwargs: Any
+    ) -> tuple[Any, Any]:
+        """``args`` and ``kwargs`` with each followed tensor plus its probe."""
+        batched = [t for t in of_batch if self._rows(t)]
+        rank = max((t.dim() for t in batched), default=0)
+        rows = max((t.shape[0] for t in batched if t.dim() == rank), default=0)
+        name = getattr(func, "__name__", str(func))
+        in_place = name.endswith("_") and not name.startswith("__") or name.startswith("__i")
+        products = func in _MATMUL and rank >= 3 and all(t.dim() >= 2 for t in followed)  # batch dims broadcast
+        if not (func in _ELEMENTWISE or products) or not batched or any(t.dim() > rank for t in followed) or (
+            in_place and self._roots_of(args[0])
+        ):
+            raise RuntimeError(
+                f"the output of a layer run once for the whole batch meets the batch in {name} (only elementwise "
+                f"ops, not in place, and matrix products with a tensor whose first dimension is the batch's are "
+                f"followed)"
+            )
+        probes = {id(t): self._probed(t, [rows, *_padded(t, rank)[1:]]) for t in followed}
+
+        def probed(x: Any) -> Any:
+            return probes.get(id(x), x) if isinstance(x, torch.Tensor) else x
+
+        return optree.tree_map(probed, args, none_is_leaf=True), optree.tree_map(probed, kwargs, none_is_leaf=True)
+
+    def _rows(self, t: torch.Tensor) -> int:
+        """``t``'s rows of the batch dimension: its first dimension when a multiple of the examples', else 0."""
+        return t.shape[0] if t.dim() >= 1 and t.shape[0] % self.n == 0 else 0
+
+    def _probed(self, t: torch.Tensor, shape: Any) -> torch.Tensor:
+        """``t`` (or its copy over the batch, of ``shape``) plus a zero probe of ``shape`` ``[rows, ...]``: each row's
+        gradient of ``t`` where it meets the batch."""
+        if _padded(t, len(shape))[0] != 1:  # a dimension of its own where the batch's is: not broadcast over it
+            raise RuntimeError("the output of a layer run once for the whole batch is indexed by the batch")
+        probe = t.new_zeros(shape).requires_grad_()
+        self.met.append((t, probe))
+        return t + probe  # (broadcast to ``shape``)
+
+
+def _padded(t: torch.Tensor, rank: int) -> list[int]:
+    """``t``'s shape with leading 1s up to ``rank`` dims (as broadcasting aligns it)."""
+    return [1] * (rank - t.dim()) + list(t.shape)
+
+
+def per_example_grads(meetings: Meetings, probe_grads: list[torch.Tensor | None], n: int) -> list[torch.Tensor]:
+    """Each root's per-example gradients ``[n, *root.shape]`` from its meetings' probe gradients (rows per example
+    summed: a folded batch), through autograd batched over the examples (the graph from the roots kept)."""
+    grads: Any = [None] * len(meetings.roots)
+    reached = [(t, g) for (t, _), g in zip(meetings.met, probe_grads) if g is not None]
+    if reached:
+        cotangents = [_cotangent(t, g, n) for t, g in reached]
+        outputs = [t for t, _ in reached]
+        grads = torch.autograd.grad(outputs, meetings.roots, cotangents, is_grads_batched=True, allow_unused=True)
+    return [r.new_zeros(n, *r.shape) if g is None else g for g, r in zip(grads, meetings.roots)]
+
+
+def _cotangent(t: torch.Tensor, g: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n, *t.shape]``: a probe's gradient ``[rows, ...]`` summed over each example's rows (a folded batch), then
+    over what broadcasting (or the model's copy over the batch) added to ``t``'s shape."""
+    per_example = g.reshape(n, -1, *g.shape[1:]).sum(1, keepdim=True)  # [n, 1, ...]
+    return per_example.sum_to_size(n, *_padded(t, g.dim())).reshape(n, *t.shape)
