@@ -307,12 +307,10 @@ def make_plan(
     check = checked_on(plan)
     if check.reason and plan.fold > 1:  # rows broadcast over a part of the model that does not fold (a context)?
         unfolded = checked_on(plan._replace(fold=1))
-        if not unfolded.reason or unfolded.batch_free:
+        if not unfolded.reason:
             plan, check = plan._replace(fold=1), unfolded
-    if check.batch_free:  # layers run once for the whole batch: their output followed to where it meets the batch
-        plan = plan._replace(batch_free=frozenset(check.batch_free))
-        check = checked_on(plan)
     refused, seen = check.reason, check.seen
+    plan = plan._replace(batch_free=frozenset(check.batch_free))
     checked = num_examples(batch) >= 2 or head is not None and num_examples(head) >= 2
     if refused:
         return _unexpanded(plan)._replace(batching=f"vmap(grad) over examples: {refused}")
@@ -542,7 +540,7 @@ def _not_in_sites(names: Sequence[str], sites: Iterable[Site]) -> tuple[str, ...
 class BatchingCheck(NamedTuple):
     reason: str  # why batching is refused, or ""
     seen: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]  # each site's factors on the first examples
-    batch_free: tuple[str, ...] = ()  # sites found to run once for the whole batch, not yet planned as such
+    batch_free: tuple[str, ...] = ()  # sites run once for the whole batch (``Plan.batch_free``), when not refused
 
 
 def _batching_refused(
@@ -562,7 +560,7 @@ def _batching_refused(
     and broadcasts over the batch (position ids ``[1, T]``), which get a row per example (``batched_factors``).
     An "expanded" site's copies must also give the first example its true gradient (``truth``, per loss). A layer
     that gives as many factors for the first examples together as for the first alone runs once for the whole
-    batch: returned in ``batch_free`` (refused), to be planned as such.
+    batch: the examples run together again with its output followed to the batch (``batch_free``).
     """
     few = slice_batch(batch, 0, 4)
     n = optree.tree_leaves(few, none_is_leaf=True)[0].shape[0]
@@ -592,13 +590,18 @@ def _batching_refused(
             for path, (xs, gs) in together.items()
             if n > 1 and xs and list(map(torch.numel, xs + gs)) == list(map(torch.numel, sum(alone[0][path], [])))
         ]
-        if batch_free:
-            return BatchingCheck(
-                f"{batch_free[0]!r} runs once for the whole batch (its input has no batch dimension, like T5's "
-                f"relative position bias, which every example then adds), so its gradient does not split into examples",
-                {},
-                tuple(p for p in batch_free if p not in plan.batch_free),
-            )
+        if batch_free:  # run again with their outputs followed to where they meet the batch (``_batch_free``); alone,
+            # an example's factors there are its own (a token-wise layer's rows get the example dimension, ``[1, T S]``)
+            plan = plan._replace(batch_free=plan.batch_free | frozenset(batch_free))
+            try:
+                together = batched_factors(module, loss, plan, state, few, mapper, refuse_recomputing=True)
+            except RuntimeError as err:
+                return BatchingCheck(
+                    f"{batch_free[0]!r} runs once for the whole batch (its input has no batch dimension, like T5's "
+                    f"relative position bias, which every example then adds), and following its output to the batch "
+                    f"failed ({_cause(err)})",
+                    {},
+                )
         for path, (xs, gs) in together.items():
             singles = _concat_examples([a[path] for a in alone])
             per_example = all(t.shape[0] == n for t in xs + gs)  # not: rows that did not split into examples
@@ -611,7 +614,7 @@ def _batching_refused(
                     {},
                 )
             seen.setdefault(path, (xs, gs))
-    return BatchingCheck("", seen)
+    return BatchingCheck("", seen, tuple(plan.batch_free))
 
 
 def _refused_on(
