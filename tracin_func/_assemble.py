@@ -139,8 +139,12 @@ def representation_fn(module: nn.Module | None, loss: ExampleLossFn, plan: Plan,
     assert module is not None  # sites exist only on modules
     if plan.batched and isinstance(loss, (CriterionLoss, BatchedLoss)):
 
+        # a layer run once for the whole batch is followed by a function mode and a second backward pass through
+        # its part of the graph, kept (retain_graph): eager inside compiled updates, which refuse a kept graph
+        capture = torch.compiler.disable(batched_factors) if plan.batch_free else batched_factors
+
         def batched(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
-            rep = assemble(module, plan, {}, batched_factors(module, loss, plan, {**frozen, **diff}, batch, mapper))
+            rep = assemble(module, plan, {}, capture(module, loss, plan, {**frozen, **diff}, batch, mapper))
             if not plan.unused:
                 return rep
             return rep._replace(parts=(*rep.parts, Zero.of({n: diff[n] for n in plan.unused}, rep.size)))

@@ -32,8 +32,9 @@ _ELEMENTWISE = {
 }  # fmt: skip
 # Products broadcasting their operands' batch dimensions (a matrix for the whole batch times each example's).
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
-# Copies over the batch made by the model itself (MPNet's ``bias.expand(batch_size, ...)``).
-_EXPAND = {torch.Tensor.expand, torch.Tensor.expand_as, torch.broadcast_to}
+# Copies along the first dimension (MPNet's ``bias.expand(batch_size, ...).contiguous()``), and ops keeping them.
+_COPIES = {torch.Tensor.expand, torch.Tensor.expand_as, torch.broadcast_to}
+_KEEPING = {torch.Tensor.contiguous, torch.Tensor.clone, torch.clone, torch.Tensor.to, torch.Tensor.type_as}
 
 
 class Meetings(TorchFunctionMode):
@@ -47,6 +48,7 @@ class Meetings(TorchFunctionMode):
         self.n = n
         self._batch: dict[int, weakref.ref] = {}  # id -> the tensor, for tensors derived from the batch's inputs
         self._followed: dict[int, tuple[weakref.ref, frozenset[int]]] = {}  # id -> (tensor, indices of its roots)
+        self._copies: dict[int, weakref.ref] = {}  # followed tensors copied along their first dimension (from size 1)
         self.roots: list[torch.Tensor] = []  # the followed outputs, one per call of a layer
         self.met: list[tuple[torch.Tensor, torch.Tensor]] = []  # (what met the batch, its probe)
         for t in optree.tree_leaves(batch, none_is_leaf=True):
@@ -75,10 +77,6 @@ class Meetings(TorchFunctionMode):
         if followed and of_batch:
             args, kwargs = self._met(func, followed, of_batch, args, kwargs)
         out = func(*args, **kwargs)
-        if func in _EXPAND and followed and followed[0] is args[0] and self._rows(out) > 1:
-            out = self._probed(args[0], out.shape)  # copied over the batch: each example's copy
-            self._batch[id(out)] = weakref.ref(out)
-            return out
         roots = frozenset().union(*map(self._roots_of, followed))
         for t in optree.tree_leaves(out, none_is_leaf=True):
             if not isinstance(t, torch.Tensor):
@@ -87,7 +85,14 @@ class Meetings(TorchFunctionMode):
                 self._batch[id(t)] = weakref.ref(t)
             elif roots:
                 self._followed[id(t)] = (weakref.ref(t), roots)
+        if roots and isinstance(out, torch.Tensor) and out.dim() and followed[0] is args[0]:
+            if func in _COPIES and _padded(args[0], out.dim())[0] == 1 or func in _KEEPING and self._copy(args[0]):
+                self._copies[id(out)] = weakref.ref(out)
         return out
+
+    def _copy(self, t: torch.Tensor) -> bool:
+        ref = self._copies.get(id(t))
+        return ref is not None and ref() is t
 
     def _met(
         self, func: Any, followed: list[torch.Tensor], of_batch: list[torch.Tensor], args: Any, kwargs: Any
@@ -107,12 +112,19 @@ class Meetings(TorchFunctionMode):
                 f"ops, not in place, and matrix products with a tensor whose first dimension is the batch's are "
                 f"followed)"
             )
-        probes = {id(t): self._probed(t, [rows, *_padded(t, rank)[1:]]) for t in followed}
+        probes = {id(t): self._probed(self._first_copy(t, rank, rows), [rows, *_padded(t, rank)[1:]]) for t in followed}
 
         def probed(x: Any) -> Any:
             return probes.get(id(x), x) if isinstance(x, torch.Tensor) else x
 
         return optree.tree_map(probed, args, none_is_leaf=True), optree.tree_map(probed, kwargs, none_is_leaf=True)
+
+    def _first_copy(self, t: torch.Tensor, rank: int, rows: int) -> torch.Tensor:
+        """``t``, or its first row where the model copied it over the batch itself (all rows the same, from size 1:
+        MPNet's bias expanded to the batch size), through which each example's rows' gradient then passes."""
+        if _padded(t, rank)[0] == rows != 1 and self._copy(t) and torch.equal(t, t[:1].expand_as(t)):
+            return t[:1]
+        return t
 
     def _rows(self, t: torch.Tensor) -> int:
         """``t``'s rows of the batch dimension: its first dimension when a multiple of the examples', else 0."""
