@@ -14,6 +14,7 @@ way of meeting the batch is refused, and so is an output whose whole gradient th
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optree
@@ -104,8 +105,11 @@ class Meetings(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         in_place = name.endswith("_") and not name.startswith("__") or name.startswith("__i")
         products = func in _MATMUL and rank >= 3 and all(t.dim() >= 2 for t in followed)  # batch dims broadcast
-        if not (func in _ELEMENTWISE or products) or not batched or any(t.dim() > rank for t in followed) or (
-            in_place and self._roots_of(args[0])
+        if (
+            not (func in _ELEMENTWISE or products)
+            or not batched
+            or any(t.dim() > rank for t in followed)
+            or (in_place and self._roots_of(args[0]))
         ):
             raise RuntimeError(
                 f"the output of a layer run once for the whole batch meets the batch in {name} (only elementwise "
@@ -145,7 +149,7 @@ def _padded(t: torch.Tensor, rank: int) -> list[int]:
     return [1] * (rank - t.dim()) + list(t.shape)
 
 
-def per_example_grads(meetings: Meetings, probe_grads: list[torch.Tensor | None], n: int) -> list[torch.Tensor]:
+def _per_root(meetings: Meetings, probe_grads: list[torch.Tensor | None], n: int) -> list[torch.Tensor]:
     """Each root's per-example gradients ``[n, *root.shape]`` from its meetings' probe gradients (rows per example
     summed: a folded batch), through autograd batched over the examples (the graph from the roots kept)."""
     grads: Any = [None] * len(meetings.roots)
@@ -162,3 +166,27 @@ def _cotangent(t: torch.Tensor, g: torch.Tensor, n: int) -> torch.Tensor:
     over what broadcasting (or the model's copy over the batch) added to ``t``'s shape."""
     per_example = g.reshape(n, -1, *g.shape[1:]).sum(1, keepdim=True)  # [n, 1, ...]
     return per_example.sum_to_size(n, *_padded(t, g.dim())).reshape(n, *t.shape)
+
+
+def per_example_outputs(
+    meetings: Meetings, roots: Mapping[str, list[tuple[int, torch.Tensor]]], grads: Sequence[Any], n: int
+) -> dict[str, list[torch.Tensor]]:
+    """Per layer run once for the whole batch (``roots``: per call, its index among the followed outputs and the probe
+    whose gradient is the output's whole gradient), per call: each example's gradient of its output ``[n, *shape]``
+    from the meetings' probe gradients then the probes' (``grads``), checked to sum to the output's whole gradient."""
+    met, whole = grads[: len(meetings.met)], grads[len(meetings.met) :]
+    per_root = _per_root(meetings, list(met), n)
+    wholes = iter(whole)
+    out: dict[str, list[torch.Tensor]] = {}
+    for path, calls in roots.items():
+        out[path] = []
+        for root, probe in calls:
+            g, total = per_root[root], next(wholes)
+            total = torch.zeros_like(probe) if total is None else total
+            if (g.sum(0) - total).abs().max() > 1e-4 * max(g.abs().max(), total.abs().max()):
+                raise RuntimeError(
+                    f"{path!r} runs once for the whole batch and its output reaches the loss other than by meeting the "
+                    f"batch in elementwise ops"
+                )
+            out[path].append(g)
+    return out

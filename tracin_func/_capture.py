@@ -28,7 +28,7 @@ from torch.func import grad
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from ._batch_free import Meetings, per_example_grads
+from ._batch_free import Meetings, per_example_outputs
 from ._grads import Mapper, Tensors, batch_of_one, example_at, scalar_loss
 from ._layers import Site, broadcast_row, call_site, layer_output, recorded_input, token_wise
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, summed_example_losses
@@ -251,7 +251,7 @@ def batched_factors(
             retain_graph=bool(met),  # the roots' graph, for their per-example gradients
         )
         if meetings is not None:
-            at_roots = _batch_free_grads(meetings, roots, grads[len(flat) : len(flat) + len(met) + len(whole)], n)
+            at_roots = per_example_outputs(meetings, roots, grads[len(flat) : len(flat) + len(met) + len(whole)], n)
     _refuse_reached(unused, grads[len(flat) + len(met) + len(whole) :])
     grads = iter(
         torch.zeros_like(like) if g is None else _per_example(g, n) if like in copied else g
@@ -268,29 +268,6 @@ def batched_factors(
     for path in plan.batch_free if meetings is not None else ():
         factors[path] = (inputs[path], at_roots[path])
     return factors
-
-
-def _batch_free_grads(
-    meetings: Meetings, roots: Mapping[str, list[tuple[int, torch.Tensor]]], grads: Sequence[Any], n: int
-) -> dict[str, list[torch.Tensor]]:
-    """Per layer run once for the whole batch, per call: each example's gradient of its output ``[n, *shape]``
-    (``_batch_free``), checked to sum to the output's whole gradient."""
-    met, whole = grads[: len(meetings.met)], grads[len(meetings.met) :]
-    per_root = per_example_grads(meetings, list(met), n)
-    wholes = iter(whole)
-    out: dict[str, list[torch.Tensor]] = {}
-    for path, calls in roots.items():
-        out[path] = []
-        for root, probe in calls:
-            g, total = per_root[root], next(wholes)
-            total = torch.zeros_like(probe) if total is None else total
-            if (g.sum(0) - total).abs().max() > 1e-4 * max(g.abs().max(), total.abs().max()):
-                raise RuntimeError(
-                    f"{path!r} runs once for the whole batch and its output reaches the loss other than by meeting the "
-                    f"batch in elementwise ops"
-                )
-            out[path].append(g)
-    return out
 
 
 class FoldMismatch(ValueError, RuntimeError):
