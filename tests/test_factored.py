@@ -886,6 +886,11 @@ def test_a_plan_made_on_one_example_checks_its_first_batch_of_two_or_more():
         assert_close(tc.self_influence(plain, ckpts, loader, loss_fn=CE), ref.self_influence)
         assert_close(tc.influence(plain, ckpts, loader, (x[:1], y[:1]), loss_fn=CE), ref.influence)
     assert _plan(plain, loader).batched and not _plan(plain, loader).checked
+    torch.manual_seed(0)  # a layer run once for the whole batch, which one example cannot show: refused (a raw error)
+    model, tokens = RelativeBias().double().eval(), torch.randint(0, 10, (8, 4))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens, y), batch_sampler=sizes)
+    with pytest.raises(ValueError, match="'rel' runs once for the whole batch, which the plan could not follow"):
+        tc.self_influence(model, _ckpts(model), loader, loss_fn=CE)
 
 
 @pytest.mark.parametrize(

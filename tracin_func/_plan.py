@@ -139,7 +139,9 @@ def _checking_first_batch(
     def check(diff: Tensors, frozen: Tensors, batch: Any) -> None:
         if checked or num_examples(batch) < 2:
             return
-        why = _refused_on(module, loss, plan, diff, frozen, batch, mapper).reason
+        check = _refused_on(module, loss, plan, diff, frozen, batch, mapper)
+        unseen = sorted(set(check.batch_free) - plan.batch_free)  # (a lone example's layers all look batch-free)
+        why = check.reason or unseen and f"{unseen[0]!r} runs once for the whole batch, which the plan could not follow"
         if why:
             raise ValueError(
                 f"`model`: the call was planned on a single example, whose batched and single runs are the same, so "
