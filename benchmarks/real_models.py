@@ -82,7 +82,7 @@ NOISE = 0.05  # checkpoint noise, relative to each parameter's RMS (absolute whe
 
 BatchLoss = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]  # (state, batch) -> summed per-example loss
 # builders of Hugging Face models (``form=``: the loss form)
-HF_MODELS = ("gpt2", "gpt2_cls", "bert", "bart", "llama", "vit", "convnext")
+HF_MODELS = ("gpt2", "gpt2_cls", "bert", "bart", "t5", "llama", "vit", "convnext")
 
 
 @dataclass(frozen=True)
@@ -435,6 +435,39 @@ def bart(
     return _hf_workload("bart", hf, checkpoints, data, n_train, form, Seq2SeqLMLoss())
 
 
+def t5(
+    n_train: int = 200,
+    n_test: int = 20,
+    seq_len: int = 32,
+    *,
+    form: str = "batch_loss",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealWorkload:
+    """T5 encoder-decoder (2 + 2 layers, 64 dims, 4 heads, vocabulary 1000, relative position biases computed once
+    for the whole batch) on the data of ``bart``'s shape: right-padded sources with their ``attention_mask`` and
+    right-padded targets of half their length (padding labelled -100), scored with its sequence-to-sequence LM loss."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=1000,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    hf = _hf_model(T5ForConditionalGeneration, config, dtype, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    ids, pad = _right_padded(n, seq_len, config.vocab_size - 2, generator)
+    target, target_pad = _right_padded(n, seq_len // 2, config.vocab_size - 2, generator)
+    ids = (ids + 2).masked_fill(pad, config.pad_token_id)  # ids 0-1 are T5's padding and end of sequence
+    labels = (target + 2).masked_fill(target_pad, -100)
+    data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": labels}
+    if form == "criterion":  # a logits criterion gets no labels: the decoder's inputs as the model makes them
+        data = {**data, "decoder_input_ids": hf.prepare_decoder_input_ids_from_labels(labels)}
+        data["labels"] = data.pop("labels")
+    checkpoints = make_checkpoints(hf, seed + 2)
+    return _hf_workload("t5", hf, checkpoints, data, n_train, form, Seq2SeqLMLoss())
+
+
 def bert(
     n_train: int = 200,
     n_test: int = 20,
@@ -485,7 +518,8 @@ def _hf_workload(
 ) -> RealWorkload:
     train, test = _split(data, n_train)
     if form == "batch_loss":
-        losses = {"gpt2": tc.causal_lm_loss, "llama": tc.causal_lm_loss, "bart": tc.seq2seq_lm_loss}
+        causal, seq2seq = tc.causal_lm_loss, tc.seq2seq_lm_loss
+        losses = {"gpt2": causal, "llama": causal, "bart": seq2seq, "t5": seq2seq}
         loss = losses.get(name, tc.sequence_classification_loss)(hf)
 
         def summed(state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
@@ -778,6 +812,7 @@ BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "gpt2_cls": gpt2_classifier,
     "bert": bert,
     "bart": bart,
+    "t5": t5,
     "llama": llama,
     "vit": vit,
     "convnext": convnext,

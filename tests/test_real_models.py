@@ -45,6 +45,8 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "bart_batch_loss": lambda: rm.bart(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "bart_example_loss": lambda: rm.bart(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
     "bart_criterion": lambda: rm.bart(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
+    "t5_batch_loss": lambda: rm.t5(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
+    "t5_criterion": lambda: rm.t5(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
     "llama_batch_loss": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "llama_example_loss": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
     "llama_criterion": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
@@ -122,6 +124,10 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     # decoder's embeddings and the LM head: materialised from those three uses; the cross-attention's Linears are sites
     "bart_batch_loss": (BATCHED, {"factored": 33, "materialised": 58}, ()),
     "bart_criterion": (BATCHED, {"factored": 33, "materialised": 58}, ()),
+    # T5's relative position biases (an Embedding on [T, S] offsets, once for the whole batch) are followed to where
+    # they meet each example's attention scores; its RMSNorm weights get copies per example
+    "t5_batch_loss": (BATCHED, {"factored": 16, "materialised": 31}, ()),
+    "t5_criterion": (BATCHED, {"factored": 16, "materialised": 31}, ()),
     # Llama's RMSNorm is no known layer: its weight, an elementwise scale, gets per-example gradients from copies
     # expanded over the batch; its token embedding (V = 1000 >= 8 T) keeps test gradients as token rows
     "llama_batch_loss": (BATCHED, {"factored": 1, "materialised": 20}, ()),

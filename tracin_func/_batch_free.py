@@ -72,16 +72,14 @@ class Meetings(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        tensors = [t for t in optree.tree_leaves((args, kwargs), none_is_leaf=True) if isinstance(t, torch.Tensor)]
+        tensors = _tensors_in(args, kwargs.values())
         followed = [t for t in tensors if self._roots_of(t)]
         of_batch = [t for t in tensors if self._of_batch(t)]
         if followed and of_batch:
             args, kwargs = self._met(func, followed, of_batch, args, kwargs)
         out = func(*args, **kwargs)
         roots = frozenset().union(*map(self._roots_of, followed))
-        for t in optree.tree_leaves(out, none_is_leaf=True):
-            if not isinstance(t, torch.Tensor):
-                continue
+        for t in _tensors_in((out,)):
             if of_batch:
                 self._batch[id(t)] = weakref.ref(t)
             elif roots:
@@ -142,6 +140,19 @@ class Meetings(TorchFunctionMode):
         probe = t.new_zeros(shape).requires_grad_()
         self.met.append((t, probe))
         return t + probe  # (broadcast to ``shape``)
+
+
+def _tensors_in(*groups: Any) -> list[torch.Tensor]:
+    """The tensors among ``groups``' items and in their lists and tuples (a torch function's arguments or results:
+    ``torch.cat``'s list, ``split``'s tuple)."""
+    out = []
+    for group in groups:
+        for item in group:
+            if isinstance(item, torch.Tensor):
+                out.append(item)
+            elif isinstance(item, (list, tuple)):
+                out.extend(t for t in item if isinstance(t, torch.Tensor))
+    return out
 
 
 def _padded(t: torch.Tensor, rank: int) -> list[int]:
