@@ -1,6 +1,6 @@
-"""Real-model workloads: Hugging Face GPT-2 (language model and sequence classifier), BERT, BART, a Llama-style LM
-and ViT (small configs, random weights), ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, each with
-three in-memory checkpoints and random data.
+"""Real-model workloads: Hugging Face GPT-2 (language model and sequence classifier), BERT, BART, T5, a Llama-style
+LM, ViT and ConvNeXt (small configs, random weights), ResNet-18, a MobileNetV3-small-style net and an LSTM
+classifier, each with three in-memory checkpoints and random data.
 
 Nothing is trained or downloaded: each builder makes the model from a seed, derives three ``tc.Checkpoint`` from
 its initial weights by seeded noise (every floating parameter perturbed; BatchNorm running statistics made
