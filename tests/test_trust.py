@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 import sys
 import threading
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
 import tracin_func as tc
@@ -251,6 +253,48 @@ def test_1e_last_layer_with_output_scaling_hook():
 
 
 # --------------------------------------------------------------------------------------------- 2. threads
+
+
+def test_a_call_waits_while_another_has_checkpoint_tensors_in_the_users_model():
+    """A ``tc.BatchLoss`` calls the user's model with ``functional_call``, which swaps the checkpoint's tensors in
+    for the call: a second call starting meanwhile read those (no parameter requiring grad: "No parameters selected
+    to differentiate", or the checkpoint's tensors as the model's own). It now waits for the first call's lock."""
+    inside, started = threading.Event(), threading.Event()
+
+    class Pausing(MLP):
+        def forward(self, x):
+            if not inside.is_set():  # the first call, its forward running on the checkpoint's tensors: let the
+                inside.set()  # other thread start its call now
+                started.wait(timeout=30)
+                time.sleep(0.2)
+            return super().forward(x)
+
+    model = Pausing().eval()
+    x, y = data(4, n=8, seed=1)
+
+    def losses(params, batch):
+        return F.cross_entropy(functional_call(model, params, (batch["x"],)), batch["y"], reduction="none")
+
+    loss = tc.BatchLoss(losses)
+    ckpts, batch = make_ckpts(model, seed=3), {"x": x, "y": y}
+    results, errors = {}, []
+
+    def work(name):
+        try:
+            if name == "second":
+                inside.wait(timeout=30)
+                started.set()
+            results[name] = tc.self_influence(model, ckpts, batch, loss_fn=loss)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in ("first", "second")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not errors, f"{len(errors)} thread(s) raised, first: {errors[0]!r}"
+    assert_close(results["first"], results["second"], rtol=1e-12)
 
 
 class KeepsMaps(MLP):

@@ -60,10 +60,14 @@ def exclusive_use(spec: ModelSpec) -> Iterator[None]:
     if spec.module is None:
         yield
         return
-    with _LOCKS_GUARD:
-        lock = _LOCKS.setdefault(spec.module, threading.RLock())
-    with lock, leaving_no_trace(spec.module):
+    with _lock_of(spec.module), leaving_no_trace(spec.module):
         yield
+
+
+def _lock_of(module: nn.Module) -> threading.RLock:
+    """The lock calls on ``module`` hold (``exclusive_use``)."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(module, threading.RLock())
 
 
 def private_copy(model: nn.Module) -> nn.Module:
@@ -251,13 +255,14 @@ def model_spec(
     if isinstance(model, nn.Module):
         check_eval_mode(model)
         check_no_backward_hooks(model)
-        named = dict(model.named_parameters())  # de-duplicated: a tied tensor appears under its first name
-        state = model.state_dict(keep_vars=True)
+        with _lock_of(model):  # not while a call on the user's module (a tc.ExampleLoss's) has swapped tensors in
+            named = dict(model.named_parameters())  # de-duplicated: a tied tensor appears under its first name
+            state = model.state_dict(keep_vars=True)
+            module = private_copy(model) if private else model
         first_name = {id(p): n for n, p in named.items()}
         aliases = {n: first_name[id(t)] for n, t in state.items() if n not in named and id(t) in first_name}
         trainable = [n for n, p in named.items() if p.requires_grad]
         diff = select_params(list(named), trainable, params, layers, model)
-        module = private_copy(model) if private else model
 
         def forward(state: Mapping[str, torch.Tensor], *inputs: Any) -> Any:
             return functional_call(module, dict(state), inputs)
