@@ -141,15 +141,19 @@ def _checking_first_batch(
             return
         check = _refused_on(module, loss, plan, diff, frozen, batch, mapper)
         unseen = sorted(set(check.batch_free) - plan.batch_free)  # (a lone example's layers all look batch-free)
-        why = check.reason or unseen and f"{unseen[0]!r} runs once for the whole batch, which the plan could not follow"
-        if why:
-            raise ValueError(
-                f"`model`: the call was planned on a single example, whose batched and single runs are the same, so "
-                f"planning could not check that the model keeps a batch's examples apart; the first batch of two or "
-                f"more examples shows it does not ({why}). Pass `factored=False`, or plan on two or more examples "
-                f"(a first batch of two or more; for a tracer, two or more test examples)."
-            )
-        checked.append(True)
+        if check.reason:
+            shows = f"the model does not keep a batch's examples apart ({check.reason})"
+        elif unseen:
+            shows = f"{unseen[0]!r} runs once for the whole batch, which the plan could not follow"
+        else:
+            checked.append(True)
+            return
+        raise ValueError(
+            f"`model`: the call was planned on a single example, whose batched and single runs are the same, so "
+            f"planning could not check how the model batches its examples; the first batch of two or more examples "
+            f"shows that {shows}. Pass `factored=False`, or plan on two or more examples (a first batch of two or "
+            f"more; for a tracer, two or more test examples)."
+        )
 
     def checking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
         check(diff, frozen, batch)
