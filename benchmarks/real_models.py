@@ -421,18 +421,7 @@ def bart(
         pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
     )  # fmt: skip
     hf = _hf_model(BartForConditionalGeneration, config, dtype, seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    n = n_train + n_test
-    ids, pad = _right_padded(n, seq_len, config.vocab_size - 3, generator)
-    target, target_pad = _right_padded(n, seq_len // 2, config.vocab_size - 3, generator)
-    ids = (ids + 3).masked_fill(pad, config.pad_token_id)  # ids 0-2 are BART's special tokens
-    labels = (target + 3).masked_fill(target_pad, -100)
-    data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": labels}
-    if form == "criterion":  # a logits criterion gets no labels: the decoder's inputs as the model makes them
-        data = {**data, "decoder_input_ids": hf.prepare_decoder_input_ids_from_labels(labels)}
-        data["labels"] = data.pop("labels")
-    checkpoints = make_checkpoints(hf, seed + 2)
-    return _hf_workload("bart", hf, checkpoints, data, n_train, form, Seq2SeqLMLoss())
+    return _seq2seq_workload("bart", hf, 3, n_train, n_test, seq_len, form, seed)  # ids 0-2: special tokens
 
 
 def t5(
@@ -454,18 +443,25 @@ def t5(
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )  # fmt: skip
     hf = _hf_model(T5ForConditionalGeneration, config, dtype, seed)
+    return _seq2seq_workload("t5", hf, 2, n_train, n_test, seq_len, form, seed)  # ids 0-1: padding, end of sequence
+
+
+def _seq2seq_workload(
+    name: str, hf: nn.Module, specials: int, n_train: int, n_test: int, seq_len: int, form: str, seed: int
+) -> RealWorkload:
+    """An encoder-decoder's workload: right-padded sources (ids above its ``specials`` special tokens, padded with its
+    pad token) with their ``attention_mask``, right-padded targets of half their length (padding labelled -100)."""
     generator = torch.Generator().manual_seed(seed + 1)
-    n = n_train + n_test
-    ids, pad = _right_padded(n, seq_len, config.vocab_size - 2, generator)
-    target, target_pad = _right_padded(n, seq_len // 2, config.vocab_size - 2, generator)
-    ids = (ids + 2).masked_fill(pad, config.pad_token_id)  # ids 0-1 are T5's padding and end of sequence
-    labels = (target + 2).masked_fill(target_pad, -100)
+    n, vocab = n_train + n_test, hf.config.vocab_size - specials
+    ids, pad = _right_padded(n, seq_len, vocab, generator)
+    target, target_pad = _right_padded(n, seq_len // 2, vocab, generator)
+    ids = (ids + specials).masked_fill(pad, hf.config.pad_token_id)
+    labels = (target + specials).masked_fill(target_pad, -100)
     data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": labels}
     if form == "criterion":  # a logits criterion gets no labels: the decoder's inputs as the model makes them
         data = {**data, "decoder_input_ids": hf.prepare_decoder_input_ids_from_labels(labels)}
         data["labels"] = data.pop("labels")
-    checkpoints = make_checkpoints(hf, seed + 2)
-    return _hf_workload("t5", hf, checkpoints, data, n_train, form, Seq2SeqLMLoss())
+    return _hf_workload(name, hf, make_checkpoints(hf, seed + 2), data, n_train, form, Seq2SeqLMLoss())
 
 
 def bert(
