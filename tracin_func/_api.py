@@ -196,7 +196,7 @@ def influence(
     if isinstance(train, Index):
         _check_index_call(normalize, per_layer)
         setup = index_setup(train, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options)
-        return index_influence(train, setup, model, test, aggregate=aggregate)
+        return index_influence(train, setup, test, aggregate=aggregate)
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
     data, start, by_batch = share(replayable(train), setup.ranks)  # (a one-pass iterator's head: for planning)
     agree(setup.ranks, **{"the number of test examples": num_examples(test)})
@@ -344,7 +344,7 @@ def _index_top_k(
     if rerank is None:
         if candidates is not None:
             raise ValueError("`candidates` is how many candidates to re-rank: pass the training data as `rerank=`.")
-        return index_top_k(index, setup, model, test, k=k, proponents=proponents, aggregate=aggregate)
+        return index_top_k(index, setup, test, k=k, proponents=proponents, aggregate=aggregate)
     m = min(len(index), 10 * k) if candidates is None else positive_int(candidates, "candidates")
     if not k <= m <= len(index):
         raise ValueError(f"`candidates`={m} must lie in [k, rows of the index] = [{k}, {len(index)}].")
@@ -354,7 +354,7 @@ def _index_top_k(
             f"`rerank` must be the training data the index was built from, in the same order (a batch or a Dataset "
             f"of {len(index)} examples); got {n if n is not None else 'data of unknown size'}."
         )
-    proposed = index_top_k(index, setup, model, test, k=m, proponents=proponents, aggregate=aggregate)
+    proposed = index_top_k(index, setup, test, k=m, proponents=proponents, aggregate=aggregate)
 
     def exact(subset: Any) -> torch.Tensor:
         return influence(

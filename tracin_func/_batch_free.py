@@ -21,6 +21,8 @@ import optree
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ._purity import op_tensors
+
 # Ops that broadcast their operands elementwise: a row for the whole batch meets each example's row alike.
 _ELEMENTWISE = {
     torch.add, torch.sub, torch.mul, torch.div,
@@ -72,14 +74,14 @@ class Meetings(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        tensors = _tensors_in(args, kwargs.values())
+        tensors = op_tensors(args, kwargs)
         followed = [t for t in tensors if self._roots_of(t)]
         of_batch = [t for t in tensors if self._of_batch(t)]
         if followed and of_batch:
             args, kwargs = self._met(func, followed, of_batch, args, kwargs)
         out = func(*args, **kwargs)
         roots = frozenset().union(*map(self._roots_of, followed))
-        for t in _tensors_in((out,)):
+        for t in op_tensors(out):
             if of_batch:
                 self._batch[id(t)] = weakref.ref(t)
             elif roots:
@@ -142,19 +144,6 @@ class Meetings(TorchFunctionMode):
         return t + probe  # (broadcast to ``shape``)
 
 
-def _tensors_in(*groups: Any) -> list[torch.Tensor]:
-    """The tensors among ``groups``' items and in their lists and tuples (a torch function's arguments or results:
-    ``torch.cat``'s list, ``split``'s tuple)."""
-    out = []
-    for group in groups:
-        for item in group:
-            if isinstance(item, torch.Tensor):
-                out.append(item)
-            elif isinstance(item, (list, tuple)):
-                out.extend(t for t in item if isinstance(t, torch.Tensor))
-    return out
-
-
 def _padded(t: torch.Tensor, rank: int) -> list[int]:
     """``t``'s shape with leading 1s up to ``rank`` dims (as broadcasting aligns it)."""
     return [1] * (rank - t.dim()) + list(t.shape)
@@ -196,8 +185,8 @@ def per_example_outputs(
             total = torch.zeros_like(probe) if total is None else total
             if (g.sum(0) - total).abs().max() > 1e-4 * max(g.abs().max(), total.abs().max()):
                 raise RuntimeError(
-                    f"{path!r} runs once for the whole batch and its output reaches the loss other than by meeting the "
-                    f"batch in elementwise ops"
+                    f"{path!r} runs once for the whole batch and its output reaches the loss other than through its "
+                    f"meetings with the batch"
                 )
             out[path].append(g)
     return out

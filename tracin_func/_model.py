@@ -6,7 +6,6 @@ import copy
 import threading
 import types
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple, Union
@@ -16,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ._checkpoints import LR_KEYS, Checkpoint, check_lr
-from ._state import MODULE_SLOTS, leaving_no_trace
+from ._state import CONTAINERS, FLAT_ABOVE, MODULE_SLOTS, NESTING, leaving_no_trace
 
 Forward = Callable[..., Any]  # forward(state, *inputs) -> outputs
 ParamSelector = Union[Sequence[str], Callable[[str], bool], None]
@@ -52,11 +51,11 @@ _LOCKS_GUARD = threading.Lock()
 
 @contextmanager
 def exclusive_use(spec: ModelSpec) -> Iterator[None]:
-    """Hold the module a call runs on for the whole call: the user's (a ``tc.ExampleLoss`` calls it) or a private
-    copy (uncontended, except a tracer's, which every step of every thread uses): concurrent calls on it then run
-    one after the other instead of swapping tensors into it at the same time. The layers' own attributes are as
-    they were after the call (what the forward passes stored in them, say attention maps appended to a list, is
-    undone)."""
+    """Hold the module a call runs on for the whole call: the user's (a loss calling it: ``tc.ExampleLoss``,
+    ``tc.BatchLoss``) or a private copy (uncontended, except a tracer's, which every step of every thread uses):
+    concurrent calls on it then run one after the other instead of swapping tensors into it at the same time. The
+    layers' own attributes are as they were after the call (what the forward passes stored in them, say attention
+    maps appended to a list, is undone)."""
     if spec.module is None:
         yield
         return
@@ -104,23 +103,24 @@ def private_copy(model: nn.Module) -> nn.Module:
     return root
 
 
-def _copied(value: Any, copies: Mapping[int, nn.Module], containers: dict[int, Any], depth: int = 3) -> Any:
+def _copied(value: Any, copies: Mapping[int, nn.Module], containers: dict[int, Any], depth: int = NESTING) -> Any:
     """``value`` with the tree's modules in it replaced by their copies and its containers (dicts, lists, sets,
     deques, tuples, subclasses too) copied, once each, ``depth`` levels deep (large ones at once, not walked);
     other objects shared."""
     if isinstance(value, nn.Module):
         return copies.get(id(value), value)
-    if depth == 0 or not isinstance(value, (dict, list, set, deque, tuple)):
+    if depth == 0 or not isinstance(value, CONTAINERS):
         return value
     if id(value) in containers:
         return containers[id(value)]
-    if len(value) > 1000:  # (a vocabulary: items neither modules nor mutated in place, taken to be)
+    if len(value) > FLAT_ABOVE:  # (a vocabulary: items neither modules nor mutated in place, taken to be)
         copied = value if isinstance(value, tuple) else _shallow(value)
     else:
-        items = value.items() if isinstance(value, dict) else value
-        new = [(k, _copied(v, copies, containers, depth - 1)) for k, v in items] if isinstance(value, dict) else [
-            _copied(v, copies, containers, depth - 1) for v in items]  # fmt: skip
-        copied = _rebuilt(value, new)
+        if isinstance(value, dict):
+            items = [(k, _copied(v, copies, containers, depth - 1)) for k, v in value.items()]
+        else:
+            items = [_copied(v, copies, containers, depth - 1) for v in value]
+        copied = _rebuilt(value, items)
     containers[id(value)] = copied
     return copied
 
@@ -255,7 +255,7 @@ def model_spec(
     if isinstance(model, nn.Module):
         check_eval_mode(model)
         check_no_backward_hooks(model)
-        with _lock_of(model):  # not while a call on the user's module (a tc.ExampleLoss's) has swapped tensors in
+        with _lock_of(model):  # not while a call on the user's module (its loss calls it) has swapped tensors in
             named = dict(model.named_parameters())  # de-duplicated: a tied tensor appears under its first name
             state = model.state_dict(keep_vars=True)
             module = private_copy(model) if private else model

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._grads import Tensors, batch_of_one, example_at
 from ._loss import CriterionLoss, ExampleLossFn
-from ._state import CONTAINERS, leaving_no_trace, own_attributes
+from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, own_attributes
 
 
 def _storage(t: torch.Tensor) -> int | None:
@@ -88,7 +88,7 @@ class _Watch(TorchDispatchMode):
                         self._refuse(
                             f"writes into {target} ({func}), which would change it and make scores depend on order"
                         )
-        inputs = _tensors(args, kwargs)
+        inputs = op_tensors(args, kwargs)
         read = {id(t) for t in inputs}  # (tensors by identity: views are made by ops too)
         self.read |= read
         fresh = func in _LIFTS  # a constant the forward creates (``torch.tensor``, ``from_numpy``): not kept
@@ -98,7 +98,7 @@ class _Watch(TorchDispatchMode):
             self.kept.setdefault(path, (module, set()))[1].update(kept)
         out = func(*args, **kwargs)
         from_checkpoint = not read.isdisjoint(self.derived)
-        for t in _tensors(out):
+        for t in op_tensors(out):
             self.made[id(t)] = weakref.ref(t)
             if from_checkpoint:
                 self.derived.add(id(t))
@@ -176,7 +176,7 @@ def _running_modules(module: nn.Module | None) -> Iterator[list[tuple[str, nn.Mo
             handle.remove()
 
 
-def _tensors(*trees: Any) -> list[torch.Tensor]:
+def op_tensors(*trees: Any) -> list[torch.Tensor]:
     """The tensors among an op's arguments or outputs (in lists and tuples: ``cat``'s inputs, ``split``'s outputs)."""
     out = []
     for tree in trees:
@@ -188,12 +188,12 @@ def _tensors(*trees: Any) -> list[torch.Tensor]:
     return out
 
 
-def _tensors_within(value: Any, depth: int = 3) -> list[torch.Tensor]:
+def _tensors_within(value: Any, depth: int = NESTING) -> list[torch.Tensor]:
     """``value`` if a tensor, else the tensors in the containers nested in it (small ones: a vocabulary list is not
     walked)."""
     if isinstance(value, torch.Tensor):
         return [value]
-    if depth == 0 or not isinstance(value, CONTAINERS) or len(value) > 1000:
+    if depth == 0 or not isinstance(value, CONTAINERS) or len(value) > FLAT_ABOVE:
         return []
     items = value.values() if isinstance(value, dict) else value
     out = [v for v in items if isinstance(v, torch.Tensor)]

@@ -77,7 +77,7 @@ def _scores(index: Index, setup: Setup, queries: torch.Tensor) -> Iterator[tuple
         yield offset, queries @ block.to(device=queries.device, dtype=queries.dtype).T
 
 
-def index_influence(index: Index, setup: Setup, model: Any, test: Any, *, aggregate: bool) -> torch.Tensor:
+def index_influence(index: Index, setup: Setup, test: Any, *, aggregate: bool) -> torch.Tensor:
     """``[n_test, n_train]`` scores of the test examples against every row of ``index``."""
 
     def local() -> list[list[tuple[int, torch.Tensor]]]:
@@ -92,7 +92,7 @@ def index_influence(index: Index, setup: Setup, model: Any, test: Any, *, aggreg
 
 
 def index_top_k(
-    index: Index, setup: Setup, model: Any, test: Any, *, k: int, proponents: bool, aggregate: bool
+    index: Index, setup: Setup, test: Any, *, k: int, proponents: bool, aggregate: bool
 ) -> TopK:
     """The top-k rows of ``index`` for each test example, streaming its shards (memory: one block)."""
 

@@ -15,7 +15,8 @@ from torch import nn
 # nn.Module's own bookkeeping (parameter, buffer, submodule and hook dicts, the training flag): not a layer's state
 MODULE_SLOTS = frozenset(vars(nn.Module()))
 CONTAINERS = (dict, list, set, tuple, deque)
-_FLAT_ABOVE = 1000  # items of a container taken as one flat copy (a vocabulary list): not walked item by item
+NESTING = 3  # containers nested this deep in a layer's attributes are taken, copied and searched for tensors
+FLAT_ABOVE = 1000  # items of a container taken as one flat copy (a vocabulary list): not walked item by item
 
 
 class _Taken(NamedTuple):
@@ -26,12 +27,12 @@ class _Taken(NamedTuple):
     flat: Any = None  # a large container's items, copied at once (a list, or a dict), instead of ``items``
 
 
-def _structure(value: Any, depth: int = 3) -> Any:
+def _structure(value: Any, depth: int = NESTING) -> Any:
     """``value`` with the containers nested in it (dicts, lists, sets, tuples, deques, subclasses too) taken as
     ``_Taken``, their other items by reference: what a run may fill in place, to compare and restore."""
     if depth == 0 or not isinstance(value, CONTAINERS):
         return value
-    if len(value) > _FLAT_ABOVE:
+    if len(value) > FLAT_ABOVE:
         return _Taken(value, {}, dict(value) if isinstance(value, dict) else list(value))
     return _Taken(value, {k: _structure(v, depth - 1) for k, v in _items(value)})
 
