@@ -198,11 +198,11 @@ def batched_factors(
                 inputs[site.path][-1] = x.expand(n, *x.shape[1:])  # one row for the whole batch: each example's
                 probe = output.new_zeros((rows, *output.shape[1:])).requires_grad_()  # copy of it and of its gradient
                 copied.add(probe)
-            elif output.requires_grad:  # its gradient where autograd passes it (before any later in-place change)
-                outputs[site.path].append((output, get_gradient_edge(output)))
+            elif output.requires_grad and (edge := _lasting_edge(output)) is not None:  # its gradient where
+                outputs[site.path].append((output, edge))  # autograd passes it (before any later in-place change)
                 return None
-            else:  # nothing before it needs gradients (the first layer): a zero probe adds the entry point
-                probe = torch.zeros_like(output, requires_grad=True)
+            else:  # nothing before it needs gradients (the first layer), or a view of part of another tensor: a
+                probe = torch.zeros_like(output, requires_grad=True)  # zero probe adds the entry point
             outputs[site.path].append((probe, probe))
             return output + probe
 
@@ -254,8 +254,8 @@ def batched_factors(
             at_roots = per_example_outputs(meetings, roots, grads[len(flat) : len(flat) + len(met) + len(whole)], n)
     _refuse_reached(unused, grads[len(flat) + len(met) + len(whole) :])
     grads = iter(
-        torch.zeros_like(like) if g is None else _per_example(g, n) if like in copied else g
-        for g, (like, _) in zip(grads, flat)
+        torch.zeros_like(like) if g is None else _per_example(g, n) if like in copied else g.view(like.shape)
+        for g, (like, _) in zip(grads, flat)  # (a view's gradient taken at its base: the base's shape)
     )
     factors = {s.path: (inputs[s.path], [next(grads) for _ in outputs[s.path]]) for s in plan.sites}
     modules = dict(module.named_modules())
@@ -335,6 +335,21 @@ def _per_example(g: torch.Tensor, n: int) -> torch.Tensor:
     """The gradient of a probe or copy with a row per row of the batch dimension, ``[n fold, ...]``, summed over each
     example's rows (all copies of the same row)."""
     return g if g.shape[0] == n else g.reshape(n, -1, *g.shape[1:]).sum(1)
+
+
+def _lasting_edge(output: torch.Tensor) -> GradientEdge | None:
+    """Where autograd passes ``output``'s gradient, also after the model changes ``output`` in place; None if no such
+    place. A view's own node leaves the graph when the view is changed in place (autograd rebases it onto its base),
+    and its gradient there would be silently zero: ``F.linear`` on ``[B, T, d]`` returns a view of its ``[B T, d]``
+    product, which Longformer then scales with ``/=``. That base's node stays: the edge of a base that the view
+    covers whole, in the same layout; None for a view of part of a tensor (a probe then)."""
+    if not output._is_view():
+        return get_gradient_edge(output)
+    base = output._base
+    whole = base.numel() == output.numel() and output.storage_offset() == base.storage_offset()
+    if base.grad_fn is None or not (whole and output.is_contiguous() and base.is_contiguous()):
+        return None
+    return get_gradient_edge(base)
 
 
 def _split_rows(t: torch.Tensor, n: int) -> torch.Tensor:
