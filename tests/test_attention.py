@@ -92,13 +92,10 @@ def test_transformer_encoder_runs_batched_and_exact(batch_first, nested):
     model = Encoder(batch_first, nested).to(F64).eval()
     ckpts, train, test = _ckpts(model), _data(7, 0), _data(3, 1)
     plan = tc.explain(model, ckpts, train, loss_fn=CE)
-    if batch_first:
-        assert plan.batching == "one batched forward / backward gives every layer's factors"
-        routes = {r.parameter: r for r in plan.routes}
-        assert routes["encoder.layers.1.self_attn.in_proj_weight"].reason.startswith("unrolled attention")
-        assert {r.route for r in plan.routes} <= {"factored", "materialised"}
-    else:  # [L, B, d] layer inputs: a batched pass does not give rows per example, which the batching check sees
-        assert plan.batching.endswith("or the layer's input is not batch-first, like a sequence-first transformer's)")
+    assert plan.batching == "one batched forward / backward gives every layer's factors"  # [L, B, d] too
+    routes = {r.parameter: r for r in plan.routes}
+    assert routes["encoder.layers.1.self_attn.in_proj_weight"].reason.startswith("unrolled attention")
+    assert {r.route for r in plan.routes} <= {"factored", "materialised"}
     ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
     assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, batch_size=4), ref.influence, 1e-12)
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=4), ref.self_influence, 1e-12)

@@ -95,10 +95,9 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
               BATCHED),  # fmt: skip  (its relative position bias, like T5's)
     "esm": (lambda: classifier(T.EsmConfig, T.EsmForSequenceClassification, pad_token_id=1, max_position_embeddings=40,
                                **SMALL), BATCHED),  # fmt: skip  (protein language model)
-    "longformer": (  # pads the batch to its attention window, in shapes a single example does not have
+    "longformer": (  # its attention's projections are fed sequence-first ([T, B, d]), and it scales queries with /=
         lambda: classifier(T.LongformerConfig, T.LongformerForSequenceClassification, attention_window=4,
-                           pad_token_id=1, max_position_embeddings=40, **SMALL),
-        "a batched forward failed where examples alone ran"),  # fmt: skip
+                           pad_token_id=1, max_position_embeddings=40, **SMALL), BATCHED),  # fmt: skip
     "deberta_v2": (lambda: classifier(T.DebertaV2Config, T.DebertaV2ForSequenceClassification, **SMALL), BATCHED),
     "deberta_v2_relative": (  # its relative embeddings' table is used directly, not called as a module
         lambda: classifier(T.DebertaV2Config, T.DebertaV2ForSequenceClassification, relative_attention=True,

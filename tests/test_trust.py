@@ -1034,21 +1034,25 @@ def test_7f_parameter_named_lr(tmp_path, dtype):
 
 class SequenceFirst(nn.Module):
     """A Linear over ``[T, B, d]`` (sequence-first, like ``nn.Transformer*`` without ``batch_first``): under
-    ``vmap`` each example's batch of one is dim 1 of the layer's input, not dim 0."""
+    ``vmap`` each example's batch of one is dim 1 of the layer's input, not dim 0; batched, the batch is dim 1."""
 
-    def __init__(self):
+    def __init__(self, mixed=False):
         super().__init__()
         self.emb, self.lin, self.fc = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.mixed = mixed
 
     def forward(self, tokens):
         h = self.emb(tokens).transpose(0, 1)
+        if self.mixed:  # statistics over the batch (dim 1): examples interact
+            h = h - h.mean(1, keepdim=True)
         h = torch.tanh(self.lin(h)) + h.mean(0, keepdim=True)
         return self.fc(h.mean(0))
 
 
 def test_7g_sequence_first_layers_are_exact():
     """Regression: the vmapped path kept only the first position's rows of a sequence-first layer's factors
-    (a relative error of about 0.14 on this model); the batched path is refused for such layers, naming the cause."""
+    (a relative error of about 0.14 on this model). The batched path takes such a layer's factors with the batch
+    moved first (it was refused before); a model mixing the batch along dimension 1 is refused, naming the cause."""
     torch.manual_seed(0)
     model = SequenceFirst().to(F64).eval()
     ckpts = [tc.Checkpoint({k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()}, lr=lr)
@@ -1056,10 +1060,42 @@ def test_7g_sequence_first_layers_are_exact():
     train = (torch.randint(0, 20, (5, 6)), torch.randint(0, 3, (5,)))
     test = (torch.randint(0, 20, (2, 6)), torch.randint(0, 3, (2,)))
     influence, self_influence = reference(model, ckpts, train, test)
-    with pytest.warns(tc.SlowPathWarning, match="the layer's input is not batch-first"):
-        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), self_influence)
-    with pytest.warns(tc.SlowPathWarning):
-        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), influence)
+    assert tc.explain(model, ckpts, train, loss_fn=CE).batching.startswith("one batched forward")
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), self_influence)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), influence)
+    one = tc.ExampleLoss(lambda p, b: CE(functional_call(model, p, (b[0],)), b[1]))  # factors under vmap
+    assert tc.explain(model, ckpts, train, loss_fn=one).batching.startswith("vmap(grad) over examples")
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=one), self_influence)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=one), influence)
+    mixed = SequenceFirst(mixed=True).to(F64).eval()
+    with pytest.warns(tc.SlowPathWarning, match="changed the first examples' factors at 'emb'.*the second in every"):
+        assert_close(tc.self_influence(mixed, ckpts, train, loss_fn=CE), reference(mixed, ckpts, train, test)[1])
+
+
+class FlatTokens(nn.Module):
+    """Batch-first, but its Linear runs on ``[B T, 1, d]``: one example's ``[T, 1, d]`` reads as sequence-first."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin, self.fc = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        r = torch.tanh(self.lin(h.reshape(-1, 1, h.shape[-1])))
+        return self.fc(r.reshape(h.shape).mean(1))
+
+
+def test_7g_a_layer_only_looking_sequence_first_is_checked_batch_first():
+    torch.manual_seed(0)
+    model = FlatTokens().to(F64).eval()
+    ckpts = [tc.Checkpoint({k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()}, lr=lr)
+             for lr in LRS]  # fmt: skip
+    train = (torch.randint(0, 20, (5, 6)), torch.randint(0, 3, (5,)))
+    test = (torch.randint(0, 20, (2, 6)), torch.randint(0, 3, (2,)))
+    influence, self_influence = reference(model, ckpts, train, test)
+    assert tc.explain(model, ckpts, train, loss_fn=CE).batching.startswith("one batched forward")
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), self_influence)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), influence)
 
 
 def test_7h_tied_weights_with_different_values_in_a_checkpoint_are_refused():

@@ -183,9 +183,11 @@ def batched_factors(
     roots: dict[str, list[tuple[int, torch.Tensor]]] = {p: [] for p in plan.batch_free}  # per call: (root, probe)
 
     def hook_for(site: Site) -> Hook:
+        seq_first = site.path in plan.seq_first  # [T, B, ...]: its factors taken as [B, T, ...]
+
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
             x = recorded_input(layer, site, args[0], output).detach()
-            inputs[site.path].append(x)
+            inputs[site.path].append(x.transpose(0, 1) if seq_first else x)
             if meetings is not None and site.path in plan.batch_free:  # run once for the whole batch: its output
                 inputs[site.path][-1] = x.expand(n, *x.shape)  # followed to where it meets the batch (each
                 probe = torch.zeros_like(output, requires_grad=True)  # example's input: the same)
@@ -193,8 +195,9 @@ def batched_factors(
                 roots[site.path].append((meetings.follow(followed), probe))
                 return followed
             if output.dim() >= 3 and token_wise(layer, site):
-                folded.add(output.shape[0])
-            if rows > 1 and output.dim() > 1 and x.dim() > 1 and output.shape[0] == 1 and x.shape[0] == 1:
+                folded.add(output.shape[int(seq_first)])
+            broadcast = not seq_first and output.dim() > 1 and x.dim() > 1 and output.shape[0] == x.shape[0] == 1
+            if rows > 1 and broadcast:
                 inputs[site.path][-1] = x.expand(n, *x.shape[1:])  # one row for the whole batch: each example's
                 probe = output.new_zeros((rows, *output.shape[1:])).requires_grad_()  # copy of it and of its gradient
                 copied.add(probe)
@@ -258,6 +261,9 @@ def batched_factors(
         for g, (like, _) in zip(grads, flat)  # (a view's gradient taken at its base: the base's shape)
     )
     factors = {s.path: (inputs[s.path], [next(grads) for _ in outputs[s.path]]) for s in plan.sites}
+    for path in plan.seq_first:
+        xs, gs = factors[path]
+        factors[path] = (xs, [g.transpose(0, 1) for g in gs])
     modules = dict(module.named_modules())
     for site in plan.sites:  # a token-wise layer fed [n T, d] (OPT flattens tokens before its MLP): rows per example
         if token_wise(modules.get(site.path), site):

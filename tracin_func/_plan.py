@@ -67,6 +67,9 @@ class Plan(NamedTuple):
     # paths of sites run once for the whole batch (T5's relative position bias: no batch dimension), whose output is
     # followed to where it meets the batch (``_batch_free``)
     batch_free: frozenset[str] = frozenset()
+    # paths of token-wise sites fed sequence-first (``[T, B, d]``: ``batch_first=False`` transformers, Longformer's
+    # attention), whose factors are taken with the batch dimension moved first
+    seq_first: frozenset[str] = frozenset()
 
     def route(self, name: str) -> str:
         """``"factored"`` (inner products of factors), ``"materialised"`` (from factors), ``"unused"`` or ``"vmap"``."""
@@ -274,7 +277,8 @@ def make_plan(
             reasons.update({n: _why_site(site, rows, factored, path in kernel, self_only) for n in site.names})
     for path in idle:
         sites.pop(path, None)  # (unless dropped with a partner)
-    fold = _folded_rows(sites, first_calls, modules)
+    seq_first = _sequence_first(sites, first_calls, modules)
+    fold = _folded_rows({p: s for p, s in sites.items() if p not in seq_first}, first_calls, modules)
     if self_only and factored is not False:
         kernel |= _tied_kept(sites, rows_of, factored, reasons)
     dense = _not_in_sites(names, sites.values())
@@ -292,7 +296,7 @@ def make_plan(
     plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel), False, reasons, "", size)
     covered = {n for s in sites.values() for n in s.names}
     uncalled = tuple(p for p, s in idle.items() if set(s.names) <= covered)
-    plan = plan._replace(costed=not factored, uncalled=uncalled, fold=fold)
+    plan = plan._replace(costed=not factored, uncalled=uncalled, fold=fold, seq_first=seq_first)
     if not sites:
         return plan._replace(batching="vmap(grad) over examples: no layer gives factors")
     if set(dense) - unused:
@@ -311,6 +315,10 @@ def make_plan(
         return _batching_refused(module, losses, plan, {**frozen, **diff}, batch, mapper, truth)
 
     check = checked_on(plan)
+    if check.reason and plan.seq_first:  # or dimension 1 of size 1 for another reason: checked batch-first (if that
+        plan = plan._replace(seq_first=frozenset(), fold=_folded_rows(sites, first_calls, modules))  # is refused too,
+        retried = checked_on(plan)  # the first refusal says what the batch shows, read sequence-first)
+        check = retried if not retried.reason else check
     if check.reason and plan.fold > 1:  # rows broadcast over a part of the model that does not fold (a context)?
         unfolded = checked_on(plan._replace(fold=1))
         if not unfolded.reason:
@@ -368,6 +376,22 @@ def _folded_rows(
     )
     folds = [size for size in sizes if size != 1]
     return folds[0] if len(folds) == 1 and sizes[folds[0]] >= sizes[1] else 1
+
+
+def _sequence_first(
+    sites: Mapping[str, Site], calls: Mapping[str, list[tuple[int, ...] | None]], modules: Mapping[str, nn.Module]
+) -> frozenset[str]:
+    """Token-wise sites whose every call on one example gave ``[T, 1, ...]`` (the example's batch of one second),
+    when some call's ``T`` is other than 1 (a sequence, not a batch-first layer's single row): sequence-first layers,
+    which the batching check then checks with their batch dimension second."""
+    second = {
+        path
+        for path, site in sites.items()
+        if token_wise(modules.get(path), site)
+        and calls.get(path)
+        and all(s is not None and len(s) >= 3 and s[1] == 1 for s in calls[path])
+    }
+    return frozenset(second) if any(s[0] != 1 for path in second for s in calls[path]) else frozenset()
 
 
 # One gathered row product of a token-rows dot costs about as much as this many multiply-adds of a materialised
@@ -615,8 +639,8 @@ def _batching_refused(
             if not (per_example and same):
                 return BatchingCheck(
                     f"a batched forward changed the first examples' factors at {path!r} (examples interact, e.g. "
-                    f"through batch statistics, or the layer's input is not batch-first, like a sequence-first "
-                    f"transformer's)",
+                    f"through batch statistics, or the layer's input holds the batch in a dimension other than the "
+                    f"first, or the second in every call: sequence-first)",
                     {},
                 )
             seen.setdefault(path, (xs, gs))
