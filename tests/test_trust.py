@@ -1036,9 +1036,10 @@ class SequenceFirst(nn.Module):
     """A Linear over ``[T, B, d]`` (sequence-first, like ``nn.Transformer*`` without ``batch_first``): under
     ``vmap`` each example's batch of one is dim 1 of the layer's input, not dim 0; batched, the batch is dim 1."""
 
-    def __init__(self, mixed=False):
+    def __init__(self, mixed=False, pooled=False):
         super().__init__()
         self.emb, self.lin, self.fc = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.pool = nn.Linear(8, 8) if pooled else None
         self.mixed = mixed
 
     def forward(self, tokens):
@@ -1046,6 +1047,8 @@ class SequenceFirst(nn.Module):
         if self.mixed:  # statistics over the batch (dim 1): examples interact
             h = h - h.mean(1, keepdim=True)
         h = torch.tanh(self.lin(h)) + h.mean(0, keepdim=True)
+        if self.pool is not None:  # batch-first, one row: [B, 1, d] ([1, 1, d] for one example)
+            return self.fc(self.pool(h.mean(0)[:, None]).squeeze(1))
         return self.fc(h.mean(0))
 
 
@@ -1067,6 +1070,12 @@ def test_7g_sequence_first_layers_are_exact():
     assert tc.explain(model, ckpts, train, loss_fn=one).batching.startswith("vmap(grad) over examples")
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=one), self_influence)
     assert_close(tc.influence(model, ckpts, train, test, loss_fn=one), influence)
+    pooled = SequenceFirst(pooled=True).to(F64).eval()  # read sequence-first at 'lin' only
+    ckpts_pooled = [tc.Checkpoint({**c.params, **{k: v for k, v in pooled.state_dict().items() if "pool" in k}},
+                                  lr=c.lr) for c in ckpts]  # fmt: skip
+    assert tc.explain(pooled, ckpts_pooled, train, loss_fn=CE).batching.startswith("one batched forward")
+    assert_close(tc.influence(pooled, ckpts_pooled, train, test, loss_fn=CE),
+                 reference(pooled, ckpts_pooled, train, test)[0])  # fmt: skip
     mixed = SequenceFirst(mixed=True).to(F64).eval()
     with pytest.warns(tc.SlowPathWarning, match="changed the first examples' factors at 'emb'.*the second in every"):
         assert_close(tc.self_influence(mixed, ckpts, train, loss_fn=CE), reference(mixed, ckpts, train, test)[1])
@@ -1096,6 +1105,10 @@ def test_7g_a_layer_only_looking_sequence_first_is_checked_batch_first():
     assert tc.explain(model, ckpts, train, loss_fn=CE).batching.startswith("one batched forward")
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), self_influence)
     assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), influence)
+    # planned on a single example (a first batch of one), read sequence-first; its first batch of two or more shows
+    # a batch-first layer after all, which then scores the call
+    batches = [tuple(t[:1] for t in train), tuple(t[1:] for t in train)]
+    assert_close(tc.self_influence(model, ckpts, batches, loss_fn=CE), self_influence)
 
 
 def test_7h_tied_weights_with_different_values_in_a_checkpoint_are_refused():
@@ -1159,3 +1172,25 @@ def test_7i_outputs_changed_in_place_are_exact(factored):
     assert tc.explain(model, ckpts, train, loss_fn=CE).batching.startswith("one batched forward")
     assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored), influence)
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored), self_influence)
+
+
+def test_7j_a_model_autograd_cannot_differentiate_is_refused_naming_it():
+    """A forward changing in place a tensor its backward pass needs (RWKV in eval mode) fails plain autograd too:
+    refused naming the example and how to find the op, not with torch's bare error."""
+
+    class InPlaceAfterTanh(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.fc = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.lin(x))
+            h.mul_(2.0)  # tanh's backward needs its output
+            return self.fc(h)
+
+    model = InPlaceAfterTanh().eval()
+    data = (torch.randn(4, 4), torch.randint(0, 3, (4,)))
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=1.0)]
+    fails = r"`data` example 0 cannot be scored: the backward pass of its loss fails, with plain autograd too"
+    with pytest.raises(ValueError, match=fails + r".*modified by an inplace operation.*set_detect_anomaly"):
+        tc.self_influence(model, ckpts, data, loss_fn=CE)

@@ -29,6 +29,7 @@ from ._data import (
     to_device,
 )
 from ._distributed import Ranks
+from ._grads import scalar_loss
 from ._loss import ExampleLossFn
 from ._plan import Plan, plan_call
 from ._purity import check_forward
@@ -155,8 +156,9 @@ def naming_failures(loss: ExampleLossFn, setup: Setup, batch: Any, where: str, o
         if isinstance(err, FloatingPointError) or str(err).startswith("`"):
             raise
         for i in range(batch_size_of(batch, where)):
+            example = slice_batch(batch, i, i + 1)
             try:
-                check_forward(setup.spec.module, loss, setup.checkpoints[0].state, slice_batch(batch, i, i + 1), where)
+                check_forward(setup.spec.module, loss, setup.checkpoints[0].state, example, where)
             except Exception as cause:
                 if str(cause).startswith("`"):
                     raise
@@ -166,7 +168,30 @@ def naming_failures(loss: ExampleLossFn, setup: Setup, batch: Any, where: str, o
                 except Exception:
                     named = RuntimeError(message)
                 raise named from cause
+            cause = _backward_error(loss, setup, example)
+            if cause is not None:
+                why = f"{type(cause).__name__}: {str(cause).rstrip('.')}"
+                raise ValueError(
+                    f"`{where}` example {offset + i} cannot be scored: the backward pass of its loss fails, with plain "
+                    f"autograd too ({why}). Make `torch.autograd.grad` of one example's loss work first "
+                    f"(`torch.autograd.set_detect_anomaly(True)` names the op that fails)."
+                ) from err
         raise
+
+
+def _backward_error(loss: ExampleLossFn, setup: Setup, example: Any) -> Exception | None:
+    """What plain autograd raises differentiating the loss of ``example`` (a batch of one) at the first checkpoint,
+    without any of the call's hooks (RWKV in eval mode changes a tensor its backward pass needs in place), or None."""
+    state = setup.checkpoints[0].state
+    leaves = {n: state[n].detach().requires_grad_() for n in setup.spec.diff_names}
+    try:
+        with torch.enable_grad():
+            total = scalar_loss(loss, {**state, **leaves}, example)
+            if total.requires_grad:
+                torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+    except Exception as err:
+        return err
+    return None
 
 
 def _check_finite(values: Any, example_dim: int, offset: int, where: str, ckpt: int) -> None:
@@ -183,7 +208,9 @@ def _check_finite(values: Any, example_dim: int, offset: int, where: str, ckpt: 
     bad = ((~finite).any(dim=other) if other else ~finite).nonzero().flatten() + offset
     raise FloatingPointError(
         f"Non-finite gradients for `{where}` examples {bad.tolist()[:10]} at checkpoints[{ckpt}]: the loss or its "
-        f"gradient is NaN or infinite there. Check those inputs and targets, the checkpoint's weights, and the dtype."
+        f"gradient is NaN or infinite there. Check those inputs and targets, the checkpoint's weights, and the dtype "
+        f"(and whether `factored=False`, one example at a time, is finite: some models' batched backward pass is not, "
+        f"like Longformer's with different numbers of global tokens per example)."
     )
 
 

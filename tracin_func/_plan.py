@@ -136,20 +136,26 @@ def _checking_first_batch(
 ) -> RepresentationFn:
     """``rep`` checking the batching first on its first batch of two or more examples, for a plan made on a single
     example (``Plan.checked``): a model that mixes a batch's examples is refused there, never scored batched."""
-    checked = []  # set once; threads may both check the first batch (the same answer)
+    checked: list[RepresentationFn] = []  # set once, to the checked reading's; threads may both check the first
+    # batch (the same answer)
 
     @torch.compiler.disable  # eager inside compiled updates
     def check(diff: Tensors, frozen: Tensors, batch: Any) -> None:
         if checked or num_examples(batch) < 2:
             return
         check = _refused_on(module, loss, plan, diff, frozen, batch, mapper)
+        if check.reason and plan.seq_first:  # one example's [T, 1, d] read batch-first after all?
+            batch_first = plan._replace(seq_first=frozenset())
+            if not _refused_on(module, loss, batch_first, diff, frozen, batch, mapper).reason:
+                checked.append(representation_fn(module, loss, batch_first, mapper))
+                return
         unseen = sorted(set(check.batch_free) - plan.batch_free)  # (a lone example's layers all look batch-free)
         if check.reason:
             shows = f"the model does not keep a batch's examples apart ({check.reason})"
         elif unseen:
             shows = f"{unseen[0]!r} runs once for the whole batch, which the plan could not follow"
         else:
-            checked.append(True)
+            checked.append(rep)
             return
         raise ValueError(
             f"`model`: the call was planned on a single example, whose batched and single runs are the same, so "
@@ -160,7 +166,7 @@ def _checking_first_batch(
 
     def checking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
         check(diff, frozen, batch)
-        return rep(diff, frozen, batch)
+        return (checked[0] if checked else rep)(diff, frozen, batch)
 
     return checking
 
@@ -278,7 +284,7 @@ def make_plan(
     for path in idle:
         sites.pop(path, None)  # (unless dropped with a partner)
     seq_first = _sequence_first(sites, first_calls, modules)
-    fold = _folded_rows({p: s for p, s in sites.items() if p not in seq_first}, first_calls, modules)
+    fold = _folded_rows(_without(sites, seq_first), first_calls, modules)
     if self_only and factored is not False:
         kernel |= _tied_kept(sites, rows_of, factored, reasons)
     dense = _not_in_sites(names, sites.values())
@@ -314,11 +320,15 @@ def make_plan(
             return _refused_on(module, losses[0], plan, diff, frozen, head, mapper)
         return _batching_refused(module, losses, plan, {**frozen, **diff}, batch, mapper, truth)
 
-    check = checked_on(plan)
-    if check.reason and plan.seq_first:  # or dimension 1 of size 1 for another reason: checked batch-first (if that
-        plan = plan._replace(seq_first=frozenset(), fold=_folded_rows(sites, first_calls, modules))  # is refused too,
-        retried = checked_on(plan)  # the first refusal says what the batch shows, read sequence-first)
-        check = retried if not retried.reason else check
+    readings = _readings(plan, sites, first_calls, modules)
+    plan, check = readings[0], checked_on(readings[0])
+    for reading in readings[1:]:  # fewer layers read sequence-first, while refused
+        if not check.reason:
+            break
+        retried = checked_on(reading)
+        if not retried.reason:
+            plan, check = reading, retried
+    plan = readings[-1] if check.reason else plan  # (the first refusal kept: what the batch shows read as planned)
     if check.reason and plan.fold > 1:  # rows broadcast over a part of the model that does not fold (a context)?
         unfolded = checked_on(plan._replace(fold=1))
         if not unfolded.reason:
@@ -392,6 +402,24 @@ def _sequence_first(
         and all(s is not None and len(s) >= 3 and s[1] == 1 for s in calls[path])
     }
     return frozenset(second) if any(s[0] != 1 for path in second for s in calls[path]) else frozenset()
+
+
+def _readings(
+    plan: Plan, sites: Mapping[str, Site], calls: Mapping[str, list[tuple[int, ...] | None]], modules: Mapping
+) -> list[Plan]:
+    """``plan``, then with fewer sites read sequence-first, for the batching check to try in turn: only those whose
+    calls show a sequence (``[1, 1, ...]`` is also a batch-first layer's single row), then none (batch-first, its fold
+    from every site)."""
+    if not plan.seq_first:
+        return [plan]
+    sequences = frozenset(p for p in plan.seq_first if any(s[0] != 1 for s in calls[p]))
+    fewer = [plan._replace(seq_first=sequences, fold=_folded_rows(_without(sites, sequences), calls, modules))]
+    batch_first = plan._replace(seq_first=frozenset(), fold=_folded_rows(sites, calls, modules))
+    return [plan, *(fewer if sequences != plan.seq_first else []), batch_first]
+
+
+def _without(sites: Mapping[str, Site], paths: frozenset[str]) -> dict[str, Site]:
+    return {p: s for p, s in sites.items() if p not in paths}
 
 
 # One gathered row product of a token-rows dot costs about as much as this many multiply-adds of a materialised
