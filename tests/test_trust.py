@@ -1194,3 +1194,46 @@ def test_7j_a_model_autograd_cannot_differentiate_is_refused_naming_it():
     fails = r"`data` example 0 cannot be scored: the backward pass of its loss fails, with plain autograd too"
     with pytest.raises(ValueError, match=fails + r".*modified by an inplace operation.*set_detect_anomaly"):
         tc.self_influence(model, ckpts, data, loss_fn=CE)
+
+
+class ValueShaped(nn.Module):
+    """A layer run on as many rows (``rows``) or as many times (else) as the example's values say: no vmap, no
+    batching (the model loops over examples), and each example's factors shaped by its own values."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.emb, self.lin, self.fc = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.rows = rows
+
+    def forward(self, ids):
+        h, out = self.emb(ids), []
+        for b in range(ids.shape[0]):
+            if self.rows:  # the tokens with ids from 5
+                out.append(torch.tanh(self.lin(h[b][ids[b] >= 5])).sum(0))
+                continue
+            x = h[b].mean(0)
+            for _ in range(int(ids[b, 0]) % 3 + 1):
+                x = torch.tanh(self.lin(x))
+            out.append(x)
+        return self.fc(torch.stack(out))
+
+
+@pytest.mark.filterwarnings("ignore:torch.func.vmap failed")
+@pytest.mark.parametrize("rows", [True, False])
+def test_7k_layers_shaped_by_each_example_are_refused_with_the_fix(rows):
+    """Regression: factors planned on one example failed on another with a raw shape error (or "was called
+    differently"); refused naming the layer and `factored=False`, which is exact."""
+    torch.manual_seed(0)
+    model = ValueShaped(rows).to(F64).eval()
+    ckpts = [tc.Checkpoint({k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()}, lr=lr)
+             for lr in LRS]  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (6, 7), generator=gen)
+    ids[:, 0] = torch.tensor([0, 1, 2, 0, 1, 2])  # as many calls as ids[:, 0] % 3 + 1
+    train, test = (ids, torch.randint(0, 3, (6,), generator=gen)), (ids[:2], torch.randint(0, 3, (2,), generator=gen))
+    with pytest.raises(ValueError, match=r"`model`: layer 'lin' (gives an example an output of shape|is called more "
+                                         r"often).*Pass `factored=False`"):  # fmt: skip
+        tc.self_influence(model, ckpts, train, loss_fn=CE)
+    influence, self_influence = reference(model, ckpts, train, test)
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False), self_influence)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=False), influence)

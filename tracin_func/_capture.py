@@ -386,7 +386,10 @@ def vmapped_factors(
             def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
                 k = len(inputs[site.path])
                 if k >= len(probes[site.path]):
-                    raise RuntimeError(f"Layer {site.path!r} was called more often than when the call was planned.")
+                    _planned_differently(site.path, "is called more often on an example than on the batch's first")
+                if output.shape != probes[site.path][k].shape:
+                    shapes = f"{list(output.shape)} and the batch's first {list(probes[site.path][k].shape)}"
+                    _planned_differently(site.path, f"gives an example an output of shape {shapes}")
                 inputs[site.path].append(recorded_input(layer, site, args[0]))
                 return output + probes[site.path][k]
 
@@ -414,12 +417,20 @@ def vmapped_factors(
         for site in plan.sites:
             xs, gs = inputs[site.path], probe_grads[site.path]
             if len(xs) != len(gs):
-                raise RuntimeError(f"Layer {site.path!r} was called differently than when the call was planned.")
+                _planned_differently(site.path, "is called fewer times on an example than on the batch's first")
             rows = token_wise(modules.get(site.path), site)
             out[site.path] = ([_merged(x, rows) for x in xs], [_merged(g, rows) for g in gs])
         return dense_grads, out
 
     return factors
+
+
+def _planned_differently(path: str, what: str) -> None:
+    raise ValueError(
+        f"`model`: layer {path!r} {what} (the call planned its factors on that one): the model's layers depend on "
+        f"each example's values (how often they run, or on how many rows), which factors planned once cannot follow. "
+        f"Pass `factored=False` (every gradient by `vmap(grad)`, or one example at a time)."
+    )
 
 
 def _merged(x: torch.Tensor, rows: bool) -> torch.Tensor:
