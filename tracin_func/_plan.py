@@ -143,19 +143,17 @@ def _checking_first_batch(
     def check(diff: Tensors, frozen: Tensors, batch: Any) -> None:
         if checked or num_examples(batch) < 2:
             return
-        check = _refused_on(module, loss, plan, diff, frozen, batch, mapper)
+        reading, check = plan, _refused_on(module, loss, plan, diff, frozen, batch, mapper)
         if check.reason and plan.seq_first:  # one example's [T, 1, d] read batch-first after all?
-            batch_first = plan._replace(seq_first=frozenset())
-            if not _refused_on(module, loss, batch_first, diff, frozen, batch, mapper).reason:
-                checked.append(representation_fn(module, loss, batch_first, mapper))
-                return
+            retried = _refused_on(module, loss, plan._replace(seq_first=frozenset()), diff, frozen, batch, mapper)
+            reading, check = (plan._replace(seq_first=frozenset()), retried) if not retried.reason else (plan, check)
         unseen = sorted(set(check.batch_free) - plan.batch_free)  # (a lone example's layers all look batch-free)
         if check.reason:
             shows = f"the model does not keep a batch's examples apart ({check.reason})"
         elif unseen:
             shows = f"{unseen[0]!r} runs once for the whole batch, which the plan could not follow"
         else:
-            checked.append(rep)
+            checked.append(rep if reading is plan else representation_fn(module, loss, reading, mapper))
             return
         raise ValueError(
             f"`model`: the call was planned on a single example, whose batched and single runs are the same, so "
