@@ -29,8 +29,8 @@ def _soft_targets():
 
 CASES = {
     "ce_mean": (nn.CrossEntropyLoss(), lambda: torch.randint(0, N_CLASSES, (12,))),
-    "ce_weight": (
-        nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)),
+    "ce_weight_sum": (  # (with reduction="mean" the weights would cancel on one example: refused, test_trust 7n)
+        nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64), reduction="sum"),
         lambda: torch.randint(0, N_CLASSES, (12,)),
     ),
     "ce_ignore_index": (nn.CrossEntropyLoss(ignore_index=2), lambda: torch.arange(12) % N_CLASSES),

@@ -26,6 +26,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import grad
 from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import CheckpointError
 from torch.utils.hooks import RemovableHandle
 
 from ._batch_free import Meetings, per_example_outputs
@@ -55,13 +56,22 @@ def hooked(module: nn.Module, hooks: Mapping[str, Hook]) -> Iterator[None]:
         if layer is not None and call_site(layer) is not None:
             handles += _at_calls(layer, hook)
         elif layer is not None:
-            handles.append(layer.register_forward_hook(hook))
+            handles.append(layer.register_forward_hook(_by_keyword_too(hook), with_kwargs=True))
     try:
         with unrolled(modules, products):
             yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _by_keyword_too(hook: Hook) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]:
+    """``hook`` as a forward hook given keyword arguments too: the input of a layer called as ``layer(input=x)``."""
+
+    def with_kwargs(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        return hook(layer, args or tuple(kwargs.values()), output)
+
+    return with_kwargs
 
 
 def _at_calls(layer: nn.Module, hook: Hook) -> list[RemovableHandle]:
@@ -178,6 +188,8 @@ def batched_factors(
     # per call: (a tensor shaped like the output gradient, what autograd differentiates: a probe or the output's edge)
     outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor | GradientEdge]]] = {s.path: [] for s in plan.sites}
     copied: set[torch.Tensor] = set()  # probes and parameter copies with a row per row of the batch dimension
+    kept: list[tuple[str, torch.Tensor, int]] = []  # each recorded input and its version when recorded
+    merged: set[Any] = set()  # autograd nodes of outputs of layers fed merged rows, checked example-major
 
     meetings = Meetings(batch, n) if plan.batch_free else None
     roots: dict[str, list[tuple[int, torch.Tensor]]] = {p: [] for p in plan.batch_free}  # per call: (root, probe)
@@ -188,6 +200,7 @@ def batched_factors(
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
             x = recorded_input(layer, site, args[0], output).detach()
             inputs[site.path].append(x.transpose(0, 1) if seq_first else x)
+            kept.append((site.path, x, x._version))
             if meetings is not None and site.path in plan.batch_free:  # run once for the whole batch: its output
                 inputs[site.path][-1] = x.expand(n, *x.shape)  # followed to where it meets the batch (each
                 probe = torch.zeros_like(output, requires_grad=True)  # example's input: the same)
@@ -196,6 +209,16 @@ def batched_factors(
                 return followed
             if output.dim() >= 3 and token_wise(layer, site):
                 folded.add(output.shape[int(seq_first)])
+            elif _merged_rows(args[0], n, plan.fold) and token_wise(layer, site):  # [n T, d]: examples' rows merged
+                if not _example_major(args[0], n, merged):
+                    raise Unbatchable(
+                        f"`model`: layer {site.path!r} is fed rows of several examples merged into one dimension "
+                        f"other than by a reshape of a tensor whose first dimension is the batch's (packed valid "
+                        f"tokens, `h[mask]`, say), so the batched pass cannot tell each example's rows apart. Pass "
+                        f"`factored=False`.",
+                        factorless=True,
+                    )
+                merged.add(output.grad_fn)
             broadcast = not seq_first and output.dim() > 1 and x.dim() > 1 and output.shape[0] == x.shape[0] == 1
             if rows > 1 and broadcast:
                 inputs[site.path][-1] = x.expand(n, *x.shape[1:])  # one row for the whole batch: each example's
@@ -212,8 +235,7 @@ def batched_factors(
         return hook
 
     def criterion_of_example(example: tuple[Any, Any]) -> torch.Tensor:
-        output, target = batch_of_one(example)
-        return loss.criterion(output, target).sum()
+        return loss.of_example(*batch_of_one(example))
 
     expanded = [s for s in plan.sites if s.kind == "expanded"]
     shapes = {name: state[name].shape for site in expanded for name in site.names}
@@ -245,14 +267,18 @@ def batched_factors(
             if total is None:
                 total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
         flat = [o for s in plan.sites for o in outputs[s.path]] + [(c, c) for c in copies.values()]
+        _refuse_unfollowed(kept, [(path, out, edge) for path in outputs for out, edge in outputs[path]])
         met = [probe for _, probe in meetings.met] if meetings is not None else []
         whole = [probe for calls in roots.values() for _, probe in calls]  # each root's whole gradient
-        grads = torch.autograd.grad(
-            total,
-            [edge for _, edge in flat] + met + whole + list(unused.values()),
-            allow_unused=True,
-            retain_graph=bool(met),  # the roots' graph, for their per-example gradients
-        )
+        try:
+            grads = torch.autograd.grad(
+                total,
+                [edge for _, edge in flat] + met + whole + list(unused.values()),
+                allow_unused=True,
+                retain_graph=bool(met),  # the roots' graph, for their per-example gradients
+            )
+        except CheckpointError as err:  # recomputed without the hooks' probes (a lone
+            raise ValueError(_CHECKPOINTED) from err  # example's run, not watched by `_Recomputing`)
         if meetings is not None:
             at_roots = per_example_outputs(meetings, roots, grads[len(flat) : len(flat) + len(met) + len(whole)], n)
     _refuse_reached(unused, grads[len(flat) + len(met) + len(whole) :])
@@ -276,6 +302,36 @@ def batched_factors(
     return factors
 
 
+class Unbatchable(ValueError, RuntimeError):
+    """What a batched pass cannot take factors of as it runs (a ``RuntimeError`` too: planning's batching check then
+    refuses the batched path, and ``vmap(grad)`` over examples scores the call; a later batch raises it, with the
+    fix). ``factorless``: no layer's factors either (rows whose examples vary per example: every gradient dense)."""
+
+    def __init__(self, message: str, factorless: bool = False) -> None:
+        super().__init__(message)
+        self.factorless = factorless
+
+
+def _refuse_unfollowed(
+    kept: Sequence[tuple[str, torch.Tensor, int]], outputs: Sequence[tuple[str, torch.Tensor, Any]]
+) -> None:
+    """Refuse a forward that changed a recorded layer input in place after the layer ran (``F.linear`` on an input it
+    cannot merge into rows multiplies a copy, so autograd allows it), or put a gradient hook on a layer output whose
+    gradient is taken at its node (before the hook runs): either way the factors would not be the layer's."""
+    for path, x, version in kept:
+        if x._version != version:
+            raise Unbatchable(
+                f"`model`: the input of layer {path!r} is changed in place after the layer ran, so its recorded rows "
+                f"are not the ones it multiplied. Pass `factored=False`, or change a copy."
+            )
+    for path, output, edge in outputs:
+        if output._backward_hooks and isinstance(edge, GradientEdge) and edge.node is output.grad_fn:
+            raise Unbatchable(
+                f"`model`: a gradient hook on layer {path!r}'s output (`register_hook`) changes the gradient its "
+                f"parameters get, which their factors would miss. Pass `factored=False`, or put the hook elsewhere."
+            )
+
+
 class FoldMismatch(ValueError, RuntimeError):
     """A batch folding another number of items per example into the batch than the call was planned on (a
     ``RuntimeError`` too: planning's batching check refuses the batched path on it, as on any failed batched run)."""
@@ -289,12 +345,15 @@ class _Recomputing(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint":
-            raise ValueError(
-                "`model`: its forward runs under activation checkpointing (`torch.utils.checkpoint`), whose backward "
-                "pass recomputes layers, which per-example factors cannot follow. Switch checkpointing off for "
-                "scoring (Hugging Face: `model.gradient_checkpointing_disable()`; `use_reentrant=True` is followed)."
-            )
+            raise ValueError(_CHECKPOINTED)
         return func(*args, **(kwargs or {}))
+
+
+_CHECKPOINTED = (
+    "`model`: its forward runs under activation checkpointing (`torch.utils.checkpoint`), whose backward pass "
+    "recomputes layers, which per-example factors cannot follow. Switch checkpointing off for scoring (Hugging Face: "
+    "`model.gradient_checkpointing_disable()`; `use_reentrant=True` is followed)."
+)
 
 
 def _refuse_reached(unused: Iterable[str], grads: Sequence[torch.Tensor | None]) -> None:
@@ -358,6 +417,45 @@ def _lasting_edge(output: torch.Tensor) -> GradientEdge | None:
     return get_gradient_edge(base)
 
 
+def _merged_rows(x: Any, n: int, fold: int) -> bool:
+    """Whether a layer's input ``x`` is floating rows ``[K, d]`` of several examples, ``K`` other than ``n`` (and than
+    ``n fold``, the rows of a folded batch: multiple choice, checked by planning and per batch)."""
+    return isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] not in (n, n * fold) and x.is_floating_point()
+
+
+# Autograd nodes whose output rows are their first input's rows (row-wise ops between the reshape that merged a batch
+# into rows and a layer fed them: OPT's LayerNorm before fc1 and activation between fc1 and fc2); and reshapes.
+_ROW_WISE = {
+    "NativeLayerNormBackward0", "ReluBackward0", "GeluBackward0", "TanhBackward0", "SigmoidBackward0",
+    "SiluBackward0", "MulBackward0", "DivBackward0", "AddBackward0", "SubBackward0", "CloneBackward0",
+    "ToCopyBackward0",
+}  # fmt: skip
+_RESHAPES = {"ViewBackward0", "UnsafeViewBackward0"}
+
+
+def _example_major(x: torch.Tensor, n: int, merged: set[Any], steps: int = 16) -> bool:
+    """Whether the rows of ``x`` ``[K, d]`` provably come from a reshape of a tensor ``[n, ...]`` (example-major, so
+    that each example's rows are its own ``K / n``), following ``x``'s autograd graph back through row-wise ops to
+    that reshape, or to the output of a layer whose merged input was checked (``merged``); a view of such a tensor
+    when ``x`` has no graph. Packed valid tokens (``h[mask]``: an index) are not."""
+    if x.grad_fn is None:
+        return x._is_view() and x._base.shape[0] == n and x._base.numel() == x.numel()
+    node = x.grad_fn
+    for _ in range(steps):
+        if node is None:
+            return False
+        if node in merged:
+            return True
+        name = type(node).__name__
+        if name in _RESHAPES:
+            sizes = node._saved_self_sym_sizes
+            return len(sizes) >= 2 and int(sizes[0]) == n
+        if name not in _ROW_WISE:
+            return False
+        node = node.next_functions[0][0]
+    return False
+
+
 def _split_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """``[n k, ...]`` as ``[n, k, ...]`` (example-major, as planning checks on the first examples), else ``t``."""
     rows = t.shape[0]
@@ -390,13 +488,17 @@ def vmapped_factors(
                 if output.shape != probes[site.path][k].shape:
                     shapes = f"{list(output.shape)} and the batch's first {list(probes[site.path][k].shape)}"
                     _planned_differently(site.path, f"gives an example an output of shape {shapes}")
-                inputs[site.path].append(recorded_input(layer, site, args[0]))
+                # a copy: the model may change the input in place after the layer ran (see `_refuse_unfollowed`)
+                inputs[site.path].append(recorded_input(layer, site, args[0]).clone())
                 return output + probes[site.path][k]
 
             return hook
 
         with hooked(module, {s.path: hook_for(s) for s in plan.sites}), refusing_uncalled(module, plan):
             out = scalar_loss(loss, {**frozen, **dense}, batch_of_one(example))
+        for path, xs in inputs.items():
+            if len(xs) < len(probes[path]):
+                _planned_differently(path, "is called fewer times on an example than on the batch's first")
         return out, inputs
 
     mapped = mapper.over_batch(grad(loss_of_example, argnums=(0, 1), has_aux=True), 3)
@@ -416,8 +518,6 @@ def vmapped_factors(
         out = {}
         for site in plan.sites:
             xs, gs = inputs[site.path], probe_grads[site.path]
-            if len(xs) != len(gs):
-                _planned_differently(site.path, "is called fewer times on an example than on the batch's first")
             rows = token_wise(modules.get(site.path), site)
             out[site.path] = ([_merged(x, rows) for x in xs], [_merged(g, rows) for g in gs])
         return dense_grads, out

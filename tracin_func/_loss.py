@@ -354,7 +354,19 @@ class CriterionLoss(NamedTuple):
 
     def __call__(self, state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         *inputs, target = batch
-        return self.criterion(self.forward(state, *inputs), target).sum()
+        return self.of_example(self.forward(state, *inputs), target)
+
+    def of_example(self, output: Any, target: Any) -> torch.Tensor:
+        """The criterion's loss of one example's output and target (a batch of one)."""
+        c = self.criterion
+        if isinstance(c, (nn.CrossEntropyLoss, nn.NLLLoss)) and c.weight is not None and c.reduction == "mean":
+            if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel() == 1:
+                raise ValueError(
+                    f"`loss_fn`: {type(c).__name__}(weight=...) with reduction='mean' divides an example's loss by "
+                    f"its own class weight, so on one example the weights cancel and every loss is unweighted. Pass "
+                    f"reduction='sum' for losses weighted by class (as they weigh in training), or leave weight= out."
+                )
+        return c(output, target).sum()
 
 
 # Built-in criteria whose "none" output holds one loss per element with the batch first, so that the loss of one

@@ -15,7 +15,7 @@ from torch import nn
 from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, worth_dropping
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._attention import why_not_unrolled as why_not_attention
-from ._capture import BatchableLoss, Hook, batched_factors, discover, hooked
+from ._capture import BatchableLoss, Hook, Unbatchable, batched_factors, discover, hooked
 from ._data import num_examples, slice_batch
 from ._grads import Mapper, Tensors
 from ._layers import (
@@ -335,7 +335,8 @@ def make_plan(
     plan = plan._replace(batch_free=frozenset(check.batch_free))
     checked = num_examples(batch) >= 2 or head is not None and num_examples(head) >= 2
     if refused:
-        return _unexpanded(plan)._replace(batching=f"vmap(grad) over examples: {refused}")
+        unbatched = _factorless(plan) if check.factorless else _unexpanded(plan)
+        return unbatched._replace(batching=f"vmap(grad) over examples: {refused}")
     trimmed = set()
     for site in plan.sites:  # rows of zero output gradient (ignored by the loss) are dropped per batch
         if site.kind != "linear" or site.owner is not None or site.path not in seen:  # (called by the test loss only)
@@ -485,6 +486,14 @@ def _why_not_expanded(site: Site, shapes: Sequence[tuple[int, ...] | None], diff
     return f"{site.path!r} has no factored form, and its outputs {[list(s) for s in shapes]} have no one batched rank"
 
 
+def _factorless(plan: Plan) -> Plan:
+    """The plan for vmap(grad) over examples of every parameter: no layer's factors (rows whose examples vary per
+    example, which factors planned on one example cannot follow)."""
+    reasons = {**plan.reasons, **{n: "vmap(grad) of every parameter: its layer's rows vary per example" for s in
+                                  plan.sites for n in s.names}}  # fmt: skip
+    return plan._replace(sites=(), kernel=frozenset(), dense=plan.names, reasons=reasons, seq_first=frozenset())
+
+
 def _unexpanded(plan: Plan) -> Plan:
     """The plan for vmap(grad) over examples: "expanded" sites' parameters join the dense ones (their copies need
     the batched pass), and so do the layers that would be materialised, as when planned with dense parameters."""
@@ -597,6 +606,11 @@ class BatchingCheck(NamedTuple):
     reason: str  # why batching is refused, or ""
     seen: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]  # each site's factors on the first examples
     batch_free: tuple[str, ...] = ()  # sites run once for the whole batch (``Plan.batch_free``), when not refused
+    factorless: bool = False  # refused so that no layer's factors can be taken per example either
+
+
+def _unbatchable(err: Unbatchable) -> BatchingCheck:
+    return BatchingCheck(str(err).removeprefix("`model`: ").split(". Pass")[0], {}, factorless=err.factorless)
 
 
 def _batching_refused(
@@ -625,14 +639,18 @@ def _batching_refused(
     for loss, true in zip(losses, truth):
         try:
             alone = [batched_factors(module, loss, plan, state, one, mapper) for one in _singles(few, n)]
-        except RuntimeError as err:  # copies of an "expanded" site's parameters break a shape the layer assumes, or
-            if not expanded and not plan.batch_free:  # a followed output meets the batch in a way not followed
+        except RuntimeError as err:  # copies of an "expanded" site's parameters break a shape the layer assumes, a
+            if isinstance(err, Unbatchable):  # followed output meets the batch in a way not followed, or factors
+                return _unbatchable(err)  # cannot be taken
+            if not expanded and not plan.batch_free:
                 raise
             what = "parameters copied over the batch" if expanded else "outputs followed to the batch"
             return BatchingCheck(f"a forward with {what} failed ({_cause(err)})", {})
         try:
             together = batched_factors(module, loss, plan, state, few, mapper, refuse_recomputing=True)
         except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes
+            if isinstance(err, Unbatchable):
+                return _unbatchable(err)
             return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
         for site in expanded:
             if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[name] for name in site.names))):
