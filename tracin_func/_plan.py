@@ -489,8 +489,8 @@ def _why_not_expanded(site: Site, shapes: Sequence[tuple[int, ...] | None], diff
 def _factorless(plan: Plan) -> Plan:
     """The plan for vmap(grad) over examples of every parameter: no layer's factors (rows whose examples vary per
     example, which factors planned on one example cannot follow)."""
-    reasons = {**plan.reasons, **{n: "vmap(grad) of every parameter: its layer's rows vary per example" for s in
-                                  plan.sites for n in s.names}}  # fmt: skip
+    why = "vmap(grad) for every parameter: a layer's rows are not each example's own (see the batching)"
+    reasons = {**plan.reasons, **{n: why for s in plan.sites for n in s.names}}
     return plan._replace(sites=(), kernel=frozenset(), dense=plan.names, reasons=reasons, seq_first=frozenset())
 
 
