@@ -1210,27 +1210,42 @@ class ValueShaped(nn.Module):
         return self.fc(torch.stack(out))
 
 
-@pytest.mark.filterwarnings("ignore:torch.func.vmap failed")
-@pytest.mark.parametrize("rows,calls,shows", [("rows", [0, 1, 2], None),
-                                              ("sequence", [0, 1, 2], "gives an example an output of shape"),
-                                              (None, [0, 1, 2], "is called more often"),
-                                              (None, [2, 1, 0], "is called fewer times")])  # fmt: skip
-def test_7k_layers_shaped_by_each_example_are_refused_with_the_fix(rows, calls, shows):
-    """Regression: factors planned on one example failed on another with a raw shape error, "was called more often
-    than planned", or optree's "list arity mismatch" (an expert no token of an example routes to, skipped); refused
-    naming the layer and `factored=False`, which is exact. A layer fed rows selected per example (an index: not
-    a reshape of the batch) takes no factors at all, and the default call is exact."""
-    torch.manual_seed(0)
+def _value_shaped_task(rows, calls, low):
+    """``ValueShaped(rows)``, seeded checkpoints and 6 sequences of 7 ids: ``calls`` sets each example's number of
+    calls (1-3), ``low`` its number of tokens left out of the rows (ids below 5)."""
     model = ValueShaped(rows).to(F64).eval()
-    ckpts = [tc.Checkpoint({k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()}, lr=lr)
-             for lr in LRS]  # fmt: skip
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 20, (6, 7), generator=gen)
-    ids[:, 0] = torch.tensor(calls * 2)  # as many calls as ids[:, 0] % 3 + 1
-    train, test = (ids, torch.randint(0, 3, (6,), generator=gen)), (ids[:2], torch.randint(0, 3, (2,), generator=gen))
+    ckpts = [tc.Checkpoint({k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+                            for k, v in model.state_dict().items()}, lr=lr) for lr in LRS]  # fmt: skip
+    ids = torch.randint(5, 20, (6, 7), generator=gen)
+    ids[:, 0] = torch.tensor(calls) + 15  # (15 % 3 = 0: one call)
+    for b, k in enumerate(low):
+        ids[b, 1 : 1 + k] = 1
+    labels = torch.randint(0, 3, (6,), generator=gen)
+    return model, ckpts, (ids, labels), (ids[:2], labels[:2])
+
+
+@pytest.mark.filterwarnings("ignore:torch.func.vmap failed")
+@pytest.mark.parametrize("rows,calls,low,shows", [
+    ("rows", [0] * 6, [2, 2, 2, 2, 0, 4], None),
+    ("sequence", [0] * 6, [2, 2, 2, 2, 0, 4], "gives an example an output of shape"),
+    (None, [0, 0, 0, 0, 1, 2], [0] * 6, "is called more often"),
+    (None, [2, 2, 2, 2, 0, 1], [0] * 6, "is called fewer times"),
+])  # fmt: skip
+def test_7k_layers_shaped_by_each_example_take_no_factors(rows, calls, low, shows):
+    """A layer run on as many rows, or as many times, as each example's values say cannot take factors planned on one
+    example: with the first examples differing (and for rows selected by an index: always), no layer takes factors
+    and the default call is exact; with only later examples differing, those are refused naming the layer and
+    `factored=False`. Regression: a raw shape error, "was called more often than planned", or optree's "list arity
+    mismatch" (an expert no token of an example routes to, skipped)."""
+    model, ckpts, train, test = _value_shaped_task(rows, [0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 1])
+    influence, self_influence = reference(model, ckpts, train, test)
+    assert tc.explain(model, ckpts, train, loss_fn=CE).batching.startswith("vmap(grad) over examples: layer 'lin'")
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), self_influence)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), influence)
+    model, ckpts, train, test = _value_shaped_task(rows, calls, low)  # the first four examples alike
     influence, self_influence = reference(model, ckpts, train, test)
     if shows is None:
-        assert "'lin' is fed rows of several examples merged" in tc.explain(model, ckpts, train, loss_fn=CE).batching
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), self_influence)
     else:
         with pytest.raises(ValueError, match=f"`model`: layer 'lin' {shows}.*Pass `factored=False`"):

@@ -676,10 +676,19 @@ def _batching_refused(
                     f"failed ({_cause(err)})",
                     {},
                 )
+        alike = {path: _concat_examples([a[path] for a in alone]) for path in together}
+        for path, singles in alike.items():
+            if singles is None:  # (the per-example path's factors are planned once too: every gradient dense)
+                return BatchingCheck(
+                    f"layer {path!r} runs another number of times, or on other numbers of rows, for each of the first "
+                    f"examples alone, which factors planned on one example cannot follow",
+                    {},
+                    factorless=True,
+                )
         for path, (xs, gs) in together.items():
-            singles = _concat_examples([a[path] for a in alone])
+            singles = alike[path]
             per_example = all(t.shape[0] == n for t in xs + gs)  # not: rows that did not split into examples
-            same = singles is not None and len(singles) == len(xs) + len(gs) and all(map(_close, singles, [*xs, *gs]))
+            same = len(singles) == len(xs) + len(gs) and all(map(_close, singles, [*xs, *gs]))
             if not (per_example and same):
                 return BatchingCheck(
                     f"a batched forward changed the first examples' factors at {path!r} (examples interact, e.g. "
