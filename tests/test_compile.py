@@ -51,3 +51,16 @@ def test_compiled_updates_drop_rows_without_gradient_as_eager_does(fresh_dynamo)
     ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
     kw = {"loss_fn": CE, "batch_size": 4}  # the first batch drops rows of both Linears, the second of one
     assert_close(tc.influence(model, ckpts, train, test, compile=True, **kw), ref.influence)
+
+
+def test_compiled_batches_of_one_example(fresh_dynamo):
+    """Regression: with a last batch of one example, the batched pass under torch.compile read the compiled graph's
+    autograd nodes as rows of several examples merged other than by a reshape (a check planning runs eagerly) and
+    refused the call, and later calls too."""
+    t = mlp_task()
+    ref = reference_scores(t.model, t.checkpoints, t.train, t.test, loss_fn=t.loss_fn)
+    odd = N_TRAIN - 1  # batches of N_TRAIN - 1 examples, then one
+    got = tc.influence(t.model, t.checkpoints, t.train, t.test, loss_fn=t.loss_fn, batch_size=odd, compile=True)
+    assert_close(got, ref.influence)
+    assert_close(tc.self_influence(t.model, t.checkpoints, t.train, loss_fn=t.loss_fn, batch_size=odd,
+                                   compile=True), ref.self_influence)  # fmt: skip

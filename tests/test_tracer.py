@@ -463,3 +463,15 @@ def test_factory_error_arguments():
         tc.tracer(t.model, t.test, n_train=10, loss_fn=t.loss_fn, params={"weight": torch.zeros(3)})
     with pytest.raises(ValueError, match="`test`: a batch of 1 element has no target"):
         tc.tracer(t.model, (t.test[0],), n_train=10, loss_fn=t.loss_fn)
+
+
+def test_empty_test_and_step_batches_are_refused():
+    """An empty step raised torch's "cannot reshape tensor of 0 elements", an empty test batch an IndexError."""
+    model, x, y = nn.Linear(4, 3), torch.randn(6, 4), torch.randint(0, 3, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match=r"`test` holds no examples"):
+        tc.tracer(model, (x[:0], y[:0]), n_train=6, loss_fn=loss_fn)
+    tracer = tc.tracer(model, (x[:2], y[:2]), n_train=6, loss_fn=loss_fn)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"`batch` holds no examples"):
+        tracer.update(tracer.init(), params, 0.1, (x[:0], y[:0]), torch.tensor([], dtype=torch.int64))

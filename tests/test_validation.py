@@ -528,3 +528,41 @@ def test_bool_option_given_a_string(option):
     model, ckpts, batch = _setup()
     with pytest.raises((TypeError, ValueError), match=rf"`{option}` must be"):
         tc.influence(model, ckpts, batch, batch, loss_fn=CE, **{option: "false"})
+
+
+def test_boolean_switches_of_top_k_and_influence():
+    """`proponents` given 1 or "no" reached torch's topk ("argument 'largest' must be bool"); `aggregate="no"` was
+    taken as True."""
+    model, ckpts, batch = _setup()
+    with pytest.raises(TypeError, match=r"`proponents` must be True or False, got 1"):
+        tc.top_k(model, ckpts, batch, batch, k=1, loss_fn=CE, proponents=1)
+    with pytest.raises(TypeError, match=r"`aggregate` must be True or False, got 'no'"):
+        tc.influence(model, ckpts, batch, batch, loss_fn=CE, aggregate="no")
+    with pytest.raises(TypeError, match=r"`proponents` must be True or False"):
+        tc.top_k_embeddings(torch.randn(2, 3), torch.randn(4, 3), k=1, proponents="no")
+    with pytest.raises(TypeError, match=r"`train` must be a tensor or an iterable of tensors.*torch.from_numpy"):
+        tc.top_k_embeddings(torch.randn(2, 3), torch.randn(4, 3).numpy(), k=1)
+
+
+def test_an_integer_checkpoint_entry_for_a_parameter_names_it():
+    """It failed in the first forward pass, blamed on the test data ("`test` example 0 cannot be scored")."""
+    model, ckpts, batch = _setup()
+    name = next(n for n, _ in model.named_parameters())
+    params = {**ckpts[0].params, name: ckpts[0].params[name].long()}
+    with pytest.raises(TypeError, match=rf"`checkpoints\[0\]\['{re.escape(name)}'\]` holds torch.int64 values"):
+        tc.influence(model, [tc.Checkpoint(params, lr=0.1)], batch, batch, loss_fn=CE)
+
+
+def test_index_rows_and_rerank_data_are_checked(tmp_path):
+    """`index.embeddings(mask)` read a boolean mask as row numbers 0 / 1 and `[1.7]` as row 1; `rerank=` data other
+    than the index was built from, of the same size, returned wrong candidates silently (scores 135% off)."""
+    model, ckpts, (x, y) = _setup()
+    index = tc.build_index(str(tmp_path), model, ckpts, (x, y), loss_fn=CE)
+    with pytest.raises(TypeError, match=r"`rows` must hold row numbers.*mask.nonzero\(\).flatten\(\)"):
+        index.embeddings(torch.arange(len(index)) % 2 == 0)
+    with pytest.raises(TypeError, match=r"`rows` must hold row numbers \(integers\), got torch.float"):
+        index.embeddings([1.7])
+    with pytest.raises(ValueError, match=r"`rerank` must be the training data the index was built from.*rows \[0, "):
+        tc.top_k(model, ckpts, index, (x[:2], y[:2]), k=2, loss_fn=CE, rerank=(x.flip(0), y.flip(0)))
+    top = tc.top_k(model, ckpts, index, (x[:2], y[:2]), k=2, loss_fn=CE, rerank=(x, y))
+    assert torch.equal(top.indices, tc.top_k(model, ckpts, (x, y), (x[:2], y[:2]), k=2, loss_fn=CE).indices)

@@ -16,7 +16,7 @@ from ._model import ParamSelector, exclusive_use
 from ._search import index_influence, index_setup, index_top_k, rerank_candidates
 from ._setup import make_setup
 from ._topk import TopK, merge
-from ._validate import positive_int, seed_value
+from ._validate import boolean, positive_int, seed_value
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -53,11 +53,6 @@ def _check_normalize(normalize: Any) -> str | None:
     allowed = "; ".join(f"{key!r} ({meaning})" for key, meaning in NORMALIZE.items())
     error = ValueError if isinstance(normalize, str) else TypeError
     raise error(f"`normalize`={normalize!r} is not allowed; pass one of {allowed}.")
-
-
-def _check_per_layer(per_layer: Any) -> None:
-    if not isinstance(per_layer, bool):
-        raise TypeError(f"`per_layer` must be True or False, got {per_layer!r}.")
 
 
 def _check_options(options: dict[str, Any], function: str) -> None:
@@ -192,7 +187,8 @@ def influence(
     """
     _check_options(options, "influence")
     normalize = _check_normalize(normalize)
-    _check_per_layer(per_layer)
+    boolean(per_layer, "per_layer")
+    boolean(aggregate, "aggregate")
     if isinstance(train, Index):
         _check_index_call(normalize, per_layer)
         setup = index_setup(train, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options)
@@ -274,6 +270,8 @@ def top_k(
     _check_options(options, "top_k")
     normalize = _check_normalize(normalize)
     k = positive_int(k, "k")
+    boolean(proponents, "proponents")
+    boolean(aggregate, "aggregate")
     if isinstance(train, Index):
         return _index_top_k(
             train, model, checkpoints, test, k=k, loss_fn=loss_fn, test_loss_fn=test_loss_fn, proponents=proponents,
@@ -354,6 +352,14 @@ def _index_top_k(
             f"`rerank` must be the training data the index was built from, in the same order (a batch or a Dataset "
             f"of {len(index)} examples); got {n if n is not None else 'data of unknown size'}."
         )
+    from ._build import unmatched_rows  # (here: _build imports this module)
+
+    unmatched = unmatched_rows(index, setup, rerank)
+    if unmatched is not None:
+        raise ValueError(
+            f"`rerank` must be the training data the index was built from, in the same order: its rows "
+            f"[{unmatched[0]}, {unmatched[1]}) differ from those the index holds (by their digest). Pass that data."
+        )
     proposed = index_top_k(index, setup, test, k=m, proponents=proponents, aggregate=aggregate)
 
     def exact(subset: Any) -> torch.Tensor:
@@ -403,7 +409,7 @@ def self_influence(
     _check_options(options, "self_influence")
     if isinstance(data, Index):
         raise TypeError("`data` is an index, which holds every row's self-influence: call `index.self_influence()`.")
-    _check_per_layer(per_layer)
+    boolean(per_layer, "per_layer")
     if _check_normalize(normalize) is not None:
         raise ValueError(
             f"`normalize`={normalize!r} has no use in `self_influence`: an example's cosine with itself is 1, so "

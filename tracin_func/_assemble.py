@@ -131,8 +131,11 @@ def _cat(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)  # a layer called once: no copy
 
 
-def representation_fn(module: nn.Module | None, loss: ExampleLossFn, plan: Plan, mapper: Mapper) -> RepresentationFn:
-    """``(diff, frozen, batch) -> Representation`` for one loss under ``plan``."""
+def representation_fn(
+    module: nn.Module | None, loss: ExampleLossFn, plan: Plan, mapper: Mapper, *, compiled: bool = False
+) -> RepresentationFn:
+    """``(diff, frozen, batch) -> Representation`` for one loss under ``plan``; ``compiled``: run under
+    ``torch.compile``, where autograd's nodes are the compiled graph's (see ``batched_factors``)."""
     if not plan.sites:
         grads = dense_grads(loss, mapper)
         return lambda diff, frozen, batch: Representation((Dense(grads(diff, frozen, batch)),), plan.names)
@@ -144,7 +147,8 @@ def representation_fn(module: nn.Module | None, loss: ExampleLossFn, plan: Plan,
         capture = torch.compiler.disable(batched_factors) if plan.batch_free else batched_factors
 
         def batched(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
-            rep = assemble(module, plan, {}, capture(module, loss, plan, {**frozen, **diff}, batch, mapper))
+            factors = capture(module, loss, plan, {**frozen, **diff}, batch, mapper, compiled=compiled)
+            rep = assemble(module, plan, {}, factors)
             if not plan.unused:
                 return rep
             return rep._replace(parts=(*rep.parts, Zero.of({n: diff[n] for n in plan.unused}, rep.size)))

@@ -156,6 +156,16 @@ def _data_digest(setup: Setup, train: Any, start: int, stop: int) -> str:
     return _rows_digest(digests)
 
 
+def unmatched_rows(index: Any, setup: Setup, train: Any) -> tuple[int, int] | None:
+    """The first row range of ``index`` whose input rows ``train`` does not hold as the index was built from them
+    (each shard keeps a digest of its input rows), or None."""
+    for shard in index.shards:
+        built = shard_info(os.path.join(index.path, shard["file"])).get("data")
+        if built is not None and built != _data_digest(setup, train, shard["start"], shard["stop"]):
+            return shard["start"], shard["stop"]
+    return None
+
+
 def _check_disk(path: str, missing_rows: int, planned: dict[str, Any], self_itemsize: int) -> None:
     itemsize = getattr(torch, planned["storage_dtype"]).itemsize
     needed = missing_rows * (planned["dim"] * itemsize + self_itemsize)

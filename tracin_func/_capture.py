@@ -169,6 +169,7 @@ def batched_factors(
     mapper: Mapper,
     *,
     refuse_recomputing: bool = False,
+    compiled: bool = False,
 ) -> Factors:
     """Each site's inputs and output gradients from one forward / backward over the whole batch (refused if it
     reaches a parameter planned as unused, ``Plan.unused``).
@@ -178,6 +179,8 @@ def batched_factors(
     its output gradient is each example's own; planning checks on the first examples that the model treats that row
     like any batched one (``_plan._batching_refused``).
     ``refuse_recomputing`` (planning's check): refuse a forward that recomputes layers in the backward pass.
+    ``compiled``: under ``torch.compile``, whose autograd nodes are the compiled graph's: the checks that read them
+    (inputs changed in place, hooks on outputs, merged rows' provenance) are planning's, on the eager first examples.
     """
     n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
     # rows of the batch dimension, where the model folds an example's items into it (one example: a row broadcast
@@ -200,7 +203,8 @@ def batched_factors(
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
             x = recorded_input(layer, site, args[0], output).detach()
             inputs[site.path].append(x.transpose(0, 1) if seq_first else x)
-            kept.append((site.path, x, x._version))
+            if not compiled:
+                kept.append((site.path, x, x._version))
             if meetings is not None and site.path in plan.batch_free:  # run once for the whole batch: its output
                 inputs[site.path][-1] = x.expand(n, *x.shape)  # followed to where it meets the batch (each
                 probe = torch.zeros_like(output, requires_grad=True)  # example's input: the same)
@@ -209,7 +213,7 @@ def batched_factors(
                 return followed
             if output.dim() >= 3 and token_wise(layer, site):
                 folded.add(output.shape[int(seq_first)])
-            elif _merged_rows(args[0], n, plan.fold) and token_wise(layer, site):  # [n T, d]: examples' rows merged
+            elif not compiled and _merged_rows(args[0], n, plan.fold) and token_wise(layer, site):  # [n T, d]
                 if not _example_major(args[0], n, merged):
                     raise Unbatchable(
                         f"`model`: layer {site.path!r} is fed rows of several examples merged into one dimension "
@@ -267,7 +271,8 @@ def batched_factors(
             if total is None:
                 total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
         flat = [o for s in plan.sites for o in outputs[s.path]] + [(c, c) for c in copies.values()]
-        _refuse_unfollowed(kept, [(path, out, edge) for path in outputs for out, edge in outputs[path]])
+        if not compiled:
+            _refuse_unfollowed(kept, [(path, out, edge) for path in outputs for out, edge in outputs[path]])
         met = [probe for _, probe in meetings.met] if meetings is not None else []
         whole = [probe for calls in roots.values() for _, probe in calls]  # each root's whole gradient
         try:

@@ -132,7 +132,13 @@ class Index:
             rows = slice(None)
         if isinstance(rows, slice):
             rows = range(*rows.indices(n))
-        rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
+        rows = torch.as_tensor(rows)
+        if rows.dtype == torch.bool or rows.is_floating_point() or rows.is_complex():
+            raise TypeError(
+                f"`rows` must hold row numbers (integers), got {rows.dtype}"
+                + (": for a mask, pass `mask.nonzero().flatten()`." if rows.dtype == torch.bool else ".")
+            )
+        rows = rows.to(torch.int64).reshape(-1)
         if rows.numel() and (int(rows.min()) < -n or int(rows.max()) >= n):
             raise IndexError(f"`rows` must lie in [-{n}, {n}) for an index of {n} rows.")
         rows = torch.where(rows < 0, rows + n, rows)

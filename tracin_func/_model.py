@@ -350,8 +350,14 @@ def checked_state(
     missing_diff = [n for n in spec.diff_names if n not in state]
     if missing_diff:
         raise ValueError(f"`checkpoints[{index}]` lacks the differentiated parameters {missing_diff[:10]}.")
+    differentiated = set(spec.diff_names)
     for name, t in state.items():
         _check_tensor(t, f"`checkpoints[{index}][{name!r}]`")
+        if name in differentiated and not t.is_floating_point():
+            raise TypeError(
+                f"`checkpoints[{index}][{name!r}]` holds {t.dtype} values for a differentiated parameter; save the "
+                f"checkpoint from the model's floating weights (or convert the entry with `.float()`)."
+            )
         if name in shapes and tuple(t.shape) != shapes[name]:
             raise ValueError(
                 f"`checkpoints[{index}][{name!r}]` has shape {tuple(t.shape)} but the model's has shape "

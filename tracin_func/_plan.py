@@ -124,15 +124,15 @@ def plan_call(
         )
     reps = {}
     for loss in losses:
-        reps[id(loss)] = representation_fn(module, loss, plan, mapper)
+        reps[id(loss)] = representation_fn(module, loss, plan, mapper, compiled=setup.compile)
         if plan.batched and not plan.checked:
-            reps[id(loss)] = _checking_first_batch(reps[id(loss)], module, loss, plan, mapper)
+            reps[id(loss)] = _checking_first_batch(reps[id(loss)], module, loss, plan, mapper, setup.compile)
     train, test = reps[id(setup.train_loss)], reps[id(setup.test_loss)]
     return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection), train, test)
 
 
 def _checking_first_batch(
-    rep: RepresentationFn, module: nn.Module, loss: BatchableLoss, plan: Plan, mapper: Mapper
+    rep: RepresentationFn, module: nn.Module, loss: BatchableLoss, plan: Plan, mapper: Mapper, compiled: bool
 ) -> RepresentationFn:
     """``rep`` checking the batching first on its first batch of two or more examples, for a plan made on a single
     example (``Plan.checked``): a model that mixes a batch's examples is refused there, never scored batched."""
@@ -153,7 +153,8 @@ def _checking_first_batch(
         elif unseen:
             shows = f"{unseen[0]!r} runs once for the whole batch, which the plan could not follow"
         else:
-            checked.append(rep if reading is plan else representation_fn(module, loss, reading, mapper))
+            rechecked = rep if reading is plan else representation_fn(module, loss, reading, mapper, compiled=compiled)
+            checked.append(rechecked)
             return
         raise ValueError(
             f"`model`: the call was planned on a single example, whose batched and single runs are the same, so "

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._validate import positive_int
+from ._validate import boolean, positive_int
 
 
 class TopK(NamedTuple):
@@ -79,6 +79,7 @@ def top_k_embeddings(
     """
     positive_int(k, "k")
     positive_int(block_size, "block_size")
+    boolean(proponents, "proponents")
     if not isinstance(test, torch.Tensor) or test.dim() != 2:
         raise ValueError(
             f"`test` must be a [n_test, D] tensor, got {type(test).__name__} {getattr(test, 'shape', '')}."
@@ -90,6 +91,9 @@ def top_k_embeddings(
         blocks = (train[i : i + block_size] for i in range(0, train.shape[0], block_size))
     best, seen = None, 0
     for block in blocks:
+        if not isinstance(block, torch.Tensor):
+            raise TypeError(f"`train` must be a tensor or an iterable of tensors, got {type(block).__name__} rows "
+                            f"(a numpy array: `torch.from_numpy`).")  # fmt: skip
         if block.dim() != 2 or block.shape[1] != test.shape[1]:
             raise ValueError(f"`train` rows have shape {tuple(block.shape[1:])}; expected width {test.shape[1]}.")
         block = block.to(device=test.device, dtype=test.dtype)

@@ -107,6 +107,8 @@ def _checked_test(
             f"`dtype=torch.float32` (parameters and inputs are converted for each step)."
         )
     n_test = batch_size_of(test, "`test`")  # every leaf a tensor with one batch size
+    if n_test == 0:
+        raise ValueError("`test` holds no examples; pass the test batch whose influences to trace.")
     leaves = optree.tree_leaves(test, none_is_leaf=True)
     try:
         target = torch.device(device) if device is not None else leaves[0].device
@@ -364,6 +366,8 @@ def _check_values(state: TracerState, lr: torch.Tensor, batch: Any, indices: tor
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"`lr` must be finite and non-negative (this step's learning rate), got {value}.")
     n = batch_size_of(batch, "`batch`")
+    if n == 0:
+        raise ValueError("`batch` holds no examples; pass the step's training batch (skip empty steps).")
     if indices.shape[0] != n:
         raise ValueError(
             f"`indices` has {indices.shape[0]} entries but `batch` holds {n} examples; pass one dataset index per "

@@ -19,3 +19,10 @@ def seed_value(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"`seed` must be an int in [0, 2**32), got {seed!r}.")
     return seed
+
+
+def boolean(value: Any, name: str) -> bool:
+    """``value`` if it is True or False; otherwise a TypeError naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    return value
