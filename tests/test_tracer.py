@@ -475,3 +475,20 @@ def test_empty_test_and_step_batches_are_refused():
     params = {k: v.detach() for k, v in model.named_parameters()}
     with pytest.raises(ValueError, match=r"`batch` holds no examples"):
         tracer.update(tracer.init(), params, 0.1, (x[:0], y[:0]), torch.tensor([], dtype=torch.int64))
+
+
+def test_failing_examples_and_foreign_params_are_named():
+    """A label out of range raised torch's bare IndexError in a tracer (the scorers name the example); `params` with
+    an unknown key was called `checkpoints[0]`, an argument the tracer does not have."""
+    model, x, y = nn.Linear(4, 3), torch.randn(6, 4), torch.randint(0, 3, (6,))
+    loss_fn, bad = nn.CrossEntropyLoss(), torch.tensor([0, 9])
+    with pytest.raises(IndexError, match=r"`test` example 1 cannot be scored: IndexError: Target 9"):
+        tc.tracer(model, (x[:2], bad), n_train=6, loss_fn=loss_fn)
+    tracer = tc.tracer(model, (x[:2], y[:2]), n_train=6, loss_fn=loss_fn)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with pytest.raises(IndexError, match=r"`batch` example 1 cannot be scored: IndexError: Target 9"):
+        tracer.update(tracer.init(), params, 0.1, (x[:2], bad), torch.tensor([0, 1]))
+    state = tc.tracer_init((x[:2], y[:2]), n_train=6)
+    with pytest.raises(ValueError, match=r"`params` does not match the model: missing \[\], unexpected \['extra'\]"):
+        tc.tracer_update(state, model, {**params, "extra": torch.ones(2)}, 0.1, (x[:2], y[:2]), torch.tensor([0, 1]),
+                         loss_fn=loss_fn)  # fmt: skip

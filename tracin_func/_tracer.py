@@ -38,9 +38,10 @@ import torch
 from ._assemble import RepresentationFn
 from ._checkpoints import Checkpoint
 from ._data import batch_size_of, check_batch_structure, to_device
+from ._driver import naming_failures
 from ._model import ModelSpec, check_eval_mode, check_no_backward_hooks, exclusive_use
 from ._plan import plan_call
-from ._setup import make_setup
+from ._setup import Setup, make_setup
 
 
 class TracerState(NamedTuple):
@@ -90,6 +91,7 @@ class _Planned(NamedTuple):
     shape: tuple[int, int]  # (n_test, n_train)
     device: torch.device
     dtype: torch.dtype
+    setup: Setup  # the planning call's: names a step batch's failing example (``naming_failures``)
 
 
 def _checked_test(
@@ -421,25 +423,31 @@ def _plan(
     test example's plan checks its batching on ``train_batch`` (the step's, when planned per step; see
     ``plan_call``)."""
     selected = _selected(model, params)
-    setup = make_setup(
-        model,
-        [Checkpoint(params=params, lr=1.0)],  # the step's lr multiplies the products outside (a tensor)
-        loss_fn=loss_fn,
-        test_loss_fn=test_loss_fn,
-        params=selected,
-        strict=False,
-        device=device,
-        dtype=dtype,
-        factored=factored,
-        chunk_size=chunk_size,
-    )
+    try:
+        setup = make_setup(
+            model,
+            [Checkpoint(params=params, lr=1.0)],  # the step's lr multiplies the products outside (a tensor)
+            loss_fn=loss_fn,
+            test_loss_fn=test_loss_fn,
+            params=selected,
+            strict=False,
+            device=device,
+            dtype=dtype,
+            factored=factored,
+            chunk_size=chunk_size,
+        )
+    except (TypeError, ValueError) as err:  # the checks of a checkpoint, here of the step's parameters
+        if "`checkpoints[0]" not in str(err):
+            raise
+        message = str(err).replace("`checkpoints[0]`", "`params`").replace("`checkpoints[0][", "`params[")
+        raise type(err)(message.replace("Save the model's `state_dict()`", "Pass the model's parameters")) from err
     check_batch_structure(test, f"`{where}`", needs_target=setup.needs_target[1])
 
     def scored() -> Any:
         check_batch_structure(train_batch, "`batch`", needs_target=setup.needs_target[0])
         return to_device(train_batch, device, dtype)
 
-    with exclusive_use(setup.spec):
+    with exclusive_use(setup.spec), naming_failures(setup.test_loss, setup, test, where, 0):
         planned = plan_call(setup, test, where, scored=None if train_batch is None else scored)
     return _Planned(
         model=model,
@@ -453,6 +461,7 @@ def _plan(
         shape=(n_test, n_train),
         device=device,
         dtype=dtype,
+        setup=setup,
     )
 
 
@@ -518,7 +527,7 @@ def _products(
     diff = {n: move(params[n]) for n in planned.names}
     frozen = {n: move(planned.spec.defaults[n]) for n in planned.defaults}  # buffers: read at each step
     frozen.update({n: move(t) for n, t in params.items() if n not in diff})
-    with exclusive_use(planned.spec):
+    with exclusive_use(planned.spec), naming_failures(planned.setup.train_loss, planned.setup, batch, "batch", 0):
         test_rep = planned.test(diff, frozen, state.test)
         rep = planned.train(diff, frozen, batch).formed()  # used twice: a norm and the dot
         sq_norms = rep.sq_norm()
