@@ -566,3 +566,16 @@ def test_index_rows_and_rerank_data_are_checked(tmp_path):
         tc.top_k(model, ckpts, index, (x[:2], y[:2]), k=2, loss_fn=CE, rerank=(x.flip(0), y.flip(0)))
     top = tc.top_k(model, ckpts, index, (x[:2], y[:2]), k=2, loss_fn=CE, rerank=(x, y))
     assert torch.equal(top.indices, tc.top_k(model, ckpts, (x, y), (x[:2], y[:2]), k=2, loss_fn=CE).indices)
+
+
+def test_numpy_float32_learning_rates_and_empty_training_data():
+    """`lr=np.float32(0.1)` was refused while `np.float64` (a float subclass) was accepted; `top_k` on empty
+    training data said "pass `k <= 0`"."""
+    np = pytest.importorskip("numpy")
+    model, ckpts, (x, y) = _setup()
+    as_float32 = [tc.Checkpoint(c.params, lr=np.float32(c.lr)) for c in ckpts]
+    as_float = [tc.Checkpoint(c.params, lr=float(np.float32(c.lr))) for c in ckpts]
+    assert torch.equal(tc.self_influence(model, as_float32, (x, y), loss_fn=CE),
+                       tc.self_influence(model, as_float, (x, y), loss_fn=CE))  # fmt: skip
+    with pytest.raises(ValueError, match=r"`train` holds no examples"):
+        tc.top_k(model, ckpts, (x[:0], y[:0]), (x[:2], y[:2]), k=1, loss_fn=CE)

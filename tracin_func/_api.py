@@ -283,6 +283,8 @@ def top_k(
             "`tc.build_index` or `tc.open_index`) and the training data as `rerank=`."
         )
     n_train = num_examples(train)
+    if n_train == 0:
+        raise ValueError("`train` holds no examples.")
     if n_train is not None and k > n_train:
         raise ValueError(f"`k`={k} exceeds the number of training examples ({n_train}); pass `k <= {n_train}`.")
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
@@ -305,6 +307,8 @@ def top_k(
     if setup.ranks is not None:
         seen = int(sum(gather_objects(seen, setup.ranks)))
     if seen < k:
+        if seen == 0:
+            raise ValueError("`train` holds no examples.")
         raise ValueError(f"`k`={k} exceeds the number of training examples ({seen}); pass `k <= {seen}`.")
     return stack_top_k(lists, k, proponents, setup.ranks, torch.empty(0, device=setup.device, dtype=setup.dtype))
 

@@ -493,8 +493,8 @@ def vmapped_factors(
                 if output.shape != probes[site.path][k].shape:
                     shapes = f"{list(output.shape)} and the batch's first {list(probes[site.path][k].shape)}"
                     _planned_differently(site.path, f"gives an example an output of shape {shapes}")
-                # a copy: the model may change the input in place after the layer ran (see `_refuse_unfollowed`)
-                inputs[site.path].append(recorded_input(layer, site, args[0]).clone())
+                x = recorded_input(layer, site, args[0])  # the input itself copied: the model may change it in
+                inputs[site.path].append(x.clone() if x is args[0] else x)  # place later (`_refuse_unfollowed`)
                 return output + probes[site.path][k]
 
             return hook

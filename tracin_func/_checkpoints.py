@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import pickle
 import re
@@ -73,7 +74,7 @@ def check_lr(lr: Any, where: str) -> None:
                 f"`lr` of {where} must be a number or a 0-d tensor, got a tensor of shape {tuple(lr.shape)}."
             )
         value = float(lr.detach().reshape(()).cpu())
-    elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
+    elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):  # (numpy's float32 too)
         value = float(lr)
     else:
         raise TypeError(f"`lr` of {where} must be a positive number, got {lr!r} of type {type(lr).__name__}.")

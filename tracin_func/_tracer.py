@@ -29,6 +29,7 @@ stay in the compiled graph.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -348,7 +349,7 @@ def _apply(
             raise ValueError(f"`lr` must be a number or a floating 0-d tensor, got a {lr.dtype} tensor of shape "
                              f"{tuple(lr.shape)}.")
         lr = lr.reshape(()).to(device=state.scores.device, dtype=state.scores.dtype)
-    elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
+    elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):  # (numpy's float32 too)
         lr = torch.tensor(float(lr), device=state.scores.device, dtype=state.scores.dtype)
     else:
         raise TypeError(f"`lr` must be a number or a 0-d tensor, got {lr!r} of type {type(lr).__name__}.")
