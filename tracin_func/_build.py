@@ -24,7 +24,7 @@ from ._index import FORMAT, MANIFEST, VERSION, Index, check_shard, open_index, r
 from ._model import exclusive_use
 from ._setup import Setup, make_setup
 from ._shards import TEMPORARY, file_sha256, shard_info, shard_name, write_json, write_shard
-from ._validate import positive_int, seed_value
+from ._validate import boolean, positive_int, seed_value
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -252,8 +252,7 @@ def build_index(
         raise TypeError(f"`storage_dtype` must be one of {[str(d) for d in STORAGE_DTYPES]}, got {storage_dtype!r}.")
     if shard_size is not None:
         positive_int(shard_size, "shard_size")
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"`overwrite` must be True or False, got {overwrite!r}.")
+    boolean(overwrite, "overwrite")
     n = num_examples(train)
     if n is None:
         raise TypeError(

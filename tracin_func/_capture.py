@@ -216,10 +216,10 @@ def batched_factors(
             elif not compiled and _merged_rows(args[0], n, plan.fold) and token_wise(layer, site):  # [n T, d]
                 if not _example_major(args[0], n, merged):
                     raise Unbatchable(
-                        f"`model`: layer {site.path!r} is fed rows of several examples merged into one dimension "
-                        f"other than by a reshape of a tensor whose first dimension is the batch's (packed valid "
-                        f"tokens, `h[mask]`, say), so the batched pass cannot tell each example's rows apart. Pass "
-                        f"`factored=False`.",
+                        f"layer {site.path!r} is fed rows of several examples merged into one dimension other than "
+                        f"by a reshape of a tensor whose first dimension is the batch's (packed valid tokens, "
+                        f"`h[mask]`, say), so the batched pass cannot tell each example's rows apart",
+                        "`factored=False`",
                         factorless=True,
                     )
                 merged.add(output.grad_fn)
@@ -312,9 +312,9 @@ class Unbatchable(ValueError, RuntimeError):
     refuses the batched path, and ``vmap(grad)`` over examples scores the call; a later batch raises it, with the
     fix). ``factorless``: no layer's factors either (rows whose examples vary per example: every gradient dense)."""
 
-    def __init__(self, message: str, factorless: bool = False) -> None:
-        super().__init__(message)
-        self.factorless = factorless
+    def __init__(self, reason: str, fix: str, factorless: bool = False) -> None:
+        super().__init__(f"`model`: {reason}. Pass {fix}.")
+        self.reason, self.factorless = reason, factorless
 
 
 def _refuse_unfollowed(
@@ -326,14 +326,16 @@ def _refuse_unfollowed(
     for path, x, version in kept:
         if x._version != version:
             raise Unbatchable(
-                f"`model`: the input of layer {path!r} is changed in place after the layer ran, so its recorded rows "
-                f"are not the ones it multiplied. Pass `factored=False`, or change a copy."
+                f"the input of layer {path!r} is changed in place after the layer ran, so its recorded rows are not "
+                f"the ones it multiplied",
+                "`factored=False`, or change a copy",
             )
     for path, output, edge in outputs:
         if output._backward_hooks and isinstance(edge, GradientEdge) and edge.node is output.grad_fn:
             raise Unbatchable(
-                f"`model`: a gradient hook on layer {path!r}'s output (`register_hook`) changes the gradient its "
-                f"parameters get, which their factors would miss. Pass `factored=False`, or put the hook elsewhere."
+                f"a gradient hook on layer {path!r}'s output (`register_hook`) changes the gradient its parameters "
+                f"get, which their factors would miss",
+                "`factored=False`, or put the hook elsewhere",
             )
 
 

@@ -310,19 +310,20 @@ def computation_dtype(states: Sequence[Mapping[str, torch.Tensor]]) -> torch.dty
 
 
 def checked_state(
-    spec: ModelSpec, ckpt: Checkpoint, index: int, *, shapes: Mapping[str, tuple[int, ...]], strict: bool
+    spec: ModelSpec, ckpt: Checkpoint, where: str, *, shapes: Mapping[str, tuple[int, ...]], strict: bool
 ) -> dict[str, torch.Tensor]:
     """The full state of one checkpoint, validated against the model: names, tensors on a real device, shapes.
+    ``where``: the argument messages name (``checkpoints[0]``; a tracer's ``params``).
 
     ``shapes``: the shape every tensor must have (the model's own; for a pure function, the first checkpoint's).
     Missing entries are taken from the model when not ``strict``; tied aliases are dropped.
     """
     if not isinstance(ckpt, Checkpoint):
         raise TypeError(
-            f"`checkpoints[{index}]` is a {type(ckpt).__name__}; wrap it as `tc.Checkpoint(params=state_dict, lr=...)` "
+            f"`{where}` is a {type(ckpt).__name__}; wrap it as `tc.Checkpoint(params=state_dict, lr=...)` "
             f"or load files with `tc.load_checkpoints`."
         )
-    check_lr(ckpt.lr, f"checkpoints[{index}]")
+    check_lr(ckpt.lr, where)
     state = dict(ckpt.params)
     if spec.expected is not None:
         unexpected = sorted(set(state) - spec.expected)
@@ -335,32 +336,32 @@ def checked_state(
                     f"`{{'model_state_dict': state, 'learning_rate': lr}}` instead"
                 )
             raise ValueError(
-                f"`checkpoints[{index}]` does not match the model: missing {_names(missing)}, unexpected "
+                f"`{where}` does not match the model: missing {_names(missing)}, unexpected "
                 f"{_names(unexpected)}. Save the model's `state_dict()`{fix}."
             )
         state = {**{n: spec.defaults[n] for n in spec.defaults if n not in state}, **state}
         for alias, first in spec.aliases.items():
             if alias in state and state[alias] is not state[first] and not torch.equal(state[alias], state[first]):
                 raise ValueError(
-                    f"`checkpoints[{index}]` holds different values for {first!r} and {alias!r}, which are one "
+                    f"`{where}` holds different values for {first!r} and {alias!r}, which are one "
                     f"tensor in the model (tied weights): only one could be used. Save the checkpoint from the tied "
                     f"model (its `state_dict()` holds one tensor under both names), or untie the model's weights."
                 )
         state = {n: t for n, t in state.items() if n not in spec.aliases}
     missing_diff = [n for n in spec.diff_names if n not in state]
     if missing_diff:
-        raise ValueError(f"`checkpoints[{index}]` lacks the differentiated parameters {missing_diff[:10]}.")
+        raise ValueError(f"`{where}` lacks the differentiated parameters {missing_diff[:10]}.")
     differentiated = set(spec.diff_names)
     for name, t in state.items():
-        _check_tensor(t, f"`checkpoints[{index}][{name!r}]`")
+        _check_tensor(t, f"`{where}[{name!r}]`")
         if name in differentiated and not t.is_floating_point():
             raise TypeError(
-                f"`checkpoints[{index}][{name!r}]` holds {t.dtype} values for a differentiated parameter; save the "
+                f"`{where}[{name!r}]` holds {t.dtype} values for a differentiated parameter; save the "
                 f"checkpoint from the model's floating weights (or convert the entry with `.float()`)."
             )
         if name in shapes and tuple(t.shape) != shapes[name]:
             raise ValueError(
-                f"`checkpoints[{index}][{name!r}]` has shape {tuple(t.shape)} but the model's has shape "
+                f"`{where}[{name!r}]` has shape {tuple(t.shape)} but the model's has shape "
                 f"{shapes[name]}; save the checkpoint from the same architecture (a broadcastable shape would give "
                 f"wrong scores silently)."
             )

@@ -611,7 +611,7 @@ class BatchingCheck(NamedTuple):
 
 
 def _unbatchable(err: Unbatchable) -> BatchingCheck:
-    return BatchingCheck(str(err).removeprefix("`model`: ").split(". Pass")[0], {}, factorless=err.factorless)
+    return BatchingCheck(err.reason, {}, factorless=err.factorless)
 
 
 def _batching_refused(

@@ -23,7 +23,7 @@ from ._model import (
     converted,
     model_spec,
 )
-from ._validate import positive_int
+from ._validate import boolean, positive_int
 
 
 class Setup(NamedTuple):
@@ -138,8 +138,10 @@ def make_setup(
     projection: tuple[int, int] | None = None,
     distributed: Any = False,
     test_memory_bytes: int = 1 << 30,
+    checkpoints_as: str | None = None,
 ) -> Setup:
-    """Validate the options shared by every scorer and prepare each checkpoint once."""
+    """Validate the options shared by every scorer and prepare each checkpoint once. ``checkpoints_as``: how
+    messages name a single checkpoint made from another argument (a tracer's ``params``)."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "Scores need gradients, which torch cannot compute under `torch.inference_mode()`; call the scorer "
@@ -167,8 +169,7 @@ def make_setup(
             "and use the default `method='exact'` (an nn.Module is required)."
         )
     for name, value in (("strict", strict), ("progress", progress), ("compile", compile)):
-        if not isinstance(value, bool):
-            raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+        boolean(value, name)
     if factored is not None and not isinstance(factored, bool):
         raise TypeError(f"`factored` must be None (choose per layer), True or False, got {factored!r}.")
     if batch_size is not None:
@@ -189,7 +190,10 @@ def make_setup(
     if target.type == "cpu":
         keep_freed_batches()
     shapes = {n: tuple(t.shape) for n, t in (spec.defaults or first.params).items() if isinstance(t, torch.Tensor)}
-    states = [checked_state(spec, c, i, shapes=shapes, strict=strict) for i, c in enumerate(checkpoints)]
+    states = [
+        checked_state(spec, c, checkpoints_as or f"checkpoints[{i}]", shapes=shapes, strict=strict)
+        for i, c in enumerate(checkpoints)
+    ]
     dtype = dtype or computation_dtype(states)
     bar = tqdm(zip(states, checkpoints), total=len(states), desc="preparing checkpoints", unit="ckpt",
                disable=not progress, leave=False)

@@ -40,7 +40,7 @@ from ._assemble import RepresentationFn
 from ._checkpoints import Checkpoint
 from ._data import batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
-from ._model import ModelSpec, check_eval_mode, check_no_backward_hooks, exclusive_use
+from ._model import check_eval_mode, check_no_backward_hooks, exclusive_use
 from ._plan import plan_call
 from ._setup import Setup, make_setup
 
@@ -82,7 +82,6 @@ class _Planned(NamedTuple):
     the results are the same.)"""
 
     model: Any  # the user's model: checked for eval mode and hooks at each step, locked when the call runs on it
-    spec: ModelSpec
     train: RepresentationFn  # (diff, frozen, batch) -> Representation, for the training loss
     test: RepresentationFn  # the same for the test loss
     names: tuple[str, ...]  # differentiated parameters
@@ -92,7 +91,7 @@ class _Planned(NamedTuple):
     shape: tuple[int, int]  # (n_test, n_train)
     device: torch.device
     dtype: torch.dtype
-    setup: Setup  # the planning call's: names a step batch's failing example (``naming_failures``)
+    setup: Setup  # the planning call's: its model spec, and the losses that name a step's failing example
 
 
 def _checked_test(
@@ -424,24 +423,19 @@ def _plan(
     test example's plan checks its batching on ``train_batch`` (the step's, when planned per step; see
     ``plan_call``)."""
     selected = _selected(model, params)
-    try:
-        setup = make_setup(
-            model,
-            [Checkpoint(params=params, lr=1.0)],  # the step's lr multiplies the products outside (a tensor)
-            loss_fn=loss_fn,
-            test_loss_fn=test_loss_fn,
-            params=selected,
-            strict=False,
-            device=device,
-            dtype=dtype,
-            factored=factored,
-            chunk_size=chunk_size,
-        )
-    except (TypeError, ValueError) as err:  # the checks of a checkpoint, here of the step's parameters
-        if "`checkpoints[0]" not in str(err):
-            raise
-        message = str(err).replace("`checkpoints[0]`", "`params`").replace("`checkpoints[0][", "`params[")
-        raise type(err)(message.replace("Save the model's `state_dict()`", "Pass the model's parameters")) from err
+    setup = make_setup(
+        model,
+        [Checkpoint(params=params, lr=1.0)],  # the step's lr multiplies the products outside (a tensor)
+        loss_fn=loss_fn,
+        test_loss_fn=test_loss_fn,
+        params=selected,
+        strict=False,
+        device=device,
+        dtype=dtype,
+        factored=factored,
+        chunk_size=chunk_size,
+        checkpoints_as="params",
+    )
     check_batch_structure(test, f"`{where}`", needs_target=setup.needs_target[1])
 
     def scored() -> Any:
@@ -452,7 +446,6 @@ def _plan(
         planned = plan_call(setup, test, where, scored=None if train_batch is None else scored)
     return _Planned(
         model=model,
-        spec=setup.spec,
         train=planned.train,  # planned on a single test example: checks the batching on its first training batch
         test=planned.test,
         names=planned.plan.names,
@@ -526,9 +519,9 @@ def _products(
         return t.detach().to(device=planned.device, dtype=planned.dtype if t.is_floating_point() else t.dtype)
 
     diff = {n: move(params[n]) for n in planned.names}
-    frozen = {n: move(planned.spec.defaults[n]) for n in planned.defaults}  # buffers: read at each step
+    frozen = {n: move(planned.setup.spec.defaults[n]) for n in planned.defaults}  # buffers: read at each step
     frozen.update({n: move(t) for n, t in params.items() if n not in diff})
-    with exclusive_use(planned.spec), naming_failures(planned.setup.train_loss, planned.setup, batch, "batch", 0):
+    with exclusive_use(planned.setup.spec), naming_failures(planned.setup.train_loss, planned.setup, batch, "batch", 0):
         test_rep = planned.test(diff, frozen, state.test)
         rep = planned.train(diff, frozen, batch).formed()  # used twice: a norm and the dot
         sq_norms = rep.sq_norm()
