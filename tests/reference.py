@@ -57,14 +57,9 @@ def _example(batch: Any, i: int) -> Any:
 
 
 def _criterion_loss(loss_fn: Any, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Captum's per-example loss: ``"none"`` / ``"sum"`` sum the example's elements, ``"mean"`` averages them."""
-    reduction = getattr(loss_fn, "reduction", None)
-    if reduction is None:  # a plain function: whatever it reduces to
-        return loss_fn(outputs, target).sum()
-    elementwise = copy.copy(loss_fn)
-    elementwise.reduction = "none"
-    values = elementwise(outputs, target)
-    return values.mean() if reduction == "mean" else values.sum()
+    """The criterion on one example, summed: ``"none"`` / ``"sum"`` sum the example's elements; ``"mean"`` is torch's
+    own mean over them (class weights and ignored targets as torch weighs them on that example)."""
+    return loss_fn(outputs, target).sum()
 
 
 def _selected(available: Sequence[str], default: Sequence[str], params: Names) -> list[str]:

@@ -290,6 +290,16 @@ def test_old_states_with_weight_decay_must_say_which_decay():
         _score(*_linear_ckpt(state, model))
 
 
+@pytest.mark.parametrize("edit", [{"betas": (0.9, 1.0)}, {"betas": (-0.1, 0.999)}, {"eps": -1e-8}])
+def test_edited_hyperparameters_adam_refuses_are_refused(edit):
+    """``beta2 = 1`` would zero every bias-corrected update (scores all 0), silently; torch's Adam refuses it."""
+    model = nn.Linear(4, 3).to(DTYPE)
+    state = torch.optim.Adam(model.parameters()).state_dict()
+    state["param_groups"][0].update(edit)
+    with pytest.raises(ValueError, match=r"needs both betas in \[0, 1\) and eps >= 0"):
+        _score(*_linear_ckpt(state, model))
+
+
 def test_mixing_checkpoints_with_and_without_optimizer_state_is_refused():
     model, ckpt = _linear_ckpt(torch.optim.Adam(nn.Linear(4, 3).parameters()).state_dict())
     with pytest.raises(ValueError, match=r"`checkpoints\[1\]` carries an `optimizer_state` but `checkpoints\[0\]`"):

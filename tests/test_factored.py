@@ -3,6 +3,7 @@ falls back to vmap(grad) where factors would be wrong, and picks its plan as doc
 
 import warnings
 
+import optree
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1637,9 +1638,10 @@ class LegacyActivation(nn.Module):
         return self.b(LegacyTanh.apply(self.a(x)))
 
 
-def test_a_legacy_autograd_function_runs_batched_and_says_why_a_loop_cannot():
-    """Planning and the batched path use plain autograd, so the default call is exact; per-example torch.func
-    (``factored=False``) cannot run the Function, and the error says so and names the way that works."""
+def test_a_legacy_autograd_function_runs_batched_or_by_plain_autograd():
+    """Planning and the batched path use plain autograd, so the default call is exact and quiet; per-example
+    torch.func (``factored=False``) cannot run the Function, so those gradients are taken by plain autograd, one
+    example at a time, with a warning naming the cause."""
     torch.manual_seed(0)
     model = LegacyActivation().double().eval()
     ckpts = _ckpts(model)
@@ -1650,8 +1652,29 @@ def test_a_legacy_autograd_function_runs_batched_and_says_why_a_loop_cannot():
         warnings.simplefilter("error")
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
-    with pytest.raises(RuntimeError, match=r"without a `setup_context` method .* Keep the default `factored=None`"):
-        tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False)
+    with pytest.warns(RuntimeWarning, match=r"torch.func cannot run this model.*by plain autograd.*setup_context"):
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=False), ref.influence)
+
+
+def test_plain_grad_keeps_torch_func_grads_contract():
+    """The plain-autograd stand-in for ``torch.func.grad`` gives the same trees: several argnums, aux outputs
+    detached, zeros for an input the output does not use; the caller's tensors are left as they were."""
+    from torch.func import grad
+
+    from tracin_func._grads import plain_grad
+
+    def f(a, b, c):
+        return (a["w"] * b[0]).sum() + c.sum(), {"seen": a["w"] * 2}
+
+    a, b, c = {"w": torch.randn(3)}, [torch.randn(3), torch.randn(3)], torch.ones(2)
+    expected = grad(f, argnums=(0, 1), has_aux=True)(a, b, c)
+    actual = plain_grad(f, argnums=(0, 1), has_aux=True)(a, b, c)
+    assert optree.tree_structure(actual) == optree.tree_structure(expected)
+    for x, y in zip(optree.tree_leaves(actual), optree.tree_leaves(expected)):
+        assert torch.equal(x, y) and not x.requires_grad
+    assert torch.equal(actual[0][1][1], torch.zeros(3))  # b[1] is unused
+    assert not any(t.requires_grad for t in (a["w"], *b, c))
+    assert torch.equal(plain_grad(lambda x: (x * x).sum())(c), grad(lambda x: (x * x).sum())(c))
 
 
 # ------------------------------------------------------------------------- Embedding subclasses, flattened rows

@@ -8,6 +8,7 @@ from torch import nn
 
 import tracin_func as tc
 from tests.conftest import assert_close
+from tests.reference import reference_scores
 
 N_CLASSES = 4
 
@@ -68,6 +69,48 @@ def test_batched_loss_matches_batch_of_one(case):
     self_dense = tc.self_influence(model, ckpts, batch, factored=False, **kw)
     self_batched = tc.self_influence(model, ckpts, batch, factored=True, **kw)
     assert_close(self_batched, self_dense, 1e-10)
+
+
+class TokenTagger(nn.Module):
+    """Per-token logits ``[B, C, T]`` (the class dim second, as ``CrossEntropyLoss`` takes them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(7, 6), nn.Linear(6, N_CLASSES)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).tanh()).transpose(1, 2)
+
+
+TOKEN_CASES = {  # token-level targets: torch's mean divides by the example's weights of the counted tokens
+    "weighted": nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)),
+    "ignored": nn.CrossEntropyLoss(ignore_index=3),
+    "weighted_ignored": nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TOKEN_CASES))
+def test_token_level_mean_is_torchs_mean_of_the_example(case):
+    """Per example, ``reduction="mean"`` is torch's own mean on that example (a weighted mean over its counted
+    tokens), as the reference takes it; checked against that formula written out, then the scores against the
+    reference, batched and not."""
+    criterion = TOKEN_CASES[case]
+    torch.manual_seed(0)
+    model = TokenTagger().double().eval()
+    ckpts = [tc.Checkpoint({k: v + 0.3 * torch.randn_like(v) for k, v in model.state_dict().items()}, lr=0.7)]
+    ids, tags = torch.randint(0, 7, (8, 5)), torch.randint(0, N_CLASSES, (8, 5))
+    if case != "weighted":
+        tags[:, 1] = criterion.ignore_index if case == "ignored" else -100  # every example has an ignored token
+    logits, target = model(ids[:1]), tags[:1]
+    kept = target[0] != criterion.ignore_index
+    w = criterion.weight[target[0][kept]] if criterion.weight is not None else torch.ones(int(kept.sum()))
+    nll = -logits[0].log_softmax(0).T[kept].gather(1, target[0][kept, None])[:, 0]
+    assert torch.allclose(criterion(logits, target), (w * nll).sum() / w.sum())
+    ref = reference_scores(model, ckpts, (ids, tags), (ids[:3], tags[:3]), loss_fn=criterion)
+    for factored in (None, False):
+        kw = dict(loss_fn=criterion, factored=factored)
+        assert_close(tc.influence(model, ckpts, (ids, tags), (ids[:3], tags[:3]), **kw), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, (ids, tags), **kw), ref.self_influence)
 
 
 def test_criterion_is_not_modified():

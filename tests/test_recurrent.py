@@ -245,13 +245,29 @@ def test_packed_and_unbatched_inputs_run_the_fused_op():
     assert torch.equal(actual_single[0], expected_single[0])
 
 
-def test_packed_sequences_fail_as_on_the_old_route():
-    """torch.func cannot run the fused op on a PackedSequence (no storage behind its wrapped tensors): the call
-    fails as it does with ``factored=False``, not with another error from the unrolled cells."""
+def test_packed_sequences_run_through_plain_autograd():
+    """torch.func cannot run the fused op on a PackedSequence (no storage behind its wrapped tensors), even one
+    example at a time: the layer's gradients are taken by plain autograd, one example at a time, with a warning
+    giving the cause, and the scores are exact (the Linear after it stays factored)."""
+    torch.manual_seed(0)
     model = Packed().to(F64).eval()
     ckpts = _checkpoints(model)
-    data = (torch.randn(5, 4, 3, dtype=F64), torch.tensor([4, 2, 3, 1, 4]), torch.randint(0, 2, (5,)))
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([4, 2, 3, 1, 4, 2])
+    train = (torch.randn(6, 4, 3, generator=gen, dtype=F64), lengths, torch.randint(0, 2, (6,), generator=gen))
+    test = (torch.randn(2, 4, 3, generator=gen, dtype=F64), lengths[:2], torch.randint(0, 2, (2,), generator=gen))
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
     for factored in (None, False):
-        with warnings.catch_warnings(), pytest.raises(RuntimeError, match="data pointer of Tensor"):
-            warnings.simplefilter("ignore")
-            tc.self_influence(model, ckpts, data, loss_fn=CE, factored=factored)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored), ref.influence)
+            assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored), ref.self_influence)
+        said = [str(w.message) for w in caught if "torch.func cannot run this model" in str(w.message)]
+        assert said and "by plain autograd" in said[0] and "data pointer of Tensor" in said[0], said
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        e = tc.explain(model, ckpts, train, loss_fn=CE)
+    routes = {r.parameter: r.route for r in e.routes}
+    looped = {n: "loop" for n in routes if n.startswith("rnn.")}
+    assert routes == {**looped, "fc.weight": "factored", "fc.bias": "factored"}, routes
+    assert e.batching.endswith("torch.func cannot run this model, so examples run one at a time by plain autograd")

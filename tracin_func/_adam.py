@@ -63,6 +63,13 @@ def _group_of(groups: Sequence[Mapping[str, Any]], index: int, where: str) -> Ma
             f"AdamW's (they store 'betas', 'eps' and 'amsgrad'); only Adam and AdamW states are supported. Drop "
             f"`optimizer_state` to score with plain gradients."
         )
+    betas = group["betas"]
+    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas) or not float(group["eps"]) >= 0.0:
+        raise ValueError(
+            f"`optimizer_state` of {where}: param_groups[{index}] has betas={tuple(betas)} and eps={group['eps']}; "
+            f"Adam needs both betas in [0, 1) and eps >= 0 (torch.optim.Adam refuses others). Save the state of the "
+            f"optimizer that trained the model, unedited."
+        )
     if group.get("maximize", False):
         raise ValueError(
             f"`optimizer_state` of {where}: param_groups[{index}] has maximize=True (gradient ascent); TracIn scores "

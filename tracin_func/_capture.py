@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
-from torch.func import grad
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointError
 from torch.utils.hooks import RemovableHandle
@@ -508,7 +507,7 @@ def vmapped_factors(
                 _planned_differently(path, "is called fewer times on an example than on the batch's first")
         return out, inputs
 
-    mapped = mapper.over_batch(grad(loss_of_example, argnums=(0, 1), has_aux=True), 3)
+    mapped = mapper.grads_over_batch(loss_of_example, 3, argnums=(0, 1), has_aux=True)
 
     def factors(diff: Tensors, frozen: Tensors, batch: Any) -> tuple[dict[str, torch.Tensor], Factors]:
         signature = tuple((tuple(t.shape[1:]), t.dtype) for t in optree.tree_leaves(batch, none_is_leaf=True))

@@ -27,8 +27,8 @@ _QUESTIONS = ("influence", "self_influence")
 class Route(NamedTuple):
     """One differentiated parameter: ``route`` is ``"factored"`` (exact inner products of layer inputs and output
     gradients, no per-sample gradient), ``"materialised"`` (per-sample gradients from those factors), ``"vmap"``
-    (``vmap(grad)`` over examples), ``"loop"`` (one example at a time: vmap failed on the model) or ``"unused"``
-    (the forward pass and the loss do not use it: zero gradients)."""
+    (``vmap(grad)`` over examples), ``"loop"`` (one example at a time: vmap, or torch.func itself, failed on the
+    model) or ``"unused"`` (the forward pass and the loss do not use it: zero gradients)."""
 
     parameter: str
     route: str
@@ -107,11 +107,15 @@ def explain(
             with warnings.catch_warnings(record=True), naming_failures(setup.train_loss, setup, batch, "data", 0):
                 acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)
                 planned.updates.self_influence(acc, setup.checkpoints[0], batch)
-    plan, loop = planned.plan, planned.mapper.loop
+    plan, mapper = planned.plan, planned.mapper
     routes = []
     for name in plan.names:
         route = plan.route(name)
-        routes.append(Route(name, "loop" if loop and route == "vmap" else route, plan.reasons[name]))
-    batching = plan.batching + ("; vmap failed on this model, so examples run one at a time" if loop else "")
+        looped = route == "vmap" and (mapper.loop or mapper.plain)
+        routes.append(Route(name, "loop" if looped else route, plan.reasons[name]))
+    if mapper.plain:
+        batching = plan.batching + "; torch.func cannot run this model, so examples run one at a time by plain autograd"
+    else:
+        batching = plan.batching + ("; vmap failed on this model, so examples run one at a time" if mapper.loop else "")
     size = most_per_batch(setup, plan) if num_examples(data) else None
     return Explanation(tuple(routes), batching, size, plan.example_bytes)

@@ -1,4 +1,5 @@
-"""Per-sample gradients: ``vmap(grad(loss))`` over a batch, with a per-example loop where vmap fails."""
+"""Per-sample gradients: ``vmap(grad(loss))`` over a batch, with a per-example loop where vmap fails (and plain
+autograd where torch.func cannot run the model)."""
 
 from __future__ import annotations
 
@@ -37,51 +38,51 @@ def example_at(batch: Any, i: int) -> Any:
     return optree.tree_map(lambda t: t[i], batch, none_is_leaf=True)
 
 
-_FUNCTION_WITHOUT_SETUP_CONTEXT = (
-    "The model runs a torch.autograd.Function without a `setup_context` method (e.g. BLOOM's GeLU), which "
-    "torch.func (vmap, grad) cannot differentiate, so this call cannot compute per-example gradients one example at "
-    "a time. Keep the default `factored=None` with a criterion `loss_fn` or a `tc.BatchLoss` (the batched path "
-    "differentiates with plain autograd), or give the Function a `setup_context` "
-    "(https://pytorch.org/docs/stable/notes/extending.func.html)."
-)
-
-
 class Mapper:
     """Maps per-example functions over batches for one scoring call.
 
-    Uses ``vmap``; if vmap fails where a per-example loop works (no batching rule, e.g. ``nn.GRU`` on torch 2.13),
-    it warns once naming the cause and every function of the call loops from then on. Results are identical.
-    The only state is that switch, and a Mapper lives for one call.
+    Uses ``vmap``. If vmap fails where a per-example loop works (no batching rule, e.g. ``nn.GRU`` on torch 2.13),
+    it warns once naming the cause and every function of the call loops from then on. If torch.func cannot run the
+    model even one example at a time (an ``nn.LSTM`` on a ``PackedSequence``, an ``autograd.Function`` without
+    ``setup_context``), gradients loop through plain autograd instead. Results are identical. The only state is
+    that switch, and a Mapper lives for one call.
     """
 
     def __init__(self, chunk_size: int | None = None) -> None:
         self.chunk_size = chunk_size
-        self.loop = False
+        self.loop = False  # vmap failed: one example at a time
+        self.plain = False  # torch.func failed on one example too: plain autograd
 
-    def over_batch(self, one: Callable[..., Any], n_static: int) -> Callable[..., Any]:
-        """``f(*static, batch)`` stacking ``one(*static, example)`` over the examples of ``batch``."""
+    def over_batch(self, one: Callable[..., Any], n_static: int, plain: Callable[..., Any] | None = None):
+        """``f(*static, batch)`` stacking ``one(*static, example)`` over the examples of ``batch``; ``plain``: the same
+        function by plain autograd, for models torch.func cannot run."""
         fast = vmap(one, in_dims=(None,) * n_static + (0,), chunk_size=self.chunk_size)
 
-        def slow(*args: Any) -> Any:
-            *static, batch = args
-            n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
-            outs = [one(*static, example_at(batch, i)) for i in range(n)]
-            return optree.tree_map(lambda *xs: torch.stack(xs), *outs, none_is_leaf=True)
-
         def mapped(*args: Any) -> Any:
+            if self.plain:
+                return _looped(plain, args)
             if self.loop:
-                return slow(*args)
+                return _looped(one, args)
             try:
                 # The math attention kernel has vmap batching rules; the fused CPU kernels fall back to a slow loop.
                 with sdpa_kernel(SDPBackend.MATH):
                     return fast(*args)
             except (RuntimeError, NotImplementedError) as vmap_error:
                 try:
-                    result = slow(*args)  # a genuine error in the loss raises here, from the loop
-                except RuntimeError as err:
-                    if "setup_context" not in str(err):
+                    result = _looped(one, args)  # a genuine error in the loss raises here, from the loop
+                except (RuntimeError, NotImplementedError) as func_error:
+                    if plain is None:
                         raise
-                    raise RuntimeError(_FUNCTION_WITHOUT_SETUP_CONTEXT) from err
+                    result = _looped(plain, args)  # ... or here, when torch.func cannot run the model at all
+                    self.plain = True
+                    warn(
+                        f"torch.func cannot run this model, even one example at a time, so per-example gradients "
+                        f"are computed by plain autograd, one example at a time (same results, much slower)"
+                        f"{_in_model_code(func_error)}. The cause, in full: {type(func_error).__name__}: "
+                        f"{str(func_error).strip()}",
+                        RuntimeWarning,
+                    )
+                    return result
                 self.loop = True
                 warn(
                     f"torch.func.vmap failed on this model, so per-example gradients are computed with a loop "
@@ -92,6 +93,42 @@ class Mapper:
                 return result
 
         return mapped
+
+    def grads_over_batch(
+        self, f: Callable[..., Any], n_static: int, argnums: int | tuple[int, ...] = 0, has_aux: bool = False
+    ) -> Callable[..., Any]:
+        """``over_batch`` of ``torch.func.grad(f, argnums, has_aux)``, by plain autograd where torch.func fails."""
+        return self.over_batch(grad(f, argnums, has_aux), n_static, plain=plain_grad(f, argnums, has_aux))
+
+
+def _looped(one: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    *static, batch = args
+    n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
+    outs = [one(*static, example_at(batch, i)) for i in range(n)]
+    return optree.tree_map(lambda *xs: torch.stack(xs), *outs, none_is_leaf=True)
+
+
+def plain_grad(f: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: bool = False) -> Callable[..., Any]:
+    """``torch.func.grad(f, argnums, has_aux)`` by plain autograd: the arguments ``argnums`` (trees of tensors) become
+    fresh leaves, so the caller's tensors are never touched; an input the output does not use gets zeros, as
+    torch.func gives."""
+    nums = (argnums,) if isinstance(argnums, int) else argnums
+
+    def grads(*args: Any) -> Any:
+        args = tuple(
+            optree.tree_map(lambda t: t.detach().requires_grad_(), a) if i in nums else a for i, a in enumerate(args)
+        )
+        with torch.enable_grad():
+            out = f(*args)
+        value, aux = out if has_aux else (out, None)
+        leaves, spec = optree.tree_flatten(tuple(args[i] for i in nums))
+        found = optree.tree_unflatten(
+            spec, torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)
+        )
+        found = found[0] if isinstance(argnums, int) else found
+        return (found, optree.tree_map(torch.Tensor.detach, aux)) if has_aux else found
+
+    return grads
 
 
 def _in_model_code(err: BaseException) -> str:
@@ -112,4 +149,4 @@ def dense_grads(loss: ExampleLossFn, mapper: Mapper) -> GradFn:
     def loss_of_example(diff: Tensors, frozen: Tensors, example: Any) -> torch.Tensor:
         return scalar_loss(loss, {**frozen, **diff}, batch_of_one(example))
 
-    return mapper.over_batch(grad(loss_of_example), 2)
+    return mapper.grads_over_batch(loss_of_example, 2)
