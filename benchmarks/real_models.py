@@ -57,7 +57,8 @@ plain-backprop floor, and (for tuple batches) a per-example criterion Captum's `
   depthwise 3x3 / 5x5 convolutions, squeeze-excitation, hardswish / hardsigmoid, BatchNorm; stem stride 1 for
   32x32 images), 10 classes, ``CrossEntropyLoss``.
 - ``lstm``: :class:`LSTMClassifier` (Embedding(1000, 64), LSTM(64, 64, batch_first), Linear(64, 4) on the last
-  hidden state), token sequences, ``CrossEntropyLoss``.
+  hidden state), token sequences, ``CrossEntropyLoss``; ``rnn``: the same with a vanilla ``nn.RNN``; ``lstm_cell``:
+  with an ``nn.LSTMCell`` stepped by the model's own loop.
 
 Example:
     >>> w = resnet18(n_train=4, n_test=2, image_size=8, width=4)
@@ -762,17 +763,27 @@ def mobilenet(
 
 
 class LSTMClassifier(nn.Module):
-    """Embedding -> LSTM (batch_first) -> Linear on the last time step's hidden state."""
+    """Embedding -> recurrent layer (batch_first) -> Linear on the last time step's hidden state. ``layer``:
+    ``"lstm"`` (``nn.LSTM``), ``"rnn"`` (a vanilla tanh ``nn.RNN``) or ``"lstm_cell"`` (``nn.LSTMCell`` stepped by
+    this model's own loop, as research code writes it)."""
 
-    def __init__(self, vocab: int = 1000, dim: int = 64, n_classes: int = 4) -> None:
+    def __init__(self, vocab: int = 1000, dim: int = 64, n_classes: int = 4, layer: str = "lstm") -> None:
         super().__init__()
+        self.layer = layer
         self.embedding = nn.Embedding(vocab, dim)
-        self.lstm = nn.LSTM(dim, dim, batch_first=True)
+        kinds = {"lstm": nn.LSTM, "rnn": nn.RNN, "lstm_cell": nn.LSTMCell}
+        self.lstm = kinds[layer](dim, dim) if layer == "lstm_cell" else kinds[layer](dim, dim, batch_first=True)
         self.fc = nn.Linear(dim, n_classes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        _, (h, _) = self.lstm(self.embedding(tokens))
-        return self.fc(h[-1])
+        x = self.embedding(tokens)
+        if self.layer == "lstm_cell":
+            state = None
+            for t in range(x.shape[1]):
+                state = self.lstm(x[:, t], state)
+            return self.fc(state[0])
+        _, h = self.lstm(x)
+        return self.fc((h[0] if self.layer == "lstm" else h)[-1])
 
 
 def lstm(
@@ -780,19 +791,20 @@ def lstm(
     n_test: int = 20,
     seq_len: int = 32,
     *,
+    layer: str = "lstm",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> RealWorkload:
-    """LSTM classifier on random token sequences, 4 classes."""
+    """Recurrent classifier (:class:`LSTMClassifier` with ``layer``) on random token sequences, 4 classes."""
     torch.manual_seed(seed)
-    model = LSTMClassifier().to(dtype).eval()
+    model = LSTMClassifier(layer=layer).to(dtype).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     n = n_train + n_test
     x = torch.randint(0, 1000, (n, seq_len), generator=generator)
     y = torch.randint(0, 4, (n,), generator=generator)
     criterion = nn.CrossEntropyLoss()
     return RealWorkload(
-        "lstm",
+        layer,
         model,
         make_checkpoints(model, seed + 2),
         (x[:n_train], y[:n_train]),
@@ -801,6 +813,16 @@ def lstm(
         _criterion_batch_loss(model, nn.CrossEntropyLoss(reduction="none")),
         nn.CrossEntropyLoss(reduction="none"),
     )
+
+
+def rnn(n_train: int = 200, n_test: int = 20, seq_len: int = 32, **kw: Any) -> RealWorkload:
+    """:func:`lstm` with a vanilla ``nn.RNN``."""
+    return lstm(n_train, n_test, seq_len, layer="rnn", **kw)
+
+
+def lstm_cell(n_train: int = 200, n_test: int = 20, seq_len: int = 32, **kw: Any) -> RealWorkload:
+    """:func:`lstm` with an ``nn.LSTMCell`` stepped by the model's own loop."""
+    return lstm(n_train, n_test, seq_len, layer="lstm_cell", **kw)
 
 
 BUILDERS: dict[str, Callable[..., RealWorkload]] = {
@@ -815,6 +837,8 @@ BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "resnet18": resnet18,
     "mobilenet": mobilenet,
     "lstm": lstm,
+    "rnn": rnn,
+    "lstm_cell": lstm_cell,
 }
 
 

@@ -57,6 +57,8 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "resnet18": lambda: rm.resnet18(N_TRAIN, N_TEST, IMAGE, width=8, dtype=F64),
     "mobilenet": lambda: rm.mobilenet(N_TRAIN, N_TEST, IMAGE, width=0.5, dtype=F64),
     "lstm": lambda: rm.lstm(N_TRAIN, N_TEST, SEQ, dtype=F64),
+    "rnn": lambda: rm.rnn(N_TRAIN, N_TEST, SEQ, dtype=F64),
+    "lstm_cell": lambda: rm.lstm_cell(N_TRAIN, N_TEST, SEQ, dtype=F64),
 }
 HF = {f"{m}_{form}" for m in rm.HF_MODELS for form in ("batch_loss", "example_loss", "criterion")}
 
@@ -143,6 +145,8 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     "resnet18": (BATCHED, {"factored": 7, "materialised": 55}, ()),
     "mobilenet": (BATCHED, {}, ()),
     "lstm": (BATCHED, {"factored": 3, "materialised": 4}, ()),
+    "rnn": (BATCHED, {"factored": 3, "materialised": 4}, ()),
+    "lstm_cell": (BATCHED, {"factored": 3, "materialised": 4}, ()),
 }
 
 

@@ -1,12 +1,13 @@
-"""nn.LSTM / nn.GRU as unrolled cells (``_recurrent``): the unrolled forward equals the fused op, scores equal the
-float64 per-example loop reference, the plan shows the layers batched, and anything unusual (a PackedSequence,
-``proj_size > 0``, a subclass) keeps the old route (vmap(grad), which falls back to the loop)."""
+"""nn.LSTM / nn.GRU / nn.RNN and their cells as unrolled cells (``_recurrent``): the unrolled forward equals the fused
+op, scores equal the float64 per-example loop reference, the plan shows the layers batched, and anything unusual (a
+PackedSequence, ``proj_size > 0``, a subclass) keeps the old route (vmap(grad), which falls back to the loop)."""
 
 from __future__ import annotations
 
 import functools
 import warnings
 
+import optree
 import pytest
 import torch
 from torch import nn
@@ -32,6 +33,8 @@ CONFIGS = {
     "gru-2-bi-h0": (nn.GRU, 2, True, False, True, True),
     "gru-2-nobias-h0": (nn.GRU, 2, False, True, False, True),
     "gru-1-bi-nobias": (nn.GRU, 1, True, False, False, False),
+    "rnn-tanh-2-bi-h0": (nn.RNN, 2, True, True, True, True),
+    "rnn-relu-1-nobias": (functools.partial(nn.RNN, nonlinearity="relu"), 1, False, False, False, False),
 }
 
 
@@ -140,6 +143,73 @@ def test_projected_embeddings_equal_the_old_route(config):
     assert_close(tc.embeddings(model, ckpts, train, loss_fn=CE), ref.train_embeddings)
 
 
+CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn-tanh": nn.RNNCell, "rnn-relu-nobias": nn.RNNCell}
+
+
+def _cell(kind: str) -> nn.Module:
+    extra = {"nonlinearity": "relu", "bias": False} if kind == "rnn-relu-nobias" else {}
+    return CELLS[kind](3, 4, **extra)
+
+
+class CellNet(nn.Module):
+    """A cell stepped by the model's own loop over ``x`` ``[B, T, 3]`` (from a given initial state, or none), then a
+    Linear on the last state."""
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell, self.fc = cell, nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+        lstm = isinstance(self.cell, nn.LSTMCell)
+        state = None if h0 is None else (h0, h0.tanh()) if lstm else h0
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.fc(state[0] if lstm else state)
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_an_unrolled_cell_equals_the_fused_op(kind):
+    """A cell call is its two products and one step; an unbatched input runs the fused op (no product)."""
+    torch.manual_seed(0)
+    cell = _cell(kind).to(F64).eval()
+    x, h = torch.randn(3, 3, dtype=F64), torch.randn(3, 4, dtype=F64)
+    copy, seen = private_copy(cell), []
+    products = {path: functools.partial(_record, seen) for path in recurrent_sites(copy, ["weight_ih", "weight_hh"])}
+    assert list(products) == ["ih", "hh"]
+    for hx in (None, (h, h.tanh()) if isinstance(cell, nn.LSTMCell) else h):
+        with hooked(copy, products):
+            actual, unbatched = copy(x, hx), copy(x[0])
+        for a, e in zip(optree.tree_leaves(actual), optree.tree_leaves(cell(x, hx))):
+            assert_close(a, e, 1e-12)
+        for a, e in zip(optree.tree_leaves(unbatched), optree.tree_leaves(cell(x[0]))):
+            assert torch.equal(a, e)
+    assert seen == [(3, 4 * {"lstm": 4, "gru": 3}.get(kind, 1))] * 4  # two products, twice
+    assert "forward" not in vars(copy)
+
+
+@pytest.mark.parametrize("factored", [None, True])
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cells_stepped_by_the_model_equal_the_loop_reference(kind, factored):
+    torch.manual_seed(0)
+    model = CellNet(_cell(kind)).to(F64).eval()
+    gen = torch.Generator().manual_seed(4)
+    with_h0 = kind != "gru"
+    train, test = (_data(n, with_h0, 1, gen) for n in (6, 3))
+    if with_h0:  # a [B, 4] initial state
+        train, test = ((x, h[:, 0], y) for x, h, y in (train, test))
+    ckpts = _checkpoints(model)
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # batched: no slow-path or loop warning
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored), ref.self_influence)
+        e = tc.explain(model, ckpts, train, loss_fn=CE, factored=factored)
+    assert e.batching == BATCHED
+    cell = [r for r in e.routes if r.parameter.startswith("cell.")]
+    assert len(cell) == len(list(model.cell.parameters()))
+    assert all(r.reason.startswith("unrolled recurrent") for r in cell), cell
+
+
 class Scaled(Net):
     """A free parameter outside any layer: the call runs vmap(grad) over examples, the recurrent layer unrolled in
     it (its fused op has no batching rule), its products materialised or factored."""
@@ -191,6 +261,10 @@ class Subclassed(nn.GRU):
     """Its own class: the unrolled cells cannot be proven to compute its function."""
 
 
+class SubclassedCell(nn.GRUCell):
+    """Its own class, as ``Subclassed``."""
+
+
 def _old_route_cases():
     torch.manual_seed(0)
     proj = Net(_rnn("lstm-1", proj_size=2))
@@ -198,10 +272,11 @@ def _old_route_cases():
     return {
         "proj_size": (proj, "proj_size > 0"),
         "subclass": (Net(Subclassed(3, 4, batch_first=True)), "subclass of GRU"),
+        "cell_subclass": (CellNet(SubclassedCell(3, 4)), "subclass of GRUCell"),
     }
 
 
-@pytest.mark.parametrize("case", ["proj_size", "subclass"])
+@pytest.mark.parametrize("case", ["proj_size", "subclass", "cell_subclass"])
 def test_unusual_recurrent_layers_keep_the_old_route(case):
     model, reason = _old_route_cases()[case]
     model = model.to(F64).eval()
@@ -213,7 +288,7 @@ def test_unusual_recurrent_layers_keep_the_old_route(case):
         warnings.simplefilter("ignore", tc.SlowPathWarning)
         e = tc.explain(model, ckpts, data, loss_fn=CE)
         scores = tc.self_influence(model, ckpts, data, loss_fn=CE)
-    rnn = [r for r in e.routes if r.parameter.startswith("rnn.")]
+    rnn = [r for r in e.routes if not r.parameter.startswith("fc.")]
     assert rnn and all(r.route in ("vmap", "loop") and reason in r.reason for r in rnn), rnn
     assert_close(scores, reference_scores(model, ckpts, data, loss_fn=CE).self_influence)
 

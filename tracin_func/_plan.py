@@ -566,7 +566,7 @@ def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> st
         return "not a parameter of a layer"
     if site_kind(owner) is not None:
         return "its tensor is shared with a module that is not a factor site (weight tying)"
-    if isinstance(owner, (nn.RNNBase, nn.MultiheadAttention)):
+    if isinstance(owner, (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)):
         why = why_not_attention(owner) if isinstance(owner, nn.MultiheadAttention) else why_not_unrolled(owner)
         return why or "its tensor is shared with another module (weight tying)"
     return why_not_a_site(owner)

@@ -1,5 +1,6 @@
-"""Recurrent layers (``nn.LSTM``, ``nn.GRU``) as factor sites: run as unrolled cells on the call's private copy;
-and the one mechanism that runs layers unrolled (also ``nn.MultiheadAttention``: ``_attention``).
+"""Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their cells) as factor sites: run as unrolled cells on
+the call's private copy; and the one mechanism that runs layers unrolled (also ``nn.MultiheadAttention``:
+``_attention``).
 
 vmap has no batching rule for the fused RNN op, so these layers would go through the per-example loop. Unrolled,
 each layer and direction is two Linear-like products: the input-to-hidden product ``x_t W_ih^T + b_ih`` (applied to
@@ -8,12 +9,15 @@ per-example gradient of each weight is then a sum over time steps of outer produ
 ``weight_hh = sum_t G_t h_{t-1}^T``, biases ``sum_t G_t``: a Linear site with ``T`` rows per example, whose ``G`` is
 the gradient at the product's own output (for a GRU's ``n`` gate: before the multiplication by ``r``).
 
-Only the exact classes ``nn.LSTM`` / ``nn.GRU`` (their own forward, no hooks or parametrizations, ``proj_size``
-0, no active dropout) are unrolled, and only on ordinary padded inputs ``[B, T, d]`` (``[T, B, d]``): on a
+A cell (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``), called once per step by the model's own loop, is one step
+of the same: its two products are Linear-like sites called once per step, one row per example each.
+
+Only the exact classes (their own forward, no hooks or parametrizations, ``proj_size`` 0, no active dropout) are
+unrolled, and only on ordinary padded inputs ``[B, T, d]`` (``[T, B, d]``; a cell's ``[B, d]``): on a
 ``PackedSequence`` or an unbatched input the fused op runs and the layer keeps the dense route (planning sees no
 product called). Each product of a layer is a :class:`~tracin_func._layers.Site` whose ``owner`` is the layer's
-path and whose ``path`` is ``"<owner>.ih_l0"``, ``"<owner>.hh_l1_reverse"``, ... (``"<owner>.in_proj"`` for
-attention).
+path and whose ``path`` is ``"<owner>.ih_l0"``, ``"<owner>.hh_l1_reverse"``, ... (a cell's ``"<owner>.ih"``,
+``"<owner>.hh"``; ``"<owner>.in_proj"`` for attention).
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ from ._attention import attention_forward, attention_sites
 from ._attention import why_not_unrolled as why_not_attention
 from ._layers import Hook, Site, global_hooks_present, product, wrapped
 
-_CLASSES = (nn.LSTM, nn.GRU)
+_LAYERS = (nn.LSTM, nn.GRU, nn.RNN)
+_CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+_CLASSES = _LAYERS + _CELLS
 
 
 def unrollable(module: nn.Module) -> bool:
-    """Whether ``module`` is a plain ``nn.LSTM`` / ``nn.GRU`` that the unrolled cells reproduce exactly."""
+    """Whether ``module`` is a plain recurrent layer or cell that the unrolled cells reproduce exactly."""
     return type(module) in _CLASSES and not why_not_unrolled(module)
 
 
@@ -45,12 +51,12 @@ def why_not_unrolled(module: nn.Module) -> str:
         return wrapped(module)
     base = next((cls for cls in _CLASSES if isinstance(module, cls)), None)
     if base is None:
-        return f"{name} has no unrolled form (only nn.LSTM and nn.GRU)"
+        return f"{name} has no unrolled form (only nn.LSTM, nn.GRU, nn.RNN and their cells)"
     if type(module) is not base:
         return f"{name} is a subclass of {base.__name__}, whose forward may differ"
     if getattr(module, "proj_size", 0):
         return f"{name} with proj_size > 0 has no unrolled form"
-    if module.training and module.dropout > 0 and module.num_layers > 1:
+    if module.training and getattr(module, "dropout", 0) > 0 and module.num_layers > 1:
         return f"{name} has dropout between layers in training mode"
     return ""
 
@@ -71,21 +77,27 @@ def recurrent_sites(model: nn.Module, diff_names: Any) -> dict[str, Site]:
     for path, module in model.named_modules():
         if not unrollable(module):
             continue
-        own = list(module._parameters.values())
-        if any(p is None or users[id(p)] > 1 for p in own) or len({id(p) for p in own}) < len(own):
+        own = [p for p in module._parameters.values() if p is not None]  # (a cell without bias holds None)
+        if any(users[id(p)] > 1 for p in own) or len({id(p) for p in own}) < len(own):
             continue
         prefix = f"{path}." if path else ""
-        for layer in range(module.num_layers):
-            for suffix in ("", "_reverse")[: 1 + module.bidirectional]:
-                for kind in ("ih", "hh"):
-                    key = f"{kind}_l{layer}{suffix}"
-                    weight, bias = f"{prefix}weight_{key}", f"{prefix}bias_{key}"
-                    weight = weight if weight in diff else None
-                    bias = bias if module.bias and bias in diff else None
-                    if weight or bias:
-                        shape = tuple(getattr(module, f"weight_{key}").shape)
-                        sites[prefix + key] = Site(prefix + key, "linear", weight, bias, shape, owner=path)
+        for key in _product_keys(module):
+            weight, bias = f"{prefix}weight_{key}", f"{prefix}bias_{key}"
+            weight = weight if weight in diff else None
+            bias = bias if module.bias and bias in diff else None
+            if weight or bias:
+                shape = tuple(getattr(module, f"weight_{key}").shape)
+                sites[prefix + key] = Site(prefix + key, "linear", weight, bias, shape, owner=path)
     return sites
+
+
+def _product_keys(module: nn.Module) -> list[str]:
+    """The names of a layer's products: ``ih_l0``, ``hh_l0``, ``ih_l0_reverse``, ... (a cell's ``ih``, ``hh``)."""
+    if isinstance(module, _CELLS):
+        return ["ih", "hh"]
+    directions = ("", "_reverse")[: 1 + module.bidirectional]
+    layers = range(module.num_layers)
+    return [f"{kind}_l{layer}{suffix}" for layer in layers for suffix in directions for kind in ("ih", "hh")]
 
 
 @contextmanager
@@ -106,7 +118,7 @@ def unrolled(modules: Mapping[str, nn.Module], hooks: Mapping[str, Hook]) -> Ite
             attention = isinstance(module, nn.MultiheadAttention)
             if why_not_attention(module) if attention else not unrollable(module):
                 raise RuntimeError(f"Layer {owner!r} cannot be run unrolled.")
-            forward = attention_forward if attention else _forward
+            forward = attention_forward if attention else _cell_forward if isinstance(module, _CELLS) else _forward
             object.__setattr__(module, "forward", partial(forward, module, products))
             installed.append(module)
         yield
@@ -116,8 +128,8 @@ def unrolled(modules: Mapping[str, nn.Module], hooks: Mapping[str, Hook]) -> Ite
 
 
 def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any = None) -> Any:
-    """``module``'s forward as unrolled cells (gate order LSTM: i, f, g, o; GRU: r, z, n); the fused op's own
-    forward on a ``PackedSequence`` or an unbatched input."""
+    """``module``'s forward as unrolled cells; the fused op's own forward on a ``PackedSequence`` or an unbatched
+    input."""
     lstm = isinstance(module, nn.LSTM)
     states = hx if lstm and hx is not None else (hx,)
     plain = isinstance(input, torch.Tensor) and input.dim() == 3 and input.numel() > 0
@@ -145,15 +157,7 @@ def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any 
             inputs, out = xi.unbind(1), [None] * steps
             for t in range(steps - 1, -1, -1) if direction else range(steps):
                 hh = product(hooks, f"hh{key}", h, w_hh, b_hh)  # [B, gates * H]: G is taken here, before any gate
-                if lstm:  # i, f, g, o
-                    gates = inputs[t] + hh
-                    i, f, _, o = gates.sigmoid().chunk(4, 1)
-                    c = torch.addcmul(f * c, i, gates[:, 2 * size : 3 * size].tanh())
-                    h = o * c.tanh()
-                else:  # r, z, n; the n gate's hidden product (bias included) is multiplied by r
-                    r, z = (inputs[t][:, : 2 * size] + hh[:, : 2 * size]).sigmoid().chunk(2, 1)
-                    candidate = torch.addcmul(inputs[t][:, 2 * size :], r, hh[:, 2 * size :]).tanh()
-                    h = torch.lerp(candidate, h, z)  # (1 - z) * n + z * h
+                h, c = _step(module, inputs[t], hh, h, c)
                 out[t] = h
             outputs.append(torch.stack(out, 1))
             last_h.append(h)
@@ -164,3 +168,39 @@ def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any 
     output = x if module.batch_first else x.transpose(0, 1)
     h_n = torch.stack(last_h)
     return (output, (h_n, torch.stack(last_c))) if lstm else (output, h_n)
+
+
+def _cell_forward(module: nn.RNNCellBase, hooks: Mapping[str, Hook], input: Any, hx: Any = None) -> Any:
+    """A cell's forward as its two products and one step; the fused op's own forward on an unbatched input."""
+    lstm = isinstance(module, nn.LSTMCell)
+    states = hx if lstm and hx is not None else (hx,)
+    if not isinstance(input, torch.Tensor) or input.dim() != 2 or any(s is not None and s.dim() != 2 for s in states):
+        return type(module).forward(module, input, hx)
+    if hx is None:
+        zeros = input.new_zeros(input.shape[0], module.hidden_size)
+        h, c = zeros, zeros
+    else:
+        h, c = hx if lstm else (hx, None)
+    xi = product(hooks, "ih", input, module.weight_ih, module.bias_ih)
+    hh = product(hooks, "hh", h, module.weight_hh, module.bias_hh)
+    h, c = _step(module, xi, hh, h, c)
+    return (h, c) if lstm else h
+
+
+def _step(
+    module: nn.Module, xi: torch.Tensor, hh: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One time step's ``(h, c)`` from its input-to-hidden and hidden-to-hidden products ``[B, gates * H]`` (gate
+    order LSTM: i, f, g, o; GRU: r, z, n; a plain RNN's one gate through its nonlinearity)."""
+    size = module.hidden_size
+    if isinstance(module, (nn.LSTM, nn.LSTMCell)):
+        gates = xi + hh
+        i, f, _, o = gates.sigmoid().chunk(4, 1)
+        c = torch.addcmul(f * c, i, gates[:, 2 * size : 3 * size].tanh())
+        return o * c.tanh(), c
+    if isinstance(module, (nn.GRU, nn.GRUCell)):  # the n gate's hidden product (bias included) is multiplied by r
+        r, z = (xi[:, : 2 * size] + hh[:, : 2 * size]).sigmoid().chunk(2, 1)
+        candidate = torch.addcmul(xi[:, 2 * size :], r, hh[:, 2 * size :]).tanh()
+        return torch.lerp(candidate, h, z), None  # (1 - z) * n + z * h
+    pre = xi + hh
+    return (pre.tanh() if module.nonlinearity == "tanh" else pre.relu()), None
