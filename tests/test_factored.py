@@ -1086,6 +1086,48 @@ def test_grouped_and_depthwise_convolutions_are_materialised_from_factors(monkey
     assert got == grouped and not got & plan.kernel  # never a factored kernel
 
 
+class PaddedConvs(nn.Module):
+    """Padding the layer applies itself before its product: ``"same"`` (uneven for an even kernel), ``"valid"`` and
+    the reflect / replicate / circular modes, on plain, grouped and depthwise Conv2d and on Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.even = nn.Conv2d(2, 3, 4, padding="same")
+        self.reflect = nn.Conv2d(3, 4, 3, padding="same", dilation=2, padding_mode="reflect")
+        self.circular = nn.Conv2d(4, 4, 3, stride=2, padding=1, padding_mode="circular", groups=2)
+        self.replicate = nn.Conv2d(4, 4, (3, 2), padding="same", padding_mode="replicate", groups=4)
+        self.seq = nn.Conv1d(4, 3, 2, padding="same")
+        self.valid = nn.Conv1d(3, 3, 3, padding="valid", padding_mode="reflect")
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.reflect(torch.tanh(self.even(x))))
+        h = torch.tanh(self.replicate(torch.tanh(self.circular(h))))
+        return self.fc(torch.tanh(self.valid(torch.tanh(self.seq(h.flatten(2))))).mean(2))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
+@pytest.mark.parametrize("chunk", [2, 512])
+def test_convolutions_padding_their_input_themselves(monkeypatch, chunk):
+    """Factors read the input as the layer's product sees it (padded as its forward pads it): exact against the
+    loop reference, and every layer a site (these layers went to ``vmap(grad)`` before)."""
+    from tracin_func import _layers
+
+    monkeypatch.setattr(_layers, "_GROUPED_CONV_CHUNK", chunk)
+    torch.manual_seed(0)
+    model = PaddedConvs().double().eval()
+    x, y = torch.randn(7, 2, 7, 8, dtype=torch.float64), torch.randint(0, 3, (7,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    ckpts = _ckpts(model)
+    ref = reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE)
+    assert_close(tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE), ref.influence)
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE, factored=True), ref.self_influence)
+    plan = _plan(model, (x, y))
+    assert plan.batched and not plan.dense and {s.path for s in plan.sites} == {
+        "even", "reflect", "circular", "replicate", "seq", "valid", "fc"
+    }
+
+
 class TiedHead(nn.Module):
     def __init__(self):
         super().__init__()

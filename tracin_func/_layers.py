@@ -137,7 +137,7 @@ def why_not_a_site(module: nn.Module) -> str:
         return f"{name} has no factored form"
     if not _is_plain(module):
         return f"{name} overrides {base.__name__}'s own forward"
-    return f"{name} is configured without a factored form (padding mode, max_norm, no affine weight or training mode)"
+    return f"{name} is configured without a factored form (max_norm, no affine weight or training mode)"
 
 
 def global_hooks_present() -> bool:
@@ -174,7 +174,7 @@ def site_kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear) or _is_transformers_conv1d(module):
         return "linear"
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return "conv" if module.padding_mode == "zeros" and not isinstance(module.padding, str) else None
+        return "conv"
     if isinstance(module, nn.Embedding):
         return "embedding" if module.max_norm is None and not module.scale_grad_by_freq else None
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
@@ -310,7 +310,8 @@ def input_rows(module: nn.Module, site: Site, x: torch.Tensor) -> torch.Tensor:
     if site.weight is None:
         return x.new_zeros(x.shape[0], _rows(module, site, x), 0)
     if site.kind == "conv":
-        kernel, dilation, padding, stride = _conv2d_geometry(module)
+        x, padding = padded(module, x)
+        kernel, dilation, padding, stride = _conv2d_geometry(module, padding)
         x = x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
         return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
     return x.reshape(x.shape[0], -1, x.shape[-1])
@@ -320,7 +321,8 @@ def _rows(module: nn.Module, site: Site, x: torch.Tensor) -> int:
     """Rows per example: tokens of a Linear input, output positions of a convolution."""
     if site.kind != "conv":
         return x[0].numel() // x.shape[-1]
-    kernel, dilation, padding, stride = _conv2d_geometry(module)
+    x, padding = padded(module, x)
+    kernel, dilation, padding, stride = _conv2d_geometry(module, padding)
     sizes = (1, x.shape[-1]) if isinstance(module, nn.Conv1d) else x.shape[-2:]
     rows = 1
     for n, k, d, p, s in zip(sizes, kernel, dilation, padding, stride):
@@ -328,11 +330,21 @@ def _rows(module: nn.Module, site: Site, x: torch.Tensor) -> int:
     return rows
 
 
-def _conv2d_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    """Kernel, dilation, padding and stride of a Conv1d / Conv2d seen as a 2-d convolution."""
+def padded(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A convolution's input and the zero padding left to its products: zero padding given as numbers is left to
+    them (no copy); ``padding="same"`` (uneven for an even kernel), ``"valid"`` and the other padding modes are
+    applied here, as the layer's forward applies them, leaving none."""
+    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return x, module.padding
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, module._reversed_padding_repeated_twice, mode=mode), (0,) * len(module.kernel_size)
+
+
+def _conv2d_geometry(module: nn.Module, padding: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Kernel, dilation, ``padding`` and stride of a Conv1d / Conv2d seen as a 2-d convolution."""
     if isinstance(module, nn.Conv1d):
-        return (1, module.kernel_size[0]), (1, module.dilation[0]), (0, module.padding[0]), (1, module.stride[0])
-    return module.kernel_size, module.dilation, module.padding, module.stride
+        return (1, module.kernel_size[0]), (1, module.dilation[0]), (0, padding[0]), (1, module.stride[0])
+    return module.kernel_size, module.dilation, tuple(padding), module.stride
 
 
 def output_rows(site: Site, g: torch.Tensor) -> torch.Tensor:
@@ -352,7 +364,8 @@ def per_example_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.T
     n = _GROUPED_CONV_CHUNK
     depthwise = site.groups == site.weight_shape[0] and site.weight_shape[1] == 1  # one channel in and out per group
     weight_grads = _depthwise_weight_grads if depthwise else _grouped_weight_grads
-    chunks = [weight_grads(module, site, xs, gs) for xs, gs in zip(x.split(n), g.split(n))]
+    x, padding = padded(module, x)
+    chunks = [weight_grads(module, site, xs, gs, padding) for xs, gs in zip(x.split(n), g.split(n))]
     out = {site.weight: chunks[0] if len(chunks) == 1 else torch.cat(chunks)}
     if site.bias is not None:
         out[site.bias] = g.flatten(2).sum(2)
@@ -379,9 +392,11 @@ def _norm_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor)
     return out
 
 
-def _grouped_weight_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _grouped_weight_grads(
+    module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor, padding: tuple[int, ...]
+) -> torch.Tensor:
     """``[B, *weight_shape]``: the batch as the groups of one convolution (times the layer's own groups), whose
-    weight gradient holds every example's (no unfolded patches)."""
+    weight gradient holds every example's (no unfolded patches); ``x`` and ``padding`` as ``padded`` gives them."""
     b, (c_out, c_in, *kernel) = x.shape[0], site.weight_shape
     weight_grad = torch.nn.grad.conv2d_weight if isinstance(module, nn.Conv2d) else torch.nn.grad.conv1d_weight
     w = weight_grad(
@@ -389,20 +404,22 @@ def _grouped_weight_grads(module: nn.Module, site: Site, x: torch.Tensor, g: tor
         (b * c_out, c_in, *kernel),
         g.reshape(1, b * c_out, *g.shape[2:]),
         module.stride,
-        module.padding,
+        padding,
         module.dilation,
         groups=b * site.groups,
     )
     return w.view(b, *site.weight_shape)
 
 
-def _depthwise_weight_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _depthwise_weight_grads(
+    module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor, padding: tuple[int, ...]
+) -> torch.Tensor:
     """``[B, *weight_shape]`` of a depthwise convolution: each example and channel's weight gradient correlates its
     padded input with its output gradient. Computed as a forward convolution with the gradient as the kernel (its
     taps ``stride`` apart, the layer's dilation as the stride), which is several times faster than the grouped
     weight gradient on CPU for 5 x 5 kernels; for outputs of at most 4 positions (where that kernel is tiny and
     slow), as the sum over positions of the shifted input windows weighted by the position's gradient."""
-    kernel, dilation, padding, stride = _conv2d_geometry(module)
+    kernel, dilation, padding, stride = _conv2d_geometry(module, padding)
     if isinstance(module, nn.Conv1d):
         x, g = x.unsqueeze(2), g.unsqueeze(2)
     b, c, ho, wo = g.shape
