@@ -59,6 +59,8 @@ plain-backprop floor, and (for tuple batches) a per-example criterion Captum's `
 - ``lstm``: :class:`LSTMClassifier` (Embedding(1000, 64), LSTM(64, 64, batch_first), Linear(64, 4) on the last
   hidden state), token sequences, ``CrossEntropyLoss``; ``rnn``: the same with a vanilla ``nn.RNN``; ``lstm_cell``:
   with an ``nn.LSTMCell`` stepped by the model's own loop.
+- ``bag``: :class:`BagClassifier` (PyTorch's text classification tutorial: EmbeddingBag(20000, 64, mean),
+  Linear(64, 4)), bags of 32 token ids, ``CrossEntropyLoss``.
 
 Example:
     >>> w = resnet18(n_train=4, n_test=2, image_size=8, width=4)
@@ -825,6 +827,50 @@ def lstm_cell(n_train: int = 200, n_test: int = 20, seq_len: int = 32, **kw: Any
     return lstm(n_train, n_test, seq_len, layer="lstm_cell", **kw)
 
 
+# ------------------------------------------------------------------------------------------------- EmbeddingBag
+
+
+class BagClassifier(nn.Module):
+    """PyTorch's text classification tutorial model: EmbeddingBag (mean of a bag of token ids) -> Linear."""
+
+    def __init__(self, vocab: int = 20_000, dim: int = 64, n_classes: int = 4) -> None:
+        super().__init__()
+        self.embedding = nn.EmbeddingBag(vocab, dim, mode="mean", padding_idx=0)
+        self.fc = nn.Linear(dim, n_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embedding(tokens))
+
+
+def bag(
+    n_train: int = 200,
+    n_test: int = 20,
+    seq_len: int = 32,
+    *,
+    vocab: int = 20_000,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealWorkload:
+    """EmbeddingBag classifier on random bags of token ids (the last quarter of each padding), 4 classes."""
+    torch.manual_seed(seed)
+    model = BagClassifier(vocab).to(dtype).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    x = torch.randint(1, vocab, (n, seq_len), generator=generator)
+    x[:, seq_len - seq_len // 4 :] = 0
+    y = torch.randint(0, 4, (n,), generator=generator)
+    return RealWorkload(
+        "bag",
+        model,
+        make_checkpoints(model, seed + 2),
+        (x[:n_train], y[:n_train]),
+        (x[n_train:], y[n_train:]),
+        nn.CrossEntropyLoss(),
+        _criterion_batch_loss(model, nn.CrossEntropyLoss(reduction="none")),
+        nn.CrossEntropyLoss(reduction="none"),
+    )
+
+
 BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "gpt2": gpt2,
     "gpt2_cls": gpt2_classifier,
@@ -839,6 +885,7 @@ BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "lstm": lstm,
     "rnn": rnn,
     "lstm_cell": lstm_cell,
+    "bag": bag,
 }
 
 

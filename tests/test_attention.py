@@ -122,8 +122,8 @@ class Subclassed(nn.MultiheadAttention):
     "attn,context,parameter,reason",
     [
         (nn.MultiheadAttention(8, 2, batch_first=True), lambda x: x.flip(1), "attn.in_proj_weight",
-         "'attn.in_proj' is not run unrolled (a PackedSequence, an unbatched input or cross-attention runs the fused "
-         "op)"),
+         "'attn.in_proj' is not run unrolled (a PackedSequence, an unbatched input, cross-attention or bags given by "
+         "offsets run the fused op)"),
         (nn.MultiheadAttention(8, 2, batch_first=True, kdim=4, vdim=4), lambda x: x[..., :4], "attn.q_proj_weight",
          "MultiheadAttention with kdim / vdim other than embed_dim has no unrolled form"),
         (nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True), None, "attn.in_proj_weight",

@@ -59,6 +59,7 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "lstm": lambda: rm.lstm(N_TRAIN, N_TEST, SEQ, dtype=F64),
     "rnn": lambda: rm.rnn(N_TRAIN, N_TEST, SEQ, dtype=F64),
     "lstm_cell": lambda: rm.lstm_cell(N_TRAIN, N_TEST, SEQ, dtype=F64),
+    "bag": lambda: rm.bag(N_TRAIN, N_TEST, SEQ, vocab=50, dtype=F64),
 }
 HF = {f"{m}_{form}" for m in rm.HF_MODELS for form in ("batch_loss", "example_loss", "criterion")}
 
@@ -147,6 +148,7 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     "lstm": (BATCHED, {"factored": 3, "materialised": 4}, ()),
     "rnn": (BATCHED, {"factored": 3, "materialised": 4}, ()),
     "lstm_cell": (BATCHED, {"factored": 3, "materialised": 4}, ()),
+    "bag": (BATCHED, {"factored": 2, "materialised": 1}, ()),
 }
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from ._capture import Factors, batched_factors, vmapped_factors
 from ._grads import Mapper, Tensors, dense_grads
-from ._layers import Site, input_rows, materialize, output_rows, per_example_grads, scatter_rows
+from ._layers import Site, input_rows, materialize, output_rows, per_example_grads, scatter_rows, site_layer
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
 from ._representations import Deferred, Dense, Factored, Part, Representation, Rows, Tied, Zero, chunk_examples
 
@@ -29,7 +29,7 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
     dense = dict(dense)
     owned: set[str] = set()  # names whose tensor in ``dense`` was made here, aliasing nothing: safe to add into
     for site in sorted(plan.sites, key=_scattered_last):
-        layer, (xs, gs) = modules.get(site.path), factors[site.path]
+        layer, (xs, gs) = site_layer(modules, site), factors[site.path]
         if site.kind == "embedding" and site.weight in owned and site.path not in plan.kernel:
             for x, g in zip(xs, gs):  # a tied weight's Embedding use: its rows added into the other uses' gradient
                 scatter_rows(input_rows(layer, site, x), output_rows(site, g), dense[site.weight])

@@ -35,10 +35,18 @@ Hook = Callable[[Any, tuple[Any, ...], Any], Any]  # forward-hook convention: ho
 
 
 class Weights(NamedTuple):
-    """What a hook sees as the "layer" of an unrolled product: its weight and bias (as ``layer_output`` reads them)."""
+    """What a hook sees as the "layer" of an unrolled product: its weight and bias (as ``layer_output`` reads them),
+    and a lookup's ``padding_idx``."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
+    padding_idx: int | None = None
+
+
+def site_layer(modules: Mapping[str, nn.Module], site: Site) -> nn.Module | None:
+    """The module whose configuration ``input_rows`` follows: the site's layer, or the layer owning an unrolled
+    product (an EmbeddingBag's ``padding_idx``)."""
+    return modules.get(site.path if site.owner is None else site.owner)
 
 
 def product(hooks: Mapping[str, Hook], key: str, x: torch.Tensor, w: torch.Tensor, b: Any) -> torch.Tensor:

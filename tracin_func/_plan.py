@@ -14,7 +14,7 @@ from torch import nn
 
 from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, worth_dropping
 from ._attention import PRODUCT as ATTENTION_PRODUCT
-from ._attention import why_not_unrolled as why_not_attention
+from ._bags import PRODUCT as BAG_PRODUCT
 from ._capture import BatchableLoss, Hook, Unbatchable, batched_factors, discover, hooked
 from ._data import num_examples, slice_batch
 from ._grads import Mapper, Tensors
@@ -27,12 +27,13 @@ from ._layers import (
     input_rows,
     output_rows,
     site_kind,
+    site_layer,
     token_wise,
     why_not_a_site,
 )
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
 from ._purity import check_forward
-from ._recurrent import recurrent_sites, why_not_unrolled
+from ._recurrent import UNROLLED_KINDS, recurrent_sites, why_not_run_unrolled
 from ._representations import Representation
 from ._setup import Setup
 from ._state import leaving_no_trace
@@ -265,7 +266,10 @@ def make_plan(
                 if calls[path] and path in idle or not calls[path] and path in called:
                     why = "called under one loss and not the other"
                 elif site.owner is not None and not calls[path]:
-                    why = "not run unrolled (a PackedSequence, an unbatched input or cross-attention runs the fused op)"
+                    why = (
+                        "not run unrolled (a PackedSequence, an unbatched input, cross-attention or bags given by "
+                        "offsets run the fused op)"
+                    )
                 elif not calls[path] and call_site(modules[path]) is not None:
                     func = call_site(modules[path]).__name__
                     why = f"a layer whose forward did not call `F.{func}` on its own parameters (or was not called)"
@@ -356,7 +360,7 @@ def make_plan(
     for site in plan.sites if not (factored or self_only) else ():  # token rows pay per matching pair of tokens:
         if site.kind != "embedding" or site.path not in kernel or site.path not in seen:  # how often ids recur
             continue
-        ids = torch.cat([input_rows(modules[site.path], site, x) for x in seen[site.path][0]], 1)
+        ids = torch.cat([input_rows(site_layer(modules, site), site, x) for x in seen[site.path][0]], 1)
         matches = _matches_per_pair(ids, site.weight_shape[0])
         kept = _TOKEN_MATCH_COST * matches < site.weight_shape[0]
         if not kept:
@@ -566,9 +570,8 @@ def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> st
         return "not a parameter of a layer"
     if site_kind(owner) is not None:
         return "its tensor is shared with a module that is not a factor site (weight tying)"
-    if isinstance(owner, (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention)):
-        why = why_not_attention(owner) if isinstance(owner, nn.MultiheadAttention) else why_not_unrolled(owner)
-        return why or "its tensor is shared with another module (weight tying)"
+    if isinstance(owner, UNROLLED_KINDS):
+        return why_not_run_unrolled(owner) or "its tensor is shared with another module (weight tying)"
     return why_not_a_site(owner)
 
 
@@ -578,6 +581,8 @@ def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool, self_o
         plain = _why_site(site._replace(owner=None), rows, factored, kernel, self_only)
         if key == ATTENTION_PRODUCT:
             return f"unrolled attention, in-projection: {plain}"
+        if key == BAG_PRODUCT:
+            return f"unrolled EmbeddingBag, lookup: {plain}"
         product = "input-to-hidden" if key.startswith("ih") else "hidden-to-hidden"
         return f"unrolled recurrent layer, {product} product: {plain}"
     if site.tied:

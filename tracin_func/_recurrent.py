@@ -1,6 +1,6 @@
 """Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their cells) as factor sites: run as unrolled cells on
 the call's private copy; and the one mechanism that runs layers unrolled (also ``nn.MultiheadAttention``:
-``_attention``).
+``_attention``; ``nn.EmbeddingBag``: ``_bags``).
 
 vmap has no batching rule for the fused RNN op, so these layers would go through the per-example loop. Unrolled,
 each layer and direction is two Linear-like products: the input-to-hidden product ``x_t W_ih^T + b_ih`` (applied to
@@ -22,7 +22,7 @@ path and whose ``path`` is ``"<owner>.ih_l0"``, ``"<owner>.hh_l1_reverse"``, ...
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -32,6 +32,8 @@ from torch import nn
 
 from ._attention import attention_forward, attention_sites
 from ._attention import why_not_unrolled as why_not_attention
+from ._bags import bag_forward, bag_sites
+from ._bags import why_not_unrolled as why_not_bag
 from ._layers import Hook, Site, global_hooks_present, product, wrapped
 
 _LAYERS = (nn.LSTM, nn.GRU, nn.RNN)
@@ -73,7 +75,7 @@ def recurrent_sites(model: nn.Module, diff_names: Any) -> dict[str, Site]:
     for module in model.modules():
         for p in module.parameters(recurse=False):
             users[id(p)] = users.get(id(p), 0) + 1
-    sites: dict[str, Site] = attention_sites(model, diff, users)
+    sites: dict[str, Site] = {**attention_sites(model, diff, users), **bag_sites(model, diff, users)}
     for path, module in model.named_modules():
         if not unrollable(module):
             continue
@@ -115,16 +117,32 @@ def unrolled(modules: Mapping[str, nn.Module], hooks: Mapping[str, Hook]) -> Ite
     try:
         for owner, products in by_owner.items():
             module = modules[owner]
-            attention = isinstance(module, nn.MultiheadAttention)
-            if why_not_attention(module) if attention else not unrollable(module):
+            why_not, forward = _unrolled_form(module)
+            if why_not(module):
                 raise RuntimeError(f"Layer {owner!r} cannot be run unrolled.")
-            forward = attention_forward if attention else _cell_forward if isinstance(module, _CELLS) else _forward
             object.__setattr__(module, "forward", partial(forward, module, products))
             installed.append(module)
         yield
     finally:
         for module in installed:
             object.__delattr__(module, "forward")
+
+
+UNROLLED_KINDS = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention, nn.EmbeddingBag)  # layers with a form here
+
+
+def why_not_run_unrolled(module: nn.Module) -> str:
+    """Why a layer of one of the ``UNROLLED_KINDS`` is not run unrolled, or ``""``."""
+    return _unrolled_form(module)[0](module)
+
+
+def _unrolled_form(module: nn.Module) -> tuple[Callable[[nn.Module], str], Callable[..., Any]]:
+    """``(why_not_unrolled, unrolled forward)`` of a layer that has an unrolled form."""
+    if isinstance(module, nn.MultiheadAttention):
+        return why_not_attention, attention_forward
+    if isinstance(module, nn.EmbeddingBag):
+        return why_not_bag, bag_forward
+    return why_not_unrolled, _cell_forward if isinstance(module, _CELLS) else _forward
 
 
 def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any = None) -> Any:
