@@ -124,6 +124,34 @@ def test_norm_layers_with_running_statistics():
     assert _plan(model, (x, y)).batched  # every layer gives factors: one batched pass
 
 
+class InstanceNorms(nn.Module):
+    """Affine InstanceNorms: each example's own statistics (the default), and running statistics in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.in2 = nn.InstanceNorm2d(3, affine=True)
+        self.conv1 = nn.Conv1d(3, 4, 3)
+        self.in1 = nn.InstanceNorm1d(4, affine=True, track_running_stats=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.in2(self.conv(x)))
+        return self.fc(torch.tanh(self.in1(self.conv1(h.flatten(2)))).mean(2))
+
+
+def test_instance_norms_are_norm_sites():
+    torch.manual_seed(0)
+    model = InstanceNorms().double()
+    with torch.no_grad():
+        model.in1.running_mean.uniform_(-1, 1), model.in1.running_var.uniform_(0.5, 2)
+    model.eval()
+    x, y = torch.randn(7, 2, 4, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    plan = _plan(model, (x, y))
+    assert plan.batched and not plan.dense and {"in1", "in2"} <= {s.path for s in plan.sites if s.kind == "norm"}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(4,), (3, 4)])
 def test_a_layernorms_normalised_input_comes_from_the_statistics_its_forward_saved(monkeypatch, dtype, shape):

@@ -346,3 +346,57 @@ def test_packed_sequences_run_through_plain_autograd():
     looped = {n: "loop" for n in routes if n.startswith("rnn.")}
     assert routes == {**looped, "fc.weight": "factored", "fc.bias": "factored"}, routes
     assert e.batching.endswith("torch.func cannot run this model, so examples run one at a time by plain autograd")
+
+
+class WeightDrop(nn.Module):
+    """AWD-LSTM's WeightDrop: the layer's weight is no longer its parameter; the wrapper registers ``<name>_raw``
+    and sets the weight (dropped out in training) on the layer before each call."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        super().__init__()
+        self.module, self.name = module, name
+        weight = getattr(module, name)
+        del module._parameters[name]
+        module.register_parameter(f"{name}_raw", nn.Parameter(weight.detach().clone()))
+
+    def forward(self, *args):
+        raw = getattr(self.module, f"{self.name}_raw")
+        setattr(self.module, self.name, nn.functional.dropout(raw, 0.3, self.training) * 1.0)  # not a Parameter
+        return self.module(*args)
+
+
+class Dropped(nn.Module):
+    def __init__(self, cell: bool) -> None:
+        super().__init__()
+        self.cell = cell
+        self.rnn = WeightDrop(nn.GRUCell(3, 4), "weight_hh") if cell else WeightDrop(_rnn("lstm-1"), "weight_hh_l0")
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cell:
+            return self.fc(self.rnn(x)[0][:, -1])
+        h = None
+        for t in range(x.shape[1]):
+            h = self.rnn(x[:, t], h)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("cell", [False, True])
+def test_weights_set_by_a_wrapper_keep_the_old_route(cell):
+    """A layer whose weights a wrapper sets (not its own parameters) is not unrolled: planning failed reading the
+    weight's shape (a raw AttributeError), or, once the model had run, refused its ``_raw`` parameter as unused."""
+    torch.manual_seed(0)
+    for run_first in (False, True):
+        model = Dropped(cell).to(F64).eval()
+        data = (torch.randn(5, 4, 3, dtype=F64), torch.randint(0, 2, (5,)))
+        if run_first:  # (the layer then holds its last weight as an attribute)
+            with torch.no_grad():
+                model(data[0])
+        ckpts = [tc.Checkpoint(params={k: v.clone() for k, v in model.state_dict().items()}, lr=0.1)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores = tc.self_influence(model, ckpts, data, loss_fn=CE)
+            e = tc.explain(model, ckpts, data, loss_fn=CE)
+        assert_close(scores, reference_scores(model, ckpts, data, loss_fn=CE).self_influence)
+        rnn = [r for r in e.routes if r.parameter.startswith("rnn.")]
+        assert rnn and all("WeightDrop" in r.reason for r in rnn), rnn

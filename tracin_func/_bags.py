@@ -34,6 +34,8 @@ def why_not_unrolled(module: nn.EmbeddingBag) -> str:
         return wrapped(module)
     if type(module) is not nn.EmbeddingBag:
         return f"{name} is a subclass of EmbeddingBag, whose forward may differ"
+    if module._parameters.get("weight") is None:
+        return f"{name}'s weight is not its own parameter (a wrapper sets it)"
     if module.mode not in ("sum", "mean"):
         return f"{name} with mode={module.mode!r} has no unrolled form (only 'sum' and 'mean')"
     if module.max_norm is not None or module.scale_grad_by_freq:

@@ -177,7 +177,8 @@ def batched_factors(
     gets a probe with one row per example (per row of its folded batch, ``Plan.fold``, summed per example), so that
     its output gradient is each example's own; planning checks on the first examples that the model treats that row
     like any batched one (``_plan._batching_refused``).
-    ``refuse_recomputing`` (planning's check): refuse a forward that recomputes layers in the backward pass.
+    ``refuse_recomputing`` (planning's check): refuse a forward that recomputes layers in the backward pass, or that
+    reorders or selects the examples of its batch (``_PlanningWatch``).
     ``compiled``: under ``torch.compile``, whose autograd nodes are the compiled graph's: the checks that read them
     (inputs changed in place, hooks on outputs, merged rows' provenance) are planning's, on the eager first examples.
     """
@@ -248,7 +249,7 @@ def batched_factors(
     state = {**state, **copies, **unused}
     with torch.enable_grad():
         hooks = {s.path: hook_for(s) for s in plan.sites if s.kind != "expanded"}
-        watch = _Recomputing() if refuse_recomputing else nullcontext()
+        watch = _PlanningWatch(batch, {n, rows}) if refuse_recomputing else nullcontext()
         try:
             with hooked(module, hooks), refusing_uncalled(module, plan), watch, meetings or nullcontext():
                 if isinstance(loss, BatchedLoss):
@@ -282,7 +283,7 @@ def batched_factors(
                 retain_graph=bool(met),  # the roots' graph, for their per-example gradients
             )
         except CheckpointError as err:  # recomputed without the hooks' probes (a lone
-            raise ValueError(_CHECKPOINTED) from err  # example's run, not watched by `_Recomputing`)
+            raise ValueError(_CHECKPOINTED) from err  # example's run, not watched by `_PlanningWatch`)
         if meetings is not None:
             at_roots = per_example_outputs(meetings, roots, grads[len(flat) : len(flat) + len(met) + len(whole)], n)
     _refuse_reached(unused, grads[len(flat) + len(met) + len(whole) :])
@@ -343,16 +344,82 @@ class FoldMismatch(ValueError, RuntimeError):
     ``RuntimeError`` too: planning's batching check refuses the batched path on it, as on any failed batched run)."""
 
 
-class _Recomputing(TorchFunctionMode):
-    """Refuses a forward run under activation checkpointing (``torch.utils.checkpoint`` without reentrancy, whose
-    saved-tensor hooks are active in the region): the backward pass recomputes that region outside the call's
-    parameters and hooks, so the factors would be wrong (13x the true scores, for one recomputed Linear)."""
+class _PlanningWatch(TorchFunctionMode):
+    """Planning's watch over the first examples run together. It refuses:
+
+    - a forward run under activation checkpointing (``torch.utils.checkpoint`` without reentrancy, whose saved-tensor
+      hooks are active in the region): the backward pass recomputes that region outside the call's parameters and
+      hooks, so the factors would be wrong (13x the true scores, for one recomputed Linear);
+    - a forward that reorders or selects the examples of its batch (RNN code sorting a batch by length, ``x[order]``
+      then unsorting): a layer's rows would then be other examples' (13-30% off). Planned on first examples of equal
+      length the order is the identity, so the watch refuses indices on the batch dimension that come from a sort
+      (``sort`` / ``argsort`` / ``topk``), or that are not ``arange`` where the indexed tensor is data (the batch's
+      own tensors, or ones carrying gradient).
+    """
+
+    def __init__(self, batch: Any, sizes: set[int]) -> None:
+        super().__init__()
+        self.sizes = sizes  # batch-dimension sizes: examples, and rows of a folded batch
+        self.inputs = {id(t) for t in optree.tree_leaves(batch, none_is_leaf=True) if isinstance(t, torch.Tensor)}
+        self.orders: set[int] = set()  # ids of index tensors a sort gave, kept alive by `held`
+        self.held: list[torch.Tensor] = []
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint":
             raise ValueError(_CHECKPOINTED)
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        index = _batch_index(func, args, kwargs)
+        if index is not None:
+            self._check(*index)
+        out = func(*args, **kwargs)
+        if func in _SORTS:
+            found = out if isinstance(out, torch.Tensor) else out[1]  # argsort's indices, sort's / topk's second
+            self.orders.add(id(found))
+            self.held.append(found)
+        return out
+
+    def _check(self, indexed: torch.Tensor, index: torch.Tensor) -> None:
+        if indexed.dim() == 0 or indexed.shape[0] not in self.sizes:
+            return
+        if id(index) in self.orders:
+            why = "an order from a sort"
+        elif index.dtype == torch.bool or not _is_arange(index, indexed.shape[0]):
+            if not (indexed.requires_grad or id(indexed) in self.inputs):
+                return  # a constant that happens to have as many rows (a class-weight table)
+            why = "a mask" if index.dtype == torch.bool else "an index other than `arange`"
+        else:
+            return
+        raise Unbatchable(
+            f"it reorders or selects the examples of its batch (indexes the batch dimension with {why}, like RNN "
+            f"code sorting a batch by length), so a layer's rows in the batched pass would be other examples'",
+            "`factored=False`, or sort the batch before the model (in the data loader)",
+        )
+
+
+_SORTS = {torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort, torch.topk, torch.Tensor.topk}
+_INDEX_SELECTS = {torch.index_select, torch.Tensor.index_select, torch.gather, torch.Tensor.gather}
+
+
+def _batch_index(
+    func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(tensor, index)`` when ``func`` indexes dimension 0 of a tensor with a tensor (``x[i]``, ``x[i, j]``,
+    ``index_select`` / ``gather`` on dim 0), else None."""
+    if func is torch.Tensor.__getitem__ and isinstance(args[0], torch.Tensor):
+        first = args[1][0] if isinstance(args[1], tuple) and args[1] else args[1]
+        return (args[0], first) if isinstance(first, torch.Tensor) and first.dim() > 0 else None
+    if func in _INDEX_SELECTS:
+        named = dict(zip(("input", "dim", "index"), args), **kwargs)
+        tensor, dim, index = named.get("input"), named.get("dim"), named.get("index")
+        if isinstance(tensor, torch.Tensor) and isinstance(index, torch.Tensor) and dim in (0, -tensor.dim()):
+            return tensor, index
+    return None
+
+
+def _is_arange(index: torch.Tensor, n: int) -> bool:
+    """Whether ``index`` picks each of ``n`` rows in order (``arange(n)``, possibly shaped ``[n, 1]``)."""
+    return index.numel() == n and bool(torch.equal(index.reshape(-1), torch.arange(n, device=index.device)))
 
 
 _CHECKPOINTED = (

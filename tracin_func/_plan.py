@@ -571,7 +571,7 @@ def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> st
     if site_kind(owner) is not None:
         return "its tensor is shared with a module that is not a factor site (weight tying)"
     if isinstance(owner, UNROLLED_KINDS):
-        return why_not_run_unrolled(owner) or "its tensor is shared with another module (weight tying)"
+        return why_not_run_unrolled(owner) or "the layer shares a parameter with another module (weight tying)"
     return why_not_a_site(owner)
 
 

@@ -56,6 +56,9 @@ def why_not_unrolled(module: nn.Module) -> str:
         return f"{name} has no unrolled form (only nn.LSTM, nn.GRU, nn.RNN and their cells)"
     if type(module) is not base:
         return f"{name} is a subclass of {base.__name__}, whose forward may differ"
+    own = module._flat_weights_names if isinstance(module, nn.RNNBase) else ["weight_ih", "weight_hh"]
+    if any(module._parameters.get(n) is None for n in own):
+        return f"{name}'s weights are not all its own parameters (a wrapper sets them, like AWD-LSTM's WeightDrop)"
     if getattr(module, "proj_size", 0):
         return f"{name} with proj_size > 0 has no unrolled form"
     if module.training and getattr(module, "dropout", 0) > 0 and module.num_layers > 1:
