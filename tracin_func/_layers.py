@@ -96,6 +96,7 @@ _PLAIN_FORWARD = {
     nn.RMSNorm: ("forward",),
     nn.GroupNorm: ("forward",),
     nn.modules.batchnorm._BatchNorm: ("forward",),
+    nn.modules.instancenorm._InstanceNorm: ("forward",),
 }
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -191,6 +192,8 @@ def site_kind(module: nn.Module) -> str | None:
         return "norm" if module.affine else None
     if isinstance(module, nn.modules.batchnorm._BatchNorm):  # eval mode with running statistics: per example
         return "norm" if module.affine and module.running_mean is not None and not module.training else None
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):  # statistics per example and channel, or running
+        return "norm" if module.affine and not (module.training and module.track_running_stats) else None
     return None
 
 
@@ -296,14 +299,18 @@ def _saved_statistics(module: nn.Module, output: Any) -> tuple[torch.Tensor, tor
 
 
 def _normalized(module: nn.Module, x: torch.Tensor, w: Any = None, b: Any = None) -> torch.Tensor:
-    """A LayerNorm / RMSNorm / GroupNorm / eval-mode BatchNorm applied to ``x``, with affine ``w`` and ``b`` (None:
-    the normalised input)."""
+    """A LayerNorm / RMSNorm / GroupNorm / InstanceNorm / eval-mode BatchNorm applied to ``x``, with affine ``w`` and
+    ``b`` (None: the normalised input)."""
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, w, b, module.eps)
     if isinstance(module, nn.RMSNorm):  # no bias
         return F.rms_norm(x, module.normalized_shape, w, module.eps)
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, w, b, module.eps)
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        if module.running_mean is None or module.training:  # each example's own statistics (no running update)
+            return F.instance_norm(x, None, None, w, b, True, 0.0, module.eps)
+        return F.instance_norm(x, module.running_mean, module.running_var, w, b, False, 0.0, module.eps)
     return F.batch_norm(x, module.running_mean, module.running_var, w, b, False, 0.0, module.eps)
 
 
