@@ -382,6 +382,8 @@ class _PlanningWatch(TorchFunctionMode):
     def _check(self, indexed: torch.Tensor, index: torch.Tensor) -> None:
         if indexed.dim() == 0 or indexed.shape[0] not in self.sizes:
             return
+        if index.dtype == torch.bool and index.dim() > 1:  # tokens selected over (batch, position): merged rows, which
+            return  # the layers they feed check (`_example_major`)
         if id(index) in self.orders:
             why = "an order from a sort"
         elif index.dtype == torch.bool or not _is_arange(index, indexed.shape[0]):
