@@ -53,7 +53,9 @@ class Mapper:
         self.loop = False  # vmap failed: one example at a time
         self.plain = False  # torch.func failed on one example too: plain autograd
 
-    def over_batch(self, one: Callable[..., Any], n_static: int, plain: Callable[..., Any] | None = None):
+    def over_batch(
+        self, one: Callable[..., Any], n_static: int, plain: Callable[..., Any] | None = None
+    ) -> Callable[..., Any]:
         """``f(*static, batch)`` stacking ``one(*static, example)`` over the examples of ``batch``; ``plain``: the same
         function by plain autograd, for models torch.func cannot run."""
         fast = vmap(one, in_dims=(None,) * n_static + (0,), chunk_size=self.chunk_size)

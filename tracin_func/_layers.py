@@ -325,7 +325,7 @@ def input_rows(module: nn.Module, site: Site, x: torch.Tensor) -> torch.Tensor:
     if site.weight is None:
         return x.new_zeros(x.shape[0], _rows(module, site, x), 0)
     if site.kind == "conv":
-        x, padding = padded(module, x)
+        x, padding = _conv_padded(module, x)
         kernel, dilation, padding, stride = _conv2d_geometry(module, padding)
         x = x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
         return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
@@ -336,7 +336,7 @@ def _rows(module: nn.Module, site: Site, x: torch.Tensor) -> int:
     """Rows per example: tokens of a Linear input, output positions of a convolution."""
     if site.kind != "conv":
         return x[0].numel() // x.shape[-1]
-    x, padding = padded(module, x)
+    x, padding = _conv_padded(module, x)
     kernel, dilation, padding, stride = _conv2d_geometry(module, padding)
     sizes = (1, x.shape[-1]) if isinstance(module, nn.Conv1d) else x.shape[-2:]
     rows = 1
@@ -345,7 +345,7 @@ def _rows(module: nn.Module, site: Site, x: torch.Tensor) -> int:
     return rows
 
 
-def padded(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _conv_padded(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """A convolution's input and the zero padding left to its products: zero padding given as numbers is left to
     them (no copy); ``padding="same"`` (uneven for an even kernel), ``"valid"`` and the other padding modes are
     applied here, as the layer's forward applies them, leaving none."""
@@ -379,7 +379,7 @@ def per_example_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.T
     n = _GROUPED_CONV_CHUNK
     depthwise = site.groups == site.weight_shape[0] and site.weight_shape[1] == 1  # one channel in and out per group
     weight_grads = _depthwise_weight_grads if depthwise else _grouped_weight_grads
-    x, padding = padded(module, x)
+    x, padding = _conv_padded(module, x)
     chunks = [weight_grads(module, site, xs, gs, padding) for xs, gs in zip(x.split(n), g.split(n))]
     out = {site.weight: chunks[0] if len(chunks) == 1 else torch.cat(chunks)}
     if site.bias is not None:
@@ -411,7 +411,8 @@ def _grouped_weight_grads(
     module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor, padding: tuple[int, ...]
 ) -> torch.Tensor:
     """``[B, *weight_shape]``: the batch as the groups of one convolution (times the layer's own groups), whose
-    weight gradient holds every example's (no unfolded patches); ``x`` and ``padding`` as ``padded`` gives them."""
+    weight gradient holds every example's (no unfolded patches); ``x`` and ``padding`` as ``_conv_padded`` gives
+    them."""
     b, (c_out, c_in, *kernel) = x.shape[0], site.weight_shape
     weight_grad = torch.nn.grad.conv2d_weight if isinstance(module, nn.Conv2d) else torch.nn.grad.conv1d_weight
     w = weight_grad(
