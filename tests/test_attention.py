@@ -52,6 +52,72 @@ def test_unrolled_attention_equals_the_fused_op(batch_first, need_weights, avera
             assert_close(unrolled[1], fused[1], 1e-12, msg=name)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("inputs", ["kv", "k,v", "q=k"])
+def test_unrolled_cross_attention_equals_the_fused_op(batch_first, inputs):
+    """Queries over another sequence (key and value one tensor, or two; or a query that is its own key), of another
+    length, under masks over (query, key) and the key's padding, with and without the weights."""
+    torch.manual_seed(0)
+    n, heads, lq, lk, embed = 3, 2, 4, 6, 8
+    module = nn.MultiheadAttention(embed, heads, batch_first=batch_first, dtype=F64).eval()
+    q, m, m2 = (torch.randn(n, length, embed, dtype=F64) for length in (lq, lk, lk))
+    q, m, m2 = (t if batch_first else t.transpose(0, 1) for t in (q, m, m2))
+    q, k, v = {"kv": (q, m, m), "k,v": (q, m, m2), "q=k": (m, m, m2)}[inputs]
+    padding = torch.arange(lk) >= torch.tensor([lk, 3, 1])[:, None]
+    attn = torch.randn(q.shape[int(batch_first)], lk, dtype=F64)  # [query length, key length]
+    seen = []
+    hooks = {"in_proj": lambda weights, args, out: seen.append(args[0].shape)}
+    for need_weights, masks in itertools.product((False, True), ((None, None), (attn, None), (attn, padding))):
+        kw = dict(attn_mask=masks[0], key_padding_mask=masks[1], need_weights=need_weights)
+        fused = module(q, k, v, **kw)
+        unrolled = attention_forward(module, hooks, q, k, v, **kw)
+        assert_close(unrolled[0], fused[0], 1e-12)
+        if need_weights:
+            assert_close(unrolled[1], fused[1], 1e-12)
+    rows = {"kv": lq + lk, "k,v": lq + 2 * lk, "q=k": 2 * lk}[inputs]
+    assert seen[0] == (n, rows, embed)  # one product over the rows of every distinct input
+
+
+class Seq2Seq(nn.Module):
+    """``nn.Transformer``'s encoder-decoder (cross-attention in every decoder layer), sequence-first as by default."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(20, 8)
+        self.transformer = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, src, tgt, src_padding):
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], dtype=self.fc.weight.dtype)
+        h = self.transformer(self.embedding(src).transpose(0, 1), self.embedding(tgt).transpose(0, 1),
+                             tgt_mask=causal, src_key_padding_mask=src_padding, memory_key_padding_mask=src_padding)
+        return self.fc(h.mean(0))  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+def test_an_encoder_decoder_transformer_runs_batched_and_exact():
+    torch.manual_seed(0)
+    model = Seq2Seq().to(F64).eval()
+    ckpts = _ckpts(model)
+
+    def data(n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        src, tgt = torch.randint(0, 20, (n, 6), generator=gen), torch.randint(0, 20, (n, 4), generator=gen)
+        padding = torch.arange(6) >= torch.randint(2, 7, (n,), generator=gen)[:, None]
+        return src, tgt, padding, torch.randint(0, 3, (n,), generator=gen)
+
+    train, test = data(7, 0), data(3, 1)
+    plan = tc.explain(model, ckpts, train, loss_fn=CE)
+    assert plan.batching == "one batched forward / backward gives every layer's factors"
+    routes = {r.parameter: r for r in plan.routes}
+    assert routes["transformer.decoder.layers.0.multihead_attn.in_proj_weight"].reason.startswith("unrolled attention")
+    assert {r.route for r in plan.routes} <= {"factored", "materialised"}
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, batch_size=4), ref.influence, 1e-12)
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=4), ref.self_influence, 1e-12)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=True), ref.influence, 1e-12)
+
+
 class Encoder(nn.Module):
     def __init__(self, batch_first=True, nested=False):
         super().__init__()
@@ -121,9 +187,6 @@ class Subclassed(nn.MultiheadAttention):
 @pytest.mark.parametrize(
     "attn,context,parameter,reason",
     [
-        (nn.MultiheadAttention(8, 2, batch_first=True), lambda x: x.flip(1), "attn.in_proj_weight",
-         "'attn.in_proj' is not run unrolled (a PackedSequence, an unbatched input, cross-attention or bags given by "
-         "offsets run the fused op)"),
         (nn.MultiheadAttention(8, 2, batch_first=True, kdim=4, vdim=4), lambda x: x[..., :4], "attn.q_proj_weight",
          "MultiheadAttention with kdim / vdim other than embed_dim has no unrolled form"),
         (nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True), None, "attn.in_proj_weight",

@@ -343,6 +343,7 @@ def test_packed_sequences_run_through_plain_autograd():
         warnings.simplefilter("ignore")
         e = tc.explain(model, ckpts, train, loss_fn=CE)
     routes = {r.parameter: r.route for r in e.routes}
+    assert all("'rnn.ih_l0' is not run unrolled (a PackedSequence" in r.reason for r in e.routes[:1]), e.routes[0]
     looped = {n: "loop" for n in routes if n.startswith("rnn.")}
     assert routes == {**looped, "fc.weight": "factored", "fc.bias": "factored"}, routes
     assert e.batching.endswith("torch.func cannot run this model, so examples run one at a time by plain autograd")

@@ -7,10 +7,16 @@ layers, ViTs) fell to ``vmap(grad)``. Unrolled, the in-projection is one Linear-
 the attention itself runs as torch computes it (scaled dot products, the same masks), and ``out_proj`` is called as
 the module it is, an ordinary Linear site.
 
+Cross-attention (a decoder's queries over an encoder's memory) projects each input with its third of the packed
+weight. Unrolled, the product runs on the rows of all three inputs at once, ``[x_q; x_k; x_v] W_in^T`` (one row
+block per input, ``x_k`` once when it is ``x_v``), and each input keeps its own third of the columns: the other
+blocks get no gradient, so the site's factors give each third its own inputs' gradient. That costs up to 3x the
+fused in-projection's products, but keeps the layer (and the model) on the batched path.
+
 Only the exact class ``nn.MultiheadAttention`` (its own forward, no hooks or parametrizations) with one packed
 in-projection (``kdim = vdim = embed_dim``), no ``bias_k`` / ``bias_v`` / ``add_zero_attn`` and no active dropout
-is unrolled, and only for self-attention (``query``, ``key`` and ``value`` the same tensor) on a batched input:
-other calls run the fused op, and planning then sees the product uncalled and keeps the dense route.
+is unrolled, on batched inputs: other calls run the fused op, and planning then sees the product uncalled and keeps
+the dense route.
 """
 
 from __future__ import annotations
@@ -75,30 +81,44 @@ def attention_forward(
     is_causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``module``'s forward with the in-projection a hooked product and ``out_proj`` called as a module; the
-    fused op on anything but batched self-attention (or an ``is_causal`` hint without a mask, which it refuses)."""
-    self_attention = query is key and key is value and isinstance(query, torch.Tensor) and query.dim() == 3
-    self_attention = self_attention and not query.is_nested
-    if not self_attention or (is_causal and attn_mask is None):
+    fused op on unbatched or nested inputs (or an ``is_causal`` hint without a mask, which it refuses)."""
+    inputs = (query, key, value)
+    batched = all(isinstance(t, torch.Tensor) and t.dim() == 3 and not t.is_nested for t in inputs)
+    if not batched or (is_causal and attn_mask is None):
         return type(module).forward(
             module, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
         )
-    x = query if module.batch_first else query.transpose(0, 1)  # [B, L, E]
-    n, length, embed = x.shape
-    heads = module.num_heads
-    qkv = product(hooks, PRODUCT, x, module.in_proj_weight, module.in_proj_bias)  # [B, L, 3E]
-    q, k, v = (t.reshape(n, length, heads, embed // heads).transpose(1, 2) for t in qkv.chunk(3, -1))  # [B, H, L, D]
+    q, k, v = _projected(module, hooks, *inputs)
+    (n, heads, length, _), embed = q.shape, module.embed_dim
     causal = is_causal and key_padding_mask is None and not need_weights  # the fused op's own rule
-    mask = None if causal else _additive_mask(attn_mask, key_padding_mask, n, heads, x.dtype)
+    mask = None if causal else _additive_mask(attn_mask, key_padding_mask, n, heads, q.dtype)
     weights = None
     if need_weights:
         scores = (q * math.sqrt(1.0 / q.shape[-1])) @ k.transpose(-2, -1)
-        weights = (scores if mask is None else scores + mask).softmax(-1)  # [B, H, L, L]
+        weights = (scores if mask is None else scores + mask).softmax(-1)  # [B, H, L, S]
         out = weights @ v
         weights = weights.mean(1) if average_attn_weights else weights
     else:
         out = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal)
     out = module.out_proj(out.transpose(1, 2).reshape(n, length, embed))
     return (out if module.batch_first else out.transpose(0, 1)), weights
+
+
+def _projected(
+    module: nn.MultiheadAttention, hooks: Mapping[str, Hook], *inputs: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """``q, k, v`` ``[B, H, L, D]`` of the inputs by one hooked product: self-attention's ``x W_in^T``, or
+    cross-attention's over the rows of each distinct input, each keeping its own third of the columns."""
+    distinct: list[torch.Tensor] = []
+    for t in inputs:  # query, key, value
+        if not any(t is u for u in distinct):
+            distinct.append(t)
+    batch_first = [t if module.batch_first else t.transpose(0, 1) for t in distinct]  # [B, L, E]
+    x = batch_first[0] if len(distinct) == 1 else torch.cat(batch_first, 1)  # [B, rows of every distinct input, E]
+    projected = product(hooks, PRODUCT, x, module.in_proj_weight, module.in_proj_bias)
+    blocks = projected.split([t.shape[1] for t in batch_first], 1)
+    of = [blocks[next(i for i, u in enumerate(distinct) if u is t)] for t in inputs]  # [B, L, 3E] each
+    return tuple(t.chunk(3, -1)[i].unflatten(-1, (module.num_heads, -1)).transpose(1, 2) for i, t in enumerate(of))
 
 
 def _additive_mask(

@@ -10,7 +10,7 @@ Two ways to run them:
   ``tc.BatchLoss`` giving every example's loss (planning checked on the first examples that batching does not
   change them);
 - vmapped: ``vmap(grad)`` over examples, differentiating the probes and, in the same pass, the parameters of
-  other layers (custom layers, cross-attention) densely.
+  other layers (custom layers) densely.
 """
 
 from __future__ import annotations

@@ -267,8 +267,8 @@ def make_plan(
                     why = "called under one loss and not the other"
                 elif site.owner is not None and not calls[path]:
                     why = (
-                        "not run unrolled (a PackedSequence, an unbatched input, cross-attention or bags given by "
-                        "offsets run the fused op)"
+                        "not run unrolled (a PackedSequence, an unbatched or nested input or bags given by offsets "
+                        "run the fused op)"
                     )
                 elif not calls[path] and call_site(modules[path]) is not None:
                     func = call_site(modules[path]).__name__
