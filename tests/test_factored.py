@@ -152,6 +152,28 @@ def test_instance_norms_are_norm_sites():
     assert plan.batched and not plan.dense and {"in1", "in2"} <= {s.path for s in plan.sites if s.kind == "norm"}
 
 
+class UnbatchedInstanceNorm(nn.Module):
+    """An InstanceNorm called on each example alone (``[C, L]``, no batch dimension), as a per-example loop does."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.InstanceNorm1d(3, affine=True), nn.Linear(15, 3)
+
+    def forward(self, x):
+        return self.fc(torch.stack([self.norm(example) for example in x.unbind(0)]).flatten(1))
+
+
+def test_an_instance_norm_on_unbatched_inputs_is_normalised_as_its_forward_does():
+    """Regression (found by fuzzing): its normalised input was computed with ``[C, L]`` read as a batch of C (a raw
+    error about the spatial size, or the weight's)."""
+    torch.manual_seed(0)
+    model = UnbatchedInstanceNorm().double().eval()
+    x, y = torch.randn(7, 3, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tc.SlowPathWarning)
+        _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(4,), (3, 4)])
 def test_a_layernorms_normalised_input_comes_from_the_statistics_its_forward_saved(monkeypatch, dtype, shape):

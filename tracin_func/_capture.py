@@ -178,7 +178,7 @@ def batched_factors(
     its output gradient is each example's own; planning checks on the first examples that the model treats that row
     like any batched one (``_plan._batching_refused``).
     ``refuse_recomputing`` (planning's check): refuse a forward that recomputes layers in the backward pass, or that
-    reorders or selects the examples of its batch (``_PlanningWatch``).
+    reorders the examples of its batch by a sort (``_PlanningWatch``).
     ``compiled``: under ``torch.compile``, whose autograd nodes are the compiled graph's: the checks that read them
     (inputs changed in place, hooks on outputs, merged rows' provenance) are planning's, on the eager first examples.
     """
@@ -249,7 +249,7 @@ def batched_factors(
     state = {**state, **copies, **unused}
     with torch.enable_grad():
         hooks = {s.path: hook_for(s) for s in plan.sites if s.kind != "expanded"}
-        watch = _PlanningWatch(batch, {n, rows}) if refuse_recomputing else nullcontext()
+        watch = _PlanningWatch({n, rows}) if refuse_recomputing else nullcontext()
         try:
             with hooked(module, hooks), refusing_uncalled(module, plan), watch, meetings or nullcontext():
                 if isinstance(loss, BatchedLoss):
@@ -350,78 +350,84 @@ class _PlanningWatch(TorchFunctionMode):
     - a forward run under activation checkpointing (``torch.utils.checkpoint`` without reentrancy, whose saved-tensor
       hooks are active in the region): the backward pass recomputes that region outside the call's parameters and
       hooks, so the factors would be wrong (13x the true scores, for one recomputed Linear);
-    - a forward that reorders or selects the examples of its batch (RNN code sorting a batch by length, ``x[order]``
-      then unsorting): a layer's rows would then be other examples' (13-30% off). Planned on first examples of equal
-      length the order is the identity, so the watch refuses indices on the batch dimension that come from a sort
-      (``sort`` / ``argsort`` / ``topk``), or that are not ``arange`` where the indexed tensor is data (the batch's
-      own tensors, or ones carrying gradient).
+    - a forward that reorders its examples by a sort (RNN code sorting a batch by length, ``x[order]``, then
+      unsorting): a layer's rows would be other examples' (13-36% off). On first examples of equal length the order
+      is the identity and the batching check sees nothing, so the watch follows the indices a ``sort`` /
+      ``argsort`` / ``topk`` gives, and what is computed from them (copies, views, inverses), to any use as an index
+      into a dimension as long as the batch (``x[order]``, ``x[:, order]``, ``index_select``, ``gather``,
+      ``take_along_dim``, ``index_copy``, ``scatter``, ...). An order made outside torch (Python's ``sorted``, numpy)
+      is not seen. Other reorderings of the batch (``flip``, ``roll``) change the first examples' factors, which
+      the batching check refuses.
     """
 
-    def __init__(self, batch: Any, sizes: set[int]) -> None:
+    def __init__(self, sizes: set[int]) -> None:
         super().__init__()
         self.sizes = sizes  # batch-dimension sizes: examples, and rows of a folded batch
-        self.inputs = {id(t) for t in optree.tree_leaves(batch, none_is_leaf=True) if isinstance(t, torch.Tensor)}
-        self.orders: set[int] = set()  # ids of index tensors a sort gave, kept alive by `held`
-        self.held: list[torch.Tensor] = []
+        self.orders: dict[int, torch.Tensor] = {}  # integer tensors computed from a sort, by id (kept alive here)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint":
             raise ValueError(_CHECKPOINTED)
         kwargs = kwargs or {}
-        index = _batch_index(func, args, kwargs)
-        if index is not None:
-            self._check(*index)
+        ordered = self.orders and any(id(t) in self.orders for t in _tensors((args, kwargs)))
+        if ordered and _reorders(func, args, kwargs, self.orders, self.sizes):
+            raise Unbatchable(
+                "it reorders the examples of its batch by a sort (RNN code sorting a batch by length, say), so a "
+                "layer's rows in the batched pass would be other examples'",
+                "`factored=False`, or sort the batch before the model (in the data loader)",
+            )
         out = func(*args, **kwargs)
-        if func in _SORTS:
-            found = out if isinstance(out, torch.Tensor) else out[1]  # argsort's indices, sort's / topk's second
-            self.orders.add(id(found))
-            self.held.append(found)
+        if ordered or func in _SORTS:
+            for t in _tensors(out if func not in _SORTS or isinstance(out, torch.Tensor) else out[1]):
+                if not t.is_floating_point():  # (sort's values are not an order)
+                    self.orders[id(t)] = t
         return out
-
-    def _check(self, indexed: torch.Tensor, index: torch.Tensor) -> None:
-        if indexed.dim() == 0 or indexed.shape[0] not in self.sizes:
-            return
-        if index.dtype == torch.bool and index.dim() > 1:  # tokens selected over (batch, position): merged rows, which
-            return  # the layers they feed check (`_example_major`)
-        if id(index) in self.orders:
-            why = "an order from a sort"
-        elif index.dtype == torch.bool or not _is_arange(index, indexed.shape[0]):
-            if not (indexed.requires_grad or id(indexed) in self.inputs):
-                return  # a constant that happens to have as many rows (a class-weight table)
-            why = "a mask" if index.dtype == torch.bool else "an index other than `arange`"
-        else:
-            return
-        raise Unbatchable(
-            f"it reorders or selects the examples of its batch (indexes the batch dimension with {why}, like RNN "
-            f"code sorting a batch by length), so a layer's rows in the batched pass would be other examples'",
-            "`factored=False`, or sort the batch before the model (in the data loader)",
-        )
 
 
 _SORTS = {torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort, torch.topk, torch.Tensor.topk}
-_INDEX_SELECTS = {torch.index_select, torch.Tensor.index_select, torch.gather, torch.Tensor.gather}
+# ops that index dimension ``dim`` of their first argument with an index tensor, by their arguments' order (the
+# rest: Tensor.__getitem__ / __setitem__ / index_put, whose index tuple's positions are the dimensions)
+_DIM_INDEXED = {
+    f: order
+    for order, names in {
+        ("input", "dim", "index"): ("index_select", "gather", "index_copy", "index_add", "index_fill", "scatter",
+                                    "scatter_add", "scatter_reduce", "index_reduce"),  # fmt: skip
+        ("input", "indices", "dim"): ("take_along_dim",),
+    }.items()
+    for name in names
+    for f in (getattr(torch, name, None), getattr(torch.Tensor, name, None), getattr(torch.Tensor, name + "_", None))
+    if f is not None
+}
+_TUPLE_INDEXED = {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.index_put, torch.Tensor.index_put,
+                  torch.Tensor.index_put_}  # fmt: skip
 
 
-def _batch_index(
-    func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(tensor, index)`` when ``func`` indexes dimension 0 of a tensor with a tensor (``x[i]``, ``x[i, j]``,
-    ``index_select`` / ``gather`` on dim 0), else None."""
-    if func is torch.Tensor.__getitem__ and isinstance(args[0], torch.Tensor):
-        first = args[1][0] if isinstance(args[1], tuple) and args[1] else args[1]
-        return (args[0], first) if isinstance(first, torch.Tensor) and first.dim() > 0 else None
-    if func in _INDEX_SELECTS:
-        named = dict(zip(("input", "dim", "index"), args), **kwargs)
-        tensor, dim, index = named.get("input"), named.get("dim"), named.get("index")
-        if isinstance(tensor, torch.Tensor) and isinstance(index, torch.Tensor) and dim in (0, -tensor.dim()):
-            return tensor, index
-    return None
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [t for t in optree.tree_leaves(tree, none_is_leaf=True) if isinstance(t, torch.Tensor)]
 
 
-def _is_arange(index: torch.Tensor, n: int) -> bool:
-    """Whether ``index`` picks each of ``n`` rows in order (``arange(n)``, possibly shaped ``[n, 1]``)."""
-    return index.numel() == n and bool(torch.equal(index.reshape(-1), torch.arange(n, device=index.device)))
+def _reorders(
+    func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], orders: Mapping[int, torch.Tensor], sizes: set[int]
+) -> bool:
+    """Whether ``func`` indexes a dimension as long as the batch (one of ``sizes``) with one of ``orders``."""
+    if func in _TUPLE_INDEXED:
+        tensor, index = args[0], args[1] if len(args) > 1 else kwargs.get("indices")
+        if not isinstance(tensor, torch.Tensor):
+            return False
+        entries = index if isinstance(index, (tuple, list)) else (index,)
+        ordered = [dim for dim, e in enumerate(entries) if id(e) in orders]
+        if any(e is Ellipsis or e is None for e in entries):  # (positions no longer name dimensions: any of them)
+            return bool(ordered) and any(size in sizes for size in tensor.shape)
+        return any(dim < tensor.dim() and tensor.shape[dim] in sizes for dim in ordered)
+    order = _DIM_INDEXED.get(func)
+    if order is None:
+        return False
+    named = dict(zip(order, args), **kwargs)
+    tensor, dim, index = named.get("input"), named.get("dim"), named.get("index", named.get("indices"))
+    if not (isinstance(tensor, torch.Tensor) and isinstance(index, torch.Tensor) and id(index) in orders):
+        return False
+    return (tensor.shape[dim] if isinstance(dim, int) and tensor.dim() else tensor.numel()) in sizes
 
 
 _CHECKPOINTED = (

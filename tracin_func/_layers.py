@@ -308,6 +308,8 @@ def _normalized(module: nn.Module, x: torch.Tensor, w: Any = None, b: Any = None
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, w, b, module.eps)
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        if x.dim() == module._get_no_batch_dim():  # an unbatched input, as its forward takes it
+            return _normalized(module, x.unsqueeze(0), w, b).squeeze(0)
         if module.running_mean is None or module.training:  # each example's own statistics (no running update)
             return F.instance_norm(x, None, None, w, b, True, 0.0, module.eps)
         return F.instance_norm(x, module.running_mean, module.running_var, w, b, False, 0.0, module.eps)
