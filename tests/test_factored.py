@@ -151,6 +151,12 @@ def test_instance_norms_are_norm_sites():
     plan = _plan(model, (x, y))
     assert plan.batched and not plan.dense and {"in1", "in2"} <= {s.path for s in plan.sites if s.kind == "norm"}
 
+    class Clamped(nn.InstanceNorm2d):  # its own normalisation: not provably the class's function
+        def _apply_instance_norm(self, input):
+            return super()._apply_instance_norm(input).clamp(-1, 1)
+
+    assert tracin_func._layers.site_kind(Clamped(3, affine=True)) is None
+
 
 class UnbatchedInstanceNorm(nn.Module):
     """An InstanceNorm called on each example alone (``[C, L]``, no batch dimension), as a per-example loop does."""
@@ -1767,6 +1773,9 @@ def test_plain_grad_keeps_torch_func_grads_contract():
     assert torch.equal(actual[0][1][1], torch.zeros(3))  # b[1] is unused
     assert not any(t.requires_grad for t in (a["w"], *b, c))
     assert torch.equal(plain_grad(lambda x: (x * x).sum())(c), grad(lambda x: (x * x).sum())(c))
+    constant = plain_grad(lambda x, y: (y * y).sum(), argnums=0)(c, c)  # a loss using none of them: zeros
+    assert torch.equal(constant, grad(lambda x, y: (y * y).sum(), argnums=0)(c, c))
+    assert plain_grad(lambda d, y: (y * y).sum())({}, c) == {}  # no tensor to differentiate
 
 
 # ------------------------------------------------------------------------- Embedding subclasses, flattened rows

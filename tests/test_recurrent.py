@@ -347,6 +347,12 @@ def test_packed_sequences_run_through_plain_autograd():
     looped = {n: "loop" for n in routes if n.startswith("rnn.")}
     assert routes == {**looped, "fc.weight": "factored", "fc.bias": "factored"}, routes
     assert e.batching.endswith("torch.func cannot run this model, so examples run one at a time by plain autograd")
+    head = ["fc.weight", "fc.bias"]  # the recurrent layer frozen: packing sorts the batch, unpacking restores it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tc.explain(model, ckpts, train, loss_fn=CE, params=head).batching == BATCHED
+        got = tc.self_influence(model, ckpts, train, loss_fn=CE, params=head)
+    assert_close(got, reference_scores(model, ckpts, train, loss_fn=CE, params=head).self_influence)
 
 
 class WeightDrop(nn.Module):

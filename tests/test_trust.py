@@ -1429,3 +1429,18 @@ def test_7p_a_batch_reordered_inside_the_model_is_refused(how):
         batching = tc.explain(model, ckpts, train, loss_fn=CE).batching
     refusal = "a batched forward changed the first examples' factors" if how == "given" else "by a sort"
     assert refusal in batching, batching
+
+
+def test_7p_index_tuples_name_the_dimensions_they_index():
+    """The batch-order watch reads which dimension each entry of an index tuple indexes (``None`` takes none, ``...``
+    the ones no entry names, a mask as many as it has), so an order over another dimension of batch length is not
+    taken for the batch's."""
+    from tracin_func._capture import _indexed_dims
+
+    i, mask = torch.tensor([1, 0]), torch.ones(2, 3, dtype=torch.bool)
+    assert _indexed_dims((i,), 3) == [(0, i)]
+    assert _indexed_dims((slice(None), i), 3) == [(1, i)]
+    assert _indexed_dims((None, i), 3) == [(0, i)]
+    assert _indexed_dims((Ellipsis, i), 3) == [(2, i)]
+    assert _indexed_dims((i, Ellipsis, i), 4)[1][0] == 3
+    assert _indexed_dims((mask, i), 3) == [(0, mask), (2, i)]

@@ -39,7 +39,7 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
             grads = [dict(zip(site.names, gs))]
         else:
             trimmed = site.path in plan.trimmed
-            if site.path in plan.kernel or site.owner is not None or rows_kept or trimmed:  # owner: recurrent
+            if site.path in plan.kernel or site.owner is not None or rows_kept or trimmed:  # owner: unrolled
                 a = _cat([input_rows(layer, site, x) for x in xs], dim=1)  # every call (time step) at once
                 g = _cat([output_rows(site, g) for g in gs], dim=1)
                 a, g = _live_rows(a, g) if trimmed else (a, g)

@@ -110,15 +110,17 @@ def _projected(
     """``q, k, v`` ``[B, H, L, D]`` of the inputs by one hooked product: self-attention's ``x W_in^T``, or
     cross-attention's over the rows of each distinct input, each keeping its own third of the columns."""
     distinct: list[torch.Tensor] = []
+    block = []  # each input's block of rows: its place among the distinct inputs
     for t in inputs:  # query, key, value
-        if not any(t is u for u in distinct):
+        block.append(next((i for i, u in enumerate(distinct) if u is t), len(distinct)))
+        if block[-1] == len(distinct):
             distinct.append(t)
     batch_first = [t if module.batch_first else t.transpose(0, 1) for t in distinct]  # [B, L, E]
     x = batch_first[0] if len(distinct) == 1 else torch.cat(batch_first, 1)  # [B, rows of every distinct input, E]
     projected = product(hooks, PRODUCT, x, module.in_proj_weight, module.in_proj_bias)
     blocks = projected.split([t.shape[1] for t in batch_first], 1)
-    of = [blocks[next(i for i, u in enumerate(distinct) if u is t)] for t in inputs]  # [B, L, 3E] each
-    return tuple(t.chunk(3, -1)[i].unflatten(-1, (module.num_heads, -1)).transpose(1, 2) for i, t in enumerate(of))
+    thirds = (blocks[b].chunk(3, -1)[i] for i, b in enumerate(block))  # q's, k's, v's columns of its block
+    return tuple(t.unflatten(-1, (module.num_heads, -1)).transpose(1, 2) for t in thirds)
 
 
 def _additive_mask(

@@ -15,6 +15,8 @@ Two ways to run them:
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Union
@@ -258,7 +260,7 @@ def batched_factors(
                     *model_inputs, target = batch
                     output = loss.forward(state, *model_inputs)
         except RuntimeError as err:  # broadcast rows given `rows` rows meet a batch folding another number of items
-            if rows == n or not folded - {1, rows}:
+            if rows == n or not folded - {1, rows} or isinstance(err, Unbatchable):
                 raise
             raise FoldMismatch(
                 f"`model`: the call was planned on examples whose model folds {plan.fold} items (choices, chunks) into "
@@ -378,6 +380,8 @@ class _PlanningWatch(TorchFunctionMode):
                 "`factored=False`, or sort the batch before the model (in the data loader)",
             )
         out = func(*args, **kwargs)
+        if func in _SORTS and sys._getframe(1).f_code.co_filename.endswith(_PACKING):
+            return out  # packing sorts its batch, and unpacking restores the order before any layer sees it
         if ordered or func in _SORTS:
             for t in _tensors(out if func not in _SORTS or isinstance(out, torch.Tensor) else out[1]):
                 if not t.is_floating_point():  # (sort's values are not an order)
@@ -385,6 +389,7 @@ class _PlanningWatch(TorchFunctionMode):
         return out
 
 
+_PACKING = os.path.join("torch", "nn", "utils", "rnn.py")  # pack_padded_sequence(enforce_sorted=False)
 _SORTS = {torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort, torch.topk, torch.Tensor.topk}
 # ops that index dimension ``dim`` of their first argument with an index tensor, by their arguments' order (the
 # rest: Tensor.__getitem__ / __setitem__ / index_put, whose index tuple's positions are the dimensions)
@@ -407,6 +412,21 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
     return [t for t in optree.tree_leaves(tree, none_is_leaf=True) if isinstance(t, torch.Tensor)]
 
 
+def _indexed_dims(entries: Sequence[Any], rank: int) -> list[tuple[int, torch.Tensor]]:
+    """``(dimension, entry)`` of each tensor entry of an index tuple into a tensor of ``rank`` dimensions (``None``
+    takes none, ``...`` the ones no entry names, a boolean mask as many as it has)."""
+    width = [0 if e is None or e is Ellipsis else e.dim() if isinstance(e, torch.Tensor) and e.dtype == torch.bool
+             else 1 for e in entries]  # fmt: skip
+    out, dim = [], 0
+    for k, (e, w) in enumerate(zip(entries, width)):
+        if e is Ellipsis:
+            dim = rank - sum(width[k + 1 :])
+        elif isinstance(e, torch.Tensor) and dim < rank:
+            out.append((dim, e))
+        dim += w
+    return out
+
+
 def _reorders(
     func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], orders: Mapping[int, torch.Tensor], sizes: set[int]
 ) -> bool:
@@ -416,10 +436,7 @@ def _reorders(
         if not isinstance(tensor, torch.Tensor):
             return False
         entries = index if isinstance(index, (tuple, list)) else (index,)
-        ordered = [dim for dim, e in enumerate(entries) if id(e) in orders]
-        if any(e is Ellipsis or e is None for e in entries):  # (positions no longer name dimensions: any of them)
-            return bool(ordered) and any(size in sizes for size in tensor.shape)
-        return any(dim < tensor.dim() and tensor.shape[dim] in sizes for dim in ordered)
+        return any(id(e) in orders and tensor.shape[dim] in sizes for dim, e in _indexed_dims(entries, tensor.dim()))
     order = _DIM_INDEXED.get(func)
     if order is None:
         return False

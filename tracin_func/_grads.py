@@ -61,9 +61,9 @@ class Mapper:
         fast = vmap(one, in_dims=(None,) * n_static + (0,), chunk_size=self.chunk_size)
 
         def mapped(*args: Any) -> Any:
-            if self.plain:
+            if self.plain and plain is not None:
                 return _looped(plain, args)
-            if self.loop:
+            if self.loop or self.plain:
                 return _looped(one, args)
             try:
                 # The math attention kernel has vmap batching rules; the fused CPU kernels fall back to a slow loop.
@@ -124,9 +124,11 @@ def plain_grad(f: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_au
             out = f(*args)
         value, aux = out if has_aux else (out, None)
         leaves, spec = optree.tree_flatten(tuple(args[i] for i in nums))
-        found = optree.tree_unflatten(
-            spec, torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)
-        )
+        if leaves and value.requires_grad:
+            grads = torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)
+        else:  # a loss that uses none of them
+            grads = [torch.zeros_like(t) for t in leaves]
+        found = optree.tree_unflatten(spec, grads)
         found = found[0] if isinstance(argnums, int) else found
         return (found, optree.tree_map(torch.Tensor.detach, aux)) if has_aux else found
 

@@ -1,9 +1,9 @@
 """Layers whose per-example gradients follow from their inputs and output gradients: Linear (and transformers'
 ``Conv1D``, a Linear with its weight stored transposed), Conv1d / Conv2d (unfolded patches; grouped and depthwise
 ones only materialised, as grouped weight gradients), Embedding, whose gradients factor as ``G_i^T A_i``, and the
-affine part of LayerNorm / RMSNorm / GroupNorm / BatchNorm in eval mode (``sum(normalised input * G)``, always
-materialised). Layers of no known kind whose own parameters are vectors or ``[1, ...]`` rows (``expandable``) get
-copies of them per example instead (``_capture.batched_factors``).
+affine part of LayerNorm / RMSNorm / GroupNorm / InstanceNorm / BatchNorm in eval mode (``sum(normalised input *
+G)``, always materialised). Layers of no known kind whose own parameters are vectors or ``[1, ...]`` rows
+(``expandable``) get copies of them per example instead (``_capture.batched_factors``).
 
 A layer is a factor site only when it provably computes its class's function (``_is_plain``).
 
@@ -71,7 +71,7 @@ class Site(NamedTuple):
     transposed: bool = False  # a Linear whose weight is stored [d_in, d_out] (transformers' Conv1D)
     groups: int = 1  # a grouped / depthwise convolution: gradients always materialised, never a factored kernel
     tied: bool = False  # a parameter shared with other sites (GPT-2's lm_head / wte): gradients of every use summed
-    owner: str | None = None  # a product of an unrolled nn.LSTM / nn.GRU at this path (see _recurrent)
+    owner: str | None = None  # a product of the unrolled layer at this path (see _recurrent)
     others: tuple[str, ...] = ()  # an "expanded" site's differentiated parameters (``weight`` and ``bias`` unused)
     rank: int = 0  # an "expanded" site's output rank, to which its vectors are expanded (found by discovery)
 
@@ -96,7 +96,7 @@ _PLAIN_FORWARD = {
     nn.RMSNorm: ("forward",),
     nn.GroupNorm: ("forward",),
     nn.modules.batchnorm._BatchNorm: ("forward",),
-    nn.modules.instancenorm._InstanceNorm: ("forward",),
+    nn.modules.instancenorm._InstanceNorm: ("forward", "_apply_instance_norm", "_handle_no_batch_input"),
 }
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -351,8 +351,8 @@ def _conv_padded(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tupl
     """A convolution's input and the zero padding left to its products: zero padding given as numbers is left to
     them (no copy); ``padding="same"`` (uneven for an even kernel), ``"valid"`` and the other padding modes are
     applied here, as the layer's forward applies them, leaving none."""
-    if module.padding_mode == "zeros" and not isinstance(module.padding, str):
-        return x, module.padding
+    if module.padding_mode == "zeros" and not isinstance(module.padding, str) or module.padding == "valid":
+        return x, (0,) * len(module.kernel_size) if module.padding == "valid" else module.padding
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     return F.pad(x, module._reversed_padding_repeated_twice, mode=mode), (0,) * len(module.kernel_size)
 
@@ -392,7 +392,7 @@ def per_example_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.T
 def _norm_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Affine norm layers: weight gradient ``sum(x * g)`` for the normalised input ``x``, bias ``sum(g)``, over
     every dimension but the batch and the parameter's (LayerNorm / RMSNorm: the trailing normalised ones;
-    BatchNorm / GroupNorm: channels, dim 1)."""
+    BatchNorm / GroupNorm / InstanceNorm: channels, dim 1)."""
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         dims = tuple(range(1, g.dim() - len(site.weight_shape)))
     else:

@@ -294,7 +294,7 @@ def make_plan(
     unused &= set(dense) if sites else set()
     reasons.update({n: _UNUSED_ON_VMAP for n in unused})  # unless the call is batched (below)
     if set(dense) - unused:  # vmap(grad) runs anyway: a layer whose gradients would be materialised is cheaper left
-        # to it, except a recurrent layer, whose fused op has no batching rule (vmap would fall back to a loop)
+        # to it, except an unrolled layer's product (a recurrent layer's fused op has no batching rule: a loop)
         for path, site in list(sites.items()):
             if path not in kernel and site.owner is None:
                 del sites[path]

@@ -67,8 +67,8 @@ def why_not_unrolled(module: nn.Module) -> str:
 
 
 def recurrent_sites(model: nn.Module, diff_names: Any) -> dict[str, Site]:
-    """The products of unrollable layers (recurrent ones, and attention in-projections: ``_attention``) holding
-    differentiated parameters, keyed by site path.
+    """The products of unrollable layers (recurrent ones and cells; attention in-projections: ``_attention``;
+    EmbeddingBag lookups: ``_bags``) holding differentiated parameters, keyed by site path.
 
     A layer sharing a parameter tensor with another module (or with itself) is left to the dense path."""
     if global_hooks_present():
@@ -108,8 +108,8 @@ def _product_keys(module: nn.Module) -> list[str]:
 @contextmanager
 def unrolled(modules: Mapping[str, nn.Module], hooks: Mapping[str, Hook]) -> Iterator[None]:
     """Run the layers owning the products named in ``hooks`` (site paths) unrolled (recurrent layers as cells,
-    attention with its in-projection a product), each product's output passed through its hook (forward-hook
-    convention: ``hook(weights, (input,), output)``).
+    attention with its in-projection a product, a bag as its lookup), each product's output passed through its hook
+    (forward-hook convention: ``hook(weights, (input,), output)``).
 
     The unrolled forward is set on the module object for the block only (the call's private copy)."""
     by_owner: dict[str, dict[str, Hook]] = {}
