@@ -113,19 +113,26 @@ def test_unrolled_forward_equals_the_fused_op(config):
             assert_close(a, e, 1e-12)
 
 
-@pytest.mark.parametrize("factored", [None, True])
-@pytest.mark.parametrize("config", list(CONFIGS))
-def test_scores_equal_the_loop_reference(config, factored):
-    model, ckpts, train, test, ref = _task(config)
+def _batched_and_exact(model, ckpts, train, test, ref, factored, layer):
+    """Scores equal the reference with no slow-path or loop warning, the call is batched, and every parameter of
+    ``layer`` takes an unrolled product's route; returns those routes."""
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # batched: no slow-path or loop warning
+        warnings.simplefilter("error")
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored), ref.influence)
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored), ref.self_influence)
         e = tc.explain(model, ckpts, train, loss_fn=CE, factored=factored)
     assert e.batching == BATCHED
-    rnn = [r for r in e.routes if r.parameter.startswith("rnn.")]
-    assert len(rnn) == len(list(model.rnn.parameters()))
-    assert all(r.route in ("factored", "materialised") and r.reason.startswith("unrolled recurrent") for r in rnn)
+    routes = [r for r in e.routes if r.parameter.startswith(f"{layer}.")]
+    assert len(routes) == len(list(getattr(model, layer).parameters()))
+    assert all(r.route in ("factored", "materialised") and r.reason.startswith("unrolled recurrent") for r in routes)
+    return routes
+
+
+@pytest.mark.parametrize("factored", [None, True])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_scores_equal_the_loop_reference(config, factored):
+    model, ckpts, train, test, ref = _task(config)
+    rnn = _batched_and_exact(model, ckpts, train, test, ref, factored, "rnn")
     if factored:
         assert {r.route for r in rnn} == {"factored"}
     assert "forward" not in vars(model.rnn)
@@ -199,15 +206,7 @@ def test_cells_stepped_by_the_model_equal_the_loop_reference(kind, factored):
         train, test = ((x, h[:, 0], y) for x, h, y in (train, test))
     ckpts = _checkpoints(model)
     ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # batched: no slow-path or loop warning
-        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored), ref.influence)
-        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored), ref.self_influence)
-        e = tc.explain(model, ckpts, train, loss_fn=CE, factored=factored)
-    assert e.batching == BATCHED
-    cell = [r for r in e.routes if r.parameter.startswith("cell.")]
-    assert len(cell) == len(list(model.cell.parameters()))
-    assert all(r.reason.startswith("unrolled recurrent") for r in cell), cell
+    _batched_and_exact(model, ckpts, train, test, ref, factored, "cell")
 
 
 class Scaled(Net):
