@@ -626,15 +626,20 @@ def _image_workload(
     n = n_train + n_test
     x = torch.randn(n, 3, image_size, image_size, generator=generator, dtype=dtype)
     y = torch.randint(0, 10, (n,), generator=generator)
-    checkpoints = make_checkpoints(model, seed + 2)
-    criterion = nn.CrossEntropyLoss()
+    return _classified(name, model, x, y, n_train, seed)
+
+
+def _classified(
+    name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_train: int, seed: int
+) -> RealWorkload:
+    """A classifier's workload: the first ``n_train`` of ``(x, y)`` to train on, the rest to test, cross-entropy."""
     return RealWorkload(
         name,
         model,
-        checkpoints,
+        make_checkpoints(model, seed + 2),
         (x[:n_train], y[:n_train]),
         (x[n_train:], y[n_train:]),
-        criterion,
+        nn.CrossEntropyLoss(),
         _criterion_batch_loss(model, nn.CrossEntropyLoss(reduction="none")),
         nn.CrossEntropyLoss(reduction="none"),
     )
@@ -804,17 +809,7 @@ def lstm(
     n = n_train + n_test
     x = torch.randint(0, 1000, (n, seq_len), generator=generator)
     y = torch.randint(0, 4, (n,), generator=generator)
-    criterion = nn.CrossEntropyLoss()
-    return RealWorkload(
-        layer,
-        model,
-        make_checkpoints(model, seed + 2),
-        (x[:n_train], y[:n_train]),
-        (x[n_train:], y[n_train:]),
-        criterion,
-        _criterion_batch_loss(model, nn.CrossEntropyLoss(reduction="none")),
-        nn.CrossEntropyLoss(reduction="none"),
-    )
+    return _classified(layer, model, x, y, n_train, seed)
 
 
 def rnn(n_train: int = 200, n_test: int = 20, seq_len: int = 32, **kw: Any) -> RealWorkload:
@@ -859,16 +854,7 @@ def bag(
     x = torch.randint(1, vocab, (n, seq_len), generator=generator)
     x[:, seq_len - seq_len // 4 :] = 0
     y = torch.randint(0, 4, (n,), generator=generator)
-    return RealWorkload(
-        "bag",
-        model,
-        make_checkpoints(model, seed + 2),
-        (x[:n_train], y[:n_train]),
-        (x[n_train:], y[n_train:]),
-        nn.CrossEntropyLoss(),
-        _criterion_batch_loss(model, nn.CrossEntropyLoss(reduction="none")),
-        nn.CrossEntropyLoss(reduction="none"),
-    )
+    return _classified("bag", model, x, y, n_train, seed)
 
 
 BUILDERS: dict[str, Callable[..., RealWorkload]] = {

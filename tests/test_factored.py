@@ -510,6 +510,8 @@ def test_unused_parameters_get_zero_gradients_on_the_batched_path():
     model = UnusedParts().double().eval()
     x, y = torch.randn(8, 4, dtype=torch.float64).clamp(-2, 2), torch.randint(0, 3, (8,))
     _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    biases = [n for n, _ in model.named_parameters() if n.endswith("bias")]  # rows counted from the geometry alone
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]), params=biases)
     ckpts = _ckpts(model)
     ref = reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE)
     assert_close(tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE), ref.influence, 1e-12)
@@ -1174,6 +1176,8 @@ def test_convolutions_padding_their_input_themselves(monkeypatch, chunk):
     model = PaddedConvs().double().eval()
     x, y = torch.randn(7, 2, 7, 8, dtype=torch.float64), torch.randint(0, 3, (7,))
     _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    biases = [n for n, _ in model.named_parameters() if n.endswith("bias")]  # rows counted from the geometry alone
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]), params=biases)
     ckpts = _ckpts(model)
     ref = reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE)
     assert_close(tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE), ref.influence)

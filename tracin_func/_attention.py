@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import Hook, Site, product, wrapped
+from ._layers import Hook, Site, not_exactly, product
 
 PRODUCT = "in_proj"  # the site path of a layer's in-projection: "<layer>.in_proj"
 
@@ -36,10 +36,8 @@ PRODUCT = "in_proj"  # the site path of a layer's in-projection: "<layer>.in_pro
 def why_not_unrolled(module: nn.MultiheadAttention) -> str:
     """Why an attention layer is not run unrolled, or ``""``."""
     name = type(module).__name__
-    if wrapped(module):
-        return wrapped(module)
-    if type(module) is not nn.MultiheadAttention:
-        return f"{name} is a subclass of MultiheadAttention, whose forward may differ"
+    if not_exactly(module, nn.MultiheadAttention):
+        return not_exactly(module, nn.MultiheadAttention)
     if not module._qkv_same_embed_dim:
         return f"{name} with kdim / vdim other than embed_dim has no unrolled form"
     if module.bias_k is not None or module.add_zero_attn:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import Hook, Site, Weights, wrapped
+from ._layers import Hook, Site, Weights, not_exactly
 
 PRODUCT = "lookup"  # the site path of a bag's lookup: "<layer>.lookup"
 
@@ -30,10 +30,8 @@ PRODUCT = "lookup"  # the site path of a bag's lookup: "<layer>.lookup"
 def why_not_unrolled(module: nn.EmbeddingBag) -> str:
     """Why an EmbeddingBag is not run unrolled, or ``""``."""
     name = type(module).__name__
-    if wrapped(module):
-        return wrapped(module)
-    if type(module) is not nn.EmbeddingBag:
-        return f"{name} is a subclass of EmbeddingBag, whose forward may differ"
+    if not_exactly(module, nn.EmbeddingBag):
+        return not_exactly(module, nn.EmbeddingBag)
     if module._parameters.get("weight") is None:
         return f"{name}'s weight is not its own parameter (a wrapper sets it)"
     if module.mode not in ("sum", "mean"):

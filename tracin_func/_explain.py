@@ -113,9 +113,10 @@ def explain(
         route = plan.route(name)
         looped = route == "vmap" and (mapper.loop or mapper.plain)
         routes.append(Route(name, "loop" if looped else route, plan.reasons[name]))
-    if mapper.plain:
-        batching = plan.batching + "; torch.func cannot run this model, so examples run one at a time by plain autograd"
-    else:
-        batching = plan.batching + ("; vmap failed on this model, so examples run one at a time" if mapper.loop else "")
+    looping = (
+        "; torch.func cannot run this model, so examples run one at a time by plain autograd" if mapper.plain
+        else "; vmap failed on this model, so examples run one at a time" if mapper.loop else ""
+    )  # fmt: skip
+    batching = plan.batching + looping
     size = most_per_batch(setup, plan) if num_examples(data) else None
     return Explanation(tuple(routes), batching, size, plan.example_bytes)

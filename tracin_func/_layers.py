@@ -104,6 +104,15 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 _INSTANCE_OVERRIDES = {"forward", "_conv_forward"}  # set on the instance, they replace the class's own function
 
 
+def not_exactly(module: nn.Module, cls: type) -> str:
+    """Why ``module``'s call may not be ``cls``'s own function (``wrapped``, or a subclass), in words, or ``""``."""
+    if wrapped(module):
+        return wrapped(module)
+    if type(module) is not cls:
+        return f"{type(module).__name__} is a subclass of {cls.__name__}, whose forward may differ"
+    return ""
+
+
 def wrapped(module: nn.Module) -> str:
     """Why ``module``'s call may differ from its class's function whatever the class (hooks, a parametrized weight,
     a ``forward`` set on the instance), in words; ``""`` when none applies."""
@@ -338,12 +347,12 @@ def _rows(module: nn.Module, site: Site, x: torch.Tensor) -> int:
     """Rows per example: tokens of a Linear input, output positions of a convolution."""
     if site.kind != "conv":
         return x[0].numel() // x.shape[-1]
-    x, padding = _conv_padded(module, x)
-    kernel, dilation, padding, stride = _conv2d_geometry(module, padding)
-    sizes = (1, x.shape[-1]) if isinstance(module, nn.Conv1d) else x.shape[-2:]
+    spatial = x.shape[2:]
+    padding = module._reversed_padding_repeated_twice  # (left, right) per dimension, the last first: every mode's
     rows = 1
-    for n, k, d, p, s in zip(sizes, kernel, dilation, padding, stride):
-        rows *= (n + 2 * p - d * (k - 1) - 1) // s + 1
+    for i, (n, k, d, s) in enumerate(zip(spatial, module.kernel_size, module.dilation, module.stride)):
+        both = padding[2 * (len(spatial) - 1 - i)] + padding[2 * (len(spatial) - 1 - i) + 1]
+        rows *= (n + both - d * (k - 1) - 1) // s + 1
     return rows
 
 

@@ -34,7 +34,7 @@ from ._attention import attention_forward, attention_sites
 from ._attention import why_not_unrolled as why_not_attention
 from ._bags import bag_forward, bag_sites
 from ._bags import why_not_unrolled as why_not_bag
-from ._layers import Hook, Site, global_hooks_present, product, wrapped
+from ._layers import Hook, Site, global_hooks_present, not_exactly, product
 
 _LAYERS = (nn.LSTM, nn.GRU, nn.RNN)
 _CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
@@ -49,13 +49,11 @@ def unrollable(module: nn.Module) -> bool:
 def why_not_unrolled(module: nn.Module) -> str:
     """Why a recurrent layer is not run as unrolled cells, or ``""``."""
     name = type(module).__name__
-    if wrapped(module):
-        return wrapped(module)
     base = next((cls for cls in _CLASSES if isinstance(module, cls)), None)
     if base is None:
         return f"{name} has no unrolled form (only nn.LSTM, nn.GRU, nn.RNN and their cells)"
-    if type(module) is not base:
-        return f"{name} is a subclass of {base.__name__}, whose forward may differ"
+    if not_exactly(module, base):
+        return not_exactly(module, base)
     own = module._flat_weights_names if isinstance(module, nn.RNNBase) else ["weight_ih", "weight_hh"]
     if any(module._parameters.get(n) is None for n in own):
         return f"{name}'s weights are not all its own parameters (a wrapper sets them, like AWD-LSTM's WeightDrop)"
