@@ -58,7 +58,8 @@ plain-backprop floor, and (for tuple batches) a per-example criterion Captum's `
   32x32 images), 10 classes, ``CrossEntropyLoss``.
 - ``lstm``: :class:`LSTMClassifier` (Embedding(1000, 64), LSTM(64, 64, batch_first), Linear(64, 4) on the last
   hidden state), token sequences, ``CrossEntropyLoss``; ``rnn``: the same with a vanilla ``nn.RNN``; ``lstm_cell``:
-  with an ``nn.LSTMCell`` stepped by the model's own loop.
+  with an ``nn.LSTMCell`` stepped by the model's own loop; ``packed_lstm``: the LSTM on sequences of lengths 8..32
+  packed by the model (``pack_padded_sequence``), the last state at each example's own end.
 - ``bag``: :class:`BagClassifier` (PyTorch's text classification tutorial: EmbeddingBag(20000, 64, mean),
   Linear(64, 4)), bags of 32 token ids, ``CrossEntropyLoss``.
 
@@ -77,6 +78,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import tracin_func as tc
 
@@ -630,15 +632,16 @@ def _image_workload(
 
 
 def _classified(
-    name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_train: int, seed: int
+    name: str, model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor, n_train: int, seed: int
 ) -> RealWorkload:
-    """A classifier's workload: the first ``n_train`` of ``(x, y)`` to train on, the rest to test, cross-entropy."""
+    """A classifier's workload: the first ``n_train`` of ``(*x, y)`` to train on, the rest to test, cross-entropy."""
+    data = (*(x if isinstance(x, tuple) else (x,)), y)
     return RealWorkload(
         name,
         model,
         make_checkpoints(model, seed + 2),
-        (x[:n_train], y[:n_train]),
-        (x[n_train:], y[n_train:]),
+        tuple(t[:n_train] for t in data),
+        tuple(t[n_train:] for t in data),
         nn.CrossEntropyLoss(),
         _criterion_batch_loss(model, nn.CrossEntropyLoss(reduction="none")),
         nn.CrossEntropyLoss(reduction="none"),
@@ -782,8 +785,11 @@ class LSTMClassifier(nn.Module):
         self.lstm = kinds[layer](dim, dim) if layer == "lstm_cell" else kinds[layer](dim, dim, batch_first=True)
         self.fc = nn.Linear(dim, n_classes)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embedding(tokens)
+        if lengths is not None:  # the padding skipped: each example's last state is at its own end
+            _, (h, _) = self.lstm(pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False))
+            return self.fc(h[-1])
         if self.layer == "lstm_cell":
             state = None
             for t in range(x.shape[1]):
@@ -810,6 +816,21 @@ def lstm(
     x = torch.randint(0, 1000, (n, seq_len), generator=generator)
     y = torch.randint(0, 4, (n,), generator=generator)
     return _classified(layer, model, x, y, n_train, seed)
+
+
+def packed_lstm(
+    n_train: int = 200, n_test: int = 20, seq_len: int = 32, *, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> RealWorkload:
+    """:func:`lstm` on sequences of lengths ``seq_len / 4 .. seq_len``, padded, packed by the model
+    (``pack_padded_sequence``) so that the LSTM skips the padding."""
+    torch.manual_seed(seed)
+    model = LSTMClassifier().to(dtype).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    lengths = torch.randint(seq_len // 4, seq_len + 1, (n,), generator=generator)
+    x = torch.randint(1, 1000, (n, seq_len), generator=generator) * (torch.arange(seq_len) < lengths[:, None])
+    y = torch.randint(0, 4, (n,), generator=generator)
+    return _classified("packed_lstm", model, (x, lengths), y, n_train, seed)
 
 
 def rnn(n_train: int = 200, n_test: int = 20, seq_len: int = 32, **kw: Any) -> RealWorkload:
@@ -869,6 +890,7 @@ BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "resnet18": resnet18,
     "mobilenet": mobilenet,
     "lstm": lstm,
+    "packed_lstm": packed_lstm,
     "rnn": rnn,
     "lstm_cell": lstm_cell,
     "bag": bag,

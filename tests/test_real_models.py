@@ -57,6 +57,7 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "resnet18": lambda: rm.resnet18(N_TRAIN, N_TEST, IMAGE, width=8, dtype=F64),
     "mobilenet": lambda: rm.mobilenet(N_TRAIN, N_TEST, IMAGE, width=0.5, dtype=F64),
     "lstm": lambda: rm.lstm(N_TRAIN, N_TEST, SEQ, dtype=F64),
+    "packed_lstm": lambda: rm.packed_lstm(N_TRAIN, N_TEST, SEQ, dtype=F64),
     "rnn": lambda: rm.rnn(N_TRAIN, N_TEST, SEQ, dtype=F64),
     "lstm_cell": lambda: rm.lstm_cell(N_TRAIN, N_TEST, SEQ, dtype=F64),
     "bag": lambda: rm.bag(N_TRAIN, N_TEST, SEQ, vocab=50, dtype=F64),
@@ -146,6 +147,7 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     "resnet18": (BATCHED, {"factored": 7, "materialised": 55}, ()),
     "mobilenet": (BATCHED, {}, ()),
     "lstm": (BATCHED, {"factored": 3, "materialised": 4}, ()),
+    "packed_lstm": (BATCHED, {"factored": 7}, ()),  # (rows planned on the first example: its own length)
     "rnn": (BATCHED, {"factored": 3, "materialised": 4}, ()),
     "lstm_cell": (BATCHED, {"factored": 3, "materialised": 4}, ()),
     "bag": (BATCHED, {"factored": 2, "materialised": 1}, ()),

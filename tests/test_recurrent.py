@@ -1,11 +1,13 @@
 """nn.LSTM / nn.GRU / nn.RNN and their cells as unrolled cells (``_recurrent``): the unrolled forward equals the fused
-op, scores equal the float64 per-example loop reference, the plan shows the layers batched, and anything unusual (a
-PackedSequence, ``proj_size > 0``, a subclass) keeps the old route (vmap(grad), which falls back to the loop)."""
+op, scores equal the float64 per-example loop reference, the plan shows the layers batched (on padded inputs and
+PackedSequences), and anything unusual (``proj_size > 0``, a subclass) keeps the old route (vmap(grad), which falls
+back to the loop)."""
 
 from __future__ import annotations
 
 import functools
 import warnings
+from typing import Any
 
 import optree
 import pytest
@@ -242,20 +244,6 @@ def test_unrolled_under_vmap(config, factored):
     assert routes.pop("scale") == "vmap" and set(routes.values()) <= {"factored", "materialised"}, routes
 
 
-class Packed(nn.Module):
-    """An LSTM over a PackedSequence (lengths given per example)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn = nn.LSTM(3, 4, batch_first=True)
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=x.shape[1])
-        return self.fc(out.sum(1))
-
-
 class Subclassed(nn.GRU):
     """Its own class: the unrolled cells cannot be proven to compute its function."""
 
@@ -301,57 +289,142 @@ def test_an_instance_forward_is_not_unrolled():
     assert why_not_unrolled(rnn) == "GRU has a forward set on the instance"
 
 
-def test_packed_and_unbatched_inputs_run_the_fused_op():
-    """Inside the unrolled block, a PackedSequence or an unbatched input runs the layer's own fused op and calls no
-    product (so planning finds the layer's products uncalled and leaves its parameters to the dense route)."""
+class Packed(nn.Module):
+    """A recurrent layer over a PackedSequence of ``x [B, T, 3]`` (lengths per example, an initial state per example
+    or none), then a Linear on the padded outputs' sum and the last layer's last states."""
+
+    def __init__(self, rnn: nn.Module) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.fc = nn.Linear(4 * (1 + rnn.bidirectional) * 2, 2)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, h = self.rnn(packed, None if h0 is None else _states(self.rnn, h0.transpose(0, 1).contiguous()))
+        padded, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        last = (h[0] if isinstance(self.rnn, nn.LSTM) else h)[-1 - self.rnn.bidirectional :]  # [directions, B, 4]
+        return self.fc(torch.cat([padded.sum(1), *last], 1))
+
+
+def _states(rnn: nn.Module, h: torch.Tensor) -> Any:
+    return (h, torch.tanh(h)) if isinstance(rnn, nn.LSTM) else h
+
+
+def _packed_task(config: str) -> tuple:
     torch.manual_seed(0)
-    rnn = nn.LSTM(3, 4, batch_first=True).to(F64).eval()
-    x = torch.randn(3, 4, 3, dtype=F64)
-    packed = pack_padded_sequence(x, torch.tensor([4, 2, 3]), batch_first=True, enforce_sorted=False)
+    model = Packed(_rnn(config)).to(F64).eval()
+    gen = torch.Generator().manual_seed(3)
+    states = model.rnn.num_layers * (1 + model.rnn.bidirectional)
+    train, test = (_data(n, CONFIGS[config][5], states, gen) for n in (8, 3))
+    lengths = torch.tensor([4, 2, 5, 1, 1, 2, 1, 3]), torch.tensor([2, 1, 1])  # batches of 3: longest 5, 2, 3
+    train, test = ((x, length, *rest) for (x, *rest), length in zip((train, test), lengths))
+    return model, _checkpoints(model), train, test
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_unrolled_forward_on_a_packed_sequence_equals_the_fused_op(config):
+    """Padded in the batch's own order, steps past an example's end leave its state; the output is packed as the fused
+    op packs it (sorted by length, or as given: ``enforce_sorted``), and the last states are at each example's end."""
+    torch.manual_seed(0)
+    rnn = _rnn(config).to(F64).eval()
+    x = torch.randn(4, 6, 3, dtype=F64)
+    states = torch.randn(rnn.num_layers * (1 + rnn.bidirectional), 4, 4, dtype=F64)
     copy, seen = private_copy(rnn), []
     products = {path: functools.partial(_record, seen) for path in recurrent_sites(copy, ["weight_ih_l0"])}
-    assert list(products) == ["ih_l0"]
+    for lengths, enforce_sorted in ((torch.tensor([3, 6, 1, 3]), False), (torch.tensor([6, 3, 3, 1]), True)):
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=enforce_sorted)
+        for hx in (None, _states(rnn, states)):
+            with hooked(copy, products):
+                actual = copy(packed, hx)
+            expected = rnn(packed, hx)
+            assert torch.equal(actual[0].batch_sizes, expected[0].batch_sizes)
+            for name in ("sorted_indices", "unsorted_indices"):
+                a, e = getattr(actual[0], name), getattr(expected[0], name)
+                assert a is e is None or torch.equal(a, e)
+            for a, e in zip(optree.tree_leaves(actual), optree.tree_leaves(expected)):
+                assert a.shape == e.shape and torch.allclose(a, e, rtol=1e-12, atol=1e-14), (a - e).abs().max()
+    assert seen == [(4, 6, 4 * {nn.LSTM: 4, nn.GRU: 3}.get(type(rnn), 1))] * 4  # ih_l0 on the padded sequence
+    unbatched = torch.randn(5, 3, dtype=F64)
     with hooked(copy, products):
-        actual_packed, actual_single = copy(packed), copy(x[0])
-    assert seen == []
-    expected_packed, expected_single = rnn(packed), rnn(x[0])
-    assert torch.equal(actual_packed[0].data, expected_packed[0].data)
-    assert torch.equal(actual_single[0], expected_single[0])
+        assert torch.equal(copy(unbatched)[0], rnn(unbatched)[0])  # the fused op, no product called
+    assert len(seen) == 4
 
 
-def test_packed_sequences_run_through_plain_autograd():
-    """torch.func cannot run the fused op on a PackedSequence (no storage behind its wrapped tensors), even one
-    example at a time: the layer's gradients are taken by plain autograd, one example at a time, with a warning
-    giving the cause, and the scores are exact (the Linear after it stays factored)."""
-    torch.manual_seed(0)
-    model = Packed().to(F64).eval()
-    ckpts = _checkpoints(model)
-    gen = torch.Generator().manual_seed(3)
-    lengths = torch.tensor([4, 2, 3, 1, 4, 2])
-    train = (torch.randn(6, 4, 3, generator=gen, dtype=F64), lengths, torch.randint(0, 2, (6,), generator=gen))
-    test = (torch.randn(2, 4, 3, generator=gen, dtype=F64), lengths[:2], torch.randint(0, 2, (2,), generator=gen))
+@pytest.mark.parametrize("factored", [None, True])
+@pytest.mark.parametrize("config", ["lstm-2-bi-h0", "gru-1", "rnn-tanh-2-bi-h0", "lstm-1-bi-nobias"])
+def test_packed_sequences_are_batched_and_exact(config, factored):
+    """Batches of other longest lengths (the steps run), an example of length 1, the initial states given."""
+    model, ckpts, train, test = _packed_task(config)
     ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
-    for factored in (None, False):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored), ref.influence)
-            assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored), ref.self_influence)
-        said = [str(w.message) for w in caught if "torch.func cannot run this model" in str(w.message)]
-        assert said and "by plain autograd" in said[0] and "data pointer of Tensor" in said[0], said
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        e = tc.explain(model, ckpts, train, loss_fn=CE)
-    routes = {r.parameter: r.route for r in e.routes}
-    assert all("'rnn.ih_l0' is not run unrolled (a PackedSequence" in r.reason for r in e.routes[:1]), e.routes[0]
-    looped = {n: "loop" for n in routes if n.startswith("rnn.")}
-    assert routes == {**looped, "fc.weight": "factored", "fc.bias": "factored"}, routes
+        warnings.simplefilter("error")
+        got = tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored, batch_size=3)
+        mine = tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored, batch_size=3)
+        e = tc.explain(model, ckpts, train, loss_fn=CE, factored=factored, batch_size=3)
+    assert_close(got, ref.influence)
+    assert_close(mine, ref.self_influence)
+    assert e.batching == BATCHED
+    assert all(r.route in ("factored", "materialised") for r in e.routes), e.routes
+
+
+def test_packed_sequences_off_the_batched_path_run_through_plain_autograd():
+    """torch.func cannot run the fused op on a PackedSequence (no storage behind its wrapped tensors), even one
+    example at a time: with ``factored=False`` the layer's gradients are taken by plain autograd, one example at a
+    time, with a warning giving the cause, and the scores are exact."""
+    model, ckpts, train, test = _packed_task("lstm-1")
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=False), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False), ref.self_influence)
+        e = tc.explain(model, ckpts, train, loss_fn=CE, factored=False)
+    said = [str(w.message) for w in caught if "torch.func cannot run this model" in str(w.message)]
+    assert said and "by plain autograd" in said[0] and "data pointer of Tensor" in said[0], said
     assert e.batching.endswith("torch.func cannot run this model, so examples run one at a time by plain autograd")
+    assert {r.route for r in e.routes} == {"loop"}
     head = ["fc.weight", "fc.bias"]  # the recurrent layer frozen: packing sorts the batch, unpacking restores it
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert tc.explain(model, ckpts, train, loss_fn=CE, params=head).batching == BATCHED
         got = tc.self_influence(model, ckpts, train, loss_fn=CE, params=head)
     assert_close(got, reference_scores(model, ckpts, train, loss_fn=CE, params=head).self_influence)
+
+
+class Stepped(nn.Module):
+    """A cell stepped by the model's own loop to the batch's longest length: ``masked``, an example's state is held
+    past its end (as packing does); unmasked, the steps past its end change it, so that an example's score depends
+    on the batch it is in."""
+
+    def __init__(self, masked: bool) -> None:
+        super().__init__()
+        self.masked, self.cell, self.fc = masked, nn.GRUCell(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], 4)
+        for t in range(int(lengths.max())):
+            stepped = self.cell(x[:, t], h)
+            h = torch.where((t < lengths)[:, None], stepped, h) if self.masked else stepped
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_steps_past_an_examples_end_are_batched_only_when_they_leave_it_unchanged(masked):
+    """The batching check compares each example's rows of nonzero output gradient, alone and in the batch: steps
+    past an example's end add rows of zero gradient there (accepted, exact), unless they change its state (refused:
+    the call leaves the batched path, and stays exact)."""
+    torch.manual_seed(0)
+    model = Stepped(masked).to(F64).eval()
+    ckpts = _checkpoints(model)
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 5, 3, generator=gen, dtype=F64), torch.randint(0, 2, (6,), generator=gen)
+    train, test = (x, torch.tensor([2, 5, 3, 1, 4, 5]), y), (x[:2], torch.tensor([1, 3]), y[:2])
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+        e = tc.explain(model, ckpts, train, loss_fn=CE)
+    assert (e.batching == BATCHED) == masked, e.batching
 
 
 class WeightDrop(nn.Module):

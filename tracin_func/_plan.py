@@ -267,8 +267,7 @@ def make_plan(
                     why = "called under one loss and not the other"
                 elif site.owner is not None and not calls[path]:
                     why = (
-                        "not run unrolled (a PackedSequence, an unbatched or nested input or bags given by offsets "
-                        "run the fused op)"
+                        "not run unrolled (an unbatched or nested input or bags given by offsets run the fused op)"
                     )
                 elif not calls[path] and call_site(modules[path]) is not None:
                     func = call_site(modules[path]).__name__
@@ -608,9 +607,12 @@ def _not_in_sites(names: Sequence[str], sites: Iterable[Site]) -> tuple[str, ...
     return tuple(n for n in names if n not in in_sites)
 
 
+LayerFactors = tuple[list[torch.Tensor], list[torch.Tensor]]  # one layer's inputs and output gradients, per call
+
+
 class BatchingCheck(NamedTuple):
     reason: str  # why batching is refused, or ""
-    seen: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]  # each site's factors on the first examples
+    seen: dict[str, LayerFactors]  # each site's factors on the first examples
     batch_free: tuple[str, ...] = ()  # sites run once for the whole batch (``Plan.batch_free``), when not refused
     factorless: bool = False  # refused so that no layer's factors can be taken per example either
 
@@ -640,8 +642,9 @@ def _batching_refused(
     """
     few = slice_batch(batch, 0, 4)
     n = optree.tree_leaves(few, none_is_leaf=True)[0].shape[0]
-    seen: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    seen: dict[str, LayerFactors] = {}
     expanded = [s for s in plan.sites if s.kind == "expanded"]
+    linear = {s.path for s in plan.sites if s.kind == "linear"}
     for loss, true in zip(losses, truth):
         try:
             alone = [batched_factors(module, loss, plan, state, one, mapper) for one in _singles(few, n)]
@@ -684,8 +687,8 @@ def _batching_refused(
                 )
         alike = {path: _concat_examples([a[path] for a in alone]) for path in together}
         for path, singles in alike.items():
-            if singles is None:  # (the per-example path's factors are planned once too: every gradient dense)
-                return BatchingCheck(
+            if singles is None and not (path in linear and _same_live_rows(alone, together, path)):
+                return BatchingCheck(  # (the per-example path's factors are planned once too: every gradient dense)
                     f"layer {path!r} runs another number of times, or on other numbers of rows, for each of the first "
                     f"examples alone, which factors planned on one example cannot follow",
                     {},
@@ -694,8 +697,8 @@ def _batching_refused(
         for path, (xs, gs) in together.items():
             singles = alike[path]
             per_example = all(t.shape[0] == n for t in xs + gs)  # not: rows that did not split into examples
-            same = len(singles) == len(xs) + len(gs) and all(map(_close, singles, [*xs, *gs]))
-            if not (per_example and same):
+            same = singles is not None and len(singles) == len(xs) + len(gs) and all(map(_close, singles, [*xs, *gs]))
+            if not (per_example and (same or path in linear and _same_live_rows(alone, together, path))):
                 return BatchingCheck(
                     f"a batched forward changed the first examples' factors at {path!r} (examples interact, e.g. "
                     f"through batch statistics, or the layer's input holds the batch in a dimension other than the "
@@ -732,7 +735,7 @@ def _cause(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err).strip()}"
 
 
-def _concat_examples(factors: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> list[torch.Tensor] | None:
+def _concat_examples(factors: Sequence[LayerFactors]) -> list[torch.Tensor] | None:
     """One layer's inputs then output gradients per call, concatenated over examples that were run alone; None
     when the examples called the layer a different number of times or with different shapes."""
     if len({len(xs) for xs, _ in factors}) > 1:
@@ -741,6 +744,32 @@ def _concat_examples(factors: Sequence[tuple[list[torch.Tensor], list[torch.Tens
     if any(t.shape[1:] != ts[0].shape[1:] for ts in per_call for t in ts):
         return None
     return [torch.cat(ts) for ts in per_call]
+
+
+def _same_live_rows(
+    alone: Sequence[Mapping[str, LayerFactors]], together: Mapping[str, LayerFactors], path: str
+) -> bool:
+    """Whether Linear-like layer ``path`` gives each example the same rows of nonzero output gradient (and their
+    inputs), alone and together: the batch may add rows of zero gradient, as the steps past an example's end that a
+    packed sequence's longest example makes every example run (their state held)."""
+    xs, gs = together[path]
+    if len(xs) != len(gs) or any(t.shape[0] != len(alone) for t in xs + gs):
+        return False
+    pairs = [(_live_rows(one[path], 0), _live_rows((xs, gs), i)) for i, one in enumerate(alone)]
+    return all(a is not None and t is not None and _close(a, t) for a, t in pairs)
+
+
+def _live_rows(factors: LayerFactors, i: int) -> torch.Tensor | None:
+    """Batch row ``i``'s rows of a Linear-like layer's inputs and output gradients over all calls, ``[rows, d_in +
+    d_out]``, less the rows of zero output gradient (which add nothing to any gradient); None for other layers."""
+    rows = []
+    for x, g in zip(*factors):
+        x, g = x[i], g[i]
+        if x.shape[:-1] != g.shape[:-1] or not x.is_floating_point():
+            return None
+        x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        rows.append(torch.cat([x, g], 1)[rows_with_gradient(g[None])[0]])
+    return torch.cat(rows) if rows else torch.empty(0)
 
 
 def _close(x: torch.Tensor, y: torch.Tensor) -> bool:

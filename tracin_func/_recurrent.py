@@ -12,12 +12,17 @@ the gradient at the product's own output (for a GRU's ``n`` gate: before the mul
 A cell (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``), called once per step by the model's own loop, is one step
 of the same: its two products are Linear-like sites called once per step, one row per example each.
 
+A ``PackedSequence`` is unrolled padded, in the batch's own order: a step past an example's end leaves its state as
+it was (``torch.where``), so that the gradients of its products there are exactly zero and the last state is the one
+at the example's end. Every example runs as many steps as the batch's longest, and the batching check accepts the
+rows of zero gradient this adds (``_plan._same_live_rows``).
+
 Only the exact classes (their own forward, no hooks or parametrizations, ``proj_size`` 0, no active dropout) are
-unrolled, and only on ordinary padded inputs ``[B, T, d]`` (``[T, B, d]``; a cell's ``[B, d]``): on a
-``PackedSequence`` or an unbatched input the fused op runs and the layer keeps the dense route (planning sees no
-product called). Each product of a layer is a :class:`~tracin_func._layers.Site` whose ``owner`` is the layer's
-path and whose ``path`` is ``"<owner>.ih_l0"``, ``"<owner>.hh_l1_reverse"``, ... (a cell's ``"<owner>.ih"``,
-``"<owner>.hh"``; ``"<owner>.in_proj"`` for attention).
+unrolled, and only on batched inputs (``[B, T, d]``, ``[T, B, d]`` or packed; a cell's ``[B, d]``): on an unbatched
+input the fused op runs and the layer keeps the dense route (planning sees no product called). Each product of a
+layer is a :class:`~tracin_func._layers.Site` whose ``owner`` is the layer's path and whose ``path`` is
+``"<owner>.ih_l0"``, ``"<owner>.hh_l1_reverse"``, ... (a cell's ``"<owner>.ih"``, ``"<owner>.hh"``;
+``"<owner>.in_proj"`` for attention).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ._attention import attention_forward, attention_sites
 from ._attention import why_not_unrolled as why_not_attention
@@ -147,14 +153,37 @@ def _unrolled_form(module: nn.Module) -> tuple[Callable[[nn.Module], str], Calla
 
 
 def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any = None) -> Any:
-    """``module``'s forward as unrolled cells; the fused op's own forward on a ``PackedSequence`` or an unbatched
-    input."""
+    """``module``'s forward as unrolled cells, on a padded input or a ``PackedSequence``; the fused op's own forward
+    on an unbatched input."""
     lstm = isinstance(module, nn.LSTM)
     states = hx if lstm and hx is not None else (hx,)
-    plain = isinstance(input, torch.Tensor) and input.dim() == 3 and input.numel() > 0
+    packed = isinstance(input, PackedSequence)
+    plain = packed or isinstance(input, torch.Tensor) and input.dim() == 3 and input.numel() > 0
     if not plain or any(s is not None and s.dim() != 3 for s in states):
         return type(module).forward(module, input, hx)
-    x = input if module.batch_first else input.transpose(0, 1)  # [B, T, d]
+    if packed:  # padded in the batch's own order (as the states given and returned are), steps past an end held
+        x, lengths = pad_packed_sequence(input, batch_first=True)
+        alive = torch.arange(x.shape[1])[None, :] < lengths[:, None]  # [B, T]
+    else:
+        x, alive = input if module.batch_first else input.transpose(0, 1), None  # [B, T, d]
+    output, h_n, c_n = _layers(module, hooks, x, hx, alive)
+    if packed:
+        order = input.sorted_indices
+        rows = (output if order is None else output[order]).transpose(0, 1)  # [T, B, D H] by decreasing length
+        kept = (alive if order is None else alive[order]).t().to(output.device)
+        output = PackedSequence(rows[kept], input.batch_sizes, order, input.unsorted_indices)  # the packed order
+    elif not module.batch_first:
+        output = output.transpose(0, 1)
+    return (output, (h_n, c_n)) if lstm else (output, h_n)
+
+
+def _layers(
+    module: nn.RNNBase, hooks: Mapping[str, Hook], x: torch.Tensor, hx: Any, alive: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(output [B, T, directions * H], h_n, c_n)`` of the layers unrolled over ``x [B, T, d]``. Where ``alive
+    [B, T]`` is False (past an example's end) a step leaves the state as it was: its products' output gradients are
+    exactly zero there, and each direction's last state is the one at the example's own end (its start, reversed)."""
+    lstm = isinstance(module, nn.LSTM)
     n, steps, size = x.shape[0], x.shape[1], module.hidden_size
     directions = 2 if module.bidirectional else 1
     if hx is None:
@@ -162,6 +191,7 @@ def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any 
         h0, c0 = zeros, zeros
     else:
         h0, c0 = hx if lstm else (hx, None)  # [layers * directions, B, H], batch_first or not
+    live = None if alive is None else alive.to(x.device)[:, :, None].unbind(1)  # [B, 1] per step
     last_h, last_c = [], []
     for layer in range(module.num_layers):
         outputs = []
@@ -176,7 +206,12 @@ def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any 
             inputs, out = xi.unbind(1), [None] * steps
             for t in range(steps - 1, -1, -1) if direction else range(steps):
                 hh = product(hooks, f"hh{key}", h, w_hh, b_hh)  # [B, gates * H]: G is taken here, before any gate
-                h, c = _step(module, inputs[t], hh, h, c)
+                stepped, c_stepped = _step(module, inputs[t], hh, h, c)
+                if live is None:
+                    h, c = stepped, c_stepped
+                else:
+                    h = torch.where(live[t], stepped, h)
+                    c = torch.where(live[t], c_stepped, c) if lstm else None
                 out[t] = h
             outputs.append(torch.stack(out, 1))
             last_h.append(h)
@@ -184,9 +219,7 @@ def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any 
         x = outputs[0] if directions == 1 else torch.cat(outputs, 2)
         if module.training and module.dropout > 0 and layer < module.num_layers - 1:  # refused by `unrollable`
             raise RuntimeError("dropout between recurrent layers in training mode is not unrolled")
-    output = x if module.batch_first else x.transpose(0, 1)
-    h_n = torch.stack(last_h)
-    return (output, (h_n, torch.stack(last_c))) if lstm else (output, h_n)
+    return x, torch.stack(last_h), torch.stack(last_c) if lstm else None
 
 
 def _cell_forward(module: nn.RNNCellBase, hooks: Mapping[str, Hook], input: Any, hx: Any = None) -> Any:
