@@ -427,6 +427,78 @@ def test_steps_past_an_examples_end_are_batched_only_when_they_leave_it_unchange
     assert (e.batching == BATCHED) == masked, e.batching
 
 
+class FirstSteps(nn.Module):
+    """A Linear on the rows of ``packed.data`` that hold each example's first step (by decreasing length), put back
+    in the batch's order by ``unsorted_indices``: a correct model whose rows are in packing's order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.fc = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        return self.fc(out.data[: int(out.batch_sizes[0])])[out.unsorted_indices]
+
+
+class PaddedMean(nn.Module):
+    """The mean over ``pad_packed_sequence``'s output without ``total_length``: padded to the batch's longest, so an
+    example's output depends on its batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.fc = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        return self.fc(pad_packed_sequence(out, batch_first=True)[0].mean(1))
+
+
+class Pooled(nn.Module):
+    """Attention pooling with a query vector of the model's own, outside any layer: the call runs vmap(grad)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.query, self.fc = nn.GRU(3, 4, batch_first=True), nn.Parameter(torch.randn(4)), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        h, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        score = (h @ self.query).masked_fill(torch.arange(x.shape[1])[None] >= lengths[:, None], float("-inf"))
+        return self.fc((score.softmax(1)[..., None] * h).sum(1))
+
+
+@pytest.mark.parametrize(
+    "case, lengths, batching",
+    [
+        # the first batch sorted by length: the order is the identity there, and the watch sees its use
+        ("first_steps", [6, 5, 4, 3, 1, 3, 6, 2], "it reorders the examples of its batch by a sort"),
+        # the first examples of one length cannot show the padding a longer example adds
+        ("padded_mean", [4, 4, 4, 4, 2, 5, 1, 3], "the first examples' packed sequences all have one length"),
+        ("padded_mean", [4, 2, 5, 1, 4, 4, 4, 3], "'rnn.ih_l0' runs another number of times"),
+        # off the batched path (the query vector's copies break its shape) the fused op runs: an unrolled layer's
+        # steps differ per example there
+        ("pooled", [2, 5, 1, 3, 4, 2, 6, 1], "a forward with parameters copied over the batch failed"),
+    ],
+)
+def test_packed_sequences_the_batched_path_cannot_follow_stay_exact(case, lengths, batching):
+    """Found by fuzzing: silently 16-60% off, or a raw error."""
+    torch.manual_seed(0)
+    model = {"first_steps": FirstSteps, "padded_mean": PaddedMean, "pooled": Pooled}[case]().to(F64).eval()
+    gen = torch.Generator().manual_seed(1)
+    train = (torch.randn(8, 6, 3, generator=gen, dtype=F64), torch.tensor(lengths), torch.randint(0, 2, (8,)))
+    ckpts = _checkpoints(model)
+    ref = reference_scores(model, ckpts, train, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=4), ref.self_influence)
+        e = tc.explain(model, ckpts, train, loss_fn=CE, batch_size=4)
+    assert batching in e.batching, e.batching
+    if case == "pooled":
+        rnn = [r for r in e.routes if r.parameter.startswith("rnn.")]
+        assert all(r.route == "loop" and "'rnn' runs on a PackedSequence, unrolled on the batched path only" in
+                   r.reason for r in rnn), rnn  # fmt: skip
+
+
 class WeightDrop(nn.Module):
     """AWD-LSTM's WeightDrop: the layer's weight is no longer its parameter; the wrapper registers ``<name>_raw``
     and sets the weight (dropped out in training) on the layer before each call."""

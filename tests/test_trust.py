@@ -1444,3 +1444,33 @@ def test_7p_index_tuples_name_the_dimensions_they_index():
     assert _indexed_dims((Ellipsis, i), 3) == [(2, i)]
     assert _indexed_dims((i, Ellipsis, i), 4)[1][0] == 3
     assert _indexed_dims((mask, i), 3) == [(0, mask), (2, i)]
+
+
+class MeanMixed(nn.Module):
+    """A head adding the batch's mean logits: examples interact, through output gradients that are tiny next to the
+    last Linear's inputs once the classifier is confident."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc2(torch.relu(self.fc1(x)))
+        return z + 0.3 * z.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("confidence", [2.0, 12.0])
+def test_interaction_through_tiny_output_gradients_is_refused(confidence):
+    """The batching check compares a layer's inputs and output gradients each on its own scale, also where it
+    compares only the rows of nonzero gradient (found by fuzzing: compared together, gradients of 1e-6 next to
+    inputs of 1 passed, 40% off)."""
+    torch.manual_seed(0)
+    model = MeanMixed().double().eval()
+    with torch.no_grad():
+        model.fc2.bias.copy_(torch.tensor([confidence, -confidence]))
+    gen = torch.Generator().manual_seed(1)
+    train = (torch.randn(8, 5, generator=gen, dtype=torch.float64), torch.zeros(8, dtype=torch.long))
+    ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+    with pytest.warns(tc.SlowPathWarning, match="a batched forward changed the first examples' factors"):
+        got = tc.self_influence(model, ckpts, train, loss_fn=CE)
+    assert_close(got, reference_scores(model, ckpts, train, loss_fn=CE).self_influence)

@@ -357,9 +357,9 @@ class _PlanningWatch(TorchFunctionMode):
       is the identity and the batching check sees nothing, so the watch follows the indices a ``sort`` /
       ``argsort`` / ``topk`` gives, and what is computed from them (copies, views, inverses), to any use as an index
       into a dimension as long as the batch (``x[order]``, ``x[:, order]``, ``index_select``, ``gather``,
-      ``take_along_dim``, ``index_copy``, ``scatter``, ...). An order made outside torch (Python's ``sorted``, numpy)
-      is not seen. Other reorderings of the batch (``flip``, ``roll``) change the first examples' factors, which
-      the batching check refuses.
+      ``take_along_dim``, ``index_copy``, ``scatter``, ...), except torch's packing code's own (``_PACKING_CODE``).
+      An order made outside torch (Python's ``sorted``, numpy) is not seen. Other reorderings of the batch
+      (``flip``, ``roll``) change the first examples' factors, which the batching check refuses.
     """
 
     def __init__(self, sizes: set[int]) -> None:
@@ -373,15 +373,14 @@ class _PlanningWatch(TorchFunctionMode):
             raise ValueError(_CHECKPOINTED)
         kwargs = kwargs or {}
         ordered = self.orders and any(id(t) in self.orders for t in _tensors((args, kwargs)))
-        if ordered and _reorders(func, args, kwargs, self.orders, self.sizes):
+        trusted = ordered and sys._getframe(1).f_code.co_filename.endswith(_PACKING_CODE)
+        if ordered and not trusted and _reorders(func, args, kwargs, self.orders, self.sizes):
             raise Unbatchable(
                 "it reorders the examples of its batch by a sort (RNN code sorting a batch by length, say), so a "
                 "layer's rows in the batched pass would be other examples'",
                 "`factored=False`, or sort the batch before the model (in the data loader)",
             )
         out = func(*args, **kwargs)
-        if func in _SORTS and sys._getframe(1).f_code.co_filename.endswith(_PACKING):
-            return out  # packing sorts its batch, and unpacking restores the order before any layer sees it
         if ordered or func in _SORTS:
             for t in _tensors(out if func not in _SORTS or isinstance(out, torch.Tensor) else out[1]):
                 if not t.is_floating_point():  # (sort's values are not an order)
@@ -389,7 +388,14 @@ class _PlanningWatch(TorchFunctionMode):
         return out
 
 
-_PACKING = os.path.join("torch", "nn", "utils", "rnn.py")  # pack_padded_sequence(enforce_sorted=False)
+# Packing sorts a batch by length (``pack_padded_sequence(enforce_sorted=False)``), and this code uses that order
+# only to keep each example's rows its own (unpacking, a recurrent layer's states, the unrolled layers); a model's
+# own use of a packed sequence's order (rows of ``packed.data`` by ``unsorted_indices``) is watched like any.
+_PACKING_CODE = (
+    os.path.join("torch", "nn", "utils", "rnn.py"),
+    os.path.join("torch", "nn", "modules", "rnn.py"),
+    os.path.join("tracin_func", "_recurrent.py"),
+)
 _SORTS = {torch.sort, torch.Tensor.sort, torch.argsort, torch.Tensor.argsort, torch.topk, torch.Tensor.topk}
 # ops that index dimension ``dim`` of their first argument with an index tensor, by their arguments' order (the
 # rest: Tensor.__getitem__ / __setitem__ / index_put, whose index tuple's positions are the dimensions)

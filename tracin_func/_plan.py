@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import optree
@@ -33,7 +33,7 @@ from ._layers import (
 )
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
 from ._purity import check_forward
-from ._recurrent import UNROLLED_KINDS, recurrent_sites, why_not_run_unrolled
+from ._recurrent import UNROLLED_KINDS, packed_calls, recurrent_sites, why_not_run_unrolled
 from ._representations import Representation
 from ._setup import Setup
 from ._state import leaving_no_trace
@@ -238,8 +238,11 @@ def make_plan(
     unused = set(names)  # parameters no loss reaches: not even through a site's call
     called: set[str] = set()  # sites called under some loss so far
     first_calls: dict[str, list[tuple[int, ...] | None]] = {}  # the first loss's output shapes per site
+    packed: set[str] = set()  # layers run unrolled on a PackedSequence: on the batched path only (`_unpacked`)
     for i, loss in enumerate(losses if sites else ()):
-        calls, leaked, unreached = discover(module, loss, list(sites.values()), diff, frozen, batch)
+        with packed_calls() as on_packed:
+            calls, leaked, unreached = discover(module, loss, list(sites.values()), diff, frozen, batch)
+        packed |= {path for path, layer in modules.items() if any(layer is m for m, _ in on_packed)}
         first_calls = first_calls or calls
         detached = {n for p, s in sites.items() if calls[p] and s.kind != "expanded" for n in s.names}
         unused &= unreached - detached
@@ -308,13 +311,15 @@ def make_plan(
     if not sites:
         return plan._replace(batching="vmap(grad) over examples: no layer gives factors")
     if set(dense) - unused:
-        return plan._replace(batching=f"vmap(grad) over examples, for {len(dense)} parameter(s) outside factor sites")
+        why = f"vmap(grad) over examples, for {len(dense)} parameter(s) outside factor sites"
+        return _unpacked(plan, packed)._replace(batching=why)
     if not all(isinstance(loss, (CriterionLoss, BatchedLoss)) for loss in losses):
-        return _unexpanded(plan)._replace(batching="vmap(grad) over examples: a tc.ExampleLoss is computed one "
-                                          "example at a time (a tc.BatchLoss runs whole batches, as do "
-                                          "tc.causal_lm_loss, tc.seq2seq_lm_loss, "
-                                          "tc.sequence_classification_loss and tc.token_classification_loss for "
-                                          "Hugging Face models)")
+        why = (
+            "vmap(grad) over examples: a tc.ExampleLoss is computed one example at a time (a tc.BatchLoss runs whole "
+            "batches, as do tc.causal_lm_loss, tc.seq2seq_lm_loss, tc.sequence_classification_loss and "
+            "tc.token_classification_loss for Hugging Face models)"
+        )
+        return _unpacked(_unexpanded(plan), packed)._replace(batching=why)
     head = scored() if scored is not None and num_examples(batch) < 2 else None
 
     def checked_on(plan: Plan) -> BatchingCheck:
@@ -339,7 +344,7 @@ def make_plan(
     plan = plan._replace(batch_free=frozenset(check.batch_free))
     checked = num_examples(batch) >= 2 or head is not None and num_examples(head) >= 2
     if refused:
-        unbatched = _factorless(plan) if check.factorless else _unexpanded(plan)
+        unbatched = _factorless(plan) if check.factorless else _unpacked(_unexpanded(plan), packed)
         return unbatched._replace(batching=f"vmap(grad) over examples: {refused}")
     trimmed = set()
     for site in plan.sites:  # rows of zero output gradient (ignored by the loss) are dropped per batch
@@ -496,6 +501,19 @@ def _factorless(plan: Plan) -> Plan:
     why = "vmap(grad) for every parameter: a layer's rows are not each example's own (see the batching)"
     reasons = {**plan.reasons, **{n: why for s in plan.sites for n in s.names}}
     return plan._replace(sites=(), kernel=frozenset(), dense=plan.names, reasons=reasons, seq_first=frozenset())
+
+
+def _unpacked(plan: Plan, packed: Collection[str]) -> Plan:
+    """``plan`` off the batched path, without the products of the ``packed`` layers (run on a PackedSequence, whose
+    unrolled steps are as many as each example's length): their parameters join the dense ones (the fused op)."""
+    left = [s for s in plan.sites if s.owner in packed]
+    if not left:
+        return plan
+    why = f"{left[0].owner!r} runs on a PackedSequence, unrolled on the batched path only (steps differ per example)"
+    names = {n for s in left for n in s.names}
+    dense = tuple(n for n in plan.names if n in names or n in plan.dense)
+    kept = tuple(s for s in plan.sites if s not in left)
+    return plan._replace(sites=kept, dense=dense, reasons={**plan.reasons, **{n: why for n in names}})
 
 
 def _unexpanded(plan: Plan) -> Plan:
@@ -656,11 +674,18 @@ def _batching_refused(
             what = "parameters copied over the batch" if expanded else "outputs followed to the batch"
             return BatchingCheck(f"a forward with {what} failed ({_cause(err)})", {})
         try:
-            together = batched_factors(module, loss, plan, state, few, mapper, refuse_recomputing=True)
+            with packed_calls() as on_packed:
+                together = batched_factors(module, loss, plan, state, few, mapper, refuse_recomputing=True)
         except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes
             if isinstance(err, Unbatchable):
                 return _unbatchable(err)
             return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
+        if n > 1 and any(bool((lengths == lengths[0]).all()) for _, lengths in on_packed):
+            return BatchingCheck(
+                "the first examples' packed sequences all have one length, which cannot show whether the model reads "
+                "the padding a longer example adds (`pad_packed_sequence` pads to the batch's longest)",
+                {},
+            )
         for site in expanded:
             if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[name] for name in site.names))):
                 return BatchingCheck(
@@ -756,20 +781,22 @@ def _same_live_rows(
     if len(xs) != len(gs) or any(t.shape[0] != len(alone) for t in xs + gs):
         return False
     pairs = [(_live_rows(one[path], 0), _live_rows((xs, gs), i)) for i, one in enumerate(alone)]
-    return all(a is not None and t is not None and _close(a, t) for a, t in pairs)
+    return all(a is not None and t is not None and all(map(_close, a, t)) for a, t in pairs)  # (each on its scale)
 
 
-def _live_rows(factors: LayerFactors, i: int) -> torch.Tensor | None:
-    """Batch row ``i``'s rows of a Linear-like layer's inputs and output gradients over all calls, ``[rows, d_in +
-    d_out]``, less the rows of zero output gradient (which add nothing to any gradient); None for other layers."""
-    rows = []
+def _live_rows(factors: LayerFactors, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Batch row ``i``'s rows of a Linear-like layer's inputs and of its output gradients over all calls, less the
+    rows of zero output gradient (which add nothing to any gradient); None for other layers."""
+    xs, gs = [], []
     for x, g in zip(*factors):
         x, g = x[i], g[i]
         if x.shape[:-1] != g.shape[:-1] or not x.is_floating_point():
             return None
         x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-        rows.append(torch.cat([x, g], 1)[rows_with_gradient(g[None])[0]])
-    return torch.cat(rows) if rows else torch.empty(0)
+        live = rows_with_gradient(g[None])[0]
+        xs.append(x[live])
+        gs.append(g[live])
+    return (torch.cat(xs), torch.cat(gs)) if xs else None
 
 
 def _close(x: torch.Tensor, y: torch.Tensor) -> bool:

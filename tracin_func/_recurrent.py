@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
@@ -41,6 +42,9 @@ from ._attention import why_not_unrolled as why_not_attention
 from ._bags import bag_forward, bag_sites
 from ._bags import why_not_unrolled as why_not_bag
 from ._layers import Hook, Site, global_hooks_present, not_exactly, product
+
+# (layer, lengths) of each unrolled call on a PackedSequence inside a `packed_calls` block of this context
+_PACKED: ContextVar[list[tuple[nn.Module, torch.Tensor]] | None] = ContextVar("_PACKED", default=None)
 
 _LAYERS = (nn.LSTM, nn.GRU, nn.RNN)
 _CELLS = (nn.LSTMCell, nn.GRUCell, nn.RNNCell)
@@ -135,6 +139,18 @@ def unrolled(modules: Mapping[str, nn.Module], hooks: Mapping[str, Hook]) -> Ite
             object.__delattr__(module, "forward")
 
 
+@contextmanager
+def packed_calls() -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
+    """The layers run unrolled on a ``PackedSequence`` inside the block, with each call's lengths (in the batch's
+    order): planning's batched path only, since an example's steps there are as many as its length."""
+    calls: list[tuple[nn.Module, torch.Tensor]] = []
+    token = _PACKED.set(calls)
+    try:
+        yield calls
+    finally:
+        _PACKED.reset(token)
+
+
 UNROLLED_KINDS = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention, nn.EmbeddingBag)  # layers with a form here
 
 
@@ -164,6 +180,9 @@ def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any 
     if packed:  # padded in the batch's own order (as the states given and returned are), steps past an end held
         x, lengths = pad_packed_sequence(input, batch_first=True)
         alive = torch.arange(x.shape[1])[None, :] < lengths[:, None]  # [B, T]
+        noted = _PACKED.get()
+        if noted is not None:
+            noted.append((module, lengths))
     else:
         x, alive = input if module.batch_first else input.transpose(0, 1), None  # [B, T, d]
     output, h_n, c_n = _layers(module, hooks, x, hx, alive)
