@@ -142,7 +142,8 @@ def unrolled(modules: Mapping[str, nn.Module], hooks: Mapping[str, Hook]) -> Ite
 @contextmanager
 def packed_calls() -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
     """The layers run unrolled on a ``PackedSequence`` inside the block, with each call's lengths (in the batch's
-    order): planning's batched path only, since an example's steps there are as many as its length."""
+    order): planning unrolls them on the batched path only (alone, an example takes as many steps as its length),
+    and checks that the first examples' lengths differ."""
     calls: list[tuple[nn.Module, torch.Tensor]] = []
     token = _PACKED.set(calls)
     try:
@@ -179,7 +180,7 @@ def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any 
         return type(module).forward(module, input, hx)
     if packed:  # padded in the batch's own order (as the states given and returned are), steps past an end held
         x, lengths = pad_packed_sequence(input, batch_first=True)
-        alive = torch.arange(x.shape[1])[None, :] < lengths[:, None]  # [B, T]
+        alive = (torch.arange(x.shape[1])[None, :] < lengths[:, None]).to(x.device)  # [B, T] (lengths on the CPU)
         noted = _PACKED.get()
         if noted is not None:
             noted.append((module, lengths))
@@ -189,7 +190,7 @@ def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any 
     if packed:
         order = input.sorted_indices
         rows = (output if order is None else output[order]).transpose(0, 1)  # [T, B, D H] by decreasing length
-        kept = (alive if order is None else alive[order]).t().to(output.device)
+        kept = (alive if order is None else alive[order]).t()
         output = PackedSequence(rows[kept], input.batch_sizes, order, input.unsorted_indices)  # the packed order
     elif not module.batch_first:
         output = output.transpose(0, 1)
@@ -210,7 +211,7 @@ def _layers(
         h0, c0 = zeros, zeros
     else:
         h0, c0 = hx if lstm else (hx, None)  # [layers * directions, B, H], batch_first or not
-    live = None if alive is None else alive.to(x.device)[:, :, None].unbind(1)  # [B, 1] per step
+    live = None if alive is None else alive[:, :, None].unbind(1)  # [B, 1] per step
     last_h, last_c = [], []
     for layer in range(module.num_layers):
         outputs = []
