@@ -1474,3 +1474,32 @@ def test_interaction_through_tiny_output_gradients_is_refused(confidence):
     with pytest.warns(tc.SlowPathWarning, match="a batched forward changed the first examples' factors"):
         got = tc.self_influence(model, ckpts, train, loss_fn=CE)
     assert_close(got, reference_scores(model, ckpts, train, loss_fn=CE).self_influence)
+
+
+class InputMeanMixed(nn.Module):
+    """Logits plus a batch statistic of the input (no parameter behind it): examples interact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x[:, 0].mean()
+        return self.fc2(torch.tanh(self.fc1(x))) + 0.2 * torch.stack([mean, -mean])
+
+
+def test_interaction_at_an_example_of_small_gradients_is_refused():
+    """The batching check compares each example's factors on that example's own scale (found by fuzzing: compared
+    over the first examples together, a confident example's gradients, 1e-3 of a misclassified one's, were
+    mixed unseen: 79% off for that example)."""
+    torch.manual_seed(0)
+    model = InputMeanMixed().double().eval()
+    with torch.no_grad():
+        model.fc2.bias.copy_(torch.tensor([4.0, -4.0]))
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    train = (x, torch.tensor([1, 0, 0, 0, 1, 0, 0, 0]))  # example 0 misclassified, 1-3 confident
+    ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+    with pytest.warns(tc.SlowPathWarning, match="a batched forward changed the first examples' factors"):
+        got = tc.self_influence(model, ckpts, train, loss_fn=CE, factored=True, batch_size=4)
+    ref = reference_scores(model, ckpts, train, loss_fn=CE).self_influence
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=0)  # each example, relative to itself

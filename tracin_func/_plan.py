@@ -722,7 +722,11 @@ def _batching_refused(
         for path, (xs, gs) in together.items():
             singles = alike[path]
             per_example = all(t.shape[0] == n for t in xs + gs)  # not: rows that did not split into examples
-            same = singles is not None and len(singles) == len(xs) + len(gs) and all(map(_close, singles, [*xs, *gs]))
+            same = singles is not None and len(singles) == len(xs) + len(gs) and all(
+                _close(alone_rows[i : i + 1], rows[i : i + 1])  # each example on its own scale
+                for alone_rows, rows in zip(singles, [*xs, *gs])
+                for i in range(n)
+            )
             if not (per_example and (same or path in linear and _same_live_rows(alone, together, path))):
                 return BatchingCheck(
                     f"a batched forward changed the first examples' factors at {path!r} (examples interact, e.g. "
