@@ -373,7 +373,7 @@ class _PlanningWatch(TorchFunctionMode):
             raise ValueError(_CHECKPOINTED)
         kwargs = kwargs or {}
         ordered = self.orders and any(id(t) in self.orders for t in _tensors((args, kwargs)))
-        trusted = ordered and sys._getframe(1).f_code.co_filename.endswith(_PACKING_CODE)
+        trusted = (ordered or func in _SORTS) and sys._getframe(1).f_code.co_filename.endswith(_PACKING_CODE)
         if ordered and not trusted and _reorders(func, args, kwargs, self.orders, self.sizes):
             raise Unbatchable(
                 "it reorders the examples of its batch by a sort (RNN code sorting a batch by length, say), so a "
@@ -383,9 +383,14 @@ class _PlanningWatch(TorchFunctionMode):
         out = func(*args, **kwargs)
         if ordered or func in _SORTS:
             for t in _tensors(out if func not in _SORTS or isinstance(out, torch.Tensor) else out[1]):
-                if not t.is_floating_point():  # (sort's values are not an order)
+                # (sort's values are not an order, nor are the lengths packing puts in the batch's order)
+                if not t.is_floating_point() and (not trusted or _is_permutation(t)):
                     self.orders[id(t)] = t
         return out
+
+
+def _is_permutation(t: torch.Tensor) -> bool:
+    return t.dim() == 1 and torch.equal(t.sort().values, torch.arange(t.numel(), device=t.device, dtype=t.dtype))
 
 
 # Packing sorts a batch by length (``pack_padded_sequence(enforce_sorted=False)``), and this code uses that order

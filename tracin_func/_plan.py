@@ -506,14 +506,8 @@ def _factorless(plan: Plan) -> Plan:
 def _unpacked(plan: Plan, packed: Collection[str]) -> Plan:
     """``plan`` off the batched path, without the products of the ``packed`` layers (run on a PackedSequence, whose
     unrolled steps are as many as each example's length): their parameters join the dense ones (the fused op)."""
-    left = [s for s in plan.sites if s.owner in packed]
-    if not left:
-        return plan
-    why = f"{left[0].owner!r} runs on a PackedSequence, unrolled on the batched path only (steps differ per example)"
-    names = {n for s in left for n in s.names}
-    dense = tuple(n for n in plan.names if n in names or n in plan.dense)
-    kept = tuple(s for s in plan.sites if s not in left)
-    return plan._replace(sites=kept, dense=dense, reasons={**plan.reasons, **{n: why for n in names}})
+    why = "runs on a PackedSequence, unrolled on the batched path only (steps differ per example)"
+    return _to_dense(plan, [s for s in plan.sites if s.owner in packed], lambda site: f"{site.owner!r} {why}")
 
 
 def _unexpanded(plan: Plan) -> Plan:
@@ -522,12 +516,17 @@ def _unexpanded(plan: Plan) -> Plan:
     if not any(s.kind == "expanded" for s in plan.sites):
         return plan
     left = [s for s in plan.sites if s.kind == "expanded" or (s.path not in plan.kernel and s.owner is None)]
-    reasons = dict(plan.reasons)
-    for site in left:
-        why = "copies expanded over the batch need the batched pass" if site.kind == "expanded" else _TO_VMAP
-        reasons.update({n: why for n in site.names})
+    expanded = "copies expanded over the batch need the batched pass"
+    return _to_dense(plan, left, lambda site: expanded if site.kind == "expanded" else _TO_VMAP)
+
+
+def _to_dense(plan: Plan, left: Sequence[Site], why: Callable[[Site], str]) -> Plan:
+    """``plan`` without the sites ``left``, whose parameters join the dense ones (each site's reason: ``why``)."""
+    if not left:
+        return plan
     names = {n for s in left for n in s.names}
     dense = tuple(n for n in plan.names if n in names or n in plan.dense)
+    reasons = {**plan.reasons, **{n: why(site) for site in left for n in site.names}}
     return plan._replace(sites=tuple(s for s in plan.sites if s not in left), dense=dense, reasons=reasons)
 
 
@@ -723,9 +722,8 @@ def _batching_refused(
             singles = alike[path]
             per_example = all(t.shape[0] == n for t in xs + gs)  # not: rows that did not split into examples
             same = singles is not None and len(singles) == len(xs) + len(gs) and all(
-                _close(alone_rows[i : i + 1], rows[i : i + 1])  # each example on its own scale
-                for alone_rows, rows in zip(singles, [*xs, *gs])
-                for i in range(n)
+                alone_rows.shape[0] == n and all(_close(alone_rows[i : i + 1], rows[i : i + 1]) for i in range(n))
+                for alone_rows, rows in zip(singles, [*xs, *gs])  # each example on its own scale
             )
             if not (per_example and (same or path in linear and _same_live_rows(alone, together, path))):
                 return BatchingCheck(
@@ -785,12 +783,15 @@ def _same_live_rows(
     if len(xs) != len(gs) or any(t.shape[0] != len(alone) for t in xs + gs):
         return False
     pairs = [(_live_rows(one[path], 0), _live_rows((xs, gs), i)) for i, one in enumerate(alone)]
-    return all(a is not None and t is not None and all(map(_close, a, t)) for a, t in pairs)  # (each on its scale)
+    return all(
+        a is not None and t is not None and len(a) == len(t) and all(map(_close, a, t))  # (each on its own scale)
+        for a, t in pairs
+    )
 
 
-def _live_rows(factors: LayerFactors, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Batch row ``i``'s rows of a Linear-like layer's inputs and of its output gradients over all calls, less the
-    rows of zero output gradient (which add nothing to any gradient); None for other layers."""
+def _live_rows(factors: LayerFactors, i: int) -> list[torch.Tensor] | None:
+    """Batch row ``i``'s rows of a Linear-like layer's inputs, then of its output gradients, per call that has any,
+    less the rows of zero output gradient (which add nothing to any gradient); None for other layers."""
     xs, gs = [], []
     for x, g in zip(*factors):
         x, g = x[i], g[i]
@@ -798,9 +799,10 @@ def _live_rows(factors: LayerFactors, i: int) -> tuple[torch.Tensor, torch.Tenso
             return None
         x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
         live = rows_with_gradient(g[None])[0]
-        xs.append(x[live])
-        gs.append(g[live])
-    return (torch.cat(xs), torch.cat(gs)) if xs else None
+        if live.any():
+            xs.append(x[live])
+            gs.append(g[live])
+    return xs + gs
 
 
 def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
