@@ -106,11 +106,15 @@ def test_an_encoder_decoder_transformer_runs_batched_and_exact():
         padding = torch.arange(6) >= torch.randint(2, 7, (n,), generator=gen)[:, None]
         return src, tgt, padding, torch.randint(0, 3, (n,), generator=gen)
 
-    train, test = data(7, 0), data(3, 1)
+    _batched_and_exact(model, ckpts, data(7, 0), data(3, 1), "transformer.decoder.layers.0.multihead_attn")
+
+
+def _batched_and_exact(model, ckpts, train, test, attention):
+    """The call is batched with ``attention`` unrolled, and its scores equal the reference (batches of 4 too)."""
     plan = tc.explain(model, ckpts, train, loss_fn=CE)
-    assert plan.batching == "one batched forward / backward gives every layer's factors"
+    assert plan.batching == "one batched forward / backward gives every layer's factors", plan.batching
     routes = {r.parameter: r for r in plan.routes}
-    assert routes["transformer.decoder.layers.0.multihead_attn.in_proj_weight"].reason.startswith("unrolled attention")
+    assert routes[f"{attention}.in_proj_weight"].reason.startswith("unrolled attention")
     assert {r.route for r in plan.routes} <= {"factored", "materialised"}
     ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
     assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, batch_size=4), ref.influence, 1e-12)
@@ -156,16 +160,7 @@ def _data(n, seed):
 def test_transformer_encoder_runs_batched_and_exact(batch_first, nested):
     torch.manual_seed(0)
     model = Encoder(batch_first, nested).to(F64).eval()
-    ckpts, train, test = _ckpts(model), _data(7, 0), _data(3, 1)
-    plan = tc.explain(model, ckpts, train, loss_fn=CE)
-    assert plan.batching == "one batched forward / backward gives every layer's factors"  # [L, B, d] too
-    routes = {r.parameter: r for r in plan.routes}
-    assert routes["encoder.layers.1.self_attn.in_proj_weight"].reason.startswith("unrolled attention")
-    assert {r.route for r in plan.routes} <= {"factored", "materialised"}
-    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
-    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, batch_size=4), ref.influence, 1e-12)
-    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=4), ref.self_influence, 1e-12)
-    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=True), ref.influence, 1e-12)
+    _batched_and_exact(model, _ckpts(model), _data(7, 0), _data(3, 1), "encoder.layers.1.self_attn")  # [L, B, d] too
 
 
 class Attend(nn.Module):
