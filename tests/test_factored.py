@@ -883,6 +883,41 @@ def test_models_that_mix_examples_are_not_batched(all_but_first, equal_first):
     assert _plan(nn.Sequential(nn.Linear(4, 3)).double().eval(), (x, y)).batched
 
 
+class CentresInputs(nn.Module):
+    """Subtracts the batch's mean input: on inputs of small integers, equal examples get exactly what one alone gets
+    (zeros), whatever their number."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x - x.mean(0, keepdim=True))))
+
+
+def test_equal_first_examples_do_not_count_as_a_check_of_the_batching():
+    """Examples that are all equal show no more of how a model batches them than one does, so a plan made on them
+    checks the batching as one made on a single example does: on the training data's first examples (a test set of
+    four copies made the training passes batched: 75% off, silently), or else on the first batch whose examples
+    differ, which refuses a model that mixes them (first training examples all equal: 2.9-3.2x off, silently)."""
+    torch.manual_seed(0)
+    model = CentresInputs().double().eval()
+    ckpts = _ckpts(model)
+    x, y = torch.randint(-3, 4, (8, 4)).double(), torch.randint(0, 3, (8,))
+    copies = (x[:1].expand(4, 4), y[:1].expand(4))
+    ref = reference_scores(model, ckpts, (x, y), copies, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tc.SlowPathWarning)
+        assert_close(tc.influence(model, ckpts, (x, y), copies, loss_fn=CE), ref.influence)
+    x[1:4], y[1:4] = x[0], y[0]
+    for batch_size in (None, 4):
+        with pytest.raises(ValueError, match=r"single example \(or equal ones\).*keep a batch's examples apart"):
+            tc.self_influence(model, ckpts, (x, y), loss_fn=CE, batch_size=batch_size)
+    plain = nn.Sequential(nn.Linear(4, 3)).double().eval()  # keeps examples apart: scored batched
+    assert_close(tc.self_influence(plain, ckpts := _ckpts(plain), (x, y), loss_fn=CE),
+                 reference_scores(plain, ckpts, (x, y), loss_fn=CE).self_influence)  # fmt: skip
+
+
 def test_one_test_example_checks_the_batching_on_the_training_data():
     """Influence is planned on the test data, whose first batch here holds one example: its batched and lone runs
     are the same, so the training data's first examples are checked instead (a batch, a Dataset, a DataLoader, a
@@ -1399,7 +1434,7 @@ def test_the_automatic_batch_size_follows_the_plan(as_dataset):
     data = torch.utils.data.TensorDataset(x, y) if as_dataset else (x, y)
     ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=0.5)]
     got = tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(losses))
-    assert [s for s in sizes if s > 4] == [100]  # planning runs the first examples alone and the first 4 together
+    assert [s for s in sizes if s > 5] == [100]  # planning runs the first 4 alone, then together with the first again
     assert_close(got, tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(losses), batch_size=7), 1e-5)
 
 

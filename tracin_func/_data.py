@@ -223,6 +223,20 @@ def rows_of(data: Any, start: int, stop: int) -> Any:
     return Subset(data, range(start, stop))
 
 
+def distinct_examples(batch: Batch, k: int) -> list[int]:
+    """Indices of ``batch``'s first example and of the next ones unlike every one taken (some tensor's row
+    differs), up to ``k``: examples run together that all are equal show no more of how a model batches them than
+    one does (centring over the batch gives them what it gives one alone)."""
+    rows = [t.reshape(t.shape[0], -1) for t in optree.tree_leaves(batch, none_is_leaf=True)]
+    taken, unlike = [0], torch.ones(rows[0].shape[0], dtype=torch.bool, device=rows[0].device)
+    while len(taken) < k:
+        unlike &= torch.stack([(r != r[taken[-1]]).any(1) for r in rows]).any(0)  # (NaN differs: another example)
+        if not bool(unlike.any()):
+            break
+        taken.append(int(unlike.nonzero()[0]))
+    return taken
+
+
 def select_rows(data: Any, indices: torch.Tensor) -> Any:
     """Examples ``indices`` (in that order) of sized data: a batch or a ``Dataset``."""
     if is_single_batch(data):

@@ -8,7 +8,6 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import optree
 import torch
 from torch import nn
 
@@ -16,7 +15,7 @@ from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, 
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._bags import PRODUCT as BAG_PRODUCT
 from ._capture import BatchableLoss, Hook, Unbatchable, batched_factors, discover, hooked
-from ._data import num_examples, slice_batch
+from ._data import distinct_examples, num_examples, select_rows, slice_batch
 from ._grads import Mapper, Tensors
 from ._layers import (
     Site,
@@ -135,15 +134,18 @@ def plan_call(
 def _checking_first_batch(
     rep: RepresentationFn, module: nn.Module, loss: BatchableLoss, plan: Plan, mapper: Mapper, compiled: bool
 ) -> RepresentationFn:
-    """``rep`` checking the batching first on its first batch of two or more examples, for a plan made on a single
-    example (``Plan.checked``): a model that mixes a batch's examples is refused there, never scored batched."""
+    """``rep`` checking the batching on its batches of two or more examples until one holds examples that differ,
+    for a plan made on a single example or equal ones (``Plan.checked``): a model that mixes a batch's examples is
+    refused there, never scored batched."""
     checked: list[RepresentationFn] = []  # set once, to the checked reading's; threads may both check the first
     # batch (the same answer)
 
     @torch.compiler.disable  # eager inside compiled updates
-    def check(diff: Tensors, frozen: Tensors, batch: Any) -> None:
-        if checked or num_examples(batch) < 2:
-            return
+    def check(diff: Tensors, frozen: Tensors, batch: Any) -> RepresentationFn:
+        if checked:
+            return checked[0]
+        if num_examples(batch) < 2:
+            return rep
         reading, check = plan, _refused_on(module, loss, plan, diff, frozen, batch, mapper)
         if check.reason and plan.seq_first:  # one example's [T, 1, d] read batch-first after all?
             retried = _refused_on(module, loss, plan._replace(seq_first=frozenset()), diff, frozen, batch, mapper)
@@ -155,18 +157,18 @@ def _checking_first_batch(
             shows = f"{unseen[0]!r} runs once for the whole batch, which the plan could not follow"
         else:
             rechecked = rep if reading is plan else representation_fn(module, loss, reading, mapper, compiled=compiled)
-            checked.append(rechecked)
-            return
+            if _shows_batching(batch):
+                checked.append(rechecked)
+            return rechecked
         raise ValueError(
-            f"`model`: the call was planned on a single example, whose batched and single runs are the same, so "
-            f"planning could not check how the model batches its examples; the first batch of two or more examples "
-            f"shows that {shows}. Pass `factored=False`, or plan on two or more examples (a first batch of two or "
-            f"more; for a tracer, two or more test examples)."
+            f"`model`: the call was planned on a single example (or equal ones), whose batched and single runs are the "
+            f"same, so planning could not check how the model batches its examples; the first batch of two or more "
+            f"examples shows that {shows}. Pass `factored=False`, or plan on two or more examples that differ (a "
+            f"first batch of two or more; for a tracer, two or more test examples)."
         )
 
     def checking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
-        check(diff, frozen, batch)
-        return (checked[0] if checked else rep)(diff, frozen, batch)
+        return check(diff, frozen, batch)(diff, frozen, batch)
 
     return checking
 
@@ -320,10 +322,10 @@ def make_plan(
             "tc.token_classification_loss for Hugging Face models)"
         )
         return _unpacked(_unexpanded(plan), packed)._replace(batching=why)
-    head = scored() if scored is not None and num_examples(batch) < 2 else None
+    head = scored() if scored is not None and not _shows_batching(batch) else None
 
     def checked_on(plan: Plan) -> BatchingCheck:
-        if head is not None and num_examples(head) >= 2:  # check the training loss on its data
+        if head is not None and _shows_batching(head):  # check the training loss on its data
             return _refused_on(module, losses[0], plan, diff, frozen, head, mapper)
         return _batching_refused(module, losses, plan, {**frozen, **diff}, batch, mapper, truth)
 
@@ -342,7 +344,7 @@ def make_plan(
             plan, check = plan._replace(fold=1), unfolded
     refused, seen = check.reason, check.seen
     plan = plan._replace(batch_free=frozenset(check.batch_free))
-    checked = num_examples(batch) >= 2 or head is not None and num_examples(head) >= 2
+    checked = _shows_batching(batch) or head is not None and _shows_batching(head)
     if refused:
         unbatched = _factorless(plan) if check.factorless else _unpacked(_unexpanded(plan), packed)
         return unbatched._replace(batching=f"vmap(grad) over examples: {refused}")
@@ -657,8 +659,14 @@ def _batching_refused(
     that gives as many factors for the first examples together as for the first alone runs once for the whole
     batch: the examples run together again with its output followed to the batch (``batch_free``).
     """
-    few = slice_batch(batch, 0, 4)
-    n = optree.tree_leaves(few, none_is_leaf=True)[0].shape[0]
+    picked = distinct_examples(batch, 4)
+    few = select_rows(batch, torch.tensor(picked if len(picked) > 1 else range(min(4, num_examples(batch)))))
+    n = num_examples(few)
+    # together: the first examples and a copy of the first after them. A model ordering its batch by an order made
+    # outside torch (Python's `sorted`), unseen by the batch-order watch, may find the first examples in order
+    # already, but never these, whose keys are not monotone unless all equal: its rows then land on other examples
+    order = [*range(n), 0] if n > 1 else [0]
+    mixed = select_rows(few, torch.tensor(order))
     seen: dict[str, LayerFactors] = {}
     expanded = [s for s in plan.sites if s.kind == "expanded"]
     linear = {s.path for s in plan.sites if s.kind == "linear"}
@@ -674,7 +682,7 @@ def _batching_refused(
             return BatchingCheck(f"a forward with {what} failed ({_cause(err)})", {})
         try:
             with packed_calls() as on_packed:
-                together = batched_factors(module, loss, plan, state, few, mapper, refuse_recomputing=True)
+                together = batched_factors(module, loss, plan, state, mixed, mapper, refuse_recomputing=True)
         except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes
             if isinstance(err, Unbatchable):
                 return _unbatchable(err)
@@ -701,7 +709,7 @@ def _batching_refused(
             # an example's factors there are its own (a token-wise layer's rows get the example dimension, ``[1, T S]``)
             plan = plan._replace(batch_free=plan.batch_free | frozenset(batch_free))
             try:
-                together = batched_factors(module, loss, plan, state, few, mapper, refuse_recomputing=True)
+                together = batched_factors(module, loss, plan, state, mixed, mapper, refuse_recomputing=True)
             except RuntimeError as err:
                 return BatchingCheck(
                     f"{batch_free[0]!r} runs once for the whole batch (its input has no batch dimension, like T5's "
@@ -709,30 +717,39 @@ def _batching_refused(
                     f"failed ({_cause(err)})",
                     {},
                 )
-        alike = {path: _concat_examples([a[path] for a in alone]) for path in together}
+        ordered = [alone[i] for i in order]  # each row of the examples together, run alone
+        alike = {path: _concat_examples([a[path] for a in ordered]) for path in together}
         for path, singles in alike.items():
-            if singles is None and not (path in linear and _same_live_rows(alone, together, path)):
+            if singles is None and not (path in linear and _same_live_rows(ordered, together, path)):
+                unlike = (
+                    ", and run together they change its rows of nonzero output gradient (examples interact, or the "
+                    "model reorders its batch by an order made outside torch, such as Python's `sorted`)"
+                    if path in linear
+                    else ""
+                )
                 return BatchingCheck(  # (the per-example path's factors are planned once too: every gradient dense)
                     f"layer {path!r} runs another number of times, or on other numbers of rows, for each of the first "
-                    f"examples alone, which factors planned on one example cannot follow",
+                    f"examples alone, which factors planned on one example cannot follow{unlike}",
                     {},
                     factorless=True,
                 )
         for path, (xs, gs) in together.items():
             singles = alike[path]
-            per_example = all(t.shape[0] == n for t in xs + gs)  # not: rows that did not split into examples
+            per_example = all(t.shape[0] == len(order) for t in xs + gs)  # not: rows that did not split into examples
             same = singles is not None and len(singles) == len(xs) + len(gs) and all(
-                alone_rows.shape[0] == n and all(_close(alone_rows[i : i + 1], rows[i : i + 1]) for i in range(n))
+                alone_rows.shape[0] == len(order)
+                and all(_close(alone_rows[i : i + 1], rows[i : i + 1]) for i in range(len(order)))
                 for alone_rows, rows in zip(singles, [*xs, *gs])  # each example on its own scale
             )
-            if not (per_example and (same or path in linear and _same_live_rows(alone, together, path))):
+            if not (per_example and (same or path in linear and _same_live_rows(ordered, together, path))):
                 return BatchingCheck(
                     f"a batched forward changed the first examples' factors at {path!r} (examples interact, e.g. "
-                    f"through batch statistics, or the layer's input holds the batch in a dimension other than the "
+                    f"through batch statistics; the model reorders its batch by an order made outside torch, such "
+                    f"as Python's `sorted`; or the layer's input holds the batch in a dimension other than the "
                     f"first, or the second in every call: sequence-first)",
                     {},
                 )
-            seen.setdefault(path, (xs, gs))
+            seen.setdefault(path, ([x[:n] for x in xs], [g[:n] for g in gs]))  # (not the copy)
     return BatchingCheck("", seen, tuple(plan.batch_free))
 
 
@@ -752,6 +769,11 @@ def _true_expanded(
     names = [n for s in plan.sites if s.kind == "expanded" for n in s.names]
     leaked = discover(module, loss, list(plan.sites), diff, frozen, batch)[1] if names else {}
     return {n: leaked[n] for n in names}
+
+
+def _shows_batching(batch: Any) -> bool:
+    """Whether ``batch`` holds examples that differ: run together, equal ones get what one alone gets."""
+    return len(distinct_examples(batch, 2)) > 1
 
 
 def _singles(batch: Any, n: int) -> list[Any]:
