@@ -134,41 +134,70 @@ def plan_call(
 def _checking_first_batch(
     rep: RepresentationFn, module: nn.Module, loss: BatchableLoss, plan: Plan, mapper: Mapper, compiled: bool
 ) -> RepresentationFn:
-    """``rep`` checking the batching on its batches of two or more examples until one holds examples that differ,
-    for a plan made on a single example or equal ones (``Plan.checked``): a model that mixes a batch's examples is
-    refused there, never scored batched."""
-    checked: list[RepresentationFn] = []  # set once, to the checked reading's; threads may both check the first
+    """``rep`` checking the batching on its batches of two or more examples until one proves the plan, for a plan
+    made on examples that could not (``Plan.checked``): a model that mixes a batch's examples is refused there, never
+    scored batched. A check on packed sequences of one length proves nothing of the padding a longer example adds:
+    its batch is scored eagerly, recording the batch's own lengths, and is exact when those are one too (no
+    padding); otherwise the batching is checked again on an example of each length."""
+    proven: list[RepresentationFn] = []  # set once, to the checked reading's; threads may both check the first
     # batch (the same answer)
 
-    @torch.compiler.disable  # eager inside compiled updates
-    def check(diff: Tensors, frozen: Tensors, batch: Any) -> RepresentationFn:
-        if checked:
-            return checked[0]
-        if num_examples(batch) < 2:
-            return rep
-        reading, check = plan, _refused_on(module, loss, plan, diff, frozen, batch, mapper)
+    def verdict(diff: Tensors, frozen: Tensors, examples: Any) -> tuple[Plan, BatchingCheck]:
+        """The reading ``examples`` pass the check under, and that check; raises where they show the model mixes
+        them or runs a layer once for the whole batch."""
+        reading, check = plan, _refused_on(module, loss, plan, diff, frozen, examples, mapper)
         if check.reason and plan.seq_first:  # one example's [T, 1, d] read batch-first after all?
-            retried = _refused_on(module, loss, plan._replace(seq_first=frozenset()), diff, frozen, batch, mapper)
-            reading, check = (plan._replace(seq_first=frozenset()), retried) if not retried.reason else (plan, check)
+            flat = plan._replace(seq_first=frozenset())
+            retried = _refused_on(module, loss, flat, diff, frozen, examples, mapper)
+            reading, check = (flat, retried) if not retried.reason else (plan, check)
         unseen = sorted(set(check.batch_free) - plan.batch_free)  # (a lone example's layers all look batch-free)
         if check.reason:
             shows = f"the model does not keep a batch's examples apart ({check.reason})"
         elif unseen:
             shows = f"{unseen[0]!r} runs once for the whole batch, which the plan could not follow"
         else:
-            rechecked = rep if reading is plan else representation_fn(module, loss, reading, mapper, compiled=compiled)
-            if _shows_batching(batch):
-                checked.append(rechecked)
-            return rechecked
+            return reading, check
         raise ValueError(
-            f"`model`: the call was planned on a single example (or equal ones), whose batched and single runs are the "
-            f"same, so planning could not check how the model batches its examples; the first batch of two or more "
-            f"examples shows that {shows}. Pass `factored=False`, or plan on two or more examples that differ (a "
-            f"first batch of two or more; for a tracer, two or more test examples)."
+            f"`model`: the call was planned on examples that could not show how the model batches them (a single "
+            f"example, equal ones, or packed sequences of one length, whose batched and single runs are the same), "
+            f"so planning could not check it; the first batch of two or more examples that could shows that {shows}. "
+            f"Pass `factored=False`, or plan on two or more examples that differ (a first batch of two or more; for "
+            f"a tracer, two or more test examples)."
         )
 
+    def rep_of(reading: Plan, eager: bool = False) -> RepresentationFn:
+        if reading is plan and not (eager and compiled):
+            return rep
+        return representation_fn(module, loss, reading, mapper, compiled=compiled and not eager)
+
+    @torch.compiler.disable  # eager inside compiled updates, until a batch proves the plan
+    def unproven(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
+        if num_examples(batch) < 2:
+            return rep_of(plan, eager=True)(diff, frozen, batch)
+        reading, check = verdict(diff, frozen, batch)
+        if check.conclusive:
+            if _shows_batching(batch):
+                proven.append(rep_of(reading))
+            return rep_of(reading, eager=True)(diff, frozen, batch)
+        with packed_calls() as on_packed:
+            out = rep_of(reading, eager=True)(diff, frozen, batch)
+        varied = next((lengths for _, lengths in on_packed if not bool((lengths == lengths[0]).all())), None)
+        if varied is None:
+            return out  # packed sequences of one length in the whole batch: no padding, exact
+        each = sorted(int((varied == length).nonzero()[0]) for length in varied.unique())[:4]
+        in_order = len(varied) == num_examples(batch)
+        rechecked, check = verdict(diff, frozen, select_rows(batch, torch.tensor(each))) if in_order else (plan, None)
+        if check is None or not check.conclusive:
+            raise ValueError(
+                "`model`: the call was planned on packed sequences of one length, which cannot show whether the model "
+                "reads the padding a longer example adds, and the first batch whose lengths differ does not pack its "
+                "examples in its own order, so no check can pick examples of other lengths. Pass `factored=False`."
+            )
+        proven.append(rep_of(rechecked))
+        return out if rechecked is reading else rep_of(rechecked, eager=True)(diff, frozen, batch)
+
     def checking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
-        return check(diff, frozen, batch)(diff, frozen, batch)
+        return proven[0](diff, frozen, batch) if proven else unproven(diff, frozen, batch)
 
     return checking
 
@@ -344,7 +373,7 @@ def make_plan(
             plan, check = plan._replace(fold=1), unfolded
     refused, seen = check.reason, check.seen
     plan = plan._replace(batch_free=frozenset(check.batch_free))
-    checked = _shows_batching(batch) or head is not None and _shows_batching(head)
+    checked = check.conclusive and (_shows_batching(batch) or head is not None and _shows_batching(head))
     if refused:
         unbatched = _factorless(plan) if check.factorless else _unpacked(_unexpanded(plan), packed)
         return unbatched._replace(batching=f"vmap(grad) over examples: {refused}")
@@ -634,6 +663,7 @@ class BatchingCheck(NamedTuple):
     seen: dict[str, LayerFactors]  # each site's factors on the first examples
     batch_free: tuple[str, ...] = ()  # sites run once for the whole batch (``Plan.batch_free``), when not refused
     factorless: bool = False  # refused so that no layer's factors can be taken per example either
+    conclusive: bool = True  # False: passed on examples that cannot show everything (packed sequences of one length)
 
 
 def _unbatchable(err: Unbatchable) -> BatchingCheck:
@@ -668,6 +698,7 @@ def _batching_refused(
     order = [*range(n), 0] if n > 1 else [0]
     mixed = select_rows(few, torch.tensor(order))
     seen: dict[str, LayerFactors] = {}
+    conclusive = True
     expanded = [s for s in plan.sites if s.kind == "expanded"]
     linear = {s.path for s in plan.sites if s.kind == "linear"}
     for loss, true in zip(losses, truth):
@@ -687,12 +718,9 @@ def _batching_refused(
             if isinstance(err, Unbatchable):
                 return _unbatchable(err)
             return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
-        if n > 1 and any(bool((lengths == lengths[0]).all()) for _, lengths in on_packed):
-            return BatchingCheck(
-                "the first examples' packed sequences all have one length, which cannot show whether the model reads "
-                "the padding a longer example adds (`pad_packed_sequence` pads to the batch's longest)",
-                {},
-            )
+        # packed sequences of one length cannot show whether the model reads the padding a longer example adds
+        # (`pad_packed_sequence` pads to the batch's longest), nor hide an order by length: exact, but no proof
+        conclusive &= not any(bool((lengths == lengths[0]).all()) for _, lengths in on_packed)
         for site in expanded:
             if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[name] for name in site.names))):
                 return BatchingCheck(
@@ -748,7 +776,7 @@ def _batching_refused(
                     {},
                 )
             seen.setdefault(path, ([x[:n] for x in xs], [g[:n] for g in gs]))  # (not the copy)
-    return BatchingCheck("", seen, tuple(plan.batch_free))
+    return BatchingCheck("", seen, tuple(plan.batch_free), conclusive=conclusive)
 
 
 def _refused_on(
