@@ -960,7 +960,7 @@ def test_a_plan_made_on_one_example_checks_its_first_batch_of_two_or_more():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_sampler=sizes)
     model = MixesExamples().double().eval()
     ckpts = _ckpts(model)
-    refused = "could not show how the model batches them \\(a single example.*shows that the model does not keep a batch's examples apart.*factored=False"
+    refused = "a single example.*shows that the model does not keep a batch's examples apart.*factored=False"
     for call in (
         lambda: tc.self_influence(model, ckpts, loader, loss_fn=CE),
         lambda: tc.embeddings(model, ckpts, loader, loss_fn=CE),

@@ -538,6 +538,35 @@ def test_packed_sequences_of_one_length_are_batched_and_checked_where_lengths_di
             tc.self_influence(padded_mean, _checkpoints(padded_mean), data, loss_fn=CE, batch_size=batch_size)
 
 
+class SortedPacked(nn.Module):
+    """Packs with ``enforce_sorted=True``: the data comes sorted by decreasing length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.fc = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=True))[1][-1])
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_packing_that_asks_for_sorted_batches_stays_batched(batch_size):
+    """The batching check runs the first examples together with a copy of the first after them, which is not
+    sorted: packing raised there, and the call left the batched path (or, planned on two examples of one length,
+    was refused at a later batch as mixing its examples). The examples then run together as given."""
+    torch.manual_seed(0)
+    model = SortedPacked().to(F64).eval()
+    ckpts = _checkpoints(model)
+    x = torch.randn(8, 6, 3, dtype=F64)
+    train = (x, torch.tensor([6, 6, 5, 4, 3, 3, 2, 1]), torch.randint(0, 2, (8,)))
+    ref = reference_scores(model, ckpts, train, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=batch_size)
+        assert tc.explain(model, ckpts, train, loss_fn=CE, batch_size=batch_size).batching == BATCHED
+    assert_close(got, ref.self_influence)
+
+
 class WeightDrop(nn.Module):
     """AWD-LSTM's WeightDrop: the layer's weight is no longer its parameter; the wrapper registers ``<name>_raw``
     and sets the weight (dropped out in training) on the layer before each call."""

@@ -692,11 +692,16 @@ def _batching_refused(
     picked = distinct_examples(batch, 4)
     few = select_rows(batch, torch.tensor(picked if len(picked) > 1 else range(min(4, num_examples(batch)))))
     n = num_examples(few)
-    # together: the first examples and a copy of the first after them. A model ordering its batch by an order made
-    # outside torch (Python's `sorted`), unseen by the batch-order watch, may find the first examples in order
-    # already, but never these, whose keys are not monotone unless all equal: its rows then land on other examples
-    order = [*range(n), 0] if n > 1 else [0]
-    mixed = select_rows(few, torch.tensor(order))
+    # together: the first examples and a copy of the first after them (two: both twice, or reversing them would
+    # leave the batch as it was). A model ordering its batch by an order made outside torch (Python's `sorted`),
+    # unseen by the batch-order watch, may find the first examples in order already, but never these, whose keys are
+    # not monotone unless all equal: its rows then land on other examples
+    order = {1: [0], 2: [0, 1, 0, 1]}.get(n, [*range(n), 0])
+
+    def together_in(loss: BatchableLoss, plan: Plan, order: list[int]) -> tuple[dict[str, LayerFactors], list]:
+        with packed_calls() as on_packed:
+            rows = select_rows(few, torch.tensor(order))
+            return batched_factors(module, loss, plan, state, rows, mapper, refuse_recomputing=True), on_packed
     seen: dict[str, LayerFactors] = {}
     conclusive = True
     expanded = [s for s in plan.sites if s.kind == "expanded"]
@@ -712,12 +717,15 @@ def _batching_refused(
             what = "parameters copied over the batch" if expanded else "outputs followed to the batch"
             return BatchingCheck(f"a forward with {what} failed ({_cause(err)})", {})
         try:
-            with packed_calls() as on_packed:
-                together = batched_factors(module, loss, plan, state, mixed, mapper, refuse_recomputing=True)
-        except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes
-            if isinstance(err, Unbatchable):
-                return _unbatchable(err)
-            return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
+            together, on_packed = together_in(loss, plan, order)
+        except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes,
+            if isinstance(err, Unbatchable):  # or the copies an order the model asks of its batch (packing with
+                return _unbatchable(err)  # `enforce_sorted=True`): the examples as given, then
+            try:
+                order = list(range(n))
+                together, on_packed = together_in(loss, plan, order)
+            except RuntimeError:
+                return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
         # packed sequences of one length cannot show whether the model reads the padding a longer example adds
         # (`pad_packed_sequence` pads to the batch's longest), nor hide an order by length: exact, but no proof
         conclusive &= not any(bool((lengths == lengths[0]).all()) for _, lengths in on_packed)
@@ -737,7 +745,7 @@ def _batching_refused(
             # an example's factors there are its own (a token-wise layer's rows get the example dimension, ``[1, T S]``)
             plan = plan._replace(batch_free=plan.batch_free | frozenset(batch_free))
             try:
-                together = batched_factors(module, loss, plan, state, mixed, mapper, refuse_recomputing=True)
+                together = together_in(loss, plan, order)[0]
             except RuntimeError as err:
                 return BatchingCheck(
                     f"{batch_free[0]!r} runs once for the whole batch (its input has no batch dimension, like T5's "
