@@ -898,20 +898,22 @@ class CentresInputs(nn.Module):
 def test_equal_first_examples_do_not_count_as_a_check_of_the_batching():
     """Examples that are all equal show no more of how a model batches them than one does, so a plan made on them
     checks the batching as one made on a single example does: on the training data's first examples (a test set of
-    four copies made the training passes batched: 75% off, silently), or else on the first batch whose examples
-    differ, which refuses a model that mixes them (first training examples all equal: 2.9-3.2x off, silently)."""
+    four copies made the training passes batched: 75% off, silently; found by fuzzing, so did one input with each
+    label, 75% off), or else on the first batch whose inputs differ, which refuses a model that mixes them (first
+    training examples all equal: 2.9-3.2x off, silently; by their labels only, 4.2x)."""
     torch.manual_seed(0)
     model = CentresInputs().double().eval()
     ckpts = _ckpts(model)
     x, y = torch.randint(-3, 4, (8, 4)).double(), torch.randint(0, 3, (8,))
-    copies = (x[:1].expand(4, 4), y[:1].expand(4))
-    ref = reference_scores(model, ckpts, (x, y), copies, loss_fn=CE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", tc.SlowPathWarning)
-        assert_close(tc.influence(model, ckpts, (x, y), copies, loss_fn=CE), ref.influence)
-    x[1:4], y[1:4] = x[0], y[0]
-    for batch_size in (None, 4):
-        with pytest.raises(ValueError, match=r"\(a single example, equal ones.*keep a batch's examples apart"):
+    for copies in ((x[:1].expand(4, 4), y[:1].expand(4)), (x[:1].expand(3, 4), torch.arange(3))):  # or each label
+        ref = reference_scores(model, ckpts, (x, y), copies, loss_fn=CE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", tc.SlowPathWarning)
+            assert_close(tc.influence(model, ckpts, (x, y), copies, loss_fn=CE), ref.influence)
+    x[1:4] = x[0]
+    for batch_size, labels in ((None, y[0]), (4, y[0]), (None, torch.arange(3))):
+        y[1:4] = labels
+        with pytest.raises(ValueError, match=r"\(a single example, examples of equal inputs.*examples apart"):
             tc.self_influence(model, ckpts, (x, y), loss_fn=CE, batch_size=batch_size)
     plain = nn.Sequential(nn.Linear(4, 3)).double().eval()  # keeps examples apart: scored batched
     assert_close(tc.self_influence(plain, ckpts := _ckpts(plain), (x, y), loss_fn=CE),

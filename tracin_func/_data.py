@@ -223,11 +223,20 @@ def rows_of(data: Any, start: int, stop: int) -> Any:
     return Subset(data, range(start, stop))
 
 
-def distinct_examples(batch: Batch, k: int) -> list[int]:
-    """Indices of ``batch``'s first example and of the next ones unlike every one taken (some tensor's row
-    differs), up to ``k``: examples run together that all are equal show no more of how a model batches them than
-    one does (centring over the batch gives them what it gives one alone)."""
+def distinct_examples(batch: Batch, k: int, *, widest_only: bool = False) -> list[int]:
+    """Indices of ``batch``'s first example and of the next ones unlike every one taken, up to ``k``: unlike in its
+    widest tensors (most elements per example: the model's inputs, rather than a label or an index), else in any.
+    Examples run together that all are equal show no more of how a model batches them than one does (centring over
+    the batch gives them what it gives one alone), nor do examples that differ only in their labels (centring the
+    inputs). ``widest_only``: no fallback to the other tensors."""
     rows = [t.reshape(t.shape[0], -1) for t in optree.tree_leaves(batch, none_is_leaf=True)]
+    widest = max(r.shape[1] for r in rows)
+    taken = _unlike_rows([r for r in rows if r.shape[1] == widest], k)
+    return taken if len(taken) > 1 or widest_only else _unlike_rows(rows, k)
+
+
+def _unlike_rows(rows: list[torch.Tensor], k: int) -> list[int]:
+    """The first row and the next ones unlike every one taken in some of ``rows`` (``[B, *]`` each), up to ``k``."""
     taken, unlike = [0], torch.ones(rows[0].shape[0], dtype=torch.bool, device=rows[0].device)
     while len(taken) < k:
         unlike &= torch.stack([(r != r[taken[-1]]).any(1) for r in rows]).any(0)  # (NaN differs: another example)

@@ -159,7 +159,8 @@ def _checking_first_batch(
             return reading, check
         raise ValueError(
             f"`model`: the call was planned on examples that could not show how the model batches them (a single "
-            f"example, equal ones, or packed sequences of one length, whose batched and single runs are the same), "
+            f"example, examples of equal inputs, or packed sequences of one length, whose batched and single runs are "
+            f"the same), "
             f"so planning could not check it; the first batch of two or more examples that could shows that {shows}. "
             f"Pass `factored=False`, or plan on two or more examples that differ (a first batch of two or more; for "
             f"a tracer, two or more test examples)."
@@ -806,8 +807,8 @@ def _true_expanded(
 
 
 def _shows_batching(batch: Any) -> bool:
-    """Whether ``batch`` holds examples that differ: run together, equal ones get what one alone gets."""
-    return len(distinct_examples(batch, 2)) > 1
+    """Whether ``batch`` holds examples whose inputs differ: run together, equal ones get what one alone gets."""
+    return len(distinct_examples(batch, 2, widest_only=True)) > 1
 
 
 def _singles(batch: Any, n: int) -> list[Any]:
