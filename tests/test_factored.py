@@ -981,7 +981,7 @@ def test_a_plan_made_on_one_example_checks_its_first_batch_of_two_or_more():
         warnings.simplefilter("error")  # batched: no slow-path warning
         assert_close(tc.self_influence(plain, ckpts, loader, loss_fn=CE), ref.self_influence)
         assert_close(tc.influence(plain, ckpts, loader, (x[:1], y[:1]), loss_fn=CE), ref.influence)
-    assert _plan(plain, loader).batched and not _plan(plain, loader).checked
+    assert _plan(plain, loader).batched and _plan(plain, loader).unchecked == "batching"
     torch.manual_seed(0)  # a layer run once for the whole batch, which one example cannot show: refused (a raw error)
     model, tokens = RelativeBias().double().eval(), torch.randint(0, 10, (8, 4))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens, y), batch_sampler=sizes)

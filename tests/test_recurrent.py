@@ -534,7 +534,7 @@ def test_packed_sequences_of_one_length_are_batched_and_checked_where_lengths_di
     padded_mean = PaddedMean().to(F64).eval()
     data = (x, torch.tensor([4, 4, 4, 4, 2, 5, 1, 3]), torch.randint(0, 2, (8,)))
     for batch_size in (None, 4):
-        with pytest.raises(ValueError, match=r"(?s)packed sequences of one length.*factored=False"):
+        with pytest.raises(ValueError, match=r"(?s)examples of one length, packed or padded alike.*factored=False"):
             tc.self_influence(padded_mean, _checkpoints(padded_mean), data, loss_fn=CE, batch_size=batch_size)
 
 

@@ -1454,6 +1454,69 @@ def test_7p_a_reversal_of_two_first_examples_is_refused(batch_size):
         assert_close(tc.self_influence(model, ckpts, (x, lengths, y), loss_fn=CE, batch_size=batch_size), ref)
 
 
+class PaddedTokens(nn.Module):
+    """Token ids padded with 0 after each example's length: ``how`` "trim" cuts the batch to its longest example and
+    means over all its positions (an example's output depends on its batch's longest), "sort" runs the embedding on
+    the batch ordered by length with Python (an order the watch does not see), "masked" means over each example's
+    own tokens (a correct model)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.emb, self.fc = nn.Embedding(7, 4), nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.how == "trim":
+            return self.fc(self.emb(ids[:, : int(lengths.max())]).mean(1))
+        if self.how == "sort":
+            order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
+            h = self.fc(self.emb(ids[order]).sum(1))
+            return h[[order.index(i) for i in range(len(order))]]
+        mask = (torch.arange(ids.shape[1]) < lengths[:, None]).to(torch.float64)
+        return self.fc((self.emb(ids) * mask[..., None]).sum(1) / lengths[:, None])
+
+
+@pytest.mark.parametrize("how", ["trim", "sort", "masked"])
+def test_7p_first_examples_of_one_length_leave_the_padding_to_be_checked(how):
+    """Found by fuzzing: first examples of one length cannot show a model reading the padding a longer example adds
+    (cutting the batch to its longest, then a mean over it) nor an order by length made in Python: later batches
+    were 62-79% off, silently. Examples of one length (their data padded alike) now leave that to the first batch
+    whose examples' padding differs, checked on an example of each; a correct model stays batched and exact."""
+    torch.manual_seed(0)
+    model = PaddedTokens(how).double().eval()
+    ckpts = make_ckpts(model)
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([3, 3, 3, 3, 5, 2, 6, 4, 1, 3])
+    ids = torch.randint(1, 7, (10, 6), generator=gen) * (torch.arange(6) < lengths[:, None])
+    train = (ids, lengths, torch.randint(0, 3, (10,), generator=gen))
+    for batch_size in (None, 4):
+        if how == "masked":
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got = tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=batch_size)
+            assert_close(got, reference(model, ckpts, train, None)[1])
+        else:
+            with pytest.raises(ValueError, match="examples of one length, packed or padded alike.*factored=False"):
+                tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=batch_size)
+
+
+def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
+    """The batching check's examples: the first, then the next whose widest tensors (the inputs) differ, first those
+    padded unlike every one taken (the trailing run of the last value: the padding, whatever its id); examples that
+    differ only in a label count as one."""
+    from tracin_func._data import distinct_examples, padding
+
+    ids = torch.tensor([[1, 2, 0, 0], [3, 4, 0, 0], [1, 2, 0, 0], [5, 6, 7, 0], [5, 6, 7, 8], [9, 9, 9, 9]])
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert padding((ids, y)).tolist() == [[2], [2], [2], [1], [1], [4]]
+    assert distinct_examples((ids, y), 4) == [0, 3, 5, 1]
+    assert distinct_examples((ids[[0, 2]], y[:2]), 4) == [0, 1]  # the label alone, in the fallback
+    assert distinct_examples((ids[[0, 2]], y[:2]), 4, widest_only=True) == [0]
+    long = torch.zeros(3, 100, dtype=torch.long)
+    long[0, :10], long[1, :30], long[2, :] = 1, 1, 1
+    assert padding((long,)).tolist() == [[90], [70], [100]]
+
+
 def test_7p_index_tuples_name_the_dimensions_they_index():
     """The batch-order watch reads which dimension each entry of an index tuple indexes (``None`` takes none, ``...``
     the ones no entry names, a mask as many as it has), so an order over another dimension of batch length is not

@@ -224,25 +224,58 @@ def rows_of(data: Any, start: int, stop: int) -> Any:
 
 
 def distinct_examples(batch: Batch, k: int, *, widest_only: bool = False) -> list[int]:
-    """Indices of ``batch``'s first example and of the next ones unlike every one taken, up to ``k``: unlike in its
-    widest tensors (most elements per example: the model's inputs, rather than a label or an index), else in any.
-    Examples run together that all are equal show no more of how a model batches them than one does (centring over
-    the batch gives them what it gives one alone), nor do examples that differ only in their labels (centring the
-    inputs). ``widest_only``: no fallback to the other tensors."""
+    """Indices of ``batch``'s first example and of the next ones unlike every one taken, up to ``k``, those padded
+    unlike the ones taken first (``padding``): unlike in its widest tensors (most elements per example: the model's
+    inputs, rather than a label or an index), else in any. Examples run together that all are equal show no more of
+    how a model batches them than one does (centring over the batch gives them what it gives one alone), nor do
+    examples that differ only in their labels (centring the inputs), nor, of a model that reads the padding a longer
+    example adds, examples of one length. ``widest_only``: no fallback to the other tensors."""
+    rows, widest = _rows(batch)
+    padded = padding(batch)
+    taken = _unlike_rows(widest, k, padded)
+    return taken if len(taken) > 1 or widest_only else _unlike_rows(rows, k, padded)
+
+
+def padding(batch: Batch) -> torch.Tensor:
+    """``[B, tensors]``: each example's trailing run of its last value in each of the batch's widest tensors (its
+    padding, whatever the padding id: equal for examples of one length; 1 mostly, unpadded)."""
+    return torch.stack([_trailing_run(r) for r in _rows(batch)[1]], 1)
+
+
+def _trailing_run(rows: torch.Tensor, tail: int = 64) -> torch.Tensor:
+    """``[B]``: how many entries at the end of each row of ``rows`` ``[B, n]`` equal its last, read in the last
+    ``tail`` entries first (most rows end there), then in full where all of those do."""
+    before = (rows[:, -tail:] != rows[:, -1:]).flip(1)  # from the end: the first entry unlike the last ends its run
+    run = torch.where(before.any(1), before.to(torch.uint8).argmax(1), before.shape[1])
+    longer = run == before.shape[1]
+    if before.shape[1] < rows.shape[1] and bool(longer.any()):
+        run[longer] = _trailing_run(rows[longer], rows.shape[1])
+    return run
+
+
+def finite_examples(batch: Batch) -> torch.Tensor:
+    """``[B]``: whether every floating tensor of each example is finite."""
+    rows = [r.isfinite().all(1) for r in _rows(batch)[0] if r.is_floating_point()]
+    return torch.stack(rows).all(0) if rows else torch.ones(batch_size_of(batch, "batch"), dtype=torch.bool)
+
+
+def _rows(batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The batch's tensors as rows ``[B, *]``, and those of them with the most elements per example."""
     rows = [t.reshape(t.shape[0], -1) for t in optree.tree_leaves(batch, none_is_leaf=True)]
-    widest = max(r.shape[1] for r in rows)
-    taken = _unlike_rows([r for r in rows if r.shape[1] == widest], k)
-    return taken if len(taken) > 1 or widest_only else _unlike_rows(rows, k)
+    most = max(r.shape[1] for r in rows)
+    return rows, [r for r in rows if r.shape[1] == most]
 
 
-def _unlike_rows(rows: list[torch.Tensor], k: int) -> list[int]:
-    """The first row and the next ones unlike every one taken in some of ``rows`` (``[B, *]`` each), up to ``k``."""
+def _unlike_rows(rows: list[torch.Tensor], k: int, padded: torch.Tensor) -> list[int]:
+    """The first row and the next ones unlike every one taken in some of ``rows`` (``[B, *]`` each), up to ``k``,
+    first those whose ``padded`` row is unlike every one taken."""
     taken, unlike = [0], torch.ones(rows[0].shape[0], dtype=torch.bool, device=rows[0].device)
     while len(taken) < k:
         unlike &= torch.stack([(r != r[taken[-1]]).any(1) for r in rows]).any(0)  # (NaN differs: another example)
         if not bool(unlike.any()):
             break
-        taken.append(int(unlike.nonzero()[0]))
+        new = unlike & (padded[:, None] != padded[taken][None]).any(2).all(1)
+        taken.append(int((new if bool(new.any()) else unlike).nonzero()[0]))
     return taken
 
 

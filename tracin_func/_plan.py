@@ -15,7 +15,7 @@ from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, 
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._bags import PRODUCT as BAG_PRODUCT
 from ._capture import BatchableLoss, Hook, Unbatchable, batched_factors, discover, hooked
-from ._data import distinct_examples, num_examples, select_rows, slice_batch
+from ._data import distinct_examples, finite_examples, num_examples, padding, select_rows, slice_batch
 from ._grads import Mapper, Tensors
 from ._layers import (
     Site,
@@ -58,9 +58,11 @@ class Plan(NamedTuple):
     # parameters the forward and the loss do not use, on a batched plan: zero gradients (refused if used later); a
     # plan that runs vmap(grad) anyway keeps them in ``dense``
     unused: tuple[str, ...] = ()
-    # whether the batching check ran on two or more examples (a lone example's batched and single runs are the same:
-    # a plan made on one example checks its first batch of two or more, ``_checking_first_batch``)
-    checked: bool = True
+    # what the batching check could not show on the examples planned on, and checks on the first batches that can
+    # (``_checking_first_batch``): "batching" (one example, or examples of equal inputs: their batched and single runs
+    # are the same), "lengths" / "packed" (examples of one length: whether the model reads the padding a longer one
+    # adds; as ``BatchingCheck.unshown``)
+    unchecked: str = ""
     # rows of the batch dimension per example where the model folds an example's items into its batch (``[B, C, T]``
     # ids run as ``[B C, T]``: multiple choice); a row broadcast over the batch meets ``B fold`` rows
     fold: int = 1
@@ -125,7 +127,7 @@ def plan_call(
     reps = {}
     for loss in losses:
         reps[id(loss)] = representation_fn(module, loss, plan, mapper, compiled=setup.compile)
-        if plan.batched and not plan.checked:
+        if plan.batched and plan.unchecked:
             reps[id(loss)] = _checking_first_batch(reps[id(loss)], module, loss, plan, mapper, setup.compile)
     train, test = reps[id(setup.train_loss)], reps[id(setup.test_loss)]
     return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection), train, test)
@@ -134,13 +136,16 @@ def plan_call(
 def _checking_first_batch(
     rep: RepresentationFn, module: nn.Module, loss: BatchableLoss, plan: Plan, mapper: Mapper, compiled: bool
 ) -> RepresentationFn:
-    """``rep`` checking the batching on its batches of two or more examples until one proves the plan, for a plan
-    made on examples that could not (``Plan.checked``): a model that mixes a batch's examples is refused there, never
-    scored batched. A check on packed sequences of one length proves nothing of the padding a longer example adds:
-    its batch is scored eagerly, recording the batch's own lengths, and is exact when those are one too (no
-    padding); otherwise the batching is checked again on an example of each length."""
+    """``rep`` checking what the plan's examples could not show (``Plan.unchecked``) on its batches of two or more
+    examples until one proves the plan: a model that mixes a batch's examples is refused there, never scored
+    batched. Examples of one length (padded alike, or packed) show nothing of the padding a longer example adds, nor
+    of an order by length: a batch whose own lengths are one too is exact (no padding, no order; packed lengths are
+    recorded by scoring the batch eagerly); the first whose lengths differ is checked on an example of each."""
     proven: list[RepresentationFn] = []  # set once, to the checked reading's; threads may both check the first
     # batch (the same answer)
+    lengths_left: list[tuple[Plan, str, RepresentationFn]] = []  # the reading, "lengths" or "packed", its rep
+    if plan.unchecked in ("lengths", "packed"):
+        lengths_left.append((plan, plan.unchecked, rep))
 
     def verdict(diff: Tensors, frozen: Tensors, examples: Any) -> tuple[Plan, BatchingCheck]:
         """The reading ``examples`` pass the check under, and that check; raises where they show the model mixes
@@ -159,11 +164,10 @@ def _checking_first_batch(
             return reading, check
         raise ValueError(
             f"`model`: the call was planned on examples that could not show how the model batches them (a single "
-            f"example, examples of equal inputs, or packed sequences of one length, whose batched and single runs are "
-            f"the same), "
-            f"so planning could not check it; the first batch of two or more examples that could shows that {shows}. "
-            f"Pass `factored=False`, or plan on two or more examples that differ (a first batch of two or more; for "
-            f"a tracer, two or more test examples)."
+            f"example, examples of equal inputs, or examples of one length, packed or padded alike), so planning "
+            f"could not check it; the first batch of two or more examples that could shows that {shows}. Pass "
+            f"`factored=False`, or plan on two or more examples that differ (a first batch of two or more; for a "
+            f"tracer, two or more test examples)."
         )
 
     def rep_of(reading: Plan, eager: bool = False) -> RepresentationFn:
@@ -175,20 +179,25 @@ def _checking_first_batch(
     def unproven(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
         if num_examples(batch) < 2:
             return rep_of(plan, eager=True)(diff, frozen, batch)
-        reading, check = verdict(diff, frozen, batch)
-        if check.conclusive:
-            if _shows_batching(batch):
+        if not lengths_left:
+            reading, check = verdict(diff, frozen, batch)
+            if not _shows_batching(batch):
+                return rep_of(reading, eager=True)(diff, frozen, batch)
+            if not check.unshown:
                 proven.append(rep_of(reading))
-            return rep_of(reading, eager=True)(diff, frozen, batch)
+                return rep_of(reading, eager=True)(diff, frozen, batch)
+            lengths_left.append((reading, check.unshown, rep_of(reading)))
+        reading = lengths_left[0][0]
         with packed_calls() as on_packed:
             out = rep_of(reading, eager=True)(diff, frozen, batch)
-        varied = next((lengths for _, lengths in on_packed if not bool((lengths == lengths[0]).all())), None)
+        finite = finite_examples(batch).cpu()  # (a non-finite input is named where its scores are checked)
+        varied = next((t for t in map(torch.Tensor.cpu, _lengths(on_packed, batch)) if not _alike(t[finite])), None)
         if varied is None:
-            return out  # packed sequences of one length in the whole batch: no padding, exact
-        each = sorted(int((varied == length).nonzero()[0]) for length in varied.unique())[:4]
+            return out  # one length in the whole batch: no padding, no order by length: exact
+        each = _first_of_each(varied, finite)
         in_order = len(varied) == num_examples(batch)
         rechecked, check = verdict(diff, frozen, select_rows(batch, torch.tensor(each))) if in_order else (plan, None)
-        if check is None or not check.conclusive:
+        if check is None or check.unshown:
             raise ValueError(
                 "`model`: the call was planned on packed sequences of one length, which cannot show whether the model "
                 "reads the padding a longer example adds, and the first batch whose lengths differ does not pack its "
@@ -198,9 +207,34 @@ def _checking_first_batch(
         return out if rechecked is reading else rep_of(rechecked, eager=True)(diff, frozen, batch)
 
     def checking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
-        return proven[0](diff, frozen, batch) if proven else unproven(diff, frozen, batch)
+        if proven:
+            return proven[0](diff, frozen, batch)
+        if lengths_left and lengths_left[0][1] == "lengths" and _padded_alike(batch):  # exact, compiled if asked
+            return lengths_left[0][2](diff, frozen, batch)
+        return unproven(diff, frozen, batch)
 
     return checking
+
+
+@torch.compiler.disable  # eager inside compiled updates
+def _padded_alike(batch: Any) -> bool:
+    """Whether the examples of ``batch`` are all padded alike (``padding``): of one length."""
+    return _alike(padding(batch))
+
+
+def _lengths(on_packed: Sequence[tuple[nn.Module, torch.Tensor]], batch: Any) -> list[torch.Tensor]:
+    """Each example's length: per layer run on a ``PackedSequence``, else its padding in the data (``padding``)."""
+    return [lengths for _, lengths in on_packed] or [padding(batch)]
+
+
+def _alike(t: torch.Tensor) -> bool:
+    return bool((t == t[:1]).all())
+
+
+def _first_of_each(values: torch.Tensor, among: torch.Tensor) -> list[int]:
+    """The first index of each value (row) of ``values`` where ``among``, in order, four at most."""
+    group = torch.unique(values.reshape(len(values), -1), dim=0, return_inverse=True)[1]
+    return sorted(int((among & (group == g)).nonzero()[0]) for g in group[among].unique())[:4]
 
 
 def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...] | None]) -> int:
@@ -374,7 +408,8 @@ def make_plan(
             plan, check = plan._replace(fold=1), unfolded
     refused, seen = check.reason, check.seen
     plan = plan._replace(batch_free=frozenset(check.batch_free))
-    checked = check.conclusive and (_shows_batching(batch) or head is not None and _shows_batching(head))
+    shown = _shows_batching(batch) or head is not None and _shows_batching(head)
+    unchecked = check.unshown if shown else "batching"
     if refused:
         unbatched = _factorless(plan) if check.factorless else _unpacked(_unexpanded(plan), packed)
         return unbatched._replace(batching=f"vmap(grad) over examples: {refused}")
@@ -406,8 +441,9 @@ def make_plan(
     size = _example_bytes([s for s in plan.sites if s.path in kernel], rows_of, used, diff)
     reasons.update({n: _UNUSED for n in unused})
     batching = "one batched forward / backward gives every layer's factors"
+    unused_names = tuple(n for n in names if n in unused)
     return plan._replace(batched=True, batching=batching, kernel=frozenset(kernel), trimmed=frozenset(trimmed),
-                         example_bytes=size, dense=(), unused=tuple(n for n in names if n in unused), checked=checked)
+                         example_bytes=size, dense=(), unused=unused_names, unchecked=unchecked)
 
 
 def _folded_rows(
@@ -664,7 +700,9 @@ class BatchingCheck(NamedTuple):
     seen: dict[str, LayerFactors]  # each site's factors on the first examples
     batch_free: tuple[str, ...] = ()  # sites run once for the whole batch (``Plan.batch_free``), when not refused
     factorless: bool = False  # refused so that no layer's factors can be taken per example either
-    conclusive: bool = True  # False: passed on examples that cannot show everything (packed sequences of one length)
+    # what the examples could not show: "lengths" (of one length, padded alike: whether the model reads the padding a
+    # longer example adds) or "packed" (packed sequences of one length); "" nothing
+    unshown: str = ""
 
 
 def _unbatchable(err: Unbatchable) -> BatchingCheck:
@@ -704,7 +742,7 @@ def _batching_refused(
             rows = select_rows(few, torch.tensor(order))
             return batched_factors(module, loss, plan, state, rows, mapper, refuse_recomputing=True), on_packed
     seen: dict[str, LayerFactors] = {}
-    conclusive = True
+    unshown = ""
     expanded = [s for s in plan.sites if s.kind == "expanded"]
     linear = {s.path for s in plan.sites if s.kind == "linear"}
     for loss, true in zip(losses, truth):
@@ -727,9 +765,10 @@ def _batching_refused(
                 together, on_packed = together_in(loss, plan, order)
             except RuntimeError:
                 return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
-        # packed sequences of one length cannot show whether the model reads the padding a longer example adds
-        # (`pad_packed_sequence` pads to the batch's longest), nor hide an order by length: exact, but no proof
-        conclusive &= not any(bool((lengths == lengths[0]).all()) for _, lengths in on_packed)
+        # examples of one length (packed, or padded alike) cannot show whether the model reads the padding a longer
+        # example adds (`pad_packed_sequence` pads to the batch's longest), nor an order by length: exact, no proof
+        if n < 2 or any(map(_alike, _lengths(on_packed, few))):
+            unshown = "packed" if on_packed else "lengths"
         for site in expanded:
             if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[name] for name in site.names))):
                 return BatchingCheck(
@@ -785,7 +824,7 @@ def _batching_refused(
                     {},
                 )
             seen.setdefault(path, ([x[:n] for x in xs], [g[:n] for g in gs]))  # (not the copy)
-    return BatchingCheck("", seen, tuple(plan.batch_free), conclusive=conclusive)
+    return BatchingCheck("", seen, tuple(plan.batch_free), unshown=unshown)
 
 
 def _refused_on(
