@@ -109,11 +109,12 @@ def plan_call(
     if setup.method == "last_layer":
         assert module is not None  # checked when the call was set up
         names, factored = last_layer_params(module, setup.train_loss, first, batch, setup.spec.aliases), True
-    diff = {n: first[n] for n in names}
-    frozen = {n: t for n, t in first.items() if n not in diff}
+    diff, frozen = _split(first, names)
+    checked_at = _split(setup.checkpoints[-1].state, names)  # see ``make_plan``
     mapper = Mapper(setup.chunk_size)
     plan = make_plan(
-        module, names, losses, diff, frozen, batch, mapper, factored=factored, self_only=self_only, scored=scored
+        module, names, losses, diff, frozen, batch, mapper, factored=factored, self_only=self_only, scored=scored,
+        checked_at=checked_at,
     )
     if module is not None and factored is not False and not plan.batched:
         causes = sorted(plan.dense, key=lambda n: plan.reasons[n] in (_TO_VMAP, _UNUSED_ON_VMAP))  # root causes first
@@ -128,13 +129,25 @@ def plan_call(
     for loss in losses:
         reps[id(loss)] = representation_fn(module, loss, plan, mapper, compiled=setup.compile)
         if plan.batched and plan.unchecked:
-            reps[id(loss)] = _checking_first_batch(reps[id(loss)], module, loss, plan, mapper, setup.compile)
+            checking = _checking_first_batch(reps[id(loss)], module, loss, plan, mapper, checked_at, setup.compile)
+            reps[id(loss)] = checking
     train, test = reps[id(setup.train_loss)], reps[id(setup.test_loss)]
     return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection), train, test)
 
 
+def _split(state: Tensors, names: Sequence[str]) -> tuple[Tensors, Tensors]:
+    """``(differentiated, frozen)`` tensors of a checkpoint's state."""
+    return {n: state[n] for n in names}, {n: t for n, t in state.items() if n not in names}
+
+
 def _checking_first_batch(
-    rep: RepresentationFn, module: nn.Module, loss: BatchableLoss, plan: Plan, mapper: Mapper, compiled: bool
+    rep: RepresentationFn,
+    module: nn.Module,
+    loss: BatchableLoss,
+    plan: Plan,
+    mapper: Mapper,
+    checked_at: tuple[Tensors, Tensors],
+    compiled: bool,
 ) -> RepresentationFn:
     """``rep`` checking what the plan's examples could not show (``Plan.unchecked``) on its batches of two or more
     examples until one proves the plan: a model that mixes a batch's examples is refused there, never scored
@@ -147,13 +160,13 @@ def _checking_first_batch(
     if plan.unchecked in ("lengths", "packed"):
         lengths_left.append((plan, plan.unchecked, rep))
 
-    def verdict(diff: Tensors, frozen: Tensors, examples: Any) -> tuple[Plan, BatchingCheck]:
-        """The reading ``examples`` pass the check under, and that check; raises where they show the model mixes
-        them or runs a layer once for the whole batch."""
-        reading, check = plan, _refused_on(module, loss, plan, diff, frozen, examples, mapper)
+    def verdict(examples: Any) -> tuple[Plan, BatchingCheck]:
+        """The reading ``examples`` pass the check under (at ``checked_at``), and that check; raises where they show
+        the model mixes them or runs a layer once for the whole batch."""
+        reading, check = plan, _refused_on(module, loss, plan, *checked_at, examples, mapper)
         if check.reason and plan.seq_first:  # one example's [T, 1, d] read batch-first after all?
             flat = plan._replace(seq_first=frozenset())
-            retried = _refused_on(module, loss, flat, diff, frozen, examples, mapper)
+            retried = _refused_on(module, loss, flat, *checked_at, examples, mapper)
             reading, check = (flat, retried) if not retried.reason else (plan, check)
         unseen = sorted(set(check.batch_free) - plan.batch_free)  # (a lone example's layers all look batch-free)
         if check.reason:
@@ -180,7 +193,7 @@ def _checking_first_batch(
         if num_examples(batch) < 2:
             return rep_of(plan, eager=True)(diff, frozen, batch)
         if not lengths_left:
-            reading, check = verdict(diff, frozen, batch)
+            reading, check = verdict(batch)
             if not _shows_batching(batch):
                 return rep_of(reading, eager=True)(diff, frozen, batch)
             if not check.unshown:
@@ -196,7 +209,7 @@ def _checking_first_batch(
             return out  # one length in the whole batch: no padding, no order by length: exact
         each = _first_of_each(varied, finite)
         in_order = len(varied) == num_examples(batch)
-        rechecked, check = verdict(diff, frozen, select_rows(batch, torch.tensor(each))) if in_order else (plan, None)
+        rechecked, check = verdict(select_rows(batch, torch.tensor(each))) if in_order else (plan, None)
         if check is None or check.unshown:
             raise ValueError(
                 "`model`: the call was planned on packed sequences of one length, which cannot show whether the model "
@@ -289,9 +302,12 @@ def make_plan(
     factored: bool | None,
     self_only: bool = False,
     scored: Callable[[], Any] | None = None,
+    checked_at: tuple[Tensors, Tensors] | None = None,
 ) -> Plan:
     """Which layers give factors, which of those are scored by factored inner products (a cost model for
     ``factored=None``, all for ``True``; ``False`` uses vmap(grad) for everything), and how factors are obtained.
+    ``checked_at``: the ``(diff, frozen)`` state the batching check runs at, when not this one: the last
+    checkpoint's, where a path mixing examples behind a gate that is zero at initialisation shows.
     ``self_only``: each gradient is only multiplied with itself (self-influence)."""
     sites = {}
     if module is not None and factored is not False:
@@ -389,9 +405,11 @@ def make_plan(
     head = scored() if scored is not None and not _shows_batching(batch) else None
 
     def checked_on(plan: Plan) -> BatchingCheck:
+        at = checked_at or (diff, frozen)
         if head is not None and _shows_batching(head):  # check the training loss on its data
-            return _refused_on(module, losses[0], plan, diff, frozen, head, mapper)
-        return _batching_refused(module, losses, plan, {**frozen, **diff}, batch, mapper, truth)
+            return _refused_on(module, losses[0], plan, *at, head, mapper)
+        true = truth if checked_at is None else [_true_expanded(module, loss, plan, *at, batch) for loss in losses]
+        return _batching_refused(module, losses, plan, {**at[1], **at[0]}, batch, mapper, true)
 
     readings = _readings(plan, sites, first_calls, modules)
     plan, check = readings[0], checked_on(readings[0])
