@@ -1495,6 +1495,8 @@ def test_7p_first_examples_of_one_length_leave_the_padding_to_be_checked(how):
                 warnings.simplefilter("error")
                 got = tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=batch_size)
             assert_close(got, reference(model, ckpts, train, None)[1])
+            e = tc.explain(model, ckpts, train, loss_fn=CE, batch_size=4)
+            assert e.checked_later.startswith("the examples planned on end alike") and "checked later" in str(e)
         else:
             with pytest.raises(ValueError, match="examples of one length, packed or padded alike.*factored=False"):
                 tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=batch_size)

@@ -43,6 +43,7 @@ class Explanation(NamedTuple):
     batch_size: int | None  # examples per batch at most: ``batch_size=`` or the plan's automatic size (None: the
     # batches of a DataLoader or iterable, used as they are)
     example_bytes: int  # one example's gradient representation under the plan (factors and per-sample gradients)
+    checked_later: str = ""  # what the examples planned on could not show, checked on a later batch that can
 
     def __str__(self) -> str:
         width = max(len("parameter"), *(len(r.parameter) for r in self.routes))
@@ -55,7 +56,7 @@ class Explanation(NamedTuple):
         ]
         lines.append(f"{'parameter':<{width}}  {'route':<12}  reason")
         lines += [f"{r.parameter:<{width}}  {r.route:<12}  {r.reason}" for r in self.routes]
-        return "\n".join(lines)
+        return "\n".join(lines + ([f"checked later: {self.checked_later}"] if self.checked_later else []))
 
 
 def explain(
@@ -119,4 +120,14 @@ def explain(
     )  # fmt: skip
     batching = plan.batching + looping
     size = most_per_batch(setup, plan) if num_examples(data) else None
-    return Explanation(tuple(routes), batching, size, plan.example_bytes)
+    return Explanation(tuple(routes), batching, size, plan.example_bytes, _CHECKED_LATER.get(plan.unchecked, ""))
+
+
+_CHECKED_LATER = {
+    "batching": "the examples planned on (one, or of equal inputs) cannot show how the model batches them: the "
+    "batching is checked on the first batch whose inputs differ",
+    "lengths": "the examples planned on end alike (no padding, or as much), which cannot show whether the model reads "
+    "the padding a longer example adds: checked on the first batch whose examples end unlike (padded otherwise)",
+    "packed": "the examples planned on are packed sequences of one length, which cannot show whether the model reads "
+    "the padding a longer example adds: checked on the first batch whose lengths differ",
+}
