@@ -567,6 +567,39 @@ def test_packing_that_asks_for_sorted_batches_stays_batched(batch_size):
     assert_close(got, ref.self_influence)
 
 
+class Siamese(nn.Module):
+    """Two inputs (a premise and a hypothesis), each packed and encoded by one GRU: a correct model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.rnn, self.fc = nn.Embedding(9, 4), nn.GRU(4, 5, batch_first=True), nn.Linear(10, 3)
+
+    def encoded(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(self.emb(ids), lengths, batch_first=True, enforce_sorted=False)
+        return self.rnn(packed)[1][-1]
+
+    def forward(self, a: torch.Tensor, a_lengths: torch.Tensor, b: torch.Tensor, b_lengths: torch.Tensor):
+        return self.fc(torch.cat([self.encoded(a, a_lengths), self.encoded(b, b_lengths)], 1))
+
+
+def test_two_packed_inputs_one_of_one_length_stay_batched():
+    """Found by fuzzing: a correct model packing two inputs, one of them of one length among the first examples
+    (a fixed-length field), was refused ("does not pack its examples in its own order"). The examples show the
+    padding where either input's lengths differ."""
+    torch.manual_seed(0)
+    model = Siamese().to(F64).eval()
+    ckpts = _checkpoints(model)
+    gen = torch.Generator().manual_seed(3)
+    fixed, varied = ([3, 5, 2, 6, 4, 1, 3, 2], [4] * 8), ([3, 3, 3, 3, 5, 2, 6, 4], [2, 4, 3, 5, 2, 2, 4, 6])
+    for a_lengths, b_lengths in (fixed, varied):  # the hypotheses of one length; the first premises of one length
+        a, b = (torch.randint(1, 9, (8, 6), generator=gen) for _ in range(2))
+        train = (a, torch.tensor(a_lengths), b, torch.tensor(b_lengths), torch.randint(0, 3, (8,), generator=gen))
+        ref = reference_scores(model, ckpts, train, loss_fn=CE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=4), ref.self_influence)
+
+
 class WeightDrop(nn.Module):
     """AWD-LSTM's WeightDrop: the layer's weight is no longer its parameter; the wrapper registers ``<name>_raw``
     and sets the weight (dropped out in training) on the layer before each call."""

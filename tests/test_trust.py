@@ -1487,7 +1487,8 @@ def test_7p_first_examples_of_one_length_leave_the_padding_to_be_checked(how):
     ckpts = make_ckpts(model)
     gen = torch.Generator().manual_seed(1)
     lengths = torch.tensor([3, 3, 3, 3, 5, 2, 6, 4, 1, 3])
-    ids = torch.randint(1, 7, (10, 6), generator=gen) * (torch.arange(6) < lengths[:, None])
+    tokens = (torch.arange(10)[:, None] * 7 + torch.arange(6)) % 6 + 1  # no token twice in a row: runs are padding
+    ids = tokens * (torch.arange(6) < lengths[:, None])
     train = (ids, lengths, torch.randint(0, 3, (10,), generator=gen))
     for batch_size in (None, 4):
         if how == "masked":
@@ -1504,19 +1505,21 @@ def test_7p_first_examples_of_one_length_leave_the_padding_to_be_checked(how):
 
 def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     """The batching check's examples: the first, then the next whose widest tensors (the inputs) differ, first those
-    padded unlike every one taken (the trailing run of the last value: the padding, whatever its id); examples that
-    differ only in a label count as one."""
+    padded unlike every one taken (an attention mask's ones, else the runs at both ends of the widest tensors: the
+    padding, whatever its id and side); examples that differ only in a label count as one."""
     from tracin_func._data import distinct_examples, padding
 
     ids = torch.tensor([[1, 2, 0, 0], [3, 4, 0, 0], [1, 2, 0, 0], [5, 6, 7, 0], [5, 6, 7, 8], [9, 9, 9, 9]])
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    assert padding((ids, y)).tolist() == [[2], [2], [2], [1], [1], [4]]
+    assert padding((ids, y)).tolist() == [[1, 2], [1, 2], [1, 2], [1, 1], [1, 1], [4, 4]]
     assert distinct_examples((ids, y), 4) == [0, 3, 5, 1]
     assert distinct_examples((ids[[0, 2]], y[:2]), 4) == [0, 1]  # the label alone, in the fallback
     assert distinct_examples((ids[[0, 2]], y[:2]), 4, widest_only=True) == [0]
     long = torch.zeros(3, 100, dtype=torch.long)
-    long[0, :10], long[1, :30], long[2, :] = 1, 1, 1
-    assert padding((long,)).tolist() == [[90], [70], [100]]
+    long[0, :10], long[1, 70:], long[2, :] = 2, 2, 2
+    assert padding((long,)).tolist() == [[10, 90], [70, 30], [100, 100]]  # right, left, none
+    left = torch.tensor([[0, 0, 5, 6], [0, 7, 7, 7]])  # left padded, a repeated last token: the mask tells
+    assert padding({"input_ids": left, "attention_mask": (left != 0).long()}).tolist() == [[2], [3]]
 
 
 def test_7p_index_tuples_name_the_dimensions_they_index():

@@ -237,19 +237,24 @@ def distinct_examples(batch: Batch, k: int, *, widest_only: bool = False) -> lis
 
 
 def padding(batch: Batch) -> torch.Tensor:
-    """``[B, tensors]``: each example's trailing run of its last value in each of the batch's widest tensors (its
-    padding, whatever the padding id: equal for examples of one length; 1 mostly, unpadded)."""
-    return torch.stack([_trailing_run(r) for r in _rows(batch)[1]], 1)
+    """``[B, k]``: each example's padding, as far as the data shows it: the ones of each mask (an integer or boolean
+    tensor of 0 / 1 wider than one per example: an attention mask), else the runs at both ends of each of the widest
+    tensors (the first value's and the last's, whatever the padding id: equal for examples of one length; 1 mostly,
+    unpadded)."""
+    rows, widest = _rows(batch)
+    masks = [r.sum(1) for r in rows if r.shape[1] > 1 and not r.is_floating_point() and bool((r.eq(0) | r.eq(1)).all())]
+    return torch.stack(masks or [_end_run(r, first) for r in widest for first in (True, False)], 1)
 
 
-def _trailing_run(rows: torch.Tensor, tail: int = 64) -> torch.Tensor:
-    """``[B]``: how many entries at the end of each row of ``rows`` ``[B, n]`` equal its last, read in the last
-    ``tail`` entries first (most rows end there), then in full where all of those do."""
-    before = (rows[:, -tail:] != rows[:, -1:]).flip(1)  # from the end: the first entry unlike the last ends its run
-    run = torch.where(before.any(1), before.to(torch.uint8).argmax(1), before.shape[1])
-    longer = run == before.shape[1]
-    if before.shape[1] < rows.shape[1] and bool(longer.any()):
-        run[longer] = _trailing_run(rows[longer], rows.shape[1])
+def _end_run(rows: torch.Tensor, first: bool, tail: int = 64) -> torch.Tensor:
+    """``[B]``: how many entries at the start (``first``) or the end of each row of ``rows`` ``[B, n]`` equal the one
+    there, read in the ``tail`` entries there first (most rows end there), then in full where all of those do."""
+    end = rows[:, :tail].flip(1) if first else rows[:, -tail:]  # that end's entries, the one at the end last
+    before = (end != end[:, -1:]).flip(1)  # from the end: the first entry unlike it ends its run
+    run = torch.where(before.any(1), before.to(torch.uint8).argmax(1), end.shape[1])
+    longer = run == end.shape[1]
+    if end.shape[1] < rows.shape[1] and bool(longer.any()):
+        run[longer] = _end_run(rows[longer], first, rows.shape[1])
     return run
 
 

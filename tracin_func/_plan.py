@@ -785,7 +785,7 @@ def _batching_refused(
                 return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
         # examples of one length (packed, or padded alike) cannot show whether the model reads the padding a longer
         # example adds (`pad_packed_sequence` pads to the batch's longest), nor an order by length: exact, no proof
-        if n < 2 or any(map(_alike, _lengths(on_packed, few))):
+        if n < 2 or all(map(_alike, _lengths(on_packed, few))):  # (each packed input: one of a pair may be fixed)
             unshown = "packed" if on_packed else "lengths"
         for site in expanded:
             if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[name] for name in site.names))):
