@@ -1460,10 +1460,10 @@ class PaddedTokens(nn.Module):
     the batch ordered by length with Python (an order the watch does not see), "masked" means over each example's
     own tokens (a correct model)."""
 
-    def __init__(self, how: str) -> None:
+    def __init__(self, how: str, classes: int = 3) -> None:
         super().__init__()
         self.how = how
-        self.emb, self.fc = nn.Embedding(7, 4), nn.Linear(4, 3)
+        self.emb, self.fc = nn.Embedding(7, 4), nn.Linear(4, classes)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.how == "trim":
@@ -1501,6 +1501,11 @@ def test_7p_first_examples_of_one_length_leave_the_padding_to_be_checked(how):
         else:
             with pytest.raises(ValueError, match="examples of one length, packed or padded alike.*factored=False"):
                 tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=batch_size)
+    if how == "trim":  # soft labels, wider than the inputs: the padding is read from the inputs, not the target
+        model = PaddedTokens(how, classes=10).double().eval()
+        soft = torch.softmax(torch.randn(10, 10, generator=gen, dtype=torch.float64), 1)
+        with pytest.raises(ValueError, match="examples of one length, packed or padded alike.*factored=False"):
+            tc.self_influence(model, make_ckpts(model), (ids, lengths, soft), loss_fn=CE)
 
 
 def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():

@@ -194,7 +194,7 @@ def _checking_first_batch(
             return rep_of(plan, eager=True)(diff, frozen, batch)
         if not lengths_left:
             reading, check = verdict(batch)
-            if not _shows_batching(batch):
+            if not _shows_batching(_inputs(batch, [loss])):
                 return rep_of(reading, eager=True)(diff, frozen, batch)
             if not check.unshown:
                 proven.append(rep_of(reading))
@@ -204,7 +204,8 @@ def _checking_first_batch(
         with packed_calls() as on_packed:
             out = rep_of(reading, eager=True)(diff, frozen, batch)
         finite = finite_examples(batch).cpu()  # (a non-finite input is named where its scores are checked)
-        varied = next((t for t in map(torch.Tensor.cpu, _lengths(on_packed, batch)) if not _alike(t[finite])), None)
+        lengths = map(torch.Tensor.cpu, _lengths(on_packed, _inputs(batch, [loss])))
+        varied = next((t for t in lengths if not _alike(t[finite])), None)
         if varied is None:
             return out  # one length in the whole batch: no padding, no order by length: exact
         each = _first_of_each(varied, finite)
@@ -222,7 +223,7 @@ def _checking_first_batch(
     def checking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
         if proven:
             return proven[0](diff, frozen, batch)
-        if lengths_left and lengths_left[0][1] == "lengths" and _padded_alike(batch):  # exact, compiled if asked
+        if lengths_left and lengths_left[0][1] == "lengths" and _padded_alike(_inputs(batch, [loss])):  # exact
             return lengths_left[0][2](diff, frozen, batch)
         return unproven(diff, frozen, batch)
 
@@ -402,11 +403,11 @@ def make_plan(
             "tc.token_classification_loss for Hugging Face models)"
         )
         return _unpacked(_unexpanded(plan), packed)._replace(batching=why)
-    head = scored() if scored is not None and not _shows_batching(batch) else None
+    head = scored() if scored is not None and not _shows_batching(_inputs(batch, losses)) else None
 
     def checked_on(plan: Plan) -> BatchingCheck:
         at = checked_at or (diff, frozen)
-        if head is not None and _shows_batching(head):  # check the training loss on its data
+        if head is not None and _shows_batching(_inputs(head, losses[:1])):  # the training loss on its data
             return _refused_on(module, losses[0], plan, *at, head, mapper)
         true = truth if checked_at is None else [_true_expanded(module, loss, plan, *at, batch) for loss in losses]
         return _batching_refused(module, losses, plan, {**at[1], **at[0]}, batch, mapper, true)
@@ -426,7 +427,7 @@ def make_plan(
             plan, check = plan._replace(fold=1), unfolded
     refused, seen = check.reason, check.seen
     plan = plan._replace(batch_free=frozenset(check.batch_free))
-    shown = _shows_batching(batch) or head is not None and _shows_batching(head)
+    shown = _shows_batching(_inputs(batch, losses)) or head is not None and _shows_batching(_inputs(head, losses[:1]))
     unchecked = check.unshown if shown else "batching"
     if refused:
         unbatched = _factorless(plan) if check.factorless else _unpacked(_unexpanded(plan), packed)
@@ -746,7 +747,7 @@ def _batching_refused(
     that gives as many factors for the first examples together as for the first alone runs once for the whole
     batch: the examples run together again with its output followed to the batch (``batch_free``).
     """
-    picked = distinct_examples(batch, 4)
+    picked = distinct_examples(_inputs(batch, losses), 4)
     few = select_rows(batch, torch.tensor(picked if len(picked) > 1 else range(min(4, num_examples(batch)))))
     n = num_examples(few)
     # together: the first examples and a copy of the first after them (two: both twice, or reversing them would
@@ -785,7 +786,7 @@ def _batching_refused(
                 return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
         # examples of one length (packed, or padded alike) cannot show whether the model reads the padding a longer
         # example adds (`pad_packed_sequence` pads to the batch's longest), nor an order by length: exact, no proof
-        if n < 2 or all(map(_alike, _lengths(on_packed, few))):  # (each packed input: one of a pair may be fixed)
+        if n < 2 or all(map(_alike, _lengths(on_packed, _inputs(few, losses)))):  # (one packed input may be fixed)
             unshown = "packed" if on_packed else "lengths"
         for site in expanded:
             if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[name] for name in site.names))):
@@ -861,6 +862,13 @@ def _true_expanded(
     names = [n for s in plan.sites if s.kind == "expanded" for n in s.names]
     leaked = discover(module, loss, list(plan.sites), diff, frozen, batch)[1] if names else {}
     return {n: leaked[n] for n in names}
+
+
+def _inputs(batch: Any, losses: Sequence[ExampleLossFn]) -> Any:
+    """What the model reads of ``batch``: a criterion's batch less its target (which may be the widest tensor: soft
+    labels), any other batch whole."""
+    criteria = all(isinstance(loss, CriterionLoss) for loss in losses)
+    return batch[:-1] if criteria and isinstance(batch, (tuple, list)) and len(batch) > 1 else batch
 
 
 def _shows_batching(batch: Any) -> bool:
