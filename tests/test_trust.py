@@ -1525,6 +1525,14 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     assert padding((long,)).tolist() == [[10, 90], [70, 30], [100, 100]]  # right, left, none
     left = torch.tensor([[0, 0, 5, 6], [0, 7, 7, 7]])  # left padded, a repeated last token: the mask tells
     assert padding({"input_ids": left, "attention_mask": (left != 0).long()}).tolist() == [[2], [3]]
+    # found by fuzzing: token type ids are no mask (all 0; or a pair's split, which the mask outnumbers), an all-ones
+    # mask shows no padding, and padding in ids narrower than an image still counts
+    right = torch.tensor([[4, 5, 6, 0, 0], [4, 5, 6, 0, 0]])
+    pairs = {"input_ids": right, "token_type_ids": torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 0, 0]])}
+    assert padding({**pairs, "attention_mask": (right != 0).long()}).tolist() == [[3], [3]]
+    assert padding({"input_ids": right, "token_type_ids": torch.zeros_like(right)}).tolist() == [[1, 2, 5, 5]] * 2
+    assert padding((right, torch.ones_like(right))).tolist() == [[1, 2, 5, 5], [1, 2, 5, 5]]
+    assert padding((torch.randn(2, 3, 4), right)).tolist()[0][2:] == [1, 2]
 
 
 def test_7p_index_tuples_name_the_dimensions_they_index():

@@ -232,18 +232,32 @@ def distinct_examples(batch: Batch, k: int, *, widest_only: bool = False) -> lis
     example adds, examples of one length. ``widest_only``: no fallback to the other tensors."""
     rows, widest = _rows(batch)
     padded = padding(batch)
-    taken = _unlike_rows(widest, k, padded)
+    taken = _unlike_rows(widest or rows, k, padded)
     return taken if len(taken) > 1 or widest_only else _unlike_rows(rows, k, padded)
 
 
 def padding(batch: Batch) -> torch.Tensor:
-    """``[B, k]``: each example's padding, as far as the data shows it: the ones of each mask (an integer or boolean
-    tensor of 0 / 1 wider than one per example: an attention mask), else the runs at both ends of each of the widest
-    tensors (the first value's and the last's, whatever the padding id: equal for examples of one length; 1 mostly,
-    unpadded)."""
+    """``[B, k]``: each example's padding, as far as the data shows it: the ones of its attention mask (of the integer
+    or boolean tensors of 0 / 1 wider than one per example whose rows all run ones then zeros, or zeros then ones,
+    the one with the most ones: not token type ids; unless all ones), else the runs of equal values at both ends of
+    the widest tensors and of the integer ones (whatever the padding id and side: equal for examples of one length;
+    1 mostly, unpadded)."""
     rows, widest = _rows(batch)
-    masks = [r.sum(1) for r in rows if r.shape[1] > 1 and not r.is_floating_point() and bool((r.eq(0) | r.eq(1)).all())]
-    return torch.stack(masks or [_end_run(r, first) for r in widest for first in (True, False)], 1)
+    masks = [r.to(torch.int64) for r in rows if r.shape[1] > 1 and _is_mask(r)]
+    if masks and not bool(max(masks, key=lambda m: int(m.sum())).all()):  # (all ones: it shows no padding)
+        return max(masks, key=lambda m: int(m.sum())).sum(1, keepdim=True)
+    ends = [r for r in rows if any(r is w for w in widest) or r.shape[1] > 1 and not r.is_floating_point()]
+    runs = [_end_run(r, first) for r in ends for first in (True, False)]
+    return torch.stack(runs, 1) if runs else torch.zeros(len(rows[0]), 1, dtype=torch.int64, device=rows[0].device)
+
+
+def _is_mask(rows: torch.Tensor) -> bool:
+    """Whether ``rows`` ``[B, n]`` look like an attention mask: 0 / 1 integers, each row ones then zeros (or zeros
+    then ones), some one in every row."""
+    if rows.is_floating_point() or not bool((rows.eq(0) | rows.eq(1)).all()) or not bool(rows.any(1).all()):
+        return False
+    steps = rows[:, 1:].to(torch.int8) - rows[:, :-1].to(torch.int8)
+    return bool((steps <= 0).all()) or bool((steps >= 0).all())
 
 
 def _end_run(rows: torch.Tensor, first: bool, tail: int = 64) -> torch.Tensor:
@@ -266,9 +280,9 @@ def finite_examples(batch: Batch) -> torch.Tensor:
 
 def _rows(batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The batch's tensors as rows ``[B, *]``, and those of them with the most elements per example."""
-    rows = [t.reshape(t.shape[0], -1) for t in optree.tree_leaves(batch, none_is_leaf=True)]
+    rows = [t.flatten(1) if t.dim() > 1 else t[:, None] for t in optree.tree_leaves(batch, none_is_leaf=True)]
     most = max(r.shape[1] for r in rows)
-    return rows, [r for r in rows if r.shape[1] == most]
+    return rows, [r for r in rows if r.shape[1] == most and most > 0]
 
 
 def _unlike_rows(rows: list[torch.Tensor], k: int, padded: torch.Tensor) -> list[int]:

@@ -237,8 +237,13 @@ def _padded_alike(batch: Any) -> bool:
 
 
 def _lengths(on_packed: Sequence[tuple[nn.Module, torch.Tensor]], batch: Any) -> list[torch.Tensor]:
-    """Each example's length: per layer run on a ``PackedSequence``, else its padding in the data (``padding``)."""
-    return [lengths for _, lengths in on_packed] or [padding(batch)]
+    """Each example's lengths: those of every layer run on a ``PackedSequence`` in the batch's order (``[B, k]``, so
+    that examples of each combination are picked), then each such layer's alone; else its padding in the data."""
+    if not on_packed:
+        return [padding(batch)]
+    every = [lengths for _, lengths in on_packed]
+    n = num_examples(batch)
+    return ([torch.stack(every, 1)] if all(len(t) == n for t in every) else []) + every
 
 
 def _alike(t: torch.Tensor) -> bool:
