@@ -373,6 +373,20 @@ def test_nan_in_one_training_input_names_the_example():
         tc.embeddings(model, ckpts, (bad, y), loss_fn=CE)
 
 
+def test_empty_batches_are_skipped():
+    """Found by fuzzing: an empty batch among a list of batches (``tensor_split`` into more chunks than examples, a
+    bucketing sampler's empty bucket) raised torch's bare reshape error, and an empty first one an IndexError. It
+    holds no example to score: the scores are those of the examples in order."""
+    model, ckpts, (x, y) = _setup()
+    chunks = [(x[:0], y[:0]), *zip(x.tensor_split(4), y.tensor_split(4)), (x[:0], y[:0])]
+    for factored in (None, False):
+        got = tc.self_influence(model, ckpts, chunks, loss_fn=CE, factored=factored)
+        torch.testing.assert_close(got, tc.self_influence(model, ckpts, (x, y), loss_fn=CE, factored=factored))
+        got = tc.influence(model, ckpts, chunks, (x[:2], y[:2]), loss_fn=CE, factored=factored)
+        want = tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE, factored=factored)
+        torch.testing.assert_close(got, want)
+
+
 def test_nan_index_counts_across_batches():
     model, ckpts, (x, y) = _setup()
     bad = x.clone()

@@ -69,7 +69,7 @@ def batches(
         if mine:
             check_batch_structure(batch, f"`{where}` batch {i}", needs_target=needs_target)
         n = batch_size_of(batch, f"`{where}` batch {i}")
-        if mine:
+        if mine and n:  # (an empty batch, a bucketing sampler's empty bucket, holds no example to score)
             yield offset, to_device(batch, setup.device, setup.dtype)
         offset += n
         if rows is not None:
