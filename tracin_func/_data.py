@@ -244,8 +244,9 @@ def padding(batch: Batch) -> torch.Tensor:
     1 mostly, unpadded)."""
     rows, widest = _rows(batch)
     masks = [r.to(torch.int64) for r in rows if r.shape[1] > 1 and _is_mask(r)]
-    if masks and not bool(max(masks, key=lambda m: int(m.sum())).all()):  # (all ones: it shows no padding)
-        return max(masks, key=lambda m: int(m.sum())).sum(1, keepdim=True)
+    mask = max(masks, key=lambda m: int(m.sum())) if masks else None
+    if mask is not None and not bool(mask.all()):  # (all ones: it shows no padding)
+        return mask.sum(1, keepdim=True)
     ends = [r for r in rows if any(r is w for w in widest) or r.shape[1] > 1 and not r.is_floating_point()]
     runs = [_end_run(r, first) for r in ends for first in (True, False)]
     return torch.stack(runs, 1) if runs else torch.zeros(len(rows[0]), 1, dtype=torch.int64, device=rows[0].device)

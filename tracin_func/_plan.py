@@ -194,7 +194,7 @@ def _checking_first_batch(
             return rep_of(plan, eager=True)(diff, frozen, batch)
         if not lengths_left:
             reading, check = verdict(batch)
-            if not _shows_batching(_inputs(batch, [loss])):
+            if not _shows_batching(batch, [loss]):
                 return rep_of(reading, eager=True)(diff, frozen, batch)
             if not check.unshown:
                 proven.append(rep_of(reading))
@@ -204,7 +204,7 @@ def _checking_first_batch(
         with packed_calls() as on_packed:
             out = rep_of(reading, eager=True)(diff, frozen, batch)
         finite = finite_examples(batch).cpu()  # (a non-finite input is named where its scores are checked)
-        lengths = map(torch.Tensor.cpu, _lengths(on_packed, _inputs(batch, [loss])))
+        lengths = map(torch.Tensor.cpu, _lengths(on_packed, batch, [loss]))
         varied = next((t for t in lengths if not _alike(t[finite])), None)
         if varied is None:
             return out  # one length in the whole batch: no padding, no order by length: exact
@@ -223,7 +223,7 @@ def _checking_first_batch(
     def checking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
         if proven:
             return proven[0](diff, frozen, batch)
-        if lengths_left and lengths_left[0][1] == "lengths" and _padded_alike(_inputs(batch, [loss])):  # exact
+        if lengths_left and lengths_left[0][1] == "lengths" and _padded_alike(batch, [loss]):  # exact
             return lengths_left[0][2](diff, frozen, batch)
         return unproven(diff, frozen, batch)
 
@@ -231,16 +231,18 @@ def _checking_first_batch(
 
 
 @torch.compiler.disable  # eager inside compiled updates
-def _padded_alike(batch: Any) -> bool:
+def _padded_alike(batch: Any, losses: Sequence[ExampleLossFn]) -> bool:
     """Whether the examples of ``batch`` are all padded alike (``padding``): of one length."""
-    return _alike(padding(batch))
+    return _alike(padding(_inputs(batch, losses)))
 
 
-def _lengths(on_packed: Sequence[tuple[nn.Module, torch.Tensor]], batch: Any) -> list[torch.Tensor]:
+def _lengths(
+    on_packed: Sequence[tuple[nn.Module, torch.Tensor]], batch: Any, losses: Sequence[ExampleLossFn]
+) -> list[torch.Tensor]:
     """Each example's lengths: those of every layer run on a ``PackedSequence`` in the batch's order (``[B, k]``, so
     that examples of each combination are picked), then each such layer's alone; else its padding in the data."""
     if not on_packed:
-        return [padding(batch)]
+        return [padding(_inputs(batch, losses))]
     every = [lengths for _, lengths in on_packed]
     n = num_examples(batch)
     return ([torch.stack(every, 1)] if all(len(t) == n for t in every) else []) + every
@@ -408,11 +410,13 @@ def make_plan(
             "tc.token_classification_loss for Hugging Face models)"
         )
         return _unpacked(_unexpanded(plan), packed)._replace(batching=why)
-    head = scored() if scored is not None and not _shows_batching(_inputs(batch, losses)) else None
+    batch_shows = _shows_batching(batch, losses)
+    head = scored() if scored is not None and not batch_shows else None
+    head_shows = head is not None and _shows_batching(head, losses[:1])
 
     def checked_on(plan: Plan) -> BatchingCheck:
         at = checked_at or (diff, frozen)
-        if head is not None and _shows_batching(_inputs(head, losses[:1])):  # the training loss on its data
+        if head_shows:  # check the training loss on its data
             return _refused_on(module, losses[0], plan, *at, head, mapper)
         true = truth if checked_at is None else [_true_expanded(module, loss, plan, *at, batch) for loss in losses]
         return _batching_refused(module, losses, plan, {**at[1], **at[0]}, batch, mapper, true)
@@ -432,8 +436,7 @@ def make_plan(
             plan, check = plan._replace(fold=1), unfolded
     refused, seen = check.reason, check.seen
     plan = plan._replace(batch_free=frozenset(check.batch_free))
-    shown = _shows_batching(_inputs(batch, losses)) or head is not None and _shows_batching(_inputs(head, losses[:1]))
-    unchecked = check.unshown if shown else "batching"
+    unchecked = check.unshown if batch_shows or head_shows else "batching"
     if refused:
         unbatched = _factorless(plan) if check.factorless else _unpacked(_unexpanded(plan), packed)
         return unbatched._replace(batching=f"vmap(grad) over examples: {refused}")
@@ -791,7 +794,7 @@ def _batching_refused(
                 return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
         # examples of one length (packed, or padded alike) cannot show whether the model reads the padding a longer
         # example adds (`pad_packed_sequence` pads to the batch's longest), nor an order by length: exact, no proof
-        if n < 2 or all(map(_alike, _lengths(on_packed, _inputs(few, losses)))):  # (one packed input may be fixed)
+        if n < 2 or all(map(_alike, _lengths(on_packed, few, losses))):  # (one packed input may be fixed)
             unshown = "packed" if on_packed else "lengths"
         for site in expanded:
             if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[name] for name in site.names))):
@@ -876,9 +879,9 @@ def _inputs(batch: Any, losses: Sequence[ExampleLossFn]) -> Any:
     return batch[:-1] if criteria and isinstance(batch, (tuple, list)) and len(batch) > 1 else batch
 
 
-def _shows_batching(batch: Any) -> bool:
+def _shows_batching(batch: Any, losses: Sequence[ExampleLossFn]) -> bool:
     """Whether ``batch`` holds examples whose inputs differ: run together, equal ones get what one alone gets."""
-    return len(distinct_examples(batch, 2, widest_only=True)) > 1
+    return len(distinct_examples(_inputs(batch, losses), 2, widest_only=True)) > 1
 
 
 def _singles(batch: Any, n: int) -> list[Any]:
