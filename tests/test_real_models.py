@@ -154,6 +154,14 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
 }
 
 
+def test_resnet18_in_float32_stays_batched():
+    """Regression: the benchmark's ResNet-18 (float32, 32 x 32) left the batched path on its first test examples,
+    whose float32 rounding, batched against alone, flipped a max-pool's choice (the batching check now asks float64
+    before it refuses). Whether a flip happens depends on the CPU's kernels; here it did."""
+    w = rm.resnet18().subsample(4, 0)
+    assert tc.explain(w.model, w.checkpoints, w.test, loss_fn=w.loss_fn).batching == BATCHED
+
+
 @pytest.mark.parametrize("case", list(PLANS))
 def test_plan_is_pinned(case):
     """Every parameter's route and the batching line of the default call (``tc.explain``): no regression to vmap or
