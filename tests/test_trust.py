@@ -1612,29 +1612,43 @@ def test_interaction_at_an_example_of_small_gradients_is_refused():
 class RoundsByBatchSize(nn.Module):
     """Per example in exact arithmetic, but its float32 rounding depends on the batch's size: ``(h + s) - s``, with
     ``s`` growing with the batch, rounds ``h`` to ``s``'s precision (as a kernel chosen by the batch's size can round a
-    ReLU's or a max-pool's near-tie either way). ``mixed``: plus that much of the batch's mean, a true interaction."""
+    ReLU's or a max-pool's near-tie either way). ``mixed``: plus that much of the batch's mean, a true interaction;
+    ``cast``: the input cast with ``.float()`` (a model fed uint8 images: ``x.float() / 255``)."""
 
-    def __init__(self, mixed: float) -> None:
+    def __init__(self, mixed: float, cast: bool) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
-        self.mixed = mixed
+        self.mixed, self.cast = mixed, cast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = 1024.0 * x.shape[0]
-        out = self.fc2(torch.tanh((self.fc1(x) + s) - s))
+        out = self.fc2(torch.tanh((self.fc1(x.float() if self.cast else x) + s) - s))
         return out + self.mixed * out.mean(0, keepdim=True)
 
 
-@pytest.mark.parametrize("mixed", [0.0, 0.01])
-def test_float32_rounding_is_no_interaction_of_examples(mixed):
-    """A float32 batching check refused on compared numbers is checked again in float64 (regression: ResNet-18's
-    first test examples left the batched path, one of them with 0.5% of its output gradient at the first convolution
-    moved by a max-pool choice that float32 rounding flipped): a model that keeps its examples apart is batched, one
-    that mixes them (1%) still refused."""
+@pytest.mark.parametrize("mixed, cast", [(0.0, False), (0.0, True), (0.01, True)])
+def test_float32_rounding_is_no_interaction_of_examples(mixed, cast):
+    """A float32 batching check refused on compared numbers is checked again in float64, tensors the forward makes
+    in float32 widened too (regressions: ResNet-18's first test examples left the batched path, one of them with 0.5%
+    of its output gradient at the first convolution moved by a max-pool choice that float32 rounding flipped; found
+    by fuzzing, the same with the images cast inside the model, where the float64 check failed): a model that keeps
+    its examples apart is batched, one that mixes them (1%) still refused."""
     torch.manual_seed(0)
-    model = RoundsByBatchSize(mixed).eval()
+    model = RoundsByBatchSize(mixed, cast).eval()
     train = (torch.randn(8, 3, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1] * 4))
     ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
     batching = tc.explain(model, ckpts, train, loss_fn=CE).batching
     refused = "vmap(grad) over examples: a batched forward changed the first examples' factors"
     assert batching.startswith(refused if mixed else "one batched forward"), batching
+
+
+def test_float32_rounding_of_a_state_too_large_to_widen_keeps_its_refusal(monkeypatch):
+    """The float64 copy is capped (``_plan._WIDE_CHECK_BYTES``, 4 GiB: VGG-16's 138M parameters fit, 1.1 GB, which a
+    first cap of 1 GiB left refused; found by fuzzing): above it, a refusal in float32 stands, scored exactly by
+    ``vmap(grad)``."""
+    monkeypatch.setattr("tracin_func._plan._WIDE_CHECK_BYTES", 0)
+    torch.manual_seed(0)
+    model = RoundsByBatchSize(0.0, False).eval()
+    train = (torch.randn(8, 3, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1] * 4))
+    ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+    assert tc.explain(model, ckpts, train, loss_fn=CE).batching.startswith("vmap(grad) over examples: a batched")

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, worth_dropping
 from ._attention import PRODUCT as ATTENTION_PRODUCT
@@ -734,7 +735,7 @@ class BatchingCheck(NamedTuple):
     rounding: bool = False  # refused on a comparison of numbers, which float rounding may have failed
 
 
-_WIDE_CHECK_BYTES = 1 << 30  # the most a float64 copy of the state may take for the check asked again in float64
+_WIDE_CHECK_BYTES = 4 << 30  # the most a float64 copy of the state may take for the check asked again in float64
 
 
 def _unbatchable(err: Unbatchable) -> BatchingCheck:
@@ -763,16 +764,18 @@ def _batching_refused(
     A refusal on compared numbers is checked again in float64 when the state is of lower precision: the batched and
     the lone runs round differently, which can flip a max-pool's or a ReLU's choice (ResNet-18 in float32: 0.5% of
     one example's output gradient at its first convolution, the others within 1e-6), as no mixing of examples does.
-    Not for a state whose float64 copy would take more than ``_WIDE_CHECK_BYTES``: its refusal stands.
+    Tensors the forward makes are widened too (``_Widened``). Not for a state whose float64 copy would take more than
+    ``_WIDE_CHECK_BYTES``: its refusal stands.
     """
     check = _compared(module, losses, plan, state, batch, mapper, truth)
     floating = [t for t in state.values() if t.is_floating_point()]
     narrow = floating[0].dtype if floating else torch.float64
     if not check.rounding or narrow == torch.float64 or 8 * sum(map(torch.numel, floating)) > _WIDE_CHECK_BYTES:
         return check
-    try:  # (no float64 on some devices, or a model computing in its own dtype whatever its inputs: the refusal stands)
+    try:  # (no float64 on some devices, or a model's own low-precision tensors meeting float64 ones: it stands)
         wide_state, wide_batch, wide_truth = _floating_as(torch.float64, (state, batch, truth))
-        wide = _compared(module, losses, plan, wide_state, wide_batch, mapper, wide_truth)
+        with _Widened():
+            wide = _compared(module, losses, plan, wide_state, wide_batch, mapper, wide_truth)
     except (RuntimeError, TypeError, ValueError):
         return check
     return check if wide.reason else wide._replace(seen=_floating_as(narrow, wide.seen))
@@ -781,6 +784,20 @@ def _batching_refused(
 def _floating_as(dtype: torch.dtype, tree: Any) -> Any:
     """``tree`` with its floating tensors cast to ``dtype``."""
     return optree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, tree)
+
+
+class _Widened(TorchFunctionMode):
+    """Floating tensors of a lower precision widened to float64 as ops make them: a forward that casts its input
+    (``x.float() / 255``, a one-hot made float) or makes tensors of the default dtype (``torch.zeros`` states) runs
+    in float64 throughout. (The cast still rounds, but elementwise: alike in a batch and alone.)"""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        return optree.tree_map(_wider, func(*args, **(kwargs or {})))
+
+
+def _wider(t: Any) -> Any:
+    narrow = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+    return t.to(torch.float64) if narrow else t
 
 
 def _compared(
