@@ -792,12 +792,7 @@ class _Widened(TorchFunctionMode):
     in float64 throughout. (The cast still rounds, but elementwise: alike in a batch and alone.)"""
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-        return optree.tree_map(_wider, func(*args, **(kwargs or {})))
-
-
-def _wider(t: Any) -> Any:
-    narrow = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-    return t.to(torch.float64) if narrow else t
+        return _floating_as(torch.float64, func(*args, **(kwargs or {})))  # (a float64 tensor: itself)
 
 
 def _compared(
