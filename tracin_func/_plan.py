@@ -768,9 +768,11 @@ def _batching_refused(
     ``_WIDE_CHECK_BYTES``: its refusal stands.
     """
     check = _compared(module, losses, plan, state, batch, mapper, truth)
+    if not check.rounding:
+        return check
     floating = [t for t in state.values() if t.is_floating_point()]
     narrow = floating[0].dtype if floating else torch.float64
-    if not check.rounding or narrow == torch.float64 or 8 * sum(map(torch.numel, floating)) > _WIDE_CHECK_BYTES:
+    if narrow == torch.float64 or 8 * sum(map(torch.numel, floating)) > _WIDE_CHECK_BYTES:
         return check
     try:  # (no float64 on some devices, or a model's own low-precision tensors meeting float64 ones: it stands)
         wide_state, wide_batch, wide_truth = _floating_as(torch.float64, (state, batch, truth))
