@@ -576,6 +576,29 @@ def test_rows_broadcast_over_the_batch_are_batched_and_mixing_is_refused(mix):
         assert "changed the first examples' factors at 'pos'" in plan.batching
 
 
+
+class UnbatchedPositions(nn.Module):
+    """nanoGPT's positions: an Embedding on ``torch.arange(T)``, ids without a batch dimension, broadcast over it."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.fc = nn.Embedding(10, 4), nn.Embedding(6, 4), nn.Linear(4, 3)
+
+    def forward(self, tokens):
+        h = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1]))
+        return self.fc(torch.tanh(h).mean(1))
+
+
+def test_positions_without_a_batch_dimension_are_batched():
+    """Regression (found by fuzzing): ids ``[T]`` broadcast over the batch left it for ``vmap(grad)``, "examples
+    interact" at 'pos': an example alone kept its ids ``[T]`` where the batch gave them a row per example."""
+    torch.manual_seed(0)
+    model = UnbatchedPositions().double().eval()
+    tokens, y = torch.randint(0, 10, (8, 5)), torch.randint(0, 3, (8,))
+    _assert_paths_agree(model, (tokens, y), (tokens[:3], y[:3]))
+    plan = _plan(model, (tokens, y))
+    assert plan.batched and not plan.dense, plan.batching
+
 class FoldedEmbeddings(nn.Module):
     """Token rows plus position rows ``[1, T]`` broadcast over the batch (an Embedding lookup and a parameter), times
     a scale used elementwise."""

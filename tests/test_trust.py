@@ -1533,6 +1533,46 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     assert padding({"input_ids": right, "token_type_ids": torch.zeros_like(right)}).tolist() == [[1, 2, 5, 5]] * 2
     assert padding((right, torch.ones_like(right))).tolist() == [[1, 2, 5, 5], [1, 2, 5, 5]]
     assert padding((torch.randn(2, 3, 4), right)).tolist()[0][2:] == [1, 2]
+    # found by fuzzing: a dict batch's attention masks say it, all ones too (no padding), whatever the other ends
+    full = {"input_ids": torch.tensor([[1, 1, 5, 2], [1, 6, 2, 2]]), "attention_mask": torch.ones(2, 4, dtype=int)}
+    assert padding({**full, "token_type_ids": torch.tensor([[0, 0, 0, 1], [0, 1, 1, 1]])}).tolist() == [[4], [4]]
+    decoder = {"decoder_attention_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])}
+    assert padding({**full, **decoder}).tolist() == [[4, 2], [4, 3]]
+
+
+class TrimmedPairs(nn.Module):
+    """Sentence pairs (Hugging Face's ``input_ids``, ``token_type_ids``, ``attention_mask``) cut to the batch's
+    longest example, then a mean over all its positions: an example's output depends on its batch's longest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.seg, self.fc = nn.Embedding(20, 4), nn.Embedding(2, 4), nn.Linear(4, 3)
+
+    def forward(self, input_ids, token_type_ids, attention_mask):
+        cut = int(attention_mask.sum(1).max())
+        return self.fc((self.emb(input_ids[:, :cut]) + self.seg(token_type_ids[:, :cut])).mean(1))
+
+
+def test_7p_an_all_ones_attention_mask_leaves_the_padding_to_be_checked():
+    """Found by fuzzing: a first batch of sentence pairs of one length (its ``attention_mask`` all ones), whose
+    token type ids start with runs of zeros of different lengths, was read as padded unlike, so the later batches,
+    of other lengths, went unchecked: 15% off, silently. A dict batch's attention mask now says the padding."""
+    torch.manual_seed(0)
+    model = TrimmedPairs().double().eval()
+    gen = torch.Generator().manual_seed(1)
+
+    def pairs(firsts: list[int], lengths: list[int]) -> dict[str, torch.Tensor]:
+        width = max(lengths)
+        mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+        types = (torch.arange(width) >= torch.tensor(firsts)[:, None]).long() * mask
+        ids = torch.randint(1, 20, (len(lengths), width), generator=gen) * mask
+        return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask,
+                "labels": torch.randint(0, 3, (len(lengths),), generator=gen)}  # fmt: skip
+
+    batches = [pairs([2, 3, 4, 5], [8, 8, 8, 8]), pairs([2, 1, 3, 2], [4, 7, 3, 8])]
+    loss = tc.sequence_classification_loss(model)
+    with pytest.raises(ValueError, match="examples of one length, packed or padded alike.*factored=False"):
+        tc.self_influence(model, make_ckpts(model), batches, loss_fn=loss)
 
 
 def test_7p_index_tuples_name_the_dimensions_they_index():

@@ -566,9 +566,11 @@ def _example_major(x: torch.Tensor, n: int, merged: set[Any], steps: int = 16) -
 
 
 def _split_rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    """``[n k, ...]`` as ``[n, k, ...]`` (example-major, as planning checks on the first examples), else ``t``."""
+    """``[n k, ...]`` as ``[n, k, ...]`` (example-major, as planning checks on the first examples), else ``t``. Token
+    ids ``[n k]`` only for one example, whose ids are all its own (an Embedding on ``torch.arange(T)``: nanoGPT's
+    positions); merged from several examples, no check follows where they came from."""
     rows = t.shape[0]
-    return t.reshape(n, rows // n, *t.shape[1:]) if rows != n and rows % n == 0 and t.dim() > 1 else t
+    return t.reshape(n, rows // n, *t.shape[1:]) if rows != n and rows % n == 0 and (t.dim() > 1 or n == 1) else t
 
 
 def _expanded(p: torch.Tensor, n: int, rank: int) -> torch.Tensor:

@@ -237,11 +237,16 @@ def distinct_examples(batch: Batch, k: int, *, widest_only: bool = False) -> lis
 
 
 def padding(batch: Batch) -> torch.Tensor:
-    """``[B, k]``: each example's padding, as far as the data shows it: the ones of its attention mask (of the integer
-    or boolean tensors of 0 / 1 wider than one per example whose rows all run ones then zeros, or zeros then ones,
-    the one with the most ones: not token type ids; unless all ones), else the runs of equal values at both ends of
-    the widest tensors and of the integer ones (whatever the padding id and side: equal for examples of one length;
-    1 mostly, unpadded)."""
+    """``[B, k]``: each example's padding, as far as the data shows it: the ones of a dict batch's attention masks
+    (Hugging Face's ``attention_mask``, ``decoder_attention_mask``; all ones is no padding, whatever the ends of the
+    other tensors look like: a pair's token type ids, a prompt's ``-100`` labels, a repeated first token); else the
+    ones of its attention mask (of the integer or boolean tensors of 0 / 1 wider than one per example whose rows all
+    run ones then zeros, or zeros then ones, the one with the most ones: not token type ids; unless all ones), else
+    the runs of equal values at both ends of the widest tensors and of the integer ones (whatever the padding id and
+    side: equal for examples of one length; 1 mostly, unpadded)."""
+    named = [t for k, t in batch.items() if str(k).endswith("attention_mask")] if isinstance(batch, Mapping) else []
+    if named and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in named):
+        return torch.stack([t.to(torch.int64).sum(1) for t in named], 1)  # Hugging Face's: as they say, all ones too
     rows, widest = _rows(batch)
     masks = [r.to(torch.int64) for r in rows if r.shape[1] > 1 and _is_mask(r)]
     mask = max(masks, key=lambda m: int(m.sum())) if masks else None
