@@ -1692,3 +1692,29 @@ def test_float32_rounding_of_a_state_too_large_to_widen_keeps_its_refusal(monkey
     train = (torch.randn(8, 3, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1] * 4))
     ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
     assert tc.explain(model, ckpts, train, loss_fn=CE).batching.startswith("vmap(grad) over examples: a batched")
+
+
+class SqrtFirst(nn.Module):
+    """NaN for an example whose first feature is negative, alone as in any batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(torch.cat([x[:, :1].sqrt(), x[:, 1:]], 1))))
+
+
+def test_an_example_not_finite_alone_too_is_named_not_taken_for_an_interaction():
+    """Found by fuzzing (a left-padded Llama whose loss is NaN for an example alone): the batching check took the
+    NaN factors, alike alone and together, for examples interacting, and a call checked later raised that, naming
+    the wrong cause. Non-finite entries alike in both pass the check; the call names the example."""
+    torch.manual_seed(0)
+    model = SqrtFirst().double().eval()
+    x = torch.rand(6, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    x[1, 0] = -1.0
+    train = (x, torch.tensor([0, 1, 0, 1, 0, 1]))
+    ckpts = make_ckpts(model)
+    assert tc.explain(model, ckpts, train, loss_fn=CE).batching.startswith("one batched forward")
+    with pytest.raises(FloatingPointError, match=r"examples \[1\]"):
+        tc.self_influence(model, ckpts, train, loss_fn=CE)
