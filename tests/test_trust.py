@@ -1718,3 +1718,52 @@ def test_an_example_not_finite_alone_too_is_named_not_taken_for_an_interaction()
     assert tc.explain(model, ckpts, train, loss_fn=CE).batching.startswith("one batched forward")
     with pytest.raises(FloatingPointError, match=r"examples \[1\]"):
         tc.self_influence(model, ckpts, train, loss_fn=CE)
+
+
+
+class RoutedExperts(nn.Module):
+    """A top-1 mixture of four experts (a gate's ``topk``), each run on the rows routed to it; ``capacity``: at most
+    that many rows per expert and batch (Switch-style, routed by ``max``), where examples do interact."""
+
+    def __init__(self, capacity: int = 0) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.inp, self.gate, self.out = nn.Linear(5, 6), nn.Linear(6, 4), nn.Linear(6, 3)
+        self.experts = nn.ModuleList([nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 6)) for _ in range(4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        p = torch.softmax(self.gate(h), -1)  # the top weight and expert by `topk`, or (with a capacity) `argmax`
+        weight, pick = p.max(-1, keepdim=True) if self.capacity else torch.topk(p, 1, -1)
+        y = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.where(pick == e)
+            rows, slot = (rows[: self.capacity], slot[: self.capacity]) if self.capacity else (rows, slot)
+            if rows.numel():
+                y = y.index_add(0, rows, expert(h[rows]) * weight[rows, slot, None])
+        return self.out(h + y)
+
+
+@pytest.mark.parametrize("capacity, seed", [(0, 0), (2, 28)])
+def test_experts_routed_per_example_are_exact_or_refused_with_the_fix(capacity, seed):
+    """Found by fuzzing: experts routed by ``topk``, which the batch-order watch refuses as a reorder, kept factors
+    planned on one example, so every call raised for ``factored=False`` although the first examples already route
+    differently: now no layer takes factors, exact. With a capacity per batch (examples interact), an expert none
+    of the first training examples was routed to crashed planning with a raw ``torch.cat`` error: now refused with
+    the fix."""
+    torch.manual_seed(seed)
+    model = RoutedExperts(capacity).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    ckpts = [tc.Checkpoint({k: v + 0.5 * torch.randn(v.shape, generator=gen, dtype=F64) for k, v in
+                            model.state_dict().items()}, lr=lr) for lr in LRS]  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    train = (torch.randn(12, 5, generator=gen, dtype=F64), torch.randint(0, 3, (12,), generator=gen))
+    test = (torch.randn(3, 5, generator=gen, dtype=F64), torch.randint(0, 3, (3,), generator=gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the slow path's warning
+        if capacity:
+            with pytest.raises(ValueError, match="Pass `factored=False`"):
+                tc.influence(model, ckpts, train, test, loss_fn=CE)
+            return
+        got = tc.influence(model, ckpts, train, test, loss_fn=CE)
+    assert_close(got, reference(model, ckpts, train, test)[0])

@@ -444,7 +444,7 @@ def make_plan(
         return unbatched._replace(batching=f"vmap(grad) over examples: {refused}")
     trimmed = set()
     for site in plan.sites:  # rows of zero output gradient (ignored by the loss) are dropped per batch
-        if site.kind != "linear" or site.owner is not None or site.path not in seen:  # (called by the test loss only)
+        if site.kind != "linear" or site.owner is not None or not _called(seen, site.path):
             continue
         rows, counts = rows_of[site.path], _live_rows_per_example(site, seen[site.path][1])
         live = max(counts)
@@ -458,7 +458,7 @@ def make_plan(
             why = f"{_why_site(site, live, factored, site.path in kernel, self_only)}: {live} of {rows} rows carry"
             reasons.update({n: f"{why} gradient in each of the first examples" for n in site.names})
     for site in plan.sites if not (factored or self_only) else ():  # token rows pay per matching pair of tokens:
-        if site.kind != "embedding" or site.path not in kernel or site.path not in seen:  # how often ids recur
+        if site.kind != "embedding" or site.path not in kernel or not _called(seen, site.path):  # how often ids recur
             continue
         ids = torch.cat([input_rows(site_layer(modules, site), site, x) for x in seen[site.path][0]], 1)
         matches = _matches_per_pair(ids, site.weight_shape[0])
@@ -556,6 +556,12 @@ def _drop(sites: dict[str, Site], site: Site, why: str, reasons: dict[str, str])
         reasons.update({n: f"tied to {site.path!r}, which {why}" for n in sites.pop(other).names})
     del sites[site.path]
     reasons.update({n: f"{site.path!r} {why}" for n in site.names})
+
+
+def _called(seen: Mapping[str, LayerFactors], path: str) -> bool:
+    """Whether the first examples run together called the layer at ``path`` (not: a layer the test loss alone calls,
+    an expert none of them is routed to)."""
+    return bool(seen.get(path, ([], []))[1])
 
 
 def _live_rows_per_example(site: Site, gs: Sequence[torch.Tensor]) -> list[int]:
@@ -738,8 +744,15 @@ class BatchingCheck(NamedTuple):
 _WIDE_CHECK_BYTES = 4 << 30  # the most a float64 copy of the state may take for the check asked again in float64
 
 
-def _unbatchable(err: Unbatchable) -> BatchingCheck:
-    return BatchingCheck(err.reason, {}, factorless=err.factorless)
+def _unbatchable(err: Unbatchable, vary: bool = False) -> BatchingCheck:
+    """The refusal ``err`` raised; ``vary``: the examples alone call some layer differently (a mixture of experts
+    routing them by ``topk``, which the batch-order watch refuses too), so that no layer may take factors."""
+    return BatchingCheck(err.reason, {}, factorless=err.factorless or vary)
+
+
+def _vary_alone(alone: Sequence[Mapping[str, LayerFactors]]) -> bool:
+    """Whether examples run alone call a layer a different number of times or on rows of other shapes."""
+    return any(_concat_examples([one[path] for one in alone]) is None for path in alone[0])
 
 
 def _batching_refused(
@@ -838,7 +851,7 @@ def _compared(
             together, on_packed = together_in(loss, plan, order)
         except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes,
             if isinstance(err, Unbatchable):  # or the copies an order the model asks of its batch (packing with
-                return _unbatchable(err)  # `enforce_sorted=True`): the examples as given, then
+                return _unbatchable(err, _vary_alone(alone))  # `enforce_sorted=True`): the examples as given, then
             try:
                 order = list(range(n))
                 together, on_packed = together_in(loss, plan, order)
