@@ -154,12 +154,36 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
 }
 
 
-def test_resnet18_in_float32_stays_batched():
+class _Uint8Images(torch.nn.Module):
+    """A model fed uint8 images, cast in its forward."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float().div(255).sub(0.5).div(0.25))
+
+
+@pytest.mark.parametrize("form", ["float", "uint8", "too large to widen"])
+def test_resnet18_in_float32_stays_batched(form, monkeypatch):
     """Regression: the benchmark's ResNet-18 (float32, 32 x 32) left the batched path on its first test examples,
-    whose float32 rounding, batched against alone, flipped a max-pool's choice (the batching check now asks float64
-    before it refuses). Whether a flip happens depends on the CPU's kernels; here it did."""
-    w = rm.resnet18().subsample(4, 0)
-    assert tc.explain(w.model, w.checkpoints, w.test, loss_fn=w.loss_fn).batching == BATCHED
+    whose float32 rounding, batched against alone, flipped a max-pool's choice: the batching check now asks float64
+    before it refuses, the tensors the forward makes widened (found by fuzzing: uint8 images cast in the model's
+    forward kept the refusal). A state whose float64 copy exceeds the cap keeps it. Whether a flip happens depends on
+    the CPU's kernels and the data; here it did."""
+    w = rm.resnet18().subsample(4, 8)
+    model, ckpts, data = w.model, w.checkpoints, w.test
+    if form == "uint8":
+        g = torch.Generator().manual_seed(0)
+        data = [(torch.randint(0, 256, (4, 3, 32, 32), generator=g, dtype=torch.uint8),
+                 torch.randint(0, 10, (4,), generator=g)) for _ in range(2)][1]  # fmt: skip
+        model = _Uint8Images(model).eval()
+        ckpts = [tc.Checkpoint({f"net.{k}": v for k, v in c.params.items()}, c.lr) for c in ckpts]
+    if form == "too large to widen":
+        monkeypatch.setattr("tracin_func._plan._WIDE_CHECK_BYTES", 0)
+    batching = tc.explain(model, ckpts, data, loss_fn=w.loss_fn).batching
+    assert batching.startswith("vmap(grad) over examples" if form == "too large to widen" else BATCHED), batching
 
 
 @pytest.mark.parametrize("case", list(PLANS))

@@ -777,7 +777,8 @@ def _batching_refused(
     A refusal on compared numbers is checked again in float64 when the state is of lower precision: the batched and
     the lone runs round differently, which can flip a max-pool's or a ReLU's choice (ResNet-18 in float32: 0.5% of
     one example's output gradient at its first convolution, the others within 1e-6), as no mixing of examples does.
-    Tensors the forward makes are widened too (``_Widened``). Not for a state whose float64 copy would take more than
+    Tensors the forward makes are widened too (``_Widened``), and float64 decides only where the model computes alike
+    in both (``_computes_alike``). Not for a state whose float64 copy would take more than
     ``_WIDE_CHECK_BYTES``: its refusal stands.
     """
     check = _compared(module, losses, plan, state, batch, mapper, truth)
@@ -791,9 +792,30 @@ def _batching_refused(
         wide_state, wide_batch, wide_truth = _floating_as(torch.float64, (state, batch, truth))
         with _Widened():
             wide = _compared(module, losses, plan, wide_state, wide_batch, mapper, wide_truth)
+        states, batches = (state, wide_state), (batch, wide_batch)
+        same = not wide.reason and _computes_alike(module, losses, plan, states, batches, mapper)
     except (RuntimeError, TypeError, ValueError):
         return check
-    return check if wide.reason else wide._replace(seen=_floating_as(narrow, wide.seen))
+    return wide._replace(seen=_floating_as(narrow, wide.seen)) if same else check
+
+
+def _computes_alike(
+    module: nn.Module, losses: Sequence[BatchableLoss], plan: Plan, states: Any, batches: Any, mapper: Mapper
+) -> bool:
+    """Whether the model computes the same in float64 as in its own precision: every layer's inputs, on the checked
+    examples run together, close in both. A model whose semantics depend on the dtype (padding found as
+    ``torch.finfo(x.dtype).min``, a branch on ``x.dtype``) would otherwise be judged on what it does in float64 only
+    (85% off, silently, before this check); a max-pool's flipped choice leaves the inputs alike (a near-tie)."""
+    picked = distinct_examples(_inputs(batches[0], losses), 4)
+    rows = torch.tensor(picked)
+    own = batched_factors(module, losses[0], plan, states[0], select_rows(batches[0], rows), mapper)
+    with _Widened():
+        wide = batched_factors(module, losses[0], plan, states[1], select_rows(batches[1], rows), mapper)
+    return all(
+        len(own[path][0]) == len(wide[path][0])
+        and all(map(_close_rows, own[path][0], _floating_as(own[path][0][0].dtype, wide[path][0])))
+        for path in own
+    )
 
 
 def _floating_as(dtype: torch.dtype, tree: Any) -> Any:
