@@ -239,14 +239,18 @@ def distinct_examples(batch: Batch, k: int, *, widest_only: bool = False) -> lis
 def padding(batch: Batch) -> torch.Tensor:
     """``[B, k]``: each example's padding, as far as the data shows it: the ones of a dict batch's attention masks
     (Hugging Face's ``attention_mask``, ``decoder_attention_mask``; all ones is no padding, whatever the ends of the
-    other tensors look like: a pair's token type ids, a prompt's ``-100`` labels, a repeated first token); else the
+    tensors of their width look like: a pair's token type ids, a prompt's ``-100`` labels, a repeated first token;
+    the tensors of other widths read as below: decoder ids without their mask, text beside an image's mask); else the
     ones of its attention mask (of the integer or boolean tensors of 0 / 1 wider than one per example whose rows all
     run ones then zeros, or zeros then ones, the one with the most ones: not token type ids; unless all ones), else
     the runs of equal values at both ends of the widest tensors and of the integer ones (whatever the padding id and
     side: equal for examples of one length; 1 mostly, unpadded)."""
-    named = [t for k, t in batch.items() if str(k).endswith("attention_mask")] if isinstance(batch, Mapping) else []
-    if named and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in named):
-        return torch.stack([t.to(torch.int64).sum(1) for t in named], 1)  # Hugging Face's: as they say, all ones too
+    masks = {k: t for k, t in batch.items() if str(k).endswith("attention_mask")} if isinstance(batch, Mapping) else {}
+    if masks and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in masks.values()):
+        said = torch.stack([t.to(torch.int64).sum(1) for t in masks.values()], 1)  # as they say, all ones too
+        widths = {t.shape[1] for t in masks.values()}  # the tensors a mask covers: of its width (ids, labels)
+        rest = {k: t for k, t in batch.items() if k not in masks and _width(t) not in widths}
+        return torch.cat([said, padding(rest)], 1) if optree.tree_leaves(rest) else said
     rows, widest = _rows(batch)
     masks = [r.to(torch.int64) for r in rows if r.shape[1] > 1 and _is_mask(r)]
     mask = max(masks, key=lambda m: int(m.sum())) if masks else None
@@ -255,6 +259,11 @@ def padding(batch: Batch) -> torch.Tensor:
     ends = [r for r in rows if any(r is w for w in widest) or r.shape[1] > 1 and not r.is_floating_point()]
     runs = [_end_run(r, first) for r in ends for first in (True, False)]
     return torch.stack(runs, 1) if runs else torch.zeros(len(rows[0]), 1, dtype=torch.int64, device=rows[0].device)
+
+
+def _width(t: Any) -> int | None:
+    """Entries per example of a tensor of two or more dimensions (its second dimension), else None."""
+    return t.shape[1] if isinstance(t, torch.Tensor) and t.dim() > 1 else None
 
 
 def _is_mask(rows: torch.Tensor) -> bool:
