@@ -1541,6 +1541,8 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     # ... for the tensors of their width only: decoder ids without their mask, text ids beside an image's mask
     targets = torch.tensor([[5, 6, 0], [5, 0, 0]])
     assert padding({**full, "decoder_input_ids": targets}).tolist() == [[4, 1, 1], [4, 1, 2]]
+    targets = torch.tensor([[5, 6, 0, 0], [5, 0, 0, 0]])  # padded to the mask's width: still the decoder's own
+    assert padding({**full, "decoder_input_ids": targets}).tolist() == [[4, 1, 2], [4, 1, 3]]
     text = torch.tensor([[4, 5, 0, 0], [4, 5, 6, 0]])
     image = {"image_attention_mask": torch.ones(2, 3, dtype=int), "input_ids": text}
     assert padding(image).tolist() == [[3, 1, 2], [3, 1, 1]]
@@ -1687,12 +1689,25 @@ class FinfoPadded(nn.Module):
         return self.fc2(h[:, : int((~pad).sum(1).max())].mean(1))
 
 
-@pytest.mark.parametrize("model", ["rounds", "mixed", "finfo"])
+class CentredInFloat32(nn.Module):
+    """Logits centred over the batch unless in float64: examples interact, after the last layer, in float32 only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc2(torch.relu(self.fc1(x)))
+        return z if z.dtype == torch.float64 else z - 0.5 * z.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("model", ["rounds", "mixed", "finfo", "head"])
 def test_a_float32_refusal_stands_where_float64_computes_otherwise(model):
     """A float32 batching check refused on compared numbers is asked again in float64 (ResNet-18: a max-pool choice
     flipped by rounding, ``tests/test_real_models.py``), which decides only where the model computes alike in both
-    (every layer's inputs within 1e-4): found by fuzzing, padding found as ``torch.finfo(x.dtype).min`` is no padding
-    in float64, which passed the check, 85% off, silently. A float32 rounding of 2e-4 and a true mix (1%) stand."""
+    (every layer's inputs and the model's outputs within 1e-4): found by fuzzing, padding found as
+    ``torch.finfo(x.dtype).min`` is no padding in float64, which passed the check, 85% off, silently, as did logits
+    centred over the batch in float32 only (254%). A float32 rounding of 2e-4 and a true mix (1%) stand."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     if model == "finfo":
@@ -1701,8 +1716,9 @@ def test_a_float32_refusal_stands_where_float64_computes_otherwise(model):
         x[torch.arange(6) >= lengths[:, None]] = torch.finfo(torch.float32).min
         net, y = FinfoPadded().eval(), torch.randint(0, 3, (8,), generator=gen)
     else:
-        net, x = RoundsByBatchSize(0.01 if model == "mixed" else 0.0).eval(), torch.randn(8, 3, generator=gen)
-        y = torch.tensor([0, 1] * 4)
+        net = CentredInFloat32().eval() if model == "head" else RoundsByBatchSize(0.01 if model == "mixed" else 0.0)
+        x, y = torch.randn(8, 3, generator=gen), torch.tensor([0, 1] * 4)
+        net.eval()
     ckpts = [tc.Checkpoint(params=dict(net.state_dict()), lr=0.1)]
     refused = "vmap(grad) over examples: a batched forward changed the first examples' factors"
     assert tc.explain(net, ckpts, (x, y), loss_fn=CE).batching.startswith(refused)

@@ -239,8 +239,8 @@ def distinct_examples(batch: Batch, k: int, *, widest_only: bool = False) -> lis
 def padding(batch: Batch) -> torch.Tensor:
     """``[B, k]``: each example's padding, as far as the data shows it: the ones of a dict batch's attention masks
     (Hugging Face's ``attention_mask``, ``decoder_attention_mask``; all ones is no padding, whatever the ends of the
-    tensors of their width look like: a pair's token type ids, a prompt's ``-100`` labels, a repeated first token;
-    the tensors of other widths read as below: decoder ids without their mask, text beside an image's mask); else the
+    tensors they cover look like, ``_covers``: a pair's token type ids, a prompt's ``-100`` labels, a repeated first
+    token; the others read as below: decoder ids without their mask, text beside an image's mask); else the
     ones of its attention mask (of the integer or boolean tensors of 0 / 1 wider than one per example whose rows all
     run ones then zeros, or zeros then ones, the one with the most ones: not token type ids; unless all ones), else
     the runs of equal values at both ends of the widest tensors and of the integer ones (whatever the padding id and
@@ -248,8 +248,7 @@ def padding(batch: Batch) -> torch.Tensor:
     masks = {k: t for k, t in batch.items() if str(k).endswith("attention_mask")} if isinstance(batch, Mapping) else {}
     if masks and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in masks.values()):
         said = torch.stack([t.to(torch.int64).sum(1) for t in masks.values()], 1)  # as they say, all ones too
-        widths = {t.shape[1] for t in masks.values()}  # the tensors a mask covers: of its width (ids, labels)
-        rest = {k: t for k, t in batch.items() if k not in masks and _width(t) not in widths}
+        rest = {k: t for k, t in batch.items() if k not in masks and not any(_covers(m, t, k) for m in masks.items())}
         return torch.cat([said, padding(rest)], 1) if optree.tree_leaves(rest) else said
     rows, widest = _rows(batch)
     masks = [r.to(torch.int64) for r in rows if r.shape[1] > 1 and _is_mask(r)]
@@ -261,9 +260,13 @@ def padding(batch: Batch) -> torch.Tensor:
     return torch.stack(runs, 1) if runs else torch.zeros(len(rows[0]), 1, dtype=torch.int64, device=rows[0].device)
 
 
-def _width(t: Any) -> int | None:
-    """Entries per example of a tensor of two or more dimensions (its second dimension), else None."""
-    return t.shape[1] if isinstance(t, torch.Tensor) and t.dim() > 1 else None
+def _covers(mask: tuple[Any, torch.Tensor], t: Any, key: Any) -> bool:
+    """Whether a named attention mask says the padding of tensor ``t`` at ``key``: one of its width whose key shares
+    the mask's prefix (``decoder_attention_mask``: ``decoder_input_ids``; ``attention_mask``: the others but the
+    decoder's, which may be padded to the same width without a mask)."""
+    prefix = str(mask[0])[: -len("attention_mask")]
+    same = isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[1] == mask[1].shape[1]
+    return same and str(key).startswith(prefix) and (prefix != "" or not str(key).startswith("decoder_"))
 
 
 def _is_mask(rows: torch.Tensor) -> bool:

@@ -802,20 +802,31 @@ def _batching_refused(
 def _computes_alike(
     module: nn.Module, losses: Sequence[BatchableLoss], plan: Plan, states: Any, batches: Any, mapper: Mapper
 ) -> bool:
-    """Whether the model computes the same in float64 as in its own precision: every layer's inputs, on the checked
-    examples run together, close in both. A model whose semantics depend on the dtype (padding found as
-    ``torch.finfo(x.dtype).min``, a branch on ``x.dtype``) would otherwise be judged on what it does in float64 only
-    (85% off, silently, before this check); a max-pool's flipped choice leaves the inputs alike (a near-tie)."""
-    picked = distinct_examples(_inputs(batches[0], losses), 4)
-    rows = torch.tensor(picked)
+    """Whether the model computes the same in float64 as in its own precision: every layer's inputs and its outputs
+    (a criterion's inputs, a ``tc.BatchLoss``'s losses), on the checked examples run together, close in both. A model
+    whose semantics depend on the dtype (padding found as ``torch.finfo(x.dtype).min``, a branch on ``x.dtype``, also
+    after its last layer) would otherwise be judged on what it does in float64 only (85% and 254% off, silently,
+    before this check); a max-pool's flipped choice leaves them alike (a near-tie)."""
+    rows = torch.tensor(distinct_examples(_inputs(batches[0], losses), 4))
     own = batched_factors(module, losses[0], plan, states[0], select_rows(batches[0], rows), mapper)
+    own_out = _outputs(losses[0], states[0], select_rows(batches[0], rows))
     with _Widened():
         wide = batched_factors(module, losses[0], plan, states[1], select_rows(batches[1], rows), mapper)
+        wide_out = _outputs(losses[0], states[1], select_rows(batches[1], rows))
+    pairs = [(xs, wide[path][0]) for path, (xs, _) in own.items()] + [(own_out, wide_out)]
     return all(
-        len(own[path][0]) == len(wide[path][0])
-        and all(map(_close_rows, own[path][0], _floating_as(own[path][0][0].dtype, wide[path][0])))
-        for path in own
+        len(mine) == len(theirs) and all(map(_close_rows, mine, [t.to(m.dtype) for m, t in zip(mine, theirs)]))
+        for mine, theirs in pairs
     )
+
+
+def _outputs(loss: BatchableLoss, state: Tensors, batch: Any) -> list[torch.Tensor]:
+    """The model's floating outputs on ``batch`` (a criterion's inputs), or a ``tc.BatchLoss``'s losses."""
+    with torch.no_grad():
+        if isinstance(loss, BatchedLoss):
+            return [loss.per_example(state, batch)]
+        out = loss.forward(state, *batch[:-1])
+    return [t for t in optree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def _floating_as(dtype: torch.dtype, tree: Any) -> Any:
