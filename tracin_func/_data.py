@@ -245,10 +245,10 @@ def padding(batch: Batch) -> torch.Tensor:
     run ones then zeros, or zeros then ones, the one with the most ones: not token type ids; unless all ones), else
     the runs of equal values at both ends of the widest tensors and of the integer ones (whatever the padding id and
     side: equal for examples of one length; 1 mostly, unpadded)."""
-    masks = {k: t for k, t in batch.items() if str(k).endswith("attention_mask")} if isinstance(batch, Mapping) else {}
-    if masks and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in masks.values()):
-        said = torch.stack([t.to(torch.int64).sum(1) for t in masks.values()], 1)  # as they say, all ones too
-        rest = {k: t for k, t in batch.items() if k not in masks and not any(_covers(m, t, k) for m in masks.items())}
+    named = {k: t for k, t in batch.items() if str(k).endswith("attention_mask")} if isinstance(batch, Mapping) else {}
+    if named and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in named.values()):
+        said = torch.stack([t.to(torch.int64).sum(1) for t in named.values()], 1)  # as they say, all ones too
+        rest = {k: t for k, t in batch.items() if k not in named and not any(_covers(m, t, k) for m in named.items())}
         return torch.cat([said, padding(rest)], 1) if optree.tree_leaves(rest) else said
     rows, widest = _rows(batch)
     masks = [r.to(torch.int64) for r in rows if r.shape[1] > 1 and _is_mask(r)]
