@@ -610,23 +610,59 @@ def test_3g_attributes_set_on_every_call_are_scored_exactly(layer):
 
 
 class Checkpointed(nn.Module):
-    def __init__(self, reentrant):
+    def __init__(self, reentrant, middle=False):
         super().__init__()
-        self.a, self.b, self.reentrant = nn.Linear(4, 4), nn.Linear(4, 3), reentrant
+        self.a, self.b, self.reentrant, self.middle = nn.Linear(4, 4), nn.Linear(4, 3), reentrant, middle
+        self.m = nn.Linear(4, 4) if middle else None
 
     def forward(self, x):
+        if self.middle:  # a block whose input needs gradients
+            x = torch.tanh(self.m(x))
         h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=self.reentrant)
         return self.b(h)
 
 
-def test_3h_activation_checkpointing():
+class SavedOnCpu(nn.Module):
+    """Saved-tensor hooks that store, not recompute: nothing to refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.autograd.graph.save_on_cpu():
+            return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("middle", [False, True], ids=["first_layer", "middle_block"])
+def test_3h_activation_checkpointing(middle):
     """Non-reentrant activation checkpointing recomputes its region in the backward pass, outside the call's
-    parameters and hooks (the batched path's scores were 13x off): refused. Reentrant checkpointing is exact."""
-    model = Checkpointed(reentrant=False).double().eval()
-    with pytest.raises(ValueError, match=all_of("activation checkpointing", "gradient_checkpointing_disable")):
-        tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), loss_fn=CE)
+    parameters and hooks: refused on every path (the batched path's scores were 13x off, `factored=False`'s 35-84%:
+    torch.func refuses the region, and plain autograd recomputed it with the module's own weights)."""
+    model = Checkpointed(reentrant=False, middle=middle).double().eval()
+    ckpts, train, test = make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2)
+    n = len(train[0])
+    calls = {
+        "influence": lambda **o: tc.influence(model, ckpts, train, test, loss_fn=CE, **o),
+        "self_influence": lambda **o: tc.self_influence(model, ckpts, train, loss_fn=CE, **o),
+        "top_k": lambda **o: tc.top_k(model, ckpts, train, test, k=2, loss_fn=CE, **o),
+        "embeddings": lambda **o: tc.embeddings(model, ckpts, train, loss_fn=CE, **o),
+        "tracer": lambda **o: tc.tracer(model, test, n_train=n, loss_fn=CE, **o).update(
+            tc.tracer_init(test, n_train=n), ckpts[0].params, 0.1, train, torch.arange(n)
+        ),
+    }
+    for name, call in calls.items():
+        for factored in (None, True, False):
+            with pytest.raises(ValueError, match=all_of("activation checkpointing", "gradient_checkpointing_disable")):
+                call(factored=factored)
+                pytest.fail(f"{name} with factored={factored} ran")
+
+
+def test_3h_reentrant_checkpointing_and_saved_on_cpu_are_exact():
     model = Checkpointed(reentrant=True).double().eval()
     check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), factored_modes=(None,))
+    model = SavedOnCpu().double().eval()
+    check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
 
 
 class LoopsOverAList(nn.Module):

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import CheckpointError
 from torch.utils.hooks import RemovableHandle
 
 from ._batch_free import Meetings, per_example_outputs
-from ._grads import Mapper, Tensors, batch_of_one, example_at, scalar_loss
+from ._grads import CHECKPOINTED, Mapper, Tensors, batch_of_one, checkpointing, example_at, scalar_loss
 from ._layers import Site, broadcast_row, call_site, layer_output, recorded_input, token_wise
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, summed_example_losses
 from ._recurrent import unrolled
@@ -285,7 +285,7 @@ def batched_factors(
                 retain_graph=bool(met),  # the roots' graph, for their per-example gradients
             )
         except CheckpointError as err:  # recomputed without the hooks' probes (a lone
-            raise ValueError(_CHECKPOINTED) from err  # example's run, not watched by `_PlanningWatch`)
+            raise ValueError(CHECKPOINTED) from err  # example's run, not watched by `_PlanningWatch`)
         if meetings is not None:
             at_roots = per_example_outputs(meetings, roots, grads[len(flat) : len(flat) + len(met) + len(whole)], n)
     _refuse_reached(unused, grads[len(flat) + len(met) + len(whole) :])
@@ -368,9 +368,8 @@ class _PlanningWatch(TorchFunctionMode):
         self.orders: dict[int, torch.Tensor] = {}  # integer tensors computed from a sort, by id (kept alive here)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        if hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint":
-            raise ValueError(_CHECKPOINTED)
+        if checkpointing():
+            raise ValueError(CHECKPOINTED)
         kwargs = kwargs or {}
         ordered = self.orders and any(id(t) in self.orders for t in _tensors((args, kwargs)))
         trusted = (ordered or func in _SORTS) and sys._getframe(1).f_code.co_filename.endswith(_PACKING_CODE)
@@ -456,13 +455,6 @@ def _reorders(
     if not (isinstance(tensor, torch.Tensor) and isinstance(index, torch.Tensor) and id(index) in orders):
         return False
     return (tensor.shape[dim] if isinstance(dim, int) and tensor.dim() else tensor.numel()) in sizes
-
-
-_CHECKPOINTED = (
-    "`model`: its forward runs under activation checkpointing (`torch.utils.checkpoint`), whose backward pass "
-    "recomputes layers, which per-example factors cannot follow. Switch checkpointing off for scoring (Hugging Face: "
-    "`model.gradient_checkpointing_disable()`; `use_reentrant=True` is followed)."
-)
 
 
 def _refuse_reached(unused: Iterable[str], grads: Sequence[torch.Tensor | None]) -> None:

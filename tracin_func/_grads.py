@@ -12,6 +12,7 @@ import optree
 import torch
 from torch.func import grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from ._loss import ExampleLossFn
 from ._warn import warn
@@ -120,7 +121,7 @@ def plain_grad(f: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_au
         args = tuple(
             optree.tree_map(lambda t: t.detach().requires_grad_(), a) if i in nums else a for i, a in enumerate(args)
         )
-        with torch.enable_grad():
+        with torch.enable_grad(), _RefuseCheckpointing():
             out = f(*args)
         value, aux = out if has_aux else (out, None)
         leaves, spec = optree.tree_flatten(tuple(args[i] for i in nums))
@@ -133,6 +134,32 @@ def plain_grad(f: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_au
         return (found, optree.tree_map(torch.Tensor.detach, aux)) if has_aux else found
 
     return grads
+
+
+CHECKPOINTED = (
+    "`model`: its forward runs under activation checkpointing (`torch.utils.checkpoint`), whose backward pass "
+    "recomputes layers with the module's own tensors, not the checkpoint's, and without the per-example factors' "
+    "probes. Switch checkpointing off for scoring (Hugging Face: `model.gradient_checkpointing_disable()`; your own "
+    "code: call the checkpointed function directly); the scores are the same, only memory grows."
+)
+
+
+def checkpointing() -> bool:
+    """Whether the op being run is inside a non-reentrant ``torch.utils.checkpoint`` region (its saved-tensor hooks
+    are the innermost; ``torch.autograd.graph.save_on_cpu``'s are harmless and pass)."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint"
+
+
+class _RefuseCheckpointing(TorchFunctionMode):
+    """Refuses non-reentrant activation checkpointing in a plain-autograd forward. Its backward recomputes the
+    region after ``functional_call`` has put the module's own tensors back, so the checkpoint's would get wrong
+    gradients, silently (35-84% off). torch.func refuses such regions itself, which is how a model gets here."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        if checkpointing():
+            raise ValueError(CHECKPOINTED)
+        return func(*args, **(kwargs or {}))
 
 
 def _in_model_code(err: BaseException) -> str:
