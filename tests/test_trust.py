@@ -1548,40 +1548,44 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     """The batching check's examples: the first, then the next whose widest tensors (the inputs) differ, first those
     padded unlike every one taken (an attention mask's ones, else the runs at both ends of the widest tensors: the
     padding, whatever its id and side); examples that differ only in a label count as one."""
-    from tracin_func._data import distinct_examples, padding
+    from tracin_func._data import distinct_examples, padded_rows, padding
 
     ids = torch.tensor([[1, 2, 0, 0], [3, 4, 0, 0], [1, 2, 0, 0], [5, 6, 7, 0], [5, 6, 7, 8], [9, 9, 9, 9]])
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    assert padding((ids, y)).tolist() == [[1, 2], [1, 2], [1, 2], [1, 1], [1, 1], [4, 4]]
+    assert padded_rows((ids, y)).tolist() == [[1, 2], [1, 2], [1, 2], [1, 1], [1, 1], [4, 4]]
     assert distinct_examples((ids, y), 4) == [0, 3, 5, 1]
     assert distinct_examples((ids[[0, 2]], y[:2]), 4) == [0, 1]  # the label alone, in the fallback
     assert distinct_examples((ids[[0, 2]], y[:2]), 4, widest_only=True) == [0]
     long = torch.zeros(3, 100, dtype=torch.long)
     long[0, :10], long[1, 70:], long[2, :] = 2, 2, 2
-    assert padding((long,)).tolist() == [[10, 90], [70, 30], [100, 100]]  # right, left, none
+    assert padded_rows((long,)).tolist() == [[10, 90], [70, 30], [100, 100]]  # right, left, none
     left = torch.tensor([[0, 0, 5, 6], [0, 7, 7, 7]])  # left padded, a repeated last token: the mask tells
-    assert padding({"input_ids": left, "attention_mask": (left != 0).long()}).tolist() == [[2], [3]]
+    assert padded_rows({"input_ids": left, "attention_mask": (left != 0).long()}).tolist() == [[2], [3]]
     # found by fuzzing: token type ids are no mask (all 0; or a pair's split, which the mask outnumbers), an all-ones
     # mask shows no padding, and padding in ids narrower than an image still counts
     right = torch.tensor([[4, 5, 6, 0, 0], [4, 5, 6, 0, 0]])
     pairs = {"input_ids": right, "token_type_ids": torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 0, 0]])}
-    assert padding({**pairs, "attention_mask": (right != 0).long()}).tolist() == [[3], [3]]
-    assert padding({"input_ids": right, "token_type_ids": torch.zeros_like(right)}).tolist() == [[1, 2, 5, 5]] * 2
-    assert padding((right, torch.ones_like(right))).tolist() == [[1, 2, 5, 5], [1, 2, 5, 5]]
-    assert padding((torch.randn(2, 3, 4), right)).tolist()[0][2:] == [1, 2]
+    assert padded_rows({**pairs, "attention_mask": (right != 0).long()}).tolist() == [[3], [3]]
+    assert padded_rows({"input_ids": right, "token_type_ids": torch.zeros_like(right)}).tolist() == [[1, 2, 5, 5]] * 2
+    assert padded_rows((right, torch.ones_like(right))).tolist() == [[1, 2, 5, 5], [1, 2, 5, 5]]
+    assert padded_rows((torch.randn(2, 3, 4), right)).tolist()[0][2:] == [1, 2]
     # found by fuzzing: a dict batch's attention masks say it, all ones too (no padding), whatever the other ends
     full = {"input_ids": torch.tensor([[1, 1, 5, 2], [1, 6, 2, 2]]), "attention_mask": torch.ones(2, 4, dtype=int)}
-    assert padding({**full, "token_type_ids": torch.tensor([[0, 0, 0, 1], [0, 1, 1, 1]])}).tolist() == [[4], [4]]
+    assert padded_rows({**full, "token_type_ids": torch.tensor([[0, 0, 0, 1], [0, 1, 1, 1]])}).tolist() == [[4], [4]]
     decoder = {"decoder_attention_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])}
-    assert padding({**full, **decoder}).tolist() == [[4, 2], [4, 3]]
+    assert padded_rows({**full, **decoder}).tolist() == [[4, 2], [4, 3]]
     # ... for the tensors of their width only: decoder ids without their mask, text ids beside an image's mask
     targets = torch.tensor([[5, 6, 0], [5, 0, 0]])
-    assert padding({**full, "decoder_input_ids": targets}).tolist() == [[4, 1, 1], [4, 1, 2]]
+    assert padded_rows({**full, "decoder_input_ids": targets}).tolist() == [[4, 1, 1], [4, 1, 2]]
     targets = torch.tensor([[5, 6, 0, 0], [5, 0, 0, 0]])  # padded to the mask's width: still the decoder's own
-    assert padding({**full, "decoder_input_ids": targets}).tolist() == [[4, 1, 2], [4, 1, 3]]
+    assert padded_rows({**full, "decoder_input_ids": targets}).tolist() == [[4, 1, 2], [4, 1, 3]]
     text = torch.tensor([[4, 5, 0, 0], [4, 5, 6, 0]])
     image = {"image_attention_mask": torch.ones(2, 3, dtype=int), "input_ids": text}
-    assert padding(image).tolist() == [[3, 1, 2], [3, 1, 1]]
+    assert padded_rows(image).tolist() == [[3, 1, 2], [3, 1, 1]]
+    # each column named by what shows it, so that batches of one structure name theirs alike
+    assert list(padding({**full, "decoder_input_ids": targets})) == [
+        ("said", "attention_mask"), ("start", "('decoder_input_ids',)"), ("end", "('decoder_input_ids',)")
+    ]
 
 
 class TrimmedPairs(nn.Module):
@@ -1618,6 +1622,64 @@ def test_7p_an_all_ones_attention_mask_leaves_the_padding_to_be_checked():
     loss = tc.sequence_classification_loss(model)
     with pytest.raises(ValueError, match="examples of one length, packed or padded alike.*factored=False"):
         tc.self_influence(model, make_ckpts(model), batches, loss_fn=loss)
+
+
+class EncoderDecoder(nn.Module):
+    """Encoder ids with their attention mask, decoder ids padded with 0 to the same width without one. ``cut``: the
+    decoder's ids are cut to the batch's longest, then averaged over every position left (it reads the padding a
+    longer example adds); else averaged over each example's own (exact in any batch)."""
+
+    def __init__(self, cut: bool) -> None:
+        super().__init__()
+        self.enc, self.dec, self.fc, self.cut = nn.Embedding(20, 4), nn.Embedding(20, 4), nn.Linear(4, 3), cut
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):
+        m = attention_mask[..., None].to(self.enc.weight.dtype)
+        encoded = (self.enc(input_ids) * m).sum(1) / m.sum(1)
+        if self.cut:
+            decoded = self.dec(decoder_input_ids[:, : int((decoder_input_ids != 0).sum(1).max())]).mean(1)
+        else:
+            own = (decoder_input_ids != 0)[..., None].to(self.dec.weight.dtype)
+            decoded = (self.dec(decoder_input_ids) * own).sum(1) / own.sum(1)
+        return self.fc(encoded + decoded)
+
+
+@pytest.mark.parametrize("cut", [True, False], ids=["reads_decoder_padding", "masks_it"])
+def test_7p_padding_shown_in_one_tensor_leaves_the_others_to_be_checked(monkeypatch, cut):
+    """Found by fuzzing: a first batch whose encoder lengths vary (its mask shows that) and whose decoder ids are of
+    one length counted as showing all padding, so a later batch of decoder ids of other lengths went unchecked: 37%
+    off, silently. Each thing that shows padding (a mask, each tensor's ends) now counts only where it varied: a
+    batch where another varies is checked on examples of its own."""
+    import tracin_func._plan as plan_module
+
+    torch.manual_seed(0)
+    model = EncoderDecoder(cut).double().eval()
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(encoder: list[int], decoder: list[int], width: int = 8) -> dict[str, torch.Tensor]:
+        em, dm = ((torch.arange(width) < torch.tensor(n)[:, None]).long() for n in (encoder, decoder))
+        ids = [torch.randint(1, 20, (len(encoder), width), generator=gen) * m for m in (em, dm)]
+        return {"input_ids": ids[0], "attention_mask": em, "decoder_input_ids": ids[1],
+                "labels": torch.randint(0, 3, (len(encoder),), generator=gen)}  # fmt: skip
+
+    batches = [batch([3, 5, 8, 6], [4, 4, 4, 4]), batch([7, 2, 8, 5], [2, 6, 3, 4]), batch([4, 3, 8, 1], [5, 2, 3, 4])]
+    loss, ckpts = tc.sequence_classification_loss(model), make_ckpts(model)
+    if cut:
+        with pytest.raises(ValueError, match="examples of one length, packed or padded alike.*factored=False"):
+            tc.self_influence(model, ckpts, batches, loss_fn=loss)
+        return
+    checks = []
+    checked = plan_module._refused_on
+    monkeypatch.setattr(plan_module, "_refused_on", lambda *a: checks.append(a) or checked(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tc.SlowPathWarning)
+        got = tc.self_influence(model, ckpts, batches, loss_fn=loss)
+    flat = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    assert_close(got, reference_scores(model, ckpts, flat, loss_fn=loss).self_influence)
+    with_decoder_lengths = len(checks)
+    checks.clear()
+    tc.self_influence(model, ckpts, batches[:1] * 3, loss_fn=loss)  # the decoder's lengths never vary
+    assert with_decoder_lengths == len(checks) + 1  # the second batch checked once more, the third not
 
 
 def test_7p_index_tuples_name_the_dimensions_they_index():

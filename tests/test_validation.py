@@ -458,7 +458,8 @@ def test_loss_fn_not_callable():
 
 def test_loss_fn_unknown_reduction():
     model, ckpts, batch = _setup()
-    with pytest.raises(ValueError, match=r"`loss_fn.reduction` must be 'none', 'sum' or 'mean', got 'batchmean'"):
+    fix = r"got 'batchmean' \(on one example, `KLDivLoss`'s 'batchmean' is its 'sum': pass that\)"
+    with pytest.raises(ValueError, match=r"`loss_fn.reduction` must be 'none', 'sum' or 'mean', " + fix):
         tc.influence(model, ckpts, batch, batch, loss_fn=nn.KLDivLoss(reduction="batchmean"))
 
 

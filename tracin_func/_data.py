@@ -231,13 +231,14 @@ def distinct_examples(batch: Batch, k: int, *, widest_only: bool = False) -> lis
     examples that differ only in their labels (centring the inputs), nor, of a model that reads the padding a longer
     example adds, examples of one length. ``widest_only``: no fallback to the other tensors."""
     rows, widest = _rows(batch)
-    padded = padding(batch)
+    padded = padded_rows(batch)
     taken = _unlike_rows(widest or rows, k, padded)
     return taken if len(taken) > 1 or widest_only else _unlike_rows(rows, k, padded)
 
 
-def padding(batch: Batch) -> torch.Tensor:
-    """``[B, k]``: each example's padding, as far as the data shows it: the ones of a dict batch's attention masks
+def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
+    """``{column: [B]}``: each example's padding, as far as the data shows it, by what shows it (columns named
+    ``(how, where)``, so that batches of one structure name theirs alike): the ones of a dict batch's attention masks
     (Hugging Face's ``attention_mask``, ``decoder_attention_mask``; all ones is no padding, whatever the ends of the
     tensors they cover look like, ``_covers``: a pair's token type ids, a prompt's ``-100`` labels, a repeated first
     token; the others read as below: decoder ids without their mask, text beside an image's mask); else the
@@ -247,17 +248,24 @@ def padding(batch: Batch) -> torch.Tensor:
     side: equal for examples of one length; 1 mostly, unpadded)."""
     named = {k: t for k, t in batch.items() if str(k).endswith("attention_mask")} if isinstance(batch, Mapping) else {}
     if named and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in named.values()):
-        said = torch.stack([t.to(torch.int64).sum(1) for t in named.values()], 1)  # as they say, all ones too
+        said = {("said", str(k)): t.to(torch.int64).sum(1) for k, t in named.items()}  # as they say, all ones too
         rest = {k: t for k, t in batch.items() if k not in named and not any(_covers(m, t, k) for m in named.items())}
-        return torch.cat([said, padding(rest)], 1) if optree.tree_leaves(rest) else said
+        return {**said, **padding(rest)} if optree.tree_leaves(rest) else said
     rows, widest = _rows(batch)
-    masks = [r.to(torch.int64) for r in rows if r.shape[1] > 1 and _is_mask(r)]
-    mask = max(masks, key=lambda m: int(m.sum())) if masks else None
-    if mask is not None and not bool(mask.all()):  # (all ones: it shows no padding)
-        return mask.sum(1, keepdim=True)
-    ends = [r for r in rows if any(r is w for w in widest) or r.shape[1] > 1 and not r.is_floating_point()]
-    runs = [_end_run(r, first) for r in ends for first in (True, False)]
-    return torch.stack(runs, 1) if runs else torch.zeros(len(rows[0]), 1, dtype=torch.int64, device=rows[0].device)
+    where = [str(path) for path in optree.tree_paths(batch, none_is_leaf=True)]
+    masks = [(w, r.to(torch.int64)) for w, r in zip(where, rows) if r.shape[1] > 1 and _is_mask(r)]
+    mask = max(masks, key=lambda m: int(m[1].sum())) if masks else None
+    if mask is not None and not bool(mask[1].all()):  # (all ones: it shows no padding)
+        return {("mask", mask[0]): mask[1].sum(1)}
+    wide = [any(r is t for t in widest) or r.shape[1] > 1 and not r.is_floating_point() for r in rows]
+    ends = [(w, r) for w, r, take in zip(where, rows, wide) if take]
+    runs = {(side, w): _end_run(r, side == "start") for w, r in ends for side in ("start", "end")}
+    return runs or {("none", ""): torch.zeros(len(rows[0]), dtype=torch.int64, device=rows[0].device)}
+
+
+def padded_rows(batch: Batch) -> torch.Tensor:
+    """``[B, k]``: the columns of ``padding``, side by side."""
+    return torch.stack(list(padding(batch).values()), 1)
 
 
 def _covers(mask: tuple[Any, torch.Tensor], t: Any, key: Any) -> bool:

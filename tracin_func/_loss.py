@@ -337,7 +337,9 @@ def example_loss(forward: Forward, loss_fn: Any, name: str) -> ExampleLossFn:
         )
     reduction = getattr(loss_fn, "reduction", "none")
     if reduction not in ("none", "sum", "mean"):
-        raise ValueError(f"`{name}.reduction` must be 'none', 'sum' or 'mean', got {reduction!r}.")
+        batchmean = reduction == "batchmean"
+        same = " (on one example, `KLDivLoss`'s 'batchmean' is its 'sum': pass that)" if batchmean else ""
+        raise ValueError(f"`{name}.reduction` must be 'none', 'sum' or 'mean', got {reduction!r}{same}.")
 
     return CriterionLoss(forward, loss_fn)
 

@@ -17,7 +17,7 @@ from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, 
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._bags import PRODUCT as BAG_PRODUCT
 from ._capture import BatchableLoss, Hook, Unbatchable, batched_factors, discover, hooked
-from ._data import distinct_examples, finite_examples, num_examples, padding, select_rows, slice_batch
+from ._data import distinct_examples, finite_examples, num_examples, padded_rows, padding, select_rows, slice_batch
 from ._grads import Mapper, Tensors
 from ._layers import (
     Site,
@@ -65,6 +65,7 @@ class Plan(NamedTuple):
     # are the same), "lengths" / "packed" (examples of one length: whether the model reads the padding a longer one
     # adds; as ``BatchingCheck.unshown``)
     unchecked: str = ""
+    padding_shown: frozenset[tuple[str, str]] = frozenset()  # for "lengths": the columns of ``padding`` that varied
     # rows of the batch dimension per example where the model folds an example's items into its batch (``[B, C, T]``
     # ids run as ``[B C, T]``: multiple choice); a row broadcast over the batch meets ``B fold`` rows
     fold: int = 1
@@ -155,10 +156,14 @@ def _checking_first_batch(
     examples until one proves the plan: a model that mixes a batch's examples is refused there, never scored
     batched. Examples of one length (padded alike, or packed) show nothing of the padding a longer example adds, nor
     of an order by length: a batch whose own lengths are one too is exact (no padding, no order; packed lengths are
-    recorded by scoring the batch eagerly); the first whose lengths differ is checked on an example of each."""
+    recorded by scoring the batch eagerly); the first whose lengths differ is checked on an example of each. Padding
+    is followed by what shows it (``padding``'s columns: each attention mask, the ends of each tensor): a batch is
+    checked on examples of its own while some column varies in it that varied in no check yet (the decoder's ids
+    of other lengths, where the first examples' varied only the encoder's mask)."""
     proven: list[RepresentationFn] = []  # set once, to the checked reading's; threads may both check the first
     # batch (the same answer)
     lengths_left: list[tuple[Plan, str, RepresentationFn]] = []  # the reading, "lengths" or "packed", its rep
+    shown = set(plan.padding_shown)  # the columns of ``padding`` that varied in a check
     if plan.unchecked in ("lengths", "packed"):
         lengths_left.append((plan, plan.unchecked, rep))
 
@@ -190,6 +195,25 @@ def _checking_first_batch(
             return rep
         return representation_fn(module, loss, reading, mapper, compiled=compiled and not eager)
 
+    def unshown_in(batch: Any, among: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The columns of ``batch``'s padding that vary (among the examples ``among``) and varied in no check."""
+        columns = [t.cpu() for k, t in padding(_inputs(batch, [loss])).items() if k not in shown]
+        return [t for t in columns if not _alike(t if among is None else t[among])]
+
+    def padding_shown(batch: Any, finite: torch.Tensor) -> Plan:
+        """Check ``batch`` on examples of its own until every column of its padding that varies has varied in a
+        check; the reading they pass under."""
+        while varied := unshown_in(batch, finite):
+            reading, check = verdict(select_rows(batch, torch.tensor(_showing(varied, finite))))
+            if not check.shown - shown:  # (examples unlike in their padding, alike in what the check compares)
+                raise ValueError(
+                    "`model`: the examples of a batch are padded unlike in a way the call's first examples were not, "
+                    "and no examples of it that show that could be checked. Pass `factored=False`."
+                )
+            shown.update(check.shown)
+            lengths_left[0] = (reading, "lengths", rep_of(reading))
+        return lengths_left[0][0]
+
     @torch.compiler.disable  # eager inside compiled updates, until a batch proves the plan
     def unproven(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
         if num_examples(batch) < 2:
@@ -202,10 +226,14 @@ def _checking_first_batch(
                 proven.append(rep_of(reading))
                 return rep_of(reading, eager=True)(diff, frozen, batch)
             lengths_left.append((reading, check.unshown, rep_of(reading)))
+            shown.update(check.shown)
         reading = lengths_left[0][0]
         with packed_calls() as on_packed:
             out = rep_of(reading, eager=True)(diff, frozen, batch)
         finite = finite_examples(batch).cpu()  # (a non-finite input is named where its scores are checked)
+        if not on_packed:
+            checked = padding_shown(batch, finite)
+            return out if checked is reading else rep_of(checked, eager=True)(diff, frozen, batch)
         lengths = map(torch.Tensor.cpu, _lengths(on_packed, batch, [loss]))
         varied = next((t for t in lengths if not _alike(t[finite])), None)
         if varied is None:
@@ -225,17 +253,11 @@ def _checking_first_batch(
     def checking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
         if proven:
             return proven[0](diff, frozen, batch)
-        if lengths_left and lengths_left[0][1] == "lengths" and _padded_alike(batch, [loss]):  # exact
+        if lengths_left and lengths_left[0][1] == "lengths" and not unshown_in(batch):  # exact, or shown
             return lengths_left[0][2](diff, frozen, batch)
         return unproven(diff, frozen, batch)
 
     return checking
-
-
-@torch.compiler.disable  # eager inside compiled updates
-def _padded_alike(batch: Any, losses: Sequence[ExampleLossFn]) -> bool:
-    """Whether the examples of ``batch`` are all padded alike (``padding``): of one length."""
-    return _alike(padding(_inputs(batch, losses)))
 
 
 def _lengths(
@@ -244,7 +266,7 @@ def _lengths(
     """Each example's lengths: those of every layer run on a ``PackedSequence`` in the batch's order (``[B, k]``, so
     that examples of each combination are picked), then each such layer's alone; else its padding in the data."""
     if not on_packed:
-        return [padding(_inputs(batch, losses))]
+        return [padded_rows(_inputs(batch, losses))]
     every = [lengths for _, lengths in on_packed]
     n = num_examples(batch)
     return ([torch.stack(every, 1)] if all(len(t) == n for t in every) else []) + every
@@ -252,6 +274,16 @@ def _lengths(
 
 def _alike(t: torch.Tensor) -> bool:
     return bool((t == t[:1]).all())
+
+
+def _showing(columns: Sequence[torch.Tensor], among: torch.Tensor) -> list[int]:
+    """The first example ``among`` and the first after it unlike it in each of ``columns`` (``[B]`` each) where the
+    ones taken are all alike, four at most: examples among which those columns vary."""
+    taken = [int(among.nonzero()[0])]
+    for t in columns:
+        if len(taken) < 4 and _alike(t[taken]):
+            taken.append(int((among & (t != t[taken[0]])).nonzero()[0]))
+    return sorted(taken)
 
 
 def _first_of_each(values: torch.Tensor, among: torch.Tensor) -> list[int]:
@@ -439,6 +471,7 @@ def make_plan(
     refused, seen = check.reason, check.seen
     plan = plan._replace(batch_free=frozenset(check.batch_free))
     unchecked = check.unshown if batch_shows or head_shows else "batching"
+    shown = check.shown if unchecked == "lengths" else frozenset()
     if refused:
         unbatched = _factorless(plan) if check.factorless else _unpacked(_unexpanded(plan), packed)
         return unbatched._replace(batching=f"vmap(grad) over examples: {refused}")
@@ -472,7 +505,8 @@ def make_plan(
     batching = "one batched forward / backward gives every layer's factors"
     unused_names = tuple(n for n in names if n in unused)
     return plan._replace(batched=True, batching=batching, kernel=frozenset(kernel), trimmed=frozenset(trimmed),
-                         example_bytes=size, dense=(), unused=unused_names, unchecked=unchecked)
+                         example_bytes=size, dense=(), unused=unused_names, unchecked=unchecked,
+                         padding_shown=shown)
 
 
 def _folded_rows(
@@ -738,6 +772,7 @@ class BatchingCheck(NamedTuple):
     # what the examples could not show: "lengths" (of one length, padded alike: whether the model reads the padding a
     # longer example adds) or "packed" (packed sequences of one length); "" nothing
     unshown: str = ""
+    shown: frozenset[tuple[str, str]] = frozenset()  # the columns of ``padding`` that varied among the examples
     rounding: bool = False  # refused on a comparison of numbers, which float rounding may have failed
 
 
@@ -867,7 +902,7 @@ def _compared(
             rows = select_rows(few, torch.tensor(order))
             return batched_factors(module, loss, plan, state, rows, mapper, refuse_recomputing=True), on_packed
     seen: dict[str, LayerFactors] = {}
-    unshown = ""
+    unshown, shown = "", frozenset()
     expanded = [s for s in plan.sites if s.kind == "expanded"]
     linear = {s.path for s in plan.sites if s.kind == "linear"}
     for loss, true in zip(losses, truth):
@@ -892,8 +927,12 @@ def _compared(
                 return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
         # examples of one length (packed, or padded alike) cannot show whether the model reads the padding a longer
         # example adds (`pad_packed_sequence` pads to the batch's longest), nor an order by length: exact, no proof
-        if n < 2 or all(map(_alike, _lengths(on_packed, few, losses))):  # (one packed input may be fixed)
-            unshown = "packed" if on_packed else "lengths"
+        if on_packed and (n < 2 or all(map(_alike, _lengths(on_packed, few, losses)))):  # (one may be fixed)
+            unshown = "packed"
+        elif not on_packed:  # what shows padding (each mask, each tensor's ends) shows it only where it varies
+            columns = padding(_inputs(few, losses))
+            shown = frozenset(k for k, t in columns.items() if n > 1 and not _alike(t))
+            unshown = "lengths" if len(shown) < len(columns) else ""
         for site in expanded:
             if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[name] for name in site.names))):
                 return BatchingCheck(
@@ -951,7 +990,7 @@ def _compared(
                     rounding=True,
                 )
             seen.setdefault(path, ([x[:n] for x in xs], [g[:n] for g in gs]))  # (not the copy)
-    return BatchingCheck("", seen, tuple(plan.batch_free), unshown=unshown)
+    return BatchingCheck("", seen, tuple(plan.batch_free), unshown=unshown, shown=shown)
 
 
 def _refused_on(
