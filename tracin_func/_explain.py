@@ -126,8 +126,8 @@ def explain(
 _CHECKED_LATER = {
     "batching": "the examples planned on (one, or of equal inputs) cannot show how the model batches them: the "
     "batching is checked on the first batch whose inputs differ",
-    "lengths": "the examples planned on end alike in some tensor (no padding, or as much), which cannot show whether the "
-    "model reads the padding a longer example adds there: checked on each batch whose examples end unlike there",
+    "lengths": "the examples planned on end alike in some tensor (no padding, or as much), which cannot show whether "
+    "the model reads the padding a longer example adds there: checked on each batch whose examples end unlike there",
     "packed": "the examples planned on are packed sequences of one length, which cannot show whether the model reads "
     "the padding a longer example adds: checked on the first batch whose lengths differ",
 }
