@@ -1682,6 +1682,48 @@ def test_7p_padding_shown_in_one_tensor_leaves_the_others_to_be_checked(monkeypa
     assert with_decoder_lengths == len(checks) + 1  # the second batch checked once more, the third not
 
 
+class NanPadded(nn.Module):
+    """Float sequences padded with NaN (missing steps), masked by ``torch.where``; ``cut``: the batch is cut to its
+    longest example before a mean over the steps left (it reads the padding a longer example adds)."""
+
+    def __init__(self, cut: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.cut = nn.Linear(3, 8), nn.Linear(8, 3), cut
+
+    def forward(self, x):
+        pad = x[..., 0].isnan()
+        h = torch.relu(self.fc1(torch.where(pad[..., None], 0.0, x))) * ~pad[..., None]
+        if self.cut:
+            return self.fc2(h[:, : int((~pad).sum(1).max())].mean(1))
+        return self.fc2(h.sum(1) / (~pad).sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("cut", [True, False], ids=["reads_padding", "masks_it"])
+def test_7p_nan_padding_is_padding(cut):
+    """Found by fuzzing: floats padded with NaN were read as not finite and left out of the lengths compared, and NaN
+    ran no run at a tensor's end (NaN != NaN), so a batch of other lengths after a first of one went unchecked: 28%
+    off, silently."""
+    torch.manual_seed(0)
+    model = NanPadded(cut).double().eval()
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(len(lengths), 6, 3, generator=gen, dtype=torch.float64)
+        x[torch.arange(6) >= torch.tensor(lengths)[:, None]] = float("nan")
+        return x, torch.randint(0, 3, (len(lengths),), generator=gen)
+
+    batches, ckpts = [batch([6, 6, 6, 6]), batch([6, 3, 6, 2])], make_ckpts(model)
+    if cut:
+        with pytest.raises(ValueError, match="examples of one length, packed or padded alike.*factored=False"):
+            tc.self_influence(model, ckpts, batches, loss_fn=CE)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tc.SlowPathWarning)
+        got = tc.self_influence(model, ckpts, batches, loss_fn=CE)
+    flat = tuple(torch.cat(parts) for parts in zip(*batches))
+    assert_close(got, reference_scores(model, ckpts, flat, loss_fn=CE).self_influence)
+
+
 def test_7p_index_tuples_name_the_dimensions_they_index():
     """The batch-order watch reads which dimension each entry of an index tuple indexes (``None`` takes none, ``...``
     the ones no entry names, a mask as many as it has), so an order over another dimension of batch length is not

@@ -290,18 +290,15 @@ def _end_run(rows: torch.Tensor, first: bool, tail: int = 64) -> torch.Tensor:
     """``[B]``: how many entries at the start (``first``) or the end of each row of ``rows`` ``[B, n]`` equal the one
     there, read in the ``tail`` entries there first (most rows end there), then in full where all of those do."""
     end = rows[:, :tail].flip(1) if first else rows[:, -tail:]  # that end's entries, the one at the end last
-    before = (end != end[:, -1:]).flip(1)  # from the end: the first entry unlike it ends its run
+    unlike = end != end[:, -1:]
+    if end.is_floating_point():  # NaN padding (missing steps) runs like any other value
+        unlike &= ~(end.isnan() & end[:, -1:].isnan())
+    before = unlike.flip(1)  # from the end: the first entry unlike it ends its run
     run = torch.where(before.any(1), before.to(torch.uint8).argmax(1), end.shape[1])
     longer = run == end.shape[1]
     if end.shape[1] < rows.shape[1] and bool(longer.any()):
         run[longer] = _end_run(rows[longer], first, rows.shape[1])
     return run
-
-
-def finite_examples(batch: Batch) -> torch.Tensor:
-    """``[B]``: whether every floating tensor of each example is finite."""
-    rows = [r.isfinite().all(1) for r in _rows(batch)[0] if r.is_floating_point()]
-    return torch.stack(rows).all(0) if rows else torch.ones(batch_size_of(batch, "batch"), dtype=torch.bool)
 
 
 def _rows(batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -17,7 +17,7 @@ from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, 
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._bags import PRODUCT as BAG_PRODUCT
 from ._capture import BatchableLoss, Hook, Unbatchable, batched_factors, discover, hooked
-from ._data import distinct_examples, finite_examples, num_examples, padded_rows, padding, select_rows, slice_batch
+from ._data import distinct_examples, num_examples, padded_rows, padding, select_rows, slice_batch
 from ._grads import Mapper, Tensors
 from ._layers import (
     Site,
@@ -195,16 +195,16 @@ def _checking_first_batch(
             return rep
         return representation_fn(module, loss, reading, mapper, compiled=compiled and not eager)
 
-    def unshown_in(batch: Any, among: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """The columns of ``batch``'s padding that vary (among the examples ``among``) and varied in no check."""
+    def unshown_in(batch: Any) -> list[torch.Tensor]:
+        """The columns of ``batch``'s padding that vary and varied in no check."""
         columns = [t.cpu() for k, t in padding(_inputs(batch, [loss])).items() if k not in shown]
-        return [t for t in columns if not _alike(t if among is None else t[among])]
+        return [t for t in columns if not _alike(t)]
 
-    def padding_shown(batch: Any, finite: torch.Tensor) -> Plan:
+    def padding_shown(batch: Any) -> Plan:
         """Check ``batch`` on examples of its own until every column of its padding that varies has varied in a
         check; the reading they pass under."""
-        while varied := unshown_in(batch, finite):
-            reading, check = verdict(select_rows(batch, torch.tensor(_showing(varied, finite))))
+        while varied := unshown_in(batch):
+            reading, check = verdict(select_rows(batch, torch.tensor(_showing(varied))))
             if not check.shown - shown:  # (examples unlike in their padding, alike in what the check compares)
                 raise ValueError(
                     "`model`: the examples of a batch are padded unlike in a way the call's first examples were not, "
@@ -230,15 +230,14 @@ def _checking_first_batch(
         reading = lengths_left[0][0]
         with packed_calls() as on_packed:
             out = rep_of(reading, eager=True)(diff, frozen, batch)
-        finite = finite_examples(batch).cpu()  # (a non-finite input is named where its scores are checked)
-        if not on_packed:
-            checked = padding_shown(batch, finite)
+        if not on_packed:  # (examples of non-finite inputs too: NaN may be padding, and a NaN loss is named later)
+            checked = padding_shown(batch)
             return out if checked is reading else rep_of(checked, eager=True)(diff, frozen, batch)
         lengths = map(torch.Tensor.cpu, _lengths(on_packed, batch, [loss]))
-        varied = next((t for t in lengths if not _alike(t[finite])), None)
+        varied = next((t for t in lengths if not _alike(t)), None)
         if varied is None:
             return out  # one length in the whole batch: no padding, no order by length: exact
-        each = _first_of_each(varied, finite)
+        each = _first_of_each(varied)
         in_order = len(varied) == num_examples(batch)
         rechecked, check = verdict(select_rows(batch, torch.tensor(each))) if in_order else (plan, None)
         if check is None or check.unshown:
@@ -276,20 +275,20 @@ def _alike(t: torch.Tensor) -> bool:
     return bool((t == t[:1]).all())
 
 
-def _showing(columns: Sequence[torch.Tensor], among: torch.Tensor) -> list[int]:
-    """The first example ``among`` and the first after it unlike it in each of ``columns`` (``[B]`` each) where the
-    ones taken are all alike, four at most: examples among which those columns vary."""
-    taken = [int(among.nonzero()[0])]
+def _showing(columns: Sequence[torch.Tensor]) -> list[int]:
+    """The first example and the first unlike it in each of ``columns`` (``[B]`` each) where the ones taken are all
+    alike, four at most: examples among which those columns vary."""
+    taken = [0]
     for t in columns:
         if len(taken) < 4 and _alike(t[taken]):
-            taken.append(int((among & (t != t[taken[0]])).nonzero()[0]))
+            taken.append(int((t != t[0]).nonzero()[0]))
     return sorted(taken)
 
 
-def _first_of_each(values: torch.Tensor, among: torch.Tensor) -> list[int]:
-    """The first index of each value (row) of ``values`` where ``among``, in order, four at most."""
+def _first_of_each(values: torch.Tensor) -> list[int]:
+    """The first index of each value (row) of ``values``, in order, four at most."""
     group = torch.unique(values.reshape(len(values), -1), dim=0, return_inverse=True)[1]
-    return sorted(int((among & (group == g)).nonzero()[0]) for g in group[among].unique())[:4]
+    return sorted(int((group == g).nonzero()[0]) for g in group.unique())[:4]
 
 
 def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...] | None]) -> int:
