@@ -224,12 +224,13 @@ def rows_of(data: Any, start: int, stop: int) -> Any:
 
 
 def distinct_examples(batch: Batch, k: int, *, widest_only: bool = False) -> list[int]:
-    """Indices of ``batch``'s first example and of the next ones unlike every one taken, up to ``k``, those padded
-    unlike the ones taken first (``padding``): unlike in its widest tensors (most elements per example: the model's
-    inputs, rather than a label or an index), else in any. Examples run together that all are equal show no more of
-    how a model batches them than one does (centring over the batch gives them what it gives one alone), nor do
-    examples that differ only in their labels (centring the inputs), nor, of a model that reads the padding a longer
-    example adds, examples of one length. ``widest_only``: no fallback to the other tensors."""
+    """Indices of ``batch``'s first example and of the next ones unlike every one taken, up to ``k``, those that
+    span how far its padding varies first, then those padded unlike the ones taken (``padding``): unlike in its
+    widest tensors (most elements per example: the model's inputs, rather than a label or an index), else in any.
+    Examples run together that all are equal show no more of how a model batches them than one does (centring over
+    the batch gives them what it gives one alone), nor do examples that differ only in their labels (centring the
+    inputs), nor, of a model that reads the padding a longer example adds, examples of one length. ``widest_only``:
+    no fallback to the other tensors."""
     rows, widest = _rows(batch)
     padded = padded_rows(batch)
     taken = _unlike_rows(widest or rows, k, padded)
@@ -237,30 +238,34 @@ def distinct_examples(batch: Batch, k: int, *, widest_only: bool = False) -> lis
 
 
 def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
-    """``{column: [B]}``: each example's padding, as far as the data shows it, by what shows it (columns named
-    ``(how, where)``, so that batches of one structure name theirs alike): the ones of a dict batch's attention masks
-    (Hugging Face's ``attention_mask``, ``decoder_attention_mask``; all ones is no padding, whatever the ends of the
-    tensors they cover look like, ``_covers``: a pair's token type ids, a prompt's ``-100`` labels, a repeated first
-    token; the others read as below: decoder ids without their mask, text beside an image's mask); else the
-    ones of its attention mask (of the integer or boolean tensors of 0 / 1 wider than one per example whose rows all
-    run ones then zeros, or zeros then ones, the one with the most ones: not token type ids; unless all ones), else
-    the runs of equal values at both ends of the widest tensors and of the integer ones (whatever the padding id and
-    side: equal for examples of one length; 1 mostly, unpadded)."""
+    """``{column: [B]}``: each example's padding, as far as the data shows it: every signal that may show it, each a
+    column named by how and where it is read (so that batches of one structure name theirs alike; the batching check
+    follows each on its own, so a signal that is no padding costs a check at most, never a score): the ones of a dict
+    batch's attention masks (Hugging Face's ``attention_mask``, ``decoder_attention_mask``: ``("said", key)``), the
+    ones of each mask found among the other tensors (integer or boolean 0 / 1, wider than one per example, every row
+    ones then zeros or zeros then ones: token type ids of pairs too), and the runs of equal values (NaN too) at both
+    ends of every tensor wider than one per example, and of the widest (whatever the padding id and side: equal for
+    examples of one length; 1 mostly, unpadded): ``("masked start", where)`` for a tensor a named mask covers
+    (``_covers``), as a mask may not say all."""
     named = {k: t for k, t in batch.items() if str(k).endswith("attention_mask")} if isinstance(batch, Mapping) else {}
+    said, covered = {}, set()
     if named and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in named.values()):
-        said = {("said", str(k)): t.to(torch.int64).sum(1) for k, t in named.items()}  # as they say, all ones too
-        rest = {k: t for k, t in batch.items() if k not in named and not any(_covers(m, t, k) for m in named.items())}
-        return {**said, **padding(rest)} if optree.tree_leaves(rest) else said
+        said = {("said", str(k)): t.to(torch.int64).sum(1) for k, t in named.items()}
+        covered = {k for k, t in batch.items() if any(_covers(m, t, k) for m in named.items())}
+        batch = {k: t for k, t in batch.items() if k not in named}
+        if not optree.tree_leaves(batch):
+            return said
     rows, widest = _rows(batch)
-    where = [str(path) for path in optree.tree_paths(batch, none_is_leaf=True)]
-    masks = [(w, r.to(torch.int64)) for w, r in zip(where, rows) if r.shape[1] > 1 and _is_mask(r)]
-    mask = max(masks, key=lambda m: int(m[1].sum())) if masks else None
-    if mask is not None and not bool(mask[1].all()):  # (all ones: it shows no padding)
-        return {("mask", mask[0]): mask[1].sum(1)}
-    wide = [any(r is t for t in widest) or r.shape[1] > 1 and not r.is_floating_point() for r in rows]
-    ends = [(w, r) for w, r, take in zip(where, rows, wide) if take]
-    runs = {(side, w): _end_run(r, side == "start") for w, r in ends for side in ("start", "end")}
-    return runs or {("none", ""): torch.zeros(len(rows[0]), dtype=torch.int64, device=rows[0].device)}
+    paths = optree.tree_paths(batch, none_is_leaf=True)
+    ends = [(p, r) for p, r in zip(paths, rows) if r.shape[1] > 1 or any(r is t for t in widest)]
+    found = {("mask", str(p)): r.to(torch.int64).sum(1) for p, r in ends if r.shape[1] > 1 and _is_mask(r)}
+    runs = {
+        (("masked " if p and p[0] in covered else "") + side, str(p)): _end_run(r, side == "start")
+        for p, r in ends
+        for side in ("start", "end")
+    }
+    none = {("none", ""): torch.zeros(len(rows[0]), dtype=torch.int64, device=rows[0].device)}
+    return {**said, **found, **runs} or none
 
 
 def padded_rows(batch: Batch) -> torch.Tensor:
@@ -309,15 +314,20 @@ def _rows(batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 def _unlike_rows(rows: list[torch.Tensor], k: int, padded: torch.Tensor) -> list[int]:
-    """The first row and the next ones unlike every one taken in some of ``rows`` (``[B, *]`` each), up to ``k``,
-    first those whose ``padded`` row is unlike every one taken."""
+    """The first row and the next ones unlike every one taken in some of ``rows`` (``[B, *]`` each), up to ``k``:
+    first those at an end of the range of a ``padded`` column (``[B, c]``) that the ones taken fall short of, so that
+    a check spans how far the batch's padding varies, then those whose ``padded`` row is unlike every one taken."""
     taken, unlike = [0], torch.ones(rows[0].shape[0], dtype=torch.bool, device=rows[0].device)
+    low, high = padded.min(0).values, padded.max(0).values
     while len(taken) < k:
         unlike &= torch.stack([(r != r[taken[-1]]).any(1) for r in rows]).any(0)  # (NaN differs: another example)
         if not bool(unlike.any()):
             break
+        short = ((padded == low) & (padded[taken].min(0).values > low)) | (
+            (padded == high) & (padded[taken].max(0).values < high)
+        )
         new = unlike & (padded[:, None] != padded[taken][None]).any(2).all(1)
-        taken.append(int((new if bool(new.any()) else unlike).nonzero()[0]))
+        taken.append(int(next(c for c in (unlike & short.any(1), new, unlike) if bool(c.any())).nonzero()[0]))
     return taken
 
 

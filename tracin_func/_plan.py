@@ -65,7 +65,9 @@ class Plan(NamedTuple):
     # are the same), "lengths" / "packed" (examples of one length: whether the model reads the padding a longer one
     # adds; as ``BatchingCheck.unshown``)
     unchecked: str = ""
-    padding_shown: frozenset[tuple[str, str]] = frozenset()  # for "lengths": the columns of ``padding`` that varied
+    # how far each column of ``padding`` varied among the examples checked (``_spread``), where padding is followed
+    # per batch (``_checking_first_batch``); None where not (packed sequences, a refused check)
+    padding_shown: tuple[tuple[tuple[str, str], int], ...] | None = None
     # rows of the batch dimension per example where the model folds an example's items into its batch (``[B, C, T]``
     # ids run as ``[B C, T]``: multiple choice); a row broadcast over the batch meets ``B fold`` rows
     fold: int = 1
@@ -131,7 +133,7 @@ def plan_call(
     reps = {}
     for loss in losses:
         reps[id(loss)] = representation_fn(module, loss, plan, mapper, compiled=setup.compile)
-        if plan.batched and plan.unchecked:
+        if plan.batched and (plan.unchecked or plan.padding_shown is not None):
             checking = _checking_first_batch(reps[id(loss)], module, loss, plan, mapper, checked_at, setup.compile)
             reps[id(loss)] = checking
     train, test = reps[id(setup.train_loss)], reps[id(setup.test_loss)]
@@ -157,15 +159,16 @@ def _checking_first_batch(
     batched. Examples of one length (padded alike, or packed) show nothing of the padding a longer example adds, nor
     of an order by length: a batch whose own lengths are one too is exact (no padding, no order; packed lengths are
     recorded by scoring the batch eagerly); the first whose lengths differ is checked on an example of each. Padding
-    is followed by what shows it (``padding``'s columns: each attention mask, the ends of each tensor): a batch is
-    checked on examples of its own while some column varies in it that varied in no check yet (the decoder's ids
-    of other lengths, where the first examples' varied only the encoder's mask)."""
+    in the data is followed by what shows it (``padding``'s columns: each attention mask, the ends of each tensor),
+    each as far as it varied in a check (``_spread``): a batch where one varies further (the decoder's ids of other
+    lengths, where the first examples varied only the encoder's mask; padded examples, where the first examples'
+    ends varied by a repeated last token) is checked on examples of its own that span it."""
     proven: list[RepresentationFn] = []  # set once, to the checked reading's; threads may both check the first
     # batch (the same answer)
     lengths_left: list[tuple[Plan, str, RepresentationFn]] = []  # the reading, "lengths" or "packed", its rep
-    shown = set(plan.padding_shown)  # the columns of ``padding`` that varied in a check
-    if plan.unchecked in ("lengths", "packed"):
-        lengths_left.append((plan, plan.unchecked, rep))
+    shown = dict(plan.padding_shown or ())  # how far each column of ``padding`` varied in a check
+    if plan.unchecked in ("lengths", "packed") or not plan.unchecked:  # ("": padding followed)
+        lengths_left.append((plan, plan.unchecked or "lengths", rep))
 
     def verdict(examples: Any) -> tuple[Plan, BatchingCheck]:
         """The reading ``examples`` pass the check under (at ``checked_at``), and that check; raises where they show
@@ -184,8 +187,9 @@ def _checking_first_batch(
             return reading, check
         raise ValueError(
             f"`model`: the call was planned on examples that could not show how the model batches them (a single "
-            f"example, examples of equal inputs, or examples of one length, packed or padded alike), so planning "
-            f"could not check it; the first batch of two or more examples that could shows that {shows}. Pass "
+            f"example, examples of equal inputs, or examples of one length, packed or padded alike, or padded less "
+            f"unlike than a later batch's), so planning could not check it; the first batch of two or more examples "
+            f"that could shows that {shows}. Pass "
             f"`factored=False`, or plan on two or more examples that differ (a first batch of two or more; for a "
             f"tracer, two or more test examples)."
         )
@@ -195,22 +199,24 @@ def _checking_first_batch(
             return rep
         return representation_fn(module, loss, reading, mapper, compiled=compiled and not eager)
 
+    @torch.compiler.disable  # (eager inside compiled updates)
     def unshown_in(batch: Any) -> list[torch.Tensor]:
-        """The columns of ``batch``'s padding that vary and varied in no check."""
-        columns = [t.cpu() for k, t in padding(_inputs(batch, [loss])).items() if k not in shown]
-        return [t for t in columns if not _alike(t)]
+        """The columns of ``batch``'s padding that vary further than they did in any check."""
+        columns = {k: t.cpu() for k, t in padding(_inputs(batch, [loss])).items()}
+        return [t for k, t in columns.items() if _spread(k, t) > shown.get(k, 0)]
 
     def padding_shown(batch: Any) -> Plan:
-        """Check ``batch`` on examples of its own until every column of its padding that varies has varied in a
-        check; the reading they pass under."""
+        """Check ``batch`` on examples of its own until no column of its padding varies further than in a check; the
+        reading they pass under."""
         while varied := unshown_in(batch):
             reading, check = verdict(select_rows(batch, torch.tensor(_showing(varied))))
-            if not check.shown - shown:  # (examples unlike in their padding, alike in what the check compares)
+            further = {k: v for k, v in check.shown or () if v > shown.get(k, 0)}
+            if not further:  # (examples unlike in their padding, alike in what the check compares)
                 raise ValueError(
                     "`model`: the examples of a batch are padded unlike in a way the call's first examples were not, "
                     "and no examples of it that show that could be checked. Pass `factored=False`."
                 )
-            shown.update(check.shown)
+            shown.update(further)
             lengths_left[0] = (reading, "lengths", rep_of(reading))
         return lengths_left[0][0]
 
@@ -222,11 +228,11 @@ def _checking_first_batch(
             reading, check = verdict(batch)
             if not _shows_batching(batch, [loss]):
                 return rep_of(reading, eager=True)(diff, frozen, batch)
-            if not check.unshown:
+            if not check.unshown and check.shown is None:  # (packed sequences of lengths that differ)
                 proven.append(rep_of(reading))
                 return rep_of(reading, eager=True)(diff, frozen, batch)
-            lengths_left.append((reading, check.unshown, rep_of(reading)))
-            shown.update(check.shown)
+            lengths_left.append((reading, check.unshown or "lengths", rep_of(reading)))
+            shown.update(check.shown or ())
         reading = lengths_left[0][0]
         with packed_calls() as on_packed:
             out = rep_of(reading, eager=True)(diff, frozen, batch)
@@ -276,13 +282,23 @@ def _alike(t: torch.Tensor) -> bool:
 
 
 def _showing(columns: Sequence[torch.Tensor]) -> list[int]:
-    """The first example and the first unlike it in each of ``columns`` (``[B]`` each) where the ones taken are all
-    alike, four at most: examples among which those columns vary."""
-    taken = [0]
+    """Examples among which ``columns`` (``[B]`` each) span their range in the batch, as far as four can: the first of
+    the least and of the greatest value of each, column by column."""
+    taken: list[int] = []
     for t in columns:
-        if len(taken) < 4 and _alike(t[taken]):
-            taken.append(int((t != t[0]).nonzero()[0]))
+        taken += [i for i in dict.fromkeys((int(t.argmin()), int(t.argmax()))) if i not in taken][: 4 - len(taken)]
     return sorted(taken)
+
+
+_HONEST = 1 << 62  # the spread of a named attention mask that varied: its ones are the padding, as far as any varies
+
+
+def _spread(column: tuple[str, str], t: torch.Tensor) -> int:
+    """How far a column of ``padding`` varies among examples: a run at an end may be content (a repeated last token),
+    so a check counts only as far as its examples spread; not where a named mask says the padding (``_HONEST`` once
+    it varies: the mask, and the ends of the tensors it covers, which vary with it)."""
+    spread = int(t.max() - t.min())
+    return _HONEST if column[0].startswith(("said", "masked")) and spread else spread
 
 
 def _first_of_each(values: torch.Tensor) -> list[int]:
@@ -470,7 +486,7 @@ def make_plan(
     refused, seen = check.reason, check.seen
     plan = plan._replace(batch_free=frozenset(check.batch_free))
     unchecked = check.unshown if batch_shows or head_shows else "batching"
-    shown = check.shown if unchecked == "lengths" else frozenset()
+    shown = check.shown if batch_shows or head_shows else None
     if refused:
         unbatched = _factorless(plan) if check.factorless else _unpacked(_unexpanded(plan), packed)
         return unbatched._replace(batching=f"vmap(grad) over examples: {refused}")
@@ -771,7 +787,7 @@ class BatchingCheck(NamedTuple):
     # what the examples could not show: "lengths" (of one length, padded alike: whether the model reads the padding a
     # longer example adds) or "packed" (packed sequences of one length); "" nothing
     unshown: str = ""
-    shown: frozenset[tuple[str, str]] = frozenset()  # the columns of ``padding`` that varied among the examples
+    shown: tuple[tuple[tuple[str, str], int], ...] | None = None  # ``_spread`` of ``padding``'s columns, not packed
     rounding: bool = False  # refused on a comparison of numbers, which float rounding may have failed
 
 
@@ -901,7 +917,7 @@ def _compared(
             rows = select_rows(few, torch.tensor(order))
             return batched_factors(module, loss, plan, state, rows, mapper, refuse_recomputing=True), on_packed
     seen: dict[str, LayerFactors] = {}
-    unshown, shown = "", frozenset()
+    unshown, shown = "", None
     expanded = [s for s in plan.sites if s.kind == "expanded"]
     linear = {s.path for s in plan.sites if s.kind == "linear"}
     for loss, true in zip(losses, truth):
@@ -928,10 +944,9 @@ def _compared(
         # example adds (`pad_packed_sequence` pads to the batch's longest), nor an order by length: exact, no proof
         if on_packed and (n < 2 or all(map(_alike, _lengths(on_packed, few, losses)))):  # (one may be fixed)
             unshown = "packed"
-        elif not on_packed:  # what shows padding (each mask, each tensor's ends) shows it only where it varies
-            columns = padding(_inputs(few, losses))
-            shown = frozenset(k for k, t in columns.items() if n > 1 and not _alike(t))
-            unshown = "lengths" if len(shown) < len(columns) else ""
+        elif not on_packed:  # what shows padding (each mask, each tensor's ends) shows it as far as it varies
+            shown = tuple((k, _spread(k, t)) for k, t in padding(_inputs(few, losses)).items())
+            unshown = "lengths" if not all(spread for _, spread in shown) else ""
         for site in expanded:
             if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[name] for name in site.names))):
                 return BatchingCheck(
