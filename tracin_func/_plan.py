@@ -17,7 +17,7 @@ from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, 
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._bags import PRODUCT as BAG_PRODUCT
 from ._capture import BatchableLoss, Hook, Unbatchable, batched_factors, discover, hooked
-from ._data import distinct_examples, num_examples, padded_rows, padding, select_rows, slice_batch
+from ._data import distinct_examples, num_examples, padding, select_rows, slice_batch
 from ._grads import Mapper, Tensors
 from ._layers import (
     Site,
@@ -61,12 +61,12 @@ class Plan(NamedTuple):
     # plan that runs vmap(grad) anyway keeps them in ``dense``
     unused: tuple[str, ...] = ()
     # what the batching check could not show on the examples planned on, and checks on the first batches that can
-    # (``_checking_first_batch``): "batching" (one example, or examples of equal inputs: their batched and single runs
+    # (``_checking_batches``): "batching" (one example, or examples of equal inputs: their batched and single runs
     # are the same), "lengths" / "packed" (examples of one length: whether the model reads the padding a longer one
     # adds; as ``BatchingCheck.unshown``)
     unchecked: str = ""
     # how far each column of ``padding`` varied among the examples checked (``_spread``), where padding is followed
-    # per batch (``_checking_first_batch``); None where not (packed sequences, a refused check)
+    # per batch (``_checking_batches``); None where not (packed sequences, a refused check)
     padding_shown: tuple[tuple[tuple[str, str], int], ...] | None = None
     # rows of the batch dimension per example where the model folds an example's items into its batch (``[B, C, T]``
     # ids run as ``[B C, T]``: multiple choice); a row broadcast over the batch meets ``B fold`` rows
@@ -134,7 +134,7 @@ def plan_call(
     for loss in losses:
         reps[id(loss)] = representation_fn(module, loss, plan, mapper, compiled=setup.compile)
         if plan.batched and (plan.unchecked or plan.padding_shown is not None):
-            checking = _checking_first_batch(reps[id(loss)], module, loss, plan, mapper, checked_at, setup.compile)
+            checking = _checking_batches(reps[id(loss)], module, loss, plan, mapper, checked_at, setup.compile)
             reps[id(loss)] = checking
     train, test = reps[id(setup.train_loss)], reps[id(setup.test_loss)]
     return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection), train, test)
@@ -145,7 +145,7 @@ def _split(state: Tensors, names: Sequence[str]) -> tuple[Tensors, Tensors]:
     return {n: state[n] for n in names}, {n: t for n, t in state.items() if n not in names}
 
 
-def _checking_first_batch(
+def _checking_batches(
     rep: RepresentationFn,
     module: nn.Module,
     loss: BatchableLoss,
@@ -154,15 +154,15 @@ def _checking_first_batch(
     checked_at: tuple[Tensors, Tensors],
     compiled: bool,
 ) -> RepresentationFn:
-    """``rep`` checking what the plan's examples could not show (``Plan.unchecked``) on its batches of two or more
-    examples until one proves the plan: a model that mixes a batch's examples is refused there, never scored
-    batched. Examples of one length (padded alike, or packed) show nothing of the padding a longer example adds, nor
-    of an order by length: a batch whose own lengths are one too is exact (no padding, no order; packed lengths are
-    recorded by scoring the batch eagerly); the first whose lengths differ is checked on an example of each. Padding
-    in the data is followed by what shows it (``padding``'s columns: each attention mask, the ends of each tensor),
-    each as far as it varied in a check (``_spread``): a batch where one varies further (the decoder's ids of other
-    lengths, where the first examples varied only the encoder's mask; padded examples, where the first examples'
-    ends varied by a repeated last token) is checked on examples of its own that span it."""
+    """``rep`` checking its batches of two or more examples for what the plan's examples could not show
+    (``Plan.unchecked``): a model that mixes a batch's examples is refused there, never scored batched. Examples of
+    one length (padded alike, or packed) show nothing of the padding a longer example adds, nor of an order by
+    length. Packed sequences: a batch whose own lengths are one too is exact (no padding, no order; the lengths are
+    recorded by scoring the batch eagerly); the first whose lengths differ is checked on an example of each and
+    proves the plan. Padding in the data is followed by what shows it (``padding``'s columns: each attention mask,
+    the ends of each tensor), each as far as it varied in a check (``_spread``): a batch where one varies further
+    (the decoder's ids of other lengths, where the first examples varied only the encoder's mask; padded examples,
+    where the first examples' ends varied by a repeated last token) is checked on examples of its own that span it."""
     proven: list[RepresentationFn] = []  # set once, to the checked reading's; threads may both check the first
     # batch (the same answer)
     lengths_left: list[tuple[Plan, str, RepresentationFn]] = []  # the reading, "lengths" or "packed", its rep
@@ -239,7 +239,7 @@ def _checking_first_batch(
         if not on_packed:  # (examples of non-finite inputs too: NaN may be padding, and a NaN loss is named later)
             checked = padding_shown(batch)
             return out if checked is reading else rep_of(checked, eager=True)(diff, frozen, batch)
-        lengths = map(torch.Tensor.cpu, _lengths(on_packed, batch, [loss]))
+        lengths = map(torch.Tensor.cpu, _packed_lengths(on_packed, num_examples(batch)))
         varied = next((t for t in lengths if not _alike(t)), None)
         if varied is None:
             return out  # one length in the whole batch: no padding, no order by length: exact
@@ -265,15 +265,10 @@ def _checking_first_batch(
     return checking
 
 
-def _lengths(
-    on_packed: Sequence[tuple[nn.Module, torch.Tensor]], batch: Any, losses: Sequence[ExampleLossFn]
-) -> list[torch.Tensor]:
-    """Each example's lengths: those of every layer run on a ``PackedSequence`` in the batch's order (``[B, k]``, so
-    that examples of each combination are picked), then each such layer's alone; else its padding in the data."""
-    if not on_packed:
-        return [padded_rows(_inputs(batch, losses))]
+def _packed_lengths(on_packed: Sequence[tuple[nn.Module, torch.Tensor]], n: int) -> list[torch.Tensor]:
+    """Each of ``n`` examples' lengths: those of every layer run on a ``PackedSequence`` in the batch's order
+    (``[n, k]``, so that examples of each combination are picked), then each such layer's alone."""
     every = [lengths for _, lengths in on_packed]
-    n = num_examples(batch)
     return ([torch.stack(every, 1)] if all(len(t) == n for t in every) else []) + every
 
 
@@ -942,7 +937,7 @@ def _compared(
                 return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
         # examples of one length (packed, or padded alike) cannot show whether the model reads the padding a longer
         # example adds (`pad_packed_sequence` pads to the batch's longest), nor an order by length: exact, no proof
-        if on_packed and (n < 2 or all(map(_alike, _lengths(on_packed, few, losses)))):  # (one may be fixed)
+        if on_packed and (n < 2 or all(map(_alike, _packed_lengths(on_packed, n)))):  # (one may be fixed)
             unshown = "packed"
         elif not on_packed:  # what shows padding (each mask, each tensor's ends) shows it as far as it varies
             shown = tuple((k, _spread(k, t)) for k, t in padding(_inputs(few, losses)).items())
