@@ -1565,7 +1565,8 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     left = torch.tensor([[0, 0, 5, 6], [0, 7, 7, 7]])  # left padded, a repeated last token: the mask tells
     columns = padding({"input_ids": left, "attention_mask": (left != 0).long()})
     assert {k: t.tolist() for k, t in columns.items()} == {
-        ("said", "attention_mask"): [2, 3],
+        ("said start", "attention_mask"): [2, 1],  # (its zeros at each end: the side padded may change)
+        ("said end", "attention_mask"): [0, 0],
         ("masked start", "('input_ids',)"): [2, 1],
         ("masked end", "('input_ids',)"): [1, 3],
     }
@@ -1576,11 +1577,14 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     full = {"input_ids": torch.tensor([[1, 1, 5, 2], [1, 6, 2, 2]]), "attention_mask": torch.ones(2, 4, dtype=int)}
     targets = torch.tensor([[5, 6, 0, 0], [5, 0, 0, 0]])  # padded to the mask's width: still the decoder's own
     columns = padding({**full, "decoder_input_ids": targets})
-    assert columns[("said", "attention_mask")].tolist() == [4, 4]
+    assert columns[("said end", "attention_mask")].tolist() == [0, 0]
     assert columns[("end", "('decoder_input_ids',)")].tolist() == [2, 3]
     x = torch.randn(2, 5, 3)
     x[0, 3:], x[1, 4:] = float("nan"), float("nan")
     assert padding((x,))[("end", "(0,)")].tolist() == [6, 3]  # NaN padding runs like any value
+    assert padding((x,))[("positions end", "(0,)")].tolist() == [2, 1]  # whole positions: a padding vector too
+    channels = torch.stack([torch.tensor([[1.0, 2, 0, 0], [3, 0, 0, 0]]), torch.ones(2, 4)], 1)  # [B, C, T]
+    assert padding((channels,))[("lines end", "(0,)")].tolist() == [6, 7]  # summed: beside a constant channel
 
 
 class TrimmedPairs(nn.Module):
@@ -1778,6 +1782,82 @@ def test_7p_each_padding_signal_counts_as_far_as_a_check_spanned_it(layout):
     model = CutsToLongest().double().eval()
     with pytest.raises(ValueError, match="padded less unlike than a later batch's.*factored=False"):
         tc.self_influence(model, make_ckpts(model), _cut_batches(layout), loss_fn=CE)
+
+
+class ReadsPaddingAsFuzzed(nn.Module):
+    """Models that read the padding a longer example adds, each where the padding hid from the first version of the
+    per-signal check (found by fuzzing, 15-200% off, silently)."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        self.layout, self.emb, self.fc = layout, nn.Embedding(9, 4), nn.Linear(4, 3)
+        self.conv, self.lin = nn.Conv1d(2, 4, 3, padding=1), nn.Linear(3, 4)
+
+    def forward(self, x, attention_mask=None):
+        if self.layout == "channels_first":  # [B, 2, T]: channel 0 zero-padded, channel 1 a time feature
+            return self.fc(self.conv(x[:, :, : int((x[:, 0] != 0).sum(1).max())]).mean(2))
+        if self.layout == "padding_vector":  # [B, T, 3] padded with a vector of unlike entries
+            return self.fc(torch.tanh(self.lin(x[:, : int((x != _PAD_VECTOR).any(2).sum(1).max())])).mean(1))
+        if self.layout == "shorter_than_checked":  # cut to the longest, then truncated to 4 positions
+            return self.fc(self.emb(x[:, : int((x != 0).sum(1).max())][:, :4]).mean(1))
+        keep = (torch.arange(x.shape[1]) < int(attention_mask.sum(1).max()))[None, :, None]  # assumes right padding
+        m = attention_mask[:, :, None].to(self.emb.weight.dtype) * keep
+        return self.fc((self.emb(x) * m).sum(1) / m.sum(1).clamp_min(1))
+
+
+_PAD_VECTOR = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64)
+
+
+def _fuzzed_batches(layout: str) -> list:
+    """A first batch that shows less of the padding than the two after it."""
+    gen = torch.Generator().manual_seed(1)
+    labels = lambda n: torch.randint(0, 3, (n,), generator=gen)  # noqa: E731
+    kept = lambda lengths, width: torch.arange(width) < torch.tensor(lengths)[:, None]  # noqa: E731
+
+    def batch(lengths: list[int], later: bool):
+        n = len(lengths)
+        if layout == "channels_first":
+            signal = torch.randn(n, 8, generator=gen, dtype=torch.float64) * kept(lengths, 8)
+            return torch.stack([signal, torch.linspace(0, 1, 8, dtype=torch.float64).expand(n, 8)], 1), labels(n)
+        if layout == "padding_vector":
+            x = torch.randn(n, 6, 3, generator=gen, dtype=torch.float64)
+            x[~kept(lengths, 6)] = _PAD_VECTOR
+            return x, labels(n)
+        if layout == "shorter_than_checked":  # no token twice in a row: the ends are the padding
+            ids = (torch.arange(8) + torch.randint(0, 6, (n, 1), generator=gen)) % 6 + 1
+            return ids * kept(lengths, 8), labels(n)
+        # padding_side: right padding first, then left; the mask is honest, the model assumes the side
+        mask = (torch.arange(8) >= 8 - torch.tensor(lengths)[:, None] if later else kept(lengths, 8)).long()
+        ids = torch.randint(1, 9, (n, 8), generator=gen) * mask
+        if not later:
+            ids[0, :2] = 2  # a repeated first token: the ids' start varies in the first batch
+        return {"x": ids, "attention_mask": mask, "labels": labels(n)}
+
+    first = {"shorter_than_checked": [8, 4, 6, 7], "padding_side": [8, 3, 5, 6]}.get(layout, [8] * 4)
+    later = ([1, 4, 3, 2], [4, 3, 1, 2]) if layout == "shorter_than_checked" else ([3, 6, 5, 2], [6, 4, 1, 6])
+    return [batch(first, False), *(batch(lengths, True) for lengths in later)]
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "padding_vector", "shorter_than_checked", "padding_side"])
+def test_7p_padding_in_positions_channels_ranges_and_sides_is_checked(layout):
+    """Found by fuzzing the per-signal check: padding by a vector of unlike entries or in one channel of a
+    channels-first tensor showed no run at the flattened ends; a later batch of shorter examples than any checked
+    spread no further than the first; a mask's padding moving from the right to the left went unseen once a repeated
+    first token had varied the ids' start. Whole positions and lines along the last dimension are read, each signal
+    counts within the range a check took, and a mask's two sides are two signals."""
+    torch.manual_seed(0)
+    model = ReadsPaddingAsFuzzed(layout).double().eval()
+    batches = _fuzzed_batches(layout)
+    if layout == "padding_side":
+        def losses(params, batch):
+            logits = torch.func.functional_call(model, params, (batch["x"], batch["attention_mask"]))
+            return F.cross_entropy(logits, batch["labels"], reduction="none")
+
+        loss = tc.BatchLoss(losses)
+    else:
+        loss = CE
+    with pytest.raises(ValueError, match="padded less unlike than a later batch's.*factored=False"):
+        tc.self_influence(model, make_ckpts(model), batches, loss_fn=loss)
 
 
 def test_7p_index_tuples_name_the_dimensions_they_index():

@@ -240,17 +240,19 @@ def distinct_examples(batch: Batch, k: int, *, widest_only: bool = False) -> lis
 def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     """``{column: [B]}``: each example's padding, as far as the data shows it: every signal that may show it, each a
     column named by how and where it is read (so that batches of one structure name theirs alike; the batching check
-    follows each on its own, so a signal that is no padding costs a check at most, never a score): the ones of a dict
-    batch's attention masks (Hugging Face's ``attention_mask``, ``decoder_attention_mask``: ``("said", key)``), the
-    ones of each mask found among the other tensors (integer or boolean 0 / 1, wider than one per example, every row
-    ones then zeros or zeros then ones: token type ids of pairs too), and the runs of equal values (NaN too) at both
-    ends of every tensor wider than one per example, and of the widest (whatever the padding id and side: equal for
-    examples of one length; 1 mostly, unpadded): ``("masked start", where)`` for a tensor a named mask covers
-    (``_covers``), as a mask may not say all."""
+    follows each on its own, so a signal that is no padding costs a check at most, never a score): the zeros at the
+    start and at the end of a dict batch's attention masks (Hugging Face's ``attention_mask``,
+    ``decoder_attention_mask``: ``("said start", key)``; the side padded may change), the ones of each mask found
+    among the other tensors (integer or boolean 0 / 1, wider than one per example, every row ones then zeros or zeros
+    then ones: token type ids of pairs too), and the runs of equal values (NaN too) at both ends of every tensor wider
+    than one per example, and of the widest (whatever the padding id and side: equal for examples of one length; 1
+    mostly, unpadded): ``("masked start", where)`` for a tensor a named mask covers (``_covers``), as a mask may not
+    say all; of a tensor of three or more dimensions also the runs of whole positions (``[B, T, d]`` padded with a
+    vector) and the runs at an end of its lines along the last dimension, summed (``[B, C, T]``, a channel padded)."""
     named = {k: t for k, t in batch.items() if str(k).endswith("attention_mask")} if isinstance(batch, Mapping) else {}
     said, covered = {}, set()
     if named and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in named.values()):
-        said = {("said", str(k)): t.to(torch.int64).sum(1) for k, t in named.items()}
+        said = {(f"said {side}", str(k)): _end_zeros(t, side) for k, t in named.items() for side in ("start", "end")}
         covered = {k for k, t in batch.items() if any(_covers(m, t, k) for m in named.items())}
         batch = {k: t for k, t in batch.items() if k not in named}
         if not optree.tree_leaves(batch):
@@ -264,6 +266,12 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
         for p, r in ends
         for side in ("start", "end")
     }
+    for p, t in zip(paths, optree.tree_leaves(batch, none_is_leaf=True)):
+        if t.dim() > 2 and t.shape[1] > 1:
+            for side in ("start", "end"):
+                runs[(f"positions {side}", str(p))] = _position_run(t, side == "start")
+                lines = _end_run(t.flatten(0, -2), side == "start")  # (a line of one entry: a run of 1)
+                runs[(f"lines {side}", str(p))] = lines.view(len(t), -1).sum(1)  # (any line's, beside constant ones)
     none = {("none", ""): torch.zeros(len(rows[0]), dtype=torch.int64, device=rows[0].device)}
     return {**said, **found, **runs} or none
 
@@ -289,6 +297,23 @@ def _is_mask(rows: torch.Tensor) -> bool:
         return False
     steps = rows[:, 1:].to(torch.int8) - rows[:, :-1].to(torch.int8)
     return bool((steps <= 0).all()) or bool((steps >= 0).all())
+
+
+def _end_zeros(mask: torch.Tensor, side: str) -> torch.Tensor:
+    """``[B]``: the zeros at the start or the end of each row of a 0 / 1 ``mask``."""
+    ends = mask if side == "start" else mask.flip(1)
+    return (ends.to(torch.int64).cumsum(1) == 0).sum(1)
+
+
+def _position_run(t: torch.Tensor, first: bool) -> torch.Tensor:
+    """``[B]``: how many positions (``t[:, i]``, whole) at the start (``first``) or the end of each example of ``t``
+    equal the one there (NaN too)."""
+    x = t.flatten(2).flip(1) if first else t.flatten(2)  # the end's position last
+    unlike = x != x[:, -1:]
+    if x.is_floating_point():
+        unlike &= ~(x.isnan() & x[:, -1:].isnan())
+    before = unlike.any(2).flip(1)
+    return torch.where(before.any(1), before.to(torch.uint8).argmax(1), x.shape[1])
 
 
 def _end_run(rows: torch.Tensor, first: bool, tail: int = 64) -> torch.Tensor:

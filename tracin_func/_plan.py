@@ -65,9 +65,9 @@ class Plan(NamedTuple):
     # are the same), "lengths" / "packed" (examples of one length: whether the model reads the padding a longer one
     # adds; as ``BatchingCheck.unshown``)
     unchecked: str = ""
-    # how far each column of ``padding`` varied among the examples checked (``_spread``), where padding is followed
-    # per batch (``_checking_batches``); None where not (packed sequences, a refused check)
-    padding_shown: tuple[tuple[tuple[str, str], int], ...] | None = None
+    # the range of each column of ``padding`` among the examples checked (``_range``), where padding is followed per
+    # batch (``_checking_batches``); None where not (packed sequences, a refused check)
+    padding_shown: tuple[tuple[tuple[str, str], tuple[int, int]], ...] | None = None
     # rows of the batch dimension per example where the model folds an example's items into its batch (``[B, C, T]``
     # ids run as ``[B C, T]``: multiple choice); a row broadcast over the batch meets ``B fold`` rows
     fold: int = 1
@@ -160,13 +160,14 @@ def _checking_batches(
     length. Packed sequences: a batch whose own lengths are one too is exact (no padding, no order; the lengths are
     recorded by scoring the batch eagerly); the first whose lengths differ is checked on an example of each and
     proves the plan. Padding in the data is followed by what shows it (``padding``'s columns: each attention mask,
-    the ends of each tensor), each as far as it varied in a check (``_spread``): a batch where one varies further
+    the ends of each tensor), each within the range it took in a check (``_range``): a batch where one varies beyond it
     (the decoder's ids of other lengths, where the first examples varied only the encoder's mask; padded examples,
-    where the first examples' ends varied by a repeated last token) is checked on examples of its own that span it."""
+    where the first examples' ends varied by a repeated last token; shorter examples than any checked) is checked on
+    examples of its own at its ends."""
     proven: list[RepresentationFn] = []  # set once, to the checked reading's; threads may both check the first
     # batch (the same answer)
     lengths_left: list[tuple[Plan, str, RepresentationFn]] = []  # the reading, "lengths" or "packed", its rep
-    shown = dict(plan.padding_shown or ())  # how far each column of ``padding`` varied in a check
+    shown = dict(plan.padding_shown or ())  # the range each column of ``padding`` took in a check
     if plan.unchecked in ("lengths", "packed") or not plan.unchecked:  # ("": padding followed)
         lengths_left.append((plan, plan.unchecked or "lengths", rep))
 
@@ -201,16 +202,16 @@ def _checking_batches(
 
     @torch.compiler.disable  # (eager inside compiled updates)
     def unshown_in(batch: Any) -> list[torch.Tensor]:
-        """The columns of ``batch``'s padding that vary further than they did in any check."""
+        """The columns of ``batch``'s padding that vary beyond the range they took in the checks."""
         columns = {k: t.cpu() for k, t in padding(_inputs(batch, [loss])).items()}
-        return [t for k, t in columns.items() if _spread(k, t) > shown.get(k, 0)]
+        return [t for k, t in columns.items() if not _within(_range(k, t), shown.get(k))]
 
     def padding_shown(batch: Any) -> Plan:
-        """Check ``batch`` on examples of its own until no column of its padding varies further than in a check; the
-        reading they pass under."""
+        """Check ``batch`` on examples of its own until no column of its padding varies beyond the range it took in
+        the checks; the reading they pass under."""
         while varied := unshown_in(batch):
             reading, check = verdict(select_rows(batch, torch.tensor(_showing(varied))))
-            further = {k: v for k, v in check.shown or () if v > shown.get(k, 0)}
+            further = {k: _joined(r, shown.get(k)) for k, r in check.shown or () if not _within(r, shown.get(k))}
             if not further:  # (examples unlike in their padding, alike in what the check compares)
                 raise ValueError(
                     "`model`: the examples of a batch are padded unlike in a way the call's first examples were not, "
@@ -277,23 +278,38 @@ def _alike(t: torch.Tensor) -> bool:
 
 
 def _showing(columns: Sequence[torch.Tensor]) -> list[int]:
-    """Examples among which ``columns`` (``[B]`` each) span their range in the batch, as far as four can: the first of
-    the least and of the greatest value of each, column by column."""
+    """Four examples at most among which ``columns`` (``[B]`` each) span their range in the batch: the first of the
+    least and of the greatest value of each, column by column, then the first ones unlike every one taken (padding
+    between the extremes: a model cutting its batch to the longest may read none at either end)."""
     taken: list[int] = []
     for t in columns:
         taken += [i for i in dict.fromkeys((int(t.argmin()), int(t.argmax()))) if i not in taken][: 4 - len(taken)]
+    rows = torch.stack(list(columns), 1)
+    for i in range(len(rows)):
+        if len(taken) < 4 and bool((rows[i] != rows[taken]).any(1).all()):
+            taken.append(i)
     return sorted(taken)
 
 
-_HONEST = 1 << 62  # the spread of a named attention mask that varied: its ones are the padding, as far as any varies
+_HONEST = (-(1 << 62), 1 << 62)  # the range of a named attention mask's side that varied: it says the padding
 
 
-def _spread(column: tuple[str, str], t: torch.Tensor) -> int:
-    """How far a column of ``padding`` varies among examples: a run at an end may be content (a repeated last token),
-    so a check counts only as far as its examples spread; not where a named mask says the padding (``_HONEST`` once
-    it varies: the mask, and the ends of the tensors it covers, which vary with it)."""
-    spread = int(t.max() - t.min())
-    return _HONEST if column[0].startswith(("said", "masked")) and spread else spread
+def _range(column: tuple[str, str], t: torch.Tensor) -> tuple[int, int]:
+    """The values a column of ``padding`` takes among examples. A run at an end may be content (a repeated last
+    token), so a check shows the padding only within the range its examples took; a named attention mask's side
+    shows it in full once it varies (``_HONEST``), as do the ends of the tensors it covers, which vary with it."""
+    low, high = int(t.min()), int(t.max())
+    return _HONEST if column[0].startswith(("said", "masked")) and low < high else (low, high)
+
+
+def _within(values: tuple[int, int], shown: tuple[int, int] | None) -> bool:
+    """Whether a batch's range of a column needs no check beyond ``shown``: one value (no padding, or as much), or
+    within what a check took."""
+    return values[0] == values[1] or shown is not None and shown[0] <= values[0] and values[1] <= shown[1]
+
+
+def _joined(values: tuple[int, int], shown: tuple[int, int] | None) -> tuple[int, int]:
+    return values if shown is None else (min(values[0], shown[0]), max(values[1], shown[1]))
 
 
 def _first_of_each(values: torch.Tensor) -> list[int]:
@@ -782,7 +798,7 @@ class BatchingCheck(NamedTuple):
     # what the examples could not show: "lengths" (of one length, padded alike: whether the model reads the padding a
     # longer example adds) or "packed" (packed sequences of one length); "" nothing
     unshown: str = ""
-    shown: tuple[tuple[tuple[str, str], int], ...] | None = None  # ``_spread`` of ``padding``'s columns, not packed
+    shown: tuple[tuple[tuple[str, str], tuple[int, int]], ...] | None = None  # ``_range``s of ``padding``'s columns
     rounding: bool = False  # refused on a comparison of numbers, which float rounding may have failed
 
 
@@ -940,8 +956,8 @@ def _compared(
         if on_packed and (n < 2 or all(map(_alike, _packed_lengths(on_packed, n)))):  # (one may be fixed)
             unshown = "packed"
         elif not on_packed:  # what shows padding (each mask, each tensor's ends) shows it as far as it varies
-            shown = tuple((k, _spread(k, t)) for k, t in padding(_inputs(few, losses)).items())
-            unshown = "lengths" if not all(spread for _, spread in shown) else ""
+            shown = tuple((k, _range(k, t)) for k, t in padding(_inputs(few, losses)).items())
+            unshown = "lengths" if any(low == high for _, (low, high) in shown) else ""
         for site in expanded:
             if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[name] for name in site.names))):
                 return BatchingCheck(
