@@ -258,22 +258,19 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
         if not optree.tree_leaves(batch):
             return said
     rows, widest = _rows(batch)
-    paths = optree.tree_paths(batch, none_is_leaf=True)
-    ends = [(p, r) for p, r in zip(paths, rows) if r.shape[1] > 1 or any(r is t for t in widest)]
-    found = {("mask", str(p)): r.to(torch.int64).sum(1) for p, r in ends if r.shape[1] > 1 and _is_mask(r)}
-    runs = {
-        (("masked " if p and p[0] in covered else "") + side, str(p)): _end_run(r, side == "start")
-        for p, r in ends
-        for side in ("start", "end")
-    }
-    for p, t in zip(paths, optree.tree_leaves(batch, none_is_leaf=True)):
-        if t.dim() > 2 and t.shape[1] > 1:
-            for side in ("start", "end"):
-                runs[(f"positions {side}", str(p))] = _position_run(t, side == "start")
-                lines = _end_run(t.flatten(0, -2), side == "start")  # (a line of one entry: a run of 1)
-                runs[(f"lines {side}", str(p))] = lines.view(len(t), -1).sum(1)  # (any line's, beside constant ones)
+    paths, leaves = optree.tree_paths(batch, none_is_leaf=True), optree.tree_leaves(batch, none_is_leaf=True)
+    found = [(p, r) for p, r in zip(paths, rows) if r.shape[1] > 1 and _is_mask(r)]
+    columns = {("mask", str(p)): r.to(torch.int64).sum(1) for p, r in found}
+    for p, t, r in zip(paths, leaves, rows):
+        masked = "masked " if p and p[0] in covered else ""
+        for side in ("start", "end") if r.shape[1] > 1 or any(r is w for w in widest) else ():
+            columns[(masked + side, str(p))] = _end_run(r, side == "start")
+        for side in ("start", "end") if t.dim() > 2 and t.shape[1] > 1 else ():
+            columns[(f"{masked}positions {side}", str(p))] = _position_run(t, side == "start")
+            lines = _end_run(t.flatten(0, -2), side == "start").view(len(t), -1)  # (a line of one entry: a run of 1)
+            columns[(f"{masked}lines {side}", str(p))] = lines.sum(1)  # (any line's, beside constant ones)
     none = {("none", ""): torch.zeros(len(rows[0]), dtype=torch.int64, device=rows[0].device)}
-    return {**said, **found, **runs} or none
+    return {**said, **columns} or none
 
 
 def padded_rows(batch: Batch) -> torch.Tensor:
