@@ -1573,7 +1573,7 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     masks = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
     columns = padding((torch.randn(2, 3, 4), *masks))  # two masks, and a float tensor narrower than the widest
     assert [k for k in columns if k[0] == "mask"] == [("mask", "(1,)"), ("mask", "(2,)")]
-    assert {("start", "(0,)"), ("end", "(0,)"), ("start", "(2,)"), ("end", "(2,)")} <= set(columns)
+    assert {("positions start", "(0,)"), ("lines end", "(0,)"), ("start", "(2,)"), ("end", "(2,)")} <= set(columns)
     full = {"input_ids": torch.tensor([[1, 1, 5, 2], [1, 6, 2, 2]]), "attention_mask": torch.ones(2, 4, dtype=int)}
     targets = torch.tensor([[5, 6, 0, 0], [5, 0, 0, 0]])  # padded to the mask's width: still the decoder's own
     columns = padding({**full, "decoder_input_ids": targets})
@@ -1581,7 +1581,7 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     assert columns[("end", "('decoder_input_ids',)")].tolist() == [2, 3]
     x = torch.randn(2, 5, 3)
     x[0, 3:], x[1, 4:] = float("nan"), float("nan")
-    assert padding((x,))[("end", "(0,)")].tolist() == [6, 3]  # NaN padding runs like any value
+    assert padded_rows((x[..., 0],)).tolist() == [[1, 2], [1, 1]]  # NaN padding runs like any value
     assert padding((x,))[("positions end", "(0,)")].tolist() == [2, 1]  # whole positions: a padding vector too
     channels = torch.stack([torch.tensor([[1.0, 2, 0, 0], [3, 0, 0, 0]]), torch.ones(2, 4)], 1)  # [B, C, T]
     assert padding((channels,))[("lines end", "(0,)")].tolist() == [6, 7]  # summed: beside a constant channel
@@ -1858,6 +1858,61 @@ def test_7p_padding_in_positions_channels_ranges_and_sides_is_checked(layout):
         loss = CE
     with pytest.raises(ValueError, match="padded less unlike than a later batch's.*factored=False"):
         tc.self_influence(model, make_ckpts(model), batches, loss_fn=loss)
+
+
+class Captioner(nn.Module):
+    """Image features broadcast over a caption's tokens; the loss ignores padding (id 0): examples stay apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.emb, self.out = nn.Linear(48, 8), nn.Embedding(9, 8), nn.Linear(8, 9)
+
+    def forward(self, image, ids):
+        return self.out(torch.tanh(self.emb(ids) + torch.tanh(self.enc(image.flatten(1)))[:, None])).transpose(1, 2)
+
+
+class SortedPacked(nn.Module):
+    """An LSTM packing batches sorted by length, as a sorting collate gives them (``enforce_sorted=True``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lstm, self.fc = nn.Embedding(30, 6), nn.LSTM(6, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, ids, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(ids), lengths, batch_first=True, enforce_sorted=True)
+        return self.fc(self.lstm(packed)[1][0][-1])
+
+
+def test_7p_a_recheck_runs_its_examples_as_given_in_order():
+    """Found by fuzzing: a re-check's examples at the ends of a caption's length were two captions of one image; the
+    check kept one (its widest input, the image, was the same) and the call was refused (7 of 12 COCO-like runs). And
+    the check reordered a batch sorted by length, which packing with ``enforce_sorted=True`` refuses: the call ran one
+    example at a time. Four examples or fewer now run as given, and more in the batch's order."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, 4, 4, generator=gen, dtype=torch.float64)
+
+    def captions(rows: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+        ids = torch.randint(1, 9, (len(rows), 8), generator=gen) * (torch.arange(8) < torch.tensor(rows)[:, 1:])
+        return images[[image for image, _ in rows]], ids, ids.clone()
+
+    torch.manual_seed(0)
+    model = Captioner().double().eval()
+    batches = [captions([(0, 6), (0, 6), (1, 6), (1, 6)]), captions([(2, 8), (2, 4), (3, 6), (4, 6)])]
+    loss, ckpts = nn.CrossEntropyLoss(ignore_index=0), make_ckpts(model)
+    flat = tuple(torch.cat(parts) for parts in zip(*batches))
+    got = tc.self_influence(model, ckpts, batches, loss_fn=loss)
+    assert_close(got, reference_scores(model, ckpts, flat, loss_fn=loss).self_influence)
+
+    def by_length(lengths: list[int]) -> tuple[torch.Tensor, ...]:
+        lengths_ = torch.tensor(sorted(lengths, reverse=True))
+        ids = torch.randint(1, 30, (len(lengths), 10), generator=gen) * (torch.arange(10) < lengths_[:, None])
+        return ids, lengths_, torch.randint(0, 2, (len(lengths),), generator=gen)
+
+    model = SortedPacked().double().eval()
+    batches = [by_length([9, 7, 5, 3, 6, 2]), by_length([8, 6, 2, 2])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tc.SlowPathWarning)
+        tc.self_influence(model, make_ckpts(model), batches, loss_fn=CE)
 
 
 def test_7p_index_tuples_name_the_dimensions_they_index():

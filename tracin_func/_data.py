@@ -263,9 +263,10 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     columns = {("mask", str(p)): r.to(torch.int64).sum(1) for p, r in found}
     for p, t, r in zip(paths, leaves, rows):
         masked = "masked " if p and p[0] in covered else ""
-        for side in ("start", "end") if r.shape[1] > 1 or any(r is w for w in widest) else ():
+        flat = t.dim() <= 2 or t.shape[1] == 1  # (three or more dimensions: whole positions, and lines, instead)
+        for side in ("start", "end") if flat and (r.shape[1] > 1 or any(r is w for w in widest)) else ():
             columns[(masked + side, str(p))] = _end_run(r, side == "start")
-        for side in ("start", "end") if t.dim() > 2 and t.shape[1] > 1 else ():
+        for side in ("start", "end") if not flat else ():
             columns[(f"{masked}positions {side}", str(p))] = _position_run(t, side == "start")
             lines = _end_run(t.flatten(0, -2), side == "start").view(len(t), -1)  # (a line of one entry: a run of 1)
             columns[(f"{masked}lines {side}", str(p))] = lines.sum(1)  # (any line's, beside constant ones)

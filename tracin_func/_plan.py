@@ -914,8 +914,11 @@ def _compared(
     truth: Sequence[Mapping[str, torch.Tensor]],
 ) -> BatchingCheck:
     """``_batching_refused`` at the state's own precision."""
-    picked = distinct_examples(_inputs(batch, losses), 4)
-    few = select_rows(batch, torch.tensor(picked if len(picked) > 1 else range(min(4, num_examples(batch)))))
+    # four examples at most, in the batch's order (packing with `enforce_sorted=True` needs a batch sorted by length
+    # to stay sorted); four or fewer are taken as given: the planning head, or a re-check's picks, which may differ
+    # only in a tensor narrower than the widest (captions of one image), and a copy adds nothing to miss
+    picked = distinct_examples(_inputs(batch, losses), 4) if num_examples(batch) > 4 else []
+    few = select_rows(batch, torch.tensor(sorted(picked) if len(picked) > 1 else range(min(4, num_examples(batch)))))
     n = num_examples(few)
     # together: the first examples and a copy of the first after them (two: both twice, or reversing them would
     # leave the batch as it was). A model ordering its batch by an order made outside torch (Python's `sorted`),
