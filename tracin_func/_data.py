@@ -307,26 +307,33 @@ def _position_run(t: torch.Tensor, first: bool) -> torch.Tensor:
     """``[B]``: how many positions (``t[:, i]``, whole) at the start (``first``) or the end of each example of ``t``
     equal the one there (NaN too)."""
     x = t.flatten(2).flip(1) if first else t.flatten(2)  # the end's position last
-    unlike = x != x[:, -1:]
-    if x.is_floating_point():
-        unlike &= ~(x.isnan() & x[:, -1:].isnan())
-    before = unlike.any(2).flip(1)
-    return torch.where(before.any(1), before.to(torch.uint8).argmax(1), x.shape[1])
+    return _run(_unlike_last(x).any(2))
 
 
 def _end_run(rows: torch.Tensor, first: bool, tail: int = 64) -> torch.Tensor:
     """``[B]``: how many entries at the start (``first``) or the end of each row of ``rows`` ``[B, n]`` equal the one
-    there, read in the ``tail`` entries there first (most rows end there), then in full where all of those do."""
+    there (NaN too), read in the ``tail`` entries there first (most rows end there), then in full where all of those
+    do."""
     end = rows[:, :tail].flip(1) if first else rows[:, -tail:]  # that end's entries, the one at the end last
-    unlike = end != end[:, -1:]
-    if end.is_floating_point():  # NaN padding (missing steps) runs like any other value
-        unlike &= ~(end.isnan() & end[:, -1:].isnan())
-    before = unlike.flip(1)  # from the end: the first entry unlike it ends its run
-    run = torch.where(before.any(1), before.to(torch.uint8).argmax(1), end.shape[1])
+    run = _run(_unlike_last(end))
     longer = run == end.shape[1]
     if end.shape[1] < rows.shape[1] and bool(longer.any()):
         run[longer] = _end_run(rows[longer], first, rows.shape[1])
     return run
+
+
+def _unlike_last(x: torch.Tensor) -> torch.Tensor:
+    """Where ``x`` ``[B, n, ...]`` differs from its last entry along dimension 1 (NaN padding runs like any value)."""
+    last = x[:, -1:]
+    unlike = x != last
+    if x.is_floating_point() and bool(last.isnan().any()):
+        unlike &= ~(x.isnan() & last.isnan())
+    return unlike
+
+
+def _run(unlike: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the entries of each row of ``unlike`` ``[B, n]`` after its last True (all ``n`` where none is)."""
+    return (unlike.flip(1).cumsum(1) == 0).sum(1)
 
 
 def _rows(batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

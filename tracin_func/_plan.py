@@ -200,11 +200,17 @@ def _checking_batches(
             return rep
         return representation_fn(module, loss, reading, mapper, compiled=compiled and not eager)
 
+    last: list[tuple[list[Any], dict]] = []  # the last batch's tensors and padding: each checkpoint scores a batch
+
     @torch.compiler.disable  # (eager inside compiled updates)
     def unshown_in(batch: Any) -> list[torch.Tensor]:
         """The columns of ``batch``'s padding that vary beyond the range they took in the checks."""
-        columns = {k: t.cpu() for k, t in padding(_inputs(batch, [loss])).items()}
-        return [t for k, t in columns.items() if not _within(_range(k, t), shown.get(k))]
+        tensors = optree.tree_leaves(batch, none_is_leaf=True)
+        seen = last[-1] if last else None  # (one read: threads may replace it)
+        if seen is None or len(seen[0]) != len(tensors) or any(a is not b for a, b in zip(seen[0], tensors)):
+            seen = (tensors, {k: t.cpu() for k, t in padding(_inputs(batch, [loss])).items()})
+            last[:] = [seen]
+        return [t for k, t in seen[1].items() if not _within(_range(k, t), shown.get(k))]
 
     def padding_shown(batch: Any) -> Plan:
         """Check ``batch`` on examples of its own until no column of its padding varies beyond the range it took in
