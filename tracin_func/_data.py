@@ -247,12 +247,13 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     then ones: token type ids of pairs too), and the runs of equal values (NaN too) at both ends of every tensor wider
     than one per example, and of the widest (whatever the padding id and side: equal for examples of one length; 1
     mostly, unpadded): ``("masked start", where)`` for a tensor a named mask covers (``_covers``), as a mask may not
-    say all; of a tensor of three or more dimensions also the runs of whole positions (``[B, T, d]`` padded with a
-    vector) and the runs at an end of its lines along the last dimension, summed (``[B, C, T]``, a channel padded)."""
+    say all; of a tensor of three or more dimensions, instead, the runs of whole positions (``[B, T, d]`` padded with
+    a vector) and the runs at an end of its lines along the last dimension, summed (``[B, C, T]``, a channel padded)."""
     named = {k: t for k, t in batch.items() if str(k).endswith("attention_mask")} if isinstance(batch, Mapping) else {}
     said, covered = {}, set()
     if named and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in named.values()):
-        said = {(f"said {side}", str(k)): _end_zeros(t, side) for k, t in named.items() for side in ("start", "end")}
+        for k, t in named.items():  # (a mask's zeros at an end: what follows its ones)
+            said[("said start", str(k))], said[("said end", str(k))] = _run(t.flip(1)), _run(t)
         covered = {k for k, t in batch.items() if any(_covers(m, t, k) for m in named.items())}
         batch = {k: t for k, t in batch.items() if k not in named}
         if not optree.tree_leaves(batch):
@@ -297,12 +298,6 @@ def _is_mask(rows: torch.Tensor) -> bool:
     return bool((steps <= 0).all()) or bool((steps >= 0).all())
 
 
-def _end_zeros(mask: torch.Tensor, side: str) -> torch.Tensor:
-    """``[B]``: the zeros at the start or the end of each row of a 0 / 1 ``mask``."""
-    ends = mask if side == "start" else mask.flip(1)
-    return (ends.to(torch.int64).cumsum(1) == 0).sum(1)
-
-
 def _position_run(t: torch.Tensor, first: bool) -> torch.Tensor:
     """``[B]``: how many positions (``t[:, i]``, whole) at the start (``first``) or the end of each example of ``t``
     equal the one there (NaN too)."""
@@ -332,7 +327,8 @@ def _unlike_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def _run(unlike: torch.Tensor) -> torch.Tensor:
-    """``[B]``: the entries of each row of ``unlike`` ``[B, n]`` after its last True (all ``n`` where none is)."""
+    """``[B]``: the entries of each row of ``unlike`` ``[B, n]`` after its last True or nonzero (all ``n`` where none
+    is): a run at an end, a mask's zeros there."""
     return (unlike.flip(1).cumsum(1) == 0).sum(1)
 
 

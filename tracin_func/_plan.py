@@ -168,7 +168,7 @@ def _checking_batches(
     # batch (the same answer)
     lengths_left: list[tuple[Plan, str, RepresentationFn]] = []  # the reading, "lengths" or "packed", its rep
     shown = dict(plan.padding_shown or ())  # the range each column of ``padding`` took in a check
-    if plan.unchecked in ("lengths", "packed") or not plan.unchecked:  # ("": padding followed)
+    if plan.unchecked != "batching":  # ("": padding followed)
         lengths_left.append((plan, plan.unchecked or "lengths", rep))
 
     def verdict(examples: Any) -> tuple[Plan, BatchingCheck]:
@@ -291,9 +291,8 @@ def _showing(columns: Sequence[torch.Tensor]) -> list[int]:
     for t in columns:
         taken += [i for i in dict.fromkeys((int(t.argmin()), int(t.argmax()))) if i not in taken][: 4 - len(taken)]
     rows = torch.stack(list(columns), 1)
-    for i in range(len(rows)):
-        if len(taken) < 4 and bool((rows[i] != rows[taken]).any(1).all()):
-            taken.append(i)
+    while len(taken) < 4 and bool((unlike := (rows[:, None] != rows[taken][None]).any(2).all(1)).any()):
+        taken.append(int(unlike.nonzero()[0]))
     return sorted(taken)
 
 
@@ -874,7 +873,7 @@ def _computes_alike(
     whose semantics depend on the dtype (padding found as ``torch.finfo(x.dtype).min``, a branch on ``x.dtype``, also
     after its last layer) would otherwise be judged on what it does in float64 only (85% and 254% off, silently,
     before this check); a max-pool's flipped choice leaves them alike (a near-tie)."""
-    rows = torch.tensor(distinct_examples(_inputs(batches[0], losses), 4))
+    rows = _checked_rows(batches[0], losses)
     own = batched_factors(module, losses[0], plan, states[0], select_rows(batches[0], rows), mapper)
     own_out = _outputs(losses[0], states[0], select_rows(batches[0], rows))
     with _Widened():
@@ -920,11 +919,7 @@ def _compared(
     truth: Sequence[Mapping[str, torch.Tensor]],
 ) -> BatchingCheck:
     """``_batching_refused`` at the state's own precision."""
-    # four examples at most, in the batch's order (packing with `enforce_sorted=True` needs a batch sorted by length
-    # to stay sorted); four or fewer are taken as given: the planning head, or a re-check's picks, which may differ
-    # only in a tensor narrower than the widest (captions of one image), and a copy adds nothing to miss
-    picked = distinct_examples(_inputs(batch, losses), 4) if num_examples(batch) > 4 else []
-    few = select_rows(batch, torch.tensor(sorted(picked) if len(picked) > 1 else range(min(4, num_examples(batch)))))
+    few = select_rows(batch, _checked_rows(batch, losses))
     n = num_examples(few)
     # together: the first examples and a copy of the first after them (two: both twice, or reversing them would
     # leave the batch as it was). A model ordering its batch by an order made outside torch (Python's `sorted`),
@@ -1025,6 +1020,16 @@ def _compared(
                 )
             seen.setdefault(path, ([x[:n] for x in xs], [g[:n] for g in gs]))  # (not the copy)
     return BatchingCheck("", seen, tuple(plan.batch_free), unshown=unshown, shown=shown)
+
+
+def _checked_rows(batch: Any, losses: Sequence[BatchableLoss]) -> torch.Tensor:
+    """The examples of ``batch`` a check runs: four at most, in the batch's order (packing with
+    ``enforce_sorted=True`` needs a batch sorted by length to stay sorted). Four or fewer are taken as given: the
+    planning head, or a re-check's picks, which may differ only in a tensor narrower than the widest (captions of one
+    image), and a copy adds nothing to miss."""
+    n = num_examples(batch)
+    picked = distinct_examples(_inputs(batch, losses), 4) if n > 4 else []
+    return torch.tensor(sorted(picked) if len(picked) > 1 else range(min(4, n)))
 
 
 def _refused_on(
