@@ -1915,6 +1915,55 @@ def test_7p_a_recheck_runs_its_examples_as_given_in_order():
         tc.self_influence(model, make_ckpts(model), batches, loss_fn=CE)
 
 
+class PackedBesideTags(nn.Module):
+    """Token ids through a packed LSTM, beside tags zero-padded apart from them, which the model cuts to the batch's
+    longest and means (``cut``: a shorter example reads the padding a longer one adds) or means by their mask."""
+
+    def __init__(self, cut: bool) -> None:
+        super().__init__()
+        self.cut, self.emb, self.lstm = cut, nn.Embedding(30, 6), nn.LSTM(6, 6, batch_first=True)
+        self.tags, self.fc = nn.Embedding(30, 6), nn.Linear(12, 2)
+
+    def forward(self, ids, lengths, tags):
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(ids), lengths, batch_first=True, enforce_sorted=False)
+        if self.cut:
+            tagged = self.tags(tags[:, : int((tags != 0).sum(1).max())]).mean(1)
+        else:
+            m = (tags != 0)[..., None].to(self.tags.weight.dtype)
+            tagged = (self.tags(tags) * m).sum(1) / m.sum(1)
+        return self.fc(torch.cat([self.lstm(packed)[1][0][-1], tagged], 1))
+
+
+@pytest.mark.parametrize("first_lengths", ["alike", "unlike"])
+@pytest.mark.parametrize("cut", [True, False])
+def test_7p_padding_beside_packed_sequences_is_followed(first_lengths, cut):
+    """Found by fuzzing: once a batch of packed sequences of lengths that differ had passed its check, no later
+    batch's padding was followed, so tags the model cut to the batch's longest beside them were read padded (71%
+    off, silently). Padding in the data is now followed, packed or not; a model masking the tags stays exact."""
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(rows: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:  # (ids length, tags length) per example
+        lengths, tagged = torch.tensor(rows).T
+        ids = torch.randint(1, 30, (len(rows), 8), generator=gen) * (torch.arange(8) < lengths[:, None])
+        tags = torch.randint(1, 30, (len(rows), 6), generator=gen) * (torch.arange(6) < tagged[:, None])
+        return ids, lengths, tags, torch.randint(0, 2, (len(rows),), generator=gen)
+
+    first = [(8, 6)] * 4 if first_lengths == "alike" else [(8, 6), (5, 6), (3, 6), (8, 6)]
+    batches = [batch(first), batch([(8, 6), (5, 6), (3, 6), (8, 2)]), batch([(4, 6), (7, 3), (2, 1), (6, 6)])]
+    torch.manual_seed(0)
+    model = PackedBesideTags(cut).double().eval()
+    ckpts = make_ckpts(model)
+    if cut:
+        with pytest.raises(ValueError, match="padded less unlike than a later batch's.*factored=False"):
+            tc.self_influence(model, ckpts, batches, loss_fn=CE)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tc.SlowPathWarning)
+        got = tc.self_influence(model, ckpts, batches, loss_fn=CE)
+    flat = tuple(torch.cat(parts) for parts in zip(*batches))
+    assert_close(got, reference_scores(model, ckpts, flat, loss_fn=CE).self_influence)
+
+
 def test_7p_index_tuples_name_the_dimensions_they_index():
     """The batch-order watch reads which dimension each entry of an index tuple indexes (``None`` takes none, ``...``
     the ones no entry names, a mask as many as it has), so an order over another dimension of batch length is not

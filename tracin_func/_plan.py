@@ -65,8 +65,8 @@ class Plan(NamedTuple):
     # are the same), "lengths" / "packed" (examples of one length: whether the model reads the padding a longer one
     # adds; as ``BatchingCheck.unshown``)
     unchecked: str = ""
-    # the range of each column of ``padding`` among the examples checked (``_range``), where padding is followed per
-    # batch (``_checking_batches``); None where not (packed sequences, a refused check)
+    # the range of each column of ``padding`` among the examples checked (``_range``), followed per batch
+    # (``_checking_batches``); None where not (a refused check)
     padding_shown: tuple[tuple[tuple[str, str], tuple[int, int]], ...] | None = None
     # rows of the batch dimension per example where the model folds an example's items into its batch (``[B, C, T]``
     # ids run as ``[B C, T]``: multiple choice); a row broadcast over the batch meets ``B fold`` rows
@@ -158,18 +158,19 @@ def _checking_batches(
     (``Plan.unchecked``): a model that mixes a batch's examples is refused there, never scored batched. Examples of
     one length (padded alike, or packed) show nothing of the padding a longer example adds, nor of an order by
     length. Packed sequences: a batch whose own lengths are one too is exact (no padding, no order; the lengths are
-    recorded by scoring the batch eagerly); the first whose lengths differ is checked on an example of each and
-    proves the plan. Padding in the data is followed by what shows it (``padding``'s columns: each attention mask,
-    the ends of each tensor), each within the range it took in a check (``_range``): a batch where one varies beyond it
-    (the decoder's ids of other lengths, where the first examples varied only the encoder's mask; padded examples,
-    where the first examples' ends varied by a repeated last token; shorter examples than any checked) is checked on
-    examples of its own at its ends."""
-    proven: list[RepresentationFn] = []  # set once, to the checked reading's; threads may both check the first
-    # batch (the same answer)
-    lengths_left: list[tuple[Plan, str, RepresentationFn]] = []  # the reading, "lengths" or "packed", its rep
+    recorded by scoring the batch eagerly); the first whose lengths differ is checked on an example of each, which
+    shows the packed layers. Padding in the data is followed by what shows it (``padding``'s columns: each attention
+    mask, the ends of each tensor), packed or not, each within the range it took in a check (``_range``): a batch
+    where one varies beyond it (the decoder's ids of other lengths, where the first examples varied only the
+    encoder's mask; padded examples, where the first examples' ends varied by a repeated last token; shorter
+    examples than any checked; a tensor beside packed ones cut to the batch's longest) is checked on examples of its
+    own at its ends."""
+    # the reading the batches run under, with "packed" while packed sequences of lengths that differ are unseen (else
+    # "lengths"), and its rep; set once checked (threads may both check the first batch: the same answer)
+    reading_left: list[tuple[Plan, str, RepresentationFn]] = []
     shown = dict(plan.padding_shown or ())  # the range each column of ``padding`` took in a check
     if plan.unchecked != "batching":  # ("": padding followed)
-        lengths_left.append((plan, plan.unchecked or "lengths", rep))
+        reading_left.append((plan, plan.unchecked or "lengths", rep))
 
     def verdict(examples: Any) -> tuple[Plan, BatchingCheck]:
         """The reading ``examples`` pass the check under (at ``checked_at``), and that check; raises where they show
@@ -200,6 +201,12 @@ def _checking_batches(
             return rep
         return representation_fn(module, loss, reading, mapper, compiled=compiled and not eager)
 
+    def checked(reading: Plan, check: BatchingCheck) -> None:
+        """Keep what ``check`` showed: its reading, whether packed lengths are still unseen, its padding's ranges."""
+        unseen = "packed" if check.unshown == "packed" and (not reading_left or reading_left[0][1] == "packed") else ""
+        shown.update({k: _joined(r, shown.get(k)) for k, r in check.shown or ()})
+        reading_left[:] = [(reading, unseen or "lengths", rep_of(reading))]
+
     last: list[tuple[list[Any], dict]] = []  # the last batch's tensors and padding: each checkpoint scores a batch
 
     @torch.compiler.disable  # (eager inside compiled updates)
@@ -217,56 +224,53 @@ def _checking_batches(
         the checks; the reading they pass under."""
         while varied := unshown_in(batch):
             reading, check = verdict(select_rows(batch, torch.tensor(_showing(varied))))
-            further = {k: _joined(r, shown.get(k)) for k, r in check.shown or () if not _within(r, shown.get(k))}
-            if not further:  # (examples unlike in their padding, alike in what the check compares)
-                raise ValueError(
+            if all(_within(r, shown.get(k)) for k, r in check.shown or ()):  # (examples unlike in their padding,
+                raise ValueError(  # alike in what the check compares)
                     "`model`: the examples of a batch are padded unlike in a way the call's first examples were not, "
                     "and no examples of it that show that could be checked. Pass `factored=False`."
                 )
-            shown.update(further)
-            lengths_left[0] = (reading, "lengths", rep_of(reading))
-        return lengths_left[0][0]
+            checked(reading, check)
+        return reading_left[0][0]
 
-    @torch.compiler.disable  # eager inside compiled updates, until a batch proves the plan
-    def unproven(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
-        if num_examples(batch) < 2:
-            return rep_of(plan, eager=True)(diff, frozen, batch)
-        if not lengths_left:
-            reading, check = verdict(batch)
-            if not _shows_batching(batch, [loss]):
-                return rep_of(reading, eager=True)(diff, frozen, batch)
-            if not check.unshown and check.shown is None:  # (packed sequences of lengths that differ)
-                proven.append(rep_of(reading))
-                return rep_of(reading, eager=True)(diff, frozen, batch)
-            lengths_left.append((reading, check.unshown or "lengths", rep_of(reading)))
-            shown.update(check.shown or ())
-        reading = lengths_left[0][0]
-        with packed_calls() as on_packed:
-            out = rep_of(reading, eager=True)(diff, frozen, batch)
-        if not on_packed:  # (examples of non-finite inputs too: NaN may be padding, and a NaN loss is named later)
-            checked = padding_shown(batch)
-            return out if checked is reading else rep_of(checked, eager=True)(diff, frozen, batch)
+    def packed_shown(batch: Any, on_packed: list) -> Plan:
+        """Check ``batch`` on an example of each length of its packed sequences, where they differ and have not been
+        shown; the reading they pass under."""
+        if reading_left[0][1] != "packed" or not on_packed:
+            return reading_left[0][0]
         lengths = map(torch.Tensor.cpu, _packed_lengths(on_packed, num_examples(batch)))
         varied = next((t for t in lengths if not _alike(t)), None)
         if varied is None:
-            return out  # one length in the whole batch: no padding, no order by length: exact
-        each = _first_of_each(varied)
+            return reading_left[0][0]  # one length in the whole batch: no padding, no order by length: exact
         in_order = len(varied) == num_examples(batch)
-        rechecked, check = verdict(select_rows(batch, torch.tensor(each))) if in_order else (plan, None)
-        if check is None or check.unshown:
+        reading, check = verdict(select_rows(batch, torch.tensor(_first_of_each(varied)))) if in_order else (plan, None)
+        if check is None or check.unshown == "packed":
             raise ValueError(
                 "`model`: the call was planned on packed sequences of one length, which cannot show whether the model "
                 "reads the padding a longer example adds, and the first batch whose lengths differ does not pack its "
                 "examples in its own order, so no check can pick examples of other lengths. Pass `factored=False`."
             )
-        proven.append(rep_of(rechecked))
-        return out if rechecked is reading else rep_of(rechecked, eager=True)(diff, frozen, batch)
+        checked(reading, check)
+        return reading
+
+    @torch.compiler.disable  # eager inside compiled updates, until a batch proves the plan
+    def unproven(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
+        if num_examples(batch) < 2:
+            return rep_of(plan, eager=True)(diff, frozen, batch)
+        if not reading_left:
+            reading, check = verdict(batch)
+            if not _shows_batching(batch, [loss]):
+                return rep_of(reading, eager=True)(diff, frozen, batch)
+            checked(reading, check)
+        reading = reading_left[0][0]
+        with packed_calls() as on_packed:
+            out = rep_of(reading, eager=True)(diff, frozen, batch)
+        packed_shown(batch, on_packed)
+        shown_in = padding_shown(batch)
+        return out if shown_in is reading else rep_of(shown_in, eager=True)(diff, frozen, batch)
 
     def checking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
-        if proven:
-            return proven[0](diff, frozen, batch)
-        if lengths_left and lengths_left[0][1] == "lengths" and not unshown_in(batch):  # exact, or shown
-            return lengths_left[0][2](diff, frozen, batch)
+        if reading_left and reading_left[0][1] == "lengths" and not unshown_in(batch):  # exact, or shown
+            return reading_left[0][2](diff, frozen, batch)
         return unproven(diff, frozen, batch)
 
     return checking
@@ -957,10 +961,12 @@ def _compared(
                 return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
         # examples of one length (packed, or padded alike) cannot show whether the model reads the padding a longer
         # example adds (`pad_packed_sequence` pads to the batch's longest), nor an order by length: exact, no proof
+        # what shows padding in the data (each mask, each tensor's ends) shows it as far as it varies, packed too (a
+        # second input the model cuts to the batch's longest)
+        shown = tuple((k, _range(k, t)) for k, t in padding(_inputs(few, losses)).items())
         if on_packed and (n < 2 or all(map(_alike, _packed_lengths(on_packed, n)))):  # (one may be fixed)
             unshown = "packed"
-        elif not on_packed:  # what shows padding (each mask, each tensor's ends) shows it as far as it varies
-            shown = tuple((k, _range(k, t)) for k, t in padding(_inputs(few, losses)).items())
+        else:
             unshown = "lengths" if any(low == high for _, (low, high) in shown) else ""
         for site in expanded:
             if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[name] for name in site.names))):
