@@ -1573,7 +1573,7 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     masks = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
     columns = padding((torch.randn(2, 3, 4), *masks))  # two masks, and a float tensor narrower than the widest
     assert [k for k in columns if k[0] == "mask"] == [("mask", "(1,)"), ("mask", "(2,)")]
-    assert {("positions start", "(0,)"), ("lines end", "(0,)"), ("start", "(2,)"), ("end", "(2,)")} <= set(columns)
+    assert {("positions start", "(0,)"), ("line 2 end", "(0,)"), ("start", "(2,)"), ("end", "(2,)")} <= set(columns)
     full = {"input_ids": torch.tensor([[1, 1, 5, 2], [1, 6, 2, 2]]), "attention_mask": torch.ones(2, 4, dtype=int)}
     targets = torch.tensor([[5, 6, 0, 0], [5, 0, 0, 0]])  # padded to the mask's width: still the decoder's own
     columns = padding({**full, "decoder_input_ids": targets})
@@ -1584,7 +1584,10 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     assert padded_rows((x[..., 0],)).tolist() == [[1, 2], [1, 1]]  # NaN padding runs like any value
     assert padding((x,))[("positions end", "(0,)")].tolist() == [2, 1]  # whole positions: a padding vector too
     channels = torch.stack([torch.tensor([[1.0, 2, 0, 0], [3, 0, 0, 0]]), torch.ones(2, 4)], 1)  # [B, C, T]
-    assert padding((channels,))[("lines end", "(0,)")].tolist() == [6, 7]  # summed: beside a constant channel
+    columns = padding((channels,))  # a few lines: each its own (a sum may hide one's padding; pairs [B, 2, T])
+    assert [columns[(f"line {i} end", "(0,)")].tolist() for i in (0, 1)] == [[2, 3], [4, 4]]
+    many = torch.cat([channels, torch.ones(2, 3, 4)], 1)  # [B, 5, T]: summed, beside constant lines
+    assert padding((many,))[("lines end", "(0,)")].tolist() == [18, 19]
 
 
 class TrimmedPairs(nn.Module):
@@ -1800,6 +1803,11 @@ class ReadsPaddingAsFuzzed(nn.Module):
             return self.fc(torch.tanh(self.lin(x[:, : int((x != _PAD_VECTOR).any(2).sum(1).max())])).mean(1))
         if self.layout == "shorter_than_checked":  # cut to the longest, then truncated to 4 positions
             return self.fc(self.emb(x[:, : int((x != 0).sum(1).max())][:, :4]).mean(1))
+        if self.layout == "pairs":  # [B, 2, T]: the first line cut to the batch's longest, the second masked
+            first, second = x[:, 0], x[:, 1]
+            m = (second != 0)[..., None].to(self.emb.weight.dtype)
+            cut = self.emb(first[:, : int((first != 0).sum(1).max())]).mean(1)
+            return self.fc(cut + (self.emb(second) * m).sum(1) / m.sum(1))
         keep = (torch.arange(x.shape[1]) < int(attention_mask.sum(1).max()))[None, :, None]  # assumes right padding
         m = attention_mask[:, :, None].to(self.emb.weight.dtype) * keep
         return self.fc((self.emb(x) * m).sum(1) / m.sum(1).clamp_min(1))
@@ -1826,6 +1834,9 @@ def _fuzzed_batches(layout: str) -> list:
         if layout == "shorter_than_checked":  # no token twice in a row: the ends are the padding
             ids = (torch.arange(8) + torch.randint(0, 6, (n, 1), generator=gen)) % 6 + 1
             return ids * kept(lengths, 8), labels(n)
+        if layout == "pairs":  # (first line, second line) lengths: the sum of their padding stays within the first's
+            ids = (torch.arange(8) + torch.randint(0, 6, (n, 2, 1), generator=gen)) % 6 + 1
+            return ids * torch.stack([kept([a for a, _ in lengths], 8), kept([b for _, b in lengths], 8)], 1), labels(n)
         # padding_side: right padding first, then left; the mask is honest, the model assumes the side
         mask = (torch.arange(8) >= 8 - torch.tensor(lengths)[:, None] if later else kept(lengths, 8)).long()
         ids = torch.randint(1, 9, (n, 8), generator=gen) * mask
@@ -1835,16 +1846,21 @@ def _fuzzed_batches(layout: str) -> list:
 
     first = {"shorter_than_checked": [8, 4, 6, 7], "padding_side": [8, 3, 5, 6]}.get(layout, [8] * 4)
     later = ([1, 4, 3, 2], [4, 3, 1, 2]) if layout == "shorter_than_checked" else ([3, 6, 5, 2], [6, 4, 1, 6])
+    if layout == "pairs":
+        first, later = [(6, 8), (6, 4), (6, 6), (6, 7)], ([(8, 5), (5, 5), (8, 5), (5, 5)],)
     return [batch(first, False), *(batch(lengths, True) for lengths in later)]
 
 
-@pytest.mark.parametrize("layout", ["channels_first", "padding_vector", "shorter_than_checked", "padding_side"])
+@pytest.mark.parametrize(
+    "layout", ["channels_first", "padding_vector", "shorter_than_checked", "padding_side", "pairs"]
+)
 def test_7p_padding_in_positions_channels_ranges_and_sides_is_checked(layout):
     """Found by fuzzing the per-signal check: padding by a vector of unlike entries or in one channel of a
     channels-first tensor showed no run at the flattened ends; a later batch of shorter examples than any checked
     spread no further than the first; a mask's padding moving from the right to the left went unseen once a repeated
-    first token had varied the ids' start. Whole positions and lines along the last dimension are read, each signal
-    counts within the range a check took, and a mask's two sides are two signals."""
+    first token had varied the ids' start; pairs ``[B, 2, T]`` whose lines' padding summed stayed within the first
+    batch's range (24% off). Whole positions and lines along the last dimension are read (a few lines each on its
+    own), each signal counts within the range a check took, and a mask's two sides are two signals."""
     torch.manual_seed(0)
     model = ReadsPaddingAsFuzzed(layout).double().eval()
     batches = _fuzzed_batches(layout)

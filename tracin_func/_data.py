@@ -248,7 +248,9 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     than one per example, and of the widest (whatever the padding id and side: equal for examples of one length; 1
     mostly, unpadded): ``("masked start", where)`` for a tensor a named mask covers (``_covers``), as a mask may not
     say all; of a tensor of three or more dimensions, instead, the runs of whole positions (``[B, T, d]`` padded with
-    a vector) and the runs at an end of its lines along the last dimension, summed (``[B, C, T]``, a channel padded)."""
+    a vector) and the runs at an end of its lines along the last dimension, summed (``[B, C, T]``, a channel padded),
+    or each its own column where a ``[B, k, T]`` tensor has a few (pairs ``[B, 2, T]``: a sum may stay within a
+    range while one line's padding goes beyond it)."""
     named = {k: t for k, t in batch.items() if str(k).endswith("attention_mask")} if isinstance(batch, Mapping) else {}
     said, covered = {}, set()
     if named and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in named.values()):
@@ -270,9 +272,15 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
         for side in ("start", "end") if not flat else ():
             columns[(f"{masked}positions {side}", str(p))] = _position_run(t, side == "start")
             lines = _end_run(t.flatten(0, -2), side == "start").view(len(t), -1)  # (a line of one entry: a run of 1)
-            columns[(f"{masked}lines {side}", str(p))] = lines.sum(1)  # (any line's, beside constant ones)
+            if t.dim() == 3 and t.shape[1] <= _FEW_LINES:  # pairs, choices, channels: each line padded on its own
+                columns.update({(f"{masked}line {i} {side}", str(p)): run for i, run in enumerate(lines.T)})
+            else:  # any line's, beside constant ones
+                columns[(f"{masked}lines {side}", str(p))] = lines.sum(1)
     none = {("none", ""): torch.zeros(len(rows[0]), dtype=torch.int64, device=rows[0].device)}
     return {**said, **columns} or none
+
+
+_FEW_LINES = 4  # lines per example of a ``[B, k, T]`` tensor followed each on its own (a sum may hide one's padding)
 
 
 def padded_rows(batch: Batch) -> torch.Tensor:
