@@ -1553,7 +1553,8 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
 
     ids = torch.tensor([[1, 2, 0, 0], [3, 4, 0, 0], [1, 2, 0, 0], [5, 6, 7, 0], [5, 6, 7, 8], [9, 9, 9, 9]])
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    assert padded_rows((ids, y)).tolist() == [[1, 2], [1, 2], [1, 2], [1, 1], [1, 1], [4, 4]]
+    assert padded_rows((ids,)).tolist() == [[1, 2], [1, 2], [1, 2], [1, 1], [1, 1], [4, 4]]
+    assert padded_rows((ids, y)).tolist() == [[0, 1, 2], [1, 1, 2], [2, 1, 2], [0, 1, 1], [1, 1, 1], [2, 4, 4]]
     assert distinct_examples((ids, y), 4) == [0, 3, 5, 1]
     assert distinct_examples((ids[[0, 2]], y[:2]), 4) == [0, 1]  # the label alone, in the fallback
     assert distinct_examples((ids[[0, 2]], y[:2]), 4, widest_only=True) == [0]
@@ -1588,6 +1589,13 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     assert [columns[(f"line {i} end", "(0,)")].tolist() for i in (0, 1)] == [[2, 3], [4, 4]]
     many = torch.cat([channels, torch.ones(2, 3, 4)], 1)  # [B, 5, T]: summed, beside constant lines
     assert padding((many,))[("lines end", "(0,)")].tolist() == [18, 19]
+    ids = torch.tensor([[4, 4, 0, 0], [6, 7, 8, 9]])  # a lengths tensor beside them tells their padding
+    assert {k: t.tolist() for k, t in padding((ids, torch.tensor([2, 4]))).items()} == {
+        ("told", "(1,)"): [2, 4],  # (any [B] integers: shown in full once they vary)
+        ("masked start", "(0,)"): [2, 1],
+        ("masked end", "(0,)"): [2, 1],
+    }
+    assert ("end", "(0,)") in padding((ids, torch.tensor([1, 4])))  # entries past a length unlike: not told
 
 
 class TrimmedPairs(nn.Module):
@@ -1888,14 +1896,17 @@ class Captioner(nn.Module):
 
 
 class SortedPacked(nn.Module):
-    """An LSTM packing batches sorted by length, as a sorting collate gives them (``enforce_sorted=True``)."""
+    """An LSTM packing batches sorted by length, as a sorting collate gives them (``enforce_sorted=True``), or any."""
 
-    def __init__(self) -> None:
+    def __init__(self, enforce_sorted: bool = True) -> None:
         super().__init__()
         self.emb, self.lstm, self.fc = nn.Embedding(30, 6), nn.LSTM(6, 8, batch_first=True), nn.Linear(8, 2)
+        self.enforce_sorted = enforce_sorted
 
     def forward(self, ids, lengths):
-        packed = nn.utils.rnn.pack_padded_sequence(self.emb(ids), lengths, batch_first=True, enforce_sorted=True)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.emb(ids), lengths, batch_first=True, enforce_sorted=self.enforce_sorted
+        )
         return self.fc(self.lstm(packed)[1][0][-1])
 
 
@@ -1978,6 +1989,56 @@ def test_7p_padding_beside_packed_sequences_is_followed(first_lengths, cut):
         got = tc.self_influence(model, ckpts, batches, loss_fn=CE)
     flat = tuple(torch.cat(parts) for parts in zip(*batches))
     assert_close(got, reference_scores(model, ckpts, flat, loss_fn=CE).self_influence)
+
+
+class WrappedClips(nn.Module):
+    """Clips wrap-padded (repeated to the width: no run at the end) beside their lengths, cut to the batch's longest
+    and framed: a shorter clip's frames read its repeats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frame, self.fc = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x, lengths):
+        frames = x[:, : int(lengths.max())].unflatten(1, (-1, 4))
+        return self.fc(torch.tanh(self.frame(frames)).mean(1))
+
+
+def test_7p_a_lengths_tensor_tells_the_padding(monkeypatch):
+    """Found by fuzzing: padding told only by a ``[B]`` lengths tensor, of clips wrap-padded so that no run shows it,
+    went unchecked after a first batch of full clips (4% off, silently). Each ``[B]`` integer tensor is a column,
+    shown in full once it varies (an index too, which then costs no re-check), and the ends of a tensor that each
+    length tells (equal entries past it) count as a named mask's do: a packed LSTM's ids padded shorter than any
+    checked cost no re-check."""
+    import tracin_func._plan as plan_module
+
+    gen = torch.Generator().manual_seed(0)
+
+    def clips(lengths: list[int]) -> tuple[torch.Tensor, ...]:
+        x = torch.stack([torch.randn(n, generator=gen, dtype=torch.float64).repeat(32 // n + 1)[:32] for n in lengths])
+        return x, torch.tensor(lengths), torch.randint(0, 2, (len(lengths),), generator=gen)
+
+    torch.manual_seed(0)
+    model = WrappedClips().double().eval()
+    with pytest.raises(ValueError, match="padded less unlike than a later batch's.*factored=False"):
+        tc.self_influence(model, make_ckpts(model), [clips([32] * 4), clips([12, 32, 20, 32])], loss_fn=CE)
+
+    checks = []
+    checked = plan_module._refused_on
+    monkeypatch.setattr(plan_module, "_refused_on", lambda *a: checks.append(a) or checked(*a))
+
+    def packed(lengths: list[int]) -> tuple[torch.Tensor, ...]:
+        n = torch.tensor(lengths)
+        ids = (torch.arange(8) + torch.randint(0, 29, (len(lengths), 1), generator=gen)) % 29 + 1  # no token twice
+        return ids * (torch.arange(8) < n[:, None]), n, torch.randint(0, 2, (len(lengths),), generator=gen)
+
+    model = SortedPacked(enforce_sorted=False).double().eval()
+    batches = [packed([8, 6, 7, 5]), packed([2, 8, 1, 3]), packed([4, 1, 8, 2])]
+    ckpts = make_ckpts(model)
+    got = tc.self_influence(model, ckpts, batches, loss_fn=CE)
+    flat = tuple(torch.cat(parts) for parts in zip(*batches))
+    assert_close(got, reference_scores(model, ckpts, flat, loss_fn=CE).self_influence)
+    assert not checks
 
 
 def test_7p_index_tuples_name_the_dimensions_they_index():

@@ -250,7 +250,9 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     say all; of a tensor of three or more dimensions, instead, the runs of whole positions (``[B, T, d]`` padded with
     a vector) and the runs at an end of its lines along the last dimension, summed (``[B, C, T]``, a channel padded),
     or each its own column where a ``[B, k, T]`` tensor has a few (pairs ``[B, 2, T]``: a sum may stay within a
-    range while one line's padding goes beyond it)."""
+    range while one line's padding goes beyond it). Each ``[B]`` integer tensor is a column too (``("told", where)``:
+    a length, or an index), and a tensor whose entries past each such length are equal (ids beside their
+    ``lengths``) has its ends read ``"masked"``, as a named mask's are: the lengths tell its padding."""
     named = {k: t for k, t in batch.items() if str(k).endswith("attention_mask")} if isinstance(batch, Mapping) else {}
     said, covered = {}, set()
     if named and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in named.values()):
@@ -264,13 +266,19 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     paths, leaves = optree.tree_paths(batch, none_is_leaf=True), optree.tree_leaves(batch, none_is_leaf=True)
     found = [(p, r) for p, r in zip(paths, rows) if r.shape[1] > 1 and _is_mask(r)]
     columns = {("mask", str(p)): r.to(torch.int64).sum(1) for p, r in found}
+    columns |= {("told", str(p)): r[:, 0] for p, r in zip(paths, rows) if r.shape[1] == 1 and _is_count(r)}
+    counts = [t for k, t in columns.items() if k[0] == "told"]
+
     for p, t, r in zip(paths, leaves, rows):
-        masked = "masked " if p and p[0] in covered else ""
         flat = t.dim() <= 2 or t.shape[1] == 1  # (three or more dimensions: whole positions, and lines, instead)
-        for side in ("start", "end") if flat and (r.shape[1] > 1 or any(r is w for w in widest)) else ():
-            columns[(masked + side, str(p))] = _end_run(r, side == "start")
-        for side in ("start", "end") if not flat else ():
-            columns[(f"{masked}positions {side}", str(p))] = _position_run(t, side == "start")
+        ends = {side: _end_run(r, side == "start") if flat else _position_run(t, side == "start") for side in _SIDES}
+        width = r.shape[1] if flat else t.shape[1]
+        told = any(_tells(n, run, width) for n in counts for run in ends.values())  # (the other end: content)
+        masked = "masked " if p and p[0] in covered or told else ""
+        for side, run in ends.items() if flat and (r.shape[1] > 1 or any(r is w for w in widest)) else ():
+            columns[(masked + side, str(p))] = run
+        for side, run in ends.items() if not flat else ():
+            columns[(f"{masked}positions {side}", str(p))] = run
             lines = _end_run(t.flatten(0, -2), side == "start").view(len(t), -1)  # (a line of one entry: a run of 1)
             if t.dim() == 3 and t.shape[1] <= _FEW_LINES:  # pairs, choices, channels: each line padded on its own
                 columns.update({(f"{masked}line {i} {side}", str(p)): run for i, run in enumerate(lines.T)})
@@ -280,6 +288,7 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     return {**said, **columns} or none
 
 
+_SIDES = ("start", "end")
 _FEW_LINES = 4  # lines per example of a ``[B, k, T]`` tensor followed each on its own (a sum may hide one's padding)
 
 
@@ -295,6 +304,18 @@ def _covers(mask: tuple[Any, torch.Tensor], t: Any, key: Any) -> bool:
     prefix = str(mask[0])[: -len("attention_mask")]
     same = isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[1] == mask[1].shape[1]
     return same and str(key).startswith(prefix) and (prefix != "" or not str(key).startswith("decoder_"))
+
+
+def _is_count(rows: torch.Tensor) -> bool:
+    """Whether ``rows`` ``[B, 1]`` hold integers (a length, an index; not a flag)."""
+    return not (rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool)
+
+
+def _tells(count: torch.Tensor, run: torch.Tensor, width: int) -> bool:
+    """Whether ``count`` ``[B]`` says the padding whose ``run`` at an end of ``width`` entries it is: a length each,
+    some shorter than the width, past which each example's entries are equal (a ``lengths`` tensor beside its ids)."""
+    shorter = count < width
+    return bool(shorter.any()) and bool((count >= 0).all()) and bool((run[shorter] >= width - count[shorter]).all())
 
 
 def _is_mask(rows: torch.Tensor) -> bool:

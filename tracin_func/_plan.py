@@ -210,26 +210,29 @@ def _checking_batches(
     last: list[tuple[list[Any], dict]] = []  # the last batch's tensors and padding: each checkpoint scores a batch
 
     @torch.compiler.disable  # (eager inside compiled updates)
-    def unshown_in(batch: Any) -> list[torch.Tensor]:
-        """The columns of ``batch``'s padding that vary beyond the range they took in the checks."""
+    def columns_of(batch: Any) -> dict[tuple[str, str], torch.Tensor]:
+        """``batch``'s padding (``padding``), read once for all checkpoints."""
         tensors = optree.tree_leaves(batch, none_is_leaf=True)
         seen = last[-1] if last else None  # (one read: threads may replace it)
         if seen is None or len(seen[0]) != len(tensors) or any(a is not b for a, b in zip(seen[0], tensors)):
             seen = (tensors, {k: t.cpu() for k, t in padding(_inputs(batch, [loss])).items()})
             last[:] = [seen]
-        return [t for k, t in seen[1].items() if not _within(_range(k, t), shown.get(k))]
+        return seen[1]
+
+    def unshown_in(batch: Any) -> list[torch.Tensor]:
+        """The columns of ``batch``'s padding that vary beyond the range they took in the checks."""
+        return [t for k, t in columns_of(batch).items() if not _within(_range(k, t), shown.get(k))]
 
     def padding_shown(batch: Any) -> Plan:
         """Check ``batch`` on examples of its own until no column of its padding varies beyond the range it took in
-        the checks; the reading they pass under."""
+        the checks (each check spans the first such column's range: one per column at most); the reading they pass
+        under. The ranges the check showed are read as the batch names its columns: a few examples may find a count
+        that tells their padding by chance (labels beside a mask), the batch not."""
         while varied := unshown_in(batch):
-            reading, check = verdict(select_rows(batch, torch.tensor(_showing(varied))))
-            if all(_within(r, shown.get(k)) for k, r in check.shown or ()):  # (examples unlike in their padding,
-                raise ValueError(  # alike in what the check compares)
-                    "`model`: the examples of a batch are padded unlike in a way the call's first examples were not, "
-                    "and no examples of it that show that could be checked. Pass `factored=False`."
-                )
-            checked(reading, check)
+            picked = torch.tensor(_showing(varied))
+            reading, check = verdict(select_rows(batch, picked))  # (four or fewer: the check runs them all)
+            spanned = tuple((k, _range(k, t[picked])) for k, t in columns_of(batch).items())
+            checked(reading, check._replace(shown=spanned))
         return reading_left[0][0]
 
     def packed_shown(batch: Any, on_packed: list) -> Plan:
@@ -306,9 +309,11 @@ _HONEST = (-(1 << 62), 1 << 62)  # the range of a named attention mask's side th
 def _range(column: tuple[str, str], t: torch.Tensor) -> tuple[int, int]:
     """The values a column of ``padding`` takes among examples. A run at an end may be content (a repeated last
     token), so a check shows the padding only within the range its examples took; a named attention mask's side
-    shows it in full once it varies (``_HONEST``), as do the ends of the tensors it covers, which vary with it."""
+    shows it in full once it varies (``_HONEST``), as do the ends of the tensors it covers, which vary with it, and a
+    ``[B]`` integer tensor (lengths, which may tell a tensor's padding as a mask does; an index, which then costs no
+    re-check after the first batch that varies it)."""
     low, high = int(t.min()), int(t.max())
-    return _HONEST if column[0].startswith(("said", "masked")) and low < high else (low, high)
+    return _HONEST if column[0].startswith(("said", "masked", "told")) and low < high else (low, high)
 
 
 def _within(values: tuple[int, int], shown: tuple[int, int] | None) -> bool:
