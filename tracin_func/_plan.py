@@ -235,15 +235,15 @@ def _checking_batches(
             checked(reading, check._replace(shown=spanned))
         return reading_left[0][0]
 
-    def packed_shown(batch: Any, on_packed: list) -> Plan:
+    def packed_shown(batch: Any, on_packed: list) -> None:
         """Check ``batch`` on an example of each length of its packed sequences, where they differ and have not been
-        shown; the reading they pass under."""
+        shown."""
         if reading_left[0][1] != "packed" or not on_packed:
-            return reading_left[0][0]
+            return
         lengths = map(torch.Tensor.cpu, _packed_lengths(on_packed, num_examples(batch)))
         varied = next((t for t in lengths if not _alike(t)), None)
         if varied is None:
-            return reading_left[0][0]  # one length in the whole batch: no padding, no order by length: exact
+            return  # one length in the whole batch: no padding, no order by length: exact
         in_order = len(varied) == num_examples(batch)
         reading, check = verdict(select_rows(batch, torch.tensor(_first_of_each(varied)))) if in_order else (plan, None)
         if check is None or check.unshown == "packed":
@@ -253,7 +253,6 @@ def _checking_batches(
                 "examples in its own order, so no check can pick examples of other lengths. Pass `factored=False`."
             )
         checked(reading, check)
-        return reading
 
     @torch.compiler.disable  # eager inside compiled updates, until a batch proves the plan
     def unproven(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
@@ -964,11 +963,11 @@ def _compared(
                 together, on_packed = together_in(loss, plan, order)
             except RuntimeError:
                 return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
-        # examples of one length (packed, or padded alike) cannot show whether the model reads the padding a longer
-        # example adds (`pad_packed_sequence` pads to the batch's longest), nor an order by length: exact, no proof
         # what shows padding in the data (each mask, each tensor's ends) shows it as far as it varies, packed too (a
         # second input the model cuts to the batch's longest)
         shown = tuple((k, _range(k, t)) for k, t in padding(_inputs(few, losses)).items())
+        # examples of one length (packed, or padded alike) cannot show whether the model reads the padding a longer
+        # example adds (`pad_packed_sequence` pads to the batch's longest), nor an order by length: exact, no proof
         if on_packed and (n < 2 or all(map(_alike, _packed_lengths(on_packed, n)))):  # (one may be fixed)
             unshown = "packed"
         else:
