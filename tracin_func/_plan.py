@@ -254,8 +254,8 @@ def _checking_batches(
             )
         checked(reading, check)
 
-    @torch.compiler.disable  # eager inside compiled updates, until a batch proves the plan
-    def unproven(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
+    @torch.compiler.disable  # eager inside compiled updates: a batch that needs a check, or whose packed lengths do
+    def rechecking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
         if num_examples(batch) < 2:
             return rep_of(plan, eager=True)(diff, frozen, batch)
         if not reading_left:
@@ -273,7 +273,7 @@ def _checking_batches(
     def checking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
         if reading_left and reading_left[0][1] == "lengths" and not unshown_in(batch):  # exact, or shown
             return reading_left[0][2](diff, frozen, batch)
-        return unproven(diff, frozen, batch)
+        return rechecking(diff, frozen, batch)
 
     return checking
 
