@@ -600,6 +600,41 @@ def test_two_packed_inputs_one_of_one_length_stay_batched():
             assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=4), ref.self_influence)
 
 
+class PairsPackedTogether(nn.Module):
+    """Pairs ``[B, 2, T]`` with their lengths ``[B, 2]``, both sides packed in one call (``2 B`` sequences, an
+    example's two in a row) and encoded by one GRU: a correct model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.rnn, self.fc = nn.Embedding(9, 4), nn.GRU(4, 5, batch_first=True), nn.Linear(10, 3)
+
+    def forward(self, pairs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        flat = pack_padded_sequence(self.emb(pairs.flatten(0, 1)), lengths.flatten(), True, enforce_sorted=False)
+        return self.fc(self.rnn(flat)[1][-1].view(len(pairs), -1))
+
+
+def test_pairs_packed_as_two_sequences_each_stay_batched():
+    """Found by fuzzing: a correct siamese model packing both sides of each pair in one call was refused once a first
+    batch of full-length pairs had left the lengths to be checked ("does not pack its examples in its own order"):
+    its packing records two lengths per example. Those are read as an example's, in a row."""
+    torch.manual_seed(0)
+    model = PairsPackedTogether().to(F64).eval()
+    ckpts = _checkpoints(model)
+    gen = torch.Generator().manual_seed(3)
+
+    def batch(lengths: list[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+        n = torch.tensor(lengths)
+        pairs = torch.randint(1, 9, (len(lengths), 2, 6), generator=gen) * (torch.arange(6) < n[..., None])
+        return pairs, n, torch.randint(0, 3, (len(lengths),), generator=gen)
+
+    batches = [batch([(6, 6)] * 4), batch([(2, 6), (5, 5), (6, 1), (4, 3)])]
+    flat = tuple(torch.cat(parts) for parts in zip(*batches))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = tc.self_influence(model, ckpts, batches, loss_fn=CE)
+    assert_close(got, reference_scores(model, ckpts, flat, loss_fn=CE).self_influence)
+
+
 class WeightDrop(nn.Module):
     """AWD-LSTM's WeightDrop: the layer's weight is no longer its parameter; the wrapper registers ``<name>_raw``
     and sets the weight (dropped out in training) on the layer before each call."""

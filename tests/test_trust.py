@@ -1574,7 +1574,7 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     masks = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
     columns = padding((torch.randn(2, 3, 4), *masks))  # two masks, and a float tensor narrower than the widest
     assert [k for k in columns if k[0] == "mask"] == [("mask", "(1,)"), ("mask", "(2,)")]
-    assert {("positions start", "(0,)"), ("line 2 end", "(0,)"), ("start", "(2,)"), ("end", "(2,)")} <= set(columns)
+    assert {("positions start", "(0,)"), ("item 2 end", "(0,)"), ("start", "(2,)"), ("end", "(2,)")} <= set(columns)
     full = {"input_ids": torch.tensor([[1, 1, 5, 2], [1, 6, 2, 2]]), "attention_mask": torch.ones(2, 4, dtype=int)}
     targets = torch.tensor([[5, 6, 0, 0], [5, 0, 0, 0]])  # padded to the mask's width: still the decoder's own
     columns = padding({**full, "decoder_input_ids": targets})
@@ -1585,17 +1585,16 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     assert padded_rows((x[..., 0],)).tolist() == [[1, 2], [1, 1]]  # NaN padding runs like any value
     assert padding((x,))[("positions end", "(0,)")].tolist() == [2, 1]  # whole positions: a padding vector too
     channels = torch.stack([torch.tensor([[1.0, 2, 0, 0], [3, 0, 0, 0]]), torch.ones(2, 4)], 1)  # [B, C, T]
-    columns = padding((channels,))  # a few lines: each its own (a sum may hide one's padding; pairs [B, 2, T])
-    assert [columns[(f"line {i} end", "(0,)")].tolist() for i in (0, 1)] == [[2, 3], [4, 4]]
-    many = torch.cat([channels, torch.ones(2, 3, 4)], 1)  # [B, 5, T]: summed, beside constant lines
-    assert padding((many,))[("lines end", "(0,)")].tolist() == [18, 19]
-    ids = torch.tensor([[4, 4, 0, 0], [6, 7, 8, 9]])  # a lengths tensor beside them tells their padding
-    assert {k: t.tolist() for k, t in padding((ids, torch.tensor([2, 4]))).items()} == {
-        ("told", "(1,)"): [2, 4],  # (any [B] integers: shown in full once they vary)
-        ("masked start", "(0,)"): [2, 1],
-        ("masked end", "(0,)"): [2, 1],
-    }
-    assert ("end", "(0,)") in padding((ids, torch.tensor([1, 4])))  # entries past a length unlike: not told
+    columns = padding((channels,))  # a few items: each its own (a sum may hide one's padding; pairs [B, 2, T])
+    assert [columns[(f"item {i} end", "(0,)")].tolist() for i in (0, 1)] == [[2, 3], [4, 4]]
+    pairs = torch.stack([channels, channels.flip(1)], 1)  # [B, 2, C, T]: each item's positions and lines
+    assert padding((pairs,))[("item 1 item 1 end", "(0,)")].tolist() == [2, 3]
+    many = torch.cat([channels, torch.ones(2, 7, 4)], 1)  # [B, 9, T]: summed, beside constant lines
+    assert padding((many,))[("lines end", "(0,)")].tolist() == [34, 35]
+    ids = torch.tensor([[4, 4, 0, 0], [6, 7, 8, 9]])  # the lengths a [B] tensor may hold: up to the widest's width
+    assert padding((ids, torch.tensor([2, 4])))[("told", "(1,)")].tolist() == [2, 4]
+    assert padding((ids, torch.tensor([0.5, 1.0])))[("told", "(1,)")].tolist() == [2, 4]  # relative lengths
+    assert ("told", "(1,)") not in padding((ids, torch.tensor([2, 5])))  # an index into a larger dataset
 
 
 class TrimmedPairs(nn.Module):
@@ -1811,11 +1810,13 @@ class ReadsPaddingAsFuzzed(nn.Module):
             return self.fc(torch.tanh(self.lin(x[:, : int((x != _PAD_VECTOR).any(2).sum(1).max())])).mean(1))
         if self.layout == "shorter_than_checked":  # cut to the longest, then truncated to 4 positions
             return self.fc(self.emb(x[:, : int((x != 0).sum(1).max())][:, :4]).mean(1))
-        if self.layout == "pairs":  # [B, 2, T]: the first line cut to the batch's longest, the second masked
-            first, second = x[:, 0], x[:, 1]
-            m = (second != 0)[..., None].to(self.emb.weight.dtype)
-            cut = self.emb(first[:, : int((first != 0).sum(1).max())]).mean(1)
-            return self.fc(cut + (self.emb(second) * m).sum(1) / m.sum(1))
+        if self.layout in ("pairs", "choices", "pairs_of_frames"):  # [B, k, T] (or [B, 2, T, 3] frames): the first
+            # item cut to the batch's longest, the others masked
+            embed = self.emb if x.dim() == 3 else self.lin
+            kept = (x != 0) if x.dim() == 3 else (x != 0).any(3)
+            first = embed(x[:, 0, : int(kept[:, 0].sum(1).max())]).mean(1)
+            m = kept[:, 1:, :, None].to(self.fc.weight.dtype)
+            return self.fc(first + ((embed(x[:, 1:]) * m).sum(2) / m.sum(2)).mean(1))
         keep = (torch.arange(x.shape[1]) < int(attention_mask.sum(1).max()))[None, :, None]  # assumes right padding
         m = attention_mask[:, :, None].to(self.emb.weight.dtype) * keep
         return self.fc((self.emb(x) * m).sum(1) / m.sum(1).clamp_min(1))
@@ -1842,9 +1843,13 @@ def _fuzzed_batches(layout: str) -> list:
         if layout == "shorter_than_checked":  # no token twice in a row: the ends are the padding
             ids = (torch.arange(8) + torch.randint(0, 6, (n, 1), generator=gen)) % 6 + 1
             return ids * kept(lengths, 8), labels(n)
-        if layout == "pairs":  # (first line, second line) lengths: the sum of their padding stays within the first's
-            ids = (torch.arange(8) + torch.randint(0, 6, (n, 2, 1), generator=gen)) % 6 + 1
-            return ids * torch.stack([kept([a for a, _ in lengths], 8), kept([b for _, b in lengths], 8)], 1), labels(n)
+        if layout in ("pairs", "choices", "pairs_of_frames"):  # each item's length: their padding summed stays
+            # within the first batch's, the first item's goes beyond it
+            items = torch.stack([kept(list(each), 8) for each in zip(*lengths)], 1)  # [B, k, T]
+            if layout == "pairs_of_frames":
+                return torch.randn(n, 2, 8, 3, generator=gen, dtype=torch.float64) * items[..., None], labels(n)
+            ids = (torch.arange(8) + torch.randint(0, 6, (n, items.shape[1], 1), generator=gen)) % 6 + 1
+            return ids * items, labels(n)
         # padding_side: right padding first, then left; the mask is honest, the model assumes the side
         mask = (torch.arange(8) >= 8 - torch.tensor(lengths)[:, None] if later else kept(lengths, 8)).long()
         ids = torch.randint(1, 9, (n, 8), generator=gen) * mask
@@ -1854,21 +1859,27 @@ def _fuzzed_batches(layout: str) -> list:
 
     first = {"shorter_than_checked": [8, 4, 6, 7], "padding_side": [8, 3, 5, 6]}.get(layout, [8] * 4)
     later = ([1, 4, 3, 2], [4, 3, 1, 2]) if layout == "shorter_than_checked" else ([3, 6, 5, 2], [6, 4, 1, 6])
-    if layout == "pairs":
+    if layout in ("pairs", "pairs_of_frames"):
         first, later = [(6, 8), (6, 4), (6, 6), (6, 7)], ([(8, 5), (5, 5), (8, 5), (5, 5)],)
+    if layout == "choices":  # a question and five answers
+        first = [(6, 8, 8, 8, 8, 8), (6, 4, 8, 8, 8, 8), (6, 6, 8, 8, 8, 8), (6, 7, 8, 8, 8, 8)]
+        later = ([(8, 5, 8, 8, 8, 8), (5, 5, 8, 8, 8, 8), (8, 5, 8, 8, 8, 8), (5, 5, 8, 8, 8, 8)],)
     return [batch(first, False), *(batch(lengths, True) for lengths in later)]
 
 
 @pytest.mark.parametrize(
-    "layout", ["channels_first", "padding_vector", "shorter_than_checked", "padding_side", "pairs"]
+    "layout",
+    ["channels_first", "padding_vector", "shorter_than_checked", "padding_side", "pairs", "choices", "pairs_of_frames"],
 )
 def test_7p_padding_in_positions_channels_ranges_and_sides_is_checked(layout):
     """Found by fuzzing the per-signal check: padding by a vector of unlike entries or in one channel of a
     channels-first tensor showed no run at the flattened ends; a later batch of shorter examples than any checked
     spread no further than the first; a mask's padding moving from the right to the left went unseen once a repeated
     first token had varied the ids' start; pairs ``[B, 2, T]`` whose lines' padding summed stayed within the first
-    batch's range (24% off). Whole positions and lines along the last dimension are read (a few lines each on its
-    own), each signal counts within the range a check took, and a mask's two sides are two signals."""
+    batch's range (24% off), and so did a question beside five answers ``[B, 6, T]`` (2.5%) and pairs of frames
+    ``[B, 2, T, 3]`` (10%). Whole positions and lines along the last dimension are read, and each of eight items or
+    fewer along dimension 1 on its own; each signal counts within the range a check took, and a mask's two sides are
+    two signals."""
     torch.manual_seed(0)
     model = ReadsPaddingAsFuzzed(layout).double().eval()
     batches = _fuzzed_batches(layout)
@@ -1991,54 +2002,45 @@ def test_7p_padding_beside_packed_sequences_is_followed(first_lengths, cut):
     assert_close(got, reference_scores(model, ckpts, flat, loss_fn=CE).self_influence)
 
 
-class WrappedClips(nn.Module):
-    """Clips wrap-padded (repeated to the width: no run at the end) beside their lengths, cut to the batch's longest
-    and framed: a shorter clip's frames read its repeats."""
+class FramedClips(nn.Module):
+    """Clips beside their lengths (of 40 samples, or relative: a fraction of the width), cut to the batch's longest
+    (or that rounded up to a multiple of 8) and framed without a mask: a shorter clip's frames read its padding."""
 
-    def __init__(self) -> None:
+    def __init__(self, rounded: bool = False) -> None:
         super().__init__()
-        self.frame, self.fc = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.rounded, self.frame, self.fc = rounded, nn.Linear(4, 6), nn.Linear(6, 2)
 
     def forward(self, x, lengths):
-        frames = x[:, : int(lengths.max())].unflatten(1, (-1, 4))
-        return self.fc(torch.tanh(self.frame(frames)).mean(1))
+        longest = int(lengths.max()) if not lengths.is_floating_point() else round(float(lengths.max()) * x.shape[1])
+        cut = -(-longest // 8) * 8 if self.rounded else longest
+        return self.fc(torch.tanh(self.frame(x[:, :cut].unflatten(1, (-1, 4)))).mean(1))
 
 
-def test_7p_a_lengths_tensor_tells_the_padding(monkeypatch):
-    """Found by fuzzing: padding told only by a ``[B]`` lengths tensor, of clips wrap-padded so that no run shows it,
-    went unchecked after a first batch of full clips (4% off, silently). Each ``[B]`` integer tensor is a column,
-    shown in full once it varies (an index too, which then costs no re-check), and the ends of a tensor that each
-    length tells (equal entries past it) count as a named mask's do: a packed LSTM's ids padded shorter than any
-    checked cost no re-check."""
-    import tracin_func._plan as plan_module
-
+@pytest.mark.parametrize("layout", ["wrapped", "relative_dithered", "rounded_cut"])
+def test_7p_a_lengths_tensor_is_followed_as_padding(layout):
+    """Found by fuzzing: padding told only by a ``[B]`` lengths tensor went unchecked after a first batch of full clips
+    when no run showed it: clips wrap-padded (4% off, silently), or padded with dither beside relative lengths (79%).
+    The lengths a ``[B]`` tensor may hold (integers up to the widest tensor's width, or fractions of it) are a
+    column. Each counts within the range a check took, never in full once varied: a model cutting to the longest
+    rounded up to a multiple of 8 read no padding among a first batch of 17-24 samples (75% off, silently, while
+    lengths counted in full)."""
     gen = torch.Generator().manual_seed(0)
 
     def clips(lengths: list[int]) -> tuple[torch.Tensor, ...]:
-        x = torch.stack([torch.randn(n, generator=gen, dtype=torch.float64).repeat(32 // n + 1)[:32] for n in lengths])
-        return x, torch.tensor(lengths), torch.randint(0, 2, (len(lengths),), generator=gen)
+        x = torch.randn(len(lengths), 40, generator=gen, dtype=torch.float64)
+        past = torch.arange(40) >= torch.tensor(lengths)[:, None]
+        if layout == "wrapped":
+            x = torch.stack([row[:n].repeat(40 // n + 1)[:40] for row, n in zip(x, lengths)])
+        else:
+            x = torch.where(past, 1e-3 * x if layout == "relative_dithered" else 0.0, x)
+        told = torch.tensor(lengths) / 40 if layout == "relative_dithered" else torch.tensor(lengths)
+        return x, told, torch.randint(0, 2, (len(lengths),), generator=gen)
 
+    first = [17, 20, 24, 22] if layout == "rounded_cut" else [40] * 4
     torch.manual_seed(0)
-    model = WrappedClips().double().eval()
+    model = FramedClips(rounded=layout == "rounded_cut").double().eval()
     with pytest.raises(ValueError, match="padded less unlike than a later batch's.*factored=False"):
-        tc.self_influence(model, make_ckpts(model), [clips([32] * 4), clips([12, 32, 20, 32])], loss_fn=CE)
-
-    checks = []
-    checked = plan_module._refused_on
-    monkeypatch.setattr(plan_module, "_refused_on", lambda *a: checks.append(a) or checked(*a))
-
-    def packed(lengths: list[int]) -> tuple[torch.Tensor, ...]:
-        n = torch.tensor(lengths)
-        ids = (torch.arange(8) + torch.randint(0, 29, (len(lengths), 1), generator=gen)) % 29 + 1  # no token twice
-        return ids * (torch.arange(8) < n[:, None]), n, torch.randint(0, 2, (len(lengths),), generator=gen)
-
-    model = SortedPacked(enforce_sorted=False).double().eval()
-    batches = [packed([8, 6, 7, 5]), packed([2, 8, 1, 3]), packed([4, 1, 8, 2])]
-    ckpts = make_ckpts(model)
-    got = tc.self_influence(model, ckpts, batches, loss_fn=CE)
-    flat = tuple(torch.cat(parts) for parts in zip(*batches))
-    assert_close(got, reference_scores(model, ckpts, flat, loss_fn=CE).self_influence)
-    assert not checks
+        tc.self_influence(model, make_ckpts(model), [clips(first), clips([12, 40, 20, 8])], loss_fn=CE)
 
 
 def test_7p_index_tuples_name_the_dimensions_they_index():

@@ -246,13 +246,9 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     among the other tensors (integer or boolean 0 / 1, wider than one per example, every row ones then zeros or zeros
     then ones: token type ids of pairs too), and the runs of equal values (NaN too) at both ends of every tensor wider
     than one per example, and of the widest (whatever the padding id and side: equal for examples of one length; 1
-    mostly, unpadded): ``("masked start", where)`` for a tensor a named mask covers (``_covers``), as a mask may not
-    say all; of a tensor of three or more dimensions, instead, the runs of whole positions (``[B, T, d]`` padded with
-    a vector) and the runs at an end of its lines along the last dimension, summed (``[B, C, T]``, a channel padded),
-    or each its own column where a ``[B, k, T]`` tensor has a few (pairs ``[B, 2, T]``: a sum may stay within a
-    range while one line's padding goes beyond it). Each ``[B]`` integer tensor is a column too (``("told", where)``:
-    a length, or an index), and a tensor whose entries past each such length are equal (ids beside their
-    ``lengths``) has its ends read ``"masked"``, as a named mask's are: the lengths tell its padding."""
+    mostly, unpadded; ``_ends``): ``("masked start", where)`` for a tensor a named mask covers (``_covers``), as a
+    mask may not say all; and the lengths each ``[B]`` tensor may hold (``("told", where)``, ``_length``: beside clips
+    padded so that no run shows it)."""
     named = {k: t for k, t in batch.items() if str(k).endswith("attention_mask")} if isinstance(batch, Mapping) else {}
     said, covered = {}, set()
     if named and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in named.values()):
@@ -266,30 +262,34 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     paths, leaves = optree.tree_paths(batch, none_is_leaf=True), optree.tree_leaves(batch, none_is_leaf=True)
     found = [(p, r) for p, r in zip(paths, rows) if r.shape[1] > 1 and _is_mask(r)]
     columns = {("mask", str(p)): r.to(torch.int64).sum(1) for p, r in found}
-    columns |= {("told", str(p)): r[:, 0] for p, r in zip(paths, rows) if r.shape[1] == 1 and _is_count(r)}
-    counts = [t for k, t in columns.items() if k[0] == "told"]
-
+    width = max((t.shape[1] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 1), default=0)
+    lengths = {p: _length(r, width) for p, r in zip(paths, rows) if r.shape[1] == 1}
+    columns |= {("told", str(p)): n for p, n in lengths.items() if n is not None}
     for p, t, r in zip(paths, leaves, rows):
-        flat = t.dim() <= 2 or t.shape[1] == 1  # (three or more dimensions: whole positions, and lines, instead)
-        ends = {side: _end_run(r, side == "start") if flat else _position_run(t, side == "start") for side in _SIDES}
-        width = r.shape[1] if flat else t.shape[1]
-        told = any(_tells(n, run, width) for n in counts for run in ends.values())  # (the other end: content)
-        masked = "masked " if p and p[0] in covered or told else ""
-        for side, run in ends.items() if flat and (r.shape[1] > 1 or any(r is w for w in widest)) else ():
-            columns[(masked + side, str(p))] = run
-        for side, run in ends.items() if not flat else ():
-            columns[(f"{masked}positions {side}", str(p))] = run
-            lines = _end_run(t.flatten(0, -2), side == "start").view(len(t), -1)  # (a line of one entry: a run of 1)
-            if t.dim() == 3 and t.shape[1] <= _FEW_LINES:  # pairs, choices, channels: each line padded on its own
-                columns.update({(f"{masked}line {i} {side}", str(p)): run for i, run in enumerate(lines.T)})
-            else:  # any line's, beside constant ones
-                columns[(f"{masked}lines {side}", str(p))] = lines.sum(1)
+        masked = "masked " if p and p[0] in covered else ""
+        ends = _ends(t) if r.shape[1] > 1 or any(r is w for w in widest) else {}
+        columns |= {(masked + how, str(p)): run for how, run in ends.items()}
     none = {("none", ""): torch.zeros(len(rows[0]), dtype=torch.int64, device=rows[0].device)}
     return {**said, **columns} or none
 
 
+def _ends(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{how: [B]}``: the runs at both ends of each example of ``t`` ``[B, ...]``: of its entries, flattened, for
+    two dimensions or less; of its whole positions for more (``[B, T, d]`` padded with a vector), and of each of a
+    few items along dimension 1 on its own (``[B, k, T]`` pairs or choices, ``[B, k, T, d]``: a sum may stay within
+    a range while one item's padding goes beyond it), or of its lines along the last dimension, summed (many)."""
+    if t.dim() <= 2 or t.shape[1] == 1:
+        rows = t.reshape(len(t), -1)
+        return {side: _end_run(rows, side == "start") for side in _SIDES}
+    ends = {f"positions {side}": _position_run(t, side == "start") for side in _SIDES}
+    if t.shape[1] <= _FEW_ITEMS:
+        return ends | {f"item {i} {how}": run for i in range(t.shape[1]) for how, run in _ends(t[:, i]).items()}
+    lines = t.flatten(0, -2)  # (a line of one entry: a run of 1)
+    return ends | {f"lines {side}": _end_run(lines, side == "start").view(len(t), -1).sum(1) for side in _SIDES}
+
+
 _SIDES = ("start", "end")
-_FEW_LINES = 4  # lines per example of a ``[B, k, T]`` tensor followed each on its own (a sum may hide one's padding)
+_FEW_ITEMS = 8  # items along dimension 1 followed each on its own
 
 
 def padded_rows(batch: Batch) -> torch.Tensor:
@@ -306,16 +306,14 @@ def _covers(mask: tuple[Any, torch.Tensor], t: Any, key: Any) -> bool:
     return same and str(key).startswith(prefix) and (prefix != "" or not str(key).startswith("decoder_"))
 
 
-def _is_count(rows: torch.Tensor) -> bool:
-    """Whether ``rows`` ``[B, 1]`` hold integers (a length, an index; not a flag)."""
-    return not (rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool)
-
-
-def _tells(count: torch.Tensor, run: torch.Tensor, width: int) -> bool:
-    """Whether ``count`` ``[B]`` says the padding whose ``run`` at an end of ``width`` entries it is: a length each,
-    some shorter than the width, past which each example's entries are equal (a ``lengths`` tensor beside its ids)."""
-    shorter = count < width
-    return bool(shorter.any()) and bool((count >= 0).all()) and bool((run[shorter] >= width - count[shorter]).all())
+def _length(rows: torch.Tensor, width: int) -> torch.Tensor | None:
+    """``[B]``: the lengths ``rows`` ``[B, 1]`` may hold, or None: integers from 0 to ``width`` (not an index into a
+    larger dataset), or fractions of it from 0 to 1 (SpeechBrain's relative lengths: on ``width + 1`` levels)."""
+    if rows.is_complex() or rows.dtype == torch.bool or not bool(((rows >= 0) & (rows <= width)).all()):
+        return None
+    if not rows.is_floating_point():
+        return rows[:, 0]
+    return (rows[:, 0] * width).round().long() if bool((rows <= 1).all()) else None
 
 
 def _is_mask(rows: torch.Tensor) -> bool:

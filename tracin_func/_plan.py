@@ -244,13 +244,15 @@ def _checking_batches(
         varied = next((t for t in lengths if not _alike(t)), None)
         if varied is None:
             return  # one length in the whole batch: no padding, no order by length: exact
-        in_order = len(varied) == num_examples(batch)
-        reading, check = verdict(select_rows(batch, torch.tensor(_first_of_each(varied)))) if in_order else (plan, None)
+        n = num_examples(batch)  # (k sequences an example, as consecutive rows: a siamese model's [B, 2, T] pairs)
+        each = _first_of_each(varied.view(n, -1)) if len(varied) % n == 0 else None
+        reading, check = verdict(select_rows(batch, torch.tensor(each))) if each else (plan, None)
         if check is None or check.unshown == "packed":
             raise ValueError(
                 "`model`: the call was planned on packed sequences of one length, which cannot show whether the model "
                 "reads the padding a longer example adds, and the first batch whose lengths differ does not pack its "
-                "examples in its own order, so no check can pick examples of other lengths. Pass `factored=False`."
+                "examples in its own order (or as many sequences each, in a row), so no check could pick examples of "
+                "other lengths. Pass `factored=False`."
             )
         checked(reading, check)
 
@@ -308,11 +310,9 @@ _HONEST = (-(1 << 62), 1 << 62)  # the range of a named attention mask's side th
 def _range(column: tuple[str, str], t: torch.Tensor) -> tuple[int, int]:
     """The values a column of ``padding`` takes among examples. A run at an end may be content (a repeated last
     token), so a check shows the padding only within the range its examples took; a named attention mask's side
-    shows it in full once it varies (``_HONEST``), as do the ends of the tensors it covers, which vary with it, and a
-    ``[B]`` integer tensor (lengths, which may tell a tensor's padding as a mask does; an index, which then costs no
-    re-check after the first batch that varies it)."""
+    shows it in full once it varies (``_HONEST``), as do the ends of the tensors it covers, which vary with it."""
     low, high = int(t.min()), int(t.max())
-    return _HONEST if column[0].startswith(("said", "masked", "told")) and low < high else (low, high)
+    return _HONEST if column[0].startswith(("said", "masked")) and low < high else (low, high)
 
 
 def _within(values: tuple[int, int], shown: tuple[int, int] | None) -> bool:
