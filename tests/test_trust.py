@@ -1563,13 +1563,13 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     assert padded_rows((long,)).tolist() == [[10, 90], [70, 30], [100, 100]]  # right, left, none
     # found by fuzzing: every signal is a column of its own (a mask need not say all; token type ids of pairs look
     # like one), named by how and where it is read, so that batches of one structure name theirs alike
-    left = torch.tensor([[0, 0, 5, 6], [0, 7, 7, 7]])  # left padded, a repeated last token: the mask tells
+    left = torch.tensor([[0, 0, 5, 6], [0, 7, 7, 7]])  # left padded (the mask tells), a repeated last token
     columns = padding({"input_ids": left, "attention_mask": (left != 0).long()})
     assert {k: t.tolist() for k, t in columns.items()} == {
         ("said start", "attention_mask"): [2, 1],  # (its zeros at each end: the side padded may change)
         ("said end", "attention_mask"): [0, 0],
         ("masked start", "('input_ids',)"): [2, 1],
-        ("masked end", "('input_ids',)"): [1, 3],
+        ("end", "('input_ids',)"): [1, 3],  # (a run of three where the mask says none: followed within a range)
     }
     masks = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
     columns = padding((torch.randn(2, 3, 4), *masks))  # two masks, and a float tensor narrower than the widest
@@ -1595,6 +1595,13 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     assert padding((ids, torch.tensor([2, 4])))[("told", "(1,)")].tolist() == [2, 4]
     assert padding((ids, torch.tensor([0.5, 1.0])))[("told", "(1,)")].tolist() == [2, 4]  # relative lengths
     assert ("told", "(1,)") not in padding((ids, torch.tensor([2, 5])))  # an index into a larger dataset
+    keyed = padding({"x": ids, "lengths": torch.tensor([2, 4]), "labels": torch.tensor([0, 1])})
+    assert ("told", "('lengths',)") in keyed and ("told", "('labels',)") not in keyed  # a dict's: named so
+    doc, query = torch.tensor([[5, 6, 0, 0], [7, 8, 9, 4]]), torch.tensor([[3, 0, 0, 0], [2, 1, 0, 0]])
+    columns = padding({"input_ids": doc, "attention_mask": (doc != 0).long(), "query_ids": query})
+    assert {("masked end", "('input_ids',)"), ("masked start", "('query_ids',)"), ("end", "('query_ids',)")} <= set(
+        columns
+    )  # a query padded past what the document's mask says: that end followed within the range checked
 
 
 class TrimmedPairs(nn.Module):
@@ -2000,6 +2007,49 @@ def test_7p_padding_beside_packed_sequences_is_followed(first_lengths, cut):
         got = tc.self_influence(model, ckpts, batches, loss_fn=CE)
     flat = tuple(torch.cat(parts) for parts in zip(*batches))
     assert_close(got, reference_scores(model, ckpts, flat, loss_fn=CE).self_influence)
+
+
+class DocumentAndQuery(nn.Module):
+    """A document masked by the batch's ``attention_mask``, beside query ids padded to its width without a mask of
+    their own, cut to the batch's longest query and averaged: a shorter query reads its padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.doc, self.query, self.fc = nn.Embedding(30, 6), nn.Embedding(5, 6), nn.Linear(12, 3)
+
+    def forward(self, input_ids, attention_mask, query_ids):
+        m = attention_mask[..., None].to(self.fc.weight.dtype)
+        query = self.query(query_ids[:, : int((query_ids != 0).sum(1).max())]).mean(1)
+        return self.fc(torch.cat([(self.doc(input_ids) * m).sum(1) / m.sum(1), query], 1))
+
+
+def test_7p_a_mask_counts_for_the_padding_it_says():
+    """Found by fuzzing: a tensor of an attention mask's width counted as covered by it, its ends in full once they
+    varied, so queries padded to the width of the documents' mask, unpadded in the first batch but for a repeated
+    last token, let later batches of padded queries through (15% off, silently). A covered tensor's end counts as
+    the mask's only where its runs are no longer than the mask's zeros there and one entry."""
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(documents: list[int], queries: list[int], repeated_last: list[bool]) -> dict[str, torch.Tensor]:
+        mask = (torch.arange(10) < torch.tensor(documents)[:, None]).long()
+        ids = torch.stack([torch.randperm(29, generator=gen)[:10] + 1 for _ in documents]) * mask
+        query = torch.zeros(len(queries), 10, dtype=torch.long)
+        for row, n, repeated in zip(query, queries, repeated_last):
+            row[:n] = (torch.arange(n) % 3) + 1  # no token twice in a row...
+            row[n - 1] = row[n - 2] if repeated else row[n - 1]  # ...but where said
+        return {"input_ids": ids, "attention_mask": mask, "query_ids": query, "labels": torch.randint(0, 3, (4,))}
+
+    torch.manual_seed(0)
+    model = DocumentAndQuery().double().eval()
+
+    def losses(params, batch):
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["query_ids"])
+        return F.cross_entropy(torch.func.functional_call(model, params, inputs), batch["labels"], reduction="none")
+
+    first = batch([10, 7, 10, 8], [10] * 4, [False, True, False, False])
+    batches = [first, batch([10, 6, 10, 9], [10, 4, 10, 7], [False] * 4)]
+    with pytest.raises(ValueError, match="padded less unlike than a later batch's.*factored=False"):
+        tc.self_influence(model, make_ckpts(model), batches, loss_fn=tc.BatchLoss(losses))
 
 
 class FramedClips(nn.Module):

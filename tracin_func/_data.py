@@ -250,11 +250,11 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     mask may not say all; and the lengths each ``[B]`` tensor may hold (``("told", where)``, ``_length``: beside clips
     padded so that no run shows it)."""
     named = {k: t for k, t in batch.items() if str(k).endswith("attention_mask")} if isinstance(batch, Mapping) else {}
-    said, covered = {}, set()
+    said, covering = {}, {}
     if named and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in named.values()):
         for k, t in named.items():  # (a mask's zeros at an end: what follows its ones)
             said[("said start", str(k))], said[("said end", str(k))] = _run(t.flip(1)), _run(t)
-        covered = {k for k, t in batch.items() if any(_covers(m, t, k) for m in named.items())}
+        covering = {k: m for m in named.items() for k, t in batch.items() if _covers(m, t, k)}
         batch = {k: t for k, t in batch.items() if k not in named}
         if not optree.tree_leaves(batch):
             return said
@@ -263,12 +263,14 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     found = [(p, r) for p, r in zip(paths, rows) if r.shape[1] > 1 and _is_mask(r)]
     columns = {("mask", str(p)): r.to(torch.int64).sum(1) for p, r in found}
     width = max((t.shape[1] for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 1), default=0)
-    lengths = {p: _length(r, width) for p, r in zip(paths, rows) if r.shape[1] == 1}
+    keyed = isinstance(batch, Mapping)
+    lengths = {p: _length(r, width) for p, r in zip(paths, rows) if r.shape[1] == 1 and _may_be_lengths(p, keyed)}
     columns |= {("told", str(p)): n for p, n in lengths.items() if n is not None}
     for p, t, r in zip(paths, leaves, rows):
-        masked = "masked " if p and p[0] in covered else ""
         ends = _ends(t) if r.shape[1] > 1 or any(r is w for w in widest) else {}
-        columns |= {(masked + how, str(p)): run for how, run in ends.items()}
+        mask = covering.get(p[0]) if p else None
+        said_ends = _said_ends(mask[1], ends) if mask is not None else ()
+        columns |= {(("masked " if how.endswith(said_ends) else "") + how, str(p)): run for how, run in ends.items()}
     none = {("none", ""): torch.zeros(len(rows[0]), dtype=torch.int64, device=rows[0].device)}
     return {**said, **columns} or none
 
@@ -304,6 +306,22 @@ def _covers(mask: tuple[Any, torch.Tensor], t: Any, key: Any) -> bool:
     prefix = str(mask[0])[: -len("attention_mask")]
     same = isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[1] == mask[1].shape[1]
     return same and str(key).startswith(prefix) and (prefix != "" or not str(key).startswith("decoder_"))
+
+
+def _said_ends(mask: torch.Tensor, ends: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """The ends (``"start"``, ``"end"``) of a tensor of ``mask``'s width whose padding the mask says, given the runs
+    there (``_ends``): in every example, no more than the mask's zeros there and one entry (content: a last token
+    equal to the padding id, or repeated where unpadded). Padding the mask does not say (a query padded to the width
+    of a document's mask) is followed within the range checked."""
+    zeros = {"start": _run(mask.flip(1)), "end": _run(mask)}
+    runs = {side: ends.get(side, ends.get(f"positions {side}")) for side in _SIDES}
+    return tuple(side for side in _SIDES if runs[side] is not None and bool((runs[side] <= zeros[side] + 1).all()))
+
+
+def _may_be_lengths(path: tuple, in_dict: bool) -> bool:
+    """Whether the ``[B]`` tensor at ``path`` may hold lengths: any of a tuple's (its target is left out), a dict's
+    named so (``lengths``, ``wav_lens``, ``input_lengths``; not ``labels``, ``start_positions``)."""
+    return not in_dict or "len" in str(path[0]).lower()
 
 
 def _length(rows: torch.Tensor, width: int) -> torch.Tensor | None:
