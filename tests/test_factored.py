@@ -923,7 +923,8 @@ def test_equal_first_examples_do_not_count_as_a_check_of_the_batching():
     checks the batching as one made on a single example does: on the training data's first examples (a test set of
     four copies made the training passes batched: 75% off, silently; found by fuzzing, so did one input with each
     label, 75% off), or else on the first batch whose inputs differ, which refuses a model that mixes them (first
-    training examples all equal: 2.9-3.2x off, silently; by their labels only, 4.2x)."""
+    training examples all equal: 2.9-3.2x off, silently; by their labels only, 4.2x); planned on a batch in memory,
+    the check picks examples that differ among its first ones."""
     torch.manual_seed(0)
     model = CentresInputs().double().eval()
     ckpts = _ckpts(model)
@@ -936,6 +937,11 @@ def test_equal_first_examples_do_not_count_as_a_check_of_the_batching():
     x[1:4] = x[0]
     for batch_size, labels in ((None, y[0]), (4, y[0]), (None, torch.arange(3))):
         y[1:4] = labels
+        if batch_size is None:  # the check picks among the batch's first examples: it runs one example at a time
+            with pytest.warns(tc.SlowPathWarning, match="examples interact"):
+                got = tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
+            assert_close(got, reference_scores(model, ckpts, (x, y), loss_fn=CE).self_influence)
+            continue
         with pytest.raises(ValueError, match=r"\(a single example, examples of equal inputs.*examples apart"):
             tc.self_influence(model, ckpts, (x, y), loss_fn=CE, batch_size=batch_size)
     plain = nn.Sequential(nn.Linear(4, 3)).double().eval()  # keeps examples apart: scored batched
@@ -1100,7 +1106,9 @@ def test_each_examples_rows_of_zero_output_gradient_are_dropped(monkeypatch, bat
     opts = dict(loss_fn=CE, batch_size=batch_size)
     assert_close(tc.influence(model, ckpts, train, test, **opts), ref.influence, 1e-12)
     assert_close(tc.self_influence(model, ckpts, train, **opts), ref.self_influence, 1e-12)
-    assert set(kept) == ({1, 2, 5} if batch_size else {1, 5})  # mid: 1 row; inp: 2 in lengths [2, 1, 2, 1], else 5
+    # mid: 1 row; inp: 2 in lengths [2, 1, 2, 1], else 5 (automatic size: the check picks among the first examples
+    # of the batch in memory, some of five rows, so inp's are not dropped)
+    assert set(kept) == ({1, 2, 5} if batch_size else {1})
 
 
 def test_first_examples_without_any_gradient_leave_the_cost_model_at_all_rows():

@@ -386,8 +386,9 @@ def _rows(batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 def _unlike_rows(rows: list[torch.Tensor], k: int, padded: torch.Tensor) -> list[int]:
     """The first row and the next ones unlike every one taken in some of ``rows`` (``[B, *]`` each), up to ``k``:
-    first those at an end of the range of a ``padded`` column (``[B, c]``) that the ones taken fall short of, so that
-    a check spans how far the batch's padding varies, then those whose ``padded`` row is unlike every one taken."""
+    first those at an end of the range of a ``padded`` column (``[B, c]``) that the ones taken fall short of (the
+    first of those at the most such ends), so that a check spans how far the batch's padding varies, then those
+    whose ``padded`` row is unlike every one taken."""
     taken, unlike = [0], torch.ones(rows[0].shape[0], dtype=torch.bool, device=rows[0].device)
     low, high = padded.min(0).values, padded.max(0).values
     while len(taken) < k:
@@ -397,8 +398,12 @@ def _unlike_rows(rows: list[torch.Tensor], k: int, padded: torch.Tensor) -> list
         short = ((padded == low) & (padded[taken].min(0).values > low)) | (
             (padded == high) & (padded[taken].max(0).values < high)
         )
+        ends = short.sum(1) * unlike  # (the most at once: four examples may need to span many ranges)
+        if bool(ends.any()):
+            taken.append(int(ends.argmax()))
+            continue
         new = unlike & (padded[:, None] != padded[taken][None]).any(2).all(1)
-        taken.append(int(next(c for c in (unlike & short.any(1), new, unlike) if bool(c.any())).nonzero()[0]))
+        taken.append(int(next(c for c in (new, unlike) if bool(c.any())).nonzero()[0]))
     return taken
 
 

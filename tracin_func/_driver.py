@@ -22,6 +22,7 @@ from ._data import (
     batch_size_of,
     check_batch_structure,
     count_batches,
+    is_single_batch,
     iter_batches,
     num_batches,
     num_examples,
@@ -85,10 +86,17 @@ class Planned(NamedTuple):
 
 
 def _planned(
-    setup: Setup, batch: Any, where: str, offset: int, *, self_only: bool = False, scored: Scored = None
+    setup: Setup,
+    batch: Any,
+    where: str,
+    offset: int,
+    *,
+    self_only: bool = False,
+    scored: Scored = None,
+    pool: Any = None,
 ) -> Planned:
     with naming_failures(setup.test_loss if where == "test" else setup.train_loss, setup, batch, where, offset):
-        planned = plan_call(setup, batch, where, self_only=self_only, scored=scored)
+        planned = plan_call(setup, batch, where, self_only=self_only, scored=scored, pool=pool)
     updates = Updates(*(torch.compile(fn) for fn in planned.updates)) if setup.compile else planned.updates
     most = most_per_batch(setup, planned.plan)
     return Planned(updates, even_batches(most) if setup.auto_batch else most)
@@ -120,8 +128,9 @@ def planned_batches(
     batches (influence's training data; see ``plan_call``)."""
     planned: Planned | None = None
     if setup.auto_batch and num_examples(data):
-        head = first_examples(setup, data, where)
-        planned = _planned(setup, head, where, where_from.get("start", 0), self_only=self_only, scored=scored)
+        head, pool = first_examples(setup, data, where), _checking_pool(setup, data, where)
+        start = where_from.get("start", 0)
+        planned = _planned(setup, head, where, start, self_only=self_only, scored=scored, pool=pool)
 
     def size(left: int) -> int:  # the automatic size, once the plan says how large an example's gradients are
         return setup.batch_size if planned is None else _size(planned.batch_size, left)
@@ -139,6 +148,22 @@ def first_examples(setup: Setup, data: Any, where: str) -> Any:
         return None
     check_batch_structure(head, f"`{where}` batch 0", needs_target=setup.needs_target[where == "test"])
     return to_device(head, setup.device, setup.dtype)
+
+
+def _checking_pool(setup: Setup, data: Any, where: str) -> Any:
+    """More first examples of a single batch, on device, for the batching check to pick its own among (those at the
+    ends of each padding signal's range, ``_plan._checked_rows``), so that the first batch the plan sizes rarely
+    reaches beyond them (each batch that does is checked again); None for other data, or where the first examples
+    planned on are all (``_CHECKING_POOL_EXAMPLES`` at most, ``_CHECKING_POOL_BYTES`` of data)."""
+    if not is_single_batch(data):
+        return None
+    n = batch_size_of(data, where)
+    each = max(1, _nbytes(data) // max(n, 1))
+    k = min(n, _CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES // each)
+    return to_device(slice_batch(data, 0, k), setup.device, setup.dtype) if k > _PLANNING_EXAMPLES else None
+
+
+_CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES = 4096, 16 << 20
 
 
 def _size(batch_size: BatchSize, left: int) -> int:

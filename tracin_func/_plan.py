@@ -99,13 +99,20 @@ class PlannedCall(NamedTuple):
 
 
 def plan_call(
-    setup: Setup, batch: Any, where: str, *, self_only: bool = False, scored: Callable[[], Any] | None = None
+    setup: Setup,
+    batch: Any,
+    where: str,
+    *,
+    self_only: bool = False,
+    scored: Callable[[], Any] | None = None,
+    pool: Any = None,
 ) -> PlannedCall:
     """Check the forward pass and plan a call on ``batch`` (on device) of the argument named ``where``; warn when
     the plan leaves the batched path although layers could give factors. ``self_only``: every gradient meets only
     itself (self-influence), which changes what factoring saves. ``scored``: reads the first examples of other data
     the plan scores in batches (influence's training data), which the batching check runs on when ``batch`` holds a
-    single example (whose batched and lone runs are the same); called only then."""
+    single example (whose batched and lone runs are the same); called only then. ``pool``: more first examples of
+    the same data (``batch`` first), which the batching check picks its examples among."""
     module, first = setup.spec.module, setup.checkpoints[0].state
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
     for loss in losses:
@@ -119,7 +126,7 @@ def plan_call(
     mapper = Mapper(setup.chunk_size)
     plan = make_plan(
         module, names, losses, diff, frozen, batch, mapper, factored=factored, self_only=self_only, scored=scored,
-        checked_at=checked_at,
+        checked_at=checked_at, pool=pool,
     )
     if module is not None and factored is not False and not plan.batched:
         causes = sorted(plan.dense, key=lambda n: plan.reasons[n] in (_TO_VMAP, _UNUSED_ON_VMAP))  # root causes first
@@ -384,12 +391,15 @@ def make_plan(
     self_only: bool = False,
     scored: Callable[[], Any] | None = None,
     checked_at: tuple[Tensors, Tensors] | None = None,
+    pool: Any = None,
 ) -> Plan:
     """Which layers give factors, which of those are scored by factored inner products (a cost model for
     ``factored=None``, all for ``True``; ``False`` uses vmap(grad) for everything), and how factors are obtained.
     ``checked_at``: the ``(diff, frozen)`` state the batching check runs at, when not this one: the last
     checkpoint's, where a path mixing examples behind a gate that is zero at initialisation shows.
-    ``self_only``: each gradient is only multiplied with itself (self-influence)."""
+    ``self_only``: each gradient is only multiplied with itself (self-influence). ``pool``: more first examples of
+    the same data, ``batch``'s first, which the batching check picks its own among (``_checked_rows``: the ends of
+    each padding signal's range, so that later batches rarely reach beyond them)."""
     sites = {}
     if module is not None and factored is not False:
         sites = {**factorable_sites(module, names), **recurrent_sites(module, names)}
@@ -483,7 +493,8 @@ def make_plan(
             "tc.token_classification_loss for Hugging Face models)"
         )
         return _unpacked(_unexpanded(plan), packed)._replace(batching=why)
-    batch_shows = _shows_batching(batch, losses)
+    examples = batch if pool is None else pool  # (its first example is batch's: the expanded sites' truth)
+    batch_shows = _shows_batching(examples, losses)
     head = scored() if scored is not None and not batch_shows else None
     head_shows = head is not None and _shows_batching(head, losses[:1])
 
@@ -492,7 +503,7 @@ def make_plan(
         if head_shows:  # check the training loss on its data
             return _refused_on(module, losses[0], plan, *at, head, mapper)
         true = truth if checked_at is None else [_true_expanded(module, loss, plan, *at, batch) for loss in losses]
-        return _batching_refused(module, losses, plan, {**at[1], **at[0]}, batch, mapper, true)
+        return _batching_refused(module, losses, plan, {**at[1], **at[0]}, examples, mapper, true)
 
     readings = _readings(plan, sites, first_calls, modules)
     plan, check = readings[0], checked_on(readings[0])
