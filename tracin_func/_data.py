@@ -254,7 +254,12 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     if named and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in named.values()):
         for k, t in named.items():  # (a mask's zeros at an end: what follows its ones)
             said[("said start", str(k))], said[("said end", str(k))] = _run(t.flip(1)), _run(t)
-        covering = {k: m for m in named.items() for k, t in batch.items() if _covers(m, t, k)}
+        covering = {  # each tensor a mask covers: that mask's zeros at each end
+            k: {side: said[(f"said {side}", str(m[0]))] for side in _SIDES}
+            for m in named.items()
+            for k, t in batch.items()
+            if _covers(m, t, k)
+        }
         batch = {k: t for k, t in batch.items() if k not in named}
         if not optree.tree_leaves(batch):
             return said
@@ -268,8 +273,8 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     columns |= {("told", str(p)): n for p, n in lengths.items() if n is not None}
     for p, t, r in zip(paths, leaves, rows):
         ends = _ends(t) if r.shape[1] > 1 or any(r is w for w in widest) else {}
-        mask = covering.get(p[0]) if p else None
-        said_ends = _said_ends(mask[1], ends) if mask is not None else ()
+        zeros = covering.get(p[0]) if p else None
+        said_ends = _said_ends(zeros, ends) if zeros is not None else ()
         columns |= {(("masked " if how.endswith(said_ends) else "") + how, str(p)): run for how, run in ends.items()}
     none = {("none", ""): torch.zeros(len(rows[0]), dtype=torch.int64, device=rows[0].device)}
     return {**said, **columns} or none
@@ -308,12 +313,11 @@ def _covers(mask: tuple[Any, torch.Tensor], t: Any, key: Any) -> bool:
     return same and str(key).startswith(prefix) and (prefix != "" or not str(key).startswith("decoder_"))
 
 
-def _said_ends(mask: torch.Tensor, ends: dict[str, torch.Tensor]) -> tuple[str, ...]:
-    """The ends (``"start"``, ``"end"``) of a tensor of ``mask``'s width whose padding the mask says, given the runs
-    there (``_ends``): in every example, no more than the mask's zeros there and one entry (content: a last token
-    equal to the padding id, or repeated where unpadded). Padding the mask does not say (a query padded to the width
-    of a document's mask) is followed within the range checked."""
-    zeros = {"start": _run(mask.flip(1)), "end": _run(mask)}
+def _said_ends(zeros: dict[str, torch.Tensor], ends: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """The ends (``"start"``, ``"end"``) of a tensor a named mask covers whose padding the mask says, given the mask's
+    ``zeros`` at each end and the tensor's runs there (``_ends``): in every example, no more than the mask's zeros
+    there and one entry (content: a last token equal to the padding id, or repeated where unpadded). Padding the mask
+    does not say (a query padded to the width of a document's mask) is followed within the range checked."""
     runs = {side: ends.get(side, ends.get(f"positions {side}")) for side in _SIDES}
     return tuple(side for side in _SIDES if runs[side] is not None and bool((runs[side] <= zeros[side] + 1).all()))
 

@@ -66,7 +66,7 @@ class Plan(NamedTuple):
     # adds; as ``BatchingCheck.unshown``)
     unchecked: str = ""
     # the range of each column of ``padding`` among the examples checked (``_range``), followed per batch
-    # (``_checking_batches``); None where not (a refused check)
+    # (``_checking_batches``); None where no check ran (refused, or "batching" unchecked)
     padding_shown: tuple[tuple[tuple[str, str], tuple[int, int]], ...] | None = None
     # rows of the batch dimension per example where the model folds an example's items into its batch (``[B, C, T]``
     # ids run as ``[B C, T]``: multiple choice); a row broadcast over the batch meets ``B fold`` rows
@@ -140,7 +140,7 @@ def plan_call(
     reps = {}
     for loss in losses:
         reps[id(loss)] = representation_fn(module, loss, plan, mapper, compiled=setup.compile)
-        if plan.batched and (plan.unchecked or plan.padding_shown is not None):
+        if plan.batched:  # (checked on the examples planned on, or left to the first batch that can show it)
             checking = _checking_batches(reps[id(loss)], module, loss, plan, mapper, checked_at, setup.compile)
             reps[id(loss)] = checking
     train, test = reps[id(setup.train_loss)], reps[id(setup.test_loss)]
@@ -216,7 +216,6 @@ def _checking_batches(
 
     last: list[tuple[list[Any], dict]] = []  # the last batch's tensors and padding: each checkpoint scores a batch
 
-    @torch.compiler.disable  # (eager inside compiled updates)
     def columns_of(batch: Any) -> dict[tuple[str, str], torch.Tensor]:
         """``batch``'s padding (``padding``), read once for all checkpoints."""
         tensors = optree.tree_leaves(batch, none_is_leaf=True)
@@ -226,6 +225,7 @@ def _checking_batches(
             last[:] = [seen]
         return seen[1]
 
+    @torch.compiler.disable  # (eager inside compiled updates)
     def unshown_in(batch: Any) -> list[torch.Tensor]:
         """The columns of ``batch``'s padding that vary beyond the range they took in the checks."""
         return [t for k, t in columns_of(batch).items() if not _within(_range(k, t), shown.get(k))]
@@ -247,11 +247,11 @@ def _checking_batches(
         shown."""
         if reading_left[0][1] != "packed" or not on_packed:
             return
-        lengths = map(torch.Tensor.cpu, _packed_lengths(on_packed, num_examples(batch)))
-        varied = next((t for t in lengths if not _alike(t)), None)
+        n = num_examples(batch)
+        varied = next((t.cpu() for t in _packed_lengths(on_packed, n) if not _alike(t)), None)
         if varied is None:
             return  # one length in the whole batch: no padding, no order by length: exact
-        n = num_examples(batch)  # (k sequences an example, as consecutive rows: a siamese model's [B, 2, T] pairs)
+        # (k sequences an example, as consecutive rows: a siamese model's [B, 2, T] pairs)
         each = _first_of_each(varied.view(n, -1)) if len(varied) % n == 0 else None
         reading, check = verdict(select_rows(batch, torch.tensor(each))) if each else (plan, None)
         if check is None or check.unshown == "packed":
