@@ -2074,6 +2074,33 @@ def test_7p_the_check_planned_spans_an_in_memory_batchs_first_examples(monkeypat
     assert not checks
 
 
+def test_7p_influence_checks_among_both_datas_first_examples(monkeypatch):
+    """Influence planned on the test data checked only its examples, so the first training batch, padded further,
+    was checked again (one re-check per call: 19% of a packed LSTM's, 8% of BERT's as a criterion). With one loss for
+    both sides the check now picks its examples among the training data's first too. Test data padded to another
+    width cannot join them: the training batch is then checked as before, and still exact."""
+    import tracin_func._plan as plan_module
+
+    checks = []
+    checked = plan_module._refused_on
+    monkeypatch.setattr(plan_module, "_refused_on", lambda *a: checks.append(a) or checked(*a))
+    gen = torch.Generator().manual_seed(0)
+
+    def tokens(lengths: list[int], width: int = 6) -> tuple[torch.Tensor, ...]:
+        ids = (torch.arange(width) + torch.randint(0, 6, (len(lengths), 1), generator=gen)) % 6 + 1
+        told = torch.tensor(lengths)
+        return ids * (torch.arange(width) < told[:, None]), told, torch.randint(0, 3, (len(lengths),), generator=gen)
+
+    train = tokens([6] * 4 + torch.randint(1, 7, (36,), generator=gen).tolist())
+    torch.manual_seed(0)
+    model = PaddedTokens("masked").double().eval()
+    ckpts = make_ckpts(model)
+    for test, rechecks in ((tokens([6, 6, 6, 5, 6, 6]), 0), (tokens([4, 4, 3, 4, 2, 4], width=4), 1)):
+        checks.clear()
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), reference(model, ckpts, train, test)[0])
+        assert len(checks) == rechecks
+
+
 class FramedClips(nn.Module):
     """Clips beside their lengths (of 40 samples, or relative: a fraction of the width), cut to the batch's longest
     (or that rounded up to a multiple of 8) and framed without a mask: a shorter clip's frames read its padding."""

@@ -411,6 +411,21 @@ def _unlike_rows(rows: list[torch.Tensor], k: int, padded: torch.Tensor) -> list
     return taken
 
 
+def joined_rows(first: Batch, then: Batch) -> Batch | None:
+    """The examples of batch ``first`` followed by those of batch ``then``, or None where they are not alike
+    (another structure, dtype, device or shape beyond the batch dimension: padded to another width)."""
+    leaves, spec = optree.tree_flatten(first, none_is_leaf=True)
+    others, other_spec = optree.tree_flatten(then, none_is_leaf=True)
+    alike = spec == other_spec and all(
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.dim() > 0
+        and (a.dtype, a.device, a.shape[1:]) == (b.dtype, b.device, b.shape[1:])
+        for a, b in zip(leaves, others)
+    )
+    return optree.tree_unflatten(spec, [torch.cat(pair) for pair in zip(leaves, others)]) if alike else None
+
+
 def select_rows(data: Any, indices: torch.Tensor) -> Any:
     """Examples ``indices`` (in that order) of sized data: a batch or a ``Dataset``."""
     if is_single_batch(data):

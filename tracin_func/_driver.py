@@ -24,6 +24,7 @@ from ._data import (
     count_batches,
     is_single_batch,
     iter_batches,
+    joined_rows,
     num_batches,
     num_examples,
     slice_batch,
@@ -119,24 +120,33 @@ def planned_batches(
     *,
     self_only: bool = False,
     scored: Scored = None,
+    beside: Any = None,
     **where_from: Any,
 ) -> Iterator[tuple[Planned, int, Any]]:
     """``batches`` of ``data``, the call planned on the first: (plan, offset, batch) triples. With the automatic
     size, a batch or a ``Dataset`` is planned on its first examples, so that the plan sizes every batch, the first
     too (not a guess made before the plan: 128 + 72 of 200 examples where the plan asks for one batch or two of 100);
     a ``DataLoader``'s or other iterable's batches are the user's. ``scored``: other data the plan scores in
-    batches (influence's training data; see ``plan_call``)."""
+    batches (influence's training data; see ``plan_call``). ``beside``: that data's first examples, on device, for
+    the batching check to pick its own among too where they are alike (one loss scores both)."""
     planned: Planned | None = None
+
+    def pool_of(examples: Any, pool: Any = None) -> Any:  # (its first example is the one planned on)
+        both = joined_rows(examples if pool is None else pool, beside) if beside is not None else None
+        return pool if both is None else both
+
     if setup.auto_batch and num_examples(data):
         head, pool = first_examples(setup, data, where), _checking_pool(setup, data, where)
         start = where_from.get("start", 0)
-        planned = _planned(setup, head, where, start, self_only=self_only, scored=scored, pool=pool)
+        planned = _planned(setup, head, where, start, self_only=self_only, scored=scored, pool=pool_of(head, pool))
 
     def size(left: int) -> int:  # the automatic size, once the plan says how large an example's gradients are
         return setup.batch_size if planned is None else _size(planned.batch_size, left)
 
     for offset, batch in batches(setup, data, where, desc, batch_size=size if setup.auto_batch else None, **where_from):
-        planned = planned or _planned(setup, batch, where, offset, self_only=self_only, scored=scored)
+        planned = planned or _planned(
+            setup, batch, where, offset, self_only=self_only, scored=scored, pool=pool_of(batch)
+        )
         yield planned, offset, batch
 
 
@@ -150,17 +160,18 @@ def first_examples(setup: Setup, data: Any, where: str) -> Any:
     return to_device(head, setup.device, setup.dtype)
 
 
-def _checking_pool(setup: Setup, data: Any, where: str) -> Any:
+def _checking_pool(setup: Setup, data: Any, where: str, least: int = _PLANNING_EXAMPLES + 1) -> Any:
     """More first examples of a single batch, on device, for the batching check to pick its own among (those at the
     ends of each padding signal's range, ``_plan._checked_rows``), so that the first batch the plan sizes rarely
-    reaches beyond them (each batch that does is checked again); None for other data, or where the first examples
-    planned on are all (``_CHECKING_POOL_EXAMPLES`` at most, ``_CHECKING_POOL_BYTES`` of data)."""
+    reaches beyond them (each batch that does is checked again); None for other data, or where fewer than ``least``
+    (by default: the first examples planned on are all; ``_CHECKING_POOL_EXAMPLES`` at most,
+    ``_CHECKING_POOL_BYTES`` of data)."""
     if not is_single_batch(data):
         return None
     n = batch_size_of(data, where)
     each = max(1, _nbytes(data) // max(n, 1))
     k = min(n, _CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES // each)
-    return to_device(slice_batch(data, 0, k), setup.device, setup.dtype) if k > _PLANNING_EXAMPLES else None
+    return to_device(slice_batch(data, 0, k), setup.device, setup.dtype) if k >= least else None
 
 
 _CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES = 4096, 16 << 20
@@ -277,6 +288,10 @@ def query_chunks(
     # the training data's first examples check the plan's batching where the test data's first batch cannot (one
     # example): read only then (a one-pass iterator comes wrapped to keep its first batch: ``_data.Replayed``)
     scored = partial(first_examples, setup, train, "train") if train is not None else None
+    # with one loss for both sides, the check picks its examples among the training data's first too: where those
+    # reach beyond the test data's padding, a check at the first training batch would run again
+    one_loss = train is not None and setup.test_loss is setup.train_loss
+    beside = _checking_pool(setup, train, "train", least=1) if one_loss else None
     planned, per_ckpt, scales, size = None, [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
 
     def chunk() -> Queries:
@@ -290,7 +305,7 @@ def query_chunks(
             aggregate and cosine,
         )
 
-    for planned, offset, batch in planned_batches(setup, test, "test", "test gradients", scored=scored):
+    for planned, offset, batch in planned_batches(setup, test, "test", "test gradients", scored=scored, beside=beside):
         for c, ckpt in enumerate(setup.checkpoints):
             with naming_failures(setup.test_loss, setup, batch, "test", offset):
                 rep = planned.updates.test(ckpt, batch).for_test()

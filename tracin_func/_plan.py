@@ -111,8 +111,9 @@ def plan_call(
     the plan leaves the batched path although layers could give factors. ``self_only``: every gradient meets only
     itself (self-influence), which changes what factoring saves. ``scored``: reads the first examples of other data
     the plan scores in batches (influence's training data), which the batching check runs on when ``batch`` holds a
-    single example (whose batched and lone runs are the same); called only then. ``pool``: more first examples of
-    the same data (``batch`` first), which the batching check picks its examples among."""
+    single example (whose batched and lone runs are the same); called only then. ``pool``: more examples (the same
+    data's first, ``batch`` first, then maybe the training data's), which the batching check picks its examples
+    among."""
     module, first = setup.spec.module, setup.checkpoints[0].state
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
     for loss in losses:
@@ -397,9 +398,9 @@ def make_plan(
     ``factored=None``, all for ``True``; ``False`` uses vmap(grad) for everything), and how factors are obtained.
     ``checked_at``: the ``(diff, frozen)`` state the batching check runs at, when not this one: the last
     checkpoint's, where a path mixing examples behind a gate that is zero at initialisation shows.
-    ``self_only``: each gradient is only multiplied with itself (self-influence). ``pool``: more first examples of
-    the same data, ``batch``'s first, which the batching check picks its own among (``_checked_rows``: the ends of
-    each padding signal's range, so that later batches rarely reach beyond them)."""
+    ``self_only``: each gradient is only multiplied with itself (self-influence). ``pool``: more examples, ``batch``'s
+    first, which the batching check picks its own among (``_checked_rows``: the ends of each padding signal's range,
+    so that later batches rarely reach beyond them)."""
     sites = {}
     if module is not None and factored is not False:
         sites = {**factorable_sites(module, names), **recurrent_sites(module, names)}
