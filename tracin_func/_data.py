@@ -246,20 +246,13 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     among the other tensors (integer or boolean 0 / 1, wider than one per example, every row ones then zeros or zeros
     then ones: token type ids of pairs too), and the runs of equal values (NaN too) at both ends of every tensor wider
     than one per example, and of the widest (whatever the padding id and side: equal for examples of one length; 1
-    mostly, unpadded; ``_ends``): ``("masked start", where)`` for a tensor a named mask covers (``_covers``), as a
-    mask may not say all; and the lengths each ``[B]`` tensor may hold (``("told", where)``, ``_length``: beside clips
-    padded so that no run shows it)."""
+    mostly, unpadded; ``_ends``; a named mask's tensors too: it may not say all their padding); and the lengths each
+    ``[B]`` tensor may hold (``("told", where)``, ``_length``: beside clips padded so that no run shows it)."""
     named = {k: t for k, t in batch.items() if str(k).endswith("attention_mask")} if isinstance(batch, Mapping) else {}
-    said, covering = {}, {}
+    said = {}
     if named and all(isinstance(t, torch.Tensor) and t.dim() == 2 and _is_mask(t) for t in named.values()):
         for k, t in named.items():  # (a mask's zeros at an end: what follows its ones)
             said[("said start", str(k))], said[("said end", str(k))] = _run(t.flip(1)), _run(t)
-        covering = {  # each tensor a mask covers: that mask's zeros at each end
-            k: {side: said[(f"said {side}", str(m[0]))] for side in _SIDES}
-            for m in named.items()
-            for k, t in batch.items()
-            if _covers(m, t, k)
-        }
         batch = {k: t for k, t in batch.items() if k not in named}
         if not optree.tree_leaves(batch):
             return said
@@ -273,9 +266,7 @@ def padding(batch: Batch) -> dict[tuple[str, str], torch.Tensor]:
     columns |= {("told", str(p)): n for p, n in lengths.items() if n is not None}
     for p, t, r in zip(paths, leaves, rows):
         ends = _ends(t) if r.shape[1] > 1 or any(r is w for w in widest) else {}
-        zeros = covering.get(p[0]) if p else None
-        said_ends = _said_ends(zeros, ends) if zeros is not None else ()
-        columns |= {(("masked " if how.endswith(said_ends) else "") + how, str(p)): run for how, run in ends.items()}
+        columns |= {(how, str(p)): run for how, run in ends.items()}
     none = {("none", ""): torch.zeros(len(rows[0]), dtype=torch.int64, device=rows[0].device)}
     return {**said, **columns} or none
 
@@ -302,24 +293,6 @@ _FEW_ITEMS = 8  # items along dimension 1 followed each on its own
 def padded_rows(batch: Batch) -> torch.Tensor:
     """``[B, k]``: the columns of ``padding``, side by side."""
     return torch.stack(list(padding(batch).values()), 1)
-
-
-def _covers(mask: tuple[Any, torch.Tensor], t: Any, key: Any) -> bool:
-    """Whether a named attention mask says the padding of tensor ``t`` at ``key``: one of its width whose key shares
-    the mask's prefix (``decoder_attention_mask``: ``decoder_input_ids``; ``attention_mask``: the others but the
-    decoder's, which may be padded to the same width without a mask)."""
-    prefix = str(mask[0])[: -len("attention_mask")]
-    same = isinstance(t, torch.Tensor) and t.dim() > 1 and t.shape[1] == mask[1].shape[1]
-    return same and str(key).startswith(prefix) and (prefix != "" or not str(key).startswith("decoder_"))
-
-
-def _said_ends(zeros: dict[str, torch.Tensor], ends: dict[str, torch.Tensor]) -> tuple[str, ...]:
-    """The ends (``"start"``, ``"end"``) of a tensor a named mask covers whose padding the mask says, given the mask's
-    ``zeros`` at each end and the tensor's runs there (``_ends``): in every example, no more than the mask's zeros
-    there and one entry (content: a last token equal to the padding id, or repeated where unpadded). Padding the mask
-    does not say (a query padded to the width of a document's mask) is followed within the range checked."""
-    runs = {side: ends.get(side, ends.get(f"positions {side}")) for side in _SIDES}
-    return tuple(side for side in _SIDES if runs[side] is not None and bool((runs[side] <= zeros[side] + 1).all()))
 
 
 def _may_be_lengths(path: tuple, in_dict: bool) -> bool:

@@ -229,7 +229,7 @@ def _checking_batches(
     @torch.compiler.disable  # (eager inside compiled updates)
     def unshown_in(batch: Any) -> list[torch.Tensor]:
         """The columns of ``batch``'s padding that vary beyond the range they took in the checks."""
-        return [t for k, t in columns_of(batch).items() if not _within(_range(k, t), shown.get(k))]
+        return [t for k, t in columns_of(batch).items() if not _within(_range(t), shown.get(k))]
 
     def padding_shown(batch: Any) -> Plan:
         """Check ``batch`` on examples of its own until no column of its padding varies beyond the range it took in
@@ -239,7 +239,7 @@ def _checking_batches(
         while varied := unshown_in(batch):
             picked = torch.tensor(_showing(varied))
             reading, check = verdict(select_rows(batch, picked))  # (four or fewer: the check runs them all)
-            spanned = tuple((k, _range(k, t[picked])) for k, t in columns_of(batch).items())
+            spanned = tuple((k, _range(t[picked])) for k, t in columns_of(batch).items())
             checked(reading, check._replace(shown=spanned))
         return reading_left[0][0]
 
@@ -312,15 +312,11 @@ def _showing(columns: Sequence[torch.Tensor]) -> list[int]:
     return sorted(taken)
 
 
-_HONEST = (-(1 << 62), 1 << 62)  # the range of a named attention mask's side that varied: it says the padding
-
-
-def _range(column: tuple[str, str], t: torch.Tensor) -> tuple[int, int]:
+def _range(t: torch.Tensor) -> tuple[int, int]:
     """The values a column of ``padding`` takes among examples. A run at an end may be content (a repeated last
-    token), so a check shows the padding only within the range its examples took; a named attention mask's side
-    shows it in full once it varies (``_HONEST``), as do the ends of the tensors it covers, which vary with it."""
-    low, high = int(t.min()), int(t.max())
-    return _HONEST if column[0].startswith(("said", "masked")) and low < high else (low, high)
+    token), and a model may read the padding only past a threshold (its cut rounded up to a multiple of 8): a check
+    shows the padding only within the range its examples took, a named mask's too."""
+    return int(t.min()), int(t.max())
 
 
 def _within(values: tuple[int, int], shown: tuple[int, int] | None) -> bool:
@@ -977,7 +973,7 @@ def _compared(
                 return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
         # what shows padding in the data (each mask, each tensor's ends) shows it as far as it varies, packed too (a
         # second input the model cuts to the batch's longest)
-        shown = tuple((k, _range(k, t)) for k, t in padding(_inputs(few, losses)).items())
+        shown = tuple((k, _range(t)) for k, t in padding(_inputs(few, losses)).items())
         # examples of one length (packed, or padded alike) cannot show whether the model reads the padding a longer
         # example adds (`pad_packed_sequence` pads to the batch's longest), nor an order by length: exact, no proof
         if on_packed and (n < 2 or all(map(_alike, _packed_lengths(on_packed, n)))):  # (one may be fixed)
