@@ -384,6 +384,13 @@ def _unlike_rows(rows: list[torch.Tensor], k: int, padded: torch.Tensor) -> list
     return taken
 
 
+def extreme_rows(batch: Batch) -> Batch:
+    """The examples of ``batch`` at an end of the range of some column of its ``padding`` (the first of each), in
+    order: they span every range the whole batch does."""
+    columns = padded_rows(batch)
+    return select_rows(batch, torch.cat([columns.argmin(0), columns.argmax(0)]).unique())
+
+
 def joined_rows(first: Batch, then: Batch) -> Batch | None:
     """The examples of batch ``first`` followed by those of batch ``then``, or None where they are not alike
     (another structure, dtype, device or shape beyond the batch dimension: padded to another width)."""

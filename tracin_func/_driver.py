@@ -22,6 +22,7 @@ from ._data import (
     batch_size_of,
     check_batch_structure,
     count_batches,
+    extreme_rows,
     is_single_batch,
     iter_batches,
     joined_rows,
@@ -127,18 +128,22 @@ def planned_batches(
     size, a batch or a ``Dataset`` is planned on its first examples, so that the plan sizes every batch, the first
     too (not a guess made before the plan: 128 + 72 of 200 examples where the plan asks for one batch or two of 100);
     a ``DataLoader``'s or other iterable's batches are the user's. ``scored``: other data the plan scores in
-    batches (influence's training data; see ``plan_call``). ``beside``: that data's first examples, on device, for
-    the batching check to pick its own among too where they are alike (one loss scores both)."""
+    batches (influence's training data; see ``plan_call``). ``beside``: that data's ``checking_pool``, for the
+    batching check to pick its examples among too (one loss scores both)."""
     planned: Planned | None = None
 
-    def pool_of(examples: Any, pool: Any = None) -> Any:  # (its first example is the one planned on)
-        both = joined_rows(examples if pool is None else pool, beside) if beside is not None else None
-        return pool if both is None else both
+    def pool_of(examples: Any, *more: Any) -> Any:  # (its first example is the one planned on)
+        pool = examples
+        for rows in (r for r in (*more, beside) if r is not None):
+            joined = joined_rows(pool, rows)  # (None where not alike: padded to another width)
+            pool = pool if joined is None else joined
+        return None if pool is examples else pool
 
     if setup.auto_batch and num_examples(data):
-        head, pool = first_examples(setup, data, where), _checking_pool(setup, data, where)
-        start = where_from.get("start", 0)
-        planned = _planned(setup, head, where, start, self_only=self_only, scored=scored, pool=pool_of(head, pool))
+        head, start = first_examples(setup, data, where), where_from.get("start", 0)
+        more = checking_pool(setup, data, where) if num_examples(data) > _PLANNING_EXAMPLES else None
+        pool = pool_of(head, more)
+        planned = _planned(setup, head, where, start, self_only=self_only, scored=scored, pool=pool)
 
     def size(left: int) -> int:  # the automatic size, once the plan says how large an example's gradients are
         return setup.batch_size if planned is None else _size(planned.batch_size, left)
@@ -160,18 +165,18 @@ def first_examples(setup: Setup, data: Any, where: str) -> Any:
     return to_device(head, setup.device, setup.dtype)
 
 
-def _checking_pool(setup: Setup, data: Any, where: str, least: int = _PLANNING_EXAMPLES + 1) -> Any:
-    """More first examples of a single batch, on device, for the batching check to pick its own among (those at the
-    ends of each padding signal's range, ``_plan._checked_rows``), so that the first batch the plan sizes rarely
-    reaches beyond them (each batch that does is checked again); None for other data, or where fewer than ``least``
-    (by default: the first examples planned on are all; ``_CHECKING_POOL_EXAMPLES`` at most,
-    ``_CHECKING_POOL_BYTES`` of data)."""
+def checking_pool(setup: Setup, data: Any, where: str) -> Any:
+    """Those of a single batch's first examples (``_CHECKING_POOL_EXAMPLES`` at most, ``_CHECKING_POOL_BYTES`` of
+    data) at the ends of each padding signal's range (``extreme_rows``), on device, for the batching check to pick
+    its own among (``_plan._checked_rows``), so that the first batch the plan sizes rarely reaches beyond them (each
+    batch that does is checked again); None for other data."""
     if not is_single_batch(data):
         return None
     n = batch_size_of(data, where)
-    each = max(1, _nbytes(data) // max(n, 1))
-    k = min(n, _CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES // each)
-    return to_device(slice_batch(data, 0, k), setup.device, setup.dtype) if k >= least else None
+    if n == 0:
+        return None
+    k = max(1, min(n, _CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES // max(1, _nbytes(data) // n)))
+    return to_device(extreme_rows(slice_batch(data, 0, k)), setup.device, setup.dtype)
 
 
 _CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES = 4096, 16 << 20
@@ -288,10 +293,11 @@ def query_chunks(
     # the training data's first examples check the plan's batching where the test data's first batch cannot (one
     # example): read only then (a one-pass iterator comes wrapped to keep its first batch: ``_data.Replayed``)
     scored = partial(first_examples, setup, train, "train") if train is not None else None
-    # with one loss for both sides, the check picks its examples among the training data's first too: where those
-    # reach beyond the test data's padding, a check at the first training batch would run again
+    # with one loss for both sides, the check picks its examples among the training data's first too (those at the
+    # ends of its padding's ranges): where those reach beyond the test data's, the first training batch was checked
+    # again
     one_loss = train is not None and setup.test_loss is setup.train_loss
-    beside = _checking_pool(setup, train, "train", least=1) if one_loss else None
+    beside = checking_pool(setup, train, "train") if one_loss else None
     planned, per_ckpt, scales, size = None, [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
 
     def chunk() -> Queries:
