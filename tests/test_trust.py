@@ -1595,6 +1595,7 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     assert padding((pairs,))[("item 1 item 1 end", "(0,)")].tolist() == [2, 3]
     many = torch.cat([channels, torch.ones(2, 7, 4)], 1)  # [B, 9, T]: summed, beside constant lines
     assert padding((many,))[("lines end", "(0,)")].tolist() == [34, 35]
+    assert [padding((many,))[("lines end " + k, "(0,)")].tolist() for k in ("least", "most")] == [[2, 3], [4, 4]]
     ids = torch.tensor([[4, 4, 0, 0], [6, 7, 8, 9]])  # the lengths a [B] tensor may hold: up to the widest's width
     assert padding((ids, torch.tensor([2, 4])))[("told", "(1,)")].tolist() == [2, 4]
     assert padding((ids, torch.tensor([0.5, 1.0])))[("told", "(1,)")].tolist() == [2, 4]  # relative lengths
@@ -1908,6 +1909,39 @@ def test_7p_padding_in_positions_channels_ranges_and_sides_is_checked(layout):
         loss = CE
     with pytest.raises(ValueError, match="padded less unlike than a later batch's.*factored=False"):
         tc.self_influence(model, make_ckpts(model), batches, loss_fn=loss)
+
+
+class FlatChoices(nn.Module):
+    """Ten choices per example ``[B, 10, T]``, flattened and cut to the batch's longest choice, then averaged: an
+    example whose choices are all shorter reads padding beside an example with a longer one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(20, 4), nn.Linear(4, 1)
+
+    def forward(self, ids):
+        flat = ids.flatten(0, 1)
+        return self.fc(self.emb(flat[:, : int((flat != 0).sum(1).max())]).mean(1)).view(len(ids), -1)
+
+
+def test_7p_many_items_are_followed_by_their_least_and_most_padding():
+    """Found by fuzzing: more than eight items along dimension 1 were followed by their lines' runs summed only, so
+    ten choices flattened and cut to the longest passed a first batch whose every example had a full-length choice,
+    and a later example of ten shorter choices, whose summed runs stayed within the range, read padding (19% off,
+    silently). The least and the most run of the lines are followed too."""
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(choices: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.zeros(len(choices), 10, 12, dtype=torch.long)
+        for example, lengths in zip(ids, choices):
+            for row, n in zip(example, lengths):  # no token twice in a row
+                row[:n] = (torch.arange(n) + int(torch.randint(0, 19, (1,), generator=gen))) % 19 + 1
+        return ids, torch.randint(0, 10, (len(choices),), generator=gen)
+
+    first = batch([[12] + [8] * 9, [12] + [2] * 9, [12] + [5] * 9, [12] + [3] * 9])  # summed runs 37-91
+    later = batch([[8] * 10, [12] + [6] * 9, [12] + [4] * 9, [12] + [7] * 9])  # 40: within
+    torch.manual_seed(0)
+    _refused_or_exact(FlatChoices().double().eval(), [first, later], True, "padded less unlike than a later batch's")
 
 
 class Captioner(nn.Module):

@@ -275,15 +275,18 @@ def _ends(t: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{how: [B]}``: the runs at both ends of each example of ``t`` ``[B, ...]``: of its entries, flattened, for
     two dimensions or less; of its whole positions for more (``[B, T, d]`` padded with a vector), and of each of a
     few items along dimension 1 on its own (``[B, k, T]`` pairs or choices, ``[B, k, T, d]``: a sum may stay within
-    a range while one item's padding goes beyond it), or of its lines along the last dimension, summed (many)."""
+    a range while one item's padding goes beyond it), or of its lines along the last dimension (many): their sum,
+    least and most (ten choices flattened and cut to the longest: the least tells it, the sum may not)."""
     if t.dim() <= 2 or t.shape[1] == 1:
         rows = t.reshape(len(t), -1)
         return {side: _end_run(rows, side == "start") for side in _SIDES}
     ends = {f"positions {side}": _position_run(t, side == "start") for side in _SIDES}
     if t.shape[1] <= _FEW_ITEMS:
         return ends | {f"item {i} {how}": run for i in range(t.shape[1]) for how, run in _ends(t[:, i]).items()}
-    lines = t.flatten(0, -2)  # (a line of one entry: a run of 1)
-    return ends | {f"lines {side}": _end_run(lines, side == "start").view(len(t), -1).sum(1) for side in _SIDES}
+    for side in _SIDES:
+        runs = _end_run(t.flatten(0, -2), side == "start").view(len(t), -1)  # (a line of one entry: a run of 1)
+        ends |= {f"lines {side}": runs.sum(1), f"lines {side} least": runs.amin(1), f"lines {side} most": runs.amax(1)}
+    return ends
 
 
 _SIDES = ("start", "end")
