@@ -1024,7 +1024,7 @@ def _compared(
         for path, (xs, gs) in together.items():
             singles = alike[path]
             per_example = all(t.shape[0] == len(order) for t in xs + gs)  # not: rows that did not split into examples
-            same = singles is not None and len(singles) == len(xs) + len(gs) and all(
+            same = singles is None or len(singles) == len(xs) + len(gs) and all(  # (None: its live rows are, above)
                 map(_close_rows, singles, [*xs, *gs])
             )
             if not (per_example and (same or path in linear and _same_live_rows(ordered, together, path))):
