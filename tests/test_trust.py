@@ -1602,6 +1602,8 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     assert ("told", "(1,)") not in padding((ids, torch.tensor([2, 5])))  # an index into a larger dataset
     keyed = padding({"x": ids, "lengths": torch.tensor([2, 4]), "labels": torch.tensor([0, 1])})
     assert ("told", "('lengths',)") in keyed and ("told", "('labels',)") not in keyed  # a dict's: named so
+    named = {k: torch.tensor([2, 4]) for k in ("seq_sizes", "frame_count", "num_frames", "n_samples", "label_ids")}
+    assert {k for how, k in padding({"x": ids, **named}) if how == "told"} == {f"('{k}',)" for k in list(named)[:4]}
     doc, query = torch.tensor([[5, 6, 0, 0], [7, 8, 9, 4]]), torch.tensor([[3, 0, 0, 0], [2, 1, 0, 0]])
     columns = padding({"input_ids": doc, "attention_mask": (doc != 0).long(), "query_ids": query})
     assert columns[("end", "('query_ids',)")].tolist() == [3, 2]  # padded past what the document's mask says
@@ -2207,6 +2209,30 @@ def test_7p_a_lengths_tensor_is_followed_as_padding(layout):
     model = FramedClips(rounded=layout == "rounded_cut").double().eval()
     with pytest.raises(ValueError, match="padded less unlike than a later batch's.*factored=False"):
         tc.self_influence(model, make_ckpts(model), [clips(first), clips([12, 40, 20, 8])], loss_fn=CE)
+
+
+@pytest.mark.parametrize("key", ["num_frames", "n_samples", "frame_count", "seq_sizes"])
+def test_7p_a_dicts_lengths_are_read_under_the_names_they_go_by(key):
+    """Found by fuzzing: a dict's ``[B]`` lengths were read only under a key containing "len", so clips padded with
+    dither beside ``num_frames`` (no run shows the padding) went unchecked after a first batch of full clips, and a
+    model cutting to the longest was 2% off, silently. Keys naming a length, a size, a count or a number are read."""
+    gen = torch.Generator().manual_seed(0)
+
+    def clips(lengths: list[int]) -> dict[str, torch.Tensor]:
+        x = torch.randn(len(lengths), 40, generator=gen, dtype=torch.float64)
+        x = torch.where(torch.arange(40) >= torch.tensor(lengths)[:, None], 1e-3 * x, x)
+        return {"x": x, key: torch.tensor(lengths), "labels": torch.randint(0, 2, (len(lengths),), generator=gen)}
+
+    torch.manual_seed(0)
+    model = FramedClips().double().eval()
+
+    def losses(params, batch):
+        out = torch.func.functional_call(model, params, (batch["x"], batch[key]))
+        return F.cross_entropy(out, batch["labels"], reduction="none")
+
+    batches = [clips([40] * 4), clips([12, 40, 20, 8])]
+    with pytest.raises(ValueError, match="padded less unlike than a later batch's.*factored=False"):
+        tc.self_influence(model, make_ckpts(model), batches, loss_fn=tc.BatchLoss(losses))
 
 
 def test_7p_index_tuples_name_the_dimensions_they_index():

@@ -300,8 +300,10 @@ def padded_rows(batch: Batch) -> torch.Tensor:
 
 def _may_be_lengths(path: tuple, in_dict: bool) -> bool:
     """Whether the ``[B]`` tensor at ``path`` may hold lengths: any of a tuple's (its target is left out), a dict's
-    named so (``lengths``, ``wav_lens``, ``input_lengths``; not ``labels``, ``start_positions``)."""
-    return not in_dict or "len" in str(path[0]).lower()
+    named so: a length, a size, a count or a number (``lengths``, ``wav_lens``, ``seq_sizes``, ``frame_count``,
+    ``num_frames``, ``n_samples``; not ``labels``, ``start_positions``)."""
+    key = str(path[0]).lower()
+    return not in_dict or key.startswith("n_") or any(word in key for word in ("len", "size", "count", "num"))
 
 
 def _length(rows: torch.Tensor, width: int) -> torch.Tensor | None:
