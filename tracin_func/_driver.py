@@ -132,10 +132,10 @@ def planned_batches(
     batching check to pick its examples among too (one loss scores both)."""
     planned: Planned | None = None
 
-    def pool_of(examples: Any, *more: Any) -> Any:  # (its first example is the one planned on)
+    def pool_of(examples: Any, more: Any = None) -> Any:  # (its first example is the one planned on)
         pool = examples
-        for rows in (r for r in (*more, beside) if r is not None):
-            joined = joined_rows(pool, rows)  # (None where not alike: padded to another width)
+        for rows in (more, beside):
+            joined = None if rows is None else joined_rows(pool, rows)  # (None where not alike: another width)
             pool = pool if joined is None else joined
         return None if pool is examples else pool
 
@@ -169,14 +169,11 @@ def checking_pool(setup: Setup, data: Any, where: str) -> Any:
     """Those of a single batch's first examples (``_CHECKING_POOL_EXAMPLES`` at most, ``_CHECKING_POOL_BYTES`` of
     data) at the ends of each padding signal's range (``extreme_rows``), on device, for the batching check to pick
     its own among (``_plan._checked_rows``), so that the first batch the plan sizes rarely reaches beyond them (each
-    batch that does is checked again); None for other data."""
-    if not is_single_batch(data):
+    batch that does is checked again); None for other data, or where not one example fits in those bytes."""
+    if not is_single_batch(data) or not (n := batch_size_of(data, where)):
         return None
-    n = batch_size_of(data, where)
-    if n == 0:
-        return None
-    k = max(1, min(n, _CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES // max(1, _nbytes(data) // n)))
-    return to_device(extreme_rows(slice_batch(data, 0, k)), setup.device, setup.dtype)
+    k = min(n, _CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES // max(1, _nbytes(data) // n))
+    return to_device(extreme_rows(slice_batch(data, 0, k)), setup.device, setup.dtype) if k else None
 
 
 _CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES = 4096, 16 << 20
