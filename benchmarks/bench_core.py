@@ -3,7 +3,9 @@
 For each reference workload (``workloads.py``: digits MLP and CNN, tiny transformer) and each question (full
 influence matrix, top-k proponents, self-influence over the training set) it prints the best wall time, the peak
 memory of one call, the ratio (other / ours) and the max relative difference of the scores against ours
-(``max|other - ours| / max|ours|``), the proof that both computed the same thing.
+(``max|other - ours| / max|ours|``), the proof that both computed the same thing. The calls of a table are timed in
+rounds (``common.Rounds``: each round times every call once), so that the machine's drift over minutes shifts ours,
+the floor and the peers alike; Captum's per-example loop, too slow to repeat, runs once.
 
 Every measured call does the whole job: ours includes ``tc.load_checkpoints(paths)`` (Captum and dattri load
 checkpoint files inside their calls), Captum's includes building its ``TracInCP`` object.
@@ -45,7 +47,7 @@ from typing import Any
 import bounds
 import real_models
 import torch
-from common import Measurement, begin_bench, captum_loader, fmt, max_rel_diff, measure, print_table
+from common import Measurement, Rounds, begin_bench, captum_loader, fmt, max_rel_diff, measure, print_table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from workloads import BUILDERS, Workload
@@ -99,7 +101,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--our-batch-size", type=int, default=None, help="tracin_func's batch_size (default: its own automatic choice)"
     )
-    parser.add_argument("--repeat", type=int, default=None, help="timed runs per call, best kept (default 3, quick 1)")
+    parser.add_argument("--repeat", type=int, default=None, help="timed rounds, best kept (default 3, quick 1)")
     parser.add_argument("--k", type=int, default=5, help="k of the top-k proponents question")
     parser.add_argument("--device", default="cpu", help="device for every implementation (default cpu)")
     parser.add_argument("--no-captum", action="store_true", help="skip Captum")
@@ -358,16 +360,18 @@ def captum_real_rows(
     args: argparse.Namespace,
     floors: dict[str, Measurement],
     ours: dict[str, Measurement],
-    run: Callable[..., Measurement],
 ) -> None:
     """Captum's per-example path on ``w`` (criterion form): influence at each of ``--captum-batch-sizes``, the
     fastest kept, then self-influence at that batch size. With ``--captum-train N`` Captum runs on the first N
     training examples, and the floor and our default call are re-timed on the same subset for its ratios."""
+    device = torch.device(args.device)
     sub = w
     if args.captum_train is not None and args.captum_train < w.n_train:
         sub = w.subsample(None, args.captum_train)
-        floors = {"influence": run(real_floor(sub, True)), "self": run(real_floor(sub, False))}
-        ours = {q: run(fn) for q, fn in real_ours(sub, args.our_batch_size, torch.device(args.device)).items()}
+        timer = Rounds(args.repeat, device)
+        floors = {q: timer.add(quiet(real_floor(sub, q == "influence"))) for q in ("influence", "self")}
+        ours = {q: timer.add(quiet(fn)) for q, fn in real_ours(sub, args.our_batch_size, device).items()}
+        timer.time()
     subset = ""
     if sub is not w:
         subset = (
@@ -377,7 +381,7 @@ def captum_real_rows(
         )
     tried: dict[int, tuple[Measurement | None, str]] = {}
     for bs in args.captum_batch_sizes:
-        tried[bs] = _try(lambda bs=bs: run(real_captum(sub, bs)["influence"], repeat=0))
+        tried[bs] = _try(lambda bs=bs: once(real_captum(sub, bs)["influence"], device))
     note = "tried " + ", ".join(
         f"b{bs}: {fmt(m.seconds, '.1f')} s" if m else f"b{bs}: {err}" for bs, (m, err) in tried.items()
     )
@@ -391,10 +395,26 @@ def captum_real_rows(
     m = ok[best]
     diff = max_rel_diff(m.result, ours["influence"].result)
     rows.add("influence", impl, m, ours["influence"], diff, note + subset, floor=floors["influence"])
-    m, err = _try(lambda: run(real_captum(sub, best)["self"], repeat=0))
+    m, err = _try(lambda: once(real_captum(sub, best)["self"], device))
     diff = max_rel_diff(m.result, ours["self"].result) if m else None
     note = (err or "self_influence(None), default loop order") + subset
     rows.add("self-influence", impl, m, ours["self"], diff, note, floor=floors["self"])
+
+
+def quiet(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` with its warnings (a slow-path warning on every call of ``factored=False``) silenced."""
+
+    def run() -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn()
+
+    return run
+
+
+def once(fn: Callable[[], Any], device: torch.device) -> Measurement:
+    """A call too slow to repeat (a peer's per-example loop): its memory run is its one timed run."""
+    return measure(quiet(fn), 0, device)
 
 
 def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tuple[Rows, str]:
@@ -402,11 +422,10 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
     n_train = args.real_train or n_train
     forms = [real_to_device(w, device) for w in real_forms(name, n_test, n_train)]
     rows = Rows(name, floor_column=True)
+    timer = Rounds(args.repeat, device)  # everything below but Captum, timed in rounds together
 
-    def run(fn: Callable[[], Any], repeat: int | None = None) -> Measurement:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return measure(fn, args.repeat if repeat is None else repeat, device)
+    def run(fn: Callable[[], Any]) -> Measurement:
+        return timer.add(quiet(fn))
 
     primary = forms[0]
     floors = {
@@ -414,22 +433,36 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
         "self": run(real_floor(primary, with_test=False)),
     }
     questions = (("influence", "influence"), ("self", "self-influence"))
-    for q, question in questions:
-        rows.add(question, "plain backprop (floor)", floors[q], None, None, "not TracIn", floor=floors[q])
     states = [c.params for c in primary.checkpoints]
     one = real_models.take(primary.train, 0, 1)
     first_example = lambda: primary.batch_loss(states[0], one)  # noqa: E731
-    for label, bound, note in influence_bounds(primary.model, first_example, primary, floors["influence"], run):
-        rows.add("influence", label, bound, None, None, note, floor=floors["influence"])
-    for q, question in questions:
+    bounded = influence_bounds(primary.model, first_example, primary, floors["influence"], run)
+    lower = {}
+    for q, _ in questions:
         data = [primary.train, primary.test] if q == "influence" else [primary.train]
-        m = run(bounds.forward_only(primary.batch_loss, states, data))
-        rows.add(question, "forward only", m, None, None, "lower bound of any method", floor=floors[q])
-    first: dict[str, Measurement] = {}
+        lower[q] = (
+            run(bounds.forward_only(primary.batch_loss, states, data)),
+            run(bounds.activation_backward(primary.model, primary.batch_loss, states, data)),
+        )
+    calls = []
     for w in forms:
-        label = {"batch_loss": "BatchLoss", "example_loss": "ExampleLoss", "criterion": "criterion"}[w.form]
         default = {q: run(fn) for q, fn in real_ours(w, args.our_batch_size, device).items()}
         unfactored = {q: run(fn) for q, fn in real_ours(w, args.our_batch_size, device, factored=False).items()}
+        calls.append((w, default, unfactored))
+    timer.time()
+
+    for q, question in questions:
+        rows.add(question, "plain backprop (floor)", floors[q], None, None, "not TracIn", floor=floors[q])
+    for label, bound, note in bounded():
+        rows.add("influence", label, bound, None, None, note, floor=floors["influence"])
+    for q, question in questions:
+        forward, backward = lower[q]
+        rows.add(question, "forward only", forward, None, None, "lower bound of any method", floor=floors[q])
+        note = "what any gradient method runs (torch's kernels): the backward to every layer's output, no parameter's"
+        rows.add(question, "forward + backward to layer outputs", backward, None, None, note, floor=floors[q])
+    first: dict[str, Measurement] = {}
+    for w, default, unfactored in calls:
+        label = {"batch_loss": "BatchLoss", "example_loss": "ExampleLoss", "criterion": "criterion"}[w.form]
         for q, question in questions:
             note = f"[{'x'.join(map(str, default[q].result.shape))}]"
             if q in first:  # a second form of the same workload: the same scores?
@@ -447,38 +480,44 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
         rows.notes.append(route_summary(w))
         if w.captum_loss is None or args.no_captum:
             continue
-        captum_real_rows(rows, w, args, floors, default, run)
+        captum_real_rows(rows, w, args, floors, default)
     rows.notes.append(
         "x floor = time / plain backprop (one batched forward / backward of the summed loss per checkpoint over the "
         "same examples); x ours = time / tracin_func's default call in the same form; rel diff vs that call. "
-        "Checkpoints are in memory for every row (no file loading). Captum rows are one run."
+        "Checkpoints are in memory for every row (no file loading). Every row but Captum's is the best of "
+        f"{args.repeat} rounds that time each call once in turn; Captum rows are one run."
     )
     return rows, "; ".join(w.describe() for w in forms)
 
 
 def influence_bounds(
     model: nn.Module, run_one_example: Callable[[], Any], w: Any, floor: Measurement, run: Callable[..., Measurement]
-) -> list[tuple[str, Measurement, str]]:
-    """``(label, measurement, note)``: the floor plus the pair products of the influence matrix, a lower bound
-    (``bounds.pair_products``); and that plus what forming the materialised layers' per-example gradients as batched
-    GEMMs costs beyond the same products summed (``bounds.per_example_gradients``), an estimate of what a method that
-    materialises those layers needs (not a bound: the floor spends more on parameter gradients than those GEMMs)."""
+) -> Callable[[], list[tuple[str, Measurement, str]]]:
+    """``(label, measurement, note)`` rows, once the calls given to ``run`` are timed: the floor plus the pair
+    products of the influence matrix, a lower bound (``bounds.pair_products``); and that plus what forming the
+    materialised layers' per-example gradients as batched GEMMs costs beyond the same products summed
+    (``bounds.per_example_gradients``), an estimate of what a method that materialises those layers needs (not a
+    bound: the floor spends more on parameter gradients than those GEMMs)."""
     layers = bounds.layer_shapes(model, run_one_example)
     n_ckpts = len(getattr(w, "checkpoints", None) or w.checkpoint_paths)
     pairs, what = bounds.pair_products(layers, w.n_test, w.n_train, n_ckpts)
     m = run(pairs)
     batched, summed = (run(f) for f in bounds.per_example_gradients(layers, w.n_test + w.n_train, n_ckpts))
-    excess = max(0.0, batched.seconds - summed.seconds)
-    with_pairs = Measurement(floor.seconds + m.seconds, max(floor.peak_mb, m.peak_mb), None, m.runs)
-    return [
-        ("floor + pair products", with_pairs, f"lower bound; pair GEMMs of {what} {m.seconds:.3f} s"),
-        (
-            "floor + pairs + per-example GEMMs",
-            replace(with_pairs, seconds=with_pairs.seconds + excess),
-            f"an estimate, not a bound: materialised layers' per-example gradients as batched GEMMs "
-            f"{batched.seconds:.3f} s vs the floor's summed GEMMs {summed.seconds:.3f} s",
-        ),
-    ]
+
+    def bounded() -> list[tuple[str, Measurement, str]]:
+        excess = max(0.0, batched.seconds - summed.seconds)
+        with_pairs = Measurement(floor.seconds + m.seconds, max(floor.peak_mb, m.peak_mb), None, m.runs)
+        return [
+            ("floor + pair products", with_pairs, f"lower bound; pair GEMMs of {what} {m.seconds:.3f} s"),
+            (
+                "floor + pairs + per-example GEMMs",
+                replace(with_pairs, seconds=with_pairs.seconds + excess),
+                f"an estimate, not a bound: materialised layers' per-example gradients as batched GEMMs "
+                f"{batched.seconds:.3f} s vs the floor's summed GEMMs {summed.seconds:.3f} s",
+            ),
+        ]
+
+    return bounded
 
 
 # ----------------------------------------------------------------------------------------------------- the bench
@@ -558,45 +597,21 @@ def _try(fn: Callable[[], Measurement]) -> tuple[Measurement | None, str]:
 
 
 def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) -> Rows:
-    bs, k, repeat = args.batch_size, args.k, args.repeat
+    bs, k = args.batch_size, args.k
     rows = Rows(w.name)
     is_transformer = w.name == "tiny_transformer"
+    timer = Rounds(args.repeat, device)  # every call but Captum's per-example loop, timed in rounds together
+    peers: list[tuple[Any, ...]] = []  # Rows.add's arguments, added once the calls are timed
 
     def run(fn: Callable[[], Any], slow: bool = False) -> Measurement:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return measure(fn, 0 if slow else repeat, device)
+        return once(fn, device) if slow else timer.add(quiet(fn))
 
     mine = ours(w, args.our_batch_size, k, device)
-    o_inf = run(mine["influence"])
-    o_top = run(mine["top_k"])
-    o_self = run(mine["self"])
+    o_inf, o_top, o_self = (run(mine[q]) for q in ("influence", "top_k", "self"))
     S, top, s = o_inf.result, o_top.result, o_self.result
-    ref_top = S.topk(k, dim=1)  # our own consistency: top-k equals the top of the influence matrix
-    rows.add("influence", "tracin_func", o_inf, o_inf, None, f"[{S.shape[0]} x {S.shape[1]}]")
-    rows.add(
-        "top-k",
-        "tracin_func",
-        o_top,
-        o_top,
-        max_rel_diff(top.scores, ref_top.values),
-        f"k={k}; diff vs topk(own influence)",
-    )
-    rows.add("self-influence", "tracin_func", o_self, o_self, None, "")
-    floor = "not TracIn: summed gradients only"
     floor_inf = run(backprop_floor(w, device, True))
-    rows.add("influence", "plain backprop (floor)", floor_inf, o_inf, None, floor)
-    rows.add("self-influence", "plain backprop (floor)", run(backprop_floor(w, device, False)), o_self, None, floor)
-    for label, bound, note in influence_bounds(w.model, lambda: w.model(w.x_train[:1].to(device)), w, floor_inf, run):
-        rows.add("influence", label, bound, o_inf, None, note)
-    rows.notes.append(
-        f"plain backprop (floor) = one ordinary forward / backward per checkpoint over the same examples (batch "
-        f"{FLOOR_BATCH}, summed loss): the least work any exact method does; 'x ours' < 1 shows how close we are. "
-        f"floor + pair products = the floor plus the influence matrix's inner products alone (bounds.py): no exact "
-        f"influence matrix takes less; its time / the floor's is the best 'x floor' possible here. + per-example "
-        f"GEMMs: plus the excess of forming the materialised layers' per-example gradients (batched GEMMs) over "
-        f"the same products summed (an estimate, not a bound)."
-    )
+    floor_self = run(backprop_floor(w, device, False))
+    bounded = influence_bounds(w.model, lambda: w.model(w.x_train[:1].to(device)), w, floor_inf, run)
 
     if not args.no_captum:
         # (label, sample_wise, all questions?): the path Captum users would pick gets every question
@@ -613,19 +628,19 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
             note = err
             if not err and is_transformer and sample_wise and diff is not None and diff > 1e-3:
                 note = "silently wrong: its hooks skip Embedding/LayerNorm/attention"
-            rows.add("influence", impl, m, o_inf, diff, note)
+            peers.append(("influence", impl, m, o_inf, diff, note))
             if not full_path:
                 continue  # the secondary path is reported for influence only
             m, err = _try(lambda cap=cap, slow=slow: run(cap["top_k"], slow=slow))
             if m is not None:
                 agree = (m.result.indices.cpu() == top.indices.cpu()).float().mean().item()
-                rows.add("top-k", impl, m, o_top, max_rel_diff(m.result.influence_scores, top.scores),
-                         f"k={k}; indices agree {agree:.0%}")  # fmt: skip
+                peers.append(("top-k", impl, m, o_top, max_rel_diff(m.result.influence_scores, top.scores),
+                              f"k={k}; indices agree {agree:.0%}"))  # fmt: skip
             else:
-                rows.add("top-k", impl, None, o_top, None, err)
+                peers.append(("top-k", impl, None, o_top, None, err))
             for key, desc in (("self_by_ckpt", "outer_loop_by_checkpoints=True"), ("self_default", "default")):
                 m, err = _try(lambda cap=cap, key=key, slow=slow: run(cap[key], slow=slow))
-                rows.add("self-influence", impl, m, o_self, max_rel_diff(m.result, s) if m else None, err or desc)
+                peers.append(("self-influence", impl, m, o_self, max_rel_diff(m.result, s) if m else None, err or desc))
         rows.notes.append(
             "Captum per-example rows are a single run (they are slow); its loss is CrossEntropyLoss(reduction='none'), "
             "batch-wise uses reduction='sum'."
@@ -638,11 +653,41 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
         ):
             fn = dattri_influence(w, copy.deepcopy(w.model), bs, device, project)
             m, err = _try(lambda fn=fn: run(fn))
-            rows.add("influence", impl, m, o_inf, max_rel_diff(m.result, S) if m else None, err or note)
+            peers.append(("influence", impl, m, o_inf, max_rel_diff(m.result, S) if m else None, err or note))
         rows.notes.append(
             "dattri: TracInAttributor(weight_list=lr per checkpoint, normalized_grad=False); no rescaling needed. "
             "It always projects gradients to 512 dims unless its projector_kwargs attribute is cleared after init."
         )
+    timer.time()
+
+    ref_top = S.topk(k, dim=1)  # our own consistency: top-k equals the top of the influence matrix
+    rows.add("influence", "tracin_func", o_inf, o_inf, None, f"[{S.shape[0]} x {S.shape[1]}]")
+    rows.add(
+        "top-k",
+        "tracin_func",
+        o_top,
+        o_top,
+        max_rel_diff(top.scores, ref_top.values),
+        f"k={k}; diff vs topk(own influence)",
+    )
+    rows.add("self-influence", "tracin_func", o_self, o_self, None, "")
+    floor = "not TracIn: summed gradients only"
+    rows.add("influence", "plain backprop (floor)", floor_inf, o_inf, None, floor)
+    rows.add("self-influence", "plain backprop (floor)", floor_self, o_self, None, floor)
+    for label, bound, note in bounded():
+        rows.add("influence", label, bound, o_inf, None, note)
+    for peer in peers:
+        rows.add(*peer)
+    rows.notes.insert(
+        0,
+        f"plain backprop (floor) = one ordinary forward / backward per checkpoint over the same examples (batch "
+        f"{FLOOR_BATCH}, summed loss): the least work any exact method does; 'x ours' < 1 shows how close we are. "
+        f"floor + pair products = the floor plus the influence matrix's inner products alone (bounds.py): no exact "
+        f"influence matrix takes less; its time / the floor's is the best 'x floor' possible here. + per-example "
+        f"GEMMs: plus the excess of forming the materialised layers' per-example gradients (batched GEMMs) over "
+        f"the same products summed (an estimate, not a bound). Every row but Captum's per-example ones is the best of "
+        f"{args.repeat} rounds that time each call once in turn.",
+    )
     return rows
 
 
@@ -652,7 +697,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     begin_bench(
         args.threads,
         f"bench_core: batch_size={args.batch_size} (Captum, dattri), {args.our_batch_size or 'automatic'} (ours), "
-        f"k={args.k}, best of {args.repeat} timed run(s) after one memory run, device={device}"
+        f"k={args.k}, best of {args.repeat} timed round(s) after one memory run, device={device}"
         f"{', QUICK' if args.quick else ''}",
         "columns: 'x ours' = time / our time for the same question; 'rel diff' = max|scores - ours| / max|ours|",
     )

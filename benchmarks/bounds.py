@@ -16,6 +16,12 @@ target ratio can be checked against what is physically possible on this machine.
   floor's parameter gradients cost it more than these GEMMs alone).
 - ``forward_only``: one forward pass (no autograd) per checkpoint over the same examples, which every gradient
   method runs at least once: ``Captum / forward_only`` is the most any method can be faster than Captum.
+- ``activation_backward``: one forward / backward per checkpoint that takes the gradient of the summed loss at every
+  layer's output and at no parameter. Any exact method needs each example's gradient at every layer's output
+  (a parameter's gradient is formed from it), and torch's kernels give it by this backward: ``Captum /
+  activation_backward`` is the most a method running them can be faster than Captum. It skips the floor's parameter
+  gradients, so a factored method may beat the floor, never this (a fused kernel that forms its weights' gradients
+  whatever is asked, as the CPU ``nn.LSTM``'s, makes this the floor there).
 """
 
 from __future__ import annotations
@@ -156,5 +162,36 @@ def forward_only(
             for state in states:
                 for batch in batches:
                     forward(state, batch)
+
+    return run
+
+
+def activation_backward(
+    module: nn.Module, loss: Callable[[Any, Any], torch.Tensor], states: Sequence[Any], batches: Sequence[Any]
+) -> Callable[[], None]:
+    """``loss(state, batch)`` (the summed per-example losses of a batch) and its gradient at the outputs of every
+    module holding parameters, for every checkpoint state and batch, with no tensor of the state requiring a
+    gradient: the first such output becomes the leaf the backward reaches, and every later layer lies between it and
+    the loss."""
+    holders = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+    leaves: list[torch.Tensor] = []
+
+    def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and not output.requires_grad:
+            leaves.append(output.requires_grad_())  # (a layer fed by none that needs one: a leaf of its own)
+
+    def run() -> None:
+        handles = [m.register_forward_hook(hook) for m in holders]
+        try:
+            for state in states:
+                detached: dict[int, torch.Tensor] = {}  # tied names (GPT-2's lm_head) keep sharing one tensor
+                state = {k: detached.setdefault(id(v), v.detach()) for k, v in state.items()}
+                for batch in batches:
+                    leaves.clear()
+                    with torch.enable_grad():
+                        torch.autograd.grad(loss(state, batch), leaves)
+        finally:
+            for handle in handles:
+                handle.remove()
 
     return run

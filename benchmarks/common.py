@@ -132,6 +132,38 @@ def measure(fn: Callable[[], Any], repeat: int = 3, device: str | torch.device =
     return Measurement(seconds, peak, result, repeat)
 
 
+class Rounds:
+    """Calls timed in interleaved rounds: each call's memory run when added (``measure(fn, 0)``, which also warms it
+    up and gives its result), then ``time()`` runs ``repeat`` rounds, each timing every call once, and keeps each
+    call's best. Timed back to back, a call and the floor it is divided by ran minutes apart, while this machine's
+    speed drifts by 10-40% over minutes: a GPT-2 table timed so caught its floor in a fast stretch (forward only came
+    out at 0.60x the floor and the forward / backward bound at 1.09x, above the floor it bounds; in rounds, 0.43x
+    and 0.87x). In rounds, drift shifts every call alike."""
+
+    def __init__(self, repeat: int, device: str | torch.device = "cpu") -> None:
+        self.repeat, self.device = repeat, torch.device(device)
+        self.calls: list[tuple[Callable[[], Any], Measurement]] = []
+
+    def add(self, fn: Callable[[], Any]) -> Measurement:
+        """``fn``'s memory run; its ``seconds`` are that run's until ``time()`` (``repeat`` 0: for good)."""
+        m = measure(fn, 0, self.device)
+        self.calls.append((fn, m))
+        return m
+
+    def time(self) -> None:
+        """``repeat`` rounds over the calls added since the last ``time()``; each measurement's seconds become its
+        best round's."""
+        calls, self.calls = self.calls, []
+        if self.repeat <= 0:
+            return
+        best = [float("inf")] * len(calls)
+        for _ in range(self.repeat):
+            for i, (fn, _) in enumerate(calls):
+                best[i] = min(best[i], best_time(fn, 1, self.device)[0])
+        for (_, m), seconds in zip(calls, best):
+            m.seconds, m.runs = seconds, self.repeat
+
+
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max|a - b| / max|b|`` in float64 on the CPU (``b`` is the reference); inf if the shapes differ."""
     a = torch.as_tensor(a).detach().to("cpu", torch.float64)

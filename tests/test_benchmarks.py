@@ -34,6 +34,7 @@ def test_bench_core_real_models_run(capsys):
     impls = {(r["question"], r["impl"]) for r in results}
     assert ("influence", "tracin_func factored=False (criterion)") in impls
     assert ("self-influence", "plain backprop (floor)") in impls
+    assert ("influence", "forward + backward to layer outputs") in impls
     assert ("self-influence", "Captum TracInCP per-example (b8)") in impls
     assert all(r["seconds"] > 0 for r in results)
     assert all(r["max_rel_diff_vs_ours"] < 1e-4 for r in results if r["max_rel_diff_vs_ours"] is not None)
