@@ -436,7 +436,7 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
     states = [c.params for c in primary.checkpoints]
     one = real_models.take(primary.train, 0, 1)
     first_example = lambda: primary.batch_loss(states[0], one)  # noqa: E731
-    bounded = influence_bounds(primary.model, first_example, primary, floors["influence"], run)
+    bounded = influence_bounds(primary.model, first_example, primary, floors["influence"], args.repeat)
     lower = {}
     for q, _ in questions:
         data = [primary.train, primary.test] if q == "influence" else [primary.train]
@@ -491,18 +491,21 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
 
 
 def influence_bounds(
-    model: nn.Module, run_one_example: Callable[[], Any], w: Any, floor: Measurement, run: Callable[..., Measurement]
+    model: nn.Module, run_one_example: Callable[[], Any], w: Any, floor: Measurement, repeat: int
 ) -> Callable[[], list[tuple[str, Measurement, str]]]:
-    """``(label, measurement, note)`` rows, once the calls given to ``run`` are timed: the floor plus the pair
-    products of the influence matrix, a lower bound (``bounds.pair_products``); and that plus what forming the
-    materialised layers' per-example gradients as batched GEMMs costs beyond the same products summed
-    (``bounds.per_example_gradients``), an estimate of what a method that materialises those layers needs (not a
-    bound: the floor spends more on parameter gradients than those GEMMs)."""
+    """``(label, measurement, note)`` rows, once ``floor`` is timed: the floor plus the pair products of the
+    influence matrix, a lower bound (``bounds.pair_products``); and that plus what forming the materialised layers'
+    per-example gradients as batched GEMMs costs beyond the same products summed (``bounds.per_example_gradients``),
+    an estimate of what a method that materialises those layers needs (not a bound: the floor spends more on parameter
+    gradients than those GEMMs). The GEMMs are timed in rounds of their own, here: their random operands (up to 256
+    MB per layer) are freed before the table's calls run."""
     layers = bounds.layer_shapes(model, run_one_example)
     n_ckpts = len(getattr(w, "checkpoints", None) or w.checkpoint_paths)
+    timer = Rounds(repeat)
     pairs, what = bounds.pair_products(layers, w.n_test, w.n_train, n_ckpts)
-    m = run(pairs)
-    batched, summed = (run(f) for f in bounds.per_example_gradients(layers, w.n_test + w.n_train, n_ckpts))
+    m = timer.add(pairs)
+    batched, summed = (timer.add(f) for f in bounds.per_example_gradients(layers, w.n_test + w.n_train, n_ckpts))
+    timer.time()
 
     def bounded() -> list[tuple[str, Measurement, str]]:
         excess = max(0.0, batched.seconds - summed.seconds)
@@ -611,7 +614,7 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
     S, top, s = o_inf.result, o_top.result, o_self.result
     floor_inf = run(backprop_floor(w, device, True))
     floor_self = run(backprop_floor(w, device, False))
-    bounded = influence_bounds(w.model, lambda: w.model(w.x_train[:1].to(device)), w, floor_inf, run)
+    bounded = influence_bounds(w.model, lambda: w.model(w.x_train[:1].to(device)), w, floor_inf, args.repeat)
 
     if not args.no_captum:
         # (label, sample_wise, all questions?): the path Captum users would pick gets every question

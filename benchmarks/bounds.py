@@ -20,8 +20,8 @@ target ratio can be checked against what is physically possible on this machine.
   layer's output and at no parameter. Any exact method needs each example's gradient at every layer's output
   (a parameter's gradient is formed from it), and torch's kernels give it by this backward: ``Captum /
   activation_backward`` is the most a method running them can be faster than Captum. It skips the floor's parameter
-  gradients, so a factored method may beat the floor, never this (a fused kernel that forms its weights' gradients
-  whatever is asked, as the CPU ``nn.LSTM``'s, makes this the floor there).
+  gradients, so a factored method may beat the floor, never this (the CPU ``nn.LSTM``'s fused backward costs about as
+  much without its weights' gradients: this is about the floor there).
 """
 
 from __future__ import annotations
