@@ -2,6 +2,7 @@
 benchmark sessions. Their numbers are printed, never asserted."""
 
 import os
+import time
 
 import pytest
 
@@ -59,3 +60,27 @@ def test_bench_batch_size_runs(capsys):
     assert [r["question"] for r in results] == ["influence", "self"]
     assert all(r["auto"] > 0 and r["best_size"] == 500 and sum(r["auto_sizes"]) == 1500 for r in results)
     assert "auto / best" in capsys.readouterr().out
+
+
+def test_rounds_time_every_call_once_per_round_and_keep_the_best():
+    """Calls interleave (a, b, a, b, ...), each keeps its fastest round, and the result is the memory run's."""
+    from common import Rounds
+
+    order, slow = [], {"a": [0.3, 0.0, 0.3], "b": [0.0, 0.05, 0.3]}  # per name: the memory run's, then rounds'
+
+    def call(name):
+        def run():
+            time.sleep(slow[name][len([o for o in order if o == name])])
+            order.append(name)
+            return f"{name} run {len([o for o in order if o == name])}"
+
+        return run
+
+    timer = Rounds(repeat=2)
+    a, b = timer.add(call("a")), timer.add(call("b"))
+    assert a.result == "a run 1" and b.result == "b run 1" and a.seconds >= 0.3
+    timer.time()
+    assert order == ["a", "b", "a", "b", "a", "b"]
+    assert a.seconds < 0.1 and 0.05 <= b.seconds < 0.3 and a.runs == b.runs == 2
+    timer.time()  # nothing added since: nothing runs again
+    assert len(order) == 6
