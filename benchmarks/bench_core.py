@@ -47,7 +47,7 @@ from typing import Any
 import bounds
 import real_models
 import torch
-from common import Measurement, Rounds, begin_bench, captum_loader, fmt, max_rel_diff, measure, print_table
+from common import Measurement, Rounds, begin_bench, captum_loader, fmt, max_rel_diff, measure, print_table, quiet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from workloads import BUILDERS, Workload
@@ -399,17 +399,6 @@ def captum_real_rows(
     diff = max_rel_diff(m.result, ours["self"].result) if m else None
     note = (err or "self_influence(None), default loop order") + subset
     rows.add("self-influence", impl, m, ours["self"], diff, note, floor=floors["self"])
-
-
-def quiet(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` with its warnings (a slow-path warning on every call of ``factored=False``) silenced."""
-
-    def run() -> Any:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn()
-
-    return run
 
 
 def once(fn: Callable[[], Any], device: torch.device) -> Measurement:

@@ -27,7 +27,6 @@ import argparse
 import copy
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,6 +40,7 @@ from common import (
     measure,
     peak_memory_mb,
     print_table,
+    quiet,
 )
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -111,15 +111,6 @@ def recall(pred: torch.Tensor, exact: torch.Tensor) -> float:
     k = exact.shape[1]
     hits = [len(set(p.tolist()) & set(e.tolist())) for p, e in zip(pred, exact)]
     return sum(hits) / (k * len(hits))
-
-
-def quiet(fn: Callable[[], Any]) -> Callable[[], Any]:
-    def wrapped() -> Any:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn()
-
-    return wrapped
 
 
 def _try(fn: Callable[[], Any]) -> tuple[Any, str]:

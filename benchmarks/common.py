@@ -10,6 +10,7 @@ import platform
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -130,6 +131,17 @@ def measure(fn: Callable[[], Any], repeat: int = 3, device: str | torch.device =
     result = None
     seconds, result = best_time(fn, repeat, device)
     return Measurement(seconds, peak, result, repeat)
+
+
+def quiet(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` with its warnings (a slow-path warning on every call of ``factored=False``) silenced."""
+
+    def run() -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn()
+
+    return run
 
 
 class Rounds:
