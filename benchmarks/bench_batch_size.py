@@ -24,7 +24,7 @@ from typing import Any
 import bench_core
 import real_models
 import torch
-from common import begin_bench, best_time, print_table
+from common import Rounds, begin_bench, print_table
 from workloads import BUILDERS
 
 from tracin_func import _driver
@@ -105,13 +105,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         by_size = {bs: make(bs) for bs in settings}
         rows = []
         for question in QUESTIONS:
-            times: dict[int | None, float] = {}
-            for bs in settings:  # a first, untimed call each (planning caches, allocator)
-                by_size[bs][question]()
-            for _ in range(args.rounds):
-                for bs in settings:
-                    seconds, _ = best_time(by_size[bs][question], repeat=1)
-                    times[bs] = min(times.get(bs, float("inf")), seconds)
+            timer = Rounds(args.rounds)  # a first, untimed call each (planning caches, allocator), then rounds
+            measured = {bs: timer.add(by_size[bs][question]) for bs in settings}
+            timer.time()
+            times = {bs: m.seconds for bs, m in measured.items()}
             best = min(args.sizes, key=times.__getitem__)
             auto = training_batch_sizes(by_size[None][question])
             results.append(
