@@ -501,9 +501,10 @@ def bert(
     return _hf_workload("bert", hf, checkpoints, data, n_train, form, nn.CrossEntropyLoss())
 
 
-def _hf_model(model_class: type, config: Any, dtype: torch.dtype, seed: int) -> nn.Module:
-    """A Hugging Face model with seeded random weights, eager attention (the same ops in every run), in eval mode."""
-    config._attn_implementation = "eager"
+def _hf_model(model_class: type, config: Any, dtype: torch.dtype, seed: int, attention: str = "eager") -> nn.Module:
+    """A Hugging Face model with seeded random weights, in eval mode; ``attention``: eager (the same ops in every
+    run), or ``"sdpa"`` (transformers' default where a model supports it)."""
+    config._attn_implementation = attention
     torch.manual_seed(seed)
     return model_class(config).to(dtype).eval()
 

@@ -803,6 +803,70 @@ def test_a_layer_run_once_for_the_whole_batch_met_otherwise_is_refused(way):
     assert not _plan(model, (tokens, y)).batched
 
 
+class MaskedRelativeBias(nn.Module):
+    """T5's attention as transformers runs it with SDPA (its default): a relative bias ``[1, H, T, T]`` from an
+    Embedding run once for the whole batch, selected by the batch's padding mask (``where``: ``torch.where(mask,
+    bias, min)``; ``masked_fill``: the same by ``masked_fill``; ``plain``: no mask) and given to
+    ``scaled_dot_product_attention`` as its additive ``attn_mask``; ``condition``: the bias also decides which scores
+    count (``torch.where(bias > 0, scores, 0)``), a meeting whose condition is the followed output."""
+
+    def __init__(self, way):
+        super().__init__()
+        self.way = way
+        self.tok, self.rel, self.fc = nn.Embedding(10, 8), nn.Embedding(9, 2), nn.Linear(8, 3)
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, tokens, mask):
+        b, t = tokens.shape
+        offsets = torch.arange(t)
+        bias = self.rel(offsets[:, None] - offsets[None] + 4).permute(2, 0, 1)[None]  # [1, H, T, T]
+        x = self.tok(tokens)
+        q, k, v = (proj(x).view(b, t, 2, 4).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        keep = mask[:, None, None, :].bool()
+        if self.way == "condition":
+            scores = torch.where(bias > 0, q @ k.transpose(-1, -2) + bias, 0.0)
+            out = torch.softmax(scores.masked_fill(~keep, -1e9), -1) @ v
+        else:
+            least = torch.finfo(bias.dtype).min
+            attn_mask = {"where": lambda: torch.where(keep, bias, least), "masked_fill": lambda: bias.masked_fill(
+                ~keep, least), "plain": lambda: bias}[self.way]()  # fmt: skip
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.fc(torch.tanh(out.transpose(1, 2).reshape(b, t, 8)).mean(1))
+
+
+def _padded_tokens(n, t=5):
+    g = torch.Generator().manual_seed(2)
+    mask = (torch.arange(t) < torch.randint(2, t + 1, (n, 1), generator=g)).long()
+    return torch.randint(1, 10, (n, t), generator=g) * mask, mask, torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("way", ["where", "masked_fill", "plain"])
+def test_a_relative_bias_selected_by_the_padding_mask_into_sdpa_is_followed(way):
+    """Transformers' SDPA path gives T5's bias to ``scaled_dot_product_attention`` through ``torch.where`` over the
+    padding mask: both meetings were refused, and T5 (built with its default attention) left the batched path for
+    vmap, which fails on it: one example at a time. Followed, it is batched and exact."""
+    torch.manual_seed(0)
+    model = MaskedRelativeBias(way).double().eval()
+    tokens, mask, y = _padded_tokens(10)
+    train, test = (tokens, mask, y), (tokens[:3], mask[:3], y[:3])
+    _assert_paths_agree(model, train, test)
+    ckpts = _ckpts(model)
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=4), ref.self_influence)
+    plan = _plan(model, train)
+    assert plan.batched and plan.batch_free == {"rel"}
+
+
+def test_a_followed_output_deciding_a_selection_is_refused():
+    """``torch.where(bias > 0, scores, 0)``: the followed output is the condition, which has no gradient to probe."""
+    torch.manual_seed(0)
+    model = MaskedRelativeBias("condition").double().eval()
+    tokens, mask, y = _padded_tokens(10)
+    explained = _exact_and_explained(model, (tokens, mask, y), (tokens[:3], mask[:3], y[:3]))
+    assert "meets the batch in where" in explained.batching, explained.batching
+
+
 class TiedConvOnMergedRows(nn.Module):
     def __init__(self):
         super().__init__()

@@ -30,8 +30,8 @@ BATCHED = "one batched forward / backward gives every layer's factors"
 Built = tuple[torch.nn.Module, dict[str, torch.Tensor], tc.BatchLoss]
 
 
-def _model(model_cls: type, config: Any, dtype: torch.dtype) -> torch.nn.Module:
-    return rm._hf_model(model_cls, config, dtype, seed=0)
+def _model(model_cls: type, config: Any, dtype: torch.dtype, attention: str = "eager") -> torch.nn.Module:
+    return rm._hf_model(model_cls, config, dtype, seed=0, attention=attention)
 
 
 def classifier(config_cls: type, model_cls: type, dtype: torch.dtype = F64, **sizes: Any) -> Built:
@@ -50,8 +50,10 @@ def causal_lm(config_cls: type, model_cls: type, dtype: torch.dtype = F64, **siz
     return model, data, tc.causal_lm_loss(model)
 
 
-def seq2seq(config_cls: type, model_cls: type, dtype: torch.dtype = F64, **sizes: Any) -> Built:
-    model = _model(model_cls, config_cls(**sizes), dtype)
+def seq2seq(
+    config_cls: type, model_cls: type, dtype: torch.dtype = F64, attention: str = "eager", **sizes: Any
+) -> Built:
+    model = _model(model_cls, config_cls(**sizes), dtype, attention)
     g = torch.Generator().manual_seed(1)
     ids, pad = rm._right_padded(N_TRAIN + 3, SEQ, 97, g)
     target, target_pad = rm._right_padded(N_TRAIN + 3, SEQ // 2, 97, g)
@@ -144,6 +146,10 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
     "t5": (lambda: seq2seq(T.T5Config, T.T5ForConditionalGeneration, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                            num_heads=4, vocab_size=100, decoder_start_token_id=0, pad_token_id=1),
            BATCHED),  # fmt: skip  (its relative position biases run once for the whole batch: followed to the batch)
+    "t5_sdpa": (  # transformers' default attention: the biases meet the padding mask in a `where`, then SDPA's mask
+        lambda: seq2seq(T.T5Config, T.T5ForConditionalGeneration, attention="sdpa", d_model=32, d_kv=8, d_ff=64,
+                        num_layers=2, num_heads=4, vocab_size=100, decoder_start_token_id=0, pad_token_id=1),
+        BATCHED),  # fmt: skip
     "resnet": (lambda: image(T.ResNetConfig, T.ResNetForImageClassification, embedding_size=8, hidden_sizes=[8, 16],
                              depths=[1, 1]), BATCHED),  # fmt: skip
     "mobilevit": (lambda: image(T.MobileViTConfig, T.MobileViTForImageClassification, size=32, image_size=32,

@@ -2,13 +2,14 @@
 whose output every example adds to its attention scores): each example's gradient of their output, from the points
 where that output meets the batch.
 
-The output is followed through the ops that compute with it alone (a permute, a slice, a softmax: still one for
-the whole batch) to each elementwise op or matrix product where it meets a tensor of the batch (derived from the
-batch's inputs, its first dimension the batch's rows). There it gets a zero probe with a row per row of the batch,
-whose gradient is each example's gradient of what met it; mapped back through the ops in between (autograd, batched
-over examples) and summed over the meetings, these give each example's gradient of the layer's output. Any other
-way of meeting the batch is refused, and so is an output whose whole gradient the examples' gradients do not sum to
-(a path to the loss that never met the batch).
+The output is followed through the ops that compute with it alone (a permute, a slice, a softmax: still one for the
+whole batch) to each elementwise op (a selection by the batch's mask, ``torch.where`` or ``masked_fill``, and the
+additive ``attn_mask`` of ``scaled_dot_product_attention`` count as such) or matrix product where it meets a tensor of
+the batch (derived from the batch's inputs, its first dimension the batch's rows). There it gets a zero probe with a row
+per row of the batch, whose gradient is each example's gradient of what met it; mapped back through the ops in between
+(autograd, batched over examples) and summed over the meetings, these give each example's gradient of the layer's
+output. Any other way of meeting the batch is refused, and so is an output whose whole gradient the examples' gradients
+do not sum to (a path to the loss that never met the batch).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import optree
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ._purity import op_tensors
@@ -33,8 +35,14 @@ _ELEMENTWISE = {
     torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__imul__,
     torch.Tensor.__truediv__, torch.Tensor.__itruediv__,
 }  # fmt: skip
+# Elementwise selections: the position of the condition (or mask), which must come from the batch, not the output
+# followed (``torch.where(mask, bias, min)``: transformers' SDPA mask over T5's position bias).
+_SELECTIONS = {torch.where: 0, torch.Tensor.where: 1, torch.Tensor.masked_fill: 1}
+_CONDITION_KEYWORDS = ("condition", "mask")
 # Products broadcasting their operands' batch dimensions (a matrix for the whole batch times each example's).
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
+# Attention whose additive mask (added to each example's scores, broadcast) may be a followed output.
+_ATTENTION = F.scaled_dot_product_attention
 # Copies along the first dimension (MPNet's ``bias.expand(batch_size, ...).contiguous()``), and ops keeping them.
 _COPIES = {torch.Tensor.expand, torch.Tensor.expand_as, torch.broadcast_to}
 _KEEPING = {torch.Tensor.contiguous, torch.Tensor.clone, torch.clone, torch.Tensor.to, torch.Tensor.type_as}
@@ -91,6 +99,23 @@ class Meetings(TorchFunctionMode):
                 self._copies[id(out)] = weakref.ref(out)
         return out
 
+    def _selected(self, func: Any, args: tuple[Any, ...], kwargs: Any) -> bool:
+        """Whether ``func`` selects elementwise (``torch.where``, ``masked_fill``) by a condition that is not followed:
+        the followed values then meet the batch's condition elementwise (the condition carries no gradient)."""
+        if func not in _SELECTIONS:
+            return False
+        given = [kwargs[k] for k in _CONDITION_KEYWORDS if k in kwargs]
+        condition = given[0] if given else args[_SELECTIONS[func]] if len(args) > _SELECTIONS[func] else None
+        return not self._roots_of(condition)
+
+    def _added_mask(self, func: Any, args: tuple[Any, ...], kwargs: Any) -> bool:
+        """Whether ``func`` is ``scaled_dot_product_attention`` with only its additive ``attn_mask`` followed: added
+        to each example's scores, broadcast, as an elementwise op would."""
+        if func is not _ATTENTION:
+            return False
+        named = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
+        return all(not self._roots_of(named.get(k)) for k in ("query", "key", "value"))
+
     def _copy(self, t: torch.Tensor) -> bool:
         ref = self._copies.get(id(t))
         return ref is not None and ref() is t
@@ -105,16 +130,17 @@ class Meetings(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         in_place = name.endswith("_") and not name.startswith("__") or name.startswith("__i")
         products = func in _MATMUL and rank >= 3 and all(t.dim() >= 2 for t in followed)  # batch dims broadcast
+        elementwise = func in _ELEMENTWISE or self._selected(func, args, kwargs) or self._added_mask(func, args, kwargs)
         if (
-            not (func in _ELEMENTWISE or products)
+            not (elementwise or products)
             or not batched
             or any(t.dim() > rank for t in followed)
             or (in_place and self._roots_of(args[0]))
         ):
             raise RuntimeError(
                 f"the output of a layer run once for the whole batch meets the batch in {name} (only elementwise "
-                f"ops, not in place, and matrix products with a tensor whose first dimension is the batch's are "
-                f"followed)"
+                f"ops, not in place, selections by a condition of the batch, matrix products with a tensor whose "
+                f"first dimension is the batch's, and the additive mask of scaled_dot_product_attention are followed)"
             )
         probes = {id(t): self._probed(self._first_copy(t, rank, rows), [rows, *_padded(t, rank)[1:]]) for t in followed}
 
