@@ -347,3 +347,29 @@ def test_hugging_face_losses_name_the_labels_key():
     assert tc.self_influence(model, ckpts, data, loss_fn=tc.causal_lm_loss(model, labels="target")).shape == (3,)
     with pytest.raises(ValueError, match="`problem_type` must be None \\(the model's\\) or one of"):
         tc.sequence_classification_loss(model, problem_type="ranking")
+
+
+class _CachingLM(_LM):
+    """A forward taking ``use_cache`` (transformers'), recording what each call got."""
+
+    def __init__(self):
+        super().__init__()
+        self.got = []
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        self.got.append(use_cache)
+        return super().forward(input_ids, attention_mask)
+
+
+def test_hugging_face_losses_build_no_cache():
+    """``use_cache=False`` goes to a forward that takes it (a score never reads a key / value cache), not to one that
+    does not (``_LM``'s would fail on it)."""
+    ids = torch.randint(0, 10, (3, 1))
+    cases = [(tc.causal_lm_loss, torch.randint(0, 10, (3, 1))), (tc.token_classification_loss, ids),
+             (tc.sequence_classification_loss, torch.tensor([1, 0, 2]))]  # fmt: skip
+    for make, labels in cases:
+        data = {"input_ids": ids, "labels": labels}
+        model, plain = _CachingLM().eval(), _LM().eval()
+        make(model).fn(dict(model.state_dict()), data)
+        assert model.got == [False], make
+        assert make(plain).fn(dict(plain.state_dict()), data).shape == (3,)

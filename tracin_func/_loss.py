@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -106,24 +107,39 @@ def _logits(output: Any) -> torch.Tensor:
     return logits
 
 
-def _model_inputs(batch: Any, labels: str, loss: str) -> tuple[dict[str, Any], torch.Tensor]:
+def _model_inputs(
+    batch: Any, labels: str, loss: str, options: Mapping[str, Any]
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """The model's keyword arguments (``options``, then every entry of ``batch`` but the labels) and the labels."""
     if not isinstance(batch, Mapping) or labels not in batch:
         keys = list(batch)[:6] if isinstance(batch, Mapping) else type(batch).__name__
         raise TypeError(
             f"`loss_fn`: tc.{loss} takes dict batches holding the labels under {labels!r} (the model gets the other "
             f"entries as keyword arguments), got {keys}; pass `labels=` to name the key."
         )
-    return {k: v for k, v in batch.items() if k != labels}, batch[labels]
+    return {**options, **{k: v for k, v in batch.items() if k != labels}}, batch[labels]
+
+
+def _without_cache(model: nn.Module) -> dict[str, bool]:
+    """``{"use_cache": False}`` for a model whose forward takes ``use_cache`` (transformers' decoders): scores never
+    read a key / value cache, which costs time to build, and Mamba's updates its state in place, which ``vmap``
+    cannot batch (it sent Mamba to the per-example loop)."""
+    try:
+        takes = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # (no signature: a builtin or a C extension's forward)
+        return {}
+    return {"use_cache": False} if takes else {}
 
 
 def causal_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: int = -100) -> BatchLoss:
     """Hugging Face's causal-LM loss, one per example, for dict batches (``input_ids``, ``attention_mask``, ...).
 
-    The model gets every entry of the batch but ``labels`` as keyword arguments; example ``i``'s loss is the mean
-    next-token cross-entropy of ``logits[i, :-1]`` against ``labels[i, 1:]`` over the labels that are not
-    ``ignore_index`` (padding, prompt tokens): what ``model(**batch).loss`` is for a batch holding only that example.
-    An example with no label left has loss 0 (Hugging Face's would be NaN). The cross-entropy is computed in the
-    logits' dtype (transformers upcasts it to float32, so in float64 the two differ at float32 rounding).
+    The model gets every entry of the batch but ``labels`` as keyword arguments (and ``use_cache=False`` where its
+    forward takes it: no key / value cache is built); example ``i``'s loss is the mean next-token cross-entropy of
+    ``logits[i, :-1]`` against ``labels[i, 1:]`` over the labels that are not ``ignore_index`` (padding, prompt tokens):
+    what ``model(**batch).loss`` is for a batch holding only that example. An example with no label left has loss 0
+    (Hugging Face's would be NaN). The cross-entropy is computed in the logits' dtype (transformers upcasts it to
+    float32, so in float64 the two differ at float32 rounding).
 
     Args:
         model: the module the scorers get (e.g. ``GPT2LMHeadModel``); it returns logits ``[B, T, V]`` as
@@ -152,8 +168,10 @@ def causal_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: in
     """
     from torch.func import functional_call
 
+    options = _without_cache(model)
+
     def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        inputs, target = _model_inputs(batch, labels, "causal_lm_loss")
+        inputs, target = _model_inputs(batch, labels, "causal_lm_loss", options)
         logits = _logits(functional_call(model, dict(params), (), inputs))
         return _mean_token_loss(logits[:, :-1], target[:, 1:], ignore_index)
 
@@ -164,12 +182,13 @@ def seq2seq_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: i
     """Hugging Face's sequence-to-sequence LM loss (BART, T5, Marian, Pegasus, ...), one per example, for dict
     batches (``input_ids``, ``attention_mask``, ``labels``: the target tokens).
 
-    The model gets every entry of the batch but ``labels`` as keyword arguments, and ``decoder_input_ids`` made
-    from the labels as the model makes them when it is given labels (``model.prepare_decoder_input_ids_from_labels``:
-    the labels shifted right behind the decoder's start token) unless the batch holds them. Example ``i``'s loss is
-    the mean cross-entropy of ``logits[i]`` against ``labels[i]`` (no shift: the decoder's output at a position
-    predicts that position's label) over the labels that are not ``ignore_index``: what ``model(**batch).loss`` is
-    for a batch holding only that example. An example with no label left has loss 0 (Hugging Face's would be NaN).
+    The model gets every entry of the batch but ``labels`` as keyword arguments (and ``use_cache=False`` where its
+    forward takes it: no key / value cache is built), and ``decoder_input_ids`` made from the labels as the model makes
+    them when it is given labels (``model.prepare_decoder_input_ids_from_labels``: the labels shifted right behind the
+    decoder's start token) unless the batch holds them. Example ``i``'s loss is the mean cross-entropy of ``logits[i]``
+    against ``labels[i]`` (no shift: the decoder's output at a position predicts that position's label) over the labels
+    that are not ``ignore_index``: what ``model(**batch).loss`` is for a batch holding only that example. An example
+    with no label left has loss 0 (Hugging Face's would be NaN).
 
     Example:
         >>> import torch, tracin_func as tc
@@ -190,8 +209,10 @@ def seq2seq_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: i
     """
     from torch.func import functional_call
 
+    options = _without_cache(model)
+
     def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        inputs, target = _model_inputs(batch, labels, "seq2seq_lm_loss")
+        inputs, target = _model_inputs(batch, labels, "seq2seq_lm_loss", options)
         if "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
             inputs["decoder_input_ids"] = _decoder_inputs(model, target)
         logits = _logits(functional_call(model, dict(params), (), inputs))
@@ -203,10 +224,11 @@ def seq2seq_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: i
 def token_classification_loss(model: nn.Module, *, labels: str = "labels", ignore_index: int = -100) -> BatchLoss:
     """Hugging Face's token-classification loss (NER, tagging), one per example, for dict batches.
 
-    The model gets every entry of the batch but ``labels`` as keyword arguments and returns logits ``[B, T, C]``.
-    Example ``i``'s loss is the mean cross-entropy of its tokens' logits against their labels ``[B, T]`` (no shift)
-    over the labels that are not ``ignore_index`` (padding, a word's later sub-tokens): what ``model(**batch).loss``
-    is for a batch holding only that example. An example with no label left has loss 0.
+    The model gets every entry of the batch but ``labels`` as keyword arguments (and ``use_cache=False`` where its
+    forward takes it: no key / value cache is built) and returns logits ``[B, T, C]``. Example ``i``'s loss is the mean
+    cross-entropy of its tokens' logits against their labels ``[B, T]`` (no shift) over the labels that are not
+    ``ignore_index`` (padding, a word's later sub-tokens): what ``model(**batch).loss`` is for a batch holding only that
+    example. An example with no label left has loss 0.
 
     Example:
         >>> import torch, tracin_func as tc
@@ -224,8 +246,10 @@ def token_classification_loss(model: nn.Module, *, labels: str = "labels", ignor
     """
     from torch.func import functional_call
 
+    options = _without_cache(model)
+
     def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        inputs, target = _model_inputs(batch, labels, "token_classification_loss")
+        inputs, target = _model_inputs(batch, labels, "token_classification_loss", options)
         return _mean_token_loss(_logits(functional_call(model, dict(params), (), inputs)), target, ignore_index)
 
     return BatchLoss(losses)
@@ -254,14 +278,15 @@ def sequence_classification_loss(
 ) -> BatchLoss:
     """Hugging Face's sequence-classification loss, one per example, for dict batches.
 
-    The model gets every entry of the batch but ``labels`` as keyword arguments and returns logits ``[B, C]``.
-    Example ``i``'s loss is what ``model(**batch).loss`` is for a batch holding only that example, by
-    ``problem_type``: ``"single_label_classification"`` the cross-entropy of its class label (a label ``-100``
-    gives 0), ``"regression"`` the mean squared error over its outputs, and ``"multi_label_classification"`` the
-    mean binary cross-entropy with logits over its labels. Default: the model config's ``problem_type``, or where
-    it sets none Hugging Face's rule: one logit per example (``num_labels=1``) is a regression, integer labels a
-    single-label classification, other labels a multi-label one; logits ``[B, C]`` with one integer label per
-    example (a multiple-choice head, ``*ForMultipleChoice``) always a single-label classification, as there.
+    The model gets every entry of the batch but ``labels`` as keyword arguments (and ``use_cache=False`` where its
+    forward takes it: no key / value cache is built) and returns logits ``[B, C]``. Example ``i``'s loss is what
+    ``model(**batch).loss`` is for a batch holding only that example, by ``problem_type``:
+    ``"single_label_classification"`` the cross-entropy of its class label (a label ``-100`` gives 0), ``"regression"``
+    the mean squared error over its outputs, and ``"multi_label_classification"`` the mean binary cross-entropy with
+    logits over its labels. Default: the model config's ``problem_type``, or where it sets none Hugging Face's rule: one
+    logit per example (``num_labels=1``) is a regression, integer labels a single-label classification, other labels a
+    multi-label one; logits ``[B, C]`` with one integer label per example (a multiple-choice head,
+    ``*ForMultipleChoice``) always a single-label classification, as there.
 
     Example:
         >>> import torch, tracin_func as tc
@@ -285,9 +310,10 @@ def sequence_classification_loss(
     kinds = ("single_label_classification", "regression", "multi_label_classification")
     if problem_type not in (None, *kinds):
         raise ValueError(f"`problem_type` must be None (the model's) or one of {kinds}, got {problem_type!r}.")
+    options = _without_cache(model)
 
     def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        inputs, target = _model_inputs(batch, labels, "sequence_classification_loss")
+        inputs, target = _model_inputs(batch, labels, "sequence_classification_loss", options)
         logits = _logits(functional_call(model, dict(params), (), inputs))
         kind = problem_type or _problem_type(model, logits, target)
         if kind == "single_label_classification":
