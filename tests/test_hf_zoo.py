@@ -80,6 +80,19 @@ def image(config_cls: type, model_cls: type, size: int = 16, dtype: torch.dtype 
     return model, data, tc.sequence_classification_loss(model)
 
 
+def audio(config_cls: type, model_cls: type, **sizes: Any) -> Built:
+    """A sequence classifier on raw waveforms (400 samples)."""
+    model = _model(model_cls, config_cls(num_labels=3, **sizes), F64)
+    g, n = torch.Generator().manual_seed(1), N_TRAIN + 3
+    waves, labels = torch.randn(n, 400, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
+    data = {"input_values": waves, "labels": labels}
+    return model, data, tc.sequence_classification_loss(model)
+
+
+# wav2vec2-style speech encoders: a convolutional feature extractor, then a positional convolution under weight_norm
+SPEECH = dict(conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=8,
+              num_conv_pos_embedding_groups=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=64, vocab_size=10)  # fmt: skip
 KV = dict(num_key_value_heads=2, max_position_embeddings=40)
 # name -> (builder, BATCHED or the reason `tc.explain` gives for leaving the batched path)
 ZOO: dict[str, tuple[Callable[[], Built], str]] = {
@@ -150,6 +163,9 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
         lambda: seq2seq(T.T5Config, T.T5ForConditionalGeneration, attention="sdpa", d_model=32, d_kv=8, d_ff=64,
                         num_layers=2, num_heads=4, vocab_size=100, decoder_start_token_id=0, pad_token_id=1),
         BATCHED),  # fmt: skip
+    "wav2vec2": (  # its positional convolution's weight_norm: the weight followed through the parametrization
+        lambda: audio(T.Wav2Vec2Config, T.Wav2Vec2ForSequenceClassification, **SPEECH), BATCHED),  # fmt: skip
+    "hubert": (lambda: audio(T.HubertConfig, T.HubertForSequenceClassification, **SPEECH), BATCHED),  # fmt: skip
     "resnet": (lambda: image(T.ResNetConfig, T.ResNetForImageClassification, embedding_size=8, hidden_sizes=[8, 16],
                              depths=[1, 1]), BATCHED),  # fmt: skip
     "mobilevit": (lambda: image(T.MobileViTConfig, T.MobileViTForImageClassification, size=32, image_size=32,

@@ -11,7 +11,16 @@ from torch import nn
 
 from ._capture import Factors, batched_factors, vmapped_factors
 from ._grads import Mapper, Tensors, dense_grads
-from ._layers import Site, input_rows, materialize, output_rows, per_example_grads, scatter_rows, site_layer
+from ._layers import (
+    Site,
+    input_rows,
+    materialize,
+    output_rows,
+    per_example_grads,
+    scatter_rows,
+    site_layer,
+    through_parametrization,
+)
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
 from ._representations import Deferred, Dense, Factored, Part, Representation, Rows, Tied, Zero, chunk_examples
 
@@ -21,9 +30,12 @@ if TYPE_CHECKING:
 RepresentationFn = Callable[[Tensors, Tensors, Any], Representation]  # (diff, frozen, batch) -> Representation
 
 
-def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], factors: Factors) -> Representation:
+def assemble(
+    module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], factors: Factors, state: Tensors
+) -> Representation:
     """Kernel sites become factored parts, other Embeddings the rows their ids touch; the other sites are
-    materialised: Linears and Convs when scored (``Deferred``), the others next to the dense gradients."""
+    materialised: Linears and Convs when scored (``Deferred``; a parametrized weight's through its parametrization,
+    at ``state``), the others next to the dense gradients."""
     modules = dict(module.named_modules())
     parts: list[Part] = []
     dense = dict(dense)
@@ -51,7 +63,10 @@ def assemble(module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], fact
                 grads_of, calls = partial(per_example_grads, layer, site), list(zip(xs, gs))
             if site.kind in ("linear", "conv") and not site.tied:  # formed when scored
                 n, chunk = gs[0].shape[0], chunk_examples(site, gs[0].element_size())
-                parts.append(Deferred(site, partial(_form, grads_of, calls), n, chunk))
+                form = partial(_form, grads_of, calls)
+                if site.reparam:
+                    form = partial(_mapped, through_parametrization(module, site, state), form)
+                parts.append(Deferred(site, form, n, chunk))
                 continue
             grads = [grads_of(x, g) for x, g in calls]
         captured = {t.untyped_storage().data_ptr() for t in (*xs, *gs)}  # a grad may alias one (a norm's bias)
@@ -80,6 +95,14 @@ def _form(
         grads = grads_of(x[rows], g[rows])
         out = {name: out[name] + grad for name, grad in grads.items()} if out else grads
     return out
+
+
+def _mapped(
+    mapping: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    form: Callable[[slice], dict[str, torch.Tensor]],
+    rows: slice,
+) -> dict[str, torch.Tensor]:
+    return mapping(form(rows))
 
 
 def rows_with_gradient(g: torch.Tensor) -> torch.Tensor:
@@ -148,11 +171,11 @@ def representation_fn(
 
         def batched(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
             factors = capture(module, loss, plan, {**frozen, **diff}, batch, mapper, compiled=compiled)
-            rep = assemble(module, plan, {}, factors)
+            rep = assemble(module, plan, {}, factors, {**frozen, **diff})
             if not plan.unused:
                 return rep
             return rep._replace(parts=(*rep.parts, Zero.of({n: diff[n] for n in plan.unused}, rep.size)))
 
         return batched
     vmapped = vmapped_factors(module, loss, plan, mapper)
-    return lambda diff, frozen, batch: assemble(module, plan, *vmapped(diff, frozen, batch))
+    return lambda diff, frozen, batch: assemble(module, plan, *vmapped(diff, frozen, batch), {**frozen, **diff})

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 # Grouped weight gradients beat unfolded patches + bmm up to about this many channel pairs (measured on CPU: 2-4x
@@ -75,14 +76,19 @@ class Site(NamedTuple):
     others: tuple[str, ...] = ()  # an "expanded" site's differentiated parameters (``weight`` and ``bias`` unused)
     rank: int = 0  # an "expanded" site's output rank, to which its vectors are expanded (found by discovery)
 
+    # a parametrized weight's differentiated tensors (its parametrization's, ``reparametrized``); ``weight`` then
+    # keys the gradients of the weight computed from them, which are mapped to these (``through_parametrization``)
+    reparam: tuple[str, ...] = ()
+
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(n for n in (self.weight, self.bias, *self.others) if n is not None)
+        return tuple(n for n in (*(self.reparam or (self.weight,)), self.bias, *self.others) if n is not None)
 
     @property
     def kernel_ok(self) -> bool:
-        """Whether factored inner products apply (plain Linear / ungrouped Conv / Embedding, untied)."""
-        return self.kind not in ("norm", "expanded") and self.groups == 1 and not self.tied
+        """Whether factored inner products apply (plain Linear / ungrouped Conv / Embedding, untied, its own
+        weight)."""
+        return self.kind not in ("norm", "expanded") and self.groups == 1 and not self.tied and not self.reparam
 
 
 # The classes whose own forward a factor site must run: a subclass overriding it (a scaled output, a standardised
@@ -119,16 +125,27 @@ def wrapped(module: nn.Module) -> str:
     name = type(module).__name__
     if any(getattr(module, hooks) for hooks in _HOOKS):
         return f"{name} has hooks, whose effect on its output cannot be proven"
-    if parametrize.is_parametrized(module):
-        return f"{name} has a parametrized weight"
+    if parametrize.is_parametrized(module) and not reparametrized(module):
+        return f"{name} has a parametrized tensor (followed only as the weight alone of a Linear or a convolution)"
     if _INSTANCE_OVERRIDES & set(vars(module)):
         return f"{name} has a forward set on the instance"
     return ""
 
 
+def reparametrized(module: nn.Module) -> bool:
+    """A Linear or Conv1d / Conv2d whose weight alone is parametrized (``torch.nn.utils.parametrizations.weight_norm``:
+    wav2vec2's and HuBERT's positional convolution; ``spectral_norm`` in eval mode; any ``register_parametrization``).
+    Its weight, computed from the parametrization's tensors without the batch, is used as a plain layer's: each
+    example's gradient of it follows from the factors, and of those tensors by the parametrization's vector-Jacobian
+    product (``through_parametrization``)."""
+    plain_kind = isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    return plain_kind and parametrize.is_parametrized(module) and set(module.parametrizations) == {"weight"}
+
+
 def _is_plain(module: nn.Module) -> bool:
     """Whether ``module`` provably computes its base class's function: the class's own ``forward`` (and conv
-    ``_conv_forward``), no hooks that could change inputs, outputs or weights, no parametrized weight."""
+    ``_conv_forward``), no hooks that could change inputs, outputs or weights, no parametrization (but of the weight
+    alone of a Linear or a convolution, ``reparametrized``)."""
     if wrapped(module) or type(module).__call__ is not nn.Module.__call__:
         return False
     if _is_transformers_conv1d(module):
@@ -255,14 +272,18 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
             if others:
                 sites[path] = Site(path, "expanded", None, None, tuple(next(iter(own.values())).shape), others=others)
             continue
+        computed = dict(module.parametrizations.weight.named_parameters()) if kind and reparametrized(module) else {}
+        shared += [p for p in computed.values() if len(owners[id(p)]) > 1]  # (another layer's too: no site)
         if kind is None or any(site_kind(m) is None for p in shared for m in owners[id(p)]):
             continue
         weight = names[id(own["weight"])] if "weight" in own and names[id(own["weight"])] in diff else None
         bias = names[id(own["bias"])] if "bias" in own and names[id(own["bias"])] in diff else None
+        reparam = tuple(names[id(p)] for p in computed.values() if names[id(p)] in diff)
+        weight = (f"{path}.weight" if path else "weight") if reparam else weight  # (not a parameter's name)
         if weight or bias:
             shape, groups = tuple(module.weight.shape), getattr(module, "groups", 1)
             conv1d = _is_transformers_conv1d(module)
-            sites[path] = Site(path, kind, weight, bias, shape, conv1d, groups, bool(shared))
+            sites[path] = Site(path, kind, weight, bias, shape, conv1d, groups, bool(shared), reparam=reparam)
     return sites
 
 
@@ -478,6 +499,31 @@ def scatter_rows(ids: torch.Tensor, g: torch.Tensor, into: torch.Tensor) -> torc
     rows = (torch.arange(b, device=ids.device)[:, None] * v + ids.clamp(min=0)).reshape(-1)  # into's [B V, d] rows
     into.view(b * v, d).index_add_(0, rows, (g * (ids >= 0).unsqueeze(-1)).reshape(-1, d))  # 3x scatter_add_'s speed
     return into
+
+
+@torch.compiler.disable  # its backward, batched over examples, runs eagerly inside compiled updates (no rule there)
+def through_parametrization(
+    model: nn.Module, site: Site, state: Mapping[str, torch.Tensor]
+) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """For a site whose weight is parametrized (``Site.reparam``): per-example gradients keyed by ``site.weight``
+    (those of the weight it computes, ``[B, *shape]``) mapped to the gradients of the parametrization's tensors at
+    ``state``: the vector-Jacobian product of the weight's computation, one for every example at once (it does not
+    depend on the example)."""
+    prefix = f"{site.path}.parametrizations.weight." if site.path else "parametrizations.weight."
+    tensors = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    leaves = {k: v.detach().requires_grad_() for k, v in tensors.items() if prefix + k in site.reparam}
+    with torch.enable_grad():
+        weight = functional_call(model.get_submodule(site.path).parametrizations.weight, {**tensors, **leaves}, ())
+
+    @torch.compiler.disable
+    def mapped(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        grads = dict(grads)
+        per_example = torch.autograd.grad(
+            weight, list(leaves.values()), grads.pop(site.weight), retain_graph=True, is_grads_batched=True
+        )
+        return {**{prefix + k: g for k, g in zip(leaves, per_example)}, **grads}
+
+    return mapped
 
 
 def materialize(site: Site, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -789,6 +789,8 @@ def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool, self_o
         return "tied weight: per-example gradients of every use from factors, summed"
     if site.kind == "expanded":
         return "expanded: per-example gradients of copies over the batch (a vector used elementwise, a [1, ...] row)"
+    if site.reparam:
+        return "parametrized weight: per-example gradients of the weight from factors, then through its parametrization"
     if not site.kernel_ok:
         return "grouped convolution: per-example gradients from factors" if site.groups > 1 else "norm layer"
     if factored:
@@ -1179,7 +1181,7 @@ def last_layer_params(
     if not order:
         raise ValueError("`method='last_layer'` found no nn.Linear called by the model; select `layers=` instead.")
     prefix = f"{order[-1]}." if order[-1] else ""
-    names = [prefix + name for name, _ in linears[order[-1]].named_parameters(recurse=False)]
+    names = [prefix + name for name, _ in linears[order[-1]].named_parameters()]  # a parametrized weight's tensors
     tied = [n for n in names if n in aliases]
     if tied:
         owner = aliases[tied[0]]
