@@ -970,6 +970,20 @@ def test_parametrized_weights_are_factor_sites():
     }  # fmt: skip
 
 
+def test_the_deprecated_weight_norm_hook_names_the_parametrization():
+    """``torch.nn.utils.weight_norm`` recomputes the weight in a forward pre-hook: left to vmap(grad), and the reason
+    names the parametrization that is followed."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (deprecated)
+        model = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    route = tc.explain(model, _ckpts(model), (x, y), loss_fn=CE).routes[0]
+    assert route.parameter == "0.bias" and route.route == "vmap"
+    assert "torch.nn.utils.weight_norm's hook" in route.reason and "parametrizations.weight_norm" in route.reason
+
+
 class ScaledBy(nn.Module):
     """A parametrization scaling its tensor by a parameter of its own."""
 

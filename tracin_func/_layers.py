@@ -124,6 +124,13 @@ def wrapped(module: nn.Module) -> str:
     a ``forward`` set on the instance), in words; ``""`` when none applies."""
     name = type(module).__name__
     if any(getattr(module, hooks) for hooks in _HOOKS):
+        legacy = {type(h).__name__ for h in module._forward_pre_hooks.values()} & {"WeightNorm", "SpectralNorm"}
+        if legacy:  # torch.nn.utils.weight_norm / spectral_norm: a hook recomputing the weight before each call
+            form = {"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}[sorted(legacy)[0]]
+            return (
+                f"{name} has torch.nn.utils.{form}'s hook, whose effect on its output cannot be proven (with "
+                f"torch.nn.utils.parametrizations.{form} instead, its weight is followed through the parametrization)"
+            )
         return f"{name} has hooks, whose effect on its output cannot be proven"
     if parametrize.is_parametrized(module) and not reparametrized(module):
         return f"{name} has a parametrized tensor (followed only as the weight alone of a Linear or a convolution)"
