@@ -87,7 +87,7 @@ NOISE = 0.05  # checkpoint noise, relative to each parameter's RMS (absolute whe
 
 BatchLoss = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]  # (state, batch) -> summed per-example loss
 # builders of Hugging Face models (``form=``: the loss form)
-HF_MODELS = ("gpt2", "gpt2_cls", "bert", "bart", "t5", "llama", "vit", "convnext")
+HF_MODELS = ("gpt2", "gpt2_cls", "bert", "bart", "t5", "llama", "vit", "convnext", "wav2vec2")
 
 
 @dataclass(frozen=True)
@@ -392,6 +392,33 @@ def convnext(
                             num_labels=10, image_size=image_size)  # fmt: skip
     hf = _hf_model(ConvNextForImageClassification, config, dtype, seed)
     return _image_classifier("convnext", hf, n_train, n_test, image_size, form, dtype, seed)
+
+
+def wav2vec2(
+    n_train: int = 200,
+    n_test: int = 20,
+    samples: int = 4000,
+    *,
+    form: str = "batch_loss",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealWorkload:
+    """wav2vec2 speech classifier (a 2-layer convolutional feature extractor, 2 transformer layers of 64 dims, 4 heads,
+    a positional convolution under ``weight_norm``, 4 labels) on random waveforms of ``samples`` samples."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+    config = Wav2Vec2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, conv_dim=(32, 32),
+        conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        num_labels=4, vocab_size=10,
+    )  # fmt: skip
+    hf = _hf_model(Wav2Vec2ForSequenceClassification, config, dtype, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    waves = torch.randn(n, samples, generator=generator, dtype=dtype)
+    data = {"input_values": waves, "labels": torch.randint(0, 4, (n,), generator=generator)}
+    checkpoints = make_checkpoints(hf, seed + 2)
+    return _hf_workload("wav2vec2", hf, checkpoints, data, n_train, form, nn.CrossEntropyLoss())
 
 
 def _image_classifier(
@@ -888,6 +915,7 @@ BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "llama": llama,
     "vit": vit,
     "convnext": convnext,
+    "wav2vec2": wav2vec2,
     "resnet18": resnet18,
     "mobilenet": mobilenet,
     "lstm": lstm,

@@ -1,5 +1,5 @@
-"""Real models on the scorers: Hugging Face GPT-2, BERT, BART, a Llama-style LM, ViT and ConvNeXt (small configs, random
-weights, nothing downloaded), ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, as
+"""Real models on the scorers: Hugging Face GPT-2, BERT, BART, a Llama-style LM, ViT, ConvNeXt and wav2vec2 (small
+configs, random weights, nothing downloaded), ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, as
 ``benchmarks/real_models.py`` builds them, at tiny sizes in float64. ``tc.influence`` and ``tc.self_influence``
 (default options and ``factored=False``) equal the one-backward-per-example reference to 1e-10. The Hugging Face
 models run in three forms: dict batches with the library's Hugging Face losses (``tc.causal_lm_loss`` /
@@ -31,7 +31,7 @@ from tests.conftest import assert_close
 from tests.reference import Reference, reference_scores
 
 F64 = torch.float64
-N_TRAIN, N_TEST, SEQ, IMAGE = 6, 3, 8, 16
+N_TRAIN, N_TEST, SEQ, IMAGE, SAMPLES = 6, 3, 8, 16, 400
 
 CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "gpt2_batch_loss": lambda: rm.gpt2(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
@@ -54,6 +54,8 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "vit_criterion": lambda: rm.vit(N_TRAIN, N_TEST, IMAGE, form="criterion", dtype=F64),
     "convnext_batch_loss": lambda: rm.convnext(N_TRAIN, N_TEST, IMAGE, form="batch_loss", dtype=F64),
     "convnext_criterion": lambda: rm.convnext(N_TRAIN, N_TEST, IMAGE, form="criterion", dtype=F64),
+    "wav2vec2_batch_loss": lambda: rm.wav2vec2(N_TRAIN, N_TEST, SAMPLES, form="batch_loss", dtype=F64),
+    "wav2vec2_criterion": lambda: rm.wav2vec2(N_TRAIN, N_TEST, SAMPLES, form="criterion", dtype=F64),
     "resnet18": lambda: rm.resnet18(N_TRAIN, N_TEST, IMAGE, width=8, dtype=F64),
     "mobilenet": lambda: rm.mobilenet(N_TRAIN, N_TEST, IMAGE, width=0.5, dtype=F64),
     "lstm": lambda: rm.lstm(N_TRAIN, N_TEST, SEQ, dtype=F64),
@@ -144,6 +146,10 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     # call, its layer scales (vectors of the block itself) get copies per example
     "convnext_batch_loss": (BATCHED, {"factored": 12, "materialised": 36}, ()),
     "convnext_criterion": (BATCHED, {"factored": 12, "materialised": 36}, ()),
+    # wav2vec2's positional convolution is under weight_norm: its weight's gradients from the factors, through the
+    # parametrization; the masked-spectrogram embedding (SpecAugment, training only) is unused in eval mode
+    "wav2vec2_batch_loss": (BATCHED, {"factored": 2, "materialised": 47, "unused": 1}, ()),
+    "wav2vec2_criterion": (BATCHED, {"factored": 2, "materialised": 47, "unused": 1}, ()),
     "resnet18": (BATCHED, {"factored": 7, "materialised": 55}, ()),
     "mobilenet": (BATCHED, {}, ()),
     "lstm": (BATCHED, {"factored": 3, "materialised": 4}, ()),
