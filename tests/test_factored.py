@@ -941,7 +941,7 @@ class ParametrizedWeights(nn.Module):
 def test_parametrized_weights_are_factor_sites():
     """Each example's gradient of the weight a parametrization computes follows from the layer's factors, and of the
     parametrization's tensors by its vector-Jacobian product: one batched pass (every such layer took vmap(grad) for
-    the whole model; wav2vec2 and HuBERT 1.8-2.0x the floor so, 1.4x now), exact, on every path, for a selection of
+    the whole model; wav2vec2 1.8-2.0x the floor so, 1.4x now), exact, on every path, for a selection of
     the parametrization's tensors, compiled, and as the last layer (``method="last_layer"`` scored its bias alone)."""
     torch.manual_seed(0)
     model = ParametrizedWeights().double().eval()

@@ -170,8 +170,9 @@ def representation_fn(
         capture = torch.compiler.disable(batched_factors) if plan.batch_free else batched_factors
 
         def batched(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
-            factors = capture(module, loss, plan, {**frozen, **diff}, batch, mapper, compiled=compiled)
-            rep = assemble(module, plan, {}, factors, {**frozen, **diff})
+            state = {**frozen, **diff}
+            factors = capture(module, loss, plan, state, batch, mapper, compiled=compiled)
+            rep = assemble(module, plan, {}, factors, state)
             if not plan.unused:
                 return rep
             return rep._replace(parts=(*rep.parts, Zero.of({n: diff[n] for n in plan.unused}, rep.size)))
