@@ -154,14 +154,16 @@ def test_a_large_vocabulary_is_not_materialised_per_example():
 
 
 class Scaled(BagNet):
-    """A free parameter outside any layer: the call runs vmap(grad) over examples, the bag unrolled in it."""
+    """A free parameter outside any layer, meeting the batch in a product (``F.linear``), where it is not followed:
+    the call runs vmap(grad) over examples, the bag unrolled in it."""
 
     def __init__(self, bag: nn.Module) -> None:
         super().__init__(bag)
         self.scale = nn.Parameter(torch.tensor(1.3))
 
     def forward(self, ids: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(ids, weights) * self.scale
+        out = super().forward(ids, weights)
+        return nn.functional.linear(out, self.scale * torch.eye(out.shape[-1], dtype=out.dtype))
 
 
 @pytest.mark.parametrize("factored", [None, True])

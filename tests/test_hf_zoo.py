@@ -147,10 +147,10 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
     "gemma": (lambda: causal_lm(T.GemmaConfig, T.GemmaForCausalLM, head_dim=8, **KV, **SMALL), BATCHED),
     "stablelm": (lambda: causal_lm(T.StableLmConfig, T.StableLmForCausalLM, **KV, **SMALL), BATCHED),
     "olmo": (lambda: causal_lm(T.OlmoConfig, T.OlmoForCausalLM, **KV, **SMALL), BATCHED),
-    "falcon": (  # FalconLinear overrides nn.Linear's forward: not provably a Linear
-        lambda: causal_lm(T.FalconConfig, T.FalconForCausalLM, hidden_size=32, num_hidden_layers=2,
-                          num_attention_heads=4, vocab_size=100),
-        "FalconLinear overrides Linear's own forward"),  # fmt: skip
+    "falcon": (  # FalconLinear overrides nn.Linear's forward (`input @ self.weight.T`): not provably a Linear, and
+        lambda: causal_lm(T.FalconConfig, T.FalconForCausalLM, hidden_size=32, num_hidden_layers=2,  # its weight
+                          num_attention_heads=4, vocab_size=100),  # meets the batch in a product: not followed
+        "meets the batch in a matrix product"),  # fmt: skip
     "bart": (lambda: seq2seq(T.BartConfig, T.BartForConditionalGeneration, d_model=32, encoder_layers=1,
                              decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
                              encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, max_position_embeddings=40,
@@ -175,6 +175,10 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
                                num_stages=2), BATCHED),  # fmt: skip  (its LayerNorms: at their F.layer_norm calls)
     "convnextv2": (lambda: image(T.ConvNextV2Config, T.ConvNextV2ForImageClassification, hidden_sizes=[8, 16],
                                  depths=[1, 1], num_stages=2), BATCHED),  # fmt: skip
+    "beit": (lambda: image(T.BeitConfig, T.BeitForImageClassification, image_size=16, patch_size=4, hidden_size=32,
+                           num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                           use_relative_position_bias=True),
+             BATCHED),  # fmt: skip  (its relative position tables and layer scales, read directly: followed)
     "dinov2": (lambda: image(T.Dinov2Config, T.Dinov2ForImageClassification, image_size=16, patch_size=4,
                              hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2),
                BATCHED),  # fmt: skip
@@ -186,7 +190,10 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
               "XLNetRelativeAttention has no factored form"),  # fmt: skip  (its projections are raw einsum weights)
     "swin": (lambda: image(T.SwinConfig, T.SwinForImageClassification, image_size=16, patch_size=2, embed_dim=8,
                            depths=[1, 1], num_heads=[2, 2], window_size=4),
-             "SwinRelativePositionBias has no factored form"),  # fmt: skip
+             BATCHED),  # fmt: skip  (its relative position tables, read directly: followed to the batch)
+    "swin_shifted": (lambda: image(T.SwinConfig, T.SwinForImageClassification, image_size=16, patch_size=2,
+                                   embed_dim=8, depths=[2], num_heads=[2], window_size=4),
+                     "SwinRelativePositionBias has no factored form"),  # fmt: skip
 }
 MOE = {
     "mixtral": lambda: causal_lm(T.MixtralConfig, T.MixtralForCausalLM, torch.float32, num_local_experts=4,
@@ -334,4 +341,5 @@ def test_mamba_is_scored_without_a_cache_through_vmap():
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss), ref.self_influence)
     e = tc.explain(model, ckpts, train, loss_fn=loss)
-    assert e.batching == "vmap(grad) over examples: no layer gives factors", e.batching
+    assert e.batching.startswith("vmap(grad) over examples: ") and "meets the batch in conv1d" in e.batching, e.batching
+    assert {r.route for r in e.routes} == {"vmap"}, e.routes

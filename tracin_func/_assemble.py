@@ -47,7 +47,7 @@ def assemble(
                 scatter_rows(input_rows(layer, site, x), output_rows(site, g), dense[site.weight])
             continue
         rows_kept = site.kind == "embedding" and not site.tied  # materialised on the rows its ids touch only
-        if site.kind == "expanded":  # its "output gradients" are its per-example gradients
+        if site.kind in ("expanded", "followed"):  # its "output gradients" are its per-example gradients
             grads = [dict(zip(site.names, gs))]
         else:
             trimmed = site.path in plan.trimmed
@@ -165,9 +165,9 @@ def representation_fn(
     assert module is not None  # sites exist only on modules
     if plan.batched and isinstance(loss, (CriterionLoss, BatchedLoss)):
 
-        # a layer run once for the whole batch is followed by a function mode and a second backward pass through
+        # what is computed once for the whole batch is followed by a function mode and a second backward pass through
         # its part of the graph, kept (retain_graph): eager inside compiled updates, which refuse a kept graph
-        capture = torch.compiler.disable(batched_factors) if plan.batch_free else batched_factors
+        capture = torch.compiler.disable(batched_factors) if plan.follows else batched_factors
 
         def batched(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
             state = {**frozen, **diff}

@@ -1,6 +1,7 @@
 """Layers run once for the whole batch (T5's and MPNet's relative position bias: an Embedding on ``[T, S]`` offsets
-whose output every example adds to its attention scores): each example's gradient of their output, from the points
-where that output meets the batch.
+whose output every example adds to its attention scores), and parameters read directly, outside any layer's call
+(BEiT's and Swin's relative position tables): each example's gradient of the layer's output, or of the parameter, from
+the points where it meets the batch.
 
 The output is followed through the ops that compute with it alone (a permute, a slice, a softmax: still one for the
 whole batch) to each elementwise op (a selection by the batch's mask, ``torch.where`` or ``masked_fill``, and the
@@ -9,7 +10,8 @@ the batch (derived from the batch's inputs, its first dimension the batch's rows
 per row of the batch, whose gradient is each example's gradient of what met it; mapped back through the ops in between
 (autograd, batched over examples) and summed over the meetings, these give each example's gradient of the layer's
 output. Any other way of meeting the batch is refused, and so is an output whose whole gradient the examples' gradients
-do not sum to (a path to the loss that never met the batch).
+do not sum to (a path to the loss that never met the batch). A parameter meets the batch elementwise only: in a matrix
+product it would be a weight copied per example, slower than vmap(grad).
 """
 
 from __future__ import annotations
@@ -62,15 +64,23 @@ class Meetings(TorchFunctionMode):
         # followed tensors copied along their first dimension (from size 1): id -> (the copy, the row copied, and
         # both tensors' versions then: an in-place change since leaves the copy's rows other than that row)
         self._copies: dict[int, tuple[weakref.ref, torch.Tensor, int, int]] = {}
-        self.roots: list[torch.Tensor] = []  # the followed outputs, one per call of a layer
+        self.roots: list[torch.Tensor] = []  # the followed outputs, one per call of a layer (or parameter read)
+        self.named: list[str] = []  # what each root is, for errors
+        self._unmultiplied: set[int] = set()  # roots refused in matrix products (parameters: see ``follow``)
         self.met: list[tuple[torch.Tensor, torch.Tensor]] = []  # (what met the batch, its probe)
         for t in optree.tree_leaves(batch, none_is_leaf=True):
             if isinstance(t, torch.Tensor):
                 self._batch[id(t)] = weakref.ref(t)
 
-    def follow(self, output: torch.Tensor) -> int:
-        """Follow a layer call's output (in the autograd graph); its index among ``roots``."""
+    def follow(self, output: torch.Tensor, named: str, products: bool = True) -> int:
+        """Follow a layer call's output, or a parameter read directly (in the autograd graph), ``named`` (``"the
+        output of 'path'"``); its index among ``roots``. ``products=False``: refuse its meeting the batch in a matrix
+        product, where it is a weight (Falcon's ``input @ self.weight.T``), whose copy per example made the batched
+        pass 2.3x slower than vmap(grad)."""
         self.roots.append(output)
+        self.named.append(named)
+        if not products:
+            self._unmultiplied.add(len(self.roots) - 1)
         self._followed[id(output)] = (weakref.ref(output), frozenset({len(self.roots) - 1}))
         return len(self.roots) - 1
 
@@ -123,6 +133,11 @@ class Meetings(TorchFunctionMode):
         named = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
         return all(not self._roots_of(named.get(k)) for k in ("query", "key", "value"))
 
+    def _named(self, followed: Sequence[torch.Tensor]) -> str:
+        """What the followed tensors come from (computed once for the whole batch)."""
+        named = sorted({self.named[i] for t in followed for i in self._roots_of(t)})
+        return f"{' and '.join(named)}, computed once for the whole batch,"
+
     def _copy(self, t: torch.Tensor) -> bool:
         entry = self._copies.get(id(t))
         return entry is not None and entry[0]() is t
@@ -137,6 +152,11 @@ class Meetings(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         in_place = name.endswith("_") and not name.startswith("__") or name.startswith("__i")
         products = func in _MATMUL and rank >= 3 and all(t.dim() >= 2 for t in followed)  # batch dims broadcast
+        if products and self._unmultiplied & set().union(*map(self._roots_of, followed)):
+            raise RuntimeError(
+                f"{self._named(followed)} meets the batch in a matrix product ({name}), whose copy per example costs "
+                f"more than vmap(grad)"
+            )
         elementwise = func in _ELEMENTWISE or self._selected(func, args, kwargs) or self._added_mask(func, args, kwargs)
         if (
             not (elementwise or products)
@@ -145,11 +165,14 @@ class Meetings(TorchFunctionMode):
             or (in_place and self._roots_of(args[0]))
         ):
             raise RuntimeError(
-                f"the output of a layer run once for the whole batch meets the batch in {name} (only elementwise "
-                f"ops, not in place, selections by a condition of the batch, matrix products with a tensor whose "
-                f"first dimension is the batch's, and the additive mask of scaled_dot_product_attention are followed)"
+                f"{self._named(followed)} meets the batch in {name} (only elementwise ops, not in place, selections "
+                f"by a condition of the batch, matrix products with a tensor whose first dimension is the batch's, "
+                f"and the additive mask of scaled_dot_product_attention are followed)"
             )
-        probes = {id(t): self._probed(self._first_copy(t, rank, rows), [rows, *_padded(t, rank)[1:]]) for t in followed}
+        probes = {
+            id(t): self._probed(self._first_copy(t, rank, rows), [rows, *_padded(t, rank)[1:]], self._named([t]))
+            for t in followed
+        }
 
         def probed(x: Any) -> Any:
             return probes.get(id(x), x) if isinstance(x, torch.Tensor) else x
@@ -170,11 +193,11 @@ class Meetings(TorchFunctionMode):
         """``t``'s rows of the batch dimension: its first dimension when a multiple of the examples', else 0."""
         return t.shape[0] if t.dim() >= 1 and t.shape[0] % self.n == 0 else 0
 
-    def _probed(self, t: torch.Tensor, shape: Any) -> torch.Tensor:
+    def _probed(self, t: torch.Tensor, shape: Any, named: str) -> torch.Tensor:
         """``t`` (or its copy over the batch, of ``shape``) plus a zero probe of ``shape`` ``[rows, ...]``: each row's
         gradient of ``t`` where it meets the batch."""
         if _padded(t, len(shape))[0] != 1:  # a dimension of its own where the batch's is: not broadcast over it
-            raise RuntimeError("the output of a layer run once for the whole batch is indexed by the batch")
+            raise RuntimeError(f"{named} meets the batch with rows of its own in the batch's dimension")
         probe = t.new_zeros(shape).requires_grad_()
         self.met.append((t, probe))
         return t + probe  # (broadcast to ``shape``)
@@ -221,8 +244,8 @@ def per_example_outputs(
             total = torch.zeros_like(probe) if total is None else total
             if (g.sum(0) - total).abs().max() > 1e-4 * max(g.abs().max(), total.abs().max()):
                 raise RuntimeError(
-                    f"{path!r} runs once for the whole batch and its output reaches the loss other than through its "
-                    f"meetings with the batch"
+                    f"{meetings.named[root]}, computed once for the whole batch, reaches the loss other than through "
+                    f"its meetings with the batch"
                 )
             out[path].append(g)
     return out

@@ -196,8 +196,9 @@ def batched_factors(
     kept: list[tuple[str, torch.Tensor, int]] = []  # each recorded input and its version when recorded
     merged: set[Any] = set()  # autograd nodes of outputs of layers fed merged rows, checked example-major
 
-    meetings = Meetings(batch, n) if plan.batch_free else None
-    roots: dict[str, list[tuple[int, torch.Tensor]]] = {p: [] for p in plan.batch_free}  # per call: (root, probe)
+    followed = [s for s in plan.sites if s.kind == "followed"]  # parameters read directly: their uses followed too
+    meetings = Meetings(batch, n) if plan.follows else None
+    roots: dict[str, list[tuple[int, torch.Tensor]]] = {p: [] for p in [*plan.batch_free, *(s.path for s in followed)]}
 
     def hook_for(site: Site) -> Hook:
         seq_first = site.path in plan.seq_first  # [T, B, ...]: its factors taken as [B, T, ...]
@@ -211,7 +212,7 @@ def batched_factors(
                 inputs[site.path][-1] = x.expand(n, *x.shape)  # followed to where it meets the batch (each
                 probe = torch.zeros_like(output, requires_grad=True)  # example's input: the same)
                 followed = output + probe
-                roots[site.path].append((meetings.follow(followed), probe))
+                roots[site.path].append((meetings.follow(followed, f"the output of {site.path!r}"), probe))
                 return followed
             if output.dim() >= 3 and token_wise(layer, site):
                 folded.add(output.shape[int(seq_first)])
@@ -250,7 +251,12 @@ def batched_factors(
     copied.update(copies.values())
     state = {**state, **copies, **unused}
     with torch.enable_grad():
-        hooks = {s.path: hook_for(s) for s in plan.sites if s.kind != "expanded"}
+        for site in followed:  # (per call: the parameter's whole gradient at its probe)
+            probe = torch.zeros_like(state[site.path], requires_grad=True)
+            state[site.path] = state[site.path].detach() + probe
+            root = meetings.follow(state[site.path], f"parameter {site.path!r}", products=False)
+            roots[site.path].append((root, probe))
+        hooks = {s.path: hook_for(s) for s in plan.sites if s.kind not in ("expanded", "followed")}
         watch = _PlanningWatch({n, rows}) if refuse_recomputing else nullcontext()
         try:
             with hooked(module, hooks), refusing_uncalled(module, plan), watch, meetings or nullcontext():
@@ -306,6 +312,8 @@ def batched_factors(
         factors[site.path] = ([], [next(grads).reshape(n, *shapes[name]) for name in site.names])
     for path in plan.batch_free if meetings is not None else ():
         factors[path] = (inputs[path], at_roots[path])
+    for site in followed:  # no inputs: the per-example gradients themselves, [B, *shape]
+        factors[site.path] = ([], at_roots[site.path])
     return factors
 
 

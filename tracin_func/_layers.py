@@ -65,7 +65,9 @@ class Site(NamedTuple):
     """A factorable layer: its module path, kind and the names of its differentiated parameters."""
 
     path: str
-    kind: str  # "linear" | "conv" | "embedding" | "norm" | "expanded" (see `expandable`)
+    # "linear" | "conv" | "embedding" | "norm" | "expanded" (see `expandable`) | "followed": a parameter read directly
+    # (no layer call), followed to where it meets the batch (``_batch_free``); its path is the parameter's name
+    kind: str
     weight: str | None  # full parameter name when the weight is differentiated
     bias: str | None  # full parameter name when the bias is differentiated
     weight_shape: tuple[int, ...]
@@ -73,7 +75,7 @@ class Site(NamedTuple):
     groups: int = 1  # a grouped / depthwise convolution: gradients always materialised, never a factored kernel
     tied: bool = False  # a parameter shared with other sites (GPT-2's lm_head / wte): gradients of every use summed
     owner: str | None = None  # a product of the unrolled layer at this path (see _recurrent)
-    others: tuple[str, ...] = ()  # an "expanded" site's differentiated parameters (``weight`` and ``bias`` unused)
+    others: tuple[str, ...] = ()  # an "expanded" or "followed" site's differentiated parameters (no weight, bias)
     rank: int = 0  # an "expanded" site's output rank, to which its vectors are expanded (found by discovery)
 
     # a parametrized weight's differentiated tensors (its parametrization's, ``reparametrized``); ``weight`` then
@@ -88,7 +90,8 @@ class Site(NamedTuple):
     def kernel_ok(self) -> bool:
         """Whether factored inner products apply (plain Linear / ungrouped Conv / Embedding, untied, its own
         weight)."""
-        return self.kind not in ("norm", "expanded") and self.groups == 1 and not self.tied and not self.reparam
+        plain = self.groups == 1 and not self.tied and not self.reparam
+        return plain and self.kind not in ("norm", "expanded", "followed")
 
 
 # The classes whose own forward a factor site must run: a subclass overriding it (a scaled output, a standardised

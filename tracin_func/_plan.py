@@ -78,6 +78,12 @@ class Plan(NamedTuple):
     # attention), whose factors are taken with the batch dimension moved first
     seq_first: frozenset[str] = frozenset()
 
+    @property
+    def follows(self) -> bool:
+        """Whether a batched pass follows tensors computed once for the whole batch to where they meet it: the
+        outputs of the ``batch_free`` sites, the parameters of the "followed" ones (``_batch_free``)."""
+        return bool(self.batch_free) or any(s.kind == "followed" for s in self.sites)
+
     def route(self, name: str) -> str:
         """``"factored"`` (inner products of factors), ``"materialised"`` (from factors), ``"unused"`` or ``"vmap"``."""
         if name in self.unused:
@@ -364,6 +370,7 @@ _TOKEN_ROWS_MIN_RATIO = 8
 
 
 _TO_VMAP = "materialising costs less inside vmap(grad), which runs anyway"
+_FOLLOWED = "followed: read directly (no layer), each example's gradient where its uses meet the batch"
 _UNUSED = "not used by the forward pass or the loss on the first example: zero gradients (a batch using it is refused)"
 _UNUSED_ON_VMAP = "not used by the forward pass or the loss on the first example (zero gradients); vmap runs anyway"
 
@@ -465,6 +472,11 @@ def make_plan(
     dense = _not_in_sites(names, sites.values())
     unused &= set(dense) if sites else set()
     reasons.update({n: _UNUSED_ON_VMAP for n in unused})  # unless the call is batched (below)
+    left = [n for n in dense if n not in unused]
+    followed = _followed(module, left, diff) if sites and all(map(_batchable, losses)) else {}
+    if left and len(followed) == len(left):  # all or none: with one left to vmap(grad), following gains nothing
+        sites.update(followed)
+        dense = _not_in_sites(names, sites.values())
     if set(dense) - unused:  # vmap(grad) runs anyway: a layer whose gradients would be materialised is cheaper left
         # to it, except an unrolled layer's product (a recurrent layer's fused op has no batching rule: a loop)
         for path, site in list(sites.items()):
@@ -481,9 +493,9 @@ def make_plan(
     if not sites:
         return plan._replace(batching="vmap(grad) over examples: no layer gives factors")
     if set(dense) - unused:
-        why = f"vmap(grad) over examples, for {len(dense)} parameter(s) outside factor sites"
+        why = f"vmap(grad) over examples, for {len(set(dense) - unused)} parameter(s) outside factor sites"
         return _unpacked(plan, packed)._replace(batching=why)
-    if not all(isinstance(loss, (CriterionLoss, BatchedLoss)) for loss in losses):
+    if not all(map(_batchable, losses)):
         why = (
             "vmap(grad) over examples: a tc.ExampleLoss is computed one example at a time (a tc.BatchLoss runs whole "
             "batches, as do tc.causal_lm_loss, tc.seq2seq_lm_loss, tc.sequence_classification_loss and "
@@ -549,11 +561,31 @@ def make_plan(
     used = [n for n in names if n not in unused]
     size = _example_bytes([s for s in plan.sites if s.path in kernel], rows_of, used, diff)
     reasons.update({n: _UNUSED for n in unused})
+    reasons.update({n: _FOLLOWED for s in plan.sites if s.kind == "followed" for n in s.names})
     batching = "one batched forward / backward gives every layer's factors"
     unused_names = tuple(n for n in names if n in unused)
     return plan._replace(batched=True, batching=batching, kernel=frozenset(kernel), trimmed=frozenset(trimmed),
                          example_bytes=size, dense=(), unused=unused_names, unchecked=unchecked,
                          padding_shown=shown)
+
+
+def _batchable(loss: ExampleLossFn) -> bool:
+    """Whether a loss runs whole batches (a criterion, a ``tc.BatchLoss``), not one example at a time."""
+    return isinstance(loss, (CriterionLoss, BatchedLoss))
+
+
+def _followed(module: nn.Module, names: Sequence[str], diff: Tensors) -> dict[str, Site]:
+    """A "followed" site per parameter outside factor sites that the model reads directly (a relative-position table
+    indexed by a buffer, a layer scale): its uses are followed to where they meet the batch (``_batch_free``), which
+    gives each example its gradient in the batched pass; planning's batching check compares them with the first
+    examples' own. Not a tensor under several names (tied): the followed copy would stand for one of them only."""
+    counts = Counter(id(p) for _, p in module.named_parameters(remove_duplicate=False))
+    held = {n: p for n, p in module.named_parameters()}
+    return {
+        n: Site(n, "followed", None, None, tuple(diff[n].shape), others=(n,))
+        for n in names
+        if n in held and counts[id(held[n])] == 1 and diff[n].is_floating_point()
+    }
 
 
 def _folded_rows(
@@ -696,12 +728,19 @@ def _unpacked(plan: Plan, packed: Collection[str]) -> Plan:
 
 def _unexpanded(plan: Plan) -> Plan:
     """The plan for vmap(grad) over examples: "expanded" sites' parameters join the dense ones (their copies need
-    the batched pass), and so do the layers that would be materialised, as when planned with dense parameters."""
-    if not any(s.kind == "expanded" for s in plan.sites):
+    the batched pass), "followed" ones too (with the reason they are outside factor sites), and so do the layers that
+    would be materialised, as when planned with dense parameters."""
+    batched_only = ("expanded", "followed")
+    if not any(s.kind in batched_only for s in plan.sites):
         return plan
-    left = [s for s in plan.sites if s.kind == "expanded" or (s.path not in plan.kernel and s.owner is None)]
-    expanded = "copies expanded over the batch need the batched pass"
-    return _to_dense(plan, left, lambda site: expanded if site.kind == "expanded" else _TO_VMAP)
+    left = [s for s in plan.sites if s.kind in batched_only or (s.path not in plan.kernel and s.owner is None)]
+
+    def why(site: Site) -> str:
+        if site.kind == "expanded":
+            return "copies expanded over the batch need the batched pass"
+        return plan.reasons[site.path] if site.kind == "followed" else _TO_VMAP
+
+    return _to_dense(plan, left, why)
 
 
 def _to_dense(plan: Plan, left: Sequence[Site], why: Callable[[Site], str]) -> Plan:
@@ -959,9 +998,10 @@ def _compared(
         except RuntimeError as err:  # copies of an "expanded" site's parameters break a shape the layer assumes, a
             if isinstance(err, Unbatchable):  # followed output meets the batch in a way not followed, or factors
                 return _unbatchable(err)  # cannot be taken
-            if not expanded and not plan.batch_free:
+            if not expanded and not plan.follows:
                 raise
-            what = "parameters copied over the batch" if expanded else "outputs followed to the batch"
+            ways = (("parameters copied over the batch", expanded), ("uses followed to the batch", plan.follows))
+            what = " and ".join(way for way, taken in ways if taken)
             return BatchingCheck(f"a forward with {what} failed ({_cause(err)})", {})
         try:
             together, on_packed = together_in(loss, plan, order)
@@ -1066,7 +1106,8 @@ def _true_expanded(
 ) -> dict[str, torch.Tensor]:
     """The first example's true gradients of the "expanded" sites' parameters (discovery on ``batch``)."""
     names = [n for s in plan.sites if s.kind == "expanded" for n in s.names]
-    leaked = discover(module, loss, list(plan.sites), diff, frozen, batch)[1] if names else {}
+    sites = [s for s in plan.sites if s.kind != "followed"]  # (a parameter, not a layer to hook)
+    leaked = discover(module, loss, sites, diff, frozen, batch)[1] if names else {}
     return {n: leaked[n] for n in names}
 
 
