@@ -179,6 +179,10 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
                            num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                            use_relative_position_bias=True),
              BATCHED),  # fmt: skip  (its relative position tables and layer scales, read directly: followed)
+    "poolformer": (lambda: image(T.PoolFormerConfig, T.PoolFormerForImageClassification, hidden_sizes=[8, 16],
+                                 depths=[1, 1], num_encoder_blocks=2, patch_sizes=[3, 3], strides=[2, 2],
+                                 padding=[1, 1], pool_size=3, mlp_ratio=2.0),
+                   BATCHED),  # fmt: skip  (its layer scales, in blocks returning tuples: followed)
     "dinov2": (lambda: image(T.Dinov2Config, T.Dinov2ForImageClassification, image_size=16, patch_size=4,
                              hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2),
                BATCHED),  # fmt: skip
