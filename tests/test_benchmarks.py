@@ -62,6 +62,16 @@ def test_bench_batch_size_runs(capsys):
     assert "auto / best" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_bench_followed_runs(capsys):
+    import bench_followed
+
+    rows = bench_followed.main(["--workloads", "relative", "--train", "8", "--test", "2", "--rounds", "1"])
+    assert [r[:2] for r in rows] == [["relative", "influence"], ["relative", "self"]]
+    assert all(float(r[-1]) < 1e-5 for r in rows), rows  # the two routes agree (float32)
+    assert "followed against vmap(grad)" in capsys.readouterr().out
+
+
 def test_rounds_time_every_call_once_per_round_and_keep_the_best():
     """Calls interleave (a, b, a, b, ...), each keeps its fastest round, and the result is the memory run's."""
     from common import Rounds

@@ -1,0 +1,146 @@
+"""Parameters read directly, outside every layer's call, followed to where they meet the batch, against the route
+before (those parameters, with the layers it materialises, through ``vmap(grad)``: following switched off), in one
+process, in interleaved rounds (best of each).
+
+Workloads (200 train x 20 test, 3 checkpoints, float32):
+
+- ``relative``: self-attention with a relative-position table read directly (``table[offsets]``), whose forward
+  masks padding only when the batch has some (``if not bool(mask.all())``, as transformers' mask helpers decide):
+  vmap cannot run it, so before it took the per-example loop;
+- ``beit``: transformers' BEiT (2 layers, d = 64, 32 x 32 images, patch 4), its relative position tables and layer
+  scales read directly.
+
+Rows: influence and self-influence, followed and not, and the floor (one plain batched forward / backward per
+checkpoint over the examples scored: train and test for influence, train for self-influence); ratios to the floor,
+and the max relative difference of the followed scores from the others (both routes are exact).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_followed.py --threads 1 [--rounds 3] [--workloads relative]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import bench_core
+import real_models
+import torch
+from common import Rounds, begin_bench, fmt, max_rel_diff, print_table
+from torch import nn
+
+import tracin_func as tc
+from tracin_func import _plan
+
+
+class RelativeAttention(nn.Module):
+    """One self-attention layer with a relative-position table ``[2T - 1, H]`` indexed by a buffer of offsets, the
+    padding masked only when the batch has some, mean-pooled into a classifier."""
+
+    def __init__(self, vocab: int = 1000, dim: int = 64, heads: int = 4, seq_len: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.tok, self.qkv, self.out = nn.Embedding(vocab, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc = nn.Linear(dim, classes)
+        self.table = nn.Parameter(0.1 * torch.randn(2 * seq_len - 1, heads))
+        positions = torch.arange(seq_len)
+        self.register_buffer("offsets", positions[:, None] - positions[None] + seq_len - 1)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        b, t = ids.shape
+        q, k, v = self.qkv(self.tok(ids)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + self.table[self.offsets[:t, :t]].permute(2, 0, 1)
+        keep = (torch.arange(t) < lengths[:, None])[:, None, None, :]
+        if not bool(keep.all()):  # a branch on the data: vmap cannot run it
+            scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+        hidden = self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1))
+        return self.fc(torch.tanh(hidden).mean(1))
+
+
+def relative(n_train: int, n_test: int, seq_len: int = 32, seed: int = 0) -> real_models.RealWorkload:
+    torch.manual_seed(seed)
+    model = RelativeAttention(seq_len=seq_len).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    lengths = real_models._lengths(n, seq_len, generator)
+    ids = torch.randint(1, 1000, (n, seq_len), generator=generator) * (torch.arange(seq_len) < lengths[:, None])
+    y = torch.randint(0, 4, (n,), generator=generator)
+    return real_models._classified("relative", model, (ids, lengths), y, n_train, seed)
+
+
+def beit(n_train: int, n_test: int, seed: int = 0) -> real_models.RealWorkload:
+    from transformers import BeitConfig, BeitForImageClassification
+
+    config = BeitConfig(
+        image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        num_labels=4, use_relative_position_bias=True,
+    )  # fmt: skip
+    hf = real_models._hf_model(BeitForImageClassification, config, torch.float32, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    data = {"pixel_values": torch.randn(n, 3, 32, 32, generator=generator),
+            "labels": torch.randint(0, 4, (n,), generator=generator)}  # fmt: skip
+    checkpoints = real_models.make_checkpoints(hf, seed + 2)
+    return real_models._hf_workload("beit", hf, checkpoints, data, n_train, "batch_loss", nn.CrossEntropyLoss())
+
+
+WORKLOADS: dict[str, Callable[[int, int], real_models.RealWorkload]] = {"relative": relative, "beit": beit}
+
+
+@contextmanager
+def following(on: bool):
+    """Planning with parameters read directly followed (the default), or left to ``vmap(grad)`` as before."""
+    original = _plan._followed
+    _plan._followed = original if on else (lambda *args, **kwargs: {})
+    try:
+        yield
+    finally:
+        _plan._followed = original
+
+
+def switched(fn: Callable[[], Any], on: bool) -> Callable[[], Any]:
+    def run() -> Any:
+        with following(on):
+            return fn()
+
+    return run
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="bench_followed")
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS), metavar="NAME")
+    parser.add_argument("--train", type=int, default=200, help="training examples (default 200)")
+    parser.add_argument("--test", type=int, default=20, help="test examples (default 20)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds, best kept (default 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[list[Any]]:
+    args = parse_args(argv)
+    begin_bench(args.threads, f"{args.test} test x {args.train} train, best of {args.rounds} interleaved rounds")
+    rows = []
+    for name in args.workloads:
+        w = WORKLOADS[name](args.train, args.test)
+        with following(True):
+            print(f"{w.describe()}: {tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn).batching}")
+        ours = bench_core.real_ours(w, None, torch.device("cpu"))
+        timer = Rounds(args.rounds)
+        floors = {q: timer.add(bench_core.real_floor(w, with_test=q == "influence")) for q in ("influence", "self")}
+        calls = {(q, on): timer.add(switched(ours[q], on)) for q in ("influence", "self") for on in (True, False)}
+        timer.time()
+        for question, floor in floors.items():
+            on, off = calls[question, True], calls[question, False]
+            rows.append([name, question, fmt(floor.seconds, ".3f"), fmt(on.seconds, ".3f"), fmt(off.seconds, ".3f"),
+                         fmt(on.seconds / floor.seconds, ".2f"), fmt(off.seconds / floor.seconds, ".2f"),
+                         fmt(max_rel_diff(on.result, off.result), ".1e")])  # fmt: skip
+    headers = ["workload", "question", "floor s", "followed s", "before s", "followed / floor", "before / floor",
+               "rel. diff"]  # fmt: skip
+    print_table(headers, rows, title="Parameters read directly: followed against vmap(grad)")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
