@@ -970,6 +970,45 @@ def test_a_parameter_read_directly_keeps_a_model_vmap_cannot_run_off_the_loop():
     assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
 
 
+class OwnVectors(nn.Module):
+    """A model's own vectors applied to its hidden states ``[B, T, d]`` while its output is ``[B, classes]``: copies
+    expanded to the output's rank (``[B, d]``) meet the hidden states misaligned (``way="added"``), and so do copies
+    added in place (``"in_place"``); ``"condition"``: a vector also decides a ``torch.where`` (its sign)."""
+
+    def __init__(self, way):
+        super().__init__()
+        self.way, self.emb, self.fc = way, nn.Embedding(10, 6), nn.Linear(6, 3)
+        self.bias, self.gate = nn.Parameter(0.3 * torch.randn(6)), nn.Parameter(torch.randn(6))
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        if self.way == "in_place":
+            x = x.clone().add_(2 * self.bias) * self.gate
+        elif self.way == "condition":
+            x = torch.where(self.gate > 0, x, -x) + self.bias
+        else:
+            x = torch.tanh(x + self.bias) * self.gate + self.bias.square()
+        return self.fc(x.mean(1))
+
+
+@pytest.mark.parametrize("way", ["added", "in_place", "condition"])
+def test_vectors_whose_copies_do_not_fit_are_followed_instead(way):
+    """Copies of a layer's vectors are planned at its output's rank; where the batching check refuses them, the
+    vectors are followed instead (before: vmap(grad) for the whole call). A vector deciding a selection is refused
+    again and stays on vmap(grad), with the copies' reason."""
+    torch.manual_seed(0)
+    model = OwnVectors(way).double().eval()
+    tokens, y = torch.randint(0, 10, (8, 4)), torch.randint(0, 3, (8,))
+    explained = _exact_and_explained(model, (tokens, y), (tokens[:3], y[:3]))
+    routes = {r.parameter: (r.route, r.reason) for r in explained.routes}
+    if way == "condition":
+        assert "a batched forward changed the first examples' factors at ''" in explained.batching, explained.batching
+        assert routes["gate"][0] == "vmap", routes
+    else:
+        assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
+        assert routes["bias"] == routes["gate"] == ("materialised", plan_module._FOLLOWED), routes
+
+
 def test_a_parameter_meeting_the_batch_in_a_product_is_not_followed():
     """A parameter that meets the batch as a matrix (``x @ diag(scale)``) would take a copy per example in the forward
     (Falcon's ``input @ self.weight.T``: 2.3x slower than vmap(grad)): refused, named, and exact through vmap(grad)."""
@@ -1989,15 +2028,14 @@ class TokensThroughConv(nn.Module):
 @pytest.mark.parametrize("conv", [SeparableConv, MatrixTimesBias])
 def test_channels_first_vectors_are_expanded(conv):
     """A vector shaped ``[C, 1]`` for a channels-first output takes copies ``[B, C, 1]``: batched and exact; one used
-    otherwise (here by a 2-D-only op) is refused by planning's check and scored exactly by vmap(grad)."""
+    otherwise (here by a 2-D-only op, whose copies planning's check refuses) is followed instead: batched and exact
+    too (before: vmap(grad))."""
     torch.manual_seed(0)
     plan = _exact_and_explained(TokensThroughConv(conv(8, 6)).double().eval(), *_token_task())
     routes = {r.parameter: (r.route, r.reason.split(":")[0]) for r in plan.routes}
-    if conv is SeparableConv:
-        assert plan.batching == "one batched forward / backward gives every layer's factors"
-        assert routes["conv.bias"] == ("materialised", "expanded"), routes
-    else:
-        assert plan.batching.startswith("vmap(grad) over examples: a forward with parameters copied over the batch")
+    assert plan.batching == "one batched forward / backward gives every layer's factors"
+    way = "expanded" if conv is SeparableConv else "followed"
+    assert routes["conv.bias"] == ("materialised", way), routes
 
 
 def test_torch_rmsnorm_is_a_norm_site():

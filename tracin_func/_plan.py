@@ -527,6 +527,11 @@ def make_plan(
         unfolded = checked_on(plan._replace(fold=1))
         if not unfolded.reason:
             plan, check = plan._replace(fold=1), unfolded
+    instead = _followed_instead(module, plan, diff) if check.reason else None
+    if instead is not None:  # copies of vectors the layer does not use as planned: its uses followed instead
+        retried = checked_on(instead)
+        if not retried.reason:
+            plan, check = instead, retried
     refused, seen = check.reason, check.seen
     plan = plan._replace(batch_free=frozenset(check.batch_free))
     unchecked = check.unshown if batch_shows or head_shows else "batching"
@@ -586,6 +591,19 @@ def _followed(module: nn.Module, names: Sequence[str], diff: Tensors) -> dict[st
         for n in names
         if n in held and counts[id(held[n])] == 1 and diff[n].is_floating_point()
     }
+
+
+def _followed_instead(module: nn.Module, plan: Plan, diff: Tensors) -> Plan | None:
+    """``plan`` with its "expanded" sites' parameters followed instead (``_followed``), or None when it has none or
+    one cannot be. Copies expanded to a layer's output rank fail where the layer uses its vectors at another rank (a
+    model's own vector applied to its hidden states, ``[B, T, d]``, the output ``[B, classes]``) or otherwise than
+    elementwise; followed, each use is met where it is."""
+    expanded = [s for s in plan.sites if s.kind == "expanded"]
+    names = [n for s in expanded for n in s.names]
+    followed = _followed(module, names, diff) if expanded else {}
+    if not names or len(followed) < len(names):
+        return None
+    return plan._replace(sites=(*(s for s in plan.sites if s.kind != "expanded"), *followed.values()))
 
 
 def _folded_rows(
