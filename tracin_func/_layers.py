@@ -65,8 +65,9 @@ class Site(NamedTuple):
     """A factorable layer: its module path, kind and the names of its differentiated parameters."""
 
     path: str
-    # "linear" | "conv" | "embedding" | "norm" | "expanded" (see `expandable`) | "followed": a parameter read directly
-    # (no layer call), followed to where it meets the batch (``_batch_free``); its path is the parameter's name
+    # "linear" | "conv" | "embedding" | "norm" | "expanded" (see `expandable`) | "followed": a parameter used outside a
+    # factor site's call (read directly; a vector whose copies did not fit), followed to where it meets the batch
+    # (``_batch_free``); its path is the parameter's name
     kind: str
     weight: str | None  # full parameter name when the weight is differentiated
     bias: str | None  # full parameter name when the bias is differentiated

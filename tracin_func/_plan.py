@@ -370,7 +370,7 @@ _TOKEN_ROWS_MIN_RATIO = 8
 
 
 _TO_VMAP = "materialising costs less inside vmap(grad), which runs anyway"
-_FOLLOWED = "followed: read directly (no layer), each example's gradient where its uses meet the batch"
+_FOLLOWED = "followed: used outside a factor site's call, each example's gradient where its uses meet the batch"
 _UNUSED = "not used by the forward pass or the loss on the first example: zero gradients (a batch using it is refused)"
 _UNUSED_ON_VMAP = "not used by the forward pass or the loss on the first example (zero gradients); vmap runs anyway"
 
