@@ -473,7 +473,7 @@ def make_plan(
     unused &= set(dense) if sites else set()
     reasons.update({n: _UNUSED_ON_VMAP for n in unused})  # unless the call is batched (below)
     left = [n for n in dense if n not in unused]
-    followed = _followed(module, left, diff) if sites and all(map(_batchable, losses)) else {}
+    followed = _followed(module, left, diff) if left and sites and all(map(_batchable, losses)) else {}
     if left and len(followed) == len(left):  # all or none: with one left to vmap(grad), following gains nothing
         sites.update(followed)
         dense = _not_in_sites(names, sites.values())
