@@ -8,7 +8,12 @@ Workloads (200 train x 20 test, 3 checkpoints, float32):
   masks padding only when the batch has some (``if not bool(mask.all())``, as transformers' mask helpers decide):
   vmap cannot run it, so before it took the per-example loop;
 - ``beit``: transformers' BEiT (2 layers, d = 64, 32 x 32 images, patch 4), its relative position tables and layer
-  scales read directly.
+  scales read directly;
+- ``falcon``: transformers' Falcon causal LM (2 layers, d = 64, 4 heads, 32 tokens, vocabulary 1000), whose
+  ``FalconLinear`` computes ``input @ self.weight.T + self.bias`` itself: every projection's weight read directly and
+  followed to its product with the batch;
+- ``clip_text``: a text tower as CLIP's (d = 64, one encoder layer, 32 tokens), its position table and
+  ``text_projection`` held as raw parameters (``x[:, 0] @ self.text_projection``), the rest ``nn`` layers.
 
 Rows: influence and self-influence, followed and not, and the floor (one plain batched forward / backward per
 checkpoint over the examples scored: train and test for influence, train for self-influence); ratios to the floor,
@@ -59,6 +64,34 @@ class RelativeAttention(nn.Module):
         return self.fc(torch.tanh(hidden).mean(1))
 
 
+class ClipText(nn.Module):
+    """A text tower as CLIP's (OpenAI's and open_clip's code): token embeddings plus a position table held as a raw
+    parameter, a transformer encoder layer, a final LayerNorm, and the first token's features times a raw
+    ``text_projection`` matrix (``x @ self.text_projection``); then a Linear classifier."""
+
+    def __init__(self, vocab: int = 1000, dim: int = 64, heads: int = 4, seq_len: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.tok, self.ln = nn.Embedding(vocab, dim), nn.LayerNorm(dim)
+        self.positional_embedding = nn.Parameter(0.01 * torch.randn(seq_len, dim))
+        self.layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+        self.text_projection = nn.Parameter(dim**-0.5 * torch.randn(dim, dim))
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.ln(self.layer(self.tok(ids) + self.positional_embedding[: ids.shape[1]]))
+        return self.fc(x[:, 0] @ self.text_projection)
+
+
+def clip_text(n_train: int, n_test: int, seq_len: int = 32, seed: int = 0) -> real_models.RealWorkload:
+    torch.manual_seed(seed)
+    model = ClipText(seq_len=seq_len).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    n = n_train + n_test
+    ids = torch.randint(1, 1000, (n, seq_len), generator=generator)
+    y = torch.randint(0, 4, (n,), generator=generator)
+    return real_models._classified("clip_text", model, (ids,), y, n_train, seed)
+
+
 def relative(n_train: int, n_test: int, seq_len: int = 32, seed: int = 0) -> real_models.RealWorkload:
     torch.manual_seed(seed)
     model = RelativeAttention(seq_len=seq_len).eval()
@@ -86,7 +119,20 @@ def beit(n_train: int, n_test: int, seed: int = 0) -> real_models.RealWorkload:
     return real_models._hf_workload("beit", hf, checkpoints, data, n_train, "batch_loss", nn.CrossEntropyLoss())
 
 
-WORKLOADS: dict[str, Callable[[int, int], real_models.RealWorkload]] = {"relative": relative, "beit": beit}
+def falcon(n_train: int, n_test: int, seq_len: int = 32, dim: int = 64, layers: int = 2, seed: int = 0):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(hidden_size=dim, num_hidden_layers=layers, num_attention_heads=4, vocab_size=1000)
+    hf = real_models._hf_model(FalconForCausalLM, config, torch.float32, seed)
+    ids, pad = real_models._right_padded(n_train + n_test, seq_len, 1000, torch.Generator().manual_seed(seed + 1))
+    data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": ids.masked_fill(pad, -100)}
+    checkpoints = real_models.make_checkpoints(hf, seed + 2)
+    return real_models._hf_workload("falcon", hf, checkpoints, data, n_train, "batch_loss", nn.CrossEntropyLoss())
+
+
+WORKLOADS: dict[str, Callable[[int, int], real_models.RealWorkload]] = {
+    "relative": relative, "beit": beit, "falcon": falcon, "clip_text": clip_text
+}  # fmt: skip
 
 
 @contextmanager

@@ -548,7 +548,7 @@ def _hf_workload(
     train, test = _split(data, n_train)
     if form == "batch_loss":
         causal, seq2seq = tc.causal_lm_loss, tc.seq2seq_lm_loss
-        losses = {"gpt2": causal, "llama": causal, "bart": seq2seq, "t5": seq2seq}
+        losses = {"gpt2": causal, "llama": causal, "falcon": causal, "bart": seq2seq, "t5": seq2seq}
         loss = losses.get(name, tc.sequence_classification_loss)(hf)
 
         def summed(state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:

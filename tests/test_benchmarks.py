@@ -66,8 +66,8 @@ def test_bench_batch_size_runs(capsys):
 def test_bench_followed_runs(capsys):
     import bench_followed
 
-    rows = bench_followed.main(["--workloads", "relative", "--train", "8", "--test", "2", "--rounds", "1"])
-    assert [r[:2] for r in rows] == [["relative", "influence"], ["relative", "self"]]
+    rows = bench_followed.main(["--workloads", "relative", "clip_text", "--train", "8", "--test", "2", "--rounds", "1"])
+    assert [r[:2] for r in rows] == [[w, q] for w in ("relative", "clip_text") for q in ("influence", "self")]
     assert all(float(r[-1]) < 1e-5 for r in rows), rows  # the two routes agree (float32)
     assert "followed against vmap(grad)" in capsys.readouterr().out
 

@@ -912,9 +912,8 @@ def test_a_followed_output_deciding_a_selection_is_refused():
 class DirectlyRead(nn.Module):
     """Attention with parameters read directly, outside any layer, as Swin's and BEiT's relative position bias reads
     its table: a table indexed by a buffer of offsets into a ``[H, T, T]`` bias added to every example's scores, a
-    position table sliced to the length, a vector scaling the pooled features; ``way="product"``: the vector also
-    meets the batch in a matrix product (``x @ diag(scale)``), which is not followed; ``way="helper"``: padding (id
-    0) masked only when the batch has some, as transformers' mask helpers decide (``bool(mask.all())``: vmap fails)."""
+    position table sliced to the length, a vector scaling the pooled features; ``way="helper"``: padding (id 0)
+    masked only when the batch has some, as transformers' mask helpers decide (``bool(mask.all())``: vmap fails)."""
 
     def __init__(self, way="added", d=8, t=5, heads=2):
         super().__init__()
@@ -935,7 +934,7 @@ class DirectlyRead(nn.Module):
             scores = scores.masked_fill(~keep, -1e9)
         out = torch.softmax(scores, -1) @ v
         h = torch.tanh(out.transpose(1, 2).reshape(b, t, -1))
-        return self.fc((h @ torch.diag(self.scale) if self.way == "product" else h * self.scale).mean(1))
+        return self.fc((h * self.scale).mean(1))
 
 
 def test_parameters_read_directly_are_followed_to_the_batch():
@@ -950,7 +949,8 @@ def test_parameters_read_directly_are_followed_to_the_batch():
     explained = _exact_and_explained(model, train, test)
     assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
     routes = {r.parameter: (r.route, r.reason) for r in explained.routes}
-    assert all(routes[n] == ("materialised", plan_module._FOLLOWED) for n in ("table", "pos", "scale")), routes
+    followed = ("materialised", plan_module._followed_reason("DirectlyRead has no factored form"))
+    assert all(routes[n] == followed for n in ("table", "pos", "scale")), routes
     ref = reference_scores(model, _ckpts(model), train, test, loss_fn=CE)
     assert_close(tc.influence(model, _ckpts(model), train, test, loss_fn=CE, compile=True), ref.influence)
 
@@ -1006,21 +1006,63 @@ def test_vectors_whose_copies_do_not_fit_are_followed_instead(way):
         assert routes["gate"][0] == "vmap", routes
     else:
         assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
-        assert routes["bias"] == routes["gate"] == ("materialised", plan_module._FOLLOWED), routes
+        assert routes["bias"][0] == routes["gate"][0] == "materialised", routes
+        assert routes["bias"][1].startswith("followed: used outside a factor site's call ("), routes
 
 
-def test_a_parameter_meeting_the_batch_in_a_product_is_not_followed():
-    """A parameter that meets the batch as a matrix (``x @ diag(scale)``) would take a copy per example in the forward
-    (Falcon's ``input @ self.weight.T``: 2.3x slower than vmap(grad)): refused, named, and exact through vmap(grad)."""
+class RawWeights(nn.Module):
+    """Weights held as raw parameters and multiplied with the batch by the model itself, as research code and
+    Falcon's ``FalconLinear`` (``input @ self.weight.T + self.bias``) do: ``way`` is how the first weight ``[5, 6]``
+    meets the embeddings ``[B, T, 6]`` ("transposed": Falcon's; "linear": a hand-written ``F.linear``; "left":
+    ``w @ x^T``; "derived": a weight computed from it, ``2 w``; "diagonal": the earlier ``x @ diag(scale)``). Then a
+    weight with a dimension of heads ``[2, 5, 4]`` broadcast over ``[B, 1, T, 5]`` rows, and one ``[3, 8]`` times
+    the pooled ``[B, 8]``. "columns": the last as ``(out @ z^T)^T`` (the batch's rows its columns, refused)."""
+
+    def __init__(self, way):
+        super().__init__()
+        self.way, self.tok = way, nn.Embedding(10, 6)
+        self.w, self.b = nn.Parameter(0.4 * torch.randn(5, 6)), nn.Parameter(0.1 * torch.randn(5))
+        self.scale = nn.Parameter(1 + 0.1 * torch.randn(6))
+        self.heads, self.out = nn.Parameter(0.4 * torch.randn(2, 5, 4)), nn.Parameter(0.4 * torch.randn(3, 8))
+
+    def forward(self, ids):
+        x = self.tok(ids) @ torch.diag(self.scale) if self.way == "diagonal" else self.tok(ids)
+        if self.way == "linear":
+            h = F.linear(x, self.w, self.b)
+        elif self.way == "left":
+            h = (self.w @ x.transpose(1, 2)).transpose(1, 2) + self.b
+        elif self.way == "derived":
+            h = x @ (2 * self.w).T + self.b
+        else:
+            h = x @ self.w.T + self.b
+        z = (torch.tanh(h)[:, None] @ self.heads).transpose(1, 2).flatten(2).mean(1)  # [B, 8]
+        return (self.out @ z.T).T if self.way == "columns" else z @ self.out.T
+
+
+@pytest.mark.parametrize("way", ["transposed", "linear", "left", "derived", "diagonal", "columns"])
+def test_weights_multiplied_with_the_batch_are_followed_to_their_products(way):
+    """A parameter meeting the batch as a weight in a matrix product was refused (a copy per example would make the
+    product a batched one, slower than vmap(grad)), and the call took vmap(grad); Falcon's every projection did. Now
+    the product's rows give each example's gradient (``x^T g``, as a Linear's): batched and exact on every path. A
+    product with the batch's rows as its columns is refused, named, and takes vmap(grad)."""
     torch.manual_seed(0)
-    model = DirectlyRead("product").double().eval()
+    model = RawWeights(way).double().eval()
     tokens, y = torch.randint(0, 10, (10, 5)), torch.randint(0, 3, (10,))
-    explained = _exact_and_explained(model, (tokens, y), (tokens[:3], y[:3]))
-    assert "parameter 'scale', computed once for the whole batch, meets the batch in a matrix product" in (
-        explained.batching
-    ), explained.batching
+    train, test = (tokens, y), (tokens[:3, :4], y[:3])
+    explained = _exact_and_explained(model, train, test)
     routes = {r.parameter: (r.route, r.reason) for r in explained.routes}
-    assert all(routes[n] == ("vmap", "DirectlyRead has no factored form") for n in ("table", "pos", "scale")), routes
+    if way == "columns":
+        assert "parameter 'out', computed once for the whole batch, meets the batch in matmul" in explained.batching
+        assert routes["w"][0] == "vmap", routes
+        return
+    assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
+    raw = ("w", "b", "heads", "out", *(["scale"] if way == "diagonal" else []))
+    assert all(routes[n] == ("materialised", plan_module._followed_reason("RawWeights has no factored form"))
+               for n in raw), routes  # fmt: skip
+    _assert_paths_agree(model, train, test)
+    if way == "transposed":
+        ref = reference_scores(model, _ckpts(model), train, test, loss_fn=CE)
+        assert_close(tc.influence(model, _ckpts(model), train, test, loss_fn=CE, compile=True), ref.influence)
 
 
 def test_a_parameter_read_directly_and_tied_leaves_every_one_to_vmap():
@@ -1100,8 +1142,8 @@ def test_parametrized_weights_are_factor_sites():
 
 
 def test_the_deprecated_weight_norm_hook_names_the_parametrization():
-    """``torch.nn.utils.weight_norm`` recomputes the weight in a forward pre-hook: left to vmap(grad), and the reason
-    names the parametrization that is followed."""
+    """``torch.nn.utils.weight_norm`` recomputes the weight in a forward pre-hook: not a site, its tensors followed to
+    the batch, and the reason names the parametrization that is followed as a site."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # (deprecated)
@@ -1109,7 +1151,7 @@ def test_the_deprecated_weight_norm_hook_names_the_parametrization():
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
     route = tc.explain(model, _ckpts(model), (x, y), loss_fn=CE).routes[0]
-    assert route.parameter == "0.bias" and route.route == "vmap"
+    assert route.parameter == "0.bias" and route.route == "materialised" and route.reason.startswith("followed: ")
     assert "torch.nn.utils.weight_norm's hook" in route.reason and "parametrizations.weight_norm" in route.reason
 
 
@@ -1124,12 +1166,15 @@ class ScaledBy(nn.Module):
         return t * self.scale
 
 
-def test_a_parametrized_bias_is_left_to_vmap():
+def test_a_parametrized_bias_is_followed_to_the_batch():
+    """Not a site (only a parametrized weight is followed as one): the layer's tensors are followed to the batch
+    (vmap(grad) before), the reason kept."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
     nn.utils.parametrize.register_parametrization(model[2], "bias", ScaledBy().double())
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     explained = _exact_and_explained(model, (x, y), (x[:3], y[:3]))
+    assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
     assert "Linear has a parametrized tensor (followed only as the weight alone" in str(explained)
 
 
@@ -1156,13 +1201,17 @@ def test_a_tied_layer_fed_merged_rows_takes_its_partners_to_vmap():
     assert plan.reasons["c1.weight"].startswith("'c2' sees 2 rows for one example")
 
 
-def test_a_weight_also_used_directly_falls_back_to_vmap():
+def test_a_weight_also_used_directly_is_followed():
+    """A layer whose weight is also used outside it is no site: its tensors are followed to their products with the
+    batch (vmap(grad) before)."""
     torch.manual_seed(0)
     model = DirectUse().double().eval()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
     plan = _plan(model, (x, y), factored=True)
-    assert [s.path for s in plan.sites] == ["b"] and "a.weight" in plan.dense
+    assert plan.batched and {s.path: s.kind for s in plan.sites} == {
+        "b": "linear", "a.weight": "followed", "a.bias": "followed"
+    }, plan.sites  # fmt: skip
 
 
 def test_a_regulariser_in_the_loss_falls_back_to_vmap():
@@ -1738,18 +1787,18 @@ def test_explain_names_every_route_and_reason():
 
 
 def test_leaving_the_batched_path_warns_with_the_module_and_the_reason():
-    class Hooked(nn.Module):
+    class Hooked(nn.Module):  # (its parameters meet the batch in a convolution, which is not followed)
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+            self.a, self.b = nn.Linear(3, 4), nn.Conv1d(1, 3, 4)
             self.b.register_forward_hook(lambda m, args, out: 2 * out)
 
         def forward(self, x):
-            return self.b(torch.tanh(self.a(x)))
+            return self.b(torch.tanh(self.a(x))[:, None]).flatten(1)
 
     model = Hooked().double().eval()
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
-    with pytest.warns(tc.SlowPathWarning, match=r"'b.weight' \(Linear has hooks, whose effect .*tc.explain"):
+    with pytest.warns(tc.SlowPathWarning, match=r"'b.weight' \(Conv1d has hooks, whose effect .*tc.explain"):
         tc.self_influence(model, _ckpts(model), (x, y), loss_fn=CE)
     calls = {
         "influence": lambda: tc.influence(model, _ckpts(model), (x, y), (x, y), loss_fn=CE),
@@ -1763,7 +1812,7 @@ def test_leaving_the_batched_path_warns_with_the_module_and_the_reason():
             call()
         assert [w.filename for w in caught] == [__file__], name  # the caller's line, however deep the cause
     routes = {r.parameter: (r.route, r.reason) for r in tc.explain(model, _ckpts(model), (x, y), loss_fn=CE).routes}
-    assert routes["b.weight"] == ("vmap", "Linear has hooks, whose effect on its output cannot be proven")
+    assert routes["b.weight"] == ("vmap", "Conv1d has hooks, whose effect on its output cannot be proven")
     with warnings.catch_warnings():
         warnings.simplefilter("error", tc.SlowPathWarning)  # an explicit factored=False is not a surprise
         tc.self_influence(model, _ckpts(model), (x, y), loss_fn=CE, factored=False)
@@ -2076,7 +2125,7 @@ def test_a_vector_layer_with_a_tuple_output_is_followed():
     model = UsesTuple().double().eval()
     train, ckpts = (torch.randint(0, 50, (5, 4)), torch.randint(0, 3, (5,))), _ckpts(UsesTuple().double().eval())
     routes = {r.parameter: (r.route, r.reason) for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
-    assert routes["scale.weight"] == ("materialised", plan_module._FOLLOWED)
+    assert routes["scale.weight"][0] == "materialised" and routes["scale.weight"][1].startswith("followed: ")
     ref = reference_scores(model, ckpts, train, train, loss_fn=CE)
     with warnings.catch_warnings():
         warnings.simplefilter("error", tc.SlowPathWarning)

@@ -147,10 +147,10 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
     "gemma": (lambda: causal_lm(T.GemmaConfig, T.GemmaForCausalLM, head_dim=8, **KV, **SMALL), BATCHED),
     "stablelm": (lambda: causal_lm(T.StableLmConfig, T.StableLmForCausalLM, **KV, **SMALL), BATCHED),
     "olmo": (lambda: causal_lm(T.OlmoConfig, T.OlmoForCausalLM, **KV, **SMALL), BATCHED),
-    "falcon": (  # FalconLinear overrides nn.Linear's forward (`input @ self.weight.T`): not provably a Linear, and
-        lambda: causal_lm(T.FalconConfig, T.FalconForCausalLM, hidden_size=32, num_hidden_layers=2,  # its weight
-                          num_attention_heads=4, vocab_size=100),  # meets the batch in a product: not followed
-        "meets the batch in a matrix product"),  # fmt: skip
+    "falcon": (  # FalconLinear overrides nn.Linear's forward (`input @ self.weight.T`): not provably a Linear; its
+        lambda: causal_lm(T.FalconConfig, T.FalconForCausalLM, hidden_size=32, num_hidden_layers=2,  # weights are
+                          num_attention_heads=4, vocab_size=100),  # followed to their products with the batch
+        BATCHED),  # fmt: skip
     "bart": (lambda: seq2seq(T.BartConfig, T.BartForConditionalGeneration, d_model=32, encoder_layers=1,
                              decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
                              encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, max_position_embeddings=40,

@@ -10,8 +10,13 @@ the batch (derived from the batch's inputs, its first dimension the batch's rows
 per row of the batch, whose gradient is each example's gradient of what met it; mapped back through the ops in between
 (autograd, batched over examples) and summed over the meetings, these give each example's gradient of the layer's
 output. Any other way of meeting the batch is refused, and so is an output whose whole gradient the examples' gradients
-do not sum to (a path to the loss that never met the batch). A parameter meets the batch elementwise only: in a matrix
-product it would be a weight copied per example, slower than vmap(grad).
+do not sum to (a path to the loss that never met the batch).
+
+A parameter is a weight where it meets the batch in a matrix product (Falcon's ``input @ self.weight.T``, a hand-written
+``F.linear(x, self.w, self.b)``): a copy per example would make that product a batched one, slower than vmap(grad).
+There each example's gradient of the weight is its rows of the other operand times their output gradients (``x^T g``),
+as a Linear layer's; the product is taken out of autograd's own gradient of the weight, which would compute it again,
+summed, and is exact by construction, outside the check of sums.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ._grads import lasting_edge
 from ._purity import op_tensors
 
 # Ops that broadcast their operands elementwise: a row for the whole batch meets each example's row alike.
@@ -43,6 +49,9 @@ _SELECTIONS = {torch.where: 0, torch.Tensor.where: 1, torch.Tensor.masked_fill: 
 _CONDITION_KEYWORDS = ("condition", "mask")
 # Products broadcasting their operands' batch dimensions (a matrix for the whole batch times each example's).
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
+# Products of two operands, one the batch's and one a weight: (left, right) operands of ``left @ right``.
+_OPERANDS = {torch.matmul: (0, 1), torch.Tensor.matmul: (0, 1), torch.Tensor.__matmul__: (0, 1),
+             torch.Tensor.__rmatmul__: (1, 0)}  # fmt: skip
 # Attention whose additive mask (added to each example's scores, broadcast) may be a followed output.
 _ATTENTION = F.scaled_dot_product_attention
 # Copies along the first dimension (MPNet's ``bias.expand(batch_size, ...).contiguous()``), and ops keeping them.
@@ -66,21 +75,23 @@ class Meetings(TorchFunctionMode):
         self._copies: dict[int, tuple[weakref.ref, torch.Tensor, int, int]] = {}
         self.roots: list[torch.Tensor] = []  # the followed outputs, one per call of a layer (or parameter read)
         self.named: list[str] = []  # what each root is, for errors
-        self._unmultiplied: set[int] = set()  # roots refused in matrix products (parameters: see ``follow``)
-        self.met: list[tuple[torch.Tensor, torch.Tensor]] = []  # (what met the batch, its probe)
+        self._weights: set[int] = set()  # roots that are weights in matrix products (parameters: see ``follow``)
+        self.met: list[tuple[torch.Tensor, Any]] = []  # (what met the batch, its probe or gradient edge)
+        # meetings in a weight's product, by index in ``met``: (the batch's operand, weight on the left, product shape)
+        self._products: dict[int, tuple[torch.Tensor, bool, torch.Size]] = {}
         for t in optree.tree_leaves(batch, none_is_leaf=True):
             if isinstance(t, torch.Tensor):
                 self._batch[id(t)] = weakref.ref(t)
 
-    def follow(self, output: torch.Tensor, named: str, products: bool = True) -> int:
+    def follow(self, output: torch.Tensor, named: str, weight: bool = False) -> int:
         """Follow a layer call's output, or a parameter read directly (in the autograd graph), ``named`` (``"the
-        output of 'path'"``); its index among ``roots``. ``products=False``: refuse its meeting the batch in a matrix
-        product, where it is a weight (Falcon's ``input @ self.weight.T``), whose copy per example made the batched
-        pass 2.3x slower than vmap(grad)."""
+        output of 'path'"``); its index among ``roots``. ``weight``: a parameter, which meets the batch in matrix
+        products as a weight (``x^T g`` per example): its copy per example made Falcon's batched pass (``input @
+        self.weight.T``) 2.3x slower than vmap(grad)."""
         self.roots.append(output)
         self.named.append(named)
-        if not products:
-            self._unmultiplied.add(len(self.roots) - 1)
+        if weight:
+            self._weights.add(len(self.roots) - 1)
         self._followed[id(output)] = (weakref.ref(output), frozenset({len(self.roots) - 1}))
         return len(self.roots) - 1
 
@@ -97,10 +108,19 @@ class Meetings(TorchFunctionMode):
         tensors = op_tensors(args, kwargs)
         followed = [t for t in tensors if self._roots_of(t)]
         of_batch = [t for t in tensors if self._of_batch(t)]
+        product = None
+        if followed and of_batch and func is F.linear and self._weights & self._roots(followed):
+            return self._as_product(types, args, kwargs)
         if followed and of_batch:
-            args, kwargs = self._met(func, followed, of_batch, args, kwargs)
+            product = self._weight_product(func, followed, args, kwargs)
+            if product is None:
+                args, kwargs = self._met(func, followed, of_batch, args, kwargs)
+            else:  # its gradient from the product's rows only: autograd's summed one would cost that product again
+                args = tuple(a.detach() if a is product[0] else a for a in args)
         out = func(*args, **kwargs)
-        roots = frozenset().union(*map(self._roots_of, followed))
+        if product is not None:
+            out = self._probed_product(out, *product)
+        roots = self._roots(followed)
         for t in op_tensors(out):
             if of_batch:
                 self._batch[id(t)] = weakref.ref(t)
@@ -115,6 +135,67 @@ class Meetings(TorchFunctionMode):
             if row is not None:
                 self._copies[id(out)] = (weakref.ref(out), row, out._version, row._version)
         return out
+
+    def _roots(self, followed: Sequence[torch.Tensor]) -> frozenset[int]:
+        return frozenset().union(*map(self._roots_of, followed))
+
+    def _as_product(self, types: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
+        """``F.linear(input, weight, bias)`` with a followed parameter among its weight and bias, as the ops it is
+        (``input @ weight.t() + bias``) run through this mode: the weight's product and the bias's addition are then
+        met as any."""
+        named = dict(zip(("input", "weight", "bias"), args), **kwargs)
+        weight = self.__torch_function__(torch.Tensor.t, types, (named["weight"],))
+        out = self.__torch_function__(torch.matmul, types, (named["input"], weight))
+        bias = named.get("bias")
+        return out if bias is None else self.__torch_function__(torch.add, types, (out, bias))
+
+    def _weight_product(
+        self, func: Any, followed: list[torch.Tensor], args: tuple[Any, ...], kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+        """``(weight, the batch's operand, weight on the left)`` where ``func`` is a matrix product of a followed
+        weight (some root a parameter) and a tensor of the batch whose first dimension the output keeps (its rows),
+        the weight broadcast over them; else None."""
+        if func not in _OPERANDS or kwargs or len(args) != 2 or not self._weights & self._roots(followed):
+            return None
+        left, right = (args[i] for i in _OPERANDS[func])
+        if not isinstance(left, torch.Tensor) or not isinstance(right, torch.Tensor):
+            return None
+        on_left = bool(self._roots_of(left))
+        weight, x = (left, right) if on_left else (right, left)
+        if self._roots_of(x) or not self._of_batch(x) or not self._rows(x) or weight.dim() < 2:
+            return None
+        if x.dim() < (3 if on_left else 2):  # (a lone [B, k] right of a weight: its rows would be the output's columns)
+            return None
+        if x.dim() == 2 and x.shape[0] != self.n:  # rows of several examples merged ([B T, k], packed): not told apart
+            return None
+        rows_kept = weight.dim() == 2 if x.dim() == 2 else weight.dim() <= x.dim() and _padded(weight, x.dim())[0] == 1
+        return (weight, x, on_left) if rows_kept else None
+
+    def _probed_product(self, out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, on_left: bool) -> Any:
+        """The product ``out``, whose gradient with ``x``'s rows gives each example's gradient of ``weight``
+        (``cotangent``): taken where autograd passes it (``lasting_edge``), else at a zero probe added to it (a pass
+        over the output)."""
+        edge = lasting_edge(out) if out.requires_grad else None
+        probe = torch.zeros_like(out, requires_grad=True) if edge is None else edge
+        self._products[len(self.met)] = (x.detach(), on_left, out.shape)
+        self.met.append((weight, probe))
+        return out if edge is not None else out + probe
+
+    def cotangent(self, i: int, g: torch.Tensor) -> torch.Tensor:
+        """``[n, *t.shape]``: each example's gradient of the tensor of meeting ``i`` from its probe's gradient."""
+        t = self.met[i][0]
+        if i not in self._products:
+            return _cotangent(t, g, self.n)
+        x, on_left, shape = self._products[i]  # (x changed in place since: autograd's plain check refused the model)
+        g = g.view(shape)  # (an edge's gradient is its base's: F.linear's [B T, d] under a [B, T, d] view)
+        n = self.n
+        if t.dim() == 2:  # rows [n, R, d] of the batch's operand and the output gradient (all leading dimensions)
+            x, g = (y.mT.reshape(n, -1, y.shape[-2]) if on_left else y.reshape(n, -1, y.shape[-1]) for y in (x, g))
+            a, b = (g, x) if on_left else (x, g)  # the gradient a^T b, formed in t's memory layout (Falcon's weight.T)
+            return (b.mT @ a).mT if t.stride(0) < t.stride(1) else a.mT @ b
+        per_row = g @ x.mT if on_left else x.mT @ g  # [rows, ..., *t.shape[-2:]]: a weight with batch dimensions
+        per_example = per_row.reshape(n, -1, *per_row.shape[1:]).sum(1)  # rows per example summed (folded)
+        return per_example.sum_to_size(n, *_padded(t, per_row.dim())[1:]).reshape(n, *t.shape)
 
     def _selected(self, func: Any, args: tuple[Any, ...], kwargs: Any) -> bool:
         """Whether ``func`` selects elementwise (``torch.where``, ``masked_fill``) by a condition that is not followed:
@@ -152,10 +233,10 @@ class Meetings(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         in_place = name.endswith("_") and not name.startswith("__") or name.startswith("__i")
         products = func in _MATMUL and rank >= 3 and all(t.dim() >= 2 for t in followed)  # batch dims broadcast
-        if products and self._unmultiplied & set().union(*map(self._roots_of, followed)):
+        if products and self._weights & self._roots(followed):
             raise RuntimeError(
-                f"{self._named(followed)} meets the batch in a matrix product ({name}), whose copy per example costs "
-                f"more than vmap(grad)"
+                f"{self._named(followed)} meets the batch in a matrix product ({name}) other than as a weight "
+                f"broadcast over its rows, and its copy per example would cost more than vmap(grad)"
             )
         elementwise = func in _ELEMENTWISE or self._selected(func, args, kwargs) or self._added_mask(func, args, kwargs)
         if (
@@ -208,16 +289,43 @@ def _padded(t: torch.Tensor, rank: int) -> list[int]:
     return [1] * (rank - t.dim()) + list(t.shape)
 
 
-def _per_root(meetings: Meetings, probe_grads: list[torch.Tensor | None], n: int) -> list[torch.Tensor]:
-    """Each root's per-example gradients ``[n, *root.shape]`` from its meetings' probe gradients (rows per example
-    summed: a folded batch), through autograd batched over the examples (the graph from the roots kept)."""
-    grads: Any = [None] * len(meetings.roots)
-    reached = [(t, g) for (t, _), g in zip(meetings.met, probe_grads) if g is not None]
-    if reached:
-        cotangents = [_cotangent(t, g, n) for t, g in reached]
-        outputs = [t for t, _ in reached]
-        grads = torch.autograd.grad(outputs, meetings.roots, cotangents, is_grads_batched=True, allow_unused=True)
-    return [r.new_zeros(n, *r.shape) if g is None else g for g, r in zip(grads, meetings.roots)]
+def _per_root(
+    meetings: Meetings, probe_grads: list[torch.Tensor | None], n: int, products: bool
+) -> list[torch.Tensor | None]:
+    """Each root's per-example gradients ``[n, *root.shape]`` (None: none) from the probe gradients of its meetings
+    in weight products (``products``), or of its others (rows per example summed: a folded batch), through autograd
+    batched over the examples (the graph from the roots kept); a meeting of a root itself or of its transpose
+    (Falcon's ``weight.T``) directly."""
+    grads: list[Any] = [None] * len(meetings.roots)
+    through: list[tuple[torch.Tensor, torch.Tensor]] = []  # (what met the batch, its examples' gradients)
+    for i, g in enumerate(probe_grads):
+        if g is None or (i in meetings._products) != products:
+            continue
+        t, cotangent = meetings.met[i][0], meetings.cotangent(i, g)
+        root = _root_viewed(meetings.roots, t)
+        if root is None:
+            through.append((t, cotangent))
+            continue
+        at, transposed = root
+        cotangent = cotangent.mT if transposed else cotangent
+        grads[at] = cotangent if grads[at] is None else grads[at] + cotangent
+    if through:
+        outputs, cotangents = zip(*through)
+        mapped = torch.autograd.grad(outputs, meetings.roots, cotangents, is_grads_batched=True, allow_unused=True)
+        grads = [g if m is None else m if g is None else g + m for g, m in zip(grads, mapped)]
+    return grads
+
+
+def _root_viewed(roots: Sequence[torch.Tensor], t: torch.Tensor) -> tuple[int, bool] | None:
+    """``(index, transposed)`` where ``t`` is a root or a 2-D root's transpose (a view of all of it), else None."""
+    base = t._base if t._is_view() else t
+    at = next((i for i, r in enumerate(roots) if r is base), None)
+    if at is None or t.storage_offset() != base.storage_offset():
+        return None
+    if t.shape == base.shape and t.stride() == base.stride():
+        return at, False
+    transposed = base.dim() == 2 and t.shape == base.shape[::-1] and t.stride() == base.stride()[::-1]
+    return (at, True) if transposed else None
 
 
 def _cotangent(t: torch.Tensor, g: torch.Tensor, n: int) -> torch.Tensor:
@@ -233,19 +341,25 @@ def per_example_outputs(
     """Per layer run once for the whole batch (``roots``: per call, its index among the followed outputs and the probe
     whose gradient is the output's whole gradient), per call: each example's gradient of its output ``[n, *shape]``
     from the meetings' probe gradients then the probes' (``grads``), checked to sum to the output's whole gradient."""
-    met, whole = grads[: len(meetings.met)], grads[len(meetings.met) :]
-    per_root = _per_root(meetings, list(met), n)
+    met, whole = list(grads[: len(meetings.met)]), grads[len(meetings.met) :]
+    checked, multiplied = _per_root(meetings, met, n, products=False), _per_root(meetings, met, n, products=True)
     wholes = iter(whole)
     out: dict[str, list[torch.Tensor]] = {}
     for path, calls in roots.items():
         out[path] = []
         for root, probe in calls:
-            g, total = per_root[root], next(wholes)
-            total = torch.zeros_like(probe) if total is None else total
-            if (g.sum(0) - total).abs().max() > 1e-4 * max(g.abs().max(), total.abs().max()):
+            g, total = checked[root], next(wholes)  # (weight products, taken out of autograd, are exact by their rows)
+            if g is None:
+                unmet = total is not None and bool(total.any())
+            else:
+                total = torch.zeros_like(probe) if total is None else total
+                unmet = bool((g.sum(0) - total).abs().max() > 1e-4 * max(g.abs().max(), total.abs().max()))
+            if unmet:
                 raise RuntimeError(
                     f"{meetings.named[root]}, computed once for the whole batch, reaches the loss other than through "
                     f"its meetings with the batch"
                 )
-            out[path].append(g)
+            product = multiplied[root]
+            g = g if product is None else product if g is None else g + product
+            out[path].append(probe.new_zeros(n, *probe.shape) if g is None else g)
     return out

@@ -25,13 +25,13 @@ import optree
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.autograd.graph import GradientEdge
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointError
 from torch.utils.hooks import RemovableHandle
 
 from ._batch_free import Meetings, per_example_outputs
-from ._grads import CHECKPOINTED, Mapper, Tensors, batch_of_one, checkpointing, example_at, scalar_loss
+from ._grads import CHECKPOINTED, Mapper, Tensors, batch_of_one, checkpointing, example_at, lasting_edge, scalar_loss
 from ._layers import Site, broadcast_row, call_site, layer_output, recorded_input, token_wise
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, summed_example_losses
 from ._recurrent import unrolled
@@ -231,7 +231,7 @@ def batched_factors(
                 inputs[site.path][-1] = x.expand(n, *x.shape[1:])  # one row for the whole batch: each example's
                 probe = output.new_zeros((rows, *output.shape[1:])).requires_grad_()  # copy of it and of its gradient
                 copied.add(probe)
-            elif output.requires_grad and (edge := _lasting_edge(output)) is not None:  # its gradient where
+            elif output.requires_grad and (edge := lasting_edge(output)) is not None:  # its gradient where
                 outputs[site.path].append((output, edge))  # autograd passes it (before any later in-place change)
                 return None
             else:  # nothing before it needs gradients (the first layer), or a view of part of another tensor: a
@@ -254,7 +254,7 @@ def batched_factors(
         for site in followed:  # (per call: the parameter's whole gradient at its probe)
             probe = torch.zeros_like(state[site.path], requires_grad=True)
             state[site.path] = state[site.path].detach() + probe
-            root = meetings.follow(state[site.path], f"parameter {site.path!r}", products=False)
+            root = meetings.follow(state[site.path], f"parameter {site.path!r}", weight=True)
             roots[site.path].append((root, probe))
         hooks = {s.path: hook_for(s) for s in plan.sites if s.kind not in ("expanded", "followed")}
         watch = _PlanningWatch({n, rows}) if refuse_recomputing else nullcontext()
@@ -509,21 +509,6 @@ def _per_example(g: torch.Tensor, n: int) -> torch.Tensor:
     """The gradient of a probe or copy with a row per row of the batch dimension, ``[n fold, ...]``, summed over each
     example's rows (all copies of the same row)."""
     return g if g.shape[0] == n else g.reshape(n, -1, *g.shape[1:]).sum(1)
-
-
-def _lasting_edge(output: torch.Tensor) -> GradientEdge | None:
-    """Where autograd passes ``output``'s gradient, also after the model changes ``output`` in place; None if no such
-    place. A view's own node leaves the graph when the view is changed in place (autograd rebases it onto its base),
-    and its gradient there would be silently zero: ``F.linear`` on ``[B, T, d]`` returns a view of its ``[B T, d]``
-    product, which Longformer then scales with ``/=``. That base's node stays: the edge of a base that the view
-    covers whole, in the same layout; None for a view of part of a tensor (a probe then)."""
-    if not output._is_view():
-        return get_gradient_edge(output)
-    base = output._base
-    whole = base.numel() == output.numel() and output.storage_offset() == base.storage_offset()
-    if base.grad_fn is None or not (whole and output.is_contiguous() and base.is_contiguous()):
-        return None
-    return get_gradient_edge(base)
 
 
 def _merged_rows(x: Any, n: int, fold: int) -> bool:

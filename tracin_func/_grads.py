@@ -10,6 +10,7 @@ from typing import Any
 
 import optree
 import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
@@ -181,3 +182,18 @@ def dense_grads(loss: ExampleLossFn, mapper: Mapper) -> GradFn:
         return scalar_loss(loss, {**frozen, **diff}, batch_of_one(example))
 
     return mapper.grads_over_batch(loss_of_example, 2)
+
+
+def lasting_edge(output: torch.Tensor) -> GradientEdge | None:
+    """Where autograd passes ``output``'s gradient, also after the model changes ``output`` in place; None if no such
+    place. A view's own node leaves the graph when the view is changed in place (autograd rebases it onto its base),
+    and its gradient there would be silently zero: ``F.linear`` on ``[B, T, d]`` returns a view of its ``[B T, d]``
+    product, which Longformer then scales with ``/=``. That base's node stays: the edge of a base that the view
+    covers whole, in the same layout; None for a view of part of a tensor (a probe then)."""
+    if not output._is_view():
+        return get_gradient_edge(output)
+    base = output._base
+    whole = base.numel() == output.numel() and output.storage_offset() == base.storage_offset()
+    if base.grad_fn is None or not (whole and output.is_contiguous() and base.is_contiguous()):
+        return None
+    return get_gradient_edge(base)

@@ -370,9 +370,13 @@ _TOKEN_ROWS_MIN_RATIO = 8
 
 
 _TO_VMAP = "materialising costs less inside vmap(grad), which runs anyway"
-_FOLLOWED = "followed: used outside a factor site's call, each example's gradient where its uses meet the batch"
 _UNUSED = "not used by the forward pass or the loss on the first example: zero gradients (a batch using it is refused)"
 _UNUSED_ON_VMAP = "not used by the forward pass or the loss on the first example (zero gradients); vmap runs anyway"
+
+
+def _followed_reason(why: str) -> str:
+    """The route's reason for a followed parameter, with why it is outside factor sites."""
+    return f"followed: used outside a factor site's call ({why}), each example's gradient where its uses meet the batch"
 
 
 def _kernel_is_cheaper(site: Site, rows: int, self_only: bool) -> bool:
@@ -566,7 +570,7 @@ def make_plan(
     used = [n for n in names if n not in unused]
     size = _example_bytes([s for s in plan.sites if s.path in kernel], rows_of, used, diff)
     reasons.update({n: _UNUSED for n in unused})
-    reasons.update({n: _FOLLOWED for s in plan.sites if s.kind == "followed" for n in s.names})
+    reasons.update({n: _followed_reason(reasons[n]) for s in plan.sites if s.kind == "followed" for n in s.names})
     batching = "one batched forward / backward gives every layer's factors"
     unused_names = tuple(n for n in names if n in unused)
     return plan._replace(batched=True, batching=batching, kernel=frozenset(kernel), trimmed=frozenset(trimmed),
