@@ -1016,7 +1016,8 @@ class RawWeights(nn.Module):
     meets the embeddings ``[B, T, 6]`` ("transposed": Falcon's; "linear": a hand-written ``F.linear``; "left":
     ``w @ x^T``; "derived": a weight computed from it, ``2 w``; "diagonal": the earlier ``x @ diag(scale)``). Then a
     weight with a dimension of heads ``[2, 5, 4]`` broadcast over ``[B, 1, T, 5]`` rows, and one ``[3, 8]`` times
-    the pooled ``[B, 8]``. "columns": the last as ``(out @ z^T)^T`` (the batch's rows its columns, refused)."""
+    the pooled ``[B, 8]`` ("mm": by ``torch.mm``; "columns": as ``(out @ z^T)^T``, the batch's rows its columns,
+    refused)."""
 
     def __init__(self, way):
         super().__init__()
@@ -1036,10 +1037,12 @@ class RawWeights(nn.Module):
         else:
             h = x @ self.w.T + self.b
         z = (torch.tanh(h)[:, None] @ self.heads).transpose(1, 2).flatten(2).mean(1)  # [B, 8]
+        if self.way == "mm":
+            return torch.mm(z, self.out.t())
         return (self.out @ z.T).T if self.way == "columns" else z @ self.out.T
 
 
-@pytest.mark.parametrize("way", ["transposed", "linear", "left", "derived", "diagonal", "columns"])
+@pytest.mark.parametrize("way", ["transposed", "linear", "left", "derived", "diagonal", "mm", "columns"])
 def test_weights_multiplied_with_the_batch_are_followed_to_their_products(way):
     """A parameter meeting the batch as a weight in a matrix product was refused (a copy per example would make the
     product a batched one, slower than vmap(grad)), and the call took vmap(grad); Falcon's every projection did. Now

@@ -51,7 +51,7 @@ _CONDITION_KEYWORDS = ("condition", "mask")
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
 # Products of two operands, one the batch's and one a weight: (left, right) operands of ``left @ right``.
 _OPERANDS = {torch.matmul: (0, 1), torch.Tensor.matmul: (0, 1), torch.Tensor.__matmul__: (0, 1),
-             torch.Tensor.__rmatmul__: (1, 0)}  # fmt: skip
+             torch.Tensor.__rmatmul__: (1, 0), torch.mm: (0, 1), torch.Tensor.mm: (0, 1)}  # fmt: skip
 # Attention whose additive mask (added to each example's scores, broadcast) may be a followed output.
 _ATTENTION = F.scaled_dot_product_attention
 # Copies along the first dimension (MPNet's ``bias.expand(batch_size, ...).contiguous()``), and ops keeping them.
