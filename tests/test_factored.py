@@ -1014,8 +1014,9 @@ class RawWeights(nn.Module):
     """Weights held as raw parameters and multiplied with the batch by the model itself, as research code and
     Falcon's ``FalconLinear`` (``input @ self.weight.T + self.bias``) do: ``way`` is how the first weight ``[5, 6]``
     meets the embeddings ``[B, T, 6]`` ("transposed": Falcon's; "linear": a hand-written ``F.linear``; "left":
-    ``w @ x^T``; "derived": a weight computed from it, ``2 w``; "diagonal": the earlier ``x @ diag(scale)``). Then a
-    weight with a dimension of heads ``[2, 5, 4]`` broadcast over ``[B, 1, T, 5]`` rows, and one ``[3, 8]`` times
+    ``w @ x^T``; "derived": a weight computed from it, ``2 w``; "diagonal": the earlier ``x @ diag(scale)``;
+    "einsum": ``einsum("btd,ed->bte")``). Then a weight with a dimension of heads ``[2, 5, 4]`` broadcast over
+    ``[B, 1, T, 5]`` rows (an einsum's ``"bte,hef->bthf"`` in "einsum"), and one ``[3, 8]`` times
     the pooled ``[B, 8]`` ("mm": by ``torch.mm``; "columns": as ``(out @ z^T)^T``, the batch's rows its columns,
     refused)."""
 
@@ -1034,15 +1035,20 @@ class RawWeights(nn.Module):
             h = (self.w @ x.transpose(1, 2)).transpose(1, 2) + self.b
         elif self.way == "derived":
             h = x @ (2 * self.w).T + self.b
+        elif self.way == "einsum":
+            h = torch.einsum("btd,ed->bte", x, self.w) + self.b
         else:
             h = x @ self.w.T + self.b
-        z = (torch.tanh(h)[:, None] @ self.heads).transpose(1, 2).flatten(2).mean(1)  # [B, 8]
+        if self.way == "einsum":
+            z = torch.einsum("bte,hef->bthf", torch.tanh(h), self.heads).flatten(2).mean(1)
+        else:
+            z = (torch.tanh(h)[:, None] @ self.heads).transpose(1, 2).flatten(2).mean(1)  # [B, 8]
         if self.way == "mm":
             return torch.mm(z, self.out.t())
         return (self.out @ z.T).T if self.way == "columns" else z @ self.out.T
 
 
-@pytest.mark.parametrize("way", ["transposed", "linear", "left", "derived", "diagonal", "mm", "columns"])
+@pytest.mark.parametrize("way", ["transposed", "linear", "left", "derived", "diagonal", "mm", "einsum", "columns"])
 def test_weights_multiplied_with_the_batch_are_followed_to_their_products(way):
     """A parameter meeting the batch as a weight in a matrix product was refused (a copy per example would make the
     product a batched one, slower than vmap(grad)), and the call took vmap(grad); Falcon's every projection did. Now

@@ -192,6 +192,9 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
     "xlnet": (lambda: classifier(T.XLNetConfig, T.XLNetForSequenceClassification, d_model=32, n_layer=2, n_head=4,
                                  d_inner=64, vocab_size=100),
               "XLNetRelativeAttention has no factored form"),  # fmt: skip  (its projections are raw einsum weights)
+    "funnel": (lambda: classifier(T.FunnelConfig, T.FunnelForSequenceClassification, block_sizes=[1, 1], d_model=32,
+                                  n_head=4, d_head=8, d_inner=64, vocab_size=100),
+               BATCHED),  # fmt: skip  (its relative attention's raw kernels and biases, in einsums: followed)
     "swin": (lambda: image(T.SwinConfig, T.SwinForImageClassification, image_size=16, patch_size=2, embed_dim=8,
                            depths=[1, 1], num_heads=[2, 2], window_size=4),
              BATCHED),  # fmt: skip  (its relative position tables, read directly: followed to the batch)

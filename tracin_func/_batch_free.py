@@ -13,7 +13,8 @@ output. Any other way of meeting the batch is refused, and so is an output whose
 do not sum to (a path to the loss that never met the batch).
 
 A parameter is a weight where it meets the batch in a matrix product (Falcon's ``input @ self.weight.T``, a hand-written
-``F.linear(x, self.w, self.b)``): a copy per example would make that product a batched one, slower than vmap(grad).
+``F.linear(x, self.w, self.b)``, an einsum of two operands): a copy per example would make that product a batched one,
+slower than vmap(grad).
 There each example's gradient of the weight is its rows of the other operand times their output gradients (``x^T g``),
 as a Linear layer's; the product is taken out of autograd's own gradient of the weight, which would compute it again,
 summed, and is exact by construction, outside the check of sums.
@@ -77,8 +78,9 @@ class Meetings(TorchFunctionMode):
         self.named: list[str] = []  # what each root is, for errors
         self._weights: set[int] = set()  # roots that are weights in matrix products (parameters: see ``follow``)
         self.met: list[tuple[torch.Tensor, Any]] = []  # (what met the batch, its probe or gradient edge)
-        # meetings in a weight's product, by index in ``met``: (the batch's operand, weight on the left, product shape)
-        self._products: dict[int, tuple[torch.Tensor, bool, torch.Size]] = {}
+        # meetings in a weight's product, by index in ``met``: (the batch's operand, how (``_weight_product``), the
+        # product's shape)
+        self._products: dict[int, tuple[torch.Tensor, bool | str, torch.Size]] = {}
         for t in optree.tree_leaves(batch, none_is_leaf=True):
             if isinstance(t, torch.Tensor):
                 self._batch[id(t)] = weakref.ref(t)
@@ -116,7 +118,7 @@ class Meetings(TorchFunctionMode):
             if product is None:
                 args, kwargs = self._met(func, followed, of_batch, args, kwargs)
             else:  # its gradient from the product's rows only: autograd's summed one would cost that product again
-                args = tuple(a.detach() if a is product[0] else a for a in args)
+                args = optree.tree_map(lambda a: a.detach() if a is product[0] else a, args, none_is_leaf=True)
         out = func(*args, **kwargs)
         if product is not None:
             out = self._probed_product(out, *product)
@@ -151,33 +153,62 @@ class Meetings(TorchFunctionMode):
 
     def _weight_product(
         self, func: Any, followed: list[torch.Tensor], args: tuple[Any, ...], kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
-        """``(weight, the batch's operand, weight on the left)`` where ``func`` is a matrix product of a followed
-        weight (some root a parameter) and a tensor of the batch whose first dimension the output keeps (its rows),
-        the weight broadcast over them; else None."""
-        if func not in _OPERANDS or kwargs or len(args) != 2 or not self._weights & self._roots(followed):
+    ) -> tuple[torch.Tensor, torch.Tensor, bool | str] | None:
+        """``(weight, the batch's operand, how)`` where ``func`` is a matrix product (``how``: the weight on the left)
+        or an einsum (``how``: the equation of each row's gradient of the weight) of a followed weight (some root a
+        parameter) and a tensor of the batch whose first dimension the output keeps (its rows), the weight broadcast
+        over them; else None."""
+        if not self._weights & self._roots(followed) or kwargs:
+            return None
+        if func is torch.einsum:
+            return self._einsum_weight(args)
+        if func not in _OPERANDS or len(args) != 2:
             return None
         left, right = (args[i] for i in _OPERANDS[func])
         if not isinstance(left, torch.Tensor) or not isinstance(right, torch.Tensor):
             return None
         on_left = bool(self._roots_of(left))
         weight, x = (left, right) if on_left else (right, left)
-        if self._roots_of(x) or not self._of_batch(x) or not self._rows(x) or weight.dim() < 2:
+        if not self._batch_rows(x) or weight.dim() < 2:
             return None
         if x.dim() < (3 if on_left else 2):  # (a lone [B, k] right of a weight: its rows would be the output's columns)
-            return None
-        if x.dim() == 2 and x.shape[0] != self.n:  # rows of several examples merged ([B T, k], packed): not told apart
             return None
         rows_kept = weight.dim() == 2 if x.dim() == 2 else weight.dim() <= x.dim() and _padded(weight, x.dim())[0] == 1
         return (weight, x, on_left) if rows_kept else None
 
-    def _probed_product(self, out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, on_left: bool) -> Any:
+    def _einsum_weight(self, args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+        """An einsum of two operands, a followed weight without the batch's letter and a tensor of the batch whose
+        first letter (its rows) leads the output too, no letter repeated within a term (``"btd,hd->bth"``): the weight,
+        the batch's operand and the equation of each row's gradient of the weight (``"btd,bth->bhd"``)."""
+        operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+        equation = args[0].replace(" ", "") if args and isinstance(args[0], str) else ""
+        if len(operands) != 2 or "->" not in equation or "." in equation:
+            return None
+        terms, out = equation.split("->")
+        terms = terms.split(",")
+        at = [i for i, t in enumerate(operands) if self._roots_of(t)]
+        if len(terms) != 2 or len(at) != 1 or not self._batch_rows(operands[1 - at[0]]):
+            return None
+        weight, x, w, xs = operands[at[0]], operands[1 - at[0]], terms[at[0]], terms[1 - at[0]]
+        plain = all(len(set(t)) == len(t) for t in (w, xs, out)) and set(w) <= set(xs) | set(out)
+        if not plain or not xs or xs[0] != out[:1] or xs[0] in w:
+            return None
+        return weight, x, f"{xs},{out}->{xs[0]}{w}"
+
+    def _batch_rows(self, x: Any) -> bool:
+        """Whether ``x`` is the batch's, not followed, with rows of the batch first: not of several examples merged
+        into one dimension ([B T, k], packed rows), which the rows could not tell apart."""
+        if not isinstance(x, torch.Tensor) or self._roots_of(x) or not self._of_batch(x) or not self._rows(x):
+            return False
+        return x.dim() > 2 or x.shape[0] == self.n
+
+    def _probed_product(self, out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, how: bool | str) -> Any:
         """The product ``out``, whose gradient with ``x``'s rows gives each example's gradient of ``weight``
         (``cotangent``): taken where autograd passes it (``lasting_edge``), else at a zero probe added to it (a pass
         over the output)."""
         edge = lasting_edge(out) if out.requires_grad else None
         probe = torch.zeros_like(out, requires_grad=True) if edge is None else edge
-        self._products[len(self.met)] = (x.detach(), on_left, out.shape)
+        self._products[len(self.met)] = (x.detach(), how, out.shape)
         self.met.append((weight, probe))
         return out if edge is not None else out + probe
 
@@ -186,9 +217,12 @@ class Meetings(TorchFunctionMode):
         t = self.met[i][0]
         if i not in self._products:
             return _cotangent(t, g, self.n)
-        x, on_left, shape = self._products[i]  # (x changed in place since: autograd's plain check refused the model)
-        g = g.view(shape)  # (an edge's gradient is its base's: F.linear's [B T, d] under a [B, T, d] view)
-        n = self.n
+        x, how, shape = self._products[i]  # (x changed in place since: autograd's plain check refused the model)
+        g, n = g.view(shape), self.n  # (an edge's gradient is its base's: F.linear's [B T, d] under a [B, T, d] view)
+        if isinstance(how, str):  # an einsum's: each row's gradient, then rows per example summed (folded)
+            per_row = torch.einsum(how, x, g)
+            return per_row if per_row.shape[0] == n else per_row.reshape(n, -1, *t.shape).sum(1)
+        on_left = how
         if t.dim() == 2:  # rows [n, R, d] of the batch's operand and the output gradient (all leading dimensions)
             x, g = (y.mT.reshape(n, -1, y.shape[-2]) if on_left else y.reshape(n, -1, y.shape[-1]) for y in (x, g))
             a, b = (g, x) if on_left else (x, g)  # the gradient a^T b, formed in t's memory layout (Falcon's weight.T)
