@@ -1,6 +1,6 @@
-"""Parameters read directly, outside every layer's call, followed to where they meet the batch, against the route
-before (those parameters, with the layers it materialises, through ``vmap(grad)``: following switched off), in one
-process, in interleaved rounds (best of each).
+"""Parameters read directly, outside every layer's call, followed to where they meet the batch (elementwise, or as
+weights in matrix products), against the route before (those parameters, with the layers it materialises, through
+``vmap(grad)``: following switched off), in one process, in interleaved rounds (best of each).
 
 Workloads (200 train x 20 test, 3 checkpoints, float32):
 
@@ -119,7 +119,9 @@ def beit(n_train: int, n_test: int, seed: int = 0) -> real_models.RealWorkload:
     return real_models._hf_workload("beit", hf, checkpoints, data, n_train, "batch_loss", nn.CrossEntropyLoss())
 
 
-def falcon(n_train: int, n_test: int, seq_len: int = 32, dim: int = 64, layers: int = 2, seed: int = 0):
+def falcon(
+    n_train: int, n_test: int, seq_len: int = 32, dim: int = 64, layers: int = 2, seed: int = 0
+) -> real_models.RealWorkload:
     from transformers import FalconConfig, FalconForCausalLM
 
     config = FalconConfig(hidden_size=dim, num_hidden_layers=layers, num_attention_heads=4, vocab_size=1000)
