@@ -21,10 +21,10 @@ Usage::
     python benchmarks/bench_core.py --workloads --real bert --real-train 2000 --no-captum   # fixed costs amortised
 
 ``--real [NAME ...]`` adds the real-model table (``real_models.py``: Hugging Face GPT-2, BERT, BART, T5, a
-Llama-style LM, ViT and ConvNeXt from small configs, ResNet-18, MobileNetV3-small, an LSTM classifier; 200 train x 20
-test, 3 in-memory checkpoints; ``--quick``: 16 x 4): ours with the default options and ``factored=False``, the
-plain-backprop floor, and Captum ``TracInCP``'s per-example path at the best of ``--captum-batch-sizes``, for influence
-and self-influence;
+Llama-style LM, Falcon, ViT and ConvNeXt from small configs, ResNet-18, MobileNetV3-small, an LSTM classifier; 200
+train x 20 test, 3 in-memory checkpoints; ``--quick``: 16 x 4): ours with the default options and
+``factored=False``, the plain-backprop floor, and Captum ``TracInCP``'s per-example path at the best of
+``--captum-batch-sizes``, for influence and self-influence;
 ratios to the floor and to ours. The Hugging Face models are scored in two forms (dict batches with the library's
 ``tc.BatchLoss``, the issue's form, and a logits criterion, the only one Captum takes). ``transformers`` is needed for
 those (the ``bench`` extra).

@@ -119,21 +119,8 @@ def beit(n_train: int, n_test: int, seed: int = 0) -> real_models.RealWorkload:
     return real_models._hf_workload("beit", hf, checkpoints, data, n_train, "batch_loss", nn.CrossEntropyLoss())
 
 
-def falcon(
-    n_train: int, n_test: int, seq_len: int = 32, dim: int = 64, layers: int = 2, seed: int = 0
-) -> real_models.RealWorkload:
-    from transformers import FalconConfig, FalconForCausalLM
-
-    config = FalconConfig(hidden_size=dim, num_hidden_layers=layers, num_attention_heads=4, vocab_size=1000)
-    hf = real_models._hf_model(FalconForCausalLM, config, torch.float32, seed)
-    ids, pad = real_models._right_padded(n_train + n_test, seq_len, 1000, torch.Generator().manual_seed(seed + 1))
-    data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": ids.masked_fill(pad, -100)}
-    checkpoints = real_models.make_checkpoints(hf, seed + 2)
-    return real_models._hf_workload("falcon", hf, checkpoints, data, n_train, "batch_loss", nn.CrossEntropyLoss())
-
-
 WORKLOADS: dict[str, Callable[[int, int], real_models.RealWorkload]] = {
-    "relative": relative, "beit": beit, "falcon": falcon, "clip_text": clip_text
+    "relative": relative, "beit": beit, "falcon": real_models.falcon, "clip_text": clip_text
 }  # fmt: skip
 
 

@@ -1,5 +1,5 @@
 """Real-model workloads: Hugging Face GPT-2 (language model and sequence classifier), BERT, BART, T5, a Llama-style
-LM, ViT and ConvNeXt (small configs, random weights), ResNet-18, a MobileNetV3-small-style net and an LSTM
+LM, Falcon, ViT and ConvNeXt (small configs, random weights), ResNet-18, a MobileNetV3-small-style net and an LSTM
 classifier, each with three in-memory checkpoints and random data.
 
 Nothing is trained or downloaded: each builder makes the model from a seed, derives three ``tc.Checkpoint`` from
@@ -43,6 +43,9 @@ plain-backprop floor, and (for tuple batches) a per-example criterion Captum's `
   num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))``: RMSNorm (a layer of no known kind, its weight
   an elementwise scale), rotary positions, grouped key / value heads, SwiGLU; right-padded sequences with their
   ``attention_mask``, the causal-LM loss; the same three forms as ``gpt2``.
+- ``falcon``: ``FalconForCausalLM(FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+  vocab_size=1000))``: its projections are ``FalconLinear`` (``input @ self.weight.T``, no layer of a known kind);
+  the data and forms of ``llama``.
 - ``vit``: ``ViTForImageClassification(ViTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
   intermediate_size=128, patch_size=4, num_labels=10))`` on random 32x32 images: its class token and position
   embeddings are parameters of ``ViTEmbeddings`` itself (rows ``[1, ...]`` broadcast over the batch); the forms of
@@ -87,7 +90,7 @@ NOISE = 0.05  # checkpoint noise, relative to each parameter's RMS (absolute whe
 
 BatchLoss = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]  # (state, batch) -> summed per-example loss
 # builders of Hugging Face models (``form=``: the loss form)
-HF_MODELS = ("gpt2", "gpt2_cls", "bert", "bart", "t5", "llama", "vit", "convnext", "wav2vec2")
+HF_MODELS = ("gpt2", "gpt2_cls", "bert", "bart", "t5", "llama", "falcon", "vit", "convnext", "wav2vec2")
 
 
 @dataclass(frozen=True)
@@ -354,6 +357,31 @@ def llama(
     data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": ids.masked_fill(pad, -100)}
     checkpoints = make_checkpoints(hf, seed + 2)
     return _hf_workload("llama", hf, checkpoints, data, n_train, form, CausalLMLoss())
+
+
+def falcon(
+    n_train: int = 200,
+    n_test: int = 20,
+    seq_len: int = 32,
+    *,
+    form: str = "batch_loss",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    dim: int = 64,
+    layers: int = 2,
+) -> RealWorkload:
+    """Falcon causal LM (2 layers, 64 dims, 4 heads, multi-query attention, vocabulary 1000) on right-padded random
+    tokens with their attention mask: its ``FalconLinear`` computes ``input @ self.weight.T`` itself, so every
+    projection's weight is followed to its product with the batch."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(hidden_size=dim, num_hidden_layers=layers, num_attention_heads=4, vocab_size=1000)
+    hf = _hf_model(FalconForCausalLM, config, dtype, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    ids, pad = _right_padded(n_train + n_test, seq_len, config.vocab_size, generator)
+    data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": ids.masked_fill(pad, -100)}
+    checkpoints = make_checkpoints(hf, seed + 2)
+    return _hf_workload("falcon", hf, checkpoints, data, n_train, form, CausalLMLoss())
 
 
 def vit(
@@ -913,6 +941,7 @@ BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "bart": bart,
     "t5": t5,
     "llama": llama,
+    "falcon": falcon,
     "vit": vit,
     "convnext": convnext,
     "wav2vec2": wav2vec2,

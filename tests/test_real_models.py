@@ -1,5 +1,5 @@
-"""Real models on the scorers: Hugging Face GPT-2, BERT, BART, a Llama-style LM, ViT, ConvNeXt and wav2vec2 (small
-configs, random weights, nothing downloaded), ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, as
+"""Real models on the scorers: Hugging Face GPT-2, BERT, BART, a Llama-style LM, Falcon, ViT, ConvNeXt and wav2vec2
+(small configs, random weights, nothing downloaded), ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, as
 ``benchmarks/real_models.py`` builds them, at tiny sizes in float64. ``tc.influence`` and ``tc.self_influence``
 (default options and ``factored=False``) equal the one-backward-per-example reference to 1e-10. The Hugging Face
 models run in three forms: dict batches with the library's Hugging Face losses (``tc.causal_lm_loss`` /
@@ -50,6 +50,8 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "llama_batch_loss": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "llama_example_loss": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
     "llama_criterion": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
+    "falcon_batch_loss": lambda: rm.falcon(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
+    "falcon_criterion": lambda: rm.falcon(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
     "vit_batch_loss": lambda: rm.vit(N_TRAIN, N_TEST, IMAGE, form="batch_loss", dtype=F64),
     "vit_criterion": lambda: rm.vit(N_TRAIN, N_TEST, IMAGE, form="criterion", dtype=F64),
     "convnext_batch_loss": lambda: rm.convnext(N_TRAIN, N_TEST, IMAGE, form="batch_loss", dtype=F64),
@@ -138,6 +140,10 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     # expanded over the batch; its token embedding (V = 1000 >= 8 T) keeps test gradients as token rows
     "llama_batch_loss": (BATCHED, {"factored": 1, "materialised": 20}, ()),
     "llama_criterion": (BATCHED, {"factored": 1, "materialised": 20}, ()),
+    # Falcon's FalconLinear computes `input @ self.weight.T` itself: no layer of a known kind, its weights followed to
+    # their products with the batch (each example's gradient from the product's rows), materialised
+    "falcon_batch_loss": (BATCHED, {"materialised": 15}, ()),
+    "falcon_criterion": (BATCHED, {"materialised": 15}, ()),
     # ViT's class token and position embeddings, rows [1, ...] of ViTEmbeddings itself, get copies per example; as in
     # BERT, the last layer's Linears whose only row with gradient is the class token's are factored
     "vit_batch_loss": (BATCHED, {"factored": 10, "materialised": 30}, ()),

@@ -110,19 +110,18 @@ class Meetings(TorchFunctionMode):
         tensors = op_tensors(args, kwargs)
         followed = [t for t in tensors if self._roots_of(t)]
         of_batch = [t for t in tensors if self._of_batch(t)]
-        product = None
-        if followed and of_batch and func is F.linear and self._weights & self._roots(followed):
+        roots = self._roots(followed)
+        weighed = bool(of_batch) and bool(self._weights & roots)  # a parameter's use meets the batch
+        if weighed and func is F.linear:
             return self._as_product(types, args, kwargs)
-        if followed and of_batch:
-            product = self._weight_product(func, followed, args, kwargs)
-            if product is None:
-                args, kwargs = self._met(func, followed, of_batch, args, kwargs)
-            else:  # its gradient from the product's rows only: autograd's summed one would cost that product again
-                args = optree.tree_map(lambda a: a.detach() if a is product[0] else a, args, none_is_leaf=True)
+        product = self._weight_product(func, args, kwargs) if weighed else None
+        if product is not None:  # the weight's gradient from the product's rows: autograd's summed one is not formed
+            args = optree.tree_map(lambda a: a.detach() if a is product[0] else a, args, none_is_leaf=True)
+        elif followed and of_batch:
+            args, kwargs = self._met(func, followed, of_batch, args, kwargs)
         out = func(*args, **kwargs)
         if product is not None:
             out = self._probed_product(out, *product)
-        roots = self._roots(followed)
         for t in op_tensors(out):
             if of_batch:
                 self._batch[id(t)] = weakref.ref(t)
@@ -152,13 +151,13 @@ class Meetings(TorchFunctionMode):
         return out if bias is None else self.__torch_function__(torch.add, types, (out, bias))
 
     def _weight_product(
-        self, func: Any, followed: list[torch.Tensor], args: tuple[Any, ...], kwargs: Any
+        self, func: Any, args: tuple[Any, ...], kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor, bool | str] | None:
         """``(weight, the batch's operand, how)`` where ``func`` is a matrix product (``how``: the weight on the left)
         or an einsum (``how``: the equation of each row's gradient of the weight) of a followed weight (some root a
         parameter) and a tensor of the batch whose first dimension the output keeps (its rows), the weight broadcast
         over them; else None."""
-        if not self._weights & self._roots(followed) or kwargs:
+        if kwargs:
             return None
         if func is torch.einsum:
             return self._einsum_weight(args)
