@@ -1,6 +1,6 @@
-"""Real-model workloads: Hugging Face GPT-2 (language model and sequence classifier), BERT, BART, T5, a Llama-style
-LM, Falcon, ViT and ConvNeXt (small configs, random weights), ResNet-18, a MobileNetV3-small-style net and an LSTM
-classifier, each with three in-memory checkpoints and random data.
+"""Real-model workloads: Hugging Face GPT-2 (language model and sequence classifier), BERT, DeBERTa-v3, BART, T5, a
+Llama-style LM, Falcon, ViT and ConvNeXt (small configs, random weights), ResNet-18, a MobileNetV3-small-style net and
+an LSTM classifier, each with three in-memory checkpoints and random data.
 
 Nothing is trained or downloaded: each builder makes the model from a seed, derives three ``tc.Checkpoint`` from
 its initial weights by seeded noise (every floating parameter perturbed; BatchNorm running statistics made
@@ -32,6 +32,10 @@ plain-backprop floor, and (for tuple batches) a per-example criterion Captum's `
   "labels"}`` with ``tc.sequence_classification_loss(model)``; ``form="example_loss"``: the same batches with
   ``tc.ExampleLoss(... .loss)``; ``form="criterion"``: :class:`LogitsOnly` with
   ``CrossEntropyLoss`` and batches ``(input_ids, attention_mask, labels)``.
+- ``deberta``: ``DebertaV2ForSequenceClassification`` at the ``bert`` sizes with DeBERTa-v3's attention
+  (``relative_attention=True``, 16 position buckets each way, ``share_att_key=True``, ``norm_rel_ebd="layer_norm"``,
+  ``position_biased_input=False``): the relative embeddings' table is read directly, normalised, projected by the
+  query and key layers the tokens use too, and tiled over the batch per head; the data and forms of ``bert``.
 - ``bart``: ``BartForConditionalGeneration(BartConfig(d_model=64, encoder_layers=2, decoder_layers=2, 4 heads,
   ffn 128, vocab_size=1000))``: the token table is held by ``model.shared`` (never called) and used by the encoder's
   and the decoder's embeddings and the LM head; right-padded source sequences with their ``attention_mask``,
@@ -90,7 +94,7 @@ NOISE = 0.05  # checkpoint noise, relative to each parameter's RMS (absolute whe
 
 BatchLoss = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]  # (state, batch) -> summed per-example loss
 # builders of Hugging Face models (``form=``: the loss form)
-HF_MODELS = ("gpt2", "gpt2_cls", "bert", "bart", "t5", "llama", "falcon", "vit", "convnext", "wav2vec2")
+HF_MODELS = ("gpt2", "gpt2_cls", "bert", "deberta", "bart", "t5", "llama", "falcon", "vit", "convnext", "wav2vec2")
 
 
 @dataclass(frozen=True)
@@ -546,14 +550,47 @@ def bert(
         problem_type="single_label_classification",  # else transformers sets it on the first call
     )
     hf = _hf_model(BertForSequenceClassification, config, dtype, seed)
+    return _classifier_workload("bert", hf, n_train, n_test, seq_len, form, seed)
+
+
+def deberta(
+    n_train: int = 200,
+    n_test: int = 20,
+    seq_len: int = 32,
+    *,
+    form: str = "batch_loss",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    dim: int = 64,
+    buckets: int = 16,
+) -> RealWorkload:
+    """DeBERTa-v3 sequence classifier (2 layers, 64 dims, 4 heads, 4 labels) on right-padded random tokens, with
+    v3's disentangled attention: relative positions in ``buckets`` buckets each way, their embeddings normalised and
+    projected by the tokens' own query and key layers (``share_att_key``), no absolute positions."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    config = DebertaV2Config(
+        num_hidden_layers=2, hidden_size=dim, num_attention_heads=4, intermediate_size=2 * dim, vocab_size=1000,
+        num_labels=4, problem_type="single_label_classification", relative_attention=True, position_buckets=buckets,
+        max_relative_positions=2 * buckets, pos_att_type=["p2c", "c2p"], share_att_key=True,
+        norm_rel_ebd="layer_norm", position_biased_input=False,
+    )  # fmt: skip
+    hf = _hf_model(DebertaV2ForSequenceClassification, config, dtype, seed)
+    return _classifier_workload("deberta", hf, n_train, n_test, seq_len, form, seed)
+
+
+def _classifier_workload(
+    name: str, hf: nn.Module, n_train: int, n_test: int, seq_len: int, form: str, seed: int
+) -> RealWorkload:
+    """A sequence classifier's workload on right-padded random tokens with their attention mask."""
     generator = torch.Generator().manual_seed(seed + 1)
     n = n_train + n_test
     mask = (torch.arange(seq_len) < _lengths(n, seq_len, generator)[:, None]).long()
-    ids = torch.randint(1, config.vocab_size, (n, seq_len), generator=generator) * mask
-    labels = torch.randint(0, config.num_labels, (n,), generator=generator)
+    ids = torch.randint(1, hf.config.vocab_size, (n, seq_len), generator=generator) * mask
+    labels = torch.randint(0, hf.config.num_labels, (n,), generator=generator)
     data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     checkpoints = make_checkpoints(hf, seed + 2)
-    return _hf_workload("bert", hf, checkpoints, data, n_train, form, nn.CrossEntropyLoss())
+    return _hf_workload(name, hf, checkpoints, data, n_train, form, nn.CrossEntropyLoss())
 
 
 def _hf_model(model_class: type, config: Any, dtype: torch.dtype, seed: int, attention: str = "eager") -> nn.Module:
@@ -938,6 +975,7 @@ BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "gpt2": gpt2,
     "gpt2_cls": gpt2_classifier,
     "bert": bert,
+    "deberta": deberta,
     "bart": bart,
     "t5": t5,
     "llama": llama,

@@ -1074,6 +1074,107 @@ def test_weights_multiplied_with_the_batch_are_followed_to_their_products(way):
         assert_close(tc.influence(model, _ckpts(model), train, test, loss_fn=CE, compile=True), ref.influence)
 
 
+class PositionProjections(nn.Module):
+    """DeBERTa's disentangled attention in miniature: a table of position embeddings ``[P, 8]`` read directly,
+    normalised, projected and split into heads ``[H, P, 4]``, tiled over the batch by the model (``.repeat(B, 1,
+    1)``, as DeBERTa's ``[B H, P, 4]``) and multiplied with each example's queries and keys (``bmm``). ``way``:
+    "shared" projects the positions with the tokens' own query and key layers (DeBERTa-v3's ``share_att_key``),
+    "own" with layers of their own, both tiling the heads then transposing them (a copy kept by the transpose);
+    "tiled_late" shares the layers and transposes the heads, then tiles them."""
+
+    def __init__(self, way):
+        super().__init__()
+        self.way, self.tok, self.fc = way, nn.Embedding(10, 8), nn.Linear(8, 3)
+        self.table, self.norm = nn.Parameter(torch.randn(4, 8)), nn.LayerNorm(8)
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.pq, self.pk = (self.q, self.k) if way != "own" else (nn.Linear(8, 8), nn.Linear(8, 8))
+
+    def forward(self, tokens):
+        b, t = tokens.shape
+        x = self.tok(tokens)
+
+        def heads(y):  # [b, rows, 8] -> [b 2, rows, 4]
+            return y.view(y.shape[0], y.shape[1], 2, 4).transpose(1, 2).reshape(-1, y.shape[1], 4)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        positions = self.norm(self.table)[None]  # [1, P, 8]
+        pos_q, pos_k = heads(self.pq(positions)), heads(self.pk(positions))  # [2, P, 4]
+        if self.way == "tiled_late":
+            c2p = torch.bmm(q, pos_k.transpose(1, 2).repeat(b, 1, 1))
+        else:
+            c2p = torch.bmm(q, pos_k.repeat(b, 1, 1).transpose(1, 2))
+        p2c = torch.bmm(k, pos_q.repeat(b, 1, 1).transpose(-1, -2)).transpose(1, 2)
+        scores = torch.bmm(q, k.transpose(1, 2)) + c2p[..., :t] + p2c[:, :t]
+        out = torch.bmm(torch.softmax(scores, -1), v).view(b, 2, t, 4).transpose(1, 2).reshape(b, t, 8)
+        return self.fc(torch.tanh(out).mean(1))
+
+
+@pytest.mark.parametrize("way", ["shared", "own", "tiled_late"])
+def test_positions_projected_once_and_tiled_over_the_batch_are_followed(way):
+    """DeBERTa with relative attention (v2, and v3: its projections shared with the tokens) took vmap(grad): the
+    normalised table, fed to a LayerNorm ``[P, d]``, looked like rows of several examples merged, and the heads tiled
+    by ``repeat`` met the batch in ``bmm`` with rows of their own. Now a layer fed tensors computed once for the whole
+    batch runs once for it (its output followed, also where the same layer runs on the batch too), and a block tiled
+    over the batch meets each example's rows through its block: batched, exact on every path."""
+    torch.manual_seed(0)
+    model = PositionProjections(way).double().eval()
+    tokens, y = torch.randint(0, 10, (10, 4)), torch.randint(0, 3, (10,))
+    train, test = (tokens, y), (tokens[:3], y[:3])
+    explained = _exact_and_explained(model, train, test)
+    assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
+    assert all(r.route in ("factored", "materialised") for r in explained.routes), explained.routes
+    _assert_paths_agree(model, train, test)
+    if way == "shared":
+        ref = reference_scores(model, _ckpts(model), train, test, loss_fn=CE)
+        assert_close(tc.influence(model, _ckpts(model), train, test, loss_fn=CE, compile=True), ref.influence)
+
+
+class WindowMask(nn.Module):
+    """Swin's shifted windows in miniature: each example's 8 tokens in 2 windows (``[B 2, 4, 8]``), a relative bias
+    ``[1, H, 4, 4]`` read from a table directly, plus a mask per window ``[2, 4, 4]`` (a constant) tiled per example
+    by the model (``expand`` then ``reshape``), added to each window's scores. ``way``: "tiled" that; "varying": a
+    mask of each window's own, not tiled per example (the bias then has rows of its own: refused, vmap(grad))."""
+
+    def __init__(self, way):
+        super().__init__()
+        self.way, self.tok, self.fc = way, nn.Embedding(10, 8), nn.Linear(8, 3)
+        self.table, self.q, self.k = nn.Parameter(0.5 * torch.randn(7, 2)), nn.Linear(8, 8), nn.Linear(8, 8)
+        offsets = torch.arange(4)
+        self.register_buffer("index", (offsets[:, None] - offsets[None] + 3).flatten(), persistent=False)
+
+    def forward(self, tokens):
+        b = tokens.shape[0]
+        x = self.tok(tokens).view(b * 2, 4, 8)  # windows
+        q, k = (proj(x).view(b * 2, 4, 2, 4).transpose(1, 2) for proj in (self.q, self.k))
+        bias = self.table[self.index].view(4, 4, 2).permute(2, 0, 1)[None]  # [1, H, 4, 4]
+        if self.way == "varying":
+            mask = -torch.arange(b * 2.0, dtype=x.dtype)[:, None, None, None].expand(-1, 1, 4, 4)
+        else:
+            window = torch.tensor([0.0, -3.0], dtype=x.dtype)[:, None, None].expand(2, 4, 4) * torch.eye(4)
+            mask = window[:, None][None].expand(b, -1, -1, -1, -1).reshape(-1, 1, 4, 4)
+        attention = torch.softmax(q @ k.transpose(-1, -2) + (bias + mask), -1)
+        return self.fc(torch.tanh(attention @ q).mean((1, 2)).view(b, 2, 4).flatten(1))
+
+
+@pytest.mark.parametrize("way", ["tiled", "varying"])
+def test_a_constant_tiled_per_example_keeps_a_followed_bias_batched(way):
+    """The bias plus the mask tiled per example had rows of its own (``[B 2, H, 4, 4]``): refused, vmap(grad). Now
+    its block per example (the bias plus one example's masks) meets each example's windows: batched and exact. A mask
+    whose tiles differ is no such copy: still refused, and exact by vmap(grad)."""
+    torch.manual_seed(0)
+    model = WindowMask(way).double().eval()
+    tokens, y = torch.randint(0, 10, (10, 8)), torch.randint(0, 3, (10,))
+    train, test = (tokens, y), (tokens[:3], y[:3])
+    explained = _exact_and_explained(model, train, test)
+    if way == "varying":
+        assert "parameter 'table', computed once for the whole batch, meets the batch with rows of its own" in (
+            explained.batching
+        ), explained.batching
+        return
+    assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
+    _assert_paths_agree(model, train, test)
+
+
 def test_a_parameter_read_directly_and_tied_leaves_every_one_to_vmap():
     """A tensor under two names (tied) is not followed: the followed copy would stand for one of them. Then the call
     takes vmap(grad), and the others are not followed either (for nothing): no followed site reaches vmap(grad)."""

@@ -114,10 +114,15 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
         lambda: classifier(T.LongformerConfig, T.LongformerForSequenceClassification, attention_window=4,
                            pad_token_id=1, max_position_embeddings=40, **SMALL), BATCHED),  # fmt: skip
     "deberta_v2": (lambda: classifier(T.DebertaV2Config, T.DebertaV2ForSequenceClassification, **SMALL), BATCHED),
-    "deberta_v2_relative": (  # its relative embeddings' table is used directly, not called as a module
+    "deberta_v2_relative": (  # its relative embeddings' table, read directly, through its own projections per head
         lambda: classifier(T.DebertaV2Config, T.DebertaV2ForSequenceClassification, relative_attention=True,
                            position_buckets=4, max_relative_positions=8, pos_att_type=["p2c", "c2p"], **SMALL),
-        "'deberta.encoder.rel_embeddings' is not called as a module"),  # fmt: skip
+        BATCHED),  # fmt: skip  (tiled over the batch, `.repeat(B, 1, 1)`: followed to its products with the batch)
+    "deberta_v3": (  # DeBERTa-v3's configuration: the relative embeddings, normalised, through the content's own query
+        lambda: classifier(T.DebertaV2Config, T.DebertaV2ForSequenceClassification, relative_attention=True,
+                           position_buckets=4, max_relative_positions=8, pos_att_type=["p2c", "c2p"],
+                           share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False, **SMALL),
+        BATCHED),  # fmt: skip  (and key projections: those layers run both for the batch and once for the whole batch)
     "bert_multiple_choice": (  # [B, C, T] folded into [B C, T]: its [1, T] position row gets a row per row of that
         lambda: multiple_choice(T.BertConfig, T.BertForMultipleChoice, **SMALL), BATCHED),  # fmt: skip
     "gpt_neo": (lambda: causal_lm(T.GPTNeoConfig, T.GPTNeoForCausalLM, hidden_size=32, num_layers=2, num_heads=4,
@@ -200,7 +205,7 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
              BATCHED),  # fmt: skip  (its relative position tables, read directly: followed to the batch)
     "swin_shifted": (lambda: image(T.SwinConfig, T.SwinForImageClassification, image_size=16, patch_size=2,
                                    embed_dim=8, depths=[2], num_heads=[2], window_size=4),
-                     "SwinRelativePositionBias has no factored form"),  # fmt: skip
+                     BATCHED),  # fmt: skip  (the shifted windows' mask per window, tiled per image, plus the table)
 }
 MOE = {
     "mixtral": lambda: causal_lm(T.MixtralConfig, T.MixtralForCausalLM, torch.float32, num_local_experts=4,

@@ -42,6 +42,8 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "bert_batch_loss": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "bert_example_loss": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
     "bert_criterion": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
+    "deberta_batch_loss": lambda: rm.deberta(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
+    "deberta_criterion": lambda: rm.deberta(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
     "bart_batch_loss": lambda: rm.bart(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "bart_example_loss": lambda: rm.bart(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
     "bart_criterion": lambda: rm.bart(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
@@ -128,6 +130,10 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     # reads, carries gradient (the other rows are dropped)
     "bert_batch_loss": (BATCHED, {"factored": 14, "materialised": 27}, ()),
     "bert_criterion": (BATCHED, {"factored": 14, "materialised": 27}, ()),
+    # DeBERTa-v3's relative embeddings (a table read directly), normalised, run through the query and key layers once
+    # for the whole batch and tiled over it per head: followed to their products with each example's queries and keys
+    "deberta_batch_loss": (BATCHED, {"factored": 11, "materialised": 31}, ()),
+    "deberta_criterion": (BATCHED, {"factored": 11, "materialised": 31}, ()),
     # BART's token table is held by `model.shared`, which the forward never calls, and used by the encoder's and the
     # decoder's embeddings and the LM head: materialised from those three uses; the cross-attention's Linears are sites
     "bart_batch_loss": (BATCHED, {"factored": 33, "materialised": 58}, ()),

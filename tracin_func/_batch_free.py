@@ -49,15 +49,20 @@ _ELEMENTWISE = {
 _SELECTIONS = {torch.where: 0, torch.Tensor.where: 1, torch.Tensor.masked_fill: 1}
 _CONDITION_KEYWORDS = ("condition", "mask")
 # Products broadcasting their operands' batch dimensions (a matrix for the whole batch times each example's).
-_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
+_MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm,
+           torch.Tensor.bmm}
 # Products of two operands, one the batch's and one a weight: (left, right) operands of ``left @ right``.
 _OPERANDS = {torch.matmul: (0, 1), torch.Tensor.matmul: (0, 1), torch.Tensor.__matmul__: (0, 1),
              torch.Tensor.__rmatmul__: (1, 0), torch.mm: (0, 1), torch.Tensor.mm: (0, 1)}  # fmt: skip
 # Attention whose additive mask (added to each example's scores, broadcast) may be a followed output.
 _ATTENTION = F.scaled_dot_product_attention
-# Copies along the first dimension (MPNet's ``bias.expand(batch_size, ...).contiguous()``), and ops keeping them.
+# Copies along the first dimension: of a row (MPNet's ``bias.expand(batch_size, ...).contiguous()``), or tiles of a
+# block of rows (DeBERTa's position projections per head ``[H, 2 P, d]``, ``.repeat(batch_size, 1, 1)``); ops keeping
+# them (the same op on the row or block gives the copy's): casts, clones, transposes of other dimensions.
 _COPIES = {torch.Tensor.expand, torch.Tensor.expand_as, torch.broadcast_to}
+_TILES = {torch.Tensor.repeat}
 _KEEPING = {torch.Tensor.contiguous, torch.Tensor.clone, torch.clone, torch.Tensor.to, torch.Tensor.type_as}
+_TRANSPOSES = {torch.Tensor.transpose, torch.transpose}
 
 
 class Meetings(TorchFunctionMode):
@@ -71,8 +76,9 @@ class Meetings(TorchFunctionMode):
         self.n = n
         self._batch: dict[int, weakref.ref] = {}  # id -> the tensor, for tensors derived from the batch's inputs
         self._followed: dict[int, tuple[weakref.ref, frozenset[int]]] = {}  # id -> (tensor, indices of its roots)
-        # followed tensors copied along their first dimension (from size 1): id -> (the copy, the row copied, and
-        # both tensors' versions then: an in-place change since leaves the copy's rows other than that row)
+        # followed tensors copied along their first dimension (``_COPIES``, ``_TILES``): id -> (the copy, the row or
+        # block of rows copied, and both tensors' versions then: an in-place change since leaves the copy's rows other
+        # than that block's)
         self._copies: dict[int, tuple[weakref.ref, torch.Tensor, int, int]] = {}
         self.roots: list[torch.Tensor] = []  # the followed outputs, one per call of a layer (or parameter read)
         self.named: list[str] = []  # what each root is, for errors
@@ -96,6 +102,11 @@ class Meetings(TorchFunctionMode):
             self._weights.add(len(self.roots) - 1)
         self._followed[id(output)] = (weakref.ref(output), frozenset({len(self.roots) - 1}))
         return len(self.roots) - 1
+
+    def free(self, t: Any) -> bool:
+        """Whether ``t`` is computed from followed tensors alone, once for the whole batch (not a copy over it): a
+        layer fed it runs once for the whole batch too."""
+        return bool(self._roots_of(t)) and not self._copy(t)
 
     def _roots_of(self, t: Any) -> frozenset[int]:
         entry = self._followed.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -127,15 +138,41 @@ class Meetings(TorchFunctionMode):
                 self._batch[id(t)] = weakref.ref(t)
             elif roots:
                 self._followed[id(t)] = (weakref.ref(t), roots)
-        if roots and isinstance(out, torch.Tensor) and out.dim() and followed[0] is args[0]:
-            row = None
-            if func in _COPIES and _padded(args[0], out.dim())[0] == 1:
-                row = args[0]
-            elif func in _KEEPING and self._copy(args[0]):  # the same op on the row (a dtype cast, a clone)
-                row = func(self._copies[id(args[0])][1], *args[1:], **kwargs)
+        if roots and not of_batch and isinstance(out, torch.Tensor) and out.dim():
+            row = self._copied_row(func, args, kwargs, out, followed[0] is args[0])
             if row is not None:
                 self._copies[id(out)] = (weakref.ref(out), row, out._version, row._version)
         return out
+
+    def _copied_row(self, func: Any, args: tuple[Any, ...], kwargs: Any, out: torch.Tensor, first: bool) -> Any:
+        """The row or block of rows the followed ``out`` copies along its first dimension (``first``: a followed
+        tensor is the op's first argument), computed as ``out`` from the rows or blocks of the arguments; else None."""
+        if first and (func in _COPIES and _padded(args[0], out.dim())[0] == 1 or func in _TILES and _tiled(args, out)):
+            return args[0]
+        if first and (func in _KEEPING or func in _TRANSPOSES and _rowwise(args, out)) and self._copy(args[0]):
+            return func(self._copies[id(args[0])][1], *args[1:], **kwargs)  # the same op on the row or block
+        if func in _ELEMENTWISE and not _in_place(func):
+            return self._with_tiled_constants(func, args, kwargs, out)
+        return None
+
+    def _with_tiled_constants(self, func: Any, args: tuple[Any, ...], kwargs: Any, out: torch.Tensor) -> Any:
+        """``func`` on followed rows broadcast over the batch's rows and constants (neither followed nor the batch's)
+        tiled over them, a block per example (Swin's shifted windows: a mask per window, tiled per image, added to the
+        position bias), computed on one block of each: the block ``out`` tiles; else None."""
+        rows, n = out.shape[0], self.n
+        if rows == 1 or rows % n:
+            return None
+        k, blocks = rows // n, []
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dim() == out.dim() and a.shape[0] == rows:
+                if self._roots_of(a):  # (followed rows of its own)
+                    return None
+                tiles = a.reshape(n, k, *a.shape[1:])
+                if not torch.equal(tiles, tiles[:1].expand_as(tiles)):
+                    return None
+                a = a[:k]
+            blocks.append(a)
+        return func(*blocks, **kwargs)
 
     def _roots(self, followed: Sequence[torch.Tensor]) -> frozenset[int]:
         return frozenset().union(*map(self._roots_of, followed))
@@ -264,7 +301,7 @@ class Meetings(TorchFunctionMode):
         rank = max((t.dim() for t in batched), default=0)
         rows = max((t.shape[0] for t in batched if t.dim() == rank), default=0)
         name = getattr(func, "__name__", str(func))
-        in_place = name.endswith("_") and not name.startswith("__") or name.startswith("__i")
+        in_place = _in_place(func)
         products = func in _MATMUL and rank >= 3 and all(t.dim() >= 2 for t in followed)  # batch dims broadcast
         if products and self._weights & self._roots(followed):
             raise RuntimeError(
@@ -283,38 +320,47 @@ class Meetings(TorchFunctionMode):
                 f"by a condition of the batch, matrix products with a tensor whose first dimension is the batch's, "
                 f"and the additive mask of scaled_dot_product_attention are followed)"
             )
-        probes = {
-            id(t): self._probed(self._first_copy(t, rank, rows), [rows, *_padded(t, rank)[1:]], self._named([t]))
-            for t in followed
-        }
+        probes = {id(t): self._probed(t, rank, rows) for t in followed}
 
         def probed(x: Any) -> Any:
             return probes.get(id(x), x) if isinstance(x, torch.Tensor) else x
 
         return optree.tree_map(probed, args, none_is_leaf=True), optree.tree_map(probed, kwargs, none_is_leaf=True)
 
-    def _first_copy(self, t: torch.Tensor, rank: int, rows: int) -> torch.Tensor:
-        """``t``, or the row it copies where the model copied it over the batch itself (all rows the same, from size
-        1: MPNet's bias expanded to the batch size), through which each example's rows' gradient then passes: the row
-        the copy was made from while neither changed since (mapped back through the copy, each example's gradient
-        took a ``[B, *shape]`` tensor per example, MPNet's backward 0.3 s per batch of 100), else the copy's first."""
-        if not (_padded(t, rank)[0] == rows != 1 and self._copy(t) and torch.equal(t, t[:1].expand_as(t))):
-            return t
-        _, row, version, row_version = self._copies[id(t)]
-        return row if t._version == version and row._version == row_version else t[:1]
+    def _copied_block(self, t: torch.Tensor, rank: int, rows: int) -> torch.Tensor | None:
+        """The row or block of rows ``t`` copies where the model copied it over the batch itself (all tiles the same:
+        MPNet's bias expanded to the batch size, DeBERTa's projections per head tiled), through which each example's
+        rows' gradient then passes: the row or block the copy was made from while neither changed since (mapped back
+        through the copy, each example's gradient took a ``[B, *shape]`` tensor per example, MPNet's backward 0.3 s
+        per batch of 100), else the copy's first; None where ``t`` is no such copy."""
+        if not (_padded(t, rank)[0] == rows != 1 and self._copy(t)):
+            return None
+        _, block, version, block_version = self._copies[id(t)]
+        k = _padded(block, t.dim())[0]
+        tiles = t.reshape(rows // k, k, *t.shape[1:]) if rows % k == 0 else None
+        if tiles is None or not torch.equal(tiles, tiles[:1].expand_as(tiles)):
+            return None
+        return block if t._version == version and block._version == block_version else t[:k]
 
     def _rows(self, t: torch.Tensor) -> int:
         """``t``'s rows of the batch dimension: its first dimension when a multiple of the examples', else 0."""
         return t.shape[0] if t.dim() >= 1 and t.shape[0] % self.n == 0 else 0
 
-    def _probed(self, t: torch.Tensor, shape: Any, named: str) -> torch.Tensor:
-        """``t`` (or its copy over the batch, of ``shape``) plus a zero probe of ``shape`` ``[rows, ...]``: each row's
-        gradient of ``t`` where it meets the batch."""
-        if _padded(t, len(shape))[0] != 1:  # a dimension of its own where the batch's is: not broadcast over it
-            raise RuntimeError(f"{named} meets the batch with rows of its own in the batch's dimension")
+    def _probed(self, t: torch.Tensor, rank: int, rows: int) -> torch.Tensor:
+        """``t`` (or its copy over the batch) plus a zero probe ``[rows, ...]``: each row's gradient of ``t`` where it
+        meets the batch. A row broadcast over the batch's rows (or copied by the model over them) gets the probe added
+        directly, a block of rows tiled over them (``_copied_block``) in tiles: each example's rows hold whole tiles."""
+        block = self._copied_block(t, rank, rows)
+        source = t if block is None else block
+        k = _padded(source, rank)[0]  # rows of its own where the batch's are: not broadcast over it, nor tiles
+        if k != 1 and (block is None or rows // self.n % k):
+            raise RuntimeError(f"{self._named([t])} meets the batch with rows of its own in the batch's dimension")
+        shape = [rows, *_padded(t, rank)[1:]]
         probe = t.new_zeros(shape).requires_grad_()
-        self.met.append((t, probe))
-        return t + probe  # (broadcast to ``shape``)
+        self.met.append((source, probe))
+        if k == 1:
+            return source + probe  # (broadcast to ``shape``)
+        return (source + probe.view(rows // k, k, *shape[1:])).reshape(shape)  # (each tile plus its part of the probe)
 
 
 def _padded(t: torch.Tensor, rank: int) -> list[int]:
@@ -362,9 +408,11 @@ def _root_viewed(roots: Sequence[torch.Tensor], t: torch.Tensor) -> tuple[int, b
 
 
 def _cotangent(t: torch.Tensor, g: torch.Tensor, n: int) -> torch.Tensor:
-    """``[n, *t.shape]``: a probe's gradient ``[rows, ...]`` summed over each example's rows (a folded batch), then
-    over what broadcasting (or the model's copy over the batch) added to ``t``'s shape."""
-    per_example = g.reshape(n, -1, *g.shape[1:]).sum(1, keepdim=True)  # [n, 1, ...]
+    """``[n, *t.shape]``: a probe's gradient ``[rows, ...]`` summed over each example's rows (a folded batch; over
+    its tiles of a block of rows), then over what broadcasting (or the model's copy over the batch) added to ``t``'s
+    shape."""
+    k = _padded(t, g.dim())[0]  # 1, or the rows of a block tiled over each example's (``Meetings._probed``)
+    per_example = g.reshape(n, -1, k, *g.shape[1:]).sum(1)  # [n, k, ...]
     return per_example.sum_to_size(n, *_padded(t, g.dim())).reshape(n, *t.shape)
 
 
@@ -396,3 +444,21 @@ def per_example_outputs(
             g = g if product is None else product if g is None else g + product
             out[path].append(probe.new_zeros(n, *probe.shape) if g is None else g)
     return out
+
+
+def _tiled(args: tuple[Any, ...], out: torch.Tensor) -> bool:
+    """Whether ``args`` of ``Tensor.repeat`` tile their tensor along its first dimension alone."""
+    sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+    return len(sizes) == args[0].dim() >= 1 and all(s == 1 for s in sizes[1:])
+
+
+def _rowwise(args: tuple[Any, ...], out: torch.Tensor) -> bool:
+    """Whether ``args`` of a transpose leave the first dimension in place."""
+    dims = args[1:3]
+    return len(dims) == 2 and all(isinstance(d, int) and d % out.dim() != 0 for d in dims)
+
+
+def _in_place(func: Any) -> bool:
+    """Whether ``func`` changes its first argument in place (``add_``, ``__iadd__``)."""
+    name = getattr(func, "__name__", "")
+    return name.endswith("_") and not name.startswith("__") or name.startswith("__i")

@@ -198,7 +198,10 @@ def batched_factors(
 
     followed = [s for s in plan.sites if s.kind == "followed"]  # parameters read directly: their uses followed too
     meetings = Meetings(batch, n) if plan.follows else None
-    roots: dict[str, list[tuple[int, torch.Tensor]]] = {p: [] for p in [*plan.batch_free, *(s.path for s in followed)]}
+    # per followed output (a call run once for the whole batch, a parameter read directly): its index among the
+    # followed tensors and the probe whose gradient is its whole gradient
+    roots: dict[str, list[tuple[int, torch.Tensor]]] = {s.path: [] for s in followed}
+    called: dict[str, list[bool]] = {s.path: [] for s in plan.sites}  # per call: whether run once for the batch
 
     def hook_for(site: Site) -> Hook:
         seq_first = site.path in plan.seq_first  # [T, B, ...]: its factors taken as [B, T, ...]
@@ -208,11 +211,16 @@ def batched_factors(
             inputs[site.path].append(x.transpose(0, 1) if seq_first else x)
             if not compiled:
                 kept.append((site.path, x, x._version))
-            if meetings is not None and site.path in plan.batch_free:  # run once for the whole batch: its output
-                inputs[site.path][-1] = x.expand(n, *x.shape)  # followed to where it meets the batch (each
-                probe = torch.zeros_like(output, requires_grad=True)  # example's input: the same)
+            # run once for the whole batch (its input has no batch dimension, or is computed from followed tensors
+            # alone: DeBERTa's relative embeddings): its output followed to where it meets the batch
+            once = meetings is not None and (site.path in plan.batch_free or meetings.free(args[0]) and not seq_first)
+            called[site.path].append(once)
+            if once:
+                inputs[site.path][-1] = x.expand(n, *x.shape)  # (each example's input: the same)
+                probe = torch.zeros_like(output, requires_grad=True)
                 followed = output + probe
-                roots[site.path].append((meetings.follow(followed, f"the output of {site.path!r}"), probe))
+                root = meetings.follow(followed, f"the output of {site.path!r}")
+                roots.setdefault(site.path, []).append((root, probe))
                 return followed
             if output.dim() >= 3 and token_wise(layer, site):
                 folded.add(output.shape[int(seq_first)])
@@ -299,10 +307,14 @@ def batched_factors(
         torch.zeros_like(like) if g is None else _per_example(g, n) if like in copied else g.view(like.shape)
         for g, (like, _) in zip(grads, flat)  # (a view's gradient taken at its base: the base's shape)
     )
-    factors = {s.path: (inputs[s.path], [next(grads) for _ in outputs[s.path]]) for s in plan.sites}
-    for path in plan.seq_first:
-        xs, gs = factors[path]
-        factors[path] = (xs, [g.transpose(0, 1) for g in gs])
+    once = {path: iter(at_roots.get(path, ())) for path in called} if meetings is not None else {}
+
+    def output_grad(path: str, run_once: bool) -> torch.Tensor:  # the next call's, [B, ...]
+        if run_once:
+            return next(once[path])
+        return next(grads).transpose(0, 1) if path in plan.seq_first else next(grads)
+
+    factors = {s.path: (inputs[s.path], [output_grad(s.path, o) for o in called[s.path]]) for s in plan.sites}
     modules = dict(module.named_modules())
     for site in plan.sites:  # a token-wise layer fed [n T, d] (OPT flattens tokens before its MLP): rows per example
         if token_wise(modules.get(site.path), site):
@@ -310,8 +322,6 @@ def batched_factors(
             factors[site.path] = ([_split_rows(x, n) for x in xs], [_split_rows(g, n) for g in gs])
     for site in expanded:  # no inputs: the per-example gradients themselves, [B, *shape]
         factors[site.path] = ([], [next(grads).reshape(n, *shapes[name]) for name in site.names])
-    for path in plan.batch_free if meetings is not None else ():
-        factors[path] = (inputs[path], at_roots[path])
     for site in followed:  # no inputs: the per-example gradients themselves, [B, *shape]
         factors[site.path] = ([], at_roots[site.path])
     return factors
