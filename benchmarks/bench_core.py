@@ -97,6 +97,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"real models: N training examples (default {REAL_SIZES[1]}; --quick {QUICK_REAL[1]}): fixed costs per "
         "call (planning) weigh less against more examples",
     )
+    parser.add_argument(
+        "--real-size", nargs="+", default=[], metavar="KEY=N",
+        help="real models: sizes passed to their builders (``real_models``), e.g. dim=256 seq_len=64 for DeBERTa or "
+        "Falcon, layers=4 for Falcon (default: each builder's own)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of Captum and dattri (default 64)")
     parser.add_argument(
         "--our-batch-size", type=int, default=None, help="tracin_func's batch_size (default: its own automatic choice)"
@@ -243,16 +248,16 @@ def dattri_influence(w: Workload, model: nn.Module, bs: int, device: torch.devic
 # ------------------------------------------------------------------------------------------------- real models
 
 
-def real_forms(name: str, n_test: int, n_train: int) -> list[real_models.RealWorkload]:
+def real_forms(name: str, n_test: int, n_train: int, **sizes: int) -> list[real_models.RealWorkload]:
     """The workload in each form it is scored in: the Hugging Face models (``real_models.HF_MODELS``) on dict batches
     with the library's per-example loss (``tc.causal_lm_loss`` / ``tc.seq2seq_lm_loss`` /
     ``tc.sequence_classification_loss``, a ``tc.BatchLoss``; first: the issue's form) and as a logits criterion
     (Captum's only form); the others as a criterion. (The third form, ``tc.ExampleLoss`` of the model's own ``.loss``,
-    runs one example at a time by definition.)"""
+    runs one example at a time by definition.) ``sizes``: the builder's size arguments."""
     build = real_models.BUILDERS[name]
     if name in real_models.HF_MODELS:
-        return [build(n_train, n_test, form=form) for form in ("batch_loss", "criterion")]
-    return [build(n_train, n_test)]
+        return [build(n_train, n_test, form=form, **sizes) for form in ("batch_loss", "criterion")]
+    return [build(n_train, n_test, **sizes)]
 
 
 def real_to_device(w: real_models.RealWorkload, device: torch.device) -> real_models.RealWorkload:
@@ -410,7 +415,8 @@ def once(fn: Callable[[], Any], device: torch.device) -> Measurement:
 def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tuple[Rows, str]:
     n_test, n_train = QUICK_REAL if args.quick else REAL_SIZES
     n_train = args.real_train or n_train
-    forms = [real_to_device(w, device) for w in real_forms(name, n_test, n_train)]
+    sizes = {key: int(value) for key, value in (size.split("=") for size in args.real_size)}
+    forms = [real_to_device(w, device) for w in real_forms(name, n_test, n_train, **sizes)]
     rows = Rows(name, floor_column=True)
     timer = Rounds(args.repeat, device)  # everything below but Captum, timed in rounds together
 

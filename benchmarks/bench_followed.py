@@ -13,11 +13,7 @@ Workloads (200 train x 20 test, 3 checkpoints, float32):
   ``FalconLinear`` computes ``input @ self.weight.T + self.bias`` itself: every projection's weight read directly and
   followed to its product with the batch;
 - ``clip_text``: a text tower as CLIP's (d = 64, one encoder layer, 32 tokens), its position table and
-  ``text_projection`` held as raw parameters (``x[:, 0] @ self.text_projection``), the rest ``nn`` layers;
-- ``deberta``: transformers' DeBERTa-v3 sequence classifier (``real_models.deberta``: 2 layers, d = 64, 32 tokens,
-  16 position buckets each way), whose relative embeddings' table is read directly, normalised and projected once
-  for the whole batch by the query and key layers the tokens use too, then tiled over the batch per head;
-  ``deberta_wide``: the same at d = 256, 64 tokens, 32 buckets (the fixed costs per layer call weigh less).
+  ``text_projection`` held as raw parameters (``x[:, 0] @ self.text_projection``), the rest ``nn`` layers.
 
 Rows: influence and self-influence, followed and not, and the floor (one plain batched forward / backward per
 checkpoint over the examples scored: train and test for influence, train for self-influence); ratios to the floor,
@@ -123,13 +119,8 @@ def beit(n_train: int, n_test: int, seed: int = 0) -> real_models.RealWorkload:
     return real_models._hf_workload("beit", hf, checkpoints, data, n_train, "batch_loss", nn.CrossEntropyLoss())
 
 
-def deberta_wide(n_train: int, n_test: int) -> real_models.RealWorkload:
-    return real_models.deberta(n_train, n_test, 64, dim=256, buckets=32)
-
-
 WORKLOADS: dict[str, Callable[[int, int], real_models.RealWorkload]] = {
-    "relative": relative, "beit": beit, "falcon": real_models.falcon, "clip_text": clip_text,
-    "deberta": real_models.deberta, "deberta_wide": deberta_wide,
+    "relative": relative, "beit": beit, "falcon": real_models.falcon, "clip_text": clip_text
 }  # fmt: skip
 
 

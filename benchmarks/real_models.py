@@ -1,6 +1,6 @@
 """Real-model workloads: Hugging Face GPT-2 (language model and sequence classifier), BERT, DeBERTa-v3, BART, T5, a
-Llama-style LM, Falcon, ViT and ConvNeXt (small configs, random weights), ResNet-18, a MobileNetV3-small-style net and
-an LSTM classifier, each with three in-memory checkpoints and random data.
+Llama-style LM, Falcon, ViT, Swin and ConvNeXt (small configs, random weights), ResNet-18, a MobileNetV3-small-style
+net and an LSTM classifier, each with three in-memory checkpoints and random data.
 
 Nothing is trained or downloaded: each builder makes the model from a seed, derives three ``tc.Checkpoint`` from
 its initial weights by seeded noise (every floating parameter perturbed; BatchNorm running statistics made
@@ -54,6 +54,9 @@ plain-backprop floor, and (for tuple batches) a per-example criterion Captum's `
   intermediate_size=128, patch_size=4, num_labels=10))`` on random 32x32 images: its class token and position
   embeddings are parameters of ``ViTEmbeddings`` itself (rows ``[1, ...]`` broadcast over the batch); the forms of
   ``bert`` (``pixel_values`` for ``input_ids`` and the mask).
+- ``swin``: ``SwinForImageClassification(SwinConfig(patch_size=2, embed_dim=32, depths=[2, 2], num_heads=[2, 4],
+  window_size=4, num_labels=10))`` on random 32x32 images: 16 and 4 windows per image, every second block's shifted
+  (a mask per window, tiled per image, added to its relative position bias); the forms of ``vit``.
 - ``convnext``: ``ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[32, 64], depths=[2, 2],
   num_stages=2, patch_size=4, num_labels=10))`` on random 32x32 images: depthwise 7x7 convolutions, channels-first
   LayerNorms (an ``nn.LayerNorm`` subclass permuting around its ``F.layer_norm`` call) and layer scales (vectors of
@@ -94,7 +97,9 @@ NOISE = 0.05  # checkpoint noise, relative to each parameter's RMS (absolute whe
 
 BatchLoss = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]  # (state, batch) -> summed per-example loss
 # builders of Hugging Face models (``form=``: the loss form)
-HF_MODELS = ("gpt2", "gpt2_cls", "bert", "deberta", "bart", "t5", "llama", "falcon", "vit", "convnext", "wav2vec2")
+HF_MODELS = (
+    "gpt2", "gpt2_cls", "bert", "deberta", "bart", "t5", "llama", "falcon", "vit", "swin", "convnext", "wav2vec2"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -406,6 +411,28 @@ def vit(
     )  # fmt: skip
     hf = _hf_model(ViTForImageClassification, config, dtype, seed)
     return _image_classifier("vit", hf, n_train, n_test, image_size, form, dtype, seed)
+
+
+def swin(
+    n_train: int = 200,
+    n_test: int = 20,
+    image_size: int = 32,
+    *,
+    form: str = "batch_loss",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    embed: int = 32,
+) -> RealWorkload:
+    """Swin image classifier (2 stages of 2 blocks, ``embed`` then ``2 embed`` dims, 2 / 4 heads, 2 x 2 patches,
+    windows of 4 x 4, every second block's shifted, 10 labels) on random images."""
+    from transformers import SwinConfig, SwinForImageClassification
+
+    config = SwinConfig(
+        image_size=image_size, patch_size=2, embed_dim=embed, depths=[2, 2], num_heads=[2, 4], window_size=4,
+        num_labels=10,
+    )  # fmt: skip
+    hf = _hf_model(SwinForImageClassification, config, dtype, seed)
+    return _image_classifier("swin", hf, n_train, n_test, image_size, form, dtype, seed)
 
 
 def convnext(
@@ -981,6 +1008,7 @@ BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "llama": llama,
     "falcon": falcon,
     "vit": vit,
+    "swin": swin,
     "convnext": convnext,
     "wav2vec2": wav2vec2,
     "resnet18": resnet18,

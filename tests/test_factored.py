@@ -1080,7 +1080,9 @@ class PositionProjections(nn.Module):
     1)``, as DeBERTa's ``[B H, P, 4]``) and multiplied with each example's queries and keys (``bmm``). ``way``:
     "shared" projects the positions with the tokens' own query and key layers (DeBERTa-v3's ``share_att_key``),
     "own" with layers of their own, both tiling the heads then transposing them (a copy kept by the transpose);
-    "tiled_late" shares the layers and transposes the heads, then tiles them."""
+    "tiled_late" shares the layers and transposes the heads, then tiles them; "head_major" lays the tokens' heads out
+    head-major (``[H B, T, 4]``) and still tiles the positions' ``B`` times, so that each row of the batch meets the
+    positions' head of its row's parity, a block per two rows that are no example's own."""
 
     def __init__(self, way):
         super().__init__()
@@ -1093,10 +1095,12 @@ class PositionProjections(nn.Module):
         b, t = tokens.shape
         x = self.tok(tokens)
 
-        def heads(y):  # [b, rows, 8] -> [b 2, rows, 4]
-            return y.view(y.shape[0], y.shape[1], 2, 4).transpose(1, 2).reshape(-1, y.shape[1], 4)
+        def heads(y, major=False):  # [b, rows, 8] -> [b 2, rows, 4] (major: [2 b, rows, 4])
+            y = y.view(y.shape[0], y.shape[1], 2, 4)
+            return (y.permute(2, 0, 1, 3) if major else y.transpose(1, 2)).reshape(-1, y.shape[1], 4)
 
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        major = self.way == "head_major"
+        q, k, v = (heads(proj(x), major) for proj in (self.q, self.k, self.v))
         positions = self.norm(self.table)[None]  # [1, P, 8]
         pos_q, pos_k = heads(self.pq(positions)), heads(self.pk(positions))  # [2, P, 4]
         if self.way == "tiled_late":
@@ -1105,22 +1109,28 @@ class PositionProjections(nn.Module):
             c2p = torch.bmm(q, pos_k.repeat(b, 1, 1).transpose(1, 2))
         p2c = torch.bmm(k, pos_q.repeat(b, 1, 1).transpose(-1, -2)).transpose(1, 2)
         scores = torch.bmm(q, k.transpose(1, 2)) + c2p[..., :t] + p2c[:, :t]
-        out = torch.bmm(torch.softmax(scores, -1), v).view(b, 2, t, 4).transpose(1, 2).reshape(b, t, 8)
+        out = torch.bmm(torch.softmax(scores, -1), v)
+        out = (out.view(2, b, t, 4).permute(1, 2, 0, 3) if major else out.view(b, 2, t, 4).transpose(1, 2))
+        out = out.reshape(b, t, 8)
         return self.fc(torch.tanh(out).mean(1))
 
 
-@pytest.mark.parametrize("way", ["shared", "own", "tiled_late"])
+@pytest.mark.parametrize("way", ["shared", "own", "tiled_late", "head_major"])
 def test_positions_projected_once_and_tiled_over_the_batch_are_followed(way):
     """DeBERTa with relative attention (v2, and v3: its projections shared with the tokens) took vmap(grad): the
     normalised table, fed to a LayerNorm ``[P, d]``, looked like rows of several examples merged, and the heads tiled
     by ``repeat`` met the batch in ``bmm`` with rows of their own. Now a layer fed tensors computed once for the whole
     batch runs once for it (its output followed, also where the same layer runs on the batch too), and a block tiled
-    over the batch meets each example's rows through its block: batched, exact on every path."""
+    over the batch meets each example's rows through its block: batched, exact on every path. Blocks that are no
+    example's own (head-major rows) would credit one example's gradient to another: refused by the batching check."""
     torch.manual_seed(0)
     model = PositionProjections(way).double().eval()
     tokens, y = torch.randint(0, 10, (10, 4)), torch.randint(0, 3, (10,))
     train, test = (tokens, y), (tokens[:3], y[:3])
     explained = _exact_and_explained(model, train, test)
+    if way == "head_major":  # (the first examples' factors, alone and together, differ: refused)
+        assert explained.batching.startswith("vmap(grad) over examples: a batched forward changed the first examples'")
+        return
     assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
     assert all(r.route in ("factored", "materialised") for r in explained.routes), explained.routes
     _assert_paths_agree(model, train, test)

@@ -56,6 +56,8 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "falcon_criterion": lambda: rm.falcon(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
     "vit_batch_loss": lambda: rm.vit(N_TRAIN, N_TEST, IMAGE, form="batch_loss", dtype=F64),
     "vit_criterion": lambda: rm.vit(N_TRAIN, N_TEST, IMAGE, form="criterion", dtype=F64),
+    "swin_batch_loss": lambda: rm.swin(N_TRAIN, N_TEST, IMAGE, form="batch_loss", dtype=F64),
+    "swin_criterion": lambda: rm.swin(N_TRAIN, N_TEST, IMAGE, form="criterion", dtype=F64),
     "convnext_batch_loss": lambda: rm.convnext(N_TRAIN, N_TEST, IMAGE, form="batch_loss", dtype=F64),
     "convnext_criterion": lambda: rm.convnext(N_TRAIN, N_TEST, IMAGE, form="criterion", dtype=F64),
     "wav2vec2_batch_loss": lambda: rm.wav2vec2(N_TRAIN, N_TEST, SAMPLES, form="batch_loss", dtype=F64),
@@ -154,6 +156,10 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     # BERT, the last layer's Linears whose only row with gradient is the class token's are factored
     "vit_batch_loss": (BATCHED, {"factored": 10, "materialised": 30}, ()),
     "vit_criterion": (BATCHED, {"factored": 10, "materialised": 30}, ()),
+    # Swin's relative position tables, read directly, followed to each window's scores; in its shifted blocks plus a
+    # mask per window tiled per image (16 x 16 images here: 4 windows in the first stage, shifted; 1 in the second)
+    "swin_batch_loss": (BATCHED, {"factored": 2, "materialised": 77}, ()),
+    "swin_criterion": (BATCHED, {"factored": 2, "materialised": 77}, ()),
     # ConvNeXt's LayerNorms (an nn.LayerNorm subclass permuting around its F.layer_norm call) are norm sites at that
     # call, its layer scales (vectors of the block itself) get copies per example
     "convnext_batch_loss": (BATCHED, {"factored": 12, "materialised": 36}, ()),

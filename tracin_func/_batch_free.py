@@ -1,7 +1,8 @@
 """Layers run once for the whole batch (T5's and MPNet's relative position bias: an Embedding on ``[T, S]`` offsets
-whose output every example adds to its attention scores), and parameters read directly, outside any layer's call
-(BEiT's and Swin's relative position tables): each example's gradient of the layer's output, or of the parameter, from
-the points where it meets the batch.
+whose output every example adds to its attention scores; a layer fed tensors computed from followed ones alone,
+DeBERTa's relative embeddings through its query and key layers), and parameters read directly, outside any layer's
+call (BEiT's and Swin's relative position tables): each example's gradient of the layer's output, or of the
+parameter, from the points where it meets the batch.
 
 The output is followed through the ops that compute with it alone (a permute, a slice, a softmax: still one for the
 whole batch) to each elementwise op (a selection by the batch's mask, ``torch.where`` or ``masked_fill``, and the
@@ -9,8 +10,10 @@ additive ``attn_mask`` of ``scaled_dot_product_attention`` count as such) or mat
 the batch (derived from the batch's inputs, its first dimension the batch's rows). There it gets a zero probe with a row
 per row of the batch, whose gradient is each example's gradient of what met it; mapped back through the ops in between
 (autograd, batched over examples) and summed over the meetings, these give each example's gradient of the layer's
-output. Any other way of meeting the batch is refused, and so is an output whose whole gradient the examples' gradients
-do not sum to (a path to the loss that never met the batch).
+output. A copy the model makes over the batch's rows (a row expanded, a block of rows tiled per example: DeBERTa's
+heads by ``repeat``, Swin's mask per window plus its bias) meets each example's rows through that row or block. Any
+other way of meeting the batch is refused, and so is an output whose whole gradient the examples' gradients do not sum
+to (a path to the loss that never met the batch).
 
 A parameter is a weight where it meets the batch in a matrix product (Falcon's ``input @ self.weight.T``, a hand-written
 ``F.linear(x, self.w, self.b)``, an einsum of two operands): a copy per example would make that product a batched one,
@@ -147,7 +150,7 @@ class Meetings(TorchFunctionMode):
     def _copied_row(self, func: Any, args: tuple[Any, ...], kwargs: Any, out: torch.Tensor, first: bool) -> Any:
         """The row or block of rows the followed ``out`` copies along its first dimension (``first``: a followed
         tensor is the op's first argument), computed as ``out`` from the rows or blocks of the arguments; else None."""
-        if first and (func in _COPIES and _padded(args[0], out.dim())[0] == 1 or func in _TILES and _tiled(args, out)):
+        if first and (func in _COPIES and _padded(args[0], out.dim())[0] == 1 or func in _TILES and _tiled(args)):
             return args[0]
         if first and (func in _KEEPING or func in _TRANSPOSES and _rowwise(args, out)) and self._copy(args[0]):
             return func(self._copies[id(args[0])][1], *args[1:], **kwargs)  # the same op on the row or block
@@ -446,7 +449,7 @@ def per_example_outputs(
     return out
 
 
-def _tiled(args: tuple[Any, ...], out: torch.Tensor) -> bool:
+def _tiled(args: tuple[Any, ...]) -> bool:
     """Whether ``args`` of ``Tensor.repeat`` tile their tensor along its first dimension alone."""
     sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
     return len(sizes) == args[0].dim() >= 1 and all(s == 1 for s in sizes[1:])
