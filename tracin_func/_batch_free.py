@@ -123,6 +123,13 @@ class Meetings(TorchFunctionMode):
         kwargs = kwargs or {}
         tensors = op_tensors(args, kwargs)
         followed = [t for t in tensors if self._roots_of(t)]
+        if not followed:  # (most ops, and every size and shape read: only a result of the batch to record)
+            out = func(*args, **kwargs)
+            results = op_tensors(out)
+            if results and any(map(self._of_batch, tensors)):
+                for t in results:
+                    self._batch[id(t)] = weakref.ref(t)
+            return out
         of_batch = [t for t in tensors if self._of_batch(t)]
         roots = self._roots(followed)
         weighed = bool(of_batch) and bool(self._weights & roots)  # a parameter's use meets the batch
