@@ -138,7 +138,7 @@ class Meetings(TorchFunctionMode):
         product = self._weight_product(func, args, kwargs) if weighed else None
         if product is not None:  # the weight's gradient from the product's rows: autograd's summed one is not formed
             args = optree.tree_map(lambda a: a.detach() if a is product[0] else a, args, none_is_leaf=True)
-        elif followed and of_batch:
+        elif of_batch:
             args, kwargs = self._met(func, followed, of_batch, args, kwargs)
         out = func(*args, **kwargs)
         if product is not None:
@@ -146,9 +146,9 @@ class Meetings(TorchFunctionMode):
         for t in op_tensors(out):
             if of_batch:
                 self._batch[id(t)] = weakref.ref(t)
-            elif roots:
+            else:
                 self._followed[id(t)] = (weakref.ref(t), roots)
-        if roots and not of_batch and isinstance(out, torch.Tensor) and out.dim():
+        if not of_batch and isinstance(out, torch.Tensor) and out.dim():
             row = self._copied_row(func, args, kwargs, out, followed[0] is args[0])
             if row is not None:
                 self._copies[id(out)] = (weakref.ref(out), row, out._version, row._version)
