@@ -360,12 +360,7 @@ def llama(
         vocab_size=1000, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
     hf = _hf_model(LlamaForCausalLM, config, dtype, seed)
-    generator = torch.Generator().manual_seed(seed + 1)
-    n = n_train + n_test
-    ids, pad = _right_padded(n, seq_len, config.vocab_size, generator)
-    data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": ids.masked_fill(pad, -100)}
-    checkpoints = make_checkpoints(hf, seed + 2)
-    return _hf_workload("llama", hf, checkpoints, data, n_train, form, CausalLMLoss())
+    return _causal_lm_workload("llama", hf, n_train, n_test, seq_len, form, seed)
 
 
 def falcon(
@@ -386,11 +381,18 @@ def falcon(
 
     config = FalconConfig(hidden_size=dim, num_hidden_layers=layers, num_attention_heads=4, vocab_size=1000)
     hf = _hf_model(FalconForCausalLM, config, dtype, seed)
+    return _causal_lm_workload("falcon", hf, n_train, n_test, seq_len, form, seed)
+
+
+def _causal_lm_workload(
+    name: str, hf: nn.Module, n_train: int, n_test: int, seq_len: int, form: str, seed: int
+) -> RealWorkload:
+    """A causal LM's workload on right-padded random tokens with their attention mask (padding labelled -100)."""
     generator = torch.Generator().manual_seed(seed + 1)
-    ids, pad = _right_padded(n_train + n_test, seq_len, config.vocab_size, generator)
+    ids, pad = _right_padded(n_train + n_test, seq_len, hf.config.vocab_size, generator)
     data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": ids.masked_fill(pad, -100)}
     checkpoints = make_checkpoints(hf, seed + 2)
-    return _hf_workload("falcon", hf, checkpoints, data, n_train, form, CausalLMLoss())
+    return _hf_workload(name, hf, checkpoints, data, n_train, form, CausalLMLoss())
 
 
 def vit(
