@@ -98,7 +98,8 @@ NOISE = 0.05  # checkpoint noise, relative to each parameter's RMS (absolute whe
 BatchLoss = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]  # (state, batch) -> summed per-example loss
 # builders of Hugging Face models (``form=``: the loss form)
 HF_MODELS = (
-    "gpt2", "gpt2_cls", "bert", "deberta", "bart", "t5", "llama", "falcon", "vit", "swin", "convnext", "wav2vec2"
+    "gpt2", "gpt2_cls", "bert", "deberta", "bart", "t5", "llama", "falcon", "mamba", "vit", "swin", "convnext",
+    "wav2vec2",
 )  # fmt: skip
 
 
@@ -384,6 +385,26 @@ def falcon(
     return _causal_lm_workload("falcon", hf, n_train, n_test, seq_len, form, seed)
 
 
+def mamba(
+    n_train: int = 200,
+    n_test: int = 20,
+    seq_len: int = 32,
+    *,
+    form: str = "batch_loss",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    dim: int = 64,
+) -> RealWorkload:
+    """Mamba causal LM (2 layers, ``dim`` dims, state 16, expansion 2, vocabulary 1000) on right-padded random tokens
+    with their attention mask, through transformers' PyTorch path (no CUDA kernels): its mixer reads its depthwise
+    convolution's and its time step projection's weights, ``A_log`` and ``D`` directly, each followed to the batch."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = MambaConfig(hidden_size=dim, num_hidden_layers=2, vocab_size=1000, state_size=16, expand=2, conv_kernel=4)
+    hf = _hf_model(MambaForCausalLM, config, dtype, seed)
+    return _causal_lm_workload("mamba", hf, n_train, n_test, seq_len, form, seed)
+
+
 def _causal_lm_workload(
     name: str, hf: nn.Module, n_train: int, n_test: int, seq_len: int, form: str, seed: int
 ) -> RealWorkload:
@@ -642,7 +663,7 @@ def _hf_workload(
     train, test = _split(data, n_train)
     if form == "batch_loss":
         causal, seq2seq = tc.causal_lm_loss, tc.seq2seq_lm_loss
-        losses = {"gpt2": causal, "llama": causal, "falcon": causal, "bart": seq2seq, "t5": seq2seq}
+        losses = {"gpt2": causal, "llama": causal, "falcon": causal, "mamba": causal, "bart": seq2seq, "t5": seq2seq}
         loss = losses.get(name, tc.sequence_classification_loss)(hf)
 
         def summed(state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
@@ -1009,6 +1030,7 @@ BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "t5": t5,
     "llama": llama,
     "falcon": falcon,
+    "mamba": mamba,
     "vit": vit,
     "swin": swin,
     "convnext": convnext,

@@ -1907,10 +1907,10 @@ def test_explain_names_every_route_and_reason():
 
 
 def test_leaving_the_batched_path_warns_with_the_module_and_the_reason():
-    class Hooked(nn.Module):  # (its parameters meet the batch in a convolution, which is not followed)
+    class Hooked(nn.Module):  # (its parameters meet the batch in a convolution padded by "same": not followed)
         def __init__(self):
             super().__init__()
-            self.a, self.b = nn.Linear(3, 4), nn.Conv1d(1, 3, 4)
+            self.a, self.b = nn.Linear(3, 4), nn.Conv1d(1, 3, 3, padding="same")
             self.b.register_forward_hook(lambda m, args, out: 2 * out)
 
         def forward(self, x):
@@ -2503,21 +2503,28 @@ class FlattensTokens(nn.Module):
 
 
 class FramesInBatch(nn.Module):
-    """Video frames merged into the batch for a convolution: its rows are frames, which a conv site cannot split."""
+    """Video frames merged into the batch for a convolution: its rows are frames, which a conv site cannot split;
+    ``order``: "example" major (each example's frames in a row), or "frame" major (the first frames of every example,
+    then the second ones)."""
 
-    def __init__(self):
+    def __init__(self, order):
         super().__init__()
-        self.conv, self.fc = nn.Conv2d(1, 3, 3, padding=1), nn.Linear(3, 3)
+        self.order, self.conv, self.fc = order, nn.Conv2d(1, 3, 3, padding=1), nn.Linear(3, 3)
 
     def forward(self, video):  # [B, F, 1, H, W]
         b = video.shape[0]
-        frames = self.conv(video.flatten(0, 1))  # [B F, 3, H, W]
-        return self.fc(frames.mean((2, 3)).reshape(b, -1, 3).mean(1))
+        if self.order == "example":
+            return self.fc(self.conv(video.flatten(0, 1)).mean((2, 3)).reshape(b, -1, 3).mean(1))  # [B F, 3, H, W]
+        return self.fc(self.conv(video.transpose(0, 1).flatten(0, 1)).mean((2, 3)).reshape(-1, b, 3).mean(0))
 
 
-def test_rows_of_examples_merged_into_the_batch_dimension():
+@pytest.mark.parametrize("order", ["example", "frame"])
+def test_rows_of_examples_merged_into_the_batch_dimension(order):
     """A token-wise layer fed ``[B T, d]`` gets its rows split per example (checked example-major on the first
-    examples) and runs batched; a convolution fed frames merged into the batch is refused, naming the layer."""
+    examples) and runs batched. A convolution fed frames merged into the batch is no site (it sees several rows for
+    one example): its weight and bias are followed into ``F.conv2d`` (before: refused, vmap(grad)), each example's
+    gradient summed over its rows, example-major. Frames merged frame-major would give the rows to the wrong examples:
+    the batching check refuses that, naming the layer, and vmap(grad) scores it exactly."""
     torch.manual_seed(0)
     model = FlattensTokens().double().eval()
     ckpts = _ckpts(model)
@@ -2528,12 +2535,18 @@ def test_rows_of_examples_merged_into_the_batch_dimension():
         warnings.simplefilter("error")
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
-    model = FramesInBatch().double().eval()
-    ckpts = _ckpts(model)
-    train = (torch.randn(5, 2, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
-    ref = reference_scores(model, ckpts, train, train, loss_fn=CE)
-    with pytest.warns(tc.SlowPathWarning, match=r"'conv.weight' \('conv' sees 2 rows for one example \(the model "):
-        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+    model = FramesInBatch(order).double().eval()
+    video = (torch.randn(5, 2, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    explained = _exact_and_explained(model, video, video)
+    why = {r.parameter: r.reason for r in explained.routes}["conv.weight"]
+    if order == "frame":
+        assert explained.batching.startswith("vmap(grad) over examples: a batched forward changed the first examples' "
+                                             "factors at 'conv.weight'"), explained.batching  # fmt: skip
+        assert why.startswith("'conv' sees 2 rows for one example"), why
+        return
+    assert why.startswith("followed: used outside a factor site's call ('conv' sees 2 rows for one example"), why
+    assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
+    _assert_paths_agree(model, video, video)
 
 
 class Deferrable(nn.Module):
@@ -2594,3 +2607,52 @@ def test_materialised_layers_are_formed_when_scored_and_exact_in_every_use(monke
                 assert_close(got[layer], want[layer], 1e-10, msg=layer)
         else:
             assert_close(got, want, 1e-10)
+
+
+class FunctionalConvs(nn.Module):
+    """Convolutions on the model's own weight and bias, read directly (Mamba's depthwise causal ``F.conv1d``):
+    ``way`` "depthwise" that (keywords); "folded": on each example's two halves in the batch dimension (``[B 2, C,
+    T / 2]``); "grouped": a 2-d convolution with two groups, strides, padding and dilation, given by position;
+    "same": ``padding="same"``, which is not followed (refused: vmap(grad))."""
+
+    def __init__(self, way):
+        super().__init__()
+        self.way, self.tok, self.fc = way, nn.Embedding(10, 4), nn.Linear(4, 3)
+        self.w = nn.Parameter(torch.randn(4, 2, 2, 3) if way == "grouped" else torch.randn(4, 3))
+        self.b = nn.Parameter(torch.randn(4))
+
+    def forward(self, tokens):
+        b, t = tokens.shape
+        x = self.tok(tokens).transpose(1, 2)  # [B, 4, T]
+        if self.way == "depthwise":
+            h = F.conv1d(x, weight=self.w.unsqueeze(1), bias=self.b, padding=2, groups=4)[..., :t]
+        elif self.way == "folded":
+            halves = x.reshape(b, 4, 2, t // 2).transpose(1, 2).reshape(b * 2, 4, t // 2)
+            h = F.conv1d(halves, self.w.unsqueeze(1), self.b, 1, 2, 1, 4)[..., : t // 2].reshape(b, 2, 4, -1)
+            h = h.transpose(1, 2).flatten(2)
+        elif self.way == "grouped":
+            h = F.conv2d(x.reshape(b, 4, 2, t // 2), self.w, self.b, (1, 2), (1, 1), (2, 1), 2)
+        else:
+            h = F.conv1d(x, self.w.unsqueeze(1), self.b, padding="same", groups=4)
+        return self.fc(torch.tanh(h).flatten(2).mean(2))
+
+
+@pytest.mark.parametrize("way", ["depthwise", "folded", "grouped", "same"])
+def test_a_weight_read_directly_into_a_convolution_is_followed(way):
+    """A followed weight meeting the batch in ``F.conv1d`` / ``F.conv2d`` was refused (vmap(grad)). Now the
+    convolution is a weight product: each example's weight gradient from its input and output gradient (summed over
+    its rows where the model folds them into the batch), the bias added per channel as an elementwise meeting; batched
+    and exact on every path. Padding by a string other than "valid" is still refused, named, and exact by vmap."""
+    torch.manual_seed(0)
+    model = FunctionalConvs(way).double().eval()
+    tokens, y = torch.randint(0, 10, (10, 8)), torch.randint(0, 3, (10,))
+    train, test = (tokens, y), (tokens[:3], y[:3])
+    explained = _exact_and_explained(model, train, test)
+    if way == "same":
+        assert "parameter 'w', computed once for the whole batch, meets the batch in conv1d" in explained.batching, (
+            explained.batching
+        )
+        return
+    assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
+    assert {r.route for r in explained.routes if r.parameter in ("w", "b")} == {"materialised"}, explained.routes
+    _assert_paths_agree(model, train, test)

@@ -338,20 +338,24 @@ def test_token_classification_loss_is_hugging_faces_and_batched():
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss), ref.self_influence)
 
 
-def test_mamba_is_scored_without_a_cache_through_vmap():
+def test_mamba_is_batched_without_a_cache():
     """Mamba's forward updates its convolution state in the cache in place, which vmap cannot batch: with the cache
     Hugging Face builds by default it took the per-example loop. The library's losses pass ``use_cache=False`` where
-    a forward takes it (a score never reads a cache): vmap(grad) over examples (its mixer has no factored form),
-    exact, and no loop."""
+    a forward takes it (a score never reads a cache). Its mixer (transformers' PyTorch path) reads its parameters
+    itself: the depthwise convolution's weight and bias in ``F.conv1d``, the time step projection's in a product and
+    a sum, ``A_log`` and ``D`` elementwise; each is followed to the batch, and the call runs batched and exact (it took
+    vmap(grad) while a followed weight meeting the batch in a convolution was refused)."""
     model, data, loss = causal_lm(T.MambaConfig, T.MambaForCausalLM, hidden_size=32, num_hidden_layers=2,
                                   vocab_size=100, state_size=4, expand=2, conv_kernel=4)  # fmt: skip
     ckpts, (train, test) = rm.make_checkpoints(model, 2), _split(data)
     ref = reference_scores(model, ckpts, train, test, loss_fn=tc.ExampleLoss(lambda p, b: loss.fn(p, b).sum()))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", tc.SlowPathWarning)
+        warnings.simplefilter("error", tc.SlowPathWarning)
         warnings.filterwarnings("error", "torch.func.vmap failed on this model")
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss), ref.self_influence)
     e = tc.explain(model, ckpts, train, loss_fn=loss)
-    assert e.batching.startswith("vmap(grad) over examples: ") and "meets the batch in conv1d" in e.batching, e.batching
-    assert {r.route for r in e.routes} == {"vmap"}, e.routes
+    assert e.batching == BATCHED, e.batching
+    followed = {r.parameter for r in e.routes if r.reason.startswith("followed")}
+    assert followed == {f"backbone.layers.{i}.mixer.{n}" for i in range(2) for n in
+                        ("A_log", "D", "conv1d.weight", "conv1d.bias", "dt_proj.weight", "dt_proj.bias")}, followed

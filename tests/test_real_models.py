@@ -1,8 +1,8 @@
-"""Real models on the scorers: Hugging Face GPT-2, BERT, BART, a Llama-style LM, Falcon, ViT, ConvNeXt and wav2vec2
-(small configs, random weights, nothing downloaded), ResNet-18, a MobileNetV3-small-style net and an LSTM classifier, as
-``benchmarks/real_models.py`` builds them, at tiny sizes in float64. ``tc.influence`` and ``tc.self_influence``
-(default options and ``factored=False``) equal the one-backward-per-example reference to 1e-10. The Hugging Face
-models run in three forms: dict batches with the library's Hugging Face losses (``tc.causal_lm_loss`` /
+"""Real models on the scorers: Hugging Face GPT-2, BERT, DeBERTa, BART, T5, a Llama-style LM, Falcon, Mamba, ViT, Swin,
+ConvNeXt and wav2vec2 (small configs, random weights, nothing downloaded), ResNet-18, a MobileNetV3-small-style net and
+an LSTM classifier, as ``benchmarks/real_models.py`` builds them, at tiny sizes in float64. ``tc.influence`` and
+``tc.self_influence`` (default options and ``factored=False``) equal the one-backward-per-example reference to 1e-10.
+The Hugging Face models run in three forms: dict batches with the library's Hugging Face losses (``tc.causal_lm_loss`` /
 ``tc.seq2seq_lm_loss`` / ``tc.sequence_classification_loss``, a ``tc.BatchLoss``: batched), ``tc.ExampleLoss`` of
 the model's own ``.loss`` (one example at a time) and a logits criterion.
 
@@ -54,6 +54,8 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "llama_criterion": lambda: rm.llama(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
     "falcon_batch_loss": lambda: rm.falcon(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "falcon_criterion": lambda: rm.falcon(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
+    "mamba_batch_loss": lambda: rm.mamba(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
+    "mamba_criterion": lambda: rm.mamba(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
     "vit_batch_loss": lambda: rm.vit(N_TRAIN, N_TEST, IMAGE, form="batch_loss", dtype=F64),
     "vit_criterion": lambda: rm.vit(N_TRAIN, N_TEST, IMAGE, form="criterion", dtype=F64),
     "swin_batch_loss": lambda: rm.swin(N_TRAIN, N_TEST, IMAGE, form="batch_loss", dtype=F64),
@@ -152,6 +154,11 @@ PLANS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
     # their products with the batch (each example's gradient from the product's rows), materialised
     "falcon_batch_loss": (BATCHED, {"materialised": 15}, ()),
     "falcon_criterion": (BATCHED, {"materialised": 15}, ()),
+    # Mamba's mixer (transformers' PyTorch path) reads its depthwise convolution's and its time step projection's
+    # weights, A_log and D itself: each followed to where it meets the batch (the convolution's weight in
+    # `F.conv1d`, a weight product; the others elementwise or in a product), the Linears it calls materialised
+    "mamba_batch_loss": (BATCHED, {"materialised": 22}, ()),
+    "mamba_criterion": (BATCHED, {"materialised": 22}, ()),
     # ViT's class token and position embeddings, rows [1, ...] of ViTEmbeddings itself, get copies per example; as in
     # BERT, the last layer's Linears whose only row with gradient is the class token's are factored
     "vit_batch_loss": (BATCHED, {"factored": 10, "materialised": 30}, ()),

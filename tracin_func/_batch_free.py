@@ -16,18 +16,18 @@ other way of meeting the batch is refused, and so is an output whose whole gradi
 to (a path to the loss that never met the batch).
 
 A parameter is a weight where it meets the batch in a matrix product (Falcon's ``input @ self.weight.T``, a hand-written
-``F.linear(x, self.w, self.b)``, an einsum of two operands): a copy per example would make that product a batched one,
-slower than vmap(grad).
+``F.linear(x, self.w, self.b)``, an einsum of two operands) or a convolution (Mamba's ``F.conv1d`` on its depthwise
+layer's own weight): a copy per example would make that product a batched one, slower than vmap(grad).
 There each example's gradient of the weight is its rows of the other operand times their output gradients (``x^T g``),
-as a Linear layer's; the product is taken out of autograd's own gradient of the weight, which would compute it again,
-summed, and is exact by construction, outside the check of sums.
+as a Linear layer's (a convolution's as a convolution layer's); the product is taken out of autograd's own gradient of
+the weight, which would compute it again, summed, and is exact by construction, outside the check of sums.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ._grads import lasting_edge
+from ._layers import ConvGeometry, conv_weight_grads
 from ._purity import op_tensors
 
 # Ops that broadcast their operands elementwise: a row for the whole batch meets each example's row alike.
@@ -57,6 +58,10 @@ _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Ten
 # Products of two operands, one the batch's and one a weight: (left, right) operands of ``left @ right``.
 _OPERANDS = {torch.matmul: (0, 1), torch.Tensor.matmul: (0, 1), torch.Tensor.__matmul__: (0, 1),
              torch.Tensor.__rmatmul__: (1, 0), torch.mm: (0, 1), torch.Tensor.mm: (0, 1)}  # fmt: skip
+# Convolutions (``F.conv1d``, ``F.conv2d``): a weight meets each example's input in them as in a product (Mamba's
+# depthwise causal convolution on its layer's own weight and bias, read directly).
+_CONVS = {torch.conv1d, torch.conv2d}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 # Attention whose additive mask (added to each example's scores, broadcast) may be a followed output.
 _ATTENTION = F.scaled_dot_product_attention
 # Copies along the first dimension: of a row (MPNet's ``bias.expand(batch_size, ...).contiguous()``), or tiles of a
@@ -89,7 +94,7 @@ class Meetings(TorchFunctionMode):
         self.met: list[tuple[torch.Tensor, Any]] = []  # (what met the batch, its probe or gradient edge)
         # meetings in a weight's product, by index in ``met``: (the batch's operand, how (``_weight_product``), the
         # product's shape)
-        self._products: dict[int, tuple[torch.Tensor, bool | str, torch.Size]] = {}
+        self._products: dict[int, tuple[torch.Tensor, bool | str | _Conv, torch.Size]] = {}
         for t in optree.tree_leaves(batch, none_is_leaf=True):
             if isinstance(t, torch.Tensor):
                 self._batch[id(t)] = weakref.ref(t)
@@ -135,9 +140,12 @@ class Meetings(TorchFunctionMode):
         weighed = bool(of_batch) and bool(self._weights & roots)  # a parameter's use meets the batch
         if weighed and func is F.linear:
             return self._as_product(types, args, kwargs)
+        if weighed and func in _CONVS and _conv_named(args, kwargs).get("bias") is not None:
+            return self._as_conv(func, types, args, kwargs)
         product = self._weight_product(func, args, kwargs) if weighed else None
         if product is not None:  # the weight's gradient from the product's rows: autograd's summed one is not formed
-            args = optree.tree_map(lambda a: a.detach() if a is product[0] else a, args, none_is_leaf=True)
+            args, kwargs = optree.tree_map(lambda a: a.detach() if a is product[0] else a, (args, kwargs),
+                                           none_is_leaf=True)  # fmt: skip
         elif of_batch:
             args, kwargs = self._met(func, followed, of_batch, args, kwargs)
         out = func(*args, **kwargs)
@@ -197,13 +205,24 @@ class Meetings(TorchFunctionMode):
         bias = named.get("bias")
         return out if bias is None else self.__torch_function__(torch.add, types, (out, bias))
 
+    def _as_conv(self, func: Any, types: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
+        """A convolution with a followed parameter among its weight and bias, as the ops it is (the convolution
+        without its bias, then the bias added per channel) run through this mode, as ``_as_product``."""
+        named = _conv_named(args, kwargs)
+        out = self.__torch_function__(func, types, (), {**named, "bias": None})
+        bias = named["bias"]
+        per_channel = self.__torch_function__(torch.Tensor.reshape, types, (bias, (-1,) + (1,) * (out.dim() - 2)))
+        return self.__torch_function__(torch.add, types, (out, per_channel))
+
     def _weight_product(
         self, func: Any, args: tuple[Any, ...], kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor, bool | str] | None:
+    ) -> tuple[torch.Tensor, torch.Tensor, bool | str | _Conv] | None:
         """``(weight, the batch's operand, how)`` where ``func`` is a matrix product (``how``: the weight on the left)
-        or an einsum (``how``: the equation of each row's gradient of the weight) of a followed weight (some root a
-        parameter) and a tensor of the batch whose first dimension the output keeps (its rows), the weight broadcast
-        over them; else None."""
+        or an einsum (``how``: the equation of each row's gradient of the weight) or a convolution without a bias
+        (``how``: its ``_Conv``) of a followed weight (some root a parameter) and a tensor of the batch whose first
+        dimension the output keeps (its rows), the weight broadcast over them; else None."""
+        if func in _CONVS:
+            return self._conv_weight(args, kwargs)
         if kwargs:
             return None
         if func is torch.einsum:
@@ -221,6 +240,23 @@ class Meetings(TorchFunctionMode):
             return None
         rows_kept = weight.dim() == 2 if x.dim() == 2 else weight.dim() <= x.dim() and _padded(weight, x.dim())[0] == 1
         return (weight, x, on_left) if rows_kept else None
+
+    def _conv_weight(self, args: tuple[Any, ...], kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, _Conv] | None:
+        """A convolution of a followed weight over the batch's input, without a bias (``_as_conv``), its zero padding
+        given as numbers: the weight, the input and the ``_Conv`` of each row's weight gradient."""
+        named = _conv_named(args, kwargs)
+        weight, x = named.get("weight"), named.get("input")
+        if named.get("bias") is not None or not self._roots_of(weight) or not self._batch_rows(x):
+            return None
+        dims = weight.dim() - 2
+        padding = named.get("padding", 0)
+        padding = (0,) * dims if padding == "valid" else padding
+        if isinstance(padding, str):  # ("same": uneven for an even kernel)
+            return None
+        given = (named.get("stride", 1), padding, named.get("dilation", 1))
+        stride, padding, dilation = ((v,) * dims if isinstance(v, int) else tuple(v) for v in given)
+        geometry = ConvGeometry(tuple(weight.shape), named.get("groups", 1), stride, dilation)
+        return weight, x, _Conv(geometry, padding)
 
     def _einsum_weight(self, args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor, str] | None:
         """An einsum of two operands, a followed weight without the batch's letter and a tensor of the batch whose
@@ -248,7 +284,9 @@ class Meetings(TorchFunctionMode):
             return False
         return x.dim() > 2 or x.shape[0] == self.n
 
-    def _probed_product(self, out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, how: bool | str) -> Any:
+    def _probed_product(
+        self, out: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, how: bool | str | _Conv
+    ) -> Any:
         """The product ``out``, whose gradient with ``x``'s rows gives each example's gradient of ``weight``
         (``cotangent``): taken where autograd passes it (``lasting_edge``), else at a zero probe added to it (a pass
         over the output)."""
@@ -265,8 +303,9 @@ class Meetings(TorchFunctionMode):
             return _cotangent(t, g, self.n)
         x, how, shape = self._products[i]  # (x changed in place since: autograd's plain check refused the model)
         g, n = g.view(shape), self.n  # (an edge's gradient is its base's: F.linear's [B T, d] under a [B, T, d] view)
-        if isinstance(how, str):  # an einsum's: each row's gradient, then rows per example summed (folded)
-            per_row = torch.einsum(how, x, g)
+        if isinstance(how, (str, _Conv)):  # an einsum's, a convolution's: each row's, then rows per example summed
+            conv = isinstance(how, _Conv)
+            per_row = conv_weight_grads(how.geometry, x, g, how.padding) if conv else torch.einsum(how, x, g)
             return per_row if per_row.shape[0] == n else per_row.reshape(n, -1, *t.shape).sum(1)
         on_left = how
         if t.dim() == 2:  # rows [n, R, d] of the batch's operand and the output gradient (all leading dimensions)
@@ -371,6 +410,18 @@ class Meetings(TorchFunctionMode):
         if k == 1:
             return source + probe  # (broadcast to ``shape``)
         return (source + probe.view(rows // k, k, *shape[1:])).reshape(shape)  # (each tile plus its part of the probe)
+
+
+class _Conv(NamedTuple):
+    """How a convolution's weight met the batch (``Meetings._conv_weight``)."""
+
+    geometry: ConvGeometry
+    padding: tuple[int, ...]  # zero padding, left to the weight gradient's products
+
+
+def _conv_named(args: tuple[Any, ...], kwargs: Any) -> dict[str, Any]:
+    """A convolution's arguments by name."""
+    return dict(zip(_CONV_ARGS, args), **kwargs)
 
 
 def _padded(t: torch.Tensor, rank: int) -> list[int]:

@@ -369,7 +369,7 @@ def input_rows(module: nn.Module, site: Site, x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(x.shape[0], _rows(module, site, x), 0)
     if site.kind == "conv":
         x, padding = _conv_padded(module, x)
-        kernel, dilation, padding, stride = _conv2d_geometry(module, padding)
+        kernel, dilation, padding, stride = ConvGeometry.of(module, site).as_2d(padding)
         x = x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
         return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
     return x.reshape(x.shape[0], -1, x.shape[-1])
@@ -398,11 +398,24 @@ def _conv_padded(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tupl
     return F.pad(x, module._reversed_padding_repeated_twice, mode=mode), (0,) * len(module.kernel_size)
 
 
-def _conv2d_geometry(module: nn.Module, padding: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """Kernel, dilation, ``padding`` and stride of a Conv1d / Conv2d seen as a 2-d convolution."""
-    if isinstance(module, nn.Conv1d):
-        return (1, module.kernel_size[0]), (1, module.dilation[0]), (0, padding[0]), (1, module.stride[0])
-    return module.kernel_size, module.dilation, tuple(padding), module.stride
+class ConvGeometry(NamedTuple):
+    """What a convolution's weight gradient depends on besides its input and output gradient."""
+
+    weight_shape: tuple[int, ...]  # [C_out, C_in / groups, *kernel]: one or two spatial dimensions
+    groups: int
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+    @staticmethod
+    def of(module: nn.Module, site: Site) -> ConvGeometry:
+        return ConvGeometry(tuple(site.weight_shape), site.groups, tuple(module.stride), tuple(module.dilation))
+
+    def as_2d(self, padding: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+        """Kernel, dilation, ``padding`` and stride seen as a 2-d convolution's."""
+        kernel = tuple(self.weight_shape[2:])
+        if len(kernel) == 1:
+            return (1, kernel[0]), (1, self.dilation[0]), (0, padding[0]), (1, self.stride[0])
+        return kernel, self.dilation, tuple(padding), self.stride
 
 
 def output_rows(site: Site, g: torch.Tensor) -> torch.Tensor:
@@ -419,12 +432,8 @@ def per_example_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.T
     many_channels = math.prod(site.weight_shape[:2]) > _GROUPED_CONV_MAX_CHANNELS and site.groups == 1
     if site.kind != "conv" or site.weight is None or many_channels:
         return materialize(site, input_rows(module, site, x), output_rows(site, g))
-    n = _GROUPED_CONV_CHUNK
-    depthwise = site.groups == site.weight_shape[0] and site.weight_shape[1] == 1  # one channel in and out per group
-    weight_grads = _depthwise_weight_grads if depthwise else _grouped_weight_grads
     x, padding = _conv_padded(module, x)
-    chunks = [weight_grads(module, site, xs, gs, padding) for xs, gs in zip(x.split(n), g.split(n))]
-    out = {site.weight: chunks[0] if len(chunks) == 1 else torch.cat(chunks)}
+    out = {site.weight: conv_weight_grads(ConvGeometry.of(module, site), x, g, padding)}
     if site.bias is not None:
         out[site.bias] = g.flatten(2).sum(2)
     return out
@@ -450,36 +459,49 @@ def _norm_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor)
     return out
 
 
+def conv_weight_grads(
+    geometry: ConvGeometry, x: torch.Tensor, g: torch.Tensor, padding: tuple[int, ...]
+) -> torch.Tensor:
+    """``[B, *weight_shape]``: each example's weight gradient of a convolution from its input ``x`` (with the zero
+    ``padding`` left to the products) and output gradient ``g``, in chunks of examples."""
+    c_out, c_in = geometry.weight_shape[:2]
+    depthwise = geometry.groups == c_out and c_in == 1  # one channel in and out per group
+    weight_grads = _depthwise_weight_grads if depthwise else _grouped_weight_grads
+    n = _GROUPED_CONV_CHUNK
+    chunks = [weight_grads(geometry, xs, gs, padding) for xs, gs in zip(x.split(n), g.split(n))]
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
 def _grouped_weight_grads(
-    module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor, padding: tuple[int, ...]
+    geometry: ConvGeometry, x: torch.Tensor, g: torch.Tensor, padding: tuple[int, ...]
 ) -> torch.Tensor:
     """``[B, *weight_shape]``: the batch as the groups of one convolution (times the layer's own groups), whose
     weight gradient holds every example's (no unfolded patches); ``x`` and ``padding`` as ``_conv_padded`` gives
     them."""
-    b, (c_out, c_in, *kernel) = x.shape[0], site.weight_shape
-    weight_grad = torch.nn.grad.conv2d_weight if isinstance(module, nn.Conv2d) else torch.nn.grad.conv1d_weight
+    b, (c_out, c_in, *kernel), groups = x.shape[0], geometry.weight_shape, geometry.groups
+    weight_grad = torch.nn.grad.conv2d_weight if len(kernel) == 2 else torch.nn.grad.conv1d_weight
     w = weight_grad(
-        x.reshape(1, b * c_in * site.groups, *x.shape[2:]),
+        x.reshape(1, b * c_in * groups, *x.shape[2:]),
         (b * c_out, c_in, *kernel),
         g.reshape(1, b * c_out, *g.shape[2:]),
-        module.stride,
+        geometry.stride,
         padding,
-        module.dilation,
-        groups=b * site.groups,
+        geometry.dilation,
+        groups=b * groups,
     )
-    return w.view(b, *site.weight_shape)
+    return w.view(b, *geometry.weight_shape)
 
 
 def _depthwise_weight_grads(
-    module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor, padding: tuple[int, ...]
+    geometry: ConvGeometry, x: torch.Tensor, g: torch.Tensor, padding: tuple[int, ...]
 ) -> torch.Tensor:
     """``[B, *weight_shape]`` of a depthwise convolution: each example and channel's weight gradient correlates its
     padded input with its output gradient. Computed as a forward convolution with the gradient as the kernel (its
     taps ``stride`` apart, the layer's dilation as the stride), which is several times faster than the grouped
     weight gradient on CPU for 5 x 5 kernels; for outputs of at most 4 positions (where that kernel is tiny and
     slow), as the sum over positions of the shifted input windows weighted by the position's gradient."""
-    kernel, dilation, padding, stride = _conv2d_geometry(module, padding)
-    if isinstance(module, nn.Conv1d):
+    kernel, dilation, padding, stride = geometry.as_2d(padding)
+    if len(geometry.weight_shape) == 3:  # (1-d)
         x, g = x.unsqueeze(2), g.unsqueeze(2)
     b, c, ho, wo = g.shape
     if ho * wo <= _FEW_POSITIONS:
@@ -500,7 +522,7 @@ def _depthwise_weight_grads(
             dilation=stride,
             groups=b * c,
         )[..., : kernel[0], : kernel[1]]
-    return out.reshape(b, *site.weight_shape)
+    return out.reshape(b, *geometry.weight_shape)
 
 
 def scatter_rows(ids: torch.Tensor, g: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
