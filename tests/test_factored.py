@@ -2613,13 +2613,14 @@ class FunctionalConvs(nn.Module):
     """Convolutions on the model's own weight and bias, read directly (Mamba's depthwise causal ``F.conv1d``):
     ``way`` "depthwise" that (keywords); "folded": on each example's two halves in the batch dimension (``[B 2, C,
     T / 2]``); "grouped": a 2-d convolution with two groups, strides, padding and dilation, given by position;
-    "same": ``padding="same"``, which is not followed (refused: vmap(grad))."""
+    "volume": a 3-d one (VideoMAE's tubelets); "same": ``padding="same"``, which is not followed (refused:
+    vmap(grad))."""
 
     def __init__(self, way):
         super().__init__()
         self.way, self.tok, self.fc = way, nn.Embedding(10, 4), nn.Linear(4, 3)
-        self.w = nn.Parameter(torch.randn(4, 2, 2, 3) if way == "grouped" else torch.randn(4, 3))
-        self.b = nn.Parameter(torch.randn(4))
+        shape = {"grouped": (4, 2, 2, 3), "volume": (4, 2, 1, 2, 2)}.get(way, (4, 3))
+        self.w, self.b = nn.Parameter(torch.randn(shape)), nn.Parameter(torch.randn(4))
 
     def forward(self, tokens):
         b, t = tokens.shape
@@ -2632,14 +2633,16 @@ class FunctionalConvs(nn.Module):
             h = h.transpose(1, 2).flatten(2)
         elif self.way == "grouped":
             h = F.conv2d(x.reshape(b, 4, 2, t // 2), self.w, self.b, (1, 2), (1, 1), (2, 1), 2)
+        elif self.way == "volume":
+            h = F.conv3d(x.reshape(b, 4, 2, 2, 2), self.w, self.b, padding=(0, 1, 0), groups=2)
         else:
             h = F.conv1d(x, self.w.unsqueeze(1), self.b, padding="same", groups=4)
         return self.fc(torch.tanh(h).flatten(2).mean(2))
 
 
-@pytest.mark.parametrize("way", ["depthwise", "folded", "grouped", "same"])
+@pytest.mark.parametrize("way", ["depthwise", "folded", "grouped", "volume", "same"])
 def test_a_weight_read_directly_into_a_convolution_is_followed(way):
-    """A followed weight meeting the batch in ``F.conv1d`` / ``F.conv2d`` was refused (vmap(grad)). Now the
+    """A followed weight meeting the batch in ``F.conv1d`` to ``F.conv3d`` was refused (vmap(grad)). Now the
     convolution is a weight product: each example's weight gradient from its input and output gradient (summed over
     its rows where the model folds them into the batch), the bias added per channel as an elementwise meeting; batched
     and exact on every path. Padding by a string other than "valid" is still refused, named, and exact by vmap."""

@@ -4,7 +4,8 @@ Hugging Face losses, exact against the one-backward-per-example reference, with 
 batched, or the reason ``tc.explain`` gives for leaving the batched path.
 
 6 train x 3 test examples of 8 tokens (16 x 16 images), 3 checkpoints, float64; the mixture-of-experts models run
-in float32 against a float32 loop (their grouped matmul has no float64 kernel on the CPU).
+in float32 against a float32 loop (their grouped matmul has no float64 kernel on the CPU), and so do the state-space
+models whose scan casts to float32 (Mamba2, Bamba).
 """
 
 from __future__ import annotations
@@ -80,6 +81,15 @@ def image(config_cls: type, model_cls: type, size: int = 16, dtype: torch.dtype 
     return model, data, tc.sequence_classification_loss(model)
 
 
+def video(config_cls: type, model_cls: type, **sizes: Any) -> Built:
+    """A video classifier on clips of 2 frames of 16 x 16."""
+    model = _model(model_cls, config_cls(num_labels=3, image_size=16, num_frames=2, **sizes), F64)
+    g = torch.Generator().manual_seed(1)
+    data = {"pixel_values": torch.randn(N_TRAIN + 3, 2, 3, 16, 16, generator=g, dtype=F64),
+            "labels": torch.randint(0, 3, (N_TRAIN + 3,), generator=g)}  # fmt: skip
+    return model, data, tc.sequence_classification_loss(model)
+
+
 def audio(config_cls: type, model_cls: type, **sizes: Any) -> Built:
     """A sequence classifier on raw waveforms (400 samples)."""
     model = _model(model_cls, config_cls(num_labels=3, **sizes), F64)
@@ -94,6 +104,8 @@ SPEECH = dict(conv_dim=(8, 8), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv
               num_conv_pos_embedding_groups=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=64, vocab_size=10)  # fmt: skip
 KV = dict(num_key_value_heads=2, max_position_embeddings=40)
+VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+MAMBA = dict(hidden_size=32, num_hidden_layers=2, vocab_size=100, expand=2)
 # name -> (builder, BATCHED or the reason `tc.explain` gives for leaving the batched path)
 ZOO: dict[str, tuple[Callable[[], Built], str]] = {
     "roberta": (lambda: classifier(T.RobertaConfig, T.RobertaForSequenceClassification, pad_token_id=1,
@@ -206,6 +218,15 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
     "swin_shifted": (lambda: image(T.SwinConfig, T.SwinForImageClassification, image_size=16, patch_size=2,
                                    embed_dim=8, depths=[2], num_heads=[2], window_size=4),
                      BATCHED),  # fmt: skip  (the shifted windows' mask per window, tiled per image, plus the table)
+    "falcon_mamba": (lambda: causal_lm(T.FalconMambaConfig, T.FalconMambaForCausalLM, state_size=4, conv_kernel=4,
+                                       **MAMBA), BATCHED),  # fmt: skip  (its mixer's parameters, read directly)
+    "videomae": (lambda: video(T.VideoMAEConfig, T.VideoMAEForVideoClassification, patch_size=4, tubelet_size=2,
+                               **VIT), BATCHED),  # fmt: skip  (its tubelets' Conv3d, no site: followed into F.conv3d)
+    "vivit": (lambda: video(T.VivitConfig, T.VivitForVideoClassification, tubelet_size=[2, 4, 4], **VIT),
+              BATCHED),  # fmt: skip
+    "jamba": (lambda: causal_lm(T.JambaConfig, T.JambaForCausalLM, num_experts=1, attn_layer_period=2,
+                                attn_layer_offset=1, mamba_d_state=4, mamba_d_conv=4, use_mamba_kernels=False, **KV,
+                                **SMALL), BATCHED),  # fmt: skip  (attention and Mamba layers, one expert)
 }
 MOE = {
     "mixtral": lambda: causal_lm(T.MixtralConfig, T.MixtralForCausalLM, torch.float32, num_local_experts=4,
@@ -266,6 +287,29 @@ def _float32_loop(model: torch.nn.Module, ckpts: list[tc.Checkpoint], train: Any
                            for b in (train, test))  # fmt: skip
         scores = scores + ckpt.lr * g_test @ g_train.T
     return scores
+
+
+# state-space models whose scan casts to float32 (`.float()`) whatever the model's dtype: checked in float32
+FLOAT32_SCAN = {
+    "mamba2": lambda: causal_lm(T.Mamba2Config, T.Mamba2ForCausalLM, torch.float32, state_size=8, conv_kernel=4,
+                                num_heads=8, head_dim=8, n_groups=1, chunk_size=8, **MAMBA),  # fmt: skip
+    "bamba": lambda: causal_lm(T.BambaConfig, T.BambaForCausalLM, torch.float32, mamba_d_state=8, mamba_d_conv=4,
+                               mamba_expand=2, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_chunk_size=8,
+                               attn_layer_indices=[1], **KV, **SMALL),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", list(FLOAT32_SCAN))
+def test_state_space_models_scanning_in_float32_are_batched_and_exact_in_float32(name):
+    """Mamba2's mixer (and Bamba's, Mamba2 layers beside attention) reads its parameters itself (a depthwise
+    convolution's in ``F.conv1d``, ``A_log``, ``D``, ``dt_bias``): each followed to the batch, one batched pass,
+    exact to float32 rounding against a float32 loop (its scan casts to float32 even in a float64 model, which
+    leaves vmap(grad) 7e-8 from a float64 loop: no float64 check can be exact)."""
+    model, data, loss = FLOAT32_SCAN[name]()
+    ckpts, (train, test) = rm.make_checkpoints(model, 2), _split(data)
+    assert tc.explain(model, ckpts, train, loss_fn=loss).batching == BATCHED
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), _float32_loop(model, ckpts, train, test, loss),
+                 1e-5)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(MOE))
@@ -345,8 +389,7 @@ def test_mamba_is_batched_without_a_cache():
     itself: the depthwise convolution's weight and bias in ``F.conv1d``, the time step projection's in a product and
     a sum, ``A_log`` and ``D`` elementwise; each is followed to the batch, and the call runs batched and exact (it took
     vmap(grad) while a followed weight meeting the batch in a convolution was refused)."""
-    model, data, loss = causal_lm(T.MambaConfig, T.MambaForCausalLM, hidden_size=32, num_hidden_layers=2,
-                                  vocab_size=100, state_size=4, expand=2, conv_kernel=4)  # fmt: skip
+    model, data, loss = causal_lm(T.MambaConfig, T.MambaForCausalLM, state_size=4, conv_kernel=4, **MAMBA)
     ckpts, (train, test) = rm.make_checkpoints(model, 2), _split(data)
     ref = reference_scores(model, ckpts, train, test, loss_fn=tc.ExampleLoss(lambda p, b: loss.fn(p, b).sum()))
     with warnings.catch_warnings():

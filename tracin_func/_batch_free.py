@@ -58,9 +58,10 @@ _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Ten
 # Products of two operands, one the batch's and one a weight: (left, right) operands of ``left @ right``.
 _OPERANDS = {torch.matmul: (0, 1), torch.Tensor.matmul: (0, 1), torch.Tensor.__matmul__: (0, 1),
              torch.Tensor.__rmatmul__: (1, 0), torch.mm: (0, 1), torch.Tensor.mm: (0, 1)}  # fmt: skip
-# Convolutions (``F.conv1d``, ``F.conv2d``): a weight meets each example's input in them as in a product (Mamba's
-# depthwise causal convolution on its layer's own weight and bias, read directly).
-_CONVS = {torch.conv1d, torch.conv2d}
+# Convolutions (``F.conv1d`` to ``F.conv3d``): a weight meets each example's input in them as in a product (Mamba's
+# depthwise causal convolution on its layer's own weight and bias, read directly; VideoMAE's Conv3d, no layer of a
+# known kind, followed).
+_CONVS = {torch.conv1d, torch.conv2d, torch.conv3d}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 # Attention whose additive mask (added to each example's scores, broadcast) may be a followed output.
 _ATTENTION = F.scaled_dot_product_attention

@@ -30,6 +30,7 @@ _GROUPED_CONV_MAX_CHANNELS = 4096
 # of 512 against 0.46-0.52 s in one call per batch.
 _GROUPED_CONV_CHUNK = 512
 _FEW_POSITIONS = 4  # depthwise outputs this small get their weight gradients as sums of shifted windows
+_WEIGHT_GRADS = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)  # by dims
 
 
 Hook = Callable[[Any, tuple[Any, ...], Any], Any]  # forward-hook convention: hook(layer, (input,), output)
@@ -401,7 +402,7 @@ def _conv_padded(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tupl
 class ConvGeometry(NamedTuple):
     """What a convolution's weight gradient depends on besides its input and output gradient."""
 
-    weight_shape: tuple[int, ...]  # [C_out, C_in / groups, *kernel]: one or two spatial dimensions
+    weight_shape: tuple[int, ...]  # [C_out, C_in / groups, *kernel]: one to three spatial dimensions
     groups: int
     stride: tuple[int, ...]
     dilation: tuple[int, ...]
@@ -411,7 +412,7 @@ class ConvGeometry(NamedTuple):
         return ConvGeometry(tuple(site.weight_shape), site.groups, tuple(module.stride), tuple(module.dilation))
 
     def as_2d(self, padding: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-        """Kernel, dilation, ``padding`` and stride seen as a 2-d convolution's."""
+        """Kernel, dilation, ``padding`` and stride of a 1-d or 2-d convolution seen as a 2-d convolution's."""
         kernel = tuple(self.weight_shape[2:])
         if len(kernel) == 1:
             return (1, kernel[0]), (1, self.dilation[0]), (0, padding[0]), (1, self.stride[0])
@@ -464,8 +465,8 @@ def conv_weight_grads(
 ) -> torch.Tensor:
     """``[B, *weight_shape]``: each example's weight gradient of a convolution from its input ``x`` (with the zero
     ``padding`` left to the products) and output gradient ``g``, in chunks of examples."""
-    c_out, c_in = geometry.weight_shape[:2]
-    depthwise = geometry.groups == c_out and c_in == 1  # one channel in and out per group
+    c_out, c_in, *kernel = geometry.weight_shape
+    depthwise = geometry.groups == c_out and c_in == 1 and len(kernel) <= 2  # one channel in and out per group
     weight_grads = _depthwise_weight_grads if depthwise else _grouped_weight_grads
     n = _GROUPED_CONV_CHUNK
     chunks = [weight_grads(geometry, xs, gs, padding) for xs, gs in zip(x.split(n), g.split(n))]
@@ -479,8 +480,7 @@ def _grouped_weight_grads(
     weight gradient holds every example's (no unfolded patches); ``x`` and ``padding`` as ``_conv_padded`` gives
     them."""
     b, (c_out, c_in, *kernel), groups = x.shape[0], geometry.weight_shape, geometry.groups
-    weight_grad = torch.nn.grad.conv2d_weight if len(kernel) == 2 else torch.nn.grad.conv1d_weight
-    w = weight_grad(
+    w = _WEIGHT_GRADS[len(kernel) - 1](
         x.reshape(1, b * c_in * groups, *x.shape[2:]),
         (b * c_out, c_in, *kernel),
         g.reshape(1, b * c_out, *g.shape[2:]),
