@@ -5,7 +5,7 @@ batched, or the reason ``tc.explain`` gives for leaving the batched path.
 
 6 train x 3 test examples of 8 tokens (16 x 16 images), 3 checkpoints, float64; the mixture-of-experts models run
 in float32 against a float32 loop (their grouped matmul has no float64 kernel on the CPU), and so do the state-space
-models whose scan casts to float32 (Mamba2, Bamba).
+models whose scan casts to float32 (Mamba2, Bamba, Zamba2).
 """
 
 from __future__ import annotations
@@ -281,8 +281,10 @@ def _float32_loop(model: torch.nn.Module, ckpts: list[tc.Checkpoint], train: Any
 
     scores = 0
     for ckpt in ckpts:
-        params = {k: v.detach().clone().requires_grad_() for k, v in ckpt.params.items() if v.is_floating_point()}
-        state, leaves = {**ckpt.params, **params}, list(params.values())
+        copies: dict[int, torch.Tensor] = {}  # one leaf per tensor: tied names (an embedding and the head) share it
+        params = {k: copies.setdefault(id(v), v.detach().clone().requires_grad_())
+                  for k, v in ckpt.params.items() if v.is_floating_point()}  # fmt: skip
+        state, leaves = {**ckpt.params, **params}, list(copies.values())
         g_train, g_test = (torch.stack([grads(state, leaves, rm.take(b, i, i + 1)) for i in range(rm.num_examples(b))])
                            for b in (train, test))  # fmt: skip
         scores = scores + ckpt.lr * g_test @ g_train.T
@@ -296,14 +298,19 @@ FLOAT32_SCAN = {
     "bamba": lambda: causal_lm(T.BambaConfig, T.BambaForCausalLM, torch.float32, mamba_d_state=8, mamba_d_conv=4,
                                mamba_expand=2, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_chunk_size=8,
                                attn_layer_indices=[1], **KV, **SMALL),  # fmt: skip
+    "zamba2": lambda: causal_lm(T.Zamba2Config, T.Zamba2ForCausalLM, torch.float32, num_attention_heads=4,
+                                num_key_value_heads=4, intermediate_size=64, mamba_d_state=8, mamba_d_conv=4,
+                                mamba_expand=2, mamba_headdim=8, mamba_ngroups=1, n_mamba_heads=8, chunk_size=8,
+                                layers_block_type=["mamba", "hybrid"], hybrid_layer_ids=[1], use_mem_rope=False,
+                                num_mem_blocks=1, **MAMBA),  # fmt: skip
 }
 
 
 @pytest.mark.parametrize("name", list(FLOAT32_SCAN))
 def test_state_space_models_scanning_in_float32_are_batched_and_exact_in_float32(name):
-    """Mamba2's mixer (and Bamba's, Mamba2 layers beside attention) reads its parameters itself (a depthwise
-    convolution's in ``F.conv1d``, ``A_log``, ``D``, ``dt_bias``): each followed to the batch, one batched pass,
-    exact to float32 rounding against a float32 loop (its scan casts to float32 even in a float64 model, which
+    """Mamba2's mixer (and Bamba's and Zamba2's, Mamba2 layers beside attention) reads its parameters itself (a
+    depthwise convolution's in ``F.conv1d``, ``A_log``, ``D``, ``dt_bias``): each followed to the batch, one batched
+    pass, exact to float32 rounding against a float32 loop (its scan casts to float32 even in a float64 model, which
     leaves vmap(grad) 7e-8 from a float64 loop: no float64 check can be exact)."""
     model, data, loss = FLOAT32_SCAN[name]()
     ckpts, (train, test) = rm.make_checkpoints(model, 2), _split(data)
