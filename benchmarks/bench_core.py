@@ -57,7 +57,8 @@ import tracin_func as tc
 QUICK_TRANSFORMER = (10, 200)  # (n_test, n_train) of the transformer in --quick mode
 REAL_SIZES = (20, 200)  # (n_test, n_train) of the real models
 QUICK_REAL = (4, 16)  # the same in --quick mode
-FLOOR_BATCH = 512  # batch size of the plain backprop reference rows
+FLOOR_BATCH = 512  # batch size of the plain backprop reference rows (real models: ``floor_batch``)
+MMAP_CEILING = 32 << 20  # glibc's largest mmap threshold: larger blocks are always mapped afresh (``_allocator``)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -281,11 +282,26 @@ def real_ours(w: real_models.RealWorkload, bs: int | None, device: torch.device,
     }
 
 
-def real_floor(w: real_models.RealWorkload, with_test: bool, bs: int = FLOOR_BATCH) -> Callable[[], Any]:
+def floor_batch(w: real_models.RealWorkload) -> int:
+    """Examples per batch of the plain-backprop rows: ``FLOOR_BATCH``, or fewer where the forward's largest tensor
+    would pass glibc's largest mmap threshold (``MMAP_CEILING``), above which every allocation of it is faulted in
+    afresh: Mamba's floor (256 KB per example in its scan's tensors) took 14-23 s on its 220 examples in one batch,
+    4.5-5.4 s in batches of 100. Our automatic batch size stays within half of it (``tracin_func._setup``)."""
+    tensor_bytes = tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn).tensor_bytes
+    return min(FLOOR_BATCH, max(16, (MMAP_CEILING - 1) // max(1, tensor_bytes)))  # (strictly below it)
+
+
+def floor_batches(w: real_models.RealWorkload, data: Sequence[Any], bs: int | None = None) -> list[Any]:
+    """``data`` (whole example sets) cut into the floor's batches (``floor_batch``)."""
+    bs = bs or floor_batch(w)
+    return [real_models.take(d, i, i + bs) for d in data for i in range(0, real_models.num_examples(d), bs)]
+
+
+def real_floor(w: real_models.RealWorkload, with_test: bool, bs: int | None = None) -> Callable[[], Any]:
     """Not TracIn: one ordinary batched forward / backward of the summed per-example losses per checkpoint over
-    the training examples (and the test examples when ``with_test``), as ``backprop_floor``."""
+    the training examples (and the test examples when ``with_test``) in ``floor_batch``es, as ``backprop_floor``."""
     names = [name for name, _ in w.model.named_parameters()]  # tied tensors once
-    data = [w.train, w.test] if with_test else [w.train]
+    batches = floor_batches(w, [w.train, w.test] if with_test else [w.train], bs)
 
     def run() -> None:
         for ckpt in w.checkpoints:
@@ -295,11 +311,8 @@ def real_floor(w: real_models.RealWorkload, with_test: bool, bs: int = FLOOR_BAT
                 leaves.setdefault(id(v), v.detach().requires_grad_(id(v) in differentiated))
             state = {k: leaves[id(v)] for k, v in ckpt.params.items()}
             params = [state[n] for n in names]
-            for batch in data:
-                for start in range(0, real_models.num_examples(batch), bs):
-                    part = real_models.take(batch, start, start + bs)
-                    # (an unused parameter, wav2vec2's masked-spectrogram embedding, has no gradient)
-                    torch.autograd.grad(w.batch_loss(state, part), params, allow_unused=True)
+            for batch in batches:  # (an unused parameter, wav2vec2's masked-spectrogram embedding, has no gradient)
+                torch.autograd.grad(w.batch_loss(state, batch), params, allow_unused=True)
 
     return run
 
@@ -435,7 +448,7 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
     bounded = influence_bounds(primary.model, first_example, primary, floors["influence"], args.repeat)
     lower = {}
     for q, _ in questions:
-        data = [primary.train, primary.test] if q == "influence" else [primary.train]
+        data = floor_batches(primary, [primary.train, primary.test] if q == "influence" else [primary.train])
         lower[q] = (
             run(bounds.forward_only(primary.batch_loss, states, data)),
             run(bounds.activation_backward(primary.model, primary.batch_loss, states, data)),
@@ -680,7 +693,8 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
     rows.notes.insert(
         0,
         f"plain backprop (floor) = one ordinary forward / backward per checkpoint over the same examples (batch "
-        f"{FLOOR_BATCH}, summed loss): the least work any exact method does; 'x ours' < 1 shows how close we are. "
+        f"{FLOOR_BATCH}, fewer where a forward tensor would pass 32 MB, summed loss): the least work any exact method "
+        f"does; 'x ours' < 1 shows how close we are. "
         f"floor + pair products = the floor plus the influence matrix's inner products alone (bounds.py): no exact "
         f"influence matrix takes less; its time / the floor's is the best 'x floor' possible here. + per-example "
         f"GEMMs: plus the excess of forming the materialised layers' per-example gradients (batched GEMMs) over "

@@ -1898,9 +1898,12 @@ def test_explain_names_every_route_and_reason():
     counts = f"materialised {len(routes) - 2}, factored 2"  # fc's weight and bias
     assert lines[0] == f"batching: {plan.batching}" and lines[2] == f"routes: {counts}"
     assert len(lines) == 4 + len(routes) + bool(plan.checked_later)  # (random images end alike: no padding)
-    assert plan.example_bytes > 0 and plan.batch_size == auto_batch_size(plan.example_bytes, torch.device("cpu"))
-    kb = plan.example_bytes / 1024
-    assert lines[1] == f"batch size: at most {plan.batch_size} examples ({kb:,.1f} KB of gradients per example)"
+    # the largest tensor the forward makes from one example: 6 channels of 5 x 5 in float64 (the grouped output)
+    assert plan.example_bytes > 0 and plan.tensor_bytes == 6 * 5 * 5 * 8
+    assert plan.batch_size == auto_batch_size(plan.example_bytes, torch.device("cpu"), tensor_bytes=plan.tensor_bytes)
+    kb, tensor_kb = plan.example_bytes / 1024, plan.tensor_bytes / 1024
+    per_example = f"per example: {kb:,.1f} KB of gradients, {tensor_kb:,.1f} KB in the forward's largest tensor"
+    assert lines[1] == f"batch size: at most {plan.batch_size} examples ({per_example})"
     assert tc.explain(model, _ckpts(model), (x, y), loss_fn=CE, batch_size=4).batch_size == 4
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
     assert "batch size: the data's own batches" in str(tc.explain(model, _ckpts(model), loader, loss_fn=CE))
@@ -2040,7 +2043,8 @@ def test_token_rows_are_kept_where_ids_rarely_recur_across_examples():
 
 def test_the_automatic_batch_size_is_cache_sized_on_cpu():
     """256 MB of representations bound every device; on CPU a batch holds 32 MB of representations, at least 128 and
-    at most 512 examples, or 4 MB when that is more (small examples), and never fewer than 16 or more than 4096."""
+    at most 512 examples, or 4 MB when that is more (small examples), fewer where the forward's largest tensor would
+    outgrow 16 MB, and never fewer than 16 or more than 4096."""
     from tracin_func._setup import auto_batch_size
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -2054,6 +2058,47 @@ def test_the_automatic_batch_size_is_cache_sized_on_cpu():
     assert auto_batch_size(2_356, cpu) == 1780 and auto_batch_size(2_356, cuda) == 4096  # the digits MLP's
     assert auto_batch_size(6_371_628, cpu) == auto_batch_size(6_371_628, cuda) == 42  # ResNet-18's: memory bounds it
     assert auto_batch_size(1 << 30, cpu) == 16
+    mamba = dict(tensor_bytes=256 << 10)  # its scan's [B, 128, 32, 16] float32 tensors
+    assert auto_batch_size(517_939, cpu, **mamba) == 64 and auto_batch_size(517_939, cuda, **mamba) == 518
+    assert auto_batch_size(672_768, cpu, tensor_bytes=128_000) == 128  # GPT-2's logits: 32 tokens of 1000 classes
+    assert auto_batch_size(27_436, cpu, tensor_bytes=8 << 10) == 512
+    assert auto_batch_size(100, cpu, tensor_bytes=1 << 20) == 16  # never fewer
+
+
+class Outer(nn.Module):
+    """A forward making an outer product of each example's features, ``[B, 1024, 512]`` (4 MB per example in
+    float64), or not; either way a tensor of 8 MB made from the checkpoint alone (a buffer's), and a view expanded to
+    4 MB."""
+
+    def __init__(self, outer: bool):
+        super().__init__()
+        self.outer, self.a, self.b = outer, nn.Linear(8, 1024), nn.Linear(8, 512)
+        self.register_buffer("table", torch.randn(1024, 1024) / 1024)
+        self.head = nn.Linear(512, 3)
+
+    def forward(self, x):
+        mixed = self.a(x) @ self.table.exp()  # (the exponential: made from the checkpoint alone)
+        spread = self.b(x)[:, None, :].expand(-1, 1024, -1)  # (a view: no tensor made)
+        if self.outer:
+            return self.head((mixed[:, :, None] * spread).mean(1))
+        return self.head(mixed[:, :512] * spread.mean(1))
+
+
+def test_the_automatic_batch_size_keeps_the_forwards_largest_tensor_cached_on_cpu():
+    """The plan measures the largest tensor one example's forward makes from the example: an outer product of 4 MB
+    per example gets batches of 16 on CPU (the least; 4 fit 16 MB), exact over them; the checkpoint's own tensors,
+    however large, and views count for nothing."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 8, dtype=torch.float64), torch.randint(0, 3, (40,))
+    for outer, tensor_bytes, size in ((True, 1024 * 512 * 8, 16), (False, 1024 * 8, None)):
+        model = Outer(outer).double().eval()
+        plan = tc.explain(model, _ckpts(model), (x, y), loss_fn=CE)
+        assert plan.tensor_bytes == tensor_bytes
+        assert plan.batch_size == auto_batch_size(plan.example_bytes, torch.device("cpu"), tensor_bytes=tensor_bytes)
+        assert plan.batch_size == size if outer else plan.batch_size > 40
+    model = Outer(True).double().eval()
+    ref = reference_scores(model, _ckpts(model), (x, y), (x, y), loss_fn=CE).self_influence
+    assert_close(tc.self_influence(model, _ckpts(model), (x, y), loss_fn=CE), ref, 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- elementwise scales

@@ -106,7 +106,9 @@ def _planned(
 
 def most_per_batch(setup: Setup, plan: Plan) -> int:
     """Examples per batch at most: ``batch_size=``, or the automatic size for the plan's bytes per example."""
-    return auto_batch_size(plan.example_bytes, setup.device) if setup.auto_batch else setup.batch_size
+    if not setup.auto_batch:
+        return setup.batch_size
+    return auto_batch_size(plan.example_bytes, setup.device, tensor_bytes=plan.tensor_bytes)
 
 
 # Planning reads an example or two (the forward check, discovery) and the batching check's first four.

@@ -43,6 +43,7 @@ class Explanation(NamedTuple):
     batch_size: int | None  # examples per batch at most: ``batch_size=`` or the plan's automatic size (None: the
     # batches of a DataLoader or iterable, used as they are)
     example_bytes: int  # one example's gradient representation under the plan (factors and per-sample gradients)
+    tensor_bytes: int  # the largest tensor one example's forward makes (CPU batches keep it within 16 MB)
     checked_later: str = ""  # what the examples planned on could not show, checked on a later batch that can
 
     def __str__(self) -> str:
@@ -51,7 +52,8 @@ class Explanation(NamedTuple):
         size = "the data's own batches" if self.batch_size is None else f"at most {self.batch_size} examples"
         lines = [
             f"batching: {self.batching}",
-            f"batch size: {size} ({self.example_bytes / 1024:,.1f} KB of gradients per example)",
+            f"batch size: {size} (per example: {self.example_bytes / 1024:,.1f} KB of gradients, "
+            f"{self.tensor_bytes / 1024:,.1f} KB in the forward's largest tensor)",
             "routes: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
         ]
         lines.append(f"{'parameter':<{width}}  {'route':<12}  reason")
@@ -80,7 +82,8 @@ def explain(
     Returns:
         :class:`Explanation`: ``routes`` (one :class:`Route` per parameter, in order), ``batching``, the most
         examples per batch the call takes (``batch_size``) and the bytes of one example's gradients under the plan
-        (``example_bytes``, what the automatic batch size follows); ``print`` it for a table.
+        (``example_bytes``) and of the largest tensor its forward makes (``tensor_bytes``), which the automatic batch
+        size follows; ``print`` it for a table.
 
     Example:
         >>> import torch, tracin_func as tc
@@ -120,7 +123,8 @@ def explain(
     )  # fmt: skip
     batching = plan.batching + looping
     size = most_per_batch(setup, plan) if num_examples(data) else None
-    return Explanation(tuple(routes), batching, size, plan.example_bytes, _CHECKED_LATER.get(plan.unchecked, ""))
+    checked_later = _CHECKED_LATER.get(plan.unchecked, "")
+    return Explanation(tuple(routes), batching, size, plan.example_bytes, plan.tensor_bytes, checked_later)
 
 
 _CHECKED_LATER = {

@@ -53,6 +53,7 @@ class Plan(NamedTuple):
     reasons: Mapping[str, str]  # parameter name -> why it takes its route (for `tc.explain` and warnings)
     batching: str  # why the call runs one batched pass, or not
     example_bytes: int  # one example's gradient representation: factors of kept sites, per-sample grads of the rest
+    tensor_bytes: int = 0  # the largest tensor one example's forward makes (``check_forward``): a batch's scale by it
     trimmed: frozenset[str] = frozenset()  # paths of Linears whose rows of zero output gradient are dropped per batch
     costed: bool = True  # kernel sites chosen by the cost model (factored=None), not all forced (factored=True)
     # modules holding a tied tensor of sites that the forward did not call when planned: refused if called later
@@ -122,8 +123,7 @@ def plan_call(
     among."""
     module, first = setup.spec.module, setup.checkpoints[0].state
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
-    for loss in losses:
-        check_forward(module, loss, first, batch, where)
+    tensor_bytes = max(check_forward(module, loss, first, batch, where) for loss in losses)
     names, factored = setup.spec.diff_names, setup.factored
     if setup.method == "last_layer":
         assert module is not None  # checked when the call was set up
@@ -134,7 +134,7 @@ def plan_call(
     plan = make_plan(
         module, names, losses, diff, frozen, batch, mapper, factored=factored, self_only=self_only, scored=scored,
         checked_at=checked_at, pool=pool,
-    )
+    )._replace(tensor_bytes=tensor_bytes)
     if module is not None and factored is not False and not plan.batched:
         causes = sorted(plan.dense, key=lambda n: plan.reasons[n] in (_TO_VMAP, _UNUSED_ON_VMAP))  # root causes first
         slow = [f"{n!r} ({plan.reasons[n]})" for n in causes[:3]]

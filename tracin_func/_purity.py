@@ -46,6 +46,12 @@ def _inspected(func: Any) -> tuple[bool, tuple[str, ...]]:
     return torch.Tag.nondeterministic_seeded in func.tags, written
 
 
+@functools.cache
+def _makes_tensors(func: Any) -> bool:
+    """Whether an op's outputs are new tensors, not views of its inputs or the inputs it wrote."""
+    return all(r.alias_info is None for r in func._schema.returns)
+
+
 def _draws_random(values: Mapping[str, Any]) -> bool:
     """Whether a seeded random op called with ``values`` draws random numbers: not when a zero probability or
     ``train=False`` makes it deterministic (the attention kernels carry the tag whatever their ``dropout_p``)."""
@@ -68,6 +74,8 @@ class _Watch(TorchDispatchMode):
         super().__init__()
         self.protected, self.modules, self.given = protected, modules, given
         self.derived = set(checkpoint)  # tensors (identities) computed from the checkpoint's tensors
+        self.from_example = given - checkpoint  # tensors (identities) computed from the example's
+        self.largest = 0  # bytes of the largest tensor made from the example (views and in-place ops make none)
         self.made: dict[int, weakref.ref] = {}  # tensors this run made (alive: an identity may be reused)
         self.read: set[int] = set()  # tensors an op read
         self.kept: dict[str, tuple[nn.Module, set[int]]] = {}  # innermost module -> kept tensors it read
@@ -97,14 +105,21 @@ class _Watch(TorchDispatchMode):
             path, module = self.modules[-1]
             self.kept.setdefault(path, (module, set()))[1].update(kept)
         out = func(*args, **kwargs)
-        from_checkpoint = not read.isdisjoint(self.derived)
-        for t in op_tensors(out):
+        from_checkpoint, from_example = not read.isdisjoint(self.derived), not read.isdisjoint(self.from_example)
+        outputs = op_tensors(out)
+        for t in outputs:
             self.made[id(t)] = weakref.ref(t)
             if from_checkpoint:
                 self.derived.add(id(t))
                 self.derived_made.append(weakref.ref(t))
             else:
                 self.derived.discard(id(t))  # (the identity of a tensor freed meanwhile)
+            if from_example:
+                self.from_example.add(id(t))
+            else:
+                self.from_example.discard(id(t))
+        if from_example and _makes_tensors(func):
+            self.largest = max([self.largest, *(t.nbytes for t in outputs)])
         return out
 
     def _made(self, t: torch.Tensor) -> bool:
@@ -224,18 +239,21 @@ def _protected(module: nn.Module | None, state: Tensors, example: Any) -> dict[i
     return {ptr: name for name, t in named if isinstance(t, torch.Tensor) and (ptr := _storage(t))}
 
 
-def check_forward(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, batch: Any, where: str) -> None:
+def check_forward(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, batch: Any, where: str) -> int:
     """Run ``loss`` on the first example of ``batch`` under the watch; raise with the fix on anything untrustworthy.
     When the run leaves tensors computed from the checkpoint alive (kept by a layer: a cache, or an attention map
-    stored for plots), it runs again, which reads a cache back. The runs leave the layers' attributes as they were."""
+    stored for plots), it runs again, which reads a cache back. The runs leave the layers' attributes as they were.
+    Returns the bytes of the largest tensor the forward made from the example, which a batch's tensors scale by."""
     example = batch_of_one(example_at(batch, 0))
     with leaving_no_trace(module):
-        if _watched_run(module, loss, state, example, where):
-            _watched_run(module, loss, state, example, where)
+        watch = _watched_run(module, loss, state, example, where)
+        if watch.kept_derived():
+            watch = _watched_run(module, loss, state, example, where)
+    return watch.largest
 
 
-def _watched_run(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, example: Any, where: str) -> bool:
-    """One dry run under the watch; whether it left tensors computed from the checkpoint alive."""
+def _watched_run(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, example: Any, where: str) -> _Watch:
+    """One dry run under the watch (raising on what it refuses), which it returns."""
     protected = _protected(module, state, example)
     checkpoint = {id(t) for t in state.values()}
     given = checkpoint | {id(t) for t in optree.tree_leaves(example) if isinstance(t, torch.Tensor)}
@@ -246,7 +264,7 @@ def _watched_run(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, 
             _explain_dtype(err, example, state, where)
             raise
     watch.refuse_kept(state, module)
-    return watch.kept_derived()
+    return watch
 
 
 def _run(loss: ExampleLossFn, state: Tensors, example: Any) -> None:

@@ -97,18 +97,29 @@ def _check_loss(loss_fn: Any, name: str) -> None:
 _CPU_BATCH_EXAMPLES = (128, 512)
 _CPU_SMALL_BATCH_BYTES = 1 << 22
 _CPU_BATCH_BYTES = 1 << 25
+# The forward's own tensors count too: its largest gets 16 MB per batch, however few examples that leaves (16 at
+# least), half of the last-level cache and of glibc's largest mmap threshold (``_allocator``), above which a tensor is
+# faulted in afresh at every allocation. Mamba's PyTorch scan makes ``[B, 128, 32, 16]`` tensors (256 KB per example)
+# and slices them token by token: its plain forward / backward over 200 examples took 3.4-3.9 / 3.6-4.3 / 4.9 / 4.5-5.4
+# / 14.9 s in batches of 25 / 50 / 64 / 100 / 200, and our influence 4.9-6.6 / 5.1-6.4 / 5.7-8.1 s in batches of 25 /
+# 50 / 100. GPT-2's and Swin's, 125-128 KB (logits, windows), keep 128 examples (GPT-2's influence 0.93-0.98 s in
+# batches of 100, 1.06-1.07 s of 50).
+_CPU_TENSOR_BYTES = 1 << 24
 
 
-def auto_batch_size(example_bytes: int, device: torch.device, budget_bytes: int = 1 << 28) -> int:
+def auto_batch_size(
+    example_bytes: int, device: torch.device, budget_bytes: int = 1 << 28, tensor_bytes: int = 0
+) -> int:
     """Examples per batch whose gradient representations fit ``budget`` (16 to 4096); on CPU 32 MB of
-    representations, 128 to 512 examples, or more when 4 MB holds more (small examples)."""
+    representations, 128 to 512 examples, or more when 4 MB holds more (small examples), and fewer where the largest
+    tensor of the forward (``tensor_bytes`` per example) would outgrow 16 MB."""
     example_bytes = max(1, example_bytes)
     most = budget_bytes // example_bytes
     if device.type == "cpu":
         fewest, most_examples = _CPU_BATCH_EXAMPLES
         cached = _CPU_BATCH_BYTES // example_bytes
         small = _CPU_SMALL_BATCH_BYTES // example_bytes  # above 256 for small examples only
-        most = min(most, max(fewest, min(cached, max(most_examples, small))))
+        most = min(most, max(fewest, min(cached, max(most_examples, small))), _CPU_TENSOR_BYTES // max(1, tensor_bytes))
     return max(16, min(4096, most))
 
 
