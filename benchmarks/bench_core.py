@@ -283,18 +283,24 @@ def real_ours(w: real_models.RealWorkload, bs: int | None, device: torch.device,
 
 
 def floor_batch(w: real_models.RealWorkload) -> int:
-    """Examples per batch of the plain-backprop rows: ``FLOOR_BATCH``, or fewer where the forward's largest tensor
-    would pass glibc's largest mmap threshold (``MMAP_CEILING``), above which every allocation of it is faulted in
-    afresh: Mamba's floor (256 KB per example in its scan's tensors) took 14-23 s on its 220 examples in one batch,
-    4.5-5.4 s in batches of 100. Our automatic batch size stays within half of it (``tracin_func._setup``)."""
-    tensor_bytes = tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn).tensor_bytes
-    return min(FLOOR_BATCH, max(16, (MMAP_CEILING - 1) // max(1, tensor_bytes)))  # (strictly below it)
+    """Examples per batch of the plain-backprop rows: ``FLOOR_BATCH``, or, where the forward's largest tensor would
+    then pass glibc's largest mmap threshold on the training examples (``MMAP_CEILING``, above which every allocation
+    of it is faulted in afresh), as many as our automatic batch size takes for it (16 MB; ``tracin_func._setup``).
+    Mamba's floor (256 KB per example in its scan's tensors) took 14-23 s on its 220 examples in one batch, 6.0 s in
+    batches of 127, 3.4-4.3 s in batches of 25-50."""
+    tensor_bytes = max(1, tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn).tensor_bytes)
+    largest = min(FLOOR_BATCH, w.n_train) * tensor_bytes
+    return FLOOR_BATCH if largest < MMAP_CEILING else max(16, (MMAP_CEILING // 2) // tensor_bytes)
 
 
 def floor_batches(w: real_models.RealWorkload, data: Sequence[Any], bs: int | None = None) -> list[Any]:
-    """``data`` (whole example sets) cut into the floor's batches (``floor_batch``)."""
-    bs = bs or floor_batch(w)
-    return [real_models.take(d, i, i + bs) for d in data for i in range(0, real_models.num_examples(d), bs)]
+    """``data`` (whole example sets) cut into even batches of at most ``bs`` (``floor_batch``) examples each."""
+    bs, batches = bs or floor_batch(w), []
+    for d in data:
+        n = real_models.num_examples(d)
+        each = -(-n // -(-n // bs))  # (as our automatic size cuts them: no small last batch)
+        batches += [real_models.take(d, i, i + each) for i in range(0, n, each)]
+    return batches
 
 
 def real_floor(w: real_models.RealWorkload, with_test: bool, bs: int | None = None) -> Callable[[], Any]:
