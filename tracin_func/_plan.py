@@ -53,7 +53,7 @@ class Plan(NamedTuple):
     reasons: Mapping[str, str]  # parameter name -> why it takes its route (for `tc.explain` and warnings)
     batching: str  # why the call runs one batched pass, or not
     example_bytes: int  # one example's gradient representation: factors of kept sites, per-sample grads of the rest
-    tensor_bytes: int = 0  # the largest tensor one example's forward makes (``check_forward``): a batch's scale by it
+    tensor_bytes: int = 0  # the largest tensor one example's forward makes (``check_forward``): a batch's scale with it
     trimmed: frozenset[str] = frozenset()  # paths of Linears whose rows of zero output gradient are dropped per batch
     costed: bool = True  # kernel sites chosen by the cost model (factored=None), not all forced (factored=True)
     # modules holding a tied tensor of sites that the forward did not call when planned: refused if called later
