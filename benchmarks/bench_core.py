@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from workloads import BUILDERS, Workload
 
 import tracin_func as tc
+from tracin_func._setup import _CPU_TENSOR_BYTES
 
 QUICK_TRANSFORMER = (10, 200)  # (n_test, n_train) of the transformer in --quick mode
 REAL_SIZES = (20, 200)  # (n_test, n_train) of the real models
@@ -290,7 +291,7 @@ def floor_batch(w: real_models.RealWorkload) -> int:
     batches of 127, 3.4-4.3 s in batches of 25-50."""
     tensor_bytes = max(1, tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn).tensor_bytes)
     largest = min(FLOOR_BATCH, w.n_train) * tensor_bytes
-    return FLOOR_BATCH if largest < MMAP_CEILING else max(16, (MMAP_CEILING // 2) // tensor_bytes)
+    return FLOOR_BATCH if largest < MMAP_CEILING else max(16, _CPU_TENSOR_BYTES // tensor_bytes)
 
 
 def floor_batches(w: real_models.RealWorkload, data: Sequence[Any], bs: int | None = None) -> list[Any]:
