@@ -876,7 +876,7 @@ LayerFactors = tuple[list[torch.Tensor], list[torch.Tensor]]  # one layer's inpu
 
 class BatchingCheck(NamedTuple):
     reason: str  # why batching is refused, or ""
-    seen: dict[str, LayerFactors]  # each site's factors on the first examples
+    seen: dict[str, LayerFactors]  # each site's factors on the first examples (also where refused on compared numbers)
     batch_free: tuple[str, ...] = ()  # sites run once for the whole batch (``Plan.batch_free``), when not refused
     factorless: bool = False  # refused so that no layer's factors can be taken per example either
     # what the examples could not show: "lengths" (of one length, padded alike: whether the model reads the padding a
@@ -938,25 +938,28 @@ def _batching_refused(
         with _Widened():
             wide = _compared(module, losses, plan, wide_state, wide_batch, mapper, wide_truth)
         states, batches = (state, wide_state), (batch, wide_batch)
-        same = not wide.reason and _computes_alike(module, losses, plan, states, batches, mapper)
+        same = not wide.reason and _computes_alike(losses, states, batches, check.seen, wide.seen)
     except (RuntimeError, TypeError, ValueError):
         return check
     return wide._replace(seen=_floating_as(narrow, wide.seen)) if same else check
 
 
 def _computes_alike(
-    module: nn.Module, losses: Sequence[BatchableLoss], plan: Plan, states: Any, batches: Any, mapper: Mapper
+    losses: Sequence[BatchableLoss],
+    states: Any,
+    batches: Any,
+    own: Mapping[str, LayerFactors],
+    wide: Mapping[str, LayerFactors],
 ) -> bool:
-    """Whether the model computes the same in float64 as in its own precision: every layer's inputs and its outputs
-    (a criterion's inputs, a ``tc.BatchLoss``'s losses), on the checked examples run together, close in both. A model
-    whose semantics depend on the dtype (padding found as ``torch.finfo(x.dtype).min``, a branch on ``x.dtype``, also
-    after its last layer) would otherwise be judged on what it does in float64 only (85% and 254% off, silently,
-    before this check); a max-pool's flipped choice leaves them alike (a near-tie)."""
+    """Whether the model computes the same in float64 as in its own precision: every layer's inputs (``own``, ``wide``:
+    each layer's factors on the checked examples run together, as the two checks saw them) and its outputs (a
+    criterion's inputs, a ``tc.BatchLoss``'s losses) close in both. A model whose semantics depend on the dtype
+    (padding found as ``torch.finfo(x.dtype).min``, a branch on ``x.dtype``, also after its last layer) would
+    otherwise be judged on what it does in float64 only (85% and 254% off, silently, before this check); a
+    max-pool's flipped choice leaves them alike (a near-tie)."""
     rows = _checked_rows(batches[0], losses)
-    own = batched_factors(module, losses[0], plan, states[0], select_rows(batches[0], rows), mapper)
     own_out = _outputs(losses[0], states[0], select_rows(batches[0], rows))
     with _Widened():
-        wide = batched_factors(module, losses[0], plan, states[1], select_rows(batches[1], rows), mapper)
         wide_out = _outputs(losses[0], states[1], select_rows(batches[1], rows))
     pairs = [(xs, wide[path][0]) for path, (xs, _) in own.items()] + [(own_out, wide_out)]
     return all(
@@ -1049,7 +1052,7 @@ def _compared(
                 return BatchingCheck(
                     f"copies of {site.path!r}'s parameters expanded over the batch did not give the first example "
                     f"its gradient (the layer does not use them elementwise or broadcast over the batch)",
-                    {},
+                    {**_first_rows(together, n), **seen},
                     rounding=True,
                 )
         batch_free = [
@@ -1097,11 +1100,16 @@ def _compared(
                     f"through batch statistics; the model reorders its batch by an order made outside torch, such "
                     f"as Python's `sorted`; or the layer's input holds the batch in a dimension other than the "
                     f"first, or the second in every call: sequence-first)",
-                    {},
+                    {**_first_rows(together, n), **seen},
                     rounding=True,
                 )
-            seen.setdefault(path, ([x[:n] for x in xs], [g[:n] for g in gs]))  # (not the copy)
+            seen.setdefault(path, _first_rows({path: (xs, gs)}, n)[path])
     return BatchingCheck("", seen, tuple(plan.batch_free), unshown=unshown, shown=shown)
+
+
+def _first_rows(together: Mapping[str, LayerFactors], n: int) -> dict[str, LayerFactors]:
+    """Each layer's factors of the first ``n`` rows of the examples run together (not the copy after them)."""
+    return {path: ([x[:n] for x in xs], [g[:n] for g in gs]) for path, (xs, gs) in together.items()}
 
 
 def _checked_rows(batch: Any, losses: Sequence[BatchableLoss]) -> torch.Tensor:
