@@ -2380,6 +2380,24 @@ def test_a_float32_refusal_stands_where_float64_computes_otherwise(model):
     truth = torch.stack([0.1 * sum(g.square().sum() for g in grads) for grads in alone])  # in float32, as the model
     torch.testing.assert_close(got, truth, rtol=1e-5, atol=0)
 
+def test_the_float64_recheck_runs_the_examples_once_in_each_precision(monkeypatch):
+    """The float64 re-check of a refusal on compared numbers compares the float32 and float64 checks' own runs of
+    the examples together (is the model computing alike in both?) instead of running them again: two forward /
+    backward passes fewer (0.98 -> 0.36 s of ResNet-18's planning, one pass in float64)."""
+    import tracin_func._plan as plan
+
+    runs = []
+    counted = plan.batched_factors
+    monkeypatch.setattr(plan, "batched_factors", lambda *a, **kw: runs.append(a[3]) or counted(*a, **kw))
+    net = RoundsByBatchSize(0.0).eval()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, generator=gen), torch.tensor([0, 1] * 4)
+    ckpts = [tc.Checkpoint(params=dict(net.state_dict()), lr=0.1)]
+    assert tc.explain(net, ckpts, (x, y), loss_fn=CE).batching.startswith("vmap(grad) over examples")
+    dtypes = [next(iter(state.values())).dtype for state in runs]
+    assert (dtypes.count(torch.float32), dtypes.count(F64)) == (5, 5)  # four examples alone and together, in each
+
+
 class SqrtFirst(nn.Module):
     """NaN for an example whose first feature is negative, alone as in any batch."""
 
