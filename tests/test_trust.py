@@ -2380,6 +2380,7 @@ def test_a_float32_refusal_stands_where_float64_computes_otherwise(model):
     truth = torch.stack([0.1 * sum(g.square().sum() for g in grads) for grads in alone])  # in float32, as the model
     torch.testing.assert_close(got, truth, rtol=1e-5, atol=0)
 
+
 def test_the_float64_recheck_runs_the_examples_once_in_each_precision(monkeypatch):
     """The float64 re-check of a refusal on compared numbers compares the float32 and float64 checks' own runs of
     the examples together (is the model computing alike in both?) instead of running them again: two forward /
