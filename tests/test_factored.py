@@ -1789,6 +1789,43 @@ def test_convolutions_padding_their_input_themselves(monkeypatch, chunk):
     }
 
 
+class WideConvs(nn.Module):
+    """Convolutions of more channel pairs than the grouped route takes (4,096) on outputs of at least 256 positions:
+    each example's weight gradient from the convolution's own backward, one example at a time (reflect padding, a
+    dilation, a Conv1d); the strided one's 64 positions from unfolded patches, the stem's few pairs grouped."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 72, 3, padding=1)
+        self.reflect = nn.Conv2d(72, 72, 3, padding=1, padding_mode="reflect")
+        self.dilated = nn.Conv2d(72, 64, 3, padding="same", dilation=2, bias=False)
+        self.strided = nn.Conv2d(64, 72, 3, stride=2, padding=1)
+        self.seq = nn.Conv1d(64, 72, 3, padding=1)
+        self.fc = nn.Linear(72, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.dilated(torch.tanh(self.reflect(torch.tanh(self.stem(x))))))
+        return self.fc(torch.tanh(self.strided(h)).mean((2, 3)) + torch.tanh(self.seq(h.flatten(2))).mean(2))
+
+
+def test_wide_convolutions_on_many_positions_take_each_examples_own_backward(monkeypatch):
+    from tracin_func import _layers
+
+    looped, own = [], _layers._looped_weight_grads
+    spy = lambda geometry, *a: looped.append(geometry) or own(geometry, *a)  # noqa: E731
+    monkeypatch.setattr(_layers, "_looped_weight_grads", spy)
+    torch.manual_seed(0)
+    model = WideConvs().double().eval()
+    x, y = torch.randn(5, 2, 16, 16, dtype=torch.float64), torch.randint(0, 3, (5,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    ckpts = _ckpts(model)
+    ref = reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE)
+    assert_close(tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE), ref.influence)
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE, factored=True), ref.self_influence)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert {g.weight_shape for g in looped} == {shapes[f"{name}.weight"] for name in ("reflect", "dilated", "seq")}
+
+
 class TiedHead(nn.Module):
     def __init__(self):
         super().__init__()
