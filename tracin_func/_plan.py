@@ -1052,7 +1052,7 @@ def _compared(
                 return BatchingCheck(
                     f"copies of {site.path!r}'s parameters expanded over the batch did not give the first example "
                     f"its gradient (the layer does not use them elementwise or broadcast over the batch)",
-                    {**_first_rows(together, n), **seen},
+                    _kept_on_refusal(seen, together, n),
                     rounding=True,
                 )
         batch_free = [
@@ -1100,16 +1100,23 @@ def _compared(
                     f"through batch statistics; the model reorders its batch by an order made outside torch, such "
                     f"as Python's `sorted`; or the layer's input holds the batch in a dimension other than the "
                     f"first, or the second in every call: sequence-first)",
-                    {**_first_rows(together, n), **seen},
+                    _kept_on_refusal(seen, together, n),
                     rounding=True,
                 )
-            seen.setdefault(path, _first_rows({path: (xs, gs)}, n)[path])
+            seen.setdefault(path, _first_rows((xs, gs), n))
     return BatchingCheck("", seen, tuple(plan.batch_free), unshown=unshown, shown=shown)
 
 
-def _first_rows(together: Mapping[str, LayerFactors], n: int) -> dict[str, LayerFactors]:
-    """Each layer's factors of the first ``n`` rows of the examples run together (not the copy after them)."""
-    return {path: ([x[:n] for x in xs], [g[:n] for g in gs]) for path, (xs, gs) in together.items()}
+def _first_rows(factors: LayerFactors, n: int) -> LayerFactors:
+    """A layer's factors of the first ``n`` rows of the examples run together (not the copy after them)."""
+    xs, gs = factors
+    return [x[:n] for x in xs], [g[:n] for g in gs]
+
+
+def _kept_on_refusal(seen: dict[str, LayerFactors], together: Mapping[str, LayerFactors], n: int) -> dict:
+    """What a refusal on compared numbers keeps for ``_computes_alike``: each layer's factors on the first examples
+    run together, the first loss's where it has them (as a check that passes keeps them)."""
+    return {**{path: _first_rows(factors, n) for path, factors in together.items()}, **seen}
 
 
 def _checked_rows(batch: Any, losses: Sequence[BatchableLoss]) -> torch.Tensor:
