@@ -271,7 +271,11 @@ def real_to_device(w: real_models.RealWorkload, device: torch.device) -> real_mo
             return {k: v.to(device) for k, v in batch.items()}
         return tuple(t.to(device) for t in batch)
 
-    ckpts = [tc.Checkpoint(params={k: v.to(device) for k, v in c.params.items()}, lr=c.lr) for c in w.checkpoints]
+    moved: dict[int, torch.Tensor] = {}  # by identity: tied names (GPT-2's lm_head) stay one tensor
+    ckpts = [
+        tc.Checkpoint(params={k: moved.setdefault(id(v), v.to(device)) for k, v in c.params.items()}, lr=c.lr)
+        for c in w.checkpoints
+    ]
     return replace(w, model=w.model.to(device), checkpoints=ckpts, train=move(w.train), test=move(w.test))
 
 
@@ -319,8 +323,12 @@ def real_floor(w: real_models.RealWorkload, with_test: bool, bs: int | None = No
             state = {k: leaves[id(v)] for k, v in ckpt.params.items()}
             params = [state[n] for n in names]
             for batch in batches:  # (an unused parameter, wav2vec2's masked-spectrogram embedding, has no gradient)
-                torch.autograd.grad(w.batch_loss(state, batch), params, allow_unused=True)
+                with torch.backends.cudnn.flags(enabled=not recurrent):
+                    torch.autograd.grad(w.batch_loss(state, batch), params, allow_unused=True)
 
+    # cuDNN's recurrent kernels (a GPU's LSTM) have no backward in eval mode: the floor runs torch's own there (no
+    # effect on the CPU)
+    recurrent = any(isinstance(m, nn.RNNBase) for m in w.model.modules())
     return run
 
 

@@ -1,22 +1,30 @@
-"""One rank of tests/test_distributed.py: ``python -m tests.distributed_worker RANK WORLD PORT OUT_DIR``.
+"""One rank of tests/test_distributed.py: ``python -m tests.distributed_worker RANK WORLD PORT OUT_DIR [BACKEND]``.
 
-Runs every scorer with ``distributed=True`` (gloo on 127.0.0.1) on several kinds of data and saves what it got to
-``OUT_DIR/rank{RANK}.pt``; the parent test compares every rank's results with single-process ones.
+Runs every scorer with ``distributed=True`` (gloo on 127.0.0.1, or NCCL on the rank's GPU) on several kinds of data and
+saves what it got to ``OUT_DIR/rank{RANK}.pt``; the parent test compares every rank's results with single-process ones.
+:func:`spawn` starts the ranks and waits for them.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
+import optree
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import tracin_func as tc
+from tests.conftest import assert_close
 from tests.models import DTYPE, MLP, random_checkpoints
 
 LOSS = torch.nn.CrossEntropyLoss()
+ROOT = Path(__file__).parents[1]
 
 
 def workload():
@@ -41,10 +49,10 @@ def datasets(train):
     }
 
 
-def results(distributed, index_dir=None):
+def results(distributed, index_dir=None, device=None):
     """Everything the scorers return for each kind of data, keyed by name."""
     model, ckpts, train, test = workload()
-    kw = dict(loss_fn=LOSS, distributed=distributed, batch_size=2)
+    kw = dict(loss_fn=LOSS, distributed=distributed, batch_size=2, device=device)
     out = {}
     for name, data in datasets(train).items():
         k = 1 if name == "one" else 3
@@ -63,11 +71,17 @@ def results(distributed, index_dir=None):
     return out
 
 
-def main(rank: int, world: int, port: int, out_dir: str) -> None:
+def main(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
     try:
+        if backend == "nccl":  # the scorers' results, computed and reduced on the GPU
+            got = results(True, f"{out_dir}/index", device=f"cuda:{rank}")
+            torch.save(optree.tree_map(torch.Tensor.cpu, got), f"{out_dir}/rank{rank}.pt")
+            return
         out = results(True, f"{out_dir}/index")
         model, ckpts, train, test = workload()
         (x, y), (xt, yt) = train, test
@@ -92,5 +106,46 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(out: Path, world: int, backend: str = "gloo") -> list[dict]:
+    """Run ``world`` ranks of this module, each stopping by itself within the timeout; every rank's results."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.distributed_worker", str(r), str(world), str(port), str(out), backend],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for r in range(world)
+    ]  # fmt: skip
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def assert_same_results(got: dict, single: dict) -> None:
+    """A rank's results equal the single-process ones (top-k indices exactly, every number to 1e-12)."""
+    assert set(single) <= set(got)
+    for name, expected in single.items():
+        if name.endswith("top_k"):
+            assert torch.equal(got[name][0], expected[0]), name
+            assert_close(got[name][1], expected[1], 1e-12, msg=name)
+        else:
+            assert_close(got[name], expected, 1e-12, msg=name)
+
+
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], *sys.argv[5:])

@@ -225,6 +225,21 @@ class Scaled(Net):
         return torch.atan2(out, self.scale)
 
 
+@pytest.mark.parametrize("config", ["lstm-2-bi-h0", "gru-1", "rnn-relu-1-nobias"])
+def test_dense_paths_run_the_layers_unrolled_too(config, monkeypatch):
+    """``factored=False`` (vmap(grad) over examples) runs the unrolled cells, not the fused op, which vmap only loops
+    over and which, in cuDNN on a GPU, has no backward in eval mode; the user's layer keeps its own forward."""
+    model, ckpts, train, test, ref = _task(config)
+    fused = []
+    for op in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+        monkeypatch.setattr(torch._VF, op, functools.partial(lambda op, *a, **k: fused.append(op), op))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=False), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False), ref.self_influence)
+    assert fused == [] and "forward" not in vars(model.rnn)
+
+
 @pytest.mark.parametrize("factored", [None, True])
 @pytest.mark.parametrize("config", ["lstm-2-bi-h0", "gru-1"])
 def test_unrolled_under_vmap(config, factored):

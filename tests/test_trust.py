@@ -2399,6 +2399,27 @@ def test_the_float64_recheck_runs_the_examples_once_in_each_precision(monkeypatc
     assert (dtypes.count(torch.float32), dtypes.count(F64)) == (5, 5)  # four examples alone and together, in each
 
 
+def test_a_float32_refusal_on_a_gpu_names_tf32_when_it_is_on():
+    """On a GPU, TF32 (PyTorch's default for cuDNN convolutions) rounds float32 products to about 1e-3, unlike in a
+    batch and alone: an H200 left ResNet-18 off the batched path with it, and kept it batched without it. A refusal on
+    compared numbers names the flags that are on and the fix; nothing where TF32 does not apply."""
+    from tracin_func._plan import tf32_note
+
+    cuda, cudnn, matmul = torch.device("cuda"), torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    try:
+        cudnn.allow_tf32, matmul.allow_tf32 = True, False
+        note = tf32_note(cuda, torch.float32)
+        assert "`torch.backends.cudnn.allow_tf32 = False`" in note and "matmul" not in note, note
+        assert tf32_note(torch.device("cpu"), torch.float32) == tf32_note(cuda, F64) == tf32_note(None, F64) == ""
+        matmul.allow_tf32 = True
+        assert "`torch.backends.cuda.matmul.allow_tf32 = False`" in tf32_note(cuda, torch.float32)
+        cudnn.allow_tf32, matmul.allow_tf32 = False, False
+        assert tf32_note(cuda, torch.float32) == ""
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
 class SqrtFirst(nn.Module):
     """NaN for an example whose first feature is negative, alone as in any batch."""
 

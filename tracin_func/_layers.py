@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -121,6 +122,11 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 _INSTANCE_OVERRIDES = {"forward", "_conv_forward"}  # set on the instance, they replace the class's own function
 
 
+class UnrolledForward(partial):
+    """The forward this library sets on a layer of a call's private copy (``_recurrent``): the class's own function,
+    computed unrolled, so the layer still counts as exactly its class."""
+
+
 def not_exactly(module: nn.Module, cls: type) -> str:
     """Why ``module``'s call may not be ``cls``'s own function (``wrapped``, or a subclass), in words, or ``""``."""
     if wrapped(module):
@@ -145,7 +151,7 @@ def wrapped(module: nn.Module) -> str:
         return f"{name} has hooks, whose effect on its output cannot be proven"
     if parametrize.is_parametrized(module) and not reparametrized(module):
         return f"{name} has a parametrized tensor (followed only as the weight alone of a Linear or a convolution)"
-    if _INSTANCE_OVERRIDES & set(vars(module)):
+    if any(not isinstance(vars(module)[k], UnrolledForward) for k in _INSTANCE_OVERRIDES & set(vars(module))):
         return f"{name} has a forward set on the instance"
     return ""
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ._checkpoints import LR_KEYS, Checkpoint, check_lr
+from ._recurrent import recurrent_unrolled
 from ._state import CONTAINERS, FLAT_ABOVE, MODULE_SLOTS, NESTING, leaving_no_trace
 
 Forward = Callable[..., Any]  # forward(state, *inputs) -> outputs
@@ -43,6 +44,8 @@ class ModelSpec(NamedTuple):
     expected: frozenset[str] | None  # state-dict names a checkpoint must hold; None for a pure function
     aliases: Mapping[str, str]  # tied names (second name of a shared tensor) -> the first: accepted, not passed on
     defaults: Mapping[str, torch.Tensor]  # the model's own state, used for names a checkpoint omits (strict=False)
+    unsaved: Mapping[str, torch.Tensor] = {}  # buffers no state dict holds (``persistent=False``): the model's own
+    private: bool = False  # ``module`` is the call's private copy (not the user's, which a loss calls)
 
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
@@ -55,12 +58,17 @@ def exclusive_use(spec: ModelSpec) -> Iterator[None]:
     ``tc.BatchLoss``) or a private copy (uncontended, except a tracer's, which every step of every thread uses):
     concurrent calls on it then run one after the other instead of swapping tensors into it at the same time. The
     layers' own attributes are as they were after the call (what the forward passes stored in them, say attention
-    maps appended to a list, is undone)."""
+    maps appended to a list, is undone). On a private copy, recurrent layers run as unrolled cells for the whole call
+    (``_recurrent.recurrent_unrolled``)."""
     if spec.module is None:
         yield
         return
     with _lock_of(spec.module), leaving_no_trace(spec.module):
-        yield
+        if not spec.private:
+            yield
+            return
+        with recurrent_unrolled(spec.module):
+            yield
 
 
 def _lock_of(module: nn.Module) -> threading.RLock:
@@ -268,7 +276,8 @@ def model_spec(
             return functional_call(module, dict(state), inputs)
 
         defaults = {n: t.detach() for n, t in state.items() if n not in aliases}
-        return ModelSpec(forward, module, diff, frozenset(state), aliases, defaults)
+        unsaved = {n: t for n, t in model.named_buffers() if n not in state}
+        return ModelSpec(forward, module, diff, frozenset(state), aliases, defaults, unsaved, private)
     if not callable(model):
         raise TypeError(f"`model` must be an nn.Module or a function f(params, *inputs), got {type(model).__name__}.")
     floating = [n for n, t in first_params.items() if t.is_floating_point()]
@@ -369,11 +378,18 @@ def checked_state(
     return state
 
 
-def converted(state: Mapping[str, torch.Tensor], lr: Any, device: torch.device, dtype: torch.dtype) -> CheckpointState:
-    """A checked state on ``device`` with floating tensors in ``dtype`` (the same tensors when already there)."""
+def converted(
+    state: Mapping[str, torch.Tensor], lr: Any, device: torch.device, dtype: torch.dtype, unsaved: Mapping[str, Any]
+) -> CheckpointState:
+    """A checked state on ``device`` with floating tensors in ``dtype`` (the same tensors when already there).
+
+    ``unsaved``: buffers no checkpoint holds (``persistent=False``, e.g. BERT's ``position_ids``), passed along in
+    their own dtype where they live on another device than the computation's (a CPU model scored with
+    ``device="cuda"``); the model keeps its own."""
 
     def move(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
     lr = torch.as_tensor(lr, dtype=dtype, device=device).detach().reshape(())
-    return CheckpointState({n: move(t) for n, t in state.items()}, lr)
+    moved = {n: t.detach().to(device) for n, t in unsaved.items() if t.device != device}
+    return CheckpointState({**moved, **{n: move(t) for n, t in state.items()}}, lr)

@@ -30,18 +30,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from functools import partial
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
+from torch._C._functorch import peek_interpreter_stack
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ._attention import attention_forward, attention_sites
 from ._attention import why_not_unrolled as why_not_attention
 from ._bags import bag_forward, bag_sites
 from ._bags import why_not_unrolled as why_not_bag
-from ._layers import Hook, Site, global_hooks_present, not_exactly, product
+from ._layers import Hook, Site, UnrolledForward, global_hooks_present, not_exactly, product
 
 # (layer, lengths) of each unrolled call on a PackedSequence inside a `packed_calls` block of this context
 _PACKED: ContextVar[list[tuple[nn.Module, torch.Tensor]] | None] = ContextVar("_PACKED", default=None)
@@ -119,24 +120,45 @@ def unrolled(modules: Mapping[str, nn.Module], hooks: Mapping[str, Hook]) -> Ite
     attention with its in-projection a product, a bag as its lookup), each product's output passed through its hook
     (forward-hook convention: ``hook(weights, (input,), output)``).
 
-    The unrolled forward is set on the module object for the block only (the call's private copy)."""
+    The unrolled forward is set on the module object for the block only (the call's private copy); a forward set
+    before (``recurrent_unrolled``'s, without hooks) is set again after it."""
     by_owner: dict[str, dict[str, Hook]] = {}
     for path, hook in hooks.items():
         owner, _, key = path.rpartition(".")
         by_owner.setdefault(owner, {})[key] = hook
-    installed = []
+    with _forwards({owner: modules[owner] for owner in by_owner}, by_owner):
+        yield
+
+
+@contextmanager
+def recurrent_unrolled(model: nn.Module) -> Iterator[None]:
+    """Run every unrollable recurrent layer and cell of ``model`` (the call's private copy) as unrolled cells within
+    the block, without hooks: the same function as the fused op, which has no vmap rule and, in cuDNN (on a GPU), no
+    backward in eval mode, so that the dense paths (vmap, the per-example loop) run these layers on every device."""
+    layers = {path: m for path, m in model.named_modules() if unrollable(m)}
+    with _forwards(layers, {path: _HOOKLESS for path in layers}):
+        yield
+
+
+@contextmanager
+def _forwards(modules: Mapping[str, nn.Module], hooks: Mapping[str, Mapping[str, Hook]]) -> Iterator[None]:
+    """Each module at a path of ``hooks`` runs its unrolled form with those products' hooks within the block."""
+    installed: list[tuple[nn.Module, Any]] = []
     try:
-        for owner, products in by_owner.items():
+        for owner, products in hooks.items():
             module = modules[owner]
             why_not, forward = _unrolled_form(module)
             if why_not(module):
                 raise RuntimeError(f"Layer {owner!r} cannot be run unrolled.")
-            object.__setattr__(module, "forward", partial(forward, module, products))
-            installed.append(module)
+            installed.append((module, vars(module).get("forward")))
+            object.__setattr__(module, "forward", UnrolledForward(forward, module, products))
         yield
     finally:
-        for module in installed:
-            object.__delattr__(module, "forward")
+        for module, before in reversed(installed):
+            if before is None:
+                object.__delattr__(module, "forward")
+            else:
+                object.__setattr__(module, "forward", before)
 
 
 @contextmanager
@@ -152,6 +174,7 @@ def packed_calls() -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
         _PACKED.reset(token)
 
 
+_HOOKLESS: Mapping[str, Hook] = MappingProxyType({})  # the products of ``recurrent_unrolled``'s layers
 UNROLLED_KINDS = (nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention, nn.EmbeddingBag)  # layers with a form here
 
 
@@ -176,7 +199,10 @@ def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any 
     states = hx if lstm and hx is not None else (hx,)
     packed = isinstance(input, PackedSequence)
     plain = packed or isinstance(input, torch.Tensor) and input.dim() == 3 and input.numel() > 0
-    if not plain or any(s is not None and s.dim() != 3 for s in states):
+    # under torch.func's transforms (vmap, grad) `pad_packed_sequence` cannot read the batch sizes the model's own
+    # packing made there: a packed input keeps the fused op (which fails alike, and the plain loop runs unrolled)
+    transformed = packed and hooks is _HOOKLESS and peek_interpreter_stack() is not None
+    if not plain or any(s is not None and s.dim() != 3 for s in states) or transformed:
         return type(module).forward(module, input, hx)
     if packed:  # padded in the batch's own order (as the states given and returned are), steps past an end held
         x, lengths = pad_packed_sequence(input, batch_first=True)
