@@ -437,6 +437,39 @@ def test_3c_random_forward_in_training_mode(scorer):
     assert_unchanged(model, snap)
 
 
+class LayerDrop(nn.Module):
+    """Draws a random number in every forward pass and reads it in training only, as transformers 5.17's wav2vec2
+    encoder does for its layer drop (``reads``: in eval mode too)."""
+
+    def __init__(self, reads: bool = False):
+        super().__init__()
+        self.lin, self.head, self.reads = nn.Linear(4, 6), nn.Linear(6, 3), reads
+
+    def forward(self, x):
+        drop = torch.rand([])
+        if (self.reads or self.training) and drop < 0.1:
+            return self.head(torch.zeros_like(self.lin(x)))
+        return self.head(torch.tanh(self.lin(x)))
+
+
+@pytest.mark.parametrize("factored", [None, False], ids=["default", "unfactored"])
+def test_3c_random_numbers_never_read_do_not_refuse_the_model(factored):
+    """A random number drawn and never read cannot change a score: the model is scored (batched, and under vmap with
+    ``factored=False``), exactly; one that is read is refused, naming the module that drew it."""
+    model = LayerDrop().to(F64).eval()
+    ckpts = make_ckpts(model)
+    train, test = data(4, n=6, seed=1), data(4, n=3, seed=2)
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no loop fallback either
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored), ref.self_influence)
+    reads = LayerDrop(reads=True).to(F64).eval()
+    drew = r"'\(root\)' \(LayerDrop\) draws random numbers \(aten.rand.default\) that are read"
+    with pytest.raises(ValueError, match=drew):
+        tc.influence(reads, make_ckpts(reads), train, test, loss_fn=CE, factored=factored)
+
+
 @pytest.mark.parametrize("build", [SpectralNet, InstanceNet, NoisyNet], ids=["spectral", "instance", "noisy"])
 def test_3d_eval_mode_scores_match_reference(build):
     model = _buffers_nontrivial(build()).eval()

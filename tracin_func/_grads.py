@@ -60,7 +60,8 @@ class Mapper:
     ) -> Callable[..., Any]:
         """``f(*static, batch)`` stacking ``one(*static, example)`` over the examples of ``batch``; ``plain``: the same
         function by plain autograd, for models torch.func cannot run."""
-        fast = vmap(one, in_dims=(None,) * n_static + (0,), chunk_size=self.chunk_size)
+        # randomness "same": a random number drawn and never read (``_purity`` refuses a read) does not stop vmap
+        fast = vmap(one, in_dims=(None,) * n_static + (0,), randomness="same", chunk_size=self.chunk_size)
 
         def mapped(*args: Any) -> Any:
             if self.plain and plain is not None:

@@ -2,11 +2,11 @@
 
 The forward pass must be a function of the checkpoint and the example: a module that updates state (running
 statistics of a train-mode norm layer, spectral norm's power-iteration vectors, a custom counter) would write into
-the checkpoint's or the model's tensors, and one that draws random numbers (train-mode dropout in custom code)
-gives random scores. Every aten op of the dry run is inspected *before* it runs, so a refused write never happens.
-The same run follows which values come from the checkpoint and which tensors the model keeps between passes, to
-refuse a cache of parameter values (``_Watch.refuse_kept``), and turns deep torch errors about outputs and dtypes into
-messages that name the fix.
+the checkpoint's or the model's tensors, and one that draws random numbers the forward then reads (train-mode dropout
+in custom code) gives random scores. Every aten op of the dry run is inspected *before* it runs, so a refused write
+never happens. The same run follows which values come from the checkpoint and which tensors the model keeps between
+passes, to refuse a cache of parameter values (``_Watch.refuse_kept``), and turns deep torch errors about outputs and
+dtypes into messages that name the fix.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ _LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.defa
 
 
 class _Watch(TorchDispatchMode):
-    """Raises on a random op or a write into a protected storage, naming the innermost running module. Also follows
+    """Raises on a read of random numbers (an op reading a tensor a random op made; one drawing into a tensor that
+    exists, at once) or a write into a protected storage, naming the innermost running module. Also follows
     the values computed from the checkpoint's tensors, and the tensors read that the run was neither given (the
     checkpoint, the inputs) nor made: tensors the model keeps (constants, or caches)."""
 
@@ -80,13 +81,16 @@ class _Watch(TorchDispatchMode):
         self.read: set[int] = set()  # tensors an op read
         self.kept: dict[str, tuple[nn.Module, set[int]]] = {}  # innermost module -> kept tensors it read
         self.derived_made: list[weakref.ref] = []  # alive after the run: kept somewhere
+        self.drawn: dict[int, tuple[weakref.ref, str, Any]] = {}  # random tensors made: (tensor, who drew, the op)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         seeded, writes = _inspected(func)
+        draws = False
         if seeded or writes:
             values = _bound(func, args, kwargs)
-            if seeded and _draws_random(values):
+            draws = seeded and _draws_random(values)
+            if draws and (writes or not _makes_tensors(func)):  # random numbers into a tensor that exists
                 self._refuse(f"draws random numbers ({func}), so its scores would be random")
             for name in writes:
                 written = values.get(name)
@@ -97,6 +101,10 @@ class _Watch(TorchDispatchMode):
                             f"writes into {target} ({func}), which would change it and make scores depend on order"
                         )
         inputs = op_tensors(args, kwargs)
+        for t in inputs:  # a random number drawn and left unread (transformers 5.17's wav2vec2: its layer drop, taken
+            drawn = self.drawn.get(id(t))  # in training only) cannot change a score; any op reading it could
+            if drawn is not None and drawn[0]() is t:
+                self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1])
         read = {id(t) for t in inputs}  # (tensors by identity: views are made by ops too)
         self.read |= read
         fresh = func in _LIFTS  # a constant the forward creates (``torch.tensor``, ``from_numpy``): not kept
@@ -120,6 +128,8 @@ class _Watch(TorchDispatchMode):
                 self.from_example.discard(id(t))
         if from_example and _makes_tensors(func):
             self.largest = max([self.largest, *(t.nbytes for t in outputs)])
+        if draws:
+            self.drawn.update({id(t): (weakref.ref(t), self._running(), func) for t in outputs})
         return out
 
     def _made(self, t: torch.Tensor) -> bool:
@@ -159,9 +169,13 @@ class _Watch(TorchDispatchMode):
         """Whether tensors this run computed from the checkpoint are still alive (held by a layer, say)."""
         return any(ref() is not None for ref in self.derived_made)
 
-    def _refuse(self, what: str) -> None:
+    def _running(self) -> str:
+        """The innermost module running, in words."""
         path, module = self.modules[-1] if self.modules else ("", None)
-        who = f"module {path or '(root)'!r} ({type(module).__name__})" if module is not None else "the model"
+        return f"module {path or '(root)'!r} ({type(module).__name__})" if module is not None else "the model"
+
+    def _refuse(self, what: str, who: str | None = None) -> None:
+        who = who or self._running()
         raise ValueError(
             f"`model`: {who} {what} in its forward pass. TracIn needs a forward pass that is a function of the "
             f"checkpoint and the example: call `model.eval()` before scoring (training mode updates running "
