@@ -106,7 +106,7 @@ def main(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -116,7 +116,7 @@ def spawn(out: Path, world: int, backend: str = "gloo") -> list[dict]:
     """Run ``world`` ranks of this module, each stopping by itself within the timeout; every rank's results."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.distributed_worker", str(r), str(world), str(port), str(out), backend],

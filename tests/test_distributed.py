@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import tracin_func as tc
-from tests.distributed_worker import assert_same_results, results, spawn
+from tests.distributed_worker import assert_same_results, free_port, results, spawn
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +48,18 @@ def test_data_already_split_or_differing_between_ranks_is_refused_on_every_rank(
     for got in per_rank:
         assert "DistributedSampler, which already gives each rank a part" in got["sampler"]
         assert "The ranks disagree on the number of test examples: [1, 2]" in got["test sizes"]
+
+
+def test_nccl_needs_a_gpu_device(monkeypatch):
+    """NCCL reduces GPU tensors only: a call computing on the CPU is refused before any work, naming the fix (a
+    one-rank gloo group in this process stands in for NCCL, its backend's name patched)."""
+    model = torch.nn.Linear(2, 2)
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=1.0)]
+    data = (torch.randn(3, 2), torch.tensor([0, 1, 0]))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+        with pytest.raises(ValueError, match=r"over NCCL.*`device`='cpu': pass `device='cuda'`"):
+            tc.self_influence(model, ckpts, data, loss_fn=torch.nn.CrossEntropyLoss(), distributed=True)
+    finally:
+        dist.destroy_process_group()

@@ -50,6 +50,16 @@ def resolve(distributed: Any) -> Ranks | None:
     return Ranks(distributed, dist.get_rank(distributed), dist.get_world_size(distributed))
 
 
+def check_device(ranks: Ranks | None, device: torch.device) -> None:
+    """NCCL reduces GPU tensors only: a call computing elsewhere is refused before any work, with the fix."""
+    if ranks is not None and device.type != "cuda" and dist.get_backend(ranks.group) == "nccl":
+        raise ValueError(
+            f"`distributed` runs over NCCL, which reduces GPU tensors only, but the call computes on `device`="
+            f"{str(device)!r}: pass `device='cuda'` (each rank on its own GPU: `torch.cuda.set_device(local_rank)`), "
+            f"or a gloo process group (`torch.distributed.new_group(backend='gloo')`) to score on the CPU."
+        )
+
+
 def row_range(n: int, ranks: Ranks) -> tuple[int, int]:
     """Rows ``[start, stop)`` of ``n`` that belong to ``ranks.rank`` (contiguous, sizes differ by at most one)."""
     return ranks.rank * n // ranks.world, (ranks.rank + 1) * n // ranks.world

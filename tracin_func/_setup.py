@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ._adam import with_adam_states
 from ._allocator import keep_freed_batches
 from ._checkpoints import Checkpoint
-from ._distributed import Ranks, resolve
+from ._distributed import Ranks, check_device, resolve
 from ._loss import ExampleLoss, ExampleLossFn, example_loss
 from ._model import (
     CheckpointState,
@@ -198,6 +198,7 @@ def make_setup(
     private = not any(isinstance(fn, ExampleLoss) for fn in (loss_fn, test_loss_fn))
     spec = model_spec(model, first.params, params, layers, private=private)
     target = _target_device(device, model, first)
+    check_device(ranks, target)
     if target.type == "cpu":
         keep_freed_batches()
     shapes = {n: tuple(t.shape) for n, t in (spec.defaults or first.params).items() if isinstance(t, torch.Tensor)}
