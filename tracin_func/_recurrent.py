@@ -199,10 +199,13 @@ def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any 
     states = hx if lstm and hx is not None else (hx,)
     packed = isinstance(input, PackedSequence)
     plain = packed or isinstance(input, torch.Tensor) and input.dim() == 3 and input.numel() > 0
-    # under torch.func's transforms (vmap, grad) `pad_packed_sequence` cannot read the batch sizes the model's own
-    # packing made there: a packed input keeps the fused op (which fails alike, and the plain loop runs unrolled)
-    transformed = packed and hooks is _HOOKLESS and peek_interpreter_stack() is not None
-    if not plain or any(s is not None and s.dim() != 3 for s in states) or transformed:
+    # without hooks (``recurrent_unrolled``) the fused op runs where no gradient is taken (faster, and cuDNN's
+    # limit is its backward), and on a PackedSequence under torch.func's transforms (vmap, grad), where
+    # `pad_packed_sequence` cannot read the batch sizes the model's own packing made (the fused op fails alike, and the
+    # plain loop runs unrolled)
+    transformed = packed and peek_interpreter_stack() is not None
+    fused = hooks is _HOOKLESS and (not torch.is_grad_enabled() or transformed)
+    if not plain or any(s is not None and s.dim() != 3 for s in states) or fused:
         return type(module).forward(module, input, hx)
     if packed:  # padded in the batch's own order (as the states given and returned are), steps past an end held
         x, lengths = pad_packed_sequence(input, batch_first=True)
