@@ -1257,6 +1257,42 @@ def test_7j_a_model_autograd_cannot_differentiate_is_refused_naming_it():
         tc.self_influence(model, ckpts, data, loss_fn=CE)
 
 
+class _EvalOnlyBackward(torch.autograd.Function):
+    """Identity whose backward fails as cuDNN's recurrent kernels do in eval mode."""
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("cudnn RNN backward can only be called in training mode")
+
+
+def test_7j_a_cudnn_recurrent_backward_in_eval_mode_is_refused_with_the_fix():
+    """On a GPU, a recurrent layer the library does not unroll (a subclass, ``proj_size``) runs cuDNN's kernels, which
+    have no backward in eval mode: the refusal says so and names the fix (cuDNN off for the call), not autograd's
+    generic advice."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.fc = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(_EvalOnlyBackward.apply(torch.tanh(self.lin(x))))
+
+    model = Net().eval()
+    data = (torch.randn(4, 4), torch.randint(0, 3, (4,)))
+    fix = r"cuDNN's recurrent kernels have no backward in eval mode.*torch.backends.cudnn.flags\(enabled=False\)"
+    with pytest.raises(ValueError, match=r"example 0 cannot be scored: the backward pass .*" + fix):
+        tc.self_influence(model, [tc.Checkpoint(dict(model.state_dict()), lr=1.0)], data, loss_fn=CE)
+
+
 class ValueShaped(nn.Module):
     """A layer run on as many rows (``rows``: as rows or a sequence) or as many times (else) as the example's values
     say: no vmap, no batching (the model loops over examples), and each example's factors shaped by its values."""

@@ -211,12 +211,22 @@ def naming_failures(loss: ExampleLossFn, setup: Setup, batch: Any, where: str, o
             cause = _backward_error(loss, setup, example)
             if cause is not None:
                 why = f"{type(cause).__name__}: {str(cause).rstrip('.')}"
+                fix = _CUDNN_RNN_FIX if "cudnn RNN backward" in str(cause) else (
+                    "Make `torch.autograd.grad` of one example's loss work first "
+                    "(`torch.autograd.set_detect_anomaly(True)` names the op that fails)."
+                )  # fmt: skip
                 raise ValueError(
                     f"`{where}` example {offset + i} cannot be scored: the backward pass of its loss fails, with plain "
-                    f"autograd too ({why}). Make `torch.autograd.grad` of one example's loss work first "
-                    f"(`torch.autograd.set_detect_anomaly(True)` names the op that fails)."
+                    f"autograd too ({why}). {fix}"
                 ) from err
         raise
+
+
+# a recurrent layer the library does not unroll (a subclass, `proj_size`, a PackedSequence on a dense path), on a GPU
+_CUDNN_RNN_FIX = (
+    "cuDNN's recurrent kernels have no backward in eval mode, and this layer runs them: score with cuDNN off for the "
+    "call (`with torch.backends.cudnn.flags(enabled=False): ...`; torch's own kernels, same numbers), or on the CPU."
+)
 
 
 def _backward_error(loss: ExampleLossFn, setup: Setup, example: Any) -> Exception | None:
