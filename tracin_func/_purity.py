@@ -101,8 +101,8 @@ class _Watch(TorchDispatchMode):
                             f"writes into {target} ({func}), which would change it and make scores depend on order"
                         )
         inputs = op_tensors(args, kwargs)
-        for t in inputs:  # a random number drawn and left unread (transformers 5.17's wav2vec2: its layer drop, taken
-            drawn = self.drawn.get(id(t))  # in training only) cannot change a score; any op reading it could
+        for t in inputs if self.drawn else ():  # a random number drawn and left unread (transformers 5.17's wav2vec2:
+            drawn = self.drawn.get(id(t))  # its layer drop, taken in training only) cannot change a score; a read could
             if drawn is not None and drawn[0]() is t:
                 self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1])
         read = {id(t) for t in inputs}  # (tensors by identity: views are made by ops too)
