@@ -379,7 +379,11 @@ def checked_state(
 
 
 def converted(
-    state: Mapping[str, torch.Tensor], lr: Any, device: torch.device, dtype: torch.dtype, unsaved: Mapping[str, Any]
+    state: Mapping[str, torch.Tensor],
+    lr: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    unsaved: Mapping[str, torch.Tensor],
 ) -> CheckpointState:
     """A checked state on ``device`` with floating tensors in ``dtype`` (the same tensors when already there).
 

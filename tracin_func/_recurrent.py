@@ -134,7 +134,8 @@ def unrolled(modules: Mapping[str, nn.Module], hooks: Mapping[str, Hook]) -> Ite
 def recurrent_unrolled(model: nn.Module) -> Iterator[None]:
     """Run every unrollable recurrent layer and cell of ``model`` (the call's private copy) as unrolled cells within
     the block, without hooks: the same function as the fused op, which has no vmap rule and, in cuDNN (on a GPU), no
-    backward in eval mode, so that the dense paths (vmap, the per-example loop) run these layers on every device."""
+    backward in eval mode, so that the dense paths (vmap, the per-example loop) run these layers on every device.
+    Where no gradient is taken (a dry run, a comparison of outputs) a layer keeps the fused op (``_forward``)."""
     layers = {path: m for path, m in model.named_modules() if unrollable(m)}
     with _forwards(layers, {path: _HOOKLESS for path in layers}):
         yield
