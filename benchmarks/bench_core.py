@@ -37,6 +37,7 @@ much more stable ratios there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 import warnings
@@ -323,7 +324,7 @@ def real_floor(w: real_models.RealWorkload, with_test: bool, bs: int | None = No
             state = {k: leaves[id(v)] for k, v in ckpt.params.items()}
             params = [state[n] for n in names]
             for batch in batches:  # (an unused parameter, wav2vec2's masked-spectrogram embedding, has no gradient)
-                with torch.backends.cudnn.flags(enabled=not recurrent):
+                with torch.backends.cudnn.flags(enabled=False) if recurrent else contextlib.nullcontext():
                     torch.autograd.grad(w.batch_loss(state, batch), params, allow_unused=True)
 
     # cuDNN's recurrent kernels (a GPU's LSTM) have no backward in eval mode: the floor runs torch's own there (no

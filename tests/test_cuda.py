@@ -12,6 +12,7 @@ runs a world of one: its collectives run on the GPU, as on a cluster.
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import replace
 
@@ -92,3 +93,17 @@ def test_nccl_returns_the_single_process_results(tmp_path):
     (tmp_path / "ranks").mkdir()
     (got,) = spawn(tmp_path / "ranks", 1, "nccl")
     assert_same_results(got, results(False, tmp_path / "index"))
+
+
+def test_a_float32_convnet_refused_under_tf32_says_so():
+    """TF32 (PyTorch's default for cuDNN convolutions) rounds float32 products to about 1e-3: on an H200 the batching
+    check refused ResNet-18 with it and passed without it. Either the call stays batched or its refusal names TF32."""
+    w = rm.resnet18().subsample(4, 8)
+    model = copy.deepcopy(w.model).to(CUDA)
+    ckpts = [tc.Checkpoint({k: v.to(CUDA) for k, v in c.params.items()}, c.lr) for c in w.checkpoints]
+    before, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, True  # (`flags()` would turn cuDNN off)
+    try:
+        batching = tc.explain(model, ckpts, _moved(w.train), loss_fn=w.loss_fn).batching
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+    assert batching.startswith("one batched forward") or "TF32 is on (`torch.backends.cudnn.allow_tf32`" in batching
