@@ -107,3 +107,21 @@ def test_a_float32_convnet_refused_under_tf32_says_so():
     finally:
         torch.backends.cudnn.allow_tf32 = before
     assert batching.startswith("one batched forward") or "TF32 is on (`torch.backends.cudnn.allow_tf32`" in batching
+
+
+def test_a_cpu_model_traced_on_the_gpu_steps_as_on_the_cpu():
+    """``tc.tracer`` with ``device="cuda"`` on a CPU model with unsaved buffers (BERT's ``position_ids``): each step
+    gets them on the GPU, and two steps give the CPU's scores (float64)."""
+    w, _ = workload("bert_criterion")
+    n = rm.num_examples(w.train)
+    states = {}
+    for device in ("cpu", CUDA):
+        tracer = tc.tracer(w.model, w.test, n_train=n, loss_fn=w.loss_fn, dtype=F64, device=device)
+        state = tracer.init()
+        for step, ckpt in enumerate(w.checkpoints[:2]):
+            rows = torch.arange(step, n, 2)
+            batch = tuple(t[rows] for t in w.train)
+            state = tracer.update(state, dict(ckpt.params), ckpt.lr, batch, rows)
+        states[str(device)] = state
+    assert_close(states["cuda"].scores.cpu(), states["cpu"].scores)
+    assert_close(states["cuda"].self_influence.cpu(), states["cpu"].self_influence)

@@ -395,5 +395,9 @@ def converted(
         return t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
     lr = torch.as_tensor(lr, dtype=dtype, device=device).detach().reshape(())
-    moved = {n: t.detach().to(device) for n, t in unsaved.items() if t.device != device}
-    return CheckpointState({**moved, **{n: move(t) for n, t in state.items()}}, lr)
+    return CheckpointState({**unsaved_on(unsaved, device), **{n: move(t) for n, t in state.items()}}, lr)
+
+
+def unsaved_on(unsaved: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The buffers no checkpoint holds that live on another device than ``device``, moved there (their own dtype)."""
+    return {n: t.detach().to(device) for n, t in unsaved.items() if t.device != device}

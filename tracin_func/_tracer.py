@@ -40,7 +40,7 @@ from ._assemble import RepresentationFn
 from ._checkpoints import Checkpoint
 from ._data import batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
-from ._model import check_eval_mode, check_no_backward_hooks, exclusive_use
+from ._model import check_eval_mode, check_no_backward_hooks, exclusive_use, unsaved_on
 from ._plan import plan_call
 from ._setup import Setup, make_setup
 
@@ -521,6 +521,7 @@ def _products(
     diff = {n: move(params[n]) for n in planned.names}
     frozen = {n: move(planned.setup.spec.defaults[n]) for n in planned.defaults}  # buffers: read at each step
     frozen.update({n: move(t) for n, t in params.items() if n not in diff})
+    frozen.update(unsaved_on(planned.setup.spec.unsaved, planned.device))  # (a CPU model traced on a GPU)
     with exclusive_use(planned.setup.spec), naming_failures(planned.setup.train_loss, planned.setup, batch, "batch", 0):
         test_rep = planned.test(diff, frozen, state.test)
         rep = planned.train(diff, frozen, batch).formed()  # used twice: a norm and the dot
