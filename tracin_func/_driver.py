@@ -222,7 +222,7 @@ def naming_failures(loss: ExampleLossFn, setup: Setup, batch: Any, where: str, o
         raise
 
 
-# a recurrent layer the library does not unroll (a subclass, `proj_size`, a PackedSequence on a dense path), on a GPU
+# a recurrent layer the library does not unroll (a subclass, `proj_size`), on a GPU
 _CUDNN_RNN_FIX = (
     "cuDNN's recurrent kernels have no backward in eval mode, and this layer runs them: score with cuDNN off for the "
     "call (`with torch.backends.cudnn.flags(enabled=False): ...`: torch's own kernels, the same function), or on the "

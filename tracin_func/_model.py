@@ -266,6 +266,7 @@ def model_spec(
         with _lock_of(model):  # not while a call on the user's module (its loss calls it) has swapped tensors in
             named = dict(model.named_parameters())  # de-duplicated: a tied tensor appears under its first name
             state = model.state_dict(keep_vars=True)
+            unsaved = {n: t for n, t in model.named_buffers() if n not in state}  # (persistent=False)
             module = private_copy(model) if private else model
         first_name = {id(p): n for n, p in named.items()}
         aliases = {n: first_name[id(t)] for n, t in state.items() if n not in named and id(t) in first_name}
@@ -276,7 +277,6 @@ def model_spec(
             return functional_call(module, dict(state), inputs)
 
         defaults = {n: t.detach() for n, t in state.items() if n not in aliases}
-        unsaved = {n: t for n, t in model.named_buffers() if n not in state}
         return ModelSpec(forward, module, diff, frozenset(state), aliases, defaults, unsaved, private)
     if not callable(model):
         raise TypeError(f"`model` must be an nn.Module or a function f(params, *inputs), got {type(model).__name__}.")

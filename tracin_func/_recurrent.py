@@ -273,10 +273,12 @@ def _layers(
 
 
 def _cell_forward(module: nn.RNNCellBase, hooks: Mapping[str, Hook], input: Any, hx: Any = None) -> Any:
-    """A cell's forward as its two products and one step; the fused op's own forward on an unbatched input."""
+    """A cell's forward as its two products and one step; the fused op's own forward on an unbatched input (and, as
+    ``_forward``'s, without hooks where no gradient is taken)."""
     lstm = isinstance(module, nn.LSTMCell)
     states = hx if lstm and hx is not None else (hx,)
-    if not isinstance(input, torch.Tensor) or input.dim() != 2 or any(s is not None and s.dim() != 2 for s in states):
+    batched = isinstance(input, torch.Tensor) and input.dim() == 2 and all(s is None or s.dim() == 2 for s in states)
+    if not batched or hooks is _HOOKLESS and not torch.is_grad_enabled():
         return type(module).forward(module, input, hx)
     if hx is None:
         zeros = input.new_zeros(input.shape[0], module.hidden_size)
