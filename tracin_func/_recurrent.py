@@ -295,16 +295,15 @@ def _step(
     module: nn.Module, xi: torch.Tensor, hh: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One time step's ``(h, c)`` from its input-to-hidden and hidden-to-hidden products ``[B, gates * H]`` (gate
-    order LSTM: i, f, g, o; GRU: r, z, n; a plain RNN's one gate through its nonlinearity)."""
-    size = module.hidden_size
+    order LSTM: i, f, g, o; GRU: r, z, n; a plain RNN's one gate through its nonlinearity). Each gate is its own
+    chunk: in the backward pass one `cat` joins their gradients (no zero-filled copies of the gates summed)."""
     if isinstance(module, (nn.LSTM, nn.LSTMCell)):
-        gates = xi + hh
-        i, f, _, o = gates.sigmoid().chunk(4, 1)
-        c = torch.addcmul(f * c, i, gates[:, 2 * size : 3 * size].tanh())
-        return o * c.tanh(), c
+        i, f, g, o = (xi + hh).chunk(4, 1)
+        c = torch.addcmul(f.sigmoid() * c, i.sigmoid(), g.tanh())
+        return o.sigmoid() * c.tanh(), c
     if isinstance(module, (nn.GRU, nn.GRUCell)):  # the n gate's hidden product (bias included) is multiplied by r
-        r, z = (xi[:, : 2 * size] + hh[:, : 2 * size]).sigmoid().chunk(2, 1)
-        candidate = torch.addcmul(xi[:, 2 * size :], r, hh[:, 2 * size :]).tanh()
-        return torch.lerp(candidate, h, z), None  # (1 - z) * n + z * h
+        (xr, xz, xn), (hr, hz, hn) = xi.chunk(3, 1), hh.chunk(3, 1)
+        candidate = torch.addcmul(xn, (xr + hr).sigmoid(), hn).tanh()
+        return torch.lerp(candidate, h, (xz + hz).sigmoid()), None  # (1 - z) * n + z * h
     pre = xi + hh
     return (pre.tanh() if module.nonlinearity == "tanh" else pre.relu()), None

@@ -97,11 +97,18 @@ class Deferred(NamedTuple):
     def dotted_by(self, dense: Dense) -> torch.Tensor:
         """``dense.dot(self)``: ``[B_dense, n]``, in chunks of at least ``B_dense`` examples (``dense`` is read once
         per chunk: no more often than its rows' worth of these gradients are formed)."""
-        return _joined([dense.dot(Dense(self.form(rows))) for rows in self._chunks(_size(dense))], dim=1)
+        return self._dots(dense).T
 
     def dot(self, other: Dense | Deferred) -> torch.Tensor:
-        other = Dense(other.materialize()) if isinstance(other, Deferred) else other
-        return _joined([Dense(self.form(rows)).dot(other) for rows in self._chunks(_size(other))])
+        return self._dots(Dense(other.materialize()) if isinstance(other, Deferred) else other)
+
+    def _dots(self, dense: Dense) -> torch.Tensor:
+        """``[n, B_dense]``: each chunk's formed rows times ``dense``'s columns, transposed once for all chunks (on
+        the CPU, ``[rows, K] @ [K, B]`` runs up to twice as fast as the same product with its right side read
+        transposed: 0.14 against 0.27 ms for 20 x 20 examples of 16,384 elements, float32, one thread)."""
+        columns = {name: _rows(g).T.contiguous() for name, g in dense.grads.items()}
+        chunks = self._chunks(_size(dense))
+        return _joined([sum(_rows(g) @ columns[name] for name, g in self.form(rows).items()) for rows in chunks])
 
     def sq_norm(self) -> torch.Tensor:
         return _joined([Dense(self.form(rows)).sq_norm() for rows in self._chunks()])
