@@ -7,12 +7,14 @@ relative to the largest entry of the expected tensor.
 
 from __future__ import annotations
 
+import random
 import re
 import sys
 import threading
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -468,6 +470,37 @@ def test_3c_random_numbers_never_read_do_not_refuse_the_model(factored):
     drew = r"'\(root\)' \(LayerDrop\) draws random numbers \(aten.rand.default\) that are read"
     with pytest.raises(ValueError, match=drew):
         tc.influence(reads, make_ckpts(reads), train, test, loss_fn=CE, factored=factored)
+
+
+class HiddenNoise(nn.Module):
+    """Noise the dispatch watch cannot see: drawn from Python's or NumPy's generator, or from torch's and read
+    through ``tolist`` (no op reads it), in eval mode too."""
+
+    def __init__(self, source: str):
+        super().__init__()
+        self.lin, self.source = nn.Linear(4, 3), source
+
+    def forward(self, x):
+        draw = {
+            "python": lambda: random.random(),
+            "numpy": lambda: float(np.random.rand()),
+            "torch_tolist": lambda: torch.rand(1).tolist()[0],
+        }[self.source]
+        return self.lin(x + draw())
+
+
+@pytest.mark.parametrize("source", ["python", "numpy", "torch_tolist"])
+@pytest.mark.parametrize("scorer", list(SCORERS))
+def test_3c_randomness_the_watch_cannot_see_is_refused(source, scorer):
+    """A forward whose values change between two runs on the same example is refused (it gave random scores, and a
+    slow-path warning blaming examples that interact)."""
+    model = HiddenNoise(source).eval()
+    ckpts = make_ckpts(model)
+    saved, snap = clone_ckpts(ckpts), snapshot(model)
+    with pytest.raises(ValueError, match=all_of("two forward passes", "different values", "random", "model.eval()")):
+        SCORERS[scorer](model, ckpts, data(4, seed=1), data(4, n=3, seed=2))
+    assert_ckpts_untouched(ckpts, saved)
+    assert_unchanged(model, snap)
 
 
 @pytest.mark.parametrize("build", [SpectralNet, InstanceNet, NoisyNet], ids=["spectral", "instance", "noisy"])

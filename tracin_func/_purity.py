@@ -256,40 +256,76 @@ def _protected(module: nn.Module | None, state: Tensors, example: Any) -> dict[i
 def check_forward(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, batch: Any, where: str) -> int:
     """Run ``loss`` on the first example of ``batch`` under the watch; raise with the fix on anything untrustworthy.
     When the run leaves tensors computed from the checkpoint alive (kept by a layer: a cache, or an attention map
-    stored for plots), it runs again, which reads a cache back. The runs leave the layers' attributes as they were.
-    Returns the bytes of the largest tensor the forward made from the example, which a batch's tensors scale by."""
+    stored for plots), it runs again, which reads a cache back. A last run outside the watch must give the same
+    values: randomness the watch cannot see (Python's ``random``, NumPy's) gives others. The runs leave the layers'
+    attributes as they were. Returns the bytes of the largest tensor the forward made from the example, which a
+    batch's tensors scale by."""
     example = batch_of_one(example_at(batch, 0))
     with leaving_no_trace(module):
-        watch = _watched_run(module, loss, state, example, where)
+        watch, values = _watched_run(module, loss, state, example, where)
         if watch.kept_derived():
-            watch = _watched_run(module, loss, state, example, where)
+            watch, values = _watched_run(module, loss, state, example, where)
+        with torch.no_grad():
+            again = _copied(_run(loss, state, example))
+    _refuse_changed(values, again, exact=all(t.device.type == "cpu" for t in state.values()))
     return watch.largest
 
 
-def _watched_run(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, example: Any, where: str) -> _Watch:
-    """One dry run under the watch (raising on what it refuses), which it returns."""
+def _watched_run(
+    module: nn.Module | None, loss: ExampleLossFn, state: Tensors, example: Any, where: str
+) -> tuple[_Watch, list[torch.Tensor]]:
+    """One dry run under the watch (raising on what it refuses), which it returns with copies of the values run."""
     protected = _protected(module, state, example)
     checkpoint = {id(t) for t in state.values()}
     given = checkpoint | {id(t) for t in optree.tree_leaves(example) if isinstance(t, torch.Tensor)}
     with torch.no_grad(), _running_modules(module) as stack, _Watch(protected, stack, given, checkpoint) as watch:
         try:
-            _run(loss, state, example)
+            values = _run(loss, state, example)
         except RuntimeError as err:
             _explain_dtype(err, example, state, where)
             raise
+    values = _copied(values)  # (outside the watch; the run's own tensors dropped, as `kept_derived` needs)
     watch.refuse_kept(state, module)
-    return watch
+    return watch, values
 
 
-def _run(loss: ExampleLossFn, state: Tensors, example: Any) -> None:
-    """The loss of ``example``; nothing it computed is held after the return."""
+def _run(loss: ExampleLossFn, state: Tensors, example: Any) -> list[torch.Tensor]:
+    """The floating values of the loss of ``example``: a criterion's model outputs and its loss."""
     if not isinstance(loss, CriterionLoss):
-        loss(state, example)
-        return
+        return _floating(loss(state, example))
     *inputs, target = example
     output = loss.forward(state, *inputs)
     _check_output(output)
-    loss.criterion(output, target)
+    return _floating((output, loss.criterion(output, target)))
+
+
+def _floating(tree: Any) -> list[torch.Tensor]:
+    return [t for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _copied(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().to("cpu", torch.float64, copy=True) for t in values]
+
+
+def _refuse_changed(first: list[torch.Tensor], again: list[torch.Tensor], exact: bool) -> None:
+    """Raise when two runs of the forward on the same example and checkpoint gave different values: bit for bit
+    when ``exact`` (torch's CPU kernels repeat themselves exactly), else (a GPU's atomic sums add in any order) within
+    1e-5 of the largest value."""
+    for a, b in zip(first, again):
+        same_shape = a.shape == b.shape
+        if same_shape and torch.equal(a, b):
+            continue
+        off = (a - b).abs().max().item() if same_shape and a.numel() else float("nan")
+        if not exact and off <= 1e-5 * max(a.abs().max().item(), b.abs().max().item()):
+            continue
+        raise ValueError(
+            f"`model`: two forward passes on the same example and checkpoint gave different values (by up to "
+            f"{off:.3g}; shapes {tuple(a.shape)} and {tuple(b.shape)}): the forward draws random numbers outside "
+            f"torch's generators (Python's `random`, NumPy's) or depends on a state that changes between calls, so "
+            f"its scores would be random. TracIn needs a forward pass that is a function of the checkpoint and the "
+            f"example: turn the randomness off outside training (guard it by `self.training`, then call "
+            f"`model.eval()`), or remove it."
+        )
 
 
 def _check_output(output: Any) -> None:
