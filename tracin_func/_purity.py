@@ -6,7 +6,9 @@ the checkpoint's or the model's tensors, and one that draws random numbers the f
 in custom code) gives random scores. Every aten op of the dry run is inspected *before* it runs, so a refused write
 never happens. The same run follows which values come from the checkpoint and which tensors the model keeps between
 passes, to refuse a cache of parameter values (``_Watch.refuse_kept``), and turns deep torch errors about outputs and
-dtypes into messages that name the fix.
+dtypes into messages that name the fix. A last run outside the watch must give the same values: randomness the watch
+cannot see (Python's ``random``, NumPy's, a torch draw read through ``tolist``) gives others where it changes them (a
+random branch taken alike in both runs is not seen).
 """
 
 from __future__ import annotations
