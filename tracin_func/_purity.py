@@ -6,7 +6,7 @@ the checkpoint's or the model's tensors, and one that draws random numbers the f
 in custom code) gives random scores. Every aten op of the dry run is inspected *before* it runs, so a refused write
 never happens. The same run follows which values come from the checkpoint and which tensors the model keeps between
 passes, to refuse a cache of parameter values (``_Watch.refuse_kept``), and turns deep torch errors about outputs and
-dtypes into messages that name the fix. A last run outside the watch must give the same values: randomness the watch
+dtypes into messages that name the fix. Two more runs outside the watch must give the same values: randomness the watch
 cannot see (Python's ``random``, NumPy's, a torch draw read through ``tolist``) gives others where it changes them (a
 random branch taken alike in both runs is not seen).
 """
@@ -258,37 +258,34 @@ def _protected(module: nn.Module | None, state: Tensors, example: Any) -> dict[i
 def check_forward(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, batch: Any, where: str) -> int:
     """Run ``loss`` on the first example of ``batch`` under the watch; raise with the fix on anything untrustworthy.
     When the run leaves tensors computed from the checkpoint alive (kept by a layer: a cache, or an attention map
-    stored for plots), it runs again, which reads a cache back. A last run outside the watch must give the same
+    stored for plots), it runs again, which reads a cache back. Two more runs outside the watch must give the same
     values: randomness the watch cannot see (Python's ``random``, NumPy's) gives others. The runs leave the layers'
     attributes as they were. Returns the bytes of the largest tensor the forward made from the example, which a
     batch's tensors scale by."""
     example = batch_of_one(example_at(batch, 0))
     with leaving_no_trace(module):
-        watch, values = _watched_run(module, loss, state, example, where)
+        watch = _watched_run(module, loss, state, example, where)
         if watch.kept_derived():
-            watch, values = _watched_run(module, loss, state, example, where)
-        with torch.no_grad():
-            again = _copied(_run(loss, state, example))
-    _refuse_changed(values, again, exact=all(t.device.type == "cpu" for t in state.values()))
+            watch = _watched_run(module, loss, state, example, where)
+        with torch.no_grad():  # (two plain runs: under the watch, fused kernels such as the native transformer
+            runs = [_copied(_run(loss, state, example)) for _ in range(2)]  # encoder's step aside)
+    _refuse_changed(*runs, exact=all(t.device.type == "cpu" for t in state.values()))
     return watch.largest
 
 
-def _watched_run(
-    module: nn.Module | None, loss: ExampleLossFn, state: Tensors, example: Any, where: str
-) -> tuple[_Watch, list[torch.Tensor]]:
-    """One dry run under the watch (raising on what it refuses), which it returns with copies of the values run."""
+def _watched_run(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, example: Any, where: str) -> _Watch:
+    """One dry run under the watch (raising on what it refuses), which it returns."""
     protected = _protected(module, state, example)
     checkpoint = {id(t) for t in state.values()}
     given = checkpoint | {id(t) for t in optree.tree_leaves(example) if isinstance(t, torch.Tensor)}
     with torch.no_grad(), _running_modules(module) as stack, _Watch(protected, stack, given, checkpoint) as watch:
         try:
-            values = _run(loss, state, example)
+            _run(loss, state, example)
         except RuntimeError as err:
             _explain_dtype(err, example, state, where)
             raise
-    values = _copied(values)  # (outside the watch; the run's own tensors dropped, as `kept_derived` needs)
     watch.refuse_kept(state, module)
-    return watch, values
+    return watch
 
 
 def _run(loss: ExampleLossFn, state: Tensors, example: Any) -> list[torch.Tensor]:
