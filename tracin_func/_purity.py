@@ -302,6 +302,11 @@ def _floating(tree: Any) -> list[torch.Tensor]:
     return [t for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
+def _largest_finite(t: torch.Tensor) -> float:
+    finite = t[t.isfinite()]
+    return finite.abs().max().item() if finite.numel() else 0.0
+
+
 def _copied(values: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.detach().to("cpu", torch.float64, copy=True) for t in values]
 
@@ -311,12 +316,11 @@ def _refuse_changed(first: list[torch.Tensor], again: list[torch.Tensor], exact:
     when ``exact`` (torch's CPU kernels repeat themselves exactly), else (a GPU's atomic sums add in any order) within
     1e-5 of the largest value."""
     for a, b in zip(first, again):
-        same_shape = a.shape == b.shape
-        if same_shape and torch.equal(a, b):
-            continue
-        off = (a - b).abs().max().item() if same_shape and a.numel() else float("nan")
-        if not exact and off <= 1e-5 * max(a.abs().max().item(), b.abs().max().item()):
-            continue
+        if a.shape == b.shape:
+            tolerance = 0.0 if exact else 1e-5 * max(_largest_finite(a), _largest_finite(b))
+            if torch.allclose(a, b, rtol=0, atol=tolerance, equal_nan=True):  # (NaN and infinities alike in both)
+                continue
+        off = (a - b).abs().nan_to_num(float("inf")).max().item() if a.shape == b.shape else float("nan")
         raise ValueError(
             f"`model`: two forward passes on the same example and checkpoint gave different values (by up to "
             f"{off:.3g}; shapes {tuple(a.shape)} and {tuple(b.shape)}): the forward draws random numbers outside "

@@ -54,6 +54,14 @@ def _column_major(g: torch.Tensor) -> torch.Tensor:
     return _rows(g).T.contiguous().T.view(g.shape)
 
 
+def _cat_examples(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along examples, in ``_column_major``'s layout when every part is in it."""
+    if not all(_rows(t).T.is_contiguous() for t in tensors):
+        return torch.cat(tensors)
+    n = sum(t.shape[0] for t in tensors)
+    return torch.cat([_rows(t).T for t in tensors], dim=1).T.view(n, *tensors[0].shape[1:])
+
+
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` for rows ``[Ba, K]``, ``[Bb, K]``, in BLAS's faster operand order. On the CPU (float32, one
     thread) a right side read transposed runs at up to half speed unless it has the fewer rows (20 x 100 examples of
@@ -88,7 +96,7 @@ class Dense(NamedTuple):
 
     @staticmethod
     def concat(parts: Sequence[Dense]) -> Dense:
-        return Dense({name: torch.cat([p.grads[name] for p in parts]) for name in parts[0].grads})
+        return Dense({name: _cat_examples([p.grads[name] for p in parts]) for name in parts[0].grads})
 
 
 class Deferred(NamedTuple):
@@ -109,6 +117,17 @@ class Deferred(NamedTuple):
 
     def materialize(self) -> dict[str, torch.Tensor]:
         return self.form(slice(None))
+
+    def column_major(self) -> Dense:
+        """The gradients formed chunk by chunk into column-major tensors (``_column_major``'s layout), with no
+        row-major copy of the whole."""
+        out: dict[str, torch.Tensor] = {}
+        for rows in self._chunks():
+            for name, g in self.form(rows).items():
+                if name not in out:
+                    out[name] = g.new_empty(math.prod(g.shape[1:]), self.n).T.view(self.n, *g.shape[1:])
+                out[name][rows] = g
+        return Dense(out)
 
     def dotted_by(self, dense: Dense) -> torch.Tensor:
         """``dense.dot(self)``: ``[B_dense, n]``, in chunks of at least ``B_dense`` examples (``dense`` is read once
@@ -521,8 +540,7 @@ class Representation(NamedTuple):
         """The test side, formed: Embedding factors summed into rows per (example, token), matched by each
         training batch; per-example gradients stored column-major, dotted by every training batch at BLAS's fastest
         (``_product``)."""
-        kept = tuple(_for_test(p) for p in self.formed().parts)
-        return Representation(kept, self.names)
+        return Representation(tuple(map(_for_test, self.parts)), self.names)
 
     @staticmethod
     def concat(batches: Sequence[Representation]) -> Representation:
@@ -533,6 +551,8 @@ class Representation(NamedTuple):
 
 
 def _for_test(part: Part) -> Part:
+    if isinstance(part, Deferred):
+        return part.column_major()
     if isinstance(part, Dense):
         return Dense({name: _column_major(g) for name, g in part.grads.items()})
     return TokenRows.of(part) if isinstance(part, Factored) and part.site.kind == "embedding" else part
