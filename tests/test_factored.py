@@ -2742,3 +2742,41 @@ def test_a_weight_read_directly_into_a_convolution_is_followed(way):
     assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
     assert {r.route for r in explained.routes if r.parameter in ("w", "b")} == {"materialised"}, explained.routes
     _assert_paths_agree(model, train, test)
+
+
+class RowMixer(nn.Module):
+    """A Linear over 16 rows per example with 3 inputs and 4 outputs: its gradients are formed (``Deferred``), cheaper
+    than factored products, on the training and the test side."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(x)).mean(1))
+
+
+def test_test_batches_joined_column_major_score_exactly(monkeypatch):
+    """The test side's formed layers are column-major (read fastest by every training batch's products) and stay so
+    when test batches are joined into one chunk; the scores equal the reference."""
+    import tracin_func._representations as reps
+
+    joined = []
+
+    def spy(tensors):
+        out = cat_examples(tensors)
+        joined.append(all(reps._rows(t).T.is_contiguous() for t in (*tensors, out)) and len(tensors) > 1)
+        return out
+
+    cat_examples = reps._cat_examples
+    monkeypatch.setattr(reps, "_cat_examples", spy)
+    torch.manual_seed(0)
+    model = RowMixer().double().eval()
+    ckpts = _ckpts(model)
+    train = (torch.randn(7, 16, 3, dtype=torch.float64), torch.randint(0, 3, (7,)))
+    test = (torch.randn(5, 16, 3, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    routes = {r.parameter: r.route for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
+    assert routes["mix.weight"] == "materialised" and routes["head.weight"] == "factored", routes
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, batch_size=2), ref.influence)
+    assert joined and all(joined), joined

@@ -314,20 +314,23 @@ def _copied(values: list[torch.Tensor]) -> list[torch.Tensor]:
 def _refuse_changed(first: list[torch.Tensor], again: list[torch.Tensor], exact: bool) -> None:
     """Raise when two runs of the forward on the same example and checkpoint gave different values: bit for bit
     when ``exact`` (torch's CPU kernels repeat themselves exactly), else (a GPU's atomic sums add in any order) within
-    1e-5 of the largest value."""
-    for a, b in zip(first, again):
-        if a.shape == b.shape:
-            tolerance = 0.0 if exact else 1e-5 * max(_largest_finite(a), _largest_finite(b))
-            if torch.allclose(a, b, rtol=0, atol=tolerance, equal_nan=True):  # (NaN and infinities alike in both)
-                continue
-        off = (a - b).abs().nan_to_num(float("inf")).max().item() if a.shape == b.shape else float("nan")
+    1e-5 of the largest value. NaN and infinities must be alike in both."""
+    differs = f"{len(first)} and {len(again)} tensors" if len(first) != len(again) else ""
+    for a, b in zip(first, again) if not differs else ():
+        if a.shape != b.shape:
+            differs = f"tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}"
+            break
+        tolerance = 0.0 if exact else 1e-5 * max(_largest_finite(a), _largest_finite(b))
+        if not torch.allclose(a, b, rtol=0, atol=tolerance, equal_nan=True):
+            differs = f"values up to {(a - b).abs().nan_to_num(float('inf')).max().item():.3g} apart"
+            break
+    if differs:
         raise ValueError(
-            f"`model`: two forward passes on the same example and checkpoint gave different values (by up to "
-            f"{off:.3g}; shapes {tuple(a.shape)} and {tuple(b.shape)}): the forward draws random numbers outside "
-            f"torch's generators (Python's `random`, NumPy's) or depends on a state that changes between calls, so "
-            f"its scores would be random. TracIn needs a forward pass that is a function of the checkpoint and the "
-            f"example: turn the randomness off outside training (guard it by `self.training`, then call "
-            f"`model.eval()`), or remove it."
+            f"`model`: two forward passes on the same example and checkpoint gave different values ({differs}): the "
+            f"forward draws random numbers outside torch's generators (Python's `random`, NumPy's) or depends on a "
+            f"state that changes between calls, so its scores would be random. TracIn needs a forward pass that is a "
+            f"function of the checkpoint and the example: turn the randomness off outside training (guard it by "
+            f"`self.training`, then call `model.eval()`), or remove it."
         )
 
 

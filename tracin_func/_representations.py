@@ -48,14 +48,8 @@ def _rows(g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], -1)
 
 
-def _column_major(g: torch.Tensor) -> torch.Tensor:
-    """``g`` ``[B, *shape]`` stored as its transpose ``[numel, B]`` (a view of it): what ``_product`` reads fastest
-    on its right."""
-    return _rows(g).T.contiguous().T.view(g.shape)
-
-
 def _cat_examples(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat`` along examples, in ``_column_major``'s layout when every part is in it."""
+    """``torch.cat`` along examples, column-major (``Deferred.column_major``) when every part is."""
     if not all(_rows(t).T.is_contiguous() for t in tensors):
         return torch.cat(tensors)
     n = sum(t.shape[0] for t in tensors)
@@ -65,8 +59,8 @@ def _cat_examples(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` for rows ``[Ba, K]``, ``[Bb, K]``, in BLAS's faster operand order. On the CPU (float32, one
     thread) a right side read transposed runs at up to half speed unless it has the fewer rows (20 x 100 examples of
-    16,384 elements: 1.29 against 0.70 ms); one stored column-major (``_column_major``: the test side), read as a
-    contiguous ``[K, B]``, is fastest of all (20 x 20: 0.12 against 0.26 ms)."""
+    16,384 elements: 1.29 against 0.70 ms); one stored column-major (``Deferred.column_major``: the test side), read
+    as a contiguous ``[K, B]``, is fastest of all (20 x 20: 0.12 against 0.26 ms)."""
     if b.T.is_contiguous() or not a.T.is_contiguous() and a.shape[0] >= b.shape[0]:
         return a @ b.T
     return (b @ a.T).T
@@ -119,8 +113,8 @@ class Deferred(NamedTuple):
         return self.form(slice(None))
 
     def column_major(self) -> Dense:
-        """The gradients formed chunk by chunk into column-major tensors (``_column_major``'s layout), with no
-        row-major copy of the whole."""
+        """The gradients formed chunk by chunk into column-major tensors (each ``[B, *shape]`` a view of a contiguous
+        ``[numel, B]``: what ``_product`` reads fastest on its right), with no row-major copy of the whole."""
         out: dict[str, torch.Tensor] = {}
         for rows in self._chunks():
             for name, g in self.form(rows).items():
@@ -538,7 +532,7 @@ class Representation(NamedTuple):
 
     def for_test(self) -> Representation:
         """The test side, formed: Embedding factors summed into rows per (example, token), matched by each
-        training batch; per-example gradients stored column-major, dotted by every training batch at BLAS's fastest
+        training batch; deferred layers formed column-major, dotted by every training batch at BLAS's fastest
         (``_product``)."""
         return Representation(tuple(map(_for_test, self.parts)), self.names)
 
@@ -551,8 +545,8 @@ class Representation(NamedTuple):
 
 
 def _for_test(part: Part) -> Part:
+    """A deferred layer formed column-major; an Embedding's factors as token rows. (A dense part stays as it is: a
+    column-major copy of it would briefly take twice its memory, all of the test side's on the dense paths.)"""
     if isinstance(part, Deferred):
         return part.column_major()
-    if isinstance(part, Dense):
-        return Dense({name: _column_major(g) for name, g in part.grads.items()})
     return TokenRows.of(part) if isinstance(part, Factored) and part.site.kind == "embedding" else part
