@@ -2756,10 +2756,15 @@ class RowMixer(nn.Module):
         return self.head(torch.tanh(self.mix(x)).mean(1))
 
 
-def test_test_batches_joined_column_major_score_exactly(monkeypatch):
-    """The test side's formed layers are column-major (read fastest by every training batch's products) and stay so
-    when test batches are joined into one chunk; the scores equal the reference."""
+@pytest.mark.parametrize("whole", [False, True], ids=["chunk_by_chunk", "formed_whole"])
+def test_test_batches_joined_column_major_score_exactly(monkeypatch, whole):
+    """The test side's formed layers are column-major (read fastest by every training batch's products), formed
+    chunk by chunk or (layers of few examples per chunk) whole, and stay so when test batches are joined into one
+    chunk; the scores equal the reference."""
     import tracin_func._representations as reps
+
+    if whole:
+        monkeypatch.setattr(reps, "_COLUMN_CHUNK", 10**9)
 
     joined = []
 
