@@ -61,13 +61,14 @@ def _cat_examples(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` for rows ``[Ba, K]``, ``[Bb, K]``, in BLAS's faster operand order. On the CPU (float32, one
-    thread) a right side read transposed runs at up to half speed unless it has the fewer rows (20 x 100 examples of
-    16,384 elements: 1.29 against 0.70 ms); one stored column-major (``Deferred.column_major``: the test side), read
-    as a contiguous ``[K, B]``, is fastest of all (20 x 20: 0.12 against 0.26 ms)."""
-    if b.T.is_contiguous() or not a.T.is_contiguous() and a.shape[0] >= b.shape[0]:
-        return a @ b.T
-    return (b @ a.T).T
+    """``a @ b.T`` for rows ``[Ba, K]``, ``[Bb, K]``, a side stored column-major (``Deferred.column_major``: the test
+    side) on the right, read as a contiguous ``[K, B]``: on the CPU (float32, one thread) the fastest order (20 x 20
+    examples of 16,384 elements: 0.12 against 0.26 ms read transposed; 20 x 100: 0.67 against 1.29 ms). Two row-major
+    sides keep their order: swapping them to put the one with fewer rows on the right won in some shapes (20 x 100:
+    0.55x) and lost in others (50 x 200, 16,384 elements: 1.18x; 64 elements: 1.07-1.25x)."""
+    if a.T.is_contiguous() and not b.T.is_contiguous():
+        return (b @ a.T).T
+    return a @ b.T
 
 
 class Dense(NamedTuple):
