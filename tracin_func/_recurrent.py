@@ -135,7 +135,8 @@ def recurrent_unrolled(model: nn.Module) -> Iterator[None]:
     """Run every unrollable recurrent layer and cell of ``model`` (the call's private copy) as unrolled cells within
     the block, without hooks: the same function as the fused op, which has no vmap rule and, in cuDNN (on a GPU), no
     backward in eval mode, so that the dense paths (vmap, the per-example loop) run these layers on every device.
-    Where no gradient is taken (a dry run, a comparison of outputs) a layer keeps the fused op (``_forward``)."""
+    Where the fused op serves (``_fused_serves``: no gradient taken, or the CPU outside torch.func's transforms) a
+    layer keeps it."""
     layers = {path: m for path, m in model.named_modules() if unrollable(m)}
     with _forwards(layers, {path: _HOOKLESS for path in layers}):
         yield
@@ -203,9 +204,8 @@ def _forward(module: nn.RNNBase, hooks: Mapping[str, Hook], input: Any, hx: Any 
     # without hooks (``recurrent_unrolled``) the fused op runs wherever it serves (``_fused_serves``), and on a
     # PackedSequence under torch.func's transforms (vmap, grad), where `pad_packed_sequence` cannot read the batch
     # sizes the model's own packing made (the fused op fails alike, and the plain loop runs it)
-    data = input.data if packed else input
-    transformed = peek_interpreter_stack() is not None
-    fused = hooks is _HOOKLESS and (_fused_serves(data) or packed and transformed)
+    transformed_packing = packed and peek_interpreter_stack() is not None
+    fused = hooks is _HOOKLESS and (transformed_packing or _fused_serves(input.data if packed else input))
     if not plain or any(s is not None and s.dim() != 3 for s in states) or fused:
         return type(module).forward(module, input, hx)
     if packed:  # padded in the batch's own order (as the states given and returned are), steps past an end held
@@ -293,7 +293,7 @@ def _cell_forward(module: nn.RNNCellBase, hooks: Mapping[str, Hook], input: Any,
 
 def _fused_serves(data: Any) -> bool:
     """Whether a recurrent layer's fused op serves a pass without hooks: where no gradient is taken, and, on the CPU,
-    outside torch.func's transforms (the per-example loop: the packed LSTM's ``factored=False`` 0.80 s against 2.40 s
+    outside torch.func's transforms (the per-example loop: the packed LSTM's ``factored=False`` 0.85 s against 2.40 s
     unrolled). Under vmap it has no batching rule (its per-example fallback: the LSTM's ``factored=False`` 1.16 s
     against 0.46 s unrolled), and on a GPU cuDNN's has no backward in eval mode."""
     if not torch.is_grad_enabled():

@@ -372,9 +372,9 @@ class Rows(NamedTuple):
     @torch.compiler.disable
     def dot(self, other: Rows) -> torch.Tensor:
         if torch.equal(self.ids, other.ids):  # e.g. positions: every batch uses the same
-            return _product(_rows(self.g), _rows(other.g))
+            return _rows(self.g) @ _rows(other.g).T
         mine, theirs = torch.isin(self.ids, other.ids), torch.isin(other.ids, self.ids)  # common ids, both sorted
-        return _product(_rows(self.g[:, mine]), _rows(other.g[:, theirs]))
+        return _rows(self.g[:, mine]) @ _rows(other.g[:, theirs]).T
 
     def sq_norm(self) -> torch.Tensor:
         return _rows(self.g).square().sum(1)
