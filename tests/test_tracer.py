@@ -95,6 +95,21 @@ def test_tracer_matches_the_loop_reference(make, factored, factory):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_device_spelled_otherwise_than_tensors_read_it_steps():
+    """``device="cpu:0"`` (on a GPU: ``"cuda"``, whose tensors read ``cuda:0``) names the device the state's tensors
+    land on: the planned tracer's steps accept its own ``init()`` (they refused it, naming two spellings of one
+    device) and score as the default device does."""
+    torch.manual_seed(0)
+    model = MLP().to(DTYPE).eval()
+    train, test = _data((4,), 10, seed=1), _data((4,), 4, seed=2)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    loss_fn = nn.CrossEntropyLoss()
+    spelled, _ = _sgd_run(model, params, train, test, _schedule(10), loss_fn, factory=True, device="cpu:0")
+    default, _ = _sgd_run(model, params, train, test, _schedule(10), loss_fn, factory=True)
+    assert_close(spelled.scores, default.scores)
+    assert_close(spelled.self_influence, default.self_influence)
+
+
 def test_tracer_update_checks_one_test_examples_batching_on_the_steps_batch():
     """Planned per step on a single test example, whose batched and lone runs are the same, ``tracer_update`` checks
     the batching on the step's training batch: a model mixing a batch's examples is not scored batched (it was:

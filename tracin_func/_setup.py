@@ -57,23 +57,28 @@ def _default_device(model: Any, first: Checkpoint) -> torch.device:
 
 
 def _target_device(device: Any, model: Any, first: Checkpoint) -> torch.device:
+    return target_device(device, lambda: _default_device(model, first), "the model's")
+
+
+def target_device(device: Any, default: Callable[[], torch.device], whose: str) -> torch.device:
+    """The device tensors made for ``device`` (or ``default()``, ``whose`` by default) land on: ``'cuda'`` resolves to
+    ``cuda:0`` (the current one) and ``'cpu:0'`` to ``cpu``, as a tensor's ``.device`` reads, so devices compare."""
     try:
-        target = torch.device(device) if device is not None else _default_device(model, first)
+        target = torch.device(device) if device is not None else default()
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"`device`={device!r} is not a device ({err}); pass e.g. 'cpu' or 'cuda:0'.") from err
     if target.type == "meta":
-        source = "`device`" if device is not None else "`device` (the model's, by default)"
+        source = "`device`" if device is not None else f"`device` ({whose}, by default)"
         raise ValueError(
             f"{source} is 'meta', which holds no values; pass `device='cpu'` or an accelerator, with real weights."
         )
     try:
-        torch.empty(0, device=target)
+        return torch.empty(0, device=target).device
     except Exception as err:  # torch raises RuntimeError or AssertionError for a device it was not built for
         raise ValueError(
             f"`device`={str(target)!r} is not available on this machine ({str(err).splitlines()[0]}); pass "
             f"`device='cpu'` or an available accelerator."
         ) from err
-    return target
 
 
 def _check_loss(loss_fn: Any, name: str) -> None:

@@ -42,7 +42,7 @@ from ._data import batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
 from ._model import check_eval_mode, check_no_backward_hooks, exclusive_use, unsaved_on
 from ._plan import plan_call
-from ._setup import Setup, make_setup
+from ._setup import Setup, make_setup, target_device
 
 
 class TracerState(NamedTuple):
@@ -112,12 +112,7 @@ def _checked_test(
     if n_test == 0:
         raise ValueError("`test` holds no examples; pass the test batch whose influences to trace.")
     leaves = optree.tree_leaves(test, none_is_leaf=True)
-    try:
-        target = torch.device(device) if device is not None else leaves[0].device
-        torch.empty(0, device=target)
-    except Exception as err:
-        why = str(err).splitlines()[0]
-        raise ValueError(f"`device`={device!r} is not available ({why}); pass e.g. `device='cpu'`.") from err
+    target = target_device(device, lambda: leaves[0].device, "the test batch's")
     return to_device(test, target, dtype), n_test, dtype, target
 
 
