@@ -1826,6 +1826,28 @@ def test_wide_convolutions_on_many_positions_take_each_examples_own_backward(mon
     assert {g.weight_shape for g in looped} == {shapes[f"{name}.weight"] for name in ("reflect", "dilated", "seq")}
 
 
+def test_large_formed_layers_scored_a_block_of_output_channels_at_a_time(monkeypatch):
+    """Formed gradients larger than ``_BLOCK_BYTES`` (here 256 bytes) are formed and dotted a block of output
+    channels at a time, on every route (grouped, unfolded, each example's own backward, a Conv1d, a Linear with its
+    bias), and the test side formed whole a block at a time: the scores equal the reference."""
+    import tracin_func._representations as reps
+    from tracin_func import _layers
+
+    monkeypatch.setattr(reps, "_BLOCK_BYTES", 256)
+    blocked, of_channels = set(), _layers._of_channels
+    monkeypatch.setattr(_layers, "_of_channels", lambda site, *a: blocked.add(site.path) or of_channels(site, *a))
+    torch.manual_seed(0)
+    for model, x in [
+        (WideConvs(), torch.randn(5, 2, 16, 16, dtype=torch.float64)),
+        (RowMixer(), torch.randn(5, 16, 3, dtype=torch.float64)),  # its Linear `mix` formed, over 16 rows
+    ]:
+        model, y = model.double().eval(), torch.randint(0, 3, (5,))
+        ckpts = _ckpts(model)
+        ref = reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE)
+        assert_close(tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE), ref.influence)
+    assert blocked == {"stem", "reflect", "dilated", "strided", "seq", "mix"}, blocked  # (the heads: factored)
+
+
 class TiedHead(nn.Module):
     def __init__(self):
         super().__init__()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -13,16 +13,17 @@ from ._capture import Factors, batched_factors, vmapped_factors
 from ._grads import Mapper, Tensors, dense_grads
 from ._layers import (
     Site,
+    channel_split,
     input_rows,
-    materialize,
+    materialized_blocks,
     output_rows,
-    per_example_grads,
+    per_example_blocks,
     scatter_rows,
     site_layer,
     through_parametrization,
 )
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
-from ._representations import Deferred, Dense, Factored, Part, Representation, Rows, Tied, Zero, chunk_examples
+from ._representations import Deferred, Dense, Factored, Part, Representation, Rows, Tied, Zero
 
 if TYPE_CHECKING:
     from ._plan import Plan
@@ -58,17 +59,18 @@ def assemble(
                 if site.path in plan.kernel or rows_kept:
                     parts.append(Factored(site, a, g, plan.costed) if site.path in plan.kernel else Rows.of(site, a, g))
                     continue
-                grads_of, calls = partial(materialize, site), [(a, g)]  # every step's rows at once
+                blocks_of, calls = partial(materialized_blocks, site), [(a, g)]  # every step's rows at once
             else:
-                grads_of, calls = partial(per_example_grads, layer, site), list(zip(xs, gs))
+                blocks_of, calls = partial(per_example_blocks, layer, site), list(zip(xs, gs))
             if site.kind in ("linear", "conv") and not site.tied:  # formed when scored
-                n, chunk = gs[0].shape[0], chunk_examples(site, gs[0].element_size())
-                form = partial(_form, grads_of, calls)
+                by_channels = partial(_form, blocks_of, calls)
+                form = partial(_whole, by_channels)
                 if site.reparam:
                     form = partial(_mapped, through_parametrization(module, site, state), form)
-                parts.append(Deferred(site, form, n, chunk))
+                split = by_channels if channel_split(site) else None
+                parts.append(Deferred(site, form, gs[0].shape[0], gs[0].element_size(), split))
                 continue
-            grads = [grads_of(x, g) for x, g in calls]
+            grads = [next(blocks_of(x, g, (None,))) for x, g in calls]
         captured = {t.untyped_storage().data_ptr() for t in (*xs, *gs)}  # a grad may alias one (a norm's bias)
         for grads_ in grads:
             for name, grad_ in grads_.items():
@@ -85,16 +87,22 @@ def assemble(
 
 
 def _form(
-    grads_of: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+    blocks_of: Callable[[torch.Tensor, torch.Tensor, Sequence[slice | None]], Iterator[dict[str, torch.Tensor]]],
     calls: Sequence[tuple[torch.Tensor, torch.Tensor]],
     rows: slice,
-) -> dict[str, torch.Tensor]:
-    """The per-example gradients of the examples in ``rows`` from each call's factors, summed over the calls."""
-    out: dict[str, torch.Tensor] = {}
-    for x, g in calls:
-        grads = grads_of(x[rows], g[rows])
-        out = {name: out[name] + grad for name, grad in grads.items()} if out else grads
-    return out
+    blocks: Sequence[slice | None] = (None,),
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The per-example gradients of the examples in ``rows`` from each call's factors, summed over the calls, a block
+    of output channels at a time (``None``: all of them)."""
+    for parts in zip(*(blocks_of(x[rows], g[rows], blocks) for x, g in calls)):
+        out = parts[0]
+        for grads in parts[1:]:
+            out = {name: out[name] + grad for name, grad in grads.items()}
+        yield out
+
+
+def _whole(by_channels: Callable[[slice], Iterator[dict[str, torch.Tensor]]], rows: slice) -> dict[str, torch.Tensor]:
+    return next(by_channels(rows))
 
 
 def _mapped(

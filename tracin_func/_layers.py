@@ -14,7 +14,7 @@ ids ``[T]`` for an Embedding) and ``G`` the gradient of the loss w.r.t. the laye
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -440,18 +440,30 @@ def output_rows(site: Site, g: torch.Tensor) -> torch.Tensor:
 
 def per_example_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """``{name: [B, *shape]}`` from one call's layer input ``x`` and output gradient ``g`` (batches)."""
+    return next(per_example_blocks(module, site, x, g, (None,)))
+
+
+def per_example_blocks(
+    module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor, blocks: Sequence[slice | None]
+) -> Iterator[dict[str, torch.Tensor]]:
+    """``per_example_grads`` of each block of output channels in turn (``None``: all of them; a slice needs
+    ``channel_split``), the input prepared (unfolded, padded) once, each block's route the whole layer's."""
     if site.kind == "norm":
-        return _norm_grads(module, site, x, g)
+        yield _norm_grads(module, site, x, g)
+        return
     many_channels = math.prod(site.weight_shape[:2]) > _GROUPED_CONV_MAX_CHANNELS and site.groups == 1
     looped = site.kind == "conv" and many_channels and math.prod(g.shape[2:]) >= _LOOPED_CONV_MIN_POSITIONS
     if site.kind != "conv" or site.weight is None or many_channels and not looped:
-        return materialize(site, input_rows(module, site, x), output_rows(site, g))
+        yield from materialized_blocks(site, input_rows(module, site, x), output_rows(site, g), blocks)
+        return
     x, padding = _conv_padded(module, x)
     weight_grads = _looped_weight_grads if looped else conv_weight_grads
-    out = {site.weight: weight_grads(ConvGeometry.of(module, site), x, g, padding)}
-    if site.bias is not None:
-        out[site.bias] = g.flatten(2).sum(2)
-    return out
+    for block in blocks:
+        part, g_part = (site, g) if block is None else _of_channels(site, g[:, block], 1)
+        out = {part.weight: weight_grads(ConvGeometry.of(module, part), x, g_part, padding)}
+        if part.bias is not None:
+            out[part.bias] = g_part.flatten(2).sum(2)
+        yield out
 
 
 def _norm_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -554,6 +566,20 @@ def _depthwise_weight_grads(
     return out.reshape(b, *geometry.weight_shape)
 
 
+def channel_split(site: Site) -> bool:
+    """Whether the site's per-example gradients can be formed a block of output channels at a time: rows of the
+    weight (dim 0) and of the bias, from those channels of the output gradient alone (``per_example_blocks``,
+    ``materialize`` with ``channels``): Linears and convolutions of one group, weight stored ``[d_out, ...]``, not
+    parametrized."""
+    plain = site.weight is not None and site.groups == 1 and not site.transposed and not site.reparam
+    return plain and site.kind in ("linear", "conv")
+
+
+def _of_channels(site: Site, g: torch.Tensor, dim: int) -> tuple[Site, torch.Tensor]:
+    """The site as seen by the output-gradient channels ``g`` (sliced along its channel dimension ``dim``)."""
+    return site._replace(weight_shape=(g.shape[dim], *site.weight_shape[1:])), g
+
+
 def scatter_rows(ids: torch.Tensor, g: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
     """Add an Embedding's per-example gradients (rows ``g`` ``[B, T, d]`` at ``ids`` ``[B, T]``, -1: padding) into
     ``into`` ``[B, V, d]`` (contiguous: every caller makes it), in place."""
@@ -588,8 +614,20 @@ def through_parametrization(
     return mapped
 
 
-def materialize(site: Site, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-example gradients ``{name: [B, *shape]}`` from factors ``a`` ``[B, T, ...]`` and ``g`` ``[B, T, d_out]``."""
+def materialized_blocks(
+    site: Site, a: torch.Tensor, g: torch.Tensor, blocks: Sequence[slice | None]
+) -> Iterator[dict[str, torch.Tensor]]:
+    """``materialize`` of each block of output channels in turn (``None``: all of them)."""
+    return (materialize(site, a, g, block) for block in blocks)
+
+
+def materialize(
+    site: Site, a: torch.Tensor, g: torch.Tensor, channels: slice | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-example gradients ``{name: [B, *shape]}`` from factors ``a`` ``[B, T, ...]`` and ``g`` ``[B, T, d_out]``;
+    of the output ``channels`` only when given (``channel_split``)."""
+    if channels is not None:
+        site, g = _of_channels(site, g[..., channels], -1)
     out: dict[str, Any] = {}
     if site.kind == "embedding":
         w = torch.zeros(g.shape[0], site.weight_shape[0], g.shape[-1], dtype=g.dtype, device=g.device)

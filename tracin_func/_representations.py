@@ -18,13 +18,14 @@ sum over examples, B = 1) and ``concat([a, b, ...])`` along examples.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._layers import Site, materialize, scatter_rows
+from ._layers import Site, channel_split, materialize, materialized_blocks, scatter_rows
 from ._projection import project_grad, project_outer, project_vector
 
 _PAIR_BLOCK = 1 << 22  # elements of the [rows, m, T, S] kernel formed at once by Factored.dot
@@ -37,6 +38,13 @@ _CHUNK_BYTES = 1 << 20
 # lands on a cache line of its own (20 examples of a 512 x 512 x 3 x 3 convolution one at a time: 374 ms, formed whole
 # and copied 159 ms; 3 at a time 2.1 against 1.5 ms; 7 at a time 0.63 against 0.74 ms).
 _COLUMN_CHUNK = 4
+# Of a layer's gradients formed at once for all the examples a chunk is dotted with, or the test side formed whole,
+# beyond which they are formed a block of output channels at a time (``Deferred._channel_blocks``): larger blocks leave
+# the cache, and over 32 MB glibc serves each one with fresh pages (``_allocator``). Formed from unfolded input and
+# dotted with 20 test examples, alone (one CPU thread): a 256-channel 3 x 3 convolution at 8 x 8, 20 examples (45 MB)
+# 39.2 ms whole, in blocks of 32 / 16 / 8 / 4 / 2 MB 24.1 / 26.8 / 25.9 / 30.4 / 39.5; a 768 x 3072 Linear of 32
+# tokens (180 MB) 119.4, 55.9 / 55.9 / 59.6 / 62.6 / 67.0 ms; its transpose 119.7, 81.9 / 60.7 / 59.7 / 64.9 / 80.6.
+_BLOCK_BYTES = 16 << 20
 # Factors scored from formed gradients (a batch with many more rows than planned) only when the smaller side's
 # gradients, formed whole, take at most this much memory; else the factored products run, slower.
 _FORMED_SIDE_BYTES = 256 << 20
@@ -93,6 +101,10 @@ class Dense(NamedTuple):
     def total(self) -> Dense:
         return Dense({name: g.sum(0, keepdim=True) for name, g in self.grads.items()})
 
+    def channels(self, block: slice) -> Dense:
+        """The gradients of a block of a layer's output channels (the weight's and the bias's dim 0; views)."""
+        return Dense({name: g[:, block] for name, g in self.grads.items()})
+
     @staticmethod
     def concat(parts: Sequence[Dense]) -> Dense:
         return Dense({name: _cat_examples([p.grads[name] for p in parts]) for name in parts[0].grads})
@@ -103,16 +115,35 @@ class Deferred(NamedTuple):
     slice ``rows`` (``{name: [b, *shape]}``), in chunks of ``chunk`` examples, each reduced (dotted, normed) while
     in cache and dropped: no ``[B, *shape]`` tensor per layer is written out and read back, and the chunks reuse
     freed memory instead of faulting in fresh pages. Formed at each use: a caller using it more than once forms it
-    first (``Representation.formed``; the test side, ``for_test``)."""
+    first (``Representation.formed``; the test side, ``for_test``). A chunk dotted with as many examples as the
+    other side has, or the test side formed whole, is formed a block of output channels at a time where it would
+    take more than ``_BLOCK_BYTES`` (``by_channels``, for sites that allow it: ``channel_split``)."""
 
     site: Site
     form: Callable[[slice], dict[str, torch.Tensor]]
     n: int  # examples
-    chunk: int  # examples formed at once
+    element_size: int  # bytes per element of the gradients
+    # (rows, blocks of output channels) -> the gradients of each block in turn, or None: formed whole only
+    by_channels: Callable[[slice, Sequence[slice]], Iterator[dict[str, torch.Tensor]]] | None = None
+
+    @property
+    def chunk(self) -> int:
+        """Examples formed at once."""
+        return chunk_examples(self.site, self.element_size)
 
     def _chunks(self, least: int = 1) -> list[slice]:
         size = max(self.chunk, least)
         return [slice(i, min(i + size, self.n)) for i in range(0, self.n, size)]
+
+    def _channel_blocks(self, examples: int) -> list[slice] | None:
+        """Blocks of output channels whose gradients for ``examples`` take about ``_BLOCK_BYTES`` each, or ``None``
+        where all of them take no more (or the site is formed whole only)."""
+        total = examples * math.prod(self.site.weight_shape) * self.element_size
+        if self.by_channels is None or total <= _BLOCK_BYTES:
+            return None
+        channels = self.site.weight_shape[0]
+        size = max(1, channels * _BLOCK_BYTES // total)
+        return [slice(i, min(i + size, channels)) for i in range(0, channels, size)]
 
     def materialize(self) -> dict[str, torch.Tensor]:
         return self.form(slice(None))
@@ -120,16 +151,23 @@ class Deferred(NamedTuple):
     def column_major(self) -> Dense:
         """The gradients as column-major tensors (each ``[B, *shape]`` a view of a contiguous ``[numel, B]``: what
         ``_product`` reads fastest on its right): formed chunk by chunk into them (no row-major copy of the whole), or,
-        in chunks of fewer than ``_COLUMN_CHUNK`` examples, formed whole and copied a tensor at a time."""
-        if self.chunk < _COLUMN_CHUNK:
+        in chunks of fewer than ``_COLUMN_CHUNK`` examples, formed for every example at once, a block of output
+        channels at a time (``_channel_blocks``) or whole, and copied a tensor at a time."""
+        every = slice(0, self.n)
+        if self.chunk >= _COLUMN_CHUNK:
+            pieces = ((rows, slice(None), self.form(rows)) for rows in self._chunks())
+        elif (blocks := self._channel_blocks(self.n)) is not None:
+            pieces = ((every, block, part) for block, part in zip(blocks, self.by_channels(every, blocks)))
+        else:
             grads = self.materialize()
             return Dense({name: _rows(g := grads.pop(name)).T.contiguous().T.view(g.shape) for name in list(grads)})
         out: dict[str, torch.Tensor] = {}
-        for rows in self._chunks():
-            for name, g in self.form(rows).items():
-                if name not in out:
-                    out[name] = g.new_empty(math.prod(g.shape[1:]), self.n).T.view(self.n, *g.shape[1:])
-                out[name][rows] = g
+        for rows, block, grads in pieces:
+            for name, g in grads.items():
+                if name not in out:  # (a block's channels are the weight's and the bias's dim 0)
+                    shape = g.shape[1:] if block == slice(None) else (self.site.weight_shape[0], *g.shape[2:])
+                    out[name] = g.new_empty(math.prod(shape), self.n).T.view(self.n, *shape)
+                out[name][rows, block] = g
         return Dense(out)
 
     def dotted_by(self, dense: Dense) -> torch.Tensor:
@@ -142,7 +180,17 @@ class Deferred(NamedTuple):
 
     def _dots(self, dense: Dense) -> torch.Tensor:
         """``[n, B_dense]``, chunk by chunk."""
-        return _joined([Dense(self.form(rows)).dot(dense) for rows in self._chunks(_size(dense))])
+        return _joined([self._chunk_dots(rows, dense) for rows in self._chunks(_size(dense))])
+
+    def _chunk_dots(self, rows: slice, dense: Dense) -> torch.Tensor:
+        """``[rows, B_dense]``: the chunk's gradients formed whole, or a block of output channels at a time, each
+        dotted with those channels of ``dense`` while in cache, summed (``_BLOCK_BYTES``; ResNet-18's 256-channel
+        convolutions in its influence call, 20 examples a chunk: 48 -> 40 ms, one CPU thread)."""
+        blocks = self._channel_blocks(rows.stop - rows.start)
+        if blocks is None:
+            return Dense(self.form(rows)).dot(dense)
+        parts = zip(blocks, self.by_channels(rows, blocks))
+        return sum(Dense(part).dot(dense.channels(block)) for block, part in parts)
 
     def sq_norm(self) -> torch.Tensor:
         return _joined([Dense(self.form(rows)).sq_norm() for rows in self._chunks()])
@@ -156,6 +204,12 @@ class Deferred(NamedTuple):
     @staticmethod
     def concat(parts: Sequence[Deferred]) -> Dense:
         return Dense.concat([Dense(p.materialize()) for p in parts])
+
+
+def _materialized_rows(
+    site: Site, a: torch.Tensor, g: torch.Tensor, rows: slice, blocks: Sequence[slice]
+) -> Iterator[dict[str, torch.Tensor]]:
+    return materialized_blocks(site, a[rows], g[rows], blocks)
 
 
 def _size(dense: Dense) -> int:
@@ -237,8 +291,8 @@ class Factored(NamedTuple):
 
     def _formed(self) -> Deferred:
         site, a, g = self.site, self.a, self.g
-        chunk = chunk_examples(site, g.element_size())
-        return Deferred(site, lambda rows: materialize(site, a[rows], g[rows]), a.shape[0], chunk)
+        split = partial(_materialized_rows, site, a, g) if channel_split(site) else None
+        return Deferred(site, lambda rows: materialize(site, a[rows], g[rows]), a.shape[0], g.element_size(), split)
 
     def project(self, seed: int, k: int) -> torch.Tensor:
         """Same projection as the materialised gradients get (``Dense.project``), computed from the factors."""
