@@ -1829,7 +1829,8 @@ def test_wide_convolutions_on_many_positions_take_each_examples_own_backward(mon
 def test_large_formed_layers_scored_a_block_of_output_channels_at_a_time(monkeypatch):
     """Formed gradients larger than ``_BLOCK_BYTES`` (here 256 bytes) are formed and dotted a block of output
     channels at a time, on every route (grouped, unfolded, each example's own backward, a Conv1d, a Linear with its
-    bias), and the test side formed whole a block at a time: the scores equal the reference."""
+    bias), the test side formed whole and self-influence's examples a block at a time: the scores equal the
+    reference."""
     import tracin_func._representations as reps
     from tracin_func import _layers
 
@@ -1837,15 +1838,23 @@ def test_large_formed_layers_scored_a_block_of_output_channels_at_a_time(monkeyp
     blocked, of_channels = set(), _layers._of_channels
     monkeypatch.setattr(_layers, "_of_channels", lambda site, *a: blocked.add(site.path) or of_channels(site, *a))
     torch.manual_seed(0)
-    for model, x in [
+    cases = [
         (WideConvs(), torch.randn(5, 2, 16, 16, dtype=torch.float64)),
         (RowMixer(), torch.randn(5, 16, 3, dtype=torch.float64)),  # its Linear `mix` formed, over 16 rows
-    ]:
-        model, y = model.double().eval(), torch.randint(0, 3, (5,))
-        ckpts = _ckpts(model)
-        ref = reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE)
-        assert_close(tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE), ref.influence)
-    assert blocked == {"stem", "reflect", "dilated", "strided", "seq", "mix"}, blocked  # (the heads: factored)
+    ]
+    cases = [(model.double().eval(), (x, torch.randint(0, 3, (5,)))) for model, x in cases]
+    formed = {"stem", "reflect", "dilated", "strided", "seq", "mix"}  # (the heads: factored)
+    for question in ("influence", "self_influence"):  # (self-influence: an example's gradients in blocks)
+        blocked.clear()
+        for model, (x, y) in cases:
+            ckpts = _ckpts(model)
+            ref = reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE)
+            if question == "influence":
+                assert_close(tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE), ref.influence)
+            else:
+                assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE), ref.self_influence)
+        # (self-influence takes the strided convolution's norms from its factors: 64 rows make them cheaper)
+        assert blocked == formed - ({"strided"} if question == "self_influence" else set()), blocked
 
 
 class TiedHead(nn.Module):
