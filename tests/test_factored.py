@@ -1830,7 +1830,7 @@ def test_large_formed_layers_scored_a_block_of_output_channels_at_a_time(monkeyp
     """Formed gradients larger than ``_BLOCK_BYTES`` (here 256 bytes) are formed and dotted a block of output
     channels at a time, on every route (grouped, unfolded, each example's own backward, a Conv1d, a Linear with its
     bias), the test side formed whole and self-influence's examples a block at a time: the scores equal the
-    reference."""
+    reference. On a GPU they are formed whole."""
     import tracin_func._representations as reps
     from tracin_func import _layers
 
@@ -1855,6 +1855,8 @@ def test_large_formed_layers_scored_a_block_of_output_channels_at_a_time(monkeyp
                 assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE), ref.self_influence)
         # (self-influence takes the strided convolution's norms from its factors: 64 rows make them cheaper)
         assert blocked == formed - ({"strided"} if question == "self_influence" else set()), blocked
+    stem = _layers.Site("stem", "conv", "stem.weight", "stem.bias", (72, 2, 3, 3))
+    assert _layers.channel_split(stem, torch.device("cpu")) and not _layers.channel_split(stem, torch.device("cuda"))
 
 
 class TiedHead(nn.Module):

@@ -67,7 +67,7 @@ def assemble(
                 form = partial(_whole, by_channels)
                 if site.reparam:
                     form = partial(_mapped, through_parametrization(module, site, state), form)
-                split = by_channels if channel_split(site) else None
+                split = by_channels if channel_split(site, gs[0].device) else None
                 parts.append(Deferred(site, form, gs[0].shape[0], gs[0].element_size(), split))
                 continue
             grads = [next(blocks_of(x, g, (None,))) for x, g in calls]

@@ -566,13 +566,14 @@ def _depthwise_weight_grads(
     return out.reshape(b, *geometry.weight_shape)
 
 
-def channel_split(site: Site) -> bool:
-    """Whether the site's per-example gradients can be formed a block of output channels at a time: rows of the
-    weight (dim 0) and of the bias, from those channels of the output gradient alone (``per_example_blocks``,
+def channel_split(site: Site, device: torch.device) -> bool:
+    """Whether the site's per-example gradients are formed a block of output channels at a time where large: rows of
+    the weight (dim 0) and of the bias, from those channels of the output gradient alone (``per_example_blocks``,
     ``materialize`` with ``channels``): Linears and convolutions of one group, weight stored ``[d_out, ...]``, not
-    parametrized."""
+    parametrized, on the CPU (blocks stay in its caches and off glibc's fresh pages; a GPU, with neither concern and
+    a cost per kernel, forms them whole)."""
     plain = site.weight is not None and site.groups == 1 and not site.transposed and not site.reparam
-    return plain and site.kind in ("linear", "conv")
+    return plain and site.kind in ("linear", "conv") and device.type == "cpu"
 
 
 def _of_channels(site: Site, g: torch.Tensor, dim: int) -> tuple[Site, torch.Tensor]:

@@ -117,8 +117,7 @@ class Deferred(NamedTuple):
     freed memory instead of faulting in fresh pages. Formed at each use: a caller using it more than once forms it
     first (``Representation.formed``; the test side, ``for_test``). A chunk dotted with as many examples as the
     other side has, the test side formed whole, or one example's gradients, are formed a block of output channels at
-    a time where they would take more than ``_BLOCK_BYTES`` (``by_channels``, for sites that allow it:
-    ``channel_split``)."""
+    a time where they would take more than ``_BLOCK_BYTES`` (``by_channels``, where ``channel_split`` allows it)."""
 
     site: Site
     form: Callable[[slice], dict[str, torch.Tensor]]
@@ -301,7 +300,7 @@ class Factored(NamedTuple):
 
     def _formed(self) -> Deferred:
         site, a, g = self.site, self.a, self.g
-        split = partial(_materialized_rows, site, a, g) if channel_split(site) else None
+        split = partial(_materialized_rows, site, a, g) if channel_split(site, g.device) else None
         return Deferred(site, lambda rows: materialize(site, a[rows], g[rows]), a.shape[0], g.element_size(), split)
 
     def project(self, seed: int, k: int) -> torch.Tensor:
