@@ -65,6 +65,38 @@ def test_factored_and_dense_gradients_get_the_same_projection():
         assert_close(got, dense, 1e-10, msg=factored)
 
 
+class FormedLayers(nn.Module):
+    """A Linear over 4 rows and a convolution over 36 positions, whose gradients are formed when scored (more rows
+    than factored products pay for), and whose projections take fewer products from their factors."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix, self.conv, self.head = nn.Linear(24, 32), nn.Conv2d(8, 16, 3), nn.Linear(48, 3)
+
+    def forward(self, x):
+        rows = torch.tanh(self.mix(x.flatten(1)[:, :96].reshape(-1, 4, 24)))  # [B, 4, 32]
+        maps = torch.tanh(self.conv(x))  # [B, 16, 6, 6]
+        return self.head(torch.cat([rows.mean(1), maps.mean((2, 3))], 1))
+
+
+def test_formed_layers_are_projected_from_their_factors(monkeypatch):
+    """Layers formed when scored are projected from their factors where that is cheaper: the projection the formed
+    gradients get (``factored=False``: vmap's dense gradients)."""
+    from tracin_func import _representations
+
+    torch.manual_seed(0)
+    model = FormedLayers().double().eval()
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    x, y = torch.randn(10, 8, 8, 8, dtype=torch.float64), torch.randint(0, 3, (10,))
+    routes = {r.parameter: r.route for r in tc.explain(model, ckpts, (x, y), loss_fn=CE).routes}
+    assert routes["mix.weight"] == routes["conv.weight"] == "materialised", routes
+    projected, own = [], _representations.Factored.project
+    monkeypatch.setattr(_representations.Factored, "project", lambda p, *a: projected.append(p.site.path) or own(p, *a))
+    got = _embed(model, ckpts, (x, y), projection_dim=16, seed=2)
+    assert {"mix", "conv"} <= set(projected), projected
+    assert_close(got, _embed(model, ckpts, (x, y), projection_dim=16, seed=2, factored=False), 1e-10)
+
+
 VECTORS = ["norm.weight", "norm.bias", "conv.bias", "fc.bias"]  # projected by dense hashed matrices
 
 

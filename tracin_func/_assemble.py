@@ -60,15 +60,18 @@ def assemble(
                     parts.append(Factored(site, a, g, plan.costed) if site.path in plan.kernel else Rows.of(site, a, g))
                     continue
                 blocks_of, calls = partial(materialized_blocks, site), [(a, g)]  # every step's rows at once
+                rows_of = partial(_chunk_of, a, g)
             else:
                 blocks_of, calls = partial(per_example_blocks, layer, site), list(zip(xs, gs))
+                rows_of = partial(_rows_of, layer, site, calls)
             if site.kind in ("linear", "conv") and not site.tied:  # formed when scored
                 by_channels = partial(_form, blocks_of, calls)
                 form = partial(_whole, by_channels)
                 if site.reparam:
                     form = partial(_mapped, through_parametrization(module, site, state), form)
                 split = by_channels if channel_split(site, gs[0].device) else None
-                parts.append(Deferred(site, form, gs[0].shape[0], gs[0].element_size(), split))
+                rows_of = rows_of if site.groups == 1 and not site.reparam else None  # (what Factored takes)
+                parts.append(Deferred(site, form, gs[0].shape[0], gs[0].element_size(), split, rows_of))
                 continue
             grads = [next(blocks_of(x, g, (None,))) for x, g in calls]
         captured = {t.untyped_storage().data_ptr() for t in (*xs, *gs)}  # a grad may alias one (a norm's bias)
@@ -99,6 +102,18 @@ def _form(
         for grads in parts[1:]:
             out = {name: out[name] + grad for name, grad in grads.items()}
         yield out
+
+
+def _chunk_of(a: torch.Tensor, g: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    return a[rows], g[rows]
+
+
+def _rows_of(
+    layer: nn.Module, site: Site, calls: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: slice
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors ``(A, G)`` of the examples in ``rows``: every call's input rows and output gradients, joined."""
+    a = _cat([input_rows(layer, site, x[rows]) for x, _ in calls], dim=1)
+    return a, _cat([output_rows(site, g[rows]) for _, g in calls], dim=1)
 
 
 def _whole(by_channels: Callable[[slice], Iterator[dict[str, torch.Tensor]]], rows: slice) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._layers import Site, channel_split, materialize, materialized_blocks, scatter_rows
-from ._projection import project_grad, project_outer, project_vector
+from ._projection import kron_split, project_grad, project_outer, project_vector
 
 _PAIR_BLOCK = 1 << 22  # elements of the [rows, m, T, S] kernel formed at once by Factored.dot
 # Of a deferred layer's gradients formed at once (about L2-sized). Timed against 0.125 / 0.5 / 2 / 4 / 64 MB: digits
@@ -125,6 +125,8 @@ class Deferred(NamedTuple):
     element_size: int  # bytes per element of the gradients
     # (rows, blocks of output channels) -> the gradients of each block in turn, or None: formed whole only
     by_channels: Callable[[slice, Sequence[slice]], Iterator[dict[str, torch.Tensor]]] | None = None
+    # rows -> their factors (A [b, T, d_in], G [b, T, d_out]), which project cheaper where T is small, or None
+    factors: Callable[[slice], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def chunk(self) -> int:
@@ -205,6 +207,16 @@ class Deferred(NamedTuple):
         return sum(Dense(part).sq_norm() for part in self.by_channels(rows, blocks))
 
     def project(self, seed: int, k: int) -> torch.Tensor:
+        """From the factors (``Factored.project``: the same projection), in chunks of about ``_BLOCK_BYTES`` of them,
+        where that takes fewer products than forming the gradients and projecting those (few rows per example), else
+        from the formed gradients, chunk by chunk."""
+        if self.factors is not None:
+            a, g = self.factors(slice(0, 1))
+            t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+            k_rows, k_cols = kron_split(k)
+            if t * (d_out * k_rows + d_in * k_cols + k) < d_in * d_out * (t + k_cols) + d_out * k:
+                chunks = self._chunks(_BLOCK_BYTES // max(1, t * (d_in + d_out) * self.element_size))
+                return _joined([Factored(self.site, *self.factors(rows)).project(seed, k) for rows in chunks])
         return _joined([Dense(self.form(rows)).project(seed, k) for rows in self._chunks()])
 
     def total(self) -> Dense:
