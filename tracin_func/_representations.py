@@ -210,7 +210,7 @@ class Deferred(NamedTuple):
         """From the factors (``Factored.project``: the same projection), in chunks of about ``_BLOCK_BYTES`` of them,
         where that takes fewer products than forming the gradients and projecting those (few rows per example), else
         from the formed gradients, chunk by chunk."""
-        if self.factors is not None:
+        if self.factors is not None and self.n:
             a, g = self.factors(slice(0, 1))
             t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
             k_rows, k_cols = kron_split(k)
