@@ -502,6 +502,28 @@ def test_3c_randomness_the_watch_cannot_see_is_refused(source, scorer):
     assert_ckpts_untouched(ckpts, saved)
     assert_unchanged(model, snap)
 
+def test_3c_two_runs_compare_bit_for_bit_on_the_cpu_and_within_1e_5_on_a_gpu():
+    """The comparison of the second run (``exact``: the CPU; else a GPU, whose atomic sums add in any order): a
+    difference of 1e-7 of the largest value passes on a GPU and is refused on the CPU, 1e-3 is refused on both, NaN
+    and infinities must be alike."""
+    from tracin_func._purity import _refuse_changed
+
+    a = torch.tensor([3.0, -2.0, float("inf"), float("nan")], dtype=F64)
+    near, far = a + torch.tensor([3e-7, 0, 0, 0], dtype=F64), a + torch.tensor([3e-3, 0, 0, 0], dtype=F64)
+    _refuse_changed([a], [a.clone()], exact=True)
+    _refuse_changed([a], [near], exact=False)
+    for got, exact in [(near, True), (far, False), (far, True)]:
+        with pytest.raises(ValueError, match="two forward passes on the same example and checkpoint gave different"):
+            _refuse_changed([a], [got], exact=exact)
+    finite_for_inf = torch.tensor([3.0, -2.0, 1.0, float("nan")], dtype=F64)
+    finite_for_nan = torch.tensor([3.0, -2.0, float("inf"), 1.0], dtype=F64)
+    for other in (finite_for_inf, finite_for_nan, a[:3]):
+        with pytest.raises(ValueError, match="gave different values"):
+            _refuse_changed([a], [other], exact=False)
+    with pytest.raises(ValueError, match=r"\(1 and 2 tensors\)"):
+        _refuse_changed([a], [a, a], exact=False)
+
+
 
 @pytest.mark.parametrize("build", [SpectralNet, InstanceNet, NoisyNet], ids=["spectral", "instance", "noisy"])
 def test_3d_eval_mode_scores_match_reference(build):
