@@ -182,29 +182,22 @@ class Deferred(NamedTuple):
 
     def _dots(self, dense: Dense) -> torch.Tensor:
         """``[n, B_dense]``, chunk by chunk."""
-        return _joined([self._chunk_dots(rows, dense) for rows in self._chunks(_size(dense))])
-
-    def _chunk_dots(self, rows: slice, dense: Dense) -> torch.Tensor:
-        """``[rows, B_dense]``: the chunk's gradients formed whole, or a block of output channels at a time, each
-        dotted with those channels of ``dense`` while in cache, summed (``_BLOCK_BYTES``; ResNet-18's 256-channel
-        convolutions in its influence call, 20 examples a chunk: 48 -> 40 ms, one CPU thread)."""
-        blocks = self._channel_blocks(rows.stop - rows.start)
-        if blocks is None:
-            return Dense(self.form(rows)).dot(dense)
-        parts = zip(blocks, self.by_channels(rows, blocks))
-        return sum(Dense(part).dot(dense.channels(block)) for block, part in parts)
+        dotted = lambda part, block: part.dot(dense if block == slice(None) else dense.channels(block))  # noqa: E731
+        return _joined([self._reduced(rows, dotted) for rows in self._chunks(_size(dense))])
 
     def sq_norm(self) -> torch.Tensor:
-        return _joined([self._chunk_sq_norms(rows) for rows in self._chunks()])
+        return _joined([self._reduced(rows, lambda part, _: part.sq_norm()) for rows in self._chunks()])
 
-    def _chunk_sq_norms(self, rows: slice) -> torch.Tensor:
-        """``[rows]``: formed whole, or (an example of more than ``_BLOCK_BYTES``) a block of output channels at a
-        time, summed (self-influence of a 1024 -> 4096 Linear over 256 tokens, 8 examples: 0.549-0.554 -> 0.528-0.546
-        s; 4096 -> 4096 over 64 tokens, 6 examples: 0.488-0.489 -> 0.480-0.483 s)."""
+    def _reduced(self, rows: slice, reduce: Callable[[Dense, slice], torch.Tensor]) -> torch.Tensor:
+        """``reduce(gradients, channels)`` of the chunk's gradients formed whole (all channels), or summed over blocks
+        of output channels formed one at a time where they would take more than ``_BLOCK_BYTES`` (ResNet-18's
+        256-channel convolutions in its influence call, dotted with 20 test examples a chunk: 48 -> 40 ms;
+        self-influence of a 1024 -> 4096 Linear over 256 tokens, 8 examples: 0.549-0.554 -> 0.528-0.546 s; one CPU
+        thread)."""
         blocks = self._channel_blocks(rows.stop - rows.start)
         if blocks is None:
-            return Dense(self.form(rows)).sq_norm()
-        return sum(Dense(part).sq_norm() for part in self.by_channels(rows, blocks))
+            return reduce(Dense(self.form(rows)), slice(None))
+        return sum(reduce(Dense(part), block) for block, part in zip(blocks, self.by_channels(rows, blocks)))
 
     def project(self, seed: int, k: int) -> torch.Tensor:
         """From the factors (``Factored.project``: the same projection), in chunks of about ``_BLOCK_BYTES`` of them,
