@@ -438,16 +438,12 @@ def output_rows(site: Site, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
-def per_example_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{name: [B, *shape]}`` from one call's layer input ``x`` and output gradient ``g`` (batches)."""
-    return next(per_example_blocks(module, site, x, g, (None,)))
-
-
 def per_example_blocks(
     module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor, blocks: Sequence[slice | None]
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """``per_example_grads`` of each block of output channels in turn (``None``: all of them; a slice needs
-    ``channel_split``), the input prepared (unfolded, padded) once, each block's route the whole layer's."""
+    """Per-example gradients ``{name: [B, *shape]}`` from one call's layer input ``x`` and output gradient ``g``
+    (batches), of each block of output channels in turn (``None``: all of them; a slice needs ``channel_split``), the
+    input prepared (unfolded, padded) once, each block's route the whole layer's."""
     if site.kind == "norm":
         yield _norm_grads(module, site, x, g)
         return

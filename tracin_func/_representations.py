@@ -50,11 +50,6 @@ _BLOCK_BYTES = 16 << 20
 _FORMED_SIDE_BYTES = 256 << 20
 
 
-def chunk_examples(site: Site, element_size: int) -> int:
-    """Examples whose gradients of ``site`` are formed at once (about ``_CHUNK_BYTES``)."""
-    return max(1, _CHUNK_BYTES // (math.prod(site.weight_shape) * element_size))
-
-
 def _rows(g: torch.Tensor) -> torch.Tensor:
     """``[B, *shape] -> [B, numel]``, also for a 0-d parameter (``[B]``, e.g. a CLIP-style ``logit_scale``)."""
     return g.reshape(g.shape[0], -1)
@@ -130,8 +125,8 @@ class Deferred(NamedTuple):
 
     @property
     def chunk(self) -> int:
-        """Examples formed at once."""
-        return chunk_examples(self.site, self.element_size)
+        """Examples formed at once (about ``_CHUNK_BYTES``)."""
+        return max(1, _CHUNK_BYTES // (math.prod(self.site.weight_shape) * self.element_size))
 
     def _chunks(self, least: int = 1) -> list[slice]:
         size = max(self.chunk, least)

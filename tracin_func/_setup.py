@@ -56,10 +56,6 @@ def _default_device(model: Any, first: Checkpoint) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
 
 
-def _target_device(device: Any, model: Any, first: Checkpoint) -> torch.device:
-    return target_device(device, lambda: _default_device(model, first), "the model's")
-
-
 def target_device(device: Any, default: Callable[[], torch.device], whose: str) -> torch.device:
     """The device tensors made for ``device`` (or ``default()``, ``whose`` by default) land on: ``'cuda'`` resolves to
     ``cuda:0`` (the current one) and ``'cpu:0'`` to ``cpu``, as a tensor's ``.device`` reads, so devices compare."""
@@ -202,7 +198,7 @@ def make_setup(
         )
     private = not any(isinstance(fn, ExampleLoss) for fn in (loss_fn, test_loss_fn))
     spec = model_spec(model, first.params, params, layers, private=private)
-    target = _target_device(device, model, first)
+    target = target_device(device, lambda: _default_device(model, first), "the model's")
     check_device(ranks, target)
     if target.type == "cpu":
         keep_freed_batches()
