@@ -246,6 +246,24 @@ def test_token_rows_match_materialised_embedding_gradients(monkeypatch, block):
     assert rows.n == 5 and rows.total().n == 1
 
 
+@pytest.mark.parametrize("strided", ["neither", "first", "second", "both"])
+def test_row_products_read_strided_rows_in_place(strided):
+    """``_products``: the ``[n, m, T, S]`` row products of two factor sides, whichever has its rows strided in memory
+    (a convolution's unfolded patches, ``[B, d, T]``), equal ``einsum``'s."""
+    from tracin_func._representations import _products
+
+    gen = torch.Generator().manual_seed(0)
+
+    def side(n, t, transposed):  # [n, t, d] rows, stored [n, d, t] when transposed
+        x = torch.randn(n, 7, t, generator=gen, dtype=torch.float64)
+        return x.transpose(1, 2) if transposed else x.transpose(1, 2).contiguous()
+
+    x1, x2 = side(3, 5, strided in ("first", "both")), side(4, 6, strided in ("second", "both"))
+    assert (x1.stride(-1) != 1, x2.stride(-1) != 1) == (strided in ("first", "both"), strided in ("second", "both"))
+    want = torch.einsum("itd,jsd->ijts", x1.contiguous(), x2.contiguous())
+    torch.testing.assert_close(_products(x1, x2), want, rtol=1e-14, atol=1e-14)
+
+
 def test_materialised_embedding_rows_match_full_gradients():
     """``Rows`` keeps an Embedding's gradients on the ids its batch uses: every operation equals the full
     ``[B, V, d]`` gradients' across batches with the same, overlapping and disjoint ids (and padding)."""
@@ -2042,6 +2060,56 @@ def test_self_influence_factors_a_layer_whose_pairs_are_cheaper_materialised():
     assert_close(tc.influence(model, ckpts, (x, y), (x, y), loss_fn=CE, batch_size=4), ref.influence, 1e-12)
     with pytest.raises(ValueError, match=r"`question` must be one of \('influence', 'self_influence'\), got 'self'"):
         tc.explain(model, ckpts, (x, y), loss_fn=CE, question="self")
+
+
+def test_influence_on_few_test_examples_factors_a_layer_whose_forming_they_cannot_share(monkeypatch):
+    """A training gradient formed for P test examples pays ``T d_in d_out`` for P products: an influence call on few
+    (one prediction's proponents, a tracer's test examples) keeps the factors of a layer it forms for many, and is
+    exact either way; summed test examples (``aggregate``) plan as many. ``tc.explain(n_test=...)`` shows it."""
+    torch.manual_seed(0)
+    model = TokenMixer().double().eval()
+    x, y = torch.randn(9, 4, 16, dtype=torch.float64), torch.randint(0, 3, (9,))
+    ckpts = _ckpts(model)
+
+    def route(n_test):
+        plan = tc.explain(model, ckpts, (x, y), loss_fn=CE, n_test=n_test)
+        return next((r.route, r.reason) for r in plan.routes if r.parameter == "mix.weight")
+
+    assert route(None) == ("materialised", "T^2 (d_in + d_out) = 528 >= d_in d_out = 272 (T = 4)")
+    assert route(1) == ("factored", "T^2 (d_in + d_out) = 528 < (T + 1) d_in d_out = 1360 (T = 4)")
+    assert route(4) == ("factored", "P T^2 (d_in + d_out) = 2112 < (T + P) d_in d_out = 2176 (T = 4, P = 4)")
+    assert route(5) == ("materialised", "P T^2 (d_in + d_out) = 2640 >= (T + P) d_in d_out = 2448 (T = 4, P = 5)")
+    from tracin_func import _representations
+
+    dotted = []
+    factored_dot = _representations.Factored.dot
+
+    def spy(self, other):
+        dotted.append(self.site.path)
+        return factored_dot(self, other)
+
+    monkeypatch.setattr(_representations.Factored, "dot", spy)
+    ref = reference_scores(model, ckpts, (x, y), loss_fn=CE).influence
+    for n_test, factored in ((1, True), (4, True), (5, False)):
+        dotted.clear()
+        test = (x[:n_test], y[:n_test])
+        assert_close(tc.influence(model, ckpts, (x, y), test, loss_fn=CE, batch_size=4), ref[:n_test], 1e-12)
+        assert ("mix" in dotted) == factored, n_test
+    dotted.clear()
+    summed = tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE, aggregate=True)
+    assert "mix" not in dotted
+    assert_close(summed, ref[:2].sum(0, keepdim=True), 1e-12)
+    dotted.clear()
+    tracer = tc.tracer(model, (x[:1], y[:1]), n_train=9, loss_fn=CE, dtype=torch.float64)
+    state = tracer.update(tracer.init(), dict(ckpts[0].params), torch.tensor(1.0), (x, y), torch.arange(9))
+    assert "mix" in dotted
+    step = reference_scores(model, ckpts[:1], (x, y), loss_fn=CE).influence[:1] / ckpts[0].lr  # lr 1 at ckpts[0]
+    assert_close(state.scores, step, 1e-12)
+    for bad, why in ((0, "must be a positive int or None, got 0"), (2.0, "must be a positive int or None, got 2.0")):
+        with pytest.raises(ValueError, match=f"`n_test` {why}"):
+            tc.explain(model, ckpts, (x, y), loss_fn=CE, n_test=bad)
+    with pytest.raises(ValueError, match='`n_test` is for question="influence"'):
+        tc.explain(model, ckpts, (x, y), loss_fn=CE, question="self_influence", n_test=1)
 
 
 class Wide(nn.Module):

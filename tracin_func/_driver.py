@@ -94,11 +94,12 @@ def _planned(
     offset: int,
     *,
     self_only: bool = False,
+    partners: int | None = None,
     scored: Scored = None,
     pool: Any = None,
 ) -> Planned:
     with naming_failures(setup.test_loss if where == "test" else setup.train_loss, setup, batch, where, offset):
-        planned = plan_call(setup, batch, where, self_only=self_only, scored=scored, pool=pool)
+        planned = plan_call(setup, batch, where, self_only=self_only, partners=partners, scored=scored, pool=pool)
     updates = Updates(*(torch.compile(fn) for fn in planned.updates)) if setup.compile else planned.updates
     most = most_per_batch(setup, planned.plan)
     return Planned(updates, even_batches(most) if setup.auto_batch else most)
@@ -122,6 +123,7 @@ def planned_batches(
     desc: str,
     *,
     self_only: bool = False,
+    partners: int | None = None,
     scored: Scored = None,
     beside: Any = None,
     **where_from: Any,
@@ -130,8 +132,9 @@ def planned_batches(
     size, a batch or a ``Dataset`` is planned on its first examples, so that the plan sizes every batch, the first
     too (not a guess made before the plan: 128 + 72 of 200 examples where the plan asks for one batch or two of 100);
     a ``DataLoader``'s or other iterable's batches are the user's. ``scored``: other data the plan scores in
-    batches (influence's training data; see ``plan_call``). ``beside``: that data's ``checking_pool``, for the
-    batching check to pick its examples among too (one loss scores both)."""
+    batches (influence's training data; see ``plan_call``), and ``partners`` the test examples each of its gradients
+    meets. ``beside``: that data's ``checking_pool``, for the batching check to pick its examples among too (one loss
+    scores both)."""
     planned: Planned | None = None
 
     def pool_of(examples: Any, more: Any = None) -> Any:  # (its first example is the one planned on)
@@ -145,14 +148,14 @@ def planned_batches(
         head, start = first_examples(setup, data, where), where_from.get("start", 0)
         more = checking_pool(setup, data, where) if num_examples(data) > _PLANNING_EXAMPLES else None
         pool = pool_of(head, more)
-        planned = _planned(setup, head, where, start, self_only=self_only, scored=scored, pool=pool)
+        planned = _planned(setup, head, where, start, self_only=self_only, partners=partners, scored=scored, pool=pool)
 
     def size(left: int) -> int:  # the automatic size, once the plan says how large an example's gradients are
         return setup.batch_size if planned is None else _size(planned.batch_size, left)
 
     for offset, batch in batches(setup, data, where, desc, batch_size=size if setup.auto_batch else None, **where_from):
         planned = planned or _planned(
-            setup, batch, where, offset, self_only=self_only, scored=scored, pool=pool_of(batch)
+            setup, batch, where, offset, self_only=self_only, partners=partners, scored=scored, pool=pool_of(batch)
         )
         yield planned, offset, batch
 
@@ -321,7 +324,13 @@ def query_chunks(
             aggregate and cosine,
         )
 
-    for planned, offset, batch in planned_batches(setup, test, "test", "test gradients", scored=scored, beside=beside):
+    # the test examples each training gradient meets, where known: few (one prediction's) make factored products
+    # cheaper than forming a wide layer's training gradients (a sum meets the rows of all of them: not counted)
+    partners = None if total else num_examples(test)
+    test_batches = planned_batches(
+        setup, test, "test", "test gradients", partners=partners, scored=scored, beside=beside
+    )
+    for planned, offset, batch in test_batches:
         for c, ckpt in enumerate(setup.checkpoints):
             with naming_failures(setup.test_loss, setup, batch, "test", offset):
                 rep = planned.updates.test(ckpt, batch).for_test()

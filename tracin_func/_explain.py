@@ -69,6 +69,7 @@ def explain(
     loss_fn: Any,
     test_loss_fn: Any = None,
     question: str = "influence",
+    n_test: int | None = None,
     **options: Unpack[Options],
 ) -> Explanation:
     """How a scoring call with these arguments handles every differentiated parameter, and why.
@@ -77,7 +78,10 @@ def explain(
     are computed once at the first checkpoint to see whether ``vmap`` runs or falls back to a loop. Use it to see
     why a model is slower than expected and what to change (``params=``, ``factored=``, the model's layers).
     ``question="self_influence"`` plans as :func:`self_influence` does (a gradient that meets only itself is
-    factored more often); ``"influence"`` (the default) as the other scorers do.
+    factored more often); ``"influence"`` (the default) as the other scorers do, for ``n_test`` test examples (as
+    :func:`influence` and the top-k calls do with a batch of them; None, the default: too many to count, as with
+    test data given as a ``DataLoader``): with few, one prediction's, a wide layer is kept as factors where their
+    products with those few cost less than forming its training gradients.
 
     Returns:
         :class:`Explanation`: ``routes`` (one :class:`Route` per parameter, in order), ``batching``, the most
@@ -99,6 +103,10 @@ def explain(
     _check_options(options, "explain")
     if question not in _QUESTIONS:
         raise ValueError(f"`question` must be one of {_QUESTIONS}, got {question!r}.")
+    if n_test is not None and (not isinstance(n_test, int) or isinstance(n_test, bool) or n_test < 1):
+        raise ValueError(f"`n_test` must be a positive int or None, got {n_test!r}.")
+    if n_test is not None and question != "influence":
+        raise ValueError(f'`n_test` is for question="influence" (got {question!r}): a self-influence call has none.')
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
     with exclusive_use(setup.spec):
         offset, batch = next(iter(batches(setup, data, "data", "explain")), (0, None))
@@ -107,7 +115,7 @@ def explain(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SlowPathWarning)  # the explanation says it all
             with naming_failures(setup.train_loss, setup, batch, "data", offset):
-                planned = plan_call(setup, batch, "data", self_only=question == "self_influence")
+                planned = plan_call(setup, batch, "data", self_only=question == "self_influence", partners=n_test)
             with warnings.catch_warnings(record=True), naming_failures(setup.train_loss, setup, batch, "data", 0):
                 acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)
                 planned.updates.self_influence(acc, setup.checkpoints[0], batch)

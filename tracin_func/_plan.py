@@ -111,12 +111,14 @@ def plan_call(
     where: str,
     *,
     self_only: bool = False,
+    partners: int | None = None,
     scored: Callable[[], Any] | None = None,
     pool: Any = None,
 ) -> PlannedCall:
     """Check the forward pass and plan a call on ``batch`` (on device) of the argument named ``where``; warn when
     the plan leaves the batched path although layers could give factors. ``self_only``: every gradient meets only
-    itself (self-influence), which changes what factoring saves. ``scored``: reads the first examples of other data
+    itself (self-influence), which changes what factoring saves, as do few ``partners`` (test examples each training
+    gradient meets, where known: one prediction's proponents). ``scored``: reads the first examples of other data
     the plan scores in batches (influence's training data), which the batching check runs on when ``batch`` holds a
     single example (whose batched and lone runs are the same); called only then. ``pool``: more examples (the same
     data's first, ``batch`` first, then maybe the training data's), which the batching check picks its examples
@@ -132,8 +134,8 @@ def plan_call(
     checked_at = _split(setup.checkpoints[-1].state, names)  # see ``make_plan``
     mapper = Mapper(setup.chunk_size)
     plan = make_plan(
-        module, names, losses, diff, frozen, batch, mapper, factored=factored, self_only=self_only, scored=scored,
-        checked_at=checked_at, pool=pool,
+        module, names, losses, diff, frozen, batch, mapper, factored=factored, self_only=self_only, partners=partners,
+        scored=scored, checked_at=checked_at, pool=pool,
     )._replace(tensor_bytes=tensor_bytes)
     if module is not None and factored is not False and not plan.batched:
         causes = sorted(plan.dense, key=lambda n: plan.reasons[n] in (_TO_VMAP, _UNUSED_ON_VMAP))  # root causes first
@@ -349,12 +351,16 @@ def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...] | None]) -> i
     return sum(math.prod(s[2:]) if site.kind == "conv" else math.prod(s[:-1]) for s in shapes)
 
 
-def _pair_costs(site: Site, rows: int, self_only: bool) -> tuple[int, int]:
-    """Flops of one pair's inner product: factored ``T^2 (d_in + d_out)``, materialised ``d_in d_out``; a gradient
-    that meets only itself (``self_only``) also pays for its own materialisation, ``T d_in d_out``, which pairs
-    with many partners share."""
+def _pair_costs(site: Site, rows: int, partners: int | None) -> tuple[int, int]:
+    """Flops of one gradient's inner products with its ``partners`` (the test examples a training gradient meets; 1:
+    itself, for self-influence): factored ``P T^2 (d_in + d_out)``, materialised ``(T + P) d_in d_out``, forming it
+    once (``T d_in d_out``) and a product per partner. ``None``: partners too many to count (an influence call's
+    test examples, not known in advance), where the forming is shared by all of them: one pair's inner product,
+    ``T^2 (d_in + d_out)`` against ``d_in d_out``."""
     d_in, d_out = _widths(site)
-    return rows * rows * (d_in + d_out), d_in * d_out * (rows + 1 if self_only else 1)
+    if partners is None:
+        return rows * rows * (d_in + d_out), d_in * d_out
+    return partners * rows * rows * (d_in + d_out), (rows + partners) * d_in * d_out
 
 
 def _widths(site: Site) -> tuple[int, int]:
@@ -379,10 +385,10 @@ def _followed_reason(why: str) -> str:
     return f"followed: used outside a factor site's call ({why}), each example's gradient where its uses meet the batch"
 
 
-def _kernel_is_cheaper(site: Site, rows: int, self_only: bool) -> bool:
+def _kernel_is_cheaper(site: Site, rows: int, partners: int | None) -> bool:
     if site.kind == "embedding":
         return site.weight_shape[0] >= _TOKEN_ROWS_MIN_RATIO * rows
-    factored, materialised = _pair_costs(site, rows, self_only)
+    factored, materialised = _pair_costs(site, rows, partners)
     return factored < materialised
 
 
@@ -397,6 +403,7 @@ def make_plan(
     *,
     factored: bool | None,
     self_only: bool = False,
+    partners: int | None = None,
     scored: Callable[[], Any] | None = None,
     checked_at: tuple[Tensors, Tensors] | None = None,
     pool: Any = None,
@@ -405,9 +412,11 @@ def make_plan(
     ``factored=None``, all for ``True``; ``False`` uses vmap(grad) for everything), and how factors are obtained.
     ``checked_at``: the ``(diff, frozen)`` state the batching check runs at, when not this one: the last
     checkpoint's, where a path mixing examples behind a gate that is zero at initialisation shows.
-    ``self_only``: each gradient is only multiplied with itself (self-influence). ``pool``: more examples, ``batch``'s
+    ``self_only``: each gradient is only multiplied with itself (self-influence); else ``partners``: the test examples
+    each training gradient meets, where known (``_pair_costs``). ``pool``: more examples, ``batch``'s
     first, which the batching check picks its own among (``_checked_rows``: the ends of each padding signal's range,
     so that later batches rarely reach beyond them)."""
+    partners = 1 if self_only else partners
     sites = {}
     if module is not None and factored is not False:
         sites = {**factorable_sites(module, names), **recurrent_sites(module, names)}
@@ -464,9 +473,9 @@ def make_plan(
                 continue
             called.add(path)
             rows = rows_of[path] = _rows_per_example(site, calls[path])
-            if site.kernel_ok and (factored or _kernel_is_cheaper(site, rows, self_only)):
+            if site.kernel_ok and (factored or _kernel_is_cheaper(site, rows, partners)):
                 kernel.add(path)  # a kept Embedding is never materialised on the training side (see TokenRows)
-            reasons.update({n: _why_site(site, rows, factored, path in kernel, self_only) for n in site.names})
+            reasons.update({n: _why_site(site, rows, factored, path in kernel, partners) for n in site.names})
     for path in idle:
         sites.pop(path, None)  # (unless dropped with a partner)
     seq_first = _sequence_first(sites, first_calls, modules)
@@ -555,8 +564,8 @@ def make_plan(
         # the cost model takes the fewer rows only when every first example has as many, and some: rows the model
         # itself ignores (all but a classifier's token), not padding or a saturated loss, which later batches can fill
         if site.kernel_ok and factored is None and 0 < live == min(counts):
-            (kernel.add if _kernel_is_cheaper(site, live, self_only) else kernel.discard)(site.path)
-            why = f"{_why_site(site, live, factored, site.path in kernel, self_only)}: {live} of {rows} rows carry"
+            (kernel.add if _kernel_is_cheaper(site, live, partners) else kernel.discard)(site.path)
+            why = f"{_why_site(site, live, factored, site.path in kernel, partners)}: {live} of {rows} rows carry"
             reasons.update({n: f"{why} gradient in each of the first examples" for n in site.names})
     for site in plan.sites if not (factored or self_only) else ():  # token rows pay per matching pair of tokens:
         if site.kind != "embedding" or site.path not in kernel or not _called(seen, site.path):  # how often ids recur
@@ -836,10 +845,10 @@ def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> st
     return why_not_a_site(owner)
 
 
-def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool, self_only: bool) -> str:
+def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool, partners: int | None) -> str:
     if site.owner is not None:
         key = site.path.rpartition(".")[2]
-        plain = _why_site(site._replace(owner=None), rows, factored, kernel, self_only)
+        plain = _why_site(site._replace(owner=None), rows, factored, kernel, partners)
         if key == ATTENTION_PRODUCT:
             return f"unrolled attention, in-projection: {plain}"
         if key == BAG_PRODUCT:
@@ -861,9 +870,14 @@ def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool, self_o
         if kernel:
             return f"Embedding: test gradients kept as token rows (V = {vocab} >= {ratio} T, T = {rows})"
         return f"Embedding: V = {vocab} < {ratio} T (T = {rows}): ids recur densely, materialising costs less"
-    factored_cost, materialised_cost = _pair_costs(site, rows, self_only)
-    sign, materialised = "<" if kernel else ">=", "(T + 1) d_in d_out" if self_only else "d_in d_out"
-    return f"T^2 (d_in + d_out) = {factored_cost} {sign} {materialised} = {materialised_cost} (T = {rows})"
+    factored_cost, materialised_cost = _pair_costs(site, rows, partners)
+    sign = "<" if kernel else ">="
+    if partners is None or partners == 1:
+        products, materialised = "T^2 (d_in + d_out)", "d_in d_out" if partners is None else "(T + 1) d_in d_out"
+        sizes = f"T = {rows}"
+    else:
+        products, materialised, sizes = "P T^2 (d_in + d_out)", "(T + P) d_in d_out", f"T = {rows}, P = {partners}"
+    return f"{products} = {factored_cost} {sign} {materialised} = {materialised_cost} ({sizes})"
 
 
 def _not_in_sites(names: Sequence[str], sites: Iterable[Site]) -> tuple[str, ...]:

@@ -239,8 +239,21 @@ def _token_kernel(site: Site, a1: torch.Tensor, a2: torch.Tensor, dtype: torch.d
     equality for an Embedding."""
     if site.kind == "embedding":
         return _same_token(a1[:, None, :, None], a2[None, :, None, :]).to(dtype)
-    kernel = torch.einsum("itd,jsd->ijts", a1, a2)
+    kernel = _products(a1, a2)
     return kernel + 1 if site.bias is not None else kernel
+
+
+def _products(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """``[n, m, T, S]`` row products of ``x1`` ``[n, T, d]`` and ``x2`` ``[m, S, d]``. A side whose rows are strided
+    (a convolution's unfolded patches, ``[B, d, T]`` in memory: the training side's) is read in place, the other
+    side's rows against each of its examples' patches: ``einsum`` copies it whole first (ResNet-18's 256-channel
+    3 x 3 convolutions, 20 x 1 examples: 7.7 against 3.0 ms; 20 x 20 alike, 58 / 57 ms; one CPU thread)."""
+    (n, t), (m, s) = x1.shape[:2], x2.shape[:2]
+    if x2.stride(-1) != 1:
+        return torch.matmul(x1.reshape(n * t, -1), x2.transpose(1, 2)).view(m, n, t, s).transpose(0, 1)
+    if x1.stride(-1) != 1:
+        return torch.matmul(x2.reshape(m * s, -1), x1.transpose(1, 2)).view(n, m, s, t).transpose(2, 3)
+    return torch.einsum("itd,jsd->ijts", x1, x2)
 
 
 class Factored(NamedTuple):
@@ -266,7 +279,7 @@ class Factored(NamedTuple):
         blocks = []
         for i in range(0, a1.shape[0], rows):
             ka = _token_kernel(self.site, a1[i : i + rows], a2, g1.dtype)
-            kg = torch.einsum("itd,jsd->ijts", g1[i : i + rows], g2)
+            kg = _products(g1[i : i + rows], g2)
             blocks.append((ka * kg).sum((2, 3)))
         return _joined(blocks)
 
@@ -617,8 +630,12 @@ class Representation(NamedTuple):
 
 
 def _for_test(part: Part) -> Part:
-    """A deferred layer formed column-major; an Embedding's factors as token rows. (A dense part stays as it is: a
-    column-major copy of it would briefly take twice its memory, all of the test side's on the dense paths.)"""
+    """A deferred layer formed column-major; an Embedding's factors as token rows, another layer's with their rows
+    contiguous (a convolution's unfolded patches are strided: ``_products`` would copy them for every training batch).
+    (A dense part stays as it is: a column-major copy of it would briefly take twice its memory, all of the test
+    side's on the dense paths.)"""
     if isinstance(part, Deferred):
         return part.column_major()
-    return TokenRows.of(part) if isinstance(part, Factored) and part.site.kind == "embedding" else part
+    if isinstance(part, Factored) and part.site.kind == "embedding":
+        return TokenRows.of(part)
+    return part._replace(a=part.a.contiguous(), g=part.g.contiguous()) if isinstance(part, Factored) else part
