@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import inspect
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -99,6 +100,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="N",
         help=f"real models: N training examples (default {REAL_SIZES[1]}; --quick {QUICK_REAL[1]}): fixed costs per "
         "call (planning) weigh less against more examples",
+    )
+    parser.add_argument(
+        "--real-test",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"real models: N test examples (default {REAL_SIZES[0]}; --quick {QUICK_REAL[0]}); 1: one prediction's "
+        "proponents, where each training gradient meets one test gradient (the plan keeps more layers as factors)",
     )
     parser.add_argument(
         "--real-size", nargs="+", default=[], metavar="KEY=N",
@@ -373,7 +382,8 @@ def route_summary(w: real_models.RealWorkload) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            e = tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn)
+            planned_for = {"n_test": w.n_test} if "n_test" in inspect.signature(tc.explain).parameters else {}
+            e = tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn, **planned_for)
     except Exception as err:  # noqa: BLE001 - a diagnostic, not the measurement
         return f"routes: tc.explain failed: {type(err).__name__}: {str(err)[:80]}"
     sizes = {k: v.numel() for k, v in w.checkpoints[0].params.items()}
@@ -443,7 +453,7 @@ def once(fn: Callable[[], Any], device: torch.device) -> Measurement:
 
 def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tuple[Rows, str]:
     n_test, n_train = QUICK_REAL if args.quick else REAL_SIZES
-    n_train = args.real_train or n_train
+    n_test, n_train = args.real_test or n_test, args.real_train or n_train
     sizes = {key: int(value) for key, value in (size.split("=") for size in args.real_size)}
     forms = [real_to_device(w, device) for w in real_forms(name, n_test, n_train, **sizes)]
     rows = Rows(name, floor_column=True)
