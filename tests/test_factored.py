@@ -2066,6 +2066,8 @@ def test_influence_on_few_test_examples_factors_a_layer_whose_forming_they_canno
     """A training gradient formed for P test examples pays ``T d_in d_out`` for P products: an influence call on few
     (one prediction's proponents, a tracer's test examples) keeps the factors of a layer it forms for many, and is
     exact either way; summed test examples (``aggregate``) plan as many. ``tc.explain(n_test=...)`` shows it."""
+    from tracin_func import _representations
+
     torch.manual_seed(0)
     model = TokenMixer().double().eval()
     x, y = torch.randn(9, 4, 16, dtype=torch.float64), torch.randint(0, 3, (9,))
@@ -2079,8 +2081,6 @@ def test_influence_on_few_test_examples_factors_a_layer_whose_forming_they_canno
     assert route(1) == ("factored", "T^2 (d_in + d_out) = 528 < (T + 1) d_in d_out = 1360 (T = 4)")
     assert route(4) == ("factored", "P T^2 (d_in + d_out) = 2112 < (T + P) d_in d_out = 2176 (T = 4, P = 4)")
     assert route(5) == ("materialised", "P T^2 (d_in + d_out) = 2640 >= (T + P) d_in d_out = 2448 (T = 4, P = 5)")
-    from tracin_func import _representations
-
     dotted = []
     factored_dot = _representations.Factored.dot
 
