@@ -2105,8 +2105,8 @@ def test_influence_on_few_test_examples_factors_a_layer_whose_forming_they_canno
     assert "mix" in dotted
     step = reference_scores(model, ckpts[:1], (x, y), loss_fn=CE).influence[:1] / ckpts[0].lr  # lr 1 at ckpts[0]
     assert_close(state.scores, step, 1e-12)
-    for bad, why in ((0, "must be a positive int or None, got 0"), (2.0, "must be a positive int or None, got 2.0")):
-        with pytest.raises(ValueError, match=f"`n_test` {why}"):
+    for bad, error, why in ((0, ValueError, "got 0"), (2.0, TypeError, "got 2.0 of type float")):
+        with pytest.raises(error, match=f"`n_test` must be a positive int, {why}"):
             tc.explain(model, ckpts, (x, y), loss_fn=CE, n_test=bad)
     with pytest.raises(ValueError, match='`n_test` is for question="influence"'):
         tc.explain(model, ckpts, (x, y), loss_fn=CE, question="self_influence", n_test=1)

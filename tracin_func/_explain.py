@@ -16,6 +16,7 @@ from ._driver import batches, most_per_batch, naming_failures
 from ._model import exclusive_use
 from ._plan import SlowPathWarning, plan_call
 from ._setup import make_setup
+from ._validate import positive_int
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -103,10 +104,10 @@ def explain(
     _check_options(options, "explain")
     if question not in _QUESTIONS:
         raise ValueError(f"`question` must be one of {_QUESTIONS}, got {question!r}.")
-    if n_test is not None and (not isinstance(n_test, int) or isinstance(n_test, bool) or n_test < 1):
-        raise ValueError(f"`n_test` must be a positive int or None, got {n_test!r}.")
-    if n_test is not None and question != "influence":
-        raise ValueError(f'`n_test` is for question="influence" (got {question!r}): a self-influence call has none.')
+    if n_test is not None:
+        if question != "influence":
+            raise ValueError(f'`n_test` is for question="influence" (got {question!r}): self-influence has none.')
+        positive_int(n_test, "n_test")
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
     with exclusive_use(setup.spec):
         offset, batch = next(iter(batches(setup, data, "data", "explain")), (0, None))
