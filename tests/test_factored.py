@@ -2793,6 +2793,24 @@ def test_materialised_layers_are_formed_when_scored_and_exact_in_every_use(monke
             assert_close(got, want, 1e-10)
 
 
+def test_a_gpu_forms_a_batchs_gradients_of_a_layer_at_once():
+    """On the CPU a deferred layer is formed a cache-sized chunk of examples at a time (1 MB: 16 examples of a 256 x
+    64 float32 weight); on another device (a cost per kernel, no cache) the whole batch at once, up to 256 MB (what a
+    batch of the automatic size holds)."""
+    from tracin_func._layers import Site
+    from tracin_func._representations import Factored
+
+    site = Site("fc", "linear", "fc.weight", "fc.bias", (256, 64))
+
+    def chunks(n, device):
+        a, g = torch.empty(n, 2, 64, device=device), torch.empty(n, 2, 256, device=device)
+        return Factored(site, a, g)._formed()._chunks()
+
+    assert chunks(200, "cpu")[:2] == [slice(0, 16), slice(16, 32)] and len(chunks(200, "cpu")) == 13
+    assert chunks(200, "meta") == [slice(0, 200)]
+    assert chunks(5000, "meta") == [slice(0, 4096), slice(4096, 5000)]  # 4096 examples of 64 KB: 256 MB
+
+
 class FunctionalConvs(nn.Module):
     """Convolutions on the model's own weight and bias, read directly (Mamba's depthwise causal ``F.conv1d``):
     ``way`` "depthwise" that (keywords); "folded": on each example's two halves in the batch dimension (``[B 2, C,

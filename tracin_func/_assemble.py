@@ -23,7 +23,7 @@ from ._layers import (
     through_parametrization,
 )
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
-from ._representations import Deferred, Dense, Factored, Part, Representation, Rows, Tied, Zero
+from ._representations import Deferred, Dense, Factored, Part, Representation, Rows, Tied, Zero, chunk_bytes
 
 if TYPE_CHECKING:
     from ._plan import Plan
@@ -71,7 +71,8 @@ def assemble(
                     form = partial(_mapped, through_parametrization(module, site, state), form)
                 split = by_channels if channel_split(site, gs[0].device) else None
                 rows_of = rows_of if site.groups == 1 and not site.reparam else None  # (what Factored takes)
-                parts.append(Deferred(site, form, gs[0].shape[0], gs[0].element_size(), split, rows_of))
+                n, size, device = gs[0].shape[0], gs[0].element_size(), gs[0].device
+                parts.append(Deferred(site, form, n, size, chunk_bytes(device), split, rows_of))
                 continue
             grads = [next(blocks_of(x, g, (None,))) for x, g in calls]
         captured = {t.untyped_storage().data_ptr() for t in (*xs, *gs)}  # a grad may alias one (a norm's bias)

@@ -34,6 +34,10 @@ _PAIR_BLOCK = 1 << 22  # elements of the [rows, m, T, S] kernel formed at once b
 # 1.77 / 1.57 / 1.52 / 1.51), BERT influence 0.42 s (0.49 / 0.47 / 0.38 / 0.41 / 0.43). With freed batches kept
 # (``_allocator``), 0.5 to 4 MB are within 5% of each other on the digits CNN.
 _CHUNK_BYTES = 1 << 20
+# On a GPU, a cost per kernel and no cache to stay in: a batch's gradients of a layer are formed at once up to this
+# much (a batch of the automatic size holds them whole within 256 MB: ``auto_batch_size``). On an H200, GPT-2 / BERT
+# (200 x 20, 3 checkpoints) formed 1 MB at a time took 185 / 316 ms, at once 187 / 203 ms.
+_DEVICE_CHUNK_BYTES = 1 << 28
 # Examples per chunk from which a deferred layer is formed column-major chunk by chunk; in fewer, each element's write
 # lands on a cache line of its own (20 examples of a 512 x 512 x 3 x 3 convolution one at a time: 374 ms, formed whole
 # and copied 159 ms; 3 at a time 2.1 against 1.5 ms; 7 at a time 0.63 against 0.74 ms).
@@ -118,6 +122,7 @@ class Deferred(NamedTuple):
     form: Callable[[slice], dict[str, torch.Tensor]]
     n: int  # examples
     element_size: int  # bytes per element of the gradients
+    chunk_bytes: int  # of gradients formed at once (``chunk_bytes``)
     # (rows, blocks of output channels) -> the gradients of each block in turn, or None: formed whole only
     by_channels: Callable[[slice, Sequence[slice]], Iterator[dict[str, torch.Tensor]]] | None = None
     # rows -> their factors (A [b, T, d_in], G [b, T, d_out]), which project cheaper where T is small, or None
@@ -125,8 +130,8 @@ class Deferred(NamedTuple):
 
     @property
     def chunk(self) -> int:
-        """Examples formed at once (about ``_CHUNK_BYTES``)."""
-        return max(1, _CHUNK_BYTES // (math.prod(self.site.weight_shape) * self.element_size))
+        """Examples formed at once (about ``chunk_bytes``)."""
+        return max(1, self.chunk_bytes // (math.prod(self.site.weight_shape) * self.element_size))
 
     def _chunks(self, least: int = 1) -> list[slice]:
         size = max(self.chunk, least)
@@ -213,6 +218,15 @@ class Deferred(NamedTuple):
     @staticmethod
     def concat(parts: Sequence[Deferred]) -> Dense:
         return Dense.concat([Dense(p.materialize()) for p in parts])
+
+
+def chunk_bytes(device: torch.device) -> int:
+    """Of a layer's gradients formed at once: cache-sized on the CPU, a batch's (or 256 MB) on other devices."""
+    return _CHUNK_BYTES if device.type == "cpu" else _DEVICE_CHUNK_BYTES
+
+
+def _materialized(site: Site, a: torch.Tensor, g: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
+    return materialize(site, a[rows], g[rows])
 
 
 def _materialized_rows(
@@ -316,7 +330,8 @@ class Factored(NamedTuple):
     def _formed(self) -> Deferred:
         site, a, g = self.site, self.a, self.g
         split = partial(_materialized_rows, site, a, g) if channel_split(site, g.device) else None
-        return Deferred(site, lambda rows: materialize(site, a[rows], g[rows]), a.shape[0], g.element_size(), split)
+        form = partial(_materialized, site, a, g)
+        return Deferred(site, form, a.shape[0], g.element_size(), chunk_bytes(g.device), split)
 
     def project(self, seed: int, k: int) -> torch.Tensor:
         """Same projection as the materialised gradients get (``Dense.project``), computed from the factors."""
