@@ -302,7 +302,10 @@ def floor_batch(w: real_models.RealWorkload) -> int:
     then pass glibc's largest mmap threshold on the training examples (``MMAP_CEILING``, above which every allocation
     of it is faulted in afresh), as many as our automatic batch size takes for it (16 MB; ``tracin_func._setup``).
     Mamba's floor (256 KB per example in its scan's tensors) took 14-23 s on its 220 examples in one batch, 6.0 s in
-    batches of 127, 3.4-4.3 s in batches of 25-50."""
+    batches of 127, 3.4-4.3 s in batches of 25-50. On a GPU (no glibc heap, a cost per kernel) ``FLOOR_BATCH``: GPT-2's
+    floor on 2000 training examples in batches of 128 took longer than our call in batches of 400 on an H200."""
+    if next(w.model.parameters()).device.type != "cpu":
+        return FLOOR_BATCH
     tensor_bytes = max(1, tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn).tensor_bytes)
     largest = min(FLOOR_BATCH, w.n_train) * tensor_bytes
     return FLOOR_BATCH if largest < MMAP_CEILING else max(16, _CPU_TENSOR_BYTES // tensor_bytes)
