@@ -1604,6 +1604,19 @@ def _reads_one_row_data(n):
     return x, keep, extra, torch.randint(0, 3, (n,), generator=gen)
 
 
+def test_a_row_carries_gradient_where_any_entry_is_not_zero():
+    """``rows_with_gradient``: a row is live where any entry is nonzero (a tiny negative, an infinity) or NaN, not
+    where all are zero (``-0.0`` too), for rows of any width (none: no row is live)."""
+    from tracin_func._assemble import rows_with_gradient
+
+    g = torch.zeros(3, 5, 4)
+    g[0, 1, 2], g[1, 2, 0], g[1, 0] = 1.0, -1e-40, float("-inf")
+    g[2, 3, 3], g[2, 0, 1], g[0, 4, 0] = float("nan"), -0.0, -2.0
+    assert torch.equal(rows_with_gradient(g), g.ne(0).any(2))
+    assert rows_with_gradient(g).sum() == 5
+    assert torch.equal(rows_with_gradient(g[..., :0]), torch.zeros(3, 5, dtype=torch.bool))
+
+
 @pytest.mark.parametrize("batch_size", [4, None])  # inp's rows dropped in the first batch only, or in none
 def test_each_examples_rows_of_zero_output_gradient_are_dropped(monkeypatch, batch_size):
     model = ReadsOneRow().double().eval()
