@@ -81,8 +81,8 @@ def explain(
     ``question="self_influence"`` plans as :func:`self_influence` does (a gradient that meets only itself is
     factored more often); ``"influence"`` (the default) as the other scorers do, for ``n_test`` test examples (as
     :func:`influence` and the top-k calls do with a batch of them; None, the default: too many to count, as with
-    test data given as a ``DataLoader``): with few, one prediction's, a wide layer is kept as factors where their
-    products with those few cost less than forming its training gradients.
+    test data given as a ``DataLoader`` or summed, ``aggregate=True`` without cosine): with few, one prediction's, a
+    wide layer is kept as factors where their products with those few cost less than forming its training gradients.
 
     Returns:
         :class:`Explanation`: ``routes`` (one :class:`Route` per parameter, in order), ``batching``, the most
