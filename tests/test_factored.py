@@ -2125,6 +2125,37 @@ def test_influence_on_few_test_examples_factors_a_layer_whose_forming_they_canno
         tc.explain(model, ckpts, (x, y), loss_fn=CE, question="self_influence", n_test=1)
 
 
+def test_a_training_gradients_own_norm_counts_among_the_products_it_takes_part_in(monkeypatch):
+    """Scores divided by the training gradients' norms (cosine, ``normalize="train"``) and a tracer's step (its
+    self-influence) take each training gradient's norm as well as its products with the test examples: one more
+    partner in the plan. The TokenMixer's layer is factored for 4 partners and formed for 5, and exact either way."""
+    from tracin_func import _representations
+
+    torch.manual_seed(0)
+    model = TokenMixer().double().eval()
+    x, y = torch.randn(9, 4, 16, dtype=torch.float64), torch.randint(0, 3, (9,))
+    ckpts, test = _ckpts(model), (x[:4], y[:4])
+    dotted = []
+    factored_dot, factored_norm = _representations.Factored.dot, _representations.Factored.sq_norm
+    monkeypatch.setattr(_representations.Factored, "dot", lambda f, o: dotted.append(f.site.path) or factored_dot(f, o))
+    monkeypatch.setattr(_representations.Factored, "sq_norm", lambda f: dotted.append(f.site.path) or factored_norm(f))
+    for normalize, factored in ((None, True), ("train", False), ("cosine", False)):
+        dotted.clear()
+        opts = dict(loss_fn=CE, normalize=normalize, batch_size=4)
+        got = tc.influence(model, ckpts, (x, y), test, **opts)
+        assert ("mix" in dotted) == factored, normalize
+        assert_close(got, tc.influence(model, ckpts, (x, y), test, factored=False, **opts), 1e-12)
+    params, lr = dict(ckpts[0].params), torch.tensor(1.0)
+    ref = reference_scores(model, ckpts[:1], (x, y), loss_fn=CE)
+    for n_test, factored in ((3, True), (4, False)):
+        dotted.clear()
+        tracer = tc.tracer(model, (x[:n_test], y[:n_test]), n_train=9, loss_fn=CE, dtype=torch.float64)
+        state = tracer.update(tracer.init(), params, lr, (x, y), torch.arange(9))
+        assert ("mix" in dotted) == factored, n_test
+        assert_close(state.scores, ref.influence[:n_test] / ckpts[0].lr, 1e-12)
+        assert_close(state.self_influence, ref.self_influence / ckpts[0].lr, 1e-12)
+
+
 class Wide(nn.Module):
     """16 MB of weights (dense per-sample gradients: 16 examples per batch) whose factors take 20 KB per example."""
 

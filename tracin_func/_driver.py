@@ -132,8 +132,8 @@ def planned_batches(
     size, a batch or a ``Dataset`` is planned on its first examples, so that the plan sizes every batch, the first
     too (not a guess made before the plan: 128 + 72 of 200 examples where the plan asks for one batch or two of 100);
     a ``DataLoader``'s or other iterable's batches are the user's. ``scored``: other data the plan scores in
-    batches (influence's training data; see ``plan_call``), and ``partners`` the test examples each of its gradients
-    meets. ``beside``: that data's ``checking_pool``, for the batching check to pick its examples among too (one loss
+    batches (influence's training data; see ``plan_call``), and ``partners`` the products each of its gradients takes
+    part in. ``beside``: that data's ``checking_pool``, for the batching check to pick its examples among too (one loss
     scores both)."""
     planned: Planned | None = None
 
@@ -324,9 +324,11 @@ def query_chunks(
             aggregate and cosine,
         )
 
-    # the test examples each training gradient meets, where known: few (one prediction's) make factored products
-    # cheaper than forming a wide layer's training gradients (a sum meets the rows of all of them: not counted)
-    partners = None if total else num_examples(test)
+    # the products each training gradient takes part in, where known: one per test example (few, one prediction's,
+    # make factored products cheaper than forming a wide layer's training gradients) and its own norm where scores
+    # are divided by it (a sum meets the rows of all of them: not counted)
+    n_test = None if total else num_examples(test)
+    partners = None if n_test is None else n_test + (normalize is not None)
     test_batches = planned_batches(
         setup, test, "test", "test gradients", partners=partners, scored=scored, beside=beside
     )

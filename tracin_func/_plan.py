@@ -117,8 +117,9 @@ def plan_call(
 ) -> PlannedCall:
     """Check the forward pass and plan a call on ``batch`` (on device) of the argument named ``where``; warn when
     the plan leaves the batched path although layers could give factors. ``self_only``: every gradient meets only
-    itself (self-influence), which changes what factoring saves, as do few ``partners`` (test examples each training
-    gradient meets, where known: one prediction's proponents). ``scored``: reads the first examples of other data
+    itself (self-influence), which changes what factoring saves, as do few ``partners`` (the products each training
+    gradient takes part in, where known: one per test example, and its own norm where taken; one prediction's
+    proponents). ``scored``: reads the first examples of other data
     the plan scores in batches (influence's training data), which the batching check runs on when ``batch`` holds a
     single example (whose batched and lone runs are the same); called only then. ``pool``: more examples (the same
     data's first, ``batch`` first, then maybe the training data's), which the batching check picks its examples
@@ -352,11 +353,11 @@ def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...] | None]) -> i
 
 
 def _pair_costs(site: Site, rows: int, partners: int | None) -> tuple[int, int]:
-    """Flops of one gradient's inner products with its ``partners`` (the test examples a training gradient meets; 1:
-    itself, for self-influence): factored ``P T^2 (d_in + d_out)``, materialised ``(T + P) d_in d_out``, forming it
-    once (``T d_in d_out``) and a product per partner. ``None``: partners too many to count (an influence call's
-    test examples, not known in advance), where the forming is shared by all of them: one pair's inner product,
-    ``T^2 (d_in + d_out)`` against ``d_in d_out``."""
+    """Flops of one gradient's inner products with its ``partners`` (the test examples a training gradient meets, and
+    itself where its norm is taken too; 1: itself alone, for self-influence): factored ``P T^2 (d_in + d_out)``,
+    materialised ``(T + P) d_in d_out``, forming it once (``T d_in d_out``) and a product per partner. ``None``:
+    partners too many to count (an influence call's test examples, not known in advance), where the forming is shared
+    by all of them: one pair's inner product, ``T^2 (d_in + d_out)`` against ``d_in d_out``."""
     d_in, d_out = _widths(site)
     if partners is None:
         return rows * rows * (d_in + d_out), d_in * d_out
@@ -412,8 +413,8 @@ def make_plan(
     ``factored=None``, all for ``True``; ``False`` uses vmap(grad) for everything), and how factors are obtained.
     ``checked_at``: the ``(diff, frozen)`` state the batching check runs at, when not this one: the last
     checkpoint's, where a path mixing examples behind a gate that is zero at initialisation shows.
-    ``self_only``: each gradient is only multiplied with itself (self-influence); else ``partners``: the test examples
-    each training gradient meets, where known (``_pair_costs``). ``pool``: more examples, ``batch``'s
+    ``self_only``: each gradient is only multiplied with itself (self-influence); else ``partners``: the products each
+    training gradient takes part in, where known (``_pair_costs``). ``pool``: more examples, ``batch``'s
     first, which the batching check picks its own among (``_checked_rows``: the ends of each padding signal's range,
     so that later batches rarely reach beyond them)."""
     partners = 1 if self_only else partners

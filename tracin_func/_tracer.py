@@ -438,7 +438,8 @@ def _plan(
         return to_device(train_batch, device, dtype)
 
     with exclusive_use(setup.spec), naming_failures(setup.test_loss, setup, test, where, 0):
-        planned = plan_call(setup, test, where, partners=n_test, scored=None if train_batch is None else scored)
+        # each training gradient meets the test examples and itself (the step's self-influence)
+        planned = plan_call(setup, test, where, partners=n_test + 1, scored=None if train_batch is None else scored)
     return _Planned(
         model=model,
         train=planned.train,  # planned on a single test example: checks the batching on its first training batch
