@@ -249,7 +249,8 @@ def test_token_rows_match_materialised_embedding_gradients(monkeypatch, block):
 @pytest.mark.parametrize("strided", ["neither", "first", "second", "both"])
 def test_row_products_read_strided_rows_in_place(strided):
     """``_products``: the ``[n, m, T, S]`` row products of two factor sides, whichever has its rows strided in memory
-    (a convolution's unfolded patches, ``[B, d, T]``), equal ``einsum``'s."""
+    (a convolution's unfolded patches, ``[B, d, T]``), equal ``einsum``'s, also where a side has no rows (a batch
+    whose rows without gradient were all dropped) or no examples."""
     from tracin_func._representations import _products
 
     gen = torch.Generator().manual_seed(0)
@@ -258,10 +259,10 @@ def test_row_products_read_strided_rows_in_place(strided):
         x = torch.randn(n, 7, t, generator=gen, dtype=torch.float64)
         return x.transpose(1, 2) if transposed else x.transpose(1, 2).contiguous()
 
-    x1, x2 = side(3, 5, strided in ("first", "both")), side(4, 6, strided in ("second", "both"))
-    assert (x1.stride(-1) != 1, x2.stride(-1) != 1) == (strided in ("first", "both"), strided in ("second", "both"))
-    want = torch.einsum("itd,jsd->ijts", x1.contiguous(), x2.contiguous())
-    torch.testing.assert_close(_products(x1, x2), want, rtol=1e-14, atol=1e-14)
+    for (n, t), (m, s) in (((3, 5), (4, 6)), ((3, 0), (4, 6)), ((3, 5), (4, 0)), ((0, 5), (4, 6)), ((3, 5), (0, 6))):
+        x1, x2 = side(n, t, strided in ("first", "both")), side(m, s, strided in ("second", "both"))
+        want = torch.einsum("itd,jsd->ijts", x1.contiguous(), x2.contiguous())
+        torch.testing.assert_close(_products(x1, x2), want, rtol=1e-14, atol=1e-14)
 
 
 def test_materialised_embedding_rows_match_full_gradients():
@@ -1602,6 +1603,34 @@ def _reads_one_row_data(n):
     keep = (torch.arange(5) < lengths[:, None]).double()
     x, extra = torch.randn(n, 5, 4, generator=gen, dtype=torch.float64), torch.zeros(n, 5, 6, dtype=torch.float64)
     return x, keep, extra, torch.randint(0, 3, (n,), generator=gen)
+
+
+class MaskedRows(nn.Module):
+    """A Linear on rows read transposed (strided) from its input, of which a mask keeps some: its rows of zero output
+    gradient are dropped per batch (all of them, in a batch the mask keeps none of)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x, mask):
+        return self.head((torch.tanh(self.rows(x.transpose(1, 2))) * mask[..., None]).sum(1))
+
+
+@pytest.mark.parametrize("factored", [None, True])
+def test_a_test_batch_without_rows_of_gradient_meets_strided_training_rows(factored):
+    """A test batch none of whose rows carries gradient at a layer keeps no rows of it, while a training batch with
+    most rows live keeps its strided rows whole: their products are zero (a crash before: a reshape of no elements
+    could not infer its width)."""
+    torch.manual_seed(0)
+    model = MaskedRows().double().eval()
+    x, y = torch.randn(8, 4, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
+    mask = torch.zeros(8, 8, dtype=torch.float64)
+    mask[:4, :2], mask[4:, :7] = 1, 1  # the second batch: 7 of 8 rows live, kept whole
+    ckpts, train = _ckpts(model), [(x[:4], mask[:4], y[:4]), (x[4:], mask[4:], y[4:])]
+    test = (x[:3], torch.zeros(3, 8, dtype=torch.float64), y[:3])
+    want = torch.cat([reference_scores(model, ckpts, b, test, loss_fn=CE).influence for b in train], 1)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored), want, 1e-12)
 
 
 def test_a_row_carries_gradient_where_any_entry_is_not_zero():
