@@ -255,6 +255,58 @@ def test_1e_last_layer_with_output_scaling_hook():
         handle.remove()
 
 
+class DirectUse(nn.Module):
+    """``fc1.weight`` used by its layer and directly, through a feature that is zero for the first example."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x, extra):
+        return self.fc2(torch.tanh(self.fc1(x) + extra @ self.fc1.weight.T))
+
+
+class TwoFieldBag(nn.Module):
+    """One EmbeddingBag for two fields: tags ``[B, 3]`` (run unrolled: a factor site) and words as a flat list with
+    offsets (the fused op: another use of its weight), which the first example has none of (an empty bag)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag, self.fc = nn.EmbeddingBag(12, 4, mode="sum"), nn.Linear(8, 3)
+
+    def forward(self, tags, words, n_words):
+        flat = words[torch.arange(words.shape[1])[None, :] < n_words[:, None]]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), n_words.cumsum(0)[:-1]])
+        return self.fc(torch.cat([self.bag(tags), self.bag(flat, offsets)], 1))
+
+
+def _another_use_data(build, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if build is DirectUse:
+        extra = torch.randn(n, 4, generator=gen, dtype=F64)
+        extra[0] = 0
+        return torch.randn(n, 4, generator=gen, dtype=F64), extra, torch.randint(0, 3, (n,), generator=gen)
+    n_words = torch.randint(1, 7, (n,), generator=gen)
+    n_words[0] = 0
+    tags, words = torch.randint(0, 12, (n, 3), generator=gen), torch.randint(0, 12, (n, 6), generator=gen)
+    return tags, words, n_words, torch.randint(0, 3, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("build", [DirectUse, TwoFieldBag])
+def test_1f_another_use_of_a_layers_weight_that_gives_the_first_example_no_gradient(build):
+    """A layer's weight also used outside its call, by a feature or a bag the first example does not have: that use
+    gives the first example no gradient, so discovery looks for it on the batching check's other examples too (the
+    layer's factors alone dropped its gradient for every other example: 3-75% off, silently)."""
+    model = build().to(F64).eval()
+    ckpts, train = make_ckpts(model), _another_use_data(build, 7, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tc.SlowPathWarning)  # (the fused bag: the loop)
+        check_against_reference(model, ckpts, train, _another_use_data(build, 3, 2))
+    routes = {r.parameter: r.reason for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
+    weight = "fc1.weight" if build is DirectUse else "bag.weight"
+    assert "also used outside the layer" in routes[weight], routes[weight]
+
+
 # --------------------------------------------------------------------------------------------- 2. threads
 
 

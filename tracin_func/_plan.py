@@ -430,9 +430,11 @@ def make_plan(
     called: set[str] = set()  # sites called under some loss so far
     first_calls: dict[str, list[tuple[int, ...] | None]] = {}  # the first loss's output shapes per site
     packed: set[str] = set()  # layers run unrolled on a PackedSequence: on the batched path only (`_unpacked`)
+    examples = batch if pool is None else pool  # (its first example is batch's: the expanded sites' truth)
     for i, loss in enumerate(losses if sites else ()):
         with packed_calls() as on_packed:
             calls, leaked, unreached = discover(module, loss, list(sites.values()), diff, frozen, batch)
+        reached = _reached_elsewhere(module, loss, list(sites.values()), diff, frozen, examples, leaked)
         packed |= {path for path, layer in modules.items() if any(layer is m for m, _ in on_packed)}
         first_calls = first_calls or calls
         detached = {n for p, s in sites.items() if calls[p] and s.kind != "expanded" for n in s.names}
@@ -453,10 +455,10 @@ def make_plan(
                 _drop(sites, site, f"sees {rows} rows for one example (the model merges the batch with another "
                                    f"dimension)", reasons)  # fmt: skip
                 continue
-            elif (i == 0 or path in idle) and _idle_tied_use(site, sites, calls, leaked):
+            elif (i == 0 or path in idle) and _idle_tied_use(site, sites, calls, reached):
                 idle[path] = site
                 continue
-            elif not calls[path] or path in idle or _leaks(site, leaked):
+            elif not calls[path] or path in idle or _leaks(site, reached):
                 if calls[path] and path in idle or not calls[path] and path in called:
                     why = "called under one loss and not the other"
                 elif site.owner is not None and not calls[path]:
@@ -516,7 +518,6 @@ def make_plan(
             "tc.token_classification_loss for Hugging Face models)"
         )
         return _unpacked(_unexpanded(plan), packed)._replace(batching=why)
-    examples = batch if pool is None else pool  # (its first example is batch's: the expanded sites' truth)
     batch_shows = _shows_batching(examples, losses)
     head = scored() if scored is not None and not batch_shows else None
     head_shows = head is not None and _shows_batching(head, losses[:1])
@@ -678,20 +679,37 @@ def _without(sites: Mapping[str, Site], paths: frozenset[str]) -> dict[str, Site
 _TOKEN_MATCH_COST = 16
 
 
-def _idle_tied_use(site: Site, sites: Mapping[str, Site], calls: Mapping[str, list], leaked: Tensors) -> bool:
+def _idle_tied_use(site: Site, sites: Mapping[str, Site], calls: Mapping[str, list], reached: set[str]) -> bool:
     """Whether ``site`` holds only tied tensors and is not called, while other modules holding them are (T5's and
     BART's ``shared`` Embedding, whose tensor the encoder's and decoder's embeddings and the LM head use), and
     nothing else uses them: the called modules' factors then give their whole gradient. (A parameter of its own,
     a bias, would have no site left to give its gradient if a later batch called it.)"""
-    if not site.tied or calls[site.path] or _leaks(site, leaked):
+    if not site.tied or calls[site.path] or _leaks(site, reached):
         return False
     held = {n for p, s in sites.items() if p != site.path and calls[p] for n in s.names}
     return set(site.names) <= held
 
 
-def _leaks(site: Site, leaked: Tensors) -> bool:
-    """Whether gradient reaches ``site``'s parameters with its own use detached (discovery): another use."""
-    return any(bool(leaked[n].ne(0).any()) for n in site.names)
+def _leaks(site: Site, reached: set[str]) -> bool:
+    """Whether gradient reaches ``site``'s parameters with its own use detached (``_reached_elsewhere``): another
+    use."""
+    return not reached.isdisjoint(site.names)
+
+
+def _reached_elsewhere(
+    module: nn.Module, loss: ExampleLossFn, sites: list[Site], diff: Tensors, frozen: Tensors, examples: Any,
+    leaked: Tensors,
+) -> set[str]:
+    """The parameters gradient reaches with every site's own use detached (``leaked``: on the first example) on the
+    first example or on another of those the batching check runs (``_checked_rows``): another use of a site's
+    parameter may give an example no gradient (an empty bag, a feature that is zero: 3-75% off, silently, when only
+    the first example was asked)."""
+    reached = {n for n, g in leaked.items() if bool(g.ne(0).any())}
+    for row in _checked_rows(examples, [loss]).tolist():
+        if row:  # (the first example's: ``leaked``)
+            more = discover(module, loss, sites, diff, frozen, select_rows(examples, torch.tensor([row])))[1]
+            reached |= {n for n, g in more.items() if bool(g.ne(0).any())}
+    return reached
 
 
 def _drop(sites: dict[str, Site], site: Site, why: str, reasons: dict[str, str]) -> None:
