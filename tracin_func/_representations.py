@@ -35,8 +35,9 @@ _PAIR_BLOCK = 1 << 22  # elements of the [rows, m, T, S] kernel formed at once b
 # (``_allocator``), 0.5 to 4 MB are within 5% of each other on the digits CNN.
 _CHUNK_BYTES = 1 << 20
 # On a GPU, a cost per kernel and no cache to stay in: a batch's gradients of a layer are formed at once up to this
-# much (a batch of the automatic size holds them whole within 256 MB: ``auto_batch_size``). On an H200, GPT-2 / BERT
-# (200 x 20, 3 checkpoints) formed 1 MB at a time took 185 / 316 ms, at once 187 / 203 ms.
+# much (a batch of the automatic size holds them whole within 256 MB: ``auto_batch_size``). On an H200 (200 x 20, 3
+# checkpoints), formed 1 MB at a time against at once, alternating, best of 5: GPT-2's influence 221 / 174 ms, BERT's
+# 239 / 234 (in another run, best of 3: 316 / 203).
 _DEVICE_CHUNK_BYTES = 1 << 28
 # Examples per chunk from which a deferred layer is formed column-major chunk by chunk; in fewer, each element's write
 # lands on a cache line of its own (20 examples of a 512 x 512 x 3 x 3 convolution one at a time: 374 ms, formed whole
