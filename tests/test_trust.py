@@ -292,17 +292,23 @@ def _another_use_data(build, n, seed):
     return tags, words, n_words, torch.randint(0, 3, (n,), generator=gen)
 
 
-@pytest.mark.parametrize("build", [DirectUse, TwoFieldBag])
-def test_1f_another_use_of_a_layers_weight_that_gives_the_first_example_no_gradient(build):
+def _direct_use_example_loss(model):
+    return tc.ExampleLoss(lambda p, b: F.cross_entropy(functional_call(model, p, (b[0], b[1])), b[2]))
+
+
+@pytest.mark.parametrize("build, per_example", [(DirectUse, False), (DirectUse, True), (TwoFieldBag, False)])
+def test_1f_another_use_of_a_layers_weight_that_gives_the_first_example_no_gradient(build, per_example):
     """A layer's weight also used outside its call, by a feature or a bag the first example does not have: that use
-    gives the first example no gradient, so discovery looks for it on the batching check's other examples too (the
-    layer's factors alone dropped its gradient for every other example: 3-75% off, silently)."""
+    gives the first example no gradient, so discovery looks for it on the batching check's other examples too, in
+    one run where the loss runs whole batches, else one per example (``tc.ExampleLoss``); the layer's factors alone
+    dropped its gradient for every other example: 3-75% off, silently."""
     model = build().to(F64).eval()
     ckpts, train = make_ckpts(model), _another_use_data(build, 7, 1)
+    loss = _direct_use_example_loss(model) if per_example else CE
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", tc.SlowPathWarning)  # (the fused bag: the loop)
-        check_against_reference(model, ckpts, train, _another_use_data(build, 3, 2))
-    routes = {r.parameter: r.reason for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
+        warnings.simplefilter("ignore", tc.SlowPathWarning)  # (the fused bag: the loop; an ExampleLoss: vmap)
+        check_against_reference(model, ckpts, train, _another_use_data(build, 3, 2), loss_fn=loss)
+    routes = {r.parameter: r.reason for r in tc.explain(model, ckpts, train, loss_fn=loss).routes}
     weight = "fc1.weight" if build is DirectUse else "bag.weight"
     assert "also used outside the layer" in routes[weight], routes[weight]
 

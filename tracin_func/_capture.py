@@ -128,9 +128,18 @@ class _Calls(TorchFunctionMode):
 
 
 def discover(
-    module: nn.Module, loss: ExampleLossFn, sites: Sequence[Site], diff: Tensors, frozen: Tensors, batch: Any
+    module: nn.Module,
+    loss: ExampleLossFn,
+    sites: Sequence[Site],
+    diff: Tensors,
+    frozen: Tensors,
+    batch: Any,
+    *,
+    whole: bool = False,
 ) -> tuple[dict[str, list[tuple[int, ...] | None]], dict[str, torch.Tensor], set[str]]:
-    """Run the first example of ``batch`` (plain autograd) with each site's own parameter use detached.
+    """Run the first example of ``batch`` (plain autograd) with each site's own parameter use detached; ``whole``:
+    every example of it at once, its losses summed (a loss that runs whole batches), where only the gradients reached
+    are asked (the shapes are a batch's).
 
     Returns each site's output shapes (one per call; None: not a tensor), the gradient that still reaches each
     differentiated parameter, and the parameters autograd does not reach at all. A site's parameters must get no
@@ -154,7 +163,11 @@ def discover(
     # (BLOOM's GeLU), which the batched path runs too
     leaves = {n: t.detach().requires_grad_() for n, t in diff.items()}
     with torch.enable_grad(), hooked(module, {s.path: hook_for(s) for s in sites}):
-        total = scalar_loss(loss, {**frozen, **leaves}, batch_of_one(example_at(batch, 0)))
+        if whole:
+            total = loss.per_example({**frozen, **leaves}, batch).sum() if isinstance(loss, BatchedLoss) else None
+            total = loss({**frozen, **leaves}, batch) if total is None else total
+        else:
+            total = scalar_loss(loss, {**frozen, **leaves}, batch_of_one(example_at(batch, 0)))
     reached = total.requires_grad  # not when every parameter's only use was detached
     grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True) if reached else [None] * len(leaves)
     leaked = {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import optree
@@ -701,15 +702,24 @@ def _reached_elsewhere(
     leaked: Tensors,
 ) -> set[str]:
     """The parameters gradient reaches with every site's own use detached (``leaked``: on the first example) on the
-    first example or on another of those the batching check runs (``_checked_rows``): another use of a site's
-    parameter may give an example no gradient (an empty bag, a feature that is zero: 3-75% off, silently, when only
-    the first example was asked)."""
-    reached = {n for n, g in leaked.items() if bool(g.ne(0).any())}
-    for row in _checked_rows(examples, [loss]).tolist():
-        if row:  # (the first example's: ``leaked``)
-            more = discover(module, loss, sites, diff, frozen, select_rows(examples, torch.tensor([row])))[1]
-            reached |= {n for n, g in more.items() if bool(g.ne(0).any())}
+    first example or on the others the batching check runs (``_checked_rows``): another use of a site's parameter may
+    give an example no gradient (an empty bag, a feature that is zero: 3-75% off, silently, when only the first
+    example was asked)."""
+    reached = _reached(leaked)
+    rows = [row for row in _checked_rows(examples, [loss]).tolist() if row]  # (the first example's: ``leaked``)
+    run = partial(discover, module, loss, sites, diff, frozen)
+    if rows and _batchable(loss):  # in one run (summed over those examples, a use's gradients cancel exactly only by
+        try:  # construction), unless the model fails on them together: the batching check refuses it then
+            return reached | _reached(run(select_rows(examples, torch.tensor(rows)), whole=True)[1])
+        except RuntimeError:
+            pass
+    for row in rows:
+        reached |= _reached(run(select_rows(examples, torch.tensor([row])))[1])
     return reached
+
+
+def _reached(leaked: Tensors) -> set[str]:
+    return {n for n, g in leaked.items() if bool(g.ne(0).any())}
 
 
 def _drop(sites: dict[str, Site], site: Site, why: str, reasons: dict[str, str]) -> None:
