@@ -162,12 +162,14 @@ def discover(
     # plain autograd on one example (no vmap needed): also through autograd.Functions that torch.func refuses
     # (BLOOM's GeLU), which the batched path runs too
     leaves = {n: t.detach().requires_grad_() for n, t in diff.items()}
+    state = {**frozen, **leaves}
     with torch.enable_grad(), hooked(module, {s.path: hook_for(s) for s in sites}):
-        if whole:
-            total = loss.per_example({**frozen, **leaves}, batch).sum() if isinstance(loss, BatchedLoss) else None
-            total = loss({**frozen, **leaves}, batch) if total is None else total
-        else:
-            total = scalar_loss(loss, {**frozen, **leaves}, batch_of_one(example_at(batch, 0)))
+        if not whole:
+            total = scalar_loss(loss, state, batch_of_one(example_at(batch, 0)))
+        elif isinstance(loss, BatchedLoss):
+            total = loss.per_example(state, batch).sum()
+        else:  # a criterion's losses, summed over the batch
+            total = loss(state, batch)
     reached = total.requires_grad  # not when every parameter's only use was detached
     grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True) if reached else [None] * len(leaves)
     leaked = {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}

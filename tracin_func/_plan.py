@@ -116,15 +116,14 @@ def plan_call(
     scored: Callable[[], Any] | None = None,
     pool: Any = None,
 ) -> PlannedCall:
-    """Check the forward pass and plan a call on ``batch`` (on device) of the argument named ``where``; warn when
-    the plan leaves the batched path although layers could give factors. ``self_only``: every gradient meets only
-    itself (self-influence), which changes what factoring saves, as do few ``partners`` (the products each training
-    gradient takes part in, where known: one per test example, and its own norm where taken; one prediction's
-    proponents). ``scored``: reads the first examples of other data the plan scores in batches (influence's training
-    data), which the batching check runs on when ``batch`` holds a single example (whose batched and lone runs are
-    the same); called only then. ``pool``: more examples (the same
-    data's first, ``batch`` first, then maybe the training data's), which the batching check picks its examples
-    among."""
+    """Check the forward pass and plan a call on ``batch`` (on device) of the argument named ``where``; warn when the
+    plan leaves the batched path although layers could give factors. ``self_only``: every gradient meets only itself
+    (self-influence), which changes what factoring saves, as do few ``partners`` (the products each training gradient
+    takes part in, where known: one per test example, and its own norm where taken; one prediction's proponents).
+    ``scored``: reads the first examples of other data the plan scores in batches (influence's training data), which the
+    batching check runs on when ``batch`` holds a single example (whose batched and lone runs are the same); called only
+    then. ``pool``: more examples (the same data's first, ``batch`` first, then maybe the training data's), which the
+    batching check picks its examples among."""
     module, first = setup.spec.module, setup.checkpoints[0].state
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
     tensor_bytes = max(check_forward(module, loss, first, batch, where) for loss in losses)
