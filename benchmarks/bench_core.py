@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import inspect
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -385,8 +384,7 @@ def route_summary(w: real_models.RealWorkload) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            planned_for = {"n_test": w.n_test} if "n_test" in inspect.signature(tc.explain).parameters else {}
-            e = tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn, **planned_for)
+            e = tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn, n_test=w.n_test)
     except Exception as err:  # noqa: BLE001 - a diagnostic, not the measurement
         return f"routes: tc.explain failed: {type(err).__name__}: {str(err)[:80]}"
     sizes = {k: v.numel() for k, v in w.checkpoints[0].params.items()}
