@@ -179,10 +179,17 @@ def _cat(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
 
 
 def representation_fn(
-    module: nn.Module | None, loss: ExampleLossFn, plan: Plan, mapper: Mapper, *, compiled: bool = False
+    module: nn.Module | None,
+    loss: ExampleLossFn,
+    plan: Plan,
+    mapper: Mapper,
+    *,
+    compiled: bool = False,
+    witness: Callable[..., None] | None = None,
 ) -> RepresentationFn:
     """``(diff, frozen, batch) -> Representation`` for one loss under ``plan``; ``compiled``: run under
-    ``torch.compile``, where autograd's nodes are the compiled graph's (see ``batched_factors``)."""
+    ``torch.compile``, where autograd's nodes are the compiled graph's; ``witness``: shown each batched forward's
+    outputs, as a ``Witness`` given ``frozen`` first (both: see ``batched_factors``)."""
     if not plan.sites:
         grads = dense_grads(loss, mapper)
         return lambda diff, frozen, batch: Representation((Dense(grads(diff, frozen, batch)),), plan.names)
@@ -195,7 +202,8 @@ def representation_fn(
 
         def batched(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
             state = {**frozen, **diff}
-            factors = capture(module, loss, plan, state, batch, mapper, compiled=compiled)
+            seen = None if witness is None else partial(witness, frozen)
+            factors = capture(module, loss, plan, state, batch, mapper, compiled=compiled, witness=seen)
             rep = assemble(module, plan, {}, factors, state)
             if not plan.unused:
                 return rep

@@ -33,7 +33,7 @@ from torch.utils.hooks import RemovableHandle
 from ._batch_free import Meetings, per_example_outputs
 from ._grads import CHECKPOINTED, Mapper, Tensors, batch_of_one, checkpointing, example_at, lasting_edge, scalar_loss
 from ._layers import Site, broadcast_row, call_site, layer_output, recorded_input, token_wise
-from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, summed_example_losses
+from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, floating_leaves, summed_example_losses
 from ._recurrent import unrolled
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 Hook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
 Factors = dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]  # path -> per call: inputs, output grads
+Witness = Callable[[Mapping[str, torch.Tensor], Any, list[torch.Tensor]], None]  # (state, batch, outputs)
 BatchableLoss = Union[CriterionLoss, BatchedLoss]  # losses whose model runs on whole batches
 
 
@@ -186,6 +187,7 @@ def batched_factors(
     *,
     refuse_recomputing: bool = False,
     compiled: bool = False,
+    witness: Witness | None = None,
 ) -> Factors:
     """Each site's inputs and output gradients from one forward / backward over the whole batch (refused if it
     reaches a parameter planned as unused, ``Plan.unused``).
@@ -198,7 +200,10 @@ def batched_factors(
     reorders the examples of its batch by a sort (``_PlanningWatch``).
     ``compiled``: under ``torch.compile``, whose autograd nodes are the compiled graph's: the checks that read them
     (inputs changed in place, hooks on outputs, merged rows' provenance) are planning's, on the eager first examples.
+    ``witness``: called after the forward with the state, the batch and what the forward gave its examples (a
+    ``tc.BatchLoss``'s losses, or the model's floating outputs), detached (``_plan._spot_check``).
     """
+    given = state  # (before parameter copies and probes join it)
     n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
     # rows of the batch dimension, where the model folds an example's items into it (one example: a row broadcast
     # over its items gets their gradients summed by autograd, whatever their number)
@@ -284,7 +289,8 @@ def batched_factors(
         try:
             with hooked(module, hooks), refusing_uncalled(module, plan), watch, meetings or nullcontext():
                 if isinstance(loss, BatchedLoss):
-                    total = loss.per_example(state, batch).sum()
+                    output = loss.per_example(state, batch)
+                    total = output.sum()
                 else:
                     *model_inputs, target = batch
                     output = loss.forward(state, *model_inputs)
@@ -297,6 +303,8 @@ def batched_factors(
                 f"planned rows broadcast over the batch do not fit ({type(err).__name__}: {err}). Pass "
                 f"`factored=False`, or data with as many items per example throughout."
             ) from err
+        if witness is not None:
+            witness(given, batch, [t.detach() for t in floating_leaves(output)])
         if isinstance(loss, CriterionLoss):
             total = summed_example_losses(loss.criterion, output, target)
             if total is None:

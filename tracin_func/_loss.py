@@ -397,6 +397,11 @@ class CriterionLoss(NamedTuple):
         return c(output, target).sum()
 
 
+def floating_leaves(tree: Any) -> list[torch.Tensor]:
+    """The floating tensors of ``tree`` (a model's outputs), in order."""
+    return [t for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
 # Built-in criteria whose "none" output holds one loss per element with the batch first, so that the loss of one
 # example under "mean" is the mean of its elements (when no class weights or ignored targets rescale it).
 _ELEMENTWISE = (

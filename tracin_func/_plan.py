@@ -3,6 +3,7 @@ layer's), decide per layer how gradients are obtained, and build the pure update
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -33,7 +34,7 @@ from ._layers import (
     token_wise,
     why_not_a_site,
 )
-from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
+from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, floating_leaves
 from ._purity import check_forward
 from ._recurrent import UNROLLED_KINDS, packed_calls, recurrent_sites, why_not_run_unrolled
 from ._representations import Representation
@@ -149,9 +150,12 @@ def plan_call(
         )
     reps = {}
     for loss in losses:
-        reps[id(loss)] = representation_fn(module, loss, plan, mapper, compiled=setup.compile)
+        witness = _spot_check(loss) if plan.batched else None
+        reps[id(loss)] = representation_fn(module, loss, plan, mapper, compiled=setup.compile, witness=witness)
         if plan.batched:  # (checked on the examples planned on, or left to the first batch that can show it)
-            checking = _checking_batches(reps[id(loss)], module, loss, plan, mapper, checked_at, setup.compile)
+            checking = _checking_batches(
+                reps[id(loss)], module, loss, plan, mapper, checked_at, setup.compile, witness
+            )
             reps[id(loss)] = checking
     train, test = reps[id(setup.train_loss)], reps[id(setup.test_loss)]
     return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection), train, test)
@@ -170,6 +174,7 @@ def _checking_batches(
     mapper: Mapper,
     checked_at: tuple[Tensors, Tensors],
     compiled: bool,
+    witness: Callable[..., None],
 ) -> RepresentationFn:
     """``rep`` checking its batches of two or more examples for what the plan's examples could not show
     (``Plan.unchecked``): a model that mixes a batch's examples is refused there, never scored batched. Examples of
@@ -216,7 +221,7 @@ def _checking_batches(
     def rep_of(reading: Plan, eager: bool = False) -> RepresentationFn:
         if reading is plan and not (eager and compiled):
             return rep
-        return representation_fn(module, loss, reading, mapper, compiled=compiled and not eager)
+        return representation_fn(module, loss, reading, mapper, compiled=compiled and not eager, witness=witness)
 
     def checked(reading: Plan, check: BatchingCheck) -> None:
         """Keep what ``check`` showed: its reading, whether packed lengths are still unseen, its padding's ranges."""
@@ -282,11 +287,16 @@ def _checking_batches(
             if not _shows_batching(batch, [loss]):
                 return rep_of(reading, eager=True)(diff, frozen, batch)
             checked(reading, check)
-        reading = reading_left[0][0]
+        reading, mixed = reading_left[0][0], None
         with packed_calls() as on_packed:
-            out = rep_of(reading, eager=True)(diff, frozen, batch)
+            try:
+                out = rep_of(reading, eager=True)(diff, frozen, batch)
+            except MixedBatch as err:  # the checks below name the cause where they can
+                mixed = err
         packed_shown(batch, on_packed)
         shown_in = padding_shown(batch)
+        if mixed is not None:
+            raise mixed
         return out if shown_in is reading else rep_of(shown_in, eager=True)(diff, frozen, batch)
 
     def checking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
@@ -295,6 +305,58 @@ def _checking_batches(
         return rechecking(diff, frozen, batch)
 
     return checking
+
+
+_GOLDEN = (math.sqrt(5) - 1) / 2  # the k-th batch checked has example k * this (mod 1) along it checked
+
+
+def _spot_check(loss: BatchableLoss) -> Callable[[Tensors, Tensors, Any, list[torch.Tensor]], None]:
+    """A ``Witness`` (``batched_factors``), given the state's frozen tensors first, that runs one example of each batch
+    of two or more alone and refuses the call where the batch gave it other outputs. Planning's check runs a few
+    first examples at the last checkpoint, which cannot show mixing that depends on the batch (statistics over larger
+    batches, a maximum the first examples share, NaNs they lack) or on another checkpoint's frozen tensors (a gate,
+    zero at the last; a differentiated one leaves the batched path). So each batch is checked at the first checkpoint
+    it meets and again at each whose frozen tensors differ from those it was checked at (the driver scores a batch at
+    every checkpoint in turn); the example checked moves along the batch from check to check. It costs one forward of
+    one example per check. Outputs are compared as the check compares factors, within 1e-4 of each one's scale:
+    rounding that differs between a batch and an example alone, which the float64 check asks again about factors,
+    stays far within it at a model's outputs (1.3e-6 at most on the benchmark's float32 models)."""
+    picks = itertools.count(1)
+    checked: list[Any] = [None, []]  # the batch last checked, and the frozen tensors it was checked at
+
+    @torch.compiler.disable  # (eager inside compiled updates)
+    def witness(frozen: Tensors, state: Tensors, batch: Any, together: list[torch.Tensor]) -> None:
+        n = num_examples(batch)
+        if n < 2 or batch is checked[0] and any(map(partial(_same_tensors, frozen), checked[1])):
+            return
+        checked[:] = [batch, [*checked[1], frozen] if batch is checked[0] else [frozen]]
+        i = int(n * (next(picks) * _GOLDEN % 1))
+        if _row_alike(together, _outputs(loss, state, select_rows(batch, torch.tensor([i]))), i):
+            return
+        raise MixedBatch(
+            f"`model`: example {i} of a batch of {n} got other outputs in the batch than alone, so the model mixes a "
+            f"batch's examples in a way the first examples it was planned on could not show (statistics over larger "
+            f"batches or over examples unlike the first; a frozen tensor, such as a gate, that turns mixing on at "
+            f"another checkpoint than the last); scored batched, its scores would be wrong. Pass `factored=False`, "
+            f"or keep each example's computation its own."
+        )
+
+    return witness
+
+
+def _same_tensors(a: Tensors, b: Tensors) -> bool:
+    return a.keys() == b.keys() and all(t is b[k] or torch.equal(t, b[k]) for k, t in a.items())
+
+
+class MixedBatch(ValueError):
+    """A batch that gave an example other outputs than it gets alone (``_spot_check``)."""
+
+
+def _row_alike(rows: Sequence[torch.Tensor], alone: Sequence[torch.Tensor], i: int) -> bool:
+    """Whether row ``i`` of each of ``rows`` is close to the one row of the same tensor of ``alone`` (``_close_rows``),
+    where both are alike in shape."""
+    same = [(t[i : i + 1], a) for t, a in zip(rows, alone) if t.dim() and a.shape == (1, *t.shape[1:])]
+    return len(rows) != len(alone) or all(_close_rows(a, t) for t, a in same)
 
 
 def _packed_lengths(on_packed: Sequence[tuple[nn.Module, torch.Tensor]], n: int) -> list[torch.Tensor]:
@@ -1036,7 +1098,7 @@ def _outputs(loss: BatchableLoss, state: Tensors, batch: Any) -> list[torch.Tens
         if isinstance(loss, BatchedLoss):
             return [loss.per_example(state, batch)]
         out = loss.forward(state, *batch[:-1])
-    return [t for t in optree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return floating_leaves(out)
 
 
 def _floating_as(dtype: torch.dtype, tree: Any) -> Any:

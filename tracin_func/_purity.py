@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._grads import Tensors, batch_of_one, example_at
-from ._loss import CriterionLoss, ExampleLossFn
+from ._loss import CriterionLoss, ExampleLossFn, floating_leaves
 from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, own_attributes
 
 
@@ -291,15 +291,11 @@ def _watched_run(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, 
 def _run(loss: ExampleLossFn, state: Tensors, example: Any) -> list[torch.Tensor]:
     """The floating values of the loss of ``example``: a criterion's model outputs and its loss."""
     if not isinstance(loss, CriterionLoss):
-        return _floating(loss(state, example))
+        return floating_leaves(loss(state, example))
     *inputs, target = example
     output = loss.forward(state, *inputs)
     _check_output(output)
-    return _floating((output, loss.criterion(output, target)))
-
-
-def _floating(tree: Any) -> list[torch.Tensor]:
-    return [t for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return floating_leaves((output, loss.criterion(output, target)))
 
 
 def _largest_finite(t: torch.Tensor) -> float:
