@@ -33,7 +33,7 @@ from torch.utils.hooks import RemovableHandle
 from ._batch_free import Meetings, per_example_outputs
 from ._grads import CHECKPOINTED, Mapper, Tensors, batch_of_one, checkpointing, example_at, lasting_edge, scalar_loss
 from ._layers import Site, broadcast_row, call_site, layer_output, recorded_input, token_wise
-from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, floating_leaves, summed_example_losses
+from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
 from ._recurrent import unrolled
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 Hook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
 Factors = dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]  # path -> per call: inputs, output grads
-Witness = Callable[[Mapping[str, torch.Tensor], Any, list[torch.Tensor]], None]  # (state, batch, outputs)
+Witness = Callable[[Mapping[str, torch.Tensor], Any, Any], None]  # (state, batch, (outputs, losses)): batched_factors
 BatchableLoss = Union[CriterionLoss, BatchedLoss]  # losses whose model runs on whole batches
 
 
@@ -200,8 +200,9 @@ def batched_factors(
     reorders the examples of its batch by a sort (``_PlanningWatch``).
     ``compiled``: under ``torch.compile``, whose autograd nodes are the compiled graph's: the checks that read them
     (inputs changed in place, hooks on outputs, merged rows' provenance) are planning's, on the eager first examples.
-    ``witness``: called after the forward with the state, the batch and what the forward gave its examples (a
-    ``tc.BatchLoss``'s losses, or the model's floating outputs), detached (``_plan._spot_check``).
+    ``witness``: called after the forward with the state, the batch and what the forward gave its examples,
+    ``(outputs, losses)``, detached: a criterion's inputs (the model's floating outputs) and its losses where it runs
+    on the whole batch (``batch_losses``, else None), or none and a ``tc.BatchLoss``'s losses (``_plan._spot_check``).
     """
     given = state  # (before parameter copies and probes join it)
     n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
@@ -303,12 +304,16 @@ def batched_factors(
                 f"planned rows broadcast over the batch do not fit ({type(err).__name__}: {err}). Pass "
                 f"`factored=False`, or data with as many items per example throughout."
             ) from err
-        if witness is not None:
-            witness(given, batch, [t.detach() for t in floating_leaves(output)])
+        losses = output if isinstance(loss, BatchedLoss) else None
         if isinstance(loss, CriterionLoss):
-            total = summed_example_losses(loss.criterion, output, target)
-            if total is None:
+            losses = batch_losses(loss.criterion, output, target)
+            if losses is None:
                 total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
+            else:
+                total = losses.sum()
+        if witness is not None:
+            shown = floating_leaves(output) if isinstance(loss, CriterionLoss) else []
+            witness(given, batch, ([t.detach() for t in shown], None if losses is None else losses.detach()))
         flat = [o for s in plan.sites for o in outputs[s.path]] + [(c, c) for c in copies.values()]
         if not compiled:
             _refuse_unfollowed(kept, [(path, out, edge) for path in outputs for out, edge in outputs[path]])

@@ -418,14 +418,14 @@ _ELEMENTWISE = (
 )
 
 
-def summed_example_losses(
-    criterion: Callable[[Any, Any], torch.Tensor], output: Any, target: Any
-) -> torch.Tensor | None:
-    """``sum_i criterion(output_i, target_i)`` over a batch without mapping over examples, or ``None`` when that
-    cannot be done exactly for this criterion (the caller then maps it over examples)."""
+def batch_losses(criterion: Callable[[Any, Any], torch.Tensor], output: Any, target: Any) -> torch.Tensor | None:
+    """The criterion's losses of a whole batch, without mapping over examples (what ``reduction='none'`` gives, the
+    sum for ``'sum'``, each example's mean for a built-in elementwise ``'mean'``), whose sum is ``sum_i
+    criterion(output_i, target_i)``; ``None`` when that cannot be done exactly for this criterion (the caller then
+    maps it over examples)."""
     reduction = getattr(criterion, "reduction", None)
     if reduction in ("none", "sum"):
-        return criterion(output, target).sum()
+        return criterion(output, target)
     if reduction != "mean" or type(criterion) not in _ELEMENTWISE or getattr(criterion, "weight", None) is not None:
         return None
     ignore = getattr(criterion, "ignore_index", None)
@@ -434,4 +434,4 @@ def summed_example_losses(
     per_element = copy.copy(criterion)  # a shallow copy: the user's criterion keeps its reduction
     per_element.reduction = "none"
     losses = per_element(output, target)
-    return losses.reshape(losses.shape[0], -1).mean(1).sum()
+    return losses.reshape(losses.shape[0], -1).mean(1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -34,7 +34,7 @@ from ._layers import (
     token_wise,
     why_not_a_site,
 )
-from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, floating_leaves
+from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
 from ._purity import check_forward
 from ._recurrent import UNROLLED_KINDS, packed_calls, recurrent_sites, why_not_run_unrolled
 from ._representations import Representation
@@ -150,7 +150,7 @@ def plan_call(
         )
     reps = {}
     for loss in losses:
-        witness = _spot_check(loss) if plan.batched else None
+        witness = _spot_check(loss, [c.state for c in setup.checkpoints], names) if plan.batched else None
         reps[id(loss)] = representation_fn(module, loss, plan, mapper, compiled=setup.compile, witness=witness)
         if plan.batched:  # (checked on the examples planned on, or left to the first batch that can show it)
             checking = _checking_batches(
@@ -307,41 +307,71 @@ def _checking_batches(
     return checking
 
 
-_GOLDEN = (math.sqrt(5) - 1) / 2  # the k-th batch checked has example k * this (mod 1) along it checked
+_GOLDEN = (math.sqrt(5) - 1) / 2  # the k-th example checked is at k * this (mod 1) along its batch
 
 
-def _spot_check(loss: BatchableLoss) -> Callable[[Tensors, Tensors, Any, list[torch.Tensor]], None]:
+def _spot_check(
+    loss: BatchableLoss, states: Sequence[Tensors], names: Collection[str]
+) -> Callable[[Tensors, Tensors, Any, Witnessed], None]:
     """A ``Witness`` (``batched_factors``), given the state's frozen tensors first, that runs one example of each batch
-    of two or more alone and refuses the call where the batch gave it other outputs. Planning's check runs a few
-    first examples at the last checkpoint, which cannot show mixing that depends on the batch (statistics over larger
-    batches, a maximum the first examples share, NaNs they lack) or on another checkpoint's frozen tensors (a gate,
-    zero at the last; a differentiated one leaves the batched path). So each batch is checked at the first checkpoint
-    it meets and again at each whose frozen tensors differ from those it was checked at (the driver scores a batch at
-    every checkpoint in turn); the example checked moves along the batch from check to check. It costs one forward of
-    one example per check. Outputs are compared as the check compares factors, within 1e-4 of each one's scale:
-    rounding that differs between a batch and an example alone, which the float64 check asks again about factors,
-    stays far within it at a model's outputs (1.3e-6 at most on the benchmark's float32 models)."""
-    picks = itertools.count(1)
-    checked: list[Any] = [None, []]  # the batch last checked, and the frozen tensors it was checked at
+    of two or more alone and refuses the call where the batch gave it other outputs or losses (``_alike_alone``).
+    Planning's check runs a few first examples at the last checkpoint, which cannot show mixing that depends on the
+    batch (statistics over larger batches, a maximum the first examples share, NaNs they lack) or on another
+    checkpoint (a frozen gate, zero at the last; a branch on a batch statistic of activations the weights grow).
+
+    The driver scores a batch at each of the call's checkpoints (``states``) in turn: the k-th batch is checked at the
+    k-th checkpoint from the last (mod their number) of each run of consecutive checkpoints whose frozen tensors (those
+    not in ``names``) are alike, so that a check runs once per batch where they are all alike and at each where they
+    differ (a gate, BatchNorm's statistics), the checkpoints taking turns, the last (furthest from initialisation, in
+    training order) first. A state that is none of them (a tracer's step) is checked at each batch. The example
+    checked moves along the batch from check to check. Each check costs one forward of one example."""
+    picks, batches = itertools.count(1), itertools.count()
+    distinct: dict[frozenset[int], Tensors] = {}  # each state by its tensors (a checkpoint given twice: once)
+    for state in states:
+        distinct.setdefault(frozenset(map(id, state.values())), state)
+    checkpoint_of, states = {key: c for c, key in enumerate(distinct)}, list(distinct.values())
+    alike: list[list[tuple[int, ...]]] = []  # the states alike in frozen tensors, found on the first check
+    current: list[Any] = [None, 0, set()]  # the batch last seen, its number, the checkpoints it was checked at
 
     @torch.compiler.disable  # (eager inside compiled updates)
-    def witness(frozen: Tensors, state: Tensors, batch: Any, together: list[torch.Tensor]) -> None:
+    def witness(frozen: Tensors, state: Tensors, batch: Any, together: Witnessed) -> None:
         n = num_examples(batch)
-        if n < 2 or batch is checked[0] and any(map(partial(_same_tensors, frozen), checked[1])):
+        if n < 2:
             return
-        checked[:] = [batch, [*checked[1], frozen] if batch is checked[0] else [frozen]]
+        if batch is not current[0]:
+            current[:] = [batch, next(batches), set()]
+        c = checkpoint_of.get(frozenset(map(id, state.values())))
+        if c is not None:
+            alike[:] = alike or [_frozen_runs(states, names)]
+            turn = alike[0][c]
+            if c != turn[-1 - current[1] % len(turn)] or c in current[2]:
+                return
+            current[2].add(c)
         i = int(n * (next(picks) * _GOLDEN % 1))
-        if _row_alike(together, _outputs(loss, state, select_rows(batch, torch.tensor([i]))), i):
+        if _alike_alone(together, _witnessed(loss, state, names, select_rows(batch, torch.tensor([i]))), n, i):
             return
         raise MixedBatch(
             f"`model`: example {i} of a batch of {n} got other outputs in the batch than alone, so the model mixes a "
             f"batch's examples in a way the first examples it was planned on could not show (statistics over larger "
-            f"batches or over examples unlike the first; a frozen tensor, such as a gate, that turns mixing on at "
-            f"another checkpoint than the last); scored batched, its scores would be wrong. Pass `factored=False`, "
-            f"or keep each example's computation its own."
+            f"batches or over examples unlike the first; at another checkpoint than the last: a frozen gate, or a "
+            f"branch on a batch statistic); scored batched, its scores would be wrong. Pass `factored=False`, or keep "
+            f"each example's computation its own."
         )
 
     return witness
+
+
+def _frozen_runs(states: Sequence[Tensors], names: Collection[str]) -> list[tuple[int, ...]]:
+    """For each state, the run of consecutive states whose tensors not in ``names`` equal its own (itself among
+    them): each compared with the one before it only."""
+    frozen = [{k: t for k, t in state.items() if k not in names} for state in states]
+    runs = [[0]] if states else []
+    for c in range(1, len(states)):
+        if _same_tensors(frozen[c], frozen[c - 1]):
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return [tuple(run) for run in runs for _ in run]
 
 
 def _same_tensors(a: Tensors, b: Tensors) -> bool:
@@ -352,11 +382,64 @@ class MixedBatch(ValueError):
     """A batch that gave an example other outputs than it gets alone (``_spot_check``)."""
 
 
-def _row_alike(rows: Sequence[torch.Tensor], alone: Sequence[torch.Tensor], i: int) -> bool:
-    """Whether row ``i`` of each of ``rows`` is close to the one row of the same tensor of ``alone`` (``_close_rows``),
-    where both are alike in shape."""
-    same = [(t[i : i + 1], a) for t, a in zip(rows, alone) if t.dim() and a.shape == (1, *t.shape[1:])]
-    return len(rows) != len(alone) or all(_close_rows(a, t) for t, a in same)
+Witnessed = tuple[list[torch.Tensor], torch.Tensor | None]  # what a forward gave its examples: outputs, losses
+
+
+def _witnessed(loss: BatchableLoss, state: Tensors, names: Collection[str], batch: Any) -> Witnessed:
+    """What the forward gives ``batch``'s examples, as ``batched_factors`` shows its witness; run as the batched pass
+    runs, its parameters ``names`` differentiated (under ``no_grad``, ``nn.TransformerEncoder`` takes a fused path
+    that gives padded positions zeros, which the batched pass computes)."""
+    state = {k: t.detach().requires_grad_() if k in names else t for k, t in state.items()}
+    with torch.enable_grad():
+        if isinstance(loss, BatchedLoss):
+            return [], loss.per_example(state, batch).detach()
+        out = loss.forward(state, *batch[:-1])
+        losses = batch_losses(loss.criterion, out, batch[-1])
+    return [t.detach() for t in floating_leaves(out)], None if losses is None else losses.detach()
+
+
+def _alike_alone(together: Witnessed, alone: Witnessed, n: int, i: int) -> bool:
+    """Whether what example ``i`` gets alone is close to a part of the batch's that may hold it (``_example_parts``),
+    within 1e-4 of the largest entry of the batch's: of each output, and of its losses or 1 (a small loss, or a small
+    output, is a difference of larger terms, ``logsumexp(z) - z_y``, ``w x + b``, whose float32 rounding is theirs: a
+    well-fitted example's loss, a binary logit near zero, 5e-4 of their own size apart by rounding alone). Outputs
+    whose shapes tell no part are not compared."""
+    outputs = zip(together[0], alone[0]) if len(together[0]) == len(alone[0]) else ()
+    pairs = [(t, a, 0.0) for t, a in outputs]
+    if together[1] is not None and alone[1] is not None:
+        pairs.append((together[1], alone[1], 1.0))
+    for t, a, least in pairs:
+        parts = list(_example_parts(t, a.shape, n, i))
+        if not parts or not t.numel():
+            continue
+        scale = max(least, t.nan_to_num(0, 0, 0).abs().max().item())
+        if not any(_close_within(a, part, scale) for part in parts):
+            return False
+    return True
+
+
+def _close_within(a: torch.Tensor, b: torch.Tensor, scale: float) -> bool:
+    """Equal up to ``1e-4 * scale``, or both NaN, entry by entry."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    same = (a == b) | a.isnan() & b.isnan()
+    return bool(torch.where(same, 0, a - b).abs().le(1e-4 * scale).all())
+
+
+def _example_parts(t: torch.Tensor, shape: torch.Size, n: int, i: int) -> Iterator[torch.Tensor]:
+    """The parts of a batch's output ``t`` that may hold example ``i``'s output of ``shape`` alone: along a dimension
+    ``n`` times as long, its ``i``-th block or every ``n``-th entry from the ``i``-th (the batch first or second in a
+    flattened ``[B T, C]``; ``[B, C]`` or ``[T, B, C]`` alike), or a dimension of ``n`` that alone is squeezed."""
+    if t.dim() == len(shape):
+        for d, k in enumerate(shape):
+            if t.shape[d] == n * k and t.shape[:d] + t.shape[d + 1 :] == shape[:d] + shape[d + 1 :]:
+                yield t.narrow(d, i * k, k)
+                if k > 1:
+                    yield t.unflatten(d, (k, n)).select(d + 1, i)
+    elif t.dim() == len(shape) + 1:
+        for d in range(t.dim()):
+            if t.shape[d] == n and t.shape[:d] + t.shape[d + 1 :] == shape:
+                yield t.select(d, i)
 
 
 def _packed_lengths(on_packed: Sequence[tuple[nn.Module, torch.Tensor]], n: int) -> list[torch.Tensor]:
