@@ -2657,6 +2657,55 @@ def test_mixing_only_at_later_checkpoints_is_refused():
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False), want)
 
 
+class GatedPoisson(nn.Module):
+    """Counts ``exposure * exp(f(x))`` whose hidden rows take a frozen gate times the batch's mean (the gate zero at
+    the last checkpoint)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 1)
+        self.register_buffer("gate", torch.zeros((), dtype=F64))
+
+    def forward(self, x: torch.Tensor, exposure: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc1(x))
+        return exposure * torch.exp(self.fc2(h - self.gate * h.mean(0))).squeeze(-1)
+
+
+@pytest.mark.parametrize("case", ["well_fitted_batch_loss", "beside_a_large_output"])
+def test_mixing_is_refused_on_an_examples_own_scale(case):
+    """Each example's outputs and losses are compared on its own scale, and a difference asked again in float64
+    (found by fuzzing: compared on the batch's largest output, or on losses of at least 1, the mixing of well-fitted
+    examples' losses, 1e-4 and less, and of every output beside one 1e5 times larger passed: 85-161% off)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    if case == "well_fitted_batch_loss":
+        model = GatedMean().double()
+        x = torch.randn(48, 6, generator=gen, dtype=F64)
+        train = (x, (x @ torch.randn(6, 3, generator=gen, dtype=F64)).argmax(1))
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        for _ in range(300):  # fitted: losses of 1e-4 and less
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), train[1]).backward()
+            optimizer.step()
+        per_example = lambda p, b: F.cross_entropy(functional_call(model, p, (b[0],)), b[1], reduction="none")  # noqa: E731
+        loss = tc.BatchLoss(per_example)
+    else:
+        model = GatedPoisson().double()
+        exposure = torch.rand(32, generator=gen, dtype=F64) + 0.5
+        exposure[5] = 1e5  # one example's counts 1e5 times the others'
+        x = torch.randn(32, 4, generator=gen, dtype=F64)
+        with torch.no_grad():
+            train = (x, exposure, torch.poisson(model(x, exposure), generator=gen))
+        loss = nn.PoissonNLLLoss(log_input=False, reduction="none")
+    model.eval()
+    state = dict(model.state_dict())
+    ckpts = [tc.Checkpoint({**state, "gate": torch.tensor(g, dtype=F64)}, lr=0.1) for g in (0.5, 0.25, 0.0)]
+    with pytest.raises(ValueError, match=r"got other outputs in the batch than alone"):
+        tc.self_influence(model, ckpts, train, loss_fn=loss)
+    want = reference_scores(model, ckpts, train, loss_fn=loss).self_influence
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss, factored=False), want)
+
+
 def _rounded_otherwise_alone(model, x, y, tiny_loss, n=16, checked=9):
     """A batch of ``n`` rows of ``x`` whose example ``checked`` (the first example a check takes) gets float32 outputs
     from ``model`` that differ in the batch and alone by rounding (the order of the GEMM's sums): by more than 1e-4

@@ -200,7 +200,7 @@ def batched_factors(
     reorders the examples of its batch by a sort (``_PlanningWatch``).
     ``compiled``: under ``torch.compile``, whose autograd nodes are the compiled graph's: the checks that read them
     (inputs changed in place, hooks on outputs, merged rows' provenance) are planning's, on the eager first examples.
-    ``witness``: called after the forward with the state, the batch and what the forward gave its examples,
+    ``witness``: called after the backward with the state, the batch and what the forward gave its examples,
     ``(outputs, losses)``, detached: a criterion's inputs (the model's floating outputs) and its losses where it runs
     on the whole batch (``batch_losses``, else None), or none and a ``tc.BatchLoss``'s losses (``_plan._spot_check``).
     """
@@ -311,9 +311,8 @@ def batched_factors(
                 total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
             else:
                 total = losses.sum()
-        if witness is not None:
-            shown = floating_leaves(output) if isinstance(loss, CriterionLoss) else []
-            witness(given, batch, ([t.detach() for t in shown], None if losses is None else losses.detach()))
+        shown = floating_leaves(output) if isinstance(loss, CriterionLoss) else []
+        seen = ([t.detach() for t in shown], None if losses is None else losses.detach())
         flat = [o for s in plan.sites for o in outputs[s.path]] + [(c, c) for c in copies.values()]
         if not compiled:
             _refuse_unfollowed(kept, [(path, out, edge) for path in outputs for out, edge in outputs[path]])
@@ -328,6 +327,8 @@ def batched_factors(
             )
         except CheckpointError as err:  # recomputed without the hooks' probes (a lone
             raise ValueError(CHECKPOINTED) from err  # example's run, not watched by `_PlanningWatch`)
+        if witness is not None:  # (its graph freed: the witness may run the batch again)
+            witness(given, batch, seen)
         if meetings is not None:
             at_roots = per_example_outputs(meetings, roots, grads[len(flat) : len(flat) + len(met) + len(whole)], n)
     _refuse_reached(unused, grads[len(flat) + len(met) + len(whole) :])

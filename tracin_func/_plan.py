@@ -314,17 +314,19 @@ def _spot_check(
     loss: BatchableLoss, states: Sequence[Tensors], names: Collection[str]
 ) -> Callable[[Tensors, Tensors, Any, Witnessed], None]:
     """A ``Witness`` (``batched_factors``), given the state's frozen tensors first, that runs one example of each batch
-    of two or more alone and refuses the call where the batch gave it other outputs or losses (``_alike_alone``).
+    of two or more alone and refuses the call where the batch gave it other outputs or losses (``_alike_alone``) by
+    more than rounding (``_rounding_only``).
     Planning's check runs a few first examples at the last checkpoint, which cannot show mixing that depends on the
     batch (statistics over larger batches, a maximum the first examples share, NaNs they lack) or on another
     checkpoint (a frozen gate, zero at the last; a branch on a batch statistic of activations the weights grow).
 
-    The driver scores a batch at each of the call's checkpoints (``states``) in turn: the k-th batch is checked at the
-    k-th checkpoint from the last (mod their number) of each run of consecutive checkpoints whose frozen tensors (those
-    not in ``names``) are alike, so that a check runs once per batch where they are all alike and at each where they
-    differ (a gate, BatchNorm's statistics), the checkpoints taking turns, the last (furthest from initialisation, in
-    training order) first. A state that is none of them (a tracer's step) is checked at each batch. The example
-    checked moves along the batch from check to check. Each check costs one forward of one example."""
+    The driver scores a batch at each of the call's checkpoints (``states``) in turn: the first batch is checked at
+    every checkpoint, the k-th after it at the k-th checkpoint from the last (mod their number) of each run of
+    consecutive checkpoints whose frozen tensors (those not in ``names``) are alike, so that a check runs once per
+    batch where they are all alike and at each where they differ (a gate, BatchNorm's statistics), the checkpoints
+    taking turns, the last (furthest from initialisation, in training order) first. A state that is none of them (a
+    tracer's step) is checked at each batch. The example checked moves along the batch from check to check. Each
+    check costs one forward of one example."""
     picks, batches = itertools.count(1), itertools.count()
     distinct: dict[frozenset[int], Tensors] = {}  # each state by its tensors (a checkpoint given twice: once)
     for state in states:
@@ -344,11 +346,13 @@ def _spot_check(
         if c is not None:
             alike[:] = alike or [_frozen_runs(states, names)]
             turn = alike[0][c]
-            if c != turn[-1 - current[1] % len(turn)] or c in current[2]:
+            if current[1] and c != turn[-1 - current[1] % len(turn)] or c in current[2]:
                 return
             current[2].add(c)
         i = int(n * (next(picks) * _GOLDEN % 1))
-        if _alike_alone(together, _witnessed(loss, state, names, select_rows(batch, torch.tensor([i]))), n, i):
+        one = torch.tensor([i])
+        alone = _witnessed(loss, state, names, select_rows(batch, one))
+        if _alike_alone(together, alone, n, i) or _rounding_only(loss, state, names, batch, one, together, alone):
             return
         raise MixedBatch(
             f"`model`: example {i} of a batch of {n} got other outputs in the batch than alone, so the model mixes a "
@@ -398,24 +402,65 @@ def _witnessed(loss: BatchableLoss, state: Tensors, names: Collection[str], batc
     return [t.detach() for t in floating_leaves(out)], None if losses is None else losses.detach()
 
 
-def _alike_alone(together: Witnessed, alone: Witnessed, n: int, i: int) -> bool:
+def _alike_alone(together: Witnessed, alone: Witnessed, n: int, i: int, loosely: bool = False) -> bool:
     """Whether what example ``i`` gets alone is close to a part of the batch's that may hold it (``_example_parts``),
-    within 1e-4 of the largest entry of the batch's: of each output, and of its losses or 1 (a small loss, or a small
-    output, is a difference of larger terms, ``logsumexp(z) - z_y``, ``w x + b``, whose float32 rounding is theirs: a
-    well-fitted example's loss, a binary logit near zero, 5e-4 of their own size apart by rounding alone). Outputs
-    whose shapes tell no part are not compared."""
-    outputs = zip(together[0], alone[0]) if len(together[0]) == len(alone[0]) else ()
-    pairs = [(t, a, 0.0) for t, a in outputs]
-    if together[1] is not None and alone[1] is not None:
-        pairs.append((together[1], alone[1], 1.0))
-    for t, a, least in pairs:
+    each output and its losses within 1e-4 of the example's own largest entry; ``loosely``, of the batch's largest
+    (losses: or 1). Outputs whose shapes tell no part are not compared."""
+    for t, a, least in _pairs(together, alone):
         parts = list(_example_parts(t, a.shape, n, i))
-        if not parts or not t.numel():
+        if not parts or not a.numel():
             continue
-        scale = max(least, t.nan_to_num(0, 0, 0).abs().max().item())
+        scale = max(least, _largest(t)) if loosely else _largest(a)
         if not any(_close_within(a, part, scale) for part in parts):
             return False
     return True
+
+
+def _rounding_only(
+    loss: BatchableLoss,
+    state: Tensors,
+    names: Collection[str],
+    batch: Any,
+    one: torch.Tensor,
+    together: Witnessed,
+    alone: Witnessed,
+) -> bool:
+    """Whether example ``one`` of ``batch`` differs alone from its part of the batch's by rounding only: alike when
+    both are run again in float64, where the model computes as in its own precision (its outputs within 1e-4 of the
+    batch's largest entry). A small loss or output is a difference of larger terms (``logsumexp(z) - z_y`` of a
+    well-fitted example, ``w h + b`` of a binary logit near zero), whose float32 rounding is theirs: 3e-4 to 5e-4 of
+    its own size between a batch and the example alone. Decided loosely for a state whose float64 copy would take
+    more than ``_WIDE_CHECK_BYTES``, or that float64 fails on; never for a float64 state."""
+    n, i = num_examples(batch), int(one[0])
+    floating = [t for t in state.values() if t.is_floating_point()]
+    if not floating or floating[0].dtype == torch.float64:
+        return False
+    if 8 * sum(map(torch.numel, floating)) > _WIDE_CHECK_BYTES:
+        return _alike_alone(together, alone, n, i, loosely=True)
+    try:  # (see ``_batching_refused``)
+        wide_state, wide_batch = _floating_as(torch.float64, (state, batch))
+        with _Widened():
+            wide = [_witnessed(loss, wide_state, names, b) for b in (wide_batch, select_rows(wide_batch, one))]
+    except (RuntimeError, TypeError, ValueError):
+        return _alike_alone(together, alone, n, i, loosely=True)
+    narrow, scales = floating[0].dtype, [_largest(t) for t in together[0]]
+    computes_alike = all(  # (outputs: a loss of them can be further off, its own rounding theirs times a residual)
+        _close_within(t, w.to(narrow), scale)
+        for mine, theirs in ((together, wide[0]), (alone, wide[1]))
+        for t, w, scale in zip(mine[0], theirs[0], scales)
+        if t.shape == w.shape
+    )
+    return computes_alike and _alike_alone(wide[0], wide[1], n, i)
+
+
+def _pairs(x: Witnessed, y: Witnessed) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """Outputs and losses of two runs side by side, with the least scale each is compared on loosely."""
+    pairs = [(t, a, 0.0) for t, a in zip(x[0], y[0])] if len(x[0]) == len(y[0]) else []
+    return pairs + ([(x[1], y[1], 1.0)] if x[1] is not None and y[1] is not None else [])
+
+
+def _largest(t: torch.Tensor) -> float:
+    return t.nan_to_num(0, 0, 0).abs().max().item() if t.numel() else 0.0
 
 
 def _close_within(a: torch.Tensor, b: torch.Tensor, scale: float) -> bool:
@@ -429,7 +474,15 @@ def _close_within(a: torch.Tensor, b: torch.Tensor, scale: float) -> bool:
 def _example_parts(t: torch.Tensor, shape: torch.Size, n: int, i: int) -> Iterator[torch.Tensor]:
     """The parts of a batch's output ``t`` that may hold example ``i``'s output of ``shape`` alone: along a dimension
     ``n`` times as long, its ``i``-th block or every ``n``-th entry from the ``i``-th (the batch first or second in a
-    flattened ``[B T, C]``; ``[B, C]`` or ``[T, B, C]`` alike), or a dimension of ``n`` that alone is squeezed."""
+    flattened ``[B T, C]``; ``[B, C]`` or ``[T, B, C]`` alike), a dimension of ``n`` that alone is squeezed, or the
+    start or end of example ``i``'s row along the one dimension the batch pads (an output cut to the batch's
+    longest)."""
+    if t.dim() == len(shape) and t.dim() > 1 and t.shape[0] == n and shape[0] == 1:
+        longer = [d for d in range(1, t.dim()) if t.shape[d] != shape[d]]
+        if len(longer) == 1 and t.shape[longer[0]] > shape[longer[0]]:
+            d, k = longer[0], shape[longer[0]]
+            yield from (t[i : i + 1].narrow(d, start, k) for start in (0, t.shape[d] - k))
+            return
     if t.dim() == len(shape):
         for d, k in enumerate(shape):
             if t.shape[d] == n * k and t.shape[:d] + t.shape[d + 1 :] == shape[:d] + shape[d + 1 :]:
