@@ -346,7 +346,7 @@ def _spot_check(
         if c is not None:
             alike[:] = alike or [_frozen_runs(states, names)]
             turn = alike[0][c]
-            if current[1] and c != turn[-1 - current[1] % len(turn)] or c in current[2]:
+            if (current[1] and c != turn[-1 - current[1] % len(turn)]) or c in current[2]:  # (the first: each)
                 return
             current[2].add(c)
         i = int(n * (next(picks) * _GOLDEN % 1))
