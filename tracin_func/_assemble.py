@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ._capture import Factors, batched_factors, vmapped_factors
+from ._capture import Factors, Witness, batched_factors, vmapped_factors
 from ._grads import Mapper, Tensors, dense_grads
 from ._layers import (
     Site,
@@ -185,11 +185,11 @@ def representation_fn(
     mapper: Mapper,
     *,
     compiled: bool = False,
-    witness: Callable[..., None] | None = None,
+    witness: Witness | None = None,
 ) -> RepresentationFn:
     """``(diff, frozen, batch) -> Representation`` for one loss under ``plan``; ``compiled``: run under
     ``torch.compile``, where autograd's nodes are the compiled graph's; ``witness``: shown each batched forward's
-    outputs, as a ``Witness`` given ``frozen`` first (both: see ``batched_factors``)."""
+    outputs (both: see ``batched_factors``)."""
     if not plan.sites:
         grads = dense_grads(loss, mapper)
         return lambda diff, frozen, batch: Representation((Dense(grads(diff, frozen, batch)),), plan.names)
@@ -202,8 +202,7 @@ def representation_fn(
 
         def batched(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
             state = {**frozen, **diff}
-            seen = None if witness is None else partial(witness, frozen)
-            factors = capture(module, loss, plan, state, batch, mapper, compiled=compiled, witness=seen)
+            factors = capture(module, loss, plan, state, batch, mapper, compiled=compiled, witness=witness)
             rep = assemble(module, plan, {}, factors, state)
             if not plan.unused:
                 return rep

@@ -169,7 +169,7 @@ def discover(
             total = scalar_loss(loss, state, batch_of_one(example_at(batch, 0)))
         elif isinstance(loss, BatchedLoss):
             total = loss.per_example(state, batch).sum()
-        else:  # a criterion's losses, summed over the batch
+        else:  # a criterion on the whole batch, at its reduction's scale (only which gradients are reached counts)
             total = loss(state, batch)
     reached = total.requires_grad  # not when every parameter's only use was detached
     grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True) if reached else [None] * len(leaves)
@@ -311,8 +311,9 @@ def batched_factors(
                 total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
             else:
                 total = losses.sum()
-        shown = floating_leaves(output) if isinstance(loss, CriterionLoss) else []
-        seen = ([t.detach() for t in shown], None if losses is None else losses.detach())
+        if witness is not None:  # (detached now: the backward frees what the outputs' graph holds)
+            shown = floating_leaves(output) if isinstance(loss, CriterionLoss) else []
+            seen = ([t.detach() for t in shown], None if losses is None else losses.detach())
         flat = [o for s in plan.sites for o in outputs[s.path]] + [(c, c) for c in copies.values()]
         if not compiled:
             _refuse_unfollowed(kept, [(path, out, edge) for path in outputs for out, edge in outputs[path]])

@@ -7,7 +7,7 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from functools import partial
+from functools import cache, partial
 from typing import Any, NamedTuple
 
 import optree
@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, worth_dropping
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._bags import PRODUCT as BAG_PRODUCT
-from ._capture import BatchableLoss, Hook, Unbatchable, batched_factors, discover, hooked
+from ._capture import BatchableLoss, Hook, Unbatchable, Witness, batched_factors, discover, hooked
 from ._data import distinct_examples, num_examples, padding, select_rows, slice_batch
 from ._grads import Mapper, Tensors
 from ._layers import (
@@ -174,7 +174,7 @@ def _checking_batches(
     mapper: Mapper,
     checked_at: tuple[Tensors, Tensors],
     compiled: bool,
-    witness: Callable[..., None],
+    witness: Witness,
 ) -> RepresentationFn:
     """``rep`` checking its batches of two or more examples for what the plan's examples could not show
     (``Plan.unchecked``): a model that mixes a batch's examples is refused there, never scored batched. Examples of
@@ -186,7 +186,7 @@ def _checking_batches(
     where one varies beyond it (the decoder's ids of other lengths, where the first examples varied only the
     encoder's mask; padded examples, where the first examples' ends varied by a repeated last token; shorter
     examples than any checked; a tensor beside packed ones cut to the batch's longest) is checked on examples of its
-    own at its ends."""
+    own at its ends. ``witness``: ``batched_factors``'s for every reading's representation (``_spot_check``)."""
     # the reading the batches run under, with "packed" while packed sequences of lengths that differ are unseen (else
     # "lengths"), and its rep; set once checked (threads may both check the first batch: the same answer)
     reading_left: list[tuple[Plan, str, RepresentationFn]] = []
@@ -310,12 +310,9 @@ def _checking_batches(
 _GOLDEN = (math.sqrt(5) - 1) / 2  # the k-th example checked is at k * this (mod 1) along its batch
 
 
-def _spot_check(
-    loss: BatchableLoss, states: Sequence[Tensors], names: Collection[str]
-) -> Callable[[Tensors, Tensors, Any, Witnessed], None]:
-    """A ``Witness`` (``batched_factors``), given the state's frozen tensors first, that runs one example of each batch
-    of two or more alone and refuses the call where the batch gave it other outputs or losses (``_alike_alone``) by
-    more than rounding (``_rounding_only``).
+def _spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection[str]) -> Witness:
+    """A ``Witness`` (``batched_factors``) that runs one example of each batch of two or more alone and refuses the
+    call where the batch gave it other outputs or losses (``_alike_alone``) by more than rounding (``_rounding_only``).
     Planning's check runs a few first examples at the last checkpoint, which cannot show mixing that depends on the
     batch (statistics over larger batches, a maximum the first examples share, NaNs they lack) or on another
     checkpoint (a frozen gate, zero at the last; a branch on a batch statistic of activations the weights grow).
@@ -332,11 +329,11 @@ def _spot_check(
     for state in states:
         distinct.setdefault(frozenset(map(id, state.values())), state)
     checkpoint_of, states = {key: c for c, key in enumerate(distinct)}, list(distinct.values())
-    alike: list[list[tuple[int, ...]]] = []  # the states alike in frozen tensors, found on the first check
+    runs = cache(partial(_frozen_runs, states, names))  # (compared on the first check only)
     current: list[Any] = [None, 0, set()]  # the batch last seen, its number, the checkpoints it was checked at
 
     @torch.compiler.disable  # (eager inside compiled updates)
-    def witness(frozen: Tensors, state: Tensors, batch: Any, together: Witnessed) -> None:
+    def witness(state: Tensors, batch: Any, together: Witnessed) -> None:
         n = num_examples(batch)
         if n < 2:
             return
@@ -344,8 +341,7 @@ def _spot_check(
             current[:] = [batch, next(batches), set()]
         c = checkpoint_of.get(frozenset(map(id, state.values())))
         if c is not None:
-            alike[:] = alike or [_frozen_runs(states, names)]
-            turn = alike[0][c]
+            turn = runs()[c]
             if (current[1] and c != turn[-1 - current[1] % len(turn)]) or c in current[2]:  # (the first: each)
                 return
             current[2].add(c)
