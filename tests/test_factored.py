@@ -2253,7 +2253,7 @@ def test_token_rows_are_kept_where_ids_rarely_recur_across_examples():
 
 
 def test_the_automatic_batch_size_is_cache_sized_on_cpu():
-    """256 MB of representations bound every device; on CPU a batch holds 32 MB of representations, at least 128 and
+    """256 MB of representations bound every device; on CPU a batch holds 64 MB of representations, at least 128 and
     at most 512 examples, or 4 MB when that is more (small examples), fewer where the forward's largest tensor would
     outgrow 16 MB, and never fewer than 16 or more than 4096."""
     from tracin_func._setup import auto_batch_size
@@ -2263,8 +2263,8 @@ def test_the_automatic_batch_size_is_cache_sized_on_cpu():
     assert auto_batch_size(27_436, cpu) == 512
     assert auto_batch_size(10_000, cpu) == 512  # 4 MB hold 419
     assert auto_batch_size(5_000, cpu) == (1 << 22) // 5_000 == 838  # 4 MB hold more than 512 examples
-    assert auto_batch_size(208_788, cpu) == (1 << 25) // 208_788 == 160  # the tiny transformer's: 32 MB
-    assert auto_batch_size(672_768, cpu) == 128  # GPT-2's: 32 MB hold 49, but at least 128 examples
+    assert auto_batch_size(208_788, cpu) == (1 << 26) // 208_788 == 321  # the tiny transformer's: 64 MB
+    assert auto_batch_size(672_768, cpu) == 128  # GPT-2's: 64 MB hold 99, but at least 128 examples
     assert auto_batch_size(672_768, cuda) == 399
     assert auto_batch_size(2_356, cpu) == 1780 and auto_batch_size(2_356, cuda) == 4096  # the digits MLP's
     assert auto_batch_size(6_371_628, cpu) == auto_batch_size(6_371_628, cuda) == 42  # ResNet-18's: memory bounds it
@@ -2274,6 +2274,35 @@ def test_the_automatic_batch_size_is_cache_sized_on_cpu():
     assert auto_batch_size(672_768, cpu, tensor_bytes=128_000) == 128  # GPT-2's logits: 32 tokens of 1000 classes
     assert auto_batch_size(27_436, cpu, tensor_bytes=8 << 10) == 512
     assert auto_batch_size(100, cpu, tensor_bytes=1 << 20) == 16  # never fewer
+
+
+class HeldAsFactors(nn.Module):
+    """Token ids through an Embedding of few rows (materialised on the rows its ids touch), a token-wise Linear
+    (materialised: 12 rows per example), their mean through a classifier (factored: one row)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mix, self.fc = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.mix(self.emb(ids)).tanh().mean(1))
+
+
+def test_the_automatic_batch_size_counts_what_a_batch_holds_until_scored():
+    """A layer formed when scored is held as its factors until then, ``T (d_in + d_out)`` entries per example (more
+    than its gradient here), an Embedding materialised on the rows its ids touch as those rows, ``T (1 + d)`` (less
+    than its gradient): the automatic batch size follows what a batch holds, not the gradients formed from it."""
+    from tracin_func._setup import auto_batch_size
+
+    torch.manual_seed(0)
+    model = HeldAsFactors().double().eval()
+    ids, y = torch.randint(0, 16, (6, 12)), torch.randint(0, 3, (6,))
+    plan = tc.explain(model, _ckpts(model), (ids, y), loss_fn=CE)
+    routes = {r.parameter: r.route for r in plan.routes}
+    assert routes == {n: "factored" if n.startswith("fc.") else "materialised" for n, _ in model.named_parameters()}
+    held = 12 * (1 + 8) + 12 * (8 + 1 + 8) + 1 * (8 + 1 + 3)  # ids and rows; the Linears' inputs, a one, outputs
+    assert plan.example_bytes == 8 * held  # (their gradients: 16 * 8 + 8 * 9 + 3 * 9 entries)
+    assert plan.batch_size == auto_batch_size(8 * held, torch.device("cpu"), tensor_bytes=plan.tensor_bytes)
 
 
 class Outer(nn.Module):

@@ -43,7 +43,7 @@ class Explanation(NamedTuple):
     batching: str  # one batched forward / backward per batch, or vmap over examples, and why
     batch_size: int | None  # examples per batch at most: ``batch_size=`` or the plan's automatic size (None: the
     # batches of a DataLoader or iterable, used as they are)
-    example_bytes: int  # one example's gradient representation under the plan (factors and per-sample gradients)
+    example_bytes: int  # what one example's gradients hold under the plan until scored (factors, per-sample gradients)
     tensor_bytes: int  # the largest tensor one example's forward makes (CPU batches keep it within 16 MB)
     checked_later: str = ""  # what the examples planned on could not show, checked on a later batch that can
 
@@ -86,9 +86,10 @@ def explain(
 
     Returns:
         :class:`Explanation`: ``routes`` (one :class:`Route` per parameter, in order), ``batching``, the most
-        examples per batch the call takes (``batch_size``) and the bytes of one example's gradients under the plan
-        (``example_bytes``) and of the largest tensor its forward makes (``tensor_bytes``), which the automatic batch
-        size follows; ``print`` it for a table.
+        examples per batch the call takes (``batch_size``), the bytes one example's gradients hold under the plan
+        until scored (``example_bytes``: factors where a layer keeps them, per-sample gradients of the rest) and
+        those of the largest tensor its forward makes (``tensor_bytes``), which the automatic batch size follows;
+        ``print`` it for a table.
 
     Example:
         >>> import torch, tracin_func as tc

@@ -54,7 +54,7 @@ class Plan(NamedTuple):
     batched: bool  # factors from one batched forward / backward (else vmapped)
     reasons: Mapping[str, str]  # parameter name -> why it takes its route (for `tc.explain` and warnings)
     batching: str  # why the call runs one batched pass, or not
-    example_bytes: int  # one example's gradient representation: factors of kept sites, per-sample grads of the rest
+    example_bytes: int  # what one example's gradients hold until scored (``_example_bytes``)
     tensor_bytes: int = 0  # the largest tensor one example's forward makes (``check_forward``): a batch's scale with it
     trimmed: frozenset[str] = frozenset()  # paths of Linears whose rows of zero output gradient are dropped per batch
     costed: bool = True  # kernel sites chosen by the cost model (factored=None), not all forced (factored=True)
@@ -692,7 +692,7 @@ def make_plan(
                 reasons.update({n: _TO_VMAP for n in site.names})
         dense = _not_in_sites(names, sites.values())
     kernel &= set(sites)
-    size = _example_bytes([s for p, s in sites.items() if p in kernel], rows_of, names, diff)
+    size = _example_bytes([s for p, s in sites.items() if p in kernel], kernel, rows_of, names, diff)
     plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel), False, reasons, "", size)
     covered = {n for s in sites.values() for n in s.names}
     uncalled = tuple(p for p, s in idle.items() if set(s.names) <= covered)
@@ -770,7 +770,7 @@ def make_plan(
             kernel.discard(site.path)
         reasons[site.weight] = _why_token_rows(site, matches, kept)
     used = [n for n in names if n not in unused]
-    size = _example_bytes([s for s in plan.sites if s.path in kernel], rows_of, used, diff)
+    size = _example_bytes(plan.sites, kernel, rows_of, used, diff)
     reasons.update({n: _UNUSED for n in unused})
     reasons.update({n: _followed_reason(reasons[n]) for s in plan.sites if s.kind == "followed" for n in s.names})
     batching = "one batched forward / backward gives every layer's factors"
@@ -1037,14 +1037,24 @@ def _tied_kept(
     return kept
 
 
-def _example_bytes(kept: Sequence[Site], rows: Mapping[str, int], names: Sequence[str], diff: Tensors) -> int:
-    """Bytes of one example's representation: ``T (d_in + d_out)`` factor entries per kept site (``T (1 + d)`` for
-    an Embedding: an id and an output gradient row), a per-sample gradient of every other parameter."""
+def _example_bytes(sites: Iterable[Site], kernel: Collection[str], rows: Mapping[str, int], names: Sequence[str],
+                   diff: Tensors) -> int:
+    """Bytes one example's representation holds while its batch is scored: ``T (d_in + d_out)`` factor entries per
+    site kept as factors (``T (1 + d)`` for an Embedding: an id and an output gradient row) and per site kept so
+    until scored (``_held_as_factors``), a per-sample gradient of every other parameter."""
+    kept = [site for site in sites if site.path in kernel or _held_as_factors(site)]
     kept_names = {n for site in kept for n in site.names}
     widths = [1 + site.weight_shape[-1] if site.kind == "embedding" else sum(_widths(site)) for site in kept]
     factors = sum(rows[site.path] * width for site, width in zip(kept, widths))
     per_sample = sum(diff[n].numel() for n in names if n not in kept_names)
     return (factors + per_sample) * next(iter(diff.values())).element_size() if diff else 0
+
+
+def _held_as_factors(site: Site) -> bool:
+    """Whether a site outside the kernel is still held as its factors until its batch is scored (``_assemble``): a
+    Linear's (formed when scored: ``Deferred``) and an Embedding's (materialised on the rows its ids touch), untied.
+    A convolution's factors (its input and output gradient) may outgrow its gradient: counted as the gradient."""
+    return not site.tied and site.kind in ("embedding", "linear")
 
 
 def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> str:

@@ -85,19 +85,20 @@ def _check_loss(loss_fn: Any, name: str) -> None:
         )
 
 
-# On CPU, a batch whose per-example tensors outgrow the caches runs slower: scoring reads a batch's factors and
-# representations back after its backward pass, from memory once they no longer fit the last-level cache. Large
-# representations get 32 MB per batch (the tiny transformer's influence, 277 KB per example, in batches of 125 / 200
-# / 334: 1.49 / 1.44-1.48 / 1.52 s; BERT and GPT-2, 250-670 KB: batches of 100 and one of 200 within 1%, but GPT-2's
-# self-influence 8% slower in one batch of 200), but at least 128 examples (fixed costs per batch: MobileNet's
-# influence took 1.97 s in batches of 50, 1.90 s of 100). Small ones get 512 per batch (the digits CNN, 27 KB:
-# influence 0.47 / 0.44 / 0.43 s in batches of 250 / 500 / 750, self-influence 0.31 / 0.29 / 0.29 s), or 4 MB when
-# that holds more (the digits MLP, 2.4 KB, runs fastest in one batch of 1500). Timed alternately in one process,
-# freed batches kept (``_allocator``); before that, larger batches paid more page faults and 256 examples was the
-# fastest cap.
+# On CPU, a batch whose per-example tensors outgrow the caches runs slower: scoring reads what a batch holds (factors,
+# per-sample gradients) back after its backward pass, from memory once it no longer fits the last-level cache. Large
+# representations get 64 MB per batch, counted as held (a layer formed when scored by its factors: ``_plan``'s
+# ``_example_bytes``), but at least 128 examples (fixed costs per batch: MobileNet's influence took 1.97 s in
+# batches of 50, 1.90 s of 100). Counted by formed gradients and given 32 MB until 2026-12-05, the tiny transformer
+# (204 KB held per example) ran in batches of 125 and BERT (253 KB) in two of 100: influence 1.50 / 1.43 / 1.39 s in
+# batches of 125 / 200 / 250 and 0.46 / 0.42 s in batches of 100 / 200, self-influence 1.06 / 1.05 / 1.03 s and 0.36 /
+# 0.33 s (DeBERTa and a ConvNeXt 1-6% faster in one batch of 200, the GPT-2 classifier 2-5% slower; GPT-2's logits
+# keep it at 100, below). Small ones get 512 per batch (the digits CNN, 27 KB: influence 0.47 / 0.44 / 0.43 s in
+# batches of 250 / 500 / 750, self-influence 0.31 / 0.29 / 0.29 s), or 4 MB when that holds more (the digits MLP, 2.4
+# KB, runs fastest in one batch of 1500). Timed alternately in one process, freed batches kept (``_allocator``).
 _CPU_BATCH_EXAMPLES = (128, 512)
 _CPU_SMALL_BATCH_BYTES = 1 << 22
-_CPU_BATCH_BYTES = 1 << 25
+_CPU_BATCH_BYTES = 1 << 26
 # The forward's own tensors count too: its largest gets 16 MB per batch, however few examples that leaves (16 at
 # least), half of the last-level cache and of glibc's largest mmap threshold (``_allocator``), above which a tensor is
 # faulted in afresh at every allocation. Mamba's PyTorch scan makes ``[B, 128, 32, 16]`` tensors (256 KB per example)
@@ -111,7 +112,7 @@ _CPU_TENSOR_BYTES = 1 << 24
 def auto_batch_size(
     example_bytes: int, device: torch.device, budget_bytes: int = 1 << 28, tensor_bytes: int = 0
 ) -> int:
-    """Examples per batch whose gradient representations fit ``budget`` (16 to 4096); on CPU 32 MB of
+    """Examples per batch whose gradient representations fit ``budget`` (16 to 4096); on CPU 64 MB of
     representations, 128 to 512 examples, or more when 4 MB holds more (small examples), and fewer where the largest
     tensor of the forward (``tensor_bytes`` per example) would outgrow 16 MB."""
     example_bytes = max(1, example_bytes)
