@@ -113,6 +113,34 @@ def test_token_level_mean_is_torchs_mean_of_the_example(case):
         assert_close(tc.self_influence(model, ckpts, (ids, tags), **kw), ref.self_influence)
 
 
+class SqueezedRegressor(nn.Module):
+    """A regression MLP ending in ``.squeeze()``: a batch of one gets a 0-dim output, with no batch dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x))).squeeze()
+
+
+def test_a_plain_function_criterion_on_squeezed_outputs_is_batched_and_exact():
+    """A plain function as the criterion is mapped over a batch's examples, except on a batch of one (planning's
+    examples alone, a single test example, ``batch_size=1``), whose squeezed output has no batch dimension to map
+    over: there it takes the batch whole, as the reference does."""
+    torch.manual_seed(0)
+    model = SqueezedRegressor().double().eval()
+    ckpts = [tc.Checkpoint({k: v + 0.3 * torch.randn_like(v) for k, v in model.state_dict().items()}, lr=0.7)]
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    squared = lambda output, target: (output - target) ** 2  # noqa: E731
+    assert "one batched forward" in tc.explain(model, ckpts, (x, y), loss_fn=squared).batching
+    for test in ((x[:3], y[:3]), (x[:1], y[:1])):
+        ref = reference_scores(model, ckpts, (x, y), test, loss_fn=squared)
+        assert_close(tc.influence(model, ckpts, (x, y), test, loss_fn=squared), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=squared), ref.self_influence)
+        assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=squared, batch_size=1), ref.self_influence)
+
+
 def test_criterion_is_not_modified():
     criterion = nn.CrossEntropyLoss()
     model, ckpts, batch = _mlp_task(N_CLASSES, torch.randint(0, N_CLASSES, (12,)))

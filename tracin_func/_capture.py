@@ -307,10 +307,12 @@ def batched_factors(
         losses = output if isinstance(loss, BatchedLoss) else None
         if isinstance(loss, CriterionLoss):
             losses = batch_losses(loss.criterion, output, target)
-            if losses is None:
-                total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
-            else:
+            if losses is not None:
                 total = losses.sum()
+            elif n == 1:  # one example's batch: its loss as it is defined (a `.squeeze()` may leave no batch dimension)
+                total = loss.of_example(output, target)
+            else:
+                total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
         if witness is not None:  # (detached now: the backward frees what the outputs' graph holds)
             shown = floating_leaves(output) if isinstance(loss, CriterionLoss) else []
             seen = ([t.detach() for t in shown], None if losses is None else losses.detach())
