@@ -322,9 +322,10 @@ def _spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collectio
     consecutive checkpoints whose frozen tensors (those not in ``names``) are alike, so that a check runs once per
     batch where they are all alike and at each where they differ (a gate, BatchNorm's statistics), the checkpoints
     taking turns, the last (furthest from initialisation, in training order) first. A state that is none of them (a
-    tracer's step) is checked at each batch. The example checked moves along the batch from check to check. Each
-    check costs one forward of one example."""
-    picks, batches = itertools.count(1), itertools.count()
+    tracer's step) is checked at each batch. The example checked moves along the batch from check to check; where
+    some of the batch's inputs are not finite, one of those examples is checked too, moving along them (a model
+    imputing NaNs from the batch mixes those examples alone). Each check costs one forward of one example."""
+    picks, odd_picks, batches = itertools.count(1), itertools.count(), itertools.count()
     distinct: dict[frozenset[int], Tensors] = {}  # each state by its tensors (a checkpoint given twice: once)
     for state in states:
         distinct.setdefault(frozenset(map(id, state.values())), state)
@@ -345,20 +346,31 @@ def _spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collectio
             if (current[1] and c != turn[-1 - current[1] % len(turn)]) or c in current[2]:  # (the first: each)
                 return
             current[2].add(c)
-        i = int(n * (next(picks) * _GOLDEN % 1))
-        one = torch.tensor([i])
-        alone = _witnessed(loss, state, names, select_rows(batch, one))
-        if _alike_alone(together, alone, n, i) or _rounding_only(loss, state, names, batch, one, together, alone):
-            return
-        raise MixedBatch(
-            f"`model`: example {i} of a batch of {n} got other outputs in the batch than alone, so the model mixes a "
-            f"batch's examples in a way the first examples it was planned on could not show (statistics over larger "
-            f"batches or over examples unlike the first; at another checkpoint than the last: a frozen gate, or a "
-            f"branch on a batch statistic); scored batched, its scores would be wrong. Pass `factored=False`, or keep "
-            f"each example's computation its own."
-        )
+        odd = _not_finite(_inputs(batch, [loss]), n)
+        checked = [int(n * (next(picks) * _GOLDEN % 1))] + ([odd[next(odd_picks) % len(odd)]] if odd else [])
+        for i in dict.fromkeys(checked):
+            one = torch.tensor([i])
+            alone = _witnessed(loss, state, names, select_rows(batch, one))
+            if _alike_alone(together, alone, n, i) or _rounding_only(loss, state, names, batch, one, together, alone):
+                continue
+            raise MixedBatch(
+                f"`model`: example {i} of a batch of {n} got other outputs in the batch than alone, so the model mixes "
+                f"a batch's examples in a way the first examples it was planned on could not show (statistics over "
+                f"larger batches or over examples unlike the first; at another checkpoint than the last: a frozen "
+                f"gate, or a branch on a batch statistic); scored batched, its scores would be wrong. Pass "
+                f"`factored=False`, or keep each example's computation its own."
+            )
 
     return witness
+
+
+def _not_finite(inputs: Any, n: int) -> list[int]:
+    """The examples of a batch of ``n`` whose floating inputs hold a NaN or an infinity."""
+    rows = [t.reshape(n, -1) for t in optree.tree_leaves(inputs) if isinstance(t, torch.Tensor)
+            and t.is_floating_point() and t.dim() > 0 and t.shape[0] == n]  # fmt: skip
+    if not rows:
+        return []
+    return torch.cat([~r.isfinite().all(1, keepdim=True) for r in rows], 1).any(1).nonzero()[:, 0].tolist()
 
 
 def _frozen_runs(states: Sequence[Tensors], names: Collection[str]) -> list[tuple[int, ...]]:
