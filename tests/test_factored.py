@@ -2277,21 +2277,25 @@ def test_the_automatic_batch_size_is_cache_sized_on_cpu():
 
 
 class HeldAsFactors(nn.Module):
-    """Token ids through an Embedding of few rows (materialised on the rows its ids touch), a token-wise Linear
-    (materialised: 12 rows per example), their mean through a classifier (factored: one row)."""
+    """Token ids through an Embedding of few rows and positions through another (each materialised on the rows its
+    ids touch), a token-wise Linear (materialised: 12 rows per example), their mean through a classifier (factored:
+    one row)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.emb, self.mix, self.fc = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.emb, self.pos = nn.Embedding(16, 8), nn.Embedding(12, 8)
+        self.mix, self.fc = nn.Linear(8, 8), nn.Linear(8, 3)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.mix(self.emb(ids)).tanh().mean(1))
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]  # [1, T]: the same ids for every example
+        return self.fc(self.mix(self.emb(ids) + self.pos(positions)).tanh().mean(1))
 
 
 def test_the_automatic_batch_size_counts_what_a_batch_holds_until_scored():
     """A layer formed when scored is held as its factors until then, ``T (d_in + d_out)`` entries per example (more
-    than its gradient here), an Embedding materialised on the rows its ids touch as those rows, ``T (1 + d)`` (less
-    than its gradient): the automatic batch size follows what a batch holds, not the gradients formed from it."""
+    than its gradient here), an Embedding materialised on the rows its ids touch as those rows where every example
+    reads the same ids (positions: ``U d``, less than its gradient), and its gradient where examples read other ids
+    (the rows a batch touches grow with it): the automatic batch size follows what a batch holds."""
     from tracin_func._setup import auto_batch_size
 
     torch.manual_seed(0)
@@ -2300,8 +2304,9 @@ def test_the_automatic_batch_size_counts_what_a_batch_holds_until_scored():
     plan = tc.explain(model, _ckpts(model), (ids, y), loss_fn=CE)
     routes = {r.parameter: r.route for r in plan.routes}
     assert routes == {n: "factored" if n.startswith("fc.") else "materialised" for n, _ in model.named_parameters()}
-    held = 12 * (1 + 8) + 12 * (8 + 1 + 8) + 1 * (8 + 1 + 3)  # ids and rows; the Linears' inputs, a one, outputs
-    assert plan.example_bytes == 8 * held  # (their gradients: 16 * 8 + 8 * 9 + 3 * 9 entries)
+    # the tokens' gradient, the positions' rows, the Linears' inputs with a one and their outputs
+    held = 16 * 8 + 12 * 8 + 12 * (8 + 1 + 8) + 1 * (8 + 1 + 3)
+    assert plan.example_bytes == 8 * held  # (their gradients: 16 * 8 + 12 * 8 + 8 * 9 + 3 * 9 entries)
     assert plan.batch_size == auto_batch_size(8 * held, torch.device("cpu"), tensor_bytes=plan.tensor_bytes)
 
 

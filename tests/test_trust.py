@@ -2580,7 +2580,8 @@ def test_an_example_with_inputs_not_finite_is_checked_alone_in_its_batch(row):
     x = torch.randn(24, 6, generator=gen, dtype=F64)
     x[row, 2] = float("nan")
     train = (x, torch.randint(0, 3, (24,), generator=gen))
-    with pytest.raises(ValueError, match=rf"example {row % 8} of a batch of 8 got other outputs in the batch than alone"):
+    mixed = rf"example {row % 8} of a batch of 8 got other outputs in the batch than alone"
+    with pytest.raises(ValueError, match=mixed):
         tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=8)
     want = reference(model, ckpts, train, train)[1]
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=8, factored=False), want)

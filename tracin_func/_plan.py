@@ -54,7 +54,7 @@ class Plan(NamedTuple):
     batched: bool  # factors from one batched forward / backward (else vmapped)
     reasons: Mapping[str, str]  # parameter name -> why it takes its route (for `tc.explain` and warnings)
     batching: str  # why the call runs one batched pass, or not
-    example_bytes: int  # what one example's gradients hold until scored (``_example_bytes``)
+    example_bytes: int  # what one example's representation holds until scored (``_example_bytes``)
     tensor_bytes: int = 0  # the largest tensor one example's forward makes (``check_forward``): a batch's scale with it
     trimmed: frozenset[str] = frozenset()  # paths of Linears whose rows of zero output gradient are dropped per batch
     costed: bool = True  # kernel sites chosen by the cost model (factored=None), not all forced (factored=True)
@@ -704,7 +704,7 @@ def make_plan(
                 reasons.update({n: _TO_VMAP for n in site.names})
         dense = _not_in_sites(names, sites.values())
     kernel &= set(sites)
-    size = _example_bytes([s for p, s in sites.items() if p in kernel], kernel, rows_of, names, diff)
+    size = _example_bytes(sites.values(), kernel, rows_of, {}, names, diff)
     plan = Plan(tuple(names), dense, tuple(sites.values()), frozenset(kernel), False, reasons, "", size)
     covered = {n for s in sites.values() for n in s.names}
     uncalled = tuple(p for p, s in idle.items() if set(s.names) <= covered)
@@ -782,7 +782,8 @@ def make_plan(
             kernel.discard(site.path)
         reasons[site.weight] = _why_token_rows(site, matches, kept)
     used = [n for n in names if n not in unused]
-    size = _example_bytes(plan.sites, kernel, rows_of, used, diff)
+    held = _held_entries(plan.sites, kernel, rows_of, seen, modules)
+    size = _example_bytes(plan.sites, kernel, rows_of, held, used, diff)
     reasons.update({n: _UNUSED for n in unused})
     reasons.update({n: _followed_reason(reasons[n]) for s in plan.sites if s.kind == "followed" for n in s.names})
     batching = "one batched forward / backward gives every layer's factors"
@@ -1049,24 +1050,49 @@ def _tied_kept(
     return kept
 
 
-def _example_bytes(sites: Iterable[Site], kernel: Collection[str], rows: Mapping[str, int], names: Sequence[str],
-                   diff: Tensors) -> int:
-    """Bytes one example's representation holds while its batch is scored: ``T (d_in + d_out)`` factor entries per
-    site kept as factors (``T (1 + d)`` for an Embedding: an id and an output gradient row) and per site kept so
-    until scored (``_held_as_factors``), a per-sample gradient of every other parameter."""
-    kept = [site for site in sites if site.path in kernel or _held_as_factors(site)]
-    kept_names = {n for site in kept for n in site.names}
+def _example_bytes(
+    sites: Iterable[Site], kernel: Collection[str], rows: Mapping[str, int], held: Mapping[str, int],
+    names: Sequence[str], diff: Tensors,
+) -> int:
+    """Bytes one example's representation holds until its batch is scored: ``T (d_in + d_out)`` factor entries per
+    kernel site (``T (1 + d)`` for an Embedding: an id and an output gradient row), the entries ``held`` by other
+    sites where those are not their gradients (``_held_entries``), a per-sample gradient of every other parameter."""
+    kept = [site for site in sites if site.path in kernel]
     widths = [1 + site.weight_shape[-1] if site.kind == "embedding" else sum(_widths(site)) for site in kept]
-    factors = sum(rows[site.path] * width for site, width in zip(kept, widths))
-    per_sample = sum(diff[n].numel() for n in names if n not in kept_names)
+    factors = sum(rows[site.path] * width for site, width in zip(kept, widths)) + sum(held.values())
+    covered = {n for site in sites if site.path in kernel or site.path in held for n in site.names}
+    per_sample = sum(diff[n].numel() for n in names if n not in covered)
     return (factors + per_sample) * next(iter(diff.values())).element_size() if diff else 0
 
 
-def _held_as_factors(site: Site) -> bool:
-    """Whether a site outside the kernel is still held as its factors until its batch is scored (``_assemble``): a
-    Linear's (formed when scored: ``Deferred``) and an Embedding's (materialised on the rows its ids touch), untied.
-    A convolution's factors (its input and output gradient) may outgrow its gradient: counted as the gradient."""
-    return not site.tied and site.kind in ("embedding", "linear")
+def _held_entries(
+    sites: Iterable[Site], kernel: Collection[str], rows: Mapping[str, int], seen: Mapping[str, LayerFactors],
+    modules: Mapping[str, nn.Module],
+) -> dict[str, int]:
+    """Entries per example that sites outside the kernel hold until their batch is scored (``_assemble``), where
+    those are not their gradients: an untied Linear's factors, ``T (d_in + d_out)`` (formed when scored:
+    ``Deferred``), and an untied Embedding's rows, ``U d``, where every first example reads the same ``U`` ids
+    (positions: materialised on the rows a batch's ids touch, which elsewhere grow with the batch, up to the whole
+    table). A convolution's factors (its input and output gradient) may outgrow its gradient: counted as that."""
+    held = {}
+    for site in sites:
+        if site.path in kernel or site.tied:
+            continue
+        if site.kind == "linear":
+            held[site.path] = rows[site.path] * sum(_widths(site))
+        elif site.kind == "embedding" and _called(seen, site.path):
+            ids = torch.cat([input_rows(site_layer(modules, site), site, x) for x in seen[site.path][0]], 1)
+            shared = _shared_ids(ids)
+            if shared is not None:
+                held[site.path] = shared * site.weight_shape[-1]
+    return held
+
+
+def _shared_ids(ids: torch.Tensor) -> int | None:
+    """How many ids each row of ``ids`` ``[n, T]`` reads (padding, -1, aside) where every row reads the same ones,
+    else None."""
+    sets = [torch.unique(row[row >= 0]) for row in ids]
+    return len(sets[0]) if all(torch.equal(s, sets[0]) for s in sets) else None
 
 
 def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> str:
