@@ -322,9 +322,9 @@ def _spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collectio
     consecutive checkpoints whose frozen tensors (those not in ``names``) are alike, so that a check runs once per
     batch where they are all alike and at each where they differ (a gate, BatchNorm's statistics), the checkpoints
     taking turns, the last (furthest from initialisation, in training order) first. A state that is none of them (a
-    tracer's step) is checked at each batch. The example checked moves along the batch from check to check; where
-    some of the batch's inputs are not finite, one of those examples is checked too, moving along them (a model
-    imputing NaNs from the batch mixes those examples alone). Each check costs one forward of one example."""
+    tracer's step) is checked at each batch. The example checked moves along the batch from check to check; where it
+    has finite inputs and some of the batch's examples do not, one of those is checked too, moving along them (a
+    model imputing NaNs from the batch mixes those examples alone). Each check costs one forward of one example."""
     picks, odd_picks, batches = itertools.count(1), itertools.count(), itertools.count()
     distinct: dict[frozenset[int], Tensors] = {}  # each state by its tensors (a checkpoint given twice: once)
     for state in states:
@@ -346,9 +346,11 @@ def _spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collectio
             if (current[1] and c != turn[-1 - current[1] % len(turn)]) or c in current[2]:  # (the first: each)
                 return
             current[2].add(c)
+        checked = [int(n * (next(picks) * _GOLDEN % 1))]
         odd = _not_finite(_inputs(batch, [loss]), n)
-        checked = [int(n * (next(picks) * _GOLDEN % 1))] + ([odd[next(odd_picks) % len(odd)]] if odd else [])
-        for i in dict.fromkeys(checked):
+        if odd and checked[0] not in odd:  # (all examples not finite: an additive mask of -inf, say)
+            checked.append(odd[next(odd_picks) % len(odd)])
+        for i in checked:
             one = torch.tensor([i])
             alone = _witnessed(loss, state, names, select_rows(batch, one))
             if _alike_alone(together, alone, n, i) or _rounding_only(loss, state, names, batch, one, together, alone):
