@@ -777,8 +777,7 @@ def make_plan(
     for site in plan.sites if not (factored or self_only) else ():  # token rows pay per matching pair of tokens:
         if site.kind != "embedding" or site.path not in kernel or not _called(seen, site.path):  # how often ids recur
             continue
-        ids = torch.cat([input_rows(site_layer(modules, site), site, x) for x in seen[site.path][0]], 1)
-        matches = _matches_per_pair(ids, site.weight_shape[0])
+        matches = _matches_per_pair(_seen_ids(modules, site, seen), site.weight_shape[0])
         kept = _TOKEN_MATCH_COST * matches < site.weight_shape[0]
         if not kept:
             kernel.discard(site.path)
@@ -1083,11 +1082,15 @@ def _held_entries(
         if site.kind == "linear":
             held[site.path] = rows[site.path] * sum(_widths(site))
         elif site.kind == "embedding" and _called(seen, site.path):
-            ids = torch.cat([input_rows(site_layer(modules, site), site, x) for x in seen[site.path][0]], 1)
-            shared = _shared_ids(ids)
+            shared = _shared_ids(_seen_ids(modules, site, seen))
             if shared is not None:
                 held[site.path] = shared * site.weight_shape[-1]
     return held
+
+
+def _seen_ids(modules: Mapping[str, nn.Module], site: Site, seen: Mapping[str, LayerFactors]) -> torch.Tensor:
+    """``[n, T]``: the ids an Embedding site read on the first examples the batching check ran (-1: padding)."""
+    return torch.cat([input_rows(site_layer(modules, site), site, x) for x in seen[site.path][0]], 1)
 
 
 def _shared_ids(ids: torch.Tensor) -> int | None:

@@ -90,7 +90,7 @@ def _check_loss(loss_fn: Any, name: str) -> None:
 # representations get 64 MB per batch, counted as held (a layer formed when scored by its factors: ``_plan``'s
 # ``_example_bytes``), but at least 128 examples (fixed costs per batch: MobileNet's influence took 1.97 s in batches
 # of 50, 1.90 s of 100). Counted by formed gradients and given 32 MB (before the night of 2026-12-04), the tiny
-# transformer (204 KB held per example) ran in batches of 125 and BERT (253 KB) in two of 100: influence 1.50 / 1.43
+# transformer (204 KB held per example) ran in batches of 125 and BERT (245 KB) in two of 100: influence 1.50 / 1.43
 # / 1.39 s in batches of 125 / 200 / 250 and 0.46 / 0.42 s in batches of 100 / 200, self-influence 1.06 / 1.05 / 1.03
 # s and 0.36 / 0.33 s (DeBERTa and a ConvNeXt 1-6% faster in one batch of 200, the GPT-2 classifier 2-5% slower;
 # GPT-2's logits keep it at 100, below). Small ones get 512 per batch (the digits CNN, 27 KB: influence 0.47 / 0.44 /
