@@ -246,6 +246,49 @@ def test_token_rows_match_materialised_embedding_gradients(monkeypatch, block):
     assert rows.n == 5 and rows.total().n == 1
 
 
+def test_every_part_takes_the_examples_in_a_slice_and_a_split_copies_its_head():
+    """``take`` keeps a slice's examples of every kind of part (materialised, their dots and norms as the whole's rows),
+    and ``Representation.split`` copies the first examples' (a test side kept beyond the joined batch's life)."""
+    from tracin_func import _representations as _reps
+    from tracin_func._layers import Site
+
+    gen = torch.Generator().manual_seed(0)
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    linear = Site("fc", "linear", "fc.weight", "fc.bias", (3, 4))
+    emb = Site("emb", "embedding", "emb.weight", None, (6, 3))
+    factored = _reps.Factored(linear, randn(7, 2, 4), randn(7, 2, 3))
+    ids = torch.randint(-1, 6, (7, 5), generator=gen)
+    tokens = _reps.Factored(emb, ids, randn(7, 5, 3))
+    parts = [
+        factored,
+        factored._formed(),  # Deferred
+        _reps.Dense({"w": randn(7, 2, 3), "b": randn(7)}),
+        tokens,
+        _reps.TokenRows.of(tokens),
+        _reps.Rows.of(emb, ids, randn(7, 5, 3)),
+        _reps.Tied((factored, _reps.Factored(linear, randn(7, 3, 4), randn(7, 3, 3)))),
+        _reps.Zero.of({"u": randn(2, 2)}, 7),
+    ]
+    for part in parts:
+        whole = part.materialize()
+        for rows in (slice(0, 2), slice(2, 7), slice(3, 4)):
+            taken = part.take(rows)
+            for name, g in taken.materialize().items():
+                torch.testing.assert_close(g, whole[name][rows], rtol=0, atol=0, msg=type(part).__name__)
+            assert _reps.Representation((taken,), tuple(whole)).size == rows.stop - rows.start
+        rep = _reps.Representation((part,), tuple(whole))
+        head, tail = rep.split(2)
+        assert (head.size, tail.size) == (2, 5)
+        head_leaves = [t for t in optree.tree_leaves(head) if isinstance(t, torch.Tensor) and t.numel()]
+        rep_storage = {t.untyped_storage().data_ptr() for t in optree.tree_leaves(rep) if isinstance(t, torch.Tensor)}
+        assert not {t.untyped_storage().data_ptr() for t in head_leaves} & rep_storage, type(part).__name__
+        if not isinstance(part, _reps.Tied):  # (kept by self-influence plans only: no dot)
+            # (token rows, a test side, are dotted with a training side's factors)
+            other = _reps.Representation((tokens if isinstance(part, _reps.TokenRows) else part,), rep.names)
+            torch.testing.assert_close(head.dot(other.split(2)[1]), rep.dot(other)[:2, 2:], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(tail.sq_norm(), rep.sq_norm()[2:], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("strided", ["neither", "first", "second", "both"])
 def test_row_products_read_strided_rows_in_place(strided):
     """``_products``: the ``[n, m, T, S]`` row products of two factor sides, whichever has its rows strided in memory

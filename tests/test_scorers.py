@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -18,7 +19,7 @@ import tracin_func as tc
 from tests import models
 from tests.conftest import assert_close, assert_topk
 from tests.models import TASKS, Task, cast_task, mlp_task, multi_output_task
-from tests.reference import Reference, reference_scores
+from tests.reference import Reference, reference_grads, reference_scores
 
 LOOP_WARNING = r"vmap failed on this model, so per-example gradients are computed with a loop .+ full: RuntimeError: "
 
@@ -406,6 +407,37 @@ def _forms(batch, batch_size: int = 3) -> dict[str, object]:
         "list_of_batches": [tuple(t[i : i + batch_size] for t in batch) for i in range(0, n, batch_size)],
         "generator": (tuple(t[i : i + 2] for t in batch) for i in range(0, n, 2)),
     }
+
+
+def _cosine_reference(task: Task) -> torch.Tensor:
+    total = 0
+    for ckpt in task.checkpoints:
+        g_train, g_test = (reference_grads(task.model, ckpt, d, task.loss_fn) for d in (task.train, task.test))
+        total = total + float(ckpt.lr) * F.normalize(g_test, dim=1) @ F.normalize(g_train, dim=1).T
+    return total
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_test_batch_joins_the_first_training_batchs_pass(name, monkeypatch):
+    """The test examples of one batch are represented in the first training batch's pass where both fit in a batch
+    (one pass per checkpoint over both), and every score is the reference's: plain, summed, cosine, per layer and
+    top-k. Where they do not fit (4 test examples beside 4 training ones), each takes a pass of its own."""
+    task, ref = task_and_reference(name)
+    joined = []
+    pass_ = tc._driver._joined_pass
+    monkeypatch.setattr(tc._driver, "_joined_pass", lambda *a: joined.append(pass_(*a)) or joined[-1])
+    call = functools.partial(tc.influence, task.model, task.checkpoints, task.train, task.test, loss_fn=task.loss_fn)
+    with scoring(name):
+        assert_close(call(), ref.influence)
+        assert len(joined) == len(task.checkpoints) and all(pair is not None for pair in joined)
+        assert_close(call(aggregate=True), ref.influence.sum(0, keepdim=True))
+        assert_close(call(normalize="cosine"), _cosine_reference(task))
+        assert_close(sum(call(per_layer=True).values()), ref.influence)
+        top = tc.top_k(task.model, task.checkpoints, task.train, task.test, k=3, loss_fn=task.loss_fn)
+        assert_topk(top, ref.influence, 3, largest=True)
+        assert len(joined) == 5 * len(task.checkpoints)
+        assert_close(call(batch_size=4), ref.influence)
+    assert len(joined) == 5 * len(task.checkpoints)
 
 
 def test_data_forms_give_identical_scores():

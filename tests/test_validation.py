@@ -568,6 +568,18 @@ def test_an_integer_checkpoint_entry_for_a_parameter_names_it():
         tc.influence(model, [tc.Checkpoint(params, lr=0.1)], batch, batch, loss_fn=CE)
 
 
+def test_a_training_example_failing_in_the_pass_the_test_examples_join_is_named():
+    """The test examples join the first training batch's pass: a label out of range in that batch, beyond the examples
+    planning reads, is named as the training example it is (not as a row of the joined batch)."""
+    model, ckpts, (x, y) = _setup()
+    x, y = torch.cat([x, x]), torch.cat([y, y])
+    y[9] = 7
+    with pytest.raises(IndexError, match=r"`train` example 9 cannot be scored: IndexError: Target 7 is out of bounds"):
+        tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE)
+    with pytest.raises(IndexError, match=r"`train` example 9 cannot be scored: IndexError: Target 7 is out of bounds"):
+        tc.top_k(model, ckpts, (x, y), (x[:1], y[:1]), k=2, loss_fn=CE)
+
+
 def test_index_rows_and_rerank_data_are_checked(tmp_path):
     """`index.embeddings(mask)` read a boolean mask as row numbers 0 / 1 and `[1.7]` as row 1; `rerank=` data other
     than the index was built from, of the same size, returned wrong candidates silently (scores 135% off)."""

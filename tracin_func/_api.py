@@ -301,7 +301,7 @@ def top_k(
                 best, seen = None, 0
                 for offset, block in score_blocks(setup, q, data, desc, start=start, ranks=by_batch):
                     best, seen = merge(best, block, offset, k, largest=proponents), seen + block.shape[1]
-                lists.append((best, 1 if q.sum_rows else q.reps[0].size))
+                lists.append((best, 1 if q.sum_rows else q.rows))
         return lists, seen
 
     lists, seen = on_every_rank(setup.ranks, local)

@@ -85,6 +85,7 @@ Scored = Optional[Callable[[], Any]]  # reads the first examples of the data a p
 class Planned(NamedTuple):
     updates: Updates
     batch_size: BatchSize  # of the batches after the planned one: the automatic size follows the plan
+    most: int  # examples per batch at most
 
 
 def _planned(
@@ -102,7 +103,7 @@ def _planned(
         planned = plan_call(setup, batch, where, self_only=self_only, partners=partners, scored=scored, pool=pool)
     updates = Updates(*(torch.compile(fn) for fn in planned.updates)) if setup.compile else planned.updates
     most = most_per_batch(setup, planned.plan)
-    return Planned(updates, even_batches(most) if setup.auto_batch else most)
+    return Planned(updates, even_batches(most) if setup.auto_batch else most, most)
 
 
 def most_per_batch(setup: Setup, plan: Plan) -> int:
@@ -268,9 +269,22 @@ def _check_finite(values: Any, example_dim: int, offset: int, where: str, ckpt: 
     )
 
 
+class Joining(NamedTuple):
+    """A test batch whose representations the first training batch computes with its own, in one pass per
+    checkpoint: the test examples of one prediction or a few take a pass of their own otherwise, at the cost of
+    another whole batch's in per-operation overhead (an unrolled LSTM: 6.5 ms of 3 x 28 per checkpoint)."""
+
+    offset: int
+    batch: Any
+    total: bool  # kept summed over its examples (a plain aggregate)
+    cosine: bool  # its inverse norms kept too
+    most: int  # examples per batch at most (``Planned.most``)
+
+
 class Queries(NamedTuple):
     """The test side every training batch is scored against: the updates, one test representation per checkpoint
-    and, for cosine scores, the test examples' inverse gradient norms per checkpoint."""
+    and, for cosine scores, the test examples' inverse gradient norms per checkpoint; or the test batch the first
+    training batch represents with its own (``joining``: the lists are empty until then)."""
 
     updates: Updates
     batch_size: BatchSize  # of the training batches (the automatic size follows the plan)
@@ -278,6 +292,13 @@ class Queries(NamedTuple):
     scales: list[torch.Tensor] | None  # per checkpoint ``1 / |g_test|`` [n_test] ("cosine"), else None
     normalize_train: bool  # divide by the training gradients' norms ("cosine", "train")
     sum_rows: bool  # aggregate over per-example test rows after scoring (a sum of cosines)
+    rows: int  # of each score block before ``sum_rows``: the test examples (1 where summed)
+    joining: Joining | None = None
+
+
+# Test examples join the first training batch's pass where both fit in a batch, or where they are at most this share
+# of it (beyond the memory the batch size was planned for by that share at most).
+_JOINED_SHARE = 8
 
 
 def _nbytes(tree: Any) -> int:
@@ -308,21 +329,31 @@ def query_chunks(
     scored = partial(first_examples, setup, train, "train") if train is not None else None
     # with one loss for both sides, the check picks its examples among the training data's first too (those at the
     # ends of its padding's ranges): where those reach beyond the test data's, the first training batch was checked
-    # again
+    # again; and a test batch that is the only one joins the first training batch's pass
     one_loss = train is not None and setup.test_loss is setup.train_loss
     beside = checking_pool(setup, train, "train") if one_loss else None
-    planned, per_ckpt, scales, size = None, [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
+    per_ckpt, scales, size = [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
 
-    def chunk() -> Queries:
+    def queries(planned: Planned, reps: list[Representation], cosines: Any, rows: int, joining: Any = None) -> Queries:
+        normalize_train, sum_rows = normalize is not None, aggregate and cosine
+        return Queries(planned.updates, planned.batch_size, reps, cosines, normalize_train, sum_rows, rows, joining)
+
+    def chunk(planned: Planned) -> Queries:
         reps = [Representation.concat(r) for r in per_ckpt]
-        return Queries(
-            planned.updates,
-            planned.batch_size,
-            [r.total() for r in reps] if total else reps,
-            [torch.cat(s) for s in scales] if cosine else None,
-            normalize is not None,
-            aggregate and cosine,
-        )
+        reps = [r.total() for r in reps] if total else reps
+        return queries(planned, reps, [torch.cat(s) for s in scales] if cosine else None, reps[0].size)
+
+    def represent(planned: Planned, offset: int, batch: Any) -> int:  # -> bytes kept
+        kept = 0
+        for c, ckpt in enumerate(setup.checkpoints):
+            with naming_failures(setup.test_loss, setup, batch, "test", offset):
+                rep = planned.updates.test(ckpt, batch)
+            rep, scale = finished_test(rep, offset, c, total=total, cosine=cosine)
+            if cosine:
+                scales[c].append(scale)
+            per_ckpt[c].append(rep)
+            kept += _nbytes(rep)
+        return kept
 
     # the products each training gradient takes part in, where known: one per test example (few, one prediction's,
     # make factored products cheaper than forming a wide layer's training gradients) and its own norm where scores
@@ -332,23 +363,35 @@ def query_chunks(
     test_batches = planned_batches(
         setup, test, "test", "test gradients", partners=partners, scored=scored, beside=beside
     )
-    for planned, offset, batch in test_batches:
-        for c, ckpt in enumerate(setup.checkpoints):
-            with naming_failures(setup.test_loss, setup, batch, "test", offset):
-                rep = planned.updates.test(ckpt, batch).for_test()
-            sq_norm = rep.sq_norm()
-            _check_finite(sq_norm, 0, offset, "test", c)
-            if cosine:
-                scales[c].append(inverse_norm(sq_norm))
-            per_ckpt[c].append(rep.total() if total else rep)
-            size += _nbytes(per_ckpt[c][-1])
-        if budget is not None and size >= budget and not total:
-            yield chunk()
-            per_ckpt, scales, size = [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
+    planned, held = None, None  # held: the first test batch, while it may be the only one
+    for i, (planned, offset, batch) in enumerate(test_batches):
+        if i == 0 and one_loss:
+            held = (offset, batch)
+            continue
+        for at, rows in [held, (offset, batch)] if held else [(offset, batch)]:
+            size += represent(planned, at, rows)
+            if budget is not None and size >= budget and not total:
+                yield chunk(planned)
+                per_ckpt, scales, size = [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
+        held = None
     if planned is None:
         raise ValueError("`test` holds no examples.")
-    if per_ckpt[0]:
-        yield chunk()
+    if held is not None:
+        rows = 1 if total else batch_size_of(held[1], "test")
+        yield queries(planned, [], [] if cosine else None, rows, Joining(*held, total, cosine, planned.most))
+    elif per_ckpt[0]:
+        yield chunk(planned)
+
+
+def finished_test(
+    rep: Representation, offset: int, c: int, *, total: bool, cosine: bool
+) -> tuple[Representation, torch.Tensor | None]:
+    """A test batch's representation at checkpoint ``c`` as every training batch reads it (``for_test``; summed
+    over its examples where ``total``), checked finite, and its examples' inverse norms where ``cosine``."""
+    rep = rep.for_test()
+    sq_norm = rep.sq_norm()
+    _check_finite(sq_norm, 0, offset, "test", c)
+    return rep.total() if total else rep, inverse_norm(sq_norm) if cosine else None
 
 
 def score_blocks(
@@ -362,25 +405,53 @@ def score_blocks(
     per_layer: bool = False,
 ) -> Iterator[tuple[int, Any]]:
     """``(offset, scores [n_test, b])`` for each training batch (of this rank): sum over checkpoints of
-    lr <test, train>, each term normalised as ``queries`` says; with ``per_layer`` a dict layer -> scores."""
-    n_test, module = queries.reps[0].size, setup.spec.module is not None
+    lr <test, train>, each term normalised as ``queries`` says; with ``per_layer`` a dict layer -> scores. The test
+    batch ``queries.joining`` is represented with the first training batch (joined to it where alike: one pass)."""
+    module, updates, joining = setup.spec.module is not None, queries.updates, queries.joining
+    reps, scales = list(queries.reps), None if queries.scales is None else list(queries.scales)
     for offset, batch in batches(setup, train, "train", desc, start=start, ranks=ranks, batch_size=queries.batch_size):
         acc: Any = None
+        b = batch_size_of(batch, "train")
         if not per_layer:
-            acc = torch.zeros(n_test, batch_size_of(batch, "train"), device=setup.device, dtype=setup.dtype)
-        for c, (ckpt, test_rep) in enumerate(zip(setup.checkpoints, queries.reps)):
-            scale = None if queries.scales is None else queries.scales[c]
+            acc = torch.zeros(queries.rows, b, device=setup.device, dtype=setup.dtype)
+        n_test = 0 if joining is None else batch_size_of(joining.batch, "test")
+        fits = joining is not None and (n_test + b <= joining.most or n_test * _JOINED_SHARE <= b)
+        joined = joined_rows(joining.batch, batch) if fits else None
+        for c, ckpt in enumerate(setup.checkpoints):
+            scored = batch  # or its representation, from the pass that represented the test batch too
+            if joining is not None:
+                pair = _joined_pass(updates, ckpt, joined, n_test) if joined is not None else None
+                if pair is None:
+                    with naming_failures(setup.test_loss, setup, joining.batch, "test", joining.offset):
+                        pair = updates.test(ckpt, joining.batch), batch
+                test_rep, scored = pair
+                test_rep, scale = finished_test(test_rep, joining.offset, c, total=joining.total, cosine=joining.cosine)
+                reps.append(test_rep)
+                if joining.cosine:
+                    scales.append(scale)
+            scale = None if scales is None else scales[c]
             with naming_failures(setup.train_loss, setup, batch, "train", offset):
                 if per_layer:
-                    acc = queries.updates.influence_by_layer(
-                        acc, ckpt, test_rep, batch, scale, queries.normalize_train, module=module
+                    acc = updates.influence_by_layer(
+                        acc, ckpt, reps[c], scored, scale, queries.normalize_train, module=module
                     )
                 else:
-                    acc = queries.updates.influence(acc, ckpt, test_rep, batch, scale, queries.normalize_train)
+                    acc = updates.influence(acc, ckpt, reps[c], scored, scale, queries.normalize_train)
             _check_finite(acc, 1, offset, "train", c)
+        joining = None
         if queries.sum_rows:
             acc = {k: v.sum(0, keepdim=True) for k, v in acc.items()} if per_layer else acc.sum(0, keepdim=True)
         yield offset, acc
+
+
+def _joined_pass(updates: Updates, ckpt: Any, joined: Any, n_test: int) -> tuple[Representation, Representation] | None:
+    """The test and training representations from one pass over a test batch joined to a training batch, or None
+    where that pass raises: each batch alone then names the example behind the error, or scores (a joined batch
+    larger than the memory left)."""
+    try:
+        return updates.with_test(ckpt, joined, n_test)
+    except Exception:
+        return None
 
 
 def self_blocks(
@@ -389,7 +460,7 @@ def self_blocks(
     """``(offset, [b])`` per batch: sum over checkpoints of lr |grad|^2; with ``per_layer`` a dict layer -> [b]."""
     module = setup.spec.module is not None
     blocks = planned_batches(setup, data, "data", "self-influence", self_only=True, start=start, ranks=ranks)
-    for (updates, _), offset, batch in blocks:
+    for (updates, *_), offset, batch in blocks:
         acc: Any = None
         if not per_layer:
             acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)
@@ -415,7 +486,7 @@ def embedding_blocks(
     """``(offset, [b, C * P])`` per batch: per checkpoint ``sqrt(lr) * grad`` (or its projection), concatenated in
     checkpoint order. ``with_self`` appends a last column, the self-influence ``sum_c lr_c |grad_c|^2``, from the
     same gradients (exact, also when the embeddings are projected)."""
-    for (updates, _), offset, batch in planned_batches(setup, data, where, "embeddings", start=start, ranks=ranks):
+    for (updates, *_), offset, batch in planned_batches(setup, data, where, "embeddings", start=start, ranks=ranks):
         with naming_failures(setup.train_loss, setup, batch, where, offset):
             pairs = [updates.embedding(ckpt, batch, with_self) for ckpt in setup.checkpoints]
         rows = [r for r, _ in pairs]

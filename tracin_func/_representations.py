@@ -2,7 +2,7 @@
 
 Every part offers the same operations, so scorers never look inside:
 ``dot(a, b) -> [Ba, Bb]``, ``sq_norm(a) -> [B]``, ``materialize(a) -> {name: [B, *shape]}``, ``total(a)`` (the
-sum over examples, B = 1) and ``concat([a, b, ...])`` along examples.
+sum over examples, B = 1), ``take(a, rows)`` (the examples in a slice) and ``concat([a, b, ...])`` along examples.
 
 - ``Dense``: materialised per-sample gradients, reduced leaf by leaf (never concatenated into one copy).
 - ``Deferred``: a layer's per-sample gradients formed from its factors when scored, used while in cache.
@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
+import optree
 import torch
 import torch.nn.functional as F
 
@@ -104,6 +105,9 @@ class Dense(NamedTuple):
     def channels(self, block: slice) -> Dense:
         """The gradients of a block of a layer's output channels (the weight's and the bias's dim 0; views)."""
         return Dense({name: g[:, block] for name, g in self.grads.items()})
+
+    def take(self, rows: slice) -> Dense:
+        return Dense({name: g[rows] for name, g in self.grads.items()})
 
     @staticmethod
     def concat(parts: Sequence[Dense]) -> Dense:
@@ -216,6 +220,14 @@ class Deferred(NamedTuple):
     def total(self) -> Dense:
         return Dense(self.materialize()).total()
 
+    def take(self, rows: slice) -> Deferred:
+        """The examples in ``rows``, formed from the same factors when scored."""
+        lo, n = rows.start, rows.stop - rows.start
+        within = partial(partial, _within, lo, n)
+        factors = None if self.factors is None else within(self.factors)
+        by_channels = None if self.by_channels is None else within(self.by_channels)
+        return self._replace(form=within(self.form), n=n, by_channels=by_channels, factors=factors)
+
     @staticmethod
     def concat(parts: Sequence[Deferred]) -> Dense:
         return Dense.concat([Dense(p.materialize()) for p in parts])
@@ -224,6 +236,12 @@ class Deferred(NamedTuple):
 def chunk_bytes(device: torch.device) -> int:
     """Of a layer's gradients formed at once: cache-sized on the CPU, a batch's (or 256 MB) on other devices."""
     return _CHUNK_BYTES if device.type == "cpu" else _DEVICE_CHUNK_BYTES
+
+
+def _within(lo: int, n: int, fn: Callable[..., Any], rows: slice, *args: Any) -> Any:
+    """``fn`` of the examples ``rows`` of the ``n`` from ``lo`` on (``Deferred.take``)."""
+    start, stop, _ = rows.indices(n)
+    return fn(slice(lo + start, lo + stop), *args)
 
 
 def _materialized(site: Site, a: torch.Tensor, g: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
@@ -350,6 +368,9 @@ class Factored(NamedTuple):
         a, g = self.a.reshape(1, rows, *self.a.shape[2:]), self.g.reshape(1, rows, -1)
         return Factored(self.site, a, g, self.costed)
 
+    def take(self, rows: slice) -> Factored:
+        return self._replace(a=self.a[rows], g=self.g[rows])
+
     @staticmethod
     def concat(parts: Sequence[Factored]) -> Factored:
         """Concatenate along examples, padding rows with inert zeros (ids with -1) when lengths differ."""
@@ -435,6 +456,11 @@ class TokenRows(NamedTuple):
     def total(self) -> TokenRows:
         return TokenRows.build(self.site, 1, torch.zeros_like(self.example), self.token, self.rows)
 
+    def take(self, rows: slice) -> TokenRows:
+        keep = (self.example >= rows.start) & (self.example < rows.stop)
+        example, token = self.example[keep] - rows.start, self.token[keep]
+        return TokenRows.build(self.site, rows.stop - rows.start, example, token, self.rows[keep])
+
     @staticmethod
     def concat(parts: Sequence[TokenRows]) -> TokenRows:
         offsets = [0]
@@ -484,6 +510,9 @@ class Rows(NamedTuple):
     def total(self) -> Rows:
         return Rows(self.site, self.ids, self.g.sum(0, keepdim=True))
 
+    def take(self, rows: slice) -> Rows:
+        return self._replace(g=self.g[rows])  # (the ids of all the examples: rows of zeros where others' are)
+
     @staticmethod
     def concat(parts: Sequence[Rows]) -> Rows:
         ids = torch.unique(torch.cat([p.ids for p in parts]))
@@ -526,6 +555,9 @@ class Tied(NamedTuple):
     def total(self) -> Tied:
         return Tied(tuple(use.total() for use in self.uses))
 
+    def take(self, rows: slice) -> Tied:
+        return Tied(tuple(use.take(rows) for use in self.uses))
+
     @staticmethod
     def concat(parts: Sequence[Tied]) -> Tied:
         return Tied(tuple(Factored.concat(uses) for uses in zip(*(p.uses for p in parts))))
@@ -556,6 +588,9 @@ class Zero(NamedTuple):
 
     def total(self) -> Zero:
         return self._replace(n=1)
+
+    def take(self, rows: slice) -> Zero:
+        return self._replace(n=rows.stop - rows.start)
 
     @staticmethod
     def concat(parts: Sequence[Zero]) -> Zero:
@@ -606,7 +641,7 @@ class Representation(NamedTuple):
             first = first.uses[0]
         if isinstance(first, Rows):
             return first.g.shape[0]
-        return first.n if isinstance(first, (TokenRows, Deferred)) else first.a.shape[0]
+        return first.n if isinstance(first, (TokenRows, Deferred, Zero)) else first.a.shape[0]
 
     def dot(self, other: Representation) -> torch.Tensor:
         return sum(a.dot(b) for a, b in zip(self.parts, other.parts))
@@ -625,6 +660,13 @@ class Representation(NamedTuple):
 
     def total(self) -> Representation:
         return Representation(tuple(p.total() for p in self.parts), self.names)
+
+    def split(self, n: int) -> tuple[Representation, Representation]:
+        """The first ``n`` examples' representation, copied (it outlives the batch: a test side kept for every
+        training batch), and the other examples' (views)."""
+        head = Representation(tuple(p.take(slice(0, n)) for p in self.parts), self.names)
+        tail = Representation(tuple(p.take(slice(n, self.size)) for p in self.parts), self.names)
+        return optree.tree_map(_copied, head, none_is_leaf=True), tail
 
     def formed(self) -> Representation:
         """Deferred layers formed once: for a representation used more than once (a norm and a dot)."""
@@ -645,6 +687,10 @@ class Representation(NamedTuple):
             return batches[0]
         parts = tuple(type(ps[0]).concat(ps) for ps in zip(*(b.parts for b in batches)))
         return Representation(parts, batches[0].names)
+
+
+def _copied(leaf: Any) -> Any:
+    return leaf.clone() if isinstance(leaf, torch.Tensor) else leaf
 
 
 def _for_test(part: Part) -> Part:

@@ -29,6 +29,9 @@ class Updates(NamedTuple):
     # from the same gradients when ``with_self``, else None)
     embedding: Callable[..., tuple[torch.Tensor, Any]]
     test: Callable[..., Representation]  # (ckpt, batch) -> test gradient representation
+    # (ckpt, batch, n) -> (the test representation of the batch's first n examples, the training one of the others),
+    # from one pass (where the test and training losses are one); the latter scored in place of a batch
+    with_test: Callable[..., tuple[Representation, Representation]]
     # per-layer forms of ``influence`` / ``self_influence`` (``acc``: a dict layer -> tensor, or None at the first
     # checkpoint; keyword ``module``: how names map to layers, see ``_per_layer``): the entries sum to the total
     influence_by_layer: Callable[..., dict[str, torch.Tensor]]
@@ -88,9 +91,10 @@ def make_updates(
 
     def train_side(ckpt: CheckpointState, batch: Any) -> tuple[Representation, Representation | None]:
         """The training representation scored against test gradients, and the plain gradients when it holds Adam
-        updates instead (a checkpoint with an optimizer state; see ``_adam``), else None."""
+        updates instead (a checkpoint with an optimizer state; see ``_adam``), else None. ``batch`` may be its plain
+        representation already (``with_test``'s)."""
         diff, frozen = split(ckpt)
-        rep = train(diff, frozen, batch)
+        rep = batch if isinstance(batch, Representation) else train(diff, frozen, batch)
         if ckpt.adam is None:
             return rep, None
         grads, updates = adam_representation(rep, ckpt.adam, diff)
@@ -144,6 +148,9 @@ def make_updates(
         rep = test(*split(ckpt), batch)
         return rep if ckpt.adam is None else dense(rep)
 
-    return Updates(
-        influence, self_influence, embedding, test_representation, influence_by_layer, self_influence_by_layer
-    )
+    def with_test(ckpt: CheckpointState, batch: Any, n: int) -> tuple[Representation, Representation]:
+        test_rep, train_rep = train(*split(ckpt), batch).split(n)
+        return (test_rep if ckpt.adam is None else dense(test_rep)), train_rep
+
+    by_layer = (influence_by_layer, self_influence_by_layer)
+    return Updates(influence, self_influence, embedding, test_representation, with_test, *by_layer)
