@@ -336,7 +336,9 @@ def query_chunks(
     beside = checking_pool(setup, train, "train") if one_loss else None
     per_ckpt, scales, size = [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
 
-    def queries(planned: Planned, reps: list[Representation], cosines: Any, rows: int, joining: Any = None) -> Queries:
+    def queries(
+        planned: Planned, reps: list[Representation], cosines: Any, rows: int, joining: Joining | None = None
+    ) -> Queries:
         normalize_train, sum_rows = normalize is not None, aggregate and cosine
         return Queries(planned.updates, planned.batch_size, reps, cosines, normalize_train, sum_rows, rows, joining)
 
