@@ -2567,6 +2567,23 @@ def test_mixing_the_first_examples_could_not_show_is_refused_where_a_batch_shows
     assert_close(call(factored=False), want)
 
 
+def test_mixing_that_the_batch_joined_with_the_test_examples_shows_is_refused():
+    """The test examples join the first training batch's pass: where that batch shows the model mixing its examples
+    (centred over batches of six or more: 5 + 3), the call is refused, not scored in the two smaller batches the
+    model would keep apart; ``factored=False`` is exact."""
+    torch.manual_seed(0)
+    model = CentredInLargeBatches().double().eval()
+    gen = torch.Generator().manual_seed(1)
+    state = {k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=F64) for k, v in model.state_dict().items()}
+    ckpts = [tc.Checkpoint({**state, "gate": torch.tensor(1.0, dtype=F64)}, lr=0.4)]
+    x, y = torch.randn(8, 6, generator=gen, dtype=F64), torch.randint(0, 3, (8,), generator=gen)
+    train, test = (x[:5], y[:5]), (x[5:], y[5:])
+    with pytest.raises(ValueError, match=r"got other outputs in the batch than alone.*Pass `factored=False`"):
+        tc.influence(model, ckpts, train, test, loss_fn=CE)
+    want = reference(model, ckpts, train, test)[0]
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=False), want)
+
+
 @pytest.mark.parametrize("row", [5, 13, 22])
 def test_an_example_with_inputs_not_finite_is_checked_alone_in_its_batch(row):
     """Mixing confined to a few examples: NaNs imputed by the batch's mean change the example that holds them alone,

@@ -452,11 +452,14 @@ def score_blocks(
 
 def _joined_pass(updates: Updates, ckpt: Any, joined: Any, n_test: int) -> tuple[Representation, Representation] | None:
     """The test and training representations from one pass over a test batch joined to a training batch, or None
-    where that pass raises: each batch alone then names the example behind the error, or scores (a joined batch
-    larger than the memory left)."""
+    where that pass raises an example's error: each batch alone then names the example behind it, or scores (a joined
+    batch larger than the memory left). A refusal of the call (ours: it starts with the argument's name, like the
+    batch check's finding that the model mixes a batch's examples) is raised as it is."""
     try:
         return updates.with_test(ckpt, joined, n_test)
-    except Exception:
+    except Exception as err:
+        if isinstance(err, FloatingPointError) or str(err).startswith("`"):
+            raise
         return None
 
 
