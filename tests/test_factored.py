@@ -248,7 +248,8 @@ def test_token_rows_match_materialised_embedding_gradients(monkeypatch, block):
 
 def test_every_part_takes_the_examples_in_a_slice_and_a_split_copies_its_head():
     """``take`` keeps a slice's examples of every kind of part (materialised, their dots and norms as the whole's rows),
-    and ``Representation.split`` copies the first examples' (a test side kept beyond the joined batch's life)."""
+    and ``Representation.split`` copies the first examples' (a test side kept beyond the joined batch's life), an
+    Embedding's rows only those they touch."""
     from tracin_func import _representations as _reps
     from tracin_func._layers import Site
 
@@ -259,13 +260,15 @@ def test_every_part_takes_the_examples_in_a_slice_and_a_split_copies_its_head():
     factored = _reps.Factored(linear, randn(7, 2, 4), randn(7, 2, 3))
     ids = torch.randint(-1, 6, (7, 5), generator=gen)
     tokens = _reps.Factored(emb, ids, randn(7, 5, 3))
+    wide = Site("pos", "embedding", "pos.weight", None, (50, 3))  # (materialised on the rows its ids touch)
+    wide_ids = torch.randint(-1, 50, (7, 5), generator=gen)
     parts = [
         factored,
         factored._formed(),  # Deferred
         _reps.Dense({"w": randn(7, 2, 3), "b": randn(7)}),
         tokens,
         _reps.TokenRows.of(tokens),
-        _reps.Rows.of(emb, ids, randn(7, 5, 3)),
+        _reps.Rows.of(wide, wide_ids, randn(7, 5, 3)),
         _reps.Tied((factored, _reps.Factored(linear, randn(7, 3, 4), randn(7, 3, 3)))),
         _reps.Zero.of({"u": randn(2, 2)}, 7),
     ]
@@ -279,6 +282,9 @@ def test_every_part_takes_the_examples_in_a_slice_and_a_split_copies_its_head():
         rep = _reps.Representation((part,), tuple(whole))
         head, tail = rep.split(2)
         assert (head.size, tail.size) == (2, 5)
+        if isinstance(part, _reps.Rows):  # only the rows the first two examples touch (the batch's: all six)
+            first = wide_ids[:2]
+            assert head.parts[0].ids.tolist() == sorted(set(first[first >= 0].tolist())) != part.ids.tolist()
         head_leaves = [t for t in optree.tree_leaves(head) if isinstance(t, torch.Tensor) and t.numel()]
         rep_storage = {t.untyped_storage().data_ptr() for t in optree.tree_leaves(rep) if isinstance(t, torch.Tensor)}
         assert not {t.untyped_storage().data_ptr() for t in head_leaves} & rep_storage, type(part).__name__

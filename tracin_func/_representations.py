@@ -513,6 +513,11 @@ class Rows(NamedTuple):
     def take(self, rows: slice) -> Rows:
         return self._replace(g=self.g[rows])  # (the ids of all the examples: rows of zeros where others' are)
 
+    def touched(self) -> Rows:
+        """Copied, on the rows where some example's gradient is not zero only."""
+        kept = self.g.ne(0).any(2).any(0)
+        return Rows(self.site, self.ids[kept], self.g[:, kept])
+
     @staticmethod
     def concat(parts: Sequence[Rows]) -> Rows:
         ids = torch.unique(torch.cat([p.ids for p in parts]))
@@ -664,9 +669,9 @@ class Representation(NamedTuple):
     def split(self, n: int) -> tuple[Representation, Representation]:
         """The first ``n`` examples' representation, copied (it outlives the batch: a test side kept for every
         training batch), and the other examples' (views)."""
-        head = Representation(tuple(p.take(slice(0, n)) for p in self.parts), self.names)
+        head = Representation(tuple(_owned(p.take(slice(0, n))) for p in self.parts), self.names)
         tail = Representation(tuple(p.take(slice(n, self.size)) for p in self.parts), self.names)
-        return optree.tree_map(_copied, head, none_is_leaf=True), tail
+        return head, tail
 
     def formed(self) -> Representation:
         """Deferred layers formed once: for a representation used more than once (a norm and a dot)."""
@@ -689,8 +694,12 @@ class Representation(NamedTuple):
         return Representation(parts, batches[0].names)
 
 
-def _copied(leaf: Any) -> Any:
-    return leaf.clone() if isinstance(leaf, torch.Tensor) else leaf
+def _owned(part: Part) -> Part:
+    """``part`` holding copies of its tensors; an Embedding's rows only those its examples' gradients touch (a slice of
+    a batch's keeps the whole batch's ids: a long-context model's table, thousands of rows more per example)."""
+    if isinstance(part, Rows):
+        return part.touched()
+    return optree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, part, none_is_leaf=True)
 
 
 def _for_test(part: Part) -> Part:
