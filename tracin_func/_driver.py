@@ -190,6 +190,12 @@ def _size(batch_size: BatchSize, left: int) -> int:
     return batch_size(left) if callable(batch_size) else batch_size
 
 
+def _an_examples_error(err: Exception) -> bool:
+    """Whether ``err`` may be an example's own (torch's, the model's), which running examples alone can name: not a
+    refusal of ours (it starts with the argument's name) nor a non-finite score (named where it is checked)."""
+    return not (isinstance(err, FloatingPointError) or str(err).startswith("`"))
+
+
 @contextmanager
 def naming_failures(loss: ExampleLossFn, setup: Setup, batch: Any, where: str, offset: int) -> Iterator[None]:
     """Re-raise an error of a batch with the index of the first example whose loss alone raises (e.g. a class
@@ -198,7 +204,7 @@ def naming_failures(loss: ExampleLossFn, setup: Setup, batch: Any, where: str, o
     try:
         yield
     except Exception as err:
-        if isinstance(err, FloatingPointError) or str(err).startswith("`"):
+        if not _an_examples_error(err):
             raise
         for i in range(batch_size_of(batch, where)):
             example = slice_batch(batch, i, i + 1)
@@ -458,7 +464,7 @@ def _joined_pass(updates: Updates, ckpt: Any, joined: Any, n_test: int) -> tuple
     try:
         return updates.with_test(ckpt, joined, n_test)
     except Exception as err:
-        if isinstance(err, FloatingPointError) or str(err).startswith("`"):
+        if not _an_examples_error(err):
             raise
         return None
 

@@ -699,7 +699,8 @@ def _owned(part: Part) -> Part:
     a batch's keeps the whole batch's ids: a long-context model's table, thousands of rows more per example)."""
     if isinstance(part, Rows):
         return part.touched()
-    return optree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, part, none_is_leaf=True)
+    copied = lambda t: t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return optree.tree_map(copied, part, none_is_leaf=True)  # (contiguous: what ``for_test`` makes of factors)
 
 
 def _for_test(part: Part) -> Part:
