@@ -412,6 +412,62 @@ def test_tied_weights_are_materialised_from_every_use():
     assert plan.route("emb.weight") == "materialised" and plan.route("head.bias") == "materialised"
 
 
+class TiedThrice(nn.Module):
+    """A table read by an Embedding and two Linears, one called twice (with a bias of its own), the other once."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head, self.back = nn.Embedding(10, 4), nn.Linear(4, 10), nn.Linear(4, 10, bias=False)
+        self.head.weight = self.back.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = torch.tanh(self.emb(ids))
+        return self.head(h.mean(1)) + self.head(h[:, 0]) * self.back(h[:, -1]).sigmoid()
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])  # one example per chunk (dots: the test side's rows), or all
+def test_a_tied_weight_is_formed_when_scored_from_every_use(monkeypatch, chunk_bytes):
+    """A materialised tied weight's per-example gradients are formed chunk by chunk when a batch is scored, its
+    Linear-like uses' summed and its Embedding rows added in (one ``Deferred`` part, never a ``[B, V, d]`` tensor
+    per batch); a tied Linear's own bias stays next to the dense gradients, its layer's share its own. Every use
+    gives the vmap(grad) path's numbers."""
+    import tracin_func._assemble as assemble_module
+    import tracin_func._representations as representations_module
+    from tracin_func._representations import Deferred, Dense
+
+    torch.manual_seed(0)
+    model = TiedThrice().double().eval()
+    ids, y = torch.randint(0, 10, (11, 5)), torch.randint(0, 10, (11,))
+    train, test, ckpts = (ids, y), (ids[:4], y[:4]), _ckpts(model)
+    parts = []
+    original = assemble_module.assemble
+
+    def spy(*args):
+        rep = original(*args)
+        parts.append({type(p).__name__: set(p.materialize()) for p in rep.parts if isinstance(p, (Deferred, Dense))})
+        return rep
+
+    monkeypatch.setattr(assemble_module, "assemble", spy)
+    monkeypatch.setattr(representations_module, "_CHUNK_BYTES", chunk_bytes)
+    results = {}
+    for factored in (False, None):
+        opts = dict(loss_fn=CE, factored=factored, batch_size=5)
+        scores = [tc.influence(model, ckpts, train, test, normalize=n, **opts) for n in (None, "cosine", "train")]
+        scores.append(tc.influence(model, ckpts, train, test, per_layer=True, **opts))
+        scores.append(tc.self_influence(model, ckpts, train, per_layer=True, **opts))
+        scores += [tc.self_influence(model, ckpts, train, **opts), tc.embeddings(model, ckpts, train, **opts)]
+        scores.append(tc.embeddings(model, ckpts, train, projection_dim=8, seed=1, **opts))
+        results[factored] = scores
+    assert parts and all(p == {"Deferred": {"emb.weight"}, "Dense": {"head.bias"}} for p in parts), parts
+    for got, want in zip(results[None], results[False]):
+        if isinstance(want, dict):
+            assert got.keys() == want.keys() == {"emb", "head"}
+            for layer in want:
+                assert_close(got[layer], want[layer], 1e-10, msg=layer)
+        else:
+            assert_close(got, want, 1e-10)
+
+
 class TiedAndDirect(Tied):
     def forward(self, ids):
         h = self.emb(ids).mean(1)
