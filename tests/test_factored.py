@@ -425,12 +425,13 @@ class TiedThrice(nn.Module):
         return self.head(h.mean(1)) + self.head(h[:, 0]) * self.back(h[:, -1]).sigmoid()
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])  # one example per chunk (dots: the test side's rows), or all
-def test_a_tied_weight_is_formed_when_scored_from_every_use(monkeypatch, chunk_bytes):
+# one example per chunk (dots: the test side's rows), all at once, or each row of the table (an output channel) apart
+@pytest.mark.parametrize("chunk_bytes, block_bytes", [(1, 1 << 24), (1 << 20, 1 << 24), (1, 1)])
+def test_a_tied_weight_is_formed_when_scored_from_every_use(monkeypatch, chunk_bytes, block_bytes):
     """A materialised tied weight's per-example gradients are formed chunk by chunk when a batch is scored, its
     Linear-like uses' summed and its Embedding rows added in (one ``Deferred`` part, never a ``[B, V, d]`` tensor
-    per batch); a tied Linear's own bias stays next to the dense gradients, its layer's share its own. Every use
-    gives the vmap(grad) path's numbers."""
+    per batch; where large, a block of the table's rows at a time); a tied Linear's own bias stays next to the dense
+    gradients, its layer's share its own. Every use gives the vmap(grad) path's numbers."""
     import tracin_func._assemble as assemble_module
     import tracin_func._representations as representations_module
     from tracin_func._representations import Deferred, Dense
@@ -445,10 +446,12 @@ def test_a_tied_weight_is_formed_when_scored_from_every_use(monkeypatch, chunk_b
     def spy(*args):
         rep = original(*args)
         parts.append({type(p).__name__: set(p.materialize()) for p in rep.parts if isinstance(p, (Deferred, Dense))})
+        assert all(p.by_channels is not None for p in rep.parts if isinstance(p, Deferred))  # (on the CPU)
         return rep
 
     monkeypatch.setattr(assemble_module, "assemble", spy)
     monkeypatch.setattr(representations_module, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(representations_module, "_BLOCK_BYTES", block_bytes)
     results = {}
     for factored in (False, None):
         opts = dict(loss_fn=CE, factored=factored, batch_size=5)

@@ -82,7 +82,8 @@ def assemble(
                 continue
             if site.kind in ("linear", "conv") and site.tied and site.weight and not site.reparam:  # its weight formed
                 weight = site._replace(bias=None)  # when scored, with the other uses; a bias next to the dense ones
-                uses = tied.setdefault(site.weight, _TiedUses(weight, [], [], gs[0]))
+                uses = tied.setdefault(site.weight, _TiedUses([], [], [], gs[0]))
+                uses.sites.append(weight)
                 uses.forms.append(partial(_form, blocks_for(weight), calls))
                 if site.bias is None:
                     continue
@@ -99,40 +100,45 @@ def assemble(
                 if fresh:
                     owned.add(name)
     for name, uses in tied.items():
-        form = partial(_tied_form, name, uses.forms, uses.scattered)
-        like = uses.like
-        parts.append(Deferred(uses.site, form, like.shape[0], like.element_size(), chunk_bytes(like.device)))
+        by_channels, like = partial(_tied_blocks, name, uses.forms, uses.scattered), uses.like
+        split = by_channels if all(channel_split(s, like.device) for s in uses.sites) else None
+        n, size, chunk = like.shape[0], like.element_size(), chunk_bytes(like.device)
+        parts.append(Deferred(uses.sites[0], partial(_whole, by_channels), n, size, chunk, split))
     if dense:
         parts.insert(0, Dense(dense))
     return Representation(_tied_uses_together(parts), plan.names)
 
 
 class _TiedUses(NamedTuple):
-    """A materialised tied weight's uses in a batch: a Linear-like use's site (the weight's only), each such use's
-    ``_form``, its Embedding uses' ``(ids, rows)`` per call, and a tensor of the batch's output gradients."""
+    """A materialised tied weight's uses in a batch: each Linear-like use's site (the weight's only) and ``_form``,
+    each call of its Embedding uses' ``(ids, rows)``, and a tensor of the batch's output gradients."""
 
-    site: Site
-    forms: list[Callable[[slice], Iterator[dict[str, torch.Tensor]]]]
+    sites: list[Site]
+    forms: list[Callable[[slice, Sequence[slice | None]], Iterator[dict[str, torch.Tensor]]]]
     scattered: list[tuple[torch.Tensor, torch.Tensor]]
     like: torch.Tensor
 
 
-def _tied_form(
+def _tied_blocks(
     name: str,
-    forms: Sequence[Callable[[slice], Iterator[dict[str, torch.Tensor]]]],
+    forms: Sequence[Callable[[slice, Sequence[slice | None]], Iterator[dict[str, torch.Tensor]]]],
     scattered: Sequence[tuple[torch.Tensor, torch.Tensor]],
     rows: slice,
-) -> dict[str, torch.Tensor]:
-    """A tied weight's per-example gradients of the examples in ``rows``: its Linear-like uses' summed, its Embedding
-    uses' rows added into them in place. Formed when scored, chunk by chunk (``Deferred``): GPT-2's tied table formed
-    whole for a batch of 100-120 examples (``[B, 1000, 64]``) took 9-21 ms (fresh pages, out of cache), the same
-    products alone 2.8 ms (110 examples)."""
-    grads = [next(form(rows))[name] for form in forms]
-    out = grads[0] if len(grads) == 1 else sum(grads[1:], grads[0])
-    out = out.contiguous() if scattered else out
-    for ids, g in scattered:
-        scatter_rows(ids[rows], g[rows], out)
-    return {name: out}
+    blocks: Sequence[slice | None] = (None,),
+) -> Iterator[dict[str, torch.Tensor]]:
+    """A tied weight's per-example gradients of the examples in ``rows``, a block of its rows (output channels) at a
+    time (``None``: all): its Linear-like uses' summed, its Embedding uses' rows in the block added in place. Formed
+    when scored, chunk by chunk (``Deferred``): GPT-2's tied table formed whole for a batch of 100-120 examples
+    (``[B, 1000, 64]``) took 9-21 ms (fresh pages, out of cache), the same products alone 2.8 ms (110 examples)."""
+    for block, uses in zip(blocks, zip(*(form(rows, blocks) for form in forms))):
+        out = sum((grads[name] for grads in uses[1:]), uses[0][name])
+        out = out.contiguous() if scattered else out
+        for ids, g in scattered:
+            ids = ids[rows]
+            if block is not None:  # (-1: a row outside the block, as padding)
+                ids = torch.where((ids >= block.start) & (ids < block.stop), ids - block.start, -1)
+            scatter_rows(ids, g[rows], out)
+        yield {name: out}
 
 
 def _form(
