@@ -35,8 +35,8 @@ def assemble(
     module: nn.Module, plan: Plan, dense: dict[str, torch.Tensor], factors: Factors, state: Tensors
 ) -> Representation:
     """Kernel sites become factored parts, other Embeddings the rows their ids touch; the other sites are
-    materialised: Linears and Convs when scored (``Deferred``; a parametrized weight's through its parametrization,
-    at ``state``), the others next to the dense gradients."""
+    materialised: Linears and Convs when scored (``Deferred``; a tied weight's uses together, ``_tied_blocks``; a
+    parametrized weight's through its parametrization, at ``state``), the others next to the dense gradients."""
     modules = dict(module.named_modules())
     parts: list[Part] = []
     dense = dict(dense)
