@@ -140,6 +140,31 @@ def test_scores_equal_the_loop_reference(config, factored):
     assert "forward" not in vars(model.rnn)
 
 
+@pytest.mark.parametrize("config", ["lstm-2-bi-h0", "rnn-tanh-2-bi-h0", "lstm-1-bi-nobias", "gru-2-bi-h0"])
+def test_the_hidden_products_of_a_batched_pass_are_one_call_where_their_gradient_is_the_gates(config, monkeypatch):
+    """An LSTM's and a plain RNN's step adds its two products, so the hidden-to-hidden product's output gradient is the
+    input-to-hidden product's: the batched pass calls its hook once for all steps (the hidden inputs ``[B, T, H]``, the
+    gradient taken at the input products), a GRU's once per step (its ``n`` gate multiplies the hidden product); either
+    way exact, in every direction and layer."""
+    import tracin_func._assemble as assemble_module
+
+    model, ckpts, train, test, ref = _task(config)
+    calls, original = {}, assemble_module.batched_factors
+
+    def spy(*args, **kwargs):
+        factors = original(*args, **kwargs)
+        calls.update({path: [tuple(x.shape) for x in xs] for path, (xs, _) in factors.items() if ".hh_" in path})
+        return factors
+
+    monkeypatch.setattr(assemble_module, "batched_factors", spy)
+    _batched_and_exact(model, ckpts, train, test, ref, None, "rnn")
+    layers = CONFIGS[config][1] * (1 + CONFIGS[config][2])
+    assert len(calls) == layers
+    per_step = config.startswith("gru")
+    n = next(iter(calls.values()))[0][0]  # (the last pass's examples)
+    assert all(shapes == ([(n, 4)] * 5 if per_step else [(n, 5, 4)]) for shapes in calls.values()), calls
+
+
 @pytest.mark.parametrize("config", ["lstm-2-bi-h0", "gru-2-bi-h0"])
 def test_projected_embeddings_equal_the_old_route(config):
     """Projections from factors equal those of the per-example gradients (factored=False: vmap, then the loop)."""

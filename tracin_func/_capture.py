@@ -268,6 +268,9 @@ def batched_factors(
             outputs[site.path].append((probe, probe))
             return output + probe
 
+        # an unrolled product may give it, for its output, another tensor with the same gradient and a lasting
+        # place in the graph, after the fact (``_recurrent._gates_stand_in``): the edge branch above, None returned
+        hook.takes_stand_in = True  # type: ignore[attr-defined]
         return hook
 
     def criterion_of_example(example: tuple[Any, Any]) -> torch.Tensor:
