@@ -412,6 +412,28 @@ def test_tied_weights_are_materialised_from_every_use():
     assert plan.route("emb.weight") == "materialised" and plan.route("head.bias") == "materialised"
 
 
+def _scored_every_way(model, ckpts, train, test, factored):
+    """Influence (plain, cosine, train-renormalised, per layer), self-influence (whole, per layer) and embeddings
+    (whole, projected) of ``train`` (``test``), the training side in batches of 5."""
+    opts = dict(loss_fn=CE, factored=factored, batch_size=5)
+    scores = [tc.influence(model, ckpts, train, test, normalize=n, **opts) for n in (None, "cosine", "train")]
+    scores.append(tc.influence(model, ckpts, train, test, per_layer=True, **opts))
+    scores += [tc.self_influence(model, ckpts, train, per_layer=per_layer, **opts) for per_layer in (True, False)]
+    scores.append(tc.embeddings(model, ckpts, train, **opts))
+    return scores + [tc.embeddings(model, ckpts, train, projection_dim=8, seed=1, **opts)]
+
+
+def _assert_scores_agree(results, layers=None):
+    """Each score of ``results[None]`` (the default) equals ``results[False]``'s; per-layer ones layer by layer."""
+    for got, want in zip(results[None], results[False], strict=True):
+        if isinstance(want, dict):
+            assert got.keys() == want.keys() and (layers is None or set(want) == layers)
+            for layer in want:
+                assert_close(got[layer], want[layer], 1e-10, msg=layer)
+        else:
+            assert_close(got, want, 1e-10)
+
+
 class TiedThrice(nn.Module):
     """A table read by an Embedding and two Linears, one called twice (with a bias of its own), the other once."""
 
@@ -452,23 +474,9 @@ def test_a_tied_weight_is_formed_when_scored_from_every_use(monkeypatch, chunk_b
     monkeypatch.setattr(assemble_module, "assemble", spy)
     monkeypatch.setattr(representations_module, "_CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(representations_module, "_BLOCK_BYTES", block_bytes)
-    results = {}
-    for factored in (False, None):
-        opts = dict(loss_fn=CE, factored=factored, batch_size=5)
-        scores = [tc.influence(model, ckpts, train, test, normalize=n, **opts) for n in (None, "cosine", "train")]
-        scores.append(tc.influence(model, ckpts, train, test, per_layer=True, **opts))
-        scores.append(tc.self_influence(model, ckpts, train, per_layer=True, **opts))
-        scores += [tc.self_influence(model, ckpts, train, **opts), tc.embeddings(model, ckpts, train, **opts)]
-        scores.append(tc.embeddings(model, ckpts, train, projection_dim=8, seed=1, **opts))
-        results[factored] = scores
+    results = {factored: _scored_every_way(model, ckpts, train, test, factored) for factored in (False, None)}
     assert parts and all(p == {"Deferred": {"emb.weight"}, "Dense": {"head.bias"}} for p in parts), parts
-    for got, want in zip(results[None], results[False]):
-        if isinstance(want, dict):
-            assert got.keys() == want.keys() == {"emb", "head"}
-            for layer in want:
-                assert_close(got[layer], want[layer], 1e-10, msg=layer)
-        else:
-            assert_close(got, want, 1e-10)
+    _assert_scores_agree(results, layers={"emb", "head"})
 
 
 class TiedAndDirect(Tied):
@@ -2987,11 +2995,8 @@ def test_materialised_layers_are_formed_when_scored_and_exact_in_every_use(monke
     monkeypatch.setattr(representations_module, "_CHUNK_BYTES", chunk_bytes)
     results = {}
     for factored in (False, None):
+        scores = _scored_every_way(model, ckpts, train, test, factored)
         opts = dict(loss_fn=CE, factored=factored, batch_size=5)
-        scores = [tc.influence(model, ckpts, train, test, normalize=n, **opts) for n in (None, "cosine", "train")]
-        scores.append(tc.influence(model, ckpts, train, test, per_layer=True, **opts))
-        scores += [tc.self_influence(model, ckpts, train, **opts), tc.embeddings(model, ckpts, train, **opts)]
-        scores.append(tc.embeddings(model, ckpts, train, projection_dim=8, seed=1, **opts))
         index = tc.build_index(tmp_path / str(factored), model, ckpts, train, storage_dtype=torch.float64, **opts)
         scores += [index.self_influence(), index.embeddings()]
         tracer = tc.tracer(model, test, n_train=11, loss_fn=CE, factored=factored, dtype=torch.float64)
@@ -2999,13 +3004,7 @@ def test_materialised_layers_are_formed_when_scored_and_exact_in_every_use(monke
         scores.append(tracer.update(tracer.init(), params, torch.tensor(0.7), train, torch.arange(11)).scores)
         results[factored] = scores
     assert {"conv", "a", "b"} in deferred  # the default formed every layer when scored
-    for got, want in zip(results[None], results[False]):
-        if isinstance(want, dict):
-            assert got.keys() == want.keys()
-            for layer in want:
-                assert_close(got[layer], want[layer], 1e-10, msg=layer)
-        else:
-            assert_close(got, want, 1e-10)
+    _assert_scores_agree(results)
 
 
 def test_a_gpu_forms_a_batchs_gradients_of_a_layer_at_once():
