@@ -1,8 +1,9 @@
 """tracin_func vs Captum ``TracInCP`` (and dattri ``TracInAttributor``) on the reference workloads, in one process.
 
 For each reference workload (``workloads.py``: digits MLP and CNN, tiny transformer) and each question (full
-influence matrix, top-k proponents, self-influence over the training set) it prints the best wall time, the peak
-memory of one call, the ratio (other / ours) and the max relative difference of the scores against ours
+influence matrix, top-k proponents, self-influence over the training set) it prints ours (the default, and
+``factored=False`` for influence and self-influence), the best wall time, the peak memory of one call, the ratio
+(other / ours) and the max relative difference of the scores against ours
 (``max|other - ours| / max|ours|``), the proof that both computed the same thing. The calls of a table are timed in
 rounds (``common.Rounds``: each round times every call once), so that the machine's drift over minutes shifts ours,
 the floor and the peers alike; Captum's per-example loop, too slow to repeat, runs once.
@@ -148,9 +149,11 @@ def to_device(w: Workload, device: torch.device) -> Workload:
 # ----------------------------------------------------------------------------------------------- implementations
 
 
-def ours(w: Workload, bs: int | None, k: int, device: torch.device) -> dict[str, Callable[[], Any]]:
+def ours(
+    w: Workload, bs: int | None, k: int, device: torch.device, factored: bool | None = None
+) -> dict[str, Callable[[], Any]]:
     """tracin_func: checkpoints loaded inside every call."""
-    common = dict(loss_fn=nn.CrossEntropyLoss(), batch_size=bs, device=device)
+    common = dict(loss_fn=nn.CrossEntropyLoss(), batch_size=bs, device=device, factored=factored)
 
     def ckpts() -> list[tc.Checkpoint]:
         return tc.load_checkpoints(w.checkpoint_paths, map_location=device)
@@ -648,6 +651,8 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
     mine = ours(w, args.our_batch_size, k, device)
     o_inf, o_top, o_self = (run(mine[q]) for q in ("influence", "top_k", "self"))
     S, top, s = o_inf.result, o_top.result, o_self.result
+    dense = ours(w, args.our_batch_size, k, device, factored=False)
+    d_inf, d_self = run(dense["influence"]), run(dense["self"])
     floor_inf = run(backprop_floor(w, device, True))
     floor_self = run(backprop_floor(w, device, False))
     bounded = influence_bounds(w.model, lambda: w.model(w.x_train[:1].to(device)), w, floor_inf, args.repeat)
@@ -710,6 +715,8 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
         f"k={k}; diff vs topk(own influence)",
     )
     rows.add("self-influence", "tracin_func", o_self, o_self, None, "")
+    for question, m, mine_m, result in (("influence", d_inf, o_inf, S), ("self-influence", d_self, o_self, s)):
+        rows.add(question, "tracin_func factored=False", m, mine_m, max_rel_diff(m.result, result), "vmap(grad)")
     floor = "not TracIn: summed gradients only"
     rows.add("influence", "plain backprop (floor)", floor_inf, o_inf, None, floor)
     rows.add("self-influence", "plain backprop (floor)", floor_self, o_self, None, floor)

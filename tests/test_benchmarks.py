@@ -22,6 +22,8 @@ def test_bench_core_runs(capsys):
     impls = {(r["question"], r["impl"]) for r in results}
     assert ("influence", "tracin_func") in impls and ("self-influence", "plain backprop (floor)") in impls
     assert ("influence", "floor + pairs + per-example GEMMs") in impls
+    assert ("self-influence", "tracin_func factored=False") in impls
+    assert all(r["max_rel_diff_vs_ours"] < 1e-4 for r in results if r["max_rel_diff_vs_ours"] is not None)
     assert all(r["seconds"] > 0 for r in results)
     assert "digits_mlp" in capsys.readouterr().out
 
