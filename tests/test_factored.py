@@ -316,7 +316,8 @@ def test_row_products_read_strided_rows_in_place(strided):
 
 def test_materialised_embedding_rows_match_full_gradients():
     """``Rows`` keeps an Embedding's gradients on the ids its batch uses: every operation equals the full
-    ``[B, V, d]`` gradients' across batches with the same, overlapping and disjoint ids (and padding)."""
+    ``[B, V, d]`` gradients' across batches with the same, overlapping and disjoint ids (and padding), and with ids
+    every example reads alike (positions: kept as given where in increasing order)."""
     from tracin_func import _representations as _reps
     from tracin_func._layers import Site
 
@@ -328,19 +329,30 @@ def test_materialised_embedding_rows_match_full_gradients():
         ids[0, -1] = -1
         return _reps.Factored(site, ids, torch.randn(n, t, 3, generator=gen, dtype=torch.float64))
 
+    def positions(n, ids):  # every example the same ids (a [1, T] row broadcast over the batch)
+        g = torch.randn(n, len(ids), 3, generator=gen, dtype=torch.float64)
+        return _reps.Factored(site, torch.tensor(ids).expand(n, -1), g)
+
     flat = lambda p: p.materialize()["emb.weight"].flatten(1)  # noqa: E731
     a, b, c = part(4, 5, 0, 5), part(3, 4, 3, 9), part(2, 3, 6, 9)  # a, b overlap; a, c disjoint
-    rows = {k: _reps.Rows.of(site, p.a, p.g) for k, p in dict(a=a, b=b, c=c).items()}
+    # positions in order (their rows are the gradients as given), not in order, repeated, one example unlike the others
+    d, e, f, h = positions(3, [2, 4, 5, 8]), positions(2, [4, 2, 5]), positions(2, [1, 1, 3]), positions(3, [0, 3, 6])
+    h = h._replace(a=h.a.clone())  # (written into: its rows share one in memory)
+    h.a[1, 2] = 7
+    parts = dict(a=a, b=b, c=c, d=d, e=e, f=f, h=h)
+    rows = {k: _reps.Rows.of(site, p.a, p.g) for k, p in parts.items()}
     assert rows["c"].ids.tolist() == sorted(set(c.a[c.a >= 0].tolist()))
-    for p, r in zip((a, b, c), rows.values()):
+    assert rows["d"].g.data_ptr() == d.g.data_ptr() and rows["d"].ids.tolist() == [2, 4, 5, 8]
+    assert [rows[k].ids.tolist() for k in "efh"] == [[2, 4, 5], [1, 3], [0, 3, 6, 7]]
+    for p, r in zip(parts.values(), rows.values()):
         torch.testing.assert_close(flat(r), flat(p), rtol=0, atol=0)
         torch.testing.assert_close(r.sq_norm(), flat(p).square().sum(1), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(r.total().materialize(), p.total().materialize(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(r.project(3, 4), p.project(3, 4), rtol=1e-12, atol=1e-12)
-        for q, s in zip((a, b, c), rows.values()):
+        for q, s in zip(parts.values(), rows.values()):
             torch.testing.assert_close(r.dot(s), flat(p) @ flat(q).T, rtol=1e-12, atol=1e-12)
     joined = _reps.Rows.concat(list(rows.values()))
-    torch.testing.assert_close(flat(joined), torch.cat([flat(a), flat(b), flat(c)]), rtol=0, atol=0)
+    torch.testing.assert_close(flat(joined), torch.cat([flat(p) for p in parts.values()]), rtol=0, atol=0)
     assert torch.equal(rows["a"].dot(rows["c"]), torch.zeros(4, 2, dtype=torch.float64))
 
 

@@ -582,7 +582,9 @@ def scatter_rows(ids: torch.Tensor, g: torch.Tensor, into: torch.Tensor) -> torc
     ``into`` ``[B, V, d]`` (contiguous: every caller makes it), in place."""
     b, v, d = into.shape
     rows = (torch.arange(b, device=ids.device)[:, None] * v + ids.clamp(min=0)).reshape(-1)  # into's [B V, d] rows
-    into.view(b * v, d).index_add_(0, rows, (g * (ids >= 0).unsqueeze(-1)).reshape(-1, d))  # 3x scatter_add_'s speed
+    valid = ids >= 0
+    g = g if bool(valid.all()) else g * valid.unsqueeze(-1)  # (no padding: no copy)
+    into.view(b * v, d).index_add_(0, rows, g.reshape(-1, d))  # 3x scatter_add_'s speed
     return into
 
 
