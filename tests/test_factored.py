@@ -1798,6 +1798,27 @@ def test_each_examples_rows_of_zero_output_gradient_are_dropped(monkeypatch, bat
     assert set(kept) == ({1, 2, 5} if batch_size else {1})
 
 
+def test_rows_without_gradient_in_the_same_places_for_every_example_are_dropped_alike(monkeypatch):
+    """Examples of one length keep their rows in the same places (a classifier reading its first token): those rows
+    are taken by index (no sort); the scores stay exact."""
+    model = ReadsOneRow().double().eval()
+    x, keep, extra, y = _reads_one_row_data(8)
+    keep[:] = (torch.arange(5) < 2).double()  # every example: rows 0-1 of inp, row 1 of mid
+    ckpts, taken, argsort = _ckpts(model), [], torch.argsort
+
+    def sorting(*args, **kwargs):
+        taken.append("sorted")
+        return argsort(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "argsort", sorting)
+    ref = reference_scores(model, ckpts, (x, keep, extra, y), (x[:3], keep[:3], extra[:3], y[:3]), loss_fn=CE)
+    taken.clear()
+    assert_close(tc.influence(model, ckpts, (x, keep, extra, y), (x[:3], keep[:3], extra[:3], y[:3]), loss_fn=CE),
+                 ref.influence, 1e-12)  # fmt: skip
+    assert_close(tc.self_influence(model, ckpts, (x, keep, extra, y), loss_fn=CE), ref.self_influence, 1e-12)
+    assert not taken
+
+
 def test_first_examples_without_any_gradient_leave_the_cost_model_at_all_rows():
     """Ignored targets (-100) give the first examples no gradient at all: nothing tells which rows later examples
     use, so every layer is costed at all its rows; the scores stay exact."""
