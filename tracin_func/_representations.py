@@ -486,7 +486,7 @@ class Rows(NamedTuple):
     def of(site: Site, ids: torch.Tensor, g: torch.Tensor) -> Rows:
         """From factors: ``ids`` ``[B, T]`` (-1: padding) and output gradients ``g`` ``[B, T, d]``. Where every example
         reads the same ids in increasing order (positions, a ``[1, T]`` row broadcast over the batch), its rows are
-        ``g`` itself (no sort of the ids, no scatter: 1.85 ms for 250 examples of 32 positions)."""
+        ``g`` itself: no sort of the ids and no scatter (for 250 examples of 32 positions 0.02 ms against 1.85)."""
         alike = bool(ids.shape[0]) and bool((ids == ids[:1]).all())  # every example the ids of the first
         if alike and _increasing(ids[0]):
             return Rows(site, ids[0].clone(), g.contiguous())
