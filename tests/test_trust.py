@@ -1791,6 +1791,34 @@ def test_7p_the_check_takes_examples_whose_inputs_differ_padded_unlike_first():
     assert columns[("end", "('query_ids',)")].tolist() == [3, 2]  # padded past what the document's mask says
 
 
+def _naive_run(row: list, first: bool) -> int:
+    """How many entries at the start (``first``) or the end of ``row`` equal the one there (NaN too)."""
+    row = row if first else row[::-1]
+    same = [x == row[0] or (x != x and row[0] != row[0]) for x in row]
+    return same.index(False) if False in same else len(row)
+
+
+@pytest.mark.parametrize("width", [0, 1, 5, 64, 65, 150])
+def test_7p_runs_at_both_ends_match_a_count_entry_by_entry(width):
+    """Each run the padding columns read (``_end_run``: a row's entries, read in its last 64 first, then in full;
+    ``_position_run``: whole positions) against a plain count, on rows of runs of every length at both ends, NaN
+    runs, integer rows and rows all one value."""
+    from tracin_func._data import _end_run, _position_run
+
+    g = torch.Generator().manual_seed(width)
+    rows = torch.randint(0, 3, (40, width), generator=g).double()
+    for i in range(min(width, 20)):  # a run of i at each end (of 0, 1 or NaN), then random entries
+        rows[i, :i], rows[i, width - i :] = 0, float("nan") if i % 2 else 1.0
+    rows[-1] = 7.0  # all one value: the whole row both ways
+    for x in (rows, rows.nan_to_num(5).long()):
+        for first in (True, False):
+            want = [_naive_run(r, first) for r in x.tolist()]
+            assert _end_run(x, first).tolist() == want
+            positions = x[:, :, None].expand(-1, -1, 3).clone()
+            positions[:, :, 1] = 2.0  # (one entry of a position alike everywhere: the others tell)
+            assert _position_run(positions, first).tolist() == want
+
+
 class TrimmedPairs(nn.Module):
     """Sentence pairs (Hugging Face's ``input_ids``, ``token_type_ids``, ``attention_mask``) cut to the batch's
     longest example, then a mean over all its positions: an example's output depends on its batch's longest."""

@@ -229,21 +229,25 @@ def _checking_batches(
         shown.update({k: _joined(r, shown.get(k)) for k, r in check.shown or ()})
         reading_left[:] = [(reading, unseen or "lengths", rep_of(reading))]
 
-    last: list[tuple[list[Any], dict]] = []  # the last batch's tensors and padding: each checkpoint scores a batch
+    last: list[tuple[list[Any], dict, dict]] = []  # the last batch's tensors, padding and its ranges: each
+    # checkpoint scores a batch
 
-    def columns_of(batch: Any) -> dict[tuple[str, str], torch.Tensor]:
-        """``batch``'s padding (``padding``), read once for all checkpoints."""
+    def columns_of(batch: Any) -> tuple[dict[tuple[str, str], torch.Tensor], dict[tuple[str, str], tuple[int, int]]]:
+        """``batch``'s padding (``padding``) and the range of each column (``_ranges``), read once for all
+        checkpoints."""
         tensors = optree.tree_leaves(batch, none_is_leaf=True)
         seen = last[-1] if last else None  # (one read: threads may replace it)
         if seen is None or len(seen[0]) != len(tensors) or any(a is not b for a, b in zip(seen[0], tensors)):
-            seen = (tensors, {k: t.cpu() for k, t in padding(_inputs(batch, [loss])).items()})
+            columns = {k: t.cpu() for k, t in padding(_inputs(batch, [loss])).items()}
+            seen = (tensors, columns, _ranges(columns))
             last[:] = [seen]
-        return seen[1]
+        return seen[1], seen[2]
 
     @torch.compiler.disable  # (eager inside compiled updates)
     def unshown_in(batch: Any) -> list[torch.Tensor]:
         """The columns of ``batch``'s padding that vary beyond the range they took in the checks."""
-        return [t for k, t in columns_of(batch).items() if not _within(_range(t), shown.get(k))]
+        columns, ranges = columns_of(batch)
+        return [t for k, t in columns.items() if not _within(ranges[k], shown.get(k))]
 
     def padding_shown(batch: Any) -> Plan:
         """Check ``batch`` on examples of its own until no column of its padding varies beyond the range it took in
@@ -253,7 +257,7 @@ def _checking_batches(
         while varied := unshown_in(batch):
             picked = torch.tensor(_showing(varied))
             reading, check = verdict(select_rows(batch, picked))  # (four or fewer: the check runs them all)
-            spanned = tuple((k, _range(t[picked])) for k, t in columns_of(batch).items())
+            spanned = tuple(_ranges({k: t[picked] for k, t in columns_of(batch)[0].items()}).items())
             checked(reading, check._replace(shown=spanned))
         return reading_left[0][0]
 
@@ -526,11 +530,13 @@ def _showing(columns: Sequence[torch.Tensor]) -> list[int]:
     return sorted(taken)
 
 
-def _range(t: torch.Tensor) -> tuple[int, int]:
-    """The values a column of ``padding`` takes among examples. A run at an end may be content (a repeated last
-    token), and a model may read the padding only past a threshold (its cut rounded up to a multiple of 8): a check
-    shows the padding only within the range its examples took, a named mask's too."""
-    return int(t.min()), int(t.max())
+def _ranges(columns: Mapping[Any, torch.Tensor]) -> dict[Any, tuple[int, int]]:
+    """The values each column of ``padding`` takes among examples, its least and most (all columns in two
+    reductions). A run at an end may be content (a repeated last token), and a model may read the padding only past
+    a threshold (its cut rounded up to a multiple of 8): a check shows the padding only within the range its examples
+    took, a named mask's too."""
+    rows = torch.stack([t.long() for t in columns.values()], 1)
+    return dict(zip(columns, zip(rows.amin(0).tolist(), rows.amax(0).tolist())))
 
 
 def _within(values: tuple[int, int], shown: tuple[int, int] | None) -> bool:
@@ -1346,7 +1352,7 @@ def _compared(
                 return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
         # what shows padding in the data (each mask, each tensor's ends) shows it as far as it varies, packed too (a
         # second input the model cuts to the batch's longest)
-        shown = tuple((k, _range(t)) for k, t in padding(_inputs(few, losses)).items())
+        shown = tuple(_ranges(padding(_inputs(few, losses))).items())
         # examples of one length (packed, or padded alike) cannot show whether the model reads the padding a longer
         # example adds (`pad_packed_sequence` pads to the batch's longest), nor an order by length: exact, no proof
         if on_packed and (n < 2 or all(map(_alike, _packed_lengths(on_packed, n)))):  # (one may be fixed)
