@@ -3122,6 +3122,23 @@ class RowMixer(nn.Module):
         return self.head(torch.tanh(self.mix(x)).mean(1))
 
 
+@pytest.mark.parametrize("layout", ["row_major", "column_major", "strided"])
+@pytest.mark.parametrize(("b", "k"), [(1, 5), (7, 0), (7, 3), (20, 50_000)])
+def test_squared_norms_of_rows_in_every_layout(layout, b, k):
+    """``_sq_norms`` (every per-example squared norm of formed gradients): row-major in one pass, column-major (the
+    test side) in blocks of its ``[K, B]`` storage (50,000 x 20 spans several), any other layout as given; each equal
+    to the float64 sum of squares."""
+    from tracin_func._representations import _sq_norms
+
+    rows = torch.randn(b, 2 * k if layout == "strided" else k, dtype=torch.float64)
+    rows = {"row_major": rows, "column_major": rows.T.contiguous().T, "strided": rows[:, ::2]}[layout]
+    if not k:
+        assert _sq_norms(rows).tolist() == [0.0] * b
+        return
+    assert_close(_sq_norms(rows), (rows * rows).sum(1), 1e-12)  # (the same sums in another order)
+    assert_close(_sq_norms(rows.float()).double(), (rows * rows).sum(1), 1e-5)
+
+
 @pytest.mark.parametrize("whole", [False, True], ids=["chunk_by_chunk", "formed_whole"])
 def test_test_batches_joined_column_major_score_exactly(monkeypatch, whole):
     """The test side's formed layers are column-major (read fastest by every training batch's products), formed
