@@ -226,9 +226,9 @@ class CausalLMLoss(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.shift:
             logits, labels = logits[:, :-1], labels[:, 1:]
-        tokens = nn.functional.cross_entropy(
-            logits.transpose(1, 2), labels, ignore_index=self.ignore_index, reduction="none"
-        )  # 0 at ignored labels
+        tokens = nn.functional.cross_entropy(  # (0 at ignored labels; rows of classes, as tc.causal_lm_loss reads them)
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=self.ignore_index, reduction="none"
+        ).view(labels.shape)
         counts = (labels != self.ignore_index).sum(1).clamp(min=1)
         losses = tokens.sum(1) / counts
         if self.reduction == "sum":
