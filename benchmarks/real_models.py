@@ -224,8 +224,8 @@ class CausalLMLoss(nn.Module):
     shift = True  # position t predicts label t + 1
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]
+        if self.shift:  # (the last position predicts nothing: its label ignored, as tc.causal_lm_loss and HF do)
+            labels = nn.functional.pad(labels, (0, 1), value=self.ignore_index)[:, 1:]
         tokens = nn.functional.cross_entropy(  # (0 at ignored labels; rows of classes, as tc.causal_lm_loss reads them)
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=self.ignore_index, reduction="none"
         ).view(labels.shape)

@@ -173,7 +173,11 @@ def causal_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: in
     def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         inputs, target = _model_inputs(batch, labels, "causal_lm_loss", options)
         logits = _logits(functional_call(model, dict(params), (), inputs))
-        return _mean_token_loss(logits[:, :-1], target[:, 1:], ignore_index)
+        # position t predicts label t + 1, the last nothing (Hugging Face's padded labels): every position's logits
+        # read in place (a slice of them is copied, and its gradient zero-filled and copied back: GPT-2's batch of 220,
+        # forward and backward 25 against 38 ms)
+        shifted = F.pad(target, (0, 1), value=ignore_index)[:, 1:]
+        return _mean_token_loss(logits, shifted, ignore_index)
 
     return BatchLoss(losses)
 
