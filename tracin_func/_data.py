@@ -368,8 +368,9 @@ def _run(unlike: torch.Tensor, first: bool = False) -> torch.Tensor:
     n = unlike.shape[1]
     if n == 0:
         return torch.zeros(len(unlike), dtype=torch.int64, device=unlike.device)
-    places = torch.arange(n, 0, -1) if first else torch.arange(1, n + 1)
-    return (n - (unlike * places.to(unlike.device, torch.int32)).amax(1)).long()
+    step = (n, 0, -1) if first else (1, n + 1, 1)
+    places = torch.arange(*step, dtype=torch.int32, device=unlike.device)
+    return (n - (unlike * places).amax(1)).long()
 
 
 def _rows(batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -340,7 +340,7 @@ class Factored(NamedTuple):
         if self.site.kind == "embedding":
             ka = _same_token(a[:, :, None], a[:, None, :]).to(g.dtype)
         elif a.shape[1] == 1:  # one row: products of norms (1500 MLP examples: 0.05 against 0.14 ms as [1, 1] GEMMs)
-            na, ng = (torch.linalg.vector_norm(x[:, 0], dim=1).square_() for x in (a, g))
+            na, ng = _sq_norms(a[:, 0]), _sq_norms(g[:, 0])
             return (na.add_(1) if self.site.bias is not None else na).mul_(ng)
         else:
             ka = a @ a.transpose(1, 2)
