@@ -68,8 +68,9 @@ def _sq_norms(rows: torch.Tensor) -> torch.Tensor:
     """``[B]``: the squared norm of each row of ``rows`` ``[B, K]`` without a squared copy of the whole: row-major
     by torch's norm in one pass (64,000 x 20: 0.22 against 0.65 ms squared and summed); column-major (``Deferred
     .column_major``: the test side) summed in blocks of its contiguous ``[K, B]`` (0.68 against 1.6-1.8 ms read across
-    rows that stride by B; 64,000 x 200: 7.8 against 30 ms)."""
-    if rows.is_contiguous() or not rows.T.is_contiguous():
+    rows that stride by B; 64,000 x 200: 7.8 against 30 ms; on the CPU only: a GPU reduces across strides in one
+    kernel, where blocks would each cost a launch)."""
+    if rows.device.type != "cpu" or rows.is_contiguous() or not rows.T.is_contiguous():
         return torch.linalg.vector_norm(rows, dim=1).square_()
     columns = rows.T
     block = max(1, _NORM_BLOCK_BYTES // (columns.shape[1] * columns.element_size()))
