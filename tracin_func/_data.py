@@ -325,25 +325,20 @@ def _is_mask(rows: torch.Tensor) -> bool:
     return bool((steps <= 0).all()) or bool((steps >= 0).all())
 
 
-def _position_run(t: torch.Tensor, first: bool, tail: int = 4) -> torch.Tensor:
+def _position_run(t: torch.Tensor, first: bool) -> torch.Tensor:
     """``[B]``: how many positions (``t[:, i]``, whole) at the start (``first``) or the end of each example of ``t``
-    equal the one there (NaN too), read in the ``tail`` positions there first, then in full where all of those do
-    (``_end_run``; 100 images ``[3, 32, 32]``: a channel's rows compared 4 at a time, not 32)."""
-    x = t.flatten(2)
-    end = x[:, :tail] if first else x[:, -tail:]
-    run = _run(_unlike_end(end, first).any(2), first)
-    longer = run == end.shape[1]
-    if end.shape[1] < x.shape[1] and bool(longer.any()):
-        run[longer] = _position_run(x[longer], first, x.shape[1])
-    return run
+    equal the one there (NaN too), read 4 at a time first (100 images ``[3, 32, 32]``: a channel's rows compared 4 at
+    a time, not 32)."""
+    return _end_run(t.flatten(2), first, tail=4)
 
 
 def _end_run(rows: torch.Tensor, first: bool, tail: int = 64) -> torch.Tensor:
-    """``[B]``: how many entries at the start (``first``) or the end of each row of ``rows`` ``[B, n]`` equal the one
-    there (NaN too), read in the ``tail`` entries there first (most rows end there), then in full where all of those
-    do."""
+    """``[B]``: how many entries (``rows`` ``[B, n]``) or whole positions (``[B, n, d]``) at the start (``first``) or
+    the end of each example equal the one there (NaN too), read in the ``tail`` there first (most rows end there),
+    then in full where all of those do."""
     end = rows[:, :tail] if first else rows[:, -tail:]  # that end's entries
-    run = _run(_unlike_end(end, first), first)
+    unlike = _unlike_end(end, first)
+    run = _run(unlike.any(2) if unlike.dim() > 2 else unlike, first)
     longer = run == end.shape[1]
     if end.shape[1] < rows.shape[1] and bool(longer.any()):
         run[longer] = _end_run(rows[longer], first, rows.shape[1])
