@@ -1801,9 +1801,10 @@ def _naive_run(row: list, first: bool) -> int:
 @pytest.mark.parametrize("width", [0, 1, 5, 64, 65, 150])
 def test_7p_runs_at_both_ends_match_a_count_entry_by_entry(width):
     """Each run the padding columns read (``_end_run``: a row's entries, read in its last 64 first, then in full;
-    ``_position_run``: whole positions) against a plain count, on rows of runs of every length at both ends, NaN
-    runs, integer rows and rows all one value."""
-    from tracin_func._data import _end_run, _position_run
+    ``_position_run``: whole positions, read in their first entries first; lines of many items, in their last 4
+    first) against a plain count, on rows of runs of every length at both ends, NaN runs, integer rows and rows all
+    one value."""
+    from tracin_func._data import _end_run, _ends, _position_run
 
     g = torch.Generator().manual_seed(width)
     rows = torch.randint(0, 3, (40, width), generator=g).double()
@@ -1814,9 +1815,14 @@ def test_7p_runs_at_both_ends_match_a_count_entry_by_entry(width):
         for first in (True, False):
             want = [_naive_run(r, first) for r in x.tolist()]
             assert _end_run(x, first).tolist() == want
-            positions = x[:, :, None].expand(-1, -1, 3).clone()
-            positions[:, :, 1] = 2.0  # (one entry of a position alike everywhere: the others tell)
-            assert _position_run(positions, first).tolist() == want
+            for d in (3, 12):  # (12: past the entries read first, where the first may or may not tell)
+                positions = torch.full((*x.shape, d), 2.0, dtype=x.dtype)
+                positions[:, :, 0] = torch.where(torch.rand(x.shape, generator=g) < 0.3, x, positions[:, :, 0])
+                positions[:, :, -1] = x
+                whole = [_naive_run([str(p) for p in r], first) for r in positions.tolist()]
+                assert _position_run(positions, first).tolist() == whole
+            lines = x[:, None].expand(-1, 10, -1)  # many items: each line (a row of x) read in its last 4 first
+            assert _ends(lines)[f"lines {'start' if first else 'end'} most"].tolist() == want
 
 
 class TrimmedPairs(nn.Module):

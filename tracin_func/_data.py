@@ -283,8 +283,9 @@ def _ends(t: torch.Tensor) -> dict[str, torch.Tensor]:
     ends = {f"positions {side}": _position_run(t, side == "start") for side in _SIDES}
     if t.shape[1] <= _FEW_ITEMS:
         return ends | {f"item {i} {how}": run for i in range(t.shape[1]) for how, run in _ends(t[:, i]).items()}
+    lines = t.flatten(0, -2)  # (a copy, once, where the items are a view)
     for side in _SIDES:
-        runs = _end_run(t.flatten(0, -2), side == "start").view(len(t), -1)  # (a line of one entry: a run of 1)
+        runs = _end_run(lines, side == "start", tail=4).view(len(t), -1)  # (a line of one entry: a run of 1)
         ends |= {f"lines {side}": runs.sum(1), f"lines {side} least": runs.amin(1), f"lines {side} most": runs.amax(1)}
     return ends
 
@@ -337,12 +338,27 @@ def _end_run(rows: torch.Tensor, first: bool, tail: int = 64) -> torch.Tensor:
     the end of each example equal the one there (NaN too), read in the ``tail`` there first (most rows end there),
     then in full where all of those do."""
     end = rows[:, :tail] if first else rows[:, -tail:]  # that end's entries
-    unlike = _unlike_end(end, first)
-    run = _run(unlike.any(2) if unlike.dim() > 2 else unlike, first)
+    run = _run(_unlike_positions(end, first) if end.dim() > 2 else _unlike_end(end, first), first)
     longer = run == end.shape[1]
     if end.shape[1] < rows.shape[1] and bool(longer.any()):
         run[longer] = _end_run(rows[longer], first, rows.shape[1])
     return run
+
+
+def _unlike_positions(x: torch.Tensor, first: bool) -> torch.Tensor:
+    """``[B, n]``: whether each whole position ``x[:, i]`` (``[B, n, d]``) differs from the one at the start (``first``)
+    or the end, read in its first ``_PROBED`` entries first (an image's channels, a token's embedding differ there),
+    in full for the examples whose position next to that one matched there: the run is 1 wherever that one differs,
+    whatever the others (200 images ``[3, 32, 32]``, both ends: 0.12 against 2.8 ms read in full)."""
+    unlike = _unlike_end(x[:, :, :_PROBED], first).any(2)
+    if x.shape[1] > 1 and x.shape[2] > _PROBED:
+        matched = ~unlike[:, 1 if first else -2]
+        if bool(matched.any()):
+            unlike[matched] = _unlike_end(x[matched], first).any(2)
+    return unlike
+
+
+_PROBED = 8
 
 
 def _unlike_end(x: torch.Tensor, first: bool) -> torch.Tensor:
