@@ -132,12 +132,11 @@ def plan_call(
     if setup.method == "last_layer":
         assert module is not None  # checked when the call was set up
         names, factored = last_layer_params(module, setup.train_loss, first, batch, setup.spec.aliases), True
-    diff, frozen = _split(first, names)
     checked_at = _split(setup.checkpoints[-1].state, names)  # see ``make_plan``
     mapper = Mapper(setup.chunk_size)
     plan = make_plan(
-        module, names, losses, diff, frozen, batch, mapper, factored=factored, self_only=self_only, partners=partners,
-        scored=scored, checked_at=checked_at, pool=pool,
+        module, names, losses, *checked_at, batch, mapper, factored=factored, self_only=self_only, partners=partners,
+        scored=scored, pool=pool,
     )._replace(tensor_bytes=tensor_bytes)
     if module is not None and factored is not False and not plan.batched:
         causes = sorted(plan.dense, key=lambda n: plan.reasons[n] in (_TO_VMAP, _UNUSED_ON_VMAP))  # root causes first
@@ -617,13 +616,13 @@ def make_plan(
     self_only: bool = False,
     partners: int | None = None,
     scored: Callable[[], Any] | None = None,
-    checked_at: tuple[Tensors, Tensors] | None = None,
     pool: Any = None,
 ) -> Plan:
     """Which layers give factors, which of those are scored by factored inner products (a cost model for
     ``factored=None``, all for ``True``; ``False`` uses vmap(grad) for everything), and how factors are obtained.
-    ``checked_at``: the ``(diff, frozen)`` state the batching check runs at, when not this one: the last
-    checkpoint's, where a path mixing examples behind a gate that is zero at initialisation shows.
+    ``diff``, ``frozen``: the state discovery and the batching check run at, the call's last checkpoint's
+    (``plan_call``), where a path mixing examples, or another use of a parameter, behind a gate that is zero at
+    initialisation shows.
     ``self_only``: each gradient is only multiplied with itself (self-influence); else ``partners``: the products each
     training gradient takes part in, where known (``_pair_costs``). ``pool``: more examples, ``batch``'s
     first, which the batching check picks its own among (``_checked_rows``: the ends of each padding signal's range,
@@ -734,11 +733,9 @@ def make_plan(
     head_shows = head is not None and _shows_batching(head, losses[:1])
 
     def checked_on(plan: Plan) -> BatchingCheck:
-        at = checked_at or (diff, frozen)
         if head_shows:  # check the training loss on its data
-            return _refused_on(module, losses[0], plan, *at, head, mapper)
-        true = truth if checked_at is None else [_true_expanded(module, loss, plan, *at, batch) for loss in losses]
-        return _batching_refused(module, losses, plan, {**at[1], **at[0]}, examples, mapper, true)
+            return _refused_on(module, losses[0], plan, diff, frozen, head, mapper)
+        return _batching_refused(module, losses, plan, {**frozen, **diff}, examples, mapper, truth)
 
     readings = _readings(plan, sites, first_calls, modules)
     plan, check = readings[0], checked_on(readings[0])
