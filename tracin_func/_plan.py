@@ -640,7 +640,10 @@ def make_plan(
     called: set[str] = set()  # sites called under some loss so far
     first_calls: dict[str, list[tuple[int, ...] | None]] = {}  # the first loss's output shapes per site
     packed: set[str] = set()  # layers run unrolled on a PackedSequence: on the batched path only (`_unpacked`)
-    examples = batch if pool is None else pool  # (its first example is batch's: the expanded sites' truth)
+    # the batching check's examples, picked from the pool once (the first is batch's, whose gradients are the expanded
+    # sites' truth): the check and discovery, given four or fewer, run them all
+    pool = batch if pool is None else pool
+    examples = select_rows(pool, _checked_rows(pool, losses)) if sites else pool
     for i, loss in enumerate(losses if sites else ()):
         with packed_calls() as on_packed:
             calls, leaked, unreached = discover(module, loss, list(sites.values()), diff, frozen, batch)
