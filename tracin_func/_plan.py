@@ -228,8 +228,8 @@ def _checking_batches(
         shown.update({k: _joined(r, shown.get(k)) for k, r in check.shown or ()})
         reading_left[:] = [(reading, unseen or "lengths", rep_of(reading))]
 
-    last: list[tuple[list[Any], dict, dict]] = []  # the last batch's tensors, padding and its ranges: each
-    # checkpoint scores a batch
+    # the last batch's tensors, padding and the padding's ranges (each checkpoint scores a batch)
+    last: list[tuple[list[Any], dict, dict]] = []
 
     def columns_of(batch: Any) -> tuple[dict[tuple[str, str], torch.Tensor], dict[tuple[str, str], tuple[int, int]]]:
         """``batch``'s padding (``padding``) and the range of each column (``_ranges``), read once for all
@@ -1434,8 +1434,8 @@ def _kept_on_refusal(seen: dict[str, LayerFactors], together: Mapping[str, Layer
 def _checked_rows(batch: Any, losses: Sequence[BatchableLoss]) -> torch.Tensor:
     """The examples of ``batch`` a check runs: four at most, in the batch's order (packing with
     ``enforce_sorted=True`` needs a batch sorted by length to stay sorted). Four or fewer are taken as given: the
-    planning head, or a re-check's picks, which may differ only in a tensor narrower than the widest (captions of one
-    image), and a copy adds nothing to miss."""
+    planning head, planning's own picks (``make_plan``), or a re-check's, which may differ only in a tensor narrower
+    than the widest (captions of one image), and a copy adds nothing to miss."""
     n = num_examples(batch)
     picked = distinct_examples(_inputs(batch, losses), 4) if n > 4 else []
     return torch.tensor(sorted(picked) if len(picked) > 1 else range(min(4, n)))
