@@ -212,7 +212,7 @@ def test_resnet18_in_float32_stays_batched(form, monkeypatch):
         model = _Uint8Images(model).eval()
         ckpts = [tc.Checkpoint({f"net.{k}": v for k, v in c.params.items()}, c.lr) for c in ckpts]
     assert tc.explain(model, ckpts, data, loss_fn=w.loss_fn).batching == BATCHED
-    monkeypatch.setattr("tracin_func._plan._WIDE_CHECK_BYTES", 0)
+    monkeypatch.setattr("tracin_func._batching._WIDE_CHECK_BYTES", 0)
     capped = tc.explain(model, ckpts, data, loss_fn=w.loss_fn).batching
     assert capped == BATCHED or capped.startswith("vmap(grad) over examples: a batched forward changed"), capped
 

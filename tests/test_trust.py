@@ -1887,7 +1887,7 @@ def test_7p_padding_shown_in_one_tensor_leaves_the_others_to_be_checked(monkeypa
     one length counted as showing all padding, so a later batch of decoder ids of other lengths went unchecked: 37%
     off, silently. Each thing that shows padding (a mask, each tensor's ends) now counts only where it varied: a
     batch where another varies is checked on examples of its own."""
-    import tracin_func._plan as plan_module
+    import tracin_func._batching as batching
 
     torch.manual_seed(0)
     model = EncoderDecoder(cut).double().eval()
@@ -1906,8 +1906,8 @@ def test_7p_padding_shown_in_one_tensor_leaves_the_others_to_be_checked(monkeypa
             tc.self_influence(model, ckpts, batches, loss_fn=loss)
         return
     checks = []
-    checked = plan_module._refused_on
-    monkeypatch.setattr(plan_module, "_refused_on", lambda *a: checks.append(a) or checked(*a))
+    checked = batching.refused_on
+    monkeypatch.setattr(batching, "refused_on", lambda *a: checks.append(a) or checked(*a))
     with warnings.catch_warnings():
         warnings.simplefilter("error", tc.SlowPathWarning)
         got = tc.self_influence(model, ckpts, batches, loss_fn=loss)
@@ -2342,11 +2342,11 @@ def test_7p_the_check_planned_spans_an_in_memory_batchs_first_examples(monkeypat
     further in its padding, was checked again (one re-check per call: 7-14% of the digits MLP's, 22-25% of a packed
     LSTM's). The check now picks its examples among the first 4096 of a batch in memory (16 MB at most): the ends of
     each padding signal's range, the most at once first."""
-    import tracin_func._plan as plan_module
+    import tracin_func._batching as batching
 
     checks = []
-    checked = plan_module._refused_on
-    monkeypatch.setattr(plan_module, "_refused_on", lambda *a: checks.append(a) or checked(*a))
+    checked = batching.refused_on
+    monkeypatch.setattr(batching, "refused_on", lambda *a: checks.append(a) or checked(*a))
     gen = torch.Generator().manual_seed(0)
     lengths = torch.tensor([6] * 4 + torch.randint(1, 7, (36,), generator=gen).tolist())
     tokens = (torch.arange(6) + torch.randint(0, 6, (40, 1), generator=gen)) % 6 + 1  # no token twice in a row
@@ -2364,11 +2364,11 @@ def test_7p_influence_checks_among_both_datas_first_examples(monkeypatch):
     was checked again (one re-check per call: 19% of a packed LSTM's, 8% of BERT's as a criterion). With one loss for
     both sides the check now picks its examples among the training data's first too. Test data padded to another
     width cannot join them: the training batch is then checked as before, and still exact."""
-    import tracin_func._plan as plan_module
+    import tracin_func._batching as batching
 
     checks = []
-    checked = plan_module._refused_on
-    monkeypatch.setattr(plan_module, "_refused_on", lambda *a: checks.append(a) or checked(*a))
+    checked = batching.refused_on
+    monkeypatch.setattr(batching, "refused_on", lambda *a: checks.append(a) or checked(*a))
     gen = torch.Generator().manual_seed(0)
 
     def tokens(lengths: list[int], width: int = 6) -> tuple[torch.Tensor, ...]:
@@ -2933,11 +2933,11 @@ def test_the_float64_recheck_runs_the_examples_once_in_each_precision(monkeypatc
     """The float64 re-check of a refusal on compared numbers compares the float32 and float64 checks' own runs of
     the examples together (is the model computing alike in both?) instead of running them again: two forward /
     backward passes fewer (0.98 -> 0.36 s of ResNet-18's planning, one pass in float64)."""
-    import tracin_func._plan as plan
+    import tracin_func._batching as batching
 
     runs = []
-    counted = plan.batched_factors
-    monkeypatch.setattr(plan, "batched_factors", lambda *a, **kw: runs.append(a[3]) or counted(*a, **kw))
+    counted = batching.batched_factors
+    monkeypatch.setattr(batching, "batched_factors", lambda *a, **kw: runs.append(a[3]) or counted(*a, **kw))
     net = RoundsByBatchSize(0.0).eval()
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, generator=gen), torch.tensor([0, 1] * 4)
@@ -2951,7 +2951,7 @@ def test_a_float32_refusal_on_a_gpu_names_tf32_when_it_is_on():
     """On a GPU, TF32 (PyTorch's default for cuDNN convolutions) rounds float32 products to about 1e-3, unlike in a
     batch and alone: an H200 left ResNet-18 off the batched path with it, and kept it batched without it. A refusal on
     compared numbers names the flags that are on and the fix; nothing where TF32 does not apply."""
-    from tracin_func._plan import tf32_note
+    from tracin_func._batching import tf32_note
 
     cuda, cudnn, matmul = torch.device("cuda"), torch.backends.cudnn, torch.backends.cuda.matmul
     before = cudnn.allow_tf32, matmul.allow_tf32

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from ._plan import Plan
 
 Hook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
-Factors = dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]  # path -> per call: inputs, output grads
+LayerFactors = tuple[list[torch.Tensor], list[torch.Tensor]]  # one layer's inputs and output gradients, per call
+Factors = dict[str, LayerFactors]  # path -> its factors
 Witness = Callable[[Mapping[str, torch.Tensor], Any, Any], None]  # (state, batch, (outputs, losses)): batched_factors
 BatchableLoss = Union[CriterionLoss, BatchedLoss]  # losses whose model runs on whole batches
 
@@ -146,7 +147,7 @@ def discover(
     differentiated parameter, and the parameters autograd does not reach at all. A site's parameters must get no
     gradient, since another use (a direct ``F.linear(x, layer.weight)``, a regulariser in the loss) would be missed
     by its factors. An "expanded" site's use is not detached: its parameters get the example's whole gradient,
-    which their expanded copies must reproduce (``_plan._batching_refused``).
+    which their expanded copies must reproduce (``_batching.batching_refused``).
     """
     calls: dict[str, list[tuple[int, ...] | None]] = {s.path: [] for s in sites}
 
@@ -195,14 +196,15 @@ def batched_factors(
     A site called on one row that the model broadcasts over the batch (BERT's and GPT-2's ``[1, T]`` position ids)
     gets a probe with one row per example (per row of its folded batch, ``Plan.fold``, summed per example), so that
     its output gradient is each example's own; planning checks on the first examples that the model treats that row
-    like any batched one (``_plan._batching_refused``).
+    like any batched one (``_batching.batching_refused``).
     ``refuse_recomputing`` (planning's check): refuse a forward that recomputes layers in the backward pass, or that
     reorders the examples of its batch by a sort (``_PlanningWatch``).
     ``compiled``: under ``torch.compile``, whose autograd nodes are the compiled graph's: the checks that read them
     (inputs changed in place, hooks on outputs, merged rows' provenance) are planning's, on the eager first examples.
     ``witness``: called after the backward with the state, the batch and what the forward gave its examples,
     ``(outputs, losses)``, detached: a criterion's inputs (the model's floating outputs) and its losses where it runs
-    on the whole batch (``batch_losses``, else None), or none and a ``tc.BatchLoss``'s losses (``_plan._spot_check``).
+    on the whole batch (``batch_losses``, else None), or none and a ``tc.BatchLoss``'s losses
+    (``_batching.spot_check``).
     """
     given = state  # (before parameter copies and probes join it)
     n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]

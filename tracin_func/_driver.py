@@ -175,7 +175,7 @@ def first_examples(setup: Setup, data: Any, where: str) -> Any:
 def checking_pool(setup: Setup, data: Any, where: str) -> Any:
     """Those of a single batch's first examples (``_CHECKING_POOL_EXAMPLES`` at most, ``_CHECKING_POOL_BYTES`` of
     data) at the ends of each padding signal's range (``extreme_rows``), on device, for the batching check to pick
-    its own among (``_plan._checked_rows``), so that the first batch the plan sizes rarely reaches beyond them (each
+    its own among (``_batching.checked_rows``), so that the first batch the plan sizes rarely reaches beyond them (each
     batch that does is checked again); None for other data, or where not one example fits in those bytes."""
     if not is_single_batch(data) or not (n := batch_size_of(data, where)):
         return None

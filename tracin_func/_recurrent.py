@@ -17,7 +17,7 @@ of the same: its two products are Linear-like sites called once per step, one ro
 A ``PackedSequence`` is unrolled padded, in the batch's own order: a step past an example's end leaves its state as
 it was (``torch.where``), so that the gradients of its products there are exactly zero and the last state is the one
 at the example's end. Every example runs as many steps as the batch's longest, and the batching check accepts the
-rows of zero gradient this adds (``_plan._same_live_rows``).
+rows of zero gradient this adds (``_batching._same_live_rows``).
 
 Only the exact classes (their own forward, no hooks or parametrizations, ``proj_size`` 0, no active dropout) are
 unrolled, and only on batched inputs (``[B, T, d]``, ``[T, B, d]`` or packed; a cell's ``[B, d]``): on an unbatched

@@ -1,0 +1,802 @@
+"""The batching check: whether one batched forward / backward gives each example the factors it gets run alone, so
+that a model mixing a batch's examples (batch statistics, a sort, padding read across examples) is never scored
+batched. Planning checks a few first examples (``batching_refused``); a batch that shows what they could not (padding
+beyond their range, packed sequences of other lengths) is checked on examples of its own (``checking_batches``);
+and each batch's spot check runs one of its examples alone (``spot_check``). ``docs/batching_check.md`` tells why
+each part is there and what it cannot see."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from functools import cache, partial
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import optree
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ._assemble import RepresentationFn, representation_fn, rows_with_gradient
+from ._capture import BatchableLoss, LayerFactors, Unbatchable, Witness, batched_factors, discover
+from ._data import distinct_examples, num_examples, padding, select_rows, slice_batch
+from ._grads import Mapper, Tensors
+from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
+from ._recurrent import packed_calls
+from ._representations import Representation
+
+if TYPE_CHECKING:
+    from ._plan import Plan
+
+
+class BatchingCheck(NamedTuple):
+    reason: str  # why batching is refused, or ""
+    seen: dict[str, LayerFactors]  # each site's factors on the first examples (also where refused on compared numbers)
+    batch_free: tuple[str, ...] = ()  # sites run once for the whole batch (``Plan.batch_free``), when not refused
+    factorless: bool = False  # refused so that no layer's factors can be taken per example either
+    # what the examples could not show: "lengths" (of one length, padded alike: whether the model reads the padding a
+    # longer example adds) or "packed" (packed sequences of one length); "" nothing
+    unshown: str = ""
+    shown: tuple[tuple[tuple[str, str], tuple[int, int]], ...] | None = None  # ``_range``s of ``padding``'s columns
+    rounding: bool = False  # refused on a comparison of numbers, which float rounding may have failed
+
+
+_WIDE_CHECK_BYTES = 4 << 30  # the most a float64 copy of the state may take for the check asked again in float64
+
+
+def _unbatchable(err: Unbatchable, vary: bool = False) -> BatchingCheck:
+    """The refusal ``err`` raised; ``vary``: the examples alone call some layer differently (a mixture of experts
+    routing them by ``topk``, which the batch-order watch refuses too), so that no layer may take factors."""
+    return BatchingCheck(err.reason, {}, factorless=err.factorless or vary)
+
+
+def _vary_alone(alone: Sequence[Mapping[str, LayerFactors]]) -> bool:
+    """Whether examples run alone call a layer a different number of times or on rows of other shapes."""
+    return any(_concat_examples([one[path] for one in alone]) is None for path in alone[0])
+
+
+def batching_refused(
+    module: nn.Module,
+    losses: Sequence[BatchableLoss],
+    plan: Plan,
+    state: Tensors,
+    batch: Any,
+    mapper: Mapper,
+    truth: Sequence[Mapping[str, torch.Tensor]],
+) -> BatchingCheck:
+    """Why a batched forward does not give each example the factors it gets alone (examples interact), or ``""``,
+    and each site's inputs and output gradients on the first examples run together (per call).
+
+    Each layer's inputs and output gradients on the first examples run together must equal theirs run one at a
+    time: this refuses batch statistics and any other mixing of examples, and accepts rows the model computes once
+    and broadcasts over the batch (position ids ``[1, T]``), which get a row per example (``batched_factors``).
+    An "expanded" site's copies must also give the first example its true gradient (``truth``, per loss). A layer
+    that gives as many factors for the first examples together as for the first alone runs once for the whole
+    batch: the examples run together again with its output followed to the batch (``batch_free``).
+
+    A refusal on compared numbers is checked again in float64 when the state is of lower precision: the batched and
+    the lone runs round differently, which can flip a max-pool's or a ReLU's choice (ResNet-18 in float32: 0.5% of
+    one example's output gradient at its first convolution, the others within 1e-6), as no mixing of examples does.
+    Tensors the forward makes are widened too (``_Widened``), and float64 decides only where the model computes alike
+    in both (``_computes_alike``). Not for a state whose float64 copy would take more than
+    ``_WIDE_CHECK_BYTES``: its refusal stands.
+    """
+    check = _compared(module, losses, plan, state, batch, mapper, truth)
+    if not check.rounding:
+        return check
+    floating = [t for t in state.values() if t.is_floating_point()]
+    narrow = floating[0].dtype if floating else torch.float64
+    check = check._replace(reason=check.reason + tf32_note(floating[0].device if floating else None, narrow))
+    if narrow == torch.float64 or 8 * sum(map(torch.numel, floating)) > _WIDE_CHECK_BYTES:
+        return check
+    try:  # (no float64 on some devices, or a model's own low-precision tensors meeting float64 ones: it stands)
+        wide_state, wide_batch, wide_truth = _floating_as(torch.float64, (state, batch, truth))
+        with _Widened():
+            wide = _compared(module, losses, plan, wide_state, wide_batch, mapper, wide_truth)
+        states, batches = (state, wide_state), (batch, wide_batch)
+        same = not wide.reason and _computes_alike(losses, states, batches, check.seen, wide.seen)
+    except (RuntimeError, TypeError, ValueError):
+        return check
+    return wide._replace(seen=_floating_as(narrow, wide.seen)) if same else check
+
+
+def tf32_note(device: torch.device | None, dtype: torch.dtype) -> str:
+    """Why a float32 comparison on a GPU may fail by rounding alone: TF32 products (10 bits of mantissa, PyTorch's
+    default for cuDNN convolutions), whose rounding differs between batched and lone runs far beyond float32's. On an
+    H200, ResNet-18 and the MobileNet-style net left the batched path with it and stayed batched without it (their
+    influence 1.25-1.31 s against 0.80-0.83 s, 0.91-1.31 s against 0.46-0.49 s); ``""`` where it does not apply."""
+    if device is None or device.type != "cuda" or dtype != torch.float32:
+        return ""
+    on = [flag for flag, value in (("torch.backends.cudnn.allow_tf32", torch.backends.cudnn.allow_tf32),
+                                   ("torch.backends.cuda.matmul.allow_tf32", torch.backends.cuda.matmul.allow_tf32))
+          if value]  # fmt: skip
+    if not on:
+        return ""
+    return (
+        f". TF32 is on ({' and '.join(f'`{flag}`' for flag in on)}): its rounding, about 1e-3, differs between a batch "
+        f"and an example alone, which this check cannot tell from examples interacting; set "
+        f"{' and '.join(f'`{flag} = False`' for flag in on)} for full float32 products and the batched path"
+    )
+
+
+def _computes_alike(
+    losses: Sequence[BatchableLoss],
+    states: Any,
+    batches: Any,
+    own: Mapping[str, LayerFactors],
+    wide: Mapping[str, LayerFactors],
+) -> bool:
+    """Whether the model computes the same in float64 as in its own precision: every layer's inputs (``own``, ``wide``:
+    each layer's factors on the checked examples run together, as the two checks saw them) and its outputs (a
+    criterion's inputs, a ``tc.BatchLoss``'s losses) close in both. A model whose semantics depend on the dtype
+    (padding found as ``torch.finfo(x.dtype).min``, a branch on ``x.dtype``, also after its last layer) would
+    otherwise be judged on what it does in float64 only (85% and 254% off, silently, before this check); a
+    max-pool's flipped choice leaves them alike (a near-tie)."""
+    rows = checked_rows(batches[0], losses)
+    own_out = _outputs(losses[0], states[0], select_rows(batches[0], rows))
+    with _Widened():
+        wide_out = _outputs(losses[0], states[1], select_rows(batches[1], rows))
+    pairs = [(xs, wide[path][0]) for path, (xs, _) in own.items()] + [(own_out, wide_out)]
+    return all(
+        len(mine) == len(theirs) and all(map(_close_rows, mine, [t.to(m.dtype) for m, t in zip(mine, theirs)]))
+        for mine, theirs in pairs
+    )
+
+
+def _outputs(loss: BatchableLoss, state: Tensors, batch: Any) -> list[torch.Tensor]:
+    """The model's floating outputs on ``batch`` (a criterion's inputs), or a ``tc.BatchLoss``'s losses."""
+    with torch.no_grad():
+        if isinstance(loss, BatchedLoss):
+            return [loss.per_example(state, batch)]
+        out = loss.forward(state, *batch[:-1])
+    return floating_leaves(out)
+
+
+def _floating_as(dtype: torch.dtype, tree: Any) -> Any:
+    """``tree`` with its floating tensors cast to ``dtype``."""
+    return optree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, tree)
+
+
+class _Widened(TorchFunctionMode):
+    """Floating tensors of a lower precision widened to float64 as ops make them: a forward that casts its input
+    (``x.float() / 255``, a one-hot made float) or makes tensors of the default dtype (``torch.zeros`` states) runs
+    in float64 throughout. (The cast still rounds, but elementwise: alike in a batch and alone.)"""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        return _floating_as(torch.float64, func(*args, **(kwargs or {})))  # (a float64 tensor: itself)
+
+
+def _compared(
+    module: nn.Module,
+    losses: Sequence[BatchableLoss],
+    plan: Plan,
+    state: Tensors,
+    batch: Any,
+    mapper: Mapper,
+    truth: Sequence[Mapping[str, torch.Tensor]],
+) -> BatchingCheck:
+    """``batching_refused`` at the state's own precision."""
+    few = select_rows(batch, checked_rows(batch, losses))
+    n = num_examples(few)
+    # together: the first examples and a copy of the first after them (two: both twice, or reversing them would
+    # leave the batch as it was). A model ordering its batch by an order made outside torch (Python's `sorted`),
+    # unseen by the batch-order watch, may find the first examples in order already, but never these, whose keys are
+    # not monotone unless all equal: its rows then land on other examples
+    order = {1: [0], 2: [0, 1, 0, 1]}.get(n, [*range(n), 0])
+
+    def together_in(loss: BatchableLoss, plan: Plan, order: list[int]) -> tuple[dict[str, LayerFactors], list]:
+        with packed_calls() as on_packed:
+            rows = select_rows(few, torch.tensor(order))
+            return batched_factors(module, loss, plan, state, rows, mapper, refuse_recomputing=True), on_packed
+    seen: dict[str, LayerFactors] = {}
+    unshown, shown = "", None
+    expanded = [s for s in plan.sites if s.kind == "expanded"]
+    linear = {s.path for s in plan.sites if s.kind == "linear"}
+    for loss, true in zip(losses, truth):
+        try:
+            alone = [batched_factors(module, loss, plan, state, one, mapper) for one in _singles(few, n)]
+        except RuntimeError as err:  # copies of an "expanded" site's parameters break a shape the layer assumes, a
+            if isinstance(err, Unbatchable):  # followed output meets the batch in a way not followed, or factors
+                return _unbatchable(err)  # cannot be taken
+            if not expanded and not plan.follows:
+                raise
+            ways = (("parameters copied over the batch", expanded), ("uses followed to the batch", plan.follows))
+            what = " and ".join(way for way, taken in ways if taken)
+            return BatchingCheck(f"a forward with {what} failed ({_cause(err)})", {})
+        try:
+            together, on_packed = together_in(loss, plan, order)
+        except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes,
+            if isinstance(err, Unbatchable):  # or the copies an order the model asks of its batch (packing with
+                return _unbatchable(err, _vary_alone(alone))  # `enforce_sorted=True`): the examples as given, then
+            try:
+                order = list(range(n))
+                together, on_packed = together_in(loss, plan, order)
+            except RuntimeError:
+                return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
+        # what shows padding in the data (each mask, each tensor's ends) shows it as far as it varies, packed too (a
+        # second input the model cuts to the batch's longest)
+        shown = tuple(_ranges(padding(_inputs(few, losses))).items())
+        # examples of one length (packed, or padded alike) cannot show whether the model reads the padding a longer
+        # example adds (`pad_packed_sequence` pads to the batch's longest), nor an order by length: exact, no proof
+        if on_packed and (n < 2 or all(map(_alike, _packed_lengths(on_packed, n)))):  # (one may be fixed)
+            unshown = "packed"
+        else:
+            unshown = "lengths" if any(low == high for _, (low, high) in shown) else ""
+        for site in expanded:
+            if not all(map(_close, (g[0] for g in alone[0][site.path][1]), (true[name] for name in site.names))):
+                return BatchingCheck(
+                    f"copies of {site.path!r}'s parameters expanded over the batch did not give the first example "
+                    f"its gradient (the layer does not use them elementwise or broadcast over the batch)",
+                    _kept_on_refusal(seen, together, n),
+                    rounding=True,
+                )
+        batch_free = [
+            path  # as many elements for the first examples as for the first alone
+            for path, (xs, gs) in together.items()
+            if n > 1 and xs and list(map(torch.numel, xs + gs)) == list(map(torch.numel, sum(alone[0][path], [])))
+        ]
+        if batch_free:  # run again with their outputs followed to where they meet the batch (``_batch_free``); alone,
+            # an example's factors there are its own (a token-wise layer's rows get the example dimension, ``[1, T S]``)
+            plan = plan._replace(batch_free=plan.batch_free | frozenset(batch_free))
+            try:
+                together = together_in(loss, plan, order)[0]
+            except RuntimeError as err:
+                return BatchingCheck(
+                    f"{batch_free[0]!r} runs once for the whole batch (its input has no batch dimension, like T5's "
+                    f"relative position bias, which every example then adds), and following its output to the batch "
+                    f"failed ({_cause(err)})",
+                    {},
+                )
+        ordered = [alone[i] for i in order]  # each row of the examples together, run alone
+        alike = {path: _concat_examples([a[path] for a in ordered]) for path in together}
+        for path, singles in alike.items():
+            if singles is None and not (path in linear and _same_live_rows(ordered, together, path)):
+                unlike = (
+                    ", and run together they change its rows of nonzero output gradient (examples interact, or the "
+                    "model reorders its batch by an order made outside torch, such as Python's `sorted`)"
+                    if path in linear
+                    else ""
+                )
+                return BatchingCheck(  # (the per-example path's factors are planned once too: every gradient dense)
+                    f"layer {path!r} runs another number of times, or on other numbers of rows, for each of the first "
+                    f"examples alone, which factors planned on one example cannot follow{unlike}",
+                    {},
+                    factorless=True,
+                )
+        for path, (xs, gs) in together.items():
+            singles = alike[path]
+            per_example = all(t.shape[0] == len(order) for t in xs + gs)  # not: rows that did not split into examples
+            same = singles is None or len(singles) == len(xs) + len(gs) and all(  # (None: its live rows are, above)
+                map(_close_rows, singles, [*xs, *gs])
+            )
+            if not (per_example and (same or path in linear and _same_live_rows(ordered, together, path))):
+                return BatchingCheck(
+                    f"a batched forward changed the first examples' factors at {path!r} (examples interact, e.g. "
+                    f"through batch statistics; the model reorders its batch by an order made outside torch, such "
+                    f"as Python's `sorted`; or the layer's input holds the batch in a dimension other than the "
+                    f"first, or the second in every call: sequence-first)",
+                    _kept_on_refusal(seen, together, n),
+                    rounding=True,
+                )
+            seen.setdefault(path, _first_rows((xs, gs), n))
+    return BatchingCheck("", seen, tuple(plan.batch_free), unshown=unshown, shown=shown)
+
+
+def _first_rows(factors: LayerFactors, n: int) -> LayerFactors:
+    """A layer's factors of the first ``n`` rows of the examples run together (not the copy after them)."""
+    xs, gs = factors
+    return [x[:n] for x in xs], [g[:n] for g in gs]
+
+
+def _kept_on_refusal(seen: dict[str, LayerFactors], together: Mapping[str, LayerFactors], n: int) -> dict:
+    """What a refusal on compared numbers keeps for ``_computes_alike``: each layer's factors on the first examples
+    run together, the first loss's where it has them (as a check that passes keeps them)."""
+    return {**{path: _first_rows(factors, n) for path, factors in together.items()}, **seen}
+
+
+def checked_rows(batch: Any, losses: Sequence[BatchableLoss]) -> torch.Tensor:
+    """The examples of ``batch`` a check runs: four at most, in the batch's order (packing with
+    ``enforce_sorted=True`` needs a batch sorted by length to stay sorted). Four or fewer are taken as given: the
+    planning head, planning's own picks (``make_plan``), or a re-check's, which may differ only in a tensor narrower
+    than the widest (captions of one image), and a copy adds nothing to miss."""
+    n = num_examples(batch)
+    picked = distinct_examples(_inputs(batch, losses), 4) if n > 4 else []
+    return torch.tensor(sorted(picked) if len(picked) > 1 else range(min(4, n)))
+
+
+def refused_on(
+    module: nn.Module, loss: BatchableLoss, plan: Plan, diff: Tensors, frozen: Tensors, batch: Any, mapper: Mapper
+) -> BatchingCheck:
+    """``batching_refused`` for one loss on ``batch`` (its "expanded" sites' truth too), other data than the plan was
+    made on (training examples, when it was made on a single test example)."""
+    truth = [_true_expanded(module, loss, plan, diff, frozen, batch)]
+    return batching_refused(module, [loss], plan, {**frozen, **diff}, batch, mapper, truth)
+
+
+def _true_expanded(
+    module: nn.Module, loss: ExampleLossFn, plan: Plan, diff: Tensors, frozen: Tensors, batch: Any
+) -> dict[str, torch.Tensor]:
+    """The first example's true gradients of the "expanded" sites' parameters (discovery on ``batch``)."""
+    names = [n for s in plan.sites if s.kind == "expanded" for n in s.names]
+    sites = [s for s in plan.sites if s.kind != "followed"]  # (a parameter, not a layer to hook)
+    leaked = discover(module, loss, sites, diff, frozen, batch)[1] if names else {}
+    return {n: leaked[n] for n in names}
+
+
+def _inputs(batch: Any, losses: Sequence[ExampleLossFn]) -> Any:
+    """What the model reads of ``batch``: a criterion's batch less its target (which may be the widest tensor: soft
+    labels), any other batch whole."""
+    criteria = all(isinstance(loss, CriterionLoss) for loss in losses)
+    return batch[:-1] if criteria and isinstance(batch, (tuple, list)) and len(batch) > 1 else batch
+
+
+def shows_batching(batch: Any, losses: Sequence[ExampleLossFn]) -> bool:
+    """Whether ``batch`` holds examples whose inputs differ: run together, equal ones get what one alone gets."""
+    return len(distinct_examples(_inputs(batch, losses), 2, widest_only=True)) > 1
+
+
+def _singles(batch: Any, n: int) -> list[Any]:
+    return [slice_batch(batch, i, i + 1) for i in range(n)]
+
+
+def _cause(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).strip()}"
+
+
+def _concat_examples(factors: Sequence[LayerFactors]) -> list[torch.Tensor] | None:
+    """One layer's inputs then output gradients per call, concatenated over examples that were run alone; None
+    when the examples called the layer a different number of times or with different shapes."""
+    if len({len(xs) for xs, _ in factors}) > 1:
+        return None
+    per_call = list(zip(*(xs + gs for xs, gs in factors)))
+    if any(t.shape[1:] != ts[0].shape[1:] for ts in per_call for t in ts):
+        return None
+    return [torch.cat(ts) for ts in per_call]
+
+
+def _same_live_rows(
+    alone: Sequence[Mapping[str, LayerFactors]], together: Mapping[str, LayerFactors], path: str
+) -> bool:
+    """Whether Linear-like layer ``path`` gives each example the same rows of nonzero output gradient (and their
+    inputs), alone and together: the batch may add rows of zero gradient, as the steps past an example's end that a
+    packed sequence's longest example makes every example run (their state held)."""
+    xs, gs = together[path]
+    if len(xs) != len(gs) or any(t.shape[0] != len(alone) for t in xs + gs):
+        return False
+    pairs = [(_live_rows(one[path], 0), _live_rows((xs, gs), i)) for i, one in enumerate(alone)]
+    return all(
+        a is not None and t is not None and len(a) == len(t) and all(map(_close, a, t))  # (each on its own scale)
+        for a, t in pairs
+    )
+
+
+def _live_rows(factors: LayerFactors, i: int) -> list[torch.Tensor] | None:
+    """Batch row ``i``'s rows of a Linear-like layer's inputs, then of its output gradients, per call that has any,
+    less the rows of zero output gradient (which add nothing to any gradient); None for other layers."""
+    xs, gs = [], []
+    for x, g in zip(*factors):
+        x, g = x[i], g[i]
+        if x.shape[:-1] != g.shape[:-1] or not x.is_floating_point():
+            return None
+        x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        live = rows_with_gradient(g[None])[0]
+        if live.any():
+            xs.append(x[live])
+            gs.append(g[live])
+    return xs + gs
+
+
+def _close_rows(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """``_close`` for each row (example) on its own scale; non-finite entries where both have them alike (a model
+    whose loss is NaN for an example, alone too: the call then names it, not an interaction)."""
+    if x.shape != y.shape or x.dtype != y.dtype or torch.equal(x, y):
+        return x.shape == y.shape and x.dtype == y.dtype
+    if not x.is_floating_point():
+        return False
+    err, scale = (x - y).abs().reshape(len(x), -1).amax(1), y.abs().reshape(len(y), -1).amax(1)
+    if bool((err <= 1e-4 * scale).all()):
+        return True
+    alike = (x == y) | x.isnan() & y.isnan()
+    if bool(y.isfinite().all()) or not bool(alike[~y.isfinite()].all()):
+        return False
+    err = torch.where(alike, 0, x - y).abs().reshape(len(x), -1).amax(1)
+    return bool((err <= 1e-4 * y.nan_to_num(0, 0, 0).abs().reshape(len(y), -1).amax(1)).all())
+
+
+def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal up to float rounding (a batched GEMM may sum in another order), relative to the largest entry."""
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    if not x.is_floating_point() or torch.equal(x, y):
+        return torch.equal(x, y)
+    return bool((x - y).abs().max() <= 1e-4 * y.abs().max())
+
+
+def checking_batches(
+    rep: RepresentationFn,
+    module: nn.Module,
+    loss: BatchableLoss,
+    plan: Plan,
+    mapper: Mapper,
+    checked_at: tuple[Tensors, Tensors],
+    compiled: bool,
+    witness: Witness,
+) -> RepresentationFn:
+    """``rep`` checking its batches of two or more examples for what the plan's examples could not show
+    (``Plan.unchecked``): a model that mixes a batch's examples is refused there, never scored batched. Examples of
+    one length (padded alike, or packed) show nothing of the padding a longer example adds, nor of an order by
+    length. Packed sequences: a batch whose own lengths are one too is exact (no padding, no order; the lengths are
+    recorded by scoring the batch eagerly); the first whose lengths differ is checked on an example of each, which
+    shows the packed layers. Padding in the data is followed by what shows it (``padding``'s columns: each attention
+    mask, the ends of each tensor), packed or not, each within the range it took in a check (``_range``): a batch
+    where one varies beyond it (the decoder's ids of other lengths, where the first examples varied only the
+    encoder's mask; padded examples, where the first examples' ends varied by a repeated last token; shorter
+    examples than any checked; a tensor beside packed ones cut to the batch's longest) is checked on examples of its
+    own at its ends. ``witness``: ``batched_factors``'s for every reading's representation (``spot_check``)."""
+    # the reading the batches run under, with "packed" while packed sequences of lengths that differ are unseen (else
+    # "lengths"), and its rep; set once checked (threads may both check the first batch: the same answer)
+    reading_left: list[tuple[Plan, str, RepresentationFn]] = []
+    shown = dict(plan.padding_shown or ())  # the range each column of ``padding`` took in a check
+    if plan.unchecked != "batching":  # ("": padding followed)
+        reading_left.append((plan, plan.unchecked or "lengths", rep))
+
+    def verdict(examples: Any) -> tuple[Plan, BatchingCheck]:
+        """The reading ``examples`` pass the check under (at ``checked_at``), and that check; raises where they show
+        the model mixes them or runs a layer once for the whole batch."""
+        reading, check = plan, refused_on(module, loss, plan, *checked_at, examples, mapper)
+        if check.reason and plan.seq_first:  # one example's [T, 1, d] read batch-first after all?
+            flat = plan._replace(seq_first=frozenset())
+            retried = refused_on(module, loss, flat, *checked_at, examples, mapper)
+            reading, check = (flat, retried) if not retried.reason else (plan, check)
+        unseen = sorted(set(check.batch_free) - plan.batch_free)  # (a lone example's layers all look batch-free)
+        if check.reason:
+            shows = f"the model does not keep a batch's examples apart ({check.reason})"
+        elif unseen:
+            shows = f"{unseen[0]!r} runs once for the whole batch, which the plan could not follow"
+        else:
+            return reading, check
+        raise ValueError(
+            f"`model`: the call was planned on examples that could not show how the model batches them (a single "
+            f"example, examples of equal inputs, or examples of one length, packed or padded alike, or padded less "
+            f"unlike than a later batch's), so planning could not check it; the first batch of two or more examples "
+            f"that could shows that {shows}. Pass "
+            f"`factored=False`, or plan on two or more examples that differ (a first batch of two or more; for a "
+            f"tracer, two or more test examples)."
+        )
+
+    def rep_of(reading: Plan, eager: bool = False) -> RepresentationFn:
+        if reading is plan and not (eager and compiled):
+            return rep
+        return representation_fn(module, loss, reading, mapper, compiled=compiled and not eager, witness=witness)
+
+    def checked(reading: Plan, check: BatchingCheck) -> None:
+        """Keep what ``check`` showed: its reading, whether packed lengths are still unseen, its padding's ranges."""
+        unseen = "packed" if check.unshown == "packed" and (not reading_left or reading_left[0][1] == "packed") else ""
+        shown.update({k: _joined(r, shown.get(k)) for k, r in check.shown or ()})
+        reading_left[:] = [(reading, unseen or "lengths", rep_of(reading))]
+
+    # the last batch's tensors, padding and the padding's ranges (each checkpoint scores a batch)
+    last: list[tuple[list[Any], dict, dict]] = []
+
+    def columns_of(batch: Any) -> tuple[dict[tuple[str, str], torch.Tensor], dict[tuple[str, str], tuple[int, int]]]:
+        """``batch``'s padding (``padding``) and the range of each column (``_ranges``), read once for all
+        checkpoints."""
+        tensors = optree.tree_leaves(batch, none_is_leaf=True)
+        seen = last[-1] if last else None  # (one read: threads may replace it)
+        if seen is None or len(seen[0]) != len(tensors) or any(a is not b for a, b in zip(seen[0], tensors)):
+            columns = {k: t.cpu() for k, t in padding(_inputs(batch, [loss])).items()}
+            seen = (tensors, columns, _ranges(columns))
+            last[:] = [seen]
+        return seen[1], seen[2]
+
+    @torch.compiler.disable  # (eager inside compiled updates)
+    def unshown_in(batch: Any) -> list[torch.Tensor]:
+        """The columns of ``batch``'s padding that vary beyond the range they took in the checks."""
+        columns, ranges = columns_of(batch)
+        return [t for k, t in columns.items() if not _within(ranges[k], shown.get(k))]
+
+    def padding_shown(batch: Any) -> Plan:
+        """Check ``batch`` on examples of its own until no column of its padding varies beyond the range it took in
+        the checks (each check spans the first such column's range: one per column at most); the reading they pass
+        under. The ranges the check showed are read as the batch names its columns: a few examples may find a count
+        that tells their padding by chance (labels beside a mask), the batch not."""
+        while varied := unshown_in(batch):
+            picked = torch.tensor(_showing(varied))
+            reading, check = verdict(select_rows(batch, picked))  # (four or fewer: the check runs them all)
+            spanned = tuple(_ranges({k: t[picked] for k, t in columns_of(batch)[0].items()}).items())
+            checked(reading, check._replace(shown=spanned))
+        return reading_left[0][0]
+
+    def packed_shown(batch: Any, on_packed: list) -> None:
+        """Check ``batch`` on an example of each length of its packed sequences, where they differ and have not been
+        shown."""
+        if reading_left[0][1] != "packed" or not on_packed:
+            return
+        n = num_examples(batch)
+        varied = next((t.cpu() for t in _packed_lengths(on_packed, n) if not _alike(t)), None)
+        if varied is None:
+            return  # one length in the whole batch: no padding, no order by length: exact
+        # (k sequences an example, as consecutive rows: a siamese model's [B, 2, T] pairs)
+        each = _first_of_each(varied.view(n, -1)) if len(varied) % n == 0 else None
+        reading, check = verdict(select_rows(batch, torch.tensor(each))) if each else (plan, None)
+        if check is None or check.unshown == "packed":
+            raise ValueError(
+                "`model`: the call was planned on packed sequences of one length, which cannot show whether the model "
+                "reads the padding a longer example adds, and the first batch whose lengths differ does not pack its "
+                "examples in its own order (or as many sequences each, in a row), so no check could pick examples of "
+                "other lengths. Pass `factored=False`."
+            )
+        checked(reading, check)
+
+    @torch.compiler.disable  # eager inside compiled updates: a batch that needs a check, or whose packed lengths do
+    def rechecking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
+        if num_examples(batch) < 2:
+            return rep_of(plan, eager=True)(diff, frozen, batch)
+        if not reading_left:
+            reading, check = verdict(batch)
+            if not shows_batching(batch, [loss]):
+                return rep_of(reading, eager=True)(diff, frozen, batch)
+            checked(reading, check)
+        reading, mixed = reading_left[0][0], None
+        with packed_calls() as on_packed:
+            try:
+                out = rep_of(reading, eager=True)(diff, frozen, batch)
+            except MixedBatch as err:  # the checks below name the cause where they can
+                mixed = err
+        packed_shown(batch, on_packed)
+        shown_in = padding_shown(batch)
+        if mixed is not None:
+            raise mixed
+        return out if shown_in is reading else rep_of(shown_in, eager=True)(diff, frozen, batch)
+
+    def checking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
+        if reading_left and reading_left[0][1] == "lengths" and not unshown_in(batch):  # exact, or shown
+            return reading_left[0][2](diff, frozen, batch)
+        return rechecking(diff, frozen, batch)
+
+    return checking
+
+
+_GOLDEN = (math.sqrt(5) - 1) / 2  # the k-th example checked is at k * this (mod 1) along its batch
+
+
+def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection[str]) -> Witness:
+    """A ``Witness`` (``batched_factors``) that runs one example of each batch of two or more alone and refuses the
+    call where the batch gave it other outputs or losses (``_alike_alone``) by more than rounding (``_rounding_only``).
+    Planning's check runs a few first examples at the last checkpoint, which cannot show mixing that depends on the
+    batch (statistics over larger batches, a maximum the first examples share, NaNs they lack) or on another
+    checkpoint (a frozen gate, zero at the last; a branch on a batch statistic of activations the weights grow).
+
+    The driver scores a batch at each of the call's checkpoints (``states``) in turn: the first batch is checked at
+    every checkpoint, the k-th after it at the k-th checkpoint from the last (mod their number) of each run of
+    consecutive checkpoints whose frozen tensors (those not in ``names``) are alike, so that a check runs once per
+    batch where they are all alike and at each where they differ (a gate, BatchNorm's statistics), the checkpoints
+    taking turns, the last (furthest from initialisation, in training order) first. A state that is none of them (a
+    tracer's step) is checked at each batch. The example checked moves along the batch from check to check; where it
+    has finite inputs and some of the batch's examples do not, one of those is checked too, moving along them (a
+    model imputing NaNs from the batch mixes those examples alone). Each check costs one forward of one example."""
+    picks, odd_picks, batches = itertools.count(1), itertools.count(), itertools.count()
+    distinct: dict[frozenset[int], Tensors] = {}  # each state by its tensors (a checkpoint given twice: once)
+    for state in states:
+        distinct.setdefault(frozenset(map(id, state.values())), state)
+    checkpoint_of, states = {key: c for c, key in enumerate(distinct)}, list(distinct.values())
+    runs = cache(partial(_frozen_runs, states, names))  # (compared on the first check only)
+    current: list[Any] = [None, 0, set()]  # the batch last seen, its number, the checkpoints it was checked at
+
+    @torch.compiler.disable  # (eager inside compiled updates)
+    def witness(state: Tensors, batch: Any, together: Witnessed) -> None:
+        n = num_examples(batch)
+        if n < 2:
+            return
+        if batch is not current[0]:
+            current[:] = [batch, next(batches), set()]
+        c = checkpoint_of.get(frozenset(map(id, state.values())))
+        if c is not None:
+            turn = runs()[c]
+            if (current[1] and c != turn[-1 - current[1] % len(turn)]) or c in current[2]:  # (the first: each)
+                return
+            current[2].add(c)
+        checked = [int(n * (next(picks) * _GOLDEN % 1))]
+        odd = _not_finite(_inputs(batch, [loss]), n)
+        if odd and checked[0] not in odd:  # (all examples not finite: an additive mask of -inf, say)
+            checked.append(odd[next(odd_picks) % len(odd)])
+        for i in checked:
+            one = torch.tensor([i])
+            alone = _witnessed(loss, state, names, select_rows(batch, one))
+            if _alike_alone(together, alone, n, i) or _rounding_only(loss, state, names, batch, one, together, alone):
+                continue
+            raise MixedBatch(
+                f"`model`: example {i} of a batch of {n} got other outputs in the batch than alone, so the model mixes "
+                f"a batch's examples in a way the first examples it was planned on could not show (statistics over "
+                f"larger batches or over examples unlike the first; at another checkpoint than the last: a frozen "
+                f"gate, or a branch on a batch statistic); scored batched, its scores would be wrong. Pass "
+                f"`factored=False`, or keep each example's computation its own."
+            )
+
+    return witness
+
+
+def _not_finite(inputs: Any, n: int) -> list[int]:
+    """The examples of a batch of ``n`` whose floating inputs hold a NaN or an infinity."""
+    rows = [t.reshape(n, -1) for t in optree.tree_leaves(inputs) if isinstance(t, torch.Tensor)
+            and t.is_floating_point() and t.dim() > 0 and t.shape[0] == n]  # fmt: skip
+    if all(bool(r.sum().isfinite()) for r in rows):  # (one reduction each; a sum past the largest float: looked at)
+        return []
+    return torch.cat([~r.isfinite().all(1, keepdim=True) for r in rows], 1).any(1).nonzero()[:, 0].tolist()
+
+
+def _frozen_runs(states: Sequence[Tensors], names: Collection[str]) -> list[tuple[int, ...]]:
+    """For each state, the run of consecutive states whose tensors not in ``names`` equal its own (itself among
+    them): each compared with the one before it only."""
+    frozen = [{k: t for k, t in state.items() if k not in names} for state in states]
+    runs = [[0]] if states else []
+    for c in range(1, len(states)):
+        if _same_tensors(frozen[c], frozen[c - 1]):
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return [tuple(run) for run in runs for _ in run]
+
+
+def _same_tensors(a: Tensors, b: Tensors) -> bool:
+    return a.keys() == b.keys() and all(t is b[k] or torch.equal(t, b[k]) for k, t in a.items())
+
+
+class MixedBatch(ValueError):
+    """A batch that gave an example other outputs than it gets alone (``spot_check``)."""
+
+
+Witnessed = tuple[list[torch.Tensor], torch.Tensor | None]  # what a forward gave its examples: outputs, losses
+
+
+def _witnessed(loss: BatchableLoss, state: Tensors, names: Collection[str], batch: Any) -> Witnessed:
+    """What the forward gives ``batch``'s examples, as ``batched_factors`` shows its witness; run as the batched pass
+    runs, its parameters ``names`` differentiated (under ``no_grad``, ``nn.TransformerEncoder`` takes a fused path
+    that gives padded positions zeros, which the batched pass computes)."""
+    state = {k: t.detach().requires_grad_() if k in names else t for k, t in state.items()}
+    with torch.enable_grad():
+        if isinstance(loss, BatchedLoss):
+            return [], loss.per_example(state, batch).detach()
+        out = loss.forward(state, *batch[:-1])
+        losses = batch_losses(loss.criterion, out, batch[-1])
+    return [t.detach() for t in floating_leaves(out)], None if losses is None else losses.detach()
+
+
+def _alike_alone(together: Witnessed, alone: Witnessed, n: int, i: int, loosely: bool = False) -> bool:
+    """Whether what example ``i`` gets alone is close to a part of the batch's that may hold it (``_example_parts``),
+    each output and its losses within 1e-4 of the example's own largest entry; ``loosely``, of the batch's largest
+    (losses: or 1). Outputs whose shapes tell no part are not compared."""
+    for t, a, least in _pairs(together, alone):
+        parts = list(_example_parts(t, a.shape, n, i))
+        if not parts or not a.numel():
+            continue
+        scale = max(least, _largest(t)) if loosely else _largest(a)
+        if not any(_close_within(a, part, scale) for part in parts):
+            return False
+    return True
+
+
+def _rounding_only(
+    loss: BatchableLoss,
+    state: Tensors,
+    names: Collection[str],
+    batch: Any,
+    one: torch.Tensor,
+    together: Witnessed,
+    alone: Witnessed,
+) -> bool:
+    """Whether example ``one`` of ``batch`` differs alone from its part of the batch's by rounding only: alike when
+    both are run again in float64, where the model computes as in its own precision (its outputs within 1e-4 of the
+    batch's largest entry). A small loss or output is a difference of larger terms (``logsumexp(z) - z_y`` of a
+    well-fitted example, ``w h + b`` of a binary logit near zero), whose float32 rounding is theirs: 3e-4 to 5e-4 of
+    its own size between a batch and the example alone. Decided loosely for a state whose float64 copy would take
+    more than ``_WIDE_CHECK_BYTES``, or that float64 fails on; never for a float64 state."""
+    n, i = num_examples(batch), int(one[0])
+    floating = [t for t in state.values() if t.is_floating_point()]
+    if not floating or floating[0].dtype == torch.float64:
+        return False
+    if 8 * sum(map(torch.numel, floating)) > _WIDE_CHECK_BYTES:
+        return _alike_alone(together, alone, n, i, loosely=True)
+    try:  # (see ``batching_refused``)
+        wide_state, wide_batch = _floating_as(torch.float64, (state, batch))
+        with _Widened():
+            wide = [_witnessed(loss, wide_state, names, b) for b in (wide_batch, select_rows(wide_batch, one))]
+    except (RuntimeError, TypeError, ValueError):
+        return _alike_alone(together, alone, n, i, loosely=True)
+    narrow, scales = floating[0].dtype, [_largest(t) for t in together[0]]
+    computes_alike = all(  # (outputs: a loss of them can be further off, its own rounding theirs times a residual)
+        _close_within(t, w.to(narrow), scale)
+        for mine, theirs in ((together, wide[0]), (alone, wide[1]))
+        for t, w, scale in zip(mine[0], theirs[0], scales)
+        if t.shape == w.shape
+    )
+    return computes_alike and _alike_alone(wide[0], wide[1], n, i)
+
+
+def _pairs(x: Witnessed, y: Witnessed) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """Outputs and losses of two runs side by side, with the least scale each is compared on loosely."""
+    pairs = [(t, a, 0.0) for t, a in zip(x[0], y[0])] if len(x[0]) == len(y[0]) else []
+    return pairs + ([(x[1], y[1], 1.0)] if x[1] is not None and y[1] is not None else [])
+
+
+def _largest(t: torch.Tensor) -> float:
+    return t.nan_to_num(0, 0, 0).abs().max().item() if t.numel() else 0.0
+
+
+def _close_within(a: torch.Tensor, b: torch.Tensor, scale: float) -> bool:
+    """Equal up to ``1e-4 * scale``, or both NaN (or like infinities), entry by entry."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.allclose(a, b, rtol=0, atol=1e-4 * scale, equal_nan=True)
+
+
+def _example_parts(t: torch.Tensor, shape: torch.Size, n: int, i: int) -> Iterator[torch.Tensor]:
+    """The parts of a batch's output ``t`` that may hold example ``i``'s output of ``shape`` alone: along a dimension
+    ``n`` times as long, its ``i``-th block or every ``n``-th entry from the ``i``-th (the batch first or second in a
+    flattened ``[B T, C]``; ``[B, C]`` or ``[T, B, C]`` alike), a dimension of ``n`` that alone is squeezed, or the
+    start or end of example ``i``'s row along the one dimension the batch pads (an output cut to the batch's
+    longest)."""
+    if t.dim() == len(shape) and t.dim() > 1 and t.shape[0] == n and shape[0] == 1:
+        longer = [d for d in range(1, t.dim()) if t.shape[d] != shape[d]]
+        if len(longer) == 1 and t.shape[longer[0]] > shape[longer[0]]:
+            d, k = longer[0], shape[longer[0]]
+            yield from (t[i : i + 1].narrow(d, start, k) for start in (0, t.shape[d] - k))
+            return
+    if t.dim() == len(shape):
+        for d, k in enumerate(shape):
+            if t.shape[d] == n * k and t.shape[:d] + t.shape[d + 1 :] == shape[:d] + shape[d + 1 :]:
+                yield t.narrow(d, i * k, k)
+                if k > 1:
+                    yield t.unflatten(d, (k, n)).select(d + 1, i)
+    elif t.dim() == len(shape) + 1:
+        for d in range(t.dim()):
+            if t.shape[d] == n and t.shape[:d] + t.shape[d + 1 :] == shape:
+                yield t.select(d, i)
+
+
+def _packed_lengths(on_packed: Sequence[tuple[nn.Module, torch.Tensor]], n: int) -> list[torch.Tensor]:
+    """Each of ``n`` examples' lengths: those of every layer run on a ``PackedSequence`` in the batch's order
+    (``[n, k]``, so that examples of each combination are picked), then each such layer's alone."""
+    every = [lengths for _, lengths in on_packed]
+    return ([torch.stack(every, 1)] if all(len(t) == n for t in every) else []) + every
+
+
+def _alike(t: torch.Tensor) -> bool:
+    return bool((t == t[:1]).all())
+
+
+def _showing(columns: Sequence[torch.Tensor]) -> list[int]:
+    """Four examples at most among which ``columns`` (``[B]`` each) span their range in the batch: the first of the
+    least and of the greatest value of each, column by column, then the first ones unlike every one taken (padding
+    between the extremes: a model cutting its batch to the longest may read none at either end)."""
+    taken: list[int] = []
+    for t in columns:
+        taken += [i for i in dict.fromkeys((int(t.argmin()), int(t.argmax()))) if i not in taken][: 4 - len(taken)]
+    rows = torch.stack(list(columns), 1)
+    while len(taken) < 4 and bool((unlike := (rows[:, None] != rows[taken][None]).any(2).all(1)).any()):
+        taken.append(int(unlike.nonzero()[0]))
+    return sorted(taken)
+
+
+def _ranges(columns: Mapping[Any, torch.Tensor]) -> dict[Any, tuple[int, int]]:
+    """The values each column of ``padding`` takes among examples, its least and most (all columns in two
+    reductions). A run at an end may be content (a repeated last token), and a model may read the padding only past
+    a threshold (its cut rounded up to a multiple of 8): a check shows the padding only within the range its examples
+    took, a named mask's too."""
+    rows = torch.stack([t.long() for t in columns.values()], 1)
+    return dict(zip(columns, zip(rows.amin(0).tolist(), rows.amax(0).tolist())))
+
+
+def _within(values: tuple[int, int], shown: tuple[int, int] | None) -> bool:
+    """Whether a batch's range of a column needs no check beyond ``shown``: one value (no padding, or as much), or
+    within what a check took."""
+    return values[0] == values[1] or shown is not None and shown[0] <= values[0] and values[1] <= shown[1]
+
+
+def _joined(values: tuple[int, int], shown: tuple[int, int] | None) -> tuple[int, int]:
+    return values if shown is None else (min(values[0], shown[0]), max(values[1], shown[1]))
+
+
+def _first_of_each(values: torch.Tensor) -> list[int]:
+    """The first index of each value (row) of ``values``, in order, four at most."""
+    group = torch.unique(values.reshape(len(values), -1), dim=0, return_inverse=True)[1]
+    return sorted(int((group == g).nonzero()[0]) for g in group.unique())[:4]
