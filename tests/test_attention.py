@@ -3,6 +3,7 @@ its in-projection and out_proj as factor sites, exact scores, and the fused op (
 unrolled."""
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -179,6 +180,26 @@ class Subclassed(nn.MultiheadAttention):
     pass
 
 
+class HalvedLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) / 2
+
+
+def _out_proj_hooked() -> nn.MultiheadAttention:
+    attn = nn.MultiheadAttention(8, 2, batch_first=True)
+    attn.out_proj.register_forward_hook(lambda layer, args, out: out * 2)  # the fused op never calls out_proj
+    return attn
+
+
+def _out_proj_halved() -> nn.MultiheadAttention:
+    attn = nn.MultiheadAttention(8, 2, batch_first=True)
+    attn.out_proj = HalvedLinear(8, 8)  # (a LoRA-style wrapper alike): the fused op reads its weight and bias alone
+    return attn
+
+
+_OUT_PROJ = "MultiheadAttention's out_proj is called unrolled, where the fused op reads its weight and bias alone: "
+
+
 @pytest.mark.parametrize(
     "attn,context,parameter,reason",
     [
@@ -188,18 +209,60 @@ class Subclassed(nn.MultiheadAttention):
          "MultiheadAttention with bias_k / bias_v or add_zero_attn has no unrolled form"),
         (Subclassed(8, 2, batch_first=True), None, "attn.in_proj_weight",
          "Subclassed is a subclass of MultiheadAttention, whose forward may differ"),
+        (_out_proj_hooked(), None, "attn.in_proj_weight",
+         _OUT_PROJ + "NonDynamicallyQuantizableLinear has hooks, whose effect on its output cannot be proven"),
+        (_out_proj_halved(), None, "attn.in_proj_weight",
+         _OUT_PROJ + "HalvedLinear is not a plain Linear, whose forward may differ"),
     ],
 )  # fmt: skip
 def test_attention_that_is_not_unrolled_keeps_the_fused_op_and_says_why(attn, context, parameter, reason):
+    """An out_proj hooked or of its own forward ran unrolled where the fused op never calls it: scores 72-450% off,
+    silently in batches of one (other batches: refused as mixing examples)."""
     torch.manual_seed(0)
     model = Attend(attn, context).to(F64).eval()
     x, y = torch.randn(5, 4, 8, dtype=F64), torch.randint(0, 3, (5,))
     ckpts = _ckpts(model)
     routes = {r.parameter: r for r in tc.explain(model, ckpts, (x, y), loss_fn=CE).routes}
     assert (routes[parameter].route, routes[parameter].reason) == ("vmap", reason)
+    ref = reference_scores(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE)
     with pytest.warns(tc.SlowPathWarning, match=parameter):
         got = tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
-    assert_close(got, reference_scores(model, ckpts, (x, y), loss_fn=CE).self_influence, 1e-12)
+    assert_close(got, ref.self_influence, 1e-12)
+    with pytest.warns(tc.SlowPathWarning, match=parameter):
+        got = tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE, batch_size=1)
+    assert_close(got, ref.influence, 1e-12)
+
+
+class Padded(nn.Module):
+    """Attention under a boolean padding mask of each example's own, and a parameter that sends the call to vmap
+    (``atan2`` has no factored form)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.fc, self.scale = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3), nn.Parameter(
+            torch.tensor(1.3))
+
+    def forward(self, x, padding):
+        return torch.atan2(self.fc(self.attn(x, x, x, key_padding_mask=padding, need_weights=False)[0].mean(1)),
+                           self.scale)  # fmt: skip
+
+
+def test_a_boolean_padding_mask_per_example_runs_under_vmap():
+    """The unrolled attention's additive mask was made by filling a fresh tensor in place, which vmap cannot do with
+    a mask of each example's own: the call fell to the per-example loop. Made as the fused op makes it, it runs under
+    vmap, exact."""
+    torch.manual_seed(0)
+    model = Padded().to(F64).eval()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 6, 8, dtype=F64, generator=gen)
+    padding = torch.arange(6) >= torch.tensor([6, 3, 5, 2, 4])[:, None]
+    data = (x, padding, torch.randint(0, 3, (5,), generator=gen))
+    ckpts = _ckpts(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = tc.self_influence(model, ckpts, data, loss_fn=CE)
+    assert not [w for w in caught if "vmap failed" in str(w.message)]
+    assert_close(got, reference_scores(model, ckpts, data, loss_fn=CE).self_influence, 1e-12)
 
 
 def test_every_combination_of_masks_is_exact_through_the_scorers():

@@ -13,10 +13,10 @@ block per input, ``x_k`` once when it is ``x_v``), and each input keeps its own 
 blocks get no gradient, so the site's factors give each third its own inputs' gradient. That costs up to 3x the
 fused in-projection's products, but keeps the layer (and the model) on the batched path.
 
-Only the exact class ``nn.MultiheadAttention`` (its own forward, no hooks or parametrizations) with one packed
-in-projection (``kdim = vdim = embed_dim``), no ``bias_k`` / ``bias_v`` / ``add_zero_attn`` and no active dropout
-is unrolled, on batched inputs: other calls run the fused op, and planning then sees the product uncalled and keeps
-the dense route.
+Only the exact class ``nn.MultiheadAttention`` (its own forward, no hooks or parametrizations; ``out_proj`` a plain
+Linear without hooks, whose call is then the fused op's use of its weight and bias) with one packed in-projection
+(``kdim = vdim = embed_dim``), no ``bias_k`` / ``bias_v`` / ``add_zero_attn`` and no active dropout is unrolled, on
+batched inputs: other calls run the fused op, and planning then sees the product uncalled and keeps the dense route.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ._layers import Hook, Site, not_exactly, product
+from ._layers import Hook, Site, not_exactly, product, wrapped
 
 PRODUCT = "in_proj"  # the site path of a layer's in-projection: "<layer>.in_proj"
 
@@ -44,6 +45,11 @@ def why_not_unrolled(module: nn.MultiheadAttention) -> str:
         return f"{name} with bias_k / bias_v or add_zero_attn has no unrolled form"
     if module.training and module.dropout > 0:
         return f"{name} has attention dropout in training mode"
+    proj = module.out_proj
+    plain = type(proj) in (nn.Linear, NonDynamicallyQuantizableLinear)
+    why = wrapped(proj) or ("" if plain else f"{type(proj).__name__} is not a plain Linear, whose forward may differ")
+    if why:
+        return f"{name}'s out_proj is called unrolled, where the fused op reads its weight and bias alone: {why}"
     return ""
 
 
@@ -130,8 +136,8 @@ def _additive_mask(
     """Both masks as one additive float mask broadcasting to ``[B, H, L, S]`` (True in a boolean mask: masked)."""
 
     def additive(mask: torch.Tensor) -> torch.Tensor:
-        if mask.dtype == torch.bool:
-            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+        if mask.dtype == torch.bool:  # (like the mask: a per-example one under vmap, torch's own way)
+            return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
         return mask.to(dtype)
 
     mask = None

@@ -54,18 +54,19 @@ def hooked(module: nn.Module, hooks: Mapping[str, Hook]) -> Iterator[None]:
     modules = dict(module.named_modules())
     products = {path: hook for path, hook in hooks.items() if path not in modules}
     handles = []
-    for path, hook in hooks.items():
-        layer = modules.get(path)
-        if layer is not None and call_site(layer) is not None:
-            handles += _at_calls(layer, hook)
-        elif layer is not None:
-            handles.append(layer.register_forward_hook(_by_keyword_too(hook), with_kwargs=True))
-    try:
-        with unrolled(modules, products):
+    # unrolled first: whether a layer runs unrolled reads its submodules' hooks (attention's out_proj), not these
+    with unrolled(modules, products):
+        try:
+            for path, hook in hooks.items():
+                layer = modules.get(path)
+                if layer is not None and call_site(layer) is not None:
+                    handles += _at_calls(layer, hook)
+                elif layer is not None:
+                    handles.append(layer.register_forward_hook(_by_keyword_too(hook), with_kwargs=True))
             yield
-    finally:
-        for handle in handles:
-            handle.remove()
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def _by_keyword_too(hook: Hook) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]:
