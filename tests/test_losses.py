@@ -377,6 +377,31 @@ def test_hugging_face_losses_name_the_labels_key():
         tc.sequence_classification_loss(model, problem_type="ranking")
 
 
+def test_hugging_face_losses_name_labels_of_another_shape_or_dtype():
+    """Labels the logits cannot take are refused with their key, the shape asked and the shape given (torch's own
+    messages blamed a batch size or an index); a batch that is not a dict is told to be one."""
+    model, ids = _LM().eval(), torch.randint(0, 10, (3, 4))
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=0.5)]
+    token = r"under 'labels' shaped as the logits less their last dimension, one per position \(\(1, 4\) here\), got "
+    cases = [
+        (tc.causal_lm_loss, ids[:, 0], token + r"\(1,\)"),
+        (tc.causal_lm_loss, torch.randint(0, 10, (3, 5)), token + r"\(1, 5\)"),
+        (tc.causal_lm_loss, ids.float(), r"tc.causal_lm_loss takes the labels under 'labels' as integer ids, got "
+                                         r"torch.float32"),
+        (tc.token_classification_loss, ids[:, 0], token + r"\(1,\)"),
+        (tc.sequence_classification_loss, ids, r"under 'labels' one class per example \(\(1,\) here\), got \(1, 4\)"),
+    ]  # fmt: skip
+    for make, labels, match in cases:
+        with pytest.raises(ValueError, match=match):
+            tc.self_influence(model, ckpts, {"input_ids": ids, "labels": labels}, loss_fn=make(model))
+    pooled = tc.sequence_classification_loss(model, problem_type="multi_label_classification")
+    with pytest.raises(ValueError, match=r"shaped as the logits for 'multi_label_classification' \(\(3, 4, 10\) "
+                                         r"here\), got \(3, 4, 9\)"):  # fmt: skip
+        pooled.fn(dict(model.state_dict()), {"input_ids": ids, "labels": torch.ones(3, 4, 9)})
+    with pytest.raises(TypeError, match=r"got a tuple; give the data as dicts, or write a `tc.BatchLoss`"):
+        tc.self_influence(model, ckpts, (ids, ids), loss_fn=tc.causal_lm_loss(model))
+
+
 class _CachingLM(_LM):
     """A forward taking ``use_cache`` (transformers'), recording what each call got."""
 

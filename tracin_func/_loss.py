@@ -112,12 +112,30 @@ def _model_inputs(
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """The model's keyword arguments (``options``, then every entry of ``batch`` but the labels) and the labels."""
     if not isinstance(batch, Mapping) or labels not in batch:
-        keys = list(batch)[:6] if isinstance(batch, Mapping) else type(batch).__name__
+        got, fix = (
+            (f"keys {list(batch)[:6]}", "pass `labels=` to name the key")
+            if isinstance(batch, Mapping)
+            else (f"a {type(batch).__name__}", "give the data as dicts, or write a `tc.BatchLoss` for these batches")
+        )
         raise TypeError(
             f"`loss_fn`: tc.{loss} takes dict batches holding the labels under {labels!r} (the model gets the other "
-            f"entries as keyword arguments), got {keys}; pass `labels=` to name the key."
+            f"entries as keyword arguments), got {got}; {fix}."
         )
     return {**options, **{k: v for k, v in batch.items() if k != labels}}, batch[labels]
+
+
+_PER_TOKEN = "shaped as the logits less their last dimension, one per position"
+
+
+def _check_labels(loss: str, key: str, target: torch.Tensor, shape: tuple[int, ...], what: str, ids: bool) -> None:
+    """Raise, naming the labels' key, where ``target`` is not of ``shape`` (``what`` says why) or, for ``ids``, not of
+    integer ids: torch's own message would blame a batch size or an index."""
+    if tuple(target.shape) != shape:
+        raise ValueError(
+            f"`loss_fn`: tc.{loss} takes the labels under {key!r} {what} ({shape} here), got {tuple(target.shape)}."
+        )
+    if ids and (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool):
+        raise ValueError(f"`loss_fn`: tc.{loss} takes the labels under {key!r} as integer ids, got {target.dtype}.")
 
 
 def _without_cache(model: nn.Module) -> dict[str, bool]:
@@ -137,7 +155,9 @@ def causal_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: in
     The model gets every entry of the batch but ``labels`` as keyword arguments (and ``use_cache=False`` where its
     forward takes it: no key / value cache is built); example ``i``'s loss is the mean next-token cross-entropy of
     ``logits[i, :-1]`` against ``labels[i, 1:]`` over the labels that are not ``ignore_index`` (padding, prompt tokens):
-    what ``model(**batch).loss`` is for a batch holding only that example. An example with no label left has loss 0
+    what ``model(**batch).loss`` is for a batch holding only that example (a whole batch's averages over all its
+    tokens, weighting an example by its number of labels; terms a model adds to it, such as a mixture of experts'
+    router loss, are not included: a ``tc.BatchLoss`` scores those). An example with no label left has loss 0
     (Hugging Face's would be NaN). The cross-entropy is computed in the logits' dtype (transformers upcasts it to
     float32, so in float64 the two differ at float32 rounding).
 
@@ -173,6 +193,7 @@ def causal_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: in
     def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         inputs, target = _model_inputs(batch, labels, "causal_lm_loss", options)
         logits = _logits(functional_call(model, dict(params), (), inputs))
+        _check_labels("causal_lm_loss", labels, target, tuple(logits.shape[:-1]), _PER_TOKEN, True)
         # position t predicts label t + 1, the last nothing (Hugging Face's padded labels): every position's logits
         # read in place (a slice of them is copied, and its gradient zero-filled and copied back: GPT-2's batch of 220,
         # forward and backward 25 against 37 ms)
@@ -220,6 +241,7 @@ def seq2seq_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: i
         if "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
             inputs["decoder_input_ids"] = _decoder_inputs(model, target)
         logits = _logits(functional_call(model, dict(params), (), inputs))
+        _check_labels("seq2seq_lm_loss", labels, target, tuple(logits.shape[:-1]), _PER_TOKEN, True)
         return _mean_token_loss(logits, target, ignore_index)
 
     return BatchLoss(losses)
@@ -254,7 +276,9 @@ def token_classification_loss(model: nn.Module, *, labels: str = "labels", ignor
 
     def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         inputs, target = _model_inputs(batch, labels, "token_classification_loss", options)
-        return _mean_token_loss(_logits(functional_call(model, dict(params), (), inputs)), target, ignore_index)
+        logits = _logits(functional_call(model, dict(params), (), inputs))
+        _check_labels("token_classification_loss", labels, target, tuple(logits.shape[:-1]), _PER_TOKEN, True)
+        return _mean_token_loss(logits, target, ignore_index)
 
     return BatchLoss(losses)
 
@@ -324,9 +348,13 @@ def sequence_classification_loss(
         inputs, target = _model_inputs(batch, labels, "sequence_classification_loss", options)
         logits = _logits(functional_call(model, dict(params), (), inputs))
         kind = problem_type or _problem_type(model, logits, target)
+        n, name = logits.shape[0], "sequence_classification_loss"
         if kind == "single_label_classification":
-            return F.cross_entropy(logits.reshape(logits.shape[0], -1), target.reshape(-1), reduction="none")
-        n = logits.shape[0]
+            one_each = target.reshape(-1) if target.numel() == n else target  # ([B] or [B, 1])
+            _check_labels(name, labels, one_each, (n,), "one class per example", True)
+            return F.cross_entropy(logits.reshape(n, -1), one_each, reduction="none")
+        if target.numel() != logits.numel():  # (a regression's one logit per example: labels [B] or [B, 1])
+            _check_labels(name, labels, target, tuple(logits.shape), f"shaped as the logits for {kind!r}", False)
         if kind == "regression":
             each = F.mse_loss(logits.reshape(n, -1), target.reshape(n, -1).to(logits.dtype), reduction="none")
         else:
