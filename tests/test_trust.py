@@ -844,6 +844,44 @@ def test_3j_a_one_pass_iterator_read_twice_is_refused():
         tc.influence(model, make_ckpts(model), iter([]), data(4, n=1, seed=2), loss_fn=CE)
 
 
+
+class _Stream:
+    """An iterable of batches that is no iterator: ``fresh`` gives a new pass each time, else one stored stream."""
+
+    def __init__(self, batches, fresh):
+        self.batches, self.fresh, self.stream = batches, fresh, iter(batches)
+
+    def __iter__(self):
+        return iter(self.batches) if self.fresh else self.stream
+
+
+class _StreamedDataset(torch.utils.data.IterableDataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return zip(self.x, self.y)
+
+
+def test_3k_an_iterable_read_again_must_start_as_it_did():
+    """A training iterable that is a single pass but no iterator (its `__iter__` returning a stored stream) lost its
+    first batch to planning, which reads it where one test example cannot check the batching: every score went to
+    another example, silently (top-k named the wrong ones). Each pass after the first must now start with the first
+    one's first batch; iterables that do (a DataLoader over an IterableDataset) are scored as before."""
+    model = MLP().double().eval()
+    x, y = data(4, n=7, seed=1)
+    test, ckpts = data(4, n=1, seed=2), make_ckpts(model)
+    batches = [(x[i : i + 2], y[i : i + 2]) for i in range(0, 7, 2)]
+    want = reference_scores(model, ckpts, (x, y), test, loss_fn=CE).influence
+    assert_close(tc.influence(model, ckpts, _Stream(batches, fresh=True), test, loss_fn=CE), want)
+    loader = DataLoader(_StreamedDataset(x, y), batch_size=2)
+    assert_close(tc.influence(model, ckpts, loader, test, loss_fn=CE), want)
+    with pytest.raises(ValueError, match=all_of("`train` gave another first batch when iterated again", "iter(data)")):
+        tc.influence(model, ckpts, _Stream(batches, fresh=False), test, loss_fn=CE)
+    with pytest.raises(ValueError, match=all_of("`drop_last=True` over data of unknown size", "drop_last=False")):
+        tc.influence(model, ckpts, DataLoader(_StreamedDataset(x, y), batch_size=3, drop_last=True), test, loss_fn=CE)
+
+
 class BNNet(nn.Module):
     def __init__(self):
         super().__init__()

@@ -155,7 +155,8 @@ def test_bare_tensor_as_data():
 
 def test_batch_sizes_disagree():
     model, ckpts, (x, y) = _setup()
-    with pytest.raises(ValueError, match=r"train.*disagree on the batch size: shapes \[\(6, 3\), \(5,\)\]"):
+    with pytest.raises(ValueError, match=r"`train`: the tensors of a batch disagree on the batch size \(their first "
+                                         r"dimension\): shapes \[\(6, 3\), \(5,\)\]\. Give every tensor of a batch"):
         tc.influence(model, ckpts, (x, y[:5]), (x, y), loss_fn=CE)
     with pytest.raises(ValueError, match=r"`test` batch 0: the tensors of a batch disagree on the batch size"):
         tc.influence(model, ckpts, (x, y), [(x, y[:4])], loss_fn=CE)
@@ -606,3 +607,28 @@ def test_numpy_float32_learning_rates_and_empty_training_data():
                        tc.self_influence(model, as_float, (x, y), loss_fn=CE))  # fmt: skip
     with pytest.raises(ValueError, match=r"`train` holds no examples"):
         tc.top_k(model, ckpts, (x[:0], y[:0]), (x[:2], y[:2]), k=1, loss_fn=CE)
+
+
+def test_checkpoint_params_that_are_no_mapping_are_named():
+    model, ckpts, data = _setup()
+    for params, called in ((model.state_dict, " (call it: `model.state_dict()`)"), (model, ""), ([1.0], "")):
+        got = f"got a {type(params).__name__}{called}."
+        with pytest.raises(TypeError, match=re.escape(f"`checkpoints[0].params` must map parameter names to tensors, "
+                                                      f"like `dict(model.state_dict())`; {got}")):  # fmt: skip
+            tc.self_influence(model, [tc.Checkpoint(params=params, lr=0.1)], data, loss_fn=CE)
+    wrapped = {f"module.{k}": v for k, v in ckpts[0].params.items()}  # DataParallel / DDP's names
+    with pytest.raises(ValueError, match=re.escape("the `module.` prefix of DataParallel / DDP: save "
+                                                   "`model.module.state_dict()`")):  # fmt: skip
+        tc.self_influence(model, [tc.Checkpoint(params=wrapped, lr=0.1)], data, loss_fn=CE)
+
+
+def test_batches_of_another_form_say_which_entry_and_the_fix():
+    """A dict batch with a value that is no tensor was read as a collection of batches (its keys); a DataLoader
+    giving single examples got no fix."""
+    model, ckpts, (x, y) = _setup()
+    loss = tc.ExampleLoss(lambda p, b: CE(functional_call(model, p, (b["x"],)), b["y"]))
+    with pytest.raises(TypeError, match=re.escape("""["'x': Tensor(6, 3)", "'y': Tensor(6,)", "'mask': NoneType"]""")):
+        tc.self_influence(model, ckpts, {"x": x, "y": y, "mask": None}, loss_fn=loss)
+    with pytest.raises(TypeError, match=re.escape("A 0-d tensor is one example's: batch the examples")):
+        tc.self_influence(model, ckpts, DataLoader(TensorDataset(x, y), batch_size=None), loss_fn=CE)
+

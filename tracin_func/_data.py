@@ -23,9 +23,8 @@ Batch = Any  # a tuple (x1, ..., xk, y) of tensors, or a dict / pytree of tensor
 
 def is_single_batch(data: Any) -> bool:
     """A tuple / list of tensors, or a dict whose leaves are tensors, is one batch; a list of tuples is not."""
-    if isinstance(data, Mapping):
-        leaves = optree.tree_leaves(data, none_is_leaf=True)
-        return bool(leaves) and all(isinstance(leaf, torch.Tensor) for leaf in leaves)
+    if isinstance(data, Mapping):  # (any tensor: a batch, whose other values `batch_size_of` names)
+        return any(isinstance(leaf, torch.Tensor) for leaf in optree.tree_leaves(data, none_is_leaf=True))
     # A tuple / list holding any tensor directly is meant as a batch (a list of batches holds tuples); its other
     # elements are then reported by `batch_size_of` rather than silently read as batches.
     return isinstance(data, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in data)
@@ -35,16 +34,28 @@ def batch_size_of(batch: Batch, where: str) -> int:
     """Leading size shared by all tensors of ``batch``; raise if they disagree or a leaf is not a tensor."""
     leaves = optree.tree_leaves(batch, none_is_leaf=True)
     if not leaves or not all(isinstance(leaf, torch.Tensor) and leaf.dim() > 0 for leaf in leaves):
-        elements = batch if isinstance(batch, (tuple, list)) else leaves
-        kinds = [f"Tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__ for x in elements]
+        kind = lambda x: f"Tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__  # noqa: E731
+        if isinstance(batch, Mapping):
+            kinds = [f"{k!r}: {kind(v)}" for k, v in batch.items()]
+        else:
+            kinds = [kind(x) for x in (batch if isinstance(batch, (tuple, list)) else leaves)]
+        scalar = any(isinstance(leaf, torch.Tensor) and leaf.dim() == 0 for leaf in leaves)
+        hint = (
+            " A 0-d tensor is one example's: batch the examples (a DataLoader with a `batch_size`, not None)."
+            if scalar
+            else ""
+        )
         raise TypeError(
             f"{where}: every element of a batch must be a tensor with a leading batch dimension, got {kinds[:6]}. "
-            f"Pass batches like `(x, y)` or `(x1, x2, y)`."
+            f"Pass batches like `(x, y)` or `(x1, x2, y)`.{hint}"
         )
     sizes = {leaf.shape[0] for leaf in leaves}
     if len(sizes) != 1:
         shapes = [tuple(leaf.shape) for leaf in leaves]
-        raise ValueError(f"{where}: the tensors of a batch disagree on the batch size: shapes {shapes[:6]}.")
+        raise ValueError(
+            f"{where}: the tensors of a batch disagree on the batch size (their first dimension): shapes {shapes[:6]}. "
+            f"Give every tensor of a batch one row per example (inputs and labels alike)."
+        )
     return sizes.pop()
 
 
@@ -79,9 +90,11 @@ def iter_batches(data: Any, batch_size: BatchSize, where: str) -> Iterator[Batch
     ``batch_size`` (a callable is asked before each batch: the automatic size is known once the first batch is
     planned), a ``DataLoader`` or any other iterable of batches is used as is."""
     if is_single_batch(data):
-        for rows in _row_ranges(batch_size_of(data, where), batch_size):
+        for rows in _row_ranges(batch_size_of(data, f"`{where}`"), batch_size):
             yield slice_batch(data, rows.start, rows.stop)
         return
+    repeated = data if isinstance(data, Repeated) else None
+    data = data.data if repeated is not None else data
     if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         batches = (list(rows) for rows in _row_ranges(len(data), batch_size))  # type: ignore[arg-type]
         data = DataLoader(data, batch_sampler=batches, generator=torch.Generator())  # read lazily, in order
@@ -97,7 +110,7 @@ def iter_batches(data: Any, batch_size: BatchSize, where: str) -> Iterator[Batch
             f"`{where}` must be a batch `(x1, ..., xk, y)`, a Dataset, a DataLoader or an iterable of batches; "
             f"got {type(data).__name__}."
         )
-    yield from data
+    yield from data if repeated is None else repeated.checked(iter(data), where)
 
 
 class Replayed:
@@ -124,9 +137,55 @@ class Replayed:
         yield from self._batches
 
 
+class Repeated:
+    """An iterable of batches that is no list, Dataset or DataLoader over one (a DataLoader over an
+    ``IterableDataset``, an object whose ``__iter__`` streams), which a call may iterate more than once (planning
+    reads its first batch, test examples in chunks read it all again): each pass must start with the first pass's
+    first batch. One that is a single pass (``__iter__`` returning a stored iterator) started its second pass at its
+    second batch, so that every score went to another example, silently; one that changes between passes (random
+    augmentations) would score other examples than it planned on."""
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        self.data = data
+        self._head: list[Any] | None = None  # the first pass's first batch (none: it held none)
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]  # (TypeError where unknown, as for the data itself)
+
+    def checked(self, batches: Iterator[Any], where: str) -> Iterator[Any]:
+        head = list(itertools.islice(batches, 1))
+        if self._head is None:
+            self._head = head
+        elif len(head) != len(self._head) or head and not _same_batch(head[0], self._head[0]):
+            raise ValueError(
+                f"`{where}` gave another first batch when iterated again (an iterable that is a single pass, such as "
+                f"one whose `__iter__` returns a stored iterator, or one that changes between passes), and this call "
+                f"reads it more than once. Pass a list of batches, a Dataset, a DataLoader over a map-style Dataset, "
+                f"or the iterator itself (`iter(data)`: read once, its first batch kept)."
+            )
+        yield from head
+        yield from batches
+
+
+def _same_batch(a: Any, b: Any) -> bool:
+    leaves, spec = optree.tree_flatten(a, none_is_leaf=True)
+    others, other_spec = optree.tree_flatten(b, none_is_leaf=True)
+    return spec == other_spec and all(
+        x is y or isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+        and torch.equal(x, y) or not isinstance(x, torch.Tensor) and x == y
+        for x, y in zip(leaves, others)
+    )  # fmt: skip
+
+
 def replayable(data: Any) -> Any:
-    """``data``, a one-pass iterator wrapped so that its first batch can be read twice (``Replayed``)."""
-    return Replayed(data) if isinstance(data, Iterator) else data
+    """``data``, a one-pass iterator wrapped so that its first batch can be read twice (``Replayed``), and any other
+    iterable that is not known to give the same batches on every pass wrapped to check that it does (``Repeated``)."""
+    if isinstance(data, Iterator):
+        return Replayed(data)
+    mapped = isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
+    loads_mapped = isinstance(data, DataLoader) and not isinstance(data.dataset, torch.utils.data.IterableDataset)
+    plain = is_single_batch(data) or isinstance(data, (tuple, list, Mapping, torch.Tensor)) or mapped or loads_mapped
+    return data if plain or not isinstance(data, Iterable) else Repeated(data)
 
 
 def _row_ranges(n: int, batch_size: BatchSize) -> Iterator[range]:
@@ -162,6 +221,11 @@ def check_stable_order(loader: DataLoader, where: str) -> None:
             f"the Dataset itself."
         )
     size = _sized(sampler)
+    if loader.drop_last and (size is None or isinstance(loader.dataset, torch.utils.data.IterableDataset)):
+        raise ValueError(
+            f"`{where}` is a DataLoader with `drop_last=True` over data of unknown size (an IterableDataset), which "
+            f"may leave out its last examples. Pass `drop_last=False` so that every example is scored."
+        )
     if isinstance(loader.batch_sampler, BatchSampler) and loader.batch_sampler.drop_last and size is not None:
         dropped = size % loader.batch_sampler.batch_size
         if dropped:

@@ -177,7 +177,7 @@ def checking_pool(setup: Setup, data: Any, where: str) -> Any:
     data) at the ends of each padding signal's range (``extreme_rows``), on device, for the batching check to pick
     its own among (``_batching.checked_rows``), so that the first batch the plan sizes rarely reaches beyond them (each
     batch that does is checked again); None for other data, or where not one example fits in those bytes."""
-    if not is_single_batch(data) or not (n := batch_size_of(data, where)):
+    if not is_single_batch(data) or not (n := batch_size_of(data, f"`{where}`")):
         return None
     k = min(n, _CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES // max(1, _nbytes(data) // n))
     return to_device(extreme_rows(slice_batch(data, 0, k)), setup.device, setup.dtype) if k else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import threading
 import types
 import weakref
@@ -336,12 +337,23 @@ def checked_state(
             f"or load files with `tc.load_checkpoints`."
         )
     check_lr(ckpt.lr, where)
+    if not isinstance(ckpt.params, Mapping):
+        called = " (call it: `model.state_dict()`)" if inspect.ismethod(ckpt.params) else ""
+        raise TypeError(
+            f"`{where}.params` must map parameter names to tensors, like `dict(model.state_dict())`; got a "
+            f"{type(ckpt.params).__name__}{called}."
+        )
     state = dict(ckpt.params)
     if spec.expected is not None:
         unexpected = sorted(set(state) - spec.expected)
         missing = sorted(spec.expected - set(state) - set(spec.aliases))
         if unexpected or (missing and strict):
             fix = "" if unexpected else ", or pass `strict=False` to take missing entries from the model"
+            if unexpected and all(n.startswith("module.") and n[len("module.") :] in spec.expected for n in unexpected):
+                fix = (
+                    " (its names carry the `module.` prefix of DataParallel / DDP: save `model.module.state_dict()`, "
+                    "or load the files with `tc.load_checkpoints`, which strips it)"
+                )
             if set(missing) & set(LR_KEYS):
                 fix += (
                     f". A file's flat {sorted(set(missing) & set(LR_KEYS))} entry is read as the learning rate: save "
