@@ -2989,6 +2989,38 @@ def test_rows_of_examples_merged_into_the_batch_dimension(order):
     _assert_paths_agree(model, video, video)
 
 
+class RowsOfItsInput(nn.Module):
+    """A Linear fed the model's own input ``[B, T, d]`` merged into rows ``[B T, d]``: example-major (a reshape), or
+    "time"-major (the first positions of every example, then the second ones)."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.order, self.a, self.fc = order, nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        if self.order == "example":
+            return self.fc(torch.tanh(self.a(x.reshape(-1, d))).reshape(b, t, -1).mean(1))
+        return self.fc(torch.tanh(self.a(x.transpose(0, 1).reshape(-1, d))).reshape(t, b, -1).mean(0))
+
+
+@pytest.mark.parametrize("order", ["example", "time"])
+def test_a_layer_fed_the_models_input_merged_into_rows(order):
+    """The rows' order was read from the reshaped tensor's ``_base``, the tensor its batch was sliced from: planning's
+    single examples never passed, and every such model left the batched path. Rows that are a batch tensor's memory
+    in order are example-major (batched); a copy in another order is refused (vmap(grad)); both exact."""
+    torch.manual_seed(0)
+    model = RowsOfItsInput(order).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    train = (torch.randn(6, 3, 4, dtype=torch.float64, generator=gen), torch.randint(0, 3, (6,), generator=gen))
+    test = (train[0][:2], train[1][:2])
+    explained = _exact_and_explained(model, train, test)
+    if order == "example":
+        assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
+    else:
+        assert "fed rows of several examples merged into one dimension" in explained.batching, explained.batching
+
+
 class Deferrable(nn.Module):
     """A Conv1d and a Linear called twice, many rows per example: both materialised from factors."""
 

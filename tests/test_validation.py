@@ -632,3 +632,25 @@ def test_batches_of_another_form_say_which_entry_and_the_fix():
     with pytest.raises(TypeError, match=re.escape("A 0-d tensor is one example's: batch the examples")):
         tc.self_influence(model, ckpts, DataLoader(TensorDataset(x, y), batch_size=None), loss_fn=CE)
 
+
+class _Bag(nn.Module):
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.e, self.fc = nn.Embedding(10, 4, **options), nn.Linear(4, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.e(ids).mean(1))
+
+
+def test_an_embeddings_own_settings_are_named():
+    """``max_norm`` renormalises rows in place in eval mode too (the refusal told to call `model.eval()`), and a layer
+    left without a factored form by its settings said "max_norm, no affine weight or training mode" whatever it had."""
+    ids, y = torch.randint(0, 10, (6, 5), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 1, 0, 1, 0])
+    model = _Bag(max_norm=0.5).double().eval()
+    with pytest.raises(ValueError, match=re.escape("module 'e' (Embedding) has `max_norm`, whose lookups renormalise "
+                                                   "rows of the checkpoint's tensor 'e.weight' in place")):  # fmt: skip
+        tc.self_influence(model, [tc.Checkpoint(dict(model.state_dict()), lr=0.1)], (ids, y), loss_fn=CE)
+    model = _Bag(scale_grad_by_freq=True).double().eval()
+    routes = {r.parameter: r for r in tc.explain(model, [tc.Checkpoint(dict(model.state_dict()), lr=0.1)], (ids, y),
+                                                 loss_fn=CE).routes}  # fmt: skip
+    assert routes["e.weight"].reason == "Embedding with scale_grad_by_freq has no factored form"

@@ -196,7 +196,18 @@ def why_not_a_site(module: nn.Module) -> str:
         return f"{name} has no factored form"
     if not _is_plain(module):
         return f"{name} overrides {base.__name__}'s own forward"
-    return f"{name} is configured without a factored form (max_norm, no affine weight or training mode)"
+    return f"{name} with {_configuration(module)} has no factored form"
+
+
+def _configuration(module: nn.Module) -> str:
+    """What keeps a plain layer of a site's class from its factored form (``site_kind``), in words."""
+    if isinstance(module, nn.Embedding):
+        return "max_norm (its rows renormalised in place)" if module.max_norm is not None else "scale_grad_by_freq"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+        return "training mode" if module.training else "no running statistics (each batch's own)"
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.affine:
+        return "running statistics in training mode"
+    return "no affine weight"
 
 
 def global_hooks_present() -> bool:

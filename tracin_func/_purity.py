@@ -98,6 +98,13 @@ class _Watch(TorchDispatchMode):
                 written = values.get(name)
                 for t in written if isinstance(written, (list, tuple)) else [written]:
                     target = self.protected.get(_storage(t)) if isinstance(t, torch.Tensor) else None
+                    if target is not None and func is torch.ops.aten.embedding_renorm_.default:
+                        raise ValueError(
+                            f"`model`: {self._running()} has `max_norm`, whose lookups renormalise rows of {target} "
+                            f"in place ({func}), in eval mode too, so scores would depend on order. Score a copy with "
+                            f"`max_norm=None` whose checkpoints hold the rows as the lookups leave them (norms above "
+                            f"max_norm scaled down to it)."
+                        )
                     if target is not None:
                         self._refuse(
                             f"writes into {target} ({func}), which would change it and make scores depend on order"
