@@ -184,8 +184,9 @@ def tracer(
         params: the parameter dict the loop will pass to ``update`` (its names and shapes are planned, its values
             only serve the planning dry runs): for an ``nn.Module`` by default ``dict(model.named_parameters())``,
             as a ``torch.optim`` loop passes; required for a pure function (the initial parameters). Every entry
-            that is a parameter of the model (for a pure function: every floating entry) is differentiated; the
-            model's other state (buffers, parameters not given) is read from the model at each step.
+            that is a trainable parameter of the model (``requires_grad``, as the scorers' default; for a pure
+            function: every floating entry) is differentiated, frozen ones only read; the model's other state
+            (buffers, parameters not given) is read from the model at each step.
         factored: as in :func:`tracin_func.influence` (``None``: per layer by cost; ``False``: ``vmap(grad)``).
         chunk_size: examples per ``vmap`` call (bounds activation memory).
         dtype: floating dtype of the scores and of the computation. Default: ``torch.get_default_dtype()``.
@@ -270,10 +271,10 @@ def tracer_update(
         state: from :func:`tracer_init` or a previous update.
         model: an ``nn.Module`` (called through ``functional_call``; never modified) or a pure function
             ``f(params, *inputs)``.
-        params: ``{name: tensor}``, the parameters at this step; every entry that is a parameter of the model (for
-            a pure function: every floating entry) is differentiated; the model's other state (buffers, parameters
-            not given) is taken from the model. ``dict(model.named_parameters())`` in a ``torch.optim`` loop (they
-            are detached, never changed).
+        params: ``{name: tensor}``, the parameters at this step; every entry that is a trainable parameter of the
+            model (``requires_grad``; for a pure function: every floating entry) is differentiated, frozen ones only
+            read; the model's other state (buffers, parameters not given) is taken from the model.
+            ``dict(model.named_parameters())`` in a ``torch.optim`` loop (they are detached, never changed).
         lr: this step's learning rate, a number or a 0-d tensor (pass a tensor inside ``torch.compile``: a Python
             float is a constant there and recompiles for every new value). Finite and non-negative.
         batch: the step's training batch ``(x1, ..., xk, y)``, or any structure for a ``tc.ExampleLoss``.
@@ -388,11 +389,19 @@ def _selected(model: Any, params: Any) -> list[str]:
         )
     if isinstance(model, torch.nn.Module):
         named = dict(model.named_parameters())
-        selected = [n for n in params if n in named]
-        if not selected:
+        given = [n for n in params if n in named]
+        if not given:
             raise ValueError(
                 f"`params` holds none of the model's parameters (got {list(params)[:5]}, the model has "
                 f"{list(named)[:5]}); pass `dict(model.named_parameters())` or the dict a functional loop updates."
+            )
+        # frozen parameters (a fine-tuned model's backbone) take no step: as in the scorers, they get no gradient
+        # (counted, they put the scores 18-49% off TracIn over the steps taken)
+        selected = [n for n in given if named[n].requires_grad]
+        if not selected:
+            raise ValueError(
+                f"`params`: every parameter of the model in it is frozen (`requires_grad=False`: {given[:5]}), so no "
+                f"step moves them and no gradient is counted; set `requires_grad=True` on those the loop trains."
             )
         return selected
     return [n for n, t in params.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
