@@ -92,10 +92,12 @@ def test_same_call_resumes_and_ends_byte_identical(task, tmp_path, monkeypatch):
     assert "shard-00002.safetensors.partial" in partial and json.loads(partial["manifest.json"])["complete"] is False
     with pytest.raises(ValueError, match="incomplete"):
         tc.open_index(tmp_path / "resumed")
+    damaged = tmp_path / "resumed" / "shard-00001.safetensors"  # a byte of its embeddings flipped since written
+    damaged.write_bytes(damaged.read_bytes()[:-1] + bytes([damaged.read_bytes()[-1] ^ 1]))
     written = []
     monkeypatch.setattr(_build, "write_shard", lambda path, *a: written.append(path) or _shards.write_shard(path, *a))
     tc.build_index(tmp_path / "resumed", model, ckpts, train, **kw)
-    assert [Path(p).name for p in written] == [f"shard-0000{i}.safetensors" for i in (2, 3, 4)]  # 0, 1 kept
+    assert [Path(p).name for p in written] == [f"shard-0000{i}.safetensors" for i in (1, 2, 3, 4)]  # 0 kept
     assert _files(tmp_path / "resumed") == _files(tmp_path / "whole")
 
 
@@ -137,6 +139,11 @@ def test_sigkill_at_any_moment_then_resume(tmp_path):
     assert _files(target) == _files(tmp_path / "whole")
 
 
+class ReluMLP(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc2(torch.relu(self.fc1(x))))
+
+
 def test_other_settings_are_refused_naming_the_difference(task, tmp_path):
     model, ckpts, train, test, _ = task
     tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)
@@ -153,6 +160,11 @@ def test_other_settings_are_refused_naming_the_difference(task, tmp_path):
         tc.top_k(model, changed, index, test, k=2, loss_fn=LOSS)
     with pytest.raises(ValueError, match=r"differentiated parameters"):
         tc.influence(model, ckpts, index, test, loss_fn=LOSS, layers=["fc1"])
+    relu = ReluMLP().to(DTYPE).eval()  # its state laid out alike: an index of the other model's (before: 84% off)
+    with pytest.raises(ValueError, match=r"built with other settings.*the model's code or settings"):
+        tc.influence(relu, ckpts, index, test, loss_fn=LOSS)
+    with pytest.raises(ValueError, match=r"the model's code or settings.*overwrite=True"):
+        tc.build_index(tmp_path, relu, ckpts, train, loss_fn=LOSS, shard_size=8)
     rebuilt = tc.build_index(tmp_path, model, other_lr, train, loss_fn=LOSS, shard_size=8, overwrite=True)
     assert rebuilt.fingerprint["learning_rates"] == [2 * c.lr for c in ckpts]
 
@@ -190,6 +202,28 @@ def test_damaged_shards_are_named(task, tmp_path):
         tc.open_index(tmp_path)
     tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)  # the same call repairs it
     tc.open_index(tmp_path)
+
+
+def test_an_edited_or_damaged_manifest_is_refused(task, tmp_path):
+    """The manifest's own settings were never checked: `rows` edited to 5 gave 5 rows to `len` and `k` and 23 to
+    the scores, `storage_dtype` edited converted every embedding read back, no `shards` gave a bare KeyError."""
+    model, ckpts, train, _, _ = task
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    edits = [
+        ({**manifest, "rows": 5}, "was changed since its build"),
+        ({**manifest, "storage_dtype": "float16"}, "was changed since its build"),
+        ({k: v for k, v in manifest.items() if k != "shards"}, r"lacks \['shards'\]"),
+        ({**manifest, "shards": manifest["shards"][1:]}, r"do not cover its 23 rows once, in order"),
+    ]
+    for edited, match in edits:
+        (tmp_path / "manifest.json").write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=match + ".*overwrite=True"):
+            tc.open_index(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(ValueError, match=r"format version 1; this tracin_func reads version 2. Build it again with "
+                                         r"`tc.build_index\(.*, \.\.\., overwrite=True\)`"):  # fmt: skip
+        tc.open_index(tmp_path)
 
 
 def test_disk_space_is_checked_first(task, tmp_path, monkeypatch):
@@ -300,7 +334,8 @@ def test_killed_while_writing_the_first_manifest_or_with_an_unreadable_one(task,
 
 _LOSSES = """
 import functools, torch
-from tracin_func._fingerprint import describe_loss
+from tests.models import MLP
+from tracin_func._fingerprint import describe_loss, describe_model
 ce = torch.nn.functional.cross_entropy
 
 def comprehension(out, y):
@@ -308,6 +343,9 @@ def comprehension(out, y):
 
 print(describe_loss(comprehension))
 print(describe_loss(functools.partial(ce, label_smoothing=0.1)))
+model = MLP()
+model.kept = (torch.float32, torch.device("cpu"), slice(1, 2), object())  # (no __dict__, or an address in the repr)
+print(describe_model(model))
 """
 
 

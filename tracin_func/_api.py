@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
@@ -341,6 +341,8 @@ def _index_top_k(
 ) -> TopK:
     """``top_k`` with an index as ``train``: streamed over its shards, then optionally re-ranked exactly."""
     _check_index_call(normalize)
+    if isinstance(checkpoints, Iterator):  # (read twice with `rerank`: a generator's second read was empty)
+        checkpoints = list(checkpoints)
     if k > len(index):
         raise ValueError(f"`k`={k} exceeds the number of rows of the index ({len(index)}); pass `k <= {len(index)}`.")
     setup = index_setup(index, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options)

@@ -4,7 +4,6 @@ or across ``torch.distributed`` ranks (shard ``i`` is built by rank ``i % W``)."
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -20,10 +19,10 @@ from ._data import iter_batches, num_examples, rows_of
 from ._distributed import agree, gather_objects, on_every_rank
 from ._driver import collect_rows, embedding_blocks
 from ._fingerprint import differences, fingerprint, tensor_bytes
-from ._index import FORMAT, MANIFEST, VERSION, Index, check_shard, open_index, read_manifest
+from ._index import FORMAT, LAYOUT, MANIFEST, VERSION, Index, check_shard, manifest_digest, open_index, read_manifest
 from ._model import exclusive_use
 from ._setup import Setup, make_setup
-from ._shards import TEMPORARY, file_sha256, shard_info, shard_name, write_json, write_shard
+from ._shards import TEMPORARY, file_sha256, intact_sha256, shard_info, shard_name, write_json, write_shard
 from ._validate import boolean, positive_int, seed_value
 
 if TYPE_CHECKING:
@@ -51,8 +50,8 @@ def _plan_manifest(
         "projection": None if setup.projection is None else {"dim": setup.projection[0], "seed": setup.projection[1]},
         "storage_dtype": str(storage_dtype).replace("torch.", ""),
     }
-    digest = hashlib.sha256(json.dumps({**layout, "fingerprint": prints}, sort_keys=True).encode()).hexdigest()
-    return {"format": FORMAT, "version": VERSION, "complete": False, **layout, "fingerprint": prints, "digest": digest}
+    manifest = {"format": FORMAT, "version": VERSION, "complete": False, **layout, "fingerprint": prints}
+    return {**manifest, "digest": manifest_digest(manifest)}
 
 
 def _shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -61,7 +60,7 @@ def _shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
 
 def _what_differs(stored: dict[str, Any], planned: dict[str, Any]) -> list[str]:
     found = differences(stored.get("fingerprint", {}), planned["fingerprint"])
-    for key in ("rows", "shard_size", "dim", "projection", "storage_dtype"):
+    for key in LAYOUT:
         if stored.get(key) != planned[key]:
             found.append(f"`{key}` ({stored.get(key)!r} -> {planned[key]!r})")
     return found
@@ -281,7 +280,9 @@ def build_index(
         for i in mine:  # a finished shard is kept when its input rows are unchanged (read, not differentiated)
             info = _complete(path, shard_name(i), *ranges[i], planned)
             if info is not None and info.get("data") == _data_digest(setup, train, *ranges[i]):
-                done[i] = file_sha256(os.path.join(path, shard_name(i)))
+                sha = intact_sha256(os.path.join(path, shard_name(i)))  # (None: damaged since written, redone)
+                if sha is not None:
+                    done[i] = sha
         todo = [i for i in mine if i not in done]
         rows = sum(ranges[i][1] - ranges[i][0] for i in mine)
         bar = tqdm(

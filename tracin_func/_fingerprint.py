@@ -1,10 +1,11 @@
 """A fingerprint of everything an index's numbers depend on, compared part by part so a mismatch says what differs.
 
-Parts: the model's state names and shapes, the differentiated parameters, every checkpoint's tensors (their bytes,
-dtype and shape, in the computation dtype), learning rate and optimizer state, the loss, the computation dtype and
-the method. The loss is described by value (``_describe``): a criterion by its class, settings and buffers, a
-function by its qualified name, code, defaults and captured values, so the description is the same in every
-process for the same loss and differs when a setting differs.
+Parts: the model's code and settings, its state names and shapes, the differentiated parameters, every checkpoint's
+tensors (their bytes, dtype and shape, in the computation dtype), learning rate and optimizer state, the loss, the
+computation dtype and the method. The loss is described by value (``_describe``): a criterion by its class,
+settings and buffers, a function by its qualified name, code, defaults and captured values, so the description is
+the same in every process for the same loss and differs when a setting differs (the model's layers alike, less
+their tensors: the checkpoints').
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def _describe(obj: Any, depth: int = 0) -> str:
     if callable(obj) and not hasattr(obj, "__dict__") or isinstance(obj, type):
         return name  # builtins, classes
     cls = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if not hasattr(obj, "__dict__"):  # a dtype, a device, a slice: its repr is its value, where no address
+        text = repr(obj)
+        return cls if " at 0x" in text else f"{cls}:{text}"
     if isinstance(obj, torch.nn.Module):
         if depth:
             return cls
@@ -100,10 +104,26 @@ def describe_loss(loss_fn: Any) -> str:
     return _describe(loss_fn)
 
 
+def describe_model(model: Any) -> str:
+    """A stable digest of what a model computes beside its tensors: a function's description (``_describe``), or
+    each layer's path, class, forward code and settings (its public attributes: sizes, a stored activation). Two
+    models of one state layout (an MLP with ``tanh``, one with ``relu``) were one index's, silently."""
+    if not isinstance(model, torch.nn.Module):
+        return _sha([_describe(model)])
+    return _sha(f"{path}: {_describe_layer(layer)}" for path, layer in model.named_modules())
+
+
+def _describe_layer(layer: torch.nn.Module) -> str:
+    cls = type(layer)
+    settings = {k: v for k, v in vars(layer).items() if not k.startswith("_") and k != "training"}
+    return f"{cls.__module__}.{cls.__qualname__}, {_describe(cls.forward)}, {_describe(settings, 1)}"
+
+
 def fingerprint(setup: Setup, loss_fn: Any) -> dict[str, Any]:
     """The parts of ``setup`` (and the training loss ``loss_fn``) that the index's numbers depend on."""
     first = setup.checkpoints[0].state
     return {
+        "model": describe_model(setup.spec.forward if setup.spec.module is None else setup.spec.module),
         "parameters": _sha((name, tuple(first[name].shape)) for name in sorted(first)),
         "differentiated": _sha(sorted(setup.spec.diff_names)),
         "checkpoints": [_sha(x for name in sorted(c.state) for x in (name, c.state[name])) for c in setup.checkpoints],
@@ -116,6 +136,7 @@ def fingerprint(setup: Setup, loss_fn: Any) -> dict[str, Any]:
 
 
 _MEANING = {
+    "model": "the model's code or settings (a layer's class, forward or attributes; a function's code)",
     "parameters": "the model's state names or shapes",
     "differentiated": "the differentiated parameters (`params` / `layers` / `method`)",
     "checkpoints": "the checkpoints' tensors",
@@ -139,7 +160,7 @@ def differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[s
         elif key == "checkpoints":
             changed = [i for i, (a, b) in enumerate(zip(old, new)) if a != b]
             found.append(f"the tensors of checkpoints {changed}")
-        elif key in ("parameters", "differentiated", "checkpoints", "optimizer"):
+        elif key in ("model", "parameters", "differentiated", "checkpoints", "optimizer"):
             found.append(meaning)
         else:
             found.append(f"{meaning} ({old!r} -> {new!r})")

@@ -4,6 +4,7 @@ in shards of rows (``safetensors`` files) listed by a JSON manifest. ``docs/inde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -14,14 +15,17 @@ import torch
 from ._shards import file_sha256, read_rows, shard_info
 
 FORMAT = "tracin_func.index"
-VERSION = 1
+VERSION = 2  # 2: the fingerprint's `model` part
 MANIFEST = "manifest.json"
 BLOCK_BYTES = 1 << 28  # rows of embeddings read at once when streaming an index
 
 
-def _rebuild_hint(path: str) -> str:
+def _rebuild_hint(path: str, sentence: bool = False) -> str:
+    """The fix for a damaged index, as a clause or (``sentence``) capitalised (``str.capitalize`` would lower the rest:
+    `overwrite=true`, the path)."""
+    rebuild = "Rebuild" if sentence else "rebuild"
     return (
-        f"rebuild it by running the same `tc.build_index({path!r}, ...)` call again (it redoes missing or damaged "
+        f"{rebuild} it by running the same `tc.build_index({path!r}, ...)` call again (it redoes missing or damaged "
         f"shards), or with `overwrite=True`"
     )
 
@@ -45,9 +49,38 @@ def read_manifest(path: str) -> dict[str, Any] | None:
     if manifest.get("version") != VERSION:
         raise ValueError(
             f"`{file}` has index format version {manifest.get('version')!r}; this tracin_func reads version "
-            f"{VERSION}. {_rebuild_hint(path).capitalize()}."
+            f"{VERSION}. Build it again with `tc.build_index({path!r}, ..., overwrite=True)`."
         )
     return manifest
+
+
+LAYOUT = ("rows", "shard_size", "dim", "projection", "storage_dtype")  # the manifest's keys its digest covers
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The sha256 of a manifest's layout and fingerprint, which every shard carries."""
+    covered = {**{key: manifest[key] for key in LAYOUT}, "fingerprint": manifest["fingerprint"]}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()
+
+
+def check_manifest(path: str, manifest: dict[str, Any]) -> None:
+    """Raise where a complete index's manifest lacks a key, no longer matches its digest (its rows, dtype or
+    fingerprint edited: the rows counted and the dtype read back followed the edit, silently) or lists shards that
+    do not cover its rows once, in order."""
+    missing = [key for key in (*LAYOUT, "fingerprint", "digest", "shards") if key not in manifest]
+    if missing:
+        raise ValueError(f"The manifest of the index at `{path}` lacks {missing}; {_rebuild_hint(path)}.")
+    if manifest_digest(manifest) != manifest["digest"]:
+        raise ValueError(
+            f"The manifest of the index at `{path}` was changed since its build (its settings no longer match its "
+            f"digest); {_rebuild_hint(path)}."
+        )
+    stops = [0] + [shard["stop"] for shard in manifest["shards"]]
+    if [shard["start"] for shard in manifest["shards"]] != stops[:-1] or stops[-1] != manifest["rows"]:
+        raise ValueError(
+            f"The shards the manifest of the index at `{path}` lists do not cover its {manifest['rows']} rows once, in "
+            f"order; {_rebuild_hint(path)}."
+        )
 
 
 def check_shard(path: str, shard: dict[str, Any], manifest: dict[str, Any], *, checksum: bool) -> None:
@@ -59,7 +92,7 @@ def check_shard(path: str, shard: dict[str, Any], manifest: dict[str, Any], *, c
     try:
         info = shard_info(file)
     except ValueError as err:
-        raise ValueError(f"{err} {_rebuild_hint(path).capitalize()}.") from err
+        raise ValueError(f"{err} {_rebuild_hint(path, sentence=True)}.") from err
     rows = shard["stop"] - shard["start"]
     expected = {"embeddings": [rows, manifest["dim"]], "self_influence": [rows]}
     if info.get("rows") != [shard["start"], shard["stop"]] or info["shapes"] != expected:
@@ -195,6 +228,7 @@ def open_index(path: str | os.PathLike, *, verify: bool = True) -> Index:
         raise ValueError(f"`{path}` holds no index (no {MANIFEST}); build one with `tc.build_index({path!r}, ...)`.")
     if not manifest.get("complete"):
         raise ValueError(f"The index at `{path}` is incomplete (its build was interrupted); {_rebuild_hint(path)}.")
+    check_manifest(path, manifest)
     for shard in manifest["shards"]:
         check_shard(path, shard, manifest, checksum=verify)
     return Index(path, manifest)

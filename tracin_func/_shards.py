@@ -84,11 +84,35 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
 
 
 def write_shard(path: str, embeddings: torch.Tensor, self_influence: torch.Tensor, info: Mapping[str, Any]) -> str:
-    """Write one shard atomically and return its file's sha256."""
+    """Write one shard atomically and return its file's sha256. Its metadata holds ``info`` and the sha256 of its
+    tensors' bytes (``payload``), which a resumed build checks (``intact_sha256``)."""
     tensors = {"self_influence": self_influence, "embeddings": embeddings}
-    data = safetensors_bytes(tensors, {"tracin_func": json.dumps(dict(info), sort_keys=True)})
+    payload = hashlib.sha256()
+    for t in tensors.values():
+        t = t.detach().to("cpu").contiguous()
+        payload.update(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b"")
+    meta = {**info, "payload": payload.hexdigest()}
+    data = safetensors_bytes(tensors, {"tracin_func": json.dumps(meta, sort_keys=True)})
     write_atomically(path, data)
     return hashlib.sha256(data).hexdigest()
+
+
+def intact_sha256(path: str) -> str | None:
+    """The sha256 of a shard file whose tensors' bytes still hash to its ``payload``, else None (damaged since it
+    was written: a resumed build kept a flipped byte and listed its sha256 as the index's)."""
+    whole, payload = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header = f.read(struct.unpack("<Q", head)[0]) if len(head) == 8 else b""
+        whole.update(head + header)
+        while chunk := f.read(1 << 24):
+            whole.update(chunk)
+            payload.update(chunk)
+    try:
+        meta = json.loads(json.loads(header)["__metadata__"]["tracin_func"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return whole.hexdigest() if meta.get("payload") == payload.hexdigest() else None
 
 
 def shard_info(path: str) -> dict[str, Any]:
