@@ -81,6 +81,24 @@ def test_top_k(name, proponents):
     assert_topk(top, ref.influence, 4, largest=proponents)
 
 
+@pytest.mark.parametrize("proponents", [True, False], ids=["proponents", "opponents"])
+def test_top_k_ranks_duplicated_examples_by_their_index_whatever_the_batches(proponents):
+    """Duplicated training examples score exactly alike; which of them `torch.topk` put first moved with the batch size
+    and the path. They are now in the order of their indices, in every way of scoring and of merging blocks."""
+    task = mlp_task()
+    x, y = task.train
+    train = (torch.cat([x, x[:4]]), torch.cat([y, y[:4]]))  # examples 0-3 twice: 0 and n, 1 and n + 1, ...
+    n = x.shape[0]
+    ways = ({}, {"batch_size": 1}, {"batch_size": 3}, {"factored": False}, {"test_memory_bytes": 1})
+    runs = [tc.top_k(task.model, task.checkpoints, train, task.test, k=train[1].shape[0], loss_fn=task.loss_fn,
+                     proponents=proponents, **options) for options in ways]  # fmt: skip
+    for top in runs[1:]:
+        assert torch.equal(top.indices, runs[0].indices)
+    for row in runs[0].indices.tolist():
+        for i in range(4):
+            assert row.index(i) < row.index(n + i)
+
+
 @pytest.mark.parametrize("name", ["mlp", "two_inputs", "function", "dict_batch"])
 @pytest.mark.parametrize("proponents", [True, False], ids=["proponents", "opponents"])
 def test_top_k_aggregate(name, proponents):

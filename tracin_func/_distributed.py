@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ._data import num_examples, rows_of
-from ._topk import TopK
+from ._topk import TopK, first_k
 
 T = TypeVar("T")
 
@@ -104,9 +104,8 @@ def merge_top_k(best: TopK | None, n_rows: int, k: int, largest: bool, ranks: Ra
     lists = [[torch.empty_like(x) for _ in range(ranks.world)] for x in gathered]
     for out, x in zip(lists, gathered):
         dist.all_gather(out, x, group=ranks.group)
-    all_scores, all_indices = torch.cat(lists[0], dim=1), torch.cat(lists[1], dim=1)
-    top, pos = torch.topk(all_scores, k, dim=1, largest=largest, sorted=True)
-    return TopK(torch.gather(all_indices, 1, pos).to(like.device), top.to(like.device))
+    top = first_k(TopK(torch.cat(lists[1], dim=1), torch.cat(lists[0], dim=1)), k, largest)
+    return TopK(top.indices.to(like.device), top.scores.to(like.device))
 
 
 def on_every_rank(ranks: Ranks | None, compute: Callable[[], T]) -> T:

@@ -16,7 +16,7 @@ from ._fingerprint import differences, fingerprint
 from ._index import BLOCK_BYTES, Index
 from ._model import exclusive_use
 from ._setup import Setup, make_setup
-from ._topk import TopK, merge
+from ._topk import TopK, first_k, merge
 
 
 def index_setup(
@@ -120,5 +120,4 @@ def rerank_candidates(proposed: TopK, k: int, proponents: bool, train: Any, exac
     scores = exact_scores(select_rows(train, union))
     positions = torch.searchsorted(union, candidates.cpu()).to(scores.device)
     exact = torch.gather(scores, 1, positions)
-    top, pos = torch.topk(exact, k, dim=1, largest=proponents, sorted=True)
-    return TopK(torch.gather(candidates.to(scores.device), 1, pos), top)
+    return first_k(TopK(candidates.to(scores.device), exact), k, proponents)

@@ -15,7 +15,8 @@ class TopK(NamedTuple):
 
     Attributes:
         indices: ``[n_test, k]`` long tensor, positions in the training data's iteration order.
-        scores: ``[n_test, k]`` float tensor, sorted: descending for proponents, ascending for opponents.
+        scores: ``[n_test, k]`` float tensor, sorted: descending for proponents, ascending for opponents; equal
+            scores (duplicated examples) in the order of their indices, whatever the batch size or path.
     """
 
     indices: torch.Tensor
@@ -23,16 +24,34 @@ class TopK(NamedTuple):
 
 
 def merge(best: TopK | None, block: torch.Tensor, offset: int, k: int, largest: bool) -> TopK:
-    """Merge a score block ``[n_rows, b]`` whose first column is training example ``offset`` into ``best``."""
-    kb = min(k, block.shape[1])
-    scores, idx = torch.topk(block, kb, dim=1, largest=largest, sorted=True)
-    candidate = TopK(idx + offset, scores)
+    """Merge a score block ``[n_rows, b]`` whose first column is training example ``offset`` into ``best`` (whose
+    examples come before it)."""
+    candidate = _block_top(block, min(k, block.shape[1]), largest)
+    candidate = TopK(candidate.indices + offset, candidate.scores)
     if best is None:
         return candidate
-    scores = torch.cat([best.scores, candidate.scores], dim=1)
-    indices = torch.cat([best.indices, candidate.indices], dim=1)
-    scores, pos = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=largest, sorted=True)
-    return TopK(torch.gather(indices, 1, pos), scores)
+    both = TopK(torch.cat([best.indices, candidate.indices], 1), torch.cat([best.scores, candidate.scores], 1))
+    return first_k(both, k, largest)
+
+
+def first_k(candidates: TopK, k: int, largest: bool) -> TopK:
+    """The ``k`` best of ``candidates`` (``[n, m]`` each), equal scores to the lower index: ``torch.topk`` leaves
+    their order open, and duplicated examples' order moved with the batch size and the path."""
+    order = candidates.indices.argsort(dim=1, stable=True)
+    indices, scores = candidates.indices.gather(1, order), candidates.scores.gather(1, order)
+    top, pos = scores.sort(dim=1, descending=largest, stable=True)
+    return TopK(indices.gather(1, pos[:, :k]), top[:, :k])
+
+
+def _block_top(block: torch.Tensor, k: int, largest: bool) -> TopK:
+    """``first_k`` of a block's columns without sorting the block: those better than its k-th score, then the first
+    of those equal to it."""
+    kth = torch.topk(block, k, dim=1, largest=largest, sorted=True).values[:, -1:]
+    better = block > kth if largest else block < kth
+    tied = block == kth
+    keep = better | tied & (tied.cumsum(1) <= k - better.sum(1, keepdim=True))
+    columns = keep.nonzero()[:, 1].view(block.shape[0], k)  # (row-major: each row's columns in order)
+    return first_k(TopK(columns, block.gather(1, columns)), k, largest)
 
 
 def _check_finite(scores: torch.Tensor, offset: int) -> None:
