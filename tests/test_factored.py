@@ -2069,10 +2069,12 @@ def test_large_formed_layers_scored_a_block_of_output_channels_at_a_time(monkeyp
 
 
 class TiedHead(nn.Module):
-    def __init__(self):
+    def __init__(self, head_first=False, bias=False):
         super().__init__()
+        if head_first:  # (the head's name is then the shared tensor's first)
+            self.head = nn.Linear(4, 10, bias=bias)
         self.emb = nn.Embedding(10, 4)
-        self.head = nn.Linear(4, 10, bias=False)
+        self.head = nn.Linear(4, 10, bias=bias)
         self.head.weight = self.emb.weight
 
     def forward(self, ids):
@@ -2080,10 +2082,30 @@ class TiedHead(nn.Module):
 
 
 def test_last_layer_with_a_tied_weight_names_the_shared_tensor():
-    model = TiedHead().double().eval()
+    """Refused whichever name the shared tensor has first (the head registered before the Embedding scored the
+    shared tensor's whole gradient as "the last layer's", silently)."""
     ids, y = torch.randint(0, 10, (4, 3)), torch.randint(0, 10, (4,))
-    with pytest.raises(ValueError, match=r"shares its weight 'head.weight' with 'emb.weight'.*params=\['emb.weight'\]"):
-        tc.self_influence(model, _ckpts(model), (ids, y), loss_fn=CE, method="last_layer")
+    for head_first, first in ((False, "emb.weight"), (True, "head.weight")):
+        model = TiedHead(head_first).double().eval()
+        shared = rf"shares its weight 'head.weight' with 'emb.weight'.*params=\['{first}'\]"
+        with pytest.raises(ValueError, match=shared):
+            tc.self_influence(model, _ckpts(model), (ids, y), loss_fn=CE, method="last_layer")
+
+
+def test_a_tied_tensor_is_selected_and_saved_under_any_of_its_names():
+    """`layers=['head']` selected the head's bias alone (its weight is the Embedding's, named there first), silently;
+    `params=['head.weight']` was unknown; a checkpoint holding the tensor only under the head's name was missing it."""
+    model = TiedHead(bias=True).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    train = (torch.randint(0, 10, (5, 3), generator=gen), torch.randint(0, 10, (5,), generator=gen))
+    test = (train[0][:2], train[1][:2])
+    ckpts = _ckpts(model)
+    want = reference_scores(model, ckpts, train, test, loss_fn=CE, params=["emb.weight", "head.bias"]).influence
+    for selection in ({"layers": ["head"]}, {"params": ["head.weight", "head.bias"]},
+                      {"params": lambda n: n.startswith("head")}):  # fmt: skip
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, **selection), want)
+    saved_as_head = [tc.Checkpoint({k: v for k, v in c.params.items() if k != "emb.weight"}, c.lr) for c in ckpts]
+    assert_close(tc.influence(model, saved_as_head, train, test, loss_fn=CE, layers=["head"]), want)
 
 
 class TiedEverywhere(nn.Module):

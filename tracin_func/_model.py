@@ -203,7 +203,9 @@ def check_eval_mode(model: Any) -> None:
             )
 
 
-def _layer_names(model: nn.Module, layers: Sequence[str], param_names: Sequence[str]) -> list[str]:
+def _layer_names(
+    model: nn.Module, layers: Sequence[str], param_names: Sequence[str], aliases: Mapping[str, str]
+) -> list[str]:
     modules = dict(model.named_modules())
     selected = []
     for layer in layers:
@@ -213,36 +215,43 @@ def _layer_names(model: nn.Module, layers: Sequence[str], param_names: Sequence[
                 f"{sorted(n for n, m in modules.items() if n and any(True for _ in m.parameters(recurse=False)))[:20]}."
             )
         prefix = f"{layer}." if layer else ""
-        under = [n for n in param_names if n.startswith(prefix)]
+        under = [aliases.get(n, n) for n in [*param_names, *aliases] if n.startswith(prefix)]
         if not under:
             raise ValueError(f"`layers` entry {layer!r} has no differentiable parameters under it.")
-        selected += [n for n in under if n not in selected]
+        selected += [n for n in dict.fromkeys(under) if n not in selected]
     return selected
 
 
 def select_params(
-    available: Sequence[str], default: Sequence[str], params: ParamSelector, layers: Sequence[str] | None, model: Any
+    available: Sequence[str],
+    default: Sequence[str],
+    params: ParamSelector,
+    layers: Sequence[str] | None,
+    model: Any,
+    aliases: Mapping[str, str] = {},  # noqa: B006  (read only)
 ) -> tuple[str, ...]:
-    """Names of the differentiated parameters, from ``params`` (names or a predicate) or ``layers`` (modules)."""
+    """Names of the differentiated parameters, from ``params`` (names or a predicate) or ``layers`` (modules). A tied
+    tensor's other names (``aliases``: GPT-2's ``lm_head.weight``) select it under its first name: ``layers=
+    ['lm_head']`` selected the head's bias alone, silently, and ``params=['lm_head.weight']`` was unknown."""
     if params is not None and layers is not None:
         raise ValueError("Pass either `params` or `layers`, not both.")
     if layers is not None:
         if isinstance(layers, str) or not isinstance(model, nn.Module):
             raise TypeError("`layers` must be a list of module names of an `nn.Module` model, e.g. `layers=['fc']`.")
-        names = _layer_names(model, layers, available)
+        names = _layer_names(model, layers, available, aliases)
     elif params is None:
         names = list(default)
     elif callable(params):
-        names = [n for n in available if params(n)]
+        names = [n for n in available if params(n) or any(params(a) for a, first in aliases.items() if first == n)]
     elif isinstance(params, str):
         raise TypeError(
             f"`params` must be a list of names or a predicate, got the string {params!r}; use `[{params!r}]`."
         )
     else:
-        unknown = [n for n in params if n not in available]
+        unknown = [n for n in params if n not in available and n not in aliases]
         if unknown:
             raise ValueError(f"`params` names unknown parameters {unknown}; available: {list(available)[:20]}.")
-        names = list(dict.fromkeys(params))
+        names = list(dict.fromkeys(aliases.get(n, n) for n in params))
     if not names:
         raise ValueError(f"No parameters selected to differentiate (`params`={params!r}, `layers`={layers!r}).")
     return tuple(names)
@@ -272,7 +281,7 @@ def model_spec(
         first_name = {id(p): n for n, p in named.items()}
         aliases = {n: first_name[id(t)] for n, t in state.items() if n not in named and id(t) in first_name}
         trainable = [n for n, p in named.items() if p.requires_grad]
-        diff = select_params(list(named), trainable, params, layers, model)
+        diff = select_params(list(named), trainable, params, layers, model, aliases)
 
         def forward(state: Mapping[str, torch.Tensor], *inputs: Any) -> Any:
             # each tied name given its first name's tensor here, so that functional_call need not find the ties by
@@ -345,6 +354,9 @@ def checked_state(
         )
     state = dict(ckpt.params)
     if spec.expected is not None:
+        # a tied tensor saved under its other name only (GPT-2's lm_head.weight): it is the first name's value
+        saved_as = {first: state[alias] for alias, first in spec.aliases.items() if alias in state}
+        state = {**saved_as, **state}
         unexpected = sorted(set(state) - spec.expected)
         missing = sorted(spec.expected - set(state) - set(spec.aliases))
         if unexpected or (missing and strict):

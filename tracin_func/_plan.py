@@ -801,12 +801,13 @@ def last_layer_params(
         raise ValueError("`method='last_layer'` found no nn.Linear called by the model; select `layers=` instead.")
     prefix = f"{order[-1]}." if order[-1] else ""
     names = [prefix + name for name, _ in linears[order[-1]].named_parameters()]  # a parametrized weight's tensors
-    tied = [n for n in names if n in aliases]
+    tied = [n for n in names if n in aliases or n in aliases.values()]  # (its tensor's second name, or first)
     if tied:
-        owner = aliases[tied[0]]
+        first = aliases.get(tied[0], tied[0])
+        owner = next(n for n in [first, *aliases] if n != tied[0] and aliases.get(n, n) == first)
         raise ValueError(
             f"`method='last_layer'`: the last nn.Linear {order[-1]!r} shares its weight {tied[0]!r} with {owner!r} "
             f"(weight tying), whose gradient sums every use of the shared tensor. Score that tensor exactly with "
-            f"`params=[{owner!r}]` (or add the layer's other parameters) and the default `method='exact'`."
+            f"`params=[{first!r}]` (or add the layer's other parameters) and the default `method='exact'`."
         )
     return names
