@@ -81,6 +81,27 @@ def test_captum_tutorial_format(tmp_path):
     assert _lr(ckpt) == 0.1
 
 
+def test_captum_tutorials_own_files_with_an_sgd_optimizer(tmp_path):
+    """Captum's tutorial saves `{"epoch", "model_state_dict", "optimizer_state_dict", "loss"}` with an SGD optimizer and
+    no learning rate: its state was kept as the checkpoint's, and every scorer refused it as not Adam's. Another
+    optimizer's state is left out (plain gradients); its learning rate is the checkpoint's where none is stored."""
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.003, momentum=0.9)
+    model(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
+    sgd.step()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save({"epoch": 3, "model_state_dict": state, "optimizer_state_dict": sgd.state_dict(), "loss": 0.7},
+               tmp_path / "ckpt.pt")  # fmt: skip
+    (ckpt,) = tc.load_checkpoints([tmp_path / "ckpt.pt"])
+    _assert_same_state(ckpt, state)
+    assert _lr(ckpt) == 0.003 and ckpt.optimizer_state is None
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    plain = tc.Checkpoint(params=state, lr=0.003)
+    loss = nn.CrossEntropyLoss()
+    assert torch.equal(tc.self_influence(model, [ckpt], (x, y), loss_fn=loss),
+                       tc.self_influence(model, [plain], (x, y), loss_fn=loss))  # fmt: skip
+
+
 def test_state_dict_key_with_lr_argument(tmp_path):
     (state,) = _states(1)
     torch.save({"state_dict": state, "epoch": 3}, tmp_path / "ckpt.pt")
@@ -259,6 +280,21 @@ def test_non_number_lr(tmp_path):
     torch.save(state, tmp_path / "ckpt.pt")
     with pytest.raises(TypeError, match=r"`lr` of .* must be a positive number, got '0.1'"):
         tc.load_checkpoints([tmp_path / "ckpt.pt"], lr=["0.1"])
+    for bad, kind in (("0.1", "str"), (lambda path: 0.1, "function")):  # (a string was read one character each)
+        with pytest.raises(TypeError, match=rf"`lr` must be a number \(for every checkpoint\) or a sequence of one per "
+                                            rf"checkpoint, got {kind}"):  # fmt: skip
+            tc.load_checkpoints([tmp_path / "ckpt.pt"], lr=bad)
+
+
+def test_lr_as_numpy_scalars_and_tensors(tmp_path):
+    """A numpy scalar (accepted by the check, then iterated: "not iterable") and a tensor of one lr per checkpoint."""
+    import numpy as np
+
+    for i, state in enumerate(_states(2)):
+        torch.save(state, tmp_path / f"ckpt-{i}.pt")
+    assert [_lr(c) for c in tc.load_checkpoints(tmp_path, lr=np.float32(0.5))] == [0.5, 0.5]
+    assert [_lr(c) for c in tc.load_checkpoints(tmp_path, lr=torch.tensor([0.5, 0.25]))] == [0.5, 0.25]
+    assert [_lr(c) for c in tc.load_checkpoints(tmp_path, lr=torch.tensor(0.125))] == [0.125, 0.125]
 
 
 # --- loading options ---------------------------------------------------------------------------------------------
@@ -280,6 +316,22 @@ def test_map_location(tmp_path):
     _assert_same_state(ckpt, state)
     (default,) = tc.load_checkpoints([tmp_path / "ckpt.pt"])
     assert all(t.device.type == "cpu" for t in default.params.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_device_the_machine_lacks_is_named_not_the_file(tmp_path):
+    (state,) = _states(1)
+    torch.save(state, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"could not be loaded onto `map_location`='cuda'.*pass a device this machine "
+                                         r"has, e.g. `map_location='cpu'`"):  # fmt: skip
+        tc.load_checkpoints([tmp_path / "ckpt.pt"], lr=0.1, map_location="cuda")
+
+
+def test_names_of_one_number_are_ordered_by_their_text(tmp_path):
+    """`ckpt-1` and `ckpt-01` have one natural key: their order came from the file system's listing."""
+    for i, name in enumerate(("ckpt-1.pt", "ckpt-01.pt")):
+        torch.save(_states(2)[i], tmp_path / name)
+    assert [_tag(c) for c in tc.load_checkpoints(tmp_path, lr=0.1)] == [1, 0]  # ckpt-01, then ckpt-1
 
 
 def test_weights_only_refuses_arbitrary_pickle(tmp_path):

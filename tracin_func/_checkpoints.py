@@ -84,8 +84,11 @@ def check_lr(lr: Any, where: str) -> None:
         )
 
 
-def _natural_key(path: str) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", os.path.basename(path))]
+def _natural_key(path: str) -> tuple[list[Any], str]:
+    """``ckpt-2`` before ``ckpt-10``; names of equal numbers (``ckpt-1``, ``ckpt-01``) by their text, not by the order
+    the file system lists them."""
+    name = os.path.basename(path)
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)], name
 
 
 def _list_directory(directory: str) -> list[str]:
@@ -101,22 +104,27 @@ def _read_file(path: str, *, map_location: Any, weights_only: bool) -> Mapping[s
         try:
             return load_file(path, device=str(device))
         except Exception as err:  # safetensors raises its own error type for a corrupt header
-            raise _unreadable(path, err) from err
+            raise _unreadable(path, err, map_location) from err
     try:
         obj = torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
         if "Unsupported global" in str(err):  # weights_only refused code in a valid file: keep torch's message
             raise pickle.UnpicklingError(f"Checkpoint file {path!r}: {err}") from err
-        raise _unreadable(path, err) from err
+        raise _unreadable(path, err, map_location) from err
     except Exception as err:  # a corrupt pickle fails with any error type
-        raise _unreadable(path, err) from err
+        raise _unreadable(path, err, map_location) from err
     if not isinstance(obj, Mapping):
         raise TypeError(f"Checkpoint file {path!r} holds a {type(obj).__name__}, expected a state dict (a mapping).")
     return obj
 
 
-def _unreadable(path: str, err: BaseException) -> ValueError:
+def _unreadable(path: str, err: BaseException, map_location: Any) -> ValueError:
     cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if isinstance(err, RuntimeError) and ("CUDA" in cause or "device" in cause):  # (a valid file, no such device)
+        return ValueError(
+            f"Checkpoint file {path!r} could not be loaded onto `map_location`={map_location!r} ({cause}); pass a "
+            f"device this machine has, e.g. `map_location='cpu'`."
+        )
     return ValueError(
         f"Checkpoint file {path!r} could not be read ({type(err).__name__}: {cause}): it is empty, truncated or not "
         f"a checkpoint. Re-save it with `torch.save(state_dict, path)`, or remove it from the directory / list of "
@@ -173,9 +181,10 @@ def load_checkpoints(
 
     An ``optimizer`` / ``optimizer_state_dict`` entry holding a torch optimizer's ``state_dict()`` (the usual
     ``{"model": model.state_dict(), "optimizer": optimizer.state_dict()}`` layout) becomes the checkpoint's
-    ``optimizer_state`` (Adam-aware TracIn for Adam / AdamW; its parameter ids are matched to the model's names when
-    scoring, where the model says which entries are parameters). A file without a learning rate then takes the
-    optimizer's, when all its param groups share one.
+    ``optimizer_state`` when it is Adam's or AdamW's (Adam-aware TracIn; its parameter ids are matched to the model's
+    names when scoring, where the model says which entries are parameters); another optimizer's (SGD's, as Captum's
+    tutorial saves it) is left out: plain gradients. A file without a learning rate then takes the optimizer's,
+    when all its param groups share one.
 
     Returns:
         ``list[Checkpoint]`` in the order described above.
@@ -203,8 +212,13 @@ def load_checkpoints(
         paths = [os.fspath(p) for p in source]
     if not paths:
         raise ValueError("`source` holds no checkpoints; pass a non-empty directory or list of paths.")
-    if lr is None or isinstance(lr, (int, float, torch.Tensor)):
+    if lr is None or isinstance(lr, numbers.Real) or isinstance(lr, torch.Tensor) and lr.dim() == 0:
         lrs: list[Any] = [lr] * len(paths)
+    elif isinstance(lr, (str, bytes, Mapping)) or not isinstance(lr, Iterable):
+        raise TypeError(
+            f"`lr` must be a number (for every checkpoint) or a sequence of one per checkpoint, got "
+            f"{type(lr).__name__}."
+        )
     else:
         lrs = list(lr)
         if len(lrs) != len(paths):
@@ -218,6 +232,9 @@ def load_checkpoints(
         optimizer = obj.pop(key) if key is not None else None
         state, stored_lr = split_state_and_lr(obj, repr(path))
         stored_lr = stored_lr if stored_lr is not None else _optimizer_lr(optimizer)
+        # another optimizer's state (SGD's momentum, in Captum's tutorial files) is not kept: plain gradients, as
+        # TracIn for SGD scores them (kept, every scorer refused it as not Adam's)
+        optimizer = optimizer if _adam_like(optimizer) else None
         ckpt_lr = given_lr if given_lr is not None else stored_lr
         if ckpt_lr is None:
             raise ValueError(
@@ -227,6 +244,13 @@ def load_checkpoints(
         check_lr(ckpt_lr, repr(path))
         checkpoints.append(Checkpoint(params=state, lr=ckpt_lr, optimizer_state=optimizer))
     return checkpoints
+
+
+def _adam_like(optimizer: Mapping[str, Any] | None) -> bool:
+    """Whether a saved optimizer state has Adam's moments in its param groups (``betas``, ``eps``): the only one
+    Adam-aware TracIn reads (``_adam`` refuses the rest, naming them)."""
+    groups = optimizer.get("param_groups") if optimizer is not None else None
+    return isinstance(groups, Sequence) and any(isinstance(g, Mapping) and "betas" in g and "eps" in g for g in groups)
 
 
 def _optimizer_lr(optimizer: Mapping[str, Any] | None) -> Any:

@@ -107,7 +107,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> float:
     is matched to the model's own keys.
 
     Returns:
-        The stored learning rate, or 1.0 when the file stores none (as Captum's default loader).
+        The stored learning rate, or 1.0 when the file stores none (as Captum's default loader). An optimizer saved
+        beside the model is not read, as Captum scores plain gradients: ``tc.load_checkpoints`` takes its learning
+        rate, and for Adam its moments (Adam-aware scores), so the two differ on such files.
     """
     path = os.fspath(path)
     device = _default_device(model, tc.Checkpoint(params={}))  # the model's device; CPU if it holds no tensor
