@@ -110,7 +110,8 @@ def reference_grads(model: Any, ckpt: tc.Checkpoint, data: Any, loss_fn: Any, pa
             *inputs, target = example
             loss = _criterion_loss(loss_fn, forward(state, *inputs), target)
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)  # an unused parameter's gradient is 0
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, leaves)]))
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves)]
+        rows.append(torch.cat([(g.to_dense() if g.is_sparse else g).reshape(-1) for g in grads]))  # (sparse=True)
     return torch.stack(rows)
 
 

@@ -2068,6 +2068,29 @@ def test_large_formed_layers_scored_a_block_of_output_channels_at_a_time(monkeyp
     assert _layers.channel_split(stem, torch.device("cpu")) and not _layers.channel_split(stem, torch.device("cuda"))
 
 
+class SparseBag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(12, 4, sparse=True), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids)).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:torch.func.vmap failed on this model")
+@pytest.mark.parametrize("factored", [None, False])
+def test_an_embedding_with_sparse_gradients_on_every_path(factored):
+    """`sparse=True` gives the per-example loop sparse gradients, which a dense route cannot reshape (a raw torch
+    error with `factored=False`): they are made dense where they are stacked."""
+    model = SparseBag().double().eval()
+    gen = torch.Generator().manual_seed(0)
+    train = (torch.randint(0, 12, (6, 5), generator=gen), torch.randint(0, 3, (6,), generator=gen))
+    ckpts = _ckpts(model)
+    ref = reference_scores(model, ckpts, train, train, loss_fn=CE)
+    assert_close(tc.influence(model, ckpts, train, train, loss_fn=CE, factored=factored), ref.influence)
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored), ref.self_influence)
+
+
 class TiedHead(nn.Module):
     def __init__(self, head_first=False, bias=False):
         super().__init__()
@@ -2286,14 +2309,15 @@ def test_influence_on_few_test_examples_factors_a_layer_whose_forming_they_canno
     x, y = torch.randn(9, 4, 16, dtype=torch.float64), torch.randint(0, 3, (9,))
     ckpts = _ckpts(model)
 
-    def route(n_test):
-        plan = tc.explain(model, ckpts, (x, y), loss_fn=CE, n_test=n_test)
+    def route(n_test, normalize=None):
+        plan = tc.explain(model, ckpts, (x, y), loss_fn=CE, n_test=n_test, normalize=normalize)
         return next((r.route, r.reason) for r in plan.routes if r.parameter == "mix.weight")
 
     assert route(None) == ("materialised", "T^2 (d_in + d_out) = 528 >= d_in d_out = 272 (T = 4)")
     assert route(1) == ("factored", "T^2 (d_in + d_out) = 528 < (T + 1) d_in d_out = 1360 (T = 4)")
     assert route(4) == ("factored", "P T^2 (d_in + d_out) = 2112 < (T + P) d_in d_out = 2176 (T = 4, P = 4)")
     assert route(5) == ("materialised", "P T^2 (d_in + d_out) = 2640 >= (T + P) d_in d_out = 2448 (T = 4, P = 5)")
+    assert route(4, "cosine") == route(5)  # (the norm taken too: as influence(normalize="cosine") plans 4)
     dotted = []
     factored_dot = _representations.Factored.dot
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from ._api import Options, _check_options
+from ._api import Options, _check_normalize, _check_options
 from ._checkpoints import Checkpoint
 from ._data import batch_size_of, num_examples
 from ._driver import batches, most_per_batch, naming_failures
@@ -71,6 +71,7 @@ def explain(
     test_loss_fn: Any = None,
     question: str = "influence",
     n_test: int | None = None,
+    normalize: str | None = None,
     **options: Unpack[Options],
 ) -> Explanation:
     """How a scoring call with these arguments handles every differentiated parameter, and why.
@@ -82,7 +83,8 @@ def explain(
     factored more often); ``"influence"`` (the default) as the other scorers do, for ``n_test`` test examples (as
     :func:`influence` and the top-k calls do with a batch of them; None, the default: too many to count, as with
     test data given as a ``DataLoader`` or summed, ``aggregate=True`` without cosine): with few, one prediction's, a
-    wide layer is kept as factors where their products with those few cost less than forming its training gradients.
+    wide layer is kept as factors where their products with those few cost less than forming its training gradients;
+    ``normalize`` as given to that call (a renormalised one also takes each training gradient's own norm).
 
     Returns:
         :class:`Explanation`: ``routes`` (one :class:`Route` per parameter, in order), ``batching``, the most
@@ -109,6 +111,8 @@ def explain(
         if question != "influence":
             raise ValueError(f'`n_test` is for question="influence" (got {question!r}): self-influence has none.')
         positive_int(n_test, "n_test")
+    normalize = _check_normalize(normalize)
+    partners = None if n_test is None else n_test + (normalize is not None)
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
     with exclusive_use(setup.spec):
         offset, batch = next(iter(batches(setup, data, "data", "explain")), (0, None))
@@ -117,7 +121,7 @@ def explain(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SlowPathWarning)  # the explanation says it all
             with naming_failures(setup.train_loss, setup, batch, "data", offset):
-                planned = plan_call(setup, batch, "data", self_only=question == "self_influence", partners=n_test)
+                planned = plan_call(setup, batch, "data", self_only=question == "self_influence", partners=partners)
             with warnings.catch_warnings(record=True), naming_failures(setup.train_loss, setup, batch, "data", 0):
                 acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)
                 planned.updates.self_influence(acc, setup.checkpoints[0], batch)

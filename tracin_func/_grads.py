@@ -110,7 +110,8 @@ def _looped(one: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     *static, batch = args
     n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
     outs = [one(*static, example_at(batch, i)) for i in range(n)]
-    return optree.tree_map(lambda *xs: torch.stack(xs), *outs, none_is_leaf=True)
+    dense = lambda x: x.to_dense() if isinstance(x, torch.Tensor) and x.is_sparse else x  # noqa: E731  (sparse=True)
+    return optree.tree_map(lambda *xs: torch.stack([dense(x) for x in xs]), *outs, none_is_leaf=True)
 
 
 def plain_grad(f: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_aux: bool = False) -> Callable[..., Any]:
