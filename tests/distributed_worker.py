@@ -93,14 +93,20 @@ def main(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") 
             out["error"] = f"{type(err).__name__}: {err}"
         dataset = TensorDataset(x, y)
         split = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, shuffle=False))
+        lacking = [tc.Checkpoint({k: v for k, v in c.params.items() if k != "fc2.bias"}, c.lr) for c in ckpts]
+        moved = [tc.Checkpoint({k: v + rank for k, v in c.params.items()}, c.lr) for c in ckpts]
         for name, call in {
             "sampler": lambda: tc.self_influence(model, ckpts, split, loss_fn=LOSS, distributed=True),
             "test sizes": lambda: tc.influence(model, ckpts, train, (xt[: 1 + rank], yt[: 1 + rank]), **kw),
+            # a failure in the call's setup on rank 1 alone (the other rank waited in the first collective)
+            "setup": lambda: tc.self_influence(model, ckpts if rank == 0 else lacking, train, **kw),
+            "k": lambda: tc.top_k(model, ckpts, train, test, k=3 + rank, **kw),  # (gloo aborted the process)
+            "checkpoints": lambda: tc.influence(model, moved, train, test, **kw),  # (mixed into one result)
         }.items():
             try:
                 call()
-            except ValueError as err:
-                out[name] = str(err)
+            except (ValueError, RuntimeError) as err:
+                out[name] = f"{type(err).__name__}: {err}"
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

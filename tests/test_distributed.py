@@ -48,6 +48,15 @@ def test_data_already_split_or_differing_between_ranks_is_refused_on_every_rank(
     for got in per_rank:
         assert "DistributedSampler, which already gives each rank a part" in got["sampler"]
         assert "The ranks disagree on the number of test examples: [1, 2]" in got["test sizes"]
+        assert "The ranks disagree on the options: [(3, True, False, None), (4, True, False, None)]" in got["k"]
+        assert "The ranks disagree on the checkpoints (their learning rates and tensors' sums)" in got["checkpoints"]
+
+
+def test_a_failure_in_one_ranks_setup_is_raised_on_every_rank(ranks):
+    """A call's checks and setup ran before any collective: raised on one rank, they left the other waiting."""
+    _, per_rank = ranks
+    assert per_rank[1]["setup"].startswith("ValueError: `checkpoints[0]` does not match the model: missing")
+    assert per_rank[0]["setup"].startswith("RuntimeError: rank 1 failed, so this rank stops too: ValueError")
 
 
 def test_nccl_needs_a_gpu_device(monkeypatch):

@@ -9,12 +9,12 @@ import torch
 
 from ._checkpoints import Checkpoint
 from ._data import num_examples, replayable
-from ._distributed import agree, gather_objects, join, on_every_rank, share, stack_top_k
+from ._distributed import gather_objects, join, on_every_rank, set_up_on_every_rank, share, stack_top_k
 from ._driver import collect_rows, embedding_blocks, query_chunks, score_blocks, self_blocks
 from ._index import Index
 from ._model import ParamSelector, exclusive_use
 from ._search import index_influence, index_setup, index_top_k, rerank_candidates
-from ._setup import make_setup
+from ._setup import Setup, make_setup
 from ._topk import TopK, merge
 from ._validate import boolean, positive_int, seed_value
 
@@ -194,9 +194,12 @@ def influence(
         _check_index_call(normalize, per_layer)
         setup = index_setup(train, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options)
         return index_influence(train, setup, test, aggregate=aggregate)
-    setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
+    setup = set_up_on_every_rank(
+        options.get("distributed"),
+        lambda: make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options),
+        **{"the number of test examples": num_examples(test), "the options": (normalize, aggregate, per_layer)},
+    )
     data, start, by_batch = share(replayable(train), setup.ranks)  # (a one-pass iterator's head: for planning)
-    agree(setup.ranks, **{"the number of test examples": num_examples(test)})
 
     def local() -> list[list[tuple[int, Any]]]:  # per chunk of test examples, this rank's score blocks
         with exclusive_use(setup.spec):
@@ -283,14 +286,20 @@ def top_k(
             "`rerank` / `candidates` re-rank the candidates an index proposes: pass a `tc.Index` as `train` (from "
             "`tc.build_index` or `tc.open_index`) and the training data as `rerank=`."
         )
-    n_train = num_examples(train)
-    if n_train == 0:
-        raise ValueError("`train` holds no examples.")
-    if n_train is not None and k > n_train:
-        raise ValueError(f"`k`={k} exceeds the number of training examples ({n_train}); pass `k <= {n_train}`.")
-    setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
+    def set_up() -> Setup:
+        n_train = num_examples(train)
+        if n_train == 0:
+            raise ValueError("`train` holds no examples.")
+        if n_train is not None and k > n_train:
+            raise ValueError(f"`k`={k} exceeds the number of training examples ({n_train}); pass `k <= {n_train}`.")
+        return make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
+
+    setup = set_up_on_every_rank(
+        options.get("distributed"),
+        set_up,
+        **{"the number of test examples": num_examples(test), "the options": (k, proponents, aggregate, normalize)},
+    )
     data, start, by_batch = share(replayable(train), setup.ranks)  # (a one-pass iterator's head: for planning)
-    agree(setup.ranks, **{"the number of test examples": num_examples(test)})
     desc = "proponents" if proponents else "opponents"
 
     def local() -> tuple[list[tuple[TopK | None, int]], int]:  # per test chunk (this rank's top-k, rows), seen
@@ -425,7 +434,11 @@ def self_influence(
             f"self-influence, sum_c lr_c |g_c|^2, is what finds mislabeled examples); renormalised scores are for "
             f"test / train pairs: `tc.influence` and `tc.top_k`."
         )
-    setup = make_setup(model, checkpoints, loss_fn=loss_fn, **options)
+    setup = set_up_on_every_rank(
+        options.get("distributed"),
+        lambda: make_setup(model, checkpoints, loss_fn=loss_fn, **options),
+        **{"the options": per_layer},
+    )
     mine, start, by_batch = share(data, setup.ranks)
 
     def local() -> list[tuple[int, Any]]:

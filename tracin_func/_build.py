@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ._api import _check_options
 from ._checkpoints import Checkpoint
 from ._data import iter_batches, num_examples, rows_of
-from ._distributed import agree, gather_objects, on_every_rank
+from ._distributed import agree, gather_objects, on_every_rank, set_up_on_every_rank
 from ._driver import collect_rows, embedding_blocks
 from ._fingerprint import differences, fingerprint, tensor_bytes
 from ._index import FORMAT, LAYOUT, MANIFEST, VERSION, Index, check_shard, manifest_digest, open_index, read_manifest
@@ -253,14 +253,18 @@ def build_index(
         positive_int(shard_size, "shard_size")
     boolean(overwrite, "overwrite")
     n = num_examples(train)
-    if n is None:
-        raise TypeError(
-            f"`train` must have a known size to be indexed (a batch `(x1, ..., y)` or a Dataset), got "
-            f"{type(train).__name__}; pass the DataLoader's Dataset and its batch size as `batch_size=`."
-        )
-    if n == 0:
-        raise ValueError("`train` holds no examples.")
-    setup = make_setup(model, checkpoints, loss_fn=loss_fn, projection=projection, **options)
+
+    def set_up() -> Setup:
+        if n is None:
+            raise TypeError(
+                f"`train` must have a known size to be indexed (a batch `(x1, ..., y)` or a Dataset), got "
+                f"{type(train).__name__}; pass the DataLoader's Dataset and its batch size as `batch_size=`."
+            )
+        if n == 0:
+            raise ValueError("`train` holds no examples.")
+        return make_setup(model, checkpoints, loss_fn=loss_fn, projection=projection, **options)
+
+    setup = set_up_on_every_rank(options.get("distributed"), set_up)
     planned = _plan_manifest(setup, loss_fn, n, shard_size, storage_dtype)
     ranges = _shard_ranges(n, planned["shard_size"])
     ranks = setup.ranks

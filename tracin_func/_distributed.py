@@ -137,10 +137,32 @@ def agree(ranks: Ranks | None, **values: Any) -> None:
     for key in values:
         per_rank = [v[key] for v in seen]
         if any(v != per_rank[0] for v in per_rank):
+            shown = per_rank if len(repr(per_rank)) < 200 else "different values"
             raise ValueError(
-                f"The ranks disagree on {key}: {per_rank} (rank by rank). With `distributed=`, pass every rank the "
-                f"same, whole data: each rank takes its own share."
+                f"The ranks disagree on {key}: {shown} (rank by rank). With `distributed=`, pass every rank the "
+                f"same arguments and the same, whole data: each rank takes its own share."
             )
+
+
+def set_up_on_every_rank(distributed: Any, set_up: Callable[[], T], **agreed: Any) -> T:
+    """A call's checks and setup (``set_up()``, returning a ``Setup``) run on every rank, raised on every rank where
+    they raise on one (before: the others waited in the first collective, 30 minutes by gloo's default), and refused
+    where the ranks were given other ``agreed`` arguments or other checkpoints (mixed into one result, silently; a
+    ``k`` given otherwise aborted the process in gloo's all_gather)."""
+    ranks = resolve(distributed)
+    if ranks is None:
+        return set_up()
+    setup = on_every_rank(ranks, set_up)
+    agree(ranks, **agreed, **{"the checkpoints (their learning rates and tensors' sums)": _summary(setup.checkpoints)})
+    return setup
+
+
+def _summary(checkpoints: Any) -> list[Any]:
+    """Each checkpoint's learning rate and each tensor's name, shape and sum: equal on every rank given equal ones."""
+    return [
+        (float(c.lr), [(n, tuple(t.shape), t.double().sum().item()) for n, t in sorted(c.state.items())])
+        for c in checkpoints
+    ]
 
 
 def share(data: Any, ranks: Ranks | None) -> tuple[Any, int, Ranks | None]:
