@@ -86,6 +86,14 @@ def explain(
     wide layer is kept as factors where their products with those few cost less than forming its training gradients;
     ``normalize`` as given to that call (a renormalised one also takes each training gradient's own norm).
 
+    Args:
+        model, checkpoints, loss_fn, test_loss_fn, options: as in :func:`influence`.
+        data: the data the call scores in batches (its training data; self-influence's data); its first batch is
+            planned on.
+        question: ``"influence"`` or ``"self_influence"``.
+        n_test: the call's test examples (``question="influence"``), or None.
+        normalize: the call's ``normalize=``.
+
     Returns:
         :class:`Explanation`: ``routes`` (one :class:`Route` per parameter, in order), ``batching``, the most
         examples per batch the call takes (``batch_size``), the bytes one example's gradients hold under the plan

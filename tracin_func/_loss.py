@@ -215,6 +215,15 @@ def seq2seq_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: i
     that are not ``ignore_index``: what ``model(**batch).loss`` is for a batch holding only that example. An example
     with no label left has loss 0 (Hugging Face's would be NaN).
 
+    Args:
+        model: the module the scorers get; it returns logits ``[B, T, V]`` as ``.logits``, ``["logits"]``, its first
+            element or itself.
+        labels: the batch key of the ``[B, T]`` labels (``ignore_index`` where a position carries no loss).
+        ignore_index: the label of positions that carry no loss.
+
+    Returns:
+        A :class:`BatchLoss`, for ``loss_fn=``.
+
     Example:
         >>> import torch, tracin_func as tc
         >>> class TinySeq2Seq(torch.nn.Module):
@@ -255,6 +264,15 @@ def token_classification_loss(model: nn.Module, *, labels: str = "labels", ignor
     cross-entropy of its tokens' logits against their labels ``[B, T]`` (no shift) over the labels that are not
     ``ignore_index`` (padding, a word's later sub-tokens): what ``model(**batch).loss`` is for a batch holding only that
     example. An example with no label left has loss 0.
+
+    Args:
+        model: the module the scorers get; it returns logits ``[B, T, C]`` as ``.logits``, ``["logits"]``, its first
+            element or itself.
+        labels: the batch key of the ``[B, T]`` labels (``ignore_index`` where a position carries no loss).
+        ignore_index: the label of positions that carry no loss.
+
+    Returns:
+        A :class:`BatchLoss`, for ``loss_fn=``.
 
     Example:
         >>> import torch, tracin_func as tc
@@ -319,6 +337,16 @@ def sequence_classification_loss(
     logit per example (``num_labels=1``) is a regression, integer labels a single-label classification, other labels a
     multi-label one; logits ``[B, C]`` with one integer label per example (a multiple-choice head,
     ``*ForMultipleChoice``) always a single-label classification, as there.
+
+    Args:
+        model: the module the scorers get; it returns logits ``[B, C]`` as ``.logits``, ``["logits"]``, its first
+            element or itself.
+        labels: the batch key of the labels: ``[B]`` class indices, or ``[B, C]`` / ``[B]`` floats for the other
+            problem types.
+        problem_type: as above; None: the model config's, or Hugging Face's rule.
+
+    Returns:
+        A :class:`BatchLoss`, for ``loss_fn=``.
 
     Example:
         >>> import torch, tracin_func as tc
