@@ -173,6 +173,12 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
                              encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, max_position_embeddings=40,
                              pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2),
              BATCHED),  # fmt: skip
+    "blenderbot": (  # no `prepare_decoder_input_ids_from_labels` (its forward shifts the labels itself): the loss
+        lambda: seq2seq(T.BlenderbotConfig, T.BlenderbotForConditionalGeneration, d_model=32, encoder_layers=1,
+                        decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                        decoder_ffn_dim=64, vocab_size=100, max_position_embeddings=40, pad_token_id=1,
+                        bos_token_id=0, eos_token_id=2, decoder_start_token_id=2),  # shifts them as the config says
+        BATCHED),  # fmt: skip
     "t5": (lambda: seq2seq(T.T5Config, T.T5ForConditionalGeneration, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                            num_heads=4, vocab_size=100, decoder_start_token_id=0, pad_token_id=1),
            BATCHED),  # fmt: skip  (its relative position biases run once for the whole batch: followed to the batch)
@@ -409,3 +415,20 @@ def test_mamba_is_batched_without_a_cache():
     followed = {r.parameter for r in e.routes if r.reason.startswith("followed")}
     assert followed == {f"backbone.layers.{i}.mixer.{n}" for i in range(2) for n in
                         ("A_log", "D", "conv1d.weight", "conv1d.bias", "dt_proj.weight", "dt_proj.bias")}, followed
+
+
+def test_an_example_of_one_token_under_sdpa_is_not_taken_for_mixing():
+    """With one key the attention weight is 1, so that example's gradient at the first query is zero but for
+    rounding (about 1e-19 in float64), batched and alone alike; compared on its own scale it was refused as mixing
+    (the call raised on a later batch, or took the per-example loop). Rows are compared within rounding of the
+    largest row too."""
+    model = _model(T.BertForSequenceClassification, T.BertConfig(num_labels=3, **SMALL), F64, attention="sdpa")
+    g = torch.Generator().manual_seed(3)
+    mask = (torch.arange(10) < torch.tensor([10, 3, 10, 7, 1, 5, 10, 9])[:, None]).long()
+    data = {"input_ids": torch.randint(3, 100, (8, 10), generator=g) * mask, "attention_mask": mask,
+            "labels": torch.randint(0, 3, (8,), generator=g)}  # fmt: skip
+    loss, ckpts = tc.sequence_classification_loss(model), rm.make_checkpoints(model, 2)
+    ref = reference_scores(model, ckpts, data, loss_fn=tc.ExampleLoss(lambda p, b: loss.fn(p, b).sum()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tc.SlowPathWarning)
+        assert_close(tc.self_influence(model, ckpts, data, loss_fn=loss, batch_size=4), ref.self_influence)

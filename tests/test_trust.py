@@ -3077,3 +3077,16 @@ def test_experts_routed_per_example_are_exact(capacity, seed):
         warnings.simplefilter("ignore")  # the slow path's warning
         got = tc.influence(model, ckpts, train, test, loss_fn=CE)
     assert_close(got, reference(model, ckpts, train, test)[0])
+
+
+def test_rows_zero_but_for_rounding_are_compared_within_rounding_of_the_largest():
+    """The batching check compares each example's factors on its own scale: a row that is zero but for rounding
+    (an attention weight of exactly 1 over one key) differs batched and alone by rounding only, within 1e3 eps of the
+    largest row, and passes; a real difference in such a row still fails."""
+    from tracin_func._batching import _close_rows
+
+    alone = torch.tensor([[1.7e-19, -0.9e-19], [2.7e-4, 1.0e-4]], dtype=F64)
+    batched = torch.tensor([[0.8e-19, 0.3e-19], [2.7e-4, 1.0e-4]], dtype=F64)
+    assert _close_rows(batched, alone)
+    assert not _close_rows(batched + torch.tensor([[1e-12, 0.0], [0.0, 0.0]], dtype=F64), alone)
+    assert not _close_rows(batched * torch.tensor([[1.0], [1.001]], dtype=F64), alone)

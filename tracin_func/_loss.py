@@ -302,14 +302,22 @@ def token_classification_loss(model: nn.Module, *, labels: str = "labels", ignor
 
 
 def _decoder_inputs(model: nn.Module, target: torch.Tensor) -> torch.Tensor:
+    """The decoder's inputs as the model makes them from labels: its ``prepare_decoder_input_ids_from_labels``, or,
+    for the models whose forward shifts them itself (Whisper, Blenderbot, M2M100: no such method), the labels
+    shifted right behind the config's ``decoder_start_token_id``, ``-100`` read as its ``pad_token_id``."""
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
-    if prepare is None:
+    if prepare is not None:
+        return prepare(labels=target)
+    config = getattr(model, "config", None)
+    start, pad = getattr(config, "decoder_start_token_id", None), getattr(config, "pad_token_id", None)
+    if start is None or pad is None:
         raise TypeError(
             f"`loss_fn`: tc.seq2seq_lm_loss makes `decoder_input_ids` from the labels with the model's "
-            f"`prepare_decoder_input_ids_from_labels` (Hugging Face's encoder-decoder models have it), which "
-            f"{type(model).__name__} lacks; put `decoder_input_ids` in the batches."
+            f"`prepare_decoder_input_ids_from_labels`, or its config's `decoder_start_token_id` and `pad_token_id`, "
+            f"which {type(model).__name__} lacks; put `decoder_input_ids` in the batches."
         )
-    return prepare(labels=target)
+    shifted = torch.cat([torch.full_like(target[:, :1], start), target[:, :-1]], 1)
+    return shifted.masked_fill(shifted == -100, pad)
 
 
 def _mean_token_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
