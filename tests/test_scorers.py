@@ -99,6 +99,23 @@ def test_top_k_ranks_duplicated_examples_by_their_index_whatever_the_batches(pro
             assert row.index(i) < row.index(n + i)
 
 
+def test_top_k_merging_blocks_equals_a_stable_sort_of_the_whole():
+    """Scores of few values (ties everywhere, across every cut): the top k of blocks merged equals the whole matrix
+    sorted stably, by score then index, for every block width and k."""
+    from tracin_func._topk import merge
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        scores = torch.randint(0, 4, (3, 40), generator=gen).double()
+        k, width = int(torch.randint(1, 41, (1,), generator=gen)), int(torch.randint(1, 41, (1,), generator=gen))
+        for largest in (True, False):
+            best = None
+            for start in range(0, 40, width):
+                best = merge(best, scores[:, start : start + width], start, k, largest)
+            values, order = scores.sort(dim=1, descending=largest, stable=True)
+            assert torch.equal(best.indices, order[:, :k]) and torch.equal(best.scores, values[:, :k])
+
+
 @pytest.mark.parametrize("name", ["mlp", "two_inputs", "function", "dict_batch"])
 @pytest.mark.parametrize("proponents", [True, False], ids=["proponents", "opponents"])
 def test_top_k_aggregate(name, proponents):

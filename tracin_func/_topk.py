@@ -44,14 +44,19 @@ def first_k(candidates: TopK, k: int, largest: bool) -> TopK:
 
 
 def _block_top(block: torch.Tensor, k: int, largest: bool) -> TopK:
-    """``first_k`` of a block's columns without sorting the block: those better than its k-th score, then the first
-    of those equal to it."""
-    kth = torch.topk(block, k, dim=1, largest=largest, sorted=True).values[:, -1:]
-    better = block > kth if largest else block < kth
-    tied = block == kth
-    keep = better | tied & (tied.cumsum(1) <= k - better.sum(1, keepdim=True))
-    columns = keep.nonzero()[:, 1].view(block.shape[0], k)  # (row-major: each row's columns in order)
-    return first_k(TopK(columns, block.gather(1, columns)), k, largest)
+    """``first_k`` of a block's columns without sorting the block: ``torch.topk``'s, where no score equal to the
+    k-th is left out; in the rows where one is (ties across the cut), those better than the k-th score and the first
+    of those equal to it. (Finding those in every row took 10x ``topk``'s time: 126 against 12 ms for 100 x 65,536.)"""
+    top = torch.topk(block, min(k + 1, block.shape[1]), dim=1, largest=largest, sorted=True)
+    scores, columns = top.values[:, :k], top.indices[:, :k]
+    if top.values.shape[1] > k and bool((cut := top.values[:, k - 1] == top.values[:, k]).any()):
+        rows = cut.nonzero()[:, 0]
+        sub, kth = block[rows], top.values[rows, k - 1 : k]
+        better, tied = (sub > kth if largest else sub < kth), sub == kth
+        keep = better | tied & (tied.cumsum(1) <= k - better.sum(1, keepdim=True))
+        columns = columns.index_put((rows,), keep.nonzero()[:, 1].view(len(rows), k))  # (row-major: in order)
+        scores = block.gather(1, columns)
+    return first_k(TopK(columns, scores), k, largest)
 
 
 def _check_finite(scores: torch.Tensor, offset: int) -> None:
