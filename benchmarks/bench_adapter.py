@@ -46,7 +46,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one timed run (same as --repeat 1)")
     parser.add_argument("--device", default="cpu", help="device of the model and data (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    args = parser.parse_args(argv)
+    args, ignored = parser.parse_known_args(argv)  # run_all passes every module the flags of all
+    if ignored:
+        print(f"bench_adapter: ignoring flags it does not take (meant for other modules): {ignored}")
     if args.quick:
         args.repeat = 1
     return args

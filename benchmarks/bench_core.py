@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -127,9 +128,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-per-example", action="store_true", help="skip Captum's slow per-example path on the MLP and CNN"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice)")
-    args = parser.parse_args(argv)
+    args, ignored = parser.parse_known_args(argv)  # run_all passes every module the flags of all
+    if ignored:
+        print(f"bench_core: ignoring flags it does not take (meant for other modules): {ignored}")
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
+    # the peers are the [bench] extra's: a run without them skips their rows (it failed on the first dattri row)
+    args.no_dattri = args.no_dattri or importlib.util.find_spec("dattri") is None
+    args.no_captum = args.no_captum or importlib.util.find_spec("captum") is None
     if args.real is not None and not args.real:
         args.real = list(real_models.BUILDERS)
     return args

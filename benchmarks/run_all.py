@@ -1,4 +1,5 @@
-"""Run every benchmark module and print its tables; flags pass through to each module.
+"""Run every benchmark module and print its tables; flags pass through to each module (each ignores, and names,
+those it does not take).
 
 Usage::
 
