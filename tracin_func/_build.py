@@ -22,7 +22,7 @@ from ._fingerprint import differences, fingerprint, tensor_bytes
 from ._index import FORMAT, LAYOUT, MANIFEST, VERSION, Index, check_shard, manifest_digest, open_index, read_manifest
 from ._model import exclusive_use
 from ._setup import Setup, make_setup
-from ._shards import TEMPORARY, file_sha256, intact_sha256, shard_info, shard_name, write_json, write_shard
+from ._shards import TEMPORARY, file_and_payload_sha256, file_sha256, shard_info, shard_name, write_json, write_shard
 from ._validate import boolean, positive_int, seed_value
 
 if TYPE_CHECKING:
@@ -284,9 +284,9 @@ def build_index(
         for i in mine:  # a finished shard is kept when its input rows are unchanged (read, not differentiated)
             info = _complete(path, shard_name(i), *ranges[i], planned)
             if info is not None and info.get("data") == _data_digest(setup, train, *ranges[i]):
-                sha = intact_sha256(os.path.join(path, shard_name(i)))  # (None: damaged since written, redone)
-                if sha is not None:
-                    done[i] = sha
+                whole, payload = file_and_payload_sha256(os.path.join(path, shard_name(i)))
+                if payload == info.get("payload"):  # (else damaged since it was written: redone)
+                    done[i] = whole
         todo = [i for i in mine if i not in done]
         rows = sum(ranges[i][1] - ranges[i][0] for i in mine)
         bar = tqdm(

@@ -209,7 +209,6 @@ def batched_factors(
     """
     given = state  # (before parameter copies and probes join it)
     n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
-    batch_tensors = [t for t in optree.tree_leaves(batch, none_is_leaf=True) if isinstance(t, torch.Tensor)]
     # rows of the batch dimension, where the model folds an example's items into it (one example: a row broadcast
     # over its items gets their gradients summed by autograd, whatever their number)
     rows = n * plan.fold if n > 1 else 1
@@ -250,7 +249,7 @@ def batched_factors(
             if output.dim() >= 3 and token_wise(layer, site):
                 folded.add(output.shape[int(seq_first)])
             elif not compiled and _merged_rows(args[0], n, plan.fold) and token_wise(layer, site):  # [n T, d]
-                if not _example_major(args[0], n, merged, batch_tensors):
+                if not _example_major(args[0], n, merged, optree.tree_leaves(batch, none_is_leaf=True)):
                     raise Unbatchable(
                         f"layer {site.path!r} is fed rows of several examples merged into one dimension other than "
                         f"by a reshape of a tensor whose first dimension is the batch's (packed valid tokens, "
@@ -577,17 +576,17 @@ _RESHAPES = {"ViewBackward0", "UnsafeViewBackward0"}
 
 
 def _example_major(
-    x: torch.Tensor, n: int, merged: set[Any], batch_tensors: Sequence[torch.Tensor], steps: int = 16
+    x: torch.Tensor, n: int, merged: set[Any], batch_leaves: Sequence[Any], steps: int = 16
 ) -> bool:
     """Whether the rows of ``x`` ``[K, d]`` provably come from a reshape of a tensor ``[n, ...]`` (example-major, so
     that each example's rows are its own ``K / n``), following ``x``'s autograd graph back through row-wise ops to
     that reshape, or to the output of a layer whose merged input was checked (``merged``); where ``x`` has no graph,
-    the memory of one of the batch's tensors (``batch_tensors``) read in order, or any rows of a single example.
+    the memory of one of the batch's tensors (``batch_leaves``) read in order, or any rows of a single example.
     Packed valid tokens (``h[mask]``: an index) are not. (A view's ``_base``, tried before, is the tensor the batch
     was sliced from: planning's single examples never passed, and a model reshaping its input left the batched
     path.)"""
     if x.grad_fn is None:
-        return n == 1 or any(_same_rows(x, t, n) for t in batch_tensors)
+        return n == 1 or any(isinstance(t, torch.Tensor) and _same_rows(x, t, n) for t in batch_leaves)
     node = x.grad_fn
     for _ in range(steps):
         if node is None:

@@ -168,13 +168,16 @@ class Repeated:
 
 
 def _same_batch(a: Any, b: Any) -> bool:
+    """Whether two batches hold equal values in one structure."""
     leaves, spec = optree.tree_flatten(a, none_is_leaf=True)
     others, other_spec = optree.tree_flatten(b, none_is_leaf=True)
-    return spec == other_spec and all(
-        x is y or isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
-        and torch.equal(x, y) or not isinstance(x, torch.Tensor) and x == y
-        for x, y in zip(leaves, others)
-    )  # fmt: skip
+    return spec == other_spec and all(map(_same_leaf, leaves, others))
+
+
+def _same_leaf(x: Any, y: Any) -> bool:
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
+    return x is y or x == y
 
 
 def replayable(data: Any) -> Any:

@@ -160,7 +160,7 @@ def set_up_on_every_rank(distributed: Any, set_up: Callable[[], T], **agreed: An
 def _summary(checkpoints: Any) -> list[Any]:
     """Each checkpoint's learning rate and each tensor's name, shape and sum: equal on every rank given equal ones."""
     return [
-        (float(c.lr), [(n, tuple(t.shape), t.double().sum().item()) for n, t in sorted(c.state.items())])
+        (float(c.lr), [(n, tuple(t.shape), t.sum(dtype=torch.float64).item()) for n, t in sorted(c.state.items())])
         for c in checkpoints
     ]
 

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ._fingerprint import tensor_bytes
+
 TEMPORARY = ".partial"  # suffix of files being written; never read, removed on the next build
 
 
@@ -85,34 +87,27 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
 
 def write_shard(path: str, embeddings: torch.Tensor, self_influence: torch.Tensor, info: Mapping[str, Any]) -> str:
     """Write one shard atomically and return its file's sha256. Its metadata holds ``info`` and the sha256 of its
-    tensors' bytes (``payload``), which a resumed build checks (``intact_sha256``)."""
+    tensors' bytes (``payload``), which a resumed build checks (``file_and_payload_sha256``)."""
     tensors = {"self_influence": self_influence, "embeddings": embeddings}
     payload = hashlib.sha256()
-    for t in tensors.values():
-        t = t.detach().to("cpu").contiguous()
-        payload.update(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b"")
+    for t in tensors.values():  # (as the file lays them out, after its header)
+        tensor_bytes(payload, t)
     meta = {**info, "payload": payload.hexdigest()}
     data = safetensors_bytes(tensors, {"tracin_func": json.dumps(meta, sort_keys=True)})
     write_atomically(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
-def intact_sha256(path: str) -> str | None:
-    """The sha256 of a shard file whose tensors' bytes still hash to its ``payload``, else None (damaged since it
-    was written: a resumed build kept a flipped byte and listed its sha256 as the index's)."""
+def file_and_payload_sha256(path: str) -> tuple[str, str]:
+    """The sha256 of a shard file and of its tensors' bytes (after its header: what ``payload`` names), in one read."""
     whole, payload = hashlib.sha256(), hashlib.sha256()
     with open(path, "rb") as f:
         head = f.read(8)
-        header = f.read(struct.unpack("<Q", head)[0]) if len(head) == 8 else b""
-        whole.update(head + header)
+        whole.update(head + f.read(struct.unpack("<Q", head)[0]))
         while chunk := f.read(1 << 24):
             whole.update(chunk)
             payload.update(chunk)
-    try:
-        meta = json.loads(json.loads(header)["__metadata__"]["tracin_func"])
-    except (ValueError, KeyError, TypeError):
-        return None
-    return whole.hexdigest() if meta.get("payload") == payload.hexdigest() else None
+    return whole.hexdigest(), payload.hexdigest()
 
 
 def shard_info(path: str) -> dict[str, Any]:
