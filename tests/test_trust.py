@@ -2731,10 +2731,54 @@ def test_mixing_is_refused_whatever_the_layout_of_the_outputs(layout):
     else:
         y = torch.randint(0, 3, (24, 5), generator=gen).to(F64)
     train, loss = (x, y), _WholeBatchCriterion(layout)
-    with pytest.raises(ValueError, match=r"got other outputs in the batch than alone.*Pass `factored=False`"):
+    mixed = "the criterion run on the whole batch" if layout == "in_the_loss" else "got other outputs in the batch"
+    with pytest.raises(ValueError, match=rf"{mixed} than alone.*[Pp]ass `factored=False`"):
         tc.self_influence(model, ckpts, train, loss_fn=loss, batch_size=8)
     want = reference_scores(model, ckpts, train, loss_fn=loss).self_influence
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss, factored=False), want)
+
+
+class HardMined(nn.Module):
+    """The batch's largest cross-entropy losses summed: hard examples mined over the batch."""
+
+    reduction = "sum"
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        losses = F.cross_entropy(out, y, reduction="none")
+        return losses.topk(min(5, len(losses))).values.sum()
+
+
+class ByLargestTarget(nn.Module):
+    """A squared error summed and divided by the batch's largest target."""
+
+    reduction = "sum"
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((out[:, 0] - y) ** 2).sum() / y.abs().amax()
+
+
+@pytest.mark.parametrize("criterion", [HardMined, ByLargestTarget])
+def test_a_criterion_that_mixes_a_summed_batch_is_refused(criterion):
+    """A criterion of ``reduction="sum"`` gives the batch one number, which holds no example's loss to compare: its
+    gradient at the outputs is compared instead (found by fuzzing: the outputs alike, 57-99% off, silently)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    ckpts = make_ckpts(model)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 6, generator=gen, dtype=F64)
+    if criterion is HardMined:
+        y = torch.randint(0, 3, (24,), generator=gen)
+    else:
+        y = torch.randn(24, generator=gen, dtype=F64)
+        y[:5] = 10.0  # the first examples hold the largest target
+    train, loss = (x, y), criterion()
+    mixed = r"`loss_fn`: example \d+ of a batch of 12 got another loss or gradient at its outputs.*`tc.ExampleLoss`"
+    with pytest.raises(ValueError, match=mixed):
+        tc.self_influence(model, ckpts, train, loss_fn=loss, batch_size=12)
+    want = reference_scores(model, ckpts, train, loss_fn=loss).self_influence
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss, factored=False), want)
+    alone = tc.ExampleLoss(lambda params, example: loss(functional_call(model, params, (example[0],)), example[1]))
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=alone, batch_size=12), want)
 
 
 class ClippedByBatchMax(nn.Module):
@@ -2832,7 +2876,7 @@ def _rounded_otherwise_alone(model, x, y, tiny_loss, n=16, checked=9):
     raise AssertionError("no batch rounds otherwise")
 
 
-@pytest.mark.parametrize("case", ["confident_batch_loss", "confident_criterion", "logit_near_zero"])
+@pytest.mark.parametrize("case", ["confident_batch_loss", "confident_criterion", "confident_summed", "logit_near_zero"])
 def test_rounding_of_small_losses_and_outputs_is_not_taken_for_mixing(case):
     """A well-fitted example's float32 loss, ``log(1 + eps)``, or a binary logit near zero, ``w h + b``, moves by a
     rounding step of its larger terms between a batch and the example alone: 3e-4 to 5e-4 of its own size. The
@@ -2854,6 +2898,7 @@ def test_rounding_of_small_losses_and_outputs_is_not_taken_for_mixing(case):
     loss = {
         "confident_batch_loss": tc.BatchLoss(per_example),
         "confident_criterion": nn.CrossEntropyLoss(),
+        "confident_summed": nn.CrossEntropyLoss(reduction="sum"),  # (compared by its gradient at the outputs)
         "logit_near_zero": nn.BCEWithLogitsLoss(),
     }[case]
     train = (x[rows], y[rows])

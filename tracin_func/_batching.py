@@ -19,7 +19,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._assemble import RepresentationFn, representation_fn, rows_with_gradient
-from ._capture import BatchableLoss, LayerFactors, Unbatchable, Witness, batched_factors, discover
+from ._capture import BatchableLoss, LayerFactors, Unbatchable, Witness, batched_factors, discover, gradients_at
 from ._data import distinct_examples, num_examples, padding, select_rows, slice_batch
 from ._grads import Mapper, Tensors
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
@@ -618,6 +618,13 @@ def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection
             alone = _witnessed(loss, state, names, select_rows(batch, one))
             if _alike_alone(together, alone, n, i) or _rounding_only(loss, state, names, batch, one, together, alone):
                 continue
+            if together[0] and _alike_alone((together[0], None, []), (alone[0], None, []), n, i):  # (outputs alike)
+                raise MixedBatch(
+                    f"`loss_fn`: example {i} of a batch of {n} got another loss or gradient at its outputs from the "
+                    f"criterion run on the whole batch than alone, so the criterion mixes a batch's examples (hard "
+                    f"examples mined over the batch, a sum divided by a batch statistic); scored batched, its scores "
+                    f"would be wrong. Give it as `tc.ExampleLoss` (each example alone), or pass `factored=False`."
+                )
             raise MixedBatch(
                 f"`model`: example {i} of a batch of {n} got other outputs in the batch than alone, so the model mixes "
                 f"a batch's examples in a way the first examples it was planned on could not show (statistics over "
@@ -659,7 +666,8 @@ class MixedBatch(ValueError):
     """A batch that gave an example other outputs than it gets alone (``spot_check``)."""
 
 
-Witnessed = tuple[list[torch.Tensor], torch.Tensor | None]  # what a forward gave its examples: outputs, losses
+# what a forward gave its examples: outputs, losses, the losses' sum's gradient at each output
+Witnessed = tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]
 
 
 def _witnessed(loss: BatchableLoss, state: Tensors, names: Collection[str], batch: Any) -> Witnessed:
@@ -669,10 +677,15 @@ def _witnessed(loss: BatchableLoss, state: Tensors, names: Collection[str], batc
     state = {k: t.detach().requires_grad_() if k in names else t for k, t in state.items()}
     with torch.enable_grad():
         if isinstance(loss, BatchedLoss):
-            return [], loss.per_example(state, batch).detach()
+            return [], loss.per_example(state, batch).detach(), []
         out = loss.forward(state, *batch[:-1])
         losses = batch_losses(loss.criterion, out, batch[-1])
-    return [t.detach() for t in floating_leaves(out)], None if losses is None else losses.detach()
+        shown = floating_leaves(out)
+        if losses is None:
+            return [t.detach() for t in shown], None, []
+        live = [t for t in shown if t.requires_grad]
+        grads = torch.autograd.grad(losses.sum(), live, allow_unused=True) if live else ()
+    return [t.detach() for t in shown], losses.detach(), gradients_at(shown, live, grads)
 
 
 def _alike_alone(together: Witnessed, alone: Witnessed, n: int, i: int, loosely: bool = False) -> bool:
@@ -727,8 +740,13 @@ def _rounding_only(
 
 
 def _pairs(x: Witnessed, y: Witnessed) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-    """Outputs and losses of two runs side by side, with the least scale each is compared on loosely."""
+    """Outputs, losses and the gradients at the outputs of two runs side by side, with the least scale each is
+    compared on loosely. A criterion run on the whole batch is compared by its gradient at the outputs too, which is
+    the batched pass's own: a sum (``reduction="sum"``), or fewer losses than examples, holds no example's part to
+    compare, and a criterion mixing the batch there (hard examples mined over it, a sum divided by a batch
+    statistic) leaves every output alike (57-99% off, silently, before)."""
     pairs = [(t, a, 0.0) for t, a in zip(x[0], y[0])] if len(x[0]) == len(y[0]) else []
+    pairs += [(t, a, 0.0) for t, a in zip(x[2], y[2])] if len(x[2]) == len(y[2]) else []
     return pairs + ([(x[1], y[1], 1.0)] if x[1] is not None and y[1] is not None else [])
 
 

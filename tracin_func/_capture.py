@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 Hook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
 LayerFactors = tuple[list[torch.Tensor], list[torch.Tensor]]  # one layer's inputs and output gradients, per call
 Factors = dict[str, LayerFactors]  # path -> its factors
-Witness = Callable[[Mapping[str, torch.Tensor], Any, Any], None]  # (state, batch, (outputs, losses)): batched_factors
+# (state, batch, (outputs, losses, loss gradients at the outputs)): batched_factors
+Witness = Callable[[Mapping[str, torch.Tensor], Any, Any], None]
 BatchableLoss = Union[CriterionLoss, BatchedLoss]  # losses whose model runs on whole batches
 
 
@@ -203,9 +204,9 @@ def batched_factors(
     ``compiled``: under ``torch.compile``, whose autograd nodes are the compiled graph's: the checks that read them
     (inputs changed in place, hooks on outputs, merged rows' provenance) are planning's, on the eager first examples.
     ``witness``: called after the backward with the state, the batch and what the forward gave its examples,
-    ``(outputs, losses)``, detached: a criterion's inputs (the model's floating outputs) and its losses where it runs
-    on the whole batch (``batch_losses``, else None), or none and a ``tc.BatchLoss``'s losses
-    (``_batching.spot_check``).
+    ``(outputs, losses, at_outputs)``, detached: a criterion's inputs (the model's floating outputs), and where it runs
+    on the whole batch (``batch_losses``) its losses and their sum's gradient at each output (else None and none); or
+    none, a ``tc.BatchLoss``'s losses and none (``_batching.spot_check``).
     """
     given = state  # (before parameter copies and probes join it)
     n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
@@ -319,9 +320,10 @@ def batched_factors(
                 total = loss.of_example(output, target)
             else:
                 total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
-        if witness is not None:  # (detached now: the backward frees what the outputs' graph holds)
+        shown, watched = [], []  # a whole-batch criterion's outputs, to the witness with its sum's gradient there
+        if witness is not None:
             shown = floating_leaves(output) if isinstance(loss, CriterionLoss) else []
-            seen = ([t.detach() for t in shown], None if losses is None else losses.detach())
+            watched = [t for t in shown if t.requires_grad] if losses is not None else []
         flat = [o for s in plan.sites for o in outputs[s.path]] + [(c, c) for c in copies.values()]
         if not compiled:
             _refuse_unfollowed(kept, [(path, out, edge) for path in outputs for out, edge in outputs[path]])
@@ -330,17 +332,19 @@ def batched_factors(
         try:
             grads = torch.autograd.grad(
                 total,
-                [edge for _, edge in flat] + met + whole + list(unused.values()),
+                [edge for _, edge in flat] + met + whole + list(unused.values()) + watched,
                 allow_unused=True,
                 retain_graph=bool(met),  # the roots' graph, for their per-example gradients
             )
         except CheckpointError as err:  # recomputed without the hooks' probes (a lone
             raise ValueError(CHECKPOINTED) from err  # example's run, not watched by `_PlanningWatch`)
+        start = len(flat) + len(met) + len(whole)  # (the unused parameters' gradients, then the watched outputs')
         if witness is not None:  # (its graph freed: the witness may run the batch again)
-            witness(given, batch, seen)
+            at = gradients_at(shown, watched, grads[start + len(unused) :]) if losses is not None else []
+            witness(given, batch, ([t.detach() for t in shown], None if losses is None else losses.detach(), at))
         if meetings is not None:
-            at_roots = per_example_outputs(meetings, roots, grads[len(flat) : len(flat) + len(met) + len(whole)], n)
-    _refuse_reached(unused, grads[len(flat) + len(met) + len(whole) :])
+            at_roots = per_example_outputs(meetings, roots, grads[len(flat) : start], n)
+    _refuse_reached(unused, grads[start : start + len(unused)])
     grads = iter(
         torch.zeros_like(like) if g is None else _per_example(g, n) if like in copied else g.view(like.shape)
         for g, (like, _) in zip(grads, flat)  # (a view's gradient taken at its base: the base's shape)
@@ -363,6 +367,15 @@ def batched_factors(
     for site in followed:  # no inputs: the per-example gradients themselves, [B, *shape]
         factors[site.path] = ([], at_roots[site.path])
     return factors
+
+
+def gradients_at(
+    outputs: Sequence[torch.Tensor], live: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """Each of ``outputs``' gradients, given ``grads`` of those among them that are ``live`` (that require grad, in
+    order); zeros where a loss does not reach one."""
+    at = {id(t): g for t, g in zip(live, grads)}
+    return [torch.zeros_like(t) if at.get(id(t)) is None else at[id(t)].detach() for t in outputs]
 
 
 class Unbatchable(ValueError, RuntimeError):
