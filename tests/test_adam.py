@@ -300,6 +300,15 @@ def test_edited_hyperparameters_adam_refuses_are_refused(edit):
         _score(*_linear_ckpt(state, model))
 
 
+def test_eps_zero_where_a_second_moment_is_zero_is_refused():
+    """With ``eps=0``, an example whose gradient is zero where the saved second moment is (a fresh state, an
+    embedding row never used) gets the update 0 / 0: refused naming ``eps`` (found by review: reported as
+    non-finite gradients of the examples)."""
+    model = nn.Linear(4, 3).to(DTYPE)
+    with pytest.raises(ValueError, match=r"has eps=0 and the second moment of 'weight' is zero at 12 of its entries"):
+        _score(*_linear_ckpt(torch.optim.Adam(model.parameters(), eps=0.0).state_dict(), model))
+
+
 def test_mixing_checkpoints_with_and_without_optimizer_state_is_refused():
     model, ckpt = _linear_ckpt(torch.optim.Adam(nn.Linear(4, 3).parameters()).state_dict())
     with pytest.raises(ValueError, match=r"`checkpoints\[1\]` carries an `optimizer_state` but `checkpoints\[0\]`"):

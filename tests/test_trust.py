@@ -7,6 +7,7 @@ relative to the largest entry of the expected tensor.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import sys
@@ -224,6 +225,130 @@ def test_1b2_forward_set_on_the_instance():
     model.fc1.forward = functools.partial(_scaled_forward, model.fc1)
     with pytest.raises(ValueError, match=r"module 'fc1' \(Linear\) has a `forward` set on the instance \(partial\)"):
         tc.self_influence(model, make_ckpts(model), data(4, seed=1), loss_fn=nn.CrossEntropyLoss())
+
+
+class ScaledByHook(MLP):
+    """An MLP whose first layer's output a forward hook scales by a parameter read through the model."""
+
+    def __init__(self, hook: str) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+        if hook == "method":
+            self.fc1.register_forward_hook(self._scaled)
+        else:
+            self.fc1.register_forward_hook(lambda layer, args, out: out * self.scale)
+
+    def _scaled(self, layer, args, out):
+        return out * self.scale
+
+
+def test_1b3_forward_hooks_that_read_the_model():
+    """A hook that is a method of a module of the model reads that module's copy, with the checkpoint's tensors; a
+    closure holding the model is refused (found by review: both read the user's weights, 21-44% off, silently)."""
+    model = ScaledByHook("method").double().eval()
+    check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
+    model = ScaledByHook("closure").double().eval()
+    with pytest.raises(ValueError, match=r"module 'fc1' \(Linear\) has a forward hook \(<lambda>\) that holds"):
+        tc.self_influence(model, make_ckpts(model), data(4, seed=1), loss_fn=CE)
+
+
+def test_1b4_a_model_compiled_in_place_or_wrapped():
+    """``module.compile()`` compiles the user's module's call: the call's copy runs eagerly, with each checkpoint's
+    tensors (found by review: every score 0, silently); a ``torch.compile`` wrapper is refused with the fix."""
+    model = MLP().double().eval()
+    ckpts, train, test = make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2)
+    wrapped = torch.compile(model, backend="eager")
+    model.compile(backend="eager")
+    check_against_reference(model, ckpts, train, test)
+    with pytest.raises(ValueError, match=r"`model` is a `torch.compile` wrapper.*`model._orig_mod`"):
+        tc.self_influence(wrapped, ckpts, train, loss_fn=CE)
+
+
+def test_1b5_parametrization_cache_is_refused():
+    """Inside ``parametrize.cached()``, a parametrized weight is computed once for every checkpoint (found by review:
+    52-114% off, silently, and the user's cache left holding a checkpoint's weight)."""
+    from torch.nn.utils import parametrize
+
+    model = MLP().double().eval()
+    parametrize.register_parametrization(model.fc1, "weight", _Doubled())
+    with parametrize.cached(), pytest.raises(ValueError, match=r"parametrize.cached\(\)"):
+        tc.self_influence(model, make_ckpts(model), data(4, seed=1), loss_fn=CE)
+    check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
+
+
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+class _ScaledWeight(nn.Module):
+    """A parametrization with a parameter of its own: ``w * g`` (``g`` 0-d or a vector over input features)."""
+
+    def __init__(self, shape) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.linspace(0.5, 1.5, math.prod(shape)).reshape(shape))
+
+    def forward(self, w):
+        return w * self.g
+
+
+class _Mapped(nn.Module):
+    """A parametrization running a layer of its own on the weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, w):
+        return self.lin(w)
+
+
+@pytest.mark.parametrize("parametrization", ["scalar", "vector", "layer"])
+def test_1b6_parametrizations_with_parameters_of_their_own(parametrization):
+    """A parametrization's own modules are not layers of the batch (found by review: a vector one was an expanded
+    site too, its gradient counted twice, 5-100% off, silently; a 0-d one raised IndexError; a Linear inside one was
+    taken for a layer whose calls depend on the example)."""
+    from torch.nn.utils import parametrize
+
+    model = MLP().double().eval()
+    made = {"scalar": lambda: _ScaledWeight(()), "vector": lambda: _ScaledWeight((4,)), "layer": _Mapped}
+    parametrize.register_parametrization(model.fc1, "weight", made[parametrization]().double())
+    check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
+    params = [n for n, _ in model.named_parameters() if ".parametrizations.weight.0." in n]
+    check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), params=params)
+
+
+class _BufferCounter(MLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def forward(self, x):
+        self.calls = self.calls + 1  # (rebinds the buffer; the output does not read it)
+        return super().forward(x)
+
+
+def test_1b7_a_forward_rebinding_a_buffer_leaves_the_users_model_as_it_was():
+    """``tc.ExampleLoss`` runs the user's module: a buffer the forward rebinds is put back after the call (found by
+    review: the user's model kept the call's count)."""
+    model = _BufferCounter().double().eval()
+    snap, calls = snapshot(model), model.calls
+    loss = tc.ExampleLoss(lambda params, batch: CE(functional_call(model, params, (batch[0],)), batch[1]))
+    tc.self_influence(model, make_ckpts(model), data(4, seed=1), loss_fn=loss)
+    assert model.calls is calls and int(calls) == 0
+    assert_unchanged(model, snap)
+
+
+def test_1b8_inputs_that_require_grad_give_detached_scores():
+    """Features of a backbone (inputs requiring grad) are read as values: the scores hold no graph back to them
+    (found by review: on the vmap paths, `grad_fn` set, and a tracer's state chained the graph step to step)."""
+    model = MLP().double().eval()
+    x, y = data(4, seed=1)
+    train = (x.clone().requires_grad_(), y)
+    for factored in (None, False):
+        assert not tc.self_influence(model, make_ckpts(model), train, loss_fn=CE, factored=factored).requires_grad
+        assert not tc.influence(model, make_ckpts(model), train, train, loss_fn=CE, factored=factored).requires_grad
+    assert train[0].grad is None
 
 
 def test_1c_weight_standardised_conv2d():

@@ -160,6 +160,14 @@ def adam_states(
                     )
         zeros = torch.zeros(shape)
         amsgrad = bool(group["amsgrad"])
+        v = entry.get("max_exp_avg_sq" if amsgrad else "exp_avg_sq", zeros)
+        if float(group["eps"]) == 0.0 and bool((v == 0).any()):
+            raise ValueError(
+                f"`optimizer_state` of {where}: param_groups[{g}] has eps=0 and the second moment of {name!r} is "
+                f"zero at {int((v == 0).sum())} of its entries (never reached by a gradient), where an example whose "
+                f"gradient is zero there would get the update 0 / 0 (NaN). Score with an eps > 0 in the saved group "
+                f"(`param_groups[{g}]['eps']`), or without `optimizer_state`."
+            )
         b1, b2 = (float(b) for b in group["betas"])
         decay = 0.0 if group.get("decoupled_weight_decay", False) else float(group.get("weight_decay", 0))
         states[name] = AdamParam(

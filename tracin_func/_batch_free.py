@@ -95,7 +95,7 @@ class Meetings(TorchFunctionMode):
         self.met: list[tuple[torch.Tensor, Any]] = []  # (what met the batch, its probe or gradient edge)
         # meetings in a weight's product, by index in ``met``: (the batch's operand, how (``_weight_product``), the
         # product's shape)
-        self._products: dict[int, tuple[torch.Tensor, bool | str | _Conv, torch.Size]] = {}
+        self._products: dict[int, tuple[torch.Tensor, bool | str | _Conv, torch.Size, int]] = {}
         for t in optree.tree_leaves(batch, none_is_leaf=True):
             if isinstance(t, torch.Tensor):
                 self._batch[id(t)] = weakref.ref(t)
@@ -293,7 +293,7 @@ class Meetings(TorchFunctionMode):
         over the output)."""
         edge = lasting_edge(out) if out.requires_grad else None
         probe = torch.zeros_like(out, requires_grad=True) if edge is None else edge
-        self._products[len(self.met)] = (x.detach(), how, out.shape)
+        self._products[len(self.met)] = (x.detach(), how, out.shape, x._version)
         self.met.append((weight, probe))
         return out if edge is not None else out + probe
 
@@ -302,7 +302,13 @@ class Meetings(TorchFunctionMode):
         t = self.met[i][0]
         if i not in self._products:
             return _cotangent(t, g, self.n)
-        x, how, shape = self._products[i]  # (x changed in place since: autograd's plain check refused the model)
+        x, how, shape, version = self._products[i]
+        if x._version != version:  # (plain autograd may accept it: matmul keeps a folded copy of a strided operand)
+            raise RuntimeError(
+                "`model`: a tensor multiplied by a parameter read directly was changed in place after the product "
+                "(`q @ self.w`, then `q /= scale`), so each example's gradient of that parameter cannot be formed "
+                "from it. Pass `factored=False`, or change it out of place (`q = q / scale`)."
+            )
         g, n = g.view(shape), self.n  # (an edge's gradient is its base's: F.linear's [B T, d] under a [B, T, d] view)
         if isinstance(how, (str, _Conv)):  # an einsum's, a convolution's: each row's, then rows per example summed
             conv = isinstance(how, _Conv)

@@ -377,7 +377,7 @@ def _live_rows(factors: LayerFactors, i: int) -> list[torch.Tensor] | None:
     xs, gs = [], []
     for x, g in zip(*factors):
         x, g = x[i], g[i]
-        if x.shape[:-1] != g.shape[:-1] or not x.is_floating_point():
+        if x.dim() == 0 or x.shape[:-1] != g.shape[:-1] or not x.is_floating_point():  # (0-d: a row per call)
             return None
         x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
         live = rows_with_gradient(g[None])[0]

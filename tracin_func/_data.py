@@ -267,9 +267,11 @@ def num_examples(data: Any) -> int | None:
 
 
 def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> Batch:
-    """Move every tensor to ``device``; cast floating tensors to ``dtype`` when given (integers stay integers)."""
+    """Move every tensor to ``device``; cast floating tensors to ``dtype`` when given (integers stay integers).
+    Detached: inputs that require grad (features of a backbone) would tie the scores to their graph."""
 
     def move(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach() if t.requires_grad else t
         if dtype is not None and t.is_floating_point():
             return t.to(device=device, dtype=dtype)
         return t.to(device=device)

@@ -190,7 +190,7 @@ class Deferred(NamedTuple):
                 if name not in out:  # (a block's channels are the weight's and the bias's dim 0)
                     shape = g.shape[1:] if block == slice(None) else (self.site.weight_shape[0], *g.shape[2:])
                     out[name] = g.new_empty(math.prod(shape), self.n).T.view(self.n, *shape)
-                out[name][rows, block] = g
+                out[name][(rows,) if block == slice(None) else (rows, block)] = g  # (a 0-d parameter's: [B])
         return Dense(out)
 
     def dotted_by(self, dense: Dense) -> torch.Tensor:

@@ -83,21 +83,25 @@ class Attributes(NamedTuple):
     module: nn.Module
     values: dict[str, Any]  # by name, as taken
     contents: dict[str, Any]  # ``_structure`` of the containers among them (filled in place by a run)
+    tensors: tuple[dict[str, Any], dict[str, Any]]  # its parameters and buffers by name, as taken
 
 
 def layer_state(module: nn.Module | None) -> list[Attributes]:
-    """Every layer's own attributes (caches a forward pass may fill), to restore after a run."""
+    """Every layer's own attributes (caches a forward pass may fill) and the tensors its parameter and buffer slots
+    hold (a forward rebinding a buffer, ``self.count = self.count + 1``, replaces the slot's tensor, which
+    ``functional_call`` restores only for the names it is given), to restore after a run."""
     taken = []
     for m in module.modules() if module is not None else ():
         values = own_attributes(m)
-        taken.append(Attributes(m, values, {k: _structure(v) for k, v in values.items() if isinstance(v, CONTAINERS)}))
+        contents = {k: _structure(v) for k, v in values.items() if isinstance(v, CONTAINERS)}
+        taken.append(Attributes(m, values, contents, (dict(m._parameters), dict(m._buffers))))
     return taken
 
 
 def restore_state(taken: list[Attributes]) -> None:
     """Undo a run's changes to the layers' own attributes (``layer_state``): added ones removed, rebound ones set
-    back, filled containers given their items back."""
-    for m, values, contents in taken:
+    back, filled containers given their items back; and the tensors in its parameter and buffer slots."""
+    for m, values, contents, tensors in taken:
         for key in [k for k in own_attributes(m) if k not in values]:
             delattr(m, key)
         for key, value in values.items():
@@ -105,6 +109,10 @@ def restore_state(taken: list[Attributes]) -> None:
                 object.__setattr__(m, key, value)
             if key in contents and not _same(value, contents[key]):
                 _put_back(contents[key])
+        for slot, then in zip((m._parameters, m._buffers), tensors):
+            if slot.keys() != then.keys() or any(slot[k] is not t for k, t in then.items()):
+                slot.clear()
+                slot.update(then)
 
 
 @contextmanager

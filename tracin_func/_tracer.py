@@ -40,7 +40,7 @@ from ._assemble import RepresentationFn
 from ._checkpoints import Checkpoint
 from ._data import batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
-from ._model import check_eval_mode, check_no_backward_hooks, exclusive_use, unsaved_on
+from ._model import check_runnable, exclusive_use, unsaved_on
 from ._plan import plan_call
 from ._setup import Setup, make_setup, target_device
 
@@ -515,8 +515,7 @@ def _products(
         )
     _check_values(state, lr, batch, indices, fix)
     _check_params(planned, params)
-    check_eval_mode(planned.model)  # the model may have been switched to training mode since planning
-    check_no_backward_hooks(planned.model)
+    check_runnable(planned.model)  # the model may have been switched to training mode since planning
     check_batch_structure(batch, "`batch`", needs_target=planned.needs_target)
     batch = to_device(batch, planned.device, planned.dtype)
 
