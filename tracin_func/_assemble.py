@@ -106,7 +106,17 @@ def assemble(
         parts.append(Deferred(uses.sites[0], partial(_whole, by_channels), n, size, chunk, split))
     if dense:
         parts.insert(0, Dense(dense))
-    return Representation(_tied_uses_together(parts), plan.names)
+    return Representation(_tied_uses_together(_conditioned(parts)), plan.names)
+
+
+def _conditioned(parts: list[Part]) -> list[Part]:
+    """Factored parts with their examples' squared norms and whether their rows cancel (``Factored.conditioned``),
+    the flags read at once (one device sync a batch)."""
+    checked = {i: c for i, part in enumerate(parts) if isinstance(part, Factored) and (c := part.conditioned())}
+    flags = torch.stack([flag for _, flag in checked.values()]).tolist() if checked else []
+    for (i, (part, _)), cancelling in zip(checked.items(), flags):
+        parts[i] = part._replace(cancelling=cancelling)
+    return parts
 
 
 class _TiedUses(NamedTuple):

@@ -54,6 +54,12 @@ _BLOCK_BYTES = 16 << 20
 # Factors scored from formed gradients (a batch with many more rows than planned) only when the smaller side's
 # gradients, formed whole, take at most this much memory; else the factored products run, slower.
 _FORMED_SIDE_BYTES = 256 << 20
+# The factored products' rounding grows with the square of how much an example's gradient cancels between its rows,
+# kappa = sum_t |a_t| |g_t| / |sum_t a_t g_t^T|, a formed gradient's with kappa: past this kappa a batch's gradients of
+# the layer are formed to be multiplied (a Siamese encoder's two nearly equal rows: kappa 150 at a distance of 1e-2,
+# 6e-4 off in float32, 6.5% at 1e-3; rows of random directions: kappa near sqrt(T), 7 at the 45 rows of a 4096-wide
+# Linear's factored route).
+_CANCELLING = 32.0
 # Of a column-major side's squares formed at once by ``_sq_norms`` (64,000 x 20: 0.99 / 0.68 / 0.79 ms in blocks of 64
 # KB / 256 KB / 1 MB; 1,000,000 x 20: 26 / 16 / 17 ms).
 _NORM_BLOCK_BYTES = 256 << 10
@@ -317,10 +323,22 @@ class Factored(NamedTuple):
     a: torch.Tensor
     g: torch.Tensor
     costed: bool = False
+    norms: torch.Tensor | None = None  # each example's squared norm, from the factors (``conditioned``)
+    cancelling: bool = False  # some example's rows cancel past ``_CANCELLING``: formed to be multiplied
+
+    def conditioned(self) -> tuple[Factored, torch.Tensor] | None:
+        """This part with its examples' squared norms, and (0-d) whether some example's rows cancel (the flag read
+        by the caller: one read for a batch's parts); None where they cannot (one row, an Embedding's ids)."""
+        a, g = self.a, self.g
+        if self.site.kind == "embedding" or a.shape[1] < 2:
+            return None
+        norms = self._gram_norms()
+        rows = a.square().sum(-1).add_(1.0 if self.site.bias is not None else 0.0).mul_(g.square().sum(-1))
+        return self._replace(norms=norms), (rows.sqrt_().sum(1).square_() > _CANCELLING**2 * norms).any()
 
     def dot(self, other: Factored) -> torch.Tensor:
         a1, g1, a2, g2 = self.a, self.g, other.a, other.g
-        if self._products_cost_more(other):  # the smaller side formed whole, the other in chunks
+        if self.cancelling or other.cancelling or self._products_cost_more(other):  # the smaller side formed whole
             mine, theirs = self._formed(), other._formed()
             return mine.dot(theirs) if a2.shape[0] <= a1.shape[0] else theirs.dot(mine).T
         if self.site.kind != "embedding" and a1.shape[1] == 1 and a2.shape[1] == 1:
@@ -335,9 +353,12 @@ class Factored(NamedTuple):
         return _joined(blocks)
 
     def sq_norm(self) -> torch.Tensor:
-        a, g = self.a, self.g
-        if self._products_cost_more(self, norms=True):
+        if self.cancelling or self._products_cost_more(self, norms=True):
             return self._formed().sq_norm()
+        return self._gram_norms() if self.norms is None else self.norms
+
+    def _gram_norms(self) -> torch.Tensor:
+        a, g = self.a, self.g
         if self.site.kind == "embedding":
             ka = _same_token(a[:, :, None], a[:, None, :]).to(g.dtype)
         elif a.shape[1] == 1:  # one row: products of norms (1500 MLP examples: 0.05 against 0.14 ms as [1, 1] GEMMs)
@@ -382,13 +403,16 @@ class Factored(NamedTuple):
         return weight if bias is None else bias if weight is None else weight.add_(bias)
 
     def total(self) -> Factored:
-        """The sum of B examples' gradients is one example whose rows are all of theirs."""
+        """The sum of B examples' gradients is one example whose rows are all of theirs (which may cancel)."""
         rows = self.g.shape[0] * self.g.shape[1]
         a, g = self.a.reshape(1, rows, *self.a.shape[2:]), self.g.reshape(1, rows, -1)
-        return Factored(self.site, a, g, self.costed)
+        total = Factored(self.site, a, g, self.costed)
+        checked = total.conditioned()
+        return total if checked is None else checked[0]._replace(cancelling=bool(checked[1]))
 
     def take(self, rows: slice) -> Factored:
-        return self._replace(a=self.a[rows], g=self.g[rows])
+        norms = None if self.norms is None else self.norms[rows]
+        return self._replace(a=self.a[rows], g=self.g[rows], norms=norms)
 
     @staticmethod
     def concat(parts: Sequence[Factored]) -> Factored:
@@ -402,7 +426,8 @@ class Factored(NamedTuple):
 
         a = torch.cat([pad(p.a, fill) for p in parts])
         g = torch.cat([pad(p.g, 0.0) for p in parts])
-        return Factored(parts[0].site, a, g, parts[0].costed)
+        norms = None if any(p.norms is None for p in parts) else torch.cat([p.norms for p in parts])
+        return Factored(parts[0].site, a, g, parts[0].costed, norms, any(p.cancelling for p in parts))
 
 
 class TokenRows(NamedTuple):
