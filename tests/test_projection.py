@@ -177,3 +177,25 @@ def test_top_k_embeddings_equals_dense_topk(block_size, proponents):
 def test_top_k_embeddings_rejects_k_above_rows():
     with pytest.raises(ValueError, match=r"`k`=11 exceeds the number of training rows \(10\)"):
         tc.top_k_embeddings(torch.randn(2, 3), torch.randn(10, 3), k=11)
+
+
+class _Bag(nn.Module):
+    def __init__(self, vocab=400, d=6):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(vocab, d), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids)).mean(1))
+
+
+@pytest.mark.parametrize("factored", [None, True])
+def test_int32_token_ids_get_the_projection_int64_ids_get(factored):
+    """An Embedding takes int32 ids too: projected from its factors as int64 ids are (found by review: a raw
+    "result type Float can't be cast" error)."""
+    torch.manual_seed(0)
+    model = _Bag().double().eval()
+    ckpts = [tc.Checkpoint({k: torch.randn_like(v) for k, v in model.state_dict().items()}, 0.1) for _ in range(2)]
+    ids, y = torch.randint(0, 400, (10, 6)), torch.randint(0, 3, (10,))
+    want = tc.embeddings(model, ckpts, (ids, y), loss_fn=CE, projection_dim=12, seed=3, factored=False)
+    got = tc.embeddings(model, ckpts, (ids.int(), y), loss_fn=CE, projection_dim=12, seed=3, factored=factored)
+    assert_close(got, want)

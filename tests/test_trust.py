@@ -351,6 +351,25 @@ def test_1b8_inputs_that_require_grad_give_detached_scores():
     assert train[0].grad is None
 
 
+class _ScaledByBuffer(MLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 6), persistent=False)  # (a rotary inv_freq, say)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x) * self.scale))
+
+
+def test_1b9_unsaved_buffers_follow_the_computation_dtype():
+    """``dtype=`` converts a buffer no checkpoint holds as it converts the model's parameters (found by review: a
+    float64 model scored in float32 failed in its forward, "mat1 and mat2 must have the same dtype")."""
+    model = _ScaledByBuffer().double().eval()
+    ckpts, train, test = make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2)
+    got = tc.influence(model, ckpts, train, test, loss_fn=CE, dtype=torch.float32)
+    assert got.dtype == torch.float32
+    assert_close(got, reference(model, ckpts, train, test)[0], 1e-5)
+
+
 def test_1c_weight_standardised_conv2d():
     model = StdCNN().eval()
     check_against_reference(model, make_ckpts(model), data(1, 6, 6, seed=1), data(1, 6, 6, n=3, seed=2))

@@ -386,6 +386,9 @@ def test_empty_batches_are_skipped():
         got = tc.influence(model, ckpts, chunks, (x[:2], y[:2]), loss_fn=CE, factored=factored)
         want = tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE, factored=factored)
         torch.testing.assert_close(got, want)
+        # one test example: planning reads the training data's first batch, empty (found by review: a reshape error)
+        got = tc.influence(model, ckpts, iter(chunks), (x[:1], y[:1]), loss_fn=CE, factored=factored)
+        torch.testing.assert_close(got, want[:1])
 
 
 def test_nan_index_counts_across_batches():

@@ -164,9 +164,10 @@ def planned_batches(
 
 def first_examples(setup: Setup, data: Any, where: str) -> Any:
     """The first examples of ``data`` (a batch's or a ``Dataset``'s as many as planning reads, an iterable's first
-    batch), checked and on device; None when it holds none (the call says so where it reads the data)."""
+    batch), checked and on device; None when it holds none (the call says so where it reads the data), or its first
+    batch is empty (a bucketing sampler's empty bucket: skipped where the data is scored)."""
     head = next(iter_batches(data, _PLANNING_EXAMPLES, where), None)
-    if head is None:
+    if head is None or not batch_size_of(head, f"`{where}`"):
         return None
     check_batch_structure(head, f"`{where}` batch 0", needs_target=setup.needs_target[where == "test"])
     return to_device(head, setup.device, setup.dtype)

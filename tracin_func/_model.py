@@ -49,6 +49,9 @@ class ModelSpec(NamedTuple):
     defaults: Mapping[str, torch.Tensor]  # the model's own state, used for names a checkpoint omits (strict=False)
     unsaved: Mapping[str, torch.Tensor] = {}  # buffers no state dict holds (``persistent=False``): the model's own
     private: bool = False  # ``module`` is the call's private copy (not the user's, which a loss calls)
+    # unsaved floating buffers in the dtype of the model's parameters, converted with them (a float32 ``inv_freq``
+    # kept in a bfloat16 model is not)
+    following: frozenset[str] = frozenset()
 
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
@@ -349,6 +352,8 @@ def model_spec(
             named = dict(model.named_parameters())  # de-duplicated: a tied tensor appears under its first name
             state = model.state_dict(keep_vars=True)
             unsaved = {n: t for n, t in model.named_buffers() if n not in state}  # (persistent=False)
+            floating = {t.dtype for t in named.values() if t.is_floating_point()}
+            following = frozenset(n for n, t in unsaved.items() if t.is_floating_point() and floating == {t.dtype})
             module = private_copy(model) if private else model
         first_name = {id(p): n for n, p in named.items()}
         aliases = {n: first_name[id(t)] for n, t in state.items() if n not in named and id(t) in first_name}
@@ -362,7 +367,7 @@ def model_spec(
             return functional_call(module, untied, inputs, tie_weights=False)
 
         defaults = {n: t.detach() for n, t in state.items() if n not in aliases}
-        return ModelSpec(forward, module, diff, frozenset(state), aliases, defaults, unsaved, private)
+        return ModelSpec(forward, module, diff, frozenset(state), aliases, defaults, unsaved, private, following)
     if not callable(model):
         raise TypeError(f"`model` must be an nn.Module or a function f(params, *inputs), got {type(model).__name__}.")
     floating = [n for n, t in first_params.items() if t.is_floating_point()]
@@ -483,20 +488,31 @@ def converted(
     device: torch.device,
     dtype: torch.dtype,
     unsaved: Mapping[str, torch.Tensor],
+    following: frozenset[str],
 ) -> CheckpointState:
     """A checked state on ``device`` with floating tensors in ``dtype`` (the same tensors when already there).
 
-    ``unsaved``: buffers no checkpoint holds (``persistent=False``, e.g. BERT's ``position_ids``), passed along in
-    their own dtype where they live on another device than the computation's (a CPU model scored with
-    ``device="cuda"``); the model keeps its own."""
+    ``unsaved``: buffers no checkpoint holds (``persistent=False``, e.g. BERT's ``position_ids``), passed along where
+    they live on another device than the computation's (a CPU model scored with ``device="cuda"``) or, ``following``
+    the model's dtype, are in another than ``dtype`` (converted, as the model's parameters are); the model keeps its
+    own."""
 
     def move(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
     lr = torch.as_tensor(lr, dtype=dtype, device=device).detach().reshape(())
-    return CheckpointState({**unsaved_on(unsaved, device), **{n: move(t) for n, t in state.items()}}, lr)
+    moved = {n: move(t) for n, t in state.items()}
+    return CheckpointState({**unsaved_on(unsaved, following, device, dtype), **moved}, lr)
 
 
-def unsaved_on(unsaved: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The buffers no checkpoint holds that live on another device than ``device``, moved there (their own dtype)."""
-    return {n: t.detach().to(device) for n, t in unsaved.items() if t.device != device}
+def unsaved_on(
+    unsaved: Mapping[str, torch.Tensor], following: frozenset[str], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The buffers no checkpoint holds that live on another device than ``device``, or that follow the model's dtype
+    (``following``) and are in another than ``dtype``, moved and converted there (a float64 model's scored in float32
+    failed in its forward)."""
+
+    def to(name: str, t: torch.Tensor) -> torch.dtype:
+        return dtype if name in following else t.dtype
+
+    return {n: t.detach().to(device, to(n, t)) for n, t in unsaved.items() if (t.device, t.dtype) != (device, to(n, t))}

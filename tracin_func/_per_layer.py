@@ -46,8 +46,12 @@ def _pieces(a: Representation, b: Representation, module: bool) -> Iterator[tupl
             yield from ((layer, p, q) for layer in layer_order(list(p.shapes), module=module))
             continue
         if not isinstance(p, Dense) or isinstance(q, Deferred):
-            yield layer_of(q.site.names[0], module=module), p, q  # one layer's weight and bias
-            continue
+            layers = layer_order(list(q.site.names), module=module)
+            if len(layers) == 1:
+                yield layers[0], p, q  # one layer's weight and bias
+                continue
+            # a parametrized weight's tensors (``fc.parametrizations.weight``) and its layer's bias: split by name
+            p, q = Dense(p.materialize()), Dense(q.materialize())
         groups: dict[str, list[str]] = {}
         for name in p.grads:
             groups.setdefault(layer_of(name, module=module), []).append(name)

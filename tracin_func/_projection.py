@@ -76,7 +76,7 @@ def project_outer(name: str, u: torch.Tensor, v: torch.Tensor, seed: int, k: int
     ``v [B, T, c]``, without forming them. ``u`` may instead be row indices ``[B, T]`` (one-hot rows, -1 = none)."""
     k_r, k_c = kron_split(k)
     p_c = _factor(name, "cols", seed, v.shape[-1], k_c, v.device, v.dtype)
-    if u.dtype == torch.int64:
+    if not u.is_floating_point():  # (token ids: int64, or the int32 an Embedding takes too)
         key = block_key(seed, f"{name}/rows")
         ur = signs(key, u.clamp(min=0).reshape(-1), k_r, v.dtype).reshape(*u.shape, k_r) * (u >= 0).unsqueeze(-1)
     else:

@@ -525,7 +525,8 @@ def _products(
     diff = {n: move(params[n]) for n in planned.names}
     frozen = {n: move(planned.setup.spec.defaults[n]) for n in planned.defaults}  # buffers: read at each step
     frozen.update({n: move(t) for n, t in params.items() if n not in diff})
-    frozen.update(unsaved_on(planned.setup.spec.unsaved, planned.device))  # (a CPU model traced on a GPU)
+    spec = planned.setup.spec
+    frozen.update(unsaved_on(spec.unsaved, spec.following, planned.device, planned.dtype))  # (a CPU model on a GPU)
     with exclusive_use(planned.setup.spec), naming_failures(planned.setup.train_loss, planned.setup, batch, "batch", 0):
         test_rep = planned.test(diff, frozen, state.test)
         rep = planned.train(diff, frozen, batch).formed()  # used twice: a norm and the dot
