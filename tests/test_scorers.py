@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import tracin_func as tc
 from tests import models
 from tests.conftest import assert_close, assert_topk
-from tests.models import TASKS, Task, cast_task, mlp_task, multi_output_task
+from tests.models import TASKS, Task, cast_task, mlp_task, multi_output_task, random_checkpoints
 from tests.reference import Reference, reference_grads, reference_scores
 
 LOOP_WARNING = r"vmap failed on this model, so per-example gradients are computed with a loop .+ full: RuntimeError: "
@@ -190,6 +190,61 @@ def test_last_layer_method_is_exact_tracin_on_the_last_linear(name):
     kw = {"loss_fn": task.loss_fn, "method": "last_layer"}
     assert_close(tc.influence(*args, task.train, task.test, **kw), ref.influence)
     assert_close(tc.self_influence(*args, task.train, **kw), ref.self_influence)
+
+
+class _WithProbe(nn.Module):
+    """A classifier whose forward also runs a probe after its head, its output discarded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.probe = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        out = self.fc2(h)
+        self.probe(h.detach())
+        return out
+
+
+def test_last_layer_is_the_last_linear_the_loss_reaches():
+    """A Linear called after the head whose output the loss never reaches is not the last layer; and parameters the
+    loss does not reach score 0 on every path (found by review: both raised autograd's raw "does not require
+    grad")."""
+    task, _ = task_and_reference("mlp")
+    model = _WithProbe().double().eval()
+    ckpts = random_checkpoints(model.state_dict(), 2)
+    names = ["fc2.weight", "fc2.bias"]
+    ref = reference_scores(model, ckpts, task.train, task.test, loss_fn=task.loss_fn, params=names)
+    kw = {"loss_fn": task.loss_fn}
+    assert_close(tc.influence(model, ckpts, task.train, task.test, method="last_layer", **kw), ref.influence)
+    for factored in (None, False):
+        zeros = tc.influence(model, ckpts, task.train, task.test, params=["probe.weight"], factored=factored, **kw)
+        assert torch.equal(zeros, torch.zeros_like(ref.influence))
+
+
+class _TwoNames(nn.Module):
+    """One head registered under two names, called as each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.head = nn.Linear(4, 3), nn.Linear(3, 3)
+        self.same_head = self.head
+
+    def forward(self, x):
+        return self.same_head(torch.tanh(self.head(torch.tanh(self.fc1(x)))))
+
+
+def test_last_layer_registered_under_two_names_is_one_layer():
+    """Its tensors under two names are one layer's, tied to no other (found by review: refused as weight tying)."""
+    task, _ = task_and_reference("mlp")
+    model = _TwoNames().double().eval()
+    ckpts = random_checkpoints(model.state_dict(), 2)
+    for c in ckpts:  # (one tensor under both names)
+        c.params.update({f"same_head.{n}": c.params[f"head.{n}"] for n in ("weight", "bias")})
+    names = ["head.weight", "head.bias"]
+    ref = reference_scores(model, ckpts, task.train, task.test, loss_fn=task.loss_fn, params=names)
+    got = tc.influence(model, ckpts, task.train, task.test, loss_fn=task.loss_fn, method="last_layer")
+    assert_close(got, ref.influence)
 
 
 # ---------------------------------------------------------------------------------------------- vmap fallback

@@ -329,13 +329,14 @@ def batched_factors(
             _refuse_unfollowed(kept, [(path, out, edge) for path in outputs for out, edge in outputs[path]])
         met = [probe for _, probe in meetings.met] if meetings is not None else []
         whole = [probe for calls in roots.values() for _, probe in calls]  # each root's whole gradient
-        try:
+        differentiated = [edge for _, edge in flat] + met + whole + list(unused.values()) + watched
+        try:  # (a loss no selected parameter reaches: every gradient zero, as plain autograd's allow_unused gives)
             grads = torch.autograd.grad(
                 total,
-                [edge for _, edge in flat] + met + whole + list(unused.values()) + watched,
+                differentiated,
                 allow_unused=True,
                 retain_graph=bool(met),  # the roots' graph, for their per-example gradients
-            )
+            ) if total.requires_grad else (None,) * len(differentiated)
         except CheckpointError as err:  # recomputed without the hooks' probes (a lone
             raise ValueError(CHECKPOINTED) from err  # example's run, not watched by `_PlanningWatch`)
         start = len(flat) + len(met) + len(whole)  # (the unused parameters' gradients, then the watched outputs')

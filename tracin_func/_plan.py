@@ -778,29 +778,43 @@ def _not_in_sites(names: Sequence[str], sites: Iterable[Site]) -> tuple[str, ...
     return tuple(n for n in names if n not in in_sites)
 
 
+def _owner(module: nn.Module, name: str) -> nn.Module:
+    return module.get_submodule(name.rpartition(".")[0])
+
+
 def last_layer_params(
     module: nn.Module, loss: ExampleLossFn, state: Tensors, batch: Any, aliases: Mapping[str, str]
 ) -> list[str]:
-    """Parameter names of the last ``nn.Linear`` called when computing the loss of the first example of ``batch``.
+    """Parameter names of the last ``nn.Linear`` called when computing the loss of the first example of ``batch``
+    whose output the loss reaches (a probe's output, discarded or detached, gets no gradient: its layer's are zero).
 
     A tied weight (``aliases``: e.g. GPT-2's ``lm_head.weight``, the token embedding's) is refused: its gradient
     includes the other uses of the shared tensor, so "the last layer's" gradient is not defined by that layer.
     """
     linears = {path: m for path, m in module.named_modules() if isinstance(m, nn.Linear)}
-    order: list[str] = []
+    calls: list[tuple[str, torch.Tensor]] = []
 
     def hook_for(path: str) -> Hook:
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            order.append(path)
+            calls.append((path, output))
 
         return hook
 
-    with torch.no_grad(), leaving_no_trace(module), hooked(module, {path: hook_for(path) for path in linears}):
-        loss(state, slice_batch(batch, 0, 1))
+    theirs = {f"{path}.{name}" if path else name for path, m in linears.items() for name, _ in m.named_parameters()}
+    theirs |= {aliases.get(name, name) for name in theirs}  # (a tied tensor: in the state under its first name)
+    state = {k: t.detach().requires_grad_() if k in theirs and t.is_floating_point() else t for k, t in state.items()}
+    with torch.enable_grad(), leaving_no_trace(module), hooked(module, {path: hook_for(path) for path in linears}):
+        total = loss(state, slice_batch(batch, 0, 1))
+        live = [(path, out) for path, out in calls if isinstance(out, torch.Tensor) and out.requires_grad]
+        reached = torch.autograd.grad(total, [out for _, out in live], allow_unused=True) if total.requires_grad else ()
+    order = [path for (path, _), g in zip(live, reached) if g is not None]
     if not order:
-        raise ValueError("`method='last_layer'` found no nn.Linear called by the model; select `layers=` instead.")
+        found = "called by the model" if not calls else "whose output the loss reaches"
+        raise ValueError(f"`method='last_layer'` found no nn.Linear {found}; select `layers=` instead.")
     prefix = f"{order[-1]}." if order[-1] else ""
     names = [prefix + name for name, _ in linears[order[-1]].named_parameters()]  # a parametrized weight's tensors
+    layer = linears[order[-1]]  # (registered under two names: one layer, its tensors tied to nothing else)
+    aliases = {a: f for a, f in aliases.items() if not all(_owner(module, n) is layer for n in (a, f))}
     tied = [n for n in names if n in aliases or n in aliases.values()]  # (its tensor's second name, or first)
     if tied:
         first = aliases.get(tied[0], tied[0])
