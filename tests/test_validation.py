@@ -12,6 +12,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 import tracin_func as tc
+from tests.reference import reference_scores
 
 CE = nn.CrossEntropyLoss()
 
@@ -372,6 +373,27 @@ def test_nan_in_one_training_input_names_the_example():
         tc.self_influence(model, ckpts, (bad, y), loss_fn=CE)
     with pytest.raises(FloatingPointError, match=msg.format("data")):
         tc.embeddings(model, ckpts, (bad, y), loss_fn=CE)
+
+
+def test_a_test_loss_on_test_data_of_another_structure_is_refused_saying_why():
+    """Planning runs ``loss_fn`` and ``test_loss_fn`` on one batch (found by review: the training loss's raw
+    ``forward() missing 1 required positional argument`` on test examples without labels)."""
+    model, ckpts, (x, y) = _setup()
+
+    def predicted(params, batch):  # each test example against the model's predicted class
+        out = functional_call(model, params, (batch[0],))
+        return torch.nn.functional.cross_entropy(out, out.argmax(1).detach())
+
+    with pytest.raises(ValueError, match=r"`loss_fn` fails on `test`'s first batch \(TypeError: .*placeholder"):
+        tc.influence(model, ckpts, (x, y), (x[:2],), loss_fn=CE, test_loss_fn=tc.ExampleLoss(predicted))
+    placeholder = (x[:2], torch.zeros(2, dtype=torch.long))  # the structure of the training data
+    got = tc.influence(model, ckpts, (x, y), placeholder, loss_fn=CE, test_loss_fn=tc.ExampleLoss(predicted))
+    want = 0
+    for c in ckpts:  # each checkpoint's predicted classes as the test labels
+        with torch.no_grad():
+            labels = functional_call(model, c.params, (x[:2],)).argmax(1)
+        want = want + reference_scores(model, [c], (x, y), (x[:2], labels), loss_fn=CE).influence
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
 
 
 def test_empty_batches_are_skipped():

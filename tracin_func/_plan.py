@@ -133,7 +133,7 @@ def plan_call(
     batching check picks its examples among."""
     module, first = setup.spec.module, setup.checkpoints[0].state
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
-    tensor_bytes = max(check_forward(module, loss, first, batch, where) for loss in losses)
+    tensor_bytes = max(_checked_on_either(setup, loss, batch, where) for loss in losses)
     names, factored = setup.spec.diff_names, setup.factored
     if setup.method == "last_layer":
         assert module is not None  # checked when the call was set up
@@ -162,6 +162,24 @@ def plan_call(
             reps[id(loss)] = checking_batches(rep, module, loss, plan, mapper, checked_at, setup.compile, witness)
     train, test = reps[id(setup.train_loss)], reps[id(setup.test_loss)]
     return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection), train, test)
+
+
+def _checked_on_either(setup: Setup, loss: ExampleLossFn, batch: Any, where: str) -> int:
+    """``check_forward`` of ``loss`` on ``batch``; a failure of the other side's loss (``test_loss_fn`` on training
+    data, or ``loss_fn`` on test data) is refused saying so: the two are planned together, on one batch."""
+    own = setup.test_loss if where == "test" else setup.train_loss
+    try:
+        return check_forward(setup.spec.module, loss, setup.checkpoints[0].state, batch, where)
+    except Exception as err:
+        if loss is own or str(err).startswith("`"):
+            raise
+        other = "loss_fn" if where == "test" else "test_loss_fn"
+        raise ValueError(
+            f"`{other}` fails on `{where}`'s first batch ({type(err).__name__}: {err}). A call planning "
+            f"`loss_fn` and `test_loss_fn` apart runs both on the batch it plans on, so that both sides' gradients "
+            f"take the same routes: give `train` and `test` batches of one structure (a test set without labels: a "
+            f"placeholder label column the test loss ignores), each loss reading what it needs."
+        ) from err
 
 
 def _split(state: Tensors, names: Sequence[str]) -> tuple[Tensors, Tensors]:
