@@ -3344,3 +3344,22 @@ def test_rows_that_cancel_are_multiplied_as_formed_gradients(dtype, distance, rt
     assert routes["enc.weight"] == "factored"
     assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, params=params), ref.influence, rtol)
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, params=params), ref.self_influence, rtol)
+
+
+def _weighted_by_class(out, target):  # class weights read in Python: vmap cannot run it
+    weights = torch.tensor([[1.0, 2.0, 0.5][int(i)] for i in target], dtype=out.dtype)
+    return F.cross_entropy(out, target, reduction="none") * weights
+
+
+def test_explain_says_what_a_test_loss_that_vmap_cannot_run_does():
+    """A ``test_loss_fn`` vmap cannot run makes every vmap route loop, which ``tc.explain`` says; on a batched plan,
+    whose only vmap runs were a check's, it says nothing of a loop (found by review: "vmap" on the first, "examples
+    run one at a time" on the second)."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    train = (torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        dense = tc.explain(model, _ckpts(model), train, loss_fn=CE, test_loss_fn=_weighted_by_class, factored=False)
+        batched = tc.explain(model, _ckpts(model), train, loss_fn=CE, test_loss_fn=_weighted_by_class)
+    assert {r.route for r in dense.routes} == {"loop"} and "one at a time" in dense.batching
+    assert {r.route for r in batched.routes} == {"factored"} and "one at a time" not in batched.batching

@@ -14,7 +14,7 @@ from ._checkpoints import Checkpoint
 from ._data import batch_size_of, num_examples
 from ._driver import batches, most_per_batch, naming_failures
 from ._model import exclusive_use
-from ._plan import SlowPathWarning, plan_call
+from ._plan import SlowPathWarning, plan_call, split_state
 from ._setup import make_setup
 from ._validate import positive_int
 
@@ -133,15 +133,18 @@ def explain(
             with warnings.catch_warnings(record=True), naming_failures(setup.train_loss, setup, batch, "data", 0):
                 acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)
                 planned.updates.self_influence(acc, setup.checkpoints[0], batch)
+                if setup.test_loss is not setup.train_loss:  # (vmap may fail on it alone: both then loop)
+                    planned.test(*split_state(setup.checkpoints[0].state, planned.plan.names), batch)
     plan, mapper = planned.plan, planned.mapper
     routes = []
     for name in plan.names:
         route = plan.route(name)
         looped = route == "vmap" and (mapper.loop or mapper.plain)
         routes.append(Route(name, "loop" if looped else route, plan.reasons[name]))
-    looping = (
-        "; torch.func cannot run this model, so examples run one at a time by plain autograd" if mapper.plain
-        else "; vmap failed on this model, so examples run one at a time" if mapper.loop else ""
+    looping = (  # (said where a route loops: vmap may have failed only in a check of the batched path)
+        "" if not any(r.route == "loop" for r in routes)
+        else "; torch.func cannot run this model, so examples run one at a time by plain autograd" if mapper.plain
+        else "; vmap failed on this model, so examples run one at a time"
     )  # fmt: skip
     batching = plan.batching + looping
     size = most_per_batch(setup, plan) if num_examples(data) else None

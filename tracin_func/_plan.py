@@ -138,7 +138,7 @@ def plan_call(
     if setup.method == "last_layer":
         assert module is not None  # checked when the call was set up
         names, factored = last_layer_params(module, setup.train_loss, first, batch, setup.spec.aliases), True
-    checked_at = _split(setup.checkpoints[-1].state, names)  # see ``make_plan``
+    checked_at = split_state(setup.checkpoints[-1].state, names)  # see ``make_plan``
     mapper = Mapper(setup.chunk_size)
     plan = make_plan(
         module, names, losses, *checked_at, batch, mapper, factored=factored, self_only=self_only, partners=partners,
@@ -182,7 +182,7 @@ def _checked_on_either(setup: Setup, loss: ExampleLossFn, batch: Any, where: str
         ) from err
 
 
-def _split(state: Tensors, names: Sequence[str]) -> tuple[Tensors, Tensors]:
+def split_state(state: Tensors, names: Sequence[str]) -> tuple[Tensors, Tensors]:
     """``(differentiated, frozen)`` tensors of a checkpoint's state."""
     return {n: state[n] for n in names}, {n: t for n, t in state.items() if n not in names}
 
