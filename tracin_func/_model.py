@@ -468,10 +468,12 @@ def checked_state(
     for name, t in state.items():
         _check_tensor(t, f"`{where}[{name!r}]`")
         if name in differentiated and not t.is_floating_point():
-            raise TypeError(
-                f"`{where}[{name!r}]` holds {t.dtype} values for a differentiated parameter; save the "
-                f"checkpoint from the model's floating weights (or convert the entry with `.float()`)."
-            )
+            fix = (
+                "leave it out of the differentiated parameters (`params=`): complex values have no real gradient "
+                "inner product here" if t.is_complex()
+                else "save the checkpoint from the model's floating weights (or convert the entry with `.float()`)"
+            )  # fmt: skip
+            raise TypeError(f"`{where}[{name!r}]` holds {t.dtype} values for a differentiated parameter; {fix}.")
         if name in shapes and tuple(t.shape) != shapes[name]:
             raise ValueError(
                 f"`{where}[{name!r}]` has shape {tuple(t.shape)} but the model's has shape "

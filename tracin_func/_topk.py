@@ -16,7 +16,9 @@ class TopK(NamedTuple):
     Attributes:
         indices: ``[n_test, k]`` long tensor, positions in the training data's iteration order.
         scores: ``[n_test, k]`` float tensor, sorted: descending for proponents, ascending for opponents; equal
-            scores (duplicated examples) in the order of their indices, whatever the batch size or path.
+            scores (duplicated examples) in the order of their indices, whatever the batch size or path (scores
+            equal in exact arithmetic may differ in their last bit between batches of other sizes, whose sums
+            round otherwise, and are then ordered by those bits).
     """
 
     indices: torch.Tensor
