@@ -12,6 +12,7 @@ from torch import nn
 import tracin_func as tc
 import tracin_func._assemble
 import tracin_func._plan as plan_module
+import tracin_func._representations
 from tests.conftest import assert_close
 from tests.reference import reference_scores
 from tracin_func._setup import auto_batch_size
@@ -3324,9 +3325,13 @@ class Siamese(nn.Module):
 
 
 @pytest.mark.parametrize("dtype, distance, rtol", [(torch.float64, 1e-4, 1e-10), (torch.float32, 1e-3, 1e-3)])
-def test_rows_that_cancel_are_multiplied_as_formed_gradients(dtype, distance, rtol):
+@pytest.mark.parametrize("formed_side_bytes", [None, 600])
+def test_rows_that_cancel_are_multiplied_as_formed_gradients(monkeypatch, dtype, distance, rtol, formed_side_bytes):
     """The factored products' rounding grows with the square of how much an example's rows cancel, a formed
-    gradient's with its first power: such a batch is formed (found by review: float64 4.7e-8 off, float32 6.5%)."""
+    gradient's with its first power: such a batch is formed (found by review: float64 4.7e-8 off, float32 6.5%), the
+    smaller side in parts of at most ``_FORMED_SIDE_BYTES`` (here: one or two examples' gradients)."""
+    if formed_side_bytes is not None:
+        monkeypatch.setattr(tracin_func._representations, "_FORMED_SIDE_BYTES", formed_side_bytes)
     torch.manual_seed(0)
     model = Siamese().to(dtype).eval()
     gen = torch.Generator().manual_seed(0)

@@ -368,6 +368,10 @@ def test_1b9_unsaved_buffers_follow_the_computation_dtype():
     got = tc.influence(model, ckpts, train, test, loss_fn=CE, dtype=torch.float32)
     assert got.dtype == torch.float32
     assert_close(got, reference(model, ckpts, train, test)[0], 1e-5)
+    mixed = _ScaledByBuffer().float().eval()  # parameters of two dtypes, the buffer in one of them
+    mixed.fc2.double()
+    got = tc.influence(mixed, ckpts, train, test, loss_fn=CE, dtype=torch.float64)
+    assert_close(got, reference(model, ckpts, train, test)[0])
 
 
 def test_1c_weight_standardised_conv2d():

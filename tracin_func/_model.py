@@ -49,7 +49,7 @@ class ModelSpec(NamedTuple):
     defaults: Mapping[str, torch.Tensor]  # the model's own state, used for names a checkpoint omits (strict=False)
     unsaved: Mapping[str, torch.Tensor] = {}  # buffers no state dict holds (``persistent=False``): the model's own
     private: bool = False  # ``module`` is the call's private copy (not the user's, which a loss calls)
-    # unsaved floating buffers in the dtype of the model's parameters, converted with them (a float32 ``inv_freq``
+    # unsaved floating buffers in a dtype of the model's parameters, converted with them (a float32 ``inv_freq``
     # kept in a bfloat16 model is not)
     following: frozenset[str] = frozenset()
 
@@ -353,7 +353,7 @@ def model_spec(
             state = model.state_dict(keep_vars=True)
             unsaved = {n: t for n, t in model.named_buffers() if n not in state}  # (persistent=False)
             floating = {t.dtype for t in named.values() if t.is_floating_point()}
-            following = frozenset(n for n, t in unsaved.items() if t.is_floating_point() and floating == {t.dtype})
+            following = frozenset(n for n, t in unsaved.items() if t.is_floating_point() and t.dtype in floating)
             module = private_copy(model) if private else model
         first_name = {id(p): n for n, p in named.items()}
         aliases = {n: first_name[id(t)] for n, t in state.items() if n not in named and id(t) in first_name}

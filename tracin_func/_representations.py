@@ -338,9 +338,9 @@ class Factored(NamedTuple):
 
     def dot(self, other: Factored) -> torch.Tensor:
         a1, g1, a2, g2 = self.a, self.g, other.a, other.g
-        if self.cancelling or other.cancelling or self._products_cost_more(other):  # the smaller side formed whole
+        if self.cancelling or other.cancelling or self._products_cost_more(other):
             mine, theirs = self._formed(), other._formed()
-            return mine.dot(theirs) if a2.shape[0] <= a1.shape[0] else theirs.dot(mine).T
+            return _formed_dots(mine, theirs) if a2.shape[0] <= a1.shape[0] else _formed_dots(theirs, mine).T
         if self.site.kind != "embedding" and a1.shape[1] == 1 and a2.shape[1] == 1:
             ka = a1[:, 0] @ a2[:, 0].T
             return (ka.add_(1) if self.site.bias is not None else ka).mul_(g1[:, 0] @ g2[:, 0].T)
@@ -428,6 +428,15 @@ class Factored(NamedTuple):
         g = torch.cat([pad(p.g, 0.0) for p in parts])
         norms = None if any(p.norms is None for p in parts) else torch.cat([p.norms for p in parts])
         return Factored(parts[0].site, a, g, parts[0].costed, norms, any(p.cancelling for p in parts))
+
+
+def _formed_dots(larger: Deferred, smaller: Deferred) -> torch.Tensor:
+    """``larger.dot(smaller)``, the smaller side formed whole, or in parts of at most ``_FORMED_SIDE_BYTES`` (rows that
+    cancel are formed whatever their size: ``Factored.conditioned``), the larger in chunks against each."""
+    per_example = math.prod(smaller.site.weight_shape) * smaller.element_size
+    size = max(1, _FORMED_SIDE_BYTES // per_example)
+    parts = [smaller.take(slice(i, min(i + size, smaller.n))) for i in range(0, smaller.n, size)] or [smaller]
+    return _joined([larger.dot(part) for part in parts], dim=1)
 
 
 class TokenRows(NamedTuple):
