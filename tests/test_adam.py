@@ -318,8 +318,14 @@ def test_eps_zero_where_a_second_moment_is_zero_is_refused():
     embedding row never used) gets the update 0 / 0: refused naming ``eps`` (found by review: reported as
     non-finite gradients of the examples)."""
     model = nn.Linear(4, 3).to(DTYPE)
+    opt = torch.optim.Adam(model.parameters(), eps=0.0)
+    model.bias.grad = torch.ones(3, dtype=DTYPE)  # a step of the bias alone: the weight's moments stay zero
+    opt.step()
+    model, ckpt = _linear_ckpt(opt.state_dict(), model)
     with pytest.raises(ValueError, match=r"has eps=0 and the second moment of 'weight' is zero at 12 of its entries"):
-        _score(*_linear_ckpt(torch.optim.Adam(model.parameters(), eps=0.0).state_dict(), model))
+        _score(model, ckpt)
+    x, y = _data(nn.Linear(1, 1), 6, 3)  # a parameter left unscored is not refused (found by review)
+    assert torch.isfinite(tc.influence(model, [ckpt], (x, y), (x, y), loss_fn=LOSS, params=["bias"])).all()
 
 
 def test_mixing_checkpoints_with_and_without_optimizer_state_is_refused():

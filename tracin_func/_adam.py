@@ -34,7 +34,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -121,8 +121,10 @@ def adam_states(
     shapes: Mapping[str, tuple[int, ...]],
     where: str,
     trainable: Sequence[str] | None = None,
+    scored: Collection[str] | None = None,
 ) -> dict[str, AdamParam]:
-    """Name-keyed Adam state of a torch ``optimizer.state_dict()``, validated (see the module docstring).
+    """Name-keyed Adam state of a torch ``optimizer.state_dict()``, validated (see the module docstring); ``scored``:
+    the parameters the call differentiates (default: all), whose updates must be defined.
 
     ``order``: the model's parameter names in ``named_parameters()`` order; ``trainable``: those requiring grad
     (default: all); ``shapes``: each parameter's shape. Tensors stay where they are (see :func:`on_device`)."""
@@ -161,7 +163,7 @@ def adam_states(
         zeros = torch.zeros(shape)
         amsgrad = bool(group["amsgrad"])
         v = entry.get("max_exp_avg_sq" if amsgrad else "exp_avg_sq", zeros)
-        if float(group["eps"]) == 0.0 and bool((v == 0).any()):
+        if float(group["eps"]) == 0.0 and (scored is None or name in scored) and bool((v == 0).any()):
             raise ValueError(
                 f"`optimizer_state` of {where}: param_groups[{g}] has eps=0 and the second moment of {name!r} is "
                 f"zero at {int((v == 0).sum())} of its entries (never reached by a gradient), where an example whose "
@@ -246,6 +248,7 @@ def with_adam_states(
     shapes: Mapping[str, tuple[int, ...]],
     device: torch.device,
     dtype: torch.dtype,
+    scored: Collection[str] | None = None,
 ) -> list[Any]:
     """``prepared`` (``CheckpointState`` list) with each checkpoint's Adam state attached, on ``device`` in
     ``dtype``; unchanged when no checkpoint carries an optimizer state. Either every checkpoint carries one or none."""
@@ -267,6 +270,6 @@ def with_adam_states(
         order = trainable = [n for n, t in checkpoints[0].params.items() if t.is_floating_point()]
     out = []
     for i, (c, ready) in enumerate(zip(checkpoints, prepared)):
-        states = adam_states(c.optimizer_state, order, shapes, f"checkpoints[{i}]", trainable)
+        states = adam_states(c.optimizer_state, order, shapes, f"checkpoints[{i}]", trainable, scored)
         out.append(ready._replace(adam=on_device(states, device, dtype)))
     return out

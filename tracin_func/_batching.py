@@ -587,7 +587,8 @@ def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection
     taking turns, the last (furthest from initialisation, in training order) first. A state that is none of them (a
     tracer's step) is checked at each batch. The example checked moves along the batch from check to check; where it
     has finite inputs and some of the batch's examples do not, one of those is checked too, moving along them (a
-    model imputing NaNs from the batch mixes those examples alone). Each check costs one forward of one example."""
+    model imputing NaNs from the batch mixes those examples alone). Each check costs one forward of one example (and
+    a backward through a criterion whose losses hold no part per example)."""
     picks, odd_picks, batches = itertools.count(1), itertools.count(), itertools.count()
     distinct: dict[frozenset[int], Tensors] = {}  # each state by its tensors (a checkpoint given twice: once)
     for state in states:
@@ -615,7 +616,7 @@ def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection
             checked.append(odd[next(odd_picks) % len(odd)])
         for i in checked:
             one = torch.tensor([i])
-            alone = _witnessed(loss, state, names, select_rows(batch, one))
+            alone = _witnessed(loss, state, names, select_rows(batch, one), bool(together[2]))
             if _alike_alone(together, alone, n, i) or _rounding_only(loss, state, names, batch, one, together, alone):
                 continue
             if together[0] and _alike_alone((together[0], None, []), (alone[0], None, []), n, i):  # (outputs alike)
@@ -670,10 +671,13 @@ class MixedBatch(ValueError):
 Witnessed = tuple[list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]
 
 
-def _witnessed(loss: BatchableLoss, state: Tensors, names: Collection[str], batch: Any) -> Witnessed:
+def _witnessed(
+    loss: BatchableLoss, state: Tensors, names: Collection[str], batch: Any, gradients: bool = False
+) -> Witnessed:
     """What the forward gives ``batch``'s examples, as ``batched_factors`` shows its witness; run as the batched pass
     runs, its parameters ``names`` differentiated (under ``no_grad``, ``nn.TransformerEncoder`` takes a fused path
-    that gives padded positions zeros, which the batched pass computes)."""
+    that gives padded positions zeros, which the batched pass computes). ``gradients``: a criterion's gradient at the
+    outputs too, as the batch's witness has it (its losses holding no part per example)."""
     state = {k: t.detach().requires_grad_() if k in names else t for k, t in state.items()}
     with torch.enable_grad():
         if isinstance(loss, BatchedLoss):
@@ -681,8 +685,8 @@ def _witnessed(loss: BatchableLoss, state: Tensors, names: Collection[str], batc
         out = loss.forward(state, *batch[:-1])
         losses = batch_losses(loss.criterion, out, batch[-1])
         shown = floating_leaves(out)
-        if losses is None:
-            return [t.detach() for t in shown], None, []
+        if losses is None or not gradients:
+            return [t.detach() for t in shown], None if losses is None else losses.detach(), []
         live = [t for t in shown if t.requires_grad]
         grads = torch.autograd.grad(losses.sum(), live, allow_unused=True) if live else ()
     return [t.detach() for t in shown], losses.detach(), gradients_at(shown, live, grads)
@@ -726,7 +730,10 @@ def _rounding_only(
     try:  # (see ``batching_refused``)
         wide_state, wide_batch = _floating_as(torch.float64, (state, batch))
         with _Widened():
-            wide = [_witnessed(loss, wide_state, names, b) for b in (wide_batch, select_rows(wide_batch, one))]
+            wide = [
+                _witnessed(loss, wide_state, names, b, bool(together[2]))
+                for b in (wide_batch, select_rows(wide_batch, one))
+            ]
     except (RuntimeError, TypeError, ValueError):
         return _alike_alone(together, alone, n, i, loosely=True)
     narrow, scales = floating[0].dtype, [_largest(t) for t in together[0]]
@@ -746,7 +753,7 @@ def _pairs(x: Witnessed, y: Witnessed) -> list[tuple[torch.Tensor, torch.Tensor,
     compare, and a criterion mixing the batch there (hard examples mined over it, a sum divided by a batch
     statistic) leaves every output alike (57-99% off, silently, before)."""
     pairs = [(t, a, 0.0) for t, a in zip(x[0], y[0])] if len(x[0]) == len(y[0]) else []
-    pairs += [(t, a, 0.0) for t, a in zip(x[2], y[2])] if len(x[2]) == len(y[2]) else []
+    pairs += [(t, a, 1.0) for t, a in zip(x[2], y[2])] if len(x[2]) == len(y[2]) else []  # (a loss's scale, as below)
     return pairs + ([(x[1], y[1], 1.0)] if x[1] is not None and y[1] is not None else [])
 
 

@@ -323,7 +323,7 @@ def batched_factors(
         shown, watched = [], []  # a whole-batch criterion's outputs, to the witness with its sum's gradient there
         if witness is not None:
             shown = floating_leaves(output) if isinstance(loss, CriterionLoss) else []
-            watched = [t for t in shown if t.requires_grad] if losses is not None else []
+            watched = [t for t in shown if t.requires_grad] if losses is not None and not per_example(losses, n) else []
         flat = [o for s in plan.sites for o in outputs[s.path]] + [(c, c) for c in copies.values()]
         if not compiled:
             _refuse_unfollowed(kept, [(path, out, edge) for path in outputs for out, edge in outputs[path]])
@@ -341,7 +341,7 @@ def batched_factors(
             raise ValueError(CHECKPOINTED) from err  # example's run, not watched by `_PlanningWatch`)
         start = len(flat) + len(met) + len(whole)  # (the unused parameters' gradients, then the watched outputs')
         if witness is not None:  # (its graph freed: the witness may run the batch again)
-            at = gradients_at(shown, watched, grads[start + len(unused) :]) if losses is not None else []
+            at = gradients_at(shown, watched, grads[start + len(unused) :]) if watched else []
             witness(given, batch, ([t.detach() for t in shown], None if losses is None else losses.detach(), at))
         if meetings is not None:
             at_roots = per_example_outputs(meetings, roots, grads[len(flat) : start], n)
@@ -368,6 +368,12 @@ def batched_factors(
     for site in followed:  # no inputs: the per-example gradients themselves, [B, *shape]
         factors[site.path] = ([], at_roots[site.path])
     return factors
+
+
+def per_example(losses: torch.Tensor, n: int) -> bool:
+    """Whether a criterion's losses of a batch of ``n`` hold one part per example (compared as they are), not a sum
+    or fewer losses than examples (compared by their gradient at the outputs: ``_batching._pairs``)."""
+    return losses.dim() > 0 and losses.shape[0] == n
 
 
 def gradients_at(

@@ -213,7 +213,7 @@ def make_setup(
     bar = tqdm(zip(states, checkpoints), total=len(states), desc="preparing checkpoints", unit="ckpt",
                disable=not progress, leave=False)
     prepared = [converted(state, c.lr, target, dtype, spec.unsaved, spec.following) for state, c in bar]
-    prepared = with_adam_states(model, checkpoints, prepared, shapes, target, dtype)
+    prepared = with_adam_states(model, checkpoints, prepared, shapes, target, dtype, spec.diff_names)
     auto_batch = batch_size is None  # the plan sizes the batches; before it (index digests), dense gradients
     batch_size = batch_size or auto_batch_size(sum(prepared[0].state[n].nbytes for n in spec.diff_names), target)
     train_loss = example_loss(spec.forward, loss_fn, "loss_fn")
