@@ -329,12 +329,13 @@ class Factored(NamedTuple):
     def conditioned(self) -> tuple[Factored, torch.Tensor] | None:
         """This part with its examples' squared norms, and (0-d) whether some example's rows cancel (the flag read
         by the caller: one read for a batch's parts); None where they cannot (one row, an Embedding's ids)."""
-        a, g = self.a, self.g
-        if self.site.kind == "embedding" or a.shape[1] < 2:
-            return None
-        norms = self._gram_norms()
-        rows = a.square().sum(-1).add_(1.0 if self.site.bias is not None else 0.0).mul_(g.square().sum(-1))
-        return self._replace(norms=norms), (rows.sqrt_().sum(1).square_() > _CANCELLING**2 * norms).any()
+        site, rows = self.site, self.a.shape[1]
+        if site.kind == "embedding" or site.tied or rows < 2 or self._products_cost_more(self, norms=True):
+            return None  # (a tied weight's uses: scored together, ``Tied``; long rows: formed for their norms)
+        ka, kg = self._kernels()
+        norms = (ka * kg).sum((1, 2))
+        terms = (ka.diagonal(0, 1, 2) * kg.diagonal(0, 1, 2)).sqrt_().sum(1)  # sum_t |a_t| |g_t|, from the kernels
+        return self._replace(norms=norms), (terms.square_() > _CANCELLING**2 * norms).any()
 
     def dot(self, other: Factored) -> torch.Tensor:
         a1, g1, a2, g2 = self.a, self.g, other.a, other.g
@@ -359,15 +360,22 @@ class Factored(NamedTuple):
 
     def _gram_norms(self) -> torch.Tensor:
         a, g = self.a, self.g
+        if self.site.kind != "embedding" and a.shape[1] == 1:  # one row: products of norms (1500 MLP examples: 0.05
+            na, ng = _sq_norms(a[:, 0]), _sq_norms(g[:, 0])  # against 0.14 ms as [1, 1] GEMMs)
+            return (na.add_(1) if self.site.bias is not None else na).mul_(ng)
+        ka, kg = self._kernels()
+        return ka.mul_(kg).sum((1, 2))  # ka is fresh: in place
+
+    def _kernels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, T, T]`` each example's row products of inputs (token equality for an Embedding; plus 1 for a bias)
+        and of output gradients."""
+        a, g = self.a, self.g
         if self.site.kind == "embedding":
             ka = _same_token(a[:, :, None], a[:, None, :]).to(g.dtype)
-        elif a.shape[1] == 1:  # one row: products of norms (1500 MLP examples: 0.05 against 0.14 ms as [1, 1] GEMMs)
-            na, ng = _sq_norms(a[:, 0]), _sq_norms(g[:, 0])
-            return (na.add_(1) if self.site.bias is not None else na).mul_(ng)
         else:
             ka = a @ a.transpose(1, 2)
             ka = ka.add_(1) if self.site.bias is not None else ka
-        return ka.mul_(g @ g.transpose(1, 2)).sum((1, 2))  # ka is fresh: in place
+        return ka, g @ g.transpose(1, 2)
 
     def materialize(self) -> dict[str, torch.Tensor]:
         return materialize(self.site, self.a, self.g)
@@ -609,7 +617,17 @@ class Tied(NamedTuple):
         return self.uses[0].site
 
     def sq_norm(self) -> torch.Tensor:
-        return sum(_tied_kernel(u, v).sum((1, 2)) for u in self.uses for v in self.uses)
+        """From the uses' factors, unless some example's rows cancel past ``_CANCELLING`` (a Siamese pair's two
+        branches through one weight: 47% off in float32 before): then from the summed gradient."""
+        norms, terms = 0, 0
+        for i, u in enumerate(self.uses):
+            for j, v in enumerate(self.uses):
+                kernel = _tied_kernel(u, v)
+                norms = norms + kernel.sum((1, 2))
+                terms = terms + kernel.diagonal(0, 1, 2).sqrt().sum(1) if i == j else terms  # sum_t |row_t| |col_t|
+        if bool((terms * terms > _CANCELLING**2 * norms).any()):
+            return Dense(self.materialize()).sq_norm()
+        return norms
 
     def materialize(self) -> dict[str, torch.Tensor]:
         grads = [use.materialize()[self.site.weight] for use in self.uses]
