@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import threading
 import types
 import weakref
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple, Union
 
@@ -18,6 +17,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from ._checkpoints import LR_KEYS, Checkpoint, check_lr
+from ._hooks import on_copies
 from ._recurrent import recurrent_unrolled
 from ._state import CONTAINERS, FLAT_ABOVE, MODULE_SLOTS, NESTING, leaving_no_trace
 
@@ -115,10 +115,9 @@ def private_copy(model: nn.Module) -> nn.Module:
         for key, value in vars(clone).items():
             if key not in MODULE_SLOTS:
                 object.__setattr__(clone, key, _copied(value, copies, containers))
-    tensors = {id(t) for t in (*model.parameters(), *model.buffers())}
     for name, module in model.named_modules(remove_duplicate=False):
         _rebind_instance_forward(name, module, copies)
-        _rebind_hooks(name, module, copies, tensors)
+    on_copies(model, copies)
     return root
 
 
@@ -185,51 +184,6 @@ def _rebind_instance_forward(name: str, module: nn.Module, copies: dict[int, nn.
         f"a function may still read the original module's. Define the behaviour in a subclass's `forward`, or bind "
         f"it as a method of that module (`module.forward = types.MethodType(fn, module)`)."
     )
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
-
-
-def _rebind_hooks(name: str, module: nn.Module, copies: Mapping[int, nn.Module], tensors: set[int]) -> None:
-    """Forward hooks would still read the user's module where they hold it (with the user's weights, not the
-    checkpoint's: 21-44% off, silently, before): a hook that is a method of a module of the tree is rebound to that
-    module's copy; one that holds a module or tensor of the tree otherwise (a closure, a partial, a global) is
-    refused. A hook reading only its arguments (the copy, its inputs and outputs) runs as it is."""
-    clone = copies[id(module)]
-    for slot in _HOOK_DICTS:
-        hooks = vars(clone)[slot]
-        for key, hook in hooks.items():
-            if isinstance(hook, types.MethodType) and id(hook.__self__) in copies:
-                hooks[key] = types.MethodType(hook.__func__, copies[id(hook.__self__)])
-            elif _holds_any(hook, copies.keys() | tensors):
-                raise ValueError(
-                    f"`model` module {name or '(root)'!r} ({type(module).__name__}) has a forward hook "
-                    f"({getattr(hook, '__name__', type(hook).__name__)}) that holds a module or tensor of the model "
-                    f"(in a closure, a partial or a global). Scores run a private copy of the model with each "
-                    f"checkpoint's weights, and such a hook would read the original's. Read the module through the "
-                    f"hook's first argument, or register a method of the module (`register_forward_hook(self._hook)`)."
-                )
-
-
-def _holds_any(fn: Any, ids: Collection[int]) -> bool:
-    """Whether ``fn`` holds an object of ``ids`` as a bound ``self``, in its closure, a partial's arguments or a
-    global it names (one level: a closure's own closures are not searched)."""
-    if isinstance(fn, functools.partial):
-        return any(id(v) in ids for v in (*fn.args, *fn.keywords.values())) or _holds_any(fn.func, ids)
-    if isinstance(fn, types.MethodType):
-        return id(fn.__self__) in ids or _holds_any(fn.__func__, ids)
-    code, globals_ = getattr(fn, "__code__", None), getattr(fn, "__globals__", {})
-    if code is None:
-        return False
-    cells = [_contents(c) for c in fn.__closure__ or ()]
-    return any(id(v) in ids for v in (*cells, *(globals_.get(n) for n in code.co_names)))
-
-
-def _contents(cell: types.CellType) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:  # (a cell not yet filled)
-        return None
 
 
 def check_runnable(model: Any) -> None:

@@ -1,0 +1,194 @@
+"""Forward hooks on the call's private copy of the model (``_model.private_copy``): a hook that reads the model
+through a reference of its own (a method's ``self``, a closure over ``self``, a partial's argument) would read the
+user's modules, with the user's weights, not the checkpoint's (21-54% off, silently, before). Such references to
+modules of the tree are moved to their copies where the hook can be rebuilt around them (a bound method, a
+closure's cells, a partial's arguments, default arguments); a hook reaching the model any other way (a global, a
+container, another object's attribute, a tensor of the model itself) is refused. A hook reading only its arguments
+(the copy, its inputs and outputs) runs as it is."""
+
+from __future__ import annotations
+
+import dis
+import functools
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
+_DEPTH = 3  # levels of references searched from a hook (a closure's list of the model's layers: 2)
+_ITEMS = 64  # a container's items searched at each level
+
+
+class _Tree:
+    """The modules of the tree (by id, with their copies) and its tensors (by id and by storage)."""
+
+    def __init__(self, model: nn.Module, copies: Mapping[int, nn.Module]) -> None:
+        self.copies = copies
+        tensors = [*model.parameters(), *model.buffers()]
+        self.tensors = {id(t) for t in tensors}
+        self.storages = {t.untyped_storage().data_ptr() for t in tensors if t.device.type != "meta"} - {0}
+
+    def holds(self, value: Any) -> bool:
+        """Whether ``value`` is a tensor of the tree (or a view of one's storage: ``w.detach()``)."""
+        if not isinstance(value, torch.Tensor):
+            return False
+        if id(value) in self.tensors:
+            return True
+        return value.device.type != "meta" and value.untyped_storage().data_ptr() in self.storages
+
+    def reaches(self, value: Any, depth: int = _DEPTH) -> bool:
+        """Whether ``value`` is, or holds within ``depth`` levels of references, a module or tensor of the tree."""
+        if isinstance(value, nn.Module):
+            return id(value) in self.copies or (
+                depth > 0 and any(self.reaches(m, depth - 1) for m in list(value._modules.values())[:_ITEMS])
+            )
+        if isinstance(value, torch.Tensor):
+            return self.holds(value)
+        if depth == 0 or value is None or isinstance(value, (str, bytes, int, float, complex, bool, type)):
+            return False
+        if isinstance(value, types.ModuleType):
+            return False
+        return any(self.reaches(v, depth - 1) for v in _references(value))
+
+
+def _references(value: Any) -> list[Any]:
+    """What ``value`` refers to, as far as a hook's reach is searched: a function's closure, defaults and globals it
+    loads; a method's ``self`` and function; a partial's function and arguments; a container's items; an object's
+    attributes."""
+    if isinstance(value, types.FunctionType):
+        cells = [_contents(c) for c in value.__closure__ or ()]
+        defaults = [*(value.__defaults__ or ()), *(value.__kwdefaults__ or {}).values()]
+        return [*cells, *defaults, *(value.__globals__.get(n) for n in _loaded_globals(value.__code__))]
+    if isinstance(value, types.MethodType):
+        return [value.__self__, value.__func__]
+    if isinstance(value, functools.partial):
+        return [value.func, *value.args, *value.keywords.values()]
+    if isinstance(value, dict):
+        return list(value.values())[:_ITEMS]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return list(value)[:_ITEMS]
+    attributes = getattr(value, "__dict__", None)
+    return list(attributes.values())[:_ITEMS] if isinstance(attributes, dict) else []
+
+
+@functools.lru_cache(maxsize=256)
+def _loaded_globals(code: types.CodeType) -> tuple[str, ...]:
+    """The global names ``code`` (and the functions defined in it) loads: not its attribute names, which
+    ``co_names`` holds too."""
+    names = [i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")]
+    nested = [n for c in code.co_consts if isinstance(c, types.CodeType) for n in _loaded_globals(c)]
+    return tuple(dict.fromkeys([*names, *nested]))
+
+
+def _contents(cell: types.CellType) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # (a cell not yet filled)
+        return None
+
+
+def on_copies(model: nn.Module, copies: Mapping[int, nn.Module]) -> None:
+    """Every copy's forward hooks with their references to the tree's modules moved to the copies (see the module
+    docstring); raises on a hook, of a module or global, that reaches the model otherwise."""
+    modules = list(model.named_modules(remove_duplicate=False))
+    global_hooks = [h for slot in _GLOBAL_HOOKS for h in getattr(nn.modules.module, slot).values()]
+    if not global_hooks and not any(vars(m)[slot] for _, m in modules for slot in _HOOK_DICTS):
+        return
+    tree = _Tree(model, copies)
+    for name, module in modules:
+        layer = f"`model` module {name or '(root)'!r} ({type(module).__name__})"
+        for hooks in [vars(copies[id(module)])[slot] for slot in _HOOK_DICTS]:  # (the copy's own: private_copy)
+            for key, hook in list(hooks.items()):
+                hooks[key] = _rebuilt(hook, tree, f"{layer} has a forward hook ({_name(hook)})")
+    for slot in _GLOBAL_HOOKS:  # (every module's, the copies' too; not the call's to rebuild)
+        for hook in list(getattr(nn.modules.module, slot).values()):
+            if tree.reaches(hook):
+                raise ValueError(f"A global forward hook ({_name(hook)}) {_REACHES}. {_GLOBAL_FIX}")
+
+
+def _rebuilt(hook: Any, tree: _Tree, what: str) -> Any:
+    """``hook`` with its references to the tree's modules moved to their copies, or itself where it holds none."""
+    if isinstance(hook, types.MethodType):
+        if id(hook.__self__) in tree.copies:
+            return types.MethodType(hook.__func__, tree.copies[id(hook.__self__)])
+        if isinstance(hook.__self__, nn.Module) or not tree.reaches(hook.__self__):
+            return hook  # (another module's method, or an object not reaching the model)
+        raise ValueError(f"{what} bound to an object that {_REACHES}. {_FIX}")
+    if isinstance(hook, functools.partial):
+        func = _rebuilt(hook.func, tree, what)
+        args = [_moved(a, tree, what) for a in hook.args]
+        keywords = {k: _moved(v, tree, what) for k, v in hook.keywords.items()}
+        same = func is hook.func and all(map(_same, args, hook.args)) and all(
+            keywords[k] is v for k, v in hook.keywords.items()
+        )
+        return hook if same else functools.partial(func, *args, **keywords)
+    if isinstance(hook, types.FunctionType):
+        return _rebuilt_function(hook, tree, what)
+    if tree.reaches(hook):  # (a callable object holding the model)
+        raise ValueError(f"{what}, a callable object that {_REACHES}. {_FIX}")
+    return hook
+
+
+def _rebuilt_function(fn: types.FunctionType, tree: _Tree, what: str) -> types.FunctionType:
+    """``fn`` with the tree's modules in its closure and default arguments moved to their copies (new cells for
+    those; the others shared, so that the hook's own state is the user's); a global it loads that reaches the model
+    is refused (rebinding a copy of the globals would lose what the hook writes there)."""
+    for n in _loaded_globals(fn.__code__):
+        if tree.reaches(fn.__globals__.get(n)):
+            raise ValueError(f"{what} that reads the global {n!r}, which {_REACHES}. {_FIX}")
+    cells = fn.__closure__ or ()
+    closure = tuple(_moved_cell(c, tree, what) for c in cells)
+    defaults = tuple(_moved(v, tree, what) for v in fn.__defaults__ or ())
+    kwdefaults = {k: _moved(v, tree, what) for k, v in (fn.__kwdefaults__ or {}).items()}
+    if all(map(_same, closure, cells)) and all(map(_same, defaults, fn.__defaults__ or ())) and all(
+        kwdefaults[k] is v for k, v in (fn.__kwdefaults__ or {}).items()
+    ):
+        return fn
+    rebuilt = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, defaults or None, closure or None)
+    rebuilt.__kwdefaults__ = kwdefaults or None
+    return functools.update_wrapper(rebuilt, fn, updated=())
+
+
+def _moved_cell(cell: types.CellType, tree: _Tree, what: str) -> types.CellType:
+    value = _contents(cell)
+    moved = _moved(value, tree, what)
+    return cell if moved is value else types.CellType(moved)
+
+
+def _moved(value: Any, tree: _Tree, what: str) -> Any:
+    """A module of the tree's copy; a function rebuilt (``_rebuilt``); anything else itself, unless it reaches the
+    model (a tensor of it, a container or object holding it): refused."""
+    if isinstance(value, nn.Module) and id(value) in tree.copies:
+        return tree.copies[id(value)]
+    if isinstance(value, (types.FunctionType, types.MethodType, functools.partial)):
+        return _rebuilt(value, tree, what)
+    if tree.reaches(value):
+        kind = "tensor" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{what} holding a {kind} that {_REACHES}. {_FIX}")
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a is b
+
+
+def _name(hook: Any) -> str:
+    return getattr(hook, "__qualname__", None) or getattr(hook, "__name__", None) or type(hook).__name__
+
+
+_REACHES = "is or holds a module or tensor of the model"
+_FIX = (
+    "Scores run a private copy of the model with each checkpoint's tensors, and such a hook would read the "
+    "original's (the user's weights). Read the module through the hook's first argument, keep the model in the "
+    "hook's closure or arguments (moved to the copy), or register a method of the module "
+    "(`register_forward_hook(self._hook)`)."
+)
+_GLOBAL_FIX = (
+    "Scores run a private copy of the model with each checkpoint's tensors, and a global hook holding the model "
+    "would read the original's (the user's weights). Remove it (`handle.remove()`) while scoring, or read the module "
+    "through the hook's first argument."
+)
