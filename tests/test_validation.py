@@ -606,6 +606,27 @@ def test_a_training_example_failing_in_the_pass_the_test_examples_join_is_named(
         tc.top_k(model, ckpts, (x, y), (x[:1], y[:1]), k=2, loss_fn=CE)
 
 
+class _FailsOnLarge(MLP):
+    def forward(self, x):
+        if bool((x.abs() > 100).any()):
+            raise RuntimeError("an input out of range")
+        return super().forward(x)
+
+
+def test_a_training_example_failing_in_planning_is_named():
+    """Planning on a test batch checks the batching on the training data's first examples and those at the ends of
+    their padding's ranges: one of those failing is named as the training example it is (found by review: the raw
+    error, none of the test batch's examples failing alone)."""
+    model, ckpts, (x, y) = _setup()
+    model = _FailsOnLarge().double().eval()
+    model.load_state_dict(ckpts[0].params)
+    x = torch.cat([x, x])
+    x[7] = 1e3  # (at the end of a range the batching check follows: its rows alike)
+    y = torch.cat([y, y])
+    with pytest.raises(RuntimeError, match=r"`train` example 7 cannot be scored: RuntimeError: an input out of range"):
+        tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE, batch_size=3)
+
+
 def test_index_rows_and_rerank_data_are_checked(tmp_path):
     """`index.embeddings(mask)` read a boolean mask as row numbers 0 / 1 and `[1.7]` as row 1; `rerank=` data other
     than the index was built from, of the same size, returned wrong candidates silently (scores 135% off)."""

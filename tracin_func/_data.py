@@ -483,11 +483,11 @@ def _unlike_rows(rows: list[torch.Tensor], k: int, padded: torch.Tensor) -> list
     return taken
 
 
-def extreme_rows(batch: Batch) -> Batch:
-    """The examples of ``batch`` at an end of the range of some column of its ``padding`` (the first of each), in
-    order: they span every range the whole batch does."""
+def extreme_rows(batch: Batch) -> torch.Tensor:
+    """The indices of the examples of ``batch`` at an end of the range of some column of its ``padding`` (the first
+    of each), in order: they span every range the whole batch does."""
     columns = padded_rows(batch)
-    return select_rows(batch, torch.cat([columns.argmin(0), columns.argmax(0)]).unique())
+    return torch.cat([columns.argmin(0), columns.argmax(0)]).unique()
 
 
 def joined_rows(first: Batch, then: Batch) -> Batch | None:

@@ -9,7 +9,7 @@ take the test gradient norms once, with the test representations, and the traini
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, NamedTuple, Optional
@@ -29,6 +29,7 @@ from ._data import (
     joined_rows,
     num_batches,
     num_examples,
+    select_rows,
     slice_batch,
     to_device,
 )
@@ -99,8 +100,10 @@ def _planned(
     partners: int | None = None,
     scored: Scored = None,
     pool: Any = None,
+    read: Sequence[tuple[str, Any]] = (),
 ) -> Planned:
-    with naming_failures(setup.test_loss if where == "test" else setup.train_loss, setup, batch, where, offset):
+    loss = setup.test_loss if where == "test" else setup.train_loss
+    with naming_failures(loss, setup, batch, where, offset, read):
         planned = plan_call(setup, batch, where, self_only=self_only, partners=partners, scored=scored, pool=pool)
     updates = Updates(*(torch.compile(fn) for fn in planned.updates)) if setup.compile else planned.updates
     most = most_per_batch(setup, planned.plan)
@@ -128,6 +131,7 @@ def planned_batches(
     partners: int | None = None,
     scored: Scored = None,
     beside: Any = None,
+    read: Sequence[tuple[str, Any]] = (),
     **where_from: Any,
 ) -> Iterator[tuple[Planned, int, Any]]:
     """``batches`` of ``data``, the call planned on the first: (plan, offset, batch) triples. With the automatic
@@ -136,8 +140,10 @@ def planned_batches(
     a ``DataLoader``'s or other iterable's batches are the user's. ``scored``: other data the plan scores in
     batches (influence's training data; see ``plan_call``), and ``partners`` the products each of its gradients takes
     part in. ``beside``: that data's ``checking_pool``, for the batching check to pick its examples among too (one loss
-    scores both)."""
+    scores both); ``read``: that data, named (``(name, data)``), where a failure of planning is looked for
+    (``naming_failures``)."""
     planned: Planned | None = None
+    read = ((where, data), *read)
 
     def pool_of(examples: Any, more: Any = None) -> Any:  # (its first example is the one planned on)
         pool = examples
@@ -150,14 +156,17 @@ def planned_batches(
         head, start = first_examples(setup, data, where), where_from.get("start", 0)
         more = checking_pool(setup, data, where) if num_examples(data) > _PLANNING_EXAMPLES else None
         pool = pool_of(head, more)
-        planned = _planned(setup, head, where, start, self_only=self_only, partners=partners, scored=scored, pool=pool)
+        planned = _planned(
+            setup, head, where, start, self_only=self_only, partners=partners, scored=scored, pool=pool, read=read
+        )
 
     def size(left: int) -> int:  # the automatic size, once the plan says how large an example's gradients are
         return setup.batch_size if planned is None else _size(planned.batch_size, left)
 
     for offset, batch in batches(setup, data, where, desc, batch_size=size if setup.auto_batch else None, **where_from):
         planned = planned or _planned(
-            setup, batch, where, offset, self_only=self_only, partners=partners, scored=scored, pool=pool_of(batch)
+            setup, batch, where, offset, self_only=self_only, partners=partners, scored=scored, pool=pool_of(batch),
+            read=read,
         )
         yield planned, offset, batch
 
@@ -178,10 +187,16 @@ def checking_pool(setup: Setup, data: Any, where: str) -> Any:
     data) at the ends of each padding signal's range (``extreme_rows``), on device, for the batching check to pick
     its own among (``_batching.checked_rows``), so that the first batch the plan sizes rarely reaches beyond them (each
     batch that does is checked again); None for other data, or where not one example fits in those bytes."""
+    rows = _pool_rows(data, where)
+    return None if rows is None else to_device(select_rows(data, rows), setup.device, setup.dtype)
+
+
+def _pool_rows(data: Any, where: str) -> torch.Tensor | None:
+    """The indices of ``checking_pool``'s examples in ``data``, or None."""
     if not is_single_batch(data) or not (n := batch_size_of(data, f"`{where}`")):
         return None
     k = min(n, _CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES // max(1, _nbytes(data) // n))
-    return to_device(extreme_rows(slice_batch(data, 0, k)), setup.device, setup.dtype) if k else None
+    return extreme_rows(slice_batch(data, 0, k)) if k else None
 
 
 _CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES = 4096, 16 << 20
@@ -198,23 +213,27 @@ def _an_examples_error(err: Exception) -> bool:
 
 
 @contextmanager
-def naming_failures(loss: ExampleLossFn, setup: Setup, batch: Any, where: str, offset: int) -> Iterator[None]:
+def naming_failures(
+    loss: ExampleLossFn, setup: Setup, batch: Any, where: str, offset: int, read: Sequence[tuple[str, Any]] = ()
+) -> Iterator[None]:
     """Re-raise an error of a batch with the index of the first example whose loss alone raises (e.g. a class
     label outside the model's outputs), found by the same guarded dry run as planning; errors of our own (they
-    start with the argument's name) and errors that no single example reproduces pass unchanged."""
+    start with the argument's name) and errors that no single example reproduces pass unchanged. ``read``: other
+    data planning read examples of (``(name, data)``: the first ones and the batching check's pool), tried after
+    ``batch``'s."""
     try:
         yield
     except Exception as err:
         if not _an_examples_error(err):
             raise
-        for i in range(batch_size_of(batch, where)):
-            example = slice_batch(batch, i, i + 1)
+        for name, index, example in _candidates(batch, where, offset, read):
+            example = to_device(example, setup.device, setup.dtype)
             try:
-                check_forward(setup.spec.module, loss, setup.checkpoints[0].state, example, where)
+                check_forward(setup.spec.module, loss, setup.checkpoints[0].state, example, name)
             except Exception as cause:
                 if str(cause).startswith("`"):
                     raise
-                message = f"`{where}` example {offset + i} cannot be scored: {type(cause).__name__}: {cause}"
+                message = f"`{name}` example {index} cannot be scored: {type(cause).__name__}: {cause}"
                 try:
                     named = type(cause)(message)
                 except Exception:
@@ -228,10 +247,25 @@ def naming_failures(loss: ExampleLossFn, setup: Setup, batch: Any, where: str, o
                     "(`torch.autograd.set_detect_anomaly(True)` names the op that fails)."
                 )  # fmt: skip
                 raise ValueError(
-                    f"`{where}` example {offset + i} cannot be scored: the backward pass of its loss fails, with plain "
+                    f"`{name}` example {index} cannot be scored: the backward pass of its loss fails, with plain "
                     f"autograd too ({why}). {fix}"
                 ) from err
         raise
+
+
+def _candidates(
+    batch: Any, where: str, offset: int, read: Sequence[tuple[str, Any]]
+) -> Iterator[tuple[str, int, Any]]:
+    """``(name, index, example)``: ``batch``'s examples, then those planning read of the ``read`` data (single
+    batches: their first examples and ``checking_pool``'s)."""
+    yield from ((where, offset + i, slice_batch(batch, i, i + 1)) for i in range(batch_size_of(batch, where)))
+    for name, data in read:
+        if not is_single_batch(data):
+            continue
+        pool = _pool_rows(data, name)
+        rows = range(min(_PLANNING_EXAMPLES, batch_size_of(data, name)))
+        for i in dict.fromkeys([*rows, *([] if pool is None else pool.tolist())]):
+            yield name, i, slice_batch(data, i, i + 1)
 
 
 # a recurrent layer the library does not unroll (a subclass, `proj_size`), on a GPU
@@ -372,7 +406,8 @@ def query_chunks(
     n_test = None if total else num_examples(test)
     partners = None if n_test is None else n_test + (normalize is not None)
     test_batches = planned_batches(
-        setup, test, "test", "test gradients", partners=partners, scored=scored, beside=beside
+        setup, test, "test", "test gradients", partners=partners, scored=scored, beside=beside,
+        read=() if train is None else (("train", train),),
     )
     planned, held = None, None  # held: the first test batch, while it may be the only one
     for i, (planned, offset, batch) in enumerate(test_batches):
