@@ -3397,3 +3397,32 @@ def test_a_tied_weights_uses_that_cancel_are_normed_as_their_formed_sum():
     assert routes == {"fa.weight": "factored"}
     ref = reference_scores(model, ckpts, train, loss_fn=CE, params=["fa.weight"]).self_influence
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, params=["fa.weight"]), ref, 1e-3)
+
+
+class _Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.v = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+    def forward(self, h):
+        return h
+
+
+class GateUsedAtAnotherRank(nn.Module):
+    """A layer's vector used outside its call, on the pooled output: copies at the layer's output rank do not fit."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.gate = nn.Linear(4, 3), _Gate()
+
+    def forward(self, x):
+        return self.gate(self.fc(x)).mean(1) * self.gate.v
+
+
+def test_a_vector_whose_copies_do_not_fit_is_followed_and_says_why():
+    """The route's reason says why copies were not taken (found by review: it gave the refused route's reason)."""
+    model = GateUsedAtAnotherRank().double().eval()
+    train = (torch.randn(6, 5, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    reasons = {r.parameter: r.reason for r in tc.explain(model, _ckpts(model), train, loss_fn=CE).routes}
+    assert reasons["gate.v"].startswith("followed: used outside a factor site's call (its copies over the batch did")
+    _exact_and_explained(model, train, (train[0][:2], train[1][:2]))

@@ -462,7 +462,11 @@ def _followed_instead(module: nn.Module, plan: Plan, diff: Tensors) -> Plan | No
     followed = _followed(module, names, diff) if expanded else {}
     if not names or len(followed) < len(names):
         return None
-    return plan._replace(sites=(*(s for s in plan.sites if s.kind != "expanded"), *followed.values()))
+    why = "its copies over the batch did not fit how its layer uses it: at another rank, or not elementwise"
+    return plan._replace(
+        sites=(*(s for s in plan.sites if s.kind != "expanded"), *followed.values()),
+        reasons={**plan.reasons, **dict.fromkeys(names, _followed_reason(why))},
+    )
 
 
 def _folded_rows(
