@@ -3426,3 +3426,39 @@ def test_a_vector_whose_copies_do_not_fit_is_followed_and_says_why():
     reasons = {r.parameter: r.reason for r in tc.explain(model, _ckpts(model), train, loss_fn=CE).routes}
     assert reasons["gate.v"].startswith("followed: used outside a factor site's call (its copies over the batch did")
     _exact_and_explained(model, train, (train[0][:2], train[1][:2]))
+
+
+class SiameseBag(nn.Module):
+    """Two sentences through one Embedding call, scored on the difference of their mean embeddings: each shared
+    token's row gets two nearly opposite output gradients."""
+
+    def __init__(self, vocab=20000, d=16):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, d), nn.Linear(d, 2)
+
+    def forward(self, pair):
+        n, _, length = pair.shape
+        e = self.emb(pair.reshape(n, 2 * length)).view(n, 2, length, -1).mean(2)
+        return self.head(torch.tanh(e[:, 0]) - torch.tanh(e[:, 1]))
+
+
+def test_an_embeddings_repeated_tokens_are_summed_before_any_product():
+    """A training example's rows of one token are summed before they meet the test rows or each other (found by
+    review: multiplied each, then summed, the shared tokens' nearly opposite gradients cancelled after rounding, 20x
+    a formed gradient's error in float32)."""
+    torch.manual_seed(0)
+    model = SiameseBag().eval()
+    gen = torch.Generator().manual_seed(1)
+
+    def pairs(n):
+        a = torch.randint(0, 20000, (n, 256), generator=gen)
+        b = a.clone()
+        b[:, 0] = torch.randint(0, 20000, (n,), generator=gen)  # the sentences share all tokens but one
+        return torch.stack([a, b], 1), torch.randint(0, 2, (n,), generator=gen)
+
+    train, test, ckpts = pairs(12), pairs(3), _ckpts(model)
+    routes = {r.parameter: r.route for r in tc.explain(model, ckpts, train, loss_fn=CE, params=["emb.weight"]).routes}
+    assert routes == {"emb.weight": "factored"}
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE, params=["emb.weight"])
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, params=["emb.weight"]), ref.influence, 2e-4)
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, params=["emb.weight"]), ref.self_influence, 2e-5)

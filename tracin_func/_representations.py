@@ -54,12 +54,14 @@ _BLOCK_BYTES = 16 << 20
 # Factors scored from formed gradients (a batch with many more rows than planned) only when the smaller side's
 # gradients, formed whole, take at most this much memory; else the factored products run, slower.
 _FORMED_SIDE_BYTES = 256 << 20
-# The factored products' rounding grows with the square of how much an example's gradient cancels between its rows,
-# kappa = sum_t |a_t| |g_t| / |sum_t a_t g_t^T|, a formed gradient's with kappa: past this kappa a batch's gradients of
-# the layer are formed to be multiplied (a Siamese encoder's two nearly equal rows: kappa 150 at a distance of 1e-2,
-# 6e-4 off in float32, 6.5% at 1e-3; rows of random directions: kappa near sqrt(T), 7 at the 45 rows of a 4096-wide
-# Linear's factored route).
-_CANCELLING = 32.0
+# The factored products round as their terms do: an example's squared norm, sum_{s,t} (a_s . a_t) (g_s . g_t), to
+# about eps times the sum of those terms' sizes, which exceeds the norm where its rows cancel (by kappa^2, kappa =
+# sum_t |a_t| |g_t| / |sum_t a_t g_t^T|; a formed gradient rounds with kappa itself). Past this ratio a batch's
+# gradients of the layer are formed to be multiplied: a Siamese encoder's two nearly equal rows (kappa 150 at a
+# distance of 1e-2: 6e-4 off in float32, 6.5% at 1e-3; kappa 7, a ratio near 50: 4.8e-6, against 2.5e-7 formed);
+# rows of random directions give about 1 (their products across rows are small), however many; ResNet-18's and
+# MobileNet's factored convolutions stay below it.
+_CANCELLING = 30.0
 # Of a column-major side's squares formed at once by ``_sq_norms`` (64,000 x 20: 0.99 / 0.68 / 0.79 ms in blocks of 64
 # KB / 256 KB / 1 MB; 1,000,000 x 20: 26 / 16 / 17 ms).
 _NORM_BLOCK_BYTES = 256 << 10
@@ -333,9 +335,9 @@ class Factored(NamedTuple):
         if site.kind == "embedding" or site.tied or rows < 2 or self._products_cost_more(self, norms=True):
             return None  # (a tied weight's uses: scored together, ``Tied``; long rows: formed for their norms)
         ka, kg = self._kernels()
-        norms = (ka * kg).sum((1, 2))
-        terms = (ka.diagonal(0, 1, 2) * kg.diagonal(0, 1, 2)).sqrt_().sum(1)  # sum_t |a_t| |g_t|, from the kernels
-        return self._replace(norms=norms), (terms.square_() > _CANCELLING**2 * norms).any()
+        terms = ka * kg
+        norms, sizes = terms.sum((1, 2)), terms.abs_().sum((1, 2))
+        return self._replace(norms=norms), (sizes > _CANCELLING * norms).any()
 
     def dot(self, other: Factored) -> torch.Tensor:
         a1, g1, a2, g2 = self.a, self.g, other.a, other.g
@@ -354,6 +356,8 @@ class Factored(NamedTuple):
         return _joined(blocks)
 
     def sq_norm(self) -> torch.Tensor:
+        if self.site.kind == "embedding":  # each token's rows summed first: repeats whose gradients cancel add before
+            return TokenRows.of(self).sq_norm()  # any product (the token kernel's products: 13x a formed one's error)
         if self.cancelling or self._products_cost_more(self, norms=True):
             return self._formed().sq_norm()
         return self._gram_norms() if self.norms is None else self.norms
@@ -480,11 +484,11 @@ class TokenRows(NamedTuple):
 
     @torch.compiler.disable  # sizes depend on the token ids: run eagerly inside compiled updates (no graph breaks)
     def dot(self, other: Factored) -> torch.Tensor:
-        m, t = other.a.shape
-        token, g = other.a.reshape(-1), other.g.reshape(m * t, -1)
-        keep = token >= 0
-        owner = torch.arange(m, device=token.device).repeat_interleave(t)[keep]
-        token, g = token[keep], g[keep]
+        """``[n, m]`` against a training batch's factors, each of its examples' rows summed per token first: repeated
+        tokens whose output gradients cancel add before any product (a Siamese bag of embeddings' shared tokens,
+        multiplied each then summed: 20x a formed gradient's error in float32)."""
+        m, theirs = other.a.shape[0], TokenRows.of(other)
+        token, g, owner = theirs.token, theirs.rows, theirs.example
         count = (self.start[1:] - self.start[:-1])[token]  # entries matching each training token
         out = g.new_zeros(self.n * m)
         ends = count.cumsum(0)
@@ -619,13 +623,12 @@ class Tied(NamedTuple):
     def sq_norm(self) -> torch.Tensor:
         """From the uses' factors, unless some example's rows cancel past ``_CANCELLING`` (a Siamese pair's two
         branches through one weight: 47% off in float32 before): then from the summed gradient."""
-        norms, terms = 0, 0
-        for i, u in enumerate(self.uses):
-            for j, v in enumerate(self.uses):
+        norms, sizes = 0, 0
+        for u in self.uses:
+            for v in self.uses:
                 kernel = _tied_kernel(u, v)
-                norms = norms + kernel.sum((1, 2))
-                terms = terms + kernel.diagonal(0, 1, 2).sqrt().sum(1) if i == j else terms  # sum_t |row_t| |col_t|
-        if bool((terms * terms > _CANCELLING**2 * norms).any()):
+                norms, sizes = norms + kernel.sum((1, 2)), sizes + kernel.abs().sum((1, 2))
+        if bool((sizes > _CANCELLING * norms).any()):
             return Dense(self.materialize()).sq_norm()
         return norms
 
