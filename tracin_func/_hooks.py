@@ -2,20 +2,27 @@
 through a reference of its own (a method's ``self``, a closure over ``self``, a partial's argument) would read the
 user's modules, with the user's weights, not the checkpoint's (21-54% off, silently, before). Such references to
 modules of the tree are moved to their copies where the hook can be rebuilt around them (a bound method, a
-closure's cells, a partial's arguments, default arguments); a hook reaching the model any other way (a global, a
-container, another object's attribute, a tensor of the model itself) is refused. A hook reading only its arguments
-(the copy, its inputs and outputs) runs as it is."""
+closure's cells, a partial's arguments, default arguments); a tensor of the model, or a container of its modules,
+held there is refused. Every hook on the copy then runs refusing to compute with a tensor of the user's model
+that the copy does not hold (``_guarded``): a reference through a global, another object's attributes, a weak
+reference, however deep. Global module hooks, which every module runs, the copies too, are refused where they hold
+the model (searched ``_DEPTH`` levels deep). A hook reading only its arguments (the copy, its inputs and outputs)
+runs as it is; one that stores what it sees (activations) stores the call's own tensors, which may be internal to
+``vmap``."""
 
 from __future__ import annotations
 
 import dis
 import functools
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from itertools import islice
 from typing import Any
 
+import optree
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
@@ -24,35 +31,45 @@ _ITEMS = 64  # a container's items searched at each level
 
 
 class _Tree:
-    """The modules of the tree (by id, with their copies) and its tensors (by id and by storage)."""
+    """The modules of the tree (by id, with their copies) and its tensors (by id and by storage); what was found
+    reaching them, by id, for one call (hooks often share the globals they read)."""
 
     def __init__(self, model: nn.Module, copies: Mapping[int, nn.Module]) -> None:
         self.copies = copies
         tensors = [*model.parameters(), *model.buffers()]
         self.tensors = {id(t) for t in tensors}
-        self.storages = {t.untyped_storage().data_ptr() for t in tensors if t.device.type != "meta"} - {0}
+        self.storages = {_storage(t) for t in tensors} - {None, 0}
+        self.seen: dict[tuple[int, int], bool] = {}
+        self.rebuilding: set[int] = set()  # functions being rebuilt (a closure may hold itself)
 
-    def holds(self, value: Any) -> bool:
+    def holds(self, value: torch.Tensor) -> bool:
         """Whether ``value`` is a tensor of the tree (or a view of one's storage: ``w.detach()``)."""
-        if not isinstance(value, torch.Tensor):
-            return False
-        if id(value) in self.tensors:
-            return True
-        return value.device.type != "meta" and value.untyped_storage().data_ptr() in self.storages
+        return id(value) in self.tensors or _storage(value) in self.storages
 
     def reaches(self, value: Any, depth: int = _DEPTH) -> bool:
         """Whether ``value`` is, or holds within ``depth`` levels of references, a module or tensor of the tree."""
-        if isinstance(value, nn.Module):
-            return id(value) in self.copies or (
-                depth > 0 and any(self.reaches(m, depth - 1) for m in list(value._modules.values())[:_ITEMS])
-            )
         if isinstance(value, torch.Tensor):
             return self.holds(value)
-        if depth == 0 or value is None or isinstance(value, (str, bytes, int, float, complex, bool, type)):
+        if isinstance(value, nn.Module) and id(value) in self.copies:
+            return True
+        if depth == 0 or value is None or isinstance(value, (str, bytes, int, float, complex, bool, types.ModuleType)):
             return False
-        if isinstance(value, types.ModuleType):
-            return False
-        return any(self.reaches(v, depth - 1) for v in _references(value))
+        key = (id(value), depth)
+        if key not in self.seen:
+            self.seen[key] = False  # (a cycle back to it finds nothing new)
+            self.seen[key] = any(self.reaches(v, depth - 1) for v in _references(value))
+        return self.seen[key]
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    """The address of a dense tensor's storage; None for others (sparse, meta, functorch's wrappers that a hook
+    collecting activations may have kept from a call)."""
+    if t.layout != torch.strided or t.device.type == "meta":
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):
+        return None
 
 
 def _references(value: Any) -> list[Any]:
@@ -67,12 +84,14 @@ def _references(value: Any) -> list[Any]:
         return [value.__self__, value.__func__]
     if isinstance(value, functools.partial):
         return [value.func, *value.args, *value.keywords.values()]
-    if isinstance(value, dict):
-        return list(value.values())[:_ITEMS]
+    if isinstance(value, nn.Module):  # (another module: its layers, tensors and attributes)
+        return [*islice(value._modules.values(), _ITEMS), *value._parameters.values(), *value._buffers.values()]
+    if isinstance(value, dict):  # (keys too: a dict of the model's layers to their names)
+        return [*islice(value.keys(), _ITEMS), *islice(value.values(), _ITEMS)]
     if isinstance(value, (list, tuple, set, frozenset)):
-        return list(value)[:_ITEMS]
+        return list(islice(value, _ITEMS))
     attributes = getattr(value, "__dict__", None)
-    return list(attributes.values())[:_ITEMS] if isinstance(attributes, dict) else []
+    return list(islice(attributes.values(), _ITEMS)) if isinstance(attributes, dict) else []
 
 
 @functools.lru_cache(maxsize=256)
@@ -99,15 +118,51 @@ def on_copies(model: nn.Module, copies: Mapping[int, nn.Module]) -> None:
     if not global_hooks and not any(vars(m)[slot] for _, m in modules for slot in _HOOK_DICTS):
         return
     tree = _Tree(model, copies)
+    own = {id(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
     for name, module in modules:
         layer = f"`model` module {name or '(root)'!r} ({type(module).__name__})"
         for hooks in [vars(copies[id(module)])[slot] for slot in _HOOK_DICTS]:  # (the copy's own: private_copy)
             for key, hook in list(hooks.items()):
-                hooks[key] = _rebuilt(hook, tree, f"{layer} has a forward hook ({_name(hook)})")
+                what = f"{layer} has a forward hook ({_name(hook)})"
+                hooks[key] = _guarded(_rebuilt(hook, tree, what), own, copies[id(model)], what)
     for slot in _GLOBAL_HOOKS:  # (every module's, the copies' too; not the call's to rebuild)
         for hook in list(getattr(nn.modules.module, slot).values()):
             if tree.reaches(hook):
                 raise ValueError(f"A global forward hook ({_name(hook)}) {_REACHES}. {_GLOBAL_FIX}")
+
+
+def _guarded(hook: Any, own: Mapping[int, str], root: nn.Module, what: str) -> Callable[..., Any]:
+    """``hook``, run refusing to compute with a tensor of the user's model that the call's copy (``root``) does not
+    hold now: a reference to the model the search above cannot see (a weak reference, an object's slots, a chain of
+    attributes deeper than it looks) would read the user's weights, not the checkpoint's being scored."""
+
+    @functools.wraps(hook)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        with _UsersTensors(own, root, what):
+            return hook(*args, **kwargs)
+
+    return guarded
+
+
+class _UsersTensors(TorchFunctionMode):
+    """Raises where an op gets a tensor of the user's model (``own``: by id) that ``root`` does not hold now."""
+
+    def __init__(self, own: Mapping[int, str], root: nn.Module, what: str) -> None:
+        super().__init__()
+        self.own, self.root, self.what = own, root, what
+
+    def __torch_function__(self, func: Callable, types_: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        for t in optree.tree_leaves((args, kwargs or {})):
+            if isinstance(t, torch.Tensor) and id(t) in self.own and not self._current(t):
+                raise ValueError(
+                    f"{self.what} that computes with the model's own tensor {self.own[id(t)]!r}, the user's, not the "
+                    f"checkpoint's being scored (which the call's copy of the model holds). {_FIX}"
+                )
+        return func(*args, **(kwargs or {}))
+
+    def _current(self, t: torch.Tensor) -> bool:
+        """Whether the copy holds ``t`` now (a checkpoint made of the model's own tensors: its buffers, say)."""
+        return any(c is t for c in (*self.root.parameters(), *self.root.buffers()))
 
 
 def _rebuilt(hook: Any, tree: _Tree, what: str) -> Any:
@@ -115,9 +170,7 @@ def _rebuilt(hook: Any, tree: _Tree, what: str) -> Any:
     if isinstance(hook, types.MethodType):
         if id(hook.__self__) in tree.copies:
             return types.MethodType(hook.__func__, tree.copies[id(hook.__self__)])
-        if isinstance(hook.__self__, nn.Module) or not tree.reaches(hook.__self__):
-            return hook  # (another module's method, or an object not reaching the model)
-        raise ValueError(f"{what} bound to an object that {_REACHES}. {_FIX}")
+        return hook  # (another object's method: what it reads of the model, ``_guarded`` sees)
     if isinstance(hook, functools.partial):
         func = _rebuilt(hook.func, tree, what)
         args = [_moved(a, tree, what) for a in hook.args]
@@ -126,20 +179,21 @@ def _rebuilt(hook: Any, tree: _Tree, what: str) -> Any:
             keywords[k] is v for k, v in hook.keywords.items()
         )
         return hook if same else functools.partial(func, *args, **keywords)
-    if isinstance(hook, types.FunctionType):
-        return _rebuilt_function(hook, tree, what)
-    if tree.reaches(hook):  # (a callable object holding the model)
-        raise ValueError(f"{what}, a callable object that {_REACHES}. {_FIX}")
+    if isinstance(hook, types.FunctionType):  # (a callable object: what it reads of the model, ``_guarded`` sees)
+        if id(hook) in tree.rebuilding:  # (a closure holding itself: left as it is within its own rebuilding)
+            return hook
+        tree.rebuilding.add(id(hook))
+        try:
+            return _rebuilt_function(hook, tree, what)
+        finally:
+            tree.rebuilding.discard(id(hook))
     return hook
 
 
 def _rebuilt_function(fn: types.FunctionType, tree: _Tree, what: str) -> types.FunctionType:
     """``fn`` with the tree's modules in its closure and default arguments moved to their copies (new cells for
-    those; the others shared, so that the hook's own state is the user's); a global it loads that reaches the model
-    is refused (rebinding a copy of the globals would lose what the hook writes there)."""
-    for n in _loaded_globals(fn.__code__):
-        if tree.reaches(fn.__globals__.get(n)):
-            raise ValueError(f"{what} that reads the global {n!r}, which {_REACHES}. {_FIX}")
+    those; the others shared, so that the hook's own state is the user's). Its globals are the user's (a copy would
+    lose what the hook writes there): what it reads of the model through them, ``_guarded`` sees."""
     cells = fn.__closure__ or ()
     closure = tuple(_moved_cell(c, tree, what) for c in cells)
     defaults = tuple(_moved(v, tree, what) for v in fn.__defaults__ or ())
