@@ -204,7 +204,8 @@ def influence(
     def local() -> list[list[tuple[int, Any]]]:  # per chunk of test examples, this rank's score blocks
         with exclusive_use(setup.spec):
             chunks = query_chunks(
-                setup, test, aggregate=aggregate, normalize=normalize, budget=setup.test_budget, train=data
+                setup, test, aggregate=aggregate, normalize=normalize, budget=setup.test_budget, train=data,
+                train_start=start,
             )
             return [
                 list(score_blocks(setup, q, data, "influence", start=start, ranks=by_batch, per_layer=per_layer))
@@ -306,7 +307,10 @@ def top_k(
         lists, seen = [], 0
         with exclusive_use(setup.spec):
             budget = None if aggregate else setup.test_budget  # lists of summed scores cannot be merged by chunk
-            for q in query_chunks(setup, test, aggregate=aggregate, normalize=normalize, budget=budget, train=data):
+            chunks = query_chunks(
+                setup, test, aggregate=aggregate, normalize=normalize, budget=budget, train=data, train_start=start
+            )
+            for q in chunks:
                 best, seen = None, 0
                 for offset, block in score_blocks(setup, q, data, desc, start=start, ranks=by_batch):
                     best, seen = merge(best, block, offset, k, largest=proponents), seen + block.shape[1]

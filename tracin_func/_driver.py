@@ -100,7 +100,7 @@ def _planned(
     partners: int | None = None,
     scored: Scored = None,
     pool: Any = None,
-    read: Sequence[tuple[str, Any]] = (),
+    read: Sequence[tuple[str, Any, int]] = (),
 ) -> Planned:
     loss = setup.test_loss if where == "test" else setup.train_loss
     with naming_failures(loss, setup, batch, where, offset, read):
@@ -131,7 +131,7 @@ def planned_batches(
     partners: int | None = None,
     scored: Scored = None,
     beside: Any = None,
-    read: Sequence[tuple[str, Any]] = (),
+    read: Sequence[tuple[str, Any, int]] = (),
     **where_from: Any,
 ) -> Iterator[tuple[Planned, int, Any]]:
     """``batches`` of ``data``, the call planned on the first: (plan, offset, batch) triples. With the automatic
@@ -140,10 +140,10 @@ def planned_batches(
     a ``DataLoader``'s or other iterable's batches are the user's. ``scored``: other data the plan scores in
     batches (influence's training data; see ``plan_call``), and ``partners`` the products each of its gradients takes
     part in. ``beside``: that data's ``checking_pool``, for the batching check to pick its examples among too (one loss
-    scores both); ``read``: that data, named (``(name, data)``), where a failure of planning is looked for
-    (``naming_failures``)."""
+    scores both); ``read``: that data, named, and the index of its first example (``(name, data, start)``), where a
+    failure of planning is looked for (``naming_failures``)."""
     planned: Planned | None = None
-    read = ((where, data), *read)
+    read = ((where, data, where_from.get("start", 0)), *read)
 
     def pool_of(examples: Any, more: Any = None) -> Any:  # (its first example is the one planned on)
         pool = examples
@@ -219,8 +219,8 @@ def naming_failures(
     """Re-raise an error of a batch with the index of the first example whose loss alone raises (e.g. a class
     label outside the model's outputs), found by the same guarded dry run as planning; errors of our own (they
     start with the argument's name) and errors that no single example reproduces pass unchanged. ``read``: other
-    data planning read examples of (``(name, data)``: the first ones and the batching check's pool), tried after
-    ``batch``'s."""
+    data planning read examples of (``(name, data, index of its first example)``: the first ones and the batching
+    check's pool), tried after ``batch``'s."""
     try:
         yield
     except Exception as err:
@@ -254,18 +254,18 @@ def naming_failures(
 
 
 def _candidates(
-    batch: Any, where: str, offset: int, read: Sequence[tuple[str, Any]]
+    batch: Any, where: str, offset: int, read: Sequence[tuple[str, Any, int]]
 ) -> Iterator[tuple[str, int, Any]]:
     """``(name, index, example)``: ``batch``'s examples, then those planning read of the ``read`` data (single
     batches: their first examples and ``checking_pool``'s)."""
     yield from ((where, offset + i, slice_batch(batch, i, i + 1)) for i in range(batch_size_of(batch, where)))
-    for name, data in read:
+    for name, data, start in read:
         if not is_single_batch(data):
             continue
         pool = _pool_rows(data, name)
         rows = range(min(_PLANNING_EXAMPLES, batch_size_of(data, name)))
         for i in dict.fromkeys([*rows, *([] if pool is None else pool.tolist())]):
-            yield name, i, slice_batch(data, i, i + 1)
+            yield name, start + i, slice_batch(data, i, i + 1)
 
 
 # a recurrent layer the library does not unroll (a subclass, `proj_size`), on a GPU
@@ -355,6 +355,7 @@ def query_chunks(
     normalize: str | None = None,
     budget: int | None = None,
     train: Any = None,
+    train_start: int = 0,
 ) -> Iterator[Queries]:
     """The test side in chunks: the updates (planned on the first test batch) and one test representation per
     checkpoint, for consecutive test batches whose representations (over all checkpoints) reach ``budget`` bytes
@@ -407,7 +408,7 @@ def query_chunks(
     partners = None if n_test is None else n_test + (normalize is not None)
     test_batches = planned_batches(
         setup, test, "test", "test gradients", partners=partners, scored=scored, beside=beside,
-        read=() if train is None else (("train", train),),
+        read=() if train is None else (("train", train, train_start),),
     )
     planned, held = None, None  # held: the first test batch, while it may be the only one
     for i, (planned, offset, batch) in enumerate(test_batches):

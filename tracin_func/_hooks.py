@@ -17,7 +17,7 @@ import functools
 import types
 from collections.abc import Callable, Mapping
 from itertools import islice
-from typing import Any
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -118,7 +118,8 @@ def on_copies(model: nn.Module, copies: Mapping[int, nn.Module]) -> None:
     if not global_hooks and not any(vars(m)[slot] for _, m in modules for slot in _HOOK_DICTS):
         return
     tree = _Tree(model, copies)
-    own = {id(t): n for n, t in (*model.named_parameters(), *model.named_buffers())}
+    named = [*model.named_parameters(), *model.named_buffers()]
+    own = _Own({id(t): n for n, t in named}, {_storage(t): n for n, t in named if _storage(t)})
     for name, module in modules:
         layer = f"`model` module {name or '(root)'!r} ({type(module).__name__})"
         for hooks in [vars(copies[id(module)])[slot] for slot in _HOOK_DICTS]:  # (the copy's own: private_copy)
@@ -131,7 +132,14 @@ def on_copies(model: nn.Module, copies: Mapping[int, nn.Module]) -> None:
                 raise ValueError(f"A global forward hook ({_name(hook)}) {_REACHES}. {_GLOBAL_FIX}")
 
 
-def _guarded(hook: Any, own: Mapping[int, str], root: nn.Module, what: str) -> Callable[..., Any]:
+class _Own(NamedTuple):
+    """The user's model's tensors' names, by id and by storage."""
+
+    ids: Mapping[int, str]
+    storages: Mapping[int, str]
+
+
+def _guarded(hook: Any, own: _Own, root: nn.Module, what: str) -> Callable[..., Any]:
     """``hook``, run refusing to compute with a tensor of the user's model that the call's copy (``root``) does not
     hold now: a reference to the model the search above cannot see (a weak reference, an object's slots, a chain of
     attributes deeper than it looks) would read the user's weights, not the checkpoint's being scored."""
@@ -145,24 +153,34 @@ def _guarded(hook: Any, own: Mapping[int, str], root: nn.Module, what: str) -> C
 
 
 class _UsersTensors(TorchFunctionMode):
-    """Raises where an op gets a tensor of the user's model (``own``: by id) that ``root`` does not hold now."""
+    """Raises where an op gets a tensor of the user's model (``own``: by id, or a view of its storage:
+    ``w.detach()``) that ``root`` does not hold now."""
 
-    def __init__(self, own: Mapping[int, str], root: nn.Module, what: str) -> None:
+    def __init__(self, own: _Own, root: nn.Module, what: str) -> None:
         super().__init__()
         self.own, self.root, self.what = own, root, what
 
     def __torch_function__(self, func: Callable, types_: Any, args: tuple = (), kwargs: Any = None) -> Any:
         for t in optree.tree_leaves((args, kwargs or {})):
-            if isinstance(t, torch.Tensor) and id(t) in self.own and not self._current(t):
+            name = self._own(t) if isinstance(t, torch.Tensor) else None
+            if name is not None and not self._current(t):
                 raise ValueError(
-                    f"{self.what} that computes with the model's own tensor {self.own[id(t)]!r}, the user's, not the "
+                    f"{self.what} that computes with the model's own tensor {name!r}, the user's, not the "
                     f"checkpoint's being scored (which the call's copy of the model holds). {_FIX}"
                 )
         return func(*args, **(kwargs or {}))
 
+    def _own(self, t: torch.Tensor) -> str | None:
+        return self.own.ids.get(id(t)) or self.own.storages.get(_storage(t))
+
     def _current(self, t: torch.Tensor) -> bool:
-        """Whether the copy holds ``t`` now (a checkpoint made of the model's own tensors: its buffers, say)."""
-        return any(c is t for c in (*self.root.parameters(), *self.root.buffers()))
+        """Whether the copy holds ``t`` now (a checkpoint made of the model's own tensors: its buffers, say), or, for
+        a view of a tensor of the model, one of its storage (the copy's weight detached: on a checkpoint made of the
+        model's tensors, that storage is theirs)."""
+        held = (*self.root.parameters(), *self.root.buffers())
+        if id(t) in self.own.ids:
+            return any(c is t for c in held)
+        return any(_storage(c) == _storage(t) for c in held)
 
 
 def _rebuilt(hook: Any, tree: _Tree, what: str) -> Any:

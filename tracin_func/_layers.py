@@ -141,7 +141,8 @@ def wrapped(module: nn.Module) -> str:
     a ``forward`` set on the instance), in words; ``""`` when none applies."""
     name = type(module).__name__
     if any(getattr(module, hooks) for hooks in _HOOKS):
-        legacy = {type(h).__name__ for h in module._forward_pre_hooks.values()} & {"WeightNorm", "SpectralNorm"}
+        hooks = [getattr(h, "__wrapped__", h) for h in module._forward_pre_hooks.values()]  # (the call's guard's)
+        legacy = {type(h).__name__ for h in hooks} & {"WeightNorm", "SpectralNorm"}
         if legacy:  # torch.nn.utils.weight_norm / spectral_norm: a hook recomputing the weight before each call
             form = {"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}[sorted(legacy)[0]]
             return (

@@ -224,6 +224,9 @@ _UNUSED = "not used by the forward pass or the loss on the first example: zero g
 _UNUSED_ON_VMAP = "not used by the forward pass or the loss on the first example (zero gradients); vmap runs anyway"
 
 
+_COPIES_DID_NOT_FIT = "its copies over the batch did not fit how its layer uses it: at another rank, or not elementwise"
+
+
 def _followed_reason(why: str) -> str:
     """The route's reason for a followed parameter, with why it is outside factor sites."""
     return f"followed: used outside a factor site's call ({why}), each example's gradient where its uses meet the batch"
@@ -391,6 +394,8 @@ def make_plan(
         retried = checked_on(instead)
         if not retried.reason:
             plan, check = instead, retried
+            expanded = {n for site in readings[0].sites if site.kind == "expanded" for n in site.names}
+            reasons.update(dict.fromkeys(expanded & set(plan.names), _COPIES_DID_NOT_FIT))  # (wrapped as followed)
     refused, seen = check.reason, check.seen
     plan = plan._replace(batch_free=frozenset(check.batch_free))
     unchecked = check.unshown if batch_shows or head_shows else "batching"
@@ -462,11 +467,7 @@ def _followed_instead(module: nn.Module, plan: Plan, diff: Tensors) -> Plan | No
     followed = _followed(module, names, diff) if expanded else {}
     if not names or len(followed) < len(names):
         return None
-    why = "its copies over the batch did not fit how its layer uses it: at another rank, or not elementwise"
-    return plan._replace(
-        sites=(*(s for s in plan.sites if s.kind != "expanded"), *followed.values()),
-        reasons={**plan.reasons, **dict.fromkeys(names, _followed_reason(why))},
-    )
+    return plan._replace(sites=(*(s for s in plan.sites if s.kind != "expanded"), *followed.values()))
 
 
 def _folded_rows(

@@ -330,18 +330,31 @@ class Factored(NamedTuple):
 
     def conditioned(self) -> tuple[Factored, torch.Tensor] | None:
         """This part with its examples' squared norms, and (0-d) whether some example's rows cancel (the flag read
-        by the caller: one read for a batch's parts); None where they cannot (one row, an Embedding's ids)."""
-        site, rows = self.site, self.a.shape[1]
-        if site.kind == "embedding" or site.tied or rows < 2 or self._products_cost_more(self, norms=True):
-            return None  # (a tied weight's uses: scored together, ``Tied``; long rows: formed for their norms)
+        by the caller: one read for a batch's parts); None where they cannot (one row, an Embedding's ids, a tied
+        weight's uses: ``Tied``), or where rows so long that their norms are formed are checked only if multiplied
+        as factors (``dot``)."""
+        if not self._may_cancel() or self._products_cost_more(self, norms=True):
+            return None
         ka, kg = self._kernels()
-        terms = ka * kg
-        norms, sizes = terms.sum((1, 2)), terms.abs_().sum((1, 2))
-        return self._replace(norms=norms), (sizes > _CANCELLING * norms).any()
+        terms = ka.mul_(kg)
+        norms = terms.sum((1, 2))
+        return self._replace(norms=norms), (terms.abs_().sum((1, 2)) > _CANCELLING * norms).any()
+
+    def _may_cancel(self) -> bool:
+        return self.site.kind != "embedding" and not self.site.tied and self.a.shape[1] > 1
+
+    def _checked(self) -> Factored:
+        """This part with ``cancelling`` decided where ``conditioned`` left it undecided (rows formed for their
+        norms, multiplied here as factors)."""
+        if self.norms is not None or self.cancelling or not self._may_cancel():
+            return self
+        part, cancelling = self._replace(costed=False).conditioned() or (self, False)
+        return part._replace(costed=self.costed, cancelling=bool(cancelling))
 
     def dot(self, other: Factored) -> torch.Tensor:
+        mine, theirs = (self, other) if self._products_cost_more(other) else (self._checked(), other._checked())
         a1, g1, a2, g2 = self.a, self.g, other.a, other.g
-        if self.cancelling or other.cancelling or self._products_cost_more(other):
+        if mine.cancelling or theirs.cancelling or self._products_cost_more(other):
             mine, theirs = self._formed(), other._formed()
             return _formed_dots(mine, theirs) if a2.shape[0] <= a1.shape[0] else _formed_dots(theirs, mine).T
         if self.site.kind != "embedding" and a1.shape[1] == 1 and a2.shape[1] == 1:
@@ -487,8 +500,15 @@ class TokenRows(NamedTuple):
         """``[n, m]`` against a training batch's factors, each of its examples' rows summed per token first: repeated
         tokens whose output gradients cancel add before any product (a Siamese bag of embeddings' shared tokens,
         multiplied each then summed: 20x a formed gradient's error in float32)."""
-        m, theirs = other.a.shape[0], TokenRows.of(other)
-        token, g, owner = theirs.token, theirs.rows, theirs.example
+        m, t = other.a.shape
+        if _repeats(other.a):
+            theirs = TokenRows.of(other)
+            token, g, owner = theirs.token, theirs.rows, theirs.example
+        else:  # (no token twice in an example: its rows as they are, without sorting and summing them)
+            token, g = other.a.reshape(-1), other.g.reshape(m * t, -1)
+            keep = token >= 0
+            owner = torch.arange(m, device=token.device).repeat_interleave(t)[keep]
+            token, g = token[keep], g[keep]
         count = (self.start[1:] - self.start[:-1])[token]  # entries matching each training token
         out = g.new_zeros(self.n * m)
         ends = count.cumsum(0)
@@ -534,6 +554,12 @@ class TokenRows(NamedTuple):
         example = torch.cat([p.example + o for p, o in zip(parts, offsets)])
         token = torch.cat([p.token for p in parts])
         return TokenRows.build(parts[0].site, offsets[-1], example, token, torch.cat([p.rows for p in parts]))
+
+
+def _repeats(ids: torch.Tensor) -> bool:
+    """Whether some example of ``ids`` ``[B, T]`` holds a token (not padding, -1) twice."""
+    ordered = ids.sort(1).values
+    return bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any())
 
 
 class Rows(NamedTuple):
