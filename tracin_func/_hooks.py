@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dis
 import functools
+import operator
 import types
 from collections.abc import Callable, Mapping
 from itertools import islice
@@ -111,8 +112,9 @@ def _contents(cell: types.CellType) -> Any:
 
 
 def on_copies(model: nn.Module, copies: Mapping[int, nn.Module]) -> None:
-    """Every copy's forward hooks with their references to the tree's modules moved to the copies (see the module
-    docstring); raises on a hook, of a module or global, that reaches the model otherwise."""
+    """Every copy's forward hooks with their references to the tree's modules moved to the copies, and guarded (see
+    the module docstring); raises on a hook holding a tensor or container of the model, or a global hook reaching
+    it."""
     modules = list(model.named_modules(remove_duplicate=False))
     global_hooks = [h for slot in _GLOBAL_HOOKS for h in getattr(nn.modules.module, slot).values()]
     if not global_hooks and not any(vars(m)[slot] for _, m in modules for slot in _HOOK_DICTS):
@@ -193,11 +195,11 @@ def _rebuilt(hook: Any, tree: _Tree, what: str) -> Any:
         func = _rebuilt(hook.func, tree, what)
         args = [_moved(a, tree, what) for a in hook.args]
         keywords = {k: _moved(v, tree, what) for k, v in hook.keywords.items()}
-        same = func is hook.func and all(map(_same, args, hook.args)) and all(
+        same = func is hook.func and all(map(operator.is_, args, hook.args)) and all(
             keywords[k] is v for k, v in hook.keywords.items()
         )
         return hook if same else functools.partial(func, *args, **keywords)
-    if isinstance(hook, types.FunctionType):  # (a callable object: what it reads of the model, ``_guarded`` sees)
+    if isinstance(hook, types.FunctionType):
         if id(hook) in tree.rebuilding:  # (a closure holding itself: left as it is within its own rebuilding)
             return hook
         tree.rebuilding.add(id(hook))
@@ -205,7 +207,7 @@ def _rebuilt(hook: Any, tree: _Tree, what: str) -> Any:
             return _rebuilt_function(hook, tree, what)
         finally:
             tree.rebuilding.discard(id(hook))
-    return hook
+    return hook  # (a callable object: what it reads of the model, ``_guarded`` sees)
 
 
 def _rebuilt_function(fn: types.FunctionType, tree: _Tree, what: str) -> types.FunctionType:
@@ -216,7 +218,7 @@ def _rebuilt_function(fn: types.FunctionType, tree: _Tree, what: str) -> types.F
     closure = tuple(_moved_cell(c, tree, what) for c in cells)
     defaults = tuple(_moved(v, tree, what) for v in fn.__defaults__ or ())
     kwdefaults = {k: _moved(v, tree, what) for k, v in (fn.__kwdefaults__ or {}).items()}
-    if all(map(_same, closure, cells)) and all(map(_same, defaults, fn.__defaults__ or ())) and all(
+    if all(map(operator.is_, closure, cells)) and all(map(operator.is_, defaults, fn.__defaults__ or ())) and all(
         kwdefaults[k] is v for k, v in (fn.__kwdefaults__ or {}).items()
     ):
         return fn
@@ -242,10 +244,6 @@ def _moved(value: Any, tree: _Tree, what: str) -> Any:
         kind = "tensor" if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"{what} holding a {kind} that {_REACHES}. {_FIX}")
     return value
-
-
-def _same(a: Any, b: Any) -> bool:
-    return a is b
 
 
 def _name(hook: Any) -> str:

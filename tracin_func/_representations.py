@@ -497,9 +497,9 @@ class TokenRows(NamedTuple):
 
     @torch.compiler.disable  # sizes depend on the token ids: run eagerly inside compiled updates (no graph breaks)
     def dot(self, other: Factored) -> torch.Tensor:
-        """``[n, m]`` against a training batch's factors, each of its examples' rows summed per token first: repeated
-        tokens whose output gradients cancel add before any product (a Siamese bag of embeddings' shared tokens,
-        multiplied each then summed: 20x a formed gradient's error in float32)."""
+        """``[n, m]`` against a training batch's factors, each of its examples' rows summed per token first where a
+        token repeats: repeated tokens whose output gradients cancel add before any product (a Siamese bag of
+        embeddings' shared tokens, multiplied each then summed: 20x a formed gradient's error in float32)."""
         m, t = other.a.shape
         if _repeats(other.a):
             theirs = TokenRows.of(other)
