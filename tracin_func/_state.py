@@ -109,10 +109,12 @@ def restore_state(taken: list[Attributes]) -> None:
                 object.__setattr__(m, key, value)
             if key in contents and not _same(value, contents[key]):
                 _put_back(contents[key])
-        for slot, then in zip((m._parameters, m._buffers), tensors):
-            if slot.keys() != then.keys() or any(slot[k] is not t for k, t in then.items()):
-                slot.clear()
-                slot.update(then)
+        for slot, then in zip((m._parameters, m._buffers), tensors):  # (entry by entry: never an empty dict)
+            for key in [k for k in slot if k not in then]:
+                del slot[key]
+            for key, t in then.items():
+                if slot.get(key) is not t:
+                    slot[key] = t
 
 
 @contextmanager
