@@ -37,15 +37,14 @@ class _Tree:
 
     def __init__(self, model: nn.Module, copies: Mapping[int, nn.Module]) -> None:
         self.copies = copies
-        tensors = [*model.parameters(), *model.buffers()]
-        self.tensors = {id(t) for t in tensors}
-        self.storages = {_storage(t) for t in tensors} - {None, 0}
+        named = [*model.named_parameters(), *model.named_buffers()]
+        self.own = _Own({id(t): n for n, t in named}, {_storage(t): n for n, t in named if _storage(t)})
         self.seen: dict[tuple[int, int], bool] = {}
         self.rebuilding: set[int] = set()  # functions being rebuilt (a closure may hold itself)
 
     def holds(self, value: torch.Tensor) -> bool:
         """Whether ``value`` is a tensor of the tree (or a view of one's storage: ``w.detach()``)."""
-        return id(value) in self.tensors or _storage(value) in self.storages
+        return id(value) in self.own.ids or _storage(value) in self.own.storages
 
     def reaches(self, value: Any, depth: int = _DEPTH) -> bool:
         """Whether ``value`` is, or holds within ``depth`` levels of references, a module or tensor of the tree."""
@@ -120,14 +119,12 @@ def on_copies(model: nn.Module, copies: Mapping[int, nn.Module]) -> None:
     if not global_hooks and not any(vars(m)[slot] for _, m in modules for slot in _HOOK_DICTS):
         return
     tree = _Tree(model, copies)
-    named = [*model.named_parameters(), *model.named_buffers()]
-    own = _Own({id(t): n for n, t in named}, {_storage(t): n for n, t in named if _storage(t)})
     for name, module in modules:
         layer = f"`model` module {name or '(root)'!r} ({type(module).__name__})"
         for hooks in [vars(copies[id(module)])[slot] for slot in _HOOK_DICTS]:  # (the copy's own: private_copy)
             for key, hook in list(hooks.items()):
                 what = f"{layer} has a forward hook ({_name(hook)})"
-                hooks[key] = _guarded(_rebuilt(hook, tree, what), own, copies[id(model)], what)
+                hooks[key] = _guarded(_rebuilt(hook, tree, what), tree.own, copies[id(model)], what)
     for slot in _GLOBAL_HOOKS:  # (every module's, the copies' too; not the call's to rebuild)
         for hook in list(getattr(nn.modules.module, slot).values()):
             if tree.reaches(hook):
