@@ -997,16 +997,22 @@ def test_3g_attributes_set_on_every_call_are_scored_exactly(layer):
 
 
 class Checkpointed(nn.Module):
-    def __init__(self, reentrant, middle=False):
+    def __init__(self, reentrant, middle=False, frozen=False):
         super().__init__()
-        self.a, self.b, self.reentrant, self.middle = nn.Linear(4, 4), nn.Linear(4, 3), reentrant, middle
-        self.m = nn.Linear(4, 4) if middle else None
+        self.a, self.a2, self.b = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.reentrant, self.middle, self.m = reentrant, middle, nn.Linear(4, 4) if middle else None
+        self.a.requires_grad_(not frozen)
+        self.a2.requires_grad_(not frozen)
 
     def forward(self, x):
         if self.middle:  # a block whose input needs gradients
             x = torch.tanh(self.m(x))
-        h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=self.reentrant)
+        h = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.reentrant)
         return self.b(h)
+
+
+    def block(self, x):
+        return torch.tanh(self.a2(torch.tanh(self.a(x))))
 
 
 class SavedOnCpu(nn.Module):
@@ -1021,33 +1027,40 @@ class SavedOnCpu(nn.Module):
             return self.b(torch.tanh(self.a(x)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("middle", [False, True], ids=["first_layer", "middle_block"])
-def test_3h_activation_checkpointing(middle):
+def test_3h_activation_checkpointing(middle, reentrant, dtype):
     """Non-reentrant activation checkpointing recomputes its region in the backward pass, outside the call's
     parameters and hooks: refused on every path (the batched path's scores were 13x off, `factored=False`'s 35-84%:
-    torch.func refuses the region, and plain autograd recomputed it with the module's own weights)."""
-    model = Checkpointed(reentrant=False, middle=middle).double().eval()
-    ckpts, train, test = make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2)
+    torch.func refuses the region, and plain autograd recomputed it with the module's own weights; a call in another
+    dtype than the model's raised torch's dtype error from the recomputation). A reentrant region runs without
+    gradients: its layer's scores were silently 0 where no input of the region needs gradients (51% off here), and
+    where one does, `torch.autograd.grad` cannot run its backward (torch's error, advising the refused non-reentrant
+    mode)."""
+    model = Checkpointed(reentrant=reentrant, middle=middle).to(dtype).eval()
+    ckpts, train, test = make_ckpts(model.double()), data(4, seed=1), data(4, n=3, seed=2)
+    model.float()
     n = len(train[0])
     calls = {
         "influence": lambda **o: tc.influence(model, ckpts, train, test, loss_fn=CE, **o),
         "self_influence": lambda **o: tc.self_influence(model, ckpts, train, loss_fn=CE, **o),
         "top_k": lambda **o: tc.top_k(model, ckpts, train, test, k=2, loss_fn=CE, **o),
         "embeddings": lambda **o: tc.embeddings(model, ckpts, train, loss_fn=CE, **o),
-        "tracer": lambda **o: tc.tracer(model, test, n_train=n, loss_fn=CE, **o).update(
-            tc.tracer_init(test, n_train=n), ckpts[0].params, 0.1, train, torch.arange(n)
+        "tracer": lambda **o: (t := tc.tracer(model, test, n_train=n, loss_fn=CE, **o)).update(
+            t.init(), ckpts[0].params, 0.1, train, torch.arange(n)
         ),
     }
     for name, call in calls.items():
         for factored in (None, True, False):
             with pytest.raises(ValueError, match=all_of("activation checkpointing", "gradient_checkpointing_disable")):
-                call(factored=factored)
+                call(factored=factored, dtype=torch.float64)
                 pytest.fail(f"{name} with factored={factored} ran")
 
 
-def test_3h_reentrant_checkpointing_and_saved_on_cpu_are_exact():
-    model = Checkpointed(reentrant=True).double().eval()
-    check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), factored_modes=(None,))
+def test_3h_frozen_reentrant_region_and_saved_on_cpu_are_exact():
+    model = Checkpointed(reentrant=True, frozen=True).double().eval()
+    check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
     model = SavedOnCpu().double().eval()
     check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Union
@@ -31,7 +32,18 @@ from torch.utils.checkpoint import CheckpointError
 from torch.utils.hooks import RemovableHandle
 
 from ._batch_free import Meetings, per_example_outputs
-from ._grads import CHECKPOINTED, Mapper, Tensors, batch_of_one, checkpointing, example_at, lasting_edge, scalar_loss
+from ._grads import (
+    CHECKPOINTED,
+    REENTRANT,
+    Mapper,
+    Tensors,
+    batch_of_one,
+    example_at,
+    lasting_edge,
+    reentrant_checkpointing,
+    refuse_checkpointing,
+    scalar_loss,
+)
 from ._layers import Site, broadcast_row, call_site, layer_output, recorded_input, token_wise
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
 from ._recurrent import unrolled
@@ -232,6 +244,8 @@ def batched_factors(
         seq_first = site.path in plan.seq_first  # [T, B, ...]: its factors taken as [B, T, ...]
 
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
+            if reentrant_checkpointing():  # (its output would get no gradient: the layer's scores 0)
+                raise ValueError(REENTRANT)
             x = recorded_input(layer, site, args[0], output).detach()
             inputs[site.path].append(x.transpose(0, 1) if seq_first else x)
             if not compiled:
@@ -337,8 +351,10 @@ def batched_factors(
                 allow_unused=True,
                 retain_graph=bool(met),  # the roots' graph, for their per-example gradients
             ) if total.requires_grad else (None,) * len(differentiated)
-        except CheckpointError as err:  # recomputed without the hooks' probes (a lone
-            raise ValueError(CHECKPOINTED) from err  # example's run, not watched by `_PlanningWatch`)
+        except RuntimeError as err:  # a region recomputed without the hooks' probes, or with the module's own
+            if isinstance(err, CheckpointError) or _recomputing(err):  # tensors in another dtype (a lone example's
+                raise ValueError(CHECKPOINTED) from err  # run, not watched by `_PlanningWatch`)
+            raise
         start = len(flat) + len(met) + len(whole)  # (the unused parameters' gradients, then the watched outputs')
         if witness is not None:  # (its graph freed: the witness may run the batch again)
             at = gradients_at(shown, watched, grads[start + len(unused) :]) if watched else []
@@ -417,6 +433,14 @@ def _refuse_unfollowed(
             )
 
 
+_CHECKPOINT_CODE = os.path.join("torch", "utils", "checkpoint.py")
+
+
+def _recomputing(err: BaseException) -> bool:
+    """Whether ``err`` was raised in a backward pass recomputing a checkpointed region."""
+    return any(frame.filename.endswith(_CHECKPOINT_CODE) for frame in traceback.extract_tb(err.__traceback__))
+
+
 class FoldMismatch(ValueError, RuntimeError):
     """A batch folding another number of items per example into the batch than the call was planned on (a
     ``RuntimeError`` too: planning's batching check refuses the batched path on it, as on any failed batched run)."""
@@ -425,9 +449,9 @@ class FoldMismatch(ValueError, RuntimeError):
 class _PlanningWatch(TorchFunctionMode):
     """Planning's watch over the first examples run together. It refuses:
 
-    - a forward run under activation checkpointing (``torch.utils.checkpoint`` without reentrancy, whose saved-tensor
-      hooks are active in the region): the backward pass recomputes that region outside the call's parameters and
-      hooks, so the factors would be wrong (13x the true scores, for one recomputed Linear);
+    - a forward run under activation checkpointing (``refuse_checkpointing``): without reentrancy, the backward pass
+      recomputes the region outside the call's parameters and hooks, so the factors would be wrong (13x the true
+      scores, for one recomputed Linear); with it, the region runs without gradients;
     - a forward that reorders its examples by a sort (RNN code sorting a batch by length, ``x[order]``, then
       unsorting): a layer's rows would be other examples' (13-36% off). On first examples of equal length the order
       is the identity and the batching check sees nothing, so the watch follows the indices a ``sort`` /
@@ -444,8 +468,7 @@ class _PlanningWatch(TorchFunctionMode):
         self.orders: dict[int, torch.Tensor] = {}  # integer tensors computed from a sort, by id (kept alive here)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        if checkpointing():
-            raise ValueError(CHECKPOINTED)
+        refuse_checkpointing(args, kwargs)
         kwargs = kwargs or {}
         ordered = self.orders and any(id(t) in self.orders for t in _tensors((args, kwargs)))
         trusted = (ordered or func in _SORTS) and sys._getframe(1).f_code.co_filename.endswith(_PACKING_CODE)

@@ -4,6 +4,7 @@ autograd where torch.func cannot run the model)."""
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,6 +15,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import CheckpointFunction
 
 from ._loss import ExampleLossFn
 from ._warn import warn
@@ -147,6 +149,16 @@ CHECKPOINTED = (
 )
 
 
+REENTRANT = (
+    "`model`: its forward runs a layer being scored under reentrant activation checkpointing "
+    "(`torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`), which runs the region without gradients (its "
+    "parameters get none unless an input of the region requires one, and then `torch.autograd.grad` cannot run its "
+    "backward): their scores would be 0 or fail. Switch checkpointing off for scoring (Hugging Face: "
+    "`model.gradient_checkpointing_disable()`; your own code: call the checkpointed function directly); the scores "
+    "are the same, only memory grows."
+)
+
+
 def checkpointing() -> bool:
     """Whether the op being run is inside a non-reentrant ``torch.utils.checkpoint`` region (its saved-tensor hooks
     are the innermost; ``torch.autograd.graph.save_on_cpu``'s are harmless and pass)."""
@@ -154,14 +166,40 @@ def checkpointing() -> bool:
     return hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint"
 
 
+def reentrant_checkpointing() -> bool:
+    """Whether the code being run is inside a reentrant ``torch.utils.checkpoint`` region: gradients off, under
+    ``CheckpointFunction.forward`` (a ``no_grad`` block of the model's own is not one: stack walked only then)."""
+    if torch.is_grad_enabled():
+        return False
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not _REENTRANT_FORWARD:
+        frame = frame.f_back
+    return frame is not None
+
+
+_REENTRANT_FORWARD = CheckpointFunction.forward.__code__
+
+
+def refuse_checkpointing(args: Any, kwargs: Any) -> None:
+    """Raises where an op of a forward runs in a checkpointed region it cannot be scored through: a non-reentrant
+    one (``checkpointing``), or a reentrant one reading a tensor that requires gradients (a parameter being scored,
+    or a region input that does)."""
+    if checkpointing():
+        raise ValueError(CHECKPOINTED)
+    if reentrant_checkpointing():
+        tensors = [t for t in optree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(t.requires_grad for t in tensors):
+            raise ValueError(REENTRANT)
+
+
 class _RefuseCheckpointing(TorchFunctionMode):
-    """Refuses non-reentrant activation checkpointing in a plain-autograd forward. Its backward recomputes the
-    region after ``functional_call`` has put the module's own tensors back, so the checkpoint's would get wrong
-    gradients, silently (35-84% off). torch.func refuses such regions itself, which is how a model gets here."""
+    """Refuses activation checkpointing in a plain-autograd forward (``refuse_checkpointing``). A non-reentrant
+    region's backward recomputes it after ``functional_call`` has put the module's own tensors back, so the
+    checkpoint's would get wrong gradients, silently (35-84% off); torch.func refuses such regions itself, which is how
+    a model gets here. A reentrant one runs without gradients, so its parameters would silently get none."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        if checkpointing():
-            raise ValueError(CHECKPOINTED)
+        refuse_checkpointing(args, kwargs)
         return func(*args, **(kwargs or {}))
 
 
