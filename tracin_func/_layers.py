@@ -14,6 +14,7 @@ ids ``[T]`` for an Embedding) and ``G`` the gradient of the loss w.r.t. the laye
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
@@ -306,6 +307,11 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
         if isinstance(module, parametrize.ParametrizationList)
         for inner, _ in module.named_modules(prefix=path)
     }
+    # a parametrization registered on several layers (one scale ``s`` for two weights) lists its parameters once in
+    # ``model.modules()``: held by two layers' lists, they are no layer's own (one layer's share was dropped)
+    listed = Counter(
+        id(p) for m in model.modules() if isinstance(m, parametrize.ParametrizationList) for p in m.parameters()
+    )
     sites = {}
     for path, module in model.named_modules():
         if path in parametrizing:
@@ -319,7 +325,7 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
                 sites[path] = Site(path, "expanded", None, None, tuple(next(iter(own.values())).shape), others=others)
             continue
         computed = dict(module.parametrizations.weight.named_parameters()) if kind and reparametrized(module) else {}
-        shared += [p for p in computed.values() if len(owners[id(p)]) > 1]  # (another layer's too: no site)
+        shared += [p for p in computed.values() if len(owners[id(p)]) > 1 or listed[id(p)] > 1]  # (another's too)
         if kind is None or any(site_kind(m) is None for p in shared for m in owners[id(p)]):
             continue
         weight = names[id(own["weight"])] if "weight" in own and names[id(own["weight"])] in diff else None
