@@ -322,6 +322,28 @@ def test_1b3b_forward_hooks_reaching_the_model_otherwise_are_refused(hook):
         handle.remove()
 
 
+class Aliased(nn.Module):
+    """One layer reachable under two names (``head`` is ``body[2]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        self.head = self.body[2]
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_1b3d_a_hook_on_a_layer_reachable_twice_is_exact():
+    """Its copy's hooks were rebuilt once per name: the second time the first's guard, holding the call's copy,
+    was refused as a hook holding the model (a pre-hook doubling the input; a pruned layer's)."""
+    model = Aliased().double().eval()
+    model.head.register_forward_pre_hook(lambda layer, args: (args[0] * 2,))
+    tied = lambda p: {**p, "head.weight": p["body.2.weight"], "head.bias": p["body.2.bias"]}  # noqa: E731
+    ckpts = [tc.Checkpoint(tied(c.params), c.lr) for c in make_ckpts(model)]
+    check_against_reference(model, ckpts, data(4, seed=1), data(4, n=3, seed=2))
+
+
 _SEEN: dict = {}
 
 

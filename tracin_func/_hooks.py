@@ -114,7 +114,7 @@ def on_copies(model: nn.Module, copies: Mapping[int, nn.Module]) -> None:
     """Every copy's forward hooks with their references to the tree's modules moved to the copies, and guarded (see
     the module docstring); raises on a hook holding a tensor or container of the model, or a global hook reaching
     it."""
-    modules = list(model.named_modules(remove_duplicate=False))
+    modules = list(model.named_modules())  # (a module reachable twice: its one copy's hooks moved once)
     global_hooks = [h for slot in _GLOBAL_HOOKS for h in getattr(nn.modules.module, slot).values()]
     if not global_hooks and not any(vars(m)[slot] for _, m in modules for slot in _HOOK_DICTS):
         return
