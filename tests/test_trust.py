@@ -1087,6 +1087,30 @@ def test_3h_frozen_reentrant_region_and_saved_on_cpu_are_exact():
     check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
 
 
+def test_3i_an_ambient_autocast_is_switched_off_for_the_call():
+    """Called inside a training step's `torch.autocast`, the library's own products ran in bfloat16 (2e-3 off; in
+    float16 they overflowed into a "non-finite gradients" error), a tracer's update raised torch's dtype error, and
+    projected embeddings came back in bfloat16: every call now computes in its own dtype, as outside autocast."""
+    model = MLP().float().eval()
+    ckpts = [tc.Checkpoint({k: v.float() for k, v in c.params.items()}, c.lr) for c in make_ckpts(model)]
+    train, test = data(4, n=6, seed=1, dtype=torch.float32), data(4, n=3, seed=2, dtype=torch.float32)
+    tracer = tc.tracer(model, test, n_train=6, loss_fn=CE)
+    calls = {
+        "influence": lambda: tc.influence(model, ckpts, train, test, loss_fn=CE),
+        "self_influence": lambda: tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False),
+        "embeddings": lambda: tc.embeddings(model, ckpts, train, loss_fn=CE, projection_dim=8),
+        "top_k_embeddings": lambda: tc.top_k_embeddings(train[0][:3], train[0], k=2).scores,
+        "tracer": lambda: tracer.update(tracer.init(), ckpts[0].params, 0.1, train, torch.arange(6)).scores,
+    }
+    for name, call in calls.items():
+        want = call()
+        for dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", dtype=dtype):
+                got = call()
+            assert got.dtype == torch.float32, (name, dtype)
+            assert_close(got, want, 1e-6, msg=(name, dtype))
+
+
 class LoopsOverAList(nn.Module):
     """Calls its layers through a plain list (not an nn.ModuleList): the call's copy must hold the copies of its
     layers there too, or the checkpoint's tensors never reach them (every score was 0)."""

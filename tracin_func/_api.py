@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
+from ._autocast import outside_autocast
 from ._checkpoints import Checkpoint
 from ._data import num_examples, replayable
 from ._distributed import gather_objects, join, on_every_rank, set_up_on_every_rank, share, stack_top_k
@@ -65,6 +66,7 @@ def _check_options(options: dict[str, Any], function: str) -> None:
         )
 
 
+@outside_autocast
 def influence(
     model: Any,
     checkpoints: Iterable[Checkpoint],
@@ -228,6 +230,7 @@ def _stack(rows: list[torch.Tensor], aggregate: bool) -> torch.Tensor:
     return torch.stack(rows).sum(0) if aggregate else torch.cat(rows)
 
 
+@outside_autocast
 def top_k(
     model: Any,
     checkpoints: Iterable[Checkpoint],
@@ -391,6 +394,7 @@ def _index_top_k(
     return rerank_candidates(proposed, k, proponents, rerank, exact)
 
 
+@outside_autocast
 def self_influence(
     model: Any,
     checkpoints: Iterable[Checkpoint],
@@ -456,6 +460,7 @@ def self_influence(
     return scores
 
 
+@outside_autocast
 def embeddings(
     model: Any,
     checkpoints: Iterable[Checkpoint],

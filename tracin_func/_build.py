@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._api import _check_options
+from ._autocast import outside_autocast
 from ._checkpoints import Checkpoint
 from ._data import iter_batches, num_examples, rows_of
 from ._distributed import agree, gather_objects, on_every_rank, set_up_on_every_rank
@@ -185,6 +186,7 @@ def _shard_rows(setup: Setup, train: Any, start: int, stop: int) -> tuple[torch.
     return rows[:, :-1], rows[:, -1], _rows_digest(digests)
 
 
+@outside_autocast
 def build_index(
     path: str | os.PathLike,
     model: Any,

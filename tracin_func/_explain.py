@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from ._api import Options, _check_normalize, _check_options
+from ._autocast import outside_autocast
 from ._checkpoints import Checkpoint
 from ._data import batch_size_of, num_examples
 from ._driver import batches, most_per_batch, naming_failures
@@ -62,6 +63,7 @@ class Explanation(NamedTuple):
         return "\n".join(lines + ([f"checked later: {self.checked_later}"] if self.checked_later else []))
 
 
+@outside_autocast
 def explain(
     model: Any,
     checkpoints: Iterable[Checkpoint],

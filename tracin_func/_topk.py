@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._autocast import outside_autocast
 from ._validate import boolean, positive_int
 
 
@@ -73,6 +74,7 @@ def _check_finite(scores: torch.Tensor, offset: int) -> None:
     )
 
 
+@outside_autocast
 def top_k_embeddings(
     test: torch.Tensor,
     train: torch.Tensor | Iterable[torch.Tensor],

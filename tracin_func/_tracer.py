@@ -37,6 +37,7 @@ import optree
 import torch
 
 from ._assemble import RepresentationFn
+from ._autocast import outside_autocast
 from ._checkpoints import Checkpoint
 from ._data import batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
@@ -152,6 +153,7 @@ def tracer_init(
     return _zeros(test, n_test, n_train, dtype, target)
 
 
+@outside_autocast
 def tracer(
     model: Any,
     test: Any,
@@ -231,6 +233,7 @@ def tracer(
     def init() -> TracerState:
         return _zeros(test, n_test, n_train, dtype, target)
 
+    @outside_autocast
     def update(
         state: TracerState,
         params: Mapping[str, torch.Tensor],
@@ -243,6 +246,7 @@ def tracer(
     return Tracer(init, update)
 
 
+@outside_autocast
 def tracer_update(
     state: TracerState,
     model: Any,
