@@ -278,6 +278,22 @@ def test_a_cache_of_parameter_values_is_refused():
     assert all(not m.attention_bias_cache for m in model.modules() if hasattr(m, "attention_bias_cache"))
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_gradient_checkpointing_in_train_mode_is_refused_with_the_fix(reentrant):
+    """`gradient_checkpointing_enable()` checkpoints BERT's layers in train mode (dropout 0): torch's own errors came
+    out instead ("a different number of tensors was saved" in float32; in float64 "mat1 and mat2 must have the same
+    dtype", from recomputing with the module's float32 weights, and said to fail "with plain autograd too"; reentrant:
+    `autograd.grad` refused)."""
+    model, data, loss = classifier(T.BertConfig, T.BertForSequenceClassification, torch.float32,
+                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **SMALL)  # fmt: skip
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ckpts, (train, test) = rm.make_checkpoints(model.train(), 2), _split(data)
+    for dtype in (None, F64):
+        for factored in (None, False):
+            with pytest.raises(ValueError, match="activation checkpointing.*gradient_checkpointing_disable"):
+                tc.influence(model, ckpts, train, test, loss_fn=loss, dtype=dtype, factored=factored)
+
+
 def _float32_loop(model: torch.nn.Module, ckpts: list[tc.Checkpoint], train: Any, test: Any, loss: tc.BatchLoss):
     """``sum_c lr_c G_test G_train^T``, one ``torch.autograd.grad`` per example, in the model's float32."""
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Union
@@ -28,12 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import GradientEdge
 from torch.overrides import TorchFunctionMode
-from torch.utils.checkpoint import CheckpointError
 from torch.utils.hooks import RemovableHandle
 
 from ._batch_free import Meetings, per_example_outputs
 from ._grads import (
-    CHECKPOINTED,
     REENTRANT,
     Mapper,
     Tensors,
@@ -42,6 +39,7 @@ from ._grads import (
     lasting_edge,
     reentrant_checkpointing,
     refuse_checkpointing,
+    refuse_recomputed,
     scalar_loss,
 )
 from ._layers import Site, broadcast_row, call_site, layer_output, recorded_input, token_wise
@@ -186,8 +184,13 @@ def discover(
             total = loss.per_example(state, batch).sum()
         else:  # a criterion on the whole batch, at its reduction's scale (only which gradients are reached counts)
             total = loss(state, batch)
-    reached = total.requires_grad  # not when every parameter's only use was detached
-    grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True) if reached else [None] * len(leaves)
+    grads = [None] * len(leaves)
+    if total.requires_grad:  # (not when every parameter's only use was detached)
+        try:
+            grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+        except RuntimeError as err:
+            refuse_recomputed(err)
+            raise
     leaked = {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}
     return calls, leaked, {n for n, g in zip(leaves, grads) if g is None}
 
@@ -351,9 +354,8 @@ def batched_factors(
                 allow_unused=True,
                 retain_graph=bool(met),  # the roots' graph, for their per-example gradients
             ) if total.requires_grad else (None,) * len(differentiated)
-        except RuntimeError as err:  # a region recomputed without the hooks' probes, or with the module's own
-            if isinstance(err, CheckpointError) or _recomputing(err):  # tensors in another dtype (a lone example's
-                raise ValueError(CHECKPOINTED) from err  # run, not watched by `_PlanningWatch`)
+        except RuntimeError as err:  # (a lone example's run, not watched by `_PlanningWatch`)
+            refuse_recomputed(err)
             raise
         start = len(flat) + len(met) + len(whole)  # (the unused parameters' gradients, then the watched outputs')
         if witness is not None:  # (its graph freed: the witness may run the batch again)
@@ -431,14 +433,6 @@ def _refuse_unfollowed(
                 f"get, which their factors would miss",
                 "`factored=False`, or put the hook elsewhere",
             )
-
-
-_CHECKPOINT_CODE = os.path.join("torch", "utils", "checkpoint.py")
-
-
-def _recomputing(err: BaseException) -> bool:
-    """Whether ``err`` was raised in a backward pass recomputing a checkpointed region."""
-    return any(frame.filename.endswith(_CHECKPOINT_CODE) for frame in traceback.extract_tb(err.__traceback__))
 
 
 class FoldMismatch(ValueError, RuntimeError):

@@ -34,7 +34,7 @@ from ._data import (
     to_device,
 )
 from ._distributed import Ranks
-from ._grads import scalar_loss
+from ._grads import refuse_recomputed, scalar_loss
 from ._loss import ExampleLossFn
 from ._plan import Plan, plan_call
 from ._purity import check_forward
@@ -240,6 +240,8 @@ def naming_failures(
                     named = RuntimeError(message)
                 raise named from cause
             cause = _backward_error(loss, setup, example)
+            if isinstance(cause, RuntimeError):
+                refuse_recomputed(cause)  # (the model's checkpointing, not the example)
             if cause is not None:
                 why = f"{type(cause).__name__}: {str(cause).rstrip('.')}"
                 fix = _CUDNN_RNN_FIX if "cudnn RNN backward" in str(cause) else (

@@ -15,7 +15,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
-from torch.utils.checkpoint import CheckpointFunction
+from torch.utils.checkpoint import CheckpointError, CheckpointFunction
 
 from ._loss import ExampleLossFn
 from ._warn import warn
@@ -190,6 +190,18 @@ def refuse_checkpointing(args: Any, kwargs: Any) -> None:
         tensors = [t for t in optree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if any(t.requires_grad for t in tensors):
             raise ValueError(REENTRANT)
+
+
+_CHECKPOINT_CODE = os.path.join("torch", "utils", "checkpoint.py")
+
+
+def refuse_recomputed(err: RuntimeError) -> None:
+    """Raises the refusal of checkpointing where ``torch.utils.checkpoint``'s code raised ``err`` in a backward pass
+    (a region recomputed with the module's own tensors, in another dtype or without the factors' probes; a reentrant
+    region refusing ``autograd.grad``)."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename.endswith(_CHECKPOINT_CODE)]
+    if frames or isinstance(err, CheckpointError):
+        raise ValueError(REENTRANT if any(f.name == "backward" for f in frames) else CHECKPOINTED) from err
 
 
 class _RefuseCheckpointing(TorchFunctionMode):
