@@ -73,6 +73,16 @@ def multiple_choice(config_cls: type, model_cls: type, choices: int = 3, **sizes
     return model, data, tc.sequence_classification_loss(model)
 
 
+def masked_lm(config_cls: type, model_cls: type, **sizes: Any) -> Built:
+    """Every third token a target (labels -100 elsewhere and at padding); the output projection tied to the token
+    table, its bias to the head's."""
+    model = _model(model_cls, config_cls(**sizes), F64)
+    ids, pad = rm._right_padded(N_TRAIN + 3, SEQ, 100, torch.Generator().manual_seed(1))
+    targets = (torch.arange(SEQ) % 3 == 0) & ~pad
+    data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": ids.masked_fill(~targets, -100)}
+    return model, data, tc.token_classification_loss(model)
+
+
 def image(config_cls: type, model_cls: type, size: int = 16, dtype: torch.dtype = F64, **sizes: Any) -> Built:
     model = _model(model_cls, config_cls(num_labels=3, **sizes), dtype)
     g = torch.Generator().manual_seed(1)
@@ -135,6 +145,9 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
                            position_buckets=4, max_relative_positions=8, pos_att_type=["p2c", "c2p"],
                            share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False, **SMALL),
         BATCHED),  # fmt: skip  (and key projections: those layers run both for the batch and once for the whole batch)
+    # their heads hold the decoder's bias too (tied), and use it only through the decoder
+    "bert_mlm": (lambda: masked_lm(T.BertConfig, T.BertForMaskedLM, **SMALL), BATCHED),
+    "roberta_mlm": (lambda: masked_lm(T.RobertaConfig, T.RobertaForMaskedLM, pad_token_id=1, **SMALL), BATCHED),
     "bert_multiple_choice": (  # [B, C, T] folded into [B C, T]: its [1, T] position row gets a row per row of that
         lambda: multiple_choice(T.BertConfig, T.BertForMultipleChoice, **SMALL), BATCHED),  # fmt: skip
     "gpt_neo": (lambda: causal_lm(T.GPTNeoConfig, T.GPTNeoForCausalLM, hidden_size=32, num_layers=2, num_heads=4,

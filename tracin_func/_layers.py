@@ -309,6 +309,10 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
     }
     # a parametrization registered on several layers (one scale ``s`` for two weights) lists its parameters once in
     # ``model.modules()``: held by two layers' lists, they are no layer's own (one layer's share was dropped)
+    # a tied tensor's other holders of no factored form (BERT's LM head holding its decoder's bias) may not use it
+    # themselves: planning finds any use (``discover``'s gradient with the sites' own uses detached); those in a
+    # parametrization do (their tensors are computed into the parametrized layer's)
+    in_parametrizations = {id(m) for path, m in model.named_modules() if path in parametrizing}
     listed = Counter(
         id(p) for m in model.modules() if isinstance(m, parametrize.ParametrizationList) for p in m.parameters()
     )
@@ -326,7 +330,7 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
             continue
         computed = dict(module.parametrizations.weight.named_parameters()) if kind and reparametrized(module) else {}
         shared += [p for p in computed.values() if len(owners[id(p)]) > 1 or listed[id(p)] > 1]  # (another's too)
-        if kind is None or any(site_kind(m) is None for p in shared for m in owners[id(p)]):
+        if kind is None or any(id(m) in in_parametrizations for p in shared for m in owners[id(p)]):
             continue
         weight = names[id(own["weight"])] if "weight" in own and names[id(own["weight"])] in diff else None
         bias = names[id(own["bias"])] if "bias" in own and names[id(own["bias"])] in diff else None
