@@ -1111,6 +1111,22 @@ def test_3i_an_ambient_autocast_is_switched_off_for_the_call():
             assert_close(got, want, 1e-6, msg=(name, dtype))
 
 
+@pytest.mark.parametrize("normalize", ["cosine", "train"])
+def test_3j_a_gradient_norm_overflowing_the_dtype_is_refused_not_scored_0(normalize):
+    """A training gradient of ~1e20 (finite in float32) has a squared norm past float32's range: its inverse norm
+    was 1 / inf = 0, the example's cosines silently 0 (0.055 in float64). Refused naming the overflow and the fix."""
+    model = nn.Linear(5, 3)
+    ckpts = [tc.Checkpoint({"weight": model.weight.detach().clone(), "bias": torch.zeros(3)}, 0.1)]
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 5, generator=gen), torch.zeros(4, 3)
+    x[0] *= 1e10
+    test = (torch.randn(2, 5, generator=gen), torch.zeros(2, 3))
+    call = functools.partial(tc.influence, model, ckpts, (x, y), test, loss_fn=nn.MSELoss(), normalize=normalize)
+    with pytest.raises(FloatingPointError, match=r"`train` examples \[0\].*overflow torch.float32.*float64"):
+        call()
+    assert call(dtype=torch.float64)[:, 0].abs().min() > 1e-3
+
+
 class LoopsOverAList(nn.Module):
     """Calls its layers through a plain list (not an nn.ModuleList): the call's copy must hold the copies of its
     layers there too, or the checkpoint's tensors never reach them (every score was 0)."""

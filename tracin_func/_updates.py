@@ -6,6 +6,7 @@ Each is a pure function of its arguments (the driver may wrap it in ``torch.comp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -40,9 +41,11 @@ class Updates(NamedTuple):
 
 def inverse_norm(sq_norm: torch.Tensor) -> torch.Tensor:
     """``1 / |g|`` per example from ``|g|^2``, and 0 for a zero gradient: a cosine with a zero gradient is defined
-    as 0 (not NaN). A factored ``|g|^2`` of a zero gradient may round to a tiny negative: it counts as zero."""
+    as 0 (not NaN). A factored ``|g|^2`` of a zero gradient may round to a tiny negative: it counts as zero. One that
+    overflowed the dtype gives NaN, refused with the scores (its reciprocal, 0, scored the example 0, silently)."""
     norm = sq_norm.clamp(min=0).sqrt()
-    return torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm))
+    inverse = torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm))
+    return torch.where(norm.isinf(), torch.full_like(norm, math.nan), inverse)
 
 
 def make_updates(
