@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+)
 
 import tracin_func as tc
 import tracin_func._batching
@@ -1453,6 +1460,20 @@ def test_6c_drop_last():
         tc.influence(model, ckpts, DataLoader(_ds(10), batch_size=4, drop_last=True), test, loss_fn=CE)
     ds = _ds(12)
     got = tc.influence(model, ckpts, DataLoader(ds, batch_size=4, drop_last=True), test, loss_fn=CE)
+    assert_close(got, tc.influence(model, ckpts, ds.tensors, test, loss_fn=CE))
+
+
+def test_6c2_a_batch_sampler_given_as_the_sampler_is_checked_inside():
+    """`DataLoader(ds, sampler=BatchSampler(...), batch_size=None)`: the BatchSampler's own sampler and `drop_last`
+    were not looked at, so a random one's scores came back shuffled and a dropping one's short, silently."""
+    model = MLP().eval()
+    ckpts, test, ds = make_ckpts(model), data(4, n=2, seed=2), _ds(7)
+    batches = lambda sampler, drop: DataLoader(ds, sampler=BatchSampler(sampler, 3, drop), batch_size=None)  # noqa: E731
+    with pytest.raises(ValueError, match=re.escape("shuffle=False")):
+        tc.influence(model, ckpts, batches(RandomSampler(ds), False), test, loss_fn=CE)
+    with pytest.raises(ValueError, match=re.escape("leaves out its last 1 examples")):
+        tc.influence(model, ckpts, batches(SequentialSampler(ds), True), test, loss_fn=CE)
+    got = tc.influence(model, ckpts, batches(SequentialSampler(ds), False), test, loss_fn=CE)
     assert_close(got, tc.influence(model, ckpts, ds.tensors, test, loss_fn=CE))
 
 

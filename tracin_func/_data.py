@@ -214,8 +214,10 @@ _SHUFFLING_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 def check_stable_order(loader: DataLoader, where: str) -> None:
     """Refuse a DataLoader whose iteration order changes between passes or that drops examples: result index
-    ``j`` is the j-th example in iteration order, and every example must be scored."""
-    sampler = loader.batch_sampler.sampler if isinstance(loader.batch_sampler, BatchSampler) else loader.sampler
+    ``j`` is the j-th example in iteration order, and every example must be scored. A BatchSampler may also come as
+    the ``sampler`` (with ``batch_size=None``), around another."""
+    chain = list(_sampler_chain(loader.batch_sampler if loader.batch_sampler is not None else loader.sampler))
+    sampler = chain[-1]
     shuffles = isinstance(sampler, _SHUFFLING_SAMPLERS) or getattr(sampler, "shuffle", False) is True
     if shuffles:
         raise ValueError(
@@ -229,13 +231,21 @@ def check_stable_order(loader: DataLoader, where: str) -> None:
             f"`{where}` is a DataLoader with `drop_last=True` over data of unknown size (an IterableDataset), which "
             f"may leave out its last examples. Pass `drop_last=False` so that every example is scored."
         )
-    if isinstance(loader.batch_sampler, BatchSampler) and loader.batch_sampler.drop_last and size is not None:
-        dropped = size % loader.batch_sampler.batch_size
+    for batches, inner in zip(chain, chain[1:]):  # each BatchSampler and what it batches
+        dropped = _sized(inner) % batches.batch_size if batches.drop_last and _sized(inner) is not None else 0
         if dropped:
             raise ValueError(
                 f"`{where}` is a DataLoader with `drop_last=True`, which leaves out its last {dropped} examples. "
                 f"Pass `drop_last=False` so that every example is scored."
             )
+
+
+def _sampler_chain(sampler: Any) -> Iterator[Any]:
+    """``sampler``, and while it is a BatchSampler, the sampler it batches."""
+    yield sampler
+    while isinstance(sampler, BatchSampler):
+        sampler = sampler.sampler
+        yield sampler
 
 
 def _sized(obj: Any) -> int | None:
