@@ -1477,6 +1477,40 @@ def test_6c2_a_batch_sampler_given_as_the_sampler_is_checked_inside():
     assert_close(got, tc.influence(model, ckpts, ds.tensors, test, loss_fn=CE))
 
 
+class PairIn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 5), nn.Linear(2, 5), nn.Linear(5, 3)
+
+    def forward(self, pair):
+        return self.out(torch.tanh(self.a(pair[0]) + self.b(pair[1])))
+
+
+def _class_and_value_loss(out, target):
+    return F.cross_entropy(out, target[0], reduction="sum") + F.mse_loss(out[:, 0], target[1], reduction="sum")
+
+
+def test_6c3_batches_holding_no_tensor_at_their_top_level():
+    """`((x1, x2), (y, r))` batches (a DataLoader's collate_fn, two inputs and two targets): planning took such a batch
+    for many (a raw TypeError on the default path); scored exactly now, as with `factored=False`."""
+    torch.manual_seed(0)
+    model = PairIn().double().eval()
+    ckpts, gen = make_ckpts(model), torch.Generator().manual_seed(1)
+    x, z, r = (torch.randn(7, d, generator=gen, dtype=F64) for d in (4, 2, 1))
+    y, r = torch.randint(0, 3, (7,), generator=gen), r[:, 0]
+    batches = [((x[:3], z[:3]), (y[:3], r[:3])), ((x[3:], z[3:]), (y[3:], r[3:]))]
+    grads = []
+    for i in range(7):  # the float64 loop: one autograd.grad per example
+        params = {k: v.detach().requires_grad_() for k, v in ckpts[0].params.items()}
+        loss = _class_and_value_loss(functional_call(model, params, ((x[i : i + 1], z[i : i + 1]),)),
+                                     (y[i : i + 1], r[i : i + 1]))  # fmt: skip
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(params.values()))]))
+    want = ckpts[0].lr * torch.stack(grads).square().sum(1)
+    for factored in (None, False):
+        got = tc.self_influence(model, ckpts[:1], batches, loss_fn=_class_and_value_loss, factored=factored)
+        assert_close(got, want)
+
+
 def test_6d_top_k_embeddings_nan_rows():
     train, test = torch.randn(12, 5, dtype=F64), torch.randn(3, 5, dtype=F64)
     bad_train = train.clone()

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._assemble import RepresentationFn, representation_fn, rows_with_gradient
 from ._capture import BatchableLoss, LayerFactors, Unbatchable, Witness, batched_factors, discover, gradients_at
-from ._data import distinct_examples, num_examples, padding, select_rows, slice_batch
+from ._data import distinct_examples, examples_in, padding, select_rows, slice_batch
 from ._grads import Mapper, Tensors
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
 from ._recurrent import packed_calls
@@ -178,7 +178,7 @@ def _compared(
 ) -> BatchingCheck:
     """``batching_refused`` at the state's own precision."""
     few = select_rows(batch, checked_rows(batch, losses))
-    n = num_examples(few)
+    n = examples_in(few)
     # together: the first examples and a copy of the first after them (two: both twice, or reversing them would
     # leave the batch as it was). A model ordering its batch by an order made outside torch (Python's `sorted`),
     # unseen by the batch-order watch, may find the first examples in order already, but never these, whose keys are
@@ -300,7 +300,7 @@ def checked_rows(batch: Any, losses: Sequence[BatchableLoss]) -> torch.Tensor:
     ``enforce_sorted=True`` needs a batch sorted by length to stay sorted). Four or fewer are taken as given: the
     planning head, planning's own picks (``make_plan``), or a re-check's, which may differ only in a tensor narrower
     than the widest (captions of one image), and a copy adds nothing to miss."""
-    n = num_examples(batch)
+    n = examples_in(batch)
     picked = distinct_examples(_inputs(batch, losses), 4) if n > 4 else []
     return torch.tensor(sorted(picked) if len(picked) > 1 else range(min(4, n)))
 
@@ -525,7 +525,7 @@ def checking_batches(
         shown."""
         if reading_left[0][1] != "packed" or not on_packed:
             return
-        n = num_examples(batch)
+        n = examples_in(batch)
         varied = next((t.cpu() for t in _packed_lengths(on_packed, n) if not _alike(t)), None)
         if varied is None:
             return  # one length in the whole batch: no padding, no order by length: exact
@@ -543,7 +543,7 @@ def checking_batches(
 
     @torch.compiler.disable  # eager inside compiled updates: a batch that needs a check, or whose packed lengths do
     def rechecking(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
-        if num_examples(batch) < 2:
+        if examples_in(batch) < 2:
             return rep_of(plan, eager=True)(diff, frozen, batch)
         if not reading_left:
             reading, check = verdict(batch)
@@ -599,7 +599,7 @@ def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection
 
     @torch.compiler.disable  # (eager inside compiled updates)
     def witness(state: Tensors, batch: Any, together: Witnessed) -> None:
-        n = num_examples(batch)
+        n = examples_in(batch)
         if n < 2:
             return
         if batch is not current[0]:
@@ -721,7 +721,7 @@ def _rounding_only(
     well-fitted example, ``w h + b`` of a binary logit near zero), whose float32 rounding is theirs: 3e-4 to 5e-4 of
     its own size between a batch and the example alone. Decided loosely for a state whose float64 copy would take
     more than ``_WIDE_CHECK_BYTES``, or that float64 fails on; never for a float64 state."""
-    n, i = num_examples(batch), int(one[0])
+    n, i = examples_in(batch), int(one[0])
     floating = [t for t in state.values() if t.is_floating_point()]
     if not floating or floating[0].dtype == torch.float64:
         return False

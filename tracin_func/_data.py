@@ -295,6 +295,13 @@ def sequential_loader(dataset: Dataset, batch_size: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
 
 
+def examples_in(batch: Batch) -> int:
+    """Examples in one batch (``batch_size_of`` checked it): its first tensor's leading size, also where no tensor is
+    at its top level (``((x1, x2), (y1, y2))`` from a DataLoader's collate_fn), which ``num_examples`` takes for many
+    batches."""
+    return next(t.shape[0] for t in optree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim())
+
+
 def rows_of(data: Any, start: int, stop: int) -> Any:
     """Examples ``start:stop`` of sized data: a batch is sliced, a ``Dataset`` becomes a ``Subset``."""
     if is_single_batch(data):
@@ -516,7 +523,8 @@ def joined_rows(first: Batch, then: Batch) -> Batch | None:
 
 
 def select_rows(data: Any, indices: torch.Tensor) -> Any:
-    """Examples ``indices`` (in that order) of sized data: a batch or a ``Dataset``."""
-    if is_single_batch(data):
-        return optree.tree_map(lambda t: t[indices.to(t.device)], data, none_is_leaf=True)
-    return Subset(data, indices.tolist())
+    """Examples ``indices`` (in that order) of sized data: a ``Dataset``, or a batch (also one whose top level holds no
+    tensor, ``((x1, x2), (y1, y2))``, which ``is_single_batch`` cannot tell from a list of batches)."""
+    if isinstance(data, Dataset):
+        return Subset(data, indices.tolist())
+    return optree.tree_map(lambda t: t[indices.to(t.device)], data, none_is_leaf=True)
