@@ -169,6 +169,97 @@ def test_other_settings_are_refused_naming_the_difference(task, tmp_path):
     assert rebuilt.fingerprint["learning_rates"] == [2 * c.lr for c in ckpts]
 
 
+class Scaled(MLP):
+    """Its forward reads a helper method and a private setting: an index of one was taken for the other's."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self._scale = scale
+
+    def act(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(h * self._scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc2(self.act(self.fc1(x))))
+
+
+TEMPERATURE = 1.0
+
+
+def _tempered(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out / TEMPERATURE, y)
+
+
+def test_what_else_a_model_or_loss_computes_with_is_fingerprinted(task, tmp_path, monkeypatch):
+    """Not seen before, so an index built with one was queried (or resumed) with the other, silently (33-306% off): a
+    helper method's code, a private setting, a module's mode, a forward hook, a global the loss reads, the weights of
+    a module a loss calls that is not the model's."""
+    _, ckpts, train, test, _ = task
+    model = Scaled().to(DTYPE).eval()
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=_tempered, shard_size=8)
+    index = tc.open_index(tmp_path)
+    query = lambda m, loss=_tempered: tc.influence(m, ckpts, index, test, loss_fn=loss)  # noqa: E731
+    query(model)
+    other = Scaled(3.0).to(DTYPE).eval()
+    with pytest.raises(ValueError, match="the model's code or settings"):
+        query(other)
+    with monkeypatch.context() as patched:
+        patched.setattr(Scaled, "act", lambda self, h: torch.relu(h * self._scale))
+        with pytest.raises(ValueError, match="the model's code or settings"):
+            query(model)
+    with pytest.raises(ValueError, match="the model's code or settings"):
+        query(model.train())
+    model.eval()
+    handle = model.fc1.register_forward_hook(lambda layer, args, out: 2 * out)
+    with pytest.raises(ValueError, match="the model's code or settings"):
+        query(model)
+    handle.remove()
+    monkeypatch.setattr(sys.modules[__name__], "TEMPERATURE", 4.0)
+    with pytest.raises(ValueError, match="the loss"):
+        query(model)
+    heads = [nn.Linear(3, 3).to(DTYPE) for _ in range(2)]
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=lambda o, y: LOSS(heads[0](o), y), overwrite=True)
+    with pytest.raises(ValueError, match="the loss"):
+        tc.influence(model, ckpts, tc.open_index(tmp_path), test, loss_fn=lambda o, y: LOSS(heads[1](o), y))
+
+
+def test_a_shard_written_again_after_opening_is_not_read(task, tmp_path):
+    """An open index read the shards another build wrote over it later (lr x4: scores 2x), silently."""
+    model, ckpts, train, test, _ = task
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)
+    faster = [tc.Checkpoint(c.params, lr=4 * c.lr) for c in ckpts]
+    tc.build_index(tmp_path, model, faster, train, loss_fn=LOSS, shard_size=8, overwrite=True)
+    with pytest.raises(ValueError, match="changed since the index was opened"):
+        tc.influence(model, ckpts, index, test, loss_fn=LOSS)
+    with pytest.raises(ValueError, match="changed since the index was opened"):
+        index.self_influence()
+
+
+class FirstRow(nn.Module):
+    """Reads the first row of each example's matrix, whatever its shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(x[:, 0]).sum(-1, keepdim=True))
+
+
+def test_data_reshaped_is_other_data(tmp_path):
+    """The data's digest held its bytes alone: a resumed build kept the shards of `x`'s for `x.reshape(6, 3, 2)`
+    (5-45% off)."""
+    model = FirstRow().to(DTYPE).eval()
+    ckpts = random_checkpoints(model.state_dict(), 2)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 2, 3, generator=gen, dtype=DTYPE), torch.randint(0, 3, (6,), generator=gen)
+    reshaped = (x.reshape(6, 3, 2), y)
+    tc.build_index(tmp_path, model, ckpts, (x, y), loss_fn=LOSS, shard_size=3, storage_dtype=DTYPE)
+    (tmp_path / "shard-00001.safetensors").unlink()
+    index = tc.build_index(tmp_path, model, ckpts, reshaped, loss_fn=LOSS, shard_size=3, storage_dtype=DTYPE)
+    assert_close(index.self_influence(), tc.self_influence(model, ckpts, reshaped, loss_fn=LOSS))
+
+
 def test_a_directory_that_is_not_an_index_is_never_deleted(task, tmp_path):
     model, ckpts, train, _, _ = task
     (tmp_path / "notes.txt").write_text("mine")
@@ -193,7 +284,7 @@ def test_damaged_shards_are_named(task, tmp_path):
     shard.write_bytes(bytes(data))
     index = tc.open_index(tmp_path, verify=False)
     shard.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(ValueError, match=r"shard-00001.safetensors.*cannot be read.*build_index"):
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors` changed since the index was opened.*build_index"):
         tc.influence(model, ckpts, index, test, loss_fn=LOSS)
     with pytest.raises(ValueError, match=r"shard-00001.safetensors` is not a readable index shard"):
         tc.open_index(tmp_path, verify=False)

@@ -133,11 +133,13 @@ def _complete(path: str, file: str, start: int, stop: int, planned: dict[str, An
 
 def _hashed(batches: Iterable[Any], digests: list[Any]) -> Iterator[Any]:
     """``batches`` unchanged, each tensor hashed into the digest of its position in the batch: one digest per
-    position over all rows, so the result does not depend on where batches start."""
+    position over all rows, so the result does not depend on where batches start; it starts from the position's
+    dtype and an example's shape (the same bytes reshaped were taken for the same data)."""
     for batch in batches:
         for i, leaf in enumerate(optree.tree_leaves(batch, none_is_leaf=True)):
             if len(digests) <= i:
-                digests.append(hashlib.sha256(f"{getattr(leaf, 'dtype', type(leaf))}".encode()))
+                kind = f"{leaf.dtype}{tuple(leaf.shape[1:])}" if isinstance(leaf, torch.Tensor) else type(leaf)
+                digests.append(hashlib.sha256(f"{kind}".encode()))
             if isinstance(leaf, torch.Tensor):
                 tensor_bytes(digests[i], leaf)
             else:

@@ -48,18 +48,19 @@ def _sha(parts: Iterable[Any]) -> str:
 _SIMPLE = (bool, int, float, complex, str, bytes, type(None))
 
 
-def _describe(obj: Any, depth: int = 0) -> str:
+def _describe(obj: Any, depth: int = 0, model: frozenset[int] = frozenset()) -> str:
     """A description of ``obj`` that is equal across processes for equal settings: values, tensors (by content),
-    containers, functions (qualified name, code, defaults and closure values), ``functools.partial`` and objects
-    (class and attributes), never a memory address or a hash-seeded order. Modules nested inside a loss (a model a
-    closure calls) count by class only: their weights are the checkpoints'."""
+    containers, functions (qualified name, code, defaults, closure values and the plain values of the globals it
+    reads), ``functools.partial`` and objects (class and attributes), never a memory address or a hash-seeded order.
+    Modules nested inside a loss count by class where they are the model's (``model``: their ids; their weights are
+    the checkpoints'), by class and state otherwise (a frozen head a closure calls)."""
     if isinstance(obj, _SIMPLE):
         return repr(obj)
     if isinstance(obj, torch.Tensor):
         return f"tensor:{_sha([obj])[:16]}"
     if depth > 4:
         return type(obj).__qualname__
-    inner = lambda x: _describe(x, depth + 1)  # noqa: E731
+    inner = lambda x: _describe(x, depth + 1, model)  # noqa: E731
     if isinstance(obj, (tuple, list)):
         return f"[{', '.join(map(inner, obj))}]"
     if isinstance(obj, (set, frozenset)):
@@ -75,7 +76,9 @@ def _describe(obj: Any, depth: int = 0) -> str:
     name = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
     if isinstance(obj, types.FunctionType):
         cells = [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
-        return f"function({name}, {inner(obj.__code__)}, {inner(obj.__defaults__)}, {inner(cells)})"
+        read = {n: obj.__globals__[n] for n in obj.__code__.co_names if n in obj.__globals__}
+        values = {n: v for n, v in read.items() if isinstance(v, (*_SIMPLE, torch.Tensor))}  # (a temperature)
+        return f"function({name}, {inner(obj.__code__)}, {inner(obj.__defaults__)}, {inner(cells)}, {inner(values)})"
     if callable(obj) and not hasattr(obj, "__dict__") or isinstance(obj, type):
         return name  # builtins, classes
     cls = f"{type(obj).__module__}.{type(obj).__qualname__}"
@@ -83,8 +86,10 @@ def _describe(obj: Any, depth: int = 0) -> str:
         text = repr(obj)
         return cls if " at 0x" in text else f"{cls}:{text}"
     if isinstance(obj, torch.nn.Module):
-        if depth:
+        if depth and id(obj) in model:
             return cls
+        if depth:
+            return f"{cls}({inner(dict(obj.state_dict()))})"
         settings = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "training"}
         return f"{cls}({inner(settings)}, {inner(dict(obj.state_dict()))})"
     return f"{cls}({inner({k: v for k, v in vars(obj).items() if not k.startswith('__')})})"
@@ -98,10 +103,11 @@ def _filled(cell: Any) -> bool:
     return True
 
 
-def describe_loss(loss_fn: Any) -> str:
+def describe_loss(loss_fn: Any, model: Any = None) -> str:
     """A stable description of a loss: equal for the same criterion settings or the same function code and
-    captured values, in any process."""
-    return _describe(loss_fn)
+    captured values, in any process (``model``'s modules by class: see ``_describe``)."""
+    modules = model.modules() if isinstance(model, torch.nn.Module) else ()
+    return _describe(loss_fn, model=frozenset(map(id, modules)))
 
 
 def describe_model(model: Any) -> str:
@@ -113,10 +119,28 @@ def describe_model(model: Any) -> str:
     return _sha(f"{path}: {_describe_layer(layer)}" for path, layer in model.named_modules())
 
 
+_MODULE_SLOTS = frozenset(vars(torch.nn.Module()))  # torch's bookkeeping, present in every module
+
+
 def _describe_layer(layer: torch.nn.Module) -> str:
+    """A layer's class, the code of its class's methods (of classes outside torch: a helper its forward calls), its
+    mode and forward hooks, its public attributes and its private ones of plain values (a scale)."""
     cls = type(layer)
-    settings = {k: v for k, v in vars(layer).items() if not k.startswith("_") and k != "training"}
-    return f"{cls.__module__}.{cls.__qualname__}, {_describe(cls.forward)}, {_describe(settings, 1)}"
+    methods = {
+        f"{c.__qualname__}.{name}": fn
+        for c in cls.__mro__
+        if not c.__module__.startswith("torch") and c is not object
+        for name, fn in vars(c).items()
+        if isinstance(fn, types.FunctionType)
+    }
+    settings = {k: v for k, v in vars(layer).items() if not k.startswith("_")}
+    private = {k: v for k, v in vars(layer).items() if k.startswith("_") and k not in _MODULE_SLOTS}
+    settings.update({k: v for k, v in private.items() if isinstance(v, _SIMPLE)})
+    hooks = [*layer._forward_pre_hooks.values(), *layer._forward_hooks.values()]
+    return (
+        f"{cls.__module__}.{cls.__qualname__}, {_describe(cls.forward)}, {_describe(methods, 1)}, "
+        f"{_describe(settings, 1)}, {_describe(hooks, 1)}"
+    )
 
 
 def fingerprint(setup: Setup, loss_fn: Any) -> dict[str, Any]:
@@ -129,7 +153,7 @@ def fingerprint(setup: Setup, loss_fn: Any) -> dict[str, Any]:
         "checkpoints": [_sha(x for name in sorted(c.state) for x in (name, c.state[name])) for c in setup.checkpoints],
         "learning_rates": [float(c.lr) for c in setup.checkpoints],
         "optimizer": [None if c.adam is None else _sha([_describe(c.adam)]) for c in setup.checkpoints],
-        "loss": describe_loss(loss_fn),
+        "loss": describe_loss(loss_fn, setup.spec.module),
         "dtype": str(setup.dtype).replace("torch.", ""),
         "method": setup.method,
     }

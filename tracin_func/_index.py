@@ -93,6 +93,11 @@ def check_shard(path: str, shard: dict[str, Any], manifest: dict[str, Any], *, c
         info = shard_info(file)
     except ValueError as err:
         raise ValueError(f"{err} {_rebuild_hint(path, sentence=True)}.") from err
+    if info.get("digest") != manifest["digest"]:  # (another build's, of other settings, written over this one's)
+        raise ValueError(
+            f"Index shard `{file}` was written by a build of other settings than the manifest's; "
+            f"{_rebuild_hint(path)}."
+        )
     rows = shard["stop"] - shard["start"]
     expected = {"embeddings": [rows, manifest["dim"]], "self_influence": [rows]}
     if info.get("rows") != [shard["start"], shard["stop"]] or info["shapes"] != expected:
@@ -120,8 +125,10 @@ class Index:
     """
 
     def __init__(self, path: str, manifest: dict[str, Any]) -> None:
-        self.path = path
+        self.path = os.path.abspath(path)  # (the same directory after a `chdir`)
         self._manifest = manifest
+        # each shard file as opened: one replaced since (a build writing the index again) is refused, not read
+        self._files = {s["file"]: _identity(os.path.join(self.path, s["file"])) for s in manifest["shards"]}
         self.dim: int = manifest["dim"]
         projection = manifest["projection"]
         self.projection = None if projection is None else (projection["dim"], projection["seed"])
@@ -145,6 +152,12 @@ class Index:
 
     def _read(self, shard: dict[str, Any], name: str, start: int, stop: int) -> torch.Tensor:
         file = os.path.join(self.path, shard["file"])
+        if _identity(file) != self._files[shard["file"]]:
+            raise ValueError(
+                f"Index shard `{file}` changed since the index was opened (another build wrote it, or it was "
+                f"damaged): open the index again (`tc.open_index({self.path!r})` checks it), or "
+                f"{_rebuild_hint(self.path)}."
+            )
         try:
             return read_rows(file, name, start, stop)
         except Exception as err:
@@ -197,6 +210,15 @@ class Index:
             for start in range(0, shard["stop"] - shard["start"], step):
                 stop = min(start + step, shard["stop"] - shard["start"])
                 yield shard["start"] + start, self._read(shard, "embeddings", start, stop)
+
+
+def _identity(file: str) -> tuple[int, int, int] | None:
+    """A file's inode, size and modification time (None if missing): ``os.replace`` of another file changes it."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def open_index(path: str | os.PathLike, *, verify: bool = True) -> Index:
