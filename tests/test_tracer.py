@@ -191,6 +191,41 @@ def test_factory_equals_tracer_update_and_never_plans_again(monkeypatch):
     assert int(state.steps) == 4 and state.scores.abs().max() > 0
 
 
+class Tempered(nn.Module):
+    """A temperature and a shift the training loop may change, and a branch on its mode (no dropout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.temperature = nn.Linear(4, 8), nn.Linear(8, 3), 1.0
+        self.register_buffer("shift", torch.zeros(3))
+
+    def forward(self, x):
+        out = self.fc2(torch.tanh(self.fc1(x))) / self.temperature + self.shift
+        return out * (0.5 if self.training else 1.0)
+
+
+def test_the_factorys_update_reads_the_model_as_it_is_or_refuses():
+    """The tracer's copy of the model was made at planning: a buffer rebound since, an attribute or the mode changed
+    since, were silently not seen (the rows of `tc.tracer_update`, which plans every step, differed by 10x). A buffer
+    is read at each step; the others are refused with the fix."""
+    torch.manual_seed(0)
+    model, ce = Tempered().double().eval(), nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (4,), generator=gen))
+    test = (torch.randn(2, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (2,), generator=gen))
+    tracer, idx = tc.tracer(model, test, n_train=4, loss_fn=ce, dtype=DTYPE), torch.arange(4)
+    params = dict(model.named_parameters())
+    model.shift = torch.tensor([3.0, -2.0, 0.0], dtype=DTYPE)
+    want = tc.tracer_update(tc.tracer_init(test, n_train=4, dtype=DTYPE), model, params, 1.0, batch, idx, loss_fn=ce)
+    assert torch.equal(tracer.update(tracer.init(), params, 1.0, batch, idx).scores, want.scores)
+    for change, undo, what in [(lambda: setattr(model, "temperature", 0.25), lambda: setattr(model, "temperature", 1.0),
+                                "its attribute 'temperature'"), (model.train, model.eval, "its mode")]:  # fmt: skip
+        change()
+        with pytest.raises(ValueError, match=f"module '\\(root\\)' changed since `tc.tracer` planned it \\({what}"):
+            tracer.update(tracer.init(), params, 1.0, batch, idx)
+        undo()
+
+
 def test_factory_update_is_pure():
     t = mlp_task()
     test_copy = tuple(x.clone() for x in t.test)
