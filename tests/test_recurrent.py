@@ -13,6 +13,7 @@ import optree
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import tracin_func as tc
@@ -269,6 +270,29 @@ def test_dense_paths_run_the_layers_unrolled_too(config, monkeypatch):
         warnings.simplefilter("error")
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=False), ref.influence)
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False), ref.self_influence)
+    assert fused == [] and "forward" not in vars(model.rnn)
+
+
+@pytest.mark.parametrize("config", ["lstm-2-bi-h0", "gru-1"])
+def test_a_loss_calling_the_users_module_runs_its_layers_unrolled(config, monkeypatch):
+    """A `tc.BatchLoss` calls the user's module itself: its recurrent layers ran the fused op under vmap (torch's
+    slow fallback in float32; in float64 vmap failed and examples ran one at a time). They run unrolled now, under
+    the module's lock, its own forward back afterwards."""
+    model, ckpts, train, test, ref = _task(config)
+    per_example = nn.CrossEntropyLoss(reduction="none")
+    loss = tc.BatchLoss(lambda params, batch: per_example(functional_call(model, params, batch[:-1]), batch[-1]))
+    fused = []
+
+    def spied(op, *args, **kwargs):
+        if torch.is_grad_enabled():
+            fused.append(op)
+        return getattr(torch._C._VariableFunctions, op)(*args, **kwargs)
+
+    for op in ("lstm", "gru"):
+        monkeypatch.setattr(torch._VF, op, functools.partial(spied, op))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss, factored=False), ref.self_influence)
     assert fused == [] and "forward" not in vars(model.rnn)
 
 

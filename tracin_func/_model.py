@@ -64,17 +64,14 @@ def exclusive_use(spec: ModelSpec) -> Iterator[None]:
     ``tc.BatchLoss``) or a private copy (uncontended, except a tracer's, which every step of every thread uses):
     concurrent calls on it then run one after the other instead of swapping tensors into it at the same time. The
     layers' own attributes are as they were after the call (what the forward passes stored in them, say attention
-    maps appended to a list, is undone). On a private copy, recurrent layers run as unrolled cells for the whole call
-    (``_recurrent.recurrent_unrolled``)."""
+    maps appended to a list, is undone). Recurrent layers run as unrolled cells for the whole call
+    (``_recurrent.recurrent_unrolled``: the same function; on the user's module too, under its lock: a loss calling
+    it ran the fused op under vmap, one example at a time in float64)."""
     if spec.module is None:
         yield
         return
-    with _lock_of(spec.module), leaving_no_trace(spec.module):
-        if not spec.private:
-            yield
-            return
-        with recurrent_unrolled(spec.module):
-            yield
+    with _lock_of(spec.module), leaving_no_trace(spec.module), recurrent_unrolled(spec.module):
+        yield
 
 
 def _lock_of(module: nn.Module) -> threading.RLock:
