@@ -307,6 +307,18 @@ def test_gradient_checkpointing_in_train_mode_is_refused_with_the_fix(reentrant)
                 tc.influence(model, ckpts, train, test, loss_fn=loss, dtype=dtype, factored=factored)
 
 
+def test_gradient_checkpointing_enabled_in_eval_mode_stays_batched():
+    """In eval mode Hugging Face checkpoints nothing, but `gradient_checkpointing_enable()` also installs
+    `enable_input_require_grads`' hook on the token embeddings: as any hook, it sent them to vmap(grad), and BERT ran
+    one example at a time. The hook changes no value or gradient: batched, exact."""
+    model, data, loss = classifier(T.BertConfig, T.BertForSequenceClassification, **SMALL)
+    model.gradient_checkpointing_enable()
+    ckpts, (train, test) = rm.make_checkpoints(model, 2), _split(data)
+    ref = reference_scores(model, ckpts, train, test, loss_fn=loss)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
+    assert tc.explain(model, ckpts, train, loss_fn=loss).batching == BATCHED
+
+
 def _float32_loop(model: torch.nn.Module, ckpts: list[tc.Checkpoint], train: Any, test: Any, loss: tc.BatchLoss):
     """``sum_c lr_c G_test G_train^T``, one ``torch.autograd.grad`` per example, in the model's float32."""
 

@@ -141,7 +141,7 @@ def wrapped(module: nn.Module) -> str:
     """Why ``module``'s call may differ from its class's function whatever the class (hooks, a parametrized weight,
     a ``forward`` set on the instance), in words; ``""`` when none applies."""
     name = type(module).__name__
-    if any(getattr(module, hooks) for hooks in _HOOKS):
+    if any(getattr(module, hooks) for hooks in _HOOKS) and not _input_grads_hook_only(module):
         hooks = [getattr(h, "__wrapped__", h) for h in module._forward_pre_hooks.values()]  # (the call's guard's)
         legacy = {type(h).__name__ for h in hooks} & {"WeightNorm", "SpectralNorm"}
         if legacy:  # torch.nn.utils.weight_norm / spectral_norm: a hook recomputing the weight before each call
@@ -156,6 +156,18 @@ def wrapped(module: nn.Module) -> str:
     if any(not isinstance(vars(module)[k], UnrolledForward) for k in _INSTANCE_OVERRIDES & set(vars(module))):
         return f"{name} has a forward set on the instance"
     return ""
+
+
+def _input_grads_hook_only(module: nn.Module) -> bool:
+    """Whether ``module``'s only hook is transformers' ``enable_input_require_grads`` one (which
+    ``gradient_checkpointing_enable()`` installs on the input embeddings): it sets ``requires_grad`` on the output,
+    changing no value and no gradient. (As any other hook, it sent BERT to vmap(grad), there one example at a time.)"""
+    hooks = [getattr(h, "__wrapped__", h) for h in module._forward_hooks.values()]  # (the call's guard's)
+    others = any(getattr(module, slot) for slot in _HOOKS if slot != "_forward_hooks")
+    return not others and len(hooks) == 1 and (
+        getattr(hooks[0], "__name__", "") == "make_inputs_require_grads"
+        and getattr(hooks[0], "__module__", "").startswith("transformers.")
+    )
 
 
 def reparametrized(module: nn.Module) -> bool:
