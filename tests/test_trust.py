@@ -1134,6 +1134,29 @@ def test_3j_a_gradient_norm_overflowing_the_dtype_is_refused_not_scored_0(normal
     assert call(dtype=torch.float64)[:, 0].abs().min() > 1e-3
 
 
+class MaskedAndPermuted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.register_buffer("perm", torch.tensor([3, 2, 1, 0]))
+        self.register_buffer("keep", torch.tensor([True, False, True, True, False, True]))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x[:, self.perm])).masked_fill(~self.keep, 0.0))
+
+
+def test_3k_integer_buffers_converted_with_a_whole_checkpoint():
+    """`{k: v.double() for k, v in state.items()}` turns index and mask buffers floating too: torch's `load_state_dict`
+    casts them back, the library passed them on ("~ (operator.invert)", "tensors used as indices must be long",
+    named as a failing test example). Cast back where every value survives; otherwise refused naming the entry."""
+    model = MaskedAndPermuted().double().eval()
+    ckpts = [tc.Checkpoint({k: v.double() for k, v in c.params.items()}, c.lr) for c in make_ckpts(model)]
+    check_against_reference(model, ckpts, data(4, seed=1), data(4, n=3, seed=2))
+    ckpts[1].params["perm"][0] = 2.5
+    with pytest.raises(ValueError, match=r"`checkpoints\[1\]\['perm'\]` holds torch.float64 values for a buffer"):
+        tc.self_influence(model, ckpts, data(4, seed=1), loss_fn=CE)
+
+
 class LoopsOverAList(nn.Module):
     """Calls its layers through a plain list (not an nn.ModuleList): the call's copy must hold the copies of its
     layers there too, or the checkpoint's tensors never reach them (every score was 0)."""

@@ -416,8 +416,11 @@ def checked_state(
     if missing_diff:
         raise ValueError(f"`{where}` lacks the differentiated parameters {missing_diff[:10]}.")
     differentiated = set(spec.diff_names)
-    for name, t in state.items():
+    for name, t in list(state.items()):
         _check_tensor(t, f"`{where}[{name!r}]`")
+        own = spec.defaults.get(name)
+        if own is not None and not (own.is_floating_point() or own.is_complex()) and t.is_floating_point():
+            state[name] = t = _as_model_holds(t, own.dtype, f"`{where}[{name!r}]`")
         if name in differentiated and not t.is_floating_point():
             fix = (
                 "leave it out of the differentiated parameters (`params=`): complex values have no real gradient "
@@ -433,6 +436,20 @@ def checked_state(
             )
 
     return state
+
+
+def _as_model_holds(t: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """A checkpoint's floating entry for a buffer the model holds as integers or booleans (a whole checkpoint
+    converted, ``{k: v.half()}``: masks and indices came out floating, which the forward cannot use), back in the
+    model's dtype as ``load_state_dict`` would, where that keeps every value."""
+    back = t.to(dtype)
+    if not torch.equal(back.to(t.dtype), t):
+        raise ValueError(
+            f"{where} holds {t.dtype} values for a buffer the model holds as {dtype}, and not all of them are "
+            f"{dtype} values; save the checkpoint with that entry as the model holds it (convert floating entries "
+            f"only: `{{k: v.half() if v.is_floating_point() else v for k, v in state.items()}}`)."
+        )
+    return back
 
 
 def converted(
