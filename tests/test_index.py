@@ -295,6 +295,36 @@ def test_damaged_shards_are_named(task, tmp_path):
     tc.open_index(tmp_path)
 
 
+def test_a_lost_manifest_is_rebuilt_by_the_same_call(task, tmp_path):
+    """Only the manifest deleted: `open_index` said to build one with `tc.build_index`, which refused the directory
+    as not an index. The same call now takes the shards as a resumed build's (checked against its plan)."""
+    model, ckpts, train, _, _ = task
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)
+    before = _files(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="holds no index.*build_index"):
+        tc.open_index(tmp_path)
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)
+    assert _files(tmp_path) == before
+    (tmp_path / "manifest.json").unlink()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no tracin_func index"):
+        tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)
+
+
+def test_a_second_build_removing_the_files_being_written_is_named(tmp_path, monkeypatch):
+    """A build starting removes the temporary files a killed build left, so one running beside it lost the file it
+    was writing: a raw FileNotFoundError from `os.replace`."""
+    target = tmp_path / "shard-00000.safetensors"
+
+    def removed_meanwhile(fd):
+        os.remove(str(target) + _shards.TEMPORARY)
+
+    monkeypatch.setattr(_shards.os, "fsync", removed_meanwhile)
+    with pytest.raises(RuntimeError, match="another `tc.build_index` of the same directory started meanwhile"):
+        _shards.write_atomically(str(target), b"rows")
+
+
 def test_an_edited_or_damaged_manifest_is_refused(task, tmp_path):
     """The manifest's own settings were never checked: `rows` edited to 5 gave 5 rows to `len` and `k` and 23 to
     the scores, `storage_dtype` edited converted every embedding read back, no `shards` gave a bare KeyError."""

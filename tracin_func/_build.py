@@ -72,6 +72,17 @@ def _ours(name: str) -> bool:
     return base == MANIFEST or (base.startswith("shard-") and base.endswith(".safetensors"))
 
 
+def _shards_only(path: str, entries: list[str]) -> bool:
+    """Whether a directory without a manifest holds index shards of this library only (readable as such)."""
+    names = [name for name in entries if name != MANIFEST]
+    if not all(_ours(name) and not name.endswith(TEMPORARY) for name in names):
+        return False
+    try:
+        return all("digest" in shard_info(os.path.join(path, name)) for name in names)
+    except ValueError:
+        return False
+
+
 def _prepare_directory(path: str, planned: dict[str, Any], overwrite: bool) -> None:
     """Make ``path`` ready for this build: new, resumed (same plan), rebuilt (a complete index of the same plan: its
     damaged shards removed) or, with ``overwrite``, replacing an index of another plan. Until the build ends the
@@ -90,6 +101,8 @@ def _prepare_directory(path: str, planned: dict[str, Any], overwrite: bool) -> N
             raise
         stored = {}  # an unreadable manifest of ours: replaced, with the shards it described
     entries = os.listdir(path)
+    if stored is None and entries and _shards_only(path, entries):  # its manifest lost: each shard is checked
+        entries = []  # against this plan as it is resumed (``_complete``), and redone where it does not match
     if stored is None and entries:
         raise ValueError(
             f"`path`={path!r} is not empty and holds no tracin_func index ({sorted(entries)[:5]}); it is never "

@@ -57,7 +57,13 @@ def write_atomically(path: str, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(temporary, path)
+    try:
+        os.replace(temporary, path)
+    except FileNotFoundError as err:  # (a build starting removes the files a killed one was writing)
+        raise RuntimeError(
+            f"`{temporary}` was removed while being written: another `tc.build_index` of the same directory started "
+            f"meanwhile. Run one build of an index at a time (the same call again resumes it)."
+        ) from err
     _fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
