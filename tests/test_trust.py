@@ -1534,6 +1534,25 @@ def test_6c3_batches_holding_no_tensor_at_their_top_level():
         assert_close(got, want)
 
 
+def test_6c4_a_mapping_other_than_a_dict_is_a_batch():
+    """transformers' `BatchEncoding` (a tokenizer's or `DataCollatorWithPadding`'s output) is a `UserDict`, which optree
+    takes for a leaf: one was read as an iterable of batches (its keys), raising a misleading TypeError."""
+    from collections import UserDict
+
+    model = MLP().double().eval()
+    ckpts, (x, y), (xt, yt) = make_ckpts(model), data(4, n=7, seed=1), data(4, n=3, seed=2)
+    per_example = nn.CrossEntropyLoss(reduction="none")
+    loss = tc.BatchLoss(lambda p, b: per_example(functional_call(model, p, (b["x"],)), b["labels"]))
+    want = tc.influence(model, ckpts, {"x": x, "labels": y}, {"x": xt, "labels": yt}, loss_fn=loss)
+    batches = [UserDict({"x": x[:3], "labels": y[:3]}), UserDict({"x": x[3:], "labels": y[3:]})]
+    for train in (UserDict({"x": x, "labels": y}), batches):
+        assert_close(tc.influence(model, ckpts, train, UserDict({"x": xt, "labels": yt}), loss_fn=loss), want)
+    tracer = tc.tracer(model, UserDict({"x": xt, "labels": yt}), n_train=7, loss_fn=loss, dtype=F64)
+    state = tracer.update(tracer.init(), ckpts[0].params, ckpts[0].lr, UserDict({"x": x, "labels": y}), torch.arange(7))
+    assert_close(state.scores, tc.influence(model, ckpts[:1], {"x": x, "labels": y}, {"x": xt, "labels": yt},
+                                            loss_fn=loss))  # fmt: skip
+
+
 def test_6d_top_k_embeddings_nan_rows():
     train, test = torch.randn(12, 5, dtype=F64), torch.randn(3, 5, dtype=F64)
     bad_train = train.clone()

@@ -9,7 +9,7 @@ import torch
 
 from ._autocast import outside_autocast
 from ._checkpoints import Checkpoint
-from ._data import num_examples, replayable
+from ._data import as_dict, num_examples, replayable
 from ._distributed import gather_objects, join, on_every_rank, set_up_on_every_rank, share, stack_top_k
 from ._driver import collect_rows, embedding_blocks, query_chunks, score_blocks, self_blocks
 from ._index import Index
@@ -189,6 +189,7 @@ def influence(
         True
     """
     _check_options(options, "influence")
+    train, test = as_dict(train), as_dict(test)
     normalize = _check_normalize(normalize)
     boolean(per_layer, "per_layer")
     boolean(aggregate, "aggregate")
@@ -276,6 +277,7 @@ def top_k(
         True
     """
     _check_options(options, "top_k")
+    train, test = as_dict(train), as_dict(test)
     normalize = _check_normalize(normalize)
     k = positive_int(k, "k")
     boolean(proponents, "proponents")
@@ -431,6 +433,7 @@ def self_influence(
         ([''], torch.Size([10]))
     """
     _check_options(options, "self_influence")
+    data = as_dict(data)
     if isinstance(data, Index):
         raise TypeError("`data` is an index, which holds every row's self-influence: call `index.self_influence()`.")
     boolean(per_layer, "per_layer")
@@ -502,6 +505,7 @@ def embeddings(
         torch.Size([10, 30])
     """
     _check_options(options, "embeddings")
+    data = as_dict(data)
     if isinstance(data, Index):
         raise TypeError("`data` is an index, which holds the embeddings: call `index.embeddings(rows)`.")
     projection = None

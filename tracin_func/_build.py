@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ._api import _check_options
 from ._autocast import outside_autocast
 from ._checkpoints import Checkpoint
-from ._data import iter_batches, num_examples, rows_of
+from ._data import as_dict, iter_batches, num_examples, rows_of
 from ._distributed import agree, gather_objects, on_every_rank, set_up_on_every_rank
 from ._driver import collect_rows, embedding_blocks
 from ._fingerprint import differences, fingerprint, tensor_bytes
@@ -260,7 +260,7 @@ def build_index(
         True
     """
     _check_options(options, "build_index")
-    path = os.fspath(path)
+    path, train = os.fspath(path), as_dict(train)
     projection = None
     if projection_dim is not None:
         projection = (positive_int(projection_dim, "projection_dim"), seed_value(seed))

@@ -21,6 +21,12 @@ from torch.utils.data import (
 Batch = Any  # a tuple (x1, ..., xk, y) of tensors, or a dict / pytree of tensors with a leading batch dim
 
 
+def as_dict(data: Any) -> Any:
+    """A batch given as a mapping other than a dict (transformers' ``BatchEncoding``, a ``UserDict``: optree takes
+    one for a leaf, so it was read as an iterable of its keys) as a dict of its entries; anything else as it is."""
+    return dict(data) if isinstance(data, Mapping) and not isinstance(data, dict) else data
+
+
 def is_single_batch(data: Any) -> bool:
     """A tuple / list of tensors, or a dict whose leaves are tensors, is one batch; a list of tuples is not."""
     if isinstance(data, Mapping):  # (any tensor: a batch, whose other values `batch_size_of` names)
@@ -110,7 +116,7 @@ def iter_batches(data: Any, batch_size: BatchSize, where: str) -> Iterator[Batch
             f"`{where}` must be a batch `(x1, ..., xk, y)`, a Dataset, a DataLoader or an iterable of batches; "
             f"got {type(data).__name__}."
         )
-    yield from data if repeated is None else repeated.checked(iter(data), where)
+    yield from map(as_dict, data if repeated is None else repeated.checked(iter(data), where))
 
 
 class Replayed:

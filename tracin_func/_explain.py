@@ -12,7 +12,7 @@ import torch
 from ._api import Options, _check_normalize, _check_options
 from ._autocast import outside_autocast
 from ._checkpoints import Checkpoint
-from ._data import batch_size_of, num_examples
+from ._data import as_dict, batch_size_of, num_examples
 from ._driver import batches, most_per_batch, naming_failures
 from ._model import exclusive_use
 from ._plan import SlowPathWarning, plan_call, split_state
@@ -115,6 +115,7 @@ def explain(
         one batched forward / backward gives every layer's factors
     """
     _check_options(options, "explain")
+    data = as_dict(data)
     if question not in _QUESTIONS:
         raise ValueError(f"`question` must be one of {_QUESTIONS}, got {question!r}.")
     if n_test is not None:

@@ -39,7 +39,7 @@ import torch
 from ._assemble import RepresentationFn
 from ._autocast import outside_autocast
 from ._checkpoints import Checkpoint
-from ._data import batch_size_of, check_batch_structure, to_device
+from ._data import as_dict, batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
 from ._model import check_runnable, exclusive_use, unsaved_on
 from ._plan import plan_call
@@ -110,6 +110,7 @@ def _checked_test(
             f"`dtype`={dtype}: sums of gradient inner products in half precision lose most of their digits; pass "
             f"`dtype=torch.float32` (parameters and inputs are converted for each step)."
         )
+    test = as_dict(test)
     n_test = batch_size_of(test, "`test`")  # every leaf a tensor with one batch size
     if n_test == 0:
         raise ValueError("`test` holds no examples; pass the test batch whose influences to trace.")
@@ -560,6 +561,7 @@ def _products(
             f"{state.scores.device}, but this tracer was made for {planned.dtype} [n_test, n_train] = "
             f"{list(planned.shape)} on {planned.device}; start from this tracer's `init()`."
         )
+    batch = as_dict(batch)
     _check_values(state, lr, batch, indices, fix)
     _check_params(planned, params)
     check_runnable(planned.model)  # the model may have been switched to training mode since planning
@@ -608,6 +610,7 @@ def _planned_products(
     chunk_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_products` under a plan made for this step only (:func:`tracer_update`)."""
+    batch = as_dict(batch)
     _check_values(state, lr, batch, indices, "`tc.tracer_init`")  # before planning: cheap errors first
     planned = _plan(
         model, state.test, params, "state.test", n_test=state.scores.shape[0], n_train=state.scores.shape[1],
