@@ -1487,6 +1487,37 @@ def test_a_tied_tensor_held_by_a_module_of_no_factored_form(reads_it):
     assert ("decoder" in {s.path for s in _plan(model, (x, y)).sites}) is not reads_it
 
 
+class UpsamplingNet(nn.Module):
+    """A U-Net's step: a strided convolution down, a transposed one up, the input joined back."""
+
+    def __init__(self, dims, groups, output_padding, dilation):
+        super().__init__()
+        conv, transposed = (nn.Conv1d, nn.ConvTranspose1d) if dims == 1 else (nn.Conv2d, nn.ConvTranspose2d)
+        self.down, self.out = conv(2, 4, 3, stride=2, padding=1), conv(6, 2, 1)
+        self.up = transposed(4, 4, 3, stride=2, padding=1, output_padding=output_padding, groups=groups,
+                             dilation=dilation)  # fmt: skip
+
+    def forward(self, x):
+        up = torch.tanh(self.up(torch.tanh(self.down(x))))
+        up = up[(..., *(slice(0, size) for size in x.shape[2:]))]  # (output_padding 0: one row short of x's)
+        return self.out(torch.cat([up, x], 1)).flatten(1)
+
+
+@pytest.mark.parametrize("dims, groups, output_padding, dilation", [(2, 1, 1, 1), (2, 2, 1, 1), (2, 4, 0, 2),
+                                                                    (1, 2, 1, 2)])  # fmt: skip
+def test_transposed_convolutions_are_followed_to_the_batch(dims, groups, output_padding, dilation):
+    """`nn.ConvTranspose*d` (U-Nets, decoders) is no site: its weight, read directly, was not followed through the
+    transposed convolution, so the whole model went to vmap(grad). Each example's weight gradient is now the
+    adjoint convolution's (input and output gradient swapped): batched, exact."""
+    torch.manual_seed(0)
+    model = UpsamplingNet(dims, groups, output_padding, dilation).double().eval()
+    x = torch.randn(7, 2, *(8,) * dims, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,))
+    explained = _exact_and_explained(nn.Sequential(model, nn.Linear(model(x).shape[1], 3)).double(),
+                                     (x, y), (x[:3], y[:3]))  # fmt: skip
+    assert explained.batching == "one batched forward / backward gives every layer's factors"
+
+
 class TiedConvOnMergedRows(nn.Module):
     def __init__(self):
         super().__init__()

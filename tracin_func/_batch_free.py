@@ -63,6 +63,10 @@ _OPERANDS = {torch.matmul: (0, 1), torch.Tensor.matmul: (0, 1), torch.Tensor.__m
 # known kind, followed).
 _CONVS = {torch.conv1d, torch.conv2d, torch.conv3d}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+# Transposed convolutions (``nn.ConvTranspose*d``: U-Nets', decoders' upsampling): the adjoint of the convolution of
+# the same weight, so each example's weight gradient is that convolution's with input and output gradient swapped.
+_TRANSPOSED_CONVS = {torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d}
+_TRANSPOSED_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 # Attention whose additive mask (added to each example's scores, broadcast) may be a followed output.
 _ATTENTION = F.scaled_dot_product_attention
 # Copies along the first dimension: of a row (MPNet's ``bias.expand(batch_size, ...).contiguous()``), or tiles of a
@@ -141,7 +145,7 @@ class Meetings(TorchFunctionMode):
         weighed = bool(of_batch) and bool(self._weights & roots)  # a parameter's use meets the batch
         if weighed and func is F.linear:
             return self._as_product(types, args, kwargs)
-        if weighed and func in _CONVS and _conv_named(args, kwargs).get("bias") is not None:
+        if weighed and _is_conv(func) and _conv_named(func, args, kwargs).get("bias") is not None:
             return self._as_conv(func, types, args, kwargs)
         product = self._weight_product(func, args, kwargs) if weighed else None
         if product is not None:  # the weight's gradient from the product's rows: autograd's summed one is not formed
@@ -209,7 +213,7 @@ class Meetings(TorchFunctionMode):
     def _as_conv(self, func: Any, types: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
         """A convolution with a followed parameter among its weight and bias, as the ops it is (the convolution
         without its bias, then the bias added per channel) run through this mode, as ``_as_product``."""
-        named = _conv_named(args, kwargs)
+        named = _conv_named(func, args, kwargs)
         out = self.__torch_function__(func, types, (), {**named, "bias": None})
         bias = named["bias"]
         per_channel = self.__torch_function__(torch.Tensor.reshape, types, (bias, (-1,) + (1,) * (out.dim() - 2)))
@@ -222,8 +226,8 @@ class Meetings(TorchFunctionMode):
         or an einsum (``how``: the equation of each row's gradient of the weight) or a convolution without a bias
         (``how``: its ``_Conv``) of a followed weight (some root a parameter) and a tensor of the batch whose first
         dimension the output keeps (its rows), the weight broadcast over them; else None."""
-        if func in _CONVS:
-            return self._conv_weight(args, kwargs)
+        if _is_conv(func):
+            return self._conv_weight(func, args, kwargs)
         if kwargs:
             return None
         if func is torch.einsum:
@@ -242,10 +246,13 @@ class Meetings(TorchFunctionMode):
         rows_kept = weight.dim() == 2 if x.dim() == 2 else weight.dim() <= x.dim() and _padded(weight, x.dim())[0] == 1
         return (weight, x, on_left) if rows_kept else None
 
-    def _conv_weight(self, args: tuple[Any, ...], kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, _Conv] | None:
-        """A convolution of a followed weight over the batch's input, without a bias (``_as_conv``), its zero padding
-        given as numbers: the weight, the input and the ``_Conv`` of each row's weight gradient."""
-        named = _conv_named(args, kwargs)
+    def _conv_weight(
+        self, func: Any, args: tuple[Any, ...], kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, _Conv] | None:
+        """A convolution (or a transposed one) of a followed weight over the batch's input, without a bias
+        (``_as_conv``), its zero padding given as numbers: the weight, the input and the ``_Conv`` of each row's weight
+        gradient."""
+        named = _conv_named(func, args, kwargs)
         weight, x = named.get("weight"), named.get("input")
         if named.get("bias") is not None or not self._roots_of(weight) or not self._batch_rows(x):
             return None
@@ -257,7 +264,7 @@ class Meetings(TorchFunctionMode):
         given = (named.get("stride", 1), padding, named.get("dilation", 1))
         stride, padding, dilation = ((v,) * dims if isinstance(v, int) else tuple(v) for v in given)
         geometry = ConvGeometry(tuple(weight.shape), named.get("groups", 1), stride, dilation)
-        return weight, x, _Conv(geometry, padding)
+        return weight, x, _Conv(geometry, padding, func in _TRANSPOSED_CONVS)
 
     def _einsum_weight(self, args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor, str] | None:
         """An einsum of two operands, a followed weight without the batch's letter and a tensor of the batch whose
@@ -311,8 +318,11 @@ class Meetings(TorchFunctionMode):
             )
         g, n = g.view(shape), self.n  # (an edge's gradient is its base's: F.linear's [B T, d] under a [B, T, d] view)
         if isinstance(how, (str, _Conv)):  # an einsum's, a convolution's: each row's, then rows per example summed
-            conv = isinstance(how, _Conv)
-            per_row = conv_weight_grads(how.geometry, x, g, how.padding) if conv else torch.einsum(how, x, g)
+            if isinstance(how, _Conv):  # (a transposed one's: the convolution's from its output back to its input)
+                given, back = (g, x) if how.transposed else (x, g)
+                per_row = conv_weight_grads(how.geometry, given, back, how.padding)
+            else:
+                per_row = torch.einsum(how, x, g)
             return per_row if per_row.shape[0] == n else per_row.reshape(n, -1, *t.shape).sum(1)
         on_left = how
         if t.dim() == 2:  # rows [n, R, d] of the batch's operand and the output gradient (all leading dimensions)
@@ -373,8 +383,8 @@ class Meetings(TorchFunctionMode):
         ):
             raise RuntimeError(
                 f"{self._named(followed)} meets the batch in {name} (only elementwise ops, not in place, selections "
-                f"by a condition of the batch, matrix products with a tensor whose first dimension is the batch's, "
-                f"and the additive mask of scaled_dot_product_attention are followed)"
+                f"by a condition of the batch, matrix products and convolutions (transposed too) with a tensor whose "
+                f"first dimension is the batch's, and the additive mask of scaled_dot_product_attention are followed)"
             )
         probes = {id(t): self._probed(t, rank, rows) for t in followed}
 
@@ -424,11 +434,16 @@ class _Conv(NamedTuple):
 
     geometry: ConvGeometry
     padding: tuple[int, ...]  # zero padding, left to the weight gradient's products
+    transposed: bool = False  # a transposed convolution: its output is the convolution's input
 
 
-def _conv_named(args: tuple[Any, ...], kwargs: Any) -> dict[str, Any]:
-    """A convolution's arguments by name."""
-    return dict(zip(_CONV_ARGS, args), **kwargs)
+def _is_conv(func: Any) -> bool:
+    return func in _CONVS or func in _TRANSPOSED_CONVS
+
+
+def _conv_named(func: Any, args: tuple[Any, ...], kwargs: Any) -> dict[str, Any]:
+    """A convolution's (or a transposed one's) arguments by name."""
+    return dict(zip(_TRANSPOSED_ARGS if func in _TRANSPOSED_CONVS else _CONV_ARGS, args), **kwargs)
 
 
 def _padded(t: torch.Tensor, rank: int) -> list[int]:
