@@ -700,3 +700,22 @@ def test_an_embeddings_own_settings_are_named():
     routes = {r.parameter: r for r in tc.explain(model, [tc.Checkpoint(dict(model.state_dict()), lr=0.1)], (ids, y),
                                                  loss_fn=CE).routes}  # fmt: skip
     assert routes["e.weight"].reason == "Embedding with scale_grad_by_freq has no factored form"
+
+
+def test_batchnorm_step_counts_may_be_missing_and_statistics_over_the_batch_are_named():
+    """A checkpoint without a BatchNorm's `num_batches_tracked` (older or converted ones) was refused as missing;
+    torch's loading keeps the model's, which never changes an eval-mode output. A BatchNorm without running
+    statistics on `[B, C]` got torch's bare "Expected more than 1 value per channel" for a test example."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    params = {k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v
+              for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}  # fmt: skip
+    ckpts = [tc.Checkpoint(params, 0.1)]
+    train = (torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (6,), generator=gen))
+    ref = reference_scores(model, [tc.Checkpoint({**model.state_dict(), **params}, 0.1)], train, loss_fn=CE)
+    assert torch.allclose(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence, rtol=1e-12)
+    model[1] = nn.BatchNorm1d(6, track_running_stats=False).double().eval()
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), 0.1)]
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*`track_running_stats=False`"):
+        tc.self_influence(model, ckpts, train, loss_fn=CE)

@@ -234,6 +234,8 @@ def naming_failures(
                 if str(cause).startswith("`"):
                     raise
                 message = f"`{name}` example {index} cannot be scored: {type(cause).__name__}: {cause}"
+                if "more than 1 value per channel" in str(cause):
+                    message += f". {_ONE_VALUE_PER_CHANNEL}"
                 try:
                     named = type(cause)(message)
                 except Exception:
@@ -269,6 +271,13 @@ def _candidates(
         for i in dict.fromkeys([*rows, *([] if pool is None else pool.tolist())]):
             yield name, start + i, slice_batch(data, i, i + 1)
 
+
+# torch's BatchNorm over a batch of one example of one value per channel
+_ONE_VALUE_PER_CHANNEL = (
+    "A BatchNorm without running statistics (`track_running_stats=False`) normalises over the batch even in eval "
+    "mode, and one example alone (as its gradient is defined here) holds one value per channel: keep running "
+    "statistics (`track_running_stats=True`, the default) for scoring"
+)
 
 # a recurrent layer the library does not unroll (a subclass, `proj_size`), on a GPU
 _CUDNN_RNN_FIX = (

@@ -387,6 +387,9 @@ def checked_state(
         state = {**saved_as, **state}
         unexpected = sorted(set(state) - spec.expected)
         missing = sorted(spec.expected - set(state) - set(spec.aliases))
+        # (a BatchNorm's step count, which older or converted checkpoints lack: torch's loading keeps the model's
+        # too, and it never changes an output in eval mode)
+        missing = [n for n in missing if n.rsplit(".", 1)[-1] != "num_batches_tracked"]
         if unexpected or (missing and strict):
             fix = "" if unexpected else ", or pass `strict=False` to take missing entries from the model"
             if unexpected and all(n.startswith("module.") and n[len("module.") :] in spec.expected for n in unexpected):
