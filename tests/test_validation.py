@@ -719,3 +719,24 @@ def test_batchnorm_step_counts_may_be_missing_and_statistics_over_the_batch_are_
     ckpts = [tc.Checkpoint(dict(model.state_dict()), 0.1)]
     with pytest.raises(ValueError, match=r"more than 1 value per channel.*`track_running_stats=False`"):
         tc.self_influence(model, ckpts, train, loss_fn=CE)
+
+
+class CastsToDouble(nn.Module):
+    """A float64 head its forward casts to itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 6), nn.Linear(6, 3).double()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)).double())
+
+
+def test_a_dtype_the_model_makes_itself_meeting_the_calls_is_named():
+    """`dtype=` converts parameters and inputs; a tensor the model makes in its own dtype then meets them: torch's
+    bare "mat1 and mat2 must have the same dtype" named a test example."""
+    model = CastsToDouble().eval()
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), 0.1)]
+    train = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    with pytest.raises(RuntimeError, match=r"must have the same dtype.*computes in torch.float32 \(`dtype=`"):
+        tc.self_influence(model, ckpts, train, loss_fn=CE, dtype=torch.float32)

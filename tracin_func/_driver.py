@@ -9,6 +9,7 @@ take the test gradient norms once, with the test representations, and the traini
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -236,6 +237,12 @@ def naming_failures(
                 message = f"`{name}` example {index} cannot be scored: {type(cause).__name__}: {cause}"
                 if "more than 1 value per channel" in str(cause):
                     message += f". {_ONE_VALUE_PER_CHANNEL}"
+                elif _DTYPES_MET.search(str(cause)):
+                    message += (
+                        f". The call computes in {setup.dtype} (`dtype=`: parameters and inputs converted), and the "
+                        f"model makes a tensor of another dtype itself (a mask, a `.float()` / `.double()` cast): pass "
+                        f"the dtype the model computes in, or have it follow its input's"
+                    )
                 try:
                     named = type(cause)(message)
                 except Exception:
@@ -271,6 +278,9 @@ def _candidates(
         for i in dict.fromkeys([*rows, *([] if pool is None else pool.tolist())]):
             yield name, start + i, slice_batch(data, i, i + 1)
 
+
+# torch's errors where tensors of two floating dtypes meet
+_DTYPES_MET = re.compile(r"(?i)(dtype|scalar type).*(double|float|half|bfloat)")
 
 # torch's BatchNorm over a batch of one example of one value per channel
 _ONE_VALUE_PER_CHANNEL = (
