@@ -259,6 +259,36 @@ def test_tracincp_sample_wise_keeps_embedding_and_layernorm(tmp_path):
     assert_rel(per_example.influence(test), reference)  # Captum's per-example path is right
 
 
+def test_a_data_parallel_model_is_scored_as_the_module_it_wraps(single):
+    """Captum scores `nn.DataParallel(model)`; the adapter passed the wrapper to the functional API, which cannot run
+    it ("The stateless API can't be used with nn.DataParallel module"). Its module is scored, layers named either
+    way; the functional API refuses the wrapper naming `model.module`."""
+    net, train, test, directory = single
+    wrapped, mse = nn.DataParallel(net), nn.MSELoss(reduction="sum")
+    for layers in (None, ["linear2"]):
+        plain = compat.TracInCP(net, train, directory, loss_fn=mse, layers=layers, batch_size=8)
+        named = None if layers is None else [f"module.{name}" for name in layers]
+        ours = compat.TracInCP(wrapped, train, directory, loss_fn=mse, layers=named, batch_size=8)
+        assert_rel(ours.influence(test), plain.influence(test))
+        assert_rel(ours.self_influence(), plain.self_influence())
+    with pytest.raises(ValueError, match=r"DataParallel wrapper.*`model.module`"):
+        tc.self_influence(wrapped, [tc.Checkpoint(dict(net.state_dict()), 1.0)], as_batch(train), loss_fn=mse)
+
+
+def test_a_mean_callable_loss_is_each_examples(single):
+    """No `.reduction`: applied to one example at a time (its mean); Captum's sample-wise path takes it for a sum
+    and divides the scores by the batch sizes."""
+    net, train, test, directory = single
+
+    def mean_loss(out, target):
+        return ((out - target) ** 2).mean()
+
+    kw = dict(loss_fn=mean_loss, batch_size=4, sample_wise_grads_per_batch=True)
+    theirs, ours = _both("TracInCP", net, train, directory, load_with_lr, **kw)
+    assert_rel(ours.influence(test), brute(net, directory, as_batch(train), test, mean_loss))
+    assert_differs(theirs.influence(test), ours.influence(test))
+
+
 def test_tracincp_loss_fn_none_is_the_sum_of_outputs(single):
     net, train, test, directory = single
     theirs, ours = _both("TracInCP", net, train, directory, load_with_lr, batch_size=8)

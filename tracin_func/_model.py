@@ -188,6 +188,12 @@ def check_runnable(model: Any) -> None:
     hooks, or a ``torch.nn.utils.parametrize.cached()`` block around the call."""
     if not isinstance(model, nn.Module):
         return
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise ValueError(
+            f"`model` is a {type(model).__name__} wrapper, whose forward torch's stateless API cannot run with a "
+            f"checkpoint's tensors. Pass the module it wraps (`model.module`); checkpoints saved from the wrapper "
+            f"carry a `module.` prefix, which `tc.load_checkpoints` strips."
+        )
     if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
         raise ValueError(
             "`model` is a `torch.compile` wrapper, whose compiled forward runs the original module with its own "

@@ -166,9 +166,16 @@ def _load_all(model: nn.Module, sources: Sequence[Any], load_func: LoadFunc) -> 
     checkpoints = []
     for i, source in enumerate(sources):
         lr = _learning_rate(load_func(shadow, source), i, source)
-        state = {k: v.detach().clone() for k, v in shadow.state_dict().items()}
+        state = {k: v.detach().clone() for k, v in _unwrapped(shadow).state_dict().items()}
         checkpoints.append(tc.Checkpoint(params=state, lr=lr))
     return checkpoints
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module a ``DataParallel`` / ``DistributedDataParallel`` wrapper runs (which Captum scores as it is; the
+    functional API runs the module itself), else ``model``."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    return model.module if isinstance(model, wrappers) else model
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -237,8 +244,11 @@ def _sum_of_outputs(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
 
 
 def _module_name(model: nn.Module, layer: Any, argument: str) -> str:
-    """Dotted name of ``layer`` (a module of ``model`` or its name)."""
-    modules = dict(model.named_modules())
+    """Dotted name of ``layer`` (a module of ``model`` or its name) in the module scored (``_unwrapped``)."""
+    scored = _unwrapped(model)
+    if scored is not model and isinstance(layer, str) and layer.startswith("module."):
+        layer = layer[len("module.") :]
+    modules = dict(scored.named_modules())
     if isinstance(layer, str):
         if layer not in modules:
             raise ValueError(
@@ -273,6 +283,7 @@ class _TracInBase:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
         self.model = model
+        self._net = _unwrapped(model)  # (what is scored: a DataParallel / DDP wrapper's module)
         self.train_dataloader = _train_loader(train_dataset, batch_size)
         self.batch_size = batch_size
         self.loss_fn = loss_fn
@@ -311,7 +322,7 @@ class _TracInBase:
         raise NotImplementedError
 
     def _embed(self, data: Any, loss_fn: Any) -> torch.Tensor:
-        return tc.embeddings(self.model, self._checkpoints, data, loss_fn=loss_fn, **self._selection())
+        return tc.embeddings(self._net, self._checkpoints, data, loss_fn=loss_fn, **self._selection())
 
     def influence(
         self,
@@ -335,7 +346,7 @@ class _TracInBase:
             ``[n_test, k]`` (``[1, k]``) tensors sorted by score.
         """
         train_loss, test_loss = self._train_loss(), self._test_loss()
-        args = (self.model, self._checkpoints, self.train_dataloader, _inputs(inputs, "influence"))
+        args = (self._net, self._checkpoints, self.train_dataloader, _inputs(inputs, "influence"))
         options = {
             "loss_fn": train_loss,
             "test_loss_fn": None if test_loss is train_loss else test_loss,
@@ -365,7 +376,7 @@ class _TracInBase:
         del outer_loop_by_checkpoints  # checkpoints are in memory: the loop order changes nothing
         data = self.train_dataloader if inputs is None else _inputs(inputs, "self_influence")
         options = {"loss_fn": self._train_loss(), "progress": bool(show_progress), **self._selection()}
-        return tc.self_influence(self.model, self._checkpoints, data, **options)
+        return tc.self_influence(self._net, self._checkpoints, data, **options)
 
 
 class TracInCP(_TracInBase):
@@ -461,7 +472,7 @@ class TracInCPFast(_TracInBase):
     ) -> None:
         super().__init__(model, train_dataset, checkpoints, checkpoints_load_func, loss_fn, batch_size, test_loss_fn)
         name = _module_name(model, final_fc_layer, "final_fc_layer")
-        self.final_fc_layer: nn.Module = model.get_submodule(name)
+        self.final_fc_layer: nn.Module = _unwrapped(model).get_submodule(name)
         prefix = f"{name}." if name else ""
         self._params = [prefix + n for n, _ in self.final_fc_layer.named_parameters()]
         if not self._params:
@@ -527,7 +538,7 @@ class TracInCPFastRandProj(TracInCPFast):
 
     def _embed(self, data: Any, loss_fn: Any) -> torch.Tensor:
         selection = {**self._selection(), "projection_dim": self._projection, "seed": self.seed}
-        return tc.embeddings(self.model, self._checkpoints, data, loss_fn=loss_fn, **selection)
+        return tc.embeddings(self._net, self._checkpoints, data, loss_fn=loss_fn, **selection)
 
     def influence(  # type: ignore[override]
         self, inputs: Inputs, k: int | None = 5, proponents: bool = True
