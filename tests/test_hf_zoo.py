@@ -319,6 +319,21 @@ def test_gradient_checkpointing_enabled_in_eval_mode_stays_batched():
     assert tc.explain(model, ckpts, train, loss_fn=loss).batching == BATCHED
 
 
+def test_a_model_taking_one_example_at_a_time_is_scored_per_example():
+    """GPT-2's sequence classifier without a pad token refuses batches of more than one example (transformers'
+    ValueError, raised as it was from planning's batched run): per example, exact, the reason given."""
+    model, data, loss = classifier(T.GPT2Config, T.GPT2ForSequenceClassification, n_embd=32, n_layer=2, n_head=4,
+                                   vocab_size=100, pad_token_id=None)  # fmt: skip
+    data = {"input_ids": data["input_ids"].clamp(min=1), "labels": data["labels"]}  # (no padding: no pad id)
+    ckpts, (train, test) = rm.make_checkpoints(model, 2), _split(data)
+    ref = reference_scores(model, ckpts, train, test, loss_fn=loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tc.SlowPathWarning)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
+    why = "a batched forward failed where examples alone ran (ValueError: Cannot handle batch sizes > 1"
+    assert why in tc.explain(model, ckpts, train, loss_fn=loss).batching
+
+
 def _float32_loop(model: torch.nn.Module, ckpts: list[tc.Checkpoint], train: Any, test: Any, loss: tc.BatchLoss):
     """``sum_c lr_c G_test G_train^T``, one ``torch.autograd.grad`` per example, in the model's float32."""
 

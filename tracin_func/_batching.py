@@ -206,13 +206,15 @@ def _compared(
             return BatchingCheck(f"a forward with {what} failed ({_cause(err)})", {})
         try:
             together, on_packed = together_in(loss, plan, order)
-        except RuntimeError as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes,
-            if isinstance(err, Unbatchable):  # or the copies an order the model asks of its batch (packing with
+        except _FAILURES as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes, or
+            if isinstance(err, Unbatchable):  # the copies an order the model asks of its batch (packing with
                 return _unbatchable(err, _vary_alone(alone))  # `enforce_sorted=True`): the examples as given, then
+            _raise_refusal(err)
             try:
                 order = list(range(n))
                 together, on_packed = together_in(loss, plan, order)
-            except RuntimeError:
+            except _FAILURES as again:  # (a model taking one example at a time: GPT-2's classifier without a pad id)
+                _raise_refusal(again)
                 return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
         # what shows padding in the data (each mask, each tensor's ends) shows it as far as it varies, packed too (a
         # second input the model cuts to the batch's longest)
@@ -338,6 +340,15 @@ def shows_batching(batch: Any, losses: Sequence[ExampleLossFn]) -> bool:
 
 def _singles(batch: Any, n: int) -> list[Any]:
     return [slice_batch(batch, i, i + 1) for i in range(n)]
+
+
+_FAILURES = (RuntimeError, TypeError, ValueError)  # how a model's forward fails on a batch it cannot take
+
+
+def _raise_refusal(err: Exception) -> None:
+    """Raise ``err`` where it is a refusal of the call (ours: it names the argument first), not the model failing."""
+    if not isinstance(err, RuntimeError) and str(err).startswith("`"):
+        raise err
 
 
 def _cause(err: Exception) -> str:

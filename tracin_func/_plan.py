@@ -559,7 +559,7 @@ def _reached_elsewhere(
     if rows and _batchable(loss):  # in one run (summed over those examples, a use's gradients cancel exactly only by
         try:  # construction), unless the model fails on them together: the batching check refuses it then
             return reached | _reached(run(select_rows(examples, torch.tensor(rows)), whole=True)[1])
-        except RuntimeError:
+        except (RuntimeError, TypeError, ValueError):  # (as the batching check catches)
             pass
     for row in rows:
         reached |= _reached(run(select_rows(examples, torch.tensor([row])))[1])
