@@ -334,6 +334,17 @@ def test_a_model_taking_one_example_at_a_time_is_scored_per_example():
     assert why in tc.explain(model, ckpts, train, loss_fn=loss).batching
 
 
+def test_another_ignore_index_is_no_decoder_token():
+    """`tc.seq2seq_lm_loss(model, ignore_index=-1)`: the decoder's inputs, made from the labels, took -1 for a token
+    id ("index out of range in self"); ignored positions are the pad token there, as -100's are."""
+    model, data, loss = ZOO["bart"][0]()
+    ckpts, (train, _) = rm.make_checkpoints(model, 2), _split(data)
+    other = {**train, "labels": train["labels"].masked_fill(train["labels"] == -100, -1)}
+    assert (other["labels"] == -1).any()
+    want = tc.self_influence(model, ckpts, train, loss_fn=loss)
+    assert_close(tc.self_influence(model, ckpts, other, loss_fn=tc.seq2seq_lm_loss(model, ignore_index=-1)), want)
+
+
 def _float32_loop(model: torch.nn.Module, ckpts: list[tc.Checkpoint], train: Any, test: Any, loss: tc.BatchLoss):
     """``sum_c lr_c G_test G_train^T``, one ``torch.autograd.grad`` per example, in the model's float32."""
 

@@ -248,7 +248,7 @@ def seq2seq_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: i
     def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         inputs, target = _model_inputs(batch, labels, "seq2seq_lm_loss", options)
         if "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
-            inputs["decoder_input_ids"] = _decoder_inputs(model, target)
+            inputs["decoder_input_ids"] = _decoder_inputs(model, target.masked_fill(target == ignore_index, -100))
         logits = _logits(functional_call(model, dict(params), (), inputs))
         _check_labels("seq2seq_lm_loss", labels, target, tuple(logits.shape[:-1]), _PER_TOKEN, True)
         return _mean_token_loss(logits, target, ignore_index)
@@ -304,7 +304,8 @@ def token_classification_loss(model: nn.Module, *, labels: str = "labels", ignor
 def _decoder_inputs(model: nn.Module, target: torch.Tensor) -> torch.Tensor:
     """The decoder's inputs as the model makes them from labels: its ``prepare_decoder_input_ids_from_labels``, or,
     for the models whose forward shifts them itself (Whisper, Blenderbot, M2M100: no such method), the labels
-    shifted right behind the config's ``decoder_start_token_id``, ``-100`` read as its ``pad_token_id``."""
+    shifted right behind the config's ``decoder_start_token_id``, ``-100`` read as its ``pad_token_id`` (another
+    ``ignore_index`` is given as ``-100`` here: it was read as a token id)."""
     prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
     if prepare is not None:
         return prepare(labels=target)
