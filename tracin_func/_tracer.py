@@ -349,7 +349,7 @@ def _apply(
         if lr.numel() != 1 or not lr.is_floating_point():
             raise ValueError(f"`lr` must be a number or a floating 0-d tensor, got a {lr.dtype} tensor of shape "
                              f"{tuple(lr.shape)}.")
-        lr = lr.reshape(()).to(device=state.scores.device, dtype=state.scores.dtype)
+        lr = lr.detach().reshape(()).to(device=state.scores.device, dtype=state.scores.dtype)  # (no graph kept)
     elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):  # (numpy's float32 too)
         lr = torch.tensor(float(lr), device=state.scores.device, dtype=state.scores.dtype)
     else:
@@ -535,7 +535,6 @@ def _check_params(planned: _Planned, params: Any) -> None:
             )
 
 
-@torch.compiler.disable  # eager inside compiled code (see module notes)
 def _live_state(model: Any) -> dict[str, torch.Tensor]:
     """The user's model's tensors now, by name (none for a pure function)."""
     if not isinstance(model, torch.nn.Module):
@@ -543,6 +542,7 @@ def _live_state(model: Any) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
+@torch.compiler.disable  # eager inside compiled code (see module notes)
 def _products(
     planned: _Planned,
     state: TracerState,
