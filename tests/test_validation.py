@@ -740,3 +740,20 @@ def test_a_dtype_the_model_makes_itself_meeting_the_calls_is_named():
     train = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
     with pytest.raises(RuntimeError, match=r"must have the same dtype.*computes in torch.float32 \(`dtype=`"):
         tc.self_influence(model, ckpts, train, loss_fn=CE, dtype=torch.float32)
+
+
+def test_a_pure_functions_params_must_be_a_flat_dict_and_calls_are_never_transformed():
+    """Nested params crashed (`'dict' object has no attribute 'is_floating_point'`, `'tuple' object has no attribute
+    'items'`); a call inside `torch.func.grad` blamed a test example for "Cannot access storage of TensorWrapper"."""
+
+    def f(params, x):
+        return x @ params["w"]
+
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    w = torch.randn(4, 3)
+    for params, what in (({"enc": {"w": w}}, "maps 'enc' to a dict"), ((w,), "got a tuple")):
+        with pytest.raises(TypeError, match=re.escape(what)):
+            tc.self_influence(f, [tc.Checkpoint(params, 0.1)], (x, y), loss_fn=CE)
+    ckpts = [tc.Checkpoint({"w": w}, 0.1)]
+    with pytest.raises(RuntimeError, match=r"`tc.influence` was called inside a torch.func transform"):
+        torch.func.grad(lambda t: tc.influence(f, ckpts, (x, y), (t, y[:2]), loss_fn=CE).sum())(x[:2])

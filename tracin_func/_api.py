@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
-from ._autocast import outside_autocast
 from ._checkpoints import Checkpoint
+from ._context import in_own_context
 from ._data import as_dict, num_examples, replayable
 from ._distributed import gather_objects, join, on_every_rank, set_up_on_every_rank, share, stack_top_k
 from ._driver import collect_rows, embedding_blocks, query_chunks, score_blocks, self_blocks
@@ -66,7 +66,7 @@ def _check_options(options: dict[str, Any], function: str) -> None:
         )
 
 
-@outside_autocast
+@in_own_context
 def influence(
     model: Any,
     checkpoints: Iterable[Checkpoint],
@@ -231,7 +231,7 @@ def _stack(rows: list[torch.Tensor], aggregate: bool) -> torch.Tensor:
     return torch.stack(rows).sum(0) if aggregate else torch.cat(rows)
 
 
-@outside_autocast
+@in_own_context
 def top_k(
     model: Any,
     checkpoints: Iterable[Checkpoint],
@@ -396,7 +396,7 @@ def _index_top_k(
     return rerank_candidates(proposed, k, proponents, rerank, exact)
 
 
-@outside_autocast
+@in_own_context
 def self_influence(
     model: Any,
     checkpoints: Iterable[Checkpoint],
@@ -463,7 +463,7 @@ def self_influence(
     return scores
 
 
-@outside_autocast
+@in_own_context
 def embeddings(
     model: Any,
     checkpoints: Iterable[Checkpoint],

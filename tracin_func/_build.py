@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ._api import _check_options
-from ._autocast import outside_autocast
 from ._checkpoints import Checkpoint
+from ._context import in_own_context
 from ._data import as_dict, iter_batches, num_examples, rows_of
 from ._distributed import agree, gather_objects, on_every_rank, set_up_on_every_rank
 from ._driver import collect_rows, embedding_blocks
@@ -201,7 +201,7 @@ def _shard_rows(setup: Setup, train: Any, start: int, stop: int) -> tuple[torch.
     return rows[:, :-1], rows[:, -1], _rows_digest(digests)
 
 
-@outside_autocast
+@in_own_context
 def build_index(
     path: str | os.PathLike,
     model: Any,

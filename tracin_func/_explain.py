@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from ._api import Options, _check_normalize, _check_options
-from ._autocast import outside_autocast
 from ._checkpoints import Checkpoint
+from ._context import in_own_context
 from ._data import as_dict, batch_size_of, num_examples
 from ._driver import batches, most_per_batch, naming_failures
 from ._model import exclusive_use
@@ -63,7 +63,7 @@ class Explanation(NamedTuple):
         return "\n".join(lines + ([f"checked later: {self.checked_later}"] if self.checked_later else []))
 
 
-@outside_autocast
+@in_own_context
 def explain(
     model: Any,
     checkpoints: Iterable[Checkpoint],

@@ -327,6 +327,18 @@ def model_spec(
         return ModelSpec(forward, module, diff, frozenset(state), aliases, defaults, unsaved, private, following)
     if not callable(model):
         raise TypeError(f"`model` must be an nn.Module or a function f(params, *inputs), got {type(model).__name__}.")
+    if not isinstance(first_params, Mapping):
+        raise TypeError(
+            f"`checkpoints[0].params` must map parameter names to tensors (a flat dict), got a "
+            f"{type(first_params).__name__}."
+        )
+    nested = [n for n, t in first_params.items() if not isinstance(t, torch.Tensor)]
+    if nested:
+        raise TypeError(
+            f"`checkpoints[0].params` maps {nested[0]!r} to a {type(first_params[nested[0]]).__name__}: a pure "
+            f"function's parameters are a flat dict of tensors (nested ones flattened to names such as "
+            f"`'enc.w'`, as `optree.tree_flatten_with_path` or `torch.utils._pytree` give them)."
+        )
     floating = [n for n, t in first_params.items() if t.is_floating_point()]
     diff = select_params(list(first_params), floating, params, layers, model)
     return ModelSpec(model, None, diff, None, {}, {})

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._autocast import outside_autocast
+from ._context import in_own_context
 from ._validate import boolean, positive_int
 
 
@@ -74,7 +74,7 @@ def _check_finite(scores: torch.Tensor, offset: int) -> None:
     )
 
 
-@outside_autocast
+@in_own_context
 def top_k_embeddings(
     test: torch.Tensor,
     train: torch.Tensor | Iterable[torch.Tensor],

@@ -37,8 +37,8 @@ import optree
 import torch
 
 from ._assemble import RepresentationFn
-from ._autocast import outside_autocast
 from ._checkpoints import Checkpoint
+from ._context import in_own_context
 from ._data import as_dict, batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
 from ._model import check_runnable, exclusive_use, unsaved_on
@@ -155,7 +155,7 @@ def tracer_init(
     return _zeros(test, n_test, n_train, dtype, target)
 
 
-@outside_autocast
+@in_own_context
 def tracer(
     model: Any,
     test: Any,
@@ -235,7 +235,7 @@ def tracer(
     def init() -> TracerState:
         return _zeros(test, n_test, n_train, dtype, target)
 
-    @outside_autocast
+    @in_own_context
     def update(
         state: TracerState,
         params: Mapping[str, torch.Tensor],
@@ -248,7 +248,7 @@ def tracer(
     return Tracer(init, update)
 
 
-@outside_autocast
+@in_own_context
 def tracer_update(
     state: TracerState,
     model: Any,

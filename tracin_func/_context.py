@@ -1,4 +1,5 @@
-"""Scoring outside the caller's ``torch.autocast``: the library computes in the call's dtype."""
+"""The context every call runs in: outside the caller's ``torch.autocast`` (the library computes in the call's dtype),
+and never inside a ``torch.func`` transform (it takes gradients itself)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,21 @@ _AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def outside_autocast(fn: _F) -> _F:
+def in_own_context(fn: _F) -> _F:
     """``fn`` run with an ambient ``torch.autocast`` (a training step's, around a tracer's update) switched off, so
     that scores are computed in the call's dtype: under it the library's own products ran in bfloat16 (2e-3 off)
-    and float16 ones overflowed. Autocast set inside the model's forward is the model's own and stays."""
+    and float16 ones overflowed. Autocast set inside the model's forward is the model's own and stays. Refused
+    inside a ``torch.func`` transform (``vmap`` / ``grad`` over a call), where a test example was blamed for torch's
+    "Cannot access storage of TensorWrapper"."""
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        if torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                f"`tc.{fn.__name__}` was called inside a torch.func transform (`vmap`, `grad`, `jacrev`, ... over the "
+                f"call): it takes per-example gradients itself and cannot be transformed. Call it outside the "
+                f"transform (`torch.vmap` over test examples: pass them as one batch)."
+            )
         ambient = [device for device in _AUTOCAST_DEVICES if torch.is_autocast_enabled(device)]
         if not ambient:
             return fn(*args, **kwargs)
