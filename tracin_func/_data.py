@@ -305,7 +305,7 @@ def examples_in(batch: Batch) -> int:
     """Examples in one batch (``batch_size_of`` checked it): its first tensor's leading size, also where no tensor is
     at its top level (``((x1, x2), (y1, y2))`` from a DataLoader's collate_fn), which ``num_examples`` takes for many
     batches."""
-    return next(t.shape[0] for t in optree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim())
+    return next((t.shape[0] for t in optree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim()), 0)
 
 
 def rows_of(data: Any, start: int, stop: int) -> Any:

@@ -237,7 +237,7 @@ def naming_failures(
                 message = f"`{name}` example {index} cannot be scored: {type(cause).__name__}: {cause}"
                 if "more than 1 value per channel" in str(cause):
                     message += f". {_ONE_VALUE_PER_CHANNEL}"
-                elif _DTYPES_MET.search(str(cause)):
+                elif _floating_dtypes_met(str(cause)):
                     message += (
                         f". The call computes in {setup.dtype} (`dtype=`: parameters and inputs converted), and the "
                         f"model makes a tensor of another dtype itself (a mask, a `.float()` / `.double()` cast): pass "
@@ -279,8 +279,12 @@ def _candidates(
             yield name, start + i, slice_batch(data, i, i + 1)
 
 
-# torch's errors where tensors of two floating dtypes meet
-_DTYPES_MET = re.compile(r"(?i)(dtype|scalar type).*(double|float|half|bfloat)")
+def _floating_dtypes_met(error: str) -> bool:
+    """Whether torch's ``error`` says tensors of two floating dtypes met ("must have the same dtype, but got Double
+    and Float"; not "expected scalar type Long but found Float", a target's)."""
+    named = {word.lower() for word in re.findall(r"(?i)\b(double|float|half|bfloat16)\b", error)}
+    return "dtype" in error.lower() and len(named) >= 2
+
 
 # torch's BatchNorm over a batch of one example of one value per channel
 _ONE_VALUE_PER_CHANNEL = (
