@@ -1094,6 +1094,27 @@ def test_3h_frozen_reentrant_region_and_saved_on_cpu_are_exact():
     check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
 
 
+_FILTERS_SEEN: list = []
+
+
+class SeesWarningFilters(MLP):
+    """Records the process's warning filters from inside its forward."""
+
+    def forward(self, x):
+        _FILTERS_SEEN.append(warnings.filters)  # (catch_warnings puts a copy in its place)
+        return super().forward(x)
+
+
+def test_3h2_explain_leaves_the_processs_warning_filters_alone():
+    """`tc.explain` silenced its own warnings with `warnings.catch_warnings`, which changes the filters of every
+    thread: another thread's warnings were dropped meanwhile (14,261 of 82,257 in a review's run)."""
+    model = SeesWarningFilters().double().eval()
+    before = warnings.filters
+    _FILTERS_SEEN.clear()
+    tc.explain(model, make_ckpts(model), data(4, seed=1), loss_fn=CE, factored=False)
+    assert _FILTERS_SEEN and all(filters is before for filters in _FILTERS_SEEN)
+
+
 def test_3i_an_ambient_autocast_is_switched_off_for_the_call():
     """Called inside a training step's `torch.autocast`, the library's own products ran in bfloat16 (2e-3 off; in
     float16 they overflowed into a "non-finite gradients" error), a tracer's update raised torch's dtype error, and

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -15,9 +14,10 @@ from ._context import in_own_context
 from ._data import as_dict, batch_size_of, num_examples
 from ._driver import batches, most_per_batch, naming_failures
 from ._model import exclusive_use
-from ._plan import SlowPathWarning, plan_call, split_state
+from ._plan import plan_call, split_state
 from ._setup import make_setup
 from ._validate import positive_int
+from ._warn import silenced
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -129,11 +129,10 @@ def explain(
         offset, batch = next(iter(batches(setup, data, "data", "explain")), (0, None))
         if batch is None:
             raise ValueError("`data` holds no examples.")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SlowPathWarning)  # the explanation says it all
+        with silenced():  # (the explanation says it all)
             with naming_failures(setup.train_loss, setup, batch, "data", offset):
                 planned = plan_call(setup, batch, "data", self_only=question == "self_influence", partners=partners)
-            with warnings.catch_warnings(record=True), naming_failures(setup.train_loss, setup, batch, "data", 0):
+            with naming_failures(setup.train_loss, setup, batch, "data", 0):
                 acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)
                 planned.updates.self_influence(acc, setup.checkpoints[0], batch)
                 if setup.test_loss is not setup.train_loss:  # (vmap may fail on it alone: both then loop)
