@@ -223,6 +223,17 @@ def test_what_else_a_model_or_loss_computes_with_is_fingerprinted(task, tmp_path
         tc.influence(model, ckpts, tc.open_index(tmp_path), test, loss_fn=lambda o, y: LOSS(heads[1](o), y))
 
 
+def test_another_computation_dtype_is_named_alone(task, tmp_path):
+    """A float32 query of a float64 index also listed "the tensors of checkpoints [0, 1, 2]" and learning rates
+    "0.1 -> 0.10000000149011612" as differing: both are taken in the computation dtype."""
+    model, ckpts, train, test, _ = task
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)
+    with pytest.raises(ValueError, match="other settings") as refused:
+        tc.influence(model, ckpts, index, test, loss_fn=LOSS, dtype=torch.float32)
+    said = str(refused.value)
+    assert "computation dtype" in said and "the tensors of checkpoints" not in said and "learning rates" not in said
+
+
 def test_a_shard_written_again_after_opening_is_not_read(task, tmp_path):
     """An open index read the shards another build wrote over it later (lr x4: scores 2x), silently."""
     model, ckpts, train, test, _ = task

@@ -175,9 +175,11 @@ _MEANING = {
 def differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """What differs between two fingerprints, in words (empty when they match)."""
     found = []
+    # (the checkpoints' tensors and learning rates are taken in the computation dtype: another one changes them too)
+    following_dtype = {"checkpoints", "learning_rates"} if stored.get("dtype") != current.get("dtype") else set()
     for key, meaning in _MEANING.items():
         old, new = stored.get(key), current.get(key)
-        if old == new:
+        if old == new or key in following_dtype:
             continue
         if key == "checkpoints" and isinstance(old, list) and len(old) != len(new):
             found.append(f"the number of checkpoints ({len(old)} -> {len(new)})")
