@@ -1464,27 +1464,36 @@ def test_one_parametrization_on_two_layers_is_neither_layers_own():
 
 
 class HeadHoldingItsBias(nn.Module):
-    """BERT's masked-LM head: the decoder's bias is a parameter of the head too (tied), which its forward may read."""
+    """BERT's masked-LM head: the decoder's bias is a parameter of the head too (tied), its forward never reading it."""
 
-    def __init__(self, reads_it):
+    def __init__(self):
         super().__init__()
-        self.body, self.decoder, self.reads_it = nn.Linear(4, 5), nn.Linear(5, 3), reads_it
+        self.body, self.decoder = nn.Linear(4, 5), nn.Linear(5, 3)
         self.bias = self.decoder.bias
 
     def forward(self, x):
-        out = self.decoder(torch.tanh(self.body(x)))
-        return out + self.bias.square() if self.reads_it else out
+        return self.decoder(torch.tanh(self.body(x)))
 
 
-@pytest.mark.parametrize("reads_it", [False, True], ids=["held", "read"])
-def test_a_tied_tensor_held_by_a_module_of_no_factored_form(reads_it):
-    """Held only (BERT's, ALBERT's, RoBERTa's masked-LM heads): the decoder stays a site (these models ran one example
-    at a time, vmap failing on them); read there too: found in planning, and the decoder leaves the sites."""
+class HeadReadingItsBias(HeadHoldingItsBias):
+    """Reads the tied bias itself, for the examples past the first ones only: planning, which runs a few first
+    examples, cannot see that use."""
+
+    def forward(self, x):
+        return super().forward(x) + (x[:, :1] > 1.0) * self.bias.square()
+
+
+@pytest.mark.parametrize("head", [HeadHoldingItsBias, HeadReadingItsBias])
+def test_a_tied_tensor_held_by_a_module_of_no_factored_form(head):
+    """Held only (BERT's, ALBERT's, RoBERTa's masked-LM heads), its holder's code never naming it: the decoder stays a
+    site (these models ran one example at a time, vmap failing on them). Named by the holder's code: the decoder
+    leaves the sites (a use on later examples only, which planning cannot see, was 12% off)."""
     torch.manual_seed(0)
-    model = HeadHoldingItsBias(reads_it).double().eval()
+    model = head().double().eval()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    x[:5, 0], x[5:, 0] = -1.0, 2.0  # (the planning examples read no bias)
     _exact_and_explained(model, (x, y), (x[:3], y[:3]))
-    assert ("decoder" in {s.path for s in _plan(model, (x, y)).sites}) is not reads_it
+    assert ("decoder" in {s.path for s in _plan(model, (x, y)).sites}) is (head is HeadHoldingItsBias)
 
 
 class UpsamplingNet(nn.Module):
@@ -3044,9 +3053,8 @@ def test_layer_norm_subclasses_are_sites_at_their_call(norm):
     elif norm is OwnEpsLayerNorm:
         why = "'norm' is a layer whose forward did not call `F.layer_norm` on its own parameters (or was not called)"
         assert routes["norm.weight"] == ("vmap", why)
-    else:  # a subclass with layers of its own is no call site (was 4x the reference): the layer it calls, holding
-        # the same tensors, is (their holder's own use of them would be found in planning)
-        assert routes["norm.weight"][0] == "materialised" and explained.batching.startswith("one batched forward")
+    else:  # a subclass with layers of its own is no call site: exact through vmap(grad) (was 4x the reference)
+        assert routes["norm.weight"] == ("vmap", "DelegatingLayerNorm overrides LayerNorm's own forward")
 
 
 class FlattensTokens(nn.Module):

@@ -14,6 +14,7 @@ ids ``[T]`` for an Embedding) and ``G`` the gradient of the loss w.r.t. the laye
 from __future__ import annotations
 
 import math
+import types
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
@@ -321,10 +322,11 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
     }
     # a parametrization registered on several layers (one scale ``s`` for two weights) lists its parameters once in
     # ``model.modules()``: held by two layers' lists, they are no layer's own (one layer's share was dropped)
-    # a tied tensor's other holders of no factored form (BERT's LM head holding its decoder's bias) may not use it
-    # themselves: planning finds any use (``discover``'s gradient with the sites' own uses detached); those in a
-    # parametrization do (their tensors are computed into the parametrized layer's)
-    in_parametrizations = {id(m) for path, m in model.named_modules() if path in parametrizing}
+    # a tied tensor's other holders of no factored form may leave it to the layers when they provably never read it
+    # (BERT's LM head holding its decoder's bias: ``_holds_only``)
+    called_as: dict[int, set[str]] = {}  # each tensor's attribute names, wherever it is held
+    for path, p in model.named_parameters(remove_duplicate=False):
+        called_as.setdefault(id(p), set()).add(path.rsplit(".", 1)[-1])
     listed = Counter(
         id(p) for m in model.modules() if isinstance(m, parametrize.ParametrizationList) for p in m.parameters()
     )
@@ -342,7 +344,8 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
             continue
         computed = dict(module.parametrizations.weight.named_parameters()) if kind and reparametrized(module) else {}
         shared += [p for p in computed.values() if len(owners[id(p)]) > 1 or listed[id(p)] > 1]  # (another's too)
-        if kind is None or any(id(m) in in_parametrizations for p in shared for m in owners[id(p)]):
+        holders = [m for p in shared for m in owners[id(p)] if site_kind(m) is None]
+        if kind is None or any(not _holds_only(m, called_as[id(p)]) for p in shared for m in holders):
             continue
         weight = names[id(own["weight"])] if "weight" in own and names[id(own["weight"])] in diff else None
         bias = names[id(own["bias"])] if "bias" in own and names[id(own["bias"])] in diff else None
@@ -353,6 +356,45 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
             conv1d = _is_transformers_conv1d(module)
             sites[path] = Site(path, kind, weight, bias, shape, conv1d, groups, bool(shared), reparam=reparam)
     return sites
+
+
+# how a module's code may read its parameters other than by their names
+_PARAMETER_ACCESS = frozenset({
+    "parameters", "named_parameters", "_parameters", "get_parameter", "state_dict", "__dict__", "getattr", "vars",
+    "_modules", "modules", "named_modules", "children", "named_children", "apply",
+})  # fmt: skip
+
+
+# methods that build, initialise or print a module: never run by its forward pass
+_NOT_IN_A_FORWARD = frozenset({"__init__", "__repr__", "extra_repr", "reset_parameters", "_reset_parameters"})
+
+
+def _holds_only(holder: nn.Module, names: set[str]) -> bool:
+    """Whether ``holder``, a module of no factored form holding a tied tensor (BERT's, ALBERT's, RoBERTa's masked-LM
+    heads hold the decoder's bias), provably never reads it: no hooks, and no code of its classes (``nn.Module``'s
+    aside) names the tensor (``names``: its attribute names wherever held) or reaches parameters otherwise. A use
+    planning could not see (its check runs a few first examples, at the last checkpoint: a use on later examples
+    only, or zero there) would be scored wrong, silently: a holder that may read it leaves the layer to vmap(grad)."""
+    if isinstance(holder, parametrize.ParametrizationList) or any(getattr(holder, h) for h in _HOOKS):
+        return False
+    read = set()
+    for cls in type(holder).__mro__:
+        if cls in (nn.Module, object):
+            continue
+        for name, value in vars(cls).items():
+            if name in _NOT_IN_A_FORWARD:
+                continue
+            if isinstance(value, (staticmethod, classmethod)):
+                value = value.__func__
+            functions = [value.fget, value.fset] if isinstance(value, property) else [value]
+            read.update(*(_code_names(f.__code__) for f in functions if isinstance(f, types.FunctionType)))
+    return not read & (names | _PARAMETER_ACCESS)
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    """The attribute and global names a function's code (its nested functions' too) reads."""
+    nested = (c for c in code.co_consts if isinstance(c, types.CodeType))
+    return set(code.co_names).union(*map(_code_names, nested))
 
 
 def token_wise(layer: nn.Module | None, site: Site) -> bool:
