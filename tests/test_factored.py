@@ -1527,6 +1527,18 @@ def test_transposed_convolutions_are_followed_to_the_batch(dims, groups, output_
     assert explained.batching == "one batched forward / backward gives every layer's factors"
 
 
+def test_a_transposed_convolutions_output_padding_past_its_stride():
+    """`output_padding` may reach the dilation (not only the stride): the adjoint convolution then gives positions
+    past the input's, which the weight gradient took for a mismatch (torch's "grad_output ... must be equal to output
+    size"), sending the model to vmap(grad)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose1d(2, 3, 3, stride=1, dilation=2, output_padding=1), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(3 * 11, 3)).double().eval()  # fmt: skip
+    x, y = torch.randn(7, 2, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
+    explained = _exact_and_explained(model, (x, y), (x[:3], y[:3]))
+    assert explained.batching == "one batched forward / backward gives every layer's factors"
+
+
 class TiedConvOnMergedRows(nn.Module):
     def __init__(self):
         super().__init__()

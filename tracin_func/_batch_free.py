@@ -319,7 +319,7 @@ class Meetings(TorchFunctionMode):
         g, n = g.view(shape), self.n  # (an edge's gradient is its base's: F.linear's [B T, d] under a [B, T, d] view)
         if isinstance(how, (str, _Conv)):  # an einsum's, a convolution's: each row's, then rows per example summed
             if isinstance(how, _Conv):  # (a transposed one's: the convolution's from its output back to its input)
-                given, back = (g, x) if how.transposed else (x, g)
+                given, back = (g, _adjoint_output(x, g, how)) if how.transposed else (x, g)
                 per_row = conv_weight_grads(how.geometry, given, back, how.padding)
             else:
                 per_row = torch.einsum(how, x, g)
@@ -435,6 +435,17 @@ class _Conv(NamedTuple):
     geometry: ConvGeometry
     padding: tuple[int, ...]  # zero padding, left to the weight gradient's products
     transposed: bool = False  # a transposed convolution: its output is the convolution's input
+
+
+def _adjoint_output(x: torch.Tensor, g: torch.Tensor, how: _Conv) -> torch.Tensor:
+    """A transposed convolution's input ``x`` as the output of the convolution it is the adjoint of, run on its output
+    gradient ``g``: zeros after it where ``output_padding`` reaches a stride or more (the convolution gives those
+    positions too; nothing of ``x`` meets them)."""
+    geometry = how.geometry
+    dims = zip(g.shape[2:], how.padding, geometry.dilation, geometry.weight_shape[2:], geometry.stride)
+    sizes = [(size + 2 * pad - dil * (k - 1) - 1) // stride + 1 for size, pad, dil, k, stride in dims]
+    extra = [want - have for want, have in zip(sizes, x.shape[2:])]
+    return F.pad(x, [p for e in reversed(extra) for p in (0, e)]) if any(extra) else x
 
 
 def _is_conv(func: Any) -> bool:
