@@ -98,8 +98,8 @@ NOISE = 0.05  # checkpoint noise, relative to each parameter's RMS (absolute whe
 BatchLoss = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]  # (state, batch) -> summed per-example loss
 # builders of Hugging Face models (``form=``: the loss form)
 HF_MODELS = (
-    "gpt2", "gpt2_cls", "bert", "deberta", "bart", "t5", "llama", "falcon", "mamba", "vit", "swin", "convnext",
-    "wav2vec2",
+    "gpt2", "gpt2_cls", "bert", "bert_mlm", "deberta", "bart", "t5", "llama", "falcon", "mamba", "vit", "swin",
+    "convnext", "wav2vec2",
 )  # fmt: skip
 
 
@@ -603,6 +603,30 @@ def bert(
     return _classifier_workload("bert", hf, n_train, n_test, seq_len, form, seed)
 
 
+def bert_mlm(
+    n_train: int = 200,
+    n_test: int = 20,
+    seq_len: int = 32,
+    *,
+    form: str = "batch_loss",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealWorkload:
+    """BERT masked LM (the classifier's sizes) on right-padded random tokens, 15% of the real ones its targets
+    (labels -100 elsewhere); its output projection tied to the token table, its bias to the head's."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                        vocab_size=1000)  # fmt: skip
+    hf = _hf_model(BertForMaskedLM, config, dtype, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    ids, pad = _right_padded(n_train + n_test, seq_len, config.vocab_size, generator)
+    targets = (torch.rand(ids.shape, generator=generator) < 0.15) & ~pad
+    data = {"input_ids": ids, "attention_mask": (~pad).long(), "labels": ids.masked_fill(~targets, -100)}
+    checkpoints = make_checkpoints(hf, seed + 2)
+    return _hf_workload("bert_mlm", hf, checkpoints, data, n_train, form, Seq2SeqLMLoss())
+
+
 def deberta(
     n_train: int = 200,
     n_test: int = 20,
@@ -663,7 +687,8 @@ def _hf_workload(
     train, test = _split(data, n_train)
     if form == "batch_loss":
         causal, seq2seq = tc.causal_lm_loss, tc.seq2seq_lm_loss
-        losses = {"gpt2": causal, "llama": causal, "falcon": causal, "mamba": causal, "bart": seq2seq, "t5": seq2seq}
+        losses = {"gpt2": causal, "llama": causal, "falcon": causal, "mamba": causal, "bart": seq2seq, "t5": seq2seq,
+                  "bert_mlm": tc.token_classification_loss}  # fmt: skip
         loss = losses.get(name, tc.sequence_classification_loss)(hf)
 
         def summed(state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
@@ -1025,6 +1050,7 @@ BUILDERS: dict[str, Callable[..., RealWorkload]] = {
     "gpt2": gpt2,
     "gpt2_cls": gpt2_classifier,
     "bert": bert,
+    "bert_mlm": bert_mlm,
     "deberta": deberta,
     "bart": bart,
     "t5": t5,

@@ -42,6 +42,8 @@ CASES: dict[str, Callable[[], rm.RealWorkload]] = {
     "bert_batch_loss": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "bert_example_loss": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="example_loss", dtype=F64),
     "bert_criterion": lambda: rm.bert(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
+    "bert_mlm_batch_loss": lambda: rm.bert_mlm(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
+    "bert_mlm_criterion": lambda: rm.bert_mlm(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
     "deberta_batch_loss": lambda: rm.deberta(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
     "deberta_criterion": lambda: rm.deberta(N_TRAIN, N_TEST, SEQ, form="criterion", dtype=F64),
     "bart_batch_loss": lambda: rm.bart(N_TRAIN, N_TEST, SEQ, form="batch_loss", dtype=F64),
