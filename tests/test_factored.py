@@ -1,6 +1,7 @@
 """The factored path (layer inputs x output gradients) gives the dense path's numbers on every layer shape,
 falls back to vmap(grad) where factors would be wrong, and picks its plan as documented."""
 
+import functools
 import warnings
 
 import optree
@@ -1483,7 +1484,28 @@ class HeadReadingItsBias(HeadHoldingItsBias):
         return super().forward(x) + (x[:, :1] > 1.0) * self.bias.square()
 
 
-@pytest.mark.parametrize("head", [HeadHoldingItsBias, HeadReadingItsBias])
+def _late_bias(head, x):
+    return (x[:, :1] > 1.0) * head.bias.square()
+
+
+def _passing_through(forward):
+    @functools.wraps(forward)
+    def wrapper(self, *args):
+        return forward(self, *args)
+
+    return wrapper
+
+
+class HeadReadingItsBiasInAHelper(HeadHoldingItsBias):
+    """The same read, hidden from the class's own code: in a module-level function, behind a `functools.wraps`
+    decorator (as transformers' `@can_return_tuple`)."""
+
+    @_passing_through
+    def forward(self, x):
+        return super().forward(x) + _late_bias(self, x)
+
+
+@pytest.mark.parametrize("head", [HeadHoldingItsBias, HeadReadingItsBias, HeadReadingItsBiasInAHelper])
 def test_a_tied_tensor_held_by_a_module_of_no_factored_form(head):
     """Held only (BERT's, ALBERT's, RoBERTa's masked-LM heads), its holder's code never naming it: the decoder stays a
     site (these models ran one example at a time, vmap failing on them). Named by the holder's code: the decoder
@@ -1493,7 +1515,7 @@ def test_a_tied_tensor_held_by_a_module_of_no_factored_form(head):
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     x[:5, 0], x[5:, 0] = -1.0, 2.0  # (the planning examples read no bias)
     _exact_and_explained(model, (x, y), (x[:3], y[:3]))
-    assert ("decoder" in {s.path for s in _plan(model, (x, y)).sites}) is (head is HeadHoldingItsBias)
+    assert ("decoder" in {s.path for s in _plan(model, (x, y)).sites}) is (head is HeadHoldingItsBias)  # fmt: skip
 
 
 class UpsamplingNet(nn.Module):

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ._code import closure_values
 from ._setup import Setup
 
 
@@ -75,7 +76,7 @@ def _describe(obj: Any, depth: int = 0, model: frozenset[int] = frozenset()) -> 
         return f"method({inner(obj.__func__)}, {inner(obj.__self__)})"
     name = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
     if isinstance(obj, types.FunctionType):
-        cells = [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
+        cells = closure_values(obj)
         read = {n: obj.__globals__[n] for n in obj.__code__.co_names if n in obj.__globals__}
         values = {n: v for n, v in read.items() if isinstance(v, (*_SIMPLE, torch.Tensor))}  # (a temperature)
         return f"function({name}, {inner(obj.__code__)}, {inner(obj.__defaults__)}, {inner(cells)}, {inner(values)})"
@@ -93,14 +94,6 @@ def _describe(obj: Any, depth: int = 0, model: frozenset[int] = frozenset()) -> 
         settings = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "training"}
         return f"{cls}({inner(settings)}, {inner(dict(obj.state_dict()))})"
     return f"{cls}({inner({k: v for k, v in vars(obj).items() if not k.startswith('__')})})"
-
-
-def _filled(cell: Any) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018
-    except ValueError:
-        return False
-    return True
 
 
 def describe_loss(loss_fn: Any, model: Any = None) -> str:

@@ -26,6 +26,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
+from ._code import closure_values, names_read
+
 # Grouped weight gradients beat unfolded patches + bmm up to about this many channel pairs (measured on CPU: 2-4x
 # faster for 16 x 32 and 64 x 64 channels, 1.7x slower for 128 x 128).
 _GROUPED_CONV_MAX_CHANNELS = 4096
@@ -371,13 +373,15 @@ _NOT_IN_A_FORWARD = frozenset({"__init__", "__repr__", "extra_repr", "reset_para
 
 def _holds_only(holder: nn.Module, names: set[str]) -> bool:
     """Whether ``holder``, a module of no factored form holding a tied tensor (BERT's, ALBERT's, RoBERTa's masked-LM
-    heads hold the decoder's bias), provably never reads it: no hooks, and no code of its classes (``nn.Module``'s
-    aside) names the tensor (``names``: its attribute names wherever held) or reaches parameters otherwise. A use
-    planning could not see (its check runs a few first examples, at the last checkpoint: a use on later examples
-    only, or zero there) would be scored wrong, silently: a holder that may read it leaves the layer to vmap(grad)."""
+    heads hold the decoder's bias), provably never reads it: no hooks, and no code its classes' methods can run (the
+    functions they wrap, close over or call by a global name, to a few levels) names the tensor (``names``: its
+    attribute names wherever held) or reaches parameters otherwise; a callable of another kind reached (a partial, an
+    object) proves nothing. A use planning could not see (its check runs a few first examples, at the last
+    checkpoint: a use on later examples only, or zero there) would be scored wrong, silently: a holder that may read
+    it leaves the layer to vmap(grad)."""
     if isinstance(holder, parametrize.ParametrizationList) or any(getattr(holder, h) for h in _HOOKS):
         return False
-    read = set()
+    functions = []
     for cls in type(holder).__mro__:
         if cls in (nn.Module, object):
             continue
@@ -386,15 +390,35 @@ def _holds_only(holder: nn.Module, names: set[str]) -> bool:
                 continue
             if isinstance(value, (staticmethod, classmethod)):
                 value = value.__func__
-            functions = [value.fget, value.fset] if isinstance(value, property) else [value]
-            read.update(*(_code_names(f.__code__) for f in functions if isinstance(f, types.FunctionType)))
-    return not read & (names | _PARAMETER_ACCESS)
+            functions += [value.fget, value.fset] if isinstance(value, property) else [value]
+    read = _names_read([f for f in functions if callable(f)])
+    return read is not None and not read & (names | _PARAMETER_ACCESS)
 
 
-def _code_names(code: types.CodeType) -> set[str]:
-    """The attribute and global names a function's code (its nested functions' too) reads."""
-    nested = (c for c in code.co_consts if isinstance(c, types.CodeType))
-    return set(code.co_names).union(*map(_code_names, nested))
+def _names_read(functions: list[Any], depth: int = 0) -> set[str] | None:
+    """The attribute and global names ``functions`` read, with those of the functions they wrap (``__wrapped__``),
+    close over or call by a global name (a module-level helper), ``depth`` levels down; None where one is a callable
+    whose code cannot be read (a partial, an object), or past the depth."""
+    read: set[str] = set()
+    for fn in functions:
+        if isinstance(fn, type) or not isinstance(fn, types.FunctionType) and _is_builtin(fn):
+            continue  # (a class, torch's or Python's own functions: they see only what they are given)
+        if not isinstance(fn, types.FunctionType) or depth > 3:
+            return None
+        code_names = names_read(fn.__code__)
+        called = [fn.__globals__[n] for n in code_names if callable(fn.__globals__.get(n))]
+        inner = [getattr(fn, "__wrapped__", None), *closure_values(fn), *called]
+        more = _names_read([f for f in inner if callable(f) and not isinstance(f, nn.Module)], depth + 1)
+        if more is None:
+            return None
+        read |= code_names | more
+    return read
+
+
+def _is_builtin(fn: Any) -> bool:
+    return isinstance(fn, (types.BuiltinFunctionType, types.BuiltinMethodType)) or getattr(
+        fn, "__module__", ""
+    ).split(".")[0] in ("torch", "builtins", "math", "operator", "functools", "typing")
 
 
 def token_wise(layer: nn.Module | None, site: Site) -> bool:
