@@ -93,7 +93,6 @@ class _Planned(NamedTuple):
     device: torch.device
     dtype: torch.dtype
     setup: Setup  # the planning call's: its model spec, and the losses that name a step's failing example
-    settings: Mapping[str, Any]  # the model's modes and plain attributes, as the plan's private copy took them
 
 
 def _checked_test(
@@ -467,7 +466,6 @@ def _plan(
         device=device,
         dtype=dtype,
         setup=setup,
-        settings=_settings(model),
     )
 
 
@@ -475,34 +473,22 @@ _MODULE_SLOTS = frozenset(vars(torch.nn.Module()))  # torch's bookkeeping, prese
 _PLAIN = (bool, int, float, complex, str, type(None))
 
 
-def _settings(model: Any) -> dict[str, tuple[bool, dict[str, Any]]]:
-    """Each module's mode and attributes of plain values (a temperature), which the plan's private copy of the model
-    took as they were; a step's model is checked against them (``_changed``). (Tensors are read at each step.)"""
-    if not isinstance(model, torch.nn.Module):
-        return {}
-    return {
-        path: (m.training, {k: v for k, v in vars(m).items() if k not in _MODULE_SLOTS and isinstance(v, _PLAIN)})
-        for path, m in model.named_modules()
-    }
-
-
-def _changed(planned: _Planned) -> None:
-    """Refuse a step whose model's modes or plain attributes differ from the plan's copy's (silently ignored: the
-    copy scored the model as it was planned)."""
-    now = _settings(planned.model)
-    if now == planned.settings:
+def _following(planned: _Planned) -> None:
+    """The plan's private copy of the model given the user's model's modes and attributes of plain values now (train /
+    eval switched since planning, a temperature an annealing loop sets): the copy was made at planning, and scored
+    the model as it was then, silently. (Tensors are read at each step: ``_live_state``.)"""
+    model, copy = planned.model, planned.setup.spec.module
+    if not isinstance(model, torch.nn.Module) or copy is None or copy is model:
         return
-    path, (mode, attributes) = next((p, was) for p, was in planned.settings.items() if now.get(p) != was)
-    new_mode, new_attributes = now.get(path, (mode, {}))
-    what = f"its mode ({'train' if mode else 'eval'} -> {'train' if new_mode else 'eval'})" if mode != new_mode else (
-        "its attribute " + next(repr(k) for k in {**attributes, **new_attributes} if attributes.get(k, ...) !=
-                                new_attributes.get(k, ...))
-    )  # fmt: skip
-    raise ValueError(
-        f"`model` module {path or '(root)'!r} changed since `tc.tracer` planned it ({what}); the tracer runs a copy "
-        f"of the model as it was then. Make a new `tc.tracer` after such a change, or use `tc.tracer_update` (which "
-        f"plans every step)."
-    )
+    copies = dict(copy.named_modules())
+    for path, module in model.named_modules():
+        mirror = copies.get(path)
+        if mirror is None:
+            continue
+        mirror.training = module.training
+        for name, value in vars(module).items():
+            if name not in _MODULE_SLOTS and isinstance(value, _PLAIN) and vars(mirror).get(name, ...) != value:
+                object.__setattr__(mirror, name, value)
 
 
 def _check_params(planned: _Planned, params: Any) -> None:
@@ -565,7 +551,6 @@ def _products(
     _check_values(state, lr, batch, indices, fix)
     _check_params(planned, params)
     check_runnable(planned.model)  # the model may have been switched to training mode since planning
-    _changed(planned)
     check_batch_structure(batch, "`batch`", needs_target=planned.needs_target)
     batch = to_device(batch, planned.device, planned.dtype)
 
@@ -581,6 +566,7 @@ def _products(
     frozen.update(unsaved_on(unsaved, spec.following, planned.device, planned.dtype))  # (a CPU model on a GPU)
     frozen.update({n: t for n, t in unsaved.items() if n not in frozen and t is not spec.unsaved[n]})  # (rebound)
     with exclusive_use(planned.setup.spec), naming_failures(planned.setup.train_loss, planned.setup, batch, "batch", 0):
+        _following(planned)  # (undone as the call leaves the copy: ``exclusive_use``)
         test_rep = planned.test(diff, frozen, state.test)
         rep = planned.train(diff, frozen, batch).formed()  # used twice: a norm and the dot
         sq_norms = rep.sq_norm()
