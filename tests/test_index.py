@@ -190,6 +190,10 @@ def _tempered(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(out / TEMPERATURE, y)
 
 
+def _through(module):
+    return lambda out, y: LOSS(module(out), y) if isinstance(module, nn.Linear) else module(out, y)
+
+
 def test_what_else_a_model_or_loss_computes_with_is_fingerprinted(task, tmp_path, monkeypatch):
     """Not seen before, so an index built with one was queried (or resumed) with the other, silently (33-306% off): a
     helper method's code, a private setting, a module's mode, a forward hook, a global the loss reads, the weights of
@@ -217,10 +221,19 @@ def test_what_else_a_model_or_loss_computes_with_is_fingerprinted(task, tmp_path
     monkeypatch.setattr(sys.modules[__name__], "TEMPERATURE", 4.0)
     with pytest.raises(ValueError, match="the loss"):
         query(model)
-    heads = [nn.Linear(3, 3).to(DTYPE) for _ in range(2)]
-    tc.build_index(tmp_path, model, ckpts, train, loss_fn=lambda o, y: LOSS(heads[0](o), y), overwrite=True)
-    with pytest.raises(ValueError, match="the loss"):
-        tc.influence(model, ckpts, tc.open_index(tmp_path), test, loss_fn=lambda o, y: LOSS(heads[1](o), y))
+    # a head, or a criterion's settings, in a loss's closure (the same code around them)
+    for first, second in [[nn.Linear(3, 3).to(DTYPE) for _ in range(2)],
+                          [nn.CrossEntropyLoss(label_smoothing=s) for s in (0.0, 0.5)]]:  # fmt: skip
+        tc.build_index(tmp_path, model, ckpts, train, loss_fn=_through(first), overwrite=True)
+        with pytest.raises(ValueError, match="the loss"):
+            tc.influence(model, ckpts, tc.open_index(tmp_path), test, loss_fn=_through(second))
+    # a hook's code (under the call's guard: it was described as "code" only)
+    handle = model.fc1.register_forward_hook(lambda layer, args, out: 2 * out)
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, overwrite=True)
+    handle.remove()
+    model.fc1.register_forward_hook(lambda layer, args, out: 3 * out)
+    with pytest.raises(ValueError, match="the model's code or settings"):
+        tc.influence(model, ckpts, tc.open_index(tmp_path), test, loss_fn=LOSS)
 
 
 def test_another_computation_dtype_is_named_alone(task, tmp_path):
@@ -353,7 +366,7 @@ def test_an_edited_or_damaged_manifest_is_refused(task, tmp_path):
         with pytest.raises(ValueError, match=match + ".*overwrite=True"):
             tc.open_index(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
-    with pytest.raises(ValueError, match=r"format version 1; this tracin_func reads version 2. Build it again with "
+    with pytest.raises(ValueError, match=r"format version 1; this tracin_func reads version 3. Build it again with "
                                          r"`tc.build_index\(.*, \.\.\., overwrite=True\)`"):  # fmt: skip
         tc.open_index(tmp_path)
 

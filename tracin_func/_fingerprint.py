@@ -59,17 +59,17 @@ def _describe(obj: Any, depth: int = 0, model: frozenset[int] = frozenset()) -> 
         return repr(obj)
     if isinstance(obj, torch.Tensor):
         return f"tensor:{_sha([obj])[:16]}"
+    inner = lambda x: _describe(x, depth + 1, model)  # noqa: E731
+    if isinstance(obj, types.CodeType):  # (whole at any depth: a comprehension's code is nested in its function's)
+        return f"code({obj.co_name}, {obj.co_code.hex()}, {inner(obj.co_names)}, {_describe(obj.co_consts, 0, model)})"
     if depth > 4:
         return type(obj).__qualname__
-    inner = lambda x: _describe(x, depth + 1, model)  # noqa: E731
     if isinstance(obj, (tuple, list)):
         return f"[{', '.join(map(inner, obj))}]"
     if isinstance(obj, (set, frozenset)):
         return f"{{{', '.join(sorted(map(inner, obj)))}}}"
     if isinstance(obj, dict):
         return f"{{{', '.join(sorted(f'{inner(k)}: {inner(v)}' for k, v in obj.items()))}}}"
-    if isinstance(obj, types.CodeType):
-        return f"code({obj.co_name}, {obj.co_code.hex()}, {inner(obj.co_names)}, {inner(obj.co_consts)})"
     if isinstance(obj, functools.partial):
         return f"partial({inner(obj.func)}, {inner(obj.args)}, {inner(obj.keywords)})"
     if isinstance(obj, types.MethodType):
@@ -78,7 +78,7 @@ def _describe(obj: Any, depth: int = 0, model: frozenset[int] = frozenset()) -> 
     if isinstance(obj, types.FunctionType):
         cells = closure_values(obj)
         read = {n: obj.__globals__[n] for n in obj.__code__.co_names if n in obj.__globals__}
-        values = {n: v for n, v in read.items() if isinstance(v, (*_SIMPLE, torch.Tensor))}  # (a temperature)
+        values = {n: v for n, v in read.items() if _described_global(v)}  # (a temperature, a criterion, a helper)
         return f"function({name}, {inner(obj.__code__)}, {inner(obj.__defaults__)}, {inner(cells)}, {inner(values)})"
     if callable(obj) and not hasattr(obj, "__dict__") or isinstance(obj, type):
         return name  # builtins, classes
@@ -89,11 +89,18 @@ def _describe(obj: Any, depth: int = 0, model: frozenset[int] = frozenset()) -> 
     if isinstance(obj, torch.nn.Module):
         if depth and id(obj) in model:
             return cls
-        if depth:
-            return f"{cls}({inner(dict(obj.state_dict()))})"
         settings = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "training"}
         return f"{cls}({inner(settings)}, {inner(dict(obj.state_dict()))})"
-    return f"{cls}({inner({k: v for k, v in vars(obj).items() if not k.startswith('__')})})"
+    # (an object's private attributes left out: caches, hashes of the process, GenerationConfig's)
+    return f"{cls}({inner({k: v for k, v in vars(obj).items() if not k.startswith('_')})})"
+
+
+def _described_global(value: Any) -> bool:
+    """A global a function reads whose value its description holds: a plain value, a tensor, a module (a
+    criterion), a function of the user's (a helper); not modules of code, classes, or torch's own functions."""
+    if isinstance(value, (*_SIMPLE, torch.Tensor, torch.nn.Module)):
+        return True
+    return isinstance(value, types.FunctionType) and not value.__module__.startswith("torch")
 
 
 def describe_loss(loss_fn: Any, model: Any = None) -> str:
@@ -109,15 +116,17 @@ def describe_model(model: Any) -> str:
     models of one state layout (an MLP with ``tanh``, one with ``relu``) were one index's, silently."""
     if not isinstance(model, torch.nn.Module):
         return _sha([_describe(model)])
-    return _sha(f"{path}: {_describe_layer(layer)}" for path, layer in model.named_modules())
+    tree = frozenset(map(id, model.modules()))
+    return _sha(f"{path}: {_describe_layer(layer, tree)}" for path, layer in model.named_modules())
 
 
 _MODULE_SLOTS = frozenset(vars(torch.nn.Module()))  # torch's bookkeeping, present in every module
 
 
-def _describe_layer(layer: torch.nn.Module) -> str:
+def _describe_layer(layer: torch.nn.Module, tree: frozenset[int]) -> str:
     """A layer's class, the code of its class's methods (of classes outside torch: a helper its forward calls), its
-    mode and forward hooks, its public attributes and its private ones of plain values (a scale)."""
+    mode and forward hooks (the user's, under the call's guard), its public attributes and its private ones of plain
+    values (a scale); the model's modules (``tree``) they reach by class."""
     cls = type(layer)
     methods = {
         f"{c.__qualname__}.{name}": fn
@@ -129,11 +138,9 @@ def _describe_layer(layer: torch.nn.Module) -> str:
     settings = {k: v for k, v in vars(layer).items() if not k.startswith("_")}
     private = {k: v for k, v in vars(layer).items() if k.startswith("_") and k not in _MODULE_SLOTS}
     settings.update({k: v for k, v in private.items() if isinstance(v, _SIMPLE)})
-    hooks = [*layer._forward_pre_hooks.values(), *layer._forward_hooks.values()]
-    return (
-        f"{cls.__module__}.{cls.__qualname__}, {_describe(cls.forward)}, {_describe(methods, 1)}, "
-        f"{_describe(settings, 1)}, {_describe(hooks, 1)}"
-    )
+    hooks = [getattr(h, "__wrapped__", h) for h in (*layer._forward_pre_hooks.values(), *layer._forward_hooks.values())]
+    described = (_describe(part, 1, tree) for part in (methods, settings, hooks))
+    return f"{cls.__module__}.{cls.__qualname__}, {_describe(cls.forward)}, {', '.join(described)}"
 
 
 def fingerprint(setup: Setup, loss_fn: Any) -> dict[str, Any]:

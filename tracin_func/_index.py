@@ -15,7 +15,7 @@ import torch
 from ._shards import file_sha256, read_rows, shard_info
 
 FORMAT = "tracin_func.index"
-VERSION = 2  # 2: the fingerprint's `model` part
+VERSION = 3  # 2: the fingerprint's `model` part; 3: what it describes of the model and the loss widened
 MANIFEST = "manifest.json"
 BLOCK_BYTES = 1 << 28  # rows of embeddings read at once when streaming an index
 
