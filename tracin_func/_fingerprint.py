@@ -21,6 +21,7 @@ import torch
 
 from ._code import closure_values
 from ._setup import Setup
+from ._state import MODULE_SLOTS
 
 
 def tensor_digest(digest: Any, t: torch.Tensor) -> None:
@@ -120,7 +121,6 @@ def describe_model(model: Any) -> str:
     return _sha(f"{path}: {_describe_layer(layer, tree)}" for path, layer in model.named_modules())
 
 
-_MODULE_SLOTS = frozenset(vars(torch.nn.Module()))  # torch's bookkeeping, present in every module
 
 
 def _describe_layer(layer: torch.nn.Module, tree: frozenset[int]) -> str:
@@ -131,12 +131,12 @@ def _describe_layer(layer: torch.nn.Module, tree: frozenset[int]) -> str:
     methods = {
         f"{c.__qualname__}.{name}": fn
         for c in cls.__mro__
-        if not c.__module__.startswith("torch") and c is not object
+        if c.__module__.split(".")[0] != "torch" and c is not object
         for name, fn in vars(c).items()
         if isinstance(fn, types.FunctionType)
     }
     settings = {k: v for k, v in vars(layer).items() if not k.startswith("_")}
-    private = {k: v for k, v in vars(layer).items() if k.startswith("_") and k not in _MODULE_SLOTS}
+    private = {k: v for k, v in vars(layer).items() if k.startswith("_") and k not in MODULE_SLOTS}
     settings.update({k: v for k, v in private.items() if isinstance(v, _SIMPLE)})
     hooks = [getattr(h, "__wrapped__", h) for h in (*layer._forward_pre_hooks.values(), *layer._forward_hooks.values())]
     described = (_describe(part, 1, tree) for part in (methods, settings, hooks))

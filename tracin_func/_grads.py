@@ -150,10 +150,11 @@ CHECKPOINTED = (
 
 
 REENTRANT = (
-    "`model`: its forward runs a layer being scored under reentrant activation checkpointing "
-    "(`torch.utils.checkpoint.checkpoint(..., use_reentrant=True)`), which runs the region without gradients (its "
-    "parameters get none unless an input of the region requires one, and then `torch.autograd.grad` cannot run its "
-    "backward): their scores would be 0 or fail. Switch checkpointing off for scoring (Hugging Face: "
+    "`model`: its forward runs a region that reads a tensor needing gradients (a parameter being scored, or an input "
+    "of the region) under reentrant activation checkpointing (`torch.utils.checkpoint.checkpoint(..., "
+    "use_reentrant=True)`), which runs the region without gradients (its parameters get none unless an input of the "
+    "region requires one, and then `torch.autograd.grad` cannot run its backward): their scores would be 0 or fail. "
+    "Switch checkpointing off for scoring (Hugging Face: "
     "`model.gradient_checkpointing_disable()`; your own code: call the checkpointed function directly); the scores "
     "are the same, only memory grows."
 )

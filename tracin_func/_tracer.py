@@ -44,6 +44,7 @@ from ._driver import naming_failures
 from ._model import check_runnable, exclusive_use, unsaved_on
 from ._plan import plan_call
 from ._setup import Setup, make_setup, target_device
+from ._state import MODULE_SLOTS
 
 
 class TracerState(NamedTuple):
@@ -469,7 +470,6 @@ def _plan(
     )
 
 
-_MODULE_SLOTS = frozenset(vars(torch.nn.Module()))  # torch's bookkeeping, present in every module
 _PLAIN = (bool, int, float, complex, str, type(None))
 
 
@@ -487,7 +487,7 @@ def _following(planned: _Planned) -> None:
             continue
         mirror.training = module.training
         for name, value in vars(module).items():
-            if name not in _MODULE_SLOTS and isinstance(value, _PLAIN) and vars(mirror).get(name, ...) != value:
+            if name not in MODULE_SLOTS and isinstance(value, _PLAIN) and vars(mirror).get(name, ...) != value:
                 object.__setattr__(mirror, name, value)
 
 
