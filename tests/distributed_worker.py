@@ -95,6 +95,8 @@ def main(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") 
         split = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, shuffle=False))
         lacking = [tc.Checkpoint({k: v for k, v in c.params.items() if k != "fc2.bias"}, c.lr) for c in ckpts]
         moved = [tc.Checkpoint({k: v + rank for k, v in c.params.items()}, c.lr) for c in ckpts]
+        flipped = lambda k, v: v.flip(0) if rank and k == "fc1.weight" else v  # noqa: E731  (rows swapped: same sum)
+        permuted = [tc.Checkpoint({k: flipped(k, v) for k, v in c.params.items()}, c.lr) for c in ckpts]
         for name, call in {
             "sampler": lambda: tc.self_influence(model, ckpts, split, loss_fn=LOSS, distributed=True),
             "test sizes": lambda: tc.influence(model, ckpts, train, (xt[: 1 + rank], yt[: 1 + rank]), **kw),
@@ -102,6 +104,11 @@ def main(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") 
             "setup": lambda: tc.self_influence(model, ckpts if rank == 0 else lacking, train, **kw),
             "k": lambda: tc.top_k(model, ckpts, train, test, k=3 + rank, **kw),  # (gloo aborted the process)
             "checkpoints": lambda: tc.influence(model, moved, train, test, **kw),  # (mixed into one result)
+            # (each mixed into one result, silently, found by review on 2026-12-05)
+            "params": lambda: tc.influence(model, ckpts, train, test, params=[None, ["fc2.weight"]][rank], **kw),
+            "loss": lambda: tc.self_influence(model, ckpts, train, loss_fn=torch.nn.CrossEntropyLoss(
+                label_smoothing=0.1 * rank), distributed=True),
+            "permuted": lambda: tc.self_influence(model, permuted, train, **kw),
         }.items():
             try:
                 call()

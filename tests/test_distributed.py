@@ -49,7 +49,10 @@ def test_data_already_split_or_differing_between_ranks_is_refused_on_every_rank(
         assert "DistributedSampler, which already gives each rank a part" in got["sampler"]
         assert "The ranks disagree on the number of test examples: [1, 2]" in got["test sizes"]
         assert "The ranks disagree on the options: [(3, True, False, None), (4, True, False, None)]" in got["k"]
-        assert "The ranks disagree on the checkpoints (their learning rates and tensors' sums)" in got["checkpoints"]
+        assert "The ranks disagree on the checkpoints (their learning rates, tensors' sums" in got["checkpoints"]
+        assert "The ranks disagree on the checkpoints" in got["permuted"]
+        assert "The ranks disagree on the parameters differentiated (`params`, `layers`, `method`)" in got["params"]
+        assert "The ranks disagree on the losses (`loss_fn`, `test_loss_fn`)" in got["loss"]
 
 
 def test_a_failure_in_one_ranks_setup_is_raised_on_every_rank(ranks):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
+import optree
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
@@ -153,15 +154,38 @@ def set_up_on_every_rank(distributed: Any, set_up: Callable[[], T], **agreed: An
     if ranks is None:
         return set_up()
     setup = on_every_rank(ranks, set_up)
-    agree(ranks, **agreed, **{"the checkpoints (their learning rates and tensors' sums)": _summary(setup.checkpoints)})
+    from ._fingerprint import describe_loss  # (it imports the setup, which imports this module)
+
+    losses = (setup.train_loss, setup.test_loss)
+
+    agree(
+        ranks,
+        **agreed,
+        **{
+            "the checkpoints (their learning rates, tensors' sums and optimizer states' sums)": _summary(setup),
+            "the parameters differentiated (`params`, `layers`, `method`)": (setup.spec.diff_names, setup.method),
+            "the losses (`loss_fn`, `test_loss_fn`)": [describe_loss(loss, setup.spec.module) for loss in losses],
+            "the computation dtype (`dtype`)": str(setup.dtype),
+        },
+    )
     return setup
 
 
-def _summary(checkpoints: Any) -> list[Any]:
-    """Each checkpoint's learning rate and each tensor's name, shape and sum: equal on every rank given equal ones."""
+def _summary(setup: Any) -> list[Any]:
+    """Each checkpoint's learning rate and each tensor's name, shape and sum (its optimizer state's too, and its
+    elements weighed by position: a permutation of equal sum is another), equal on every rank given equal ones."""
+
+    def summed(t: torch.Tensor) -> tuple[Any, ...]:
+        flat = t.detach().flatten().to(torch.float64)
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        return tuple(t.shape), flat.sum().item(), (flat * weights).sum().item()
+
+    def tensors(tree: Any) -> list[torch.Tensor]:
+        return [t for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
     return [
-        (float(c.lr), [(n, tuple(t.shape), t.sum(dtype=torch.float64).item()) for n, t in sorted(c.state.items())])
-        for c in checkpoints
+        (float(c.lr), [(n, summed(t)) for n, t in sorted(c.state.items())], [summed(t) for t in tensors(c.adam)])
+        for c in setup.checkpoints
     ]
 
 
