@@ -17,7 +17,7 @@ from pathlib import Path
 import optree
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
 import tracin_func as tc
 from tests.conftest import assert_close
@@ -93,12 +93,16 @@ def main(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") 
             out["error"] = f"{type(err).__name__}: {err}"
         dataset = TensorDataset(x, y)
         split = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, shuffle=False))
+        batched_split = DataLoader(dataset, batch_sampler=BatchSampler(DistributedSampler(dataset, shuffle=False), 2,
+                                                                       False))  # fmt: skip
         lacking = [tc.Checkpoint({k: v for k, v in c.params.items() if k != "fc2.bias"}, c.lr) for c in ckpts]
         moved = [tc.Checkpoint({k: v + rank for k, v in c.params.items()}, c.lr) for c in ckpts]
         flipped = lambda k, v: v.flip(0) if rank and k == "fc1.weight" else v  # noqa: E731  (rows swapped: same sum)
         permuted = [tc.Checkpoint({k: flipped(k, v) for k, v in c.params.items()}, c.lr) for c in ckpts]
         for name, call in {
             "sampler": lambda: tc.self_influence(model, ckpts, split, loss_fn=LOSS, distributed=True),
+            "batch sampler": lambda: tc.self_influence(model, ckpts, batched_split, loss_fn=LOSS, distributed=True),
+            "embeddings": lambda: tc.embeddings(model, moved, train, **kw),  # (no check at all)
             "test sizes": lambda: tc.influence(model, ckpts, train, (xt[: 1 + rank], yt[: 1 + rank]), **kw),
             # a failure in the call's setup on rank 1 alone (the other rank waited in the first collective)
             "setup": lambda: tc.self_influence(model, ckpts if rank == 0 else lacking, train, **kw),

@@ -511,7 +511,11 @@ def embeddings(
     projection = None
     if projection_dim is not None:
         projection = (positive_int(projection_dim, "projection_dim"), seed_value(seed))
-    setup = make_setup(model, checkpoints, loss_fn=loss_fn, projection=projection, **options)
+    setup = set_up_on_every_rank(
+        options.get("distributed"),
+        lambda: make_setup(model, checkpoints, loss_fn=loss_fn, projection=projection, **options),
+        **{"the projection (`projection_dim`, `seed`)": projection},
+    )
     mine, start, by_batch = share(data, setup.ranks)
 
     def local() -> torch.Tensor | list[tuple[int, torch.Tensor]]:

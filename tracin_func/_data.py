@@ -222,7 +222,7 @@ def check_stable_order(loader: DataLoader, where: str) -> None:
     """Refuse a DataLoader whose iteration order changes between passes or that drops examples: result index
     ``j`` is the j-th example in iteration order, and every example must be scored. A BatchSampler may also come as
     the ``sampler`` (with ``batch_size=None``), around another."""
-    chain = list(_sampler_chain(loader.batch_sampler if loader.batch_sampler is not None else loader.sampler))
+    chain = list(sampler_chain(loader.batch_sampler if loader.batch_sampler is not None else loader.sampler))
     sampler = chain[-1]
     shuffles = isinstance(sampler, _SHUFFLING_SAMPLERS) or getattr(sampler, "shuffle", False) is True
     if shuffles:
@@ -246,7 +246,7 @@ def check_stable_order(loader: DataLoader, where: str) -> None:
             )
 
 
-def _sampler_chain(sampler: Any) -> Iterator[Any]:
+def sampler_chain(sampler: Any) -> Iterator[Any]:
     """``sampler``, and while it is a BatchSampler, the sampler it batches."""
     yield sampler
     while isinstance(sampler, BatchSampler):

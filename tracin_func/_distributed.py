@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ._data import num_examples, rows_of
+from ._data import num_examples, rows_of, sampler_chain
 from ._topk import TopK, first_k
 
 T = TypeVar("T")
@@ -194,7 +194,8 @@ def share(data: Any, ranks: Ranks | None) -> tuple[Any, int, Ranks | None]:
     (a batch, a ``Dataset``) by row range, any other iterable by batch number."""
     if ranks is None:
         return data, 0, None
-    if isinstance(data, DataLoader) and isinstance(data.sampler, DistributedSampler):
+    samplers = sampler_chain(data.batch_sampler or data.sampler) if isinstance(data, DataLoader) else ()
+    if any(isinstance(sampler, DistributedSampler) for sampler in samplers):  # (also inside a BatchSampler)
         raise ValueError(
             "The data is a DataLoader with a DistributedSampler, which already gives each rank a part of it; with "
             "`distributed=` every rank passes the whole data (the Dataset, or a DataLoader over all of it) and "
