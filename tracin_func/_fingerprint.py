@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ._code import closure_values
+from ._code import closure_values, loaded_globals
 from ._setup import Setup
 from ._state import MODULE_SLOTS
 
@@ -78,7 +78,7 @@ def _describe(obj: Any, depth: int = 0, model: frozenset[int] = frozenset()) -> 
     name = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
     if isinstance(obj, types.FunctionType):
         cells = closure_values(obj)
-        read = {n: obj.__globals__[n] for n in obj.__code__.co_names if n in obj.__globals__}
+        read = {n: obj.__globals__[n] for n in loaded_globals(obj.__code__) if n in obj.__globals__}
         values = {n: v for n, v in read.items() if _described_global(v)}  # (a temperature, a criterion, a helper)
         return f"function({name}, {inner(obj.__code__)}, {inner(obj.__defaults__)}, {inner(cells)}, {inner(values)})"
     if callable(obj) and not hasattr(obj, "__dict__") or isinstance(obj, type):

@@ -12,7 +12,6 @@ runs as it is; one that stores what it sees (activations) stores the call's own 
 
 from __future__ import annotations
 
-import dis
 import functools
 import operator
 import types
@@ -24,6 +23,8 @@ import optree
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from ._code import cell_value, closure_values, loaded_globals
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
@@ -77,9 +78,9 @@ def _references(value: Any) -> list[Any]:
     loads; a method's ``self`` and function; a partial's function and arguments; a container's items; an object's
     attributes."""
     if isinstance(value, types.FunctionType):
-        cells = [_contents(c) for c in value.__closure__ or ()]
         defaults = [*(value.__defaults__ or ()), *(value.__kwdefaults__ or {}).values()]
-        return [*cells, *defaults, *(value.__globals__.get(n) for n in _loaded_globals(value.__code__))]
+        globals_ = (value.__globals__.get(n) for n in loaded_globals(value.__code__))
+        return [*closure_values(value), *defaults, *globals_]
     if isinstance(value, types.MethodType):
         return [value.__self__, value.__func__]
     if isinstance(value, functools.partial):
@@ -92,22 +93,6 @@ def _references(value: Any) -> list[Any]:
         return list(islice(value, _ITEMS))
     attributes = getattr(value, "__dict__", None)
     return list(islice(attributes.values(), _ITEMS)) if isinstance(attributes, dict) else []
-
-
-@functools.lru_cache(maxsize=256)
-def _loaded_globals(code: types.CodeType) -> tuple[str, ...]:
-    """The global names ``code`` (and the functions defined in it) loads: not its attribute names, which
-    ``co_names`` holds too."""
-    names = [i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")]
-    nested = [n for c in code.co_consts if isinstance(c, types.CodeType) for n in _loaded_globals(c)]
-    return tuple(dict.fromkeys([*names, *nested]))
-
-
-def _contents(cell: types.CellType) -> Any:
-    try:
-        return cell.cell_contents
-    except ValueError:  # (a cell not yet filled)
-        return None
 
 
 def on_copies(model: nn.Module, copies: Mapping[int, nn.Module]) -> None:
@@ -225,7 +210,7 @@ def _rebuilt_function(fn: types.FunctionType, tree: _Tree, what: str) -> types.F
 
 
 def _moved_cell(cell: types.CellType, tree: _Tree, what: str) -> types.CellType:
-    value = _contents(cell)
+    value = cell_value(cell)
     moved = _moved(value, tree, what)
     return cell if moved is value else types.CellType(moved)
 

@@ -26,7 +26,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-from ._code import closure_values, names_read
+from ._code import closure_values, loaded_globals, names_read
+from ._state import MODULE_SLOTS
 
 # Grouped weight gradients beat unfolded patches + bmm up to about this many channel pairs (measured on CPU: 2-4x
 # faster for 16 x 32 and 64 x 64 channels, 1.7x slower for 128 x 128).
@@ -381,7 +382,9 @@ def _holds_only(holder: nn.Module, names: set[str]) -> bool:
     it leaves the layer to vmap(grad)."""
     if isinstance(holder, parametrize.ParametrizationList) or any(getattr(holder, h) for h in _HOOKS):
         return False
-    functions = []
+    # (callables set on the instance too: a lambda over ``self.bias`` its forward calls as ``self.fn``)
+    own = [v for k, v in vars(holder).items() if k not in MODULE_SLOTS]
+    functions = [v for v in own if callable(v) and not isinstance(v, nn.Module)]
     for cls in type(holder).__mro__:
         if cls in (nn.Module, object):
             continue
@@ -398,20 +401,20 @@ def _holds_only(holder: nn.Module, names: set[str]) -> bool:
 def _names_read(functions: list[Any], depth: int = 0) -> set[str] | None:
     """The attribute and global names ``functions`` read, with those of the functions they wrap (``__wrapped__``),
     close over or call by a global name (a module-level helper), ``depth`` levels down; None where one is a callable
-    whose code cannot be read (a partial, an object), or past the depth."""
+    whose code cannot be read (a partial, an object), closes over a tensor (which it may be), or past the depth."""
     read: set[str] = set()
     for fn in functions:
         if isinstance(fn, type) or not isinstance(fn, types.FunctionType) and _is_builtin(fn):
             continue  # (a class, torch's or Python's own functions: they see only what they are given)
-        if not isinstance(fn, types.FunctionType) or depth > 3:
+        closed = closure_values(fn) if isinstance(fn, types.FunctionType) else []
+        if not isinstance(fn, types.FunctionType) or depth > 3 or any(isinstance(v, torch.Tensor) for v in closed):
             return None
-        code_names = names_read(fn.__code__)
-        called = [fn.__globals__[n] for n in code_names if callable(fn.__globals__.get(n))]
-        inner = [getattr(fn, "__wrapped__", None), *closure_values(fn), *called]
+        called = [fn.__globals__.get(n) for n in loaded_globals(fn.__code__)]
+        inner = [getattr(fn, "__wrapped__", None), *closed, *called]
         more = _names_read([f for f in inner if callable(f) and not isinstance(f, nn.Module)], depth + 1)
         if more is None:
             return None
-        read |= code_names | more
+        read |= names_read(fn.__code__) | more
     return read
 
 
