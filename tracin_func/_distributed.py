@@ -171,14 +171,20 @@ def set_up_on_every_rank(distributed: Any, set_up: Callable[[], T], **agreed: An
     return setup
 
 
+_SUMMED = 1 << 20  # elements weighed by position at a time
+
+
 def _summary(setup: Any) -> list[Any]:
     """Each checkpoint's learning rate and each tensor's name, shape and sum (its optimizer state's too, and its
     elements weighed by position: a permutation of equal sum is another), equal on every rank given equal ones."""
 
     def summed(t: torch.Tensor) -> tuple[Any, ...]:
-        flat = t.detach().flatten().to(torch.float64)
-        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
-        return tuple(t.shape), flat.sum().item(), (flat * weights).sum().item()
+        flat, weighted = t.detach().reshape(-1), torch.zeros((), dtype=torch.float64, device=t.device)
+        for start in range(0, flat.numel(), _SUMMED):  # (in parts: no float64 copy of a whole tensor)
+            part = flat[start : start + _SUMMED].to(torch.float64)
+            positions = torch.arange(start + 1, start + part.numel() + 1, dtype=torch.float64, device=part.device)
+            weighted += part @ positions
+        return tuple(t.shape), t.sum(dtype=torch.float64).item(), weighted.item()
 
     def tensors(tree: Any) -> list[torch.Tensor]:
         return [t for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
