@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._assemble import RepresentationFn, representation_fn, rows_with_gradient
 from ._capture import BatchableLoss, LayerFactors, Unbatchable, Witness, batched_factors, discover, gradients_at
-from ._data import distinct_examples, examples_in, padding, select_rows, slice_batch
+from ._data import distinct_examples, examples_in, padding, select_rows, slice_batch, uncopied_rows
 from ._grads import Mapper, Tensors
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
 from ._recurrent import packed_calls
@@ -179,11 +179,12 @@ def _compared(
     """``batching_refused`` at the state's own precision."""
     few = select_rows(batch, checked_rows(batch, losses))
     n = examples_in(few)
-    # together: the first examples and a copy of the first after them (two: both twice, or reversing them would
-    # leave the batch as it was). A model ordering its batch by an order made outside torch (Python's `sorted`),
+    # together: the first examples and copies of the first two after them. Reversed (`h.flip(0)`), they swap every
+    # row with another example's (the first's copy alone fixed the middle row and the ends, so that two examples of
+    # one gradient hid it: 8% off). A model ordering its batch by an order made outside torch (Python's `sorted`),
     # unseen by the batch-order watch, may find the first examples in order already, but never these, whose keys are
     # not monotone unless all equal: its rows then land on other examples
-    order = {1: [0], 2: [0, 1, 0, 1]}.get(n, [*range(n), 0])
+    order = [0] if n == 1 else [*range(n), 0, 1]
 
     def together_in(loss: BatchableLoss, plan: Plan, order: list[int]) -> tuple[dict[str, LayerFactors], list]:
         with packed_calls() as on_packed:
@@ -299,11 +300,12 @@ def _kept_on_refusal(seen: dict[str, LayerFactors], together: Mapping[str, Layer
 
 def checked_rows(batch: Any, losses: Sequence[BatchableLoss]) -> torch.Tensor:
     """The examples of ``batch`` a check runs: four at most, in the batch's order (packing with
-    ``enforce_sorted=True`` needs a batch sorted by length to stay sorted). Four or fewer are taken as given: the
-    planning head, planning's own picks (``make_plan``), or a re-check's, which may differ only in a tensor narrower
-    than the widest (captions of one image), and a copy adds nothing to miss."""
+    ``enforce_sorted=True`` needs a batch sorted by length to stay sorted). Four or fewer are taken as given, less
+    copies: the planning head, planning's own picks (``make_plan``), or a re-check's, which may differ only in a
+    tensor narrower than the widest (captions of one image). A copy hides a reordering of the batch (the test data's
+    first examples joined to the same first training examples, reversed by ``h.flip(0)``, gave every row its own)."""
     n = examples_in(batch)
-    picked = distinct_examples(_inputs(batch, losses), 4) if n > 4 else []
+    picked = distinct_examples(_inputs(batch, losses), 4) if n > 4 else uncopied_rows(batch)
     return torch.tensor(sorted(picked) if len(picked) > 1 else range(min(4, n)))
 
 

@@ -506,6 +506,17 @@ def _unlike_rows(rows: list[torch.Tensor], k: int, padded: torch.Tensor) -> list
     return taken
 
 
+def uncopied_rows(batch: Batch) -> list[int]:
+    """The indices of the examples of ``batch`` that no earlier one equals in every tensor (NaN differs)."""
+    rows = [t.flatten(1) if t.dim() > 1 else t[:, None] for t in optree.tree_leaves(batch)
+            if isinstance(t, torch.Tensor) and t.dim()]
+    kept: list[int] = []
+    for i in range(examples_in(batch)):
+        if not any(all(bool((r[i] == r[j]).all()) for r in rows) for j in kept):
+            kept.append(i)
+    return kept
+
+
 def extreme_rows(batch: Batch) -> torch.Tensor:
     """The indices of the examples of ``batch`` at an end of the range of some column of its ``padding`` (the first
     of each), in order: they span every range the whole batch does."""
