@@ -635,7 +635,7 @@ class SortedPacked(nn.Module):
 
 @pytest.mark.parametrize("batch_size", [2, 4])
 def test_packing_that_asks_for_sorted_batches_stays_batched(batch_size):
-    """The batching check runs the first examples together with copies of the first two after them, which are not
+    """The batching check runs the first examples together with copies after them, which are not
     sorted: packing raised there, and the call left the batched path (or, planned on two examples of one length,
     was refused at a later batch as mixing its examples). The examples then run together as given."""
     torch.manual_seed(0)

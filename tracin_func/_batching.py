@@ -179,12 +179,15 @@ def _compared(
     """``batching_refused`` at the state's own precision."""
     few = select_rows(batch, checked_rows(batch, losses))
     n = examples_in(few)
-    # together: the first examples and copies of the first two after them. Reversed (`h.flip(0)`), they swap every
-    # row with another example's (the first's copy alone fixed the middle row and the ends, so that two examples of
-    # one gradient hid it: 8% off). A model ordering its batch by an order made outside torch (Python's `sorted`),
-    # unseen by the batch-order watch, may find the first examples in order already, but never these, whose keys are
-    # not monotone unless all equal: its rows then land on other examples
-    order = [0] if n == 1 else [*range(n), 0, 1]
+    # together: the first examples, then copies, so that a model reordering its batch moves some row to another
+    # example. A model ordering it by an order made outside torch (Python's `sorted`), unseen by the batch-order watch,
+    # may find the first examples in order already, but never these, whose keys are not monotone unless all equal;
+    # and none of these orders is left as it is by a reversal (`h.flip(0)`), a roll, halves or blocks of rows swapped
+    # (`h.view(-1, 2, d).flip(0)`), first or last two swapped (two examples: but for the first two and the last two
+    # swapped). Each copy leaves an exchange with its example unseen: a first check with one copy of the first missed
+    # a reversal (two examples of one gradient at the second and fourth rows, 8% off), `[0, 1, 0, 1]` a roll by two
+    # (21%) and a swap of halves (14%), `[0, 1, 2, 3, 0, 1]` blocks of two reversed (44%), silently
+    order = [0] if n == 1 else [0, 1, 1, 0, 1] if n == 2 else [*range(n), 0, n - 1]
 
     def together_in(loss: BatchableLoss, plan: Plan, order: list[int]) -> tuple[dict[str, LayerFactors], list]:
         with packed_calls() as on_packed:
