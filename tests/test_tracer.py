@@ -192,22 +192,25 @@ def test_factory_equals_tracer_update_and_never_plans_again(monkeypatch):
 
 
 class Tempered(nn.Module):
-    """A temperature and a shift the training loop may change, and a branch on its mode (no dropout)."""
+    """A temperature, a scale (a tensor, not a buffer), a gain in a settings dict and a shift the training loop may
+    change, and a branch on its mode (no dropout)."""
 
     def __init__(self):
         super().__init__()
         self.fc1, self.fc2, self.temperature = nn.Linear(4, 8), nn.Linear(8, 3), 1.0
+        self.scale, self.settings = torch.tensor(1.0), {"gain": 1.0}
         self.register_buffer("shift", torch.zeros(3))
 
     def forward(self, x):
-        out = self.fc2(torch.tanh(self.fc1(x))) / self.temperature + self.shift
+        out = self.fc2(torch.tanh(self.fc1(x))) / self.temperature * self.scale * self.settings["gain"] + self.shift
         return out * (0.5 if self.training else 1.0)
 
 
 def test_the_factorys_update_reads_the_model_as_it_is():
     """The tracer's copy of the model was made at planning: a buffer rebound since, an attribute or the mode changed
-    since, were silently not seen (the rows of `tc.tracer_update`, which plans every step, differed by 10x). Each step
-    reads them from the model: the same numbers as `tc.tracer_update`, bit for bit."""
+    since, were silently not seen (the rows of `tc.tracer_update`, which plans every step, differed by 10x; a tensor
+    attribute rebound or a settings dict changed in place, 83%). Each step reads them from the model: the same
+    numbers as `tc.tracer_update`, bit for bit."""
     torch.manual_seed(0)
     model, ce = Tempered().double().eval(), nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(1)
@@ -217,7 +220,8 @@ def test_the_factorys_update_reads_the_model_as_it_is():
     params = dict(model.named_parameters())
     before = tracer.update(tracer.init(), params, 1.0, batch, idx).scores
     changes = [lambda: setattr(model, "shift", torch.tensor([3.0, -2.0, 0.0], dtype=DTYPE)),
-               lambda: setattr(model, "temperature", 0.25), model.train]  # fmt: skip
+               lambda: setattr(model, "temperature", 0.25), lambda: setattr(model, "scale", torch.tensor(2.0)),
+               lambda: model.settings.update(gain=0.3), model.train]  # fmt: skip
     for change in changes:
         change()
         want = tc.tracer_update(tc.tracer_init(test, n_train=4, dtype=DTYPE), model, params, 1.0, batch, idx,
@@ -225,6 +229,35 @@ def test_the_factorys_update_reads_the_model_as_it_is():
         got = tracer.update(tracer.init(), params, 1.0, batch, idx).scores
         assert torch.equal(got, want.scores) and not torch.equal(got, before)
         before = got
+
+
+@pytest.mark.parametrize("frozen_at_planning", [False, True])
+def test_the_factorys_update_follows_parameters_frozen_or_unfrozen(frozen_at_planning):
+    """A backbone frozen after warm-up (or unfrozen later) takes no step (or starts taking them): planned once, the
+    tracer kept differentiating the parameters trainable at planning (10.5% off, silently). A step whose trainable
+    parameters differ is planned for them (once per set): the same numbers as `tc.tracer_update`, bit for bit."""
+    torch.manual_seed(0)
+    model, ce = MLP().double().eval(), nn.CrossEntropyLoss()
+    model.fc1.requires_grad_(not frozen_at_planning)
+    x, y = _data((4,), 6)
+    tracer, idx = tc.tracer(model, (x[:2], y[:2]), n_train=6, loss_fn=ce, dtype=DTYPE), torch.arange(2, 6)
+    params, batch = dict(model.named_parameters()), (x[idx], y[idx])
+    before = tracer.update(tracer.init(), params, 1.0, batch, idx).scores
+    for trainable in (frozen_at_planning, not frozen_at_planning):
+        model.fc1.requires_grad_(trainable)
+        want = tc.tracer_update(tc.tracer_init((x[:2], y[:2]), n_train=6, dtype=DTYPE), model, params, 1.0, batch,
+                                idx, loss_fn=ce)  # fmt: skip
+        got = tracer.update(tracer.init(), params, 1.0, batch, idx).scores
+        assert torch.equal(got, want.scores) and not torch.equal(got, before)
+        before = got
+
+
+def test_the_factorys_update_under_inference_mode_is_refused_clearly():
+    """Under `torch.inference_mode()` a step raised torch's "Inference tensors do not track version counter"."""
+    t = mlp_task()
+    tracer, idx = tc.tracer(t.model, t.test, n_train=10, loss_fn=t.loss_fn, dtype=DTYPE), torch.tensor([0, 1])
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"`tc\.tracer\(\.\.\.\)\.update`: .*inference_mode"):
+        tracer.update(tracer.init(), dict(t.model.named_parameters()), 0.1, (t.train[0][idx], t.train[1][idx]), idx)
 
 
 def test_factory_update_is_pure():

@@ -19,13 +19,23 @@ def in_own_context(fn: _F) -> _F:
     that scores are computed in the call's dtype: under it the library's own products ran in bfloat16 (2e-3 off)
     and float16 ones overflowed. Autocast set inside the model's forward is the model's own and stays. Refused
     inside a ``torch.func`` transform (``vmap`` / ``grad`` over a call), where a test example was blamed for torch's
-    "Cannot access storage of TensorWrapper"."""
+    "Cannot access storage of TensorWrapper"; and under ``torch.inference_mode()`` (a tracer's update raised torch's
+    "Inference tensors do not track version counter")."""
+
+    outer, _, inner = fn.__qualname__.partition(".<locals>.")  # (a tracer's update: `tc.tracer(...).update`)
+    name = f"tc.{outer}(...).{inner}" if inner else f"tc.{fn.__name__}"
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"`{name}`: scores need gradients, which torch cannot compute under "
+                f"`torch.inference_mode()`; call it outside that block (`torch.no_grad()` is fine: the library "
+                f"enables what it needs)."
+            )
         if torch._C._are_functorch_transforms_active():
             raise RuntimeError(
-                f"`tc.{fn.__name__}` was called inside a torch.func transform (`vmap`, `grad`, `jacrev`, ... over the "
+                f"`{name}` was called inside a torch.func transform (`vmap`, `grad`, `jacrev`, ... over the "
                 f"call): it takes per-example gradients itself and cannot be transformed. Call it outside the "
                 f"transform (`torch.vmap` over test examples: pass them as one batch)."
             )

@@ -156,11 +156,6 @@ def make_setup(
 ) -> Setup:
     """Validate the options shared by every scorer and prepare each checkpoint once. ``checkpoints_as``: how
     messages name a single checkpoint made from another argument (a tracer's ``params``)."""
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "Scores need gradients, which torch cannot compute under `torch.inference_mode()`; call the scorer "
-            "outside that block (`torch.no_grad()` is fine: scorers enable what they need)."
-        )
     if isinstance(checkpoints, (Checkpoint, str)) or not isinstance(checkpoints, Iterable):
         raise TypeError(
             f"`checkpoints` must be a list of `tc.Checkpoint`, got {type(checkpoints).__name__}; load files with "

@@ -31,6 +31,8 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping
+from copy import deepcopy
+from functools import partial
 from typing import Any, NamedTuple
 
 import optree
@@ -44,7 +46,7 @@ from ._driver import naming_failures
 from ._model import check_runnable, exclusive_use, unsaved_on
 from ._plan import plan_call
 from ._setup import Setup, make_setup, target_device
-from ._state import MODULE_SLOTS
+from ._state import FLAT_ABOVE, MODULE_SLOTS, NESTING
 
 
 class TracerState(NamedTuple):
@@ -172,10 +174,12 @@ def tracer(
     """A TracIn tracer for a training loop, planned once: ``init()`` and ``update(state, params, lr, batch, indices)``.
 
     The call is validated and planned here, on the test batch (forward-pass checks, per-layer routes, whether one
-    batched forward / backward gives every layer's factors), and the plan is kept in the returned functions; it is
-    never changed afterwards, and every step reuses it, as the scorers reuse the plan of their first test batch for
-    every training batch. A step then costs its gradients, not a new plan (compare :func:`tracer_update`, which
-    plans at every step). The functions are pure: the state goes in and a new one comes out.
+    batched forward / backward gives every layer's factors), and the plan is kept in the returned functions; every
+    step reuses it, as the scorers reuse the plan of their first test batch for every training batch. A step then
+    costs its gradients, not a new plan (compare :func:`tracer_update`, which plans at every step). A step whose
+    trainable parameters (``requires_grad``) are others than at planning (a backbone frozen after warm-up, or
+    unfrozen) is planned for them, once per such set. The functions are pure: the state goes in and a new one comes
+    out.
 
     Args:
         model: an ``nn.Module`` (called through ``functional_call``; never modified) or a pure function
@@ -227,10 +231,23 @@ def tracer(
                 "(its names and shapes are planned)."
             )
         params = dict(model.named_parameters())
-    planned = _plan(
-        model, test, params, "test", n_test=n_test, n_train=n_train, loss_fn=loss_fn, test_loss_fn=test_loss_fn,
+    plan = partial(
+        _plan, model, test, where="test", n_test=n_test, n_train=n_train, loss_fn=loss_fn, test_loss_fn=test_loss_fn,
         factored=factored, chunk_size=chunk_size, dtype=dtype, device=target,
     )
+    first = plan(params)
+    plans = {frozenset(first.names): first}
+
+    def planned_for(params: Mapping[str, torch.Tensor]) -> _Planned:
+        # planned again for the parameters trainable now, once per set: a backbone frozen after warm-up takes no
+        # step, and an unfrozen one starts taking them (scored as planned, 10.5% off, silently)
+        _check_params(first, params)
+        if not isinstance(model, torch.nn.Module):
+            return first
+        trainable = frozenset(_selected(model, params))
+        if trainable not in plans:
+            plans[trainable] = plan(params)
+        return plans[trainable]
 
     def init() -> TracerState:
         return _zeros(test, n_test, n_train, dtype, target)
@@ -243,7 +260,7 @@ def tracer(
         batch: Any,
         indices: torch.Tensor,
     ) -> TracerState:
-        return _apply(state, lr, indices, lambda lr_, idx: _products(planned, state, params, lr_, batch, idx))
+        return _apply(state, lr, indices, lambda lr_, i: _products(planned_for(params), state, params, lr_, batch, i))
 
     return Tracer(init, update)
 
@@ -417,8 +434,8 @@ def _plan(
     model: Any,
     test: Any,
     params: Any,
-    where: str,
     *,
+    where: str,
     n_test: int,
     n_train: int,
     loss_fn: Any,
@@ -474,9 +491,10 @@ _PLAIN = (bool, int, float, complex, str, type(None))
 
 
 def _following(planned: _Planned) -> None:
-    """The plan's private copy of the model given the user's model's modes and attributes of plain values now (train /
-    eval switched since planning, a temperature an annealing loop sets): the copy was made at planning, and scored
-    the model as it was then, silently. (Tensors are read at each step: ``_live_state``.)"""
+    """The plan's private copy of the model given the user's model's modes and attributes now: train / eval switched
+    since planning, a temperature an annealing loop sets (a plain value, a tensor held as a plain attribute, or an
+    entry of a dict or list of plain values, changed in place): the copy was made at planning, and scored the model
+    as it was then, silently. (Parameters and buffers are read at each step: ``_live_state``.)"""
     model, copy = planned.model, planned.setup.spec.module
     if not isinstance(model, torch.nn.Module) or copy is None or copy is model:
         return
@@ -487,8 +505,25 @@ def _following(planned: _Planned) -> None:
             continue
         mirror.training = module.training
         for name, value in vars(module).items():
-            if name not in MODULE_SLOTS and isinstance(value, _PLAIN) and vars(mirror).get(name, ...) != value:
-                object.__setattr__(mirror, name, value)
+            if name in MODULE_SLOTS or not (isinstance(value, torch.Tensor) or _plain_data(value)):
+                continue
+            mine = vars(mirror).get(name, ...)
+            if isinstance(value, torch.Tensor):
+                changed = mine is not value  # (rebound; changed in place, it is the copy's too)
+            else:
+                changed = type(mine) is not type(value) or mine != value
+            if changed:  # (a container copied: the forward may change the copy's, which the call then undoes)
+                object.__setattr__(mirror, name, deepcopy(value) if isinstance(value, (dict, list, tuple)) else value)
+
+
+def _plain_data(value: Any, depth: int = NESTING) -> bool:
+    """Whether ``value`` is a plain value or a container of them (settings: no tensor, no module), ``depth`` deep."""
+    if isinstance(value, _PLAIN):
+        return True
+    if depth == 0 or not isinstance(value, (dict, list, tuple)) or len(value) > FLAT_ABOVE:
+        return False
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    return all(_plain_data(item, depth - 1) for item in items)
 
 
 def _check_params(planned: _Planned, params: Any) -> None:
@@ -599,7 +634,7 @@ def _planned_products(
     batch = as_dict(batch)
     _check_values(state, lr, batch, indices, "`tc.tracer_init`")  # before planning: cheap errors first
     planned = _plan(
-        model, state.test, params, "state.test", n_test=state.scores.shape[0], n_train=state.scores.shape[1],
+        model, state.test, params, where="state.test", n_test=state.scores.shape[0], n_train=state.scores.shape[1],
         loss_fn=loss_fn, test_loss_fn=test_loss_fn, factored=factored, chunk_size=chunk_size,
         dtype=state.scores.dtype, device=state.scores.device, train_batch=batch,
     )
