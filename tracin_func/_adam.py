@@ -20,7 +20,8 @@ stores when an optimizer is built from ``model.named_parameters()``; otherwise, 
 of ``model.named_parameters()`` (all of them, or those that require grad: the order of ``model.parameters()``, from
 which optimizers are usually built) or of a pure function's floating checkpoint entries. Counts and every shape
 must match. Several param groups without ``param_names`` cannot be matched safely (their order is the user's) and
-are refused.
+are refused. A checkpoint weighs every parameter by its one ``lr``, so scored parameters in param groups of different
+learning rates are refused: each group is scored in a call of its own (its ``lr``, ``params=`` its parameters).
 
 Example:
     >>> import torch
@@ -115,6 +116,35 @@ def _ids_to_names(
     )
 
 
+def _check_one_lr(
+    groups: Sequence[Mapping[str, Any]],
+    by_id: Mapping[Any, tuple[str, int]],
+    scored: Collection[str] | None,
+    where: str,
+) -> None:
+    """Refuse scored parameters in param groups of different learning rates: Adam moves each parameter by its own
+    group's ``lr`` times its update, but a checkpoint weighs every parameter by its one ``lr`` (weighted by one of
+    them, the scores were 99% off)."""
+    held: dict[int, list[str]] = {}
+    for name, g in by_id.values():
+        if scored is None or name in scored:
+            held.setdefault(g, []).append(name)
+    lrs = {g: float(groups[g]["lr"]) for g in held if "lr" in groups[g]}
+    if len(set(lrs.values())) < 2:
+        return
+    listed = "; ".join(
+        f"param_groups[{g}] lr={lr:g} holds {held[g][:5]}{' and more' if len(held[g]) > 5 else ''}"
+        for g, lr in lrs.items()
+    )
+    first = min(lrs)
+    raise ValueError(
+        f"`optimizer_state` of {where} has param groups of different learning rates ({listed}): Adam moves each "
+        f"parameter by its group's lr, but a checkpoint weighs every parameter by its one `lr`. Score each group in a "
+        f"call of its own, with checkpoints of that group's lr and `params=` its parameters (e.g. "
+        f"`tc.load_checkpoints(paths, lr={lrs[first]:g})` and `params={held[first][:5]}`), and sum the scores."
+    )
+
+
 def adam_states(
     optimizer_state: Any,
     order: Sequence[str],
@@ -141,6 +171,7 @@ def adam_states(
         )
     groups = optimizer_state["param_groups"]
     by_id = _ids_to_names(groups, order, order if trainable is None else trainable, where)
+    _check_one_lr(groups, by_id, scored, where)
     states: dict[str, AdamParam] = {}
     for pid, (name, g) in by_id.items():
         group = _group_of(groups, g, where)

@@ -184,7 +184,7 @@ def load_checkpoints(
     ``optimizer_state`` when it is Adam's or AdamW's (Adam-aware TracIn; its parameter ids are matched to the model's
     names when scoring, where the model says which entries are parameters); another optimizer's (SGD's, as Captum's
     tutorial saves it) is left out: plain gradients. A file without a learning rate then takes the optimizer's,
-    when all its param groups share one.
+    when all its param groups share one (param groups of different lrs are refused, with the fix: a call per group).
 
     Returns:
         ``list[Checkpoint]`` in the order described above.
@@ -234,9 +234,17 @@ def load_checkpoints(
         stored_lr = stored_lr if stored_lr is not None else _optimizer_lr(optimizer)
         # another optimizer's state (SGD's momentum, in Captum's tutorial files) is not kept: plain gradients, as
         # TracIn for SGD scores them (kept, every scorer refused it as not Adam's)
-        optimizer = optimizer if _adam_like(optimizer) else None
+        raw_optimizer, optimizer = optimizer, optimizer if _adam_like(optimizer) else None
         ckpt_lr = given_lr if given_lr is not None else stored_lr
         if ckpt_lr is None:
+            groups = _group_lrs(raw_optimizer)
+            if groups:
+                raise ValueError(
+                    f"Checkpoint {path!r} stores no one learning rate: its optimizer's param groups have different "
+                    f"ones ({groups}), and a checkpoint weighs every parameter by one `lr`. Score each group in a call "
+                    f"of its own: load the files with that group's `lr=` and pass `params=` its parameters, then sum "
+                    f"the scores."
+                )
             raise ValueError(
                 f"Checkpoint {path!r} stores no learning rate; pass `lr=` (one value or one per checkpoint) or save "
                 f"it as a `learning_rate` entry."
@@ -260,6 +268,23 @@ def _optimizer_lr(optimizer: Mapping[str, Any] | None) -> Any:
         return None
     lrs = {float(g["lr"]) for g in groups if isinstance(g, Mapping) and "lr" in g}
     return lrs.pop() if len(lrs) == 1 and all(isinstance(g, Mapping) and "lr" in g for g in groups) else None
+
+
+def _group_lrs(optimizer: Mapping[str, Any] | None) -> str:
+    """Each param group's lr and parameters (names where saved, else ids) when a saved optimizer's groups have
+    different lrs, else ``""``."""
+    groups = optimizer.get("param_groups") if optimizer is not None else None
+    if not isinstance(groups, Sequence) or not all(isinstance(g, Mapping) and "lr" in g for g in groups):
+        return ""
+    if len({float(g["lr"]) for g in groups}) < 2:
+        return ""
+
+    def held(group: Mapping[str, Any]) -> str:
+        if "param_names" in group:
+            return f"{list(group['param_names'])[:5]}"
+        return f"ids {list(group.get('params', ()))[:5]}"
+
+    return "; ".join(f"param_groups[{i}] lr={float(g['lr']):g} holds {held(g)}" for i, g in enumerate(groups))
 
 
 def checkpoint_files(directory: str) -> list[str]:
