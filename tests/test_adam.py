@@ -43,9 +43,7 @@ def _data(model: nn.Module, n: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     return x, torch.randint(0, 3, (n,), generator=gen)
 
 
-def train_run(
-    tmp_path, model: nn.Module, optimizer, *, steps=(2, 5), named=False, trainable=None, lr=None
-) -> list:
+def train_run(tmp_path, model: nn.Module, optimizer, *, steps=(2, 5), named=False, trainable=None, lr=None) -> list:
     """Train ``model`` (float64) with a real torch optimizer (a key of ``OPTIMIZERS``, or a function of the
     parameters), saving ``{"model", "optimizer"}`` after each number of ``steps``; returns the loaded checkpoints
     (``lr``: passed to ``tc.load_checkpoints``)."""
@@ -279,6 +277,55 @@ def test_param_groups_of_different_learning_rates(tmp_path):
     assert_close(scores, reference)
 
 
+@pytest.mark.parametrize("saved", ["wrapper", "model"])
+def test_an_optimizer_of_a_data_parallel_wrapper(tmp_path, saved):
+    """An optimizer built from a DataParallel / DDP wrapper's `named_parameters()` names 'module.fc1.weight', ...:
+    `load_checkpoints` strips the prefix from its 'param_names' as from the state dict's keys (they were refused as
+    names the model does not have, found by review); in memory, the refusal names the prefix."""
+    torch.manual_seed(1)
+    model = MLP().to(DTYPE)
+    wrapper = nn.DataParallel(model)  # (no GPU: calls the model)
+    opt = torch.optim.Adam(wrapper.named_parameters(), lr=0.01)
+    x, y = _data(model, 8, 100)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(wrapper(x), y).backward()
+        opt.step()
+    torch.save({"model": (wrapper if saved == "wrapper" else model).state_dict(), "optimizer": opt.state_dict()},
+               tmp_path / "c.pt")
+    model.eval()
+    ckpts = tc.load_checkpoints([tmp_path / "c.pt"])
+    assert ckpts[0].optimizer_state["param_groups"][0]["param_names"][:2] == ["fc1.weight", "fc1.bias"]
+    train, test = _data(model, N_TRAIN, 1), _data(model, N_TEST, 2)
+    reference = AdamReference(model, ckpts, train, test).influence
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=LOSS), reference)
+    in_memory = tc.Checkpoint(ckpts[0].params, 0.01, opt.state_dict())
+    with pytest.raises(ValueError, match=r"names parameters \['module.fc1.weight', .+ carry the `module.` prefix"):
+        tc.influence(model, [in_memory], train, test, loss_fn=LOSS)
+
+
+def test_a_child_named_module_keeps_its_names(tmp_path):
+    """The prefix is stripped from an optimizer's names only where the state dict names the parameters without it:
+    a model's own child called `module` keeps them."""
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.module(x)))
+
+    torch.manual_seed(1)
+    model = Holder().to(DTYPE)
+    inner = ["module.weight", "module.bias"]
+    ckpts = train_run(tmp_path, model, "adam", named=True, trainable=set(inner))
+    assert ckpts[0].optimizer_state["param_groups"][0]["param_names"] == inner
+    train, test = _data(model, N_TRAIN, 1), _data(model, N_TEST, 2)
+    scores = tc.influence(model.eval(), ckpts, train, test, loss_fn=LOSS, params=inner)
+    assert_close(scores, AdamReference(model, ckpts, train, test, params=inner).influence)
+
+
 def test_a_fresh_optimizer_is_adams_first_step():
     """No state yet (m = v = 0, t = 0): u = g / (|g| + eps) elementwise."""
     model = nn.Linear(4, 3).to(DTYPE)
@@ -308,6 +355,18 @@ def test_several_param_groups_without_names_are_refused():
     opt = torch.optim.Adam([{"params": [model.bias]}, {"params": [model.weight], "weight_decay": 0.0}])
     with pytest.raises(ValueError, match=r"has 2 param groups without 'param_names'.+named_parameters\(\)"):
         _score(*_linear_ckpt(opt.state_dict(), model))
+
+
+def test_param_groups_named_by_a_submodule_are_refused_saying_so():
+    """Groups built from a submodule's `named_parameters()` name 'weight', 'bias': the refusal says the names look
+    relative to a submodule and how to build the groups (it said only "save the optimizer of this model")."""
+    torch.manual_seed(1)
+    model = MLP().to(DTYPE)
+    opt = torch.optim.Adam([{"params": list(layer.named_parameters())} for layer in (model.fc1, model.fc2)])
+    model, ckpt = _linear_ckpt(opt.state_dict(), model.eval())
+    with pytest.raises(ValueError, match=r"names parameters \['weight', 'bias'\] .+ look relative to a submodule "
+                       r"\('weight', not 'fc1.weight'\).+n.startswith\('fc1.'\)"):
+        _score(model, ckpt)
 
 
 def test_a_count_mismatch_is_refused():

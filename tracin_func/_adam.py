@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._checkpoints import DATA_PARALLEL_PREFIX
 from ._representations import Dense, Representation, _rows
 
 
@@ -86,6 +87,28 @@ def _group_of(groups: Sequence[Mapping[str, Any]], index: int, where: str) -> Ma
     return group
 
 
+def _unknown_names_fix(unknown: Sequence[str], order: Sequence[str]) -> str:
+    """The end of the message refusing the optimizer's ``unknown`` parameter names: why they may not be the model's
+    (``order``) and the fix."""
+    known = set(order)
+    if all(n.startswith(DATA_PARALLEL_PREFIX) and n[len(DATA_PARALLEL_PREFIX) :] in known for n in unknown):
+        return (
+            ": they carry the `module.` prefix of DataParallel / DDP (an optimizer built from the wrapper's "
+            "`named_parameters()`). Load the files with `tc.load_checkpoints`, which strips it, or strip it from "
+            "each group's 'param_names' in a copy of the state."
+        )
+    relative = {n: next((o for o in order if o.endswith("." + n)), None) for n in unknown}
+    if all(relative.values()):
+        short, full = next(iter(relative.items()))
+        return (
+            f": they look relative to a submodule ({short!r}, not {full!r}), as param groups built from a "
+            f"submodule's `named_parameters()` name them. Build the groups from the model's `named_parameters()`, "
+            f"e.g. `[(n, p) for n, p in model.named_parameters() if n.startswith({full[: -len(short)]!r})]`, or set "
+            f"each group's 'param_names' to the model's names in a copy of the saved state."
+        )
+    return f"; save the optimizer of this model (its parameters: {list(order)[:10]})."
+
+
 def _ids_to_names(
     groups: Sequence[Mapping[str, Any]], order: Sequence[str], trainable: Sequence[str], where: str
 ) -> dict[Any, tuple[str, int]]:
@@ -94,10 +117,15 @@ def _ids_to_names(
     if all("param_names" in group for group in groups):
         names = [n for group in groups for n in group["param_names"]]
         unknown = [n for n in names if n not in order]
-        if unknown or len(names) != len(ids):
+        if unknown:
             raise ValueError(
-                f"`optimizer_state` of {where} names parameters {unknown[:5]} that the model does not have; save the "
-                f"optimizer of this model (its parameters: {list(order)[:10]})."
+                f"`optimizer_state` of {where} names parameters {list(dict.fromkeys(unknown))[:5]} that the model "
+                f"does not have{_unknown_names_fix(unknown, order)}"
+            )
+        if len(names) != len(ids):
+            raise ValueError(
+                f"`optimizer_state` of {where} has {len(names)} 'param_names' for {len(ids)} parameter ids; save the "
+                f"optimizer's `state_dict()` unedited."
             )
         return {i: (n, g) for (i, g), n in zip(ids, names)}
     if len(groups) > 1:

@@ -21,6 +21,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 LR_KEYS = ("learning_rate", "lr")
 STATE_KEYS = ("model_state_dict", "state_dict", "model")
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict")
+DATA_PARALLEL_PREFIX = "module."
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,31 @@ def split_state_and_lr(obj: Mapping[str, Any], where: str) -> tuple[dict[str, to
             f"Checkpoint {where} has non-tensor entries {bad[:5]}; expected a state dict, optionally with a "
             f"`learning_rate` entry or nested under `model_state_dict`."
         )
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return dict(state), lr
+    stripped = unprefixed(list(state))
+    return dict(zip(stripped, state.values())) if stripped is not None else dict(state), lr
+
+
+def unprefixed(names: Sequence[str]) -> list[str] | None:
+    """``names`` without DataParallel / DDP's ``module.`` prefix when every one carries it, else None."""
+    if names and all(n.startswith(DATA_PARALLEL_PREFIX) for n in names):
+        return [n[len(DATA_PARALLEL_PREFIX) :] for n in names]
+    return None
+
+
+def _named_as_state(optimizer: Mapping[str, Any] | None, state: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """``optimizer`` with the ``module.`` prefix stripped from its groups' ``param_names`` where the state dict names
+    the parameters without it (an optimizer built from a DataParallel / DDP wrapper's ``named_parameters()``; the
+    state dict's prefix is stripped too): scoring matches the names to the model's. A copy; else ``optimizer``."""
+    groups = optimizer.get("param_groups") if optimizer is not None else None
+    named = isinstance(groups, Sequence) and all(isinstance(g, Mapping) and "param_names" in g for g in groups)
+    if not (named and groups):
+        return optimizer
+    names = [n for g in groups for n in g["param_names"]]
+    stripped = unprefixed(names) if all(isinstance(n, str) for n in names) else None
+    if stripped is None or not set(stripped) <= set(state) or set(names) <= set(state):
+        return optimizer
+    rest = iter(stripped)
+    return {**optimizer, "param_groups": [{**g, "param_names": [next(rest) for _ in g["param_names"]]} for g in groups]}
 
 
 def load_checkpoints(
@@ -176,8 +199,9 @@ def load_checkpoints(
 
     Supported files: a ``torch.save``d state dict; a dict with ``model_state_dict`` / ``state_dict`` / ``model``
     and ``learning_rate`` (Captum tutorial format); a flat state dict with a ``learning_rate`` entry;
-    ``.safetensors`` (no learning rate inside, pass ``lr=``). A ``module.`` prefix
-    is stripped. Other entries (``epoch``, ``loss``, ...) next to a nested state dict are ignored.
+    ``.safetensors`` (no learning rate inside, pass ``lr=``). A ``module.`` prefix (DataParallel / DDP) is stripped,
+    from the optimizer's ``param_names`` too. Other entries (``epoch``, ``loss``, ...) next to a nested state dict
+    are ignored.
 
     An ``optimizer`` / ``optimizer_state_dict`` entry holding a torch optimizer's ``state_dict()`` (the usual
     ``{"model": model.state_dict(), "optimizer": optimizer.state_dict()}`` layout) becomes the checkpoint's
@@ -231,6 +255,7 @@ def load_checkpoints(
         key = next((k for k in OPTIMIZER_KEYS if isinstance(obj.get(k), Mapping)), None)
         optimizer = obj.pop(key) if key is not None else None
         state, stored_lr = split_state_and_lr(obj, repr(path))
+        optimizer = _named_as_state(optimizer, state)
         stored_lr = stored_lr if stored_lr is not None else _optimizer_lr(optimizer)
         # another optimizer's state (SGD's momentum, in Captum's tutorial files) is not kept: plain gradients, as
         # TracIn for SGD scores them (kept, every scorer refused it as not Adam's)
