@@ -3,8 +3,11 @@ pytree."""
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
+import re
+import warnings
 
 import optree
 import pytest
@@ -433,3 +436,63 @@ def test_loaded_checkpoints_score_like_in_memory_ones(tmp_path):
     halved = tc.load_checkpoints(str(tmp_path), lr=[lr / 2 for lr in lrs])
     s_halved = tc.influence(model, halved, (x, y), (x[:3], y[:3]), loss_fn=loss)
     torch.testing.assert_close(s_halved * 2, s_memory, rtol=1e-12, atol=0)
+
+
+# --- checkpoints kept in memory: aliases of the live tensors ------------------------------------------------------
+
+_ALIASED = r"the very same (exp_avg )?tensor for '0.weight' \(one storage, not copies\).+Copy (them|it) when saving"
+
+
+def _kept_during_training(copy_params: bool, copy_moments: bool) -> tuple[nn.Module, list[tc.Checkpoint]]:
+    """Adam checkpoints kept in memory after steps 1 and 2 of training, each part copied or not (the `Checkpoint`
+    docstring once kept `dict(model.state_dict())` and `opt.state_dict()`: both alias the live tensors)."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    ckpts = []
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        params = {k: v.detach().clone() for k, v in model.state_dict().items()} if copy_params else model.state_dict()
+        moments = copy.deepcopy(opt.state_dict()) if copy_moments else opt.state_dict()
+        ckpts.append(tc.Checkpoint(dict(params), 0.05, optimizer_state=moments))
+    return model.eval(), ckpts[:2]
+
+
+def _warnings_of(model, ckpts, **kw) -> list[str]:
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tc.self_influence(model, ckpts, (x, y), loss_fn=nn.CrossEntropyLoss(), **kw)
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+@pytest.mark.parametrize("copy_params, copy_moments", [(False, True), (True, False), (False, False)])
+def test_checkpoints_aliasing_the_live_tensors_warn(copy_params, copy_moments):
+    """Checkpoints kept without copies all score the final weights / moments (54% off, silently; found by review):
+    the scorers warn, naming the checkpoints, the parameter and the fix."""
+    model, ckpts = _kept_during_training(copy_params, copy_moments)
+    caught = _warnings_of(model, ckpts)
+    assert len(caught) == (not copy_params) + (not copy_moments)
+    for message in caught:
+        assert re.search(r"`checkpoints\[0\](.optimizer_state)?` and `checkpoints\[1\]", message)
+        assert re.search(_ALIASED, message)
+
+
+def test_copies_one_checkpoint_twice_tied_and_undifferentiated_tensors_do_not_warn():
+    """Copies do not warn; nor one checkpoint object given twice (it counts twice, as asked), a tensor tied under
+    two names within one checkpoint, or one shared by checkpoints but not differentiated."""
+    model, ckpts = _kept_during_training(True, True)
+    assert _warnings_of(model, ckpts) == []
+    assert _warnings_of(model, [ckpts[0], ckpts[0]]) == []
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)).double().eval()
+    tied[2].weight = tied[0].weight
+    states = []
+    for scale in (1.0, 0.5):
+        weight = tied[0].weight.detach() * scale
+        states.append({**{k: v * scale for k, v in tied.state_dict().items()}, "0.weight": weight, "2.weight": weight})
+    assert _warnings_of(tied, [tc.Checkpoint(s, 0.1) for s in states]) == []
+    shared = [tc.Checkpoint({**c.params, "0.weight": ckpts[0].params["0.weight"]}, c.lr) for c in ckpts]
+    assert _warnings_of(model, shared, params=["2.weight", "2.bias"]) == []
+    assert re.search(_ALIASED, *_warnings_of(model, shared))

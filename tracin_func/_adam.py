@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._aliasing import warn_aliased_moments
 from ._checkpoints import DATA_PARALLEL_PREFIX
 from ._representations import Dense, Representation, _rows
 
@@ -327,8 +328,9 @@ def with_adam_states(
         trainable = [n for n, p in named if p.requires_grad]
     else:
         order = trainable = [n for n, t in checkpoints[0].params.items() if t.is_floating_point()]
-    out = []
-    for i, (c, ready) in enumerate(zip(checkpoints, prepared)):
-        states = adam_states(c.optimizer_state, order, shapes, f"checkpoints[{i}]", trainable, scored)
-        out.append(ready._replace(adam=on_device(states, device, dtype)))
-    return out
+    states = [
+        adam_states(c.optimizer_state, order, shapes, f"checkpoints[{i}]", trainable, scored)
+        for i, c in enumerate(checkpoints)
+    ]
+    warn_aliased_moments(checkpoints, states, order if scored is None else scored)
+    return [ready._replace(adam=on_device(s, device, dtype)) for ready, s in zip(prepared, states)]

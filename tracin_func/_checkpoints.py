@@ -38,14 +38,20 @@ class Checkpoint:
             Adam would take for each of them alone, test examples by their gradients (Adam-aware TracIn, see the
             README's "Adam-aware TracIn"). Its parameter ids are matched to names when scoring.
 
+    Kept in memory during training, a checkpoint needs copies: ``model.state_dict()`` and ``opt.state_dict()`` hold
+    references to the live tensors, which later steps change in place (every checkpoint would be the final model).
+    Scorers warn when two checkpoints hold the very same tensor for a differentiated parameter or its Adam moments;
+    one checkpoint object given twice is not warned about (it counts twice, as asked).
+
     Example:
-        >>> import torch, tracin_func as tc
+        >>> import copy, torch, tracin_func as tc
         >>> ckpt = tc.Checkpoint(params={"weight": torch.zeros(2, 3)}, lr=0.1)
         >>> ckpt.lr
         0.1
         >>> model = torch.nn.Linear(3, 2)
         >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        >>> ckpt = tc.Checkpoint(dict(model.state_dict()), lr=1e-3, optimizer_state=opt.state_dict())
+        >>> params = {k: v.detach().clone() for k, v in model.state_dict().items()}  # copies: training goes on
+        >>> ckpt = tc.Checkpoint(params, lr=1e-3, optimizer_state=copy.deepcopy(opt.state_dict()))
     """
 
     params: Mapping[str, torch.Tensor]

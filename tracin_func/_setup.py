@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._adam import with_adam_states
+from ._aliasing import warn_aliased_params
 from ._allocator import keep_freed_batches
 from ._checkpoints import Checkpoint
 from ._distributed import Ranks, check_device, resolve
@@ -209,6 +210,7 @@ def make_setup(
                disable=not progress, leave=False)
     prepared = [converted(state, c.lr, target, dtype, spec.unsaved, spec.following) for state, c in bar]
     prepared = with_adam_states(model, checkpoints, prepared, shapes, target, dtype, spec.diff_names)
+    warn_aliased_params(checkpoints, spec.diff_names)
     auto_batch = batch_size is None  # the plan sizes the batches; before it (index digests), dense gradients
     batch_size = batch_size or auto_batch_size(sum(prepared[0].state[n].nbytes for n in spec.diff_names), target)
     train_loss = example_loss(spec.forward, loss_fn, "loss_fn")
