@@ -70,6 +70,20 @@ def test_projected_index_keeps_exact_self_influence(task, tmp_path):
     assert_close(scores, test_emb @ index.embeddings().to(DTYPE).T)
 
 
+def test_last_layer_index_holds_the_last_layers_embeddings(task, tmp_path, monkeypatch):
+    """The manifest's width (and the default shard size) counted every parameter, the shards the last layer's: the
+    build failed after computing every shard."""
+    model, ckpts, train, test, _ = task
+    ref = reference_scores(model, ckpts, train, test, loss_fn=LOSS, params=["fc2.weight", "fc2.bias"])
+    width = ref.train_embeddings.shape[1]  # 3 checkpoints x (6 x 3 + 3)
+    monkeypatch.setattr(_build, "SHARD_BYTES", 5 * width * DTYPE.itemsize)  # five rows a shard, at this width
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, method="last_layer", storage_dtype=DTYPE)
+    assert index.dim == width and [s["stop"] - s["start"] for s in index.shards] == [5, 5, 5, 5, 3]
+    assert_close(index.embeddings(), ref.train_embeddings)
+    assert_close(index.self_influence(), ref.self_influence)
+    assert_close(tc.influence(model, ckpts, index, test, loss_fn=LOSS, method="last_layer"), ref.influence)
+
+
 def test_same_call_resumes_and_ends_byte_identical(task, tmp_path, monkeypatch):
     model, ckpts, train, _, _ = task
     kw = dict(loss_fn=LOSS, projection_dim=8, shard_size=5)

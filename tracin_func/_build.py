@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import optree
@@ -18,10 +18,11 @@ from ._checkpoints import Checkpoint
 from ._context import in_own_context
 from ._data import as_dict, iter_batches, num_examples, rows_of
 from ._distributed import agree, gather_objects, on_every_rank, set_up_on_every_rank
-from ._driver import collect_rows, embedding_blocks
+from ._driver import collect_rows, embedding_blocks, first_examples, naming_failures
 from ._fingerprint import differences, fingerprint, tensor_bytes
 from ._index import FORMAT, LAYOUT, MANIFEST, VERSION, Index, check_shard, manifest_digest, open_index, read_manifest
 from ._model import exclusive_use
+from ._plan import scored_names
 from ._setup import Setup, make_setup
 from ._shards import TEMPORARY, file_and_payload_sha256, file_sha256, shard_info, shard_name, write_json, write_shard
 from ._validate import boolean, positive_int, seed_value
@@ -35,13 +36,23 @@ SHARD_BYTES = 1 << 28  # default shard size: about 256 MB of embeddings
 STORAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _embedded_names(setup: Setup, train: Any) -> Sequence[str]:
+    """The parameters whose gradients the embeddings hold, as the shards' plans choose them (the last layer: on the
+    first example, which plans the first shard)."""
+    if setup.method != "last_layer":
+        return setup.spec.diff_names
+    head = first_examples(setup, train, "train")
+    with naming_failures(setup.train_loss, setup, head, "train", 0):
+        return scored_names(setup, head)
+
+
 def _plan_manifest(
-    setup: Setup, loss_fn: Any, n: int, shard_size: int | None, storage_dtype: torch.dtype
+    setup: Setup, names: Sequence[str], loss_fn: Any, n: int, shard_size: int | None, storage_dtype: torch.dtype
 ) -> dict[str, Any]:
-    """The manifest of an index still being built (``complete: false``, no shard list yet); shards of about
-    ``SHARD_BYTES`` of embeddings unless ``shard_size`` is given."""
+    """The manifest of an index still being built (``complete: false``, no shard list yet) whose embeddings hold the
+    gradients of ``names``; shards of about ``SHARD_BYTES`` of embeddings unless ``shard_size`` is given."""
     state = setup.checkpoints[0].state
-    k = setup.projection[0] if setup.projection else sum(state[name].numel() for name in setup.spec.diff_names)
+    k = setup.projection[0] if setup.projection else sum(state[name].numel() for name in names)
     dim = len(setup.checkpoints) * k
     prints = fingerprint(setup, loss_fn)
     layout = {
@@ -282,7 +293,8 @@ def build_index(
         return make_setup(model, checkpoints, loss_fn=loss_fn, projection=projection, **options)
 
     setup = set_up_on_every_rank(options.get("distributed"), set_up)
-    planned = _plan_manifest(setup, loss_fn, n, shard_size, storage_dtype)
+    names = on_every_rank(setup.ranks, lambda: _embedded_names(setup, train))
+    planned = _plan_manifest(setup, names, loss_fn, n, shard_size, storage_dtype)
     ranges = _shard_ranges(n, planned["shard_size"])
     ranks = setup.ranks
     agree(ranks, **{"the index's settings (its digest)": planned["digest"]})

@@ -131,13 +131,11 @@ def plan_call(
     batching check runs on when ``batch`` holds a single example (whose batched and lone runs are the same); called only
     then. ``pool``: more examples (the same data's first, ``batch`` first, then maybe the training data's), which the
     batching check picks its examples among."""
-    module, first = setup.spec.module, setup.checkpoints[0].state
+    module = setup.spec.module
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
     tensor_bytes = max(_checked_on_either(setup, loss, batch, where) for loss in losses)
-    names, factored = setup.spec.diff_names, setup.factored
-    if setup.method == "last_layer":
-        assert module is not None  # checked when the call was set up
-        names, factored = last_layer_params(module, setup.train_loss, first, batch, setup.spec.aliases), True
+    names = scored_names(setup, batch)
+    factored = True if setup.method == "last_layer" else setup.factored
     checked_at = split_state(setup.checkpoints[-1].state, names)  # see ``make_plan``
     mapper = Mapper(setup.chunk_size)
     plan = make_plan(
@@ -162,6 +160,16 @@ def plan_call(
             reps[id(loss)] = checking_batches(rep, module, loss, plan, mapper, checked_at, setup.compile, witness)
     train, test = reps[id(setup.train_loss)], reps[id(setup.test_loss)]
     return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection), train, test)
+
+
+def scored_names(setup: Setup, batch: Any) -> Sequence[str]:
+    """The parameters a call planned on ``batch`` (on device) differentiates: those selected, or with
+    ``method='last_layer'`` the last nn.Linear the loss of its first example reaches (``last_layer_params``)."""
+    if setup.method != "last_layer":
+        return setup.spec.diff_names
+    assert setup.spec.module is not None  # checked when the call was set up
+    first = setup.checkpoints[0].state
+    return last_layer_params(setup.spec.module, setup.train_loss, first, batch, setup.spec.aliases)
 
 
 def _checked_on_either(setup: Setup, loss: ExampleLossFn, batch: Any, where: str) -> int:
