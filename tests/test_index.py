@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,6 +83,48 @@ def test_last_layer_index_holds_the_last_layers_embeddings(task, tmp_path, monke
     assert_close(index.embeddings(), ref.train_embeddings)
     assert_close(index.self_influence(), ref.self_influence)
     assert_close(tc.influence(model, ckpts, index, test, loss_fn=LOSS, method="last_layer"), ref.influence)
+
+
+def _misfit_task():
+    """A linear model and six examples, row 4 a misfit with embeddings (about 3e5) past float16's range."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).to(DTYPE)
+    ckpts = [tc.Checkpoint(params={k: v.clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (6,), generator=gen)
+    x[4] *= 1e6
+    y[4] = model(x[4:5]).argmin()
+    return model, ckpts, (x, y), (x[:2], y[:2])
+
+
+def test_a_storage_dtype_too_narrow_is_refused_before_its_shard_is_written(tmp_path):
+    model, ckpts, train, test = _misfit_task()
+    ref = reference_scores(model, ckpts, train, test, loss_fn=LOSS)
+    largest = ref.train_embeddings[4].abs().max().item()
+    assert torch.finfo(torch.float16).max < largest < torch.finfo(torch.bfloat16).max
+    kw = dict(loss_fn=LOSS, shard_size=3)
+    with pytest.raises(ValueError, match=(
+        rf"`storage_dtype`=torch.float16 cannot hold the embeddings of `train` rows \[4\]: their largest magnitude, "
+        rf"{re.escape(f'{largest:.4g}')}, .* Pass `storage_dtype=torch.bfloat16` or `storage_dtype=torch.float32`"
+    )):  # fmt: skip
+        tc.build_index(tmp_path, model, ckpts, train, storage_dtype=torch.float16, **kw)
+    assert (tmp_path / "shard-00000.safetensors").exists() and not (tmp_path / "shard-00001.safetensors").exists()
+    index = tc.build_index(tmp_path, model, ckpts, train, storage_dtype=torch.bfloat16, overwrite=True, **kw)
+    assert_close(tc.influence(model, ckpts, index, test, loss_fn=LOSS), ref.influence, 1e-2)
+
+
+def test_queries_refuse_an_index_holding_infinities(tmp_path, monkeypatch):
+    """Built before the storage check: index influence gave NaN, top_k ranked it first among proponents."""
+    model, ckpts, train, test = _misfit_task()
+    monkeypatch.setattr(_build, "_check_storable", lambda *args: None, raising=False)  # (older builds: none)
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, storage_dtype=torch.float16, shard_size=3)
+    assert not torch.isfinite(index.embeddings([4])).all()
+    refused = r"Non-finite influence scores between `test` rows \[0, 1\] and `train` rows \[4\].*storage_dtype"
+    with pytest.raises(FloatingPointError, match=refused):
+        tc.influence(model, ckpts, index, test, loss_fn=LOSS)
+    for proponents in (True, False):
+        with pytest.raises(FloatingPointError, match=refused):
+            tc.top_k(model, ckpts, index, test, k=2, loss_fn=LOSS, proponents=proponents)
 
 
 def test_same_call_resumes_and_ends_byte_identical(task, tmp_path, monkeypatch):

@@ -200,8 +200,25 @@ def _check_disk(path: str, missing_rows: int, planned: dict[str, Any], self_item
         raise ValueError(
             f"The index needs about {needed / 2**30:.2f} GiB for {missing_rows} more rows of {planned['dim']} values, "
             f"but `{path}` has {free / 2**30:.2f} GiB free. Pass `projection_dim=` (e.g. 1024), a smaller "
-            f"`storage_dtype` (torch.float16), fewer `params`, or another `path`."
+            f"`storage_dtype` (torch.bfloat16), fewer `params`, or another `path`."
         )
+
+
+def _check_storable(embeddings: torch.Tensor, stored: torch.Tensor, start: int) -> None:
+    """Refuse embeddings their storage dtype rounds to infinity (computed finite: checked where embedded); they
+    would score NaN, silently. ``start``: the training row of the first."""
+    overflowed = ~torch.isfinite(stored).all(1)
+    if not bool(overflowed.any()):
+        return
+    rows = (overflowed.nonzero().flatten() + start).tolist()
+    largest = float(embeddings[overflowed].abs().max())
+    by_size = sorted(STORAGE_DTYPES, key=lambda d: d.itemsize)
+    wider = [f"`storage_dtype={d}`" for d in by_size if torch.finfo(d).max > largest]  # (the smallest first)
+    raise ValueError(
+        f"`storage_dtype`={stored.dtype} cannot hold the embeddings of `train` rows {rows[:10]}: their largest "
+        f"magnitude, {largest:.4g}, exceeds its maximum {torch.finfo(stored.dtype).max:.4g}. Pass "
+        f"{' or '.join(wider[:2])}, and `overwrite=True` to replace this build."
+    )
 
 
 def _shard_rows(setup: Setup, train: Any, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -250,7 +267,9 @@ def build_index(
         train: the training data: a batch or a ``Dataset`` (its size must be known, so that shards have fixed
             row ranges).
         projection_dim, seed: as in :func:`embeddings`; None stores exact gradients (``C * P`` values a row).
-        storage_dtype: dtype of the stored embeddings (self-influence is kept in the computation dtype).
+        storage_dtype: dtype of the stored embeddings (self-influence is kept in the computation dtype); refused,
+            naming the rows, where it cannot hold an embedding (float16's largest is 65504: bfloat16 has float32's
+            range).
         shard_size: rows per shard; default about 256 MB of embeddings per shard.
         overwrite: replace an index of other settings at ``path``.
 
@@ -332,7 +351,9 @@ def build_index(
                 embeddings, self_influence, data = _shard_rows(setup, train, start, stop)
                 info = {"rows": [start, stop], "digest": planned["digest"], "data": data}
                 file = os.path.join(path, shard_name(i))
-                done[i] = write_shard(file, embeddings.to(storage_dtype), self_influence, info)
+                stored = embeddings.to(storage_dtype)
+                _check_storable(embeddings, stored, start)
+                done[i] = write_shard(file, stored, self_influence, info)
                 bar.update(stop - start)
         return done
 

@@ -16,7 +16,7 @@ from ._fingerprint import differences, fingerprint
 from ._index import BLOCK_BYTES, Index
 from ._model import exclusive_use
 from ._setup import Setup, make_setup
-from ._topk import TopK, first_k, merge
+from ._topk import TopK, check_finite_scores, first_k, merge
 
 
 def index_setup(
@@ -69,12 +69,20 @@ def _mine(index: Index, setup: Setup) -> list[int] | None:
     return None if ranks is None else [i for i in range(len(index.shards)) if i % ranks.world == ranks.rank]
 
 
+_NON_FINITE_FIX = (
+    "An index built before `tc.build_index` refused embeddings its `storage_dtype` cannot hold may hold infinities: "
+    "rebuild it with `storage_dtype=torch.float32` and `overwrite=True`."
+)
+
+
 def _scores(index: Index, setup: Setup, queries: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """``(first row, [n_test, b] scores)`` per block of this rank's shards; a block's scores stay within
     ``BLOCK_BYTES`` too."""
     rows = max(1, BLOCK_BYTES // max(1, queries.shape[0] * queries.element_size()))
     for offset, block in index.blocks(_mine(index, setup), rows):
-        yield offset, queries @ block.to(device=queries.device, dtype=queries.dtype).T
+        scores = queries @ block.to(device=queries.device, dtype=queries.dtype).T
+        check_finite_scores(scores, offset, _NON_FINITE_FIX)  # (the test rows are checked where embedded)
+        yield offset, scores
 
 
 def index_influence(index: Index, setup: Setup, test: Any, *, aggregate: bool) -> torch.Tensor:

@@ -62,15 +62,16 @@ def _block_top(block: torch.Tensor, k: int, largest: bool) -> TopK:
     return first_k(TopK(columns, scores), k, largest)
 
 
-def _check_finite(scores: torch.Tensor, offset: int) -> None:
-    """NaN would rank first (``topk`` orders it above every number): name the rows instead."""
+def check_finite_scores(scores: torch.Tensor, offset: int, fix: str = "Recompute or drop them.") -> None:
+    """NaN would rank first (``topk`` orders it above every number): name the rows instead, and ``fix``. ``offset``:
+    the training row of the first column."""
     if scores.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(scores)):
         return
     bad = ~torch.isfinite(scores)
     rows, cols = bad.any(1).nonzero().flatten().tolist(), (bad.any(0).nonzero().flatten() + offset).tolist()
     raise FloatingPointError(
         f"Non-finite influence scores between `test` rows {rows[:10]} and `train` rows {cols[:10]}: those "
-        f"embeddings hold NaN or infinite values. Recompute or drop them."
+        f"embeddings hold NaN or infinite values. {fix}"
     )
 
 
@@ -126,7 +127,7 @@ def top_k_embeddings(
             raise ValueError(f"`train` rows have shape {tuple(block.shape[1:])}; expected width {test.shape[1]}.")
         block = block.to(device=test.device, dtype=test.dtype)
         scores = test @ block.T
-        _check_finite(scores, seen)
+        check_finite_scores(scores, seen)
         best, seen = merge(best, scores, seen, k, largest=proponents), seen + block.shape[0]
     if best is None or seen < k:
         raise ValueError(f"`k`={k} exceeds the number of training rows ({seen}); pass `k <= {seen}`.")
