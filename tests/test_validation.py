@@ -12,6 +12,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 import tracin_func as tc
+from tests.conftest import assert_topk
 from tests.reference import reference_scores
 
 CE = nn.CrossEntropyLoss()
@@ -246,11 +247,26 @@ def _int_error(value):
     return ValueError if isinstance(value, int) and not isinstance(value, bool) else TypeError
 
 
-@pytest.mark.parametrize("k", [2.0, 1.5, "3", True, None])
+@pytest.mark.parametrize("k", [2.0, 1.5, "3", True, None, torch.tensor([3]), torch.tensor(True), torch.tensor(3.0)])
 def test_k_not_an_int(k):
     model, ckpts, batch = _setup()
-    with pytest.raises(TypeError, match=r"`k` must be a positive int, got " + repr(k).replace(".", r"\.")):
+    with pytest.raises(TypeError, match=r"`k` must be a positive int, got " + re.escape(repr(k))):
         tc.top_k(model, ckpts, batch, batch, k=k, loss_fn=CE)
+
+
+def test_integer_like_k():
+    """`k=np.int64(3)` and `k=torch.tensor(3)` were refused: integers as `operator.index` reads them are ints (a
+    numpy bool or float, and tensors of other shapes or dtypes, still are not)."""
+    np = pytest.importorskip("numpy")
+    model, ckpts, batch = _setup()
+    ref = reference_scores(model, ckpts, batch, batch, loss_fn=CE)
+    for k in (np.int64(3), torch.tensor(3), torch.tensor(3, dtype=torch.int32)):
+        assert_topk(tc.top_k(model, ckpts, batch, batch, k=k, loss_fn=CE), ref.influence, 3, largest=True)
+        top = tc.top_k_embeddings(ref.test_embeddings, ref.train_embeddings, k=k)
+        assert_topk(top, ref.influence, 3, largest=True)
+    for k in (np.float64(3.0), np.bool_(True)):
+        with pytest.raises(TypeError, match=r"`k` must be a positive int, got " + re.escape(repr(k))):
+            tc.top_k(model, ckpts, batch, batch, k=k, loss_fn=CE)
 
 
 def test_k_above_n_train():

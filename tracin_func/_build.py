@@ -297,7 +297,7 @@ def build_index(
     if storage_dtype not in STORAGE_DTYPES:
         raise TypeError(f"`storage_dtype` must be one of {[str(d) for d in STORAGE_DTYPES]}, got {storage_dtype!r}.")
     if shard_size is not None:
-        positive_int(shard_size, "shard_size")
+        shard_size = positive_int(shard_size, "shard_size")
     boolean(overwrite, "overwrite")
     n = num_examples(train)
 

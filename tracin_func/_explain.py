@@ -121,7 +121,7 @@ def explain(
     if n_test is not None:
         if question != "influence":
             raise ValueError(f'`n_test` is for question="influence" (got {question!r}): self-influence has none.')
-        positive_int(n_test, "n_test")
+        n_test = positive_int(n_test, "n_test")
     normalize = _check_normalize(normalize)
     partners = None if n_test is None else n_test + (normalize is not None)
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)

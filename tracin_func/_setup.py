@@ -183,10 +183,10 @@ def make_setup(
     if factored is not None and not isinstance(factored, bool):
         raise TypeError(f"`factored` must be None (choose per layer), True or False, got {factored!r}.")
     if batch_size is not None:
-        positive_int(batch_size, "batch_size")
+        batch_size = positive_int(batch_size, "batch_size")
     if chunk_size is not None:
-        positive_int(chunk_size, "chunk_size")
-    positive_int(test_memory_bytes, "test_memory_bytes")
+        chunk_size = positive_int(chunk_size, "chunk_size")
+    test_memory_bytes = positive_int(test_memory_bytes, "test_memory_bytes")
     ranks = resolve(distributed)
     first = checkpoints[0]
     if not isinstance(first, Checkpoint):

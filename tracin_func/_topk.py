@@ -106,8 +106,8 @@ def top_k_embeddings(
         >>> torch.equal(top.indices, (test @ train.T).topk(3).indices)
         True
     """
-    positive_int(k, "k")
-    positive_int(block_size, "block_size")
+    k = positive_int(k, "k")
+    block_size = positive_int(block_size, "block_size")
     boolean(proponents, "proponents")
     if not isinstance(test, torch.Tensor) or test.dim() != 2:
         raise ValueError(

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
+
+import torch
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` as an int where it is an integer: a Python or numpy one, or a 0-d integer tensor (what
+    ``operator.index`` reads, less booleans and tensors of other shapes); else None."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor) and (value.dim() or value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def positive_int(value: Any, name: str) -> int:
-    """``value`` if it is an int >= 1; otherwise a TypeError (not an int) or ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int if it is an integer >= 1 (``_integer``: ``np.int64(3)`` and ``torch.tensor(3)`` too);
+    otherwise a TypeError (not an integer) or ValueError naming ``name``. Callers use the int returned."""
+    number = _integer(value)
+    if number is None:
         raise TypeError(f"`{name}` must be a positive int, got {value!r} of type {type(value).__name__}.")
-    if value < 1:
+    if number < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    return value
+    return number
 
 
 def seed_value(seed: Any) -> int:

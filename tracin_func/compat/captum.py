@@ -516,7 +516,7 @@ class TracInCPFastRandProj(TracInCPFast):
         seed: int = 0,
     ) -> None:
         if projection_dim is not None:
-            positive_int(projection_dim, "projection_dim")
+            projection_dim = positive_int(projection_dim, "projection_dim")
         seed_value(seed)
         if nearest_neighbors is not None and not all(
             callable(getattr(nearest_neighbors, m, None)) for m in ("setup", "get_nearest_neighbors")
