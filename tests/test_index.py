@@ -514,6 +514,34 @@ def test_adam_checkpoints_index_the_adam_updates_and_query_with_plain_gradients(
         tc.influence(model, plain, index, test, loss_fn=LOSS)
 
 
+def _read_only(monkeypatch):
+    """Every file the build writes refused, as in a folder it may not write to (the tests run as root too)."""
+
+    def refused(path, data):
+        raise PermissionError(13, "Permission denied", path + _shards.TEMPORARY)
+
+    monkeypatch.setattr(_shards, "write_atomically", refused)
+
+
+def test_the_same_build_of_a_complete_index_leaves_it_untouched(task, tmp_path, monkeypatch):
+    """It wrote the manifest twice (marked incomplete, then complete): a read-only index failed to build again."""
+    model, ckpts, train, test, ref = task
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, storage_dtype=DTYPE, shard_size=10)
+    before, manifest = _files(tmp_path), os.stat(tmp_path / "manifest.json")
+    _read_only(monkeypatch)
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, storage_dtype=DTYPE, shard_size=10)
+    assert _files(tmp_path) == before and os.stat(tmp_path / "manifest.json") == manifest
+    assert_close(tc.influence(model, ckpts, index, test, loss_fn=LOSS), ref.influence)
+
+
+def test_a_folder_it_cannot_write_is_named(task, tmp_path, monkeypatch):
+    model, ckpts, train, _, _ = task
+    _read_only(monkeypatch)
+    folder = tmp_path / "index"
+    with pytest.raises(PermissionError, match=rf"`path`=.*: the index cannot be written in `{re.escape(str(folder))}`"):
+        tc.build_index(folder, model, ckpts, train, loss_fn=LOSS)
+
+
 def test_changed_training_data_is_recomputed_not_reused(task, tmp_path):
     model, ckpts, train, _, ref = task
     tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, storage_dtype=DTYPE, shard_size=7)

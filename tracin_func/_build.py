@@ -4,9 +4,11 @@ or across ``torch.distributed`` ranks (shard ``i`` is built by rank ``i % W``)."
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import optree
@@ -97,7 +99,8 @@ def _shards_only(path: str, entries: list[str]) -> bool:
 def _prepare_directory(path: str, planned: dict[str, Any], overwrite: bool) -> None:
     """Make ``path`` ready for this build: new, resumed (same plan), rebuilt (a complete index of the same plan: its
     damaged shards removed) or, with ``overwrite``, replacing an index of another plan. Until the build ends the
-    manifest says ``complete: false``. A directory that is not an index is never touched."""
+    manifest says ``complete: false``, from before a shard is written (a complete index that needs none written again
+    is left untouched). A directory that is not an index is never touched."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"`path`={path!r} is a file; pass a directory for the index.")
     os.makedirs(path, exist_ok=True)
@@ -132,12 +135,35 @@ def _prepare_directory(path: str, planned: dict[str, Any], overwrite: bool) -> N
         for name in entries:
             if _ours(name) and name != MANIFEST:
                 os.remove(os.path.join(path, name))
-    elif stored.get("complete"):
-        for shard in stored["shards"]:
-            file = os.path.join(path, shard["file"])
-            if os.path.exists(file) and file_sha256(file) != shard["sha256"]:
-                os.remove(file)  # damaged since the build: redone below
-        write_json(manifest, planned)
+    elif stored.get("complete"):  # left as it is unless a shard is redone (``_mark_incomplete``)
+        damaged = [shard["file"] for shard in stored["shards"] if _damaged(os.path.join(path, shard["file"]), shard)]
+        if damaged:
+            write_json(manifest, planned)
+        for name in damaged:
+            os.remove(os.path.join(path, name))  # redone below
+
+
+def _damaged(file: str, shard: dict[str, Any]) -> bool:
+    return os.path.exists(file) and file_sha256(file) != shard["sha256"]
+
+
+def _mark_incomplete(path: str, planned: dict[str, Any]) -> None:
+    """Before a shard of a complete index is written again (its input rows changed): from now on it is incomplete."""
+    if (read_manifest(path) or {}).get("complete"):
+        write_json(os.path.join(path, MANIFEST), planned)
+
+
+@contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Name ``path`` and the folder where the build cannot write, rather than a temporary file's name."""
+    try:
+        yield
+    except PermissionError as err:
+        folder = os.path.dirname(os.path.abspath(err.filename)) if err.filename else path
+        raise PermissionError(
+            f"`path`={path!r}: the index cannot be written in `{folder}` ({err.strerror or err}); pass a directory "
+            f"this process may write to."
+        ) from err
 
 
 def _complete(path: str, file: str, start: int, stop: int, planned: dict[str, Any]) -> dict[str, Any] | None:
@@ -321,20 +347,36 @@ def build_index(
 
     def prepare() -> None:
         if ranks is None or ranks.rank == 0:
-            _prepare_directory(path, planned, overwrite)
+            with _writing(path):
+                _prepare_directory(path, planned, overwrite)
             missing = sum(b - a for i, (a, b) in enumerate(ranges) if not _complete(path, shard_name(i), a, b, planned))
             _check_disk(path, missing, planned, setup.dtype.itemsize)
 
     on_every_rank(ranks, prepare)  # rank 0 prepares; the others wait for its outcome
 
-    def build_mine() -> dict[int, str]:
-        done = {}
+    def kept_mine() -> dict[int, str]:
+        kept = {}
         for i in mine:  # a finished shard is kept when its input rows are unchanged (read, not differentiated)
             info = _complete(path, shard_name(i), *ranges[i], planned)
             if info is not None and info.get("data") == _data_digest(setup, train, *ranges[i]):
                 whole, payload = file_and_payload_sha256(os.path.join(path, shard_name(i)))
                 if payload == info.get("payload"):  # (else damaged since it was written: redone)
-                    done[i] = whole
+                    kept[i] = whole
+        return kept
+
+    done = on_every_rank(ranks, kept_mine)
+    redone = len(done) < len(mine)
+    if ranks is not None:
+        redone = any(gather_objects(redone, ranks))
+
+    def mark() -> None:
+        if redone and (ranks is None or ranks.rank == 0):
+            with _writing(path):
+                _mark_incomplete(path, planned)
+
+    on_every_rank(ranks, mark)
+
+    def build_mine() -> dict[int, str]:
         todo = [i for i in mine if i not in done]
         rows = sum(ranges[i][1] - ranges[i][0] for i in mine)
         bar = tqdm(
@@ -353,7 +395,8 @@ def build_index(
                 file = os.path.join(path, shard_name(i))
                 stored = embeddings.to(storage_dtype)
                 _check_storable(embeddings, stored, start)
-                done[i] = write_shard(file, stored, self_influence, info)
+                with _writing(path):
+                    done[i] = write_shard(file, stored, self_influence, info)
                 bar.update(stop - start)
         return done
 
@@ -372,7 +415,9 @@ def build_index(
         if ranks is None or ranks.rank == 0:
             for shard in manifest["shards"]:
                 check_shard(path, shard, manifest, checksum=False)
-            write_json(os.path.join(path, MANIFEST), manifest)
+            if read_manifest(path) != json.loads(json.dumps(manifest)):  # (a complete index rebuilt: left untouched)
+                with _writing(path):
+                    write_json(os.path.join(path, MANIFEST), manifest)
 
     on_every_rank(ranks, finish)
     return open_index(path, verify=False)
