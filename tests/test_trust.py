@@ -3286,6 +3286,10 @@ def test_a_criterion_that_mixes_a_summed_batch_is_refused(criterion):
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss, factored=False), want)
     alone = tc.ExampleLoss(lambda params, example: loss(functional_call(model, params, (example[0],)), example[1]))
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=alone, batch_size=12), want)
+    # as the test loss, the refusal names `test_loss_fn` (it named `loss_fn`, a plain criterion here)
+    plain = nn.CrossEntropyLoss(reduction="sum") if criterion is HardMined else lambda out, y: (out[:, 0] - y) ** 2
+    with pytest.raises(ValueError, match=mixed.replace("`loss_fn`", "`test_loss_fn`")):
+        tc.influence(model, ckpts, train, train, loss_fn=plain, test_loss_fn=loss, batch_size=12)
 
 
 class ClippedByBatchMax(nn.Module):

@@ -505,6 +505,34 @@ def test_loss_fn_unknown_reduction():
         tc.influence(model, ckpts, batch, batch, loss_fn=nn.KLDivLoss(reduction="batchmean"))
 
 
+@pytest.mark.parametrize("scorer", ["influence", "top_k"])
+def test_a_refused_test_loss_fn_is_named_as_test_loss_fn(scorer):
+    """A criterion refused as `test_loss_fn` was reported as "`loss_fn`: ...", blaming the loss that was fine."""
+    model, ckpts, batch = _setup()
+    score = {
+        "influence": lambda test_loss: tc.influence(model, ckpts, batch, batch, loss_fn=CE, test_loss_fn=test_loss),
+        "top_k": lambda test_loss: tc.top_k(model, ckpts, batch, batch, k=2, loss_fn=CE, test_loss_fn=test_loss),
+    }[scorer]
+    weighted = nn.CrossEntropyLoss(weight=torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^`test_loss_fn`: CrossEntropyLoss\(weight=...\) with reduction='mean'"):
+        score(weighted)
+
+
+def test_a_criterion_as_test_loss_fn_of_a_model_returning_a_tuple_is_named_test_loss_fn():
+    """The refusal of a criterion for a model whose output is not a tensor named `loss_fn`, an ExampleLoss that
+    picks the output and is fine."""
+
+    class Pair(MLP):
+        def forward(self, x):
+            return super().forward(x), x
+
+    _, ckpts, batch = _setup()
+    model = Pair().double().eval()
+    picked = tc.ExampleLoss(lambda params, b: CE(functional_call(model, params, (b[0],))[0], b[1]))
+    with pytest.raises(TypeError, match=r"^`test_loss_fn`: the model returns a tuple, but `test_loss_fn` is a crit"):
+        tc.influence(model, ckpts, batch, batch, loss_fn=picked, test_loss_fn=CE)
+
+
 def test_per_example_loss_returning_a_non_scalar():
     model, ckpts, batch = _setup()
 

@@ -637,8 +637,8 @@ def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection
                 continue
             if together[0] and _alike_alone((together[0], None, []), (alone[0], None, []), n, i):  # (outputs alike)
                 raise MixedBatch(
-                    f"`loss_fn`: example {i} of a batch of {n} got another loss or gradient at its outputs from the "
-                    f"criterion run on the whole batch than alone, so the criterion mixes a batch's examples (hard "
+                    f"`{loss.name}`: example {i} of a batch of {n} got another loss or gradient at its outputs from "
+                    f"the criterion run on the whole batch than alone, so the criterion mixes a batch's examples (hard "
                     f"examples mined over the batch, a sum divided by a batch statistic); scored batched, its scores "
                     f"would be wrong. Give it as `tc.ExampleLoss` (each example alone), or pass `factored=False`."
                 )

@@ -440,7 +440,7 @@ def example_loss(forward: Forward, loss_fn: Any, name: str) -> ExampleLossFn:
         same = " (on one example, `KLDivLoss`'s 'batchmean' is its 'sum': pass that)" if batchmean else ""
         raise ValueError(f"`{name}.reduction` must be 'none', 'sum' or 'mean', got {reduction!r}{same}.")
 
-    return CriterionLoss(forward, loss_fn)
+    return CriterionLoss(forward, loss_fn, name)
 
 
 class CriterionLoss(NamedTuple):
@@ -452,6 +452,7 @@ class CriterionLoss(NamedTuple):
 
     forward: Forward
     criterion: Callable[[Any, Any], torch.Tensor]
+    name: str  # the argument it came from, for messages
 
     def __call__(self, state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         *inputs, target = batch
@@ -463,7 +464,7 @@ class CriterionLoss(NamedTuple):
         if isinstance(c, (nn.CrossEntropyLoss, nn.NLLLoss)) and c.weight is not None and c.reduction == "mean":
             if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel() == 1:
                 raise ValueError(
-                    f"`loss_fn`: {type(c).__name__}(weight=...) with reduction='mean' divides an example's loss by "
+                    f"`{self.name}`: {type(c).__name__}(weight=...) with reduction='mean' divides an example's loss by "
                     f"its own class weight, so on one example the weights cancel and every loss is unweighted. Pass "
                     f"reduction='sum' for losses weighted by class (as they weigh in training), or leave weight= out."
                 )

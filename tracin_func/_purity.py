@@ -301,7 +301,7 @@ def _run(loss: ExampleLossFn, state: Tensors, example: Any) -> list[torch.Tensor
         return floating_leaves(loss(state, example))
     *inputs, target = example
     output = loss.forward(state, *inputs)
-    _check_output(output)
+    _check_output(output, loss.name)
     return floating_leaves((output, loss.criterion(output, target)))
 
 
@@ -337,14 +337,14 @@ def _refuse_changed(first: list[torch.Tensor], again: list[torch.Tensor], exact:
         )
 
 
-def _check_output(output: Any) -> None:
+def _check_output(output: Any, name: str) -> None:
     if isinstance(output, torch.Tensor):
         return
     kind = "dict" if isinstance(output, Mapping) else type(output).__name__
     keys = f" with keys {list(output)[:6]}" if isinstance(output, Mapping) else ""
     raise TypeError(
-        f"`loss_fn`: the model returns a {kind}{keys}, but `loss_fn` is a criterion `loss_fn(outputs, targets)` "
-        f"that needs the output tensor. Pass `loss_fn=tc.ExampleLoss(lambda params, batch: ...)` that picks the "
+        f"`{name}`: the model returns a {kind}{keys}, but `{name}` is a criterion `{name}(outputs, targets)` "
+        f"that needs the output tensor. Pass `{name}=tc.ExampleLoss(lambda params, batch: ...)` that picks the "
         f"output (e.g. `out[0]` or `out['logits']`), or make the model return a tensor."
     )
 
