@@ -534,15 +534,26 @@ def test_a_criterion_as_test_loss_fn_of_a_model_returning_a_tuple_is_named_test_
 
 
 def test_per_example_loss_returning_a_non_scalar():
+    """An ExampleLoss returning the logits or a Python number was reported as the data's example 0 whose "backward
+    pass fails", with advice on anomaly detection: the message names the loss argument, what it returned, the fix."""
     model, ckpts, batch = _setup()
 
     def logits(params, batch):  # forgot to apply the loss: [1, 2] instead of a scalar
         return functional_call(model, params, (batch[0],))
 
-    with pytest.raises(ValueError, match=r"The per-example loss must return a scalar, got \(1, 2\)"):
+    fix = r"must return a scalar, the loss of the one example it is given, as a 0-d tensor computed from `params`, got "
+    with pytest.raises(ValueError, match=r"^`loss_fn`: a tc.ExampleLoss " + fix + r"a tensor of shape \(1, 2\)\. "):
         tc.self_influence(model, ckpts, batch, loss_fn=tc.ExampleLoss(logits))
-    with pytest.raises(ValueError, match=r"The per-example loss must return a scalar"):
+    with pytest.raises(ValueError, match=r"^`loss_fn`: a tc.ExampleLoss " + fix + r"a float\. Reduce"):
+        tc.self_influence(model, ckpts, batch, loss_fn=tc.ExampleLoss(lambda params, batch: 1.0))
+    with pytest.raises(ValueError, match=r"^`test_loss_fn`: a tc.ExampleLoss " + fix + r"a tensor of shape \(1, 2\)"):
         tc.influence(model, ckpts, batch, batch, loss_fn=CE, test_loss_fn=tc.ExampleLoss(logits))
+    with pytest.raises(ValueError, match=r"^`test_loss_fn`: a tc.ExampleLoss " + fix + r"a tensor of shape \(1, 2\)"):
+        tc.top_k(model, ckpts, batch, batch, k=2, loss_fn=CE, test_loss_fn=tc.ExampleLoss(logits))
+    # a batch of one's loss, [1], is the example's loss
+    one = tc.ExampleLoss(lambda params, b: nn.functional.cross_entropy(logits(params, b), b[1], reduction="none"))
+    want = reference_scores(model, ckpts, batch, loss_fn=CE).self_influence
+    torch.testing.assert_close(tc.self_influence(model, ckpts, batch, loss_fn=one), want, rtol=1e-10, atol=0)
 
 
 def test_model_not_a_module_or_function():

@@ -92,6 +92,24 @@ class BatchedLoss(NamedTuple):
         return self.per_example(state, batch)
 
 
+class OneExampleLoss(NamedTuple):
+    """A :class:`ExampleLoss` inside the core: ``fn(state, batch)``, checked to return one loss, for a batch of one."""
+
+    fn: ExampleLossFn
+    name: str  # the argument it came from, for messages
+
+    def __call__(self, state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        loss = self.fn(state, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:  # (a [1] tensor, a batch of one's, is one loss)
+            got = f"tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"`{self.name}`: a tc.ExampleLoss must return a scalar, the loss of the one example it is given, as a "
+                f"0-d tensor computed from `params`, got a {got}. Reduce the model's outputs to the example's loss "
+                f"(e.g. `F.cross_entropy(logits, batch['label'])`); losses of a whole batch, `[B]`: a tc.BatchLoss."
+            )
+        return loss
+
+
 def _logits(output: Any) -> torch.Tensor:
     """A model output's logits: ``.logits`` (Hugging Face ``ModelOutput``), ``["logits"]``, the first element of a
     tuple, or the tensor itself."""
@@ -428,7 +446,7 @@ def example_loss(forward: Forward, loss_fn: Any, name: str) -> ExampleLossFn:
     if isinstance(loss_fn, BatchLoss):
         return BatchedLoss(loss_fn.fn, name)
     if isinstance(loss_fn, ExampleLoss):
-        return loss_fn.fn
+        return OneExampleLoss(loss_fn.fn, name)
     if not callable(loss_fn):
         raise TypeError(
             f"`{name}` must be a criterion `loss_fn(outputs, targets)` or `tc.ExampleLoss(fn)` (`tc.BatchLoss(fn)` "
