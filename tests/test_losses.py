@@ -148,6 +148,50 @@ def test_criterion_is_not_modified():
     assert criterion.reduction == "mean"
 
 
+def _float32_task():
+    """A float32 model and checkpoints, scored with ``dtype=torch.float64``; float inputs or token ids."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).eval()
+    bag = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3)).eval()
+    y = torch.tensor([0, 1, 2, 1, 0, 2])
+    return [
+        (m, [tc.Checkpoint({k: v + 0.3 * torch.randn_like(v) for k, v in m.state_dict().items()}, lr=0.7)], (x, y))
+        for m, x in ((mlp, torch.randn(6, 5)), (bag, torch.randint(0, 10, (6, 2))))
+    ]
+
+
+@pytest.mark.parametrize("factored", [None, False])
+def test_a_criterions_float32_class_weights_follow_the_calls_float64(factored):
+    """``nn.CrossEntropyLoss(weight=float32)`` under ``dtype=torch.float64`` failed ("expected scalar type Double but
+    found Float", blamed on example 0, or on token ids with `x.float()` as the fix); BCE's ``pos_weight`` too. The
+    call runs a copy of the criterion with its tensors in float64, leaving the user's as it was."""
+    weight, plain = torch.tensor([0.5, 2.0, 3.0]), nn.CrossEntropyLoss(reduction="sum")
+    in_float64 = nn.CrossEntropyLoss(weight=weight.double(), reduction="sum")
+    kw = dict(dtype=torch.float64, factored=factored)
+    for model, ckpts, (x, y) in _float32_task():
+        criterion = nn.CrossEntropyLoss(weight=weight, reduction="sum")
+        buffers, train, test = criterion._buffers, (x, y), (x[:2], y[:2])
+        ref = reference_scores(model, ckpts, train, test, loss_fn=in_float64)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=criterion, **kw), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=criterion, **kw), ref.self_influence)
+        top = tc.top_k(model, ckpts, train, test, k=2, loss_fn=plain, test_loss_fn=criterion, **kw)
+        mixed = reference_scores(model, ckpts, train, test, loss_fn=plain, test_loss_fn=in_float64).influence
+        assert_close(top.scores, mixed.topk(2, dim=1).values)
+        assert criterion._buffers is buffers and criterion.weight is weight and weight.dtype == torch.float32
+        # float64 weights in a float32 call: converted to float32
+        float32 = tc.self_influence(model, ckpts, train, loss_fn=in_float64, factored=factored)
+        assert float32.dtype == torch.float32 and in_float64.weight.dtype == torch.float64
+        assert_close(float32, ref.self_influence, 1e-5)
+    model, ckpts, (x, _) = _float32_task()[0]
+    labels, pos_weight = torch.rand(6, 3).round(), torch.tensor([1.0, 2.0, 3.0])
+    bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="sum")
+    want = reference_scores(
+        model, ckpts, (x, labels), loss_fn=nn.BCEWithLogitsLoss(pos_weight=pos_weight.double(), reduction="sum")
+    ).self_influence
+    assert_close(tc.self_influence(model, ckpts, (x, labels), loss_fn=bce, **kw), want)
+    assert bce.pos_weight is pos_weight and pos_weight.dtype == torch.float32
+
+
 # ---------------------------------------------------------------------------------------------------- tc.BatchLoss
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -531,6 +532,51 @@ def test_a_criterion_as_test_loss_fn_of_a_model_returning_a_tuple_is_named_test_
     picked = tc.ExampleLoss(lambda params, b: CE(functional_call(model, params, (b[0],))[0], b[1]))
     with pytest.raises(TypeError, match=r"^`test_loss_fn`: the model returns a tuple, but `test_loss_fn` is a crit"):
         tc.influence(model, ckpts, batch, batch, loss_fn=picked, test_loss_fn=CE)
+
+
+class _WeightedCE:
+    """A criterion object (not an nn.Module) holding class weights."""
+
+    def __init__(self, weight):
+        self.weight = weight
+
+    def __call__(self, output, target):
+        return nn.functional.cross_entropy(output, target, weight=self.weight, reduction="sum")
+
+
+def test_a_loss_holding_a_tensor_of_another_dtype_than_the_call_is_named():
+    """A partial, closure or object holding float32 class weights in a float64 call failed with "`data` example 0
+    cannot be scored: RuntimeError: expected scalar type Double but found Float", or, with token ids, told to convert
+    them with `x.float()`: the message names the loss argument, the tensor and its dtype, and the fix."""
+    model, ckpts, (x, y) = _setup()
+    tokens = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2)).double().eval()
+    token_ckpts = [tc.Checkpoint(dict(tokens.state_dict()), lr=0.1)]
+    ids = torch.randint(0, 10, (6, 3))
+    weight = torch.tensor([1.0, 3.0])  # float32, the checkpoints float64
+    partial = functools.partial(nn.functional.cross_entropy, weight=weight, reduction="sum")
+    example = tc.ExampleLoss(lambda p, b: nn.functional.cross_entropy(functional_call(model, p, (b[0],)), b[1], weight))
+    fix = (r" but the call computes in torch.float64 \(`dtype=`, or the checkpoints'\), and the loss failed: expected "
+           r"scalar type Double but found Float\. Convert the tensor to the call's dtype \(`.to\(torch.float64\)`\)")
+    held = r"^`{}` holds a torch.float32 tensor \({}\)" + fix
+    partials = held.format("loss_fn", "the partial's keyword 'weight'")
+    for call, message in [
+        (lambda: tc.self_influence(model, ckpts, (x, y), loss_fn=partial), partials),
+        (lambda: tc.self_influence(tokens, token_ckpts, (ids, y), loss_fn=partial), partials),  # (not `x.float()`)
+        (lambda: tc.influence(model, ckpts, (x, y), (x, y), loss_fn=CE, test_loss_fn=partial),
+         held.format("test_loss_fn", "the partial's keyword 'weight'")),
+        (lambda: tc.top_k(model, ckpts, (x, y), (x, y), k=2, loss_fn=CE, test_loss_fn=partial),
+         held.format("test_loss_fn", "the partial's keyword 'weight'")),
+        (lambda: tc.self_influence(model, ckpts, (x, y), loss_fn=lambda out, t: partial(out, t)), partials),
+        (lambda: tc.self_influence(model, ckpts, (x, y), loss_fn=_WeightedCE(weight)),
+         held.format("loss_fn", "its attribute 'weight'")),
+        (lambda: tc.self_influence(model, ckpts, (x, y), loss_fn=example),
+         held.format("loss_fn", "the 'weight' it closes over")),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            call()
+    converted = functools.partial(nn.functional.cross_entropy, weight=weight.double(), reduction="sum")  # the fix
+    want = reference_scores(model, ckpts, (x, y), loss_fn=converted).self_influence
+    torch.testing.assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=converted), want, rtol=1e-10, atol=0)
 
 
 def test_per_example_loss_returning_a_non_scalar():

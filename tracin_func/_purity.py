@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._grads import Tensors, batch_of_one, example_at
 from ._loss import CriterionLoss, ExampleLossFn, floating_leaves
+from ._loss_dtype import refuse_held_dtype
 from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, own_attributes
 
 
@@ -289,6 +290,9 @@ def _watched_run(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, 
         try:
             _run(loss, state, example)
         except RuntimeError as err:
+            dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+            if dtype is not None:
+                refuse_held_dtype(loss, err, dtype)  # (a loss's own tensor, before the inputs are blamed)
             _explain_dtype(err, example, state, where)
             raise
     watch.refuse_kept(state, module)

@@ -15,6 +15,7 @@ from ._allocator import keep_freed_batches
 from ._checkpoints import Checkpoint
 from ._distributed import Ranks, check_device, resolve
 from ._loss import ExampleLoss, ExampleLossFn, example_loss
+from ._loss_dtype import in_dtype
 from ._model import (
     CheckpointState,
     ModelSpec,
@@ -213,9 +214,9 @@ def make_setup(
     warn_aliased_params(checkpoints, spec.diff_names)
     auto_batch = batch_size is None  # the plan sizes the batches; before it (index digests), dense gradients
     batch_size = batch_size or auto_batch_size(sum(prepared[0].state[n].nbytes for n in spec.diff_names), target)
-    train_loss = example_loss(spec.forward, loss_fn, "loss_fn")
+    train_loss = example_loss(spec.forward, in_dtype(loss_fn, dtype), "loss_fn")
     same = test_loss_fn is None or test_loss_fn is loss_fn
-    test_loss = train_loss if same else example_loss(spec.forward, test_loss_fn, "test_loss_fn")
+    test_loss = train_loss if same else example_loss(spec.forward, in_dtype(test_loss_fn, dtype), "test_loss_fn")
     needs_target = (not isinstance(loss_fn, ExampleLoss), not isinstance(test_loss_fn or loss_fn, ExampleLoss))
     return Setup(
         spec, prepared, train_loss, test_loss, method, factored, chunk_size, compile, projection, target, dtype,
