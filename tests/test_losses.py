@@ -470,3 +470,40 @@ def test_hugging_face_losses_build_no_cache():
         make(model).fn(dict(model.state_dict()), data)
         assert model.got == [False], make
         assert make(plain).fn(dict(plain.state_dict()), data).shape == (3,)
+
+
+class _Penalised(nn.Module):
+    """A classifier and a learned temperature its training loss reads, plus a penalty on its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.log_t = nn.Linear(5, 3), nn.Parameter(torch.zeros(()))
+        self.label_smoothing = 0.1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+    def penalised(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, y) + 0.5 * self.fc.weight.square().sum()
+
+    def smoothed(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, y, label_smoothing=self.label_smoothing)
+
+
+def test_a_criterion_reading_the_models_parameters_is_refused():
+    """A criterion reading a parameter of the model (a learned temperature through a closure, a weight penalty in a
+    bound method) got the user's tensor, not the checkpoint's: that term had no gradient and the checkpoint's value
+    was never used (5-48% off, silently). Refused, naming the parameter; one reading the model's settings scores."""
+    torch.manual_seed(0)
+    model = _Penalised().double().eval()
+    ckpts = [tc.Checkpoint({k: v + 0.3 * torch.randn_like(v) for k, v in model.state_dict().items()}, 0.1)]
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    tempered = lambda out, y: nn.functional.cross_entropy(out * model.log_t.exp(), y)  # noqa: E731
+    for criterion, read in ((tempered, "'log_t'"), (model.penalised, "'fc.weight'")):
+        for factored in (None, False):
+            with pytest.raises(ValueError, match=f"`loss_fn` computes with the model's parameter {read}"):
+                tc.self_influence(model, ckpts, (x, y), loss_fn=criterion, factored=factored)
+    with pytest.raises(ValueError, match="`test_loss_fn` computes with the model's parameter 'log_t'"):
+        tc.influence(model, ckpts, (x, y), (x[:1], y[:1]), loss_fn=nn.CrossEntropyLoss(), test_loss_fn=tempered)
+    got = tc.self_influence(model, ckpts, (x, y), loss_fn=model.smoothed)
+    assert_close(got, reference_scores(model, ckpts, (x, y), loss_fn=model.smoothed).self_influence)
