@@ -252,8 +252,8 @@ def _two_lrs(named_params) -> torch.optim.Optimizer:
 
 def test_param_groups_of_different_learning_rates(tmp_path):
     """Adam moves each parameter by its own group's lr: one checkpoint lr for all weighted fc2 by fc1's lr, 99% off
-    (found by review). Refused when loading without `lr=` and when scoring parameters of both groups; each group
-    scored in its own call with its lr and `params=` sums to the reference."""
+    (found by review). Refused when loading without `lr=` and when scoring parameters of both groups (not one
+    group's last layer); each group scored in its own call with its lr and `params=` sums to the reference."""
     torch.manual_seed(1)
     model = MLP().to(DTYPE).eval()
     with pytest.raises(ValueError, match=r"param groups have different ones \(param_groups\[0\] lr=0.001 holds "
@@ -275,6 +275,9 @@ def test_param_groups_of_different_learning_rates(tmp_path):
         model, fc2_lr, train, test, params=fc2
     ).influence
     assert_close(scores, reference)
+    # the last layer is one group's: scored, not refused (the other group's lr held too)
+    last = tc.influence(model, fc2_lr, train, test, loss_fn=LOSS, method="last_layer")
+    assert_close(last, tc.influence(model, fc2_lr, train, test, loss_fn=LOSS, params=fc2))
 
 
 @pytest.mark.parametrize("saved", ["wrapper", "model"])

@@ -493,7 +493,8 @@ class _Penalised(nn.Module):
 def test_a_criterion_reading_the_models_parameters_is_refused():
     """A criterion reading a parameter of the model (a learned temperature through a closure, a weight penalty in a
     bound method) got the user's tensor, not the checkpoint's: that term had no gradient and the checkpoint's value
-    was never used (5-48% off, silently). Refused, naming the parameter; one reading the model's settings scores."""
+    was never used (5-48% off, silently). Refused, naming the parameter (also where the call's dtype= copies the
+    criterion); one reading the model's settings, or a frozen parameter, scores."""
     torch.manual_seed(0)
     model = _Penalised().double().eval()
     ckpts = [tc.Checkpoint({k: v + 0.3 * torch.randn_like(v) for k, v in model.state_dict().items()}, 0.1)]
@@ -507,3 +508,24 @@ def test_a_criterion_reading_the_models_parameters_is_refused():
         tc.influence(model, ckpts, (x, y), (x[:1], y[:1]), loss_fn=nn.CrossEntropyLoss(), test_loss_fn=tempered)
     got = tc.self_influence(model, ckpts, (x, y), loss_fn=model.smoothed)
     assert_close(got, reference_scores(model, ckpts, (x, y), loss_fn=model.smoothed).self_influence)
+    # held by a criterion module in another dtype than the call's: refused too (a copy in the call's dtype hid it)
+    single = _Penalised().eval()
+    with pytest.raises(ValueError, match="`loss_fn` computes with the model's parameter 'log_t'"):
+        tc.self_influence(single, ckpts, (x, y), loss_fn=_Tempered(single.log_t), dtype=torch.float64)
+    # a frozen parameter (class weights kept with the model, to move with it) is read as it is: scored
+    model.class_weight = nn.Parameter(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64), requires_grad=False)
+    weighted = nn.CrossEntropyLoss(weight=model.class_weight, reduction="sum")
+    ckpts = [tc.Checkpoint({**ckpts[0].params, "class_weight": model.class_weight.detach().clone()}, 0.1)]
+    got = tc.self_influence(model, ckpts, (x, y), loss_fn=weighted)
+    assert_close(got, reference_scores(model, ckpts, (x, y), loss_fn=weighted).self_influence)
+
+
+class _Tempered(nn.Module):
+    """Cross-entropy of logits scaled by a learned temperature it holds (the model's parameter)."""
+
+    def __init__(self, log_t: nn.Parameter) -> None:
+        super().__init__()
+        self.log_t = log_t
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out * self.log_t.exp(), y)

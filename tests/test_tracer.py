@@ -192,17 +192,18 @@ def test_factory_equals_tracer_update_and_never_plans_again(monkeypatch):
 
 
 class Tempered(nn.Module):
-    """A temperature, a scale (a tensor, not a buffer), a gain in a settings dict and a shift the training loop may
-    change, and a branch on its mode (no dropout)."""
+    """A temperature, a scale (a tensor, not a buffer), a gain beside an offset in a settings dict and a shift the
+    training loop may change, and a branch on its mode (no dropout)."""
 
     def __init__(self):
         super().__init__()
         self.fc1, self.fc2, self.temperature = nn.Linear(4, 8), nn.Linear(8, 3), 1.0
-        self.scale, self.settings = torch.tensor(1.0), {"gain": 1.0}
+        self.scale, self.settings = torch.tensor(1.0), {"gain": 1.0, "offset": torch.tensor([0.0, 0.5, -0.5])}
         self.register_buffer("shift", torch.zeros(3))
 
     def forward(self, x):
         out = self.fc2(torch.tanh(self.fc1(x))) / self.temperature * self.scale * self.settings["gain"] + self.shift
+        out = out + self.settings["offset"]
         return out * (0.5 if self.training else 1.0)
 
 

@@ -56,6 +56,8 @@ class AdamParam(NamedTuple):
     beta2: float
     eps: float
     weight_decay: float  # coupled (Adam's L2): added to the gradient; 0 for AdamW (decoupled, left out)
+    group: int  # its param group's index
+    lr: float | None  # its param group's learning rate (``check_one_lr``), where saved
 
 
 def _group_of(groups: Sequence[Mapping[str, Any]], index: int, where: str) -> Mapping[str, Any]:
@@ -145,33 +147,29 @@ def _ids_to_names(
     )
 
 
-def _check_one_lr(
-    groups: Sequence[Mapping[str, Any]],
-    by_id: Mapping[Any, tuple[str, int]],
-    scored: Collection[str] | None,
-    where: str,
-) -> None:
-    """Refuse scored parameters in param groups of different learning rates: Adam moves each parameter by its own
-    group's ``lr`` times its update, but a checkpoint weighs every parameter by its one ``lr`` (weighted by one of
-    them, the scores were 99% off)."""
-    held: dict[int, list[str]] = {}
-    for name, g in by_id.values():
-        if scored is None or name in scored:
-            held.setdefault(g, []).append(name)
-    lrs = {g: float(groups[g]["lr"]) for g in held if "lr" in groups[g]}
-    if len(set(lrs.values())) < 2:
-        return
-    listed = "; ".join(
-        f"param_groups[{g}] lr={lr:g} holds {held[g][:5]}{' and more' if len(held[g]) > 5 else ''}"
-        for g, lr in lrs.items()
-    )
-    first = min(lrs)
-    raise ValueError(
-        f"`optimizer_state` of {where} has param groups of different learning rates ({listed}): Adam moves each "
-        f"parameter by its group's lr, but a checkpoint weighs every parameter by its one `lr`. Score each group in a "
-        f"call of its own, with checkpoints of that group's lr and `params=` its parameters (e.g. "
-        f"`tc.load_checkpoints(paths, lr={lrs[first]:g})` and `params={held[first][:5]}`), and sum the scores."
-    )
+def check_one_lr(adam: Sequence[Mapping[str, AdamParam] | None], scored: Collection[str]) -> None:
+    """Refuse scored parameters (those a call's plan differentiates: the last layer's with ``method="last_layer"``)
+    in param groups of different learning rates; ``adam``: each checkpoint's states, or None. Adam moves each
+    parameter by its own group's ``lr`` times its update, but a checkpoint weighs every parameter by its one ``lr``
+    (weighted by one of them, the scores were 99% off)."""
+    for i, states in enumerate(adam):
+        held: dict[tuple[int, float], list[str]] = {}
+        for name in scored:
+            if states is not None and name in states and states[name].lr is not None:
+                held.setdefault((states[name].group, states[name].lr), []).append(name)
+        if len({lr for _, lr in held}) < 2:
+            continue
+        listed = "; ".join(
+            f"param_groups[{g}] lr={lr:g} holds {names[:5]}{' and more' if len(names) > 5 else ''}"
+            for (g, lr), names in sorted(held.items())
+        )
+        (_, lr), names = min(held.items())
+        raise ValueError(
+            f"`optimizer_state` of checkpoints[{i}] has param groups of different learning rates ({listed}): Adam "
+            f"moves each parameter by its group's lr, but a checkpoint weighs every parameter by its one `lr`. Score "
+            f"each group in a call of its own, with checkpoints of that group's lr and `params=` its parameters (e.g. "
+            f"`tc.load_checkpoints(paths, lr={lr:g})` and `params={names[:5]}`), and sum the scores."
+        )
 
 
 def adam_states(
@@ -200,7 +198,6 @@ def adam_states(
         )
     groups = optimizer_state["param_groups"]
     by_id = _ids_to_names(groups, order, order if trainable is None else trainable, where)
-    _check_one_lr(groups, by_id, scored, where)
     states: dict[str, AdamParam] = {}
     for pid, (name, g) in by_id.items():
         group = _group_of(groups, g, where)
@@ -241,6 +238,8 @@ def adam_states(
             b2,
             float(group["eps"]),
             decay,
+            g,
+            float(group["lr"]) if "lr" in group else None,
         )
     return states
 

@@ -44,7 +44,7 @@ def _embedded_names(setup: Setup, train: Any) -> Sequence[str]:
     if setup.method != "last_layer":
         return setup.spec.diff_names
     head = first_examples(setup, train, "train")
-    with naming_failures(setup.train_loss, setup, head, "train", 0):
+    with exclusive_use(setup.spec), naming_failures(setup.train_loss, setup, head, "train", 0):
         return scored_names(setup, head)
 
 

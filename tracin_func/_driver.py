@@ -230,7 +230,7 @@ def naming_failures(
         for name, index, example in _candidates(batch, where, offset, read):
             example = to_device(example, setup.device, setup.dtype)
             try:
-                check_forward(setup.spec.module, loss, setup.checkpoints[0].state, example, name)
+                check_forward(setup.spec.module, loss, setup.checkpoints[0].state, example, name, setup.spec.diff_names)
             except Exception as cause:
                 if str(cause).startswith("`"):
                     raise

@@ -52,7 +52,9 @@ def _converts(t: Any, dtype: torch.dtype) -> bool:
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    if t is None or not _converts(t, dtype):
+    """``t`` in ``dtype``; a trainable parameter kept (a model's, such as a learned temperature the criterion holds,
+    refused by the forward's check as read from the model: a copy would hide it)."""
+    if t is None or not _converts(t, dtype) or isinstance(t, nn.Parameter) and t.requires_grad:
         return t
     cast = t.detach().to(dtype)
     return nn.Parameter(cast, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else cast

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ._adam import check_one_lr
 from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, worth_dropping
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._bags import PRODUCT as BAG_PRODUCT
@@ -135,6 +136,7 @@ def plan_call(
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
     tensor_bytes = max(_checked_on_either(setup, loss, batch, where) for loss in losses)
     names = scored_names(setup, batch)
+    check_one_lr([c.adam for c in setup.checkpoints], names)
     factored = True if setup.method == "last_layer" else setup.factored
     checked_at = split_state(setup.checkpoints[-1].state, names)  # see ``make_plan``
     mapper = Mapper(setup.chunk_size)
@@ -177,7 +179,7 @@ def _checked_on_either(setup: Setup, loss: ExampleLossFn, batch: Any, where: str
     data, or ``loss_fn`` on test data) is refused saying so: the two are planned together, on one batch."""
     own = setup.test_loss if where == "test" else setup.train_loss
     try:
-        return check_forward(setup.spec.module, loss, setup.checkpoints[0].state, batch, where)
+        return check_forward(setup.spec.module, loss, setup.checkpoints[0].state, batch, where, setup.spec.diff_names)
     except Exception as err:
         if loss is own or str(err).startswith("`"):
             raise

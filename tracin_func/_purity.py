@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -264,63 +264,86 @@ def _protected(module: nn.Module | None, state: Tensors, example: Any) -> dict[i
     return {ptr: name for name, t in named if isinstance(t, torch.Tensor) and (ptr := _storage(t))}
 
 
-def check_forward(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, batch: Any, where: str) -> int:
+def check_forward(
+    module: nn.Module | None,
+    loss: ExampleLossFn,
+    state: Tensors,
+    batch: Any,
+    where: str,
+    differentiated: Collection[str] = (),
+) -> int:
     """Run ``loss`` on the first example of ``batch`` under the watch; raise with the fix on anything untrustworthy.
     When the run leaves tensors computed from the checkpoint alive (kept by a layer: a cache, or an attention map
     stored for plots), it runs again, which reads a cache back. Two more runs outside the watch must give the same
     values: randomness the watch cannot see (Python's ``random``, NumPy's) gives others. The runs leave the layers'
     attributes as they were. Returns the bytes of the largest tensor the forward made from the example, which a
-    batch's tensors scale by."""
+    batch's tensors scale by. A criterion computing with a ``differentiated`` parameter of the model is refused."""
     example = batch_of_one(example_at(batch, 0))
     with leaving_no_trace(module):
-        watch = _watched_run(module, loss, state, example, where)
+        watch = _watched_run(module, loss, state, example, where, differentiated)
         if watch.kept_derived():
-            watch = _watched_run(module, loss, state, example, where)
+            watch = _watched_run(module, loss, state, example, where, differentiated)
         with torch.no_grad():  # (two plain runs: under the watch, fused kernels such as the native transformer
             runs = [_copied(_run(loss, state, example)) for _ in range(2)]  # encoder's step aside)
     _refuse_changed(*runs, exact=all(t.device.type == "cpu" for t in state.values()))
     return watch.largest
 
 
-def _watched_run(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, example: Any, where: str) -> _Watch:
+def _watched_run(
+    module: nn.Module | None, loss: ExampleLossFn, state: Tensors, example: Any, where: str, differentiated: Any
+) -> _Watch:
     """One dry run under the watch (raising on what it refuses), which it returns."""
     protected = _protected(module, state, example)
     checkpoint = {id(t) for t in state.values()}
     given = checkpoint | {id(t) for t in optree.tree_leaves(example) if isinstance(t, torch.Tensor)}
     with torch.no_grad(), _running_modules(module) as stack, _Watch(protected, stack, given, checkpoint) as watch:
         try:
-            _run(loss, state, example, module)
+            _run(loss, state, example, module, differentiated)
         except RuntimeError as err:
-            dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
-            if dtype is not None:
-                refuse_held_dtype(loss, err, dtype)  # (a loss's own tensor, before the inputs are blamed)
+            if not isinstance(loss, CriterionLoss):  # (a criterion's: where it fails itself, not in the forward)
+                _refuse_held_dtype(loss, err, state)
             _explain_dtype(err, example, state, where)
             raise
     watch.refuse_kept(state, module)
     return watch
 
 
-def _run(loss: ExampleLossFn, state: Tensors, example: Any, module: nn.Module | None = None) -> list[torch.Tensor]:
+def _run(
+    loss: ExampleLossFn, state: Tensors, example: Any, module: nn.Module | None = None, differentiated: Any = ()
+) -> list[torch.Tensor]:
     """The floating values of the loss of ``example``: a criterion's model outputs and its loss; given the ``module``
-    that ran, a criterion reading its parameters is refused (``_ParametersRead``)."""
+    that ran, a criterion reading its ``differentiated`` parameters is refused (``_ParametersRead``)."""
     if not isinstance(loss, CriterionLoss):
         return floating_leaves(loss(state, example))
     *inputs, target = example
     output = loss.forward(state, *inputs)
     _check_output(output, loss.name)
-    with nullcontext() if module is None else _ParametersRead(module, loss.name, (output, target)):
-        return floating_leaves((output, loss.criterion(output, target)))
+    try:
+        with nullcontext() if module is None else _ParametersRead(module, differentiated, loss.name, (output, target)):
+            value = loss.criterion(output, target)
+    except RuntimeError as err:
+        _refuse_held_dtype(loss, err, state)
+        raise
+    return floating_leaves((output, value))
+
+
+def _refuse_held_dtype(loss: ExampleLossFn, err: RuntimeError, state: Tensors) -> None:
+    """``refuse_held_dtype`` at the state's floating dtype: a loss's own tensor named before the inputs are blamed."""
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), None)
+    if dtype is not None:
+        refuse_held_dtype(loss, err, dtype)
 
 
 class _ParametersRead(TorchFunctionMode):
-    """Raises where a criterion computes with a parameter of the model (or a view of one), read through a closure, a
-    bound method of the model or a global (a penalty on ``model.fc.weight``, a learned temperature): that is the
-    model's own tensor, not the checkpoint's being differentiated, so the term got no gradient and the checkpoint's
-    value was never used (28-48% off, silently). Run after the forward, when the module holds its own again."""
+    """Raises where a criterion computes with a differentiated parameter of the model (or a view of one), read through
+    a closure, a bound method of the model or a global (a penalty on ``model.fc.weight``, a learned temperature):
+    that is the model's own tensor, not the checkpoint's being differentiated, so the term got no gradient and the
+    checkpoint's value was never used (28-48% off, silently). Run after the forward, when the module holds its own
+    again. (A frozen one is read as the user's model holds it: its value, unless the checkpoint's differs.)"""
 
-    def __init__(self, module: nn.Module, name: str, given: Any) -> None:
+    def __init__(self, module: nn.Module, differentiated: Collection[str], name: str, given: Any) -> None:
         super().__init__()
-        named = list(module.named_parameters())
+        named = [(n, p) for n, p in module.named_parameters(remove_duplicate=False) if n in differentiated]
         self.ids, self.storages = {id(p): n for n, p in named}, {_storage(p): n for n, p in named if _storage(p)}
         leaves = [t for t in optree.tree_leaves(given) if isinstance(t, torch.Tensor)]
         self.given, self.given_storages, self.name = {id(t) for t in leaves}, {_storage(t) for t in leaves}, name
