@@ -2529,6 +2529,38 @@ def test_the_automatic_batch_size_follows_the_plan(as_dataset):
     assert_close(got, tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(losses), batch_size=7), 1e-5)
 
 
+class TokensMeaned(nn.Module):
+    """A Linear on every token of ``[B, T, 64]``, then a mean over tokens: its tensors grow with T."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.fc = nn.Linear(64, 64), nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.lin(x)).mean(1))
+
+
+def test_influence_sizes_training_batches_for_training_examples():
+    """Influence plans on the test data's first examples: short queries (T = 1) against long documents (T = 128) had
+    the training batches sized by the queries (all 600 in one batch, its largest tensor 19 MB, past the 16 MB an
+    automatic CPU batch keeps to), 512 as self-influence and explain size them. Scores equal a batch size's."""
+    torch.manual_seed(0)
+    model = TokensMeaned().eval()
+    train = (torch.randn(600, 128, 64), torch.randint(0, 3, (600,)))
+    test = (torch.randn(2, 1, 64), torch.tensor([0, 2]))
+    sizes = []
+
+    def losses(state, batch):
+        sizes.append(len(batch[0]))
+        logits = torch.func.functional_call(model, state, (batch[0],))
+        return nn.functional.cross_entropy(logits, batch[1], reduction="none")
+
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=0.5)]
+    got = tc.influence(model, ckpts, train, test, loss_fn=tc.BatchLoss(losses))
+    assert max(sizes) <= tc.explain(model, ckpts, train, loss_fn=tc.BatchLoss(losses), n_test=2).batch_size == 512
+    assert_close(got, tc.influence(model, ckpts, train, test, loss_fn=nn.CrossEntropyLoss(), batch_size=100), 1e-5)
+
+
 class PositionsAndWords(nn.Module):
     """Word and position embeddings (positions 0..T-1 in every example, like BERT's), summed, then a head."""
 

@@ -301,6 +301,11 @@ def sequential_loader(dataset: Dataset, batch_size: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
 
 
+def nbytes(tree: Any) -> int:
+    """The bytes of the tensors in ``tree``."""
+    return sum(t.numel() * t.element_size() for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
 def examples_in(batch: Batch) -> int:
     """Examples in one batch (``batch_size_of`` checked it): its first tensor's leading size, also where no tensor is
     at its top level (``((x1, x2), (y1, y2))`` from a DataLoader's collate_fn), which ``num_examples`` takes for many

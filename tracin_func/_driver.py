@@ -12,10 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
+from functools import cache, partial
 from typing import Any, NamedTuple, Optional
 
-import optree
 import torch
 from tqdm.auto import tqdm
 
@@ -28,6 +27,7 @@ from ._data import (
     is_single_batch,
     iter_batches,
     joined_rows,
+    nbytes,
     num_batches,
     num_examples,
     select_rows,
@@ -177,7 +177,7 @@ def first_examples(setup: Setup, data: Any, where: str) -> Any:
     batch), checked and on device; None when it holds none (the call says so where it reads the data), or its first
     batch is empty (a bucketing sampler's empty bucket: skipped where the data is scored)."""
     head = next(iter_batches(data, _PLANNING_EXAMPLES, where), None)
-    if head is None or not batch_size_of(head, f"`{where}`"):
+    if head is None or not batch_size_of(head, f"`{where}`" if is_single_batch(data) else f"`{where}` batch 0"):
         return None
     check_batch_structure(head, f"`{where}` batch 0", needs_target=setup.needs_target[where == "test"])
     return to_device(head, setup.device, setup.dtype)
@@ -196,7 +196,7 @@ def _pool_rows(data: Any, where: str) -> torch.Tensor | None:
     """The indices of ``checking_pool``'s examples in ``data``, or None."""
     if not is_single_batch(data) or not (n := batch_size_of(data, f"`{where}`")):
         return None
-    k = min(n, _CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES // max(1, _nbytes(data) // n))
+    k = min(n, _CHECKING_POOL_EXAMPLES, _CHECKING_POOL_BYTES // max(1, nbytes(data) // n))
     return extreme_rows(slice_batch(data, 0, k)) if k else None
 
 
@@ -370,10 +370,6 @@ class Queries(NamedTuple):
 _JOINED_SHARE = 8
 
 
-def _nbytes(tree: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor))
-
-
 def query_chunks(
     setup: Setup,
     test: Any,
@@ -395,9 +391,10 @@ def query_chunks(
     cosines: the rows stay per example and are summed after scoring."""
     cosine = normalize == "cosine"
     total = aggregate and not cosine
-    # the training data's first examples check the plan's batching where the test data's first batch cannot (one
-    # example): read only then (a one-pass iterator comes wrapped to keep its first batch: ``_data.Replayed``)
-    scored = partial(first_examples, setup, train, "train") if train is not None else None
+    # the training data's first examples size the batches the plan made on test examples scores them in, and check
+    # its batching where the test data's first batch cannot (one example): read once (a one-pass iterator comes
+    # wrapped to keep its first batch: ``_data.Replayed``)
+    scored = cache(partial(first_examples, setup, train, "train")) if train is not None else None
     # with one loss for both sides, the check picks its examples among the training data's first too (those at the
     # ends of its padding's ranges): where those reach beyond the test data's, the first training batch was checked
     # again; and a test batch that is the only one joins the first training batch's pass
@@ -425,7 +422,7 @@ def query_chunks(
             if cosine:
                 scales[c].append(scale)
             per_ckpt[c].append(rep)
-            kept += _nbytes(rep)
+            kept += nbytes(rep)
         return kept
 
     # the products each training gradient takes part in, where known: one per test example (few, one prediction's,

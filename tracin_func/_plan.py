@@ -27,7 +27,7 @@ from ._batching import (
     spot_check,
 )
 from ._capture import Hook, LayerFactors, discover, hooked
-from ._data import select_rows, slice_batch
+from ._data import examples_in, nbytes, select_rows, slice_batch
 from ._grads import Mapper, Tensors
 from ._layers import (
     Site,
@@ -124,14 +124,15 @@ def plan_call(
     scored: Callable[[], Any] | None = None,
     pool: Any = None,
 ) -> PlannedCall:
-    """Check the forward pass and plan a call on ``batch`` (on device) of the argument named ``where``; warn when the
-    plan leaves the batched path although layers could give factors. ``self_only``: every gradient meets only itself
-    (self-influence), which changes what factoring saves, as do few ``partners`` (the products each training gradient
-    takes part in, where known: one per test example, and its own norm where taken; one prediction's proponents).
-    ``scored``: reads the first examples of other data the plan scores in batches (influence's training data), which the
-    batching check runs on when ``batch`` holds a single example (whose batched and lone runs are the same); called only
-    then. ``pool``: more examples (the same data's first, ``batch`` first, then maybe the training data's), which the
-    batching check picks its examples among."""
+    """Check the forward pass and plan a call on ``batch`` (on device) of the argument named ``where``; warn when
+    the plan leaves the batched path although layers could give factors. ``self_only``: every gradient meets only
+    itself (self-influence), which changes what factoring saves, as do few ``partners`` (the products each training
+    gradient takes part in, where known: one per test example, and its own norm where taken; one prediction's
+    proponents). ``scored``: reads the first examples of other data the plan scores in batches (influence's training
+    data), which the batching check runs on when ``batch`` holds a single example (whose batched and lone runs are
+    the same), and whose bytes per example the plan's size holds too (``_sized_for_training``). ``pool``: more
+    examples (the same data's first, ``batch`` first, then maybe the training data's), which the batching check
+    picks its examples among."""
     module = setup.spec.module
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
     tensor_bytes = max(_checked_on_either(setup, loss, batch, where) for loss in losses)
@@ -144,6 +145,8 @@ def plan_call(
         module, names, losses, *checked_at, batch, mapper, factored=factored, self_only=self_only, partners=partners,
         scored=scored, pool=pool,
     )._replace(tensor_bytes=tensor_bytes)
+    if where == "test" and scored is not None:
+        plan = _sized_for_training(setup, plan, batch, scored())
     if module is not None and factored is not False and not plan.batched:
         causes = sorted(plan.dense, key=lambda n: plan.reasons[n] in (_TO_VMAP, _UNUSED_ON_VMAP))  # root causes first
         slow = [f"{n!r} ({plan.reasons[n]})" for n in causes[:3]]
@@ -162,6 +165,20 @@ def plan_call(
             reps[id(loss)] = checking_batches(rep, module, loss, plan, mapper, checked_at, setup.compile, witness)
     train, test = reps[id(setup.train_loss)], reps[id(setup.test_loss)]
     return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection), train, test)
+
+
+def _sized_for_training(setup: Setup, plan: Plan, batch: Any, train: Any) -> Plan:
+    """``plan``, made on test examples (``batch``), with bytes per example that hold for the training examples too
+    (``train``: the first), whose batches it sizes: short queries scored against long documents had their training
+    batches sized by the queries (8 times the budget and more). The largest tensor of a training example's forward is
+    measured; the bytes kept per example are scaled by the training examples' bytes of data over the test ones' (the
+    rows a layer takes grow with them)."""
+    if train is None or not examples_in(train):
+        return plan
+    tensor_bytes = _checked_on_either(setup, setup.train_loss, train, "train")
+    ratio = (nbytes(train) / examples_in(train)) / max(1, nbytes(batch) / examples_in(batch))
+    example_bytes = max(plan.example_bytes, math.ceil(plan.example_bytes * ratio))
+    return plan._replace(tensor_bytes=max(plan.tensor_bytes, tensor_bytes), example_bytes=example_bytes)
 
 
 def scored_names(setup: Setup, batch: Any) -> Sequence[str]:
@@ -231,7 +248,7 @@ _TOKEN_ROWS_MIN_RATIO = 8
 
 _TO_VMAP = "materialising costs less inside vmap(grad), which runs anyway"
 _UNUSED = "not used by the forward pass or the loss on the first example: zero gradients (a batch using it is refused)"
-_UNUSED_ON_VMAP = "not used by the forward pass or the loss on the first example (zero gradients); vmap runs anyway"
+_UNUSED_ON_VMAP = "not used by the forward pass or the loss on the first example; vmap runs anyway (per example)"
 
 
 _COPIES_DID_NOT_FIT = "its copies over the batch did not fit how its layer uses it: at another rank, or not elementwise"
