@@ -2561,6 +2561,21 @@ def test_influence_sizes_training_batches_for_training_examples():
     assert_close(got, tc.influence(model, ckpts, train, test, loss_fn=nn.CrossEntropyLoss(), batch_size=100), 1e-5)
 
 
+def test_a_failing_training_example_is_named_where_influence_sizes_its_batches():
+    """Sizing the training batches runs a training example's forward inside the test data's planning: one that failed
+    (a label out of range) raised torch's bare error there; the scoring pass names it, and a loader's batches, which
+    the automatic size does not cut, are not read for it."""
+    torch.manual_seed(0)
+    model = TokensMeaned().eval()
+    x, y = torch.randn(6, 8, 64), torch.tensor([7, 0, 1, 2, 0, 1])
+    test = (torch.randn(2, 1, 64), torch.tensor([0, 2]))
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=0.5)]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
+    for train in ((x, y), loader):
+        with pytest.raises(IndexError, match=r"^`train` example 0 cannot be scored: IndexError: Target 7 is out"):
+            tc.influence(model, ckpts, train, test, loss_fn=nn.CrossEntropyLoss())
+
+
 class PositionsAndWords(nn.Module):
     """Word and position embeddings (positions 0..T-1 in every example, like BERT's), summed, then a head."""
 

@@ -494,7 +494,8 @@ def test_a_criterion_reading_the_models_parameters_is_refused():
     """A criterion reading a parameter of the model (a learned temperature through a closure, a weight penalty in a
     bound method) got the user's tensor, not the checkpoint's: that term had no gradient and the checkpoint's value
     was never used (5-48% off, silently). Refused, naming the parameter (also where the call's dtype= copies the
-    criterion); one reading the model's settings, or a frozen parameter, scores."""
+    criterion); one reading the model's settings, a parameter's device, dtype or shape, or a frozen parameter,
+    scores."""
     torch.manual_seed(0)
     model = _Penalised().double().eval()
     ckpts = [tc.Checkpoint({k: v + 0.3 * torch.randn_like(v) for k, v in model.state_dict().items()}, 0.1)]
@@ -508,6 +509,12 @@ def test_a_criterion_reading_the_models_parameters_is_refused():
         tc.influence(model, ckpts, (x, y), (x[:1], y[:1]), loss_fn=nn.CrossEntropyLoss(), test_loss_fn=tempered)
     got = tc.self_influence(model, ckpts, (x, y), loss_fn=model.smoothed)
     assert_close(got, reference_scores(model, ckpts, (x, y), loss_fn=model.smoothed).self_influence)
+    # a parameter's device, dtype or shape read (`y.to(next(model.parameters()).device)`): no value, scored
+    moved = lambda out, y: nn.functional.cross_entropy(  # noqa: E731
+        out[:, : model.fc.weight.shape[0]].to(model.fc.weight.dtype), y.to(next(model.parameters()).device)
+    )
+    got = tc.self_influence(model, ckpts, (x, y), loss_fn=moved)
+    assert_close(got, reference_scores(model, ckpts, (x, y), loss_fn=moved).self_influence)
     # held by a criterion module in another dtype than the call's: refused too (a copy in the call's dtype hid it)
     single = _Penalised().eval()
     with pytest.raises(ValueError, match="`loss_fn` computes with the model's parameter 'log_t'"):

@@ -4,8 +4,10 @@ every step) against a float64 loop reference."""
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -192,18 +194,19 @@ def test_factory_equals_tracer_update_and_never_plans_again(monkeypatch):
 
 
 class Tempered(nn.Module):
-    """A temperature, a scale (a tensor, not a buffer), a gain beside an offset in a settings dict and a shift the
-    training loop may change, and a branch on its mode (no dropout)."""
+    """A temperature, a scale (a tensor, not a buffer), a gain beside an offset in a settings dict, a NumPy scalar and
+    a shift the training loop may change, and a branch on its mode (no dropout)."""
 
     def __init__(self):
         super().__init__()
         self.fc1, self.fc2, self.temperature = nn.Linear(4, 8), nn.Linear(8, 3), 1.0
         self.scale, self.settings = torch.tensor(1.0), {"gain": 1.0, "offset": torch.tensor([0.0, 0.5, -0.5])}
+        self.sharpness = np.float32(1.0)
         self.register_buffer("shift", torch.zeros(3))
 
     def forward(self, x):
         out = self.fc2(torch.tanh(self.fc1(x))) / self.temperature * self.scale * self.settings["gain"] + self.shift
-        out = out + self.settings["offset"]
+        out = out * float(self.sharpness) + self.settings["offset"]
         return out * (0.5 if self.training else 1.0)
 
 
@@ -222,7 +225,8 @@ def test_the_factorys_update_reads_the_model_as_it_is():
     before = tracer.update(tracer.init(), params, 1.0, batch, idx).scores
     changes = [lambda: setattr(model, "shift", torch.tensor([3.0, -2.0, 0.0], dtype=DTYPE)),
                lambda: setattr(model, "temperature", 0.25), lambda: setattr(model, "scale", torch.tensor(2.0)),
-               lambda: model.settings.update(gain=0.3), model.train]  # fmt: skip
+               lambda: model.settings.update(gain=0.3), lambda: setattr(model, "sharpness", np.float32(2.0)),
+               model.train]  # fmt: skip
     for change in changes:
         change()
         want = tc.tracer_update(tc.tracer_init(test, n_train=4, dtype=DTYPE), model, params, 1.0, batch, idx,
@@ -251,6 +255,22 @@ def test_the_factorys_update_follows_parameters_frozen_or_unfrozen(frozen_at_pla
         got = tracer.update(tracer.init(), params, 1.0, batch, idx).scores
         assert torch.equal(got, want.scores) and not torch.equal(got, before)
         before = got
+
+
+def test_the_factorys_plans_for_trainable_sets_are_bounded():
+    """Each plan holds a copy of the model's modules: a trainable set changing at every step kept one per step."""
+    torch.manual_seed(0)
+    model, ce = MLP().double().eval(), nn.CrossEntropyLoss()
+    x, y = _data((4,), 6)
+    tracer, idx = tc.tracer(model, (x[:2], y[:2]), n_train=6, loss_fn=ce, dtype=DTYPE), torch.arange(2, 6)
+    params, state = dict(model.named_parameters()), tracer.init()
+    for frozen in itertools.combinations(params, 2):  # six sets
+        for name, p in params.items():
+            p.requires_grad_(name not in frozen)
+        state = tracer.update(state, params, 1.0, (x[idx], y[idx]), idx)
+    gc.collect()
+    copies = [o for o in gc.get_objects() if isinstance(o, MLP) and o.fc1._parameters["weight"] is model.fc1.weight]
+    assert len(copies) <= 1 + 1 + tracer_module._PLANS_KEPT  # (the model, the first plan's copy, the last plans')
 
 
 def test_the_factorys_update_under_inference_mode_is_refused_clearly():

@@ -186,6 +186,12 @@ def _same_leaf(x: Any, y: Any) -> bool:
     return x is y or x == y
 
 
+def sized_automatically(data: Any) -> bool:
+    """Whether the automatic batch size cuts ``data`` into batches: a batch or a map-style ``Dataset`` (a loader's or
+    another iterable's batches are the user's)."""
+    return is_single_batch(data) or isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
+
+
 def replayable(data: Any) -> Any:
     """``data``, a one-pass iterator wrapped so that its first batch can be read twice (``Replayed``), and any other
     iterable that is not known to give the same batches on every pass wrapped to check that it does (``Repeated``)."""

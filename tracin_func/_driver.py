@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import cache, partial
+from functools import partial
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -31,13 +31,14 @@ from ._data import (
     num_batches,
     num_examples,
     select_rows,
+    sized_automatically,
     slice_batch,
     to_device,
 )
 from ._distributed import Ranks
 from ._grads import refuse_recomputed, scalar_loss
 from ._loss import ExampleLossFn
-from ._plan import Plan, plan_call
+from ._plan import Plan, plan_call, unread_by_loss
 from ._purity import check_forward
 from ._representations import Representation
 from ._setup import Setup, auto_batch_size, even_batches
@@ -100,12 +101,15 @@ def _planned(
     self_only: bool = False,
     partners: int | None = None,
     scored: Scored = None,
+    sized_by: Scored = None,
     pool: Any = None,
     read: Sequence[tuple[str, Any, int]] = (),
 ) -> Planned:
     loss = setup.test_loss if where == "test" else setup.train_loss
     with naming_failures(loss, setup, batch, where, offset, read):
-        planned = plan_call(setup, batch, where, self_only=self_only, partners=partners, scored=scored, pool=pool)
+        planned = plan_call(
+            setup, batch, where, self_only=self_only, partners=partners, scored=scored, sized_by=sized_by, pool=pool
+        )
     updates = Updates(*(torch.compile(fn) for fn in planned.updates)) if setup.compile else planned.updates
     most = most_per_batch(setup, planned.plan)
     return Planned(updates, even_batches(most) if setup.auto_batch else most, most)
@@ -131,6 +135,7 @@ def planned_batches(
     self_only: bool = False,
     partners: int | None = None,
     scored: Scored = None,
+    sized_by: Scored = None,
     beside: Any = None,
     read: Sequence[tuple[str, Any, int]] = (),
     **where_from: Any,
@@ -158,7 +163,8 @@ def planned_batches(
         more = checking_pool(setup, data, where) if num_examples(data) > _PLANNING_EXAMPLES else None
         pool = pool_of(head, more)
         planned = _planned(
-            setup, head, where, start, self_only=self_only, partners=partners, scored=scored, pool=pool, read=read
+            setup, head, where, start, self_only=self_only, partners=partners, scored=scored, sized_by=sized_by,
+            pool=pool, read=read,
         )
 
     def size(left: int) -> int:  # the automatic size, once the plan says how large an example's gradients are
@@ -166,7 +172,8 @@ def planned_batches(
 
     for offset, batch in batches(setup, data, where, desc, batch_size=size if setup.auto_batch else None, **where_from):
         planned = planned or _planned(
-            setup, batch, where, offset, self_only=self_only, partners=partners, scored=scored, pool=pool_of(batch),
+            setup, batch, where, offset, self_only=self_only, partners=partners, scored=scored, sized_by=sized_by,
+            pool=pool_of(batch),
             read=read,
         )
         yield planned, offset, batch
@@ -230,7 +237,7 @@ def naming_failures(
         for name, index, example in _candidates(batch, where, offset, read):
             example = to_device(example, setup.device, setup.dtype)
             try:
-                check_forward(setup.spec.module, loss, setup.checkpoints[0].state, example, name, setup.spec.diff_names)
+                check_forward(setup.spec.module, loss, setup.checkpoints[0].state, example, name, unread_by_loss(setup))
             except Exception as cause:
                 if str(cause).startswith("`"):
                     raise
@@ -391,10 +398,11 @@ def query_chunks(
     cosines: the rows stay per example and are summed after scoring."""
     cosine = normalize == "cosine"
     total = aggregate and not cosine
-    # the training data's first examples size the batches the plan made on test examples scores them in, and check
-    # its batching where the test data's first batch cannot (one example): read once (a one-pass iterator comes
-    # wrapped to keep its first batch: ``_data.Replayed``)
-    scored = cache(partial(first_examples, setup, train, "train")) if train is not None else None
+    # the training data's first examples check the plan's batching where the test data's first batch cannot (one
+    # example): read only then (a one-pass iterator comes wrapped to keep its first batch: ``_data.Replayed``); and
+    # those of a batch or a Dataset, whose batches the automatic size cuts, size them (not a loader's: the user's)
+    scored = partial(first_examples, setup, train, "train") if train is not None else None
+    sized_by = scored if train is not None and sized_automatically(train) else None
     # with one loss for both sides, the check picks its examples among the training data's first too (those at the
     # ends of its padding's ranges): where those reach beyond the test data's, the first training batch was checked
     # again; and a test batch that is the only one joins the first training batch's pass
@@ -431,7 +439,7 @@ def query_chunks(
     n_test = None if total else num_examples(test)
     partners = None if n_test is None else n_test + (normalize is not None)
     test_batches = planned_batches(
-        setup, test, "test", "test gradients", partners=partners, scored=scored, beside=beside,
+        setup, test, "test", "test gradients", partners=partners, scored=scored, sized_by=sized_by, beside=beside,
         read=() if train is None else (("train", train, train_start),),
     )
     planned, held = None, None  # held: the first test batch, while it may be the only one

@@ -122,6 +122,7 @@ def plan_call(
     self_only: bool = False,
     partners: int | None = None,
     scored: Callable[[], Any] | None = None,
+    sized_by: Callable[[], Any] | None = None,
     pool: Any = None,
 ) -> PlannedCall:
     """Check the forward pass and plan a call on ``batch`` (on device) of the argument named ``where``; warn when
@@ -130,7 +131,8 @@ def plan_call(
     gradient takes part in, where known: one per test example, and its own norm where taken; one prediction's
     proponents). ``scored``: reads the first examples of other data the plan scores in batches (influence's training
     data), which the batching check runs on when ``batch`` holds a single example (whose batched and lone runs are
-    the same), and whose bytes per example the plan's size holds too (``_sized_for_training``). ``pool``: more
+    the same); called only then. ``sized_by``: reads them where the plan's size cuts their batches, which it then
+    holds for them too (``_sized_for_training``). ``pool``: more
     examples (the same data's first, ``batch`` first, then maybe the training data's), which the batching check
     picks its examples among."""
     module = setup.spec.module
@@ -145,8 +147,8 @@ def plan_call(
         module, names, losses, *checked_at, batch, mapper, factored=factored, self_only=self_only, partners=partners,
         scored=scored, pool=pool,
     )._replace(tensor_bytes=tensor_bytes)
-    if where == "test" and scored is not None:
-        plan = _sized_for_training(setup, plan, batch, scored())
+    if sized_by is not None:
+        plan = _sized_for_training(setup, plan, batch, sized_by())
     if module is not None and factored is not False and not plan.batched:
         causes = sorted(plan.dense, key=lambda n: plan.reasons[n] in (_TO_VMAP, _UNUSED_ON_VMAP))  # root causes first
         slow = [f"{n!r} ({plan.reasons[n]})" for n in causes[:3]]
@@ -170,15 +172,28 @@ def plan_call(
 def _sized_for_training(setup: Setup, plan: Plan, batch: Any, train: Any) -> Plan:
     """``plan``, made on test examples (``batch``), with bytes per example that hold for the training examples too
     (``train``: the first), whose batches it sizes: short queries scored against long documents had their training
-    batches sized by the queries (8 times the budget and more). The largest tensor of a training example's forward is
-    measured; the bytes kept per example are scaled by the training examples' bytes of data over the test ones' (the
-    rows a layer takes grow with them)."""
+    batches sized by the queries (8 times the budget and more). Where the training examples are larger, the largest
+    tensor of one's forward is measured and the bytes kept per example scaled by their data's over the test ones' (the
+    rows a layer takes grow with them); a training example that fails is left to the scoring pass to name."""
     if train is None or not examples_in(train):
         return plan
-    tensor_bytes = _checked_on_either(setup, setup.train_loss, train, "train")
     ratio = (nbytes(train) / examples_in(train)) / max(1, nbytes(batch) / examples_in(batch))
+    if ratio <= 1:
+        return plan
+    try:
+        tensor_bytes = _checked_on_either(setup, setup.train_loss, train, "train")
+    except Exception as err:
+        if str(err).startswith("`"):  # (a refusal of ours, naming the argument)
+            raise
+        return plan
     example_bytes = max(plan.example_bytes, math.ceil(plan.example_bytes * ratio))
     return plan._replace(tensor_bytes=max(plan.tensor_bytes, tensor_bytes), example_bytes=example_bytes)
+
+
+def unread_by_loss(setup: Setup) -> Sequence[str]:
+    """The parameters a criterion may not read itself (``check_forward``): those differentiated; with
+    ``method="last_layer"``, chosen later, none (a criterion reading the last layer's is not seen)."""
+    return () if setup.method == "last_layer" else setup.spec.diff_names
 
 
 def scored_names(setup: Setup, batch: Any) -> Sequence[str]:
@@ -196,7 +211,7 @@ def _checked_on_either(setup: Setup, loss: ExampleLossFn, batch: Any, where: str
     data, or ``loss_fn`` on test data) is refused saying so: the two are planned together, on one batch."""
     own = setup.test_loss if where == "test" else setup.train_loss
     try:
-        return check_forward(setup.spec.module, loss, setup.checkpoints[0].state, batch, where, setup.spec.diff_names)
+        return check_forward(setup.spec.module, loss, setup.checkpoints[0].state, batch, where, unread_by_loss(setup))
     except Exception as err:
         if loss is own or str(err).startswith("`"):
             raise

@@ -349,6 +349,9 @@ class _ParametersRead(TorchFunctionMode):
         self.given, self.given_storages, self.name = {id(t) for t in leaves}, {_storage(t) for t in leaves}, name
 
     def __torch_function__(self, func: Callable, types_: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if _metadata(out):  # (`y.to(next(model.parameters()).device)`, a shape or a dtype read: no value)
+            return out
         for t in optree.tree_leaves((args, kwargs or {})):
             if isinstance(t, torch.Tensor) and id(t) not in self.given:
                 storage = _storage(t)
@@ -361,7 +364,15 @@ class _ParametersRead(TorchFunctionMode):
                         f"params, batch: ...)` (or `tc.BatchLoss`) reading `params[{read!r}]`, or keep `{self.name}` "
                         f"to the outputs and targets."
                     )
-        return func(*args, **(kwargs or {}))
+        return out
+
+
+_METADATA = (bool, int, str, torch.device, torch.dtype, torch.Size, torch.layout, torch.memory_format, type(None))
+
+
+def _metadata(value: Any) -> bool:
+    """Whether an op's result tells a tensor's metadata (its device, dtype, shape, strides), not its values."""
+    return isinstance(value, _METADATA) or isinstance(value, tuple) and all(isinstance(v, int) for v in value)
 
 
 def _largest_finite(t: torch.Tensor) -> float:

@@ -28,8 +28,10 @@ stay in the compiled graph.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
@@ -235,17 +237,21 @@ def tracer(
         factored=factored, chunk_size=chunk_size, dtype=dtype, device=target,
     )
     first = plan(params)
-    plans = {frozenset(first.names): first}
+    plans = OrderedDict({frozenset(first.names): first})
 
     def planned_for(params: Mapping[str, torch.Tensor]) -> _Planned:
-        # planned again for the parameters trainable now, once per set: a backbone frozen after warm-up takes no
-        # step, and an unfrozen one starts taking them (scored as planned, 10.5% off, silently)
+        # planned again for the parameters trainable now: a backbone frozen after warm-up takes no step, and an
+        # unfrozen one starts taking them (scored as planned, 10.5% off, silently); the last few plans kept (each
+        # holds a copy of the model's modules: a set changing at every step would keep one per step)
         _check_params(first, params)
         if not isinstance(model, torch.nn.Module):
             return first
         trainable = frozenset(_selected(model, params))
         if trainable not in plans:
             plans[trainable] = plan(params)
+            if len(plans) > _PLANS_KEPT:
+                plans.popitem(last=False)
+        plans.move_to_end(trainable)
         return plans[trainable]
 
     def init() -> TracerState:
@@ -494,10 +500,10 @@ def _following(planned: _Planned) -> None:
     since planning, a temperature an annealing loop sets (a plain value, a tensor held as a plain attribute, or an
     entry of a dict, list or tuple of those, changed in place): the copy was made at planning, and scored the model
     as it was then, silently (83-96% off). (Parameters and buffers are read at each step: ``_live_state``.)"""
-    model, copy = planned.model, planned.setup.spec.module
-    if not isinstance(model, torch.nn.Module) or copy is None or copy is model:
+    model, private = planned.model, planned.setup.spec.module
+    if not isinstance(model, torch.nn.Module) or private is None or private is model:
         return
-    copies = dict(copy.named_modules())
+    copies = dict(private.named_modules())
     for path, module in model.named_modules():
         mirror = copies.get(path)
         if mirror is None:
@@ -508,11 +514,15 @@ def _following(planned: _Planned) -> None:
                 object.__setattr__(mirror, name, _copied_setting(value))
 
 
+_PLANS_KEPT = 4
+
+
 def _setting(value: Any, depth: int = NESTING) -> bool:
-    """Whether ``value`` is a setting: a plain value, a tensor, or a dict, list or tuple of them, ``depth`` deep."""
-    if isinstance(value, (*_PLAIN, torch.Tensor)):
+    """Whether ``value`` is a setting: a plain value or number (NumPy's too), a tensor, or a dict, list or tuple of
+    them (subclasses too: a namedtuple, an OrderedDict), ``depth`` deep."""
+    if isinstance(value, (*_PLAIN, numbers.Number, torch.Tensor)):
         return True
-    if depth == 0 or type(value) not in (dict, list, tuple) or len(value) > FLAT_ABOVE:
+    if depth == 0 or not isinstance(value, (dict, list, tuple)) or len(value) > FLAT_ABOVE:
         return False
     items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
     return all(_setting(item, depth - 1) for item in items)
@@ -531,13 +541,19 @@ def _alike(mine: Any, value: Any) -> bool:
 
 
 def _copied_setting(value: Any) -> Any:
-    """``value`` with its containers copied (the forward may change the copy's, which the call then undoes) and its
-    tensors shared."""
-    if isinstance(value, dict):
-        return {k: _copied_setting(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(map(_copied_setting, value))
-    return value
+    """``value`` with its containers copied, of their types (the forward may change the copy's, which the call then
+    undoes), and its tensors shared."""
+    if isinstance(value, tuple):
+        items = [_copied_setting(v) for v in value]
+        return type(value)._make(items) if hasattr(value, "_fields") else type(value)(items)
+    if not isinstance(value, (dict, list)):
+        return value
+    copied = copy.copy(value)  # (an OrderedDict's order, a defaultdict's factory)
+    if isinstance(copied, dict):
+        copied.update((k, _copied_setting(v)) for k, v in value.items())
+    else:
+        copied[:] = map(_copied_setting, value)
+    return copied
 
 
 def _check_params(planned: _Planned, params: Any) -> None:
