@@ -154,10 +154,13 @@ def test_safetensors_without_lr_is_an_error(tmp_path):
         tc.load_checkpoints([tmp_path / "ckpt.safetensors"])
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
 @pytest.mark.parametrize("nested", [False, True])
-def test_dataparallel_prefix_is_stripped(tmp_path, nested):
+def test_dataparallel_prefix_is_stripped(tmp_path, nested, prefix):
+    """DataParallel / DDP's `module.` and torch.compile's `_orig_mod.` (a compiled model's state dict: refused as
+    names the model does not have), nested too."""
     (state,) = _states(1)
-    prefixed = {f"module.{k}": v for k, v in state.items()}
+    prefixed = {f"{prefix}{k}": v for k, v in state.items()}
     torch.save({"model_state_dict": prefixed, "learning_rate": 0.1} if nested else prefixed, tmp_path / "ckpt.pt")
     (ckpt,) = tc.load_checkpoints([tmp_path / "ckpt.pt"], lr=None if nested else 0.1)
     _assert_same_state(ckpt, state)

@@ -2216,6 +2216,37 @@ def test_7p_a_batch_reordered_by_rows_is_refused(how):
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref_self)
 
 
+class TokensSorted(nn.Module):
+    """Each example's own tokens sorted by a feature (along the sequence dimension) before a Linear: no example's
+    computation reads another's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lin, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        order = h[..., 0].argsort(1)
+        h = h + self.lin(h.gather(1, order.unsqueeze(-1).expand_as(h)))
+        return self.out(h.mean(1))
+
+
+@pytest.mark.parametrize("tokens", [5, 6])
+def test_7p_a_sort_along_tokens_as_many_as_the_rows_checked_stays_batched(tokens):
+    """Found by fuzzing: tokens sorted within each example, as many as the rows the batching check runs together
+    (5 for three examples, 6 for four), were taken for a sort of the batch: refused (a slow path, or an error where a
+    later batch was checked). One row more tells them apart."""
+    torch.manual_seed(0)
+    model = TokensSorted().double().eval()
+    x, y = data(tokens, 4, n=8 if tokens == 6 else 3)
+    ckpts = make_ckpts(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
+        assert tc.explain(model, ckpts, (x, y), loss_fn=CE).batching.startswith("one batched forward")
+    assert_close(got, reference(model, ckpts, (x, y), None)[1])
+
+
 class PaddedTokens(nn.Module):
     """Token ids padded with 0 after each example's length: ``how`` "trim" cuts the batch to its longest example and
     means over all its positions (an example's output depends on its batch's longest), "sort" runs the embedding on

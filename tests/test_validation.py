@@ -763,10 +763,11 @@ def test_checkpoint_params_that_are_no_mapping_are_named():
         with pytest.raises(TypeError, match=re.escape(f"`checkpoints[0].params` must map parameter names to tensors, "
                                                       f"like `dict(model.state_dict())`; {got}")):  # fmt: skip
             tc.self_influence(model, [tc.Checkpoint(params=params, lr=0.1)], data, loss_fn=CE)
-    wrapped = {f"module.{k}": v for k, v in ckpts[0].params.items()}  # DataParallel / DDP's names
-    with pytest.raises(ValueError, match=re.escape("the `module.` prefix of DataParallel / DDP: save "
-                                                   "`model.module.state_dict()`")):  # fmt: skip
-        tc.self_influence(model, [tc.Checkpoint(params=wrapped, lr=0.1)], data, loss_fn=CE)
+    for prefix in ("module.", "_orig_mod."):  # DataParallel / DDP's names, torch.compile's
+        wrapped = {f"{prefix}{k}": v for k, v in ckpts[0].params.items()}
+        with pytest.raises(ValueError, match=re.escape("the prefix of a wrapper: DataParallel / DDP's `module.`, "
+                                                       "torch.compile's `_orig_mod.`; save the wrapped module's")):
+            tc.self_influence(model, [tc.Checkpoint(params=wrapped, lr=0.1)], data, loss_fn=CE)
 
 
 def test_batches_of_another_form_say_which_entry_and_the_fix():

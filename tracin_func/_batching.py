@@ -19,7 +19,16 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._assemble import RepresentationFn, representation_fn, rows_with_gradient
-from ._capture import BatchableLoss, LayerFactors, Unbatchable, Witness, batched_factors, discover, gradients_at
+from ._capture import (
+    SORTED_BATCH,
+    BatchableLoss,
+    LayerFactors,
+    Unbatchable,
+    Witness,
+    batched_factors,
+    discover,
+    gradients_at,
+)
 from ._data import distinct_examples, examples_in, padding, select_rows, slice_batch, uncopied_rows
 from ._grads import Mapper, Tensors
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
@@ -209,7 +218,15 @@ def _compared(
             what = " and ".join(way for way, taken in ways if taken)
             return BatchingCheck(f"a forward with {what} failed ({_cause(err)})", {})
         try:
-            together, on_packed = together_in(loss, plan, order)
+            # a sort along another dimension as long as the rows run together (each example's tokens) is told from a
+            # sort of the batch by one row more (it was refused, falsely)
+            try:
+                together, on_packed = together_in(loss, plan, order)
+            except Unbatchable as err:
+                if not err.reason.startswith(SORTED_BATCH):
+                    raise
+                order = [*order, order[-1]]
+                together, on_packed = together_in(loss, plan, order)
         except _FAILURES as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes, or
             if isinstance(err, Unbatchable):  # the copies an order the model asks of its batch (packing with
                 return _unbatchable(err, _vary_alone(alone))  # `enforce_sorted=True`): the examples as given, then

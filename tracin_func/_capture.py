@@ -440,6 +440,9 @@ class FoldMismatch(ValueError, RuntimeError):
     ``RuntimeError`` too: planning's batching check refuses the batched path on it, as on any failed batched run)."""
 
 
+SORTED_BATCH = "it reorders the examples of its batch by a sort"  # (``_PlanningWatch``'s refusal)
+
+
 class _PlanningWatch(TorchFunctionMode):
     """Planning's watch over the first examples run together. It refuses:
 
@@ -468,8 +471,8 @@ class _PlanningWatch(TorchFunctionMode):
         trusted = (ordered or func in _SORTS) and sys._getframe(1).f_code.co_filename.endswith(_PACKING_CODE)
         if ordered and not trusted and _reorders(func, args, kwargs, self.orders, self.sizes):
             raise Unbatchable(
-                "it reorders the examples of its batch by a sort (RNN code sorting a batch by length, say), so a "
-                "layer's rows in the batched pass would be other examples'",
+                f"{SORTED_BATCH} (RNN code sorting a batch by length, say), so a layer's rows in the batched pass "
+                f"would be other examples'",
                 "`factored=False`, or sort the batch before the model (in the data loader)",
             )
         out = func(*args, **kwargs)

@@ -22,6 +22,7 @@ LR_KEYS = ("learning_rate", "lr")
 STATE_KEYS = ("model_state_dict", "state_dict", "model")
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict")
 DATA_PARALLEL_PREFIX = "module."
+WRAPPER_PREFIXES = (DATA_PARALLEL_PREFIX, "_orig_mod.")  # DataParallel / DDP's, torch.compile's
 
 
 @dataclass(frozen=True)
@@ -162,16 +163,19 @@ def split_state_and_lr(obj: Mapping[str, Any], where: str) -> tuple[dict[str, to
 
 
 def unprefixed(names: Sequence[str]) -> list[str] | None:
-    """``names`` without DataParallel / DDP's ``module.`` prefix when every one carries it, else None."""
-    if names and all(n.startswith(DATA_PARALLEL_PREFIX) for n in names):
-        return [n[len(DATA_PARALLEL_PREFIX) :] for n in names]
-    return None
+    """``names`` without the prefixes wrappers add where every one carries them (DataParallel / DDP's ``module.``,
+    ``torch.compile``'s ``_orig_mod.``, nested in either order), else None."""
+    stripped = list(names)
+    while stripped and (prefix := next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) for n in stripped)), None)):
+        stripped = [n[len(prefix) :] for n in stripped]
+    return stripped if stripped != list(names) else None
 
 
 def _named_as_state(optimizer: Mapping[str, Any] | None, state: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """``optimizer`` with the ``module.`` prefix stripped from its groups' ``param_names`` where the state dict names
-    the parameters without it (an optimizer built from a DataParallel / DDP wrapper's ``named_parameters()``; the
-    state dict's prefix is stripped too): scoring matches the names to the model's. A copy; else ``optimizer``."""
+    """``optimizer`` with the wrappers' prefixes stripped from its groups' ``param_names`` where the state dict names
+    the parameters without them (an optimizer built from a DataParallel / DDP wrapper's or a compiled module's
+    ``named_parameters()``; the state dict's prefixes are stripped too): scoring matches the names to the model's.
+    A copy; else ``optimizer``."""
     groups = optimizer.get("param_groups") if optimizer is not None else None
     named = isinstance(groups, Sequence) and all(isinstance(g, Mapping) and "param_names" in g for g in groups)
     if not (named and groups):
@@ -205,9 +209,9 @@ def load_checkpoints(
 
     Supported files: a ``torch.save``d state dict; a dict with ``model_state_dict`` / ``state_dict`` / ``model``
     and ``learning_rate`` (Captum tutorial format); a flat state dict with a ``learning_rate`` entry;
-    ``.safetensors`` (no learning rate inside, pass ``lr=``). A ``module.`` prefix (DataParallel / DDP) is stripped,
-    from the optimizer's ``param_names`` too. Other entries (``epoch``, ``loss``, ...) next to a nested state dict
-    are ignored.
+    ``.safetensors`` (no learning rate inside, pass ``lr=``). A ``module.`` prefix (DataParallel / DDP) and an
+    ``_orig_mod.`` one (``torch.compile``) are stripped, from the optimizer's ``param_names`` too. Other entries
+    (``epoch``, ``loss``, ...) next to a nested state dict are ignored.
 
     An ``optimizer`` / ``optimizer_state_dict`` entry holding a torch optimizer's ``state_dict()`` (the usual
     ``{"model": model.state_dict(), "optimizer": optimizer.state_dict()}`` layout) becomes the checkpoint's

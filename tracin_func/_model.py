@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-from ._checkpoints import LR_KEYS, Checkpoint, check_lr
+from ._checkpoints import LR_KEYS, Checkpoint, check_lr, unprefixed
 from ._hooks import on_copies
 from ._recurrent import recurrent_unrolled
 from ._state import CONTAINERS, FLAT_ABOVE, MODULE_SLOTS, NESTING, leaving_no_trace
@@ -410,9 +410,11 @@ def checked_state(
         missing = [n for n in missing if n.rsplit(".", 1)[-1] != "num_batches_tracked"]
         if unexpected or (missing and strict):
             fix = "" if unexpected else ", or pass `strict=False` to take missing entries from the model"
-            if unexpected and all(n.startswith("module.") and n[len("module.") :] in spec.expected for n in unexpected):
+            stripped = unprefixed(unexpected)
+            if stripped is not None and set(stripped) <= spec.expected:
                 fix = (
-                    " (its names carry the `module.` prefix of DataParallel / DDP: save `model.module.state_dict()`, "
+                    " (its names carry the prefix of a wrapper: DataParallel / DDP's `module.`, torch.compile's "
+                    "`_orig_mod.`; save the wrapped module's `state_dict()` (`model.module`, `model._orig_mod`), "
                     "or load the files with `tc.load_checkpoints`, which strips it)"
                 )
             if set(missing) & set(LR_KEYS):
