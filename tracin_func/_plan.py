@@ -132,9 +132,8 @@ def plan_call(
     proponents). ``scored``: reads the first examples of other data the plan scores in batches (influence's training
     data), which the batching check runs on when ``batch`` holds a single example (whose batched and lone runs are
     the same); called only then. ``sized_by``: reads them where the plan's size cuts their batches, which it then
-    holds for them too (``_sized_for_training``). ``pool``: more
-    examples (the same data's first, ``batch`` first, then maybe the training data's), which the batching check
-    picks its examples among."""
+    holds for them too (``_sized_for_training``). ``pool``: more examples (the same data's first, ``batch`` first,
+    then maybe the training data's), which the batching check picks its examples among."""
     module = setup.spec.module
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
     tensor_bytes = max(_checked_on_either(setup, loss, batch, where) for loss in losses)

@@ -493,6 +493,7 @@ def _plan(
 
 
 _PLAIN = (bool, int, float, complex, str, type(None))
+_PLANS_KEPT = 4  # a tracer's plans, one per set of trainable parameters, kept (each holds a copy of the modules)
 
 
 def _following(planned: _Planned) -> None:
@@ -512,9 +513,6 @@ def _following(planned: _Planned) -> None:
         for name, value in vars(module).items():
             if name not in MODULE_SLOTS and _setting(value) and not _alike(vars(mirror).get(name, ...), value):
                 object.__setattr__(mirror, name, _copied_setting(value))
-
-
-_PLANS_KEPT = 4
 
 
 def _setting(value: Any, depth: int = NESTING) -> bool:
