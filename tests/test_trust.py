@@ -2247,6 +2247,32 @@ def test_7p_a_sort_along_tokens_as_many_as_the_rows_checked_stays_batched(tokens
     assert_close(got, reference(model, ckpts, (x, y), None)[1])
 
 
+class CentredAbove(nn.Module):
+    """Centres its hidden rows over batches of more than ``above`` examples."""
+
+    def __init__(self, above: int) -> None:
+        super().__init__()
+        self.above, self.a, self.c = above, nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.c(torch.tanh(h - h.mean(0, keepdim=True) if x.shape[0] > self.above else h))
+
+
+def test_a_mixed_batch_found_in_test_examples_joined_to_training_ones():
+    """Influence runs its test batch joined to the first training batch: the spot check named "example 7 of a batch of
+    12" there, test or training unsaid. The message says which."""
+    torch.manual_seed(0)
+    model = CentredAbove(8).double().eval()
+    x, y = data(4, n=10)
+    ckpts = make_ckpts(model)
+    joined = (r"example (\d+) of a batch of 12 got other outputs.* \(That batch was the 2 test examples followed by "
+              r"the first training batch: example \1 is (test example \1|training example \d of the first training "
+              r"batch)\.\)$")
+    with pytest.raises(ValueError, match=joined):
+        tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE)
+
+
 class PaddedTokens(nn.Module):
     """Token ids padded with 0 after each example's length: ``how`` "trim" cuts the batch to its longest example and
     means over all its positions (an example's output depends on its batch's longest), "sort" runs the embedding on

@@ -657,14 +657,16 @@ def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection
                     f"`{loss.name}`: example {i} of a batch of {n} got another loss or gradient at its outputs from "
                     f"the criterion run on the whole batch than alone, so the criterion mixes a batch's examples (hard "
                     f"examples mined over the batch, a sum divided by a batch statistic); scored batched, its scores "
-                    f"would be wrong. Give it as `tc.ExampleLoss` (each example alone), or pass `factored=False`."
+                    f"would be wrong. Give it as `tc.ExampleLoss` (each example alone), or pass `factored=False`.",
+                    i,
                 )
             raise MixedBatch(
                 f"`model`: example {i} of a batch of {n} got other outputs in the batch than alone, so the model mixes "
                 f"a batch's examples in a way the first examples it was planned on could not show (statistics over "
                 f"larger batches or over examples unlike the first; at another checkpoint than the last: a frozen "
                 f"gate, or a branch on a batch statistic); scored batched, its scores would be wrong. Pass "
-                f"`factored=False`, or keep each example's computation its own."
+                f"`factored=False`, or keep each example's computation its own.",
+                i,
             )
 
     return witness
@@ -697,7 +699,12 @@ def _same_tensors(a: Tensors, b: Tensors) -> bool:
 
 
 class MixedBatch(ValueError):
-    """A batch that gave an example other outputs than it gets alone (``spot_check``)."""
+    """A batch that gave an example (its index in the batch: ``example``) other outputs than it gets alone
+    (``spot_check``)."""
+
+    def __init__(self, message: str, example: int) -> None:
+        super().__init__(message)
+        self.example = example
 
 
 # what a forward gave its examples: outputs, losses, the losses' sum's gradient at each output

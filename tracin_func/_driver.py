@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ._batching import MixedBatch
 from ._data import (
     BatchSize,
     batch_size_of,
@@ -528,10 +529,16 @@ def score_blocks(
 def _joined_pass(updates: Updates, ckpt: Any, joined: Any, n_test: int) -> tuple[Representation, Representation] | None:
     """The test and training representations from one pass over a test batch joined to a training batch, or None
     where that pass raises an example's error: each batch alone then names the example behind it, or scores (a joined
-    batch larger than the memory left). A refusal of the call (ours: it starts with the argument's name, like the
-    batch check's finding that the model mixes a batch's examples) is raised as it is."""
+    batch larger than the memory left). A refusal of the call (ours: it starts with the argument's name) is raised as
+    it is, the spot check's finding that the batch mixes its examples saying which example of which data it named
+    (an index in the joined batch: test or training, unsaid)."""
     try:
         return updates.with_test(ckpt, joined, n_test)
+    except MixedBatch as err:
+        i = err.example
+        which = f"test example {i}" if i < n_test else f"training example {i - n_test} of the first training batch"
+        raise MixedBatch(f"{err} (That batch was the {n_test} test examples followed by the first training batch: "
+                         f"example {i} is {which}.)", i) from None  # fmt: skip
     except Exception as err:
         if not _an_examples_error(err):
             raise
