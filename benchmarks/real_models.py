@@ -578,6 +578,9 @@ def _seq2seq_workload(
     return _hf_workload(name, hf, make_checkpoints(hf, seed + 2), data, n_train, form, Seq2SeqLMLoss())
 
 
+_BERT_SIZES = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=1000)
+
+
 def bert(
     n_train: int = 200,
     n_test: int = 20,
@@ -591,11 +594,7 @@ def bert(
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=1000,
+        **_BERT_SIZES,
         num_labels=4,
         problem_type="single_label_classification",  # else transformers sets it on the first call
     )
@@ -616,8 +615,7 @@ def bert_mlm(
     (labels -100 elsewhere); its output projection tied to the token table, its bias to the head's."""
     from transformers import BertConfig, BertForMaskedLM
 
-    config = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                        vocab_size=1000)  # fmt: skip
+    config = BertConfig(**_BERT_SIZES)
     hf = _hf_model(BertForMaskedLM, config, dtype, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     ids, pad = _right_padded(n_train + n_test, seq_len, config.vocab_size, generator)

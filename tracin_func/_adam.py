@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ._aliasing import warn_aliased_moments
-from ._checkpoints import DATA_PARALLEL_PREFIX
+from ._checkpoints import DATA_PARALLEL_PREFIX, groups_listed
 from ._representations import Dense, Representation, _rows
 
 
@@ -159,10 +159,7 @@ def check_one_lr(adam: Sequence[Mapping[str, AdamParam] | None], scored: Collect
                 held.setdefault((states[name].group, states[name].lr), []).append(name)
         if len({lr for _, lr in held}) < 2:
             continue
-        listed = "; ".join(
-            f"param_groups[{g}] lr={lr:g} holds {names[:5]}{' and more' if len(names) > 5 else ''}"
-            for (g, lr), names in sorted(held.items())
-        )
+        listed = groups_listed((g, lr, names) for (g, lr), names in sorted(held.items()))
         (_, lr), names = min(held.items())
         raise ValueError(
             f"`optimizer_state` of checkpoints[{i}] has param groups of different learning rates ({listed}): Adam "

@@ -43,7 +43,9 @@ def first_shared(
     tensors: Sequence[Mapping[str, Any]], owners: Sequence[Any], names: Iterable[str]
 ) -> tuple[int, int, str] | None:
     """``(i, j, name)``: the first two of ``tensors`` (one mapping per checkpoint) holding one storage under ``name``
-    whose ``owners`` (the checkpoint objects) are distinct, else None."""
+    whose ``owners`` (the checkpoint objects) are distinct, else None (at once for one: a tracer's step)."""
+    if len(tensors) < 2:
+        return None
     for name in names:
         seen: dict[tuple[Any, ...], int] = {}
         for j, held in enumerate(tensors):

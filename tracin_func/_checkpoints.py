@@ -313,13 +313,17 @@ def _group_lrs(optimizer: Mapping[str, Any] | None) -> str:
         return ""
     if len({float(g["lr"]) for g in groups}) < 2:
         return ""
+    held = (list(g.get("param_names", g.get("params", ()))) for g in groups)  # (names, or ids where none are saved)
+    return groups_listed((i, float(g["lr"]), names) for (i, g), names in zip(enumerate(groups), held))
 
-    def held(group: Mapping[str, Any]) -> str:
-        if "param_names" in group:
-            return f"{list(group['param_names'])[:5]}"
-        return f"ids {list(group.get('params', ()))[:5]}"
 
-    return "; ".join(f"param_groups[{i}] lr={float(g['lr']):g} holds {held(g)}" for i, g in enumerate(groups))
+def groups_listed(groups: Iterable[tuple[int, float, Sequence[Any]]]) -> str:
+    """``param_groups[i] lr=... holds [...]`` for each ``(i, lr, parameters)``: its first five parameters (names, or
+    ids where none are saved)."""
+    return "; ".join(
+        f"param_groups[{i}] lr={lr:g} holds {list(held)[:5]}{' and more' if len(held) > 5 else ''}"
+        for i, lr, held in groups
+    )
 
 
 def checkpoint_files(directory: str) -> list[str]:

@@ -111,14 +111,16 @@ def private_copy(model: nn.Module) -> nn.Module:
     for clone in copies.values():
         for key, value in vars(clone).items():
             if key not in MODULE_SLOTS:
-                object.__setattr__(clone, key, _copied(value, copies, containers))
+                object.__setattr__(clone, key, copied_containers(value, copies, containers))
     for name, module in model.named_modules(remove_duplicate=False):
         _rebind_instance_forward(name, module, copies)
     on_copies(model, copies)
     return root
 
 
-def _copied(value: Any, copies: Mapping[int, nn.Module], containers: dict[int, Any], depth: int = NESTING) -> Any:
+def copied_containers(
+    value: Any, copies: Mapping[int, nn.Module], containers: dict[int, Any], depth: int = NESTING
+) -> Any:
     """``value`` with the tree's modules in it replaced by their copies and its containers (dicts, lists, sets,
     deques, tuples, subclasses too) copied, once each, ``depth`` levels deep (large ones at once, not walked);
     other objects shared."""
@@ -132,9 +134,9 @@ def _copied(value: Any, copies: Mapping[int, nn.Module], containers: dict[int, A
         copied = value if isinstance(value, tuple) else _shallow(value)
     else:
         if isinstance(value, dict):
-            items = [(k, _copied(v, copies, containers, depth - 1)) for k, v in value.items()]
+            items = [(k, copied_containers(v, copies, containers, depth - 1)) for k, v in value.items()]
         else:
-            items = [_copied(v, copies, containers, depth - 1) for v in value]
+            items = [copied_containers(v, copies, containers, depth - 1) for v in value]
         copied = _rebuilt(value, items)
     containers[id(value)] = copied
     return copied

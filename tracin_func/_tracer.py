@@ -28,9 +28,9 @@ stay in the compiled graph.
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -44,7 +44,7 @@ from ._checkpoints import Checkpoint
 from ._context import in_own_context
 from ._data import as_dict, batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
-from ._model import check_runnable, exclusive_use, unsaved_on
+from ._model import check_runnable, copied_containers, exclusive_use, unsaved_on
 from ._plan import plan_call
 from ._setup import Setup, make_setup, target_device
 from ._state import FLAT_ABOVE, MODULE_SLOTS, NESTING
@@ -237,7 +237,7 @@ def tracer(
         factored=factored, chunk_size=chunk_size, dtype=dtype, device=target,
     )
     first = plan(params)
-    plans = OrderedDict({frozenset(first.names): first})
+    plans, plans_lock = OrderedDict({frozenset(first.names): first}), threading.Lock()
 
     def planned_for(params: Mapping[str, torch.Tensor]) -> _Planned:
         # planned again for the parameters trainable now: a backbone frozen after warm-up takes no step, and an
@@ -247,12 +247,17 @@ def tracer(
         if not isinstance(model, torch.nn.Module):
             return first
         trainable = frozenset(_selected(model, params))
-        if trainable not in plans:
-            plans[trainable] = plan(params)
+        with plans_lock:  # (steps from several threads)
+            planned = plans.get(trainable)
+            if planned is not None:
+                plans.move_to_end(trainable)
+                return planned
+        planned = plan(params)
+        with plans_lock:
+            plans[trainable] = planned
             if len(plans) > _PLANS_KEPT:
                 plans.popitem(last=False)
-        plans.move_to_end(trainable)
-        return plans[trainable]
+        return planned
 
     def init() -> TracerState:
         return _zeros(test, n_test, n_train, dtype, target)
@@ -512,7 +517,7 @@ def _following(planned: _Planned) -> None:
         mirror.training = module.training
         for name, value in vars(module).items():
             if name not in MODULE_SLOTS and _setting(value) and not _alike(vars(mirror).get(name, ...), value):
-                object.__setattr__(mirror, name, _copied_setting(value))
+                object.__setattr__(mirror, name, copied_containers(value, {}, {}))  # (tensors shared)
 
 
 def _setting(value: Any, depth: int = NESTING) -> bool:
@@ -536,22 +541,6 @@ def _alike(mine: Any, value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return len(mine) == len(value) and all(map(_alike, mine, value))
     return bool(mine == value)
-
-
-def _copied_setting(value: Any) -> Any:
-    """``value`` with its containers copied, of their types (the forward may change the copy's, which the call then
-    undoes), and its tensors shared."""
-    if isinstance(value, tuple):
-        items = [_copied_setting(v) for v in value]
-        return type(value)._make(items) if hasattr(value, "_fields") else type(value)(items)
-    if not isinstance(value, (dict, list)):
-        return value
-    copied = copy.copy(value)  # (an OrderedDict's order, a defaultdict's factory)
-    if isinstance(copied, dict):
-        copied.update((k, _copied_setting(v)) for k, v in value.items())
-    else:
-        copied[:] = map(_copied_setting, value)
-    return copied
 
 
 def _check_params(planned: _Planned, params: Any) -> None:
