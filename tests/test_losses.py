@@ -527,6 +527,53 @@ def test_a_criterion_reading_the_models_parameters_is_refused():
     assert_close(got, reference_scores(model, ckpts, (x, y), loss_fn=weighted).self_influence)
 
 
+def test_a_loss_reading_the_models_own_tensor_is_refused_where_a_checkpoint_differs():
+    """A loss reading the model's own tensor scored every checkpoint with the model's value: a frozen one (not in
+    `params=`, or outside the last layer) that checkpoints hold other values of, through a criterion's closure (53%
+    off, silently); through `tc.ExampleLoss` / `tc.BatchLoss` beside `params`, frozen or differentiated (53-56%
+    off); a loss calling the model itself instead of through `params`. Refused, naming the tensor and a checkpoint
+    holding another value; one whose value every checkpoint holds is read as it is, and a checkpoint sharing the
+    model's storage (`state_dict()` uncloned) is not mistaken for the model."""
+    torch.manual_seed(0)
+    model = _Penalised().double().eval()
+    states = [{k: v + 0.1 * c for k, v in model.state_dict().items()} for c in range(3)]
+    ckpts = [tc.Checkpoint({**state, "log_t": torch.tensor(0.5 * c).double()}, 0.1) for c, state in enumerate(states)]
+    with torch.no_grad():
+        model.log_t.copy_(ckpts[-1].params["log_t"])  # the model as training left it: the last checkpoint's
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0, 2])
+    run = lambda params, batch: torch.func.functional_call(model, params, (batch[0],))  # noqa: E731
+    tempered = lambda out, y: nn.functional.cross_entropy(out * model.log_t.exp(), y)  # noqa: E731
+    beside = tc.ExampleLoss(lambda p, b: nn.functional.cross_entropy(run(p, b) * model.log_t.exp(), b[1]))
+    batched = tc.BatchLoss(
+        lambda p, b: nn.functional.cross_entropy(run(p, b) * model.log_t.exp(), b[1], reduction="none")
+    )
+    direct = tc.ExampleLoss(lambda p, b: nn.functional.cross_entropy(model(b[0]) * p["log_t"].exp(), b[1]))
+    head = ["fc.weight", "fc.bias"]
+    frozen = "computes with the model's tensor 'log_t' itself .* whose value checkpoint 0 does not hold"
+    for loss_fn, options in ((tempered, {"params": head}), (tempered, {"method": "last_layer"}),
+                             (beside, {"params": head}), (batched, {"params": head})):  # fmt: skip
+        with pytest.raises(ValueError, match=frozen):
+            tc.self_influence(model, ckpts, (x, y), loss_fn=loss_fn, **options)
+    for loss_fn in (beside, batched):  # differentiated: no gradient through the model's own
+        with pytest.raises(ValueError, match="computes with the model's parameter 'log_t' itself .* no gradient"):
+            tc.self_influence(model, ckpts, (x, y), loss_fn=loss_fn)
+    with pytest.raises(ValueError, match=r"the model's parameter 'fc.weight' itself \(the model called as it is"):
+        tc.self_influence(model, ckpts, (x, y), loss_fn=direct)
+    live = dict(model.named_parameters())  # a tracer's step: the checkpoint holds the model's own parameters
+    with pytest.raises(ValueError, match="computes with the model's parameter 'log_t' itself"):
+        tc.tracer(model, (x[:2], y[:2]), n_train=6, loss_fn=tempered, params=live)
+    # every checkpoint holding the model's value: read as it is, scored
+    same = [tc.Checkpoint({**c.params, "log_t": model.log_t.detach().clone()}, c.lr) for c in ckpts]
+    exact = tc.ExampleLoss(lambda p, b: nn.functional.cross_entropy(run(p, b) * p["log_t"].exp(), b[1]))
+    want = reference_scores(model, same, (x, y), loss_fn=exact, params=head).self_influence
+    for loss_fn in (tempered, beside, batched):
+        assert_close(tc.self_influence(model, same, (x, y), loss_fn=loss_fn, params=head), want)
+    # the model's own state as the checkpoint (shared storage): its tensors read through `params`, scored
+    shared = [tc.Checkpoint(model.state_dict(), 0.1)]
+    want = reference_scores(model, shared, (x, y), loss_fn=exact).self_influence
+    assert_close(tc.self_influence(model, shared, (x, y), loss_fn=exact), want)
+
+
 class _Tempered(nn.Module):
     """Cross-entropy of logits scaled by a learned temperature it holds (the model's parameter)."""
 

@@ -39,8 +39,7 @@ from ._data import (
 from ._distributed import Ranks
 from ._grads import refuse_recomputed, scalar_loss
 from ._loss import ExampleLossFn
-from ._plan import Plan, plan_call, unread_by_loss
-from ._purity import check_forward
+from ._plan import Plan, checked_forward, plan_call
 from ._representations import Representation
 from ._setup import Setup, auto_batch_size, even_batches
 from ._updates import Updates, inverse_norm
@@ -238,7 +237,7 @@ def naming_failures(
         for name, index, example in _candidates(batch, where, offset, read):
             example = to_device(example, setup.device, setup.dtype)
             try:
-                check_forward(setup.spec.module, loss, setup.checkpoints[0].state, example, name, unread_by_loss(setup))
+                checked_forward(setup, loss, example, name)
             except Exception as cause:
                 if str(cause).startswith("`"):
                     raise

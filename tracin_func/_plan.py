@@ -189,10 +189,13 @@ def _sized_for_training(setup: Setup, plan: Plan, batch: Any, train: Any) -> Pla
     return plan._replace(tensor_bytes=max(plan.tensor_bytes, tensor_bytes), example_bytes=example_bytes)
 
 
-def unread_by_loss(setup: Setup) -> Sequence[str]:
-    """The parameters a criterion may not read itself (``check_forward``): those differentiated; with
-    ``method="last_layer"``, chosen later, none (a criterion reading the last layer's is not seen)."""
-    return () if setup.method == "last_layer" else setup.spec.diff_names
+def checked_forward(setup: Setup, loss: ExampleLossFn, batch: Any, where: str) -> int:
+    """``check_forward`` of ``loss`` on the first example of ``batch`` at the call's checkpoints: it may not compute
+    with the model's own parameters differentiated (with ``method="last_layer"``, chosen later: none), nor with a
+    tensor of the model that a checkpoint holds another value of."""
+    differentiated = () if setup.method == "last_layer" else setup.spec.diff_names
+    states = [c.state for c in setup.checkpoints]
+    return check_forward(setup.spec.module, loss, states, batch, where, differentiated)
 
 
 def scored_names(setup: Setup, batch: Any) -> Sequence[str]:
@@ -210,7 +213,7 @@ def _checked_on_either(setup: Setup, loss: ExampleLossFn, batch: Any, where: str
     data, or ``loss_fn`` on test data) is refused saying so: the two are planned together, on one batch."""
     own = setup.test_loss if where == "test" else setup.train_loss
     try:
-        return check_forward(setup.spec.module, loss, setup.checkpoints[0].state, batch, where, unread_by_loss(setup))
+        return checked_forward(setup, loss, batch, where)
     except Exception as err:
         if loss is own or str(err).startswith("`"):
             raise

@@ -5,8 +5,9 @@ statistics of a train-mode norm layer, spectral norm's power-iteration vectors, 
 the checkpoint's or the model's tensors, and one that draws random numbers the forward then reads (train-mode dropout
 in custom code) gives random scores. Every aten op of the dry run is inspected *before* it runs, so a refused write
 never happens. The same run follows which values come from the checkpoint and which tensors the model keeps between
-passes, to refuse a cache of parameter values (``_Watch.refuse_kept``), and turns deep torch errors about outputs and
-dtypes into messages that name the fix. Two more runs outside the watch must give the same values: randomness the watch
+passes, to refuse a cache of parameter values (``_Watch.refuse_kept``), refuses a loss computing with the model's own
+tensors where the checkpoint's differ (``_ModelTensorsRead``), and turns deep torch errors about outputs and dtypes
+into messages that name the fix. Two more runs outside the watch must give the same values: randomness the watch
 cannot see (Python's ``random``, NumPy's, a torch draw read through ``tolist``) gives others where it changes them (a
 random branch taken alike in both runs is not seen).
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -267,22 +268,25 @@ def _protected(module: nn.Module | None, state: Tensors, example: Any) -> dict[i
 def check_forward(
     module: nn.Module | None,
     loss: ExampleLossFn,
-    state: Tensors,
+    states: Sequence[Tensors],
     batch: Any,
     where: str,
     differentiated: Collection[str] = (),
 ) -> int:
-    """Run ``loss`` on the first example of ``batch`` under the watch; raise with the fix on anything untrustworthy.
+    """Run ``loss`` on the first example of ``batch`` under the watch, at the first of the call's checkpoint
+    ``states``; raise with the fix on anything untrustworthy.
     When the run leaves tensors computed from the checkpoint alive (kept by a layer: a cache, or an attention map
     stored for plots), it runs again, which reads a cache back. Two more runs outside the watch must give the same
     values: randomness the watch cannot see (Python's ``random``, NumPy's) gives others. The runs leave the layers'
     attributes as they were. Returns the bytes of the largest tensor the forward made from the example, which a
-    batch's tensors scale by. A criterion computing with a ``differentiated`` parameter of the model is refused."""
-    example = batch_of_one(example_at(batch, 0))
+    batch's tensors scale by. A loss computing with the model's own tensor instead of the checkpoint's is refused
+    where that is wrong (``_ModelTensorsRead``): a ``differentiated`` parameter, or one some checkpoint holds another
+    value of."""
+    example, state = batch_of_one(example_at(batch, 0)), states[0]
     with leaving_no_trace(module):
-        watch = _watched_run(module, loss, state, example, where, differentiated)
+        watch = _watched_run(module, loss, states, example, where, differentiated)
         if watch.kept_derived():
-            watch = _watched_run(module, loss, state, example, where, differentiated)
+            watch = _watched_run(module, loss, states, example, where, differentiated)
         with torch.no_grad():  # (two plain runs: under the watch, fused kernels such as the native transformer
             runs = [_copied(_run(loss, state, example)) for _ in range(2)]  # encoder's step aside)
     _refuse_changed(*runs, exact=all(t.device.type == "cpu" for t in state.values()))
@@ -290,15 +294,21 @@ def check_forward(
 
 
 def _watched_run(
-    module: nn.Module | None, loss: ExampleLossFn, state: Tensors, example: Any, where: str, differentiated: Any
+    module: nn.Module | None,
+    loss: ExampleLossFn,
+    states: Sequence[Tensors],
+    example: Any,
+    where: str,
+    differentiated: Collection[str],
 ) -> _Watch:
-    """One dry run under the watch (raising on what it refuses), which it returns."""
+    """One dry run at ``states[0]`` under the watch (raising on what it refuses), which it returns."""
+    state = states[0]
     protected = _protected(module, state, example)
     checkpoint = {id(t) for t in state.values()}
     given = checkpoint | {id(t) for t in optree.tree_leaves(example) if isinstance(t, torch.Tensor)}
     with torch.no_grad(), _running_modules(module) as stack, _Watch(protected, stack, given, checkpoint) as watch:
         try:
-            _run(loss, state, example, module, differentiated)
+            _run(loss, state, example, _ModelTensorsRead.of(module, differentiated, states, loss))
         except RuntimeError as err:
             if not isinstance(loss, CriterionLoss):  # (a criterion's: where it fails itself, not in the forward)
                 _refuse_held_dtype(loss, err, state)
@@ -309,17 +319,19 @@ def _watched_run(
 
 
 def _run(
-    loss: ExampleLossFn, state: Tensors, example: Any, module: nn.Module | None = None, differentiated: Any = ()
+    loss: ExampleLossFn, state: Tensors, example: Any, read: Callable[[Any], Any] = lambda given: nullcontext()
 ) -> list[torch.Tensor]:
-    """The floating values of the loss of ``example``: a criterion's model outputs and its loss; given the ``module``
-    that ran, a criterion reading its ``differentiated`` parameters is refused (``_ParametersRead``)."""
+    """The floating values of the loss of ``example``: a criterion's model outputs and its loss. ``read(given)``: a
+    context watching what the loss computes with, besides the tensors ``given`` to it (the state, the example or a
+    criterion's outputs and targets, computed by the forward before it: ``_ModelTensorsRead``)."""
     if not isinstance(loss, CriterionLoss):
-        return floating_leaves(loss(state, example))
+        with read((state, example)):
+            return floating_leaves(loss(state, example))
     *inputs, target = example
     output = loss.forward(state, *inputs)
     _check_output(output, loss.name)
     try:
-        with nullcontext() if module is None else _ParametersRead(module, differentiated, loss.name, (output, target)):
+        with read((state, output, target)):
             value = loss.criterion(output, target)
     except RuntimeError as err:
         _refuse_held_dtype(loss, err, state)
@@ -334,19 +346,37 @@ def _refuse_held_dtype(loss: ExampleLossFn, err: RuntimeError, state: Tensors) -
         refuse_held_dtype(loss, err, dtype)
 
 
-class _ParametersRead(TorchFunctionMode):
-    """Raises where a criterion computes with a differentiated parameter of the model (or a view of one), read through
-    a closure, a bound method of the model or a global (a penalty on ``model.fc.weight``, a learned temperature):
-    that is the model's own tensor, not the checkpoint's being differentiated, so the term got no gradient and the
-    checkpoint's value was never used (28-48% off, silently). Run after the forward, when the module holds its own
-    again. (A frozen one is read as the user's model holds it: its value, unless the checkpoint's differs.)"""
+class _ModelTensorsRead(TorchFunctionMode):
+    """Raises where a loss computes with one of the model's own tensors (a parameter or a buffer, or a view of one)
+    rather than the checkpoint's, read through a closure, a bound method of the model or a global (a penalty on
+    ``model.fc.weight``, a learned temperature ``model.t`` beside ``tc.ExampleLoss``'s ``params``): where it is
+    differentiated, that term got no gradient and the checkpoint's value was never used (28-56% off, silently); where
+    it is not (``params=``, ``method="last_layer"``), every checkpoint was scored with the user's value (53% off where
+    they held others). One whose value every checkpoint holds too is read as it is (class weights kept with the model).
+    A criterion runs after the forward, when the module holds its own tensors again; a loss calling the model holds
+    the checkpoint's tensors in it meanwhile, which are not the model's (those sharing its storage: not told apart)."""
 
-    def __init__(self, module: nn.Module, differentiated: Collection[str], name: str, given: Any) -> None:
+    def __init__(
+        self, module: nn.Module, differentiated: Collection[str], states: Sequence[Tensors], loss: Any, given: Any
+    ) -> None:
         super().__init__()
-        named = [(n, p) for n, p in module.named_parameters(remove_duplicate=False) if n in differentiated]
-        self.ids, self.storages = {id(p): n for n, p in named}, {_storage(p): n for n, p in named if _storage(p)}
-        leaves = [t for t in optree.tree_leaves(given) if isinstance(t, torch.Tensor)]
-        self.given, self.given_storages, self.name = {id(t) for t in leaves}, {_storage(t) for t in leaves}, name
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        self.own = dict(named)
+        self.ids, self.storages = {id(t): n for n, t in named}, {_storage(t): n for n, t in named if _storage(t)}
+        held = [t for t in optree.tree_leaves(given) if isinstance(t, torch.Tensor)]
+        self.given, self.given_storages = {id(t) for t in held}, {_storage(t) for t in held}
+        self.differentiated, self.states = set(differentiated), states
+        self.name, self.criterion = loss.name, isinstance(loss, CriterionLoss)
+        self.equal: set[str] = set()  # frozen tensors read that every checkpoint holds as the model does
+
+    @classmethod
+    def of(
+        cls, module: nn.Module | None, differentiated: Collection[str], states: Sequence[Tensors], loss: ExampleLossFn
+    ) -> Callable[[Any], Any]:
+        """``_run``'s ``read``: the watch over ``module``'s tensors (none without a module)."""
+        if module is None:
+            return lambda given: nullcontext()
+        return lambda given: cls(module, differentiated, states, loss, given)
 
     def __torch_function__(self, func: Callable, types_: Any, args: tuple = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -356,15 +386,37 @@ class _ParametersRead(TorchFunctionMode):
             if isinstance(t, torch.Tensor) and id(t) not in self.given:
                 storage = _storage(t)
                 read = self.ids.get(id(t)) or (None if storage in self.given_storages else self.storages.get(storage))
-                if read is not None:
-                    raise ValueError(
-                        f"`{self.name}` computes with the model's parameter {read!r} itself (read through a closure, "
-                        f"a bound method or a global): the model's tensor, not the checkpoint's being scored, so a "
-                        f"term of the loss on it would get no gradient. Write the loss as `tc.ExampleLoss(lambda "
-                        f"params, batch: ...)` (or `tc.BatchLoss`) reading `params[{read!r}]`, or keep `{self.name}` "
-                        f"to the outputs and targets."
-                    )
+                if read is not None and read not in self.equal:
+                    self._refuse(read)
         return out
+
+    def _refuse(self, read: str) -> None:
+        if read in self.differentiated:
+            what, why = "parameter", "so a term of the loss on it would get no gradient"
+        else:
+            own, states = self.own[read], self.states
+            other = next((c for c, state in enumerate(states) if read in state and not _alike(state[read], own)), -1)
+            if other < 0:
+                self.equal.add(read)
+                return
+            what, why = "tensor", f"whose value checkpoint {other} does not hold: each checkpoint scored with it"
+        if self.criterion:
+            raise ValueError(
+                f"`{self.name}` computes with the model's {what} {read!r} itself (read through a closure, a bound "
+                f"method or a global): the model's tensor, not the checkpoint's being scored, {why}. Write the loss "
+                f"as `tc.ExampleLoss(lambda params, batch: ...)` (or `tc.BatchLoss`) reading `params[{read!r}]`, or "
+                f"keep `{self.name}` to the outputs and targets."
+            )
+        raise ValueError(
+            f"`{self.name}` computes with the model's {what} {read!r} itself (the model called as it is, or its tensor "
+            f"read through a closure or a global), not `params[{read!r}]`, the checkpoint's being scored, {why}. Run "
+            f"the model as `torch.func.functional_call(model, params, inputs)` and read `params[{read!r}]`."
+        )
+
+
+def _alike(held: torch.Tensor, own: torch.Tensor) -> bool:
+    """Whether a checkpoint's tensor holds the model's values (in the checkpoint's dtype and on its device)."""
+    return held.shape == own.shape and torch.equal(held, own.detach().to(held.device, held.dtype))
 
 
 _METADATA = (bool, int, str, torch.device, torch.dtype, torch.Size, torch.layout, torch.memory_format, type(None))
