@@ -559,6 +559,12 @@ def test_a_loss_reading_the_models_own_tensor_is_refused_where_a_checkpoint_diff
             tc.self_influence(model, ckpts, (x, y), loss_fn=loss_fn)
     with pytest.raises(ValueError, match=r"the model's parameter 'fc.weight' itself \(the model called as it is"):
         tc.self_influence(model, ckpts, (x, y), loss_fn=direct)
+    tied = nn.Sequential(nn.Embedding(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 5, bias=False)).double()
+    tied[3].weight = tied[0].weight  # the checkpoints hold it under its first name alone
+    held = [tc.Checkpoint({k: v + c for k, v in tied.state_dict().items() if k != "3.weight"}, 0.1) for c in (1, 2)]
+    penalised = lambda out, y: nn.functional.cross_entropy(out, y) + tied[3].weight.square().sum()  # noqa: E731
+    with pytest.raises(ValueError, match="computes with the model's tensor '3.weight' itself .* checkpoint 0"):
+        tc.self_influence(tied, held, (y, y), loss_fn=penalised, params=["2.weight", "2.bias"])
     live = dict(model.named_parameters())  # a tracer's step: the checkpoint holds the model's own parameters
     with pytest.raises(ValueError, match="computes with the model's parameter 'log_t' itself"):
         tc.tracer(model, (x[:2], y[:2]), n_train=6, loss_fn=tempered, params=live)

@@ -391,11 +391,13 @@ class _ModelTensorsRead(TorchFunctionMode):
         return out
 
     def _refuse(self, read: str) -> None:
-        if read in self.differentiated:
+        names = [n for n, t in self.own.items() if t is self.own[read]]  # (a tied tensor's every name)
+        if not self.differentiated.isdisjoint(names):
             what, why = "parameter", "so a term of the loss on it would get no gradient"
         else:
-            own, states = self.own[read], self.states
-            other = next((c for c, state in enumerate(states) if read in state and not _alike(state[read], own)), -1)
+            own = self.own[read]
+            held = ((c, state[n]) for c, state in enumerate(self.states) for n in names if n in state)
+            other = next((c for c, t in held if not _alike(t, own)), -1)
             if other < 0:
                 self.equal.add(read)
                 return
