@@ -560,10 +560,10 @@ def test_a_loss_reading_the_models_own_tensor_is_refused_where_a_checkpoint_diff
     with pytest.raises(ValueError, match=r"the model's parameter 'fc.weight' itself \(the model called as it is"):
         tc.self_influence(model, ckpts, (x, y), loss_fn=direct)
     tied = nn.Sequential(nn.Embedding(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 5, bias=False)).double()
-    tied[3].weight = tied[0].weight  # the checkpoints hold it under its first name alone
+    tied[3].weight = tied[0].weight  # read as `3.weight`: named as `params` holds it, `0.weight`
     held = [tc.Checkpoint({k: v + c for k, v in tied.state_dict().items() if k != "3.weight"}, 0.1) for c in (1, 2)]
     penalised = lambda out, y: nn.functional.cross_entropy(out, y) + tied[3].weight.square().sum()  # noqa: E731
-    with pytest.raises(ValueError, match="computes with the model's tensor '3.weight' itself .* checkpoint 0"):
+    with pytest.raises(ValueError, match="computes with the model's tensor '0.weight' itself .* checkpoint 0"):
         tc.self_influence(tied, held, (y, y), loss_fn=penalised, params=["2.weight", "2.bias"])
     live = dict(model.named_parameters())  # a tracer's step: the checkpoint holds the model's own parameters
     with pytest.raises(ValueError, match="computes with the model's parameter 'log_t' itself"):
@@ -578,6 +578,57 @@ def test_a_loss_reading_the_models_own_tensor_is_refused_where_a_checkpoint_diff
     shared = [tc.Checkpoint(model.state_dict(), 0.1)]
     want = reference_scores(model, shared, (x, y), loss_fn=exact).self_influence
     assert_close(tc.self_influence(model, shared, (x, y), loss_fn=exact), want)
+
+
+def test_the_loss_check_tells_values_read_from_metadata_read():
+    """What the loss check refuses and passes beyond a plain read: a tensor read for its dtype or device alone
+    (`y.type_as(p)`, `y.to(p)` in a `tc.ExampleLoss`: refused when the check came to those losses) passes; an
+    integer buffer's `.item()` is a value read (taken as a shape: 33% off); a NaN the model and every checkpoint
+    hold alike passes; class weights of the model that `dtype=` converted with the criterion are still the model's
+    (44% off); a forward computing with a parameter through a dict attribute `functional_call` does not swap, under
+    a criterion (58% off), is refused naming `model`."""
+    torch.manual_seed(0)
+    model = _Penalised().double().eval()
+    model.register_buffer("shift", torch.tensor(1))
+    model.register_buffer("nan", torch.tensor([1.0, float("nan")], dtype=torch.float64))
+    states = [{k: v + 0.1 * c if v.is_floating_point() else v for k, v in model.state_dict().items()} for c in (1, 2)]
+    ckpts = [tc.Checkpoint({**state, "nan": model.nan.clone()}, 0.1) for state in states]
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0, 2])
+    run = lambda params, batch: torch.func.functional_call(model, params, (batch[0],))  # noqa: E731
+    like = tc.ExampleLoss(
+        lambda p, b: nn.functional.cross_entropy(run(p, b), b[1].to(next(model.parameters()).device))
+        + 0 * b[0].type_as(model.fc.weight).sum() + model.nan[0] - 1
+    )
+    exact = tc.ExampleLoss(lambda p, b: nn.functional.cross_entropy(run(p, b), b[1]))
+    want = reference_scores(model, ckpts, (x, y), loss_fn=exact).self_influence
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=like), want)
+    shifted = lambda out, y: nn.functional.cross_entropy(out.roll(model.shift.item(), 1), y)  # noqa: E731
+    shifts = [tc.Checkpoint({**c.params, "shift": torch.tensor(2)}, 0.1) for c in ckpts]
+    with pytest.raises(ValueError, match="computes with the model's tensor 'shift' itself"):
+        tc.self_influence(model, shifts, (x, y), loss_fn=shifted)
+    single = _Penalised().eval()
+    single.register_buffer("weights", torch.tensor([1.0, 2.0, 0.5]))
+    held = [tc.Checkpoint({**single.state_dict(), "weights": torch.tensor([2.0, 1.0, 1.0])}, 0.1)]
+    weighted = nn.CrossEntropyLoss(weight=single.weights, reduction="sum")
+    for dtype in (None, torch.float64):
+        with pytest.raises(ValueError, match="computes with the model's tensor 'weights' itself"):
+            tc.self_influence(single, held, (x.float(), y), loss_fn=weighted, dtype=dtype)
+    aliased = _Aliased().double().eval()
+    ckpts = [tc.Checkpoint({k: v + 0.1 * c for k, v in aliased.state_dict().items()}, 0.1) for c in (1, 2)]
+    with pytest.raises(ValueError, match="`model` computes with its own parameter 'fc.weight' in its forward pass"):
+        tc.self_influence(aliased, ckpts, (x, y), loss_fn=nn.CrossEntropyLoss())
+
+
+class _Aliased(nn.Module):
+    """A forward reading its weight through a dict attribute, which `functional_call` does not swap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+        self.refs = {"w": self.fc.weight}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.refs["w"], self.fc.bias)
 
 
 class _Tempered(nn.Module):

@@ -47,6 +47,9 @@ def _own(module: nn.Module) -> list[Any]:
     return [*module._parameters.values(), *module._buffers.values(), *vars(module).values()]
 
 
+CAST_FROM = "_tracin_func_cast_from"  # the attribute of a converted copy naming the tensor it copies
+
+
 def _converts(t: Any, dtype: torch.dtype) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype
 
@@ -57,7 +60,9 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     if t is None or not _converts(t, dtype) or isinstance(t, nn.Parameter) and t.requires_grad:
         return t
     cast = t.detach().to(dtype)
-    return nn.Parameter(cast, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else cast
+    cast = nn.Parameter(cast, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else cast
+    setattr(cast, CAST_FROM, t)  # (the loss check sees the model's tensor a criterion holds through its copy)
+    return cast
 
 
 # torch's names of the floating dtypes in its messages ("expected scalar type Double but found Float", "double !=

@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._grads import Tensors, batch_of_one, example_at
 from ._loss import CriterionLoss, ExampleLossFn, floating_leaves
-from ._loss_dtype import refuse_held_dtype
+from ._loss_dtype import CAST_FROM, refuse_held_dtype
 from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, own_attributes
 
 
@@ -319,16 +319,17 @@ def _watched_run(
 
 
 def _run(
-    loss: ExampleLossFn, state: Tensors, example: Any, read: Callable[[Any], Any] = lambda given: nullcontext()
+    loss: ExampleLossFn, state: Tensors, example: Any, read: Callable[..., Any] = lambda *given: nullcontext()
 ) -> list[torch.Tensor]:
-    """The floating values of the loss of ``example``: a criterion's model outputs and its loss. ``read(given)``: a
-    context watching what the loss computes with, besides the tensors ``given`` to it (the state, the example or a
-    criterion's outputs and targets, computed by the forward before it: ``_ModelTensorsRead``)."""
+    """The floating values of the loss of ``example``: a criterion's model outputs and its loss. ``read(given,
+    forward=False)``: a context watching what the loss (or a criterion's ``forward``) computes with, besides the
+    tensors ``given`` to it (the state, the example or a criterion's outputs and targets: ``_ModelTensorsRead``)."""
     if not isinstance(loss, CriterionLoss):
         with read((state, example)):
             return floating_leaves(loss(state, example))
     *inputs, target = example
-    output = loss.forward(state, *inputs)
+    with read((state, inputs), True):
+        output = loss.forward(state, *inputs)
     _check_output(output, loss.name)
     try:
         with read((state, output, target)):
@@ -357,16 +358,27 @@ class _ModelTensorsRead(TorchFunctionMode):
     the checkpoint's tensors in it meanwhile, which are not the model's (those sharing its storage: not told apart)."""
 
     def __init__(
-        self, module: nn.Module, differentiated: Collection[str], states: Sequence[Tensors], loss: Any, given: Any
+        self,
+        module: nn.Module,
+        differentiated: Collection[str],
+        states: Sequence[Tensors],
+        loss: Any,
+        given: Any,
+        forward: bool = False,
     ) -> None:
         super().__init__()
         named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
         self.own = dict(named)
-        self.ids, self.storages = {id(t): n for n, t in named}, {_storage(t): n for n, t in named if _storage(t)}
+        self.ids: dict[int, str] = {}  # (a tied tensor by its first name, the one checked states and `params` hold)
+        self.storages: dict[int | None, str] = {}
+        for n, t in named:
+            self.ids.setdefault(id(t), n)
+            self.storages.setdefault(_storage(t), n)
+        self.storages.pop(None, None)
         held = [t for t in optree.tree_leaves(given) if isinstance(t, torch.Tensor)]
         self.given, self.given_storages = {id(t) for t in held}, {_storage(t) for t in held}
         self.differentiated, self.states = set(differentiated), states
-        self.name, self.criterion = loss.name, isinstance(loss, CriterionLoss)
+        self.name, self.criterion, self.forward = loss.name, isinstance(loss, CriterionLoss), forward
         self.equal: set[str] = set()  # frozen tensors read that every checkpoint holds as the model does
 
     @classmethod
@@ -375,14 +387,16 @@ class _ModelTensorsRead(TorchFunctionMode):
     ) -> Callable[[Any], Any]:
         """``_run``'s ``read``: the watch over ``module``'s tensors (none without a module)."""
         if module is None:
-            return lambda given: nullcontext()
-        return lambda given: cls(module, differentiated, states, loss, given)
+            return lambda *given: nullcontext()
+        return lambda given, forward=False: cls(module, differentiated, states, loss, given, forward)
 
     def __torch_function__(self, func: Callable, types_: Any, args: tuple = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if _metadata(out):  # (`y.to(next(model.parameters()).device)`, a shape or a dtype read: no value)
+        if _metadata(out) and func not in _VALUE_READS:  # (`y.to(next(model.parameters()).device)`: no value)
             return out
-        for t in optree.tree_leaves((args, kwargs or {})):
+        like = _LIKE.get(func, slice(0, 0))  # arguments read for their dtype, device or shape alone
+        for t in optree.tree_leaves((args[: like.start], args[like.stop :], kwargs or {})):
+            t = getattr(t, CAST_FROM, t)  # (a criterion's tensor in the call's dtype: the model's, converted)
             if isinstance(t, torch.Tensor) and id(t) not in self.given:
                 storage = _storage(t)
                 read = self.ids.get(id(t)) or (None if storage in self.given_storages else self.storages.get(storage))
@@ -391,17 +405,22 @@ class _ModelTensorsRead(TorchFunctionMode):
         return out
 
     def _refuse(self, read: str) -> None:
-        names = [n for n, t in self.own.items() if t is self.own[read]]  # (a tied tensor's every name)
-        if not self.differentiated.isdisjoint(names):
+        if read in self.differentiated:
             what, why = "parameter", "so a term of the loss on it would get no gradient"
         else:
-            own = self.own[read]
-            held = ((c, state[n]) for c, state in enumerate(self.states) for n in names if n in state)
-            other = next((c for c, t in held if not _alike(t, own)), -1)
+            own, states = self.own[read], self.states
+            other = next((c for c, state in enumerate(states) if read in state and not _alike(state[read], own)), -1)
             if other < 0:
                 self.equal.add(read)
                 return
             what, why = "tensor", f"whose value checkpoint {other} does not hold: each checkpoint scored with it"
+        if self.forward:  # (a criterion's model, run by functional_call: a reference it does not swap)
+            raise ValueError(
+                f"`model` computes with its own {what} {read!r} in its forward pass, read through a reference that "
+                f"scoring's `functional_call` does not replace with the checkpoint's (a dict or list attribute "
+                f"holding it, a global), not through its module, {why}. Read it as the module's attribute "
+                f"(`self.fc.weight`), or register the reference as a parameter or buffer."
+            )
         if self.criterion:
             raise ValueError(
                 f"`{self.name}` computes with the model's {what} {read!r} itself (read through a closure, a bound "
@@ -410,18 +429,33 @@ class _ModelTensorsRead(TorchFunctionMode):
                 f"keep `{self.name}` to the outputs and targets."
             )
         raise ValueError(
-            f"`{self.name}` computes with the model's {what} {read!r} itself (the model called as it is, or its tensor "
-            f"read through a closure or a global), not `params[{read!r}]`, the checkpoint's being scored, {why}. Run "
-            f"the model as `torch.func.functional_call(model, params, inputs)` and read `params[{read!r}]`."
+            f"`{self.name}` computes with the model's {what} {read!r} itself (the model called as it is, its tensor "
+            f"read through a closure or a global, or a reference of the model's own, a dict attribute holding it, "
+            f"that `functional_call` does not replace), not `params[{read!r}]`, the checkpoint's being scored, {why}. "
+            f"Run the model as `torch.func.functional_call(model, params, inputs)` and read `params[{read!r}]`."
         )
 
 
 def _alike(held: torch.Tensor, own: torch.Tensor) -> bool:
-    """Whether a checkpoint's tensor holds the model's values (in the checkpoint's dtype and on its device)."""
-    return held.shape == own.shape and torch.equal(held, own.detach().to(held.device, held.dtype))
+    """Whether a checkpoint's tensor holds the model's values (in the checkpoint's dtype and on its device; NaN
+    where the model has NaN)."""
+    own = own.detach().to(held.device, held.dtype)
+    if held.shape != own.shape:
+        return False
+    return torch.equal(held, own) or held.is_floating_point() and torch.allclose(held, own, 0, 0, equal_nan=True)
 
 
 _METADATA = (bool, int, str, torch.device, torch.dtype, torch.Size, torch.layout, torch.memory_format, type(None))
+_VALUE_READS = {torch.Tensor.item, torch.Tensor.tolist}  # (an integer buffer's value is no shape)
+# ops reading some arguments' metadata alone (``y.type_as(p)``, ``y.to(p)``, ``torch.zeros_like(p)``, ``p.new_zeros``):
+# the positions of those arguments
+_LIKE = {
+    **dict.fromkeys((torch.Tensor.type_as, torch.Tensor.to), slice(1, 2)),
+    **dict.fromkeys((torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like), slice(0, 1)),
+    **dict.fromkeys((torch.rand_like, torch.randn_like, torch.randint_like), slice(0, 1)),
+    **dict.fromkeys((torch.Tensor.new_zeros, torch.Tensor.new_ones, torch.Tensor.new_empty), slice(0, 1)),
+    torch.Tensor.new_full: slice(0, 1),
+}
 
 
 def _metadata(value: Any) -> bool:
