@@ -74,9 +74,9 @@ def _state_of(model: Any, ckpt: tc.Checkpoint, params: Names) -> tuple[dict[str,
     """Checkpoint tensors in float64 (the selected ones require grad), their selected names, and ``forward``."""
     if isinstance(model, nn.Module):
         module = copy.deepcopy(model).to(DTYPE)
-        module.load_state_dict(
-            {k: v.detach().to(DTYPE) if v.is_floating_point() else v for k, v in ckpt.params.items()}
-        )
+        held = ckpt.params  # (a module's extra state, not a tensor: loaded as it is)
+        floating = {k: v.detach().to(DTYPE) for k, v in held.items() if torch.is_tensor(v) and v.is_floating_point()}
+        module.load_state_dict({**held, **floating})
         module.requires_grad_(False)
         named = dict(module.named_parameters())
         default = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -13,7 +13,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 import tracin_func as tc
-from tests.conftest import assert_topk
+from tests.conftest import assert_close, assert_topk
 from tests.reference import reference_scores
 
 CE = nn.CrossEntropyLoss()
@@ -107,15 +107,120 @@ def test_checkpoint_unexpected_keys_listed():
 
 
 def test_strict_false_takes_missing_entries_from_the_model():
+    """Missing entries are the model's, as `load_state_dict(strict=False)` leaves them; a differentiated one is
+    scored at the model's value, the same at every checkpoint, which is warned (leave it out of `params=`)."""
     model, ckpts, (x, y) = _setup()
     partial = {k: v for k, v in ckpts[1].params.items() if k != "fc1.weight"}
     completed = {**partial, "fc1.weight": model.state_dict()["fc1.weight"].clone()}
-    got = tc.influence(model, [tc.Checkpoint(partial, lr=0.2)], (x, y), (x[:2], y[:2]), loss_fn=CE, strict=False)
+    with pytest.warns(UserWarning, match=r"`checkpoints\[0\]` lacks the differentiated parameters \['fc1.weight'\]"):
+        got = tc.influence(model, [tc.Checkpoint(partial, lr=0.2)], (x, y), (x[:2], y[:2]), loss_fn=CE, strict=False)
     want = tc.influence(model, [tc.Checkpoint(completed, lr=0.2)], (x, y), (x[:2], y[:2]), loss_fn=CE)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     # and the missing entry really matters: the checkpoint's bias would score differently
     other = tc.influence(model, [tc.Checkpoint(ckpts[1].params, lr=0.2)], (x, y), (x[:2], y[:2]), loss_fn=CE)
     assert not torch.allclose(got, other)
+
+
+class _ExtraState(nn.Module):
+    """A layer keeping a setting in its state dict through `get_extra_state()` (not a tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.scale = nn.Linear(3, 2), 2.0
+
+    def get_extra_state(self) -> dict:
+        return {"scale": self.scale}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.scale = state["scale"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.scale
+
+
+def test_a_modules_extra_state_in_checkpoints():
+    """A module with `get_extra_state()` made every call fail (`'dict' object has no attribute 'detach'`): its entry
+    is scored as the model holds it, and refused where a checkpoint holds another, which no functional call sets."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Tanh(), _ExtraState()).double().eval()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    state = {k: v + 0.1 if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
+    for params in (state, {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}):
+        got = tc.self_influence(model, [tc.Checkpoint(params, 0.1)], (x, y), loss_fn=CE)
+        assert_close(got, reference_scores(model, [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=CE).self_influence)
+    other = {**state, "1._extra_state": {"scale": 3.0}}
+    with pytest.raises(ValueError, match=r"`checkpoints\[0\]\['1._extra_state'\]` holds a module's extra state"):
+        tc.self_influence(model, [tc.Checkpoint(other, 0.1)], (x, y), loss_fn=CE)
+
+
+class _Debiased(nn.Module):
+    """A step count of its own named like BatchNorm's, which its output reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.register_buffer("num_batches_tracked", torch.tensor(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) / (1 - 0.9 ** (self.num_batches_tracked + 1))
+
+
+def test_only_batchnorms_step_counts_may_be_missing():
+    """A checkpoint lacking `num_batches_tracked` was taken as a BatchNorm's (which no output reads) whatever the
+    module: a buffer of that name that the forward reads was scored at the model's count (31% off, silently)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    own = _Debiased().double().eval()
+    state = {k: v for k, v in own.state_dict().items() if k != "num_batches_tracked"}
+    with pytest.raises(ValueError, match=r"missing \['num_batches_tracked'\]"):
+        tc.self_influence(own, [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=CE)
+    norm = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double().eval()
+    state = {k: v for k, v in norm.state_dict().items() if not k.endswith("num_batches_tracked")}
+    got = tc.self_influence(norm, [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=CE)
+    want = reference_scores(norm, [tc.Checkpoint(norm.state_dict(), 0.1)], (x, y), loss_fn=CE).self_influence
+    assert_close(got, want)
+
+
+def test_checkpoint_entries_loading_would_convert_or_rename():
+    """What `load_state_dict` takes, scored as it would load: integer values for a frozen floating weight (blamed on
+    the data before: 'Float and Long'); a file of a model whose only child is named `module` (an EMA wrapper's),
+    whose prefix `tc.load_checkpoints` strips as DataParallel's. A buffer registered with `persistent=False` in a
+    checkpoint is refused saying so, and a function's checkpoints must hold the same names (an extra one was used
+    undifferentiated: 8% off)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    model = MLP().double().eval()
+    model.fc1.requires_grad_(False)
+    state = {**model.state_dict(), "fc1.weight": torch.randint(-2, 3, (5, 3))}
+    got = tc.self_influence(model, [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=CE)
+    assert_close(got, reference_scores(model, [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=CE).self_influence)
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = MLP().double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.module(x)
+
+    wrapped = Wrapper().eval()
+    state = {k: v + 0.1 for k, v in wrapped.state_dict().items()}
+    stripped = [tc.Checkpoint({k.removeprefix("module."): v for k, v in state.items()}, 0.1)]
+    got = tc.self_influence(wrapped, stripped, (x, y), loss_fn=CE)
+    assert_close(got, reference_scores(wrapped, [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=CE).self_influence)
+
+    model.register_buffer("scale", torch.ones(()), persistent=False)
+    with pytest.raises(ValueError, match=r"\['scale'\]: buffers the model registers with `persistent=False`"):
+        tc.self_influence(model, [tc.Checkpoint({**model.state_dict(), "scale": torch.ones(())}, 0.1)], (x, y),
+                          loss_fn=CE)  # fmt: skip
+
+    def f(p: dict, x: torch.Tensor) -> torch.Tensor:
+        return x @ p["w"] * p.get("t", 1.0)
+
+    w = torch.randn(3, 2, dtype=torch.float64)
+    ckpts = [tc.Checkpoint({"w": w}, 0.1), tc.Checkpoint({"w": w, "t": torch.tensor(2.0).double()}, 0.1)]
+    with pytest.raises(ValueError, match=r"`checkpoints\[1\]` holds other names than `checkpoints\[0\]` \(\['t'\]"):
+        tc.self_influence(f, ckpts, (x, y), loss_fn=CE)
 
 
 @pytest.mark.parametrize("lr", [0.0, -0.5, -1])

@@ -11,15 +11,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple, Union
 
+import optree
 import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-from ._checkpoints import LR_KEYS, Checkpoint, check_lr, unprefixed
+from ._checkpoints import LR_KEYS, WRAPPER_PREFIXES, Checkpoint, check_lr, unprefixed
 from ._hooks import on_copies
 from ._recurrent import recurrent_unrolled
 from ._state import CONTAINERS, FLAT_ABOVE, MODULE_SLOTS, NESTING, leaving_no_trace
+from ._warn import warn
 
 Forward = Callable[..., Any]  # forward(state, *inputs) -> outputs
 ParamSelector = Union[Sequence[str], Callable[[str], bool], None]
@@ -52,6 +54,9 @@ class ModelSpec(NamedTuple):
     # unsaved floating buffers in a dtype of the model's parameters, converted with them (a float32 ``inv_freq``
     # kept in a bfloat16 model is not)
     following: frozenset[str] = frozenset()
+    # state-dict entries of modules' ``get_extra_state()``, the model's own: no functional call can set them
+    extra: Mapping[str, Any] = {}
+    counts: frozenset[str] = frozenset()  # BatchNorm step counts (``num_batches_tracked``): no output reads them
 
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
@@ -310,6 +315,8 @@ def model_spec(
         with _lock_of(model):  # not while a call on the user's module (its loss calls it) has swapped tensors in
             named = dict(model.named_parameters())  # de-duplicated: a tied tensor appears under its first name
             state = model.state_dict(keep_vars=True)
+            extra = {n: state.pop(n) for n in _extra_state_names(model) if n in state}
+            counts = frozenset(_batch_norm_counts(model))
             unsaved = {n: t for n, t in model.named_buffers() if n not in state}  # (persistent=False)
             floating = {t.dtype for t in named.values() if t.is_floating_point()}
             following = frozenset(n for n, t in unsaved.items() if t.is_floating_point() and t.dtype in floating)
@@ -326,7 +333,8 @@ def model_spec(
             return functional_call(module, untied, inputs, tie_weights=False)
 
         defaults = {n: t.detach() for n, t in state.items() if n not in aliases}
-        return ModelSpec(forward, module, diff, frozenset(state), aliases, defaults, unsaved, private, following)
+        expected = frozenset(state)
+        return ModelSpec(forward, module, diff, expected, aliases, defaults, unsaved, private, following, extra, counts)
     if not callable(model):
         raise TypeError(f"`model` must be an nn.Module or a function f(params, *inputs), got {type(model).__name__}.")
     if not isinstance(first_params, Mapping):
@@ -344,6 +352,22 @@ def model_spec(
     floating = [n for n, t in first_params.items() if t.is_floating_point()]
     diff = select_params(list(first_params), floating, params, layers, model)
     return ModelSpec(model, None, diff, None, {}, {})
+
+
+def _extra_state_names(model: nn.Module) -> list[str]:
+    """The state-dict names of the entries modules add with ``get_extra_state()`` (not tensors of the model)."""
+    suffix = nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+    return [
+        f"{path}.{suffix}" if path else suffix
+        for path, m in model.named_modules()
+        if type(m).get_extra_state is not nn.Module.get_extra_state
+    ]
+
+
+def _batch_norm_counts(model: nn.Module) -> Iterator[str]:
+    for path, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None:
+            yield f"{path}.num_batches_tracked" if path else "num_batches_tracked"
 
 
 def _names(names: list[str], limit: int = 10) -> str:
@@ -401,7 +425,16 @@ def checked_state(
             f"{type(ckpt.params).__name__}{called}."
         )
     state = dict(ckpt.params)
+    if spec.expected is None and set(state) != set(shapes):  # (a pure function's: the first checkpoint's names)
+        differ = sorted(set(state) ^ set(shapes))
+        raise ValueError(
+            f"`{where}` holds other names than `checkpoints[0]` ({_names(differ)} in one of them only): a function's "
+            f"checkpoints must hold the same entries, or it would compute with some that are not differentiated."
+        )
     if spec.expected is not None:
+        state = _wrapped_child_names(state, spec.expected)
+        _refuse_other_extra_state(state, spec.extra, where)
+        state = {n: t for n, t in state.items() if n not in spec.extra}
         # a tied tensor saved under its other name only (GPT-2's lm_head.weight): it is the first name's value
         saved_as = {first: state[alias] for alias, first in spec.aliases.items() if alias in state}
         state = {**saved_as, **state}
@@ -409,9 +442,15 @@ def checked_state(
         missing = sorted(spec.expected - set(state) - set(spec.aliases))
         # (a BatchNorm's step count, which older or converted checkpoints lack: torch's loading keeps the model's
         # too, and it never changes an output in eval mode)
-        missing = [n for n in missing if n.rsplit(".", 1)[-1] != "num_batches_tracked"]
+        missing = [n for n in missing if n not in spec.counts]
         if unexpected or (missing and strict):
             fix = "" if unexpected else ", or pass `strict=False` to take missing entries from the model"
+            unsaved = [n for n in unexpected if n in spec.unsaved]
+            if unsaved:
+                fix += (
+                    f" ({_names(unsaved)}: buffers the model registers with `persistent=False`, which it does not "
+                    f"save and scoring takes from the model; drop them from the checkpoint)"
+                )
             stripped = unprefixed(unexpected)
             if stripped is not None and set(stripped) <= spec.expected:
                 fix = (
@@ -427,6 +466,14 @@ def checked_state(
             raise ValueError(
                 f"`{where}` does not match the model: missing {_names(missing)}, unexpected "
                 f"{_names(unexpected)}. Save the model's `state_dict()`{fix}."
+            )
+        taken = [n for n in spec.diff_names if n not in state]
+        if taken:
+            warn(
+                f"`{where}` lacks the differentiated parameters {_names(taken)}: scored at the model's own values "
+                f"(`strict=False`), the same at every checkpoint. Leave them out of `params=` to score only what the "
+                f"checkpoints hold.",
+                UserWarning,
             )
         state = {**{n: spec.defaults[n] for n in spec.defaults if n not in state}, **state}
         for alias, first in spec.aliases.items():
@@ -446,6 +493,9 @@ def checked_state(
         own = spec.defaults.get(name)
         if own is not None and not (own.is_floating_point() or own.is_complex()) and t.is_floating_point():
             state[name] = t = _as_model_holds(t, own.dtype, f"`{where}[{name!r}]`")
+        elif own is not None and own.is_floating_point() and not (t.is_floating_point() or t.is_complex()):
+            if name not in differentiated:  # (integers or booleans for a frozen floating tensor: as loading does)
+                state[name] = t = t.to(own.dtype)
         if name in differentiated and not t.is_floating_point():
             fix = (
                 "leave it out of the differentiated parameters (`params=`): complex values have no real gradient "
@@ -461,6 +511,51 @@ def checked_state(
             )
 
     return state
+
+
+def _wrapped_child_names(state: dict[str, Any], expected: frozenset[str]) -> dict[str, Any]:
+    """``state`` named as the model does where the model's names all carry a wrapper's prefix the checkpoint's lack
+    (a model whose only child is named ``module``, an EMA wrapper's: ``tc.load_checkpoints`` strips that prefix from
+    files, as it strips DataParallel's), else ``state``."""
+    if not state or expected.intersection(state):
+        return state
+    for prefix in WRAPPER_PREFIXES:
+        if all(n.startswith(prefix) for n in expected) and {prefix + n for n in state} <= expected:
+            return {prefix + n: t for n, t in state.items()}
+    return state
+
+
+def _refuse_other_extra_state(state: Mapping[str, Any], extra: Mapping[str, Any], where: str) -> None:
+    """Raise where a checkpoint holds a module's extra state (``get_extra_state()``) other than the model's."""
+    for name in extra.keys() & state.keys():
+        if not _same_values(state[name], extra[name]):
+            raise ValueError(
+                f"`{where}[{name!r}]` holds a module's extra state (`get_extra_state()`) other than the model's, and "
+                f"scoring, which runs the model with each checkpoint's tensors, cannot set it. Load that checkpoint "
+                f"into the model (`model.load_state_dict`) and score it alone (scores add up over checkpoints), or "
+                f"drop the entry to score with the model's."
+            )
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    """Whether two values (tensors, or containers of tensors and plain values) are equal, leaf by leaf."""
+    leaves_a, tree_a = optree.tree_flatten(a, none_is_leaf=True)
+    leaves_b, tree_b = optree.tree_flatten(b, none_is_leaf=True)
+    if tree_a != tree_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape):
+                return False
+            if not torch.equal(x.cpu(), y.cpu()):
+                return False
+        else:
+            try:
+                if not bool(x == y):
+                    return False
+            except Exception:
+                return False
+    return True
 
 
 def _as_model_holds(t: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
