@@ -290,6 +290,46 @@ def test_non_tensor_element_in_single_batch():
         tc.influence(model, ckpts, (x, y.tolist()), (x, y), loss_fn=CE)
 
 
+def test_batch_structures_named_or_read_as_given():
+    """A mapping other than a dict nested in a batch (a `BatchEncoding` in a dict) was refused as a leaf; a Dataset of
+    dataclasses failed in torch's collate, unnamed; numpy in a batch beside tensors got no `torch.from_numpy` hint;
+    complex inputs stayed complex64 under `dtype=torch.float64` (2e-8 off)."""
+    from collections import UserDict
+    from dataclasses import dataclass
+
+    model, ckpts, (x, y) = _setup()
+    loss = tc.ExampleLoss(lambda p, b: CE(functional_call(model, p, (b["enc"]["x"],)), b["y"]))
+    nested = {"enc": UserDict({"x": x}), "y": y}
+    got = tc.self_influence(model, ckpts, nested, loss_fn=loss)
+    want = tc.self_influence(model, ckpts, {"enc": {"x": x}, "y": y}, loss_fn=loss)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    @dataclass
+    class Example:
+        x: torch.Tensor
+        y: torch.Tensor
+
+    class Examples(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(y)
+
+        def __getitem__(self, i: int) -> Example:
+            return Example(x[i], y[i])
+
+    with pytest.raises(TypeError, match=r"`data`: default_collate: .* return one from `__getitem__`"):
+        tc.self_influence(model, ckpts, Examples(), loss_fn=CE)
+    with pytest.raises(TypeError, match=r"Convert numpy arrays with `torch.from_numpy\(a\)`"):
+        tc.self_influence(model, ckpts, (x.numpy(), y), loss_fn=CE)
+
+    def f(p: dict, z: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_real(z @ p["w"].to(z.dtype)).flatten(1)
+
+    w = [tc.Checkpoint({"w": torch.randn(3, 1, dtype=torch.float64)}, 0.1)]
+    z = torch.randn(6, 3, dtype=torch.complex64)
+    got = tc.self_influence(f, w, (z, y), loss_fn=CE, dtype=torch.float64)
+    assert_close(got, reference_scores(f, w, (z.to(torch.complex128), y), loss_fn=CE).self_influence)
+
+
 def test_test_batch_without_target():
     model, ckpts, (x, y) = _setup()
     msg = r"batch 0: a batch of 1 element has no target; pass `\(x1, ..., xk, y\)` with the target last"
@@ -882,7 +922,7 @@ def test_batches_of_another_form_say_which_entry_and_the_fix():
     loss = tc.ExampleLoss(lambda p, b: CE(functional_call(model, p, (b["x"],)), b["y"]))
     with pytest.raises(TypeError, match=re.escape("""["'x': Tensor(6, 3)", "'y': Tensor(6,)", "'mask': NoneType"]""")):
         tc.self_influence(model, ckpts, {"x": x, "y": y, "mask": None}, loss_fn=loss)
-    with pytest.raises(TypeError, match=re.escape("A 0-d tensor is one example's: batch the examples")):
+    with pytest.raises(TypeError, match=re.escape("A 0-d tensor is one example's (batch the examples")):
         tc.self_influence(model, ckpts, DataLoader(TensorDataset(x, y), batch_size=None), loss_fn=CE)
 
 

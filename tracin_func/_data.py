@@ -23,8 +23,21 @@ Batch = Any  # a tuple (x1, ..., xk, y) of tensors, or a dict / pytree of tensor
 
 def as_dict(data: Any) -> Any:
     """A batch given as a mapping other than a dict (transformers' ``BatchEncoding``, a ``UserDict``: optree takes
-    one for a leaf, so it was read as an iterable of its keys) as a dict of its entries; anything else as it is."""
-    return dict(data) if isinstance(data, Mapping) and not isinstance(data, dict) else data
+    one for a leaf, so it was read as an iterable of its keys) as a dict of its entries, also where dicts, lists and
+    tuples hold one; anything else as it is."""
+    if not _holds_other_mapping(data):
+        return data
+    if isinstance(data, Mapping):
+        return {k: as_dict(v) for k, v in data.items()}
+    items = [as_dict(v) for v in data]
+    return type(data)(*items) if hasattr(data, "_fields") else type(data)(items)  # (a namedtuple by its fields)
+
+
+def _holds_other_mapping(data: Any, depth: int = 8) -> bool:
+    if isinstance(data, Mapping) and not isinstance(data, dict):
+        return True
+    within = data.values() if isinstance(data, dict) else data if isinstance(data, (list, tuple)) else ()
+    return depth > 0 and any(_holds_other_mapping(v, depth - 1) for v in within)
 
 
 def is_single_batch(data: Any) -> bool:
@@ -47,13 +60,17 @@ def batch_size_of(batch: Batch, where: str) -> int:
             kinds = [kind(x) for x in (batch if isinstance(batch, (tuple, list)) else leaves)]
         scalar = any(isinstance(leaf, torch.Tensor) and leaf.dim() == 0 for leaf in leaves)
         hint = (
-            " A 0-d tensor is one example's: batch the examples (a DataLoader with a `batch_size`, not None)."
+            " A 0-d tensor is one example's (batch the examples: a DataLoader with a `batch_size`, not None), or a "
+            "value shared by the batch (keep it in the loss or the model, not the batch)."
             if scalar
             else ""
         )
+        if any(type(leaf).__module__ == "numpy" for leaf in leaves):
+            hint += " Convert numpy arrays with `torch.from_numpy(a)`."
+        shape = "`{'input_ids': ids, 'labels': y}`, each" if isinstance(batch, Mapping) else "`(x, y)` or `(x1, x2, y)`"
         raise TypeError(
             f"{where}: every element of a batch must be a tensor with a leading batch dimension, got {kinds[:6]}. "
-            f"Pass batches like `(x, y)` or `(x1, x2, y)`.{hint}"
+            f"Pass batches like {shape} with one row per example.{hint}"
         )
     sizes = {leaf.shape[0] for leaf in leaves}
     if len(sizes) != 1:
@@ -116,7 +133,25 @@ def iter_batches(data: Any, batch_size: BatchSize, where: str) -> Iterator[Batch
             f"`{where}` must be a batch `(x1, ..., xk, y)`, a Dataset, a DataLoader or an iterable of batches; "
             f"got {type(data).__name__}."
         )
-    yield from map(as_dict, data if repeated is None else repeated.checked(iter(data), where))
+    yield from map(as_dict, _collated(iter(data) if repeated is None else repeated.checked(iter(data), where), where))
+
+
+def _collated(batches: Iterator[Any], where: str) -> Iterator[Any]:
+    """``batches``, with a DataLoader's default collate failing on a Dataset's items named as ``where``'s."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except TypeError as err:
+            if not str(err).startswith("default_collate"):
+                raise
+            raise TypeError(
+                f"`{where}`: {err}. A Dataset's items must be tensors, or tuples / lists / dicts of them: return one "
+                f"from `__getitem__` (a dataclass's fields as a dict), or give a DataLoader whose `collate_fn` builds "
+                f"such batches."
+            ) from err
+        yield batch
 
 
 class Replayed:
@@ -288,14 +323,22 @@ def num_examples(data: Any) -> int | None:
     return None
 
 
+_COMPLEX = {torch.float64: torch.complex128, torch.float32: torch.complex64}  # complex inputs follow ``dtype=``
+
+
 def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> Batch:
-    """Move every tensor to ``device``; cast floating tensors to ``dtype`` when given (integers stay integers).
+    """Move every tensor to ``device``; cast floating tensors to ``dtype`` when given, complex ones to its complex
+    dtype (integers stay integers).
     Detached: inputs that require grad (features of a backbone) would tie the scores to their graph."""
+
+    complex_dtype = _COMPLEX.get(dtype)
 
     def move(t: torch.Tensor) -> torch.Tensor:
         t = t.detach() if t.requires_grad else t
         if dtype is not None and t.is_floating_point():
             return t.to(device=device, dtype=dtype)
+        if complex_dtype is not None and t.is_complex():
+            return t.to(device=device, dtype=complex_dtype)
         return t.to(device=device)
 
     return optree.tree_map(move, batch, none_is_leaf=True)
