@@ -468,11 +468,11 @@ def checked_state(
                 f"{_names(unexpected)}. Save the model's `state_dict()`{fix}."
             )
         taken = [n for n in spec.diff_names if n not in state]
-        if taken:
+        if taken:  # (said once for a call's checkpoints: one message)
             warn(
-                f"`{where}` lacks the differentiated parameters {_names(taken)}: scored at the model's own values "
-                f"(`strict=False`), the same at every checkpoint. Leave them out of `params=` to score only what the "
-                f"checkpoints hold.",
+                f"`{where.split('[')[0]}` lack the differentiated parameters {_names(taken)}: scored at the model's "
+                f"own values (`strict=False`), the same at every checkpoint. Leave them out of `params=` to score only "
+                f"what the checkpoints hold.",
                 UserWarning,
             )
         state = {**{n: spec.defaults[n] for n in spec.defaults if n not in state}, **state}
