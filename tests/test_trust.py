@@ -683,6 +683,51 @@ def test_2_threads_share_one_model():
     assert global_hooks() == hooks_before
 
 
+def test_threads_on_models_sharing_a_layer_and_tracers_beside_a_loss_calling_the_model():
+    """A loss calling the model (`tc.ExampleLoss`) swaps the checkpoint's tensors into the user's modules under their
+    lock, which was the root module's alone: a call on another model sharing a layer (a backbone under two heads)
+    ran through it meanwhile (170-830% off, or misleading refusals), and a tracer's step read the user's model
+    without the lock (62% off, or "every parameter ... is frozen"). Every module's lock is held now."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+    heads = [nn.Sequential(backbone, nn.Linear(6, 3)).eval() for _ in range(2)]
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+
+    def job(model: nn.Module, seed: int):
+        loss = tc.ExampleLoss(lambda p, b: CE(functional_call(model, p, (b["x"],)), b["y"]))
+        ckpts = make_ckpts(model, seed=seed)
+        return lambda: tc.influence(model, ckpts, {"x": x, "y": y}, {"x": x[:2], "y": y[:2]}, loss_fn=loss)
+
+    jobs = [job(model, seed) for seed, model in enumerate(heads)]
+    tracer = tc.tracer(heads[0], (x[:2], y[:2]), n_train=6, loss_fn=CE)
+    params = {k: v.detach().clone() for k, v in heads[0].named_parameters()}
+    jobs.append(lambda: tracer.update(tracer.init(), params, 0.1, (x, y), torch.arange(6)).scores)
+    serial = [run() for run in jobs]
+    results: list[list[torch.Tensor]] = [[] for _ in jobs]
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for _ in range(60 if t < 2 else 300):
+                results[t].append(jobs[t]())
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(len(jobs))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, f"{len(errors)} thread(s) raised, first: {errors[0]!r}"
+    for runs, want in zip(results, serial):
+        assert runs and all(torch.equal(r, want) for r in runs)
+
+
 # ----------------------------------------------------------------------- 3. forward passes that write or are random
 
 
