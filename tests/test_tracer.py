@@ -236,6 +236,29 @@ def test_the_factorys_update_reads_the_model_as_it_is():
         before = got
 
 
+def test_the_factorys_update_follows_hooks_and_layers_changed_since_planning():
+    """The tracer's copy of the modules keeps the hooks and layers the model had at planning: a forward hook or pre-hook
+    added or removed since, or a layer replaced, was silently not seen (49-61% off). A step on a model whose modules or
+    forward hooks differ is planned for it: the same numbers as `tc.tracer_update`, bit for bit."""
+    torch.manual_seed(0)
+    model, ce = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval(), nn.CrossEntropyLoss()
+    x, y = _data((4,), 6)
+    tracer, idx = tc.tracer(model, (x[:2], y[:2]), n_train=6, loss_fn=ce, dtype=DTYPE), torch.arange(2, 6)
+    params, batch = dict(model.named_parameters()), (x[idx], y[idx])
+    before, handles = tracer.update(tracer.init(), params, 1.0, batch, idx).scores, []
+    changes = [lambda: handles.append(model[0].register_forward_hook(lambda m, i, o: 3 * o)),
+               lambda: handles.pop().remove(),
+               lambda: handles.append(model[2].register_forward_pre_hook(lambda m, i: (i[0] * 2,))),
+               lambda: model.__setitem__(1, nn.ReLU())]  # fmt: skip
+    for change in changes:
+        change()
+        want = tc.tracer_update(tc.tracer_init((x[:2], y[:2]), n_train=6, dtype=DTYPE), model, params, 1.0, batch,
+                                idx, loss_fn=ce)  # fmt: skip
+        got = tracer.update(tracer.init(), params, 1.0, batch, idx).scores
+        assert torch.equal(got, want.scores) and not torch.equal(got, before)
+        before = got
+
+
 @pytest.mark.parametrize("frozen_at_planning", [False, True])
 def test_the_factorys_update_follows_parameters_frozen_or_unfrozen(frozen_at_planning):
     """A backbone frozen after warm-up (or unfrozen later) takes no step (or starts taking them): planned once, the

@@ -44,7 +44,7 @@ from ._checkpoints import Checkpoint
 from ._context import in_own_context
 from ._data import as_dict, batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
-from ._model import check_runnable, copied_containers, exclusive_use, unsaved_on
+from ._model import check_runnable, copied_containers, exclusive_use, holding, unsaved_on
 from ._plan import plan_call
 from ._setup import Setup, make_setup, target_device
 from ._state import FLAT_ABOVE, MODULE_SLOTS, NESTING
@@ -231,30 +231,42 @@ def tracer(
                 "`params` is required when `model` is a function: pass the parameter dict the loop starts from "
                 "(its names and shapes are planned)."
             )
-        params = dict(model.named_parameters())
+        with holding(model):  # (not while a loss calling it has a checkpoint's tensors in it)
+            params = dict(model.named_parameters())
     plan = partial(
         _plan, model, test, where="test", n_test=n_test, n_train=n_train, loss_fn=loss_fn, test_loss_fn=test_loss_fn,
         factored=factored, chunk_size=chunk_size, dtype=dtype, device=target,
     )
-    first = plan(params)
-    plans, plans_lock = OrderedDict({frozenset(first.names): first}), threading.Lock()
 
+    def planned_as(params: Mapping[str, torch.Tensor]) -> tuple[Any, ...]:
+        """What a plan holds of the model now: the parameters trainable (a backbone frozen after warm-up takes no
+        step, an unfrozen one starts taking them: 10.5% off, silently) and its modules and forward hooks, which the
+        plan's copy of the modules keeps (a hook added or removed, a layer replaced since: 49-61% off)."""
+        if not isinstance(model, torch.nn.Module):
+            return ()
+        with holding(model):
+            return frozenset(_selected(model, params)), _structure(model)
+
+    first_as = planned_as(params)
+    first = plan(params)
+    plans, plans_lock = OrderedDict({first_as: first}), threading.Lock()
+
+    @torch.compiler.disable  # (planning again inside a compiled step: eager, not traced)
     def planned_for(params: Mapping[str, torch.Tensor]) -> _Planned:
-        # planned again for the parameters trainable now: a backbone frozen after warm-up takes no step, and an
-        # unfrozen one starts taking them (scored as planned, 10.5% off, silently); the last few plans kept (each
-        # holds a copy of the model's modules: a set changing at every step would keep one per step)
+        # planned again for the model as it is now (``planned_as``); the last few plans kept (each holds a copy of
+        # the model's modules: a set changing at every step would keep one per step)
         _check_params(first, params)
         if not isinstance(model, torch.nn.Module):
             return first
-        trainable = frozenset(_selected(model, params))
+        now = planned_as(params)
         with plans_lock:  # (steps from several threads)
-            planned = plans.get(trainable)
+            planned = plans.get(now)
             if planned is not None:
-                plans.move_to_end(trainable)
+                plans.move_to_end(now)
                 return planned
         planned = plan(params)
         with plans_lock:
-            plans[trainable] = planned
+            plans[now] = planned
             if len(plans) > _PLANS_KEPT:
                 plans.popitem(last=False)
         return planned
@@ -459,7 +471,8 @@ def _plan(
     """Validate the call and plan it on the test batch ``test`` (on device), named ``where`` in messages; a single
     test example's plan checks its batching on ``train_batch`` (the step's, when planned per step; see
     ``plan_call``)."""
-    selected = _selected(model, params)
+    with holding(model):
+        selected = _selected(model, params)
     setup = make_setup(
         model,
         [Checkpoint(params=params, lr=1.0)],  # the step's lr multiplies the products outside (a tensor)
@@ -518,6 +531,14 @@ def _following(planned: _Planned) -> None:
         for name, value in vars(module).items():
             if name not in MODULE_SLOTS and _setting(value) and not _alike(vars(mirror).get(name, ...), value):
                 object.__setattr__(mirror, name, copied_containers(value, {}, {}))  # (tensors shared)
+
+
+def _structure(model: torch.nn.Module) -> tuple[Any, ...]:
+    """The module tree by identity, with each module's forward hooks (their handles' ids): what a plan's private copy
+    of the modules was made from."""
+    return tuple(
+        (path, id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for path, m in model.named_modules()
+    )
 
 
 def _setting(value: Any, depth: int = NESTING) -> bool:
@@ -609,7 +630,8 @@ def _products(
         return t.detach().to(device=planned.device, dtype=planned.dtype if t.is_floating_point() else t.dtype)
 
     spec = planned.setup.spec
-    live = _live_state(planned.model)  # buffers read at each step (one rebound since planning too)
+    with holding(planned.model):  # buffers read at each step (one rebound since planning too)
+        live = _live_state(planned.model)
     diff = {n: move(params[n]) for n in planned.names}
     frozen = {n: move(live.get(n, spec.defaults[n])) for n in planned.defaults}
     frozen.update({n: move(t) for n, t in params.items() if n not in diff})
@@ -617,7 +639,8 @@ def _products(
     frozen.update(unsaved_on(unsaved, spec.following, planned.device, planned.dtype))  # (a CPU model on a GPU)
     frozen.update({n: t for n, t in unsaved.items() if n not in frozen and t is not spec.unsaved[n]})  # (rebound)
     with exclusive_use(planned.setup.spec), naming_failures(planned.setup.train_loss, planned.setup, batch, "batch", 0):
-        _following(planned)  # (undone as the call leaves the copy: ``exclusive_use``)
+        with holding(planned.model):
+            _following(planned)  # (undone as the call leaves the copy: ``exclusive_use``)
         test_rep = planned.test(diff, frozen, state.test)
         rep = planned.train(diff, frozen, batch).formed()  # used twice: a norm and the dot
         sq_norms = rep.sq_norm()
