@@ -279,6 +279,22 @@ def test_scores_are_exact_and_the_batching_is_pinned(name):
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss), ref.self_influence)
 
 
+def test_nan_gradients_of_hugging_faces_own_forward_are_named_not_taken_for_mixing():
+    """Llama in float64 with left padding gives NaN (rows masked whole) in Hugging Face's own forward: the batching
+    check compared an expanded norm's NaN gradients as unequal and refused the model as mixing examples; the call
+    names the examples whose gradients are not finite, as `factored=False` does."""
+    config = T.LlamaConfig(**{**SMALL, "num_hidden_layers": 1}, num_key_value_heads=2, pad_token_id=0)
+    model = _model(T.LlamaForCausalLM, config, F64)
+    ids = torch.randint(3, 100, (5, SEQ), generator=torch.Generator().manual_seed(1))
+    mask = (torch.arange(SEQ) >= SEQ - torch.tensor([SEQ, SEQ, 3, SEQ, 5])[:, None]).long()  # left padded
+    batches = [{"input_ids": ids[i : i + 2] * mask[i : i + 2], "attention_mask": mask[i : i + 2]} for i in (0, 2)]
+    batches = [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)} for b in batches]
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), 0.1)]
+    for factored in (None, False):
+        with pytest.raises(FloatingPointError, match=r"Non-finite gradients for `data` examples \[2"):
+            tc.self_influence(model, ckpts, batches, loss_fn=tc.causal_lm_loss(model), factored=factored)
+
+
 def test_a_cache_of_parameter_values_is_refused():
     """LeViT keeps its attention biases, computed from a parameter, in a dict across forward passes in eval mode:
     later passes would score every checkpoint with the first one's biases. Refused, the model left as it was."""

@@ -440,6 +440,58 @@ def test_packed_sequences_are_batched_and_exact(config, factored):
     assert all(r.route in ("factored", "materialised") for r in e.routes), e.routes
 
 
+class _SortedPacking(nn.Module):
+    """Packs with `enforce_sorted=True`: each batch given sorted by length, which a test batch joined with a training
+    batch is not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        _, h = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=True))
+        return self.head(h[-1])
+
+
+def test_a_torch_error_naming_an_argument_is_not_taken_for_a_refusal():
+    """torch's "`lengths` array must be sorted ..." starts with a name in backticks, as the library's refusals do: the
+    joined pass of test and training examples re-raised it instead of scoring them apart."""
+    torch.manual_seed(0)
+    model = _SortedPacking().double().eval()
+    ckpts = [tc.Checkpoint({k: v + 0.1 * c for k, v in model.state_dict().items()}, 0.1) for c in range(2)]
+    x = torch.randn(6, 5, 3, dtype=torch.float64)
+    train, test = (x[:4], torch.tensor([5, 4, 2, 1]), torch.tensor([0, 1, 2, 1])), (x[4:], torch.tensor([5, 3]),
+                                                                                   torch.tensor([2, 0]))  # fmt: skip
+    want = reference_scores(model, ckpts, train, test, loss_fn=nn.CrossEntropyLoss()).influence
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=nn.CrossEntropyLoss()), want)
+
+
+class _FrozenUnderNoGrad(nn.Module):
+    """A frozen recurrent layer the model runs without gradient itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 4, batch_first=True).requires_grad_(False), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def test_a_frozen_layer_run_without_gradient_stays_on_vmap():
+    """The fused op served any pass without gradient, under vmap too, which has no batching rule for it: a frozen
+    layer the model runs under `torch.no_grad()` sent `factored=False` to the per-example loop."""
+    torch.manual_seed(0)
+    model = _FrozenUnderNoGrad().double().eval()
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    data = (torch.randn(4, 5, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # (the loop's fallback warning)
+        got = tc.self_influence(model, ckpts, data, loss_fn=nn.CrossEntropyLoss(), factored=False)
+    assert_close(got, reference_scores(model, ckpts, data, loss_fn=nn.CrossEntropyLoss()).self_influence)
+
+
 def test_packed_sequences_off_the_batched_path_run_through_plain_autograd(monkeypatch):
     """torch.func cannot run the fused op on a PackedSequence (no storage behind its wrapped tensors), even one
     example at a time: with ``factored=False`` the layer's gradients are taken by plain autograd, one example at a

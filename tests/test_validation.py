@@ -330,6 +330,16 @@ def test_batch_structures_named_or_read_as_given():
     assert_close(got, reference_scores(f, w, (z.to(torch.complex128), y), loss_fn=CE).self_influence)
 
 
+def test_a_targets_dtype_error_is_not_blamed_on_an_integer_input():
+    """int32 class labels fail in the loss (torch: "expected target dtype to be Long"): the call blamed the batch's
+    integer token ids, advising `x.float()`."""
+    model = nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(6, 2)).eval()
+    loss = tc.ExampleLoss(lambda p, b: CE(functional_call(model, p, (b["ids"],)), b["y"]))
+    batch = {"ids": torch.randint(0, 7, (4, 2)), "y": torch.tensor([0, 1, 1, 0], dtype=torch.int32)}
+    with pytest.raises(RuntimeError, match="`data` example 0 cannot be scored: RuntimeError: expected target dtype"):
+        tc.self_influence(model, [tc.Checkpoint(dict(model.state_dict()), 0.1)], batch, loss_fn=loss)
+
+
 def test_test_batch_without_target():
     model, ckpts, (x, y) = _setup()
     msg = r"batch 0: a batch of 1 element has no target; pass `\(x1, ..., xk, y\)` with the target last"

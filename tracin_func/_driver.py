@@ -43,6 +43,7 @@ from ._plan import Plan, checked_forward, plan_call
 from ._representations import Representation
 from ._setup import Setup, auto_batch_size, even_batches
 from ._updates import Updates, inverse_norm
+from ._validate import refusal
 
 
 def batches(
@@ -217,7 +218,7 @@ def _size(batch_size: BatchSize, left: int) -> int:
 def _an_examples_error(err: Exception) -> bool:
     """Whether ``err`` may be an example's own (torch's, the model's), which running examples alone can name: not a
     refusal of ours (it starts with the argument's name) nor a non-finite score (named where it is checked)."""
-    return not (isinstance(err, FloatingPointError) or str(err).startswith("`"))
+    return not (isinstance(err, FloatingPointError) or refusal(err))
 
 
 @contextmanager
@@ -239,7 +240,7 @@ def naming_failures(
             try:
                 checked_forward(setup, loss, example, name)
             except Exception as cause:
-                if str(cause).startswith("`"):
+                if refusal(cause):
                     raise
                 message = f"`{name}` example {index} cannot be scored: {type(cause).__name__}: {cause}"
                 if "more than 1 value per channel" in str(cause):

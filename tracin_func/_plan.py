@@ -48,6 +48,7 @@ from ._recurrent import UNROLLED_KINDS, packed_calls, recurrent_sites, why_not_r
 from ._setup import Setup
 from ._state import leaving_no_trace
 from ._updates import Updates, make_updates
+from ._validate import refusal
 from ._warn import warn
 
 
@@ -182,7 +183,7 @@ def _sized_for_training(setup: Setup, plan: Plan, batch: Any, train: Any) -> Pla
     try:
         tensor_bytes = _checked_on_either(setup, setup.train_loss, train, "train")
     except Exception as err:
-        if str(err).startswith("`"):  # (a refusal of ours, naming the argument)
+        if refusal(err):
             raise
         return plan
     example_bytes = max(plan.example_bytes, math.ceil(plan.example_bytes * ratio))
@@ -215,7 +216,7 @@ def _checked_on_either(setup: Setup, loss: ExampleLossFn, batch: Any, where: str
     try:
         return checked_forward(setup, loss, batch, where)
     except Exception as err:
-        if loss is own or str(err).startswith("`"):
+        if loss is own or refusal(err):
             raise
         other = "loss_fn" if where == "test" else "test_loss_fn"
         raise ValueError(

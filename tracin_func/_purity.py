@@ -510,8 +510,8 @@ def _check_output(output: Any, name: str) -> None:
 def _explain_dtype(err: RuntimeError, example: Any, state: Tensors, where: str) -> None:
     """Integer inputs to a floating layer fail deep inside torch: name the input and the conversion instead."""
     message = str(err)
-    if "dtype" not in message and "scalar type" not in message:
-        return
+    if "dtype" not in message and "scalar type" not in message or "target" in message:  # (a loss's targets: torch's
+        return  # own message names them)
     leaves = optree.tree_leaves(example, none_is_leaf=True)
     inputs = leaves[:-1] if len(leaves) > 1 else leaves
     integer = [(i, t.dtype) for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and not t.is_floating_point()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 from typing import Any
 
 import torch
@@ -42,3 +43,17 @@ def boolean(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be True or False, got {value!r}.")
     return value
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def refusal(err: BaseException) -> bool:
+    """Whether ``err`` is a refusal of ours: its message starts with the argument's name in backticks and this
+    package raised it (torch's may start so too: "`lengths` array must be sorted ...", a model's packing failing)."""
+    if not str(err).startswith("`"):
+        return False
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is None or tb.tb_frame.f_code.co_filename.startswith(_PACKAGE)
