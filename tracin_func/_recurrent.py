@@ -316,10 +316,11 @@ def _fused_serves(data: Any) -> bool:
     """Whether a recurrent layer's fused op serves a pass without hooks: where no gradient is taken, and, on the CPU,
     outside torch.func's transforms (the per-example loop: the packed LSTM's ``factored=False`` 0.85 s against 2.40 s
     unrolled). Under vmap it has no batching rule (its per-example fallback: the LSTM's ``factored=False`` 1.16 s
-    against 0.46 s unrolled), and on a GPU cuDNN's has no backward in eval mode."""
-    if not torch.is_grad_enabled():
-        return True
-    return peek_interpreter_stack() is None and isinstance(data, torch.Tensor) and data.device.type == "cpu"
+    against 0.46 s unrolled; a frozen layer the model runs under ``torch.no_grad()`` too, sent to the per-example
+    loop), and on a GPU cuDNN's has no backward in eval mode."""
+    if peek_interpreter_stack() is not None:
+        return False
+    return not torch.is_grad_enabled() or isinstance(data, torch.Tensor) and data.device.type == "cpu"
 
 
 def _step(
