@@ -342,12 +342,23 @@ def test_data_reshaped_is_other_data(tmp_path):
 
 
 def test_a_directory_that_is_not_an_index_is_never_deleted(task, tmp_path):
+    """Nor any of its files: a `.partial` of a name like a shard's was deleted before the folder was refused, and
+    another program's `manifest.json` was replaced with `overwrite=True` (with the files named like shards)."""
     model, ckpts, train, _, _ = task
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "shard-00000.safetensors.partial").write_text("mine too")
     for overwrite in (False, True):
         with pytest.raises(ValueError, match=r"not empty and holds no tracin_func index.*never deleted"):
             tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, overwrite=overwrite)
-    assert _files(tmp_path) == {"notes.txt": b"mine"}
+    assert _files(tmp_path) == {"notes.txt": b"mine", "shard-00000.safetensors.partial": b"mine too"}
+    for manifest in ('{"name": "my web app"}', "[1, 2]", "not json"):
+        (tmp_path / "manifest.json").write_text(manifest)
+        (tmp_path / "shard-00000.safetensors").write_text("my weights")
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match=r"manifest.*never replaced, even with `overwrite=True`"):
+                tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, overwrite=overwrite)
+        assert (tmp_path / "manifest.json").read_text() == manifest
+        assert (tmp_path / "shard-00000.safetensors").read_text() == "my weights"
 
 
 def test_damaged_shards_are_named(task, tmp_path):

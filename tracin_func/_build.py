@@ -104,17 +104,18 @@ def _prepare_directory(path: str, planned: dict[str, Any], overwrite: bool) -> N
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"`path`={path!r} is a file; pass a directory for the index.")
     os.makedirs(path, exist_ok=True)
-    for name in os.listdir(path):  # files a killed build was writing: never complete, never read
-        if name.endswith(TEMPORARY) and _ours(name):
-            os.remove(os.path.join(path, name))
     manifest = os.path.join(path, MANIFEST)
     try:
         stored = read_manifest(path)
-    except ValueError:
+    except ValueError as err:
+        if not _maybe_ours(path, manifest):  # (a `manifest.json` of another program)
+            never = "It is never replaced, even with `overwrite=True`: pass a new or empty directory."
+            raise ValueError(f"{err} {never}") from None
         if not overwrite:
             raise
         stored = {}  # an unreadable manifest of ours: replaced, with the shards it described
-    entries = os.listdir(path)
+    written = [n for n in os.listdir(path) if n.endswith(TEMPORARY) and _ours(n)]  # (files a killed build was
+    entries = [n for n in os.listdir(path) if n not in written]  # writing: never complete, never read)
     if stored is None and entries and _shards_only(path, entries):  # its manifest lost: each shard is checked
         entries = []  # against this plan as it is resumed (``_complete``), and redone where it does not match
     if stored is None and entries:
@@ -122,6 +123,8 @@ def _prepare_directory(path: str, planned: dict[str, Any], overwrite: bool) -> N
             f"`path`={path!r} is not empty and holds no tracin_func index ({sorted(entries)[:5]}); it is never "
             f"deleted, even with `overwrite=True`. Pass a new or empty directory."
         )
+    for name in written:  # (an index's folder, or an empty one: ours to clean)
+        os.remove(os.path.join(path, name))
     if stored is None:
         write_json(manifest, planned)
     elif stored.get("digest") != planned["digest"]:
@@ -141,6 +144,19 @@ def _prepare_directory(path: str, planned: dict[str, Any], overwrite: bool) -> N
             write_json(manifest, planned)
         for name in damaged:
             os.remove(os.path.join(path, name))  # redone below
+
+
+def _maybe_ours(path: str, manifest: str) -> bool:
+    """Whether a manifest that cannot be read as an index's may be one damaged (truncated, edited): JSON of no other
+    format, beside an index's files alone (another program's ``manifest.json`` is never replaced)."""
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            content = json.load(f)
+    except ValueError:  # (not JSON: cut short, say)
+        content = {"format": FORMAT}
+    if not isinstance(content, dict) or content.get("format") != FORMAT:
+        return False
+    return all(_ours(name) for name in os.listdir(path))
 
 
 def _damaged(file: str, shard: dict[str, Any]) -> bool:
