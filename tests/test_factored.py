@@ -3532,6 +3532,62 @@ def test_explain_says_what_a_test_loss_that_vmap_cannot_run_does():
     assert {r.route for r in batched.routes} == {"factored"} and "one at a time" not in batched.batching
 
 
+class _ReadsItem(nn.Module):
+    """Reads a value of each example with `.item()`: vmap cannot run it, examples run one at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.b(h * (1.0 + 0.1 * h.abs().max().item()))
+
+
+def test_explain_says_the_loop_of_factors_off_the_batched_path():
+    """Off the batched path (a `tc.ExampleLoss`) factors come from vmap too, and from a loop where vmap fails: the
+    routes said "factored" and the batching line no loop (found by review); `factored=False`'s batching line named
+    it, not "no layer gives factors"."""
+    model = _ReadsItem().double().eval()
+    data = {"x": torch.randn(5, 4, dtype=torch.float64), "y": torch.randint(0, 3, (5,))}
+    loss = tc.ExampleLoss(lambda p, b: CE(torch.func.functional_call(model, p, (b["x"],)), b["y"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        plan = tc.explain(model, _ckpts(model), data, loss_fn=loss, question="self_influence")
+    assert {r.route for r in plan.routes} == {"loop"} and "one at a time" in plan.batching
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    train = (torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,)))
+    plan = tc.explain(mlp, _ckpts(mlp), train, loss_fn=CE, factored=False)
+    assert plan.batching == "vmap(grad) over examples: `factored=False`"
+
+
+_BATCHED_SIZES: list[int] = []  # (a global: the call's private copy of the model copies its lists)
+
+
+class _WideActivations(nn.Module):
+    """A forward whose largest tensor is 128 KB an example (the automatic size: 128 of them), batch sizes recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.register_buffer("ones", torch.ones(4096))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch._C._functorch.get_interpreter_stack():  # (a batched pass, not vmap's)
+            _BATCHED_SIZES.append(x.shape[0])
+        return self.b((torch.tanh(self.a(x))[:, :, None] * self.ones).mean(-1))
+
+
+def test_explain_runs_no_larger_a_batch_than_the_call():
+    """`tc.explain` ran the call's update on the data's first batch as cut before planning (1500 examples: 5x the
+    memory of the call it describes); it runs the batch the plan sizes."""
+    model = _WideActivations().eval()
+    data = (torch.randn(1500, 4), torch.randint(0, 3, (1500,)))
+    _BATCHED_SIZES.clear()
+    plan = tc.explain(model, _ckpts(model), data, loss_fn=CE, question="self_influence")
+    assert plan.batch_size == 128 and max(_BATCHED_SIZES) == 128
+
+
 class TiedSiamese(nn.Module):
     """Two branches through one weight (two Linears tied), scored on their difference."""
 

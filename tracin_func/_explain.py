@@ -11,7 +11,7 @@ import torch
 from ._api import Options, _check_normalize, _check_options
 from ._checkpoints import Checkpoint
 from ._context import in_own_context
-from ._data import as_dict, batch_size_of, num_examples
+from ._data import as_dict, batch_size_of, num_examples, sized_automatically, slice_batch
 from ._driver import batches, most_per_batch, naming_failures
 from ._model import exclusive_use
 from ._plan import plan_call, split_state
@@ -132,6 +132,8 @@ def explain(
         with silenced():  # (the explanation says it all)
             with naming_failures(setup.train_loss, setup, batch, "data", offset):
                 planned = plan_call(setup, batch, "data", self_only=question == "self_influence", partners=partners)
+            if setup.auto_batch and sized_automatically(data):  # (as large as the call's first, which the plan sizes)
+                batch = slice_batch(batch, 0, most_per_batch(setup, planned.plan))
             with naming_failures(setup.train_loss, setup, batch, "data", 0):
                 acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)
                 planned.updates.self_influence(acc, setup.checkpoints[0], batch)
@@ -140,8 +142,8 @@ def explain(
     plan, mapper = planned.plan, planned.mapper
     routes = []
     for name in plan.names:
-        route = plan.route(name)
-        looped = route == "vmap" and (mapper.loop or mapper.plain)
+        route = plan.route(name)  # (off the batched path, factors too come from vmap, and loop where it failed)
+        looped = (route == "vmap" or not plan.batched and route != "unused") and (mapper.loop or mapper.plain)
         routes.append(Route(name, "loop" if looped else route, plan.reasons[name]))
     looping = (  # (said where a route loops: vmap may have failed only in a check of the batched path)
         "" if not any(r.route == "loop" for r in routes)

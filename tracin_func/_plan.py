@@ -401,7 +401,8 @@ def make_plan(
     uncalled = tuple(p for p, s in idle.items() if set(s.names) <= covered)
     plan = plan._replace(costed=not factored, uncalled=uncalled, fold=fold, seq_first=seq_first)
     if not sites:
-        return plan._replace(batching="vmap(grad) over examples: no layer gives factors")
+        why = "`factored=False`" if factored is False else "no layer gives factors"
+        return plan._replace(batching=f"vmap(grad) over examples: {why}")
     if set(dense) - unused:
         why = f"vmap(grad) over examples, for {len(set(dense) - unused)} parameter(s) outside factor sites"
         return _unpacked(plan, packed)._replace(batching=why)
