@@ -499,3 +499,9 @@ def test_copies_one_checkpoint_twice_tied_and_undifferentiated_tensors_do_not_wa
     shared = [tc.Checkpoint({**c.params, "0.weight": ckpts[0].params["0.weight"]}, c.lr) for c in ckpts]
     assert _warnings_of(model, shared, params=["2.weight", "2.bias"]) == []
     assert re.search(_ALIASED, *_warnings_of(model, shared))
+
+
+def test_a_missing_checkpoint_file_is_said_to_be_missing(tmp_path):
+    """A path that does not exist was reported as a file "empty, truncated or not a checkpoint"."""
+    with pytest.raises(FileNotFoundError, match=r"Checkpoint file '.*ck.pt' does not exist"):
+        tc.load_checkpoints([str(tmp_path / "ck.pt")], lr=0.1)

@@ -107,6 +107,8 @@ def _list_directory(directory: str) -> list[str]:
 
 
 def _read_file(path: str, *, map_location: Any, weights_only: bool) -> Mapping[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint file {path!r} does not exist (or is not a file); check the path.")
     if str(path).endswith(".safetensors"):
         device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
         try:
