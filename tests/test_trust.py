@@ -16,6 +16,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -642,6 +643,20 @@ class KeepsMaps(MLP):
         return self.fc2(h)
 
 
+def run_interleaved(work: Callable[[int], None], n: int) -> None:
+    """``work(t)`` in ``n`` threads at once, switching between them as often as Python lets them."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # interleave the threads as much as possible
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(n)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+    finally:
+        sys.setswitchinterval(interval)
+
+
 def test_2_threads_share_one_model():
     model = KeepsMaps().eval()
     train, test = data(4, n=12, seed=1), data(4, n=5, seed=2)
@@ -660,16 +675,7 @@ def test_2_threads_share_one_model():
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # interleave the threads as much as possible
-    try:
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(len(ckpt_lists))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=120)
-    finally:
-        sys.setswitchinterval(interval)
+    run_interleaved(work, len(ckpt_lists))
     assert not errors, f"{len(errors)} thread(s) raised, first: {errors[0]!r}"
     for t, runs in enumerate(results):
         assert len(runs) == 12
@@ -713,16 +719,7 @@ def test_threads_on_models_sharing_a_layer_and_tracers_beside_a_loss_calling_the
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(len(jobs))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=120)
-    finally:
-        sys.setswitchinterval(interval)
+    run_interleaved(work, len(jobs))
     assert not errors, f"{len(errors)} thread(s) raised, first: {errors[0]!r}"
     for runs, want in zip(results, serial):
         assert runs and all(torch.equal(r, want) for r in runs)
