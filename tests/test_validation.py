@@ -614,8 +614,11 @@ def test_nan_weight_names_the_checkpoint():
 def test_unknown_option(scorer):
     model, ckpts, batch = _setup()
     function = "influence" if scorer == "aggregate" else scorer
-    with pytest.raises(TypeError, match=rf"`{function}` got unknown option\(s\) \['bach_size'\]; options are \["):
+    unknown = rf"`{function}` got unknown option\(s\) \['bach_size'\]; options are \["
+    with pytest.raises(TypeError, match=unknown) as err:
         _all_calls(model, ckpts, batch, batch, bach_size=2)[scorer]()
+    # (the options listed are the function's: `test_memory_bytes` for those with a test side alone)
+    assert ("test_memory_bytes" in str(err.value)) == (function in ("influence", "top_k"))
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 2.0, True, "8"])

@@ -57,10 +57,12 @@ def _check_normalize(normalize: Any) -> str | None:
 
 
 def _check_options(options: dict[str, Any], function: str) -> None:
+    tested = function in ("influence", "top_k")  # (the functions with a test side)
+    known = sorted(n for n in Options.__annotations__ if tested or n != "test_memory_bytes")
     unknown = sorted(set(options) - set(Options.__annotations__))
     if unknown:
-        raise TypeError(f"`{function}` got unknown option(s) {unknown}; options are {sorted(Options.__annotations__)}.")
-    if "test_memory_bytes" in options and function not in ("influence", "top_k"):
+        raise TypeError(f"`{function}` got unknown option(s) {unknown}; options are {known}.")
+    if "test_memory_bytes" in options and not tested:
         raise TypeError(
             f"`{function}` has no test side: `test_memory_bytes` bounds the test gradients of `influence` / `top_k`."
         )
