@@ -565,6 +565,11 @@ def test_a_loss_reading_the_models_own_tensor_is_refused_where_a_checkpoint_diff
     penalised = lambda out, y: nn.functional.cross_entropy(out, y) + tied[3].weight.square().sum()  # noqa: E731
     with pytest.raises(ValueError, match="computes with the model's tensor '0.weight' itself .* checkpoint 0"):
         tc.self_influence(tied, held, (y, y), loss_fn=penalised, params=["2.weight", "2.bias"])
+    # with `method="last_layer"` the head is chosen after the check: its own weight read by the loss where one
+    # checkpoint holds the model's values was scored (40% off)
+    one = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    with pytest.raises(ValueError, match="computes with the model's parameter 'fc.weight' itself"):
+        tc.self_influence(model, one, (x, y), loss_fn=model.penalised, method="last_layer")
     live = dict(model.named_parameters())  # a tracer's step: the checkpoint holds the model's own parameters
     with pytest.raises(ValueError, match="computes with the model's parameter 'log_t' itself"):
         tc.tracer(model, (x[:2], y[:2]), n_train=6, loss_fn=tempered, params=live)

@@ -43,7 +43,7 @@ from ._layers import (
     why_not_a_site,
 )
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
-from ._purity import check_forward
+from ._purity import check_forward, check_reads
 from ._recurrent import UNROLLED_KINDS, packed_calls, recurrent_sites, why_not_run_unrolled
 from ._setup import Setup
 from ._state import leaving_no_trace
@@ -139,6 +139,9 @@ def plan_call(
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
     tensor_bytes = max(_checked_on_either(setup, loss, batch, where) for loss in losses)
     names = scored_names(setup, batch)
+    if setup.method == "last_layer":  # (chosen now: a loss reading the head's own weight, checked as differentiated)
+        for loss in losses:
+            check_reads(setup.spec.module, loss, [c.state for c in setup.checkpoints], batch, names)
     check_one_lr([c.adam for c in setup.checkpoints], names)
     factored = True if setup.method == "last_layer" else setup.factored
     checked_at = split_state(setup.checkpoints[-1].state, names)  # see ``make_plan``
@@ -192,8 +195,8 @@ def _sized_for_training(setup: Setup, plan: Plan, batch: Any, train: Any) -> Pla
 
 def checked_forward(setup: Setup, loss: ExampleLossFn, batch: Any, where: str) -> int:
     """``check_forward`` of ``loss`` on the first example of ``batch`` at the call's checkpoints: it may not compute
-    with the model's own parameters differentiated (with ``method="last_layer"``, chosen later: none), nor with a
-    tensor of the model that a checkpoint holds another value of."""
+    with the model's own parameters differentiated (with ``method="last_layer"``, chosen later: none here, the head
+    in ``plan_call``), nor with a tensor of the model that a checkpoint holds another value of."""
     differentiated = () if setup.method == "last_layer" else setup.spec.diff_names
     states = [c.state for c in setup.checkpoints]
     return check_forward(setup.spec.module, loss, states, batch, where, differentiated)

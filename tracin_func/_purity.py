@@ -293,6 +293,22 @@ def check_forward(
     return watch.largest
 
 
+def check_reads(
+    module: nn.Module | None,
+    loss: ExampleLossFn,
+    states: Sequence[Tensors],
+    batch: Any,
+    differentiated: Collection[str],
+) -> None:
+    """``_ModelTensorsRead``'s refusal alone, for ``differentiated`` parameters chosen after ``check_forward`` ran
+    (``method="last_layer"``'s head): one more run of the loss on the first example, its forward already checked."""
+    if module is None:
+        return
+    example = batch_of_one(example_at(batch, 0))
+    with leaving_no_trace(module), torch.no_grad():
+        _run(loss, states[0], example, _ModelTensorsRead.of(module, differentiated, states, loss))
+
+
 def _watched_run(
     module: nn.Module | None,
     loss: ExampleLossFn,
