@@ -3547,7 +3547,7 @@ class _ReadsItem(nn.Module):
 def test_explain_says_the_loop_of_factors_off_the_batched_path():
     """Off the batched path (a `tc.ExampleLoss`) factors come from vmap too, and from a loop where vmap fails: the
     routes said "factored" and the batching line no loop (found by review); `factored=False`'s batching line named
-    it, not "no layer gives factors"."""
+    it, not "no layer gives factors", and `method="last_layer"`'s routes name it, not `factored=True`."""
     model = _ReadsItem().double().eval()
     data = {"x": torch.randn(5, 4, dtype=torch.float64), "y": torch.randint(0, 3, (5,))}
     loss = tc.ExampleLoss(lambda p, b: CE(torch.func.functional_call(model, p, (b["x"],)), b["y"]))
@@ -3559,6 +3559,8 @@ def test_explain_says_the_loop_of_factors_off_the_batched_path():
     train = (torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,)))
     plan = tc.explain(mlp, _ckpts(mlp), train, loss_fn=CE, factored=False)
     assert plan.batching == "vmap(grad) over examples: `factored=False`"
+    plan = tc.explain(mlp, _ckpts(mlp), train, loss_fn=CE, method="last_layer")  # (its reason said "factored=True")
+    assert {r.reason for r in plan.routes} == {'method="last_layer": factored'}
 
 
 _BATCHED_SIZES: list[int] = []  # (a global: the call's private copy of the model copies its lists)

@@ -150,6 +150,9 @@ def plan_call(
         module, names, losses, *checked_at, batch, mapper, factored=factored, self_only=self_only, partners=partners,
         scored=scored, pool=pool,
     )._replace(tensor_bytes=tensor_bytes)
+    if setup.method == "last_layer":  # (factored as that method is, not as an option the user passed)
+        said = {n: 'method="last_layer": factored' if why == _FACTORED else why for n, why in plan.reasons.items()}
+        plan = plan._replace(reasons=said)
     if sized_by is not None:
         plan = _sized_for_training(setup, plan, batch, sized_by())
     if module is not None and factored is not False and not plan.batched:
@@ -268,6 +271,7 @@ _TOKEN_ROWS_MIN_RATIO = 8
 
 
 _TO_VMAP = "materialising costs less inside vmap(grad), which runs anyway"
+_FACTORED = "factored=True"
 _UNUSED = "not used by the forward pass or the loss on the first example: zero gradients (a batch using it is refused)"
 _UNUSED_ON_VMAP = "not used by the forward pass or the loss on the first example; vmap runs anyway (per example)"
 
@@ -829,7 +833,7 @@ def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool, partne
     if not site.kernel_ok:
         return "grouped convolution: per-example gradients from factors" if site.groups > 1 else "norm layer"
     if factored:
-        return "factored=True"
+        return _FACTORED
     if site.kind == "embedding":
         vocab, ratio = site.weight_shape[0], _TOKEN_ROWS_MIN_RATIO
         if kernel:
