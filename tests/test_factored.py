@@ -2382,11 +2382,12 @@ def test_leaving_the_batched_path_warns_with_the_module_and_the_reason():
 
 
 class TokenMixer(nn.Module):
-    """A Linear over T = 4 positions: T^2 (d_in + d_out) = 528 >= d_in d_out = 272, but < (T + 1) d_in d_out."""
+    """A Linear on every token of ``[B, T, d]``, then a mean over tokens (its tensors grow with T). At d = 16 over T = 4
+    positions: T^2 (d_in + d_out) = 528 >= d_in d_out = 272, but < (T + 1) d_in d_out."""
 
-    def __init__(self):
+    def __init__(self, d: int = 16):
         super().__init__()
-        self.mix, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+        self.mix, self.head = nn.Linear(d, d), nn.Linear(d, 3)
 
     def forward(self, x):
         return self.head(torch.tanh(self.mix(x)).mean(1))
@@ -2529,23 +2530,12 @@ def test_the_automatic_batch_size_follows_the_plan(as_dataset):
     assert_close(got, tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(losses), batch_size=7), 1e-5)
 
 
-class TokensMeaned(nn.Module):
-    """A Linear on every token of ``[B, T, 64]``, then a mean over tokens: its tensors grow with T."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin, self.fc = nn.Linear(64, 64), nn.Linear(64, 3)
-
-    def forward(self, x):
-        return self.fc(torch.tanh(self.lin(x)).mean(1))
-
-
 def test_influence_sizes_training_batches_for_training_examples():
     """Influence plans on the test data's first examples: short queries (T = 1) against long documents (T = 128) had
     the training batches sized by the queries (all 600 in one batch, its largest tensor 19 MB, past the 16 MB an
     automatic CPU batch keeps to), 512 as self-influence and explain size them. Scores equal a batch size's."""
     torch.manual_seed(0)
-    model = TokensMeaned().eval()
+    model = TokenMixer(64).eval()
     train = (torch.randn(600, 128, 64), torch.randint(0, 3, (600,)))
     test = (torch.randn(2, 1, 64), torch.tensor([0, 2]))
     sizes = []
@@ -2566,7 +2556,7 @@ def test_a_failing_training_example_is_named_where_influence_sizes_its_batches()
     (a label out of range) raised torch's bare error there; the scoring pass names it, and a loader's batches, which
     the automatic size does not cut, are not read for it."""
     torch.manual_seed(0)
-    model = TokensMeaned().eval()
+    model = TokenMixer(64).eval()
     x, y = torch.randn(6, 8, 64), torch.tensor([7, 0, 1, 2, 0, 1])
     test = (torch.randn(2, 1, 64), torch.tensor([0, 2]))
     ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=0.5)]
