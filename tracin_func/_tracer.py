@@ -630,17 +630,16 @@ def _products(
         return t.detach().to(device=planned.device, dtype=planned.dtype if t.is_floating_point() else t.dtype)
 
     spec = planned.setup.spec
-    with holding(planned.model):  # buffers read at each step (one rebound since planning too)
-        live = _live_state(planned.model)
-    diff = {n: move(params[n]) for n in planned.names}
-    frozen = {n: move(live.get(n, spec.defaults[n])) for n in planned.defaults}
-    frozen.update({n: move(t) for n, t in params.items() if n not in diff})
-    unsaved = {n: live.get(n, t) for n, t in spec.unsaved.items()}
-    frozen.update(unsaved_on(unsaved, spec.following, planned.device, planned.dtype))  # (a CPU model on a GPU)
-    frozen.update({n: t for n, t in unsaved.items() if n not in frozen and t is not spec.unsaved[n]})  # (rebound)
     with exclusive_use(planned.setup.spec), naming_failures(planned.setup.train_loss, planned.setup, batch, "batch", 0):
-        with holding(planned.model):
-            _following(planned)  # (undone as the call leaves the copy: ``exclusive_use``)
+        with holding(planned.model):  # the model as it is now, at one moment: its buffers (one rebound since planning
+            live = _live_state(planned.model)  # too) and settings (undone as the call leaves the copy)
+            _following(planned)
+        diff = {n: move(params[n]) for n in planned.names}
+        frozen = {n: move(live.get(n, spec.defaults[n])) for n in planned.defaults}
+        frozen.update({n: move(t) for n, t in params.items() if n not in diff})
+        unsaved = {n: live.get(n, t) for n, t in spec.unsaved.items()}
+        frozen.update(unsaved_on(unsaved, spec.following, planned.device, planned.dtype))  # (a CPU model on a GPU)
+        frozen.update({n: t for n, t in unsaved.items() if n not in frozen and t is not spec.unsaved[n]})  # (rebound)
         test_rep = planned.test(diff, frozen, state.test)
         rep = planned.train(diff, frozen, batch).formed()  # used twice: a norm and the dot
         sq_norms = rep.sq_norm()
