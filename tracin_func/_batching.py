@@ -432,10 +432,14 @@ def _close_rows(x: torch.Tensor, y: torch.Tensor) -> bool:
     allowed = _allowed(y.nan_to_num(0, 0, 0))
     if bool(((x - y).abs().reshape(len(x), -1).amax(1) <= allowed).all()):
         return True
+    d = _differences(x, y)
+    return d is not None and bool((d.abs().reshape(len(x), -1).amax(1) <= allowed).all())
+
+
+def _differences(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """``x - y``, zero where the entries are alike (NaN in both too); None where a non-finite entry is unlike."""
     alike = (x == y) | x.isnan() & y.isnan()
-    if bool(y.isfinite().all()) or not bool(alike[~y.isfinite()].all()):
-        return False
-    return bool((torch.where(alike, 0, x - y).abs().reshape(len(x), -1).amax(1) <= allowed).all())
+    return torch.where(alike, 0, x - y) if bool(alike[~(x.isfinite() & y.isfinite())].all()) else None
 
 
 _ROUNDING = 1e3  # times the dtype's eps, of the largest row's scale: a difference no larger is rounding
@@ -457,10 +461,8 @@ def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
         return False
     if not x.is_floating_point() or torch.equal(x, y):
         return torch.equal(x, y)
-    alike = (x == y) | x.isnan() & y.isnan()
-    if not bool(alike[~(x.isfinite() & y.isfinite())].all()):
-        return False
-    return bool(torch.where(alike, 0, x - y).abs().max() <= 1e-4 * y.nan_to_num(0, 0, 0).abs().max())
+    d = _differences(x, y)
+    return d is not None and bool(d.abs().max() <= 1e-4 * y.nan_to_num(0, 0, 0).abs().max())
 
 
 def checking_batches(
