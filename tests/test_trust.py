@@ -387,6 +387,21 @@ def test_1b4_a_model_compiled_in_place_or_wrapped():
         tc.self_influence(wrapped, ckpts, train, loss_fn=CE)
 
 
+@pytest.mark.parametrize("make", ["script", "trace"])
+def test_1b4b_a_torchscript_module_is_refused_untouched(make):
+    """A `torch.jit.script`ed or traced layer (found by review): its forward ran as the instance's own, refused with a
+    fix that cannot apply (or, traced, a raw TypeError blamed on the test data), after the call's private copy had
+    written its copies into TorchScript's module containers, the user's."""
+    torch.manual_seed(0)
+    model = MLP().double().eval()
+    x = data(4, n=2, seed=1)[0]
+    model.fc1 = torch.jit.script(model.fc1) if make == "script" else torch.jit.trace(model.fc1, x)
+    before = {name: id(m) for name, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"`model` module 'fc1' \(\w+\) is a TorchScript module"):
+        tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=2, seed=2), loss_fn=CE)
+    assert {name: id(m) for name, m in model.named_modules()} == before
+
+
 def test_1b5_parametrization_cache_is_refused():
     """Inside ``parametrize.cached()``, a parametrized weight is computed once for every checkpoint (found by review:
     52-114% off, silently, and the user's cache left holding a checkpoint's weight)."""
@@ -1561,6 +1576,23 @@ def test_6c2_a_batch_sampler_given_as_the_sampler_is_checked_inside():
         tc.influence(model, ckpts, batches(SequentialSampler(ds), True), test, loss_fn=CE)
     got = tc.influence(model, ckpts, batches(SequentialSampler(ds), False), test, loss_fn=CE)
     assert_close(got, tc.influence(model, ckpts, ds.tensors, test, loss_fn=CE))
+
+
+class _Unsized(torch.utils.data.Dataset):
+    """Examples by index, ending with an IndexError, without `__len__`."""
+
+    def __init__(self, n):
+        self.x, self.y = data(4, n=n, seed=1)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_6c2b_a_dataset_without_len_is_named():
+    """A Dataset without `__len__` failed with a raw `TypeError: object of type ... has no len()` (found by review)."""
+    model = MLP().eval()
+    with pytest.raises(TypeError, match=re.escape("`data` is a Dataset without `__len__` (_Unsized)")):
+        tc.self_influence(model, make_ckpts(model), _Unsized(5), loss_fn=CE)
 
 
 class PairIn(nn.Module):

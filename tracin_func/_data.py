@@ -118,8 +118,14 @@ def iter_batches(data: Any, batch_size: BatchSize, where: str) -> Iterator[Batch
         return
     repeated = data if isinstance(data, Repeated) else None
     data = data.data if repeated is not None else data
-    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        batches = (list(rows) for rows in _row_ranges(len(data), batch_size))  # type: ignore[arg-type]
+    if _map_style(data):
+        size = _sized(data)
+        if size is None:
+            raise TypeError(
+                f"`{where}` is a Dataset without `__len__` ({type(data).__name__}): its examples cannot be counted "
+                f"or read in batches. Define `__len__` (its number of examples), or pass an iterable of batches."
+            )
+        batches = (list(rows) for rows in _row_ranges(size, batch_size))
         data = DataLoader(data, batch_sampler=batches, generator=torch.Generator())  # read lazily, in order
     if isinstance(data, DataLoader):
         check_stable_order(data, where)
@@ -224,7 +230,7 @@ def _same_leaf(x: Any, y: Any) -> bool:
 def sized_automatically(data: Any) -> bool:
     """Whether the automatic batch size cuts ``data`` into batches: a batch or a map-style ``Dataset`` (a loader's or
     another iterable's batches are the user's)."""
-    return is_single_batch(data) or isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
+    return is_single_batch(data) or _map_style(data)
 
 
 def replayable(data: Any) -> Any:
@@ -232,7 +238,7 @@ def replayable(data: Any) -> Any:
     iterable that is not known to give the same batches on every pass wrapped to check that it does (``Repeated``)."""
     if isinstance(data, Iterator):
         return Replayed(data)
-    mapped = isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
+    mapped = _map_style(data)
     loads_mapped = isinstance(data, DataLoader) and not isinstance(data.dataset, torch.utils.data.IterableDataset)
     plain = is_single_batch(data) or isinstance(data, (tuple, list, Mapping, torch.Tensor)) or mapped or loads_mapped
     return data if plain or not isinstance(data, Iterable) else Repeated(data)
@@ -295,6 +301,11 @@ def sampler_chain(sampler: Any) -> Iterator[Any]:
         yield sampler
 
 
+def _map_style(data: Any) -> bool:
+    """Whether ``data`` is a Dataset read by index (not an ``IterableDataset``)."""
+    return isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset)
+
+
 def _sized(obj: Any) -> int | None:
     try:
         return len(obj)
@@ -304,7 +315,7 @@ def _sized(obj: Any) -> int | None:
 
 def num_batches(data: Any, batch_size: BatchSize) -> int | None:
     """Number of batches ``iter_batches`` yields, when known without iterating (for progress bars)."""
-    if is_single_batch(data) or isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+    if is_single_batch(data) or _map_style(data):
         n = num_examples(data)
         return None if n is None else count_batches(n, batch_size)
     try:
@@ -318,7 +329,7 @@ def num_examples(data: Any) -> int | None:
     if is_single_batch(data):
         sizes = [t.shape[0] for t in optree.tree_leaves(data) if isinstance(t, torch.Tensor) and t.dim()]
         return sizes[0] if sizes else None
-    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+    if _map_style(data):
         return _sized(data)
     return None
 

@@ -219,6 +219,7 @@ def check_runnable(model: Any) -> None:
             "weights, not each checkpoint's. Pass the module itself (`model._orig_mod`), and `compile=True` to "
             "compile the scoring."
         )
+    check_not_scripted(model)
     check_eval_mode(model)
     check_no_backward_hooks(model)
     if parametrize._cache_enabled and any(parametrize.is_parametrized(m) for m in model.modules()):
@@ -227,6 +228,20 @@ def check_runnable(model: Any) -> None:
             "cache keeps one value per tensor (the first checkpoint's, or one computed before the call) for every "
             "checkpoint. Call the scorer outside the `cached()` block."
         )
+
+
+def check_not_scripted(model: nn.Module) -> None:
+    """Raise if a module of the tree is TorchScript (``torch.jit.script`` / ``trace``): its compiled forward runs the
+    weights it holds, which torch.func can neither swap for a checkpoint's nor differentiate per example, and its
+    module containers are TorchScript's own, which the call's private copy would write into."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            raise ValueError(
+                f"`model` module {name or '(root)'!r} ({type(module).__name__}) is a TorchScript module "
+                f"(`torch.jit.script` / `torch.jit.trace`), whose compiled forward cannot run a checkpoint's tensors "
+                f"under torch.func. Score the Python module it was made from (a scripted function called in `forward` "
+                f"is fine)."
+            )
 
 
 def check_no_backward_hooks(model: Any) -> None:
