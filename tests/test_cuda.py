@@ -106,7 +106,7 @@ def test_a_float32_convnet_refused_under_tf32_says_so():
         batching = tc.explain(model, ckpts, _moved(w.train), loss_fn=w.loss_fn).batching
     finally:
         torch.backends.cudnn.allow_tf32 = before
-    assert batching.startswith("one batched forward") or "TF32 is on (`torch.backends.cudnn.allow_tf32`" in batching
+    assert batching.startswith("one batched forward") or "(`torch.backends.cudnn.allow_tf32 = True`" in batching
 
 
 def test_a_cpu_model_traced_on_the_gpu_steps_as_on_the_cpu():

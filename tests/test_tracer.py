@@ -545,7 +545,7 @@ def test_error_init():
     test = (torch.randn(2, 3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="`n_train` must be a positive int.*got 0"):
         tc.tracer_init(test, n_train=0)
-    with pytest.raises(ValueError, match="`dtype`=torch.float16: sums of gradient inner products"):
+    with pytest.raises(ValueError, match="`dtype`=torch.float16: inner products of gradients in half"):
         tc.tracer_init(test, n_train=3, dtype=torch.float16)
     with pytest.raises(TypeError, match="`dtype` must be a floating torch.dtype"):
         tc.tracer_init(test, n_train=3, dtype=torch.int64)

@@ -3681,21 +3681,52 @@ def test_a_float32_refusal_on_a_gpu_names_tf32_when_it_is_on():
     """On a GPU, TF32 (PyTorch's default for cuDNN convolutions) rounds float32 products to about 1e-3, unlike in a
     batch and alone: an H200 left ResNet-18 off the batched path with it, and kept it batched without it. A refusal on
     compared numbers names the flags that are on and the fix; nothing where TF32 does not apply."""
-    from tracin_func._batching import tf32_note
+    from tracin_func._context import lowered_note
 
     cuda, cudnn, matmul = torch.device("cuda"), torch.backends.cudnn, torch.backends.cuda.matmul
     before = cudnn.allow_tf32, matmul.allow_tf32
     try:
         cudnn.allow_tf32, matmul.allow_tf32 = True, False
-        note = tf32_note(cuda, torch.float32)
+        note = lowered_note(cuda, torch.float32)
         assert "`torch.backends.cudnn.allow_tf32 = False`" in note and "matmul" not in note, note
-        assert tf32_note(torch.device("cpu"), torch.float32) == tf32_note(cuda, F64) == tf32_note(None, F64) == ""
+        assert lowered_note(torch.device("cpu"), torch.float32) == lowered_note(cuda, F64) == ""
+        assert lowered_note(None, F64) == ""
         matmul.allow_tf32 = True
-        assert "`torch.backends.cuda.matmul.allow_tf32 = False`" in tf32_note(cuda, torch.float32)
+        assert "`torch.backends.cuda.matmul.allow_tf32 = False`" in lowered_note(cuda, torch.float32)
         cudnn.allow_tf32, matmul.allow_tf32 = False, False
-        assert tf32_note(cuda, torch.float32) == ""
+        assert lowered_note(cuda, torch.float32) == ""
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
+def test_float32_products_lowered_on_the_cpu_are_warned_and_named():
+    """`torch.set_float32_matmul_precision("medium")` runs a CPU's float32 products in bfloat16 through oneDNN (found by
+    review, on a CPU with bfloat16 units: an MLP's scores 4e-3 off and its batching refused as "examples interact",
+    silently). The call warns with the flag and the fix, and a refusal names it; an explicit half `dtype=` is refused,
+    as half checkpoints are (it was taken, silently: scores 1e-3 off)."""
+    from tracin_func._context import lowered_note
+
+    model = MLP().eval()
+    ckpts, train = make_ckpts(model, dtype=torch.float32), data(4, seed=1, dtype=torch.float32)
+    flag = 'torch.backends.mkldnn.matmul.fp32_precision = "bf16"'
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tc.self_influence(model, ckpts, train, loss_fn=CE)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert f"(`{flag}`)" in lowered_note(torch.device("cpu"), torch.float32)
+        assert lowered_note(torch.device("cpu"), F64) == ""
+        warned = re.escape(f"float32 products round below float32 in this process (`{flag}`)")
+        with pytest.warns(UserWarning, match=warned):
+            tc.self_influence(model, ckpts, train, loss_fn=CE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tc.self_influence(model, ckpts, train, loss_fn=CE, dtype=F64)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    with pytest.raises(ValueError, match=re.escape("`dtype`=torch.bfloat16: inner products of gradients in half")):
+        tc.self_influence(model, ckpts, train, loss_fn=CE, dtype=torch.bfloat16)
 
 
 class SqrtFirst(nn.Module):

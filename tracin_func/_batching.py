@@ -29,6 +29,7 @@ from ._capture import (
     discover,
     gradients_at,
 )
+from ._context import lowered_note
 from ._data import distinct_examples, examples_in, padding, select_rows, slice_batch, uncopied_rows
 from ._grads import Mapper, Tensors
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
@@ -97,7 +98,7 @@ def batching_refused(
         return check
     floating = [t for t in state.values() if t.is_floating_point()]
     narrow = floating[0].dtype if floating else torch.float64
-    check = check._replace(reason=check.reason + tf32_note(floating[0].device if floating else None, narrow))
+    check = check._replace(reason=check.reason + lowered_note(floating[0].device if floating else None, narrow))
     if narrow == torch.float64 or 8 * sum(map(torch.numel, floating)) > _WIDE_CHECK_BYTES:
         return check
     try:  # (no float64 on some devices, or a model's own low-precision tensors meeting float64 ones: it stands)
@@ -109,25 +110,6 @@ def batching_refused(
     except (RuntimeError, TypeError, ValueError):
         return check
     return wide._replace(seen=_floating_as(narrow, wide.seen)) if same else check
-
-
-def tf32_note(device: torch.device | None, dtype: torch.dtype) -> str:
-    """Why a float32 comparison on a GPU may fail by rounding alone: TF32 products (10 bits of mantissa, PyTorch's
-    default for cuDNN convolutions), whose rounding differs between batched and lone runs far beyond float32's. On an
-    H200, ResNet-18 and the MobileNet-style net left the batched path with it and stayed batched without it (their
-    influence 1.25-1.31 s against 0.80-0.83 s, 0.91-1.31 s against 0.46-0.49 s); ``""`` where it does not apply."""
-    if device is None or device.type != "cuda" or dtype != torch.float32:
-        return ""
-    on = [flag for flag, value in (("torch.backends.cudnn.allow_tf32", torch.backends.cudnn.allow_tf32),
-                                   ("torch.backends.cuda.matmul.allow_tf32", torch.backends.cuda.matmul.allow_tf32))
-          if value]  # fmt: skip
-    if not on:
-        return ""
-    return (
-        f". TF32 is on ({' and '.join(f'`{flag}`' for flag in on)}): its rounding, about 1e-3, differs between a batch "
-        f"and an example alone, which this check cannot tell from examples interacting; set "
-        f"{' and '.join(f'`{flag} = False`' for flag in on)} for full float32 products and the batched path"
-    )
 
 
 def _computes_alike(

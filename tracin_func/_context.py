@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from ._warn import warn
+
 _AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -48,3 +50,65 @@ def in_own_context(fn: _F) -> _F:
             return fn(*args, **kwargs)
 
     return run  # type: ignore[return-value]
+
+
+def lowered_float32(device: torch.device | None) -> list[tuple[str, str]]:
+    """The settings under which float32 products on ``device`` round below float32 (TF32 or bfloat16, about 1e-3),
+    each as the code that sets it and the code that turns it off: on a GPU, TF32 (PyTorch's default for cuDNN
+    convolutions); on a CPU, oneDNN's (``torch.set_float32_matmul_precision("medium")`` on a CPU with bfloat16 units:
+    an MLP's scores 4e-3 off, float32's 1e-7)."""
+    if device is None or device.type not in ("cpu", "cuda"):
+        return []
+    if device.type == "cuda":
+        flags = {"torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+                 "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}  # fmt: skip
+        return [(f"{flag} = True", f"{flag} = False") for flag, on in flags.items() if on]
+    mkldnn = torch.backends.mkldnn
+    if not hasattr(mkldnn, "matmul"):  # (torch before 2.9: one process-wide setting)
+        precision = torch.get_float32_matmul_precision()
+        set_to = 'torch.set_float32_matmul_precision("{}")'.format
+        return [] if precision == "highest" else [(set_to(precision), set_to("highest"))]
+    lowered = []
+    for op in ("matmul", "conv", "rnn"):  # "none": the next wider setting's
+        chain = (getattr(mkldnn, op).fp32_precision, mkldnn.fp32_precision, torch.backends.fp32_precision)
+        value = next((v for v in chain if v != "none"), "ieee")
+        if value in ("tf32", "bf16"):
+            flag = f"torch.backends.mkldnn.{op}.fp32_precision"
+            lowered.append((f'{flag} = "{value}"', f'{flag} = "ieee"'))
+    return lowered
+
+
+def lowered_note(device: torch.device | None, dtype: torch.dtype) -> str:
+    """Why a float32 comparison of a batch with its examples alone may fail by rounding alone (``lowered_float32``),
+    which differs between the two far beyond float32's: on an H200, ResNet-18 and the MobileNet-style net left the
+    batched path under TF32 and stayed batched without it (their influence 1.25-1.31 s against 0.80-0.83 s, 0.91-1.31
+    s against 0.46-0.49 s); ``""`` where it does not apply."""
+    lowered = lowered_float32(device) if dtype == torch.float32 else []
+    if not lowered:
+        return ""
+    on, off = (" and ".join(f"`{code}`" for code in codes) for codes in zip(*lowered))
+    return (
+        f". Float32 products round below float32 here ({on}): about 1e-3, unlike in a batch and in an example alone, "
+        f"which this check cannot tell from examples interacting; set {off} for full float32 products and the "
+        f"batched path"
+    )
+
+
+def check_precision(dtype: torch.dtype, device: torch.device, converted: str) -> None:
+    """Refuse a half ``dtype`` (inner products of gradients in it keep about three significant digits: scores 1e-3
+    off and more); warn where a setting of the user's lowers float32 products (``lowered_float32``: cuDNN's TF32,
+    PyTorch's default on a GPU, is documented, not warned). ``converted``: what the call converts to ``dtype``."""
+    if dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"`dtype`={dtype}: inner products of gradients in half precision lose most of their digits; pass "
+            f"`dtype=torch.float32` ({converted})."
+        )
+    lowered = [pair for pair in lowered_float32(device) if "cudnn" not in pair[0]] if dtype == torch.float32 else []
+    if lowered:
+        on, off = (" and ".join(f"`{code}`" for code in codes) for codes in zip(*lowered))
+        warn(
+            f"float32 products round below float32 in this process ({on}): scores come out about 1e-3 off, and the "
+            f"batching check may refuse the batched path (the rounding differs between a batch and an example "
+            f"alone). Set {off} around the call, or pass `dtype=torch.float64`.",
+            UserWarning,
+        )

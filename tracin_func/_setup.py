@@ -13,6 +13,7 @@ from ._adam import with_adam_states
 from ._aliasing import warn_aliased_params
 from ._allocator import keep_freed_batches
 from ._checkpoints import Checkpoint
+from ._context import check_precision
 from ._distributed import Ranks, check_device, resolve
 from ._loss import ExampleLoss, ExampleLossFn, example_loss
 from ._loss_dtype import in_dtype
@@ -207,6 +208,7 @@ def make_setup(
         for i, c in enumerate(checkpoints)
     ]
     dtype = dtype or computation_dtype(states)
+    check_precision(dtype, target, "tensors are converted for the call, never changed")
     bar = tqdm(zip(states, checkpoints), total=len(states), desc="preparing checkpoints", unit="ckpt",
                disable=not progress, leave=False)
     prepared = [converted(state, c.lr, target, dtype, spec.unsaved, spec.following) for state, c in bar]

@@ -41,7 +41,7 @@ import torch
 
 from ._assemble import RepresentationFn
 from ._checkpoints import Checkpoint
-from ._context import in_own_context
+from ._context import check_precision, in_own_context
 from ._data import as_dict, batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
 from ._model import check_runnable, copied_containers, exclusive_use, holding, unsaved_on
@@ -108,17 +108,13 @@ def _checked_test(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"`dtype` must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
     dtype = dtype or torch.get_default_dtype()
-    if dtype in (torch.float16, torch.bfloat16):
-        raise ValueError(
-            f"`dtype`={dtype}: sums of gradient inner products in half precision lose most of their digits; pass "
-            f"`dtype=torch.float32` (parameters and inputs are converted for each step)."
-        )
     test = as_dict(test)
     n_test = batch_size_of(test, "`test`")  # every leaf a tensor with one batch size
     if n_test == 0:
         raise ValueError("`test` holds no examples; pass the test batch whose influences to trace.")
     leaves = optree.tree_leaves(test, none_is_leaf=True)
     target = target_device(device, lambda: leaves[0].device, "the test batch's")
+    check_precision(dtype, target, "parameters and inputs are converted for each step")
     return to_device(test, target, dtype), n_test, dtype, target
 
 
