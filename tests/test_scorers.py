@@ -247,6 +247,47 @@ def test_last_layer_registered_under_two_names_is_one_layer():
     assert_close(got, ref.influence)
 
 
+class _AttentionPooled(nn.Module):
+    """A head of attention pooling: `nn.MultiheadAttention` reads its `out_proj`'s tensors without calling it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.mha = nn.Linear(4, 6), nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x)).unsqueeze(1).expand(-1, 2, -1)
+        return self.mha(h, h, h, need_weights=False)[0].mean(1)[:, :3]
+
+
+def test_last_layer_is_a_linear_read_without_being_called():
+    """The head is the last Linear used, called or read (found by review: the Linear before the attention was scored
+    instead of its `out_proj`, 104% off, silently)."""
+    task, _ = task_and_reference("mlp")
+    model = _AttentionPooled().double().eval()
+    ckpts = random_checkpoints(model.state_dict(), 2)
+    names = ["mha.out_proj.weight", "mha.out_proj.bias"]
+    ref = reference_scores(model, ckpts, task.train, task.test, loss_fn=task.loss_fn, params=names)
+    with pytest.warns(tc.SlowPathWarning, match="'mha.out_proj' is not called as a module"):
+        got = tc.influence(model, ckpts, task.train, task.test, loss_fn=task.loss_fn, method="last_layer")
+    assert_close(got, ref.influence)
+
+
+def test_last_layer_scores_its_trainable_parameters_only():
+    """A frozen bias of the head is left out, as `method="exact"` leaves it out, and a head with no trainable parameter
+    is refused (found by review: frozen parameters were scored, 30% off, and a frozen head silently)."""
+    task, _ = task_and_reference("mlp")
+    model = _WithProbe().double().eval()
+    ckpts = random_checkpoints(model.state_dict(), 2)
+    model.fc2.bias.requires_grad_(False)
+    ref = reference_scores(model, ckpts, task.train, task.test, loss_fn=task.loss_fn, params=["fc2.weight"])
+    kw = {"loss_fn": task.loss_fn, "method": "last_layer"}
+    assert_close(tc.influence(model, ckpts, task.train, task.test, **kw), ref.influence)
+    assert_close(tc.self_influence(model, ckpts, task.train, **kw), ref.self_influence)
+    model.fc2.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=re.escape("the last nn.Linear 'fc2' has no trainable parameter")):
+        tc.self_influence(model, ckpts, task.train, **kw)
+
+
 # ---------------------------------------------------------------------------------------------- vmap fallback
 
 

@@ -793,7 +793,7 @@ def test_last_layer_without_a_linear():
     model = Bag().eval()
     tokens, y = torch.randint(0, 4, (5, 3)), torch.randint(0, 2, (5,))
     ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
-    with pytest.raises(ValueError, match=r"`method='last_layer'` found no nn.Linear called by the model; select "):
+    with pytest.raises(ValueError, match=r"`method='last_layer'` found no nn.Linear used by the model; select "):
         tc.self_influence(model, ckpts, (tokens, y), loss_fn=CE, method="last_layer")
 
 

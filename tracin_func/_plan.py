@@ -26,9 +26,10 @@ from ._batching import (
     shows_batching,
     spot_check,
 )
-from ._capture import Hook, LayerFactors, discover, hooked
-from ._data import examples_in, nbytes, select_rows, slice_batch
+from ._capture import LayerFactors, discover
+from ._data import examples_in, nbytes, select_rows
 from ._grads import Mapper, Tensors
+from ._last_layer import last_layer_params
 from ._layers import (
     Site,
     broadcast_row,
@@ -46,7 +47,6 @@ from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
 from ._purity import check_forward, check_reads
 from ._recurrent import UNROLLED_KINDS, packed_calls, recurrent_sites, why_not_run_unrolled
 from ._setup import Setup
-from ._state import leaving_no_trace
 from ._updates import Updates, make_updates
 from ._validate import refusal
 from ._warn import warn
@@ -212,7 +212,8 @@ def scored_names(setup: Setup, batch: Any) -> Sequence[str]:
         return setup.spec.diff_names
     assert setup.spec.module is not None  # checked when the call was set up
     first = setup.checkpoints[0].state
-    return last_layer_params(setup.spec.module, setup.train_loss, first, batch, setup.spec.aliases)
+    spec = setup.spec
+    return last_layer_params(spec.module, setup.train_loss, first, batch, spec.aliases, spec.diff_names)
 
 
 def _checked_on_either(setup: Setup, loss: ExampleLossFn, batch: Any, where: str) -> int:
@@ -852,52 +853,3 @@ def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool, partne
 def _not_in_sites(names: Sequence[str], sites: Iterable[Site]) -> tuple[str, ...]:
     in_sites = {n for site in sites for n in site.names}
     return tuple(n for n in names if n not in in_sites)
-
-
-def _owner(module: nn.Module, name: str) -> nn.Module:
-    return module.get_submodule(name.rpartition(".")[0])
-
-
-def last_layer_params(
-    module: nn.Module, loss: ExampleLossFn, state: Tensors, batch: Any, aliases: Mapping[str, str]
-) -> list[str]:
-    """Parameter names of the last ``nn.Linear`` called when computing the loss of the first example of ``batch``
-    whose output the loss reaches (a probe's output, discarded or detached, gets no gradient: its layer's are zero).
-
-    A tied weight (``aliases``: e.g. GPT-2's ``lm_head.weight``, the token embedding's) is refused: its gradient
-    includes the other uses of the shared tensor, so "the last layer's" gradient is not defined by that layer.
-    """
-    linears = {path: m for path, m in module.named_modules() if isinstance(m, nn.Linear)}
-    calls: list[tuple[str, torch.Tensor]] = []
-
-    def hook_for(path: str) -> Hook:
-        def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            calls.append((path, output))
-
-        return hook
-
-    theirs = {f"{path}.{name}" if path else name for path, m in linears.items() for name, _ in m.named_parameters()}
-    theirs |= {aliases.get(name, name) for name in theirs}  # (a tied tensor: in the state under its first name)
-    state = {k: t.detach().requires_grad_() if k in theirs and t.is_floating_point() else t for k, t in state.items()}
-    with torch.enable_grad(), leaving_no_trace(module), hooked(module, {path: hook_for(path) for path in linears}):
-        total = loss(state, slice_batch(batch, 0, 1))
-        live = [(path, out) for path, out in calls if isinstance(out, torch.Tensor) and out.requires_grad]
-        reached = torch.autograd.grad(total, [out for _, out in live], allow_unused=True) if total.requires_grad else ()
-    order = [path for (path, _), g in zip(live, reached) if g is not None]
-    if not order:
-        found = "called by the model" if not calls else "whose output the loss reaches"
-        raise ValueError(f"`method='last_layer'` found no nn.Linear {found}; select `layers=` instead.")
-    prefix = f"{order[-1]}." if order[-1] else ""
-    names = [prefix + name for name, _ in linears[order[-1]].named_parameters()]  # a parametrized weight's tensors
-    layer = linears[order[-1]]  # (registered under two names: one layer, its tensors tied to nothing else)
-    aliases = {a: f for a, f in aliases.items() if not all(_owner(module, n) is layer for n in (a, f))}
-    tied = [n for n in names if n in aliases or n in aliases.values()]  # (its tensor's second name, or first)
-    if tied:
-        first = aliases.get(tied[0], tied[0])
-        owner = next(n for n in [first, *aliases] if n != tied[0] and aliases.get(n, n) == first)
-        raise ValueError(
-            f"`method='last_layer'`: the last nn.Linear {order[-1]!r} shares its weight {tied[0]!r} with {owner!r} "
-            f"(weight tying), whose gradient sums every use of the shared tensor. Score that tensor exactly with "
-            f"`params=[{first!r}]` (or add the layer's other parameters) and the default `method='exact'`."
-        )
-    return names
