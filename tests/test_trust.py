@@ -822,6 +822,9 @@ def test_3c_random_forward_in_training_mode(scorer):
         SCORERS[scorer](model, ckpts, data(4, seed=1), data(4, n=3, seed=2))
     assert_ckpts_untouched(ckpts, saved)
     assert_unchanged(model, snap)
+    layer_drop = LayerDrop(reads=True).eval()  # in eval mode already: the fix is the randomness (it said `model.eval()`)
+    with pytest.raises(ValueError, match=re.escape("remove the state update / randomness from that module (it runs")):
+        SCORERS[scorer](layer_drop, make_ckpts(layer_drop), data(4, seed=1), data(4, n=3, seed=2))
 
 
 class LayerDrop(nn.Module):

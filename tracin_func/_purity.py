@@ -188,10 +188,13 @@ class _Watch(TorchDispatchMode):
 
     def _refuse(self, what: str, who: str | None = None) -> None:
         who = who or self._running()
+        remove = "remove the state update / randomness from that module"
+        training = any(module.training for _, module in self.modules)
+        fix = (f"call `model.eval()` before scoring (training mode updates running statistics and turns on "
+               f"dropout), or {remove}" if training else f"{remove} (it runs in eval mode already)")  # fmt: skip
         raise ValueError(
             f"`model`: {who} {what} in its forward pass. TracIn needs a forward pass that is a function of the "
-            f"checkpoint and the example: call `model.eval()` before scoring (training mode updates running "
-            f"statistics and turns on dropout), or remove the state update / randomness from that module."
+            f"checkpoint and the example: {fix}."
         )
 
 
