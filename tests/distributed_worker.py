@@ -99,6 +99,7 @@ def main(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") 
         moved = [tc.Checkpoint({k: v + rank for k, v in c.params.items()}, c.lr) for c in ckpts]
         flipped = lambda k, v: v.flip(0) if rank and k == "fc1.weight" else v  # noqa: E731  (rows swapped: same sum)
         permuted = [tc.Checkpoint({k: flipped(k, v) for k, v in c.params.items()}, c.lr) for c in ckpts]
+        index = tc.open_index(f"{out_dir}/index")
         for name, call in {
             "sampler": lambda: tc.self_influence(model, ckpts, split, loss_fn=LOSS, distributed=True),
             "batch sampler": lambda: tc.self_influence(model, ckpts, batched_split, loss_fn=LOSS, distributed=True),
@@ -106,6 +107,11 @@ def main(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") 
             "test sizes": lambda: tc.influence(model, ckpts, train, (xt[: 1 + rank], yt[: 1 + rank]), **kw),
             # a failure in the call's setup on rank 1 alone (the other rank waited in the first collective)
             "setup": lambda: tc.self_influence(model, ckpts if rank == 0 else lacking, train, **kw),
+            # each left the other rank in the next collective (found by review on 2026-12-05): the calls after them
+            # check that the ranks stay in step
+            "sampler on one rank": lambda: tc.self_influence(model, ckpts, split if rank else dataset, **kw),
+            "index setup": lambda: tc.influence(model, ckpts if rank == 0 else lacking, index, test, **kw),
+            "index test sizes": lambda: tc.top_k(model, ckpts, index, (xt[: 1 + rank], yt[: 1 + rank]), k=2, **kw),
             "k": lambda: tc.top_k(model, ckpts, train, test, k=3 + rank, **kw),  # (gloo aborted the process)
             "checkpoints": lambda: tc.influence(model, moved, train, test, **kw),  # (mixed into one result)
             # (each mixed into one result, silently, found by review on 2026-12-05)

@@ -62,6 +62,13 @@ def test_a_failure_in_one_ranks_setup_is_raised_on_every_rank(ranks):
     _, per_rank = ranks
     assert per_rank[1]["setup"].startswith("ValueError: `checkpoints[0]` does not match the model: missing")
     assert per_rank[0]["setup"].startswith("RuntimeError: rank 1 failed, so this rank stops too: ValueError")
+    # (an index query's setup, and a DistributedSampler on one rank: found by review, the ranks fell out of step)
+    assert per_rank[1]["index setup"].startswith("ValueError: `checkpoints[0]` does not match the model: missing")
+    assert per_rank[0]["index setup"].startswith("RuntimeError: rank 1 failed, so this rank stops too: ValueError")
+    assert "DistributedSampler, which already gives each rank a part" in per_rank[1]["sampler on one rank"]
+    assert per_rank[0]["sampler on one rank"].startswith("RuntimeError: rank 1 failed, so this rank stops too")
+    for got in per_rank:
+        assert "The ranks disagree on the number of test examples: [1, 2]" in got["index test sizes"]
 
 
 def test_nccl_needs_a_gpu_device(monkeypatch):

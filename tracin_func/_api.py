@@ -197,7 +197,10 @@ def influence(
     boolean(aggregate, "aggregate")
     if isinstance(train, Index):
         _check_index_call(normalize, per_layer)
-        setup = index_setup(train, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options)
+        setup = index_setup(
+            train, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options,
+            agreed={"the number of test examples": num_examples(test), "the options": aggregate},
+        )
         return index_influence(train, setup, test, aggregate=aggregate)
     setup = set_up_on_every_rank(
         options.get("distributed"),
@@ -365,7 +368,10 @@ def _index_top_k(
         checkpoints = list(checkpoints)
     if k > len(index):
         raise ValueError(f"`k`={k} exceeds the number of rows of the index ({len(index)}); pass `k <= {len(index)}`.")
-    setup = index_setup(index, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options)
+    agreed = {"the number of test examples": num_examples(test), "the options": (k, proponents, aggregate, candidates)}
+    setup = index_setup(
+        index, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options, agreed=agreed
+    )
     if rerank is None:
         if candidates is not None:
             raise ValueError("`candidates` is how many candidates to re-rank: pass the training data as `rerank=`.")

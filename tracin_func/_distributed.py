@@ -200,13 +200,17 @@ def share(data: Any, ranks: Ranks | None) -> tuple[Any, int, Ranks | None]:
     (a batch, a ``Dataset``) by row range, any other iterable by batch number."""
     if ranks is None:
         return data, 0, None
-    samplers = sampler_chain(data.batch_sampler or data.sampler) if isinstance(data, DataLoader) else ()
-    if any(isinstance(sampler, DistributedSampler) for sampler in samplers):  # (also inside a BatchSampler)
-        raise ValueError(
-            "The data is a DataLoader with a DistributedSampler, which already gives each rank a part of it; with "
-            "`distributed=` every rank passes the whole data (the Dataset, or a DataLoader over all of it) and "
-            "takes its own share."
-        )
+
+    def check() -> None:
+        samplers = sampler_chain(data.batch_sampler or data.sampler) if isinstance(data, DataLoader) else ()
+        if any(isinstance(sampler, DistributedSampler) for sampler in samplers):  # (also inside a BatchSampler)
+            raise ValueError(
+                "The data is a DataLoader with a DistributedSampler, which already gives each rank a part of it; "
+                "with `distributed=` every rank passes the whole data (the Dataset, or a DataLoader over all of it) "
+                "and takes its own share."
+            )
+
+    on_every_rank(ranks, check)  # (refused on one rank only, it left the others in the next collective)
     n = num_examples(data)
     agree(ranks, **{"the number of examples": n})
     if n is None:

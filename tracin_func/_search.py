@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ._data import select_rows
-from ._distributed import join, on_every_rank, stack_top_k
+from ._distributed import join, on_every_rank, set_up_on_every_rank, stack_top_k
 from ._driver import embedding_blocks
 from ._fingerprint import differences, fingerprint
 from ._index import BLOCK_BYTES, Index
@@ -20,14 +20,23 @@ from ._topk import TopK, check_finite_scores, first_k, merge
 
 
 def index_setup(
-    index: Index, model: Any, checkpoints: Any, *, loss_fn: Any, test_loss_fn: Any, options: dict[str, Any]
+    index: Index,
+    model: Any,
+    checkpoints: Any,
+    *,
+    loss_fn: Any,
+    test_loss_fn: Any,
+    options: dict[str, Any],
+    agreed: dict[str, Any],
 ) -> Setup:
-    """The call's setup, refused when its checkpoints, parameters, loss or dtype are not the index's."""
-    setup = make_setup(
-        model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, projection=index.projection, **options
-    )
+    """The call's setup, refused when its checkpoints, parameters, loss or dtype are not the index's; on every rank
+    where it fails on one, or where the ranks were given other ``agreed`` arguments (a setup failing on one rank, or
+    test data of another size, left the others in a collective)."""
 
-    def check() -> None:
+    def set_up() -> Setup:
+        setup = make_setup(
+            model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, projection=index.projection, **options
+        )
         found = differences(index.fingerprint, fingerprint(setup, loss_fn))
         if found:
             raise ValueError(
@@ -35,9 +44,9 @@ def index_setup(
                 f"the checkpoints, `params` / `layers`, `loss_fn` and `dtype` the index was built with, or rebuild "
                 f"it with `tc.build_index(..., overwrite=True)`."
             )
+        return setup
 
-    on_every_rank(setup.ranks, check)  # raised on every rank, so none waits in a collective
-    return setup
+    return set_up_on_every_rank(options.get("distributed"), set_up, **agreed)
 
 
 def _test_chunks(setup: Setup, test: Any, aggregate: bool) -> Iterator[torch.Tensor]:
