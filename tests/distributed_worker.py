@@ -119,6 +119,7 @@ def main(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") 
             "loss": lambda: tc.self_influence(model, ckpts, train, loss_fn=torch.nn.CrossEntropyLoss(
                 label_smoothing=0.1 * rank), distributed=True),
             "permuted": lambda: tc.self_influence(model, permuted, train, **kw),
+            "dtype": lambda: tc.self_influence(model, ckpts, train, dtype=[torch.float64, torch.float32][rank], **kw),
         }.items():
             try:
                 call()

@@ -55,6 +55,7 @@ def test_data_already_split_or_differing_between_ranks_is_refused_on_every_rank(
         assert "The ranks disagree on the checkpoints" in got["permuted"]
         assert "The ranks disagree on the parameters differentiated (`params`, `layers`, `method`)" in got["params"]
         assert "The ranks disagree on the losses (`loss_fn`, `test_loss_fn`)" in got["loss"]
+        assert "The ranks disagree on the computation dtype (`dtype`)" in got["dtype"]  # (named the checkpoints)
 
 
 def test_a_failure_in_one_ranks_setup_is_raised_on_every_rank(ranks):

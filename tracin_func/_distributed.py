@@ -161,11 +161,11 @@ def set_up_on_every_rank(distributed: Any, set_up: Callable[[], T], **agreed: An
     agree(
         ranks,
         **agreed,
-        **{
-            "the checkpoints (their learning rates, tensors' sums and optimizer states' sums)": _summary(setup),
+        **{  # (in this order: the checkpoints' sums, taken in the call's dtype, differ where the dtype does)
+            "the computation dtype (`dtype`)": str(setup.dtype),
             "the parameters differentiated (`params`, `layers`, `method`)": (setup.spec.diff_names, setup.method),
             "the losses (`loss_fn`, `test_loss_fn`)": [describe_loss(loss, setup.spec.module) for loss in losses],
-            "the computation dtype (`dtype`)": str(setup.dtype),
+            "the checkpoints (their learning rates, tensors' sums and optimizer states' sums)": _summary(setup),
         },
     )
     return setup
