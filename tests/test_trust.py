@@ -822,7 +822,7 @@ def test_3c_random_forward_in_training_mode(scorer):
         SCORERS[scorer](model, ckpts, data(4, seed=1), data(4, n=3, seed=2))
     assert_ckpts_untouched(ckpts, saved)
     assert_unchanged(model, snap)
-    layer_drop = LayerDrop(reads=True).eval()  # in eval mode already: the fix is the randomness (it said `model.eval()`)
+    layer_drop = LayerDrop(reads=True).eval()  # in eval mode: the fix is the randomness (not `model.eval()`)
     with pytest.raises(ValueError, match=re.escape("remove the state update / randomness from that module (it runs")):
         SCORERS[scorer](layer_drop, make_ckpts(layer_drop), data(4, seed=1), data(4, n=3, seed=2))
 
@@ -2122,6 +2122,25 @@ def test_7n_class_weights_that_would_cancel_are_refused():
         weighted = nn.CrossEntropyLoss(weight=weight, reduction="sum")
         assert_close(tc.self_influence(model, ckpts, data, loss_fn=weighted, factored=factored),
                      reference(model, ckpts, data, data, loss_fn=weighted)[1])  # fmt: skip
+    # the same loss as a partial, a lambda or a wrapper scored the unweighted loss, silently (found by review)
+    nll = lambda out, y: F.nll_loss(out.log_softmax(1), y, weight=weight)  # noqa: E731
+    for loss in (functools.partial(F.cross_entropy, weight=weight), nll, _Wrapping(nn.CrossEntropyLoss(weight=weight))):
+        with pytest.raises(ValueError, match=r"`loss_fn`: F.(cross_entropy|nll_loss)\(weight=...\) with reduction="):
+            tc.self_influence(model, ckpts, data, loss_fn=loss)
+    summed = functools.partial(F.cross_entropy, weight=weight, reduction="sum")
+    want = reference(model, ckpts, data, data, loss_fn=weighted)[1]
+    assert_close(tc.self_influence(model, ckpts, data, loss_fn=summed), want)
+
+
+class _Wrapping(nn.Module):
+    """A criterion calling another."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, out, y):
+        return self.inner(out, y)
 
 
 class PackedTokens(nn.Module):

@@ -12,6 +12,7 @@ import optree
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ._model import Forward
 
@@ -478,15 +479,40 @@ class CriterionLoss(NamedTuple):
 
     def of_example(self, output: Any, target: Any) -> torch.Tensor:
         """The criterion's loss of one example's output and target (a batch of one)."""
-        c = self.criterion
-        if isinstance(c, (nn.CrossEntropyLoss, nn.NLLLoss)) and c.weight is not None and c.reduction == "mean":
-            if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel() == 1:
+        if torch.compiler.is_compiling():  # (checked where planning ran it, eagerly)
+            return self.criterion(output, target).sum()
+        with _CancellingWeights(self.name, self.criterion):
+            return self.criterion(output, target).sum()
+
+
+class _CancellingWeights(TorchFunctionMode):
+    """Refuses cross-entropy / NLL weighted by class with reduction "mean" on one class index: it divides the loss by
+    the example's own weight, so on one example the weights cancel and every loss is unweighted. Watched as the
+    criterion calls them: a module, a ``functools.partial`` of ``F.cross_entropy``, a lambda or a wrapper (only the
+    first was refused: the others scored the unweighted loss, silently)."""
+
+    _WATCHED = {F.cross_entropy: inspect.signature(F.cross_entropy), F.nll_loss: inspect.signature(F.nll_loss)}
+
+    def __init__(self, name: str, criterion: Any) -> None:
+        super().__init__()
+        self.name, self.criterion = name, criterion
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        signature = self._WATCHED.get(func)
+        if signature is not None:
+            given = signature.bind(*args, **kwargs).arguments
+            target = given.get("target")
+            one_index = isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel() == 1
+            if given.get("weight") is not None and given.get("reduction", "mean") == "mean" and one_index:
+                c = self.criterion
+                what = type(c).__name__ if isinstance(c, (nn.CrossEntropyLoss, nn.NLLLoss)) else f"F.{func.__name__}"
                 raise ValueError(
-                    f"`{self.name}`: {type(c).__name__}(weight=...) with reduction='mean' divides an example's loss by "
-                    f"its own class weight, so on one example the weights cancel and every loss is unweighted. Pass "
+                    f"`{self.name}`: {what}(weight=...) with reduction='mean' divides an example's loss by its own "
+                    f"class weight, so on one example the weights cancel and every loss is unweighted. Pass "
                     f"reduction='sum' for losses weighted by class (as they weigh in training), or leave weight= out."
                 )
-        return c(output, target).sum()
+        return func(*args, **kwargs)
 
 
 def floating_leaves(tree: Any) -> list[torch.Tensor]:
