@@ -1,5 +1,6 @@
 """Per-example loss semantics on the batched factored path equal the batch-of-one definition (dense vmap path)."""
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -223,6 +224,31 @@ def test_batch_loss_runs_batched_and_equals_the_example_loss():
     assert tc.explain(model, ckpts, data, loss_fn=tc.BatchLoss(losses)).batching.startswith("one batched forward")
     why = tc.explain(model, ckpts, data, loss_fn=one).batching
     assert "tc.BatchLoss runs whole batches" in why and "tc.seq2seq_lm_loss" in why  # and the ready-made HF losses
+
+
+def test_every_score_zero_is_warned():
+    """An in-batch contrastive loss (InfoNCE) has nothing to compare on the one example TracIn scores at a time: every
+    score 0, silently (found by review). Warned, naming the cause; a call with scores is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.zeros(5, dtype=torch.long)
+
+    def info_nce(params, batch):
+        z = nn.functional.normalize(torch.func.functional_call(model, params, (batch[0],)), dim=-1)
+        return nn.functional.cross_entropy(z @ z.T / 0.5, torch.arange(len(z)), reduction="none")
+
+    zero = "Every score is 0: no example's loss has a gradient in the parameters scored"
+    for factored in (None, False):
+        kw = dict(loss_fn=tc.BatchLoss(info_nce), factored=factored)
+        with pytest.warns(UserWarning, match=zero):
+            assert not tc.influence(model, ckpts, (x, y), (x, y), **kw).any()
+        with pytest.warns(UserWarning, match=zero):
+            assert not tc.self_influence(model, ckpts, (x, y), per_layer=True, **kw)["0"].any()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tc.self_influence(model, ckpts, (x, torch.arange(5) % 3), loss_fn=nn.CrossEntropyLoss())
+    assert not [w for w in caught if zero in str(w.message)]
 
 
 def test_batch_loss_must_return_one_loss_per_example():

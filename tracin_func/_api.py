@@ -18,6 +18,7 @@ from ._search import index_influence, index_setup, index_top_k, rerank_candidate
 from ._setup import Setup, make_setup
 from ._topk import TopK, merge
 from ._validate import boolean, positive_int, seed_value
+from ._warn import warn
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -225,8 +226,24 @@ def influence(
     if rows[0] is None:
         raise ValueError("`train` holds no examples.")
     if per_layer:
-        return {layer: _stack([r[layer] for r in rows], aggregate) for layer in rows[0]}
-    return _stack(rows, aggregate)
+        return _warned_if_zero({layer: _stack([r[layer] for r in rows], aggregate) for layer in rows[0]})
+    return _warned_if_zero(_stack(rows, aggregate))
+
+
+def _warned_if_zero(scores: Any) -> Any:
+    """``scores``, after a warning where every one is exactly 0: no example's loss has a gradient in the parameters
+    scored. Each example is scored on its own loss, alone, where a loss comparing a batch's examples (in-batch
+    contrastive, InfoNCE) has nothing to compare: every score 0, silently."""
+    total = sum(scores.values()) if isinstance(scores, dict) else scores
+    if total.numel() and not bool(total.any()):
+        warn(
+            "Every score is 0: no example's loss has a gradient in the parameters scored (the loss does not reach "
+            "them, or is constant on one example). TracIn scores each example on its own loss, alone: a loss comparing "
+            "the examples of a batch (in-batch contrastive, InfoNCE) has nothing to compare there; give each "
+            "example what it is compared with (`tc.ExampleLoss` with fixed negatives).",
+            UserWarning,
+        )
+    return scores
 
 
 def _stack(rows: list[torch.Tensor], aggregate: bool) -> torch.Tensor:
@@ -468,7 +485,7 @@ def self_influence(
     scores = join(on_every_rank(setup.ranks, local), 0, setup.ranks, like)
     if scores is None:
         raise ValueError("`data` holds no examples.")
-    return scores
+    return _warned_if_zero(scores)
 
 
 @in_own_context
