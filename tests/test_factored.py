@@ -2737,10 +2737,29 @@ def _scaled_task(norm):
     return model, _ckpts(model), train, test
 
 
-def test_elementwise_scales_run_batched_and_exact():
+class NanoLayerNorm(nn.Module):
+    """nanoGPT's LayerNorm: its weight and bias passed to ``F.layer_norm``, which wants them of the normalized shape."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.linspace(0.5, 1.5, d)), nn.Parameter(torch.linspace(-1, 1, d))
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class FunctionalRMSNorm(RMSNorm):
+    def forward(self, x):
+        return nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+@pytest.mark.parametrize("norm", [RMSNorm, NanoLayerNorm, FunctionalRMSNorm])
+def test_elementwise_scales_run_batched_and_exact(norm):
     """Vectors of layers of no known kind (an RMSNorm, a scale-and-shift) get per-example gradients from copies
-    expanded over the batch: the call stays on the batched path, and the scores equal the reference."""
-    model, ckpts, train, test = _scaled_task(RMSNorm(8))
+    expanded over the batch: the call stays on the batched path, and the scores equal the reference. A norm passing
+    them to `F.layer_norm` / `F.rms_norm` (nanoGPT's) sent the whole model to `vmap(grad)` (torch refused copies of
+    another shape than the normalized one)."""
+    model, ckpts, train, test = _scaled_task(norm(8))
     ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no slow-path warning
@@ -2749,7 +2768,7 @@ def test_elementwise_scales_run_batched_and_exact():
         plan = tc.explain(model, ckpts, train, loss_fn=CE)
     assert plan.batching == "one batched forward / backward gives every layer's factors"
     routes = {r.parameter: (r.route, r.reason.split(":")[0]) for r in plan.routes}
-    for name in ("norm.weight", "shift.weight", "shift.bias"):
+    for name in ("norm.weight", "shift.weight", "shift.bias", *(["norm.bias"] if norm is NanoLayerNorm else [])):
         assert routes[name] == ("materialised", "expanded"), routes
 
 
@@ -2775,15 +2794,15 @@ class Summed(nn.Module):
         return x * self.weight.sum()
 
 
-class FunctionalNorm(nn.Module):
-    """Passes its weight to ``F.layer_norm``, which refuses a weight of another shape than the normalised one."""
+class Diagonal(nn.Module):
+    """Multiplies by ``torch.diag(weight)``, which takes 1-D or 2-D tensors: an expanded copy breaks it."""
 
     def __init__(self, d):
         super().__init__()
         self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d))
 
     def forward(self, x):
-        return nn.functional.layer_norm(x, x.shape[-1:], self.weight)
+        return x @ torch.diag(self.weight)
 
 
 @pytest.mark.parametrize(
@@ -2791,7 +2810,7 @@ class FunctionalNorm(nn.Module):
     [
         (FirstEntry, "did not give the first example its gradient"),
         (Summed, "changed the first examples' factors"),
-        (FunctionalNorm, "a forward with parameters copied over the batch failed"),
+        (Diagonal, "a forward with parameters copied over the batch failed"),
     ],
 )
 def test_vectors_not_used_elementwise_are_refused_and_scored_exactly(norm, why):

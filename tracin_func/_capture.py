@@ -107,6 +107,7 @@ def _at_calls(layer: nn.Module, hook: Hook) -> list[RemovableHandle]:
 _ARGS = {
     F.embedding: ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
     F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+    F.rms_norm: ("input", "normalized_shape", "weight", "eps"),
 }
 
 
@@ -139,6 +140,34 @@ class _Calls(TorchFunctionMode):
             return out
         replaced = self.hook(self.layer, (named["input"],), out)
         return out if replaced is None else replaced
+
+
+class _NormsOfCopies(TorchFunctionMode):
+    """``F.layer_norm`` / ``F.rms_norm`` given expanded copies (``[B, 1, ..., d]``) as their weight or bias, as a
+    hand-written norm calling the functional form gives them (nanoGPT's ``LayerNorm``, an RMSNorm on ``F.rms_norm``):
+    torch wants both of the normalized shape (its refusal sent the whole model to ``vmap(grad)``), so the norm runs
+    without them, on the parameter's own shape (``shapes``: by the copy's id), and they apply elementwise after it,
+    as the kernel applies them."""
+
+    def __init__(self, shapes: Mapping[int, torch.Size]) -> None:
+        super().__init__()
+        self.shapes = shapes
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func not in (F.layer_norm, F.rms_norm):
+            return func(*args, **kwargs)
+        named = dict(zip(_ARGS[func], args), **kwargs)
+        weight, bias = named.get("weight"), named.get("bias")
+        copy = next((t for t in (weight, bias) if t is not None and id(t) in self.shapes), None)
+        if copy is None:
+            return func(*args, **kwargs)
+        plain = {**named, "normalized_shape": self.shapes[id(copy)], "weight": None}
+        if func is F.layer_norm:
+            plain["bias"] = None
+        out = func(**plain)
+        out = out if weight is None else out * weight
+        return out if bias is None else out + bias
 
 
 def discover(
@@ -311,8 +340,10 @@ def batched_factors(
             roots[site.path].append((root, probe))
         hooks = {s.path: hook_for(s) for s in plan.sites if s.kind not in ("expanded", "followed")}
         watch = _PlanningWatch({n, rows}) if refuse_recomputing else nullcontext()
+        norms = _NormsOfCopies({id(copies[n]): shapes[n] for n in copies}) if _norm_calls(module, expanded) else None
         try:
-            with hooked(module, hooks), refusing_uncalled(module, plan), watch, meetings or nullcontext():
+            with hooked(module, hooks), refusing_uncalled(module, plan), watch, meetings or nullcontext(), \
+                    norms or nullcontext():
                 if isinstance(loss, BatchedLoss):
                     output = loss.per_example(state, batch)
                     total = output.sum()
@@ -655,6 +686,12 @@ def _split_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     positions); merged from several examples, no check follows where they came from."""
     rows = t.shape[0]
     return t.reshape(n, rows // n, *t.shape[1:]) if rows != n and rows % n == 0 and (t.dim() > 1 or n == 1) else t
+
+
+def _norm_calls(module: nn.Module, expanded: Sequence[Site]) -> bool:
+    """Whether an expanded site's own ``forward`` calls ``F.layer_norm`` / ``F.rms_norm`` (``_NormsOfCopies``)."""
+    code = [getattr(type(module.get_submodule(s.path)).forward, "__code__", None) for s in expanded]
+    return any({"layer_norm", "rms_norm"} & set(c.co_names) for c in code if c is not None)
 
 
 def _expanded(p: torch.Tensor, n: int, rank: int) -> torch.Tensor:
