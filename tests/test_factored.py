@@ -1704,7 +1704,7 @@ def test_equal_first_examples_do_not_count_as_a_check_of_the_batching():
                 got = tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
             assert_close(got, reference_scores(model, ckpts, (x, y), loss_fn=CE).self_influence)
             continue
-        with pytest.raises(ValueError, match=r"\(a single example, examples of equal inputs.*examples apart"):
+        with pytest.raises(ValueError, match=r"\(a single example, examples of equal inputs.*do not stay apart"):
             tc.self_influence(model, ckpts, (x, y), loss_fn=CE, batch_size=batch_size)
     plain = nn.Sequential(nn.Linear(4, 3)).double().eval()  # keeps examples apart: scored batched
     assert_close(tc.self_influence(plain, ckpts := _ckpts(plain), (x, y), loss_fn=CE),
@@ -1787,7 +1787,7 @@ def test_a_plan_made_on_one_example_checks_its_first_batch_of_two_or_more():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_sampler=sizes)
     model = MixesExamples().double().eval()
     ckpts = _ckpts(model)
-    refused = "a single example.*shows that the model does not keep a batch's examples apart.*factored=False"
+    refused = "a single example.*shows that a batch's examples do not stay apart.*factored=False"
     for call in (
         lambda: tc.self_influence(model, ckpts, loader, loss_fn=CE),
         lambda: tc.embeddings(model, ckpts, loader, loss_fn=CE),

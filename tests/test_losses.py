@@ -268,6 +268,41 @@ class _Centered(nn.Module):
         return self.b(h - h.mean(0, keepdim=True))  # batch statistics: examples interact
 
 
+class _CenteredLoss(nn.Module):
+    """A criterion mixing the examples of its batch (half their mean logit subtracted)."""
+
+    reduction = "sum"
+
+    def forward(self, out, y):
+        return nn.functional.cross_entropy(out - 0.5 * out.mean(0, keepdim=True), y, reduction="sum")
+
+
+def test_a_loss_mixing_examples_is_told_from_a_model_mixing_them():
+    """Each example's loss is its own, computed alone, so a criterion mixing a batch's examples leaves the batched
+    path, and the reason says where they meet: after the layer (found by review: blamed on the model's layer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, N_CLASSES)).double().eval()
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=0.5)]
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.arange(6) % N_CLASSES
+    after = "its output gradients, its inputs alike: examples interact after it, in a later layer .* or in the loss"
+    with pytest.warns(tc.SlowPathWarning, match=after):
+        got = tc.self_influence(model, ckpts, (x, y), loss_fn=_CenteredLoss())
+    ref = reference_scores(model, ckpts, (x, y), (x, y), loss_fn=_CenteredLoss())
+    assert_close(got, ref.self_influence)
+    mixing = _InputCentered().double().eval()  # (its layer's inputs differ: the generic reason)
+    why = tc.explain(mixing, [tc.Checkpoint(dict(mixing.state_dict()), 0.5)], (x, y), loss_fn=nn.CrossEntropyLoss())
+    assert "examples interact, e.g. through batch statistics" in why.batching and "inputs alike" not in why.batching
+
+
+class _InputCentered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, N_CLASSES)
+
+    def forward(self, x):
+        return self.a(x - x.mean(0, keepdim=True))
+
+
 def test_batch_loss_on_a_model_that_mixes_examples_is_not_batched():
     torch.manual_seed(0)
     model = _Centered().double().eval()

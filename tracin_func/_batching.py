@@ -277,11 +277,19 @@ def _compared(
                 map(_close_rows, singles, [*xs, *gs])
             )
             if not (per_example and (same or path in linear and _same_live_rows(ordered, together, path))):
+                inputs_alike = per_example and singles is not None and all(map(_close_rows, singles, xs))
+                where = (  # (gradients come from later: a later layer, or the loss, mixes the examples)
+                    "its output gradients, its inputs alike: examples interact after it, in a later layer (e.g. "
+                    "through batch statistics, or one holding the batch in a dimension other than the first, or the "
+                    "second in every call: sequence-first) or in the loss (a batch mean, in-batch negatives: each "
+                    "example's loss is its own, computed alone)"
+                    if inputs_alike
+                    else "examples interact, e.g. through batch statistics; the model reorders its batch by an order "
+                    "made outside torch, such as Python's `sorted`; or the layer's input holds the batch in a "
+                    "dimension other than the first, or the second in every call: sequence-first"
+                )
                 return BatchingCheck(
-                    f"a batched forward changed the first examples' factors at {path!r} (examples interact, e.g. "
-                    f"through batch statistics; the model reorders its batch by an order made outside torch, such "
-                    f"as Python's `sorted`; or the layer's input holds the batch in a dimension other than the "
-                    f"first, or the second in every call: sequence-first)",
+                    f"a batched forward changed the first examples' factors at {path!r} ({where})",
                     _kept_on_refusal(seen, together, n),
                     rounding=True,
                 )
@@ -485,7 +493,7 @@ def checking_batches(
             reading, check = (flat, retried) if not retried.reason else (plan, check)
         unseen = sorted(set(check.batch_free) - plan.batch_free)  # (a lone example's layers all look batch-free)
         if check.reason:
-            shows = f"the model does not keep a batch's examples apart ({check.reason})"
+            shows = f"a batch's examples do not stay apart ({check.reason})"
         elif unseen:
             shows = f"{unseen[0]!r} runs once for the whole batch, which the plan could not follow"
         else:
