@@ -2772,6 +2772,34 @@ def test_elementwise_scales_run_batched_and_exact(norm):
         assert routes[name] == ("materialised", "expanded"), routes
 
 
+class InlineNorm(nn.Module):
+    """Its own vectors passed to `F.layer_norm` on a hidden state of another rank than its output: copies do not fit,
+    the vectors are followed to where they meet the batch (the norm's product and sum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 3)
+        self.w, self.b = nn.Parameter(torch.linspace(0.5, 1.5, 8)), nn.Parameter(torch.linspace(-1, 1, 8))
+
+    def forward(self, ids):
+        return self.fc(nn.functional.layer_norm(self.emb(ids), (8,), self.w, self.b, 1e-5)).mean(1)
+
+
+def test_vectors_passed_to_a_functional_norm_are_followed_to_the_batch():
+    """Found by review: the whole model went to `vmap(grad)` (the norm was no meeting with the batch)."""
+    _, _, train, test = _scaled_task(nn.Identity())
+    model = InlineNorm().double().eval()
+    ckpts = _ckpts(model)
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no slow-path warning
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+    plan = tc.explain(model, ckpts, train, loss_fn=CE)
+    routes = {r.parameter: (r.route, r.reason.split(":")[0]) for r in plan.routes}
+    assert routes["w"] == routes["b"] == ("materialised", "followed"), routes
+
+
 class FirstEntry(nn.Module):
     """Scales by the weight's first entry: an expanded copy's first row is a whole vector, not that entry."""
 

@@ -67,6 +67,12 @@ _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "group
 # the same weight, so each example's weight gradient is that convolution's with input and output gradient swapped.
 _TRANSPOSED_CONVS = {torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d}
 _TRANSPOSED_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+# Functional norms, whose weight and bias apply elementwise after normalising (nanoGPT's ``F.layer_norm`` on its own
+# weight and bias): met as that product and sum (``norm_parts``).
+NORM_ARGS = {
+    F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
+    F.rms_norm: ("input", "normalized_shape", "weight", "eps"),
+}
 # Attention whose additive mask (added to each example's scores, broadcast) may be a followed output.
 _ATTENTION = F.scaled_dot_product_attention
 # Copies along the first dimension: of a row (MPNet's ``bias.expand(batch_size, ...).contiguous()``), or tiles of a
@@ -76,6 +82,14 @@ _COPIES = {torch.Tensor.expand, torch.Tensor.expand_as, torch.broadcast_to}
 _TILES = {torch.Tensor.repeat}
 _KEEPING = {torch.Tensor.contiguous, torch.Tensor.clone, torch.clone, torch.Tensor.to, torch.Tensor.type_as}
 _TRANSPOSES = {torch.Tensor.transpose, torch.transpose}
+
+
+def norm_parts(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], Any, Any]:
+    """A functional norm's (``NORM_ARGS``) arguments without its weight and bias, and those (or None): the norm is
+    the one without them, times the weight, plus the bias."""
+    named = dict(zip(NORM_ARGS[func], args), **kwargs)
+    weight, bias = named.get("weight"), named.get("bias")
+    return {**named, "weight": None, **({"bias": None} if "bias" in NORM_ARGS[func] else {})}, weight, bias
 
 
 class Meetings(TorchFunctionMode):
@@ -142,6 +156,11 @@ class Meetings(TorchFunctionMode):
             return out
         of_batch = [t for t in tensors if self._of_batch(t)]
         roots = self._roots(followed)
+        if func in NORM_ARGS and of_batch:  # the weight and bias meet the normalised batch elementwise
+            plain, weight, bias = norm_parts(func, args, kwargs)
+            out = self.__torch_function__(func, types, (), plain)
+            out = out if weight is None else self.__torch_function__(torch.mul, types, (out, weight))
+            return out if bias is None else self.__torch_function__(torch.add, types, (out, bias))
         weighed = bool(of_batch) and bool(self._weights & roots)  # a parameter's use meets the batch
         if weighed and func is F.linear:
             return self._as_product(types, args, kwargs)

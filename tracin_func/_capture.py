@@ -29,7 +29,7 @@ from torch.autograd.graph import GradientEdge
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from ._batch_free import Meetings, per_example_outputs
+from ._batch_free import NORM_ARGS, Meetings, norm_parts, per_example_outputs
 from ._grads import (
     REENTRANT,
     Mapper,
@@ -106,8 +106,7 @@ def _at_calls(layer: nn.Module, hook: Hook) -> list[RemovableHandle]:
 
 _ARGS = {
     F.embedding: ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
-    F.layer_norm: ("input", "normalized_shape", "weight", "bias", "eps"),
-    F.rms_norm: ("input", "normalized_shape", "weight", "eps"),
+    **NORM_ARGS,
 }
 
 
@@ -155,17 +154,13 @@ class _NormsOfCopies(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func not in (F.layer_norm, F.rms_norm):
+        if func not in NORM_ARGS:
             return func(*args, **kwargs)
-        named = dict(zip(_ARGS[func], args), **kwargs)
-        weight, bias = named.get("weight"), named.get("bias")
+        plain, weight, bias = norm_parts(func, args, kwargs)
         copy = next((t for t in (weight, bias) if t is not None and id(t) in self.shapes), None)
         if copy is None:
             return func(*args, **kwargs)
-        plain = {**named, "normalized_shape": self.shapes[id(copy)], "weight": None}
-        if func is F.layer_norm:
-            plain["bias"] = None
-        out = func(**plain)
+        out = func(**{**plain, "normalized_shape": self.shapes[id(copy)]})
         out = out if weight is None else out * weight
         return out if bias is None else out + bias
 
