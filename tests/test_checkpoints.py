@@ -189,6 +189,46 @@ def test_directory_natural_order_and_hidden_files_ignored(tmp_path):
         _assert_same_state(c, s)
 
 
+@pytest.mark.parametrize("copy_kind", ["link", "copy"])
+def test_a_file_holding_another_files_tensors_is_refused(tmp_path, copy_kind):
+    """A `latest` link to the last file, or Lightning's `last.ckpt` copy of it, was loaded as one more checkpoint:
+    that state counted twice (found by review: 12.5% off, silently)."""
+    states = _states(2)
+    for i, s in enumerate(states):
+        torch.save(s, tmp_path / f"step-{i}.pt")
+    if copy_kind == "link":
+        (tmp_path / "latest").symlink_to(tmp_path / "step-1.pt")
+    else:
+        torch.save({k: v.clone() for k, v in states[1].items()}, tmp_path / "last.ckpt")
+    other = "latest" if copy_kind == "link" else "last.ckpt"
+    with pytest.raises(ValueError, match=rf"step-1.pt' holds the same tensors as '.*{re.escape(other)}'.*count double"):
+        tc.load_checkpoints(tmp_path, lr=0.1)
+    assert [_tag(c) for c in tc.load_checkpoints([tmp_path / "step-0.pt", tmp_path / "step-1.pt"], lr=0.1)] == [0, 1]
+
+
+def test_a_models_other_files_are_named_as_such(tmp_path):
+    """A Hugging Face `save_pretrained` folder's `config.json` was refused quoting torch's advice to load it with
+    `weights_only=False` (found by review)."""
+    torch.save(_states(1)[0], tmp_path / "model.bin")
+    (tmp_path / "config.json").write_text('{"hidden_size": 4}')
+    with pytest.raises(ValueError, match=r"config.json' is not a checkpoint .*pass the checkpoint files as a list"):
+        tc.load_checkpoints(tmp_path, lr=0.1)
+
+
+def test_names_under_a_prefix_are_told_how_to_match():
+    """A LightningModule's `model.` prefix, or a checkpoint of the submodule a wrapper holds: the refusal names the
+    prefix and the dict that matches (found by review: only the names were listed)."""
+    model, state = _model(), _states(1)[0]
+    data = (torch.randn(3, 3, dtype=torch.float64), torch.tensor([0, 1, 0]))
+    lightning = tc.Checkpoint({f"model.{k}": v for k, v in state.items()}, 0.1)
+    with pytest.raises(ValueError, match=re.escape("prefix 'model.', the model's do not: pass `{k.removeprefix(")):
+        tc.self_influence(model, [lightning], data, loss_fn=nn.CrossEntropyLoss())
+    wrapper = nn.Sequential()
+    wrapper.add_module("backbone", model)
+    with pytest.raises(ValueError, match=re.escape("the model's names carry the prefix 'backbone.', its do not")):
+        tc.self_influence(wrapper, [tc.Checkpoint(state, 0.1)], data, loss_fn=nn.CrossEntropyLoss())
+
+
 def test_directory_as_pathlike(tmp_path):
     states = _states(2)
     for i, s in enumerate(states):

@@ -66,7 +66,7 @@ def _group_of(groups: Sequence[Mapping[str, Any]], index: int, where: str) -> Ma
         raise ValueError(
             f"`optimizer_state` of {where}: param_groups[{index}] (keys {sorted(group)}) is not torch.optim.Adam / "
             f"AdamW's (they store 'betas', 'eps' and 'amsgrad'); only Adam and AdamW states are supported. Drop "
-            f"`optimizer_state` to score with plain gradients."
+            f"`optimizer_state` to score with plain gradients (`[tc.Checkpoint(c.params, c.lr) for c in checkpoints]`)."
         )
     betas = group["betas"]
     if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas) or not float(group["eps"]) >= 0.0:

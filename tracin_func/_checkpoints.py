@@ -128,7 +128,20 @@ def _read_file(path: str, *, map_location: Any, weights_only: bool) -> Mapping[s
     return obj
 
 
+def _tensors(ckpt: Checkpoint) -> list[torch.Tensor]:
+    return [t for _, t in sorted(ckpt.params.items())]
+
+
+_NOT_CHECKPOINTS = (".json", ".txt", ".md", ".yaml", ".yml", ".csv", ".log")  # (a model folder's other files)
+
+
 def _unreadable(path: str, err: BaseException, map_location: Any) -> ValueError:
+    if str(path).lower().endswith(_NOT_CHECKPOINTS):  # (torch's message suggested `weights_only=False`)
+        return ValueError(
+            f"{path!r} is not a checkpoint (a configuration, a log?); pass the checkpoint files as a list of paths (a "
+            f"directory's every non-hidden file is read as a checkpoint: a Hugging Face `save_pretrained` folder "
+            f"holds `config.json` too)."
+        )
     cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
     if isinstance(err, RuntimeError) and ("CUDA" in cause or "device" in cause):  # (a valid file, no such device)
         return ValueError(
@@ -211,9 +224,10 @@ def load_checkpoints(
 
     Supported files: a ``torch.save``d state dict; a dict with ``model_state_dict`` / ``state_dict`` / ``model``
     and ``learning_rate`` (Captum tutorial format); a flat state dict with a ``learning_rate`` entry;
-    ``.safetensors`` (no learning rate inside, pass ``lr=``). A ``module.`` prefix (DataParallel / DDP) and an
-    ``_orig_mod.`` one (``torch.compile``) are stripped, from the optimizer's ``param_names`` too. Other entries
-    (``epoch``, ``loss``, ...) next to a nested state dict are ignored.
+    ``.safetensors`` (no learning rate inside, pass ``lr=``). Two files holding the same tensors (a ``latest``
+    link, Lightning's ``last.ckpt``) are refused: that state would count twice. A ``module.`` prefix (DataParallel /
+    DDP) and an ``_orig_mod.`` one (``torch.compile``) are stripped, from the optimizer's ``param_names`` too. Other
+    entries (``epoch``, ``loss``, ...) next to a nested state dict are ignored.
 
     An ``optimizer`` / ``optimizer_state_dict`` entry holding a torch optimizer's ``state_dict()`` (the usual
     ``{"model": model.state_dict(), "optimizer": optimizer.state_dict()}`` layout) becomes the checkpoint's
@@ -288,7 +302,29 @@ def load_checkpoints(
             )
         check_lr(ckpt_lr, repr(path))
         checkpoints.append(Checkpoint(params=state, lr=ckpt_lr, optimizer_state=optimizer))
+    _refuse_copies(paths, checkpoints)
     return checkpoints
+
+
+def _refuse_copies(paths: Sequence[str], checkpoints: Sequence[Checkpoint]) -> None:
+    """Refuse two files holding the same tensors (a link to another, Lightning's ``last.ckpt``): each would count
+    in the sum, that state twice (a ``latest`` link in a directory: 12.5% off, silently). Compared by a few entries
+    of each tensor first, then whole."""
+    seen: dict[str, list[int]] = {}  # by names, shapes, dtypes and first entries: the earlier files
+    for j, ckpt in enumerate(checkpoints):
+        named = sorted(ckpt.params.items())
+        if any(t.is_meta for _, t in named):  # (`map_location="meta"`: no values)
+            return
+        key = str([(n, tuple(t.shape), t.dtype, t.reshape(-1)[:8].tolist()) for n, t in named])
+        same = [i for i in seen.get(key, []) if all(map(torch.equal, _tensors(checkpoints[i]), _tensors(ckpt)))]
+        seen.setdefault(key, []).append(j)
+        if same:
+            i = same[0]
+            raise ValueError(
+                f"`source`: {paths[j]!r} holds the same tensors as {paths[i]!r} (a copy of it or a link to it, like "
+                f"a `latest` link or Lightning's `last.ckpt`): scored twice, that state would count double. Pass "
+                f"the list of files to score, without the copy."
+            )
 
 
 def _adam_like(optimizer: Mapping[str, Any] | None) -> bool:

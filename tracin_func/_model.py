@@ -7,7 +7,7 @@ import inspect
 import threading
 import types
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, NamedTuple, Union
 
@@ -485,6 +485,7 @@ def checked_state(
                     "`_orig_mod.`; save the wrapped module's `state_dict()` (`model.module`, `model._orig_mod`), "
                     "or load the files with `tc.load_checkpoints`, which strips it)"
                 )
+            fix = fix or _prefix_hint(missing, unexpected, spec.expected)
             if set(missing) & set(LR_KEYS):
                 fix += (
                     f". A file's flat {sorted(set(missing) & set(LR_KEYS))} entry is read as the learning rate: save "
@@ -550,6 +551,31 @@ def _wrapped_child_names(state: dict[str, Any], expected: frozenset[str]) -> dic
         if all(n.startswith(prefix) for n in expected) and {prefix + n for n in state} <= expected:
             return {prefix + n: t for n, t in state.items()}
     return state
+
+
+def _prefix_hint(missing: Sequence[str], unexpected: Sequence[str], expected: Collection[str]) -> str:
+    """How to match a checkpoint whose names all carry a prefix the model's do not (a LightningModule's ``model.``,
+    an EMA wrapper's), or lack one the model's carry (saved from a submodule); ``""`` where none explains them."""
+
+    def prefixes(name: str) -> list[str]:
+        parts = name.split(".")[:-1]
+        return [".".join(parts[:k]) + "." for k in range(1, min(len(parts), 3) + 1)]
+
+    for prefix in prefixes(unexpected[0]) if unexpected else []:  # the checkpoint's names carry it
+        stripped = {n[len(prefix) :] for n in unexpected if n.startswith(prefix)}
+        if len(stripped) == len(unexpected) and stripped <= set(expected) and set(missing) <= stripped:
+            return (
+                f" (its names all carry the prefix {prefix!r}, the model's do not: pass "
+                f"`{{k.removeprefix({prefix!r}): v for k, v in state.items()}}`)"
+            )
+    for prefix in prefixes(missing[0]) if missing and unexpected else []:  # the model's names carry it
+        under = {n[len(prefix) :] for n in expected if n.startswith(prefix)}
+        if all(n.startswith(prefix) for n in missing) and set(unexpected) <= under:
+            return (
+                f" (the model's names carry the prefix {prefix!r}, its do not: it was saved from that submodule; "
+                f"pass `{{{prefix!r} + k: v for k, v in state.items()}}`, or score the submodule)"
+            )
+    return ""
 
 
 def _refuse_other_extra_state(state: Mapping[str, Any], extra: Mapping[str, Any], where: str) -> None:
