@@ -14,6 +14,7 @@ from ._distributed import gather_objects, join, on_every_rank, set_up_on_every_r
 from ._driver import collect_rows, embedding_blocks, query_chunks, score_blocks, self_blocks
 from ._index import Index
 from ._model import ParamSelector, exclusive_use
+from ._projection import projection_dim_of
 from ._search import index_influence, index_setup, index_top_k, rerank_candidates
 from ._setup import Setup, make_setup
 from ._topk import TopK, merge
@@ -535,7 +536,7 @@ def embeddings(
         raise TypeError("`data` is an index, which holds the embeddings: call `index.embeddings(rows)`.")
     projection = None
     if projection_dim is not None:
-        projection = (positive_int(projection_dim, "projection_dim"), seed_value(seed))
+        projection = (projection_dim_of(projection_dim), seed_value(seed))
     setup = set_up_on_every_rank(
         options.get("distributed"),
         lambda: make_setup(model, checkpoints, loss_fn=loss_fn, projection=projection, **options),

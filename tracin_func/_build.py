@@ -25,6 +25,7 @@ from ._fingerprint import differences, fingerprint, tensor_bytes
 from ._index import FORMAT, LAYOUT, MANIFEST, VERSION, Index, check_shard, manifest_digest, open_index, read_manifest
 from ._model import exclusive_use
 from ._plan import scored_names
+from ._projection import projection_dim_of
 from ._setup import Setup, make_setup
 from ._shards import TEMPORARY, file_and_payload_sha256, file_sha256, shard_info, shard_name, write_json, write_shard
 from ._validate import boolean, positive_int, seed_value
@@ -335,7 +336,7 @@ def build_index(
     path, train = os.fspath(path), as_dict(train)
     projection = None
     if projection_dim is not None:
-        projection = (positive_int(projection_dim, "projection_dim"), seed_value(seed))
+        projection = (projection_dim_of(projection_dim), seed_value(seed))
     if storage_dtype not in STORAGE_DTYPES:
         raise TypeError(f"`storage_dtype` must be one of {[str(d) for d in STORAGE_DTYPES]}, got {storage_dtype!r}.")
     if shard_size is not None:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Any
 
 import torch
+
+from ._validate import positive_int
+from ._warn import warn
 
 _MASK = 0xFFFFFFFF
 _ROWS_ELEMENTS = 1 << 22  # entries generated at once when projecting a dense block
@@ -56,6 +60,24 @@ def kron_split(k: int) -> tuple[int, int]:
     """``k = k_out * k_in`` with the two factors as close as possible (Kronecker-factored projections)."""
     k_out = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
     return k_out, k // k_out
+
+
+def projection_dim_of(k: Any) -> int:
+    """``projection_dim``, validated; warned where it splits lopsidedly (``kron_split``: a prime ``k`` gives ``1 x
+    k``), which projects a matrix's rows onto so few directions that the estimate is far noisier (a 64 x 64 weight's
+    RMS error relative to its gradients' norms: 0.118 at ``k = 1021 = 1 x 1021``, 0.044 at ``1024 = 32 x 32``)."""
+    k = positive_int(k, "projection_dim")
+    rows, cols = kron_split(k)
+    if 4 * rows < math.isqrt(k):
+        close = 1 << round(math.log2(k))
+        warn(
+            f"`projection_dim`={k} splits as {rows} x {cols} for the Kronecker-factored projections of matrix "
+            f"parameters (rows x columns): their rows are projected onto {rows} direction(s), a much noisier "
+            f"estimate. Choose a k with two close factors, e.g. {close} = {kron_split(close)[0]} x "
+            f"{kron_split(close)[1]}.",
+            UserWarning,
+        )
+    return k
 
 
 def _factor(name: str, side: str, seed: int, n: int, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
