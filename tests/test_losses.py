@@ -1,5 +1,6 @@
 """Per-example loss semantics on the batched factored path equal the batch-of-one definition (dense vmap path)."""
 
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -353,6 +354,26 @@ def test_causal_lm_loss_is_hugging_faces_per_example():
         model, p, (b["input_ids"],))["logits"], b["labels"]))  # fmt: skip
     assert_close(tc.influence(model, ckpts, data, data, loss_fn=tc.causal_lm_loss(model)),
                  tc.influence(model, ckpts, data, data, loss_fn=by_example), 1e-10)  # fmt: skip
+
+
+def test_causal_lm_loss_reading_a_padding_position_is_warned():
+    """Left padding with only the pads set to -100: the last pad predicts the first real token, a score depending on
+    the padding (found by review: 44-250% off the examples scored unpadded, as Hugging Face's loss computes it)."""
+    model = _LM().double().eval()
+    ids = torch.randint(0, 10, (3, 6))
+    mask = (torch.arange(6) >= torch.tensor([0, 2, 3])[:, None]).long()  # left padding
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=0.5)]
+    read = "`causal_lm_loss`: a label is predicted from a padding position (`attention_mask` 0 there)"
+    with pytest.warns(UserWarning, match=re.escape(read)):
+        tc.self_influence(model, ckpts, {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0,
+                          -100)}, loss_fn=tc.causal_lm_loss(model))  # fmt: skip
+    first_real = mask.roll(-1, 1).bool() & ~mask.bool()  # (the position each last pad predicts)
+    labels = ids.masked_fill((mask == 0) | first_real.roll(1, 1), -100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tc.self_influence(model, ckpts, {"input_ids": ids, "attention_mask": mask, "labels": labels},
+                          loss_fn=tc.causal_lm_loss(model))  # fmt: skip
+    assert not [w for w in caught if read in str(w.message)]
 
 
 @pytest.mark.parametrize("problem_type", ["single_label_classification", "regression", "multi_label_classification"])

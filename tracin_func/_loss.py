@@ -12,9 +12,11 @@ import optree
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._C import _are_functorch_transforms_active
 from torch.overrides import TorchFunctionMode
 
 from ._model import Forward
+from ._warn import warn
 
 ExampleLossFn = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]  # (state, batch of one) -> scalar
 
@@ -178,7 +180,9 @@ def causal_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: in
     tokens, weighting an example by its number of labels; terms a model adds to it, such as a mixture of experts'
     router loss, are not included: a ``tc.BatchLoss`` scores those). An example with no label left has loss 0
     (Hugging Face's would be NaN). The cross-entropy is computed in the logits' dtype (transformers upcasts it to
-    float32, so in float64 the two differ at float32 rounding).
+    float32, so in float64 the two differ at float32 rounding). A label predicted from a padding position
+    (``attention_mask`` 0: the last pad before the first real token, with left padding) is warned: that term depends
+    on the padding; set the first real token's label to ``ignore_index`` to score each example as it is unpadded.
 
     Args:
         model: the module the scorers get (e.g. ``GPT2LMHeadModel``); it returns logits ``[B, T, V]`` as
@@ -217,9 +221,26 @@ def causal_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: in
         # read in place (a slice of them is copied, and its gradient zero-filled and copied back: GPT-2's batch of 220,
         # forward and backward 25 against 37 ms)
         shifted = F.pad(target, (0, 1), value=ignore_index)[:, 1:]
+        _warn_padding_read(inputs.get("attention_mask"), shifted, ignore_index)
         return _mean_token_loss(logits, shifted, ignore_index)
 
     return BatchLoss(losses)
+
+
+def _warn_padding_read(mask: Any, shifted: torch.Tensor, ignore_index: int) -> None:
+    """Warn where a label is predicted from a padding position (``attention_mask`` 0): left padding with only the pads
+    ignored scores the first real token from the last pad, whose logits depend on the padding (and, its attention row
+    all masked, on the attention kernel). Not under a torch.func transform (no reading values there)."""
+    if not (isinstance(mask, torch.Tensor) and mask.shape == shifted.shape) or _are_functorch_transforms_active():
+        return
+    if bool(((mask == 0) & (shifted != ignore_index)).any()):
+        warn(
+            "`causal_lm_loss`: a label is predicted from a padding position (`attention_mask` 0 there): with left "
+            "padding, the last pad predicts the first real token, whose score then depends on the padding (as in "
+            "Hugging Face's loss; 44-250% off the example scored unpadded). Set the first real token's label to -100 "
+            "too to score each example as it is unpadded.",
+            UserWarning,
+        )
 
 
 def seq2seq_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: int = -100) -> BatchLoss:
