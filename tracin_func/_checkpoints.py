@@ -128,10 +128,6 @@ def _read_file(path: str, *, map_location: Any, weights_only: bool) -> Mapping[s
     return obj
 
 
-def _tensors(ckpt: Checkpoint) -> list[torch.Tensor]:
-    return [t for _, t in sorted(ckpt.params.items())]
-
-
 _NOT_CHECKPOINTS = (".json", ".txt", ".md", ".yaml", ".yml", ".csv", ".log")  # (a model folder's other files)
 
 
@@ -310,16 +306,16 @@ def _refuse_copies(paths: Sequence[str], checkpoints: Sequence[Checkpoint]) -> N
     """Refuse two files holding the same tensors (a link to another, Lightning's ``last.ckpt``): each would count
     in the sum, that state twice (a ``latest`` link in a directory: 12.5% off, silently). Compared by a few entries
     of each tensor first, then whole."""
+    named = [sorted(c.params.items()) for c in checkpoints]
+    if any(t.is_meta for items in named for _, t in items):  # (`map_location="meta"`: no values)
+        return
+    tensors = [[t for _, t in items] for items in named]
     seen: dict[str, list[int]] = {}  # by names, shapes, dtypes and first entries: the earlier files
-    for j, ckpt in enumerate(checkpoints):
-        named = sorted(ckpt.params.items())
-        if any(t.is_meta for _, t in named):  # (`map_location="meta"`: no values)
-            return
-        key = str([(n, tuple(t.shape), t.dtype, t.reshape(-1)[:8].tolist()) for n, t in named])
-        same = [i for i in seen.get(key, []) if all(map(torch.equal, _tensors(checkpoints[i]), _tensors(ckpt)))]
+    for j, items in enumerate(named):
+        key = str([(n, tuple(t.shape), t.dtype, t.reshape(-1)[:8].tolist()) for n, t in items])
+        i = next((i for i in seen.get(key, []) if all(map(torch.equal, tensors[i], tensors[j]))), None)
         seen.setdefault(key, []).append(j)
-        if same:
-            i = same[0]
+        if i is not None:
             raise ValueError(
                 f"`source`: {paths[j]!r} holds the same tensors as {paths[i]!r} (a copy of it or a link to it, like "
                 f"a `latest` link or Lightning's `last.ckpt`): scored twice, that state would count double. Pass "
