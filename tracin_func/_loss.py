@@ -230,15 +230,17 @@ def causal_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: in
 def _warn_padding_read(mask: Any, shifted: torch.Tensor, ignore_index: int) -> None:
     """Warn where a label is predicted from a padding position (``attention_mask`` 0): left padding with only the pads
     ignored scores the first real token from the last pad, whose logits depend on the padding (and, its attention row
-    all masked, on the attention kernel). Not under a torch.func transform (no reading values there)."""
-    if not (isinstance(mask, torch.Tensor) and mask.shape == shifted.shape) or _are_functorch_transforms_active():
+    all masked, on the attention kernel). Not under a torch.func transform or compiling (no reading values there)."""
+    if not (isinstance(mask, torch.Tensor) and mask.shape == shifted.shape):
+        return
+    if _are_functorch_transforms_active() or torch.compiler.is_compiling():
         return
     if bool(((mask == 0) & (shifted != ignore_index)).any()):
         warn(
-            "`causal_lm_loss`: a label is predicted from a padding position (`attention_mask` 0 there): with left "
-            "padding, the last pad predicts the first real token, whose score then depends on the padding (as in "
-            "Hugging Face's loss; 44-250% off the example scored unpadded). Set the first real token's label to -100 "
-            "too to score each example as it is unpadded.",
+            f"`causal_lm_loss`: a label is predicted from a padding position (`attention_mask` 0 there): with left "
+            f"padding, the last pad predicts the first real token, whose score then depends on the padding (as in "
+            f"Hugging Face's loss; 44-250% off the example scored unpadded). Set the first real token's label to "
+            f"{ignore_index} too to score each example as it is unpadded.",
             UserWarning,
         )
 
