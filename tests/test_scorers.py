@@ -453,6 +453,40 @@ def test_frozen_parameters_are_excluded_by_default():
         task.model.fc1.weight.requires_grad_(True)
 
 
+def test_layers_and_predicates_choose_among_the_trainable_parameters():
+    """`layers=` and a predicate differentiated frozen parameters too (found by review: a frozen first layer counted,
+    unlike the default), where a list of names may still name one; a module registered under two names is a layer
+    under either, and `params` may be any iterable of names."""
+    task = mlp_task()
+    model, kw = task.model, {"loss_fn": task.loss_fn}
+    model.fc1.weight.requires_grad_(False)
+    try:
+        ref = reference_scores(model, task.checkpoints, task.train, task.test, params=["fc1.bias"], **kw)
+        for selected in ({"layers": ["fc1"]}, {"params": lambda n: n.startswith("fc1.")}):
+            assert_close(tc.influence(model, task.checkpoints, task.train, task.test, **selected, **kw), ref.influence)
+        named = reference_scores(model, task.checkpoints, task.train, task.test, params=["fc1.weight"], **kw)
+        got = tc.influence(model, task.checkpoints, task.train, task.test, params=["fc1.weight"], **kw)
+        assert_close(got, named.influence)
+        model.fc1.bias.requires_grad_(False)
+        with pytest.raises(ValueError, match=re.escape("`layers` entry 'fc1' holds only frozen parameters")):
+            tc.self_influence(model, task.checkpoints, task.train, layers=["fc1"], **kw)
+        with pytest.raises(ValueError, match=re.escape("`params` selects only frozen parameters")):
+            tc.self_influence(model, task.checkpoints, task.train, params=lambda n: n.startswith("fc1."), **kw)
+    finally:
+        model.fc1.requires_grad_(True)
+    model.shared = model.fc2  # (T5's embedding under `shared` and `encoder.embed_tokens`)
+    ckpts = [tc.Checkpoint({**c.params, **{f"shared.{n}": c.params[f"fc2.{n}"] for n in ("weight", "bias")}}, c.lr)
+             for c in task.checkpoints]  # fmt: skip
+    try:
+        ref = reference_scores(model, ckpts, task.train, task.test, params=["fc2.weight", "fc2.bias"], **kw)
+        for selected in ({"layers": ["shared"]}, {"params": (n for n in ("fc2.weight", "fc2.bias"))}):
+            assert_close(tc.influence(model, ckpts, task.train, task.test, **selected, **kw), ref.influence)
+    finally:
+        del model.shared
+    with pytest.raises(TypeError, match=r"`params` must hold parameter names, got a Parameter"):
+        tc.self_influence(model, task.checkpoints, task.train, params=list(model.fc2.parameters()), **kw)
+
+
 @pytest.mark.parametrize("factored", [None, True, False])
 def test_bias_only_linear(factored):
     """Only the bias of a Linear layer differentiated (the factored path once gave it zero gradients)."""

@@ -271,9 +271,13 @@ def check_eval_mode(model: Any) -> None:
 
 
 def _layer_names(
-    model: nn.Module, layers: Sequence[str], param_names: Sequence[str], aliases: Mapping[str, str]
+    model: nn.Module,
+    layers: Sequence[str],
+    available: Sequence[str],
+    default: Sequence[str],
+    aliases: Mapping[str, str],
 ) -> list[str]:
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # (a module under two names: T5's shared embedding)
     selected = []
     for layer in layers:
         if layer not in modules:
@@ -282,10 +286,16 @@ def _layer_names(
                 f"{sorted(n for n, m in modules.items() if n and any(True for _ in m.parameters(recurse=False)))[:20]}."
             )
         prefix = f"{layer}." if layer else ""
-        under = [aliases.get(n, n) for n in [*param_names, *aliases] if n.startswith(prefix)]
+        under = list(dict.fromkeys(aliases.get(n, n) for n in [*available, *aliases] if n.startswith(prefix)))
         if not under:
             raise ValueError(f"`layers` entry {layer!r} has no differentiable parameters under it.")
-        selected += [n for n in dict.fromkeys(under) if n not in selected]
+        trained = [n for n in under if n in default]
+        if not trained:
+            raise ValueError(
+                f"`layers` entry {layer!r} holds only frozen parameters ({_names(under)}: `requires_grad=False`), "
+                f"which training never moved; name them in `params=` to differentiate them all the same."
+            )
+        selected += [n for n in trained if n not in selected]
     return selected
 
 
@@ -299,22 +309,39 @@ def select_params(
 ) -> tuple[str, ...]:
     """Names of the differentiated parameters, from ``params`` (names or a predicate) or ``layers`` (modules). A tied
     tensor's other names (``aliases``: GPT-2's ``lm_head.weight``) select it under its first name: ``layers=
-    ['lm_head']`` selected the head's bias alone, silently, and ``params=['lm_head.weight']`` was unknown."""
+    ['lm_head']`` selected the head's bias alone, silently, and ``params=['lm_head.weight']`` was unknown.
+
+    ``layers`` and a predicate choose among ``default`` (the trainable parameters, or a function's floating entries:
+    a LoRA block's frozen base was differentiated, 190% off, silently); a list of names may name any of
+    ``available``."""
     if params is not None and layers is not None:
         raise ValueError("Pass either `params` or `layers`, not both.")
     if layers is not None:
         if isinstance(layers, str) or not isinstance(model, nn.Module):
             raise TypeError("`layers` must be a list of module names of an `nn.Module` model, e.g. `layers=['fc']`.")
-        names = _layer_names(model, layers, available, aliases)
+        names = _layer_names(model, layers, available, default, aliases)
     elif params is None:
         names = list(default)
     elif callable(params):
-        names = [n for n in available if params(n) or any(params(a) for a, first in aliases.items() if first == n)]
+        chosen = [n for n in available if params(n) or any(params(a) for a, first in aliases.items() if first == n)]
+        names = [n for n in chosen if n in default]
+        if chosen and not names:
+            raise ValueError(
+                f"`params` selects only frozen parameters ({_names(chosen)}: `requires_grad=False`; a predicate "
+                f"chooses among the trainable ones); name them in a list to differentiate them all the same."
+            )
     elif isinstance(params, str):
         raise TypeError(
             f"`params` must be a list of names or a predicate, got the string {params!r}; use `[{params!r}]`."
         )
     else:
+        params = list(params)  # (a generator: read twice below)
+        if not all(isinstance(n, str) for n in params):
+            other = next(n for n in params if not isinstance(n, str))
+            raise TypeError(
+                f"`params` must hold parameter names, got a {type(other).__name__}; e.g. "
+                f"`[name for name, p in model.named_parameters() if ...]`."
+            )
         unknown = [n for n in params if n not in available and n not in aliases]
         if unknown:
             raise ValueError(f"`params` names unknown parameters {unknown}; available: {list(available)[:20]}.")
