@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import gc
 import itertools
+import types
 
 import numpy as np
 import pytest
@@ -238,17 +239,21 @@ def test_the_factorys_update_reads_the_model_as_it_is():
 
 def test_the_factorys_update_follows_hooks_and_layers_changed_since_planning():
     """The tracer's copy of the modules keeps the hooks and layers the model had at planning: a forward hook or pre-hook
-    added or removed since, or a layer replaced, was silently not seen (49-61% off). A step on a model whose modules or
-    forward hooks differ is planned for it: the same numbers as `tc.tracer_update`, bit for bit."""
+    added or removed since, a layer replaced or an object a layer holds rebound (an activation), was silently not seen
+    (49-92% off). A step on a model whose modules, forward hooks or held objects differ is planned for it: the same
+    numbers as `tc.tracer_update`, bit for bit."""
     torch.manual_seed(0)
     model, ce = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval(), nn.CrossEntropyLoss()
     x, y = _data((4,), 6)
     tracer, idx = tc.tracer(model, (x[:2], y[:2]), n_train=6, loss_fn=ce, dtype=DTYPE), torch.arange(2, 6)
     params, batch = dict(model.named_parameters()), (x[idx], y[idx])
     before, handles = tracer.update(tracer.init(), params, 1.0, batch, idx).scores, []
+    model[1].act = torch.tanh  # (an object held by a layer: rebound below)
+    model[1].forward = types.MethodType(lambda self, h: self.act(h), model[1])
     changes = [lambda: handles.append(model[0].register_forward_hook(lambda m, i, o: 3 * o)),
                lambda: handles.pop().remove(),
                lambda: handles.append(model[2].register_forward_pre_hook(lambda m, i: (i[0] * 2,))),
+               lambda: setattr(model[1], "act", torch.sigmoid),  # (scored as planned: 92% off, found by review)
                lambda: model.__setitem__(1, nn.ReLU())]  # fmt: skip
     for change in changes:
         change()
@@ -539,6 +544,19 @@ def test_error_state_and_params(call):
 def test_error_batch_without_target(call):
     with pytest.raises(ValueError, match="`batch`: a batch of 1 element has no target"):
         call(batch=(torch.zeros(2, 4, dtype=DTYPE),))
+
+
+def test_the_state_holds_a_copy_of_the_test_batch():
+    """`init()`'s test batch was the user's own tensors where no conversion copied them: changed in place after, they
+    changed the scores (found by review); `n_train` may be a NumPy or 0-d tensor integer."""
+    t = mlp_task()
+    test = tuple(x.clone() for x in t.test)
+    tracer = tc.tracer(t.model, test, n_train=np.int64(10), loss_fn=t.loss_fn, dtype=DTYPE)
+    args = (dict(t.checkpoints[0].params), 0.5, (t.train[0][:3], t.train[1][:3]), torch.arange(3))
+    before = tracer.update(tracer.init(), *args).scores
+    test[0].mul_(2)
+    assert torch.equal(tracer.update(tracer.init(), *args).scores, before)
+    assert tc.tracer_init(test, n_train=torch.tensor(10)).test[0].data_ptr() != test[0].data_ptr()
 
 
 def test_error_init():
