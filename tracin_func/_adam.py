@@ -117,8 +117,11 @@ def _ids_to_names(
 ) -> dict[Any, tuple[str, int]]:
     """``{parameter id: (name, group index)}``."""
     ids = [(i, g) for g, group in enumerate(groups) for i in group["params"]]
-    if all("param_names" in group for group in groups):
-        names = [n for group in groups for n in group["param_names"]]
+    # ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` (FSDP2, Accelerate) keys by the names themselves:
+    # matched by position, in another order they were other parameters' moments (78% off, silently)
+    by_name = bool(ids) and all(isinstance(i, str) for i, _ in ids)
+    if by_name or all("param_names" in group for group in groups):
+        names = [i for i, _ in ids] if by_name else [n for group in groups for n in group["param_names"]]
         unknown = [n for n in names if n not in order]
         if unknown:
             raise ValueError(
