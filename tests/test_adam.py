@@ -237,6 +237,10 @@ def test_a_frozen_parameter_and_a_named_optimizer(tmp_path):
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=LOSS), ref.influence)
     finally:
         model.requires_grad_(True)
+    frozen = train_run(tmp_path, model, "adam", named=True, trainable={"fc1.weight", "fc2.weight", "fc2.bias"})
+    with pytest.raises(ValueError, match=r"holds no entry for the differentiated parameters \['fc1.bias'\]: its "
+                       r"optimizer did not hold them .* Leave them out \(`params=`"):  # fmt: skip
+        tc.self_influence(model, frozen, train, loss_fn=LOSS)  # (unfrozen since: it named no cause or fix)
     torch.manual_seed(1)
     model = MLP().to(DTYPE).eval()
     named = train_run(tmp_path, model, "adamw", named=True)

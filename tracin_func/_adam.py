@@ -289,7 +289,12 @@ def adam_representation(
     grads = dense(rep).parts[0].materialize()
     missing = [n for n in rep.names if n not in states]
     if missing:
-        raise ValueError(f"`optimizer_state` has no entry for the differentiated parameters {missing[:10]}.")
+        raise ValueError(
+            f"An `optimizer_state` holds no entry for the differentiated parameters {missing[:10]}: its optimizer did "
+            f"not hold them (frozen then, or added later with `add_param_group`), so Adam's update for them is "
+            f"unknown. Leave them out (`params=` the parameters every checkpoint's optimizer held), or score without "
+            f"the checkpoints whose optimizer lacks them."
+        )
     updates = {n: adam_update(grads[n], states[n], diff[n]) for n in rep.names}
     return Representation((Dense(grads),), rep.names), Representation((Dense(updates),), rep.names)
 
