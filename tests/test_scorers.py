@@ -99,6 +99,25 @@ def test_top_k_ranks_duplicated_examples_by_their_index_whatever_the_batches(pro
             assert row.index(i) < row.index(n + i)
 
 
+def test_test_chunks_stay_within_test_memory_bytes(monkeypatch):
+    """A chunk closed only once a test batch had crossed the budget (one batch over it), and was joined while its
+    batches were still held (twice it): the memory bound failed 2-4x (found by review). A chunk now closes before a
+    batch as large as the last would cross it; the scores do not change."""
+    import tracin_func._api as api
+
+    task = mlp_task()
+    (x, y), chunks = task.test, []
+    test = [(x[i : i + 1], y[i : i + 1]) for i in range(4)]  # four batches of one
+    batch_bytes = sum(p.numel() * 8 for p in task.model.parameters()) * len(task.checkpoints)  # (float64, dense)
+    kw = {"loss_fn": task.loss_fn, "factored": False}
+    whole = tc.influence(task.model, task.checkpoints, task.train, task.test, **kw)
+    queries = api.query_chunks
+    monkeypatch.setattr(api, "query_chunks", lambda *a, **k: (chunks.append(q.rows) or q for q in queries(*a, **k)))
+    got = tc.influence(task.model, task.checkpoints, task.train, test, test_memory_bytes=int(2.5 * batch_bytes), **kw)
+    assert chunks == [2, 2]  # (two batches each: a third would cross the budget)
+    assert_close(got, whole)
+
+
 def test_top_k_merging_blocks_equals_a_stable_sort_of_the_whole():
     """Scores of few values (ties everywhere, across every cut): the top k of blocks merged equals the whole matrix
     sorted stably, by score then index, for every block width and k."""

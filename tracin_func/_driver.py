@@ -418,7 +418,11 @@ def query_chunks(
         return Queries(planned.updates, planned.batch_size, reps, cosines, normalize_train, sum_rows, rows, joining)
 
     def chunk(planned: Planned) -> Queries:
-        reps = [Representation.concat(r) for r in per_ckpt]
+        reps = []
+        for c in range(len(per_ckpt)):  # (each checkpoint's batches let go once joined: the chunk is not held twice)
+            parts, per_ckpt[c] = per_ckpt[c], []
+            reps.append(Representation.concat(parts))
+            del parts
         reps = [r.total() for r in reps] if total else reps
         return queries(planned, reps, [torch.cat(s) for s in scales] if cosine else None, reps[0].size)
 
@@ -443,16 +447,17 @@ def query_chunks(
         setup, test, "test", "test gradients", partners=partners, scored=scored, sized_by=sized_by, beside=beside,
         read=() if train is None else (("train", train, train_start),),
     )
-    planned, held = None, None  # held: the first test batch, while it may be the only one
+    planned, held, kept, last = None, None, None, 0  # held: the first test batch, while it may be the only one
     for i, (planned, offset, batch) in enumerate(test_batches):
         if i == 0 and one_loss:
             held = (offset, batch)
             continue
         for at, rows in [held, (offset, batch)] if held else [(offset, batch)]:
-            size += represent(planned, at, rows)
-            if budget is not None and size >= budget and not total:
-                yield chunk(planned)
+            if budget is not None and not total and size and size + last > budget:  # (as large as the last one)
+                yield chunk(kept)
                 per_ckpt, scales, size = [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
+            kept, last = planned, represent(planned, at, rows)
+            size += last
         held = None
     if planned is None:
         raise ValueError("`test` holds no examples.")
