@@ -511,7 +511,7 @@ def score_blocks(
                     joined = None  # (a joined pass that raised is not tried again)
                     with naming_failures(setup.test_loss, setup, joining.batch, "test", joining.offset):
                         pair = updates.test(ckpt, joining.batch), batch
-                test_rep, scored = pair
+                (test_rep, scored), pair = pair, None  # (held on, its training part kept the batch's storage all call)
                 test_rep, scale = finished_test(test_rep, joining.offset, c, total=joining.total, cosine=joining.cosine)
                 reps.append(test_rep)
                 if joining.cosine:
