@@ -206,6 +206,19 @@ def test_a_file_holding_another_files_tensors_is_refused(tmp_path, copy_kind):
     assert [_tag(c) for c in tc.load_checkpoints([tmp_path / "step-0.pt", tmp_path / "step-1.pt"], lr=0.1)] == [0, 1]
 
 
+def test_a_lightning_checkpoints_optimizer_state_is_read(tmp_path):
+    """PyTorch Lightning keeps its optimizers' states in a list, `optimizer_states`: left out, Adam's state was scored
+    as plain TracIn and the file's lr was not found (found by review)."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    nn.functional.cross_entropy(model(torch.randn(4, 3, dtype=torch.float64)), torch.tensor([0, 1, 0, 1])).backward()
+    opt.step()
+    torch.save({"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()], "epoch": 0,
+                "lr_schedulers": []}, tmp_path / "epoch=0.ckpt")  # fmt: skip
+    (ckpt,) = tc.load_checkpoints(tmp_path)
+    assert ckpt.lr == 0.01 and sorted(ckpt.optimizer_state) == ["param_groups", "state"]
+
+
 def test_a_models_other_files_are_named_as_such(tmp_path):
     """A Hugging Face `save_pretrained` folder's `config.json` was refused quoting torch's advice to load it with
     `weights_only=False` (found by review)."""

@@ -226,7 +226,8 @@ def load_checkpoints(
     entries (``epoch``, ``loss``, ...) next to a nested state dict are ignored.
 
     An ``optimizer`` / ``optimizer_state_dict`` entry holding a torch optimizer's ``state_dict()`` (the usual
-    ``{"model": model.state_dict(), "optimizer": optimizer.state_dict()}`` layout) becomes the checkpoint's
+    ``{"model": model.state_dict(), "optimizer": optimizer.state_dict()}`` layout; PyTorch Lightning's one
+    ``optimizer_states`` entry too) becomes the checkpoint's
     ``optimizer_state`` when it is Adam's or AdamW's (Adam-aware TracIn; its parameter ids are matched to the model's
     names when scoring, where the model says which entries are parameters); another optimizer's (SGD's, as Captum's
     tutorial saves it) is left out: plain gradients. A file without a learning rate then takes the optimizer's,
@@ -275,7 +276,7 @@ def load_checkpoints(
     for path, given_lr in zip(paths, lrs):
         obj = dict(_read_file(path, map_location=map_location, weights_only=weights_only))
         key = next((k for k in OPTIMIZER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        optimizer = obj.pop(key) if key is not None else None
+        optimizer = obj.pop(key) if key is not None else _lightning_optimizer(obj)
         state, stored_lr = split_state_and_lr(obj, repr(path))
         optimizer = _named_as_state(optimizer, state)
         stored_lr = stored_lr if stored_lr is not None else _optimizer_lr(optimizer)
@@ -300,6 +301,16 @@ def load_checkpoints(
         checkpoints.append(Checkpoint(params=state, lr=ckpt_lr, optimizer_state=optimizer))
     _refuse_copies(paths, checkpoints)
     return checkpoints
+
+
+def _lightning_optimizer(obj: dict[str, Any]) -> Mapping[str, Any] | None:
+    """The one optimizer state of a PyTorch Lightning checkpoint (``optimizer_states``: a list, one per optimizer;
+    left out, its Adam state scored plain TracIn and its lr was not found), taken out of ``obj``; else None."""
+    states = obj.get("optimizer_states")
+    if not (isinstance(states, list) and len(states) == 1 and isinstance(states[0], Mapping)):
+        return None
+    del obj["optimizer_states"]
+    return states[0]
 
 
 def _refuse_copies(paths: Sequence[str], checkpoints: Sequence[Checkpoint]) -> None:
