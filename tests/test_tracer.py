@@ -630,7 +630,8 @@ def test_factory_error_model_switched_to_training_mode():
     idx = torch.tensor([0, 1])
     tracer.update(tracer.init(), params, 0.1, (train[0][idx], train[1][idx]), idx)
     model.train()
-    with pytest.raises(ValueError, match="`model` has Dropout '1' in training mode.*Call `model.eval\\(\\)`"):
+    in_loop = "`model` has Dropout '1' in training mode.*Call `model.eval\\(\\)`.*`model.train\\(\\)` after it"
+    with pytest.raises(ValueError, match=in_loop):
         tracer.update(tracer.init(), params, 0.1, (train[0][idx], train[1][idx]), idx)
 
 

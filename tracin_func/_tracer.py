@@ -630,7 +630,13 @@ def _products(
         )
     batch = as_dict(batch)
     _check_values(state, lr, batch, indices, fix)
-    check_runnable(planned.model)  # the model may have been switched to training mode since planning
+    try:
+        check_runnable(planned.model)  # the model may have been switched to training mode since planning
+    except ValueError as err:
+        if "training mode" not in str(err):
+            raise
+        raise ValueError(f"{err} In a training loop: `model.eval()` before `update`, `model.train()` after it, for "
+                         f"the optimizer's step.") from None  # fmt: skip
     check_batch_structure(batch, "`batch`", needs_target=planned.needs_target)
     batch = to_device(batch, planned.device, planned.dtype)
 
