@@ -2229,6 +2229,10 @@ def test_last_layer_with_a_tied_weight_names_the_shared_tensor():
         shared = rf"shares its weight 'head.weight' with 'emb.weight'.*params=\['{first}'\]"
         with pytest.raises(ValueError, match=shared):
             tc.self_influence(model, _ckpts(model), (ids, y), loss_fn=CE, method="last_layer")
+    model = TiedHeadOnFirstRow().double().eval()
+    model.emb.requires_grad_(False)  # (a frozen tied head: the tying refusal advised scoring it, found by review)
+    with pytest.raises(ValueError, match="the last nn.Linear 'head' has no trainable parameter"):
+        tc.self_influence(model, _ckpts(model), (torch.randint(0, 11, (4, 6)), y), loss_fn=CE, method="last_layer")
 
 
 def test_a_tied_tensor_is_selected_and_saved_under_any_of_its_names():

@@ -66,8 +66,15 @@ def last_layer_params(
     prefix = f"{last}." if last else ""
     names = [prefix + name for name, _ in linears[last].named_parameters()]  # a parametrized weight's tensors
     layer = linears[last]  # (registered under two names: one layer, its tensors tied to nothing else)
+    scored = [n for n in names if aliases.get(n, n) in trainable]  # (a tied tensor: trainable under its first name)
+    if not scored:
+        raise ValueError(
+            f"`method='last_layer'`: the last nn.Linear {last!r} has no trainable parameter ({names} are frozen: "
+            f"`requires_grad=False`), so training never moved it. Select the layers you trained with `layers=[...]` "
+            f"and the default `method='exact'`."
+        )
     aliases = {a: f for a, f in aliases.items() if not all(_owner(module, n) is layer for n in (a, f))}
-    tied = [n for n in names if n in aliases or n in aliases.values()]  # (its tensor's second name, or first)
+    tied = [n for n in scored if n in aliases or n in aliases.values()]  # (its tensor's second name, or first)
     if tied:
         first = aliases.get(tied[0], tied[0])
         owner = next(n for n in [first, *aliases] if n != tied[0] and aliases.get(n, n) == first)
@@ -75,13 +82,6 @@ def last_layer_params(
             f"`method='last_layer'`: the last nn.Linear {last!r} shares its weight {tied[0]!r} with {owner!r} "
             f"(weight tying), whose gradient sums every use of the shared tensor. Score that tensor exactly with "
             f"`params=[{first!r}]` (or add the layer's other parameters) and the default `method='exact'`."
-        )
-    scored = [n for n in names if n in trainable]
-    if not scored:
-        raise ValueError(
-            f"`method='last_layer'`: the last nn.Linear {last!r} has no trainable parameter ({names} are frozen: "
-            f"`requires_grad=False`), so training never moved it. Select the layers you trained with `layers=[...]` "
-            f"and the default `method='exact'`."
         )
     return scored
 
