@@ -405,7 +405,19 @@ def model_spec(
         )
     floating = [n for n, t in first_params.items() if t.is_floating_point()]
     diff = select_params(list(first_params), floating, params, layers, model)
-    return ModelSpec(model, None, diff, None, {}, {})
+    return ModelSpec(_in_order(model, tuple(first_params)), None, diff, None, {}, {})
+
+
+def _in_order(function: Callable[..., Any], order: Sequence[str]) -> Forward:
+    """``function(params, *inputs)`` given its entries in ``order`` (the first checkpoint's), whatever order the call
+    built the dict in: the differentiated entries were put after the frozen ones, so a function reading them in order
+    (``for w in params.values()``) computed another network (2.7x off)."""
+
+    def forward(state: Mapping[str, Any], *inputs: Any) -> Any:
+        ordered = {n: state[n] for n in order if n in state}
+        return function({**ordered, **{n: t for n, t in state.items() if n not in ordered}}, *inputs)
+
+    return forward
 
 
 def _extra_state_names(model: nn.Module) -> list[str]:
@@ -484,6 +496,13 @@ def checked_state(
         raise ValueError(
             f"`{where}` holds other names than `checkpoints[0]` ({_names(differ)} in one of them only): a function's "
             f"checkpoints must hold the same entries, or it would compute with some that are not differentiated."
+        )
+    if spec.expected is None and list(state) != list(shapes):  # (a function may read them in order)
+        raise ValueError(
+            f"`{where}` holds its entries in another order than `checkpoints[0]` ({list(state)[:5]} against "
+            f"{list(shapes)[:5]}): a function is given them in one order, the first's, and one reading them in order "
+            f"(`params.values()`) would compute another network. Give every dict the first's order "
+            f"(`{{k: d[k] for k in checkpoints[0].params}}`)."
         )
     if spec.expected is not None:
         state = _wrapped_child_names(state, spec.expected)
