@@ -236,6 +236,10 @@ def test_names_under_a_prefix_are_told_how_to_match():
     lightning = tc.Checkpoint({f"model.{k}": v for k, v in state.items()}, 0.1)
     with pytest.raises(ValueError, match=re.escape("prefix 'model.', the model's do not: pass `{k.removeprefix(")):
         tc.self_influence(model, [lightning], data, loss_fn=nn.CrossEntropyLoss())
+    with_ema = tc.Checkpoint({**state, **{f"ema.{k}": v for k, v in state.items()}}, 0.1)  # (extra names only)
+    with pytest.raises(ValueError, match=r"unexpected \['ema\.") as refused:
+        tc.self_influence(model, [with_ema], data, loss_fn=nn.CrossEntropyLoss())
+    assert "removeprefix" not in str(refused.value)  # (it advised the EMA's weights in the model's place)
     wrapper = nn.Sequential()
     wrapper.add_module("backbone", model)
     with pytest.raises(ValueError, match=re.escape("the model's names carry the prefix 'backbone.', its do not")):

@@ -322,6 +322,20 @@ def test_last_layer_is_a_linear_read_without_being_called():
     assert_close(got, ref.influence)
 
 
+def test_last_layer_is_not_a_called_linear_read_again():
+    """A Linear called before the head and read again after it (a penalty on its weight in the loss) was taken for
+    the last layer once reads counted as uses (found by review: 63% off); reads count for Linears never called."""
+    task, _ = task_and_reference("mlp")
+    model = _WithProbe().double().eval()
+    ckpts = random_checkpoints(model.state_dict(), 2)
+    ce = task.loss_fn
+    penalised = tc.ExampleLoss(lambda p, b: ce(torch.func.functional_call(model, p, (b[0],)), b[1])
+                               + 1e-3 * p["fc1.weight"].square().sum())  # fmt: skip
+    ref = reference_scores(model, ckpts, task.train, task.test, loss_fn=penalised, params=["fc2.weight", "fc2.bias"])
+    got = tc.influence(model, ckpts, task.train, task.test, loss_fn=penalised, method="last_layer")
+    assert_close(got, ref.influence)
+
+
 def test_last_layer_scores_its_trainable_parameters_only():
     """A frozen bias of the head is left out, as `method="exact"` leaves it out, and a head with no trainable parameter
     is refused (found by review: frozen parameters were scored, 30% off, and a frozen head silently)."""

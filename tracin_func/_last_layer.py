@@ -27,7 +27,7 @@ def last_layer_params(
 ) -> list[str]:
     """The trainable parameters (``trainable``) of the last ``nn.Linear`` used in the loss of the first example of
     ``batch`` whose output the loss reaches (a probe's output, discarded or detached, gets no gradient: its layer's
-    are zero). A Linear is used where it is called and where a torch function reads its tensors otherwise
+    are zero). A Linear is used where it is called, and one never called where a torch function reads its tensors
     (``nn.MultiheadAttention`` reads its ``out_proj``'s without calling it: an attention-pooled head was passed over
     for the layer before it, 61-104% off).
 
@@ -38,6 +38,7 @@ def last_layer_params(
     """
     linears = {path: m for path, m in module.named_modules() if isinstance(m, nn.Linear)}
     used: list[tuple[str, torch.Tensor]] = []  # (a Linear's path, an output of its use), in the order of use
+    read: set[int] = set()  # positions in ``used`` of reads outside a call (``_Reads``)
 
     def hook_for(path: str) -> Hook:
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -53,9 +54,13 @@ def last_layer_params(
         torch.enable_grad(),
         leaving_no_trace(module),
         hooked(module, {path: hook_for(path) for path in linears}),
-        _Reads(owners, used),
+        _Reads(owners, used, read),
     ):
         total = loss(state, slice_batch(batch, 0, 1))
+    # a Linear called is used where it is called: its tensors read otherwise (a penalty on them in the loss, the
+    # forward adding one to its output) are no use of the layer (one after the head was taken for it: 63% off)
+    called = {path for i, (path, _) in enumerate(used) if i not in read}
+    used = [(path, out) for i, (path, out) in enumerate(used) if i not in read or path not in called]
     live = [(path, out) for path, out in used if isinstance(out, torch.Tensor) and out.requires_grad]
     reached = torch.autograd.grad(total, [out for _, out in live], allow_unused=True) if total.requires_grad else ()
     order = [path for (path, _), g in zip(live, reached) if g is not None]
@@ -92,16 +97,18 @@ def _owner(module: nn.Module, name: str) -> nn.Module:
 
 class _Reads(TorchFunctionMode):
     """Records each torch function reading a Linear's tensor (``owners``: by id, the Linear's path) with its first
-    output that carries a gradient, into ``used``."""
+    output that carries a gradient, into ``used``, and their positions there into ``read``."""
 
-    def __init__(self, owners: Mapping[int, str], used: list[tuple[str, torch.Tensor]]) -> None:
+    def __init__(self, owners: Mapping[int, str], used: list[tuple[str, torch.Tensor]], read: set[int]) -> None:
         super().__init__()
-        self.owners, self.used = owners, used
+        self.owners, self.used, self.read = owners, used, read
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         read = [self.owners[id(t)] for t in optree.tree_leaves((args, kwargs)) if id(t) in self.owners]
         outs = [t for t in optree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
         if read and outs:
-            self.used.extend((path, outs[0]) for path in dict.fromkeys(read))
+            for path in dict.fromkeys(read):
+                self.read.add(len(self.used))
+                self.used.append((path, outs[0]))
         return out

@@ -527,7 +527,9 @@ class _CancellingWeights(TorchFunctionMode):
             given = signature.bind(*args, **kwargs).arguments
             target = given.get("target")
             one_index = isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel() == 1
-            if given.get("weight") is not None and given.get("reduction", "mean") == "mean" and one_index:
+            legacy = given.get("size_average") is not None or given.get("reduce") is not None  # (their own reduction)
+            mean = given.get("reduction", "mean") == "mean" and not legacy
+            if given.get("weight") is not None and mean and one_index:
                 c = self.criterion
                 what = type(c).__name__ if isinstance(c, (nn.CrossEntropyLoss, nn.NLLLoss)) else f"F.{func.__name__}"
                 raise ValueError(

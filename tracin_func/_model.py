@@ -607,9 +607,9 @@ def _prefix_hint(missing: Sequence[str], unexpected: Sequence[str], expected: Co
         parts = name.split(".")[:-1]
         return [".".join(parts[:k]) + "." for k in range(1, min(len(parts), 3) + 1)]
 
-    for prefix in prefixes(unexpected[0]) if unexpected else []:  # the checkpoint's names carry it
+    for prefix in prefixes(unexpected[0]) if unexpected else []:  # the checkpoint's names carry it (not: extra ones)
         stripped = {n[len(prefix) :] for n in unexpected if n.startswith(prefix)}
-        if len(stripped) == len(unexpected) and stripped <= set(expected) and set(missing) <= stripped:
+        if missing and len(stripped) == len(unexpected) and stripped <= set(expected) and set(missing) <= stripped:
             return (
                 f" (its names all carry the prefix {prefix!r}, the model's do not: pass "
                 f"`{{k.removeprefix({prefix!r}): v for k, v in state.items()}}`)"

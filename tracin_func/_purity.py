@@ -85,12 +85,17 @@ class _Watch(TorchDispatchMode):
         self.made: dict[int, weakref.ref] = {}  # tensors this run made (alive: an identity may be reused)
         self.read: set[int] = set()  # tensors an op read
         self.kept: dict[str, tuple[nn.Module, set[int]]] = {}  # innermost module -> kept tensors it read
+        self.kept_storages: set[int | None] = set()  # storages of the tensors read that the run was not given nor made
         self.derived_made: list[weakref.ref] = []  # alive after the run: kept somewhere
         self.drawn: dict[int, tuple[weakref.ref, str, Any]] = {}  # random tensors made: (tensor, who drew, the op)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         seeded, writes = _inspected(func)
+        inputs = op_tensors(args, kwargs)
+        fresh = func in _LIFTS  # a constant the forward creates (``torch.tensor``, ``from_numpy``): not kept
+        kept = {id(t) for t in inputs if id(t) not in self.given and not self._made(t)} if not fresh else set()
+        self.kept_storages.update(_storage(t) for t in inputs if id(t) in kept)  # (written through a view too)
         draws = False
         if seeded or writes:
             values = _bound(func, args, kwargs)
@@ -112,15 +117,18 @@ class _Watch(TorchDispatchMode):
                         self._refuse(
                             f"writes into {target} ({func}), which would change it and make scores depend on order"
                         )
-        inputs = op_tensors(args, kwargs)
+                    if isinstance(t, torch.Tensor) and _storage(t) in self.kept_storages - {None}:
+                        self._refuse(
+                            f"writes into a tensor it keeps, neither the checkpoint's nor the example's ({func}: a "
+                            f"closure's or an attribute's, a train-mode BatchNorm's running statistics), which would "
+                            f"change it and make scores depend on order"
+                        )
         for t in inputs if self.drawn else ():  # a random number drawn and left unread (transformers 5.17's wav2vec2:
             drawn = self.drawn.get(id(t))  # its layer drop, taken in training only) cannot change a score; a read could
             if drawn is not None and drawn[0]() is t:
                 self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1])
         read = {id(t) for t in inputs}  # (tensors by identity: views are made by ops too)
         self.read |= read
-        fresh = func in _LIFTS  # a constant the forward creates (``torch.tensor``, ``from_numpy``): not kept
-        kept = {id(t) for t in inputs if id(t) not in self.given and not self._made(t)} if not fresh else set()
         if kept and self.modules:
             path, module = self.modules[-1]
             self.kept.setdefault(path, (module, set()))[1].update(kept)

@@ -47,7 +47,7 @@ from ._driver import naming_failures
 from ._model import check_runnable, copied_containers, exclusive_use, holding, unsaved_on
 from ._plan import plan_call
 from ._setup import Setup, make_setup, target_device
-from ._state import FLAT_ABOVE, MODULE_SLOTS, NESTING
+from ._state import CONTAINERS, FLAT_ABOVE, MODULE_SLOTS, NESTING
 from ._validate import positive_int
 
 
@@ -516,8 +516,9 @@ _PLANS_KEPT = 4  # a tracer's plans, one per set of trainable parameters, kept (
 def _following(planned: _Planned) -> None:
     """The plan's private copy of the model given the user's model's modes and settings now: train / eval switched
     since planning, a temperature an annealing loop sets (a plain value, a tensor held as a plain attribute, or an
-    entry of a dict, list or tuple of those, changed in place): the copy was made at planning, and scored the model
-    as it was then, silently (83-96% off). (Parameters and buffers are read at each step: ``_live_state``.)"""
+    entry of a dict, list or tuple of those, changed in place), an object rebound (an activation function, a config
+    object replaced): the copy was made at planning, and scored the model as it was then, silently (83-96% off; a
+    rebound object 92-755%). (Parameters and buffers are read at each step: ``_live_state``.)"""
     model, private = planned.model, planned.setup.spec.module
     if not isinstance(model, torch.nn.Module) or private is None or private is model:
         return
@@ -528,24 +529,20 @@ def _following(planned: _Planned) -> None:
             continue
         mirror.training = module.training
         for name, value in vars(module).items():
-            if name not in MODULE_SLOTS and _setting(value) and not _alike(vars(mirror).get(name, ...), value):
-                object.__setattr__(mirror, name, copied_containers(value, {}, {}))  # (tensors shared)
+            if name in MODULE_SLOTS:
+                continue
+            if _setting(value):
+                if not _alike(vars(mirror).get(name, ...), value):
+                    object.__setattr__(mirror, name, copied_containers(value, {}, {}))  # (tensors shared)
+            elif not isinstance(value, (torch.nn.Module, *CONTAINERS)) and vars(mirror).get(name, ...) is not value:
+                object.__setattr__(mirror, name, value)  # (an object rebound: shared, as the copy's others are)
 
 
 def _structure(model: torch.nn.Module) -> tuple[Any, ...]:
-    """The module tree by identity, with each module's forward hooks (their handles' ids) and the other objects it
-    holds that are no settings (``_following``), by identity: what a plan's private copy of the modules was made from
-    (an activation rebound, ``model.act = torch.sigmoid``, or a config object replaced, was scored as planned, 92-755%
-    off, silently)."""
+    """The module tree by identity, with each module's forward hooks (their handles' ids): what a plan's private copy
+    of the modules was made from."""
     return tuple(
-        (path, id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks), _held_objects(m))
-        for path, m in model.named_modules()
-    )
-
-
-def _held_objects(module: torch.nn.Module) -> tuple[tuple[str, int], ...]:
-    return tuple(
-        (name, id(value)) for name, value in vars(module).items() if name not in MODULE_SLOTS and not _setting(value)
+        (path, id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for path, m in model.named_modules()
     )
 
 
