@@ -827,6 +827,21 @@ def test_3c_random_forward_in_training_mode(scorer):
         SCORERS[scorer](layer_drop, make_ckpts(layer_drop), data(4, seed=1), data(4, n=3, seed=2))
 
 
+def test_3c2_a_function_writing_into_a_module_it_calls_is_refused_untouched():
+    """A pure function calling a module left in training mode (a closure's BatchNorm): its running statistics were
+    written, the user's buffers changed (found by review; a module model is refused up front). Any write into a tensor
+    the forward keeps, neither the checkpoint's nor the example's, is refused, with the fix."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double().train()
+    params = {k: v.detach().clone() for k, v in net.named_parameters()}
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    f = lambda p, x: functional_call(net, p, (x,))  # noqa: E731
+    fix = "call `.eval()` on the modules the function calls before scoring"
+    with pytest.raises(ValueError, match=all_of("writes into a tensor it keeps", fix)):
+        tc.self_influence(f, [tc.Checkpoint(params, 0.1)], data(4, seed=1), loss_fn=CE)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
 class LayerDrop(nn.Module):
     """Draws a random number in every forward pass and reads it in training only, as transformers 5.17's wav2vec2
     encoder does for its layer drop (``reads``: in eval mode too)."""

@@ -197,9 +197,10 @@ class _Watch(TorchDispatchMode):
     def _refuse(self, what: str, who: str | None = None) -> None:
         who = who or self._running()
         remove = "remove the state update / randomness from that module"
-        training = any(module.training for _, module in self.modules)
-        fix = (f"call `model.eval()` before scoring (training mode updates running statistics and turns on "
-               f"dropout), or {remove}" if training else f"{remove} (it runs in eval mode already)")  # fmt: skip
+        training = any(module.training for _, module in self.modules) or not self.modules  # (a function: unknown)
+        evaluate = "`model.eval()`" if self.modules else "`.eval()` on the modules the function calls"
+        fix = (f"call {evaluate} before scoring (training mode updates running statistics and turns on dropout), "
+               f"or {remove}" if training else f"{remove} (it runs in eval mode already)")  # fmt: skip
         raise ValueError(
             f"`model`: {who} {what} in its forward pass. TracIn needs a forward pass that is a function of the "
             f"checkpoint and the example: {fix}."
