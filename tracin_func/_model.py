@@ -497,13 +497,6 @@ def checked_state(
             f"`{where}` holds other names than `checkpoints[0]` ({_names(differ)} in one of them only): a function's "
             f"checkpoints must hold the same entries, or it would compute with some that are not differentiated."
         )
-    if spec.expected is None and list(state) != list(shapes):  # (a function may read them in order)
-        raise ValueError(
-            f"`{where}` holds its entries in another order than `checkpoints[0]` ({list(state)[:5]} against "
-            f"{list(shapes)[:5]}): a function is given them in one order, the first's, and one reading them in order "
-            f"(`params.values()`) would compute another network. Give every dict the first's order "
-            f"(`{{k: d[k] for k in checkpoints[0].params}}`)."
-        )
     if spec.expected is not None:
         state = _wrapped_child_names(state, spec.expected)
         _refuse_other_extra_state(state, spec.extra, where)
