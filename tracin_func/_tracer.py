@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
+import types
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -534,8 +535,16 @@ def _following(planned: _Planned) -> None:
             if _setting(value):
                 if not _alike(vars(mirror).get(name, ...), value):
                     object.__setattr__(mirror, name, copied_containers(value, {}, {}))  # (tensors shared)
-            elif not isinstance(value, (torch.nn.Module, *CONTAINERS)) and vars(mirror).get(name, ...) is not value:
+            elif _shared(name, value) and vars(mirror).get(name, ...) is not value:
                 object.__setattr__(mirror, name, value)  # (an object rebound: shared, as the copy's others are)
+
+
+def _shared(name: str, value: Any) -> bool:
+    """Whether the private copy holds ``value`` as the user's module does (``_model.private_copy``): not a module or
+    a container (copies), a method bound to a module (an instance's ``forward``: bound to the copy) or the compiled
+    call (the copy runs eagerly)."""
+    bound = isinstance(value, types.MethodType) and isinstance(value.__self__, torch.nn.Module)
+    return not (isinstance(value, (torch.nn.Module, *CONTAINERS)) or bound or name == "_compiled_call_impl")
 
 
 def _structure(model: torch.nn.Module) -> tuple[Any, ...]:
