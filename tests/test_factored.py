@@ -2757,13 +2757,9 @@ class FunctionalRMSNorm(RMSNorm):
         return nn.functional.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-@pytest.mark.parametrize("norm", [RMSNorm, NanoLayerNorm, FunctionalRMSNorm])
-def test_elementwise_scales_run_batched_and_exact(norm):
-    """Vectors of layers of no known kind (an RMSNorm, a scale-and-shift) get per-example gradients from copies
-    expanded over the batch: the call stays on the batched path, and the scores equal the reference. A norm passing
-    them to `F.layer_norm` / `F.rms_norm` (nanoGPT's) sent the whole model to `vmap(grad)` (torch refused copies of
-    another shape than the normalized one)."""
-    model, ckpts, train, test = _scaled_task(norm(8))
+def _batched_routes(model, ckpts, train, test) -> dict[str, tuple[str, str]]:
+    """Each parameter's route and the start of its reason, after checking that the call is exact against the reference
+    and stays on the batched path, unwarned."""
     ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no slow-path warning
@@ -2771,7 +2767,16 @@ def test_elementwise_scales_run_batched_and_exact(norm):
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
         plan = tc.explain(model, ckpts, train, loss_fn=CE)
     assert plan.batching == "one batched forward / backward gives every layer's factors"
-    routes = {r.parameter: (r.route, r.reason.split(":")[0]) for r in plan.routes}
+    return {r.parameter: (r.route, r.reason.split(":")[0]) for r in plan.routes}
+
+
+@pytest.mark.parametrize("norm", [RMSNorm, NanoLayerNorm, FunctionalRMSNorm])
+def test_elementwise_scales_run_batched_and_exact(norm):
+    """Vectors of layers of no known kind (an RMSNorm, a scale-and-shift) get per-example gradients from copies
+    expanded over the batch: the call stays on the batched path, and the scores equal the reference. A norm passing
+    them to `F.layer_norm` / `F.rms_norm` (nanoGPT's) sent the whole model to `vmap(grad)` (torch refused copies of
+    another shape than the normalized one)."""
+    routes = _batched_routes(*_scaled_task(norm(8)))
     for name in ("norm.weight", "shift.weight", "shift.bias", *(["norm.bias"] if norm is NanoLayerNorm else [])):
         assert routes[name] == ("materialised", "expanded"), routes
 
@@ -2793,14 +2798,7 @@ def test_vectors_passed_to_a_functional_norm_are_followed_to_the_batch():
     """Found by review: the whole model went to `vmap(grad)` (the norm was no meeting with the batch)."""
     _, _, train, test = _scaled_task(nn.Identity())
     model = InlineNorm().double().eval()
-    ckpts = _ckpts(model)
-    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no slow-path warning
-        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
-        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
-    plan = tc.explain(model, ckpts, train, loss_fn=CE)
-    routes = {r.parameter: (r.route, r.reason.split(":")[0]) for r in plan.routes}
+    routes = _batched_routes(model, _ckpts(model), train, test)
     assert routes["w"] == routes["b"] == ("materialised", "followed"), routes
 
 
