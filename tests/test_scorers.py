@@ -102,7 +102,7 @@ def test_top_k_ranks_duplicated_examples_by_their_index_whatever_the_batches(pro
 
 def test_test_chunks_stay_within_test_memory_bytes(monkeypatch):
     """A chunk closed only once a test batch had crossed the budget (one batch over it), and was joined while its
-    batches were still held (twice it): the memory bound failed 2-4x (found by review). A chunk now closes before a
+    batches were still held (twice it): memory went 2-3x past the bound (found by review). A chunk now closes before a
     batch as large as the last would cross it; the scores do not change."""
     import tracin_func._api as api
 

@@ -235,8 +235,8 @@ def _warned_if_zero(scores: Any) -> Any:
     """``scores``, after a warning where every one is exactly 0: no example's loss has a gradient in the parameters
     scored. Each example is scored on its own loss, alone, where a loss comparing a batch's examples (in-batch
     contrastive, InfoNCE) has nothing to compare: every score 0, silently."""
-    total = sum(scores.values()) if isinstance(scores, dict) else scores
-    if total.numel() and not bool(total.any()):
+    parts = list(scores.values()) if isinstance(scores, dict) else [scores]
+    if any(p.numel() for p in parts) and not any(bool(p.any()) for p in parts):  # (no sum of the layers formed)
         warn(
             "Every score is 0: no example's loss has a gradient in the parameters scored (the loss does not reach "
             "them, or is constant on one example). TracIn scores each example on its own loss, alone: a loss comparing "

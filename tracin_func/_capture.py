@@ -15,6 +15,7 @@ Two ways to run them:
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -685,8 +686,13 @@ def _split_rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 def _norm_calls(module: nn.Module, expanded: Sequence[Site]) -> bool:
     """Whether an expanded site's own ``forward`` calls ``F.layer_norm`` / ``F.rms_norm`` (``_NormsOfCopies``)."""
-    code = [getattr(type(module.get_submodule(s.path)).forward, "__code__", None) for s in expanded]
-    return any({"layer_norm", "rms_norm"} & set(c.co_names) for c in code if c is not None)
+    return any(_calls_a_norm(type(module.get_submodule(s.path))) for s in expanded)
+
+
+@functools.cache
+def _calls_a_norm(layer: type) -> bool:
+    code = getattr(layer.forward, "__code__", None)  # (read once per class: asked at every batched pass)
+    return code is not None and bool({"layer_norm", "rms_norm"} & set(code.co_names))
 
 
 def _expanded(p: torch.Tensor, n: int, rank: int) -> torch.Tensor:

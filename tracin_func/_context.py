@@ -96,6 +96,12 @@ def lowered_float32(device: torch.device | None) -> list[tuple[str, str]]:
     return lowered
 
 
+def _listed(lowered: list[tuple[str, str]]) -> tuple[str, str]:
+    """The code setting each lowered product and the code turning it off, each side joined for a message."""
+    on, off = zip(*lowered)
+    return " and ".join(f"`{c}`" for c in on), " and ".join(f"`{c}`" for c in off)
+
+
 def lowered_note(device: torch.device | None, dtype: torch.dtype) -> str:
     """Why a float32 comparison of a batch with its examples alone may fail by rounding alone (``lowered_float32``),
     which differs between the two far beyond float32's: on an H200, ResNet-18 and the MobileNet-style net left the
@@ -104,7 +110,7 @@ def lowered_note(device: torch.device | None, dtype: torch.dtype) -> str:
     lowered = lowered_float32(device) if dtype == torch.float32 else []
     if not lowered:
         return ""
-    on, off = (" and ".join(f"`{code}`" for code in codes) for codes in zip(*lowered))
+    on, off = _listed(lowered)
     return (
         f". Float32 products round below float32 here ({on}): about 1e-3, unlike in a batch and in an example alone, "
         f"which this check cannot tell from examples interacting; set {off} for full float32 products and the "
@@ -123,7 +129,7 @@ def check_precision(dtype: torch.dtype, device: torch.device, converted: str) ->
         )
     lowered = [pair for pair in lowered_float32(device) if "cudnn" not in pair[0]] if dtype == torch.float32 else []
     if lowered:
-        on, off = (" and ".join(f"`{code}`" for code in codes) for codes in zip(*lowered))
+        on, off = _listed(lowered)
         warn(
             f"float32 products round below float32 in this process ({on}): scores come out about 1e-3 off, and the "
             f"batching check may refuse the batched path (the rounding differs between a batch and an example "

@@ -239,8 +239,8 @@ def _warn_padding_read(mask: Any, shifted: torch.Tensor, ignore_index: int) -> N
         warn(
             f"`causal_lm_loss`: a label is predicted from a padding position (`attention_mask` 0 there): with left "
             f"padding, the last pad predicts the first real token, whose score then depends on the padding (as in "
-            f"Hugging Face's loss; 44-250% off the example scored unpadded). Set the first real token's label to "
-            f"{ignore_index} too to score each example as it is unpadded.",
+            f"Hugging Face's loss). Set the first real token's label to {ignore_index} too to score each example as it "
+            f"is unpadded.",
             UserWarning,
         )
 

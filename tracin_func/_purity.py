@@ -85,7 +85,7 @@ class _Watch(TorchDispatchMode):
         self.made: dict[int, weakref.ref] = {}  # tensors this run made (alive: an identity may be reused)
         self.read: set[int] = set()  # tensors an op read
         self.kept: dict[str, tuple[nn.Module, set[int]]] = {}  # innermost module -> kept tensors it read
-        self.kept_storages: set[int | None] = set()  # storages of the tensors read that the run was not given nor made
+        self.kept_storages: set[int] = set()  # storages of the tensors read that the run was neither given nor made
         self.derived_made: list[weakref.ref] = []  # alive after the run: kept somewhere
         self.drawn: dict[int, tuple[weakref.ref, str, Any]] = {}  # random tensors made: (tensor, who drew, the op)
 
@@ -95,7 +95,7 @@ class _Watch(TorchDispatchMode):
         inputs = op_tensors(args, kwargs)
         fresh = func in _LIFTS  # a constant the forward creates (``torch.tensor``, ``from_numpy``): not kept
         kept = {id(t) for t in inputs if id(t) not in self.given and not self._made(t)} if not fresh else set()
-        self.kept_storages.update(_storage(t) for t in inputs if id(t) in kept)  # (written through a view too)
+        self.kept_storages.update(s for t in inputs if id(t) in kept and (s := _storage(t)) is not None)  # (views too)
         draws = False
         if seeded or writes:
             values = _bound(func, args, kwargs)
@@ -117,7 +117,7 @@ class _Watch(TorchDispatchMode):
                         self._refuse(
                             f"writes into {target} ({func}), which would change it and make scores depend on order"
                         )
-                    if isinstance(t, torch.Tensor) and _storage(t) in self.kept_storages - {None}:
+                    if isinstance(t, torch.Tensor) and _storage(t) in self.kept_storages:
                         self._refuse(
                             f"writes into a tensor it keeps, neither the checkpoint's nor the example's ({func}: a "
                             f"closure's or an attribute's, a train-mode BatchNorm's running statistics), which would "
