@@ -78,7 +78,7 @@ def make_updates(
         batch is differentiated once)."""
         rep, _ = train_side(ckpt, batch)
         rep = rep.formed() if normalize_train else rep  # used twice: a norm and the dot
-        return acc + test_rep.dot(rep) * weight(ckpt, rep, test_scale, normalize_train)
+        return test_rep.dot(rep).mul_(weight(ckpt, rep, test_scale, normalize_train)).add_(acc)  # (products: fresh)
 
     def weight(
         ckpt: CheckpointState, rep: Representation, test_scale: torch.Tensor | None, normalize_train: bool
