@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import peak_memory_mb  # noqa: E402
 from workloads import digits_cnn  # noqa: E402
 
 import tracin_func as tc  # noqa: E402
@@ -41,6 +42,10 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, nargs="+", default=[100])
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--shard-rows", type=int, default=500, help="rows per shard of the exact (unprojected) index whose build's "
+        "peak memory is measured (500: 253 MB of gradients a shard; 0 skips it)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,6 +56,15 @@ def main() -> None:
     exact, t_exact = timed(tc.top_k, w.model, ckpts, w.train, w.test, k=args.k, **kw)
     _, t_self = timed(tc.self_influence, w.model, ckpts, w.train, **kw)
     print(f"exact tc.top_k: {t_exact:.2f} s; tc.self_influence: {t_self:.2f} s")
+    if args.shard_rows:
+        with tempfile.TemporaryDirectory() as path:
+            build = lambda: timed(tc.build_index, path, w.model, ckpts, w.train, shard_size=args.shard_rows, **kw)  # noqa: E731
+            peak, (index, t_build) = peak_memory_mb(build)
+            shard = args.shard_rows * index.embeddings(slice(0, 1)).shape[1] * 4 / 2**20
+            print(
+                f"exact index (no projection), {args.shard_rows} rows a shard ({shard:.0f} MB): build {t_build:.2f} s, "
+                f"peak memory {peak:.0f} MB = {peak / shard:.2f}x a shard"
+            )
     print("| projection_dim | build (s) | build / exact top_k | query (s) | recall@k | re-rank candidates | "
           "query + re-rank (s) | recall@k re-ranked |")
     print("|---|---|---|---|---|---|---|---|")

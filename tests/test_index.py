@@ -134,12 +134,13 @@ def test_same_call_resumes_and_ends_byte_identical(task, tmp_path, monkeypatch):
     real_write = _shards.write_atomically
     calls = []
 
-    def killed_after_two_shards(path, data):  # the third shard's temporary file is written, never renamed
+    def killed_after_two_shards(path, *chunks):  # the third shard's temporary file is written, never renamed
         calls.append(path)
         if len([p for p in calls if p.endswith(".safetensors")]) == 3:
+            data = b"".join(bytes(chunk) for chunk in chunks)
             Path(path + _shards.TEMPORARY).write_bytes(data[: len(data) // 2])
             raise KeyboardInterrupt
-        real_write(path, data)
+        real_write(path, *chunks)
 
     monkeypatch.setattr(_shards, "write_atomically", killed_after_two_shards)
     with pytest.raises(KeyboardInterrupt):
@@ -528,7 +529,7 @@ def test_adam_checkpoints_index_the_adam_updates_and_query_with_plain_gradients(
 def _read_only(monkeypatch):
     """Every file the build writes refused, as in a folder it may not write to (the tests run as root too)."""
 
-    def refused(path, data):
+    def refused(path, *chunks):
         raise PermissionError(13, "Permission denied", path + _shards.TEMPORARY)
 
     monkeypatch.setattr(_shards, "write_atomically", refused)

@@ -20,7 +20,7 @@ from ._checkpoints import Checkpoint
 from ._context import in_own_context
 from ._data import as_dict, iter_batches, num_examples, rows_of
 from ._distributed import agree, gather_objects, on_every_rank, set_up_on_every_rank
-from ._driver import collect_rows, embedding_blocks, first_examples, naming_failures
+from ._driver import embedding_parts, first_examples, naming_failures
 from ._fingerprint import differences, fingerprint, tensor_bytes
 from ._index import FORMAT, LAYOUT, MANIFEST, VERSION, Index, check_shard, manifest_digest, open_index, read_manifest
 from ._model import exclusive_use
@@ -249,7 +249,7 @@ def _check_disk(path: str, missing_rows: int, planned: dict[str, Any], self_item
 
 def _check_storable(embeddings: torch.Tensor, stored: torch.Tensor, start: int) -> None:
     """Refuse embeddings their storage dtype rounds to infinity (computed finite: checked where embedded); they
-    would score NaN, silently. ``start``: the training row of the first."""
+    would score NaN, silently. ``start``: the training row of the first (a batch's)."""
     overflowed = ~torch.isfinite(stored).all(1)
     if not bool(overflowed.any()):
         return
@@ -264,12 +264,28 @@ def _check_storable(embeddings: torch.Tensor, stored: torch.Tensor, start: int) 
     )
 
 
-def _shard_rows(setup: Setup, train: Any, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Embeddings ``[rows, D]``, self-influences ``[rows]`` and the digest of the input rows of one shard."""
+def _shard_rows(
+    setup: Setup, train: Any, start: int, stop: int, storage_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Embeddings ``[rows, D]`` in ``storage_dtype`` and self-influences ``[rows]``, on the CPU, each checkpoint's
+    columns written into place as computed (the shard's rows exist once, beside one checkpoint's of a batch: a build
+    held five copies of them), and the digest of the input rows of one shard."""
     digests: list[Any] = []
     data = _hashed(iter_batches(rows_of(train, start, stop), setup.batch_size, "train"), digests)
-    rows = collect_rows(embedding_blocks(setup, data, start=start, with_self=True), stop - start, start)
-    return rows[:, :-1], rows[:, -1], _rows_digest(digests)
+    embeddings = self_influence = torch.empty(0)
+    for offset, parts in embedding_parts(setup, data, start=start, with_self=True):
+        column, at = 0, offset - start
+        for part, self_term in parts:
+            if not embeddings.numel():  # (D: each checkpoint's columns alike)
+                embeddings = torch.empty(stop - start, part.shape[1] * len(setup.checkpoints), dtype=storage_dtype)
+                self_influence = torch.zeros(stop - start, dtype=self_term.dtype)
+            rows = slice(at, at + part.shape[0])
+            stored = part.to(storage_dtype)
+            _check_storable(part, stored, offset)
+            embeddings[rows, column : column + part.shape[1]] = stored
+            self_influence[rows] += self_term.cpu()
+            column += part.shape[1]
+    return embeddings, self_influence, _rows_digest(digests)
 
 
 @in_own_context
@@ -407,13 +423,11 @@ def build_index(
         with exclusive_use(setup.spec), bar:
             for i in todo:
                 start, stop = ranges[i]
-                embeddings, self_influence, data = _shard_rows(setup, train, start, stop)
+                embeddings, self_influence, data = _shard_rows(setup, train, start, stop, storage_dtype)
                 info = {"rows": [start, stop], "digest": planned["digest"], "data": data}
                 file = os.path.join(path, shard_name(i))
-                stored = embeddings.to(storage_dtype)
-                _check_storable(embeddings, stored, start)
                 with _writing(path):
-                    done[i] = write_shard(file, stored, self_influence, info)
+                    done[i] = write_shard(file, embeddings, self_influence, info)
                 bar.update(stop - start)
         return done
 

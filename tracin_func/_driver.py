@@ -570,7 +570,7 @@ def self_blocks(
         yield offset, acc
 
 
-def embedding_blocks(
+def embedding_parts(
     setup: Setup,
     data: Any,
     *,
@@ -578,19 +578,31 @@ def embedding_blocks(
     ranks: Ranks | None = None,
     with_self: bool = False,
     where: str = "data",
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(offset, [b, C * P])`` per batch: per checkpoint ``sqrt(lr) * grad`` (or its projection), concatenated in
-    checkpoint order. ``with_self`` appends a last column, the self-influence ``sum_c lr_c |grad_c|^2``, from the
-    same gradients (exact, also when the embeddings are projected)."""
+) -> Iterator[tuple[int, Iterator[tuple[torch.Tensor, torch.Tensor | None]]]]:
+    """``(offset, parts)`` per batch; ``parts`` yields, checkpoint by checkpoint as it computes them (so that a
+    consumer may store each before the next exists), ``sqrt(lr) * grad`` ``[b, P]`` (or its projection) and, with
+    ``with_self``, ``lr |grad|^2`` ``[b]`` from the same gradients (exact, also when the embeddings are projected),
+    else None. Each batch's parts are to be consumed before the next batch."""
     for (updates, *_), offset, batch in planned_batches(setup, data, where, "embeddings", start=start, ranks=ranks):
+        yield offset, _checkpoint_parts(setup, updates, batch, offset, where, with_self)
+
+
+def _checkpoint_parts(
+    setup: Setup, updates: Updates, batch: Any, offset: int, where: str, with_self: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    for c, ckpt in enumerate(setup.checkpoints):
         with naming_failures(setup.train_loss, setup, batch, where, offset):
-            pairs = [updates.embedding(ckpt, batch, with_self) for ckpt in setup.checkpoints]
-        rows = [r for r, _ in pairs]
-        for c, r in enumerate(rows):
-            _check_finite(r, 0, offset, where, c)
-        if with_self:
-            rows.append(sum(s for _, s in pairs)[:, None])
-        yield offset, torch.cat(rows, dim=1)
+            rows, self_terms = updates.embedding(ckpt, batch, with_self)
+        _check_finite(rows, 0, offset, where, c)
+        yield rows, self_terms
+
+
+def embedding_blocks(
+    setup: Setup, data: Any, *, start: int = 0, ranks: Ranks | None = None, where: str = "data"
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(offset, [b, C * P])`` per batch: ``embedding_parts``' checkpoints concatenated in checkpoint order."""
+    for offset, parts in embedding_parts(setup, data, start=start, ranks=ranks, where=where):
+        yield offset, torch.cat([rows for rows, _ in parts], dim=1)
 
 
 def collect_rows(blocks: Iterable[tuple[int, torch.Tensor]], n: int | None, start: int = 0) -> torch.Tensor | None:

@@ -19,8 +19,6 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ._fingerprint import tensor_bytes
-
 TEMPORARY = ".partial"  # suffix of files being written; never read, removed on the next build
 
 
@@ -49,12 +47,14 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one, even if the process
-    is killed at any moment: a temporary file, flushed and synced, then renamed over ``path``."""
+def write_atomically(path: str, *chunks: Any) -> None:
+    """Write ``chunks`` (bytes-like: ``bytes``, a tensor's memory) one after the other to ``path`` so that readers see
+    either the old file or the whole new one, even if the process is killed at any moment: a temporary file, flushed
+    and synced, then renamed over ``path``."""
     temporary = path + TEMPORARY
     with open(temporary, "wb") as f:
-        f.write(data)
+        for chunk in chunks:
+            f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
     try:
@@ -74,34 +74,44 @@ def write_json(path: str, content: Mapping[str, Any]) -> None:
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
-    """The ``safetensors`` serialisation of ``tensors`` (in the given order): an 8-byte little-endian header length,
-    the JSON header (padded with spaces to 8 bytes), then the tensors' bytes. Written here because the library's
-    own writer needs numpy, which is not a dependency; its reader reads these files."""
+def _memory(t: torch.Tensor) -> Any:
+    """The bytes of ``t`` (contiguous, on the CPU) read in place: no copy of a shard's rows is made to write them."""
+    size = t.numel() * t.element_size()
+    return (ctypes.c_char * size).from_address(t.data_ptr()) if size else b""
+
+
+def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The head of the ``safetensors`` serialisation of ``tensors`` (in the given order), which their bytes follow: an
+    8-byte little-endian header length, then the JSON header (padded with spaces to 8 bytes). Written here because
+    the library's own writer needs numpy, which is not a dependency; its reader reads these files."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    payload, offset = [], 0
+    offset = 0
     for name, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
         size = t.numel() * t.element_size()
         header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        payload.append(ctypes.string_at(t.data_ptr(), size) if size else b"")
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(payload)
+    return struct.pack("<Q", len(text)) + text
 
 
 def write_shard(path: str, embeddings: torch.Tensor, self_influence: torch.Tensor, info: Mapping[str, Any]) -> str:
     """Write one shard atomically and return its file's sha256. Its metadata holds ``info`` and the sha256 of its
-    tensors' bytes (``payload``), which a resumed build checks (``file_and_payload_sha256``)."""
+    tensors' bytes (``payload``), which a resumed build checks (``file_and_payload_sha256``). The rows are written
+    from the tensors' memory (contiguous CPU tensors are not copied): a build holds one shard's rows, not five."""
     tensors = {"self_influence": self_influence, "embeddings": embeddings}
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    rows = [_memory(t) for t in tensors.values()]  # (as the file lays them out, after its header)
     payload = hashlib.sha256()
-    for t in tensors.values():  # (as the file lays them out, after its header)
-        tensor_bytes(payload, t)
+    for part in rows:
+        payload.update(part)
     meta = {**info, "payload": payload.hexdigest()}
-    data = safetensors_bytes(tensors, {"tracin_func": json.dumps(meta, sort_keys=True)})
-    write_atomically(path, data)
-    return hashlib.sha256(data).hexdigest()
+    head = safetensors_header(tensors, {"tracin_func": json.dumps(meta, sort_keys=True)})
+    whole = hashlib.sha256(head)
+    for part in rows:
+        whole.update(part)
+    write_atomically(path, head, *rows)
+    return whole.hexdigest()
 
 
 def file_and_payload_sha256(path: str) -> tuple[str, str]:
