@@ -561,6 +561,11 @@ _ELEMENTWISE = (
 )
 
 
+@torch.compiler.disable  # (a value read: eager inside compiled updates, without dynamo's graph-break warning)
+def _holds(target: torch.Tensor, value: int) -> bool:
+    return bool((target == value).any())
+
+
 def batch_losses(criterion: Callable[[Any, Any], torch.Tensor], output: Any, target: Any) -> torch.Tensor | None:
     """The criterion's losses of a whole batch, without mapping over examples (what ``reduction='none'`` gives, the
     sum for ``'sum'``, each example's mean for a built-in elementwise ``'mean'``), whose sum is ``sum_i
@@ -572,7 +577,7 @@ def batch_losses(criterion: Callable[[Any, Any], torch.Tensor], output: Any, tar
     if reduction != "mean" or type(criterion) not in _ELEMENTWISE or getattr(criterion, "weight", None) is not None:
         return None
     ignore = getattr(criterion, "ignore_index", None)
-    if ignore is not None and isinstance(target, torch.Tensor) and bool((target == ignore).any()):
+    if ignore is not None and isinstance(target, torch.Tensor) and _holds(target, ignore):
         return None
     per_element = copy.copy(criterion)  # a shallow copy: the user's criterion keeps its reduction
     per_element.reduction = "none"
