@@ -226,8 +226,10 @@ def test_checkpoint_entries_loading_would_convert_or_rename():
 @pytest.mark.parametrize("lr", [0.0, -0.5, -1])
 def test_non_positive_lr(lr):
     model, ckpts, batch = _setup()
-    with pytest.raises(ValueError, match=rf"`lr` of checkpoints\[1\] must be positive and finite, got {float(lr)}"):
+    refused = rf"`lr` of checkpoints\[1\] must be positive and finite, got {float(lr)}"
+    with pytest.raises(ValueError, match=refused) as err:
         tc.influence(model, [ckpts[0], tc.Checkpoint(ckpts[1].params, lr=lr)], batch, batch, loss_fn=CE)
+    assert ("adds nothing to any score: leave it out" in str(err.value)) == (lr == 0)
 
 
 @pytest.mark.parametrize("lr", [math.nan, math.inf, -math.inf, torch.tensor(math.nan), torch.tensor(math.inf)])

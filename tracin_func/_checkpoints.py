@@ -87,8 +87,14 @@ def check_lr(lr: Any, where: str) -> None:
     else:
         raise TypeError(f"`lr` of {where} must be a positive number, got {lr!r} of type {type(lr).__name__}.")
     if not (math.isfinite(value) and value > 0):
+        zero = (
+            " A checkpoint at a learning rate of 0 (a warm-up's first step, a schedule's end) adds nothing to any "
+            "score: leave it out."
+            if value == 0
+            else ""
+        )
         raise ValueError(
-            f"`lr` of {where} must be positive and finite, got {value}. Pass the learning rate used after it."
+            f"`lr` of {where} must be positive and finite, got {value}. Pass the learning rate used after it.{zero}"
         )
 
 
