@@ -70,6 +70,14 @@ def test_a_failure_in_one_ranks_setup_is_raised_on_every_rank(ranks):
     assert per_rank[0]["sampler on one rank"].startswith("RuntimeError: rank 1 failed, so this rank stops too")
     for got in per_rank:
         assert "The ranks disagree on the number of test examples: [1, 2]" in got["index test sizes"]
+    for name, refused in {
+        "k on one rank": "ValueError: `k` must be a positive int, got 0",
+        "normalize on one rank": "ValueError: `normalize`='l2' is not allowed",
+        "projection on one rank": "ValueError: `projection_dim` must be a positive int, got 0",
+        "rerank on one rank": "ValueError: `rerank` must be the training data the index was built from",
+    }.items():  # (refused on rank 1 alone: rank 0 waited in the first collective, or failed with gloo's error)
+        assert per_rank[1][name].startswith(refused.split(":")[0]) and refused in per_rank[1][name], name
+        assert per_rank[0][name].startswith(f"RuntimeError: rank 1 failed, so this rank stops too: {refused}"), name
 
 
 def test_nccl_needs_a_gpu_device(monkeypatch):

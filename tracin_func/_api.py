@@ -10,7 +10,15 @@ import torch
 from ._checkpoints import Checkpoint
 from ._context import in_own_context
 from ._data import as_dict, num_examples, replayable
-from ._distributed import gather_objects, join, on_every_rank, set_up_on_every_rank, share, stack_top_k
+from ._distributed import (
+    checked_on_every_rank,
+    gather_objects,
+    join,
+    on_every_rank,
+    set_up_on_every_rank,
+    share,
+    stack_top_k,
+)
 from ._driver import collect_rows, embedding_blocks, query_chunks, score_blocks, self_blocks
 from ._index import Index
 from ._model import ParamSelector, exclusive_use
@@ -192,13 +200,19 @@ def influence(
         >>> torch.allclose(parts["0"] + parts["2"], total, atol=1e-6)
         True
     """
-    _check_options(options, "influence")
     train, test = as_dict(train), as_dict(test)
-    normalize = _check_normalize(normalize)
-    boolean(per_layer, "per_layer")
-    boolean(aggregate, "aggregate")
+
+    def checked() -> str | None:
+        _check_options(options, "influence")
+        normalized = _check_normalize(normalize)
+        boolean(per_layer, "per_layer")
+        boolean(aggregate, "aggregate")
+        if isinstance(train, Index):
+            _check_index_call(normalized, per_layer)
+        return normalized
+
+    normalize = checked_on_every_rank(options.get("distributed"), checked)
     if isinstance(train, Index):
-        _check_index_call(normalize, per_layer)
         setup = index_setup(
             train, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options,
             agreed={"the number of test examples": num_examples(test), "the options": aggregate},
@@ -299,21 +313,27 @@ def top_k(
         >>> bool((cos.scores <= 0.1 + 1e-6).all())  # sum_c lr_c cos(...) <= sum_c lr_c
         True
     """
-    _check_options(options, "top_k")
     train, test = as_dict(train), as_dict(test)
-    normalize = _check_normalize(normalize)
-    k = positive_int(k, "k")
-    boolean(proponents, "proponents")
-    boolean(aggregate, "aggregate")
+
+    def checked() -> tuple[str | None, int]:
+        _check_options(options, "top_k")
+        normalized, checked_k = _check_normalize(normalize), positive_int(k, "k")
+        boolean(proponents, "proponents")
+        boolean(aggregate, "aggregate")
+        if isinstance(train, Index):
+            _check_index_call(normalized)
+        elif rerank is not None or candidates is not None:
+            raise ValueError(
+                "`rerank` / `candidates` re-rank the candidates an index proposes: pass a `tc.Index` as `train` (from "
+                "`tc.build_index` or `tc.open_index`) and the training data as `rerank=`."
+            )
+        return normalized, checked_k
+
+    normalize, k = checked_on_every_rank(options.get("distributed"), checked)
     if isinstance(train, Index):
         return _index_top_k(
             train, model, checkpoints, test, k=k, loss_fn=loss_fn, test_loss_fn=test_loss_fn, proponents=proponents,
-            aggregate=aggregate, normalize=normalize, rerank=rerank, candidates=candidates, options=options,
-        )
-    if rerank is not None or candidates is not None:
-        raise ValueError(
-            "`rerank` / `candidates` re-rank the candidates an index proposes: pass a `tc.Index` as `train` (from "
-            "`tc.build_index` or `tc.open_index`) and the training data as `rerank=`."
+            aggregate=aggregate, rerank=rerank, candidates=candidates, options=options,
         )
     def set_up() -> Setup:
         n_train = num_examples(train)
@@ -375,42 +395,50 @@ def _index_top_k(
     test_loss_fn: Any,
     proponents: bool,
     aggregate: bool,
-    normalize: str | None,
     rerank: Any,
     candidates: int | None,
     options: dict[str, Any],
 ) -> TopK:
     """``top_k`` with an index as ``train``: streamed over its shards, then optionally re-ranked exactly."""
-    _check_index_call(normalize)
     if isinstance(checkpoints, Iterator):  # (read twice with `rerank`: a generator's second read was empty)
         checkpoints = list(checkpoints)
-    if k > len(index):
-        raise ValueError(f"`k`={k} exceeds the number of rows of the index ({len(index)}); pass `k <= {len(index)}`.")
+    def checked() -> int | None:  # the number of candidates to re-rank, with `rerank`
+        if k > len(index):
+            rows = len(index)
+            raise ValueError(f"`k`={k} exceeds the number of rows of the index ({rows}); pass `k <= {rows}`.")
+        if rerank is None:
+            if candidates is not None:
+                raise ValueError("`candidates` is how many candidates to re-rank: pass the training data as `rerank=`.")
+            return None
+        m = min(len(index), 10 * k) if candidates is None else positive_int(candidates, "candidates")
+        if not k <= m <= len(index):
+            raise ValueError(f"`candidates`={m} must lie in [k, rows of the index] = [{k}, {len(index)}].")
+        return m
+
+    m = checked_on_every_rank(options.get("distributed"), checked)
     agreed = {"the number of test examples": num_examples(test), "the options": (k, proponents, aggregate, candidates)}
     setup = index_setup(
         index, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options, agreed=agreed
     )
-    if rerank is None:
-        if candidates is not None:
-            raise ValueError("`candidates` is how many candidates to re-rank: pass the training data as `rerank=`.")
+    if m is None:
         return index_top_k(index, setup, test, k=k, proponents=proponents, aggregate=aggregate)
-    m = min(len(index), 10 * k) if candidates is None else positive_int(candidates, "candidates")
-    if not k <= m <= len(index):
-        raise ValueError(f"`candidates`={m} must lie in [k, rows of the index] = [{k}, {len(index)}].")
-    n = num_examples(rerank)
-    if n != len(index):
-        raise ValueError(
-            f"`rerank` must be the training data the index was built from, in the same order (a batch or a Dataset "
-            f"of {len(index)} examples); got {n if n is not None else 'data of unknown size'}."
-        )
     from ._build import unmatched_rows  # (here: _build imports this module)
 
-    unmatched = unmatched_rows(index, setup, rerank)
-    if unmatched is not None:
-        raise ValueError(
-            f"`rerank` must be the training data the index was built from, in the same order: its rows "
-            f"[{unmatched[0]}, {unmatched[1]}) differ from those the index holds (by their digest). Pass that data."
-        )
+    def rerank_checked() -> None:  # (on every rank: the exact scores' calls are collective)
+        n = num_examples(rerank)
+        if n != len(index):
+            raise ValueError(
+                f"`rerank` must be the training data the index was built from, in the same order (a batch or a "
+                f"Dataset of {len(index)} examples); got {n if n is not None else 'data of unknown size'}."
+            )
+        unmatched = unmatched_rows(index, setup, rerank)
+        if unmatched is not None:
+            raise ValueError(
+                f"`rerank` must be the training data the index was built from, in the same order: its rows "
+                f"[{unmatched[0]}, {unmatched[1]}) differ from those the index holds (by their digest). Pass that data."
+            )
+
+    on_every_rank(setup.ranks, rerank_checked)
     proposed = index_top_k(index, setup, test, k=m, proponents=proponents, aggregate=aggregate)
 
     def exact(subset: Any) -> torch.Tensor:
@@ -458,19 +486,25 @@ def self_influence(
         >>> list(parts), parts[""].shape  # a bare nn.Linear: its parameters belong to the root module ""
         ([''], torch.Size([10]))
     """
-    _check_options(options, "self_influence")
     data = as_dict(data)
-    if isinstance(data, Index):
-        raise TypeError("`data` is an index, which holds every row's self-influence: call `index.self_influence()`.")
-    boolean(per_layer, "per_layer")
-    if _check_normalize(normalize) is not None:
-        raise ValueError(
-            f"`normalize`={normalize!r} has no use in `self_influence`: an example's cosine with itself is 1, so "
-            f"the cosine self-influence is sum_c lr_c for every example (0 where its gradient is zero) and ranks "
-            f"nothing; 'train' would give sum_c lr_c |g_c|, a plain gradient norm. Drop `normalize` (TracIn "
-            f"self-influence, sum_c lr_c |g_c|^2, is what finds mislabeled examples); renormalised scores are for "
-            f"test / train pairs: `tc.influence` and `tc.top_k`."
-        )
+
+    def checked() -> None:
+        _check_options(options, "self_influence")
+        if isinstance(data, Index):
+            raise TypeError(
+                "`data` is an index, which holds every row's self-influence: call `index.self_influence()`."
+            )
+        boolean(per_layer, "per_layer")
+        if _check_normalize(normalize) is not None:
+            raise ValueError(
+                f"`normalize`={normalize!r} has no use in `self_influence`: an example's cosine with itself is 1, so "
+                f"the cosine self-influence is sum_c lr_c for every example (0 where its gradient is zero) and ranks "
+                f"nothing; 'train' would give sum_c lr_c |g_c|, a plain gradient norm. Drop `normalize` (TracIn "
+                f"self-influence, sum_c lr_c |g_c|^2, is what finds mislabeled examples); renormalised scores are for "
+                f"test / train pairs: `tc.influence` and `tc.top_k`."
+            )
+
+    checked_on_every_rank(options.get("distributed"), checked)
     setup = set_up_on_every_rank(
         options.get("distributed"),
         lambda: make_setup(model, checkpoints, loss_fn=loss_fn, **options),
@@ -530,13 +564,15 @@ def embeddings(
         >>> tc.embeddings(model, ckpts, (x, y), loss_fn=torch.nn.CrossEntropyLoss()).shape
         torch.Size([10, 30])
     """
-    _check_options(options, "embeddings")
     data = as_dict(data)
-    if isinstance(data, Index):
-        raise TypeError("`data` is an index, which holds the embeddings: call `index.embeddings(rows)`.")
-    projection = None
-    if projection_dim is not None:
-        projection = (projection_dim_of(projection_dim), seed_value(seed))
+
+    def checked() -> tuple[int, int] | None:
+        _check_options(options, "embeddings")
+        if isinstance(data, Index):
+            raise TypeError("`data` is an index, which holds the embeddings: call `index.embeddings(rows)`.")
+        return None if projection_dim is None else (projection_dim_of(projection_dim), seed_value(seed))
+
+    projection = checked_on_every_rank(options.get("distributed"), checked)
     setup = set_up_on_every_rank(
         options.get("distributed"),
         lambda: make_setup(model, checkpoints, loss_fn=loss_fn, projection=projection, **options),

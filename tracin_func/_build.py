@@ -19,7 +19,7 @@ from ._api import _check_options
 from ._checkpoints import Checkpoint
 from ._context import in_own_context
 from ._data import as_dict, iter_batches, num_examples, rows_of
-from ._distributed import agree, gather_objects, on_every_rank, set_up_on_every_rank
+from ._distributed import agree, checked_on_every_rank, gather_objects, on_every_rank, set_up_on_every_rank
 from ._driver import embedding_parts, first_examples, naming_failures
 from ._fingerprint import differences, fingerprint, tensor_bytes
 from ._index import FORMAT, LAYOUT, MANIFEST, VERSION, Index, check_shard, manifest_digest, open_index, read_manifest
@@ -348,16 +348,20 @@ def build_index(
         >>> torch.equal(top.indices, tc.top_k(model, ckpts, (x, y), (x[:2], y[:2]), k=3, loss_fn=loss).indices)
         True
     """
-    _check_options(options, "build_index")
     path, train = os.fspath(path), as_dict(train)
-    projection = None
-    if projection_dim is not None:
-        projection = (projection_dim_of(projection_dim), seed_value(seed))
-    if storage_dtype not in STORAGE_DTYPES:
-        raise TypeError(f"`storage_dtype` must be one of {[str(d) for d in STORAGE_DTYPES]}, got {storage_dtype!r}.")
-    if shard_size is not None:
-        shard_size = positive_int(shard_size, "shard_size")
-    boolean(overwrite, "overwrite")
+
+    def checked() -> tuple[tuple[int, int] | None, int | None]:
+        _check_options(options, "build_index")
+        projection = None
+        if projection_dim is not None:
+            projection = (projection_dim_of(projection_dim), seed_value(seed))
+        if storage_dtype not in STORAGE_DTYPES:
+            allowed = [str(d) for d in STORAGE_DTYPES]
+            raise TypeError(f"`storage_dtype` must be one of {allowed}, got {storage_dtype!r}.")
+        boolean(overwrite, "overwrite")
+        return projection, None if shard_size is None else positive_int(shard_size, "shard_size")
+
+    projection, shard_size = checked_on_every_rank(options.get("distributed"), checked)
     n = num_examples(train)
 
     def set_up() -> Setup:

@@ -145,6 +145,13 @@ def agree(ranks: Ranks | None, **values: Any) -> None:
             )
 
 
+def checked_on_every_rank(distributed: Any, check: Callable[[], T]) -> T:
+    """A call's checks of its arguments (``check()``, returning the checked values) raised on every rank where they
+    raise on one: a value refused on one rank alone (``k=0`` there) left the others in the call's first collective,
+    where gloo failed with a connection error or waited 30 minutes."""
+    return on_every_rank(resolve(distributed), check)
+
+
 def set_up_on_every_rank(distributed: Any, set_up: Callable[[], T], **agreed: Any) -> T:
     """A call's checks and setup (``set_up()``, returning a ``Setup``) run on every rank, raised on every rank where
     they raise on one (before: the others waited in the first collective, 30 minutes by gloo's default), and refused
