@@ -116,7 +116,8 @@ def main(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") 
             # an argument refused on one rank alone (the other rank waited in the first collective: gloo's connection
             # error there), before a call and after an index's setup
             "k on one rank": lambda: tc.top_k(model, ckpts, train, test, k=[3, 0][rank], **kw),
-            "normalize on one rank": lambda: tc.influence(model, ckpts, train, test, normalize=[None, "l2"][rank], **kw),
+            "normalize on one rank": lambda: tc.influence(model, ckpts, train, test, normalize=[None, "l2"][rank],
+                                                          **kw),  # fmt: skip
             "projection on one rank": lambda: tc.embeddings(model, ckpts, train, projection_dim=[4, 0][rank], **kw),
             "rerank on one rank": lambda: tc.top_k(model, ckpts, index, test, k=2, rerank=[train, test][rank], **kw),
             "checkpoints": lambda: tc.influence(model, moved, train, test, **kw),  # (mixed into one result)

@@ -2607,7 +2607,7 @@ def test_token_rows_are_kept_where_ids_rarely_recur_across_examples():
 def test_the_automatic_batch_size_is_cache_sized_on_cpu():
     """256 MB of representations bound every device; on CPU a batch holds 64 MB of representations, at least 128 and
     at most 512 examples, or 4 MB when that is more (small examples), fewer where the forward's largest tensor would
-    outgrow 16 MB, and never fewer than 16 or more than 4096."""
+    outgrow 16 MB, and never fewer than 16 (but where 16 would pass the 256 MB) or more than 4096."""
     from tracin_func._setup import auto_batch_size
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -2620,7 +2620,9 @@ def test_the_automatic_batch_size_is_cache_sized_on_cpu():
     assert auto_batch_size(672_768, cuda) == 399
     assert auto_batch_size(2_356, cpu) == 1780 and auto_batch_size(2_356, cuda) == 4096  # the digits MLP's
     assert auto_batch_size(6_371_628, cpu) == auto_batch_size(6_371_628, cuda) == 42  # ResNet-18's: memory bounds it
-    assert auto_batch_size(1 << 30, cpu) == 16
+    assert auto_batch_size(16 << 20, cpu) == auto_batch_size(16 << 20, cuda) == 16
+    assert auto_batch_size(50 << 20, cpu) == auto_batch_size(50 << 20, cuda) == 5  # (16 of them held 800 MB)
+    assert auto_batch_size(1 << 30, cpu) == auto_batch_size(1 << 30, cuda) == 1  # (16 GB)
     mamba = dict(tensor_bytes=256 << 10)  # its scan's [B, 128, 32, 16] float32 tensors
     assert auto_batch_size(517_939, cpu, **mamba) == 64 and auto_batch_size(517_939, cuda, **mamba) == 518
     assert auto_batch_size(672_768, cpu, tensor_bytes=128_000) == 128  # GPT-2's logits: 32 tokens of 1000 classes

@@ -135,10 +135,11 @@ def influence(
               every parameter of the model that requires grad. ``layers`` (module names) selects the parameters
               under those modules instead, like Captum's ``layers=``.
             - ``batch_size``: examples per batch when data is a single batch or a ``Dataset``. Default: as many
-              as keep the gradients within 256 MB (16 to 4096; on CPU 64 MB, 128 to 512 examples, or more when
-              4 MB holds more, and fewer where the forward's largest tensor would pass 16 MB, which keeps a batch's
-              tensors cache-friendly), sized by what the call's plan holds per example until scored (factors of
-              layers kept or formed when scored, per-sample gradients of the rest), in batches of even size.
+              as keep the gradients within 256 MB (16 to 4096, fewer where 16 would not fit; on CPU 64 MB, 128 to
+              512 examples, or more when 4 MB holds more, and fewer where the forward's largest tensor would pass
+              16 MB, which keeps a batch's tensors cache-friendly), sized by what the call's plan holds per example
+              until scored (factors of layers kept or formed when scored, per-sample gradients of the rest), in
+              batches of even size.
             - ``chunk_size``: examples per ``vmap`` call inside a batch (bounds activation memory).
             - ``device`` / ``dtype``: where and in which floating dtype to compute (``torch.float64`` works end to
               end). Default: the model's device, the checkpoints' one floating dtype (mixed or half-precision

@@ -116,17 +116,19 @@ _CPU_TENSOR_BYTES = 1 << 24
 def auto_batch_size(
     example_bytes: int, device: torch.device, budget_bytes: int = 1 << 28, tensor_bytes: int = 0
 ) -> int:
-    """Examples per batch whose gradient representations fit ``budget`` (16 to 4096); on CPU 64 MB of
-    representations, 128 to 512 examples, or more when 4 MB holds more (small examples), and fewer where the largest
-    tensor of the forward (``tensor_bytes`` per example) would outgrow 16 MB."""
+    """Examples per batch whose gradient representations fit ``budget`` (16 to 4096, fewer where 16 would not fit:
+    one example of 1 GB held 16 GB); on CPU 64 MB of representations, 128 to 512 examples, or more when 4 MB holds
+    more (small examples), and fewer where the largest tensor of the forward (``tensor_bytes`` per example) would
+    outgrow 16 MB."""
     example_bytes = max(1, example_bytes)
-    most = budget_bytes // example_bytes
+    fits = max(1, budget_bytes // example_bytes)
+    most = fits
     if device.type == "cpu":
         fewest, most_examples = _CPU_BATCH_EXAMPLES
         cached = _CPU_BATCH_BYTES // example_bytes
         small = _CPU_SMALL_BATCH_BYTES // example_bytes  # above 256 for small examples only
         most = min(most, max(fewest, min(cached, max(most_examples, small))), _CPU_TENSOR_BYTES // max(1, tensor_bytes))
-    return max(16, min(4096, most))
+    return min(fits, max(16, min(4096, most)))
 
 
 def even_batches(most: int) -> Callable[[int], int]:
