@@ -14,10 +14,12 @@ from ._distributed import (
     checked_on_every_rank,
     gather_objects,
     join,
+    laid_out,
     on_every_rank,
     set_up_on_every_rank,
     share,
     stack_top_k,
+    summed,
 )
 from ._driver import collect_rows, embedding_blocks, query_chunks, score_blocks, self_blocks
 from ._index import Index
@@ -225,20 +227,25 @@ def influence(
         **{"the number of test examples": num_examples(test), "the options": (normalize, aggregate, per_layer)},
     )
     data, start, by_batch = share(replayable(train), setup.ranks)  # (a one-pass iterator's head: for planning)
+    like = torch.empty(0, device=setup.device, dtype=setup.dtype)
+    n_train = None if per_layer else num_examples(train)  # (known: each chunk's scores written into place)
 
-    def local() -> list[list[tuple[int, Any]]]:  # per chunk of test examples, this rank's score blocks
+    def local() -> list[Any]:  # per chunk of test examples, this rank's scores (or score blocks)
         with exclusive_use(setup.spec):
             chunks = query_chunks(
                 setup, test, aggregate=aggregate, normalize=normalize, budget=setup.test_budget, train=data,
                 train_start=start,
             )
-            return [
-                list(score_blocks(setup, q, data, "influence", start=start, ranks=by_batch, per_layer=per_layer))
+            blocks = (
+                (q, score_blocks(setup, q, data, "influence", start=start, ranks=by_batch, per_layer=per_layer))
                 for q in chunks
-            ]
+            )
+            if n_train:
+                return [laid_out(b, 1 if q.sum_rows else q.rows, n_train, like) for q, b in blocks]
+            return [list(b) for _, b in blocks]
 
-    like = torch.empty(0, device=setup.device, dtype=setup.dtype)
-    rows = [join(blocks, 1, setup.ranks, like) for blocks in on_every_rank(setup.ranks, local)]
+    parts = on_every_rank(setup.ranks, local)
+    rows = [summed(p, setup.ranks) if n_train else join(p, 1, setup.ranks, like) for p in parts]
     if rows[0] is None:
         raise ValueError("`train` holds no examples.")
     if per_layer:

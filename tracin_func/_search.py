@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ._data import select_rows
-from ._distributed import join, on_every_rank, set_up_on_every_rank, stack_top_k
+from ._distributed import laid_out, on_every_rank, set_up_on_every_rank, stack_top_k, summed
 from ._driver import embedding_blocks
 from ._fingerprint import differences, fingerprint
 from ._index import BLOCK_BYTES, Index
@@ -97,12 +97,14 @@ def _scores(index: Index, setup: Setup, queries: torch.Tensor) -> Iterator[tuple
 def index_influence(index: Index, setup: Setup, test: Any, *, aggregate: bool) -> torch.Tensor:
     """``[n_test, n_train]`` scores of the test examples against every row of ``index``."""
 
-    def local() -> list[list[tuple[int, torch.Tensor]]]:
-        with exclusive_use(setup.spec):
-            return [list(_scores(index, setup, q)) for q in _test_chunks(setup, test, aggregate)]
-
     like = torch.empty(0, device=setup.device, dtype=setup.dtype)
-    rows = [join(blocks, 1, setup.ranks, like) for blocks in on_every_rank(setup.ranks, local)]
+
+    def local() -> list[torch.Tensor]:  # (rows of other ranks' shards: zero, summed over the ranks below)
+        with exclusive_use(setup.spec):
+            chunks = _test_chunks(setup, test, aggregate)
+            return [laid_out(_scores(index, setup, q), q.shape[0], len(index), like) for q in chunks]
+
+    rows = [summed(part, setup.ranks) for part in on_every_rank(setup.ranks, local)]
     if not rows:
         raise ValueError("`test` holds no examples.")
     return torch.cat(rows) if len(rows) > 1 else rows[0]
