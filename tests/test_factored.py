@@ -2630,6 +2630,16 @@ def test_the_automatic_batch_size_is_cache_sized_on_cpu():
     assert auto_batch_size(100, cpu, tensor_bytes=1 << 20) == 16  # never fewer
 
 
+def test_the_batch_size_before_a_plan_is_at_least_16():
+    """Before a plan (index builds cut their rows by it), the size counts dense gradients, which overstate what most
+    plans hold: bounded below 16 by them, a 69 MB model's build ran in batches of 3."""
+    from tracin_func._setup import make_setup
+
+    model = torch.nn.Linear(4096, 1100)  # 18 MB of dense gradients an example: 256 MB hold 14
+    setup = make_setup(model, [tc.Checkpoint(dict(model.state_dict()), 0.1)], loss_fn=torch.nn.MSELoss())
+    assert setup.auto_batch and setup.batch_size == 16
+
+
 class HeldAsFactors(nn.Module):
     """Token ids through an Embedding of few rows and positions through another (each materialised on the rows its
     ids touch), a token-wise Linear (materialised: 12 rows per example), their mean through a classifier (factored:
