@@ -113,10 +113,23 @@ def test_a_storage_dtype_too_narrow_is_refused_before_its_shard_is_written(tmp_p
     assert_close(tc.influence(model, ckpts, index, test, loss_fn=LOSS), ref.influence, 1e-2)
 
 
+def test_a_narrow_storage_dtype_is_refused_for_every_checkpoint_s_columns_of_the_shard(tmp_path):
+    """Decided per batch and checkpoint, the refusal named the first overflowing part's rows and magnitude: it advised
+    bfloat16 where a later checkpoint's columns needed float64."""
+    model, ckpts, train, _ = _misfit_task()
+    ckpts = [tc.Checkpoint(ckpts[0].params, lr) for lr in (1e12, 1e80, 0.3)]  # (the first overflows float16 only)
+    ref = reference_scores(model, ckpts, train, train, loss_fn=LOSS)
+    largest = ref.train_embeddings.abs().max().item()
+    assert torch.finfo(torch.float32).max < largest < torch.finfo(torch.float64).max
+    with pytest.raises(ValueError, match=rf"their largest magnitude, {re.escape(f'{largest:.4g}')}, .* Pass "
+                                         rf"`storage_dtype=torch.float64`, and"):  # fmt: skip
+        tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, storage_dtype=torch.float16, batch_size=2)
+
+
 def test_queries_refuse_an_index_holding_infinities(tmp_path, monkeypatch):
     """Built before the storage check: index influence gave NaN, top_k ranked it first among proponents."""
     model, ckpts, train, test = _misfit_task()
-    monkeypatch.setattr(_build, "_check_storable", lambda *args: None)  # (as builds before it)
+    monkeypatch.setattr(_build, "_refuse_unstorable", lambda *args: None)  # (as builds before it)
     index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, storage_dtype=torch.float16, shard_size=3)
     assert not torch.isfinite(index.embeddings([4])).all()
     refused = r"Non-finite influence scores between `test` rows \[0, 1\] and `train` rows \[4\].*storage_dtype"

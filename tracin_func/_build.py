@@ -247,20 +247,26 @@ def _check_disk(path: str, missing_rows: int, planned: dict[str, Any], self_item
         )
 
 
-def _check_storable(embeddings: torch.Tensor, stored: torch.Tensor, start: int) -> None:
-    """Refuse embeddings their storage dtype rounds to infinity (computed finite: checked where embedded); they
-    would score NaN, silently. ``start``: the training row of the first (a batch's)."""
-    overflowed = ~torch.isfinite(stored).all(1)
-    if not bool(overflowed.any()):
+def _overflowed(part: torch.Tensor, stored: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Which rows of ``part`` (embeddings, computed finite: checked where embedded) their storage dtype rounds to
+    infinity (``stored``), and their largest magnitude (0 where none)."""
+    rows = ~torch.isfinite(stored).all(1)
+    return rows.cpu(), float(part[rows].abs().max()) if bool(rows.any()) else 0.0
+
+
+def _refuse_unstorable(rows: torch.Tensor, largest: float, dtype: torch.dtype, start: int) -> None:
+    """Refuse a shard whose ``rows`` (a mask; ``start``: the training row of the first) the storage ``dtype`` cannot
+    hold: they would score NaN, silently. Decided on the whole shard, every checkpoint's columns (per part, the
+    advice could name a dtype the next part overflows too)."""
+    if not bool(rows.any()):
         return
-    rows = (overflowed.nonzero().flatten() + start).tolist()
-    largest = float(embeddings[overflowed].abs().max())
     by_size = sorted(STORAGE_DTYPES, key=lambda d: d.itemsize)
     wider = [f"`storage_dtype={d}`" for d in by_size if torch.finfo(d).max > largest]  # (the smallest first)
     raise ValueError(
-        f"`storage_dtype`={stored.dtype} cannot hold the embeddings of `train` rows {rows[:10]}: their largest "
-        f"magnitude, {largest:.4g}, exceeds its maximum {torch.finfo(stored.dtype).max:.4g}. Pass "
-        f"{' or '.join(wider[:2])}, and `overwrite=True` to replace this build."
+        f"`storage_dtype`={dtype} cannot hold the embeddings of `train` rows "
+        f"{(rows.nonzero().flatten() + start).tolist()[:10]}: their largest magnitude, {largest:.4g}, exceeds its "
+        f"maximum {torch.finfo(dtype).max:.4g}. Pass {' or '.join(wider[:2])}, and `overwrite=True` to replace this "
+        f"build."
     )
 
 
@@ -272,19 +278,24 @@ def _shard_rows(
     held five copies of them), and the digest of the input rows of one shard."""
     digests: list[Any] = []
     data = _hashed(iter_batches(rows_of(train, start, stop), setup.batch_size, "train"), digests)
-    embeddings = self_influence = torch.empty(0)
+    embeddings: torch.Tensor | None = None
+    self_influence = torch.zeros(stop - start, dtype=setup.dtype)
+    unstorable, largest = torch.zeros(stop - start, dtype=torch.bool), 0.0
     for offset, parts in embedding_parts(setup, data, start=start, with_self=True):
         column, at = 0, offset - start
         for part, self_term in parts:
-            if not embeddings.numel():  # (D: each checkpoint's columns alike)
+            if embeddings is None:  # (D: each checkpoint's columns alike)
                 embeddings = torch.empty(stop - start, part.shape[1] * len(setup.checkpoints), dtype=storage_dtype)
-                self_influence = torch.zeros(stop - start, dtype=self_term.dtype)
             rows = slice(at, at + part.shape[0])
             stored = part.to(storage_dtype)
-            _check_storable(part, stored, offset)
+            overflowed, most = _overflowed(part, stored)
+            unstorable[rows] |= overflowed
+            largest = max(largest, most)
             embeddings[rows, column : column + part.shape[1]] = stored
             self_influence[rows] += self_term.cpu()
             column += part.shape[1]
+    _refuse_unstorable(unstorable, largest, storage_dtype, start)
+    assert embeddings is not None  # (a shard holds rows)
     return embeddings, self_influence, _rows_digest(digests)
 
 
@@ -358,8 +369,9 @@ def build_index(
         if storage_dtype not in STORAGE_DTYPES:
             allowed = [str(d) for d in STORAGE_DTYPES]
             raise TypeError(f"`storage_dtype` must be one of {allowed}, got {storage_dtype!r}.")
+        rows = None if shard_size is None else positive_int(shard_size, "shard_size")
         boolean(overwrite, "overwrite")
-        return projection, None if shard_size is None else positive_int(shard_size, "shard_size")
+        return projection, rows
 
     projection, shard_size = checked_on_every_rank(options.get("distributed"), checked)
     n = num_examples(train)
