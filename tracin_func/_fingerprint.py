@@ -32,9 +32,13 @@ def tensor_digest(digest: Any, t: torch.Tensor) -> None:
 
 def tensor_bytes(digest: Any, t: torch.Tensor) -> None:
     """Feed a tensor's bytes (row-major, on the CPU) into a hashlib digest."""
-    t = t.detach().to("cpu").contiguous()
-    if t.numel():
-        digest.update((ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr()))
+    digest.update(memory_of(t.detach().to("cpu").contiguous()))
+
+
+def memory_of(t: torch.Tensor) -> Any:
+    """The bytes of ``t`` (contiguous, on the CPU), read in place (no copy) as long as ``t`` lives."""
+    size = t.numel() * t.element_size()
+    return (ctypes.c_char * size).from_address(t.data_ptr()) if size else b""
 
 
 def _sha(parts: Iterable[Any]) -> str:

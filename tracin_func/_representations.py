@@ -94,7 +94,7 @@ def _sq_norms(rows: torch.Tensor) -> torch.Tensor:
     return sum(part.square().sum(0) for part in columns.split(block))
 
 
-def _summed(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+def _added_up(terms: Iterable[torch.Tensor]) -> torch.Tensor:
     """The sum of ``terms``, each made for it (referenced nowhere else: a part's products), added into the first.
     Python's ``sum`` makes a tensor per term (``0 + t``, then each partial sum): at 500 test x 1,724 training examples
     a fresh ``[n, m]`` written costs 5x an addition into one in cache."""
@@ -132,7 +132,7 @@ class Dense(NamedTuple):
     def dot(self, other: Dense | Deferred) -> torch.Tensor:
         if isinstance(other, Deferred):  # its gradients formed here, chunk by chunk, used while in cache
             return other.dotted_by(self)
-        return _summed(_product(_rows(a), _rows(other.grads[name])) for name, a in self.grads.items())
+        return _added_up(_product(_rows(a), _rows(other.grads[name])) for name, a in self.grads.items())
 
     def sq_norm(self) -> torch.Tensor:
         return sum(_sq_norms(_rows(g)) for g in self.grads.values())
@@ -246,7 +246,7 @@ class Deferred(NamedTuple):
         blocks = self._channel_blocks(rows.stop - rows.start)
         if blocks is None:
             return reduce(Dense(self.form(rows)), slice(None))
-        return _summed(reduce(Dense(part), block) for block, part in zip(blocks, self.by_channels(rows, blocks)))
+        return _added_up(reduce(Dense(part), block) for block, part in zip(blocks, self.by_channels(rows, blocks)))
 
     def project(self, seed: int, k: int) -> torch.Tensor:
         """From the factors (``Factored.project``: the same projection), in chunks of about ``_BLOCK_BYTES`` of them,
@@ -780,7 +780,7 @@ class Representation(NamedTuple):
         return first.n if isinstance(first, (TokenRows, Deferred, Zero)) else first.a.shape[0]
 
     def dot(self, other: Representation) -> torch.Tensor:
-        return _summed(a.dot(b) for a, b in zip(self.parts, other.parts))
+        return _added_up(a.dot(b) for a, b in zip(self.parts, other.parts))
 
     def sq_norm(self) -> torch.Tensor:
         return sum(p.sq_norm() for p in self.parts)

@@ -8,7 +8,6 @@ The bytes are a function of the tensors and that key only, so a rebuilt shard eq
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+
+from ._fingerprint import memory_of
 
 TEMPORARY = ".partial"  # suffix of files being written; never read, removed on the next build
 
@@ -74,12 +75,6 @@ def write_json(path: str, content: Mapping[str, Any]) -> None:
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def _memory(t: torch.Tensor) -> Any:
-    """The bytes of ``t`` (contiguous, on the CPU) read in place: no copy of a shard's rows is made to write them."""
-    size = t.numel() * t.element_size()
-    return (ctypes.c_char * size).from_address(t.data_ptr()) if size else b""
-
-
 def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
     """The head of the ``safetensors`` serialisation of ``tensors`` (in the given order), which their bytes follow: an
     8-byte little-endian header length, then the JSON header (padded with spaces to 8 bytes). Written here because
@@ -101,7 +96,7 @@ def write_shard(path: str, embeddings: torch.Tensor, self_influence: torch.Tenso
     from the tensors' memory (contiguous CPU tensors are not copied): a build holds one shard's rows, not five."""
     tensors = {"self_influence": self_influence, "embeddings": embeddings}
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    rows = [_memory(t) for t in tensors.values()]  # (as the file lays them out, after its header)
+    rows = [memory_of(t) for t in tensors.values()]  # (as the file lays them out, after its header; in place)
     payload = hashlib.sha256()
     for part in rows:
         payload.update(part)
