@@ -657,3 +657,20 @@ def test_queries_stream_the_index_in_small_blocks(task, tmp_path, monkeypatch):
     assert [(offset, len(b)) for offset, b in index.blocks()] == [(row, 1) for row in range(N)]
     assert_close(tc.influence(model, ckpts, index, test, loss_fn=LOSS), ref.influence)
     assert_topk(tc.top_k(model, ckpts, index, test, k=4, loss_fn=LOSS), ref.influence, 4, largest=True)
+
+
+def test_rerank_checks_the_shards_holding_candidates(task, tmp_path, monkeypatch):
+    """`rerank=` data is checked against the digests of the shards whose rows are re-scored: hashing all of it (2M
+    rows: 12 of a query's 16 s) checked rows no score reads. A candidate's shard that differs is still refused."""
+    model, ckpts, train, (xt, yt), _ = task
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, projection_dim=8, shard_size=5)
+    hashed, real = [], _build._data_digest
+    monkeypatch.setattr(_build, "_data_digest", lambda *a: hashed.append(a[2]) or real(*a))
+    one = (xt[:1], yt[:1])
+    top = tc.top_k(model, ckpts, index, one, k=1, candidates=1, rerank=train, loss_fn=LOSS)
+    assert hashed == [int(top.indices) // 5 * 5] and len(index) > 5  # (its one candidate's shard of several)
+    x, y = train
+    other = x.clone()
+    other[top.indices.flatten()] += 1
+    with pytest.raises(ValueError, match=rf"`rerank` must be the training data .* its rows \[{hashed[0]}, "):
+        tc.top_k(model, ckpts, index, one, k=1, candidates=1, rerank=(other, y), loss_fn=LOSS)

@@ -225,10 +225,12 @@ def _data_digest(setup: Setup, train: Any, start: int, stop: int) -> str:
     return _rows_digest(digests)
 
 
-def unmatched_rows(index: Any, setup: Setup, train: Any) -> tuple[int, int] | None:
-    """The first row range of ``index`` whose input rows ``train`` does not hold as the index was built from them
-    (each shard keeps a digest of its input rows), or None."""
+def unmatched_rows(index: Any, setup: Setup, train: Any, rows: torch.Tensor) -> tuple[int, int] | None:
+    """The first row range of ``index`` holding some of ``rows`` whose input rows ``train`` does not hold as the index
+    was built from them (each shard keeps a digest of its input rows), or None."""
     for shard in index.shards:
+        if not bool(((rows >= shard["start"]) & (rows < shard["stop"])).any()):
+            continue
         built = shard_info(os.path.join(index.path, shard["file"])).get("data")
         if built is not None and built != _data_digest(setup, train, shard["start"], shard["stop"]):
             return shard["start"], shard["stop"]
