@@ -674,3 +674,12 @@ def test_rerank_checks_the_shards_holding_candidates(task, tmp_path, monkeypatch
     other[top.indices.flatten()] += 1
     with pytest.raises(ValueError, match=rf"`rerank` must be the training data .* its rows \[{hashed[0]}, "):
         tc.top_k(model, ckpts, index, one, k=1, candidates=1, rerank=(other, y), loss_fn=LOSS)
+
+
+def test_a_build_shows_one_progress_bar_over_rows(task, tmp_path, capfd):
+    """Each shard opened a bar of its own ("embeddings", of no known length) under the build's: 23 of them for 2M
+    rows, escape sequences in logs. The build's bar over rows advances batch by batch."""
+    model, ckpts, train, _, _ = task
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=10, batch_size=4, progress=True)
+    err = capfd.readouterr().err
+    assert "index rows" in err and "embeddings" not in err

@@ -273,13 +273,15 @@ def _refuse_unstorable(rows: torch.Tensor, largest: float, dtype: torch.dtype, s
 
 
 def _shard_rows(
-    setup: Setup, train: Any, start: int, stop: int, storage_dtype: torch.dtype
+    setup: Setup, train: Any, start: int, stop: int, storage_dtype: torch.dtype, bar: Any
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Embeddings ``[rows, D]`` in ``storage_dtype`` and self-influences ``[rows]``, on the CPU, each checkpoint's
     columns written into place as computed (the shard's rows exist once, beside one checkpoint's of a batch: a build
-    held five copies of them), and the digest of the input rows of one shard."""
+    held five copies of them), and the digest of the input rows of one shard. ``bar``: the build's progress bar,
+    advanced batch by batch (each shard opened a bar of its own, of no known length)."""
     digests: list[Any] = []
     data = _hashed(iter_batches(rows_of(train, start, stop), setup.batch_size, "train"), digests)
+    setup = setup._replace(progress=False)
     embeddings: torch.Tensor | None = None
     self_influence = torch.zeros(stop - start, dtype=setup.dtype)
     unstorable, largest = torch.zeros(stop - start, dtype=torch.bool), 0.0
@@ -296,6 +298,7 @@ def _shard_rows(
             embeddings[rows, column : column + part.shape[1]] = stored
             self_influence[rows] += self_term.cpu()
             column += part.shape[1]
+        bar.update(rows.stop - rows.start)
     _refuse_unstorable(unstorable, largest, storage_dtype, start)
     assert embeddings is not None  # (a shard holds rows)
     return embeddings, self_influence, _rows_digest(digests)
@@ -441,12 +444,11 @@ def build_index(
         with exclusive_use(setup.spec), bar:
             for i in todo:
                 start, stop = ranges[i]
-                embeddings, self_influence, data = _shard_rows(setup, train, start, stop, storage_dtype)
+                embeddings, self_influence, data = _shard_rows(setup, train, start, stop, storage_dtype, bar)
                 info = {"rows": [start, stop], "digest": planned["digest"], "data": data}
                 file = os.path.join(path, shard_name(i))
                 with _writing(path):
                     done[i] = write_shard(file, embeddings, self_influence, info)
-                bar.update(stop - start)
         return done
 
     checksums = on_every_rank(ranks, build_mine)
