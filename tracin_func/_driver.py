@@ -40,6 +40,7 @@ from ._distributed import Ranks
 from ._grads import refuse_recomputed, scalar_loss
 from ._loss import ExampleLossFn
 from ._plan import Plan, checked_forward, plan_call
+from ._projection import blocks_kept
 from ._representations import Representation
 from ._setup import Setup, auto_batch_size, even_batches
 from ._updates import Updates, inverse_norm
@@ -582,9 +583,11 @@ def embedding_parts(
     """``(offset, parts)`` per batch; ``parts`` yields, checkpoint by checkpoint as it computes them (so that a
     consumer may store each before the next exists), ``sqrt(lr) * grad`` ``[b, P]`` (or its projection) and, with
     ``with_self``, ``lr |grad|^2`` ``[b]`` from the same gradients (exact, also when the embeddings are projected),
-    else None. Each batch's parts are to be consumed before the next batch."""
-    for (updates, *_), offset, batch in planned_batches(setup, data, where, "embeddings", start=start, ranks=ranks):
-        yield offset, _checkpoint_parts(setup, updates, batch, offset, where, with_self)
+    else None. Each batch's parts are to be consumed before the next batch. Projections generate their blocks of
+    random signs once for all the batches (``blocks_kept``)."""
+    with blocks_kept():
+        for (updates, *_), offset, batch in planned_batches(setup, data, where, "embeddings", start=start, ranks=ranks):
+            yield offset, _checkpoint_parts(setup, updates, batch, offset, where, with_self)
 
 
 def _checkpoint_parts(

@@ -1,4 +1,5 @@
-"""Seeded random projections, generated on the fly from a counter-based hash: never stored, same on any device.
+"""Seeded random projections, generated on the fly from a counter-based hash: same on any device, never stored
+but for the blocks a call generates, kept for its batches (up to 64 MB: ``blocks_kept``), never the whole matrix.
 
 Entry ``(row, col)`` of the projection of a parameter block is ``±1/sqrt(k)`` with the sign drawn from
 ``hash(seed, block, row, col)``, so ``E[P P^T] = I`` and projected inner products are unbiased estimates of the
@@ -9,7 +10,10 @@ Integer arithmetic on the device makes the matrix identical on CPU and GPU and f
 from __future__ import annotations
 
 import math
+import threading
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,6 +23,8 @@ from ._warn import warn
 
 _MASK = 0xFFFFFFFF
 _ROWS_ELEMENTS = 1 << 22  # entries generated at once when projecting a dense block
+_KEPT_BYTES = 1 << 26  # the most a call keeps of the blocks it generated (``blocks_kept``)
+_kept = threading.local()  # this thread's call's blocks: {(key, start, stop, k, device, dtype): tensor}, their bytes
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -45,13 +51,41 @@ def signs(key: int, rows: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Ten
     return ((bits >> 15) & 1).to(dtype).mul_(2).sub_(1).div_(math.sqrt(k))
 
 
+@contextmanager
+def blocks_kept() -> Iterator[None]:
+    """Within the block (one call), each block of projection rows is generated once and kept, up to 64 MB (an index
+    build generated them again for every batch, checkpoint and layer: 23% of its time); dropped at its end: nothing is
+    kept between calls. Per thread (calls from threads keep their own)."""
+    if getattr(_kept, "blocks", None) is not None:  # (nested: the outer call's)
+        yield
+        return
+    _kept.blocks, _kept.bytes = {}, 0
+    try:
+        yield
+    finally:
+        _kept.blocks = None
+
+
+def _signs_of_rows(key: int, start: int, stop: int, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``signs`` of rows ``start:stop``, kept for the call where ``blocks_kept`` is active and room is left (read
+    only: callers multiply with it, never write into it)."""
+    blocks = getattr(_kept, "blocks", None)
+    name = (key, start, stop, k, device, dtype)
+    if blocks is not None and name in blocks:
+        return blocks[name]
+    block = signs(key, torch.arange(start, stop, device=device), k, dtype)
+    if blocks is not None and _kept.bytes + block.nbytes <= _KEPT_BYTES:
+        blocks[name], _kept.bytes = block, _kept.bytes + block.nbytes
+    return block
+
+
 def project_dense(flat: torch.Tensor, key: int, k: int) -> torch.Tensor:
     """``flat [B, p] @ P [p, k]`` with ``P`` generated in row blocks."""
     step = max(1, _ROWS_ELEMENTS // k)
     out = None
     for start in range(0, flat.shape[1], step):
-        rows = torch.arange(start, min(start + step, flat.shape[1]), device=flat.device)
-        block = (flat[:, start : start + step], signs(key, rows, k, flat.dtype))
+        stop = min(start + step, flat.shape[1])
+        block = (flat[:, start:stop], _signs_of_rows(key, start, stop, k, flat.device, flat.dtype))
         out = block[0] @ block[1] if out is None else out.addmm_(*block)
     return flat.new_zeros(flat.shape[0], k) if out is None else out
 
@@ -81,7 +115,7 @@ def projection_dim_of(k: Any) -> int:
 
 
 def _factor(name: str, side: str, seed: int, n: int, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return signs(block_key(seed, f"{name}/{side}"), torch.arange(n, device=device), k, dtype)
+    return _signs_of_rows(block_key(seed, f"{name}/{side}"), 0, n, k, device, dtype)
 
 
 def project_matrix(name: str, g: torch.Tensor, seed: int, k: int) -> torch.Tensor:
