@@ -713,6 +713,20 @@ def test_data_forms_give_identical_scores():
         assert_close(tc.embeddings(*args, _forms(task.train)[f], **kw), ref.train_embeddings)
 
 
+def test_a_tensor_dataset_is_read_in_slices(monkeypatch):
+    """Read row by row and collated, a TensorDataset made 200,000 examples' self-influence take 1.85x as long as the
+    same tensors given as one batch; its rows are sliced now, the scores the same."""
+    task, ref = task_and_reference("two_inputs")
+    read, item = [], TensorDataset.__getitem__
+    monkeypatch.setattr(TensorDataset, "__getitem__", lambda self, i: read.append(i) or item(self, i))
+    data = TensorDataset(*task.train)
+    scores = tc.self_influence(task.model, task.checkpoints, data, loss_fn=task.loss_fn, batch_size=4)
+    assert torch.equal(scores, tc.self_influence(task.model, task.checkpoints, task.train, loss_fn=task.loss_fn,
+                                                 batch_size=4))  # fmt: skip
+    assert_close(scores, ref.self_influence)
+    assert len(read) < len(data) // 2  # (planning reads a few examples alone)
+
+
 def test_dict_batch_forms():
     """Dict batches: one dict, a list of dicts, a DataLoader over a dataset of dicts."""
     task, ref = task_and_reference("dict_batch")

@@ -15,6 +15,7 @@ from torch.utils.data import (
     RandomSampler,
     Subset,
     SubsetRandomSampler,
+    TensorDataset,
     WeightedRandomSampler,
 )
 
@@ -118,6 +119,10 @@ def iter_batches(data: Any, batch_size: BatchSize, where: str) -> Iterator[Batch
         return
     repeated = data if isinstance(data, Repeated) else None
     data = data.data if repeated is not None else data
+    if type(data) is TensorDataset:  # its rows sliced, as its items collated give them (read row by row, a
+        for rows in _row_ranges(len(data), batch_size):  # 200,000 examples' self-influence took 1.85x as long)
+            yield [t[rows.start : rows.stop] for t in data.tensors]
+        return
     if _map_style(data):
         size = _sized(data)
         if size is None:
@@ -374,9 +379,12 @@ def examples_in(batch: Batch) -> int:
 
 
 def rows_of(data: Any, start: int, stop: int) -> Any:
-    """Examples ``start:stop`` of sized data: a batch is sliced, a ``Dataset`` becomes a ``Subset``."""
+    """Examples ``start:stop`` of sized data: a batch or a ``TensorDataset`` is sliced, a ``Dataset`` becomes a
+    ``Subset``."""
     if is_single_batch(data):
         return slice_batch(data, start, stop)
+    if type(data) is TensorDataset:
+        return TensorDataset(*(t[start:stop] for t in data.tensors))
     return Subset(data, range(start, stop))
 
 
