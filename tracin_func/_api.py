@@ -410,6 +410,7 @@ def _index_top_k(
     """``top_k`` with an index as ``train``: streamed over its shards, then optionally re-ranked exactly."""
     if isinstance(checkpoints, Iterator):  # (read twice with `rerank`: a generator's second read was empty)
         checkpoints = list(checkpoints)
+
     def checked() -> int | None:  # the number of candidates to re-rank, with `rerank`
         if k > len(index):
             rows = len(index)
