@@ -660,8 +660,8 @@ def test_queries_stream_the_index_in_small_blocks(task, tmp_path, monkeypatch):
 
 
 def test_rerank_checks_the_shards_holding_candidates(task, tmp_path, monkeypatch):
-    """`rerank=` data is checked against the digests of the shards whose rows are re-scored: hashing all of it (2M
-    rows: 12 of a query's 16 s) checked rows no score reads. A candidate's shard that differs is still refused."""
+    """`rerank=` data is checked against the digests of the shards whose rows are re-scored (it hashed all of the
+    training data on every query, rows no score reads). A candidate's shard that differs is still refused."""
     model, ckpts, train, (xt, yt), _ = task
     index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, projection_dim=8, shard_size=5)
     hashed, real = [], _build._data_digest
@@ -677,8 +677,8 @@ def test_rerank_checks_the_shards_holding_candidates(task, tmp_path, monkeypatch
 
 
 def test_a_build_shows_one_progress_bar_over_rows(task, tmp_path, capfd):
-    """Each shard opened a bar of its own ("embeddings", of no known length) under the build's: 23 of them for 2M
-    rows, escape sequences in logs. The build's bar over rows advances batch by batch."""
+    """Each shard opened a bar of its own ("embeddings", of no known length) under the build's: one a shard, escape
+    sequences in logs. The build's bar over rows advances batch by batch."""
     model, ckpts, train, _, _ = task
     tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=10, batch_size=4, progress=True)
     err = capfd.readouterr().err

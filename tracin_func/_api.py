@@ -441,7 +441,7 @@ def _index_top_k(
                 f"Dataset of {len(index)} examples); got {n if n is not None else 'data of unknown size'}."
             )
 
-    def rerank_matched() -> None:  # (the shards holding candidates: hashing all of a 2M-row set took 12 of 16 s)
+    def rerank_matched() -> None:  # (the shards holding candidates: the rows re-scored; not all of the data)
         unmatched = unmatched_rows(index, setup, rerank, torch.unique(proposed.indices.cpu()))
         if unmatched is not None:
             raise ValueError(

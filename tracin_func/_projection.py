@@ -54,8 +54,8 @@ def signs(key: int, rows: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Ten
 @contextmanager
 def blocks_kept() -> Iterator[None]:
     """Within the block (one call), each block of projection rows is generated once and kept, up to 64 MB (an index
-    build generated them again for every batch, checkpoint and layer: 23% of its time); dropped at its end: nothing is
-    kept between calls. Per thread (calls from threads keep their own)."""
+    build generated them again for every batch, checkpoint and layer: 23% of a profiled one); dropped at its end:
+    nothing is kept between calls. Per thread (calls from threads keep their own)."""
     if getattr(_kept, "blocks", None) is not None:  # (nested: the outer call's)
         yield
         return

@@ -96,8 +96,8 @@ def _sq_norms(rows: torch.Tensor) -> torch.Tensor:
 
 def _added_up(terms: Iterable[torch.Tensor]) -> torch.Tensor:
     """The sum of ``terms``, each made for it (referenced nowhere else: a part's products), added into the first.
-    Python's ``sum`` makes a tensor per term (``0 + t``, then each partial sum): at 500 test x 1,724 training examples
-    a fresh ``[n, m]`` written costs 5x an addition into one in cache."""
+    Python's ``sum`` makes a tensor per term (``0 + t``, then each partial sum): an MLP's top-10 of 500 x 50,000 took
+    1.09-1.33 s with it, 1.05-1.21 s so."""
     terms = iter(terms)
     total = next(terms)
     for term in terms:
