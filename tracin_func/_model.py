@@ -274,7 +274,7 @@ def _layer_names(
     model: nn.Module,
     layers: Sequence[str],
     available: Sequence[str],
-    default: Sequence[str],
+    default: Collection[str],
     aliases: Mapping[str, str],
 ) -> list[str]:
     modules = dict(model.named_modules(remove_duplicate=False))  # (a module under two names: T5's shared embedding)
@@ -316,15 +316,16 @@ def select_params(
     ``available``."""
     if params is not None and layers is not None:
         raise ValueError("Pass either `params` or `layers`, not both.")
+    trainable = frozenset(default)  # (membership below, per name: a list made it quadratic)
     if layers is not None:
         if isinstance(layers, str) or not isinstance(model, nn.Module):
             raise TypeError("`layers` must be a list of module names of an `nn.Module` model, e.g. `layers=['fc']`.")
-        names = _layer_names(model, layers, available, default, aliases)
+        names = _layer_names(model, layers, available, trainable, aliases)
     elif params is None:
         names = list(default)
     elif callable(params):
         chosen = [n for n in available if params(n) or any(params(a) for a, first in aliases.items() if first == n)]
-        names = [n for n in chosen if n in default]
+        names = [n for n in chosen if n in trainable]
         if chosen and not names:
             raise ValueError(
                 f"`params` selects only frozen parameters ({_names(chosen)}: `requires_grad=False`; a predicate "
@@ -417,6 +418,7 @@ def _in_order(function: Callable[..., Any], order: Sequence[str]) -> Forward:
         ordered = {n: state[n] for n in order if n in state}
         return function({**ordered, **{n: t for n, t in state.items() if n not in ordered}}, *inputs)
 
+    forward.user_function = function  # type: ignore[attr-defined]  (what an index's fingerprint describes)
     return forward
 
 
