@@ -683,3 +683,20 @@ def test_a_build_shows_one_progress_bar_over_rows(task, tmp_path, capfd):
     tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=10, batch_size=4, progress=True)
     err = capfd.readouterr().err
     assert "index rows" in err and "embeddings" not in err
+
+
+def _pure_mlp(params, x):
+    return torch.tanh(x @ params["w"].T) @ params["v"].T
+
+
+def test_a_pure_function_s_index_describes_the_user_s_function(tmp_path):
+    """Calls give a pure function its entries in the first checkpoint's order through a wrapper; the fingerprint
+    described that wrapper, so an index built before it was refused as of other code."""
+    from tracin_func._fingerprint import describe_model
+    from tracin_func._index import read_manifest
+
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(5, 4, generator=gen, dtype=DTYPE), "v": torch.randn(3, 5, generator=gen, dtype=DTYPE)}
+    x, y = torch.randn(6, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (6,), generator=gen)
+    tc.build_index(tmp_path, _pure_mlp, [tc.Checkpoint(params, 0.1)], (x, y), loss_fn=LOSS)
+    assert read_manifest(str(tmp_path))["fingerprint"]["model"] == describe_model(_pure_mlp)

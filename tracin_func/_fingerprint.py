@@ -151,7 +151,7 @@ def fingerprint(setup: Setup, loss_fn: Any) -> dict[str, Any]:
     """The parts of ``setup`` (and the training loss ``loss_fn``) that the index's numbers depend on."""
     first = setup.checkpoints[0].state
     return {
-        "model": describe_model(setup.spec.forward if setup.spec.module is None else setup.spec.module),
+        "model": describe_model(setup.spec.forward.user_function if setup.spec.module is None else setup.spec.module),
         "parameters": _sha((name, tuple(first[name].shape)) for name in sorted(first)),
         "differentiated": _sha(sorted(setup.spec.diff_names)),
         "checkpoints": [_sha(x for name in sorted(c.state) for x in (name, c.state[name])) for c in setup.checkpoints],
