@@ -342,9 +342,9 @@ def num_examples(data: Any) -> int | None:
 _COMPLEX = {torch.float64: torch.complex128, torch.float32: torch.complex64}  # complex inputs follow ``dtype=``
 
 
-def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> Batch:
+def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None, copy: bool = False) -> Batch:
     """Move every tensor to ``device``; cast floating tensors to ``dtype`` when given, complex ones to its complex
-    dtype (integers stay integers).
+    dtype (integers stay integers); ``copy``: new tensors even where nothing changes.
     Detached: inputs that require grad (features of a backbone) would tie the scores to their graph."""
 
     complex_dtype = _COMPLEX.get(dtype)
@@ -352,10 +352,10 @@ def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None) -> 
     def move(t: torch.Tensor) -> torch.Tensor:
         t = t.detach() if t.requires_grad else t
         if dtype is not None and t.is_floating_point():
-            return t.to(device=device, dtype=dtype)
+            return t.to(device=device, dtype=dtype, copy=copy)
         if complex_dtype is not None and t.is_complex():
-            return t.to(device=device, dtype=complex_dtype)
-        return t.to(device=device)
+            return t.to(device=device, dtype=complex_dtype, copy=copy)
+        return t.to(device=device, copy=copy)
 
     return optree.tree_map(move, batch, none_is_leaf=True)
 

@@ -135,6 +135,13 @@ def private_copy(model: nn.Module) -> nn.Module:
     return root
 
 
+def shared_by_copy(name: str, value: Any) -> bool:
+    """Whether ``private_copy`` shares a module's attribute ``name`` = ``value`` with the user's module: not a module
+    or a container (copied), a method bound to a module (rebound to the copy) or the compiled call (dropped)."""
+    bound = isinstance(value, types.MethodType) and isinstance(value.__self__, nn.Module)
+    return not (isinstance(value, (nn.Module, *CONTAINERS)) or bound or name == "_compiled_call_impl")
+
+
 def copied_containers(
     value: Any, copies: Mapping[int, nn.Module], containers: dict[int, Any], depth: int = NESTING
 ) -> Any:
@@ -202,9 +209,9 @@ def _rebind_instance_forward(name: str, module: nn.Module, copies: dict[int, nn.
     )
 
 
-def check_runnable(model: Any) -> None:
-    """Raise where the model cannot be scored as it stands: a ``torch.compile`` wrapper, training mode, backward
-    hooks, or a ``torch.nn.utils.parametrize.cached()`` block around the call."""
+def check_runnable(model: Any, eval_fix: str = "Call `model.eval()` before scoring.") -> None:
+    """Raise where the model cannot be scored as it stands: a ``torch.compile`` wrapper, training mode (``eval_fix``:
+    what the refusal advises), backward hooks, or a ``torch.nn.utils.parametrize.cached()`` block around the call."""
     if not isinstance(model, nn.Module):
         return
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -220,7 +227,7 @@ def check_runnable(model: Any) -> None:
             "compile the scoring."
         )
     check_not_scripted(model)
-    check_eval_mode(model)
+    check_eval_mode(model, eval_fix)
     check_no_backward_hooks(model)
     if parametrize._cache_enabled and any(parametrize.is_parametrized(m) for m in model.modules()):
         raise ValueError(
@@ -256,8 +263,9 @@ def check_no_backward_hooks(model: Any) -> None:
             )
 
 
-def check_eval_mode(model: Any) -> None:
-    """Raise if a module whose training-mode output couples or randomises examples is in training mode."""
+def check_eval_mode(model: Any, fix: str) -> None:
+    """Raise, advising ``fix``, if a module whose training-mode output couples or randomises examples is in training
+    mode."""
     if not isinstance(model, nn.Module):
         return
     for name, module in model.named_modules():
@@ -266,7 +274,7 @@ def check_eval_mode(model: Any) -> None:
                 continue
             raise ValueError(
                 f"`model` has {type(module).__name__} {name or '(root)'!r} in training mode, which makes per-example "
-                f"gradients depend on the batch or on random numbers. Call `model.eval()` before scoring."
+                f"gradients depend on the batch or on random numbers. {fix}"
             )
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import numbers
 import threading
-import types
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -45,10 +44,10 @@ from ._checkpoints import Checkpoint
 from ._context import check_precision, in_own_context
 from ._data import as_dict, batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
-from ._model import check_runnable, copied_containers, exclusive_use, holding, unsaved_on
+from ._model import check_runnable, copied_containers, exclusive_use, holding, shared_by_copy, unsaved_on
 from ._plan import plan_call
 from ._setup import Setup, make_setup, target_device
-from ._state import CONTAINERS, FLAT_ABOVE, MODULE_SLOTS, NESTING
+from ._state import FLAT_ABOVE, MODULE_SLOTS, NESTING
 from ._validate import positive_int
 
 
@@ -117,9 +116,8 @@ def _checked_test(
     leaves = optree.tree_leaves(test, none_is_leaf=True)
     target = target_device(device, lambda: leaves[0].device, "the test batch's")
     check_precision(dtype, target, "parameters and inputs are converted for each step")
-    test = to_device(test, target, dtype)  # a copy, not the user's tensors (changed in place later: the scores too)
-    return optree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, test, none_is_leaf=True), \
-        n_test, n_train, dtype, target
+    test = to_device(test, target, dtype, copy=True)  # (the user's tensors may be changed in place later)
+    return test, n_test, n_train, dtype, target
 
 
 def _zeros(test: Any, n_test: int, n_train: int, dtype: torch.dtype, device: torch.device) -> TracerState:
@@ -511,6 +509,7 @@ def _plan(
 
 
 _PLAIN = (bool, int, float, complex, str, type(None))
+_EVAL_IN_LOOP = "Call `model.eval()` before `update` and, in a training loop, `model.train()` after it (the next step)."
 _PLANS_KEPT = 4  # a tracer's plans, one per set of trainable parameters, kept (each holds a copy of the modules)
 
 
@@ -535,16 +534,8 @@ def _following(planned: _Planned) -> None:
             if _setting(value):
                 if not _alike(vars(mirror).get(name, ...), value):
                     object.__setattr__(mirror, name, copied_containers(value, {}, {}))  # (tensors shared)
-            elif _shared(name, value) and vars(mirror).get(name, ...) is not value:
+            elif shared_by_copy(name, value) and vars(mirror).get(name, ...) is not value:
                 object.__setattr__(mirror, name, value)  # (an object rebound: shared, as the copy's others are)
-
-
-def _shared(name: str, value: Any) -> bool:
-    """Whether the private copy holds ``value`` as the user's module does (``_model.private_copy``): not a module or
-    a container (copies), a method bound to a module (an instance's ``forward``: bound to the copy) or the compiled
-    call (the copy runs eagerly)."""
-    bound = isinstance(value, types.MethodType) and isinstance(value.__self__, torch.nn.Module)
-    return not (isinstance(value, (torch.nn.Module, *CONTAINERS)) or bound or name == "_compiled_call_impl")
 
 
 def _structure(model: torch.nn.Module) -> tuple[Any, ...]:
@@ -636,13 +627,7 @@ def _products(
         )
     batch = as_dict(batch)
     _check_values(state, lr, batch, indices, fix)
-    try:
-        check_runnable(planned.model)  # the model may have been switched to training mode since planning
-    except ValueError as err:
-        if "training mode" not in str(err):
-            raise
-        raise ValueError(f"{err} In a training loop: `model.eval()` before `update`, `model.train()` after it, for "
-                         f"the optimizer's step.") from None  # fmt: skip
+    check_runnable(planned.model, _EVAL_IN_LOOP)  # (it may have been switched to training mode since planning)
     check_batch_structure(batch, "`batch`", needs_target=planned.needs_target)
     batch = to_device(batch, planned.device, planned.dtype)
 
