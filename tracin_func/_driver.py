@@ -332,8 +332,11 @@ def _check_finite(values: Any, example_dim: int, offset: int, where: str, ckpt: 
         for v in values.values():
             _check_finite(v, example_dim, offset, where, ckpt)
         return
-    if values.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(values)):
-        return  # min and max propagate NaN: one cheap pass instead of an elementwise check
+    if values.numel() == 0:
+        return
+    low, high = torch.aminmax(values)  # (min and max propagate NaN: one cheap pass, one device sync)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return
     finite = torch.isfinite(values)
     other = [d for d in range(values.dim()) if d != example_dim % values.dim()]
     bad = ((~finite).any(dim=other) if other else ~finite).nonzero().flatten() + offset
