@@ -491,6 +491,35 @@ def test_rerank_returns_exact_scores_and_recovers_the_exact_top_k(task, tmp_path
     assert_topk(everything, ref.influence, 3, largest=True)
 
 
+def test_rerank_matches_data_batched_otherwise_and_strings_are_refused_as_such(task, tmp_path):
+    """A shard's digest of its input rows does not depend on the batching: an index built in batches of 4 is
+    re-ranked in batches of 5 or 7, from a batch, a TensorDataset or a Dataset. Non-tensor fields (a string per
+    example) are refused by the build before any shard is written, and by a re-ranking query as such (it said the
+    rows differ from the index's)."""
+    model, ckpts, train, test, ref = task
+    x, y = train
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, projection_dim=4, seed=1, batch_size=4)
+
+    class Pairs(torch.utils.data.Dataset):
+        def __init__(self, name=False):
+            self.name = name
+
+        def __len__(self):
+            return N
+
+        def __getitem__(self, i):
+            return (x[i], f"row {i}", y[i]) if self.name else (x[i], y[i])
+
+    for rerank, size in ((train, 5), (TensorDataset(*train), 7), (Pairs(), 5)):
+        top = tc.top_k(model, ckpts, index, test, k=3, loss_fn=LOSS, rerank=rerank, candidates=N, batch_size=size)
+        assert_topk(top, ref.influence, 3, largest=True)
+    with pytest.raises(TypeError, match="every element of a batch must be a tensor"):
+        tc.build_index(tmp_path / "named", model, ckpts, Pairs(name=True), loss_fn=LOSS, shard_size=10)
+    assert not [p for p in (tmp_path / "named").iterdir() if p.name != "manifest.json"]
+    with pytest.raises(TypeError, match="every element of a batch must be a tensor"):  # (not "its rows differ")
+        tc.top_k(model, ckpts, index, test, k=3, loss_fn=LOSS, rerank=Pairs(name=True), candidates=N)
+
+
 def test_the_test_side_in_chunks_gives_the_same_results(task, tmp_path):
     model, ckpts, train, test, ref = task
     small = dict(test_memory_bytes=1, batch_size=2)  # every test batch is a chunk of its own

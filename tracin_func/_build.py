@@ -199,18 +199,16 @@ def _complete(path: str, file: str, start: int, stop: int, planned: dict[str, An
 
 
 def _hashed(batches: Iterable[Any], digests: list[Any]) -> Iterator[Any]:
-    """``batches`` unchanged, each tensor hashed into the digest of its position in the batch: one digest per
-    position over all rows, so the result does not depend on where batches start; it starts from the position's
-    dtype and an example's shape (the same bytes reshaped were taken for the same data)."""
+    """``batches`` unchanged, each tensor hashed into the digest of its position among the batch's tensors: one
+    digest per position over all rows, so the result does not depend on where batches start; it starts from the
+    position's dtype and an example's shape (the same bytes reshaped were taken for the same data). Other leaves
+    (a string per example) are left to the batch checks after, which refuse them."""
     for batch in batches:
-        for i, leaf in enumerate(optree.tree_leaves(batch, none_is_leaf=True)):
+        tensors = [t for t in optree.tree_leaves(batch, none_is_leaf=True) if isinstance(t, torch.Tensor)]
+        for i, leaf in enumerate(tensors):
             if len(digests) <= i:
-                kind = f"{leaf.dtype}{tuple(leaf.shape[1:])}" if isinstance(leaf, torch.Tensor) else type(leaf)
-                digests.append(hashlib.sha256(f"{kind}".encode()))
-            if isinstance(leaf, torch.Tensor):
-                tensor_bytes(digests[i], leaf)
-            else:
-                digests[i].update(repr(leaf).encode())
+                digests.append(hashlib.sha256(f"{leaf.dtype}{tuple(leaf.shape[1:])}".encode()))
+            tensor_bytes(digests[i], leaf)
         yield batch
 
 
