@@ -1,4 +1,5 @@
-"""One rank of tests/test_distributed.py: ``python -m tests.distributed_worker RANK WORLD PORT OUT_DIR [BACKEND]``.
+"""One rank of tests/test_distributed.py: ``python -m tests.distributed_worker RANK WORLD PORT OUT_DIR [BACKEND]
+[CASES]`` (CASES ``one rank``: calls given an argument that fails on one rank alone, ``one_rank_cases``).
 
 Runs every scorer with ``distributed=True`` (gloo on 127.0.0.1, or NCCL on the rank's GPU) on several kinds of data and
 saves what it got to ``OUT_DIR/rank{RANK}.pt``; the parent test compares every rank's results with single-process ones.
@@ -11,13 +12,14 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
 import optree
 import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, TensorDataset
 
 import tracin_func as tc
 from tests.conftest import assert_close
@@ -71,13 +73,92 @@ def results(distributed, index_dir=None, device=None):
     return out
 
 
-def main(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo") -> None:
+class Unreadable(Mapping):
+    """A batch given as a mapping other than a dict whose entries cannot be read (``as_dict`` reads them)."""
+
+    def __getitem__(self, key):
+        raise ValueError("this batch cannot be read")
+
+    def __iter__(self):
+        return iter(["x"])
+
+    def __len__(self):
+        return 1
+
+
+class Unsized(Dataset):
+    """A Dataset whose size cannot be read (its file gone, say): ``num_examples`` raises."""
+
+    def __getitem__(self, i):
+        raise IndexError(i)
+
+    def __len__(self):
+        raise ValueError("this dataset's size cannot be read")
+
+
+def failing_checkpoints(ckpts):
+    """A generator of checkpoints whose second cannot be loaded."""
+    yield ckpts[0]
+    raise ValueError("checkpoint 1 cannot be loaded")
+
+
+def one_rank_cases(rank: int, out_dir: str) -> dict:
+    """Arguments read before a call's shared checks, refused on rank 1 alone: each must be raised on every rank (the
+    other rank waited in the next collective: gloo's "Connection reset by peer"). After each call the ranks compare
+    the case's name: a rank left behind would fall out of step (``in step``)."""
+    model, ckpts, train, test = workload()
+    kw = dict(loss_fn=LOSS, distributed=True)
+    index = tc.build_index(f"{out_dir}/index", model, ckpts, train, shard_size=2, **kw)
+    moved = [tc.Checkpoint({k: v + 1 for k, v in c.params.items()}, c.lr) for c in ckpts]
+    flipped = lambda k, v: v.flip(0) if k == "fc1.weight" else v  # noqa: E731  (rows swapped: same sum)
+    permuted = [tc.Checkpoint({k: flipped(k, v) for k, v in c.params.items()}, c.lr) for c in ckpts]
+    other = tc.build_index(f"{out_dir}/other{rank}", model, moved, train, shard_size=2, loss_fn=LOSS)  # (one process)
+    from tracin_func import _distributed
+
+    summed, summary = [], _distributed._summary
+    _distributed._summary = lambda setup: summed.append(1) or summary(setup)  # (counts the checkpoints' sums)
+    out: dict = {}
+    for name, call in {
+        "as_dict": lambda: tc.influence(model, ckpts, train, [test, Unreadable()][rank], **kw),
+        "test size": lambda: tc.top_k(model, ckpts, train, [test, Unsized()][rank], k=2, **kw),
+        "data size": lambda: tc.self_influence(model, ckpts, [train, Unsized()][rank], **kw),
+        "index test size": lambda: tc.influence(model, ckpts, index, [test, Unsized()][rank], **kw),
+        "index checkpoints": lambda: tc.top_k(model, [iter(ckpts), failing_checkpoints(ckpts)][rank], index, test,
+                                              k=2, **kw),  # fmt: skip
+        "path": lambda: tc.build_index([f"{out_dir}/index2", None][rank], model, ckpts, train, **kw),
+        # an index query's checkpoints are checked once, against the index's fingerprint (every tensor's bytes)
+        "index moved": lambda: tc.top_k(model, [ckpts, moved][rank], index, test, k=2, **kw),
+        "index permuted": lambda: tc.influence(model, [ckpts, permuted][rank], index, test, **kw),
+        "other index": lambda: tc.top_k(model, [ckpts, moved][rank], [index, other][rank], test, k=2, **kw),
+    }.items():
+        try:
+            call()
+            out[name] = "no error"
+        except Exception as err:  # (any type: every rank must raise, naming the argument)
+            out[name] = f"{type(err).__name__}: {err}"
+        out[f"{name} in step"] = len(set(gather_objects(name))) == 1
+    summed.clear()
+    out["index query"] = tc.top_k(model, ckpts, index, test, k=2, **kw).indices
+    out["sums in an index query"] = len(summed)
+    return out
+
+
+def gather_objects(value):
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, value)
+    return got
+
+
+def main(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo", cases: str = "all") -> None:
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(
         backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
     try:
+        if cases == "one rank":
+            torch.save(one_rank_cases(rank, out_dir), f"{out_dir}/rank{rank}.pt")
+            return
         if backend == "nccl":  # the scorers' results, computed and reduced on the GPU
             got = results(True, f"{out_dir}/index", device=f"cuda:{rank}")
             torch.save(optree.tree_map(torch.Tensor.cpu, got), f"{out_dir}/rank{rank}.pt")
@@ -143,14 +224,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(out: Path, world: int, backend: str = "gloo") -> list[dict]:
-    """Run ``world`` ranks of this module, each stopping by itself within the timeout; every rank's results."""
+def spawn(out: Path, world: int, backend: str = "gloo", cases: str = "all", timeout: float = 300) -> list[dict]:
+    """Run ``world`` ranks of this module, each stopping by itself within the timeout (killed after ``timeout``
+    seconds); every rank's results."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     port = free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.distributed_worker", str(r), str(world), str(port), str(out), backend],
+            [sys.executable, "-m", "tests.distributed_worker", str(r), str(world), str(port), str(out), backend,
+             cases],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for r in range(world)
@@ -158,7 +241,7 @@ def spawn(out: Path, world: int, backend: str = "gloo") -> list[dict]:
     logs = []
     for proc in procs:
         try:
-            logs.append(proc.communicate(timeout=300)[0])
+            logs.append(proc.communicate(timeout=timeout)[0])
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()

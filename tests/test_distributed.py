@@ -93,3 +93,52 @@ def test_nccl_needs_a_gpu_device(monkeypatch):
             tc.self_influence(model, ckpts, data, loss_fn=torch.nn.CrossEntropyLoss(), distributed=True)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """Every rank's outcomes of calls given an argument that fails on rank 1 alone (killed after 180 s: a rank left
+    waiting in a collective shows as a timeout, not a frozen run)."""
+    return spawn(tmp_path_factory.mktemp("one_rank"), 2, cases="one rank", timeout=180)
+
+
+def test_an_argument_read_before_the_checks_is_raised_on_every_rank(one_rank):
+    """The data (`as_dict`, its size), the checkpoints of an index query (a generator, listed) and an index's `path`
+    were read before a call's shared checks: failing on rank 1 alone, they left rank 0 in the next collective."""
+    for name, refused in {
+        "as_dict": "ValueError: this batch cannot be read",
+        "test size": "ValueError: this dataset's size cannot be read",
+        "data size": "ValueError: this dataset's size cannot be read",
+        "index test size": "ValueError: this dataset's size cannot be read",
+        "index checkpoints": "ValueError: checkpoint 1 cannot be loaded",
+        "path": "TypeError: `path` must be the index directory, a str or os.PathLike",
+    }.items():
+        assert one_rank[1][name].startswith(refused), (name, one_rank[1][name])
+        assert one_rank[0][name].startswith(f"RuntimeError: rank 1 failed, so this rank stops too: {refused}"), name
+        assert one_rank[0][f"{name} in step"] and one_rank[1][f"{name} in step"], name
+
+
+def test_an_index_query_checks_the_checkpoints_once_and_still_refuses_others_on_one_rank(one_rank):
+    """An index query compares each rank's checkpoints with the index's fingerprint (every tensor's bytes), not
+    again by their sums over the ranks; checkpoints other than the index's on one rank (moved, or permuted: equal
+    sums) are refused on every rank, and so are ranks given other indexes, each matching its own checkpoints."""
+    for name in ("index moved", "index permuted"):
+        refused = "ValueError: `train` is an index built with other settings than this call's: the tensors of"
+        assert one_rank[1][name].startswith(refused), (name, one_rank[1][name])
+        assert one_rank[0][name].startswith(f"RuntimeError: rank 1 failed, so this rank stops too: {refused}"), name
+    for got in one_rank:
+        assert got["other index"].startswith("ValueError: The ranks disagree on the index (its settings' digest)")
+        assert got["sums in an index query"] == 0  # (the checkpoints' float64 sums: a second pass over every tensor)
+    assert torch.equal(one_rank[0]["index query"], one_rank[1]["index query"])
+
+
+def test_an_arguments_error_is_raised_before_distributeds():
+    """`distributed` was read before the other checks: an argument's error was hidden by `distributed`'s."""
+    model = torch.nn.Linear(2, 2)
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=1.0)]
+    data = (torch.randn(3, 2), torch.tensor([0, 1, 0]))
+    for distributed in ("yes", True):  # (refused; no process group)
+        with pytest.raises(ValueError, match="`k` must be a positive int, got 0"):
+            tc.top_k(model, ckpts, data, data, k=0, loss_fn=torch.nn.CrossEntropyLoss(), distributed=distributed)
+        with pytest.raises(TypeError, match=r"`self_influence` got unknown option\(s\) \['foo'\]"):
+            tc.self_influence(model, ckpts, data, loss_fn=torch.nn.CrossEntropyLoss(), distributed=distributed, foo=1)

@@ -203,28 +203,28 @@ def influence(
         >>> torch.allclose(parts["0"] + parts["2"], total, atol=1e-6)
         True
     """
-    train, test = as_dict(train), as_dict(test)
 
-    def checked() -> str | None:
+    def checked() -> tuple[str | None, Any, Any, int | None]:  # (the data read here: it may fail on one rank)
         _check_options(options, "influence")
         normalized = _check_normalize(normalize)
         boolean(per_layer, "per_layer")
         boolean(aggregate, "aggregate")
         if isinstance(train, Index):
             _check_index_call(normalized, per_layer)
-        return normalized
+        tested = as_dict(test)
+        return normalized, as_dict(train), tested, num_examples(tested)
 
-    normalize = checked_on_every_rank(options.get("distributed"), checked)
+    normalize, train, test, n_test = checked_on_every_rank(options.get("distributed"), checked)
     if isinstance(train, Index):
         setup = index_setup(
             train, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options,
-            agreed={"the number of test examples": num_examples(test), "the options": aggregate},
+            agreed={"the number of test examples": n_test, "the options": aggregate},
         )
         return index_influence(train, setup, test, aggregate=aggregate)
     setup = set_up_on_every_rank(
         options.get("distributed"),
         lambda: make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options),
-        **{"the number of test examples": num_examples(test), "the options": (normalize, aggregate, per_layer)},
+        **{"the number of test examples": n_test, "the options": (normalize, aggregate, per_layer)},
     )
     data, start, by_batch = share(replayable(train), setup.ranks)  # (a one-pass iterator's head: for planning)
     like = torch.empty(0, device=setup.device, dtype=setup.dtype)
@@ -321,9 +321,8 @@ def top_k(
         >>> bool((cos.scores <= 0.1 + 1e-6).all())  # sum_c lr_c cos(...) <= sum_c lr_c
         True
     """
-    train, test = as_dict(train), as_dict(test)
 
-    def checked() -> tuple[str | None, int]:
+    def checked() -> tuple[str | None, int, Any, Any, int | None]:  # (the data read here: it may fail on one rank)
         _check_options(options, "top_k")
         normalized, checked_k = _check_normalize(normalize), positive_int(k, "k")
         boolean(proponents, "proponents")
@@ -335,13 +334,14 @@ def top_k(
                 "`rerank` / `candidates` re-rank the candidates an index proposes: pass a `tc.Index` as `train` (from "
                 "`tc.build_index` or `tc.open_index`) and the training data as `rerank=`."
             )
-        return normalized, checked_k
+        tested = as_dict(test)
+        return normalized, checked_k, as_dict(train), tested, num_examples(tested)
 
-    normalize, k = checked_on_every_rank(options.get("distributed"), checked)
+    normalize, k, train, test, n_test = checked_on_every_rank(options.get("distributed"), checked)
     if isinstance(train, Index):
         return _index_top_k(
             train, model, checkpoints, test, k=k, loss_fn=loss_fn, test_loss_fn=test_loss_fn, proponents=proponents,
-            aggregate=aggregate, rerank=rerank, candidates=candidates, options=options,
+            aggregate=aggregate, rerank=rerank, candidates=candidates, options=options, n_test=n_test,
         )
     def set_up() -> Setup:
         n_train = num_examples(train)
@@ -354,7 +354,7 @@ def top_k(
     setup = set_up_on_every_rank(
         options.get("distributed"),
         set_up,
-        **{"the number of test examples": num_examples(test), "the options": (k, proponents, aggregate, normalize)},
+        **{"the number of test examples": n_test, "the options": (k, proponents, aggregate, normalize)},
     )
     data, start, by_batch = share(replayable(train), setup.ranks)  # (a one-pass iterator's head: for planning)
     desc = "proponents" if proponents else "opponents"
@@ -406,26 +406,27 @@ def _index_top_k(
     rerank: Any,
     candidates: int | None,
     options: dict[str, Any],
+    n_test: int | None,
 ) -> TopK:
     """``top_k`` with an index as ``train``: streamed over its shards, then optionally re-ranked exactly."""
-    if isinstance(checkpoints, Iterator):  # (read twice with `rerank`: a generator's second read was empty)
-        checkpoints = list(checkpoints)
 
-    def checked() -> int | None:  # the number of candidates to re-rank, with `rerank`
+    def checked() -> tuple[int | None, Any]:  # the number of candidates to re-rank, with `rerank`; the checkpoints
+        # (a generator read here, on every rank: read twice with `rerank`, its second read was empty)
+        listed = list(checkpoints) if isinstance(checkpoints, Iterator) else checkpoints
         if k > len(index):
             rows = len(index)
             raise ValueError(f"`k`={k} exceeds the number of rows of the index ({rows}); pass `k <= {rows}`.")
         if rerank is None:
             if candidates is not None:
                 raise ValueError("`candidates` is how many candidates to re-rank: pass the training data as `rerank=`.")
-            return None
+            return None, listed
         m = min(len(index), 10 * k) if candidates is None else positive_int(candidates, "candidates")
         if not k <= m <= len(index):
             raise ValueError(f"`candidates`={m} must lie in [k, rows of the index] = [{k}, {len(index)}].")
-        return m
+        return m, listed
 
-    m = checked_on_every_rank(options.get("distributed"), checked)
-    agreed = {"the number of test examples": num_examples(test), "the options": (k, proponents, aggregate, candidates)}
+    m, checkpoints = checked_on_every_rank(options.get("distributed"), checked)
+    agreed = {"the number of test examples": n_test, "the options": (k, proponents, aggregate, candidates)}
     setup = index_setup(
         index, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options, agreed=agreed
     )
@@ -498,9 +499,8 @@ def self_influence(
         >>> list(parts), parts[""].shape  # a bare nn.Linear: its parameters belong to the root module ""
         ([''], torch.Size([10]))
     """
-    data = as_dict(data)
 
-    def checked() -> None:
+    def checked() -> Any:  # the data (read here: it may fail on one rank)
         _check_options(options, "self_influence")
         if isinstance(data, Index):
             raise TypeError(
@@ -515,8 +515,9 @@ def self_influence(
                 f"self-influence, sum_c lr_c |g_c|^2, is what finds mislabeled examples); renormalised scores are for "
                 f"test / train pairs: `tc.influence` and `tc.top_k`."
             )
+        return as_dict(data)
 
-    checked_on_every_rank(options.get("distributed"), checked)
+    data = checked_on_every_rank(options.get("distributed"), checked)
     setup = set_up_on_every_rank(
         options.get("distributed"),
         lambda: make_setup(model, checkpoints, loss_fn=loss_fn, **options),
@@ -576,15 +577,15 @@ def embeddings(
         >>> tc.embeddings(model, ckpts, (x, y), loss_fn=torch.nn.CrossEntropyLoss()).shape
         torch.Size([10, 30])
     """
-    data = as_dict(data)
 
-    def checked() -> tuple[int, int] | None:
+    def checked() -> tuple[tuple[int, int] | None, Any]:  # the projection and the data (read here: it may fail)
         _check_options(options, "embeddings")
         if isinstance(data, Index):
             raise TypeError("`data` is an index, which holds the embeddings: call `index.embeddings(rows)`.")
-        return None if projection_dim is None else (projection_dim_of(projection_dim), seed_value(seed))
+        projection = None if projection_dim is None else (projection_dim_of(projection_dim), seed_value(seed))
+        return projection, as_dict(data)
 
-    projection = checked_on_every_rank(options.get("distributed"), checked)
+    projection, data = checked_on_every_rank(options.get("distributed"), checked)
     setup = set_up_on_every_rank(
         options.get("distributed"),
         lambda: make_setup(model, checkpoints, loss_fn=loss_fn, projection=projection, **options),

@@ -362,10 +362,9 @@ def build_index(
         >>> torch.equal(top.indices, tc.top_k(model, ckpts, (x, y), (x[:2], y[:2]), k=3, loss_fn=loss).indices)
         True
     """
-    path, train = os.fspath(path), as_dict(train)
 
-    def checked() -> tuple[tuple[int, int] | None, int | None]:
-        _check_options(options, "build_index")
+    def checked() -> tuple[tuple[int, int] | None, int | None, str, Any, int | None]:  # (the path and the data
+        _check_options(options, "build_index")  # read here too: reading them may fail on one rank)
         projection = None
         if projection_dim is not None:
             projection = (projection_dim_of(projection_dim), seed_value(seed))
@@ -374,10 +373,14 @@ def build_index(
             raise TypeError(f"`storage_dtype` must be one of {allowed}, got {storage_dtype!r}.")
         rows = None if shard_size is None else positive_int(shard_size, "shard_size")
         boolean(overwrite, "overwrite")
-        return projection, rows
+        try:
+            directory = os.fspath(path)
+        except TypeError as err:
+            raise TypeError(f"`path` must be the index directory, a str or os.PathLike: {err}.") from err
+        data = as_dict(train)
+        return projection, rows, directory, data, num_examples(data)
 
-    projection, shard_size = checked_on_every_rank(options.get("distributed"), checked)
-    n = num_examples(train)
+    projection, shard_size, path, train, n = checked_on_every_rank(options.get("distributed"), checked)
 
     def set_up() -> Setup:
         if n is None:

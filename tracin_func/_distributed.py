@@ -114,11 +114,24 @@ def on_every_rank(ranks: Ranks | None, compute: Callable[[], T]) -> T:
     own error, the others a RuntimeError naming it), so no rank is left waiting in the next collective."""
     if ranks is None:
         return compute()
-    error: BaseException | None = None
+    result, error = _outcome(compute)
+    _raise_on_every_rank(ranks, error)
+    return result
+
+
+def _outcome(compute: Callable[[], T]) -> tuple[Any, Exception | None]:
     try:
-        result = compute()
-    except Exception as err:  # reported to the other ranks below, then re-raised
-        error = err
+        return compute(), None
+    except Exception as err:  # reported to the other ranks, then re-raised
+        return None, err
+
+
+def _raise_on_every_rank(ranks: Ranks | None, error: Exception | None) -> None:
+    """Raise ``error`` (this rank's, or None) here, and a RuntimeError naming it on the other ranks."""
+    if ranks is None:
+        if error is not None:
+            raise error
+        return
     failures = gather_objects(None if error is None else f"{type(error).__name__}: {error}", ranks)
     if error is not None:
         raise error
@@ -126,7 +139,6 @@ def on_every_rank(ranks: Ranks | None, compute: Callable[[], T]) -> T:
     if failed:
         rank, message = failed[0]
         raise RuntimeError(f"rank {rank} failed, so this rank stops too: {message}")
-    return result
 
 
 def agree(ranks: Ranks | None, **values: Any) -> None:
@@ -148,15 +160,25 @@ def agree(ranks: Ranks | None, **values: Any) -> None:
 def checked_on_every_rank(distributed: Any, check: Callable[[], T]) -> T:
     """A call's checks of its arguments (``check()``, returning the checked values) raised on every rank where they
     raise on one: a value refused on one rank alone (``k=0`` there) left the others in the call's first collective,
-    where gloo failed with a connection error or waited 30 minutes."""
-    return on_every_rank(resolve(distributed), check)
+    where gloo failed with a connection error or waited 30 minutes. ``check`` runs before ``distributed`` is read:
+    where both are wrong, the argument's error is raised (``distributed``'s hid it)."""
+    result, error = _outcome(check)
+    ranks, refused = _outcome(lambda: resolve(distributed))
+    if refused is not None:  # (no group to tell the other ranks: they share this rank's `distributed` or hang)
+        raise error if error is not None else refused
+    _raise_on_every_rank(ranks, error)
+    return result
 
 
-def set_up_on_every_rank(distributed: Any, set_up: Callable[[], T], **agreed: Any) -> T:
+def set_up_on_every_rank(
+    distributed: Any, set_up: Callable[[], T], *, checkpoints_compared: bool = True, **agreed: Any
+) -> T:
     """A call's checks and setup (``set_up()``, returning a ``Setup``) run on every rank, raised on every rank where
     they raise on one (before: the others waited in the first collective, 30 minutes by gloo's default), and refused
     where the ranks were given other ``agreed`` arguments or other checkpoints (mixed into one result, silently; a
-    ``k`` given otherwise aborted the process in gloo's all_gather)."""
+    ``k`` given otherwise aborted the process in gloo's all_gather). ``checkpoints_compared=False``: the checkpoints
+    are not summed here, where ``set_up`` checked them already against a digest the ranks agree on (an index's
+    fingerprint: every tensor's bytes), which the sums would check a second time (a pass over every tensor)."""
     ranks = resolve(distributed)
     if ranks is None:
         return set_up()
@@ -172,7 +194,11 @@ def set_up_on_every_rank(distributed: Any, set_up: Callable[[], T], **agreed: An
             "the computation dtype (`dtype`)": str(setup.dtype),
             "the parameters differentiated (`params`, `layers`, `method`)": (setup.spec.diff_names, setup.method),
             "the losses (`loss_fn`, `test_loss_fn`)": [describe_loss(loss, setup.spec.module) for loss in losses],
-            "the checkpoints (their learning rates, tensors' sums and optimizer states' sums)": _summary(setup),
+            **(
+                {"the checkpoints (their learning rates, tensors' sums and optimizer states' sums)": _summary(setup)}
+                if checkpoints_compared
+                else {}
+            ),
         },
     )
     return setup
@@ -208,7 +234,7 @@ def share(data: Any, ranks: Ranks | None) -> tuple[Any, int, Ranks | None]:
     if ranks is None:
         return data, 0, None
 
-    def check() -> None:
+    def check() -> int | None:
         samplers = sampler_chain(data.batch_sampler or data.sampler) if isinstance(data, DataLoader) else ()
         if any(isinstance(sampler, DistributedSampler) for sampler in samplers):  # (also inside a BatchSampler)
             raise ValueError(
@@ -216,9 +242,9 @@ def share(data: Any, ranks: Ranks | None) -> tuple[Any, int, Ranks | None]:
                 "with `distributed=` every rank passes the whole data (the Dataset, or a DataLoader over all of it) "
                 "and takes its own share."
             )
+        return num_examples(data)  # (in the check: a size that cannot be read on one rank is raised on every rank)
 
-    on_every_rank(ranks, check)  # (refused on one rank only, it left the others in the next collective)
-    n = num_examples(data)
+    n = on_every_rank(ranks, check)  # (refused on one rank only, it left the others in the next collective)
     agree(ranks, **{"the number of examples": n})
     if n is None:
         return data, 0, ranks

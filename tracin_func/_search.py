@@ -30,8 +30,8 @@ def index_setup(
     agreed: dict[str, Any],
 ) -> Setup:
     """The call's setup, refused when its checkpoints, parameters, loss or dtype are not the index's; on every rank
-    where it fails on one, or where the ranks were given other ``agreed`` arguments (a setup failing on one rank, or
-    test data of another size, left the others in a collective)."""
+    where it fails on one, or where the ranks were given other ``agreed`` arguments or indexes of other settings (a
+    setup failing on one rank, or test data of another size, left the others in a collective)."""
 
     def set_up() -> Setup:
         setup = make_setup(
@@ -46,7 +46,12 @@ def index_setup(
             )
         return setup
 
-    return set_up_on_every_rank(options.get("distributed"), set_up, **agreed)
+    # (the checkpoints: each rank's matched the index's fingerprint, every tensor's bytes, in `set_up`; the ranks
+    # agreeing on the index's digest, which covers its fingerprint, agree on them without summing every tensor again)
+    return set_up_on_every_rank(
+        options.get("distributed"), set_up, checkpoints_compared=False,
+        **{**agreed, "the index (its settings' digest)": index._manifest["digest"]},
+    )  # fmt: skip
 
 
 def _test_chunks(setup: Setup, test: Any, aggregate: bool) -> Iterator[torch.Tensor]:
