@@ -3872,3 +3872,66 @@ def test_rows_zero_but_for_rounding_are_compared_within_rounding_of_the_largest(
     assert _close_rows(batched, alone)
     assert not _close_rows(batched + torch.tensor([[1e-12, 0.0], [0.0, 0.0]], dtype=F64), alone)
     assert not _close_rows(batched * torch.tensor([[1.0], [1.001]], dtype=F64), alone)
+
+
+class _ForceField(nn.Module):
+    """Forces as ``-dE/dx`` of an energy: a forward that differentiates, keeping the graph (trained on forces). With
+    ``raw``, a parameter read directly between the layers (a route of its own: followed)."""
+
+    def __init__(self, raw: bool = False, func: bool = False):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 1)
+        self.w = nn.Parameter(torch.randn(6, 6) / 3) if raw else None
+        self.func = func
+
+    def energy(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h if self.w is None else torch.tanh(h @ self.w)).sum()
+
+    def forward(self, x):
+        if self.func:  # (torch.func inside the forward: its tensors are functorch's wrappers)
+            return -torch.func.vmap(torch.func.grad(lambda xi: self.energy(xi[None])))(x)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            return -torch.autograd.grad(self.energy(x), x, create_graph=True)[0]
+
+
+@pytest.mark.parametrize("raw, func", [(False, False), (True, False), (False, True)])
+def test_a_forward_that_differentiates_is_scored_exactly(raw, func):
+    """A model whose output is a gradient (forces, -dE/dx) has weights used in that backward pass too
+    (``grad_input = grad_output @ W``): their layer factors missed that part (self-influence 95-99% off, silently), and
+    a forward running torch.func raised "Cannot access storage of TensorWrapper" (read by the planning's watch)."""
+    torch.manual_seed(0)
+    model = _ForceField(raw, func).to(torch.float64).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    train = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64))
+    test = (torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64))
+    loss = nn.MSELoss(reduction="sum")
+    ref = reference_scores(model, ckpts, train, test, loss_fn=loss)
+    with pytest.warns(tc.SlowPathWarning, match="the forward pass or the loss differentiates"):
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss), ref.self_influence)
+    with pytest.warns(tc.SlowPathWarning):
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
+    routes = tc.explain(model, ckpts, train, loss_fn=loss)
+    assert "create_graph=True" in routes.batching and {r.route for r in routes.routes} <= {"vmap", "loop"}
+
+
+def test_a_gradient_penalty_in_the_loss_is_scored_exactly():
+    """A ``tc.BatchLoss`` adding the squared norm of each example's input gradient (taken with ``create_graph``):
+    the layers' factors missed the penalty's part through that backward pass (1-19% off, silently)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(torch.float64).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=1.0)]
+    data = (torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,)))
+
+    def losses(params, batch):
+        x, y = batch
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            ce = F.cross_entropy(functional_call(model, params, (x,)), y, reduction="none")
+            (gx,) = torch.autograd.grad(ce.sum(), x, create_graph=True)
+        return ce + gx.square().sum(1)
+
+    ref = reference_scores(model, ckpts, data, loss_fn=tc.ExampleLoss(lambda p, b: losses(p, b).sum()))
+    with pytest.warns(tc.SlowPathWarning, match="the forward pass or the loss differentiates"):
+        assert_close(tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(losses)), ref.self_influence)

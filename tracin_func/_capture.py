@@ -16,6 +16,7 @@ Two ways to run them:
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -202,13 +203,21 @@ def discover(
     # (BLOOM's GeLU), which the batched path runs too
     leaves = {n: t.detach().requires_grad_() for n, t in diff.items()}
     state = {**frozen, **leaves}
-    with torch.enable_grad(), hooked(module, {s.path: hook_for(s) for s in sites}):
+    with torch.enable_grad(), hooked(module, {s.path: hook_for(s) for s in sites}), _SecondOrder() as second:
         if not whole:
             total = scalar_loss(loss, state, batch_of_one(example_at(batch, 0)))
         elif isinstance(loss, BatchedLoss):
             total = loss.per_example(state, batch).sum()
         else:  # a criterion on the whole batch, at its reduction's scale (only which gradients are reached counts)
             total = loss(state, batch)
+    if second.seen:
+        raise SecondOrder(
+            "the forward pass or the loss differentiates (`torch.autograd.grad` with `create_graph=True`, "
+            "`torch.func.grad`: forces as -dE/dx, a gradient penalty), so a parameter's gradient has a part through "
+            "that backward pass, which no layer's factors hold",
+            "`factored=False`",
+            factorless=True,
+        )
     grads = [None] * len(leaves)
     if total.requires_grad:  # (not when every parameter's only use was detached)
         try:
@@ -438,6 +447,32 @@ class Unbatchable(ValueError, RuntimeError):
     def __init__(self, reason: str, fix: str, factorless: bool = False) -> None:
         super().__init__(f"`model`: {reason}. Pass {fix}.")
         self.reason, self.factorless = reason, factorless
+
+
+class SecondOrder(Unbatchable):
+    """A forward or loss that differentiates with a graph kept (``_SecondOrder``): every gradient dense."""
+
+
+class _SecondOrder(TorchFunctionMode):
+    """Notes a backward pass that keeps its graph (``create_graph=True``: ``torch.func.grad`` runs one) run by the
+    forward or the loss: its result differentiated again, a weight's gradient gets a part from the weight's use in
+    that backward pass (a layer's ``grad_input = grad_output @ W``), beside its layer's input and output gradient
+    (1-99% off, silently, before this check)."""
+
+    _DIFFERENTIATING = {
+        f: inspect.signature(f) for f in (torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward)
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        signature = self._DIFFERENTIATING.get(func)
+        if signature is not None and signature.bind(*args, **kwargs).arguments.get("create_graph"):
+            self.seen = True
+        return func(*args, **kwargs)
 
 
 def _refuse_unfollowed(

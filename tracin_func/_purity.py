@@ -33,6 +33,8 @@ from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, own_attri
 
 
 def _storage(t: torch.Tensor) -> int | None:
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):  # (torch.func inside the forward: its tensors wrap
+        t = torch._C._functorch.get_unwrapped(t)  # the plain ones, which hold the storage)
     return t.untyped_storage().data_ptr() if t.device.type != "meta" and t.numel() else None
 
 
