@@ -213,8 +213,8 @@ def discover(
     if second.seen:
         raise SecondOrder(
             "the forward pass or the loss differentiates (`torch.autograd.grad` with `create_graph=True`, "
-            "`torch.func.grad`: forces as -dE/dx, a gradient penalty), so a parameter's gradient has a part through "
-            "that backward pass, which no layer's factors hold",
+            "`torch.func.grad` or `jvp`, dual tensors: forces as -dE/dx, a gradient penalty), so a parameter's "
+            "gradient has a part through that derivative's computation, which no layer's factors hold",
             "`factored=False`",
             factorless=True,
         )
@@ -454,10 +454,10 @@ class SecondOrder(Unbatchable):
 
 
 class _SecondOrder(TorchFunctionMode):
-    """Notes a backward pass that keeps its graph (``create_graph=True``: ``torch.func.grad`` runs one) run by the
-    forward or the loss: its result differentiated again, a weight's gradient gets a part from the weight's use in
-    that backward pass (a layer's ``grad_input = grad_output @ W``), beside its layer's input and output gradient
-    (1-99% off, silently, before this check)."""
+    """Notes a backward pass that keeps its graph (``create_graph=True``: ``torch.func.grad`` runs one), or forward-
+    mode AD (dual tensors: ``torch.func.jvp``), run by the forward or the loss: its result differentiated again, a
+    weight's gradient gets a part from the weight's use in that pass (a layer's ``grad_input = grad_output @ W``, its
+    tangent ``W @ t``), beside its layer's input and output gradient (1-99% off, or all 0, silently, before)."""
 
     _DIFFERENTIATING = {
         f: inspect.signature(f) for f in (torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward)
@@ -470,7 +470,9 @@ class _SecondOrder(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         signature = self._DIFFERENTIATING.get(func)
-        if signature is not None and signature.bind(*args, **kwargs).arguments.get("create_graph"):
+        if func is torch._make_dual or signature is not None and signature.bind(*args, **kwargs).arguments.get(
+            "create_graph"
+        ):
             self.seen = True
         return func(*args, **kwargs)
 
