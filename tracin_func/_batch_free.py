@@ -509,15 +509,30 @@ def _per_root(
 
 
 def _root_viewed(roots: Sequence[torch.Tensor], t: torch.Tensor) -> tuple[int, bool] | None:
-    """``(index, transposed)`` where ``t`` is a root or a 2-D root's transpose (a view of all of it), else None."""
+    """``(index, transposed)`` where ``t`` is a root or a 2-D root's transpose (a view of all of it) whose gradient
+    autograd passes to the root as it is, else None."""
     base = t._base if t._is_view() else t
     at = next((i for i, r in enumerate(roots) if r is base), None)
-    if at is None or t.storage_offset() != base.storage_offset():
+    if at is None or t.storage_offset() != base.storage_offset() or not _bare_view(t, base):
         return None
     if t.shape == base.shape and t.stride() == base.stride():
         return at, False
     transposed = base.dim() == 2 and t.shape == base.shape[::-1] and t.stride() == base.stride()[::-1]
     return (at, True) if transposed else None
+
+
+def _bare_view(t: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``t``, ``base`` or one view op of it, takes its gradient to ``base`` unchanged: no hook on either, no
+    custom ``autograd.Function`` returning a view (gradient reversal's ``w.view_as(w)``) or chain of views between
+    (their gradients were skipped: 56-70% off, silently)."""
+    if base._backward_hooks or t._backward_hooks:
+        return False
+    node = t.grad_fn
+    return t is base or type(node).__name__ in _VIEW_NODES and node.next_functions[0][0] is base.grad_fn
+
+
+_VIEW_NODES = {"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0", "AliasBackward0",
+               "SliceBackward0", "AsStridedBackward0"}  # fmt: skip
 
 
 def _cotangent(t: torch.Tensor, g: torch.Tensor, n: int) -> torch.Tensor:
