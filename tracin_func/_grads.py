@@ -11,6 +11,7 @@ from typing import Any
 
 import optree
 import torch
+from torch.autograd.function import FunctionCtx
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -152,8 +153,9 @@ CHECKPOINTED = (
 REENTRANT = (
     "`model`: its forward runs a region that reads a tensor needing gradients (a parameter being scored, or an input "
     "of the region) under reentrant activation checkpointing (`torch.utils.checkpoint.checkpoint(..., "
-    "use_reentrant=True)`), which runs the region without gradients (its parameters get none unless an input of the "
-    "region requires one, and then `torch.autograd.grad` cannot run its backward): their scores would be 0 or fail. "
+    "use_reentrant=True)`, or a custom `autograd.Function` calling layers in its forward), which runs the region "
+    "without gradients (its parameters get none unless an input of the region requires one, and then its backward "
+    "runs it again with the model's own tensors, not the checkpoint's): their scores would be 0, wrong or fail. "
     "Switch checkpointing off for scoring (Hugging Face: "
     "`model.gradient_checkpointing_disable()`; your own code: call the checkpointed function directly); the scores "
     "are the same, only memory grows."
@@ -168,17 +170,28 @@ def checkpointing() -> bool:
 
 
 def reentrant_checkpointing() -> bool:
-    """Whether the code being run is inside a reentrant ``torch.utils.checkpoint`` region: gradients off, under
-    ``CheckpointFunction.forward`` (a ``no_grad`` block of the model's own is not one: stack walked only then)."""
+    """Whether the code being run is inside a reentrant checkpointed region: gradients off, under
+    ``torch.utils.checkpoint``'s ``CheckpointFunction.forward``, or in a layer called by a custom
+    ``autograd.Function``'s forward (checkpointing written by hand, as fairscale's or DeepSpeed's: its backward runs the
+    region again after scoring has put the model's own tensors back, 36-65% off and its layers' scores 0, silently,
+    before). A ``no_grad`` block of the model's own is not one, nor a Function computing an op (no layer called in
+    it); the stack is walked only with gradients off."""
     if torch.is_grad_enabled():
         return False
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code is not _REENTRANT_FORWARD:
+    frame, in_layer = sys._getframe(1), False
+    while frame is not None:
+        if frame.f_code is _REENTRANT_FORWARD:
+            return True
+        if frame.f_code in _MODULE_CALLS:
+            in_layer = True
+        elif in_layer and frame.f_code.co_name == "forward" and isinstance(frame.f_locals.get("ctx"), FunctionCtx):
+            return True
         frame = frame.f_back
-    return frame is not None
+    return False
 
 
 _REENTRANT_FORWARD = CheckpointFunction.forward.__code__
+_MODULE_CALLS = {torch.nn.Module._call_impl.__code__, torch.nn.Module._wrapped_call_impl.__code__}
 
 
 def refuse_checkpointing(args: Any, kwargs: Any) -> None:
