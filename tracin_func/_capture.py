@@ -203,21 +203,15 @@ def discover(
     # (BLOOM's GeLU), which the batched path runs too
     leaves = {n: t.detach().requires_grad_() for n, t in diff.items()}
     state = {**frozen, **leaves}
-    with torch.enable_grad(), hooked(module, {s.path: hook_for(s) for s in sites}), _SecondOrder() as second:
+    with torch.enable_grad(), hooked(module, {s.path: hook_for(s) for s in sites}), _BeyondFactors() as beyond:
         if not whole:
             total = scalar_loss(loss, state, batch_of_one(example_at(batch, 0)))
         elif isinstance(loss, BatchedLoss):
             total = loss.per_example(state, batch).sum()
         else:  # a criterion on the whole batch, at its reduction's scale (only which gradients are reached counts)
             total = loss(state, batch)
-    if second.seen:
-        raise SecondOrder(
-            "the forward pass or the loss differentiates (`torch.autograd.grad` with `create_graph=True`, "
-            "`torch.func.grad` or `jvp`, dual tensors: forces as -dE/dx, a gradient penalty), so a parameter's "
-            "gradient has a part through that derivative's computation, which no layer's factors hold",
-            "`factored=False`",
-            factorless=True,
-        )
+    if beyond.why:
+        raise BeyondFactors(beyond.why, "`factored=False`", factorless=True)
     grads = [None] * len(leaves)
     if total.requires_grad:  # (not when every parameter's only use was detached)
         try:
@@ -449,15 +443,21 @@ class Unbatchable(ValueError, RuntimeError):
         self.reason, self.factorless = reason, factorless
 
 
-class SecondOrder(Unbatchable):
-    """A forward or loss that differentiates with a graph kept (``_SecondOrder``): every gradient dense."""
+class BeyondFactors(Unbatchable):
+    """A forward or loss whose weights' gradients have parts no layer's factors hold (``_BeyondFactors``): every
+    gradient dense."""
 
 
-class _SecondOrder(TorchFunctionMode):
-    """Notes a backward pass that keeps its graph (``create_graph=True``: ``torch.func.grad`` runs one), or forward-
-    mode AD (dual tensors: ``torch.func.jvp``), run by the forward or the loss: its result differentiated again, a
-    weight's gradient gets a part from the weight's use in that pass (a layer's ``grad_input = grad_output @ W``, its
-    tangent ``W @ t``), beside its layer's input and output gradient (1-99% off, or all 0, silently, before)."""
+class _BeyondFactors(TorchFunctionMode):
+    """Notes, in a forward or loss, what makes a weight's gradient more than its layers' input and output gradients:
+
+    - a derivative: a backward pass keeping its graph (``create_graph=True``; ``torch.func.grad`` runs one) or
+      forward-mode AD (dual tensors: ``torch.func.jvp``), its result differentiated again: the weight is used in that
+      pass too (a layer's ``grad_input = grad_output @ W``, its tangent ``W @ t``; 1-99% off, or all 0, silently);
+    - saved-tensor hooks of the model's own (activation compression): autograd differentiates with the tensors they
+      give back, not the layers' inputs (3e-4 off for a bfloat16 copy, silently). ``torch.autograd.graph.save_on_cpu``
+      gives them back as they were (the caller's are set aside; torch's checkpointing is refused where it runs).
+    """
 
     _DIFFERENTIATING = {
         f: inspect.signature(f) for f in (torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward)
@@ -465,7 +465,7 @@ class _SecondOrder(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen = False
+        self.why = ""
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -473,8 +473,23 @@ class _SecondOrder(TorchFunctionMode):
         if func is torch._make_dual or signature is not None and signature.bind(*args, **kwargs).arguments.get(
             "create_graph"
         ):
-            self.seen = True
+            self.why = self.why or _DIFFERENTIATES
+        saving = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if saving is not None and getattr(saving[0], "__module__", "") not in _SAVED_AS_THEY_WERE:
+            self.why = self.why or _SAVES_OTHERWISE
         return func(*args, **kwargs)
+
+
+_SAVED_AS_THEY_WERE = ("torch.autograd.graph", "torch.utils.checkpoint")  # (save_on_cpu; checkpointing: refused)
+_DIFFERENTIATES = (
+    "the forward pass or the loss differentiates (`torch.autograd.grad` with `create_graph=True`, `torch.func.grad` or "
+    "`jvp`, dual tensors: forces as -dE/dx, a gradient penalty), so a parameter's gradient has a part through that "
+    "derivative's computation, which no layer's factors hold"
+)
+_SAVES_OTHERWISE = (
+    "the forward pass sets saved-tensor hooks (`torch.autograd.graph.saved_tensors_hooks`: activation compression, "
+    "say), so autograd differentiates with the tensors they give back, not the layers' inputs the factors hold"
+)
 
 
 def _refuse_unfollowed(

@@ -26,7 +26,7 @@ from ._batching import (
     shows_batching,
     spot_check,
 )
-from ._capture import LayerFactors, SecondOrder, discover
+from ._capture import BeyondFactors, LayerFactors, discover
 from ._data import examples_in, nbytes, select_rows
 from ._grads import Mapper, Tensors
 from ._last_layer import last_layer_params
@@ -273,7 +273,7 @@ _TOKEN_ROWS_MIN_RATIO = 8
 
 _TO_VMAP = "materialising costs less inside vmap(grad), which runs anyway"
 _FACTORED = "factored=True"
-_SECOND_ORDER = "the forward pass or the loss differentiates (see the batching)"
+_BEYOND_FACTORS = "a part of its gradient no layer's factors hold (see the batching)"
 _UNUSED = "not used by the forward pass or the loss on the first example: zero gradients (a batch using it is refused)"
 _UNUSED_ON_VMAP = "not used by the forward pass or the loss on the first example; vmap runs anyway (per example)"
 
@@ -334,14 +334,14 @@ def make_plan(
     # sites' truth): the check and discovery, given four or fewer, run them all
     pool = batch if pool is None else pool
     examples = select_rows(pool, checked_rows(pool, losses)) if sites else pool
-    second_order = ""  # why no layer may give factors, found as they were discovered
+    beyond = ""  # why no layer may give factors, found as they were discovered
     for i, loss in enumerate(losses if sites else ()):
         with packed_calls() as on_packed:
             try:
                 calls, leaked, unreached = discover(module, loss, list(sites.values()), diff, frozen, batch)
-            except SecondOrder as err:
-                second_order = err.reason
-                reasons.update({n: _SECOND_ORDER for site in sites.values() for n in site.names})
+            except BeyondFactors as err:
+                beyond = err.reason
+                reasons.update({n: _BEYOND_FACTORS for site in sites.values() for n in site.names})
                 sites = {}
                 break
         reached = _reached_elsewhere(module, loss, list(sites.values()), diff, frozen, examples, leaked)
@@ -417,7 +417,7 @@ def make_plan(
     uncalled = tuple(p for p, s in idle.items() if set(s.names) <= covered)
     plan = plan._replace(costed=not factored, uncalled=uncalled, fold=fold, seq_first=seq_first)
     if not sites:
-        why = "`factored=False`" if factored is False else second_order or "no layer gives factors"
+        why = "`factored=False`" if factored is False else beyond or "no layer gives factors"
         return plan._replace(batching=f"vmap(grad) over examples: {why}")
     if set(dense) - unused:
         why = f"vmap(grad) over examples, for {len(set(dense) - unused)} parameter(s) outside factor sites"
