@@ -336,15 +336,15 @@ def make_plan(
     examples = select_rows(pool, checked_rows(pool, losses)) if sites else pool
     beyond = ""  # why no layer may give factors, found as they were discovered
     for i, loss in enumerate(losses if sites else ()):
-        with packed_calls() as on_packed:
-            try:
+        try:  # (on the first example, then the others checked: a model may differentiate on some alone)
+            with packed_calls() as on_packed:
                 calls, leaked, unreached = discover(module, loss, list(sites.values()), diff, frozen, batch)
-            except BeyondFactors as err:
-                beyond = err.reason
-                reasons.update({n: _BEYOND_FACTORS for site in sites.values() for n in site.names})
-                sites = {}
-                break
-        reached = _reached_elsewhere(module, loss, list(sites.values()), diff, frozen, examples, leaked)
+            reached = _reached_elsewhere(module, loss, list(sites.values()), diff, frozen, examples, leaked)
+        except BeyondFactors as err:
+            beyond = err.reason
+            reasons.update({n: _BEYOND_FACTORS for site in sites.values() for n in site.names})
+            sites = {}
+            break
         packed |= {path for path, layer in modules.items() if any(layer is m for m, _ in on_packed)}
         first_calls = first_calls or calls
         detached = {n for p, s in sites.items() if calls[p] and s.kind != "expanded" for n in s.names}
@@ -621,6 +621,8 @@ def _reached_elsewhere(
     if rows and _batchable(loss):  # in one run (summed over those examples, a use's gradients cancel exactly only by
         try:  # construction), unless the model fails on them together: the batching check refuses it then
             return reached | _reached(run(select_rows(examples, torch.tensor(rows)), whole=True)[1])
+        except BeyondFactors:  # (not a failure of the examples run together: each alone would find it again)
+            raise
         except (RuntimeError, TypeError, ValueError):  # (as the batching check catches)
             pass
     for row in rows:
