@@ -4116,3 +4116,27 @@ def test_a_forward_differentiating_for_another_checked_example_than_the_first_is
     with pytest.warns(tc.SlowPathWarning, match="the forward pass or the loss differentiates"):
         got = tc.self_influence(model, ckpts, train, loss_fn=loss)
     assert_close(got, reference_scores(model, ckpts, train, loss_fn=loss).self_influence)
+
+
+class _VmappedLayer(nn.Module):
+    """Runs its first layer under ``torch.vmap`` over the batch inside its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.vmap(lambda xi: torch.tanh(self.a(xi)))(x))
+
+
+def test_a_layer_under_vmap_inside_the_forward_is_scored_exactly():
+    """Its factors were taken of functorch's per-item tensors: functorch's raw "your tensor may have escaped" error."""
+    torch.manual_seed(5)
+    model = _VmappedLayer().to(torch.float64).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    train = (torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    test = (torch.randn(2, 5, dtype=torch.float64), torch.randint(0, 3, (2,)))
+    loss = nn.CrossEntropyLoss()
+    ref = reference_scores(model, ckpts, train, test, loss_fn=loss)
+    with pytest.warns(tc.SlowPathWarning, match="layer 'a' runs under a torch.func transform"):
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)

@@ -188,9 +188,12 @@ def discover(
     which their expanded copies must reproduce (``_batching.batching_refused``).
     """
     calls: dict[str, list[tuple[int, ...] | None]] = {s.path: [] for s in sites}
+    beyond = _BeyondFactors()
 
     def hook_for(site: Site) -> Hook:
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
+            if torch._C._functorch.is_functorch_wrapped_tensor(args[0]):
+                beyond.why = beyond.why or _TRANSFORMED.format(path=site.path)
             if site.kind == "expanded":  # its gradient is taken whole (copies): here, the example's true one
                 calls[site.path].append(tuple(output.shape) if isinstance(output, torch.Tensor) else None)
                 return None
@@ -203,7 +206,7 @@ def discover(
     # (BLOOM's GeLU), which the batched path runs too
     leaves = {n: t.detach().requires_grad_() for n, t in diff.items()}
     state = {**frozen, **leaves}
-    with torch.enable_grad(), hooked(module, {s.path: hook_for(s) for s in sites}), _BeyondFactors() as beyond:
+    with torch.enable_grad(), hooked(module, {s.path: hook_for(s) for s in sites}), beyond:
         if not whole:
             total = scalar_loss(loss, state, batch_of_one(example_at(batch, 0)))
         elif isinstance(loss, BatchedLoss):
@@ -456,7 +459,8 @@ class _BeyondFactors(TorchFunctionMode):
       pass too (a layer's ``grad_input = grad_output @ W``, its tangent ``W @ t``; 1-99% off, or all 0, silently);
     - saved-tensor hooks of the model's own (activation compression): autograd differentiates with the tensors they
       give back, not the layers' inputs (3e-4 off for a bfloat16 copy, silently). ``torch.autograd.graph.save_on_cpu``
-      gives them back as they were (the caller's are set aside; torch's checkpointing is refused where it runs).
+      gives them back as they were (the caller's are set aside; torch's checkpointing is refused where it runs);
+    - (set by ``discover``'s hooks) a layer run under ``torch.vmap`` inside the forward (the batched pass failed).
     """
 
     _DIFFERENTIATING = {
@@ -485,6 +489,10 @@ _DIFFERENTIATES = (
     "the forward pass or the loss differentiates (`torch.autograd.grad` with `create_graph=True`, `torch.func.grad` or "
     "`jvp`, dual tensors: forces as -dE/dx, a gradient penalty), so a parameter's gradient has a part through that "
     "derivative's computation, which no layer's factors hold"
+)
+_TRANSFORMED = (
+    "layer {path!r} runs under a torch.func transform inside the forward pass (`torch.vmap` around it), whose "
+    "inputs are its own per-item tensors, not rows of the batch the factors are taken of"
 )
 _SAVES_OTHERWISE = (
     "the forward pass sets saved-tensor hooks (`torch.autograd.graph.saved_tensors_hooks`: activation compression, "
