@@ -185,7 +185,8 @@ def discover(
     differentiated parameter, and the parameters autograd does not reach at all. A site's parameters must get no
     gradient, since another use (a direct ``F.linear(x, layer.weight)``, a regulariser in the loss) would be missed
     by its factors. An "expanded" site's use is not detached: its parameters get the example's whole gradient,
-    which their expanded copies must reproduce (``_batching.batching_refused``).
+    which their expanded copies must reproduce (``_batching.batching_refused``). Raises ``BeyondFactors`` where the
+    gradients have parts no layer's factors hold (``_BeyondFactors``).
     """
     calls: dict[str, list[tuple[int, ...] | None]] = {s.path: [] for s in sites}
     beyond = _BeyondFactors()
@@ -460,7 +461,8 @@ class _BeyondFactors(TorchFunctionMode):
     - saved-tensor hooks of the model's own (activation compression): autograd differentiates with the tensors they
       give back, not the layers' inputs (3e-4 off for a bfloat16 copy, silently). ``torch.autograd.graph.save_on_cpu``
       gives them back as they were (the caller's are set aside; torch's checkpointing is refused where it runs);
-    - (set by ``discover``'s hooks) a layer run under ``torch.vmap`` inside the forward (the batched pass failed).
+    - (noted by ``discover``'s hooks) a layer run under ``torch.vmap`` inside the forward: its factors would be
+      functorch's per-item tensors (the batched pass raised functorch's error).
     """
 
     _DIFFERENTIATING = {
