@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -476,3 +477,27 @@ def test_the_checkpoint_pytree_carries_the_optimizer_state():
     model, ckpt = _linear_ckpt(torch.optim.Adam(nn.Linear(4, 3).parameters()).state_dict())
     moved = optree.tree_map(lambda t: t, ckpt, namespace="tracin_func")
     assert moved.optimizer_state["param_groups"][0]["betas"] == (0.9, 0.999)
+
+
+def test_moments_matched_by_position_are_warned_where_shapes_cannot_tell_parameters_apart():
+    """An optimizer built from plain parameters in another order than the model's gave two same-shaped layers each
+    other's moments (13% off, silently: shapes alone are checked); names saved are matched by name, unwarned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+
+    def checkpoint(params) -> tc.Checkpoint:
+        optimizer = torch.optim.Adam(params, lr=0.1)
+        nn.CrossEntropyLoss()(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        state = copy.deepcopy(optimizer.state_dict())
+        return tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.1, optimizer_state=state)
+
+    unnamed, named = checkpoint(model.parameters()), checkpoint(model.named_parameters())
+    with pytest.warns(UserWarning, match="'0.weight' and '2.weight' have one shape"):
+        tc.self_influence(model, [unnamed], (x, y), loss_fn=nn.CrossEntropyLoss())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tc.self_influence(model, [named], (x, y), loss_fn=nn.CrossEntropyLoss())
+        tc.self_influence(model, [unnamed], (x, y), loss_fn=nn.CrossEntropyLoss(), params=["0.weight", "4.weight"])

@@ -43,6 +43,7 @@ import torch
 from ._aliasing import warn_aliased_moments
 from ._checkpoints import DATA_PARALLEL_PREFIX, groups_listed
 from ._representations import Dense, Representation, _rows
+from ._warn import warn
 
 
 class AdamParam(NamedTuple):
@@ -117,10 +118,9 @@ def _ids_to_names(
 ) -> dict[Any, tuple[str, int]]:
     """``{parameter id: (name, group index)}``."""
     ids = [(i, g) for g, group in enumerate(groups) for i in group["params"]]
-    # ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` (FSDP2, Accelerate) keys by the names themselves:
-    # matched by position, in another order they were other parameters' moments (78% off, silently)
-    by_name = bool(ids) and all(isinstance(i, str) for i, _ in ids)
-    if by_name or all("param_names" in group for group in groups):
+    # names as the ids: matched by position, in another order they were other parameters' moments (78% off, silently)
+    if _names_saved(groups):
+        by_name = all(isinstance(i, str) for i, _ in ids)
         names = [i for i, _ in ids] if by_name else [n for group in groups for n in group["param_names"]]
         unknown = [n for n in names if n not in order]
         if unknown:
@@ -148,6 +148,42 @@ def _ids_to_names(
         f"({len(trainable)} requiring grad); ids are matched to `model.named_parameters()` in order. Save the "
         f"optimizer built from `model.parameters()` (or from `model.named_parameters()`, which stores the names)."
     )
+
+
+def _warn_matched_by_position(
+    checkpoints: Sequence[Any], shapes: Mapping[str, tuple[int, ...]], scored: Collection[str]
+) -> None:
+    """Warn where an optimizer state without names was matched by position (``_ids_to_names``) and two scored
+    parameters share a shape: the shapes then cannot show an optimizer built in another order than the model's, whose
+    moments would go to the wrong parameters (13% off, silently, for two same-shaped layers listed the other way)."""
+    unnamed = next((i for i, c in enumerate(checkpoints) if not _names_saved(c.optimizer_state["param_groups"])), None)
+    alike = _two_of_one_shape(scored, shapes) if unnamed is not None else None
+    if alike is not None:
+        warn(
+            f"`checkpoints[{unnamed}]`'s `optimizer_state` holds no parameter names (an optimizer built from "
+            f"`model.parameters()`), so its moments are matched to `model.named_parameters()` by position, which "
+            f"only their shapes check; {alike[0]!r} and {alike[1]!r} have one shape, so an optimizer listing them in "
+            f"another order would give each the other's moments, unseen. Build the optimizer from "
+            f"`model.named_parameters()` (torch >= 2.6 saves the names) to have them matched by name.",
+            UserWarning,
+        )
+
+
+def _two_of_one_shape(names: Collection[str], shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str] | None:
+    first: dict[tuple[int, ...], str] = {}
+    for name in names:
+        shape = tuple(shapes[name])
+        if shape in first:
+            return first[shape], name
+        first[shape] = name
+    return None
+
+
+def _names_saved(groups: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether an optimizer state's param groups name their parameters: ``param_names``, or names as the ids
+    (``torch.distributed.checkpoint``'s ``get_optimizer_state_dict``: FSDP2, Accelerate)."""
+    ids = [i for group in groups for i in group["params"]]
+    return bool(ids) and all(isinstance(i, str) for i in ids) or all("param_names" in group for group in groups)
 
 
 def check_one_lr(adam: Sequence[Mapping[str, AdamParam] | None], scored: Collection[str]) -> None:
@@ -337,4 +373,5 @@ def with_adam_states(
         for i, c in enumerate(checkpoints)
     ]
     warn_aliased_moments(checkpoints, states, order if scored is None else scored)
+    _warn_matched_by_position(checkpoints, shapes, order if scored is None else scored)
     return [ready._replace(adam=on_device(s, device, dtype)) for ready, s in zip(prepared, states)]
