@@ -231,6 +231,9 @@ def test_other_settings_are_refused_naming_the_difference(task, tmp_path):
         tc.top_k(model, changed, index, test, k=2, loss_fn=LOSS)
     with pytest.raises(ValueError, match=r"differentiated parameters"):
         tc.influence(model, ckpts, index, test, loss_fn=LOSS, layers=["fc1"])
+    with pytest.raises(ValueError, match=r"the number of checkpoints \(3 -> 2\)") as fewer:
+        tc.influence(model, ckpts[:2], index, test, loss_fn=LOSS)
+    assert "optimizer states" not in str(fewer.value)  # (none has any: said to differ)
     relu = ReluMLP().to(DTYPE).eval()  # its state laid out alike: an index of the other model's (before: 84% off)
     with pytest.raises(ValueError, match=r"built with other settings.*the model's code or settings"):
         tc.influence(relu, ckpts, index, test, loss_fn=LOSS)
