@@ -3580,7 +3580,8 @@ def test_mixing_is_refused_on_an_examples_own_scale(case):
     model.eval()
     state = dict(model.state_dict())
     ckpts = [tc.Checkpoint({**state, "gate": torch.tensor(g, dtype=F64)}, lr=0.1) for g in (0.5, 0.25, 0.0)]
-    with pytest.raises(ValueError, match=r"got other outputs in the batch than alone"):
+    mixed = "got another loss in the batch than alone" if case == "well_fitted_batch_loss" else "got other outputs"
+    with pytest.raises(ValueError, match=mixed):
         tc.self_influence(model, ckpts, train, loss_fn=loss)
     want = reference_scores(model, ckpts, train, loss_fn=loss).self_influence
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss, factored=False), want)
@@ -4138,5 +4139,17 @@ def test_a_layer_under_vmap_inside_the_forward_is_scored_exactly():
     test = (torch.randn(2, 5, dtype=torch.float64), torch.randint(0, 3, (2,)))
     loss = nn.CrossEntropyLoss()
     ref = reference_scores(model, ckpts, train, test, loss_fn=loss)
-    with pytest.warns(tc.SlowPathWarning, match="layer 'a' runs under a torch.func transform"):
+    with pytest.warns(tc.SlowPathWarning, match="layer 'a' runs under a torch.func transform"):  # (no derivative)
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
+
+
+def test_a_batch_loss_giving_the_batchs_mean_is_refused_naming_the_loss():
+    """Hugging Face's `outputs.loss` (the batch's mean) given to every example was refused as the model mixing its
+    examples."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(torch.float64).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    train = (torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    mean = tc.BatchLoss(lambda p, b: F.cross_entropy(functional_call(model, p, (b[0],)), b[1]).expand(len(b[1])))
+    with pytest.raises(ValueError, match=r"`loss_fn`: example \d of a batch of 8 got another loss in the batch than"):
+        tc.self_influence(model, ckpts, train, loss_fn=mean)

@@ -657,6 +657,16 @@ def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection
                     f"would be wrong. Give it as `tc.ExampleLoss` (each example alone), or pass `factored=False`.",
                     i,
                 )
+            if isinstance(loss, BatchedLoss):  # (its losses are what is compared: the model's or its own mixing)
+                raise MixedBatch(
+                    f"`{loss.name}`: example {i} of a batch of {n} got another loss in the batch than alone, so the "
+                    f"model or the loss mixes a batch's examples (a `tc.BatchLoss` must give each example its own "
+                    f"loss, not the batch's mean: Hugging Face's `outputs.loss` is one; the model: statistics over "
+                    f"larger batches, a frozen gate at another checkpoint); scored batched, its scores would be wrong. "
+                    f"Compute each example's loss from the outputs (`tc.causal_lm_loss`, "
+                    f"`tc.sequence_classification_loss`), or pass `factored=False`.",
+                    i,
+                )
             raise MixedBatch(
                 f"`model`: example {i} of a batch of {n} got other outputs in the batch than alone, so the model mixes "
                 f"a batch's examples in a way the first examples it was planned on could not show (statistics over "

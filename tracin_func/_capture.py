@@ -479,7 +479,7 @@ class _BeyondFactors(TorchFunctionMode):
         if func is torch._make_dual or signature is not None and signature.bind(*args, **kwargs).arguments.get(
             "create_graph"
         ):
-            self.why = self.why or _DIFFERENTIATES
+            self.why = _DIFFERENTIATES  # (the cause, where torch.func's transform also wraps a layer's inputs)
         saving = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if saving is not None and getattr(saving[0], "__module__", "") not in _SAVED_AS_THEY_WERE:
             self.why = self.why or _SAVES_OTHERWISE
