@@ -182,7 +182,9 @@ def causal_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: in
     (Hugging Face's would be NaN). The cross-entropy is computed in the logits' dtype (transformers upcasts it to
     float32, so in float64 the two differ at float32 rounding). A label predicted from a padding position
     (``attention_mask`` 0: the last pad before the first real token, with left padding) is warned: that term depends
-    on the padding; set the first real token's label to ``ignore_index`` to score each example as it is unpadded.
+    on the padding; set the first real token's label to ``ignore_index`` to score each example as it is unpadded
+    (for a model with absolute positions that does not derive them from the mask, GPT-2's, give ``position_ids``
+    too: ``attention_mask.cumsum(-1) - 1``, clamped at 0; left padding shifts every position otherwise).
 
     Args:
         model: the module the scorers get (e.g. ``GPT2LMHeadModel``); it returns logits ``[B, T, V]`` as
@@ -240,7 +242,8 @@ def _warn_padding_read(mask: Any, shifted: torch.Tensor, ignore_index: int) -> N
             f"`causal_lm_loss`: a label is predicted from a padding position (`attention_mask` 0 there): with left "
             f"padding, the last pad predicts the first real token, whose score then depends on the padding (as in "
             f"Hugging Face's loss). Set the first real token's label to {ignore_index} too to score each example as it "
-            f"is unpadded.",
+            f"is unpadded (and give `position_ids`, `attention_mask.cumsum(-1) - 1` clamped at 0, to a model of "
+            f"absolute positions that does not derive them from the mask, as GPT-2).",
             UserWarning,
         )
 
