@@ -274,3 +274,38 @@ def test_every_combination_of_masks_is_exact_through_the_scorers():
         train, test = _data(5, seed_train), _data(2, seed_test)
         ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence, 1e-12)
+
+
+class _Features(nn.Module):
+    """A default ``nn.TransformerEncoder`` (nested tensors enabled), or one ``TransformerEncoderLayer``, over float
+    features that need no gradient."""
+
+    def __init__(self, stacked: bool):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder, self.head = nn.TransformerEncoder(layer, 2) if stacked else layer, nn.Linear(8, 3)
+
+    def forward(self, x, pad):
+        return self.head(self.encoder(x, src_key_padding_mask=pad)[:, 0])
+
+
+@pytest.mark.parametrize(
+    "stacked, params",
+    [(True, None), (True, ["encoder.layers.1.linear2.weight"]), (False, ["encoder.self_attn.in_proj_weight"])],
+)
+def test_an_encoders_inference_fast_path_is_not_taken(stacked, params):
+    """With no gradient needed in it (its weights' gradients come from factors), a default TransformerEncoder turned
+    a padded batch into nested tensors (torch's "NestedTensor layer_norm requires weight and bias" was raised) and an
+    encoder layer ran one fused kernel, calling none of its layers ("called fewer times on an example")."""
+    g = torch.Generator().manual_seed(0)
+    model = _Features(stacked).to(F64).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+
+    def data(n):
+        pad = torch.arange(5) >= torch.randint(1, 6, (n,), generator=g)[:, None]
+        return torch.randn(n, 5, 8, generator=g, dtype=F64), pad, torch.randint(0, 3, (n,), generator=g)
+
+    train, test = data(6), data(3)
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE, params=params)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, params=params), ref.influence)
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, params=params), ref.self_influence)
