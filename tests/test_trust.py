@@ -385,6 +385,9 @@ def test_1b4_a_model_compiled_in_place_or_wrapped():
     check_against_reference(model, ckpts, train, test)
     with pytest.raises(ValueError, match=r"`model` is a `torch.compile` wrapper.*`model._orig_mod`"):
         tc.self_influence(wrapped, ckpts, train, loss_fn=CE)
+    holder = nn.Sequential(torch.compile(MLP().double().eval(), backend="eager"))  # (refused advising `forward`)
+    with pytest.raises(ValueError, match=r"`model` module '0' is a `torch.compile` wrapper.*its `._orig_mod`"):
+        tc.self_influence(holder, make_ckpts(holder), train, loss_fn=CE)
 
 
 @pytest.mark.parametrize("make", ["script", "trace"])
@@ -2185,6 +2188,8 @@ def test_7n_class_weights_that_would_cancel_are_refused():
     for loss in (functools.partial(F.cross_entropy, weight=weight), nll, _Wrapping(nn.CrossEntropyLoss(weight=weight))):
         with pytest.raises(ValueError, match=r"`loss_fn`: F.(cross_entropy|nll_loss)\(weight=...\) with reduction="):
             tc.self_influence(model, ckpts, data, loss_fn=loss)
+    with pytest.raises(ValueError, match=r"cancels from its cross-entropy \(and divides label smoothing's term"):
+        tc.self_influence(model, ckpts, data, loss_fn=nn.CrossEntropyLoss(weight=weight, label_smoothing=0.2))
     summed = functools.partial(F.cross_entropy, weight=weight, reduction="sum")
     want = reference(model, ckpts, data, data, loss_fn=weighted)[1]
     assert_close(tc.self_influence(model, ckpts, data, loss_fn=summed), want)

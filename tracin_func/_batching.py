@@ -653,8 +653,10 @@ def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection
                 raise MixedBatch(
                     f"`{loss.name}`: example {i} of a batch of {n} got another loss or gradient at its outputs from "
                     f"the criterion run on the whole batch than alone, so the criterion mixes a batch's examples (hard "
-                    f"examples mined over the batch, a sum divided by a batch statistic); scored batched, its scores "
-                    f"would be wrong. Give it as `tc.ExampleLoss` (each example alone), or pass `factored=False`.",
+                    f"examples mined over the batch, a sum divided by a batch statistic, outputs broadcast against "
+                    f"every example's targets: `[B, 1]` against `[B]`, which torch warns of); scored batched, its "
+                    f"scores would be wrong. Give it as `tc.ExampleLoss` (each example alone), or pass "
+                    f"`factored=False`.",
                     i,
                 )
             if isinstance(loss, BatchedLoss):  # (its losses are what is compared: the model's or its own mixing)

@@ -535,10 +535,12 @@ class _CancellingWeights(TorchFunctionMode):
             if given.get("weight") is not None and mean and one_index:
                 c = self.criterion
                 what = type(c).__name__ if isinstance(c, (nn.CrossEntropyLoss, nn.NLLLoss)) else f"F.{func.__name__}"
+                smoothed = " (and divides label smoothing's term by it)" if given.get("label_smoothing") else ""
                 raise ValueError(
                     f"`{self.name}`: {what}(weight=...) with reduction='mean' divides an example's loss by its own "
-                    f"class weight, so on one example the weights cancel and every loss is unweighted. Pass "
-                    f"reduction='sum' for losses weighted by class (as they weigh in training), or leave weight= out."
+                    f"class weight, so on one example the weight cancels from its cross-entropy{smoothed}, which is "
+                    f"then unweighted. Pass reduction='sum' for losses weighted by class (as they weigh in training), "
+                    f"or leave weight= out."
                 )
         return func(*args, **kwargs)
 

@@ -220,11 +220,19 @@ def check_runnable(model: Any, eval_fix: str = "Call `model.eval()` before scori
             f"checkpoint's tensors. Pass the module it wraps (`model.module`); checkpoints saved from the wrapper "
             f"carry a `module.` prefix, which `tc.load_checkpoints` strips."
         )
-    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+    compiled = next((name for name, m in model.named_modules() if _compile_wrapper(m)), None)
+    if compiled == "":
         raise ValueError(
             "`model` is a `torch.compile` wrapper, whose compiled forward runs the original module with its own "
             "weights, not each checkpoint's. Pass the module itself (`model._orig_mod`), and `compile=True` to "
             "compile the scoring."
+        )
+    if compiled is not None:
+        raise ValueError(
+            f"`model` module {compiled!r} is a `torch.compile` wrapper, whose compiled forward runs the original "
+            f"module with its own weights, not each checkpoint's. Put the module it wraps back in its place (its "
+            f"`._orig_mod`; `module.compile()` compiles in place, which scores as it is), and pass `compile=True` to "
+            f"compile the scoring."
         )
     check_not_scripted(model)
     check_eval_mode(model, eval_fix)
@@ -235,6 +243,10 @@ def check_runnable(model: Any, eval_fix: str = "Call `model.eval()` before scori
             "cache keeps one value per tensor (the first checkpoint's, or one computed before the call) for every "
             "checkpoint. Call the scorer outside the `cached()` block."
         )
+
+
+def _compile_wrapper(module: nn.Module) -> bool:
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
 
 
 def check_not_scripted(model: nn.Module) -> None:
