@@ -393,3 +393,29 @@ def test_the_purity_check_detects_mutations(name):
             _check_pure(_purity_setup, MUTATIONS[name])
     finally:
         torch.set_grad_enabled(True)
+
+
+def test_quantization_aware_training_with_its_observers_off_is_scored():
+    """QAT's default fused fake-quantize declares its statistics written whatever its observer does: with the observer
+    off (evaluation) it leaves them, and was refused as writing the checkpoint's tensors; with it on, it is."""
+    import torch.ao.quantization as quantization
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).train()
+    model.qconfig = quantization.get_default_qat_qconfig("fbgemm")
+    quantization.prepare_qat(model, inplace=True)
+    for _ in range(3):  # (statistics observed)
+        model(torch.randn(16, 4))
+    model.eval()
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    loss = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="writes into the checkpoint's tensor"):
+        tc.self_influence(model, ckpts, (x, y), loss_fn=loss)
+    model.apply(quantization.disable_observer)  # (a buffer the checkpoints hold)
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    params = [p for _, p in model.named_parameters()]
+    grads = [torch.cat([g.flatten() for g in torch.autograd.grad(loss(model(x[i : i + 1]), y[i : i + 1]), params)])
+             for i in range(6)]  # fmt: skip
+    want = 0.1 * torch.stack(grads).square().sum(1)
+    torch.testing.assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=loss), want, rtol=1e-5, atol=0)

@@ -53,6 +53,14 @@ def _inspected(func: Any) -> tuple[bool, tuple[str, ...]]:
     return torch.Tag.nondeterministic_seeded in func.tags, written
 
 
+def _writes(func: Any, values: Mapping[str, Any]) -> bool:
+    """Whether an op declaring arguments written writes them, called with ``values``: QAT's fused fake-quantize with
+    its observer off leaves its statistics as they are (refused as writing them, every such model was)."""
+    if func is torch.ops.aten._fused_moving_avg_obs_fq_helper.default:
+        return bool(values["observer_on"])
+    return True
+
+
 @functools.cache
 def _makes_tensors(func: Any) -> bool:
     """Whether an op's outputs are new tensors, not views of its inputs or the inputs it wrote."""
@@ -104,7 +112,7 @@ class _Watch(TorchDispatchMode):
             draws = seeded and _draws_random(values)
             if draws and (writes or not _makes_tensors(func)):  # random numbers into a tensor that exists
                 self._refuse(f"draws random numbers ({func}), so its scores would be random")
-            for name in writes:
+            for name in writes if _writes(func, values) else ():
                 written = values.get(name)
                 for t in written if isinstance(written, (list, tuple)) else [written]:
                     target = self.protected.get(_storage(t)) if isinstance(t, torch.Tensor) else None
