@@ -1,6 +1,6 @@
 # Two entry points: `make demo` (set up, then run the main job) and `make test` (set up, then run the tests).
 # TORCH_SPEC picks the torch build installed first; the default is the CPU wheel this workplace keeps on disk,
-# so set-up never pulls a multi-GB CUDA build. Elsewhere: `make test TORCH_SPEC="torch>=2.3"`.
+# so set-up never pulls a multi-GB CUDA build. Elsewhere: `make test TORCH_SPEC="torch>=2.4"`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
