@@ -732,3 +732,18 @@ def test_a_pure_function_s_index_describes_the_user_s_function(tmp_path):
     x, y = torch.randn(6, 4, generator=gen, dtype=DTYPE), torch.randint(0, 3, (6,), generator=gen)
     tc.build_index(tmp_path, _pure_mlp, [tc.Checkpoint(params, 0.1)], (x, y), loss_fn=LOSS)
     assert read_manifest(str(tmp_path))["fingerprint"]["model"] == describe_model(_pure_mlp)
+
+
+def test_a_models_fingerprint_leaves_out_the_hooks_another_call_puts_on_it():
+    """A loss calling the user's module (`tc.sequence_classification_loss(model)`) has a call's running-module hooks on
+    it while the call runs: an index built meanwhile in another thread stored them, and every later query was
+    refused ("the model's code or settings differ"; a helper's stress test, 8 of 9 builds)."""
+    from tracin_func._fingerprint import describe_model
+    from tracin_func._purity import _running_modules
+
+    model = MLP().to(DTYPE).eval()
+    alone = describe_model(model)
+    with _running_modules(model):
+        assert describe_model(model) == alone
+    model.fc1.register_forward_hook(lambda module, args, output: output * 2)  # (the user's own hooks still count)
+    assert describe_model(model) != alone

@@ -127,10 +127,15 @@ def describe_model(model: Any) -> str:
 
 
 
+_LIBRARY = f"{__package__}."
+
+
 def _describe_layer(layer: torch.nn.Module, tree: frozenset[int]) -> str:
     """A layer's class, the code of its class's methods (of classes outside torch: a helper its forward calls), its
-    mode and forward hooks (the user's, under the call's guard), its public attributes and its private ones of plain
-    values (a scale); the model's modules (``tree``) they reach by class."""
+    mode and forward hooks (the user's, under the call's guard; not those another call puts on a user's module that a
+    loss runs, for the time it runs: an index built meanwhile was refused by every query, "the model's code or
+    settings differ"), its public attributes and its private ones of plain values (a scale); the model's modules
+    (``tree``) they reach by class."""
     cls = type(layer)
     methods = {
         f"{c.__qualname__}.{name}": fn
@@ -143,6 +148,7 @@ def _describe_layer(layer: torch.nn.Module, tree: frozenset[int]) -> str:
     private = {k: v for k, v in vars(layer).items() if k.startswith("_") and k not in MODULE_SLOTS}
     settings.update({k: v for k, v in private.items() if isinstance(v, _SIMPLE)})
     hooks = [getattr(h, "__wrapped__", h) for h in (*layer._forward_pre_hooks.values(), *layer._forward_hooks.values())]
+    hooks = [h for h in hooks if not getattr(h, "__module__", "").startswith(_LIBRARY)]  # (another call's, for now)
     described = (_describe(part, 1, tree) for part in (methods, settings, hooks))
     return f"{cls.__module__}.{cls.__qualname__}, {_describe(cls.forward)}, {', '.join(described)}"
 
