@@ -309,3 +309,36 @@ def test_an_encoders_inference_fast_path_is_not_taken(stacked, params):
     ref = reference_scores(model, ckpts, train, test, loss_fn=CE, params=params)
     assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, params=params), ref.influence)
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, params=params), ref.self_influence)
+
+
+class _SeesAttentionSettings(nn.Module):
+    """Self-attention by F.scaled_dot_product_attention, recording torch's process-wide kernel settings as it runs."""
+
+    seen: list = []
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.o = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        _SeesAttentionSettings.seen.append(
+            (torch._C._get_flash_sdp_enabled(), torch._C._get_mem_efficient_sdp_enabled())
+        )
+        h = self.q(x).view(x.shape[0], 5, 2, 4).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(h, h, h, is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(x.shape[0], 5, 8).mean(1))
+
+
+def test_vmap_takes_the_math_attention_kernel_without_changing_torchs_settings():
+    """`sdpa_kernel(MATH)` around vmap set process-wide flags: other threads' attention switched kernels mid-run
+    (their calls' randomness check refused two runs differing), and concurrent calls left the flags restricted to
+    the math kernel for good (their saving and restoring interleaved)."""
+    g = torch.Generator().manual_seed(0)
+    model = _SeesAttentionSettings().to(F64).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    train = (torch.randn(6, 5, 8, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
+    before = (torch._C._get_flash_sdp_enabled(), torch._C._get_mem_efficient_sdp_enabled())
+    _SeesAttentionSettings.seen.clear()
+    got = tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False)
+    assert set(_SeesAttentionSettings.seen) == {before}
+    assert_close(got, reference_scores(model, ckpts, train, loss_fn=CE).self_influence)

@@ -11,10 +11,10 @@ from typing import Any
 
 import optree
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.func import grad, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointError, CheckpointFunction
 
@@ -72,8 +72,7 @@ class Mapper:
             if self.loop or self.plain:
                 return _looped(one, args)
             try:
-                # The math attention kernel has vmap batching rules; the fused CPU kernels fall back to a slow loop.
-                with sdpa_kernel(SDPBackend.MATH):
+                with _MathAttention():
                     return fast(*args)
             except (RuntimeError, NotImplementedError) as vmap_error:
                 try:
@@ -140,6 +139,23 @@ def plain_grad(f: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_au
         return (found, optree.tree_map(torch.Tensor.detach, aux)) if has_aux else found
 
     return grads
+
+
+class _MathAttention(TorchFunctionMode):
+    """``F.scaled_dot_product_attention`` by its math kernel, the one with vmap batching rules (the fused CPU kernels
+    fall back to a slow loop under vmap), in this thread only: torch's ``sdpa_kernel`` sets process-wide flags, which
+    concurrent calls left restricted to the math kernel for good (their saving and restoring interleaved) and which
+    switched other threads' kernels mid-run (another call's two plain runs then differed, refused as random)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        named = {**dict(zip(_SDPA_ARGS, args)), **(kwargs or {})}
+        query, key, value = (named.pop(k) for k in _SDPA_ARGS[:3])
+        return torch.ops.aten._scaled_dot_product_attention_math(query, key, value, **named)[0]
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 CHECKPOINTED = (
