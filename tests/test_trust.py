@@ -3923,6 +3923,20 @@ def test_rows_zero_but_for_rounding_are_compared_within_rounding_of_the_largest(
     assert not _close_rows(batched * torch.tensor([[1.0], [1.001]], dtype=F64), alone)
 
 
+def _exact_off_the_factored_path(model, train, loss, warned, *, test=None, reference_loss=None):
+    """The default call's self-influence (and influence against ``test``) warned off the factored path (``warned``)
+    and equal to the one-backward-per-example reference (of ``reference_loss``, one it takes: a batch loss's sum);
+    the checkpoints scored."""
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    ref = reference_scores(model, ckpts, train, test, loss_fn=reference_loss or loss)
+    with pytest.warns(tc.SlowPathWarning, match=warned):
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss), ref.self_influence)
+    if test is not None:
+        with pytest.warns(tc.SlowPathWarning, match=warned):
+            assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
+    return ckpts
+
+
 class _ForceField(nn.Module):
     """Forces as ``-dE/dx`` of an energy: a forward that differentiates, keeping the graph (trained on forces). With
     ``raw``, a parameter read directly between the layers (a route of its own: followed)."""
@@ -3952,15 +3966,10 @@ def test_a_forward_that_differentiates_is_scored_exactly(raw, func):
     a forward running torch.func raised "Cannot access storage of TensorWrapper" (read by the planning's watch)."""
     torch.manual_seed(0)
     model = _ForceField(raw, func).to(torch.float64).eval()
-    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
     train = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64))
     test = (torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64))
     loss = nn.MSELoss(reduction="sum")
-    ref = reference_scores(model, ckpts, train, test, loss_fn=loss)
-    with pytest.warns(tc.SlowPathWarning, match="the forward pass or the loss differentiates"):
-        assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss), ref.self_influence)
-    with pytest.warns(tc.SlowPathWarning):
-        assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
+    ckpts = _exact_off_the_factored_path(model, train, loss, "the forward pass or the loss differentiates", test=test)
     routes = tc.explain(model, ckpts, train, loss_fn=loss)
     assert "create_graph=True" in routes.batching and {r.route for r in routes.routes} <= {"vmap", "loop"}
 
@@ -3970,7 +3979,6 @@ def test_a_gradient_penalty_in_the_loss_is_scored_exactly():
     the layers' factors missed the penalty's part through that backward pass (1-19% off, silently)."""
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(torch.float64).eval()
-    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=1.0)]
     data = (torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,)))
 
     def losses(params, batch):
@@ -3981,9 +3989,8 @@ def test_a_gradient_penalty_in_the_loss_is_scored_exactly():
             (gx,) = torch.autograd.grad(ce.sum(), x, create_graph=True)
         return ce + gx.square().sum(1)
 
-    ref = reference_scores(model, ckpts, data, loss_fn=tc.ExampleLoss(lambda p, b: losses(p, b).sum()))
-    with pytest.warns(tc.SlowPathWarning, match="the forward pass or the loss differentiates"):
-        assert_close(tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(losses)), ref.self_influence)
+    summed = tc.ExampleLoss(lambda p, b: losses(p, b).sum())
+    _exact_off_the_factored_path(model, data, tc.BatchLoss(losses), "the loss differentiates", reference_loss=summed)
 
 
 class _Tangent(nn.Module):
@@ -4010,12 +4017,8 @@ def test_a_forward_taking_a_jvp_is_scored_exactly(func):
     with ``torch.func.jvp`` every score 0 (said to reach no parameter), silently."""
     torch.manual_seed(2)
     model = _Tangent(func).to(torch.float64).eval()
-    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
     data = (torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
-    loss = nn.MSELoss(reduction="sum")
-    with pytest.warns(tc.SlowPathWarning, match="the forward pass or the loss differentiates"):
-        got = tc.self_influence(model, ckpts, data, loss_fn=loss)
-    assert_close(got, reference_scores(model, ckpts, data, loss_fn=loss).self_influence)
+    _exact_off_the_factored_path(model, data, nn.MSELoss(reduction="sum"), "the loss differentiates")
 
 
 class _ScaledGradient(torch.autograd.Function):
@@ -4081,12 +4084,8 @@ def test_saved_tensor_hooks_of_the_models_own_are_scored_as_autograd_takes_them(
     inputs (72% off here, 3e-4 for a bfloat16 round trip, silently)."""
     torch.manual_seed(4)
     model = _CompressedActivations().to(torch.float64).eval()
-    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
     train = (torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,)))
-    loss = nn.CrossEntropyLoss()
-    with pytest.warns(tc.SlowPathWarning, match="the forward pass sets saved-tensor hooks"):
-        got = tc.self_influence(model, ckpts, train, loss_fn=loss)
-    assert_close(got, reference_scores(model, ckpts, train, loss_fn=loss).self_influence)
+    _exact_off_the_factored_path(model, train, nn.CrossEntropyLoss(), "the forward pass sets saved-tensor hooks")
 
 
 class _ForcesWhereFlagged(nn.Module):
@@ -4117,11 +4116,7 @@ def test_a_forward_differentiating_for_another_checked_example_than_the_first_is
     x[flagged, 3] = 1
     train = (x, torch.randn(8, 3, dtype=torch.float64))
     model = _ForcesWhereFlagged().to(torch.float64).eval()
-    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
-    loss = nn.MSELoss(reduction="sum")
-    with pytest.warns(tc.SlowPathWarning, match="the forward pass or the loss differentiates"):
-        got = tc.self_influence(model, ckpts, train, loss_fn=loss)
-    assert_close(got, reference_scores(model, ckpts, train, loss_fn=loss).self_influence)
+    _exact_off_the_factored_path(model, train, nn.MSELoss(reduction="sum"), "the loss differentiates")
 
 
 class _VmappedLayer(nn.Module):
@@ -4139,13 +4134,9 @@ def test_a_layer_under_vmap_inside_the_forward_is_scored_exactly():
     """Its factors were taken of functorch's per-item tensors: functorch's raw "your tensor may have escaped" error."""
     torch.manual_seed(5)
     model = _VmappedLayer().to(torch.float64).eval()
-    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
     train = (torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,)))
     test = (torch.randn(2, 5, dtype=torch.float64), torch.randint(0, 3, (2,)))
-    loss = nn.CrossEntropyLoss()
-    ref = reference_scores(model, ckpts, train, test, loss_fn=loss)
-    with pytest.warns(tc.SlowPathWarning, match="layer 'a' runs under a torch.func transform"):  # (no derivative)
-        assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
+    _exact_off_the_factored_path(model, train, nn.CrossEntropyLoss(), "layer 'a' runs under a torch.func", test=test)
 
 
 def test_a_batch_loss_giving_the_batchs_mean_is_refused_naming_the_loss():
