@@ -78,7 +78,9 @@ def batch_size_of(batch: Batch, where: str) -> int:
         shapes = [tuple(leaf.shape) for leaf in leaves]
         raise ValueError(
             f"{where}: the tensors of a batch disagree on the batch size (their first dimension): shapes {shapes[:6]}. "
-            f"Give every tensor of a batch one row per example (inputs and labels alike)."
+            f"Give every tensor of a batch one row per example (inputs and labels alike); a tensor shared by every "
+            f"example (a causal mask, a table) belongs in the model or the loss, not the batch: one whose first "
+            f"dimension happened to equal the batch's would be cut into rows, one per example."
         )
     return sizes.pop()
 
