@@ -747,3 +747,31 @@ def test_a_models_fingerprint_leaves_out_the_hooks_another_call_puts_on_it():
         assert describe_model(model) == alone
     model.fc1.register_forward_hook(lambda module, args, output: output * 2)  # (the user's own hooks still count)
     assert describe_model(model) != alone
+
+
+def test_a_shard_written_meanwhile_by_a_build_over_other_data_is_refused(task, tmp_path, monkeypatch):
+    """Two builds of one path with the same settings over other data resumed each other's shards: each returned an
+    index holding both's rows, scored silently (a helper's two-process trial: 2.2-2.6 off on scores of 4). The build
+    compares each shard's input rows with its own as it ends."""
+    import shutil
+
+    import tracin_func._build as build
+
+    model, ckpts, (x, y), test, ref = task
+    tc.build_index(tmp_path / "other", model, ckpts, (x + 1, y), loss_fn=LOSS, shard_size=8, storage_dtype=DTYPE)
+    write_shard = build.write_shard
+
+    def then_overwritten(file, *parts):  # (the other build's first shard, over this one's, once this one has all)
+        sha = write_shard(file, *parts)
+        if Path(file).name == "shard-00001.safetensors":
+            first = "shard-00000.safetensors"
+            shutil.copyfile(tmp_path / "other" / first, Path(file).parent / first)
+        return sha
+
+    monkeypatch.setattr(build, "write_shard", then_overwritten)
+    with pytest.raises(ValueError, match=r"shard-00000.safetensors` holds other training rows than this build's"):
+        tc.build_index(tmp_path / "index", model, ckpts, (x, y), loss_fn=LOSS, shard_size=8, storage_dtype=DTYPE)
+    monkeypatch.setattr(build, "write_shard", write_shard)
+    alone = dict(loss_fn=LOSS, shard_size=8, storage_dtype=DTYPE)  # (the same call alone: the other's shard redone)
+    index = tc.build_index(tmp_path / "index", model, ckpts, (x, y), **alone)
+    assert_close(tc.influence(model, ckpts, index, test, loss_fn=LOSS), ref.influence)

@@ -235,6 +235,18 @@ def unmatched_rows(index: Any, setup: Setup, train: Any, rows: torch.Tensor) -> 
     return None
 
 
+def _check_rows_kept(path: str, file: str, data: str) -> None:
+    """Refuse a shard whose input rows' digest is not the one its build computed: another build of the same settings
+    over other data wrote it meanwhile (both resumed each other's shards, and each returned an index of both's rows,
+    silently; the files' checksums, read only on `verify=True`, told)."""
+    if shard_info(os.path.join(path, file)).get("data") != data:
+        raise ValueError(
+            f"Index shard `{os.path.join(path, file)}` holds other training rows than this build's: another "
+            f"`tc.build_index` of the same settings over other data wrote it meanwhile. Run one build per `path` at "
+            f"a time; the same call, run alone, redoes the shards that are not its own."
+        )
+
+
 def _check_disk(path: str, missing_rows: int, planned: dict[str, Any], self_itemsize: int) -> None:
     itemsize = getattr(torch, planned["storage_dtype"]).itemsize
     needed = missing_rows * (planned["dim"] * itemsize + self_itemsize)
@@ -409,14 +421,14 @@ def build_index(
 
     on_every_rank(ranks, prepare)  # rank 0 prepares; the others wait for its outcome
 
-    def kept_mine() -> dict[int, str]:
-        kept = {}
+    def kept_mine() -> dict[int, tuple[str, str]]:
+        kept = {}  # shard -> (its file's sha256, its input rows' digest)
         for i in mine:  # a finished shard is kept when its input rows are unchanged (read, not differentiated)
             info = _complete(path, shard_name(i), *ranges[i], planned)
             if info is not None and info.get("data") == _data_digest(setup, train, *ranges[i]):
                 whole, payload = file_and_payload_sha256(os.path.join(path, shard_name(i)))
                 if payload == info.get("payload"):  # (else damaged since it was written: redone)
-                    kept[i] = whole
+                    kept[i] = whole, info["data"]
         return kept
 
     done = on_every_rank(ranks, kept_mine)
@@ -431,7 +443,7 @@ def build_index(
 
     on_every_rank(ranks, mark)
 
-    def build_mine() -> dict[int, str]:
+    def build_mine() -> dict[int, tuple[str, str]]:
         todo = [i for i in mine if i not in done]
         rows = sum(ranges[i][1] - ranges[i][0] for i in mine)
         bar = tqdm(
@@ -449,24 +461,25 @@ def build_index(
                 info = {"rows": [start, stop], "digest": planned["digest"], "data": data}
                 file = os.path.join(path, shard_name(i))
                 with _writing(path):
-                    done[i] = write_shard(file, embeddings, self_influence, info)
+                    done[i] = write_shard(file, embeddings, self_influence, info), data
         return done
 
     checksums = on_every_rank(ranks, build_mine)
     if ranks is not None:
-        checksums = {i: sha for part in gather_objects(checksums, ranks) for i, sha in part.items()}
+        checksums = {i: sums for part in gather_objects(checksums, ranks) for i, sums in part.items()}
     manifest = {
         **planned,
         "complete": True,
         "shards": [
-            {"file": shard_name(i), "start": a, "stop": b, "sha256": checksums[i]} for i, (a, b) in enumerate(ranges)
+            {"file": shard_name(i), "start": a, "stop": b, "sha256": checksums[i][0]} for i, (a, b) in enumerate(ranges)
         ],
     }
 
     def finish() -> None:
         if ranks is None or ranks.rank == 0:
-            for shard in manifest["shards"]:
+            for i, shard in enumerate(manifest["shards"]):
                 check_shard(path, shard, manifest, checksum=False)
+                _check_rows_kept(path, shard["file"], checksums[i][1])
             if read_manifest(path) != json.loads(json.dumps(manifest)):  # (a complete index rebuilt: left untouched)
                 with _writing(path):
                     write_json(os.path.join(path, MANIFEST), manifest)
