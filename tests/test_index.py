@@ -454,6 +454,12 @@ def test_an_edited_or_damaged_manifest_is_refused(task, tmp_path):
     with pytest.raises(ValueError, match=r"format version 1; this tracin_func reads version 3. Build it again with "
                                          r"`tc.build_index\(.*, \.\.\., overwrite=True\)`"):  # fmt: skip
         tc.open_index(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "digest": "0" * 64}))  # (the repair it advises:
+    with pytest.raises(ValueError, match=r"changed since its build.*running the same `tc.build_index"):
+        tc.open_index(tmp_path)
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)  # the same call, refused as "other
+    tc.open_index(tmp_path, verify=True)  # settings: its fingerprint", repairs it
+    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
 
 
 def test_disk_space_is_checked_first(task, tmp_path, monkeypatch):

@@ -81,6 +81,14 @@ def _what_differs(stored: dict[str, Any], planned: dict[str, Any]) -> list[str]:
     return found
 
 
+def _content_digest(manifest: dict[str, Any]) -> str | None:
+    """The digest of what a stored manifest says (None where it lacks a part)."""
+    try:
+        return manifest_digest(manifest)
+    except KeyError:
+        return None
+
+
 def _ours(name: str) -> bool:
     base = name[: -len(TEMPORARY)] if name.endswith(TEMPORARY) else name
     return base == MANIFEST or (base.startswith("shard-") and base.endswith(".safetensors"))
@@ -126,8 +134,8 @@ def _prepare_directory(path: str, planned: dict[str, Any], overwrite: bool) -> N
         )
     for name in written:  # (an index's folder, or an empty one: ours to clean)
         os.remove(os.path.join(path, name))
-    if stored is None:
-        write_json(manifest, planned)
+    if stored is None or _content_digest(stored) == planned["digest"] != stored.get("digest"):  # (new; or its digest
+        write_json(manifest, planned)  # alone edited, which `open_index` tells the same call to repair: resumed)
     elif stored.get("digest") != planned["digest"]:
         if not overwrite:
             found = _what_differs(stored, planned)
