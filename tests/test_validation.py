@@ -272,6 +272,16 @@ def test_batch_sizes_disagree():
         tc.influence(model, ckpts, (x, y), [(x, y[:4])], loss_fn=CE)
 
 
+def test_batches_on_meta_or_sparse_are_refused_naming_the_tensor():
+    """Torch's raw "Cannot copy out of meta tensor" and "Could not run 'aten::as_strided' ... SparseCPU" were raised
+    where a batch was cut into examples."""
+    model, ckpts, (x, y) = _setup()
+    with pytest.raises(ValueError, match=r"`data`: a tensor of shape \[6, 3\] is on the 'meta' device.*real device"):
+        tc.self_influence(model, ckpts, (x.to("meta"), y), loss_fn=CE)
+    with pytest.raises(ValueError, match=r"`data`: a tensor of shape \[6, 3\] is torch.sparse_coo.*`.to_dense\(\)`"):
+        tc.self_influence(model, ckpts, (x.to_sparse(), y), loss_fn=CE)
+
+
 def test_non_tensor_batch_element_in_iterable():
     model, ckpts, (x, y) = _setup()
     with pytest.raises(

@@ -73,6 +73,13 @@ def batch_size_of(batch: Batch, where: str) -> int:
             f"{where}: every element of a batch must be a tensor with a leading batch dimension, got {kinds[:6]}. "
             f"Pass batches like {shape} with one row per example.{hint}"
         )
+    odd = next((leaf for leaf in leaves if leaf.device.type == "meta" or leaf.layout != torch.strided), None)
+    if odd is not None:  # (torch's raw errors where the batch was cut into examples)
+        what = "on the 'meta' device, which holds no values" if odd.device.type == "meta" else f"{odd.layout}"
+        fix = "load the data onto a real device" if odd.device.type == "meta" else "pass it dense (`.to_dense()`)"
+        raise ValueError(
+            f"{where}: a tensor of shape {list(odd.shape)} is {what}; the batch cannot be cut into examples: {fix}."
+        )
     sizes = {leaf.shape[0] for leaf in leaves}
     if len(sizes) != 1:
         shapes = [tuple(leaf.shape) for leaf in leaves]
