@@ -243,18 +243,6 @@ def unmatched_rows(index: Any, setup: Setup, train: Any, rows: torch.Tensor) -> 
     return None
 
 
-def _check_rows_kept(path: str, file: str, data: str) -> None:
-    """Refuse a shard whose input rows' digest is not the one its build computed: another build of the same settings
-    over other data wrote it meanwhile (both resumed each other's shards, and each returned an index of both's rows,
-    silently; the files' checksums, read only on `verify=True`, told)."""
-    if shard_info(os.path.join(path, file)).get("data") != data:
-        raise ValueError(
-            f"Index shard `{os.path.join(path, file)}` holds other training rows than this build's: another "
-            f"`tc.build_index` of the same settings over other data wrote it meanwhile. Run one build per `path` at "
-            f"a time; the same call, run alone, redoes the shards that are not its own."
-        )
-
-
 def _check_disk(path: str, missing_rows: int, planned: dict[str, Any], self_itemsize: int) -> None:
     itemsize = getattr(torch, planned["storage_dtype"]).itemsize
     needed = missing_rows * (planned["dim"] * itemsize + self_itemsize)
@@ -486,8 +474,7 @@ def build_index(
     def finish() -> None:
         if ranks is None or ranks.rank == 0:
             for i, shard in enumerate(manifest["shards"]):
-                check_shard(path, shard, manifest, checksum=False)
-                _check_rows_kept(path, shard["file"], checksums[i][1])
+                check_shard(path, shard, manifest, checksum=False, data=checksums[i][1])
             if read_manifest(path) != json.loads(json.dumps(manifest)):  # (a complete index rebuilt: left untouched)
                 with _writing(path):
                     write_json(os.path.join(path, MANIFEST), manifest)

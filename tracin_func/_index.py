@@ -83,9 +83,12 @@ def check_manifest(path: str, manifest: dict[str, Any]) -> None:
         )
 
 
-def check_shard(path: str, shard: dict[str, Any], manifest: dict[str, Any], *, checksum: bool) -> None:
+def check_shard(
+    path: str, shard: dict[str, Any], manifest: dict[str, Any], *, checksum: bool, data: str | None = None
+) -> None:
     """Raise naming the shard when its file is missing, unreadable, of other rows or shapes than the manifest says,
-    or (``checksum``) when its bytes differ from the manifest's sha256."""
+    (``data``: the digest of the input rows its build computed) of other input rows, or (``checksum``) when its bytes
+    differ from the manifest's sha256."""
     file = os.path.join(path, shard["file"])
     if not os.path.exists(file):
         raise ValueError(f"Index shard `{file}` is missing; {_rebuild_hint(path)}.")
@@ -104,6 +107,12 @@ def check_shard(path: str, shard: dict[str, Any], manifest: dict[str, Any], *, c
         raise ValueError(
             f"Index shard `{file}` holds rows {info.get('rows')} with shapes {info['shapes']}, but the manifest lists "
             f"rows [{shard['start']}, {shard['stop']}) with shapes {expected}; {_rebuild_hint(path)}."
+        )
+    if data is not None and info.get("data") != data:  # (two builds of one path over other data: each ended with
+        raise ValueError(  # both's rows, silently, before)
+            f"Index shard `{file}` holds other training rows than this build's: another `tc.build_index` of the same "
+            f"settings over other data wrote it meanwhile. Run one build per `path` at a time; the same call, run "
+            f"alone, redoes the shards that are not its own."
         )
     if checksum and file_sha256(file) != shard["sha256"]:
         raise ValueError(
