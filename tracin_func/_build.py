@@ -291,6 +291,7 @@ def _shard_rows(
     embeddings: torch.Tensor | None = None
     self_influence = torch.zeros(stop - start, dtype=setup.dtype)
     unstorable, largest = torch.zeros(stop - start, dtype=torch.bool), 0.0
+    narrower = torch.finfo(storage_dtype).max < torch.finfo(setup.dtype).max  # (rounding past its largest: infinity)
     for offset, parts in embedding_parts(setup, data, start=start, with_self=True):
         column, at = 0, offset - start
         for part, self_term in parts:
@@ -298,9 +299,10 @@ def _shard_rows(
                 embeddings = torch.empty(stop - start, part.shape[1] * len(setup.checkpoints), dtype=storage_dtype)
             rows = slice(at, at + part.shape[0])
             stored = part.to(storage_dtype)
-            overflowed, most = _overflowed(part, stored)
-            unstorable[rows] |= overflowed
-            largest = max(largest, most)
+            if narrower:  # (finite in a dtype no wider: stored finite; the check's syncs spared)
+                overflowed, most = _overflowed(part, stored)
+                unstorable[rows] |= overflowed
+                largest = max(largest, most)
             embeddings[rows, column : column + part.shape[1]] = stored
             self_influence[rows] += self_term.cpu()
             column += part.shape[1]
