@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -1029,3 +1030,42 @@ def test_a_pure_functions_params_must_be_a_flat_dict_and_calls_are_never_transfo
     ckpts = [tc.Checkpoint({"w": w}, 0.1)]
     with pytest.raises(RuntimeError, match=r"`tc.influence` was called inside a torch.func transform"):
         torch.func.grad(lambda t: tc.influence(f, ckpts, (x, y), (t, y[:2]), loss_fn=CE).sum())(x[:2])
+
+
+class _BatchesNoLargeInput(nn.Module):
+    """Runs any example alone, but no batch of two or more holding an input over 50 (first examples: none)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 5)
+        self.fc2 = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1 and bool((x[:, 0] > 50).any()):
+            raise RuntimeError("cannot batch an input over 50")
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.mark.parametrize("scorer", SCORERS + ["build_index"])
+def test_a_batched_forward_failing_only_on_a_later_batch_names_the_batch_and_the_fix(scorer, tmp_path):
+    """Planned batched on first examples the model batches, a later batch whose batched forward fails (each of its
+    examples running alone) raised the model's own error, from every scorer and the index build: it names the
+    batch's examples, the cause and the fix, and ``factored=False`` scores the data."""
+    torch.manual_seed(0)
+    model = _BatchesNoLargeInput().double().eval()
+    ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.tensor([0, 1] * 6)
+    x[9, 0] = 100.0
+    calls = _all_calls(model, ckpts, (x, y), (x[:3], y[:3]), batch_size=4)
+    calls["build_index"] = lambda: tc.build_index(tmp_path / "i", model, ckpts, (x, y), loss_fn=CE, batch_size=4)
+    where = "train" if scorer in ("influence", "aggregate", "top_k", "build_index") else "data"
+    message = (
+        rf"`{where}` examples 8-11 \(a batch of 4\) cannot be scored batched.*cannot batch an input over 50"
+        r".*factored=False"
+    )
+    with pytest.raises(ValueError, match=message):
+        calls[scorer]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (vmap falls back to the loop on the model's branch)
+        got = _all_calls(model, ckpts, (x, y), (x[:3], y[:3]), batch_size=4, factored=False)["self_influence"]()
+    assert_close(got, reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE).self_influence)

@@ -35,7 +35,7 @@ from ._grads import Mapper, Tensors
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
 from ._recurrent import packed_calls
 from ._representations import Representation
-from ._validate import refusal
+from ._validate import cause_of, refusal
 
 if TYPE_CHECKING:
     from ._plan import Plan
@@ -199,7 +199,7 @@ def _compared(
                 raise
             ways = (("parameters copied over the batch", expanded), ("uses followed to the batch", plan.follows))
             what = " and ".join(way for way, taken in ways if taken)
-            return BatchingCheck(f"a forward with {what} failed ({_cause(err)})", {})
+            return BatchingCheck(f"a forward with {what} failed ({cause_of(err)})", {})
         try:
             # a sort along another dimension as long as the rows run together (each example's tokens) is told from a
             # sort of the batch by one row more (it was refused, falsely)
@@ -219,7 +219,7 @@ def _compared(
                 together, on_packed = together_in(loss, plan, order)
             except _FAILURES as again:  # (a model taking one example at a time: GPT-2's classifier without a pad id)
                 _raise_refusal(again)
-                return BatchingCheck(f"a batched forward failed where examples alone ran ({_cause(err)})", {})
+                return BatchingCheck(f"a batched forward failed where examples alone ran ({cause_of(err)})", {})
         # what shows padding in the data (each mask, each tensor's ends) shows it as far as it varies, packed too (a
         # second input the model cuts to the batch's longest)
         shown = tuple(_ranges(padding(_inputs(few, losses))).items())
@@ -251,7 +251,7 @@ def _compared(
                 return BatchingCheck(
                     f"{batch_free[0]!r} runs once for the whole batch (its input has no batch dimension, like T5's "
                     f"relative position bias, which every example then adds), and following its output to the batch "
-                    f"failed ({_cause(err)})",
+                    f"failed ({cause_of(err)})",
                     {},
                 )
         ordered = [alone[i] for i in order]  # each row of the examples together, run alone
@@ -362,10 +362,6 @@ def _raise_refusal(err: Exception) -> None:
     """Raise ``err`` where it is a refusal of the call (ours: it names the argument first), not the model failing."""
     if not isinstance(err, RuntimeError) and refusal(err):
         raise err
-
-
-def _cause(err: Exception) -> str:
-    return f"{type(err).__name__}: {str(err).strip()}"
 
 
 def _concat_examples(factors: Sequence[LayerFactors]) -> list[torch.Tensor] | None:

@@ -292,7 +292,7 @@ def _shard_rows(
     self_influence = torch.zeros(stop - start, dtype=setup.dtype)
     unstorable, largest = torch.zeros(stop - start, dtype=torch.bool), 0.0
     narrower = torch.finfo(storage_dtype).max < torch.finfo(setup.dtype).max  # (rounding past its largest: infinity)
-    for offset, parts in embedding_parts(setup, data, start=start, with_self=True):
+    for offset, parts in embedding_parts(setup, data, start=start, with_self=True, where="train"):
         column, at = 0, offset - start
         for part, self_term in parts:
             if embeddings is None:  # (D: each checkpoint's columns alike)

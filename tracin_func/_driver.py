@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._batching import MixedBatch
+from ._capture import batched_factors
 from ._data import (
     BatchSize,
     batch_size_of,
@@ -44,7 +45,7 @@ from ._projection import blocks_kept
 from ._representations import Representation
 from ._setup import Setup, auto_batch_size, even_batches
 from ._updates import Updates, inverse_norm
-from ._validate import refusal
+from ._validate import cause_of, refusal
 
 
 def batches(
@@ -270,7 +271,28 @@ def naming_failures(
                     f"`{name}` example {index} cannot be scored: the backward pass of its loss fails, with plain "
                     f"autograd too ({why}). {fix}"
                 ) from err
+        if _in_batched_pass(err):
+            n = batch_size_of(batch, where)
+            raise ValueError(
+                f"`{where}` examples {offset}-{offset + n - 1} (a batch of {n}) cannot be scored batched: the model's "
+                f"batched forward / backward fails on them ({cause_of(err)}), while each of them alone runs, and the "
+                f"examples the call was planned on did not show it. Pass `factored=False` (each example's gradient "
+                f"by vmap(grad), or one at a time), or keep the model's computation the same for any batch."
+            ) from err
         raise
+
+
+def _in_batched_pass(err: Exception) -> bool:
+    """Whether ``err`` was raised inside the batched pass (``batched_factors``: the planned path's one forward /
+    backward of a whole batch), not memory running out (``torch.OutOfMemoryError``: a smaller batch is the fix)."""
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+        return False
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is batched_factors.__code__:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _candidates(

@@ -9,6 +9,11 @@ from typing import Any
 import torch
 
 
+def cause_of(err: Exception) -> str:
+    """An error as a message quotes it: its type and its text."""
+    return f"{type(err).__name__}: {str(err).strip()}"
+
+
 def _integer(value: Any) -> int | None:
     """``value`` as an int where it is an integer: a Python or numpy one, or a 0-d integer tensor (what
     ``operator.index`` reads, less booleans and tensors of other shapes); else None."""
