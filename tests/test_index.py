@@ -472,7 +472,7 @@ def test_disk_space_is_checked_first(task, tmp_path, monkeypatch):
 
 def test_bad_arguments(task, tmp_path):
     model, ckpts, train, test, _ = task
-    with pytest.raises(TypeError, match="known size"):
+    with pytest.raises(TypeError, match="must be read more than once to be indexed"):
         tc.build_index(tmp_path, model, ckpts, iter([train]), loss_fn=LOSS)
     with pytest.raises(TypeError, match="storage_dtype"):
         tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, storage_dtype=torch.int8)
@@ -781,3 +781,69 @@ def test_a_shard_written_meanwhile_by_a_build_over_other_data_is_refused(task, t
     alone = dict(loss_fn=LOSS, shard_size=8, storage_dtype=DTYPE)  # (the same call alone: the other's shard redone)
     index = tc.build_index(tmp_path / "index", model, ckpts, (x, y), **alone)
     assert_close(tc.influence(model, ckpts, index, test, loss_fn=LOSS), ref.influence)
+
+
+class _Streamed(torch.utils.data.IterableDataset):
+    """An IterableDataset of batches (how every scorer reads one), its ``__len__`` the batches it yields unless
+    ``length`` says otherwise; ``rows``: how many rows its first pass and its later ones yield (data changing)."""
+
+    def __init__(self, x, y, size, length=None, rows=(None, None)):
+        self.x, self.y, self.size, self.length, self.rows, self.passes = x, y, size, length, rows, 0
+
+    def __iter__(self):
+        self.passes += 1
+        n = self.rows[self.passes > 1] or len(self.x)
+        cuts = [slice(i, min(n, i + self.size)) for i in range(0, n, self.size)]
+        return iter([(self.x[c], self.y[c]) for c in cuts])
+
+    def __len__(self):
+        return -(-(self.rows[0] or len(self.x)) // self.size) if self.length is None else self.length
+
+
+class _Unsized(torch.utils.data.IterableDataset):
+    def __init__(self, x, y, size):
+        self.streamed = _Streamed(x, y, size)
+
+    def __iter__(self):
+        return iter(self.streamed)
+
+
+class _Examples(torch.utils.data.IterableDataset):
+    def __init__(self, x, y, length):
+        self.x, self.y, self.length = x, y, length
+
+    def __iter__(self):
+        return zip(self.x, self.y)
+
+    def __len__(self):
+        return self.length
+
+
+def test_an_iterable_dataset_is_indexed_as_the_scorers_read_it_and_a_wrong_length_is_named(task, tmp_path):
+    """An ``IterableDataset`` (with ``__len__`` or not) and a DataLoader over one were refused as of unknown size,
+    where every scorer reads them: they are counted by one pass and indexed as the batch is, shard by shard (each
+    shard's rows cut from the stream), resumed alike. A declared length the iteration does not yield, or data that
+    yields other rows when read again, is refused naming it, never dropped or padded."""
+    model, ckpts, (x, y), _, ref = task
+    want = tc.build_index(tmp_path / "batch", model, ckpts, (x, y), loss_fn=LOSS, shard_size=4)
+    loader = torch.utils.data.DataLoader(_Examples(x, y, N), batch_size=5)
+    for name, data in {"len": _Streamed(x, y, 3), "no_len": _Unsized(x, y, 3), "loader": loader}.items():
+        index = tc.build_index(tmp_path / name, model, ckpts, data, loss_fn=LOSS, shard_size=4)
+        assert_close(index.self_influence(), ref.self_influence)
+        assert torch.equal(index.embeddings(), want.embeddings())
+        again = tc.build_index(tmp_path / name, model, ckpts, data, loss_fn=LOSS, shard_size=4)
+        assert torch.equal(again.embeddings(), want.embeddings())
+    streamed = _Streamed(x, y, 3)
+    for _ in range(2):  # built, then kept: a pass counting its rows and one reading its shards, not one per shard
+        tc.build_index(tmp_path / "passes", model, ckpts, streamed, loss_fn=LOSS, shard_size=4)
+    assert streamed.passes == 4
+    with pytest.raises(ValueError, match=r"`train` declares a length of 9 .* yielded 8 batches"):
+        tc.build_index(tmp_path / "wrong", model, ckpts, _Streamed(x, y, 3, length=9), loss_fn=LOSS)
+    short = torch.utils.data.DataLoader(_Examples(x, y, N + 1), batch_size=5)
+    with pytest.raises(ValueError, match=rf"`train` declares a length of {N + 1} .* yielded {N} examples"):
+        tc.build_index(tmp_path / "short", model, ckpts, short, loss_fn=LOSS)
+    for rows, got in [((N - 2, None), f"more than {N - 2}"), ((None, N - 2), f"{N - 2}")]:
+        changed = _Streamed(x, y, 3, rows=rows)
+        message = rf"`train` yielded {got} examples when read again, but {rows[0] or N} when"
+        with pytest.raises(ValueError, match=message):
+            tc.build_index(tmp_path / "changed", model, ckpts, changed, loss_fn=LOSS, shard_size=4, overwrite=True)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ._api import _check_options
 from ._checkpoints import Checkpoint
 from ._context import in_own_context
-from ._data import as_dict, iter_batches, num_examples, rows_of
+from ._data import RowStream, as_dict, counted_examples, iter_batches, num_examples, replayable, rows_of
 from ._distributed import agree, checked_on_every_rank, gather_objects, on_every_rank, set_up_on_every_rank
 from ._driver import embedding_parts, first_examples, naming_failures
 from ._fingerprint import differences, fingerprint, tensor_bytes
@@ -224,9 +224,17 @@ def _rows_digest(digests: list[Any]) -> str:
     return hashlib.sha256("".join(d.hexdigest() for d in digests).encode()).hexdigest()
 
 
+def _shard_batches(setup: Setup, train: Any, start: int, stop: int) -> Iterator[Any]:
+    """The batches of examples ``start:stop`` of ``train``: sized data's in batches of ``batch_size``, a stream's
+    (``RowStream``: an iterable of batches) as it gives them, cut to those rows."""
+    if isinstance(train, RowStream):
+        return train.rows(start, stop)
+    return iter_batches(rows_of(train, start, stop), setup.batch_size, "train")
+
+
 def _data_digest(setup: Setup, train: Any, start: int, stop: int) -> str:
     digests: list[Any] = []
-    for _ in _hashed(iter_batches(rows_of(train, start, stop), setup.batch_size, "train"), digests):
+    for _ in _hashed(_shard_batches(setup, train, start, stop), digests):
         pass
     return _rows_digest(digests)
 
@@ -286,7 +294,7 @@ def _shard_rows(
     held five copies of them), and the digest of the input rows of one shard. ``bar``: the build's progress bar,
     advanced batch by batch (each shard opened a bar of its own, of no known length)."""
     digests: list[Any] = []
-    data = _hashed(iter_batches(rows_of(train, start, stop), setup.batch_size, "train"), digests)
+    data = _hashed(_shard_batches(setup, train, start, stop), digests)
     setup = setup._replace(progress=False)
     embeddings: torch.Tensor | None = None
     self_influence = torch.zeros(stop - start, dtype=setup.dtype)
@@ -347,8 +355,10 @@ def build_index(
     Args:
         path: directory of the index (created if needed).
         model, checkpoints, loss_fn, **options: as in :func:`influence` (``progress=True`` shows a bar over rows).
-        train: the training data: a batch or a ``Dataset`` (its size must be known, so that shards have fixed
-            row ranges).
+        train: the training data: a batch, a ``Dataset``, or data read more than once as an iterable of batches
+            (a DataLoader, an ``IterableDataset``, a list of batches), counted by one pass so that shards have fixed
+            row ranges, then read once to check finished shards and once to build the others; a pass that yields
+            other rows than the count is refused.
         projection_dim, seed: as in :func:`embeddings`; None stores exact gradients (``C * P`` values a row).
         storage_dtype: dtype of the stored embeddings (self-influence is kept in the computation dtype); refused,
             naming the rows, where it cannot hold an embedding (float16's largest is 65504: bfloat16 has float32's
@@ -388,15 +398,20 @@ def build_index(
         except TypeError as err:
             raise TypeError(f"`path` must be the index directory, a str or os.PathLike: {err}.") from err
         data = as_dict(train)
-        return projection, rows, directory, data, num_examples(data)
+        n = num_examples(data)
+        if n is None and isinstance(data, Iterable) and not isinstance(data, (Iterator, torch.Tensor)):
+            data = replayable(data)  # (each pass checked to start as the first did)
+            n = counted_examples(data, "train")  # (an iterable of batches: read once for its size)
+        return projection, rows, directory, data, n
 
     projection, shard_size, path, train, n = checked_on_every_rank(options.get("distributed"), checked)
 
     def set_up() -> Setup:
         if n is None:
             raise TypeError(
-                f"`train` must have a known size to be indexed (a batch `(x1, ..., y)` or a Dataset), got "
-                f"{type(train).__name__}; pass the DataLoader's Dataset and its batch size as `batch_size=`."
+                f"`train` must be read more than once to be indexed (its size, then its shards: a batch `(x1, ..., "
+                f"y)`, a Dataset, a DataLoader or a list of batches), got {type(train).__name__}; pass the data "
+                f"the iterator reads."
             )
         if n == 0:
             raise ValueError("`train` holds no examples.")
@@ -404,6 +419,7 @@ def build_index(
 
     setup = set_up_on_every_rank(options.get("distributed"), set_up)
     names = on_every_rank(setup.ranks, lambda: _embedded_names(setup, train))
+    source = train if num_examples(train) is not None else RowStream(train, n, "train")  # (shards read in order)
     planned = _plan_manifest(setup, names, loss_fn, n, shard_size, storage_dtype)
     ranges = _shard_ranges(n, planned["shard_size"])
     ranks = setup.ranks
@@ -423,7 +439,7 @@ def build_index(
         kept = {}  # shard -> (its file's sha256, its input rows' digest)
         for i in mine:  # a finished shard is kept when its input rows are unchanged (read, not differentiated)
             info = _complete(path, shard_name(i), *ranges[i], planned)
-            if info is not None and info.get("data") == _data_digest(setup, train, *ranges[i]):
+            if info is not None and info.get("data") == _data_digest(setup, source, *ranges[i]):
                 whole, payload = file_and_payload_sha256(os.path.join(path, shard_name(i)))
                 if payload == info.get("payload"):  # (else damaged since it was written: redone)
                     kept[i] = whole, info["data"]
@@ -455,7 +471,7 @@ def build_index(
         with exclusive_use(setup.spec), bar:
             for i in todo:
                 start, stop = ranges[i]
-                embeddings, self_influence, data = _shard_rows(setup, train, start, stop, storage_dtype, bar)
+                embeddings, self_influence, data = _shard_rows(setup, source, start, stop, storage_dtype, bar)
                 info = {"rows": [start, stop], "digest": planned["digest"], "data": data}
                 file = os.path.join(path, shard_name(i))
                 with _writing(path):

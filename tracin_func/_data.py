@@ -397,6 +397,70 @@ def rows_of(data: Any, start: int, stop: int) -> Any:
     return Subset(data, range(start, stop))
 
 
+def counted_examples(data: Any, where: str) -> int:
+    """The examples of an iterable of batches of no known size (an ``IterableDataset``, a ``DataLoader``, a list of
+    batches), counted by one pass over it; a length it declares is checked against that pass: torch's convention,
+    the items it yields (a DataLoader over an ``IterableDataset``: the dataset's examples; any other iterable: its
+    batches, as it is read)."""
+    n = batches = 0
+    for i, batch in enumerate(iter_batches(data, 1, where)):
+        n += batch_size_of(batch, f"`{where}` batch {i}")
+        batches += 1
+    inner = data.data if isinstance(data, Repeated) else data
+    of_examples = isinstance(inner, DataLoader) and inner.batch_size is not None  # (batching its dataset's examples)
+    sized = inner.dataset if of_examples else inner
+    declared, got = _sized(sized), n if of_examples else batches
+    if declared is not None and declared != got:
+        what = "examples" if of_examples else "batches (its items: each one a batch, as it is read)"
+        raise ValueError(
+            f"`{where}` declares a length of {declared} (`__len__` of its {type(sized).__name__}) but its iteration "
+            f"yielded {got} {what}. Make `__len__` return the number of items its iteration yields."
+        )
+    return n
+
+
+class RowStream:
+    """Rows of an iterable of batches of ``n`` examples (``counted_examples``), as ranges in order: a range at or after
+    the last one read continues the pass (its batches cut to it), an earlier one starts another pass, so that an index
+    build reads the data once to check its finished shards and once to build the others, not once per shard. A pass
+    that yields fewer examples than a range asks, or more than ``n``, is refused: the data changed since it was
+    counted, and its rows would go to other examples' shards."""
+
+    def __init__(self, data: Any, n: int, where: str) -> None:
+        self.data, self.n, self.where = data, n, where
+        self._pass: tuple[Iterator[Any], int] | None = None  # the batches left, and the rows read before them
+        self._held: tuple[Batch, int] | None = None  # a batch read in part, and the row it starts at
+        self._read = 0  # the row after the last one given
+
+    def rows(self, start: int, stop: int) -> Iterator[Batch]:
+        if self._pass is None or start < self._read:
+            self._pass, self._held = (iter(iter_batches(self.data, 1, self.where)), 0), None
+        (batches, offset), held, self._pass = self._pass, self._held, None  # (a pass left unfinished is not continued)
+        while held is not None or offset < stop:
+            if held is None:
+                batch = next(batches, None)
+                if batch is None:
+                    self._changed(f"{offset}")
+                held, offset = (batch, offset), offset + batch_size_of(batch, f"`{self.where}`'s batches")
+            batch, first = held
+            low, high = max(start, first), min(stop, offset)
+            if low < high:
+                yield slice_batch(batch, low - first, high - first)
+            if offset > stop:
+                break
+            held = None
+        if offset > self.n or stop == self.n and next(batches, None) is not None:
+            self._changed(f"more than {self.n}")
+        self._pass, self._held, self._read = (batches, offset), held, stop
+
+    def _changed(self, got: str) -> None:
+        raise ValueError(
+            f"`{self.where}` yielded {got} examples when read again, but {self.n} when its size was counted: an "
+            f"iterable that changes between passes cannot be indexed (its rows would go to other examples' shards). "
+            f"Pass data that gives the same examples on every pass (a Dataset, a list of batches)."
+        )
+
+
 def distinct_examples(batch: Batch, k: int, *, widest_only: bool = False) -> list[int]:
     """Indices of ``batch``'s first example and of the next ones unlike every one taken, up to ``k``, those that
     span how far its padding varies first, then those padded unlike the ones taken (``padding``): unlike in its
