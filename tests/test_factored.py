@@ -3757,3 +3757,35 @@ def test_long_rows_multiplied_as_factors_are_checked_for_cancelling():
     test, train = (Factored(site, a.float(), g.float(), costed=True) for a, g in ((ta, tg), (ra, rg)))
     assert test.conditioned() is None and train.conditioned() is None  # (long rows: norms formed)
     assert_close(test.dot(train), grads[0] @ grads[1].T, 1e-3)
+
+
+class _PositionRows(nn.Module):
+    """Position vectors for a batch, called with its size (Perceiver's ``output_position_encodings(batch_size)``) or
+    with nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.linspace(-1, 1, 8)[None])
+
+    def forward(self, batch_size=1):
+        return self.pos.expand(batch_size, -1)
+
+
+class _PositionsAdded(nn.Module):
+    def __init__(self, sized):
+        super().__init__()
+        self.sized, self.pe, self.fc1, self.fc2 = sized, _PositionRows(), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x) + (self.pe(x.shape[0]) if self.sized else self.pe())))
+
+
+@pytest.mark.parametrize("sized, way", [(True, "expanded"), (False, "followed")])
+def test_a_layer_called_without_a_tensor_runs_batched_and_exact(sized, way):
+    """A layer of no known kind called with an int or with no argument: planning's watch read its first argument as a
+    tensor, and every call failed with torch's raw error (found trying Perceiver)."""
+    torch.manual_seed(0)
+    model = _PositionsAdded(sized).double().eval()
+    x, y = torch.randn(10, 8, dtype=torch.float64), torch.randint(0, 3, (10,))
+    routes = _batched_routes(model, _ckpts(model), (x[:6], y[:6]), (x[6:], y[6:]))
+    assert routes["pe.pos"] == ("materialised", way), routes  # (one row for the batch: followed to it)

@@ -209,7 +209,7 @@ def discover(
 
     def hook_for(site: Site) -> Hook:
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
-            if torch._C._functorch.is_functorch_wrapped_tensor(args[0]):
+            if any(isinstance(a, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args):
                 beyond.why = beyond.why or _TRANSFORMED.format(path=site.path)
             if site.kind == "expanded":  # its gradient is taken whole (copies): here, the example's true one
                 calls[site.path].append(tuple(output.shape) if isinstance(output, torch.Tensor) else None)
