@@ -70,6 +70,9 @@ def results(distributed, index_dir=None, device=None):
         top = tc.top_k(model, ckpts, index, test, k=3, **kw)
         out["index/top_k"] = (top.indices, top.scores)
         out["index/influence"] = tc.influence(model, ckpts, index, test, **kw)
+        batches = tc.build_index(f"{index_dir}_batches", model, ckpts, datasets(train)["batches"], shard_size=2, **kw)
+        out["index of batches/self_influence"] = batches.self_influence()  # (each rank reads them all, in order)
+        out["index of batches/embeddings"] = batches.embeddings()
     return out
 
 

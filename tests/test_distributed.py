@@ -23,7 +23,8 @@ def test_every_rank_returns_the_single_process_result(ranks, tmp_path):
     for got in per_rank:
         assert_same_results(got, single)
     files = lambda d: {p.name: p.read_bytes() for p in sorted(d.iterdir())}  # noqa: E731
-    assert files(out / "index") == files(tmp_path / "index")  # shards written by two ranks, byte for byte
+    for index in ("index", "index_batches"):  # shards written by two ranks, byte for byte (a list of batches: streamed)
+        assert files(out / index) == files(tmp_path / index)
 
 
 def test_a_failure_on_one_rank_is_raised_on_every_rank(ranks):
