@@ -3789,3 +3789,46 @@ def test_a_layer_called_without_a_tensor_runs_batched_and_exact(sized, way):
     x, y = torch.randn(10, 8, dtype=torch.float64), torch.randint(0, 3, (10,))
     routes = _batched_routes(model, _ckpts(model), (x[:6], y[:6]), (x[6:], y[6:]))
     assert routes["pe.pos"] == ("materialised", way), routes  # (one row for the batch: followed to it)
+
+
+class _PositionTable(nn.Embedding):
+    """Whisper's positional embedding: its forward picks rows of its weight by index, without `F.embedding`."""
+
+    def forward(self, position_ids):
+        return self.weight[position_ids]
+
+
+class _PositionsPicked(nn.Module):
+    def __init__(self, per_example):
+        super().__init__()
+        self.per_example = per_example
+        self.emb, self.pos, self.fc = nn.Embedding(50, 8), _PositionTable(6, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        b, t = ids.shape
+        positions = (ids % 6) if self.per_example else torch.arange(t).unsqueeze(0).repeat(b, 1)
+        return self.fc(torch.tanh(self.emb(ids) + self.pos(positions))).mean(1)
+
+
+def test_a_position_table_indexed_by_positions_copied_over_the_batch_runs_batched():
+    """Whisper's decoder picks its position table's rows by ``arange(T).unsqueeze(0).repeat(B, 1)``: one row of
+    indices copied over the batch, so the rows picked are copies too, met by each example's rows (the whole model ran
+    ``vmap(grad)``: "meets the batch with rows of its own")."""
+    torch.manual_seed(0)
+    model = _PositionsPicked(per_example=False).double().eval()
+    ids, y = torch.randint(0, 50, (10, 5)), torch.randint(0, 3, (10,))
+    routes = _batched_routes(model, _ckpts(model), (ids[:6], y[:6]), (ids[6:], y[6:]))
+    assert routes["pos.weight"] == ("materialised", "followed"), routes
+
+
+def test_a_position_table_indexed_per_example_stays_exact():
+    """Rows picked by indices of the batch's own (each example's): not copies, scored exactly off the batched path."""
+    torch.manual_seed(0)
+    model = _PositionsPicked(per_example=True).double().eval()
+    ids, y = torch.randint(0, 50, (10, 5)), torch.randint(0, 3, (10,))
+    ckpts, train, test = _ckpts(model), (ids[:6], y[:6]), (ids[6:], y[6:])
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (slow path)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)

@@ -191,6 +191,8 @@ class Meetings(TorchFunctionMode):
         tensor is the op's first argument), computed as ``out`` from the rows or blocks of the arguments; else None."""
         if first and (func in _COPIES and _padded(args[0], out.dim())[0] == 1 or func in _TILES and _tiled(args)):
             return args[0]
+        if first and func is torch.Tensor.__getitem__ and _copied_index(args, out):
+            return args[0][args[1][:1]]  # (rows picked by one row of indices copied over the batch)
         if first and (func in _KEEPING or func in _TRANSPOSES and _rowwise(args, out)) and self._copy(args[0]):
             return func(self._copies[id(args[0])][1], *args[1:], **kwargs)  # the same op on the row or block
         if func in _ELEMENTWISE and not _in_place(func):
@@ -578,6 +580,16 @@ def _tiled(args: tuple[Any, ...]) -> bool:
     """Whether ``args`` of ``Tensor.repeat`` tile their tensor along its first dimension alone."""
     sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
     return len(sizes) == args[0].dim() >= 1 and all(s == 1 for s in sizes[1:])
+
+
+def _copied_index(args: tuple[Any, ...], out: torch.Tensor) -> bool:
+    """Whether ``args`` of ``Tensor.__getitem__`` pick rows by integer indices that are one row of them copied along
+    the first dimension (Whisper's positions, ``arange(T).unsqueeze(0).repeat(B, 1)``, into its position table): the
+    rows picked are then that row's picks copied."""
+    index = args[1] if len(args) == 2 else None
+    if not isinstance(index, torch.Tensor) or index.is_floating_point() or index.dtype == torch.bool:
+        return False
+    return index.dim() >= 1 and index.shape[0] == out.shape[0] > 1 and torch.equal(index, index[:1].expand_as(index))
 
 
 def _rowwise(args: tuple[Any, ...], out: torch.Tensor) -> bool:
