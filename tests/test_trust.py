@@ -878,6 +878,21 @@ def test_3c_random_numbers_never_read_do_not_refuse_the_model(factored):
         tc.influence(reads, make_ckpts(reads), train, test, loss_fn=CE, factored=factored)
 
 
+@pytest.mark.parametrize("form", ["batch_loss", "example_loss"])
+def test_3c_random_numbers_drawn_by_the_loss_are_refused_naming_the_loss(form):
+    """A diffusion-style loss drawing its noise itself was refused naming the model (``.eval()`` advised, which does
+    not help): the refusal names `loss_fn` and tells to pass the draws in the data."""
+    model = nn.Linear(4, 3).to(F64).eval()
+
+    def noised(params, batch):  # each output's error against noise drawn here
+        out = functional_call(model, params, (batch[0],))
+        return ((out - torch.randn_like(out)) ** 2).mean(-1)
+
+    loss = tc.BatchLoss(noised) if form == "batch_loss" else tc.ExampleLoss(lambda p, b: noised(p, b).sum())
+    with pytest.raises(ValueError, match=r"`loss_fn`: the loss function draws random numbers .* pass them in each"):
+        tc.self_influence(model, make_ckpts(model), data(4, n=6, seed=1), loss_fn=loss)
+
+
 class HiddenNoise(nn.Module):
     """Noise the dispatch watch cannot see: drawn from Python's or NumPy's generator, or from torch's and read
     through ``tolist`` (no op reads it), in eval mode too."""

@@ -78,6 +78,9 @@ def _draws_random(values: Mapping[str, Any]) -> bool:
 _LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.lift.default)
 
 
+_IN_LOSS = "the loss function"  # who drew: no module of the model was running (a module model's loss's own code)
+
+
 class _Watch(TorchDispatchMode):
     """Raises on a read of random numbers (an op reading a tensor a random op made; one drawing into a tensor that
     exists, at once) or a write into a protected storage, naming the innermost running module. Also follows
@@ -85,10 +88,16 @@ class _Watch(TorchDispatchMode):
     checkpoint, the inputs) nor made: tensors the model keeps (constants, or caches)."""
 
     def __init__(
-        self, protected: Mapping[int, str], modules: list[tuple[str, nn.Module]], given: set[int], checkpoint: set[int]
+        self,
+        protected: Mapping[int, str],
+        modules: list[tuple[str, nn.Module]],
+        given: set[int],
+        checkpoint: set[int],
+        root: bool = False,
     ) -> None:
         super().__init__()
         self.protected, self.modules, self.given = protected, modules, given
+        self.root = root  # the model is a module: an op run while none of its modules runs is the loss's own code
         self.derived = set(checkpoint)  # tensors (identities) computed from the checkpoint's tensors
         self.from_example = given - checkpoint  # tensors (identities) computed from the example's
         self.largest = 0  # bytes of the largest tensor made from the example (views and in-place ops make none)
@@ -111,7 +120,10 @@ class _Watch(TorchDispatchMode):
             values = _bound(func, args, kwargs)
             draws = seeded and _draws_random(values)
             if draws and (writes or not _makes_tensors(func)):  # random numbers into a tensor that exists
-                self._refuse(f"draws random numbers ({func}), so its scores would be random")
+                self._refuse(
+                    f"draws random numbers ({func}), so its scores would be random",
+                    _IN_LOSS if self.root and not self.modules else None,
+                )
             for name in writes if _writes(func, values) else ():
                 written = values.get(name)
                 for t in written if isinstance(written, (list, tuple)) else [written]:
@@ -159,7 +171,8 @@ class _Watch(TorchDispatchMode):
         if from_example and _makes_tensors(func):
             self.largest = max([self.largest, *(t.nbytes for t in outputs)])
         if draws:
-            self.drawn.update({id(t): (weakref.ref(t), self._running(), func) for t in outputs})
+            who = _IN_LOSS if self.root and not self.modules else self._running()
+            self.drawn.update({id(t): (weakref.ref(t), who, func) for t in outputs})
         return out
 
     def _made(self, t: torch.Tensor) -> bool:
@@ -205,6 +218,13 @@ class _Watch(TorchDispatchMode):
         return f"module {path or '(root)'!r} ({type(module).__name__})" if module is not None else "the model"
 
     def _refuse(self, what: str, who: str | None = None) -> None:
+        if who is _IN_LOSS:  # drawn outside the model's forward: the loss function's own code
+            raise ValueError(
+                f"`loss_fn`: the loss function {what}, outside the model's forward (a noise or timestep drawn with "
+                f"`torch.randn` / `torch.randint` in a diffusion loss, say). TracIn needs each example's loss to be a "
+                f"function of the checkpoint and the example: draw such values once, pass them in each example of "
+                f"the data (a column of the batch tuple), and read them there."
+            )
         who = who or self._running()
         remove = "remove the state update / randomness from that module"
         training = any(module.training for _, module in self.modules) or not self.modules  # (a function: unknown)
@@ -344,7 +364,11 @@ def _watched_run(
     protected = _protected(module, state, example)
     checkpoint = {id(t) for t in state.values()}
     given = checkpoint | {id(t) for t in optree.tree_leaves(example) if isinstance(t, torch.Tensor)}
-    with torch.no_grad(), _running_modules(module) as stack, _Watch(protected, stack, given, checkpoint) as watch:
+    with (
+        torch.no_grad(),
+        _running_modules(module) as stack,
+        _Watch(protected, stack, given, checkpoint, root=module is not None) as watch,
+    ):
         try:
             _run(loss, state, example, _ModelTensorsRead.of(module, differentiated, states, loss))
         except RuntimeError as err:
