@@ -3,6 +3,7 @@ mismatched settings, naming damaged shards; queries, re-ranking and the test sid
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -847,3 +848,18 @@ def test_an_iterable_dataset_is_indexed_as_the_scorers_read_it_and_a_wrong_lengt
         message = rf"`train` yielded {got} examples when read again, but {rows[0] or N} when"
         with pytest.raises(ValueError, match=message):
             tc.build_index(tmp_path / "changed", model, ckpts, changed, loss_fn=LOSS, shard_size=4, overwrite=True)
+
+
+def test_a_tensor_copied_to_be_read_is_held_while_its_bytes_are_hashed():
+    """A checkpoint's or batch's tensor that is not contiguous (or not on the CPU) is copied to be hashed; the copy was
+    freed before its bytes were read, so that its digest read freed memory (allocator bookkeeping in its first bytes:
+    the digest changed from call to call, the index's fingerprint with it)."""
+    from tracin_func._fingerprint import tensor_digest
+
+    def digest(t):
+        d = hashlib.sha256()
+        tensor_digest(d, t)
+        return d.hexdigest()
+
+    x = torch.arange(64, dtype=torch.float64).reshape(8, 8)
+    assert digest(x.T) == digest(x.T) == digest(x.T.contiguous()) != digest(x)

@@ -32,7 +32,8 @@ def tensor_digest(digest: Any, t: torch.Tensor) -> None:
 
 def tensor_bytes(digest: Any, t: torch.Tensor) -> None:
     """Feed a tensor's bytes (row-major, on the CPU) into a hashlib digest."""
-    digest.update(memory_of(t.detach().to("cpu").contiguous()))
+    plain = t.detach().to("cpu").contiguous()  # (held while read: a copy's memory is freed with it)
+    digest.update(memory_of(plain))
 
 
 def memory_of(t: torch.Tensor) -> Any:
