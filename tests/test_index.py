@@ -850,7 +850,7 @@ def test_an_iterable_dataset_is_indexed_as_the_scorers_read_it_and_a_wrong_lengt
             tc.build_index(tmp_path / "changed", model, ckpts, changed, loss_fn=LOSS, shard_size=4, overwrite=True)
 
 
-def test_a_tensor_copied_to_be_read_is_held_while_its_bytes_are_hashed():
+def test_a_tensor_copied_to_be_read_is_held_while_its_bytes_are_hashed(tmp_path):
     """A checkpoint's or batch's tensor that is not contiguous (or not on the CPU) is copied to be hashed; the copy was
     freed before its bytes were read, so that its digest read freed memory (allocator bookkeeping in its first bytes:
     the digest changed from call to call, the index's fingerprint with it)."""
@@ -863,3 +863,11 @@ def test_a_tensor_copied_to_be_read_is_held_while_its_bytes_are_hashed():
 
     x = torch.arange(64, dtype=torch.float64).reshape(8, 8)
     assert digest(x.T) == digest(x.T) == digest(x.T.contiguous()) != digest(x)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).to(DTYPE)
+    state = {k: v.T.contiguous().T if v.dim() == 2 else v for k, v in model.state_dict().items()}  # column-major
+    ckpts, data = [tc.Checkpoint(state, 0.1)], (torch.randn(6, 4, dtype=DTYPE), torch.tensor([0, 1] * 3))
+    index = tc.build_index(tmp_path, model, ckpts, data, loss_fn=LOSS, storage_dtype=DTYPE)  # (queries were refused)
+    direct = tc.influence(model, ckpts, data, data, loss_fn=LOSS)
+    assert_close(tc.influence(model, ckpts, index, data, loss_fn=LOSS), direct)
+    sparse = x.T.to_sparse()  # (its indices are not contiguous)
+    assert digest(sparse) == digest(sparse.clone()) == digest(x.T.contiguous().to_sparse()) != digest(x.to_sparse())

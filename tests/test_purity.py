@@ -19,6 +19,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 import tracin_func as tc
+from tests.conftest import assert_close
 from tests.reference import reference_scores
 
 CE = nn.CrossEntropyLoss()
@@ -419,3 +420,41 @@ def test_quantization_aware_training_with_its_observers_off_is_scored():
              for i in range(6)]  # fmt: skip
     want = 0.1 * torch.stack(grads).square().sum(1)
     torch.testing.assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=loss), want, rtol=1e-5, atol=0)
+
+
+class _SparseGCN(nn.Module):
+    """A graph convolution over a fixed graph, its normalised adjacency a sparse COO tensor (a buffer, or a plain
+    attribute): each example is a node id, scored as the node's prediction on the whole graph."""
+
+    def __init__(self, buffer: bool):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        edges = torch.cat([torch.randint(0, 12, (2, 30), generator=gen), torch.arange(12).repeat(2, 1)], 1)
+        adj = torch.sparse_coo_tensor(edges, torch.rand(42, generator=gen, dtype=torch.float64), (12, 12)).coalesce()
+        self.l1, self.l2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.register_buffer("x", torch.randn(12, 4, generator=gen, dtype=torch.float64))
+        if buffer:
+            self.register_buffer("adj", adj)
+        else:
+            self.adj = adj
+
+    def forward(self, nodes):
+        h = torch.relu(torch.sparse.mm(self.adj, self.l1(self.x)))
+        return torch.sparse.mm(self.adj, self.l2(h))[nodes]
+
+
+@pytest.mark.parametrize("buffer", [True, False])
+def test_a_sparse_tensor_in_the_forward_is_scored(buffer):
+    """Reading a sparse tensor (a GCN's adjacency) failed every call in the watch (storage and bytes read as a
+    strided tensor's, "Cannot access storage of SparseTensorImpl" blamed on the first example)."""
+    torch.manual_seed(0)
+    model = _SparseGCN(buffer).double().eval()
+    state = dict(model.state_dict())
+    ckpts = [tc.Checkpoint({**state, "l1.weight": state["l1.weight"] * s}, lr) for s, lr in [(1.0, 0.3), (0.7, 0.1)]]
+    y = torch.randint(0, 3, (12,))
+    train, test = (torch.arange(8), y[:8]), (torch.arange(8, 12), y[8:])
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (vmap cannot batch a sparse product: examples one at a time, warned)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)

@@ -31,7 +31,13 @@ def tensor_digest(digest: Any, t: torch.Tensor) -> None:
 
 
 def tensor_bytes(digest: Any, t: torch.Tensor) -> None:
-    """Feed a tensor's bytes (row-major, on the CPU) into a hashlib digest."""
+    """Feed a tensor's bytes (row-major, on the CPU) into a hashlib digest; a sparse one's coalesced indices and
+    values (a graph's adjacency: its dense form may not fit)."""
+    if t.layout != torch.strided:
+        coo = t.detach().to("cpu").to_sparse().coalesce()
+        for part in (coo.indices(), coo.values()):
+            tensor_bytes(digest, part)
+        return
     plain = t.detach().to("cpu").contiguous()  # (held while read: a copy's memory is freed with it)
     digest.update(memory_of(plain))
 

@@ -35,6 +35,8 @@ from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, own_attri
 def _storage(t: torch.Tensor) -> int | None:
     while torch._C._functorch.is_functorch_wrapped_tensor(t):  # (torch.func inside the forward: its tensors wrap
         t = torch._C._functorch.get_unwrapped(t)  # the plain ones, which hold the storage)
+    if t.layout != torch.strided:  # a sparse tensor (a GCN's adjacency) has no storage of its own: its values' if COO
+        return _storage(t._values()) if t.layout == torch.sparse_coo else None
     return t.untyped_storage().data_ptr() if t.device.type != "meta" and t.numel() else None
 
 
@@ -169,7 +171,7 @@ class _Watch(TorchDispatchMode):
             else:
                 self.from_example.discard(id(t))
         if from_example and _makes_tensors(func):
-            self.largest = max([self.largest, *(t.nbytes for t in outputs)])
+            self.largest = max([self.largest, *(t.numel() * t.element_size() for t in outputs)])  # (sparse: no nbytes)
         if draws:
             who = _IN_LOSS if self.root and not self.modules else self._running()
             self.drawn.update({id(t): (weakref.ref(t), who, func) for t in outputs})
