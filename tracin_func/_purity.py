@@ -122,10 +122,7 @@ class _Watch(TorchDispatchMode):
             values = _bound(func, args, kwargs)
             draws = seeded and _draws_random(values)
             if draws and (writes or not _makes_tensors(func)):  # random numbers into a tensor that exists
-                self._refuse(
-                    f"draws random numbers ({func}), so its scores would be random",
-                    _IN_LOSS if self.root and not self.modules else None,
-                )
+                self._refuse(f"draws random numbers ({func}), so its scores would be random", self._drawer())
             for name in writes if _writes(func, values) else ():
                 written = values.get(name)
                 for t in written if isinstance(written, (list, tuple)) else [written]:
@@ -173,8 +170,7 @@ class _Watch(TorchDispatchMode):
         if from_example and _makes_tensors(func):
             self.largest = max([self.largest, *(t.numel() * t.element_size() for t in outputs)])  # (sparse: no nbytes)
         if draws:
-            who = _IN_LOSS if self.root and not self.modules else self._running()
-            self.drawn.update({id(t): (weakref.ref(t), who, func) for t in outputs})
+            self.drawn.update({id(t): (weakref.ref(t), self._drawer(), func) for t in outputs})
         return out
 
     def _made(self, t: torch.Tensor) -> bool:
@@ -218,6 +214,10 @@ class _Watch(TorchDispatchMode):
         """The innermost module running, in words."""
         path, module = self.modules[-1] if self.modules else ("", None)
         return f"module {path or '(root)'!r} ({type(module).__name__})" if module is not None else "the model"
+
+    def _drawer(self) -> str:
+        """Who draws random numbers now: the running module, or the loss's own code (none of a module's runs)."""
+        return _IN_LOSS if self.root and not self.modules else self._running()
 
     def _refuse(self, what: str, who: str | None = None) -> None:
         if who is _IN_LOSS:  # drawn outside the model's forward: the loss function's own code
