@@ -63,6 +63,19 @@ def seq2seq(
     return model, data, tc.seq2seq_lm_loss(model)
 
 
+def speech_to_text(**sizes: Any) -> Built:
+    """Whisper on log-mel features (8 bins, 20 frames), its target tokens right-padded."""
+    config = T.WhisperConfig(num_mel_bins=8, max_source_positions=10, max_target_positions=20, vocab_size=100,
+                             pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+                             suppress_tokens=None, begin_suppress_tokens=None, **sizes)  # fmt: skip
+    model = _model(T.WhisperForConditionalGeneration, config, F64)
+    g = torch.Generator().manual_seed(1)
+    target, target_pad = rm._right_padded(N_TRAIN + 3, SEQ // 2, 97, g)
+    data = {"input_features": torch.randn(N_TRAIN + 3, 8, 20, generator=g, dtype=F64),
+            "labels": (target + 3).masked_fill(target_pad, -100)}  # fmt: skip
+    return model, data, tc.seq2seq_lm_loss(model)
+
+
 def multiple_choice(config_cls: type, model_cls: type, choices: int = 3, **sizes: Any) -> Built:
     """``[B, choices, T]`` inputs, which the model folds into its batch (``[B choices, T]``), and a label each."""
     model = _model(model_cls, config_cls(**sizes), F64)
@@ -243,6 +256,9 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
                                **VIT), BATCHED),  # fmt: skip  (its tubelets' Conv3d, no site: followed into F.conv3d)
     "vivit": (lambda: video(T.VivitConfig, T.VivitForVideoClassification, tubelet_size=[2, 4, 4], **VIT),
               BATCHED),  # fmt: skip
+    "whisper": (lambda: speech_to_text(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                       decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64),
+                BATCHED),  # fmt: skip  (its position table picked by positions copied over the batch: followed)
     "jamba": (lambda: causal_lm(T.JambaConfig, T.JambaForCausalLM, num_experts=1, attn_layer_period=2,
                                 attn_layer_offset=1, mamba_d_state=4, mamba_d_conv=4, use_mamba_kernels=False, **KV,
                                 **SMALL), BATCHED),  # fmt: skip  (attention and Mamba layers, one expert)
