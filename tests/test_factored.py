@@ -3832,3 +3832,76 @@ def test_a_position_table_indexed_per_example_stays_exact():
         warnings.simplefilter("ignore")  # (slow path)
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+
+
+class _Upsampled(nn.Module):
+    """A decoder's upsampling: a transposed convolution (1-d or 2-d, strided, with an output padding, or its output
+    size asked at the call), then a convolution and a classifier."""
+
+    def __init__(self, dims, output_size=False, **options):
+        super().__init__()
+        conv, transposed = (nn.Conv1d, nn.ConvTranspose1d) if dims == 1 else (nn.Conv2d, nn.ConvTranspose2d)
+        self.output_size = output_size
+        self.down = conv(2, 4, 3, stride=2, padding=1)
+        self.up = transposed(4, 3, 3, **options)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.down(x))
+        h = self.up(h, output_size=x.shape[2:]) if self.output_size else self.up(h)
+        return self.fc(torch.tanh(h).flatten(2).mean(2))
+
+
+@pytest.mark.parametrize(
+    "dims, output_size, options",
+    [
+        (2, False, dict(stride=2, padding=1, output_padding=1)),
+        (2, True, dict(stride=2, padding=1)),  # (the output padding the call's size asks: 1)
+        (1, False, dict(stride=2, padding=2, dilation=2, output_padding=1, bias=False)),
+        (2, False, dict(stride=1, padding=1)),
+    ],
+    ids=["2d_padded", "2d_output_size", "1d_dilated", "2d_unstrided"],
+)
+def test_transposed_convolutions_are_factor_sites(dims, output_size, options):
+    """A transposed convolution (U-Nets', decoders') gets each example's weight gradient as the convolution it is the
+    adjoint of does, from its output gradient and input: materialised, exact. It was followed through the forward
+    (a mode over every op: a small U-Net's default call 0.19-0.20 s against 0.165-0.19 s for `factored=False`)."""
+    torch.manual_seed(0)
+    model = _Upsampled(dims, output_size, **options).double().eval()
+    x = torch.randn(10, 2, *(8,) * dims, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    routes = _batched_routes(model, _ckpts(model), (x[:6], y[:6]), (x[6:], y[6:]))
+    for name in ("up.weight", *(["up.bias"] if options.get("bias", True) else [])):
+        assert routes[name] == ("materialised", "transposed convolution"), routes
+
+
+def test_a_transposed_convolution_padded_past_its_stride_is_followed():
+    """An output padding of a stride or more (torch allows it below the dilation) leaves the adjoint convolution other
+    sizes: no factor site; its weight is followed to where it meets the batch, exact."""
+    torch.manual_seed(0)
+    model = _Upsampled(2, stride=1, padding=1, dilation=2, output_padding=1).double().eval()
+    x, y = torch.randn(10, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (10,))
+    routes = _batched_routes(model, _ckpts(model), (x[:6], y[:6]), (x[6:], y[6:]))
+    assert routes["up.weight"] == ("materialised", "followed"), routes
+
+
+class _TiedAutoencoder(nn.Module):
+    """A convolutional autoencoder whose decoder's transposed convolution shares the encoder's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.dec = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1)
+        self.dec.weight = self.enc.weight
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.dec(torch.tanh(self.enc(x)))).mean((2, 3)))
+
+
+def test_a_weight_tied_between_a_convolution_and_its_transpose_sums_both_uses():
+    torch.manual_seed(0)
+    model = _TiedAutoencoder().double().eval()
+    x, y = torch.randn(10, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (10,))
+    routes = _batched_routes(model, _ckpts(model), (x[:6], y[:6]), (x[6:], y[6:]))
+    assert routes["enc.weight"] == ("materialised", "tied weight"), routes

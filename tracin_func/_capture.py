@@ -215,7 +215,7 @@ def discover(
                 calls[site.path].append(tuple(output.shape) if isinstance(output, torch.Tensor) else None)
                 return None
             calls[site.path].append(tuple(output.shape))
-            return layer_output(layer, site, args[0], detach=True)
+            return layer_output(layer, site, args[0], output.shape, detach=True)
 
         return hook
 

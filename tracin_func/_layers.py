@@ -85,7 +85,9 @@ class Site(NamedTuple):
     weight: str | None  # full parameter name when the weight is differentiated
     bias: str | None  # full parameter name when the bias is differentiated
     weight_shape: tuple[int, ...]
-    transposed: bool = False  # a Linear whose weight is stored [d_in, d_out] (transformers' Conv1D)
+    # a Linear whose weight is stored [d_in, d_out] (transformers' Conv1D); a "conv": a transposed convolution
+    # (``adjoint``)
+    transposed: bool = False
     groups: int = 1  # a grouped / depthwise convolution: gradients always materialised, never a factored kernel
     tied: bool = False  # a parameter shared with other sites (GPT-2's lm_head / wte): gradients of every use summed
     owner: str | None = None  # a product of the unrolled layer at this path (see _recurrent)
@@ -104,8 +106,15 @@ class Site(NamedTuple):
     def kernel_ok(self) -> bool:
         """Whether factored inner products apply (plain Linear / ungrouped Conv / Embedding, untied, its own
         weight)."""
-        plain = self.groups == 1 and not self.tied and not self.reparam
+        plain = self.groups == 1 and not self.tied and not self.reparam and not self.adjoint
         return plain and self.kind not in ("norm", "expanded", "followed")
+
+    @property
+    def adjoint(self) -> bool:
+        """A transposed convolution: its weight's per-example gradients are those of the convolution it is the
+        adjoint of, fed its output gradient and giving back its input (``per_example_blocks``); it has no factor rows
+        (``input_rows``, ``output_rows``), so it is always materialised."""
+        return self.kind == "conv" and self.transposed
 
 
 # The classes whose own forward a factor site must run: a subclass overriding it (a scaled output, a standardised
@@ -114,6 +123,8 @@ _PLAIN_FORWARD = {
     nn.Linear: ("forward",),
     nn.Conv1d: ("forward", "_conv_forward"),
     nn.Conv2d: ("forward", "_conv_forward"),
+    nn.ConvTranspose1d: ("forward",),
+    nn.ConvTranspose2d: ("forward",),
     nn.Embedding: ("forward",),
     nn.LayerNorm: ("forward",),
     nn.RMSNorm: ("forward",),
@@ -263,6 +274,9 @@ def site_kind(module: nn.Module) -> str | None:
         return "linear"
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return "conv"
+    if isinstance(module, _TRANSPOSED_CONVS):  # (an output padding of a stride or more: the adjoint's sizes differ)
+        plain = module.groups == 1 and all(p < s for p, s in zip(module.output_padding, module.stride))
+        return "conv" if plain else None
     if isinstance(module, nn.Embedding):
         return "embedding" if module.max_norm is None and not module.scale_grad_by_freq else None
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
@@ -274,6 +288,9 @@ def site_kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):  # statistics per example and channel, or running
         return "norm" if module.affine and not (module.training and module.track_running_stats) else None
     return None
+
+
+_TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d)
 
 
 def expandable(module: nn.Module) -> bool:
@@ -356,8 +373,8 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
         weight = (f"{path}.weight" if path else "weight") if reparam else weight  # (not a parameter's name)
         if weight or bias:
             shape, groups = tuple(module.weight.shape), getattr(module, "groups", 1)
-            conv1d = _is_transformers_conv1d(module)
-            sites[path] = Site(path, kind, weight, bias, shape, conv1d, groups, bool(shared), reparam=reparam)
+            transposed = _is_transformers_conv1d(module) or isinstance(module, _TRANSPOSED_CONVS)
+            sites[path] = Site(path, kind, weight, bias, shape, transposed, groups, bool(shared), reparam=reparam)
     return sites
 
 
@@ -430,13 +447,20 @@ def token_wise(layer: nn.Module | None, site: Site) -> bool:
     return site.kind in ("linear", "embedding") or isinstance(layer, (nn.LayerNorm, nn.RMSNorm))
 
 
-def layer_output(module: nn.Module, site: Site, x: torch.Tensor, *, detach: bool) -> torch.Tensor:
-    """Recompute the layer's output from its input (``detach``: without gradient to its own parameters)."""
+def layer_output(module: nn.Module, site: Site, x: torch.Tensor, size: Sequence[int], *, detach: bool) -> torch.Tensor:
+    """Recompute the layer's output, of ``size``, from its input (``detach``: without gradient to its own
+    parameters)."""
     w, b = module.weight, getattr(module, "bias", None)
     if detach:
         w, b = w.detach(), (b.detach() if b is not None else None)
     if site.kind == "linear":
         return F.linear(x, w.t() if site.transposed else w, b)
+    if site.adjoint:  # (its output padding as the call's output size asked: ``forward(x, output_size)``)
+        dims = len(module.kernel_size)
+        padding = module._output_padding(x, size[-dims:], module.stride, module.padding, module.kernel_size, dims,
+                                         module.dilation)  # fmt: skip
+        transposed = F.conv_transpose1d if dims == 1 else F.conv_transpose2d
+        return transposed(x, w, b, module.stride, module.padding, padding, module.groups, module.dilation)
     if site.kind == "conv":
         return module._conv_forward(x, w, b)
     if site.kind == "norm":
@@ -560,6 +584,9 @@ def per_example_blocks(
     if site.kind == "norm":
         yield _norm_grads(module, site, x, g)
         return
+    if site.adjoint:  # (never split by channels: ``channel_split``)
+        yield _adjoint_grads(module, site, x, g)
+        return
     many_channels = math.prod(site.weight_shape[:2]) > _GROUPED_CONV_MAX_CHANNELS and site.groups == 1
     looped = site.kind == "conv" and many_channels and math.prod(g.shape[2:]) >= _LOOPED_CONV_MIN_POSITIONS
     if site.kind != "conv" or site.weight is None or many_channels and not looped:
@@ -573,6 +600,21 @@ def per_example_blocks(
         if part.bias is not None:
             out[part.bias] = g_part.flatten(2).sum(2)
         yield out
+
+
+def _adjoint_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A transposed convolution's per-example gradients: its weight's are the weight gradients of the convolution it
+    is the adjoint of (the same weight, stride, padding and dilation), fed the output gradient ``g`` and giving back
+    its input ``x`` (one example at a time where channels and positions are many, as a convolution's)."""
+    out = {}
+    if site.weight is not None:
+        geometry = ConvGeometry(tuple(site.weight_shape), 1, tuple(module.stride), tuple(module.dilation))
+        many = math.prod(site.weight_shape[:2]) > _GROUPED_CONV_MAX_CHANNELS
+        looped = many and math.prod(x.shape[2:]) >= _LOOPED_CONV_MIN_POSITIONS
+        out[site.weight] = (_looped_weight_grads if looped else conv_weight_grads)(geometry, g, x, module.padding)
+    if site.bias is not None:
+        out[site.bias] = g.flatten(2).sum(2)
+    return out
 
 
 def _norm_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -841,6 +841,8 @@ def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool, partne
         return "expanded: per-example gradients of copies over the batch (a vector used elementwise, a [1, ...] row)"
     if site.reparam:
         return "parametrized weight: per-example gradients of the weight from factors, then through its parametrization"
+    if site.adjoint:
+        return "transposed convolution: per-example gradients from its input and output gradient"
     if not site.kernel_ok:
         return "grouped convolution: per-example gradients from factors" if site.groups > 1 else "norm layer"
     if factored:
