@@ -3905,3 +3905,30 @@ def test_a_weight_tied_between_a_convolution_and_its_transpose_sums_both_uses():
     x, y = torch.randn(10, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (10,))
     routes = _batched_routes(model, _ckpts(model), (x[:6], y[:6]), (x[6:], y[6:]))
     assert routes["enc.weight"] == ("materialised", "tied weight"), routes
+
+
+class _MaskPicked(nn.Module):
+    """Picks entries of its own table by a uint8 mask (torch reads a uint8 index as a mask), equal in every row."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.linspace(-1, 1, 6).reshape(3, 2))
+        self.register_buffer("mask", torch.tensor([[1, 0]] * 3, dtype=torch.uint8))
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(x * self.table[self.mask])
+
+
+def test_a_mask_index_is_no_copied_row_of_indices():
+    """A review's find: a uint8 mask with equal rows was taken for one row of indices copied over the batch, and the
+    rows picked by its first row alone broke every call."""
+    torch.manual_seed(0)
+    model = _MaskPicked().double().eval()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 3, (10,))
+    ckpts, train, test = _ckpts(model), (x[:6], y[:6]), (x[6:], y[6:])
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's deprecation of uint8 masks)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)

@@ -834,6 +834,12 @@ def test_an_iterable_dataset_is_indexed_as_the_scorers_read_it_and_a_wrong_lengt
         assert torch.equal(index.embeddings(), want.embeddings())
         again = tc.build_index(tmp_path / name, model, ckpts, data, loss_fn=LOSS, shard_size=4)
         assert torch.equal(again.embeddings(), want.embeddings())
+    sampled = torch.utils.data.DataLoader(TensorDataset(x, y), batch_size=4, sampler=list(range(N - 5)))
+    index = tc.build_index(tmp_path / "sampled", model, ckpts, sampled, loss_fn=LOSS, storage_dtype=DTYPE)
+    assert_close(index.self_influence(), ref.self_influence[: N - 5])  # (a sampler's subset: no length disagrees)
+    empty_last = [(x, y), (x[:0], y[:0])]  # (a trailing empty batch: no rows more than counted)
+    assert_close(tc.build_index(tmp_path / "empty", model, ckpts, empty_last, loss_fn=LOSS).self_influence(),
+                 ref.self_influence)  # fmt: skip
     streamed = _Streamed(x, y, 3)
     for _ in range(2):  # built, then kept: a pass counting its rows and one reading its shards, not one per shard
         tc.build_index(tmp_path / "passes", model, ckpts, streamed, loss_fn=LOSS, shard_size=4)

@@ -450,7 +450,8 @@ def test_a_sparse_tensor_in_the_forward_is_scored(buffer):
     torch.manual_seed(0)
     model = _SparseGCN(buffer).double().eval()
     state = dict(model.state_dict())
-    ckpts = [tc.Checkpoint({**state, "l1.weight": state["l1.weight"] * s}, lr) for s, lr in [(1.0, 0.3), (0.7, 0.1)]]
+    copied = [{k: v.clone() for k, v in state.items()} for _ in range(2)]  # (sparse copies compared as such)
+    ckpts = [tc.Checkpoint({**c, "l1.weight": c["l1.weight"] * s}, r) for c, s, r in zip(copied, (1, 0.7), (0.3, 0.1))]
     y = torch.randint(0, 3, (12,))
     train, test = (torch.arange(8), y[:8]), (torch.arange(8, 12), y[8:])
     ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
@@ -458,3 +459,31 @@ def test_a_sparse_tensor_in_the_forward_is_scored(buffer):
         warnings.simplefilter("ignore")  # (vmap cannot batch a sparse product: examples one at a time, warned)
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+
+
+class _SparseMixer(nn.Module):
+    """Each example's hidden features mixed by a fixed sparse matrix (a buffer): batched, one matrix for all."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        dense = (torch.rand(6, 6, generator=gen) < 0.4) * torch.rand(6, 6, generator=gen)
+        self.register_buffer("mix", dense.to_sparse())
+        self.lin, self.fc = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh((self.mix @ torch.tanh(self.lin(x)).T).T))
+
+
+def test_sparse_buffers_copied_into_each_checkpoint_are_compared_as_such():
+    """A review's find: the batched path compares the checkpoints' frozen tensors (``torch.equal``, which sparse
+    tensors lack), and a sparse buffer copied into each checkpoint failed every call, blamed on the model's batch."""
+    torch.manual_seed(0)
+    model = _SparseMixer().double().eval()
+    state = dict(model.state_dict())
+    ckpts = [tc.Checkpoint({k: v.clone() * (s if k == "lin.weight" else 1) for k, v in state.items()}, 0.2)
+             for s in (1.0, 0.6)]  # fmt: skip
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    ref = reference_scores(model, ckpts, (x[:7], y[:7]), (x[7:], y[7:]), loss_fn=CE)
+    assert_close(tc.influence(model, ckpts, (x[:7], y[:7]), (x[7:], y[7:]), loss_fn=CE), ref.influence)
+    assert_close(tc.self_influence(model, ckpts, (x[:7], y[:7]), loss_fn=CE), ref.self_influence)

@@ -587,7 +587,7 @@ def _copied_index(args: tuple[Any, ...], out: torch.Tensor) -> bool:
     the first dimension (Whisper's positions, ``arange(T).unsqueeze(0).repeat(B, 1)``, into its position table): the
     rows picked are then that row's picks copied."""
     index = args[1] if len(args) == 2 else None
-    if not isinstance(index, torch.Tensor) or index.is_floating_point() or index.dtype == torch.bool:
+    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):  # (bool, uint8: masks)
         return False
     return index.dim() >= 1 and index.shape[0] == out.shape[0] > 1 and torch.equal(index, index[:1].expand_as(index))
 

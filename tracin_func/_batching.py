@@ -700,7 +700,17 @@ def _frozen_runs(states: Sequence[Tensors], names: Collection[str]) -> list[tupl
 
 
 def _same_tensors(a: Tensors, b: Tensors) -> bool:
-    return a.keys() == b.keys() and all(t is b[k] or torch.equal(t, b[k]) for k, t in a.items())
+    return a.keys() == b.keys() and all(t is b[k] or _equal(t, b[k]) for k, t in a.items())
+
+
+def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """``torch.equal``, which sparse tensors (a graph's adjacency) lack: theirs compared as coalesced COO tensors."""
+    if x.layout == y.layout == torch.strided:
+        return torch.equal(x, y)
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    x, y = (t.to_sparse().coalesce() for t in (x, y))
+    return torch.equal(x.indices(), y.indices()) and torch.equal(x.values(), y.values())
 
 
 class MixedBatch(ValueError):

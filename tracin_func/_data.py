@@ -408,6 +408,8 @@ def counted_examples(data: Any, where: str) -> int:
         batches += 1
     inner = data.data if isinstance(data, Repeated) else data
     of_examples = isinstance(inner, DataLoader) and inner.batch_size is not None  # (batching its dataset's examples)
+    if isinstance(inner, DataLoader) and not isinstance(inner.dataset, torch.utils.data.IterableDataset):
+        return n  # (a map-style dataset read through its sampler: a subset of it is no change)
     sized = inner.dataset if of_examples else inner
     declared, got = _sized(sized), n if of_examples else batches
     if declared is not None and declared != got:
@@ -449,7 +451,7 @@ class RowStream:
             if offset > stop:
                 break
             held = None
-        if offset > self.n or stop == self.n and next(batches, None) is not None:
+        if offset > self.n or stop == self.n and any(batch_size_of(b, f"`{self.where}`'s batches") for b in batches):
             self._changed(f"more than {self.n}")
         self._pass, self._held, self._read = (batches, offset), held, stop
 

@@ -283,16 +283,19 @@ def naming_failures(
 
 
 def _in_batched_pass(err: Exception) -> bool:
-    """Whether ``err`` was raised inside the batched pass (``batched_factors``: the planned path's one forward /
-    backward of a whole batch), not memory running out (``torch.OutOfMemoryError``: a smaller batch is the fix)."""
-    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower():
+    """Whether ``err`` was raised inside a scoring pass's batched forward / backward (``batched_factors``, not
+    planning's: ``plan_call``), not memory running out (CUDA's or the CPU allocator's: a smaller batch is the fix)."""
+    if isinstance(err, torch.OutOfMemoryError) or any(s in str(err).lower() for s in _OUT_OF_MEMORY):
         return False
+    codes = set()
     tb = err.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_code is batched_factors.__code__:
-            return True
+        codes.add(tb.tb_frame.f_code)
         tb = tb.tb_next
-    return False
+    return batched_factors.__code__ in codes and plan_call.__code__ not in codes
+
+
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory")
 
 
 def _candidates(
