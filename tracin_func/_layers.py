@@ -236,6 +236,8 @@ def _configuration(module: nn.Module) -> str:
         return "training mode" if module.training else "no running statistics (each batch's own)"
     if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.affine:
         return "running statistics in training mode"
+    if isinstance(module, _TRANSPOSED_CONVS):
+        return "groups or an output padding of a stride or more"
     return "no affine weight"
 
 
@@ -605,12 +607,12 @@ def per_example_blocks(
 def _adjoint_grads(module: nn.Module, site: Site, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """A transposed convolution's per-example gradients: its weight's are the weight gradients of the convolution it
     is the adjoint of (the same weight, stride, padding and dilation), fed the output gradient ``g`` and giving back
-    its input ``x`` (one example at a time where channels and positions are many, as a convolution's)."""
+    its input ``x`` (one example at a time where channels are many: 256 x 256 at 4 x 4 took 54-63 ms against 80-91
+    grouped, 32 examples, one thread)."""
     out = {}
     if site.weight is not None:
         geometry = ConvGeometry(tuple(site.weight_shape), 1, tuple(module.stride), tuple(module.dilation))
-        many = math.prod(site.weight_shape[:2]) > _GROUPED_CONV_MAX_CHANNELS
-        looped = many and math.prod(x.shape[2:]) >= _LOOPED_CONV_MIN_POSITIONS
+        looped = math.prod(site.weight_shape[:2]) > _GROUPED_CONV_MAX_CHANNELS
         out[site.weight] = (_looped_weight_grads if looped else conv_weight_grads)(geometry, g, x, module.padding)
     if site.bias is not None:
         out[site.bias] = g.flatten(2).sum(2)

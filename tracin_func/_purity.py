@@ -222,7 +222,7 @@ class _Watch(TorchDispatchMode):
     def _refuse(self, what: str, who: str | None = None) -> None:
         if who is _IN_LOSS:  # drawn outside the model's forward: the loss function's own code
             raise ValueError(
-                f"`loss_fn`: the loss function {what}, outside the model's forward (a noise or timestep drawn with "
+                f"`loss_fn`: outside the model's forward, the loss function {what} (a noise or timestep drawn with "
                 f"`torch.randn` / `torch.randint` in a diffusion loss, say). TracIn needs each example's loss to be a "
                 f"function of the checkpoint and the example: draw such values once, pass them in each example of "
                 f"the data (a column of the batch tuple), and read them there."
