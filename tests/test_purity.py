@@ -487,3 +487,21 @@ def test_sparse_buffers_copied_into_each_checkpoint_are_compared_as_such():
     ref = reference_scores(model, ckpts, (x[:7], y[:7]), (x[7:], y[7:]), loss_fn=CE)
     assert_close(tc.influence(model, ckpts, (x[:7], y[:7]), (x[7:], y[7:]), loss_fn=CE), ref.influence)
     assert_close(tc.self_influence(model, ckpts, (x[:7], y[:7]), loss_fn=CE), ref.self_influence)
+
+
+def test_checkpoint_files_holding_a_sparse_buffer_are_loaded_and_told_apart(tmp_path):
+    """Loading compares the files' tensors (a file saved twice would count double): a sparse buffer's entries were read
+    by a reshape sparse tensors lack, and every load failed."""
+    torch.manual_seed(0)
+    model = _SparseMixer().double().eval()
+    state = dict(model.state_dict())
+    for i, scale in enumerate((1.0, 0.6, 0.6)):
+        scaled = {k: v.clone() * (scale if k == "lin.weight" else 1) for k, v in state.items()}
+        torch.save({"model_state_dict": scaled, "learning_rate": 0.2}, tmp_path / f"ckpt-{i}.pt")
+    with pytest.raises(ValueError, match="holds the same tensors as"):
+        tc.load_checkpoints(tmp_path)
+    (tmp_path / "ckpt-2.pt").unlink()
+    ckpts = tc.load_checkpoints(tmp_path)
+    x, y = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    ref = reference_scores(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE)
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE), ref.self_influence)

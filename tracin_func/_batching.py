@@ -29,6 +29,7 @@ from ._capture import (
     discover,
     gradients_at,
 )
+from ._checkpoints import same_values
 from ._context import lowered_note
 from ._data import distinct_examples, examples_in, padding, select_rows, slice_batch, uncopied_rows
 from ._grads import Mapper, Tensors
@@ -700,17 +701,7 @@ def _frozen_runs(states: Sequence[Tensors], names: Collection[str]) -> list[tupl
 
 
 def _same_tensors(a: Tensors, b: Tensors) -> bool:
-    return a.keys() == b.keys() and all(t is b[k] or _equal(t, b[k]) for k, t in a.items())
-
-
-def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """``torch.equal``, which sparse tensors (a graph's adjacency) lack: theirs compared as coalesced COO tensors."""
-    if x.layout == y.layout == torch.strided:
-        return torch.equal(x, y)
-    if x.shape != y.shape or x.dtype != y.dtype:
-        return False
-    x, y = (t.to_sparse().coalesce() for t in (x, y))
-    return torch.equal(x.indices(), y.indices()) and torch.equal(x.values(), y.values())
+    return a.keys() == b.keys() and all(t is b[k] or same_values(t, b[k]) for k, t in a.items())
 
 
 class MixedBatch(ValueError):

@@ -329,8 +329,8 @@ def _refuse_copies(paths: Sequence[str], checkpoints: Sequence[Checkpoint]) -> N
     tensors = [[t for _, t in items] for items in named]
     seen: dict[str, list[int]] = {}  # by names, shapes, dtypes and first entries: the earlier files
     for j, items in enumerate(named):
-        key = str([(n, tuple(t.shape), t.dtype, t.reshape(-1)[:8].tolist()) for n, t in items])
-        i = next((i for i in seen.get(key, []) if all(map(torch.equal, tensors[i], tensors[j]))), None)
+        key = str([(n, tuple(t.shape), t.dtype, _entries(t)[:8].tolist()) for n, t in items])
+        i = next((i for i in seen.get(key, []) if all(map(same_values, tensors[i], tensors[j]))), None)
         seen.setdefault(key, []).append(j)
         if i is not None:
             raise ValueError(
@@ -381,3 +381,18 @@ def checkpoint_files(directory: str) -> list[str]:
     """The non-hidden regular files of ``directory`` in natural order (``ckpt-2`` before ``ckpt-10``); may be empty."""
     files = [os.path.join(directory, f) for f in os.listdir(directory) if not f.startswith(".")]
     return sorted((f for f in files if os.path.isfile(f)), key=_natural_key)
+
+
+def same_values(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """``torch.equal``, which sparse tensors (a graph's adjacency) lack: theirs compared as coalesced COO tensors."""
+    if x.layout == y.layout == torch.strided:
+        return torch.equal(x, y)
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    x, y = (t.to_sparse().coalesce() for t in (x, y))
+    return torch.equal(x.indices(), y.indices()) and torch.equal(x.values(), y.values())
+
+
+def _entries(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's entries in order, flat: a sparse one's stored values (coalesced)."""
+    return t.reshape(-1) if t.layout == torch.strided else t.to_sparse().coalesce().values().reshape(-1)
