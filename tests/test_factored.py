@@ -3932,3 +3932,14 @@ def test_a_mask_index_is_no_copied_row_of_indices():
         warnings.simplefilter("ignore")  # (torch's deprecation of uint8 masks)
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+
+
+def test_a_transposed_convolution_is_formed_whole():
+    """Its weight's rows are input channels, not the output gradient's: never split by output channels (the blocks a
+    large layer is formed in), never a factored kernel, no factor rows."""
+    from tracin_func._layers import channel_split, factorable_sites
+
+    model = _Upsampled(2, stride=2, padding=1)
+    site = factorable_sites(model, [n for n, _ in model.named_parameters()])["up"]
+    assert site.adjoint and not site.transposed and not site.kernel_ok
+    assert not channel_split(site, torch.device("cpu"))

@@ -85,9 +85,7 @@ class Site(NamedTuple):
     weight: str | None  # full parameter name when the weight is differentiated
     bias: str | None  # full parameter name when the bias is differentiated
     weight_shape: tuple[int, ...]
-    # a Linear whose weight is stored [d_in, d_out] (transformers' Conv1D); a "conv": a transposed convolution
-    # (``adjoint``)
-    transposed: bool = False
+    transposed: bool = False  # a Linear whose weight is stored [d_in, d_out] (transformers' Conv1D)
     groups: int = 1  # a grouped / depthwise convolution: gradients always materialised, never a factored kernel
     tied: bool = False  # a parameter shared with other sites (GPT-2's lm_head / wte): gradients of every use summed
     owner: str | None = None  # a product of the unrolled layer at this path (see _recurrent)
@@ -97,6 +95,10 @@ class Site(NamedTuple):
     # a parametrized weight's differentiated tensors (its parametrization's, ``reparametrized``); ``weight`` then
     # keys the gradients of the weight computed from them, which are mapped to these (``through_parametrization``)
     reparam: tuple[str, ...] = ()
+    # a "conv" that is a transposed convolution: its weight's per-example gradients are those of the convolution it
+    # is the adjoint of, fed its output gradient and giving back its input (``per_example_blocks``); it has no factor
+    # rows (``input_rows``, ``output_rows``), so it is always materialised
+    adjoint: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -109,12 +111,6 @@ class Site(NamedTuple):
         plain = self.groups == 1 and not self.tied and not self.reparam and not self.adjoint
         return plain and self.kind not in ("norm", "expanded", "followed")
 
-    @property
-    def adjoint(self) -> bool:
-        """A transposed convolution: its weight's per-example gradients are those of the convolution it is the
-        adjoint of, fed its output gradient and giving back its input (``per_example_blocks``); it has no factor rows
-        (``input_rows``, ``output_rows``), so it is always materialised."""
-        return self.kind == "conv" and self.transposed
 
 
 # The classes whose own forward a factor site must run: a subclass overriding it (a scaled output, a standardised
@@ -375,8 +371,9 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
         weight = (f"{path}.weight" if path else "weight") if reparam else weight  # (not a parameter's name)
         if weight or bias:
             shape, groups = tuple(module.weight.shape), getattr(module, "groups", 1)
-            transposed = _is_transformers_conv1d(module) or isinstance(module, _TRANSPOSED_CONVS)
-            sites[path] = Site(path, kind, weight, bias, shape, transposed, groups, bool(shared), reparam=reparam)
+            conv1d, adjoint = _is_transformers_conv1d(module), isinstance(module, _TRANSPOSED_CONVS)
+            sites[path] = Site(path, kind, weight, bias, shape, conv1d, groups, bool(shared), reparam=reparam,
+                               adjoint=adjoint)  # fmt: skip
     return sites
 
 
@@ -725,7 +722,7 @@ def channel_split(site: Site, device: torch.device) -> bool:
     ``materialize`` with ``channels``): Linears and convolutions of one group, weight stored ``[d_out, ...]``, not
     parametrized, on the CPU (blocks stay in its caches and off glibc's fresh pages; a GPU, with neither concern and
     a cost per kernel, forms them whole)."""
-    plain = site.weight is not None and site.groups == 1 and not site.transposed and not site.reparam
+    plain = site.weight is not None and site.groups == 1 and not (site.transposed or site.adjoint or site.reparam)
     return plain and site.kind in ("linear", "conv") and device.type == "cpu"
 
 
