@@ -3852,6 +3852,12 @@ class _Upsampled(nn.Module):
         return self.fc(torch.tanh(h).flatten(2).mean(2))
 
 
+def _routes_on_images(model, dims=2):
+    """``_batched_routes`` on 10 random 2-channel inputs of 8 per side (1-d or 2-d): 6 to train on, 4 to test."""
+    x, y = torch.randn(10, 2, *(8,) * dims, dtype=torch.float64), torch.randint(0, 3, (10,))
+    return _batched_routes(model, _ckpts(model), (x[:6], y[:6]), (x[6:], y[6:]))
+
+
 @pytest.mark.parametrize(
     "dims, output_size, options",
     [
@@ -3867,10 +3873,7 @@ def test_transposed_convolutions_are_factor_sites(dims, output_size, options):
     adjoint of does, from its output gradient and input: materialised, exact. It was followed through the forward
     (a mode over every op: a small U-Net's default call 0.19-0.20 s against 0.165-0.19 s for `factored=False`)."""
     torch.manual_seed(0)
-    model = _Upsampled(dims, output_size, **options).double().eval()
-    x = torch.randn(10, 2, *(8,) * dims, dtype=torch.float64)
-    y = torch.randint(0, 3, (10,))
-    routes = _batched_routes(model, _ckpts(model), (x[:6], y[:6]), (x[6:], y[6:]))
+    routes = _routes_on_images(_Upsampled(dims, output_size, **options).double().eval(), dims)
     for name in ("up.weight", *(["up.bias"] if options.get("bias", True) else [])):
         assert routes[name] == ("materialised", "transposed convolution"), routes
 
@@ -3879,9 +3882,7 @@ def test_a_transposed_convolution_padded_past_its_stride_is_followed():
     """An output padding of a stride or more (torch allows it below the dilation) leaves the adjoint convolution other
     sizes: no factor site; its weight is followed to where it meets the batch, exact."""
     torch.manual_seed(0)
-    model = _Upsampled(2, stride=1, padding=1, dilation=2, output_padding=1).double().eval()
-    x, y = torch.randn(10, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (10,))
-    routes = _batched_routes(model, _ckpts(model), (x[:6], y[:6]), (x[6:], y[6:]))
+    routes = _routes_on_images(_Upsampled(2, stride=1, padding=1, dilation=2, output_padding=1).double().eval())
     assert routes["up.weight"] == ("materialised", "followed"), routes
 
 
@@ -3900,10 +3901,9 @@ class _TiedAutoencoder(nn.Module):
 
 
 def test_a_weight_tied_between_a_convolution_and_its_transpose_sums_both_uses():
+    """Both uses are sites of the one weight: their per-example gradients, each in the weight's layout, summed."""
     torch.manual_seed(0)
-    model = _TiedAutoencoder().double().eval()
-    x, y = torch.randn(10, 2, 8, 8, dtype=torch.float64), torch.randint(0, 3, (10,))
-    routes = _batched_routes(model, _ckpts(model), (x[:6], y[:6]), (x[6:], y[6:]))
+    routes = _routes_on_images(_TiedAutoencoder().double().eval())
     assert routes["enc.weight"] == ("materialised", "tied weight"), routes
 
 

@@ -76,7 +76,8 @@ def assemble(
                 if site.reparam:
                     form = partial(_mapped, through_parametrization(module, site, state), form)
                 split = by_channels if channel_split(site, gs[0].device) else None
-                rows_of = rows_of if site.groups == 1 and not (site.reparam or site.adjoint) else None  # (Factored's)
+                factor_rows = site.groups == 1 and not (site.reparam or site.adjoint)  # (what Factored takes)
+                rows_of = rows_of if factor_rows else None
                 n, size, device = gs[0].shape[0], gs[0].element_size(), gs[0].device
                 parts.append(Deferred(site, form, n, size, chunk_bytes(device), split, rows_of))
                 continue

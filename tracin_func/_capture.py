@@ -47,6 +47,7 @@ from ._grads import (
 from ._layers import Site, broadcast_row, call_site, layer_output, recorded_input, token_wise
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
 from ._recurrent import unrolled
+from ._validate import cause_of
 
 if TYPE_CHECKING:
     from ._plan import Plan
@@ -375,7 +376,7 @@ def batched_factors(
             raise FoldMismatch(
                 f"`model`: the call was planned on examples whose model folds {plan.fold} items (choices, chunks) into "
                 f"its batch, and this batch of {n} folds {sorted(folded - {1, rows})[0] / n:g} per example, which the "
-                f"planned rows broadcast over the batch do not fit ({type(err).__name__}: {err}). Pass "
+                f"planned rows broadcast over the batch do not fit ({cause_of(err)}). Pass "
                 f"`factored=False`, or data with as many items per example throughout."
             ) from err
         losses = output if isinstance(loss, BatchedLoss) else None

@@ -389,10 +389,15 @@ def same_values(x: torch.Tensor, y: torch.Tensor) -> bool:
         return torch.equal(x, y)
     if x.shape != y.shape or x.dtype != y.dtype:
         return False
-    x, y = (t.to_sparse().coalesce() for t in (x, y))
+    x, y = as_coo(x), as_coo(y)
     return torch.equal(x.indices(), y.indices()) and torch.equal(x.values(), y.values())
+
+
+def as_coo(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of any layout as a coalesced sparse COO tensor: one form, whatever its layout or entries' order."""
+    return t.to_sparse().coalesce()
 
 
 def _entries(t: torch.Tensor) -> torch.Tensor:
     """A tensor's entries in order, flat: a sparse one's stored values (coalesced)."""
-    return t.reshape(-1) if t.layout == torch.strided else t.to_sparse().coalesce().values().reshape(-1)
+    return (t if t.layout == torch.strided else as_coo(t).values()).reshape(-1)

@@ -407,9 +407,9 @@ def counted_examples(data: Any, where: str) -> int:
         n += batch_size_of(batch, f"`{where}` batch {i}")
         batches += 1
     inner = data.data if isinstance(data, Repeated) else data
-    of_examples = isinstance(inner, DataLoader) and inner.batch_size is not None  # (batching its dataset's examples)
     if isinstance(inner, DataLoader) and not isinstance(inner.dataset, torch.utils.data.IterableDataset):
         return n  # (a map-style dataset read through its sampler: a subset of it is no change)
+    of_examples = isinstance(inner, DataLoader) and inner.batch_size is not None  # (batching its dataset's examples)
     sized = inner.dataset if of_examples else inner
     declared, got = _sized(sized), n if of_examples else batches
     if declared is not None and declared != got:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ._checkpoints import as_coo
 from ._code import closure_values, loaded_globals
 from ._setup import Setup
 from ._state import MODULE_SLOTS
@@ -34,7 +35,7 @@ def tensor_bytes(digest: Any, t: torch.Tensor) -> None:
     """Feed a tensor's bytes (row-major, on the CPU) into a hashlib digest; a sparse one's coalesced indices and
     values (a graph's adjacency: its dense form may not fit)."""
     if t.layout != torch.strided:
-        coo = t.detach().to("cpu").to_sparse().coalesce()
+        coo = as_coo(t.detach().to("cpu"))
         for part in (coo.indices(), coo.values()):
             tensor_bytes(digest, part)
         return

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ._shards import file_sha256, read_rows, shard_info
+from ._validate import cause_of
 
 FORMAT = "tracin_func.index"
 VERSION = 3  # 2: the fingerprint's `model` part; 3: what it describes of the model and the loss widened
@@ -171,7 +172,7 @@ class Index:
             return read_rows(file, name, start, stop)
         except Exception as err:
             raise ValueError(
-                f"Index shard `{file}` cannot be read ({type(err).__name__}: {err}); {_rebuild_hint(self.path)}."
+                f"Index shard `{file}` cannot be read ({cause_of(err)}); {_rebuild_hint(self.path)}."
             ) from err
 
     def self_influence(self) -> torch.Tensor:

@@ -48,7 +48,7 @@ from ._purity import check_forward, check_reads
 from ._recurrent import UNROLLED_KINDS, packed_calls, recurrent_sites, why_not_run_unrolled
 from ._setup import Setup
 from ._updates import Updates, make_updates
-from ._validate import refusal
+from ._validate import cause_of, refusal
 from ._warn import warn
 
 
@@ -227,7 +227,7 @@ def _checked_on_either(setup: Setup, loss: ExampleLossFn, batch: Any, where: str
             raise
         other = "loss_fn" if where == "test" else "test_loss_fn"
         raise ValueError(
-            f"`{other}` fails on `{where}`'s first batch ({type(err).__name__}: {err}). A call planning "
+            f"`{other}` fails on `{where}`'s first batch ({cause_of(err)}). A call planning "
             f"`loss_fn` and `test_loss_fn` apart runs both on the batch it plans on, so that both sides' gradients "
             f"take the same routes: give `train` and `test` batches of one structure (a test set without labels: a "
             f"placeholder label column the test loss ignores), each loss reading what it needs."

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ._fingerprint import memory_of
+from ._validate import cause_of
 
 TEMPORARY = ".partial"  # suffix of files being written; never read, removed on the next build
 
@@ -129,7 +130,7 @@ def shard_info(path: str) -> dict[str, Any]:
             info = json.loads((f.metadata() or {})["tracin_func"])
             shapes = {name: list(f.get_slice(name).get_shape()) for name in ("embeddings", "self_influence")}
     except Exception as err:
-        raise ValueError(f"`{path}` is not a readable index shard ({type(err).__name__}: {err}).") from err
+        raise ValueError(f"`{path}` is not a readable index shard ({cause_of(err)}).") from err
     return {**info, "shapes": shapes}
 
 
