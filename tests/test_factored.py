@@ -3189,6 +3189,120 @@ def test_layer_norm_subclasses_are_sites_at_their_call(norm):
         assert routes["norm.weight"] == ("vmap", "DelegatingLayerNorm overrides LayerNorm's own forward")
 
 
+class HandWrittenLinear(nn.Module):
+    """Research code's linear layer: its own ``weight`` and ``bias`` given to ``F.linear``."""
+
+    def __init__(self, d_in, d_out, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) / d_in**0.5)
+        self.bias = nn.Parameter(torch.randn(d_out)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class HalvedLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) * 0.5
+
+
+class AppliedTwice(HandWrittenLinear):
+    def forward(self, x):
+        return F.linear(torch.tanh(F.linear(x, self.weight, self.bias)), self.weight, self.bias)
+
+
+class BiasAddedApart(HandWrittenLinear):
+    def forward(self, x):  # not the layer's own call: its parameters are used elsewhere too
+        return F.linear(x, self.weight) + self.bias
+
+
+class MaskedWeight(HandWrittenLinear):
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out)
+        self.register_buffer("mask", (torch.rand(d_out, d_in) > 0.3).float())
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class ColumnsWeight(nn.Module):
+    """A weight stored ``[d_in, d_out]`` and used by ``@``: no ``F.linear`` call."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(d_in, d_out) / d_in**0.5), nn.Parameter(torch.randn(d_out))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+class PenalisedWeight(HandWrittenLinear):
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + 0.1 * self.weight.square().sum()
+
+
+class TokensThrough(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.emb, self.mid, self.fc = nn.Embedding(50, 8), layer(8, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.fc(torch.tanh(self.mid(self.emb(ids))).mean(1))
+
+
+def _hand_written_mlp(layer):
+    return nn.Sequential(layer(8, 8), nn.Tanh(), layer(8, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+
+
+_OWN_CALLS = [HandWrittenLinear, functools.partial(HandWrittenLinear, bias=False), HalvedLinear, AppliedTwice]
+
+
+@pytest.mark.parametrize("layer", _OWN_CALLS, ids=["bias", "no_bias", "linear_subclass", "twice"])
+def test_hand_written_linear_layers_are_sites_at_their_call(layer):
+    """A layer calling ``F.linear`` on its own weight and bias (a hand-written one, or an ``nn.Linear`` subclass with
+    its own forward) gives factors at that call, as a Linear does; what its forward does around the call is
+    differentiated as usual. An MLP of them ran through vmap(grad) (12x slower), and each of them in a larger model
+    was followed to the batch, its gradients always formed."""
+    torch.manual_seed(0)
+    train = (torch.randn(7, 8, dtype=torch.float64), torch.randint(0, 3, (7,)))
+    test = (torch.randn(3, 8, dtype=torch.float64), torch.randint(0, 3, (3,)))
+    explained = _exact_and_explained(_hand_written_mlp(layer), train, test)
+    assert explained.batching == "one batched forward / backward gives every layer's factors"
+    assert {r.route for r in explained.routes} == {"factored"}, explained.routes
+    _assert_paths_agree(_hand_written_mlp(layer), train, test)
+    tokens = _exact_and_explained(TokensThrough(layer).double().eval(), *_token_task())
+    assert all(r.reason.startswith("T^2") for r in tokens.routes if r.parameter.startswith("mid.")), tokens.routes
+
+
+@pytest.mark.parametrize("layer", [BiasAddedApart, MaskedWeight, ColumnsWeight, PenalisedWeight])
+def test_hand_written_linear_layers_used_otherwise_are_exact(layer):
+    """A linear layer's parameters used other than in its own ``F.linear`` call (a bias added apart, a masked weight,
+    ``x @ W``, a penalty) are no call site: followed to the batch, or through vmap(grad). Exact either way."""
+    torch.manual_seed(0)
+    model = TokensThrough(layer).double().eval()
+    routes = {r.parameter: r for r in _exact_and_explained(model, *_token_task()).routes}
+    assert all(routes[n].reason.startswith("followed") for n in ("mid.weight", "mid.bias")), routes
+
+
+def test_hand_written_decoder_tied_to_the_embedding():
+    """A hand-written output layer holding the token embedding's weight: both uses are sites, summed."""
+    torch.manual_seed(0)
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.dec = nn.Embedding(50, 8), HandWrittenLinear(8, 50, bias=False)
+            self.dec.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.dec(torch.tanh(self.emb(ids)).mean(1))
+
+    ids = torch.randint(0, 50, (10, 5))
+    explained = _exact_and_explained(TiedLM().double().eval(), (ids[:7], ids[:7, 0]), (ids[7:], ids[7:, 0]))
+    assert explained.batching == "one batched forward / backward gives every layer's factors"
+    assert [r.route for r in explained.routes] == ["materialised"], explained.routes
+
+
 class FlattensTokens(nn.Module):
     """OPT's decoder MLP: tokens flattened into rows ``[B T, d]`` before the Linear layers, restored after."""
 

@@ -125,6 +125,7 @@ def _at_calls(layer: nn.Module, hook: Hook) -> list[RemovableHandle]:
 
 _ARGS = {
     F.embedding: ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+    F.linear: ("input", "weight", "bias"),
     **NORM_ARGS,
 }
 
@@ -137,6 +138,8 @@ def _own_call(layer: nn.Module, func: Any, named: Mapping[str, Any]) -> bool:
         padding = padding + layer.weight.shape[0] if padding is not None and padding < 0 else padding
         plain = named.get("max_norm") is None and not named.get("scale_grad_by_freq") and not named.get("sparse")
         return named["weight"] is layer.weight and padding == layer.padding_idx and plain
+    if func is F.linear:  # (a bias added apart is another use: found by discovery)
+        return named["weight"] is layer.weight and named.get("bias") is getattr(layer, "bias", None)
     shape = named["normalized_shape"]
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     same = named.get("weight") is layer.weight and named.get("bias") is layer.bias

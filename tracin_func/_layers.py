@@ -243,24 +243,42 @@ def global_hooks_present() -> bool:
 
 
 def call_site(module: nn.Module) -> Callable[..., Any] | None:
-    """The functional at whose calls a layer subclass with its own ``forward`` is a site, or None: ``F.embedding``
-    for an ``nn.Embedding`` subclass (Gemma's scaled word embedding, OPT's and BART's learned positions with an
-    offset), ``F.layer_norm`` for an ``nn.LayerNorm`` subclass (ConvNeXt's and timm's channels-first LayerNorms,
-    which permute around it). Its factors are taken where the forward calls that function on the layer's own
-    parameters with the layer's own configuration (``_capture.hooked``); whatever the forward does around the call is
-    differentiated as usual, and any other use of the parameters is found by discovery. A subclass with layers of
-    its own is none: the mode would also see their calls, which a shared weight could not tell from its own."""
+    """The functional at whose calls a layer with its own ``forward`` is a site, or None: ``F.embedding`` for an
+    ``nn.Embedding`` subclass (Gemma's scaled word embedding, OPT's and BART's learned positions with an offset),
+    ``F.layer_norm`` for an ``nn.LayerNorm`` subclass (ConvNeXt's and timm's channels-first LayerNorms, which permute
+    around it), ``F.linear`` for an ``nn.Linear`` subclass or a hand-written linear layer (its own parameters a
+    ``weight`` ``[d_out, d_in]`` and maybe a ``bias`` ``[d_out]``: research code's ``F.linear(x, self.weight,
+    self.bias)``). Its factors are taken where the forward calls that function on the layer's own parameters with the
+    layer's own configuration (``_capture.hooked``); whatever the forward does around the call is differentiated as
+    usual, and any other use of the parameters is found by discovery. A layer with layers of its own is none: the
+    mode would also see their calls, which a shared weight could not tell from its own."""
     if type(module).__call__ is not nn.Module.__call__ or wrapped(module) or next(module.children(), None) is not None:
+        return None
+    if _is_plain(module):  # (a site at its own calls: transformers' Conv1D, a hand-written linear layer in form)
         return None
     if isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward:
         plain = module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
         return F.embedding if plain else None
     if isinstance(module, nn.LayerNorm) and type(module).forward is not nn.LayerNorm.forward:
         return F.layer_norm if module.elementwise_affine else None
+    if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward or _hand_written_linear(module):
+        return F.linear
     return None
 
 
-_CALL_SITE_KINDS = {F.embedding: "embedding", F.layer_norm: "norm"}
+def _hand_written_linear(module: nn.Module) -> bool:
+    """A layer of no torch class whose own parameters are a matrix ``weight`` and maybe a vector ``bias`` of its rows
+    (a layer whose parameters are all vectors or rows ``[1, d]`` keeps its copies expanded over the batch instead,
+    ``expandable``)."""
+    own = dict(module.named_parameters(recurse=False))
+    weight, bias = own.get("weight"), own.get("bias")
+    torch_layer = any(cls.__module__.startswith("torch.") for cls in type(module).__mro__[:-2])  # (but Module, object)
+    if torch_layer or weight is None or set(own) - {"weight", "bias"} or weight.dim() != 2 or expandable(module):
+        return False
+    return bias is None and getattr(module, "bias", None) is None or bias is not None and bias.shape == weight.shape[:1]
+
+
+_CALL_SITE_KINDS = {F.embedding: "embedding", F.layer_norm: "norm", F.linear: "linear"}
 
 
 def site_kind(module: nn.Module) -> str | None:
