@@ -502,7 +502,7 @@ def finished_test(
 ) -> tuple[Representation, torch.Tensor | None]:
     """A test batch's representation at checkpoint ``c`` as every training batch reads it (``for_test``; summed
     over its examples where ``total``), checked finite, and its examples' inverse norms where ``cosine``."""
-    rep = rep.for_test()
+    rep = rep.for_test().lifted()
     sq_norm = rep.sq_norm()
     _check_finite(sq_norm, 0, offset, "test", c)
     return rep.total() if total else rep, inverse_norm(sq_norm) if cosine else None

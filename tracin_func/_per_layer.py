@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ._representations import Deferred, Dense, Part, Representation, Zero
+from ._representations import Deferred, Dense, Part, Representation, Zero, lowered
 
 
 def layer_of(name: str, *, module: bool) -> str:
@@ -70,12 +70,14 @@ def _summed(rep: Representation, terms: Iterator[tuple[str, torch.Tensor]], modu
 
 def dots_by_layer(a: Representation, b: Representation, *, module: bool) -> dict[str, torch.Tensor]:
     """``{layer: [Ba, Bb]}`` inner products restricted to each layer's parameters; they sum to ``a.dot(b)``."""
-    return _summed(a, ((layer, p.dot(q)) for layer, p, q in _pieces(a, b, module)), module)
+    dots = _summed(a, ((layer, p.dot(q)) for layer, p, q in _pieces(a, b, module)), module)
+    return lowered(dots, a.lift + b.lift, lambda: dots_by_layer(a.unlifted(), b.unlifted(), module=module))
 
 
 def sq_norms_by_layer(rep: Representation, *, module: bool) -> dict[str, torch.Tensor]:
     """``{layer: [B]}`` squared gradient norms restricted to each layer; they sum to ``rep.sq_norm()``."""
-    return _summed(rep, ((layer, p.sq_norm()) for layer, p, _ in _pieces(rep, rep, module)), module)
+    norms = _summed(rep, ((layer, p.sq_norm()) for layer, p, _ in _pieces(rep, rep, module)), module)
+    return lowered(norms, 2 * rep.lift, lambda: sq_norms_by_layer(rep.unlifted(), module=module))
 
 
 def sum_by_layer(per_name: dict[str, torch.Tensor], *, module: bool) -> dict[str, torch.Tensor]:

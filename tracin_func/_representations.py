@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple, TypeVar, Union
 
 import optree
 import torch
@@ -65,6 +65,19 @@ _CANCELLING = 30.0
 # Of a column-major side's squares formed at once by ``_sq_norms`` (64,000 x 20: 0.99 / 0.68 / 0.79 ms in blocks of 64
 # KB / 256 KB / 1 MB; 1,000,000 x 20: 26 / 16 / 17 ms).
 _NORM_BLOCK_BYTES = 256 << 10
+
+
+# Products of per-example gradients on the CPU: a float32 product below 2^-126 (a subnormal) takes a microcode assist,
+# about 100x an ordinary multiply-add. A language model's head gradient is its softmax times the hidden state, most
+# entries tiny where the model is sure (1e-20: a logit 45 below the top), and two examples' tiny entries multiply to
+# subnormals all through the products: a tied 500-token head's influence (200 x 20, 3 checkpoints, one thread) took
+# 1.07 s, 0.10 s with subnormals flushed. torch's flush flag holds for the calling thread only (MKL's worker threads
+# keep their own), so the test side is lifted instead (``Representation.lifted``): multiplied by the power of two
+# bringing its largest entry below ``2^_LIFTED_TOP`` (exact: only exponents change), and what is read from it lowered by
+# the same power (exact again, but for a result that is itself subnormal). Not on other devices (subnormals at full
+# speed on GPUs) nor in float64 (subnormal below 1e-308).
+_LIFTED_TOP = 32
+_LIFTED_DTYPES = (torch.float32, torch.bfloat16)  # (float16's range is too narrow to lift into)
 
 
 def _rows(g: torch.Tensor) -> torch.Tensor:
@@ -767,6 +780,7 @@ class Representation(NamedTuple):
 
     parts: tuple[Part, ...]
     names: tuple[str, ...]  # differentiated parameters, in the order ``flat`` lays them out
+    lift: int = 0  # the parts hold the gradients times ``2^lift`` (``lifted``); what is read from them is lowered
 
     @property
     def size(self) -> int:
@@ -780,36 +794,60 @@ class Representation(NamedTuple):
         return first.n if isinstance(first, (TokenRows, Deferred, Zero)) else first.a.shape[0]
 
     def dot(self, other: Representation) -> torch.Tensor:
-        return _added_up(a.dot(b) for a, b in zip(self.parts, other.parts))
+        return lowered(
+            _added_up(a.dot(b) for a, b in zip(self.parts, other.parts)),
+            self.lift + other.lift,
+            lambda: self.unlifted().dot(other.unlifted()),
+        )
 
     def sq_norm(self) -> torch.Tensor:
-        return sum(p.sq_norm() for p in self.parts)
+        return lowered(sum(p.sq_norm() for p in self.parts), 2 * self.lift, lambda: self.unlifted().sq_norm())
 
     def project(self, seed: int, k: int) -> torch.Tensor:
         """``[B, k]`` seeded projection; the same for a parameter whichever part holds it."""
-        return sum(p.project(seed, k) for p in self.parts)
+        return lowered(sum(p.project(seed, k) for p in self.parts), self.lift, lambda: self.unlifted().project(seed, k))
 
     def flat(self) -> torch.Tensor:
         """``[B, P]`` per-example gradients, parameters in ``names`` order whatever the parts."""
-        grads = {name: g for p in self.parts for name, g in p.materialize().items()}
+        grads = {name: g for p in self.unlifted().parts for name, g in p.materialize().items()}
         return torch.cat([_rows(grads[name]) for name in self.names], dim=1)
 
     def total(self) -> Representation:
-        return Representation(tuple(p.total() for p in self.parts), self.names)
+        return self._replace(parts=tuple(p.total() for p in self.parts))
 
     def split(self, n: int) -> tuple[Representation, Representation]:
         """The first ``n`` examples' representation, copied (it outlives the batch: a test side kept for every
         training batch), and the other examples' (views)."""
-        head = Representation(tuple(_owned(p.take(slice(0, n))) for p in self.parts), self.names)
-        tail = Representation(tuple(p.take(slice(n, self.size)) for p in self.parts), self.names)
+        head = self._replace(parts=tuple(_owned(p.take(slice(0, n))) for p in self.parts))
+        tail = self._replace(parts=tuple(p.take(slice(n, self.size)) for p in self.parts))
         return head, tail
 
     def formed(self) -> Representation:
         """Deferred layers formed once: for a representation used more than once (a norm and a dot)."""
         if not any(isinstance(p, Deferred) for p in self.parts):
             return self
-        parts = tuple(Dense(p.materialize()) if isinstance(p, Deferred) else p for p in self.parts)
-        return Representation(parts, self.names)
+        return self._replace(parts=tuple(Dense(p.materialize()) if isinstance(p, Deferred) else p for p in self.parts))
+
+    def lifted(self) -> Representation:
+        """This side (formed) times the power of two ``2^lift`` bringing its largest entry below ``2^_LIFTED_TOP``,
+        where products with it would otherwise meet float32's subnormals (see ``_LIFTED_TOP``); itself elsewhere."""
+        rep = self.formed()
+        tensors = [t for p in rep.parts for t in _gradients_of(p)]
+        if self.lift or not tensors or tensors[0].device.type != "cpu" or tensors[0].dtype not in _LIFTED_DTYPES:
+            return rep
+        largest = max(float(t.abs().amax()) if t.numel() else 0.0 for t in tensors)
+        if not 0 < largest < math.inf:
+            return rep
+        lift = min(_LIFTED_TOP - math.frexp(largest)[1], 63)  # (2^-2 lift: a float32 normal number)
+        if lift <= 0:
+            return rep
+        return Representation(tuple(_times(p, 2.0**lift) for p in rep.parts), rep.names, lift)
+
+    def unlifted(self) -> Representation:
+        """The gradients themselves (exact: ``lifted`` changed exponents only)."""
+        if not self.lift:
+            return self
+        return Representation(tuple(_times(p, 2.0**-self.lift) for p in self.parts), self.names)
 
     def for_test(self) -> Representation:
         """The test side, formed: Embedding factors summed into rows per (example, token), matched by each
@@ -821,8 +859,49 @@ class Representation(NamedTuple):
     def concat(batches: Sequence[Representation]) -> Representation:
         if len(batches) == 1:
             return batches[0]
+        batches = [b.unlifted() for b in batches]
         parts = tuple(type(ps[0]).concat(ps) for ps in zip(*(b.parts for b in batches)))
         return Representation(parts, batches[0].names)
+
+
+Lowered = TypeVar("Lowered", torch.Tensor, dict[str, torch.Tensor])
+
+
+def lowered(value: Lowered, lift: int, again: Callable[[], Lowered]) -> Lowered:
+    """``value`` (a tensor, or a dict of them), read from gradients lifted by ``2^lift``, at the gradients' own scale;
+    ``again()``, from the gradients themselves, where lifting took some product past the dtype's range (entries of
+    2^60 and more), which would read inf."""
+    if not lift:
+        return value
+    values = [value] if isinstance(value, torch.Tensor) else list(value.values())
+    if not all(bool(v.isfinite().all()) for v in values):
+        return again()
+    factor = 2.0**-lift
+    return value * factor if isinstance(value, torch.Tensor) else {k: v * factor for k, v in value.items()}
+
+
+def _gradients_of(part: Part) -> list[torch.Tensor]:
+    """The tensors ``part``'s gradients are linear in (``_times`` scales them)."""
+    if isinstance(part, Dense):
+        return list(part.grads.values())
+    if isinstance(part, Tied):
+        return [u.g for u in part.uses]
+    if isinstance(part, (Factored, Rows)):
+        return [part.g]
+    return [part.rows] if isinstance(part, TokenRows) else []
+
+
+def _times(part: Part, factor: float) -> Part:
+    """``part`` with its gradients times ``factor`` (a power of two: exact), as a new part."""
+    if isinstance(part, Dense):  # (a column-major side stays column-major: elementwise ops keep the strides)
+        return Dense({name: g * factor for name, g in part.grads.items()})
+    if isinstance(part, Tied):
+        return Tied(tuple(_times(u, factor) for u in part.uses))
+    if isinstance(part, Factored):  # (a bias's gradient is its output gradients' sum: scaled with them)
+        return part._replace(g=part.g * factor, norms=None if part.norms is None else part.norms * factor**2)
+    if isinstance(part, Rows):
+        return part._replace(g=part.g * factor)
+    return part._replace(rows=part.rows * factor) if isinstance(part, TokenRows) else part
 
 
 def _owned(part: Part) -> Part:
