@@ -72,12 +72,51 @@ _NORM_BLOCK_BYTES = 256 << 10
 # entries tiny where the model is sure (1e-20: a logit 45 below the top), and two examples' tiny entries multiply to
 # subnormals all through the products: a tied 500-token head's influence (200 x 20, 3 checkpoints, one thread) took
 # 1.07 s, 0.10 s with subnormals flushed. torch's flush flag holds for the calling thread only (MKL's worker threads
-# keep their own), so the test side is lifted instead (``Representation.lifted``): multiplied by the power of two
-# bringing its largest entry below ``2^_LIFTED_TOP`` (exact: only exponents change), and what is read from it lowered by
-# the same power (exact again, but for a result that is itself subnormal). Not on other devices (subnormals at full
-# speed on GPUs) nor in float64 (subnormal below 1e-308).
-_LIFTED_TOP = 32
+# keep their own), so where the first example's gradients hold entries below ``_TINY`` (a head's tiny softmax entries
+# are every example's) the operands are lifted instead: multiplied by the power of two bringing their largest entry
+# near ``2^top`` (exact: only exponents change), and the products lowered by the same powers (exact again, but for a
+# result that is itself subnormal). The test side is lifted once per checkpoint (``Representation.lifted``), to
+# ``2^48`` (the training side's entries unknown: a product past float32's range, with entries of 2^30 at a billion
+# parameters, is computed unlifted); a factor kernel's two operands (``_lifted_bmm``) as far as the sum of its
+# products stays within float32's range. Lifting costs passes over the operands (a factor kernel's: twice its
+# product's time); elsewhere nothing is lifted. Not on other devices (subnormals at full speed on GPUs) nor in
+# float64 (subnormal below 1e-308).
+_LIFTED_TOP = 48
 _LIFTED_DTYPES = (torch.float32, torch.bfloat16)  # (float16's range is too narrow to lift into)
+_TINY = 2.0**-40
+
+
+def _lift_for(tensors: Sequence[torch.Tensor], top: int = _LIFTED_TOP) -> int:
+    """The power ``t`` of two bringing the largest entry of ``tensors`` (``[B, ...]`` each) below ``2^top`` (at most
+    2^63, whose square's inverse is a float32 normal number), or 0: not lifted (no entry of the first example's below
+    ``_TINY``, zeros, a non-finite entry, another dtype or device)."""
+    if not tensors or tensors[0].device.type != "cpu" or tensors[0].dtype not in _LIFTED_DTYPES:
+        return 0
+    if not any(_has_tiny(t[:1]) for t in tensors if t.numel()):
+        return 0
+    largest = max(max(float(t.amax()), -float(t.amin())) if t.numel() else 0.0 for t in tensors)
+    if not 0 < largest < math.inf:
+        return 0
+    return max(0, min(top - math.frexp(largest)[1], 63))
+
+
+def _has_tiny(t: torch.Tensor) -> bool:
+    return bool(t.abs().masked_fill_(t == 0, 1.0).amin() < _TINY)
+
+
+def _lifted_bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y.mT`` (rows ``[..., K]`` each), both lifted (see ``_LIFTED_TOP``) as far as the sum of its products,
+    ``N K 2^(2 top)`` for ``N`` entries, stays below float32's largest: a factor kernel's products of output gradients
+    with themselves (an example's squared norm, a tied weight's uses), which ``Representation.lifted`` does not
+    reach."""
+    entries = math.prod(x.shape[:-1]) * y.shape[-2]
+    top = (125 - x.shape[-1].bit_length() - entries.bit_length()) // 2
+    tx, ty = _lift_for([x], top), _lift_for([y], top)
+    if not tx + ty:
+        return x @ y.mT
+    lifted_x = x * 2.0**tx
+    lifted_y = lifted_x if y is x else y * 2.0**ty
+    return lowered(lifted_x @ lifted_y.mT, tx + ty, lambda: x @ y.mT)
 
 
 def _rows(g: torch.Tensor) -> torch.Tensor:
@@ -425,7 +464,7 @@ class Factored(NamedTuple):
         else:
             ka = a @ a.transpose(1, 2)
             ka = ka.add_(1) if self.site.bias is not None else ka
-        return ka, g @ g.transpose(1, 2)
+        return ka, _lifted_bmm(g, g)
 
     def materialize(self) -> dict[str, torch.Tensor]:
         return materialize(self.site, self.a, self.g)
@@ -756,14 +795,14 @@ def _rows_and_columns(use: Factored) -> tuple[torch.Tensor, torch.Tensor]:
 def _tied_kernel(u: Factored, v: Factored) -> torch.Tensor:
     """``[B, T_u, T_v]``: ``<row_u[s], row_v[t]> <col_u[s], col_v[t]>`` per example."""
     (ru, cu), (rv, cv) = _rows_and_columns(u), _rows_and_columns(v)
-    columns = cu @ cv.transpose(1, 2)
+    columns = _lifted_bmm(cu, cv)
     if ru.dim() == 2 and rv.dim() == 2:  # ids against ids
         return _same_token(ru[:, :, None], rv[:, None, :]).to(columns.dtype) * columns
     if ru.dim() == 2:  # ids against rows: the rows' entry at each id
         return _gathered(rv, ru).transpose(1, 2) * columns
     if rv.dim() == 2:
         return _gathered(ru, rv) * columns
-    return (ru @ rv.transpose(1, 2)) * columns
+    return _lifted_bmm(ru, rv) * columns
 
 
 def _gathered(rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -832,16 +871,8 @@ class Representation(NamedTuple):
         """This side (formed) times the power of two ``2^lift`` bringing its largest entry below ``2^_LIFTED_TOP``,
         where products with it would otherwise meet float32's subnormals (see ``_LIFTED_TOP``); itself elsewhere."""
         rep = self.formed()
-        tensors = [t for p in rep.parts for t in _gradients_of(p)]
-        if self.lift or not tensors or tensors[0].device.type != "cpu" or tensors[0].dtype not in _LIFTED_DTYPES:
-            return rep
-        largest = max(float(t.abs().amax()) if t.numel() else 0.0 for t in tensors)
-        if not 0 < largest < math.inf:
-            return rep
-        lift = min(_LIFTED_TOP - math.frexp(largest)[1], 63)  # (2^-2 lift: a float32 normal number)
-        if lift <= 0:
-            return rep
-        return Representation(tuple(_times(p, 2.0**lift) for p in rep.parts), rep.names, lift)
+        lift = 0 if self.lift else _lift_for([t for p in rep.parts for t in _gradients_of(p)])
+        return Representation(tuple(_times(p, 2.0**lift) for p in rep.parts), rep.names, lift) if lift else rep
 
     def unlifted(self) -> Representation:
         """The gradients themselves (exact: ``lifted`` changed exponents only)."""
@@ -874,8 +905,8 @@ def lowered(value: Lowered, lift: int, again: Callable[[], Lowered]) -> Lowered:
     if not lift:
         return value
     values = [value] if isinstance(value, torch.Tensor) else list(value.values())
-    if not all(bool(v.isfinite().all()) for v in values):
-        return again()
+    if not all(math.isfinite(v.sum()) for v in values):  # (a sum: 50x faster than ``isfinite().all()``; one past the
+        return again()  # range, of finite values, is computed again too)
     factor = 2.0**-lift
     return value * factor if isinstance(value, torch.Tensor) else {k: v * factor for k, v in value.items()}
 
