@@ -900,8 +900,8 @@ Lowered = TypeVar("Lowered", torch.Tensor, dict[str, torch.Tensor])
 
 def lowered(value: Lowered, lift: int, again: Callable[[], Lowered]) -> Lowered:
     """``value`` (a tensor, or a dict of them), read from gradients lifted by ``2^lift``, at the gradients' own scale;
-    ``again()``, from the gradients themselves, where lifting took some product past the dtype's range (entries of
-    2^60 and more), which would read inf."""
+    ``again()``, from the gradients themselves, where lifting took some product past the dtype's range (see
+    ``_LIFTED_TOP``), which would read inf."""
     if not lift:
         return value
     values = [value] if isinstance(value, torch.Tensor) else list(value.values())
