@@ -74,6 +74,16 @@ def test_bench_followed_runs(capsys):
     assert "followed against vmap(grad)" in capsys.readouterr().out
 
 
+def test_bench_subnormals_runs(capsys):
+    import bench_subnormals
+
+    rows = bench_subnormals.main(["--workloads", "tied_lm", "--train", "6", "--test", "2", "--rounds", "1"])
+    calls = ("default", "factored=False")
+    assert [r[:3] for r in rows] == [["tied_lm", q, c] for c in calls for q in ("influence", "self")]
+    assert all(float(r[-1]) < 1e-5 for r in rows), rows  # lifted or not, the same scores (float32)
+    assert "lifted against not" in capsys.readouterr().out
+
+
 def test_rounds_time_every_call_once_per_round_and_keep_the_best():
     """Calls interleave (a, b, a, b, ...), each keeps its fastest round, and the result is the memory run's."""
     from common import Rounds

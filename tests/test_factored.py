@@ -3303,6 +3303,57 @@ def test_hand_written_decoder_tied_to_the_embedding():
     assert [r.route for r in explained.routes] == ["materialised"], explained.routes
 
 
+class SeedPooling(nn.Module):
+    """The Set Transformer's pooling by attention (SigLIP's too): learned seeds ``[1, k, d]`` brought to the batch,
+    attending over each example's set."""
+
+    def __init__(self, d=8, k=2):
+        super().__init__()
+        self.seeds, self.attention = nn.Parameter(torch.randn(1, k, d)), nn.MultiheadAttention(d, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attention(self.seeds.repeat(x.shape[0], 1, 1), x, x)[0]
+
+
+class TiledSeeds(SeedPooling):
+    def forward(self, x):
+        return self.attention(torch.tile(self.seeds, (x.shape[0], 1, 1)), x, x)[0]
+
+
+class SeedsRepeatedByTuple(SeedPooling):
+    def forward(self, x):
+        return self.attention(self.seeds.repeat((x.shape[0], 1, 1)), x, x)[0]
+
+
+class SeedsRepeatedTwice(SeedPooling):
+    def forward(self, x):  # each seed twice: not one row per example
+        return self.attention(self.seeds.repeat(x.shape[0], 2, 1), x, x)[0][:, ::2]
+
+
+class SetClassifier(nn.Module):
+    def __init__(self, pooling):
+        super().__init__()
+        self.embed, self.pool, self.fc = nn.Linear(3, 8), pooling(), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.tanh(self.embed(x))).flatten(1))
+
+
+@pytest.mark.parametrize("pooling", [SeedPooling, TiledSeeds, SeedsRepeatedByTuple, SeedsRepeatedTwice])
+def test_seeds_repeated_over_the_batch_stay_one_row_per_example(pooling):
+    """Learned seeds ``[1, k, d]`` repeated by the batch size (``repeat(B, 1, 1)``, ``torch.tile``) are copied per
+    example already (an expanded site): repeated again they took ``B^2`` rows and the call took vmap(grad). Repeated
+    otherwise (each seed twice) they are not one row per example: exact either way."""
+    torch.manual_seed(0)
+    sets = torch.randn(10, 4, 3, dtype=torch.float64)
+    labels = torch.randint(0, 3, (10,))
+    model = SetClassifier(pooling).double().eval()
+    explained = _exact_and_explained(model, (sets[:7], labels[:7]), (sets[7:], labels[7:]))
+    if pooling is not SeedsRepeatedTwice:
+        assert explained.batching == "one batched forward / backward gives every layer's factors"
+        assert {r.route for r in explained.routes if r.parameter == "pool.seeds"} == {"materialised"}
+
+
 class FlattensTokens(nn.Module):
     """OPT's decoder MLP: tokens flattened into rows ``[B T, d]`` before the Linear layers, restored after."""
 

@@ -104,6 +104,27 @@ def image(config_cls: type, model_cls: type, size: int = 16, dtype: torch.dtype 
     return model, data, tc.sequence_classification_loss(model)
 
 
+class PooledByProbe(torch.nn.Module):
+    """SigLIP's vision tower pooled by its attention head (a learned probe ``[1, 1, d]`` brought to the batch by
+    ``repeat(B, 1, 1)``), then a Linear classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = T.SiglipVisionConfig(image_size=16, patch_size=4, vision_use_head=True, **VIT)
+        self.vision, self.fc = _model(T.SiglipVisionModel, config, F64), torch.nn.Linear(32, 3, dtype=F64)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.vision(pixel_values=pixel_values).pooler_output)
+
+
+def pooled_by_probe() -> Built:
+    model = PooledByProbe().eval()
+    g = torch.Generator().manual_seed(1)
+    data = {"pixel_values": torch.randn(N_TRAIN + 3, 3, 16, 16, generator=g, dtype=F64),
+            "labels": torch.randint(0, 3, (N_TRAIN + 3,), generator=g)}  # fmt: skip
+    return model, data, tc.sequence_classification_loss(model)
+
+
 def video(config_cls: type, model_cls: type, **sizes: Any) -> Built:
     """A video classifier on clips of 2 frames of 16 x 16."""
     model = _model(model_cls, config_cls(num_labels=3, image_size=16, num_frames=2, **sizes), F64)
@@ -244,6 +265,7 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
     "funnel": (lambda: classifier(T.FunnelConfig, T.FunnelForSequenceClassification, block_sizes=[1, 1], d_model=32,
                                   n_head=4, d_head=8, d_inner=64, vocab_size=100),
                BATCHED),  # fmt: skip  (its relative attention's raw kernels and biases, in einsums: followed)
+    "siglip_pooled": (pooled_by_probe, BATCHED),  # (its probe's copies, one per example, not repeated again)
     "swin": (lambda: image(T.SwinConfig, T.SwinForImageClassification, image_size=16, patch_size=2, embed_dim=8,
                            depths=[1, 1], num_heads=[2, 2], window_size=4),
              BATCHED),  # fmt: skip  (its relative position tables, read directly: followed to the batch)

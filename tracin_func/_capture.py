@@ -19,7 +19,7 @@ import functools
 import inspect
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Union
 
@@ -185,6 +185,31 @@ class _NormsOfCopies(TorchFunctionMode):
         out = func(**{**plain, "normalized_shape": self.shapes[id(copy)]})
         out = out if weight is None else out * weight
         return out if bias is None else out + bias
+
+
+class _RepeatsOfCopies(TorchFunctionMode):
+    """A row copied over the batch (``[B, ...]`` for a parameter ``[1, ...]``, ``_expanded``; ``rows``: by the copy's
+    id) repeated by the batch's size along its first dimension, as a layer brings a learned seed to its batch
+    (SigLIP's attention-pooling probe and the Set Transformer's seeds, ``self.probe.repeat(B, 1, 1)``;
+    ``torch.tile``): already a row per example, it stays as it is (copied, as a repeat gives a new tensor). Repeated
+    again it took ``B^2`` rows, and the call took ``vmap(grad)``."""
+
+    def __init__(self, rows: frozenset[int]) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func not in _REPEATS or kwargs or not args or id(args[0]) not in self.rows:
+            return func(*args, **kwargs)
+        copy, sizes = args[0], args[1:]
+        sizes = tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
+        if tuple(sizes) != (copy.shape[0], *[1] * (copy.dim() - 1)):
+            return func(*args, **kwargs)
+        return copy.clone()
+
+
+_REPEATS = (torch.Tensor.repeat, torch.Tensor.tile, torch.tile)
 
 
 def discover(
@@ -363,10 +388,12 @@ def batched_factors(
             roots[site.path].append((root, probe))
         hooks = {s.path: hook_for(s) for s in plan.sites if s.kind not in ("expanded", "followed")}
         watch = _PlanningWatch({n, rows}) if refuse_recomputing else nullcontext()
-        norms = _NormsOfCopies({id(copies[n]): shapes[n] for n in copies}) if _norm_calls(module, expanded) else None
+        norms = _NormsOfCopies({id(copies[n]): shapes[n] for n in copies}) if _calls(module, expanded, _NORMS) else None
+        rows_of = frozenset(id(copies[n]) for n in copies if len(shapes[n]) >= 2 and shapes[n][0] == 1)  # (rows)
+        repeats = _RepeatsOfCopies(rows_of) if rows_of and _calls(module, expanded, {"repeat", "tile"}) else None
         try:
             with hooked(module, hooks), refusing_uncalled(module, plan), watch, meetings or nullcontext(), \
-                    norms or nullcontext():
+                    norms or nullcontext(), repeats or nullcontext():
                 if isinstance(loss, BatchedLoss):
                     output = loss.per_example(state, batch)
                     total = output.sum()
@@ -766,15 +793,19 @@ def _split_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(n, rows // n, *t.shape[1:]) if rows != n and rows % n == 0 and (t.dim() > 1 or n == 1) else t
 
 
-def _norm_calls(module: nn.Module, expanded: Sequence[Site]) -> bool:
-    """Whether an expanded site's own ``forward`` calls ``F.layer_norm`` / ``F.rms_norm`` (``_NormsOfCopies``)."""
-    return any(_calls_a_norm(type(module.get_submodule(s.path))) for s in expanded)
+def _calls(module: nn.Module, expanded: Sequence[Site], names: Collection[str]) -> bool:
+    """Whether an expanded site's own ``forward`` names one of ``names``: ``F.layer_norm`` / ``F.rms_norm``
+    (``_NormsOfCopies``), ``repeat`` / ``tile`` (``_RepeatsOfCopies``); their modes run only then."""
+    return any(_forward_names(type(module.get_submodule(s.path))) & set(names) for s in expanded)
+
+
+_NORMS = ("layer_norm", "rms_norm")
 
 
 @functools.cache
-def _calls_a_norm(layer: type) -> bool:
+def _forward_names(layer: type) -> frozenset[str]:
     code = getattr(layer.forward, "__code__", None)  # (read once per class: asked at every batched pass)
-    return code is not None and bool({"layer_norm", "rms_norm"} & set(code.co_names))
+    return frozenset(code.co_names) if code is not None else frozenset()
 
 
 def _expanded(p: torch.Tensor, n: int, rank: int) -> torch.Tensor:
