@@ -73,35 +73,37 @@ _NORM_BLOCK_BYTES = 256 << 10
 # subnormals all through the products: a tied 500-token head's influence (200 x 20, 3 checkpoints, one thread) took
 # 1.07 s, 0.10 s with subnormals flushed. torch's flush flag holds for the calling thread only (MKL's worker threads
 # keep their own), so an operand whose first example is mostly tiny (a quarter of its nonzero entries below
-# ``_TINY``: a head's softmax is every example's) is lifted instead: multiplied by the power of two bringing the first
-# example's largest entry to ``2^(top - _SPREAD)`` (exact: only exponents change), and the products lowered by the
-# same powers (exact again, but for a result that is itself subnormal; one past float32's range computed unlifted).
-# The test side is lifted once per checkpoint (``Representation.lifted``, ``top`` 48: the training side's entries
-# unknown), a factor kernel's two operands where it runs (``_lifted_bmm``, ``top`` as far as the sum of its products
-# stays in range). A few tiny entries rarely meet in a product (a sure model's hidden layers: at full speed, where
-# lifting cost 1.9x a kernel's time): not lifted. Not on other devices (subnormals at full speed on GPUs) nor in
-# float64 (subnormal below 1e-308).
+# ``_TINY``: a head's softmax is every example's) is lifted instead: multiplied by a power of two (exact: only
+# exponents change), and the products lowered by the same powers (exact again, but for a result that is itself
+# subnormal; one past float32's range computed unlifted). The test side is lifted once per checkpoint
+# (``Representation.lifted``: its largest entry to ``2^48``, the training side's entries unknown), a factor kernel's
+# two operands where it runs (``_lifted_bmm``: the first example's largest entry to ``2^(top - _SPREAD)``, ``top`` as
+# far as the sum of its products stays in range). A few tiny entries rarely meet in a product (a sure model's hidden
+# layers: at full speed, where lifting cost 1.9x a kernel's time): not lifted. Not on other devices (subnormals at
+# full speed on GPUs) nor in float64 (subnormal below 1e-308).
 _LIFTED_TOP = 48
 _LIFTED_DTYPES = (torch.float32, torch.bfloat16)  # (float16's range is too narrow to lift into)
 _TINY = 2.0**-56
 _SPREAD = 16
 
 
-def _lift_for(tensors: Sequence[torch.Tensor], top: int = _LIFTED_TOP) -> int:
-    """The power ``t`` of two bringing the largest entry of the first example of ``tensors`` (``[B, ...]`` each) to
-    ``2^(top - _SPREAD)`` (at most 2^63, whose square's inverse is a float32 normal number), or 0: not lifted (no
-    tensor's first example mostly tiny, ``_TINY``; zeros, a non-finite entry, another dtype or device). Read from one
-    example: another whose entries pass ``2^_SPREAD`` times the first's may take a product past the range, which
-    ``lowered`` then computes unlifted."""
+def _lift_for(tensors: Sequence[torch.Tensor], top: int = _LIFTED_TOP, *, every: bool = False) -> int:
+    """The power ``t`` of two bringing the largest entry of ``tensors`` (``[B, ...]`` each) to ``2^top`` (at most
+    2^63, whose square's inverse is a float32 normal number), or 0: not lifted (no tensor's first example mostly tiny,
+    ``_TINY``; zeros, a non-finite entry, another dtype or device). ``every``: the largest of every example's entries
+    (one pass over the tensors: the test side, once per checkpoint); else of the first example's, to
+    ``2^(top - _SPREAD)`` (a factor kernel's, at each run): another whose entries pass ``2^_SPREAD`` times the first's
+    may take a product past the range, which ``lowered`` then computes unlifted."""
     if not tensors or tensors[0].device.type != "cpu" or tensors[0].dtype not in _LIFTED_DTYPES:
         return 0
     firsts = [t[:1].abs() for t in tensors if t.numel()]
     if not any(_mostly_tiny(f) for f in firsts):
         return 0
-    largest = max(float(f.amax()) for f in firsts)
+    read = [t for t in tensors if t.numel()] if every else firsts
+    largest = max(max(float(t.amax()), -float(t.amin())) for t in read)
     if not 0 < largest < math.inf:
         return 0
-    return max(0, min(top - _SPREAD - math.frexp(largest)[1], 63))
+    return max(0, min(top - (0 if every else _SPREAD) - math.frexp(largest)[1], 63))
 
 
 def _mostly_tiny(magnitudes: torch.Tensor) -> bool:
@@ -119,7 +121,8 @@ def _lifted_bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     reach."""
     entries = math.prod(x.shape[:-1]) * y.shape[-2]
     top = (125 - x.shape[-1].bit_length() - entries.bit_length()) // 2
-    tx, ty = _lift_for([x], top), _lift_for([y], top)
+    tx = _lift_for([x], top)
+    ty = tx if y is x else _lift_for([y], top)  # (an example's own products: one gate)
     if not tx + ty:
         return x @ y.mT
     lifted_x = x * 2.0**tx
@@ -879,7 +882,7 @@ class Representation(NamedTuple):
         """This side (formed) times the power of two ``2^lift`` bringing its largest entry below ``2^_LIFTED_TOP``,
         where products with it would otherwise meet float32's subnormals (see ``_LIFTED_TOP``); itself elsewhere."""
         rep = self.formed()
-        lift = 0 if self.lift else _lift_for([t for p in rep.parts for t in _gradients_of(p)])
+        lift = 0 if self.lift else _lift_for([t for p in rep.parts for t in _gradients_of(p)], every=True)
         return Representation(tuple(_times(p, 2.0**lift) for p in rep.parts), rep.names, lift) if lift else rep
 
     def unlifted(self) -> Representation:
@@ -898,9 +901,11 @@ class Representation(NamedTuple):
     def concat(batches: Sequence[Representation]) -> Representation:
         if len(batches) == 1:
             return batches[0]
-        batches = [b.unlifted() for b in batches]
+        lift = min(b.lift for b in batches)  # (each batch at the least lift: exact, entries at least the gradients')
+        batches = [b if b.lift == lift else b._replace(parts=tuple(_times(p, 2.0 ** (lift - b.lift)) for p in b.parts))
+                   for b in batches]  # fmt: skip
         parts = tuple(type(ps[0]).concat(ps) for ps in zip(*(b.parts for b in batches)))
-        return Representation(parts, batches[0].names)
+        return Representation(parts, batches[0].names, lift)
 
 
 Lowered = TypeVar("Lowered", torch.Tensor, dict[str, torch.Tensor])
@@ -937,7 +942,10 @@ def _times(part: Part, factor: float) -> Part:
     if isinstance(part, Tied):
         return Tied(tuple(_times(u, factor) for u in part.uses))
     if isinstance(part, Factored):  # (a bias's gradient is its output gradients' sum: scaled with them)
-        return part._replace(g=part.g * factor, norms=None if part.norms is None else part.norms * factor**2)
+        norms = None if part.norms is None else part.norms * factor**2
+        if norms is not None and not math.isfinite(norms.sum()):  # (past the range, lifted: formed again from the
+            norms = None  # factors where read, unlifted then if need be; inf scaled back down stays inf)
+        return part._replace(g=part.g * factor, norms=norms)
     if isinstance(part, Rows):
         return part._replace(g=part.g * factor)
     return part._replace(rows=part.rows * factor) if isinstance(part, TokenRows) else part
