@@ -24,7 +24,6 @@ and the max relative difference of the followed scores from the others (both rou
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ from typing import Any
 import bench_core
 import real_models
 import torch
-from common import Rounds, begin_bench, fmt, max_rel_diff, print_table
+from common import Rounds, ab_arguments, begin_bench, fmt, max_rel_diff, print_table, switched
 from torch import nn
 
 import tracin_func as tc
@@ -135,26 +134,8 @@ def following(on: bool):
         _plan._followed = original
 
 
-def switched(fn: Callable[[], Any], on: bool) -> Callable[[], Any]:
-    def run() -> Any:
-        with following(on):
-            return fn()
-
-    return run
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="bench_followed")
-    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS), metavar="NAME")
-    parser.add_argument("--train", type=int, default=200, help="training examples (default 200)")
-    parser.add_argument("--test", type=int, default=20, help="test examples (default 20)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds, best kept (default 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> list[list[Any]]:
-    args = parse_args(argv)
+    args = ab_arguments(argv, "bench_followed", __doc__, list(WORKLOADS))
     begin_bench(args.threads, f"{args.test} test x {args.train} train, best of {args.rounds} interleaved rounds")
     rows = []
     for name in args.workloads:
@@ -164,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> list[list[Any]]:
         ours = bench_core.real_ours(w, None, torch.device("cpu"))
         timer = Rounds(args.rounds)
         floors = {q: timer.add(bench_core.real_floor(w, with_test=q == "influence")) for q in ("influence", "self")}
-        calls = {(q, on): timer.add(switched(ours[q], on)) for q in ("influence", "self") for on in (True, False)}
+        questions = ("influence", "self")
+        calls = {(q, on): timer.add(switched(ours[q], following, on)) for q in questions for on in (True, False)}
         timer.time()
         for question, floor in floors.items():
             on, off = calls[question, True], calls[question, False]

@@ -19,7 +19,7 @@ difference of the lifted scores from the others.
 
 from __future__ import annotations
 
-import argparse
+import itertools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,7 +29,7 @@ import bench_core
 import real_models
 import torch
 import torch.nn.functional as F
-from common import Rounds, begin_bench, fmt, max_rel_diff, print_table
+from common import Rounds, ab_arguments, begin_bench, fmt, max_rel_diff, print_table, switched
 from torch import nn
 
 import tracin_func as tc
@@ -94,26 +94,8 @@ def lifting(on: bool):
         _representations._LIFTED_DTYPES = original
 
 
-def switched(fn: Callable[[], Any], on: bool) -> Callable[[], Any]:
-    def run() -> Any:
-        with lifting(on):
-            return fn()
-
-    return run
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="bench_subnormals")
-    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS), metavar="NAME")
-    parser.add_argument("--train", type=int, default=200, help="training examples (default 200)")
-    parser.add_argument("--test", type=int, default=20, help="test examples (default 20)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds, best kept (default 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> list[list[Any]]:
-    args = parse_args(argv)
+    args = ab_arguments(argv, "bench_subnormals", __doc__, list(WORKLOADS))
     begin_bench(args.threads, f"{args.test} test x {args.train} train, best of {args.rounds} interleaved rounds")
     rows = []
     for name in args.workloads:
@@ -124,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> list[list[Any]]:
         calls = {}
         for factored in (None, False):
             ours = bench_core.real_ours(w, None, torch.device("cpu"), factored=factored)
-            calls |= {(q, factored, on): timer.add(switched(ours[q], on)) for q in ours for on in (True, False)}
+            for q, on in itertools.product(ours, (True, False)):
+                calls[q, factored, on] = timer.add(switched(ours[q], lifting, on))
         timer.time()
         for (question, factored, on), call in calls.items():
             if not on:

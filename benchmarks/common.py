@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import importlib.metadata
@@ -12,6 +13,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -287,3 +289,25 @@ def begin_bench(threads: int | None, *header: str) -> None:
             f"suffer most from oversubscription; consider --threads 1)."
         )
     print()
+
+
+def switched(fn: Callable[[], Any], switch: Callable[[bool], AbstractContextManager], on: bool) -> Callable[[], Any]:
+    """``fn`` run inside ``switch(on)`` (a context turning one feature on or off): an A/B pair in one process."""
+
+    def run() -> Any:
+        with switch(on):
+            return fn()
+
+    return run
+
+
+def ab_arguments(argv: Sequence[str] | None, prog: str, doc: str, workloads: Sequence[str]) -> argparse.Namespace:
+    """The arguments of a bench timing one feature on against off on real workloads (``bench_followed``,
+    ``bench_subnormals``)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], prog=prog)
+    parser.add_argument("--workloads", nargs="+", choices=sorted(workloads), default=list(workloads), metavar="NAME")
+    parser.add_argument("--train", type=int, default=200, help="training examples (default 200)")
+    parser.add_argument("--test", type=int, default=20, help="test examples (default 20)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds, best kept (default 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    return parser.parse_args(argv)
