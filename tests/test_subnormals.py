@@ -124,8 +124,8 @@ def test_products_with_a_lifted_side_are_not_subnormal():
     """Entries of 1e-21 on both sides multiply to 1e-42, a subnormal; against the lifted side, to normal numbers.
     Lowering reads the products exactly, and ``unlifted`` gives back the very gradients."""
     gen = torch.Generator().manual_seed(0)
-    train = torch.randn(6, 300, generator=gen) * 1e-21
-    test = torch.randn(3, 300, generator=gen) * 1e-21
+    train = torch.randn(6, 1200, generator=gen) * 1e-21
+    test = torch.randn(3, 1200, generator=gen) * 1e-21
     test[:, 0] = 0.5  # (the largest entry sets the lift)
     rep = _dense(test).lifted()
     assert rep.lift == 48
@@ -143,8 +143,8 @@ def test_products_with_a_lifted_side_are_not_subnormal():
 def test_a_product_past_float32s_range_once_lifted_is_read_unlifted():
     """A training gradient's entries of 2^100 against a lifted test side would multiply past float32's range (inf):
     such a product is computed from the gradients themselves."""
-    train = torch.full((2, 4), 2.0**100)
-    test = torch.full((3, 4), 1e-30)  # (mostly tiny: lifted)
+    train = torch.full((2, 1024), 2.0**100)
+    test = torch.full((3, 1024), 1e-30)  # (mostly tiny: lifted)
     test[:, 0] = 0.5
     rep = _dense(test).lifted()
     assert rep.lift > 0
@@ -154,13 +154,15 @@ def test_a_product_past_float32s_range_once_lifted_is_read_unlifted():
 
 def test_sides_of_few_tiny_entries_and_float64_ones_are_not_lifted():
     """Lifting costs passes over the operands: only where a quarter or more of the first example's nonzero entries
-    are below ``_TINY`` (fewer rarely meet in a product), zeros not counted."""
-    mostly = torch.full((2, 8), 1e-20)
-    mostly[:, :6] = torch.tensor([0.5, 0.0, 0.0, 0.0, 0.0, 0.0])
-    assert _dense(mostly).lifted().lift == 48  # (a zero is no tiny entry: 2 tiny of 3 nonzero)
-    few = torch.full((2, 8), 0.5)
-    few[0, 0] = 1e-20
+    are below ``_TINY`` (fewer rarely meet in a product), zeros not counted, and an example holds 1024 entries or
+    more (a smaller one's products cost little however slow)."""
+    mostly = torch.full((2, 1024), 0.5)
+    mostly[:, :600], mostly[:, 600:800] = 0.0, 1e-20
+    assert _dense(mostly).lifted().lift == 48  # (a zero is no tiny entry: 200 tiny of 424 nonzero)
+    few = torch.full((2, 1024), 0.5)
+    few[0, :200] = 1e-20
     assert _dense(few).lifted().lift == 0
+    assert _dense(mostly[:, 600:1000]).lifted().lift == 0  # (an example of fewer than 1024 entries)
     assert _dense(torch.full((2, 3), 1e-9)).lifted().lift == 0
     assert _dense(mostly.double()).lifted().lift == 0
     assert _dense(torch.zeros(2, 3)).lifted().lift == 0
@@ -171,7 +173,7 @@ def test_test_batches_concatenated_keep_their_least_lift():
     them (exact, powers of two), not unlifted (lifting was lost on every test set of more than one batch: a tied
     LM's 100 test examples in batches of 32 took 3.65 s, 0.39 s lifted)."""
     gen = torch.Generator().manual_seed(0)
-    first, second = torch.randn(3, 50, generator=gen) * 1e-21, torch.randn(2, 50, generator=gen) * 1e-25
+    first, second = torch.randn(3, 1024, generator=gen) * 1e-21, torch.randn(2, 1024, generator=gen) * 1e-25
     first[:, 0], second[:, 0] = 0.5, 1e-3
     lifted = [_dense(first).lifted(), _dense(second).lifted()]
     assert [rep.lift for rep in lifted] == [48, 57]

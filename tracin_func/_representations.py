@@ -85,19 +85,22 @@ _LIFTED_TOP = 48
 _LIFTED_DTYPES = (torch.float32, torch.bfloat16)  # (float16's range is too narrow to lift into)
 _TINY = 2.0**-56
 _SPREAD = 16
+_LIFTED_SIZE = 1024  # entries of one example's operand: a smaller one's products cost little however slow (a digits
+# MLP's 10-class head, its softmax mostly tiny: lifting its test side cost its influence 1-3%)
 
 
 def _lift_for(tensors: Sequence[torch.Tensor], top: int = _LIFTED_TOP, *, every: bool = False) -> int:
     """The power ``t`` of two bringing the largest entry of ``tensors`` (``[B, ...]`` each) to ``2^top`` (at most
-    2^63, whose square's inverse is a float32 normal number), or 0: not lifted (no tensor's first example mostly tiny,
-    ``_TINY``; zeros, a non-finite entry, another dtype or device). ``every``: the largest of every example's entries
-    (one pass over the tensors: the test side, once per checkpoint); else of the first example's, to
-    ``2^(top - _SPREAD)`` (a factor kernel's, at each run): another whose entries pass ``2^_SPREAD`` times the first's
-    may take a product past the range, which ``lowered`` then computes unlifted."""
+    2^63, whose square's inverse is a float32 normal number), or 0: not lifted (no tensor's first example of
+    ``_LIFTED_SIZE`` entries or more mostly tiny, ``_TINY``; zeros, a non-finite entry, another dtype or device).
+    ``every``: the largest of every example's entries (one pass over the tensors: the test side, once per
+    checkpoint); else of the first example's, to ``2^(top - _SPREAD)`` (a factor kernel's, at each run): another
+    whose entries pass ``2^_SPREAD`` times the first's may take a product past the range, which ``lowered`` then
+    computes unlifted."""
     if not tensors or tensors[0].device.type != "cpu" or tensors[0].dtype not in _LIFTED_DTYPES:
         return 0
     firsts = [t[:1].abs() for t in tensors if t.numel()]
-    if not any(_mostly_tiny(f) for f in firsts):
+    if not any(f.numel() >= _LIFTED_SIZE and _mostly_tiny(f) for f in firsts):
         return 0
     read = [t for t in tensors if t.numel()] if every else firsts
     largest = max(max(float(t.amax()), -float(t.amin())) for t in read)
