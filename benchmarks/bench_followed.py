@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import bench_core
 import real_models
 import torch
-from common import Rounds, ab_arguments, begin_bench, fmt, max_rel_diff, print_table, switched
+from common import Rounds, ab_workloads, fmt, max_rel_diff, print_table, switched
 from torch import nn
 
-import tracin_func as tc
 from tracin_func import _plan
 
 
@@ -118,39 +116,32 @@ def beit(n_train: int, n_test: int, seed: int = 0) -> real_models.RealWorkload:
     return real_models._hf_workload("beit", hf, checkpoints, data, n_train, "batch_loss", nn.CrossEntropyLoss())
 
 
+def _not_followed(*args: Any, **kwargs: Any) -> dict:  # (planning's `_followed` off: read directly, left to vmap)
+    return {}
+
+
 WORKLOADS: dict[str, Callable[[int, int], real_models.RealWorkload]] = {
     "relative": relative, "beit": beit, "falcon": real_models.falcon, "clip_text": clip_text
 }  # fmt: skip
 
 
-@contextmanager
-def following(on: bool):
-    """Planning with parameters read directly followed (the default), or left to ``vmap(grad)`` as before."""
-    original = _plan._followed
-    _plan._followed = original if on else (lambda *args, **kwargs: {})
-    try:
-        yield
-    finally:
-        _plan._followed = original
-
-
 def main(argv: Sequence[str] | None = None) -> list[list[Any]]:
-    args = ab_arguments(argv, "bench_followed", __doc__, list(WORKLOADS))
-    begin_bench(args.threads, f"{args.test} test x {args.train} train, best of {args.rounds} interleaved rounds")
+    args, workloads = ab_workloads(argv, "bench_followed", __doc__, WORKLOADS)
     rows = []
-    for name in args.workloads:
-        w = WORKLOADS[name](args.train, args.test)
-        with following(True):
-            print(f"{w.describe()}: {tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn).batching}")
+    for w in workloads:
         ours = bench_core.real_ours(w, None, torch.device("cpu"))
         timer = Rounds(args.rounds)
         floors = {q: timer.add(bench_core.real_floor(w, with_test=q == "influence")) for q in ("influence", "self")}
         questions = ("influence", "self")
-        calls = {(q, on): timer.add(switched(ours[q], following, on)) for q in questions for on in (True, False)}
+        calls = {
+            (q, on): timer.add(switched(ours[q], _plan, "_followed", _not_followed, on))
+            for q in questions
+            for on in (True, False)
+        }
         timer.time()
         for question, floor in floors.items():
             on, off = calls[question, True], calls[question, False]
-            rows.append([name, question, fmt(floor.seconds, ".3f"), fmt(on.seconds, ".3f"), fmt(off.seconds, ".3f"),
+            rows.append([w.name, question, fmt(floor.seconds, ".3f"), fmt(on.seconds, ".3f"), fmt(off.seconds, ".3f"),
                          fmt(on.seconds / floor.seconds, ".2f"), fmt(off.seconds / floor.seconds, ".2f"),
                          fmt(max_rel_diff(on.result, off.result), ".1e")])  # fmt: skip
     headers = ["workload", "question", "floor s", "followed s", "before s", "followed / floor", "before / floor",

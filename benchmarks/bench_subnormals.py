@@ -22,14 +22,13 @@ from __future__ import annotations
 import itertools
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import bench_core
 import real_models
 import torch
 import torch.nn.functional as F
-from common import Rounds, ab_arguments, begin_bench, fmt, max_rel_diff, print_table, switched
+from common import Rounds, ab_workloads, fmt, max_rel_diff, print_table, switched
 from torch import nn
 
 import tracin_func as tc
@@ -83,37 +82,23 @@ WORKLOADS: dict[str, Callable[[int, int], real_models.RealWorkload]] = {
 }
 
 
-@contextmanager
-def lifting(on: bool):
-    """Operands lifted where their first example holds tiny entries (the default), or never."""
-    original = _representations._LIFTED_DTYPES
-    _representations._LIFTED_DTYPES = original if on else ()
-    try:
-        yield
-    finally:
-        _representations._LIFTED_DTYPES = original
-
-
 def main(argv: Sequence[str] | None = None) -> list[list[Any]]:
-    args = ab_arguments(argv, "bench_subnormals", __doc__, list(WORKLOADS))
-    begin_bench(args.threads, f"{args.test} test x {args.train} train, best of {args.rounds} interleaved rounds")
+    args, workloads = ab_workloads(argv, "bench_subnormals", __doc__, WORKLOADS)
     rows = []
-    for name in args.workloads:
-        w = WORKLOADS[name](args.train, args.test)
-        print(f"{w.describe()}: {tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn).batching}")
+    for w in workloads:
         timer = Rounds(args.rounds)
         floors = {q: timer.add(bench_core.real_floor(w, with_test=q == "influence")) for q in ("influence", "self")}
         calls = {}
         for factored in (None, False):
             ours = bench_core.real_ours(w, None, torch.device("cpu"), factored=factored)
             for q, on in itertools.product(ours, (True, False)):
-                calls[q, factored, on] = timer.add(switched(ours[q], lifting, on))
+                calls[q, factored, on] = timer.add(switched(ours[q], _representations, "_LIFTED_DTYPES", (), on))
         timer.time()
         for (question, factored, on), call in calls.items():
             if not on:
                 continue
             off, floor = calls[question, factored, False], floors[question]
-            rows.append([name, question, "default" if factored is None else "factored=False",
+            rows.append([w.name, question, "default" if factored is None else "factored=False",
                          fmt(floor.seconds, ".3f"), fmt(call.seconds, ".3f"), fmt(off.seconds, ".3f"),
                          fmt(call.seconds / floor.seconds, ".2f"), fmt(off.seconds / floor.seconds, ".2f"),
                          fmt(max_rel_diff(call.result, off.result), ".1e")])  # fmt: skip

@@ -12,8 +12,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,23 +290,42 @@ def begin_bench(threads: int | None, *header: str) -> None:
     print()
 
 
-def switched(fn: Callable[[], Any], switch: Callable[[bool], AbstractContextManager], on: bool) -> Callable[[], Any]:
-    """``fn`` run inside ``switch(on)`` (a context turning one feature on or off): an A/B pair in one process."""
+def switched(fn: Callable[[], Any], owner: Any, name: str, off: Any, on: bool) -> Callable[[], Any]:
+    """``fn`` run with ``owner.name`` as it is (``on``) or replaced by ``off`` for the call (a feature switched off):
+    an A/B pair in one process."""
 
     def run() -> Any:
-        with switch(on):
+        if on:
             return fn()
+        original = getattr(owner, name)
+        setattr(owner, name, off)
+        try:
+            return fn()
+        finally:
+            setattr(owner, name, original)
 
     return run
 
 
-def ab_arguments(argv: Sequence[str] | None, prog: str, doc: str, workloads: Sequence[str]) -> argparse.Namespace:
+def ab_workloads(argv: Sequence[str] | None, prog: str, doc: str, workloads: Mapping[str, Callable[[int, int], Any]]):
     """The arguments of a bench timing one feature on against off on real workloads (``bench_followed``,
-    ``bench_subnormals``)."""
+    ``bench_subnormals``), the bench begun (``begin_bench``), and each chosen workload built and described with its
+    batching, in turn: ``(args, iterator of workloads)``."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], prog=prog)
     parser.add_argument("--workloads", nargs="+", choices=sorted(workloads), default=list(workloads), metavar="NAME")
     parser.add_argument("--train", type=int, default=200, help="training examples (default 200)")
     parser.add_argument("--test", type=int, default=20, help="test examples (default 20)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds, best kept (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    begin_bench(args.threads, f"{args.test} test x {args.train} train, best of {args.rounds} interleaved rounds")
+
+    def built() -> Iterator[Any]:
+        import tracin_func as tc
+
+        for name in args.workloads:
+            w = workloads[name](args.train, args.test)
+            print(f"{w.describe()}: {tc.explain(w.model, w.checkpoints, w.train, loss_fn=w.loss_fn).batching}")
+            yield w
+
+    return args, built()

@@ -885,14 +885,17 @@ class Representation(NamedTuple):
         """This side (formed) times the power of two ``2^lift`` bringing its largest entry below ``2^_LIFTED_TOP``,
         where products with it would otherwise meet float32's subnormals (see ``_LIFTED_TOP``); itself elsewhere."""
         rep = self.formed()
-        lift = 0 if self.lift else _lift_for([t for p in rep.parts for t in _gradients_of(p)], every=True)
-        return Representation(tuple(_times(p, 2.0**lift) for p in rep.parts), rep.names, lift) if lift else rep
+        return rep._at_lift(0 if self.lift else _lift_for([t for p in rep.parts for t in _gradients_of(p)], every=True))
 
     def unlifted(self) -> Representation:
         """The gradients themselves (exact: ``lifted`` changed exponents only)."""
-        if not self.lift:
+        return self._at_lift(0)
+
+    def _at_lift(self, lift: int) -> Representation:
+        """The same gradients held times ``2^lift`` (exact: powers of two)."""
+        if lift == self.lift:
             return self
-        return Representation(tuple(_times(p, 2.0**-self.lift) for p in self.parts), self.names)
+        return Representation(tuple(_times(p, 2.0 ** (lift - self.lift)) for p in self.parts), self.names, lift)
 
     def for_test(self) -> Representation:
         """The test side, formed: Embedding factors summed into rows per (example, token), matched by each
@@ -905,8 +908,7 @@ class Representation(NamedTuple):
         if len(batches) == 1:
             return batches[0]
         lift = min(b.lift for b in batches)  # (each batch at the least lift: exact, entries at least the gradients')
-        batches = [b if b.lift == lift else b._replace(parts=tuple(_times(p, 2.0 ** (lift - b.lift)) for p in b.parts))
-                   for b in batches]  # fmt: skip
+        batches = [b._at_lift(lift) for b in batches]
         parts = tuple(type(ps[0]).concat(ps) for ps in zip(*(b.parts for b in batches)))
         return Representation(parts, batches[0].names, lift)
 
