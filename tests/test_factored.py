@@ -2115,22 +2115,40 @@ def test_convolutions_padding_their_input_themselves(monkeypatch, chunk):
 
 
 class WideConvs(nn.Module):
-    """Convolutions of more channel pairs than the grouped route takes (4,096) on outputs of at least 256 positions:
+    """Convolutions of more channel pairs than the grouped route takes (4,096) on outputs of more than 256 positions:
     each example's weight gradient from the convolution's own backward, one example at a time (reflect padding, a
-    dilation, a Conv1d); the strided one's 64 positions from unfolded patches, the stem's few pairs grouped."""
+    dilation, a Conv1d); the strided one's 144 positions and the 1 x 1 one's patches (its input) unfolded, the stem's
+    few pairs grouped."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(2, 72, 3, padding=1)
         self.reflect = nn.Conv2d(72, 72, 3, padding=1, padding_mode="reflect")
+        self.pointwise = nn.Conv2d(72, 72, 1)
         self.dilated = nn.Conv2d(72, 64, 3, padding="same", dilation=2, bias=False)
         self.strided = nn.Conv2d(64, 72, 3, stride=2, padding=1)
         self.seq = nn.Conv1d(64, 72, 3, padding=1)
         self.fc = nn.Linear(72, 3)
 
     def forward(self, x):
-        h = torch.tanh(self.dilated(torch.tanh(self.reflect(torch.tanh(self.stem(x))))))
+        h = torch.tanh(self.pointwise(torch.tanh(self.reflect(torch.tanh(self.stem(x))))))
+        h = torch.tanh(self.dilated(h))
         return self.fc(torch.tanh(self.strided(h)).mean((2, 3)) + torch.tanh(self.seq(h.flatten(2))).mean(2))
+
+
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3), (2, 3)])
+@pytest.mark.parametrize("dilation", [(1, 1), (2, 1)])
+@pytest.mark.parametrize("padding", [(0, 0), (1, 2)])
+@pytest.mark.parametrize("stride", [(1, 1), (2, 3)])
+def test_unfolded_patches_are_those_of_f_unfold(kernel, dilation, padding, stride):
+    """``unfolded`` (a strided view of the padded input, copied) gives ``F.unfold``'s patches bit for bit, on a
+    contiguous input, a transposed one and a slice starting inside its storage; a 1 x 1 kernel's are the input."""
+    from tracin_func._layers import unfolded
+
+    x = torch.randn(2, 4, 7, 9, dtype=torch.float64)
+    for given in (x, x.transpose(2, 3).contiguous().transpose(2, 3), torch.randn(2, 5, 7, 9)[:, 1:]):
+        expected = F.unfold(given, kernel, dilation=dilation, padding=padding, stride=stride)
+        assert torch.equal(unfolded(given, kernel, dilation, padding, stride), expected)
 
 
 def test_wide_convolutions_on_many_positions_take_each_examples_own_backward(monkeypatch):
@@ -2141,7 +2159,7 @@ def test_wide_convolutions_on_many_positions_take_each_examples_own_backward(mon
     monkeypatch.setattr(_layers, "_looped_weight_grads", spy)
     torch.manual_seed(0)
     model = WideConvs().double().eval()
-    x, y = torch.randn(5, 2, 16, 16, dtype=torch.float64), torch.randint(0, 3, (5,))
+    x, y = torch.randn(5, 2, 24, 24, dtype=torch.float64), torch.randint(0, 3, (5,))
     _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
     ckpts = _ckpts(model)
     ref = reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE)
@@ -2164,11 +2182,11 @@ def test_large_formed_layers_scored_a_block_of_output_channels_at_a_time(monkeyp
     monkeypatch.setattr(_layers, "_of_channels", lambda site, *a: blocked.add(site.path) or of_channels(site, *a))
     torch.manual_seed(0)
     cases = [
-        (WideConvs(), torch.randn(5, 2, 16, 16, dtype=torch.float64)),
+        (WideConvs(), torch.randn(5, 2, 24, 24, dtype=torch.float64)),
         (RowMixer(), torch.randn(5, 16, 3, dtype=torch.float64)),  # its Linear `mix` formed, over 16 rows
     ]
     cases = [(model.double().eval(), (x, torch.randint(0, 3, (5,)))) for model, x in cases]
-    formed = {"stem", "reflect", "dilated", "strided", "seq", "mix"}  # (the heads: factored)
+    formed = {"stem", "reflect", "pointwise", "dilated", "strided", "seq", "mix"}  # (the heads: factored)
     for question in ("influence", "self_influence"):  # (self-influence: an example's gradients in blocks)
         blocked.clear()
         for model, (x, y) in cases:
@@ -2178,8 +2196,7 @@ def test_large_formed_layers_scored_a_block_of_output_channels_at_a_time(monkeyp
                 assert_close(tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE), ref.influence)
             else:
                 assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE), ref.self_influence)
-        # (self-influence takes the strided convolution's norms from its factors: 64 rows make them cheaper)
-        assert blocked == formed - ({"strided"} if question == "self_influence" else set()), blocked
+        assert blocked == formed, blocked
     stem = _layers.Site("stem", "conv", "stem.weight", "stem.bias", (72, 2, 3, 3))
     assert _layers.channel_split(stem, torch.device("cpu")) and not _layers.channel_split(stem, torch.device("cuda"))
 
