@@ -3320,6 +3320,42 @@ def test_hand_written_decoder_tied_to_the_embedding():
     assert [r.route for r in explained.routes] == ["materialised"], explained.routes
 
 
+class OwnPositions(HandWrittenLinear):
+    """Its own positions (a buffer ``[T, d]``, rows of no example) projected by its own call, added to the input."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out)
+        self.register_buffer("positions", torch.randn(5, d_in))
+
+    def forward(self, x):
+        return x + F.linear(self.positions, self.weight, self.bias)
+
+
+class PositionsProjected(nn.Module):
+    """A Linear fed its model's buffer ``[T, d]`` directly, its output added to every example's tokens."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+        self.register_buffer("positions", torch.randn(5, d_in))
+
+    def forward(self, x):
+        return x + self.proj(self.positions)
+
+
+@pytest.mark.parametrize("layer", [OwnPositions, PositionsProjected])
+def test_a_layer_fed_a_tensor_of_the_state_runs_once_for_the_batch(layer):
+    """A layer fed a buffer of the model as it is (``[T, d]``, no example's rows) runs once for the whole batch, its
+    output followed to the batch. Its rows were taken for several examples' merged into one dimension, which sent the
+    whole call to vmap(grad) with that reason; batches of as many examples as the buffer has rows included."""
+    torch.manual_seed(0)
+    model = TokensThrough(layer).double().eval()
+    for n_train in (5, 7):
+        explained = _exact_and_explained(model, *_token_task(n_train))
+        assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
+    _assert_paths_agree(model, *_token_task())
+
+
 class SeedPooling(nn.Module):
     """The Set Transformer's pooling by attention (SigLIP's too): learned seeds ``[1, k, d]`` brought to the batch,
     attending over each example's set."""
