@@ -301,7 +301,6 @@ def batched_factors(
     none, a ``tc.BatchLoss``'s losses and none (``_batching.spot_check``).
     """
     given = state  # (before parameter copies and probes join it)
-    held = functools.partial(_of_state, {t.data_ptr() for t in state.values() if t.numel()})
     n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
     # rows of the batch dimension, where the model folds an example's items into it (one example: a row broadcast
     # over its items gets their gradients summed by autograd, whatever their number)
@@ -344,7 +343,10 @@ def batched_factors(
                 return followed
             if output.dim() >= 3 and token_wise(layer, site):
                 folded.add(output.shape[int(seq_first)])
-            elif not compiled and _merged_rows(args[0], n, plan.fold) and token_wise(layer, site) and not held(args[0]):
+            elif (  # [n T, d], not a tensor of the state (rows of no example)
+                not compiled and _merged_rows(args[0], n, plan.fold) and token_wise(layer, site)
+                and not _of_state(args[0], given)
+            ):
                 if not _example_major(args[0], n, merged, optree.tree_leaves(batch, none_is_leaf=True)):
                     raise Unbatchable(
                         f"layer {site.path!r} is fed rows of several examples merged into one dimension other than "
@@ -736,11 +738,13 @@ def _per_example(g: torch.Tensor, n: int) -> torch.Tensor:
     return g if g.shape[0] == n else g.reshape(n, -1, *g.shape[1:]).sum(1)
 
 
-def _of_state(pointers: Collection[int], x: torch.Tensor) -> bool:
-    """Whether ``x`` is a tensor of the state (``pointers``: theirs) or starts where one does, taken as it is (no
-    autograd node): rows of no example, like a layer's own positions, which a batch-free call takes
-    (``_batching.batching_refused``)."""
-    return x.grad_fn is None and x.data_ptr() in pointers
+def _of_state(x: torch.Tensor, state: Tensors) -> bool:
+    """Whether ``x`` is a (dense) tensor of the ``state`` or starts where one does, taken as it is (no autograd node):
+    rows of no example, like a layer's own positions, which a batch-free call takes (``_batching.batching_refused``).
+    Sparse tensors have no data pointer."""
+    if x.grad_fn is not None or x.layout != torch.strided:
+        return False
+    return any(t.layout == torch.strided and t.numel() and t.data_ptr() == x.data_ptr() for t in state.values())
 
 
 def _merged_rows(x: Any, n: int, fold: int) -> bool:
