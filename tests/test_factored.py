@@ -2115,10 +2115,10 @@ def test_convolutions_padding_their_input_themselves(monkeypatch, chunk):
 
 
 class WideConvs(nn.Module):
-    """Convolutions of more channel pairs than the grouped route takes (4,096) on outputs of more than 256 positions:
-    each example's weight gradient from the convolution's own backward, one example at a time (reflect padding, a
-    dilation, a Conv1d); the strided one's 144 positions and the 1 x 1 one's patches (its input) unfolded, the stem's
-    few pairs grouped."""
+    """Convolutions of more channel pairs than the grouped route takes (4,096) on outputs of 256 positions or more
+    (576 here): each example's weight gradient from the convolution's own backward, one example at a time (reflect
+    padding, a dilation, a Conv1d); the strided one's 144 positions and the 1 x 1 one's patches (its input) unfolded,
+    the stem's few pairs grouped."""
 
     def __init__(self):
         super().__init__()
