@@ -2031,20 +2031,23 @@ class GroupedConvs(nn.Module):
 
 class Depthwise(nn.Module):
     """Depthwise convolutions whose weight gradients take both forms: a forward convolution with the output
-    gradient as kernel (many output positions; stride, padding, dilation, 1-d) and sums of shifted windows (at
-    most 4 positions)."""
+    gradient as kernel (stride, padding, dilation, 1-d; `strided`: 2 x 2 positions, its kernel spanning 3 rows of its
+    input) and sums of shifted windows (`dilated`, `padded`: the output gradient as a kernel spans no more than the
+    padding)."""
 
     def __init__(self):
         super().__init__()
         self.wide = nn.Conv2d(3, 3, 5, stride=2, padding=2, groups=3)  # 7 x 7 -> 4 x 4
         self.dilated = nn.Conv2d(3, 3, 3, stride=2, padding=1, dilation=2, groups=3)  # 4 x 4 -> 1 x 1
         self.strided = nn.Conv2d(3, 3, 3, stride=2, padding=1, groups=3, bias=False)  # 4 x 4 -> 2 x 2
+        self.padded = nn.Conv2d(3, 3, 5, padding=2, groups=3)  # 2 x 2 -> 2 x 2
         self.seq = nn.Conv1d(3, 3, 3, padding=2, dilation=2, groups=3)  # 16 -> 16
         self.fc = nn.Linear(3 + 12 + 3, 3)
 
     def forward(self, x):
         h = torch.tanh(self.wide(x))
-        parts = [self.dilated(h).flatten(1), torch.tanh(self.strided(h)).flatten(1), self.seq(h.flatten(2)).mean(2)]
+        strided = self.padded(torch.tanh(self.strided(h)))
+        parts = [self.dilated(h).flatten(1), torch.tanh(strided).flatten(1), self.seq(h.flatten(2)).mean(2)]
         return self.fc(torch.cat(parts, 1))
 
 
@@ -2053,13 +2056,16 @@ class Depthwise(nn.Module):
     "make,shape,grouped",
     [
         (GroupedConvs, (9, 2, 5, 5), {"depthwise", "grouped", "c3"}),
-        (Depthwise, (7, 3, 7, 7), {"wide", "dilated", "strided", "seq"}),
+        (Depthwise, (7, 3, 7, 7), {"wide", "dilated", "strided", "padded", "seq"}),
     ],
 )
 def test_grouped_and_depthwise_convolutions_are_materialised_from_factors(monkeypatch, chunk, make, shape, grouped):
     from tracin_func import _layers
 
     monkeypatch.setattr(_layers, "_GROUPED_CONV_CHUNK", chunk)
+    windowed, own = set(), _layers._shifted_windows
+    spy = lambda x, g, kernel, *a: windowed.add((kernel, g.shape[2:])) or own(x, g, kernel, *a)  # noqa: E731
+    monkeypatch.setattr(_layers, "_shifted_windows", spy)
     torch.manual_seed(0)
     model = make().double().eval()
     x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
@@ -2068,6 +2074,8 @@ def test_grouped_and_depthwise_convolutions_are_materialised_from_factors(monkey
     assert plan.batched and not plan.dense  # every layer gives factors: one batched pass
     got = {s.path for s in plan.sites if s.groups > 1}
     assert got == grouped and not got & plan.kernel  # never a factored kernel
+    if make is Depthwise:  # `dilated` and `padded` (`strided`, at 2 x 2 too, by a convolution)
+        assert windowed == {((3, 3), (1, 1)), ((5, 5), (2, 2))}, windowed
 
 
 class PaddedConvs(nn.Module):

@@ -35,7 +35,6 @@ _GROUPED_CONV_MAX_CHANNELS = 4096
 # Examples per grouped call: CNN self-influence on digits (1500 examples, 5 checkpoints) took 0.32-0.46 s in chunks
 # of 512 against 0.46-0.52 s in one call per batch.
 _GROUPED_CONV_CHUNK = 512
-_FEW_POSITIONS = 4  # depthwise outputs this small get their weight gradients as sums of shifted windows
 # Convolutions of more channel pairs than the grouped route takes, with outputs of at least this many positions, get
 # each example's weight gradient from the convolution's own backward, one example at a time; fewer positions, from
 # unfolded patches (``unfolded``) and a GEMM per example (20 examples, one CPU thread, 3 x 3 kernels: 128 x 128
@@ -725,21 +724,15 @@ def _depthwise_weight_grads(
     """``[B, *weight_shape]`` of a depthwise convolution: each example and channel's weight gradient correlates its
     padded input with its output gradient. Computed as a forward convolution with the gradient as the kernel (its
     taps ``stride`` apart, the layer's dilation as the stride), which is several times faster than the grouped
-    weight gradient on CPU for 5 x 5 kernels; for outputs of at most 4 positions (where that kernel is tiny and
-    slow), as the sum over positions of the shifted input windows weighted by the position's gradient."""
+    weight gradient on CPU for 5 x 5 kernels; where that kernel spans no more than the padding, which oneDNN leaves to
+    a slow kernel (21 examples of 576 channels, one thread: a 5 x 5 kernel at 2 x 2 2.5 ms, at 1 x 1 24 ms; at 2 x 2
+    from 4 x 4, stride 2, 0.36 ms), as sums of shifted windows (``_shifted_windows``: 1.2 and 0.3 ms there)."""
     kernel, dilation, padding, stride = geometry.as_2d(padding)
     if len(geometry.weight_shape) == 3:  # (1-d)
         x, g = x.unsqueeze(2), g.unsqueeze(2)
     b, c, ho, wo = g.shape
-    if ho * wo <= _FEW_POSITIONS:
-        padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-        span = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
-        out = x.new_zeros(b, c, *kernel)
-        for p in range(ho):
-            for q in range(wo):
-                rows, cols = p * stride[0], q * stride[1]
-                window = padded[:, :, rows : rows + span[0] : dilation[0], cols : cols + span[1] : dilation[1]]
-                out.addcmul_(window, g[:, :, p : p + 1, q : q + 1])
+    if any(p >= s * (n - 1) + 1 for p, s, n in zip(padding, stride, (ho, wo))):
+        out = _shifted_windows(x, g, kernel, dilation, padding, stride)
     else:
         out = F.conv2d(
             x.reshape(1, b * c, *x.shape[2:]),
@@ -750,6 +743,26 @@ def _depthwise_weight_grads(
             groups=b * c,
         )[..., : kernel[0], : kernel[1]]
     return out.reshape(b, *geometry.weight_shape)
+
+
+def _shifted_windows(
+    x: torch.Tensor, g: torch.Tensor, kernel: tuple[int, ...], dilation: tuple[int, ...], padding: tuple[int, ...],
+    stride: tuple[int, ...],
+) -> torch.Tensor:
+    """``[B, C, *kernel]``: the sum over output positions of the padded input's window there times the position's
+    gradient, channels last (each window's rows contiguous: 576 channels at 2 x 2, 5 x 5 kernel, 21 examples 1.2
+    against 1.8 ms channels first)."""
+    b, c, ho, wo = g.shape
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0])).permute(0, 2, 3, 1).contiguous()
+    g = g.permute(0, 2, 3, 1)
+    span = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+    out = x.new_zeros(b, *kernel, c)
+    for p in range(ho):
+        for q in range(wo):
+            rows, cols = p * stride[0], q * stride[1]
+            window = padded[:, rows : rows + span[0] : dilation[0], cols : cols + span[1] : dilation[1]]
+            out.addcmul_(window, g[:, p : p + 1, q : q + 1])
+    return out.permute(0, 3, 1, 2)
 
 
 def channel_split(site: Site, device: torch.device) -> bool:
