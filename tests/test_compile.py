@@ -74,3 +74,31 @@ def test_compiled_call_breaks_no_graph_where_dynamo_warns(fresh_dynamo, capfd):
     ref = reference_scores(t.model, t.checkpoints, t.train, t.test, loss_fn=t.loss_fn)
     assert_close(tc.influence(t.model, t.checkpoints, t.train, t.test, compile=True, **kw), ref.influence)
     assert "Graph break" not in capfd.readouterr().err
+
+
+def test_compiled_convolutions_of_every_route_trace_without_warnings(fresh_dynamo, capfd):
+    """A CNN whose convolutions take each route (grouped, 1 x 1 from its patches, depthwise by a convolution and by
+    shifted windows) scores as the reference with its updates compiled, without a warning of dynamo's: the patches
+    were first taken by `as_strided`, which dynamo cannot trace ("does not know how to trace the builtin"). (It may
+    log that the layers' hooks reached its recompile limit, as the README says.)"""
+    import warnings
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+        nn.Conv2d(8, 8, 5, padding=2, groups=8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),
+        nn.Flatten(), nn.Linear(8 * 2 * 2, 3),
+    ).double().eval()  # fmt: skip
+    x, y = torch.randn(6, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    ckpts = [tc.Checkpoint(params={k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    loss_fn = nn.CrossEntropyLoss()
+    ref = reference_scores(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=loss_fn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_close(tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=loss_fn, compile=True), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=loss_fn, compile=True), ref.self_influence)
+    warned = [w for w in caught if "_dynamo" in w.filename or issubclass(w.category, tc.SlowPathWarning)]
+    assert not warned, [str(w.message) for w in warned]
+    assert "Graph break" not in capfd.readouterr().err
