@@ -42,6 +42,9 @@ _GROUPED_CONV_CHUNK = 512
 # 16.2 / 69.0 ms; 256 x 256 at 8 x 8 54.4 against 45.6 ms). So do 1 x 1 convolutions, whose patches are their input
 # (ResNet-18's 64 -> 128 shortcut, 21 examples at 16 x 16: 2.1 ms looped, 1.3 grouped, 0.7 unfolded).
 _LOOPED_CONV_MIN_POSITIONS = 256
+# Depthwise outputs of at most this many positions may take sums of shifted windows (``_shifted_windows``: a Python
+# loop over positions, which torch.compile unrolls: a 1 x 256 output's took 112-116 s to compile against 20-21 s)
+_WINDOWED_MAX_POSITIONS = 16
 _WEIGHT_GRADS = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)  # by dims
 
 
@@ -731,7 +734,8 @@ def _depthwise_weight_grads(
     if len(geometry.weight_shape) == 3:  # (1-d)
         x, g = x.unsqueeze(2), g.unsqueeze(2)
     b, c, ho, wo = g.shape
-    if any(p >= s * (n - 1) + 1 for p, s, n in zip(padding, stride, (ho, wo))):
+    spanned = any(p >= s * (n - 1) + 1 for p, s, n in zip(padding, stride, (ho, wo)))  # by the padding
+    if spanned and ho * wo <= _WINDOWED_MAX_POSITIONS:
         out = _shifted_windows(x, g, kernel, dilation, padding, stride)
     else:
         out = F.conv2d(
