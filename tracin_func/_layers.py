@@ -729,7 +729,8 @@ def _depthwise_weight_grads(
     taps ``stride`` apart, the layer's dilation as the stride), which is several times faster than the grouped
     weight gradient on CPU for 5 x 5 kernels; where that kernel spans no more than the padding, which oneDNN leaves to
     a slow kernel (21 examples of 576 channels, one thread: a 5 x 5 kernel at 2 x 2 2.5 ms, at 1 x 1 24 ms; at 2 x 2
-    from 4 x 4, stride 2, 0.36 ms), as sums of shifted windows (``_shifted_windows``: 1.2 and 0.3 ms there)."""
+    from 4 x 4, stride 2, 0.36 ms), as sums of shifted windows (``_shifted_windows``: 1.2 and 0.3 ms there), on at most
+    ``_WINDOWED_MAX_POSITIONS`` positions."""
     kernel, dilation, padding, stride = geometry.as_2d(padding)
     if len(geometry.weight_shape) == 3:  # (1-d)
         x, g = x.unsqueeze(2), g.unsqueeze(2)
