@@ -552,13 +552,21 @@ def unfolded(
     windows by ``Tensor.unfold``, which dynamo traces, as it does not ``as_strided``): the same values, in 27-78% less
     time than its im2col on CPU (21 examples, one thread: 256 channels at 8 x 8 3.77 -> 2.12 ms, 128 at 16 x 16
     7.96 -> 1.76 ms, stride 2 2.45 -> 1.79 ms, 64 at 32 x 32 29.4 -> 13.3 ms)."""
-    if any(padding):
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    spans = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
-    windows = x.unfold(2, spans[0], stride[0]).unfold(3, spans[1], stride[1])  # [B, C, rows, cols, *spans]
+    spans = _spans(kernel, dilation)
+    windows = _zero_padded(x, padding).unfold(2, spans[0], stride[0]).unfold(3, spans[1], stride[1])  # (B C rows cols)
     windows = windows[..., :: dilation[0], :: dilation[1]]  # [B, C, rows, cols, kh, kw]
     b, c, rows, cols = windows.shape[:4]
     return windows.permute(0, 1, 4, 5, 2, 3).reshape(b, c * kernel[0] * kernel[1], rows * cols)
+
+
+def _zero_padded(x: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
+    """A 2-d input ``[B, C, H, W]`` with ``padding`` ``(rows, columns)`` of zeros on each side (itself where none)."""
+    return F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+
+
+def _spans(kernel: tuple[int, ...], dilation: tuple[int, ...]) -> list[int]:
+    """Input rows / columns a dilated kernel covers."""
+    return [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
 
 
 def _rows(module: nn.Module, site: Site, x: torch.Tensor) -> int:
@@ -623,7 +631,7 @@ def per_example_blocks(
     if site.adjoint:  # (never split by channels: ``channel_split``)
         yield _adjoint_grads(module, site, x, g)
         return
-    pointwise = site.groups == 1 and math.prod(site.weight_shape[2:]) == 1
+    pointwise = site.kind == "conv" and site.groups == 1 and math.prod(site.weight_shape[2:]) == 1  # 1 x 1
     many_channels = math.prod(site.weight_shape[:2]) > _GROUPED_CONV_MAX_CHANNELS and site.groups == 1
     looped = site.kind == "conv" and many_channels and math.prod(g.shape[2:]) >= _LOOPED_CONV_MIN_POSITIONS
     if site.kind != "conv" or site.weight is None or pointwise or many_channels and not looped:
@@ -758,9 +766,9 @@ def _shifted_windows(
     gradient, channels last (each window's rows contiguous: 576 channels at 2 x 2, 5 x 5 kernel, 21 examples 1.2
     against 1.8 ms channels first)."""
     b, c, ho, wo = g.shape
-    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0])).permute(0, 2, 3, 1).contiguous()
+    padded = _zero_padded(x, padding).permute(0, 2, 3, 1).contiguous()
     g = g.permute(0, 2, 3, 1)
-    span = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+    span = _spans(kernel, dilation)
     out = x.new_zeros(b, *kernel, c)
     for p in range(ho):
         for q in range(wo):
