@@ -89,6 +89,8 @@ def assert_ckpts_untouched(ckpts, saved):
         assert list(c.params) == list(s)
         for k, v in c.params.items():
             assert v.dtype == s[k].dtype and torch.equal(v, s[k]), f"checkpoint tensor {k!r} was modified"
+            # (a clone of a tensor requiring grad requires it too; none of these has a gradient of its own)
+            assert v.requires_grad == s[k].requires_grad and v.grad is None, f"checkpoint tensor {k!r} was marked"
 
 
 _HOOK_DICTS = (

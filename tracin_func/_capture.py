@@ -364,8 +364,9 @@ def batched_factors(
             elif output.requires_grad and (edge := lasting_edge(output)) is not None:  # its gradient where
                 outputs[site.path].append((output, edge))  # autograd passes it (before any later in-place change)
                 return None
-            else:  # nothing before it needs gradients (the first layer), or a view of part of another tensor: a
-                probe = torch.zeros_like(output, requires_grad=True)  # zero probe adds the entry point
+            else:  # a view of part of another tensor, or an output needing no gradient (its weight's alias, which
+                # does, not computed with: ``_requiring_grad``): a zero probe adds the entry point
+                probe = torch.zeros_like(output, requires_grad=True)
             outputs[site.path].append((probe, probe))
             return output + probe
 
@@ -382,7 +383,7 @@ def batched_factors(
     copies = {name: _expanded(state[name], rows, site.rank) for site in expanded for name in site.names}
     unused = {name: state[name].detach().requires_grad_() for name in plan.unused}  # must stay unreached
     copied.update(copies.values())
-    state = {**state, **copies, **unused}
+    state = {**state, **_requiring_grad(state, plan.sites), **copies, **unused}
     with torch.enable_grad():
         for site in followed:  # (per call: the parameter's whole gradient at its probe)
             probe = torch.zeros_like(state[site.path], requires_grad=True)
@@ -470,6 +471,20 @@ def batched_factors(
     for site in followed:  # no inputs: the per-example gradients themselves, [B, *shape]
         factors[site.path] = ([], at_roots[site.path])
     return factors
+
+
+def _requiring_grad(state: Tensors, sites: Sequence[Site]) -> Tensors:
+    """Aliases requiring grad of the hooked layers' differentiated tensors (the checkpoint's are left as they are),
+    so that every layer's output, the first's too, has a place in the graph where autograd passes its gradient
+    instead of a zero probe added to it (the digits MLP's first layer: a fill and an add of [1600, 128] per
+    checkpoint). No weight's gradient is computed: autograd runs only what the outputs' gradients need."""
+    hooked = [s for s in sites if s.kind not in ("expanded", "followed")]
+    return {
+        name: state[name].detach().requires_grad_()
+        for site in hooked
+        for name in site.names
+        if state[name].is_floating_point() and not state[name].requires_grad
+    }
 
 
 def per_example(losses: torch.Tensor, n: int) -> bool:
