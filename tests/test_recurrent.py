@@ -166,6 +166,60 @@ def test_the_hidden_products_of_a_batched_pass_are_one_call_where_their_gradient
     assert all(shapes == ([(n, 4)] * 5 if per_step else [(n, 5, 4)]) for shapes in calls.values()), calls
 
 
+FUSED = ["lstm-1", "lstm-2-bi-h0", "lstm-2-nobias-h0", "rnn-tanh-2-bi-h0", "rnn-relu-1-nobias"]  # (no GRU: per step)
+
+
+@pytest.mark.parametrize("config", FUSED)
+def test_few_examples_run_their_steps_fused_in_float32_as_unrolled(config, monkeypatch):
+    """A batch of few examples (planning's and the spot checks' lone examples; here every batch) runs an LSTM's or a
+    plain RNN's steps in the fused op, through an identity input weight (``_recurrent._fused_steps``): the scores are
+    the unrolled steps' up to float32 rounding, and the float64 loop reference's to float32's precision."""
+    import tracin_func._recurrent as recurrent
+
+    model, ckpts, train, test, ref = _task(config)
+    model32 = Net(_rnn(config)).float().eval()
+    ckpts32 = [tc.Checkpoint(params={k: v.float() for k, v in c.params.items()}, lr=c.lr) for c in ckpts]
+    train32, test32 = ([t.float() if t.is_floating_point() else t for t in data] for data in (train, test))
+    calls, fused = [], recurrent._fused_steps
+    monkeypatch.setattr(recurrent, "_fused_steps", lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
+
+    def scores() -> tuple[torch.Tensor, torch.Tensor]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            influence = tc.influence(model32, ckpts32, train32, test32, loss_fn=CE)
+            return influence, tc.self_influence(model32, ckpts32, train32, loss_fn=CE)
+
+    influence, self_influence = scores()
+    assert len(calls) >= 2 * len(ckpts) * CONFIGS[config][1]  # (both questions' batches, at every checkpoint)
+    monkeypatch.setattr(recurrent, "_FUSED_STEPS_MAX_BATCH", 0)
+    n = len(calls)
+    unrolled, unrolled_self = scores()
+    assert len(calls) == n
+    assert_close(influence, unrolled, 1e-5)
+    assert_close(self_influence, unrolled_self, 1e-5)
+    assert_close(influence, ref.influence, 1e-4)
+    assert_close(self_influence, ref.self_influence, 1e-4)
+
+
+def test_steps_run_fused_only_where_the_fused_op_is_exact():
+    """Not in float64 (no oneDNN kernel: no gain), not at a lower float32 matmul precision (the identity's products
+    would round the input products), not with an input product that is not finite (infinity times the identity's
+    zeros is NaN), not for more examples than ``_FUSED_STEPS_MAX_BATCH``."""
+    from tracin_func._recurrent import _FUSED_STEPS_MAX_BATCH, _fused_steps_serve
+
+    xi = torch.randn(3, 5, 16)
+    assert _fused_steps_serve(xi)
+    assert not _fused_steps_serve(xi.double())
+    assert not _fused_steps_serve(torch.randn(_FUSED_STEPS_MAX_BATCH + 1, 5, 16))
+    assert not _fused_steps_serve(torch.cat([xi[:1], torch.full_like(xi[:1], float("inf"))]))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert not _fused_steps_serve(xi)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 @pytest.mark.parametrize("config", ["lstm-2-bi-h0", "gru-2-bi-h0"])
 def test_projected_embeddings_equal_the_old_route(config):
     """Projections from factors equal those of the per-example gradients (factored=False: vmap, then the loop)."""
