@@ -373,6 +373,26 @@ def test_gradient_checkpointing_enabled_in_eval_mode_stays_batched():
     assert tc.explain(model, ckpts, train, loss_fn=loss).batching == BATCHED
 
 
+def test_transformers_output_capturing_hooks_change_no_route():
+    """At a model's first forward transformers hooks the modules its `_can_record_outputs` names (attention and decoder
+    layers, routers), to record their outputs for a call asking for attentions; the hook changes nothing. WavLM's
+    attention holds parameters of its own, and was said to have hooks whose effect cannot be proven: it leaves the
+    batched path for its raw `F.multi_head_attention_forward` alone. Exact."""
+    from tracin_func._layers import wrapped
+
+    model, data, loss = audio(T.WavLMConfig, T.WavLMForSequenceClassification, num_buckets=16, max_bucket_distance=32,
+                              **SPEECH)  # fmt: skip
+    ckpts, (train, test) = rm.make_checkpoints(model, 2), _split(data)
+    model(train["input_values"])  # (the first forward installs the hooks)
+    hooked = [m for m in model.modules() if m._forward_hooks]
+    assert hooked and not any(map(wrapped, hooked))
+    e = tc.explain(model, ckpts, train, loss_fn=loss)
+    assert "has hooks" not in str(e) and "multi_head_attention_forward" in e.batching, e.batching
+    ref = reference_scores(model, ckpts, train, test, loss_fn=tc.ExampleLoss(lambda p, b: loss.fn(p, b).sum()))
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss), ref.self_influence)
+
+
 def test_a_model_taking_one_example_at_a_time_is_scored_per_example():
     """GPT-2's sequence classifier without a pad token refuses batches of more than one example (transformers'
     ValueError, raised as it was from planning's batched run): per example, exact, the reason given."""

@@ -154,7 +154,7 @@ def wrapped(module: nn.Module) -> str:
     """Why ``module``'s call may differ from its class's function whatever the class (hooks, a parametrized weight,
     a ``forward`` set on the instance), in words; ``""`` when none applies."""
     name = type(module).__name__
-    if any(getattr(module, hooks) for hooks in _HOOKS) and not _input_grads_hook_only(module):
+    if any(getattr(module, hooks) for hooks in _HOOKS) and not _passive_hooks_only(module):
         hooks = [getattr(h, "__wrapped__", h) for h in module._forward_pre_hooks.values()]  # (the call's guard's)
         legacy = {type(h).__name__ for h in hooks} & {"WeightNorm", "SpectralNorm"}
         if legacy:  # torch.nn.utils.weight_norm / spectral_norm: a hook recomputing the weight before each call
@@ -171,15 +171,25 @@ def wrapped(module: nn.Module) -> str:
     return ""
 
 
-def _input_grads_hook_only(module: nn.Module) -> bool:
-    """Whether ``module``'s only hook is transformers' ``enable_input_require_grads`` one (which
-    ``gradient_checkpointing_enable()`` installs on the input embeddings): it sets ``requires_grad`` on the output,
-    changing no value and no gradient. (As any other hook, it sent BERT to vmap(grad), there one example at a time.)"""
+# transformers' forward hooks that change no value: ``enable_input_require_grads``'s (which
+# ``gradient_checkpointing_enable()`` installs on the input embeddings) sets ``requires_grad`` on the output; the output
+# capturing one (installed at a model's first forward on the modules its ``_can_record_outputs`` names: attention
+# layers, decoder layers, routers) appends the output to the collector of a call asking for attentions or hidden states
+_PASSIVE_HOOKS = {
+    "make_inputs_require_grads": "transformers.",
+    "output_capturing_hook": "transformers.utils.output_capturing",
+}
+
+
+def _passive_hooks_only(module: nn.Module) -> bool:
+    """Whether ``module``'s only hooks are forward hooks of transformers' that change no value or gradient
+    (``_PASSIVE_HOOKS``). (As any other hook, ``enable_input_require_grads``'s sent BERT to vmap(grad), there one
+    example at a time; the output capturing one left WavLM's attention, which holds its own parameters, said to
+    have hooks whose effect cannot be proven.)"""
     hooks = [getattr(h, "__wrapped__", h) for h in module._forward_hooks.values()]  # (the call's guard's)
     others = any(getattr(module, slot) for slot in _HOOKS if slot != "_forward_hooks")
-    return not others and len(hooks) == 1 and (
-        getattr(hooks[0], "__name__", "") == "make_inputs_require_grads"
-        and getattr(hooks[0], "__module__", "").startswith("transformers.")
+    return not others and bool(hooks) and all(
+        getattr(h, "__module__", "").startswith(_PASSIVE_HOOKS.get(getattr(h, "__name__", ""), "\0")) for h in hooks
     )
 
 
@@ -416,7 +426,8 @@ def _holds_only(holder: nn.Module, names: set[str]) -> bool:
     object) proves nothing. A use planning could not see (its check runs a few first examples, at the last
     checkpoint: a use on later examples only, or zero there) would be scored wrong, silently: a holder that may read
     it leaves the layer to vmap(grad)."""
-    if isinstance(holder, parametrize.ParametrizationList) or any(getattr(holder, h) for h in _HOOKS):
+    hooked = any(getattr(holder, h) for h in _HOOKS) and not _passive_hooks_only(holder)
+    if isinstance(holder, parametrize.ParametrizationList) or hooked:
         return False
     # (callables set on the instance too: a lambda over ``self.bias`` its forward calls as ``self.fn``)
     own = [v for k, v in vars(holder).items() if k not in MODULE_SLOTS]
