@@ -285,6 +285,57 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
                                 attn_layer_offset=1, mamba_d_state=4, mamba_d_conv=4, use_mamba_kernels=False, **KV,
                                 **SMALL), BATCHED),  # fmt: skip  (attention and Mamba layers, one expert)
 }
+def without_mask(build: Callable[[], Built]) -> Callable[[], Built]:
+    """``build``'s examples without their padding mask, every token real."""
+
+    def built() -> Built:
+        model, data, loss = build()
+        return model, {**{k: v for k, v in data.items() if k != "attention_mask"},
+                       "input_ids": data["input_ids"].clamp(min=3)}, loss  # fmt: skip
+
+    return built
+
+
+# more of the commonly used architectures, from a survey of 52 beyond the above (2026-12-06: 42 batched and exact; of
+# those not batched, Nystromformer's landmarks are a true interaction, pinned here)
+BART_SIZES = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                  encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, max_position_embeddings=40, pad_token_id=1,
+                  bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)  # fmt: skip
+ZOO.update({
+    "llama": (lambda: causal_lm(T.LlamaConfig, T.LlamaForCausalLM, **KV, **SMALL), BATCHED),
+    "vit": (lambda: image(T.ViTConfig, T.ViTForImageClassification, image_size=16, patch_size=4, **VIT), BATCHED),
+    "deit": (lambda: image(T.DeiTConfig, T.DeiTForImageClassification, image_size=16, patch_size=4, **VIT), BATCHED),
+    "clip_vision": (lambda: image(T.CLIPConfig, T.CLIPForImageClassification, text_config=dict(
+        max_position_embeddings=40, **SMALL), vision_config=dict(image_size=16, patch_size=4, **VIT)), BATCHED),
+    "pegasus": (lambda: seq2seq(T.PegasusConfig, T.PegasusForConditionalGeneration, **BART_SIZES), BATCHED),
+    "marian": (lambda: seq2seq(T.MarianConfig, T.MarianMTModel, **{**BART_SIZES, "decoder_start_token_id": 1}),
+               BATCHED),  # fmt: skip
+    "mbart": (lambda: seq2seq(T.MBartConfig, T.MBartForConditionalGeneration, **BART_SIZES), BATCHED),
+    "xlm_roberta": (lambda: classifier(T.XLMRobertaConfig, T.XLMRobertaForSequenceClassification, pad_token_id=1,
+                                       max_position_embeddings=40, **SMALL), BATCHED),  # fmt: skip
+    "mobilebert": (lambda: classifier(T.MobileBertConfig, T.MobileBertForSequenceClassification, hidden_size=32,
+                                      embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16,
+                                      num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
+                                      num_feedforward_networks=2, vocab_size=100, max_position_embeddings=40),
+                   BATCHED),  # fmt: skip
+    "bigbird": (lambda: classifier(T.BigBirdConfig, T.BigBirdForSequenceClassification, attention_type="original_full",
+                                   max_position_embeddings=40, **SMALL), BATCHED),  # fmt: skip
+    "sew": (lambda: audio(T.SEWConfig, T.SEWForSequenceClassification, squeeze_factor=2, **SPEECH), BATCHED),
+    "unispeech": (lambda: audio(T.UniSpeechConfig, T.UniSpeechForSequenceClassification, **SPEECH), BATCHED),
+    "mobilenet_v2": (lambda: image(T.MobileNetV2Config, T.MobileNetV2ForImageClassification, size=32, image_size=32,
+                                   depth_multiplier=0.1), BATCHED),  # fmt: skip
+    "efficientnet": (lambda: image(T.EfficientNetConfig, T.EfficientNetForImageClassification, size=32, image_size=32,
+                                   width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128), BATCHED),  # fmt: skip
+    "regnet": (lambda: image(T.RegNetConfig, T.RegNetForImageClassification, embedding_size=8, hidden_sizes=[8, 16],
+                             depths=[1, 1], groups_width=8), BATCHED),  # fmt: skip
+    # its landmark attention divides by the largest key sum over the whole batch (`iterative_inv`): examples interact,
+    # and each example's own score is its loss computed alone (no mask: with one, transformers' shapes fail)
+    "nystromformer": (without_mask(lambda: classifier(T.NystromformerConfig, T.NystromformerForSequenceClassification,
+                                                      num_landmarks=4, segment_means_seq_len=SEQ,
+                                                      max_position_embeddings=40, **SMALL)),
+                      "examples interact after it"),  # fmt: skip
+})
+
 MOE = {
     "mixtral": lambda: causal_lm(T.MixtralConfig, T.MixtralForCausalLM, torch.float32, num_local_experts=4,
                                  num_experts_per_tok=2, **KV, **SMALL),  # fmt: skip
