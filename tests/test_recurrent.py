@@ -202,9 +202,9 @@ def test_few_examples_run_their_steps_fused_in_float32_as_unrolled(config, monke
 
 
 def test_steps_run_fused_only_where_the_fused_op_is_exact():
-    """Not in float64 (no oneDNN kernel: no gain), not at a lower float32 matmul precision (the identity's products
-    would round the input products), not with an input product that is not finite (infinity times the identity's
-    zeros is NaN), not for more examples than ``_FUSED_STEPS_MAX_BATCH``."""
+    """Not in float64 (no oneDNN kernel: no gain), not at a lower float32 precision, torch's or oneDNN's recurrent
+    layers' own (the identity's products would round the input products), not with an input product that is not
+    finite (infinity times the identity's zeros is NaN), not for more examples than ``_FUSED_STEPS_MAX_BATCH``."""
     from tracin_func._recurrent import _FUSED_STEPS_MAX_BATCH, _fused_steps_serve
 
     xi = torch.randn(3, 5, 16)
@@ -218,6 +218,14 @@ def test_steps_run_fused_only_where_the_fused_op_is_exact():
         assert not _fused_steps_serve(xi)
     finally:
         torch.set_float32_matmul_precision(previous)
+    rnn = getattr(torch.backends.mkldnn, "rnn", None)  # (oneDNN's recurrent layers' own setting, torch >= 2.9)
+    if rnn is not None:
+        previous, rnn.fp32_precision = rnn.fp32_precision, "bf16"
+        try:
+            assert not _fused_steps_serve(xi)
+        finally:
+            rnn.fp32_precision = previous
+        assert _fused_steps_serve(xi)
 
 
 @pytest.mark.parametrize("config", ["lstm-2-bi-h0", "gru-2-bi-h0"])

@@ -312,8 +312,8 @@ _FUSED_STEPS_MAX_BATCH = 16
 def _fused_steps_serve(xi: torch.Tensor) -> bool:
     """Whether ``_fused_steps`` runs a few examples' steps (planning's and the spot checks' lone examples) exactly and
     faster than unrolled: oneDNN's float32 kernel on the CPU, outside torch.func's transforms, its matrix products at
-    full precision (a lower one would round the input products), every input product finite (an infinite one times
-    the identity's zeros is NaN)."""
+    full precision (a lower one, globally or oneDNN's recurrent layers' own, would round the input products), every
+    input product finite (an infinite one times the identity's zeros is NaN)."""
     return (
         not torch.compiler.is_compiling()  # (the checks below would break its graph; it compiles the steps itself)
         and xi.shape[0] <= _FUSED_STEPS_MAX_BATCH
@@ -321,9 +321,18 @@ def _fused_steps_serve(xi: torch.Tensor) -> bool:
         and xi.device.type == "cpu"
         and torch.backends.mkldnn.is_available()
         and torch.get_float32_matmul_precision() == "highest"
+        and all(_fp32_precision(*where) in ("none", "ieee") for where in ((), ("mkldnn",), ("mkldnn", "rnn")))
         and peek_interpreter_stack() is None
         and bool(torch.isfinite(xi).all())
     )
+
+
+def _fp32_precision(*where: str) -> str:
+    """The float32 precision set for ``torch.backends.<where>`` ("none": its parent's; absent before torch 2.9)."""
+    holder: Any = torch.backends
+    for name in where:
+        holder = getattr(holder, name, None)
+    return str(getattr(holder, "fp32_precision", "none"))
 
 
 def _fused_steps(
