@@ -218,13 +218,17 @@ def test_steps_run_fused_only_where_the_fused_op_is_exact():
         assert not _fused_steps_serve(xi)
     finally:
         torch.set_float32_matmul_precision(previous)
-    rnn = getattr(torch.backends.mkldnn, "rnn", None)  # (oneDNN's recurrent layers' own setting, torch >= 2.9)
-    if rnn is not None:
-        previous, rnn.fp32_precision = rnn.fp32_precision, "bf16"
-        try:
-            assert not _fused_steps_serve(xi)
-        finally:
-            rnn.fp32_precision = previous
+    if hasattr(torch.backends.mkldnn, "rnn"):  # (torch >= 2.9: a setting per backend and op)
+        for holder, value, served in [
+            (torch.backends.mkldnn.rnn, "bf16", False),  # oneDNN's recurrent layers' own
+            (torch.backends.mkldnn, "bf16", False),
+            (torch.backends.cuda.matmul, "tf32", True),  # (a GPU's: after it torch's old getter raises)
+        ]:
+            previous, holder.fp32_precision = holder.fp32_precision, value
+            try:
+                assert _fused_steps_serve(xi) == served
+            finally:
+                holder.fp32_precision = previous
         assert _fused_steps_serve(xi)
 
 

@@ -81,19 +81,35 @@ def lowered_float32(device: torch.device | None) -> list[tuple[str, str]]:
         flags = {"torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
                  "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}  # fmt: skip
         return [(f"{flag} = True", f"{flag} = False") for flag, on in flags.items() if on]
-    mkldnn = torch.backends.mkldnn
-    if not hasattr(mkldnn, "matmul"):  # (torch before 2.9: one process-wide setting)
+    if not hasattr(torch.backends.mkldnn, "matmul"):  # (torch before 2.9: one process-wide setting)
         precision = torch.get_float32_matmul_precision()
         set_to = 'torch.set_float32_matmul_precision("{}")'.format
         return [] if precision == "highest" else [(set_to(precision), set_to("highest"))]
     lowered = []
-    for op in ("matmul", "conv", "rnn"):  # "none": the next wider setting's
-        chain = (getattr(mkldnn, op).fp32_precision, mkldnn.fp32_precision, torch.backends.fp32_precision)
-        value = next((v for v in chain if v != "none"), "ieee")
+    for op in ("matmul", "conv", "rnn"):
+        value = onednn_fp32_precision(op)
         if value == "bf16":  # (oneDNN's TF32, `"high"`, runs on CPUs with TF32 units only: here, as "highest")
             flag = f"torch.backends.mkldnn.{op}.fp32_precision"
             lowered.append((f'{flag} = "{value}"', f'{flag} = "ieee"'))
     return lowered
+
+
+def onednn_fp32_precision(op: str) -> str:
+    """oneDNN's float32 precision for ``op`` ("matmul", "conv", "rnn") on torch 2.9 and later: "ieee", "tf32" or
+    "bf16", each setting's "none" deferring to the next wider one's (``torch.get_float32_matmul_precision()`` raises
+    once any of them is set, ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` included; the legacy setter sets
+    ``mkldnn.matmul``: "high" tf32, "medium" bf16)."""
+    mkldnn = torch.backends.mkldnn
+    chain = (getattr(mkldnn, op).fp32_precision, mkldnn.fp32_precision, torch.backends.fp32_precision)
+    return next((v for v in chain if v != "none"), "ieee")
+
+
+def full_float32_products(*ops: str) -> bool:
+    """Whether oneDNN's float32 ``ops`` run at full float32 precision (before torch 2.9: the one process-wide
+    setting)."""
+    if not hasattr(torch.backends.mkldnn, "matmul"):
+        return torch.get_float32_matmul_precision() == "highest"
+    return all(onednn_fp32_precision(op) == "ieee" for op in ops)
 
 
 def _listed(lowered: list[tuple[str, str]]) -> tuple[str, str]:

@@ -46,6 +46,7 @@ from ._attention import attention_forward, attention_sites
 from ._attention import why_not_unrolled as why_not_attention
 from ._bags import bag_forward, bag_sites
 from ._bags import why_not_unrolled as why_not_bag
+from ._context import full_float32_products
 from ._layers import Hook, Site, UnrolledForward, Weights, global_hooks_present, not_exactly, product
 
 # (layer, lengths) of each unrolled call on a PackedSequence inside a `packed_calls` block of this context
@@ -320,19 +321,10 @@ def _fused_steps_serve(xi: torch.Tensor) -> bool:
         and xi.dtype == torch.float32
         and xi.device.type == "cpu"
         and torch.backends.mkldnn.is_available()
-        and torch.get_float32_matmul_precision() == "highest"
-        and all(_fp32_precision(*where) in ("none", "ieee") for where in ((), ("mkldnn",), ("mkldnn", "rnn")))
+        and full_float32_products("matmul", "rnn")
         and peek_interpreter_stack() is None
         and bool(torch.isfinite(xi).all())
     )
-
-
-def _fp32_precision(*where: str) -> str:
-    """The float32 precision set for ``torch.backends.<where>`` ("none": its parent's; absent before torch 2.9)."""
-    holder: Any = torch.backends
-    for name in where:
-        holder = getattr(holder, name, None)
-    return str(getattr(holder, "fp32_precision", "none"))
 
 
 def _fused_steps(
