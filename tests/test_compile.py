@@ -102,3 +102,21 @@ def test_compiled_convolutions_of_every_route_trace_without_warnings(fresh_dynam
     warned = [w for w in caught if "_dynamo" in w.filename or issubclass(w.category, tc.SlowPathWarning)]
     assert not warned, [str(w.message) for w in warned]
     assert "Graph break" not in capfd.readouterr().err
+
+
+def test_compiled_stacked_bidirectional_recurrent_layers(fresh_dynamo):
+    """A two-layer bidirectional LSTM from a given initial state crashed inductor ("'NoneType' object has no attribute
+    'numel'"): dynamo traced the base of a view its layer's hook reads (``_grads.lasting_edge``) as a tensor that is
+    None when the graph runs (a review helper's finding). That read runs eagerly now: compiled equals eager."""
+    from tests.test_recurrent import CE, CONFIGS, Net, _data, _rnn
+
+    config = "lstm-2-bi-h0"
+    gen = torch.Generator().manual_seed(1)
+    states = CONFIGS[config][1] * (1 + CONFIGS[config][2])
+    train, test = ([t.float() if t.is_floating_point() else t for t in _data(n, True, states, gen)] for n in (10, 3))
+    torch.manual_seed(0)
+    model = Net(_rnn(config)).float().eval()
+    ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+    kw = {"loss_fn": CE, "batch_size": 5}
+    eager = tc.influence(model, ckpts, train, test, **kw)
+    assert_close(tc.influence(model, ckpts, train, test, compile=True, **kw), eager, 1e-5)

@@ -266,6 +266,7 @@ def dense_grads(loss: ExampleLossFn, mapper: Mapper) -> GradFn:
     return mapper.grads_over_batch(loss_of_example, 2)
 
 
+@torch.compiler.disable  # (eager: dynamo traced a view's base as a tensor that is None when the graph runs)
 def lasting_edge(output: torch.Tensor) -> GradientEdge | None:
     """Where autograd passes ``output``'s gradient, also after the model changes ``output`` in place; None if no such
     place. A view's own node leaves the graph when the view is changed in place (autograd rebases it onto its base),
