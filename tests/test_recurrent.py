@@ -171,7 +171,7 @@ FUSED = ["lstm-1", "lstm-2-bi-h0", "lstm-2-nobias-h0", "rnn-tanh-2-bi-h0", "rnn-
 
 @pytest.mark.parametrize("config", FUSED)
 def test_few_examples_run_their_steps_fused_in_float32_as_unrolled(config, monkeypatch):
-    """A batch of few examples (planning's and the spot checks' lone examples; here every batch) runs an LSTM's or a
+    """A batch of few examples (planning's lone examples; here every batch) runs an LSTM's or a
     plain RNN's steps in the fused op, through an identity input weight (``_recurrent._fused_steps``): the scores are
     the unrolled steps' up to float32 rounding, and the float64 loop reference's to float32's precision."""
     import tracin_func._recurrent as recurrent

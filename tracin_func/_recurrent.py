@@ -10,7 +10,7 @@ per-example gradient of each weight is then a sum over time steps of outer produ
 the gradient at the product's own output (for a GRU's ``n`` gate: before the multiplication by ``r``). An LSTM's and a
 plain RNN's step adds the two products, whose gradients are then the same: the batched pass takes the hidden-to-hidden
 product's at the input products, in one call for every step (``_gates_stand_in``); for a few examples (planning's
-and the spot checks' lone ones) the steps then run in torch's fused kernel, fed the input products through an
+lone examples, a small batch) the steps then run in torch's fused kernel, fed the input products through an
 identity input weight (``_fused_steps``).
 
 A cell (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``), called once per step by the model's own loop, is one step
@@ -239,7 +239,7 @@ def _layers(
     [B, T]`` is False (past an example's end) a step leaves the state as it was: its products' output gradients are
     exactly zero there, and each direction's last state is the one at the example's own end (its start, reversed)."""
     lstm = isinstance(module, nn.LSTM)
-    n, steps, size = x.shape[0], x.shape[1], module.hidden_size
+    n, size = x.shape[0], module.hidden_size
     directions = 2 if module.bidirectional else 1
     if hx is None:
         zeros = x.new_zeros(module.num_layers * directions, n, size)
@@ -261,34 +261,50 @@ def _layers(
             h = h0[layer * directions + direction]
             c = c0[layer * directions + direction] if lstm else None
             if joint and alive is None and _fused_steps_serve(xi):
-                out_d, prior_d, h, c = _fused_steps(module, xi, w_hh, b_hh, h, c, reverse=bool(direction))
-                if hooks[f"hh{key}"](Weights(w_hh, b_hh), (prior_d,), xi) is not None:
-                    raise RuntimeError(f"the hidden-to-hidden product of {key!r} was not followed at its gates")
-                outputs.append(out_d)
-                last_h.append(h)
-                last_c.append(c)
-                continue
-            inputs, out, prior = xi.unbind(1), [None] * steps, [None] * steps
-            for t in range(steps - 1, -1, -1) if direction else range(steps):
-                prior[t] = h  # the step's hidden input, by time
-                hh = product(step_hooks, f"hh{key}", h, w_hh, b_hh)  # [B, gates * H]: G taken here (joint: at xi)
-                stepped, c_stepped = _step(module, inputs[t], hh, h, c)
-                if live is None:
-                    h, c = stepped, c_stepped
-                else:
-                    h = torch.where(live[t], stepped, h)
-                    c = torch.where(live[t], c_stepped, c) if lstm else None
-                out[t] = h
+                out, prior, h, c = _fused_steps(module, xi, w_hh, b_hh, h, c, reverse=bool(direction))
+            else:
+                stepped = _unrolled_steps(module, step_hooks, f"hh{key}", xi, w_hh, b_hh, h, c, live, bool(direction))
+                out, prior, h, c = stepped
             if joint:  # one call for every step: the hidden inputs, and the gates' sum (``xi``) for its output
-                if hooks[f"hh{key}"](Weights(w_hh, b_hh), (torch.stack(prior, 1),), xi) is not None:
+                if hooks[f"hh{key}"](Weights(w_hh, b_hh), (prior(),), xi) is not None:
                     raise RuntimeError(f"the hidden-to-hidden product of {key!r} was not followed at its gates")
-            outputs.append(torch.stack(out, 1))
+            outputs.append(out)
             last_h.append(h)
             last_c.append(c)
         x = outputs[0] if directions == 1 else torch.cat(outputs, 2)
         if module.training and module.dropout > 0 and layer < module.num_layers - 1:  # refused by `unrollable`
             raise RuntimeError("dropout between recurrent layers in training mode is not unrolled")
     return x, torch.stack(last_h), torch.stack(last_c) if lstm else None
+
+
+def _unrolled_steps(
+    module: nn.RNNBase,
+    hooks: Mapping[str, Hook],
+    key: str,
+    xi: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_hh: torch.Tensor | None,
+    h: torch.Tensor,
+    c: torch.Tensor | None,
+    live: Any,
+    reverse: bool,
+) -> tuple[torch.Tensor, Callable[[], torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """``(output [B, T, H], the hidden inputs [B, T, H] when called, h_n, c_n)`` of one layer and direction stepped
+    one time step at a time from its input products ``xi``, each hidden-to-hidden product passed through ``hooks[key]``
+    (``live``: per step, the examples still running, or None)."""
+    steps = xi.shape[1]
+    inputs, out, prior = xi.unbind(1), [None] * steps, [None] * steps
+    for t in range(steps - 1, -1, -1) if reverse else range(steps):
+        prior[t] = h  # the step's hidden input, by time
+        hh = product(hooks, key, h, w_hh, b_hh)  # [B, gates * H]: G taken here (joint: at xi)
+        stepped, c_stepped = _step(module, inputs[t], hh, h, c)
+        if live is None:
+            h, c = stepped, c_stepped
+        else:
+            h = torch.where(live[t], stepped, h)
+            c = torch.where(live[t], c_stepped, c) if c is not None else None
+        out[t] = h
+    return torch.stack(out, 1), lambda: torch.stack(prior, 1), h, c
 
 
 def _gates_stand_in(module: nn.RNNBase, hook: Hook | None, xi: torch.Tensor) -> bool:
@@ -311,7 +327,7 @@ _FUSED_STEPS_MAX_BATCH = 16
 
 
 def _fused_steps_serve(xi: torch.Tensor) -> bool:
-    """Whether ``_fused_steps`` runs a few examples' steps (planning's and the spot checks' lone examples) exactly and
+    """Whether ``_fused_steps`` runs a few examples' steps (planning's lone examples, a small batch) exactly and
     faster than unrolled: oneDNN's float32 kernel on the CPU, outside torch.func's transforms, its matrix products at
     full precision (a lower one, globally or oneDNN's recurrent layers' own, would round the input products), every
     input product finite (an infinite one times the identity's zeros is NaN)."""
@@ -335,9 +351,9 @@ def _fused_steps(
     h: torch.Tensor,
     c: torch.Tensor | None,
     reverse: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(output, hidden inputs, h_n, c_n)`` (``[B, T, H]`` twice) of one layer and direction of an LSTM or plain RNN
-    whose input products ``xi [B, T, gates H]`` are given: the fused op's steps on ``xi`` through an identity
+) -> tuple[torch.Tensor, Callable[[], torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """``_unrolled_steps``' ``(output, hidden inputs when called, h_n, c_n)`` of one layer and direction of an LSTM or
+    plain RNN whose input products ``xi [B, T, gates H]`` are given: the fused op's steps on ``xi`` through an identity
     input-to-hidden weight, so that the gradient it passes to ``xi`` is the gates' (the identity's products are exact:
     each gate's one nonzero term times 1). The steps' ops run in one kernel instead of a dozen dispatches each."""
     gates = xi.shape[-1]
@@ -352,7 +368,7 @@ def _fused_steps(
     prior = torch.cat([h[:, None], out[:, :-1]], 1)  # the step's hidden input, in the order stepped
     if reverse:
         out, prior = out.flip(1), prior.flip(1)
-    return out, prior, h_n[0], None if c_n is None else c_n[0]
+    return out, lambda: prior, h_n[0], None if c_n is None else c_n[0]
 
 
 def _cell_forward(module: nn.RNNCellBase, hooks: Mapping[str, Hook], input: Any, hx: Any = None) -> Any:
