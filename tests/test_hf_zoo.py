@@ -328,6 +328,12 @@ ZOO.update({
                                    width_coefficient=0.1, depth_coefficient=0.1, hidden_dim=128), BATCHED),  # fmt: skip
     "regnet": (lambda: image(T.RegNetConfig, T.RegNetForImageClassification, embedding_size=8, hidden_sizes=[8, 16],
                              depths=[1, 1], groups_width=8), BATCHED),  # fmt: skip
+    # its position-bias MLP runs on a [1, ...] buffer, taken for a row broadcast over the batch, which the model
+    # reshapes with `view(-1, heads)`: only the first example's copy is read (run once and followed instead, the
+    # in-place ReLU after it changes the followed output: not followed yet)
+    "swinv2": (lambda: image(T.Swinv2Config, T.Swinv2ForImageClassification, image_size=16, patch_size=2, embed_dim=8,
+                             depths=[1, 1], num_heads=[2, 2], window_size=4),
+               "changed the first examples' factors at"),  # fmt: skip
     # its landmark attention divides by the largest key sum over the whole batch (`iterative_inv`): examples interact,
     # and each example's own score is its loss computed alone (no mask: with one, transformers' shapes fail)
     "nystromformer": (without_mask(lambda: classifier(T.NystromformerConfig, T.NystromformerForSequenceClassification,
