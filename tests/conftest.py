@@ -16,6 +16,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import torch
 
 import tracin_func as tc
@@ -57,3 +60,20 @@ def assert_topk(top: tc.TopK, scores: torch.Tensor, k: int, *, largest: bool, rt
             gaps = (ordered[row] - ordered[row, j]).abs()
             if int((gaps <= tol).sum()) == 1:  # no other score within tol: the index is determined
                 assert int(top.indices[row, j]) == int(ref_idx[row, j]), (row, j)
+
+
+@pytest.fixture
+def precision_restored() -> Iterator[None]:
+    """torch's float32 precision settings put back as they were after the test: on torch >= 2.9 one per backend and
+    op, which ``torch.set_float32_matmul_precision`` pins (a test restoring with it left oneDNN's matmul at "ieee"
+    where it deferred to the process-wide setting before, for every later test of the session)."""
+    holders = [torch.backends, torch.backends.mkldnn, torch.backends.cuda.matmul, torch.backends.cudnn]
+    holders += [getattr(torch.backends.mkldnn, op, None) for op in ("matmul", "conv", "rnn")]
+    holders += [getattr(torch.backends.cudnn, op, None) for op in ("conv", "rnn")]
+    saved = [(h, h.fp32_precision) for h in holders if h is not None and hasattr(h, "fp32_precision")]
+    legacy = None if saved else torch.get_float32_matmul_precision()
+    yield
+    for holder, value in saved:
+        holder.fp32_precision = value
+    if legacy is not None:
+        torch.set_float32_matmul_precision(legacy)

@@ -285,6 +285,8 @@ ZOO: dict[str, tuple[Callable[[], Built], str]] = {
                                 attn_layer_offset=1, mamba_d_state=4, mamba_d_conv=4, use_mamba_kernels=False, **KV,
                                 **SMALL), BATCHED),  # fmt: skip  (attention and Mamba layers, one expert)
 }
+
+
 def without_mask(build: Callable[[], Built]) -> Callable[[], Built]:
     """``build``'s examples without their padding mask, every token real."""
 

@@ -201,7 +201,7 @@ def test_few_examples_run_their_steps_fused_in_float32_as_unrolled(config, monke
     assert_close(self_influence, ref.self_influence, 1e-4)
 
 
-def test_steps_run_fused_only_where_the_fused_op_is_exact():
+def test_steps_run_fused_only_where_the_fused_op_is_exact(precision_restored):
     """Not in float64 (no oneDNN kernel: no gain), not at a lower float32 precision, torch's or oneDNN's recurrent
     layers' own (the identity's products would round the input products), not with an input product that is not
     finite (infinity times the identity's zeros is NaN), not for more examples than ``_FUSED_STEPS_MAX_BATCH``."""

@@ -3807,7 +3807,7 @@ def test_a_float32_refusal_on_a_gpu_names_tf32_when_it_is_on():
         cudnn.allow_tf32, matmul.allow_tf32 = before
 
 
-def test_float32_products_lowered_on_the_cpu_are_warned_and_named():
+def test_float32_products_lowered_on_the_cpu_are_warned_and_named(precision_restored):
     """`torch.set_float32_matmul_precision("medium")` runs a CPU's float32 products in bfloat16 through oneDNN (found by
     review, on a CPU with bfloat16 units: an MLP's scores 4e-3 off and its batching refused as "examples interact",
     silently). The call warns with the flag and the fix, and a refusal names it; an explicit half `dtype=` is refused,

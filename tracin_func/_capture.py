@@ -1,8 +1,9 @@
 """Capturing factors: layer inputs ``A`` and output gradients ``G`` of factor sites, obtained functionally.
 
 Each site's output is differentiated (``G``) and its input rows are kept (``A``), by forward hooks: the batched path
-differentiates the outputs' gradient edges (a zero "probe" is added only where nothing before the layer needs
-gradients, or for a row broadcast over the batch); the vmapped path adds a zero probe to every output. The hooks
+differentiates the outputs' gradient edges (the layers' differentiated tensors enter as aliases requiring grad, so
+the first layer's output has one too; a zero "probe" is added only to a view of part of another tensor, an output
+needing no gradient, or a row broadcast over the batch); the vmapped path adds a zero probe to every output. The hooks
 are registered on the call's private copy of the model (``_model.private_copy``) and removed in ``finally`` blocks.
 Two ways to run them:
 
@@ -383,14 +384,15 @@ def batched_factors(
     copies = {name: _expanded(state[name], rows, site.rank) for site in expanded for name in site.names}
     unused = {name: state[name].detach().requires_grad_() for name in plan.unused}  # must stay unreached
     copied.update(copies.values())
-    state = {**state, **_requiring_grad(state, plan.sites), **copies, **unused}
+    layers = [s for s in plan.sites if s.kind not in ("expanded", "followed")]  # (the others: no layer to hook)
+    state = {**state, **_requiring_grad(state, layers), **copies, **unused}
     with torch.enable_grad():
         for site in followed:  # (per call: the parameter's whole gradient at its probe)
             probe = torch.zeros_like(state[site.path], requires_grad=True)
             state[site.path] = state[site.path].detach() + probe
             root = meetings.follow(state[site.path], f"parameter {site.path!r}", weight=True)
             roots[site.path].append((root, probe))
-        hooks = {s.path: hook_for(s) for s in plan.sites if s.kind not in ("expanded", "followed")}
+        hooks = {s.path: hook_for(s) for s in layers}
         watch = _PlanningWatch({n, rows}) if refuse_recomputing else nullcontext()
         norms = _NormsOfCopies({id(copies[n]): shapes[n] for n in copies}) if _calls(module, expanded, _NORMS) else None
         rows_of = frozenset(id(copies[n]) for n in copies if len(shapes[n]) >= 2 and shapes[n][0] == 1)  # (rows)
@@ -473,15 +475,14 @@ def batched_factors(
     return factors
 
 
-def _requiring_grad(state: Tensors, sites: Sequence[Site]) -> Tensors:
-    """Aliases requiring grad of the hooked layers' differentiated tensors (the checkpoint's are left as they are),
+def _requiring_grad(state: Tensors, layers: Sequence[Site]) -> Tensors:
+    """Aliases requiring grad of the hooked ``layers``' differentiated tensors (the checkpoint's are left as they are),
     so that every layer's output, the first's too, has a place in the graph where autograd passes its gradient
     instead of a zero probe added to it (the digits MLP's first layer: a fill and an add of [1600, 128] per
     checkpoint). No weight's gradient is computed: autograd runs only what the outputs' gradients need."""
-    hooked = [s for s in sites if s.kind not in ("expanded", "followed")]
     return {
         name: state[name].detach().requires_grad_()
-        for site in hooked
+        for site in layers
         for name in site.names
         if state[name].is_floating_point() and not state[name].requires_grad
     }

@@ -328,15 +328,15 @@ _FUSED_STEPS_MAX_BATCH = 16
 
 def _fused_steps_serve(xi: torch.Tensor) -> bool:
     """Whether ``_fused_steps`` runs a few examples' steps (planning's lone examples, a small batch) exactly and
-    faster than unrolled: oneDNN's float32 kernel on the CPU, outside torch.func's transforms, its matrix products at
-    full precision (a lower one, globally or oneDNN's recurrent layers' own, would round the input products), every
-    input product finite (an infinite one times the identity's zeros is NaN)."""
+    faster than unrolled: torch's fused float32 CPU kernel (oneDNN's where enabled), outside torch.func's transforms
+    and ``torch.compile``, its matrix products at full precision (a lower one, globally or oneDNN's recurrent layers'
+    own, would round the input products), every input product finite (an infinite one times the identity's zeros is
+    NaN)."""
     return (
         not torch.compiler.is_compiling()  # (the checks below would break its graph; it compiles the steps itself)
         and xi.shape[0] <= _FUSED_STEPS_MAX_BATCH
         and xi.dtype == torch.float32
         and xi.device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
         and full_float32_products("matmul", "rnn")
         and peek_interpreter_stack() is None
         and bool(torch.isfinite(xi).all())
