@@ -154,7 +154,7 @@ def wrapped(module: nn.Module) -> str:
     """Why ``module``'s call may differ from its class's function whatever the class (hooks, a parametrized weight,
     a ``forward`` set on the instance), in words; ``""`` when none applies."""
     name = type(module).__name__
-    if any(getattr(module, hooks) for hooks in _HOOKS) and not _passive_hooks_only(module):
+    if _hooks_of_effect(module):
         hooks = [getattr(h, "__wrapped__", h) for h in module._forward_pre_hooks.values()]  # (the call's guard's)
         legacy = {type(h).__name__ for h in hooks} & {"WeightNorm", "SpectralNorm"}
         if legacy:  # torch.nn.utils.weight_norm / spectral_norm: a hook recomputing the weight before each call
@@ -179,6 +179,11 @@ _PASSIVE_HOOKS = {
     "make_inputs_require_grads": "transformers.",
     "output_capturing_hook": "transformers.utils.output_capturing",
 }
+
+
+def _hooks_of_effect(module: nn.Module) -> bool:
+    """Whether ``module`` has hooks that may change its inputs, outputs or gradients (any but ``_PASSIVE_HOOKS``)."""
+    return any(getattr(module, hooks) for hooks in _HOOKS) and not _passive_hooks_only(module)
 
 
 def _passive_hooks_only(module: nn.Module) -> bool:
@@ -426,8 +431,7 @@ def _holds_only(holder: nn.Module, names: set[str]) -> bool:
     object) proves nothing. A use planning could not see (its check runs a few first examples, at the last
     checkpoint: a use on later examples only, or zero there) would be scored wrong, silently: a holder that may read
     it leaves the layer to vmap(grad)."""
-    hooked = any(getattr(holder, h) for h in _HOOKS) and not _passive_hooks_only(holder)
-    if isinstance(holder, parametrize.ParametrizationList) or hooked:
+    if isinstance(holder, parametrize.ParametrizationList) or _hooks_of_effect(holder):
         return False
     # (callables set on the instance too: a lambda over ``self.bias`` its forward calls as ``self.fn``)
     own = [v for k, v in vars(holder).items() if k not in MODULE_SLOTS]

@@ -257,16 +257,15 @@ def _layers(
             b_hh = getattr(module, f"bias_hh{key}") if module.bias else None
             xi = product(hooks, f"ih{key}", x, w_ih, b_ih)  # [B, T, gates * H]: the whole sequence at once
             joint = _gates_stand_in(module, hooks.get(f"hh{key}"), xi)
-            step_hooks = {} if joint else hooks
             h = h0[layer * directions + direction]
             c = c0[layer * directions + direction] if lstm else None
+            reverse = bool(direction)
             if joint and alive is None and _fused_steps_serve(xi):
-                out, prior, h, c = _fused_steps(module, xi, w_hh, b_hh, h, c, reverse=bool(direction))
+                out, prior, h, c = _fused_steps(module, xi, w_hh, b_hh, h, c, reverse)
             else:
-                stepped = _unrolled_steps(module, step_hooks, f"hh{key}", xi, w_hh, b_hh, h, c, live, bool(direction))
-                out, prior, h, c = stepped
+                out, prior, h, c = _unrolled_steps(module, hooks, key, xi, w_hh, b_hh, h, c, live, reverse, joint)
             if joint:  # one call for every step: the hidden inputs, and the gates' sum (``xi``) for its output
-                if hooks[f"hh{key}"](Weights(w_hh, b_hh), (prior(),), xi) is not None:
+                if hooks[f"hh{key}"](Weights(w_hh, b_hh), (prior,), xi) is not None:
                     raise RuntimeError(f"the hidden-to-hidden product of {key!r} was not followed at its gates")
             outputs.append(out)
             last_h.append(h)
@@ -288,15 +287,18 @@ def _unrolled_steps(
     c: torch.Tensor | None,
     live: Any,
     reverse: bool,
-) -> tuple[torch.Tensor, Callable[[], torch.Tensor], torch.Tensor, torch.Tensor | None]:
-    """``(output [B, T, H], the hidden inputs [B, T, H] when called, h_n, c_n)`` of one layer and direction stepped
-    one time step at a time from its input products ``xi``, each hidden-to-hidden product passed through ``hooks[key]``
-    (``live``: per step, the examples still running, or None)."""
+    joint: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """``(output [B, T, H], the hidden inputs [B, T, H] where ``joint``, h_n, c_n)`` of layer and direction ``key``
+    stepped one time step at a time from its input products ``xi``, each hidden-to-hidden product passed through
+    ``hooks["hh" + key]`` but where ``joint`` (its hook called once for all steps, by ``_layers``; ``live``: per step,
+    the examples still running, or None)."""
+    step_hooks = {} if joint else hooks
     steps = xi.shape[1]
     inputs, out, prior = xi.unbind(1), [None] * steps, [None] * steps
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
         prior[t] = h  # the step's hidden input, by time
-        hh = product(hooks, key, h, w_hh, b_hh)  # [B, gates * H]: G taken here (joint: at xi)
+        hh = product(step_hooks, f"hh{key}", h, w_hh, b_hh)  # [B, gates * H]: G taken here (joint: at xi)
         stepped, c_stepped = _step(module, inputs[t], hh, h, c)
         if live is None:
             h, c = stepped, c_stepped
@@ -304,7 +306,7 @@ def _unrolled_steps(
             h = torch.where(live[t], stepped, h)
             c = torch.where(live[t], c_stepped, c) if c is not None else None
         out[t] = h
-    return torch.stack(out, 1), lambda: torch.stack(prior, 1), h, c
+    return torch.stack(out, 1), torch.stack(prior, 1) if joint else None, h, c
 
 
 def _gates_stand_in(module: nn.RNNBase, hook: Hook | None, xi: torch.Tensor) -> bool:
@@ -351,8 +353,8 @@ def _fused_steps(
     h: torch.Tensor,
     c: torch.Tensor | None,
     reverse: bool,
-) -> tuple[torch.Tensor, Callable[[], torch.Tensor], torch.Tensor, torch.Tensor | None]:
-    """``_unrolled_steps``' ``(output, hidden inputs when called, h_n, c_n)`` of one layer and direction of an LSTM or
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``_unrolled_steps``' ``(output, hidden inputs, h_n, c_n)`` of one layer and direction of an LSTM or
     plain RNN whose input products ``xi [B, T, gates H]`` are given: the fused op's steps on ``xi`` through an identity
     input-to-hidden weight, so that the gradient it passes to ``xi`` is the gates' (the identity's products are exact:
     each gate's one nonzero term times 1). The steps' ops run in one kernel instead of a dozen dispatches each."""
@@ -368,7 +370,7 @@ def _fused_steps(
     prior = torch.cat([h[:, None], out[:, :-1]], 1)  # the step's hidden input, in the order stepped
     if reverse:
         out, prior = out.flip(1), prior.flip(1)
-    return out, lambda: prior, h_n[0], None if c_n is None else c_n[0]
+    return out, prior, h_n[0], None if c_n is None else c_n[0]
 
 
 def _cell_forward(module: nn.RNNCellBase, hooks: Mapping[str, Hook], input: Any, hx: Any = None) -> Any:
