@@ -171,6 +171,15 @@ def ours(
     }
 
 
+def _summed_loss(model: nn.Module) -> Callable[[Any, Any], torch.Tensor]:
+    """``loss(state, (x, y))``: the summed cross-entropy of the model's outputs, as the floor computes it."""
+    from torch.func import functional_call
+
+    return lambda state, batch: nn.functional.cross_entropy(
+        functional_call(model, state, (batch[0],)), batch[1], reduction="sum"
+    )
+
+
 def backprop_floor(w: Workload, device: torch.device, with_test: bool, bs: int = FLOOR_BATCH) -> Callable[[], Any]:
     """Not TracIn: one ordinary batched forward / backward (summed loss, summed gradients) per checkpoint over the
     training examples (and the test examples when ``with_test``). Any exact method does at least this much work."""
@@ -490,16 +499,27 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
             run(bounds.activation_backward(primary.model, primary.batch_loss, states, data)),
         )
     calls = []
+    checks = {q: bounds.CheckRuns(primary.model) for q, _ in questions}  # the primary form's default calls' checks
     for w in forms:
-        default = {q: run(fn) for q, fn in real_ours(w, args.our_batch_size, device).items()}
+        mine = real_ours(w, args.our_batch_size, device)
+        watched = {q: checks[q].watched(fn) if w is primary else fn for q, fn in mine.items()}
+        default = {q: run(fn) for q, fn in watched.items()}
         unfactored = {q: run(fn) for q, fn in real_ours(w, args.our_batch_size, device, factored=False).items()}
         calls.append((w, default, unfactored))
+    checked = {  # (replayed on the data each question checks first)
+        q: run(checks[q].replayed(primary.batch_loss, states[-1], lambda n, d=data: real_models.take(d, 0, n)))
+        for q, data in (("influence", primary.test), ("self", primary.train))
+    }
     timer.time()
 
     for q, question in questions:
         rows.add(question, "plain backprop (floor)", floors[q], None, None, "not TracIn", floor=floors[q])
-    for label, bound, note in bounded():
+    for label, bound, note in bounded((checked["influence"], checks["influence"].describe())):
         rows.add("influence", label, bound, None, None, note, floor=floors["influence"])
+    label, bound, note = _with_checks(
+        "floor + the checks' runs", floors["self"], checked["self"], checks["self"].describe()
+    )
+    rows.add("self-influence", label, bound, None, None, note, floor=floors["self"])
     for q, question in questions:
         forward, backward = lower[q]
         rows.add(question, "forward only", forward, None, None, "lower bound of any method", floor=floors[q])
@@ -529,7 +549,9 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
     rows.notes.append(
         "x floor = time / plain backprop (one batched forward / backward of the summed loss per checkpoint over the "
         "same examples); x ours = time / tracin_func's default call in the same form; rel diff vs that call. "
-        "Checkpoints are in memory for every row (no file loading). Every row but Captum's is the best of "
+        "+ the checks' runs: plus the model's runs on a few examples that the first form's default call makes to check "
+        "what it is trusted with (bounds.CheckRuns), replayed plainly. Checkpoints are in memory for every row (no "
+        "file loading). Every row but Captum's is the best of "
         f"{args.repeat} rounds that time each call once in turn; Captum rows are one run."
     )
     return rows, "; ".join(w.describe() for w in forms)
@@ -552,7 +574,7 @@ def influence_bounds(
     batched, summed = (timer.add(f) for f in bounds.per_example_gradients(layers, w.n_test + w.n_train, n_ckpts))
     timer.time()
 
-    def bounded() -> list[tuple[str, Measurement, str]]:
+    def bounded(checks: tuple[Measurement, str]) -> list[tuple[str, Measurement, str]]:
         excess = max(0.0, batched.seconds - summed.seconds)
         with_pairs = Measurement(floor.seconds + m.seconds, max(floor.peak_mb, m.peak_mb), None, m.runs)
         return [
@@ -563,9 +585,20 @@ def influence_bounds(
                 f"an estimate, not a bound: materialised layers' per-example gradients as batched GEMMs "
                 f"{batched.seconds:.3f} s vs the floor's summed GEMMs {summed.seconds:.3f} s",
             ),
+            _with_checks("floor + pairs + the checks' runs", with_pairs, *checks),
         ]
 
     return bounded
+
+
+def _with_checks(label: str, bound: Measurement, checks: Measurement, what: str) -> tuple[str, Measurement, str]:
+    """A bound plus the plain replay of a call's checks (``bounds.CheckRuns``): the least a call checking as ours
+    does can take, not any method."""
+    return (
+        label,
+        replace(bound, seconds=bound.seconds + checks.seconds),
+        f"lower bound for a call that checks as ours does: {what}, plainly, {checks.seconds:.3f} s",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- the bench
@@ -655,13 +688,23 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
         return once(fn, device) if slow else timer.add(quiet(fn))
 
     mine = ours(w, args.our_batch_size, k, device)
-    o_inf, o_top, o_self = (run(mine[q]) for q in ("influence", "top_k", "self"))
+    checks = {q: bounds.CheckRuns(w.model) for q in ("influence", "self")}
+    o_inf, o_top, o_self = (
+        run(checks[q].watched(mine[q]) if q in checks else mine[q]) for q in ("influence", "top_k", "self")
+    )
     S, top, s = o_inf.result, o_top.result, o_self.result
     dense = ours(w, args.our_batch_size, k, device, factored=False)
     d_inf, d_self = run(dense["influence"]), run(dense["self"])
     floor_inf = run(backprop_floor(w, device, True))
     floor_self = run(backprop_floor(w, device, False))
     bounded = influence_bounds(w.model, lambda: w.model(w.x_train[:1].to(device)), w, floor_inf, args.repeat)
+    last = tc.load_checkpoints(w.checkpoint_paths[-1:], map_location=device)[0].params
+    checked = {  # (replayed on the data each question checks first)
+        q: run(
+            checks[q].replayed(_summed_loss(w.model), last, lambda n, x=x, y=y: (x[:n].to(device), y[:n].to(device)))
+        )
+        for q, (x, y) in (("influence", (w.x_test, w.y_test)), ("self", (w.x_train, w.y_train)))
+    }
 
     if not args.no_captum:
         # (label, sample_wise, all questions?): the path Captum users would pick gets every question
@@ -726,8 +769,12 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
     floor = "not TracIn: summed gradients only"
     rows.add("influence", "plain backprop (floor)", floor_inf, o_inf, None, floor)
     rows.add("self-influence", "plain backprop (floor)", floor_self, o_self, None, floor)
-    for label, bound, note in bounded():
+    for label, bound, note in bounded((checked["influence"], checks["influence"].describe())):
         rows.add("influence", label, bound, o_inf, None, note)
+    label, bound, note = _with_checks(
+        "floor + the checks' runs", floor_self, checked["self"], checks["self"].describe()
+    )
+    rows.add("self-influence", label, bound, o_self, None, note)
     for peer in peers:
         rows.add(*peer)
     rows.notes.insert(
@@ -738,7 +785,9 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
         f"floor + pair products = the floor plus the influence matrix's inner products alone (bounds.py): no exact "
         f"influence matrix takes less; its time / the floor's is the best 'x floor' possible here. + per-example "
         f"GEMMs: plus the excess of forming the materialised layers' per-example gradients (batched GEMMs) over "
-        f"the same products summed (an estimate, not a bound). Every row but Captum's per-example ones is the best of "
+        f"the same products summed (an estimate, not a bound). + the checks' runs: plus the runs of the model on a "
+        f"few examples that our call makes to check what it is trusted with (bounds.CheckRuns), replayed plainly: no "
+        f"call checking as ours does takes less. Every row but Captum's per-example ones is the best of "
         f"{args.repeat} rounds that time each call once in turn.",
     )
     return rows

@@ -22,16 +22,24 @@ target ratio can be checked against what is physically possible on this machine.
   activation_backward`` is the most a method running them can be faster than Captum. It skips the floor's parameter
   gradients, so a factored method may beat the floor, never this (the CPU ``nn.LSTM``'s fused backward costs about as
   much without its weights' gradients: this is about the floor there).
+- ``CheckRuns``: a call of ours that checks what it is trusted with (the forward check, discovery, the batching check,
+  each batch's spot check: ``docs/batching_check.md``) runs the model on a few examples beside its batched passes. This
+  records those runs in one call and replays them plainly (a forward, or a forward and a backward to the layer
+  outputs only, at the last checkpoint): no call checking as ours does can run them for less. ``floor + pair products
+  + the checks' runs`` bounds such a call, not every method.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
+import optree
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge
 
 _BLOCK_ELEMENTS = 1 << 26  # of one block of materialised training gradients (256 MB in float32)
 # of one block of per-example gradients formed at once: 1 MB in float32, as ours are formed when scored. Whole blocks of
@@ -199,3 +207,78 @@ def activation_backward(
                 handle.remove()
 
     return run
+
+
+_CHECK_EXAMPLES = 8  # the most examples a check runs together (the batching check: six)
+
+
+class CheckRuns:
+    """The runs of ``model`` on at most ``_CHECK_EXAMPLES`` examples that a call makes, recorded in its first call
+    through ``watched(call)`` as ``(examples, backward)``: ``backward`` where a gradient was then taken through the
+    model (at a layer's output or a leaf tensor), not only at the model's outputs (a criterion's spot check). A run
+    under ``torch.vmap`` (its inputs per example) is not one of them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.runs: list[list[Any]] = []  # [examples, backward]
+
+    def watched(self, call: Callable[[], Any]) -> Callable[[], Any]:
+        """``call``, recording its runs the first time it is called."""
+        done: list[bool] = []
+
+        def first() -> Any:
+            if done:
+                return call()
+            done.append(True)
+            with self._recording():
+                return call()
+
+        return first
+
+    @contextmanager
+    def _recording(self) -> Iterator[None]:
+        grad, runs = torch.autograd.grad, self.runs
+        last: list[list[Any] | None] = [None]  # the last run, where it is a check's (the hook holds no model: the
+        # call refuses a hook reading the original's tensors)
+
+        def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = next((t for t in optree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
+            small = x is not None and x.dim() > 0 and x.shape[0] <= _CHECK_EXAMPLES
+            last[0] = [x.shape[0], False] if small and not torch._C._functorch.is_functorch_wrapped_tensor(x) else None
+            if last[0] is not None:
+                runs.append(last[0])
+
+        def recorded_grad(outputs: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            through = [inputs] if isinstance(inputs, (torch.Tensor, GradientEdge)) else list(inputs)
+            if last[0] is not None and any(isinstance(t, GradientEdge) or t.grad_fn is None for t in through):
+                last[0][1] = True
+            return grad(outputs, inputs, *args, **kwargs)
+
+        handle = self.model.register_forward_pre_hook(pre, with_kwargs=True)
+        torch.autograd.grad = recorded_grad
+        try:
+            yield
+        finally:
+            torch.autograd.grad = grad
+            handle.remove()
+
+    def replayed(self, loss: Callable[[Any, Any], torch.Tensor], state: Any, data: Any) -> Callable[[], None]:
+        """The recorded runs, plainly: ``loss(state, batch)`` on the first examples of ``data`` (``take(data, n)``),
+        under ``no_grad``, or with its gradient at the layer outputs (``activation_backward``)."""
+        runs = [
+            (activation_backward if backward else lambda _, f, s, b: forward_only(f, s, b))(
+                self.model, loss, [state], [data(n)]
+            )
+            for n, backward in self.runs
+        ]
+
+        def run() -> None:
+            for replay in runs:
+                replay()
+
+        return run
+
+    def describe(self) -> str:
+        backward = sum(b for _, b in self.runs)
+        sizes = "/".join(map(str, sorted({n for n, _ in self.runs})))
+        return f"{len(self.runs)} runs of the model on {sizes} examples, {backward} with a backward"

@@ -22,6 +22,10 @@ def test_bench_core_runs(capsys):
     impls = {(r["question"], r["impl"]) for r in results}
     assert ("influence", "tracin_func") in impls and ("self-influence", "plain backprop (floor)") in impls
     assert ("influence", "floor + pairs + per-example GEMMs") in impls
+    assert ("influence", "floor + pairs + the checks' runs") in impls and (
+        "self-influence",
+        "floor + the checks' runs",
+    ) in impls
     assert ("self-influence", "tracin_func factored=False") in impls
     assert all(r["max_rel_diff_vs_ours"] < 1e-4 for r in results if r["max_rel_diff_vs_ours"] is not None)
     assert all(r["seconds"] > 0 for r in results)
@@ -38,10 +42,57 @@ def test_bench_core_real_models_run(capsys):
     assert ("influence", "tracin_func factored=False (criterion)") in impls
     assert ("self-influence", "plain backprop (floor)") in impls
     assert ("influence", "forward + backward to layer outputs") in impls
+    assert ("influence", "floor + pairs + the checks' runs") in impls and (
+        "self-influence",
+        "floor + the checks' runs",
+    ) in impls
     assert ("self-influence", "Captum TracInCP per-example (b8)") in impls
     assert all(r["seconds"] > 0 for r in results)
     assert all(r["max_rel_diff_vs_ours"] < 1e-4 for r in results if r["max_rel_diff_vs_ours"] is not None)
     assert "lstm (criterion)" in capsys.readouterr().out
+
+
+def test_check_runs_records_a_calls_few_example_runs_and_whether_they_reach_inside_the_model():
+    """``bounds.CheckRuns``: runs on at most eight examples, a backward where a gradient is taken at a leaf or a
+    layer's output (not at the model's outputs alone), none under vmap; recorded on the first call only, leaving no
+    hook on the model and ``torch.autograd.grad`` as it was."""
+    import bounds
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    grad = torch.autograd.grad
+
+    def call():
+        w = model[0].weight.detach().requires_grad_()
+        state = {**dict(model.named_parameters()), "0.weight": w}
+        torch.autograd.grad(torch.func.functional_call(model, state, torch.randn(1, 4)).sum(), [w])  # through it
+        out = model(torch.randn(3, 4))
+        torch.autograd.grad(out.sum(), [out])  # at its outputs alone
+        hidden = model[0](torch.randn(2, 4))  # a layer alone: not a run of the model
+        edge = torch.autograd.graph.get_gradient_edge(hidden)
+        with torch.no_grad():
+            model(torch.randn(6, 4))
+        torch.autograd.grad(model[2](model[1](hidden)).sum(), [edge])  # at a layer's output, after the last run
+        model(torch.randn(100, 4))  # a batched pass: no check
+        torch.func.vmap(model)(torch.randn(5, 4))  # per example under vmap: none either
+        return 7
+
+    checks = bounds.CheckRuns(model)
+    watched = checks.watched(call)
+    assert watched() == 7 and watched() == 7
+    assert checks.runs == [[1, True], [3, False], [6, True]]
+    assert "3 runs of the model on 1/3/6 examples, 2 with a backward" == checks.describe()
+    assert torch.autograd.grad is grad and not model._forward_pre_hooks
+    replayed = []
+
+    def loss(state, batch):
+        replayed.append((batch[0].shape[0], torch.is_grad_enabled()))
+        return nn.functional.cross_entropy(torch.func.functional_call(model, state, batch[0]), batch[1])
+
+    data = lambda n: (torch.randn(n, 4), torch.zeros(n, dtype=torch.long))  # noqa: E731
+    checks.replayed(loss, dict(model.named_parameters()), data)()
+    assert replayed == [(1, True), (3, False), (6, True)]  # a forward, or a forward and a backward
 
 
 @pytest.mark.slow
