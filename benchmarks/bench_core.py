@@ -516,15 +516,14 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
         rows.add(question, "plain backprop (floor)", floors[q], None, None, "not TracIn", floor=floors[q])
     for label, bound, note in bounded((checked["influence"], checks["influence"].describe())):
         rows.add("influence", label, bound, None, None, note, floor=floors["influence"])
-    label, bound, note = _with_checks(
-        "floor + the checks' runs", floors["self"], checked["self"], checks["self"].describe()
+    label, bound, note = _with_checks(  # (not on the floor: self-influence needs no summed parameter gradient)
+        "fwd + bwd + the checks' runs", lower["self"][1], checked["self"], checks["self"].describe()
     )
     rows.add("self-influence", label, bound, None, None, note, floor=floors["self"])
     for q, question in questions:
         forward, backward = lower[q]
         rows.add(question, "forward only", forward, None, None, "lower bound of any method", floor=floors[q])
-        note = "what any gradient method runs (torch's kernels): the backward to every layer's output, no parameter's"
-        rows.add(question, "forward + backward to layer outputs", backward, None, None, note, floor=floors[q])
+        rows.add(question, "forward + backward to layer outputs", backward, None, None, _TO_OUTPUTS, floor=floors[q])
     first: dict[str, Measurement] = {}
     for w, default, unfactored in calls:
         label = {"batch_loss": "BatchLoss", "example_loss": "ExampleLoss", "criterion": "criterion"}[w.form]
@@ -589,6 +588,9 @@ def influence_bounds(
         ]
 
     return bounded
+
+
+_TO_OUTPUTS = "what any gradient method runs (torch's kernels): the backward to every layer's output, no parameter's"
 
 
 def _with_checks(label: str, bound: Measurement, checks: Measurement, what: str) -> tuple[str, Measurement, str]:
@@ -698,13 +700,18 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
     floor_inf = run(backprop_floor(w, device, True))
     floor_self = run(backprop_floor(w, device, False))
     bounded = influence_bounds(w.model, lambda: w.model(w.x_train[:1].to(device)), w, floor_inf, args.repeat)
-    last = tc.load_checkpoints(w.checkpoint_paths[-1:], map_location=device)[0].params
+    states = [c.params for c in tc.load_checkpoints(w.checkpoint_paths, map_location=device)]
     checked = {  # (replayed on the data each question checks first)
         q: run(
-            checks[q].replayed(_summed_loss(w.model), last, lambda n, x=x, y=y: (x[:n].to(device), y[:n].to(device)))
+            checks[q].replayed(
+                _summed_loss(w.model), states[-1], lambda n, x=x, y=y: (x[:n].to(device), y[:n].to(device))
+            )
         )
         for q, (x, y) in (("influence", (w.x_test, w.y_test)), ("self", (w.x_train, w.y_train)))
     }
+    train = [(w.x_train[i : i + FLOOR_BATCH].to(device), w.y_train[i : i + FLOOR_BATCH].to(device))
+             for i in range(0, len(w.x_train), FLOOR_BATCH)]  # fmt: skip
+    to_outputs = run(bounds.activation_backward(w.model, _summed_loss(w.model), states, train))
 
     if not args.no_captum:
         # (label, sample_wise, all questions?): the path Captum users would pick gets every question
@@ -771,8 +778,9 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
     rows.add("self-influence", "plain backprop (floor)", floor_self, o_self, None, floor)
     for label, bound, note in bounded((checked["influence"], checks["influence"].describe())):
         rows.add("influence", label, bound, o_inf, None, note)
-    label, bound, note = _with_checks(
-        "floor + the checks' runs", floor_self, checked["self"], checks["self"].describe()
+    rows.add("self-influence", "forward + backward to layer outputs", to_outputs, o_self, None, _TO_OUTPUTS)
+    label, bound, note = _with_checks(  # (not on the floor: self-influence needs no summed parameter gradient)
+        "fwd + bwd + the checks' runs", to_outputs, checked["self"], checks["self"].describe()
     )
     rows.add("self-influence", label, bound, o_self, None, note)
     for peer in peers:

@@ -26,7 +26,8 @@ target ratio can be checked against what is physically possible on this machine.
   each batch's spot check: ``docs/batching_check.md``) runs the model on a few examples beside its batched passes. This
   records those runs in one call and replays them plainly (a forward, or a forward and a backward to the layer
   outputs only, at the last checkpoint): no call checking as ours does can run them for less. ``floor + pair products
-  + the checks' runs`` bounds such a call, not every method.
+  + the checks' runs`` bounds such a call's influence, ``activation_backward`` + the checks' runs its self-influence
+  (which needs no summed parameter gradient), not every method's.
 """
 
 from __future__ import annotations

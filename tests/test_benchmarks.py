@@ -24,7 +24,7 @@ def test_bench_core_runs(capsys):
     assert ("influence", "floor + pairs + per-example GEMMs") in impls
     assert ("influence", "floor + pairs + the checks' runs") in impls and (
         "self-influence",
-        "floor + the checks' runs",
+        "fwd + bwd + the checks' runs",
     ) in impls
     assert ("self-influence", "tracin_func factored=False") in impls
     assert all(r["max_rel_diff_vs_ours"] < 1e-4 for r in results if r["max_rel_diff_vs_ours"] is not None)
@@ -44,7 +44,7 @@ def test_bench_core_real_models_run(capsys):
     assert ("influence", "forward + backward to layer outputs") in impls
     assert ("influence", "floor + pairs + the checks' runs") in impls and (
         "self-influence",
-        "floor + the checks' runs",
+        "fwd + bwd + the checks' runs",
     ) in impls
     assert ("self-influence", "Captum TracInCP per-example (b8)") in impls
     assert all(r["seconds"] > 0 for r in results)
