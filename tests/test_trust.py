@@ -3775,14 +3775,16 @@ def test_the_float64_recheck_runs_the_examples_once_in_each_precision(monkeypatc
 
     runs = []
     counted = batching.batched_factors
-    monkeypatch.setattr(batching, "batched_factors", lambda *a, **kw: runs.append(a[3]) or counted(*a, **kw))
+    monkeypatch.setattr(batching, "batched_factors", lambda *a, **kw: runs.append(a[3:5]) or counted(*a, **kw))
     net = RoundsByBatchSize(0.0).eval()
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, generator=gen), torch.tensor([0, 1] * 4)
     ckpts = [tc.Checkpoint(params=dict(net.state_dict()), lr=0.1)]
     assert tc.explain(net, ckpts, (x, y), loss_fn=CE).batching.startswith("vmap(grad) over examples")
-    dtypes = [next(iter(state.values())).dtype for state in runs]
+    copies = [len(b[0]) == 2 and torch.equal(b[0][0], b[0][1]) for _, b in runs]  # the refusal's naming of its cause
+    dtypes = [next(iter(state.values())).dtype for (state, _), copied in zip(runs, copies) if not copied]
     assert (dtypes.count(torch.float32), dtypes.count(F64)) == (5, 5)  # four examples alone and together, in each
+    assert sum(copies) == 4  # once the refusal stands: each example as two copies, in float32 alone
 
 
 def test_a_float32_refusal_on_a_gpu_names_tf32_when_it_is_on():
@@ -4167,3 +4169,51 @@ def test_a_batch_loss_giving_the_batchs_mean_is_refused_naming_the_loss():
     mean = tc.BatchLoss(lambda p, b: F.cross_entropy(functional_call(model, p, (b[0],)), b[1]).expand(len(b[1])))
     with pytest.raises(ValueError, match=r"`loss_fn`: example \d of a batch of 8 got another loss in the batch than"):
         tc.self_influence(model, ckpts, train, loss_fn=mean)
+
+
+class _TokensConvNorm(nn.Module):
+    """CvT's query projection in small: tokens behind a class token to a depthwise convolution and an eval-mode
+    BatchNorm, back to tokens beside the class token, a Linear head; ``formula``: that BatchNorm written out."""
+
+    def __init__(self, formula=False):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.norm, self.head, self.formula = nn.BatchNorm2d(4), nn.Linear(4, 3), formula
+
+    def forward(self, tokens):  # [B, 1 + 4, 4]: a class token, then a 2 x 2 grid
+        n = tokens.shape[0]
+        cls, grid = torch.split(tokens, [1, 4], 1)
+        y = self.conv(grid.permute(0, 2, 1).view(n, 4, 2, 2))
+        if self.formula:
+            m = self.norm
+            y = (y - m.running_mean[:, None, None]) / torch.sqrt(m.running_var + m.eps)[:, None, None]
+            y = y * m.weight[:, None, None] + m.bias[:, None, None]
+        else:
+            y = self.norm(y)
+        return self.head(torch.cat((cls, y.view(n, 4, 4).permute(0, 2, 1)), 1)).mean(1)
+
+
+def test_a_batch_of_ones_own_gradients_are_named_and_examples_scored_as_batches_compute_them():
+    """torch 2.13's CPU BatchNorm backward in eval mode, given its output gradient in channels-last order with a
+    short batch stride (what a batch of one gets here, as in CvT's projections), permutes its input gradient: a
+    one-backward-per-example loop (the reference's; Captum's per-example TracInCP) scores such a model wrong. The
+    batching check saw the first examples alone differ from them together and refused with "examples interact"; two
+    copies of each example agree with the batch, so it names a batch of one's computation. The call's vmap(grad)
+    scores equal those of the BatchNorm written as its formula (the loop's 55% off; Captum's per-example TracInCP
+    43-58% at one checkpoint)."""
+    torch.manual_seed(7)
+    model = _TokensConvNorm().to(F64).eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5), model.norm.running_var.uniform_(0.5, 2.0)
+        model.norm.running_mean.normal_()
+    formula = _TokensConvNorm(formula=True).to(F64).eval()
+    formula.load_state_dict(model.state_dict())
+    ckpts = make_ckpts(model)
+    train, test = data(5, 4, n=9, seed=1), data(5, 4, n=3, seed=2)
+    truth, true_self = reference(formula, ckpts, train, test)
+    looped, _ = reference(model, ckpts, train, test)
+    assert not torch.allclose(looped, truth, rtol=0.1)  # (the premise: torch's backward for one example is wrong)
+    with pytest.warns(tc.SlowPathWarning, match="two copies of itself included: a batch of one computes them"):
+        scores = tc.influence(model, ckpts, train, test, loss_fn=CE)
+    torch.testing.assert_close(scores, truth, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), true_self, rtol=1e-12, atol=1e-14)

@@ -52,6 +52,9 @@ class BatchingCheck(NamedTuple):
     unshown: str = ""
     shown: tuple[tuple[tuple[str, str], tuple[int, int]], ...] | None = None  # ``_range``s of ``padding``'s columns
     rounding: bool = False  # refused on a comparison of numbers, which float rounding may have failed
+    # refused on a layer's numbers: the reason to give once the refusal stands, named otherwise where the examples,
+    # each run as two copies of itself, get the batch's factors there (``_copied_alike``: its runs only then)
+    named: Callable[[str], str] | None = None
 
 
 _WIDE_CHECK_BYTES = 4 << 30  # the most a float64 copy of the state may take for the check asked again in float64
@@ -101,7 +104,7 @@ def batching_refused(
     narrow = floating[0].dtype if floating else torch.float64
     check = check._replace(reason=check.reason + lowered_note(floating[0].device if floating else None, narrow))
     if narrow == torch.float64 or 8 * sum(map(torch.numel, floating)) > _WIDE_CHECK_BYTES:
-        return check
+        return _named(check)
     try:  # (no float64 on some devices, or a model's own low-precision tensors meeting float64 ones: it stands)
         wide_state, wide_batch, wide_truth = _floating_as(torch.float64, (state, batch, truth))
         with _Widened():
@@ -109,8 +112,13 @@ def batching_refused(
         states, batches = (state, wide_state), (batch, wide_batch)
         same = not wide.reason and _computes_alike(losses, states, batches, check.seen, wide.seen)
     except (RuntimeError, TypeError, ValueError):
-        return check
-    return wide._replace(seen=_floating_as(narrow, wide.seen)) if same else check
+        return _named(check)
+    return wide._replace(seen=_floating_as(narrow, wide.seen)) if same else _named(check)
+
+
+def _named(check: BatchingCheck) -> BatchingCheck:
+    """A refusal that stands, with the reason it gives (``BatchingCheck.named``)."""
+    return check if check.named is None else check._replace(reason=check.named(check.reason), named=None)
 
 
 def _computes_alike(
@@ -289,13 +297,52 @@ def _compared(
                     "made outside torch, such as Python's `sorted`; or the layer's input holds the batch in a "
                     "dimension other than the first, or the second in every call: sequence-first"
                 )
+                alone_only = partial(_copied_alike, module, loss, plan, state, few, mapper, path, together, n)
                 return BatchingCheck(
                     f"a batched forward changed the first examples' factors at {path!r} ({where})",
                     _kept_on_refusal(seen, together, n),
                     rounding=True,
+                    named=partial(_alone_only_named, where, alone_only) if per_example else None,
                 )
             seen.setdefault(path, _first_rows((xs, gs), n))
     return BatchingCheck("", seen, tuple(plan.batch_free), unshown=unshown, shown=shown)
+
+
+_ALONE_ONLY = (
+    "each example alone gets other factors there than in any batch of two or more, two copies of itself included: "
+    "a batch of one computes them otherwise, not the examples together (a kernel's own path for one example: torch "
+    "2.13's CPU BatchNorm backward, given its output gradient in channels-last order with a short batch stride, "
+    "permutes its input gradient, which vmap(grad), running kernels on the whole batch, does not meet; or the model's "
+    "code for one example, such as `squeeze()`)"
+)
+
+
+def _alone_only_named(where: str, alone_only: Callable[[], bool], reason: str) -> str:
+    return reason.replace(f"({where})", f"({_ALONE_ONLY})", 1) if alone_only() else reason
+
+
+def _copied_alike(
+    module: nn.Module,
+    loss: BatchableLoss,
+    plan: Plan,
+    state: Tensors,
+    few: Any,
+    mapper: Mapper,
+    path: str,
+    together: Mapping[str, LayerFactors],
+    n: int,
+) -> bool:
+    """Whether each of the ``n`` first examples, run as two copies of itself, gets at layer ``path`` the factors it
+    got run with the others (where alone it got others): the difference is a batch of one's, which the refusal then
+    names (a kernel's path for one example gave CvT's lone examples wrong gradients; "examples interact" misled)."""
+    try:
+        pairs = [batched_factors(module, loss, plan, state, select_rows(few, torch.tensor([i, i])), mapper)
+                 for i in range(n)]  # fmt: skip
+    except _FAILURES:
+        return False
+    firsts = _concat_examples([_first_rows(pair[path], 1) for pair in pairs if path in pair])
+    rows = [t[:n] for t in sum(together[path], [])]
+    return firsts is not None and len(firsts) == len(rows) and all(map(_close_rows, firsts, rows))
 
 
 def _first_rows(factors: LayerFactors, n: int) -> LayerFactors:
