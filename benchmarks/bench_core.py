@@ -183,9 +183,8 @@ def _summed_loss(model: nn.Module) -> Callable[[Any, Any], torch.Tensor]:
 def backprop_floor(w: Workload, device: torch.device, with_test: bool, bs: int = FLOOR_BATCH) -> Callable[[], Any]:
     """Not TracIn: one ordinary batched forward / backward (summed loss, summed gradients) per checkpoint over the
     training examples (and the test examples when ``with_test``). Any exact method does at least this much work."""
-    from torch.func import functional_call
-
     model = copy.deepcopy(w.model)
+    loss = _summed_loss(model)
     data = [w.train, w.test] if with_test else [w.train]
     param_names = {name for name, _ in model.named_parameters()}
 
@@ -195,9 +194,7 @@ def backprop_floor(w: Workload, device: torch.device, with_test: bool, bs: int =
             params = [v for k, v in state.items() if k in param_names]
             for x, y in data:
                 for start in range(0, x.shape[0], bs):
-                    out = functional_call(model, state, (x[start : start + bs],))
-                    loss = nn.functional.cross_entropy(out, y[start : start + bs], reduction="sum")
-                    torch.autograd.grad(loss, params)
+                    torch.autograd.grad(loss(state, (x[start : start + bs], y[start : start + bs])), params)
 
     return run
 

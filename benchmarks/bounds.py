@@ -263,19 +263,22 @@ class CheckRuns:
             torch.autograd.grad = grad
             handle.remove()
 
-    def replayed(self, loss: Callable[[Any, Any], torch.Tensor], state: Any, data: Any) -> Callable[[], None]:
-        """The recorded runs, plainly: ``loss(state, batch)`` on the first examples of ``data`` (``take(data, n)``),
-        under ``no_grad``, or with its gradient at the layer outputs (``activation_backward``)."""
-        runs = [
-            (activation_backward if backward else lambda _, f, s, b: forward_only(f, s, b))(
-                self.model, loss, [state], [data(n)]
-            )
-            for n, backward in self.runs
-        ]
+    def replayed(
+        self, loss: Callable[[Any, Any], torch.Tensor], state: Any, first: Callable[[int], Any]
+    ) -> Callable[[], None]:
+        """The recorded runs, plainly: ``loss(state, first(n))`` (a batch of the first ``n`` examples) under
+        ``no_grad``, or with its gradient at the layer outputs (``activation_backward``)."""
+
+        def replay(n: int, backward: bool) -> Callable[[], None]:
+            if backward:
+                return activation_backward(self.model, loss, [state], [first(n)])
+            return forward_only(loss, [state], [first(n)])
+
+        runs = [replay(n, backward) for n, backward in self.runs]
 
         def run() -> None:
-            for replay in runs:
-                replay()
+            for each in runs:
+                each()
 
         return run
 
