@@ -33,7 +33,8 @@ target ratio can be checked against what is physically possible on this machine.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -211,6 +212,56 @@ def activation_backward(
 
 
 _CHECK_EXAMPLES = 8  # the most examples a check runs together (the batching check: six)
+# where a run of the model is decided, innermost first: a check's (planning's forward check, discovery, the batching
+# checks, each batch's spot check) or the scoring's own (a batched pass, the per-example loop), whatever its size
+_CHECKS = {"_purity.py": None, "_batching.py": None, "_capture.py": {"discover"}}
+_SCORING = {"_assemble.py": {"batched"}, "_grads.py": {"_looped"}}
+
+
+def _a_check() -> bool:
+    """Whether the model's run now in progress is one of tracin_func's checks: not a batch it scores (a batch of
+    eight or fewer examples, or a lone example of the per-example loop, is not a check's), nor one it cannot name."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename.replace("\\", "/")
+        if "/tracin_func/" in path:
+            file, name = path.rsplit("/", 1)[1], frame.f_code.co_name
+            for kinds, verdict in ((_SCORING, False), (_CHECKS, True)):
+                if file in kinds and (kinds[file] is None or name in kinds[file]):
+                    return verdict
+        frame = frame.f_back
+    return False
+
+
+def _tensors(tree: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a model's output: in tuples, lists and mappings (a Hugging Face ``ModelOutput``) too."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, Mapping):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (tuple, list)):
+        for value in tree:
+            yield from _tensors(value)
+
+
+def _reaches(outputs: Any, nodes: set[Any]) -> bool:
+    """Whether the graph behind ``outputs`` (a tensor or a sequence of them) holds any of autograd's ``nodes``: a
+    gradient taken through a check's run, not through another graph (a parametrization's weight, after a spot
+    check)."""
+    if not nodes:
+        return False
+    roots = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    stack, seen = [t.grad_fn for t in roots if isinstance(t, torch.Tensor) and t.grad_fn is not None], set()
+    while stack:
+        node = stack.pop()
+        if node in nodes:
+            return True
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 class CheckRuns:
@@ -241,27 +292,41 @@ class CheckRuns:
         grad, runs = torch.autograd.grad, self.runs
         last: list[list[Any] | None] = [None]  # the last run, where it is a check's (the hook holds no model: the
         # call refuses a hook reading the original's tensors)
+        made: list[set[Any]] = [set()]  # the autograd nodes of the last check's outputs (none: run without a graph)
 
         def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = next((t for t in optree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
             small = x is not None and x.dim() > 0 and x.shape[0] <= _CHECK_EXAMPLES
-            last[0] = [x.shape[0], False] if small and not torch._C._functorch.is_functorch_wrapped_tensor(x) else None
+            if small and not torch._C._functorch.is_functorch_wrapped_tensor(x) and _a_check():
+                last[0] = [x.shape[0], False]
+            else:
+                last[0] = None
+            made[0] = set()
             if last[0] is not None:
                 runs.append(last[0])
 
+        def post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if last[0] is not None:
+                made[0] = {t.grad_fn for t in _tensors(output) if t.grad_fn is not None}
+
         def recorded_grad(outputs: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             through = [inputs] if isinstance(inputs, (torch.Tensor, GradientEdge)) else list(inputs)
-            if last[0] is not None and any(isinstance(t, GradientEdge) or t.grad_fn is None for t in through):
+            inside = any(isinstance(t, GradientEdge) or t.grad_fn is None for t in through)
+            if last[0] is not None and inside and _reaches(outputs, made[0]):  # (through the check's own graph)
                 last[0][1] = True
             return grad(outputs, inputs, *args, **kwargs)
 
-        handle = self.model.register_forward_pre_hook(pre, with_kwargs=True)
+        handles = [
+            self.model.register_forward_pre_hook(pre, with_kwargs=True),
+            self.model.register_forward_hook(post, with_kwargs=True),
+        ]
         torch.autograd.grad = recorded_grad
         try:
             yield
         finally:
             torch.autograd.grad = grad
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def replayed(
         self, loss: Callable[[Any, Any], torch.Tensor], state: Any, first: Callable[[int], Any]

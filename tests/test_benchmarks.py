@@ -52,14 +52,16 @@ def test_bench_core_real_models_run(capsys):
     assert "lstm (criterion)" in capsys.readouterr().out
 
 
-def test_check_runs_records_a_calls_few_example_runs_and_whether_they_reach_inside_the_model():
+def test_check_runs_records_a_calls_few_example_runs_and_whether_they_reach_inside_the_model(monkeypatch):
     """``bounds.CheckRuns``: runs on at most eight examples, a backward where a gradient is taken at a leaf or a
-    layer's output (not at the model's outputs alone), none under vmap; recorded on the first call only, leaving no
-    hook on the model and ``torch.autograd.grad`` as it was."""
+    layer's output through that run's graph (not at the model's outputs alone, nor through another graph after it),
+    none under vmap; recorded on the first call only, leaving no hook on the model and ``torch.autograd.grad`` as it
+    was. (Every run here is taken for a check's: ``bounds._a_check`` tells them from a call's scoring.)"""
     import bounds
     import torch
     from torch import nn
 
+    monkeypatch.setattr(bounds, "_a_check", lambda: True)
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     grad = torch.autograd.grad
 
@@ -69,11 +71,15 @@ def test_check_runs_records_a_calls_few_example_runs_and_whether_they_reach_insi
         torch.autograd.grad(torch.func.functional_call(model, state, torch.randn(1, 4)).sum(), [w])  # through it
         out = model(torch.randn(3, 4))
         torch.autograd.grad(out.sum(), [out])  # at its outputs alone
-        hidden = model[0](torch.randn(2, 4))  # a layer alone: not a run of the model
-        edge = torch.autograd.graph.get_gradient_edge(hidden)
+        edges = []
+        handle = model[0].register_forward_hook(lambda m, a, o: edges.append(torch.autograd.graph.get_gradient_edge(o)))
+        out = model(torch.randn(6, 4))
+        handle.remove()
+        torch.autograd.grad(out.sum(), edges)  # at a layer's output
         with torch.no_grad():
-            model(torch.randn(6, 4))
-        torch.autograd.grad(model[2](model[1](hidden)).sum(), [edge])  # at a layer's output, after the last run
+            model(torch.randn(2, 4))
+        v = model[0].weight.detach().requires_grad_()
+        torch.autograd.grad((v * 2).sum(), [v])  # a leaf, but not through the last run (a parametrization's)
         model(torch.randn(100, 4))  # a batched pass: no check
         torch.func.vmap(model)(torch.randn(5, 4))  # per example under vmap: none either
         return 7
@@ -81,9 +87,9 @@ def test_check_runs_records_a_calls_few_example_runs_and_whether_they_reach_insi
     checks = bounds.CheckRuns(model)
     watched = checks.watched(call)
     assert watched() == 7 and watched() == 7
-    assert checks.runs == [[1, True], [3, False], [6, True]]
-    assert "3 runs of the model on 1/3/6 examples, 2 with a backward" == checks.describe()
-    assert torch.autograd.grad is grad and not model._forward_pre_hooks
+    assert checks.runs == [[1, True], [3, False], [6, True], [2, False]]
+    assert "4 runs of the model on 1/2/3/6 examples, 2 with a backward" == checks.describe()
+    assert torch.autograd.grad is grad and not model._forward_pre_hooks and not model._forward_hooks
     replayed = []
 
     def loss(state, batch):
@@ -92,7 +98,29 @@ def test_check_runs_records_a_calls_few_example_runs_and_whether_they_reach_insi
 
     data = lambda n: (torch.randn(n, 4), torch.zeros(n, dtype=torch.long))  # noqa: E731
     checks.replayed(loss, dict(model.named_parameters()), data)()
-    assert replayed == [(1, True), (3, False), (6, True)]  # a forward, or a forward and a backward
+    assert replayed == [(1, True), (3, False), (6, True), (2, False)]  # a forward, or a forward and a backward
+
+
+def test_check_runs_leaves_out_the_batches_a_call_scores():
+    """Batches of eight or fewer examples that a call scores (``batch_size=4``), and the gradient of a parametrized
+    weight taken after a spot check, are not a check's runs (they were: 18 batched passes, and 3 spot checks with a
+    backward)."""
+    import bounds
+    import torch
+    from torch import nn
+    from torch.nn.utils.parametrizations import weight_norm
+
+    import tracin_func as tc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(4, 8)), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    ckpts = [tc.Checkpoint(params={k: v.clone() for k, v in model.state_dict().items()}, lr=0.1)] * 3
+    for kw in ({}, {"batch_size": 4}):
+        checks = bounds.CheckRuns(model)
+        checks.watched(lambda kw=kw: tc.self_influence(model, ckpts, (x, y), loss_fn=nn.CrossEntropyLoss(), **kw))()
+        assert sorted(map(tuple, checks.runs)).count((4, True)) == 0
+        assert sum(b for _, b in checks.runs) == 5  # the batching check's: four examples alone, then together
 
 
 @pytest.mark.slow
