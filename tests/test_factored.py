@@ -1780,7 +1780,8 @@ def test_a_plan_made_on_one_example_checks_its_first_batch_of_two_or_more():
     """Batches of 1, 3 and 4 examples (a bucketing sampler): planned on the first, whose batched and lone runs are the
     same, the call checks the batching on the next batch and refuses a model that mixes the examples of a batch (it
     was scored batched, silently: self-influence, embeddings, and influence of one test example); a model that does
-    not mix stays batched and exact."""
+    not mix stays batched and exact, one running a layer once for the whole batch too (shown by two copies of the
+    first example since 2026-12-06; refused before, the plan unable to follow it)."""
     torch.manual_seed(0)
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     sizes = [[0], [1, 2, 3], [4, 5, 6, 7]]
@@ -1807,11 +1808,15 @@ def test_a_plan_made_on_one_example_checks_its_first_batch_of_two_or_more():
         assert_close(tc.self_influence(plain, ckpts, loader, loss_fn=CE), ref.self_influence)
         assert_close(tc.influence(plain, ckpts, loader, (x[:1], y[:1]), loss_fn=CE), ref.influence)
     assert _plan(plain, loader).batched and _plan(plain, loader).unchecked == "batching"
-    torch.manual_seed(0)  # a layer run once for the whole batch, which one example cannot show: refused (a raw error)
-    model, tokens = RelativeBias().double().eval(), torch.randint(0, 10, (8, 4))
+    torch.manual_seed(0)  # a layer run once for the whole batch: shown by two copies of the one example (refused by
+    model, tokens = RelativeBias().double().eval(), torch.randint(0, 10, (8, 4))  # the next batch's check until then)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens, y), batch_sampler=sizes)
-    with pytest.raises(ValueError, match="'rel' runs once for the whole batch, which the plan could not follow"):
-        tc.self_influence(model, _ckpts(model), loader, loss_fn=CE)
+    ckpts = _ckpts(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # batched, its output followed: no slow-path warning
+        scores = tc.self_influence(model, ckpts, loader, loss_fn=CE)
+    assert_close(scores, reference_scores(model, ckpts, (tokens, y), loss_fn=CE).self_influence)
+    assert _plan(model, loader).batch_free == {"rel"}
 
 
 @pytest.mark.parametrize(

@@ -659,7 +659,7 @@ def test_cvt_is_exact_where_one_backward_per_example_is_not():
     ckpts = rm.make_checkpoints(model, 2)
     train, test = _split(data)
     explained = tc.explain(model, ckpts, train, loss_fn=loss)
-    assert "two copies of itself included: a batch of one computes them otherwise" in explained.batching
+    assert "where two copies of itself get theirs: a batch of one computes them otherwise" in explained.batching
     formula = _model(T.CvtForImageClassification, model.config, F64)
     for name, m in list(formula.named_modules()):
         if isinstance(m, torch.nn.BatchNorm2d):

@@ -187,8 +187,10 @@ def _compared(
     # (`h.view(-1, 2, d).flip(0)`), first or last two swapped (two examples: but for the first two and the last two
     # swapped). Each copy leaves an exchange with its example unseen: a first check with one copy of the first missed
     # a reversal (two examples of one gradient at the second and fourth rows, 8% off), `[0, 1, 0, 1]` a roll by two
-    # (21%) and a swap of halves (14%), `[0, 1, 2, 3, 0, 1]` blocks of two reversed (44%), silently
-    order = [0] if n == 1 else [0, 1, 1, 0, 1] if n == 2 else [*range(n), 0, n - 1]
+    # (21%) and a swap of halves (14%), `[0, 1, 2, 3, 0, 1]` blocks of two reversed (44%), silently. A single example:
+    # two copies of it, which show a batch of one computing otherwise (a kernel's path for one example, scored batched
+    # in batches of one: 4% off, silently)
+    order = [0, 0] if n == 1 else [0, 1, 1, 0, 1] if n == 2 else [*range(n), 0, n - 1]
 
     def together_in(loss: BatchableLoss, plan: Plan, order: list[int]) -> tuple[dict[str, LayerFactors], list]:
         with packed_calls() as on_packed:
@@ -246,10 +248,11 @@ def _compared(
                     _kept_on_refusal(seen, together, n),
                     rounding=True,
                 )
+        several = len(order) > 1  # (a lone example run again, where its copies failed, shows no layer's rows)
         batch_free = [
-            path  # as many elements for the first examples as for the first alone
+            path  # as many elements for the first examples (or one's copies) as for the first alone
             for path, (xs, gs) in together.items()
-            if n > 1 and xs and list(map(torch.numel, xs + gs)) == list(map(torch.numel, sum(alone[0][path], [])))
+            if several and xs and list(map(torch.numel, xs + gs)) == list(map(torch.numel, sum(alone[0][path], [])))
         ]
         if batch_free:  # run again with their outputs followed to where they meet the batch (``_batch_free``); alone,
             # an example's factors there are its own (a token-wise layer's rows get the example dimension, ``[1, T S]``)
@@ -309,8 +312,8 @@ def _compared(
 
 
 _ALONE_ONLY = (
-    "each example alone gets other factors there than in any batch of two or more, two copies of itself included: "
-    "a batch of one computes them otherwise, not the examples together (a kernel's own path for one example: torch "
+    "each example alone gets other factors there than with the others, where two copies of itself get theirs: a "
+    "batch of one computes them otherwise (a kernel's own path for one example: torch "
     "2.13's CPU BatchNorm backward, given its output gradient in channels-last order with a short batch stride, "
     "permutes its input gradient, which vmap(grad), running kernels on the whole batch, does not meet; or the model's "
     "code for one example, such as `squeeze()`)"
@@ -537,7 +540,8 @@ def checking_batches(
             reading, check = (flat, retried) if not retried.reason else (plan, check)
         unseen = sorted(set(check.batch_free) - plan.batch_free)  # (a lone example's layers all look batch-free)
         if check.reason:
-            shows = f"a batch's examples do not stay apart ({check.reason})"
+            apart = "examples alone differ" if _ALONE_ONLY in check.reason else "a batch's examples do not stay apart"
+            shows = f"{apart} ({check.reason})"
         elif unseen:
             shows = f"{unseen[0]!r} runs once for the whole batch, which the plan could not follow"
         else:
