@@ -4232,3 +4232,50 @@ def _tokens_conv_norm_case():
     formula = _TokensConvNorm(formula=True).to(F64).eval()
     formula.load_state_dict(model.state_dict())
     return model, make_ckpts(model), data(5, 4, n=9, seed=1), data(5, 4, n=3, seed=2), formula
+
+
+class _AssertsOneExample(nn.Module):
+    """Written for one example at a time: ``assert`` of a batch of one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        assert x.shape[0] == 1, "one example at a time"
+        return self.b(torch.tanh(self.a(x)))
+
+
+class _EmptyRows(nn.Module):
+    """A layer on optional rows that a data set holds none of (``[B, 0, d]``), beside one on the rows it holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.extra, self.head = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x, extra):
+        return self.head(torch.cat([torch.tanh(self.a(x)), self.extra(extra)], 1).mean(1))
+
+
+def test_one_examples_copies_a_model_does_not_take_or_a_layer_of_no_rows_change_nothing():
+    """Two copies of a single example (the check of a call planned on one): a model asserting a batch of one raised
+    where it was scored exactly, batched; a layer of no rows, as many elements alone as together, was taken for one
+    run once for the whole batch and refused the batched path (with two examples or more too). Both found by a review
+    helper; both exact and batched."""
+    torch.manual_seed(8)
+    model = _AssertsOneExample().to(F64).eval()
+    ckpts, train = make_ckpts(model), data(4, n=5, seed=3)
+    true_self = reference(model, ckpts, train, train)[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tc.SlowPathWarning)
+        torch.testing.assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=1), true_self)
+    model = _EmptyRows().to(F64).eval()
+    ckpts = make_ckpts(model)
+    x, y = data(3, 4, n=6, seed=4)
+    train = (x, torch.zeros(6, 0, 4, dtype=F64), y)
+    true_self = reference(model, ckpts, train, train)[1]
+    for size in (1, 6):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", tc.SlowPathWarning)
+            scores = tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=size)
+        torch.testing.assert_close(scores, true_self, rtol=1e-12, atol=1e-14)

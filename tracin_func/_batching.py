@@ -211,6 +211,7 @@ def _compared(
             ways = (("parameters copied over the batch", expanded), ("uses followed to the batch", plan.follows))
             what = " and ".join(way for way, taken in ways if taken)
             return BatchingCheck(f"a forward with {what} failed ({cause_of(err)})", {})
+        failures = _FAILURES + _COPIES_FAIL if n == 1 else _FAILURES
         try:
             # a sort along another dimension as long as the rows run together (each example's tokens) is told from a
             # sort of the batch by one row more (it was refused, falsely)
@@ -221,7 +222,8 @@ def _compared(
                     raise
                 order = [*order, order[-1]]
                 together, on_packed = together_in(loss, plan, order)
-        except _FAILURES as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes, or
+        except failures as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes (one
+            # example's copies: an `assert` of a batch of one, too), or
             if isinstance(err, Unbatchable):  # the copies an order the model asks of its batch (packing with
                 return _unbatchable(err, _vary_alone(alone))  # `enforce_sorted=True`): the examples as given, then
             _raise_refusal(err)
@@ -253,6 +255,7 @@ def _compared(
             path  # as many elements for the first examples (or one's copies) as for the first alone
             for path, (xs, gs) in together.items()
             if several and xs and list(map(torch.numel, xs + gs)) == list(map(torch.numel, sum(alone[0][path], [])))
+            and any(map(torch.numel, xs + gs))  # (no rows alone, none together: no gradient, nothing to follow)
         ]
         if batch_free:  # run again with their outputs followed to where they meet the batch (``_batch_free``); alone,
             # an example's factors there are its own (a token-wise layer's rows get the example dimension, ``[1, T S]``)
@@ -341,7 +344,7 @@ def _copied_alike(
     try:
         pairs = [batched_factors(module, loss, plan, state, select_rows(few, torch.tensor([i, i])), mapper)
                  for i in range(n)]  # fmt: skip
-    except _FAILURES:
+    except _FAILURES + _COPIES_FAIL:
         return False
     firsts = _concat_examples([_first_rows(pair[path], 1) for pair in pairs if path in pair])
     rows = [t[:n] for t in sum(together[path], [])]
@@ -407,6 +410,9 @@ def _singles(batch: Any, n: int) -> list[Any]:
 
 
 _FAILURES = (RuntimeError, TypeError, ValueError)  # how a model's forward fails on a batch it cannot take
+# how else it fails on two copies of one example, which it never asked for (``assert x.shape[0] == 1``, an index
+# past a batch of one): as the parent took a single example, it is then run alone (no check, as before the copies)
+_COPIES_FAIL = (AssertionError, LookupError)
 
 
 def _raise_refusal(err: Exception) -> None:

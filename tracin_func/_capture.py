@@ -315,7 +315,9 @@ def batched_factors(
     merged: set[Any] = set()  # autograd nodes of outputs of layers fed merged rows, checked example-major
 
     followed = [s for s in plan.sites if s.kind == "followed"]  # parameters read directly: their uses followed too
-    meetings = Meetings(batch, n) if plan.follows else None
+    # (a batch of one: a layer run once for the whole batch is its example's own, as planning's lone runs take it;
+    # followed only where parameters read directly need it)
+    meetings = Meetings(batch, n) if plan.follows and (n > 1 or followed) else None
     # per followed output (a call run once for the whole batch, a parameter read directly): its index among the
     # followed tensors and the probe whose gradient is its whole gradient
     roots: dict[str, list[tuple[int, torch.Tensor]]] = {s.path: [] for s in followed}
