@@ -139,3 +139,29 @@ def reference_scores(
         train_emb.append(math.sqrt(lr) * g_train)
         test_emb.append(math.sqrt(lr) * g_test)
     return Reference(influence, self_influence, torch.cat(train_emb, 1), torch.cat(test_emb, 1))
+
+
+class FormulaBatchNorm2d(nn.Module):
+    """An eval-mode ``BatchNorm2d`` written as its formula (elementwise ops, whose gradients torch computes alike at
+    any batch size: its CPU kernel permutes a lone example's input gradient given a channels-last output gradient with
+    a short batch stride), its parameters and buffers under the same names."""
+
+    def __init__(self, norm: nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            self.register_buffer(name, getattr(norm, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight / torch.sqrt(self.running_var + self.eps)
+        return (x - self.running_mean[:, None, None]) * scale[:, None, None] + self.bias[:, None, None]
+
+
+def with_formula_norms(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``BatchNorm2d`` written as its formula (``FormulaBatchNorm2d``)."""
+    twin = copy.deepcopy(model)
+    for name, m in list(twin.named_modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent), child, FormulaBatchNorm2d(m))
+    return twin

@@ -20,7 +20,7 @@ import torch
 import tracin_func as tc
 from benchmarks import real_models as rm
 from tests.conftest import assert_close
-from tests.reference import reference_scores
+from tests.reference import reference_scores, with_formula_norms
 
 T = pytest.importorskip("transformers")
 F64 = torch.float64
@@ -634,20 +634,6 @@ def test_an_example_of_one_token_under_sdpa_is_not_taken_for_mixing():
         assert_close(tc.self_influence(model, ckpts, data, loss_fn=loss, batch_size=4), ref.self_influence)
 
 
-class _FormulaNorm(torch.nn.Module):
-    """An eval-mode ``BatchNorm2d`` written as its formula, its parameters and buffers under the same names."""
-
-    def __init__(self, norm: torch.nn.BatchNorm2d) -> None:
-        super().__init__()
-        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            self.register_buffer(name, getattr(norm, name))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight / torch.sqrt(self.running_var + self.eps)
-        return (x - self.running_mean[:, None, None]) * scale[:, None, None] + self.bias[:, None, None]
-
-
 def test_cvt_is_exact_where_one_backward_per_example_is_not():
     """CvT's projections run an eval-mode BatchNorm on tokens viewed as a grid; for a lone example torch 2.13's CPU
     kernel permutes its input gradient (``tests/test_trust.py::_TokensConvNorm``), which the batching check saw as
@@ -660,11 +646,7 @@ def test_cvt_is_exact_where_one_backward_per_example_is_not():
     train, test = _split(data)
     explained = tc.explain(model, ckpts, train, loss_fn=loss)
     assert "where two copies of itself get theirs: a batch of one computes them otherwise" in explained.batching
-    formula = _model(T.CvtForImageClassification, model.config, F64)
-    for name, m in list(formula.named_modules()):
-        if isinstance(m, torch.nn.BatchNorm2d):
-            parent, _, child = name.rpartition(".")
-            setattr(formula.get_submodule(parent), child, _FormulaNorm(m))
+    formula = with_formula_norms(model)
     by_formula = tc.sequence_classification_loss(formula)
     summed = tc.ExampleLoss(lambda p, b: by_formula.fn(p, b).sum())
     truth = reference_scores(formula, ckpts, train, test, loss_fn=summed)

@@ -36,7 +36,7 @@ from torch.utils.data import (
 import tracin_func as tc
 import tracin_func._batching
 from tests.conftest import assert_close
-from tests.reference import reference_scores
+from tests.reference import reference_scores, with_formula_norms
 
 F64 = torch.float64
 LRS = (0.3, 0.05)
@@ -4173,23 +4173,17 @@ def test_a_batch_loss_giving_the_batchs_mean_is_refused_naming_the_loss():
 
 class _TokensConvNorm(nn.Module):
     """CvT's query projection in small: tokens behind a class token to a depthwise convolution and an eval-mode
-    BatchNorm, back to tokens beside the class token, a Linear head; ``formula``: that BatchNorm written out."""
+    BatchNorm, back to tokens beside the class token, a Linear head."""
 
-    def __init__(self, formula=False):
+    def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
-        self.norm, self.head, self.formula = nn.BatchNorm2d(4), nn.Linear(4, 3), formula
+        self.norm, self.head = nn.BatchNorm2d(4), nn.Linear(4, 3)
 
     def forward(self, tokens):  # [B, 1 + 4, 4]: a class token, then a 2 x 2 grid
         n = tokens.shape[0]
         cls, grid = torch.split(tokens, [1, 4], 1)
-        y = self.conv(grid.permute(0, 2, 1).view(n, 4, 2, 2))
-        if self.formula:
-            m = self.norm
-            y = (y - m.running_mean[:, None, None]) / torch.sqrt(m.running_var + m.eps)[:, None, None]
-            y = y * m.weight[:, None, None] + m.bias[:, None, None]
-        else:
-            y = self.norm(y)
+        y = self.norm(self.conv(grid.permute(0, 2, 1).view(n, 4, 2, 2)))
         return self.head(torch.cat((cls, y.view(n, 4, 4).permute(0, 2, 1)), 1)).mean(1)
 
 
@@ -4223,15 +4217,14 @@ def test_a_call_planned_on_one_example_checks_it_against_two_copies():
 
 
 def _tokens_conv_norm_case():
-    """``_TokensConvNorm`` in float64 with random running statistics, its formula twin, checkpoints and data."""
+    """``_TokensConvNorm`` in float64 with random running statistics, checkpoints, data, and the model with its
+    BatchNorm written as its formula."""
     torch.manual_seed(7)
     model = _TokensConvNorm().to(F64).eval()
     with torch.no_grad():
         model.norm.weight.uniform_(0.5, 1.5), model.norm.running_var.uniform_(0.5, 2.0)
         model.norm.running_mean.normal_()
-    formula = _TokensConvNorm(formula=True).to(F64).eval()
-    formula.load_state_dict(model.state_dict())
-    return model, make_ckpts(model), data(5, 4, n=9, seed=1), data(5, 4, n=3, seed=2), formula
+    return model, make_ckpts(model), data(5, 4, n=9, seed=1), data(5, 4, n=3, seed=2), with_formula_norms(model)
 
 
 class _AssertsOneExample(nn.Module):

@@ -303,7 +303,11 @@ def _compared(
                     "made outside torch, such as Python's `sorted`; or the layer's input holds the batch in a "
                     "dimension other than the first, or the second in every call: sequence-first"
                 )
-                alone_only = partial(_copied_alike, module, loss, plan, state, few, mapper, path, together, n)
+                alone_only = (  # (one example: run together were its copies already)
+                    partial(_copied_alike, module, loss, plan, state, few, mapper, path, together, n)
+                    if n > 1
+                    else lambda: True
+                )
                 return BatchingCheck(
                     f"a batched forward changed the first examples' factors at {path!r} ({where})",
                     _kept_on_refusal(seen, together, n),
