@@ -62,15 +62,18 @@ BatchableLoss = Union[CriterionLoss, BatchedLoss]  # losses whose model runs on 
 
 
 @contextmanager
-def hooked(module: nn.Module, hooks: Mapping[str, Hook]) -> Iterator[None]:
+def hooked(
+    module: nn.Module, hooks: Mapping[str, Hook], modules: Mapping[str, nn.Module] | None = None
+) -> Iterator[None]:
     """Forward hooks on the submodules at the given paths, for the duration of the block. A path that is not a
     module's names a product of a recurrent layer, which then runs as unrolled cells (``_recurrent.unrolled``); a
-    layer subclass with its own forward is hooked at its calls of a functional (``_layers.call_site``)."""
-    modules = dict(module.named_modules())
+    layer subclass with its own forward is hooked at its calls of a functional (``_layers.call_site``). ``modules``:
+    ``dict(module.named_modules())``, where the caller has walked the tree already."""
+    modules = dict(module.named_modules()) if modules is None else modules
     products = {path: hook for path, hook in hooks.items() if path not in modules}
     handles = []
     # unrolled first: whether a layer runs unrolled reads its submodules' hooks (attention's out_proj), not these
-    with unrolled(modules, products):
+    with unrolled(modules, products) if products else nullcontext():
         try:
             for path, hook in hooks.items():
                 layer = modules.get(path)
@@ -387,6 +390,7 @@ def batched_factors(
     unused = {name: state[name].detach().requires_grad_() for name in plan.unused}  # must stay unreached
     copied.update(copies.values())
     layers = [s for s in plan.sites if s.kind not in ("expanded", "followed")]  # (the others: no layer to hook)
+    modules = dict(module.named_modules())  # (walked once: for the hooks and the token-wise layers below)
     state = {**state, **_requiring_grad(state, layers), **copies, **unused}
     with torch.enable_grad():
         for site in followed:  # (per call: the parameter's whole gradient at its probe)
@@ -400,7 +404,7 @@ def batched_factors(
         rows_of = frozenset(id(copies[n]) for n in copies if len(shapes[n]) >= 2 and shapes[n][0] == 1)  # (rows)
         repeats = _RepeatsOfCopies(rows_of) if rows_of and _calls(module, expanded, {"repeat", "tile"}) else None
         try:
-            with hooked(module, hooks), refusing_uncalled(module, plan), watch, meetings or nullcontext(), \
+            with hooked(module, hooks, modules), refusing_uncalled(module, plan), watch, meetings or nullcontext(), \
                     norms or nullcontext(), repeats or nullcontext():
                 if isinstance(loss, BatchedLoss):
                     output = loss.per_example(state, batch)
@@ -465,7 +469,6 @@ def batched_factors(
         return next(grads).transpose(0, 1) if path in plan.seq_first else next(grads)
 
     factors = {s.path: (inputs[s.path], [output_grad(s.path, o) for o in called[s.path]]) for s in plan.sites}
-    modules = dict(module.named_modules())
     for site in plan.sites:  # a token-wise layer fed [n T, d] (OPT flattens tokens before its MLP): rows per example
         if token_wise(modules.get(site.path), site):
             xs, gs = factors[site.path]

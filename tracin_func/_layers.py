@@ -270,6 +270,8 @@ def call_site(module: nn.Module) -> Callable[..., Any] | None:
     layer's own configuration (``_capture.hooked``); whatever the forward does around the call is differentiated as
     usual, and any other use of the parameters is found by discovery. A layer with layers of its own is none: the
     mode would also see their calls, which a shared weight could not tell from its own."""
+    if type(module) in _OWN_CLASSES:  # (torch's class itself: its own forward, none whatever its hooks; 6 us a layer)
+        return None
     if type(module).__call__ is not nn.Module.__call__ or wrapped(module) or next(module.children(), None) is not None:
         return None
     if _is_plain(module):  # (a site at its own calls: transformers' Conv1D, a hand-written linear layer in form)
@@ -282,6 +284,10 @@ def call_site(module: nn.Module) -> Callable[..., Any] | None:
     if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward or _hand_written_linear(module):
         return F.linear
     return None
+
+
+# The classes of ``_PLAIN_FORWARD`` a module can be exactly (not the abstract bases), whose ``call_site`` is None.
+_OWN_CLASSES = frozenset(cls for cls in _PLAIN_FORWARD if not cls.__name__.startswith("_"))
 
 
 def _hand_written_linear(module: nn.Module) -> bool:

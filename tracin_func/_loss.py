@@ -587,4 +587,5 @@ def batch_losses(criterion: Callable[[Any, Any], torch.Tensor], output: Any, tar
     per_element = copy.copy(criterion)  # a shallow copy: the user's criterion keeps its reduction
     per_element.reduction = "none"
     losses = per_element(output, target)
-    return losses.reshape(losses.shape[0], -1).mean(1)
+    # (one element per example, a class index's cross-entropy: its own mean, exactly, without a mean and its backward)
+    return losses if losses.dim() == 1 else losses.reshape(losses.shape[0], -1).mean(1)
