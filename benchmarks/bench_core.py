@@ -171,6 +171,11 @@ def ours(
     }
 
 
+def loaded_states(w: Workload, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """The workload's checkpoint files, loaded as every timed call of the digits loads them."""
+    return [c.params for c in tc.load_checkpoints(w.checkpoint_paths, map_location=device)]
+
+
 def _summed_loss(model: nn.Module) -> Callable[[Any, Any], torch.Tensor]:
     """``loss(state, (x, y))``: the summed cross-entropy of the model's outputs, as the floor computes it."""
     from torch.func import functional_call
@@ -697,7 +702,7 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
     floor_inf = run(backprop_floor(w, device, True))
     floor_self = run(backprop_floor(w, device, False))
     bounded = influence_bounds(w.model, lambda: w.model(w.x_train[:1].to(device)), w, floor_inf, args.repeat)
-    states = [c.params for c in tc.load_checkpoints(w.checkpoint_paths, map_location=device)]
+    states = loaded_states(w, device)
     checked = {  # (replayed on the data each question checks first)
         q: run(
             checks[q].replayed(
@@ -708,7 +713,9 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
     }
     train = [(w.x_train[i : i + FLOOR_BATCH].to(device), w.y_train[i : i + FLOOR_BATCH].to(device))
              for i in range(0, len(w.x_train), FLOOR_BATCH)]  # fmt: skip
-    to_outputs = run(bounds.activation_backward(w.model, _summed_loss(w.model), states, train))
+    loss = _summed_loss(w.model)
+    # (files loaded inside, as the floor and our call load them)
+    to_outputs = run(lambda: bounds.activation_backward(w.model, loss, loaded_states(w, device), train)())
 
     if not args.no_captum:
         # (label, sample_wise, all questions?): the path Captum users would pick gets every question
