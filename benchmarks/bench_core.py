@@ -492,7 +492,7 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
     states = [c.params for c in primary.checkpoints]
     one = real_models.take(primary.train, 0, 1)
     first_example = lambda: primary.batch_loss(states[0], one)  # noqa: E731
-    bounded = influence_bounds(primary.model, first_example, primary, floors["influence"], args.repeat)
+    bounded = influence_bounds(primary.model, first_example, primary, args.repeat)
     lower = {}
     for q, _ in questions:
         data = floor_batches(primary, [primary.train, primary.test] if q == "influence" else [primary.train])
@@ -516,7 +516,7 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
 
     for q, question in questions:
         rows.add(question, "plain backprop (floor)", floors[q], None, None, "not TracIn", floor=floors[q])
-    for label, bound, note in bounded((checked["influence"], checks["influence"].describe())):
+    for label, bound, note in bounded(floors["influence"], (checked["influence"], checks["influence"].describe())):
         rows.add("influence", label, bound, None, None, note, floor=floors["influence"])
     label, bound, note = _with_checks(  # (not on the floor: self-influence needs no summed parameter gradient)
         "fwd + bwd + the checks' runs", lower["self"][1], checked["self"], checks["self"].describe()
@@ -559,9 +559,9 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
 
 
 def influence_bounds(
-    model: nn.Module, run_one_example: Callable[[], Any], w: Any, floor: Measurement, repeat: int
-) -> Callable[[], list[tuple[str, Measurement, str]]]:
-    """``(label, measurement, note)`` rows, once ``floor`` is timed: the floor plus the pair products of the
+    model: nn.Module, run_one_example: Callable[[], Any], w: Any, repeat: int
+) -> Callable[[Measurement, tuple[Measurement, str]], list[tuple[str, Measurement, str]]]:
+    """``(label, measurement, note)`` rows, given the timed floor: the floor plus the pair products of the
     influence matrix, a lower bound (``bounds.pair_products``); and that plus what forming the materialised layers'
     per-example gradients as batched GEMMs costs beyond the same products summed (``bounds.per_example_gradients``),
     an estimate of what a method that materialises those layers needs (not a bound: the floor spends more on parameter
@@ -575,7 +575,7 @@ def influence_bounds(
     batched, summed = (timer.add(f) for f in bounds.per_example_gradients(layers, w.n_test + w.n_train, n_ckpts))
     timer.time()
 
-    def bounded(checks: tuple[Measurement, str]) -> list[tuple[str, Measurement, str]]:
+    def bounded(floor: Measurement, checks: tuple[Measurement, str]) -> list[tuple[str, Measurement, str]]:
         excess = max(0.0, batched.seconds - summed.seconds)
         with_pairs = Measurement(floor.seconds + m.seconds, max(floor.peak_mb, m.peak_mb), None, m.runs)
         return [
@@ -699,9 +699,10 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
     S, top, s = o_inf.result, o_top.result, o_self.result
     dense = ours(w, args.our_batch_size, k, device, factored=False)
     d_inf, d_self = run(dense["influence"]), run(dense["self"])
-    floor_inf = run(backprop_floor(w, device, True))
-    floor_self = run(backprop_floor(w, device, False))
-    bounded = influence_bounds(w.model, lambda: w.model(w.x_train[:1].to(device)), w, floor_inf, args.repeat)
+    # the floor, and the bound below, at the faster of two batch sizes: FLOOR_BATCH or every example in one batch
+    sizes = (FLOOR_BATCH, len(w.x_train) + len(w.x_test))
+    floors = {wt: [run(backprop_floor(w, device, wt, bs)) for bs in sizes] for wt in (True, False)}
+    bounded = influence_bounds(w.model, lambda: w.model(w.x_train[:1].to(device)), w, args.repeat)
     states = loaded_states(w, device)
     checked = {  # (replayed on the data each question checks first)
         q: run(
@@ -711,11 +712,14 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
         )
         for q, (x, y) in (("influence", (w.x_test, w.y_test)), ("self", (w.x_train, w.y_train)))
     }
-    train = [(w.x_train[i : i + FLOOR_BATCH].to(device), w.y_train[i : i + FLOOR_BATCH].to(device))
-             for i in range(0, len(w.x_train), FLOOR_BATCH)]  # fmt: skip
     loss = _summed_loss(w.model)
-    # (files loaded inside, as the floor and our call load them)
-    to_outputs = run(lambda: bounds.activation_backward(w.model, loss, loaded_states(w, device), train)())
+
+    def to_outputs_in(bs: int) -> Callable[[], None]:  # (files loaded inside, as the floor and our call load them)
+        train = [(w.x_train[i : i + bs].to(device), w.y_train[i : i + bs].to(device))
+                 for i in range(0, len(w.x_train), bs)]  # fmt: skip
+        return lambda: bounds.activation_backward(w.model, loss, loaded_states(w, device), train)()
+
+    to_outputs_at = [run(to_outputs_in(bs)) for bs in sizes]
 
     if not args.no_captum:
         # (label, sample_wise, all questions?): the path Captum users would pick gets every question
@@ -763,6 +767,9 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
             "It always projects gradients to 512 dims unless its projector_kwargs attribute is cleared after init."
         )
     timer.time()
+    named = (str(FLOOR_BATCH), "all in one")
+    fastest = lambda ms: min(zip(ms, named), key=lambda m: m[0].seconds)  # noqa: E731
+    (floor_inf, bs_inf), (floor_self, bs_self), (to_outputs, bs_out) = map(fastest, (*floors.values(), to_outputs_at))
 
     ref_top = S.topk(k, dim=1)  # our own consistency: top-k equals the top of the influence matrix
     rows.add("influence", "tracin_func", o_inf, o_inf, None, f"[{S.shape[0]} x {S.shape[1]}]")
@@ -777,12 +784,13 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
     rows.add("self-influence", "tracin_func", o_self, o_self, None, "")
     for question, m, mine_m, result in (("influence", d_inf, o_inf, S), ("self-influence", d_self, o_self, s)):
         rows.add(question, "tracin_func factored=False", m, mine_m, max_rel_diff(m.result, result), "vmap(grad)")
-    floor = "not TracIn: summed gradients only"
-    rows.add("influence", "plain backprop (floor)", floor_inf, o_inf, None, floor)
-    rows.add("self-influence", "plain backprop (floor)", floor_self, o_self, None, floor)
-    for label, bound, note in bounded((checked["influence"], checks["influence"].describe())):
+    floor = "not TracIn: summed gradients only; batches: {}"
+    rows.add("influence", "plain backprop (floor)", floor_inf, o_inf, None, floor.format(bs_inf))
+    rows.add("self-influence", "plain backprop (floor)", floor_self, o_self, None, floor.format(bs_self))
+    for label, bound, note in bounded(floor_inf, (checked["influence"], checks["influence"].describe())):
         rows.add("influence", label, bound, o_inf, None, note)
-    rows.add("self-influence", "forward + backward to layer outputs", to_outputs, o_self, None, _TO_OUTPUTS)
+    to_outputs_note = f"{_TO_OUTPUTS}; batches: {bs_out}"
+    rows.add("self-influence", "forward + backward to layer outputs", to_outputs, o_self, None, to_outputs_note)
     label, bound, note = _with_checks(  # (not on the floor: self-influence needs no summed parameter gradient)
         "fwd + bwd + the checks' runs", to_outputs, checked["self"], checks["self"].describe()
     )
@@ -791,8 +799,8 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
         rows.add(*peer)
     rows.notes.insert(
         0,
-        f"plain backprop (floor) = one ordinary forward / backward per checkpoint over the same examples (batch "
-        f"{FLOOR_BATCH}, fewer where a forward tensor would pass 32 MB, summed loss): the least work any exact method "
+        f"plain backprop (floor) = one ordinary forward / backward per checkpoint over the same examples (batches of "
+        f"{FLOOR_BATCH} or all in one, the faster; summed loss): the least work any exact method "
         f"does; 'x ours' < 1 shows how close we are. "
         f"floor + pair products = the floor plus the influence matrix's inner products alone (bounds.py): no exact "
         f"influence matrix takes less; its time / the floor's is the best 'x floor' possible here. + per-example "
