@@ -769,7 +769,8 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
     timer.time()
     named = (str(FLOOR_BATCH), "all in one")
     fastest = lambda ms: min(zip(ms, named), key=lambda m: m[0].seconds)  # noqa: E731
-    (floor_inf, bs_inf), (floor_self, bs_self), (to_outputs, bs_out) = map(fastest, (*floors.values(), to_outputs_at))
+    (floor_inf, bs_inf), (floor_self, bs_self) = fastest(floors[True]), fastest(floors[False])
+    to_outputs, bs_out = fastest(to_outputs_at)
 
     ref_top = S.topk(k, dim=1)  # our own consistency: top-k equals the top of the influence matrix
     rows.add("influence", "tracin_func", o_inf, o_inf, None, f"[{S.shape[0]} x {S.shape[1]}]")
