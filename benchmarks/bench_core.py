@@ -45,7 +45,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import bounds
 import real_models
@@ -492,7 +492,7 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
     states = [c.params for c in primary.checkpoints]
     one = real_models.take(primary.train, 0, 1)
     first_example = lambda: primary.batch_loss(states[0], one)  # noqa: E731
-    bounded = influence_bounds(primary.model, first_example, primary, args.repeat)
+    bounded = product_bounds(primary.model, first_example, primary, args.repeat)
     lower = {}
     for q, _ in questions:
         data = floor_batches(primary, [primary.train, primary.test] if q == "influence" else [primary.train])
@@ -516,12 +516,12 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
 
     for q, question in questions:
         rows.add(question, "plain backprop (floor)", floors[q], None, None, "not TracIn", floor=floors[q])
-    for label, bound, note in bounded(floors["influence"], (checked["influence"], checks["influence"].describe())):
+    described = {q: (checked[q], checks[q].describe()) for q, _ in questions}
+    for label, bound, note in bounded.influence(floors["influence"], described["influence"]):
         rows.add("influence", label, bound, None, None, note, floor=floors["influence"])
-    label, bound, note = _with_checks(  # (not on the floor: self-influence needs no summed parameter gradient)
-        "fwd + bwd + the checks' runs", lower["self"][1], checked["self"], checks["self"].describe()
-    )
-    rows.add("self-influence", label, bound, None, None, note, floor=floors["self"])
+    # (not on the floor: self-influence needs no summed parameter gradient)
+    for label, bound, note in bounded.self_influence(lower["self"][1], described["self"]):
+        rows.add("self-influence", label, bound, None, None, note, floor=floors["self"])
     for q, question in questions:
         forward, backward = lower[q]
         rows.add(question, "forward only", forward, None, None, "lower bound of any method", floor=floors[q])
@@ -558,24 +558,32 @@ def bench_real(name: str, args: argparse.Namespace, device: torch.device) -> tup
     return rows, "; ".join(w.describe() for w in forms)
 
 
-def influence_bounds(
-    model: nn.Module, run_one_example: Callable[[], Any], w: Any, repeat: int
-) -> Callable[[Measurement, tuple[Measurement, str]], list[tuple[str, Measurement, str]]]:
-    """``(label, measurement, note)`` rows, given the timed floor: the floor plus the pair products of the
-    influence matrix, a lower bound (``bounds.pair_products``); and that plus what forming the materialised layers'
-    per-example gradients as batched GEMMs costs beyond the same products summed (``bounds.per_example_gradients``),
-    an estimate of what a method that materialises those layers needs (not a bound: the floor spends more on parameter
-    gradients than those GEMMs). The GEMMs are timed in rounds of their own, here: their random operands (up to 256
-    MB per layer) are freed before the table's calls run."""
+class Bounds(NamedTuple):
+    """Rows ``(label, measurement, note)`` of the bounds, given the timed calls they add to: ``influence(floor,
+    checks)``, ``self_influence(to_outputs, checks)``; ``checks``: the checks' replayed runs and what they are."""
+
+    influence: Callable[[Measurement, tuple[Measurement, str]], list[tuple[str, Measurement, str]]]
+    self_influence: Callable[[Measurement, tuple[Measurement, str]], list[tuple[str, Measurement, str]]]
+
+
+def product_bounds(model: nn.Module, run_one_example: Callable[[], Any], w: Any, repeat: int) -> Bounds:
+    """The bounds' products, timed in rounds of their own here (their random operands, up to 256 MB per layer, are
+    freed before the table's calls run). Influence: the floor plus the pair products of the influence matrix, a lower
+    bound (``bounds.pair_products``); that plus what forming the materialised layers' per-example gradients as batched
+    GEMMs costs beyond the same products summed (``bounds.per_example_gradients``), an estimate of what a method that
+    materialises those layers needs (not a bound: the floor spends more on parameter gradients than those GEMMs).
+    Self-influence: the forward and backward to the layers' outputs plus the checks' runs (a bound for a call that
+    checks as ours does), and plus each example's squared norms (``bounds.per_example_norms``, an estimate)."""
     layers = bounds.layer_shapes(model, run_one_example)
     n_ckpts = len(getattr(w, "checkpoints", None) or w.checkpoint_paths)
     timer = Rounds(repeat)
     pairs, what = bounds.pair_products(layers, w.n_test, w.n_train, n_ckpts)
     m = timer.add(pairs)
     batched, summed = (timer.add(f) for f in bounds.per_example_gradients(layers, w.n_test + w.n_train, n_ckpts))
+    norms = timer.add(bounds.per_example_norms(layers, w.n_train, n_ckpts))
     timer.time()
 
-    def bounded(floor: Measurement, checks: tuple[Measurement, str]) -> list[tuple[str, Measurement, str]]:
+    def influence(floor: Measurement, checks: tuple[Measurement, str]) -> list[tuple[str, Measurement, str]]:
         excess = max(0.0, batched.seconds - summed.seconds)
         with_pairs = Measurement(floor.seconds + m.seconds, max(floor.peak_mb, m.peak_mb), None, m.runs)
         return [
@@ -589,7 +597,19 @@ def influence_bounds(
             _with_checks("floor + pairs + the checks' runs", with_pairs, *checks),
         ]
 
-    return bounded
+    def self_influence(to_outputs: Measurement, checks: tuple[Measurement, str]) -> list[tuple[str, Measurement, str]]:
+        label, bound, note = _with_checks("fwd + bwd + the checks' runs", to_outputs, *checks)
+        return [
+            (label, bound, note),
+            (
+                "fwd + bwd + checks + norms",
+                replace(bound, seconds=bound.seconds + norms.seconds),
+                f"an estimate, not a bound: plus each example's squared norm of {len(layers)} layers' gradients "
+                f"(factor kernels or formed, the fewer flops; every row live) {norms.seconds:.3f} s",
+            ),
+        ]
+
+    return Bounds(influence, self_influence)
 
 
 _TO_OUTPUTS = "what any gradient method runs (torch's kernels): the backward to every layer's output, no parameter's"
@@ -702,7 +722,7 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
     # the floor, and the bound below, at the faster of two batch sizes: FLOOR_BATCH or every example in one batch
     sizes = (FLOOR_BATCH, len(w.x_train) + len(w.x_test))
     floors = {wt: [run(backprop_floor(w, device, wt, bs)) for bs in sizes] for wt in (True, False)}
-    bounded = influence_bounds(w.model, lambda: w.model(w.x_train[:1].to(device)), w, args.repeat)
+    bounded = product_bounds(w.model, lambda: w.model(w.x_train[:1].to(device)), w, args.repeat)
     states = loaded_states(w, device)
     checked = {  # (replayed on the data each question checks first)
         q: run(
@@ -788,14 +808,12 @@ def bench_workload(w: Workload, args: argparse.Namespace, device: torch.device) 
     floor = "not TracIn: summed gradients only; batches: {}"
     rows.add("influence", "plain backprop (floor)", floor_inf, o_inf, None, floor.format(bs_inf))
     rows.add("self-influence", "plain backprop (floor)", floor_self, o_self, None, floor.format(bs_self))
-    for label, bound, note in bounded(floor_inf, (checked["influence"], checks["influence"].describe())):
+    for label, bound, note in bounded.influence(floor_inf, (checked["influence"], checks["influence"].describe())):
         rows.add("influence", label, bound, o_inf, None, note)
     to_outputs_note = f"{_TO_OUTPUTS}; batches: {bs_out}"
     rows.add("self-influence", "forward + backward to layer outputs", to_outputs, o_self, None, to_outputs_note)
-    label, bound, note = _with_checks(  # (not on the floor: self-influence needs no summed parameter gradient)
-        "fwd + bwd + the checks' runs", to_outputs, checked["self"], checks["self"].describe()
-    )
-    rows.add("self-influence", label, bound, o_self, None, note)
+    for label, bound, note in bounded.self_influence(to_outputs, (checked["self"], checks["self"].describe())):
+        rows.add("self-influence", label, bound, o_self, None, note)
     for peer in peers:
         rows.add(*peer)
     rows.notes.insert(

@@ -14,6 +14,11 @@ target ratio can be checked against what is physically possible on this machine.
   Same flops, but as batched small GEMMs (``K = T``) against one large GEMM; this times both on random tensors of
   those layers' shapes. Their difference estimates what materialising costs beyond the floor (not a bound: the
   floor's parameter gradients cost it more than these GEMMs alone).
+- ``per_example_norms``: self-influence needs each example's squared gradient norm per layer, by the cheaper by flop
+  count of the factored form (``T = 1``: ``|a|^2 |g|^2``; else the ``[T, T]`` kernels ``(A A^T) * (G G^T)`` summed,
+  ``T^2 (d_in + d_out)``) and the materialised one (``G^T A`` per example, ``T d_in d_out``, and its norm). This
+  times that work on random tensors of each layer's shapes. An estimate, not a bound: every row counts as live (a
+  call drops rows without gradient: BERT's last layer reads one token), and layers of other kinds are left out.
 - ``forward_only``: one forward pass (no autograd) per checkpoint over the same examples, which every gradient
   method runs at least once: ``Captum / forward_only`` is the most any method can be faster than Captum.
 - ``activation_backward``: one forward / backward per checkpoint that takes the gradient of the summed loss at every
@@ -164,6 +169,48 @@ def per_example_gradients(
                     g[:m].reshape(-1, g.shape[-1]).T @ a[:m].reshape(-1, a.shape[-1])
 
     return batched, summed
+
+
+def norm_form(layer: Layer) -> str:
+    """How ``per_example_norms`` takes a layer's norms: ``"rows"`` (one row: a product of two row norms), ``"kernels"``
+    (the ``[T, T]`` kernels, fewer flops) or ``"formed"`` (each example's gradient, then its norm)."""
+    if layer.rows == 1:
+        return "rows"
+    return "kernels" if layer.rows * (layer.d_in + layer.d_out) < layer.d_in * layer.d_out else "formed"
+
+
+def sq_norms(form: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``[B]``: each example's squared norm of ``G_i^T A_i`` from ``a`` ``[B, T, d_in]`` and ``g`` ``[B, T, d_out]``,
+    in ``form`` (``norm_form``)."""
+    if form == "rows":
+        return torch.linalg.vector_norm(a[:, 0], dim=1).square() * torch.linalg.vector_norm(g[:, 0], dim=1).square()
+    if form == "kernels":
+        return (a @ a.mT).mul_(g @ g.mT).sum((1, 2))
+    return torch.linalg.vector_norm((g.mT @ a).flatten(1), dim=1).square()
+
+
+def per_example_norms(
+    layers: Sequence[Layer], n_examples: int, checkpoints: int, dtype: torch.dtype = torch.float32
+) -> Callable[[], None]:
+    """Every layer's per-example squared gradient norms (``norm_form``) for ``n_examples`` examples per checkpoint,
+    in blocks of examples whose formed gradients (or kernels) take about 1 MB."""
+    gen = torch.Generator().manual_seed(0)
+    work: list[tuple[str, torch.Tensor, torch.Tensor, list[int]]] = []
+    for layer in layers:
+        form = norm_form(layer)
+        per_example = layer.d_in * layer.d_out if form == "formed" else 2 * layer.rows**2
+        block = max(1, min(n_examples, _FORMED_ELEMENTS // per_example))
+        a = torch.randn(block, layer.rows, layer.d_in, generator=gen, dtype=dtype)
+        g = torch.randn(block, layer.rows, layer.d_out, generator=gen, dtype=dtype)
+        work.append((form, a, g, [min(block, n_examples - start) for start in range(0, n_examples, block)]))
+
+    def run() -> None:
+        for _ in range(checkpoints):
+            for form, a, g, sizes in work:
+                for m in sizes:
+                    sq_norms(form, a[:m], g[:m])
+
+    return run
 
 
 def forward_only(

@@ -26,6 +26,7 @@ def test_bench_core_runs(capsys):
         "self-influence",
         "fwd + bwd + the checks' runs",
     ) in impls
+    assert ("self-influence", "fwd + bwd + checks + norms") in impls
     assert ("self-influence", "tracin_func factored=False") in impls
     assert all(r["max_rel_diff_vs_ours"] < 1e-4 for r in results if r["max_rel_diff_vs_ours"] is not None)
     assert all(r["seconds"] > 0 for r in results)
@@ -46,6 +47,7 @@ def test_bench_core_real_models_run(capsys):
         "self-influence",
         "fwd + bwd + the checks' runs",
     ) in impls
+    assert ("self-influence", "fwd + bwd + checks + norms") in impls
     assert ("self-influence", "Captum TracInCP per-example (b8)") in impls
     assert all(r["seconds"] > 0 for r in results)
     assert all(r["max_rel_diff_vs_ours"] < 1e-4 for r in results if r["max_rel_diff_vs_ours"] is not None)
@@ -185,3 +187,21 @@ def test_rounds_time_every_call_once_per_round_and_keep_the_best():
     assert a.seconds < 0.1 and 0.05 <= b.seconds < 0.3 and a.runs == b.runs == 2
     timer.time()  # nothing added since: nothing runs again
     assert len(order) == 6
+
+
+def test_per_example_norms_take_each_examples_squared_gradient_norm_in_the_form_of_fewer_flops():
+    """The norms estimate times real work: every form gives each example's |G_i^T A_i|^2 (float64, against the
+    gradients formed one example at a time), and each layer takes the form of fewer flops."""
+    import bounds
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    for form, (rows, d_in, d_out) in (("rows", (1, 5, 3)), ("kernels", (3, 9, 7)), ("formed", (6, 3, 2))):
+        layer = bounds.Layer("layer", rows, d_in, d_out)
+        assert bounds.norm_form(layer) == form
+        a, g = (torch.randn(3, rows, d, generator=gen, dtype=torch.float64) for d in (d_in, d_out))
+        expected = torch.stack([(gi.T @ ai).square().sum() for ai, gi in zip(a, g)])
+        for way in ("rows", "kernels", "formed") if rows == 1 else ("kernels", "formed"):
+            torch.testing.assert_close(bounds.sq_norms(way, a, g), expected, rtol=1e-12, atol=0)
+    run = bounds.per_example_norms([bounds.Layer("a", 1, 65, 10), bounds.Layer("b", 32, 65, 64)], 7, 2)
+    run()
