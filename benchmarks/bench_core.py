@@ -187,19 +187,19 @@ def _summed_loss(model: nn.Module) -> Callable[[Any, Any], torch.Tensor]:
 
 def backprop_floor(w: Workload, device: torch.device, with_test: bool, bs: int = FLOOR_BATCH) -> Callable[[], Any]:
     """Not TracIn: one ordinary batched forward / backward (summed loss, summed gradients) per checkpoint over the
-    training examples (and the test examples when ``with_test``). Any exact method does at least this much work."""
+    training examples (and the test examples when ``with_test``, joined to them), in batches of ``bs``. Any exact
+    method does at least this much work."""
     model = copy.deepcopy(w.model)
     loss = _summed_loss(model)
-    data = [w.train, w.test] if with_test else [w.train]
+    x, y = (torch.cat([w.x_train, w.x_test]), torch.cat([w.y_train, w.y_test])) if with_test else w.train
     param_names = {name for name, _ in model.named_parameters()}
 
     def run() -> None:
         for ckpt in tc.load_checkpoints(w.checkpoint_paths, map_location=device):
             state = {k: v.requires_grad_(v.is_floating_point()) for k, v in ckpt.params.items()}
             params = [v for k, v in state.items() if k in param_names]
-            for x, y in data:
-                for start in range(0, x.shape[0], bs):
-                    torch.autograd.grad(loss(state, (x[start : start + bs], y[start : start + bs])), params)
+            for start in range(0, x.shape[0], bs):
+                torch.autograd.grad(loss(state, (x[start : start + bs], y[start : start + bs])), params)
 
     return run
 
