@@ -140,10 +140,10 @@ _LIBRARY = f"{__package__}."
 
 def _describe_layer(layer: torch.nn.Module, tree: frozenset[int]) -> str:
     """A layer's class, the code of its class's methods (of classes outside torch: a helper its forward calls), its
-    mode and forward hooks (the user's, under the call's guard; not those another call puts on a user's module that a
-    loss runs, for the time it runs: an index built meanwhile was refused by every query, "the model's code or
-    settings differ"), its public attributes and its private ones of plain values (a scale); the model's modules
-    (``tree``) they reach by class."""
+    buffers that no checkpoint holds (by content), its mode and forward hooks (the user's, under the call's guard;
+    not those another call puts on a user's module that a loss runs, for the time it runs: an index built meanwhile
+    was refused by every query, "the model's code or settings differ"), its public attributes and its private ones
+    of plain values (a scale); the model's modules (``tree``) they reach by class."""
     cls = type(layer)
     methods = {
         f"{c.__qualname__}.{name}": fn
@@ -155,6 +155,10 @@ def _describe_layer(layer: torch.nn.Module, tree: frozenset[int]) -> str:
     settings = {k: v for k, v in vars(layer).items() if not k.startswith("_")}
     private = {k: v for k, v in vars(layer).items() if k.startswith("_") and k not in MODULE_SLOTS}
     settings.update({k: v for k, v in private.items() if isinstance(v, _SIMPLE)})
+    # buffers no checkpoint holds (``persistent=False``: rotary frequencies, a fixed shift), which the forward reads as
+    # the model's own, by content: a build resumed after one changed mixed shards of both values, silently
+    unsaved = layer._non_persistent_buffers_set
+    settings.update({f"buffer {k}": t for k, t in layer._buffers.items() if k in unsaved and t is not None})
     hooks = [getattr(h, "__wrapped__", h) for h in (*layer._forward_pre_hooks.values(), *layer._forward_hooks.values())]
     hooks = [h for h in hooks if not getattr(h, "__module__", "").startswith(_LIBRARY)]  # (another call's, for now)
     described = (_describe(part, 1, tree) for part in (methods, settings, hooks))

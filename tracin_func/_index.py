@@ -16,7 +16,8 @@ from ._shards import file_sha256, read_rows, shard_info
 from ._validate import cause_of
 
 FORMAT = "tracin_func.index"
-VERSION = 3  # 2: the fingerprint's `model` part; 3: what it describes of the model and the loss widened
+VERSION = 4  # 2: the fingerprint's `model` part; 3: what it describes of the model and the loss widened; 4: and
+# the model's buffers that no checkpoint holds
 MANIFEST = "manifest.json"
 BLOCK_BYTES = 1 << 28  # rows of embeddings read at once when streaming an index
 
