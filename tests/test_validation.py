@@ -826,6 +826,16 @@ def test_bad_seed(seed):
         tc.embeddings(model, ckpts, batch, loss_fn=CE, projection_dim=4, seed=seed)
 
 
+def test_a_seed_without_projection_dim_is_refused(tmp_path):
+    """`seed=3` without `projection_dim` gave exact embeddings, the seed silently unused (a helper's trial)."""
+    model, ckpts, batch = _setup()
+    for call in (tc.embeddings, functools.partial(tc.build_index, tmp_path)):
+        with pytest.raises(ValueError, match=r"`seed`=3 chooses the random projection.*pass `projection_dim` too"):
+            call(model, ckpts, batch, loss_fn=CE, seed=3)
+    exact = tc.embeddings(model, ckpts, batch, loss_fn=CE)
+    assert torch.equal(tc.embeddings(model, ckpts, batch, loss_fn=CE, seed=0), exact)
+
+
 def test_backward_hook_on_the_model():
     model, ckpts, batch = _setup()
     handle = model.fc2.register_full_backward_hook(lambda module, grad_in, grad_out: None)
@@ -900,14 +910,17 @@ def test_a_training_example_failing_in_planning_is_named():
 
 
 def test_index_rows_and_rerank_data_are_checked(tmp_path):
-    """`index.embeddings(mask)` read a boolean mask as row numbers 0 / 1 and `[1.7]` as row 1; `rerank=` data other
-    than the index was built from, of the same size, returned wrong candidates silently (scores 135% off)."""
+    """`index.embeddings(mask)` read a boolean mask as row numbers 0 / 1 and `[1.7]` as row 1, and refused `[]` as
+    float rows; `rerank=` data other than the index was built from, of the same size, returned wrong candidates
+    silently (scores 135% off)."""
     model, ckpts, (x, y) = _setup()
     index = tc.build_index(str(tmp_path), model, ckpts, (x, y), loss_fn=CE)
     with pytest.raises(TypeError, match=r"`rows` must hold row numbers.*mask.nonzero\(\).flatten\(\)"):
         index.embeddings(torch.arange(len(index)) % 2 == 0)
     with pytest.raises(TypeError, match=r"`rows` must hold row numbers \(integers\), got torch.float"):
         index.embeddings([1.7])
+    for empty in ([], (), range(0), torch.tensor([], dtype=torch.int64)):  # (`[]` was refused as float32 rows)
+        assert index.embeddings(empty).shape == (0, index.dim)
     with pytest.raises(ValueError, match=r"`rerank` must be the training data the index was built from.*rows \[0, "):
         tc.top_k(model, ckpts, index, (x[:2], y[:2]), k=2, loss_fn=CE, rerank=(x.flip(0), y.flip(0)))
     top = tc.top_k(model, ckpts, index, (x[:2], y[:2]), k=2, loss_fn=CE, rerank=(x, y))

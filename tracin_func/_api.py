@@ -24,11 +24,11 @@ from ._distributed import (
 from ._driver import collect_rows, embedding_blocks, query_chunks, score_blocks, self_blocks
 from ._index import Index
 from ._model import ParamSelector, exclusive_use
-from ._projection import projection_dim_of
+from ._projection import projection_of
 from ._search import index_influence, index_setup, index_top_k, rerank_candidates
 from ._setup import Setup, make_setup
 from ._topk import TopK, merge
-from ._validate import boolean, positive_int, seed_value
+from ._validate import boolean, positive_int
 from ._warn import warn
 
 if TYPE_CHECKING:
@@ -582,7 +582,7 @@ def embeddings(
         _check_options(options, "embeddings")
         if isinstance(data, Index):
             raise TypeError("`data` is an index, which holds the embeddings: call `index.embeddings(rows)`.")
-        projection = None if projection_dim is None else (projection_dim_of(projection_dim), seed_value(seed))
+        projection = projection_of(projection_dim, seed)
         return projection, as_dict(data)
 
     projection, data = checked_on_every_rank(options.get("distributed"), checked)

@@ -25,10 +25,10 @@ from ._fingerprint import differences, fingerprint, tensor_bytes
 from ._index import FORMAT, LAYOUT, MANIFEST, VERSION, Index, check_shard, manifest_digest, open_index, read_manifest
 from ._model import exclusive_use
 from ._plan import scored_names
-from ._projection import projection_dim_of
+from ._projection import projection_of
 from ._setup import Setup, make_setup
 from ._shards import TEMPORARY, file_and_payload_sha256, file_sha256, shard_info, shard_name, write_json, write_shard
-from ._validate import boolean, positive_int, seed_value
+from ._validate import boolean, positive_int
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -385,9 +385,7 @@ def build_index(
 
     def checked() -> tuple[tuple[int, int] | None, int | None, str, Any, int | None]:  # (the path and the data
         _check_options(options, "build_index")  # read here too: reading them may fail on one rank)
-        projection = None
-        if projection_dim is not None:
-            projection = (projection_dim_of(projection_dim), seed_value(seed))
+        projection = projection_of(projection_dim, seed)
         if storage_dtype not in STORAGE_DTYPES:
             allowed = [str(d) for d in STORAGE_DTYPES]
             raise TypeError(f"`storage_dtype` must be one of {allowed}, got {storage_dtype!r}.")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ._validate import positive_int
+from ._validate import positive_int, seed_value
 from ._warn import warn
 
 _MASK = 0xFFFFFFFF
@@ -94,6 +94,20 @@ def kron_split(k: int) -> tuple[int, int]:
     """``k = k_out * k_in`` with the two factors as close as possible (Kronecker-factored projections)."""
     k_out = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
     return k_out, k // k_out
+
+
+def projection_of(projection_dim: Any, seed: Any) -> tuple[int, int] | None:
+    """``(k, seed)`` of the seeded projection ``projection_dim`` asks for, validated, or None (exact gradients); a
+    ``seed`` given without it is refused: it chooses a projection, and none would be made (it was ignored)."""
+    if projection_dim is None:
+        if isinstance(seed, bool) or seed != 0:
+            raise ValueError(
+                f"`seed`={seed!r} chooses the random projection that `projection_dim=k` asks for, and no "
+                f"`projection_dim` was given (the embeddings would be exact, the seed unused): pass `projection_dim` "
+                f"too, or leave `seed` out."
+            )
+        return None
+    return projection_dim_of(projection_dim), seed_value(seed)
 
 
 def projection_dim_of(k: Any) -> int:

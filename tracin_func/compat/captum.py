@@ -537,7 +537,8 @@ class TracInCPFastRandProj(TracInCPFast):
             nearest_neighbors.setup(self.src_intermediate_quantities)
 
     def _embed(self, data: Any, loss_fn: Any) -> torch.Tensor:
-        selection = {**self._selection(), "projection_dim": self._projection, "seed": self.seed}
+        projection = {} if self._projection is None else {"projection_dim": self._projection, "seed": self.seed}
+        selection = {**self._selection(), **projection}  # (exact where no projection is smaller than the layer)
         return tc.embeddings(self._net, self._checkpoints, data, loss_fn=loss_fn, **selection)
 
     def influence(  # type: ignore[override]
