@@ -683,7 +683,8 @@ def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection
         distinct.setdefault(frozenset(map(id, state.values())), state)
     checkpoint_of, states = {key: c for c, key in enumerate(distinct)}, list(distinct.values())
     runs = cache(partial(_frozen_runs, states, names))  # (compared on the first check only)
-    current: list[Any] = [None, 0, set()]  # the batch last seen, its number, the checkpoints it was checked at
+    # the batch last seen, its number, the checkpoints it was checked at, its examples of inputs not finite (read once)
+    current: list[Any] = [None, 0, set(), None]
 
     @torch.compiler.disable  # (eager inside compiled updates)
     def witness(state: Tensors, batch: Any, together: Witnessed) -> None:
@@ -691,7 +692,7 @@ def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection
         if n < 2:
             return
         if batch is not current[0]:
-            current[:] = [batch, next(batches), set()]
+            current[:] = [batch, next(batches), set(), None]
         c = checkpoint_of.get(frozenset(map(id, state.values())))
         if c is not None:
             turn = runs()[c]
@@ -699,7 +700,9 @@ def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection
                 return
             current[2].add(c)
         checked = [int(n * (next(picks) * _GOLDEN % 1))]
-        odd = _not_finite(_inputs(batch, [loss]), n)
+        if current[3] is None:
+            current[3] = _not_finite(_inputs(batch, [loss]), n)
+        odd = current[3]
         if odd and checked[0] not in odd:  # (all examples not finite: an additive mask of -inf, say)
             checked.append(odd[next(odd_picks) % len(odd)])
         for i in checked:
