@@ -3110,6 +3110,30 @@ def test_a_legacy_autograd_function_runs_batched_or_by_plain_autograd():
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=False), ref.influence)
 
 
+class SparseBagOfWords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(20, 8, sparse=True), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.emb(x).mean(1))
+
+
+def test_the_loop_warning_quotes_torchs_error_without_its_kernel_table():
+    """A sparse Embedding's gradient fails under vmap (``factored=False``); the warning quoted torch's
+    NotImplementedError with the table of where each dispatch key's kernel is registered after it (about 50 lines,
+    7,000 characters; a helper's trial)."""
+    torch.manual_seed(0)
+    model = SparseBagOfWords().double().eval()
+    ckpts = _ckpts(model)
+    train = (torch.randint(0, 20, (6, 5)), torch.randint(0, 4, (6,)))
+    cause = r"The cause, in full: NotImplementedError: Could not run 'aten::view' .*only available for these backends"
+    with pytest.warns(RuntimeWarning, match=r"vmap failed on this model.*" + cause) as caught:
+        said = tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False)
+    assert_close(said, reference_scores(model, ckpts, train, train, loss_fn=CE).self_influence)
+    assert not [w for w in caught if "registered at" in str(w.message)]
+
+
 def test_plain_grad_keeps_torch_func_grads_contract():
     """The plain-autograd stand-in for ``torch.func.grad`` gives the same trees: several argnums, aux outputs
     detached, zeros for an input the output does not use; the caller's tensors are left as they were."""

@@ -262,7 +262,7 @@ def naming_failures(
             if isinstance(cause, RuntimeError):
                 refuse_recomputed(cause)  # (the model's checkpointing, not the example)
             if cause is not None:
-                why = f"{type(cause).__name__}: {str(cause).rstrip('.')}"
+                why = cause_of(cause).rstrip('.')
                 fix = _CUDNN_RNN_FIX if "cudnn RNN backward" in str(cause) else (
                     "Make `torch.autograd.grad` of one example's loss work first "
                     "(`torch.autograd.set_detect_anomaly(True)` names the op that fails)."

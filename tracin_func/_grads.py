@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointError, CheckpointFunction
 
 from ._loss import ExampleLossFn
+from ._validate import cause_of
 from ._warn import warn
 
 Tensors = Mapping[str, torch.Tensor]
@@ -85,8 +86,7 @@ class Mapper:
                     warn(
                         f"torch.func cannot run this model, even one example at a time, so per-example gradients "
                         f"are computed by plain autograd, one example at a time (same results, much slower)"
-                        f"{_in_model_code(func_error)}. The cause, in full: {type(func_error).__name__}: "
-                        f"{str(func_error).strip()}",
+                        f"{_in_model_code(func_error)}. The cause, in full: {cause_of(func_error)}",
                         RuntimeWarning,
                     )
                     return result
@@ -94,7 +94,7 @@ class Mapper:
                 warn(
                     f"torch.func.vmap failed on this model, so per-example gradients are computed with a loop "
                     f"instead (same results, slower){_in_model_code(vmap_error)}. The cause, in full: "
-                    f"{type(vmap_error).__name__}: {str(vmap_error).strip()}",
+                    f"{cause_of(vmap_error)}",
                     RuntimeWarning,
                 )
                 return result

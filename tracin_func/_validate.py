@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import operator
 import os
+import re
 from typing import Any
 
 import torch
 
+# a line of the table of where each dispatch key's kernel is registered, which torch appends to an operator's
+# NotImplementedError ("CPU: registered at /.../RegisterCPU.cpp:5713 [kernel]": about 50 lines)
+_REGISTERED = re.compile(r"\w+: (fallthrough )?registered at \S+ \[[\w ]+\]")
+
 
 def cause_of(err: Exception) -> str:
-    """An error as a message quotes it: its type and its text."""
-    return f"{type(err).__name__}: {str(err).strip()}"
+    """An error as a message quotes it: its type and its text, less torch's table of registered kernels."""
+    text = "\n".join(line for line in str(err).splitlines() if not _REGISTERED.fullmatch(line.strip()))
+    return f"{type(err).__name__}: {text.strip()}"
 
 
 def _integer(value: Any) -> int | None:
