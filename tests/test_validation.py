@@ -921,6 +921,7 @@ def test_index_rows_and_rerank_data_are_checked(tmp_path):
         index.embeddings([1.7])
     for empty in ([], (), range(0), torch.tensor([], dtype=torch.int64)):  # (`[]` was refused as float32 rows)
         assert index.embeddings(empty).shape == (0, index.dim)
+    assert torch.equal(index.embeddings(3), index.embeddings([3]))  # (a row number alone: one row)
     with pytest.raises(ValueError, match=r"`rerank` must be the training data the index was built from.*rows \[0, "):
         tc.top_k(model, ckpts, index, (x[:2], y[:2]), k=2, loss_fn=CE, rerank=(x.flip(0), y.flip(0)))
     top = tc.top_k(model, ckpts, index, (x[:2], y[:2]), k=2, loss_fn=CE, rerank=(x, y))
