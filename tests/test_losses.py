@@ -358,7 +358,8 @@ def test_causal_lm_loss_is_hugging_faces_per_example():
 
 def test_causal_lm_loss_reading_a_padding_position_is_warned():
     """Left padding with only the pads set to -100: the last pad predicts the first real token, a score depending on
-    the padding (found by review: 44-250% off the examples scored unpadded, as Hugging Face's loss computes it)."""
+    the padding (found by review: 44-250% off the examples scored unpadded, as Hugging Face's loss computes it); right
+    padding whose pads are kept as labels is told its own fix."""
     model = _LM().double().eval()
     ids = torch.randint(0, 10, (3, 6))
     mask = (torch.arange(6) >= torch.tensor([0, 2, 3])[:, None]).long()  # left padding
@@ -374,6 +375,10 @@ def test_causal_lm_loss_reading_a_padding_position_is_warned():
         tc.self_influence(model, ckpts, {"input_ids": ids, "attention_mask": mask, "labels": labels},
                           loss_fn=tc.causal_lm_loss(model))  # fmt: skip
     assert not [w for w in caught if read in str(w.message)]
+    right = mask.flip(1)  # right padding, the pads kept as labels: the fix named is theirs (a helper's trial)
+    with pytest.warns(UserWarning, match=re.escape(read) + r".*With right padding.*set the pads' labels to -100"):
+        tc.self_influence(model, ckpts, {"input_ids": ids, "attention_mask": right, "labels": ids},
+                          loss_fn=tc.causal_lm_loss(model))  # fmt: skip
 
 
 @pytest.mark.parametrize("problem_type", ["single_label_classification", "regression", "multi_label_classification"])

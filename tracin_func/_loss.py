@@ -181,10 +181,11 @@ def causal_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: in
     router loss, are not included: a ``tc.BatchLoss`` scores those). An example with no label left has loss 0
     (Hugging Face's would be NaN). The cross-entropy is computed in the logits' dtype (transformers upcasts it to
     float32, so in float64 the two differ at float32 rounding). A label predicted from a padding position
-    (``attention_mask`` 0: the last pad before the first real token, with left padding) is warned: that term depends
-    on the padding; set the first real token's label to ``ignore_index`` to score each example as it is unpadded
-    (for a model with absolute positions that does not derive them from the mask, GPT-2's, give ``position_ids``
-    too: ``attention_mask.cumsum(-1) - 1``, clamped at 0; left padding shifts every position otherwise).
+    (``attention_mask`` 0: the last pad before the first real token, with left padding; a pad kept as a label, with
+    right padding) is warned: that term depends on the padding; set the first real token's label (right padding: the
+    pads') to ``ignore_index`` to score each example as it is unpadded (for a model with absolute positions that does
+    not derive them from the mask, GPT-2's, give ``position_ids`` too: ``attention_mask.cumsum(-1) - 1``, clamped at
+    0; left padding shifts every position otherwise).
 
     Args:
         model: the module the scorers get (e.g. ``GPT2LMHeadModel``); it returns logits ``[B, T, V]`` as
@@ -243,7 +244,9 @@ def _warn_padding_read(mask: Any, shifted: torch.Tensor, ignore_index: int) -> N
             f"padding, the last pad predicts the first real token, whose score then depends on the padding (as in "
             f"Hugging Face's loss). Set the first real token's label to {ignore_index} too to score each example as it "
             f"is unpadded (and give `position_ids`, `attention_mask.cumsum(-1) - 1` clamped at 0, to a model of "
-            f"absolute positions that does not derive them from the mask, as GPT-2).",
+            f"absolute positions that does not derive them from the mask, as GPT-2). With right padding, pads kept as "
+            f"labels are predicted from the pads before them: set the pads' labels to {ignore_index} (as Hugging "
+            f"Face's language-modeling collator does).",
             UserWarning,
         )
 
