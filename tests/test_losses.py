@@ -510,7 +510,8 @@ def test_hugging_face_losses_name_the_labels_key():
 
 def test_hugging_face_losses_name_labels_of_another_shape_or_dtype():
     """Labels the logits cannot take are refused with their key, the shape asked and the shape given (torch's own
-    messages blamed a batch size or an index); a batch that is not a dict is told to be one."""
+    messages blamed a batch size or an index); a batch that is not a dict is told to be one, and one of examples
+    without their batch dimension to be batched."""
     model, ids = _LM().eval(), torch.randint(0, 10, (3, 4))
     ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=0.5)]
     token = r"under 'labels' shaped as the logits less their last dimension, one per position \(\(1, 4\) here\), got "
@@ -531,6 +532,14 @@ def test_hugging_face_losses_name_labels_of_another_shape_or_dtype():
         pooled.fn(dict(model.state_dict()), {"input_ids": ids, "labels": torch.ones(3, 4, 9)})
     with pytest.raises(TypeError, match=r"got a tuple; give the data as dicts, or write a `tc.BatchLoss`"):
         tc.self_influence(model, ckpts, (ids, ids), loss_fn=tc.causal_lm_loss(model))
+    # a list of a Dataset's items, each one example without its batch dimension: T examples of one token each, which
+    # the model's own code failed on (GPT-2: "too many indices for tensor of dimension 2"; a helper's trial)
+    items = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
+    for make in (tc.causal_lm_loss, tc.token_classification_loss):
+        with pytest.raises(ValueError, match=r"takes the labels under 'labels' as \[batch, positions\], and this "
+                                             r"batch holds no tensor of two dimensions \(its labels: \(1,\)\).*a "
+                                             r"Dataset's item"):  # fmt: skip
+            tc.self_influence(model, ckpts, items, loss_fn=make(model))
 
 
 class _CachingLM(_LM):

@@ -129,9 +129,10 @@ def _logits(output: Any) -> torch.Tensor:
 
 
 def _model_inputs(
-    batch: Any, labels: str, loss: str, options: Mapping[str, Any]
+    batch: Any, labels: str, loss: str, options: Mapping[str, Any], per_position: bool = True
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """The model's keyword arguments (``options``, then every entry of ``batch`` but the labels) and the labels."""
+    """The model's keyword arguments (``options``, then every entry of ``batch`` but the labels) and the labels,
+    ``per_position`` (a sequence of them per example) where so."""
     if not isinstance(batch, Mapping) or labels not in batch:
         got, fix = (
             (f"keys {list(batch)[:6]}", "pass `labels=` to name the key")
@@ -142,7 +143,17 @@ def _model_inputs(
             f"`loss_fn`: tc.{loss} takes dict batches holding the labels under {labels!r} (the model gets the other "
             f"entries as keyword arguments), got {got}; {fix}."
         )
-    return {**options, **{k: v for k, v in batch.items() if k != labels}}, batch[labels]
+    inputs, target = {k: v for k, v in batch.items() if k != labels}, batch[labels]
+    tensors = [t for t in optree.tree_leaves([inputs, target]) if isinstance(t, torch.Tensor)]
+    if per_position and all(t.dim() < 2 for t in tensors):  # (the model's own code fails on them, GPT-2's with "too
+        raise ValueError(  # many indices for tensor of dimension 2", blaming example 0)
+            f"`loss_fn`: tc.{loss} takes the labels under {labels!r} as [batch, positions], and this batch holds no "
+            f"tensor of two dimensions (its labels: {tuple(target.shape)}): a batch is read as examples along its "
+            f"first dimension, so a dict of [T] tensors, one example without its batch dimension as a Dataset's item "
+            f"is, reads as T examples of one token. Give batches of examples ([B, T] tensors, as "
+            f"`tokenizer(..., return_tensors='pt')` or a DataLoader's collator makes them), or the Dataset itself."
+        )
+    return {**options, **inputs}, target
 
 
 _PER_TOKEN = "shaped as the logits less their last dimension, one per position"
@@ -430,7 +441,7 @@ def sequence_classification_loss(
     options = _without_cache(model)
 
     def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        inputs, target = _model_inputs(batch, labels, "sequence_classification_loss", options)
+        inputs, target = _model_inputs(batch, labels, "sequence_classification_loss", options, per_position=False)
         logits = _logits(functional_call(model, dict(params), (), inputs))
         kind = problem_type or _problem_type(model, logits, target)
         n, name = logits.shape[0], "sequence_classification_loss"
