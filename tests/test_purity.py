@@ -422,6 +422,52 @@ def test_quantization_aware_training_with_its_observers_off_is_scored():
     torch.testing.assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=loss), want, rtol=1e-5, atol=0)
 
 
+class _FunctionalBatchNorm(nn.Module):
+    """Batch normalisation written by hand (MAML-style code): training on the model's running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = nn.functional.batch_norm(self.conv(x), self.bn.running_mean, self.bn.running_var, self.bn.weight,
+                                     self.bn.bias, training=True)  # fmt: skip
+        return self.fc(torch.tanh(h).mean(-1))
+
+
+def test_a_functional_batch_norm_in_training_is_refused_before_it_writes():
+    """torch's `native_batch_norm` does not declare the running statistics it writes in training: the call was
+    accepted and changed the checkpoint's statistics (with `strict=False`, the model's own; a review helper's
+    trial)."""
+    torch.manual_seed(0)
+    model = _FunctionalBatchNorm().eval()
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    saved = {k: v.clone() for k, v in ckpts[0].params.items()}
+    without = {k: v for k, v in saved.items() if "running" not in k and "num_batches" not in k}  # (the model's used)
+    x, y = torch.randn(6, 2, 5), torch.randint(0, 3, (6,))
+    written = r"module '\(root\)' \(_FunctionalBatchNorm\) writes into the checkpoint's tensor 'bn.running_mean'"
+    with pytest.raises(ValueError, match=written + r" \(aten.native_batch_norm.default\)"):
+        tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
+    assert all(torch.equal(saved[k], ckpts[0].params[k]) for k in saved)
+    own = model.bn.running_mean.clone()
+    with pytest.raises(ValueError, match=written):
+        tc.self_influence(model, [tc.Checkpoint(without, 0.1)], (x, y), loss_fn=CE, strict=False)
+    assert torch.equal(model.bn.running_mean, own)
+
+
+def test_an_rrelu_in_eval_mode_is_scored():
+    """RReLU's kernel carries the seeded tag whatever its `training` flag; in eval mode it draws nothing, and was
+    refused as drawing random numbers (a review helper's trial)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.RReLU(), nn.Linear(6, 3)).double().eval()
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE),
+                 reference_scores(model, ckpts, (x, y), (x, y), loss_fn=CE).self_influence)  # fmt: skip
+    with pytest.raises(ValueError, match=r"module '1' \(RReLU\) draws random numbers"):
+        tc.self_influence(model.train(), ckpts, (x, y), loss_fn=CE)
+
+
 class _SparseGCN(nn.Module):
     """A graph convolution over a fixed graph, its normalised adjacency a sparse COO tensor (a buffer, or a plain
     attribute): each example is a node id, scored as the node's prediction on the whole graph."""

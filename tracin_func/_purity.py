@@ -47,19 +47,32 @@ def _bound(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[
     return {**defaults, **{a.name: v for a, v in zip(schema, args)}, **kwargs}
 
 
+# ops that write their running statistics in training although their schemas do not say so: a forward calling
+# `F.batch_norm(..., training=True)` on a model's statistics wrote into the checkpoint's tensors, unseen
+_BATCH_NORMS = {
+    torch.ops.aten.native_batch_norm.default,
+    torch.ops.aten.cudnn_batch_norm.default,
+    torch.ops.aten.miopen_batch_norm.default,
+}
+_STATISTICS = ("running_mean", "running_var")
+
+
 @functools.cache
 def _inspected(func: Any) -> tuple[bool, tuple[str, ...]]:
     """Whether an op may draw random numbers, and the names of the arguments it writes (per op, once: most ops
     are neither, and pass the watch without their arguments being bound)."""
     written = tuple(a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write)
-    return torch.Tag.nondeterministic_seeded in func.tags, written
+    return torch.Tag.nondeterministic_seeded in func.tags, written + (_STATISTICS if func in _BATCH_NORMS else ())
 
 
 def _writes(func: Any, values: Mapping[str, Any]) -> bool:
     """Whether an op declaring arguments written writes them, called with ``values``: QAT's fused fake-quantize with
-    its observer off leaves its statistics as they are (refused as writing them, every such model was)."""
+    its observer off leaves its statistics as they are (refused as writing them, every such model was), as does a
+    batch norm out of training."""
     if func is torch.ops.aten._fused_moving_avg_obs_fq_helper.default:
         return bool(values["observer_on"])
+    if func in _BATCH_NORMS:
+        return bool(values["training"])
     return True
 
 
@@ -71,10 +84,11 @@ def _makes_tensors(func: Any) -> bool:
 
 def _draws_random(values: Mapping[str, Any]) -> bool:
     """Whether a seeded random op called with ``values`` draws random numbers: not when a zero probability or
-    ``train=False`` makes it deterministic (the attention kernels carry the tag whatever their ``dropout_p``)."""
+    ``train=False`` (``training=False``) makes it deterministic (the attention kernels carry the tag whatever their
+    ``dropout_p``; an RReLU in eval mode was refused as drawing)."""
     if any(isinstance(values.get(key), (int, float)) and values[key] == 0 for key in ("dropout_p", "p")):
         return False
-    return values.get("train") is not False
+    return values.get("train", values.get("training")) is not False  # (RReLU's flag: `training`)
 
 
 _LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.lift.default)
