@@ -1075,6 +1075,44 @@ class TiedCache(nn.Module):
         return self.head(torch.tanh(self.inp(x)))
 
 
+class ParentCachesChild(nn.Module):
+    """A block keeping its sublayer's transposed weight (computed once), its bias read directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.lin, self.cache = nn.Linear(4, 6), nn.Linear(6, 6), {}
+
+    def forward(self, x):
+        if "w" not in self.cache:
+            self.cache["w"] = self.lin.weight.t() * 1.0
+        return torch.tanh(self.first(x)) @ self.cache["w"] + self.lin.bias
+
+
+class ParentCachesAllOfChild(ParentCachesChild):
+    """The same, with the bias kept too: the sublayer read only the first time."""
+
+    def forward(self, x):
+        if "w" not in self.cache:
+            self.cache["w"], self.cache["b"] = self.lin.weight.t() * 1.0, self.lin.bias * 1.0
+        return torch.tanh(self.first(x)) @ self.cache["w"] + self.cache["b"]
+
+
+@pytest.mark.parametrize(
+    "build, filled_before", [(ParentCachesChild, False), (ParentCachesChild, True), (ParentCachesAllOfChild, False)]
+)
+def test_3f_a_cache_of_a_sublayers_parameters_is_refused(build, filled_before):
+    """A block's cache of its sublayer's weight: every checkpoint was scored with the cached values (23-36% off,
+    silently; a review helper's trial). Refused where the sublayer's other parameters are read, or where the call's
+    dry run filled the cache and its second run read the cache instead (a cache of all of a sublayer's parameters
+    filled before the call reads as an unused sublayer: not seen, as the README says)."""
+    model = Cached(build()).double().eval()
+    if filled_before:
+        with torch.no_grad():
+            model(data(4, seed=3)[0])
+    with pytest.raises(ValueError, match=all_of("module 'layer' (", "keeps 'cache'", "'layer.lin.weight'", "a cache")):
+        tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), loss_fn=CE)
+
+
 class UnusedParameterAndConstant(nn.Module):
     """A training-only head never called in eval mode, a constant mask and a constant built in the forward: no cache
     (the head's parameters get zero gradient)."""

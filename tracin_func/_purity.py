@@ -191,34 +191,42 @@ class _Watch(TorchDispatchMode):
         ref = self.made.get(id(t))
         return ref is not None and ref() is t
 
-    def refuse_kept(self, state: Tensors, root: nn.Module | None) -> None:
+    def refuse_kept(self, state: Tensors, root: nn.Module | None, before: Collection[int] = ()) -> None:
         """Raise when the forward computed with a tensor the model keeps (a layer's attribute or buffer, or else
-        somewhere the reading layer alone knows) while a parameter of the layer holding it (or of the reading layer)
-        was never read: a cache of values computed from that parameter (LeViT's attention biases in eval mode), filled
-        by an earlier pass (a call before this one, ``model.eval()``, the first dry run), which every checkpoint would
-        be scored with. A kept constant (a mask) leaves its layer's parameters read."""
+        somewhere the reading layer alone knows) in place of a parameter it never read: a cache of values computed
+        from that parameter (LeViT's attention biases in eval mode), filled by an earlier pass (a call before this one,
+        ``model.eval()``, the first dry run), which every checkpoint would be scored with. Such a parameter is one of
+        the layer holding the kept tensor or of the reading layer; one of the reading layer's sublayers (not the
+        root's) whose other parameters are read (a child's weight cached, its bias read directly: 23-36% off,
+        silently, before); or one the run before this one read (``before``: tensors' ids), which filled the cache. A
+        kept constant (a mask) leaves those parameters read (a training-only head never called is no cache)."""
         if not self.kept or root is None:
             return
         first_name = {}  # a parameter's name in the checkpoint (a tied one: its first)
         for name, p in root.named_parameters(remove_duplicate=False):
             first_name.setdefault(id(p), name)
+        never = {n for n, t in state.items() if id(t) not in self.read}  # (the checkpoint's names)
+        unread = lambda p: first_name.get(id(p)) in never  # noqa: E731
+        forgotten = [n for n in first_name.values() if n in never and id(state[n]) in before]
         layers = list(root.named_modules())
         for path, (reader, kept) in self.kept.items():
             holders = [(p, m, k) for p, m in layers for k, v in _attributes(m).items() if _holds(v, kept)]
-            for layer_path, layer, key in [*holders, (path, reader, holders[0][2] if holders else None)]:
-                for _, p in layer.named_parameters(recurse=False):
-                    name = first_name.get(id(p))
-                    if name is None or name not in state or id(state[name]) in self.read:
-                        continue
-                    kept_where = f"keeps {key!r} between forward passes, and the forward computes with it"
-                    what = kept_where if key else "computes with a tensor kept between forward passes"
-                    raise ValueError(
-                        f"`model`: module {layer_path or '(root)'!r} ({type(layer).__name__}) {what} instead of the "
-                        f"parameter {name!r}, which it never reads (a cache, like LeViT's attention biases in eval "
-                        f"mode): every checkpoint would be scored with the values it was filled from, and no gradient "
-                        f"would reach {name!r}. Make the forward compute them from the parameter on every call (empty "
-                        f"or switch off the cache), then score."
-                    )
+            key = holders[0][2] if holders else None
+            owners = [(p, m, k, m) for p, m, k in holders] + [(path, reader, key, reader)]
+            if reader is not root:
+                parts = [m for m in reader.modules() if m is not reader]
+                owners += [(path, reader, key, m) for m in parts if not all(map(unread, m.parameters(recurse=False)))]
+            found = [(o, first_name[id(p)]) for o in owners for p in o[3].parameters(recurse=False) if unread(p)]
+            for (layer_path, layer, key, _), name in [*found, *((owners[-1], n) for n in forgotten)]:
+                kept_where = f"keeps {key!r} between forward passes, and the forward computes with it"
+                what = kept_where if key else "computes with a tensor kept between forward passes"
+                raise ValueError(
+                    f"`model`: module {layer_path or '(root)'!r} ({type(layer).__name__}) {what} instead of the "
+                    f"parameter {name!r}, which it never reads (a cache, like LeViT's attention biases in eval "
+                    f"mode): every checkpoint would be scored with the values it was filled from, and no gradient "
+                    f"would reach {name!r}. Make the forward compute them from the parameter on every call (empty "
+                    f"or switch off the cache), then score."
+                )
 
     def kept_derived(self) -> bool:
         """Whether tensors this run computed from the checkpoint are still alive (held by a layer, say)."""
@@ -344,7 +352,7 @@ def check_forward(
     with leaving_no_trace(module):
         watch = _watched_run(module, loss, states, example, where, differentiated)
         if watch.kept_derived():
-            watch = _watched_run(module, loss, states, example, where, differentiated)
+            watch = _watched_run(module, loss, states, example, where, differentiated, watch.read)
         with torch.no_grad():  # (two plain runs: under the watch, fused kernels such as the native transformer
             runs = [_copied(_run(loss, state, example)) for _ in range(2)]  # encoder's step aside)
     _refuse_changed(*runs, exact=all(t.device.type == "cpu" for t in state.values()))
@@ -374,8 +382,10 @@ def _watched_run(
     example: Any,
     where: str,
     differentiated: Collection[str],
+    before: Collection[int] = (),
 ) -> _Watch:
-    """One dry run at ``states[0]`` under the watch (raising on what it refuses), which it returns."""
+    """One dry run at ``states[0]`` under the watch (raising on what it refuses), which it returns; ``before``: the
+    tensors a run before it read (``_Watch.refuse_kept``)."""
     state = states[0]
     protected = _protected(module, state, example)
     checkpoint = {id(t) for t in state.values()}
@@ -392,7 +402,7 @@ def _watched_run(
                 _refuse_held_dtype(loss, err, state)
             _explain_dtype(err, example, state, where)
             raise
-    watch.refuse_kept(state, module)
+    watch.refuse_kept(state, module, before)
     return watch
 
 
