@@ -7,6 +7,7 @@ import copy
 import gc
 import itertools
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -478,10 +479,14 @@ def test_compiled_factory_update_equals_eager():
         tracer = tc.tracer(t.model, t.test, n_train=10, loss_fn=t.loss_fn, dtype=DTYPE)
         update = torch.compile(tracer.update)
         eager = compiled = tracer.init()
-        for (idx, lr), ckpt in zip(_schedule(10)[:3], t.checkpoints):
-            batch, lr = (t.train[0][idx], t.train[1][idx]), torch.tensor(lr, dtype=DTYPE)
-            eager = tracer.update(eager, dict(ckpt.params), lr, batch, idx)
-            compiled = update(compiled, dict(ckpt.params), lr, batch, idx)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for (idx, lr), ckpt in zip(_schedule(10)[:3], t.checkpoints):
+                batch, lr = (t.train[0][idx], t.train[1][idx]), torch.tensor(lr, dtype=DTYPE)
+                eager = tracer.update(eager, dict(ckpt.params), lr, batch, idx)
+                compiled = update(compiled, dict(ckpt.params), lr, batch, idx)
+        # (dynamo warned it could not trace the call's stash of saved-tensors hooks: "please file an issue")
+        assert not [w for w in caught if "Dynamo does not know how to trace" in str(w.message)]
         assert_close(compiled.scores, eager.scores, 1e-12)
         assert_close(compiled.self_influence, eager.self_influence, 1e-12)
         assert int(compiled.steps) == 3

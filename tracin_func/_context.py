@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -29,44 +29,60 @@ def in_own_context(fn: _F) -> _F:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                f"`{name}`: scores need gradients, which torch cannot compute under "
-                f"`torch.inference_mode()`; call it outside that block (`torch.no_grad()` is fine: the library "
-                f"enables what it needs)."
-            )
-        if torch._C._are_functorch_transforms_active():
-            raise RuntimeError(
-                f"`{name}` was called inside a torch.func transform (`vmap`, `grad`, `jacrev`, ... over the "
-                f"call): it takes per-example gradients itself and cannot be transformed. Call it outside the "
-                f"transform (`torch.vmap` over test examples: pass them as one batch)."
-            )
+        _refuse_outer_context(name)
         ambient = [device for device in _AUTOCAST_DEVICES if torch.is_autocast_enabled(device)]
-        with contextlib.ExitStack() as stack, _without_saved_tensors_hooks():
-            for device in ambient:
-                stack.enter_context(torch.autocast(device, enabled=False))
-            return fn(*args, **kwargs)
+        held = _set_aside_saved_tensors_hooks()
+        try:
+            with contextlib.ExitStack() as stack:
+                for device in ambient:
+                    stack.enter_context(torch.autocast(device, enabled=False))
+                return fn(*args, **kwargs)
+        finally:
+            _put_back_saved_tensors_hooks(held)
 
     return run  # type: ignore[return-value]
 
 
-@contextlib.contextmanager
-def _without_saved_tensors_hooks() -> Iterator[None]:
-    """The caller's ``torch.autograd.graph.saved_tensors_hooks`` (this thread's) set aside for the call and put back
-    after it: the library's own backward passes ran through them (a memory-saving pack to bfloat16: scores 1.4e-3
-    off in float64, silently; ``save_on_cpu``'s sent ``factored=False`` to the per-example loop)."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    pop = getattr(torch._C._autograd, "_pop_saved_tensors_default_hooks", None)
-    push = getattr(torch._C._autograd, "_push_saved_tensors_default_hooks", None)
+# (eager under torch.compile, as a compiled tracer's update runs them: dynamo warned that it cannot trace the
+# hooks' stack, telling the user to file a PyTorch issue)
+@torch.compiler.disable
+def _refuse_outer_context(name: str) -> None:
+    """Refuse a call under ``torch.inference_mode()`` or inside a ``torch.func`` transform (``in_own_context``)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"`{name}`: scores need gradients, which torch cannot compute under "
+            f"`torch.inference_mode()`; call it outside that block (`torch.no_grad()` is fine: the library "
+            f"enables what it needs)."
+        )
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            f"`{name}` was called inside a torch.func transform (`vmap`, `grad`, `jacrev`, ... over the "
+            f"call): it takes per-example gradients itself and cannot be transformed. Call it outside the "
+            f"transform (`torch.vmap` over test examples: pass them as one batch)."
+        )
+
+
+_HOOK_OPS = ("top", "pop", "push")  # (torch's private stack of saved-tensors hooks, where this torch has it)
+
+
+@torch.compiler.disable
+def _set_aside_saved_tensors_hooks() -> list[Any]:
+    """The caller's ``torch.autograd.graph.saved_tensors_hooks`` (this thread's), taken off for the call, outermost
+    last: the library's own backward passes ran through them (a memory-saving pack to bfloat16: scores 1.4e-3 off in
+    float64, silently; ``save_on_cpu``'s sent ``factored=False`` to the per-example loop)."""
+    top, pop, push = (getattr(torch._C._autograd, f"_{op}_saved_tensors_default_hooks", None) for op in _HOOK_OPS)
     held = []
     while top is not None and pop is not None and push is not None and (hooks := top(False)) is not None:
         held.append(hooks)
         pop()
-    try:
-        yield
-    finally:
-        for hooks in reversed(held):
-            push(*hooks)
+    return held
+
+
+@torch.compiler.disable
+def _put_back_saved_tensors_hooks(held: list[Any]) -> None:
+    """``_set_aside_saved_tensors_hooks``'s hooks put back as they were."""
+    for hooks in reversed(held):  # (none where this torch has no such stack)
+        torch._C._autograd._push_saved_tensors_default_hooks(*hooks)
 
 
 def lowered_float32(device: torch.device | None) -> list[tuple[str, str]]:
