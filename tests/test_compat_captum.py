@@ -239,6 +239,23 @@ def test_tracincp_sample_wise_flag_gives_the_same_numbers(single):
             assert_rel(ours.influence(test), reference)
 
 
+def test_tracincp_layers_include_their_frozen_parameters(single):
+    """Captum's `layers` differentiates every parameter of the layers named, frozen ones too (it makes them require
+    gradients, and leaves them so); the adapter passed the core's `layers=`, which keeps the trainable ones (75% off,
+    silently; a review helper's trial)."""
+    net, train, test, directory = single
+    reference = brute(net, directory, as_batch(train), test, _sum_sq, names={"linear1.weight", "linear1.bias"})
+    kw = dict(layers=["linear1"], loss_fn=nn.MSELoss(reduction="sum"), batch_size=8, sample_wise_grads_per_batch=True)
+    frozen = [copy.deepcopy(net) for _ in range(2)]  # (Captum's call unfreezes its model's: each its own)
+    for model in frozen:
+        model.linear1.weight.requires_grad_(False)
+    assert_rel(compat.TracInCP(frozen[0], train, directory, load_with_lr, **kw).influence(test), reference)
+    assert not frozen[0].linear1.weight.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (Captum's, naming the parameters it sets requiring grad)
+        assert_rel(captum.TracInCP(frozen[1], train, directory, load_with_lr, **kw).influence(test), reference)
+
+
 def test_tracincp_sample_wise_keeps_embedding_and_layernorm(tmp_path):
     """Captum's batch-wise path silently drops the Embedding and LayerNorm gradients; ours keeps them."""
     with torch.random.fork_rng():

@@ -243,6 +243,15 @@ def _sum_of_outputs(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
     return outputs
 
 
+def _params_under(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Every parameter of the modules ``names`` of the module scored, frozen ones too (Captum's ``layers`` makes
+    them require gradients: the core's ``layers=`` keeps the trainable ones, which dropped them, 75-83% off), each
+    once, in order."""
+    scored = _unwrapped(model)
+    found = [f"{name}.{n}" if name else n for name in names for n, _ in scored.get_submodule(name).named_parameters()]
+    return list(dict.fromkeys(found))
+
+
 def _module_name(model: nn.Module, layer: Any, argument: str) -> str:
     """Dotted name of ``layer`` (a module of ``model`` or its name) in the module scored (``_unwrapped``)."""
     scored = _unwrapped(model)
@@ -419,11 +428,12 @@ class TracInCP(_TracInBase):
                 raise TypeError(f"`layers` must be a non-empty list of module names or None, got {layers!r}.")
             layers = [_module_name(model, name, "layers") for name in layers]
         self.layers = layers
+        self._params = None if layers is None else _params_under(model, layers)
         self.sample_wise_grads_per_batch = sample_wise_grads_per_batch
         self._load()
 
     def _selection(self) -> dict[str, Any]:
-        return {"layers": self.layers}
+        return {} if self._params is None else {"params": self._params}
 
     def compute_intermediate_quantities(self, inputs: Inputs, aggregate: bool = False) -> torch.Tensor:
         """Embeddings ``cat_c sqrt(lr_c) * grad loss(z; theta_c)`` (with ``loss_fn``): ``IQ(test) @ IQ(train).T``
@@ -473,8 +483,7 @@ class TracInCPFast(_TracInBase):
         super().__init__(model, train_dataset, checkpoints, checkpoints_load_func, loss_fn, batch_size, test_loss_fn)
         name = _module_name(model, final_fc_layer, "final_fc_layer")
         self.final_fc_layer: nn.Module = _unwrapped(model).get_submodule(name)
-        prefix = f"{name}." if name else ""
-        self._params = [prefix + n for n, _ in self.final_fc_layer.named_parameters()]
+        self._params = _params_under(model, [name])
         if not self._params:
             raise ValueError(f"`final_fc_layer` {name!r} has no parameters.")
         self.vectorize = vectorize
