@@ -607,6 +607,23 @@ def test_default_loader_reads_learning_rate(tmp_path, single):
     assert_rel(plain.influence(test), theirs.influence(test))
 
 
+@pytest.mark.parametrize("assign", [False, True])
+def test_a_loader_writing_into_another_model_is_refused(single, assign):
+    """A loader that loads into the user's model through a closure (ignoring the copy it is given) left every
+    checkpoint at the copy's first state (103% off, silently; a review helper's trial); Captum, which passes the
+    model itself, was right."""
+    net, train, test, directory = single
+    own = copy.deepcopy(net)
+
+    def into_own(_model, path):
+        own.load_state_dict(_read(path, os.stat(path).st_mtime_ns), assign=assign)
+        return LRS[os.path.basename(path)]
+
+    with pytest.raises(ValueError, match=r"`checkpoints_load_func` loaded checkpoint .*checkpoint-reg-1.pt' into "
+                                         r"`model` \(a closure's, say\), not into the model it was given"):  # fmt: skip
+        compat.TracInCP(own, train, directory, into_own, loss_fn=nn.MSELoss(reduction="none"), batch_size=8)
+
+
 def test_checkpoint_order(single):
     """A list keeps its order (Captum re-sorts it); a directory is sorted naturally; the IQ blocks follow it."""
     net, train, test, directory = single

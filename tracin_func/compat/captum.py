@@ -165,10 +165,29 @@ def _load_all(model: nn.Module, sources: Sequence[Any], load_func: LoadFunc) -> 
         ) from err
     checkpoints = []
     for i, source in enumerate(sources):
+        own = _held(model)
         lr = _learning_rate(load_func(shadow, source), i, source)
+        if not _still_held(model, own):  # (every checkpoint was the copy's first state: 103% off, silently)
+            raise ValueError(
+                f"`checkpoints_load_func` loaded checkpoint {source!r} into `model` (a closure's, say), not into the "
+                f"model it was given: the adapter gives it a copy of `model`, which it then reads, so that your model "
+                f"is never changed (it now holds that checkpoint). Load into the function's first argument, as "
+                f"Captum calls it: `load_func(model, checkpoint)`."
+            )
         state = {k: v.detach().clone() for k, v in _unwrapped(shadow).state_dict().items()}
         checkpoints.append(tc.Checkpoint(params=state, lr=lr))
     return checkpoints
+
+
+def _held(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
+    """The tensors ``model`` holds, each with its version: a load in place, or of new tensors, changes them."""
+    return [(t, t._version) for t in model.state_dict(keep_vars=True).values()]
+
+
+def _still_held(model: nn.Module, held: list[tuple[torch.Tensor, int]]) -> bool:
+    """Whether ``model`` holds the tensors ``held`` (``_held``), none written since."""
+    now = _held(model)
+    return len(now) == len(held) and all(a is b and u == v for (a, u), (b, v) in zip(now, held))
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
