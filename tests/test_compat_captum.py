@@ -616,7 +616,7 @@ def test_a_loader_writing_into_another_model_is_refused(single, assign):
     own = copy.deepcopy(net)
 
     def into_own(_model, path):
-        own.load_state_dict(_read(path, os.stat(path).st_mtime_ns), assign=assign)
+        own.load_state_dict(torch.load(path, weights_only=True), assign=assign)  # (not `_read`'s shared tensors)
         return LRS[os.path.basename(path)]
 
     with pytest.raises(ValueError, match=r"`checkpoints_load_func` loaded checkpoint .*checkpoint-reg-1.pt' into "
@@ -689,9 +689,13 @@ def _no_lr(model: nn.Module, path: str) -> None:
          "`projection_dim` must be"),
         (lambda n, tr, d: compat.TracInCPFastRandProj(n, "linear2", tr, d, nearest_neighbors=object()), TypeError,
          "`nearest_neighbors` must have"),
+        (lambda n, tr, d: compat.TracInCP(n, DataLoader(tr, batch_size=8, shuffle=True), d, load_with_lr), ValueError,
+         "`train_dataset` is a DataLoader that shuffles"),  # (refused at the first query, as `train`, before)
+        (lambda n, tr, d: compat.TracInCP(n, DataLoader(tr, batch_size=5, drop_last=True), d, load_with_lr),
+         ValueError, r"`train_dataset` is a DataLoader with `drop_last=True`, which leaves out its last 2 examples"),
     ],
     ids=["empty-list", "not-a-dir", "loader-without-lr", "batch-size", "tuple-train", "layers", "fc-name",
-         "fc-module", "projection-dim", "nearest-neighbors"],
+         "fc-module", "projection-dim", "nearest-neighbors", "shuffled-loader", "drop-last"],
 )  # fmt: skip
 def test_construction_errors(single, make, error, match):
     net, train, _, directory = single

@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 import tracin_func as tc
 
 from .._checkpoints import _read_file, check_lr, checkpoint_files, split_state_and_lr
-from .._data import batch_size_of, sequential_loader
+from .._data import batch_size_of, check_stable_order, sequential_loader
 from .._setup import _default_device
 from .._validate import positive_int, seed_value
 
@@ -203,6 +203,7 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 def _train_loader(train_dataset: Any, batch_size: Any) -> DataLoader:
     """Captum's rule: a ``DataLoader`` is used as is; a ``Dataset`` is batched by ``batch_size``, unshuffled."""
     if isinstance(train_dataset, DataLoader):
+        check_stable_order(train_dataset, "train_dataset")  # (here, not at the first query, under the core's name)
         return train_dataset
     if isinstance(train_dataset, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in train_dataset):
         raise TypeError(
