@@ -145,10 +145,11 @@ def _model_inputs(
         )
     inputs, target = {k: v for k, v in batch.items() if k != labels}, batch[labels]
     tensors = [t for t in optree.tree_leaves([inputs, target]) if isinstance(t, torch.Tensor)]
-    if per_position and all(t.dim() < 2 for t in tensors):  # (the model's own code fails on them, GPT-2's with "too
-        raise ValueError(  # many indices for tensor of dimension 2", blaming example 0)
+    if per_position and tensors and all(t.dim() < 2 for t in tensors):  # (the model's own code fails on them, GPT-2's
+        labelled = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__  # with "too many
+        raise ValueError(  # indices for tensor of dimension 2", blaming example 0)
             f"`loss_fn`: tc.{loss} takes the labels under {labels!r} as [batch, positions], and this batch holds no "
-            f"tensor of two dimensions (its labels: {tuple(target.shape)}): a batch is read as examples along its "
+            f"tensor of two dimensions (its labels: {labelled}): a batch is read as examples along its "
             f"first dimension, so a dict of [T] tensors, one example without its batch dimension as a Dataset's item "
             f"is, reads as T examples of one token. Give batches of examples ([B, T] tensors, as "
             f"`tokenizer(..., return_tensors='pt')` or a DataLoader's collator makes them), or the Dataset itself."
