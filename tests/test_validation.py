@@ -305,7 +305,8 @@ def test_non_tensor_element_in_single_batch():
 
 def test_batch_structures_named_or_read_as_given():
     """A mapping other than a dict nested in a batch (a `BatchEncoding` in a dict) was refused as a leaf; a Dataset of
-    dataclasses failed in torch's collate, unnamed; numpy in a batch beside tensors got no `torch.from_numpy` hint;
+    dataclasses failed in torch's collate, unnamed, as did one of items of different shapes (in `torch.stack`); numpy
+    in a batch beside tensors got no `torch.from_numpy` hint;
     complex inputs stayed complex64 under `dtype=torch.float64` (2e-8 off)."""
     from collections import UserDict
     from dataclasses import dataclass
@@ -331,6 +332,17 @@ def test_batch_structures_named_or_read_as_given():
 
     with pytest.raises(TypeError, match=r"`data`: default_collate: .* return one from `__getitem__`"):
         tc.self_influence(model, ckpts, Examples(), loss_fn=CE)
+
+    class Ragged(torch.utils.data.Dataset):  # (a tokenized text's items: torch.stack's error, unnamed, before)
+        def __len__(self) -> int:
+            return len(y)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return x[i, : 1 + i % 2], y[i]
+
+    with pytest.raises(ValueError, match=r"`data`: its Dataset's items differ in shape \(stack expects .*a "
+                                         r"DataLoader whose `collate_fn` pads them"):  # fmt: skip
+        tc.self_influence(model, ckpts, Ragged(), loss_fn=CE)
     with pytest.raises(TypeError, match=r"Convert numpy arrays with `torch.from_numpy\(a\)`"):
         tc.self_influence(model, ckpts, (x.numpy(), y), loss_fn=CE)
 

@@ -171,6 +171,13 @@ def _collated(batches: Iterator[Any], where: str) -> Iterator[Any]:
                 f"from `__getitem__` (a dataclass's fields as a dict), or give a DataLoader whose `collate_fn` builds "
                 f"such batches."
             ) from err
+        except RuntimeError as err:  # (torch.stack's, inside the default collate: a tokenized text's items)
+            if not str(err).startswith("stack expects each tensor to be equal size"):
+                raise
+            raise ValueError(
+                f"`{where}`: its Dataset's items differ in shape ({err}), so they cannot be stacked into batches. Give "
+                f"a DataLoader whose `collate_fn` pads them (with `shuffle=False`), or pass `batch_size=1`."
+            ) from err
         yield batch
 
 
