@@ -173,6 +173,34 @@ def test_a_zero_gradient_scores_zero_not_nan(factored, normalize):
     assert_close(scores, normalized_reference(model, ckpts, (x, y), (x[:3], y[:3]), loss, normalize))
 
 
+def _sure(margin: float, second: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An example the identity-like model below predicts class 0 for, its logit ``margin`` above the others."""
+    return torch.tensor([[margin, 0.0, 0.0, second]]), torch.tensor([0])
+
+
+@pytest.mark.parametrize("normalize", MODES)
+def test_gradients_too_small_for_float32_norms_are_refused(normalize):
+    """A sure prediction's gradient (entries 1e-21, a logit 50 above the others) has a squared norm below float32's
+    range: its renormalised scores came out 0.8% off, or 0 with a warning that no example has a gradient, silently,
+    and two sure examples' cosine was refused as not finite (a review helper's trial). Refused naming float64; a
+    margin of 40 (entries 1e-16) is scored as in float64, and an exactly zero gradient still scores 0."""
+    model = nn.Linear(4, 3, bias=False).eval()
+    ckpts = [tc.Checkpoint({"weight": torch.eye(3, 4)}, lr=1.0)]
+    test, ce = (torch.tensor([[1.0, 2.0, 0.5, 0.3]]), torch.tensor([2])), nn.CrossEntropyLoss()
+    score = functools.partial(tc.influence, model, ckpts, loss_fn=ce, normalize=normalize)
+    assert_close(score(_sure(40.0), test).double(), score(_sure(40.0), test, dtype=torch.float64), 1e-6)
+    small = r"`normalize`: {} has a gradient too small for its squared norm to be taken in float32 .*=torch.float64"
+    for margin in (50.0, 53.0):  # (0.8% off; scored 0)
+        with pytest.raises(ValueError, match=small.format(r"a `train` example \(0 in a batch\)")):
+            score(_sure(margin), test)
+    assert bool((score((torch.zeros(1, 4), torch.tensor([0])), test) == 0).all())  # (a zero input: no gradient)
+    if normalize == "cosine":
+        with pytest.raises(ValueError, match=small.format("`test` example 0")):
+            score(_sure(50.0), _sure(50.0, 2.0))
+        with pytest.raises(ValueError, match=r"gradients are both so small \(their norms multiply below 2\^-100"):
+            score(_sure(42.0), _sure(42.0, 2.0))
+
+
 @pytest.mark.parametrize("normalize", MODES)
 def test_self_influence_refuses_normalize_and_says_why(normalize):
     t = mlp_task()

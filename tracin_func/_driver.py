@@ -44,7 +44,7 @@ from ._plan import Plan, checked_forward, plan_call
 from ._projection import blocks_kept
 from ._representations import Representation
 from ._setup import Setup, auto_batch_size, even_batches
-from ._updates import Updates, inverse_norm
+from ._updates import Updates, renormalising
 from ._validate import cause_of, refusal
 
 
@@ -505,7 +505,7 @@ def finished_test(
     rep = rep.for_test().lifted()
     sq_norm = rep.sq_norm()
     _check_finite(sq_norm, 0, offset, "test", c)
-    return rep.total() if total else rep, inverse_norm(sq_norm) if cosine else None
+    return rep.total() if total else rep, renormalising(rep, sq_norm, "test", offset) if cosine else None
 
 
 def score_blocks(

@@ -17,6 +17,7 @@ sum over examples, B = 1), ``take(a, rows)`` (the examples in a slice) and ``con
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
@@ -856,6 +857,13 @@ class Representation(NamedTuple):
     def sq_norm(self) -> torch.Tensor:
         return lowered(sum(p.sq_norm() for p in self.parts), 2 * self.lift, lambda: self.unlifted().sq_norm())
 
+    def nonzero(self) -> torch.Tensor:
+        """``[B]``: whether an example's gradient may be nonzero, some part's factors being nonzero (read where a
+        squared norm rounded to 0: a gradient of 0, or one whose squares underflowed)."""
+        n, leaves = self.size, optree.tree_leaves(self.parts)
+        device = next(t.device for t in leaves if isinstance(t, torch.Tensor))
+        return functools.reduce(torch.logical_or, (_nonzero_rows(p, n, device) for p in self.parts))
+
     def project(self, seed: int, k: int) -> torch.Tensor:
         """``[B, k]`` seeded projection; the same for a parameter whichever part holds it."""
         return lowered(sum(p.project(seed, k) for p in self.parts), self.lift, lambda: self.unlifted().project(seed, k))
@@ -938,6 +946,23 @@ def _gradients_of(part: Part) -> list[torch.Tensor]:
     if isinstance(part, (Factored, Rows)):
         return [part.g]
     return [part.rows] if isinstance(part, TokenRows) else []
+
+
+def _nonzero_rows(part: Part, n: int, device: torch.device) -> torch.Tensor:
+    """``[n]``: whether ``part``'s gradient of each example may be nonzero: a layer's inputs and output gradients both
+    (a zero input row of a layer without bias gives it none), an Embedding's output gradients, a formed gradient."""
+    rows = lambda t: t.reshape(n, -1).ne(0).any(1)  # noqa: E731
+    if isinstance(part, Dense):
+        return functools.reduce(torch.logical_or, map(rows, part.grads.values()))
+    if isinstance(part, Tied):
+        return functools.reduce(torch.logical_or, (_nonzero_rows(u, n, device) for u in part.uses))
+    if isinstance(part, Factored):
+        return rows(part.g) & (rows(part.a) if part.a.is_floating_point() else True)  # (ids: an Embedding's rows)
+    if isinstance(part, Rows):
+        return rows(part.g)
+    if isinstance(part, TokenRows):
+        return torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, part.example, True)
+    return torch.zeros(n, dtype=torch.bool, device=device)  # (no gradient: Zero; a Deferred one is formed for norms)
 
 
 def _times(part: Part, factor: float) -> Part:

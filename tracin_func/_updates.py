@@ -48,6 +48,44 @@ def inverse_norm(sq_norm: torch.Tensor) -> torch.Tensor:
     return torch.where(norm.isinf(), torch.full_like(norm, math.nan), inverse)
 
 
+# Renormalised scores in float32's exponent range (float32, bfloat16): an example's squared norm below its normal range
+# has lost precision (a subnormal), or rounded to 0 (a sure prediction's gradient, a logit 50 below the top: entries
+# 1e-21, its cosine O(1), scored 0 or 0.8% off, silently); and a cosine of two gradients whose norms multiply below
+# 2^-100 reads their inner product among subnormals (both sure: refused as not finite, its inverse norms' product
+# overflowing). Refused, naming float64.
+_LOW_RANGE = (torch.float32, torch.bfloat16)
+_LEAST_PAIR = 2.0**-100
+
+
+def renormalising(rep: Representation, sq_norm: torch.Tensor, where: str, offset: int | None) -> torch.Tensor:
+    """``inverse_norm(sq_norm)``, ``sq_norm`` being ``rep``'s, refused where the dtype's range cannot hold an
+    example's squared norm but its gradient is not zero (``where``: the argument; ``offset``: its batch's first
+    example's index, where known)."""
+    tiny = torch.finfo(sq_norm.dtype).tiny
+    if sq_norm.dtype in _LOW_RANGE and bool((sq_norm < tiny).any()):
+        small = (sq_norm < tiny) & ((sq_norm > 0) | rep.nonzero())
+        if bool(small.any()):
+            i = int(small.nonzero()[0])
+            which = f"`{where}` example {offset + i}" if offset is not None else f"a `{where}` example ({i} in a batch)"
+            raise ValueError(
+                f"`normalize`: {which} has a gradient too small for its squared norm to be taken in "
+                f"{str(sq_norm.dtype).replace('torch.', '')} (a sure prediction's, 1e-19 and less), so its "
+                f"renormalised scores would be wrong. Pass `dtype=torch.float64`."
+            )
+    return inverse_norm(sq_norm)
+
+
+def _check_pairs(test_inverse: torch.Tensor, train_inverse: torch.Tensor) -> None:
+    """Refuse cosines of a test and a training gradient whose norms multiply below ``_LEAST_PAIR`` (in a dtype of
+    float32's range): their inner product is read among subnormals."""
+    if train_inverse.dtype in _LOW_RANGE and float(test_inverse.max()) * float(train_inverse.max()) > 1 / _LEAST_PAIR:
+        raise ValueError(
+            f"`normalize`: a `test` example's and a `train` example's gradients are both so small (their norms "
+            f"multiply below 2^-100: sure predictions') that their cosine cannot be computed in "
+            f"{str(train_inverse.dtype).replace('torch.', '')}. Pass `dtype=torch.float64`."
+        )
+
+
 def make_updates(
     train: RepresentationFn,
     test: RepresentationFn,
@@ -89,7 +127,10 @@ def make_updates(
         if test_scale is not None:
             scale = scale * test_scale[:, None]
         if normalize_train:
-            scale = scale * inverse_norm(rep.sq_norm())
+            inverse = renormalising(rep, rep.sq_norm(), "train", None)
+            if test_scale is not None:
+                _check_pairs(test_scale, inverse)
+            scale = scale * inverse
         return scale
 
     def train_side(ckpt: CheckpointState, batch: Any) -> tuple[Representation, Representation | None]:
