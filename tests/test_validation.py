@@ -666,6 +666,27 @@ def test_bad_dtype(dtype):
         tc.influence(model, ckpts, batch, batch, loss_fn=CE, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+def test_a_dtype_narrower_than_float32_is_refused(dtype):
+    """float8 was not refused up front: torch's unimplemented op then blamed the data's example 0 (a helper's trial)."""
+    model, ckpts, batch = _setup()
+    narrow = "half precision" if dtype.itemsize == 2 else "8-bit floats"
+    with pytest.raises(ValueError, match=rf"`dtype`={dtype}: inner products of gradients in {narrow} lose most"):
+        tc.influence(model, ckpts, batch, batch, loss_fn=CE, dtype=dtype)
+
+
+def test_a_learning_rate_outside_the_dtypes_range_is_refused():
+    """1e39 became inf in float32 and the call blamed every example's gradients as not finite; 1e-46 became 0 and
+    every score 0, with a warning that no example has a gradient (a helper's trial)."""
+    model, ckpts, batch = _setup()
+    for lr, became in ((1e39, "inf"), (1e-46, "0")):
+        lrs, given = [tc.Checkpoint(c.params, lr) for c in ckpts], re.escape(f"{lr:g}")
+        with pytest.raises(ValueError, match=rf"`checkpoints\[0\]`: learning rate {given} is {became} in float32, "
+                                             r"outside its range. Pass `dtype=torch.float64`"):  # fmt: skip
+            tc.self_influence(model, lrs, batch, loss_fn=CE, dtype=torch.float32)
+        assert bool(torch.isfinite(tc.self_influence(model, lrs, batch, loss_fn=CE, dtype=torch.float64)).all())
+
+
 def test_loss_fn_none():
     model, ckpts, batch = _setup()
     with pytest.raises(TypeError, match=r"`loss_fn` is required: a criterion such as `nn.CrossEntropyLoss\(\)`"):

@@ -3,6 +3,7 @@ checkpoints on the target device, the losses and the options."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -214,6 +215,13 @@ def make_setup(
     bar = tqdm(zip(states, checkpoints), total=len(states), desc="preparing checkpoints", unit="ckpt",
                disable=not progress, leave=False)
     prepared = [converted(state, c.lr, target, dtype, spec.unsaved, spec.following) for state, c in bar]
+    for i, (c, p) in enumerate(zip(checkpoints, prepared)):  # (an inf blamed every example's gradients; a 0 scored 0)
+        if not 0 < float(p.lr) < math.inf:
+            raise ValueError(
+                f"`{checkpoints_as or f'checkpoints[{i}]'}`: learning rate {float(c.lr):g} is {float(p.lr):g} in "
+                f"{str(dtype).replace('torch.', '')}, outside its range. Pass `dtype=torch.float64`, or rescale the "
+                f"learning rates (scores scale with them)."
+            )
     prepared = with_adam_states(model, checkpoints, prepared, shapes, target, dtype, spec.diff_names)
     warn_aliased_params(checkpoints, spec.diff_names)
     auto_batch = batch_size is None  # the plan sizes the batches; before it (index builds), dense gradients, which
