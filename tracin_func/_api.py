@@ -135,7 +135,8 @@ def influence(
 
             - ``params``: names of the parameters to differentiate, or a predicate ``name -> bool``. Default:
               every parameter of the model that requires grad. ``layers`` (module names) selects the parameters
-              under those modules instead, like Captum's ``layers=``.
+              under those modules that require grad instead (Captum's ``layers=`` takes their frozen ones too:
+              name those with ``params``).
             - ``batch_size``: examples per batch when data is a single batch or a ``Dataset``. Default: as many
               as keep the gradients within 256 MB (16 to 4096, fewer where 16 would not fit; on CPU 64 MB, 128 to
               512 examples, or more when 4 MB holds more, and fewer where the forward's largest tensor would pass
