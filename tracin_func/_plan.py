@@ -150,6 +150,9 @@ def plan_call(
         module, names, losses, *checked_at, batch, mapper, factored=factored, self_only=self_only, partners=partners,
         scored=scored, pool=pool,
     )._replace(tensor_bytes=tensor_bytes)
+    if any(c.adam is not None for c in setup.checkpoints):  # Adam's updates are formed per example beside the formed
+        dense = 2 * sum(t.nbytes for t in checked_at[0].values())  # gradients (``_adam``): sized as the plan's, a
+        plan = plan._replace(example_bytes=max(plan.example_bytes, dense))  # batch of them took 7 GB, not 64 MB
     if setup.method == "last_layer":  # (factored as that method is, not as an option the user passed)
         said = {n: 'method="last_layer": factored' if why == _FACTORED else why for n, why in plan.reasons.items()}
         plan = plan._replace(reasons=said)
