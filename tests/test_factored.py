@@ -3141,6 +3141,27 @@ def test_the_loop_warning_quotes_torchs_error_without_its_kernel_table():
     assert not [w for w in caught if "registered at" in str(w.message)]
 
 
+def _capped_ce(out, y):
+    loss = nn.functional.cross_entropy(out, y)
+    if loss > 10:  # (Python control flow on a tensor: vmap cannot run it)
+        loss = loss.clamp(max=10)
+    return loss
+
+
+def test_the_loop_warning_of_a_criterion_says_the_call_stays_batched():
+    """A criterion vmap cannot run is mapped over the batched pass's outputs one example at a time, its gradients
+    still from one backward: the warning said the model's per-example gradients ran in a loop (a helper's trial)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    ckpts = _ckpts(model)
+    train = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    criterion = r"vmap failed on the criterion \(`loss_fn`, one example at a time over the batched forward's outputs\)"
+    with pytest.warns(RuntimeWarning, match=criterion + r", so each example's loss") as caught:
+        got = tc.self_influence(model, ckpts, train, loss_fn=_capped_ce)
+    assert not [w for w in caught if "failed on this model" in str(w.message)]
+    assert_close(got, reference_scores(model, ckpts, train, train, loss_fn=_capped_ce).self_influence)
+
+
 def test_plain_grad_keeps_torch_func_grads_contract():
     """The plain-autograd stand-in for ``torch.func.grad`` gives the same trees: several argnums, aux outputs
     detached, zeros for an input the output does not use; the caller's tensors are left as they were."""

@@ -276,6 +276,14 @@ def discover(
     return calls, leaked, {n for n, g in zip(leaves, grads) if g is None}
 
 
+# (a criterion mapped over a batched pass's outputs: its values only, the gradients still from one backward; the
+# warning said the model's per-example gradients ran in a loop, where the call stayed batched)
+_CRITERION_LOOPED = (
+    "the criterion (`loss_fn`, one example at a time over the batched forward's outputs), so each example's loss is "
+    "computed (its gradients still from one batched backward)"
+)
+
+
 def batched_factors(
     module: nn.Module,
     loss: BatchableLoss,
@@ -429,7 +437,7 @@ def batched_factors(
             elif n == 1:  # one example's batch: its loss as it is defined (a `.squeeze()` may leave no batch dimension)
                 total = loss.of_example(output, target)
             else:
-                total = mapper.over_batch(criterion_of_example, 0)((output, target)).sum()
+                total = mapper.over_batch(criterion_of_example, 0, looped=_CRITERION_LOOPED)((output, target)).sum()
         shown, watched = [], []  # a whole-batch criterion's outputs, to the witness with its sum's gradient there
         if witness is not None:
             shown = floating_leaves(output) if isinstance(loss, CriterionLoss) else []

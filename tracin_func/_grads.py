@@ -60,10 +60,15 @@ class Mapper:
         self.plain = False  # torch.func failed on one example too: plain autograd
 
     def over_batch(
-        self, one: Callable[..., Any], n_static: int, plain: Callable[..., Any] | None = None
+        self,
+        one: Callable[..., Any],
+        n_static: int,
+        plain: Callable[..., Any] | None = None,
+        looped: str = "this model, so per-example gradients are computed",
     ) -> Callable[..., Any]:
         """``f(*static, batch)`` stacking ``one(*static, example)`` over the examples of ``batch``; ``plain``: the same
-        function by plain autograd, for models torch.func cannot run."""
+        function by plain autograd, for models torch.func cannot run; ``looped``: what a failed vmap leaves to a loop,
+        in the warning's words."""
         # randomness "same": a random number drawn and never read (``_purity`` refuses a read) does not stop vmap
         fast = vmap(one, in_dims=(None,) * n_static + (0,), randomness="same", chunk_size=self.chunk_size)
 
@@ -92,8 +97,8 @@ class Mapper:
                     return result
                 self.loop = True
                 warn(
-                    f"torch.func.vmap failed on this model, so per-example gradients are computed with a loop "
-                    f"instead (same results, slower){_in_model_code(vmap_error)}. The cause, in full: "
+                    f"torch.func.vmap failed on {looped} with a loop instead (same results, slower)"
+                    f"{_in_model_code(vmap_error)}. The cause, in full: "
                     f"{cause_of(vmap_error)}",
                     RuntimeWarning,
                 )
