@@ -91,7 +91,8 @@ def explain(
     Args:
         model, checkpoints, loss_fn, test_loss_fn, options: as in :func:`influence`.
         data: the data the call scores in batches (its training data; self-influence's data); its first batch is
-            planned on.
+            planned on. An influence call plans on its first test batch instead: where test examples differ in shape
+            from training ones (other lengths), pass data shaped as the test examples to see its routes.
         question: ``"influence"`` or ``"self_influence"``.
         n_test: the call's test examples (``question="influence"``), or None.
         normalize: the call's ``normalize=``.
