@@ -119,6 +119,73 @@ def test_test_chunks_stay_within_test_memory_bytes(monkeypatch):
     assert_close(got, whole)
 
 
+@pytest.mark.parametrize("scorer", ["influence", "top_k"])
+def test_a_chunk_is_let_go_before_the_next_is_represented(monkeypatch, scorer):
+    """The scorers held a chunk of test representations (and its last score block) while the next chunk was
+    represented: 2.1x `test_memory_bytes` (a review helper's trial). Every test batch is represented with the earlier
+    chunks freed; the scores do not change."""
+    import weakref
+
+    import optree
+
+    import tracin_func._api as api
+    import tracin_func._driver as driver
+
+    task = mlp_task()
+    (x, y), refs, alive = task.test, [], []
+    test = [(x[i : i + 1], y[i : i + 1]) for i in range(4)]  # four batches of one
+    batch_bytes = sum(p.numel() * 8 for p in task.model.parameters()) * len(task.checkpoints)  # (float64, dense)
+    kw = {"loss_fn": task.loss_fn, "factored": False, **({"k": 2} if scorer == "top_k" else {})}
+    call = getattr(tc, scorer)
+    whole = call(task.model, task.checkpoints, task.train, task.test, **kw)
+    queries, finished = api.query_chunks, driver.finished_test
+
+    def chunks(*args, **kwargs):  # (holding none of them while the next is made)
+        made = queries(*args, **kwargs)
+        while (q := next(made, None)) is not None:
+            refs.append(weakref.ref(optree.tree_leaves(q.reps)[0]))
+            yield q
+            q = None
+
+    def represented(*args, **kwargs):
+        alive.append(sum(r() is not None for r in refs))
+        return finished(*args, **kwargs)
+
+    monkeypatch.setattr(api, "query_chunks", chunks)
+    monkeypatch.setattr(driver, "finished_test", represented)
+    got = call(task.model, task.checkpoints, task.train, test, test_memory_bytes=int(2.5 * batch_bytes), **kw)
+    assert len(refs) == 2 and alive and not any(alive)  # (two chunks of two; none held while one is represented)
+    if scorer == "top_k":
+        assert torch.equal(got.indices, whole.indices)
+        got, whole = got.scores, whole.scores
+    assert_close(got, whole)
+
+
+@pytest.mark.parametrize("scorer", ["influence", "top_k"])
+def test_score_blocks_of_many_test_rows_take_fewer_training_examples(monkeypatch, scorer):
+    """A block of scores is [test rows, training batch]: the automatic training batch followed the gradients alone, so
+    50,000 test rows against batches of 3,000 took 6 GB (a review helper's trial). Held to ``_SCORE_BLOCK_BYTES``."""
+    import tracin_func._api as api
+    import tracin_func._driver as driver
+
+    task, shapes = mlp_task(), []
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(100, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (100,), generator=gen)
+    call = functools.partial(getattr(tc, scorer), task.model, task.checkpoints, (x, y), (x[:50], y[:50]),
+                             loss_fn=task.loss_fn, **({"k": 3} if scorer == "top_k" else {}))  # fmt: skip
+    whole = call()
+    blocks = api.score_blocks
+    monkeypatch.setattr(driver, "_SCORE_BLOCK_BYTES", 50 * 8 * 20)  # (20 training examples a block)
+    recorded = lambda *a, **k: ((o, shapes.append(b.shape) or b) for o, b in blocks(*a, **k))  # noqa: E731
+    monkeypatch.setattr(api, "score_blocks", recorded)
+    got = call()
+    assert max(b for _, b in shapes) <= 20 < 100 and sum(b for _, b in shapes) == 100
+    if scorer == "top_k":
+        assert torch.equal(got.indices, whole.indices)
+        got, whole = got.scores, whole.scores
+    assert_close(got, whole)
+
+
 def test_a_joined_pass_lets_its_training_batch_go(monkeypatch):
     """The test batch joining the first training batch's pass kept that pass's whole representation alive to the end of
     the call (the pair held on): twice the memory of a batch (found by review: an Embedding's `factored=False` 539 MB

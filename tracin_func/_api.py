@@ -237,13 +237,12 @@ def influence(
                 setup, test, aggregate=aggregate, normalize=normalize, budget=setup.test_budget, train=data,
                 train_start=start,
             )
-            blocks = (
-                (q, score_blocks(setup, q, data, "influence", start=start, ranks=by_batch, per_layer=per_layer))
-                for q in chunks
-            )
-            if n_train:
-                return [laid_out(b, 1 if q.sum_rows else q.rows, n_train, like) for q, b in blocks]
-            return [list(b) for _, b in blocks]
+            scored = []
+            for q in chunks:
+                b = score_blocks(setup, q, data, "influence", start=start, ranks=by_batch, per_layer=per_layer)
+                scored.append(laid_out(b, 1 if q.sum_rows else q.rows, n_train, like) if n_train else list(b))
+                q = b = None  # let go before the next chunk is represented (it was held beside it: 2x the bound)
+            return scored
 
     parts = on_every_rank(setup.ranks, local)
     rows = [summed(p, setup.ranks) if n_train else join(p, 1, setup.ranks, like) for p in parts]
@@ -372,6 +371,7 @@ def top_k(
                 for offset, block in score_blocks(setup, q, data, desc, start=start, ranks=by_batch):
                     best, seen = merge(best, block, offset, k, largest=proponents), seen + block.shape[1]
                 lists.append((best, 1 if q.sum_rows else q.rows))
+                q = block = None  # let go before the next chunk is represented (it was held beside it: 2x the bound)
         return lists, seen
 
     lists, seen = on_every_rank(setup.ranks, local)

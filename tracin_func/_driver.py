@@ -407,6 +407,9 @@ class Queries(NamedTuple):
 _JOINED_SHARE = 8
 
 
+_SCORE_BLOCK_BYTES = 1 << 24  # one training batch's scores against a chunk of test rows, at most (automatic size)
+
+
 def query_chunks(
     setup: Setup,
     test: Any,
@@ -444,7 +447,15 @@ def query_chunks(
         planned: Planned, reps: list[Representation], cosines: Any, rows: int, joining: Joining | None = None
     ) -> Queries:
         normalize_train, sum_rows = normalize is not None, aggregate and cosine
-        return Queries(planned.updates, planned.batch_size, reps, cosines, normalize_train, sum_rows, rows, joining)
+        return Queries(
+            planned.updates, blocked(planned, rows), reps, cosines, normalize_train, sum_rows, rows, joining
+        )
+
+    def blocked(planned: Planned, rows: int) -> BatchSize:
+        """The training batches' automatic size, held to score blocks ``[rows, b]`` of ``_SCORE_BLOCK_BYTES`` (each
+        about four times over, by the products of its layers): 50,000 test rows took 6 GB in batches of 3,000."""
+        fits = max(16, _SCORE_BLOCK_BYTES // max(1, rows * setup.dtype.itemsize))
+        return even_batches(fits) if setup.auto_batch and fits < planned.most else planned.batch_size
 
     def chunk(planned: Planned) -> Queries:
         reps = []
