@@ -175,7 +175,8 @@ def influence(
         ``[n_test, n_train]`` float tensor (``[1, n_train]`` with ``aggregate=True``); with ``per_layer=True`` a dict
         ``{layer: tensor}`` of that shape.
 
-    Memory: test gradients of every checkpoint up to ``test_memory_bytes``, plus one training batch's.
+    Memory: test gradients of every checkpoint up to ``test_memory_bytes``, plus one training batch's and its
+    block of scores (16 MB under the automatic batch size).
 
     Example:
         >>> import torch, tracin_func as tc
