@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -74,6 +76,27 @@ def test_compiled_call_breaks_no_graph_where_dynamo_warns(fresh_dynamo, capfd):
     ref = reference_scores(t.model, t.checkpoints, t.train, t.test, loss_fn=t.loss_fn)
     assert_close(tc.influence(t.model, t.checkpoints, t.train, t.test, compile=True, **kw), ref.influence)
     assert "Graph break" not in capfd.readouterr().err
+
+
+def test_compiled_cosine_scores_check_their_norms_without_dynamo_warnings(fresh_dynamo):
+    """The check that a renormalised score's norms are within float32's range reads values (eager inside the compiled
+    updates): called inside an expression, it left dynamo unable to resume there ("does not know how to trace the
+    builtin `Tensor.mul_`")."""
+    import warnings
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).eval()
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    score = functools.partial(tc.influence, model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=nn.CrossEntropyLoss(),
+                              normalize="cosine")  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = score(compile=True)
+    assert not [w for w in caught if "Dynamo" in str(w.message)]
+    assert_close(compiled, score(), 1e-5)
 
 
 def test_compiled_convolutions_of_every_route_trace_without_warnings(fresh_dynamo, capfd):

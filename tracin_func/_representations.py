@@ -857,12 +857,10 @@ class Representation(NamedTuple):
     def sq_norm(self) -> torch.Tensor:
         return lowered(sum(p.sq_norm() for p in self.parts), 2 * self.lift, lambda: self.unlifted().sq_norm())
 
-    def nonzero(self) -> torch.Tensor:
-        """``[B]``: whether an example's gradient may be nonzero, some part's factors being nonzero (read where a
-        squared norm rounded to 0: a gradient of 0, or one whose squares underflowed)."""
-        n, leaves = self.size, optree.tree_leaves(self.parts)
-        device = next(t.device for t in leaves if isinstance(t, torch.Tensor))
-        return functools.reduce(torch.logical_or, (_nonzero_rows(p, n, device) for p in self.parts))
+    def nonzero(self, device: torch.device) -> torch.Tensor:
+        """``[B]`` on ``device`` (the gradients'): whether an example's gradient may be nonzero, some part's factors
+        being nonzero (read where a squared norm rounded to 0: a gradient of 0, or one whose squares underflowed)."""
+        return functools.reduce(torch.logical_or, (_nonzero_rows(p, self.size, device) for p in self.parts))
 
     def project(self, seed: int, k: int) -> torch.Tensor:
         """``[B, k]`` seeded projection; the same for a parameter whichever part holds it."""

@@ -61,20 +61,27 @@ def renormalising(rep: Representation, sq_norm: torch.Tensor, where: str, offset
     """``inverse_norm(sq_norm)``, ``sq_norm`` being ``rep``'s, refused where the dtype's range cannot hold an
     example's squared norm but its gradient is not zero (``where``: the argument; ``offset``: its batch's first
     example's index, where known)."""
-    tiny = torch.finfo(sq_norm.dtype).tiny
-    if sq_norm.dtype in _LOW_RANGE and bool((sq_norm < tiny).any()):
-        small = (sq_norm < tiny) & ((sq_norm > 0) | rep.nonzero())
-        if bool(small.any()):
-            i = int(small.nonzero()[0])
-            which = f"`{where}` example {offset + i}" if offset is not None else f"a `{where}` example ({i} in a batch)"
-            raise ValueError(
-                f"`normalize`: {which} has a gradient too small for its squared norm to be taken in "
-                f"{str(sq_norm.dtype).replace('torch.', '')} (a sure prediction's, 1e-19 and less), so its "
-                f"renormalised scores would be wrong. Pass `dtype=torch.float64`."
-            )
+    _refuse_underflowed(rep, sq_norm, where, offset)
     return inverse_norm(sq_norm)
 
 
+@torch.compiler.disable  # (values read: eager inside compiled updates, without dynamo's graph-break warning)
+def _refuse_underflowed(rep: Representation, sq_norm: torch.Tensor, where: str, offset: int | None) -> None:
+    tiny = torch.finfo(sq_norm.dtype).tiny
+    if sq_norm.dtype not in _LOW_RANGE or not bool((sq_norm < tiny).any()):
+        return
+    small = (sq_norm < tiny) & ((sq_norm > 0) | rep.nonzero(sq_norm.device))
+    if bool(small.any()):
+        i = int(small.nonzero()[0])
+        which = f"`{where}` example {offset + i}" if offset is not None else f"a `{where}` example ({i} in a batch)"
+        raise ValueError(
+            f"`normalize`: {which} has a gradient too small for its squared norm to be taken in "
+            f"{str(sq_norm.dtype).replace('torch.', '')} (a sure prediction's, 1e-19 and less), so its renormalised "
+            f"scores would be wrong. Pass `dtype=torch.float64`."
+        )
+
+
+@torch.compiler.disable  # (values read, as above)
 def _check_pairs(test_inverse: torch.Tensor, train_inverse: torch.Tensor) -> None:
     """Refuse cosines of a test and a training gradient whose norms multiply below ``_LEAST_PAIR`` (in a dtype of
     float32's range): their inner product is read among subnormals."""
@@ -116,7 +123,8 @@ def make_updates(
         batch is differentiated once)."""
         rep, _ = train_side(ckpt, batch)
         rep = rep.formed() if normalize_train else rep  # used twice: a norm and the dot
-        return test_rep.dot(rep).mul_(weight(ckpt, rep, test_scale, normalize_train)).add_(acc)  # (products: fresh)
+        scale = weight(ckpt, rep, test_scale, normalize_train)  # (first: its checks run eagerly when compiled)
+        return test_rep.dot(rep).mul_(scale).add_(acc)  # (products: fresh)
 
     def weight(
         ckpt: CheckpointState, rep: Representation, test_scale: torch.Tensor | None, normalize_train: bool
