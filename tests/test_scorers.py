@@ -180,6 +180,8 @@ def test_score_blocks_of_many_test_rows_take_fewer_training_examples(monkeypatch
     monkeypatch.setattr(api, "score_blocks", recorded)
     got = call()
     assert max(b for _, b in shapes) <= 20 < 100 and sum(b for _, b in shapes) == 100
+    said = tc.explain(task.model, task.checkpoints, (x, y), loss_fn=task.loss_fn, n_test=50).batch_size
+    assert said == max(b for _, b in shapes)  # (tc.explain says so)
     if scorer == "top_k":
         assert torch.equal(got.indices, whole.indices)
         got, whole = got.scores, whole.scores

@@ -410,6 +410,14 @@ _JOINED_SHARE = 8
 _SCORE_BLOCK_BYTES = 1 << 24  # one training batch's scores against a chunk of test rows, at most (automatic size)
 
 
+def most_against(setup: Setup, most: int, rows: int) -> int:
+    """Training examples per batch at most, ``most`` held by the automatic size to score blocks ``[rows, b]`` of
+    ``_SCORE_BLOCK_BYTES`` (each about four times over, by its layers' products): 50,000 test rows took 6 GB in
+    batches of 3,000."""
+    fits = max(16, _SCORE_BLOCK_BYTES // max(1, rows * setup.dtype.itemsize))
+    return min(most, fits) if setup.auto_batch else most
+
+
 def query_chunks(
     setup: Setup,
     test: Any,
@@ -452,10 +460,8 @@ def query_chunks(
         )
 
     def blocked(planned: Planned, rows: int) -> BatchSize:
-        """The training batches' automatic size, held to score blocks ``[rows, b]`` of ``_SCORE_BLOCK_BYTES`` (each
-        about four times over, by the products of its layers): 50,000 test rows took 6 GB in batches of 3,000."""
-        fits = max(16, _SCORE_BLOCK_BYTES // max(1, rows * setup.dtype.itemsize))
-        return even_batches(fits) if setup.auto_batch and fits < planned.most else planned.batch_size
+        most = most_against(setup, planned.most, rows)
+        return even_batches(most) if most < planned.most else planned.batch_size
 
     def chunk(planned: Planned) -> Queries:
         reps = []

@@ -12,7 +12,7 @@ from ._api import Options, _check_normalize, _check_options
 from ._checkpoints import Checkpoint
 from ._context import in_own_context
 from ._data import as_dict, batch_size_of, num_examples, sized_automatically, slice_batch
-from ._driver import batches, most_per_batch, naming_failures
+from ._driver import batches, most_against, most_per_batch, naming_failures
 from ._model import exclusive_use
 from ._plan import plan_call, split_state
 from ._setup import make_setup
@@ -153,6 +153,7 @@ def explain(
     )  # fmt: skip
     batching = plan.batching + looping
     size = most_per_batch(setup, plan) if num_examples(data) else None
+    size = most_against(setup, size, n_test) if size and n_test else size  # (its score blocks' rows)
     checked_later = _CHECKED_LATER.get(plan.unchecked, "")
     return Explanation(tuple(routes), batching, size, plan.example_bytes, plan.tensor_bytes, checked_later)
 
