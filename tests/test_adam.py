@@ -184,6 +184,17 @@ def test_the_automatic_batch_size_counts_the_formed_gradients_and_updates():
         assert with_adam.example_bytes == max(without.example_bytes, 2 * dense)
 
 
+def test_explain_names_the_formed_routes():
+    """An Adam checkpoint's update has no factored form: every factored route is formed (materialised) instead."""
+    model, ckpts, train, _, _ = _run("adam")
+    plain = [tc.Checkpoint(c.params, c.lr) for c in ckpts]
+    with_adam, without = (tc.explain(model, c, train, loss_fn=LOSS) for c in (ckpts, plain))
+    assert "factored" in {r.route for r in without.routes}
+    for adam, bare in zip(with_adam.routes, without.routes):
+        assert adam.route == ("materialised" if bare.route == "factored" else bare.route)
+        assert adam.reason.startswith(bare.reason)
+
+
 def test_top_k_and_aggregate():
     model, ckpts, train, test, ref = _run("adamw")
     for proponents in (True, False):

@@ -141,11 +141,15 @@ def explain(
                 if setup.test_loss is not setup.train_loss:  # (vmap may fail on it alone: both then loop)
                     planned.test(*split_state(setup.checkpoints[0].state, planned.plan.names), batch)
     plan, mapper = planned.plan, planned.mapper
+    adam = any(c.adam is not None for c in setup.checkpoints)
     routes = []
     for name in plan.names:
         route = plan.route(name)  # (off the batched path, factors too come from vmap, and loop where it failed)
         looped = (route == "vmap" or not plan.batched and route != "unused") and (mapper.loop or mapper.plain)
-        routes.append(Route(name, "loop" if looped else route, plan.reasons[name]))
+        route, reason = "loop" if looped else route, plan.reasons[name]
+        if adam and route == "factored":  # (``_adam``: the update has no factored form)
+            route, reason = "materialised", f"{reason}; formed from factors for the Adam checkpoints' updates"
+        routes.append(Route(name, route, reason))
     looping = (  # (said where a route loops: vmap may have failed only in a check of the batched path)
         "" if not any(r.route == "loop" for r in routes)
         else "; torch.func cannot run this model, so examples run one at a time by plain autograd" if mapper.plain
