@@ -280,13 +280,15 @@ class _Features(nn.Module):
     """A default ``nn.TransformerEncoder`` (nested tensors enabled), or one ``TransformerEncoderLayer``, over float
     features that need no gradient."""
 
-    def __init__(self, stacked: bool):
+    def __init__(self, stacked: bool, every_position: bool = False):
         super().__init__()
         layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
         self.encoder, self.head = nn.TransformerEncoder(layer, 2) if stacked else layer, nn.Linear(8, 3)
+        self.every_position = every_position
 
     def forward(self, x, pad):
-        return self.head(self.encoder(x, src_key_padding_mask=pad)[:, 0])
+        h = self.encoder(x, src_key_padding_mask=pad)
+        return self.head(h.mean(1) if self.every_position else h[:, 0])
 
 
 @pytest.mark.parametrize(
@@ -309,6 +311,28 @@ def test_an_encoders_inference_fast_path_is_not_taken(stacked, params):
     ref = reference_scores(model, ckpts, train, test, loss_fn=CE, params=params)
     assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, params=params), ref.influence)
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, params=params), ref.self_influence)
+
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+@pytest.mark.parametrize("factored", [None, False])
+def test_a_frozen_encoder_runs_alone_as_in_the_batch(factored):
+    """A frozen default encoder run alone by the spot check took torch's inference path (zeros at padded positions)
+    where the batch computes them: a model averaging every position was refused as mixing its batch (a review
+    helper's trial). Both run the path autograd runs where a gradient reaches the encoder (README, Limitations)."""
+    g = torch.Generator().manual_seed(1)
+    model = _Features(stacked=True, every_position=True).to(F64).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    x, y = torch.randn(8, 5, 8, generator=g, dtype=F64), torch.randint(0, 3, (8,), generator=g)
+    pad = torch.arange(5) >= torch.tensor([5, 5, 4, 2, 2, 2, 5, 5])[:, None]
+    head = [model.head.weight, model.head.bias]
+    ref = torch.stack([  # (the example's features needing a gradient: autograd's traced path)
+        sum(t.square().sum() for t in torch.autograd.grad(CE(model(x[i : i + 1].requires_grad_(), pad[i : i + 1]),
+                                                                y[i : i + 1]), head))
+        for i in range(8)
+    ])  # fmt: skip
+    scores = tc.self_influence(model, ckpts, (x, pad, y), loss_fn=CE, params=["head.weight", "head.bias"],
+                               factored=factored)  # fmt: skip
+    assert_close(scores, 0.5 * ref, 1e-12)
 
 
 class _SeesAttentionSettings(nn.Module):

@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._assemble import RepresentationFn, representation_fn, rows_with_gradient
 from ._capture import (
+    ENCODERS,
     SORTED_BATCH,
     BatchableLoss,
     LayerFactors,
@@ -28,6 +29,7 @@ from ._capture import (
     batched_factors,
     discover,
     gradients_at,
+    on_traced_path,
 )
 from ._checkpoints import same_values
 from ._context import lowered_note
@@ -661,7 +663,9 @@ def checking_batches(
 _GOLDEN = (math.sqrt(5) - 1) / 2  # the k-th example checked is at k * this (mod 1) along its batch
 
 
-def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection[str]) -> Witness:
+def spot_check(
+    loss: BatchableLoss, states: Sequence[Tensors], names: Collection[str], module: nn.Module | None
+) -> Witness:
     """A ``Witness`` (``batched_factors``) that runs one example of each batch of two or more alone and refuses the
     call where the batch gave it other outputs or losses (``_alike_alone``) by more than rounding (``_rounding_only``).
     Planning's check runs a few first examples at the last checkpoint, which cannot show mixing that depends on the
@@ -676,7 +680,9 @@ def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection
     tracer's step) is checked at each batch. The example checked moves along the batch from check to check; where it
     has finite inputs and some of the batch's examples do not, one of those is checked too, moving along them (a
     model imputing NaNs from the batch mixes those examples alone). Each check costs one forward of one example (and
-    a backward through a criterion whose losses hold no part per example)."""
+    a backward through a criterion whose losses hold no part per example). ``module``'s encoders run alone as in
+    the batch (``on_traced_path``: a frozen one would take torch's inference path alone, zeros at padded positions)."""
+    encoders = [m for m in module.modules() if isinstance(m, ENCODERS)] if module is not None else []
     picks, odd_picks, batches = itertools.count(1), itertools.count(), itertools.count()
     distinct: dict[frozenset[int], Tensors] = {}  # each state by its tensors (a checkpoint given twice: once)
     for state in states:
@@ -707,9 +713,11 @@ def spot_check(loss: BatchableLoss, states: Sequence[Tensors], names: Collection
             checked.append(odd[next(odd_picks) % len(odd)])
         for i in checked:
             one = torch.tensor([i])
-            alone = _witnessed(loss, state, names, select_rows(batch, one), bool(together[2]))
-            if _alike_alone(together, alone, n, i) or _rounding_only(loss, state, names, batch, one, together, alone):
-                continue
+            with on_traced_path(encoders):
+                alone = _witnessed(loss, state, names, select_rows(batch, one), bool(together[2]))
+                alike = _alike_alone(together, alone, n, i)
+                if alike or _rounding_only(loss, state, names, batch, one, together, alone):
+                    continue
             if together[0] and _alike_alone((together[0], None, []), (alone[0], None, []), n, i):  # (outputs alike)
                 raise MixedBatch(
                     f"`{loss.name}`: example {i} of a batch of {n} got another loss or gradient at its outputs from "

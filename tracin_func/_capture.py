@@ -81,21 +81,36 @@ def hooked(
                     handles += _at_calls(layer, hook)
                 elif layer is not None:
                     handles.append(layer.register_forward_hook(_by_keyword_too(hook), with_kwargs=True))
-            fast = [m for m in modules.values() if isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer))]
-            handles += [m.register_forward_pre_hook(_off_fast_path, with_kwargs=True) for m in fast]
-            yield
+            with on_traced_path(modules.values()):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
 
 
+ENCODERS = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
+
+
+@contextmanager
+def on_traced_path(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """The encoders among ``modules`` run the path autograd runs when a gradient reaches them (``_off_fast_path``),
+    for the duration of the block."""
+    encoders = [m for m in modules if isinstance(m, ENCODERS)]
+    handles = [m.register_forward_pre_hook(_off_fast_path, with_kwargs=True) for m in encoders]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _off_fast_path(encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """An ``nn.TransformerEncoder`` or ``TransformerEncoderLayer`` whose input and weights need no gradient (its
-    weights' gradients come from factors) takes its inference fast path: the encoder turns a padded batch into nested
-    tensors, which no layer's hook can take factors of (torch's "NestedTensor layer_norm requires weight and bias"),
-    and the layer runs one fused kernel, calling none of its layers ("called fewer times on an example than on the
-    batch's first", scoring its attention's input projection alone). Its input plus a zero that needs a gradient, it
-    runs the path autograd runs in training."""
+    weights' gradients come from factors, or it is frozen) takes its inference fast path: the encoder turns a padded
+    batch into nested tensors, which no layer's hook can take factors of (torch's "NestedTensor layer_norm requires
+    weight and bias") and which give padded positions zeros, and the layer runs one fused kernel, calling none of its
+    layers ("called fewer times on an example than on the batch's first", scoring its attention's input projection
+    alone). Its input plus a zero that needs a gradient, it runs the path autograd runs in training."""
     src = args[0] if args else kwargs.get("src")
     if not isinstance(src, torch.Tensor) or src.requires_grad or not torch.is_grad_enabled():
         return None

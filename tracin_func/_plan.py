@@ -169,7 +169,7 @@ def plan_call(
         )
     reps = {}
     for loss in losses:
-        witness = spot_check(loss, [c.state for c in setup.checkpoints], names) if plan.batched else None
+        witness = spot_check(loss, [c.state for c in setup.checkpoints], names, module) if plan.batched else None
         reps[id(loss)] = representation_fn(module, loss, plan, mapper, compiled=setup.compile, witness=witness)
         if plan.batched:  # (checked on the examples planned on, or left to the first batch that can show it)
             rep = reps[id(loss)]
