@@ -455,6 +455,18 @@ def test_a_functional_batch_norm_in_training_is_refused_before_it_writes():
     assert torch.equal(model.bn.running_mean, own)
 
 
+def test_a_write_in_a_layers_own_pre_hook_names_the_layer():
+    """The deprecated `spectral_norm` iterates in a forward pre-hook registered before the watch's: its write was
+    blamed on the root, and the watch's own hooks warned of popping an empty stack (a review helper's trial)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(6, 6)), nn.Tanh(), nn.Linear(6, 4))  # (training mode)
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"module '0' \(Linear\) writes into the checkpoint's tensor '0.weight_v'"):
+            tc.self_influence(model, ckpts, (torch.randn(8, 6), torch.randint(0, 4, (8,))), loss_fn=CE)
+
+
 def test_an_rrelu_in_eval_mode_is_scored():
     """RReLU's kernel carries the seeded tag whatever its `training` flag; in eval mode it draws nothing, and was
     refused as drawing random numbers (a review helper's trial)."""

@@ -133,11 +133,16 @@ def _at_calls(layer: nn.Module, hook: Hook) -> list[RemovableHandle]:
     forward."""
     calls = _Calls(layer, hook)
 
+    entered: list[None] = []  # (a pre-hook before ``enter`` may raise: ``leave`` then runs alone)
+
     def enter(*_: Any) -> None:  # returns None: a pre-hook's result would replace the layer's inputs
         calls.__enter__()
+        entered.append(None)
 
     def leave(*_: Any) -> None:
-        calls.__exit__(None, None, None)
+        if entered:
+            entered.pop()
+            calls.__exit__(None, None, None)
 
     return [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave, always_call=True)]
 

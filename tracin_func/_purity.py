@@ -270,11 +270,12 @@ def _running_modules(module: nn.Module | None) -> Iterator[list[tuple[str, nn.Mo
         return lambda m, args: stack.append((path, m))
 
     def leave(m: nn.Module, args: Any, output: Any) -> None:
-        stack.pop()  # returns None: the output is left as it is
+        if stack and stack[-1][1] is m:  # (not entered where a forward pre-hook of its own raised)
+            stack.pop()  # returns None: the output is left as it is
 
     handles = []
-    for path, m in module.named_modules() if module is not None else ():
-        handles.append(m.register_forward_pre_hook(enter(path)))
+    for path, m in module.named_modules() if module is not None else ():  # (first: its own pre-hooks run inside)
+        handles.append(m.register_forward_pre_hook(enter(path), prepend=True))
         handles.append(m.register_forward_hook(leave, always_call=True))
     try:
         yield stack
