@@ -419,6 +419,28 @@ def test_empty_directory(tmp_path):
         tc.load_checkpoints(str(tmp_path))
 
 
+def test_a_directory_of_checkpoint_folders_names_their_models(tmp_path):
+    """A Hugging Face Trainer's output folder holds `checkpoint-N` folders: the error names their model files in
+    training order (a review helper's trial), or the folders where they hold other files."""
+    for step in (1000, 200):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"only folders \(\['checkpoint-200', 'checkpoint-1000'\]\)"):
+        tc.load_checkpoints(str(tmp_path))
+    for step in (1000, 200):
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
+    first, second = (str(tmp_path / f"checkpoint-{step}" / "model.safetensors") for step in (200, 1000))
+    with pytest.raises(ValueError, match=re.escape(f"`tc.load_checkpoints({[first, second]}, lr=...)`")):
+        tc.load_checkpoints(str(tmp_path))
+
+
+def test_a_name_with_a_digit_int_cannot_read_is_ordered(tmp_path):
+    """'²' is a digit to `str.isdigit` but not to `int`: loading a directory holding one raised int's error."""
+    for i, name in enumerate(["ckpt_1²2.pt", "ckpt_2.pt", "ckpt_10.pt"]):
+        torch.save({"w": torch.tensor(float(i))}, tmp_path / name)
+    assert [float(c.params["w"]) for c in tc.load_checkpoints(str(tmp_path), lr=0.1)] == [0.0, 1.0, 2.0]
+
+
 def test_empty_list():
     with pytest.raises(ValueError, match=r"`source` holds no checkpoints"):
         tc.load_checkpoints([])

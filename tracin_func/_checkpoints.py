@@ -101,15 +101,33 @@ def check_lr(lr: Any, where: str) -> None:
 def _natural_key(path: str) -> tuple[list[Any], str]:
     """``ckpt-2`` before ``ckpt-10``; names of equal numbers (``ckpt-1``, ``ckpt-01``) by their text, not by the order
     the file system lists them."""
-    name = os.path.basename(path)
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)], name
+    name = os.path.basename(path)  # (odd parts: the runs of digits; ``isdigit`` also takes '²', which int refuses)
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))], name
 
 
 def _list_directory(directory: str) -> list[str]:
     files = checkpoint_files(directory)
     if not files:
-        raise ValueError(f"`source` directory {directory!r} contains no checkpoint files.")
+        raise ValueError(f"`source` directory {directory!r} contains no checkpoint files{_in_folders(directory)}.")
     return files
+
+
+_MODEL_FILES = ("model.safetensors", "pytorch_model.bin")  # a Hugging Face Trainer's ``checkpoint-N`` folders'
+
+
+def _in_folders(directory: str) -> str:
+    """How to load the checkpoints of ``directory``'s folders, where it has some (a Trainer's ``checkpoint-N``)."""
+    folders = [e.path for e in os.scandir(directory) if e.is_dir() and not e.name.startswith(".")]
+    if not folders:
+        return ""
+    folders.sort(key=_natural_key)
+    found = [[os.path.join(f, m) for m in _MODEL_FILES if os.path.isfile(os.path.join(f, m))][:1] for f in folders]
+    if not all(found):
+        names = [os.path.basename(f) for f in folders]
+        return f", only folders ({names[:5]}{' ...' if len(names) > 5 else ''}): pass the files in them, in order"
+    models = [paths[0] for paths in found]
+    return (f": its folders hold models; pass them in training order, `tc.load_checkpoints({models[:2]}"
+            f"{' + [...]' if len(models) > 2 else ''}, lr=...)`")  # fmt: skip
 
 
 def _read_file(path: str, *, map_location: Any, weights_only: bool) -> Mapping[str, Any]:
