@@ -542,6 +542,29 @@ def test_hugging_face_losses_name_labels_of_another_shape_or_dtype():
             tc.self_influence(model, ckpts, items, loss_fn=make(model))
 
 
+class _Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(10, 4), nn.Linear(4, 3)
+
+    def forward(self, input_ids, decoder_input_ids=None):
+        return {"logits": self.head(self.embed(input_ids).mean(1))}
+
+
+def test_per_token_losses_refuse_a_sequence_classifier():
+    """A sequence classifier's logits [B, C] and labels [B] passed the labels' shape check (the logits less their
+    last dimension), then torch raised an IndexError (a review helper's trial)."""
+    model = _Classifier().eval()
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), lr=0.5)]
+    ids = torch.randint(0, 10, (3, 4))
+    data = {"input_ids": ids, "decoder_input_ids": ids, "labels": torch.randint(0, 3, (3,))}
+    for make in (tc.causal_lm_loss, tc.token_classification_loss, tc.seq2seq_lm_loss):
+        with pytest.raises(ValueError, match=rf"tc.{make.__name__} scores logits per position, \[batch, positions, "
+                                             r"classes\], and the model returns \(1, 3\): a sequence classifier's "
+                                             r"are scored by `tc.sequence_classification_loss`"):  # fmt: skip
+            tc.self_influence(model, ckpts, data, loss_fn=make(model))
+
+
 class _CachingLM(_LM):
     """A forward taking ``use_cache`` (transformers'), recording what each call got."""
 

@@ -171,6 +171,16 @@ def _check_labels(loss: str, key: str, target: torch.Tensor, shape: tuple[int, .
         raise ValueError(f"`loss_fn`: tc.{loss} takes the labels under {key!r} as integer ids, got {target.dtype}.")
 
 
+def _check_per_position(loss: str, logits: torch.Tensor) -> None:
+    """Raise where ``logits`` hold no positions: a sequence classifier's ``[B, C]``, whose labels ``[B]`` pass as
+    the logits less their last dimension (torch's IndexError came next)."""
+    if logits.dim() < 3:
+        raise ValueError(
+            f"`loss_fn`: tc.{loss} scores logits per position, [batch, positions, classes], and the model returns "
+            f"{tuple(logits.shape)}: a sequence classifier's are scored by `tc.sequence_classification_loss`."
+        )
+
+
 def _without_cache(model: nn.Module) -> dict[str, bool]:
     """``{"use_cache": False}`` for a model whose forward takes ``use_cache`` (transformers' decoders): scores never
     read a key / value cache, which costs time to build, and Mamba's updates its state in place, which ``vmap``
@@ -231,6 +241,7 @@ def causal_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: in
     def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         inputs, target = _model_inputs(batch, labels, "causal_lm_loss", options)
         logits = _logits(functional_call(model, dict(params), (), inputs))
+        _check_per_position("causal_lm_loss", logits)
         _check_labels("causal_lm_loss", labels, target, tuple(logits.shape[:-1]), _PER_TOKEN, True)
         # position t predicts label t + 1, the last nothing (Hugging Face's padded labels): every position's logits
         # read in place (a slice of them is copied, and its gradient zero-filled and copied back: GPT-2's batch of 220,
@@ -310,6 +321,7 @@ def seq2seq_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: i
         if "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
             inputs["decoder_input_ids"] = _decoder_inputs(model, target.masked_fill(target == ignore_index, -100))
         logits = _logits(functional_call(model, dict(params), (), inputs))
+        _check_per_position("seq2seq_lm_loss", logits)
         _check_labels("seq2seq_lm_loss", labels, target, tuple(logits.shape[:-1]), _PER_TOKEN, True)
         return _mean_token_loss(logits, target, ignore_index)
 
@@ -355,6 +367,7 @@ def token_classification_loss(model: nn.Module, *, labels: str = "labels", ignor
     def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         inputs, target = _model_inputs(batch, labels, "token_classification_loss", options)
         logits = _logits(functional_call(model, dict(params), (), inputs))
+        _check_per_position("token_classification_loss", logits)
         _check_labels("token_classification_loss", labels, target, tuple(logits.shape[:-1]), _PER_TOKEN, True)
         return _mean_token_loss(logits, target, ignore_index)
 
