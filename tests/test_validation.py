@@ -122,6 +122,29 @@ def test_strict_false_takes_missing_entries_from_the_model():
     assert not torch.allclose(got, other)
 
 
+def test_checkpoints_of_two_dtypes_are_refused_naming_where_each_comes_from():
+    """Checkpoints of two dtypes need `dtype=`; float64 checkpoints lacking entries that a float32 model fills in
+    (`strict=False`) were said to mix dtypes themselves (a review helper's trial)."""
+    model, ckpts, (x, y) = _setup()
+    model, batch = model.float(), (x.float(), y)
+    ckpts = [tc.Checkpoint({k: v.float() for k, v in c.params.items()}, c.lr) for c in ckpts]
+    wide = {k: v.double() for k, v in ckpts[0].params.items()}
+    fix = r"; pass `dtype=torch.float32` \(or torch.float64\) to compute in one dtype"
+    with pytest.raises(ValueError, match=r"`checkpoints` mix the floating dtypes \['torch.float32', 'torch.float64'\]"
+                                         + fix):  # fmt: skip
+        tc.self_influence(model, [ckpts[0], tc.Checkpoint(wide, lr=0.1)], batch, loss_fn=CE)
+    partial = {k: v for k, v in wide.items() if k != "fc1.bias"}
+    with pytest.raises(ValueError, match=r"`checkpoints` hold torch.float64 tensors and the model's own values "
+                                         r"filling the entries they lack \(`strict=False`, unsaved buffers\) "
+                                         r"torch.float32 ones" + fix):  # fmt: skip
+        tc.self_influence(model, [tc.Checkpoint(partial, lr=0.1)], batch, loss_fn=CE, strict=False)
+    want = tc.self_influence(model, [tc.Checkpoint({**partial, "fc1.bias": model.fc1.bias.double()}, lr=0.1)], batch,
+                             loss_fn=CE)  # fmt: skip
+    got = tc.self_influence(model, [tc.Checkpoint(partial, lr=0.1)], batch, loss_fn=CE, strict=False,
+                            dtype=torch.float64)  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 class _ExtraState(nn.Module):
     """A layer keeping a setting in its state dict through `get_extra_state()` (not a tensor)."""
 
@@ -825,6 +848,11 @@ def test_last_layer_with_params_or_layers():
         tc.influence(model, ckpts, batch, batch, loss_fn=CE, method="last_layer", params=["fc2.weight"])
     with pytest.raises(ValueError, match=msg):
         tc.self_influence(model, ckpts, batch, loss_fn=CE, method="last_layer", layers=["fc2"])
+    # a function has no layers to pick from: the message named `params` / `layers`, which were not given
+    function = lambda state, x: torch.func.functional_call(model, state, (x,))  # noqa: E731
+    with pytest.raises(TypeError, match=r"picks an nn.Module's final nn.Linear, and `model` is a function: score "
+                                        r"a function's last layer with `params=`"):  # fmt: skip
+        tc.self_influence(function, ckpts, batch, loss_fn=CE, method="last_layer")
 
 
 def test_last_layer_without_a_linear():

@@ -178,10 +178,15 @@ def make_setup(
         raise TypeError(f"`dtype` must be a floating torch.dtype such as torch.float64, got {dtype!r}.")
     if method not in ("exact", "last_layer"):
         raise ValueError(f"`method` must be 'exact' or 'last_layer', got {method!r}.")
-    if method == "last_layer" and (params is not None or layers is not None or not isinstance(model, torch.nn.Module)):
+    if method == "last_layer" and not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"`method='last_layer'` picks an nn.Module's final nn.Linear, and `model` is a {type(model).__name__}: "
+            f"score a function's last layer with `params=` its names and the default `method='exact'`."
+        )
+    if method == "last_layer" and (params is not None or layers is not None):
         raise ValueError(
             "`method='last_layer'` picks the model's final nn.Linear itself: drop `params` / `layers`, or keep them "
-            "and use the default `method='exact'` (an nn.Module is required)."
+            "and use the default `method='exact'`."
         )
     for name, value in (("strict", strict), ("progress", progress), ("compile", compile)):
         boolean(value, name)
@@ -210,7 +215,7 @@ def make_setup(
         checked_state(spec, c, checkpoints_as or f"checkpoints[{i}]", shapes=shapes, strict=strict)
         for i, c in enumerate(checkpoints)
     ]
-    dtype = dtype or computation_dtype(states)
+    dtype = dtype or computation_dtype(states, [c.params for c in checkpoints])
     check_precision(dtype, target, "tensors are converted for the call, never changed")
     bar = tqdm(zip(states, checkpoints), total=len(states), desc="preparing checkpoints", unit="ckpt",
                disable=not progress, leave=False)
