@@ -18,8 +18,9 @@ class TopK(NamedTuple):
         indices: ``[n_test, k]`` long tensor, positions in the training data's iteration order.
         scores: ``[n_test, k]`` float tensor, sorted: descending for proponents, ascending for opponents; equal
             scores (duplicated examples) in the order of their indices, whatever the batch size or path (scores
-            equal in exact arithmetic may differ in their last bit between batches of other sizes, whose sums
-            round otherwise, and are then ordered by those bits).
+            equal in exact arithmetic may differ in their last bit, between batches of other sizes, whose sums
+            round otherwise, or between columns of one matrix product, which BLAS may sum in other orders: they
+            are then ordered by those bits).
     """
 
     indices: torch.Tensor
