@@ -506,6 +506,20 @@ def test_packed_sequences_are_batched_and_exact(config, factored):
     assert all(r.route in ("factored", "materialised") for r in e.routes), e.routes
 
 
+def test_a_packed_layer_is_sized_at_the_longest_sequence_checked():
+    """Planned on the first example's own length, a short first example sized batches of long ones (a batch of 512
+    sequences of 60-64 steps took 3-6x the memory budget) and kept as factors what every batch then formed (a review
+    helper's trial): sized, and routed, as where the first example is the longest."""
+    model, ckpts, (x, lengths, y), _ = _packed_task("lstm-1-bi-nobias")
+    plans = {}
+    for first in (1, 5):
+        data = (x, torch.cat([torch.tensor([first]), lengths[1:].clamp(min=4)]), y)  # the others 4 or 5 steps long
+        plans[first] = tc.explain(model, ckpts, data, loss_fn=CE, n_test=3)
+    assert plans[1].example_bytes == plans[5].example_bytes
+    assert [r.route for r in plans[1].routes] == [r.route for r in plans[5].routes]
+    assert "(T = 5" in next(r.reason for r in plans[1].routes if r.parameter == "rnn.weight_hh_l0")
+
+
 class _SortedPacking(nn.Module):
     """Packs with `enforce_sorted=True`: each batch given sorted by length, which a test batch joined with a training
     batch is not."""

@@ -250,6 +250,15 @@ def _rows_per_example(site: Site, shapes: Sequence[tuple[int, ...] | None]) -> i
     return sum(math.prod(s[2:]) if site.kind == "conv" else math.prod(s[:-1]) for s in shapes)
 
 
+def _at_longest(rows: int, layer: nn.Module, on_packed: Sequence[tuple[nn.Module, torch.Tensor]], first: int) -> int:
+    """A packed layer's rows per example (its steps) at the longest sequence the checked examples pack, not the first
+    example's own length (``on_packed[:first]``): a short first example sized batches of long ones (3 to 6 times the
+    memory budget) and kept factors that every batch then formed."""
+    own = [int(t.max()) for m, t in on_packed[:first] if m is layer]
+    longest = max((int(t.max()) for m, t in on_packed if m is layer), default=0)
+    return math.ceil(rows * longest / max(1, *own)) if own else rows
+
+
 def _pair_costs(site: Site, rows: int, partners: int | None) -> tuple[int, int]:
     """Flops of one gradient's inner products with its ``partners`` (the test examples a training gradient meets, and
     itself where its norm is taken too; 1: itself alone, for self-influence): factored ``P T^2 (d_in + d_out)``,
@@ -342,13 +351,14 @@ def make_plan(
         try:  # (on the first example, then the others checked: a model may differentiate on some alone)
             with packed_calls() as on_packed:
                 calls, leaked, unreached = discover(module, loss, list(sites.values()), diff, frozen, batch)
-            reached = _reached_elsewhere(module, loss, list(sites.values()), diff, frozen, examples, leaked)
+                first_packed = len(on_packed)  # (the first example's; the checked examples' after)
+                reached = _reached_elsewhere(module, loss, list(sites.values()), diff, frozen, examples, leaked)
         except BeyondFactors as err:
             beyond = err.reason
             reasons.update({n: _BEYOND_FACTORS for site in sites.values() for n in site.names})
             sites = {}
             break
-        packed |= {path for path, layer in modules.items() if any(layer is m for m, _ in on_packed)}
+        packed |= {path for path, layer in modules.items() if any(layer is m for m, _ in on_packed[:first_packed])}
         first_calls = first_calls or calls
         detached = {n for p, s in sites.items() if calls[p] and s.kind != "expanded" for n in s.names}
         unused &= unreached - detached
@@ -389,6 +399,8 @@ def make_plan(
                 continue
             called.add(path)
             rows = rows_of[path] = _rows_per_example(site, calls[path])
+            if site.owner in packed:
+                rows = rows_of[path] = _at_longest(rows, modules[site.owner], on_packed, first_packed)
             if site.kernel_ok and (factored or _kernel_is_cheaper(site, rows, partners)):
                 kernel.add(path)  # a kept Embedding is never materialised on the training side (see TokenRows)
             reasons.update({n: _why_site(site, rows, factored, path in kernel, partners) for n in site.names})
