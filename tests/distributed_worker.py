@@ -116,11 +116,12 @@ def one_rank_cases(rank: int, out_dir: str) -> dict:
     flipped = lambda k, v: v.flip(0) if k == "fc1.weight" else v  # noqa: E731  (rows swapped: same sum)
     permuted = [tc.Checkpoint({k: flipped(k, v) for k, v in c.params.items()}, c.lr) for c in ckpts]
     other = tc.build_index(f"{out_dir}/other{rank}", model, moved, train, shard_size=2, loss_fn=LOSS)  # (one process)
-    from tracin_func import _distributed
+    from tracin_func import _build, _distributed
 
+    _build._SHARED_WAIT_S = 0.5  # (folders of each rank's own: rank 1 looks for rank 0's file that long)
     summed, summary = [], _distributed._summary
     _distributed._summary = lambda setup: summed.append(1) or summary(setup)  # (counts the checkpoints' sums)
-    out: dict = {}
+    out: dict = {"out": out_dir}
     for name, call in {
         "as_dict": lambda: tc.influence(model, ckpts, train, [test, Unreadable()][rank], **kw),
         "test size": lambda: tc.top_k(model, ckpts, train, [test, Unsized()][rank], k=2, **kw),
@@ -129,6 +130,7 @@ def one_rank_cases(rank: int, out_dir: str) -> dict:
         "index checkpoints": lambda: tc.top_k(model, [iter(ckpts), failing_checkpoints(ckpts)][rank], index, test,
                                               k=2, **kw),  # fmt: skip
         "path": lambda: tc.build_index([f"{out_dir}/index2", None][rank], model, ckpts, train, **kw),
+        "unshared path": lambda: tc.build_index(f"{out_dir}/node{rank}", model, ckpts, train, shard_size=2, **kw),
         # an index query's checkpoints are checked once, against the index's fingerprint (every tensor's bytes)
         "index moved": lambda: tc.top_k(model, [ckpts, moved][rank], index, test, k=2, **kw),
         "index permuted": lambda: tc.influence(model, [ckpts, permuted][rank], index, test, **kw),

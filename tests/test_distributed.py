@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -117,6 +119,17 @@ def test_an_argument_read_before_the_checks_is_raised_on_every_rank(one_rank):
         assert one_rank[1][name].startswith(refused), (name, one_rank[1][name])
         assert one_rank[0][name].startswith(f"RuntimeError: rank 1 failed, so this rank stops too: {refused}"), name
         assert one_rank[0][f"{name} in step"] and one_rank[1][f"{name} in step"], name
+
+
+def test_ranks_building_an_index_in_folders_of_their_own_are_refused(one_rank):
+    """Each rank given a folder of its own (no shared filesystem) built part of an index in each, then failed naming a
+    missing shard and asked for the same call again, which failed alike (a review helper's trial)."""
+    refused = "ValueError: `path`='{}/node1' is not one directory every rank sees: rank 1 does not see the file"
+    assert one_rank[1]["unshared path"].startswith(refused.format(one_rank[1]["out"])), one_rank[1]["unshared path"]
+    assert one_rank[0]["unshared path"].startswith(f"RuntimeError: rank 1 failed, so this rank stops too: "
+                                                   f"{refused.format(one_rank[1]['out'])}")  # fmt: skip
+    assert one_rank[0]["unshared path in step"] and one_rank[1]["unshared path in step"]
+    assert not [f for f in os.listdir(f"{one_rank[0]['out']}/node0") if "ranks" in f]  # (rank 0's file removed)
 
 
 def test_an_index_query_checks_the_checkpoints_once_and_still_refuses_others_on_one_rank(one_rank):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -19,7 +21,7 @@ from ._api import _check_options
 from ._checkpoints import Checkpoint
 from ._context import in_own_context
 from ._data import RowStream, as_dict, counted_examples, iter_batches, num_examples, replayable, rows_of
-from ._distributed import agree, checked_on_every_rank, gather_objects, on_every_rank, set_up_on_every_rank
+from ._distributed import Ranks, agree, checked_on_every_rank, gather_objects, on_every_rank, set_up_on_every_rank
 from ._driver import embedding_parts, first_examples, naming_failures
 from ._fingerprint import differences, fingerprint, tensor_bytes
 from ._index import FORMAT, LAYOUT, MANIFEST, VERSION, Index, check_shard, manifest_digest, open_index, read_manifest
@@ -170,6 +172,39 @@ def _maybe_ours(path: str, manifest: str) -> bool:
 
 def _damaged(file: str, shard: dict[str, Any]) -> bool:
     return os.path.exists(file) and file_sha256(file) != shard["sha256"]
+
+
+_SHARED_WAIT_S = 10.0  # how long a rank looks for rank 0's file (a network filesystem may show it late)
+
+
+def _check_shared(path: str, ranks: Ranks) -> None:
+    """Refuse, on every rank, a ``path`` that is not one directory all ranks see: rank 0 writes a file of a name drawn
+    for this build there and every rank looks for it (``_SHARED_WAIT_S`` at most). Ranks
+    given folders of their own each built part of an index and were told to build it again, which failed alike."""
+    name = f"shard-ranks-{gather_objects(secrets.token_hex(8), ranks)[0]}.safetensors{TEMPORARY}"  # (a build removes
+    file = os.path.join(path, name)  # such a file, as one a killed build was writing)
+
+    def write() -> None:
+        if ranks.rank == 0:
+            open(file, "wb").close()
+
+    def look() -> None:
+        waited = time.monotonic() + _SHARED_WAIT_S
+        while not os.path.exists(file):
+            if time.monotonic() > waited:
+                raise ValueError(
+                    f"`path`={path!r} is not one directory every rank sees: rank {ranks.rank} does not see the file "
+                    f"rank 0 wrote there. The ranks build one index in one directory; pass a `path` on a filesystem "
+                    f"they share (or build it in one process)."
+                )
+            time.sleep(0.05)
+
+    on_every_rank(ranks, write)
+    try:
+        on_every_rank(ranks, look)
+    finally:
+        if ranks.rank == 0:
+            os.remove(file)
 
 
 def _mark_incomplete(path: str, planned: dict[str, Any]) -> None:
@@ -350,7 +385,8 @@ def build_index(
     is never deleted. The size is checked against the free disk space first.
 
     **Distributed:** with ``distributed=True`` (or a process group), shard ``i`` is built by rank ``i % W``; one
-    rank writes the manifest after every shard is done, and every rank returns the opened index.
+    rank writes the manifest after every shard is done, and every rank returns the opened index. ``path`` is one
+    directory every rank sees (a shared filesystem; checked).
 
     Args:
         path: directory of the index (created if needed).
@@ -432,6 +468,8 @@ def build_index(
             _check_disk(path, missing, planned, setup.dtype.itemsize)
 
     on_every_rank(ranks, prepare)  # rank 0 prepares; the others wait for its outcome
+    if ranks is not None:
+        _check_shared(path, ranks)
 
     def kept_mine() -> dict[int, tuple[str, str]]:
         kept = {}  # shard -> (its file's sha256, its input rows' digest)
