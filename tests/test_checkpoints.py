@@ -137,6 +137,21 @@ def test_stored_lr_as_tensor(tmp_path):
     assert _lr(ckpt) == 0.125
 
 
+def test_a_tensor_lr_is_copied():
+    """An optimizer's tensor lr is changed in place by its scheduler: checkpoints kept with it were all scored at the
+    last rate (99.7% off; a review helper's trial)."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.5))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    ckpts = []
+    for _ in range(3):
+        ckpts.append(tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()},
+                                   opt.param_groups[0]["lr"]))  # fmt: skip
+        opt.step()
+        scheduler.step()
+    assert [float(c.lr) for c in ckpts] == pytest.approx([0.5, 0.05, 0.005])
+
+
 def test_safetensors_with_lr_argument(tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     (state,) = _states(1)

@@ -42,7 +42,8 @@ class Checkpoint:
     Kept in memory during training, a checkpoint needs copies: ``model.state_dict()`` and ``opt.state_dict()`` hold
     references to the live tensors, which later steps change in place (every checkpoint would be the final model).
     Scorers warn when two checkpoints hold the very same tensor for a differentiated parameter or its Adam moments;
-    one checkpoint object given twice is not warned about (it counts twice, as asked).
+    one checkpoint object given twice is not warned about (it counts twice, as asked). A tensor ``lr`` is copied (an
+    optimizer's, ``torch.optim.SGD(lr=torch.tensor(...))``, is changed in place by its scheduler).
 
     Example:
         >>> import copy, torch, tracin_func as tc
@@ -58,6 +59,10 @@ class Checkpoint:
     params: Mapping[str, torch.Tensor]
     lr: float | torch.Tensor = 1.0
     optimizer_state: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lr, torch.Tensor):  # copied: a scheduler changes an optimizer's tensor lr in place (every
+            object.__setattr__(self, "lr", self.lr.clone())  # checkpoint then scored at the last rate, 99.7% off)
 
 
 def _flatten(ckpt: Checkpoint):
