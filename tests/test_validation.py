@@ -388,6 +388,30 @@ def test_a_targets_dtype_error_is_not_blamed_on_an_integer_input():
         tc.self_influence(model, [tc.Checkpoint(dict(model.state_dict()), 0.1)], batch, loss_fn=loss)
 
 
+def test_a_narrow_integer_target_names_its_conversion():
+    """int32 class labels (NumPy's), uint8 binary targets: torch's message alone named no fix (a review helper's
+    trial)."""
+    model, ckpts, (x, y) = _setup()
+    fix = r"class indices are `y.long\(\)`, probabilities and binary targets `y.float\(\)`"
+    with pytest.raises(RuntimeError, match=r"Long.*but got Int. Its target is torch.int32: " + fix):
+        tc.self_influence(model, ckpts, (x, y.int()), loss_fn=CE)
+    binary = nn.BCEWithLogitsLoss()
+    with pytest.raises(RuntimeError, match=r"Its target is torch.uint8: class indices are `y.long\(\)`"):
+        tc.self_influence(model, ckpts, (x, torch.ones(6, 2, dtype=torch.uint8)), loss_fn=binary)
+
+
+def test_an_integer_input_to_a_recurrent_layer_names_its_conversion():
+    """torch's recurrent layers refuse an input's dtype by a ValueError, which went through as torch's own message
+    (advising `model.to(torch.int64)` too; a review helper's trial)."""
+    model = nn.GRU(3, 4, batch_first=True).eval()
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), 0.1)]
+    loss = lambda out, y: CE(out[0][:, -1], y)  # noqa: E731
+    with pytest.raises(TypeError, match=r"`data` input 0 is torch.int64 but the model computes in torch.float32, and "
+                                        r"the forward pass failed: RNN input dtype \(torch.int64\) does not match "
+                                        r"weight dtype \(torch.float32\). Convert it with `x.float\(\)`"):  # fmt: skip
+        tc.self_influence(model, ckpts, (torch.randint(0, 5, (4, 2, 3)), torch.tensor([0, 1, 2, 3])), loss_fn=loss)
+
+
 def test_test_batch_without_target():
     model, ckpts, (x, y) = _setup()
     msg = r"batch 0: a batch of 1 element has no target; pass `\(x1, ..., xk, y\)` with the target last"

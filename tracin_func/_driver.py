@@ -247,6 +247,11 @@ def naming_failures(
                 message = f"`{name}` example {index} cannot be scored: {type(cause).__name__}: {cause}"
                 if "more than 1 value per channel" in str(cause):
                     message += f". {_ONE_VALUE_PER_CHANNEL}"
+                elif _narrow_integer_target(str(cause), example):
+                    message += (
+                        f". Its target is {example[-1].dtype}: class indices are `y.long()`, probabilities and binary "
+                        f"targets `y.float()`"
+                    )
                 elif _floating_dtypes_met(str(cause)):
                     message += (
                         f". The call computes in {setup.dtype} (`dtype=`: parameters and inputs converted), and the "
@@ -311,6 +316,14 @@ def _candidates(
         rows = range(min(_PLANNING_EXAMPLES, batch_size_of(data, name)))
         for i in dict.fromkeys([*rows, *([] if pool is None else pool.tolist())]):
             yield name, start + i, slice_batch(data, i, i + 1)
+
+
+def _narrow_integer_target(error: str, example: Any) -> bool:
+    """Whether torch's ``error`` is a loss's on a tuple example's integer target other than int64 (from NumPy's int32,
+    a uint8 mask): "expected target dtype to be Long", "result type Double can't be cast to ... Byte"."""
+    target = example[-1] if isinstance(example, (tuple, list)) and len(example) > 1 else None
+    narrow = isinstance(target, torch.Tensor) and not target.is_floating_point() and target.dtype != torch.int64
+    return narrow and ("target dtype" in error or "can't be cast to the desired output type" in error)
 
 
 def _floating_dtypes_met(error: str) -> bool:

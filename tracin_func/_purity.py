@@ -30,6 +30,7 @@ from ._grads import Tensors, batch_of_one, example_at
 from ._loss import CriterionLoss, ExampleLossFn, floating_leaves
 from ._loss_dtype import CAST_FROM, refuse_held_dtype
 from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, own_attributes
+from ._validate import refusal
 
 
 def _storage(t: torch.Tensor) -> int | None:
@@ -398,10 +399,11 @@ def _watched_run(
     ):
         try:
             _run(loss, state, example, _ModelTensorsRead.of(module, differentiated, states, loss))
-        except RuntimeError as err:
-            if not isinstance(loss, CriterionLoss):  # (a criterion's: where it fails itself, not in the forward)
-                _refuse_held_dtype(loss, err, state)
-            _explain_dtype(err, example, state, where)
+        except (RuntimeError, ValueError) as err:  # (torch's recurrent layers refuse an input's dtype by ValueError)
+            if isinstance(err, RuntimeError) and not isinstance(loss, CriterionLoss):  # (a criterion's: where it
+                _refuse_held_dtype(loss, err, state)  # fails itself, not in the forward)
+            if not refusal(err):
+                _explain_dtype(err, example, state, where)
             raise
     watch.refuse_kept(state, module, before)
     return watch
@@ -596,7 +598,7 @@ def _check_output(output: Any, name: str) -> None:
     )
 
 
-def _explain_dtype(err: RuntimeError, example: Any, state: Tensors, where: str) -> None:
+def _explain_dtype(err: Exception, example: Any, state: Tensors, where: str) -> None:
     """Integer inputs to a floating layer fail deep inside torch: name the input and the conversion instead."""
     message = str(err)
     if "dtype" not in message and "scalar type" not in message or "target" in message:  # (a loss's targets: torch's
@@ -607,8 +609,8 @@ def _explain_dtype(err: RuntimeError, example: Any, state: Tensors, where: str) 
     floating = {t.dtype for t in state.values() if t.is_floating_point()}
     if integer and floating:
         i, dtype = integer[0]
+        cause = message.splitlines()[0].split(". ")[0]  # (torch's fixes after it: an RNN's "or convert model")
         raise TypeError(
             f"`{where}` input {i} is {dtype} but the model computes in {sorted(map(str, floating))[0]}, and the "
-            f"forward pass failed: {message.splitlines()[0]}. Convert it with `x.float()` (token ids for an "
-            f"nn.Embedding stay integers)."
+            f"forward pass failed: {cause}. Convert it with `x.float()` (token ids for an nn.Embedding stay integers)."
         ) from err
