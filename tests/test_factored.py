@@ -3909,6 +3909,8 @@ def test_explain_says_the_loop_of_factors_off_the_batched_path():
         warnings.simplefilter("ignore", RuntimeWarning)
         plan = tc.explain(model, _ckpts(model), data, loss_fn=loss, question="self_influence")
     assert {r.route for r in plan.routes} == {"loop"} and "one at a time" in plan.batching
+    sited = [r for r in plan.routes if r.reason.startswith("T^2")]  # (a site's reason said how factors are used)
+    assert sited and all(r.reason.endswith("; its factors from each example alone") for r in sited), plan.routes
     mlp = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
     train = (torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,)))
     plan = tc.explain(mlp, _ckpts(mlp), train, loss_fn=CE, factored=False)

@@ -146,7 +146,10 @@ def explain(
     for name in plan.names:
         route = plan.route(name)  # (off the batched path, factors too come from vmap, and loop where it failed)
         looped = (route == "vmap" or not plan.batched and route != "unused") and (mapper.loop or mapper.plain)
-        route, reason = "loop" if looped else route, plan.reasons[name]
+        reason = plan.reasons[name]
+        if looped and route != "vmap":  # (a site's reason says how its factors would be used; they come from each
+            reason = f"{reason}; its factors from each example alone"  # example's own run here)
+        route = "loop" if looped else route
         if adam and route == "factored":  # (``_adam``: the update has no factored form)
             route, reason = "materialised", f"{reason}; formed from factors for the Adam checkpoints' updates"
         routes.append(Route(name, route, reason))
