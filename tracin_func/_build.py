@@ -179,8 +179,8 @@ _SHARED_WAIT_S = 10.0  # how long a rank looks for rank 0's file (a network file
 
 def _check_shared(path: str, ranks: Ranks) -> None:
     """Refuse, on every rank, a ``path`` that is not one directory all ranks see: rank 0 writes a file of a name drawn
-    for this build there and every rank looks for it (``_SHARED_WAIT_S`` at most). Ranks
-    given folders of their own each built part of an index and were told to build it again, which failed alike."""
+    for this build there and every rank looks for it (``_SHARED_WAIT_S`` at most). Ranks given folders of their own
+    each built part of an index and were told to build it again, which failed alike."""
     name = f"shard-ranks-{gather_objects(secrets.token_hex(8), ranks)[0]}.safetensors{TEMPORARY}"  # (a build removes
     file = os.path.join(path, name)  # such a file, as one a killed build was writing)
 

@@ -474,16 +474,13 @@ def _check_tensor(value: Any, where: str) -> None:
     raise TypeError(f"{where} is a {type(value).__name__}, not a torch.Tensor; {fix}.")
 
 
-def _floating(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.is_floating_point()
-
-
 def computation_dtype(states: Sequence[Mapping[str, torch.Tensor]], saved: Sequence[Mapping[str, Any]]) -> torch.dtype:
     """The one floating dtype of the checked checkpoint states, when ``dtype=None``; ``saved``: the checkpoints' own
     entries (the states' others are the model's, filled in)."""
     floating = sorted({t.dtype for state in states for t in state.values() if t.is_floating_point()}, key=str)
     if len(floating) > 1:
-        own = sorted({t.dtype for s in saved for t in s.values() if _floating(t)}, key=str)
+        held = [t for s in saved for t in s.values() if isinstance(t, torch.Tensor)]  # (extra state: any value)
+        own = sorted({t.dtype for t in held if t.is_floating_point()}, key=str)
         mix = (  # (the model's values fill the entries a checkpoint lacks: `strict=False`, its own buffers)
             f"hold {own[0]} tensors and the model's own values filling the entries they lack (`strict=False`, "
             f"unsaved buffers) {', '.join(str(d) for d in floating if d not in own)} ones" if len(own) == 1
