@@ -3919,6 +3919,37 @@ def test_explain_says_the_loop_of_factors_off_the_batched_path():
     assert {r.reason for r in plan.routes} == {'method="last_layer": factored'}
 
 
+class _TokenFeatures(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.up, self.head = nn.Embedding(50, 16), nn.Linear(16, 64), nn.Linear(64, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.up(self.embed(ids))).mean(1))
+
+
+def test_explain_plans_on_the_test_data_as_the_call_does(monkeypatch):
+    """An influence call plans on its first test examples: short queries against long documents took other routes
+    than `tc.explain` planned on the documents said (left for later by review); `test=` plans as the call does."""
+    import tracin_func._driver as driver
+
+    torch.manual_seed(0)
+    model = _TokenFeatures().double().eval()
+    train = (torch.randint(0, 50, (12, 40)), torch.randint(0, 3, (12,)))
+    test = (torch.randint(0, 50, (3, 2)), torch.randint(0, 3, (3,)))
+    made, plan_call = [], driver.plan_call
+    monkeypatch.setattr(driver, "plan_call", lambda *a, **k: made.append(plan_call(*a, **k)) or made[-1])
+    tc.influence(model, _ckpts(model), train, test, loss_fn=CE)
+    call = made[0].plan
+    explained = tc.explain(model, _ckpts(model), train, test=test, loss_fn=CE)
+    assert [(r.parameter, r.route) for r in explained.routes] == [(n, call.route(n)) for n in call.names]
+    assert (explained.example_bytes, explained.tensor_bytes) == (call.example_bytes, call.tensor_bytes)
+    on_documents = tc.explain(model, _ckpts(model), train, loss_fn=CE, n_test=3)
+    assert [r.route for r in on_documents.routes] != [r.route for r in explained.routes]
+    with pytest.raises(ValueError, match=r'`test` is for question="influence" \(got \'self_influence\'\)'):
+        tc.explain(model, _ckpts(model), train, test=test, loss_fn=CE, question="self_influence")
+
+
 _BATCHED_SIZES: list[int] = []  # (a global: the call's private copy of the model copies its lists)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -12,7 +13,7 @@ from ._api import Options, _check_normalize, _check_options
 from ._checkpoints import Checkpoint
 from ._context import in_own_context
 from ._data import as_dict, batch_size_of, num_examples, sized_automatically, slice_batch
-from ._driver import batches, most_against, most_per_batch, naming_failures
+from ._driver import batches, first_examples, most_against, most_per_batch, naming_failures
 from ._model import exclusive_use
 from ._plan import plan_call, split_state
 from ._setup import make_setup
@@ -72,6 +73,7 @@ def explain(
     loss_fn: Any,
     test_loss_fn: Any = None,
     question: str = "influence",
+    test: Any = None,
     n_test: int | None = None,
     normalize: str | None = None,
     **options: Unpack[Options],
@@ -91,10 +93,12 @@ def explain(
     Args:
         model, checkpoints, loss_fn, test_loss_fn, options: as in :func:`influence`.
         data: the data the call scores in batches (its training data; self-influence's data); its first batch is
-            planned on. An influence call plans on its first test batch instead: where test examples differ in shape
-            from training ones (other lengths), pass data shaped as the test examples to see its routes.
+            planned on, unless ``test`` is given.
         question: ``"influence"`` or ``"self_influence"``.
-        n_test: the call's test examples (``question="influence"``), or None.
+        test: the call's test data (``question="influence"``), or None: an influence call plans on its first test
+            examples, checked and sized against the training data's first (where they differ in shape, other
+            lengths, the routes may differ from those planned on ``data``).
+        n_test: the call's test examples (``question="influence"``): by default ``test``'s, or None.
         normalize: the call's ``normalize=``.
 
     Returns:
@@ -119,10 +123,11 @@ def explain(
     data = as_dict(data)
     if question not in _QUESTIONS:
         raise ValueError(f"`question` must be one of {_QUESTIONS}, got {question!r}.")
-    if n_test is not None:
-        if question != "influence":
-            raise ValueError(f'`n_test` is for question="influence" (got {question!r}): self-influence has none.')
-        n_test = positive_int(n_test, "n_test")
+    for name, value in (("n_test", n_test), ("test", test)):
+        if value is not None and question != "influence":
+            raise ValueError(f'`{name}` is for question="influence" (got {question!r}): self-influence has none.')
+    test = None if test is None else as_dict(test)
+    n_test = positive_int(n_test, "n_test") if n_test is not None else None if test is None else num_examples(test)
     normalize = _check_normalize(normalize)
     partners = None if n_test is None else n_test + (normalize is not None)
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
@@ -130,16 +135,28 @@ def explain(
         offset, batch = next(iter(batches(setup, data, "data", "explain")), (0, None))
         if batch is None:
             raise ValueError("`data` holds no examples.")
+        queries = None if test is None else first_examples(setup, test, "test")
+        if test is not None and queries is None:
+            raise ValueError("`test` holds no examples.")
         with silenced():  # (the explanation says it all)
-            with naming_failures(setup.train_loss, setup, batch, "data", offset):
-                planned = plan_call(setup, batch, "data", self_only=question == "self_influence", partners=partners)
+            if queries is None:
+                with naming_failures(setup.train_loss, setup, batch, "data", offset):
+                    self_only = question == "self_influence"
+                    planned = plan_call(setup, batch, "data", self_only=self_only, partners=partners)
+            else:  # (as the call plans: on the first test examples, the training data's first checking and sizing)
+                scored = partial(first_examples, setup, data, "data")
+                sized_by = scored if sized_automatically(data) else None
+                with naming_failures(setup.test_loss, setup, queries, "test", 0):
+                    planned = plan_call(setup, queries, "test", partners=partners, scored=scored, sized_by=sized_by)
             if setup.auto_batch and sized_automatically(data):  # (as large as the call's first, which the plan sizes)
                 batch = slice_batch(batch, 0, most_per_batch(setup, planned.plan))
             with naming_failures(setup.train_loss, setup, batch, "data", 0):
                 acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)
                 planned.updates.self_influence(acc, setup.checkpoints[0], batch)
-                if setup.test_loss is not setup.train_loss:  # (vmap may fail on it alone: both then loop)
-                    planned.test(*split_state(setup.checkpoints[0].state, planned.plan.names), batch)
+            tested, where = (batch, "data") if queries is None else (queries, "test")
+            if setup.test_loss is not setup.train_loss or queries is not None:  # (vmap may fail on it alone: both
+                with naming_failures(setup.test_loss, setup, tested, where, 0):  # then loop)
+                    planned.test(*split_state(setup.checkpoints[0].state, planned.plan.names), tested)
     plan, mapper = planned.plan, planned.mapper
     adam = any(c.adam is not None for c in setup.checkpoints)
     routes = []
