@@ -812,14 +812,14 @@ def _witnessed(
 
 def _alike_alone(together: Witnessed, alone: Witnessed, n: int, i: int, loosely: bool = False) -> bool:
     """Whether what example ``i`` gets alone is close to a part of the batch's that may hold it (``_example_parts``),
-    each output and its losses within 1e-4 of the example's own largest entry; ``loosely``, of the batch's largest
-    (losses: or 1). Outputs whose shapes tell no part are not compared."""
+    each output and its losses within 1e-4 of the example's own scale (``_scale``) or of their own size; ``loosely``,
+    of the batch's scale (losses: or 1). Outputs whose shapes tell no part are not compared."""
     for t, a, least in _pairs(together, alone):
         parts = list(_example_parts(t, a.shape, n, i))
         if not parts or not a.numel():
             continue
-        scale = max(least, _largest(t)) if loosely else _largest(a)
-        if not any(_close_within(a, part, scale) for part in parts):
+        scale = max(least, _scale(t)) if loosely else _scale(a)
+        if not any(_close_within(a, part, scale, relative=True) for part in parts):
             return False
     return True
 
@@ -879,9 +879,31 @@ def _largest(t: torch.Tensor) -> float:
     return t.nan_to_num(0, 0, 0).abs().max().item() if t.numel() else 0.0
 
 
-def _close_within(a: torch.Tensor, b: torch.Tensor, scale: float) -> bool:
-    """Equal up to ``1e-4 * scale``, or both NaN (or like infinities), entry by entry."""
-    return a.shape == b.shape and a.dtype == b.dtype and torch.allclose(a, b, rtol=0, atol=1e-4 * scale, equal_nan=True)
+_SAMPLED = 4096  # entries an output's small size is estimated from
+_OUTLYING = 1e3  # entries this many times a small one's size are no scale of the others (a mask's -1e4, finfo.min)
+
+
+def _scale(t: torch.Tensor) -> float:
+    """The largest of ``t``'s entries but those ``_OUTLYING`` times its small ones (its nonzero entries' 10th
+    percentile, estimated on a sample): the largest entry alone let a mask's -1e4 among logits near 1 hide mixing
+    of 16-24% in every other entry (a review helper's trial)."""
+    if not t.numel():
+        return 0.0
+    size = t.detach().nan_to_num(0, 0, 0).abs().flatten()
+    largest = size.max().item()
+    sample = size[:: max(1, size.numel() // _SAMPLED)]
+    sample = sample[sample > 0]
+    small = sample.kthvalue(max(1, sample.numel() // 10)).values.item() if sample.numel() else largest
+    if largest <= _OUTLYING * small:  # (as usual: one pass)
+        return largest
+    return size.masked_fill_(size > _OUTLYING * small, 0).max().item()
+
+
+def _close_within(a: torch.Tensor, b: torch.Tensor, scale: float, relative: bool = False) -> bool:
+    """Equal up to ``1e-4 * scale`` (``relative``: or to 1e-4 of their own size), or both NaN (or like infinities),
+    entry by entry."""
+    alike = a.shape == b.shape and a.dtype == b.dtype
+    return alike and torch.allclose(a, b, rtol=1e-4 if relative else 0, atol=1e-4 * scale, equal_nan=True)
 
 
 def _example_parts(t: torch.Tensor, shape: torch.Size, n: int, i: int) -> Iterator[torch.Tensor]:
@@ -892,9 +914,12 @@ def _example_parts(t: torch.Tensor, shape: torch.Size, n: int, i: int) -> Iterat
     longest)."""
     if t.dim() == len(shape) and t.dim() > 1 and t.shape[0] == n and shape[0] == 1:
         longer = [d for d in range(1, t.dim()) if t.shape[d] != shape[d]]
-        if len(longer) == 1 and t.shape[longer[0]] > shape[longer[0]]:
-            d, k = longer[0], shape[longer[0]]
-            yield from (t[i : i + 1].narrow(d, start, k) for start in (0, t.shape[d] - k))
+        if 0 < len(longer) <= 3 and all(t.shape[d] > shape[d] for d in longer):  # (a pair's scores [B, L, L] too)
+            for starts in itertools.product(*[(0, t.shape[d] - shape[d]) for d in longer]):
+                part = t[i : i + 1]
+                for d, start in zip(longer, starts):
+                    part = part.narrow(d, start, shape[d])
+                yield part
             return
     if t.dim() == len(shape):
         for d, k in enumerate(shape):
