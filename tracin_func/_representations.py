@@ -139,10 +139,10 @@ def _rows(g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], -1)
 
 
-# Columns one CPU norm reduces at a time: it sums along a row in float32 lanes, an error growing with its length
-# (4M columns: 1.6e-4 off, a 2000 x 2000 layer's self-influence under `factored=False`; in parts of 16K: 1e-7, at the
-# same speed), the parts' squares then summed by torch's cascade.
-_NORM_COLUMNS = 1 << 14
+# Columns one CPU norm or product sums at a time: it sums along a row in float32 lanes, an error growing with its
+# length (4M columns: 1.6e-4 off, a 2000 x 2000 layer's self-influence under `factored=False`; in parts of 16K: 1e-7,
+# at the same speed), the parts then summed.
+_SUM_COLUMNS = 1 << 14
 
 
 def _sq_norms(rows: torch.Tensor) -> torch.Tensor:
@@ -152,9 +152,9 @@ def _sq_norms(rows: torch.Tensor) -> torch.Tensor:
     rows that stride by B; 64,000 x 200: 7.8 against 30 ms; on the CPU only: a GPU reduces across strides in one
     kernel, where blocks would each cost a launch)."""
     if rows.device.type != "cpu" or rows.is_contiguous() or not rows.T.is_contiguous():
-        if rows.device.type != "cpu" or rows.shape[1] <= _NORM_COLUMNS:
+        if rows.device.type != "cpu" or rows.shape[1] <= _SUM_COLUMNS:
             return torch.linalg.vector_norm(rows, dim=1).square_()
-        parts = [torch.linalg.vector_norm(part, dim=1).square_() for part in rows.split(_NORM_COLUMNS, 1)]
+        parts = [torch.linalg.vector_norm(part, dim=1).square_() for part in rows.split(_SUM_COLUMNS, 1)]
         return torch.stack(parts, 1).sum(1)
     columns = rows.T
     block = max(1, _NORM_BLOCK_BYTES // (columns.shape[1] * columns.element_size()))
@@ -181,14 +181,15 @@ def _cat_examples(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` for rows ``[Ba, K]``, ``[Bb, K]``, a side stored column-major (``Deferred.column_major``: the test
-    side) on the right, read as a contiguous ``[K, B]``: on the CPU (float32, one thread) the fastest order (20 x 20
-    examples of 16,384 elements: 0.12 against 0.26 ms read transposed; 20 x 100: 0.67 against 1.29 ms). Two row-major
-    sides keep their order: swapping them to put the one with fewer rows on the right won in some shapes (20 x 100:
-    0.55x) and lost in others (50 x 200, 16,384 elements: 1.18x; 64 elements: 1.07-1.25x)."""
-    if a.T.is_contiguous() and not b.T.is_contiguous():
-        return (b @ a.T).T
-    return a @ b.T
+    """``a @ b.T`` for rows ``[Ba, K]``, ``[Bb, K]``, on the CPU summed over blocks of ``_SUM_COLUMNS`` columns: one
+    GEMM's float32 error grows with K (a 1024 x 1024 Linear's materialised gradients against 4 test examples' read
+    column-major, ``(b @ a.T).T``: 5.7e-4 of the largest score off, 270x a plain loop's; a review helper's trial). On
+    the CPU this took (AMD EPYC, one thread) ``a @ b.T`` is as fast as or faster than that order (4 x 16 rows of 262K:
+    1.2 against 3.6 ms; 20 x 100 of 1M: 77 against 93 ms) and blocks cost 0-10%."""
+    if a.device.type != "cpu" or a.shape[1] <= _SUM_COLUMNS:
+        return a @ b.T
+    blocks = range(0, a.shape[1], _SUM_COLUMNS)
+    return _added_up(a[:, k : k + _SUM_COLUMNS] @ b[:, k : k + _SUM_COLUMNS].T for k in blocks)
 
 
 class Dense(NamedTuple):
@@ -267,10 +268,11 @@ class Deferred(NamedTuple):
         return self.form(slice(None))
 
     def column_major(self) -> Dense:
-        """The gradients as column-major tensors (each ``[B, *shape]`` a view of a contiguous ``[numel, B]``: what
-        ``_product`` reads fastest on its right): formed chunk by chunk into them (no row-major copy of the whole), or,
-        in chunks of fewer than ``_COLUMN_CHUNK`` examples, formed for every example at once, a block of output
-        channels at a time (``_channel_blocks``) or whole, and copied a tensor at a time."""
+        """The gradients as column-major tensors (each ``[B, *shape]`` a view of a contiguous ``[numel, B]``, whose
+        blocks of columns ``_product`` and ``_sq_norms`` read contiguous): formed chunk by chunk into them (no
+        row-major copy of the whole), or, in chunks of fewer than ``_COLUMN_CHUNK`` examples, formed for every example
+        at once, a block of output channels at a time (``_channel_blocks``) or whole, and copied a tensor at a
+        time."""
         every = slice(0, self.n)
         if self.chunk >= _COLUMN_CHUNK:
             pieces = ((rows, slice(None), self.form(rows)) for rows in self._chunks())
