@@ -482,6 +482,38 @@ def test_1b7_a_forward_rebinding_a_buffer_leaves_the_users_model_as_it_was():
     assert_unchanged(model, snap)
 
 
+class _CalibratedLazily(MLP):
+    """An input scale set by the first input the forward sees (``kind``: a float or a tensor)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.scale = kind, None
+
+    def forward(self, x):
+        if self.scale is None:
+            self.scale = float(x.abs().amax()) if self.kind == "float" else x.abs().amax().detach()
+        return super().forward(x / self.scale)
+
+
+@pytest.mark.parametrize("kind", ["float", "tensor"])
+def test_1b7b_a_forward_keeping_what_it_computes_for_the_next_is_refused(kind):
+    """A calibration made lazily by the first input seen scored every example at the call's first one's (23-225% off
+    each example alone, silently; influence and self-influence at other examples'): refused naming the attribute,
+    while a counter the forward keeps passes (test_1b7)."""
+    model = _CalibratedLazily(kind).double().eval()
+    train = data(4, seed=1)
+    for factored in (None, False):
+        with pytest.raises(ValueError, match=r"its forward keeps values between runs that change what it computes: "
+                                             r"it sets '\(root\)'.scale"):  # fmt: skip
+            tc.self_influence(model, make_ckpts(model), train, loss_fn=CE, factored=factored)
+    assert model.scale is None
+    model.scale = 2.0  # (set before scoring: every run alike)
+    want = reference_scores(model, make_ckpts(model), train, loss_fn=CE).self_influence
+    assert_close(tc.self_influence(model, make_ckpts(model), train, loss_fn=CE), want)
+    counted = _BufferCounter().double().eval()
+    tc.self_influence(counted, make_ckpts(counted), train, loss_fn=CE)
+
+
 def test_1b8_inputs_that_require_grad_give_detached_scores():
     """Features of a backbone (inputs requiring grad) are read as values: the scores hold no graph back to them
     (found by review: on the vmap paths, `grad_fn` set, and a tracer's state chained the graph step to step)."""

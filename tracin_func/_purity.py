@@ -26,10 +26,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ._data import examples_in
 from ._grads import Tensors, batch_of_one, example_at
 from ._loss import CriterionLoss, ExampleLossFn, floating_leaves
 from ._loss_dtype import CAST_FROM, refuse_held_dtype
-from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, own_attributes
+from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, left_by_run, own_attributes
 from ._validate import refusal
 
 
@@ -351,14 +352,46 @@ def check_forward(
     where that is wrong (``_ModelTensorsRead``): a ``differentiated`` parameter, or one some checkpoint holds another
     value of."""
     example, state = batch_of_one(example_at(batch, 0)), states[0]
-    with leaving_no_trace(module):
+    exact = all(t.device.type == "cpu" for t in state.values())
+    with leaving_no_trace(module) as taken:
         watch = _watched_run(module, loss, states, example, where, differentiated)
+        left = left_by_run(taken)
         if watch.kept_derived():
             watch = _watched_run(module, loss, states, example, where, differentiated, watch.read)
         with torch.no_grad():  # (two plain runs: under the watch, fused kernels such as the native transformer
             runs = [_copied(_run(loss, state, example)) for _ in range(2)]  # encoder's step aside)
-    _refuse_changed(*runs, exact=all(t.device.type == "cpu" for t in state.values()))
+    _refuse_changed(*runs, exact=exact)
+    if left and examples_in(batch) > 1:
+        _refuse_carried(module, loss, state, batch, left, exact)
     return watch.largest
+
+
+def _refuse_carried(
+    module: nn.Module | None, loss: ExampleLossFn, state: Tensors, batch: Any, left: list[tuple[nn.Module, str]],
+    exact: bool,
+) -> None:
+    """Refuse a forward whose values depend on what an earlier run left in the layers (``left``): a lazy calibration
+    (``if self.scale is None: self.scale = x.abs().amax()``) scored every example at the first one's (23-225% off,
+    silently; a review helper's trial). The first example must get alike values run first and after the second; a
+    counter (``self.calls += 1``) passes."""
+    first, second = (batch_of_one(example_at(batch, i)) for i in (0, 1))
+    with torch.no_grad():
+        with leaving_no_trace(module):
+            alone = _copied(_run(loss, state, first))
+        with leaving_no_trace(module):
+            _run(loss, state, second)
+            after = _copied(_run(loss, state, first))
+    differs = _difference(alone, after, exact)
+    if differs:
+        paths = {id(m): path or "(root)" for path, m in module.named_modules()} if module is not None else {}
+        kept = ", ".join(f"{paths.get(id(m), type(m).__name__)!r}.{name}" for m, name in left[:3])
+        raise ValueError(
+            f"`model`: its forward keeps values between runs that change what it computes: it sets {kept}, and an "
+            f"example run after another got other values than run first ({differs}) (a calibration made lazily by the "
+            f"first input seen, a cache keyed by nothing), so an example's scores would depend on the examples run "
+            f"before it. Set such values before scoring (a buffer the checkpoints hold), or compute them from each "
+            f"example alone."
+        )
 
 
 def check_reads(
@@ -563,19 +596,25 @@ def _copied(values: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.detach().to("cpu", torch.float64, copy=True) for t in values]
 
 
-def _refuse_changed(first: list[torch.Tensor], again: list[torch.Tensor], exact: bool) -> None:
-    """Raise when two runs of the forward on the same example and checkpoint gave different values: bit for bit
-    when ``exact`` (torch's CPU kernels repeat themselves exactly), else (a GPU's atomic sums add in any order) within
-    1e-5 of the largest value. NaN and infinities must be alike in both."""
-    differs = f"{len(first)} and {len(again)} tensors" if len(first) != len(again) else ""
-    for a, b in zip(first, again) if not differs else ():
+def _difference(first: list[torch.Tensor], again: list[torch.Tensor], exact: bool) -> str:
+    """How two runs' values differ, or ``""``: bit for bit when ``exact`` (torch's CPU kernels repeat themselves
+    exactly), else (a GPU's atomic sums add in any order) within 1e-5 of the largest value. NaN and infinities must
+    be alike in both."""
+    if len(first) != len(again):
+        return f"{len(first)} and {len(again)} tensors"
+    for a, b in zip(first, again):
         if a.shape != b.shape:
-            differs = f"tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}"
-            break
+            return f"tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}"
         tolerance = 0.0 if exact else 1e-5 * max(_largest_finite(a), _largest_finite(b))
         if not torch.allclose(a, b, rtol=0, atol=tolerance, equal_nan=True):
-            differs = f"values up to {(a - b).abs().nan_to_num(float('inf')).max().item():.3g} apart"
-            break
+            return f"values up to {(a - b).abs().nan_to_num(float('inf')).max().item():.3g} apart"
+    return ""
+
+
+def _refuse_changed(first: list[torch.Tensor], again: list[torch.Tensor], exact: bool) -> None:
+    """Raise when two runs of the forward on the same example and checkpoint gave different values
+    (``_difference``)."""
+    differs = _difference(first, again, exact)
     if differs:
         raise ValueError(
             f"`model`: two forward passes on the same example and checkpoint gave different values ({differs}): the "

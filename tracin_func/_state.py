@@ -117,12 +117,27 @@ def restore_state(taken: list[Attributes]) -> None:
                     slot[key] = t
 
 
+def left_by_run(taken: list[Attributes]) -> list[tuple[nn.Module, str]]:
+    """``(layer, name)`` of the attributes and parameter or buffer slots a run added, rebound or filled since
+    ``layer_state`` took ``taken``."""
+    left = []
+    for m, values, contents, tensors in taken:
+        now = own_attributes(m)
+        left += [(m, k) for k, v in now.items() if v is not values.get(k, _ABSENT) or not _same(v, contents.get(k, v))]
+        for slot, then in zip((m._parameters, m._buffers), tensors):
+            left += [(m, k) for k, t in slot.items() if t is not then.get(k)]
+    return left
+
+
+_ABSENT = object()
+
+
 @contextmanager
-def leaving_no_trace(module: nn.Module | None) -> Iterator[None]:
+def leaving_no_trace(module: nn.Module | None) -> Iterator[list[Attributes]]:
     """A dry run of the model within the block leaves its layers' own attributes as they were (a cache it filled is
-    emptied again)."""
+    emptied again); the block gets them as taken (``left_by_run``)."""
     taken = layer_state(module)
     try:
-        yield
+        yield taken
     finally:
         restore_state(taken)
