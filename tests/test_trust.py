@@ -2185,6 +2185,21 @@ class HookedOutput(nn.Module):
         return self.fc(torch.tanh(h))
 
 
+class ClippedByNorm(nn.Module):
+    """An activation's gradient clipped by its norm (a hook on a tensor that is no layer's output): over the batch in
+    a batched backward, each example's alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.a, self.fc = nn.Embedding(20, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.a(torch.tanh(self.emb(tokens).mean(1))))
+        if h.requires_grad:
+            h.register_hook(lambda g: g * (0.05 / g.norm()).clamp(max=1.0))
+        return self.fc(h)
+
+
 class InputChangedAfter(nn.Module):
     """A Linear on an input it cannot merge into rows (it multiplies a copy, which autograd saves), which the model
     then changes in place."""
@@ -2213,17 +2228,19 @@ class ByKeyword(nn.Module):
         return self.fc(input=torch.tanh(self.lin(input=h)).mean(1))
 
 
-@pytest.mark.parametrize("build", [HookedOutput, InputChangedAfter, ByKeyword])
+@pytest.mark.parametrize("build", [HookedOutput, ClippedByNorm, InputChangedAfter, ByKeyword])
 def test_7l_hooks_in_place_inputs_and_keyword_calls_are_exact(build):
     """Regressions found by fuzzing the batched path: a gradient hook on a layer's output was missed (its layer 89%
-    off, silently) and is now refused to vmap(grad), which sees it; an input changed in place after its layer ran
-    was read changed (its layer 75% off, also through vmap(grad)) and is now refused and copied there; a layer called
-    as ``layer(input=x)`` raised a raw IndexError."""
+    off, silently) and is now refused to vmap(grad), which sees it, as is one on any tensor the forward computes (a
+    clip by the batch's norm, which the first examples alone did not reach: 29-43% off); an input changed in place
+    after its layer ran was read changed (its layer 75% off, also through vmap(grad)) and is now refused and copied
+    there; a layer called as ``layer(input=x)`` raised a raw IndexError."""
     torch.manual_seed(0)
     model, ckpts, train, test = _token_task(build())
     influence, self_influence = reference(model, ckpts, train, test)
     why = tc.explain(model, ckpts, train, loss_fn=CE).batching
     expected = {HookedOutput: "vmap(grad) over examples: a gradient hook on layer 'a''s output",
+                ClippedByNorm: "vmap(grad) over examples: a gradient hook on a tensor the forward computes",
                 InputChangedAfter: "vmap(grad) over examples: the input of layer 'lin' is changed in place",
                 ByKeyword: "one batched forward"}[build]  # fmt: skip
     assert why.startswith(expected), why

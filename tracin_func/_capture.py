@@ -629,6 +629,10 @@ class FoldMismatch(ValueError, RuntimeError):
 
 
 SORTED_BATCH = "it reorders the examples of its batch by a sort"  # (``_PlanningWatch``'s refusal)
+_GRADIENT_HOOK = (  # (a clip of the batch's gradient by its norm: 29-43% off, silently; a review helper's trial)
+    "a gradient hook on a tensor the forward computes (`register_hook`) may change its examples' gradients together "
+    "(a clip by the batch's norm), which no comparison of outputs shows"
+)
 
 
 class _PlanningWatch(TorchFunctionMode):
@@ -637,6 +641,8 @@ class _PlanningWatch(TorchFunctionMode):
     - a forward run under activation checkpointing (``refuse_checkpointing``): without reentrancy, the backward pass
       recomputes the region outside the call's parameters and hooks, so the factors would be wrong (13x the true
       scores, for one recomputed Linear); with it, the region runs without gradients;
+    - a gradient hook put on a tensor the forward computes (``register_hook``; a leaf's, a parameter's, is its own):
+      the batch's gradient passes through it as one, which may clip it by its norm (per example under ``vmap``);
     - a forward that reorders its examples by a sort (RNN code sorting a batch by length, ``x[order]``, then
       unsorting): a layer's rows would be other examples' (13-36% off). On first examples of equal length the order
       is the identity and the batching check sees nothing, so the watch follows the indices a ``sort`` /
@@ -654,6 +660,8 @@ class _PlanningWatch(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         refuse_checkpointing(args, kwargs)
+        if func is torch.Tensor.register_hook and getattr(args[0], "grad_fn", None) is not None:
+            raise Unbatchable(_GRADIENT_HOOK, "`factored=False`")
         kwargs = kwargs or {}
         ordered = self.orders and any(id(t) in self.orders for t in _tensors((args, kwargs)))
         trusted = (ordered or func in _SORTS) and sys._getframe(1).f_code.co_filename.endswith(_PACKING_CODE)
