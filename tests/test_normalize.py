@@ -202,6 +202,28 @@ def test_gradients_too_small_for_float32_norms_are_refused(normalize):
 
 
 @pytest.mark.parametrize("normalize", MODES)
+def test_gradients_too_small_for_float64_norms_are_refused_naming_a_scaled_loss(normalize):
+    """In float64 a gradient of entries 1e-160 scored 5.7e-5 off, and 1e-170 every cosine 0 with a warning that no
+    example has a gradient (a review helper's trial): refused naming a scaled loss, whose cosines are the same (and
+    `"train"` scores scaled alike)."""
+    t = mlp_task()
+    ce = nn.CrossEntropyLoss()
+
+    def scaled(factor):
+        return lambda out, y: factor * ce(out, y)
+
+    score = functools.partial(tc.influence, t.model, t.checkpoints, t.train, t.test, normalize=normalize)
+    want = score(loss_fn=ce)
+    assert_close(score(loss_fn=scaled(1e-100)), want * (1e-100 if normalize == "train" else 1.0), 1e-12)
+    small = r"too small for its squared norm to be taken in float64 \(entries of 1e-154 and less.*Multiply the loss"
+    with pytest.raises(ValueError, match=small):
+        score(loss_fn=scaled(1e-170))
+    if normalize == "cosine":
+        with pytest.raises(ValueError, match=r"multiply below 2\^-996.*Multiply the loss by a constant"):
+            score(loss_fn=scaled(1e-152))
+
+
+@pytest.mark.parametrize("normalize", MODES)
 def test_self_influence_refuses_normalize_and_says_why(normalize):
     t = mlp_task()
     with pytest.raises(ValueError, match="`normalize`=") as err:

@@ -48,13 +48,20 @@ def inverse_norm(sq_norm: torch.Tensor) -> torch.Tensor:
     return torch.where(norm.isinf(), torch.full_like(norm, math.nan), inverse)
 
 
-# Renormalised scores in float32's exponent range (float32, bfloat16): an example's squared norm below its normal range
-# has lost precision (a subnormal), or rounded to 0 (a sure prediction's gradient, a logit 50 below the top: entries
-# 1e-21, its cosine O(1), scored 0 or 0.8% off, silently); and a cosine of two gradients whose norms multiply below
-# 2^-100 reads their inner product among subnormals (both sure: refused as not finite, its inverse norms' product
-# overflowing). Refused, naming float64.
-_LOW_RANGE = (torch.float32, torch.bfloat16)
-_LEAST_PAIR = 2.0**-100
+# Renormalised scores: an example's squared norm below the dtype's normal range has lost precision (a subnormal), or
+# rounded to 0 (in float32 a sure prediction's gradient, a logit 50 below the top: entries 1e-21, its cosine O(1),
+# scored 0 or 0.8% off, silently; in float64 entries of 1e-160: 5.7e-5 off, or 0 with a false "no gradient" warning);
+# and a cosine of two gradients whose norms multiply below 2^26 times its least normal number (float32: 2^-100) reads
+# their inner product among subnormals (both sure: refused as not finite, its inverse norms' product overflowing).
+# Refused, naming float64, or in float64 a scaled loss (a cosine does not change with the loss's scale).
+_PAIR_MARGIN = 2.0**26
+
+
+def _wider(dtype: torch.dtype) -> str:
+    if dtype == torch.float64:
+        return ("Multiply the loss by a constant c that brings its gradients into range (2.0**500, say): cosines do "
+                "not change with it, and `\"train\"` scores are c times the loss's")  # fmt: skip
+    return "Pass `dtype=torch.float64`"
 
 
 def renormalising(rep: Representation, sq_norm: torch.Tensor, where: str, offset: int | None) -> torch.Tensor:
@@ -68,28 +75,30 @@ def renormalising(rep: Representation, sq_norm: torch.Tensor, where: str, offset
 @torch.compiler.disable  # (values read: eager inside compiled updates, without dynamo's graph-break warning)
 def _refuse_underflowed(rep: Representation, sq_norm: torch.Tensor, where: str, offset: int | None) -> None:
     tiny = torch.finfo(sq_norm.dtype).tiny
-    if sq_norm.dtype not in _LOW_RANGE or not bool((sq_norm < tiny).any()):
+    if not bool((sq_norm < tiny).any()):
         return
     small = (sq_norm < tiny) & ((sq_norm > 0) | rep.nonzero(sq_norm.device))
     if bool(small.any()):
         i = int(small.nonzero()[0])
         which = f"`{where}` example {offset + i}" if offset is not None else f"a `{where}` example ({i} in a batch)"
+        least = f"{math.sqrt(tiny):.0e}"
         raise ValueError(
             f"`normalize`: {which} has a gradient too small for its squared norm to be taken in "
-            f"{str(sq_norm.dtype).replace('torch.', '')} (a sure prediction's, 1e-19 and less), so its renormalised "
-            f"scores would be wrong. Pass `dtype=torch.float64`."
+            f"{str(sq_norm.dtype).replace('torch.', '')} (entries of {least} and less: a sure prediction's), so its "
+            f"renormalised scores would be wrong. {_wider(sq_norm.dtype)}."
         )
 
 
 @torch.compiler.disable  # (values read, as above)
 def _check_pairs(test_inverse: torch.Tensor, train_inverse: torch.Tensor) -> None:
-    """Refuse cosines of a test and a training gradient whose norms multiply below ``_LEAST_PAIR`` (in a dtype of
-    float32's range): their inner product is read among subnormals."""
-    if train_inverse.dtype in _LOW_RANGE and float(test_inverse.max()) * float(train_inverse.max()) > 1 / _LEAST_PAIR:
+    """Refuse cosines of a test and a training gradient whose norms multiply below ``_PAIR_MARGIN`` times the dtype's
+    least normal number: their inner product is read among subnormals."""
+    least = torch.finfo(train_inverse.dtype).tiny * _PAIR_MARGIN
+    if float(test_inverse.max()) * float(train_inverse.max()) > 1 / least:
         raise ValueError(
             f"`normalize`: a `test` example's and a `train` example's gradients are both so small (their norms "
-            f"multiply below 2^-100: sure predictions') that their cosine cannot be computed in "
-            f"{str(train_inverse.dtype).replace('torch.', '')}. Pass `dtype=torch.float64`."
+            f"multiply below 2^{math.log2(least):.0f}: sure predictions') that their cosine cannot be computed in "
+            f"{str(train_inverse.dtype).replace('torch.', '')}. {_wider(train_inverse.dtype)}."
         )
 
 
