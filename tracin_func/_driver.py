@@ -380,7 +380,8 @@ def _check_finite(values: Any, example_dim: int, offset: int, where: str, ckpt: 
     bad = ((~finite).any(dim=other) if other else ~finite).nonzero().flatten() + offset
     raise FloatingPointError(
         f"Non-finite gradients for `{where}` examples {bad.tolist()[:10]} at checkpoints[{ckpt}]: the loss or its "
-        f"gradient is NaN or infinite there, or so large that its products overflow {values.dtype}"
+        f"gradient is NaN or infinite there, or so large that its products (times the checkpoint's `lr`) overflow "
+        f"{values.dtype}"
         f"{'' if values.dtype == torch.float64 else ' (pass `dtype=torch.float64`)'}. Check those inputs and targets, "
         f"the checkpoint's weights, and the dtype "
         f"(and whether `factored=False`, one example at a time, is finite: some models' batched backward pass is not, "
