@@ -262,9 +262,10 @@ def _warned_if_zero(scores: Any) -> Any:
     if any(p.numel() for p in parts) and not any(bool(p.any()) for p in parts):  # (no sum of the layers formed)
         warn(
             "Every score is 0: no example's loss has a gradient in the parameters scored (the loss does not reach "
-            "them, or is constant on one example). TracIn scores each example on its own loss, alone: a loss comparing "
-            "the examples of a batch (in-batch contrastive, InfoNCE) has nothing to compare there; give each "
-            "example what it is compared with (`tc.ExampleLoss` with fixed negatives).",
+            "them, or is constant on one example), or the gradients are so small that their products underflow the "
+            "dtype (pass `dtype=torch.float64`, or scale the loss). TracIn scores each example on its own loss, alone: "
+            "a loss comparing the examples of a batch (in-batch contrastive, InfoNCE) has nothing to compare there; "
+            "give each example what it is compared with (`tc.ExampleLoss` with fixed negatives).",
             UserWarning,
         )
     return scores
