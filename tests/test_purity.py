@@ -292,6 +292,42 @@ def test_pure_when_the_call_raises():
     _check_pure(_purity_setup, call)
 
 
+class _InterruptedAt(nn.Module):
+    """A layer of its own forward (``F.linear`` on its weights) raising KeyboardInterrupt at its ``k``-th call."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(0.3 * torch.randn(8, 6)), nn.Parameter(torch.zeros(8))
+        self.k, self.calls = k, 0
+
+    def forward(self, x):
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        self.calls += 1
+        if self.calls == self.k:
+            raise KeyboardInterrupt("interrupted")
+        return y
+
+
+@pytest.mark.parametrize("k", [5, 9, 13])
+def test_an_interrupted_call_leaves_no_mode_and_the_next_is_exact(k):
+    """A KeyboardInterrupt inside a layer skips the forward hooks that leave the modes the call entered in its
+    pre-hooks: the modes stayed on torch's stack, and the user's own forward passes ran under them (refused as "fed
+    rows of several examples merged"; a review helper's trial)."""
+    torch.manual_seed(0)
+    layer = _InterruptedAt(k)
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    ckpts = [tc.Checkpoint({n: v.detach().clone() for n, v in model.state_dict().items()}, lr=0.1)]
+    train, test = ((torch.randn(n, 6, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in (20, 4))
+    with pytest.raises(KeyboardInterrupt):
+        tc.influence(model, ckpts, train, test, loss_fn=CE, batch_size=8)
+    assert torch._C._len_torch_function_stack() == torch._C._len_torch_dispatch_stack() == 0
+    assert torch.is_grad_enabled()
+    layer.k = -1
+    model(test[0])  # (the user's own forward)
+    want = reference_scores(model, ckpts, train, test, loss_fn=CE).influence
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, batch_size=8), want)
+
+
 def test_pure_when_the_loss_raises():
     def call(model, ckpts, batch):
         def bad_loss(params, batch):

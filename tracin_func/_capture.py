@@ -95,9 +95,11 @@ ENCODERS = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
 def on_traced_path(modules: Iterable[nn.Module]) -> Iterator[None]:
     """The encoders among ``modules`` run the path autograd runs when a gradient reaches them (``_off_fast_path``),
     for the duration of the block."""
-    encoders = [m for m in modules if isinstance(m, ENCODERS)]
-    handles = [m.register_forward_pre_hook(_off_fast_path, with_kwargs=True) for m in encoders]
-    try:
+    handles = []
+    try:  # (registered inside: an interruption while registering would leave some)
+        for m in modules:
+            if isinstance(m, ENCODERS):
+                handles.append(m.register_forward_pre_hook(_off_fast_path, with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -781,8 +783,10 @@ def refusing_uncalled(module: nn.Module, plan: Plan) -> Iterator[None]:
         return refuse
 
     modules = dict(module.named_modules()) if plan.uncalled else {}  # (run per batch: no walk when none)
-    handles = [modules[path].register_forward_pre_hook(refuse_at(path)) for path in plan.uncalled]
+    handles = []
     try:
+        for path in plan.uncalled:
+            handles.append(modules[path].register_forward_pre_hook(refuse_at(path)))
         yield
     finally:
         for handle in handles:

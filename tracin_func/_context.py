@@ -31,13 +31,16 @@ def in_own_context(fn: _F) -> _F:
     def run(*args: Any, **kwargs: Any) -> Any:
         _refuse_outer_context(name)
         ambient = [device for device in _AUTOCAST_DEVICES if torch.is_autocast_enabled(device)]
-        held = _set_aside_saved_tensors_hooks()
+        held: list[Any] = []
+        taken = _taken()
         try:
+            _set_aside_saved_tensors_hooks(held)
             with contextlib.ExitStack() as stack:
                 for device in ambient:
                     stack.enter_context(torch.autocast(device, enabled=False))
                 return fn(*args, **kwargs)
         finally:
+            _put_back(taken)
             _put_back_saved_tensors_hooks(held)
 
     return run  # type: ignore[return-value]
@@ -62,20 +65,38 @@ def _refuse_outer_context(name: str) -> None:
         )
 
 
+@torch.compiler.disable
+def _taken() -> tuple[int, int, bool]:
+    """This thread's torch function and dispatch mode stacks' depths and grad mode, as a call starts."""
+    return torch._C._len_torch_function_stack(), torch._C._len_torch_dispatch_stack(), torch.is_grad_enabled()
+
+
+@torch.compiler.disable
+def _put_back(taken: tuple[int, int, bool]) -> None:
+    """The stacks and grad mode as ``_taken`` took them: an interruption (KeyboardInterrupt) inside a layer's forward
+    skips the forward hooks that leave the modes the call entered in its pre-hooks (``always_call`` runs on an
+    Exception only), and each outer mode's exit then pops the one above it: the user's own forward passes ran under
+    the call's modes after it (a layer refused as "fed rows of several examples merged"; a review helper's trial)."""
+    functions, dispatches, grad = taken
+    while torch._C._len_torch_function_stack() > functions:
+        torch._C._pop_torch_function_stack()
+    while torch._C._len_torch_dispatch_stack() > dispatches:
+        torch._C._pop_torch_dispatch_stack()
+    torch.set_grad_enabled(grad)
+
+
 _HOOK_OPS = ("top", "pop", "push")  # (torch's private stack of saved-tensors hooks, where this torch has it)
 
 
 @torch.compiler.disable
-def _set_aside_saved_tensors_hooks() -> list[Any]:
-    """The caller's ``torch.autograd.graph.saved_tensors_hooks`` (this thread's), taken off for the call, outermost
-    last: the library's own backward passes ran through them (a memory-saving pack to bfloat16: scores 1.4e-3 off in
-    float64, silently; ``save_on_cpu``'s sent ``factored=False`` to the per-example loop)."""
+def _set_aside_saved_tensors_hooks(held: list[Any]) -> None:
+    """The caller's ``torch.autograd.graph.saved_tensors_hooks`` (this thread's), taken off for the call into
+    ``held``, outermost last: the library's own backward passes ran through them (a memory-saving pack to bfloat16:
+    scores 1.4e-3 off in float64, silently; ``save_on_cpu``'s sent ``factored=False`` to the per-example loop)."""
     top, pop, push = (getattr(torch._C._autograd, f"_{op}_saved_tensors_default_hooks", None) for op in _HOOK_OPS)
-    held = []
     while top is not None and pop is not None and push is not None and (hooks := top(False)) is not None:
         held.append(hooks)
         pop()
-    return held
 
 
 @torch.compiler.disable

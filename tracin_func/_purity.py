@@ -276,10 +276,10 @@ def _running_modules(module: nn.Module | None) -> Iterator[list[tuple[str, nn.Mo
             stack.pop()  # returns None: the output is left as it is
 
     handles = []
-    for path, m in module.named_modules() if module is not None else ():  # (first: its own pre-hooks run inside)
-        handles.append(m.register_forward_pre_hook(enter(path), prepend=True))
-        handles.append(m.register_forward_hook(leave, always_call=True))
-    try:
+    try:  # (registered inside: an interruption while registering left the hooks on the user's modules)
+        for path, m in module.named_modules() if module is not None else ():  # (first: its own pre-hooks run inside)
+            handles.append(m.register_forward_pre_hook(enter(path), prepend=True))
+            handles.append(m.register_forward_hook(leave, always_call=True))
         yield stack
     finally:
         for handle in handles:
