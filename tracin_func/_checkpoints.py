@@ -126,11 +126,10 @@ def _in_folders(directory: str) -> str:
     if not folders:
         return ""
     folders.sort(key=_natural_key)
-    found = [[os.path.join(f, m) for m in _MODEL_FILES if os.path.isfile(os.path.join(f, m))][:1] for f in folders]
-    if not all(found):
+    models = [next((p for m in _MODEL_FILES if os.path.isfile(p := os.path.join(f, m))), None) for f in folders]
+    if None in models:
         names = [os.path.basename(f) for f in folders]
         return f", only folders ({names[:5]}{' ...' if len(names) > 5 else ''}): pass the files in them, in order"
-    models = [paths[0] for paths in found]
     return (f": its folders hold models; pass them in training order, `tc.load_checkpoints({models[:2]}"
             f"{' + [...]' if len(models) > 2 else ''}, lr=...)`")  # fmt: skip
 

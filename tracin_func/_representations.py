@@ -17,10 +17,9 @@ sum over examples, B = 1), ``take(a, rows)`` (the examples in a slice) and ``con
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from functools import partial
+from functools import partial, reduce
 from typing import Any, NamedTuple, TypeVar, Union
 
 import optree
@@ -862,7 +861,7 @@ class Representation(NamedTuple):
     def nonzero(self, device: torch.device) -> torch.Tensor:
         """``[B]`` on ``device`` (the gradients'): whether an example's gradient may be nonzero, some part's factors
         being nonzero (read where a squared norm rounded to 0: a gradient of 0, or one whose squares underflowed)."""
-        return functools.reduce(torch.logical_or, (_nonzero_rows(p, self.size, device) for p in self.parts))
+        return reduce(torch.logical_or, (_nonzero_rows(p, self.size, device) for p in self.parts))
 
     def project(self, seed: int, k: int) -> torch.Tensor:
         """``[B, k]`` seeded projection; the same for a parameter whichever part holds it."""
@@ -953,9 +952,9 @@ def _nonzero_rows(part: Part, n: int, device: torch.device) -> torch.Tensor:
     (a zero input row of a layer without bias gives it none), an Embedding's output gradients, a formed gradient."""
     rows = lambda t: t.reshape(n, -1).ne(0).any(1)  # noqa: E731
     if isinstance(part, Dense):
-        return functools.reduce(torch.logical_or, map(rows, part.grads.values()))
+        return reduce(torch.logical_or, map(rows, part.grads.values()))
     if isinstance(part, Tied):
-        return functools.reduce(torch.logical_or, (_nonzero_rows(u, n, device) for u in part.uses))
+        return reduce(torch.logical_or, (_nonzero_rows(u, n, device) for u in part.uses))
     if isinstance(part, Factored):
         return rows(part.g) & (rows(part.a) if part.a.is_floating_point() else True)  # (ids: an Embedding's rows)
     if isinstance(part, Rows):
