@@ -2409,6 +2409,35 @@ def test_explain_names_every_route_and_reason():
     assert "batch size: the data's own batches" in str(tc.explain(model, _ckpts(model), loader, loss_fn=CE))
 
 
+def test_explain_calls_only_the_shared_tensor_tied():
+    """A tied layer's bias is its own: its reason names the layer's weight (found by review: "tied weight")."""
+
+    class Tied(nn.Module):  # two Linears sharing their weight; dec a transposed conv of groups 2 (no factored form)
+        def __init__(self, conv: bool):
+            super().__init__()
+            self.enc = nn.Conv2d(2, 2, 3, groups=2 if conv else 1) if conv else nn.Linear(4, 4)
+            self.dec = nn.ConvTranspose2d(2, 2, 3, groups=2) if conv else nn.Linear(4, 4)
+            self.dec.weight = self.enc.weight
+            self.fc = nn.Linear(32 if conv else 4, 3)
+
+        def forward(self, x):
+            return self.fc(self.dec(torch.tanh(self.enc(x))).flatten(1))
+
+    def reasons(conv, x):
+        model = Tied(conv).double().eval()
+        plan = tc.explain(model, _ckpts(model), (x, torch.randint(0, 3, (6,))), loss_fn=CE)
+        return {r.parameter: r.reason for r in plan.routes}
+
+    linear = reasons(False, torch.randn(6, 4, dtype=torch.float64))
+    assert linear["enc.weight"] == "tied weight: per-example gradients of every use from factors, summed"
+    assert linear["enc.bias"] == linear["dec.bias"] == (
+        "its layer's weight is tied: per-example gradients from factors, formed with the weight's"
+    )
+    conv = reasons(True, torch.randn(6, 2, 4, 4, dtype=torch.float64))
+    assert conv["enc.weight"] == "its tensor is shared with a module that is not a factor site (weight tying)"
+    assert conv["enc.bias"] == "a tensor of its layer is shared with a module that is not a factor site (weight tying)"
+
+
 def test_leaving_the_batched_path_warns_with_the_module_and_the_reason():
     class Hooked(nn.Module):  # (its parameters meet the batch in a convolution padded by "same": not followed)
         def __init__(self):

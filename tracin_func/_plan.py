@@ -334,6 +334,7 @@ def make_plan(
     if module is not None and factored is not False:
         sites = {**factorable_sites(module, names), **recurrent_sites(module, names)}
     reasons = {n: _why_dense(module, n, factored) for n in _not_in_sites(names, sites.values())}
+    tied = _held_twice(sites.values())
     kernel, rows_of = set(), {}
     modules = dict(module.named_modules()) if module is not None else {}
     truth: list[dict[str, torch.Tensor]] = []  # per loss: the first example's gradients of "expanded" parameters
@@ -390,7 +391,10 @@ def make_plan(
                     )
                 elif not calls[path] and call_site(modules[path]) is not None:
                     func = call_site(modules[path]).__name__
-                    why = f"a layer whose forward did not call `F.{func}` on its own parameters (or was not called)"
+                    why = (
+                        f"a layer whose forward did not call `F.{func}` on its own parameters and settings (or was "
+                        "not called)"
+                    )
                 elif not calls[path]:
                     why = "not called as a module"
                 else:
@@ -403,7 +407,8 @@ def make_plan(
                 rows = rows_of[path] = _at_longest(rows, modules[site.owner], on_packed, first_packed)
             if site.kernel_ok and (factored or _kernel_is_cheaper(site, rows, partners)):
                 kernel.add(path)  # a kept Embedding is never materialised on the training side (see TokenRows)
-            reasons.update({n: _why_site(site, rows, factored, path in kernel, partners) for n in site.names})
+            why = _why_site(site, rows, factored, path in kernel, partners)
+            reasons.update({n: _TIED_LAYER if site.tied and n not in tied else why for n in site.names})
     for path in idle:
         sites.pop(path, None)  # (unless dropped with a partner)
     seq_first = _sequence_first(sites, first_calls, modules)
@@ -834,10 +839,22 @@ def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> st
     if owner is None:
         return "not a parameter of a layer"
     if site_kind(owner) is not None:
-        return "its tensor is shared with a module that is not a factor site (weight tying)"
+        mine = module.get_parameter(name)
+        held = sum(any(p is mine for p in m.parameters(recurse=False)) for m in module.modules())
+        whose = "its tensor is" if held > 1 else "a tensor of its layer is"
+        return f"{whose} shared with a module that is not a factor site (weight tying)"
     if isinstance(owner, UNROLLED_KINDS):
         return why_not_run_unrolled(owner) or "the layer shares a parameter with another module (weight tying)"
     return why_not_a_site(owner)
+
+
+_TIED_LAYER = "its layer's weight is tied: per-example gradients from factors, formed with the weight's"
+
+
+def _held_twice(sites: Iterable[Site]) -> set[str]:
+    """The parameters of several sites: a tied tensor (a tied site's other parameters are its own)."""
+    counts = Counter(n for site in sites for n in site.names)
+    return {n for n, count in counts.items() if count > 1}
 
 
 def _why_site(site: Site, rows: int, factored: bool | None, kernel: bool, partners: int | None) -> str:
