@@ -3,6 +3,7 @@ autograd where torch.func cannot run the model)."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import traceback
@@ -157,6 +158,9 @@ class _MathAttention(TorchFunctionMode):
             return func(*args, **(kwargs or {}))
         named = {**dict(zip(_SDPA_ARGS, args)), **(kwargs or {})}
         query, key, value = (named.pop(k) for k in _SDPA_ARGS[:3])
+        mask = named.get("attn_mask")
+        if mask is not None and mask.dtype == torch.bool:  # the kernel adds its mask: True keeps a key, False hides it
+            named["attn_mask"] = torch.zeros_like(mask, dtype=query.dtype).masked_fill(~mask, -math.inf)
         return torch.ops.aten._scaled_dot_product_attention_math(query, key, value, **named)[0]
 
 
