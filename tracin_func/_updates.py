@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import reduce
 from typing import Any, NamedTuple
 
 import torch
@@ -132,23 +133,22 @@ def make_updates(
         batch is differentiated once)."""
         rep, _ = train_side(ckpt, batch)
         rep = rep.formed() if normalize_train else rep  # used twice: a norm and the dot
-        scale = weight(ckpt, rep, test_scale, normalize_train)  # (first: its checks run eagerly when compiled)
-        return test_rep.dot(rep).mul_(scale).add_(acc)  # (products: fresh)
+        factors = weights(ckpt, rep, test_scale, normalize_train)  # (first: its checks run eagerly when compiled)
+        return reduce(torch.Tensor.mul_, factors, test_rep.dot(rep)).add_(acc)  # (products: fresh)
 
-    def weight(
+    def weights(
         ckpt: CheckpointState, rep: Representation, test_scale: torch.Tensor | None, normalize_train: bool
-    ) -> torch.Tensor:
-        """What multiplies ``<test, train>``: ``lr``, times the test norms' inverses and the training ones' when
-        renormalised (broadcast over ``[n_test, B]``)."""
-        scale = ckpt.lr
-        if test_scale is not None:
-            scale = scale * test_scale[:, None]
+    ) -> list[torch.Tensor]:
+        """What multiplies ``<test, train>``, in turn: when renormalised, the test norms' inverses and the training
+        ones' (broadcast over ``[n_test, B]``), then ``lr``. One at a time: their product, or ``lr`` times it, leaves
+        the dtype's range where the cosine and ``lr`` times it do not (large gradients and a small ``lr``)."""
+        factors = [] if test_scale is None else [test_scale[:, None]]
         if normalize_train:
             inverse = renormalising(rep, rep.sq_norm(), "train", None)
             if test_scale is not None:
                 _check_pairs(test_scale, inverse)
-            scale = scale * inverse
-        return scale
+            factors.append(inverse)
+        return [*factors, ckpt.lr]
 
     def train_side(ckpt: CheckpointState, batch: Any) -> tuple[Representation, Representation | None]:
         """The training representation scored against test gradients, and the plain gradients when it holds Adam
@@ -186,9 +186,10 @@ def make_updates(
         whole gradients, so the layers' shares sum to the renormalised total."""
         rep, _ = train_side(ckpt, batch)
         rep = rep.formed() if normalize_train else rep
-        scale = weight(ckpt, rep, test_scale, normalize_train)
-        scores = dots_by_layer(test_rep, rep, module=module)
-        return {layer: s * scale if acc is None else acc[layer] + s * scale for layer, s in scores.items()}
+        factors = weights(ckpt, rep, test_scale, normalize_train)
+        dots = dots_by_layer(test_rep, rep, module=module)
+        scores = {layer: reduce(torch.mul, factors, s) for layer, s in dots.items()}
+        return scores if acc is None else {layer: acc[layer] + s for layer, s in scores.items()}
 
     def self_influence_by_layer(
         acc: dict[str, torch.Tensor] | None, ckpt: CheckpointState, batch: Any, *, module: bool
