@@ -2,6 +2,7 @@
 (``Representation.lifted``) and what is read from it lowered by the same power, exactly."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -201,3 +202,28 @@ def test_a_sure_first_test_example_leaves_the_others_finite():
     assert_close(got.double(), want, 1e-5)
     part = Factored(Site("fc", "linear", "fc.weight", None, (3, 4)), torch.ones(1, 2, 4), torch.ones(1, 2, 3))
     assert representations._times(part._replace(norms=torch.tensor([2.0**100])), 2.0**40).norms is None
+
+
+def test_scores_below_the_least_normal_number_are_warned():
+    """Scores whose largest lies among float32's subnormals keep few digits or none (found by review: gradient entries
+    of 1e-22 scored 38 of 40 influences 0 and the largest 2.7x off, self-influence 14%, unwarned): warned, naming
+    float64, on every scorer returning scores; ordinary scores are not."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(8, 3).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    x, y = torch.randn(10, 8, generator=g), torch.randint(0, 3, (10,), generator=g)
+    tiny = (3e-23 * x, y)  # the loss's gradient in the weight: entries of 1e-23; the bias's: ordinary
+    only_weight = dict(loss_fn=CE, params=["weight"])
+    lost = r"The largest score is \d\.\d\de-4\d, below float32's least normal number .*Pass `dtype=torch.float64`"
+    with pytest.warns(UserWarning, match=lost):
+        tc.influence(model, ckpts, tiny, tiny, **only_weight)
+    with pytest.warns(UserWarning, match=lost):
+        tc.self_influence(model, ckpts, tiny, **only_weight)
+    with pytest.warns(UserWarning, match=lost):
+        tc.top_k(model, ckpts, tiny, tiny, k=3, **only_weight)
+    wide = tc.self_influence(model, ckpts, tiny, dtype=torch.float64, **only_weight)
+    assert 0 < float(wide.max()) < _SUBNORMAL  # float64 holds them
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tc.influence(model, ckpts, tiny, tiny, loss_fn=CE)  # the bias's gradient is ordinary: so are the scores
+        tc.self_influence(model, ckpts, tiny, dtype=torch.float64, **only_weight)

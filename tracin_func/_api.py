@@ -250,16 +250,21 @@ def influence(
     if rows[0] is None:
         raise ValueError("`train` holds no examples.")
     if per_layer:
-        return _warned_if_zero({layer: _stack([r[layer] for r in rows], aggregate) for layer in rows[0]})
-    return _warned_if_zero(_stack(rows, aggregate))
+        return _warned_if_lost({layer: _stack([r[layer] for r in rows], aggregate) for layer in rows[0]})
+    return _warned_if_lost(_stack(rows, aggregate))
 
 
-def _warned_if_zero(scores: Any) -> Any:
-    """``scores``, after a warning where every one is exactly 0: no example's loss has a gradient in the parameters
-    scored. Each example is scored on its own loss, alone, where a loss comparing a batch's examples (in-batch
-    contrastive, InfoNCE) has nothing to compare: every score 0, silently."""
+def _warned_if_lost(scores: Any) -> Any:
+    """``scores``, after a warning where every one is exactly 0 (no example's loss has a gradient in the parameters
+    scored, or they underflowed) or where the largest lies among the dtype's subnormal numbers, which keep fewer
+    digits, down to none. Each example is scored on its own loss, alone, where a loss comparing a batch's examples
+    (in-batch contrastive, InfoNCE) has nothing to compare: every score 0, silently."""
     parts = list(scores.values()) if isinstance(scores, dict) else [scores]
-    if any(p.numel() for p in parts) and not any(bool(p.any()) for p in parts):  # (no sum of the layers formed)
+    parts = [p for p in parts if p.numel()]
+    if not parts:
+        return scores
+    largest = max(float(bound.abs()) for p in parts for bound in torch.aminmax(p))  # (no copy of the matrix)
+    if largest == 0:
         warn(
             "Every score is 0: no example's loss has a gradient in the parameters scored (the loss does not reach "
             "them, or is constant on one example), or the gradients are so small that their products underflow the "
@@ -268,7 +273,20 @@ def _warned_if_zero(scores: Any) -> Any:
             "give each example what it is compared with (`tc.ExampleLoss` with fixed negatives).",
             UserWarning,
         )
+    elif largest < torch.finfo(parts[0].dtype).tiny:
+        warn(_underflowed(largest, parts[0].dtype), UserWarning)
     return scores
+
+
+def _underflowed(largest: float, dtype: torch.dtype) -> str:
+    """The warning for scores whose largest, ``largest``, lies below ``dtype``'s least normal number."""
+    name, tiny = str(dtype).replace("torch.", ""), torch.finfo(dtype).tiny
+    fix = "Pass `dtype=torch.float64`" if dtype != torch.float64 else "Multiply the loss by a constant"
+    return (
+        f"The largest score is {largest:.2e}, below {name}'s least normal number ({tiny:.2e}): scores this small "
+        f"keep fewer digits, down to none, and their order is rounding's. {fix} (scores scale with the loss's square "
+        f"and with the learning rates)."
+    )
 
 
 def _stack(rows: list[torch.Tensor], aggregate: bool) -> torch.Tensor:
@@ -383,7 +401,11 @@ def top_k(
         if seen == 0:
             raise ValueError("`train` holds no examples.")
         raise ValueError(f"`k`={k} exceeds the number of training examples ({seen}); pass `k <= {seen}`.")
-    return stack_top_k(lists, k, proponents, setup.ranks, torch.empty(0, device=setup.device, dtype=setup.dtype))
+    top = stack_top_k(lists, k, proponents, setup.ranks, torch.empty(0, device=setup.device, dtype=setup.dtype))
+    largest = float(top.scores.abs().max()) if top.scores.numel() else 0.0
+    if 0 < largest < torch.finfo(top.scores.dtype).tiny:
+        warn(_underflowed(largest, top.scores.dtype), UserWarning)
+    return top
 
 
 def _check_index_call(normalize: str | None, per_layer: bool = False) -> None:
@@ -536,7 +558,7 @@ def self_influence(
     scores = join(on_every_rank(setup.ranks, local), 0, setup.ranks, like)
     if scores is None:
         raise ValueError("`data` holds no examples.")
-    return _warned_if_zero(scores)
+    return _warned_if_lost(scores)
 
 
 @in_own_context
