@@ -704,6 +704,28 @@ def test_a_loss_reading_the_models_own_tensor_is_refused_where_a_checkpoint_diff
     assert_close(tc.self_influence(model, shared, (x, y), loss_fn=exact), want)
 
 
+def test_scores_of_a_loss_reading_a_tensor_that_needs_gradients_hold_no_graph():
+    """A loss reading the model's own tensor (which needs gradients; every checkpoint holds its value) kept the scores
+    of `vmap(grad)` in a graph of it, returned (`requires_grad=True`, found by review): the caller's tensor held by
+    the scores, and a graph built in every call. Scores are plain tensors on every path."""
+    torch.manual_seed(0)
+    model = _Penalised().double().eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.1)]
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0, 2])
+    tempered = lambda out, y: nn.functional.cross_entropy(out * model.log_t.exp(), y)  # noqa: E731
+    head = {"params": ["fc.weight", "fc.bias"]}
+    for options in ({}, {"factored": False}):
+        scores = [
+            tc.self_influence(model, ckpts, (x, y), loss_fn=tempered, **head, **options),
+            tc.influence(model, ckpts, (x, y), (x, y), loss_fn=tempered, **head, **options),
+            tc.embeddings(model, ckpts, (x, y), loss_fn=tempered, **head, **options),
+            tc.top_k(model, ckpts, (x, y), (x, y), k=2, loss_fn=tempered, **head, **options).scores,
+        ]
+        assert [s.requires_grad for s in scores] == [False] * 4, options
+    want = reference_scores(model, ckpts, (x, y), loss_fn=tempered, params=head["params"]).self_influence
+    assert_close(scores[0], want)
+
+
 def test_the_loss_check_tells_values_read_from_metadata_read():
     """What the loss check refuses and passes beyond a plain read: a tensor read for its dtype or device alone
     (`y.type_as(p)`, `y.to(p)` in a `tc.ExampleLoss`: refused when the check came to those losses) passes; an

@@ -111,7 +111,13 @@ class Mapper:
         self, f: Callable[..., Any], n_static: int, argnums: int | tuple[int, ...] = 0, has_aux: bool = False
     ) -> Callable[..., Any]:
         """``over_batch`` of ``torch.func.grad(f, argnums, has_aux)``, by plain autograd where torch.func fails."""
-        return self.over_batch(grad(f, argnums, has_aux), n_static, plain=plain_grad(f, argnums, has_aux))
+        transformed = grad(f, argnums, has_aux)
+
+        def detached(*args: Any) -> Any:
+            with torch.no_grad():  # (grad differentiates inside all the same) a tensor of the user's that the loss
+                return transformed(*args)  # reads, needing gradients, kept the scores in a graph of it, returned
+
+        return self.over_batch(detached, n_static, plain=plain_grad(f, argnums, has_aux))
 
 
 def _looped(one: Callable[..., Any], args: tuple[Any, ...]) -> Any:
