@@ -400,6 +400,48 @@ def test_a_narrow_integer_target_names_its_conversion():
         tc.self_influence(model, ckpts, (x, torch.ones(6, 2, dtype=torch.uint8)), loss_fn=binary)
 
 
+def test_narrow_integer_labels_of_a_dict_batch_name_their_conversion():
+    """int32 `labels` for `tc.causal_lm_loss` gave torch's message alone, where a tuple's target named the fix (found
+    by review)."""
+
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(10, 4), nn.Linear(4, 10)
+
+        def forward(self, input_ids):
+            return {"logits": self.head(self.embed(input_ids))}
+
+    model = TinyLM().eval()
+    ids = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(0))
+    fix = r"Its `labels` are torch.int32: class indices are `labels.long\(\)`"
+    with pytest.raises(RuntimeError, match=r"example 0 cannot be scored: .*Long.*but got Int. " + fix):
+        tc.self_influence(model, [tc.Checkpoint(dict(model.state_dict()), 0.1)],
+                          {"input_ids": ids, "labels": ids.int()}, loss_fn=tc.causal_lm_loss(model))  # fmt: skip
+
+
+def test_a_models_squeeze_dropping_a_batch_of_ones_dimension_is_named():
+    """A binary classifier ending in `.squeeze()` gives one example a scalar output, which `BCEWithLogitsLoss` refuses
+    against its `[1]` target: the message named the data's example 0 alone (found by review)."""
+
+    class Squeezed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 1)
+
+        def forward(self, x):
+            return self.fc(x).squeeze()
+
+    model = Squeezed().eval()
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(8, 5, generator=g), (torch.rand(8, generator=g) > 0.5).float())
+    named = r"example 0 cannot be scored: ValueError: Target size .* is a scalar where its target has shape \[1\]: "
+    for factored in (None, False):
+        with pytest.raises(ValueError, match=named + r"a `.squeeze\(\)` in the model .*`.squeeze\(-1\)`"):
+            tc.self_influence(model, [tc.Checkpoint(dict(model.state_dict()), 0.1)], data,
+                              loss_fn=nn.BCEWithLogitsLoss(), factored=factored)  # fmt: skip
+
+
 def test_an_integer_input_to_a_recurrent_layer_names_its_conversion():
     """torch's recurrent layers refuse an input's dtype by a ValueError, which went through as torch's own message
     (advising `model.to(torch.int64)` too; a review helper's trial)."""

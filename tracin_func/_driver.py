@@ -10,7 +10,7 @@ take the test gradient norms once, with the test representations, and the traini
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, NamedTuple, Optional
@@ -247,11 +247,8 @@ def naming_failures(
                 message = f"`{name}` example {index} cannot be scored: {type(cause).__name__}: {cause}"
                 if "more than 1 value per channel" in str(cause):
                     message += f". {_ONE_VALUE_PER_CHANNEL}"
-                elif _narrow_integer_target(str(cause), example):
-                    message += (
-                        f". Its target is {example[-1].dtype}: class indices are `y.long()`, probabilities and binary "
-                        f"targets `y.float()`"
-                    )
+                elif narrow := _narrow_integer_target(str(cause), example):
+                    message += f". {narrow}"
                 elif _floating_dtypes_met(str(cause)):
                     message += (
                         f". The call computes in {setup.dtype} (`dtype=`: parameters and inputs converted), and the "
@@ -318,12 +315,23 @@ def _candidates(
             yield name, start + i, slice_batch(data, i, i + 1)
 
 
-def _narrow_integer_target(error: str, example: Any) -> bool:
-    """Whether torch's ``error`` is a loss's on a tuple example's integer target other than int64 (from NumPy's int32,
-    a uint8 mask): "expected target dtype to be Long", "result type Double can't be cast to ... Byte"."""
-    target = example[-1] if isinstance(example, (tuple, list)) and len(example) > 1 else None
+def _narrow_integer_target(error: str, example: Any) -> str | None:
+    """Where torch's ``error`` is a loss's on an example's integer target other than int64 (from NumPy's int32, a
+    uint8 mask: "expected target dtype to be Long", "result type Double can't be cast to ... Byte"), what to say of
+    it: a tuple example's last entry, a dict example's ``labels`` (Hugging Face's)."""
+    if isinstance(example, (tuple, list)) and len(example) > 1:
+        target, name, held = example[-1], "target is", "y"
+    elif isinstance(example, Mapping):
+        target, name, held = example.get("labels"), "`labels` are", "labels"
+    else:
+        return None
     narrow = isinstance(target, torch.Tensor) and not target.is_floating_point() and target.dtype != torch.int64
-    return narrow and ("target dtype" in error or "can't be cast to the desired output type" in error)
+    if not (narrow and ("target dtype" in error or "can't be cast to the desired output type" in error)):
+        return None
+    return (
+        f"Its {name} {target.dtype}: class indices are `{held}.long()`, probabilities and binary targets "
+        f"`{held}.float()`"
+    )
 
 
 def _floating_dtypes_met(error: str) -> bool:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -535,8 +536,24 @@ class CriterionLoss(NamedTuple):
         """The criterion's loss of one example's output and target (a batch of one)."""
         if torch.compiler.is_compiling():  # (checked where planning ran it, eagerly)
             return self.criterion(output, target).sum()
-        with _CancellingWeights(self.name, self.criterion):
+        with naming_a_dropped_batch(output, target), _CancellingWeights(self.name, self.criterion):
             return self.criterion(output, target).sum()
+
+
+@contextmanager
+def naming_a_dropped_batch(output: Any, target: Any) -> Iterator[None]:
+    """Re-raise a criterion's error on one example's scalar output and a target of some shape naming the likely cause,
+    a ``.squeeze()`` in the model (a binary classifier's ``[B, 1] -> [B]``), which drops a batch of one's dimension."""
+    try:
+        yield
+    except (ValueError, RuntimeError, IndexError) as err:
+        if not (isinstance(output, torch.Tensor) and output.dim() == 0 and isinstance(target, torch.Tensor)):
+            raise
+        raise type(err)(  # (torch's errors and a ValueError carry their message alone)
+            f"{err}. The model's output for one example (a batch of one) is a scalar where its target has shape "
+            f"{list(target.shape)}: a `.squeeze()` in the model drops a batch of one's batch dimension. Squeeze only "
+            f"the dimension meant (`.squeeze(-1)`), as batches of one need in training too"
+        ) from err
 
 
 class _CancellingWeights(TorchFunctionMode):

@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._data import examples_in
 from ._grads import Tensors, batch_of_one, example_at
-from ._loss import CriterionLoss, ExampleLossFn, floating_leaves
+from ._loss import CriterionLoss, ExampleLossFn, floating_leaves, naming_a_dropped_batch
 from ._loss_dtype import CAST_FROM, refuse_held_dtype
 from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, left_by_run, own_attributes
 from ._validate import refusal
@@ -456,7 +456,7 @@ def _run(
         output = loss.forward(state, *inputs)
     _check_output(output, loss.name)
     try:
-        with read((state, output, target)):
+        with read((state, output, target)), naming_a_dropped_batch(output, target):
             value = loss.criterion(output, target)
     except RuntimeError as err:
         _refuse_held_dtype(loss, err, state)
