@@ -19,7 +19,7 @@ from pathlib import Path
 import optree
 import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, TensorDataset
 
 import tracin_func as tc
 from tests.conftest import assert_close
@@ -40,15 +40,24 @@ def workload():
 
 
 def datasets(train):
-    """Kinds of training data: split by row range (a batch, a Dataset), by batch number (a list of batches), and
-    one example (a rank with no rows)."""
+    """Kinds of training data: split by row range (a batch, a Dataset), by batch number (a list of batches, a
+    DataLoader over an IterableDataset: its batch sampler has no length), and one example (a rank with no rows)."""
     x, y = train
     return {
         "batch": train,
         "dataset": TensorDataset(x, y),
         "batches": [(x[:3], y[:3]), (x[3:5], y[3:5]), (x[5:], y[5:])],
+        "stream": DataLoader(_Stream(x, y), batch_size=3),
         "one": (x[:1], y[:1]),
     }
+
+
+class _Stream(IterableDataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter(zip(self.x, self.y))
 
 
 def results(distributed, index_dir=None, device=None):

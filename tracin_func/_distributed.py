@@ -235,7 +235,7 @@ def share(data: Any, ranks: Ranks | None) -> tuple[Any, int, Ranks | None]:
         return data, 0, None
 
     def check() -> int | None:
-        samplers = sampler_chain(data.batch_sampler or data.sampler) if isinstance(data, DataLoader) else ()
+        samplers = sampler_chain(data.sampler if data.batch_sampler is None else data.batch_sampler) if isinstance(data, DataLoader) else ()
         if any(isinstance(sampler, DistributedSampler) for sampler in samplers):  # (also inside a BatchSampler)
             raise ValueError(
                 "The data is a DataLoader with a DistributedSampler, which already gives each rank a part of it; "
