@@ -1458,6 +1458,63 @@ def test_3k_an_iterable_read_again_must_start_as_it_did():
         tc.influence(model, ckpts, DataLoader(_StreamedDataset(x, y), batch_size=3, drop_last=True), test, loss_fn=CE)
 
 
+class _Growing(torch.utils.data.IterableDataset):
+    """A stream whose passes after the first two hold one example more (a file appended to)."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.calls = x, y, 0
+
+    def __iter__(self):
+        self.calls += 1
+        more = self.calls > 2
+        return zip(torch.cat([self.x, self.x[:more]]), torch.cat([self.y, self.y[:more]]))
+
+
+class _Shuffled(torch.utils.data.Sampler):
+    """A sampler of the user's drawing a new order on every pass, not declaring it."""
+
+    def __init__(self, n):
+        self.n, self.g = n, torch.Generator().manual_seed(0)
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.g).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+class _Bucketed(torch.utils.data.BatchSampler):
+    """Batches of a sequential sampler, given in a shuffled order (as bucketing samplers do), declaring it."""
+
+    shuffle = True
+
+    def __iter__(self):
+        return reversed(list(super().__iter__()))
+
+
+def test_3k_data_read_again_must_give_what_it_gave():
+    """Training data read once per test chunk: a stream growing between passes scored rows of a chunk over 21
+    examples and others over 20 (top-k's indices past the first pass's; influence a raw size error); a batch sampler
+    declaring `shuffle` around a sequential one, and a sampler of the user's drawing at random, gave each chunk's
+    rows another column order, silently (found by review). Each is refused."""
+    model = MLP().double().eval()
+    x, y = data(4, n=7, seed=1)
+    ckpts = make_ckpts(model)
+    queries = data(4, n=3, seed=2)
+    test = DataLoader(TensorDataset(*queries), batch_size=1)
+    chunked = dict(loss_fn=CE, test_memory_bytes=1)  # one test example at a time: the training data read 3 times
+    with pytest.raises(ValueError, match=r"`train` gave 8 examples when iterated again, 7 before"):
+        tc.top_k(model, ckpts, DataLoader(_Growing(x, y), batch_size=2), test, k=7, **chunked)
+    with pytest.raises(ValueError, match=r"`train` is a DataLoader that shuffles \(_Bucketed\)"):
+        tc.influence(model, ckpts, DataLoader(TensorDataset(x, y), batch_sampler=_Bucketed(range(7), 2, False)), test,
+                     **chunked)  # fmt: skip
+    with pytest.raises(ValueError, match="`train` gave another first batch when iterated again"):
+        tc.influence(model, ckpts, DataLoader(TensorDataset(x, y), sampler=_Shuffled(7), batch_size=2), test, **chunked)
+    ordered = DataLoader(TensorDataset(x, y), sampler=list(range(7)), batch_size=2)
+    want = reference_scores(model, ckpts, (x, y), queries, loss_fn=CE).influence
+    assert_close(tc.influence(model, ckpts, ordered, test, **chunked), want)
+
+
 class BNNet(nn.Module):
     def __init__(self):
         super().__init__()

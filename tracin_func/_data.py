@@ -13,6 +13,7 @@ from torch.utils.data import (
     DataLoader,
     Dataset,
     RandomSampler,
+    SequentialSampler,
     Subset,
     SubsetRandomSampler,
     TensorDataset,
@@ -216,6 +217,7 @@ class Repeated:
     def __init__(self, data: Iterable[Any]) -> None:
         self.data = data
         self._head: list[Any] | None = None  # the first pass's first batch (none: it held none)
+        self._n: int | None = None  # the first whole pass's examples
 
     def __len__(self) -> int:
         return len(self.data)  # type: ignore[arg-type]  # (TypeError where unknown, as for the data itself)
@@ -231,8 +233,18 @@ class Repeated:
                 f"reads it more than once. Pass a list of batches, a Dataset, a DataLoader over a map-style Dataset, "
                 f"or the iterator itself (`iter(data)`: read once, its first batch kept)."
             )
-        yield from head
-        yield from batches
+        n = 0
+        for batch in itertools.chain(head, batches):
+            n += batch_size_of(batch, f"`{where}`'s batches")
+            yield batch
+        if self._n is None:
+            self._n = n
+        elif n != self._n:
+            raise ValueError(
+                f"`{where}` gave {n} examples when iterated again, {self._n} before (an iterable that changes between "
+                f"passes), and this call reads it more than once: its scores would name other examples on each pass. "
+                f"Pass a list of batches, a Dataset or a DataLoader over a map-style Dataset."
+            )
 
 
 def _same_batch(a: Any, b: Any) -> bool:
@@ -260,7 +272,11 @@ def replayable(data: Any) -> Any:
     if isinstance(data, Iterator):
         return Replayed(data)
     mapped = _map_style(data)
-    loads_mapped = isinstance(data, DataLoader) and not isinstance(data.dataset, torch.utils.data.IterableDataset)
+    loads_mapped = (
+        isinstance(data, DataLoader)
+        and not isinstance(data.dataset, torch.utils.data.IterableDataset)
+        and all(map(_ordered, loader_samplers(data)))
+    )
     plain = is_single_batch(data) or isinstance(data, (tuple, list, Mapping, torch.Tensor)) or mapped or loads_mapped
     return data if plain or not isinstance(data, Iterable) else Repeated(data)
 
@@ -286,20 +302,27 @@ def _holds_numpy(data: Any) -> bool:
 _SHUFFLING_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
 
 
+def _ordered(sampler: Any) -> bool:
+    """Whether ``sampler`` gives one order on every pass: torch's sequential ones (not a subclass, which may shuffle)
+    and sequences. A DataLoader with another (the user's own, which may draw at random) is checked on every pass as
+    any other iterable (``Repeated``)."""
+    return type(sampler) in (SequentialSampler, BatchSampler) or isinstance(sampler, (list, tuple, range))
+
+
 def check_stable_order(loader: DataLoader, where: str) -> None:
     """Refuse a DataLoader whose iteration order changes between passes or that drops examples: result index
     ``j`` is the j-th example in iteration order, and every example must be scored. A BatchSampler may also come as
     the ``sampler`` (with ``batch_size=None``), around another."""
-    chain = list(sampler_chain(loader.batch_sampler if loader.batch_sampler is not None else loader.sampler))
-    sampler = chain[-1]
-    shuffles = isinstance(sampler, _SHUFFLING_SAMPLERS) or getattr(sampler, "shuffle", False) is True
-    if shuffles:
+    chain = list(loader_samplers(loader))
+    shuffling = (s for s in chain if isinstance(s, _SHUFFLING_SAMPLERS) or getattr(s, "shuffle", False) is True)
+    sampler = next(shuffling, None)
+    if sampler is not None:  # (a bucketing batch sampler may shuffle its batches around a sequential one)
         raise ValueError(
             f"`{where}` is a DataLoader that shuffles ({type(sampler).__name__}): result indices would name "
             f"different examples on every pass. Pass a DataLoader with `shuffle=False` and a sequential sampler, or "
             f"the Dataset itself."
         )
-    size = _sized(sampler)
+    size = _sized(chain[-1])
     if loader.drop_last and (size is None or isinstance(loader.dataset, torch.utils.data.IterableDataset)):
         raise ValueError(
             f"`{where}` is a DataLoader with `drop_last=True` over data of unknown size (an IterableDataset), which "
@@ -312,6 +335,12 @@ def check_stable_order(loader: DataLoader, where: str) -> None:
                 f"`{where}` is a DataLoader with `drop_last=True`, which leaves out its last {dropped} examples. "
                 f"Pass `drop_last=False` so that every example is scored."
             )
+
+
+def loader_samplers(loader: DataLoader) -> Iterator[Any]:
+    """A DataLoader's batch sampler (a BatchSampler may also come as the ``sampler``, with ``batch_size=None``), and
+    while it is a BatchSampler, the sampler it batches (a batch sampler may have no length: not read for truth)."""
+    return sampler_chain(loader.sampler if loader.batch_sampler is None else loader.batch_sampler)
 
 
 def sampler_chain(sampler: Any) -> Iterator[Any]:

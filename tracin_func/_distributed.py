@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ._data import num_examples, rows_of, sampler_chain
+from ._data import loader_samplers, num_examples, rows_of
 from ._topk import TopK, first_k
 
 T = TypeVar("T")
@@ -235,7 +235,7 @@ def share(data: Any, ranks: Ranks | None) -> tuple[Any, int, Ranks | None]:
         return data, 0, None
 
     def check() -> int | None:
-        samplers = sampler_chain(data.sampler if data.batch_sampler is None else data.batch_sampler) if isinstance(data, DataLoader) else ()
+        samplers = loader_samplers(data) if isinstance(data, DataLoader) else ()
         if any(isinstance(sampler, DistributedSampler) for sampler in samplers):  # (also inside a BatchSampler)
             raise ValueError(
                 "The data is a DataLoader with a DistributedSampler, which already gives each rank a part of it; "
