@@ -51,6 +51,9 @@ def test_exact_index_matches_the_loop_reference(task, tmp_path):
     assert_close(index.self_influence(), ref.self_influence)
     assert_close(index.embeddings(), ref.train_embeddings)
     assert_close(index.embeddings([22, 0, 8, -1]), ref.train_embeddings[[22, 0, 8, 22]])
+    assert_close(index.embeddings(slice(None, None, -3)), ref.train_embeddings.flip(0)[::3])  # (a negative step: a
+    assert_close(index.embeddings(range(5, 1, -2)), ref.train_embeddings[[5, 3]])  # bare ValueError of torch's)
+    assert index.embeddings(range(0)).shape == (0, index.dim)
     assert_close(tc.influence(model, ckpts, index, test, loss_fn=LOSS), ref.influence)
     total = tc.influence(model, ckpts, index, test, loss_fn=LOSS, aggregate=True)
     assert_close(total, ref.influence.sum(0, keepdim=True))

@@ -189,7 +189,9 @@ class Index:
             rows = slice(None)
         if isinstance(rows, slice):
             rows = range(*rows.indices(n))
-        empty = isinstance(rows, (list, tuple, range)) and len(rows) == 0  # (an empty selection: no dtype to read)
+        if isinstance(rows, range):  # (torch.as_tensor takes no negative step)
+            rows = torch.arange(rows.start, rows.stop, rows.step, dtype=torch.int64)
+        empty = isinstance(rows, (list, tuple)) and len(rows) == 0  # (an empty selection: no dtype to read)
         rows = torch.as_tensor(rows, dtype=torch.int64 if empty else None)
         if rows.dtype == torch.bool or rows.is_floating_point() or rows.is_complex():
             raise TypeError(
