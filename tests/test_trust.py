@@ -240,6 +240,38 @@ def test_1b2_forward_set_on_the_instance():
         tc.self_influence(model, make_ckpts(model), data(4, seed=1), loss_fn=nn.CrossEntropyLoss())
 
 
+class _BodyByAttribute(MLP):
+    """An MLP whose forward calls a method kept as an attribute (``self._body = self._impl``, or compiled), a way to
+    compile part of a model; ``held``: kept in a dict."""
+
+    def __init__(self, compiled: bool = False, held: bool = False) -> None:
+        super().__init__()
+        body = torch.compile(self._impl) if compiled else self._impl
+        self._bodies = {"body": body} if held else None
+        self._body = body
+
+    def _impl(self, x):
+        return super().forward(x)
+
+    def forward(self, x):
+        return (self._bodies["body"] if self._bodies else self._body)(x)
+
+
+@pytest.mark.parametrize("compiled, held", [(False, False), (True, False), (False, True)])
+def test_1b3_a_method_kept_as_an_attribute_runs_on_the_calls_copy(compiled, held):
+    """A bound method kept as an attribute ran on the user's module (its weights, not the checkpoint's), refused as
+    a parameter read through a reference scoring does not replace, naming a fix that did not apply (found by review).
+    It is rebound to the call's copy (compiled: uncompiled, as the copy's compiled call is dropped)."""
+    model, plain = _BodyByAttribute(compiled, held).eval(), MLP().eval()  # (the reference runs the plain MLP: torch's
+    plain.load_state_dict(model.state_dict())  # compiled function has its own guards under functional_call)
+    ckpts, train, test = make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2)
+    want = reference(plain, ckpts, train, test, CE, None)
+    snap = snapshot(model)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), want[0])
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False), want[1])
+    assert_unchanged(model, snap)
+
+
 _REGISTRY: dict = {}  # (a global a hook may read the model through)
 
 

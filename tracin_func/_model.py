@@ -150,6 +150,9 @@ def copied_containers(
     other objects shared."""
     if isinstance(value, nn.Module):
         return copies.get(id(value), value)
+    rebound = _rebound(value, copies)
+    if rebound is not None:
+        return rebound
     if depth == 0 or not isinstance(value, CONTAINERS):
         return value
     if id(value) in containers:
@@ -164,6 +167,16 @@ def copied_containers(
         copied = _rebuilt(value, items)
     containers[id(value)] = copied
     return copied
+
+
+def _rebound(value: Any, copies: Mapping[int, nn.Module]) -> types.MethodType | None:
+    """``value``, a method bound to a module of the tree (``self._body = self._impl``: it would read the user's
+    module's weights, not the checkpoint's), bound to that module's copy instead; one compiled (``torch.compile(
+    self._impl)``) is rebound uncompiled, as the copy's compiled call is dropped. None for anything else."""
+    method = getattr(value, "_torchdynamo_orig_callable", value)
+    if isinstance(method, types.MethodType) and id(method.__self__) in copies:
+        return types.MethodType(method.__func__, copies[id(method.__self__)])
+    return None
 
 
 def _shallow(container: Any) -> Any:
@@ -193,11 +206,7 @@ def _rebind_instance_forward(name: str, module: nn.Module, copies: dict[int, nn.
     the checkpoint's): a method bound to a module of the tree is rebound to that module's copy; anything else that
     could hold the user's module (a partial, a closure) is refused."""
     forward = vars(module).get("forward")
-    if forward is None:
-        return
-    if isinstance(forward, types.MethodType) and id(forward.__self__) in copies:
-        rebound = types.MethodType(forward.__func__, copies[id(forward.__self__)])
-        object.__setattr__(copies[id(module)], "forward", rebound)
+    if forward is None or _rebound(forward, copies) is not None:  # (rebound with the other attributes)
         return
     if isinstance(forward, types.MethodType) and not isinstance(forward.__self__, nn.Module):
         return  # bound to a plain object: holds no module state
