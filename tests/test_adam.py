@@ -294,7 +294,8 @@ def test_param_groups_of_different_learning_rates(tmp_path):
     fc2_lr = tc.load_checkpoints(sorted(tmp_path.glob("custom-*.pt")), lr=0.1)
     train, test = _data(model, N_TRAIN, 1), _data(model, N_TEST, 2)
     with pytest.raises(ValueError, match=r"`optimizer_state` of checkpoints\[0\] has param groups of different "
-                       r"learning rates .+ `params=\['fc1.weight', 'fc1.bias'\]`\), and sum the scores"):
+                       r"learning rates .+ `lrs` the group's `param_groups\[0\]\['lr'\]` of each file in turn, .+ "
+                       r"`params=\['fc1.weight', 'fc1.bias'\]`\), and sum the scores"):  # (found naming one lr)
         tc.influence(model, fc1_lr, train, test, loss_fn=LOSS)
     fc1, fc2 = ["fc1.weight", "fc1.bias"], ["fc2.weight", "fc2.bias"]
     scores = tc.influence(model, fc1_lr, train, test, loss_fn=LOSS, params=fc1) + tc.influence(

@@ -199,12 +199,13 @@ def check_one_lr(adam: Sequence[Mapping[str, AdamParam] | None], scored: Collect
         if len({lr for _, lr in held}) < 2:
             continue
         listed = groups_listed((g, lr, names) for (g, lr), names in sorted(held.items()))
-        (_, lr), names = min(held.items())
+        (group, lr), names = min(held.items())
         raise ValueError(
             f"`optimizer_state` of checkpoints[{i}] has param groups of different learning rates ({listed}): Adam "
             f"moves each parameter by its group's lr, but a checkpoint weighs every parameter by its one `lr`. Score "
-            f"each group in a call of its own, with checkpoints of that group's lr and `params=` its parameters (e.g. "
-            f"`tc.load_checkpoints(paths, lr={lr:g})` and `params={names[:5]}`), and sum the scores."
+            f"each group in a call of its own, with checkpoints of that group's lr at each checkpoint and `params=` "
+            f"its parameters (e.g. `tc.load_checkpoints(paths, lr=lrs)`, `lrs` the group's `param_groups[{group}]"
+            f"['lr']` of each file in turn, {lr:g} in this one, and `params={names[:5]}`), and sum the scores."
         )
 
 
