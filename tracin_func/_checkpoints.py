@@ -318,8 +318,8 @@ def load_checkpoints(
                 raise ValueError(
                     f"Checkpoint {path!r} stores no one learning rate: its optimizer's param groups have different "
                     f"ones ({groups}), and a checkpoint weighs every parameter by one `lr`. Score each group in a call "
-                    f"of its own: load the files with that group's `lr=` and pass `params=` its parameters, then sum "
-                    f"the scores."
+                    f"of its own: load the files with that group's `lr=` (a list, each file's group lr in turn) and "
+                    f"pass `params=` its parameters, then sum the scores."
                 )
             raise ValueError(
                 f"Checkpoint {path!r} stores no learning rate; pass `lr=` (one value or one per checkpoint) or save "
