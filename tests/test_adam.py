@@ -333,8 +333,12 @@ def test_an_optimizer_of_a_data_parallel_wrapper(tmp_path, saved):
     reference = AdamReference(model, ckpts, train, test).influence
     assert_close(tc.influence(model, ckpts, train, test, loss_fn=LOSS), reference)
     in_memory = tc.Checkpoint(ckpts[0].params, 0.01, opt.state_dict())
-    with pytest.raises(ValueError, match=r"names parameters \['module.fc1.weight', .+ carry the `module.` prefix"):
+    prefixed = r"names parameters \['{}fc1.weight', .+ carry the prefix of a wrapper, DataParallel / DDP's `module.`"
+    with pytest.raises(ValueError, match=prefixed.format("module.")):
         tc.influence(model, [in_memory], train, test, loss_fn=LOSS)
+    compiled = torch.optim.Adam(torch.compile(model).named_parameters(), lr=0.01).state_dict()  # (found by review:
+    with pytest.raises(ValueError, match=prefixed.format("_orig_mod.")):  # "save the optimizer of this model")
+        tc.influence(model, [tc.Checkpoint(ckpts[0].params, 0.01, compiled)], train, test, loss_fn=LOSS)
 
 
 def test_a_child_named_module_keeps_its_names(tmp_path):

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ._aliasing import warn_aliased_moments
-from ._checkpoints import DATA_PARALLEL_PREFIX, groups_listed
+from ._checkpoints import groups_listed, unprefixed
 from ._representations import Dense, Representation, _rows
 from ._warn import warn
 
@@ -94,12 +94,12 @@ def _group_of(groups: Sequence[Mapping[str, Any]], index: int, where: str) -> Ma
 def _unknown_names_fix(unknown: Sequence[str], order: Sequence[str]) -> str:
     """The end of the message refusing the optimizer's ``unknown`` parameter names: why they may not be the model's
     (``order``) and the fix."""
-    known = set(order)
-    if all(n.startswith(DATA_PARALLEL_PREFIX) and n[len(DATA_PARALLEL_PREFIX) :] in known for n in unknown):
+    stripped = unprefixed(unknown)
+    if stripped is not None and set(stripped) <= set(order):
         return (
-            ": they carry the `module.` prefix of DataParallel / DDP (an optimizer built from the wrapper's "
-            "`named_parameters()`). Load the files with `tc.load_checkpoints`, which strips it, or strip it from "
-            "each group's 'param_names' in a copy of the state."
+            ": they carry the prefix of a wrapper, DataParallel / DDP's `module.` or torch.compile's `_orig_mod.` (an "
+            "optimizer built from the wrapper's `named_parameters()`). Load the files with `tc.load_checkpoints`, "
+            "which strips it, or strip it from each group's 'param_names' in a copy of the state."
         )
     relative = {n: next((o for o in order if o.endswith("." + n)), None) for n in unknown}
     if all(relative.values()):
