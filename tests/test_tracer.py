@@ -622,6 +622,8 @@ def test_factory_error_params_other_than_planned(planned_call):
         planned_call(params=missing)
     with pytest.raises(ValueError, match=r"missing \[\], unexpected \['extra'\]"):
         planned_call(params={**params, "extra": torch.zeros(3, dtype=DTYPE)})
+    with pytest.raises(ValueError, match=r"unexpected \['_orig_mod.fc1.weight', .*carry the prefix of a wrapper"):
+        planned_call(params={f"_orig_mod.{k}": v for k, v in params.items()})  # (a compiled module's names)
     with pytest.raises(ValueError, match=r"`params\['fc1.weight'\]` has shape \(6, 5\) but the tracer was planned "
                                          r"for shape \(6, 4\)"):
         planned_call(params={**params, "fc1.weight": torch.zeros(6, 5, dtype=DTYPE)})

@@ -40,7 +40,7 @@ import optree
 import torch
 
 from ._assemble import RepresentationFn
-from ._checkpoints import Checkpoint
+from ._checkpoints import Checkpoint, unprefixed
 from ._context import check_precision, in_own_context
 from ._data import as_dict, batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
@@ -579,10 +579,17 @@ def _check_params(planned: _Planned, params: Any) -> None:
     if params.keys() != planned.shapes.keys():
         missing = [n for n in planned.shapes if n not in params]
         unexpected = [n for n in params if n not in planned.shapes]
+        stripped = unprefixed(unexpected)
+        wrapper = (
+            " They carry the prefix of a wrapper (DataParallel / DDP's `module.`, torch.compile's `_orig_mod.`): pass "
+            "the wrapped module's `named_parameters()` (`model.module`, `model._orig_mod`)."
+            if stripped is not None and set(stripped) <= set(missing)
+            else ""
+        )
         raise ValueError(
             f"`params` does not match the names the tracer was planned for: missing {missing[:10]}, unexpected "
-            f"{unexpected[:10]}. Pass the same entries at every step (those of `tc.tracer(..., params=...)`, by "
-            f"default `dict(model.named_parameters())`), or make a new tracer for the new ones."
+            f"{unexpected[:10]}.{wrapper} Pass the same entries at every step (those of `tc.tracer(..., params=...)`, "
+            f"by default `dict(model.named_parameters())`), or make a new tracer for the new ones."
         )
     for name, t in params.items():
         if not isinstance(t, torch.Tensor):
