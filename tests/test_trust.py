@@ -2391,6 +2391,15 @@ def test_7n_class_weights_that_would_cancel_are_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (torch's deprecation)
         assert_close(tc.self_influence(model, ckpts, data, loss_fn=legacy), want)
+    # a tc.ExampleLoss's own F.cross_entropy(weight=...) scored the unweighted loss, silently (found by review)
+    def run(p, b, reduction="mean"):
+        logits = torch.func.functional_call(model, p, (b[0],))
+        return F.cross_entropy(logits, b[1], weight=weight, reduction=reduction)
+
+    with pytest.raises(ValueError, match=r"`loss_fn`: F.cross_entropy\(weight=...\) with reduction='mean'"):
+        tc.self_influence(model, ckpts, data, loss_fn=tc.ExampleLoss(run))
+    assert_close(tc.self_influence(model, ckpts, data, loss_fn=tc.ExampleLoss(functools.partial(run, reduction="sum"))),
+                 want)  # fmt: skip
 
 
 class _Wrapping(nn.Module):

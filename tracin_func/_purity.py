@@ -28,7 +28,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._data import examples_in
 from ._grads import Tensors, batch_of_one, example_at
-from ._loss import CriterionLoss, ExampleLossFn, floating_leaves, naming_a_dropped_batch
+from ._loss import (
+    CriterionLoss,
+    ExampleLossFn,
+    cancelling_weights_refused,
+    floating_leaves,
+    naming_a_dropped_batch,
+)
 from ._loss_dtype import CAST_FROM, refuse_held_dtype
 from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, left_by_run, own_attributes
 from ._validate import refusal
@@ -449,7 +455,7 @@ def _run(
     forward=False)``: a context watching what the loss (or a criterion's ``forward``) computes with, besides the
     tensors ``given`` to it (the state, the example or a criterion's outputs and targets: ``_ModelTensorsRead``)."""
     if not isinstance(loss, CriterionLoss):
-        with read((state, example)):
+        with read((state, example)), cancelling_weights_refused(loss):
             return floating_leaves(loss(state, example))
     *inputs, target = example
     with read((state, inputs), True):
