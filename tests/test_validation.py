@@ -847,7 +847,9 @@ def test_a_loss_holding_a_tensor_of_another_dtype_than_the_call_is_named():
     ids = torch.randint(0, 10, (6, 3))
     weight = torch.tensor([1.0, 3.0])  # float32, the checkpoints float64
     partial = functools.partial(nn.functional.cross_entropy, weight=weight, reduction="sum")
-    example = tc.ExampleLoss(lambda p, b: nn.functional.cross_entropy(functional_call(model, p, (b[0],)), b[1], weight))
+    example = tc.ExampleLoss(
+        lambda p, b: nn.functional.cross_entropy(functional_call(model, p, (b[0],)), b[1], weight, reduction="sum")
+    )
     fix = (r" but the call computes in torch.float64 \(`dtype=`, or the checkpoints'\), and the loss failed: expected "
            r"scalar type Double but found Float\. Convert the tensor to the call's dtype \(`.to\(torch.float64\)`\)")
     held = r"^`{}` holds a torch.float32 tensor \({}\)" + fix
