@@ -198,6 +198,7 @@ def main(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo", 
         for name, call in {
             "sampler": lambda: tc.self_influence(model, ckpts, split, loss_fn=LOSS, distributed=True),
             "batch sampler": lambda: tc.self_influence(model, ckpts, batched_split, loss_fn=LOSS, distributed=True),
+            "sampler, influence": lambda: tc.influence(model, ckpts, split, test, loss_fn=LOSS, distributed=True),
             "embeddings": lambda: tc.embeddings(model, moved, train, **kw),  # (no check at all)
             "test sizes": lambda: tc.influence(model, ckpts, train, (xt[: 1 + rank], yt[: 1 + rank]), **kw),
             # a failure in the call's setup on rank 1 alone (the other rank waited in the first collective)

@@ -51,6 +51,7 @@ def test_data_already_split_or_differing_between_ranks_is_refused_on_every_rank(
     for got in per_rank:
         assert "DistributedSampler, which already gives each rank a part" in got["sampler"]
         assert "DistributedSampler, which already gives each rank a part" in got["batch sampler"]
+        assert "DistributedSampler, which already gives each rank a part" in got["sampler, influence"]
         assert "The ranks disagree on the checkpoints" in got["embeddings"]
         assert "The ranks disagree on the number of test examples: [1, 2]" in got["test sizes"]
         assert "The ranks disagree on the options: [(3, True, False, None), (4, True, False, None)]" in got["k"]

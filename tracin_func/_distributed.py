@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ._data import loader_samplers, num_examples, rows_of
+from ._data import Repeated, loader_samplers, num_examples, rows_of
 from ._topk import TopK, first_k
 
 T = TypeVar("T")
@@ -235,7 +235,8 @@ def share(data: Any, ranks: Ranks | None) -> tuple[Any, int, Ranks | None]:
         return data, 0, None
 
     def check() -> int | None:
-        samplers = loader_samplers(data) if isinstance(data, DataLoader) else ()
+        loader = data.data if isinstance(data, Repeated) else data  # (a DataLoader with a sampler of the user's)
+        samplers = loader_samplers(loader) if isinstance(loader, DataLoader) else ()
         if any(isinstance(sampler, DistributedSampler) for sampler in samplers):  # (also inside a BatchSampler)
             raise ValueError(
                 "The data is a DataLoader with a DistributedSampler, which already gives each rank a part of it; "
