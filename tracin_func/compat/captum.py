@@ -164,8 +164,8 @@ def _load_all(model: nn.Module, sources: Sequence[Any], load_func: LoadFunc) -> 
             f"so that the model is never modified. Use `tc.load_checkpoints` and the functional API instead."
         ) from err
     checkpoints = []
+    own = _held(model)
     for i, source in enumerate(sources):
-        own = _held(model)
         lr = _learning_rate(load_func(shadow, source), i, source)
         if not _still_held(model, own):  # (every checkpoint was the copy's first state: 103% off, silently)
             raise ValueError(
@@ -179,15 +179,27 @@ def _load_all(model: nn.Module, sources: Sequence[Any], load_func: LoadFunc) -> 
     return checkpoints
 
 
-def _held(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
-    """The tensors ``model`` holds, each with its version: a load in place, or of new tensors, changes them."""
-    return [(t, t._version) for t in model.state_dict(keep_vars=True).values()]
+def _held(model: nn.Module) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """The tensors ``model`` holds, each with its version and a copy of its values: a load in place, or of new tensors,
+    changes the first two, one through ``.data`` (``p.data.copy_(v)``, ``p.data = v``: its own version counter) the
+    values alone."""
+    return [(t, t._version, t.detach().clone()) for t in model.state_dict(keep_vars=True).values()]
 
 
-def _still_held(model: nn.Module, held: list[tuple[torch.Tensor, int]]) -> bool:
+def _still_held(model: nn.Module, held: list[tuple[torch.Tensor, int, torch.Tensor]]) -> bool:
     """Whether ``model`` holds the tensors ``held`` (``_held``), none written since."""
-    now = _held(model)
-    return len(now) == len(held) and all(a is b and u == v for (a, u), (b, v) in zip(now, held))
+    now = list(model.state_dict(keep_vars=True).values())
+    return len(now) == len(held) and all(t is a and t._version == v and _equal(t, c) for t, (a, v, c) in zip(now, held))
+
+
+def _equal(t: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether ``t`` holds ``values`` (NaN where they hold NaN)."""
+    t = t.detach()
+    if t.shape != values.shape or t.dtype != values.dtype:
+        return False
+    if t.is_floating_point() or t.is_complex():
+        return torch.allclose(t, values, rtol=0, atol=0, equal_nan=True)
+    return torch.equal(t, values)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
@@ -268,6 +280,9 @@ def _params_under(model: nn.Module, names: Sequence[str]) -> list[str]:
     them require gradients: the core's ``layers=`` keeps the trainable ones, which dropped them, 75-83% off), each
     once, in order."""
     scored = _unwrapped(model)
+    empty = [name for name in names if next(scored.get_submodule(name).parameters(), None) is None]
+    if empty:
+        raise ValueError(f"`layers` {empty} hold no parameters: name modules with parameters to differentiate.")
     found = [f"{name}.{n}" if name else n for name in names for n, _ in scored.get_submodule(name).named_parameters()]
     return list(dict.fromkeys(found))
 
