@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -588,13 +588,6 @@ class _CancellingWeights(TorchFunctionMode):
                     f"or leave weight= out."
                 )
         return func(*args, **kwargs)
-
-
-def cancelling_weights_refused(loss: Any) -> Any:
-    """A context refusing class weights that cancel (``_CancellingWeights``) in a ``tc.ExampleLoss``'s function, for
-    a run on one example (a criterion's are watched on every call, its model aside; watching an ``ExampleLoss``'s every
-    call would watch every op of its forward)."""
-    return _CancellingWeights(loss.name, loss.fn) if isinstance(loss, OneExampleLoss) else nullcontext()
 
 
 def floating_leaves(tree: Any) -> list[torch.Tensor]:

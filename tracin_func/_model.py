@@ -173,7 +173,8 @@ def _rebound(value: Any, copies: Mapping[int, nn.Module]) -> types.MethodType | 
     """``value``, a method bound to a module of the tree (``self._body = self._impl``: it would read the user's
     module's weights, not the checkpoint's), bound to that module's copy instead; one compiled (``torch.compile(
     self._impl)``) is rebound uncompiled, as the copy's compiled call is dropped. None for anything else."""
-    method = getattr(value, "_torchdynamo_orig_callable", value)
+    # (only a function is looked into: an object's own ``__getattr__`` may raise anything, a config's KeyError)
+    method = getattr(value, "_torchdynamo_orig_callable", value) if isinstance(value, types.FunctionType) else value
     if isinstance(method, types.MethodType) and id(method.__self__) in copies:
         return types.MethodType(method.__func__, copies[id(method.__self__)])
     return None

@@ -28,13 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._data import examples_in
 from ._grads import Tensors, batch_of_one, example_at
-from ._loss import (
-    CriterionLoss,
-    ExampleLossFn,
-    cancelling_weights_refused,
-    floating_leaves,
-    naming_a_dropped_batch,
-)
+from ._loss import CriterionLoss, ExampleLossFn, floating_leaves, naming_a_dropped_batch
 from ._loss_dtype import CAST_FROM, refuse_held_dtype
 from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, left_by_run, own_attributes
 from ._validate import refusal
@@ -455,7 +449,7 @@ def _run(
     forward=False)``: a context watching what the loss (or a criterion's ``forward``) computes with, besides the
     tensors ``given`` to it (the state, the example or a criterion's outputs and targets: ``_ModelTensorsRead``)."""
     if not isinstance(loss, CriterionLoss):
-        with read((state, example)), cancelling_weights_refused(loss):
+        with read((state, example)):
             return floating_leaves(loss(state, example))
     *inputs, target = example
     with read((state, inputs), True):
@@ -548,8 +542,9 @@ class _ModelTensorsRead(TorchFunctionMode):
             raise ValueError(
                 f"`model` computes with its own {what} {read!r} in its forward pass, read through a reference that "
                 f"scoring's `functional_call` does not replace with the checkpoint's (a dict or list attribute "
-                f"holding it, a global), not through its module, {why}. Read it as the module's attribute "
-                f"(`self.fc.weight`), or register the reference as a parameter or buffer."
+                f"holding it, a global, a lambda or partial kept as an attribute holding the module), not through "
+                f"its module, {why}. Read it as the module's attribute (`self.fc.weight`) in the forward or in a "
+                f"method it calls, or register the reference as a parameter or buffer."
             )
         if self.criterion:
             raise ValueError(
