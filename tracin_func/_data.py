@@ -227,12 +227,7 @@ class Repeated:
         if self._head is None:
             self._head = head
         elif len(head) != len(self._head) or head and not _same_batch(head[0], self._head[0]):
-            raise ValueError(
-                f"`{where}` gave another first batch when iterated again (an iterable that is a single pass, such as "
-                f"one whose `__iter__` returns a stored iterator, or one that changes between passes), and this call "
-                f"reads it more than once. Pass a list of batches, a Dataset, a DataLoader over a map-style Dataset, "
-                f"or the iterator itself (`iter(data)`: read once, its first batch kept)."
-            )
+            raise ValueError(f"`{where}` gave another first batch when iterated again{self._why_and_fix()}")
         n = 0
         for batch in itertools.chain(head, batches):
             n += batch_size_of(batch, f"`{where}`'s batches")
@@ -246,6 +241,24 @@ class Repeated:
                 f"Pass a list of batches, a Dataset or a DataLoader over a map-style Dataset."
             )
 
+    def _why_and_fix(self) -> str:
+        data = self.data
+        if isinstance(data, DataLoader) and _map_style(data.dataset):  # (with a sampler of the user's: ``replayable``)
+            sampler = type(next(s for s in loader_samplers(data) if not _ordered(s))).__name__
+            return (
+                f", and this call reads it more than once: a DataLoader whose sampler ({sampler}) is not torch's "
+                f"sequential one or a list of indices is checked to give the same batches on every pass (one drawing "
+                f"at random would give each pass's scores to other examples). Pass its order as a list, drawn once "
+                f"(`sampler=list(your_sampler)`), which a Dataset augmenting at random may then read as it does "
+                f"with torch's samplers."
+            )
+        return (
+            " (an iterable that is a single pass, such as one whose `__iter__` returns a stored iterator, or one that "
+            "changes between passes), and this call reads it more than once. Pass a list of batches, a Dataset, a "
+            "DataLoader over a map-style Dataset, or the iterator itself (`iter(data)`: read once, its first batch "
+            "kept)."
+        )
+
 
 def _same_batch(a: Any, b: Any) -> bool:
     """Whether two batches hold equal values in one structure."""
@@ -256,7 +269,11 @@ def _same_batch(a: Any, b: Any) -> bool:
 
 def _same_leaf(x: Any, y: Any) -> bool:
     if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape):
+            return False
+        if x.dtype == y.dtype and (x.is_floating_point() or x.is_complex()):  # (a NaN feature is read alike)
+            return torch.allclose(x, y, rtol=0, atol=0, equal_nan=True)
+        return torch.equal(x, y)
     return x is y or x == y
 
 
