@@ -369,6 +369,21 @@ def test_1b3b_forward_hooks_reaching_the_model_otherwise_are_refused(hook):
         handle.remove()
 
 
+def test_1b3c_global_backward_hooks_holding_the_model_are_refused():
+    """A global backward hook reaching the model was not refused: it read the user's weights (found by review: 7-8%
+    off, silently). Refused as global forward hooks are (a module's own backward hooks are refused outright)."""
+    plain = MLP().double().eval()
+    register = nn.modules.module
+    for kind, add in [("backward hook", register.register_module_full_backward_hook),
+                      ("backward pre-hook", register.register_module_full_backward_pre_hook)]:  # fmt: skip
+        handle = add(lambda layer, *grads: None if plain.fc2.bias.sum() > 1e9 else None)
+        try:
+            with pytest.raises(ValueError, match=rf"A global {kind} .*holds a module or tensor of the model"):
+                tc.self_influence(plain, make_ckpts(plain), data(4, seed=1), loss_fn=CE)
+        finally:
+            handle.remove()
+
+
 class Aliased(nn.Module):
     """One layer reachable under two names (``head`` is ``body[2]``)."""
 
