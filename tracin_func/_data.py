@@ -407,12 +407,13 @@ _COMPLEX = {torch.float64: torch.complex128, torch.float32: torch.complex64}  # 
 def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None, copy: bool = False) -> Batch:
     """Move every tensor to ``device``; cast floating tensors to ``dtype`` when given, complex ones to its complex
     dtype (integers stay integers); ``copy``: new tensors even where nothing changes.
-    Detached: inputs that require grad (features of a backbone) would tie the scores to their graph."""
+    Detached: inputs that require grad (features of a backbone) or carry a forward-mode tangent would tie the scores
+    to their graph or give them a tangent (wrong on the factored path)."""
 
     complex_dtype = _COMPLEX.get(dtype)
 
     def move(t: torch.Tensor) -> torch.Tensor:
-        t = t.detach() if t.requires_grad else t
+        t = t.detach()  # (a graph's, or forward-mode AD's tangent: read as values)
         if dtype is not None and t.is_floating_point():
             return t.to(device=device, dtype=dtype, copy=copy)
         if complex_dtype is not None and t.is_complex():
