@@ -1212,3 +1212,24 @@ def test_a_batched_forward_failing_only_on_a_later_batch_names_the_batch_and_the
         warnings.simplefilter("ignore")  # (vmap falls back to the loop on the model's branch)
         got = _all_calls(model, ckpts, (x, y), (x[:3], y[:3]), batch_size=4, factored=False)["self_influence"]()
     assert_close(got, reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE).self_influence)
+
+
+def test_a_forward_under_inference_mode_is_named():
+    """A `forward` decorated with `@torch.inference_mode()` raised torch's "Inference tensors do not track version
+    counter" from inside the library, and under `factored=False` scored every example 0 (found by review)."""
+
+    class Inferring(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        @torch.inference_mode()
+        def forward(self, x):
+            return self.fc(x)
+
+    model = Inferring().eval()
+    data = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    for factored in (None, False):
+        with pytest.raises(ValueError, match=r"`model`: its forward runs under `torch.inference_mode\(\)`"):
+            tc.self_influence(model, [tc.Checkpoint(dict(model.state_dict()), 0.1)], data, loss_fn=CE,
+                              factored=factored)  # fmt: skip

@@ -173,6 +173,13 @@ class _MathAttention(TorchFunctionMode):
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
+INFERENCE_FORWARD = (
+    "`model`: its forward runs under `torch.inference_mode()` (a decorated `forward`, say), through which torch takes "
+    "no gradient. Score it without that mode (`torch.no_grad()` in the forward is fine where nothing scored is "
+    "computed under it)."
+)
+
+
 CHECKPOINTED = (
     "`model`: its forward runs under activation checkpointing (`torch.utils.checkpoint`), whose backward pass "
     "recomputes layers with the module's own tensors, not the checkpoint's, and without the per-example factors' "

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._data import examples_in
-from ._grads import Tensors, batch_of_one, example_at
+from ._grads import INFERENCE_FORWARD, Tensors, batch_of_one, example_at
 from ._loss import CriterionLoss, ExampleLossFn, floating_leaves, naming_a_dropped_batch
 from ._loss_dtype import CAST_FROM, refuse_held_dtype
 from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, left_by_run, own_attributes
@@ -450,11 +450,12 @@ def _run(
     tensors ``given`` to it (the state, the example or a criterion's outputs and targets: ``_ModelTensorsRead``)."""
     if not isinstance(loss, CriterionLoss):
         with read((state, example)):
-            return floating_leaves(loss(state, example))
+            return _refused_if_inference(floating_leaves(loss(state, example)))
     *inputs, target = example
     with read((state, inputs), True):
         output = loss.forward(state, *inputs)
     _check_output(output, loss.name)
+    _refused_if_inference(floating_leaves(output))
     try:
         with read((state, output, target)), naming_a_dropped_batch(output, target):
             value = loss.criterion(output, target)
@@ -462,6 +463,14 @@ def _run(
         _refuse_held_dtype(loss, err, state)
         raise
     return floating_leaves((output, value))
+
+
+def _refused_if_inference(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``values``, refused where one is an inference tensor: the forward runs under ``torch.inference_mode()`` (a
+    decorated ``forward``), through which no gradient is taken (torch's error on a version counter, or scores 0)."""
+    if any(v.is_inference() for v in values):
+        raise ValueError(INFERENCE_FORWARD)
+    return values
 
 
 def _refuse_held_dtype(loss: ExampleLossFn, err: RuntimeError, state: Tensors) -> None:
