@@ -1233,3 +1233,20 @@ def test_a_forward_under_inference_mode_is_named():
         with pytest.raises(ValueError, match=r"`model`: its forward runs under `torch.inference_mode\(\)`"):
             tc.self_influence(model, [tc.Checkpoint(dict(model.state_dict()), 0.1)], data, loss_fn=CE,
                               factored=factored)  # fmt: skip
+
+
+def test_a_default_device_that_cannot_compute_is_named():
+    """Torch's default device set to `meta` (or an accelerator not there) raised torch's errors from inside the
+    library ("Cannot copy out of meta tensor", "Torch not compiled with CUDA enabled"; found by review)."""
+    model, ckpts, data = _setup()
+    with torch.device("meta"):
+        with pytest.raises(RuntimeError, match=r"torch's default device \(meta; .* holds no values"):
+            tc.self_influence(model, ckpts, data, loss_fn=CE)
+    if not torch.cuda.is_available():
+        torch.set_default_device("cuda")
+        try:
+            with pytest.raises(RuntimeError, match=r"torch's default device \(unavailable; .* cannot be used"):
+                tc.self_influence(model, ckpts, data, loss_fn=CE)
+        finally:
+            torch.set_default_device(None)
+    assert torch.get_default_device().type == "cpu"

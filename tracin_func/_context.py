@@ -46,6 +46,14 @@ def in_own_context(fn: _F) -> _F:
     return run  # type: ignore[return-value]
 
 
+def _available(device: torch.device) -> bool:
+    """Whether ``device`` is the CPU or an accelerator whose backend is built and has a device (``torch.cuda``)."""
+    if device.type == "cpu":
+        return True
+    backend = getattr(torch, device.type, None)
+    return bool(getattr(backend, "is_available", lambda: False)())
+
+
 # (eager under torch.compile, as a compiled tracer's update runs them: dynamo warned that it cannot trace the
 # hooks' stack, telling the user to file a PyTorch issue)
 @torch.compiler.disable
@@ -56,6 +64,17 @@ def _refuse_outer_context(name: str) -> None:
             f"`{name}`: scores need gradients, which torch cannot compute under "
             f"`torch.inference_mode()`; call it outside that block (`torch.no_grad()` is fine: the library "
             f"enables what it needs)."
+        )
+    try:
+        default = torch.get_default_device()  # (which raises where a CUDA default has no CUDA to ask its index)
+        unusable = "holds no values" if default.type == "meta" else None if _available(default) else "is unavailable"
+    except (RuntimeError, AssertionError) as err:
+        default, unusable = "unavailable", f"cannot be used ({type(err).__name__}: {err})"
+    if unusable:
+        raise RuntimeError(
+            f"`{name}`: torch's default device ({default}; `torch.set_default_device`, or a `with torch.device(...)` "
+            f"block), on which tensors made without a device are made, {unusable}. Call it with a default device "
+            f"that computes (`torch.set_default_device('cpu')`, or outside the block)."
         )
     if torch._C._are_functorch_transforms_active():
         raise RuntimeError(
