@@ -269,12 +269,19 @@ def _same_batch(a: Any, b: Any) -> bool:
 
 def _same_leaf(x: Any, y: Any) -> bool:
     if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape):
-            return False
-        if x.dtype == y.dtype and (x.is_floating_point() or x.is_complex()):  # (a NaN feature is read alike)
-            return torch.allclose(x, y, rtol=0, atol=0, equal_nan=True)
-        return torch.equal(x, y)
+        return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and same_values(x, y)
     return x is y or x == y
+
+
+def same_values(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether ``x`` and ``y`` hold the same values in one shape and dtype, NaN where the other holds NaN (a NaN
+    feature read again, a NaN buffer)."""
+    x, y = x.detach(), y.detach()
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    if x.is_floating_point() or x.is_complex():
+        return torch.allclose(x, y, rtol=0, atol=0, equal_nan=True)
+    return torch.equal(x, y)
 
 
 def sized_automatically(data: Any) -> bool:

@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 import tracin_func as tc
 
 from .._checkpoints import _read_file, check_lr, checkpoint_files, split_state_and_lr
-from .._data import batch_size_of, check_stable_order, sequential_loader
+from .._data import batch_size_of, check_stable_order, same_values, sequential_loader
 from .._setup import _default_device
 from .._validate import positive_int, seed_value
 
@@ -189,17 +189,9 @@ def _held(model: nn.Module) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
 def _still_held(model: nn.Module, held: list[tuple[torch.Tensor, int, torch.Tensor]]) -> bool:
     """Whether ``model`` holds the tensors ``held`` (``_held``), none written since."""
     now = list(model.state_dict(keep_vars=True).values())
-    return len(now) == len(held) and all(t is a and t._version == v and _equal(t, c) for t, (a, v, c) in zip(now, held))
-
-
-def _equal(t: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether ``t`` holds ``values`` (NaN where they hold NaN)."""
-    t = t.detach()
-    if t.shape != values.shape or t.dtype != values.dtype:
-        return False
-    if t.is_floating_point() or t.is_complex():
-        return torch.allclose(t, values, rtol=0, atol=0, equal_nan=True)
-    return torch.equal(t, values)
+    return len(now) == len(held) and all(
+        t is a and t._version == v and same_values(t, c) for t, (a, v, c) in zip(now, held)
+    )
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
