@@ -269,8 +269,8 @@ def tracer(
                 plans.popitem(last=False)
         return planned
 
-    def init() -> TracerState:
-        return _zeros(test, n_test, n_train, dtype, target)
+    def init() -> TracerState:  # (the test batch copied too: a state changed in place leaves the others alone)
+        return _zeros(optree.tree_map(torch.clone, test), n_test, n_train, dtype, target)
 
     @in_own_context
     def update(
