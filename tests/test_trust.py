@@ -382,6 +382,23 @@ def test_1b3c_global_backward_hooks_holding_the_model_are_refused():
                 tc.self_influence(plain, make_ckpts(plain), data(4, seed=1), loss_fn=CE)
         finally:
             handle.remove()
+    # one registered after a tracer planned: its update read the user's weights (found by review: 2.9e-3 off)
+    batch = data(4, seed=1)
+    tracer = tc.tracer(plain, data(4, n=2, seed=2), n_train=len(batch[1]), loss_fn=CE)
+    handle = register.register_module_full_backward_hook(lambda layer, *grads: None if plain.fc2.bias.sum() else None)
+    try:
+        with pytest.raises(ValueError, match=r"A global backward hook .*holds a module or tensor of the model"):
+            params = {k: v.detach() + 0.1 for k, v in plain.named_parameters()}
+            tracer.update(tracer.init(), params, 0.1, batch, torch.arange(len(batch[1])))
+    finally:
+        handle.remove()
+    # one reading its arguments alone keeps the batched path (marking every layer unprovable: 35x slower, no gain)
+    handle = register.register_module_full_backward_pre_hook(lambda layer, grad_output: None)
+    try:
+        plan = tc.explain(plain, make_ckpts(plain), data(4, seed=1), loss_fn=CE)
+        assert plan.batching == "one batched forward / backward gives every layer's factors"
+    finally:
+        handle.remove()
 
 
 class Aliased(nn.Module):

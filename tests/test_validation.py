@@ -1230,7 +1230,7 @@ def test_a_forward_under_inference_mode_is_named():
     model = Inferring().eval()
     data = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
     for factored in (None, False):
-        with pytest.raises(ValueError, match=r"`model`: its forward runs under `torch.inference_mode\(\)`"):
+        with pytest.raises(ValueError, match=r"`model`: its output is computed under `torch.inference_mode\(\)`"):
             tc.self_influence(model, [tc.Checkpoint(dict(model.state_dict()), 0.1)], data, loss_fn=CE,
                               factored=factored)  # fmt: skip
 
@@ -1250,3 +1250,29 @@ def test_a_default_device_that_cannot_compute_is_named():
         finally:
             torch.set_default_device(None)
     assert torch.get_default_device().type == "cpu"
+
+
+def test_a_constant_made_under_inference_mode_is_scored():
+    """A teacher pass of a scored layer under `torch.inference_mode()`, cloned (no gradient, as under `no_grad`),
+    and features made under it given as data: refused on the factored path (the layer's input has no version
+    counter; found by review), where `factored=False` scored them exactly."""
+
+    class Distilled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            with torch.inference_mode():
+                teacher = self.fc(2 * x)
+            return self.fc(x) + teacher.clone()
+
+    model = Distilled().double().eval()
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        features = torch.randn(5, 4, generator=g, dtype=torch.float64)  # (a frozen backbone's)
+    data = (features, torch.randint(0, 3, (5,), generator=g))
+    want = reference_scores(model, ckpts, (features.clone(), data[1]), loss_fn=CE).self_influence
+    for factored in (None, True, False):
+        assert_close(tc.self_influence(model, ckpts, data, loss_fn=CE, factored=factored), want)

@@ -267,10 +267,11 @@ def _warned_if_lost(scores: Any) -> Any:
     if largest == 0:
         warn(
             "Every score is 0: no example's loss has a gradient in the parameters scored (the loss does not reach "
-            "them, or is constant on one example), or the gradients are so small that their products underflow the "
-            "dtype (pass `dtype=torch.float64`, or scale the loss). TracIn scores each example on its own loss, alone: "
-            "a loss comparing the examples of a batch (in-batch contrastive, InfoNCE) has nothing to compare there; "
-            "give each example what it is compared with (`tc.ExampleLoss` with fixed negatives).",
+            "them, is constant on one example, or is computed under `torch.inference_mode()`), or the gradients are "
+            "so small that their products underflow the dtype (pass `dtype=torch.float64`, or scale the loss). TracIn "
+            "scores each example on its own loss, alone: a loss comparing the examples of a batch (in-batch "
+            "contrastive, InfoNCE) has nothing to compare there; give each example what it is compared with "
+            "(`tc.ExampleLoss` with fixed negatives).",
             UserWarning,
         )
     elif largest < torch.finfo(parts[0].dtype).tiny:

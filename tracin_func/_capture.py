@@ -34,7 +34,6 @@ from torch.utils.hooks import RemovableHandle
 
 from ._batch_free import NORM_ARGS, Meetings, norm_parts, per_example_outputs
 from ._grads import (
-    INFERENCE_FORWARD,
     REENTRANT,
     Mapper,
     Tensors,
@@ -364,10 +363,8 @@ def batched_factors(
             if reentrant_checkpointing():  # (its output would get no gradient: the layer's scores 0)
                 raise ValueError(REENTRANT)
             x = recorded_input(layer, site, args[0], output).detach()
-            if x.is_inference():
-                raise ValueError(INFERENCE_FORWARD)
             inputs[site.path].append(x.transpose(0, 1) if seq_first else x)
-            if not compiled:
+            if not compiled and not x.is_inference():  # (a pass under inference_mode: no gradient, as under no_grad)
                 kept.append((site.path, x, x._version))
             # run once for the whole batch (its input has no batch dimension, or is computed from followed tensors
             # alone: DeBERTa's relative embeddings): its output followed to where it meets the batch

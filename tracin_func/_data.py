@@ -244,13 +244,14 @@ class Repeated:
     def _why_and_fix(self) -> str:
         data = self.data
         if isinstance(data, DataLoader) and _map_style(data.dataset):  # (with a sampler of the user's: ``replayable``)
-            sampler = type(next(s for s in loader_samplers(data) if not _ordered(s))).__name__
+            sampler = next(s for s in loader_samplers(data) if not _ordered(s))
+            given = "batch_sampler" if sampler is data.batch_sampler else "sampler"
             return (
-                f", and this call reads it more than once: a DataLoader whose sampler ({sampler}) is not torch's "
-                f"sequential one or a list of indices is checked to give the same batches on every pass (one drawing "
-                f"at random would give each pass's scores to other examples). Pass its order as a list, drawn once "
-                f"(`sampler=list(your_sampler)`), which a Dataset augmenting at random may then read as it does "
-                f"with torch's samplers."
+                f", and this call reads it more than once: a DataLoader whose {given} ({type(sampler).__name__}) is "
+                f"not torch's sequential one or a list is checked to give the same batches on every pass (one "
+                f"drawing at random would give each pass's scores to other examples). Pass its order as a list, "
+                f"drawn once (`{given}=list(your_{given})`), which a Dataset augmenting at random may then read as "
+                f"it does with torch's samplers."
             )
         return (
             " (an iterable that is a single pass, such as one whose `__iter__` returns a stored iterator, or one that "
@@ -277,8 +278,13 @@ def same_values(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Whether ``x`` and ``y`` hold the same values in one shape and dtype, NaN where the other holds NaN (a NaN
     feature read again, a NaN buffer)."""
     x, y = x.detach(), y.detach()
-    if x.shape != y.shape or x.dtype != y.dtype:
+    if x.shape != y.shape or x.dtype != y.dtype or x.layout != y.layout:
         return False
+    if x.is_sparse:  # (a sparse buffer: its entries where it has them)
+        x, y = x.coalesce(), y.coalesce()
+        return same_values(x.indices(), y.indices()) and same_values(x.values(), y.values())
+    if x.layout != torch.strided:
+        x, y = x.to_dense(), y.to_dense()
     if x.is_floating_point() or x.is_complex():
         return torch.allclose(x, y, rtol=0, atol=0, equal_nan=True)
     return torch.equal(x, y)
@@ -421,6 +427,8 @@ def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None, cop
 
     def move(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()  # (a graph's, or forward-mode AD's tangent: read as values)
+        if t.is_inference():  # (a frozen backbone's features made under inference_mode: no version counter to read)
+            t = t.clone()
         if dtype is not None and t.is_floating_point():
             return t.to(device=device, dtype=dtype, copy=copy)
         if complex_dtype is not None and t.is_complex():

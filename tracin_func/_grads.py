@@ -174,9 +174,9 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 
 INFERENCE_FORWARD = (
-    "`model`: its forward runs under `torch.inference_mode()` (a decorated `forward`, say), through which torch takes "
-    "no gradient. Score it without that mode (`torch.no_grad()` in the forward is fine where nothing scored is "
-    "computed under it)."
+    "`model`: its output is computed under `torch.inference_mode()` (a decorated `forward`, say), through which torch "
+    "takes no gradient. Leave the mode off the path from the parameters scored to the output (a constant computed "
+    "under it, or under `torch.no_grad()`, is fine)."
 )
 
 

@@ -124,6 +124,12 @@ def on_copies(model: nn.Module, copies: Mapping[int, nn.Module]) -> None:
                 raise ValueError(f"A global {kind} ({_name(hook)}) {_REACHES}. {_GLOBAL_FIX}")
 
 
+def global_hook_ids() -> tuple[tuple[int, ...], ...]:
+    """The global module hooks registered now (their handles' ids), by kind: a tracer plans anew where they changed,
+    so that one registered after planning is checked as planning checks it."""
+    return tuple(tuple(getattr(nn.modules.module, slot)) for slot in _GLOBAL_HOOKS)
+
+
 class _Own(NamedTuple):
     """The user's model's tensors' names, by id and by storage."""
 

@@ -44,6 +44,7 @@ from ._checkpoints import Checkpoint, unprefixed
 from ._context import check_precision, in_own_context
 from ._data import as_dict, batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
+from ._hooks import global_hook_ids
 from ._model import check_runnable, copied_containers, exclusive_use, holding, shared_by_copy, unsaved_on
 from ._plan import plan_call
 from ._setup import Setup, make_setup, target_device
@@ -539,11 +540,12 @@ def _following(planned: _Planned) -> None:
 
 
 def _structure(model: torch.nn.Module) -> tuple[Any, ...]:
-    """The module tree by identity, with each module's forward hooks (their handles' ids): what a plan's private copy
-    of the modules was made from."""
-    return tuple(
+    """The module tree by identity, with each module's forward hooks (their handles' ids), and the global hooks: what
+    a plan's private copy of the modules was made from, and checked against."""
+    modules = tuple(
         (path, id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for path, m in model.named_modules()
     )
+    return (*modules, global_hook_ids())
 
 
 def _setting(value: Any, depth: int = NESTING) -> bool:
