@@ -62,6 +62,20 @@ def test_exact_index_matches_the_loop_reference(task, tmp_path):
         assert_topk(top, ref.influence, 4, largest=proponents)
 
 
+def test_stored_rows_are_converted_a_few_at_a_time(task, tmp_path, monkeypatch):
+    """A block of float32 rows queried in float64 was converted whole, held beside the stored one (3x the block's
+    memory, found by review): converted ``_CONVERTED_BYTES`` at a time, the same scores."""
+    import tracin_func._search as search
+
+    model, ckpts, train, test, ref = task
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, projection_dim=16, seed=3)
+    whole = tc.influence(model, ckpts, index, test, loss_fn=LOSS)
+    monkeypatch.setattr(search, "_CONVERTED_BYTES", 3 * index.dim * 8)  # three rows at a time (a GEMM per piece:
+    assert_close(tc.influence(model, ckpts, index, test, loss_fn=LOSS), whole, 1e-14)  # this CPU's BLAS rounds
+    top = tc.top_k(model, ckpts, index, test, k=4, loss_fn=LOSS)  # another shape's columns otherwise, last bits)
+    assert_close(top.scores, whole.topk(4, dim=1).values, 1e-14)
+
+
 def test_projected_index_keeps_exact_self_influence(task, tmp_path):
     model, ckpts, train, test, ref = task
     dataset = TensorDataset(*train)
