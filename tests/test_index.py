@@ -422,6 +422,22 @@ def test_a_directory_that_is_not_an_index_is_never_deleted(task, tmp_path):
         assert (tmp_path / "shard-00000.safetensors").read_text() == "my weights"
 
 
+def test_an_index_manifest_cut_short_beside_a_users_file(task, tmp_path):
+    """A damaged manifest beside a file of the user's: `open_index` advised `overwrite=True`, which the build then
+    refused, in the same message (found by review). The refusal says why and what works: the files moved out,
+    `overwrite=True` rebuilds."""
+    model, ckpts, train, _, _ = task
+    tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"beside files that are no index's \(\['notes.txt'\]\).*Move those files out"):
+        tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8, overwrite=True)
+    (tmp_path / "notes.txt").unlink()
+    index = tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8, overwrite=True)
+    assert_close(index.self_influence(), tc.self_influence(model, ckpts, train, loss_fn=LOSS))
+
+
 def test_damaged_shards_are_named(task, tmp_path):
     model, ckpts, train, test, _ = task
     tc.build_index(tmp_path, model, ckpts, train, loss_fn=LOSS, shard_size=8)

@@ -120,6 +120,14 @@ def _prepare_directory(path: str, planned: dict[str, Any], overwrite: bool) -> N
         stored = read_manifest(path)
     except ValueError as err:
         if not _maybe_ours(path, manifest):  # (a `manifest.json` of another program)
+            others = sorted(n for n in os.listdir(path) if not _ours(n))
+            if others and isinstance(err.__cause__, ValueError):  # (not JSON: an index's cut short, or another's)
+                raise ValueError(
+                    f"`{manifest}` is not a readable index manifest ({err.__cause__}), beside files that are no "
+                    f"index's ({others[:5]}): it is not told for an index's damaged manifest, and is never replaced, "
+                    f"even with `overwrite=True`. Move those files out (then `overwrite=True` rebuilds the index), or "
+                    f"pass a new or empty directory."
+                ) from None
             never = "It is never replaced, even with `overwrite=True`: pass a new or empty directory."
             raise ValueError(f"{err} {never}") from None
         if not overwrite:
