@@ -143,3 +143,28 @@ def test_compiled_stacked_bidirectional_recurrent_layers(fresh_dynamo):
     kw = {"loss_fn": CE, "batch_size": 5}
     eager = tc.influence(model, ckpts, train, test, **kw)
     assert_close(tc.influence(model, ckpts, train, test, compile=True, **kw), eager, 1e-5)
+
+
+class _TeacherPass(torch.nn.Module):
+    """A scored layer run once more under `no_grad` for a constant (a teacher's pass), its result cloned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            teacher = self.fc(2 * x)
+        return self.fc(x) + teacher.clone()
+
+
+def test_compiled_forward_with_a_pass_without_gradients(fresh_dynamo):
+    """The check for a reentrant checkpointed region walked the stack looking frames' code up in a set, which a frame
+    under torch.compile made raise "unhashable type: 'dict'" (found by review): by identity."""
+    model = _TeacherPass().double().eval()
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(8, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+    loss = torch.nn.CrossEntropyLoss()
+    want = reference_scores(model, ckpts, data, loss_fn=loss).self_influence
+    assert_close(tc.self_influence(model, ckpts, data, loss_fn=loss, compile=True), want)

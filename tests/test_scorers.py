@@ -22,7 +22,10 @@ from tests.conftest import assert_close, assert_topk
 from tests.models import TASKS, Task, cast_task, mlp_task, multi_output_task, random_checkpoints
 from tests.reference import Reference, reference_grads, reference_scores
 
-LOOP_WARNING = r"vmap failed on this model, so per-example gradients are computed with a loop .+ full: RuntimeError: "
+LOOP_WARNING = (
+    r"vmap failed on this model, so per-example gradients are computed one example at a time, in a loop by plain "
+    r"autograd, instead .+ full: RuntimeError: "
+)
 
 
 @functools.cache

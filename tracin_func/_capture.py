@@ -301,8 +301,8 @@ def discover(
 # (a criterion mapped over a batched pass's outputs: its values only, the gradients still from one backward; the
 # warning said the model's per-example gradients ran in a loop, where the call stayed batched)
 _CRITERION_LOOPED = (
-    "the criterion (`loss_fn`, one example at a time over the batched forward's outputs), so each example's loss is "
-    "computed (its gradients still from one batched backward)"
+    "the criterion (`loss_fn`, over the batched forward's outputs), so each example's loss is computed (its "
+    "gradients still from one batched backward)"
 )
 
 

@@ -172,7 +172,7 @@ def explain(
         routes.append(Route(name, route, reason))
     looping = (  # (said where a route loops: vmap may have failed only in a check of the batched path)
         "" if not any(r.route == "loop" for r in routes)
-        else "; torch.func cannot run this model, so examples run one at a time by plain autograd" if mapper.plain
+        else "; vmap failed on this model, so examples run one at a time by plain autograd" if mapper.plain
         else "; vmap failed on this model, so examples run one at a time"
     )  # fmt: skip
     batching = plan.batching + looping
