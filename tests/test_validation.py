@@ -1276,3 +1276,19 @@ def test_a_constant_made_under_inference_mode_is_scored():
     want = reference_scores(model, ckpts, (features.clone(), data[1]), loss_fn=CE).self_influence
     for factored in (None, True, False):
         assert_close(tc.self_influence(model, ckpts, data, loss_fn=CE, factored=factored), want)
+
+
+def test_checkpoints_copied_under_inference_mode_are_scored():
+    """Checkpoint tensors copied inside an evaluation's `torch.inference_mode()` raised torch's "Setting
+    requires_grad=True on inference tensor" from inside the library (a tracer's step blamed its batch; found by
+    review): read as any other tensor."""
+    model, _, data = _setup()
+    with torch.inference_mode():
+        ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    plain = [tc.Checkpoint({k: v.clone() for k, v in ckpts[0].params.items()}, 0.1)]
+    want = reference_scores(model, plain, data, loss_fn=CE).self_influence
+    for factored in (None, False):
+        assert_close(tc.self_influence(model, ckpts, data, loss_fn=CE, factored=factored), want)
+    tracer = tc.tracer(model, data, n_train=len(data[1]), loss_fn=CE, dtype=torch.float64)
+    state = tracer.update(tracer.init(), dict(ckpts[0].params), 0.1, data, torch.arange(len(data[1])))
+    assert_close(state.self_influence, want)

@@ -704,6 +704,13 @@ def _as_model_holds(t: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Te
     return back
 
 
+def state_tensor(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A checkpoint's (or a step's) tensor as a call reads it: detached, on ``device``, in ``dtype`` where floating,
+    and not an inference tensor (copied in an evaluation's ``inference_mode``: no gradient can be taken of it)."""
+    t = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    return t.clone() if t.is_inference() else t
+
+
 def converted(
     state: Mapping[str, torch.Tensor],
     lr: Any,
@@ -719,11 +726,8 @@ def converted(
     the model's dtype, are in another than ``dtype`` (converted, as the model's parameters are); the model keeps its
     own."""
 
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-
     lr = torch.as_tensor(lr, dtype=dtype, device=device).detach().reshape(())
-    moved = {n: move(t) for n, t in state.items()}
+    moved = {n: state_tensor(t, device, dtype) for n, t in state.items()}
     return CheckpointState({**unsaved_on(unsaved, following, device, dtype), **moved}, lr)
 
 

@@ -45,7 +45,15 @@ from ._context import check_precision, in_own_context
 from ._data import as_dict, batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
 from ._hooks import global_hook_ids
-from ._model import check_runnable, copied_containers, exclusive_use, holding, shared_by_copy, unsaved_on
+from ._model import (
+    check_runnable,
+    copied_containers,
+    exclusive_use,
+    holding,
+    shared_by_copy,
+    state_tensor,
+    unsaved_on,
+)
 from ._plan import plan_call
 from ._setup import Setup, make_setup, target_device
 from ._state import FLAT_ABOVE, MODULE_SLOTS, NESTING
@@ -640,14 +648,12 @@ def _products(
     check_batch_structure(batch, "`batch`", needs_target=planned.needs_target)
     batch = to_device(batch, planned.device, planned.dtype)
 
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(device=planned.device, dtype=planned.dtype if t.is_floating_point() else t.dtype)
-
     spec = planned.setup.spec
     with exclusive_use(planned.setup.spec), naming_failures(planned.setup.train_loss, planned.setup, batch, "batch", 0):
         with holding(planned.model):  # the model as it is now, at one moment: its buffers (one rebound since planning
             live = _live_state(planned.model)  # too) and settings (undone as the call leaves the copy)
             _following(planned)
+        move = partial(state_tensor, device=planned.device, dtype=planned.dtype)
         diff = {n: move(params[n]) for n in planned.names}
         frozen = {n: move(live.get(n, spec.defaults[n])) for n in planned.defaults}
         frozen.update({n: move(t) for n, t in params.items() if n not in diff})
