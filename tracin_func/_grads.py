@@ -1,5 +1,5 @@
-"""Per-sample gradients: ``vmap(grad(loss))`` over a batch, with a per-example loop where vmap fails (and plain
-autograd where torch.func cannot run the model)."""
+"""Per-sample gradients: ``vmap(grad(loss))`` over a batch, with a per-example loop by plain autograd where vmap
+fails."""
 
 from __future__ import annotations
 
@@ -68,8 +68,8 @@ class Mapper:
         looped: str = "this model, so per-example gradients are computed",
     ) -> Callable[..., Any]:
         """``f(*static, batch)`` stacking ``one(*static, example)`` over the examples of ``batch``; ``plain``: the same
-        function by plain autograd, for models torch.func cannot run; ``looped``: what a failed vmap leaves to a loop,
-        in the warning's words."""
+        function by plain autograd, which a failed vmap loops over examples (else ``one``); ``looped``: what a failed
+        vmap leaves to a loop, in the warning's words."""
         # randomness "same": a random number drawn and never read (``_purity`` refuses a read) does not stop vmap
         fast = vmap(one, in_dims=(None,) * n_static + (0,), randomness="same", chunk_size=self.chunk_size)
 
