@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
@@ -1292,3 +1293,23 @@ def test_checkpoints_copied_under_inference_mode_are_scored():
     tracer = tc.tracer(model, data, n_train=len(data[1]), loss_fn=CE, dtype=torch.float64)
     state = tracer.update(tracer.init(), dict(ckpts[0].params), 0.1, data, torch.arange(len(data[1])))
     assert_close(state.self_influence, want)
+
+
+def test_a_loss_taking_a_gradient_itself_is_told_to_enable_grad():
+    """An input-gradient penalty in a `tc.ExampleLoss` failed in the checks, which run the loss with gradients off,
+    with torch's "does not require grad" alone (found by review); the message names `torch.enable_grad()`, under
+    which it is scored exactly."""
+    model, ckpts, (x, y) = _setup()
+
+    def penalised(params, batch, enabled):
+        inputs = batch[0].detach().requires_grad_()
+        with torch.enable_grad() if enabled else contextlib.nullcontext():
+            loss = CE(functional_call(model, params, (inputs,)), batch[1])
+            (dx,) = torch.autograd.grad(loss, inputs, create_graph=True)
+        return loss + dx.square().sum()
+
+    with pytest.raises(RuntimeError, match=r"does not have a grad_fn\. .*under `with torch.enable_grad\(\):`"):
+        tc.self_influence(model, ckpts, (x, y), loss_fn=tc.ExampleLoss(functools.partial(penalised, enabled=False)))
+    loss = tc.ExampleLoss(functools.partial(penalised, enabled=True))
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=loss),
+                 reference_scores(model, ckpts, (x, y), loss_fn=loss).self_influence)  # fmt: skip

@@ -247,6 +247,8 @@ def naming_failures(
                 message = f"`{name}` example {index} cannot be scored: {type(cause).__name__}: {cause}"
                 if "more than 1 value per channel" in str(cause):
                     message += f". {_ONE_VALUE_PER_CHANNEL}"
+                elif "does not require grad and does not have a grad_fn" in str(cause):
+                    message += f". {_GRADIENT_IN_THE_LOSS}"
                 elif narrow := _narrow_integer_target(str(cause), example):
                     message += f". {narrow}"
                 elif _floating_dtypes_met(str(cause)):
@@ -346,6 +348,13 @@ _ONE_VALUE_PER_CHANNEL = (
     "A BatchNorm without running statistics (`track_running_stats=False`) normalises over the batch even in eval "
     "mode, and one example alone (as its gradient is defined here) holds one value per channel: keep running "
     "statistics (`track_running_stats=True`, the default) for scoring"
+)
+
+# a loss or forward taking a gradient itself (an input-gradient penalty), run by the checks without gradients
+_GRADIENT_IN_THE_LOSS = (
+    "Where the loss or the model takes a gradient itself (`torch.autograd.grad`, an input-gradient penalty), take it "
+    "under `with torch.enable_grad():`: the library's checks run the loss with gradients off, as `torch.no_grad()` "
+    "does (the gradients scored are taken by the library)"
 )
 
 # a recurrent layer the library does not unroll (a subclass, `proj_size`), on a GPU
