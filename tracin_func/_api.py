@@ -274,19 +274,22 @@ def _warned_if_lost(scores: Any) -> Any:
             "(`tc.ExampleLoss` with fixed negatives).",
             UserWarning,
         )
-    elif largest < torch.finfo(parts[0].dtype).tiny:
-        warn(_underflowed(largest, parts[0].dtype), UserWarning)
+    else:
+        _warned_if_subnormal(largest, parts[0].dtype)
     return scores
 
 
-def _underflowed(largest: float, dtype: torch.dtype) -> str:
-    """The warning for scores whose largest, ``largest``, lies below ``dtype``'s least normal number."""
+def _warned_if_subnormal(largest: float, dtype: torch.dtype) -> None:
+    """A warning where the largest score, ``largest`` (nonzero), lies below ``dtype``'s least normal number."""
     name, tiny = str(dtype).replace("torch.", ""), torch.finfo(dtype).tiny
+    if not 0 < largest < tiny:
+        return
     fix = "Pass `dtype=torch.float64`" if dtype != torch.float64 else "Multiply the loss by a constant"
-    return (
+    warn(
         f"The largest score is {largest:.2e}, below {name}'s least normal number ({tiny:.2e}): scores this small "
         f"keep fewer digits, down to none, and their order is rounding's. {fix} (scores scale with the loss's square "
-        f"and with the learning rates)."
+        f"and with the learning rates).",
+        UserWarning,
     )
 
 
@@ -403,9 +406,7 @@ def top_k(
             raise ValueError("`train` holds no examples.")
         raise ValueError(f"`k`={k} exceeds the number of training examples ({seen}); pass `k <= {seen}`.")
     top = stack_top_k(lists, k, proponents, setup.ranks, torch.empty(0, device=setup.device, dtype=setup.dtype))
-    largest = float(top.scores.abs().max()) if top.scores.numel() else 0.0
-    if 0 < largest < torch.finfo(top.scores.dtype).tiny:
-        warn(_underflowed(largest, top.scores.dtype), UserWarning)
+    _warned_if_subnormal(float(top.scores.abs().max()) if top.scores.numel() else 0.0, top.scores.dtype)
     return top
 
 

@@ -162,7 +162,7 @@ def explain(
     routes = []
     for name in plan.names:
         route = plan.route(name)  # (off the batched path, factors too come from vmap, and loop where it failed)
-        looped = (route == "vmap" or not plan.batched and route != "unused") and (mapper.loop or mapper.plain)
+        looped = (route == "vmap" or not plan.batched and route != "unused") and mapper.loop
         reason = plan.reasons[name]
         if looped and route != "vmap":  # (a site's reason says how its factors would be used; they come from each
             reason = f"{reason}; its factors from each example alone"  # example's own run here)

@@ -57,8 +57,8 @@ class Mapper:
 
     def __init__(self, chunk_size: int | None = None) -> None:
         self.chunk_size = chunk_size
-        self.loop = False  # vmap failed: one example at a time, by torch.func (no plain autograd form given)
-        self.plain = False  # vmap failed: one example at a time, by plain autograd
+        self.loop = False  # vmap failed: one example at a time from then on
+        self.plain = False  # ... by plain autograd (the failing function's plain form was given)
 
     def over_batch(
         self,
@@ -78,14 +78,14 @@ class Mapper:
         each = one if plain is None else plain
 
         def mapped(*args: Any) -> Any:
-            if self.loop or self.plain:
+            if self.loop:
                 return _looped(each, args)
             try:
                 with _MathAttention():
                     return fast(*args)
             except (RuntimeError, NotImplementedError) as vmap_error:
                 result = _looped(each, args)  # a genuine error in the loss raises here, from the loop
-                self.loop, self.plain = plain is None, plain is not None
+                self.loop, self.plain = True, plain is not None
                 how = " by plain autograd" if plain is not None else ""
                 warn(
                     f"torch.func.vmap failed on {looped} one example at a time, in a loop{how}, instead (same results, "
