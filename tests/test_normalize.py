@@ -224,18 +224,18 @@ def test_gradients_too_small_for_float64_norms_are_refused_naming_a_scaled_loss(
 
 
 @pytest.mark.parametrize("per_layer", [False, True])
-@pytest.mark.parametrize("normalize", MODES)
-def test_large_gradients_and_a_small_lr_keep_their_digits(normalize, per_layer):
-    """``lr / (|g_test| |g_train|)`` was formed first: below float32's normal range where ``lr`` times the cosine is
-    not (found by review: inputs of 1e18 and lr 1e-10 scored every cosine 0, warned as underflowing gradients; lr
-    1e-6 6e-3 off); the norms' inverses now come first, then ``lr``."""
+@pytest.mark.parametrize("normalize, size, lr", [("cosine", 1e18, 1e-10), ("train", 1e12, 1e-33)])
+def test_large_gradients_and_a_small_lr_keep_their_digits(normalize, size, lr, per_layer):
+    """``lr / (|g_test| |g_train|)`` (``lr / |g_train|``) was formed first: below float32's normal range where ``lr``
+    times the score is not (found by review: inputs of 1e18 and lr 1e-10 scored every cosine 0, warned as underflowing
+    gradients; 1e12 and 1e-33, 36 of 40 "train" scores 0); the norms' inverses now come first, then ``lr``."""
     g = torch.Generator().manual_seed(0)
     model = nn.Linear(8, 2, bias=False)
-    ckpts = [tc.Checkpoint({"weight": torch.randn(2, 8, generator=g)}, lr=1e-10)]
-    train = (1e18 * torch.randn(10, 8, generator=g), torch.randint(0, 2, (10,), generator=g))
-    test = (1e18 * torch.randn(4, 8, generator=g), torch.randint(0, 2, (4,), generator=g))
+    ckpts = [tc.Checkpoint({"weight": torch.randn(2, 8, generator=g)}, lr=lr)]
+    train = (size * torch.randn(10, 8, generator=g), torch.randint(0, 2, (10,), generator=g))
+    test = (size * torch.randn(4, 8, generator=g), torch.randint(0, 2, (4,), generator=g))
     ce = nn.CrossEntropyLoss()
-    wide = [tc.Checkpoint({"weight": ckpts[0].params["weight"].double()}, lr=1e-10)]
+    wide = [tc.Checkpoint({"weight": ckpts[0].params["weight"].double()}, lr=lr)]
     wider = lambda batch: (batch[0].double(), batch[1])  # noqa: E731
     ref = normalized_reference(model.double(), wide, wider(train), wider(test), ce, normalize)
     got = tc.influence(model.float(), ckpts, train, test, loss_fn=ce, normalize=normalize, per_layer=per_layer)
