@@ -35,7 +35,7 @@ from torch.utils.data import (
 
 import tracin_func as tc
 import tracin_func._batching
-from tests.conftest import assert_close
+from tests.conftest import assert_close, assert_topk
 from tests.reference import reference_scores, with_formula_norms
 
 F64 = torch.float64
@@ -2666,32 +2666,6 @@ def test_7p_a_sort_along_tokens_as_many_as_the_rows_checked_stays_batched(tokens
     assert_close(got, reference(model, ckpts, (x, y), None)[1])
 
 
-class CentredAbove(nn.Module):
-    """Centres its hidden rows over batches of more than ``above`` examples."""
-
-    def __init__(self, above: int) -> None:
-        super().__init__()
-        self.above, self.a, self.c = above, nn.Linear(4, 8), nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.a(x)
-        return self.c(torch.tanh(h - h.mean(0, keepdim=True) if x.shape[0] > self.above else h))
-
-
-def test_a_mixed_batch_found_in_test_examples_joined_to_training_ones():
-    """Influence runs its test batch joined to the first training batch: the spot check named "example 7 of a batch of
-    12" there, test or training unsaid. The message says which."""
-    torch.manual_seed(0)
-    model = CentredAbove(8).double().eval()
-    x, y = data(4, n=10)
-    ckpts = make_ckpts(model)
-    joined = (r"example (\d+) of a batch of 12 got other outputs.* \(That batch was the 2 test examples followed by "
-              r"the first training batch: example \1 is (test example \1|training example \d of the first training "
-              r"batch)\.\)$")
-    with pytest.raises(ValueError, match=joined):
-        tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE)
-
-
 class PaddedTokens(nn.Module):
     """Token ids padded with 0 after each example's length: ``how`` "trim" cuts the batch to its longest example and
     means over all its positions (an example's output depends on its batch's longest), "sort" runs the embedding on
@@ -3621,10 +3595,10 @@ def test_mixing_the_first_examples_could_not_show_is_refused_where_a_batch_shows
     assert_close(call(factored=False), want)
 
 
-def test_mixing_that_the_batch_joined_with_the_test_examples_shows_is_refused():
-    """The test examples join the first training batch's pass: where that batch shows the model mixing its examples
-    (centred over batches of six or more: 5 + 3), the call is refused, not scored in the two smaller batches the
-    model would keep apart; ``factored=False`` is exact."""
+def test_mixing_only_in_the_batch_joined_with_the_test_examples_is_scored_apart():
+    """The test examples join the first training batch's pass: where only that joined batch shows the model mixing
+    (centred over batches of seven or more: 5 training + 3 test examples), the joining is the library's, so each batch
+    is scored alone, exactly (the call was refused before)."""
     torch.manual_seed(0)
     model = CentredInLargeBatches().double().eval()
     gen = torch.Generator().manual_seed(1)
@@ -3632,10 +3606,57 @@ def test_mixing_that_the_batch_joined_with_the_test_examples_shows_is_refused():
     ckpts = [tc.Checkpoint({**state, "gate": torch.tensor(1.0, dtype=F64)}, lr=0.4)]
     x, y = torch.randn(8, 6, generator=gen, dtype=F64), torch.randint(0, 3, (8,), generator=gen)
     train, test = (x[:5], y[:5]), (x[5:], y[5:])
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), reference(model, ckpts, train, test)[0])
+    train = (torch.cat([x, x[:1]]), torch.cat([y, y[:1]]))  # 9 training examples: their own batch mixes
     with pytest.raises(ValueError, match=r"got other outputs in the batch than alone.*Pass `factored=False`"):
         tc.influence(model, ckpts, train, test, loss_fn=CE)
+
+
+class PooledOverFlagged(_MixesUnseen):
+    """Pulls the examples whose first input exceeds 2 halfway to their mean over the batch: examples mix only where
+    two flagged ones share a batch."""
+
+    def mix(self, x, h):
+        flagged = (x[:, :1] > 2).to(h.dtype)
+        mean = (flagged * h).sum(0, keepdim=True) / flagged.sum().clamp_min(1)
+        return h + flagged * (mean - h) / 2
+
+
+def _flagged_task(flagged_train, flagged_test, n_test):
+    torch.manual_seed(0)
+    model = PooledOverFlagged().double().eval()
+    gen = torch.Generator().manual_seed(1)
+    ckpts = []
+    for lr in (0.4, 1.5, 0.7):
+        state = {k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=F64) for k, v in model.state_dict().items()}
+        ckpts.append(tc.Checkpoint(state, lr=lr))
+    x = torch.randn(10 + n_test, 6, generator=gen, dtype=F64).clamp(max=1.5)
+    x[[r for r in flagged_train] + [10 + r for r in flagged_test], 0] = 3.0
+    y = torch.randint(0, 3, (10 + n_test,), generator=gen)
+    return model, ckpts, (x[:10], y[:10]), (x[10:], y[10:])
+
+
+@pytest.mark.parametrize("row", range(10))
+@pytest.mark.parametrize("n_test", [1, 3])
+def test_mixing_of_test_and_training_examples_in_a_joined_pass_is_scored_apart(row, n_test):
+    """One test example and one training example mix (both flagged), which the user's batches keep apart: the joined
+    pass's check took only training examples, so where it missed the flagged one the scores were 12-38% off, silently
+    (where it found it, the call was refused). Each check of a joined batch takes a test example too; where it finds
+    mixing, the batch is scored apart at every checkpoint (a later checkpoint's check finding it: the earlier ones'
+    joined scores were wrong too)."""
+    model, ckpts, train, test = _flagged_task([row], [n_test - 1], n_test)
     want = reference(model, ckpts, train, test)[0]
-    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=False), want)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), want)
+    assert_topk(tc.top_k(model, ckpts, train, test, k=3, loss_fn=CE), want, 3, largest=True)
+
+
+def test_a_training_example_a_joined_pass_found_mixing_is_checked_in_its_own_batch():
+    """Training examples 6 and 9 mix in their own batch; the joined pass's first check takes example 6 (at k * 0.618
+    of the batch's 10), and the batch, scored apart, is checked there too: refused, where the checks that follow (at
+    2, 8 and 4) would miss both."""
+    model, ckpts, train, test = _flagged_task([6, 9], [], 1)
+    with pytest.raises(ValueError, match=r"example 6 of a batch of 10 got other outputs in the batch than alone"):
+        tc.influence(model, ckpts, train, test, loss_fn=CE)
 
 
 @pytest.mark.parametrize("row", [5, 13, 22])

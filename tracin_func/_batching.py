@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache, partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -662,6 +664,23 @@ def checking_batches(
 
 _GOLDEN = (math.sqrt(5) - 1) / 2  # the k-th example checked is at k * this (mod 1) along its batch
 
+# how the driver built the batch a pass runs (``checked_as``): its test examples in front of a training batch's, and
+# examples each check takes whatever the turn
+_LAYOUT: ContextVar[tuple[int, tuple[int, ...]]] = ContextVar("_LAYOUT", default=(0, ()))
+
+
+@contextmanager
+def checked_as(*, test_in_front: int = 0, rows: Sequence[int] = ()) -> Iterator[None]:
+    """Spot checks inside the block: of a batch whose first ``test_in_front`` examples are a test batch joined to a
+    training batch (each check takes one of them too: their gradients enter every score of the batch, and a model
+    mixing them with a training example mixes examples the user never batched), and taking examples ``rows`` of each
+    batch checked (at any checkpoint: the example a joined batch found mixing, in its own batch)."""
+    token = _LAYOUT.set((test_in_front, tuple(rows)))
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+
 
 def spot_check(
     loss: BatchableLoss, states: Sequence[Tensors], names: Collection[str], module: nn.Module | None
@@ -683,7 +702,7 @@ def spot_check(
     a backward through a criterion whose losses hold no part per example). ``module``'s encoders run alone as in
     the batch (``on_traced_path``: a frozen one would take torch's inference path alone, zeros at padded positions)."""
     encoders = [m for m in module.modules() if isinstance(m, ENCODERS)] if module is not None else []
-    picks, odd_picks, batches = itertools.count(1), itertools.count(), itertools.count()
+    picks, test_picks, odd_picks, batches = itertools.count(1), itertools.count(1), itertools.count(), itertools.count()
     distinct: dict[frozenset[int], Tensors] = {}  # each state by its tensors (a checkpoint given twice: once)
     for state in states:
         distinct.setdefault(frozenset(map(id, state.values())), state)
@@ -700,12 +719,16 @@ def spot_check(
         if batch is not current[0]:
             current[:] = [batch, next(batches), set(), None]
         c = checkpoint_of.get(frozenset(map(id, state.values())))
-        if c is not None:
+        in_front, rows = _LAYOUT.get()
+        if c is not None and not rows:
             turn = runs()[c]
             if (current[1] and c != turn[-1 - current[1] % len(turn)]) or c in current[2]:  # (the first: each)
                 return
             current[2].add(c)
-        checked = [int(n * (next(picks) * _GOLDEN % 1))]
+        checked = [in_front + int((n - in_front) * (next(picks) * _GOLDEN % 1))]
+        if in_front:
+            checked.append(int(in_front * (next(test_picks) * _GOLDEN % 1)))
+        checked += [i for i in rows if i not in checked and i < n]
         if current[3] is None:
             current[3] = _not_finite(_inputs(batch, [loss]), n)
         odd = current[3]

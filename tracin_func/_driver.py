@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ._batching import MixedBatch
+from ._batching import MixedBatch, checked_as
 from ._capture import batched_factors
 from ._data import (
     BatchSize,
@@ -574,29 +574,34 @@ def score_blocks(
     module, updates, joining = setup.spec.module is not None, queries.updates, queries.joining
     reps, scales = list(queries.reps), None if queries.scales is None else list(queries.scales)
     n_test = 0 if joining is None else batch_size_of(joining.batch, "test")
-    for offset, batch in batches(setup, train, "train", desc, start=start, ranks=ranks, batch_size=queries.batch_size):
+
+    def batch_scores(offset: int, batch: Any, joined: Any, mixed: Sequence[int]) -> Any:
+        """The batch's scores, its checkpoints in turn; the test batch's representations added to ``reps`` (from a
+        pass over ``joined`` where given, or of their own); ``mixed``: the examples of the joined batch found mixing,
+        each checked in its own batch."""
         acc: Any = None
-        b = batch_size_of(batch, "train")
         if not per_layer:
-            acc = torch.zeros(queries.rows, b, device=setup.device, dtype=setup.dtype)
-        joined = None
-        if joining is not None and (n_test + b <= joining.most or n_test * _JOINED_SHARE <= b):
-            joined = joined_rows(joining.batch, batch)  # (None where not alike: padded to another width)
+            acc = torch.zeros(queries.rows, batch_size_of(batch, "train"), device=setup.device, dtype=setup.dtype)
         for c, ckpt in enumerate(setup.checkpoints):
             scored = batch  # or its representation, from the pass that represented the test batch too
             if joining is not None:
                 pair = None if joined is None else _joined_pass(updates, ckpt, joined, n_test)
+                if isinstance(pair, int):  # (the checkpoints before scored from it too: all again, apart)
+                    raise _JoinedMixing(pair)
                 if pair is None:
                     joined = None  # (a joined pass that raised is not tried again)
                     with naming_failures(setup.test_loss, setup, joining.batch, "test", joining.offset):
-                        pair = updates.test(ckpt, joining.batch), batch
+                        with checked_as(rows=[i for i in mixed if i < n_test]):
+                            pair = updates.test(ckpt, joining.batch), batch
                 (test_rep, scored), pair = pair, None  # (held on, its training part kept the batch's storage all call)
                 test_rep, scale = finished_test(test_rep, joining.offset, c, total=joining.total, cosine=joining.cosine)
                 reps.append(test_rep)
                 if joining.cosine:
                     scales.append(scale)
             scale = None if scales is None else scales[c]
-            with naming_failures(setup.train_loss, setup, batch, "train", offset):
+            with naming_failures(setup.train_loss, setup, batch, "train", offset), checked_as(
+                rows=[i - n_test for i in mixed if i >= n_test]
+            ):
                 if per_layer:
                     acc = updates.influence_by_layer(
                         acc, ckpt, reps[c], scored, scale, queries.normalize_train, module=module
@@ -604,25 +609,47 @@ def score_blocks(
                 else:
                     acc = updates.influence(acc, ckpt, reps[c], scored, scale, queries.normalize_train)
             _check_finite(acc, 1, offset, "train", c)
+        return acc
+
+    for offset, batch in batches(setup, train, "train", desc, start=start, ranks=ranks, batch_size=queries.batch_size):
+        joined, b = None, batch_size_of(batch, "train")
+        if joining is not None and (n_test + b <= joining.most or n_test * _JOINED_SHARE <= b):
+            joined = joined_rows(joining.batch, batch)  # (None where not alike: padded to another width)
+        try:
+            acc = batch_scores(offset, batch, joined, ())
+        except _JoinedMixing as found:
+            del reps[len(queries.reps) :]
+            if scales is not None:
+                del scales[len(queries.scales) :]
+            acc = batch_scores(offset, batch, None, (found.example,))
         joining = None
         if queries.sum_rows:
             acc = {k: v.sum(0, keepdim=True) for k, v in acc.items()} if per_layer else acc.sum(0, keepdim=True)
         yield offset, acc
 
 
-def _joined_pass(updates: Updates, ckpt: Any, joined: Any, n_test: int) -> tuple[Representation, Representation] | None:
-    """The test and training representations from one pass over a test batch joined to a training batch, or None
-    where that pass raises an example's error: each batch alone then names the example behind it, or scores (a joined
-    batch larger than the memory left). A refusal of the call (ours: it starts with the argument's name) is raised as
-    it is, the spot check's finding that the batch mixes its examples saying which example of which data it named
-    (an index in the joined batch: test or training, unsaid)."""
+class _JoinedMixing(Exception):
+    """A joined pass's spot check found its ``example`` (an index in the joined batch) mixing with others."""
+
+    def __init__(self, example: int) -> None:
+        super().__init__(example)
+        self.example = example
+
+
+def _joined_pass(
+    updates: Updates, ckpt: Any, joined: Any, n_test: int
+) -> tuple[Representation, Representation] | int | None:
+    """The test and training representations from one pass over a test batch joined to a training batch; where that
+    pass raises an example's error, None: each batch alone then names the example behind it, or scores (a joined
+    batch larger than the memory left); where its spot check finds it mixing its examples, the example it found: the
+    joining is ours, so each batch alone is then scored, checked at that example (the model may mix only examples of
+    both batches, which the user never batched together). Other refusals of the call (ours: they start with the
+    argument's name) are raised as they are."""
     try:
-        return updates.with_test(ckpt, joined, n_test)
+        with checked_as(test_in_front=n_test):
+            return updates.with_test(ckpt, joined, n_test)
     except MixedBatch as err:
-        i = err.example
-        which = f"test example {i}" if i < n_test else f"training example {i - n_test} of the first training batch"
-        raise MixedBatch(f"{err} (That batch was the {n_test} test examples followed by the first training batch: "
-                         f"example {i} is {which}.)", i) from None  # fmt: skip
+        return err.example
     except Exception as err:
         if not _an_examples_error(err):
             raise
