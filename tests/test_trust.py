@@ -4522,6 +4522,41 @@ def test_a_call_planned_on_one_example_checks_it_against_two_copies():
     torch.testing.assert_close(scores, true_self, rtol=1e-12, atol=1e-14)
 
 
+class _CapacityRouted(nn.Module):
+    """Top-1 routing to two experts, each taking at most two examples of a batch (those past it skip the expert)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.gate, self.fc = nn.Linear(12, 8), nn.Linear(8, 2), nn.Linear(8, 3)
+        self.experts = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        gate = torch.softmax(self.gate(h), -1)
+        routed, out = gate.argmax(-1), torch.zeros_like(h)
+        for j, expert in enumerate(self.experts):
+            kept = (routed == j) & ((routed == j).long().cumsum(0) <= 2)
+            out = out + torch.where(kept[:, None], gate[:, j : j + 1] * expert(h), torch.zeros_like(h))
+        return self.fc(h + out)
+
+
+def test_examples_dropped_past_a_capacity_are_named_as_interacting():
+    """An expert's capacity per batch drops the check's copies of the first examples (after them), not the first
+    examples, which two copies of themselves also keep: the refusal compared the copies' runs with the first rows
+    only and named a batch of one's computation (a kernel's own path) for examples that interact (found by a review
+    helper). The scores were, and are, exact."""
+    torch.manual_seed(1)
+    model = _CapacityRouted().double().eval()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 12, generator=gen, dtype=F64), torch.randint(0, 3, (10,), generator=gen)
+    ckpts = [tc.Checkpoint({k: v + 0.05 * c * torch.randn(v.shape, generator=gen, dtype=F64)
+                            for k, v in model.state_dict().items()}, lr=0.1) for c in range(3)]  # fmt: skip
+    with pytest.warns(tc.SlowPathWarning, match="examples interact") as caught:
+        scores = tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
+    assert not any("a batch of one" in str(w.message) for w in caught)
+    assert_close(scores, reference(model, ckpts, (x, y), None)[1])
+
+
 def _tokens_conv_norm_case():
     """``_TokensConvNorm`` in float64 with random running statistics, checkpoints, data, and the model with its
     BatchNorm written as its formula."""

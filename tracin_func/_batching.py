@@ -308,7 +308,7 @@ def _compared(
                     "dimension other than the first, or the second in every call: sequence-first"
                 )
                 alone_only = (  # (one example: run together were its copies already)
-                    partial(_copied_alike, module, loss, plan, state, few, mapper, path, together, n)
+                    partial(_copied_alike, module, loss, plan, state, few, mapper, path, together, order)
                     if n > 1
                     else lambda: True
                 )
@@ -344,18 +344,22 @@ def _copied_alike(
     mapper: Mapper,
     path: str,
     together: Mapping[str, LayerFactors],
-    n: int,
+    order: Sequence[int],
 ) -> bool:
-    """Whether each of the ``n`` first examples, run as two copies of itself, gets at layer ``path`` the factors it
-    got run with the others (where alone it got others): the difference is a batch of one's, which the refusal then
-    names (a kernel's path for one example gave CvT's lone examples wrong gradients; "examples interact" misled)."""
+    """Whether each of the first examples, run as two copies of itself, gets at layer ``path`` the factors it got at
+    each of its rows run with the others (``together``, in ``order``; where alone it got others): the difference is a
+    batch of one's, which the refusal then names (a kernel's path for one example gave CvT's lone examples wrong
+    gradients; "examples interact" misled). Its copies' rows too: a batch dropping the examples past a capacity drops
+    copies."""
     try:
         pairs = [batched_factors(module, loss, plan, state, select_rows(few, torch.tensor([i, i])), mapper)
-                 for i in range(n)]  # fmt: skip
+                 for i in range(max(order) + 1)]  # fmt: skip
     except _FAILURES + _COPIES_FAIL:
         return False
-    firsts = _concat_examples([_first_rows(pair[path], 1) for pair in pairs if path in pair])
-    rows = [t[:n] for t in sum(together[path], [])]
+    if not all(path in pair for pair in pairs):
+        return False
+    firsts = _concat_examples([_first_rows(pairs[i][path], 1) for i in order])
+    rows = sum(together[path], [])
     return firsts is not None and len(firsts) == len(rows) and all(map(_close_rows, firsts, rows))
 
 
