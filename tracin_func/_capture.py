@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import optree
 import torch
@@ -118,6 +118,17 @@ def _off_fast_path(encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         return None
     src = src + torch.zeros((), dtype=src.dtype, device=src.device, requires_grad=True)
     return ((src, *args[1:]), kwargs) if args else (args, {**kwargs, "src": src})
+
+
+def _without_gradient(args: tuple[Any, ...]) -> bool:
+    """Whether a layer's call gives no gradient, so that no factors are taken of it: run under ``torch.no_grad()``
+    (a frozen feature extractor, a teacher's pass; not a reentrant checkpointed region, run again with gradients in
+    the backward), or on a nested tensor, which an ``nn.TransformerEncoder`` run so makes of a padded batch (torch:
+    "NestedTensor layer_norm requires weight and bias", a raw error before), and which a lone example without padding
+    does not make (the calls a batch and its examples alone make then differed)."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_nested:
+        return True
+    return not torch.is_grad_enabled() and not reentrant_checkpointing()
 
 
 def _by_keyword_too(hook: Hook) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]:
@@ -238,6 +249,13 @@ class _RepeatsOfCopies(TorchFunctionMode):
 _REPEATS = (torch.Tensor.repeat, torch.Tensor.tile, torch.tile)
 
 
+class Discovery(NamedTuple):
+    calls: dict[str, list[tuple[int, ...] | None]]  # each site's output shapes, one per call (None: not a tensor)
+    leaked: dict[str, torch.Tensor]  # the gradient that still reaches each differentiated parameter
+    unreached: set[str]  # the parameters autograd does not reach at all
+    foreign: set[str]  # the sites whose layer ran another weight or bias than its parameter (``_runs_foreign_tensors``)
+
+
 def discover(
     module: nn.Module,
     loss: ExampleLossFn,
@@ -247,29 +265,33 @@ def discover(
     batch: Any,
     *,
     whole: bool = False,
-) -> tuple[dict[str, list[tuple[int, ...] | None]], dict[str, torch.Tensor], set[str]]:
+) -> Discovery:
     """Run the first example of ``batch`` (plain autograd) with each site's own parameter use detached; ``whole``:
     every example of it at once, its losses summed (a loss that runs whole batches), where only the gradients reached
     are asked (the shapes are a batch's).
 
-    Returns each site's output shapes (one per call; None: not a tensor), the gradient that still reaches each
-    differentiated parameter, and the parameters autograd does not reach at all. A site's parameters must get no
-    gradient, since another use (a direct ``F.linear(x, layer.weight)``, a regulariser in the loss) would be missed
-    by its factors. An "expanded" site's use is not detached: its parameters get the example's whole gradient,
-    which their expanded copies must reproduce (``_batching.batching_refused``). Raises ``BeyondFactors`` where the
-    gradients have parts no layer's factors hold (``_BeyondFactors``).
+    A site's parameters must get no gradient, since another use (a direct ``F.linear(x, layer.weight)``, a
+    regulariser in the loss) would be missed by its factors. An "expanded" site's use is not detached: its parameters
+    get the example's whole gradient, which their expanded copies must reproduce (``_batching.batching_refused``).
+    Raises ``BeyondFactors`` where the gradients have parts no layer's factors hold (``_BeyondFactors``).
     """
     calls: dict[str, list[tuple[int, ...] | None]] = {s.path: [] for s in sites}
     beyond = _BeyondFactors()
+    foreign: set[str] = set()
 
     def hook_for(site: Site) -> Hook:
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
             if any(isinstance(a, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a) for a in args):
                 beyond.why = beyond.why or _TRANSFORMED.format(path=site.path)
+            if _without_gradient(args):
+                return None
             if site.kind == "expanded":  # its gradient is taken whole (copies): here, the example's true one
                 calls[site.path].append(tuple(output.shape) if isinstance(output, torch.Tensor) else None)
                 return None
             calls[site.path].append(tuple(output.shape))
+            if _runs_foreign_tensors(layer, site, state):  # (its use kept: the gradient it passes on leaks)
+                foreign.add(site.path)
+                return None
             return layer_output(layer, site, args[0], output.shape, detach=True)
 
         return hook
@@ -295,7 +317,22 @@ def discover(
             refuse_recomputed(err)
             raise
     leaked = {n: torch.zeros_like(t) if g is None else g for (n, t), g in zip(leaves.items(), grads)}
-    return calls, leaked, {n for n, g in zip(leaves, grads) if g is None}
+    return Discovery(calls, leaked, {n for n, g in zip(leaves, grads) if g is None}, foreign)
+
+
+def _runs_foreign_tensors(layer: Any, site: Site, state: Tensors) -> bool:
+    """Whether a site's layer runs a weight or bias other than its tensor of the call's state (one given by
+    ``torch.func.functional_call`` on the layer, a masked or generated weight), or one computed from parameters in
+    the forward where it is no parameter (AWD-LSTM's weight dropped from ``weight_raw``): its factors would give that
+    tensor's gradient, not the parameters'. A parametrized weight is computed from its own."""
+    if site.reparam:
+        return False
+    for attr, name in (("weight", site.weight), ("bias", site.bias)):
+        tensor = getattr(layer, attr, None)
+        name = name or (f"{site.path}.{attr}" if site.owner is None else None)
+        if isinstance(tensor, torch.Tensor) and (tensor is not state[name] if name in state else tensor.requires_grad):
+            return True
+    return False
 
 
 # (a criterion mapped over a batched pass's outputs: its values only, the gradients still from one backward; the
@@ -362,6 +399,8 @@ def batched_factors(
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
             if reentrant_checkpointing():  # (its output would get no gradient: the layer's scores 0)
                 raise ValueError(REENTRANT)
+            if _without_gradient(args):
+                return None
             x = recorded_input(layer, site, args[0], output).detach()
             inputs[site.path].append(x.transpose(0, 1) if seq_first else x)
             if not compiled and not x.is_inference():  # (a pass under inference_mode: no gradient, as under no_grad)

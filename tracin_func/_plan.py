@@ -26,7 +26,7 @@ from ._batching import (
     shows_batching,
     spot_check,
 )
-from ._capture import BeyondFactors, LayerFactors, discover
+from ._capture import BeyondFactors, Discovery, LayerFactors, discover
 from ._data import examples_in, nbytes, select_rows
 from ._grads import Mapper, Tensors
 from ._last_layer import last_layer_params
@@ -351,7 +351,7 @@ def make_plan(
     for i, loss in enumerate(losses if sites else ()):
         try:  # (on the first example, then the others checked: a model may differentiate on some alone)
             with packed_calls() as on_packed:
-                calls, leaked, unreached = discover(module, loss, list(sites.values()), diff, frozen, batch)
+                calls, leaked, unreached, _ = _discovered(module, loss, sites, diff, frozen, batch, reasons)
                 first_packed = len(on_packed)  # (the first example's; the checked examples' after)
                 reached = _reached_elsewhere(module, loss, list(sites.values()), diff, frozen, examples, leaked)
         except BeyondFactors as err:
@@ -625,6 +625,25 @@ def _leaks(site: Site, reached: set[str]) -> bool:
     """Whether gradient reaches ``site``'s parameters with its own use detached (``_reached_elsewhere``): another
     use."""
     return not reached.isdisjoint(site.names)
+
+
+def _discovered(
+    module: nn.Module, loss: ExampleLossFn, sites: dict[str, Site], diff: Tensors, frozen: Tensors, batch: Any,
+    reasons: dict[str, str],
+) -> Discovery:
+    """``discover`` on ``sites``, less those whose layer ran another weight or bias than its parameter's
+    (``Discovery.foreign``; dropped from ``sites``, found again without them: their other calls were detached)."""
+    while (found := discover(module, loss, list(sites.values()), diff, frozen, batch)).foreign:
+        for path in found.foreign:
+            if path in sites:  # (unless dropped with a tied partner)
+                _drop(sites, sites[path], _FOREIGN_TENSORS, reasons)
+    return found
+
+
+_FOREIGN_TENSORS = (
+    "is called with another weight or bias than its parameter (`torch.func.functional_call` on the layer, a masked "
+    "or generated weight) or one computed in the forward"
+)
 
 
 def _reached_elsewhere(
