@@ -335,6 +335,41 @@ def test_a_frozen_encoder_runs_alone_as_in_the_batch(factored):
     assert_close(scores, 0.5 * ref, 1e-12)
 
 
+class _FeaturesWithoutGradient(_Features):
+    """The default encoder run under ``torch.no_grad()`` in the forward (a frozen feature extractor), the head's
+    pooling over each example's own positions."""
+
+    def forward(self, x, pad):
+        with torch.no_grad():
+            h = self.encoder(x, src_key_padding_mask=pad)
+        kept = (~pad)[..., None].to(h.dtype)
+        return self.head((h * kept).sum(1) / kept.sum(1))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_an_encoder_run_without_gradient_gives_no_factors():
+    """Under ``torch.no_grad()`` in the forward, a default encoder turns a padded batch into nested tensors: its layers'
+    hooks got them (torch's raw "NestedTensor layer_norm requires weight and bias"), and a lone example without
+    padding, not nested, made calls the batch did not (refused as mixing: one at a time). Calls that give no gradient
+    give no factors: the head batched, the encoder's parameters unused (a review helper's trial)."""
+    g = torch.Generator().manual_seed(2)
+    model = _FeaturesWithoutGradient(stacked=True).to(F64).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+
+    def data(n):
+        pad = torch.arange(5) >= torch.randint(2, 6, (n,), generator=g)[:, None]
+        return torch.randn(n, 5, 8, generator=g, dtype=F64), pad, torch.randint(0, 3, (n,), generator=g)
+
+    train, test = data(6), data(2)
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tc.SlowPathWarning)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+    routes = {r.parameter: r.route for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
+    assert routes["head.weight"] == "factored" and routes["encoder.layers.0.norm1.weight"] == "unused"
+
+
 class _SeesAttentionSettings(nn.Module):
     """Self-attention by F.scaled_dot_product_attention, recording torch's process-wide kernel settings as it runs."""
 
@@ -393,3 +428,33 @@ def test_vmaps_math_attention_kernel_hides_a_boolean_masks_keys(window):
     ref = reference_scores(model, ckpts, train, loss_fn=CE)
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False), ref.self_influence)
     assert_close(tc.influence(model, ckpts, train, train, loss_fn=CE, factored=False), ref.influence)
+
+
+class _MHAUnderMasks(nn.Module):
+    """``nn.MultiheadAttention`` without its weights, under one of ``_masks``' attention masks."""
+
+    def __init__(self, mask: str):
+        super().__init__()
+        self.attn, self.o = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+        self.attn_mask, _, self.causal = _masks(1, 2, 5)[mask]
+
+    def forward(self, x):
+        mask = None if self.attn_mask is None else self.attn_mask.to(x.dtype if self.attn_mask.is_floating_point() else
+                                                                     torch.bool)  # fmt: skip
+        out = self.attn(x, x, x, attn_mask=mask, need_weights=False, is_causal=self.causal)[0]
+        return self.o(out.mean(1))
+
+
+@pytest.mark.parametrize("mask", ["none", "causal hint", "bool attn"])
+def test_vmap_runs_multi_head_attentions_math_kernel(mask):
+    """``nn.MultiheadAttention`` calls SDPA inside ``F.multi_head_attention_forward``, which the math-kernel mode saw
+    whole: under vmap the fused CPU kernel ran by torch's per-example fallback ("not yet implemented the batching
+    rule ... performance drop", warned; found by a review helper). It runs the path giving weights, by the math."""
+    g = torch.Generator().manual_seed(0)
+    model = _MHAUnderMasks(mask).to(F64).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    train = (torch.randn(6, 5, 8, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False)
+    assert_close(got, reference_scores(model, ckpts, train, loss_fn=CE).self_influence)

@@ -3,6 +3,7 @@ fails."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sys
@@ -150,6 +151,11 @@ class _MathAttention(TorchFunctionMode):
     switched other threads' kernels mid-run (another call's two plain runs then differed, refused as random)."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        if func is F.multi_head_attention_forward:  # (its SDPA call runs inside, unseen by the mode: the fused kernel)
+            bound = _MHA_SIGNATURE.bind(*args, **(kwargs or {}))
+            if not bound.arguments.get("need_weights", True):  # the path giving weights too computes them by the math
+                bound.arguments["need_weights"] = True
+                return func(*bound.args, **bound.kwargs)[0], None
         if func is not F.scaled_dot_product_attention:
             return func(*args, **(kwargs or {}))
         named = {**dict(zip(_SDPA_ARGS, args)), **(kwargs or {})}
@@ -161,6 +167,7 @@ class _MathAttention(TorchFunctionMode):
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 
 INFERENCE_FORWARD = (
