@@ -215,6 +215,14 @@ def test_1a_forward_hook_on_linear():
         handle.remove()
 
 
+def test_1a_a_hook_made_without_a_module_name_is_scored():
+    """A hook made by ``eval`` with globals lacking ``__name__`` has ``__module__`` None: a raw AttributeError (found
+    by a review helper), where any other hook is scored."""
+    model = MLP().eval()
+    model.fc1.register_forward_hook(eval("lambda m, a, o: o * 2", {}))
+    check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
+
+
 def test_1b_linear_subclass_scaling_output():
     model = MLP(fc1=ScaledLinear(4, 6)).eval()
     check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
@@ -1234,6 +1242,20 @@ def test_3f_a_cache_of_a_sublayers_parameters_is_refused(build, filled_before):
         tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), loss_fn=CE)
 
 
+@pytest.mark.parametrize("filled_before", [False, True])
+def test_3f_a_cache_of_a_sublayers_weight_kept_by_the_root_is_refused(filled_before):
+    """The root keeping its sublayer's weight, filled by the user's own evaluation before the call: every checkpoint
+    was scored with it (43% off, silently; a review helper's), the root's sublayers not looked at, lest a whole
+    model's parameters unread on an example be taken for caches. A sublayer's parameter shaped as a kept tensor the
+    root read (or as its transpose) is."""
+    model = ParentCachesChild().double().eval()
+    if filled_before:
+        with torch.no_grad():
+            model(data(4, seed=3)[0])
+    with pytest.raises(ValueError, match=all_of("module '(root)' (", "keeps 'cache'", "'lin.weight'", "a cache")):
+        tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), loss_fn=CE)
+
+
 class UnusedParameterAndConstant(nn.Module):
     """A training-only head never called in eval mode, a constant mask and a constant built in the forward: no cache
     (the head's parameters get zero gradient)."""
@@ -1959,8 +1981,17 @@ def test_6d_top_k_embeddings_nan_rows():
         tc.top_k_embeddings(test, bad_train, k=3)
     bad_test = test.clone()
     bad_test[1, 0] = float("nan")
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(FloatingPointError, match="those embeddings hold NaN or infinite values"):
         tc.top_k_embeddings(bad_test, train, k=3)
+
+
+def test_6d_top_k_embeddings_overflowing_their_dtype_say_so():
+    """Finite float16 embeddings whose products pass 65504 (an index stored in float16, searched so) were said to
+    hold NaN or infinite values, "recompute or drop them" (a review helper's)."""
+    train, test = torch.full((6, 512), 12.0, dtype=torch.float16), torch.full((2, 512), 12.0, dtype=torch.float16)
+    with pytest.raises(FloatingPointError, match=r"overflow torch.float16 .*embeddings finite.*`test.float\(\)`"):
+        tc.top_k_embeddings(test, train, k=3)
+    assert tc.top_k_embeddings(test.float(), train, k=3).scores.isfinite().all()
 
 
 # ----------------------------------------------------------------------------------------------- 7. messages

@@ -113,7 +113,7 @@ def _described_global(value: Any) -> bool:
     criterion), a function of the user's (a helper); not modules of code, classes, or torch's own functions."""
     if isinstance(value, (*_SIMPLE, torch.Tensor, torch.nn.Module)):
         return True
-    return isinstance(value, types.FunctionType) and not value.__module__.startswith("torch")
+    return isinstance(value, types.FunctionType) and not (value.__module__ or "").startswith("torch")
 
 
 def describe_loss(loss_fn: Any, model: Any = None) -> str:
@@ -160,7 +160,7 @@ def _describe_layer(layer: torch.nn.Module, tree: frozenset[int]) -> str:
     unsaved = layer._non_persistent_buffers_set
     settings.update({f"buffer {k}": t for k, t in layer._buffers.items() if k in unsaved and t is not None})
     hooks = [getattr(h, "__wrapped__", h) for h in (*layer._forward_pre_hooks.values(), *layer._forward_hooks.values())]
-    hooks = [h for h in hooks if not getattr(h, "__module__", "").startswith(_LIBRARY)]  # (another call's, for now)
+    hooks = [h for h in hooks if not (getattr(h, "__module__", None) or "").startswith(_LIBRARY)]  # (another call's)
     described = (_describe(part, 1, tree) for part in (methods, settings, hooks))
     return f"{cls.__module__}.{cls.__qualname__}, {_describe(cls.forward)}, {', '.join(described)}"
 

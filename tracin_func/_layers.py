@@ -194,7 +194,8 @@ def _passive_hooks_only(module: nn.Module) -> bool:
     hooks = [getattr(h, "__wrapped__", h) for h in module._forward_hooks.values()]  # (the call's guard's)
     others = any(getattr(module, slot) for slot in _HOOKS if slot != "_forward_hooks")
     return not others and bool(hooks) and all(
-        getattr(h, "__module__", "").startswith(_PASSIVE_HOOKS.get(getattr(h, "__name__", ""), "\0")) for h in hooks
+        (getattr(h, "__module__", None) or "").startswith(_PASSIVE_HOOKS.get(getattr(h, "__name__", ""), "\0"))
+        for h in hooks  # (a function made by `exec` without `__name__` in its globals: `__module__` None)
     )
 
 

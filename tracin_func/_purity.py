@@ -122,6 +122,7 @@ class _Watch(TorchDispatchMode):
         self.made: dict[int, weakref.ref] = {}  # tensors this run made (alive: an identity may be reused)
         self.read: set[int] = set()  # tensors an op read
         self.kept: dict[str, tuple[nn.Module, set[int]]] = {}  # innermost module -> kept tensors it read
+        self.kept_shapes: dict[int, torch.Size] = {}  # the kept tensors' shapes
         self.kept_storages: set[int] = set()  # storages of the tensors read that the run was neither given nor made
         self.derived_made: list[weakref.ref] = []  # alive after the run: kept somewhere
         self.drawn: dict[int, tuple[weakref.ref, str, Any]] = {}  # random tensors made: (tensor, who drew, the op)
@@ -169,6 +170,7 @@ class _Watch(TorchDispatchMode):
         if kept and self.modules:
             path, module = self.modules[-1]
             self.kept.setdefault(path, (module, set()))[1].update(kept)
+            self.kept_shapes.update((id(t), t.shape) for t in inputs if id(t) in kept)
         out = func(*args, **kwargs)
         from_checkpoint, from_example = not read.isdisjoint(self.derived), not read.isdisjoint(self.from_example)
         outputs = op_tensors(out)
@@ -198,10 +200,11 @@ class _Watch(TorchDispatchMode):
         somewhere the reading layer alone knows) in place of a parameter it never read: a cache of values computed
         from that parameter (LeViT's attention biases in eval mode), filled by an earlier pass (a call before this one,
         ``model.eval()``, the first dry run), which every checkpoint would be scored with. Such a parameter is one of
-        the layer holding the kept tensor or of the reading layer; one of the reading layer's sublayers (not the
-        root's) whose other parameters are read (a child's weight cached, its bias read directly: 23-36% off,
-        silently, before); or one the run before this one read (``before``: tensors' ids), which filled the cache. A
-        kept constant (a mask) leaves those parameters read (a training-only head never called is no cache)."""
+        the layer holding the kept tensor or of the reading layer; one of the reading layer's sublayers whose other
+        parameters are read (a child's weight cached, its bias read directly: 23-36% off, silently, before; 43% where
+        the root read it, a sublayer's parameter then only if shaped as a kept tensor it read); or one the run before
+        this one read (``before``: tensors' ids), which filled the cache. A kept constant (a mask) leaves those
+        parameters read (a training-only head never called is no cache)."""
         if not self.kept or root is None:
             return
         first_name = {}  # a parameter's name in the checkpoint (a tied one: its first)
@@ -215,10 +218,13 @@ class _Watch(TorchDispatchMode):
             holders = [(p, m, k) for p, m in layers for k, v in _attributes(m).items() if _holds(v, kept)]
             key = holders[0][2] if holders else None
             owners = [(p, m, k, m) for p, m, k in holders] + [(path, reader, key, reader)]
-            if reader is not root:
-                parts = [m for m in reader.modules() if m is not reader]
-                owners += [(path, reader, key, m) for m in parts if not all(map(unread, m.parameters(recurse=False)))]
             found = [(o, first_name[id(p)]) for o in owners for p in o[3].parameters(recurse=False) if unread(p)]
+            # the root's sublayers: a parameter shaped as a kept tensor the root read, or its transpose (other layers
+            # of a whole model may leave a parameter unread on an example)
+            shaped = None if reader is not root else {tuple(self.kept_shapes[i]) for i in kept}
+            parts = [m for m in reader.modules() if m is not reader and not all(map(unread, m.parameters(False)))]
+            found += [((path, reader, key, m), first_name[id(p)]) for m in parts for p in m.parameters(recurse=False)
+                      if unread(p) and (shaped is None or {tuple(p.shape), tuple(p.shape)[::-1]} & shaped)]  # fmt: skip
             for (layer_path, layer, key, _), name in [*found, *((owners[-1], n) for n in forgotten)]:
                 kept_where = f"keeps {key!r} between forward passes, and the forward computes with it"
                 what = kept_where if key else "computes with a tensor kept between forward passes"
@@ -650,15 +656,25 @@ def _check_output(output: Any, name: str) -> None:
 def _explain_dtype(err: Exception, example: Any, state: Tensors, where: str) -> None:
     """Integer inputs to a floating layer fail deep inside torch: name the input and the conversion instead."""
     message = str(err)
-    if "dtype" not in message and "scalar type" not in message or "target" in message:  # (a loss's targets: torch's
-        return  # own message names them)
+    ids = "'indices'" in message  # an Embedding's ids of an integer dtype it does not take (uint8)
+    if not ids and not any(k in message for k in ("dtype", "scalar type", "Input type (")) or "target" in message:
+        return  # (a loss's targets: torch's own message names them; a convolution's says "Input type")
     leaves = optree.tree_leaves(example, none_is_leaf=True)
     inputs = leaves[:-1] if len(leaves) > 1 else leaves
-    integer = [(i, t.dtype) for i, t in enumerate(inputs) if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+    tensors = [(i, t.dtype) for i, t in enumerate(inputs) if isinstance(t, torch.Tensor)]
+    integer = [(i, dtype) for i, dtype in tensors if not dtype.is_floating_point]
     floating = {t.dtype for t in state.values() if t.is_floating_point()}
+    cause = message.splitlines()[0].split(". ")[0]  # (torch's fixes after it: an RNN's "or convert model")
+    untaken = [(i, dtype) for i, dtype in tensors if dtype not in (torch.int64, torch.int32)]
+    untaken.sort(key=lambda pair: pair[1].is_floating_point)  # (an integer one first: a floating one may be an image)
+    if ids and untaken:
+        i, dtype = untaken[0]
+        raise TypeError(
+            f"`{where}` input {i} is {dtype}, which an nn.Embedding does not take as token ids ({cause}). Convert it "
+            f"with `x.long()`."
+        ) from err
     if integer and floating:
         i, dtype = integer[0]
-        cause = message.splitlines()[0].split(". ")[0]  # (torch's fixes after it: an RNN's "or convert model")
         raise TypeError(
             f"`{where}` input {i} is {dtype} but the model computes in {sorted(map(str, floating))[0]}, and the "
             f"forward pass failed: {cause}. Convert it with `x.float()` (token ids for an nn.Embedding stay integers)."

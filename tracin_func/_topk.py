@@ -63,17 +63,24 @@ def _block_top(block: torch.Tensor, k: int, largest: bool) -> TopK:
     return first_k(TopK(columns, scores), k, largest)
 
 
-def check_finite_scores(scores: torch.Tensor, offset: int, fix: str = "Recompute or drop them.") -> None:
+def check_finite_scores(
+    scores: torch.Tensor, offset: int, fix: str = "Recompute or drop them.", operands: tuple = ()
+) -> None:
     """NaN would rank first (``topk`` orders it above every number): name the rows instead, and ``fix``. ``offset``:
-    the training row of the first column."""
+    the training row of the first column; ``operands``: the embeddings multiplied, which, all finite, overflowed."""
     if scores.numel() == 0 or all(bool(torch.isfinite(v)) for v in torch.aminmax(scores)):
         return
     bad = ~torch.isfinite(scores)
     rows, cols = bad.any(1).nonzero().flatten().tolist(), (bad.any(0).nonzero().flatten() + offset).tolist()
-    raise FloatingPointError(
-        f"Non-finite influence scores between `test` rows {rows[:10]} and `train` rows {cols[:10]}: those "
-        f"embeddings hold NaN or infinite values. {fix}"
-    )
+    pair = f"between `test` rows {rows[:10]} and `train` rows {cols[:10]}"
+    if operands and all(bool(torch.isfinite(t).all()) for t in operands):
+        wider = "float" if scores.dtype.itemsize < 4 else "double"
+        raise FloatingPointError(
+            f"Influence scores {pair} overflow {scores.dtype} (largest {torch.finfo(scores.dtype).max:.4g}), their "
+            f"embeddings finite: pass the test embeddings in a wider dtype (`test.{wider}()`; the training rows are "
+            f"converted to it)."
+        )
+    raise FloatingPointError(f"Non-finite influence scores {pair}: those embeddings hold NaN or infinite values. {fix}")
 
 
 @in_own_context
@@ -128,7 +135,7 @@ def top_k_embeddings(
             raise ValueError(f"`train` rows have shape {tuple(block.shape[1:])}; expected width {test.shape[1]}.")
         block = block.to(device=test.device, dtype=test.dtype)
         scores = test @ block.T
-        check_finite_scores(scores, seen)
+        check_finite_scores(scores, seen, operands=(test, block))
         best, seen = merge(best, scores, seen, k, largest=proponents), seen + block.shape[0]
     if best is None or seen < k:
         raise ValueError(f"`k`={k} exceeds the number of training rows ({seen}); pass `k <= {seen}`.")
