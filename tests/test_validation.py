@@ -219,6 +219,11 @@ def test_checkpoint_entries_loading_would_convert_or_rename():
     state = {**model.state_dict(), "fc1.weight": torch.randint(-2, 3, (5, 3))}
     got = tc.self_influence(model, [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=CE)
     assert_close(got, reference_scores(model, [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=CE).self_influence)
+    # in the checkpoint's floating dtype, not the model's: a float64 checkpoint of a float32 model was refused as a
+    # mix of dtypes filled in by the model's own values (a review helper's)
+    got = tc.self_influence(model.float(), [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=CE)
+    assert got.dtype == torch.float64
+    assert_close(got, reference_scores(model.double(), [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=CE).self_influence)
 
     class Wrapper(nn.Module):
         def __init__(self) -> None:
@@ -387,6 +392,20 @@ def test_a_targets_dtype_error_is_not_blamed_on_an_integer_input():
     batch = {"ids": torch.randint(0, 7, (4, 2)), "y": torch.tensor([0, 1, 1, 0], dtype=torch.int32)}
     with pytest.raises(RuntimeError, match="`data` example 0 cannot be scored: RuntimeError: expected target dtype"):
         tc.self_influence(model, [tc.Checkpoint(dict(model.state_dict()), 0.1)], batch, loss_fn=loss)
+
+
+def test_inputs_of_a_dtype_a_layer_does_not_take_name_their_conversion():
+    """uint8 images into a convolution gave torch's "Input type (unsigned char) and bias type (float)" alone, uint8
+    (or float) token ids into an Embedding the advice `x.float()` (a review helper's trials)."""
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)).eval()
+    images, y = torch.randint(0, 255, (4, 1, 4, 4), dtype=torch.uint8), torch.tensor([0, 1, 1, 0])
+    with pytest.raises(TypeError, match=r"`data` input 0 is torch.uint8 .*Input type .*Convert it with `x.float\(\)`"):
+        tc.self_influence(conv, [tc.Checkpoint(dict(conv.state_dict()), 0.1)], (images, y), loss_fn=CE)
+    emb = nn.Sequential(nn.Embedding(7, 3), nn.Flatten(), nn.Linear(6, 2)).eval()
+    for ids in (torch.randint(0, 7, (4, 2), dtype=torch.uint8), torch.randint(0, 7, (4, 2)).float()):
+        with pytest.raises(TypeError, match=rf"input 0 is {ids.dtype}, which an nn.Embedding does not take as token "
+                                            rf"ids .*Convert it with `x.long\(\)`"):  # fmt: skip
+            tc.self_influence(emb, [tc.Checkpoint(dict(emb.state_dict()), 0.1)], (ids, y), loss_fn=CE)
 
 
 def test_a_narrow_integer_target_names_its_conversion():
@@ -1313,3 +1332,27 @@ def test_a_loss_taking_a_gradient_itself_is_told_to_enable_grad():
     loss = tc.ExampleLoss(functools.partial(penalised, enabled=True))
     assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=loss),
                  reference_scores(model, ckpts, (x, y), loss_fn=loss).self_influence)  # fmt: skip
+
+
+def test_a_gradient_not_finite_under_anomaly_mode_is_named_as_such():
+    """Anomaly mode raises on a NaN in the backward pass: the call said the backward "fails, with plain autograd too"
+    and advised switching on anomaly mode, already on (a review helper's)."""
+
+    class RootOfZero(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.sqrt(self.fc1(x).abs() * x[:, :1].abs()))  # sqrt'(0) = inf where x[:, 0] == 0
+
+    torch.manual_seed(0)
+    model = RootOfZero().double().eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    x[5, 0] = 0.0
+    named = r"`data` example 5 cannot be scored: its gradient is not finite, which anomaly mode"
+    with torch.autograd.set_detect_anomaly(True), pytest.raises(ValueError, match=named):
+        tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
+    with pytest.raises(FloatingPointError, match=r"Non-finite gradients for `data` examples \[5\]"):
+        tc.self_influence(model, ckpts, (x, y), loss_fn=CE)

@@ -267,6 +267,12 @@ def naming_failures(
                 refuse_recomputed(cause)  # (the model's checkpointing, not the example)
             if cause is not None:
                 why = cause_of(cause).rstrip('.')
+                if "returned nan values" in str(cause) and torch.is_anomaly_enabled():
+                    raise ValueError(
+                        f"`{name}` example {index} cannot be scored: its gradient is not finite, which anomaly mode "
+                        f"(`torch.autograd.set_detect_anomaly(True)`, on) raises as an error ({why}). Fix the example "
+                        f"or the op; with anomaly mode off, a call names every example whose gradient is not finite."
+                    ) from err
                 fix = _CUDNN_RNN_FIX if "cudnn RNN backward" in str(cause) else (
                     "Make `torch.autograd.grad` of one example's loss work first "
                     "(`torch.autograd.set_detect_anomaly(True)` names the op that fails)."

@@ -595,6 +595,9 @@ def checked_state(
     if missing_diff:
         raise ValueError(f"`{where}` lacks the differentiated parameters {missing_diff[:10]}.")
     differentiated = set(spec.diff_names)
+    # integers for a frozen floating tensor: in the checkpoint's own floating dtype where it has one (the model's
+    # would make a float64 checkpoint a mix of dtypes, refused as such)
+    held = {t.dtype for t in ckpt.params.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
     for name, t in list(state.items()):
         _check_tensor(t, f"`{where}[{name!r}]`")
         own = spec.defaults.get(name)
@@ -602,7 +605,7 @@ def checked_state(
             state[name] = t = _as_model_holds(t, own.dtype, f"`{where}[{name!r}]`")
         elif own is not None and own.is_floating_point() and not (t.is_floating_point() or t.is_complex()):
             if name not in differentiated:  # (integers or booleans for a frozen floating tensor: as loading does)
-                state[name] = t = t.to(own.dtype)
+                state[name] = t = t.to(next(iter(held)) if len(held) == 1 else own.dtype)
         if name in differentiated and not t.is_floating_point():
             fix = (
                 "leave it out of the differentiated parameters (`params=`): complex values have no real gradient "
