@@ -466,9 +466,9 @@ def test_empty_list():
 def test_non_directory_string(tmp_path):
     (state,) = _states(1)
     torch.save(state, tmp_path / "ckpt.pt")
-    with pytest.raises(ValueError, match=r"is not a directory; pass a directory or a list of paths"):
+    with pytest.raises(ValueError, match=r"is a file, not a directory; .* \(one file: `\[path\]`\)"):
         tc.load_checkpoints(str(tmp_path / "ckpt.pt"), lr=0.1)  # a single file: wrap it in a list
-    with pytest.raises(ValueError, match=r"is not a directory"):
+    with pytest.raises(FileNotFoundError, match=r"does-not-exist' does not exist"):  # (said to be no directory)
         tc.load_checkpoints(str(tmp_path / "does-not-exist"), lr=0.1)
 
 

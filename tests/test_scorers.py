@@ -134,6 +134,46 @@ def test_test_chunks_stay_within_test_memory_bytes(monkeypatch):
     assert_close(got, whole)
 
 
+class _Augmented(torch.utils.data.Dataset):
+    """A training set adding noise to each example it reads: ``seeded`` by the example's index, or drawn afresh."""
+
+    def __init__(self, train, seeded: bool) -> None:
+        self.train, self.seeded = train, seeded
+
+    def __len__(self) -> int:
+        return len(self.train[1])
+
+    def __getitem__(self, i: int):
+        gen = torch.Generator().manual_seed(i) if self.seeded else None
+        x = self.train[0][i]
+        return x + 0.1 * torch.randn(x.shape, generator=gen, dtype=x.dtype), self.train[1][i]
+
+
+@pytest.mark.parametrize("scorer", ["influence", "top_k"])
+def test_a_dataset_drawing_anew_is_refused_where_test_chunks_read_it_again(scorer):
+    """A call reads its training data once per chunk of test examples: a Dataset augmenting at random gave each
+    chunk's scores other draws of the examples (0 of 6 columns a single read's scores, silently; a review helper's).
+    A later pass must give the first's first batch (as long as the shorter: a chunk of fewer rows takes larger
+    batches); augmentation seeded by the index is scored as read."""
+    task = mlp_task()
+    (x, y), n_test = task.test, len(task.test[1])
+    test = [(x[i : i + 1], y[i : i + 1]) for i in range(n_test)]
+    kw = {"loss_fn": task.loss_fn, "test_memory_bytes": 1}  # (a chunk per test batch)
+    call = {
+        "influence": lambda train, **o: tc.influence(task.model, task.checkpoints, train, test, **kw, **o),
+        "top_k": lambda train, **o: tc.top_k(task.model, task.checkpoints, train, test, k=3, **kw, **o).scores,
+    }[scorer]
+    with pytest.raises(ValueError, match="`train` gave another first batch when read again .*random augmentation"):
+        call(_Augmented(task.train, seeded=False))
+    seeded = _Augmented(task.train, seeded=True)
+    drawn = tuple(torch.stack(column) for column in zip(*(seeded[i] for i in range(len(seeded)))))
+    whole = {"influence": lambda: tc.influence(task.model, task.checkpoints, drawn, task.test, loss_fn=task.loss_fn),
+             "top_k": lambda: tc.top_k(task.model, task.checkpoints, drawn, task.test, k=3,
+                                       loss_fn=task.loss_fn).scores}[scorer]()  # fmt: skip
+    assert_close(call(seeded), whole)
+    assert_close(call(seeded, batch_size=2), whole)
+
+
 @pytest.mark.parametrize("scorer", ["influence", "top_k"])
 def test_a_chunk_is_let_go_before_the_next_is_represented(monkeypatch, scorer):
     """The scorers held a chunk of test representations (and its last score block) while the next chunk was

@@ -238,9 +238,10 @@ def influence(
                 setup, test, aggregate=aggregate, normalize=normalize, budget=setup.test_budget, train=data,
                 train_start=start,
             )
-            scored = []
+            scored, first = [], []  # (the training data's first batch: each chunk's pass must read it alike)
             for q in chunks:
-                b = score_blocks(setup, q, data, "influence", start=start, ranks=by_batch, per_layer=per_layer)
+                b = score_blocks(setup, q, data, "influence", start=start, ranks=by_batch, per_layer=per_layer,
+                                 first=first)  # fmt: skip
                 scored.append(laid_out(b, 1 if q.sum_rows else q.rows, n_train, like) if n_train else list(b))
                 q = b = None  # let go before the next chunk is represented (it was held beside it: 2x the bound)
             return scored
@@ -390,9 +391,10 @@ def top_k(
             chunks = query_chunks(
                 setup, test, aggregate=aggregate, normalize=normalize, budget=budget, train=data, train_start=start
             )
+            first: list[Any] = []  # (the training data's first batch: each chunk's pass must read it alike)
             for q in chunks:
                 best, seen = None, 0
-                for offset, block in score_blocks(setup, q, data, desc, start=start, ranks=by_batch):
+                for offset, block in score_blocks(setup, q, data, desc, start=start, ranks=by_batch, first=first):
                     best, seen = merge(best, block, offset, k, largest=proponents), seen + block.shape[1]
                 lists.append((best, 1 if q.sum_rows else q.rows))
                 q = block = None  # let go before the next chunk is represented (it was held beside it: 2x the bound)

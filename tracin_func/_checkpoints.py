@@ -280,8 +280,14 @@ def load_checkpoints(
         (0.01, ['param_groups', 'state'])
     """
     if isinstance(source, (str, os.PathLike)):
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"`source` {os.fspath(source)!r} does not exist; pass a directory or a list of "
+                                    f"paths.")  # fmt: skip
         if not os.path.isdir(source):
-            raise ValueError(f"`source` {os.fspath(source)!r} is not a directory; pass a directory or a list of paths.")
+            raise ValueError(
+                f"`source` {os.fspath(source)!r} is a file, not a directory; pass a directory or a list of paths (one "
+                f"file: `[path]`)."
+            )
         paths: list[str] = _list_directory(os.fspath(source))
     else:
         paths = [os.fspath(p) for p in source]

@@ -226,7 +226,7 @@ class Repeated:
         head = list(itertools.islice(batches, 1))
         if self._head is None:
             self._head = head
-        elif len(head) != len(self._head) or head and not _same_batch(head[0], self._head[0]):
+        elif len(head) != len(self._head) or head and not same_batch(head[0], self._head[0]):
             raise ValueError(f"`{where}` gave another first batch when iterated again{self._why_and_fix()}")
         n = 0
         for batch in itertools.chain(head, batches):
@@ -261,7 +261,7 @@ class Repeated:
         )
 
 
-def _same_batch(a: Any, b: Any) -> bool:
+def same_batch(a: Any, b: Any) -> bool:
     """Whether two batches hold equal values in one structure."""
     leaves, spec = optree.tree_flatten(a, none_is_leaf=True)
     others, other_spec = optree.tree_flatten(b, none_is_leaf=True)

@@ -32,6 +32,7 @@ from ._data import (
     nbytes,
     num_batches,
     num_examples,
+    same_batch,
     select_rows,
     sized_automatically,
     slice_batch,
@@ -57,11 +58,13 @@ def batches(
     start: int = 0,
     ranks: Ranks | None = None,
     batch_size: BatchSize | None = None,
+    first: list[Any] | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """(offset, batch on device) pairs of the argument named ``where``, validated, with a progress bar. Offsets
     count from ``start``; with ``ranks`` only the batches whose number belongs to that rank are yielded (the others
     are read for their size only). ``batch_size`` (default ``setup.batch_size``) may be a callable asked before
-    each batch (the automatic size, known once the first batch is planned)."""
+    each batch (the automatic size, known once the first batch is planned). ``first``: the first batch of the call's
+    first pass over the data (kept there by it), which every later pass must give again (``_read_alike``)."""
     needs_target = setup.needs_target[where == "test"]
     size = setup.batch_size if batch_size is None else batch_size
     rows = num_examples(data) if callable(size) else None  # the progress bar's total follows the size
@@ -75,6 +78,8 @@ def batches(
     )
     offset = start
     for i, batch in enumerate(bar):
+        if i == 0 and first is not None:
+            _read_alike(first, batch, where)
         mine = ranks is None or i % ranks.world == ranks.rank
         if mine:
             check_batch_structure(batch, f"`{where}` batch {i}", needs_target=needs_target)
@@ -84,6 +89,24 @@ def batches(
         offset += n
         if rows is not None:
             bar.total = i + 1 + count_batches(rows - (offset - start), size)
+
+
+def _read_alike(first: list[Any], batch: Any, where: str) -> None:
+    """Keep the first pass's first batch in ``first``, or refuse a later pass's that differs: a call reads its
+    training data once per chunk of test examples, and a Dataset drawing in ``__getitem__`` (random augmentation)
+    gave each chunk's scores other draws of the examples, silently."""
+    if not first:
+        first.append(batch)
+        return
+    n = min(batch_size_of(first[0], where), batch_size_of(batch, where))  # (a chunk of fewer rows: larger batches)
+    if not same_batch(slice_batch(first[0], 0, n), slice_batch(batch, 0, n)):
+        raise ValueError(
+            f"`{where}` gave another first batch when read again (a Dataset drawing in `__getitem__`: random "
+            f"augmentation), and this call reads it once per chunk of test examples (their representations past "
+            f"`test_memory_bytes`): each chunk's scores would be of other draws. Switch the augmentation off for "
+            f"scoring (or draw it from a generator seeded by the example's index), or pass fewer test examples or a "
+            f"larger `test_memory_bytes`, so that they make one chunk."
+        )
 
 
 Scored = Optional[Callable[[], Any]]  # reads the first examples of the data a plan scores in batches (see plan_call)
@@ -573,10 +596,12 @@ def score_blocks(
     start: int = 0,
     ranks: Ranks | None = None,
     per_layer: bool = False,
+    first: list[Any] | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """``(offset, scores [n_test, b])`` for each training batch (of this rank): sum over checkpoints of
     lr <test, train>, each term normalised as ``queries`` says; with ``per_layer`` a dict layer -> scores. The test
-    batch ``queries.joining`` is represented with the first training batch (joined to it where alike: one pass)."""
+    batch ``queries.joining`` is represented with the first training batch (joined to it where alike: one pass).
+    ``first``: as ``batches`` takes it, shared by the call's chunks."""
     module, updates, joining = setup.spec.module is not None, queries.updates, queries.joining
     reps, scales = list(queries.reps), None if queries.scales is None else list(queries.scales)
     n_test = 0 if joining is None else batch_size_of(joining.batch, "test")
@@ -617,7 +642,8 @@ def score_blocks(
             _check_finite(acc, 1, offset, "train", c)
         return acc
 
-    for offset, batch in batches(setup, train, "train", desc, start=start, ranks=ranks, batch_size=queries.batch_size):
+    passes = batches(setup, train, "train", desc, start=start, ranks=ranks, batch_size=queries.batch_size, first=first)
+    for offset, batch in passes:
         joined, b = None, batch_size_of(batch, "train")
         if joining is not None and (n_test + b <= joining.most or n_test * _JOINED_SHARE <= b):
             joined = joined_rows(joining.batch, batch)  # (None where not alike: padded to another width)
