@@ -1622,10 +1622,10 @@ def test_3k_data_read_again_must_give_what_it_gave():
     with pytest.raises(ValueError, match=r"`train` gave another first batch when iterated again, .*sampler "
                                          r"\(_Shuffled\) is not torch's .*`sampler=list\(your_sampler\)`"):
         tc.influence(model, ckpts, DataLoader(TensorDataset(x, y), sampler=_Shuffled(7), batch_size=2), test, **chunked)
-    from tracin_func._data import _same_batch  # (a NaN feature in a first batch read again is the same: found by
+    from tracin_func._data import same_batch  # (a NaN feature in a first batch read again is the same: found by
 
     with_nan = x.clone().index_fill_(1, torch.tensor([0]), float("nan"))  # review refused as another first batch)
-    assert _same_batch((with_nan, y), (with_nan.clone(), y)) and not _same_batch((with_nan, y), (x, y))
+    assert same_batch((with_nan, y), (with_nan.clone(), y)) and not same_batch((with_nan, y), (x, y))
     ordered = DataLoader(TensorDataset(x, y), sampler=list(range(7)), batch_size=2)
     want = reference_scores(model, ckpts, (x, y), queries, loss_fn=CE).influence
     assert_close(tc.influence(model, ckpts, ordered, test, **chunked), want)

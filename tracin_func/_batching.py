@@ -22,7 +22,6 @@ from torch.overrides import TorchFunctionMode
 
 from ._assemble import RepresentationFn, representation_fn, rows_with_gradient
 from ._capture import (
-    ENCODERS,
     SORTED_BATCH,
     BatchableLoss,
     LayerFactors,
@@ -31,11 +30,11 @@ from ._capture import (
     batched_factors,
     discover,
     gradients_at,
-    on_traced_path,
 )
 from ._checkpoints import same_values
 from ._context import lowered_note
 from ._data import distinct_examples, examples_in, padding, select_rows, slice_batch, uncopied_rows
+from ._encoders import ENCODERS, on_traced_path
 from ._grads import Mapper, Tensors
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
 from ._recurrent import packed_calls

@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from ._batch_free import NORM_ARGS, Meetings, norm_parts, per_example_outputs
+from ._encoders import on_traced_path
 from ._grads import (
     REENTRANT,
     Mapper,
@@ -86,38 +87,6 @@ def hooked(
         finally:
             for handle in handles:
                 handle.remove()
-
-
-ENCODERS = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
-
-
-@contextmanager
-def on_traced_path(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """The encoders among ``modules`` run the path autograd runs when a gradient reaches them (``_off_fast_path``),
-    for the duration of the block."""
-    handles = []
-    try:  # (registered inside: an interruption while registering would leave some)
-        for m in modules:
-            if isinstance(m, ENCODERS):
-                handles.append(m.register_forward_pre_hook(_off_fast_path, with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _off_fast_path(encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """An ``nn.TransformerEncoder`` or ``TransformerEncoderLayer`` whose input and weights need no gradient (its
-    weights' gradients come from factors, or it is frozen) takes its inference fast path: the encoder turns a padded
-    batch into nested tensors, which no layer's hook can take factors of (torch's "NestedTensor layer_norm requires
-    weight and bias") and which give padded positions zeros, and the layer runs one fused kernel, calling none of its
-    layers ("called fewer times on an example than on the batch's first", scoring its attention's input projection
-    alone). Its input plus a zero that needs a gradient, it runs the path autograd runs in training."""
-    src = args[0] if args else kwargs.get("src")
-    if not isinstance(src, torch.Tensor) or src.requires_grad or not torch.is_grad_enabled():
-        return None
-    src = src + torch.zeros((), dtype=src.dtype, device=src.device, requires_grad=True)
-    return ((src, *args[1:]), kwargs) if args else (args, {**kwargs, "src": src})
 
 
 def _without_gradient(args: tuple[Any, ...]) -> bool:

@@ -18,6 +18,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from ._checkpoints import LR_KEYS, WRAPPER_PREFIXES, Checkpoint, check_lr, unprefixed
+from ._encoders import encoders_run_as_outside
 from ._hooks import on_copies
 from ._recurrent import recurrent_unrolled
 from ._state import CONTAINERS, FLAT_ABOVE, MODULE_SLOTS, NESTING, leaving_no_trace
@@ -406,6 +407,8 @@ def model_spec(
             floating = {t.dtype for t in named.values() if t.is_floating_point()}
             following = frozenset(n for n, t in unsaved.items() if t.is_floating_point() and t.dtype in floating)
             module = private_copy(model) if private else model
+            if private:
+                encoders_run_as_outside(module)
         first_name = {id(p): n for n, p in named.items()}
         aliases = {n: first_name[id(t)] for n, t in state.items() if n not in named and id(t) in first_name}
         trainable = [n for n, p in named.items() if p.requires_grad]

@@ -1,0 +1,76 @@
+"""torch's ``nn.TransformerEncoder`` and ``TransformerEncoderLayer`` take an inference fast path (nested tensors, one
+fused kernel per layer) only where no gradient is traced and no torch function mode is active: the path a scoring pass
+runs must be the one the user's model runs (``on_traced_path``, ``encoders_run_as_outside``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+ENCODERS = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
+
+
+@contextmanager
+def on_traced_path(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """The encoders among ``modules`` run the path autograd runs when a gradient reaches them (``_off_fast_path``),
+    for the duration of the block."""
+    handles = []
+    try:  # (registered inside: an interruption while registering would leave some)
+        for m in modules:
+            if isinstance(m, ENCODERS):
+                handles.append(m.register_forward_pre_hook(_off_fast_path, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _off_fast_path(encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """An ``nn.TransformerEncoder`` or ``TransformerEncoderLayer`` whose input and weights need no gradient (its
+    weights' gradients come from factors, or it is frozen) takes its inference fast path: the encoder turns a padded
+    batch into nested tensors, which no layer's hook can take factors of (torch's "NestedTensor layer_norm requires
+    weight and bias") and which give padded positions zeros, and the layer runs one fused kernel, calling none of its
+    layers ("called fewer times on an example than on the batch's first", scoring its attention's input projection
+    alone). Its input plus a zero that needs a gradient, it runs the path autograd runs in training."""
+    src = args[0] if args else kwargs.get("src")
+    if not isinstance(src, torch.Tensor) or src.requires_grad or not torch.is_grad_enabled():
+        return None
+    src = src + torch.zeros((), dtype=src.dtype, device=src.device, requires_grad=True)
+    return ((src, *args[1:]), kwargs) if args else (args, {**kwargs, "src": src})
+
+
+def encoders_run_as_outside(module: nn.Module) -> None:
+    """Hooks on the call's copy of the model (for its life): an ``nn.TransformerEncoder`` or
+    ``TransformerEncoderLayer`` called with gradients off (under ``torch.no_grad()`` in the model's forward: a frozen
+    feature extractor, a teacher's pass) runs with the library's torch function modes set aside, so that torch takes
+    its inference fast path as it does in the user's model: an encoder then turns a padded batch into nested tensors,
+    which give padded positions zeros. Under any torch function mode torch computes those positions instead (a model
+    reading them, a mean over every token, scored 35-219% off its own backward, silently, on every route)."""
+    set_aside: list[list[TorchFunctionMode]] = []  # per encoder call running, innermost last
+
+    def enter(encoder: nn.Module, args: Any) -> None:
+        set_aside.append(_library_modes_popped() if not torch.is_grad_enabled() else [])
+
+    def leave(encoder: nn.Module, args: Any, output: Any) -> None:
+        for mode in reversed(set_aside.pop()):
+            torch._C._push_on_torch_function_stack(mode)
+
+    for m in module.modules():
+        if isinstance(m, ENCODERS):
+            m.register_forward_pre_hook(enter)
+            m.register_forward_hook(leave, always_call=True)
+
+
+def _library_modes_popped() -> list[TorchFunctionMode]:
+    """The library's torch function modes on top of the stack, popped (the user's own, and any below them, stay)."""
+    popped = []
+    while (depth := torch._C._len_torch_function_stack()) and type(
+        torch._C._get_function_stack_at(depth - 1)
+    ).__module__.startswith(__package__ + "."):
+        popped.append(torch._C._pop_torch_function_stack())
+    return popped
