@@ -457,11 +457,12 @@ class _MHAUnderMasks(nn.Module):
         return self.o(out.mean(1))
 
 
-@pytest.mark.parametrize("mask", ["none", "causal hint", "bool attn"])
+@pytest.mark.parametrize("mask", ["none", "causal hint"])
 def test_vmap_runs_multi_head_attentions_math_kernel(mask):
     """``nn.MultiheadAttention`` calls SDPA inside ``F.multi_head_attention_forward``, which the math-kernel mode saw
     whole: under vmap the fused CPU kernel ran by torch's per-example fallback ("not yet implemented the batching
-    rule ... performance drop", warned; found by a review helper). It runs the path giving weights, by the math."""
+    rule ... performance drop", warned; found by a review helper). It runs the path giving weights, by the math,
+    where no mask can hide a query's every key (other masks: the fused kernel, as before, warned by torch)."""
     g = torch.Generator().manual_seed(0)
     model = _MHAUnderMasks(mask).to(F64).eval()
     ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
@@ -470,3 +471,32 @@ def test_vmap_runs_multi_head_attentions_math_kernel(mask):
         warnings.simplefilter("error")
         got = tc.self_influence(model, ckpts, train, loss_fn=CE, factored=False)
     assert_close(got, reference_scores(model, ckpts, train, loss_fn=CE).self_influence)
+
+
+class _LeftPaddedCausal(nn.Module):
+    """Attention without its weights under a causal mask over left-padded sequences: a padded query hides every key
+    (the padded positions' outputs dropped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.o = nn.Linear(3, 8), nn.Linear(8, 2)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.register_buffer("causal", torch.triu(torch.ones(4, 4, dtype=torch.bool), 1))
+
+    def forward(self, x, pad):
+        h = self.emb(x)
+        a = self.attn(h, h, h, attn_mask=self.causal, key_padding_mask=pad, need_weights=False)[0]
+        return self.o(torch.where(pad[..., None], torch.zeros_like(a), a).sum(1))
+
+
+def test_vmap_keeps_sdpas_zeros_for_a_query_hiding_every_key():
+    """The path giving weights softmaxes a row of -inf to NaN, where SDPA's kernels give 0: run under vmap for every
+    attention without weights, it made such a model's gradients NaN (refused as not finite; a review helper's). It runs
+    only where no mask can hide a query's every key."""
+    g = torch.Generator().manual_seed(0)
+    model = _LeftPaddedCausal().to(F64).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    x, y = torch.randn(4, 4, 3, generator=g, dtype=F64), torch.randint(0, 2, (4,), generator=g)
+    pad = torch.tensor([[True, False, False, False], [False] * 4, [True, True, False, False], [False] * 4])
+    got = tc.self_influence(model, ckpts, (x, pad, y), loss_fn=CE, factored=False)
+    assert_close(got, reference_scores(model, ckpts, (x, pad, y), loss_fn=CE).self_influence)

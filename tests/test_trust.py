@@ -1256,6 +1256,46 @@ def test_3f_a_cache_of_a_sublayers_weight_kept_by_the_root_is_refused(filled_bef
         tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), loss_fn=CE)
 
 
+class _FillsMissing(nn.Module):
+    """Scales its features, a learned fill value where one is NaN (read only then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale, self.missing = nn.Parameter(torch.ones(4)), nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        nan = torch.isnan(x)
+        return (torch.where(nan, self.missing, x) if nan.any() else x) * self.scale
+
+
+class _Standardised(nn.Module):
+    """The root standardises its inputs by constants of the dataset (plain attributes of a parameter's shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mean, self.std = torch.randn(4, dtype=F64), torch.rand(4, dtype=F64) + 0.5
+        self.enc, self.head = _FillsMissing(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.enc((x - self.mean) / self.std)))
+
+
+def test_3f_a_roots_constants_shaped_as_a_running_layers_parameter_are_no_cache():
+    """The root's constants shaped as a sublayer's parameter that the first example does not read: refused as its
+    cache (a review helper's sweep of the rule above); a sublayer whose forward runs is not one whose weight the root
+    keeps."""
+    torch.manual_seed(0)
+    model = _Standardised().double().eval()
+    x, y = torch.randn(8, 4, dtype=F64), torch.randint(0, 3, (8,))
+    x[4, 2] = float("nan")
+    ckpts = make_ckpts(model)
+    want = reference(model, ckpts, (x, y), (x, y))[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for factored in (None, False):
+            assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE, factored=factored), want)
+
+
 class UnusedParameterAndConstant(nn.Module):
     """A training-only head never called in eval mode, a constant mask and a constant built in the forward: no cache
     (the head's parameters get zero gradient)."""
@@ -1384,20 +1424,38 @@ class _Recomputed(torch.autograd.Function):
         return (None, *grads)
 
 
+class _RecomputedWithSetupContext(_Recomputed):
+    """The same in torch 2's style: a forward without ``ctx``, and ``setup_context``."""
+
+    @staticmethod
+    def forward(run, x, *params):
+        return run(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.run = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+
+
 class HandCheckpointed(Checkpointed):
+    recomputed = _Recomputed
+
     def forward(self, x):
         if self.middle:
             x = torch.tanh(self.m(x))
         params = [p for p in (*self.a.parameters(), *self.a2.parameters()) if p.requires_grad]
-        return self.b(_Recomputed.apply(self.block, x, *params))
+        return self.b(self.recomputed.apply(self.block, x, *params))
 
 
+@pytest.mark.parametrize("style", [_Recomputed, _RecomputedWithSetupContext], ids=["ctx", "setup_context"])
 @pytest.mark.parametrize("middle", [False, True], ids=["first_layer", "middle_block"])
-def test_3h_activation_checkpointing_written_by_hand(middle):
+def test_3h_activation_checkpointing_written_by_hand(middle, style):
     """A custom Function calling layers in its forward, without gradients, and again in its backward after scoring
     has put the model's own tensors back: only torch's own reentrant checkpointing was recognised, and the region's
-    layers scored 0, the others off (26-65%), silently, on every path."""
+    layers scored 0, the others off (26-65%), silently, on every path (torch 2's style, a forward without ``ctx``:
+    23% off, found by a review helper)."""
     model = HandCheckpointed(reentrant=True, middle=middle).double().eval()
+    model.recomputed = style
     ckpts, train, test = make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2)
     for factored in (None, True, False):
         with pytest.raises(ValueError, match="a custom `autograd.Function` calling layers in its forward"):

@@ -224,6 +224,14 @@ def test_checkpoint_entries_loading_would_convert_or_rename():
     got = tc.self_influence(model.float(), [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=CE)
     assert got.dtype == torch.float64
     assert_close(got, reference_scores(model.double(), [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=CE).self_influence)
+    # a half-precision checkpoint's integers in the model's dtype: bfloat16 rounded 301 to 300, float16 70001 to inf
+    big = torch.full((5, 3), 301).index_fill_(1, torch.tensor([0]), 70001)
+    wide = {**{k: v.bfloat16().double() for k, v in state.items()}, "fc1.weight": big.double()}
+    want = reference_scores(model.double(), [tc.Checkpoint(wide, 0.1)], (x, y), loss_fn=CE).self_influence
+    for half in (torch.bfloat16, torch.float16):
+        held = {**{k: v.to(half) for k, v in wide.items()}, "fc1.weight": big}
+        got = tc.self_influence(model.float(), [tc.Checkpoint(held, 0.1)], (x, y), loss_fn=CE, dtype=torch.float32)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
 
     class Wrapper(nn.Module):
         def __init__(self) -> None:

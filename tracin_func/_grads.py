@@ -153,7 +153,7 @@ class _MathAttention(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         if func is F.multi_head_attention_forward:  # (its SDPA call runs inside, unseen by the mode: the fused kernel)
             bound = _MHA_SIGNATURE.bind(*args, **(kwargs or {}))
-            if not bound.arguments.get("need_weights", True):  # the path giving weights too computes them by the math
+            if _no_row_hidden(bound.arguments):  # the path giving weights too computes them by the math
                 bound.arguments["need_weights"] = True
                 return func(*bound.args, **bound.kwargs)[0], None
         if func is not F.scaled_dot_product_attention:
@@ -168,6 +168,15 @@ class _MathAttention(TorchFunctionMode):
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def _no_row_hidden(arguments: Mapping[str, Any]) -> bool:
+    """Whether an attention asked for no weights masks no query's every key: no padding mask, and no mask but a
+    causal one. The path giving weights softmaxes a row of -inf to NaN, where SDPA's kernels give 0."""
+    given = arguments.get
+    return not given("need_weights", True) and given("key_padding_mask") is None and (
+        given("attn_mask") is None or given("is_causal", False)
+    )
 
 
 INFERENCE_FORWARD = (
@@ -209,8 +218,9 @@ def reentrant_checkpointing() -> bool:
     ``torch.utils.checkpoint``'s ``CheckpointFunction.forward``, or in a layer called by a custom
     ``autograd.Function``'s forward (checkpointing written by hand, as fairscale's or DeepSpeed's: its backward runs the
     region again after scoring has put the model's own tensors back, 36-65% off and its layers' scores 0, silently,
-    before). A ``no_grad`` block of the model's own is not one, nor a Function computing an op (no layer called in
-    it); the stack is walked only with gradients off."""
+    before; a forward without ``ctx``, torch 2's style with ``setup_context``, is found by ``Function.apply`` below
+    it: 23% off, silently, before). A ``no_grad`` block of the model's own is not one, nor a Function computing an op
+    (no layer called in it); the stack is walked only with gradients off."""
     if torch.is_grad_enabled():
         return False
     frame, in_layer = sys._getframe(1), False
@@ -219,13 +229,17 @@ def reentrant_checkpointing() -> bool:
             return True
         if any(frame.f_code is call for call in _MODULE_CALLS):  # (by identity: dynamo's frames may hold no code)
             in_layer = True
-        elif in_layer and frame.f_code.co_name == "forward" and isinstance(frame.f_locals.get("ctx"), FunctionCtx):
+        elif in_layer and (
+            frame.f_code is _FUNCTION_APPLY
+            or frame.f_code.co_name == "forward" and isinstance(frame.f_locals.get("ctx"), FunctionCtx)
+        ):
             return True
         frame = frame.f_back
     return False
 
 
 _REENTRANT_FORWARD = CheckpointFunction.forward.__code__
+_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
 _MODULE_CALLS = (torch.nn.Module._call_impl.__code__, torch.nn.Module._wrapped_call_impl.__code__)
 
 

@@ -608,7 +608,9 @@ def checked_state(
             state[name] = t = _as_model_holds(t, own.dtype, f"`{where}[{name!r}]`")
         elif own is not None and own.is_floating_point() and not (t.is_floating_point() or t.is_complex()):
             if name not in differentiated:  # (integers or booleans for a frozen floating tensor: as loading does)
-                state[name] = t = t.to(next(iter(held)) if len(held) == 1 else own.dtype)
+                # (a half-precision checkpoint's: the model's, which holds the integers as loading does)
+                wider = torch.promote_types(next(iter(held)), own.dtype) if len(held) == 1 else own.dtype
+                state[name] = t = t.to(wider)
         if name in differentiated and not t.is_floating_point():
             fix = (
                 "leave it out of the differentiated parameters (`params=`): complex values have no real gradient "

@@ -123,6 +123,7 @@ class _Watch(TorchDispatchMode):
         self.read: set[int] = set()  # tensors an op read
         self.kept: dict[str, tuple[nn.Module, set[int]]] = {}  # innermost module -> kept tensors it read
         self.kept_shapes: dict[int, torch.Size] = {}  # the kept tensors' shapes
+        self.ran: set[int] = set()  # the modules (identities) an op ran in, innermost
         self.kept_storages: set[int] = set()  # storages of the tensors read that the run was neither given nor made
         self.derived_made: list[weakref.ref] = []  # alive after the run: kept somewhere
         self.drawn: dict[int, tuple[weakref.ref, str, Any]] = {}  # random tensors made: (tensor, who drew, the op)
@@ -167,6 +168,8 @@ class _Watch(TorchDispatchMode):
                 self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1])
         read = {id(t) for t in inputs}  # (tensors by identity: views are made by ops too)
         self.read |= read
+        if self.modules:
+            self.ran.add(id(self.modules[-1][1]))
         if kept and self.modules:
             path, module = self.modules[-1]
             self.kept.setdefault(path, (module, set()))[1].update(kept)
@@ -219,10 +222,12 @@ class _Watch(TorchDispatchMode):
             key = holders[0][2] if holders else None
             owners = [(p, m, k, m) for p, m, k in holders] + [(path, reader, key, reader)]
             found = [(o, first_name[id(p)]) for o in owners for p in o[3].parameters(recurse=False) if unread(p)]
-            # the root's sublayers: a parameter shaped as a kept tensor the root read, or its transpose (other layers
-            # of a whole model may leave a parameter unread on an example)
+            # the root's sublayers: one that ran no op itself, a parameter of it shaped as a kept tensor the root
+            # read, or its transpose (other layers of a whole model may leave a parameter unread on an example: a
+            # root's constant of a parameter's shape is no cache of it)
             shaped = None if reader is not root else {tuple(self.kept_shapes[i]) for i in kept}
-            parts = [m for m in reader.modules() if m is not reader and not all(map(unread, m.parameters(False)))]
+            parts = [m for m in reader.modules() if m is not reader and not all(map(unread, m.parameters(False)))
+                     and (shaped is None or id(m) not in self.ran)]  # fmt: skip
             found += [((path, reader, key, m), first_name[id(p)]) for m in parts for p in m.parameters(recurse=False)
                       if unread(p) and (shaped is None or {tuple(p.shape), tuple(p.shape)[::-1]} & shaped)]  # fmt: skip
             for (layer_path, layer, key, _), name in [*found, *((owners[-1], n) for n in forgotten)]:
