@@ -259,6 +259,12 @@ def test_names_under_a_prefix_are_told_how_to_match():
     wrapper.add_module("backbone", model)
     with pytest.raises(ValueError, match=re.escape("the model's names carry the prefix 'backbone.', its do not")):
         tc.self_influence(wrapper, [tc.Checkpoint(state, 0.1)], data, loss_fn=nn.CrossEntropyLoss())
+    # part of the state under a prefix (an adapter-only file, peft's `base_model.model.`), `strict=False`: no hint
+    # before, the names it lacks unexplained by the prefix (a review helper's)
+    part = dict(list(state.items())[:1])
+    adapter = tc.Checkpoint({f"base_model.model.{k}": v for k, v in part.items()}, 0.1)
+    with pytest.raises(ValueError, match=re.escape("prefix 'base_model.model.', the model's do not: pass")):
+        tc.self_influence(model, [adapter], data, loss_fn=nn.CrossEntropyLoss(), strict=False)
 
 
 def test_directory_as_pathlike(tmp_path):

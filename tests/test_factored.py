@@ -4384,3 +4384,25 @@ def test_a_transposed_convolution_is_formed_whole():
     site = factorable_sites(model, [n for n, _ in model.named_parameters()])["up"]
     assert site.adjoint and not site.transposed and not site.kernel_ok
     assert not channel_split(site, torch.device("cpu"))
+
+
+class _LoraLinear(nn.Linear):
+    """loralib's style: a Linear subclass adding its own low-rank parameters, its weight frozen."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__(d_in, d_out)
+        self.weight.requires_grad_(False)
+        self.lora_A, self.lora_B = nn.Parameter(0.1 * torch.randn(2, d_in)), nn.Parameter(0.1 * torch.randn(d_out, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + x @ self.lora_A.T @ self.lora_B.T
+
+
+def test_a_parameter_a_layer_subclass_adds_is_named_as_such():
+    """loralib's ``lora_A`` / ``lora_B`` on a Linear subclass were said to be weight tying (a review helper's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_LoraLinear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    explained = _exact_and_explained(model, (x, y), (x[:2], y[:2]))
+    reason = {r.parameter: r.reason for r in explained.routes}["0.lora_A"]
+    assert "'lora_A' is not the layer's weight or bias (a parameter _LoraLinear adds" in reason

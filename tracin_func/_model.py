@@ -567,7 +567,7 @@ def checked_state(
                     "`_orig_mod.`; save the wrapped module's `state_dict()` (`model.module`, `model._orig_mod`), "
                     "or load the files with `tc.load_checkpoints`, which strips it)"
                 )
-            fix = fix or _prefix_hint(missing, unexpected, spec.expected)
+            fix = fix or _prefix_hint(missing, unexpected, spec.expected, strict)
             if set(missing) & set(LR_KEYS):
                 fix += (
                     f". A file's flat {sorted(set(missing) & set(LR_KEYS))} entry is read as the learning rate: save "
@@ -640,9 +640,12 @@ def _wrapped_child_names(state: dict[str, Any], expected: frozenset[str]) -> dic
     return state
 
 
-def _prefix_hint(missing: Sequence[str], unexpected: Sequence[str], expected: Collection[str]) -> str:
+def _prefix_hint(
+    missing: Sequence[str], unexpected: Sequence[str], expected: Collection[str], strict: bool = True
+) -> str:
     """How to match a checkpoint whose names all carry a prefix the model's do not (a LightningModule's ``model.``,
-    an EMA wrapper's), or lack one the model's carry (saved from a submodule); ``""`` where none explains them."""
+    an EMA wrapper's), or lack one the model's carry (saved from a submodule); ``""`` where none explains them. Not
+    ``strict``: the names it lacks need no explaining (an adapter-only file, which found no hint before)."""
 
     def prefixes(name: str) -> list[str]:
         parts = name.split(".")[:-1]
@@ -650,7 +653,8 @@ def _prefix_hint(missing: Sequence[str], unexpected: Sequence[str], expected: Co
 
     for prefix in prefixes(unexpected[0]) if unexpected else []:  # the checkpoint's names carry it (not: extra ones)
         stripped = {n[len(prefix) :] for n in unexpected if n.startswith(prefix)}
-        if missing and len(stripped) == len(unexpected) and stripped <= set(expected) and set(missing) <= stripped:
+        explained = not strict or missing and set(missing) <= stripped
+        if explained and len(stripped) == len(unexpected) and stripped <= set(expected):
             return (
                 f" (its names all carry the prefix {prefix!r}, the model's do not: pass "
                 f"`{{k.removeprefix({prefix!r}): v for k, v in state.items()}}`)"

@@ -858,6 +858,12 @@ def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> st
     if owner is None:
         return "not a parameter of a layer"
     if site_kind(owner) is not None:
+        attr = name.rpartition(".")[2]
+        if attr not in ("weight", "bias"):  # (loralib's Linear subclass with its `lora_A`, `lora_B`)
+            return (
+                f"{attr!r} is not the layer's weight or bias (a parameter {type(owner).__name__} adds: a layer's "
+                f"factors give those two only)"
+            )
         mine = module.get_parameter(name)
         held = sum(any(p is mine for p in m.parameters(recurse=False)) for m in module.modules())
         whose = "its tensor is" if held > 1 else "a tensor of its layer is"
