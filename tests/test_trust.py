@@ -4702,3 +4702,34 @@ def test_one_examples_copies_a_model_does_not_take_or_a_layer_of_no_rows_change_
             warnings.simplefilter("error", tc.SlowPathWarning)
             scores = tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=size)
         torch.testing.assert_close(scores, true_self, rtol=1e-12, atol=1e-14)
+
+
+class _FrozenWhenPositive(nn.Module):
+    """Runs its first layer under ``torch.no_grad()`` on batches whose examples all have a positive first feature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not bool((x[:, 0] > 0).all())):
+            h = torch.tanh(self.fc1(x))
+        return self.out(h)
+
+
+def test_a_layer_run_without_gradient_only_on_later_batches_is_refused_naming_it():
+    """Batches of one, the later ones running a layer under ``torch.no_grad()``: its calls there give no factors, and
+    assembling none raised torch's raw "expected a non-empty list of Tensors" (a review helper's). Refused naming the
+    layer and `factored=False`, which is exact."""
+    torch.manual_seed(0)
+    model = _FrozenWhenPositive().double().eval()
+    x, y = torch.randn(12, 6, dtype=F64), torch.randint(0, 3, (12,))
+    x[:, 0] = -1.0
+    x[6:, 0] = 1.0
+    ckpts = make_ckpts(model)
+    refused = r"layer 'fc1' is not called with gradients on this batch .*`factored=False`"
+    for factored in (None, True):
+        with pytest.raises(ValueError, match=refused):
+            tc.self_influence(model, ckpts, (x, y), loss_fn=CE, batch_size=1, factored=factored)
+    want = reference(model, ckpts, (x, y), None)[1]
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE, batch_size=1, factored=False), want)

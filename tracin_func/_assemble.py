@@ -44,6 +44,13 @@ def assemble(
     tied: dict[str, _TiedUses] = {}  # a tied weight's uses, formed together when scored
     for site in sorted(plan.sites, key=_scattered_last):
         layer, (xs, gs) = site_layer(modules, site), factors[site.path]
+        if not gs and site.kind not in ("expanded", "followed"):  # (no call to take factors of: a raw error before)
+            raise ValueError(
+                f"`model`: layer {site.path!r} is not called with gradients on this batch (not called, or under "
+                f"`torch.no_grad()`), where it was on the examples the call was planned on: the model's layers depend "
+                f"on each batch's values, which factors planned once cannot follow. Pass `factored=False` (every "
+                f"gradient by `vmap(grad)`, or one example at a time)."
+            )
         if site.kind == "embedding" and site.weight in tied and site.path not in plan.kernel:
             rows = [(input_rows(layer, site, x), output_rows(site, g)) for x, g in zip(xs, gs)]
             tied[site.weight].scattered.extend(rows)  # its rows added into the other uses' gradients when formed
