@@ -500,3 +500,46 @@ def test_vmap_keeps_sdpas_zeros_for_a_query_hiding_every_key():
     pad = torch.tensor([[True, False, False, False], [False] * 4, [True, True, False, False], [False] * 4])
     got = tc.self_influence(model, ckpts, (x, pad, y), loss_fn=CE, factored=False)
     assert_close(got, reference_scores(model, ckpts, (x, pad, y), loss_fn=CE).self_influence)
+
+
+class _InterruptedLayer(nn.TransformerEncoderLayer):
+    """Raises a KeyboardInterrupt when run without gradients."""
+
+    def forward(self, src, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            raise KeyboardInterrupt("interrupted")
+        return super().forward(src, *args, **kwargs)
+
+
+class _FeaturesInterrupted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.head = _InterruptedLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.encoder(x)
+        return self.head(h.mean(1) + x.mean(1))
+
+
+def test_an_interrupted_encoder_leaves_the_callers_torch_function_modes():
+    """The library's modes set aside around an encoder run without gradients were put back by an ``always_call``
+    forward hook, which torch runs on an Exception only: a KeyboardInterrupt left them off the stack, the user's own
+    mode popped by the library's exits instead and the interrupt turned into "trying to pop from empty mode stack" (a
+    review helper's)."""
+    from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+
+    class Users(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    model = _FeaturesInterrupted().to(F64).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    g = torch.Generator().manual_seed(0)
+    train = (torch.randn(4, 5, 8, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
+    users = Users()
+    with users:
+        with pytest.raises(KeyboardInterrupt):
+            tc.self_influence(model, ckpts, train, loss_fn=CE)
+        assert _get_current_function_mode_stack() == [users]
+    assert _get_current_function_mode_stack() == []

@@ -1256,6 +1256,40 @@ def test_3f_a_cache_of_a_sublayers_weight_kept_by_the_root_is_refused(filled_bef
         tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), loss_fn=CE)
 
 
+class _TwoWeightBlock(nn.Module):
+    """Runs its first weight; its second is the root's to read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_in, self.w_out = nn.Parameter(0.3 * torch.randn(6, 6)), nn.Parameter(0.3 * torch.randn(6, 6))
+
+    def forward(self, h):
+        return torch.tanh(h @ self.w_in)
+
+
+class _RootCachesARunningBlocksWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.block, self.head, self.cache = nn.Linear(4, 6), _TwoWeightBlock(), nn.Linear(6, 3), {}
+
+    def forward(self, x):
+        if "w" not in self.cache:
+            self.cache["w"] = self.block.w_out.t() * 1.0
+        return self.head(self.block(torch.tanh(self.first(x))) @ self.cache["w"])
+
+
+def test_3f_a_roots_cache_of_a_running_blocks_weight_is_refused():
+    """A block that runs its first weight, the root caching its second (filled by the user's evaluation): scored with
+    the cached values, 16% off, silently, once sublayers that run were left out of the root's rule (a review helper's
+    sweep). A kept tensor that is a multiple of such a parameter's values (or of its transpose) is its cache."""
+    torch.manual_seed(0)
+    model = _RootCachesARunningBlocksWeight().double().eval()
+    with torch.no_grad():
+        model(data(4, seed=3)[0])
+    with pytest.raises(ValueError, match=all_of("module '(root)' (", "keeps 'cache'", "'block.w_out'", "a cache")):
+        tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), loss_fn=CE)
+
+
 class _FillsMissing(nn.Module):
     """Scales its features, a learned fill value where one is NaN (read only then)."""
 

@@ -4,7 +4,8 @@ runs must be the one the user's model runs (``on_traced_path``, ``encoders_run_a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import functools
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -45,25 +46,31 @@ def _off_fast_path(encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
 
 
 def encoders_run_as_outside(module: nn.Module) -> None:
-    """Hooks on the call's copy of the model (for its life): an ``nn.TransformerEncoder`` or
-    ``TransformerEncoderLayer`` called with gradients off (under ``torch.no_grad()`` in the model's forward: a frozen
-    feature extractor, a teacher's pass) runs with the library's torch function modes set aside, so that torch takes
-    its inference fast path as it does in the user's model: an encoder then turns a padded batch into nested tensors,
-    which give padded positions zeros. Under any torch function mode torch computes those positions instead (a model
-    reading them, a mean over every token, scored 35-219% off its own backward, silently, on every route)."""
-    set_aside: list[list[TorchFunctionMode]] = []  # per encoder call running, innermost last
-
-    def enter(encoder: nn.Module, args: Any) -> None:
-        set_aside.append(_library_modes_popped() if not torch.is_grad_enabled() else [])
-
-    def leave(encoder: nn.Module, args: Any, output: Any) -> None:
-        for mode in reversed(set_aside.pop()):
-            torch._C._push_on_torch_function_stack(mode)
-
+    """The call's copy of the model (for its life): an ``nn.TransformerEncoder`` or ``TransformerEncoderLayer``
+    called with gradients off (under ``torch.no_grad()`` in the model's forward: a frozen feature extractor, a
+    teacher's pass) runs with the library's torch function modes set aside, so that torch takes its inference fast
+    path as it does in the user's model: an encoder then turns a padded batch into nested tensors, which give padded
+    positions zeros. Under any torch function mode torch computes those positions instead (a model reading them, a mean
+    over every token, scored 35-219% off its own backward, silently, on every route). Its ``forward`` wrapped (hooks
+    left the modes popped on an interruption, which ``always_call`` hooks do not see)."""
     for m in module.modules():
         if isinstance(m, ENCODERS):
-            m.register_forward_pre_hook(enter)
-            m.register_forward_hook(leave, always_call=True)
+            m.forward = _modes_set_aside(m.forward)
+
+
+def _modes_set_aside(forward: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        popped = _library_modes_popped()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            for mode in reversed(popped):
+                torch._C._push_on_torch_function_stack(mode)
+
+    return run
 
 
 def _library_modes_popped() -> list[TorchFunctionMode]:

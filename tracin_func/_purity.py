@@ -122,7 +122,6 @@ class _Watch(TorchDispatchMode):
         self.made: dict[int, weakref.ref] = {}  # tensors this run made (alive: an identity may be reused)
         self.read: set[int] = set()  # tensors an op read
         self.kept: dict[str, tuple[nn.Module, set[int]]] = {}  # innermost module -> kept tensors it read
-        self.kept_shapes: dict[int, torch.Size] = {}  # the kept tensors' shapes
         self.ran: set[int] = set()  # the modules (identities) an op ran in, innermost
         self.kept_storages: set[int] = set()  # storages of the tensors read that the run was neither given nor made
         self.derived_made: list[weakref.ref] = []  # alive after the run: kept somewhere
@@ -173,7 +172,6 @@ class _Watch(TorchDispatchMode):
         if kept and self.modules:
             path, module = self.modules[-1]
             self.kept.setdefault(path, (module, set()))[1].update(kept)
-            self.kept_shapes.update((id(t), t.shape) for t in inputs if id(t) in kept)
         out = func(*args, **kwargs)
         from_checkpoint, from_example = not read.isdisjoint(self.derived), not read.isdisjoint(self.from_example)
         outputs = op_tensors(out)
@@ -222,14 +220,14 @@ class _Watch(TorchDispatchMode):
             key = holders[0][2] if holders else None
             owners = [(p, m, k, m) for p, m, k in holders] + [(path, reader, key, reader)]
             found = [(o, first_name[id(p)]) for o in owners for p in o[3].parameters(recurse=False) if unread(p)]
-            # the root's sublayers: one that ran no op itself, a parameter of it shaped as a kept tensor the root
-            # read, or its transpose (other layers of a whole model may leave a parameter unread on an example: a
-            # root's constant of a parameter's shape is no cache of it)
-            shaped = None if reader is not root else {tuple(self.kept_shapes[i]) for i in kept}
-            parts = [m for m in reader.modules() if m is not reader and not all(map(unread, m.parameters(False)))
-                     and (shaped is None or id(m) not in self.ran)]  # fmt: skip
-            found += [((path, reader, key, m), first_name[id(p)]) for m in parts for p in m.parameters(recurse=False)
-                      if unread(p) and (shaped is None or {tuple(p.shape), tuple(p.shape)[::-1]} & shaped)]  # fmt: skip
+            parts = [m for m in reader.modules() if m is not reader and not all(map(unread, m.parameters(False)))]
+            if reader is root:  # (other layers of a whole model may leave a parameter unread on an example)
+                held = [t for _, m, k in holders for t in _tensors_within(_attributes(m)[k]) if id(t) in kept]
+                found += [((path, reader, key, m), first_name[id(p)]) for m in parts for p in m.parameters(False)
+                          if unread(p) and _cached(p, state[first_name[id(p)]], held, id(m) not in self.ran)]
+            else:
+                found += [((path, reader, key, m), first_name[id(p)]) for m in parts for p in m.parameters(False)
+                          if unread(p)]  # fmt: skip
             for (layer_path, layer, key, _), name in [*found, *((owners[-1], n) for n in forgotten)]:
                 kept_where = f"keeps {key!r} between forward passes, and the forward computes with it"
                 what = kept_where if key else "computes with a tensor kept between forward passes"
@@ -319,6 +317,32 @@ def _tensors_within(value: Any, depth: int = NESTING) -> list[torch.Tensor]:
     items = value.values() if isinstance(value, dict) else value
     out = [v for v in items if isinstance(v, torch.Tensor)]
     return out + [t for v in items if isinstance(v, CONTAINERS) for t in _tensors_within(v, depth - 1)]
+
+
+def _cached(param: torch.Tensor, value: torch.Tensor, kept: Sequence[torch.Tensor], idle: bool) -> bool:
+    """Whether a kept tensor the root read is, by the look of it, a cache of a sublayer's parameter it never reads:
+    shaped as it (or its transpose) where the sublayer ran no op itself (a child's weight cached, its bias read
+    directly: 43% off, silently, before), and else also a multiple of its values, the user's or the checkpoint's
+    (``value``; a block's second weight cached: 16%). A root's constant of a parameter's shape (dataset statistics
+    beside a fill value read only where a feature is missing) is neither."""
+    for t in kept:
+        if t.numel() != param.numel() or tuple(t.shape) not in (tuple(param.shape), tuple(param.shape)[::-1]):
+            continue
+        if idle or any(_multiple(t, v) for v in (param, value)):
+            return True
+    return False
+
+
+def _multiple(t: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``t`` is a nonzero multiple of ``v``, as they are or ``v`` transposed (same number of entries)."""
+    k = t.detach().double().flatten()
+    for w in (v, v.t()) if v.dim() == 2 else (v,):
+        w = w.detach().double().flatten()
+        norm = float(w @ w)
+        scale = float(k @ w) / norm if norm else 0.0
+        if scale and torch.allclose(k, scale * w, rtol=1e-5, atol=1e-12 * float(k.abs().max())):
+            return True
+    return False
 
 
 def _attributes(m: nn.Module) -> dict[str, Any]:
