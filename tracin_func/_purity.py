@@ -203,7 +203,7 @@ class _Watch(TorchDispatchMode):
         ``model.eval()``, the first dry run), which every checkpoint would be scored with. Such a parameter is one of
         the layer holding the kept tensor or of the reading layer; one of the reading layer's sublayers whose other
         parameters are read (a child's weight cached, its bias read directly: 23-36% off, silently, before; 43% where
-        the root read it, a sublayer's parameter then only if shaped as a kept tensor it read); or one the run before
+        the root read it, a sublayer's parameter then only as ``_cached`` tells); or one the run before
         this one read (``before``: tensors' ids), which filled the cache. A kept constant (a mask) leaves those
         parameters read (a training-only head never called is no cache)."""
         if not self.kept or root is None:
