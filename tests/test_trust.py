@@ -1242,20 +1242,6 @@ def test_3f_a_cache_of_a_sublayers_parameters_is_refused(build, filled_before):
         tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), loss_fn=CE)
 
 
-@pytest.mark.parametrize("filled_before", [False, True])
-def test_3f_a_cache_of_a_sublayers_weight_kept_by_the_root_is_refused(filled_before):
-    """The root keeping its sublayer's weight, filled by the user's own evaluation before the call: every checkpoint
-    was scored with it (43% off, silently; a review helper's), the root's sublayers not looked at, lest a whole
-    model's parameters unread on an example be taken for caches. A sublayer's parameter shaped as a kept tensor the
-    root read (or as its transpose) is."""
-    model = ParentCachesChild().double().eval()
-    if filled_before:
-        with torch.no_grad():
-            model(data(4, seed=3)[0])
-    with pytest.raises(ValueError, match=all_of("module '(root)' (", "keeps 'cache'", "'lin.weight'", "a cache")):
-        tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), loss_fn=CE)
-
-
 class _TwoWeightBlock(nn.Module):
     """Runs its first weight; its second is the root's to read."""
 
@@ -1278,15 +1264,24 @@ class _RootCachesARunningBlocksWeight(nn.Module):
         return self.head(self.block(torch.tanh(self.first(x))) @ self.cache["w"])
 
 
-def test_3f_a_roots_cache_of_a_running_blocks_weight_is_refused():
-    """A block that runs its first weight, the root caching its second (filled by the user's evaluation): scored with
-    the cached values, 16% off, silently, once sublayers that run were left out of the root's rule (a review helper's
-    sweep). A kept tensor that is a multiple of such a parameter's values (or of its transpose) is its cache."""
+@pytest.mark.parametrize(
+    "build, filled_before, name",
+    [(ParentCachesChild, False, "lin.weight"), (ParentCachesChild, True, "lin.weight"),
+     (_RootCachesARunningBlocksWeight, True, "block.w_out")],
+)  # fmt: skip
+def test_3f_a_cache_of_a_sublayers_weight_kept_by_the_root_is_refused(build, filled_before, name):
+    """The root keeping its sublayer's weight, filled by the user's own evaluation before the call: every checkpoint
+    was scored with it (43% off, silently; a review helper's), the root's sublayers not looked at, lest a whole
+    model's parameters unread on an example be taken for caches. A sublayer's parameter is, as ``_cached`` tells:
+    shaped as a kept tensor the root read (or as its transpose) where the sublayer runs no op itself, else a multiple
+    of it too (a block that runs its first weight, the root caching its second: 16% off once sublayers that run were
+    left out, a review helper's sweep)."""
     torch.manual_seed(0)
-    model = _RootCachesARunningBlocksWeight().double().eval()
-    with torch.no_grad():
-        model(data(4, seed=3)[0])
-    with pytest.raises(ValueError, match=all_of("module '(root)' (", "keeps 'cache'", "'block.w_out'", "a cache")):
+    model = build().double().eval()
+    if filled_before:
+        with torch.no_grad():
+            model(data(4, seed=3)[0])
+    with pytest.raises(ValueError, match=all_of("module '(root)' (", "keeps 'cache'", f"'{name}'", "a cache")):
         tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2), loss_fn=CE)
 
 
