@@ -617,8 +617,6 @@ def score_blocks(
             scored = batch  # or its representation, from the pass that represented the test batch too
             if joining is not None:
                 pair = None if joined is None else _joined_pass(updates, ckpt, joined, n_test)
-                if isinstance(pair, int):  # (the checkpoints before scored from it too: all again, apart)
-                    raise _JoinedMixing(pair)
                 if pair is None:
                     joined = None  # (a joined pass that raised is not tried again)
                     with naming_failures(setup.test_loss, setup, joining.batch, "test", joining.offset):
@@ -649,7 +647,7 @@ def score_blocks(
             joined = joined_rows(joining.batch, batch)  # (None where not alike: padded to another width)
         try:
             acc = batch_scores(offset, batch, joined, ())
-        except _JoinedMixing as found:
+        except _JoinedMixing as found:  # (the checkpoints before scored from that pass too: all again, apart)
             del reps[len(queries.reps) :]
             if scales is not None:
                 del scales[len(queries.scales) :]
@@ -668,12 +666,10 @@ class _JoinedMixing(Exception):
         self.example = example
 
 
-def _joined_pass(
-    updates: Updates, ckpt: Any, joined: Any, n_test: int
-) -> tuple[Representation, Representation] | int | None:
+def _joined_pass(updates: Updates, ckpt: Any, joined: Any, n_test: int) -> tuple[Representation, Representation] | None:
     """The test and training representations from one pass over a test batch joined to a training batch; where that
     pass raises an example's error, None: each batch alone then names the example behind it, or scores (a joined
-    batch larger than the memory left); where its spot check finds it mixing its examples, the example it found: the
+    batch larger than the memory left). Where its spot check finds it mixing its examples, ``_JoinedMixing``: the
     joining is ours, so each batch alone is then scored, checked at that example (the model may mix only examples of
     both batches, which the user never batched together). Other refusals of the call (ours: they start with the
     argument's name) are raised as they are."""
@@ -681,7 +677,7 @@ def _joined_pass(
         with checked_as(test_in_front=n_test):
             return updates.with_test(ckpt, joined, n_test)
     except MixedBatch as err:
-        return err.example
+        raise _JoinedMixing(err.example) from None
     except Exception as err:
         if not _an_examples_error(err):
             raise

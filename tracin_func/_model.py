@@ -598,8 +598,9 @@ def checked_state(
     if missing_diff:
         raise ValueError(f"`{where}` lacks the differentiated parameters {missing_diff[:10]}.")
     differentiated = set(spec.diff_names)
-    # integers for a frozen floating tensor: in the checkpoint's own floating dtype where it has one (the model's
-    # would make a float64 checkpoint a mix of dtypes, refused as such)
+    # integers for a frozen floating tensor: in the wider of the checkpoint's own floating dtype, where it has one, and
+    # the model's (the model's alone made a float64 checkpoint a mix of dtypes, refused as such; a half-precision
+    # checkpoint's would round them)
     held = {t.dtype for t in ckpt.params.values() if isinstance(t, torch.Tensor) and t.is_floating_point()}
     for name, t in list(state.items()):
         _check_tensor(t, f"`{where}[{name!r}]`")
@@ -608,7 +609,6 @@ def checked_state(
             state[name] = t = _as_model_holds(t, own.dtype, f"`{where}[{name!r}]`")
         elif own is not None and own.is_floating_point() and not (t.is_floating_point() or t.is_complex()):
             if name not in differentiated:  # (integers or booleans for a frozen floating tensor: as loading does)
-                # (a half-precision checkpoint's: the model's, which holds the integers as loading does)
                 wider = torch.promote_types(next(iter(held)), own.dtype) if len(held) == 1 else own.dtype
                 state[name] = t = t.to(wider)
         if name in differentiated and not t.is_floating_point():
