@@ -432,7 +432,8 @@ def test_param_groups_named_by_a_submodule_are_refused_saying_so():
 def test_a_count_mismatch_is_refused():
     model = nn.Linear(4, 3).to(DTYPE)
     opt = torch.optim.Adam([model.weight])
-    with pytest.raises(ValueError, match=r"holds 1 parameters but the model has 2 \(2 requiring grad\)"):
+    counts = r"holds 1 parameters but the model has 2 \(2 requiring grad, 2 scored\).+'param_names'"
+    with pytest.raises(ValueError, match=counts):
         _score(*_linear_ckpt(opt.state_dict(), model))
 
 
@@ -528,3 +529,82 @@ def test_moments_matched_by_position_are_warned_where_shapes_cannot_tell_paramet
         warnings.simplefilter("error")
         tc.self_influence(model, [named], (x, y), loss_fn=nn.CrossEntropyLoss())
         tc.self_influence(model, [unnamed], (x, y), loss_fn=nn.CrossEntropyLoss(), params=["0.weight", "4.weight"])
+
+
+def _stepped(model: nn.Module, params) -> dict:
+    """The state of an Adam that took one step on ``params`` (a list: unnamed)."""
+    optimizer = torch.optim.Adam(params, lr=0.1)
+    x, y = _data(model, 6, 3)
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    optimizer.step()
+    model.zero_grad()
+    return copy.deepcopy(optimizer.state_dict())
+
+
+@pytest.mark.parametrize("edit", ["strings", "stray"])
+def test_state_under_ids_no_group_lists_is_refused(edit):
+    """A state whose ids became strings (a JSON round trip), or one moved to an id no group lists, was read as never
+    stepped (moments 0): 165% / 18% off, silently."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).to(DTYPE)
+    state = _stepped(model, list(model.parameters()))
+    moved = {str(k): v for k, v in state["state"].items()}
+    state["state"] = moved if edit == "strings" else {0: state["state"][0], 17: state["state"][1]}
+    strings = r" \(ids turned into strings" if edit == "strings" else ":"
+    stray = rf"state under ids \[('0', '1'|17)\] that no param group lists \(.+\){strings}"
+    with pytest.raises(ValueError, match=stray):
+        _score(*_linear_ckpt(state, model))
+
+
+def test_ids_are_matched_to_the_scored_parameters_where_those_were_trained():
+    """Without names, an optimizer built from the parameters trained then (some frozen), scored with `params=` those
+    (the model unfrozen since), and a pure function's trained entries beside a floating constant, were refused
+    advising to save the optimizer again; the count matches the scored parameters, in the model's order."""
+    torch.manual_seed(0)
+    model = MLP().to(DTYPE).eval()
+    trained = [n for n, _ in model.named_parameters() if not n.startswith("fc1.")]
+    state = _stepped(model, [p for n, p in model.named_parameters() if n in trained])
+    ckpt = tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.1, state)
+    x, y = _data(model, 6, 4)
+    got = tc.influence(model, [ckpt], (x, y), (x[:3], y[:3]), loss_fn=LOSS, params=trained)
+    named = copy.deepcopy(state)
+    named["param_groups"][0]["param_names"] = trained  # (the reference matches unnamed ids to the trainable ones)
+    reference = AdamReference(model, [tc.Checkpoint(ckpt.params, 0.1, named)], (x, y), (x[:3], y[:3]), params=trained)
+    assert_close(got, reference.influence)
+
+    def f(params, x):
+        own = {k: params[k] for k in dict(model.named_parameters())}
+        return params["scale"] * torch.func.functional_call(model, own, (x,))
+
+    entries = {**{k: v.detach().clone() for k, v in model.named_parameters()}, "scale": torch.tensor(1.0, dtype=DTYPE)}
+    function_ckpt = tc.Checkpoint(entries, 0.1, state)
+    by_function = tc.influence(f, [function_ckpt], (x, y), (x[:3], y[:3]), loss_fn=LOSS, params=trained)
+    assert_close(by_function, got)
+
+
+@pytest.mark.parametrize("edit", ["nan", "negative", "step"])
+def test_moments_no_adam_run_leaves_are_refused_naming_the_state(edit):
+    """A NaN or negative second moment, or a negative step, was blamed on the examples' gradients."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).to(DTYPE)
+    state = _stepped(model, list(model.parameters()))
+    if edit == "step":
+        state["state"][0]["step"] = torch.tensor(-1.0)
+    else:
+        state["state"][0]["exp_avg_sq"][0, 0] = math.nan if edit == "nan" else -1.0
+    saved = r"the saved (exp_avg_sq|step \(-1\)) of parameter 0 \('weight'\) is not what an Adam"
+    with pytest.raises(ValueError, match=saved):
+        _score(*_linear_ckpt(state, model))
+
+
+def test_moments_matched_by_position_are_not_warned_of_for_the_parameters_a_last_layer_call_leaves():
+    """`method="last_layer"` warned of same-shaped parameters it does not score."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+    ckpt = tc.Checkpoint(dict(model.state_dict()), 0.1, _stepped(model, list(model.parameters())))
+    x, y = _data(model, 6, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tc.self_influence(model, [ckpt], (x, y), loss_fn=LOSS, method="last_layer")
+    with pytest.warns(UserWarning, match="'0.weight' and '2.weight' have one shape"):
+        tc.self_influence(model, [ckpt], (x, y), loss_fn=LOSS)

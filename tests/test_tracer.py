@@ -673,6 +673,50 @@ def test_factory_error_model_switched_to_training_mode():
         tracer.update(tracer.init(), params, 0.1, (train[0][idx], train[1][idx]), idx)
 
 
+
+class _Switched(nn.Module):
+    """Dropout in its own code, on in training mode or when its flag is set, and a buffer updated in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.mc = nn.Linear(4, 5), nn.Linear(5, 3), False
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        if self.training:
+            self.seen += x.shape[0]
+        h = nn.functional.dropout(torch.tanh(self.fc1(x)), 0.5, self.training or self.mc)
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("switch", ["train", "flag"])
+def test_a_step_after_a_switch_since_planning_is_checked_as_planning_checks(switch):
+    """A model switched to training mode (or a flag of its own turning its dropout on) after the tracer was planned
+    reused the plan made in eval mode: random scores (77-117% off, the RNG advanced) and, in training mode, the user's
+    buffer updated. A step under other switches is planned for them, whose checks refuse it; the buffer and the RNG
+    are untouched."""
+    torch.manual_seed(0)
+    model = _Switched().to(DTYPE).eval()
+    train, test = _data((4,), 6, seed=6), _data((4,), 2, seed=7)
+    tracer = tc.tracer(model, test, n_train=6, loss_fn=nn.CrossEntropyLoss(), dtype=DTYPE)
+    params, idx = dict(model.named_parameters()), torch.tensor([0, 1])
+    step = (train[0][idx], train[1][idx])
+    tracer.update(tracer.init(), params, 0.1, step, idx)
+    model.train() if switch == "train" else setattr(model, "mc", True)
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"(draws random numbers|writes into the checkpoint's tensor 'seen')"):
+        tracer.update(tracer.init(), params, 0.1, step, idx)
+    assert float(model.seen) == 0 and torch.equal(torch.get_rng_state(), rng)
+    model.eval() if switch == "train" else setattr(model, "mc", False)
+    tracer.update(tracer.init(), params, 0.1, step, idx)  # (planned as before: scored again)
+
+
+def test_a_compiled_model_is_refused_with_the_tracers_way_to_compile():
+    """The refusal advised `compile=True`, which `tc.tracer` does not take."""
+    model = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"compile the step instead: `torch.compile\(tracer.update\)`"):
+        tc.tracer(torch.compile(model), _data((4,), 2), n_train=4, loss_fn=nn.CrossEntropyLoss())
+
 def test_factory_error_arguments():
     t = mlp_task()
     with pytest.raises(TypeError, match="`params` is required when `model` is a function"):

@@ -59,6 +59,7 @@ class AdamParam(NamedTuple):
     weight_decay: float  # coupled (Adam's L2): added to the gradient; 0 for AdamW (decoupled, left out)
     group: int  # its param group's index
     lr: float | None  # its param group's learning rate (``check_one_lr``), where saved
+    named: bool  # matched to its name by the saved names, not by position (``warn_matched_by_position``)
 
 
 def _group_of(groups: Sequence[Mapping[str, Any]], index: int, where: str) -> Mapping[str, Any]:
@@ -114,9 +115,15 @@ def _unknown_names_fix(unknown: Sequence[str], order: Sequence[str]) -> str:
 
 
 def _ids_to_names(
-    groups: Sequence[Mapping[str, Any]], order: Sequence[str], trainable: Sequence[str], where: str
+    groups: Sequence[Mapping[str, Any]],
+    order: Sequence[str],
+    trainable: Sequence[str],
+    where: str,
+    scored: Sequence[str],
 ) -> dict[Any, tuple[str, int]]:
-    """``{parameter id: (name, group index)}``."""
+    """``{parameter id: (name, group index)}``. Without saved names, one group's ids in order are all of ``order``,
+    its ``trainable`` ones, or the ``scored`` ones (in ``order``: an optimizer built from the parameters that required
+    grad then, others frozen; a pure function's trained tensors beside a floating constant)."""
     ids = [(i, g) for g, group in enumerate(groups) for i in group["params"]]
     # names as the ids: matched by position, in another order they were other parameters' moments (78% off, silently)
     if _names_saved(groups):
@@ -140,33 +147,37 @@ def _ids_to_names(
             f"ids cannot be matched to names safely (the groups' order is the training script's). Build the "
             f"optimizer from `model.named_parameters()` (torch >= 2.6 then saves the names), or use one param group."
         )
-    for candidate in (order, trainable):
+    for candidate in (order, trainable, scored):
         if len(ids) == len(candidate):
             return {i: (n, g) for (i, g), n in zip(ids, candidate)}
     raise ValueError(
         f"`optimizer_state` of {where} holds {len(ids)} parameters but the model has {len(order)} "
-        f"({len(trainable)} requiring grad); ids are matched to `model.named_parameters()` in order. Save the "
-        f"optimizer built from `model.parameters()` (or from `model.named_parameters()`, which stores the names)."
+        f"({len(trainable)} requiring grad, {len(scored)} scored); without saved names, ids are matched in the order "
+        f"of `model.named_parameters()` (a function's floating checkpoint entries) to all of them, those requiring "
+        f"grad, or those scored (`params=`). Name them in a copy of the state: `state['param_groups'][0]"
+        f"['param_names'] = [...]`, the names in the optimizer's order (as torch >= 2.6 saves them for an optimizer "
+        f"built from `model.named_parameters()`)."
     )
 
 
-def _warn_matched_by_position(
-    checkpoints: Sequence[Any], shapes: Mapping[str, tuple[int, ...]], scored: Collection[str]
-) -> None:
+def warn_matched_by_position(adam: Sequence[Mapping[str, AdamParam] | None], scored: Collection[str]) -> None:
     """Warn where an optimizer state without names was matched by position (``_ids_to_names``) and two scored
-    parameters share a shape: the shapes then cannot show an optimizer built in another order than the model's, whose
-    moments would go to the wrong parameters (13% off, silently, for two same-shaped layers listed the other way)."""
-    unnamed = next((i for i, c in enumerate(checkpoints) if not _names_saved(c.optimizer_state["param_groups"])), None)
-    alike = _two_of_one_shape(scored, shapes) if unnamed is not None else None
-    if alike is not None:
-        warn(
-            f"`checkpoints[{unnamed}]`'s `optimizer_state` holds no parameter names (an optimizer built from "
-            f"`model.parameters()`), so its moments are matched to `model.named_parameters()` by position, which "
-            f"only their shapes check; {alike[0]!r} and {alike[1]!r} have one shape, so an optimizer listing them in "
-            f"another order would give each the other's moments, unseen. Build the optimizer from "
-            f"`model.named_parameters()` (torch >= 2.6 saves the names) to have them matched by name.",
-            UserWarning,
-        )
+    parameters (those a call's plan differentiates) share a shape: the shapes then cannot show an optimizer built in
+    another order than the model's, whose moments would go to the wrong parameters (13% off, silently, for two
+    same-shaped layers listed the other way). ``adam``: each checkpoint's states, or None."""
+    for i, states in enumerate(adam):
+        unnamed = {n: tuple(states[n].exp_avg.shape) for n in scored if states and n in states and not states[n].named}
+        alike = _two_of_one_shape(unnamed, unnamed)
+        if alike is not None:
+            warn(
+                f"`checkpoints[{i}]`'s `optimizer_state` holds no parameter names (an optimizer built from "
+                f"`model.parameters()`), so its moments are matched to `model.named_parameters()` by position, which "
+                f"only their shapes check; {alike[0]!r} and {alike[1]!r} have one shape, so an optimizer listing them "
+                f"in another order would give each the other's moments, unseen. Build the optimizer from "
+                f"`model.named_parameters()` (torch >= 2.6 saves the names) to have them matched by name.",
+                UserWarning,
+            )
+            return
 
 
 def _two_of_one_shape(names: Collection[str], shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str] | None:
@@ -234,7 +245,10 @@ def adam_states(
             f"'param_groups'), got {got}."
         )
     groups = optimizer_state["param_groups"]
-    by_id = _ids_to_names(groups, order, order if trainable is None else trainable, where)
+    trainable = order if trainable is None else trainable
+    by_id = _ids_to_names(groups, order, trainable, where, [n for n in order if scored is None or n in scored])
+    _check_state_keys(optimizer_state["state"], by_id, where)
+    named = _names_saved(groups)
     states: dict[str, AdamParam] = {}
     for pid, (name, g) in by_id.items():
         group = _group_of(groups, g, where)
@@ -277,8 +291,44 @@ def adam_states(
             decay,
             g,
             float(group["lr"]) if "lr" in group else None,
+            named,
         )
+        if scored is None or name in scored:
+            _check_moments(states[name], pid, name, where)
     return states
+
+
+def _check_state_keys(state: Mapping[Any, Any], by_id: Mapping[Any, Any], where: str) -> None:
+    """Refuse state entries under ids that no param group lists: their parameters' moments would be taken as never
+    stepped (zeros), and those entries dropped (165% off, silently, for a state whose ids became strings)."""
+    stray = [k for k in state if k not in by_id]
+    if stray:
+        as_text = all(isinstance(k, str) for k in stray)
+        strings = " (ids turned into strings, as a JSON round trip does)" if as_text else ""
+        raise ValueError(
+            f"`optimizer_state` of {where} holds state under ids {stray[:5]} that no param group lists (the groups "
+            f"list {[*by_id][:5]}){strings}: their moments cannot be matched to a parameter. Save the optimizer's "
+            f"`state_dict()` unedited (`torch.save`), or key `state` by the groups' ids."
+        )
+
+
+def _check_moments(state: AdamParam, pid: Any, name: str, where: str) -> None:
+    """Refuse saved moments no Adam run leaves (non-finite, a negative second moment or step): every update they
+    give is NaN or meaningless, which was blamed on the examples' gradients."""
+    moments = {"exp_avg": state.exp_avg, "exp_avg_sq": state.exp_avg_sq, "max_exp_avg_sq": state.max_exp_avg_sq}
+    bad = [
+        key
+        for key, t in moments.items()
+        if t is not None and not bool(torch.isfinite(t).all() and (key == "exp_avg" or (t >= 0).all()))
+    ]
+    if not bool(torch.isfinite(state.step) and state.step >= 0):
+        bad.append(f"step ({float(state.step):g})")
+    if bad:
+        raise ValueError(
+            f"`optimizer_state` of {where}: the saved {', '.join(bad)} of parameter {pid} ({name!r}) is not what an "
+            f"Adam run leaves (non-finite values, or a negative second moment or step), so its updates are undefined. "
+            f"Save the state of the optimizer that trained the model, unedited, or score without `optimizer_state`."
+        )
 
 
 def on_device(states: Mapping[str, AdamParam], device: torch.device, dtype: torch.dtype) -> dict[str, AdamParam]:
@@ -374,5 +424,4 @@ def with_adam_states(
         for i, c in enumerate(checkpoints)
     ]
     warn_aliased_moments(checkpoints, states, order if scored is None else scored)
-    _warn_matched_by_position(checkpoints, shapes, order if scored is None else scored)
     return [ready._replace(adam=on_device(s, device, dtype)) for ready, s in zip(prepared, states)]

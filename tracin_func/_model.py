@@ -220,9 +220,14 @@ def _rebind_instance_forward(name: str, module: nn.Module, copies: dict[int, nn.
     )
 
 
-def check_runnable(model: Any, eval_fix: str = "Call `model.eval()` before scoring.") -> None:
-    """Raise where the model cannot be scored as it stands: a ``torch.compile`` wrapper, training mode (``eval_fix``:
-    what the refusal advises), backward hooks, or a ``torch.nn.utils.parametrize.cached()`` block around the call."""
+def check_runnable(
+    model: Any,
+    eval_fix: str = "Call `model.eval()` before scoring.",
+    compile_fix: str = "pass `compile=True` to compile the scoring",
+) -> None:
+    """Raise where the model cannot be scored as it stands: a ``torch.compile`` wrapper (``compile_fix``: how to
+    compile instead), training mode (``eval_fix``: what the refusal advises), backward hooks, or a
+    ``torch.nn.utils.parametrize.cached()`` block around the call."""
     if not isinstance(model, nn.Module):
         return
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -235,15 +240,14 @@ def check_runnable(model: Any, eval_fix: str = "Call `model.eval()` before scori
     if compiled == "":
         raise ValueError(
             "`model` is a `torch.compile` wrapper, whose compiled forward runs the original module with its own "
-            "weights, not each checkpoint's. Pass the module itself (`model._orig_mod`), and `compile=True` to "
-            "compile the scoring."
+            "weights, not each checkpoint's. Pass the module itself (`model._orig_mod`), and "
+            f"{compile_fix}."
         )
     if compiled is not None:
         raise ValueError(
             f"`model` module {compiled!r} is a `torch.compile` wrapper, whose compiled forward runs the original "
             f"module with its own weights, not each checkpoint's. Put the module it wraps back in its place (its "
-            f"`._orig_mod`; `module.compile()` compiles in place, which scores as it is), and pass `compile=True` to "
-            f"compile the scoring."
+            f"`._orig_mod`; `module.compile()` compiles in place, which scores as it is), and {compile_fix}."
         )
     check_not_scripted(model)
     check_eval_mode(model, eval_fix)

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._adam import check_one_lr
+from ._adam import check_one_lr, warn_matched_by_position
 from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, worth_dropping
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._bags import PRODUCT as BAG_PRODUCT
@@ -143,6 +143,7 @@ def plan_call(
         for loss in losses:
             check_reads(setup.spec.module, loss, [c.state for c in setup.checkpoints], batch, names)
     check_one_lr([c.adam for c in setup.checkpoints], names)
+    warn_matched_by_position([c.adam for c in setup.checkpoints], names)
     factored = True if setup.method == "last_layer" else setup.factored
     checked_at = split_state(setup.checkpoints[-1].state, names)  # see ``make_plan``
     mapper = Mapper(setup.chunk_size)

@@ -247,12 +247,13 @@ def tracer(
 
     def planned_as(params: Mapping[str, torch.Tensor]) -> tuple[Any, ...]:
         """What a plan holds of the model now: the parameters trainable (a backbone frozen after warm-up takes no
-        step, an unfrozen one starts taking them: 10.5% off, silently) and its modules and forward hooks, which the
-        plan's copy of the modules keeps (a hook added or removed, a layer replaced since: 49-61% off)."""
+        step, an unfrozen one starts taking them: 10.5% off, silently), its modules and forward hooks, which the
+        plan's copy of the modules keeps (a hook added or removed, a layer replaced since: 49-61% off), and its
+        switches, which planning's checks depend on (``_switches``)."""
         if not isinstance(model, torch.nn.Module):
             return ()
         with holding(model):
-            return frozenset(_selected(model, params)), _structure(model)
+            return frozenset(_selected(model, params)), _structure(model), _switches(model)
 
     first_as = planned_as(params)
     first = plan(params)
@@ -479,6 +480,7 @@ def _plan(
     test example's plan checks its batching on ``train_batch`` (the step's, when planned per step; see
     ``plan_call``)."""
     with holding(model):
+        check_runnable(model, _EVAL_IN_LOOP, _COMPILE_IN_LOOP)  # (before planning's own check: the loop's fixes)
         selected = _selected(model, params)
     setup = make_setup(
         model,
@@ -519,6 +521,7 @@ def _plan(
 
 _PLAIN = (bool, int, float, complex, str, type(None))
 _EVAL_IN_LOOP = "Call `model.eval()` before `update` and, in a training loop, `model.train()` after it (the next step)."
+_COMPILE_IN_LOOP = "compile the step instead: `torch.compile(tracer.update)`, with `lr` a 0-d tensor"
 _PLANS_KEPT = 4  # a tracer's plans, one per set of trainable parameters, kept (each holds a copy of the modules)
 
 
@@ -554,6 +557,22 @@ def _structure(model: torch.nn.Module) -> tuple[Any, ...]:
         (path, id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for path, m in model.named_modules()
     )
     return (*modules, global_hook_ids())
+
+
+def _switches(model: torch.nn.Module) -> tuple[Any, ...]:
+    """Each module's training flag and its settings that are switches (booleans, strings, None): a model switched to
+    training mode, or a flag turning on its own dropout or a buffer's update, since planning draws random numbers or
+    writes into its buffers, which planning's checks refuse; reused, the plan scored at random (77-117% off) and
+    changed the user's buffers. Numbers and tensors (a temperature an annealing loop sets) are followed at each step
+    (``_following``) without planning again."""
+    return tuple(
+        (path, module.training, *((k, v) for k, v in vars(module).items() if k not in MODULE_SLOTS and _switch(v)))
+        for path, module in model.named_modules()
+    )
+
+
+def _switch(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, str))
 
 
 def _setting(value: Any, depth: int = NESTING) -> bool:
@@ -644,7 +663,7 @@ def _products(
         )
     batch = as_dict(batch)
     _check_values(state, lr, batch, indices, fix)
-    check_runnable(planned.model, _EVAL_IN_LOOP)  # (it may have been switched to training mode since planning)
+    check_runnable(planned.model, _EVAL_IN_LOOP, _COMPILE_IN_LOOP)  # (switched to training mode since planning?)
     check_batch_structure(batch, "`batch`", needs_target=planned.needs_target)
     batch = to_device(batch, planned.device, planned.dtype)
 
