@@ -3777,6 +3777,38 @@ def test_a_training_example_a_joined_pass_found_mixing_is_checked_in_its_own_bat
         tc.influence(model, ckpts, train, test, loss_fn=CE)
 
 
+
+class ScaledByGatedMax(nn.Module):
+    """The batch divided by its largest entry where that is above 1, behind a gate buffer (0 at the last checkpoint)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 3)
+        self.register_buffer("gate", torch.ones(()))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x / torch.clamp((x * self.gate).abs().amax(), min=1.0))))
+
+
+def test_a_test_batch_scored_apart_from_a_joined_pass_is_checked_at_every_example_and_checkpoint():
+    """A test example holding the largest entry mixes the joined pass (found at a training example) and, alone, its
+    test batch, at the gated checkpoints only: the test batch, scored apart, was checked as a later batch (one example
+    at one checkpoint), so test example 1 scored 7% off, silently. Its examples are each checked at every checkpoint."""
+    torch.manual_seed(0)
+    model = ScaledByGatedMax().double().eval()
+    x, y = torch.rand(12, 6, dtype=F64) * 2 - 1, torch.randint(0, 3, (12,))
+    xt, yt = torch.rand(2, 6, dtype=F64) * 2 - 1, torch.randint(0, 3, (2,))
+    xt[0, 0] = 4.0
+    gen = torch.Generator().manual_seed(1)
+    ckpts = []
+    for c, lr in enumerate((0.4, 1.5, 0.7)):
+        state = {k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=F64) for k, v in model.state_dict().items()}
+        ckpts.append(tc.Checkpoint({**state, "gate": torch.tensor(float(c < 2), dtype=F64)}, lr=lr))
+    with pytest.raises(ValueError, match=r"example 1 of a batch of 2 got other outputs in the batch than alone"):
+        tc.influence(model, ckpts, (x, y), (xt, yt), loss_fn=CE)
+    want = reference(model, ckpts, (x, y), (xt, yt))[0]
+    assert_close(tc.influence(model, ckpts, (x, y), (xt, yt), loss_fn=CE, factored=False), want)
+
 @pytest.mark.parametrize("row", [5, 13, 22])
 def test_an_example_with_inputs_not_finite_is_checked_alone_in_its_batch(row):
     """Mixing confined to a few examples: NaNs imputed by the batch's mean change the example that holds them alone,

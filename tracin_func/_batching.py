@@ -669,16 +669,18 @@ _GOLDEN = (math.sqrt(5) - 1) / 2  # the k-th example checked is at k * this (mod
 
 # how the driver built the batch a pass runs (``checked_as``): its test examples in front of a training batch's, and
 # examples each check takes whatever the turn
-_LAYOUT: ContextVar[tuple[int, tuple[int, ...]]] = ContextVar("_LAYOUT", default=(0, ()))
+_LAYOUT: ContextVar[tuple[int, tuple[int, ...], bool]] = ContextVar("_LAYOUT", default=(0, (), False))
 
 
 @contextmanager
-def checked_as(*, test_in_front: int = 0, rows: Sequence[int] = ()) -> Iterator[None]:
+def checked_as(*, test_in_front: int = 0, rows: Sequence[int] = (), every: bool = False) -> Iterator[None]:
     """Spot checks inside the block: of a batch whose first ``test_in_front`` examples are a test batch joined to a
     training batch (each check takes one of them too: their gradients enter every score of the batch, and a model
-    mixing them with a training example mixes examples the user never batched), and taking examples ``rows`` of each
-    batch checked (at any checkpoint: the example a joined batch found mixing, in its own batch)."""
-    token = _LAYOUT.set((test_in_front, tuple(rows)))
+    mixing them with a training example mixes examples the user never batched), taking examples ``rows`` of each
+    batch checked too (the example a joined batch found mixing, in its own batch), and, with ``every`` or ``rows``, at
+    every checkpoint (each batch of a joined pair scored apart is a first batch: the pair's pass was checked at the
+    checkpoints before its find, which it no longer scores)."""
+    token = _LAYOUT.set((test_in_front, tuple(rows), every or bool(rows)))
     try:
         yield
     finally:
@@ -722,8 +724,8 @@ def spot_check(
         if batch is not current[0]:
             current[:] = [batch, next(batches), set(), None]
         c = checkpoint_of.get(frozenset(map(id, state.values())))
-        in_front, rows = _LAYOUT.get()
-        if c is not None and not rows:
+        in_front, rows, every = _LAYOUT.get()
+        if c is not None and not every:
             turn = runs()[c]
             if (current[1] and c != turn[-1 - current[1] % len(turn)]) or c in current[2]:  # (the first: each)
                 return
