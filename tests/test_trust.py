@@ -1325,6 +1325,56 @@ def test_3f_a_roots_constants_shaped_as_a_running_layers_parameter_are_no_cache(
             assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE, factored=factored), want)
 
 
+
+class _GatedOffBlock(nn.Module):
+    """Runs its weight; its gate (initialised to ones) switched off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.gate, self.use_gate = nn.Parameter(0.3 * torch.randn(5, 6)), nn.Parameter(torch.ones(5)), False
+
+    def forward(self, x):
+        h = x @ self.w.T
+        return h * self.gate if self.use_gate else h
+
+
+class _GatedOff(nn.Module):
+    """The root scales a gated-off block's features by a constant fill of the gate's shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.head, self.scale = _GatedOffBlock(), nn.Linear(5, 3), torch.full((5,), 2.0, dtype=F64)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.block(x) * self.scale))
+
+
+class _PriorOnHead(nn.Module):
+    """Logits from the head's weight alone plus a log prior the root keeps (a plain attribute of the bias's shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
+        self.log_prior = torch.log(torch.tensor([0.5, 0.3, 0.2], dtype=F64))
+
+    def forward(self, x):
+        return nn.functional.linear(torch.tanh(self.body(x)), self.head.weight) + self.log_prior
+
+
+def test_3f_a_constant_fill_is_no_multiple_of_a_gate_of_ones_and_a_kept_prior_is_refused_naming_buffers():
+    """A root's constant fill of 2s was a multiple of a switched-off gate's ones, refused as its cache (a review
+    helper's sweep); a prior kept beside a head whose bias is unread is still read as a cache, and the refusal names
+    the fix for a constant: a buffer, which checkpoints hold."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6, dtype=F64), torch.randint(0, 3, (8,))
+    model = _GatedOff().double().eval()
+    ckpts = make_ckpts(model)
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE), reference(model, ckpts, (x, y), (x, y))[1])
+    model = _PriorOnHead().double().eval()
+    fix = all_of("keeps 'log_prior'", "'head.bias'", "register it as a buffer (`self.register_buffer('log_prior'")
+    with pytest.raises(ValueError, match=fix):
+        tc.self_influence(model, make_ckpts(model), (x, y), loss_fn=CE)
+
 class UnusedParameterAndConstant(nn.Module):
     """A training-only head never called in eval mode, a constant mask and a constant built in the forward: no cache
     (the head's parameters get zero gradient)."""

@@ -236,7 +236,10 @@ class _Watch(TorchDispatchMode):
                     f"parameter {name!r}, which it never reads (a cache, like LeViT's attention biases in eval "
                     f"mode): every checkpoint would be scored with the values it was filled from, and no gradient "
                     f"would reach {name!r}. Make the forward compute them from the parameter on every call (empty "
-                    f"or switch off the cache), then score."
+                    f"or switch off the cache), then score; a constant of {name!r}'s shape that is no cache (a prior, "
+                    f"a mask) is read as one: register it as a buffer (`self.register_buffer({key or 'name'!r}, "
+                    f"tensor)`), which checkpoints hold (`strict=False` takes it from the model for those saved "
+                    f"before)."
                 )
 
     def kept_derived(self) -> bool:
@@ -334,7 +337,11 @@ def _cached(param: torch.Tensor, value: torch.Tensor, kept: Sequence[torch.Tenso
 
 
 def _multiple(t: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether ``t`` is a nonzero multiple of ``v``, as they are or ``v`` transposed (same number of entries)."""
+    """Whether ``t`` is a nonzero multiple of ``v``, as they are or ``v`` transposed (same number of entries); never
+    of a ``v`` of one value throughout (a gate initialised to ones: any constant fill, a root's scale of 2s, is a
+    multiple of it)."""
+    if v.numel() < 2 or bool((v == v.flatten()[0]).all()):
+        return False
     k = t.detach().double().flatten()
     for w in (v, v.t()) if v.dim() == 2 else (v,):
         w = w.detach().double().flatten()
