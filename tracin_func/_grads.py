@@ -220,7 +220,8 @@ def reentrant_checkpointing() -> bool:
     region again after scoring has put the model's own tensors back, 36-65% off and its layers' scores 0, silently,
     before; a forward without ``ctx``, torch 2's style with ``setup_context``, is found by ``Function.apply`` below
     it: 23% off, silently, before). A ``no_grad`` block of the model's own is not one, nor a Function computing an op
-    (no layer called in it); the stack is walked only with gradients off."""
+    or calling layers holding no tensor (a straight-through estimator's ``nn.Tanh``: run again, it computes the same;
+    refused since the ``setup_context`` style was found); the stack is walked only with gradients off."""
     if torch.is_grad_enabled():
         return False
     frame, in_layer = sys._getframe(1), False
@@ -228,7 +229,7 @@ def reentrant_checkpointing() -> bool:
         if frame.f_code is _REENTRANT_FORWARD:
             return True
         if any(frame.f_code is call for call in _MODULE_CALLS):  # (by identity: dynamo's frames may hold no code)
-            in_layer = True
+            in_layer = in_layer or _holds_tensors(frame.f_locals.get("self"))
         elif in_layer and (
             frame.f_code is _FUNCTION_APPLY
             or frame.f_code.co_name == "forward" and isinstance(frame.f_locals.get("ctx"), FunctionCtx)
@@ -236,6 +237,13 @@ def reentrant_checkpointing() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _holds_tensors(module: Any) -> bool:
+    """Whether ``module`` (a layer being called) or one of its sublayers holds a parameter or a buffer."""
+    if not isinstance(module, torch.nn.Module):
+        return True  # (unknown: taken as holding some)
+    return any(m._parameters or m._buffers for m in module.modules())
 
 
 _REENTRANT_FORWARD = CheckpointFunction.forward.__code__
