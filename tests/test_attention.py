@@ -8,6 +8,8 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
 
 import tracin_func as tc
 from tests.conftest import assert_close
@@ -380,6 +382,14 @@ def test_an_encoder_run_without_gradient_runs_as_in_the_model_and_gives_no_facto
     routes = {r.parameter: r.route for r in tc.explain(model, ckpts, train, loss_fn=CE).routes}
     assert routes["head.weight"] == "factored"
     assert routes["encoder.layers.0.norm1.weight"] == ("materialised" if teacher else "unused")
+    # a loss calling the user's module itself: its encoders alike, for the call (33% off through a BatchLoss before)
+    batch_loss = tc.BatchLoss(lambda p, b: F.cross_entropy(functional_call(model, p, b[:-1]), b[-1], reduction="none"))
+    example_loss = tc.ExampleLoss(lambda p, b: F.cross_entropy(functional_call(model, p, b[:-1]), b[-1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tc.SlowPathWarning)
+        for loss in (batch_loss, example_loss):
+            assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
+    assert "forward" not in vars(model.encoder) and "forward" not in vars(model.encoder.layers[0])
 
 
 class _SeesAttentionSettings(nn.Module):

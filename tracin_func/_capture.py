@@ -908,7 +908,9 @@ def vmapped_factors(
         inputs: dict[str, list[torch.Tensor]] = {s.path: [] for s in plan.sites}
 
         def hook_for(site: Site) -> Hook:
-            def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
+            def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
+                if _without_gradient(args):  # (as the batched pass: a teacher's pass, nested tensors)
+                    return None
                 k = len(inputs[site.path])
                 if k >= len(probes[site.path]):
                     _planned_differently(site.path, "is called more often on an example than on the batch's first")

@@ -58,6 +58,26 @@ def encoders_run_as_outside(module: nn.Module) -> None:
             m.forward = _modes_set_aside(m.forward)
 
 
+@contextmanager
+def encoders_set_aside(module: nn.Module) -> Iterator[None]:
+    """``encoders_run_as_outside`` for the block only, on the user's module that a loss calls (``tc.BatchLoss``,
+    under its lock: the copy's encoders alone were wrapped, so a teacher's encoder called by a ``BatchLoss`` scored
+    33% off, silently); each encoder's own ``forward`` attribute, if any, set again after."""
+    wrapped: list[tuple[nn.Module, Any]] = []
+    try:
+        for m in module.modules():
+            if isinstance(m, ENCODERS):
+                wrapped.append((m, vars(m).get("forward")))
+                object.__setattr__(m, "forward", _modes_set_aside(m.forward))
+        yield
+    finally:
+        for m, before in reversed(wrapped):
+            if before is None:
+                object.__delattr__(m, "forward")
+            else:
+                object.__setattr__(m, "forward", before)
+
+
 def _modes_set_aside(forward: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(forward)
     def run(*args: Any, **kwargs: Any) -> Any:

@@ -8,7 +8,7 @@ import threading
 import types
 import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, NamedTuple, Union
 
 import optree
@@ -18,7 +18,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from ._checkpoints import LR_KEYS, WRAPPER_PREFIXES, Checkpoint, check_lr, unprefixed
-from ._encoders import encoders_run_as_outside
+from ._encoders import encoders_run_as_outside, encoders_set_aside
 from ._hooks import on_copies
 from ._recurrent import recurrent_unrolled
 from ._state import CONTAINERS, FLAT_ABOVE, MODULE_SLOTS, NESTING, leaving_no_trace
@@ -77,7 +77,8 @@ def exclusive_use(spec: ModelSpec) -> Iterator[None]:
         yield
         return
     with holding(spec.module), leaving_no_trace(spec.module), recurrent_unrolled(spec.module):
-        yield
+        with nullcontext() if spec.private else encoders_set_aside(spec.module):  # (the copy's: for its life)
+            yield
 
 
 @contextmanager
