@@ -173,6 +173,51 @@ def test_a_zero_gradient_scores_zero_not_nan(factored, normalize):
     assert_close(scores, normalized_reference(model, ckpts, (x, y), (x[:3], y[:3]), loss, normalize))
 
 
+
+class _BagOfWords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(1000, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+
+class _Siamese(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, a, b):
+        return self.head(self.enc(a) - self.enc(b))
+
+
+@pytest.mark.parametrize("normalize", MODES)
+@pytest.mark.parametrize("factored", [None, True, False])
+def test_a_gradient_of_zero_from_nonzero_factors_scores_zero(factored, normalize):
+    """Example 1's gradient is exactly 0 with nonzero factors: an Embedding's test rows of a loss weighted 0 (kept as
+    token rows, each example read as nonzero), an encoder's two uses cancelling (a Siamese pair of one input). Refused
+    as "too small for its squared norm", in float64 too, advising a scaled loss (review helpers' trials): 0."""
+    torch.manual_seed(0)
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64), reduction="sum")
+    ids, y = torch.randint(0, 1000, (6, 5)), torch.tensor([0, 1, 2, 0, 2, 2])
+    bag = _BagOfWords().double().eval()
+    a = torch.randn(6, 4, dtype=torch.float64)
+    b = torch.randn(6, 4, dtype=torch.float64)
+    b[1] = a[1]
+    siamese = _Siamese().double().eval()
+    for model, train, loss, opts in [
+        (bag, (ids, y), weighted, {}),
+        (siamese, (a, b, y), nn.CrossEntropyLoss(), {"layers": ["enc"]}),
+    ]:
+        ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+        test = tuple(t[:3] for t in train)
+        scores = tc.influence(model, ckpts, train, test, loss_fn=loss, normalize=normalize, factored=factored, **opts)
+        assert bool((scores[:, 1] == 0).all()) and (normalize == "train" or bool((scores[1] == 0).all()))
+        params = [n for n in dict(model.named_parameters()) if not opts or n.startswith("enc.")]
+        want = normalized_reference(model, ckpts, train, test, loss, normalize, params)
+        assert_close(scores, want)
+
 def _sure(margin: float, second: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """An example the identity-like model below predicts class 0 for, its logit ``margin`` above the others."""
     return torch.tensor([[margin, 0.0, 0.0, second]]), torch.tensor([0])

@@ -870,6 +870,11 @@ class Representation(NamedTuple):
         being nonzero (read where a squared norm rounded to 0: a gradient of 0, or one whose squares underflowed)."""
         return reduce(torch.logical_or, (_nonzero_rows(p, self.size, device) for p in self.parts))
 
+    def formed_nonzero(self, i: int) -> bool:
+        """Whether example ``i``'s gradient, formed, has a nonzero entry (factors of nonzero rows may sum to 0: a
+        pair of identical inputs through a Siamese difference)."""
+        return bool(self._replace(parts=tuple(p.take(slice(i, i + 1)) for p in self.parts)).flat().ne(0).any())
+
     def project(self, seed: int, k: int) -> torch.Tensor:
         """``[B, k]`` seeded projection; the same for a parameter whichever part holds it."""
         return lowered(sum(p.project(seed, k) for p in self.parts), self.lift, lambda: self.unlifted().project(seed, k))
@@ -966,8 +971,9 @@ def _nonzero_rows(part: Part, n: int, device: torch.device) -> torch.Tensor:
         return rows(part.g) & (rows(part.a) if part.a.is_floating_point() else True)  # (ids: an Embedding's rows)
     if isinstance(part, Rows):
         return rows(part.g)
-    if isinstance(part, TokenRows):
-        return torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, part.example, True)
+    if isinstance(part, TokenRows):  # (rows of 0: an example whose loss is 0, all its labels -100)
+        held = part.rows.ne(0).any(1).to(torch.int64)
+        return torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, part.example, held) > 0
     return torch.zeros(n, dtype=torch.bool, device=device)  # (no gradient: Zero; a Deferred one is formed for norms)
 
 

@@ -78,9 +78,13 @@ def _refuse_underflowed(rep: Representation, sq_norm: torch.Tensor, where: str, 
     tiny = torch.finfo(sq_norm.dtype).tiny
     if not bool((sq_norm < tiny).any()):
         return
-    small = (sq_norm < tiny) & ((sq_norm > 0) | rep.nonzero(sq_norm.device))
-    if bool(small.any()):
-        i = int(small.nonzero()[0])
+    subnormal = (sq_norm < tiny) & (sq_norm > 0)
+    maybe = (sq_norm == 0) & rep.nonzero(sq_norm.device)  # (a gradient of 0, or squares underflowed: formed to tell)
+    small = [int(i) for i in subnormal.nonzero()[:, 0]] or [
+        i for i in maybe.nonzero()[:, 0].tolist() if rep.formed_nonzero(i)
+    ][:1]
+    if small:
+        i = small[0]
         which = f"`{where}` example {offset + i}" if offset is not None else f"a `{where}` example ({i} in a batch)"
         least = f"{math.sqrt(tiny):.0e}"
         raise ValueError(
