@@ -84,24 +84,40 @@ class Attributes(NamedTuple):
     values: dict[str, Any]  # by name, as taken
     contents: dict[str, Any]  # ``_structure`` of the containers among them (filled in place by a run)
     tensors: tuple[dict[str, Any], dict[str, Any]]  # its parameters and buffers by name, as taken
+    hooks: tuple[frozenset[int], ...]  # the ids of its hooks of each kind (``_HOOKS``), as taken
+
+
+# a module's hook dicts: a forward may register hooks of its own on its first run, with a flag saying so (transformers'
+# output capturing): the flag removed after a run and not the hooks, each run added a set, which fed SegFormer's head
+# duplicated hidden states (0.1% off, silently) and piled hooks on the user's model
+_HOOKS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+)  # fmt: skip
 
 
 def layer_state(module: nn.Module | None) -> list[Attributes]:
-    """Every layer's own attributes (caches a forward pass may fill) and the tensors its parameter and buffer slots
+    """Every layer's own attributes (caches a forward pass may fill), the tensors its parameter and buffer slots
     hold (a forward rebinding a buffer, ``self.count = self.count + 1``, replaces the slot's tensor, which
-    ``functional_call`` restores only for the names it is given), to restore after a run."""
+    ``functional_call`` restores only for the names it is given) and its hooks, to restore after a run."""
     taken = []
     for m in module.modules() if module is not None else ():
         values = own_attributes(m)
         contents = {k: _structure(v) for k, v in values.items() if isinstance(v, CONTAINERS)}
-        taken.append(Attributes(m, values, contents, (dict(m._parameters), dict(m._buffers))))
+        hooks = tuple(frozenset(getattr(m, kind, ())) for kind in _HOOKS)
+        taken.append(Attributes(m, values, contents, (dict(m._parameters), dict(m._buffers)), hooks))
     return taken
 
 
 def restore_state(taken: list[Attributes]) -> None:
     """Undo a run's changes to the layers' own attributes (``layer_state``): added ones removed, rebound ones set
-    back, filled containers given their items back; and the tensors in its parameter and buffer slots."""
-    for m, values, contents, tensors in taken:
+    back, filled containers given their items back; the tensors in its parameter and buffer slots; and the hooks a
+    run registered removed."""
+    for m, values, contents, tensors, hooks in taken:
+        for kind, then in zip(_HOOKS, hooks):
+            registered = getattr(m, kind, {})
+            for key in [k for k in registered if k not in then]:
+                del registered[key]
         for key in [k for k in own_attributes(m) if k not in values]:
             delattr(m, key)
         for key, value in values.items():
@@ -121,7 +137,7 @@ def left_by_run(taken: list[Attributes]) -> list[tuple[nn.Module, str]]:
     """``(layer, name)`` of the attributes and parameter or buffer slots a run added, rebound or filled since
     ``layer_state`` took ``taken``."""
     left = []
-    for m, values, contents, tensors in taken:
+    for m, values, contents, tensors, _ in taken:
         now = own_attributes(m)
         left += [(m, k) for k, v in now.items() if v is not values.get(k, _ABSENT) or not _same(v, contents.get(k, v))]
         for slot, then in zip((m._parameters, m._buffers), tensors):
