@@ -199,6 +199,14 @@ def main(rank: int, world: int, port: int, out_dir: str, backend: str = "gloo", 
             "sampler": lambda: tc.self_influence(model, ckpts, split, loss_fn=LOSS, distributed=True),
             "batch sampler": lambda: tc.self_influence(model, ckpts, batched_split, loss_fn=LOSS, distributed=True),
             "sampler, influence": lambda: tc.influence(model, ckpts, split, test, loss_fn=LOSS, distributed=True),
+            # a test side, and build_index's training data, already split: each rank's test half was scored against
+            # its own share and the halves summed, an index built of one rank's rows (found by review, 2026-12-07)
+            "sampler, test": lambda: tc.influence(model, ckpts, train, split, loss_fn=LOSS, distributed=True),
+            "sampler, index": lambda: tc.build_index(f"{out_dir}/split", model, ckpts, split, loss_fn=LOSS,
+                                                     distributed=True),  # fmt: skip
+            # lists of batches of different lengths: the shorter's width, a batch lost (found by review, 2026-12-07)
+            "list lengths": lambda: tc.influence(model, ckpts, [(x[i : i + 2], y[i : i + 2]) for i in range(0, 6 + rank,
+                                                 2)], test, **kw),  # fmt: skip
             "embeddings": lambda: tc.embeddings(model, moved, train, **kw),  # (no check at all)
             "test sizes": lambda: tc.influence(model, ckpts, train, (xt[: 1 + rank], yt[: 1 + rank]), **kw),
             # a failure in the call's setup on rank 1 alone (the other rank waited in the first collective)

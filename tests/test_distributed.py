@@ -52,6 +52,11 @@ def test_data_already_split_or_differing_between_ranks_is_refused_on_every_rank(
         assert "DistributedSampler, which already gives each rank a part" in got["sampler"]
         assert "DistributedSampler, which already gives each rank a part" in got["batch sampler"]
         assert "DistributedSampler, which already gives each rank a part" in got["sampler, influence"]
+        assert "`test` is a DataLoader with a DistributedSampler, which already gives" in got["sampler, test"]
+        assert "`train` is a DataLoader with a DistributedSampler, which already gives" in got["sampler, index"]
+        assert "The ranks disagree on the number of examples (iterable data, read whole by every rank): [6, 7]" in (
+            got["list lengths"]
+        )
         assert "The ranks disagree on the checkpoints" in got["embeddings"]
         assert "The ranks disagree on the number of test examples: [1, 2]" in got["test sizes"]
         assert "The ranks disagree on the options: [(3, True, False, None), (4, True, False, None)]" in got["k"]

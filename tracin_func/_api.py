@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import torch
 
@@ -11,6 +11,9 @@ from ._checkpoints import Checkpoint
 from ._context import in_own_context
 from ._data import as_dict, num_examples, replayable
 from ._distributed import (
+    Ranks,
+    agree,
+    check_whole,
     checked_on_every_rank,
     gather_objects,
     join,
@@ -21,7 +24,7 @@ from ._distributed import (
     stack_top_k,
     summed,
 )
-from ._driver import collect_rows, embedding_blocks, query_chunks, score_blocks, self_blocks
+from ._driver import collect_rows, counting_reads, embedding_blocks, query_chunks, score_blocks, self_blocks
 from ._index import Index
 from ._model import ParamSelector, exclusive_use
 from ._projection import projection_of
@@ -30,6 +33,8 @@ from ._setup import Setup, make_setup
 from ._topk import TopK, merge
 from ._validate import boolean, positive_int
 from ._warn import warn
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -214,6 +219,7 @@ def influence(
         if isinstance(train, Index):
             _check_index_call(normalized, per_layer)
         tested = as_dict(test)
+        check_whole(tested, "`test`", options.get("distributed"))
         return normalized, as_dict(train), tested, num_examples(tested)
 
     normalize, train, test, n_test = checked_on_every_rank(options.get("distributed"), checked)
@@ -246,13 +252,24 @@ def influence(
                 q = b = None  # let go before the next chunk is represented (it was held beside it: 2x the bound)
             return scored
 
-    parts = on_every_rank(setup.ranks, local)
+    parts = _read_alike_on_every_rank(setup.ranks, by_batch, local)
     rows = [summed(p, setup.ranks) if n_train else join(p, 1, setup.ranks, like) for p in parts]
     if rows[0] is None:
         raise ValueError("`train` holds no examples.")
     if per_layer:
         return _warned_if_lost({layer: _stack([r[layer] for r in rows], aggregate) for layer in rows[0]})
     return _warned_if_lost(_stack(rows, aggregate))
+
+
+def _read_alike_on_every_rank(ranks: Ranks | None, by_batch: Ranks | None, local: Callable[[], T]) -> T:
+    """``on_every_rank(ranks, local)``, and where iterable data is split by batch number (``by_batch``), the ranks
+    agreeing on how many examples each pass read: ranks given lists of different lengths returned a matrix of the
+    shorter's width, a batch numbered for a rank that lacked it lost, silently."""
+    with counting_reads() as counted:
+        result = on_every_rank(ranks, local)
+    if by_batch is not None:
+        agree(ranks, **{"the number of examples (iterable data, read whole by every rank)": max(counted, default=0)})
+    return result
 
 
 def _warned_if_lost(scores: Any) -> Any:
@@ -360,6 +377,7 @@ def top_k(
                 "`tc.build_index` or `tc.open_index`) and the training data as `rerank=`."
             )
         tested = as_dict(test)
+        check_whole(tested, "`test`", options.get("distributed"))
         return normalized, checked_k, as_dict(train), tested, num_examples(tested)
 
     normalize, k, train, test, n_test = checked_on_every_rank(options.get("distributed"), checked)
@@ -400,7 +418,7 @@ def top_k(
                 q = block = None  # let go before the next chunk is represented (it was held beside it: 2x the bound)
         return lists, seen
 
-    lists, seen = on_every_rank(setup.ranks, local)
+    lists, seen = _read_alike_on_every_rank(setup.ranks, by_batch, local)
     if setup.ranks is not None:
         seen = int(sum(gather_objects(seen, setup.ranks)))
     if seen < k:
@@ -559,7 +577,7 @@ def self_influence(
             return list(self_blocks(setup, mine, start=start, ranks=by_batch, per_layer=per_layer))
 
     like = torch.empty(0, dtype=setup.dtype, device=setup.device)
-    scores = join(on_every_rank(setup.ranks, local), 0, setup.ranks, like)
+    scores = join(_read_alike_on_every_rank(setup.ranks, by_batch, local), 0, setup.ranks, like)
     if scores is None:
         raise ValueError("`data` holds no examples.")
     return _warned_if_lost(scores)
@@ -627,7 +645,7 @@ def embeddings(
             blocks = embedding_blocks(setup, mine, start=start, ranks=by_batch)
             return list(blocks) if setup.ranks is not None else collect_rows(blocks, num_examples(mine))
 
-    rows = on_every_rank(setup.ranks, local)
+    rows = _read_alike_on_every_rank(setup.ranks, by_batch, local)
     if setup.ranks is not None:
         rows = join(rows, 0, setup.ranks, torch.empty(0, dtype=setup.dtype, device=setup.device))
     if rows is None:

@@ -21,7 +21,15 @@ from ._api import _check_options
 from ._checkpoints import Checkpoint
 from ._context import in_own_context
 from ._data import RowStream, as_dict, counted_examples, iter_batches, num_examples, replayable, rows_of
-from ._distributed import Ranks, agree, checked_on_every_rank, gather_objects, on_every_rank, set_up_on_every_rank
+from ._distributed import (
+    Ranks,
+    agree,
+    check_whole,
+    checked_on_every_rank,
+    gather_objects,
+    on_every_rank,
+    set_up_on_every_rank,
+)
 from ._driver import embedding_parts, first_examples, naming_failures
 from ._fingerprint import differences, fingerprint, tensor_bytes
 from ._index import FORMAT, LAYOUT, MANIFEST, VERSION, Index, check_shard, manifest_digest, open_index, read_manifest
@@ -440,6 +448,7 @@ def build_index(
         except TypeError as err:
             raise TypeError(f"`path` must be the index directory, a str or os.PathLike: {err}.") from err
         data = as_dict(train)
+        check_whole(data, "`train`", options.get("distributed"))
         n = num_examples(data)
         if n is None and isinstance(data, Iterable) and not isinstance(data, (Iterator, torch.Tensor)):
             data = replayable(data)  # (each pass checked to start as the first did)

@@ -228,6 +228,20 @@ def _summary(setup: Any) -> list[Any]:
     ]
 
 
+def check_whole(data: Any, where: str, distributed: Any) -> None:
+    """Refuse, where ``distributed`` is set, data a ``DistributedSampler`` already split: the training data each rank
+    takes its share of, the test data every rank scores whole (split, each rank's test half was scored against its
+    own share of the training rows and the halves summed, silently; an index built of one rank's rows)."""
+    loader = data.data if isinstance(data, Repeated) else data  # (a DataLoader with a sampler of the user's)
+    samplers = loader_samplers(loader) if isinstance(loader, DataLoader) and distributed not in (None, False) else ()
+    if any(isinstance(sampler, DistributedSampler) for sampler in samplers):  # (also inside a BatchSampler)
+        raise ValueError(
+            f"{where} is a DataLoader with a DistributedSampler, which already gives each rank a part of it; with "
+            f"`distributed=` every rank passes the whole data (the Dataset, or a DataLoader over all of it) and the "
+            f"call shares it out."
+        )
+
+
 def share(data: Any, ranks: Ranks | None) -> tuple[Any, int, Ranks | None]:
     """``(this rank's data, the index of its first example, ranks to split by batch number or None)``: sized data
     (a batch, a ``Dataset``) by row range, any other iterable by batch number."""
@@ -235,14 +249,7 @@ def share(data: Any, ranks: Ranks | None) -> tuple[Any, int, Ranks | None]:
         return data, 0, None
 
     def check() -> int | None:
-        loader = data.data if isinstance(data, Repeated) else data  # (a DataLoader with a sampler of the user's)
-        samplers = loader_samplers(loader) if isinstance(loader, DataLoader) else ()
-        if any(isinstance(sampler, DistributedSampler) for sampler in samplers):  # (also inside a BatchSampler)
-            raise ValueError(
-                "The data is a DataLoader with a DistributedSampler, which already gives each rank a part of it; "
-                "with `distributed=` every rank passes the whole data (the Dataset, or a DataLoader over all of it) "
-                "and takes its own share."
-            )
+        check_whole(data, "The data", True)
         return num_examples(data)  # (in the check: a size that cannot be read on one rank is raised on every rank)
 
     n = on_every_rank(ranks, check)  # (refused on one rank only, it left the others in the next collective)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
 from typing import Any, NamedTuple, Optional
 
@@ -89,6 +90,25 @@ def batches(
         offset += n
         if rows is not None:
             bar.total = i + 1 + count_batches(rows - (offset - start), size)
+    counted = _COUNTED.get()
+    if counted is not None and ranks is not None:
+        counted.append(offset - start)
+
+
+# the examples each pass of `batches` split by batch number inside a `counting_reads` block read, in turn
+_COUNTED: ContextVar[list[int] | None] = ContextVar("_COUNTED", default=None)
+
+
+@contextmanager
+def counting_reads() -> Iterator[list[int]]:
+    """The number of examples each pass of ``batches`` split by batch number (``ranks``) inside the block read, in
+    turn: ranks splitting iterable data so each read all of it, so ranks given different data disagree there."""
+    counted: list[int] = []
+    token = _COUNTED.set(counted)
+    try:
+        yield counted
+    finally:
+        _COUNTED.reset(token)
 
 
 def _read_alike(first: list[Any], batch: Any, where: str) -> None:
