@@ -3657,6 +3657,39 @@ def test_rows_of_examples_merged_into_the_batch_dimension(order):
     _assert_paths_agree(model, video, video)
 
 
+
+class _RouterGate(nn.Module):
+    """A hand-written gate reshaping its input to rows itself (Mixtral's router: a no-op on rows merged already)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, h):
+        return F.linear(h.reshape(-1, 8), self.weight)
+
+
+class RoutedTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.gate, self.fc = nn.Embedding(20, 8), _RouterGate(), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        flat = h.view(-1, h.shape[-1])
+        weights = torch.softmax(self.gate(flat), -1)
+        return self.fc((flat * weights[:, :1]).reshape(h.shape).mean(1))
+
+
+def test_rows_reshaped_again_within_each_row_are_followed_to_the_batch():
+    """A gate's own `h.reshape(-1, d)` of rows merged before it stopped the walk back to the batch's reshape: refused
+    as rows merged other than by a reshape of the batch (a review helper's trial on Mixtral's router), vmap(grad)."""
+    torch.manual_seed(0)
+    model = RoutedTokens().double().eval()
+    train = (torch.randint(0, 20, (6, 5)), torch.randint(0, 3, (6,)))
+    explained = _exact_and_explained(model, train, (train[0][:2], train[1][:2]))
+    assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
+
 class RowsOfItsInput(nn.Module):
     """A Linear fed the model's own input ``[B, T, d]`` merged into rows ``[B T, d]``: example-major (a reshape), or
     "time"-major (the first positions of every example, then the second ones)."""

@@ -853,6 +853,9 @@ def _example_major(
         name = type(node).__name__
         if name in _RESHAPES:
             sizes = node._saved_self_sym_sizes
+            if sizes and int(sizes[0]) == x.shape[0] != n:  # (rows kept: each row reshaped within itself, followed
+                node = node.next_functions[0][0]  # on; a gate's own `h.reshape(-1, d)` of rows merged before it)
+                continue
             return len(sizes) >= 2 and int(sizes[0]) == n
         if name not in _ROW_WISE:
             return False
