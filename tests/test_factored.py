@@ -3690,6 +3690,41 @@ def test_rows_reshaped_again_within_each_row_are_followed_to_the_batch():
     explained = _exact_and_explained(model, train, (train[0][:2], train[1][:2]))
     assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
 
+
+class _StepDecay(nn.Module):
+    """RWKV's time-first pattern: a vector added to each step's slice ``[B, d]`` of its ``[B, T, d]`` input, in a
+    Python loop, the input's shape unpacked first."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.u, self.lin = nn.Parameter(torch.linspace(-1, 1, d)), nn.Linear(d, d)
+
+    def forward(self, x):
+        batch, steps, width = x.shape
+        k = self.lin(x)
+        return torch.stack([torch.tanh(self.u + k[:, t]) for t in range(steps)], 1)
+
+
+class StackedStepDecay(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.blocks, self.head = nn.ModuleList([_StepDecay(d), _StepDecay(d)]), nn.Linear(d, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x).mean(1)
+
+
+def test_copies_breaking_a_shape_unpacked_in_python_leave_them_to_vmap():
+    """A vector's copies per example (``[B, 1, d]``) added to a step's ``[B, d]`` made the block's output 4-d, and the
+    next block's ``B, T, C = x.shape`` raised a ValueError planning let through (a review helper's RWKV): the user was
+    sent to `factored=False`. Like torch's shape errors, it sends the copies elsewhere: exact."""
+    torch.manual_seed(0)
+    model = StackedStepDecay().double().eval()
+    train = (torch.randn(8, 5, 8, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    _exact_and_explained(model, train, (train[0][:2], train[1][:2]))
+
 class RowsOfItsInput(nn.Module):
     """A Linear fed the model's own input ``[B, T, d]`` merged into rows ``[B T, d]``: example-major (a reshape), or
     "time"-major (the first positions of every example, then the second ones)."""

@@ -206,11 +206,12 @@ def _compared(
     for loss, true in zip(losses, truth):
         try:
             alone = [batched_factors(module, loss, plan, state, one, mapper) for one in _singles(few, n)]
-        except RuntimeError as err:  # copies of an "expanded" site's parameters break a shape the layer assumes, a
-            if isinstance(err, Unbatchable):  # followed output meets the batch in a way not followed, or factors
-                return _unbatchable(err)  # cannot be taken
-            if not expanded and not plan.follows:
+        except _FAILURES as err:  # copies of an "expanded" site's parameters break a shape the layer assumes (a
+            if isinstance(err, Unbatchable):  # ValueError too: `B, T, C = x.shape` of a 4-d output, RWKV's), a
+                return _unbatchable(err)  # followed output meets the batch in a way not followed, or factors cannot
+            if not expanded and not plan.follows:  # be taken
                 raise
+            _raise_refusal(err)
             ways = (("parameters copied over the batch", expanded), ("uses followed to the batch", plan.follows))
             what = " and ".join(way for way, taken in ways if taken)
             return BatchingCheck(f"a forward with {what} failed ({cause_of(err)})", {})
