@@ -8,6 +8,7 @@ import operator
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -89,7 +90,7 @@ class Attributes(NamedTuple):
 
 # a module's hook dicts: a forward may register hooks of its own on its first run, with a flag saying so (transformers'
 # output capturing): the flag removed after a run and not the hooks, each run added a set, which fed SegFormer's head
-# duplicated hidden states (0.1% off, silently) and piled hooks on the user's model
+# duplicated hidden states (0.1% off, silently) and piled hooks on the user's model (``restore_state``)
 _HOOKS = (
     "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
@@ -109,16 +110,24 @@ def layer_state(module: nn.Module | None) -> list[Attributes]:
     return taken
 
 
-def restore_state(taken: list[Attributes]) -> None:
+def restore_state(taken: list[Attributes], hooks: bool = True) -> None:
     """Undo a run's changes to the layers' own attributes (``layer_state``): added ones removed, rebound ones set
-    back, filled containers given their items back; the tensors in its parameter and buffer slots; and the hooks a
-    run registered removed."""
-    for m, values, contents, tensors, hooks in taken:
-        for kind, then in zip(_HOOKS, hooks):
-            registered = getattr(m, kind, {})
-            for key in [k for k in registered if k not in then]:
-                del registered[key]
-        for key in [k for k in own_attributes(m) if k not in values]:
+    back, filled containers given their items back; and the tensors in its parameter and buffer slots. A run that
+    registered hooks keeps them, and the plain values it added (the flag saying so), but where ``hooks`` (the call's
+    last restore: the model runs no more) and it added plain values (the flag, then on the module): both go. A flag
+    kept elsewhere (a config object, a module-level set), which no restore reaches, keeps its hooks (removed, the
+    later runs ran without them: 59% off)."""
+    registered = [(m, kind, then) for m, *_, held in taken for kind, then in zip(_HOOKS, held)
+                  if any(k not in then for k in getattr(m, kind, ()))]  # fmt: skip
+    flagged = any(k not in values and isinstance(v, _PLAIN) for m, values, *_ in taken
+                  for k, v in own_attributes(m).items())  # fmt: skip
+    for m, kind, then in registered if hooks and flagged else ():
+        hooked = getattr(m, kind)
+        for key in [k for k in hooked if k not in then]:
+            del hooked[key]
+    kept = _PLAIN if registered and not (hooks and flagged) else ()
+    for m, values, contents, tensors, _ in taken:
+        for key in [k for k, v in own_attributes(m).items() if k not in values and not isinstance(v, kept)]:
             delattr(m, key)
         for key, value in values.items():
             if vars(m).get(key) is not value:
@@ -146,14 +155,21 @@ def left_by_run(taken: list[Attributes]) -> list[tuple[nn.Module, str]]:
 
 
 _ABSENT = object()
+_PLAIN = (bool, int, float, str, type(None))
+
+
+_WITHIN: ContextVar[int] = ContextVar("_WITHIN", default=0)  # `leaving_no_trace` blocks entered and not left
 
 
 @contextmanager
 def leaving_no_trace(module: nn.Module | None) -> Iterator[list[Attributes]]:
     """A dry run of the model within the block leaves its layers' own attributes as they were (a cache it filled is
-    emptied again); the block gets them as taken (``left_by_run``)."""
+    emptied again), and the outermost block its hooks too (``restore_state``); the block gets them as taken
+    (``left_by_run``)."""
     taken = layer_state(module)
+    token = _WITHIN.set(_WITHIN.get() + 1)
     try:
         yield taken
     finally:
-        restore_state(taken)
+        _WITHIN.reset(token)
+        restore_state(taken, hooks=_WITHIN.get() == 0)
