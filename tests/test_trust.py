@@ -1578,6 +1578,37 @@ def test_3h_a_function_calling_a_layer_holding_no_tensor_is_no_checkpointing():
         warnings.simplefilter("ignore")  # (torch.func cannot vmap the Function: the loop, warned)
         check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
 
+
+class _ReachesThroughAList(nn.Module):
+    """Holds no tensor of its own: reaches a layer through a plain list."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.ref = [layer]
+
+    def forward(self, x):
+        return torch.tanh(F.linear(x, self.ref[0].weight, self.ref[0].bias))
+
+
+class CheckpointedThroughAList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.region = _ReachesThroughAList(self.b)
+
+    def forward(self, x):
+        return self.c(_Recomputed.apply(self.region, self.a(x), self.b.weight, self.b.bias))
+
+
+def test_3h_a_region_of_a_layer_reaching_tensors_through_a_list_is_refused_as_checkpointing():
+    """Hand checkpointing whose region is a layer of the user's holding no tensor, which reads another layer's through
+    a list: a raw "One of the differentiated Tensors does not require grad" on the default path (a review helper's
+    sweep). Only torch's own layers holding none are taken as computing the same when run again."""
+    model = CheckpointedThroughAList().double().eval()
+    for factored in (None, False):
+        with pytest.raises(ValueError, match="reentrant activation checkpointing"):
+            tc.self_influence(model, make_ckpts(model), data(4, seed=1), loss_fn=CE, factored=factored)
+
 def test_3h_frozen_reentrant_region_and_saved_on_cpu_are_exact():
     for checkpointed in (Checkpointed, HandCheckpointed):
         model = checkpointed(reentrant=True, frozen=True).double().eval()

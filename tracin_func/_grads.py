@@ -220,8 +220,8 @@ def reentrant_checkpointing() -> bool:
     region again after scoring has put the model's own tensors back, 36-65% off and its layers' scores 0, silently,
     before; a forward without ``ctx``, torch 2's style with ``setup_context``, is found by ``Function.apply`` below
     it: 23% off, silently, before). A ``no_grad`` block of the model's own is not one, nor a Function computing an op
-    or calling layers holding no tensor (a straight-through estimator's ``nn.Tanh``: run again, it computes the same;
-    refused since the ``setup_context`` style was found); the stack is walked only with gradients off."""
+    or calling torch's layers holding no tensor (a straight-through estimator's ``nn.Tanh``: run again, it computes the
+    same; refused since the ``setup_context`` style was found); the stack is walked only with gradients off."""
     if torch.is_grad_enabled():
         return False
     frame, in_layer = sys._getframe(1), False
@@ -240,10 +240,13 @@ def reentrant_checkpointing() -> bool:
 
 
 def _holds_tensors(module: Any) -> bool:
-    """Whether ``module`` (a layer being called) or one of its sublayers holds a parameter or a buffer."""
+    """Whether ``module`` (a layer being called) may hold a tensor: all but torch's own layers holding no parameter or
+    buffer (``nn.Tanh``; a layer of the user's may reach one otherwise, through a list: a region recomputed with it
+    raised autograd's raw error)."""
     if not isinstance(module, torch.nn.Module):
         return True  # (unknown: taken as holding some)
-    return any(m._parameters or m._buffers for m in module.modules())
+    own = all(type(m).__module__.startswith("torch.nn.") for m in module.modules())
+    return not own or any(m._parameters or m._buffers for m in module.modules())
 
 
 _REENTRANT_FORWARD = CheckpointFunction.forward.__code__
@@ -264,15 +267,21 @@ def refuse_checkpointing(args: Any, kwargs: Any) -> None:
 
 
 _CHECKPOINT_CODE = os.path.join("torch", "utils", "checkpoint.py")
+_FUNCTION_CODE = os.path.join("torch", "autograd", "function.py")
 
 
 def refuse_recomputed(err: RuntimeError) -> None:
     """Raises the refusal of checkpointing where ``torch.utils.checkpoint``'s code raised ``err`` in a backward pass
     (a region recomputed with the module's own tensors, in another dtype or without the factors' probes; a reentrant
     region refusing ``autograd.grad``)."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename.endswith(_CHECKPOINT_CODE)]
+    stack = traceback.extract_tb(err.__traceback__)
+    frames = [f for f in stack if f.filename.endswith(_CHECKPOINT_CODE)]
     if frames or isinstance(err, CheckpointError):
         raise ValueError(REENTRANT if any(f.name == "backward" for f in frames) else CHECKPOINTED) from err
+    applied = next((i for i, f in enumerate(stack) if f.filename.endswith(_FUNCTION_CODE) and f.name == "apply"), None)
+    recomputing = applied is not None and any(f.name == "backward" for f in stack[applied + 1 :])
+    if recomputing and "require grad" in str(err):  # (a custom Function's backward differentiating a region run
+        raise ValueError(REENTRANT) from err  # again, whose tensors the call gave no gradient: checkpointing by hand)
 
 
 class _RefuseCheckpointing(TorchFunctionMode):
