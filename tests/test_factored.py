@@ -3160,6 +3160,24 @@ def test_rows_broadcast_over_the_batch_get_copies_per_example(take_first):
         assert routes["embeddings.cls_token"] == routes["embeddings.pos"] == "materialised"
 
 
+
+@pytest.mark.parametrize("other", ["unused matrix", "positions [T, d]"])
+def test_a_class_token_beside_a_parameter_of_another_shape_keeps_its_copies(other):
+    """A matrix the layer never reads, or its positions stored ``[T, d]`` beside the class token: the layer's
+    parameters were all left to other routes (a layer's all or none), the class token's met the batch in `cat`, and
+    the whole call took vmap(grad) (a review helper's ViTs). The rows and vectors among them keep their copies."""
+    torch.manual_seed(0)
+    model = ClassTokenNet().double().eval()
+    if other == "unused matrix":
+        model.embeddings.unused = nn.Parameter(torch.zeros(4, 4, dtype=torch.float64))
+    else:
+        model.embeddings.pos = nn.Parameter(model.embeddings.pos.data[0].clone())
+    train = (torch.randint(0, 50, (7, 5)), torch.randint(0, 3, (7,)))
+    explained = _exact_and_explained(model, train, (train[0][:3], train[1][:3]))
+    assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
+    routes = {r.parameter: r.route for r in explained.routes}
+    assert routes["embeddings.cls_token"] == "materialised"
+
 def test_groupnorm_is_a_norm_site():
     """``nn.GroupNorm`` (statistics per example and group): per-example gradients of its weight and bias from the
     normalised input, summed over positions per channel, like an eval-mode BatchNorm's."""

@@ -351,6 +351,20 @@ def expandable(module: nn.Module) -> bool:
     return plain_call and not torch_layer and bool(own) and all(map(_expandable_parameter, own.values()))
 
 
+def expandable_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The own parameters of a layer of no known kind that are vectors or rows (``expandable``), also of a layer
+    holding others beside a row it broadcasts (a ViT's class token beside a matrix it never reads, or its positions
+    stored ``[T, d]``: all its parameters were left to other routes, the class token's met the batch in `cat`, and
+    the call took vmap(grad)); a layer of matrices and vectors (a raw-weight Linear, a recurrent layer's subclass)
+    keeps all of them together."""
+    if not expandable(module) and not any(map(broadcast_row, module.parameters(recurse=False))):
+        return {}
+    own = dict(module.named_parameters(recurse=False))
+    plain_call = type(module).__call__ is nn.Module.__call__ and not wrapped(module)
+    torch_layer = type(module).__module__.startswith("torch.")
+    return {n: p for n, p in own.items() if _expandable_parameter(p)} if plain_call and not torch_layer else {}
+
+
 def _expandable_parameter(p: torch.Tensor) -> bool:
     return p.dim() >= 1 and (broadcast_row(p) or all(size == 1 for size in p.shape[1:]))
 
@@ -402,10 +416,12 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
         kind = site_kind(module)
         own = dict(module.named_parameters(recurse=False))
         shared = [p for p in own.values() if len(owners[id(p)]) > 1]
-        if kind is None and not shared and expandable(module):
-            others = tuple(names[id(p)] for p in own.values() if names[id(p)] in diff)
+        expanded = expandable_parameters(module) if kind is None and not shared else {}
+        if expanded:
+            others = tuple(names[id(p)] for p in expanded.values() if names[id(p)] in diff)
             if others:
-                sites[path] = Site(path, "expanded", None, None, tuple(next(iter(own.values())).shape), others=others)
+                shape = tuple(next(iter(expanded.values())).shape)
+                sites[path] = Site(path, "expanded", None, None, shape, others=others)
             continue
         computed = dict(module.parametrizations.weight.named_parameters()) if kind and reparametrized(module) else {}
         shared += [p for p in computed.values() if len(owners[id(p)]) > 1 or listed[id(p)] > 1]  # (another's too)
