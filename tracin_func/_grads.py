@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointError, CheckpointFunction
 
 from ._loss import ExampleLossFn
+from ._state import FLAT_ABOVE, MODULE_SLOTS, NESTING
 from ._validate import cause_of
 from ._warn import warn
 
@@ -220,8 +221,8 @@ def reentrant_checkpointing() -> bool:
     region again after scoring has put the model's own tensors back, 36-65% off and its layers' scores 0, silently,
     before; a forward without ``ctx``, torch 2's style with ``setup_context``, is found by ``Function.apply`` below
     it: 23% off, silently, before). A ``no_grad`` block of the model's own is not one, nor a Function computing an op
-    or calling torch's layers holding no tensor (a straight-through estimator's ``nn.Tanh``: run again, it computes the
-    same; refused since the ``setup_context`` style was found); the stack is walked only with gradients off."""
+    or calling layers holding no tensor (a straight-through estimator's ``nn.Tanh``: run again, it computes the same;
+    refused since the ``setup_context`` style was found); the stack is walked only with gradients off."""
     if torch.is_grad_enabled():
         return False
     frame, in_layer = sys._getframe(1), False
@@ -240,13 +241,25 @@ def reentrant_checkpointing() -> bool:
 
 
 def _holds_tensors(module: Any) -> bool:
-    """Whether ``module`` (a layer being called) may hold a tensor: all but torch's own layers holding no parameter or
-    buffer (``nn.Tanh``; a layer of the user's may reach one otherwise, through a list: a region recomputed with it
-    raised autograd's raw error)."""
+    """Whether ``module`` (a layer being called) or one of its sublayers holds a tensor: a parameter, a buffer, or in
+    an attribute, containers and layers there too (a layer reaching another's weight through a list, recomputed by
+    the Function's backward with the model's own: 37% off per example, silently)."""
     if not isinstance(module, torch.nn.Module):
         return True  # (unknown: taken as holding some)
-    own = all(type(m).__module__.startswith("torch.nn.") for m in module.modules())
-    return not own or any(m._parameters or m._buffers for m in module.modules())
+    return any(
+        m._parameters or m._buffers or _reaches_tensors([v for k, v in vars(m).items() if k not in MODULE_SLOTS])
+        for m in module.modules()
+    )
+
+
+def _reaches_tensors(values: list[Any], depth: int = NESTING) -> bool:
+    for v in values:
+        if isinstance(v, torch.Tensor) or isinstance(v, torch.nn.Module) and _holds_tensors(v):
+            return True
+        if depth and isinstance(v, (list, tuple, dict)) and len(v) <= FLAT_ABOVE:
+            if _reaches_tensors(list(v.values()) if isinstance(v, dict) else list(v), depth - 1):
+                return True
+    return False
 
 
 _REENTRANT_FORWARD = CheckpointFunction.forward.__code__

@@ -44,7 +44,7 @@ from ._layers import (
     why_not_a_site,
 )
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
-from ._purity import check_forward, check_reads
+from ._purity import ForwardBytes, check_forward, check_reads
 from ._recurrent import UNROLLED_KINDS, packed_calls, recurrent_sites, why_not_run_unrolled
 from ._setup import Setup
 from ._updates import Updates, make_updates
@@ -137,7 +137,7 @@ def plan_call(
     then maybe the training data's), which the batching check picks its examples among."""
     module = setup.spec.module
     losses = [setup.train_loss] if setup.test_loss is setup.train_loss else [setup.train_loss, setup.test_loss]
-    tensor_bytes = max(_checked_on_either(setup, loss, batch, where) for loss in losses)
+    made = [_checked_on_either(setup, loss, batch, where) for loss in losses]
     names = scored_names(setup, batch)
     if setup.method == "last_layer":  # (chosen now: a loss reading the head's own weight, checked as differentiated)
         for loss in losses:
@@ -150,7 +150,9 @@ def plan_call(
     plan = make_plan(
         module, names, losses, *checked_at, batch, mapper, factored=factored, self_only=self_only, partners=partners,
         scored=scored, pool=pool,
-    )._replace(tensor_bytes=tensor_bytes)
+    )
+    per_example = plan.dense or not plan.batched  # (vmap(grad): each example's backward through what all read)
+    plan = plan._replace(tensor_bytes=max(max(m.example, m.held if per_example else 0) for m in made))
     if any(c.adam is not None for c in setup.checkpoints):  # Adam's updates are formed per example beside the formed
         dense = 2 * sum(t.nbytes for t in checked_at[0].values())  # gradients (``_adam``): sized as the plan's, a
         plan = plan._replace(example_bytes=max(plan.example_bytes, dense))  # batch of them took 7 GB, not 64 MB
@@ -191,7 +193,7 @@ def _sized_for_training(setup: Setup, plan: Plan, batch: Any, train: Any) -> Pla
     if ratio <= 1:
         return plan
     try:
-        tensor_bytes = _checked_on_either(setup, setup.train_loss, train, "train")
+        tensor_bytes = _checked_on_either(setup, setup.train_loss, train, "train").example
     except Exception as err:
         if refusal(err):
             raise
@@ -200,7 +202,7 @@ def _sized_for_training(setup: Setup, plan: Plan, batch: Any, train: Any) -> Pla
     return plan._replace(tensor_bytes=max(plan.tensor_bytes, tensor_bytes), example_bytes=example_bytes)
 
 
-def checked_forward(setup: Setup, loss: ExampleLossFn, batch: Any, where: str) -> int:
+def checked_forward(setup: Setup, loss: ExampleLossFn, batch: Any, where: str) -> ForwardBytes:
     """``check_forward`` of ``loss`` on the first example of ``batch`` at the call's checkpoints: it may not compute
     with the model's own parameters differentiated (with ``method="last_layer"``, chosen later: none here, the head
     in ``plan_call``), nor with a tensor of the model that a checkpoint holds another value of."""
@@ -220,7 +222,7 @@ def scored_names(setup: Setup, batch: Any) -> Sequence[str]:
     return last_layer_params(spec.module, setup.train_loss, first, batch, spec.aliases, spec.diff_names)
 
 
-def _checked_on_either(setup: Setup, loss: ExampleLossFn, batch: Any, where: str) -> int:
+def _checked_on_either(setup: Setup, loss: ExampleLossFn, batch: Any, where: str) -> ForwardBytes:
     """``check_forward`` of ``loss`` on ``batch``; a failure of the other side's loss (``test_loss_fn`` on training
     data, or ``loss_fn`` on test data) is refused saying so: the two are planned together, on one batch."""
     own = setup.test_loss if where == "test" else setup.train_loss

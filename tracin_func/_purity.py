@@ -18,7 +18,7 @@ import functools
 import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -119,6 +119,7 @@ class _Watch(TorchDispatchMode):
         self.derived = set(checkpoint)  # tensors (identities) computed from the checkpoint's tensors
         self.from_example = given - checkpoint  # tensors (identities) computed from the example's
         self.largest = 0  # bytes of the largest tensor made from the example (views and in-place ops make none)
+        self.held = 0  # bytes of the largest made from the checkpoint alone (a graph's messages a node's loss reads)
         self.made: dict[int, weakref.ref] = {}  # tensors this run made (alive: an identity may be reused)
         self.read: set[int] = set()  # tensors an op read
         self.kept: dict[str, tuple[nn.Module, set[int]]] = {}  # innermost module -> kept tensors it read
@@ -186,8 +187,12 @@ class _Watch(TorchDispatchMode):
                 self.from_example.add(id(t))
             else:
                 self.from_example.discard(id(t))
-        if from_example and _makes_tensors(func):
-            self.largest = max([self.largest, *(t.numel() * t.element_size() for t in outputs)])  # (sparse: no nbytes)
+        if (from_example or from_checkpoint) and _makes_tensors(func):
+            made = max((t.numel() * t.element_size() for t in outputs), default=0)  # (sparse: no nbytes)
+            if from_example:
+                self.largest = max(self.largest, made)
+            else:
+                self.held = max(self.held, made)
         if draws:
             self.drawn.update({id(t): (weakref.ref(t), self._drawer(), func) for t in outputs})
         return out
@@ -383,16 +388,15 @@ def check_forward(
     batch: Any,
     where: str,
     differentiated: Collection[str] = (),
-) -> int:
+) -> ForwardBytes:
     """Run ``loss`` on the first example of ``batch`` under the watch, at the first of the call's checkpoint
     ``states``; raise with the fix on anything untrustworthy.
     When the run leaves tensors computed from the checkpoint alive (kept by a layer: a cache, or an attention map
     stored for plots), it runs again, which reads a cache back. Two more runs outside the watch must give the same
     values: randomness the watch cannot see (Python's ``random``, NumPy's) gives others. The runs leave the layers'
-    attributes as they were. Returns the bytes of the largest tensor the forward made from the example, which a
-    batch's tensors scale by. A loss computing with the model's own tensor instead of the checkpoint's is refused
-    where that is wrong (``_ModelTensorsRead``): a ``differentiated`` parameter, or one some checkpoint holds another
-    value of."""
+    attributes as they were. Returns the bytes of the largest tensors the forward made (``ForwardBytes``). A loss
+    computing with the model's own tensor instead of the checkpoint's is refused where that is wrong
+    (``_ModelTensorsRead``): a ``differentiated`` parameter, or one some checkpoint holds another value of."""
     example, state = batch_of_one(example_at(batch, 0)), states[0]
     exact = all(t.device.type == "cpu" for t in state.values())
     with leaving_no_trace(module) as taken:
@@ -405,7 +409,16 @@ def check_forward(
     _refuse_changed(*runs, exact=exact)
     if left and examples_in(batch) > 1:
         _refuse_carried(module, loss, state, batch, left, exact)
-    return watch.largest
+    return ForwardBytes(watch.largest, watch.held)
+
+
+class ForwardBytes(NamedTuple):
+    """The largest tensors one example's forward makes: from the example (a batch's tensors scale by it), and from the
+    checkpoint alone (made once for a batched pass; under vmap(grad) each example's backward holds its gradient: a
+    graph's messages, 2 MB, sized at 12 bytes, took a 1 GB batch)."""
+
+    example: int
+    held: int
 
 
 def _refuse_carried(

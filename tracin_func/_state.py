@@ -110,24 +110,18 @@ def layer_state(module: nn.Module | None) -> list[Attributes]:
     return taken
 
 
-def restore_state(taken: list[Attributes], hooks: bool = True) -> None:
+def restore_state(taken: list[Attributes]) -> bool:
     """Undo a run's changes to the layers' own attributes (``layer_state``): added ones removed, rebound ones set
-    back, filled containers given their items back; and the tensors in its parameter and buffer slots. A run that
-    registered hooks keeps them, and the plain values it added (the flag saying so), but where ``hooks`` (the call's
-    last restore: the model runs no more) and it added plain values (the flag, then on the module): both go. A flag
-    kept elsewhere (a config object, a module-level set), which no restore reaches, keeps its hooks (removed, the
-    later runs ran without them: 59% off)."""
+    back, filled containers given their items back; the tensors in its parameter and buffer slots; and the hooks it
+    registered, with the flag saying so (``_HOOKS``). Returns whether it registered any."""
     registered = [(m, kind, then) for m, *_, held in taken for kind, then in zip(_HOOKS, held)
                   if any(k not in then for k in getattr(m, kind, ()))]  # fmt: skip
-    flagged = any(k not in values and isinstance(v, _PLAIN) for m, values, *_ in taken
-                  for k, v in own_attributes(m).items())  # fmt: skip
-    for m, kind, then in registered if hooks and flagged else ():
+    for m, kind, then in registered:
         hooked = getattr(m, kind)
         for key in [k for k in hooked if k not in then]:
             del hooked[key]
-    kept = _PLAIN if registered and not (hooks and flagged) else ()
     for m, values, contents, tensors, _ in taken:
-        for key in [k for k, v in own_attributes(m).items() if k not in values and not isinstance(v, kept)]:
+        for key in [k for k in own_attributes(m) if k not in values]:
             delattr(m, key)
         for key, value in values.items():
             if vars(m).get(key) is not value:
@@ -140,6 +134,7 @@ def restore_state(taken: list[Attributes], hooks: bool = True) -> None:
             for key, t in then.items():
                 if slot.get(key) is not t:
                     slot[key] = t
+    return bool(registered)
 
 
 def left_by_run(taken: list[Attributes]) -> list[tuple[nn.Module, str]]:
@@ -155,21 +150,46 @@ def left_by_run(taken: list[Attributes]) -> list[tuple[nn.Module, str]]:
 
 
 _ABSENT = object()
-_PLAIN = (bool, int, float, str, type(None))
 
-
-_WITHIN: ContextVar[int] = ContextVar("_WITHIN", default=0)  # `leaving_no_trace` blocks entered and not left
+# the models (by identity) whose hooks registered by a run were removed, within the outermost `leaving_no_trace`,
+# with the number of hooks they held after the removal
+_UNHOOKED: ContextVar[dict[int, int] | None] = ContextVar("_UNHOOKED", default=None)
 
 
 @contextmanager
 def leaving_no_trace(module: nn.Module | None) -> Iterator[list[Attributes]]:
-    """A dry run of the model within the block leaves its layers' own attributes as they were (a cache it filled is
-    emptied again), and the outermost block its hooks too (``restore_state``); the block gets them as taken
-    (``left_by_run``)."""
+    """A dry run of the model within the block leaves its layers' own attributes and hooks as they were (a cache it
+    filled is emptied again); the block gets them as taken (``left_by_run``). A model whose hooks a run registered
+    were removed, and whose run in a later block, started without them, registers none, keeps the flag saying so
+    outside its layers (a config object, a module-level set), which no restore reaches: its later runs ran without
+    the hooks (55-59% off, silently); refused."""
     taken = layer_state(module)
-    token = _WITHIN.set(_WITHIN.get() + 1)
+    held = sum(len(hooks) for *_, kinds in taken for hooks in kinds)
+    unhooked = _UNHOOKED.get()
+    token = _UNHOOKED.set({}) if unhooked is None else None
+    unhooked = _UNHOOKED.get()
     try:
         yield taken
+    except Exception as err:
+        if not restore_state(taken) and held <= unhooked.get(id(module), -1):
+            raise ValueError(_FLAGGED_ELSEWHERE) from err
+        raise
+    except BaseException:
+        restore_state(taken)
+        raise
+    else:
+        if restore_state(taken):
+            unhooked[id(module)] = held
+        elif held <= unhooked.get(id(module), -1):  # (every block runs the model)
+            raise ValueError(_FLAGGED_ELSEWHERE)
     finally:
-        _WITHIN.reset(token)
-        restore_state(taken, hooks=_WITHIN.get() == 0)
+        if token is not None:
+            _UNHOOKED.reset(token)
+
+
+_FLAGGED_ELSEWHERE = (
+    "`model`: its forward registers hooks on its first run and keeps the flag saying so outside its layers (a config "
+    "object, a module-level set): the call undoes the hooks its runs register, as it undoes what they store, and "
+    "cannot undo that flag, so later runs would run without them. Keep the flag on the module that registers the hooks "
+    "(`self._hooked = True`), or register them before the call (run the model once)."
+)
