@@ -168,3 +168,49 @@ def test_compiled_forward_with_a_pass_without_gradients(fresh_dynamo):
     loss = torch.nn.CrossEntropyLoss()
     want = reference_scores(model, ckpts, data, loss_fn=loss).self_influence
     assert_close(tc.self_influence(model, ckpts, data, loss_fn=loss, compile=True), want)
+
+
+def test_compiled_projections_trace_their_block_keys_without_warnings(fresh_dynamo):
+    """A projection's block key hashes the block's name with `zlib.crc32`, which dynamo cannot trace: it warned, from
+    the library's code. The key is a constant to the compiled update."""
+    import warnings
+
+    t = mlp_task()
+    embed = functools.partial(tc.embeddings, t.model, t.checkpoints, t.train, loss_fn=t.loss_fn, projection_dim=8,
+                              batch_size=N_TRAIN)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = embed(compile=True)
+    assert not [w for w in caught if "Dynamo" in str(w.message)], [str(w.message) for w in caught]
+    assert_close(compiled, embed(), 1e-6)
+
+
+_lin_compiled = torch.compile(lambda x, w, b: x @ w.T + b, backend="eager")
+
+
+class _CompiledHelper(torch.nn.Module):
+    """A forward calling a function it compiled itself on a layer's weight read directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(_lin_compiled(x, self.a.weight, self.a.bias)))
+
+
+def test_a_function_the_model_compiled_itself_leaves_the_batched_path(fresh_dynamo):
+    """Dynamo, compiling the model's own function on the weight followed to the batch, failed with its raw "Guard failed
+    on the same frame it was created" (a review helper's trial): the batched forward failing there, the call takes
+    vmap(grad) or the loop, exact."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = _CompiledHelper().double().eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.1)]
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    loss = torch.nn.CrossEntropyLoss()
+    ref = reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_close(tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=loss), ref.influence)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import traceback
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -206,11 +208,12 @@ def _compared(
     for loss, true in zip(losses, truth):
         try:
             alone = [batched_factors(module, loss, plan, state, one, mapper) for one in _singles(few, n)]
-        except _FAILURES as err:  # copies of an "expanded" site's parameters break a shape the layer assumes (a
+        except Exception as err:  # copies of an "expanded" site's parameters break a shape the layer assumes (a
             if isinstance(err, Unbatchable):  # ValueError too: `B, T, C = x.shape` of a 4-d output, RWKV's), a
                 return _unbatchable(err)  # followed output meets the batch in a way not followed, or factors cannot
-            if not expanded and not plan.follows:  # be taken
-                raise
+            if not expanded and not plan.follows or not isinstance(err, _FAILURES) and not _in_dynamo(err):
+                raise  # be taken; (dynamo, compiling a function of the model's, fails on followed tensors: its raw
+                # "Guard failed on the same frame it was created" on the default path)
             _raise_refusal(err)
             ways = (("parameters copied over the batch", expanded), ("uses followed to the batch", plan.follows))
             what = " and ".join(way for way, taken in ways if taken)
@@ -425,6 +428,12 @@ _FAILURES = (RuntimeError, TypeError, ValueError)  # how a model's forward fails
 # how else it fails on two copies of one example, which it never asked for (``assert x.shape[0] == 1``, an index
 # past a batch of one): as the parent took a single example, it is then run alone (no check, as before the copies)
 _COPIES_FAIL = (AssertionError, LookupError)
+
+
+def _in_dynamo(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside torch's compiler (dynamo tracing a function the model compiled itself)."""
+    dynamo = os.path.join("torch", "_dynamo", "")
+    return any(dynamo in f.filename for f in traceback.extract_tb(err.__traceback__))
 
 
 def _raise_refusal(err: Exception) -> None:

@@ -340,12 +340,12 @@ def _in_batched_pass(err: Exception) -> bool:
     planning's: ``plan_call``), not memory running out (CUDA's or the CPU allocator's: a smaller batch is the fix)."""
     if isinstance(err, torch.OutOfMemoryError) or any(s in str(err).lower() for s in _OUT_OF_MEMORY):
         return False
-    codes = set()
+    codes = set()  # (by identity: a code object dynamo rewrote may hold a dict, unhashable, and hid dynamo's error)
     tb = err.__traceback__
     while tb is not None:
-        codes.add(tb.tb_frame.f_code)
+        codes.add(id(tb.tb_frame.f_code))
         tb = tb.tb_next
-    return batched_factors.__code__ in codes and plan_call.__code__ not in codes
+    return id(batched_factors.__code__) in codes and id(plan_call.__code__) not in codes
 
 
 _OUT_OF_MEMORY = ("out of memory", "can't allocate memory")

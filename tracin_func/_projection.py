@@ -38,6 +38,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+@torch.compiler.assume_constant_result  # (a compiled update's constant: dynamo warned it cannot trace `zlib.crc32`)
 def block_key(seed: int, name: str) -> int:
     """Key of one projected block: the seed and a stable hash of the block's name."""
     return (zlib.crc32(name.encode()) ^ (seed * 0x9E3779B1)) & _MASK
