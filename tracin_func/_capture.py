@@ -584,6 +584,8 @@ class _BeyondFactors(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():  # (dynamo tracing the user's compiled loss: it warned of the lookup below)
+            return func(*args, **kwargs)
         signature = self._DIFFERENTIATING.get(func)
         if func is torch._make_dual or signature is not None and signature.bind(*args, **kwargs).arguments.get(
             "create_graph"
