@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import traceback
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -37,7 +35,7 @@ from ._checkpoints import same_values
 from ._context import lowered_note
 from ._data import distinct_examples, examples_in, padding, select_rows, slice_batch, uncopied_rows
 from ._encoders import ENCODERS, on_traced_path
-from ._grads import Mapper, Tensors
+from ._grads import Mapper, Tensors, in_dynamo
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
 from ._recurrent import packed_calls
 from ._representations import Representation
@@ -211,7 +209,7 @@ def _compared(
         except Exception as err:  # copies of an "expanded" site's parameters break a shape the layer assumes (a
             if isinstance(err, Unbatchable):  # ValueError too: `B, T, C = x.shape` of a 4-d output, RWKV's), a
                 return _unbatchable(err)  # followed output meets the batch in a way not followed, or factors cannot
-            if not expanded and not plan.follows or not isinstance(err, _FAILURES) and not _in_dynamo(err):
+            if not expanded and not plan.follows or not isinstance(err, _FAILURES) and not in_dynamo(err):
                 raise  # be taken; (dynamo, compiling a function of the model's, fails on followed tensors: its raw
                 # "Guard failed on the same frame it was created" on the default path)
             _raise_refusal(err)
@@ -430,10 +428,6 @@ _FAILURES = (RuntimeError, TypeError, ValueError)  # how a model's forward fails
 _COPIES_FAIL = (AssertionError, LookupError)
 
 
-def _in_dynamo(err: BaseException) -> bool:
-    """Whether ``err`` was raised inside torch's compiler (dynamo tracing a function the model compiled itself)."""
-    dynamo = os.path.join("torch", "_dynamo", "")
-    return any(dynamo in f.filename for f in traceback.extract_tb(err.__traceback__))
 
 
 def _raise_refusal(err: Exception) -> None:

@@ -85,7 +85,9 @@ class Mapper:
             try:
                 with _MathAttention():
                     return fast(*args)
-            except (RuntimeError, NotImplementedError) as vmap_error:
+            except Exception as vmap_error:
+                if not isinstance(vmap_error, (RuntimeError, NotImplementedError)) and not in_dynamo(vmap_error):
+                    raise  # (dynamo compiling the user's loss under vmap fails on its own assertion: looped too)
                 result = _looped(each, args)  # a genuine error in the loss raises here, from the loop
                 self.loop, self.plain = True, plain is not None
                 how = " by plain autograd" if plain is not None else ""
@@ -306,6 +308,14 @@ class _RefuseCheckpointing(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         refuse_checkpointing(args, kwargs)
         return func(*args, **(kwargs or {}))
+
+
+def in_dynamo(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside torch's compiler (dynamo tracing a function the user compiled)."""
+    return any(_DYNAMO_CODE in f.filename for f in traceback.extract_tb(err.__traceback__))
+
+
+_DYNAMO_CODE = os.path.join("torch", "_dynamo", "")
 
 
 def _in_model_code(err: BaseException) -> str:
