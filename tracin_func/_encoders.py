@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ._state import put_back_forwards
+
 ENCODERS = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
 
 
@@ -71,11 +73,7 @@ def encoders_set_aside(module: nn.Module) -> Iterator[None]:
                 object.__setattr__(m, "forward", _modes_set_aside(m.forward))
         yield
     finally:
-        for m, before in reversed(wrapped):
-            if before is None:
-                object.__delattr__(m, "forward")
-            else:
-                object.__setattr__(m, "forward", before)
+        put_back_forwards(wrapped)
 
 
 def _modes_set_aside(forward: Callable[..., Any]) -> Callable[..., Any]:

@@ -48,6 +48,7 @@ from ._bags import bag_forward, bag_sites
 from ._bags import why_not_unrolled as why_not_bag
 from ._context import full_float32_products
 from ._layers import Hook, Site, UnrolledForward, Weights, global_hooks_present, not_exactly, product
+from ._state import put_back_forwards
 
 # (layer, lengths) of each unrolled call on a PackedSequence inside a `packed_calls` block of this context
 _PACKED: ContextVar[list[tuple[nn.Module, torch.Tensor]] | None] = ContextVar("_PACKED", default=None)
@@ -161,11 +162,7 @@ def _forwards(modules: Mapping[str, nn.Module], hooks: Mapping[str, Mapping[str,
             object.__setattr__(module, "forward", UnrolledForward(forward, module, products))
         yield
     finally:
-        for module, before in reversed(installed):
-            if before is None:
-                object.__delattr__(module, "forward")
-            else:
-                object.__setattr__(module, "forward", before)
+        put_back_forwards(installed)
 
 
 @contextmanager

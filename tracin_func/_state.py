@@ -151,6 +151,16 @@ def left_by_run(taken: list[Attributes]) -> list[tuple[nn.Module, str]]:
 
 _ABSENT = object()
 
+
+def put_back_forwards(set_for_a_block: list[tuple[nn.Module, Any]]) -> None:
+    """Each module's own ``forward`` attribute as it was before a block set one (``(module, the one before or None)``,
+    in the order set): removed, or set again."""
+    for module, before in reversed(set_for_a_block):
+        if before is None:
+            object.__delattr__(module, "forward")
+        else:
+            object.__setattr__(module, "forward", before)
+
 # the models (by identity) whose hooks registered by a run were removed, within the outermost `leaving_no_trace`,
 # with the number of hooks they held after the removal
 _UNHOOKED: ContextVar[dict[int, int] | None] = ContextVar("_UNHOOKED", default=None)
