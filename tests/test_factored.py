@@ -2458,6 +2458,36 @@ def test_transformers_conv1d_is_a_transposed_linear_site():
     _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
 
 
+
+class NodesOfAGraph(nn.Module):
+    """Node classification: two message-passing layers over a graph the model holds, each example a node's row."""
+
+    def __init__(self, nodes=500, edges=4000):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.register_buffer("features", torch.randn(nodes, 8, generator=gen))
+        self.register_buffer("edges", torch.randint(0, nodes, (2, edges), generator=gen))
+        self.l1, self.l2 = nn.Linear(8, 64), nn.Linear(64, 3)
+
+    def forward(self, idx):
+        src, dst = self.edges
+        h = torch.relu(self.l1(self.features))
+        h = torch.zeros_like(h).index_add_(0, dst, h[src])  # [edges, 64] messages, read by every node's loss
+        return self.l2(h)[idx]
+
+
+def test_the_batch_size_of_a_per_example_route_counts_what_every_example_reads():
+    """A node's loss reads the whole graph's messages, made from the checkpoint alone: the batch size counted the
+    largest tensor made from the example (12 bytes), and vmap(grad) held each example's gradient of the messages (a
+    review helper's GCN: 1.4 GB at 512 examples, 0.5 GB at 16). Where examples are differentiated one by one, it is
+    counted too."""
+    model = NodesOfAGraph().eval()
+    idx = torch.arange(40)
+    explained = tc.explain(model, _ckpts(model), (idx, torch.randint(0, 3, (40,))), loss_fn=CE)
+    assert "vmap(grad)" in explained.batching, explained.batching
+    assert explained.tensor_bytes >= 4000 * 64 * 4
+    assert explained.batch_size <= (16 << 20) // (4000 * 64 * 4)
+
 def test_explain_names_every_route_and_reason():
     torch.manual_seed(0)
     model = GroupedConvs().double().eval()
