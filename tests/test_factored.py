@@ -2488,6 +2488,44 @@ def test_the_batch_size_of_a_per_example_route_counts_what_every_example_reads()
     assert explained.tensor_bytes >= 4000 * 64 * 4
     assert explained.batch_size <= (16 << 20) // (4000 * 64 * 4)
 
+
+class _BackcastBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.back, self.fore = nn.Linear(24, 16), nn.Linear(16, 24), nn.Linear(16, 6)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return self.back(h), self.fore(h)
+
+
+class NBeatsLike(nn.Module):
+    """N-BEATS's blocks: the last block's backcast Linear runs and its output is never read."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_BackcastBlock(), _BackcastBlock()])
+
+    def forward(self, x):
+        forecast = 0
+        for block in self.blocks:
+            backcast, fore = block(x)
+            x, forecast = x - backcast, forecast + fore
+        return forecast
+
+
+@pytest.mark.parametrize("factored", [None, True])
+def test_aggregate_over_a_layer_whose_every_row_is_dropped(factored):
+    """A Linear run whose output the loss never reads: its rows of zero output gradient all dropped, the test side's
+    total reshaped 0 rows by -1 (a raw "cannot reshape tensor of 0 elements", a review helper's N-BEATS)."""
+    torch.manual_seed(0)
+    model = NBeatsLike().double().eval()
+    ckpts, mse = _ckpts(model), nn.MSELoss()
+    train = (torch.randn(10, 24, dtype=torch.float64), torch.randn(10, 6, dtype=torch.float64))
+    test = (torch.randn(3, 24, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64))
+    want = reference_scores(model, ckpts, train, test, loss_fn=mse).influence.sum(0, keepdim=True)
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=mse, aggregate=True, factored=factored), want)
+
 def test_explain_names_every_route_and_reason():
     torch.manual_seed(0)
     model = GroupedConvs().double().eval()

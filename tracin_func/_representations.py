@@ -524,8 +524,8 @@ class Factored(NamedTuple):
 
     def total(self) -> Factored:
         """The sum of B examples' gradients is one example whose rows are all of theirs (which may cancel)."""
-        rows = self.g.shape[0] * self.g.shape[1]
-        a, g = self.a.reshape(1, rows, *self.a.shape[2:]), self.g.reshape(1, rows, -1)
+        rows = self.g.shape[0] * self.g.shape[1]  # (0 where every row was dropped, its output gradients all 0)
+        a, g = self.a.reshape(1, rows, *self.a.shape[2:]), self.g.reshape(1, rows, math.prod(self.g.shape[2:]))
         total = Factored(self.site, a, g, self.costed)
         checked = total.conditioned()
         return total if checked is None else checked[0]._replace(cancelling=bool(checked[1]))
