@@ -521,7 +521,10 @@ def test_hugging_face_losses_name_labels_of_another_shape_or_dtype():
         (tc.causal_lm_loss, ids.float(), r"tc.causal_lm_loss takes the labels under 'labels' as integer ids, got "
                                          r"torch.float32"),
         (tc.token_classification_loss, ids[:, 0], token + r"\(1,\)"),
-        (tc.sequence_classification_loss, ids, r"under 'labels' one class per example \(\(1,\) here\), got \(1, 4\)"),
+        # a token classifier's logits [B, T, C] with a label per example: scored over T C flattened "classes" (a
+        # review helper's trial), or with labels per position: refused naming the token loss
+        (tc.sequence_classification_loss, ids[:, 0], r"logits of shape \(1, 4, 10\), not \[B, C\].+token_class"),
+        (tc.sequence_classification_loss, ids, r"logits of shape \(1, 4, 10\), not \[B, C\]"),
     ]  # fmt: skip
     for make, labels, match in cases:
         with pytest.raises(ValueError, match=match):

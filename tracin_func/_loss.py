@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -461,6 +462,13 @@ def sequence_classification_loss(
         kind = problem_type or _problem_type(model, logits, target)
         n, name = logits.shape[0], "sequence_classification_loss"
         if kind == "single_label_classification":
+            if logits.dim() > 2 and math.prod(logits.shape[1:-1]) > 1:  # (scored over T C flattened "classes")
+                raise ValueError(
+                    f"`{name}`: the model returns logits of shape {tuple(logits.shape)}, not [B, C]: a class per "
+                    f"position (a token classifier's [B, T, C]), and `{labels}` holds one per example. Score a token "
+                    f"classifier with `tc.token_classification_loss(model)` (labels [B, T]), or pool the positions "
+                    f"into one prediction per example in the model."
+                )
             one_each = target.reshape(-1) if target.numel() == n else target  # ([B] or [B, 1])
             _check_labels(name, labels, one_each, (n,), "one class per example", True)
             return F.cross_entropy(logits.reshape(n, -1), one_each, reduction="none")
