@@ -283,10 +283,12 @@ def _warned_if_lost(scores: Any) -> Any:
         return scores
     largest = max(float(bound.abs()) for p in parts for bound in torch.aminmax(p))  # (no copy of the matrix)
     if largest == 0:
+        wider = "pass `dtype=torch.float64`, or scale the loss" if parts[0].dtype != torch.float64 else "scale the loss"
         warn(
             "Every score is 0: no example's loss has a gradient in the parameters scored (the loss does not reach "
-            "them, is constant on one example, or is computed under `torch.inference_mode()`), or the gradients are "
-            "so small that their products underflow the dtype (pass `dtype=torch.float64`, or scale the loss). TracIn "
+            "them, is constant on one example, has no label left to score (all ignored: -100), or is computed under "
+            f"`torch.inference_mode()`), or the gradients are so small that their products underflow the dtype "
+            f"({wider}). TracIn "
             "scores each example on its own loss, alone: a loss comparing the examples of a batch (in-batch "
             "contrastive, InfoNCE) has nothing to compare there; give each example what it is compared with "
             "(`tc.ExampleLoss` with fixed negatives).",
