@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
 # nn.Module's own bookkeeping (parameter, buffer, submodule and hook dicts, the training flag): not a layer's state
@@ -110,21 +111,33 @@ def layer_state(module: nn.Module | None) -> list[Attributes]:
     return taken
 
 
-def restore_state(taken: list[Attributes]) -> bool:
+def restore_state(taken: list[Attributes], last: bool = True) -> None:
     """Undo a run's changes to the layers' own attributes (``layer_state``): added ones removed, rebound ones set
-    back, filled containers given their items back; the tensors in its parameter and buffer slots; and the hooks it
-    registered, with the flag saying so (``_HOOKS``). Returns whether it registered any."""
+    back, filled containers given their items back; and the tensors in its parameter and buffer slots. A run that
+    registered hooks (``_HOOKS``) keeps them, and the values it set that are no tensors or containers (the flag
+    saying so, a handle), while the call runs the model again (not ``last``): each run would register another set
+    (transformers' output capturing: SegFormer's head read duplicated hidden states), and registered again after the
+    call's own hooks, an output-changing hook ran after them (32% off). At the call's end (``last``) the hooks go
+    where a layer's attribute was set with them (the flag, undone with it), and stay where none was (a flag kept
+    elsewhere, a config object, a module-level set, which no restore reaches: as running the model leaves it)."""
     registered = [(m, kind, then) for m, *_, held in taken for kind, then in zip(_HOOKS, held)
                   if any(k not in then for k in getattr(m, kind, ()))]  # fmt: skip
-    for m, kind, then in registered:
+    flags = {
+        (id(m), k)
+        for m, values, *_ in taken if registered
+        for k, v in own_attributes(m).items()
+        if values.get(k, _ABSENT) is not v and not isinstance(v, (torch.Tensor, *CONTAINERS))
+    }
+    for m, kind, then in registered if last and flags else ():
         hooked = getattr(m, kind)
         for key in [k for k in hooked if k not in then]:
             del hooked[key]
+    kept = set() if last else flags
     for m, values, contents, tensors, _ in taken:
-        for key in [k for k in own_attributes(m) if k not in values]:
+        for key in [k for k in own_attributes(m) if k not in values and (id(m), k) not in kept]:
             delattr(m, key)
         for key, value in values.items():
-            if vars(m).get(key) is not value:
+            if vars(m).get(key) is not value and (id(m), key) not in kept:
                 object.__setattr__(m, key, value)
             if key in contents and not _same(value, contents[key]):
                 _put_back(contents[key])
@@ -134,7 +147,6 @@ def restore_state(taken: list[Attributes]) -> bool:
             for key, t in then.items():
                 if slot.get(key) is not t:
                     slot[key] = t
-    return bool(registered)
 
 
 def left_by_run(taken: list[Attributes]) -> list[tuple[nn.Module, str]]:
@@ -161,45 +173,18 @@ def put_back_forwards(set_for_a_block: list[tuple[nn.Module, Any]]) -> None:
         else:
             object.__setattr__(module, "forward", before)
 
-# the models (by identity) whose hooks registered by a run were removed, within the outermost `leaving_no_trace`,
-# with the number of hooks they held after the removal
-_UNHOOKED: ContextVar[dict[int, int] | None] = ContextVar("_UNHOOKED", default=None)
+_WITHIN: ContextVar[int] = ContextVar("_WITHIN", default=0)  # `leaving_no_trace` blocks entered and not left
 
 
 @contextmanager
 def leaving_no_trace(module: nn.Module | None) -> Iterator[list[Attributes]]:
-    """A dry run of the model within the block leaves its layers' own attributes and hooks as they were (a cache it
-    filled is emptied again); the block gets them as taken (``left_by_run``). A model whose hooks a run registered
-    were removed, and whose run in a later block, started without them, registers none, keeps the flag saying so
-    outside its layers (a config object, a module-level set), which no restore reaches: its later runs ran without
-    the hooks (55-59% off, silently); refused."""
+    """A dry run of the model within the block leaves its layers' own attributes as they were (a cache it filled is
+    emptied again), and hooks it registered as ``restore_state`` says (the outermost block: the call's end); the block
+    gets the attributes as taken (``left_by_run``)."""
     taken = layer_state(module)
-    held = sum(len(hooks) for *_, kinds in taken for hooks in kinds)
-    unhooked = _UNHOOKED.get()
-    token = _UNHOOKED.set({}) if unhooked is None else None
-    unhooked = _UNHOOKED.get()
+    token = _WITHIN.set(_WITHIN.get() + 1)
     try:
         yield taken
-    except Exception as err:
-        if not restore_state(taken) and held <= unhooked.get(id(module), -1):
-            raise ValueError(_FLAGGED_ELSEWHERE) from err
-        raise
-    except BaseException:
-        restore_state(taken)
-        raise
-    else:
-        if restore_state(taken):
-            unhooked[id(module)] = held
-        elif held <= unhooked.get(id(module), -1):  # (every block runs the model)
-            raise ValueError(_FLAGGED_ELSEWHERE)
     finally:
-        if token is not None:
-            _UNHOOKED.reset(token)
-
-
-_FLAGGED_ELSEWHERE = (
-    "`model`: its forward registers hooks on its first run and keeps the flag saying so outside its layers (a config "
-    "object, a module-level set): the call undoes the hooks its runs register, as it undoes what they store, and "
-    "cannot undo that flag, so later runs would run without them. Keep the flag on the module that registers the hooks "
-    "(`self._hooked = True`), or register them before the call (run the model once)."
-)
+        _WITHIN.reset(token)
+        restore_state(taken, last=_WITHIN.get() == 0)
