@@ -216,20 +216,13 @@ def test_a_function_the_model_compiled_itself_leaves_the_batched_path(fresh_dyna
         assert_close(tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=loss), ref.influence)
 
 
-def test_a_compiled_loss_traces_without_warnings_of_the_librarys_modes(fresh_dynamo):
-    """Dynamo, tracing the user's compiled loss inside the call's torch function mode, traced the mode too and warned
-    it cannot trace `_top_saved_tensors_default_hooks` (the library's code) (a review helper's trial); under vmap it
-    failed with a raw AssertionError of its own."""
-    import warnings
-
+def test_a_compiled_loss_is_scored_on_every_path(fresh_dynamo):
+    """Under vmap (`factored=False`) dynamo failed on its own assertion, a raw AssertionError (a review helper's
+    trial): looped, warned. (Dynamo still warns it cannot trace the call's mode's saved-tensor hook lookup, a graph
+    break: traced through, a compiled BatchLoss over an nn.Sequential failed inside dynamo, a sweep's find.)"""
     t = mlp_task()
     loss = torch.compile(torch.nn.CrossEntropyLoss(), backend="eager")
     ref = reference_scores(t.model, t.checkpoints, t.train, t.test, loss_fn=t.loss_fn)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        scores = tc.influence(t.model, t.checkpoints, t.train, t.test, loss_fn=loss)
-    assert not [w for w in caught if "Dynamo" in str(w.message)], [str(w.message) for w in caught]
-    assert_close(scores, ref.influence)
-    # under vmap (`factored=False`) dynamo fails on its own assertion (a raw AssertionError): looped, warned
+    assert_close(tc.influence(t.model, t.checkpoints, t.train, t.test, loss_fn=loss), ref.influence)
     with pytest.warns(RuntimeWarning, match="vmap failed"):
         assert_close(tc.influence(t.model, t.checkpoints, t.train, t.test, loss_fn=loss, factored=False), ref.influence)

@@ -584,13 +584,13 @@ class _BeyondFactors(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if torch.compiler.is_compiling():  # (dynamo tracing the user's compiled loss: it warned of the lookup below)
-            return func(*args, **kwargs)
         signature = self._DIFFERENTIATING.get(func)
         if func is torch._make_dual or signature is not None and signature.bind(*args, **kwargs).arguments.get(
             "create_graph"
         ):
             self.why = _DIFFERENTIATES  # (the cause, where torch.func's transform also wraps a layer's inputs)
+        # (where dynamo traces the user's compiled loss it warns it cannot trace this lookup, and breaks the graph
+        # there: traced through, a compiled BatchLoss over an nn.Sequential failed inside dynamo)
         saving = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if saving is not None and getattr(saving[0], "__module__", "") not in _SAVED_AS_THEY_WERE:
             self.why = self.why or _SAVES_OTHERWISE
