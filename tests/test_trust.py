@@ -1609,6 +1609,27 @@ def test_3h_a_region_of_a_layer_reaching_tensors_through_a_list_is_refused_as_ch
         with pytest.raises(ValueError, match="reentrant activation checkpointing"):
             tc.self_influence(model, make_ckpts(model), data(4, seed=1), loss_fn=CE, factored=factored)
 
+
+def test_3h_a_tensorless_layer_holding_its_parent_is_looked_at_once():
+    """Layers reached through attributes were walked without a record of those seen: a tensorless layer keeping its
+    parent in a list recursed until Python's limit (found re-reading the change)."""
+    from tracin_func._grads import _holds_tensors
+
+    class Child(nn.Module):
+        def __init__(self, parent):
+            super().__init__()
+            self.up = [parent]
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.child = Child(self)
+
+    parent = Parent()
+    assert not _holds_tensors(parent) and not _holds_tensors(parent.child)
+    parent.register_buffer("scale", torch.ones(()))
+    assert _holds_tensors(parent.child)
+
 def test_3h_frozen_reentrant_region_and_saved_on_cpu_are_exact():
     for checkpointed in (Checkpointed, HandCheckpointed):
         model = checkpointed(reentrant=True, frozen=True).double().eval()

@@ -245,23 +245,26 @@ def reentrant_checkpointing() -> bool:
 def _holds_tensors(module: Any) -> bool:
     """Whether ``module`` (a layer being called) or one of its sublayers holds a tensor: a parameter, a buffer, or in
     an attribute, containers and layers there too (a layer reaching another's weight through a list, recomputed by
-    the Function's backward with the model's own: 37% off per example, silently)."""
+    the Function's backward with the model's own: 37% off per example, silently). Each layer looked at once (one
+    holding its parent in a list)."""
     if not isinstance(module, torch.nn.Module):
         return True  # (unknown: taken as holding some)
-    return any(
-        m._parameters or m._buffers or _reaches_tensors([v for k, v in vars(m).items() if k not in MODULE_SLOTS])
-        for m in module.modules()
-    )
+    seen: set[int] = set()
 
-
-def _reaches_tensors(values: list[Any], depth: int = NESTING) -> bool:
-    for v in values:
-        if isinstance(v, torch.Tensor) or isinstance(v, torch.nn.Module) and _holds_tensors(v):
+    def holds(value: Any, depth: int) -> bool:
+        if isinstance(value, torch.Tensor):
             return True
-        if depth and isinstance(v, (list, tuple, dict)) and len(v) <= FLAT_ABOVE:
-            if _reaches_tensors(list(v.values()) if isinstance(v, dict) else list(v), depth - 1):
-                return True
-    return False
+        if isinstance(value, torch.nn.Module):
+            if id(value) in seen:
+                return False
+            seen.add(id(value))
+            own = [v for k, v in vars(value).items() if k not in MODULE_SLOTS] + list(value._modules.values())
+            return bool(value._parameters or value._buffers) or any(holds(v, NESTING) for v in own)
+        if depth and isinstance(value, (list, tuple, dict)) and len(value) <= FLAT_ABOVE:
+            return any(holds(v, depth - 1) for v in (value.values() if isinstance(value, dict) else value))
+        return False
+
+    return holds(module, NESTING)
 
 
 _REENTRANT_FORWARD = CheckpointFunction.forward.__code__
