@@ -1,6 +1,6 @@
 """torch's ``nn.TransformerEncoder`` and ``TransformerEncoderLayer`` take an inference fast path (nested tensors, one
 fused kernel per layer) only where no gradient is traced and no torch function mode is active: the path a scoring pass
-runs must be the one the user's model runs (``on_traced_path``, ``encoders_run_as_outside``)."""
+runs must be the one the user's model runs (``on_traced_path``, ``encoders_set_aside``)."""
 
 from __future__ import annotations
 
@@ -47,24 +47,17 @@ def _off_fast_path(encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     return ((src, *args[1:]), kwargs) if args else (args, {**kwargs, "src": src})
 
 
-def encoders_run_as_outside(module: nn.Module) -> None:
-    """The call's copy of the model (for its life): an ``nn.TransformerEncoder`` or ``TransformerEncoderLayer``
-    called with gradients off (under ``torch.no_grad()`` in the model's forward: a frozen feature extractor, a
-    teacher's pass) runs with the library's torch function modes set aside, so that torch takes its inference fast
-    path as it does in the user's model: an encoder then turns a padded batch into nested tensors, which give padded
-    positions zeros. Under any torch function mode torch computes those positions instead (a model reading them, a mean
-    over every token, scored 35-219% off its own backward, silently, on every route). Its ``forward`` wrapped (hooks
-    left the modes popped on an interruption, which ``always_call`` hooks do not see)."""
-    for m in module.modules():
-        if isinstance(m, ENCODERS):
-            m.forward = _modes_set_aside(m.forward)
-
-
 @contextmanager
 def encoders_set_aside(module: nn.Module) -> Iterator[None]:
-    """``encoders_run_as_outside`` for the block only, on the user's module that a loss calls (``tc.BatchLoss``,
-    under its lock: the copy's encoders alone were wrapped, so a teacher's encoder called by a ``BatchLoss`` scored
-    33% off, silently); each encoder's own ``forward`` attribute, if any, set again after."""
+    """Within the block (a call, under the module's lock: the call's copy or the user's module a loss calls), an
+    ``nn.TransformerEncoder`` or ``TransformerEncoderLayer`` called with gradients off (under ``torch.no_grad()`` in
+    the model's forward: a frozen feature extractor, a teacher's pass) runs with the library's torch function modes
+    set aside, so that torch takes its inference fast path as it does in the user's model: an encoder then turns a
+    padded batch into nested tensors, which give padded positions zeros. Under any torch function mode torch computes
+    those positions instead (a model reading them, a mean over every token, scored 35-219% off its own backward,
+    silently, on every route; 33% through a ``tc.BatchLoss`` while the call's copy alone was wrapped). Its ``forward``
+    wrapped (hooks left the modes popped on an interruption, which ``always_call`` hooks do not see), and each
+    encoder's own ``forward`` attribute, if any, set again after."""
     wrapped: list[tuple[nn.Module, Any]] = []
     try:
         for m in module.modules():

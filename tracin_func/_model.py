@@ -8,7 +8,7 @@ import threading
 import types
 import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from typing import Any, NamedTuple, Union
 
 import optree
@@ -18,7 +18,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from ._checkpoints import LR_KEYS, WRAPPER_PREFIXES, Checkpoint, check_lr, unprefixed
-from ._encoders import encoders_run_as_outside, encoders_set_aside
+from ._encoders import encoders_set_aside
 from ._hooks import on_copies
 from ._recurrent import recurrent_unrolled
 from ._state import CONTAINERS, FLAT_ABOVE, MODULE_SLOTS, NESTING, leaving_no_trace
@@ -72,12 +72,13 @@ def exclusive_use(spec: ModelSpec) -> Iterator[None]:
     layers' own attributes are as they were after the call (what the forward passes stored in them, say attention
     maps appended to a list, is undone). Recurrent layers run as unrolled cells for the whole call
     (``_recurrent.recurrent_unrolled``: the same function; on the user's module too, under its lock: a loss calling
-    it ran the fused op under vmap, one example at a time in float64)."""
+    it ran the fused op under vmap, one example at a time in float64), and encoders called without gradients take
+    torch's path as in the user's model (``_encoders.encoders_set_aside``)."""
     if spec.module is None:
         yield
         return
     with holding(spec.module), leaving_no_trace(spec.module), recurrent_unrolled(spec.module):
-        with nullcontext() if spec.private else encoders_set_aside(spec.module):  # (the copy's: for its life)
+        with encoders_set_aside(spec.module):
             yield
 
 
@@ -412,8 +413,6 @@ def model_spec(
             floating = {t.dtype for t in named.values() if t.is_floating_point()}
             following = frozenset(n for n, t in unsaved.items() if t.is_floating_point() and t.dtype in floating)
             module = private_copy(model) if private else model
-            if private:
-                encoders_run_as_outside(module)
         first_name = {id(p): n for n, p in named.items()}
         aliases = {n: first_name[id(t)] for n, t in state.items() if n not in named and id(t) in first_name}
         trainable = [n for n, p in named.items() if p.requires_grad]
