@@ -18,8 +18,9 @@ to (a path to the loss that never met the batch).
 A parameter is a weight where it meets the batch in a matrix product (Falcon's ``input @ self.weight.T``, a hand-written
 ``F.linear(x, self.w, self.b)``, an einsum of two operands) or a convolution (Mamba's ``F.conv1d`` on its depthwise
 layer's own weight): a copy per example would make that product a batched one, slower than vmap(grad).
-There each example's gradient of the weight is its rows of the other operand times their output gradients (``x^T g``),
-as a Linear layer's (a convolution's as a convolution layer's); the product is taken out of autograd's own gradient of
+There each example's gradient of the weight is its rows of the other operand times their output gradients (``x^T g``,
+``x^H g`` for complex ones: a spectral layer's real weights viewed as complex), as a Linear layer's (a convolution's as
+a convolution layer's); the product is taken out of autograd's own gradient of
 the weight, which would compute it again, summed, and is exact by construction, outside the check of sums.
 """
 
@@ -338,6 +339,7 @@ class Meetings(TorchFunctionMode):
                 "from it. Pass `factored=False`, or change it out of place (`q = q / scale`)."
             )
         g, n = g.view(shape), self.n  # (an edge's gradient is its base's: F.linear's [B T, d] under a [B, T, d] view)
+        x = x.conj()  # a complex product's gradient is the other operand's conjugate's (as autograd's: x^H g); a view
         if isinstance(how, (str, _Conv)):  # an einsum's, a convolution's: each row's, then rows per example summed
             if isinstance(how, _Conv):  # (a transposed one's: the convolution's from its output back to its input)
                 given, back = (g, _adjoint_output(x, g, how)) if how.transposed else (x, g)
