@@ -265,7 +265,24 @@ def same_batch(a: Any, b: Any) -> bool:
     """Whether two batches hold equal values in one structure."""
     leaves, spec = optree.tree_flatten(a, none_is_leaf=True)
     others, other_spec = optree.tree_flatten(b, none_is_leaf=True)
-    return spec == other_spec and all(map(_same_leaf, leaves, others))
+    return _same_structure(a, spec, b, other_spec) and all(map(_same_leaf, leaves, others))
+
+
+def _same_structure(a: Any, spec: Any, b: Any, other_spec: Any) -> bool:
+    """Whether batches ``a`` and ``b`` (of treespecs ``spec`` and ``other_spec``) are of one structure, their dicts'
+    keys in one order: optree's treespecs are equal for dicts of the same keys in any order (a loss reading a dict's
+    values by position, ``a, c, y = batch.values()``, was given a training batch joined to a test batch in the test's
+    key order: 64% off)."""
+    return spec == other_spec and _key_orders(a) == _key_orders(b)
+
+
+def _key_orders(tree: Any) -> list[tuple[Any, ...]]:
+    """The keys of every mapping in ``tree``, in order, depth first."""
+    if isinstance(tree, Mapping):
+        return [tuple(tree), *(order for value in tree.values() for order in _key_orders(value))]
+    if isinstance(tree, (list, tuple)):
+        return [order for value in tree for order in _key_orders(value)]
+    return []
 
 
 def _same_leaf(x: Any, y: Any) -> bool:
@@ -746,7 +763,7 @@ def joined_rows(first: Batch, then: Batch) -> Batch | None:
     (another structure, dtype, device or shape beyond the batch dimension: padded to another width)."""
     leaves, spec = optree.tree_flatten(first, none_is_leaf=True)
     others, other_spec = optree.tree_flatten(then, none_is_leaf=True)
-    alike = spec == other_spec and all(
+    alike = _same_structure(first, spec, then, other_spec) and all(
         isinstance(a, torch.Tensor)
         and isinstance(b, torch.Tensor)
         and a.dim() > 0
