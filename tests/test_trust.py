@@ -1005,24 +1005,30 @@ def test_3c_random_numbers_never_read_do_not_refuse_the_model(factored):
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored), ref.self_influence)
     reads = LayerDrop(reads=True).to(F64).eval()
     drew = r"'\(root\)' \(LayerDrop\) draws random numbers \(aten.rand.default\) that are read"
-    with pytest.raises(ValueError, match=drew):
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=drew + ".* pass them in each example of the data"):
         tc.influence(reads, make_ckpts(reads), train, test, loss_fn=CE, factored=factored)
+    assert torch.equal(torch.get_rng_state(), rng)  # (the refused draw was made from torch's generator)
 
 
 @pytest.mark.parametrize("form", ["batch_loss", "example_loss"])
 def test_3c_random_numbers_drawn_by_the_loss_are_refused_naming_the_loss(form):
     """A diffusion-style loss drawing its noise itself was refused naming the model (``.eval()`` advised, which does
-    not help): the refusal names `loss_fn` and tells to pass the draws in the data."""
-    model = nn.Linear(4, 3).to(F64).eval()
+    not help): the refusal names `loss_fn` and tells to pass the draws in the data; and left torch's generator (or
+    the loss's own) advanced by the draw (a review helper's find)."""
+    model, own = nn.Linear(4, 3).to(F64).eval(), torch.Generator().manual_seed(0)
 
     def noised(params, batch):  # each output's error against noise drawn here
         out = functional_call(model, params, (batch[0],))
-        return ((out - torch.randn_like(out)) ** 2).mean(-1)
+        return ((out - torch.randn_like(out) - torch.rand(out.shape, generator=own)) ** 2).mean(-1)
 
     loss = tc.BatchLoss(noised) if form == "batch_loss" else tc.ExampleLoss(lambda p, b: noised(p, b).sum())
     refused = r"`loss_fn`: outside the model.s forward, the loss function draws random numbers .* pass them"
+    rng, own_rng = torch.get_rng_state(), own.get_state()
     with pytest.raises(ValueError, match=refused):
         tc.self_influence(model, make_ckpts(model), data(4, n=6, seed=1), loss_fn=loss)
+    # the refused draws were made from generators of the dry run's own: torch's and the loss's are as they were
+    assert torch.equal(torch.get_rng_state(), rng) and torch.equal(own.get_state(), own_rng)
 
 
 class HiddenNoise(nn.Module):

@@ -93,6 +93,38 @@ def _draws_random(values: Mapping[str, Any]) -> bool:
     return values.get("train", values.get("training")) is not False  # (RReLU's flag: `training`)
 
 
+_PASS_DRAWN = (
+    "draw such values once, pass them in each example of the data (a column of the batch tuple, a key of a dict batch)"
+)
+
+
+def _drawn_privately(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], values: Mapping[str, Any]) -> Any:
+    """A random op of the dry run, drawn from a generator of its own where the op takes one: its numbers are never
+    used (a read of them is refused), and a call refused for reading them left torch's global generator (or the
+    user's) advanced by the draw (a diffusion loss's noise, a VAE's `torch.randn_like`; a review helper's find)."""
+    private = _with_generator(func)
+    if private is None:  # (dropout's ops take none: drawn as the forward draws)
+        return func(*args, **kwargs)
+    tensors = op_tensors(args, kwargs)
+    device = values.get("device") or (tensors[0].device if tensors else torch.device("cpu"))
+    return private(*args, **{**kwargs, "generator": torch.Generator(device=device)})
+
+
+@functools.cache
+def _with_generator(func: Any) -> Any:
+    """``func`` if it takes a ``generator``, else its overload taking one besides its own arguments (``randn_like``'s
+    ``generator``, ``randint``'s ``low_generator``), or None."""
+    names = [a.name for a in func._schema.arguments]
+    if "generator" in names:
+        return func
+    for overload in func.overloadpacket.overloads():
+        other = getattr(func.overloadpacket, overload)
+        theirs = [a.name for a in other._schema.arguments]
+        if "generator" in theirs and [n for n in theirs if n != "generator"] == names:
+            return other
+    return None
+
+
 _LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.lift.default)
 
 
@@ -140,7 +172,7 @@ class _Watch(TorchDispatchMode):
             values = _bound(func, args, kwargs)
             draws = seeded and _draws_random(values)
             if draws and (writes or not _makes_tensors(func)):  # random numbers into a tensor that exists
-                self._refuse(f"draws random numbers ({func}), so its scores would be random", self._drawer())
+                self._refuse(f"draws random numbers ({func}), so its scores would be random", self._drawer(), True)
             for name in writes if _writes(func, values) else ():
                 written = values.get(name)
                 for t in written if isinstance(written, (list, tuple)) else [written]:
@@ -165,7 +197,7 @@ class _Watch(TorchDispatchMode):
         for t in inputs if self.drawn else ():  # a random number drawn and left unread (transformers 5.17's wav2vec2:
             drawn = self.drawn.get(id(t))  # its layer drop, taken in training only) cannot change a score; a read could
             if drawn is not None and drawn[0]() is t:
-                self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1])
+                self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1], True)
         read = {id(t) for t in inputs}  # (tensors by identity: views are made by ops too)
         self.read |= read
         if self.modules:
@@ -173,7 +205,7 @@ class _Watch(TorchDispatchMode):
         if kept and self.modules:
             path, module = self.modules[-1]
             self.kept.setdefault(path, (module, set()))[1].update(kept)
-        out = func(*args, **kwargs)
+        out = _drawn_privately(func, args, kwargs, values) if draws else func(*args, **kwargs)
         from_checkpoint, from_example = not read.isdisjoint(self.derived), not read.isdisjoint(self.from_example)
         outputs = op_tensors(out)
         for t in outputs:
@@ -260,13 +292,12 @@ class _Watch(TorchDispatchMode):
         """Who draws random numbers now: the running module, or the loss's own code (none of a module's runs)."""
         return _IN_LOSS if self.root and not self.modules else self._running()
 
-    def _refuse(self, what: str, who: str | None = None) -> None:
+    def _refuse(self, what: str, who: str | None = None, drawn: bool = False) -> None:
         if who is _IN_LOSS:  # drawn outside the model's forward: the loss function's own code
             raise ValueError(
                 f"`loss_fn`: outside the model's forward, the loss function {what} (a noise or timestep drawn with "
                 f"`torch.randn` / `torch.randint` in a diffusion loss, say). TracIn needs each example's loss to be a "
-                f"function of the checkpoint and the example: draw such values once, pass them in each example of "
-                f"the data (a column of the batch tuple), and read them there."
+                f"function of the checkpoint and the example: {_PASS_DRAWN}, and read them there."
             )
         who = who or self._running()
         remove = "remove the state update / randomness from that module"
@@ -274,6 +305,8 @@ class _Watch(TorchDispatchMode):
         evaluate = "`model.eval()`" if self.modules else "`.eval()` on the modules the function calls"
         fix = (f"call {evaluate} before scoring (training mode updates running statistics and turns on dropout), "
                f"or {remove}" if training else f"{remove} (it runs in eval mode already)")  # fmt: skip
+        if drawn:  # (noise the model needs, a VAE's reparameterisation: given with the example, as the loss's)
+            fix += f"; for noise it needs (a VAE's `torch.randn_like`), {_PASS_DRAWN}, and read them in its forward"
         raise ValueError(
             f"`model`: {who} {what} in its forward pass. TracIn needs a forward pass that is a function of the "
             f"checkpoint and the example: {fix}."
