@@ -106,7 +106,7 @@ def _drawn_privately(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]
     if private is None:  # (dropout's ops take none: drawn as the forward draws)
         return func(*args, **kwargs)
     tensors = op_tensors(args, kwargs)
-    device = values.get("device") or (tensors[0].device if tensors else torch.device("cpu"))
+    device = values.get("device") or (tensors[0].device if tensors else torch.get_default_device())
     return private(*args, **{**kwargs, "generator": torch.Generator(device=device)})
 
 
