@@ -70,12 +70,17 @@ def _selected(available: Sequence[str], default: Sequence[str], params: Names) -
     return list(params)
 
 
+def _wide(t: torch.Tensor) -> torch.dtype:
+    """``t``'s dtype in the reference: float64 for floating tensors, complex128 for complex ones."""
+    return DTYPE if t.is_floating_point() else torch.complex128 if t.is_complex() else t.dtype
+
+
 def _state_of(model: Any, ckpt: tc.Checkpoint, params: Names) -> tuple[dict[str, torch.Tensor], list[str], Callable]:
     """Checkpoint tensors in float64 (the selected ones require grad), their selected names, and ``forward``."""
-    if isinstance(model, nn.Module):
-        module = copy.deepcopy(model).to(DTYPE)
+    if isinstance(model, nn.Module):  # (complex tensors in complex128: `Module.to(float64)` would keep real parts)
+        module = copy.deepcopy(model)._apply(lambda t: t.to(_wide(t)))
         held = ckpt.params  # (a module's extra state, not a tensor: loaded as it is)
-        floating = {k: v.detach().to(DTYPE) for k, v in held.items() if torch.is_tensor(v) and v.is_floating_point()}
+        floating = {k: v.detach().to(_wide(v)) for k, v in held.items() if torch.is_tensor(v) and _wide(v) != v.dtype}
         module.load_state_dict({**held, **floating})
         module.requires_grad_(False)
         named = dict(module.named_parameters())

@@ -762,6 +762,33 @@ def test_dtype_float64_option_computes_in_float64(name):
         assert all(p.dtype == torch.float32 for p in task.model.parameters())  # the model is not converted
 
 
+class FourierFilter(nn.Module):
+    """A fixed complex filter (a buffer) applied to each example's Fourier modes by a matrix product, which wants both
+    operands of one dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("filt", torch.randn(5, 5, dtype=torch.complex64))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # [B, 8]
+        return self.head(torch.fft.irfft(torch.fft.rfft(x) @ self.filt, n=8))
+
+
+def test_dtype_float64_takes_a_checkpoints_complex_tensors_to_complex128():
+    """A float32 checkpoint's complex64 buffer stayed complex64 under ``dtype=torch.float64`` while the inputs' modes
+    became complex128: the product failed, blamed on a cast in the model (a review helper's FNO with its spectral
+    weights left out): complex tensors follow ``dtype=`` as complex inputs do."""
+    torch.manual_seed(0)
+    model = FourierFilter().eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.5)]
+    x, y = torch.randn(10, 8), torch.randint(0, 3, (10,))
+    ref = reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=nn.CrossEntropyLoss())  # (in complex128)
+    kw = {"loss_fn": nn.CrossEntropyLoss(), "dtype": torch.float64}
+    assert_close(tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), **kw), ref.influence)
+    assert model.filt.dtype == torch.complex64 and ckpts[0].params["filt"].dtype == torch.complex64
+
+
 def _float32_dict_loss(task: Task) -> tc.ExampleLoss:
     model = task.model
 

@@ -431,7 +431,7 @@ def num_examples(data: Any) -> int | None:
     return None
 
 
-_COMPLEX = {torch.float64: torch.complex128, torch.float32: torch.complex64}  # complex inputs follow ``dtype=``
+COMPLEX = {torch.float64: torch.complex128, torch.float32: torch.complex64}  # complex tensors follow ``dtype=``
 
 
 def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None, copy: bool = False) -> Batch:
@@ -440,7 +440,7 @@ def to_device(batch: Batch, device: torch.device, dtype: torch.dtype | None, cop
     Detached: inputs that require grad (features of a backbone) or carry a forward-mode tangent would tie the scores
     to their graph or give them a tangent (wrong on the factored path)."""
 
-    complex_dtype = _COMPLEX.get(dtype)
+    complex_dtype = COMPLEX.get(dtype)
 
     def move(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()  # (a graph's, or forward-mode AD's tangent: read as values)

@@ -18,6 +18,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from ._checkpoints import LR_KEYS, WRAPPER_PREFIXES, Checkpoint, check_lr, unprefixed
+from ._data import COMPLEX
 from ._encoders import encoders_set_aside
 from ._hooks import on_copies
 from ._recurrent import recurrent_unrolled
@@ -721,9 +722,12 @@ def _as_model_holds(t: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Te
 
 
 def state_tensor(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A checkpoint's (or a step's) tensor as a call reads it: detached, on ``device``, in ``dtype`` where floating,
-    and not an inference tensor (copied in an evaluation's ``inference_mode``: no gradient can be taken of it)."""
-    t = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    """A checkpoint's (or a step's) tensor as a call reads it: detached, on ``device``, in ``dtype`` where floating
+    (complex: of its precision, as complex inputs are; a float32 checkpoint's complex64 filter scored with
+    ``dtype=torch.float64`` met complex128 inputs), and not an inference tensor (copied in an evaluation's
+    ``inference_mode``: no gradient can be taken of it)."""
+    to = dtype if t.is_floating_point() else (COMPLEX.get(dtype, t.dtype) if t.is_complex() else t.dtype)
+    t = t.detach().to(device=device, dtype=to)
     return t.clone() if t.is_inference() else t
 
 
