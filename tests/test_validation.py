@@ -392,6 +392,38 @@ def test_batch_structures_named_or_read_as_given():
     assert_close(got, reference_scores(f, w, (z.to(torch.complex128), y), loss_fn=CE).self_influence)
 
 
+class ComplexGain(nn.Module):
+    """A complex gain on a signal's Fourier modes, held complex (``real=False``) or as a real ``[..., 2]`` tensor
+    viewed as complex."""
+
+    def __init__(self, real: bool):
+        super().__init__()
+        gain = torch.randn(5, 2, dtype=torch.float64)
+        self.real = real
+        self.gain = nn.Parameter(gain if real else torch.view_as_complex(gain))
+        self.head = nn.Linear(8, 3).double()
+
+    def forward(self, x):
+        gain = torch.view_as_complex(self.gain) if self.real else self.gain
+        return self.head(torch.fft.irfft(torch.fft.rfft(x) * gain, n=8))
+
+
+def test_a_complex_parameter_is_refused_naming_its_real_view():
+    """A complex parameter was refused saying complex values have no real gradient inner product and naming only
+    `params=` (a review helper's FNO): the refusal names holding it as a real ``[..., 2]`` tensor viewed with
+    ``torch.view_as_complex``, which scores its real and imaginary parts exactly."""
+    x, y = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 3, (6,))
+    held = ComplexGain(real=False)
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in held.state_dict().items()}, 0.1)]
+    with pytest.raises(TypeError, match=r"\['gain'\]` holds torch.complex128 .* real tensor `\[\.\.\., 2\]` viewed "
+                                        r"with `torch.view_as_complex`"):  # fmt: skip
+        tc.self_influence(held, ckpts, (x, y), loss_fn=CE)
+    viewed = ComplexGain(real=True)
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in viewed.state_dict().items()}, 0.1)]
+    assert_close(tc.self_influence(viewed, ckpts, (x, y), loss_fn=CE),
+                 reference_scores(viewed, ckpts, (x, y), loss_fn=CE).self_influence)  # fmt: skip
+
+
 def test_a_targets_dtype_error_is_not_blamed_on_an_integer_input():
     """int32 class labels fail in the loss (torch: "expected target dtype to be Long"): the call blamed the batch's
     integer token ids, advising `x.float()`."""

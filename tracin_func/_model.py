@@ -618,8 +618,10 @@ def checked_state(
                 state[name] = t = t.to(wider)
         if name in differentiated and not t.is_floating_point():
             fix = (
-                "leave it out of the differentiated parameters (`params=`): complex values have no real gradient "
-                "inner product here" if t.is_complex()
+                "complex parameters are not scored: hold it as a real tensor `[..., 2]` viewed with "
+                "`torch.view_as_complex` in the forward (its real and imaginary parts scored as the real gradients an "
+                "SGD step on them takes), or leave it out of the differentiated parameters (`params=`)"
+                if t.is_complex()
                 else "save the checkpoint from the model's floating weights (or convert the entry with `.float()`)"
             )  # fmt: skip
             raise TypeError(f"`{where}[{name!r}]` holds {t.dtype} values for a differentiated parameter; {fix}.")
