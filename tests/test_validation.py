@@ -1357,7 +1357,8 @@ def test_checkpoints_copied_under_inference_mode_are_scored():
 def test_a_loss_taking_a_gradient_itself_is_told_to_enable_grad():
     """An input-gradient penalty in a `tc.ExampleLoss` failed in the checks, which run the loss with gradients off,
     with torch's "does not require grad" alone (found by review); the message names `torch.enable_grad()`, under
-    which it is scored exactly."""
+    which it is scored exactly, and, for a gradient of an input (a PINN's, its input given requiring grad), making
+    the input a leaf in the loss (it named `enable_grad` alone, already taken: a review helper's)."""
     model, ckpts, (x, y) = _setup()
 
     def penalised(params, batch, enabled):
@@ -1369,6 +1370,15 @@ def test_a_loss_taking_a_gradient_itself_is_told_to_enable_grad():
 
     with pytest.raises(RuntimeError, match=r"does not have a grad_fn\. .*under `with torch.enable_grad\(\):`"):
         tc.self_influence(model, ckpts, (x, y), loss_fn=tc.ExampleLoss(functools.partial(penalised, enabled=False)))
+
+    def of_the_input(params, batch):  # a PINN's: the given input, passed as a value, differentiated as it is
+        with torch.enable_grad():
+            (dx,) = torch.autograd.grad(functional_call(model, params, (batch[0],)).sum(), batch[0], create_graph=True)
+        return dx.square().sum()
+
+    made_a_leaf = r"with respect to an input .* `x = batch\[0\]\.detach\(\)\.requires_grad_\(\)`"
+    with pytest.raises(RuntimeError, match=r"does not have a grad_fn\. .*" + made_a_leaf):
+        tc.self_influence(model, ckpts, (x.requires_grad_(), y), loss_fn=tc.ExampleLoss(of_the_input))
     loss = tc.ExampleLoss(functools.partial(penalised, enabled=True))
     assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=loss),
                  reference_scores(model, ckpts, (x, y), loss_fn=loss).self_influence)  # fmt: skip

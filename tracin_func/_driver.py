@@ -403,7 +403,9 @@ _ONE_VALUE_PER_CHANNEL = (
 _GRADIENT_IN_THE_LOSS = (
     "Where the loss or the model takes a gradient itself (`torch.autograd.grad`, an input-gradient penalty), take it "
     "under `with torch.enable_grad():`: the library's checks run the loss with gradients off, as `torch.no_grad()` "
-    "does (the gradients scored are taken by the library)"
+    "does (the gradients scored are taken by the library); and one with respect to an input (a PINN's coordinates) "
+    "of that input made a leaf there, `x = batch[0].detach().requires_grad_()`: inputs are given as values, without "
+    "`requires_grad`"
 )
 
 # a recurrent layer the library does not unroll (a subclass, `proj_size`), on a GPU
