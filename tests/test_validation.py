@@ -1208,14 +1208,29 @@ class CastsToDouble(nn.Module):
         return self.head(torch.tanh(self.body(x)).double())
 
 
+class Cast(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x):
+        return x.to(self.dtype)
+
+
 def test_a_dtype_the_model_makes_itself_meeting_the_calls_is_named():
     """`dtype=` converts parameters and inputs; a tensor the model makes in its own dtype then meets them: torch's
-    bare "mat1 and mat2 must have the same dtype" named a test example."""
+    bare "mat1 and mat2 must have the same dtype" named a test example, and a boolean input the model casts itself was
+    blamed for it (a review helper's)."""
     model = CastsToDouble().eval()
     ckpts = [tc.Checkpoint(dict(model.state_dict()), 0.1)]
     train = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
     with pytest.raises(RuntimeError, match=r"must have the same dtype.*computes in torch.float32 \(`dtype=`"):
         tc.self_influence(model, ckpts, train, loss_fn=CE, dtype=torch.float32)
+    # a boolean input the model casts itself (`x.float()`) was blamed, `x.float()` advised, which fails alike
+    casts = nn.Sequential(Cast(torch.float32), nn.Linear(4, 3)).eval()
+    flags = (torch.randn(5, 4) > 0, train[1])
+    with pytest.raises(RuntimeError, match=r"cannot be scored: .*the model makes a tensor of another dtype itself"):
+        tc.self_influence(casts, [tc.Checkpoint(dict(casts.state_dict()), 0.1)], flags, loss_fn=CE, dtype=torch.float64)
 
 
 def test_a_pure_functions_params_must_be_a_flat_dict_and_calls_are_never_transformed():

@@ -9,7 +9,6 @@ take the test gradient norms once, with the test representations, and the traini
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -47,7 +46,7 @@ from ._projection import blocks_kept
 from ._representations import Representation
 from ._setup import Setup, auto_batch_size, even_batches
 from ._updates import Updates, renormalising
-from ._validate import cause_of, refusal
+from ._validate import cause_of, floating_dtypes_met, refusal
 
 
 def batches(
@@ -294,7 +293,7 @@ def naming_failures(
                     message += f". {_GRADIENT_IN_THE_LOSS}"
                 elif narrow := _narrow_integer_target(str(cause), example):
                     message += f". {narrow}"
-                elif _floating_dtypes_met(str(cause)):
+                elif floating_dtypes_met(str(cause)):
                     message += (
                         f". The call computes in {setup.dtype} (`dtype=`: parameters and inputs converted), and the "
                         f"model makes a tensor of another dtype itself (a mask, a `.float()` / `.double()` cast): pass "
@@ -383,13 +382,6 @@ def _narrow_integer_target(error: str, example: Any) -> str | None:
         f"Its {name} {target.dtype}: class indices are `{held}.long()`, probabilities and binary targets "
         f"`{held}.float()`"
     )
-
-
-def _floating_dtypes_met(error: str) -> bool:
-    """Whether torch's ``error`` says tensors of two floating dtypes met ("must have the same dtype, but got Double
-    and Float"; not "expected scalar type Long but found Float", a target's)."""
-    named = {word.lower() for word in re.findall(r"(?i)\b(double|float|half|bfloat16)\b", error)}
-    return "dtype" in error.lower() and len(named) >= 2
 
 
 # torch's BatchNorm over a batch of one example of one value per channel

@@ -31,7 +31,7 @@ from ._grads import INFERENCE_FORWARD, Tensors, batch_of_one, example_at
 from ._loss import CriterionLoss, ExampleLossFn, floating_leaves, naming_a_dropped_batch
 from ._loss_dtype import CAST_FROM, refuse_held_dtype
 from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, left_by_run, own_attributes
-from ._validate import refusal
+from ._validate import floating_dtypes_met, refusal
 
 
 def _storage(t: torch.Tensor) -> int | None:
@@ -755,7 +755,7 @@ def _explain_dtype(err: Exception, example: Any, state: Tensors, where: str) -> 
             f"`{where}` input {i} is {dtype}, which an nn.Embedding does not take as token ids ({cause}). Convert it "
             f"with `x.long()`."
         ) from err
-    if integer and floating:
+    if integer and floating and not floating_dtypes_met(message):  # (two floating dtypes: a cast the model makes)
         i, dtype = integer[0]
         raise TypeError(
             f"`{where}` input {i} is {dtype} but the model computes in {sorted(map(str, floating))[0]}, and the "

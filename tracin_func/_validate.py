@@ -59,6 +59,13 @@ def boolean(value: Any, name: str) -> bool:
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+def floating_dtypes_met(error: str) -> bool:
+    """Whether torch's ``error`` says tensors of two floating dtypes met ("must have the same dtype, but got Double
+    and Float"; not "expected scalar type Long but found Float", a target's)."""
+    named = {word.lower() for word in re.findall(r"(?i)\b(double|float|half|bfloat16)\b", error)}
+    return "dtype" in error.lower() and len(named) >= 2
+
+
 def refusal(err: BaseException) -> bool:
     """Whether ``err`` is a refusal of ours: its message starts with the argument's name in backticks and this
     package raised it (torch's may start so too: "`lengths` array must be sorted ...", a model's packing failing)."""
