@@ -1208,6 +1208,37 @@ class CastsToDouble(nn.Module):
         return self.head(torch.tanh(self.body(x)).double())
 
 
+class KeywordMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x, *, mask=None):
+        return self.lin(x if mask is None else x * mask)
+
+
+def test_a_batch_the_forward_cannot_take_positionally_names_the_dict_batch_fix():
+    """A model taking its mask by keyword, given `(x, mask, y)` with a criterion (or a `collate_fn`'s metadata third):
+    torch's bare "takes 2 positional arguments but 3 were given" (a review helper's). The message says how a
+    criterion's batch is given and names the fix, a dict batch with a `tc.BatchLoss`, which scores it exactly."""
+    torch.manual_seed(0)
+    model = KeywordMask().double().eval()
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), 0.1)]
+    x, mask, y = torch.randn(5, 4, dtype=torch.float64), (torch.rand(5, 4) > 0.3).double(), torch.randint(0, 3, (5,))
+    with pytest.raises(TypeError, match=r"3 were given\. A criterion's batch .* positionally: .* a dict batch and a "
+                                        r"`tc\.BatchLoss`"):  # fmt: skip
+        tc.self_influence(model, ckpts, (x, mask, y), loss_fn=CE)
+
+    def losses(params, batch):
+        logits = functional_call(model, params, (batch["x"],), {"mask": batch["mask"]})
+        return nn.functional.cross_entropy(logits, batch["y"], reduction="none")
+
+    per_example = tc.ExampleLoss(lambda params, batch: losses(params, batch).sum())
+    ref = reference_scores(model, ckpts, {"x": x, "mask": mask, "y": y}, loss_fn=per_example)
+    got = tc.self_influence(model, ckpts, {"x": x, "mask": mask, "y": y}, loss_fn=tc.BatchLoss(losses))
+    assert_close(got, ref.self_influence)
+
+
 class Cast(nn.Module):
     def __init__(self, dtype):
         super().__init__()

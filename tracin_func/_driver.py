@@ -40,7 +40,7 @@ from ._data import (
 )
 from ._distributed import Ranks
 from ._grads import refuse_recomputed, scalar_loss
-from ._loss import ExampleLossFn
+from ._loss import CriterionLoss, ExampleLossFn
 from ._plan import Plan, checked_forward, plan_call
 from ._projection import blocks_kept
 from ._representations import Representation
@@ -291,6 +291,8 @@ def naming_failures(
                     message += f". {_ONE_VALUE_PER_CHANNEL}"
                 elif "does not require grad and does not have a grad_fn" in str(cause):
                     message += f". {_GRADIENT_IN_THE_LOSS}"
+                elif isinstance(loss, CriterionLoss) and "positional argument" in str(cause):
+                    message += f". {_POSITIONAL_INPUTS}"
                 elif narrow := _narrow_integer_target(str(cause), example):
                     message += f". {narrow}"
                 elif floating_dtypes_met(str(cause)):
@@ -398,6 +400,13 @@ _GRADIENT_IN_THE_LOSS = (
     "does (the gradients scored are taken by the library); and one with respect to an input (a PINN's coordinates) "
     "of that input made a leaf there, `x = batch[0].detach().requires_grad_()`: inputs are given as values, without "
     "`requires_grad`"
+)
+
+# a criterion's batch handed to a forward of other arguments
+_POSITIONAL_INPUTS = (
+    "A criterion's batch `(x1, ..., xk, y)` gives the model every element but the last, positionally: inputs it "
+    "takes by keyword (`mask=`) need a dict batch and a `tc.BatchLoss` / `tc.ExampleLoss` calling it, and values no "
+    "input takes (metadata) must be left out of the batch (by the `collate_fn`)"
 )
 
 # a recurrent layer the library does not unroll (a subclass, `proj_size`), on a GPU
