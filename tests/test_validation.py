@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import re
@@ -338,6 +339,32 @@ def test_non_tensor_element_in_single_batch():
         TypeError, match=r"every element of a batch must be a tensor with a leading batch dimension, got .*'list'"
     ):
         tc.influence(model, ckpts, (x, y.tolist()), (x, y), loss_fn=CE)
+    # a value nested in a dict of the batch is named where it sits (the dict was named, holding tensors too)
+    names = (x, y, {"index": torch.arange(6), "names": list("abcdef")})
+    loss = tc.ExampleLoss(lambda p, b: CE(functional_call(model, p, (b[0],)), b[1]))
+    with pytest.raises(TypeError, match=r"'dict'\] \(the first not one: `batch\[2\]\['names'\]\[0\]`, a str\)"):
+        tc.self_influence(model, ckpts, names, loss_fn=loss)
+
+
+@dataclasses.dataclass
+class HeldBatch:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def test_a_batch_held_by_an_object_names_passing_its_tensors_as_a_dict():
+    """A dataclass batch (or a list of them) was refused as "got HeldBatch" with no way named (a review helper's):
+    the message names passing its tensors as a dict, which is scored exactly."""
+    model, ckpts, (x, y) = _setup()
+    as_dict = r"pass them as a dict \(`dataclasses.asdict\(batch\)`, `vars\(batch\)`\)"
+    losses = tc.BatchLoss(lambda p, b: nn.functional.cross_entropy(functional_call(model, p, (b["x"],)), b["y"],
+                                                                    reduction="none"))  # fmt: skip
+    for data in (HeldBatch(x, y), [HeldBatch(x, y)]):
+        with pytest.raises(TypeError, match=r"got \[?'?HeldBatch'?\]?\..*" + as_dict):
+            tc.self_influence(model, ckpts, data, loss_fn=losses)
+    ref = reference_scores(model, ckpts, (x, y), loss_fn=CE)
+    assert_close(tc.self_influence(model, ckpts, dataclasses.asdict(HeldBatch(x, y)), loss_fn=losses),
+                 ref.self_influence)  # fmt: skip
 
 
 def test_batch_structures_named_or_read_as_given():

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import optree
@@ -69,10 +70,11 @@ def batch_size_of(batch: Batch, where: str) -> int:
         )
         if any(type(leaf).__module__ == "numpy" for leaf in leaves):
             hint += " Convert numpy arrays with `torch.from_numpy(a)`."
+        hint += _object_hint(leaves)
         shape = "`{'input_ids': ids, 'labels': y}`, each" if isinstance(batch, Mapping) else "`(x, y)` or `(x1, x2, y)`"
         raise TypeError(
-            f"{where}: every element of a batch must be a tensor with a leading batch dimension, got {kinds[:6]}. "
-            f"Pass batches like {shape} with one row per example.{hint}"
+            f"{where}: every element of a batch must be a tensor with a leading batch dimension, got {kinds[:6]}"
+            f"{_first_not_a_row(batch)}. Pass batches like {shape} with one row per example.{hint}"
         )
     odd = next((leaf for leaf in leaves if leaf.device.type == "meta" or leaf.layout != torch.strided), None)
     if odd is not None:  # (torch's raw errors where the batch was cut into examples)
@@ -91,6 +93,28 @@ def batch_size_of(batch: Batch, where: str) -> int:
             f"dimension happened to equal the batch's would be cut into rows, one per example."
         )
     return sizes.pop()
+
+
+def _first_not_a_row(batch: Batch) -> str:
+    """Where the first leaf of ``batch`` that is no tensor of rows sits, when it is nested (a list of strings inside a
+    dict), for the batch's error."""
+    paths, leaves, _ = optree.tree_flatten_with_path(batch, none_is_leaf=True)
+    for path, leaf in zip(paths, leaves):
+        if len(path) > 1 and not (isinstance(leaf, torch.Tensor) and leaf.dim() > 0):
+            return f" (the first not one: `batch{''.join(f'[{step!r}]' for step in path)}`, a {type(leaf).__name__})"
+    return ""
+
+
+def _object_hint(leaves: Sequence[Any]) -> str:
+    """For a batch held by an object (a dataclass, a plain class), which is one leaf: how to pass its tensors."""
+    held = (dataclasses.is_dataclass(x) or hasattr(x, "__dict__") and not callable(x) for x in leaves
+            if not isinstance(x, (torch.Tensor, type)))  # fmt: skip
+    if not any(held):
+        return ""
+    return (
+        " An object holding the batch's tensors (a dataclass) is one value to the library: pass them as a dict "
+        "(`dataclasses.asdict(batch)`, `vars(batch)`), read by key in a `tc.BatchLoss` / `tc.ExampleLoss`."
+    )
 
 
 def check_batch_structure(batch: Batch, where: str, *, needs_target: bool) -> None:
@@ -152,7 +176,7 @@ def iter_batches(data: Any, batch_size: BatchSize, where: str) -> Iterator[Batch
     if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
         raise TypeError(
             f"`{where}` must be a batch `(x1, ..., xk, y)`, a Dataset, a DataLoader or an iterable of batches; "
-            f"got {type(data).__name__}."
+            f"got {type(data).__name__}.{_object_hint([data])}"
         )
     yield from map(as_dict, _collated(iter(data) if repeated is None else repeated.checked(iter(data), where), where))
 
