@@ -9,7 +9,7 @@ import torch
 
 from ._checkpoints import Checkpoint
 from ._context import in_own_context
-from ._data import as_dict, num_examples, replayable
+from ._data import as_dict, known_examples, num_examples, replayable
 from ._distributed import (
     Ranks,
     agree,
@@ -220,7 +220,7 @@ def influence(
             _check_index_call(normalized, per_layer)
         tested = as_dict(test)
         check_whole(tested, "`test`", options.get("distributed"))
-        return normalized, as_dict(train), tested, num_examples(tested)
+        return normalized, as_dict(train), tested, known_examples(tested)
 
     normalize, train, test, n_test = checked_on_every_rank(options.get("distributed"), checked)
     if isinstance(train, Index):
@@ -236,21 +236,28 @@ def influence(
     )
     data, start, by_batch = share(replayable(train), setup.ranks)  # (a one-pass iterator's head: for planning)
     like = torch.empty(0, device=setup.device, dtype=setup.dtype)
-    n_train = None if per_layer else num_examples(train)  # (known: each chunk's scores written into place)
+    n_train = known_examples(train)  # (known: each chunk's scores written into place, the chunks into one result)
+    whole = n_train and n_test and not aggregate
+    counted = "train" if setup.ranks is None else None  # (one process writes every column)
 
-    def local() -> list[Any]:  # per chunk of test examples, this rank's scores (or score blocks)
+    def local() -> list[Any]:  # per chunk of test examples, this rank's scores (or score blocks); or all in one
         with exclusive_use(setup.spec):
             chunks = query_chunks(
                 setup, test, aggregate=aggregate, normalize=normalize, budget=setup.test_budget, train=data,
                 train_start=start,
             )
-            scored, first = [], []  # (the training data's first batch: each chunk's pass must read it alike)
+            scored, first, out, row = [], [], None, 0  # (first: the training data's first batch, read alike by each)
             for q in chunks:
                 b = score_blocks(setup, q, data, "influence", start=start, ranks=by_batch, per_layer=per_layer,
                                  first=first)  # fmt: skip
-                scored.append(laid_out(b, 1 if q.sum_rows else q.rows, n_train, like) if n_train else list(b))
+                if whole:
+                    out = laid_out(b, n_test, n_train, like, into=out, at=row, where=counted)
+                    row += q.rows
+                else:
+                    rows = 1 if q.sum_rows else q.rows
+                    scored.append(laid_out(b, rows, n_train, like, where=counted) if n_train else list(b))
                 q = b = None  # let go before the next chunk is represented (it was held beside it: 2x the bound)
-            return scored
+            return [out] if whole else scored
 
     parts = _read_alike_on_every_rank(setup.ranks, by_batch, local)
     rows = [summed(p, setup.ranks) if n_train else join(p, 1, setup.ranks, like) for p in parts]
@@ -645,7 +652,7 @@ def embeddings(
     def local() -> torch.Tensor | list[tuple[int, torch.Tensor]]:
         with exclusive_use(setup.spec):
             blocks = embedding_blocks(setup, mine, start=start, ranks=by_batch)
-            return list(blocks) if setup.ranks is not None else collect_rows(blocks, num_examples(mine))
+            return list(blocks) if setup.ranks is not None else collect_rows(blocks, known_examples(mine))
 
     rows = _read_alike_on_every_rank(setup.ranks, by_batch, local)
     if setup.ranks is not None:

@@ -19,6 +19,7 @@ from torch.utils.data import (
     SubsetRandomSampler,
     TensorDataset,
     WeightedRandomSampler,
+    default_collate,
 )
 
 Batch = Any  # a tuple (x1, ..., xk, y) of tensors, or a dict / pytree of tensors with a leading batch dim
@@ -453,6 +454,33 @@ def num_examples(data: Any) -> int | None:
     if _map_style(data):
         return _sized(data)
     return None
+
+
+def known_examples(data: Any) -> int | None:
+    """Number of examples in ``data`` where known for certain before reading it: a single batch or a sized Dataset
+    (``num_examples``), a list or tuple of batches (their rows), a DataLoader batching a sized Dataset in order with
+    torch's own collation (one row per item). Results then take their place as they come (no second copy)."""
+    n = num_examples(data)
+    if n is not None:
+        return n
+    if isinstance(data, (list, tuple)):
+        try:
+            return sum(batch_size_of(as_dict(batch), "") for batch in data)
+        except (TypeError, ValueError):  # (named where the batch is read)
+            return None
+    torch_batching = isinstance(data, DataLoader) and data.batch_size is not None and not data.drop_last
+    if torch_batching and data.collate_fn is default_collate and type(data.sampler) is SequentialSampler:
+        return _sized(data.dataset) if _map_style(data.dataset) else None
+    return None
+
+
+def check_counted(written: int, n: int, where: str) -> None:
+    """Raise where data counted as ``n`` examples before it was read (``known_examples``) gave ``written``."""
+    if written != n:
+        raise ValueError(
+            f"`{where}` gave {written} examples but was counted as {n} before it was read (a DataLoader's by its "
+            f"dataset's `__len__`): make `__len__` the number of examples it yields."
+        )
 
 
 COMPLEX = {torch.float64: torch.complex128, torch.float32: torch.complex64}  # complex tensors follow ``dtype=``

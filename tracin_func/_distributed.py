@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ._data import Repeated, loader_samplers, num_examples, rows_of
+from ._data import Repeated, check_counted, loader_samplers, num_examples, rows_of
 from ._topk import TopK, first_k
 
 T = TypeVar("T")
@@ -264,19 +264,44 @@ def _length(block: Any, dim: int) -> int:
     return next(iter(block.values())).shape[dim] if isinstance(block, dict) else block.shape[dim]
 
 
-def laid_out(blocks: Iterable[tuple[int, torch.Tensor]], rows: int, n: int, like: torch.Tensor) -> torch.Tensor:
-    """``[rows, n]`` holding each ``(offset, [rows, b])`` block at its columns, written as the blocks come, zeros where
-    none lands (other ranks' columns: ``summed``): the result is held once (its blocks kept, then joined, held it
-    twice: a 400 MB influence matrix peaked at 800 MB). ``like``: the dtype and device of the result."""
-    out = torch.zeros(rows, n, dtype=like.dtype, device=like.device)
+def laid_out(
+    blocks: Iterable[tuple[int, Any]],
+    rows: int,
+    n: int,
+    like: torch.Tensor,
+    *,
+    into: Any = None,
+    at: int = 0,
+    where: str | None = None,
+) -> Any:
+    """``[rows, n]`` holding each ``(offset, [r, b])`` block at its columns (``{name: block}``: a result per name),
+    written as the blocks come, zeros where none lands (other ranks' columns: ``summed``): the result is held once (its
+    blocks kept, then joined, held it twice: a 400 MB influence matrix peaked at 800 MB). ``into``: a result an earlier
+    call made, whose rows from ``at`` on the blocks' are (the chunks of test rows of one call: each chunk's result,
+    then all joined, held it twice too). ``where``: the data of the ``n`` columns, counted before they were read, each
+    of which must be written (one process). ``like``: the dtype and device of the result."""
+    out, written = into, 0
     for offset, block in blocks:
-        out.narrow(1, offset, block.shape[1]).copy_(block)
-    return out
+        if out is None:
+            zeros = lambda: torch.zeros(rows, n, dtype=like.dtype, device=like.device)  # noqa: E731
+            out = {name: zeros() for name in block} if isinstance(block, dict) else zeros()
+        for name, part in block.items() if isinstance(block, dict) else [(None, block)]:
+            target = out if name is None else out[name]
+            target.narrow(0, at, part.shape[0]).narrow(1, offset, part.shape[1]).copy_(part)
+        written += part.shape[1]
+    if where is not None:
+        check_counted(written, n, where)
+    return out if out is not None else torch.zeros(rows, n, dtype=like.dtype, device=like.device)
 
 
-def summed(t: torch.Tensor, ranks: Ranks | None) -> torch.Tensor:
-    """``t`` summed over the ranks (``laid_out`` results, each rank's columns), or ``t`` in one process."""
-    return t if ranks is None else sum_over_ranks(t, ranks)
+def summed(t: Any, ranks: Ranks | None) -> Any:
+    """``t`` summed over the ranks (``laid_out`` results, each rank's columns; a dict of them, each), or ``t`` in one
+    process."""
+    if ranks is None:
+        return t
+    if isinstance(t, dict):
+        return {name: sum_over_ranks(v, ranks) for name, v in t.items()}
+    return sum_over_ranks(t, ranks)
 
 
 def join(

@@ -24,6 +24,7 @@ from ._data import (
     BatchSize,
     batch_size_of,
     check_batch_structure,
+    check_counted,
     count_batches,
     extreme_rows,
     is_single_batch,
@@ -776,10 +777,13 @@ def embedding_blocks(
         yield offset, torch.cat([rows for rows, _ in parts], dim=1)
 
 
-def collect_rows(blocks: Iterable[tuple[int, torch.Tensor]], n: int | None, start: int = 0) -> torch.Tensor | None:
+def collect_rows(
+    blocks: Iterable[tuple[int, torch.Tensor]], n: int | None, start: int = 0, where: str = "data"
+) -> torch.Tensor | None:
     """The blocks' rows in one tensor (None when there are none): written into place when the number of rows
-    ``n`` is known (no second copy), concatenated otherwise. Offsets count from ``start``."""
-    out, parts = None, []
+    ``n`` is known (no second copy), each of them (``where``: the data they are of, counted before it was read),
+    concatenated otherwise. Offsets count from ``start``."""
+    out, parts, written = None, [], 0
     for offset, block in blocks:
         if n is None:
             parts.append(block)
@@ -787,4 +791,8 @@ def collect_rows(blocks: Iterable[tuple[int, torch.Tensor]], n: int | None, star
         if out is None:
             out = block.new_empty(n, *block.shape[1:])
         out[offset - start : offset - start + block.shape[0]] = block
-    return out if n is not None else torch.cat(parts) if parts else None
+        written += block.shape[0]
+    if n is None:
+        return torch.cat(parts) if parts else None
+    check_counted(written, n, where)
+    return out
