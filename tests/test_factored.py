@@ -1402,6 +1402,8 @@ def test_positions_projected_once_and_tiled_over_the_batch_are_followed(way):
     explained = _exact_and_explained(model, train, test)
     if way == "head_major":  # (the first examples' factors, alone and together, differ: refused)
         assert explained.batching.startswith("vmap(grad) over examples: a batched forward changed the first examples'")
+        sited = [r for r in explained.routes if r.route in ("factored", "materialised")]  # (their factors by vmap too)
+        assert sited and all(r.reason.endswith("; its factors by vmap(grad) over examples") for r in sited), sited
         return
     assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
     assert all(r.route in ("factored", "materialised") for r in explained.routes), explained.routes

@@ -166,6 +166,8 @@ def explain(
         reason = plan.reasons[name]
         if looped and route != "vmap":  # (a site's reason says how its factors would be used; they come from each
             reason = f"{reason}; its factors from each example alone"  # example's own run here)
+        elif not plan.batched and route in ("factored", "materialised"):  # (the header says vmap(grad): the table did
+            reason = f"{reason}; its factors by vmap(grad) over examples"  # not, a review helper's)
         route = "loop" if looped else route
         if adam and route == "factored":  # (``_adam``: the update has no factored form)
             route, reason = "materialised", f"{reason}; formed from factors for the Adam checkpoints' updates"
