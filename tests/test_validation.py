@@ -1291,6 +1291,23 @@ def test_a_dtype_the_model_makes_itself_meeting_the_calls_is_named():
         tc.self_influence(casts, [tc.Checkpoint(dict(casts.state_dict()), 0.1)], flags, loss_fn=CE, dtype=torch.float64)
 
 
+def test_an_op_of_one_dtype_under_dtype_float64_is_named():
+    """A quantization-aware model (fake-quant ops: float32 only) under ``dtype=torch.float64`` failed with torch's
+    "expected scalar type Float but found Double", blamed on example 0 alone (a review helper's): the message names an
+    op of one dtype and the fix, the dtype the model computes in."""
+    import torch.ao.quantization as quant
+
+    torch.manual_seed(0)
+    model = nn.Sequential(quant.QuantStub(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3), quant.DeQuantStub()).train()
+    model.qconfig = quant.get_default_qat_qconfig("x86")
+    quant.prepare_qat(model, inplace=True)
+    model(torch.randn(16, 4))  # (calibrated, then frozen)
+    model.eval().apply(quant.disable_observer)
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    with pytest.raises(RuntimeError, match=r"found Double\. The call computes in torch.float64 .* takes one dtype only"):
+        tc.self_influence(model, ckpts, (torch.randn(5, 4), torch.randint(3, (5,))), loss_fn=CE, dtype=torch.float64)
+
+
 def test_a_pure_functions_params_must_be_a_flat_dict_and_calls_are_never_transformed():
     """Nested params crashed (`'dict' object has no attribute 'is_floating_point'`, `'tuple' object has no attribute
     'items'`); a call inside `torch.func.grad` blamed a test example for "Cannot access storage of TensorWrapper"."""

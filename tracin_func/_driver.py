@@ -299,8 +299,9 @@ def naming_failures(
                 elif floating_dtypes_met(str(cause)):
                     message += (
                         f". The call computes in {setup.dtype} (`dtype=`: parameters and inputs converted), and the "
-                        f"model makes a tensor of another dtype itself (a mask, a `.float()` / `.double()` cast): pass "
-                        f"the dtype the model computes in, or have it follow its input's"
+                        f"model makes a tensor of another dtype itself (a mask, a `.float()` / `.double()` cast) "
+                        f"or runs an op that takes one dtype only (quantization's fake-quant: float32): pass the "
+                        f"dtype the model computes in, or have it follow its input's"
                     )
                 try:
                     named = type(cause)(message)
