@@ -1304,8 +1304,9 @@ def test_an_op_of_one_dtype_under_dtype_float64_is_named():
     model(torch.randn(16, 4))  # (calibrated, then frozen)
     model.eval().apply(quant.disable_observer)
     ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    data = (torch.randn(5, 4), torch.randint(3, (5,)))
     with pytest.raises(RuntimeError, match=r"found Double\. The call computes in torch.float64 .* takes one dtype only"):
-        tc.self_influence(model, ckpts, (torch.randn(5, 4), torch.randint(3, (5,))), loss_fn=CE, dtype=torch.float64)
+        tc.self_influence(model, ckpts, data, loss_fn=CE, dtype=torch.float64)
 
 
 def test_a_pure_functions_params_must_be_a_flat_dict_and_calls_are_never_transformed():
