@@ -978,24 +978,27 @@ def test_3c2_a_function_writing_into_a_module_it_calls_is_refused_untouched():
 
 class LayerDrop(nn.Module):
     """Draws a random number in every forward pass and reads it in training only, as transformers 5.17's wav2vec2
-    encoder does for its layer drop (``reads``: in eval mode too)."""
+    encoder does for its layer drop (``reads``: in eval mode too; ``in_place``: into a tensor it made)."""
 
-    def __init__(self, reads: bool = False):
+    def __init__(self, reads: bool = False, in_place: bool = False):
         super().__init__()
-        self.lin, self.head, self.reads = nn.Linear(4, 6), nn.Linear(6, 3), reads
+        self.lin, self.head, self.reads, self.in_place = nn.Linear(4, 6), nn.Linear(6, 3), reads, in_place
 
     def forward(self, x):
-        drop = torch.rand([])
+        drop = torch.empty([]).uniform_() if self.in_place else torch.rand([])
         if (self.reads or self.training) and drop < 0.1:
             return self.head(torch.zeros_like(self.lin(x)))
         return self.head(torch.tanh(self.lin(x)))
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["drawn", "in_place"])
 @pytest.mark.parametrize("factored", [None, False], ids=["default", "unfactored"])
-def test_3c_random_numbers_never_read_do_not_refuse_the_model(factored):
+def test_3c_random_numbers_never_read_do_not_refuse_the_model(factored, in_place):
     """A random number drawn and never read cannot change a score: the model is scored (batched, and under vmap with
-    ``factored=False``), exactly; one that is read is refused, naming the module that drew it."""
-    model = LayerDrop().to(F64).eval()
+    ``factored=False``), exactly; one that is read is refused, naming the module that drew it. Drawn in place into a
+    tensor the forward made (``torch.empty([]).uniform_()``) it was refused as drawn into one that exists (a review
+    helper's)."""
+    model = LayerDrop(in_place=in_place).to(F64).eval()
     ckpts = make_ckpts(model)
     train, test = data(4, n=6, seed=1), data(4, n=3, seed=2)
     ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
@@ -1003,8 +1006,9 @@ def test_3c_random_numbers_never_read_do_not_refuse_the_model(factored):
         warnings.simplefilter("error")  # no loop fallback either
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored), ref.influence)
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored), ref.self_influence)
-    reads = LayerDrop(reads=True).to(F64).eval()
-    drew = r"'\(root\)' \(LayerDrop\) draws random numbers \(aten.rand.default\) that are read"
+    reads = LayerDrop(reads=True, in_place=in_place).to(F64).eval()
+    op = "aten.uniform_.default" if in_place else "aten.rand.default"
+    drew = rf"'\(root\)' \(LayerDrop\) draws random numbers \({op}\) that are read"
     rng = torch.get_rng_state()
     with pytest.raises(ValueError, match=drew + ".* pass them in each example of the data"):
         tc.influence(reads, make_ckpts(reads), train, test, loss_fn=CE, factored=factored)

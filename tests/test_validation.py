@@ -360,8 +360,9 @@ def test_a_batch_held_by_an_object_names_passing_its_tensors_as_a_dict():
     losses = tc.BatchLoss(lambda p, b: nn.functional.cross_entropy(functional_call(model, p, (b["x"],)), b["y"],
                                                                     reduction="none"))  # fmt: skip
     for data in (HeldBatch(x, y), [HeldBatch(x, y)]):
-        with pytest.raises(TypeError, match=r"got \[?'?HeldBatch'?\]?\..*" + as_dict):
-            tc.self_influence(model, ckpts, data, loss_fn=losses)
+        for loss_fn in (losses, CE):  # (a criterion's batch structure is checked first)
+            with pytest.raises(TypeError, match=r"got \[?'?HeldBatch'?\]?\..*" + as_dict):
+                tc.self_influence(model, ckpts, data, loss_fn=loss_fn)
     ref = reference_scores(model, ckpts, (x, y), loss_fn=CE)
     assert_close(tc.self_influence(model, ckpts, dataclasses.asdict(HeldBatch(x, y)), loss_fn=losses),
                  ref.self_influence)  # fmt: skip

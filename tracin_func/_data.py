@@ -128,7 +128,8 @@ def check_batch_structure(batch: Batch, where: str, *, needs_target: bool) -> No
             f"`tc.ExampleLoss(lambda params, batch: ...)`, or pass tuples `(x1, ..., xk, y)`."
         )
     if not isinstance(batch, (tuple, list)):
-        raise TypeError(f"{where}: expected a batch `(x1, ..., xk, y)`, got {type(batch).__name__}.")
+        hint = _object_hint([batch])
+        raise TypeError(f"{where}: expected a batch `(x1, ..., xk, y)`, got {type(batch).__name__}.{hint}")
     if len(batch) < 2:
         raise ValueError(
             f"{where}: a batch of {len(batch)} element has no target; pass `(x1, ..., xk, y)` with the target last "

@@ -98,6 +98,11 @@ _PASS_DRAWN = (
 )
 
 
+def _listed(value: Any) -> list[Any]:
+    """An op's argument as a list of its values (``cat``'s tensors, or one)."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _drawn_privately(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any], values: Mapping[str, Any]) -> Any:
     """A random op of the dry run, drawn from a generator of its own where the op takes one: its numbers are never
     used (a read of them is refused), and a call refused for reading them left torch's global generator (or the
@@ -171,11 +176,11 @@ class _Watch(TorchDispatchMode):
         if seeded or writes:
             values = _bound(func, args, kwargs)
             draws = seeded and _draws_random(values)
-            if draws and (writes or not _makes_tensors(func)):  # random numbers into a tensor that exists
+            if draws and (writes or not _makes_tensors(func)) and not self._into_fresh(writes, values):
                 self._refuse(f"draws random numbers ({func}), so its scores would be random", self._drawer(), True)
             for name in writes if _writes(func, values) else ():
                 written = values.get(name)
-                for t in written if isinstance(written, (list, tuple)) else [written]:
+                for t in _listed(written):
                     target = self.protected.get(_storage(t)) if isinstance(t, torch.Tensor) else None
                     if target is not None and func is torch.ops.aten.embedding_renorm_.default:
                         raise ValueError(
@@ -232,6 +237,13 @@ class _Watch(TorchDispatchMode):
     def _made(self, t: torch.Tensor) -> bool:
         ref = self.made.get(id(t))
         return ref is not None and ref() is t
+
+    def _into_fresh(self, writes: tuple[str, ...], values: Mapping[str, Any]) -> bool:
+        """Whether an op drawing random numbers in place draws them into tensors this run made (a layer drop's
+        ``torch.empty(()).uniform_()``): drawn as out of place, refused where read (into a tensor that exists, the
+        model's or the example's, it is refused at once: refused as read until 2026-12-07)."""
+        written = [t for name in writes for t in _listed(values.get(name))]
+        return bool(written) and all(isinstance(t, torch.Tensor) and self._made(t) for t in written)
 
     def refuse_kept(self, state: Tensors, root: nn.Module | None, before: Collection[int] = ()) -> None:
         """Raise when the forward computed with a tensor the model keeps (a layer's attribute or buffer, or else
