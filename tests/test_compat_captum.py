@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 
@@ -629,6 +630,30 @@ def test_a_loader_writing_into_another_model_is_refused(single, write):
     with pytest.raises(ValueError, match=r"`checkpoints_load_func` loaded checkpoint .*checkpoint-reg-\d.pt' into "
                                          r"`model` \(a closure's, say\), not into the model it was given"):  # fmt: skip
         compat.TracInCP(own, train, directory, into_own, loss_fn=nn.MSELoss(reduction="none"), batch_size=8)
+
+
+def test_checkpoints_scored_twice_are_refused_or_warned(single, tmp_path):
+    """A directory with a copy of a checkpoint (a `latest` link, Lightning's `last.ckpt`) was scored with that state
+    twice (10.7% off, silently; as Captum does), though `tc.load_checkpoints` refuses it; live `model.state_dict()`s
+    kept in memory were copied by the loads, so the scorers' warning never saw them; and the default loader given
+    checkpoints in memory raised `os.fspath`'s bare TypeError (a review helper's three)."""
+    net, train, test, directory = single
+    loss = nn.MSELoss(reduction="none")
+    paths = [os.path.join(directory, f"checkpoint-reg-{i}.pt") for i in (1, 2)]
+    copied = shutil.copy(paths[1], tmp_path)  # (a copy by the same name: `load_with_lr` takes its lr by the name)
+    with pytest.raises(ValueError, match=r"`checkpoints`: .* holds the same tensors as .*checkpoint-reg-2.pt'"):
+        compat.TracInCP(net, train, [*paths, copied], load_with_lr, loss_fn=loss)
+    live = dict(net.state_dict())  # (the same tensors twice, as a training loop keeping `model.state_dict()` gives)
+
+    def load(model, state):
+        model.load_state_dict(state)
+        return 0.1
+
+    with pytest.warns(UserWarning, match=r"`checkpoints\[0\]` and `checkpoints\[1\]` load the same state"):
+        compat.TracInCP(net, train, [live, live], load, loss_fn=loss)
+    with pytest.raises(TypeError, match=r"`checkpoints`: the default `checkpoints_load_func` reads checkpoint files, "
+                                        r"got a dict; .* with a `checkpoints_load_func`"):  # fmt: skip
+        compat.TracInCP(net, train, [live], loss_fn=loss)
 
 
 def test_checkpoint_order(single):

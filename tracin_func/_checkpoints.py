@@ -333,7 +333,7 @@ def load_checkpoints(
             )
         check_lr(ckpt_lr, repr(path))
         checkpoints.append(Checkpoint(params=state, lr=ckpt_lr, optimizer_state=optimizer))
-    _refuse_copies(paths, checkpoints)
+    refuse_copies(paths, checkpoints)
     return checkpoints
 
 
@@ -347,25 +347,34 @@ def _lightning_optimizer(obj: dict[str, Any]) -> Mapping[str, Any] | None:
     return states[0]
 
 
-def _refuse_copies(paths: Sequence[str], checkpoints: Sequence[Checkpoint]) -> None:
+def refuse_copies(paths: Sequence[str], checkpoints: Sequence[Checkpoint], argument: str = "source") -> None:
     """Refuse two files holding the same tensors (a link to another, Lightning's ``last.ckpt``): each would count
-    in the sum, that state twice (a ``latest`` link in a directory: 12.5% off, silently). Compared by a few entries
-    of each tensor first, then whole."""
+    in the sum, that state twice (a ``latest`` link in a directory: 12.5% off, silently)."""
+    copied = first_copy(checkpoints)
+    if copied is not None:
+        i, j = copied
+        raise ValueError(
+            f"`{argument}`: {paths[j]!r} holds the same tensors as {paths[i]!r} (a copy of it or a link to it, "
+            f"like a `latest` link or Lightning's `last.ckpt`): scored twice, that state would count double. Pass "
+            f"the list of files to score, without the copy."
+        )
+
+
+def first_copy(checkpoints: Sequence[Checkpoint]) -> tuple[int, int] | None:
+    """``(i, j)``: the first two checkpoints holding equal tensors under every name, else None. Compared by a few
+    entries of each tensor first, then whole."""
     named = [sorted(c.params.items()) for c in checkpoints]
     if any(t.is_meta for items in named for _, t in items):  # (`map_location="meta"`: no values)
-        return
+        return None
     tensors = [[t for _, t in items] for items in named]
-    seen: dict[str, list[int]] = {}  # by names, shapes, dtypes and first entries: the earlier files
+    seen: dict[str, list[int]] = {}  # by names, shapes, dtypes and first entries: the earlier checkpoints
     for j, items in enumerate(named):
         key = str([(n, tuple(t.shape), t.dtype, _entries(t)[:8].tolist()) for n, t in items])
         i = next((i for i in seen.get(key, []) if all(map(same_values, tensors[i], tensors[j]))), None)
         seen.setdefault(key, []).append(j)
         if i is not None:
-            raise ValueError(
-                f"`source`: {paths[j]!r} holds the same tensors as {paths[i]!r} (a copy of it or a link to it, like "
-                f"a `latest` link or Lightning's `last.ckpt`): scored twice, that state would count double. Pass "
-                f"the list of files to score, without the copy."
-            )
+            return i, j
+    return None
 
 
 def _adam_like(optimizer: Mapping[str, Any] | None) -> bool:

@@ -60,10 +60,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import tracin_func as tc
 
-from .._checkpoints import _read_file, check_lr, checkpoint_files, split_state_and_lr
+from .._checkpoints import _read_file, check_lr, checkpoint_files, first_copy, refuse_copies, split_state_and_lr
 from .._data import batch_size_of, check_stable_order, same_values, sequential_loader
 from .._setup import _default_device
 from .._validate import positive_int, seed_value
+from .._warn import warn
 
 __all__ = [
     "KMostInfluentialResults",
@@ -111,6 +112,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> float:
         beside the model is not read, as Captum scores plain gradients: ``tc.load_checkpoints`` takes its learning
         rate, and for Adam its moments (Adam-aware scores), so the two differ on such files.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"`checkpoints`: the default `checkpoints_load_func` reads checkpoint files, got a {type(path).__name__}; "
+            f"pass files (a directory or paths), or checkpoints in memory with a `checkpoints_load_func` loading one "
+            f"into the model it is given and returning its learning rate (`model.load_state_dict(state); return lr`)."
+        )
     path = os.fspath(path)
     device = _default_device(model, tc.Checkpoint(params={}))  # the model's device; CPU if it holds no tensor
     state, lr = split_state_and_lr(_read_file(path, map_location=device, weights_only=True), repr(path))
@@ -176,6 +183,17 @@ def _load_all(model: nn.Module, sources: Sequence[Any], load_func: LoadFunc) -> 
             )
         state = {k: v.detach().clone() for k, v in _unwrapped(shadow).state_dict().items()}
         checkpoints.append(tc.Checkpoint(params=state, lr=lr))
+    if all(isinstance(source, (str, os.PathLike)) for source in sources):  # (as `tc.load_checkpoints` refuses them)
+        refuse_copies([os.fspath(source) for source in sources], checkpoints, "checkpoints")
+    elif (copied := first_copy(checkpoints)) is not None:  # (loaded into a copy: the scorers' check of tensors held
+        i, j = copied  # twice sees copies; Captum scores such a state twice too)
+        warn(
+            f"`checkpoints[{i}]` and `checkpoints[{j}]` load the same state: most likely both are the model's live "
+            f"`state_dict()` (references, which training changes in place), so both score the weights as they are "
+            f"now, not as they were when saved. Keep copies when saving: "
+            f"`{{k: v.detach().clone() for k, v in model.state_dict().items()}}`.",
+            UserWarning,
+        )
     return checkpoints
 
 
