@@ -363,6 +363,42 @@ def test_a_child_named_module_keeps_its_names(tmp_path):
     assert_close(scores, AdamReference(model, ckpts, train, test, params=inner).influence)
 
 
+def test_optimizer_names_one_prefix_away_from_the_models_are_matched(tmp_path):
+    """An optimizer built from `named_parameters()` of a model whose only child is `module` (its names stripped by
+    `tc.load_checkpoints`, as DDP's, and given back to the state dict when scoring, not to the optimizer's), or of a
+    LightningModule holding the model as `model` (its state dict's `model.` stripped as the refusal advises): refused
+    as naming parameters the model lacks, "built from a submodule" (a review helper's). Names one prefix away from
+    the model's map one to one: matched, scored exactly."""
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = MLP()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.module(x)
+
+    torch.manual_seed(1)
+    wrapper = Wrapper().to(DTYPE)
+    ckpts = train_run(tmp_path, wrapper, "adam", named=True)
+    assert ckpts[0].optimizer_state["param_groups"][0]["param_names"][0] == "fc1.weight"  # (stripped on loading)
+    train, test = _data(wrapper, N_TRAIN, 1), _data(wrapper, N_TEST, 2)
+    renamed = [tc.Checkpoint({f"module.{n}": t for n, t in c.params.items()}, c.lr,
+                             _param_names(c.optimizer_state, "module.{}".format)) for c in ckpts]  # fmt: skip
+    ref = AdamReference(wrapper.eval(), renamed, train, test)
+    assert_close(tc.influence(wrapper, ckpts, train, test, loss_fn=LOSS), ref.influence)
+    inner = wrapper.module  # (the LightningModule's case: the model itself, the optimizer's names prefixed)
+    prefixed = [tc.Checkpoint(c.params, c.lr, _param_names(c.optimizer_state, "model.{}".format)) for c in ckpts]
+    ref = AdamReference(inner, ckpts, train, test)
+    assert_close(tc.influence(inner, prefixed, train, test, loss_fn=LOSS), ref.influence)
+
+
+def _param_names(state, rename):
+    """A copy of an optimizer state with each group's 'param_names' renamed."""
+    return {**state, "param_groups": [{**g, "param_names": [rename(n) for n in g["param_names"]]}
+                                      for g in state["param_groups"]]}  # fmt: skip
+
+
 def test_a_state_keyed_by_names_is_read_by_them():
     """`torch.distributed.checkpoint`'s `get_optimizer_state_dict` (FSDP2, Accelerate) keys the state by parameter
     names: matched by position, an optimizer built in another order read other layers' moments (found by review: 78%

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ._aliasing import warn_aliased_moments
-from ._checkpoints import groups_listed, unprefixed
+from ._checkpoints import WRAPPER_PREFIXES, groups_listed, unprefixed
 from ._representations import Dense, Representation, _rows
 from ._warn import warn
 
@@ -114,6 +114,26 @@ def _unknown_names_fix(unknown: Sequence[str], order: Sequence[str]) -> str:
     return f"; save the optimizer of this model (its parameters: {list(order)[:10]})."
 
 
+def _as_named(names: Sequence[str], order: Sequence[str]) -> list[str]:
+    """The optimizer's parameter ``names`` as the model's (``order``) where they all differ from them by one prefix
+    alone: a wrapper's prefix the model's names carry and the saved ones lack (a model whose only child is named
+    ``module``: ``tc.load_checkpoints`` strips it from files), or a prefix of the saved ones the model's lack (a
+    LightningModule's ``model.``, stripped from the state dict as its refusal advises). Names map one to one: exact.
+    Else ``names``."""
+    known = set(order)
+    if all(n in known for n in names):
+        return list(names)
+    for prefix in WRAPPER_PREFIXES:
+        if all(prefix + n in known for n in names):
+            return [prefix + n for n in names]
+    parts = names[0].split(".")[:-1] if names else []
+    for k in range(1, min(len(parts), 3) + 1):
+        prefix = ".".join(parts[:k]) + "."
+        if all(n.startswith(prefix) and n[len(prefix) :] in known for n in names):
+            return [n[len(prefix) :] for n in names]
+    return list(names)
+
+
 def _ids_to_names(
     groups: Sequence[Mapping[str, Any]],
     order: Sequence[str],
@@ -128,7 +148,8 @@ def _ids_to_names(
     # names as the ids: matched by position, in another order they were other parameters' moments (78% off, silently)
     if _names_saved(groups):
         by_name = all(isinstance(i, str) for i, _ in ids)
-        names = [i for i, _ in ids] if by_name else [n for group in groups for n in group["param_names"]]
+        names = _as_named(([i for i, _ in ids] if by_name else [n for group in groups for n in group["param_names"]]),
+                          order)  # fmt: skip
         unknown = [n for n in names if n not in order]
         if unknown:
             raise ValueError(
@@ -144,8 +165,11 @@ def _ids_to_names(
     if len(groups) > 1:
         raise ValueError(
             f"`optimizer_state` of {where} has {len(groups)} param groups without 'param_names', so its parameter "
-            f"ids cannot be matched to names safely (the groups' order is the training script's). Build the "
-            f"optimizer from `model.named_parameters()` (torch >= 2.6 then saves the names), or use one param group."
+            f"ids cannot be matched to names safely (the groups' order is the training script's: a Hugging Face "
+            f"Trainer's, decayed weights, then biases and norms). Name them in a copy of the state, each group's "
+            f"'param_names' the model's names of its 'params' in order (`state['param_groups'][g]['param_names'] = "
+            f"[...]`, as the training script built the groups), or, training again, build the optimizer from "
+            f"`model.named_parameters()` (torch >= 2.6 then saves the names)."
         )
     for candidate in (order, trainable, scored):
         if len(ids) == len(candidate):
