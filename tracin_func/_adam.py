@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ._aliasing import warn_aliased_moments
-from ._checkpoints import WRAPPER_PREFIXES, groups_listed, unprefixed
+from ._checkpoints import WRAPPER_PREFIXES, groups_listed
 from ._representations import Dense, Representation, _rows
 from ._warn import warn
 
@@ -94,14 +94,7 @@ def _group_of(groups: Sequence[Mapping[str, Any]], index: int, where: str) -> Ma
 
 def _unknown_names_fix(unknown: Sequence[str], order: Sequence[str]) -> str:
     """The end of the message refusing the optimizer's ``unknown`` parameter names: why they may not be the model's
-    (``order``) and the fix."""
-    stripped = unprefixed(unknown)
-    if stripped is not None and set(stripped) <= set(order):
-        return (
-            ": they carry the prefix of a wrapper, DataParallel / DDP's `module.` or torch.compile's `_orig_mod.` (an "
-            "optimizer built from the wrapper's `named_parameters()`). Load the files with `tc.load_checkpoints`, "
-            "which strips it, or strip it from each group's 'param_names' in a copy of the state."
-        )
+    (``order``) and the fix (names one prefix away from the model's are matched: ``_as_named``)."""
     relative = {n: next((o for o in order if o.endswith("." + n)), None) for n in unknown}
     if all(relative.values()):
         short, full = next(iter(relative.items()))
