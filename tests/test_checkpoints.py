@@ -4,6 +4,7 @@ pytree."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import pickle
 import re
@@ -450,9 +451,63 @@ def test_a_directory_of_checkpoint_folders_names_their_models(tmp_path):
         tc.load_checkpoints(str(tmp_path))
     for step in (1000, 200):
         (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
-    first, second = (str(tmp_path / f"checkpoint-{step}" / "model.safetensors") for step in (200, 1000))
+    first, second = (str(tmp_path / f"checkpoint-{step}") for step in (200, 1000))
     with pytest.raises(ValueError, match=re.escape(f"`tc.load_checkpoints({[first, second]}, lr=...)`")):
         tc.load_checkpoints(str(tmp_path))
+
+
+def test_model_folders_are_read_as_their_weights_merging_shards(tmp_path):
+    """A Trainer's `checkpoint-N` folder given in a list was "a file that does not exist"; one saved in shards
+    (`save_pretrained(max_shard_size=...)`: `model.safetensors.index.json`) could only be read shard by shard, each
+    shard a checkpoint of its own, whose missing half `strict=False` took from the model (a review helper's). A folder
+    is read as its model's weights, shards merged by their index; a model folder given as the source is named."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    states = []
+    for step, shards in ((10, 1), (20, 2)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        state = {k: v + step for k, v in model.state_dict().items()}
+        states.append(state)
+        if shards == 1:
+            save_file(state, folder / "model.safetensors")
+            continue
+        names, weight_map = list(state), {}
+        for i, part in enumerate((names[:2], names[2:])):
+            file = f"model-{i + 1:05d}-of-00002.safetensors"
+            save_file({k: state[k] for k in part}, folder / file)
+            weight_map.update(dict.fromkeys(part, file))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    folders = [str(tmp_path / f"checkpoint-{step}") for step in (10, 20)]
+    ckpts = tc.load_checkpoints(folders, lr=0.1)
+    assert [sorted(c.params) for c in ckpts] == [sorted(states[0])] * 2
+    assert all(torch.equal(c.params[k], state[k]) for c, state in zip(ckpts, states) for k in state)
+    index = tc.load_checkpoints([str(tmp_path / "checkpoint-20" / "model.safetensors.index.json")], lr=0.1)
+    assert all(torch.equal(index[0].params[k], states[1][k]) for k in states[1])
+    with pytest.raises(ValueError, match=r"`source` .*checkpoint-20' is one model's folder .*`tc.load_checkpoints\(\["):
+        tc.load_checkpoints(folders[1], lr=0.1)
+
+
+def test_an_averaged_models_state_and_an_optimizers_file_are_named(tmp_path):
+    """torch's `AveragedModel` (EMA, SWA) saves its average under `module.` beside `n_averaged`: its file was refused
+    as not the model's, naming no fix, as was its state in memory; an `optimizer.pt` given as a checkpoint was "a
+    state dict with non-tensor entries" (a review helper's). The file is read as the model's; the others are named."""
+    from torch.optim.swa_utils import AveragedModel
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    averaged = AveragedModel(model)
+    torch.save(averaged.state_dict(), tmp_path / "ema.pt")
+    (ckpt,) = tc.load_checkpoints([tmp_path / "ema.pt"], lr=0.1)
+    assert sorted(ckpt.params) == sorted(model.state_dict())
+    x, y = torch.randn(3, 4), torch.randint(3, (3,))
+    with pytest.raises(ValueError, match=r"`AveragedModel`'s: .* pass `averaged.module.state_dict\(\)`"):
+        tc.self_influence(model, [tc.Checkpoint(averaged.state_dict(), 0.1)], (x, y), loss_fn=nn.CrossEntropyLoss())
+    torch.save(torch.optim.Adam(model.parameters()).state_dict(), tmp_path / "optimizer.pt")
+    with pytest.raises(TypeError, match=r"It is an optimizer's `state_dict\(\)`: .* `optimizer_state`"):
+        tc.load_checkpoints([tmp_path / "optimizer.pt"], lr=0.1)
 
 
 def test_a_name_with_a_digit_int_cannot_read_is_ordered(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -111,6 +112,13 @@ def _natural_key(path: str) -> tuple[list[Any], str]:
 
 
 def _list_directory(directory: str) -> list[str]:
+    model = _model_file(directory)
+    if model is not None and os.path.isfile(os.path.join(directory, "config.json")):  # (read file by file: config.json)
+        raise ValueError(
+            f"`source` {directory!r} is one model's folder (`save_pretrained`'s, a Trainer's checkpoint: "
+            f"{os.path.basename(model)!r}); pass checkpoints as a list, `tc.load_checkpoints([{directory!r}, ...], "
+            f"lr=...)` (a folder: its model's weights), or a directory of checkpoint files."
+        )
     files = checkpoint_files(directory)
     if not files:
         raise ValueError(f"`source` directory {directory!r} contains no checkpoint files{_in_folders(directory)}.")
@@ -118,6 +126,32 @@ def _list_directory(directory: str) -> list[str]:
 
 
 _MODEL_FILES = ("model.safetensors", "pytorch_model.bin")  # a Hugging Face Trainer's ``checkpoint-N`` folders'
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # theirs, saved in shards
+_AVERAGED = "n_averaged"  # torch's ``AveragedModel`` (EMA, SWA): its wrapped model's entries under ``module.``
+
+
+def _model_file(folder: str) -> str | None:
+    """The file of a model folder's weights (``model.safetensors``), or the index of their shards, else None."""
+    return next((p for name in _MODEL_FILES + _INDEXES if os.path.isfile(p := os.path.join(folder, name))), None)
+
+
+def _merged_shards(index: str, *, map_location: Any, weights_only: bool) -> dict[str, Any]:
+    """The tensors of a model saved in shards (``save_pretrained``'s ``max_shard_size``), merged into one state: its
+    index's ``weight_map`` names each tensor's shard file (each shard read alone was a checkpoint of its own, half
+    of the model's entries, and the rest taken from the model with `strict=False`)."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = list(dict.fromkeys(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{index!r} is not the index of a model's shards (its `weight_map`): {err}.") from err
+    folder, merged = os.path.dirname(index), {}
+    for shard in shards:
+        merged.update(_read_file(os.path.join(folder, shard), map_location=map_location, weights_only=weights_only))
+    missing = [name for name in weight_map if name not in merged]
+    if missing:
+        raise ValueError(f"{index!r} lists tensors its shards do not hold: {missing[:5]}; save the model again.")
+    return merged
 
 
 def _in_folders(directory: str) -> str:
@@ -126,17 +160,28 @@ def _in_folders(directory: str) -> str:
     if not folders:
         return ""
     folders.sort(key=_natural_key)
-    models = [next((p for m in _MODEL_FILES if os.path.isfile(p := os.path.join(f, m))), None) for f in folders]
-    if None in models:
+    if any(_model_file(f) is None for f in folders):
         names = [os.path.basename(f) for f in folders]
         return f", only folders ({names[:5]}{' ...' if len(names) > 5 else ''}): pass the files in them, in order"
-    return (f": its folders hold models; pass them in training order, `tc.load_checkpoints({models[:2]}"
-            f"{' + [...]' if len(models) > 2 else ''}, lr=...)`")  # fmt: skip
+    return (f": its folders hold models; pass them in training order, `tc.load_checkpoints({folders[:2]}"
+            f"{' + [...]' if len(folders) > 2 else ''}, lr=...)` (a folder: its model's weights)")  # fmt: skip
 
 
 def _read_file(path: str, *, map_location: Any, weights_only: bool) -> Mapping[str, Any]:
+    """A checkpoint file's contents; a folder's model (a Trainer's ``checkpoint-N``, a ``save_pretrained`` folder:
+    ``_model_file``), its shards merged where it is saved in several (``_merged_shards``)."""
+    if os.path.isdir(path):
+        found = _model_file(path)
+        if found is None:
+            raise FileNotFoundError(
+                f"Checkpoint {path!r} is a folder without a model's weights ({', '.join(_MODEL_FILES + _INDEXES)}); "
+                f"pass its checkpoint file."
+            )
+        path = found
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint file {path!r} does not exist (or is not a file); check the path.")
+    if str(path).endswith(_INDEXES):
+        return _merged_shards(path, map_location=map_location, weights_only=weights_only)
     if str(path).endswith(".safetensors"):
         device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
         try:
@@ -193,10 +238,17 @@ def split_state_and_lr(obj: Mapping[str, Any], where: str) -> tuple[dict[str, to
     state = obj[nested] if nested is not None else {k: v for k, v in obj.items() if k not in lr_keys}
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
+        optimizer = (  # (an `optimizer.pt` beside a Trainer's weights)
+            " It is an optimizer's `state_dict()`: pass the model's weights as the checkpoint and this as its "
+            "`optimizer_state` (`tc.Checkpoint(params, lr, optimizer_state=torch.load(path))`)."
+            if {"state", "param_groups"} <= set(bad) else ""
+        )  # fmt: skip
         raise TypeError(
             f"Checkpoint {where} has non-tensor entries {bad[:5]}; expected a state dict, optionally with a "
-            f"`learning_rate` entry or nested under `model_state_dict`."
+            f"`learning_rate` entry or nested under `model_state_dict`.{optimizer}"
         )
+    if _AVERAGED in state and all(n.startswith(DATA_PARALLEL_PREFIX) for n in state if n != _AVERAGED):
+        state = {n: t for n, t in state.items() if n != _AVERAGED}  # (torch's AveragedModel: its average's count)
     stripped = unprefixed(list(state))
     return dict(zip(stripped, state.values())) if stripped is not None else dict(state), lr
 
@@ -248,7 +300,10 @@ def load_checkpoints(
 
     Supported files: a ``torch.save``d state dict; a dict with ``model_state_dict`` / ``state_dict`` / ``model``
     and ``learning_rate`` (Captum tutorial format); a flat state dict with a ``learning_rate`` entry;
-    ``.safetensors`` (no learning rate inside, pass ``lr=``). Two files holding the same tensors (a ``latest``
+    ``.safetensors`` (no learning rate inside, pass ``lr=``); a model's folder in a list (a Hugging Face Trainer's
+    ``checkpoint-N``, a ``save_pretrained`` folder: its ``model.safetensors`` or ``pytorch_model.bin``, or the shards
+    its ``*.index.json`` lists, merged; its ``optimizer.pt`` is not read: pass it as ``optimizer_state=`` of a
+    :class:`Checkpoint` for Adam-aware scores); torch's ``AveragedModel`` (EMA, SWA) state. Two files holding the same tensors (a ``latest``
     link, Lightning's ``last.ckpt``) are refused: that state would count twice. A ``module.`` prefix (DataParallel /
     DDP) and an ``_orig_mod.`` one (``torch.compile``) are stripped, from the optimizer's ``param_names`` too. Other
     entries (``epoch``, ``loss``, ...) next to a nested state dict are ignored.

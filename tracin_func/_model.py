@@ -565,12 +565,16 @@ def checked_state(
                     f" ({_names(unsaved)}: buffers the model registers with `persistent=False`, which it does not "
                     f"save and scoring takes from the model; drop them from the checkpoint)"
                 )
-            stripped = unprefixed(unexpected)
+            averaged = "n_averaged" in unexpected  # (torch's AveragedModel: EMA / SWA weights, its count beside them)
+            stripped = unprefixed([n for n in unexpected if not averaged or n != "n_averaged"])
             if stripped is not None and set(stripped) <= spec.expected:
                 fix = (
                     " (its names carry the prefix of a wrapper: DataParallel / DDP's `module.`, torch.compile's "
                     "`_orig_mod.`; save the wrapped module's `state_dict()` (`model.module`, `model._orig_mod`), "
                     "or load the files with `tc.load_checkpoints`, which strips it)"
+                    if not averaged else " (torch's `AveragedModel`'s: its average's entries under `module.` and "
+                    "their count `n_averaged`; pass `averaged.module.state_dict()`, or load its files with "
+                    "`tc.load_checkpoints`, which takes them)"
                 )
             fix = fix or _prefix_hint(missing, unexpected, spec.expected, strict)
             if set(missing) & set(LR_KEYS):
