@@ -301,12 +301,12 @@ def load_checkpoints(
     Supported files: a ``torch.save``d state dict; a dict with ``model_state_dict`` / ``state_dict`` / ``model``
     and ``learning_rate`` (Captum tutorial format); a flat state dict with a ``learning_rate`` entry;
     ``.safetensors`` (no learning rate inside, pass ``lr=``); a model's folder in a list (a Hugging Face Trainer's
-    ``checkpoint-N``, a ``save_pretrained`` folder: its ``model.safetensors`` or ``pytorch_model.bin``, or the shards
-    its ``*.index.json`` lists, merged; its ``optimizer.pt`` is not read: pass it as ``optimizer_state=`` of a
-    :class:`Checkpoint` for Adam-aware scores); torch's ``AveragedModel`` (EMA, SWA) state. Two files holding the same tensors (a ``latest``
-    link, Lightning's ``last.ckpt``) are refused: that state would count twice. A ``module.`` prefix (DataParallel /
-    DDP) and an ``_orig_mod.`` one (``torch.compile``) are stripped, from the optimizer's ``param_names`` too. Other
-    entries (``epoch``, ``loss``, ...) next to a nested state dict are ignored.
+    ``checkpoint-N``, a ``save_pretrained`` folder: its ``model.safetensors`` or ``pytorch_model.bin``, or the
+    shards its ``*.index.json`` lists, merged; its ``optimizer.pt`` is not read: pass it as ``optimizer_state=`` of
+    a :class:`Checkpoint` for Adam-aware scores); torch's ``AveragedModel`` (EMA, SWA) state. Two files holding the
+    same tensors (a ``latest`` link, Lightning's ``last.ckpt``) are refused: that state would count twice. A
+    ``module.`` prefix (DataParallel / DDP) and an ``_orig_mod.`` one (``torch.compile``) are stripped, from the
+    optimizer's ``param_names`` too. Other entries (``epoch``, ``loss``, ...) next to a nested state dict are ignored.
 
     An ``optimizer`` / ``optimizer_state_dict`` entry holding a torch optimizer's ``state_dict()`` (the usual
     ``{"model": model.state_dict(), "optimizer": optimizer.state_dict()}`` layout; PyTorch Lightning's one
