@@ -1015,6 +1015,34 @@ def test_3c_random_numbers_never_read_do_not_refuse_the_model(factored, in_place
     assert torch.equal(torch.get_rng_state(), rng)  # (the refused draw was made from torch's generator)
 
 
+class DrawnIntoAView(nn.Module):
+    """Noise drawn in place into a view of a tensor the forward made, then read through that tensor (or through a
+    view made before the draw)."""
+
+    def __init__(self, through: str):
+        super().__init__()
+        self.lin, self.through = nn.Linear(4, 3), through
+
+    def forward(self, x):
+        noise = torch.zeros_like(x)
+        before = noise[:]
+        (noise[:, :2] if self.through == "base" else noise).normal_()
+        return self.lin(x + (noise if self.through == "base" else before))
+
+
+@pytest.mark.parametrize("through", ["base", "earlier_view"])
+def test_3c_random_numbers_drawn_into_a_view_are_refused_where_read_through_another(through):
+    """An in-place draw into a view of a fresh tensor was let through as unread, its numbers then read through the
+    tensor it views: random scores with `factored=False` (a sweep's find, a regression of the same day's fix for
+    unread in-place draws). Reads of the draw's storage are reads of it, however they reach it; the RNG is kept."""
+    model = DrawnIntoAView(through).to(F64).eval()
+    rng = torch.get_rng_state()
+    for factored in (None, False):
+        with pytest.raises(ValueError, match=r"draws random numbers \(aten.normal_.default\) that are read"):
+            tc.self_influence(model, make_ckpts(model), data(4, n=6, seed=1), loss_fn=CE, factored=factored)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 @pytest.mark.parametrize("form", ["batch_loss", "example_loss"])
 def test_3c_random_numbers_drawn_by_the_loss_are_refused_naming_the_loss(form):
     """A diffusion-style loss drawing its noise itself was refused naming the model (``.eval()`` advised, which does

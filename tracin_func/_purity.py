@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -34,9 +35,16 @@ from ._state import CONTAINERS, FLAT_ABOVE, NESTING, leaving_no_trace, left_by_r
 from ._validate import floating_dtypes_met, refusal
 
 
+def _unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor a torch.func transform's tensor wraps (torch.func inside the forward), which holds the
+    storage."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def _storage(t: torch.Tensor) -> int | None:
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):  # (torch.func inside the forward: its tensors wrap
-        t = torch._C._functorch.get_unwrapped(t)  # the plain ones, which hold the storage)
+    t = _unwrapped(t)
     if t.layout != torch.strided:  # a sparse tensor (a GCN's adjacency) has no storage of its own: its values' if COO
         return _storage(t._values()) if t.layout == torch.sparse_coo else None
     return t.untyped_storage().data_ptr() if t.device.type != "meta" and t.numel() else None
@@ -163,7 +171,9 @@ class _Watch(TorchDispatchMode):
         self.ran: set[int] = set()  # the modules (identities) an op ran in, innermost
         self.kept_storages: set[int] = set()  # storages of the tensors read that the run was neither given nor made
         self.derived_made: list[weakref.ref] = []  # alive after the run: kept somewhere
-        self.drawn: dict[int, tuple[weakref.ref, str, Any]] = {}  # random tensors made: (tensor, who drew, the op)
+        # the storages random numbers were drawn into, while alive: (a weak reference to it, who drew, the op): a read
+        # of any tensor on one, a view made before an in-place draw too, is a read of them
+        self.drawn: dict[int, tuple[StorageWeakRef, str, Any]] = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -200,8 +210,8 @@ class _Watch(TorchDispatchMode):
                             f"change it and make scores depend on order"
                         )
         for t in inputs if self.drawn else ():  # a random number drawn and left unread (transformers 5.17's wav2vec2:
-            drawn = self.drawn.get(id(t))  # its layer drop, taken in training only) cannot change a score; a read could
-            if drawn is not None and drawn[0]() is t:
+            drawn = self.drawn.get(_storage(t))  # its layer drop, taken in training only) cannot change a score; a read
+            if drawn is not None and not drawn[0].expired():  # could
                 self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1], True)
         read = {id(t) for t in inputs}  # (tensors by identity: views are made by ops too)
         self.read |= read
@@ -231,7 +241,10 @@ class _Watch(TorchDispatchMode):
             else:
                 self.held = max(self.held, made)
         if draws:
-            self.drawn.update({id(t): (weakref.ref(t), self._drawer(), func) for t in outputs})
+            drawer = self._drawer()
+            for t in outputs:
+                if (key := _storage(t)) is not None:
+                    self.drawn[key] = (StorageWeakRef(_unwrapped(t).untyped_storage()), drawer, func)
         return out
 
     def _made(self, t: torch.Tensor) -> bool:
@@ -240,8 +253,9 @@ class _Watch(TorchDispatchMode):
 
     def _into_fresh(self, writes: tuple[str, ...], values: Mapping[str, Any]) -> bool:
         """Whether an op drawing random numbers in place draws them into tensors this run made (a layer drop's
-        ``torch.empty(()).uniform_()``): drawn as out of place, refused where read (into a tensor that exists, the
-        model's or the example's, it is refused at once: refused as read until 2026-12-07)."""
+        ``torch.empty(()).uniform_()``; a view of one: its storage's every tensor read is refused): drawn as out of
+        place, refused where read (into a tensor that exists, the model's or the example's, it is refused at once:
+        refused as read until 2026-12-07)."""
         written = [t for name in writes for t in _listed(values.get(name))]
         return bool(written) and all(isinstance(t, torch.Tensor) and self._made(t) for t in written)
 
