@@ -391,6 +391,27 @@ def test_optimizer_names_one_prefix_away_from_the_models_are_matched(tmp_path):
     prefixed = [tc.Checkpoint(c.params, c.lr, _param_names(c.optimizer_state, "model.{}".format)) for c in ckpts]
     ref = AdamReference(inner, ckpts, train, test)
     assert_close(tc.influence(inner, prefixed, train, test, loss_fn=LOSS), ref.influence)
+    # names of a submodule's own (`backbone.named_parameters()`: '0.fc.weight') stripped would name another layer of
+    # the model's, `fc` (a sweep's find: its moments given to it, silently): only names of all it trains are matched
+    outer = Outer().to(DTYPE)
+    opt = torch.optim.Adam(outer.backbone.named_parameters(), lr=0.01)
+    nn.functional.cross_entropy(outer(train[0]), train[1]).backward()
+    opt.step()
+    own = [tc.Checkpoint(copy.deepcopy(outer.state_dict()), 0.01, copy.deepcopy(opt.state_dict()))]
+    with pytest.raises(ValueError, match=r"names parameters \['0.fc.weight', '0.fc.bias'\] .* relative to a submodule"):
+        tc.influence(outer.eval(), own, train, test, loss_fn=LOSS, params=["fc.weight", "fc.bias"])
+
+
+class Outer(nn.Module):
+    """A backbone holding a layer `fc` beside the model's own `fc`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.ModuleDict({"fc": nn.Linear(4, 4)}))
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(torch.tanh(self.backbone[0]["fc"](x)))))
 
 
 def _param_names(state, rename):
