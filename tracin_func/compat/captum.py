@@ -188,10 +188,10 @@ def _load_all(model: nn.Module, sources: Sequence[Any], load_func: LoadFunc) -> 
     elif (copied := first_copy(checkpoints)) is not None:  # (loaded into a copy: the scorers' check of tensors held
         i, j = copied  # twice sees copies; Captum scores such a state twice too)
         warn(
-            f"`checkpoints[{i}]` and `checkpoints[{j}]` load the same state: most likely both are the model's live "
-            f"`state_dict()` (references, which training changes in place), so both score the weights as they are "
-            f"now, not as they were when saved. Keep copies when saving: "
-            f"`{{k: v.detach().clone() for k, v in model.state_dict().items()}}`.",
+            f"`checkpoints[{i}]` and `checkpoints[{j}]` load the same values, a state scored twice: a model unchanged "
+            f"between them, or the model's live `state_dict()` kept twice (references, which training changes in "
+            f"place: both score the weights as they are now, not as they were when saved; keep copies when saving, "
+            f"`{{k: v.detach().clone() for k, v in model.state_dict().items()}}`).",
             UserWarning,
         )
     return checkpoints
