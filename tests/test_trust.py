@@ -4272,6 +4272,24 @@ def test_mixing_is_refused_beside_a_masks_outputs_and_in_outputs_cut_in_two_dime
     assert_close(tc.self_influence(model, ckpts, (ids, target), loss_fn=loss, factored=False), want)
 
 
+def test_float64_examples_fitted_exactly_are_not_taken_for_mixing():
+    """A float64 regression fitting some examples exactly: their residuals, 1e-16 of the outputs, differ between the
+    batch and the example alone by rounding, 100% of their own size, and a float64 state was never judged rounding
+    only (nothing wider to run it in): refused as a criterion mixing the batch (a review helper's). Within 1e-10 of
+    the batch's scale it is rounding; scored, exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).to(F64).eval()
+    x, y = torch.randn(6, 4, dtype=F64), torch.randn(6, 2, dtype=F64)
+    with torch.no_grad():
+        y[1], y[3] = model(x)[1], model(x)[3]  # (fitted exactly, in the batch)
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.5)]
+    ref = reference_scores(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=nn.MSELoss())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tc.SlowPathWarning)
+        assert_close(tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=nn.MSELoss()), ref.influence)
+        assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=nn.MSELoss()), ref.self_influence)
+
+
 def _rounded_otherwise_alone(model, x, y, tiny_loss, n=16, checked=9):
     """A batch of ``n`` rows of ``x`` whose example ``checked`` (the first example a check takes) gets float32 outputs
     from ``model`` that differ in the batch and alone by rounding (the order of the GEMM's sums): by more than 1e-4

@@ -852,18 +852,23 @@ def _witnessed(
     return [t.detach() for t in shown], losses.detach(), gradients_at(shown, live, grads)
 
 
-def _alike_alone(together: Witnessed, alone: Witnessed, n: int, i: int, loosely: bool = False) -> bool:
+def _alike_alone(
+    together: Witnessed, alone: Witnessed, n: int, i: int, loosely: bool = False, within: float = 1e-4
+) -> bool:
     """Whether what example ``i`` gets alone is close to a part of the batch's that may hold it (``_example_parts``),
-    each output and its losses within 1e-4 of the example's own scale (``_scale``) or of their own size; ``loosely``,
-    of the batch's scale (losses: or 1). Outputs whose shapes tell no part are not compared."""
+    each output and its losses within ``within`` of the example's own scale (``_scale``) or of their own size;
+    ``loosely``, of the batch's scale (losses: or 1). Outputs whose shapes tell no part are not compared."""
     for t, a, least in _pairs(together, alone):
         parts = list(_example_parts(t, a.shape, n, i))
         if not parts or not a.numel():
             continue
         scale = max(least, _scale(t)) if loosely else _scale(a)
-        if not any(_close_within(a, part, scale, relative=True) for part in parts):
+        if not any(_close_within(a, part, scale, relative=True, within=within) for part in parts):
             return False
     return True
+
+
+_FLOAT64_ROUNDING = 1e-10  # of a batch's scale: float64's rounding of its largest terms, many times over
 
 
 def _rounding_only(
@@ -880,11 +885,15 @@ def _rounding_only(
     batch's largest entry). A small loss or output is a difference of larger terms (``logsumexp(z) - z_y`` of a
     well-fitted example, ``w h + b`` of a binary logit near zero), whose float32 rounding is theirs: 3e-4 to 5e-4 of
     its own size between a batch and the example alone. Decided loosely for a state whose float64 copy would take
-    more than ``_WIDE_CHECK_BYTES``, or that float64 fails on; never for a float64 state."""
+    more than ``_WIDE_CHECK_BYTES``, or that float64 fails on; for a float64 state, loosely within 1e-10 of the
+    batch's scale (a least-squares fit's residuals of 1e-15, rounding only, were refused as mixing: a review
+    helper's)."""
     n, i = examples_in(batch), int(one[0])
     floating = [t for t in state.values() if t.is_floating_point()]
-    if not floating or floating[0].dtype == torch.float64:
+    if not floating:
         return False
+    if floating[0].dtype == torch.float64:
+        return _alike_alone(together, alone, n, i, loosely=True, within=_FLOAT64_ROUNDING)
     if 8 * sum(map(torch.numel, floating)) > _WIDE_CHECK_BYTES:
         return _alike_alone(together, alone, n, i, loosely=True)
     try:  # (see ``batching_refused``)
@@ -941,11 +950,11 @@ def _scale(t: torch.Tensor) -> float:
     return size.masked_fill_(size > _OUTLYING * small, 0).max().item()
 
 
-def _close_within(a: torch.Tensor, b: torch.Tensor, scale: float, relative: bool = False) -> bool:
-    """Equal up to ``1e-4 * scale`` (``relative``: or to 1e-4 of their own size), or both NaN (or like infinities),
-    entry by entry."""
+def _close_within(a: torch.Tensor, b: torch.Tensor, scale: float, relative: bool = False, within: float = 1e-4) -> bool:
+    """Equal up to ``within * scale`` (``relative``: or to ``within`` of their own size), or both NaN (or like
+    infinities), entry by entry."""
     alike = a.shape == b.shape and a.dtype == b.dtype
-    return alike and torch.allclose(a, b, rtol=1e-4 if relative else 0, atol=1e-4 * scale, equal_nan=True)
+    return alike and torch.allclose(a, b, rtol=within if relative else 0, atol=within * scale, equal_nan=True)
 
 
 def _example_parts(t: torch.Tensor, shape: torch.Size, n: int, i: int) -> Iterator[torch.Tensor]:
