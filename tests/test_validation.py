@@ -709,6 +709,19 @@ def test_params_selecting_nothing():
         tc.self_influence(model, ckpts, batch, loss_fn=CE, params=lambda name: name.startswith("head"))
 
 
+def test_a_frozen_model_and_a_buffer_named_in_params_name_the_fix():
+    """Every parameter frozen gave "No parameters selected" alone, and a buffer named in `params=` was "unknown"
+    (a review helper's): the messages say so and name the fix."""
+    model, ckpts, batch = _setup()
+    model.register_buffer("temperature", torch.ones(()))
+    with pytest.raises(ValueError, match=r"\['temperature'\] is a buffer, which holds no gradient"):
+        tc.self_influence(model, ckpts, batch, loss_fn=CE, params=["temperature"])
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"every parameter is frozen \(`requires_grad=False`\); name those to score "
+                                         r"in `params=` \(e.g. \['fc1.weight'"):  # fmt: skip
+        tc.self_influence(model, ckpts, batch, loss_fn=CE)
+
+
 def test_unknown_layer():
     model, ckpts, batch = _setup()
     with pytest.raises(

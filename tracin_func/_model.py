@@ -383,11 +383,24 @@ def select_params(
             )
         unknown = [n for n in params if n not in available and n not in aliases]
         if unknown:
-            raise ValueError(f"`params` names unknown parameters {unknown}; available: {list(available)[:20]}.")
+            buffers = [n for n in unknown if n in _buffer_names(model)]
+            are = "is a buffer, which holds" if len(buffers) == 1 else "are buffers, which hold"
+            held = f" ({_names(buffers)} {are} no gradient: an `nn.Parameter` is scored)" if buffers else ""
+            raise ValueError(f"`params` names unknown parameters {unknown}{held}; available: {list(available)[:20]}.")
         names = list(dict.fromkeys(aliases.get(n, n) for n in params))
     if not names:
-        raise ValueError(f"No parameters selected to differentiate (`params`={params!r}, `layers`={layers!r}).")
+        frozen = (
+            f": every parameter is frozen (`requires_grad=False`); name those to score in `params=` (e.g. "
+            f"{list(available)[:3]})" if params is None and layers is None and available and not default else ""
+        )
+        raise ValueError(
+            f"No parameters selected to differentiate (`params`={params!r}, `layers`={layers!r}){frozen}."
+        )
     return tuple(names)
+
+
+def _buffer_names(model: Any) -> set[str]:
+    return {n for n, _ in model.named_buffers()} if isinstance(model, nn.Module) else set()
 
 
 def model_spec(
