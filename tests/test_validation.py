@@ -1303,6 +1303,12 @@ def test_a_dtype_the_model_makes_itself_meeting_the_calls_is_named():
     flags = (torch.randn(5, 4) > 0, train[1])
     with pytest.raises(RuntimeError, match=r"cannot be scored: .*the model makes a tensor of another dtype itself"):
         tc.self_influence(casts, [tc.Checkpoint(dict(casts.state_dict()), 0.1)], flags, loss_fn=CE, dtype=torch.float64)
+    # (a convolution's own words, "Input type (float) and bias type (double)": uint8 images blamed alike)
+    images = nn.Sequential(Cast(torch.float32), nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 3)).eval()
+    pixels = (torch.randint(0, 255, (5, 1, 6), dtype=torch.uint8), train[1])
+    with pytest.raises(RuntimeError, match=r"cannot be scored: .*the model makes a tensor of another dtype itself"):
+        tc.self_influence(images, [tc.Checkpoint(dict(images.state_dict()), 0.1)], pixels, loss_fn=CE,
+                          dtype=torch.float64)  # fmt: skip
 
 
 def test_an_op_of_one_dtype_under_dtype_float64_is_named():

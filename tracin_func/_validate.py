@@ -61,10 +61,10 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 def floating_dtypes_met(error: str) -> bool:
     """Whether torch's ``error`` says tensors of two floating dtypes met ("must have the same dtype, but got Double
-    and Float", an op of one dtype's "expected scalar type Float but found Double"; not "expected scalar type Long
-    but found Float", a target's)."""
+    and Float", an op of one dtype's "expected scalar type Float but found Double", a convolution's "Input type (float)
+    and bias type (double)"; not "expected scalar type Long but found Float", a target's)."""
     named = {word.lower() for word in re.findall(r"(?i)\b(double|float|half|bfloat16)\b", error)}
-    return ("dtype" in error.lower() or "scalar type" in error.lower()) and len(named) >= 2
+    return any(k in error.lower() for k in ("dtype", "scalar type", "type (")) and len(named) >= 2
 
 
 def refusal(err: BaseException) -> bool:
