@@ -286,6 +286,9 @@ def test_lr_of_wrong_type_or_shape():
         tc.self_influence(model, [tc.Checkpoint(ckpts[0].params, lr=True)], batch, loss_fn=CE)
     with pytest.raises(ValueError, match=r"must be a number or a 0-d tensor, got a tensor of shape \(2,\)"):
         tc.self_influence(model, [tc.Checkpoint(ckpts[0].params, lr=torch.ones(2))], batch, loss_fn=CE)
+    meta = tc.Checkpoint(ckpts[0].params, lr=torch.tensor(0.5, device="meta"))  # (torch's own error before)
+    with pytest.raises(ValueError, match=r"`lr` of checkpoints\[0\] is a tensor on the 'meta' device"):
+        tc.self_influence(model, [meta], batch, loss_fn=CE)
 
 
 # --- data --------------------------------------------------------------------------------------------------------

@@ -87,6 +87,8 @@ def check_lr(lr: Any, where: str) -> None:
             raise ValueError(
                 f"`lr` of {where} must be a number or a 0-d tensor, got a tensor of shape {tuple(lr.shape)}."
             )
+        if lr.device.type == "meta":
+            raise ValueError(f"`lr` of {where} is a tensor on the 'meta' device, which holds no value; pass a number.")
         value = float(lr.detach().reshape(()).cpu())
     elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):  # (numpy's float32 too)
         value = float(lr)
