@@ -4610,6 +4610,40 @@ def test_experts_routed_per_example_are_exact(capacity, seed):
     assert_close(got, reference(model, ckpts, train, test)[0])
 
 
+class TiedSteps(nn.Module):
+    """A recurrent cell stepped by the model's own loop as often as the batch's longest example says, beside a raw
+    recurrent weight met in a ``cat`` (which no batched pass follows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = nn.Linear(8, 4), nn.Linear(4, 3)
+        self.w_h = nn.Parameter(0.3 * torch.randn(4, 4))
+
+    def forward(self, x, lengths):
+        h = torch.zeros(x.shape[0], 4, dtype=x.dtype)  # (made from a shape: not the batch's, met in `cat`)
+        for t in range(int(lengths.max())):
+            h = torch.where((t < lengths)[:, None], torch.tanh(self.cell(torch.cat([x[:, t], h @ self.w_h], -1))), h)
+        return self.head(h)
+
+
+def test_layers_stepped_as_each_example_says_beside_a_failed_following_take_no_factors():
+    """The first examples alone step the cell as often as their lengths say; where the batched pass failed first (a
+    raw parameter met in a ``cat``), the factors of the vmap path were planned on the first example and later ones
+    refused (`factored=False` named; a review helper's): the first examples are run alone without the followed
+    parameter, and no layer takes factors. Exact."""
+    torch.manual_seed(0)
+    model = TiedSteps().to(F64).eval()
+    ckpts = make_ckpts(model)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 6, 4, generator=gen, dtype=F64), torch.randint(0, 3, (12,), generator=gen)
+    lengths = torch.tensor([1, 1, 3, 3, 1, 4, 1, 3, 1, 3, 6, 2])
+    per_example = tc.ExampleLoss(lambda p, b: CE(functional_call(model, p, (b[0], b[1])), b[2]))
+    ref = reference_scores(model, ckpts, (x, lengths, y), loss_fn=per_example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tc.SlowPathWarning)
+        assert_close(tc.self_influence(model, ckpts, (x, lengths, y), loss_fn=CE), ref.self_influence)
+
+
 def test_rows_zero_but_for_rounding_are_compared_within_rounding_of_the_largest():
     """The batching check compares each example's factors on its own scale: a row that is zero but for rounding
     (an attention weight of exactly 1 over one key) differs batched and alone by rounding only, within 1e3 eps of the

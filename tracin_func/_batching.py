@@ -74,6 +74,24 @@ def _vary_alone(alone: Sequence[Mapping[str, LayerFactors]]) -> bool:
     return any(_concat_examples([one[path] for one in alone]) is None for path in alone[0])
 
 
+def _vary_plainly(
+    module: nn.Module, loss: BatchableLoss, plan: Plan, state: Tensors, few: Any, n: int, mapper: Mapper
+) -> bool:
+    """``_vary_alone`` for the first examples run alone with the plan's plain sites only (its parameters copied over
+    the batch, or followed to it, left out: a forward with them failed), where it tells whether any layer may take
+    factors on the vmap path: a recurrent cell stepped as often as the batch's longest example says, beside a raw
+    parameter met in a `cat`, kept its factors, planned on the first example, and later examples were refused (a
+    review helper's). False where they fail alone too."""
+    plain = plan._replace(
+        sites=tuple(s for s in plan.sites if s.kind not in ("expanded", "followed")), batch_free=frozenset()
+    )
+    try:
+        alone = [batched_factors(module, loss, plain, state, one, mapper) for one in _singles(few, n)]
+    except Exception:  # (the vmap path meets it again, named there)
+        return False
+    return n > 1 and _vary_alone(alone)
+
+
 def batching_refused(
     module: nn.Module,
     losses: Sequence[BatchableLoss],
@@ -215,7 +233,8 @@ def _compared(
             _raise_refusal(err)
             ways = (("parameters copied over the batch", expanded), ("uses followed to the batch", plan.follows))
             what = " and ".join(way for way, taken in ways if taken)
-            return BatchingCheck(f"a forward with {what} failed ({cause_of(err)})", {})
+            vary = _vary_plainly(module, loss, plan, state, few, n, mapper)
+            return BatchingCheck(f"a forward with {what} failed ({cause_of(err)})", {}, factorless=vary)
         failures = _FAILURES + _COPIES_FAIL if n == 1 else _FAILURES
         try:
             # a sort along another dimension as long as the rows run together (each example's tokens) is told from a
