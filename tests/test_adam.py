@@ -368,7 +368,8 @@ def test_optimizer_names_one_prefix_away_from_the_models_are_matched(tmp_path):
     `tc.load_checkpoints`, as DDP's, and given back to the state dict when scoring, not to the optimizer's), or of a
     LightningModule holding the model as `model` (its state dict's `model.` stripped as the refusal advises): refused
     as naming parameters the model lacks, "built from a submodule" (a review helper's). Names one prefix away from
-    the model's map one to one: matched, scored exactly."""
+    the model's map one to one: matched, scored exactly, unless they are a submodule's own (the ends of the model's
+    names), whose strip would name another layer."""
 
     class Wrapper(nn.Module):
         def __init__(self) -> None:
@@ -391,6 +392,12 @@ def test_optimizer_names_one_prefix_away_from_the_models_are_matched(tmp_path):
     prefixed = [tc.Checkpoint(c.params, c.lr, _param_names(c.optimizer_state, "model.{}".format)) for c in ckpts]
     ref = AdamReference(inner, ckpts, train, test)
     assert_close(tc.influence(inner, prefixed, train, test, loss_fn=LOSS), ref.influence)
+    # an optimizer of some of them (a head fine-tuned alone), the others trainable: a sweep's false refusal
+    head = ["fc2.weight", "fc2.bias"]
+    tuned = train_run(tmp_path, MLP().to(DTYPE), "adam", named=True, trainable=set(head))
+    prefixed = [tc.Checkpoint(c.params, c.lr, _param_names(c.optimizer_state, "model.{}".format)) for c in tuned]
+    ref = AdamReference(inner, tuned, train, test, params=head)
+    assert_close(tc.influence(inner, prefixed, train, test, loss_fn=LOSS, params=head), ref.influence)
     # names of a submodule's own (`backbone.named_parameters()`: '0.fc.weight') stripped would name another layer of
     # the model's, `fc` (a sweep's find: its moments given to it, silently): only names of all it trains are matched
     outer = Outer().to(DTYPE)

@@ -107,24 +107,27 @@ def _unknown_names_fix(unknown: Sequence[str], order: Sequence[str]) -> str:
     return f"; save the optimizer of this model (its parameters: {list(order)[:10]})."
 
 
-def _as_named(names: Sequence[str], order: Sequence[str], trainable: Sequence[str]) -> list[str]:
+def _as_named(names: Sequence[str], order: Sequence[str]) -> list[str]:
     """The optimizer's parameter ``names`` as the model's (``order``) where they differ from them by one prefix alone:
     a wrapper's prefix every one of the model's names carries and the saved ones lack (a model whose only child is
-    named ``module``: ``tc.load_checkpoints`` strips it from files), or a prefix of the saved ones the model's lack,
-    where they then name all of the model's parameters, or all it trains (a LightningModule's ``model.``, stripped
-    from the state dict as its refusal advises; a subset might be a submodule's own names, ``0.fc.weight`` from
-    ``backbone``'s, taken for the model's ``fc.weight``). Names map one to one: exact. Else ``names``."""
+    named ``module``: ``tc.load_checkpoints`` strips it from files), or a prefix of the saved ones the model's lack (a
+    LightningModule's ``model.``, stripped from the state dict as its refusal advises), unless the saved names are
+    also the ends of the model's names (a submodule's own, ``0.fc.weight`` of ``backbone.0.fc.weight``, which the
+    prefix's strip would take for the model's ``fc.weight``: refused, naming them). Names map one to one: exact.
+    Else ``names``."""
     known = set(order)
     if all(n in known for n in names):
         return list(names)
     for prefix in WRAPPER_PREFIXES:
         if all(o.startswith(prefix) for o in order) and all(prefix + n in known for n in names):
             return [prefix + n for n in names]
+    if all(any(o.endswith("." + n) for o in order) for n in names):  # (relative to a submodule: `_unknown_names_fix`)
+        return list(names)
     parts = names[0].split(".")[:-1] if names else []
     for k in range(1, min(len(parts), 3) + 1):
         prefix = ".".join(parts[:k]) + "."
         stripped = [n[len(prefix) :] for n in names if n.startswith(prefix)]
-        if len(stripped) == len(names) and set(stripped) in (known, set(trainable)):
+        if len(stripped) == len(names) and all(n in known for n in stripped):
             return stripped
     return list(names)
 
@@ -144,7 +147,7 @@ def _ids_to_names(
     if _names_saved(groups):
         by_name = all(isinstance(i, str) for i, _ in ids)
         saved = [i for i, _ in ids] if by_name else [n for group in groups for n in group["param_names"]]
-        names = _as_named(saved, order, trainable)
+        names = _as_named(saved, order)
         unknown = [n for n in names if n not in order]
         if unknown:
             raise ValueError(
