@@ -986,6 +986,7 @@ class LayerDrop(nn.Module):
 
     def forward(self, x):
         drop = torch.empty([]).uniform_() if self.in_place else torch.rand([])
+        torch.zeros_like(drop)  # (its shape alone read: no number of it)
         if (self.reads or self.training) and drop < 0.1:
             return self.head(torch.zeros_like(self.lin(x)))
         return self.head(torch.tanh(self.lin(x)))

@@ -138,6 +138,11 @@ def _with_generator(func: Any) -> Any:
     return None
 
 
+# ops reading a tensor's shape, dtype and device alone, none of its values
+_SHAPE_ONLY = frozenset(
+    getattr(torch.ops.aten, name)
+    for name in ("zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full")
+)
 _LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.lift.default)
 
 
@@ -209,9 +214,11 @@ class _Watch(TorchDispatchMode):
                             f"closure's or an attribute's, a train-mode BatchNorm's running statistics), which would "
                             f"change it and make scores depend on order"
                         )
-        for t in inputs if self.drawn else ():  # a random number drawn and left unread (transformers 5.17's wav2vec2:
-            drawn = self.drawn.get(_storage(t))  # its layer drop, taken in training only) cannot change a score; a read
-            if drawn is not None and not drawn[0].expired():  # could
+        # a random number drawn and left unread (transformers 5.17's wav2vec2: its layer drop, taken in training only)
+        # cannot change a score; a read could (`torch.zeros_like(noise)` reads no number of it)
+        for t in inputs if self.drawn and func.overloadpacket not in _SHAPE_ONLY else ():
+            drawn = self.drawn.get(_storage(t))
+            if drawn is not None and not drawn[0].expired():
                 self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1], True)
         read = {id(t) for t in inputs}  # (tensors by identity: views are made by ops too)
         self.read |= read
