@@ -2142,6 +2142,19 @@ def test_6b_random_sampler_refused():
         tc.influence(model, make_ckpts(model), loader, data(4, n=2, seed=2), loss_fn=CE)
 
 
+def test_6b2_workers_out_of_order_refused():
+    """`in_order=False` lets a DataLoader's workers hand over batches as they finish: the scores went to other
+    examples, silently (1.35 off; a review helper's). Refused; with one process (no workers) it has no effect."""
+    model = MLP().eval()
+    ckpts, test = make_ckpts(model), data(4, n=2, seed=2)
+    loader = DataLoader(_ds(8), batch_size=4, num_workers=1, in_order=False)
+    with pytest.raises(ValueError, match=r"`train` is a DataLoader with `in_order=False`.* `in_order=True`"):
+        tc.influence(model, ckpts, loader, test, loss_fn=CE)
+    alone = DataLoader(_ds(8), batch_size=4, in_order=False)
+    assert_close(tc.influence(model, ckpts, alone, test, loss_fn=CE), tc.influence(model, ckpts, _ds(8).tensors,
+                                                                                    test, loss_fn=CE))  # fmt: skip
+
+
 def test_6c_drop_last():
     model = MLP().eval()
     ckpts, test = make_ckpts(model), data(4, n=2, seed=2)

@@ -383,9 +383,15 @@ def _ordered(sampler: Any) -> bool:
 
 
 def check_stable_order(loader: DataLoader, where: str) -> None:
-    """Refuse a DataLoader whose iteration order changes between passes or that drops examples: result index
-    ``j`` is the j-th example in iteration order, and every example must be scored. A BatchSampler may also come as
-    the ``sampler`` (with ``batch_size=None``), around another."""
+    """Refuse a DataLoader whose iteration order changes between passes (a shuffling sampler, workers' batches out of
+    order) or that drops examples: result index ``j`` is the j-th example in iteration order, and every example must
+    be scored. A BatchSampler may also come as the ``sampler`` (with ``batch_size=None``), around another."""
+    if getattr(loader, "in_order", True) is False and loader.num_workers > 0:
+        raise ValueError(
+            f"`{where}` is a DataLoader with `in_order=False`: its workers' batches come as they finish, so result "
+            f"indices would name different examples on every pass (silently, before 2026-12-07). Pass `in_order=True` "
+            f"(the default)."
+        )
     chain = list(loader_samplers(loader))
     shuffling = (s for s in chain if isinstance(s, _SHUFFLING_SAMPLERS) or getattr(s, "shuffle", False) is True)
     sampler = next(shuffling, None)
