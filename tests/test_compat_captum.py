@@ -649,7 +649,7 @@ def test_checkpoints_scored_twice_are_refused_or_warned(single, tmp_path):
         model.load_state_dict(state)
         return 0.1
 
-    with pytest.warns(UserWarning, match=r"`checkpoints\[0\]` and `checkpoints\[1\]` load the same state"):
+    with pytest.warns(UserWarning, match=r"`checkpoints\[0\]` and `checkpoints\[1\]` load the same values"):
         compat.TracInCP(net, train, [live, live], load, loss_fn=loss)
     with pytest.raises(TypeError, match=r"`checkpoints`: the default `checkpoints_load_func` reads checkpoint files, "
                                         r"got a dict; .* with a `checkpoints_load_func`"):  # fmt: skip

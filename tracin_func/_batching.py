@@ -82,9 +82,8 @@ def _vary_plainly(
     factors on the vmap path: a recurrent cell stepped as often as the batch's longest example says, beside a raw
     parameter met in a `cat`, kept its factors, planned on the first example, and later examples were refused (a
     review helper's). False where they fail alone too."""
-    plain = plan._replace(
-        sites=tuple(s for s in plan.sites if s.kind not in ("expanded", "followed")), batch_free=frozenset()
-    )
+    kept = (s for s in plan.sites if s.kind not in ("expanded", "followed") and s.owner is None)  # (an unrolled
+    plain = plan._replace(sites=tuple(kept), batch_free=frozenset())  # layer's products: the batched path's only)
     try:
         alone = [batched_factors(module, loss, plain, state, one, mapper) for one in _singles(few, n)]
     except Exception:  # (the vmap path meets it again, named there)
@@ -234,7 +233,9 @@ def _compared(
             ways = (("parameters copied over the batch", expanded), ("uses followed to the batch", plan.follows))
             what = " and ".join(way for way, taken in ways if taken)
             vary = _vary_plainly(module, loss, plan, state, few, n, mapper)
-            return BatchingCheck(f"a forward with {what} failed ({cause_of(err)})", {}, factorless=vary)
+            varying = "; the first examples alone run a layer another number of times, or on other numbers of rows"
+            return BatchingCheck(f"a forward with {what} failed ({cause_of(err)}){varying if vary else ''}", {},
+                                 factorless=vary)  # fmt: skip
         failures = _FAILURES + _COPIES_FAIL if n == 1 else _FAILURES
         try:
             # a sort along another dimension as long as the rows run together (each example's tokens) is told from a
