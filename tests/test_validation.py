@@ -1388,6 +1388,27 @@ def test_a_batched_forward_failing_only_on_a_later_batch_names_the_batch_and_the
     assert_close(got, reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE).self_influence)
 
 
+class _WorkerDies(_BatchesNoLargeInput):
+    """Its batch of a large input meets a DataLoader worker's death, as torch raises it from its signal handler
+    wherever the main process then is (here: the batched pass)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1 and bool((x[:, 0] > 50).any()):
+            raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_a_dataloader_worker_dying_is_not_blamed_on_the_model():
+    """torch raises a DataLoader worker's death from a signal handler, wherever the call then is: in a batched pass
+    it was blamed on the model ("cannot be scored batched", `factored=False` advised; a review helper's). Passed on."""
+    model = _WorkerDies().double().eval()
+    ckpts = [tc.Checkpoint(params=dict(model.state_dict()), lr=0.1)]
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.tensor([0, 1] * 6)
+    x[9, 0] = 100.0
+    with pytest.raises(RuntimeError, match=r"^DataLoader worker \(pid\(s\) 4242\) exited unexpectedly$"):
+        tc.self_influence(model, ckpts, (x, y), loss_fn=CE, batch_size=4)
+
+
 def test_a_forward_under_inference_mode_is_named():
     """A `forward` decorated with `@torch.inference_mode()` raised torch's "Inference tensors do not track version
     counter" from inside the library, and under `factored=False` scored every example 0 (found by review)."""

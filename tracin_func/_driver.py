@@ -262,8 +262,13 @@ def _size(batch_size: BatchSize, left: int) -> int:
 
 def _an_examples_error(err: Exception) -> bool:
     """Whether ``err`` may be an example's own (torch's, the model's), which running examples alone can name: not a
-    refusal of ours (it starts with the argument's name) nor a non-finite score (named where it is checked)."""
-    return not (isinstance(err, FloatingPointError) or refusal(err))
+    refusal of ours (it starts with the argument's name), a non-finite score (named where it is checked), nor a
+    DataLoader's worker process dying (torch raises it from a signal handler, wherever the call then is: it was
+    blamed on the model's batched pass, `factored=False` advised; a review helper's)."""
+    return not (isinstance(err, FloatingPointError) or refusal(err) or _WORKER_DIED in str(err))
+
+
+_WORKER_DIED = "DataLoader worker (pid"  # (torch's "DataLoader worker (pid(s) ...) exited unexpectedly")
 
 
 @contextmanager
