@@ -2155,6 +2155,27 @@ def test_6b2_workers_out_of_order_refused():
                                                                                     test, loss_fn=CE))  # fmt: skip
 
 
+def test_6b3_a_failed_call_shuts_its_loaders_workers_down():
+    """A call failing on an example (a label out of range) left its DataLoader's worker processes running until the
+    garbage collector freed the error's traceback (a review helper's); they are shut down as it fails."""
+    import gc
+    import multiprocessing
+
+    model = MLP().eval()
+    ds = _ds(12)
+    ds.tensors[1][9] = 7  # (no such class)
+    loader = DataLoader(ds, batch_size=4, num_workers=2)
+    before = set(multiprocessing.active_children())
+    gc.disable()  # (as between the collector's runs)
+    try:
+        with pytest.raises(IndexError, match="`data` example 9 cannot be scored"):
+            tc.self_influence(model, make_ckpts(model), loader, loss_fn=CE)
+        left = [p for p in multiprocessing.active_children() if p not in before]
+    finally:
+        gc.enable()
+    assert not left, left
+
+
 def test_6c_drop_last():
     model = MLP().eval()
     ckpts, test = make_ckpts(model), data(4, n=2, seed=2)

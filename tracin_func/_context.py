@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from ._data import closing_workers
 from ._warn import warn
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")
@@ -35,7 +36,7 @@ def in_own_context(fn: _F) -> _F:
         taken = _taken()
         try:
             _set_aside_saved_tensors_hooks(held)
-            with contextlib.ExitStack() as stack:
+            with contextlib.ExitStack() as stack, closing_workers():
                 for device in ambient:
                     stack.enter_context(torch.autocast(device, enabled=False))
                 return fn(*args, **kwargs)

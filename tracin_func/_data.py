@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Union
 
 import optree
@@ -180,7 +182,37 @@ def iter_batches(data: Any, batch_size: BatchSize, where: str) -> Iterator[Batch
             f"`{where}` must be a batch `(x1, ..., xk, y)`, a Dataset, a DataLoader or an iterable of batches; "
             f"got {type(data).__name__}.{_object_hint([data])}"
         )
-    yield from map(as_dict, _collated(iter(data) if repeated is None else repeated.checked(iter(data), where), where))
+    batches = _opened(data)
+    yield from map(as_dict, _collated(batches if repeated is None else repeated.checked(batches, where), where))
+
+
+# the DataLoader iterators of the running call (``closing_workers``): their worker processes, shut down where it fails
+_OPENED: ContextVar[list[Any] | None] = ContextVar("_OPENED", default=None)
+
+
+def _opened(data: Any) -> Iterator[Any]:
+    """``iter(data)``, noted for the running call where it starts worker processes (``closing_workers``)."""
+    batches = iter(data)
+    opened = _OPENED.get()
+    if opened is not None and hasattr(batches, "_shutdown_workers") and not getattr(data, "persistent_workers", False):
+        opened.append(batches)
+    return batches
+
+
+@contextmanager
+def closing_workers() -> Iterator[None]:
+    """A call's scope: where it fails, the worker processes of the DataLoaders it read are shut down (the error's
+    traceback keeps the iterators, and they their workers, until collected: a failed call left them running; a review
+    helper's). A DataLoader's ``persistent_workers`` are its own to keep."""
+    token = _OPENED.set([])
+    try:
+        yield
+    except BaseException:
+        for batches in _OPENED.get() or ():
+            batches._shutdown_workers()
+        raise
+    finally:
+        _OPENED.reset(token)
 
 
 def _collated(batches: Iterator[Any], where: str) -> Iterator[Any]:
