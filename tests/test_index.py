@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 import tracin_func as tc
 from tests.conftest import assert_close, assert_topk
@@ -543,6 +543,8 @@ def test_bad_arguments(task, tmp_path):
         tc.top_k(model, ckpts, index, test, k=2, loss_fn=LOSS, normalize="cosine")
     with pytest.raises(ValueError, match="`rerank` must be the training data"):
         tc.top_k(model, ckpts, index, test, k=2, loss_fn=LOSS, rerank=(train[0][:5], train[1][:5]))
+    with pytest.raises(ValueError, match=r"got data of unknown size; a DataLoader: pass its `dataset`"):
+        tc.top_k(model, ckpts, index, test, k=2, loss_fn=LOSS, rerank=DataLoader(TensorDataset(*train)))
     with pytest.raises(ValueError, match="pass a `tc.Index` as `train`"):
         tc.top_k(model, ckpts, train, test, k=2, loss_fn=LOSS, rerank=train)
     with pytest.raises(TypeError, match=r"call `index.self_influence\(\)`"):

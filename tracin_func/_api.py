@@ -495,9 +495,11 @@ def _index_top_k(
     def rerank_sized() -> None:  # (on every rank: the exact scores' calls are collective)
         n = num_examples(rerank)
         if n != len(index):
+            got = n if n is not None else "data of unknown size"
+            loader = "; a DataLoader: pass its `dataset`" if isinstance(rerank, torch.utils.data.DataLoader) else ""
             raise ValueError(
                 f"`rerank` must be the training data the index was built from, in the same order (a batch or a "
-                f"Dataset of {len(index)} examples); got {n if n is not None else 'data of unknown size'}."
+                f"Dataset of {len(index)} examples); got {got}{loader}."
             )
 
     def rerank_matched() -> None:  # (the shards holding candidates: the rows re-scored; not all of the data)
