@@ -2174,6 +2174,12 @@ def test_6b3_a_failed_call_shuts_its_loaders_workers_down():
     finally:
         gc.enable()
     assert not left, left
+    # persistent workers are the loader's own, also behind an iterable wrapping it (a sweep's find: shut down)
+    kept = DataLoader(ds, batch_size=4, num_workers=1, persistent_workers=True)
+    wrapped = type("Wrapped", (), {"__iter__": lambda self: iter(kept)})()
+    with pytest.raises(IndexError, match="`data` example 9 cannot be scored"):
+        tc.self_influence(model, make_ckpts(model), wrapped, loss_fn=CE)
+    assert sum(len(batch[1]) for batch in kept) == 12
 
 
 def test_6c_drop_last():
@@ -4649,25 +4655,29 @@ class TiedSteps(nn.Module):
     """A recurrent cell stepped by the model's own loop as often as the batch's longest example says, beside a raw
     recurrent weight met in a ``cat`` (which no batched pass follows)."""
 
-    def __init__(self):
+    def __init__(self, gru: bool = False):
         super().__init__()
-        self.cell, self.head = nn.Linear(8, 4), nn.Linear(4, 3)
-        self.w_h = nn.Parameter(0.3 * torch.randn(4, 4))
+        self.cell, self.head = nn.GRUCell(8, 4) if gru else nn.Linear(8, 4), nn.Linear(4, 3)
+        self.w_h, self.gru = nn.Parameter(0.3 * torch.randn(4, 4)), gru
 
     def forward(self, x, lengths):
         h = torch.zeros(x.shape[0], 4, dtype=x.dtype)  # (made from a shape: not the batch's, met in `cat`)
         for t in range(int(lengths.max())):
-            h = torch.where((t < lengths)[:, None], torch.tanh(self.cell(torch.cat([x[:, t], h @ self.w_h], -1))), h)
+            mixed = torch.cat([x[:, t], h @ self.w_h], -1)
+            new = self.cell(mixed, h) if self.gru else torch.tanh(self.cell(mixed))  # (a cell: unrolled, a site)
+            h = torch.where((t < lengths)[:, None], new, h)
         return self.head(h)
 
 
-def test_layers_stepped_as_each_example_says_beside_a_failed_following_take_no_factors():
+@pytest.mark.parametrize("gru", [False, True], ids=["linear", "gru_cell"])
+def test_layers_stepped_as_each_example_says_beside_a_failed_following_take_no_factors(gru):
     """The first examples alone step the cell as often as their lengths say; where the batched pass failed first (a
     raw parameter met in a ``cat``), the factors of the vmap path were planned on the first example and later ones
     refused (`factored=False` named; a review helper's): the first examples are run alone without the followed
-    parameter, and no layer takes factors. Exact."""
+    parameter, and no layer takes factors. Exact; an `nn.GRUCell`'s products too (left out of the check as an
+    unrolled layer's for a moment: a sweep's find)."""
     torch.manual_seed(0)
-    model = TiedSteps().to(F64).eval()
+    model = TiedSteps(gru).to(F64).eval()
     ckpts = make_ckpts(model)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(12, 6, 4, generator=gen, dtype=F64), torch.randint(0, 3, (12,), generator=gen)

@@ -36,6 +36,7 @@ from ._context import lowered_note
 from ._data import distinct_examples, examples_in, padding, select_rows, slice_batch, uncopied_rows
 from ._encoders import ENCODERS, on_traced_path
 from ._grads import Mapper, Tensors, in_dynamo
+from ._layers import Site
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
 from ._recurrent import packed_calls
 from ._representations import Representation
@@ -82,8 +83,13 @@ def _vary_plainly(
     factors on the vmap path: a recurrent cell stepped as often as the batch's longest example says, beside a raw
     parameter met in a `cat`, kept its factors, planned on the first example, and later examples were refused (a
     review helper's). False where they fail alone too."""
-    kept = (s for s in plan.sites if s.kind not in ("expanded", "followed") and s.owner is None)  # (an unrolled
-    plain = plan._replace(sites=tuple(kept), batch_free=frozenset())  # layer's products: the batched path's only)
+    layers = dict(module.named_modules())
+
+    def kept(site: Site) -> bool:  # (a recurrent layer's products are the batched path's only where it is fed packed
+        fused = isinstance(layers.get(site.owner), nn.RNNBase)  # sequences, which the vmap path runs fused; a cell's
+        return site.kind not in ("expanded", "followed") and not fused  # are stepped there too)
+
+    plain = plan._replace(sites=tuple(filter(kept, plan.sites)), batch_free=frozenset())
     try:
         alone = [batched_factors(module, loss, plain, state, one, mapper) for one in _singles(few, n)]
     except Exception:  # (the vmap path meets it again, named there)

@@ -193,8 +193,8 @@ _OPENED: ContextVar[list[Any] | None] = ContextVar("_OPENED", default=None)
 def _opened(data: Any) -> Iterator[Any]:
     """``iter(data)``, noted for the running call where it starts worker processes (``closing_workers``)."""
     batches = iter(data)
-    opened = _OPENED.get()
-    if opened is not None and hasattr(batches, "_shutdown_workers") and not getattr(data, "persistent_workers", False):
+    opened = _OPENED.get()  # (the iterator's own flag: a loader wrapped by another iterable keeps its persistent ones)
+    if opened is not None and hasattr(batches, "_shutdown_workers") and not getattr(batches, "_persistent_workers", 1):
         opened.append(batches)
     return batches
 
