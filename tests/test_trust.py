@@ -986,7 +986,7 @@ class LayerDrop(nn.Module):
 
     def forward(self, x):
         drop = torch.empty([]).uniform_() if self.in_place else torch.rand([])
-        torch.zeros_like(drop)  # (its shape alone read: no number of it)
+        torch.zeros_like(drop), torch.zeros_like(drop.detach().view(1))  # (its shape alone read, a view's too)
         if (self.reads or self.training) and drop < 0.1:
             return self.head(torch.zeros_like(self.lin(x)))
         return self.head(torch.tanh(self.lin(x)))

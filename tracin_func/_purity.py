@@ -87,6 +87,14 @@ def _writes(func: Any, values: Mapping[str, Any]) -> bool:
 
 
 @functools.cache
+def _is_view(func: Any) -> bool:
+    """Whether an op's outputs are views of its inputs, none written (``detach``, ``transpose``, a slice)."""
+    schema = func._schema
+    written = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+    return bool(schema.returns) and not written and all(r.alias_info is not None for r in schema.returns)
+
+
+@functools.cache
 def _makes_tensors(func: Any) -> bool:
     """Whether an op's outputs are new tensors, not views of its inputs or the inputs it wrote."""
     return all(r.alias_info is None for r in func._schema.returns)
@@ -215,8 +223,9 @@ class _Watch(TorchDispatchMode):
                             f"change it and make scores depend on order"
                         )
         # a random number drawn and left unread (transformers 5.17's wav2vec2: its layer drop, taken in training only)
-        # cannot change a score; a read could (`torch.zeros_like(noise)` reads no number of it)
-        for t in inputs if self.drawn and func.overloadpacket not in _SHAPE_ONLY else ():
+        # cannot change a score; a read could (`torch.zeros_like(noise)` reads no number of it, nor a view of it: reads
+        # through the view are reads of the storage)
+        for t in inputs if self.drawn and func.overloadpacket not in _SHAPE_ONLY and not _is_view(func) else ():
             drawn = self.drawn.get(_storage(t))
             if drawn is not None and not drawn[0].expired():
                 self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1], True)
