@@ -407,6 +407,15 @@ def test_optimizer_names_one_prefix_away_from_the_models_are_matched(tmp_path):
     own = [tc.Checkpoint(copy.deepcopy(outer.state_dict()), 0.01, copy.deepcopy(opt.state_dict()))]
     with pytest.raises(ValueError, match=r"names parameters \['0.fc.weight', '0.fc.bias'\] .* relative to a submodule"):
         tc.influence(outer.eval(), own, train, test, loss_fn=LOSS, params=["fc.weight", "fc.bias"])
+    # names of a submodule that the model has too, its own layer's: read as those, warned (a sweep's find: silent)
+    inner_layer = outer.backbone[0]  # (a ModuleDict: 'fc.weight', 'fc.bias', as the model's own `fc`)
+    opt = torch.optim.Adam(inner_layer.named_parameters(), lr=0.01)
+    nn.functional.cross_entropy(outer.train()(train[0]), train[1]).backward()
+    opt.step()
+    ambiguous = [tc.Checkpoint(copy.deepcopy(outer.state_dict()), 0.01, copy.deepcopy(opt.state_dict()))]
+    with pytest.warns(UserWarning, match=r"names parameters the model has \('fc.weight', ...\), each also the end of "
+                                         r"another of its names \('backbone.0.fc.weight'\)"):  # fmt: skip
+        tc.influence(outer.eval(), ambiguous, train, test, loss_fn=LOSS, params=["fc.weight", "fc.bias"])
 
 
 class Outer(nn.Module):

@@ -132,6 +132,23 @@ def _as_named(names: Sequence[str], order: Sequence[str]) -> list[str]:
     return list(names)
 
 
+def _warn_if_relative(names: Sequence[str], order: Sequence[str], where: str) -> None:
+    """Warn where the optimizer's names, all the model's, are each also the end of another of its names: an optimizer
+    of a submodule (``model.backbone``'s ``named_parameters()``: 'fc.weight' of 'backbone.fc.weight') reads as one
+    of the model's own layers, which takes its moments (found by review: silently, where the scored layer is that one;
+    its own refused as held by no optimizer)."""
+    longer = {n: next((o for o in order if o.endswith("." + n)), None) for n in names}
+    if names and all(longer.values()) and set(names) <= set(order):
+        short, full = next(iter(longer.items()))
+        warn(
+            f"`optimizer_state` of {where} names parameters the model has ({short!r}, ...), each also the end of "
+            f"another of its names ({full!r}): read as the model's own. If its optimizer was built from a "
+            f"submodule's `named_parameters()`, its moments are that submodule's: set each group's 'param_names' to "
+            f"the model's names in a copy of the saved state.",
+            UserWarning,
+        )
+
+
 def _ids_to_names(
     groups: Sequence[Mapping[str, Any]],
     order: Sequence[str],
@@ -148,6 +165,7 @@ def _ids_to_names(
         by_name = all(isinstance(i, str) for i, _ in ids)
         saved = [i for i, _ in ids] if by_name else [n for group in groups for n in group["param_names"]]
         names = _as_named(saved, order)
+        _warn_if_relative(names, order, where)
         unknown = [n for n in names if n not in order]
         if unknown:
             raise ValueError(
