@@ -349,6 +349,23 @@ def test_non_tensor_element_in_single_batch():
         tc.self_influence(model, ckpts, names, loss_fn=loss)
 
 
+def test_a_list_of_dicts_one_per_example_is_refused_naming_padded_tensors():
+    """Detection targets as torchvision collates them, a list of one dict per image: each tensor was cut into rows as
+    the batch's, so where each image held as many boxes as the batch has images, every image was given other images'
+    boxes (169-343% off, silently; a review helper's). Refused, naming padded tensors; a list of dicts of the batch's
+    rows, not as long as the batch, is read as it is."""
+    model, ckpts, (x, y) = _setup()
+    boxes = [{"boxes": torch.rand(6, 4), "labels": torch.randint(3, (6,))} for _ in range(6)]  # (6 images, 6 boxes)
+    loss = tc.BatchLoss(lambda p, b: CE(functional_call(model, p, (b[0],)), b[2]) * 0 + torch.zeros(len(b[0])))
+    with pytest.raises(ValueError, match=r"a list of 6 dicts, one per example .* Pad them into tensors with a row per "
+                                         r"example \(`boxes \[B, M, 4\]` and a count `\[B\]`\)"):  # fmt: skip
+        tc.self_influence(model, ckpts, (x, boxes, y), loss_fn=loss)
+    per_layer = [{"a": y.clone()}, {"b": y.clone()}, {"c": y.clone()}]  # (3 dicts of the batch's 6 rows each)
+    kept = tc.ExampleLoss(lambda p, b: CE(functional_call(model, p, (b[0],)), b[1][2]["c"]))
+    assert_close(tc.self_influence(model, ckpts, (x, per_layer), loss_fn=kept),
+                 reference_scores(model, ckpts, (x, y), loss_fn=CE).self_influence)  # fmt: skip
+
+
 @dataclasses.dataclass
 class HeldBatch:
     x: torch.Tensor

@@ -57,6 +57,7 @@ def is_single_batch(data: Any) -> bool:
 
 def batch_size_of(batch: Batch, where: str) -> int:
     """Leading size shared by all tensors of ``batch``; raise if they disagree or a leaf is not a tensor."""
+    _refuse_entries_per_example(batch, where)
     leaves = optree.tree_leaves(batch, none_is_leaf=True)
     if not leaves or not all(isinstance(leaf, torch.Tensor) and leaf.dim() > 0 for leaf in leaves):
         kind = lambda x: f"Tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__  # noqa: E731
@@ -96,6 +97,36 @@ def batch_size_of(batch: Batch, where: str) -> int:
             f"dimension happened to equal the batch's would be cut into rows, one per example."
         )
     return sizes.pop()
+
+
+def _refuse_entries_per_example(batch: Batch, where: str) -> None:
+    """Refuse a list of dicts inside a batch (torchvision's detection targets: one dict per image, its boxes, a
+    number of its own): each of their tensors would be cut into rows as the batch's, an image given other images'
+    boxes, silently where each held as many as the batch has images (169-343% off; a review helper's). A list of
+    dicts of the batch's rows each, not as long as the batch, is a batch's."""
+    lists = [x for x in _nodes(batch) if isinstance(x, (list, tuple)) and x and all(isinstance(e, Mapping) for e in x)]
+    if not lists:
+        return
+    leaves = [t for t in optree.tree_leaves(batch, none_is_leaf=True) if isinstance(t, torch.Tensor) and t.dim()]
+    rows = {t.shape[0] for t in leaves if not any(t is u for x in lists for u in optree.tree_leaves(x))}
+    for entries in lists:
+        inner = [t for t in optree.tree_leaves(entries) if isinstance(t, torch.Tensor)]
+        if len(entries) in rows or any(t.dim() == 0 or t.shape[0] not in rows for t in inner):
+            raise ValueError(
+                f"{where}: the batch holds a list of {len(entries)} dicts, one per example (detection targets, say), "
+                f"whose tensors cannot be cut into examples (each one's rows would be read as examples'). Pad them "
+                f"into tensors with a row per example (`boxes [B, M, 4]` and a count `[B]`), read by a "
+                f"`tc.BatchLoss`; or, for tensors of the batch's rows, pass a dict of them instead of a list."
+            )
+
+
+def _nodes(tree: Any) -> Iterator[Any]:
+    """Every container inside ``tree`` (not ``tree`` itself), depth first."""
+    inner = tree.values() if isinstance(tree, Mapping) else tree if isinstance(tree, (list, tuple)) else ()
+    for value in inner:
+        if isinstance(value, (Mapping, list, tuple)):
+            yield value
+            yield from _nodes(value)
 
 
 def _first_not_a_row(batch: Batch) -> str:
