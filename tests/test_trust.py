@@ -1085,12 +1085,17 @@ class HiddenNoise(nn.Module):
 @pytest.mark.parametrize("scorer", list(SCORERS))
 def test_3c_randomness_the_watch_cannot_see_is_refused(source, scorer):
     """A forward whose values change between two runs on the same example is refused (it gave random scores, and a
-    slow-path warning blaming examples that interact)."""
+    slow-path warning blaming examples that interact), Python's and NumPy's generators put back (advanced by the
+    refused call's runs: a review helper's)."""
     model = HiddenNoise(source).eval()
     ckpts = make_ckpts(model)
     saved, snap = clone_ckpts(ckpts), snapshot(model)
+    train, test = data(4, seed=1), data(4, n=3, seed=2)
+    generators = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     with pytest.raises(ValueError, match=all_of("two forward passes", "different values", "random", "model.eval()")):
-        SCORERS[scorer](model, ckpts, data(4, seed=1), data(4, n=3, seed=2))
+        SCORERS[scorer](model, ckpts, train, test)
+    assert random.getstate() == generators[0] and torch.equal(torch.get_rng_state(), generators[2])
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), generators[1]))
     assert_ckpts_untouched(ckpts, saved)
     assert_unchanged(model, snap)
 

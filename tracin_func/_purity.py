@@ -15,6 +15,8 @@ random branch taken alike in both runs is not seen).
 from __future__ import annotations
 
 import functools
+import random
+import sys
 import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -474,14 +476,19 @@ def check_forward(
     (``_ModelTensorsRead``): a ``differentiated`` parameter, or one some checkpoint holds another value of."""
     example, state = batch_of_one(example_at(batch, 0)), states[0]
     exact = all(t.device.type == "cpu" for t in state.values())
-    with leaving_no_trace(module) as taken:
-        watch = _watched_run(module, loss, states, example, where, differentiated)
-        left = left_by_run(taken)
-        if watch.kept_derived():
-            watch = _watched_run(module, loss, states, example, where, differentiated, watch.read)
-        with torch.no_grad():  # (two plain runs: under the watch, fused kernels such as the native transformer
-            runs = [_copied(_run(loss, state, example)) for _ in range(2)]  # encoder's step aside)
-    _refuse_changed(*runs, exact=exact)
+    generators = _hidden_generators()
+    try:
+        with leaving_no_trace(module) as taken:
+            watch = _watched_run(module, loss, states, example, where, differentiated)
+            left = left_by_run(taken)
+            if watch.kept_derived():
+                watch = _watched_run(module, loss, states, example, where, differentiated, watch.read)
+            with torch.no_grad():  # (two plain runs: under the watch, fused kernels such as the native transformer
+                runs = [_copied(_run(loss, state, example)) for _ in range(2)]  # encoder's step aside)
+        _refuse_changed(*runs, exact=exact)
+    except BaseException:  # (refused: the draws these runs made are put back, as torch's are never made: `_Watch`)
+        _put_back_generators(generators)
+        raise
     if left and examples_in(batch) > 1:
         _refuse_carried(module, loss, state, batch, left, exact)
     return ForwardBytes(watch.largest, watch.held)
@@ -749,6 +756,24 @@ def _difference(first: list[torch.Tensor], again: list[torch.Tensor], exact: boo
         if not torch.allclose(a, b, rtol=0, atol=tolerance, equal_nan=True):
             return f"values up to {(a - b).abs().nan_to_num(float('inf')).max().item():.3g} apart"
     return ""
+
+
+def _hidden_generators() -> list[tuple[Callable[[Any], Any], Any]]:
+    """Python's, (where imported) NumPy's and torch's CPU global generators, each with its state now: the randomness
+    the watch cannot see draws from them (torch's: read through `.tolist()`, drawn by the plain runs)."""
+    taken: list[tuple[Callable[[Any], Any], Any]] = [
+        (random.setstate, random.getstate()),
+        (torch.set_rng_state, torch.get_rng_state()),
+    ]
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        taken.append((numpy.random.set_state, numpy.random.get_state()))
+    return taken
+
+
+def _put_back_generators(taken: list[tuple[Callable[[Any], Any], Any]]) -> None:
+    for set_state, state in taken:
+        set_state(state)
 
 
 def _refuse_changed(first: list[torch.Tensor], again: list[torch.Tensor], exact: bool) -> None:
