@@ -651,6 +651,10 @@ def test_checkpoints_scored_twice_are_refused_or_warned(single, tmp_path):
 
     with pytest.warns(UserWarning, match=r"`checkpoints\[0\]` and `checkpoints\[1\]` load the same values"):
         compat.TracInCP(net, train, [live, live], load, loss_fn=loss)
+    (tmp_path / "out" / "checkpoint-10").mkdir(parents=True)  # (a Trainer's output: folders, named in the refusal)
+    (tmp_path / "out" / "checkpoint-10" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"holds no checkpoints: its folders hold models; pass them in training order"):
+        compat.TracInCP(net, train, str(tmp_path / "out"), loss_fn=loss)
     with pytest.raises(TypeError, match=r"`checkpoints`: the default `checkpoints_load_func` reads checkpoint files, "
                                         r"got a dict; .* with a `checkpoints_load_func`"):  # fmt: skip
         compat.TracInCP(net, train, [live], loss_fn=loss)

@@ -740,6 +740,8 @@ def test_a_frozen_model_and_a_buffer_named_in_params_name_the_fix():
     with pytest.raises(ValueError, match=r"every parameter is frozen \(`requires_grad=False`\); name those to score "
                                          r"in `params=` \(e.g. \['fc1.weight'"):  # fmt: skip
         tc.self_influence(model, ckpts, batch, loss_fn=CE)
+    with pytest.raises(ValueError, match=r"with the default `method='exact'`"):  # (last_layer takes no `params=`)
+        tc.self_influence(model, ckpts, batch, loss_fn=CE, method="last_layer")
 
 
 def test_unknown_layer():

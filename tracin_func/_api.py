@@ -181,7 +181,8 @@ def influence(
         ``{layer: tensor}`` of that shape.
 
     Memory: test gradients of every checkpoint up to ``test_memory_bytes``, plus one training batch's and its
-    block of scores (16 MB under the automatic batch size), and the result, written into place (twice the result
+    block of scores (16 MB under the automatic batch size, held about four times over by its layers' products while
+    summed), and the result, written into place (twice the result
     for training data of a size not known before it is read: an iterable of batches other than a list, or a
     DataLoader with a sampler or ``collate_fn`` of its own).
 

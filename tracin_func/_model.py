@@ -391,7 +391,8 @@ def select_params(
     if not names:
         frozen = (
             f": every parameter is frozen (`requires_grad=False`); name those to score in `params=` (e.g. "
-            f"{list(available)[:3]})" if params is None and layers is None and available and not default else ""
+            f"{list(available)[:3]}; with the default `method='exact'`: `method='last_layer'` scores the trainable "
+            f"parameters of the last layer)" if params is None and layers is None and available and not default else ""
         )
         raise ValueError(
             f"No parameters selected to differentiate (`params`={params!r}, `layers`={layers!r}){frozen}."

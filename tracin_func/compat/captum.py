@@ -60,7 +60,15 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import tracin_func as tc
 
-from .._checkpoints import _read_file, check_lr, checkpoint_files, first_copy, refuse_copies, split_state_and_lr
+from .._checkpoints import (
+    _in_folders,
+    _read_file,
+    check_lr,
+    checkpoint_files,
+    first_copy,
+    refuse_copies,
+    split_state_and_lr,
+)
 from .._data import batch_size_of, check_stable_order, same_values, sequential_loader
 from .._setup import _default_device
 from .._validate import positive_int, seed_value
@@ -145,9 +153,10 @@ def _checkpoint_sources(checkpoints: Any) -> list[Any]:
             f"{type(checkpoints).__name__}."
         )
     if not sources:
+        folders = _in_folders(os.fspath(checkpoints)) if isinstance(checkpoints, (str, os.PathLike)) else ""
         raise ValueError(
-            f"Invalid checkpoints provided for TracIn class: {checkpoints!r} holds no checkpoints. Pass a non-empty "
-            f"directory, list of paths or iterable."
+            f"Invalid checkpoints provided for TracIn class: {checkpoints!r} holds no checkpoints{folders}. Pass a "
+            f"non-empty directory, list of paths or iterable."
         )
     return sources
 
