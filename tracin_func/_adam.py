@@ -92,10 +92,16 @@ def _group_of(groups: Sequence[Mapping[str, Any]], index: int, where: str) -> Ma
     return group
 
 
+def _ends_of(names: Sequence[str], order: Sequence[str]) -> dict[str, str | None]:
+    """Each of ``names`` and the first of the model's names (``order``) it is the end of (``fc.weight`` of
+    ``backbone.fc.weight``: a submodule's own name), or None."""
+    return {n: next((o for o in order if o.endswith("." + n)), None) for n in names}
+
+
 def _unknown_names_fix(unknown: Sequence[str], order: Sequence[str]) -> str:
     """The end of the message refusing the optimizer's ``unknown`` parameter names: why they may not be the model's
     (``order``) and the fix (names one prefix away from the model's are matched: ``_as_named``)."""
-    relative = {n: next((o for o in order if o.endswith("." + n)), None) for n in unknown}
+    relative = _ends_of(unknown, order)
     if all(relative.values()):
         short, full = next(iter(relative.items()))
         return (
@@ -121,7 +127,7 @@ def _as_named(names: Sequence[str], order: Sequence[str]) -> list[str]:
     for prefix in WRAPPER_PREFIXES:
         if all(o.startswith(prefix) for o in order) and all(prefix + n in known for n in names):
             return [prefix + n for n in names]
-    if all(any(o.endswith("." + n) for o in order) for n in names):  # (relative to a submodule: `_unknown_names_fix`)
+    if all(_ends_of(names, order).values()):  # (relative to a submodule: `_unknown_names_fix`)
         return list(names)
     parts = names[0].split(".")[:-1] if names else []
     for k in range(1, min(len(parts), 3) + 1):
@@ -137,7 +143,7 @@ def _warn_if_relative(names: Sequence[str], order: Sequence[str], where: str) ->
     of a submodule (``model.backbone``'s ``named_parameters()``: 'fc.weight' of 'backbone.fc.weight') reads as one
     of the model's own layers, which takes its moments (found by review: silently, where the scored layer is that one;
     its own refused as held by no optimizer)."""
-    longer = {n: next((o for o in order if o.endswith("." + n)), None) for n in names}
+    longer = _ends_of(names, order)
     if names and all(longer.values()) and set(names) <= set(order):
         short, full = next(iter(longer.items()))
         warn(

@@ -454,8 +454,6 @@ _FAILURES = (RuntimeError, TypeError, ValueError)  # how a model's forward fails
 _COPIES_FAIL = (AssertionError, LookupError)
 
 
-
-
 def _raise_refusal(err: Exception) -> None:
     """Raise ``err`` where it is a refusal of the call (ours: it names the argument first), not the model failing."""
     if not isinstance(err, RuntimeError) and refusal(err):

@@ -345,10 +345,8 @@ def expandable(module: nn.Module) -> bool:
     output's rank and broadcasts the rows over the batch, copies expanded over the batch (``[B, 1, ..., d]``,
     ``[B, ...]``) give each example its own gradient in one batched pass. Planning checks that use (the first
     example's true gradient, the first examples alone and together, no shape error)."""
-    own = dict(module.named_parameters(recurse=False))
-    plain_call = type(module).__call__ is nn.Module.__call__ and not wrapped(module)
-    torch_layer = type(module).__module__.startswith("torch.")  # known semantics: a site kind, or none applies
-    return plain_call and not torch_layer and bool(own) and all(map(_expandable_parameter, own.values()))
+    own = list(module.parameters(recurse=False))
+    return _of_no_known_kind(module) and bool(own) and all(map(_expandable_parameter, own))
 
 
 def expandable_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -357,12 +355,15 @@ def expandable_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     stored ``[T, d]``: all its parameters were left to other routes, the class token's met the batch in `cat`, and
     the call took vmap(grad)); a layer of matrices and vectors (a raw-weight Linear, a recurrent layer's subclass)
     keeps all of them together."""
-    if not expandable(module) and not any(map(broadcast_row, module.parameters(recurse=False))):
+    if not expandable(module) and not (_of_no_known_kind(module) and any(map(broadcast_row, module.parameters(False)))):
         return {}
-    own = dict(module.named_parameters(recurse=False))
+    return {n: p for n, p in module.named_parameters(recurse=False) if _expandable_parameter(p)}
+
+
+def _of_no_known_kind(module: nn.Module) -> bool:
+    """A layer called plainly whose class is not torch's own (known semantics: a site kind, or none applies)."""
     plain_call = type(module).__call__ is nn.Module.__call__ and not wrapped(module)
-    torch_layer = type(module).__module__.startswith("torch.")
-    return {n: p for n, p in own.items() if _expandable_parameter(p)} if plain_call and not torch_layer else {}
+    return plain_call and not type(module).__module__.startswith("torch.")
 
 
 def _expandable_parameter(p: torch.Tensor) -> bool:

@@ -173,6 +173,7 @@ def put_back_forwards(set_for_a_block: list[tuple[nn.Module, Any]]) -> None:
         else:
             object.__setattr__(module, "forward", before)
 
+
 _WITHIN: ContextVar[int] = ContextVar("_WITHIN", default=0)  # `leaving_no_trace` blocks entered and not left
 
 
