@@ -2160,6 +2160,37 @@ def test_6b2_workers_out_of_order_refused():
                                                                                     test, loss_fn=CE))  # fmt: skip
 
 
+class _Streamed(torch.utils.data.IterableDataset):
+    """Examples streamed, split among a DataLoader's workers where ``split`` (else each worker yields them all)."""
+
+    def __init__(self, dataset, split):
+        self.dataset, self.split = dataset, split
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        rows = range(len(self.dataset))
+        return (self.dataset[i] for i in (rows[worker.id :: worker.num_workers] if worker and self.split else rows))
+
+    def __len__(self):
+        return len(self.dataset)
+
+
+def test_6b4_an_iterable_dataset_each_worker_reads_whole_is_refused_by_its_length():
+    """An IterableDataset that does not split its examples among a DataLoader's workers gives each worker all of them:
+    every example was scored twice, silently, where its ``__len__`` said otherwise (``build_index`` refused it; a
+    review helper's). Refused as the pass outgrows the declared length, naming ``get_worker_info``."""
+    model = MLP().eval()
+    ckpts, ds = make_ckpts(model), _ds(8)
+    whole = DataLoader(_Streamed(ds, split=False), batch_size=2, num_workers=2)
+    with pytest.raises(ValueError, match=r"`data` declares a length of 8 .* yielded more than 8 examples\. Read by 2 "
+                                         r"workers.*get_worker_info"):  # fmt: skip
+        tc.self_influence(model, ckpts, whole, loss_fn=CE)
+    split = DataLoader(_Streamed(ds, split=True), batch_size=2, num_workers=2)  # (batches alternate between workers)
+    order = [0, 2, 1, 3, 4, 6, 5, 7]
+    assert_close(tc.self_influence(model, ckpts, split, loss_fn=CE), tc.self_influence(model, ckpts, ds.tensors,
+                                                                                        loss_fn=CE)[order])  # fmt: skip
+
+
 def test_6b3_a_failed_call_shuts_its_loaders_workers_down():
     """A call failing on an example (a label out of range) left its DataLoader's worker processes running until the
     garbage collector freed the error's traceback (a review helper's); they are shut down as it fails."""

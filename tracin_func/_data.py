@@ -214,7 +214,38 @@ def iter_batches(data: Any, batch_size: BatchSize, where: str) -> Iterator[Batch
             f"got {type(data).__name__}.{_object_hint([data])}"
         )
     batches = _opened(data)
-    yield from map(as_dict, _collated(batches if repeated is None else repeated.checked(batches, where), where))
+    batches = map(as_dict, _collated(batches if repeated is None else repeated.checked(batches, where), where))
+    streams = isinstance(data, DataLoader) and isinstance(data.dataset, torch.utils.data.IterableDataset)
+    yield from _as_declared(batches, data, where) if streams else batches
+
+
+def _as_declared(batches: Iterator[Batch], loader: DataLoader, where: str) -> Iterator[Batch]:
+    """The batches of a DataLoader over an ``IterableDataset``, refused once they pass the length it declares, or at
+    the pass's end where they fall short: a dataset that does not split its examples among the loader's workers
+    (``get_worker_info``) gives each worker all of them, each example scored once per worker (silently, before
+    2026-12-07; a review helper's)."""
+    of_examples, declared, got = loader.batch_size is not None, _sized(loader.dataset), 0
+    for batch in batches:
+        got += batch_size_of(batch, f"`{where}`'s batches") if of_examples else 1
+        if declared is not None and got > declared:
+            _refuse_declared(loader.dataset, declared, f"more than {declared}", of_examples, where, loader.num_workers)
+        yield batch
+    if declared is not None and got != declared:
+        _refuse_declared(loader.dataset, declared, f"{got}", of_examples, where, loader.num_workers)
+
+
+def _refuse_declared(sized: Any, declared: int, got: str, of_examples: bool, where: str, workers: int = 0) -> None:
+    what = "examples" if of_examples else "batches (its items: each one a batch, as it is read)"
+    split = (
+        f" Read by {workers} workers, an IterableDataset gives each of them all its examples unless its `__iter__` "
+        f"splits them (by `torch.utils.data.get_worker_info()`)."
+        if workers > 1
+        else ""
+    )
+    raise ValueError(
+        f"`{where}` declares a length of {declared} (`__len__` of its {type(sized).__name__}) but its iteration "
+        f"yielded {got} {what}.{split} Make `__len__` return the number of items its iteration yields."
+    )
 
 
 # the DataLoader iterators of the running call (``closing_workers``): their worker processes, shut down where it fails
@@ -621,11 +652,7 @@ def counted_examples(data: Any, where: str) -> int:
     sized = inner.dataset if of_examples else inner
     declared, got = _sized(sized), n if of_examples else batches
     if declared is not None and declared != got:
-        what = "examples" if of_examples else "batches (its items: each one a batch, as it is read)"
-        raise ValueError(
-            f"`{where}` declares a length of {declared} (`__len__` of its {type(sized).__name__}) but its iteration "
-            f"yielded {got} {what}. Make `__len__` return the number of items its iteration yields."
-        )
+        _refuse_declared(sized, declared, f"{got}", of_examples, where)
     return n
 
 
