@@ -412,6 +412,13 @@ def test_a_device_the_machine_lacks_is_named_not_the_file(tmp_path):
         tc.load_checkpoints([tmp_path / "ckpt.pt"], lr=0.1, map_location="cuda")
 
 
+def test_a_map_location_that_is_no_device_is_named_not_the_file(tmp_path):
+    """``map_location='bogus'`` was blamed on the file: "empty, truncated or not a checkpoint" (a review helper's)."""
+    torch.save(_states(1)[0], tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"`map_location`='bogus' is not a device .* pass one such as 'cpu'"):
+        tc.load_checkpoints([tmp_path / "ckpt.pt"], lr=0.1, map_location="bogus")
+
+
 def test_names_of_one_number_are_ordered_by_their_text(tmp_path):
     """`ckpt-1` and `ckpt-01` have one natural key: their order came from the file system's listing."""
     for i, name in enumerate(("ckpt-1.pt", "ckpt-01.pt")):

@@ -719,7 +719,9 @@ def _no_lr(model: nn.Module, path: str) -> None:
         (lambda n, tr, d: compat.TracInCP(n, as_batch(tr), d), TypeError, "TensorDataset"),
         (lambda n, tr, d: compat.TracInCP(n, tr, d, layers=["linear9"]), ValueError, "Invalid layers str"),
         (lambda n, tr, d: compat.TracInCP(nn.Sequential(n, nn.Tanh()), tr, d, layers=["1"]), ValueError,
-         r"`layers` \['1'\] hold no parameters"),  # (found by review: at the query, as `layers`=None)
+         r"`layers`: '1' is a Tanh, with no parameters"),  # (found by review: at the query, as `layers`=None)
+        (lambda n, tr, d: compat.TracInCPFast(nn.Sequential(n, nn.Tanh()), "1", tr, d), ValueError,
+         r"`final_fc_layer`: '1' is a Tanh, with no parameters"),  # (a review helper's: named `layers`)
         (lambda n, tr, d: compat.TracInCPFast(n, "invalid_layer", tr, d), ValueError,
          'Invalid final_fc_layer str: "invalid_layer" provided!'),
         (lambda n, tr, d: compat.TracInCPFast(n, nn.Linear(4, 3), tr, d), ValueError, "not a submodule"),
@@ -733,7 +735,7 @@ def _no_lr(model: nn.Module, path: str) -> None:
          ValueError, r"`train_dataset` is a DataLoader with `drop_last=True`, which leaves out its last 2 examples"),
     ],
     ids=["empty-list", "not-a-dir", "loader-without-lr", "batch-size", "tuple-train", "layers", "empty-layers",
-         "fc-name", "fc-module", "projection-dim", "nearest-neighbors", "shuffled-loader", "drop-last"],
+         "empty-fc", "fc-name", "fc-module", "projection-dim", "nearest-neighbors", "shuffled-loader", "drop-last"],
 )  # fmt: skip
 def test_construction_errors(single, make, error, match):
     net, train, _, directory = single

@@ -2739,6 +2739,8 @@ def test_influence_on_few_test_examples_factors_a_layer_whose_forming_they_canno
             tc.explain(model, ckpts, (x, y), loss_fn=CE, n_test=bad)
     with pytest.raises(ValueError, match='`n_test` is for question="influence"'):
         tc.explain(model, ckpts, (x, y), loss_fn=CE, question="self_influence", n_test=1)
+    with pytest.raises(ValueError, match='`normalize` is for question="influence"'):  # (as `self_influence` refuses it)
+        tc.explain(model, ckpts, (x, y), loss_fn=CE, question="self_influence", normalize="cosine")
 
 
 def test_a_training_gradients_own_norm_counts_among_the_products_it_takes_part_in(monkeypatch):

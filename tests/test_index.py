@@ -451,6 +451,8 @@ def test_damaged_shards_are_named(task, tmp_path):
     assert shard.read_bytes() != bytes(data)
     tc.open_index(tmp_path)
     shard.write_bytes(bytes(data))
+    with pytest.raises(TypeError, match=r"`verify` must be True or False, got 'no'"):  # (truthy: it verified)
+        tc.open_index(tmp_path, verify="no")
     index = tc.open_index(tmp_path, verify=False)
     shard.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(ValueError, match=r"shard-00001.safetensors` changed since the index was opened.*build_index"):

@@ -204,6 +204,9 @@ def test_top_k_embeddings_equals_dense_topk(block_size, proponents):
 def test_top_k_embeddings_rejects_k_above_rows():
     with pytest.raises(ValueError, match=r"`k`=11 exceeds the number of training rows \(10\)"):
         tc.top_k_embeddings(torch.randn(2, 3), torch.randn(10, 3), k=11)
+    for empty in (torch.randn(0, 3), []):  # (was told to pass `k <= 0`, which `k` refuses; a review helper's)
+        with pytest.raises(ValueError, match=r"`train` holds no embeddings \(0 rows\)"):
+            tc.top_k_embeddings(torch.randn(2, 3), empty, k=1)
 
 
 class _Bag(nn.Module):

@@ -754,8 +754,17 @@ def test_unknown_layer():
 
 def test_layers_as_a_bare_string():
     model, ckpts, batch = _setup()
-    with pytest.raises(TypeError, match=r"`layers` must be a list of module names.*`layers=\['fc'\]`"):
+    with pytest.raises(TypeError, match=r"`layers` must be a list of module names, e.g. `layers=\['fc2'\]`; got 'fc2'"):
         tc.influence(model, ckpts, batch, batch, loss_fn=CE, layers="fc2")
+
+
+def test_layers_of_a_function_model_name_params():
+    """A model given as a function has no modules: ``layers=['fc']`` was told to be "a list of module names ... e.g.
+    `layers=['fc']`", what it was (a review helper's). The message names the function and ``params=``."""
+    ckpts = [tc.Checkpoint({"fc.w": torch.randn(4, 3)}, lr=0.1)]
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(TypeError, match=r"the model is a function: pass `params=` .* `params=\['fc.w'\]`"):
+        tc.influence(lambda p, x: x @ p["fc.w"], ckpts, (x, y), (x, y), loss_fn=CE, layers=["fc"])
 
 
 def test_params_and_layers_together():
@@ -1076,6 +1085,15 @@ def test_bad_seed(seed):
     model, ckpts, batch = _setup()
     with pytest.raises(ValueError, match=r"`seed` must be an int in \[0, 2\*\*32\), got " + re.escape(repr(seed))):
         tc.embeddings(model, ckpts, batch, loss_fn=CE, projection_dim=4, seed=seed)
+
+
+def test_a_numpy_seed_is_its_int():
+    """``seed=np.int64(4)`` was refused as not "an int in [0, 2**32)", where ``projection_dim=`` and ``k=`` take numpy
+    integers (a review helper's)."""
+    np = pytest.importorskip("numpy")
+    model, ckpts, batch = _setup()
+    want = tc.embeddings(model, ckpts, batch, loss_fn=CE, projection_dim=4, seed=4)
+    assert torch.equal(tc.embeddings(model, ckpts, batch, loss_fn=CE, projection_dim=4, seed=np.int64(4)), want)
 
 
 def test_a_seed_without_projection_dim_is_refused(tmp_path):

@@ -336,6 +336,12 @@ def load_checkpoints(
         >>> ckpt.lr, sorted(ckpt.optimizer_state)
         (0.01, ['param_groups', 'state'])
     """
+    if isinstance(map_location, str):  # (torch.load blames a device string it cannot parse on the file)
+        try:
+            torch.device(map_location)
+        except RuntimeError as err:
+            message = f"`map_location`={map_location!r} is not a device ({err}); pass one such as 'cpu'."
+            raise ValueError(message) from None
     if isinstance(source, (str, os.PathLike)):
         if not os.path.exists(source):
             raise FileNotFoundError(f"`source` {os.fspath(source)!r} does not exist; pass a directory or a list of "

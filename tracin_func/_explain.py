@@ -123,7 +123,7 @@ def explain(
     data = as_dict(data)
     if question not in _QUESTIONS:
         raise ValueError(f"`question` must be one of {_QUESTIONS}, got {question!r}.")
-    for name, value in (("n_test", n_test), ("test", test)):
+    for name, value in (("n_test", n_test), ("test", test), ("normalize", normalize)):
         if value is not None and question != "influence":
             raise ValueError(f'`{name}` is for question="influence" (got {question!r}): self-influence has none.')
     test = None if test is None else as_dict(test)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ._shards import file_sha256, read_rows, shard_info
-from ._validate import cause_of
+from ._validate import boolean, cause_of
 
 FORMAT = "tracin_func.index"
 VERSION = 4  # 2: the fingerprint's `model` part; 3: what it describes of the model and the loss widened; 4: and
@@ -258,7 +258,7 @@ def open_index(path: str | os.PathLike, *, verify: bool = True) -> Index:
         >>> len(index), index.dim, len(index.shards)
         (10, 15, 3)
     """
-    path = os.fspath(path)
+    path, verify = os.fspath(path), boolean(verify, "verify")
     manifest = read_manifest(path)
     if manifest is None:
         raise ValueError(f"`{path}` holds no index (no {MANIFEST}); build one with `tc.build_index({path!r}, ...)`.")

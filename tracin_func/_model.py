@@ -356,8 +356,13 @@ def select_params(
         raise ValueError("Pass either `params` or `layers`, not both.")
     trainable = frozenset(default)  # (membership below, per name: a list made it quadratic)
     if layers is not None:
-        if isinstance(layers, str) or not isinstance(model, nn.Module):
-            raise TypeError("`layers` must be a list of module names of an `nn.Module` model, e.g. `layers=['fc']`.")
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"`layers`={layers!r} names modules of an `nn.Module` model, but the model is a function: pass "
+                f"`params=` (the names of its parameter dict's entries, e.g. `params={list(available)[:1]!r}`)."
+            )
+        if isinstance(layers, str):
+            raise TypeError(f"`layers` must be a list of module names, e.g. `layers=[{layers!r}]`; got {layers!r}.")
         names = _layer_names(model, layers, available, trainable, aliases)
     elif params is None:
         names = list(default)

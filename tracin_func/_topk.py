@@ -137,6 +137,8 @@ def top_k_embeddings(
         scores = test @ block.T
         check_finite_scores(scores, seen, operands=(test, block))
         best, seen = merge(best, scores, seen, k, largest=proponents), seen + block.shape[0]
-    if best is None or seen < k:
+    if best is None:
+        raise ValueError("`train` holds no embeddings (0 rows): pass the training examples' embeddings.")
+    if seen < k:
         raise ValueError(f"`k`={k} exceeds the number of training rows ({seen}); pass `k <= {seen}`.")
     return best

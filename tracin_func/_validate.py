@@ -43,10 +43,12 @@ def positive_int(value: Any, name: str) -> int:
 
 
 def seed_value(seed: Any) -> int:
-    """``seed`` if it is an int in ``[0, 2**32)``; otherwise a ValueError."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    """``seed`` as an int if it is an integer in ``[0, 2**32)`` (``_integer``: ``np.int64(3)`` too); otherwise a
+    ValueError."""
+    number = _integer(seed)
+    if number is None or not 0 <= number < 2**32:
         raise ValueError(f"`seed` must be an int in [0, 2**32), got {seed!r}.")
-    return seed
+    return number
 
 
 def boolean(value: Any, name: str) -> bool:

@@ -294,14 +294,15 @@ def _sum_of_outputs(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
     return outputs
 
 
-def _params_under(model: nn.Module, names: Sequence[str]) -> list[str]:
+def _params_under(model: nn.Module, names: Sequence[str], argument: str) -> list[str]:
     """Every parameter of the modules ``names`` of the module scored, frozen ones too (Captum's ``layers`` makes
     them require gradients: the core's ``layers=`` keeps the trainable ones, which dropped them, 75-83% off), each
     once, in order."""
     scored = _unwrapped(model)
     empty = [name for name in names if next(scored.get_submodule(name).parameters(), None) is None]
     if empty:
-        raise ValueError(f"`layers` {empty} hold no parameters: name modules with parameters to differentiate.")
+        kinds = ", ".join(f"{name!r} is a {type(scored.get_submodule(name)).__name__}" for name in empty)
+        raise ValueError(f"`{argument}`: {kinds}, with no parameters; name modules with parameters to differentiate.")
     found = [f"{name}.{n}" if name else n for name in names for n, _ in scored.get_submodule(name).named_parameters()]
     return list(dict.fromkeys(found))
 
@@ -482,7 +483,7 @@ class TracInCP(_TracInBase):
                 raise TypeError(f"`layers` must be a non-empty list of module names or None, got {layers!r}.")
             layers = [_module_name(model, name, "layers") for name in layers]
         self.layers = layers
-        self._params = None if layers is None else _params_under(model, layers)
+        self._params = None if layers is None else _params_under(model, layers, "layers")
         self.sample_wise_grads_per_batch = sample_wise_grads_per_batch
         self._load()
 
@@ -537,9 +538,7 @@ class TracInCPFast(_TracInBase):
         super().__init__(model, train_dataset, checkpoints, checkpoints_load_func, loss_fn, batch_size, test_loss_fn)
         name = _module_name(model, final_fc_layer, "final_fc_layer")
         self.final_fc_layer: nn.Module = _unwrapped(model).get_submodule(name)
-        self._params = _params_under(model, [name])
-        if not self._params:
-            raise ValueError(f"`final_fc_layer` {name!r} has no parameters.")
+        self._params = _params_under(model, [name], "final_fc_layer")
         self.vectorize = vectorize
         self._load()
 
