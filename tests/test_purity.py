@@ -694,3 +694,32 @@ def test_an_output_changing_hook_registered_on_the_first_run_keeps_its_place():
     fresh.load_state_dict(ckpts[0].params)
     assert_close(tc.influence(fresh, ckpts, (x, y), (x[:2], y[:2]), loss_fn=nn.CrossEntropyLoss()), want.influence)
     assert not fresh.fc1._forward_hooks and "_hooked" not in vars(fresh)
+
+
+def test_a_hook_that_removes_itself_stays_on_the_users_model():
+    """A hook running once (``handle.remove()`` in it) removed itself from the user's model: its handle points at the
+    user's module's dicts, not the call's copy's, so a call, a refused one too, took it off, and the next call scored
+    another model, 82% away (a review helper's). It stays, and every call scores the model as its next forward would
+    run it: the hook on every example."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    handles = []
+
+    def once(module, args, kwargs, output):
+        handles[0].remove()
+        return 2 * output
+
+    handles.append(model[0].register_forward_hook(once, with_kwargs=True, always_call=True))
+    found = [dict(vars(model[0])[slot]) for slot in ("_forward_hooks", "_forward_hooks_with_kwargs",
+                                                     "_forward_hooks_always_called")]  # fmt: skip
+    doubled = nn.Sequential(model[0], nn.Tanh(), model[2])
+    doubled[0] = type("Doubled", (nn.Linear,), {"forward": lambda self, x: 2 * nn.Linear.forward(self, x)})(4, 5)
+    want = reference_scores(doubled.double(), ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE).influence
+    for factored in (None, False, None):
+        assert_close(tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE, factored=factored), want)
+        assert [dict(vars(model[0])[slot]) for slot in ("_forward_hooks", "_forward_hooks_with_kwargs",
+                                                         "_forward_hooks_always_called")] == found  # fmt: skip
+    model(x)  # (the user's own forward runs it once, as registered)
+    assert not model[0]._forward_hooks

@@ -117,7 +117,8 @@ def on_copies(model: nn.Module, copies: Mapping[int, nn.Module]) -> None:
             hooks = vars(copies[id(module)])[slot]
             for key, hook in list(hooks.items()):
                 what = f"{layer} has a {kind} ({_name(hook)})"
-                hooks[key] = _guarded(_rebuilt(hook, tree, what), tree.own, copies[id(model)], what)
+                kept = _Kept(module, (slot, *_HOOK_FLAGS[slot]), key)
+                hooks[key] = _guarded(_rebuilt(hook, tree, what), tree.own, copies[id(model)], what, kept)
     for slot, kind in _GLOBAL_HOOKS.items():  # (every module's, the copies' too; not the call's to rebuild)
         for hook in list(getattr(nn.modules.module, slot).values()):
             if tree.reaches(hook):
@@ -137,15 +138,46 @@ class _Own(NamedTuple):
     storages: Mapping[int, str]
 
 
-def _guarded(hook: Any, own: _Own, root: nn.Module, what: str) -> Callable[..., Any]:
+# the dicts of a module's hook flags, by the hook's own dict: a handle's ``remove()`` deletes its key from each
+_HOOK_FLAGS = {
+    "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+    "_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+}
+
+
+class _Kept:
+    """A hook's entries in the user's module's dicts (``slots``) as the call found them, put back where the hook's
+    run removed them: a hook running once (``handle.remove()`` in it) removed itself from the user's model, its
+    handle pointing at the user's dicts, not the copy's (a review helper's); the copy keeps it, so that the model is
+    scored as the next forward would run it, on every example and in every call."""
+
+    def __init__(self, module: nn.Module, slots: tuple[str, ...], key: int) -> None:
+        self.module, self.slots, self.key = module, slots, key
+        self.found = {slot: dict(vars(module)[slot]) for slot in slots if isinstance(vars(module).get(slot), dict)}
+
+    def put_back(self) -> None:
+        for slot, found in self.found.items():
+            now = vars(self.module)[slot]
+            if self.key in found and self.key not in now:  # (in order: hooks run as they were registered)
+                kept = {k: now.get(k, v) for k, v in found.items() if k in now or k == self.key}
+                entries = {**kept, **now}
+                now.clear()
+                now.update(entries)
+
+
+def _guarded(hook: Any, own: _Own, root: nn.Module, what: str, kept: _Kept) -> Callable[..., Any]:
     """``hook``, run refusing to compute with a tensor of the user's model that the call's copy (``root``) does not
     hold now: a reference to the model the search above cannot see (a weak reference, an object's slots, a chain of
-    attributes deeper than it looks) would read the user's weights, not the checkpoint's being scored."""
+    attributes deeper than it looks) would read the user's weights, not the checkpoint's being scored. Its entries
+    in the user's module stay (``kept``)."""
 
     @functools.wraps(hook)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        with _UsersTensors(own, root, what):
-            return hook(*args, **kwargs)
+        try:
+            with _UsersTensors(own, root, what):
+                return hook(*args, **kwargs)
+        finally:
+            kept.put_back()
 
     return guarded
 
