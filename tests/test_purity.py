@@ -723,3 +723,79 @@ def test_a_hook_that_removes_itself_stays_on_the_users_model():
                                                          "_forward_hooks_always_called")] == found  # fmt: skip
     model(x)  # (the user's own forward runs it once, as registered)
     assert not model[0]._forward_hooks
+
+
+class _Lazy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.LazyLinear(5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(x)))
+
+
+def test_lazy_layers_not_yet_run_are_named():
+    """A lazy layer before its first forward failed deep inside the call with torch's "uninitialized parameter" (a
+    ValueError the storage lookup let through), and a checkpoint saved before it in ``load_state_dict`` (a review
+    helper's): both are named with the fix."""
+    x, y = torch.randn(7, 4), torch.randint(0, 3, (7,))
+    ran = _Lazy()
+    ran(x[:1])
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in ran.eval().state_dict().items()}, lr=0.1)]
+    with pytest.raises(ValueError, match=r"`model` has uninitialized tensors \(\['l1.weight', 'l1.bias'\]\).*Run the "
+                                         r"model once on a batch"):  # fmt: skip
+        tc.self_influence(_Lazy().eval(), ckpts, (x, y), loss_fn=CE)
+    early = [tc.Checkpoint(dict(_Lazy().state_dict()), lr=0.1)]
+    with pytest.raises(ValueError, match=r"`checkpoints\[0\]\['l1.weight'\]` is an uninitialized tensor .* after the "
+                                         r"model has run once"):  # fmt: skip
+        tc.self_influence(ran, early, (x, y), loss_fn=CE)
+    want = reference_scores(ran.double(), [tc.Checkpoint({k: v.double() for k, v in ckpts[0].params.items()}, 0.1)],
+                            (x.double(), y), loss_fn=CE)  # fmt: skip
+    assert_close(tc.self_influence(ran, ckpts, (x, y), loss_fn=CE, dtype=torch.float64), want.self_influence)
+
+
+class _SwitchesToTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.bn, self.l2 = nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        self.bn.train()
+        return self.l2(self.bn(self.l1(x)))
+
+
+class _Enqueues(nn.Module):
+    """A criterion keeping a queue of negatives it updates (MoCo's), in place or rebound."""
+
+    def __init__(self, in_place):
+        super().__init__()
+        self.in_place, self.reduction = in_place, "none"
+        self.register_buffer("queue", torch.randn(16, 3))
+
+    def forward(self, z, y):
+        loss = nn.functional.cross_entropy(z @ self.queue.T, y, reduction="none")
+        if self.in_place:
+            self.queue[: len(z)] = z.detach()
+        else:
+            self.queue = torch.cat([z.detach(), self.queue])[:16]
+        return loss
+
+
+def test_a_refused_state_change_names_who_makes_it():
+    """Refusals named `model` and advised `model.eval()` where the model ran in eval mode already: its forward put a
+    BatchNorm in training mode, or the criterion updated a queue of its own (review helpers')."""
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    model = _SwitchesToTraining().eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    with pytest.raises(ValueError, match=r"module 'bn' .*\(the model's forward puts it in training mode: drop that "
+                                         r"`.train\(\)` call"):  # fmt: skip
+        tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
+    model = nn.Linear(4, 3).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    for in_place, why in ((True, "outside the model's forward, the loss function writes into a tensor it keeps"),
+                          (False, "two runs on the same model outputs and targets gave different losses")):  # fmt: skip
+        criterion = _Enqueues(in_place)
+        queue = criterion.queue.clone()
+        with pytest.raises(ValueError, match=rf"`loss_fn`: {why}.*\(a queue of negatives: update it between calls"):
+            tc.self_influence(model, ckpts, (x, y % 3), loss_fn=criterion)
+        assert torch.equal(criterion.queue, queue)

@@ -253,6 +253,12 @@ def check_runnable(
             f"`._orig_mod`; `module.compile()` compiles in place, which scores as it is), and {compile_fix}."
         )
     check_not_scripted(model)
+    lazy = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if nn.parameter.is_lazy(t)]
+    if lazy:
+        raise ValueError(
+            f"`model` has uninitialized tensors ({_names(lazy)}): a lazy layer (`nn.LazyLinear`, ...) takes its "
+            f"shapes on its first forward. Run the model once on a batch (`model(x[:1])`) before scoring."
+        )
     check_eval_mode(model, eval_fix)
     check_no_backward_hooks(model)
     if parametrize._cache_enabled and any(parametrize.is_parametrized(m) for m in model.modules()):
@@ -501,6 +507,11 @@ def _names(names: list[str], limit: int = 10) -> str:
 
 def _check_tensor(value: Any, where: str) -> None:
     if isinstance(value, torch.Tensor):
+        if nn.parameter.is_lazy(value):
+            raise ValueError(
+                f"{where} is an uninitialized tensor (a lazy layer's, saved before the model's first forward): save "
+                f"the checkpoints after the model has run once."
+            )
         if value.device.type == "meta":
             raise ValueError(
                 f"{where} is on the meta device: it holds no values. Load real weights (e.g. `tc.load_checkpoints`, "

@@ -157,6 +157,7 @@ _LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.defa
 
 
 _IN_LOSS = "the loss function"  # who drew: no module of the model was running (a module model's loss's own code)
+_KEEP_FIXED = "keep what it reads fixed while scoring (a queue of negatives: update it between calls, not in the loss)"
 
 
 class _Watch(TorchDispatchMode):
@@ -172,10 +173,13 @@ class _Watch(TorchDispatchMode):
         given: set[int],
         checkpoint: set[int],
         root: bool = False,
+        training: frozenset[int] = frozenset(),
     ) -> None:
         super().__init__()
         self.protected, self.modules, self.given = protected, modules, given
         self.root = root  # the model is a module: an op run while none of its modules runs is the loss's own code
+        self.training = training  # the modules (identities) in training mode as the run began (not as its forward
+        # switched them: ``.eval()`` would not help)
         self.derived = set(checkpoint)  # tensors (identities) computed from the checkpoint's tensors
         self.from_example = given - checkpoint  # tensors (identities) computed from the example's
         self.largest = 0  # bytes of the largest tensor made from the example (views and in-place ops make none)
@@ -216,13 +220,15 @@ class _Watch(TorchDispatchMode):
                         )
                     if target is not None:
                         self._refuse(
-                            f"writes into {target} ({func}), which would change it and make scores depend on order"
+                            f"writes into {target} ({func}), which would change it and make scores depend on order",
+                            self._drawer(),
                         )
                     if isinstance(t, torch.Tensor) and _storage(t) in self.kept_storages:
                         self._refuse(
                             f"writes into a tensor it keeps, neither the checkpoint's nor the example's ({func}: a "
                             f"closure's or an attribute's, a train-mode BatchNorm's running statistics), which would "
-                            f"change it and make scores depend on order"
+                            f"change it and make scores depend on order",
+                            self._drawer(),
                         )
         # a random number drawn and left unread (transformers 5.17's wav2vec2: its layer drop, taken in training only)
         # cannot change a score; a read could (`torch.zeros_like(noise)` reads no number of it, nor a view of it: reads
@@ -337,18 +343,21 @@ class _Watch(TorchDispatchMode):
         return _IN_LOSS if self.root and not self.modules else self._running()
 
     def _refuse(self, what: str, who: str | None = None, drawn: bool = False) -> None:
-        if who is _IN_LOSS:  # drawn outside the model's forward: the loss function's own code
+        if who is _IN_LOSS:  # outside the model's forward: the loss function's own code
+            example = " (a noise or timestep drawn with `torch.randn` / `torch.randint` in a diffusion loss, say)"
+            said = (example, f"{_PASS_DRAWN}, and read them there") if drawn else ("", _KEEP_FIXED)
             raise ValueError(
-                f"`loss_fn`: outside the model's forward, the loss function {what} (a noise or timestep drawn with "
-                f"`torch.randn` / `torch.randint` in a diffusion loss, say). TracIn needs each example's loss to be a "
-                f"function of the checkpoint and the example: {_PASS_DRAWN}, and read them there."
+                f"`loss_fn`: outside the model's forward, the loss function {what}{said[0]}. TracIn needs each "
+                f"example's loss to be a function of the checkpoint and the example: {said[1]}."
             )
         who = who or self._running()
         remove = "remove the state update / randomness from that module"
-        training = any(module.training for _, module in self.modules) or not self.modules  # (a function: unknown)
+        training = any(id(m) in self.training for _, m in self.modules) or not self.modules  # (a function: unknown)
         evaluate = "`model.eval()`" if self.modules else "`.eval()` on the modules the function calls"
+        switched = any(m.training for _, m in self.modules)  # (by the forward: ``self.bn.train()``)
         fix = (f"call {evaluate} before scoring (training mode updates running statistics and turns on dropout), "
-               f"or {remove}" if training else f"{remove} (it runs in eval mode already)")  # fmt: skip
+               f"or {remove}" if training else f"{remove} (the model's forward puts it in training mode: drop that "
+               f"`.train()` call)" if switched else f"{remove} (it runs in eval mode already)")  # fmt: skip
         if drawn:  # (noise the model needs, a VAE's reparameterisation: given with the example, as the loss's)
             fix += f"; for noise it needs (a VAE's `torch.randn_like`), {_PASS_DRAWN}, and read them in its forward"
         raise ValueError(
@@ -477,15 +486,16 @@ def check_forward(
     example, state = batch_of_one(example_at(batch, 0)), states[0]
     exact = all(t.device.type == "cpu" for t in state.values())
     generators = _hidden_generators()
-    try:
-        with leaving_no_trace(module) as taken:
+    criterion = loss.criterion if isinstance(loss, CriterionLoss) and isinstance(loss.criterion, nn.Module) else None
+    try:  # (a criterion's attributes too: one updating a queue of its own, refused, kept the update)
+        with leaving_no_trace(module) as taken, leaving_no_trace(criterion):
             watch = _watched_run(module, loss, states, example, where, differentiated)
             left = left_by_run(taken)
             if watch.kept_derived():
                 watch = _watched_run(module, loss, states, example, where, differentiated, watch.read)
             with torch.no_grad():  # (two plain runs: under the watch, fused kernels such as the native transformer
                 runs = [_copied(_run(loss, state, example)) for _ in range(2)]  # encoder's step aside)
-        _refuse_changed(*runs, exact=exact)
+        _refuse_changed(*runs, exact=exact, criterion=loss.name if isinstance(loss, CriterionLoss) else None)
     except BaseException:  # (refused: the draws these runs made are put back, as torch's are never made: `_Watch`)
         _put_back_generators(generators)
         raise
@@ -547,6 +557,10 @@ def check_reads(
         _run(loss, states[0], example, _ModelTensorsRead.of(module, differentiated, states, loss))
 
 
+def _in_training(module: nn.Module | None) -> frozenset[int]:
+    return frozenset(id(m) for m in module.modules() if m.training) if module is not None else frozenset()
+
+
 def _watched_run(
     module: nn.Module | None,
     loss: ExampleLossFn,
@@ -565,7 +579,7 @@ def _watched_run(
     with (
         torch.no_grad(),
         _running_modules(module) as stack,
-        _Watch(protected, stack, given, checkpoint, root=module is not None) as watch,
+        _Watch(protected, stack, given, checkpoint, module is not None, _in_training(module)) as watch,
     ):
         try:
             _run(loss, state, example, _ModelTensorsRead.of(module, differentiated, states, loss))
@@ -776,10 +790,17 @@ def _put_back_generators(taken: list[tuple[Callable[[Any], Any], Any]]) -> None:
         set_state(state)
 
 
-def _refuse_changed(first: list[torch.Tensor], again: list[torch.Tensor], exact: bool) -> None:
+def _refuse_changed(first: list[torch.Tensor], again: list[torch.Tensor], exact: bool, criterion: str | None) -> None:
     """Raise when two runs of the forward on the same example and checkpoint gave different values
-    (``_difference``)."""
+    (``_difference``); a ``criterion``'s, where the model's outputs (its values but the last, the loss) agree."""
     differs = _difference(first, again, exact)
+    if differs and criterion is not None and not _difference(first[:-1], again[:-1], exact):
+        raise ValueError(
+            f"`{criterion}`: two runs on the same model outputs and targets gave different losses ({differs}): the "
+            f"criterion depends on a state that changes between calls (an attribute it sets) or draws random numbers "
+            f"outside torch's generators, so its scores would depend on order. TracIn needs each example's loss to be "
+            f"a function of the checkpoint and the example: {_KEEP_FIXED}."
+        )
     if differs:
         raise ValueError(
             f"`model`: two forward passes on the same example and checkpoint gave different values ({differs}): the "
