@@ -903,3 +903,40 @@ def test_weights_set_by_a_wrapper_keep_the_old_route(cell):
         assert_close(scores, reference_scores(model, ckpts, data, loss_fn=CE).self_influence)
         rnn = [r for r in e.routes if r.parameter.startswith("rnn.")]
         assert rnn and all("WeightDrop" in r.reason for r in rnn), rnn
+
+
+class _LearnedH0(nn.Module):
+    """A GRU whose initial state is a parameter, held ``[1, 1, H]`` and expanded over the batch's dimension of
+    ``h0`` (the second), or held ``[1, H]``, expanded over its first and unsqueezed."""
+
+    def __init__(self, row_first: bool):
+        super().__init__()
+        self.row_first = row_first
+        self.emb, self.rnn, self.fc = nn.Embedding(20, 6), nn.GRU(6, 5, batch_first=True), nn.Linear(5, 3)
+        self.h0 = nn.Parameter(torch.randn(1, 5) if row_first else torch.randn(1, 1, 5))
+
+    def forward(self, x):
+        b = x.shape[0]
+        h0 = self.h0.expand(b, 5).unsqueeze(0) if self.row_first else self.h0.expand(1, b, 5)
+        return self.fc(self.rnn(self.emb(x), h0)[0][:, -1])
+
+
+def test_a_learned_initial_state_is_exact_and_a_row_the_model_expands_elsewhere_names_the_layout_to_hold():
+    """A learned ``h0`` ``[1, 1, H]`` expanded over the batch in its second dimension cannot take copies per example
+    in its first: the call left the batched path with torch's shape error alone (a review helper's). Exact either
+    way; the warning names the layout that stays batched, ``[1, H]``, which does."""
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 20, (9, 7)), torch.randint(0, 3, (9,))
+    for row_first in (False, True):
+        model = _LearnedH0(row_first).double().eval()
+        ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.3)]
+        want = reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert_close(tc.influence(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE), want.influence)
+        slow = [str(w.message) for w in caught if issubclass(w.category, tc.SlowPathWarning)]
+        if row_first:
+            assert not slow, slow
+        else:
+            assert len(slow) == 1 and "'h0' [1, 1, 5] is copied over the batch in its first dimension" in slow[0]
+            assert "hold it as [1, 5]" in slow[0]

@@ -263,7 +263,8 @@ def _compared(
                 together, on_packed = together_in(loss, plan, order)
             except _FAILURES as again:  # (a model taking one example at a time: GPT-2's classifier without a pad id)
                 _raise_refusal(again)
-                return BatchingCheck(f"a batched forward failed where examples alone ran ({cause_of(err)})", {})
+                hint = _rows_of_ones(expanded, state)
+                return BatchingCheck(f"a batched forward failed where examples alone ran ({cause_of(err)}){hint}", {})
         # what shows padding in the data (each mask, each tensor's ends) shows it as far as it varies, packed too (a
         # second input the model cuts to the batch's longest)
         shown = tuple(_ranges(padding(_inputs(few, losses))).items())
@@ -394,6 +395,21 @@ def _first_rows(factors: LayerFactors, n: int) -> LayerFactors:
     """A layer's factors of the first ``n`` rows of the examples run together (not the copy after them)."""
     xs, gs = factors
     return [x[:n] for x in xs], [g[:n] for g in gs]
+
+
+def _rows_of_ones(expanded: Sequence[Site], state: Tensors) -> str:
+    """A hint where a row ``[1, 1, ...]`` copied over the batch in its first dimension may be broadcast by the model
+    over another: an RNN's learned initial state ``h0.expand(1, B, H)`` (a review helper's)."""
+    rows = [(n, tuple(state[n].shape)) for s in expanded for n in s.names]
+    name, shape = next(((n, shape) for n, shape in rows if len(shape) > 2 and shape[1] == 1), (None, ()))
+    if name is None:
+        return ""
+    row = [1, *shape[2:]]
+    return (
+        f"; {name!r} {list(shape)} is copied over the batch in its first dimension, which a model expanding it over "
+        f"another (an RNN's learned initial state, `h0.expand(1, B, H)`) cannot take: hold it as {row} and expand "
+        f"that (`h0.expand(B, ...).unsqueeze(0)`) to stay on the batched path"
+    )
 
 
 def _kept_on_refusal(seen: dict[str, LayerFactors], together: Mapping[str, LayerFactors], n: int) -> dict:
