@@ -1367,6 +1367,26 @@ def test_an_op_of_one_dtype_under_dtype_float64_is_named():
     data = (torch.randn(5, 4), torch.randint(3, (5,)))
     with pytest.raises(RuntimeError, match=r"found Double\. The call computes in torch.float64 .* one dtype only"):
         tc.self_influence(model, ckpts, data, loss_fn=CE, dtype=torch.float64)
+    # a grouped matrix product (transformers' Mixture-of-experts run by `grouped_mm`), in its own words: "Expected
+    # mat_a to be Float32, BFloat16 or Float16 matrix, got Double", blamed on example 0 alone (a review helper's)
+    experts = nn.Sequential(nn.Linear(4, 8), GroupedExperts()).eval()
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in experts.state_dict().items()}, 0.1)]
+    with pytest.raises(RuntimeError, match=r"got Double\. The call computes in torch.float64 .*`grouped_mm`.* 'eager'"):
+        tc.self_influence(experts, ckpts, data, loss_fn=CE, dtype=torch.float64)
+
+
+class GroupedExperts(nn.Module):
+    """Two experts' ``[4, 3]`` weights applied by one grouped matrix product (float32 and narrower only), each to a
+    half of the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 4, 4))
+
+    def forward(self, x):
+        halves = x.reshape(-1, 4)
+        offsets = torch.tensor([halves.shape[0] // 2, halves.shape[0]], dtype=torch.int32)
+        return torch._grouped_mm(halves, self.weight, offs=offsets).reshape(x.shape[0], -1)[:, :3]
 
 
 def test_a_pure_functions_params_must_be_a_flat_dict_and_calls_are_never_transformed():
