@@ -660,3 +660,29 @@ def test_cvt_is_exact_where_one_backward_per_example_is_not():
     assert not torch.allclose(looped.self_influence, on_grid.self_influence, rtol=1e-10, atol=0)
     assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), truth.influence)
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss), truth.self_influence)
+
+
+def test_a_table_a_run_grows_for_later_ones_is_the_models_as_the_call_found_it_in_every_batch():
+    """Llama's dynamic RoPE grows its rotary table on an input longer than any before and keeps it: training examples
+    scored after longer test examples took their table (influence 40% off), and a batch after a longer one its
+    (26%), silently (a review helper's). Every batch's pass starts from the model as the call found it, as its next
+    forward would run: one call's scores are those of calls on each data alone."""
+    config = T.LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                           intermediate_size=32, vocab_size=50, max_position_embeddings=8, pad_token_id=0,
+                           rope_scaling={"rope_type": "dynamic", "factor": 4.0})  # fmt: skip
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(config).double().eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    loss = tc.causal_lm_loss(model)
+    g = torch.Generator().manual_seed(1)
+
+    def batch(n, length):
+        ids = torch.randint(3, 50, (n, length), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    train, test, late = batch(4, 12), batch(2, 32), batch(3, 12)
+    apart = tc.embeddings(model, ckpts, test, loss_fn=loss) @ tc.embeddings(model, ckpts, train, loss_fn=loss).T
+    assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), apart)
+    scored = tc.self_influence(model, ckpts, [train, test, late], loss_fn=loss)
+    assert_close(scored[-3:], tc.self_influence(model, ckpts, late, loss_fn=loss))
+    assert int(model.model.rotary_emb.max_seq_len_cached) == 8

@@ -9,6 +9,7 @@ checkpoints, and the global grad mode, RNG state and default dtype.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
 from typing import Any, Callable
@@ -294,17 +295,17 @@ def test_pure_when_the_call_raises():
 
 
 class _InterruptedAt(nn.Module):
-    """A layer of its own forward (``F.linear`` on its weights) raising KeyboardInterrupt at its ``k``-th call."""
+    """A layer of its own forward (``F.linear`` on its weights) raising KeyboardInterrupt at its ``k``-th call (counted
+    by an iterator it shares with its copies: a count kept as a value would start again at each batch's pass)."""
 
     def __init__(self, k: int) -> None:
         super().__init__()
         self.weight, self.bias = nn.Parameter(0.3 * torch.randn(8, 6)), nn.Parameter(torch.zeros(8))
-        self.k, self.calls = k, 0
+        self.k, self.calls = k, itertools.count(1)
 
     def forward(self, x):
         y = torch.nn.functional.linear(x, self.weight, self.bias)
-        self.calls += 1
-        if self.calls == self.k:
+        if next(self.calls) == self.k:
             raise KeyboardInterrupt("interrupted")
         return y
 
@@ -799,3 +800,64 @@ def test_a_refused_state_change_names_who_makes_it():
         with pytest.raises(ValueError, match=rf"`loss_fn`: {why}.*\(a queue of negatives: update it between calls"):
             tc.self_influence(model, ckpts, (x, y % 3), loss_fn=criterion)
         assert torch.equal(criterion.queue, queue)
+
+
+def test_a_hook_that_removes_itself_is_kept_for_a_call_on_another_thread():
+    """While one call's run of a hook that removes itself had it out of the user's module (before it was put back),
+    another thread's call copied the model without it and scored another model, 40% off (a review sweep's). Copies
+    are made, and hooks run and put back, one at a time."""
+    import threading
+    import time
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    handles = []
+
+    def once(module, args, output):
+        handles[0].remove()
+        time.sleep(0.005)  # (a hook doing some work: the other thread copies the model meanwhile)
+        return 2 * output
+
+    handles.append(model[0].register_forward_hook(once))
+    want = tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE)
+    for delay in (0.0, 0.02, 0.05):
+        got = {}
+        calls = [threading.Thread(target=lambda i=i: got.setdefault(i, tc.influence(
+            model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE))) for i in range(2)]  # fmt: skip
+        calls[0].start()
+        time.sleep(delay)
+        calls[1].start()
+        for call in calls:
+            call.join()
+        for scores in got.values():
+            assert_close(scores, want)
+    assert len(model[0]._forward_hooks) == 1
+
+
+class _KeepsLast(nn.Module):
+    """A criterion keeping its last loss and a count of its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.last, self.calls = None, 0
+
+    def forward(self, z, y):
+        loss = nn.functional.cross_entropy(z, y, reduction="none")
+        self.last, self.calls = loss.detach(), self.calls + 1
+        return loss
+
+
+def test_a_criterions_attributes_are_as_the_call_found_them():
+    """A criterion setting attributes as it runs kept them after the call: its count of the call's runs, and its last
+    loss, a vmap-internal tensor unusable after it (a review sweep's). Put back as the model's layers are."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double().eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    criterion = _KeepsLast()
+    want = reference_scores(model, ckpts, (x, y), loss_fn=CE).self_influence
+    for factored in (None, False):
+        assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=criterion, factored=factored), want)
+        assert criterion.last is None and criterion.calls == 0

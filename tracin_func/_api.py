@@ -26,10 +26,10 @@ from ._distributed import (
 )
 from ._driver import collect_rows, counting_reads, embedding_blocks, query_chunks, score_blocks, self_blocks
 from ._index import Index
-from ._model import ParamSelector, exclusive_use
+from ._model import ParamSelector
 from ._projection import projection_of
 from ._search import index_influence, index_setup, index_top_k, rerank_candidates
-from ._setup import Setup, make_setup
+from ._setup import Setup, in_use, make_setup
 from ._topk import TopK, merge
 from ._validate import boolean, positive_int
 from ._warn import warn
@@ -244,7 +244,7 @@ def influence(
     counted = "train" if setup.ranks is None else None  # (one process writes every column)
 
     def local() -> list[Any]:  # per chunk of test examples, this rank's scores (or score blocks); or all in one
-        with exclusive_use(setup.spec):
+        with in_use(setup):
             chunks = query_chunks(
                 setup, test, aggregate=aggregate, normalize=normalize, budget=setup.test_budget, train=data,
                 train_start=start,
@@ -416,7 +416,7 @@ def top_k(
 
     def local() -> tuple[list[tuple[TopK | None, int]], int]:  # per test chunk (this rank's top-k, rows), seen
         lists, seen = [], 0
-        with exclusive_use(setup.spec):
+        with in_use(setup):
             budget = None if aggregate else setup.test_budget  # lists of summed scores cannot be merged by chunk
             chunks = query_chunks(
                 setup, test, aggregate=aggregate, normalize=normalize, budget=budget, train=data, train_start=start
@@ -587,7 +587,7 @@ def self_influence(
     mine, start, by_batch = share(data, setup.ranks)
 
     def local() -> list[tuple[int, Any]]:
-        with exclusive_use(setup.spec):
+        with in_use(setup):
             return list(self_blocks(setup, mine, start=start, ranks=by_batch, per_layer=per_layer))
 
     like = torch.empty(0, dtype=setup.dtype, device=setup.device)
@@ -655,7 +655,7 @@ def embeddings(
     mine, start, by_batch = share(data, setup.ranks)
 
     def local() -> torch.Tensor | list[tuple[int, torch.Tensor]]:
-        with exclusive_use(setup.spec):
+        with in_use(setup):
             blocks = embedding_blocks(setup, mine, start=start, ranks=by_batch)
             return list(blocks) if setup.ranks is not None else collect_rows(blocks, known_examples(mine))
 

@@ -40,6 +40,7 @@ from ._layers import Site
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floating_leaves
 from ._recurrent import packed_calls
 from ._representations import Representation
+from ._state import as_found
 from ._validate import cause_of, refusal
 
 if TYPE_CHECKING:
@@ -795,6 +796,7 @@ def spot_check(
             checked.append(odd[next(odd_picks) % len(odd)])
         for i in checked:
             one = torch.tensor([i])
+            as_found(module)  # (alone as the batch ran: from the model as the call found it)
             with on_traced_path(encoders):
                 alone = _witnessed(loss, state, names, select_rows(batch, one), bool(together[2]))
                 alike = _alike_alone(together, alone, n, i)

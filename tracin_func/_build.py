@@ -33,10 +33,9 @@ from ._distributed import (
 from ._driver import embedding_parts, first_examples, naming_failures
 from ._fingerprint import differences, fingerprint, tensor_bytes
 from ._index import FORMAT, LAYOUT, MANIFEST, VERSION, Index, check_shard, manifest_digest, open_index, read_manifest
-from ._model import exclusive_use
 from ._plan import scored_names
 from ._projection import projection_of
-from ._setup import Setup, make_setup
+from ._setup import Setup, in_use, make_setup
 from ._shards import TEMPORARY, file_and_payload_sha256, file_sha256, shard_info, shard_name, write_json, write_shard
 from ._validate import boolean, positive_int
 
@@ -55,7 +54,7 @@ def _embedded_names(setup: Setup, train: Any) -> Sequence[str]:
     if setup.method != "last_layer":
         return setup.spec.diff_names
     head = first_examples(setup, train, "train")
-    with exclusive_use(setup.spec), naming_failures(setup.train_loss, setup, head, "train", 0):
+    with in_use(setup), naming_failures(setup.train_loss, setup, head, "train", 0):
         return scored_names(setup, head)
 
 
@@ -521,7 +520,7 @@ def build_index(
             disable=not setup.progress,
             leave=False,
         )
-        with exclusive_use(setup.spec), bar:
+        with in_use(setup), bar:
             for i in todo:
                 start, stop = ranges[i]
                 embeddings, self_influence, data = _shard_rows(setup, source, start, stop, storage_dtype, bar)

@@ -14,9 +14,8 @@ from ._checkpoints import Checkpoint
 from ._context import in_own_context
 from ._data import as_dict, batch_size_of, num_examples, sized_automatically, slice_batch
 from ._driver import batches, first_examples, most_against, most_per_batch, naming_failures
-from ._model import exclusive_use
 from ._plan import plan_call, split_state
-from ._setup import make_setup
+from ._setup import in_use, make_setup
 from ._validate import positive_int
 from ._warn import silenced
 
@@ -131,7 +130,7 @@ def explain(
     normalize = _check_normalize(normalize)
     partners = None if n_test is None else n_test + (normalize is not None)
     setup = make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options)
-    with exclusive_use(setup.spec):
+    with in_use(setup):
         offset, batch = next(iter(batches(setup, data, "data", "explain")), (0, None))
         if batch is None:
             raise ValueError("`data` holds no examples.")

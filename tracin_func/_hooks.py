@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import threading
 import types
 from collections.abc import Callable, Mapping
 from itertools import islice
@@ -145,6 +146,11 @@ _HOOK_FLAGS = {
 }
 
 
+# held while a copy's hook runs and its entries are put back, and while a copy is made: a hook removing itself from
+# the user's dicts in one call's run left another call's copy made meanwhile without it (40% off; a review helper's)
+HOOKS_PUT_BACK = threading.RLock()
+
+
 class _Kept:
     """A hook's entries in the user's module's dicts (``slots``) as the call found them, put back where the hook's
     run removed them: a hook running once (``handle.remove()`` in it) removed itself from the user's model, its
@@ -173,11 +179,12 @@ def _guarded(hook: Any, own: _Own, root: nn.Module, what: str, kept: _Kept) -> C
 
     @functools.wraps(hook)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        try:
-            with _UsersTensors(own, root, what):
-                return hook(*args, **kwargs)
-        finally:
-            kept.put_back()
+        with HOOKS_PUT_BACK:
+            try:
+                with _UsersTensors(own, root, what):
+                    return hook(*args, **kwargs)
+            finally:
+                kept.put_back()
 
     return guarded
 

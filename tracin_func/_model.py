@@ -20,9 +20,9 @@ from torch.nn.utils import parametrize
 from ._checkpoints import LR_KEYS, WRAPPER_PREFIXES, Checkpoint, check_lr, unprefixed
 from ._data import COMPLEX
 from ._encoders import encoders_set_aside
-from ._hooks import on_copies
+from ._hooks import HOOKS_PUT_BACK, on_copies
 from ._recurrent import recurrent_unrolled
-from ._state import CONTAINERS, FLAT_ABOVE, MODULE_SLOTS, NESTING, leaving_no_trace
+from ._state import CONTAINERS, FLAT_ABOVE, MODULE_SLOTS, NESTING, leaving_no_trace, passes_from_here
 from ._warn import warn
 
 Forward = Callable[..., Any]  # forward(state, *inputs) -> outputs
@@ -66,7 +66,7 @@ _LOCKS_GUARD = threading.Lock()
 
 
 @contextmanager
-def exclusive_use(spec: ModelSpec) -> Iterator[None]:
+def exclusive_use(spec: ModelSpec, *losses: Any) -> Iterator[None]:
     """Hold the module a call runs on for the whole call: the user's (a loss calling it: ``tc.ExampleLoss``,
     ``tc.BatchLoss``) or a private copy (uncontended, except a tracer's, which every step of every thread uses):
     concurrent calls on it then run one after the other instead of swapping tensors into it at the same time. The
@@ -74,13 +74,18 @@ def exclusive_use(spec: ModelSpec) -> Iterator[None]:
     maps appended to a list, is undone). Recurrent layers run as unrolled cells for the whole call
     (``_recurrent.recurrent_unrolled``: the same function; on the user's module too, under its lock: a loss calling
     it ran the fused op under vmap, one example at a time in float64), and encoders called without gradients take
-    torch's path as in the user's model (``_encoders.encoders_set_aside``)."""
-    if spec.module is None:
+    torch's path as in the user's model (``_encoders.encoders_set_aside``). Each scoring pass starts from the
+    layers' attributes as they are then (``_state.as_found``). The ``losses``' criteria that are modules are left as
+    they were too (one keeping its last loss in an attribute kept vmap's, unusable after the call)."""
+    criteria = {id(c): c for c in (getattr(loss, "criterion", None) for loss in losses) if isinstance(c, nn.Module)}
+    with ExitStack() as stack:
+        if spec.module is not None:
+            for block in (holding, leaving_no_trace, recurrent_unrolled, encoders_set_aside):
+                stack.enter_context(block(spec.module))
+        for criterion in criteria.values():
+            stack.enter_context(leaving_no_trace(criterion))
+        stack.enter_context(passes_from_here(spec.module))
         yield
-        return
-    with holding(spec.module), leaving_no_trace(spec.module), recurrent_unrolled(spec.module):
-        with encoders_set_aside(spec.module):
-            yield
 
 
 @contextmanager
@@ -127,15 +132,16 @@ def private_copy(model: nn.Module) -> nn.Module:
                 clone._modules[name] = None if child is None else copy_of(child)
         return copies[id(module)]
 
-    root = copy_of(model)
-    containers: dict[int, Any] = {}  # the copy of each container, by identity: shared ones stay shared
-    for clone in copies.values():
-        for key, value in vars(clone).items():
-            if key not in MODULE_SLOTS:
-                object.__setattr__(clone, key, copied_containers(value, copies, containers))
-    for name, module in model.named_modules(remove_duplicate=False):
-        _rebind_instance_forward(name, module, copies)
-    on_copies(model, copies)
+    with HOOKS_PUT_BACK:  # (the user's hooks as no copy's run has removed them, each copy's put back where that run
+        root = copy_of(model)  # removes them)
+        containers: dict[int, Any] = {}  # the copy of each container, by identity: shared ones stay shared
+        for clone in copies.values():
+            for key, value in vars(clone).items():
+                if key not in MODULE_SLOTS:
+                    object.__setattr__(clone, key, copied_containers(value, copies, containers))
+        for name, module in model.named_modules(remove_duplicate=False):
+            _rebind_instance_forward(name, module, copies)
+        on_copies(model, copies)
     return root
 
 

@@ -46,7 +46,9 @@ from ._layers import (
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
 from ._purity import ForwardBytes, check_forward, check_reads
 from ._recurrent import UNROLLED_KINDS, packed_calls, recurrent_sites, why_not_run_unrolled
+from ._representations import Representation
 from ._setup import Setup
+from ._state import as_found
 from ._updates import Updates, make_updates
 from ._validate import cause_of, refusal
 from ._warn import warn
@@ -177,8 +179,19 @@ def plan_call(
         if plan.batched:  # (checked on the examples planned on, or left to the first batch that can show it)
             rep = reps[id(loss)]
             reps[id(loss)] = checking_batches(rep, module, loss, plan, mapper, checked_at, setup.compile, witness)
+        reps[id(loss)] = _from_found(reps[id(loss)], module)
     train, test = reps[id(setup.train_loss)], reps[id(setup.test_loss)]
     return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection), train, test)
+
+
+def _from_found(rep: RepresentationFn, module: nn.Module | None) -> RepresentationFn:
+    """``rep``, each batch's pass started from the model as the call found it (``as_found``)."""
+
+    def from_found(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
+        as_found(module)
+        return rep(diff, frozen, batch)
+
+    return from_found
 
 
 def _sized_for_training(setup: Setup, plan: Plan, batch: Any, train: Any) -> Plan:

@@ -790,7 +790,9 @@ def _put_back_generators(taken: list[tuple[Callable[[Any], Any], Any]]) -> None:
         set_state(state)
 
 
-def _refuse_changed(first: list[torch.Tensor], again: list[torch.Tensor], exact: bool, criterion: str | None) -> None:
+def _refuse_changed(
+    first: list[torch.Tensor], again: list[torch.Tensor], exact: bool, criterion: str | None = None
+) -> None:
     """Raise when two runs of the forward on the same example and checkpoint gave different values
     (``_difference``); a ``criterion``'s, where the model's outputs (its values but the last, the loss) agree."""
     differs = _difference(first, again, exact)

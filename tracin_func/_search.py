@@ -14,8 +14,7 @@ from ._distributed import laid_out, on_every_rank, set_up_on_every_rank, stack_t
 from ._driver import embedding_blocks
 from ._fingerprint import differences, fingerprint
 from ._index import BLOCK_BYTES, Index
-from ._model import exclusive_use
-from ._setup import Setup, make_setup
+from ._setup import Setup, in_use, make_setup
 from ._topk import TopK, check_finite_scores, first_k, merge
 
 
@@ -119,7 +118,7 @@ def index_influence(index: Index, setup: Setup, test: Any, *, aggregate: bool) -
     like = torch.empty(0, device=setup.device, dtype=setup.dtype)
 
     def local() -> list[torch.Tensor]:  # (rows of other ranks' shards: zero, summed over the ranks below)
-        with exclusive_use(setup.spec):
+        with in_use(setup):
             chunks = _test_chunks(setup, test, aggregate)
             return [laid_out(_scores(index, setup, q), q.shape[0], len(index), like) for q in chunks]
 
@@ -136,7 +135,7 @@ def index_top_k(
 
     def local() -> list[tuple[TopK | None, int]]:
         lists = []
-        with exclusive_use(setup.spec):
+        with in_use(setup):
             for q in _test_chunks(setup, test, aggregate):
                 best = None
                 for offset, block in _scores(index, setup, q):

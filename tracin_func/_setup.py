@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
 import torch
@@ -25,6 +26,7 @@ from ._model import (
     checked_state,
     computation_dtype,
     converted,
+    exclusive_use,
     model_spec,
 )
 from ._validate import boolean, positive_int
@@ -50,6 +52,11 @@ class Setup(NamedTuple):
     ranks: Ranks | None = None  # torch.distributed: this process's share of the training data
     test_budget: int | None = None  # bytes of test representations held at once (more: scored in chunks)
     auto_batch: bool = False  # ``batch_size`` is a guess before the plan (dense gradients): the plan sizes batches
+
+
+def in_use(setup: Setup) -> AbstractContextManager[None]:
+    """``exclusive_use`` of the call's model, and of its losses' criteria."""
+    return exclusive_use(setup.spec, setup.train_loss, setup.test_loss)
 
 
 def _default_device(model: Any, first: Checkpoint) -> torch.device:

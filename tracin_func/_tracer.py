@@ -48,15 +48,14 @@ from ._hooks import global_hook_ids
 from ._model import (
     check_runnable,
     copied_containers,
-    exclusive_use,
     holding,
     shared_by_copy,
     state_tensor,
     unsaved_on,
 )
 from ._plan import plan_call
-from ._setup import Setup, make_setup, target_device
-from ._state import FLAT_ABOVE, MODULE_SLOTS, NESTING
+from ._setup import Setup, in_use, make_setup, target_device
+from ._state import FLAT_ABOVE, MODULE_SLOTS, NESTING, passes_from_here
 from ._validate import positive_int
 
 
@@ -501,7 +500,7 @@ def _plan(
         check_batch_structure(train_batch, "`batch`", needs_target=setup.needs_target[0])
         return to_device(train_batch, device, dtype)
 
-    with exclusive_use(setup.spec), naming_failures(setup.test_loss, setup, test, where, 0):
+    with in_use(setup), naming_failures(setup.test_loss, setup, test, where, 0):
         # each training gradient meets the test examples and itself (the step's self-influence)
         planned = plan_call(setup, test, where, partners=n_test + 1, scored=None if train_batch is None else scored)
     return _Planned(
@@ -668,7 +667,7 @@ def _products(
     batch = to_device(batch, planned.device, planned.dtype)
 
     spec = planned.setup.spec
-    with exclusive_use(planned.setup.spec), naming_failures(planned.setup.train_loss, planned.setup, batch, "batch", 0):
+    with in_use(planned.setup), naming_failures(planned.setup.train_loss, planned.setup, batch, "batch", 0):
         with holding(planned.model):  # the model as it is now, at one moment: its buffers (one rebound since planning
             live = _live_state(planned.model)  # too) and settings (undone as the call leaves the copy)
             _following(planned)
@@ -679,8 +678,9 @@ def _products(
         unsaved = {n: live.get(n, t) for n, t in spec.unsaved.items()}
         frozen.update(unsaved_on(unsaved, spec.following, planned.device, planned.dtype))  # (a CPU model on a GPU)
         frozen.update({n: t for n, t in unsaved.items() if n not in frozen and t is not spec.unsaved[n]})  # (rebound)
-        test_rep = planned.test(diff, frozen, state.test)
-        rep = planned.train(diff, frozen, batch).formed()  # used twice: a norm and the dot
+        with passes_from_here(spec.module):  # (the step's passes start from the copy as the model's settings are now)
+            test_rep = planned.test(diff, frozen, state.test)
+            rep = planned.train(diff, frozen, batch).formed()  # used twice: a norm and the dot
         sq_norms = rep.sq_norm()
         dots = test_rep.dot(rep)
     for bad, where in (~torch.isfinite(sq_norms), "`batch`"), (~torch.isfinite(dots).all(1), "`state.test`"):
