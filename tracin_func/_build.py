@@ -528,6 +528,7 @@ def build_index(
                 file = os.path.join(path, shard_name(i))
                 with _writing(path):
                     done[i] = write_shard(file, embeddings, self_influence, info), data
+                del embeddings, self_influence  # (kept while the next shard was made: two shards' rows at once)
         return done
 
     checksums = on_every_rank(ranks, build_mine)
