@@ -496,6 +496,11 @@ def test_seq2seq_lm_loss_is_hugging_faces_per_example():
     with pytest.raises(TypeError, match=r"`prepare_decoder_input_ids_from_labels`.*which _Seq2Seq lacks; put "
                        r"`decoder_input_ids` in the batches"):  # fmt: skip
         tc.self_influence(plain, ckpts, data, loss_fn=tc.seq2seq_lm_loss(plain))
+    # labels not [B, T] failed in the model's own making of the decoder's inputs, raw (a review helper's: T5, BART)
+    shifts = [tc.Checkpoint(dict(model.state_dict()), lr=1.0)]
+    with pytest.raises(ValueError, match=r"tc.seq2seq_lm_loss takes the labels under 'labels' as \[batch, "
+                                         r"positions\].*got \(1,\)"):  # fmt: skip
+        tc.self_influence(model, shifts, {**data, "labels": labels[:, 0]}, loss_fn=tc.seq2seq_lm_loss(model))
 
 
 def test_hugging_face_losses_name_the_labels_key():

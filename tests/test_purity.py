@@ -823,9 +823,12 @@ def test_a_hook_that_removes_itself_is_kept_for_a_call_on_another_thread():
     handles.append(model[0].register_forward_hook(once))
     want = tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE)
     for delay in (0.0, 0.02, 0.05):
-        got = {}
-        calls = [threading.Thread(target=lambda i=i: got.setdefault(i, tc.influence(
-            model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE))) for i in range(2)]  # fmt: skip
+        got: dict[int, torch.Tensor] = {}
+
+        def score(i, got=got):
+            got[i] = tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE)
+
+        calls = [threading.Thread(target=score, args=(i,)) for i in range(2)]
         calls[0].start()
         time.sleep(delay)
         calls[1].start()

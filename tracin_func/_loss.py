@@ -320,9 +320,17 @@ def seq2seq_lm_loss(model: nn.Module, *, labels: str = "labels", ignore_index: i
 
     def losses(params: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         inputs, target = _model_inputs(batch, labels, "seq2seq_lm_loss", options)
-        if "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
-            inputs["decoder_input_ids"] = _decoder_inputs(model, target.masked_fill(target == ignore_index, -100))
-        logits = _logits(functional_call(model, dict(params), (), inputs))
+        try:  # (the decoder's inputs made from labels not [B, T] failed in the model's own code, raw)
+            if "decoder_input_ids" not in inputs and "decoder_inputs_embeds" not in inputs:
+                inputs["decoder_input_ids"] = _decoder_inputs(model, target.masked_fill(target == ignore_index, -100))
+            logits = _logits(functional_call(model, dict(params), (), inputs))
+        except (IndexError, RuntimeError, ValueError) as err:
+            if target.dim() == 2:
+                raise
+            raise ValueError(
+                f"`loss_fn`: tc.seq2seq_lm_loss takes the labels under {labels!r} as [batch, positions], one per "
+                f"position of the decoder, got {tuple(target.shape)}."
+            ) from err
         _check_per_position("seq2seq_lm_loss", logits)
         _check_labels("seq2seq_lm_loss", labels, target, tuple(logits.shape[:-1]), _PER_TOKEN, True)
         return _mean_token_loss(logits, target, ignore_index)

@@ -263,7 +263,8 @@ def check_runnable(
     if lazy:
         raise ValueError(
             f"`model` has uninitialized tensors ({_names(lazy)}): a lazy layer (`nn.LazyLinear`, ...) takes its "
-            f"shapes on its first forward. Run the model once on a batch (`model(x[:1])`) before scoring."
+            f"shapes on its first forward. Run the model once on a batch (`model(x[:1])`) before scoring, or remove "
+            f"a lazy layer its forward never runs."
         )
     check_eval_mode(model, eval_fix)
     check_no_backward_hooks(model)
