@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointError, CheckpointFunction
 
 from ._loss import ExampleLossFn
-from ._state import FLAT_ABOVE, MODULE_SLOTS, NESTING
+from ._state import FLAT_ABOVE, MODULE_SLOTS, NESTING, as_found
 from ._validate import cause_of
 from ._warn import warn
 
@@ -68,10 +68,15 @@ class Mapper:
         n_static: int,
         plain: Callable[..., Any] | None = None,
         looped: str = "this model, so per-example gradients are computed",
+        runs_model: bool = False,
     ) -> Callable[..., Any]:
         """``f(*static, batch)`` stacking ``one(*static, example)`` over the examples of ``batch``; ``plain``: the same
         function by plain autograd, which a failed vmap loops over examples (else ``one``); ``looped``: what a failed
-        vmap leaves to a loop, in the warning's words."""
+        vmap leaves to a loop, in the warning's words. ``runs_model``: each run (an example's in the loop, a chunk's
+        under vmap) starts from the model as the call found it (``_state.as_found``): the loop carried what one
+        example's forward kept to the next (Llama's dynamic RoPE table: 5-8% off, silently; a review sweep's)."""
+        if runs_model:
+            one, plain = _as_found_first(one), None if plain is None else _as_found_first(plain)
         # randomness "same": a random number drawn and never read (``_purity`` refuses a read) does not stop vmap
         fast = vmap(one, in_dims=(None,) * n_static + (0,), randomness="same", chunk_size=self.chunk_size)
 
@@ -111,7 +116,15 @@ class Mapper:
             with torch.no_grad():  # (grad differentiates inside all the same) a tensor of the user's that the loss
                 return transformed(*args)  # reads, needing gradients, kept the scores in a graph of it, returned
 
-        return self.over_batch(detached, n_static, plain=plain_grad(f, argnums, has_aux))
+        return self.over_batch(detached, n_static, plain=plain_grad(f, argnums, has_aux), runs_model=True)
+
+
+def _as_found_first(f: Callable[..., Any]) -> Callable[..., Any]:
+    def from_found(*args: Any) -> Any:
+        as_found()
+        return f(*args)
+
+    return from_found
 
 
 def _looped(one: Callable[..., Any], args: tuple[Any, ...]) -> Any:

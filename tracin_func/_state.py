@@ -208,13 +208,14 @@ def passes_from_here(module: nn.Module | None) -> Iterator[None]:
 
 
 @torch.compiler.disable  # (eager inside compiled updates)
-def as_found(module: nn.Module | None) -> None:
+def as_found(module: nn.Module | None = None) -> None:
     """Each scoring pass of a call (a batch's, an example's spot check) starts from the layers' attributes as the
     call found them: a value a run keeps for later ones (Hugging Face's dynamic RoPE grows its table on the longest
     input seen) gave an example's scores the examples scored before it (40% off, silently, where the longer ones came
     later; a review helper's). Each batch then runs as the model's next forward would run it; the dry runs, in blocks
     of their own, keep what one leaves for the next, which planning's checks read (a cache filled before the call, a
-    lazy calibration)."""
+    lazy calibration). ``module``: the call's, or None for whichever it is."""
     found = _FOUND.get()
-    if found is not None and found[0] is module and _WITHIN.get() == found[2]:  # (not within a dry run's block)
+    ours = found is not None and (module is None or found[0] is module)
+    if ours and _WITHIN.get() == found[2]:  # (not within a dry run's block)
         restore_state(found[1], last=False)
