@@ -182,7 +182,10 @@ def fingerprint(setup: Setup, loss_fn: Any) -> dict[str, Any]:
 
 
 _MEANING = {
-    "model": "the model's code or settings (a layer's class, forward or attributes; a function's code)",
+    "model": (
+        "the model's code or settings (a layer's class, forward or attributes, one its own forward fills on first use "
+        "too: a cache, transformers' output-capturing hooks; a function's code)"
+    ),
     "parameters": "the model's state names or shapes",
     "differentiated": "the differentiated parameters (`params` / `layers` / `method`)",
     "checkpoints": "the checkpoints' tensors",
