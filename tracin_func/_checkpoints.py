@@ -295,7 +295,9 @@ def load_checkpoints(
             of paths (kept in the given order), or an iterator of paths. The iterator is consumed once and its
             checkpoints are materialised in memory: scoring visits every checkpoint once per training block.
         lr: learning rate for all checkpoints, or one per checkpoint. Overrides the one stored in a file. When
-            ``None``, each file must store one (``learning_rate`` or ``lr``, or its optimizer's).
+            ``None``, each file must store one (``learning_rate`` or ``lr``, or its optimizer's). A checkpoint's is
+            the rate of the steps taken after it: a file's optimizer holds the rate it had when saved, the next
+            steps' where the loop saves after ``scheduler.step()``.
         map_location: passed to ``torch.load``; the default loads onto the CPU.
         weights_only: passed to ``torch.load``. Keep ``True`` unless you trust the files: unpickling can run
             arbitrary code.
