@@ -4604,3 +4604,51 @@ def test_a_parameter_a_layer_subclass_adds_is_named_as_such():
     explained = _exact_and_explained(model, (x, y), (x[:2], y[:2]))
     reason = {r.parameter: r.reason for r in explained.routes}["0.lora_A"]
     assert "'lora_A' is not the layer's weight or bias (a parameter _LoraLinear adds" in reason
+
+
+class _PerHeadValues(nn.Module):
+    """A block whose attention scales each head's values by its own parameter ``[H]`` (IA3) and shifts each head's
+    keys by its own ``[H, 1, d]``, read as ``[B, H, L, d]``, among gates and scales of other shapes (a review
+    helper's)."""
+
+    def __init__(self, vocab=40, d=8, heads=2, longest=16):
+        super().__init__()
+        self.heads, self.emb, self.qkv = heads, nn.Embedding(vocab, d), nn.Linear(d, 3 * d)
+        self.o, self.ff, self.head = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 3)
+        self.s_head = nn.Parameter(1 + 0.2 * torch.randn(heads))
+        self.s_chan, self.s_pos = nn.Parameter(1 + 0.2 * torch.randn(d)), nn.Parameter(1 + 0.2 * torch.randn(longest))
+        self.temp, self.gamma = nn.Parameter(torch.tensor(1.3)), nn.Parameter(0.5 + 0.1 * torch.randn(d))
+        self.pos, self.cls = nn.Parameter(0.3 * torch.randn(1, longest, d)), nn.Parameter(0.3 * torch.randn(d))
+        self.bias_hd = nn.Parameter(0.1 * torch.randn(heads, 1, d // heads))
+
+    def forward(self, ids):
+        b, n = ids.shape
+        d = self.cls.shape[0]
+        x = (self.emb(ids) + self.pos[:, :n]) * self.s_pos[:n, None]
+        x = torch.cat([self.cls.view(1, 1, d).expand(b, 1, d), x], 1)
+        q, k, v = (t.view(b, n + 1, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, -1))
+        k, v = k + self.bias_hd, v * self.s_head[:, None, None]
+        x = x + self.gamma * self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n + 1, d))
+        x = x + F.gelu(self.ff(x).transpose(1, 2) * self.s_chan[:, None]).transpose(1, 2)
+        return self.head(x[:, 0]) * self.temp
+
+
+def test_explain_given_the_test_data_plans_as_the_influence_call_does():
+    """``tc.explain(train, test=test)`` planned without the training examples the call's batching check picks among
+    too: it showed one batched pass where the call left it for vmap(grad) (a review helper's)."""
+    torch.manual_seed(0)
+    model = _PerHeadValues().eval()
+    g = torch.Generator().manual_seed(0)
+    ckpts = [tc.Checkpoint({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()},
+                           lr=0.1 * (c + 1)) for c in range(3)]  # fmt: skip
+    wide = [tc.Checkpoint({k: v.double() for k, v in c.params.items()}, c.lr) for c in ckpts]
+    train, test = ((torch.randint(0, 40, (n, 6), generator=g), torch.randint(0, 3, (n,), generator=g))
+                   for n, g in ((10, torch.Generator().manual_seed(1)), (3, torch.Generator().manual_seed(2))))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scores = tc.influence(model, ckpts, train, test, loss_fn=CE, params=["s_head", "bias_hd"])
+    said = " ".join(str(w.message) for w in caught if issubclass(w.category, tc.SlowPathWarning))
+    batching = tc.explain(model, ckpts, train, test=test, loss_fn=CE, params=["s_head", "bias_hd"]).batching
+    assert (batching.startswith("vmap(grad)") and batching.split(":")[0] in said) or (not said and "batched" in batching)
+    want = reference_scores(model.double(), wide, train, test, loss_fn=CE, params=["s_head", "bias_hd"]).influence
+    assert_close(scores.double(), want, 1e-5)  # (float32: the mismatch's plan is of float32's checks)

@@ -196,21 +196,11 @@ def planned_batches(
     failure of planning is looked for (``naming_failures``)."""
     planned: Planned | None = None
     read = ((where, data, where_from.get("start", 0)), *read)
-
-    def pool_of(examples: Any, more: Any = None) -> Any:  # (its first example is the one planned on)
-        pool = examples
-        for rows in (more, beside):
-            joined = None if rows is None else joined_rows(pool, rows)  # (None where not alike: another width)
-            pool = pool if joined is None else joined
-        return None if pool is examples else pool
-
     if setup.auto_batch and num_examples(data):
         head, start = first_examples(setup, data, where), where_from.get("start", 0)
-        more = checking_pool(setup, data, where) if num_examples(data) > _PLANNING_EXAMPLES else None
-        pool = pool_of(head, more)
         planned = _planned(
             setup, head, where, start, self_only=self_only, partners=partners, scored=scored, sized_by=sized_by,
-            pool=pool, read=read,
+            pool=planning_pool(setup, head, data, where, beside), read=read,
         )
 
     def size(left: int) -> int:  # the automatic size, once the plan says how large an example's gradients are
@@ -219,10 +209,27 @@ def planned_batches(
     for offset, batch in batches(setup, data, where, desc, batch_size=size if setup.auto_batch else None, **where_from):
         planned = planned or _planned(
             setup, batch, where, offset, self_only=self_only, partners=partners, scored=scored, sized_by=sized_by,
-            pool=pool_of(batch),
-            read=read,
+            pool=joined_pool(batch, beside), read=read,
         )
         yield planned, offset, batch
+
+
+def planning_pool(setup: Setup, head: Any, data: Any, where: str, beside: Any = None) -> Any:
+    """The examples the batching check picks among where a call plans on ``head``, the first examples of ``data``
+    the automatic size cuts: those and more of ``data``'s (``checking_pool``), and ``beside`` (the other side's, one
+    loss scoring both); None for ``head`` alone."""
+    more = checking_pool(setup, data, where) if num_examples(data) > _PLANNING_EXAMPLES else None
+    return joined_pool(head, more, beside)
+
+
+def joined_pool(examples: Any, *others: Any) -> Any:
+    """``examples`` (the first is the one planned on) with each of ``others`` whose rows join them, or None for
+    ``examples`` alone."""
+    pool = examples
+    for rows in others:
+        joined = None if rows is None else joined_rows(pool, rows)  # (None where not alike: another width)
+        pool = pool if joined is None else joined
+    return None if pool is examples else pool
 
 
 def first_examples(setup: Setup, data: Any, where: str) -> Any:

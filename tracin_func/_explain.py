@@ -13,7 +13,16 @@ from ._api import Options, _check_normalize, _check_options
 from ._checkpoints import Checkpoint
 from ._context import in_own_context
 from ._data import as_dict, batch_size_of, num_examples, sized_automatically, slice_batch
-from ._driver import batches, first_examples, most_against, most_per_batch, naming_failures
+from ._driver import (
+    batches,
+    checking_pool,
+    first_examples,
+    joined_pool,
+    most_against,
+    most_per_batch,
+    naming_failures,
+    planning_pool,
+)
 from ._plan import plan_call, split_state
 from ._setup import in_use, make_setup
 from ._validate import positive_int
@@ -138,15 +147,23 @@ def explain(
         if test is not None and queries is None:
             raise ValueError("`test` holds no examples.")
         with silenced():  # (the explanation says it all)
+            automatic = setup.auto_batch and sized_automatically(data)
             if queries is None:
+                pool = planning_pool(setup, batch, data, "data") if automatic else None
                 with naming_failures(setup.train_loss, setup, batch, "data", offset):
                     self_only = question == "self_influence"
-                    planned = plan_call(setup, batch, "data", self_only=self_only, partners=partners)
-            else:  # (as the call plans: on the first test examples, the training data's first checking and sizing)
-                scored = partial(first_examples, setup, data, "data")
-                sized_by = scored if sized_automatically(data) else None
+                    planned = plan_call(setup, batch, "data", self_only=self_only, partners=partners, pool=pool)
+            else:  # (as the call plans: on the first test examples, the training data's first checking and sizing,
+                scored = partial(first_examples, setup, data, "data")  # and with one loss, the check's examples
+                sized_by = scored if sized_automatically(data) else None  # picked among theirs too)
+                beside = checking_pool(setup, data, "data") if setup.test_loss is setup.train_loss else None
+                pool = planning_pool(setup, queries, test, "test", beside) if setup.auto_batch else joined_pool(
+                    queries, beside
+                )
                 with naming_failures(setup.test_loss, setup, queries, "test", 0):
-                    planned = plan_call(setup, queries, "test", partners=partners, scored=scored, sized_by=sized_by)
+                    planned = plan_call(
+                        setup, queries, "test", partners=partners, scored=scored, sized_by=sized_by, pool=pool
+                    )
             if setup.auto_batch and sized_automatically(data):  # (as large as the call's first, which the plan sizes)
                 batch = slice_batch(batch, 0, most_per_batch(setup, planned.plan))
             with naming_failures(setup.train_loss, setup, batch, "data", 0):
