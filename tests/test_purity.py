@@ -899,3 +899,42 @@ def test_the_per_example_loop_runs_each_example_from_the_model_as_the_call_found
                            for i in range(4)])  # fmt: skip
         assert_close(tc.self_influence(model, ckpts, (x, mask, y), loss_fn=CE, factored=False), alone)
     assert model.cached == 4
+
+
+def _score_in_child(model, ckpts, x, y):
+    tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_process_forked_while_another_thread_holds_the_model_scores_it():
+    """A process forked while another thread's call held a model's lock inherited it held by no thread of its own: its
+    call (a DataLoader worker's) waited forever (a review helper's). Locks are released in the child."""
+    import multiprocessing
+    import threading
+
+    from tracin_func._model import holding
+
+    model = nn.Linear(4, 3).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        with holding(model):
+            held.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        held.wait(30)
+        child = multiprocessing.get_context("fork").Process(target=_score_in_child, args=(model, ckpts, x, y))
+        child.start()
+        child.join(20)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+    finally:
+        done.set()
+        holder.join()
+    assert not hung and child.exitcode == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import threading
 import types
 import weakref
@@ -63,6 +64,17 @@ class ModelSpec(NamedTuple):
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
+
+
+def _released_in_child() -> None:
+    """A process forked while another thread held a model's lock (a call running there) inherits it held, by no
+    thread of its own: a call in the child (a DataLoader worker's) waited forever (a review helper's)."""
+    for lock in (_LOCKS_GUARD, HOOKS_PUT_BACK, *list(_LOCKS.values())):
+        lock._at_fork_reinit()  # type: ignore[attr-defined]  (threading's own locks are reset so)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_released_in_child)
 
 
 @contextmanager
