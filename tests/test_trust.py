@@ -2380,6 +2380,12 @@ def test_7d_inference_mode_and_no_grad():
     with pytest.raises(RuntimeError, match="inference_mode"):
         with torch.inference_mode():
             tc.influence(model, ckpts, train, test, loss_fn=CE)
+    # a FakeTensorMode computes no values: torch's assertion on a plain tensor came first (a review helper's)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with pytest.raises(RuntimeError, match=r"`tc.influence`: called under a `FakeTensorMode`.*outside that mode"):
+        with FakeTensorMode():
+            tc.influence(model, ckpts, train, test, loss_fn=CE)
 
 
 class TupleOut(MLP):

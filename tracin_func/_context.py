@@ -77,12 +77,25 @@ def _refuse_outer_context(name: str) -> None:
             f"block), on which tensors made without a device are made, {unusable}. Call it with a default device "
             f"that computes (`torch.set_default_device('cpu')`, or outside the block)."
         )
+    if torch._C._len_torch_dispatch_stack() and _fake_mode() is not None:  # (torch's assertion on a plain tensor)
+        raise RuntimeError(
+            f"`{name}`: called under a `FakeTensorMode`, where tensors hold no values (shapes only), as on the meta "
+            f"device. Call it outside that mode."
+        )
     if torch._C._are_functorch_transforms_active():
         raise RuntimeError(
             f"`{name}` was called inside a torch.func transform (`vmap`, `grad`, `jacrev`, ... over the "
             f"call): it takes per-example gradients itself and cannot be transformed. Call it outside the "
             f"transform (`torch.vmap` over test examples: pass them as one batch)."
         )
+
+
+def _fake_mode() -> Any:
+    """The ``FakeTensorMode`` among the running dispatch modes, or None."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return next((m for m in _get_current_dispatch_mode_stack() if isinstance(m, FakeTensorMode)), None)
 
 
 @torch.compiler.disable
