@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -226,3 +227,18 @@ def test_a_compiled_loss_is_scored_on_every_path(fresh_dynamo):
     assert_close(tc.influence(t.model, t.checkpoints, t.train, t.test, loss_fn=loss), ref.influence)
     with pytest.warns(RuntimeWarning, match="vmap failed"):
         assert_close(tc.influence(t.model, t.checkpoints, t.train, t.test, loss_fn=loss, factored=False), ref.influence)
+
+
+def test_a_scorer_inside_the_users_torch_compile_runs_eagerly():
+    """Traced by the user's ``torch.compile``, a scorer's planning checks failed on dynamo's tensors: it warned that
+    the model fails batched, took vmap(grad) and 20-50 s for a 0.1 s call (a review helper's). It runs eagerly."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    loss = torch.nn.CrossEntropyLoss()
+    compiled = torch.compile(lambda x, y: tc.self_influence(model, ckpts, (x, y), loss_fn=loss))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tc.SlowPathWarning)
+        got = compiled(x, y)
+    assert torch.equal(got, tc.self_influence(model, ckpts, (x, y), loss_fn=loss))

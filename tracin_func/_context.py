@@ -23,7 +23,9 @@ def in_own_context(fn: _F) -> _F:
     and float16 ones overflowed. Autocast set inside the model's forward is the model's own and stays. Refused
     inside a ``torch.func`` transform (``vmap`` / ``grad`` over a call), where a test example was blamed for torch's
     "Cannot access storage of TensorWrapper"; and under ``torch.inference_mode()`` (a tracer's update raised torch's
-    "Inference tensors do not track version counter")."""
+    "Inference tensors do not track version counter"). A scorer runs eagerly inside the user's ``torch.compile``
+    (traced, its planning's checks failed on dynamo's tensors: a warning blaming the model and 20-50 s for a 0.1 s
+    call; a review helper's); a tracer's update is compiled as the README says."""
 
     outer, _, inner = fn.__qualname__.partition(".<locals>.")  # (a tracer's update: `tc.tracer(...).update`)
     name = f"tc.{outer}(...).{inner}" if inner else f"tc.{fn.__name__}"
@@ -44,7 +46,7 @@ def in_own_context(fn: _F) -> _F:
             _put_back(taken)
             _put_back_saved_tensors_hooks(held)
 
-    return run  # type: ignore[return-value]
+    return run if inner else torch.compiler.disable(run)  # type: ignore[return-value]
 
 
 def _available(device: torch.device) -> bool:
