@@ -4651,5 +4651,8 @@ def test_explain_given_the_test_data_plans_as_the_influence_call_does():
     said = " ".join(str(w.message) for w in caught if issubclass(w.category, tc.SlowPathWarning))
     batching = tc.explain(model, ckpts, train, test=test, loss_fn=CE, params=params).batching
     assert f"This call runs {batching}" in said if said else batching.startswith("one batched")
+    for given in ([test], torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*test), batch_size=3)):
+        assert tc.explain(model, ckpts, train, test=given, loss_fn=CE, params=params).batching == batching  # (of no
+        # known size: planning's pool of its first examples compared None with a count; a sweep's)
     want = reference_scores(model.double(), wide, train, test, loss_fn=CE, params=params).influence
     assert_close(scores.double(), want, 1e-5)  # (float32: the mismatch's plan is of float32's checks)

@@ -157,9 +157,8 @@ def explain(
                 scored = partial(first_examples, setup, data, "data")  # and with one loss, the check's examples
                 sized_by = scored if sized_automatically(data) else None  # picked among theirs too)
                 beside = checking_pool(setup, data, "data") if setup.test_loss is setup.train_loss else None
-                pool = planning_pool(setup, queries, test, "test", beside) if setup.auto_batch else joined_pool(
-                    queries, beside
-                )
+                sized = setup.auto_batch and num_examples(test)  # (as the call's: its first examples, else a batch)
+                pool = planning_pool(setup, queries, test, "test", beside) if sized else joined_pool(queries, beside)
                 with naming_failures(setup.test_loss, setup, queries, "test", 0):
                     planned = plan_call(
                         setup, queries, "test", partners=partners, scored=scored, sized_by=sized_by, pool=pool
