@@ -4645,14 +4645,13 @@ def test_explain_given_the_test_data_plans_as_the_influence_call_does():
     train, test = ((torch.randint(0, 40, (n, 6), generator=g), torch.randint(0, 3, (n,), generator=g))
                    for n, g in ((10, torch.Generator().manual_seed(1)), (3, torch.Generator().manual_seed(2))))
     params = ["s_head", "bias_hd"]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        scores = tc.influence(model, ckpts, train, test, loss_fn=CE, params=params)
-    said = " ".join(str(w.message) for w in caught if issubclass(w.category, tc.SlowPathWarning))
-    batching = tc.explain(model, ckpts, train, test=test, loss_fn=CE, params=params).batching
-    assert f"This call runs {batching}" in said if said else batching.startswith("one batched")
-    for given in ([test], torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*test), batch_size=3)):
-        assert tc.explain(model, ckpts, train, test=given, loss_fn=CE, params=params).batching == batching  # (of no
-        # known size: planning's pool of its first examples compared None with a count; a sweep's)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*test), batch_size=3)
+    for given in (test, [test], loader):  # (of no known size too: the pool compared None with a count; a sweep's)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scores = tc.influence(model, ckpts, train, given, loss_fn=CE, params=params)
+        said = " ".join(str(w.message) for w in caught if issubclass(w.category, tc.SlowPathWarning))
+        batching = tc.explain(model, ckpts, train, test=given, loss_fn=CE, params=params).batching
+        assert f"This call runs {batching}" in said if said else batching.startswith("one batched")
     want = reference_scores(model.double(), wide, train, test, loss_fn=CE, params=params).influence
     assert_close(scores.double(), want, 1e-5)  # (float32: the mismatch's plan is of float32's checks)
