@@ -135,10 +135,11 @@ def test_test_chunks_stay_within_test_memory_bytes(monkeypatch):
 
 
 class _Augmented(torch.utils.data.Dataset):
-    """A training set adding noise to each example it reads: ``seeded`` by the example's index, or drawn afresh."""
+    """A training set adding noise to each example it reads from ``first`` on: ``seeded`` by the example's index, or
+    drawn afresh."""
 
-    def __init__(self, train, seeded: bool) -> None:
-        self.train, self.seeded = train, seeded
+    def __init__(self, train, seeded: bool, first: int = 0) -> None:
+        self.train, self.seeded, self.first = train, seeded, first
 
     def __len__(self) -> int:
         return len(self.train[1])
@@ -146,7 +147,8 @@ class _Augmented(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         gen = torch.Generator().manual_seed(i) if self.seeded else None
         x = self.train[0][i]
-        return x + 0.1 * torch.randn(x.shape, generator=gen, dtype=x.dtype), self.train[1][i]
+        noise = 0.1 * torch.randn(x.shape, generator=gen, dtype=x.dtype) if i >= self.first else 0 * x
+        return x + noise, self.train[1][i]
 
 
 class _Unsized:
@@ -188,8 +190,9 @@ def test_influence_is_written_into_one_result_whatever_form_its_data_takes():
 def test_a_dataset_drawing_anew_is_refused_where_test_chunks_read_it_again(scorer):
     """A call reads its training data once per chunk of test examples: a Dataset augmenting at random gave each
     chunk's scores other draws of the examples (0 of 6 columns a single read's scores, silently; a review helper's).
-    A later pass must give the first's first batch (as long as the shorter: a chunk of fewer rows takes larger
-    batches); augmentation seeded by the index is scored as read."""
+    A later pass must give the first's examples (a chunk of fewer rows takes larger batches), each of them: an
+    augmentation of examples past the first batch alone (one class's), or a `collate_fn`'s, was not compared (a
+    review helper's); augmentation seeded by the index is scored as read."""
     task = mlp_task()
     (x, y), n_test = task.test, len(task.test[1])
     test = [(x[i : i + 1], y[i : i + 1]) for i in range(n_test)]
@@ -198,8 +201,16 @@ def test_a_dataset_drawing_anew_is_refused_where_test_chunks_read_it_again(score
         "influence": lambda train, **o: tc.influence(task.model, task.checkpoints, train, test, **kw, **o),
         "top_k": lambda train, **o: tc.top_k(task.model, task.checkpoints, train, test, k=3, **kw, **o).scores,
     }[scorer]
-    with pytest.raises(ValueError, match="`train` gave another first batch when read again .*random augmentation"):
-        call(_Augmented(task.train, seeded=False))
+    last = len(task.train[1]) - 1
+    for drawing, unlike in ((_Augmented(task.train, seeded=False), 0), (_Augmented(task.train, False, last), last)):
+        with pytest.raises(ValueError, match=rf"`train` gave example {unlike} another value when read again .*random "
+                                             rf"augmentation"):  # fmt: skip
+            call(drawing)
+    noisy = DataLoader(TensorDataset(*task.train), batch_size=4, collate_fn=lambda rows: (
+        torch.stack([r[0] for r in rows]) + 0.1 * torch.randn(len(rows), *rows[0][0].shape, dtype=rows[0][0].dtype),
+        torch.stack([r[1] for r in rows])))  # fmt: skip
+    with pytest.raises(ValueError, match=r"gave example 0 another value when read again .*`collate_fn`"):
+        call(noisy)
     seeded = _Augmented(task.train, seeded=True)
     drawn = tuple(torch.stack(column) for column in zip(*(seeded[i] for i in range(len(seeded)))))
     whole = {"influence": lambda: tc.influence(task.model, task.checkpoints, drawn, task.test, loss_fn=task.loss_fn),

@@ -24,7 +24,15 @@ from ._distributed import (
     stack_top_k,
     summed,
 )
-from ._driver import collect_rows, counting_reads, embedding_blocks, query_chunks, score_blocks, self_blocks
+from ._driver import (
+    ReadAlike,
+    collect_rows,
+    counting_reads,
+    embedding_blocks,
+    query_chunks,
+    score_blocks,
+    self_blocks,
+)
 from ._index import Index
 from ._model import ParamSelector
 from ._projection import projection_of
@@ -249,10 +257,10 @@ def influence(
                 setup, test, aggregate=aggregate, normalize=normalize, budget=setup.test_budget, train=data,
                 train_start=start,
             )
-            scored, first, out, row = [], [], None, 0  # (first: the training data's first batch, read alike by each)
+            scored, reads, out, row = [], ReadAlike(), None, 0  # (the training data, read alike by each chunk)
             for q in chunks:
                 b = score_blocks(setup, q, data, "influence", start=start, ranks=by_batch, per_layer=per_layer,
-                                 first=first)  # fmt: skip
+                                 reads=reads)  # fmt: skip
                 if whole:
                     out = laid_out(b, n_test, n_train, like, into=out, at=row, where=counted)
                     row += q.rows
@@ -421,10 +429,10 @@ def top_k(
             chunks = query_chunks(
                 setup, test, aggregate=aggregate, normalize=normalize, budget=budget, train=data, train_start=start
             )
-            first: list[Any] = []  # (the training data's first batch: each chunk's pass must read it alike)
+            reads = ReadAlike()  # (the training data, read alike by each chunk's pass)
             for q in chunks:
                 best, seen = None, 0
-                for offset, block in score_blocks(setup, q, data, desc, start=start, ranks=by_batch, first=first):
+                for offset, block in score_blocks(setup, q, data, desc, start=start, ranks=by_batch, reads=reads):
                     best, seen = merge(best, block, offset, k, largest=proponents), seen + block.shape[1]
                 lists.append((best, 1 if q.sum_rows else q.rows))
                 q = block = None  # let go before the next chunk is represented (it was held beside it: 2x the bound)

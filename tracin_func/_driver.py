@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from functools import partial
 from typing import Any, NamedTuple, Optional
 
+import optree
 import torch
 from tqdm.auto import tqdm
 
@@ -33,7 +34,6 @@ from ._data import (
     nbytes,
     num_batches,
     num_examples,
-    same_batch,
     select_rows,
     sized_automatically,
     slice_batch,
@@ -59,13 +59,13 @@ def batches(
     start: int = 0,
     ranks: Ranks | None = None,
     batch_size: BatchSize | None = None,
-    first: list[Any] | None = None,
+    reads: ReadAlike | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """(offset, batch on device) pairs of the argument named ``where``, validated, with a progress bar. Offsets
     count from ``start``; with ``ranks`` only the batches whose number belongs to that rank are yielded (the others
     are read for their size only). ``batch_size`` (default ``setup.batch_size``) may be a callable asked before
-    each batch (the automatic size, known once the first batch is planned). ``first``: the first batch of the call's
-    first pass over the data (kept there by it), which every later pass must give again (``_read_alike``)."""
+    each batch (the automatic size, known once the first batch is planned). ``reads``: the call's passes over the
+    data, each of which must give the first's examples again."""
     needs_target = setup.needs_target[where == "test"]
     size = setup.batch_size if batch_size is None else batch_size
     rows = num_examples(data) if callable(size) else None  # the progress bar's total follows the size
@@ -77,19 +77,21 @@ def batches(
         disable=not setup.progress,
         leave=False,
     )
-    offset = start
+    offset, recording = start, reads is not None and reads.first is None
     for i, batch in enumerate(bar):
-        if i == 0 and first is not None:
-            _read_alike(first, batch, where)
         mine = ranks is None or i % ranks.world == ranks.rank
         if mine:
             check_batch_structure(batch, f"`{where}` batch {i}", needs_target=needs_target)
         n = batch_size_of(batch, f"`{where}` batch {i}")
+        if reads is not None:
+            reads.see(batch, n, offset - start, where, recording)
         if mine and n:  # (an empty batch, a bucketing sampler's empty bucket, holds no example to score)
             yield offset, to_device(batch, setup.device, setup.dtype)
         offset += n
         if rows is not None:
             bar.total = i + 1 + count_batches(rows - (offset - start), size)
+    if recording:
+        reads.recorded()
     counted = _COUNTED.get()
     if counted is not None and ranks is not None:
         counted.append(offset - start)
@@ -111,22 +113,50 @@ def counting_reads() -> Iterator[list[int]]:
         _COUNTED.reset(token)
 
 
-def _read_alike(first: list[Any], batch: Any, where: str) -> None:
-    """Keep the first pass's first batch in ``first``, or refuse a later pass's that differs: a call reads its
-    training data once per chunk of test examples, and a Dataset drawing in ``__getitem__`` (random augmentation)
-    gave each chunk's scores other draws of the examples, silently."""
-    if not first:
-        first.append(batch)
-        return
-    n = min(batch_size_of(first[0], where), batch_size_of(batch, where))  # (a chunk of fewer rows: larger batches)
-    if not same_batch(slice_batch(first[0], 0, n), slice_batch(batch, 0, n)):
-        raise ValueError(
-            f"`{where}` gave another first batch when read again (a Dataset drawing in `__getitem__`: random "
-            f"augmentation), and this call reads it once per chunk of test examples (their representations past "
-            f"`test_memory_bytes`): each chunk's scores would be of other draws. Switch the augmentation off for "
-            f"scoring (or draw it from a generator seeded by the example's index), or pass fewer test examples or a "
-            f"larger `test_memory_bytes`, so that they make one chunk."
-        )
+class ReadAlike:
+    """A call's passes over its training data, one per chunk of test examples: each example's digest on the first
+    pass (``_digests``), which every later pass must give again. A Dataset drawing in ``__getitem__`` (random
+    augmentation) or a ``collate_fn`` masking at random gave each chunk's scores other draws of the examples,
+    silently; only the first batch was compared, which an augmentation of some examples alone (a class's) may leave
+    alike (a review helper's)."""
+
+    def __init__(self) -> None:
+        self.first: torch.Tensor | None = None  # [n, k] after the first pass
+        self._seen: list[torch.Tensor] = []
+
+    def see(self, batch: Any, n: int, row: int, where: str, recording: bool) -> None:
+        digests = _digests(batch, n)
+        if recording:
+            self._seen.append(digests)
+            return
+        assert self.first is not None
+        kept = self.first[row : row + n].to(digests.device)
+        if kept.shape != digests.shape or not torch.allclose(kept, digests, rtol=0, atol=0, equal_nan=True):
+            unlike = row + int((kept != digests).any(1).nonzero()[0, 0]) if kept.shape == digests.shape else row
+            raise ValueError(
+                f"`{where}` gave example {unlike} another value when read again (random augmentation: a Dataset "
+                f"drawing in `__getitem__`, a DataLoader's `collate_fn` masking or adding noise), and this call reads "
+                f"it once per chunk of test examples (their representations past `test_memory_bytes`): each chunk's "
+                f"scores would be of other draws. Switch the augmentation off for scoring (or draw it from a "
+                f"generator seeded by the example's index), or pass fewer test examples or a larger "
+                f"`test_memory_bytes`, so that they make one chunk."
+            )
+
+    def recorded(self) -> None:
+        self.first = torch.cat(self._seen) if self._seen else torch.zeros(0, 0, dtype=torch.float64)
+        self._seen = []
+
+
+def _digests(batch: Any, n: int) -> torch.Tensor:
+    """``[n, 2 k]``: each example's sum and position-weighted sum of each of the ``k`` tensors holding a row per
+    example, in float64: equal on a pass that gives it again, unequal (but for a contrived draw) on one that changes
+    its values or their order."""
+    columns = []
+    for t in optree.tree_leaves(batch, none_is_leaf=True):
+        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n and n:
+            x = (torch.view_as_real(t) if t.is_complex() else t).reshape(n, -1).to(torch.float64)
+            columns += [x.sum(1), x @ torch.arange(1, x.shape[1] + 1, dtype=torch.float64, device=x.device)]
+    return torch.stack(columns, 1) if columns else torch.zeros(n, 0, dtype=torch.float64)
 
 
 Scored = Optional[Callable[[], Any]]  # reads the first examples of the data a plan scores in batches (see plan_call)
@@ -635,12 +665,12 @@ def score_blocks(
     start: int = 0,
     ranks: Ranks | None = None,
     per_layer: bool = False,
-    first: list[Any] | None = None,
+    reads: ReadAlike | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """``(offset, scores [n_test, b])`` for each training batch (of this rank): sum over checkpoints of
     lr <test, train>, each term normalised as ``queries`` says; with ``per_layer`` a dict layer -> scores. The test
     batch ``queries.joining`` is represented with the first training batch (joined to it where alike: one pass).
-    ``first``: as ``batches`` takes it, shared by the call's chunks."""
+    ``reads``: as ``batches`` takes it, shared by the call's chunks."""
     module, updates, joining = setup.spec.module is not None, queries.updates, queries.joining
     reps, scales = list(queries.reps), None if queries.scales is None else list(queries.scales)
     n_test = 0 if joining is None else batch_size_of(joining.batch, "test")
@@ -679,7 +709,7 @@ def score_blocks(
             _check_finite(acc, 1, offset, "train", c)
         return acc
 
-    passes = batches(setup, train, "train", desc, start=start, ranks=ranks, batch_size=queries.batch_size, first=first)
+    passes = batches(setup, train, "train", desc, start=start, ranks=ranks, batch_size=queries.batch_size, reads=reads)
     for offset, batch in passes:
         joined, b = None, batch_size_of(batch, "train")
         if joining is not None and (n_test + b <= joining.most or n_test * _JOINED_SHARE <= b):
