@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import re
 import warnings
 
@@ -991,3 +992,23 @@ def test_float32_products_against_a_few_test_examples_keep_float32_accuracy():
     exact = tc.influence(model, ckpts, train, test, dtype=torch.float64, **kw)
     got = tc.influence(model, ckpts, train, test, **kw)
     assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 3e-6
+
+
+def test_an_examples_digest_is_its_own_whatever_batch_it_comes_in():
+    """The digests a chunked call compares its reads of the training data by were float sums, rounded otherwise in a
+    batch of another size (the automatic size follows the chunk): unchanged float64 data was refused as augmented;
+    a conjugate view failed in ``view_as_real`` (a sweep's). They are sums of the values' bits, as integers."""
+    from tracin_func._driver import _digests
+
+    gen = torch.Generator().manual_seed(0)
+    scales = 10.0 ** torch.randint(-8, 8, (2000, 33), generator=gen)
+    x = torch.randn(2000, 33, generator=gen, dtype=torch.float64) * scales
+    batch = (x, x.float(), torch.randint(0, 9, (2000,), generator=gen), x[:, 0] > 0, torch.complex(x, -x).conj())
+    whole = _digests(batch, 2000)
+    cuts = [0, 3, 700, 701, 2000]
+    parts = [_digests(tuple(t[a:b] for t in batch), b - a) for a, b in zip(cuts, cuts[1:])]
+    assert torch.equal(torch.cat(parts), whole)
+    changed = x.clone()
+    changed[5, 7] = torch.nextafter(changed[5, 7], torch.tensor(math.inf, dtype=torch.float64))
+    unlike = (_digests((changed,), 2000) != _digests((x,), 2000)).any(1)
+    assert unlike.nonzero().flatten().tolist() == [5]

@@ -125,13 +125,16 @@ class ReadAlike:
         self._seen: list[torch.Tensor] = []
 
     def see(self, batch: Any, n: int, row: int, where: str, recording: bool) -> None:
+        if not n:  # (an empty batch: no example)
+            return
         digests = _digests(batch, n)
         if recording:
             self._seen.append(digests)
             return
         assert self.first is not None
-        kept = self.first[row : row + n].to(digests.device)
-        if kept.shape != digests.shape or not torch.allclose(kept, digests, rtol=0, atol=0, equal_nan=True):
+        kept = self.first[row : row + n].to(digests.device)  # (rows past the first read's: its count is checked)
+        digests = digests[: len(kept)]
+        if kept.shape != digests.shape or not torch.equal(kept, digests):
             unlike = row + int((kept != digests).any(1).nonzero()[0, 0]) if kept.shape == digests.shape else row
             raise ValueError(
                 f"`{where}` gave example {unlike} another value when read again (random augmentation: a Dataset "
@@ -143,20 +146,33 @@ class ReadAlike:
             )
 
     def recorded(self) -> None:
-        self.first = torch.cat(self._seen) if self._seen else torch.zeros(0, 0, dtype=torch.float64)
+        self.first = torch.cat(self._seen) if self._seen else torch.zeros(0, 0, dtype=torch.int64)
         self._seen = []
 
 
 def _digests(batch: Any, n: int) -> torch.Tensor:
-    """``[n, 2 k]``: each example's sum and position-weighted sum of each of the ``k`` tensors holding a row per
-    example, in float64: equal on a pass that gives it again, unequal (but for a contrived draw) on one that changes
-    its values or their order."""
+    """``[n, 2 k]``: each example's sum and position-weighted sum of the bits of each of the ``k`` tensors holding a
+    row per example, as integers (wrapping): exact whatever the batch it comes in (float sums rounded otherwise in
+    a batch of another size: unchanged data was refused), equal on a pass that gives it again, unequal (but for a
+    contrived draw) on one that changes its values or their order."""
     columns = []
     for t in optree.tree_leaves(batch, none_is_leaf=True):
-        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n and n:
-            x = (torch.view_as_real(t) if t.is_complex() else t).reshape(n, -1).to(torch.float64)
-            columns += [x.sum(1), x @ torch.arange(1, x.shape[1] + 1, dtype=torch.float64, device=x.device)]
-    return torch.stack(columns, 1) if columns else torch.zeros(n, 0, dtype=torch.float64)
+        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n:
+            bits = _bits(t).reshape(n, -1)
+            weights = torch.arange(1, bits.shape[1] + 1, dtype=torch.int64, device=bits.device)
+            columns += [bits.sum(1), (bits * weights).sum(1)]
+    return torch.stack(columns, 1) if columns else torch.zeros(n, 0, dtype=torch.int64)
+
+
+_SAME_WIDTH = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}  # (itemsize: an integer of its bits)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as int64: its elements' bits (a floating one's, NaN's too), a complex one's parts'."""
+    t = torch.view_as_real(t.resolve_conj()) if t.is_complex() else t.resolve_conj().resolve_neg()
+    if t.dtype == torch.bool:
+        return t.to(torch.int64)
+    return t.contiguous().view(_SAME_WIDTH[t.element_size()]).to(torch.int64)
 
 
 Scored = Optional[Callable[[], Any]]  # reads the first examples of the data a plan scores in batches (see plan_call)
