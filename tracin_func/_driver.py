@@ -169,6 +169,7 @@ _SAME_WIDTH = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}  
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """``t``'s values as int64: its elements' bits (a floating one's, NaN's too), a complex one's parts'."""
+    t = t.to_dense() if t.layout != torch.strided else t  # (a sparse input's values)
     t = torch.view_as_real(t.resolve_conj()) if t.is_complex() else t.resolve_conj().resolve_neg()
     if t.dtype == torch.bool:
         return t.to(torch.int64)
