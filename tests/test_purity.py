@@ -902,6 +902,7 @@ def test_the_per_example_loop_runs_each_example_from_the_model_as_the_call_found
 
 
 def _score_in_child(model, ckpts, x, y):
+    torch.set_num_threads(1)  # (as a DataLoader worker does: OpenMP's pool, forked, hangs the child's next parallel op)
     tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
 
 
