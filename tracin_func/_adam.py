@@ -92,17 +92,24 @@ def _group_of(groups: Sequence[Mapping[str, Any]], index: int, where: str) -> Ma
     return group
 
 
-def _ends_of(names: Sequence[str], order: Sequence[str]) -> dict[str, str | None]:
+def _ends_of(names: Sequence[str], order: Sequence[str]) -> dict[str, str] | None:
     """Each of ``names`` and the first of the model's names (``order``) it is the end of (``fc.weight`` of
-    ``backbone.fc.weight``: a submodule's own name), or None."""
-    return {n: next((o for o in order if o.endswith("." + n)), None) for n in names}
+    ``backbone.fc.weight``: a submodule's own name), where every one of them is such an end; else None, from the
+    first that is none (most models' first name: the scan of all of them against all of the model's stops there)."""
+    ends = {}
+    for n in names:
+        end = next((o for o in order if o.endswith("." + n)), None)
+        if end is None:
+            return None
+        ends[n] = end
+    return ends
 
 
 def _unknown_names_fix(unknown: Sequence[str], order: Sequence[str]) -> str:
     """The end of the message refusing the optimizer's ``unknown`` parameter names: why they may not be the model's
     (``order``) and the fix (names one prefix away from the model's are matched: ``_as_named``)."""
     relative = _ends_of(unknown, order)
-    if all(relative.values()):
+    if relative:
         short, full = next(iter(relative.items()))
         return (
             f": they look relative to a submodule ({short!r}, not {full!r}), as param groups built from a "
@@ -127,7 +134,7 @@ def _as_named(names: Sequence[str], order: Sequence[str]) -> list[str]:
     for prefix in WRAPPER_PREFIXES:
         if all(o.startswith(prefix) for o in order) and all(prefix + n in known for n in names):
             return [prefix + n for n in names]
-    if all(_ends_of(names, order).values()):  # (relative to a submodule: `_unknown_names_fix`)
+    if _ends_of(names, order):  # (relative to a submodule: `_unknown_names_fix`)
         return list(names)
     parts = names[0].split(".")[:-1] if names else []
     for k in range(1, min(len(parts), 3) + 1):
@@ -143,8 +150,8 @@ def _warn_if_relative(names: Sequence[str], order: Sequence[str], where: str) ->
     of a submodule (``model.backbone``'s ``named_parameters()``: 'fc.weight' of 'backbone.fc.weight') reads as one
     of the model's own layers, which takes its moments (found by review: silently, where the scored layer is that one;
     its own refused as held by no optimizer)."""
-    longer = _ends_of(names, order)
-    if names and all(longer.values()) and set(names) <= set(order):
+    longer = _ends_of(names, order) if set(names) <= set(order) else None
+    if longer:
         short, full = next(iter(longer.items()))
         warn(
             f"`optimizer_state` of {where} names parameters the model has ({short!r}, ...), each also the end of "

@@ -429,7 +429,7 @@ def top_k(
             chunks = query_chunks(
                 setup, test, aggregate=aggregate, normalize=normalize, budget=budget, train=data, train_start=start
             )
-            reads = ReadAlike()  # (the training data, read alike by each chunk's pass)
+            reads = ReadAlike() if budget is not None else None  # (the training data, read alike by each chunk's pass)
             for q in chunks:
                 best, seen = None, 0
                 for offset, block in score_blocks(setup, q, data, desc, start=start, ranks=by_batch, reads=reads):

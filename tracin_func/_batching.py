@@ -84,6 +84,8 @@ def _vary_plainly(
     factors on the vmap path: a recurrent cell stepped as often as the batch's longest example says, beside a raw
     parameter met in a `cat`, kept its factors, planned on the first example, and later examples were refused (a
     review helper's). False where they fail alone too."""
+    if n < 2:  # (one example: nothing to vary)
+        return False
     layers = dict(module.named_modules())
 
     def kept(site: Site) -> bool:  # (a recurrent layer's products are the batched path's only where it is fed packed
@@ -95,7 +97,7 @@ def _vary_plainly(
         alone = [batched_factors(module, loss, plain, state, one, mapper) for one in _singles(few, n)]
     except Exception:  # (the vmap path meets it again, named there)
         return False
-    return n > 1 and _vary_alone(alone)
+    return _vary_alone(alone)
 
 
 def batching_refused(
@@ -796,7 +798,6 @@ def spot_check(
             checked.append(odd[next(odd_picks) % len(odd)])
         for i in checked:
             one = torch.tensor([i])
-            as_found(module)  # (alone as the batch ran: from the model as the call found it)
             with on_traced_path(encoders):
                 alone = _witnessed(loss, state, names, select_rows(batch, one), bool(together[2]))
                 alike = _alike_alone(together, alone, n, i)
@@ -880,6 +881,7 @@ def _witnessed(
     runs, its parameters ``names`` differentiated (under ``no_grad``, ``nn.TransformerEncoder`` takes a fused path
     that gives padded positions zeros, which the batched pass computes). ``gradients``: a criterion's gradient at the
     outputs too, as the batch's witness has it (its losses holding no part per example)."""
+    as_found()  # (each run, alone or the batch, from the model as the call found it: `_state.as_found`)
     state = {k: t.detach().requires_grad_() if k in names else t for k, t in state.items()}
     with torch.enable_grad():
         if isinstance(loss, BatchedLoss):

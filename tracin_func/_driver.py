@@ -77,20 +77,20 @@ def batches(
         disable=not setup.progress,
         leave=False,
     )
-    offset, recording = start, reads is not None and reads.first is None
+    offset = start
     for i, batch in enumerate(bar):
         mine = ranks is None or i % ranks.world == ranks.rank
         if mine:
             check_batch_structure(batch, f"`{where}` batch {i}", needs_target=needs_target)
         n = batch_size_of(batch, f"`{where}` batch {i}")
         if reads is not None:
-            reads.see(batch, n, offset - start, where, recording)
+            reads.see(batch, n, offset - start, where)
         if mine and n:  # (an empty batch, a bucketing sampler's empty bucket, holds no example to score)
             yield offset, to_device(batch, setup.device, setup.dtype)
         offset += n
         if rows is not None:
             bar.total = i + 1 + count_batches(rows - (offset - start), size)
-    if recording:
+    if reads is not None:
         reads.recorded()
     counted = _COUNTED.get()
     if counted is not None and ranks is not None:
@@ -124,14 +124,13 @@ class ReadAlike:
         self.first: torch.Tensor | None = None  # [n, k] after the first pass
         self._seen: list[torch.Tensor] = []
 
-    def see(self, batch: Any, n: int, row: int, where: str, recording: bool) -> None:
+    def see(self, batch: Any, n: int, row: int, where: str) -> None:
         if not n:  # (an empty batch: no example)
             return
         digests = _digests(batch, n)
-        if recording:
+        if self.first is None:
             self._seen.append(digests)
             return
-        assert self.first is not None
         kept = self.first[row : row + n].to(digests.device)  # (rows past the first read's: its count is checked)
         digests = digests[: len(kept)]
         if kept.shape != digests.shape or not torch.equal(kept, digests):
@@ -146,8 +145,10 @@ class ReadAlike:
             )
 
     def recorded(self) -> None:
-        self.first = torch.cat(self._seen) if self._seen else torch.zeros(0, 0, dtype=torch.int64)
-        self._seen = []
+        """The first pass ended (later passes: nothing to keep)."""
+        if self.first is None:
+            self.first = torch.cat(self._seen) if self._seen else torch.zeros(0, 0, dtype=torch.int64)
+            self._seen = []
 
 
 def _digests(batch: Any, n: int) -> torch.Tensor:

@@ -163,7 +163,7 @@ def explain(
                     planned = plan_call(
                         setup, queries, "test", partners=partners, scored=scored, sized_by=sized_by, pool=pool
                     )
-            if setup.auto_batch and sized_automatically(data):  # (as large as the call's first, which the plan sizes)
+            if automatic:  # (as large as the call's first, which the plan sizes)
                 batch = slice_batch(batch, 0, most_per_batch(setup, planned.plan))
             with naming_failures(setup.train_loss, setup, batch, "data", 0):
                 acc = torch.zeros(batch_size_of(batch, "data"), device=setup.device, dtype=setup.dtype)

@@ -158,7 +158,7 @@ class _Kept:
     scored as the next forward would run it, on every example and in every call."""
 
     def __init__(self, module: nn.Module, slots: tuple[str, ...], key: int) -> None:
-        self.module, self.slots, self.key = module, slots, key
+        self.module, self.key = module, key
         self.found = {slot: dict(vars(module)[slot]) for slot in slots if isinstance(vars(module).get(slot), dict)}
 
     def put_back(self) -> None:

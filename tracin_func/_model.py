@@ -413,7 +413,8 @@ def select_params(
             )
         unknown = [n for n in params if n not in available and n not in aliases]
         if unknown:
-            buffers = [n for n in unknown if n in _buffer_names(model)]
+            owned = _buffer_names(model)
+            buffers = [n for n in unknown if n in owned]
             are = "is a buffer, which holds" if len(buffers) == 1 else "are buffers, which hold"
             held = f" ({_names(buffers)} {are} no gradient: an `nn.Parameter` is scored)" if buffers else ""
             raise ValueError(f"`params` names unknown parameters {unknown}{held}; available: {list(available)[:20]}.")
@@ -615,7 +616,7 @@ def checked_state(
                     f"save and scoring takes from the model; drop them from the checkpoint)"
                 )
             averaged = "n_averaged" in unexpected  # (torch's AveragedModel: EMA / SWA weights, its count beside them)
-            stripped = unprefixed([n for n in unexpected if not averaged or n != "n_averaged"])
+            stripped = unprefixed([n for n in unexpected if n != "n_averaged"])
             if stripped is not None and set(stripped) <= spec.expected:
                 fix = (
                     " (its names carry the prefix of a wrapper: DataParallel / DDP's `module.`, torch.compile's "

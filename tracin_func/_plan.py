@@ -176,19 +176,19 @@ def plan_call(
     for loss in losses:
         witness = spot_check(loss, [c.state for c in setup.checkpoints], names, module) if plan.batched else None
         reps[id(loss)] = representation_fn(module, loss, plan, mapper, compiled=setup.compile, witness=witness)
-        if plan.batched:  # (checked on the examples planned on, or left to the first batch that can show it)
-            rep = reps[id(loss)]
-            reps[id(loss)] = checking_batches(rep, module, loss, plan, mapper, checked_at, setup.compile, witness)
-        reps[id(loss)] = _from_found(reps[id(loss)], module)
+        if plan.batched:  # (checked on the examples planned on, or left to the first batch that can show it; off it,
+            rep = reps[id(loss)]  # each example's or chunk's run starts from the model as found: ``Mapper``)
+            rep = checking_batches(rep, module, loss, plan, mapper, checked_at, setup.compile, witness)
+            reps[id(loss)] = _from_found(rep)
     train, test = reps[id(setup.train_loss)], reps[id(setup.test_loss)]
     return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection), train, test)
 
 
-def _from_found(rep: RepresentationFn, module: nn.Module | None) -> RepresentationFn:
+def _from_found(rep: RepresentationFn) -> RepresentationFn:
     """``rep``, each batch's pass started from the model as the call found it (``as_found``)."""
 
     def from_found(diff: Tensors, frozen: Tensors, batch: Any) -> Representation:
-        as_found(module)
+        as_found()
         return rep(diff, frozen, batch)
 
     return from_found

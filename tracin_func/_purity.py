@@ -486,9 +486,8 @@ def check_forward(
     example, state = batch_of_one(example_at(batch, 0)), states[0]
     exact = all(t.device.type == "cpu" for t in state.values())
     generators = _hidden_generators()
-    criterion = loss.criterion if isinstance(loss, CriterionLoss) and isinstance(loss.criterion, nn.Module) else None
-    try:  # (a criterion's attributes too: one updating a queue of its own, refused, kept the update)
-        with leaving_no_trace(module) as taken, leaving_no_trace(criterion):
+    try:  # (a criterion's attributes: the call's, ``_model.exclusive_use``)
+        with leaving_no_trace(module) as taken:
             watch = _watched_run(module, loss, states, example, where, differentiated)
             left = left_by_run(taken)
             if watch.kept_derived():

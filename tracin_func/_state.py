@@ -191,16 +191,16 @@ def leaving_no_trace(module: nn.Module | None) -> Iterator[list[Attributes]]:
         restore_state(taken, last=_WITHIN.get() == 0)
 
 
-# a call's module, its layers' attributes as the scoring passes start from them, and the depth of ``leaving_no_trace``
-# blocks there (``passes_from_here``)
-_FOUND: ContextVar[tuple[nn.Module, list[Attributes], int] | None] = ContextVar("_FOUND", default=None)
+# a call's layers' attributes as the scoring passes start from them, and the depth of ``leaving_no_trace`` blocks
+# there (``passes_from_here``)
+_FOUND: ContextVar[tuple[list[Attributes], int] | None] = ContextVar("_FOUND", default=None)
 
 
 @contextmanager
 def passes_from_here(module: nn.Module | None) -> Iterator[None]:
     """Within the block (a call's, its model set up: ``_model.exclusive_use``), each scoring pass starts from the
     layers' attributes as they are here (``as_found``)."""
-    token = _FOUND.set(None if module is None else (module, layer_state(module), _WITHIN.get()))
+    token = _FOUND.set(None if module is None else (layer_state(module), _WITHIN.get()))
     try:
         yield
     finally:
@@ -208,14 +208,13 @@ def passes_from_here(module: nn.Module | None) -> Iterator[None]:
 
 
 @torch.compiler.disable  # (eager inside compiled updates)
-def as_found(module: nn.Module | None = None) -> None:
+def as_found() -> None:
     """Each scoring pass of a call (a batch's, an example's spot check) starts from the layers' attributes as the
     call found them: a value a run keeps for later ones (Hugging Face's dynamic RoPE grows its table on the longest
     input seen) gave an example's scores the examples scored before it (40% off, silently, where the longer ones came
     later; a review helper's). Each batch then runs as the model's next forward would run it; the dry runs, in blocks
     of their own, keep what one leaves for the next, which planning's checks read (a cache filled before the call, a
-    lazy calibration). ``module``: the call's, or None for whichever it is."""
+    lazy calibration)."""
     found = _FOUND.get()
-    ours = found is not None and (module is None or found[0] is module)
-    if ours and _WITHIN.get() == found[2]:  # (not within a dry run's block)
-        restore_state(found[1], last=False)
+    if found is not None and _WITHIN.get() == found[1]:  # (not within a dry run's block)
+        restore_state(found[0], last=False)
