@@ -64,7 +64,8 @@ class Layer(NamedTuple):
 
 def layer_shapes(model: nn.Module, run_one_example: Callable[[], Any]) -> list[Layer]:
     """Every Linear-like product of one example's forward (Linear, transformers' Conv1D, Conv1d / Conv2d, the
-    in-projection of nn.MultiheadAttention), with its rows per example, summed over the layer's calls."""
+    in-projection of nn.MultiheadAttention, the input and hidden products of nn.LSTM / GRU / RNN), with its rows per
+    example, summed over the layer's calls."""
     found: dict[str, Layer] = {}
 
     def add(name: str, rows: int, d_in: int, d_out: int) -> None:  # a layer called again adds its rows
@@ -78,6 +79,14 @@ def layer_shapes(model: nn.Module, run_one_example: Callable[[], Any]) -> list[L
                 rows = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
                 add(name, rows, mod.embed_dim + (mod.in_proj_bias is not None), 3 * mod.embed_dim)
                 add(f"{name}.out_proj", rows, mod.embed_dim + (mod.out_proj.bias is not None), mod.embed_dim)
+            elif isinstance(mod, nn.RNNBase):  # per layer and direction, an input and a hidden product, T rows each
+                data = x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x
+                rows, gates = data.numel() // data.shape[-1], {"LSTM": 4, "GRU": 3}.get(mod.mode, 1)
+                for layer in range(mod.num_layers):
+                    for suffix in ("", "_reverse")[: 1 + mod.bidirectional]:
+                        d_in = mod.input_size if layer == 0 else mod.hidden_size * (1 + mod.bidirectional)
+                        for kind, d in (("ih", d_in), ("hh", mod.hidden_size)):
+                            add(f"{name}.{kind}_l{layer}{suffix}", rows, d + mod.bias, gates * mod.hidden_size)
             elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
                 if mod.groups == 1:  # grouped: no pair GEMM of this form (left out)
                     rows = math.prod(output.shape[2:]) * output.shape[0]
@@ -88,7 +97,7 @@ def layer_shapes(model: nn.Module, run_one_example: Callable[[], Any]) -> list[L
 
         return hook
 
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention, nn.RNNBase)
     handles = [
         module.register_forward_hook(hook_for(name, module))
         for name, module in model.named_modules()

@@ -205,3 +205,19 @@ def test_per_example_norms_take_each_examples_squared_gradient_norm_in_the_form_
             torch.testing.assert_close(bounds.sq_norms(way, a, g), expected, rtol=1e-12, atol=0)
     run = bounds.per_example_norms([bounds.Layer("a", 1, 65, 10), bounds.Layer("b", 32, 65, 64)], 7, 2)
     run()
+
+
+def test_layer_shapes_count_every_product_of_a_recurrent_layer():
+    """The bounds take each recurrent layer's input and hidden products (per layer and direction, ``T`` rows each),
+    whose weights and biases are every parameter of the layer: the LSTM's pair products were left out (its "floor +
+    pairs" bound read 1.00x)."""
+    import bounds
+    import torch
+    from torch import nn
+
+    for kind, gates in ((nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1)):
+        layer = kind(5, 7, num_layers=2, bidirectional=True, batch_first=True)
+        found = bounds.layer_shapes(layer, lambda layer=layer: layer(torch.randn(1, 9, 5)))
+        assert len(found) == 8 and {f.rows for f in found} == {9} and {f.d_out for f in found} == {gates * 7}
+        assert sum(f.d_in * f.d_out for f in found) == sum(p.numel() for p in layer.parameters())
+        assert {f.d_in for f in found if "ih_l1" in f.name} == {15}  # layer 1 reads both directions
