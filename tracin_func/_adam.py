@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ._aliasing import warn_aliased_moments
-from ._checkpoints import WRAPPER_PREFIXES, groups_listed
+from ._checkpoints import groups_listed, leading_prefixes, wrapper_prefix
 from ._representations import Dense, Representation, _rows
 from ._warn import warn
 
@@ -131,14 +131,12 @@ def _as_named(names: Sequence[str], order: Sequence[str]) -> list[str]:
     known = set(order)
     if all(n in known for n in names):
         return list(names)
-    for prefix in WRAPPER_PREFIXES:
-        if all(o.startswith(prefix) for o in order) and all(prefix + n in known for n in names):
-            return [prefix + n for n in names]
+    wrapper = wrapper_prefix(names, known)
+    if wrapper is not None:
+        return [wrapper + n for n in names]
     if _ends_of(names, order):  # (relative to a submodule: `_unknown_names_fix`)
         return list(names)
-    parts = names[0].split(".")[:-1] if names else []
-    for k in range(1, min(len(parts), 3) + 1):
-        prefix = ".".join(parts[:k]) + "."
+    for prefix in leading_prefixes(names[0]) if names else []:
         stripped = [n[len(prefix) :] for n in names if n.startswith(prefix)]
         if len(stripped) == len(names) and all(n in known for n in stripped):
             return stripped

@@ -8,7 +8,7 @@ import numbers
 import os
 import pickle
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -262,6 +262,23 @@ def unprefixed(names: Sequence[str]) -> list[str] | None:
     while stripped and (prefix := next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) for n in stripped)), None)):
         stripped = [n[len(prefix) :] for n in stripped]
     return stripped if stripped != list(names) else None
+
+
+def wrapper_prefix(names: Collection[str], expected: Collection[str]) -> str | None:
+    """The wrapper's prefix (``WRAPPER_PREFIXES``) that every one of the model's names ``expected`` carries and
+    that makes each of ``names`` one of them (a model whose only child is named ``module``, whose files
+    ``tc.load_checkpoints`` strips of it), or None."""
+    for prefix in WRAPPER_PREFIXES:
+        if all(n.startswith(prefix) for n in expected) and all(prefix + n in expected for n in names):
+            return prefix
+    return None
+
+
+def leading_prefixes(name: str) -> list[str]:
+    """The first one to three dotted components of a parameter's module path: ``"a.", "a.b.", "a.b.c."``, the
+    prefixes a name may carry or lack between a model and its checkpoint (a LightningModule's ``model.``)."""
+    parts = name.split(".")[:-1]
+    return [".".join(parts[:k]) + "." for k in range(1, min(len(parts), 3) + 1)]
 
 
 def _named_as_state(optimizer: Mapping[str, Any] | None, state: Mapping[str, Any]) -> Mapping[str, Any] | None:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
 
-from ._checkpoints import LR_KEYS, WRAPPER_PREFIXES, Checkpoint, check_lr, unprefixed
+from ._checkpoints import LR_KEYS, Checkpoint, check_lr, leading_prefixes, unprefixed, wrapper_prefix
 from ._data import COMPLEX
 from ._encoders import encoders_set_aside
 from ._hooks import HOOKS_PUT_BACK, on_copies
@@ -695,10 +695,8 @@ def _wrapped_child_names(state: dict[str, Any], expected: frozenset[str]) -> dic
     files, as it strips DataParallel's), else ``state``."""
     if not state or expected.intersection(state):
         return state
-    for prefix in WRAPPER_PREFIXES:
-        if all(n.startswith(prefix) for n in expected) and {prefix + n for n in state} <= expected:
-            return {prefix + n: t for n, t in state.items()}
-    return state
+    prefix = wrapper_prefix(state, expected)
+    return state if prefix is None else {prefix + n: t for n, t in state.items()}
 
 
 def _prefix_hint(
@@ -707,12 +705,8 @@ def _prefix_hint(
     """How to match a checkpoint whose names all carry a prefix the model's do not (a LightningModule's ``model.``,
     an EMA wrapper's), or lack one the model's carry (saved from a submodule); ``""`` where none explains them. Not
     ``strict``: the names it lacks need no explaining (an adapter-only file, which found no hint before)."""
-
-    def prefixes(name: str) -> list[str]:
-        parts = name.split(".")[:-1]
-        return [".".join(parts[:k]) + "." for k in range(1, min(len(parts), 3) + 1)]
-
-    for prefix in prefixes(unexpected[0]) if unexpected else []:  # the checkpoint's names carry it (not: extra ones)
+    # the checkpoint's names carry it (not: extra ones)
+    for prefix in leading_prefixes(unexpected[0]) if unexpected else []:
         stripped = {n[len(prefix) :] for n in unexpected if n.startswith(prefix)}
         explained = not strict or missing and set(missing) <= stripped
         if explained and len(stripped) == len(unexpected) and stripped <= set(expected):
@@ -720,7 +714,7 @@ def _prefix_hint(
                 f" (its names all carry the prefix {prefix!r}, the model's do not: pass "
                 f"`{{k.removeprefix({prefix!r}): v for k, v in state.items()}}`)"
             )
-    for prefix in prefixes(missing[0]) if missing and unexpected else []:  # the model's names carry it
+    for prefix in leading_prefixes(missing[0]) if missing and unexpected else []:  # the model's names carry it
         under = {n[len(prefix) :] for n in expected if n.startswith(prefix)}
         if all(n.startswith(prefix) for n in missing) and set(unexpected) <= under:
             return (
