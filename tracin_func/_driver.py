@@ -586,16 +586,7 @@ def query_chunks(
     cosines: the rows stay per example and are summed after scoring."""
     cosine = normalize == "cosine"
     total = aggregate and not cosine
-    # the training data's first examples check the plan's batching where the test data's first batch cannot (one
-    # example): read only then (a one-pass iterator comes wrapped to keep its first batch: ``_data.Replayed``); and
-    # those of a batch or a Dataset, whose batches the automatic size cuts, size them (not a loader's: the user's)
-    scored = partial(first_examples, setup, train, "train") if train is not None else None
-    sized_by = scored if train is not None and sized_automatically(train) else None
-    # with one loss for both sides, the check picks its examples among the training data's first too (those at the
-    # ends of its padding's ranges): where those reach beyond the test data's, the first training batch was checked
-    # again; and a test batch that is the only one joins the first training batch's pass
-    one_loss = train is not None and setup.test_loss is setup.train_loss
-    beside = checking_pool(setup, train, "train") if one_loss else None
+    one_loss = train is not None and setup.test_loss is setup.train_loss  # (a lone test batch joins a training pass)
     per_ckpt, scales, size = [[] for _ in setup.checkpoints], [[] for _ in setup.checkpoints], 0
 
     def queries(
@@ -637,7 +628,7 @@ def query_chunks(
     n_test = None if total else num_examples(test)
     partners = None if n_test is None else n_test + (normalize is not None)
     test_batches = planned_batches(
-        setup, test, "test", "test gradients", partners=partners, scored=scored, sized_by=sized_by, beside=beside,
+        setup, test, "test", "test gradients", partners=partners, **reading_training(setup, train, "train"),
         read=() if train is None else (("train", train, train_start),),
     )
     # a chunk of several batches is joined a checkpoint at a time: its batches' and one checkpoint's joined copy at once
@@ -661,6 +652,24 @@ def query_chunks(
         yield queries(planned, [], [] if cosine else None, rows, Joining(*held, total, cosine, planned.most))
     elif per_ckpt[0]:
         yield chunk(planned)
+
+
+def reading_training(setup: Setup, train: Any, where: str) -> dict[str, Any]:
+    """``planned_batches``' ``scored``, ``sized_by`` and ``beside`` for test data planned with training data ``train``
+    (None: none). Its first examples check the plan's batching where the test data's first batch cannot (one
+    example): read only then (a one-pass iterator comes wrapped to keep its first batch: ``_data.Replayed``); those of
+    a batch or a Dataset, whose batches the automatic size cuts, size them (not a loader's: the user's); and with one
+    loss for both sides, the check picks its examples among the training data's first too (those at the ends of its
+    padding's ranges): where those reach beyond the test data's, the first training batch was checked again."""
+    if train is None:
+        return {"scored": None, "sized_by": None, "beside": None}
+    scored = partial(first_examples, setup, train, where)
+    one_loss = setup.test_loss is setup.train_loss
+    return {
+        "scored": scored,
+        "sized_by": scored if sized_automatically(train) else None,
+        "beside": checking_pool(setup, train, where) if one_loss else None,
+    }
 
 
 def finished_test(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -15,13 +14,13 @@ from ._context import in_own_context
 from ._data import as_dict, batch_size_of, num_examples, sized_automatically, slice_batch
 from ._driver import (
     batches,
-    checking_pool,
     first_examples,
     joined_pool,
     most_against,
     most_per_batch,
     naming_failures,
     planning_pool,
+    reading_training,
 )
 from ._plan import plan_call, split_state
 from ._setup import in_use, make_setup
@@ -153,16 +152,13 @@ def explain(
                 with naming_failures(setup.train_loss, setup, batch, "data", offset):
                     self_only = question == "self_influence"
                     planned = plan_call(setup, batch, "data", self_only=self_only, partners=partners, pool=pool)
-            else:  # (as the call plans: on the first test examples, the training data's first checking and sizing,
-                scored = partial(first_examples, setup, data, "data")  # and with one loss, the check's examples
-                sized_by = scored if sized_automatically(data) else None  # picked among theirs too)
-                beside = checking_pool(setup, data, "data") if setup.test_loss is setup.train_loss else None
+            else:  # (as the call plans: on the first test examples, reading the training data's first)
+                reading = reading_training(setup, data, "data")
+                beside = reading.pop("beside")
                 sized = setup.auto_batch and num_examples(test)  # (as the call's: its first examples, else a batch)
                 pool = planning_pool(setup, queries, test, "test", beside) if sized else joined_pool(queries, beside)
                 with naming_failures(setup.test_loss, setup, queries, "test", 0):
-                    planned = plan_call(
-                        setup, queries, "test", partners=partners, scored=scored, sized_by=sized_by, pool=pool
-                    )
+                    planned = plan_call(setup, queries, "test", partners=partners, pool=pool, **reading)
             if automatic:  # (as large as the call's first, which the plan sizes)
                 batch = slice_batch(batch, 0, most_per_batch(setup, planned.plan))
             with naming_failures(setup.train_loss, setup, batch, "data", 0):

@@ -78,7 +78,7 @@ if hasattr(os, "register_at_fork"):
 
 
 @contextmanager
-def exclusive_use(spec: ModelSpec, *losses: Any) -> Iterator[None]:
+def exclusive_use(spec: ModelSpec, *losses: Any, passes_start: bool = True) -> Iterator[None]:
     """Hold the module a call runs on for the whole call: the user's (a loss calling it: ``tc.ExampleLoss``,
     ``tc.BatchLoss``) or a private copy (uncontended, except a tracer's, which every step of every thread uses):
     concurrent calls on it then run one after the other instead of swapping tensors into it at the same time. The
@@ -87,8 +87,9 @@ def exclusive_use(spec: ModelSpec, *losses: Any) -> Iterator[None]:
     (``_recurrent.recurrent_unrolled``: the same function; on the user's module too, under its lock: a loss calling
     it ran the fused op under vmap, one example at a time in float64), and encoders called without gradients take
     torch's path as in the user's model (``_encoders.encoders_set_aside``). Each scoring pass starts from the
-    layers' attributes as they are then (``_state.as_found``). The ``losses``' criteria that are modules are left as
-    they were too (one keeping its last loss in an attribute kept vmap's, unusable after the call)."""
+    layers' attributes as they are then (``_state.as_found``; not ``passes_start``: as a block inside sets them,
+    a tracer's step after it has set the copy's settings as the model's). The ``losses``' criteria that are modules
+    are left as they were too (one keeping its last loss in an attribute kept vmap's, unusable after the call)."""
     criteria = {id(c): c for c in (getattr(loss, "criterion", None) for loss in losses) if isinstance(c, nn.Module)}
     with ExitStack() as stack:
         if spec.module is not None:
@@ -96,7 +97,8 @@ def exclusive_use(spec: ModelSpec, *losses: Any) -> Iterator[None]:
                 stack.enter_context(block(spec.module))
         for criterion in criteria.values():
             stack.enter_context(leaving_no_trace(criterion))
-        stack.enter_context(passes_from_here(spec.module))
+        if passes_start:
+            stack.enter_context(passes_from_here(spec.module))
         yield
 
 

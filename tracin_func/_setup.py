@@ -54,9 +54,9 @@ class Setup(NamedTuple):
     auto_batch: bool = False  # ``batch_size`` is a guess before the plan (dense gradients): the plan sizes batches
 
 
-def in_use(setup: Setup) -> AbstractContextManager[None]:
+def in_use(setup: Setup, *, passes_start: bool = True) -> AbstractContextManager[None]:
     """``exclusive_use`` of the call's model, and of its losses' criteria."""
-    return exclusive_use(setup.spec, setup.train_loss, setup.test_loss)
+    return exclusive_use(setup.spec, setup.train_loss, setup.test_loss, passes_start=passes_start)
 
 
 def _default_device(model: Any, first: Checkpoint) -> torch.device:

@@ -667,7 +667,9 @@ def _products(
     batch = to_device(batch, planned.device, planned.dtype)
 
     spec = planned.setup.spec
-    with in_use(planned.setup), naming_failures(planned.setup.train_loss, planned.setup, batch, "batch", 0):
+    with in_use(planned.setup, passes_start=False), naming_failures(
+        planned.setup.train_loss, planned.setup, batch, "batch", 0
+    ):
         with holding(planned.model):  # the model as it is now, at one moment: its buffers (one rebound since planning
             live = _live_state(planned.model)  # too) and settings (undone as the call leaves the copy)
             _following(planned)
