@@ -647,14 +647,22 @@ _GRADIENT_HOOK = (  # (a clip of the batch's gradient by its norm: 29-43% off, s
 )
 
 
+_PARAMETER_HOOK = (  # (a clamp of a parameter's gradient: 26-78% off, silently; a review helper's trial)
+    "the forward puts a gradient hook on a parameter (`self.fc.weight.register_hook`), which changes its whole "
+    "gradient, where the layers' factors would give it unchanged: every gradient is taken per example, the hook's "
+    "too"
+)
+
+
 class _PlanningWatch(TorchFunctionMode):
     """Planning's watch over the first examples run together. It refuses:
 
     - a forward run under activation checkpointing (``refuse_checkpointing``): without reentrancy, the backward pass
       recomputes the region outside the call's parameters and hooks, so the factors would be wrong (13x the true
       scores, for one recomputed Linear); with it, the region runs without gradients;
-    - a gradient hook put on a tensor the forward computes (``register_hook``; a leaf's, a parameter's, is its own):
-      the batch's gradient passes through it as one, which may clip it by its norm (per example under ``vmap``);
+    - a gradient hook put on a tensor the forward computes (``register_hook``): the batch's gradient passes through
+      it as one, which may clip it by its norm (per example under ``vmap``); one put on a parameter (a leaf) changes
+      its whole gradient, which no layer's factors hold: every gradient is then taken per example;
     - a forward that reorders its examples by a sort (RNN code sorting a batch by length, ``x[order]``, then
       unsorting): a layer's rows would be other examples' (13-36% off). On first examples of equal length the order
       is the identity and the batching check sees nothing, so the watch follows the indices a ``sort`` /
@@ -674,6 +682,8 @@ class _PlanningWatch(TorchFunctionMode):
         refuse_checkpointing(args, kwargs)
         if func is torch.Tensor.register_hook and getattr(args[0], "grad_fn", None) is not None:
             raise Unbatchable(_GRADIENT_HOOK, "`factored=False`")
+        if func is torch.Tensor.register_hook and args[0].requires_grad:  # (a leaf: a differentiated parameter)
+            raise Unbatchable(_PARAMETER_HOOK, "`factored=False`", factorless=True)
         kwargs = kwargs or {}
         ordered = self.orders and any(id(t) in self.orders for t in _tensors((args, kwargs)))
         trusted = (ordered or func in _SORTS) and sys._getframe(1).f_code.co_filename.endswith(_PACKING_CODE)

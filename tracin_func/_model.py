@@ -60,6 +60,7 @@ class ModelSpec(NamedTuple):
     # state-dict entries of modules' ``get_extra_state()``, the model's own: no functional call can set them
     extra: Mapping[str, Any] = {}
     counts: frozenset[str] = frozenset()  # BatchNorm step counts (``num_batches_tracked``): no output reads them
+    hooked: frozenset[str] = frozenset()  # parameters with a gradient hook (``register_hook``): refused if scored
 
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
@@ -474,7 +475,10 @@ def model_spec(
 
         defaults = {n: t.detach() for n, t in state.items() if n not in aliases}
         expected = frozenset(state)
-        return ModelSpec(forward, module, diff, expected, aliases, defaults, unsaved, private, following, extra, counts)
+        hooked = frozenset(n for n, p in named.items() if p._backward_hooks)  # (a private copy holds none)
+        return ModelSpec(
+            forward, module, diff, expected, aliases, defaults, unsaved, private, following, extra, counts, hooked
+        )
     if not callable(model):
         raise TypeError(f"`model` must be an nn.Module or a function f(params, *inputs), got {type(model).__name__}.")
     if not isinstance(first_params, Mapping):

@@ -227,12 +227,22 @@ def checked_forward(setup: Setup, loss: ExampleLossFn, batch: Any, where: str) -
 def scored_names(setup: Setup, batch: Any) -> Sequence[str]:
     """The parameters a call planned on ``batch`` (on device) differentiates: those selected, or with
     ``method='last_layer'`` the last nn.Linear the loss of its first example reaches (``last_layer_params``)."""
-    if setup.method != "last_layer":
-        return setup.spec.diff_names
-    assert setup.spec.module is not None  # checked when the call was set up
-    first = setup.checkpoints[0].state
     spec = setup.spec
-    return last_layer_params(spec.module, setup.train_loss, first, batch, spec.aliases, spec.diff_names)
+    if setup.method != "last_layer":
+        names = spec.diff_names
+    else:
+        assert spec.module is not None  # checked when the call was set up
+        first = setup.checkpoints[0].state
+        names = last_layer_params(spec.module, setup.train_loss, first, batch, spec.aliases, spec.diff_names)
+    hooked = [n for n in names if n in spec.hooked]
+    if hooked:
+        raise ValueError(
+            f"`model` parameter {hooked[0]!r} has a gradient hook (`register_hook`), which changes its gradient as "
+            f"the model trains. The call differentiates each checkpoint's tensors, which the hook is not on, so "
+            f"each example's gradient would be the loss's own, silently. Remove it (`handle.remove()`) before "
+            f"scoring, to score the loss's own gradients."
+        )
+    return names
 
 
 def _checked_on_either(setup: Setup, loss: ExampleLossFn, batch: Any, where: str) -> ForwardBytes:
