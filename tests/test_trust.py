@@ -1727,6 +1727,50 @@ def test_3i_an_ambient_autocast_is_switched_off_for_the_call():
             assert_close(got, want, 1e-6, msg=(name, dtype))
 
 
+class _AutocastInside(nn.Module):
+    """A layer run under bfloat16 autocast entered in the model's own forward."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.inp, self.fc = kind, nn.Linear(5, 8), nn.Linear(8, 3)
+        self.layer = {"conv": nn.Conv1d(8, 8, 3, padding=1), "tokens": nn.Linear(8, 8), "gru": nn.GRU(8, 8),
+                      "lstm": nn.LSTM(8, 8, batch_first=True)}[kind]  # fmt: skip
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))  # [B, 6, 8]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if self.kind == "conv":
+                h = self.layer(h.transpose(1, 2)).transpose(1, 2)
+            elif self.kind == "gru":
+                h = self.layer(h.transpose(0, 1))[0].transpose(0, 1)
+            else:
+                h = self.layer(h)[0] if self.kind == "lstm" else self.layer(h)
+        return self.fc(h.to(x.dtype).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["conv", "tokens", "gru", "lstm"])
+def test_3i_autocast_entered_in_the_forward_takes_each_examples_gradient_as_autograd_does(kind):
+    """A layer under autocast the model enters itself got its factors in bfloat16 and its output gradients in
+    float32: torch's raw dtype errors (a convolution, a Linear over tokens, a GRU's unrolled steps), an LSTM refused
+    as mixing examples, or scores 1e-3 off where the factors ran. Every gradient is now taken per example, as
+    `factored=False` takes them; a float64 model, which autocast leaves alone, keeps its factors."""
+    torch.manual_seed(0)
+    model = _AutocastInside(kind).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    train = (torch.randn(8, 6, 5), torch.randint(0, 3, (8,)))
+    test = (torch.randn(3, 6, 5), torch.randint(0, 3, (3,)))
+    why = tc.explain(model, ckpts, train, loss_fn=CE).batching
+    assert why.startswith("vmap(grad) over examples: layer ") and "runs under `torch.autocast`" in why, why
+    for call in (functools.partial(tc.self_influence, model, ckpts, train), functools.partial(tc.influence, model,
+                 ckpts, train, test)):  # fmt: skip
+        assert_close(call(loss_fn=CE), call(loss_fn=CE, factored=False), 1e-6)
+    wide = _AutocastInside(kind).to(torch.float64).eval()
+    wide_ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in wide.state_dict().items()}, lr=0.5)]
+    assert tc.explain(wide, wide_ckpts, train, loss_fn=CE).batching.startswith("one batched forward")
+    ref = reference_scores(wide, wide_ckpts, train, test, loss_fn=CE)
+    assert_close(tc.influence(wide, wide_ckpts, train, test, loss_fn=CE), ref.influence)
+
+
 @pytest.mark.parametrize("normalize", ["cosine", "train"])
 def test_3j_a_gradient_norm_overflowing_the_dtype_is_refused_not_scored_0(normalize):
     """A training gradient of ~1e20 (finite in float32) has a squared norm past float32's range: its inverse norm

@@ -254,6 +254,7 @@ def discover(
                 beyond.why = beyond.why or _TRANSFORMED.format(path=site.path)
             if _without_gradient(args):
                 return None
+            refuse_autocast(site, output)
             if site.kind == "expanded":  # its gradient is taken whole (copies): here, the example's true one
                 calls[site.path].append(tuple(output.shape) if isinstance(output, torch.Tensor) else None)
                 return None
@@ -370,6 +371,7 @@ def batched_factors(
                 raise ValueError(REENTRANT)
             if _without_gradient(args):
                 return None
+            refuse_autocast(site, output)
             x = recorded_input(layer, site, args[0], output).detach()
             inputs[site.path].append(x.transpose(0, 1) if seq_first else x)
             if not compiled and not x.is_inference():  # (a pass under inference_mode: no gradient, as under no_grad)
@@ -645,6 +647,25 @@ _GRADIENT_HOOK = (  # (a clip of the batch's gradient by its norm: 29-43% off, s
     "a gradient hook on a tensor the forward computes (`register_hook`) may change its examples' gradients together "
     "(a clip by the batch's norm), which no comparison of outputs shows"
 )
+
+
+def refuse_autocast(site: Site, output: Any) -> None:
+    """Refuse a site's factors where the layer runs under ``torch.autocast`` (the caller's is off for the call: the
+    model's own, entered in its forward) and its output is in autocast's dtype: its products round in a lower
+    precision than factors would (a convolution's or a token Linear's factors in two dtypes raised torch's raw
+    errors; an LSTM's unrolled steps were refused as mixing examples; where they ran, 1e-3 off). Every gradient is
+    then taken per example."""
+    if not isinstance(output, torch.Tensor):
+        return
+    device = output.device.type
+    if torch.is_autocast_enabled(device) and output.dtype == torch.get_autocast_dtype(device):  # (not float64's)
+        raise BeyondFactors(
+            f"layer {site.path!r} runs under `torch.autocast` entered in the forward, which rounds its products in a "
+            f"lower precision than the layers' factors would: every gradient is taken per example, as autograd takes "
+            f"it",
+            "`factored=False`",
+            factorless=True,
+        )
 
 
 _PARAMETER_HOOK = (  # (a clamp of a parameter's gradient: 26-78% off, silently; a review helper's trial)

@@ -394,10 +394,15 @@ def _fused_serves(data: Any) -> bool:
     outside torch.func's transforms (the per-example loop: the packed LSTM's ``factored=False`` 0.85 s against 2.40 s
     unrolled). Under vmap it has no batching rule (its per-example fallback: the LSTM's ``factored=False`` 1.16 s
     against 0.46 s unrolled; a frozen layer the model runs under ``torch.no_grad()`` too, sent to the per-example
-    loop), and on a GPU cuDNN's has no backward in eval mode."""
+    loop), and on a GPU cuDNN's has no backward in eval mode. Under ``torch.autocast`` entered in the model's forward,
+    always: the fused op runs in the precision autocast gives it, which the unrolled steps' products and pointwise
+    ops do not reproduce (a GRU's steps mixed bfloat16 and float32 in a raw error)."""
+    device = data.device.type if isinstance(data, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(device) and isinstance(data, torch.Tensor) and data.dtype != torch.float64:
+        return True  # (autocast leaves float64 as it is)
     if peek_interpreter_stack() is not None:
         return False
-    return not torch.is_grad_enabled() or isinstance(data, torch.Tensor) and data.device.type == "cpu"
+    return not torch.is_grad_enabled() or device == "cpu"
 
 
 def _step(
