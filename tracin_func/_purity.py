@@ -360,6 +360,16 @@ class _Watch(TorchDispatchMode):
                f"`.train()` call)" if switched else f"{remove} (it runs in eval mode already)")  # fmt: skip
         if drawn:  # (noise the model needs, a VAE's reparameterisation: given with the example, as the loss's)
             fix += f"; for noise it needs (a VAE's `torch.randn_like`), {_PASS_DRAWN}, and read them in its forward"
+        observing = next((p for p, m in reversed(self.modules) if isinstance(getattr(m, "observer_enabled", None),
+                                                                                torch.Tensor)), None)  # fmt: skip
+        if observing is not None:  # (quantization-aware training's fake-quantize: a flag the checkpoint holds)
+            flag = f"{observing}.observer_enabled".lstrip(".")
+            fix = (
+                f"a fake-quantize module observes while its `observer_enabled` buffer is 1, and the checkpoint's "
+                f"'{flag}' (1 where saved while training) is what the call runs, whatever the model's own "
+                f"(`torch.ao.quantization.disable_observer`): pass checkpoints with those flags 0, e.g. "
+                f"`{{k: torch.zeros_like(v) if k.endswith('observer_enabled') else v for k, v in state.items()}}`"
+            )
         raise ValueError(
             f"`model`: {who} {what} in its forward pass. TracIn needs a forward pass that is a function of the "
             f"checkpoint and the example: {fix}."
