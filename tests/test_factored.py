@@ -2621,6 +2621,12 @@ def test_explain_calls_only_the_shared_tensor_tied():
     )
     conv = reasons(True, torch.randn(6, 2, 4, 4, dtype=torch.float64))
     assert conv["enc.weight"] == "its tensor is shared with a module that is not a factor site (weight tying)"
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3)).double().eval()
+    model[2].weight = model[0].bias  # (its bias, not its weight: "its layer's weight is tied" said; a review helper's)
+    plan = tc.explain(model, _ckpts(model), (torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))),
+                      loss_fn=CE)  # fmt: skip
+    said = {r.parameter: r.reason for r in plan.routes}
+    assert said["0.weight"].startswith("its layer's bias is tied") and said["2.bias"].startswith("its layer's weight")
     assert conv["enc.bias"] == "a tensor of its layer is shared with a module that is not a factor site (weight tying)"
 
 

@@ -434,7 +434,9 @@ def make_plan(
             if site.kernel_ok and (factored or _kernel_is_cheaper(site, rows, partners)):
                 kernel.add(path)  # a kept Embedding is never materialised on the training side (see TokenRows)
             why = _why_site(site, rows, factored, path in kernel, partners)
-            reasons.update({n: _TIED_LAYER if site.tied and n not in tied else why for n in site.names})
+            shared = "bias" if site.bias in tied and site.weight not in tied else "weight"
+            tied_layer = f"its layer's {shared} is tied: per-example gradients from factors, formed with the {shared}'s"
+            reasons.update({n: tied_layer if site.tied and n not in tied else why for n in site.names})
     for path in idle:
         sites.pop(path, None)  # (unless dropped with a partner)
     seq_first = _sequence_first(sites, first_calls, modules)
@@ -899,7 +901,6 @@ def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> st
     return why_not_a_site(owner)
 
 
-_TIED_LAYER = "its layer's weight is tied: per-example gradients from factors, formed with the weight's"
 
 
 def _held_twice(sites: Iterable[Site]) -> set[str]:
