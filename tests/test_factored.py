@@ -1780,6 +1780,41 @@ def test_a_model_folding_choices_into_its_batch_is_exact_through_vmap(factored, 
     assert_close(tc.influence(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=CE), ref.influence)
 
 
+class SiamesePair(nn.Module):
+    """One GRU encoder run on both parts of each example, joined along the batch: part by part (``cat``) or example by
+    example (``stack`` then ``flatten``)."""
+
+    def __init__(self, stacked: bool):
+        super().__init__()
+        self.stacked, self.emb, self.gru, self.cls = stacked, nn.Embedding(30, 8), nn.GRU(8, 6, batch_first=True), \
+            nn.Linear(12, 2)  # fmt: skip
+
+    def forward(self, a, b):
+        n = a.shape[0]
+        both = torch.stack([a, b], 1).flatten(0, 1) if self.stacked else torch.cat([a, b])
+        h = self.gru(self.emb(both))[1][-1]
+        pair = h.view(n, 2 * h.shape[1]) if self.stacked else torch.cat([h[:n], h[n:]], -1)
+        return self.cls(pair)
+
+
+def test_a_pair_joined_part_by_part_along_the_batch_is_named_so():
+    """A siamese pair joined part by part (``torch.cat([a, b])``) was refused to vmap(grad) naming batch statistics,
+    sorting or a sequence-first layout (a review helper's); the warning names the join and the order that keeps each
+    example's rows together, which is batched. Both exact."""
+    torch.manual_seed(0)
+    data = (torch.randint(0, 30, (8, 5)), torch.randint(0, 30, (8, 5)), torch.randint(0, 2, (8,)))
+    for stacked in (False, True):
+        model = SiamesePair(stacked).double().eval()
+        ckpts = _ckpts(model)
+        why = tc.explain(model, ckpts, data, loss_fn=CE).batching
+        if stacked:
+            assert why.startswith("one batched forward"), why
+        else:
+            assert "folds 2 rows per example" in why and "torch.stack([a, b], 1).flatten(0, 1)" in why, why
+        ref = reference_scores(model, ckpts, data, loss_fn=CE)
+        assert_close(tc.self_influence(model, ckpts, data, loss_fn=CE), ref.self_influence)
+
+
 @pytest.mark.parametrize("all_but_first", [False, True], ids=["all", "all-but-first"])
 @pytest.mark.parametrize("equal_first", [False, True])  # the first three examples equal: only the fourth differs
 def test_models_that_mix_examples_are_not_batched(all_but_first, equal_first):

@@ -328,7 +328,14 @@ def _compared(
             )
             if not (per_example and (same or path in linear and _same_live_rows(ordered, together, path))):
                 inputs_alike = per_example and singles is not None and all(map(_close_rows, singles, xs))
-                where = (  # (gradients come from later: a later layer, or the loss, mixes the examples)
+                folded = plan.fold > 1 and per_example and all(t.dim() > 1 and t.shape[1] == plan.fold for t in xs)
+                where = (  # (a siamese GRU's `torch.cat([a, b])` was said to interact or reorder: a review helper's)
+                    f"the model folds {plan.fold} rows per example into the batch dimension, and they are not each "
+                    f"example's own there: joined part by part (a pair's `torch.cat([a, b])` puts every example's "
+                    f"first part before any second; `torch.stack([a, b], 1).flatten(0, 1)` keeps each example's rows "
+                    f"together), or examples interact"
+                    if folded and not inputs_alike
+                    else  # (gradients come from later: a later layer, or the loss, mixes the examples)
                     "its output gradients, its inputs alike: examples interact after it, in a later layer (e.g. "
                     "through batch statistics, or one holding the batch in a dimension other than the first, or the "
                     "second in every call: sequence-first) or in the loss (a batch mean, in-batch negatives: each "
