@@ -1320,6 +1320,26 @@ def test_a_batch_the_forward_cannot_take_positionally_names_the_dict_batch_fix()
     assert_close(got, ref.self_influence)
 
 
+def test_a_criterion_of_more_arguments_and_a_batch_statistic_nan_alone_are_named():
+    """`nn.GaussianNLLLoss()` as `loss_fn` (it takes a variance too) was told about the model's keyword inputs; a
+    policy-gradient loss normalising its advantages by the batch's `std()`, NaN for one example alone, was told to
+    check its inputs and dtype (review helpers')."""
+    model, ckpts, batch = _setup()
+    x = batch[0]
+    with pytest.raises(TypeError, match=r"missing 1 required positional argument: 'var'\. A criterion is called as "
+                                        r"`loss_fn\(outputs, targets\)`.*`tc\.BatchLoss`"):  # fmt: skip
+        tc.self_influence(model, ckpts, (x, torch.randn(len(x), 2, dtype=x.dtype)), loss_fn=nn.GaussianNLLLoss())
+
+    def policy_gradient(logits, target):
+        action, ret = target
+        advantage = (ret - ret.mean()) / ret.std()
+        return -(logits.log_softmax(-1).gather(-1, action[:, None]).squeeze(-1) * advantage).mean()
+
+    target = (batch[1], torch.randn(len(x), dtype=x.dtype))
+    with pytest.raises(FloatingPointError, match=r"Every example's is: .*a statistic over the batch can be NaN"):
+        tc.self_influence(model, ckpts, (x, target), loss_fn=policy_gradient)
+
+
 class Cast(nn.Module):
     def __init__(self, dtype):
         super().__init__()

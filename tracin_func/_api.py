@@ -126,8 +126,9 @@ def influence(
             u_c(train_j)>`` (README "Adam-aware TracIn"); ``self_influence`` is then ``sum_c lr_c <g_c, u_c>``.
         train, test: a batch ``(x1, ..., xk, y)``, a ``Dataset``, a ``DataLoader`` or an iterable of batches. The
             model gets ``x1..xk``; the target comes last. Index ``j`` is the j-th example in iteration order.
-        loss_fn: criterion ``loss_fn(outputs, targets)`` with any ``reduction`` (one example's loss is the sum over
-            its elements for ``"none"`` / ``"sum"``, their mean for ``"mean"``), or ``tc.ExampleLoss(fn)``.
+        loss_fn: criterion ``loss_fn(outputs, targets)`` with ``reduction`` ``"none"``, ``"sum"`` or ``"mean"`` (one
+            example's loss is the sum over its elements for ``"none"`` / ``"sum"``, their mean for ``"mean"``;
+            ``KLDivLoss``'s ``"batchmean"`` is its ``"sum"`` on one example: pass that), or ``tc.ExampleLoss(fn)``.
         test_loss_fn: the same for test examples; defaults to ``loss_fn``.
         aggregate: sum over test examples, returning ``[1, n_train]``. With ``normalize="cosine"`` it is the sum of
             the test examples' cosines (each test gradient normalised before summing), which costs as much as the

@@ -353,7 +353,7 @@ def naming_failures(
                 elif "does not require grad and does not have a grad_fn" in str(cause):
                     message += f". {_GRADIENT_IN_THE_LOSS}"
                 elif isinstance(loss, CriterionLoss) and "positional argument" in str(cause):
-                    message += f". {_POSITIONAL_INPUTS}"
+                    message += f". {_CRITERION_ARGUMENTS if _raised_by(loss.criterion, cause) else _POSITIONAL_INPUTS}"
                 elif narrow := _narrow_integer_target(str(cause), example):
                     message += f". {narrow}"
                 elif floating_dtypes_met(str(cause)):
@@ -473,6 +473,20 @@ _POSITIONAL_INPUTS = (
     "input takes (metadata) must be left out of the batch (by the `collate_fn`)"
 )
 
+# a criterion of more arguments than outputs and targets
+_CRITERION_ARGUMENTS = (
+    "A criterion is called as `loss_fn(outputs, targets)`: one taking more (`nn.GaussianNLLLoss`'s `var`, a model's "
+    "output too) needs a `tc.BatchLoss` / `tc.ExampleLoss` calling it with them"
+)
+
+
+def _raised_by(criterion: Any, cause: BaseException) -> bool:
+    """Whether ``cause`` is a call of ``criterion`` itself given the wrong arguments (its own name in the message)."""
+    name = type(criterion).__name__ + ".forward" if isinstance(criterion, torch.nn.Module) else None
+    name = name or getattr(criterion, "__qualname__", None) or getattr(criterion, "__name__", "")
+    return bool(name) and f"{name}()" in str(cause)
+
+
 # a recurrent layer the library does not unroll (a subclass, `proj_size`), on a GPU
 _CUDNN_RNN_FIX = (
     "cuDNN's recurrent kernels have no backward in eval mode, and this layer runs them: score with cuDNN off for the "
@@ -511,12 +525,18 @@ def _check_finite(values: Any, example_dim: int, offset: int, where: str, ckpt: 
     finite = torch.isfinite(values)
     other = [d for d in range(values.dim()) if d != example_dim % values.dim()]
     bad = ((~finite).any(dim=other) if other else ~finite).nonzero().flatten() + offset
+    every = 1 < len(bad) == values.shape[example_dim]  # (a statistic over the batch, NaN for one example alone)
+    alone = (
+        " Every example's is: a loss computed over a batch is computed on each example alone, where a statistic over "
+        "the batch can be NaN (`(r - r.mean()) / r.std()` of one value): compute such statistics beforehand and pass "
+        "them with the data." if every else ""
+    )
     raise FloatingPointError(
         f"Non-finite gradients for `{where}` examples {bad.tolist()[:10]} at checkpoints[{ckpt}]: the loss or its "
         f"gradient is NaN or infinite there, or so large that its products (times the checkpoint's `lr`) overflow "
         f"{values.dtype}"
-        f"{'' if values.dtype == torch.float64 else ' (pass `dtype=torch.float64`)'}. Check those inputs and targets, "
-        f"the checkpoint's weights, and the dtype "
+        f"{'' if values.dtype == torch.float64 else ' (pass `dtype=torch.float64`)'}.{alone} Check those inputs and "
+        f"targets, the checkpoint's weights, and the dtype "
         f"(and whether `factored=False`, one example at a time, is finite: some models' batched backward pass is not, "
         f"like Longformer's with different numbers of global tokens per example)."
     )
