@@ -1771,6 +1771,34 @@ def test_3i_autocast_entered_in_the_forward_takes_each_examples_gradient_as_auto
     assert_close(tc.influence(wide, wide_ckpts, train, test, loss_fn=CE), ref.influence)
 
 
+def test_3i_an_embedding_bag_under_the_models_autocast_computes_as_torchs():
+    """torch's EmbeddingBag stays float32 under CPU autocast; the library's unrolled bag summed in bfloat16: 2e-3 off,
+    silently, where no batch held two examples to check (a raw dtype error or a refusal as mixing otherwise; a review
+    helper's). Under the model's autocast a layer keeps its own forward."""
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag, self.fc = nn.EmbeddingBag(30, 8, mode="mean"), nn.Linear(8, 3)
+
+        def forward(self, tokens):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = self.bag(tokens)
+            return self.fc(torch.tanh(h))
+
+    torch.manual_seed(0)
+    model = Bag().eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
+    train, test = (torch.randint(0, 30, (6, 4)), torch.randint(0, 3, (6,))), (torch.randint(0, 30, (2, 4)),
+                                                                              torch.randint(0, 3, (2,)))  # fmt: skip
+    ref = reference_scores(model, ckpts, train, test, loss_fn=CE)  # (float64: autocast leaves it as it is)
+    for batch_size in (1, None):
+        got = tc.self_influence(model, ckpts, train, loss_fn=CE, batch_size=batch_size)
+        assert_close(got, ref.self_influence.float(), 1e-5)
+        got = tc.influence(model, ckpts, train, test, loss_fn=CE, batch_size=batch_size)
+        assert_close(got, ref.influence.float(), 1e-5)
+
+
 @pytest.mark.parametrize("normalize", ["cosine", "train"])
 def test_3j_a_gradient_norm_overflowing_the_dtype_is_refused_not_scored_0(normalize):
     """A training gradient of ~1e20 (finite in float32) has a squared norm past float32's range: its inverse norm
@@ -4973,6 +5001,14 @@ def test_a_gradient_hook_on_a_parameter_is_honoured_in_the_forward_and_refused_o
     hooked.b.weight.register_hook(lambda g: 3 * g)
     with pytest.raises(ValueError, match="parameter 'b.weight' has a gradient hook"):
         tc.self_influence(hooked, ckpts, train, loss_fn=loss, method="last_layer")
+
+    class Unguarded(_ParameterHooked):  # (the call's runs on tensors needing no gradient: torch's bare error before)
+        def forward(self, x):
+            self.a.weight.register_hook(lambda g: g.clamp(-0.05, 0.05))
+            return self.b(torch.tanh(self.a(x)))
+
+    with pytest.raises(RuntimeError, match=r"needs no gradient in this run.*`if t.requires_grad: t.register_hook"):
+        tc.self_influence(Unguarded(in_forward=True).to(torch.float64).eval(), ckpts, train, loss_fn=loss)
 
 
 class _CompressedActivations(nn.Module):

@@ -659,13 +659,16 @@ def refuse_autocast(site: Site, output: Any) -> None:
         return
     device = output.device.type
     if torch.is_autocast_enabled(device) and output.dtype == torch.get_autocast_dtype(device):  # (not float64's)
-        raise BeyondFactors(
-            f"layer {site.path!r} runs under `torch.autocast` entered in the forward, which rounds its products in a "
-            f"lower precision than the layers' factors would: every gradient is taken per example, as autograd takes "
-            f"it",
-            "`factored=False`",
-            factorless=True,
-        )
+        raise autocast_refusal(f"layer {site.path!r}")
+
+
+def autocast_refusal(layer: str) -> BeyondFactors:
+    return BeyondFactors(
+        f"{layer} runs under `torch.autocast` entered in the forward, which rounds its products in a lower precision "
+        f"than the layers' factors would: every gradient is taken per example, as autograd takes it",
+        "`factored=False`",
+        factorless=True,
+    )
 
 
 _PARAMETER_HOOK = (  # (a clamp of a parameter's gradient: 26-78% off, silently; a review helper's trial)

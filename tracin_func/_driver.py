@@ -352,6 +352,8 @@ def naming_failures(
                     message += f". {_ONE_VALUE_PER_CHANNEL}"
                 elif "does not require grad and does not have a grad_fn" in str(cause):
                     message += f". {_GRADIENT_IN_THE_LOSS}"
+                elif "cannot register a hook on a tensor that doesn't require gradient" in str(cause):
+                    message += f". {_HOOK_WITHOUT_GRADIENT}"
                 elif isinstance(loss, CriterionLoss) and "positional argument" in str(cause):
                     message += f". {_CRITERION_ARGUMENTS if _raised_by(loss.criterion, cause) else _POSITIONAL_INPUTS}"
                 elif narrow := _narrow_integer_target(str(cause), example):
@@ -464,6 +466,13 @@ _GRADIENT_IN_THE_LOSS = (
     "does (the gradients scored are taken by the library); and one with respect to an input (a PINN's coordinates) "
     "of that input made a leaf there, `x = batch[0].detach().requires_grad_()`: inputs are given as values, without "
     "`requires_grad`"
+)
+
+# a gradient hook put on in the forward, on a tensor the call does not differentiate
+_HOOK_WITHOUT_GRADIENT = (
+    "The forward puts a gradient hook on a tensor that needs no gradient in this run: the call runs the forward on "
+    "the checkpoint's tensors, which need none where they are not scored and in its checks (the model's parameters "
+    "always do). Put the hook on only where one is taken: `if t.requires_grad: t.register_hook(fn)`"
 )
 
 # a criterion's batch handed to a forward of other arguments

@@ -319,7 +319,7 @@ def check_no_backward_hooks(model: Any) -> None:
                 f"`model` has a backward hook on {type(module).__name__} {name or '(root)'!r}; torch.func transforms "
                 f"cannot run through it. Remove it (`handle.remove()`) before scoring; to keep a change it makes to "
                 f"gradients, make it in the forward with a hook on the tensor whose gradient it changes "
-                f"(`h.register_hook(fn)`), which the call runs for each example."
+                f"(`if h.requires_grad: h.register_hook(fn)`), which the call runs for each example."
             )
 
 

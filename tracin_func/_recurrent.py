@@ -159,10 +159,30 @@ def _forwards(modules: Mapping[str, nn.Module], hooks: Mapping[str, Mapping[str,
             if why_not(module):
                 raise RuntimeError(f"Layer {owner!r} cannot be run unrolled.")
             installed.append((module, vars(module).get("forward")))
-            object.__setattr__(module, "forward", UnrolledForward(forward, module, products))
+            object.__setattr__(module, "forward", UnrolledForward(_own_under_autocast(forward), module, products))
         yield
     finally:
         put_back_forwards(installed)
+
+
+def _own_under_autocast(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` (an unrolled form), but the layer's own where it runs under ``torch.autocast`` the model enters
+    (not on float64 tensors, which autocast leaves alone): the unrolled ops round otherwise than its kernels under it
+    (an EmbeddingBag's weighted sum ran in bfloat16 where torch's stays float32: 2e-3 off, silently, in batches of
+    one; a GRU's steps mixed bfloat16 and float32 in a raw error). Its factors are then refused: every gradient is
+    taken per example."""
+
+    def run(module: nn.Module, hooks: Mapping[str, Hook], *args: Any, **kwargs: Any) -> Any:
+        tensor = next(module.parameters(), None)
+        if tensor is None or tensor.dtype == torch.float64 or not torch.is_autocast_enabled(tensor.device.type):
+            return forward(module, hooks, *args, **kwargs)
+        if hooks is not _HOOKLESS:
+            from ._capture import autocast_refusal  # (not at the top: ``_capture`` imports this module)
+
+            raise autocast_refusal(f"layer {type(module).__name__}")
+        return type(module).forward(module, *args, **kwargs)
+
+    return run
 
 
 @contextmanager
@@ -394,15 +414,10 @@ def _fused_serves(data: Any) -> bool:
     outside torch.func's transforms (the per-example loop: the packed LSTM's ``factored=False`` 0.85 s against 2.40 s
     unrolled). Under vmap it has no batching rule (its per-example fallback: the LSTM's ``factored=False`` 1.16 s
     against 0.46 s unrolled; a frozen layer the model runs under ``torch.no_grad()`` too, sent to the per-example
-    loop), and on a GPU cuDNN's has no backward in eval mode. Under ``torch.autocast`` entered in the model's forward,
-    always: the fused op runs in the precision autocast gives it, which the unrolled steps' products and pointwise
-    ops do not reproduce (a GRU's steps mixed bfloat16 and float32 in a raw error)."""
-    device = data.device.type if isinstance(data, torch.Tensor) else "cpu"
-    if torch.is_autocast_enabled(device) and isinstance(data, torch.Tensor) and data.dtype != torch.float64:
-        return True  # (autocast leaves float64 as it is)
+    loop), and on a GPU cuDNN's has no backward in eval mode."""
     if peek_interpreter_stack() is not None:
         return False
-    return not torch.is_grad_enabled() or device == "cpu"
+    return not torch.is_grad_enabled() or isinstance(data, torch.Tensor) and data.device.type == "cpu"
 
 
 def _step(
