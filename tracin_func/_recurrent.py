@@ -287,7 +287,7 @@ def _layers(
             outputs.append(out)
             last_h.append(h)
             last_c.append(c)
-        x = outputs[0] if directions == 1 else torch.cat(outputs, 2)
+        x = outputs[0] if directions == 1 else torch.cat([o.transpose(0, 1) for o in outputs], 2).transpose(0, 1)
         if module.training and module.dropout > 0 and layer < module.num_layers - 1:  # refused by `unrollable`
             raise RuntimeError("dropout between recurrent layers in training mode is not unrolled")
     return x, torch.stack(last_h), torch.stack(last_c) if lstm else None
@@ -323,7 +323,8 @@ def _unrolled_steps(
             h = torch.where(live[t], stepped, h)
             c = torch.where(live[t], c_stepped, c) if c is not None else None
         out[t] = h
-    return torch.stack(out, 1), torch.stack(prior, 1) if joint else None, h, c
+    # (the output laid out by time, as torch's layers give it: `out[:, -1].view(...)` runs on it)
+    return torch.stack(out).transpose(0, 1), torch.stack(prior, 1) if joint else None, h, c
 
 
 def _gates_stand_in(module: nn.RNNBase, hook: Hook | None, xi: torch.Tensor) -> bool:
