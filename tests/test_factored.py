@@ -2663,6 +2663,7 @@ def test_explain_calls_only_the_shared_tensor_tied():
                       loss_fn=CE)  # fmt: skip
     said = {r.parameter: r.reason for r in plan.routes}
     assert said["0.weight"].startswith("its layer's bias is tied") and said["2.bias"].startswith("its layer's weight")
+    assert said["0.bias"].startswith("tied bias: per-example gradients of every use")
     assert conv["enc.bias"] == "a tensor of its layer is shared with a module that is not a factor site (weight tying)"
 
 

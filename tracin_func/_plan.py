@@ -433,10 +433,7 @@ def make_plan(
                 rows = rows_of[path] = _at_longest(rows, modules[site.owner], on_packed, first_packed)
             if site.kernel_ok and (factored or _kernel_is_cheaper(site, rows, partners)):
                 kernel.add(path)  # a kept Embedding is never materialised on the training side (see TokenRows)
-            why = _why_site(site, rows, factored, path in kernel, partners)
-            shared = "bias" if site.bias in tied and site.weight not in tied else "weight"
-            tied_layer = f"its layer's {shared} is tied: per-example gradients from factors, formed with the {shared}'s"
-            reasons.update({n: tied_layer if site.tied and n not in tied else why for n in site.names})
+            reasons.update(_site_reasons(site, _why_site(site, rows, factored, path in kernel, partners), tied))
     for path in idle:
         sites.pop(path, None)  # (unless dropped with a partner)
     seq_first = _sequence_first(sites, first_calls, modules)
@@ -901,6 +898,17 @@ def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> st
     return why_not_a_site(owner)
 
 
+
+
+def _site_reasons(site: Site, why: str, tied: Collection[str]) -> dict[str, str]:
+    """Each of ``site``'s parameters' reason, ``why``; a tied site's say which of its tensors is shared (its bias,
+    maybe: "tied weight" was said of it and of the layer's weight beside it, a review helper's)."""
+    if not site.tied:
+        return dict.fromkeys(site.names, why)
+    shared = "bias" if site.bias in tied and site.weight not in tied else "weight"
+    beside = f"its layer's {shared} is tied: per-example gradients from factors, formed with the {shared}'s"
+    own = "tied {}: per-example gradients of every use from factors, summed"  # (by its name: its first layer's)
+    return {n: own.format(n.rpartition(".")[2]) if n in tied else beside for n in site.names}
 
 
 def _held_twice(sites: Iterable[Site]) -> set[str]:
