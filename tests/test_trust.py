@@ -978,28 +978,31 @@ def test_3c2_a_function_writing_into_a_module_it_calls_is_refused_untouched():
 
 class LayerDrop(nn.Module):
     """Draws a random number in every forward pass and reads it in training only, as transformers 5.17's wav2vec2
-    encoder does for its layer drop (``reads``: in eval mode too; ``in_place``: into a tensor it made)."""
+    encoder does for its layer drop (``reads``: in eval mode too; ``how``: ``"in_place"`` into a tensor it made,
+    ``"layer"`` as a layer it builds initialises its weight, as BigBird's switch to full attention on short inputs
+    does)."""
 
-    def __init__(self, reads: bool = False, in_place: bool = False):
+    def __init__(self, reads: bool = False, how: str = "drawn"):
         super().__init__()
-        self.lin, self.head, self.reads, self.in_place = nn.Linear(4, 6), nn.Linear(6, 3), reads, in_place
+        self.lin, self.head, self.reads, self.how = nn.Linear(4, 6), nn.Linear(6, 3), reads, how
 
     def forward(self, x):
-        drop = torch.empty([]).uniform_() if self.in_place else torch.rand([])
+        drop = {"drawn": lambda: torch.rand([]), "in_place": lambda: torch.empty([]).uniform_(),
+                "layer": lambda: nn.Linear(1, 1, bias=False).weight.view([])}[self.how]()  # fmt: skip
         torch.zeros_like(drop), torch.zeros_like(drop.detach().view(1))  # (its shape alone read, a view's too)
         if (self.reads or self.training) and drop < 0.1:
             return self.head(torch.zeros_like(self.lin(x)))
         return self.head(torch.tanh(self.lin(x)))
 
 
-@pytest.mark.parametrize("in_place", [False, True], ids=["drawn", "in_place"])
+@pytest.mark.parametrize("how", ["drawn", "in_place", "layer"])
 @pytest.mark.parametrize("factored", [None, False], ids=["default", "unfactored"])
-def test_3c_random_numbers_never_read_do_not_refuse_the_model(factored, in_place):
+def test_3c_random_numbers_never_read_do_not_refuse_the_model(factored, how):
     """A random number drawn and never read cannot change a score: the model is scored (batched, and under vmap with
     ``factored=False``), exactly; one that is read is refused, naming the module that drew it. Drawn in place into a
-    tensor the forward made (``torch.empty([]).uniform_()``) it was refused as drawn into one that exists (a review
-    helper's)."""
-    model = LayerDrop(in_place=in_place).to(F64).eval()
+    tensor the forward made (``torch.empty([]).uniform_()``) it was refused as drawn into one that exists, and into
+    the parameter of a layer it builds as written into a tensor it keeps (review helpers')."""
+    model = LayerDrop(how=how).to(F64).eval()
     ckpts = make_ckpts(model)
     train, test = data(4, n=6, seed=1), data(4, n=3, seed=2)
     ref = reference_scores(model, ckpts, train, test, loss_fn=CE)
@@ -1007,8 +1010,8 @@ def test_3c_random_numbers_never_read_do_not_refuse_the_model(factored, in_place
         warnings.simplefilter("error")  # no loop fallback either
         assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored), ref.influence)
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored), ref.self_influence)
-    reads = LayerDrop(reads=True, in_place=in_place).to(F64).eval()
-    op = "aten.uniform_.default" if in_place else "aten.rand.default"
+    reads = LayerDrop(reads=True, how=how).to(F64).eval()
+    op = "aten.rand.default" if how == "drawn" else "aten.uniform_.default"
     drew = rf"'\(root\)' \(LayerDrop\) draws random numbers \({op}\) that are read"
     rng = torch.get_rng_state()
     with pytest.raises(ValueError, match=drew + ".* pass them in each example of the data"):

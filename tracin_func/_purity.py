@@ -49,7 +49,12 @@ def _storage(t: torch.Tensor) -> int | None:
     t = _unwrapped(t)
     if t.layout != torch.strided:  # a sparse tensor (a GCN's adjacency) has no storage of its own: its values' if COO
         return _storage(t._values()) if t.layout == torch.sparse_coo else None
-    return t.untyped_storage().data_ptr() if t.device.type != "meta" and t.numel() else None
+    if t.device.type == "meta" or not t.numel():
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:  # (a tensor of no storage of its own: forward-mode AD's dual tensors)
+        return None
 
 
 def _bound(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -193,13 +198,17 @@ class _Watch(TorchDispatchMode):
         # the storages random numbers were drawn into, while alive: (a weak reference to it, who drew, the op): a read
         # of any tensor on one, a view made before an in-place draw too, is a read of them
         self.drawn: dict[int, tuple[StorageWeakRef, str, Any]] = {}
+        # the storages of tensors this run allocated (not views of others'), while alive: a tensor wrapping one (an
+        # `nn.Parameter` of a layer the forward builds) is fresh too
+        self.allocated: dict[int, StorageWeakRef] = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         seeded, writes = _inspected(func)
         inputs = op_tensors(args, kwargs)
         fresh = func in _LIFTS  # a constant the forward creates (``torch.tensor``, ``from_numpy``): not kept
-        kept = {id(t) for t in inputs if id(t) not in self.given and not self._made(t)} if not fresh else set()
+        kept = {id(t) for t in inputs if id(t) not in self.given and not (self._made(t) or self._allocated(t))
+                } if not fresh else set()  # fmt: skip
         self.kept_storages.update(s for t in inputs if id(t) in kept and (s := _storage(t)) is not None)  # (views too)
         draws = False
         if seeded or writes:
@@ -247,8 +256,11 @@ class _Watch(TorchDispatchMode):
         out = _drawn_privately(func, args, kwargs, values) if draws else func(*args, **kwargs)
         from_checkpoint, from_example = not read.isdisjoint(self.derived), not read.isdisjoint(self.from_example)
         outputs = op_tensors(out)
+        given = {_storage(t) for t in inputs}
         for t in outputs:
             self.made[id(t)] = weakref.ref(t)
+            if (key := _storage(t)) is not None and key not in given:
+                self.allocated[key] = StorageWeakRef(_unwrapped(t).untyped_storage())
             if from_checkpoint:
                 self.derived.add(id(t))
                 self.derived_made.append(weakref.ref(t))
@@ -277,11 +289,20 @@ class _Watch(TorchDispatchMode):
 
     def _into_fresh(self, writes: tuple[str, ...], values: Mapping[str, Any]) -> bool:
         """Whether an op drawing random numbers in place draws them into tensors this run made (a layer drop's
-        ``torch.empty(()).uniform_()``; a view of one: its storage's every tensor read is refused): drawn as out of
+        ``torch.empty(()).uniform_()``; a view of one, or one wrapping its storage: ``_allocated``; its storage's
+        every tensor read is refused): drawn as out of
         place, refused where read (into a tensor that exists, the model's or the example's, it is refused at once:
         refused as read until 2026-12-07)."""
         written = [t for name in writes for t in _listed(values.get(name))]
-        return bool(written) and all(isinstance(t, torch.Tensor) and self._made(t) for t in written)
+        return bool(written) and all(isinstance(t, torch.Tensor) and (self._made(t) or self._allocated(t))
+                                     for t in written)  # fmt: skip
+
+    def _allocated(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s storage is one this run allocated and still alive (a throwaway layer's weight, its
+        `nn.Parameter` another tensor than the `empty` it wraps: BigBird's short-input switch builds one, whose
+        random initialisation is never read; refused as drawing random numbers, a review helper's)."""
+        ref = self.allocated.get(_storage(t))  # type: ignore[arg-type]
+        return ref is not None and not ref.expired()
 
     def refuse_kept(self, state: Tensors, root: nn.Module | None, before: Collection[int] = ()) -> None:
         """Raise when the forward computed with a tensor the model keeps (a layer's attribute or buffer, or else
