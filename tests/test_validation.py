@@ -1340,6 +1340,26 @@ def test_a_criterion_of_more_arguments_and_a_batch_statistic_nan_alone_are_named
         tc.self_influence(model, ckpts, (x, target), loss_fn=policy_gradient)
 
 
+def test_an_index_past_an_embedding_names_the_inputs_and_the_sizes():
+    """torch's "index out of range in self" named the example only (a token id past the vocabulary, RoBERTa's one
+    token type given BERT's two; a review helper's): the inputs' largest values and the embeddings' sizes too."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(20, 4), nn.Linear(4, 3)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids).mean(1))
+
+    model = Tokens().eval()
+    ckpts = [tc.Checkpoint(dict(model.state_dict()), 0.1)]
+    ids = torch.randint(0, 20, (4, 3))
+    ids[2, 1] = 25
+    with pytest.raises(IndexError, match=r"example 2 .*inputs reach input 0 25.*embeddings hold emb 20 rows"):
+        tc.self_influence(model, ckpts, (ids, torch.zeros(4, dtype=torch.long)), loss_fn=CE)
+
+
 class Cast(nn.Module):
     def __init__(self, dtype):
         super().__init__()

@@ -358,6 +358,8 @@ def naming_failures(
                     message += f". {_CRITERION_ARGUMENTS if _raised_by(loss.criterion, cause) else _POSITIONAL_INPUTS}"
                 elif narrow := _narrow_integer_target(str(cause), example):
                     message += f". {narrow}"
+                elif "index out of range in self" in str(cause):
+                    message += f". {_past_an_embedding(example, setup.spec.module)}"
                 elif floating_dtypes_met(str(cause)):
                     message += (
                         f". The call computes in {setup.dtype} (`dtype=`: parameters and inputs converted), and the "
@@ -431,6 +433,23 @@ def _candidates(
         rows = range(min(_PLANNING_EXAMPLES, batch_size_of(data, name)))
         for i in dict.fromkeys([*rows, *([] if pool is None else pool.tolist())]):
             yield name, start + i, slice_batch(data, i, i + 1)
+
+
+def _past_an_embedding(example: Any, module: Any) -> str:
+    """What to say of torch's "index out of range in self" (an embedding's lookup past its size): the example's
+    integer inputs' largest values and the model's embeddings' sizes (RoBERTa's one token type given BERT's two, a
+    token id past the vocabulary: named neither input nor size before; a review helper's)."""
+    named = example.items() if isinstance(example, Mapping) else (
+        (f"input {i}", x) for i, x in enumerate(example if isinstance(example, (tuple, list)) else [example]))
+    largest = [f"{name} {int(x.max())}" for name, x in named if isinstance(x, torch.Tensor) and x.numel()
+               and not x.is_floating_point() and x.dtype != torch.bool]  # fmt: skip
+    sizes = [f"{path} {m.num_embeddings}" for path, m in (module.named_modules() if module is not None else ())
+             if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]  # fmt: skip
+    return (
+        f"An index is at or past an embedding's size: the example's integer inputs reach {', '.join(largest) or '-'}; "
+        f"the model's embeddings hold {', '.join(sizes[:8]) or '-'} rows (ids from another tokenizer or config, a "
+        f"`token_type_ids` the model has no second type for)"
+    )
 
 
 def _narrow_integer_target(error: str, example: Any) -> str | None:
