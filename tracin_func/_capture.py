@@ -663,6 +663,7 @@ def refuse_autocast(site: Site, output: Any) -> None:
 
 
 def autocast_refusal(layer: str) -> BeyondFactors:
+    """The refusal of factors for ``layer`` (its words) running under the model's own ``torch.autocast``."""
     return BeyondFactors(
         f"{layer} runs under `torch.autocast` entered in the forward, which rounds its products in a lower precision "
         f"than the layers' factors would: every gradient is taken per example, as autograd takes it",

@@ -898,8 +898,6 @@ def _why_dense(module: nn.Module | None, name: str, factored: bool | None) -> st
     return why_not_a_site(owner)
 
 
-
-
 def _site_reasons(site: Site, why: str, tied: Collection[str]) -> dict[str, str]:
     """Each of ``site``'s parameters' reason, ``why``; a tied site's say which of its tensors is shared (its bias,
     maybe: "tied weight" was said of it and of the layer's weight beside it, a review helper's)."""

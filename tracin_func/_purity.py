@@ -290,9 +290,8 @@ class _Watch(TorchDispatchMode):
     def _into_fresh(self, writes: tuple[str, ...], values: Mapping[str, Any]) -> bool:
         """Whether an op drawing random numbers in place draws them into tensors this run made (a layer drop's
         ``torch.empty(()).uniform_()``; a view of one, or one wrapping its storage: ``_allocated``; its storage's
-        every tensor read is refused): drawn as out of
-        place, refused where read (into a tensor that exists, the model's or the example's, it is refused at once:
-        refused as read until 2026-12-07)."""
+        every tensor read is refused): drawn as out of place, refused where read (into a tensor that exists, the
+        model's or the example's, it is refused at once: refused as read until 2026-12-07)."""
         written = [t for name in writes for t in _listed(values.get(name))]
         return bool(written) and all(isinstance(t, torch.Tensor) and (self._made(t) or self._allocated(t))
                                      for t in written)  # fmt: skip
