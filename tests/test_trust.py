@@ -1019,6 +1019,43 @@ def test_3c_random_numbers_never_read_do_not_refuse_the_model(factored, how):
     assert torch.equal(torch.get_rng_state(), rng)  # (the refused draw was made from torch's generator)
 
 
+class GivenWeights(nn.Module):
+    """Builds a layer in its forward, then gives it weights (its random initialisation overwritten whole, never read,
+    or, ``partly``, its first row only)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.lin, self.how = nn.Linear(4, 3), how
+
+    def forward(self, x):
+        mix = nn.Linear(3, 3, bias=False, dtype=x.dtype)
+        with torch.no_grad():
+            if self.how == "copy":
+                mix.weight.copy_(torch.eye(3, dtype=x.dtype))
+            elif self.how == "constant":
+                nn.init.constant_(mix.weight, 0.5)
+            elif self.how == "load":
+                mix.load_state_dict({"weight": torch.eye(3, dtype=x.dtype)})
+            else:
+                mix.weight[0].copy_(torch.ones(3, dtype=x.dtype))
+        return mix(torch.tanh(self.lin(x)))
+
+
+@pytest.mark.parametrize("how", ["copy", "constant", "load", "partly"])
+def test_3c_a_layer_built_in_the_forward_and_given_its_weights_is_scored(how):
+    """Its random initialisation overwritten whole before any read (`copy_`, `nn.init.constant_`, `load_state_dict`) was
+    refused as read (a review helper's): scored exactly; overwritten in part, the rest is read: refused."""
+    model = GivenWeights(how).to(F64).eval()
+    ckpts = make_ckpts(model)
+    train = data(4, n=6, seed=1)
+    if how == "partly":
+        with pytest.raises(ValueError, match=r"draws random numbers \(aten.uniform_.default\) that are read"):
+            tc.self_influence(model, ckpts, train, loss_fn=CE)
+        return
+    ref = reference_scores(model, ckpts, train, loss_fn=CE)
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+
+
 class DrawnIntoAView(nn.Module):
     """Noise drawn in place into a view of a tensor the forward made, then read through that tensor (or through a
     view made before the draw)."""

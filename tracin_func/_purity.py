@@ -159,6 +159,19 @@ _SHAPE_ONLY = frozenset(
     for name in ("zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full")
 )
 _LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.lift.default)
+# in-place ops that write their first argument whole without reading it
+_OVERWRITES = frozenset(
+    (torch.ops.aten.copy_.default, torch.ops.aten.fill_.Scalar, torch.ops.aten.fill_.Tensor,
+     torch.ops.aten.zero_.default)
+)  # fmt: skip
+
+
+def _whole_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its storage's every element (so that writing it whole leaves none of the old ones)."""
+    t = _unwrapped(t)
+    return t.layout == torch.strided and t.storage_offset() == 0 and t.is_contiguous() and (
+        t.numel() * t.element_size() == t.untyped_storage().nbytes()
+    )
 
 
 _IN_LOSS = "the loss function"  # who drew: no module of the model was running (a module model's loss's own code)
@@ -242,10 +255,14 @@ class _Watch(TorchDispatchMode):
         # a random number drawn and left unread (transformers 5.17's wav2vec2: its layer drop, taken in training only)
         # cannot change a score; a read could (`torch.zeros_like(noise)` reads no number of it, nor a view of it: reads
         # through the view are reads of the storage)
+        overwritten = args[0] if func in _OVERWRITES else None  # (written whole, not read: a layer built in the
+        # forward given its weights, `l.weight.data.copy_(w)`, `nn.init.zeros_`, `load_state_dict`: a review helper's)
         for t in inputs if self.drawn and func.overloadpacket not in _SHAPE_ONLY and not _is_view(func) else ():
-            drawn = self.drawn.get(_storage(t))
+            drawn = None if t is overwritten else self.drawn.get(_storage(t))
             if drawn is not None and not drawn[0].expired():
                 self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1], True)
+        if overwritten is not None and _whole_storage(overwritten):
+            self.drawn.pop(_storage(overwritten), None)  # type: ignore[arg-type]
         read = {id(t) for t in inputs}  # (tensors by identity: views are made by ops too)
         self.read |= read
         if self.modules:
