@@ -1792,18 +1792,28 @@ class _AutocastInside(nn.Module):
 def test_3i_autocast_entered_in_the_forward_takes_each_examples_gradient_as_autograd_does(kind):
     """A layer under autocast the model enters itself got its factors in bfloat16 and its output gradients in
     float32: torch's raw dtype errors (a convolution, a Linear over tokens, a GRU's unrolled steps), an LSTM refused
-    as mixing examples, or scores 1e-3 off where the factors ran. Every gradient is now taken per example, as
-    `factored=False` takes them; a float64 model, which autocast leaves alone, keeps its factors."""
+    as mixing examples, or scores 1e-3 off where the factors ran, and so did vmap(grad)'s batched products. Each
+    example's gradient is now taken alone by plain autograd; a float64 model, which autocast leaves alone, keeps its
+    factors."""
     torch.manual_seed(0)
     model = _AutocastInside(kind).eval()
     ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
     train = (torch.randn(8, 6, 5), torch.randint(0, 3, (8,)))
     test = (torch.randn(3, 6, 5), torch.randint(0, 3, (3,)))
     why = tc.explain(model, ckpts, train, loss_fn=CE).batching
-    assert why.startswith("vmap(grad) over examples: layer ") and "runs under `torch.autocast`" in why, why
-    for call in (functools.partial(tc.self_influence, model, ckpts, train), functools.partial(tc.influence, model,
-                 ckpts, train, test)):  # fmt: skip
-        assert_close(call(loss_fn=CE), call(loss_fn=CE, factored=False), 1e-6)
+    assert why.startswith("a loop over examples by plain autograd: the forward computes in float16 or bfloat16"), why
+
+    def grads(data):  # each example alone by plain autograd, under the model's own autocast (float32)
+        params = list(model.parameters())
+        return torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(CE(model(x[None]), y[None]), params)])
+                            for x, y in zip(*data)])  # fmt: skip
+
+    g_train, g_test = grads(train), grads(test)
+    for factored in (None, False):  # (vmap(grad) batched the bfloat16 products: 1e-3 off, a review helper's)
+        assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored),
+                     0.5 * g_train.square().sum(1), 1e-5)  # fmt: skip
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored),
+                     0.5 * g_test @ g_train.T, 1e-5)  # fmt: skip
     wide = _AutocastInside(kind).to(torch.float64).eval()
     wide_ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in wide.state_dict().items()}, lr=0.5)]
     assert tc.explain(wide, wide_ckpts, train, loss_fn=CE).batching.startswith("one batched forward")

@@ -149,10 +149,16 @@ def plan_call(
     factored = True if setup.method == "last_layer" else setup.factored
     checked_at = split_state(setup.checkpoints[-1].state, names)  # see ``make_plan``
     mapper = Mapper(setup.chunk_size)
+    lowered = any(m.lowered for m in made) and setup.dtype not in (torch.float16, torch.bfloat16)
+    if lowered:  # each example's gradient as autograd takes it alone: batched kernels (the factors', vmap's) round
+        factored, mapper.loop, mapper.plain = False, True, True  # a lower precision otherwise (1e-3 off in bfloat16)
     plan = make_plan(
         module, names, losses, *checked_at, batch, mapper, factored=factored, self_only=self_only, partners=partners,
         scored=scored, pool=pool,
     )
+    if lowered:
+        plan = plan._replace(batching=_LOWERED_LOOP)
+        warn(f"This call runs {_LOWERED_LOOP}.", SlowPathWarning)
     per_example = plan.dense or not plan.batched  # (vmap(grad): each example's backward through what all read)
     plan = plan._replace(tensor_bytes=max(max(m.example, m.held if per_example else 0) for m in made))
     if any(c.adam is not None for c in setup.checkpoints):  # Adam's updates are formed per example beside the formed
@@ -182,6 +188,13 @@ def plan_call(
             reps[id(loss)] = _from_found(rep)
     train, test = reps[id(setup.train_loss)], reps[id(setup.test_loss)]
     return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection), train, test)
+
+
+_LOWERED_LOOP = (
+    "a loop over examples by plain autograd: the forward computes in float16 or bfloat16 (a `torch.autocast` it "
+    "enters, a cast of its own), whose products round otherwise in batched kernels (the layers' factors, vmap's) than "
+    "in one example's alone (1e-3 off in bfloat16), so each example's gradient is taken as autograd takes it alone"
+)
 
 
 def _from_found(rep: RepresentationFn) -> RepresentationFn:

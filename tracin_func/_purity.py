@@ -159,6 +159,7 @@ _SHAPE_ONLY = frozenset(
     for name in ("zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full")
 )
 _LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.lift.default)
+_LOWER = (torch.float16, torch.bfloat16)
 # in-place ops that write their first argument whole without reading it
 _OVERWRITES = frozenset(
     (torch.ops.aten.copy_.default, torch.ops.aten.fill_.Scalar, torch.ops.aten.fill_.Tensor,
@@ -202,6 +203,7 @@ class _Watch(TorchDispatchMode):
         self.from_example = given - checkpoint  # tensors (identities) computed from the example's
         self.largest = 0  # bytes of the largest tensor made from the example (views and in-place ops make none)
         self.held = 0  # bytes of the largest made from the checkpoint alone (a graph's messages a node's loss reads)
+        self.lowered = False  # an op ran on float16 / bfloat16 tensors (the model's own autocast, or its casts)
         self.made: dict[int, weakref.ref] = {}  # tensors this run made (alive: an identity may be reused)
         self.read: set[int] = set()  # tensors an op read
         self.kept: dict[str, tuple[nn.Module, set[int]]] = {}  # innermost module -> kept tensors it read
@@ -219,6 +221,8 @@ class _Watch(TorchDispatchMode):
         kwargs = kwargs or {}
         seeded, writes = _inspected(func)
         inputs = op_tensors(args, kwargs)
+        # (autocast's casts are made before this mode sees an op, its state then off: its lowered inputs are seen)
+        self.lowered = self.lowered or any(t.dtype in _LOWER for t in inputs)
         fresh = func in _LIFTS  # a constant the forward creates (``torch.tensor``, ``from_numpy``): not kept
         kept = {id(t) for t in inputs if id(t) not in self.given and not (self._made(t) or self._allocated(t))
                 } if not fresh else set()  # fmt: skip
@@ -547,16 +551,19 @@ def check_forward(
         raise
     if left and examples_in(batch) > 1:
         _refuse_carried(module, loss, state, batch, left, exact)
-    return ForwardBytes(watch.largest, watch.held)
+    return ForwardBytes(watch.largest, watch.held, watch.lowered)
 
 
 class ForwardBytes(NamedTuple):
     """The largest tensors one example's forward makes: from the example (a batch's tensors scale by it), and from the
     checkpoint alone (made once for a batched pass; under vmap(grad) each example's backward holds its gradient: a
-    graph's messages, 2 MB, sized at 12 bytes, took a 1 GB batch)."""
+    graph's messages, 2 MB, sized at 12 bytes, took a 1 GB batch); and whether it computes in float16 or bfloat16
+    somewhere (``torch.autocast`` it enters itself, its own casts), a precision whose batched kernels round otherwise
+    than one example's (``_plan.plan_call``)."""
 
     example: int
     held: int
+    lowered: bool = False
 
 
 def _refuse_carried(
