@@ -355,11 +355,13 @@ def naming_failures(
                 elif "cannot register a hook on a tensor that doesn't require gradient" in str(cause):
                     message += f". {_HOOK_WITHOUT_GRADIENT}"
                 elif isinstance(loss, CriterionLoss) and "positional argument" in str(cause):
-                    message += f". {_CRITERION_ARGUMENTS if _raised_by(loss.criterion, cause) else _POSITIONAL_INPUTS}"
+                    inputs = _POSITIONAL_INPUTS if _raised_by_model(setup.spec.module, cause) else _CRITERION_ARGUMENTS
+                    message += f". {inputs}"
                 elif narrow := _narrow_integer_target(str(cause), example):
                     message += f". {narrow}"
                 elif "index out of range in self" in str(cause):
-                    message += f". {_past_an_embedding(example, setup.spec.module)}"
+                    inputs = example[:-1] if isinstance(loss, CriterionLoss) else example  # (not the target)
+                    message += f". {_past_an_embedding(inputs, setup.spec.module)}"
                 elif floating_dtypes_met(str(cause)):
                     message += (
                         f". The call computes in {setup.dtype} (`dtype=`: parameters and inputs converted), and the "
@@ -436,19 +438,19 @@ def _candidates(
 
 
 def _past_an_embedding(example: Any, module: Any) -> str:
-    """What to say of torch's "index out of range in self" (an embedding's lookup past its size): the example's
-    integer inputs' largest values and the model's embeddings' sizes (RoBERTa's one token type given BERT's two, a
+    """What to say of torch's "index out of range in self" (an embedding's lookup past its size, or negative): the
+    example's integer inputs' ranges and the model's embeddings' sizes (RoBERTa's one token type given BERT's two, a
     token id past the vocabulary: named neither input nor size before; a review helper's)."""
     named = example.items() if isinstance(example, Mapping) else (
         (f"input {i}", x) for i, x in enumerate(example if isinstance(example, (tuple, list)) else [example]))
-    largest = [f"{name} {int(x.max())}" for name, x in named if isinstance(x, torch.Tensor) and x.numel()
-               and not x.is_floating_point() and x.dtype != torch.bool]  # fmt: skip
+    ranges = [f"{name} {int(x.min())}..{int(x.max())}" for name, x in named if isinstance(x, torch.Tensor)
+              and x.numel() and not x.is_floating_point() and x.dtype != torch.bool]  # fmt: skip
     sizes = [f"{path} {m.num_embeddings}" for path, m in (module.named_modules() if module is not None else ())
              if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]  # fmt: skip
     return (
-        f"An index is at or past an embedding's size: the example's integer inputs reach {', '.join(largest) or '-'}; "
-        f"the model's embeddings hold {', '.join(sizes[:8]) or '-'} rows (ids from another tokenizer or config, a "
-        f"`token_type_ids` the model has no second type for)"
+        f"An index is negative or at or past an embedding's size: the example's integer inputs range over "
+        f"{', '.join(ranges) or '-'}; the model's embeddings hold {', '.join(sizes[:8]) or '-'} rows (ids from "
+        f"another tokenizer or config, a `token_type_ids` the model has no second type for, padding of -100)"
     )
 
 
@@ -508,11 +510,11 @@ _CRITERION_ARGUMENTS = (
 )
 
 
-def _raised_by(criterion: Any, cause: BaseException) -> bool:
-    """Whether ``cause`` is a call of ``criterion`` itself given the wrong arguments (its own name in the message)."""
-    name = type(criterion).__name__ + ".forward" if isinstance(criterion, torch.nn.Module) else None
-    name = name or getattr(criterion, "__qualname__", None) or getattr(criterion, "__name__", "")
-    return bool(name) and f"{name}()" in str(cause)
+def _raised_by_model(module: Any, cause: BaseException) -> bool:
+    """Whether ``cause`` (torch's "missing ... positional argument") names a forward of the model's layers: else the
+    criterion's own call, or a function it calls (`functools.partial(F.gaussian_nll_loss)`: a review helper's)."""
+    named = str(cause)
+    return module is None or any(f"{type(m).__name__}.forward()" in named for m in module.modules())
 
 
 # a recurrent layer the library does not unroll (a subclass, `proj_size`), on a GPU
@@ -555,9 +557,9 @@ def _check_finite(values: Any, example_dim: int, offset: int, where: str, ckpt: 
     bad = ((~finite).any(dim=other) if other else ~finite).nonzero().flatten() + offset
     every = 1 < len(bad) == values.shape[example_dim]  # (a statistic over the batch, NaN for one example alone)
     alone = (
-        " Every example's is: a loss computed over a batch is computed on each example alone, where a statistic over "
-        "the batch can be NaN (`(r - r.mean()) / r.std()` of one value): compute such statistics beforehand and pass "
-        "them with the data." if every else ""
+        " Every example's is: a weight of the checkpoint not finite, or a loss NaN for any example alone (each "
+        "example's loss is computed alone, where a statistic over the batch can be NaN: `(r - r.mean()) / r.std()` "
+        "of one value; compute such statistics beforehand and pass them with the data)." if every else ""
     )
     raise FloatingPointError(
         f"Non-finite gradients for `{where}` examples {bad.tolist()[:10]} at checkpoints[{ckpt}]: the loss or its "
