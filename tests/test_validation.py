@@ -1361,6 +1361,28 @@ def test_an_index_past_an_embedding_names_the_inputs_and_the_sizes():
         tc.self_influence(model, ckpts, (ids, torch.zeros(4, dtype=torch.long)), loss_fn=CE)
 
 
+def test_a_list_of_as_many_tensors_as_each_has_rows_is_warned_of():
+    """Per-image targets given as a list of tensors, each image with as many objects as the batch has images, were
+    cut into rows as the batch's examples, silently (23-28% off; a review helper's): warned of, as one tensor of every
+    example's rows is read. Two targets of a batch of six are not."""
+    model, ckpts, (x, y) = _setup()
+    targets = [y.double()[:, None].expand(6, 2) for _ in range(6)]
+
+    def per_image(params, batch):  # image i's targets: the list's entry i
+        out = functional_call(model, params, (batch[0],))
+        return torch.stack([(out[i] - batch[1][i].mean(0)).square().sum() for i in range(len(out))])
+
+    def two_targets(params, batch):  # every example's rows of both
+        out = functional_call(model, params, (batch[0],))
+        return sum((out - t).square().sum(1) for t in batch[1])
+
+    with pytest.warns(UserWarning, match=r"A batch holds a list of 6 tensors of 6 rows each.*pad those into one"):
+        tc.self_influence(model, ckpts, (x, targets), loss_fn=tc.BatchLoss(per_image), factored=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        tc.self_influence(model, ckpts, (x, targets[:2]), loss_fn=tc.BatchLoss(two_targets), factored=False)
+
+
 class Cast(nn.Module):
     def __init__(self, dtype):
         super().__init__()

@@ -24,6 +24,8 @@ from torch.utils.data import (
     default_collate,
 )
 
+from ._warn import warn
+
 Batch = Any  # a tuple (x1, ..., xk, y) of tensors, or a dict / pytree of tensors with a leading batch dim
 
 
@@ -104,6 +106,7 @@ def _refuse_entries_per_example(batch: Batch, where: str) -> None:
     number of its own): each of their tensors would be cut into rows as the batch's, an image given other images'
     boxes, silently where each held as many as the batch has images (169-343% off; a review helper's). A list of
     dicts of the batch's rows each, not as long as the batch, is a batch's."""
+    _warn_tensors_per_example(batch)
     lists = [x for x in _nodes(batch) if isinstance(x, (list, tuple)) and x and all(isinstance(e, Mapping) for e in x)]
     if not lists:
         return
@@ -118,6 +121,25 @@ def _refuse_entries_per_example(batch: Batch, where: str) -> None:
                 f"into tensors with a row per example (`boxes [B, M, 4]` and a count `[B]`), read by a "
                 f"`tc.BatchLoss`; or, for tensors of the batch's rows, pass a dict of them instead of a list."
             )
+
+
+def _warn_tensors_per_example(batch: Batch) -> None:
+    """Warn of a list or tuple inside a batch holding as many tensors as each has rows: read as tensors of every
+    example's rows (several targets), which one tensor per example (detection targets, an image's boxes, as many as
+    the batch has images) would silently not be (23-28% off; a review helper's); a tensor of those rows each is not
+    told apart."""
+    for node in _nodes(batch):
+        if not isinstance(node, (list, tuple)) or len(node) < 2:
+            continue
+        if all(isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == len(node) for t in node):
+            warn(
+                f"A batch holds a {type(node).__name__} of {len(node)} tensors of {len(node)} rows each, "
+                f"read as {len(node)} tensors of the batch's examples' rows, each cut into examples. If it holds one "
+                f"tensor per example instead (an image's targets), its scores are wrong: pad those into one tensor "
+                f"with a row per example (`boxes [B, M, 4]` and a count `[B]`).",
+                UserWarning,
+            )
+            return
 
 
 def _nodes(tree: Any) -> Iterator[Any]:
