@@ -3168,7 +3168,7 @@ class Diagonal(nn.Module):
     [
         (FirstEntry, "did not give the first example its gradient"),
         (Summed, "changed the first examples' factors"),
-        (Diagonal, "a forward with parameters copied over the batch failed"),
+        (Diagonal, r"a forward with parameters copied over the batch \('.*'\) failed .*broadcast it as it is"),
     ],
 )
 def test_vectors_not_used_elementwise_are_refused_and_scored_exactly(norm, why):

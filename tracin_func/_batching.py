@@ -239,11 +239,18 @@ def _compared(
                 raise  # be taken; (dynamo, compiling a function of the model's, fails on followed tensors: its raw
                 # "Guard failed on the same frame it was created" on the default path)
             _raise_refusal(err)
-            ways = (("parameters copied over the batch", expanded), ("uses followed to the batch", plan.follows))
+            copied = [n for site in expanded for n in site.names]
+            ways = ((f"parameters copied over the batch ({', '.join(map(repr, copied[:3]))})", expanded),
+                    ("uses followed to the batch", plan.follows))  # fmt: skip
             what = " and ".join(way for way, taken in ways if taken)
             vary = _vary_plainly(module, loss, plan, state, few, n, mapper)
             varying = "; the first examples alone run a layer another number of times, or on other numbers of rows"
-            return BatchingCheck(f"a forward with {what} failed ({cause_of(err)}){varying if vary else ''}", {},
+            reshaped = (  # (`start[None].expand(B, H)` of a learned start vector: torch's expand error alone before)
+                "; a forward using such a parameter otherwise than broadcast as it is over the batch (reshaped "
+                "first, `p[None].expand(B, -1)`; `torch.diag(p)`) cannot take a copy per example: broadcast it as it "
+                "is (`p.expand(B, -1)`, `x * p`) to stay on the batched path" if expanded and not plan.follows else ""
+            )
+            return BatchingCheck(f"a forward with {what} failed ({cause_of(err)}){varying if vary else reshaped}", {},
                                  factorless=vary)  # fmt: skip
         failures = _FAILURES + _COPIES_FAIL if n == 1 else _FAILURES
         try:
