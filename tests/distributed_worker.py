@@ -131,6 +131,7 @@ def one_rank_cases(rank: int, out_dir: str) -> dict:
     summed, summary = [], _distributed._summary
     _distributed._summary = lambda setup: summed.append(1) or summary(setup)  # (counts the checkpoints' sums)
     out: dict = {"out": out_dir}
+    batches = datasets(train)["batches"]
     for name, call in {
         "as_dict": lambda: tc.influence(model, ckpts, train, [test, Unreadable()][rank], **kw),
         "test size": lambda: tc.top_k(model, ckpts, train, [test, Unsized()][rank], k=2, **kw),
@@ -144,17 +145,29 @@ def one_rank_cases(rank: int, out_dir: str) -> dict:
         "index moved": lambda: tc.top_k(model, [ckpts, moved][rank], index, test, k=2, **kw),
         "index permuted": lambda: tc.influence(model, [ckpts, permuted][rank], index, test, **kw),
         "other index": lambda: tc.top_k(model, [ckpts, moved][rank], [index, other][rank], test, k=2, **kw),
+        # (found by a review helper: raw errors, ranks out of step, gloo aborting the process, waiting)
+        "interrupted": lambda: tc.self_influence(model, ckpts, train, **{**kw, "loss_fn": _interrupted_on_rank_1}),
+        "other scorer": [lambda: tc.influence(model, ckpts, train, test, **kw),
+                         lambda: tc.self_influence(model, ckpts, train, **kw)][rank],
+        "list and stream": lambda: tc.influence(model, ckpts, [batches, iter(batches)][rank], test, **kw),
+        "test budget": lambda: tc.top_k(model, ckpts, train, test, k=2, test_memory_bytes=[1 << 30, 2000][rank], **kw),
     }.items():
         try:
             call()
             out[name] = "no error"
-        except Exception as err:  # (any type: every rank must raise, naming the argument)
+        except BaseException as err:  # (any type: every rank must raise, naming the argument; an interrupt too)
             out[name] = f"{type(err).__name__}: {err}"
         out[f"{name} in step"] = len(set(gather_objects(name))) == 1
     summed.clear()
     out["index query"] = tc.top_k(model, ckpts, index, test, k=2, **kw).indices
     out["sums in an index query"] = len(summed)
     return out
+
+
+def _interrupted_on_rank_1(outputs, target):
+    if dist.get_rank() == 1:
+        raise KeyboardInterrupt  # (that rank's user pressing Ctrl-C)
+    return LOSS(outputs, target)
 
 
 def gather_objects(value):

@@ -54,9 +54,8 @@ def test_data_already_split_or_differing_between_ranks_is_refused_on_every_rank(
         assert "DistributedSampler, which already gives each rank a part" in got["sampler, influence"]
         assert "`test` is a DataLoader with a DistributedSampler, which already gives" in got["sampler, test"]
         assert "`train` is a DataLoader with a DistributedSampler, which already gives" in got["sampler, index"]
-        assert "The ranks disagree on the number of examples (iterable data, read whole by every rank): [6, 7]" in (
-            got["list lengths"]
-        )
+        assert "The ranks disagree on the training examples' number where known before reading" in got["list lengths"]
+        assert "[6, 7] (rank by rank)" in got["list lengths"]
         assert "The ranks disagree on the checkpoints" in got["embeddings"]
         assert "The ranks disagree on the number of test examples: [1, 2]" in got["test sizes"]
         assert "The ranks disagree on the options: [(3, True, False, None), (4, True, False, None)]" in got["k"]
@@ -125,6 +124,33 @@ def test_an_argument_read_before_the_checks_is_raised_on_every_rank(one_rank):
         assert one_rank[1][name].startswith(refused), (name, one_rank[1][name])
         assert one_rank[0][name].startswith(f"RuntimeError: rank 1 failed, so this rank stops too: {refused}"), name
         assert one_rank[0][f"{name} in step"] and one_rank[1][f"{name} in step"], name
+
+
+def test_ranks_interrupted_or_making_other_calls_are_refused_on_every_rank(one_rank):
+    """Found by a review helper: a KeyboardInterrupt on one rank left the other waiting (or paired with the next
+    call's collectives); ranks calling different scorers got a raw `KeyError` or each other's arguments as an error;
+    a list on one rank and a stream on the other, or another test budget, aborted the process in gloo."""
+    assert one_rank[1]["interrupted"].startswith("KeyboardInterrupt")
+    assert one_rank[0]["interrupted"].startswith("RuntimeError: rank 1 failed, so this rank stops too: KeyboardInt")
+    for got in one_rank:
+        assert got["other scorer"].startswith("ValueError: The ranks are at different steps of a call: "), got
+        assert "The ranks disagree on the training examples' number where known before reading" in got[
+            "list and stream"]  # fmt: skip
+        assert "The ranks disagree on the options shaping the work (`factored`, `batch_size`, `chunk_size`, " in got[
+            "test budget"]  # fmt: skip
+        assert all(got[f"{name} in step"] for name in ("interrupted", "other scorer", "list and stream"))
+
+
+def test_checkpoints_holding_a_nan_compare_equal():
+    """Identical checkpoints with a NaN in a tensor the call does not read were refused as the ranks disagreeing (a
+    NaN sum is not equal to itself)."""
+    from types import SimpleNamespace
+
+    from tracin_func import _distributed
+
+    setup = SimpleNamespace(checkpoints=[SimpleNamespace(lr=0.1, state={"w": torch.tensor([float("nan"), 1.0])},
+                                                         adam=None)])  # fmt: skip
+    assert _distributed._summary(setup) == _distributed._summary(setup)
 
 
 def test_ranks_building_an_index_in_folders_of_their_own_are_refused(one_rank):

@@ -235,6 +235,8 @@ def influence(
         return normalized, as_dict(train), tested, known_examples(tested)
 
     normalize, train, test, n_test = checked_on_every_rank(options.get("distributed"), checked)
+    n_train = None if isinstance(train, Index) else known_examples(train)  # (known: each chunk's scores written into
+    # place, the chunks into one result)
     if isinstance(train, Index):
         setup = index_setup(
             train, model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, options=options,
@@ -244,11 +246,12 @@ def influence(
     setup = set_up_on_every_rank(
         options.get("distributed"),
         lambda: make_setup(model, checkpoints, loss_fn=loss_fn, test_loss_fn=test_loss_fn, **options),
-        **{"the number of test examples": n_test, "the options": (normalize, aggregate, per_layer)},
+        **{"the number of test examples": n_test, "the options": (normalize, aggregate, per_layer),
+           # (a list on one rank, a stream on another: their results were combined by other collectives, aborting)
+           "the training examples' number where known before reading (a list or Dataset; a stream: None)": n_train},
     )
     data, start, by_batch = share(replayable(train), setup.ranks)  # (a one-pass iterator's head: for planning)
     like = torch.empty(0, device=setup.device, dtype=setup.dtype)
-    n_train = known_examples(train)  # (known: each chunk's scores written into place, the chunks into one result)
     whole = n_train and n_test and not aggregate
     counted = "train" if setup.ranks is None else None  # (one process writes every column)
 

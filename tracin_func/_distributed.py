@@ -119,20 +119,20 @@ def on_every_rank(ranks: Ranks | None, compute: Callable[[], T]) -> T:
     return result
 
 
-def _outcome(compute: Callable[[], T]) -> tuple[Any, Exception | None]:
+def _outcome(compute: Callable[[], T]) -> tuple[Any, BaseException | None]:
     try:
         return compute(), None
-    except Exception as err:  # reported to the other ranks, then re-raised
-        return None, err
+    except BaseException as err:  # reported to the other ranks, then re-raised (a KeyboardInterrupt too: the others
+        return None, err  # waited for it in the next collective, or paired it with another call's; a review helper's)
 
 
-def _raise_on_every_rank(ranks: Ranks | None, error: Exception | None) -> None:
+def _raise_on_every_rank(ranks: Ranks | None, error: BaseException | None) -> None:
     """Raise ``error`` (this rank's, or None) here, and a RuntimeError naming it on the other ranks."""
     if ranks is None:
         if error is not None:
             raise error
         return
-    failures = gather_objects(None if error is None else f"{type(error).__name__}: {error}", ranks)
+    failures = _gathered("the failures", None if error is None else f"{type(error).__name__}: {error}", ranks)
     if error is not None:
         raise error
     failed = [(rank, message) for rank, message in enumerate(failures) if message is not None]
@@ -141,12 +141,27 @@ def _raise_on_every_rank(ranks: Ranks | None, error: Exception | None) -> None:
         raise RuntimeError(f"rank {rank} failed, so this rank stops too: {message}")
 
 
+def _gathered(step: str, value: Any, ranks: Ranks) -> list[Any]:
+    """``value`` of every rank, gathered at the call's ``step`` on every rank: raised on every rank where they are at
+    different steps (ranks calling different scorers, or one a scorer on an index and another on data: a rank's
+    compared arguments were read as another's failure, or a raw `KeyError`; a review helper's)."""
+    seen = gather_objects((step, value), ranks)
+    steps = [s for s, _ in seen]
+    if any(s != steps[0] for s in steps):
+        shown = [s if len(s) < 90 else s[:87] + "..." for s in steps]
+        raise ValueError(
+            f"The ranks are at different steps of a call: {shown} (rank by rank). With `distributed=`, every rank "
+            f"makes the same call, with the same arguments."
+        )
+    return [v for _, v in seen]
+
+
 def agree(ranks: Ranks | None, **values: Any) -> None:
     """Raise on every rank unless every rank holds the same ``values`` (e.g. data sizes): results are combined by
     position, so ranks that were given different data would mix unrelated rows."""
     if ranks is None:
         return
-    seen = gather_objects(values, ranks)
+    seen = _gathered(f"the arguments compared ({', '.join(values)})", values, ranks)
     for key in values:
         per_rank = [v[key] for v in seen]
         if any(v != per_rank[0] for v in per_rank):
@@ -193,6 +208,9 @@ def set_up_on_every_rank(
         **{  # (in this order: the checkpoints' sums, taken in the call's dtype, differ where the dtype does)
             "the computation dtype (`dtype`)": str(setup.dtype),
             "the parameters differentiated (`params`, `layers`, `method`)": (setup.spec.diff_names, setup.method),
+            "the options shaping the work (`factored`, `batch_size`, `chunk_size`, `test_memory_bytes`)": (
+                setup.factored, None if setup.auto_batch else setup.batch_size, setup.chunk_size, setup.test_budget
+            ),
             "the losses (`loss_fn`, `test_loss_fn`)": [describe_loss(loss, setup.spec.module) for loss in losses],
             **(
                 {"the checkpoints (their learning rates, tensors' sums and optimizer states' sums)": _summary(setup)}
@@ -217,7 +235,7 @@ def _summary(setup: Any) -> list[Any]:
             part = flat[start : start + _SUMMED].to(torch.float64)
             positions = torch.arange(start + 1, start + part.numel() + 1, dtype=torch.float64, device=part.device)
             weighted += part @ positions
-        return tuple(t.shape), t.sum(dtype=torch.float64).item(), weighted.item()
+        return tuple(t.shape), repr(t.sum(dtype=torch.float64).item()), repr(weighted.item())  # (a NaN: alike)
 
     def tensors(tree: Any) -> list[torch.Tensor]:
         return [t for t in optree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
