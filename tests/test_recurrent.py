@@ -704,7 +704,7 @@ class Pooled(nn.Module):
         ("padded_mean", [4, 2, 5, 1, 4, 4, 4, 3], "'rnn.ih_l0' runs another number of times"),
         # off the batched path (the query vector's copies break its shape) the fused op runs: an unrolled layer's
         # steps differ per example there
-        ("pooled", [2, 5, 1, 3, 4, 2, 6, 1], "a forward with parameters copied over the batch failed"),
+        ("pooled", [2, 5, 1, 3, 4, 2, 6, 1], "a forward with parameters copied over the batch ('query') failed"),
     ],
 )
 def test_packed_sequences_the_batched_path_cannot_follow_stay_exact(case, lengths, batching):
