@@ -1036,19 +1036,21 @@ class GivenWeights(nn.Module):
                 nn.init.constant_(mix.weight, 0.5)
             elif self.how == "load":
                 mix.load_state_dict({"weight": torch.eye(3, dtype=x.dtype)})
+            elif self.how == "itself":  # (copied onto itself: read; let through, and forgotten, by a sweep's find)
+                mix.weight.copy_(mix.weight)
             else:
                 mix.weight[0].copy_(torch.ones(3, dtype=x.dtype))
         return mix(torch.tanh(self.lin(x)))
 
 
-@pytest.mark.parametrize("how", ["copy", "constant", "load", "partly"])
+@pytest.mark.parametrize("how", ["copy", "constant", "load", "partly", "itself"])
 def test_3c_a_layer_built_in_the_forward_and_given_its_weights_is_scored(how):
     """Its random initialisation overwritten whole before any read (`copy_`, `nn.init.constant_`, `load_state_dict`) was
     refused as read (a review helper's): scored exactly; overwritten in part, the rest is read: refused."""
     model = GivenWeights(how).to(F64).eval()
     ckpts = make_ckpts(model)
     train = data(4, n=6, seed=1)
-    if how == "partly":
+    if how in ("partly", "itself"):
         with pytest.raises(ValueError, match=r"draws random numbers \(aten.uniform_.default\) that are read"):
             tc.self_influence(model, ckpts, train, loss_fn=CE)
         return
@@ -1847,6 +1849,27 @@ def test_3i_an_embedding_bag_under_the_models_autocast_computes_as_torchs():
         assert_close(got, ref.self_influence.float(), 1e-5)
         got = tc.influence(model, ckpts, train, test, loss_fn=CE, batch_size=batch_size)
         assert_close(got, ref.influence.float(), 1e-5)
+
+
+def test_3i_a_cast_to_half_precision_and_back_computes_nothing_in_it():
+    """A mask cast to float16 and back sent the call to the per-example loop, 33x slower (a sweep's find): casts and
+    views compute nothing in float16, and the call stays batched."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            mask = (x > 0).to(torch.float16).to(x.dtype)
+            return self.b(torch.tanh(self.a(x * mask)))
+
+    model = Masked().to(F64).eval()
+    ckpts = make_ckpts(model)
+    train = data(4, n=6, seed=1)
+    assert tc.explain(model, ckpts, train, loss_fn=CE).batching.startswith("one batched forward")
+    assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE),
+                 reference_scores(model, ckpts, train, loss_fn=CE).self_influence)  # fmt: skip
 
 
 @pytest.mark.parametrize("normalize", ["cosine", "train"])

@@ -1323,7 +1323,8 @@ def test_a_batch_the_forward_cannot_take_positionally_names_the_dict_batch_fix()
 def test_a_criterion_of_more_arguments_and_a_batch_statistic_nan_alone_are_named():
     """`nn.GaussianNLLLoss()` as `loss_fn` (it takes a variance too) was told about the model's keyword inputs; a
     policy-gradient loss normalising its advantages by the batch's `std()`, NaN for one example alone, was told to
-    check its inputs and dtype (review helpers')."""
+    check its inputs and dtype; a criterion holding one weight per example got torch's broadcast error alone (review
+    helpers')."""
     model, ckpts, batch = _setup()
     x = batch[0]
     with pytest.raises(TypeError, match=r"missing 1 required positional argument: 'var'\. A criterion is called as "
@@ -1338,6 +1339,9 @@ def test_a_criterion_of_more_arguments_and_a_batch_statistic_nan_alone_are_named
     target = (batch[1], torch.randn(len(x), dtype=x.dtype))
     with pytest.raises(FloatingPointError, match=r"Every example's is: .*a statistic over the batch can be NaN"):
         tc.self_influence(model, ckpts, (x, target), loss_fn=policy_gradient)
+    per_example = nn.BCEWithLogitsLoss(weight=torch.rand(len(x), 1, dtype=x.dtype))  # (a full-batch GLM's weights)
+    with pytest.raises(RuntimeError, match=r"`loss_fn` holds `weight` of shape \[6, 1\]: each example's loss is "):
+        tc.self_influence(model, ckpts, (x, torch.rand(len(x), 2, dtype=x.dtype)), loss_fn=per_example)
 
 
 def test_an_index_past_an_embedding_names_the_inputs_and_the_sizes():
@@ -1381,6 +1385,9 @@ def test_a_list_of_as_many_tensors_as_each_has_rows_is_warned_of():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         tc.self_influence(model, ckpts, (x, targets[:2]), loss_fn=tc.BatchLoss(two_targets), factored=False)
+        pairs = [(x[i], [targets[0][i], targets[1][i]]) for i in range(6)]  # (its last batch: 2 examples, 2 targets)
+        loader = torch.utils.data.DataLoader(pairs, batch_size=4)
+        tc.self_influence(model, ckpts, loader, loss_fn=tc.BatchLoss(two_targets), factored=False)
 
 
 class Cast(nn.Module):

@@ -106,7 +106,6 @@ def _refuse_entries_per_example(batch: Batch, where: str) -> None:
     number of its own): each of their tensors would be cut into rows as the batch's, an image given other images'
     boxes, silently where each held as many as the batch has images (169-343% off; a review helper's). A list of
     dicts of the batch's rows each, not as long as the batch, is a batch's."""
-    _warn_tensors_per_example(batch)
     lists = [x for x in _nodes(batch) if isinstance(x, (list, tuple)) and x and all(isinstance(e, Mapping) for e in x)]
     if not lists:
         return
@@ -123,11 +122,11 @@ def _refuse_entries_per_example(batch: Batch, where: str) -> None:
             )
 
 
-def _warn_tensors_per_example(batch: Batch) -> None:
+def warn_tensors_per_example(batch: Batch) -> None:
     """Warn of a list or tuple inside a batch holding as many tensors as each has rows: read as tensors of every
     example's rows (several targets), which one tensor per example (detection targets, an image's boxes, as many as
     the batch has images) would silently not be (23-28% off; a review helper's); a tensor of those rows each is not
-    told apart."""
+    told apart. Of a call's first batch only (a loader's last, of 2 examples and 2 targets, was warned of)."""
     for node in _nodes(batch):
         if not isinstance(node, (list, tuple)) or len(node) < 2:
             continue

@@ -38,6 +38,7 @@ from ._data import (
     sized_automatically,
     slice_batch,
     to_device,
+    warn_tensors_per_example,
 )
 from ._distributed import Ranks
 from ._grads import refuse_recomputed, scalar_loss
@@ -254,12 +255,25 @@ def planned_batches(
     def size(left: int) -> int:  # the automatic size, once the plan says how large an example's gradients are
         return setup.batch_size if planned is None else _size(planned.batch_size, left)
 
-    for offset, batch in batches(setup, data, where, desc, batch_size=size if setup.auto_batch else None, **where_from):
+    passes = batches(setup, data, where, desc, batch_size=size if setup.auto_batch else None, **where_from)
+    for offset, batch in _first_looked_at(data, passes, where_from.get("start", 0)):
         planned = planned or _planned(
             setup, batch, where, offset, self_only=self_only, partners=partners, scored=scored, sized_by=sized_by,
             pool=joined_pool(batch, beside), read=read,
         )
         yield planned, offset, batch
+
+
+def _first_looked_at(data: Any, passes: Iterator[tuple[int, Any]], start: int) -> Iterator[tuple[int, Any]]:
+    """``passes`` (``batches`` of ``data`` from ``start``), ``data`` (a single batch) or its first batch looked at for
+    tensors per example (``warn_tensors_per_example``)."""
+    single = is_single_batch(data)
+    if single:
+        warn_tensors_per_example(data)
+    for offset, batch in passes:
+        if offset == start and not single:
+            warn_tensors_per_example(batch)
+        yield offset, batch
 
 
 def planning_pool(setup: Setup, head: Any, data: Any, where: str, beside: Any = None) -> Any:
@@ -359,6 +373,13 @@ def naming_failures(
                     message += f". {inputs}"
                 elif narrow := _narrow_integer_target(str(cause), example):
                     message += f". {narrow}"
+                elif isinstance(loss, CriterionLoss) and (held := _weights_of(loss.criterion)) and _shapes_met(cause):
+                    message += (
+                        f". `loss_fn` holds {held}: each example's loss is computed alone, so a criterion's weights "
+                        f"must broadcast against one example's outputs (one per class or output), not hold one per "
+                        f"example: pass sample weights in the data, read by a `tc.BatchLoss` weighting each example's "
+                        f"loss"
+                    )
                 elif "index out of range in self" in str(cause):
                     inputs = example[:-1] if isinstance(loss, CriterionLoss) else example  # (not the target)
                     message += f". {_past_an_embedding(inputs, setup.spec.module)}"
@@ -435,6 +456,17 @@ def _candidates(
         rows = range(min(_PLANNING_EXAMPLES, batch_size_of(data, name)))
         for i in dict.fromkeys([*rows, *([] if pool is None else pool.tolist())]):
             yield name, start + i, slice_batch(data, i, i + 1)
+
+
+def _weights_of(criterion: Any) -> str:
+    """A criterion's weight tensors (``weight=``, ``pos_weight=``) in words, or ``""`` (one per example of the whole
+    data, a full-batch GLM's sample weights, raised torch's broadcast error blaming the data; a review helper's)."""
+    held = [(n, getattr(criterion, n, None)) for n in ("weight", "pos_weight")]
+    return ", ".join(f"`{n}` of shape {list(t.shape)}" for n, t in held if isinstance(t, torch.Tensor) and t.dim())
+
+
+def _shapes_met(cause: BaseException) -> bool:
+    return any(s in str(cause) for s in ("broadcast shape", "must match the size", "The size of tensor"))
 
 
 def _past_an_embedding(example: Any, module: Any) -> str:
@@ -787,7 +819,7 @@ def score_blocks(
         return acc
 
     passes = batches(setup, train, "train", desc, start=start, ranks=ranks, batch_size=queries.batch_size, reads=reads)
-    for offset, batch in passes:
+    for offset, batch in _first_looked_at(train, passes, start):
         joined, b = None, batch_size_of(batch, "train")
         if joining is not None and (n_test + b <= joining.most or n_test * _JOINED_SHARE <= b):
             joined = joined_rows(joining.batch, batch)  # (None where not alike: padded to another width)

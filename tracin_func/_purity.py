@@ -160,6 +160,9 @@ _SHAPE_ONLY = frozenset(
 )
 _LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.lift.default)
 _LOWER = (torch.float16, torch.bfloat16)
+_EXACT = frozenset(  # ops whose values are their input's, whatever its dtype
+    getattr(torch.ops.aten, name).default for name in ("_to_copy", "clone", "detach", "alias", "copy_", "lift_fresh")
+)
 # in-place ops that write their first argument whole without reading it
 _OVERWRITES = frozenset(
     (torch.ops.aten.copy_.default, torch.ops.aten.fill_.Scalar, torch.ops.aten.fill_.Tensor,
@@ -221,8 +224,10 @@ class _Watch(TorchDispatchMode):
         kwargs = kwargs or {}
         seeded, writes = _inspected(func)
         inputs = op_tensors(args, kwargs)
-        # (autocast's casts are made before this mode sees an op, its state then off: its lowered inputs are seen)
-        self.lowered = self.lowered or any(t.dtype in _LOWER for t in inputs)
+        # (autocast's casts are made before this mode sees an op, its state then off: its lowered inputs are seen;
+        # a cast or a view computes nothing: a mask cast to float16 and back sent a call to the loop, 33x slower)
+        self.lowered = self.lowered or func not in _EXACT and not _is_view(func) and any(t.dtype in _LOWER
+                                                                                          for t in inputs)
         fresh = func in _LIFTS  # a constant the forward creates (``torch.tensor``, ``from_numpy``): not kept
         kept = {id(t) for t in inputs if id(t) not in self.given and not (self._made(t) or self._allocated(t))
                 } if not fresh else set()  # fmt: skip
@@ -259,10 +264,13 @@ class _Watch(TorchDispatchMode):
         # a random number drawn and left unread (transformers 5.17's wav2vec2: its layer drop, taken in training only)
         # cannot change a score; a read could (`torch.zeros_like(noise)` reads no number of it, nor a view of it: reads
         # through the view are reads of the storage)
-        overwritten = args[0] if func in _OVERWRITES else None  # (written whole, not read: a layer built in the
-        # forward given its weights, `l.weight.data.copy_(w)`, `nn.init.zeros_`, `load_state_dict`: a review helper's)
-        for t in inputs if self.drawn and func.overloadpacket not in _SHAPE_ONLY and not _is_view(func) else ():
-            drawn = None if t is overwritten else self.drawn.get(_storage(t))
+        # the first argument of an op writing it whole is not read (a layer built in the forward given its weights,
+        # `l.weight.data.copy_(w)`, `nn.init.zeros_`, `load_state_dict`: a review helper's); its source is, whatever
+        # tensor it is (`r.copy_(r)`)
+        overwritten = args[0] if func in _OVERWRITES else None
+        sources = inputs[1:] if overwritten is not None and inputs and inputs[0] is overwritten else inputs
+        for t in sources if self.drawn and func.overloadpacket not in _SHAPE_ONLY and not _is_view(func) else ():
+            drawn = self.drawn.get(_storage(t))
             if drawn is not None and not drawn[0].expired():
                 self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1], True)
         if overwritten is not None and _whole_storage(overwritten):
