@@ -1034,6 +1034,8 @@ class GivenWeights(nn.Module):
                 mix.weight.copy_(torch.eye(3, dtype=x.dtype))
             elif self.how == "constant":
                 nn.init.constant_(mix.weight, 0.5)
+            elif self.how == "eye":  # (written by `torch.eye(out=)`: a sweep's find)
+                nn.init.eye_(mix.weight)
             elif self.how == "load":
                 mix.load_state_dict({"weight": torch.eye(3, dtype=x.dtype)})
             elif self.how == "itself":  # (copied onto itself: read; let through, and forgotten, by a sweep's find)
@@ -1043,7 +1045,7 @@ class GivenWeights(nn.Module):
         return mix(torch.tanh(self.lin(x)))
 
 
-@pytest.mark.parametrize("how", ["copy", "constant", "load", "partly", "itself"])
+@pytest.mark.parametrize("how", ["copy", "constant", "eye", "load", "partly", "itself"])
 def test_3c_a_layer_built_in_the_forward_and_given_its_weights_is_scored(how):
     """Its random initialisation overwritten whole before any read (`copy_`, `nn.init.constant_`, `load_state_dict`) was
     refused as read (a review helper's): scored exactly; overwritten in part, the rest is read: refused."""

@@ -297,8 +297,11 @@ def joined_pool(examples: Any, *others: Any) -> Any:
 def first_examples(setup: Setup, data: Any, where: str) -> Any:
     """The first examples of ``data`` (a batch's or a ``Dataset``'s as many as planning reads, an iterable's first
     batch), checked and on device; None when it holds none (the call says so where it reads the data), or its first
-    batch is empty (a bucketing sampler's empty bucket: skipped where the data is scored)."""
+    batch is empty (a bucketing sampler's empty bucket: skipped where the data is scored). ``data`` (a single batch)
+    or its first batch looked at for tensors per example, before planning runs the loss on rows cut from them."""
     head = next(iter_batches(data, _PLANNING_EXAMPLES, where), None)
+    if head is not None:
+        warn_tensors_per_example(data if is_single_batch(data) else head)
     if head is None or not batch_size_of(head, f"`{where}`" if is_single_batch(data) else f"`{where}` batch 0"):
         return None
     check_batch_structure(head, f"`{where}` batch 0", needs_target=setup.needs_target[where == "test"])
@@ -373,7 +376,9 @@ def naming_failures(
                     message += f". {inputs}"
                 elif narrow := _narrow_integer_target(str(cause), example):
                     message += f". {narrow}"
-                elif isinstance(loss, CriterionLoss) and (held := _weights_of(loss.criterion)) and _shapes_met(cause):
+                elif isinstance(loss, CriterionLoss) and (held := _weights_of(loss.criterion)) and _raised_in(
+                    loss.criterion, cause
+                ):
                     message += (
                         f". `loss_fn` holds {held}: each example's loss is computed alone, so a criterion's weights "
                         f"must broadcast against one example's outputs (one per class or output), not hold one per "
@@ -465,8 +470,16 @@ def _weights_of(criterion: Any) -> str:
     return ", ".join(f"`{n}` of shape {list(t.shape)}" for n, t in held if isinstance(t, torch.Tensor) and t.dim())
 
 
-def _shapes_met(cause: BaseException) -> bool:
-    return any(s in str(cause) for s in ("broadcast shape", "must match the size", "The size of tensor"))
+def _raised_in(criterion: Any, cause: BaseException) -> bool:
+    """Whether ``cause`` is a shape error raised within ``criterion``'s call (not the model's: its broadcast bug was
+    told of the criterion's weights; a sweep's find)."""
+    shapes = ("broadcast shape", "must match the size", "The size of tensor")
+    code = getattr(type(criterion).forward if isinstance(criterion, torch.nn.Module) else criterion, "__code__", None)
+    tb, codes = cause.__traceback__, set()
+    while tb is not None:
+        codes.add(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    return code in codes and any(s in str(cause) for s in shapes)
 
 
 def _past_an_embedding(example: Any, module: Any) -> str:

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 from torch import nn
+from torch._prims_common import is_non_overlapping_and_dense_or_false
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -173,7 +174,7 @@ _OVERWRITES = frozenset(
 def _whole_storage(t: torch.Tensor) -> bool:
     """Whether ``t`` covers its storage's every element (so that writing it whole leaves none of the old ones)."""
     t = _unwrapped(t)
-    return t.layout == torch.strided and t.storage_offset() == 0 and t.is_contiguous() and (
+    return t.layout == torch.strided and t.storage_offset() == 0 and is_non_overlapping_and_dense_or_false(t) and (
         t.numel() * t.element_size() == t.untyped_storage().nbytes()
     )
 
@@ -267,14 +268,20 @@ class _Watch(TorchDispatchMode):
         # the first argument of an op writing it whole is not read (a layer built in the forward given its weights,
         # `l.weight.data.copy_(w)`, `nn.init.zeros_`, `load_state_dict`: a review helper's); its source is, whatever
         # tensor it is (`r.copy_(r)`)
-        overwritten = args[0] if func in _OVERWRITES else None
-        sources = inputs[1:] if overwritten is not None and inputs and inputs[0] is overwritten else inputs
+        # (`out=` too: `nn.init.eye_`'s `torch.eye(out=w)`)
+        overwritten = [args[0]] if func in _OVERWRITES else []
+        sources = list(inputs[1:] if overwritten and inputs and inputs[0] is overwritten[0] else inputs)
+        for out in _listed(_bound(func, args, kwargs).get("out")) if self.drawn and "out" in writes else ():
+            at = max((i for i, t in enumerate(sources) if t is out), default=None)  # (its place: an input may be it)
+            if at is not None:
+                overwritten.append(sources.pop(at))
         for t in sources if self.drawn and func.overloadpacket not in _SHAPE_ONLY and not _is_view(func) else ():
             drawn = self.drawn.get(_storage(t))
             if drawn is not None and not drawn[0].expired():
                 self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1], True)
-        if overwritten is not None and _whole_storage(overwritten):
-            self.drawn.pop(_storage(overwritten), None)  # type: ignore[arg-type]
+        for t in overwritten:
+            if _whole_storage(t):
+                self.drawn.pop(_storage(t), None)  # type: ignore[arg-type]
         read = {id(t) for t in inputs}  # (tensors by identity: views are made by ops too)
         self.read |= read
         if self.modules:
