@@ -1036,6 +1036,8 @@ class GivenWeights(nn.Module):
                 nn.init.constant_(mix.weight, 0.5)
             elif self.how == "eye":  # (written by `torch.eye(out=)`: a sweep's find)
                 nn.init.eye_(mix.weight)
+            elif self.how == "sorted":  # (out arguments named otherwise: `values`)
+                torch.sort(torch.eye(3, dtype=x.dtype), 1, out=(mix.weight, torch.empty(3, 3, dtype=torch.long)))
             elif self.how == "load":
                 mix.load_state_dict({"weight": torch.eye(3, dtype=x.dtype)})
             elif self.how == "itself":  # (copied onto itself: read; let through, and forgotten, by a sweep's find)
@@ -1045,7 +1047,7 @@ class GivenWeights(nn.Module):
         return mix(torch.tanh(self.lin(x)))
 
 
-@pytest.mark.parametrize("how", ["copy", "constant", "eye", "load", "partly", "itself"])
+@pytest.mark.parametrize("how", ["copy", "constant", "eye", "sorted", "load", "partly", "itself"])
 def test_3c_a_layer_built_in_the_forward_and_given_its_weights_is_scored(how):
     """Its random initialisation overwritten whole before any read (`copy_`, `nn.init.constant_`, `load_state_dict`) was
     refused as read (a review helper's): scored exactly; overwritten in part, the rest is read: refused."""
@@ -1058,6 +1060,35 @@ def test_3c_a_layer_built_in_the_forward_and_given_its_weights_is_scored(how):
         return
     ref = reference_scores(model, ckpts, train, loss_fn=CE)
     assert_close(tc.self_influence(model, ckpts, train, loss_fn=CE), ref.self_influence)
+
+
+class LeftDrawn(nn.Module):
+    """Random numbers an overwrite leaves in place: one that raises (caught by the forward), or an `out=` the op
+    shrinks, the rest of its storage read (both let through, by a sweep's find in this session's own change)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.lin, self.how = nn.Linear(4, 3), how
+
+    def forward(self, x):
+        r = torch.rand(6, dtype=x.dtype)
+        if self.how == "raised":
+            try:
+                r.copy_(torch.zeros(4, dtype=x.dtype))
+            except RuntimeError:
+                pass
+            left = r[:3]
+        else:
+            torch.add(torch.zeros(3, dtype=x.dtype), 0, out=r)
+            left = r.as_strided((3,), (1,), 3)
+        return self.lin(x) + left
+
+
+@pytest.mark.parametrize("how", ["raised", "shrunk"])
+def test_3c_random_numbers_an_overwrite_leaves_are_read(how):
+    model = LeftDrawn(how).to(F64).eval()
+    with pytest.raises(ValueError, match=r"draws random numbers \(aten.rand.default\) that are read"):
+        tc.self_influence(model, make_ckpts(model), data(4, n=6, seed=1), loss_fn=CE)
 
 
 class DrawnIntoAView(nn.Module):

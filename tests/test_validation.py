@@ -1339,9 +1339,11 @@ def test_a_criterion_of_more_arguments_and_a_batch_statistic_nan_alone_are_named
     target = (batch[1], torch.randn(len(x), dtype=x.dtype))
     with pytest.raises(FloatingPointError, match=r"Every example's is: .*a statistic over the batch can be NaN"):
         tc.self_influence(model, ckpts, (x, target), loss_fn=policy_gradient)
-    per_example = nn.BCEWithLogitsLoss(weight=torch.rand(len(x), 1, dtype=x.dtype))  # (a full-batch GLM's weights)
-    with pytest.raises(RuntimeError, match=r"`loss_fn` holds `weight` of shape \[6, 1\]: each example's loss is "):
-        tc.self_influence(model, ckpts, (x, torch.rand(len(x), 2, dtype=x.dtype)), loss_fn=per_example)
+    weights = torch.rand(len(x), 1, dtype=x.dtype)  # (a full-batch GLM's sample weights)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    for per_example in nn.BCEWithLogitsLoss(weight=weights), functools.partial(bce, weight=weights):
+        with pytest.raises(RuntimeError, match=r"`loss_fn` holds `weight` of shape \[6, 1\]: each example's loss"):
+            tc.self_influence(model, ckpts, (x, torch.rand(len(x), 2, dtype=x.dtype)), loss_fn=per_example)
 
 
 def test_an_index_past_an_embedding_names_the_inputs_and_the_sizes():
@@ -1363,6 +1365,17 @@ def test_an_index_past_an_embedding_names_the_inputs_and_the_sizes():
     said = r"example 2 .*inputs range over input 0 [0-9]+\.\.25; the model.s embeddings hold emb 20 rows"
     with pytest.raises(IndexError, match=said):
         tc.self_influence(model, ckpts, (ids, torch.zeros(4, dtype=torch.long)), loss_fn=CE)
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
 
 
 def test_a_list_of_as_many_tensors_as_each_has_rows_is_warned_of():
@@ -1388,6 +1401,8 @@ def test_a_list_of_as_many_tensors_as_each_has_rows_is_warned_of():
         pairs = [(x[i], [targets[0][i], targets[1][i]]) for i in range(6)]  # (its last batch: 2 examples, 2 targets)
         loader = torch.utils.data.DataLoader(pairs, batch_size=4)
         tc.self_influence(model, ckpts, loader, loss_fn=tc.BatchLoss(two_targets), factored=False)
+        fours = _Items([(x[i], [targets[0][i]] * 4) for i in range(6)])  # (planning's head of 4 is no batch)
+        tc.self_influence(model, ckpts, fours, loss_fn=tc.BatchLoss(two_targets), factored=False)
 
 
 class Cast(nn.Module):

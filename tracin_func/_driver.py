@@ -9,6 +9,7 @@ take the test gradient norms once, with the test representations, and the traini
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -300,8 +301,8 @@ def first_examples(setup: Setup, data: Any, where: str) -> Any:
     batch is empty (a bucketing sampler's empty bucket: skipped where the data is scored). ``data`` (a single batch)
     or its first batch looked at for tensors per example, before planning runs the loss on rows cut from them."""
     head = next(iter_batches(data, _PLANNING_EXAMPLES, where), None)
-    if head is not None:
-        warn_tensors_per_example(data if is_single_batch(data) else head)
+    if head is not None and (is_single_batch(data) or not sized_automatically(data)):  # (a Dataset's head is cut
+        warn_tensors_per_example(data if is_single_batch(data) else head)  # by planning: its scored batches tell)
     if head is None or not batch_size_of(head, f"`{where}`" if is_single_batch(data) else f"`{where}` batch 0"):
         return None
     check_batch_structure(head, f"`{where}` batch 0", needs_target=setup.needs_target[where == "test"])
@@ -376,7 +377,7 @@ def naming_failures(
                     message += f". {inputs}"
                 elif narrow := _narrow_integer_target(str(cause), example):
                     message += f". {narrow}"
-                elif isinstance(loss, CriterionLoss) and (held := _weights_of(loss.criterion)) and _raised_in(
+                elif isinstance(loss, CriterionLoss) and (held := _weights_of(loss.criterion, cause)) and _raised_in(
                     loss.criterion, cause
                 ):
                     message += (
@@ -463,23 +464,28 @@ def _candidates(
             yield name, start + i, slice_batch(data, i, i + 1)
 
 
-def _weights_of(criterion: Any) -> str:
-    """A criterion's weight tensors (``weight=``, ``pos_weight=``) in words, or ``""`` (one per example of the whole
-    data, a full-batch GLM's sample weights, raised torch's broadcast error blaming the data; a review helper's)."""
-    held = [(n, getattr(criterion, n, None)) for n in ("weight", "pos_weight")]
-    return ", ".join(f"`{n}` of shape {list(t.shape)}" for n, t in held if isinstance(t, torch.Tensor) and t.dim())
+def _weights_of(criterion: Any, cause: BaseException) -> str:
+    """A criterion's weight tensors (``weight=``, ``pos_weight=``; a partial's keywords) whose rows make the shape
+    torch's broadcast error names (one example's loss against weights of several rows: a full-batch GLM's sample
+    weights raised it, blaming the data; a review helper's), in words, or ``""``."""
+    rows = re.search(r"broadcast shape \[(\d+)", str(cause))
+    keywords = getattr(criterion, "keywords", None) or {}
+    held = [(name, getattr(criterion, name, None) if name not in keywords else keywords[name])
+            for name in ("weight", "pos_weight")]  # fmt: skip
+    return ", ".join(f"`{name}` of shape {list(t.shape)}" for name, t in held if rows and isinstance(t, torch.Tensor)
+                     and t.dim() and 1 < t.shape[0] == int(rows.group(1)))  # fmt: skip
 
 
 def _raised_in(criterion: Any, cause: BaseException) -> bool:
-    """Whether ``cause`` is a shape error raised within ``criterion``'s call (not the model's: its broadcast bug was
-    told of the criterion's weights; a sweep's find)."""
-    shapes = ("broadcast shape", "must match the size", "The size of tensor")
-    code = getattr(type(criterion).forward if isinstance(criterion, torch.nn.Module) else criterion, "__code__", None)
+    """Whether ``cause`` was raised within ``criterion``'s call (not the model's: its broadcast bug was told of the
+    criterion's weights; a sweep's find)."""
+    called = getattr(criterion, "func", criterion)  # (a partial's function)
+    code = getattr(type(called).forward if isinstance(called, torch.nn.Module) else called, "__code__", None)
     tb, codes = cause.__traceback__, set()
     while tb is not None:
         codes.add(tb.tb_frame.f_code)
         tb = tb.tb_next
-    return code in codes and any(s in str(cause) for s in shapes)
+    return code in codes
 
 
 def _past_an_embedding(example: Any, module: Any) -> str:

@@ -171,6 +171,13 @@ _OVERWRITES = frozenset(
 )  # fmt: skip
 
 
+@functools.cache
+def _outs(func: Any) -> tuple[str, ...]:
+    """The names of an op's out arguments: keyword-only and written (``out``; ``values``, ``indices`` of a sort)."""
+    return tuple(a.name for a in func._schema.arguments if a.kwarg_only and a.alias_info is not None
+                 and a.alias_info.is_write)  # fmt: skip
+
+
 def _whole_storage(t: torch.Tensor) -> bool:
     """Whether ``t`` covers its storage's every element (so that writing it whole leaves none of the old ones)."""
     t = _unwrapped(t)
@@ -268,10 +275,11 @@ class _Watch(TorchDispatchMode):
         # the first argument of an op writing it whole is not read (a layer built in the forward given its weights,
         # `l.weight.data.copy_(w)`, `nn.init.zeros_`, `load_state_dict`: a review helper's); its source is, whatever
         # tensor it is (`r.copy_(r)`)
-        # (`out=` too: `nn.init.eye_`'s `torch.eye(out=w)`)
+        # (out arguments too: `nn.init.eye_`'s `torch.eye(out=w)`, `torch.max(x, 0, out=(v, i))`)
         overwritten = [args[0]] if func in _OVERWRITES else []
         sources = list(inputs[1:] if overwritten and inputs and inputs[0] is overwritten[0] else inputs)
-        for out in _listed(_bound(func, args, kwargs).get("out")) if self.drawn and "out" in writes else ():
+        bound = _bound(func, args, kwargs) if self.drawn and _outs(func) else {}
+        for out in (t for name in _outs(func) for t in _listed(bound.get(name))):
             at = max((i for i, t in enumerate(sources) if t is out), default=None)  # (its place: an input may be it)
             if at is not None:
                 overwritten.append(sources.pop(at))
@@ -279,9 +287,6 @@ class _Watch(TorchDispatchMode):
             drawn = self.drawn.get(_storage(t))
             if drawn is not None and not drawn[0].expired():
                 self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1], True)
-        for t in overwritten:
-            if _whole_storage(t):
-                self.drawn.pop(_storage(t), None)  # type: ignore[arg-type]
         read = {id(t) for t in inputs}  # (tensors by identity: views are made by ops too)
         self.read |= read
         if self.modules:
@@ -290,6 +295,9 @@ class _Watch(TorchDispatchMode):
             path, module = self.modules[-1]
             self.kept.setdefault(path, (module, set()))[1].update(kept)
         out = _drawn_privately(func, args, kwargs, values) if draws else func(*args, **kwargs)
+        for t in overwritten if self.drawn else ():  # (once it ran, as it left them: one raising, or resizing its
+            if _whole_storage(t):  # out, left the numbers there; a sweep's find)
+                self.drawn.pop(_storage(t), None)  # type: ignore[arg-type]
         from_checkpoint, from_example = not read.isdisjoint(self.derived), not read.isdisjoint(self.from_example)
         outputs = op_tensors(out)
         given = {_storage(t) for t in inputs}
