@@ -271,16 +271,15 @@ class _Watch(TorchDispatchMode):
                         )
         # a random number drawn and left unread (transformers 5.17's wav2vec2: its layer drop, taken in training only)
         # cannot change a score; a read could (`torch.zeros_like(noise)` reads no number of it, nor a view of it: reads
-        # through the view are reads of the storage)
-        # the first argument of an op writing it whole is not read (a layer built in the forward given its weights,
-        # `l.weight.data.copy_(w)`, `nn.init.zeros_`, `load_state_dict`: a review helper's); its source is, whatever
-        # tensor it is (`r.copy_(r)`)
-        # (out arguments too: `nn.init.eye_`'s `torch.eye(out=w)`, `torch.max(x, 0, out=(v, i))`)
+        # through the view are reads of the storage). The first argument of an op writing it whole is not read (a
+        # layer built in the forward given its weights, `l.weight.data.copy_(w)`, `nn.init.zeros_`, `load_state_dict`:
+        # a review helper's), nor are out arguments (`nn.init.eye_`'s `torch.eye(out=w)`, `torch.max(x, 0, out=(v,
+        # i))`); a source is, whatever tensor it is (`r.copy_(r)`)
         overwritten = [args[0]] if func in _OVERWRITES else []
         sources = list(inputs[1:] if overwritten and inputs and inputs[0] is overwritten[0] else inputs)
         bound = _bound(func, args, kwargs) if self.drawn and _outs(func) else {}
-        for out in (t for name in _outs(func) for t in _listed(bound.get(name))):
-            at = max((i for i, t in enumerate(sources) if t is out), default=None)  # (its place: an input may be it)
+        for written in (t for name in _outs(func) for t in _listed(bound.get(name))):
+            at = max((i for i, t in enumerate(sources) if t is written), default=None)  # (an input may be it too)
             if at is not None:
                 overwritten.append(sources.pop(at))
         for t in sources if self.drawn and func.overloadpacket not in _SHAPE_ONLY and not _is_view(func) else ():
