@@ -1837,6 +1837,7 @@ def test_3i_autocast_entered_in_the_forward_takes_each_examples_gradient_as_auto
     test = (torch.randn(3, 6, 5), torch.randint(0, 3, (3,)))
     why = tc.explain(model, ckpts, train, loss_fn=CE).batching
     assert why.startswith("a loop over examples by plain autograd: the forward computes in float16 or bfloat16"), why
+    assert "vmap failed" not in why, why  # (the plan chose the loop; a review's find)
 
     def grads(data):  # each example alone by plain autograd, under the model's own autocast (float32)
         params = list(model.parameters())

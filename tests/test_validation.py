@@ -1348,7 +1348,7 @@ def test_a_criterion_of_more_arguments_and_a_batch_statistic_nan_alone_are_named
 
 def test_an_index_past_an_embedding_names_the_inputs_and_the_sizes():
     """torch's "index out of range in self" named the example only (a token id past the vocabulary, RoBERTa's one
-    token type given BERT's two; a review helper's): the inputs' largest values and the embeddings' sizes too."""
+    token type given BERT's two; a review helper's): the inputs' ranges and the embeddings' sizes too."""
 
     class Tokens(nn.Module):
         def __init__(self):

@@ -705,10 +705,11 @@ class _PlanningWatch(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         refuse_checkpointing(args, kwargs)
-        if func is torch.Tensor.register_hook and getattr(args[0], "grad_fn", None) is not None:
-            raise Unbatchable(_GRADIENT_HOOK, "`factored=False`")
-        if func is torch.Tensor.register_hook and args[0].requires_grad:  # (a leaf: a differentiated parameter)
-            raise Unbatchable(_PARAMETER_HOOK, "`factored=False`", factorless=True)
+        if func is torch.Tensor.register_hook:  # (a leaf needing a gradient in this pass: a differentiated parameter)
+            if getattr(args[0], "grad_fn", None) is not None:
+                raise Unbatchable(_GRADIENT_HOOK, "`factored=False`")
+            if args[0].requires_grad:
+                raise Unbatchable(_PARAMETER_HOOK, "`factored=False`", factorless=True)
         kwargs = kwargs or {}
         ordered = self.orders and any(id(t) in self.orders for t in _tensors((args, kwargs)))
         trusted = (ordered or func in _SORTS) and sys._getframe(1).f_code.co_filename.endswith(_PACKING_CODE)

@@ -22,7 +22,7 @@ from ._driver import (
     planning_pool,
     reading_training,
 )
-from ._plan import plan_call, split_state
+from ._plan import LOWERED_LOOP, plan_call, split_state
 from ._setup import in_use, make_setup
 from ._validate import positive_int
 from ._warn import silenced
@@ -183,8 +183,8 @@ def explain(
         if adam and route == "factored":  # (``_adam``: the update has no factored form)
             route, reason = "materialised", f"{reason}; formed from factors for the Adam checkpoints' updates"
         routes.append(Route(name, route, reason))
-    looping = (  # (said where a route loops: vmap may have failed only in a check of the batched path)
-        "" if not any(r.route == "loop" for r in routes)
+    looping = (  # (said where a route loops: vmap may have failed only in a check of the batched path; not where
+        "" if not any(r.route == "loop" for r in routes) or plan.batching == LOWERED_LOOP  # the plan chose the loop)
         else "; vmap failed on this model, so examples run one at a time by plain autograd" if mapper.plain
         else "; vmap failed on this model, so examples run one at a time"
     )  # fmt: skip

@@ -54,7 +54,8 @@ class Mapper:
     ``nn.LSTM`` on a ``PackedSequence`` or an ``autograd.Function`` without ``setup_context``, which torch.func cannot
     run at all), it warns once naming the cause and every function of the call loops over examples from then on:
     gradients by plain autograd, others by the function itself. Results are identical. The only state is that
-    switch, and a Mapper lives for one call.
+    switch (set by planning too, for a forward computing in half precision: ``_plan.LOWERED_LOOP``), and a Mapper
+    lives for one call.
     """
 
     def __init__(self, chunk_size: int | None = None) -> None:

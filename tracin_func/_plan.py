@@ -44,7 +44,7 @@ from ._layers import (
     why_not_a_site,
 )
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
-from ._purity import ForwardBytes, check_forward, check_reads
+from ._purity import LOWER, ForwardBytes, check_forward, check_reads
 from ._recurrent import UNROLLED_KINDS, packed_calls, recurrent_sites, why_not_run_unrolled
 from ._representations import Representation
 from ._setup import Setup
@@ -149,7 +149,7 @@ def plan_call(
     factored = True if setup.method == "last_layer" else setup.factored
     checked_at = split_state(setup.checkpoints[-1].state, names)  # see ``make_plan``
     mapper = Mapper(setup.chunk_size)
-    lowered = any(m.lowered for m in made) and setup.dtype not in (torch.float16, torch.bfloat16)
+    lowered = any(m.lowered for m in made) and setup.dtype not in LOWER
     if lowered:  # each example's gradient as autograd takes it alone: batched kernels (the factors', vmap's) round
         factored, mapper.loop, mapper.plain = False, True, True  # a lower precision otherwise (1e-3 off in bfloat16)
     plan = make_plan(
@@ -157,8 +157,8 @@ def plan_call(
         scored=scored, pool=pool,
     )
     if lowered:
-        plan = plan._replace(batching=_LOWERED_LOOP)
-        warn(f"This call runs {_LOWERED_LOOP}.", SlowPathWarning)
+        plan = plan._replace(batching=LOWERED_LOOP)
+        warn(f"This call runs {LOWERED_LOOP}.", SlowPathWarning)
     per_example = plan.dense or not plan.batched  # (vmap(grad): each example's backward through what all read)
     plan = plan._replace(tensor_bytes=max(max(m.example, m.held if per_example else 0) for m in made))
     if any(c.adam is not None for c in setup.checkpoints):  # Adam's updates are formed per example beside the formed
@@ -190,7 +190,7 @@ def plan_call(
     return PlannedCall(plan, mapper, make_updates(train, test, names, projection=setup.projection), train, test)
 
 
-_LOWERED_LOOP = (
+LOWERED_LOOP = (
     "a loop over examples by plain autograd: the forward computes in float16 or bfloat16 (a `torch.autocast` it "
     "enters, a cast of its own), whose products round otherwise in batched kernels (the layers' factors, vmap's) than "
     "in one example's alone (1e-3 off in bfloat16), so each example's gradient is taken as autograd takes it alone"

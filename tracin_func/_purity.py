@@ -76,11 +76,13 @@ _STATISTICS = ("running_mean", "running_var")
 
 
 @functools.cache
-def _inspected(func: Any) -> tuple[bool, tuple[str, ...]]:
-    """Whether an op may draw random numbers, and the names of the arguments it writes (per op, once: most ops
-    are neither, and pass the watch without their arguments being bound)."""
-    written = tuple(a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write)
-    return torch.Tag.nondeterministic_seeded in func.tags, written + (_STATISTICS if func in _BATCH_NORMS else ())
+def _inspected(func: Any) -> tuple[bool, tuple[str, ...], tuple[str, ...]]:
+    """Whether an op may draw random numbers, the names of the arguments it writes, and of those its out arguments
+    (per op, once: most ops are neither, and pass the watch without their arguments being bound)."""
+    written = [a for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    names = tuple(a.name for a in written) + (_STATISTICS if func in _BATCH_NORMS else ())
+    outs = tuple(a.name for a in written if a.kwarg_only)  # (out arguments: ``out``; a sort's ``values``, ``indices``)
+    return torch.Tag.nondeterministic_seeded in func.tags, names, outs
 
 
 def _writes(func: Any, values: Mapping[str, Any]) -> bool:
@@ -160,7 +162,7 @@ _SHAPE_ONLY = frozenset(
     for name in ("zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty", "new_full")
 )
 _LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.lift.default)
-_LOWER = (torch.float16, torch.bfloat16)
+LOWER = (torch.float16, torch.bfloat16)
 _EXACT = frozenset(  # ops whose values are their input's, whatever its dtype
     getattr(torch.ops.aten, name).default for name in ("_to_copy", "clone", "detach", "alias", "copy_", "lift_fresh")
 )
@@ -169,13 +171,6 @@ _OVERWRITES = frozenset(
     (torch.ops.aten.copy_.default, torch.ops.aten.fill_.Scalar, torch.ops.aten.fill_.Tensor,
      torch.ops.aten.zero_.default)
 )  # fmt: skip
-
-
-@functools.cache
-def _outs(func: Any) -> tuple[str, ...]:
-    """The names of an op's out arguments: keyword-only and written (``out``; ``values``, ``indices`` of a sort)."""
-    return tuple(a.name for a in func._schema.arguments if a.kwarg_only and a.alias_info is not None
-                 and a.alias_info.is_write)  # fmt: skip
 
 
 def _whole_storage(t: torch.Tensor) -> bool:
@@ -230,15 +225,14 @@ class _Watch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        seeded, writes = _inspected(func)
+        seeded, writes, outs = _inspected(func)
         inputs = op_tensors(args, kwargs)
         # (autocast's casts are made before this mode sees an op, its state then off: its lowered inputs are seen;
         # a cast or a view computes nothing: a mask cast to float16 and back sent a call to the loop, 33x slower)
-        self.lowered = self.lowered or func not in _EXACT and not _is_view(func) and any(t.dtype in _LOWER
+        self.lowered = self.lowered or func not in _EXACT and not _is_view(func) and any(t.dtype in LOWER
                                                                                           for t in inputs)
         fresh = func in _LIFTS  # a constant the forward creates (``torch.tensor``, ``from_numpy``): not kept
-        kept = {id(t) for t in inputs if id(t) not in self.given and not (self._made(t) or self._allocated(t))
-                } if not fresh else set()  # fmt: skip
+        kept = {id(t) for t in inputs if id(t) not in self.given and not self._own(t)} if not fresh else set()
         self.kept_storages.update(s for t in inputs if id(t) in kept and (s := _storage(t)) is not None)  # (views too)
         draws = False
         if seeded or writes:
@@ -275,17 +269,17 @@ class _Watch(TorchDispatchMode):
         # layer built in the forward given its weights, `l.weight.data.copy_(w)`, `nn.init.zeros_`, `load_state_dict`:
         # a review helper's), nor are out arguments (`nn.init.eye_`'s `torch.eye(out=w)`, `torch.max(x, 0, out=(v,
         # i))`); a source is, whatever tensor it is (`r.copy_(r)`)
-        overwritten = [args[0]] if func in _OVERWRITES else []
-        sources = list(inputs[1:] if overwritten and inputs and inputs[0] is overwritten[0] else inputs)
-        bound = _bound(func, args, kwargs) if self.drawn and _outs(func) else {}
-        for written in (t for name in _outs(func) for t in _listed(bound.get(name))):
-            at = max((i for i, t in enumerate(sources) if t is written), default=None)  # (an input may be it too)
-            if at is not None:
-                overwritten.append(sources.pop(at))
-        for t in sources if self.drawn and func.overloadpacket not in _SHAPE_ONLY and not _is_view(func) else ():
-            drawn = self.drawn.get(_storage(t))
-            if drawn is not None and not drawn[0].expired():
-                self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1], True)
+        overwritten = [args[0]] if self.drawn and func in _OVERWRITES else []
+        if self.drawn and func.overloadpacket not in _SHAPE_ONLY and not _is_view(func):
+            sources = list(inputs[1:] if overwritten and inputs and inputs[0] is overwritten[0] else inputs)
+            for written in (t for name in outs for t in _listed(values.get(name))):  # (`values`: bound, as written)
+                at = max((i for i, t in enumerate(sources) if t is written), default=None)  # (an input may be it)
+                if at is not None:
+                    overwritten.append(sources.pop(at))
+            for t in sources:
+                drawn = self.drawn.get(_storage(t))
+                if drawn is not None and not drawn[0].expired():
+                    self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1], True)
         read = {id(t) for t in inputs}  # (tensors by identity: views are made by ops too)
         self.read |= read
         if self.modules:
@@ -294,8 +288,8 @@ class _Watch(TorchDispatchMode):
             path, module = self.modules[-1]
             self.kept.setdefault(path, (module, set()))[1].update(kept)
         out = _drawn_privately(func, args, kwargs, values) if draws else func(*args, **kwargs)
-        for t in overwritten if self.drawn else ():  # (once it ran, as it left them: one raising, or resizing its
-            if _whole_storage(t):  # out, left the numbers there; a sweep's find)
+        for t in overwritten:  # (once it ran, as it left them: one raising, or resizing its out, left the numbers
+            if _whole_storage(t):  # there; a sweep's find)
                 self.drawn.pop(_storage(t), None)  # type: ignore[arg-type]
         from_checkpoint, from_example = not read.isdisjoint(self.derived), not read.isdisjoint(self.from_example)
         outputs = op_tensors(out)
@@ -336,8 +330,11 @@ class _Watch(TorchDispatchMode):
         every tensor read is refused): drawn as out of place, refused where read (into a tensor that exists, the
         model's or the example's, it is refused at once: refused as read until 2026-12-07)."""
         written = [t for name in writes for t in _listed(values.get(name))]
-        return bool(written) and all(isinstance(t, torch.Tensor) and (self._made(t) or self._allocated(t))
-                                     for t in written)  # fmt: skip
+        return bool(written) and all(isinstance(t, torch.Tensor) and self._own(t) for t in written)
+
+    def _own(self, t: torch.Tensor) -> bool:
+        """Whether this run made ``t``, or the storage it wraps (``_allocated``)."""
+        return self._made(t) or self._allocated(t)
 
     def _allocated(self, t: torch.Tensor) -> bool:
         """Whether ``t``'s storage is one this run allocated and still alive (a throwaway layer's weight, its
