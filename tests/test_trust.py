@@ -35,6 +35,7 @@ from torch.utils.data import (
 
 import tracin_func as tc
 import tracin_func._batching
+import tracin_func._state
 from tests.conftest import assert_close, assert_topk
 from tests.reference import reference_scores, with_formula_norms
 
@@ -1258,6 +1259,19 @@ class StoresActivations(nn.Module):
         return out
 
 
+class StoresInATuple(nn.Module):
+    """Appends its outputs to a list held in a tuple (the tuple itself never changes, its list does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.log = nn.Linear(4, 6), ([], "outputs")
+
+    def forward(self, x):
+        out = torch.tanh(self.lin(x))
+        self.log[0].append(out)
+        return out
+
+
 class Cached(nn.Module):
     def __init__(self, layer):
         super().__init__()
@@ -1531,13 +1545,28 @@ def test_3f_writes_into_tensors_held_in_containers_are_refused():
     assert model.layer.cache["calls"].item() == 0
 
 
-@pytest.mark.parametrize("layer", [CachedFrequencies, StoresActivations, UnusedParameterAndConstant])
+@pytest.mark.parametrize("layer", [CachedFrequencies, StoresActivations, StoresInATuple, UnusedParameterAndConstant])
 def test_3g_attributes_set_on_every_call_are_scored_exactly(layer):
     """A tensor computed from a buffer, or one stored anew on every call (never read back), is no cache; what the
     passes stored is undone after each call."""
     model = Cached(layer()).double().eval()
     check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
     assert getattr(model.layer, "maps", []) == [] and not hasattr(model.layer, "last")
+
+
+def test_3g_each_pass_starts_from_the_attributes_as_found():
+    """What a run stores (appended in place to a list held in a tuple, a tensor slot rebound, a hook registered with
+    its flag) is undone by the restore each scoring pass starts with; a run that stored nothing leaves all as is."""
+    model = Cached(StoresInATuple()).double().eval()
+    found = tracin_func._state.layer_state(model)
+    model(data(4)[0])
+    model.layer.register_buffer("extra", torch.ones(1))
+    model.layer.flag = True
+    model.head.register_forward_hook(lambda *a: None)
+    assert len(model.layer.log[0]) == 1 and not tracin_func._state._unchanged(found)
+    tracin_func._state.restore_state(found)
+    assert model.layer.log[0] == [] and "extra" not in model.layer._buffers and not hasattr(model.layer, "flag")
+    assert not model.head._forward_hooks and tracin_func._state._unchanged(found)
 
 
 class Checkpointed(nn.Module):
