@@ -444,6 +444,32 @@ def test_last_layer_is_the_last_linear_the_loss_reaches():
         assert torch.equal(zeros, torch.zeros_like(ref.influence))
 
 
+class _ComplexFeatures(nn.Module):
+    """A trainable complex projection before a real head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.head = nn.Parameter(torch.randn(5, 4, dtype=torch.complex128)), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head((x.to(self.w.dtype) @ self.w.T).abs())
+
+
+def test_last_layer_leaves_a_complex_parameter_elsewhere_unscored():
+    """Only the Linears' tensors are checked as scored: a trainable complex parameter in another layer was refused as
+    a differentiated one (found by review), naming `params=`, which `method='last_layer'` refuses."""
+    task, _ = task_and_reference("mlp")
+    torch.manual_seed(0)
+    model = _ComplexFeatures().double().eval()
+    ckpts = random_checkpoints({"head.weight": model.head.weight, "head.bias": model.head.bias}, 2)
+    for c in ckpts:
+        c.params["w"] = model.w.detach().clone()
+    names = ["head.weight", "head.bias"]
+    ref = reference_scores(model, ckpts, task.train, task.test, loss_fn=task.loss_fn, params=names)
+    got = tc.influence(model, ckpts, task.train, task.test, loss_fn=task.loss_fn, method="last_layer")
+    assert_close(got, ref.influence)
+
+
 class _TwoNames(nn.Module):
     """One head registered under two names, called as each."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import optree
@@ -15,6 +15,17 @@ from ._data import slice_batch
 from ._grads import Tensors
 from ._loss import ExampleLossFn
 from ._state import leaving_no_trace
+
+
+def linear_candidates(module: nn.Module, trainable: Sequence[str], aliases: Mapping[str, str]) -> tuple[str, ...]:
+    """The trainable parameters (``trainable``, tied ones under their first name) that some ``nn.Linear`` holds: the
+    ones ``method='last_layer'`` may score, whose checkpoints' entries are checked as differentiated (a trainable
+    complex parameter elsewhere was refused as one); all of ``trainable`` where no Linear holds one (refused at
+    planning, naming what it found)."""
+    owned = {f"{path}.{name}".lstrip(".") for path, m in module.named_modules() if isinstance(m, nn.Linear)
+             for name, _ in m.named_parameters()}  # fmt: skip
+    owned |= {aliases[n] for n in owned if n in aliases}
+    return tuple(n for n in trainable if n in owned) or tuple(trainable)
 
 
 def last_layer_params(

@@ -17,6 +17,7 @@ from ._allocator import keep_freed_batches
 from ._checkpoints import Checkpoint
 from ._context import check_precision
 from ._distributed import Ranks, check_device, resolve
+from ._last_layer import linear_candidates
 from ._loss import ExampleLoss, ExampleLossFn, example_loss
 from ._loss_dtype import in_dtype
 from ._model import (
@@ -213,6 +214,8 @@ def make_setup(
         )
     private = not any(isinstance(fn, ExampleLoss) for fn in (loss_fn, test_loss_fn))
     spec = model_spec(model, first.params, params, layers, private=private)
+    if method == "last_layer":
+        spec = spec._replace(diff_names=linear_candidates(model, spec.diff_names, spec.aliases))
     target = target_device(device, lambda: _default_device(model, first), "the model's")
     check_device(ranks, target)
     if target.type == "cpu":
