@@ -2,6 +2,7 @@
 its in-projection and out_proj as factor sites, exact scores, and the fused op (dense route) where it is not
 unrolled."""
 
+import functools
 import itertools
 import warnings
 
@@ -390,6 +391,59 @@ def test_an_encoder_run_without_gradient_runs_as_in_the_model_and_gives_no_facto
         for loss in (batch_loss, example_loss):
             assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
     assert "forward" not in vars(model.encoder) and "forward" not in vars(model.encoder.layers[0])
+
+
+class _Distilled(nn.Module):
+    """A KL loss to a frozen teacher's soft labels, the teacher (an encoder pooling every position) run under
+    ``torch.no_grad()``: held by the criterion module."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, logits, target):
+        x, pad = target
+        with torch.no_grad():
+            soft = self.teacher(x, pad).softmax(-1)
+        return F.kl_div(logits.log_softmax(-1), soft, reduction="none").sum(-1)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_an_encoder_the_loss_holds_runs_as_in_the_users_own_call():
+    """A teacher's encoder run without gradients in the loss (a global or closed-over teacher, one a criterion module
+    holds, a partial's argument) takes torch's inference path, as in the user's own loss: under the library's modes it
+    computed the padded positions it gives zeros (27-52% off, silently, on every loss form; a review helper's)."""
+    g = torch.Generator().manual_seed(3)
+    teacher = _FeaturesWithoutGradient(every_position=True).to(F64).eval().requires_grad_(False)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(40, 3)).to(F64).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in student.state_dict().items()}, lr=0.5)]
+    pad = torch.arange(5) >= torch.randint(2, 6, (6,), generator=g)[:, None]
+    x = torch.randn(6, 5, 8, generator=g, dtype=F64)
+
+    def kl(logits, x, pad, teacher=teacher):
+        with torch.no_grad():
+            soft = teacher(x, pad).softmax(-1)
+        return F.kl_div(logits.log_softmax(-1), soft, reduction="none").sum(-1)
+
+    def per_example(p, b):
+        return kl(functional_call(student, p, (b[0],)), *b)
+
+    ref = torch.stack([  # (the user's own loss, one example at a time, no mode active)
+        sum(t.square().sum() for t in torch.autograd.grad(
+            per_example(dict(student.named_parameters()), (x[i : i + 1], pad[i : i + 1])).sum(),
+            list(student.parameters())))
+        for i in range(6)
+    ])  # fmt: skip
+    losses = {  # (a closure's, a global-like default's and a partial's teacher)
+        "closure": tc.BatchLoss(per_example),
+        "example": tc.ExampleLoss(lambda p, b: per_example(p, b).sum()),
+        "partial": tc.BatchLoss(functools.partial(lambda t, p, b: kl(functional_call(student, p, (b[0],)), *b, t),
+                                                  teacher)),
+    }  # fmt: skip
+    for loss in losses.values():
+        assert_close(tc.self_influence(student, ckpts, (x, pad), loss_fn=loss), 0.5 * ref, 1e-12)
+    assert_close(tc.self_influence(student, ckpts, (x, (x, pad)), loss_fn=_Distilled(teacher)), 0.5 * ref, 1e-12)
+    assert not any("forward" in vars(m) for m in teacher.modules())
 
 
 class _SeesAttentionSettings(nn.Module):

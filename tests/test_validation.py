@@ -1001,6 +1001,14 @@ def test_a_loss_holding_a_tensor_of_another_dtype_than_the_call_is_named():
     ]:
         with pytest.raises(TypeError, match=message):
             call()
+    teacher = nn.Linear(3, 2).requires_grad_(False)  # (float32: it blamed the model's inputs)
+
+    def distilled(out, t):
+        return nn.functional.kl_div(out.log_softmax(-1), teacher(t).softmax(-1), reduction="sum")
+
+    with pytest.raises(TypeError, match=r"^`loss_fn` holds a torch.float32 module \(the 'teacher' it closes over: "
+                                        r"Linear\) but the call computes in torch.float64"):  # fmt: skip
+        tc.self_influence(model, ckpts, (x, x), loss_fn=distilled)
     converted = functools.partial(nn.functional.cross_entropy, weight=weight.double(), reduction="sum")  # the fix
     want = reference_scores(model, ckpts, (x, y), loss_fn=converted).self_influence
     torch.testing.assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=converted), want, rtol=1e-10, atol=0)

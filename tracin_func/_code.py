@@ -1,4 +1,4 @@
-"""Reading a function's code: the names it reads, the globals it loads and the values it closes over."""
+"""Reading a function's code: the names it reads, the globals it loads and the values it closes over or holds."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import dis
 import functools
 import types
 from typing import Any
+
+from torch import nn
 
 
 def cell_value(cell: types.CellType) -> Any:
@@ -34,3 +36,39 @@ def loaded_globals(code: types.CodeType) -> tuple[str, ...]:
     names = [i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")]
     nested = [n for c in code.co_consts if isinstance(c, types.CodeType) for n in loaded_globals(c)]
     return tuple(dict.fromkeys([*names, *nested]))
+
+
+def held_values(fn: Any, depth: int = 0) -> list[tuple[str, Any]]:
+    """``(where, value)`` for the values a loss callable holds: a ``functools.partial``'s arguments, a function's
+    closure, defaults and loaded globals, a bound method's or a callable object's attributes; the callables among them
+    are read too, two levels deep. A module is not looked into (a model the loss calls holds the model's tensors)."""
+    if depth > 2:
+        return []
+    inner: Any = None  # the callable a partial or a bound method wraps
+    if isinstance(fn, functools.partial):
+        held = [(f"argument {i} of the partial", a) for i, a in enumerate(fn.args)]
+        held += [(f"the partial's keyword {k!r}", v) for k, v in fn.keywords.items()]
+        inner = fn.func
+    elif isinstance(fn, types.MethodType):
+        held = _attributes(fn.__self__) if not isinstance(fn.__self__, nn.Module) else []
+        inner = fn.__func__
+    elif isinstance(fn, types.FunctionType):
+        held = [(f"the {n!r} it closes over", v) for n, v in zip(fn.__code__.co_freevars, closure_values(fn))]
+        held += [(f"a default of {fn.__name__}", v) for v in fn.__defaults__ or ()]
+        held += [(f"the default {k!r} of {fn.__name__}", v) for k, v in (fn.__kwdefaults__ or {}).items()]
+        held += [(f"the global {n!r}", fn.__globals__.get(n)) for n in loaded_globals(fn.__code__)]
+    elif _read(fn):
+        held = _attributes(fn)
+    else:
+        return []
+    return held + [h for v in [inner, *(v for _, v in held if _read(v))] if v is not None
+                   for h in held_values(v, depth + 1)]  # fmt: skip
+
+
+def _read(value: Any) -> bool:
+    """Whether ``held_values`` reads a value a loss holds: a callable, not a module nor a class."""
+    return callable(value) and not isinstance(value, (nn.Module, type))
+
+
+def _attributes(obj: Any) -> list[tuple[str, Any]]:
+    return [(f"its attribute {k!r}", v) for k, v in getattr(obj, "__dict__", {}).items()]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ._code import held_values
 from ._state import put_back_forwards
 
 ENCODERS = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
@@ -67,6 +68,21 @@ def encoders_set_aside(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         put_back_forwards(wrapped)
+
+
+def held_encoders(losses: Iterable[Any], module: nn.Module | None) -> list[nn.Module]:
+    """The modules a call's losses hold (a criterion that is one; what ``held_values`` finds in a loss function: a
+    teacher it closes over or loads as a global, a partial's argument) that hold an encoder and are no part of
+    ``module``: set aside as the model's are (a teacher's encoder run under ``torch.no_grad()`` in the loss took the
+    path torch takes under a mode, computing padded positions its own call gives zeros: 27-52% off, silently; a
+    review helper's)."""
+    own = {id(m) for m in module.modules()} if module is not None else set()
+    found: dict[int, nn.Module] = {}
+    for loss in losses:
+        user = getattr(loss, "criterion", getattr(loss, "fn", loss))
+        values = [user, *(v for _, v in held_values(user))]
+        found.update((id(v), v) for v in values if isinstance(v, nn.Module) and id(v) not in own)
+    return [m for m in found.values() if any(isinstance(layer, ENCODERS) for layer in m.modules())]
 
 
 def _modes_set_aside(forward: Callable[..., Any]) -> Callable[..., Any]:

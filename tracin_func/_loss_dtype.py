@@ -9,15 +9,13 @@ copy whose floating tensors are in the call's dtype; a tensor any other callable
 from __future__ import annotations
 
 import copy
-import functools
 import re
-import types
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._code import closure_values, loaded_globals
+from ._code import held_values
 from ._loss import CriterionLoss, ExampleLossFn
 
 
@@ -73,13 +71,22 @@ _TORCH_NAMES = {torch.float64: "double", torch.float32: "float", torch.float16: 
 def refuse_held_dtype(loss: ExampleLossFn, err: Exception, dtype: torch.dtype) -> None:
     """Raise naming the loss argument, the tensor and the fix where ``err``, the loss's run failing, names the call's
     ``dtype`` and the other floating dtype of a tensor the loss holds (class weights in a ``functools.partial``, a
-    tensor a function closes over or loads as a global)."""
+    tensor a function closes over or loads as a global), or of a module's (a teacher: it blamed the model)."""
     name = getattr(loss, "name", None)
     user = loss.criterion if isinstance(loss, CriterionLoss) else getattr(loss, "fn", loss)
     if name is None or not _names(str(err), dtype):
         return
-    for where, t in _held_tensors(user):
-        if _converts(t, dtype) and _names(str(err), t.dtype):
+    for where, t in held_values(user):
+        if isinstance(t, nn.Module):  # (a teacher: its tensors' dtype)
+            held = next((u.dtype for u in [*t.parameters(), *t.buffers()] if u.is_floating_point()), dtype)
+            if held != dtype and _names(str(err), held):
+                raise TypeError(
+                    f"`{name}` holds a {held} module ({where}: {type(t).__name__}) but the call computes in {dtype} "
+                    f"(`dtype=`, or the checkpoints'), and the loss failed: {str(err).splitlines()[0]}. Convert the "
+                    f"module to the call's dtype (`.to({dtype})`: the call converts no module the loss holds), or "
+                    f"inside the loss its inputs to the module's dtype and its outputs back."
+                ) from err
+        elif isinstance(t, torch.Tensor) and _converts(t, dtype) and _names(str(err), t.dtype):
             raise TypeError(
                 f"`{name}` holds a {t.dtype} tensor ({where}) but the call computes in {dtype} (`dtype=`, or the "
                 f"checkpoints'), and the loss failed: {str(err).splitlines()[0]}. Convert the tensor to the call's "
@@ -92,39 +99,3 @@ def _names(message: str, dtype: torch.dtype) -> bool:
     """Whether torch's ``message`` names ``dtype`` (``torch.float32``, ``float32`` or ``Float``)."""
     words = {str(dtype).removeprefix("torch."), _TORCH_NAMES.get(dtype, "")} - {""}
     return any(re.search(rf"(?i)\b{w}\b", message) for w in words)
-
-
-def _held_tensors(fn: Any, depth: int = 0) -> list[tuple[str, Any]]:
-    """``(where, value)`` for the values a loss callable holds: a ``functools.partial``'s arguments, a function's
-    closure, defaults and loaded globals, a bound method's or a callable object's attributes; the callables among them
-    are read too, two levels deep. A module is not looked into (a model the loss calls holds the model's tensors)."""
-    if depth > 2:
-        return []
-    if isinstance(fn, functools.partial):
-        held = [(f"argument {i} of the partial", a) for i, a in enumerate(fn.args)]
-        held += [(f"the partial's keyword {k!r}", v) for k, v in fn.keywords.items()]
-        held += _held_tensors(fn.func, depth + 1)
-    elif isinstance(fn, types.MethodType):
-        held = _held_tensors(fn.__func__, depth + 1)
-        if not isinstance(fn.__self__, nn.Module):
-            held += _attributes(fn.__self__)
-    elif isinstance(fn, types.FunctionType):
-        held = [(f"the {n!r} it closes over", v) for n, v in zip(fn.__code__.co_freevars, closure_values(fn))]
-        held += [(f"a default of {fn.__name__}", v) for v in fn.__defaults__ or ()]
-        held += [(f"the default {k!r} of {fn.__name__}", v) for k, v in (fn.__kwdefaults__ or {}).items()]
-        held += [(f"the global {n!r}", fn.__globals__.get(n)) for n in loaded_globals(fn.__code__)]
-    elif _read(fn):
-        held = _attributes(fn)
-    else:
-        return []
-    tensors = [(where, v) for where, v in held if isinstance(v, torch.Tensor)]
-    return tensors + [h for _, v in held if _read(v) for h in _held_tensors(v, depth + 1)]
-
-
-def _read(value: Any) -> bool:
-    """Whether ``_held_tensors`` reads a value a loss holds: a callable, not a module nor a class."""
-    return callable(value) and not isinstance(value, (nn.Module, type))
-
-
-def _attributes(obj: Any) -> list[tuple[str, Any]]:
-    return [(f"its attribute {k!r}", v) for k, v in getattr(obj, "__dict__", {}).items()]

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from ._checkpoints import LR_KEYS, Checkpoint, check_lr, leading_prefixes, unprefixed, wrapper_prefix
 from ._data import COMPLEX
-from ._encoders import encoders_set_aside
+from ._encoders import encoders_set_aside, held_encoders
 from ._hooks import HOOKS_PUT_BACK, on_copies
 from ._recurrent import recurrent_unrolled
 from ._state import CONTAINERS, FLAT_ABOVE, MODULE_SLOTS, NESTING, leaving_no_trace, passes_from_here
@@ -87,10 +87,11 @@ def exclusive_use(spec: ModelSpec, *losses: Any, passes_start: bool = True) -> I
     maps appended to a list, is undone). Recurrent layers run as unrolled cells for the whole call
     (``_recurrent.recurrent_unrolled``: the same function; on the user's module too, under its lock: a loss calling
     it ran the fused op under vmap, one example at a time in float64), and encoders called without gradients take
-    torch's path as in the user's model (``_encoders.encoders_set_aside``). Each scoring pass starts from the
-    layers' attributes as they are then (``_state.as_found``; not ``passes_start``: as a block inside sets them,
-    a tracer's step after it has set the copy's settings as the model's). The ``losses``' criteria that are modules
-    are left as they were too (one keeping its last loss in an attribute kept vmap's, unusable after the call)."""
+    torch's path as in the user's model (``_encoders.encoders_set_aside``; a teacher's the losses hold too). Each
+    scoring pass starts from the layers' attributes as they are then (``_state.as_found``; not ``passes_start``: as
+    a block inside sets them, a tracer's step after it has set the copy's settings as the model's). The ``losses``'
+    criteria that are modules are left as they were too (one keeping its last loss in an attribute kept vmap's,
+    unusable after the call)."""
     criteria = {id(c): c for c in (getattr(loss, "criterion", None) for loss in losses) if isinstance(c, nn.Module)}
     with ExitStack() as stack:
         if spec.module is not None:
@@ -98,6 +99,9 @@ def exclusive_use(spec: ModelSpec, *losses: Any, passes_start: bool = True) -> I
                 stack.enter_context(block(spec.module))
         for criterion in criteria.values():
             stack.enter_context(leaving_no_trace(criterion))
+        for held in held_encoders(losses, spec.module):
+            stack.enter_context(holding(held))
+            stack.enter_context(encoders_set_aside(held))
         if passes_start:
             stack.enter_context(passes_from_here(spec.module))
         yield

@@ -248,8 +248,8 @@ class _Watch(TorchDispatchMode):
                         raise ValueError(
                             f"`model`: {self._running()} has `max_norm`, whose lookups renormalise rows of {target} "
                             f"in place ({func}), in eval mode too, so scores would depend on order. Score a copy with "
-                            f"`max_norm=None` whose checkpoints hold the rows as the lookups leave them (norms above "
-                            f"max_norm scaled down to it)."
+                            f"`max_norm=None` holding the rows as the lookups leave them (norms above max_norm scaled "
+                            f"down to it): in its checkpoints, or in the copy's own weight where they hold none."
                         )
                     if target is not None:
                         self._refuse(
