@@ -97,10 +97,15 @@ class Mapper:
                 result = _looped(each, args)  # a genuine error in the loss raises here, from the loop
                 self.loop, self.plain = True, plain is not None
                 how = " by plain autograd" if plain is not None else ""
+                sparse = (  # (an EmbeddingBag given offsets, an F.embedding with sparse=True: a review helper's)
+                    ". A lookup with `sparse=True` gives sparse gradients, which vmap cannot take: with `sparse=False` "
+                    "the same scores run under vmap"
+                    if "Sparse" in str(vmap_error) else ""
+                )  # fmt: skip
                 warn(
                     f"torch.func.vmap failed on {looped} one example at a time, in a loop{how}, instead (same results, "
                     f"slower)"
-                    f"{_in_model_code(vmap_error)}. The cause, in full: {cause_of(vmap_error)}",
+                    f"{_in_model_code(vmap_error)}{sparse}. The cause, in full: {cause_of(vmap_error)}",
                     RuntimeWarning,
                 )
                 return result

@@ -708,7 +708,8 @@ def _reached_elsewhere(
 
 
 def _reached(leaked: Tensors) -> set[str]:
-    return {n for n, g in leaked.items() if bool(g.ne(0).any())}
+    """The names of ``leaked``'s nonzero gradients (a sparse one's: an `EmbeddingBag(sparse=True)` given offsets)."""
+    return {n for n, g in leaked.items() if bool((g.coalesce().values() if g.is_sparse else g).ne(0).any())}
 
 
 def _drop(sites: dict[str, Site], site: Site, why: str, reasons: dict[str, str]) -> None:

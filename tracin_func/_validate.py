@@ -12,12 +12,18 @@ import torch
 # a line of the table of where each dispatch key's kernel is registered, which torch appends to an operator's
 # NotImplementedError ("CPU: registered at /.../RegisterCPU.cpp:5713 [kernel]": about 50 lines)
 _REGISTERED = re.compile(r"\w+: (fallthrough )?registered at \S+ \[[\w ]+\]")
+# torch's missing-kernel boilerplate besides the table: its build advice and the list of backends (a sparse gradient's
+# 'aten::view' quoted 60 of them)
+_BOILERPLATE = re.compile(
+    r" If you are a Facebook employee.*?possible resolutions\."
+    r"| '[\w:.]+' is only available for these backends: \[.*?\]\."
+)
 
 
 def cause_of(err: Exception) -> str:
     """An error as a message quotes it: its type and its text, less torch's table of registered kernels."""
     text = "\n".join(line for line in str(err).splitlines() if not _REGISTERED.fullmatch(line.strip()))
-    return f"{type(err).__name__}: {text.strip()}"
+    return f"{type(err).__name__}: {_BOILERPLATE.sub('', text).strip()}"
 
 
 def _integer(value: Any) -> int | None:
