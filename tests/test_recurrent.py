@@ -907,28 +907,35 @@ def test_weights_set_by_a_wrapper_keep_the_old_route(cell):
 
 class _LearnedH0(nn.Module):
     """A GRU whose initial state is a parameter, held ``[1, 1, H]`` and expanded over the batch's dimension of
-    ``h0`` (the second), or held ``[1, H]``, expanded over its first and unsqueezed."""
+    ``h0`` (the second: ``expand(1, B, H)``, ``expand(-1, B, -1)`` or ``repeat(1, B, 1)``), or held ``[1, H]``
+    (``row_first``), expanded over its first and unsqueezed."""
 
-    def __init__(self, row_first: bool):
+    def __init__(self, row_first: bool, form: str = "expand"):
         super().__init__()
-        self.row_first = row_first
+        self.row_first, self.form = row_first, form
         self.emb, self.rnn, self.fc = nn.Embedding(20, 6), nn.GRU(6, 5, batch_first=True), nn.Linear(5, 3)
         self.h0 = nn.Parameter(torch.randn(1, 5) if row_first else torch.randn(1, 1, 5))
 
     def forward(self, x):
         b = x.shape[0]
-        h0 = self.h0.expand(b, 5).unsqueeze(0) if self.row_first else self.h0.expand(1, b, 5)
+        if self.row_first:
+            h0 = self.h0.expand(b, 5).unsqueeze(0)
+        else:
+            h0 = {"expand": lambda: self.h0.expand(1, b, 5), "expand_kept": lambda: self.h0.expand(-1, b, -1),
+                  "repeat": lambda: self.h0.repeat(1, b, 1)}[self.form]()  # fmt: skip
         return self.fc(self.rnn(self.emb(x), h0)[0][:, -1])
 
 
-def test_a_learned_initial_state_is_exact_and_a_row_the_model_expands_elsewhere_names_the_layout_to_hold():
+@pytest.mark.parametrize("form", ["expand", "expand_kept", "repeat"])
+def test_a_learned_initial_state_is_exact_and_a_row_the_model_expands_elsewhere_names_the_layout_to_hold(form):
     """A learned ``h0`` ``[1, 1, H]`` expanded over the batch in its second dimension cannot take copies per example
-    in its first: the call left the batched path with torch's shape error alone (a review helper's). Exact either
-    way; the warning names the layout that stays batched, ``[1, H]``, which does."""
+    in its first: the call left the batched path with torch's shape error alone, or (``expand(-1, B, -1)``,
+    ``repeat``: every example given the first one's copy) blaming examples interacting (review helpers'). Exact
+    either way; the warning names the layout that stays batched, ``[1, H]``, which does."""
     torch.manual_seed(0)
     x, y = torch.randint(0, 20, (9, 7)), torch.randint(0, 3, (9,))
     for row_first in (False, True):
-        model = _LearnedH0(row_first).double().eval()
+        model = _LearnedH0(row_first, form).double().eval()
         ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.3)]
         want = reference_scores(model, ckpts, (x, y), (x[:3], y[:3]), loss_fn=CE)
         with warnings.catch_warnings(record=True) as caught:

@@ -357,8 +357,9 @@ def _compared(
                     if n > 1
                     else lambda: True
                 )
-                return BatchingCheck(
-                    f"a batched forward changed the first examples' factors at {path!r} ({where})",
+                return BatchingCheck(  # (an RNN's h0.expand(-1, B, -1) gave each example the first one's copy)
+                    f"a batched forward changed the first examples' factors at {path!r} ({where})"
+                    f"{_rows_of_ones(expanded, state)}",
                     _kept_on_refusal(seen, together, n),
                     rounding=True,
                     named=partial(_alone_only_named, where, alone_only) if per_example else None,
@@ -416,7 +417,8 @@ def _first_rows(factors: LayerFactors, n: int) -> LayerFactors:
 
 def _rows_of_ones(expanded: Sequence[Site], state: Tensors) -> str:
     """A hint where a row ``[1, 1, ...]`` copied over the batch in its first dimension may be broadcast by the model
-    over another: an RNN's learned initial state ``h0.expand(1, B, H)`` (a review helper's)."""
+    over another: an RNN's learned initial state ``h0.expand(1, B, H)``, which fails on the copies, or
+    ``h0.expand(-1, B, -1)`` / ``h0.repeat(1, B, 1)``, which give every example the first one's (review helpers')."""
     rows = [(n, tuple(state[n].shape)) for s in expanded for n in s.names]
     name, shape = next(((n, shape) for n, shape in rows if len(shape) > 2 and shape[1] == 1), (None, ()))
     if name is None:
@@ -424,8 +426,8 @@ def _rows_of_ones(expanded: Sequence[Site], state: Tensors) -> str:
     row = [1, *shape[2:]]
     return (
         f"; {name!r} {list(shape)} is copied over the batch in its first dimension, which a model expanding it over "
-        f"another (an RNN's learned initial state, `h0.expand(1, B, H)`) cannot take: hold it as {row} and expand "
-        f"that (`h0.expand(B, ...).unsqueeze(0)`) to stay on the batched path"
+        f"another (an RNN's learned initial state, `h0.expand(1, B, H)` or `h0.repeat(1, B, 1)`) cannot take: hold it "
+        f"as {row} and expand that (`h0.expand(B, ...).unsqueeze(0)`) to stay on the batched path"
     )
 
 
