@@ -281,10 +281,18 @@ class Meetings(TorchFunctionMode):
         dims = weight.dim() - 2
         padding = named.get("padding", 0)
         padding = (0,) * dims if padding == "valid" else padding
-        if isinstance(padding, str):  # ("same": uneven for an even kernel)
-            return None
-        given = (named.get("stride", 1), padding, named.get("dilation", 1))
-        stride, padding, dilation = ((v,) * dims if isinstance(v, int) else tuple(v) for v in given)
+        given = (named.get("stride", 1), 0 if isinstance(padding, str) else padding, named.get("dilation", 1))
+        stride, numbers, dilation = ((v,) * dims if isinstance(v, int) else tuple(v) for v in given)
+        if padding == "same":  # torch's numbers where even (an odd kernel's: VideoMAE's Conv3d(padding="same"))
+            totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+            if any(t % 2 for t in totals):
+                raise RuntimeError(
+                    f"{self._named([weight])} meets the batch in a convolution padded by 'same' with an even kernel, "
+                    f"which pads one side more than the other: pad the input with `F.pad` and convolve unpadded to "
+                    f"stay on the batched path"
+                )
+            numbers = tuple(t // 2 for t in totals)
+        padding = numbers
         geometry = ConvGeometry(tuple(weight.shape), named.get("groups", 1), stride, dilation)
         return weight, x, _Conv(geometry, padding, func in _TRANSPOSED_CONVS)
 
