@@ -2520,6 +2520,36 @@ def test_6c4_a_mapping_other_than_a_dict_is_a_batch():
                                             loss_fn=loss))  # fmt: skip
 
 
+class _EasyDict(dict):
+    pass
+
+
+class _Row(tuple):
+    pass
+
+
+class _Rows(list):
+    pass
+
+
+def test_6c5_dict_tuple_and_list_subclasses_are_batches():
+    """A dict subclass (an `EasyDict`), a tuple or a list subclass is a leaf to optree too: read as the keys' batches,
+    or refused as a batch of no tensor while listing its tensors (a review helper's); each is its base type now, at
+    the top of a batch and inside one, and from a DataLoader's collate_fn."""
+    model = MLP().double().eval()
+    ckpts, (x, y), (xt, yt) = make_ckpts(model), data(4, n=7, seed=1), data(4, n=3, seed=2)
+    per_example = nn.CrossEntropyLoss(reduction="none")
+    loss = tc.BatchLoss(lambda p, b: per_example(functional_call(model, p, (b["x"],)), b["labels"]))
+    want = tc.influence(model, ckpts, {"x": x, "labels": y}, {"x": xt, "labels": yt}, loss_fn=loss)
+    loader = DataLoader([{"x": x[i], "labels": y[i]} for i in range(7)], batch_size=3,
+                        collate_fn=lambda items: _EasyDict(torch.utils.data.default_collate(items)))  # fmt: skip
+    for train in (_EasyDict(x=x, labels=y), [_EasyDict(x=x, labels=y)], loader):
+        assert_close(tc.influence(model, ckpts, train, _EasyDict(x=xt, labels=yt), loss_fn=loss), want)
+    want = tc.influence(model, ckpts, (x, y), (xt, yt), loss_fn=CE)
+    for train in (_Row((x, y)), _Rows([x, y]), [_Row((x, y))], _Rows([_Row((x, y))])):
+        assert_close(tc.influence(model, ckpts, train, _Row((xt, yt)), loss_fn=CE), want)
+
+
 def test_6d_top_k_embeddings_nan_rows():
     train, test = torch.randn(12, 5, dtype=F64), torch.randn(3, 5, dtype=F64)
     bad_train = train.clone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -30,22 +31,28 @@ Batch = Any  # a tuple (x1, ..., xk, y) of tensors, or a dict / pytree of tensor
 
 
 def as_dict(data: Any) -> Any:
-    """A batch given as a mapping other than a dict (transformers' ``BatchEncoding``, a ``UserDict``: optree takes
-    one for a leaf, so it was read as an iterable of its keys) as a dict of its entries, also where dicts, lists and
-    tuples hold one; anything else as it is."""
-    if not _holds_other_mapping(data):
+    """A batch given as a mapping other than a dict (transformers' ``BatchEncoding``, a ``UserDict``, a dict subclass
+    such as an ``EasyDict``: optree takes one for a leaf, so it was read as an iterable of its keys) as a dict of its
+    entries, and a list or tuple subclass as a list or tuple, also where dicts, lists and tuples hold one; anything
+    else as it is."""
+    if not _holds_other_container(data):
         return data
     if isinstance(data, Mapping):
         return {k: as_dict(v) for k, v in data.items()}
     items = [as_dict(v) for v in data]
-    return type(data)(*items) if hasattr(data, "_fields") else type(data)(items)  # (a namedtuple by its fields)
+    if hasattr(data, "_fields"):  # (a namedtuple, by its fields)
+        return type(data)(*items)
+    return items if isinstance(data, list) else tuple(items)
 
 
-def _holds_other_mapping(data: Any, depth: int = 8) -> bool:
-    if isinstance(data, Mapping) and not isinstance(data, dict):
+_OPTREE_NODES = (dict, OrderedDict, defaultdict, list, tuple)  # (and namedtuples): what optree walks into
+
+
+def _holds_other_container(data: Any, depth: int = 8) -> bool:
+    if isinstance(data, (Mapping, list, tuple)) and type(data) not in _OPTREE_NODES and not hasattr(data, "_fields"):
         return True
     within = data.values() if isinstance(data, dict) else data if isinstance(data, (list, tuple)) else ()
-    return depth > 0 and any(_holds_other_mapping(v, depth - 1) for v in within)
+    return depth > 0 and any(_holds_other_container(v, depth - 1) for v in within)
 
 
 def is_single_batch(data: Any) -> bool:
