@@ -1014,6 +1014,29 @@ def test_a_loss_holding_a_tensor_of_another_dtype_than_the_call_is_named():
     torch.testing.assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=converted), want, rtol=1e-10, atol=0)
 
 
+def test_a_batch_of_nested_parts_given_alone_names_the_list_to_give():
+    """``((x1, x2), (y, w))`` given alone reads as two batches (documented); the loss's unpacking error came alone,
+    blaming example 0 (a review helper's)."""
+    torch.manual_seed(0)
+    model = nn.Bilinear(3, 2, 2).double().eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    x1, x2, y, w = torch.randn(5, 3).double(), torch.randn(5, 2).double(), torch.randint(0, 2, (5,)), torch.rand(5)
+
+    def weighted(out, target):
+        labels, weights = target
+        return weights.double() * nn.functional.cross_entropy(out, labels, reduction="none")
+
+    def pair(p, x):
+        first, second = x
+        return nn.functional.bilinear(first, second, p["weight"], p["bias"])
+
+    batch = ((x1, x2), (y, w))
+    read_apart = r"example 0 cannot be scored: ValueError: not enough values to unpack .*its parts were read as batches"
+    with pytest.raises(ValueError, match=read_apart + r", each its own.*give it as `\[batch\]`"):
+        tc.self_influence(pair, ckpts, batch, loss_fn=weighted)
+    assert tc.self_influence(pair, ckpts, [batch], loss_fn=weighted).shape == (5,)
+
+
 def test_per_example_loss_returning_a_non_scalar():
     """An ExampleLoss returning the logits or a Python number was reported as the data's example 0 whose "backward
     pass fails", with advice on anomaly detection: the message names the loss argument, what it returned, the fix."""
