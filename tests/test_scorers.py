@@ -468,6 +468,14 @@ def test_last_layer_leaves_a_complex_parameter_elsewhere_unscored():
     ref = reference_scores(model, ckpts, task.train, task.test, loss_fn=task.loss_fn, params=names)
     got = tc.influence(model, ckpts, task.train, task.test, loss_fn=task.loss_fn, method="last_layer")
     assert_close(got, ref.influence)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)  # (its moments cast to float64 warned of the imaginary
+    task.loss_fn(model(task.train[0]), task.train[1]).backward()  # part: a sweep's)
+    optimizer.step()
+    adam = tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.1,
+                         optimizer_state=optimizer.state_dict())  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tc.self_influence(model, [adam], task.train, loss_fn=task.loss_fn, method="last_layer")
 
 
 class _TwoNames(nn.Module):

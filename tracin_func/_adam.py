@@ -384,8 +384,9 @@ def on_device(states: Mapping[str, AdamParam], device: torch.device, dtype: torc
     ``1 - b ** (t + 1)`` are computed there, as torch's Adam does in Python floats (in float32, ``b2 ** t`` rounded
     and divided by ``1 - b2 ** t`` put the scores 7e-6 to 8e-5 off, 100 to 1000 times float32's rounding)."""
 
-    def move(t: torch.Tensor | None, to: torch.dtype = dtype) -> torch.Tensor | None:
-        return None if t is None else t.detach().to(device=device, dtype=to)
+    def move(t: torch.Tensor | None, to: torch.dtype = dtype) -> torch.Tensor | None:  # (a complex parameter's,
+        # never scored, kept complex: cast, torch warned of the imaginary part it dropped)
+        return None if t is None else t.detach().to(device=device, dtype=None if t.is_complex() else to)
 
     return {
         n: s._replace(exp_avg=move(s.exp_avg), exp_avg_sq=move(s.exp_avg_sq), max_exp_avg_sq=move(s.max_exp_avg_sq),
