@@ -100,7 +100,7 @@ class Mapper:
                 sparse = (  # (an EmbeddingBag given offsets, an F.embedding with sparse=True: a review helper's)
                     ". A lookup with `sparse=True` gives sparse gradients, which vmap cannot take: with `sparse=False` "
                     "the same scores run under vmap"
-                    if "Sparse" in str(vmap_error) else ""
+                    if "with arguments from the 'Sparse" in str(vmap_error) else ""
                 )  # fmt: skip
                 warn(
                     f"torch.func.vmap failed on {looped} one example at a time, in a loop{how}, instead (same results, "

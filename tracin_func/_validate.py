@@ -16,6 +16,7 @@ _REGISTERED = re.compile(r"\w+: (fallthrough )?registered at \S+ \[[\w ]+\]")
 # 'aten::view' quoted 60 of them)
 _BOILERPLATE = re.compile(
     r" If you are a Facebook employee.*?possible resolutions\."
+    r"| This could be because the operator doesn't exist for this backend.*?\(if using custom build\)\."
     r"| '[\w:.]+' is only available for these backends: \[.*?\]\."
 )
 
