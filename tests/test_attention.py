@@ -13,6 +13,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 import tracin_func as tc
+import tracin_func._model
 from tests.conftest import assert_close
 from tests.reference import reference_scores
 from tracin_func._attention import attention_forward
@@ -443,7 +444,57 @@ def test_an_encoder_the_loss_holds_runs_as_in_the_users_own_call():
     for loss in losses.values():
         assert_close(tc.self_influence(student, ckpts, (x, pad), loss_fn=loss), 0.5 * ref, 1e-12)
     assert_close(tc.self_influence(student, ckpts, (x, (x, pad)), loss_fn=_Distilled(teacher)), 0.5 * ref, 1e-12)
+    # held in a dict or by the object of a bound method; a frozen teacher called with gradients on, which needs none
+    # and so takes torch's inference path in the user's own loss too (each 6% off, silently: a sweep's)
+    held = {"teacher": teacher}
+
+    def in_dict(p, b):
+        with torch.no_grad():
+            soft = held["teacher"](*b).softmax(-1)
+        return F.kl_div(functional_call(student, p, (b[0],)).log_softmax(-1), soft, reduction="none").sum(-1)
+
+    def gradients_on(p, b):
+        soft = teacher(*b).detach().softmax(-1)
+        return F.kl_div(functional_call(student, p, (b[0],)).log_softmax(-1), soft, reduction="none").sum(-1)
+
+    class Distiller(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.teacher = teacher
+
+        def loss(self, p, b):
+            return _Distilled(self.teacher)(functional_call(student, p, (b[0],)), b)
+
+    for loss in (in_dict, Distiller().loss, gradients_on):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # (the loss's own vmap meets the nested tensors: a loop)
+            got = tc.self_influence(student, ckpts, (x, pad), loss_fn=tc.BatchLoss(loss))
+        assert_close(got, 0.5 * ref, 1e-12)
     assert not any("forward" in vars(m) for m in teacher.modules())
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_the_model_and_the_teachers_a_loss_holds_are_locked_in_one_order(monkeypatch):
+    """Each held teacher's locks taken after the model's, tree by tree in the order found, two threads whose losses
+    held two teachers in opposite orders waited on each other for good (a sweep's): every lock is taken in one
+    order."""
+    teachers = sorted((_FeaturesWithoutGradient(True).to(F64).eval() for _ in range(2)),
+                      key=lambda t: -min(map(id, t.modules())))  # fmt: skip  (found in an order unsorted by id)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(40, 3)).to(F64).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in student.state_dict().items()}, lr=0.5)]
+    x, pad = torch.randn(4, 5, 8, dtype=F64), torch.zeros(4, 5, dtype=torch.bool)
+
+    def both(p, b):
+        with torch.no_grad():
+            soft = (teachers[0](*b) + teachers[1](*b)).softmax(-1)
+        return F.kl_div(functional_call(student, p, (b[0],)).log_softmax(-1), soft, reduction="none").sum(-1)
+
+    taken, lock_of = [], tracin_func._model._lock_of
+    monkeypatch.setattr(tracin_func._model, "_lock_of", lambda m: taken.append(id(m)) or lock_of(m))
+    tc.self_influence(student, ckpts, (x, pad), loss_fn=tc.BatchLoss(both))
+    held = {id(m) for t in teachers for m in t.modules()}
+    order = [i for i in taken if i in held]
+    assert len(set(order)) == len(held) and order[: len(held)] == sorted(held)
 
 
 class _SeesAttentionSettings(nn.Module):

@@ -5,10 +5,13 @@ runs must be the one the user's model runs (``on_traced_path``, ``encoders_set_a
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+import itertools
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import optree
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -49,7 +52,7 @@ def _off_fast_path(encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
 
 
 @contextmanager
-def encoders_set_aside(module: nn.Module) -> Iterator[None]:
+def encoders_set_aside(module: nn.Module, held: bool = False) -> Iterator[None]:
     """Within the block (a call, under the module's lock: the call's copy or the user's module a loss calls), an
     ``nn.TransformerEncoder`` or ``TransformerEncoderLayer`` called with gradients off (under ``torch.no_grad()`` in
     the model's forward: a frozen feature extractor, a teacher's pass) runs with the library's torch function modes
@@ -58,13 +61,15 @@ def encoders_set_aside(module: nn.Module) -> Iterator[None]:
     those positions instead (a model reading them, a mean over every token, scored 35-219% off its own backward,
     silently, on every route; 33% through a ``tc.BatchLoss`` while the call's copy alone was wrapped). Its ``forward``
     wrapped (hooks left the modes popped on an interruption, which ``always_call`` hooks do not see), and each
-    encoder's own ``forward`` attribute, if any, set again after."""
+    encoder's own ``forward`` attribute, if any, set again after. ``held``: a teacher the losses hold, which gives no
+    factors: also where gradients are on but its input and weights need none, as torch decides (a frozen teacher
+    called without `no_grad()`: 6% off)."""
     wrapped: list[tuple[nn.Module, Any]] = []
     try:
         for m in module.modules():
             if isinstance(m, ENCODERS):
                 wrapped.append((m, vars(m).get("forward")))
-                object.__setattr__(m, "forward", _modes_set_aside(m.forward))
+                object.__setattr__(m, "forward", _modes_set_aside(m, m.forward, held))
         yield
     finally:
         put_back_forwards(wrapped)
@@ -75,20 +80,42 @@ def held_encoders(losses: Iterable[Any], module: nn.Module | None) -> list[nn.Mo
     teacher it closes over or loads as a global, a partial's argument) that hold an encoder and are no part of
     ``module``: set aside as the model's are (a teacher's encoder run under ``torch.no_grad()`` in the loss took the
     path torch takes under a mode, computing padded positions its own call gives zeros: 27-52% off, silently; a
-    review helper's)."""
+    review helper's); also in a container, a namespace or a bound method's object that one of those is. A teacher
+    reached otherwise (deeper, or through an object the loss receives) is not found."""
     own = {id(m) for m in module.modules()} if module is not None else set()
     found: dict[int, nn.Module] = {}
     for loss in losses:
         user = getattr(loss, "criterion", getattr(loss, "fn", loss))
-        values = [user, *(v for _, v in held_values(user))]
-        found.update((id(v), v) for v in values if isinstance(v, nn.Module) and id(v) not in own)
+        for value in [user, *(v for _, v in held_values(user))]:
+            found.update((id(m), m) for m in _modules_within(value) if id(m) not in own)
     return [m for m in found.values() if any(isinstance(layer, ENCODERS) for layer in m.modules())]
 
 
-def _modes_set_aside(forward: Callable[..., Any]) -> Callable[..., Any]:
+def _modules_within(value: Any, depth: int = 2) -> Iterator[nn.Module]:
+    """``value`` if a module, else the modules it holds ``depth`` levels deep: a container's items, a bound method's
+    object (`Distiller(teacher).loss`), a plain object's attributes (a `SimpleNamespace` of settings)."""
+    if isinstance(value, nn.Module):
+        yield value
+        return
+    if isinstance(value, types.MethodType):
+        inner: Iterable[Any] = [value.__self__]
+    elif isinstance(value, Mapping):
+        inner = value.values()
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        inner = value
+    elif hasattr(value, "__dict__") and not isinstance(value, (type, types.ModuleType, types.FunctionType)):
+        inner = vars(value).values()
+    else:
+        return
+    if depth > 0:
+        for v in itertools.islice(inner, 1000):  # (not a vocabulary's every entry)
+            yield from _modules_within(v, depth - 1)
+
+
+def _modes_set_aside(encoder: nn.Module, forward: Callable[..., Any], held: bool) -> Callable[..., Any]:
     @functools.wraps(forward)
     def run(*args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and (not held or _needs_gradient(encoder, (args, kwargs))):
             return forward(*args, **kwargs)
         popped = _library_modes_popped()
         try:
@@ -98,6 +125,12 @@ def _modes_set_aside(forward: Callable[..., Any]) -> Callable[..., Any]:
                 torch._C._push_on_torch_function_stack(mode)
 
     return run
+
+
+def _needs_gradient(encoder: nn.Module, inputs: Any) -> bool:
+    """Whether a tensor among ``inputs`` or ``encoder``'s weights needs a gradient: torch's traced path then."""
+    tensors = [*optree.tree_leaves(inputs, none_is_leaf=True), *encoder.parameters()]
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def _library_modes_popped() -> list[TorchFunctionMode]:

@@ -93,26 +93,27 @@ def exclusive_use(spec: ModelSpec, *losses: Any, passes_start: bool = True) -> I
     criteria that are modules are left as they were too (one keeping its last loss in an attribute kept vmap's,
     unusable after the call)."""
     criteria = {id(c): c for c in (getattr(loss, "criterion", None) for loss in losses) if isinstance(c, nn.Module)}
+    teachers = held_encoders(losses, spec.module)
     with ExitStack() as stack:
+        stack.enter_context(holding(spec.module, *teachers))  # (in one order: two threads' teachers in two deadlocked)
         if spec.module is not None:
-            for block in (holding, leaving_no_trace, recurrent_unrolled, encoders_set_aside):
+            for block in (leaving_no_trace, recurrent_unrolled, encoders_set_aside):
                 stack.enter_context(block(spec.module))
         for criterion in criteria.values():
             stack.enter_context(leaving_no_trace(criterion))
-        for held in held_encoders(losses, spec.module):
-            stack.enter_context(holding(held))
-            stack.enter_context(encoders_set_aside(held))
+        for teacher in teachers:
+            stack.enter_context(encoders_set_aside(teacher, held=True))
         if passes_start:
             stack.enter_context(passes_from_here(spec.module))
         yield
 
 
 @contextmanager
-def holding(module: Any) -> Iterator[None]:
-    """The lock of every module of ``module``'s tree (none for a function), taken in one order by every thread: a
+def holding(*models: Any) -> Iterator[None]:
+    """The lock of every module of the ``models``' trees (none for a function), taken in one order by every thread: a
     call reading or running a model waits for another's on any model sharing a layer with it (a backbone under two
     heads: a loss calling one swapped the checkpoint's tensors into the other's layers, 170-830% off)."""
-    modules = sorted({id(m): m for m in module.modules()}.items()) if isinstance(module, nn.Module) else []
+    modules = sorted({id(m): m for model in models if isinstance(model, nn.Module) for m in model.modules()}.items())
     with ExitStack() as stack:
         for _, m in modules:
             stack.enter_context(_lock_of(m))
