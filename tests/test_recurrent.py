@@ -360,6 +360,8 @@ def test_a_loss_calling_the_users_module_runs_its_layers_unrolled(config, monkey
         warnings.simplefilter("error")
         assert_close(tc.self_influence(model, ckpts, train, loss_fn=loss, factored=False), ref.self_influence)
     assert fused == [] and "forward" not in vars(model.rnn)
+    # its fused op's weights its own again (functional_call left the last checkpoint's there, alive: a sweep's)
+    assert all(w is p for w, p in zip(model.rnn._flat_weights, model.rnn.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("factored", [None, True])

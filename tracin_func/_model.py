@@ -96,6 +96,7 @@ def exclusive_use(spec: ModelSpec, *losses: Any, passes_start: bool = True) -> I
     teachers = held_encoders(losses, spec.module)
     with ExitStack() as stack:
         stack.enter_context(holding(spec.module, *teachers))  # (in one order: two threads' teachers in two deadlocked)
+        stack.callback(_own_flat_weights, spec.module)
         if spec.module is not None:
             for block in (leaving_no_trace, recurrent_unrolled, encoders_set_aside):
                 stack.enter_context(block(spec.module))
@@ -106,6 +107,15 @@ def exclusive_use(spec: ModelSpec, *losses: Any, passes_start: bool = True) -> I
         if passes_start:
             stack.enter_context(passes_from_here(spec.module))
         yield
+
+
+def _own_flat_weights(module: nn.Module | None) -> None:
+    """A recurrent layer's list of its weights for the fused op set to its own again: ``functional_call`` swapping
+    a checkpoint's tensors in left the last ones there after the call (a loss calling the user's module: kept alive,
+    the checkpoint's values; a sweep's), until the layer's next forward."""
+    for m in module.modules() if module is not None else ():
+        if isinstance(m, nn.RNNBase) and hasattr(m, "_init_flat_weights"):
+            m._init_flat_weights()
 
 
 @contextmanager
