@@ -13,6 +13,7 @@ import itertools
 import math
 import re
 import warnings
+import weakref
 from typing import Any, Callable
 
 import pytest
@@ -632,17 +633,17 @@ class HooksItselfOnFirstRun(nn.Module):
         self._capturing = True
 
 
-_CAPTURING: set[int] = set()
+_CAPTURING: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # (ids: a later model at a dead one's address was in it)
 
 
 class HooksItselfOnFirstRunFlaggedElsewhere(HooksItselfOnFirstRun):
     """The same with its flag kept outside the model (a module-level set)."""
 
     def _is_capturing(self) -> bool:
-        return id(self) in _CAPTURING
+        return self in _CAPTURING
 
     def _capture(self) -> None:
-        _CAPTURING.add(id(self))
+        _CAPTURING.add(self)
 
 
 def _losses_of(model: nn.Module, params: Any, batch: Any) -> torch.Tensor:
@@ -672,7 +673,7 @@ def test_hooks_a_forward_registers_are_removed_with_its_flag(form):
         if flagged is HooksItselfOnFirstRun or form == "criterion":  # (run on the call's copy: the set holds its id)
             assert not model.body._forward_hooks and "_capturing" not in vars(model)
         else:  # (a flag the call cannot undo: the hook stays, as running the model leaves it)
-            assert len(model.body._forward_hooks) == 1 and id(model) in _CAPTURING
+            assert len(model.body._forward_hooks) == 1 and model in _CAPTURING
 
 
 class DoublesOnFirstRun(nn.Module):
