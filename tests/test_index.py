@@ -562,6 +562,12 @@ def test_rerank_returns_exact_scores_and_recovers_the_exact_top_k(task, tmp_path
     assert_close(reranked.scores, torch.gather(ref.influence, 1, reranked.indices))  # exact TracIn scores
     everything = tc.top_k(model, ckpts, index, test, k=3, loss_fn=LOSS, rerank=TensorDataset(*train), candidates=N)
     assert_topk(everything, ref.influence, 3, largest=True)
+    subclassed = tc.top_k(model, ckpts, index, test, k=3, loss_fn=LOSS, rerank=_Batch(train), candidates=8)
+    assert torch.equal(subclassed.scores, reranked.scores)  # (a tuple subclass: "of unknown size" before; a sweep's)
+
+
+class _Batch(tuple):
+    pass
 
 
 def test_rerank_matches_data_batched_otherwise_and_strings_are_refused_as_such(task, tmp_path):

@@ -2524,6 +2524,10 @@ class _EasyDict(dict):
     pass
 
 
+class _AttrDict(dict):
+    __getattr__ = dict.__getitem__  # (hasattr(batch, "_fields") raised KeyError: a sweep's)
+
+
 class _Row(tuple):
     pass
 
@@ -2543,7 +2547,7 @@ def test_6c5_dict_tuple_and_list_subclasses_are_batches():
     want = tc.influence(model, ckpts, {"x": x, "labels": y}, {"x": xt, "labels": yt}, loss_fn=loss)
     loader = DataLoader([{"x": x[i], "labels": y[i]} for i in range(7)], batch_size=3,
                         collate_fn=lambda items: _EasyDict(torch.utils.data.default_collate(items)))  # fmt: skip
-    for train in (_EasyDict(x=x, labels=y), [_EasyDict(x=x, labels=y)], loader):
+    for train in (_EasyDict(x=x, labels=y), [_EasyDict(x=x, labels=y)], loader, _AttrDict(x=x, labels=y)):
         assert_close(tc.influence(model, ckpts, train, _EasyDict(x=xt, labels=yt), loss_fn=loss), want)
     want = tc.influence(model, ckpts, (x, y), (xt, yt), loss_fn=CE)
     for train in (_Row((x, y)), _Rows([x, y]), [_Row((x, y))], _Rows([_Row((x, y))])):

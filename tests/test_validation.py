@@ -1031,10 +1031,13 @@ def test_a_batch_of_nested_parts_given_alone_names_the_list_to_give():
         return nn.functional.bilinear(first, second, p["weight"], p["bias"])
 
     batch = ((x1, x2), (y, w))
-    read_apart = r"example 0 cannot be scored: ValueError: not enough values to unpack .*its parts were read as batches"
-    with pytest.raises(ValueError, match=read_apart + r", each its own.*give it as `\[batch\]`"):
+    read_apart = r"example 0 cannot be scored: ValueError: not enough values to unpack .*was read as batches"
+    with pytest.raises(ValueError, match=read_apart + r", each its own: if it is one batch.*give it as `\[batch\]`"):
         tc.self_influence(pair, ckpts, batch, loss_fn=weighted)
     assert tc.self_influence(pair, ckpts, [batch], loss_fn=weighted).shape == (5,)
+    with pytest.raises(ValueError, match="values to unpack") as raised:  # (the model's own error on a batch: no hint)
+        tc.self_influence(pair, ckpts, (x1, (y, w)), loss_fn=weighted)
+    assert "read as batches" not in str(raised.value)
 
 
 def test_per_example_loss_returning_a_non_scalar():

@@ -408,7 +408,7 @@ def top_k(
     if isinstance(train, Index):
         return _index_top_k(
             train, model, checkpoints, test, k=k, loss_fn=loss_fn, test_loss_fn=test_loss_fn, proponents=proponents,
-            aggregate=aggregate, rerank=rerank, candidates=candidates, options=options, n_test=n_test,
+            aggregate=aggregate, rerank=as_dict(rerank), candidates=candidates, options=options, n_test=n_test,
         )
     def set_up() -> Setup:
         n_train = num_examples(train)

@@ -40,7 +40,7 @@ def as_dict(data: Any) -> Any:
     if isinstance(data, Mapping):
         return {k: as_dict(v) for k, v in data.items()}
     items = [as_dict(v) for v in data]
-    if hasattr(data, "_fields"):  # (a namedtuple, by its fields)
+    if _namedtuple(data):
         return type(data)(*items)
     return items if isinstance(data, list) else tuple(items)
 
@@ -48,8 +48,13 @@ def as_dict(data: Any) -> Any:
 _OPTREE_NODES = (dict, OrderedDict, defaultdict, list, tuple)  # (and namedtuples): what optree walks into
 
 
+def _namedtuple(data: Any) -> bool:
+    """(Its type's fields: an attribute dict's ``__getattr__``, a key lookup, raised KeyError or said yes.)"""
+    return isinstance(data, tuple) and hasattr(type(data), "_fields")
+
+
 def _holds_other_container(data: Any, depth: int = 8) -> bool:
-    if isinstance(data, (Mapping, list, tuple)) and type(data) not in _OPTREE_NODES and not hasattr(data, "_fields"):
+    if isinstance(data, (Mapping, list, tuple)) and type(data) not in _OPTREE_NODES and not _namedtuple(data):
         return True
     within = data.values() if isinstance(data, dict) else data if isinstance(data, (list, tuple)) else ()
     return depth > 0 and any(_holds_other_container(v, depth - 1) for v in within)

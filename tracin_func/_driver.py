@@ -389,7 +389,9 @@ def naming_failures(
                 elif "index out of range in self" in str(cause):
                     inputs = example[:-1] if isinstance(loss, CriterionLoss) else example  # (not the target)
                     message += f". {_past_an_embedding(inputs, setup.spec.module)}"
-                elif "values to unpack" in str(cause):  # (``((x1, x2), (y, w))`` given alone: a review helper's)
+                elif "values to unpack" in str(cause) and any(  # (``((x1, x2), (y, w))`` given alone: a review
+                    n == name and isinstance(d, tuple) and not is_single_batch(d) for n, d, _ in read  # helper's)
+                ):
                     message += f". {_READ_AS_BATCHES}"
                 elif floating_dtypes_met(str(cause)):
                     message += (
@@ -528,8 +530,8 @@ def _narrow_integer_target(error: str, example: Any) -> str | None:
 
 # torch's BatchNorm over a batch of one example of one value per channel
 _READ_AS_BATCHES = (
-    "If the data is one batch holding no tensor at its top level, `((x1, x2), (y, w))`, its parts were read as "
-    "batches, each its own: a batch given alone holds a tensor at its top level; give it as `[batch]`"
+    "The data, a tuple holding no tensor at its top level, was read as batches, each its own: if it is one batch, "
+    "`((x1, x2), (y, w))`, give it as `[batch]` (a batch given alone holds a tensor at its top level)"
 )
 _ONE_VALUE_PER_CHANNEL = (
     "A BatchNorm without running statistics (`track_running_stats=False`) normalises over the batch even in eval "

@@ -93,9 +93,12 @@ def held_encoders(losses: Iterable[Any], module: nn.Module | None) -> list[nn.Mo
 
 def _modules_within(value: Any, depth: int = 2) -> Iterator[nn.Module]:
     """``value`` if a module, else the modules it holds ``depth`` levels deep: a container's items, a bound method's
-    object (`Distiller(teacher).loss`), a plain object's attributes (a `SimpleNamespace` of settings)."""
+    object (`Distiller(teacher).loss`), a plain object's attributes (a `SimpleNamespace` of settings). Each level's
+    items are all looked at, the first 1000 of them looked into (not every entry of a vocabulary's lists)."""
     if isinstance(value, nn.Module):
         yield value
+        return
+    if depth == 0:
         return
     if isinstance(value, types.MethodType):
         inner: Iterable[Any] = [value.__self__]
@@ -107,9 +110,10 @@ def _modules_within(value: Any, depth: int = 2) -> Iterator[nn.Module]:
         inner = vars(value).values()
     else:
         return
-    if depth > 0:
-        for v in itertools.islice(inner, 1000):  # (not a vocabulary's every entry)
-            yield from _modules_within(v, depth - 1)
+    items = list(inner)
+    yield from (v for v in items if isinstance(v, nn.Module))
+    for v in itertools.islice((v for v in items if not isinstance(v, nn.Module)), 1000):
+        yield from _modules_within(v, depth - 1)
 
 
 def _modes_set_aside(encoder: nn.Module, forward: Callable[..., Any], held: bool) -> Callable[..., Any]:
