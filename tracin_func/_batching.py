@@ -235,7 +235,7 @@ def _compared(
         except Exception as err:  # copies of an "expanded" site's parameters break a shape the layer assumes (a
             if isinstance(err, Unbatchable):  # ValueError too: `B, T, C = x.shape` of a 4-d output, RWKV's), a
                 return _unbatchable(err)  # followed output meets the batch in a way not followed, or factors cannot
-            if not expanded and not plan.follows or not isinstance(err, _FAILURES) and not in_dynamo(err):
+            if not expanded and not plan.follows or not isinstance(err, FAILURES) and not in_dynamo(err):
                 raise  # be taken; (dynamo, compiling a function of the model's, fails on followed tensors: its raw
                 # "Guard failed on the same frame it was created" on the default path)
             _raise_refusal(err)
@@ -252,7 +252,6 @@ def _compared(
             )
             return BatchingCheck(f"a forward with {what} failed ({cause_of(err)}){varying if vary else reshaped}", {},
                                  factorless=vary)  # fmt: skip
-        failures = _FAILURES + _COPIES_FAIL if n == 1 else _FAILURES
         try:
             # a sort along another dimension as long as the rows run together (each example's tokens) is told from a
             # sort of the batch by one row more (it was refused, falsely)
@@ -263,7 +262,7 @@ def _compared(
                     raise
                 order = [*order, order[-1]]
                 together, on_packed = together_in(loss, plan, order)
-        except failures as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes (one
+        except FAILURES as err:  # e.g. a broadcast row given a row per example breaks a shape the model assumes (one
             # example's copies: an `assert` of a batch of one, too), or
             if isinstance(err, Unbatchable):  # the copies an order the model asks of its batch (packing with
                 return _unbatchable(err, _vary_alone(alone))  # `enforce_sorted=True`): the examples as given, then
@@ -271,7 +270,7 @@ def _compared(
             try:
                 order = list(range(n))
                 together, on_packed = together_in(loss, plan, order)
-            except _FAILURES as again:  # (a model taking one example at a time: GPT-2's classifier without a pad id)
+            except FAILURES as again:  # (a model taking one example at a time: GPT-2's classifier without a pad id)
                 _raise_refusal(again)
                 hint = _rows_of_ones(expanded, state)
                 return BatchingCheck(f"a batched forward failed where examples alone ran ({cause_of(err)}){hint}", {})
@@ -400,7 +399,7 @@ def _copied_alike(
     try:
         pairs = [batched_factors(module, loss, plan, state, select_rows(few, torch.tensor([i, i])), mapper)
                  for i in range(max(order) + 1)]  # fmt: skip
-    except _FAILURES + _COPIES_FAIL:
+    except FAILURES:
         return False
     if not all(path in pair for pair in pairs):
         return False
@@ -483,10 +482,9 @@ def _singles(batch: Any, n: int) -> list[Any]:
     return [slice_batch(batch, i, i + 1) for i in range(n)]
 
 
-_FAILURES = (RuntimeError, TypeError, ValueError)  # how a model's forward fails on a batch it cannot take
-# how else it fails on two copies of one example, which it never asked for (``assert x.shape[0] == 1``, an index
-# past a batch of one): as the parent took a single example, it is then run alone (no check, as before the copies)
-_COPIES_FAIL = (AssertionError, LookupError)
+# how a model's forward fails on a batch it cannot take: torch's errors, and a model's own for a batch of one only
+# (``assert x.shape[0] == 1``, an index past a batch of one: raised raw from planning, a review helper's)
+FAILURES = (RuntimeError, TypeError, ValueError, AssertionError, LookupError)
 
 
 def _raise_refusal(err: Exception) -> None:

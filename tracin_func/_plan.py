@@ -18,6 +18,7 @@ from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, 
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._bags import PRODUCT as BAG_PRODUCT
 from ._batching import (
+    FAILURES,
     BatchingCheck,
     batching_refused,
     checked_rows,
@@ -700,7 +701,7 @@ def _reached_elsewhere(
             return reached | _reached(run(select_rows(examples, torch.tensor(rows)), whole=True)[1])
         except BeyondFactors:  # (not a failure of the examples run together: each alone would find it again)
             raise
-        except (RuntimeError, TypeError, ValueError):  # (as the batching check catches)
+        except FAILURES:  # (as the batching check catches)
             pass
     for row in rows:
         reached |= _reached(run(select_rows(examples, torch.tensor([row])))[1])
