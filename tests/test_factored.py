@@ -3174,12 +3174,24 @@ class Diagonal(nn.Module):
         return x @ torch.diag(self.weight)
 
 
+class GroupNormed(nn.Module):
+    """Its weight and bias given to ``F.group_norm`` over channels-first rows, which wants them of their own shape."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.linspace(0.5, 1.5, d)), nn.Parameter(torch.linspace(-1, 1, d))
+
+    def forward(self, x):
+        return F.group_norm(x.transpose(1, 2), 2, self.weight, self.bias).transpose(1, 2)
+
+
 @pytest.mark.parametrize(
     ("norm", "why"),
     [
         (FirstEntry, "did not give the first example its gradient"),
         (Summed, "changed the first examples' factors"),
         (Diagonal, r"a forward with parameters copied over the batch \('.*'\) failed .*broadcast it as it is"),
+        (GroupNormed, r"one given whole to an op that wants it of its own shape .*F.group_norm\(x, G\) \* w"),
     ],
 )
 def test_vectors_not_used_elementwise_are_refused_and_scored_exactly(norm, why):

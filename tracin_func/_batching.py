@@ -248,7 +248,10 @@ def _compared(
             reshaped = (  # (`start[None].expand(B, H)` of a learned start vector: torch's expand error alone before)
                 "; a forward using such a parameter otherwise than broadcast as it is over the batch (reshaped "
                 "first, `p[None].expand(B, -1)`; `torch.diag(p)`) cannot take a copy per example: broadcast it as it "
-                "is (`p.expand(B, -1)`, `x * p`) to stay on the batched path" if expanded and not plan.follows else ""
+                "is (`p.expand(B, -1)`, `x * p`) to stay on the batched path; one given whole to an op that wants it "
+                "of its own shape (`F.group_norm(x, G, w, b)`, `F.batch_norm`) applied after the op "
+                "(`F.group_norm(x, G) * w[:, None, None] + b[:, None, None]`), or torch's layer (`nn.GroupNorm`)"
+                if expanded and not plan.follows else ""
             )
             return BatchingCheck(f"a forward with {what} failed ({cause_of(err)}){varying if vary else reshaped}", {},
                                  factorless=vary)  # fmt: skip
