@@ -259,6 +259,9 @@ def test_batch_loss_must_return_one_loss_per_example():
     with pytest.raises(ValueError, match=r"`loss_fn`: a tc.BatchLoss must return one loss per example, a tensor of "
                        r"shape \[1\] for a batch of 1, got \(\)"):  # fmt: skip
         tc.self_influence(model, ckpts, data, loss_fn=tc.BatchLoss(_batch_loss(model, reduce=True)))
+    column = tc.BatchLoss(lambda p, b: _batch_loss(model)(p, b)[:, None])  # (told not to reduce over the batch)
+    with pytest.raises(ValueError, match=r"shape \[1\] for a batch of 1, got \(1, 1\)\. Drop the trailing dimension"):
+        tc.self_influence(model, ckpts, data, loss_fn=column)
 
 
 class _Centered(nn.Module):

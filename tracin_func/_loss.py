@@ -87,9 +87,13 @@ class BatchedLoss(NamedTuple):
         n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
         if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (n,):
             got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            fix = (  # (a per-example loss kept in a column, `.sum(1, keepdim=True)`: a review helper's)
+                "Drop the trailing dimension (`.squeeze(-1)`)." if got == (n, 1)
+                else "Do not reduce over the batch (e.g. `reduction='none'`, then a mean per example)."
+            )
             raise ValueError(
                 f"`{self.name}`: a tc.BatchLoss must return one loss per example, a tensor of shape [{n}] for a batch "
-                f"of {n}, got {got}. Do not reduce over the batch (e.g. `reduction='none'`, then a mean per example)."
+                f"of {n}, got {got}. {fix}"
             )
         return losses
 
