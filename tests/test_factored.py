@@ -3191,7 +3191,7 @@ class GroupNormed(nn.Module):
         (FirstEntry, "did not give the first example its gradient"),
         (Summed, "changed the first examples' factors"),
         (Diagonal, r"a forward with parameters copied over the batch \('.*'\) failed .*broadcast it as it is"),
-        (GroupNormed, r"one given whole to an op that wants it of its own shape .*F.group_norm\(x, G\) \* w"),
+        (GroupNormed, r"one given whole to an op that wants it of its own shape .*`w\[:, None\]` for `\[B, C, T\]`"),
     ],
 )
 def test_vectors_not_used_elementwise_are_refused_and_scored_exactly(norm, why):

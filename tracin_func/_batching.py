@@ -41,7 +41,7 @@ from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn, batch_losses, floa
 from ._recurrent import packed_calls
 from ._representations import Representation
 from ._state import as_found
-from ._validate import cause_of, refusal
+from ._validate import cause_of, in_model_code, refusal
 
 if TYPE_CHECKING:
     from ._plan import Plan
@@ -249,12 +249,13 @@ def _compared(
                 "; a forward using such a parameter otherwise than broadcast as it is over the batch (reshaped "
                 "first, `p[None].expand(B, -1)`; `torch.diag(p)`) cannot take a copy per example: broadcast it as it "
                 "is (`p.expand(B, -1)`, `x * p`) to stay on the batched path; one given whole to an op that wants it "
-                "of its own shape (`F.group_norm(x, G, w, b)`, `F.batch_norm`) applied after the op "
-                "(`F.group_norm(x, G) * w[:, None, None] + b[:, None, None]`), or torch's layer (`nn.GroupNorm`)"
+                "of its own shape (`F.group_norm(x, G, w, b)`, `F.batch_norm`) applied after the op, broadcast over "
+                "its channels (`F.group_norm(x, G) * w[:, None, None] + b[:, None, None]` for `[B, C, H, W]`, "
+                "`w[:, None]` for `[B, C, T]`), or torch's layer for the op (`nn.GroupNorm`, `nn.BatchNorm2d`)"
                 if expanded and not plan.follows else ""
             )
-            return BatchingCheck(f"a forward with {what} failed ({cause_of(err)}){varying if vary else reshaped}", {},
-                                 factorless=vary)  # fmt: skip
+            return BatchingCheck(f"a forward with {what} failed ({cause_of(err)}{in_model_code(err)})"
+                                 f"{varying if vary else reshaped}", {}, factorless=vary)  # fmt: skip
         try:
             # a sort along another dimension as long as the rows run together (each example's tokens) is told from a
             # sort of the batch by one row more (it was refused, falsely)
@@ -275,8 +276,11 @@ def _compared(
                 together, on_packed = together_in(loss, plan, order)
             except FAILURES as again:  # (a model taking one example at a time: GPT-2's classifier without a pad id)
                 _raise_refusal(again)
-                hint = _rows_of_ones(expanded, state)
-                return BatchingCheck(f"a batched forward failed where examples alone ran ({cause_of(err)}){hint}", {})
+                hint = _rows_of_ones(expanded, state)  # (the first examples' own failure: not their copies')
+                return BatchingCheck(
+                    f"a batched forward failed where examples alone ran ({cause_of(again)}{in_model_code(again)})"
+                    f"{hint}", {}
+                )
         # what shows padding in the data (each mask, each tensor's ends) shows it as far as it varies, packed too (a
         # second input the model cuts to the batch's longest)
         shown = tuple(_ranges(padding(_inputs(few, losses))).items())

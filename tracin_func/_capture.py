@@ -673,9 +673,9 @@ def autocast_refusal(layer: str) -> BeyondFactors:
 
 
 _PARAMETER_HOOK = (  # (a clamp of a parameter's gradient: 26-78% off, silently; a review helper's trial)
-    "the forward puts a gradient hook on a parameter (`self.fc.weight.register_hook`), which changes its whole "
-    "gradient, where the layers' factors would give it unchanged: every gradient is taken per example, the hook's "
-    "too"
+    "the forward puts a gradient hook on a parameter it reads (`register_hook` on one of its weights), which changes "
+    "its whole gradient, where the layers' factors would give it unchanged: every gradient is taken per example, the "
+    "hook's too"
 )
 
 

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import CheckpointError, CheckpointFunction
 
 from ._loss import ExampleLossFn
 from ._state import FLAT_ABOVE, MODULE_SLOTS, NESTING, as_found
-from ._validate import cause_of
+from ._validate import cause_of, in_model_code
 from ._warn import warn
 
 Tensors = Mapping[str, torch.Tensor]
@@ -105,7 +105,7 @@ class Mapper:
                 warn(
                     f"torch.func.vmap failed on {looped} one example at a time, in a loop{how}, instead (same results, "
                     f"slower)"
-                    f"{_in_model_code(vmap_error)}{sparse}. The cause, in full: {cause_of(vmap_error)}",
+                    f"{in_model_code(vmap_error)}{sparse}. The cause, in full: {cause_of(vmap_error)}",
                     RuntimeWarning,
                 )
                 return result
@@ -338,18 +338,6 @@ def in_dynamo(err: BaseException) -> bool:
 
 
 _DYNAMO_CODE = os.path.join("torch", "_dynamo", "")
-
-
-def _in_model_code(err: BaseException) -> str:
-    """``", at file:line (function): `code`"``: the innermost frame of ``err``'s traceback in the model's code (not
-    torch's, not this library's), where the model did what vmap cannot; ``""`` if none."""
-    library = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(library)]
-    if not frames:
-        return ""
-    frame = frames[-1]
-    where = frame.filename.split("site-packages" + os.sep)[-1]
-    return f", at {where}:{frame.lineno} ({frame.name})" + (f": `{frame.line.strip()}`" if frame.line else "")
 
 
 def dense_grads(loss: ExampleLossFn, mapper: Mapper) -> GradFn:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 import os
 import re
+import traceback
 from typing import Any
 
 import torch
@@ -88,3 +89,15 @@ def refusal(err: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return tb is None or tb.tb_frame.f_code.co_filename.startswith(_PACKAGE)
+
+
+def in_model_code(err: BaseException) -> str:
+    """``", at file:line (function): `code`"``: the innermost frame of ``err``'s traceback in the model's code (not
+    torch's, not this library's), where the model did what vmap cannot; ``""`` if none."""
+    library = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(library)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    where = frame.filename.split("site-packages" + os.sep)[-1]
+    return f", at {where}:{frame.lineno} ({frame.name})" + (f": `{frame.line.strip()}`" if frame.line else "")
