@@ -1014,6 +1014,14 @@ def test_a_loss_holding_a_tensor_of_another_dtype_than_the_call_is_named():
     torch.testing.assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=converted), want, rtol=1e-10, atol=0)
 
 
+def test_an_error_without_text_is_quoted_by_its_type():
+    """A bare `assert` quoted as "AssertionError: , at ..." (a sweep's)."""
+    from tracin_func._validate import cause_of
+
+    assert cause_of(AssertionError()) == "AssertionError"
+    assert cause_of(ValueError("bad")) == "ValueError: bad"
+
+
 def test_a_batch_of_nested_parts_given_alone_names_the_list_to_give():
     """``((x1, x2), (y, w))`` given alone reads as two batches (documented); the loss's unpacking error came alone,
     blaming example 0 (a review helper's)."""

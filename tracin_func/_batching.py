@@ -251,7 +251,8 @@ def _compared(
                 "is (`p.expand(B, -1)`, `x * p`) to stay on the batched path; one given whole to an op that wants it "
                 "of its own shape (`F.group_norm(x, G, w, b)`, `F.batch_norm`) applied after the op, broadcast over "
                 "its channels (`F.group_norm(x, G) * w[:, None, None] + b[:, None, None]` for `[B, C, H, W]`, "
-                "`w[:, None]` for `[B, C, T]`), or torch's layer for the op (`nn.GroupNorm`, `nn.BatchNorm2d`)"
+                "`w[:, None]` for `[B, C, T]`, `w` for `[B, C]`), or torch's layer for the op and the input's rank "
+                "(`nn.GroupNorm`; `nn.BatchNorm1d` for `[B, C]` and `[B, C, T]`, `nn.BatchNorm2d` for images)"
                 if expanded and not plan.follows else ""
             )
             return BatchingCheck(f"a forward with {what} failed ({cause_of(err)}{in_model_code(err)})"

@@ -44,6 +44,7 @@ from ._grads import (
     reentrant_checkpointing,
     refuse_checkpointing,
     refuse_recomputed,
+    saving_hooks,
     scalar_loss,
 )
 from ._layers import Site, broadcast_row, call_site, layer_output, recorded_input, token_wise
@@ -591,9 +592,7 @@ class _BeyondFactors(TorchFunctionMode):
             "create_graph"
         ):
             self.why = _DIFFERENTIATES  # (the cause, where torch.func's transform also wraps a layer's inputs)
-        # (where dynamo traces the user's compiled loss it warns it cannot trace this lookup, and breaks the graph
-        # there: traced through, a compiled BatchLoss over an nn.Sequential failed inside dynamo)
-        saving = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        saving = saving_hooks()
         if saving is not None and getattr(saving[0], "__module__", "") not in _SAVED_AS_THEY_WERE:
             self.why = self.why or _SAVES_OTHERWISE
         return func(*args, **kwargs)

@@ -231,8 +231,14 @@ REENTRANT = (
 def checkpointing() -> bool:
     """Whether the op being run is inside a non-reentrant ``torch.utils.checkpoint`` region (its saved-tensor hooks
     are the innermost; ``torch.autograd.graph.save_on_cpu``'s are harmless and pass)."""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    hooks = saving_hooks()
     return hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint"
+
+
+@torch.compiler.disable  # (dynamo tracing a compiled loss or helper through the library's modes breaks its graph
+def saving_hooks() -> Any:  # here, where it warned it cannot trace the lookup and to file an issue; traced through, a
+    """The innermost saved-tensor hooks, or None."""  # compiled BatchLoss over an nn.Sequential failed)
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
 
 
 def reentrant_checkpointing() -> bool:

@@ -25,7 +25,8 @@ _BOILERPLATE = re.compile(
 def cause_of(err: Exception) -> str:
     """An error as a message quotes it: its type and its text, less torch's table of registered kernels."""
     text = "\n".join(line for line in str(err).splitlines() if not _REGISTERED.fullmatch(line.strip()))
-    return f"{type(err).__name__}: {_BOILERPLATE.sub('', text).strip()}"
+    text = _BOILERPLATE.sub("", text).strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__  # (a bare `assert`: no text)
 
 
 def _integer(value: Any) -> int | None:
