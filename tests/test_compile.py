@@ -273,3 +273,24 @@ def test_a_scorer_inside_the_users_torch_compile_runs_eagerly():
         warnings.simplefilter("error", tc.SlowPathWarning)
         got = compiled(x, y)
     assert torch.equal(got, tc.self_influence(model, ckpts, (x, y), loss_fn=loss))
+
+
+class _Branches(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return torch.cond(h.mean() > 0, lambda h: self.b(h), lambda h: self.c(h) * 2, (h,))
+
+
+def test_torch_cond_in_the_model_is_named_with_the_fix(fresh_dynamo):
+    """`torch.cond` meets the call's dispatch mode in torch's raw "no rule registered for HigherOrderOperator" (a review
+    helper's): the refusal names it and `torch.where`."""
+    torch.manual_seed(0)
+    model = _Branches().eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.1)]
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with pytest.raises(NotImplementedError, match=r"higher-order ops \(`torch.cond`.*`torch.where` over both branches"):
+        tc.self_influence(model, ckpts, (x, y), loss_fn=torch.nn.CrossEntropyLoss())

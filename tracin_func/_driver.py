@@ -389,6 +389,12 @@ def naming_failures(
                 elif "index out of range in self" in str(cause):
                     inputs = example[:-1] if isinstance(loss, CriterionLoss) else example  # (not the target)
                     message += f". {_past_an_embedding(inputs, setup.spec.module)}"
+                elif "no rule registered for HigherOrderOperator" in str(cause):  # (a review helper's)
+                    message += (
+                        ". The model calls one of torch's higher-order ops (`torch.cond`, `torch.while_loop`, ...), "
+                        "which the call's checks, a torch dispatch mode, cannot run (and torch then leaves the op "
+                        "unusable in the process: its own bug): write the branch as `torch.where` over both branches"
+                    )
                 elif "values to unpack" in str(cause) and any(  # (``((x1, x2), (y, w))`` given alone: a review
                     n == name and isinstance(d, tuple) and not is_single_batch(d) for n, d, _ in read  # helper's)
                 ):
