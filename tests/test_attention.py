@@ -446,11 +446,12 @@ def test_an_encoder_the_loss_holds_runs_as_in_the_users_own_call():
     assert_close(tc.self_influence(student, ckpts, (x, (x, pad)), loss_fn=_Distilled(teacher)), 0.5 * ref, 1e-12)
     # held in a dict or by the object of a bound method; a frozen teacher called with gradients on, which needs none
     # and so takes torch's inference path in the user's own loss too (each 6% off, silently: a sweep's)
-    held = {**dict.fromkeys(range(2000)), "teacher": teacher}  # (past the 1000 entries looked into: a sweep's)
+    held = {"train": {"distill": {**dict.fromkeys(range(2000)), "teacher": teacher}}}  # (three levels down, past the
+    # 1000 entries once looked into: sweeps')
 
     def in_dict(p, b):
         with torch.no_grad():
-            soft = held["teacher"](*b).softmax(-1)
+            soft = held["train"]["distill"]["teacher"](*b).softmax(-1)
         return F.kl_div(functional_call(student, p, (b[0],)).log_softmax(-1), soft, reduction="none").sum(-1)
 
     def gradients_on(p, b):

@@ -41,8 +41,8 @@ def loaded_globals(code: types.CodeType) -> tuple[str, ...]:
 def held_values(fn: Any, depth: int = 0) -> list[tuple[str, Any]]:
     """``(where, value)`` for the values a loss callable holds: a ``functools.partial``'s arguments, a function's
     closure, defaults and loaded globals, a bound method's or a callable object's attributes; the callables among them
-    are read too, two levels deep. A module is not looked into (a model the loss calls holds the model's tensors)."""
-    if depth > 2:
+    are read too, four levels deep. A module is not looked into (a model the loss calls holds the model's tensors)."""
+    if depth > 4:
         return []
     inner: Any = None  # the callable a partial or a bound method wraps
     if isinstance(fn, functools.partial):

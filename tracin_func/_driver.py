@@ -366,7 +366,9 @@ def naming_failures(
                 if refusal(cause):
                     raise
                 message = f"`{name}` example {index} cannot be scored: {type(cause).__name__}: {cause}"
-                if "more than 1 value per channel" in str(cause):
+                if "no rule registered for HigherOrderOperator" in str(cause):  # (torch's hint: change our mode)
+                    message = f"`{name}` example {index} cannot be scored: {_HIGHER_ORDER}"
+                elif "more than 1 value per channel" in str(cause):
                     message += f". {_ONE_VALUE_PER_CHANNEL}"
                 elif "does not require grad and does not have a grad_fn" in str(cause):
                     message += f". {_GRADIENT_IN_THE_LOSS}"
@@ -389,12 +391,6 @@ def naming_failures(
                 elif "index out of range in self" in str(cause):
                     inputs = example[:-1] if isinstance(loss, CriterionLoss) else example  # (not the target)
                     message += f". {_past_an_embedding(inputs, setup.spec.module)}"
-                elif "no rule registered for HigherOrderOperator" in str(cause):  # (a review helper's)
-                    message += (
-                        ". The model calls one of torch's higher-order ops (`torch.cond`, `torch.while_loop`, ...), "
-                        "which the call's checks, a torch dispatch mode, cannot run (and torch then leaves the op "
-                        "unusable in the process: its own bug): write the branch as `torch.where` over both branches"
-                    )
                 elif "values to unpack" in str(cause) and any(  # (``((x1, x2), (y, w))`` given alone: a review
                     n == name and isinstance(d, tuple) and not is_single_batch(d) for n, d, _ in read  # helper's)
                 ):
@@ -535,6 +531,11 @@ def _narrow_integer_target(error: str, example: Any) -> str | None:
 
 
 # torch's BatchNorm over a batch of one example of one value per channel
+_HIGHER_ORDER = (  # (torch's own message asked to change the library's dispatch mode: a review helper's)
+    "the model calls one of torch's higher-order ops (`torch.cond`, `torch.while_loop`, ...), which the call's checks, "
+    "a torch dispatch mode, cannot run (and torch then leaves the op unusable in the process: its own bug); write the "
+    "branch as `torch.where` over both branches"
+)
 _READ_AS_BATCHES = (
     "The data, a tuple holding no tensor at its top level, was read as batches, each its own: if it is one batch, "
     "`((x1, x2), (y, w))`, give it as `[batch]` (a batch given alone holds a tensor at its top level)"

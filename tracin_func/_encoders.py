@@ -5,7 +5,6 @@ runs must be the one the user's model runs (``on_traced_path``, ``encoders_set_a
 from __future__ import annotations
 
 import functools
-import itertools
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -91,29 +90,34 @@ def held_encoders(losses: Iterable[Any], module: nn.Module | None) -> list[nn.Mo
     return [m for m in found.values() if any(isinstance(layer, ENCODERS) for layer in m.modules())]
 
 
-def _modules_within(value: Any, depth: int = 2) -> Iterator[nn.Module]:
-    """``value`` if a module, else the modules it holds ``depth`` levels deep: a container's items, a bound method's
-    object (`Distiller(teacher).loss`), a plain object's attributes (a `SimpleNamespace` of settings). Each level's
-    items are all looked at, the first 1000 of them looked into (not every entry of a vocabulary's lists)."""
-    if isinstance(value, nn.Module):
-        yield value
-        return
-    if depth == 0:
-        return
+def _modules_within(value: Any, depth: int = 4, budget: int = 10_000) -> Iterator[nn.Module]:
+    """``value`` if a module, else the modules it holds ``depth`` levels deep, breadth first: a container's items, a
+    bound method's object (`Distiller(teacher).loss`), a plain object's attributes (a `SimpleNamespace`, a config
+    dict's dicts: a teacher three levels down was missed, 227% off). Every item is looked at; ``budget`` objects at
+    most are looked into, each once (not a dataset's every row)."""
+    level, opened = [value], set()
+    for _ in range(depth + 1):
+        deeper: list[Any] = []
+        for v in level:
+            if isinstance(v, nn.Module):
+                yield v
+            elif id(v) not in opened and len(opened) < budget and (inner := _held_by(v)) is not None:
+                opened.add(id(v))
+                deeper += inner
+        level = deeper
+
+
+def _held_by(value: Any) -> Iterable[Any] | None:
+    """What ``_modules_within`` looks into: a bound method's object, a mapping's values, a collection's items, a plain
+    object's attributes; None for anything else (a class, a Python module, a function, a tensor)."""
     if isinstance(value, types.MethodType):
-        inner: Iterable[Any] = [value.__self__]
-    elif isinstance(value, Mapping):
-        inner = value.values()
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        inner = value
-    elif hasattr(value, "__dict__") and not isinstance(value, (type, types.ModuleType, types.FunctionType)):
-        inner = vars(value).values()
-    else:
-        return
-    items = list(inner)
-    yield from (v for v in items if isinstance(v, nn.Module))
-    for v in itertools.islice((v for v in items if not isinstance(v, nn.Module)), 1000):
-        yield from _modules_within(v, depth - 1)
+        return [value.__self__]
+    if isinstance(value, Mapping):
+        return value.values()
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return value
+    plain = not isinstance(value, (type, types.ModuleType, types.FunctionType, torch.Tensor))
+    return vars(value).values() if plain and hasattr(value, "__dict__") else None
 
 
 def _modes_set_aside(encoder: nn.Module, forward: Callable[..., Any], held: bool) -> Callable[..., Any]:
