@@ -659,3 +659,25 @@ def test_an_interrupted_encoder_leaves_the_callers_torch_function_modes():
             tc.self_influence(model, ckpts, train, loss_fn=CE)
         assert _get_current_function_mode_stack() == [users]
     assert _get_current_function_mode_stack() == []
+
+
+class _Proxy:
+    """No __dict__, and a __getattr__ raising other than AttributeError (a lazy proxy's)."""
+
+    __slots__ = ()
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"no {name}")
+
+
+def test_the_search_for_a_losss_teachers_passes_proxies_and_cycles():
+    """Looking into what a loss holds: an object whose attribute lookup raises is passed over, a cycle walked once."""
+    from types import SimpleNamespace
+
+    from tracin_func._encoders import _modules_within
+
+    layer = nn.Linear(2, 2)
+    looped = SimpleNamespace(layer=layer)
+    looped.itself = looped
+    assert list(_modules_within({"proxy": _Proxy(), "deeper": {"list": [layer]}})) == [layer]
+    assert list(_modules_within(looped)) == [layer]

@@ -116,8 +116,12 @@ def _held_by(value: Any) -> Iterable[Any] | None:
         return value.values()
     if isinstance(value, (list, tuple, set, frozenset)):
         return value
-    plain = not isinstance(value, (type, types.ModuleType, types.FunctionType, torch.Tensor))
-    return vars(value).values() if plain and hasattr(value, "__dict__") else None
+    if isinstance(value, (type, types.ModuleType, types.FunctionType, torch.Tensor)):
+        return None
+    try:  # (an object of no __dict__ whose __getattr__ raises other than AttributeError: a proxy's, a lazy config's)
+        return vars(value).values()
+    except Exception:
+        return None
 
 
 def _modes_set_aside(encoder: nn.Module, forward: Callable[..., Any], held: bool) -> Callable[..., Any]:
