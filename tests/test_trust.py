@@ -7,7 +7,6 @@ relative to the largest entry of the expected tensor.
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import random
@@ -1300,49 +1299,29 @@ def test_3f_a_cache_of_parameter_values_is_refused(filled, where, options):
     assert ({k: v for k, v in vars(model.layer).items() if k != "_buffers"}, dict(model.layer._buffers)) == before
 
 
-class _ZeroKeyBias(nn.Module):
-    """timm's EVA attention bias: a non-persistent zeros buffer between two learned biases, beside a parameter the
-    forward never reads (a mask token used in pre-training only)."""
+class _GatheredBiasCache(nn.Module):
+    """LeViT's attention biases: a table [2 N - 1] gathered into a bias [N, N] kept in a non-persistent buffer, the
+    table never read."""
 
-    def __init__(self):
+    def __init__(self, n=4):
         super().__init__()
-        self.w = nn.Parameter(torch.randn(12, 4))
-        self.q_bias, self.v_bias = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
-        self.register_buffer("k_bias", torch.zeros(4), persistent=False)
-        self.mask_token, self.head = nn.Parameter(torch.randn(1, 1, 4)), nn.Linear(12, 3)
-
-    def forward(self, x):
-        return self.head(F.linear(x, self.w, torch.cat((self.q_bias, self.k_bias, self.v_bias))))
-
-
-class _BufferCache(nn.Module):
-    """A non-persistent buffer filled from a parameter the forward never reads (a nonlinear cache of it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.w, self.head = nn.Parameter(torch.randn(4, 6)), nn.Linear(6, 3)
-        self.register_buffer("cache", self.w.detach().exp(), persistent=False)
+        self.table, self.head = nn.Parameter(torch.randn(2 * n - 1)), nn.Linear(n, 3)
+        offsets = torch.arange(n)[:, None] - torch.arange(n)[None, :] + n - 1
+        self.register_buffer("cache", self.table.detach()[offsets], persistent=False)
 
     def forward(self, x):
         return self.head(x @ self.cache)
 
 
-def test_3f_a_non_persistent_buffer_is_a_cache_only_of_a_parameter_of_its_shape():
-    """A non-persistent buffer the forward reads (no checkpoint holds it: read from the model in a call of its dtype)
-    beside any parameter the forward never reads was refused as a cache of that parameter (timm's EVA, BEiT with
-    rotary tables and a mask token; a review helper's): a buffer of that parameter's shape still is."""
+def test_3f_a_non_persistent_buffer_cache_of_another_shape_is_refused():
+    """A cache of another shape than its parameter kept in a non-persistent buffer (which no checkpoint holds): a
+    relaxation of the rule to buffers of the parameter's shape (for timm's EVA `k_bias` zeros beside an unused mask
+    token, refused in float32) scored it 8-47% off, silently (a sweep's; reverted): refused."""
     torch.manual_seed(0)
-    model = _ZeroKeyBias().eval()
+    model = _GatheredBiasCache().eval()
     ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
-    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
-    wide = copy.deepcopy(model).double()
-    want = reference_scores(wide, [tc.Checkpoint({k: v.double() for k, v in c.params.items()}, c.lr) for c in ckpts],
-                            (x.double(), y), (x.double(), y), loss_fn=CE).self_influence  # fmt: skip
-    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE), want.float(), 1e-5)
-    model = _BufferCache().eval()
-    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, lr=0.5)]
-    with pytest.raises(ValueError, match="keeps 'cache' between forward passes.*instead of the parameter 'w'"):
-        tc.self_influence(model, ckpts, (torch.randn(6, 4), y), loss_fn=CE)
+    with pytest.raises(ValueError, match="keeps 'cache' between forward passes.*instead of the parameter 'table'"):
+        tc.self_influence(model, ckpts, (torch.randn(6, 4), torch.randint(0, 3, (6,))), loss_fn=CE)
 
 
 class RootReadsCache(nn.Module):

@@ -362,17 +362,11 @@ class _Watch(TorchDispatchMode):
         unread = lambda p: first_name.get(id(p)) in never  # noqa: E731
         forgotten = [n for n in first_name.values() if n in never and id(state[n]) in before]
         layers = list(root.named_modules())
-        registered = {id(t): t for _, m in layers for t in m._buffers.values() if t is not None}
         for path, (reader, kept) in self.kept.items():
             holders = [(p, m, k) for p, m in layers for k, v in _attributes(m).items() if _holds(v, kept)]
             key = holders[0][2] if holders else None
             owners = [(p, m, k, m) for p, m, k in holders] + [(path, reader, key, reader)]
-            # a registered buffer (a non-persistent one no checkpoint holds: timm's EVA `k_bias` zeros, rotary tables)
-            # is a cache only of an unread parameter of its shape (``_cached``; a nonlinear one's too): any unread
-            # parameter beside it refused the call (a review helper's)
-            buffers = [registered[i] for i in kept if i in registered] if kept <= registered.keys() else None
-            found = [(o, first_name[id(p)]) for o in owners for p in o[3].parameters(recurse=False)
-                     if unread(p) and (buffers is None or _cached(p, state[first_name[id(p)]], buffers, True))]
+            found = [(o, first_name[id(p)]) for o in owners for p in o[3].parameters(recurse=False) if unread(p)]
             parts = [m for m in reader.modules() if m is not reader and not all(map(unread, m.parameters(False)))]
             if reader is root:  # (other layers of a whole model may leave a parameter unread on an example)
                 held = [t for _, m, k in holders for t in _tensors_within(_attributes(m)[k]) if id(t) in kept]
