@@ -5,6 +5,8 @@ unrolled."""
 import functools
 import itertools
 import warnings
+import weakref
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -681,3 +683,41 @@ def test_the_search_for_a_losss_teachers_passes_proxies_and_cycles():
     looped.itself = looped
     assert list(_modules_within({"proxy": _Proxy(), "deeper": {"list": [layer]}})) == [layer]
     assert list(_modules_within(looped)) == [layer]
+    # a dead weak proxy and a mapping whose items raise passed over (raw ReferenceError / KeyError before: a sweep's)
+    dead = weakref.proxy(_Holder())  # (its referent gone at once)
+    assert list(_modules_within({"cfg": {"cache": [dead], "lazy": _Raising()}, "t": {"t": {"t": layer}}})) == [layer]
+    # data rows beside a config: mappings looked into first (12,000 rows spent the budget before the teacher's dict)
+    held = {"rows": [(i, i % 7) for i in range(12_000)], "distill": {"teachers": {"main": layer}}}
+    assert list(_modules_within(held)) == [layer]
+
+
+class _Holder:
+    pass
+
+
+class _Raising(Mapping):
+    def __getitem__(self, key):
+        raise KeyError(key)
+
+    def __iter__(self):
+        return iter("ab")
+
+    def __len__(self):
+        return 2
+
+
+class _Aliases:
+    """A criterion keeping its own bound methods as attributes (each read again through every other: 3 s a call)."""
+
+    def __init__(self, n):
+        for i in range(n):
+            setattr(self, f"step{i}", self.__call__)
+
+    def __call__(self, out, y):
+        return F.cross_entropy(out, y)
+
+
+def test_what_a_loss_holds_is_read_once():
+    from tracin_func._code import held_values
+
+    assert len(held_values(_Aliases(12))) <= 12

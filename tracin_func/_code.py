@@ -38,12 +38,17 @@ def loaded_globals(code: types.CodeType) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*names, *nested]))
 
 
-def held_values(fn: Any, depth: int = 0) -> list[tuple[str, Any]]:
+def held_values(fn: Any, depth: int = 0, seen: set[int] | None = None) -> list[tuple[str, Any]]:
     """``(where, value)`` for the values a loss callable holds: a ``functools.partial``'s arguments, a function's
     closure, defaults and loaded globals, a bound method's or a callable object's attributes; the callables among them
-    are read too, four levels deep. A module is not looked into (a model the loss calls holds the model's tensors)."""
-    if depth > 4:
+    are read too, four levels deep, each once (``seen``: helpers calling one another, an object keeping its own bound
+    methods, were read once per path, 3-5 s a call). A module is not looked into (a model the loss calls holds the
+    model's tensors)."""
+    seen = set() if seen is None else seen
+    key = id(fn.__self__) if isinstance(fn, types.MethodType) else id(fn)  # (a bound method: its object, once)
+    if depth > 4 or key in seen:
         return []
+    seen.add(key)
     inner: Any = None  # the callable a partial or a bound method wraps
     if isinstance(fn, functools.partial):
         held = [(f"argument {i} of the partial", a) for i, a in enumerate(fn.args)]
@@ -62,7 +67,7 @@ def held_values(fn: Any, depth: int = 0) -> list[tuple[str, Any]]:
     else:
         return []
     return held + [h for v in [inner, *(v for _, v in held if _read(v))] if v is not None
-                   for h in held_values(v, depth + 1)]  # fmt: skip
+                   for h in held_values(v, depth + 1, seen)]  # fmt: skip
 
 
 def _read(value: Any) -> bool:

@@ -94,17 +94,32 @@ def _modules_within(value: Any, depth: int = 4, budget: int = 10_000) -> Iterato
     """``value`` if a module, else the modules it holds ``depth`` levels deep, breadth first: a container's items, a
     bound method's object (`Distiller(teacher).loss`), a plain object's attributes (a `SimpleNamespace`, a config
     dict's dicts: a teacher three levels down was missed, 227% off). Every item is looked at; ``budget`` objects at
-    most are looked into, each once (not a dataset's every row)."""
+    most are looked into, each once, mappings and objects before sequences at each level (a list of 12,000 data rows
+    beside a config's dict spent the budget before it: 58% off). An object that fails being looked at (a dead weak
+    proxy, a mapping whose items raise) is passed over."""
     level, opened = [value], set()
     for _ in range(depth + 1):
-        deeper: list[Any] = []
+        found, mappings, sequences = [], [], []
         for v in level:
-            if isinstance(v, nn.Module):
-                yield v
-            elif id(v) not in opened and len(opened) < budget and (inner := _held_by(v)) is not None:
-                opened.add(id(v))
-                deeper += inner
-        level = deeper
+            try:
+                if isinstance(v, nn.Module):
+                    found.append(v)
+                elif id(v) not in opened:
+                    (sequences if isinstance(v, (list, tuple, set, frozenset)) else mappings).append(v)
+            except Exception:  # (isinstance on a dead weakref proxy raises ReferenceError)
+                continue
+        yield from found
+        level = []
+        for v in mappings + sequences:
+            if len(opened) >= budget:
+                break
+            try:
+                inner = _held_by(v)
+                if inner is not None:
+                    opened.add(id(v))
+                    level += list(inner)
+            except Exception:
+                continue
 
 
 def _held_by(value: Any) -> Iterable[Any] | None:
