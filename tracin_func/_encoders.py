@@ -124,7 +124,8 @@ def _modules_within(value: Any, depth: int = 4, budget: int = 10_000) -> Iterato
 
 def _held_by(value: Any) -> Iterable[Any] | None:
     """What ``_modules_within`` looks into: a bound method's object, a mapping's values, a collection's items, a plain
-    object's attributes; None for anything else (a class, a Python module, a function, a tensor)."""
+    object's attributes; None for a class, a Python module, a function or a tensor (an object of no ``__dict__``
+    raises: passed over)."""
     if isinstance(value, types.MethodType):
         return [value.__self__]
     if isinstance(value, Mapping):
@@ -133,10 +134,7 @@ def _held_by(value: Any) -> Iterable[Any] | None:
         return value
     if isinstance(value, (type, types.ModuleType, types.FunctionType, torch.Tensor)):
         return None
-    try:  # (an object of no __dict__ whose __getattr__ raises other than AttributeError: a proxy's, a lazy config's)
-        return vars(value).values()
-    except Exception:
-        return None
+    return vars(value).values()
 
 
 def _modes_set_aside(encoder: nn.Module, forward: Callable[..., Any], held: bool) -> Callable[..., Any]:
