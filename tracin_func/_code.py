@@ -45,17 +45,18 @@ def held_values(fn: Any, depth: int = 0, seen: set[int] | None = None) -> list[t
     methods, were read once per path, 3-5 s a call). A module is not looked into (a model the loss calls holds the
     model's tensors)."""
     seen = set() if seen is None else seen
-    key = id(fn.__self__) if isinstance(fn, types.MethodType) else id(fn)  # (a bound method: its object, once)
-    if depth > 4 or key in seen:
+    method = isinstance(fn, types.MethodType)  # (a new object at each lookup: its object and function are read once)
+    if depth > 4 or not method and id(fn) in seen:
         return []
-    seen.add(key)
+    new_object = method and id(fn.__self__) not in seen
+    seen.add(id(fn.__self__) if method else id(fn))
     inner: Any = None  # the callable a partial or a bound method wraps
     if isinstance(fn, functools.partial):
         held = [(f"argument {i} of the partial", a) for i, a in enumerate(fn.args)]
         held += [(f"the partial's keyword {k!r}", v) for k, v in fn.keywords.items()]
         inner = fn.func
-    elif isinstance(fn, types.MethodType):
-        held = _attributes(fn.__self__) if not isinstance(fn.__self__, nn.Module) else []
+    elif method:
+        held = _attributes(fn.__self__) if new_object and not isinstance(fn.__self__, nn.Module) else []
         inner = fn.__func__
     elif isinstance(fn, types.FunctionType):
         held = [(f"the {n!r} it closes over", v) for n, v in zip(fn.__code__.co_freevars, closure_values(fn))]
