@@ -689,6 +689,8 @@ def test_the_search_for_a_losss_teachers_passes_proxies_and_cycles():
     # data rows beside a config: mappings looked into first (12,000 rows spent the budget before the teacher's dict)
     held = {"rows": [(i, i % 7) for i in range(12_000)], "distill": {"teachers": {"main": layer}}}
     assert list(_modules_within(held)) == [layer]
+    held = SimpleNamespace(data=[{"i": i} for i in range(12_000)], extra=[0, {"x": layer}])  # (rows of dicts: opened
+    assert list(_modules_within(held)) == [layer]  # 100 of one container's items at most, a sweep's)
 
 
 class _Holder:
@@ -733,6 +735,30 @@ class _TwoMethods:
         return _GLOBAL_TEACHER(b)
 
 
+def _get_teacher():
+    return _GLOBAL_TEACHER
+
+
+def _shared():
+    return _get_teacher()
+
+
+def _c():
+    return _shared()
+
+
+def _b():
+    return _c()
+
+
+def _a():
+    return _b()
+
+
+def _chained_loss(p, b):
+    return _a() if b is None else _shared()
+
+
 def test_what_a_loss_holds_is_read_once():
     """Each object and function a loss holds is read once (an object keeping its own bound methods was read again
     through each: exponential, 3-5 s a call; a sweep's), a second method of one object too (its function's globals)."""
@@ -740,3 +766,5 @@ def test_what_a_loss_holds_is_read_once():
 
     assert len(held_values(_Aliases(12))) <= 13  # (its 12 attributes and its method's global: read once each)
     assert any(v is _GLOBAL_TEACHER for _, v in held_values(_TwoMethods().loss))
+    # a helper met first at the depth limit through a chain is read again where met less deep (a sweep's)
+    assert any(v is _GLOBAL_TEACHER for _, v in held_values(_chained_loss))

@@ -38,18 +38,20 @@ def loaded_globals(code: types.CodeType) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*names, *nested]))
 
 
-def held_values(fn: Any, depth: int = 0, seen: set[int] | None = None) -> list[tuple[str, Any]]:
+def held_values(fn: Any, depth: int = 0, seen: dict[int, int] | None = None) -> list[tuple[str, Any]]:
     """``(where, value)`` for the values a loss callable holds: a ``functools.partial``'s arguments, a function's
     closure, defaults and loaded globals, a bound method's or a callable object's attributes; the callables among them
-    are read too, four levels deep, each once (``seen``: helpers calling one another, an object keeping its own bound
-    methods, were read once per path, 3-5 s a call). A module is not looked into (a model the loss calls holds the
-    model's tensors)."""
-    seen = set() if seen is None else seen
+    are read too, four levels deep, each once at the shallowest depth it is met (``seen``: by id, that depth; helpers
+    calling one another, an object keeping its own bound methods, were read once per path, 3-5 s a call; one met
+    first at the depth limit was cut there). A module is not looked into (a model the loss calls holds the model's
+    tensors)."""
+    seen = {} if seen is None else seen
     method = isinstance(fn, types.MethodType)  # (a new object at each lookup: its object and function are read once)
-    if depth > 4 or not method and id(fn) in seen:
+    key = id(fn.__self__) if method else id(fn)
+    if depth > 4 or not method and seen.get(key, 5) <= depth:
         return []
-    new_object = method and id(fn.__self__) not in seen
-    seen.add(id(fn.__self__) if method else id(fn))
+    new_object = method and seen.get(key, 5) > depth
+    seen[key] = min(seen.get(key, 5), depth)
     inner: Any = None  # the callable a partial or a bound method wraps
     if isinstance(fn, functools.partial):
         held = [(f"argument {i} of the partial", a) for i, a in enumerate(fn.args)]
