@@ -38,6 +38,9 @@ def loaded_globals(code: types.CodeType) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*names, *nested]))
 
 
+_CALLS_DEEP = 4  # how many calls down ``held_values`` reads
+
+
 def held_values(fn: Any, depth: int = 0, seen: dict[int, int] | None = None) -> list[tuple[str, Any]]:
     """``(where, value)`` for the values a loss callable holds: a ``functools.partial``'s arguments, a function's
     closure, defaults and loaded globals, a bound method's or a callable object's attributes; the callables among them
@@ -48,17 +51,17 @@ def held_values(fn: Any, depth: int = 0, seen: dict[int, int] | None = None) -> 
     seen = {} if seen is None else seen
     method = isinstance(fn, types.MethodType)  # (a new object at each lookup: its object and function are read once)
     key = id(fn.__self__) if method else id(fn)
-    if depth > 4 or not method and seen.get(key, 5) <= depth:
+    shallowest = seen.get(key, _CALLS_DEEP + 1)
+    if depth > _CALLS_DEEP or not method and shallowest <= depth:
         return []
-    new_object = method and seen.get(key, 5) > depth
-    seen[key] = min(seen.get(key, 5), depth)
+    seen[key] = min(shallowest, depth)
     inner: Any = None  # the callable a partial or a bound method wraps
     if isinstance(fn, functools.partial):
         held = [(f"argument {i} of the partial", a) for i, a in enumerate(fn.args)]
         held += [(f"the partial's keyword {k!r}", v) for k, v in fn.keywords.items()]
         inner = fn.func
     elif method:
-        held = _attributes(fn.__self__) if new_object and not isinstance(fn.__self__, nn.Module) else []
+        held = _attributes(fn.__self__) if shallowest > depth and not isinstance(fn.__self__, nn.Module) else []
         inner = fn.__func__
     elif isinstance(fn, types.FunctionType):
         held = [(f"the {n!r} it closes over", v) for n, v in zip(fn.__code__.co_freevars, closure_values(fn))]

@@ -49,7 +49,8 @@ _OPTREE_NODES = (dict, OrderedDict, defaultdict, list, tuple)  # (and namedtuple
 
 
 def _namedtuple(data: Any) -> bool:
-    """(Its type's fields: an attribute dict's ``__getattr__``, a key lookup, raised KeyError or said yes.)"""
+    """Whether ``data`` is a namedtuple, by its type's ``_fields`` (the instance's: an attribute dict's
+    ``__getattr__``, a key lookup, raised KeyError or said yes)."""
     return isinstance(data, tuple) and hasattr(type(data), "_fields")
 
 

@@ -530,7 +530,6 @@ def _narrow_integer_target(error: str, example: Any) -> str | None:
     )
 
 
-# torch's BatchNorm over a batch of one example of one value per channel
 _HIGHER_ORDER = (  # (torch's own message asked to change the library's dispatch mode: a review helper's)
     "the model calls one of torch's higher-order ops (`torch.cond`, `torch.while_loop`, ...), which the call's checks, "
     "a torch dispatch mode, cannot run (and torch then leaves the op unusable in the process: its own bug); write the "
@@ -540,6 +539,7 @@ _READ_AS_BATCHES = (
     "The data, a tuple holding no tensor at its top level, was read as batches, each its own: if it is one batch, "
     "`((x1, x2), (y, w))`, give it as `[batch]` (a batch given alone holds a tensor at its top level)"
 )
+# torch's BatchNorm over a batch of one example of one value per channel
 _ONE_VALUE_PER_CHANNEL = (
     "A BatchNorm without running statistics (`track_running_stats=False`) normalises over the batch even in eval "
     "mode, and one example alone (as its gradient is defined here) holds one value per channel: keep running "

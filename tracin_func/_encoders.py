@@ -5,7 +5,6 @@ runs must be the one the user's model runs (``on_traced_path``, ``encoders_set_a
 from __future__ import annotations
 
 import functools
-import itertools
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -98,26 +97,33 @@ def _modules_within(value: Any, depth: int = 4, budget: int = 10_000, each: int 
     into once, ``budget`` of them at most, and ``each`` at most of one container's items (a list of 12,000 data rows
     spent the budget before a config's dict beside it: 11-58% off). An object that fails being looked at (a dead weak
     proxy, a mapping whose items raise) is passed over."""
+    if _is_module(value):
+        yield value
+        return
     level, opened = [value], set()
-    for _ in range(depth + 1):
-        found = [v for v in level if _is_module(v)]
-        yield from found
-        within = [v for v in level if not _is_module(v)]
-        level = []
-        for v in within:
+    for _ in range(depth):
+        deeper: list[Any] = []
+        for v in level:
             if len(opened) >= budget:
-                break
+                return
             if id(v) in opened:
                 continue
             try:
                 inner = _held_by(v)
-                if inner is not None:
-                    opened.add(id(v))
-                    items = list(inner)
-                    level += [t for t in items if _is_module(t)]
-                    level += itertools.islice((t for t in items if not _is_module(t)), each)
+                items = [] if inner is None else list(inner)
             except Exception:
                 continue
+            if inner is None:
+                continue
+            opened.add(id(v))
+            others = 0
+            for t in items:
+                if _is_module(t):
+                    yield t
+                elif others < each:
+                    deeper.append(t)
+                    others += 1
+        level = deeper
 
 
 def _is_module(value: Any) -> bool:
