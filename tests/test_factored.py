@@ -4723,3 +4723,28 @@ def test_explain_given_the_test_data_plans_as_the_influence_call_does():
         assert f"This call runs {batching}" in said if said else batching.startswith("one batched")
     want = reference_scores(model.double(), wide, train, test, loss_fn=CE, params=params).influence
     assert_close(scores.double(), want, 1e-5)  # (float32: the mismatch's plan is of float32's checks)
+
+
+def test_parts_of_the_same_factors_share_their_row_products(monkeypatch):
+    """Parts holding the same factors (an LSTM's input and hidden products: both its gates' output gradients; query,
+    key and value projections: one input) compute each row product once when a batch is assembled, with or without
+    a bias's added 1, and every part's norms and flags stay those it gets alone (float64)."""
+    import tracin_func._representations as reps
+    from tracin_func._assemble import _conditioned
+    from tracin_func._layers import Site
+    from tracin_func._representations import Factored
+
+    gen = torch.Generator().manual_seed(0)
+    a, other, g = (torch.randn(6, 5, d, dtype=torch.float64, generator=gen) for d in (3, 4, 7))
+    sites = [Site(p, "linear", f"{p}.weight", f"{p}.bias" if bias else None, (7, 3)) for p, bias in
+             (("q", True), ("k", False), ("v", True))]  # fmt: skip
+    hidden = Site("hh", "linear", "hh.weight", "hh.bias", (7, 4))
+    parts = [Factored(s, a, g) for s in sites] + [Factored(hidden, other, g)]
+    alone = [p.conditioned() for p in parts]
+    bmms = []
+    monkeypatch.setattr(reps, "_lifted_bmm", lambda x, y: bmms.append(1) or x @ y.mT)
+    together = _conditioned(list(parts))
+    assert len(bmms) == 1  # (the output gradients' products: once for the four parts)
+    for part, (lone, flag) in zip(together, alone):
+        assert torch.equal(part.norms, lone.norms) and part.cancelling == bool(flag)
+    assert torch.equal(parts[0].a, a) and torch.equal(parts[0].g, g)  # (factors left as they were)

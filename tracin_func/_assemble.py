@@ -120,7 +120,8 @@ def assemble(
 def _conditioned(parts: list[Part]) -> list[Part]:
     """Factored parts with their examples' squared norms and whether their rows cancel (``Factored.conditioned``),
     the flags read at once (one device sync a batch)."""
-    checked = {i: c for i, part in enumerate(parts) if isinstance(part, Factored) and (c := part.conditioned())}
+    shared: dict[tuple, torch.Tensor] = {}
+    checked = {i: c for i, part in enumerate(parts) if isinstance(part, Factored) and (c := part.conditioned(shared))}
     flags = torch.stack([flag for _, flag in checked.values()]).tolist() if checked else []
     for (i, (part, _)), cancelling in zip(checked.items(), flags):
         parts[i] = part._replace(cancelling=cancelling)

@@ -423,15 +423,17 @@ class Factored(NamedTuple):
     norms: torch.Tensor | None = None  # each example's squared norm, from the factors (``conditioned``)
     cancelling: bool = False  # some example's rows cancel past ``_CANCELLING``: formed to be multiplied
 
-    def conditioned(self) -> tuple[Factored, torch.Tensor] | None:
+    def conditioned(self, shared: dict[tuple, torch.Tensor] | None = None) -> tuple[Factored, torch.Tensor] | None:
         """This part with its examples' squared norms, and (0-d) whether some example's rows cancel (the flag read
         by the caller: one read for a batch's parts); None where they cannot (one row, an Embedding's ids, a tied
         weight's uses: ``Tied``), or where rows so long that their norms are formed are checked only if multiplied
-        as factors (``dot``)."""
+        as factors (``dot``). ``shared``: the row products of a batch's factors by where the factors lie, each
+        computed once for the parts holding the same factors (an LSTM's input and hidden products, both of its
+        gates' output gradients; the query, key and value projections of one input)."""
         if not self._may_cancel() or self._products_cost_more(self, norms=True):
             return None
-        ka, kg = self._kernels()
-        terms = ka.mul_(kg)
+        ka, kg = self._kernels(shared)
+        terms = ka * kg if shared is not None else ka.mul_(kg)  # (shared kernels stay as they are)
         norms = terms.sum((1, 2))
         return self._replace(norms=norms), (terms.abs_().sum((1, 2)) > _CANCELLING * norms).any()
 
@@ -478,16 +480,18 @@ class Factored(NamedTuple):
         ka, kg = self._kernels()
         return ka.mul_(kg).sum((1, 2))  # ka is fresh: in place
 
-    def _kernels(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kernels(self, shared: dict[tuple, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, T, T]`` each example's row products of inputs (token equality for an Embedding; plus 1 for a bias)
-        and of output gradients."""
+        and of output gradients; with ``shared`` (``conditioned``), read from it where computed for another part,
+        or kept in it."""
         a, g = self.a, self.g
         if self.site.kind == "embedding":
-            ka = _same_token(a[:, :, None], a[:, None, :]).to(g.dtype)
-        else:
+            return _same_token(a[:, :, None], a[:, None, :]).to(g.dtype), _lifted_bmm(g, g)
+        if shared is None:
             ka = a @ a.transpose(1, 2)
-            ka = ka.add_(1) if self.site.bias is not None else ka
-        return ka, _lifted_bmm(g, g)
+            return ka.add_(1) if self.site.bias is not None else ka, _lifted_bmm(g, g)
+        ka = _shared(shared, a, lambda: a @ a.transpose(1, 2))
+        return ka + 1 if self.site.bias is not None else ka, _shared(shared, g, lambda: _lifted_bmm(g, g))
 
     def materialize(self) -> dict[str, torch.Tensor]:
         return materialize(self.site, self.a, self.g)
@@ -548,6 +552,14 @@ class Factored(NamedTuple):
         g = torch.cat([pad(p.g, 0.0) for p in parts])
         norms = None if any(p.norms is None for p in parts) else torch.cat([p.norms for p in parts])
         return Factored(parts[0].site, a, g, parts[0].costed, norms, any(p.cancelling for p in parts))
+
+
+def _shared(kernels: dict[tuple, torch.Tensor], x: torch.Tensor, product: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``product()`` of the factor ``x``, computed once for the factors lying where ``x`` does (``conditioned``)."""
+    where = (x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride(), x.dtype)
+    if where not in kernels:
+        kernels[where] = product()
+    return kernels[where]
 
 
 def _formed_dots(larger: Deferred, smaller: Deferred) -> torch.Tensor:
