@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 import tracin_func as tc
+from tests.conftest import assert_close
+from tests.reference import reference_scores
 
 # --- helpers -----------------------------------------------------------------------------------------------------
 
@@ -515,6 +517,28 @@ def test_an_averaged_models_state_and_an_optimizers_file_are_named(tmp_path):
     torch.save(torch.optim.Adam(model.parameters()).state_dict(), tmp_path / "optimizer.pt")
     with pytest.raises(TypeError, match=r"It is an optimizer's `state_dict\(\)`: .* `optimizer_state`"):
         tc.load_checkpoints([tmp_path / "optimizer.pt"], lr=0.1)
+
+
+def test_an_averaged_models_files_score_the_averaged_model_itself(tmp_path):
+    """Files of an `AveragedModel` loaded with `tc.load_checkpoints` (its `module.` prefix and `n_averaged` count
+    dropped) scored with the `AveragedModel` were refused, "Save the model's `state_dict()`", which is what was saved
+    (a review helper's): its names get the prefix back and its count, which no output reads, is the model's."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    for step in range(2):
+        with torch.no_grad():
+            model[0].weight.add_(0.1)
+        averaged.update_parameters(model)
+        torch.save(averaged.state_dict(), tmp_path / f"ema-{step}.pt")
+    loaded = tc.load_checkpoints(str(tmp_path), lr=0.1)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(3, (5,))
+    ref = reference_scores(averaged.module, loaded, (x, y), (x, y), loss_fn=nn.CrossEntropyLoss())
+    scores = tc.influence(averaged.eval(), loaded, (x, y), (x, y), loss_fn=nn.CrossEntropyLoss())
+    assert_close(scores, ref.influence, 1e-12)
+    assert int(averaged.n_averaged) == 2  # (the model's own count, left as it was)
 
 
 def test_a_name_with_a_digit_int_cannot_read_is_ordered(tmp_path):

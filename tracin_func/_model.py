@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
+from torch.optim.swa_utils import AveragedModel
 
 from ._checkpoints import LR_KEYS, Checkpoint, check_lr, leading_prefixes, unprefixed, wrapper_prefix
 from ._data import COMPLEX
@@ -59,7 +60,7 @@ class ModelSpec(NamedTuple):
     following: frozenset[str] = frozenset()
     # state-dict entries of modules' ``get_extra_state()``, the model's own: no functional call can set them
     extra: Mapping[str, Any] = {}
-    counts: frozenset[str] = frozenset()  # BatchNorm step counts (``num_batches_tracked``): no output reads them
+    counts: frozenset[str] = frozenset()  # counters no output reads (``_counts``): taken from the model where missing
     hooked: frozenset[str] = frozenset()  # parameters with a gradient hook (``register_hook``): refused if scored
 
 
@@ -474,7 +475,7 @@ def model_spec(
             named = dict(model.named_parameters())  # de-duplicated: a tied tensor appears under its first name
             state = model.state_dict(keep_vars=True)
             extra = {n: state.pop(n) for n in _extra_state_names(model) if n in state}
-            counts = frozenset(_batch_norm_counts(model))
+            counts = frozenset(_counts(model))
             unsaved = {n: t for n, t in model.named_buffers() if n not in state}  # (persistent=False)
             floating = {t.dtype for t in named.values() if t.is_floating_point()}
             following = frozenset(n for n, t in unsaved.items() if t.is_floating_point() and t.dtype in floating)
@@ -538,10 +539,14 @@ def _extra_state_names(model: nn.Module) -> list[str]:
     ]
 
 
-def _batch_norm_counts(model: nn.Module) -> Iterator[str]:
+def _counts(model: nn.Module) -> Iterator[str]:
+    """Counters no output reads: BatchNorm's step counts, and the number of models an ``AveragedModel`` (EMA, SWA)
+    has averaged, which ``tc.load_checkpoints`` drops from its files."""
     for path, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None:
             yield f"{path}.num_batches_tracked" if path else "num_batches_tracked"
+        elif isinstance(m, AveragedModel):
+            yield f"{path}.n_averaged" if path else "n_averaged"
 
 
 def _names(names: list[str], limit: int = 10) -> str:
@@ -619,7 +624,7 @@ def checked_state(
             f"checkpoints must hold the same entries, or it would compute with some that are not differentiated."
         )
     if spec.expected is not None:
-        state = _wrapped_child_names(state, spec.expected)
+        state = _wrapped_child_names(state, spec.expected - spec.counts)
         _refuse_other_extra_state(state, spec.extra, where)
         state = {n: t for n, t in state.items() if n not in spec.extra}
         # a tied tensor saved under its other name only (GPT-2's lm_head.weight): it is the first name's value
@@ -628,7 +633,7 @@ def checked_state(
         unexpected = sorted(set(state) - spec.expected)
         missing = sorted(spec.expected - set(state) - set(spec.aliases))
         # (a BatchNorm's step count, which older or converted checkpoints lack: torch's loading keeps the model's
-        # too, and it never changes an output in eval mode)
+        # too, and it never changes an output in eval mode; an AveragedModel's count, which loading drops)
         missing = [n for n in missing if n not in spec.counts]
         if unexpected or (missing and strict):
             fix = "" if unexpected else ", or pass `strict=False` to take missing entries from the model"
