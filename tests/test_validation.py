@@ -1725,3 +1725,20 @@ def test_a_gradient_not_finite_under_anomaly_mode_is_named_as_such():
         tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
     with pytest.raises(FloatingPointError, match=r"Non-finite gradients for `data` examples \[5\]"):
         tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
+
+
+def test_a_torch_export_module_is_refused_naming_how_to_export_it_for_scoring():
+    """`ep.module()` holds torch's `_guards_fn`, whose forward torch sets on the instance: it was refused with advice
+    about the user's own code (bind it with `types.MethodType`), which cannot apply (a review helper's). The
+    refusal names the export's guards and the fix, which scores exactly."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(3, (6,))
+    ckpts = [tc.Checkpoint(dict(net.state_dict()), 0.1)]
+    program = torch.export.export(net, (x[:2],), dynamic_shapes={"input": {0: torch.export.Dim("batch")}})
+    with pytest.raises(ValueError, match=r"`torch.export` program's module .* `ep.module\(check_guards=False\)`"):
+        tc.influence(program.module(), ckpts, (x, y), (x, y), loss_fn=nn.CrossEntropyLoss())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's own, on unchecked guards)
+        scores = tc.influence(program.module(check_guards=False), ckpts, (x, y), (x, y), loss_fn=nn.CrossEntropyLoss())
+    assert_close(scores, reference_scores(net, ckpts, (x, y), (x, y), loss_fn=nn.CrossEntropyLoss()).influence, 1e-12)

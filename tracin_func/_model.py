@@ -252,6 +252,13 @@ def _rebind_instance_forward(name: str, module: nn.Module, copies: dict[int, nn.
         return
     if isinstance(forward, types.MethodType) and not isinstance(forward.__self__, nn.Module):
         return  # bound to a plain object: holds no module state
+    if type(module).__module__.startswith("torch.export") and type(module).__name__ == "GuardsFn":
+        raise ValueError(
+            "`model` is a `torch.export` program's module (`ep.module()`), whose guards check its inputs' shapes "
+            "against the example it was exported with (a function torch sets on its `_guards_fn` module); scoring "
+            "runs it on other batch sizes. Score the original module, or export with a dynamic batch dimension "
+            "(`dynamic_shapes={'x': {0: torch.export.Dim('batch')}}`) and pass `ep.module(check_guards=False)`."
+        )
     raise ValueError(
         f"`model` module {name or '(root)'!r} ({type(module).__name__}) has a `forward` set on the instance "
         f"({type(forward).__name__}). Scores run a private copy of the model with the checkpoint's weights, and such "
