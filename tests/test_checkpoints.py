@@ -541,6 +541,34 @@ def test_an_averaged_models_files_score_the_averaged_model_itself(tmp_path):
     assert int(averaged.n_averaged) == 2  # (the model's own count, left as it was)
 
 
+def test_a_compiled_submodules_names_are_read_and_a_wrapper_inside_names_is_named(tmp_path):
+    """A LightningModule-style wrapper whose net was compiled (`self.model = torch.compile(net)`) saves
+    `model._orig_mod.*`: loaded, scoring the wrapper with the net put back (as the refusal of the compiled one
+    asks) was refused with no hint; a DataParallel inside it (`model.module.*`) too (a review helper's). The first
+    is read as the model's names; the second is refused with the dict that matches."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x)
+
+    net = _model()
+    torch.save({"state_dict": Wrapper(torch.compile(net, backend="eager")).state_dict()}, tmp_path / "epoch=0.ckpt")
+    (ckpt,) = tc.load_checkpoints(str(tmp_path), lr=0.1)
+    assert sorted(ckpt.params) == sorted(Wrapper(net).state_dict())
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(2, (4,))
+    ref = reference_scores(net, [tc.Checkpoint(dict(net.state_dict()), 0.1)], (x, y), loss_fn=nn.CrossEntropyLoss())
+    scores = tc.self_influence(Wrapper(net).eval(), [ckpt], (x, y), loss_fn=nn.CrossEntropyLoss())
+    assert_close(scores, ref.self_influence, 1e-12)
+    inside = {f"model.module.{k}": v for k, v in net.state_dict().items()}
+    fix = re.escape("pass `{'model.' + k.removeprefix('model.module.'): v for k, v in state.items()}`")
+    with pytest.raises(ValueError, match=rf"carry the prefix 'model.module.' where the model's carry 'model.': {fix}"):
+        tc.self_influence(Wrapper(net).eval(), [tc.Checkpoint(inside, 0.1)], (x, y), loss_fn=nn.CrossEntropyLoss())
+
+
 def test_a_name_with_a_digit_int_cannot_read_is_ordered(tmp_path):
     """'²' is a digit to `str.isdigit` but not to `int`: loading a directory holding one raised int's error."""
     for i, name in enumerate(["ckpt_1²2.pt", "ckpt_2.pt", "ckpt_10.pt"]):

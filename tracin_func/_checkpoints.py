@@ -257,11 +257,17 @@ def split_state_and_lr(obj: Mapping[str, Any], where: str) -> tuple[dict[str, to
 
 def unprefixed(names: Sequence[str]) -> list[str] | None:
     """``names`` without the prefixes wrappers add where every one carries them (DataParallel / DDP's ``module.``,
-    ``torch.compile``'s ``_orig_mod.``, nested in either order), else None."""
+    ``torch.compile``'s ``_orig_mod.``, nested in either order), and without ``_orig_mod.`` inside a name (a compiled
+    submodule's, ``self.model = torch.compile(net)``: a module of that name is torch's, which scoring refuses), else
+    None."""
     stripped = list(names)
     while stripped and (prefix := next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) for n in stripped)), None)):
         stripped = [n[len(prefix) :] for n in stripped]
+    stripped = [n.replace(_COMPILED_INSIDE, ".") for n in stripped]
     return stripped if stripped != list(names) else None
+
+
+_COMPILED_INSIDE = "._orig_mod."
 
 
 def wrapper_prefix(names: Collection[str], expected: Collection[str]) -> str | None:
@@ -326,8 +332,9 @@ def load_checkpoints(
     shards its ``*.index.json`` lists, merged; its ``optimizer.pt`` is not read: pass it as ``optimizer_state=`` of
     a :class:`Checkpoint` for Adam-aware scores); torch's ``AveragedModel`` (EMA, SWA) state. Two files holding the
     same tensors (a ``latest`` link, Lightning's ``last.ckpt``) are refused: that state would count twice. A
-    ``module.`` prefix (DataParallel / DDP) and an ``_orig_mod.`` one (``torch.compile``) are stripped, from the
-    optimizer's ``param_names`` too. Other entries (``epoch``, ``loss``, ...) next to a nested state dict are ignored.
+    ``module.`` prefix (DataParallel / DDP) and an ``_orig_mod.`` one (``torch.compile``; inside a name too: a
+    compiled submodule's) are stripped, from the optimizer's ``param_names`` too. Other entries (``epoch``,
+    ``loss``, ...) next to a nested state dict are ignored.
 
     An ``optimizer`` / ``optimizer_state_dict`` entry holding a torch optimizer's ``state_dict()`` (the usual
     ``{"model": model.state_dict(), "optimizer": optimizer.state_dict()}`` layout; PyTorch Lightning's one

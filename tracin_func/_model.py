@@ -738,7 +738,8 @@ def _prefix_hint(
     missing: Sequence[str], unexpected: Sequence[str], expected: Collection[str], strict: bool = True
 ) -> str:
     """How to match a checkpoint whose names all carry a prefix the model's do not (a LightningModule's ``model.``,
-    an EMA wrapper's), or lack one the model's carry (saved from a submodule); ``""`` where none explains them. Not
+    an EMA wrapper's), lack one the model's carry (saved from a submodule), or carry one where the model's carry
+    another (``model.module.`` for ``model.``); ``""`` where none explains them. Not
     ``strict``: the names it lacks need no explaining (an adapter-only file, which found no hint before)."""
     # the checkpoint's names carry it (not: extra ones)
     for prefix in leading_prefixes(unexpected[0]) if unexpected else []:
@@ -756,6 +757,14 @@ def _prefix_hint(
                 f" (the model's names carry the prefix {prefix!r}, its do not: it was saved from that submodule; "
                 f"pass `{{{prefix!r} + k: v for k, v in state.items()}}`, or score the submodule)"
             )
+    for theirs in leading_prefixes(unexpected[0]) if missing and unexpected else []:  # one prefix for another (a
+        for ours in leading_prefixes(missing[0]):  # wrapper saved around a submodule: `model.module.` for `model.`)
+            renamed = {ours + n[len(theirs) :] for n in unexpected if n.startswith(theirs)}
+            if len(renamed) == len(unexpected) and set(missing) <= renamed <= set(expected):
+                return (
+                    f" (its names carry the prefix {theirs!r} where the model's carry {ours!r}: pass "
+                    f"`{{{ours!r} + k.removeprefix({theirs!r}): v for k, v in state.items()}}`)"
+                )
     return ""
 
 
