@@ -1742,3 +1742,45 @@ def test_a_torch_export_module_is_refused_naming_how_to_export_it_for_scoring():
         warnings.simplefilter("ignore")  # (torch's own, on unchecked guards)
         scores = tc.influence(program.module(check_guards=False), ckpts, (x, y), (x, y), loss_fn=nn.CrossEntropyLoss())
     assert_close(scores, reference_scores(net, ckpts, (x, y), (x, y), loss_fn=nn.CrossEntropyLoss()).influence, 1e-12)
+
+
+class _InnerStep(nn.Module):
+    """A MAML-style forward: one gradient step of its net on an example's support set (`torch.autograd.grad` of its
+    parameters, `create_graph=True`), then the stepped net on its query; ``leaves``: parameters not requiring grad
+    made leaves first."""
+
+    def __init__(self, leaves):
+        super().__init__()
+        self.net, self.leaves = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)), leaves
+
+    def forward(self, xs, ys, xq):
+        params = dict(self.net.named_parameters())
+        if self.leaves:
+            params = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
+        out = []
+        for i in range(xs.shape[0]):
+            with torch.enable_grad():
+                inner = (functional_call(self.net, params, (xs[i],)).squeeze(-1) - ys[i]).square().mean()
+                steps = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+            stepped = {k: v - 0.1 * step for (k, v), step in zip(params.items(), steps)}
+            out.append(functional_call(self.net, stepped, (xq[i : i + 1],)))
+        return torch.cat(out)
+
+
+def test_a_forward_differentiating_its_parameters_is_told_how_and_then_scored():
+    """A MAML inner step in the forward: the checks' parameters, given as values, failed it with advice about
+    inputs only; with them made leaves, the default path raised a raw error from discovery, which detaches the
+    layers' outputs (a review helper's). The message names the parameters' fix, and then the call is exact."""
+    torch.manual_seed(0)
+    data = tuple(torch.randn(*shape, dtype=torch.float64) for shape in ((5, 4, 2), (5, 4), (5, 2), (5, 1)))
+    for leaves in (False, True):
+        model = _InnerStep(leaves).double().eval()
+        ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.1)]
+        if not leaves:
+            with pytest.raises(RuntimeError, match=r"a MAML inner step\), of those made leaves where they need it"):
+                tc.self_influence(model, ckpts, data, loss_fn=nn.MSELoss())
+            continue
+        ref = reference_scores(model, ckpts, data, loss_fn=nn.MSELoss())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the call leaves the batched path, and says so)
+            assert_close(tc.self_influence(model, ckpts, data, loss_fn=nn.MSELoss()), ref.self_influence, 1e-12)

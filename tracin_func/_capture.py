@@ -271,13 +271,18 @@ def discover(
     # (BLOOM's GeLU), which the batched path runs too
     leaves = {n: t.detach().requires_grad_() for n, t in diff.items()}
     state = {**frozen, **leaves}
-    with torch.enable_grad(), hooked(module, {s.path: hook_for(s) for s in sites}), beyond:
-        if not whole:
-            total = scalar_loss(loss, state, batch_of_one(example_at(batch, 0)))
-        elif isinstance(loss, BatchedLoss):
-            total = loss.per_example(state, batch).sum()
-        else:  # a criterion on the whole batch, at its reduction's scale (only which gradients are reached counts)
-            total = loss(state, batch)
+    try:
+        with torch.enable_grad(), hooked(module, {s.path: hook_for(s) for s in sites}), beyond:
+            if not whole:
+                total = scalar_loss(loss, state, batch_of_one(example_at(batch, 0)))
+            elif isinstance(loss, BatchedLoss):
+                total = loss.per_example(state, batch).sum()
+            else:  # a criterion on the whole batch, at its reduction's scale (only which gradients are reached counts)
+                total = loss(state, batch)
+    except RuntimeError as err:  # a derivative of the layers' detached outputs (a MAML step's): no gradient to take
+        if beyond.why and not isinstance(err, Unbatchable):
+            raise BeyondFactors(beyond.why, "`factored=False`", factorless=True) from err
+        raise
     if beyond.why:
         raise BeyondFactors(beyond.why, "`factored=False`", factorless=True)
     grads = [None] * len(leaves)

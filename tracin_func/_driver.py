@@ -552,7 +552,9 @@ _GRADIENT_IN_THE_LOSS = (
     "under `with torch.enable_grad():`: the library's checks run the loss with gradients off, as `torch.no_grad()` "
     "does (the gradients scored are taken by the library); and one with respect to an input (a PINN's coordinates) "
     "of that input made a leaf there, `x = batch[0].detach().requires_grad_()`: inputs are given as values, without "
-    "`requires_grad`"
+    "`requires_grad`; one with respect to the model's parameters (a MAML inner step), of those made leaves where they "
+    "need it, `p = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}`: the "
+    "checks give the parameters as values too"
 )
 
 # a gradient hook put on in the forward, on a tensor the call does not differentiate
