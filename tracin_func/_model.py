@@ -58,7 +58,8 @@ class ModelSpec(NamedTuple):
     # unsaved floating buffers in a dtype of the model's parameters, converted with them (a float32 ``inv_freq``
     # kept in a bfloat16 model is not)
     following: frozenset[str] = frozenset()
-    # state-dict entries of modules' ``get_extra_state()``, the model's own: no functional call can set them
+    # state-dict entries of modules' ``get_extra_state()`` and of no parameter or buffer (a quantized layer's packed
+    # weights), the model's own: no functional call can set them
     extra: Mapping[str, Any] = {}
     counts: frozenset[str] = frozenset()  # counters no output reads (``_counts``): taken from the model where missing
     hooked: frozenset[str] = frozenset()  # parameters with a gradient hook (``register_hook``): refused if scored
@@ -453,6 +454,13 @@ def select_params(
             f"{list(available)[:3]}; with the default `method='exact'`: `method='last_layer'` scores the trainable "
             f"parameters of the last layer)" if params is None and layers is None and available and not default else ""
         )
+        packed = [p for p, m in model.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized") and
+                  not type(m).__name__.endswith("PackedParams")] if isinstance(model, nn.Module) else []  # fmt: skip
+        if packed and not available:
+            frozen = (
+                f": its quantized layers ({packed[:3]}) hold packed integer weights, not parameters; score the float "
+                f"model (before `torch.ao.quantization.quantize_dynamic` or `convert`)"
+            )
         raise ValueError(
             f"No parameters selected to differentiate (`params`={params!r}, `layers`={layers!r}){frozen}."
         )
@@ -482,6 +490,11 @@ def model_spec(
             named = dict(model.named_parameters())  # de-duplicated: a tied tensor appears under its first name
             state = model.state_dict(keep_vars=True)
             extra = {n: state.pop(n) for n in _extra_state_names(model) if n in state}
+            # (entries of no parameter or buffer, a layer's own `_save_to_state_dict`: a quantized layer's packed
+            # weights and scale, which it runs with as it holds them)
+            tensors = {n for n, _ in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(
+                remove_duplicate=False))}  # fmt: skip
+            extra.update({n: state.pop(n) for n in [n for n in state if n not in tensors]})
             counts = frozenset(_counts(model))
             unsaved = {n: t for n, t in model.named_buffers() if n not in state}  # (persistent=False)
             floating = {t.dtype for t in named.values() if t.is_floating_point()}
@@ -769,11 +782,13 @@ def _prefix_hint(
 
 
 def _refuse_other_extra_state(state: Mapping[str, Any], extra: Mapping[str, Any], where: str) -> None:
-    """Raise where a checkpoint holds a module's extra state (``get_extra_state()``) other than the model's."""
+    """Raise where a checkpoint holds a module's extra state (``get_extra_state()``, or an entry of no parameter or
+    buffer: a quantized layer's packed weights) other than the model's."""
     for name in extra.keys() & state.keys():
         if not _same_values(state[name], extra[name]):
             raise ValueError(
-                f"`{where}[{name!r}]` holds a module's extra state (`get_extra_state()`) other than the model's, and "
+                f"`{where}[{name!r}]` holds a value the model keeps outside its parameters and buffers (a module's "
+                f"extra state, `get_extra_state()`; a quantized layer's packed weights) other than the model's, and "
                 f"scoring, which runs the model with each checkpoint's tensors, cannot set it. Load that checkpoint "
                 f"into the model (`model.load_state_dict`) and score it alone (scores add up over checkpoints), or "
                 f"drop the entry to score with the model's."
