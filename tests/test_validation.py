@@ -1501,6 +1501,18 @@ def test_an_op_of_one_dtype_under_dtype_float64_is_named():
     ckpts = [tc.Checkpoint({k: v.clone() for k, v in experts.state_dict().items()}, 0.1)]
     with pytest.raises(RuntimeError, match=r"got Double\. The call computes in torch.float64 .*`grouped_mm`.* 'eager'"):
         tc.self_influence(experts, ckpts, data, loss_fn=CE, dtype=torch.float64)
+    # per-channel fake-quantize weights, QAT's default scheme, in torch's words "Scale must be Float or BFloat16, found
+    # Double" (unnamed: a review helper's)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).train()
+    weights = quant.FakeQuantize.with_args(observer=quant.MovingAveragePerChannelMinMaxObserver, quant_min=-128,
+                                           quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    model.qconfig = quant.QConfig(activation=quant.default_fake_quant, weight=weights)
+    quant.prepare_qat(model, inplace=True)
+    model(torch.randn(16, 4))
+    model.eval().apply(quant.disable_observer)
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    with pytest.raises(RuntimeError, match=r"found Double\. The call computes in torch.float64 .* one dtype only"):
+        tc.self_influence(model, ckpts, data, loss_fn=CE, dtype=torch.float64)
 
 
 class GroupedExperts(nn.Module):
