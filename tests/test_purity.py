@@ -454,8 +454,9 @@ def test_quantization_aware_training_with_its_observers_off_is_scored():
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     loss = nn.CrossEntropyLoss()
     model.apply(quantization.disable_observer)  # (a buffer the checkpoints hold: theirs is run, observing)
-    flag = re.escape("the checkpoint's '0.weight_fake_quant.observer_enabled' (1 where saved while training)")
-    with pytest.raises(ValueError, match=f"writes into the checkpoint's tensor.*{flag}.*pass checkpoints with those"):
+    flag = re.escape("the checkpoint's '0.weight_fake_quant.observer_enabled' where it holds one (1 where saved")
+    fixes = re.escape("set them to 0, `model.apply(torch.ao.quantization.disable_observer)` and checkpoints such as")
+    with pytest.raises(ValueError, match=f"writes into the checkpoint's tensor.*{flag}.*{fixes}"):
         tc.self_influence(model, ckpts, (x, y), loss_fn=loss)
     # the fix the refusal names (a review helper found it named "remove the state update", done already)
     off = lambda state: {k: torch.zeros_like(v) if k.endswith("observer_enabled") else v for k, v in state.items()}  # noqa: E731
@@ -465,6 +466,29 @@ def test_quantization_aware_training_with_its_observers_off_is_scored():
              for i in range(6)]  # fmt: skip
     want = 0.1 * torch.stack(grads).square().sum(1)
     torch.testing.assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=loss), want, rtol=1e-5, atol=0)
+
+
+def test_a_learned_fake_quantize_writing_its_scale_is_told_apart_from_an_observer():
+    """torch's `_LearnableFakeQuantize` clamps its learned scale in place at every forward: refused, it was told to
+    turn its observer off, which was off, and the advice changed nothing (a review helper's). Its refusal names the
+    write and a fix that applies."""
+    import torch.ao.quantization as quantization
+    from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).train()
+    weight = _LearnableFakeQuantize.with_args(observer=quantization.MovingAverageMinMaxObserver, quant_min=-128,
+                                              quant_max=127, dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    model.qconfig = quantization.QConfig(activation=quantization.default_fake_quant, weight=weight)
+    quantization.prepare_qat(model, inplace=True)
+    model(torch.randn(16, 4))
+    model.eval().apply(quantization.disable_observer)
+    for m in model.modules():
+        if isinstance(m, _LearnableFakeQuantize):
+            m.toggle_observer_update(False)
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, lr=0.1)]
+    with pytest.raises(ValueError, match=r"`_LearnableFakeQuantize` writes its learned `scale` in place at every fo"):
+        tc.self_influence(model, ckpts, (torch.randn(6, 4), torch.randint(0, 3, (6,))), loss_fn=nn.CrossEntropyLoss())
 
 
 class _FunctionalBatchNorm(nn.Module):

@@ -420,20 +420,33 @@ class _Watch(TorchDispatchMode):
                f"`.train()` call)" if switched else f"{remove} (it runs in eval mode already)")  # fmt: skip
         if drawn:  # (noise the model needs, a VAE's reparameterisation: given with the example, as the loss's)
             fix += f"; for noise it needs (a VAE's `torch.randn_like`), {_PASS_DRAWN}, and read them in its forward"
-        observing = next((p for p, m in reversed(self.modules) if isinstance(getattr(m, "observer_enabled", None),
-                                                                                torch.Tensor)), None)  # fmt: skip
-        if observing is not None:  # (quantization-aware training's fake-quantize: a flag the checkpoint holds)
+        observing = next((p for p, m in reversed(self.modules) if _observing(m)), None)
+        if self.modules and type(self.modules[-1][1]).__name__ == "_LearnableFakeQuantize":
+            fix = (
+                "torch's `_LearnableFakeQuantize` writes its learned `scale` in place at every forward (its observer's "
+                "where `static_enabled` is 1, else a clamp to `eps`), whatever its other flags: score a subclass whose "
+                "forward writes nothing in place (a clamped copy, `self.scale.clamp(min=self.eps.item())`, given to "
+                "the fake-quantize op; no `zero_point.data.zero_()`)"
+            )
+        elif observing is not None:  # (quantization-aware training's fake-quantize: a flag the checkpoint may hold)
             flag = f"{observing}.observer_enabled".lstrip(".")
             fix = (
-                f"a fake-quantize module observes while its `observer_enabled` buffer is 1, and the checkpoint's "
-                f"'{flag}' (1 where saved while training) is what the call runs, whatever the model's own "
-                f"(`torch.ao.quantization.disable_observer`): pass checkpoints with those flags 0, e.g. "
+                f"a fake-quantize module observes while its `observer_enabled` buffer is 1, and the call runs with the "
+                f"checkpoint's '{flag}' where it holds one (1 where saved while training), else with the model's: set "
+                f"them to 0, `model.apply(torch.ao.quantization.disable_observer)` and checkpoints such as "
                 f"`{{k: torch.zeros_like(v) if k.endswith('observer_enabled') else v for k, v in state.items()}}`"
             )
         raise ValueError(
             f"`model`: {who} {what} in its forward pass. TracIn needs a forward pass that is a function of the "
             f"checkpoint and the example: {fix}."
         )
+
+
+def _observing(module: nn.Module) -> bool:
+    """Whether ``module`` is a fake-quantize whose observer runs (its ``observer_enabled`` flag, as the call runs it,
+    1): a module writing otherwise with the flag 0 is not told to turn off what is off."""
+    flag = getattr(module, "observer_enabled", None)
+    return isinstance(flag, torch.Tensor) and bool((flag != 0).any())
 
 
 @contextmanager
