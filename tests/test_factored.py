@@ -3922,6 +3922,28 @@ def test_copies_breaking_a_shape_unpacked_in_python_leave_them_to_vmap():
     train = (torch.randn(8, 5, 8, dtype=torch.float64), torch.randint(0, 3, (8,)))
     _exact_and_explained(model, train, (train[0][:2], train[1][:2]))
 
+class GeneratedWeight(nn.Module):
+    """A hypernetwork's weight generated from a learned code vector, reshaped to the target layer's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.z, self.hyper, self.head = nn.Parameter(torch.randn(3)), nn.Linear(3, 20), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(F.linear(x, self.hyper(self.z).view(4, 5))))
+
+
+def test_copies_failing_a_batched_forward_are_named_as_the_forwards():
+    """A code vector's copies over the batch broke a reshape the model's own batched forward passes: the call said
+    its batched forward "failed where examples alone ran", as if the model's (a review helper's). It names the
+    copies it ran with; exact."""
+    torch.manual_seed(0)
+    model = GeneratedWeight().double().eval()
+    train = (torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    explained = _exact_and_explained(model, train, (train[0][:2], train[1][:2]))
+    assert "a batched forward with parameters copied over the batch ('z') failed where" in explained.batching
+
+
 class RowsOfItsInput(nn.Module):
     """A Linear fed the model's own input ``[B, T, d]`` merged into rows ``[B T, d]``: example-major (a reshape), or
     "time"-major (the first positions of every example, then the second ones)."""

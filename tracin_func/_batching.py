@@ -278,9 +278,11 @@ def _compared(
             except FAILURES as again:  # (a model taking one example at a time: GPT-2's classifier without a pad id)
                 _raise_refusal(again)
                 hint = _rows_of_ones(expanded, state)  # (the first examples' own failure: not their copies')
+                copied = ", ".join(repr(n) for site in expanded for n in site.names[:3])  # (alone: one copy each)
+                copies = f" with parameters copied over the batch ({copied})" if copied else ""
                 return BatchingCheck(
-                    f"a batched forward failed where examples alone ran ({cause_of(again)}{in_model_code(again)})"
-                    f"{hint}", {}
+                    f"a batched forward{copies} failed where examples alone ran ({cause_of(again)}"
+                    f"{in_model_code(again)}){hint}", {}
                 )
         # what shows padding in the data (each mask, each tensor's ends) shows it as far as it varies, packed too (a
         # second input the model cuts to the batch's longest)
