@@ -715,6 +715,21 @@ def test_copies_one_checkpoint_twice_tied_and_undifferentiated_tensors_do_not_wa
     assert re.search(_ALIASED, *_warnings_of(model, shared))
 
 
+def test_a_pure_functions_entry_left_as_it_was_is_warned_of_in_its_words():
+    """A functional loop that trains one entry leaves the other as it was, one tensor in every checkpoint: the
+    warning said both "most likely alias the model's live weights", of a model there is not (a review helper's). It
+    says when sharing is right and when wrong."""
+    w1, w2 = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    ckpts = [tc.Checkpoint({"w1": w1, "w2": w2 * scale}, 0.1) for scale in (1.0, 0.5)]
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tc.self_influence(lambda p, x: torch.tanh(x @ p["w1"]) @ p["w2"], ckpts, (x, y), loss_fn=nn.CrossEntropyLoss())
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert "for 'w1' (one storage, not copies): right where the training loop left that entry as it was" in message
+    assert "model's live weights" not in message
+
+
 def test_a_missing_checkpoint_file_is_said_to_be_missing(tmp_path):
     """A path that does not exist was reported as a file "empty, truncated or not a checkpoint"."""
     with pytest.raises(FileNotFoundError, match=r"Checkpoint file '.*ck.pt' does not exist"):

@@ -58,19 +58,30 @@ def first_shared(
     return None
 
 
-def warn_aliased_params(checkpoints: Sequence[Any], names: Iterable[str]) -> None:
-    """Warn when two checkpoints hold the very same tensor for a differentiated parameter (``names``)."""
+def warn_aliased_params(checkpoints: Sequence[Any], names: Iterable[str], function: bool = False) -> None:
+    """Warn when two checkpoints hold the very same tensor for a differentiated parameter (``names``); ``function``:
+    a pure function's checkpoints, whose loop may leave an entry it does not train as it is."""
     shared = first_shared([c.params for c in checkpoints], checkpoints, names)
-    if shared is not None:
-        i, j, name = shared
+    if shared is None:
+        return
+    i, j, name = shared
+    held = f"`checkpoints[{i}]` and `checkpoints[{j}]` hold the very same tensor for {name!r} (one storage, not copies)"
+    if function:
         warn(
-            f"`checkpoints[{i}]` and `checkpoints[{j}]` hold the very same tensor for {name!r} (one storage, not "
-            f"copies): most likely both alias the model's live weights (`dict(model.state_dict())` keeps references, "
-            f"which training changes in place), so both score the weights as they are now, not as they were when "
-            f"saved. Copy them when saving: {_COPY} (and `copy.deepcopy(optimizer.state_dict())`). One checkpoint "
-            f"object given twice is not warned about.",
+            f"{held}: right where the training loop left that entry as it was (one it does not update, which is then "
+            f"scored at the same values: leave it out of `params=` if it is not trained), wrong where it updates "
+            f"tensors in place (`p.sub_(...)`): both would score the values it holds now. Copy them when saving: "
+            f"`{{k: v.detach().clone() for k, v in params.items()}}`.",
             UserWarning,
         )
+        return
+    warn(
+        f"{held}: most likely both alias the model's live weights (`dict(model.state_dict())` keeps references, "
+        f"which training changes in place), so both score the weights as they are now, not as they were when "
+        f"saved. Copy them when saving: {_COPY} (and `copy.deepcopy(optimizer.state_dict())`). One checkpoint "
+        f"object given twice is not warned about.",
+        UserWarning,
+    )
 
 
 def warn_aliased_moments(checkpoints: Sequence[Any], states: Sequence[Mapping[str, Any]], names: Iterable[str]) -> None:

@@ -238,7 +238,7 @@ def make_setup(
                 f"learning rates (scores scale with them)."
             )
     prepared = with_adam_states(model, checkpoints, prepared, shapes, target, dtype, spec.diff_names)
-    warn_aliased_params(checkpoints, spec.diff_names)
+    warn_aliased_params(checkpoints, spec.diff_names, function=spec.module is None)
     auto_batch = batch_size is None  # the plan sizes the batches; before it (index builds), dense gradients, which
     # overstate what most plans hold: at least 16 examples there (the bound below 16 made a 69 MB model's build run
     # in batches of 3, 1.8x slower, its plan holding far less)
