@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad
 
@@ -255,7 +256,12 @@ def test_the_factorys_update_follows_hooks_and_layers_changed_since_planning():
                lambda: handles.pop().remove(),
                lambda: handles.append(model[2].register_forward_pre_hook(lambda m, i: (i[0] * 2,))),
                lambda: setattr(model[1], "act", torch.sigmoid),  # (scored as planned: 92% off, found by review)
-               lambda: model.__setitem__(1, nn.ReLU())]  # fmt: skip
+               lambda: model.__setitem__(1, nn.ReLU()),
+               # a method bound as a layer's forward, then removed, and a layer's class swapped (46-325%, by review)
+               lambda: setattr(model[2], "forward", types.MethodType(lambda self, h: 2 * F.linear(h, self.weight),
+                                                                      model[2])),
+               lambda: delattr(model[2], "forward"),
+               lambda: setattr(model[2], "__class__", _HalvedLinear)]  # fmt: skip
     for change in changes:
         change()
         want = tc.tracer_update(tc.tracer_init((x[:2], y[:2]), n_train=6, dtype=DTYPE), model, params, 1.0, batch,
@@ -263,6 +269,11 @@ def test_the_factorys_update_follows_hooks_and_layers_changed_since_planning():
         got = tracer.update(tracer.init(), params, 1.0, batch, idx).scores
         assert torch.equal(got, want.scores) and not torch.equal(got, before)
         before = got
+
+
+class _HalvedLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) / 2
 
 
 @pytest.mark.parametrize("frozen_at_planning", [False, True])

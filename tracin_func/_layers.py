@@ -133,7 +133,7 @@ _PLAIN_FORWARD = {
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-_INSTANCE_OVERRIDES = {"forward", "_conv_forward"}  # set on the instance, they replace the class's own function
+INSTANCE_OVERRIDES = {"forward", "_conv_forward"}  # set on the instance, they replace the class's own function
 
 
 class UnrolledForward(partial):
@@ -166,7 +166,7 @@ def wrapped(module: nn.Module) -> str:
         return f"{name} has hooks, whose effect on its output cannot be proven"
     if parametrize.is_parametrized(module) and not reparametrized(module):
         return f"{name} has a parametrized tensor (followed only as the weight alone of a Linear or a convolution)"
-    if any(not isinstance(vars(module)[k], UnrolledForward) for k in _INSTANCE_OVERRIDES & set(vars(module))):
+    if any(not isinstance(vars(module)[k], UnrolledForward) for k in INSTANCE_OVERRIDES & set(vars(module))):
         return f"{name} has a forward set on the instance"
     return ""
 

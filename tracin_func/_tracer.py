@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
+import types
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -45,6 +46,7 @@ from ._context import check_precision, in_own_context
 from ._data import as_dict, batch_size_of, check_batch_structure, to_device
 from ._driver import naming_failures
 from ._hooks import global_hook_ids
+from ._layers import INSTANCE_OVERRIDES
 from ._model import (
     check_runnable,
     copied_containers,
@@ -550,12 +552,25 @@ def _following(planned: _Planned) -> None:
 
 
 def _structure(model: torch.nn.Module) -> tuple[Any, ...]:
-    """The module tree by identity, with each module's forward hooks (their handles' ids), and the global hooks: what
-    a plan's private copy of the modules was made from, and checked against."""
+    """The module tree by identity, with each module's class, its forward hooks (their handles' ids) and the methods
+    set on it (a `forward` bound to it, which the copy rebinds to itself, or another callable, refused), and the
+    global hooks: what a plan's private copy of the modules was made from, and checked against (a `forward` rebound
+    or a class swapped after planning were scored as they were before, silently: 46-325% off)."""
     modules = tuple(
-        (path, id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for path, m in model.named_modules()
+        (path, id(m), type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks), _set_methods(m))
+        for path, m in model.named_modules()
     )
     return (*modules, global_hook_ids())
+
+
+def _set_methods(module: torch.nn.Module) -> tuple[tuple[str, int], ...]:
+    """The methods set on a module instance (``forward``, ``_conv_forward``: any callable; others: methods bound to a
+    module), by identity."""
+    return tuple(
+        (k, id(v)) for k, v in vars(module).items()
+        if k in INSTANCE_OVERRIDES and callable(v) or isinstance(v, types.MethodType) and isinstance(v.__self__,
+                                                                                                      torch.nn.Module)
+    )  # fmt: skip
 
 
 def _switches(model: torch.nn.Module) -> tuple[Any, ...]:
