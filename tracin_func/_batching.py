@@ -142,7 +142,20 @@ def batching_refused(
         same = not wide.reason and _computes_alike(losses, states, batches, check.seen, wide.seen)
     except (RuntimeError, TypeError, ValueError):
         return _named(check)
-    return wide._replace(seen=_floating_as(narrow, wide.seen)) if same else _named(check)
+    if same:
+        return wide._replace(seen=_floating_as(narrow, wide.seen))
+    if not wide.reason:  # (alike in float64, but the model computes otherwise there: rounding cannot be told apart)
+        check = check._replace(reason=check.reason + _UNLIKE_IN_FLOAT64.format(dtype=str(narrow).replace("torch.", "")))
+    return _named(check)
+
+
+_UNLIKE_IN_FLOAT64 = (
+    "; run again in float64, the first examples got the same factors batched and alone, but the model computes "
+    "otherwise in float64 than in {dtype} (its outputs or a layer's inputs more than 1e-4 apart: a model that "
+    "sensitive to rounding, or one branching on its dtype, `torch.finfo(x.dtype)`), so {dtype} rounding cannot be "
+    "told from examples interacting here; a model computing the same function in float64 (no such branch) takes the "
+    "batched path with `dtype=torch.float64`"
+)
 
 
 def _named(check: BatchingCheck) -> BatchingCheck:
