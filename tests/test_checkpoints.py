@@ -539,6 +539,22 @@ def test_an_averaged_models_files_score_the_averaged_model_itself(tmp_path):
     scores = tc.influence(averaged.eval(), loaded, (x, y), (x, y), loss_fn=nn.CrossEntropyLoss())
     assert_close(scores, ref.influence, 1e-12)
     assert int(averaged.n_averaged) == 2  # (the model's own count, left as it was)
+    # a BatchNorm's count beside it (its files were refused by the first form of this, a sweep's find), and a
+    # subclass whose forward reads the count (a debiased average, scored with the model's count: 97% off, silently)
+    with_norm = AveragedModel(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double())
+    torch.save(with_norm.state_dict(), tmp_path / "norm.pt")
+    normed = tc.load_checkpoints([tmp_path / "norm.pt"], lr=0.1)
+    ref = reference_scores(with_norm.module.eval(), normed, (x, y), loss_fn=nn.CrossEntropyLoss())
+    assert_close(tc.self_influence(with_norm.eval(), normed, (x, y), loss_fn=nn.CrossEntropyLoss()),
+                 ref.self_influence, 1e-12)  # fmt: skip
+
+    class Debiased(AveragedModel):
+        def forward(self, x):
+            return self.module(x) / (1 - 0.9 ** self.n_averaged.double())
+
+    read = re.escape("missing ['n_averaged'], unexpected []. Save the model's `state_dict()` (`n_averaged`: an ")
+    with pytest.raises(ValueError, match=read + r"`AveragedModel`'s count, which this one's forward reads"):
+        tc.self_influence(Debiased(model).eval(), loaded, (x, y), loss_fn=nn.CrossEntropyLoss())
 
 
 def test_a_compiled_submodules_names_are_read_and_a_wrapper_inside_names_is_named(tmp_path):

@@ -559,14 +559,18 @@ def _extra_state_names(model: nn.Module) -> list[str]:
     ]
 
 
+_AVERAGED = "n_averaged"  # torch's ``AveragedModel``'s count of the models averaged
+
+
 def _counts(model: nn.Module) -> Iterator[str]:
-    """Counters no output reads: BatchNorm's step counts, and the number of models an ``AveragedModel`` (EMA, SWA)
-    has averaged, which ``tc.load_checkpoints`` drops from its files."""
+    """Counters no output reads: BatchNorm's step counts, and the number of models torch's ``AveragedModel`` (EMA,
+    SWA) has averaged, which ``tc.load_checkpoints`` drops from its files (not where a subclass's forward is its own:
+    a debiased average divides by ``1 - decay ** n_averaged``)."""
     for path, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None:
             yield f"{path}.num_batches_tracked" if path else "num_batches_tracked"
-        elif isinstance(m, AveragedModel):
-            yield f"{path}.n_averaged" if path else "n_averaged"
+        elif isinstance(m, AveragedModel) and type(m).forward is AveragedModel.forward:
+            yield f"{path}.{_AVERAGED}" if path else _AVERAGED
 
 
 def _names(names: list[str], limit: int = 10) -> str:
@@ -644,7 +648,7 @@ def checked_state(
             f"checkpoints must hold the same entries, or it would compute with some that are not differentiated."
         )
     if spec.expected is not None:
-        state = _wrapped_child_names(state, spec.expected - spec.counts)
+        state = _wrapped_child_names(state, spec.expected, spec.counts)
         _refuse_other_extra_state(state, spec.extra, where)
         state = {n: t for n, t in state.items() if n not in spec.extra}
         # a tied tensor saved under its other name only (GPT-2's lm_head.weight): it is the first name's value
@@ -656,7 +660,9 @@ def checked_state(
         # too, and it never changes an output in eval mode; an AveragedModel's count, which loading drops)
         missing = [n for n in missing if n not in spec.counts]
         if unexpected or (missing and strict):
-            fix = "" if unexpected else ", or pass `strict=False` to take missing entries from the model"
+            # (a count the forward reads, missing, is not the model's to take: no `strict=False` offered)
+            strict_fix = not unexpected and _AVERAGED not in missing
+            fix = ", or pass `strict=False` to take missing entries from the model" if strict_fix else ""
             unsaved = [n for n in unexpected if n in spec.unsaved]
             if unsaved:
                 fix += (
@@ -675,6 +681,12 @@ def checked_state(
                     "`tc.load_checkpoints`, which takes them)"
                 )
             fix = fix or _prefix_hint(missing, unexpected, spec.expected, strict)
+            if _AVERAGED in missing:  # (a subclass's forward reading it: not a count taken from the model)
+                fix += (
+                    f" (`{_AVERAGED}`: an `AveragedModel`'s count, which this one's forward reads and "
+                    f"`tc.load_checkpoints` drops from its files: load them with `torch.load`, or give it in the "
+                    f"checkpoint)"
+                )
             if set(missing) & set(LR_KEYS):
                 fix += (
                     f". A file's flat {sorted(set(missing) & set(LR_KEYS))} entry is read as the learning rate: save "
@@ -737,13 +749,15 @@ def checked_state(
     return state
 
 
-def _wrapped_child_names(state: dict[str, Any], expected: frozenset[str]) -> dict[str, Any]:
+def _wrapped_child_names(state: dict[str, Any], expected: frozenset[str], counts: Collection[str]) -> dict[str, Any]:
     """``state`` named as the model does where the model's names all carry a wrapper's prefix the checkpoint's lack
     (a model whose only child is named ``module``, an EMA wrapper's: ``tc.load_checkpoints`` strips that prefix from
-    files, as it strips DataParallel's), else ``state``."""
+    files, as it strips DataParallel's), but for its own counts (an ``AveragedModel``'s ``n_averaged``), else
+    ``state``."""
     if not state or expected.intersection(state):
         return state
-    prefix = wrapper_prefix(state, expected)
+    own = {n for n in (*counts, _AVERAGED) if "." not in n}  # (the wrapper's own entries, unprefixed)
+    prefix = wrapper_prefix(state, expected - own)
     return state if prefix is None else {prefix + n: t for n, t in state.items()}
 
 
