@@ -1824,3 +1824,41 @@ def test_a_dynamically_quantized_layers_packed_weights_are_the_models_own():
     whole = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(6, 3)))  # (no parameter left)
     with pytest.raises(ValueError, match=r"its quantized layers \(\['0'\]\) hold packed integer weights, not para"):
         tc.self_influence(whole, [tc.Checkpoint(whole.state_dict(), 0.1)], (x, y), loss_fn=nn.CrossEntropyLoss())
+
+
+class _SavesItsScale(nn.Linear):
+    """A tensor attribute (a calibration scale) its own `_save_to_state_dict` saves, which the forward reads."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.scale = torch.ones((), dtype=torch.float64)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "scale"] = self.scale
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_a_tensor_attribute_a_layer_saves_itself_is_the_checkpoints():
+    """A tensor attribute a layer saves itself is set by the functional call like a buffer: the entries taken to be
+    the model's own (a quantized layer's packed weights) first took it too, refusing checkpoints that differ in it
+    (a sweep's find). Each checkpoint's scale is scored."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_SavesItsScale(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    states = [{**model.state_dict(), "0.scale": torch.tensor(1.0 + c, dtype=torch.float64)} for c in range(2)]
+    ckpts = [tc.Checkpoint(state, 0.1) for state in states]
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(2, (5,))
+    ref = torch.zeros(5, dtype=torch.float64)
+    for state in states:
+        model[0].scale = state["0.scale"]
+        for i in range(5):
+            grads = torch.autograd.grad(CE(model(x[i : i + 1]), y[i : i + 1]), list(model.parameters()))
+            ref[i] += 0.1 * sum(g.square().sum() for g in grads)
+    model[0].scale = torch.ones((), dtype=torch.float64)
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE), ref, 1e-12)
+    from tracin_func._model import _same_values  # (a model's own value holding a NaN sentinel: alike its copy)
+
+    assert _same_values({"s": torch.tensor([math.nan, 1.0])}, {"s": torch.tensor([math.nan, 1.0])})
+    assert not _same_values({"s": torch.tensor([math.nan, 1.0])}, {"s": torch.tensor([1.0, math.nan])})

@@ -490,11 +490,9 @@ def model_spec(
             named = dict(model.named_parameters())  # de-duplicated: a tied tensor appears under its first name
             state = model.state_dict(keep_vars=True)
             extra = {n: state.pop(n) for n in _extra_state_names(model) if n in state}
-            # (entries of no parameter or buffer, a layer's own `_save_to_state_dict`: a quantized layer's packed
+            # (entries no functional call can set, a layer's own `_save_to_state_dict`'s: a quantized layer's packed
             # weights and scale, which it runs with as it holds them)
-            tensors = {n for n, _ in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(
-                remove_duplicate=False))}  # fmt: skip
-            extra.update({n: state.pop(n) for n in [n for n in state if n not in tensors]})
+            extra.update({n: state.pop(n) for n in [n for n, v in state.items() if not _settable(model, n, v)]})
             counts = frozenset(_counts(model))
             unsaved = {n: t for n, t in model.named_buffers() if n not in state}  # (persistent=False)
             floating = {t.dtype for t in named.values() if t.is_floating_point()}
@@ -547,6 +545,18 @@ def _in_order(function: Callable[..., Any], order: Sequence[str]) -> Forward:
 
     forward.user_function = function  # type: ignore[attr-defined]  (what an index's fingerprint describes)
     return forward
+
+
+def _settable(model: nn.Module, name: str, value: Any) -> bool:
+    """Whether a functional call can set the state-dict entry ``name`` = ``value``: a tensor for a tensor the module
+    holds under that name (a parameter, a buffer, or a tensor attribute its own ``_save_to_state_dict`` saves), not
+    a quantized layer's packed weights or a float it saves as a tensor."""
+    path, _, attribute = name.rpartition(".")
+    try:
+        held = getattr(model.get_submodule(path), attribute, None)
+    except AttributeError:
+        return False
+    return isinstance(value, torch.Tensor) and isinstance(held, torch.Tensor)
 
 
 def _extra_state_names(model: nn.Module) -> list[str]:
@@ -819,7 +829,7 @@ def _same_values(a: Any, b: Any) -> bool:
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape):
                 return False
-            if not torch.equal(x.cpu(), y.cpu()):
+            if not torch.equal(x.cpu(), y.cpu()) and not _equal_with_nans(x.cpu(), y.cpu()):
                 return False
         else:
             try:
@@ -828,6 +838,13 @@ def _same_values(a: Any, b: Any) -> bool:
             except Exception:
                 return False
     return True
+
+
+def _equal_with_nans(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether two tensors of one shape are equal but for NaNs at the same places (a sentinel)."""
+    if not (x.is_floating_point() and y.is_floating_point() and x.dtype == y.dtype):
+        return False
+    return bool(((x == y) | (x.isnan() & y.isnan())).all())
 
 
 def _as_model_holds(t: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
