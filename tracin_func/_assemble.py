@@ -117,7 +117,8 @@ def assemble(
     return Representation(_tied_uses_together(_conditioned(parts)), plan.names)
 
 
-def _conditioned(parts: list[Part]) -> list[Part]:
+@torch.compiler.disable  # (eager in compiled updates: where factors lie is no value dynamo traces; its guards on
+def _conditioned(parts: list[Part]) -> list[Part]:  # the shared products' keys recompiled every batch)
     """Factored parts with their examples' squared norms and whether their rows cancel (``Factored.conditioned``),
     the flags read at once (one device sync a batch)."""
     shared: dict[tuple, torch.Tensor] = {}
