@@ -263,11 +263,11 @@ def unprefixed(names: Sequence[str]) -> list[str] | None:
     stripped = list(names)
     while stripped and (prefix := next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) for n in stripped)), None)):
         stripped = [n[len(prefix) :] for n in stripped]
-    stripped = [n.replace(_COMPILED_INSIDE, ".") for n in stripped]
+    stripped = [n.replace(COMPILED_INSIDE, ".") for n in stripped]
     return stripped if stripped != list(names) else None
 
 
-_COMPILED_INSIDE = "._orig_mod."
+COMPILED_INSIDE = "._orig_mod."
 
 
 def wrapper_prefix(names: Collection[str], expected: Collection[str]) -> str | None:

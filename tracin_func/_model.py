@@ -19,7 +19,15 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 from torch.optim.swa_utils import AveragedModel
 
-from ._checkpoints import LR_KEYS, Checkpoint, check_lr, leading_prefixes, unprefixed, wrapper_prefix
+from ._checkpoints import (
+    COMPILED_INSIDE,
+    LR_KEYS,
+    Checkpoint,
+    check_lr,
+    leading_prefixes,
+    unprefixed,
+    wrapper_prefix,
+)
 from ._data import COMPLEX
 from ._encoders import encoders_set_aside, held_encoders
 from ._hooks import HOOKS_PUT_BACK, on_copies
@@ -681,8 +689,13 @@ def checked_state(
                 )
             averaged = "n_averaged" in unexpected  # (torch's AveragedModel: EMA / SWA weights, its count beside them)
             stripped = unprefixed([n for n in unexpected if n != "n_averaged"])
+            inside = any(COMPILED_INSIDE in n for n in unexpected)  # (a compiled submodule's)
             if stripped is not None and set(stripped) <= spec.expected:
                 fix = (
+                    f" (its names carry torch.compile's `_orig_mod.` inside them: pass `{{k.replace("
+                    f"{COMPILED_INSIDE!r}, '.'): v for k, v in state.items()}}`, or load the files with "
+                    f"`tc.load_checkpoints`, which strips it)"
+                    if inside else
                     " (its names carry the prefix of a wrapper: DataParallel / DDP's `module.`, torch.compile's "
                     "`_orig_mod.`; save the wrapped module's `state_dict()` (`model.module`, `model._orig_mod`), "
                     "or load the files with `tc.load_checkpoints`, which strips it)"
@@ -799,8 +812,8 @@ def _prefix_hint(
             renamed = {ours + n[len(theirs) :] for n in unexpected if n.startswith(theirs)}
             if len(renamed) == len(unexpected) and set(missing) <= renamed <= set(expected):
                 return (
-                    f" (its names carry the prefix {theirs!r} where the model's carry {ours!r}: pass "
-                    f"`{{{ours!r} + k.removeprefix({theirs!r}): v for k, v in state.items()}}`)"
+                    f" (its names carry the prefix {theirs!r} where the model's carry {ours!r}: pass `{{({ours!r} + "
+                    f"k.removeprefix({theirs!r}) if k.startswith({theirs!r}) else k): v for k, v in state.items()}}`)"
                 )
     return ""
 
