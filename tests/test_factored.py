@@ -4770,3 +4770,37 @@ def test_parts_of_the_same_factors_share_their_row_products(monkeypatch):
     for part, (lone, flag) in zip(together, alone):
         assert torch.equal(part.norms, lone.norms) and part.cancelling == bool(flag)
     assert torch.equal(parts[0].a, a) and torch.equal(parts[0].g, g)  # (factors left as they were)
+
+
+class _TopPrior(nn.Module):
+    """A flow's last steps: an affine normalisation whose log-determinant sums its log-scale whole, and a learned
+    prior computed from a zero buffer expanded over the batch (Glow's), scaled by a ``[1, C, 1, 1]`` parameter."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.loc, self.logs = nn.Parameter(0.1 * torch.randn(1, c, 1, 1)), nn.Parameter(0.1 * torch.randn(1, c, 1, 1))
+        self.register_buffer("h", torch.zeros(1, c, 2, 2))
+        self.conv, self.scale = nn.Conv2d(c, 2 * c, 3, padding=1), nn.Parameter(0.1 * torch.randn(1, 2 * c, 1, 1))
+
+    def forward(self, x):
+        z, logdet = (x + self.loc) * torch.exp(self.logs), 4 * self.logs.sum()
+        mean, logsd = (self.conv(self.h.expand(x.shape[0], -1, -1, -1)) * torch.exp(3 * self.scale)).chunk(2, 1)
+        logp = -0.5 * (2 * logsd + (z - mean) ** 2 * torch.exp(-2 * logsd)).flatten(1).sum(1)
+        return -(logp + logdet)[:, None]
+
+
+def test_copies_a_forward_reduces_whole_are_named_as_such():
+    """A flow's log-determinant `logs.sum()` of a parameter copied over the batch sums every example's copy: the
+    refusal said the examples interact "through batch statistics ... or in the loss", which this model does not (a
+    review helper's Glow). It names the copies' use; exact."""
+    torch.manual_seed(0)
+    model = _TopPrior().double().eval()
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64)
+    ckpts, loss = _ckpts(model), lambda out, y: out.sum()
+    train, test = (x, torch.zeros(6)), (x[:2], torch.zeros(2))
+    ref = reference_scores(model, ckpts, train, test, loss_fn=loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tc.SlowPathWarning)
+        assert_close(tc.influence(model, ckpts, train, test, loss_fn=loss), ref.influence)
+    batching = tc.explain(model, ckpts, train, loss_fn=loss).batching
+    assert "the forward uses a copied parameter otherwise than broadcast over the batch" in batching, batching

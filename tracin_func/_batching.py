@@ -359,6 +359,11 @@ def _compared(
                 inputs_alike = per_example and singles is not None and all(map(_close_rows, singles, xs))
                 folded = plan.fold > 1 and per_example and all(t.dim() > 1 and t.shape[1] == plan.fold for t in xs)
                 where = (  # (a siamese GRU's `torch.cat([a, b])` was said to interact or reorder: a review helper's)
+                    "the gradients of its parameters' copies, one per example: the forward uses a copied parameter "
+                    "otherwise than broadcast over the batch (reduced whole, `p.sum()`, as a flow's log-determinant "
+                    "`logs.sum()` does, whose copies' sum holds every example's), or examples interact after it"
+                    if path in {site.path for site in expanded}
+                    else
                     f"the model folds {plan.fold} rows per example into the batch dimension, and they are not each "
                     f"example's own there: joined part by part (a pair's `torch.cat([a, b])` puts every example's "
                     f"first part before any second; `torch.stack([a, b], 1).flatten(0, 1)` keeps each example's rows "
