@@ -129,7 +129,9 @@ def _list_directory(directory: str) -> list[str]:
 
 _MODEL_FILES = ("model.safetensors", "pytorch_model.bin")  # a Hugging Face Trainer's ``checkpoint-N`` folders'
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # theirs, saved in shards
-_AVERAGED = "n_averaged"  # torch's ``AveragedModel`` (EMA, SWA): its wrapped model's entries under ``module.``
+# torch's ``AveragedModel`` (EMA, SWA): its count of the models averaged, beside their average's entries under
+# ``module.``
+AVERAGED_COUNT = "n_averaged"
 
 
 def _model_file(folder: str) -> str | None:
@@ -249,8 +251,8 @@ def split_state_and_lr(obj: Mapping[str, Any], where: str) -> tuple[dict[str, to
             f"Checkpoint {where} has non-tensor entries {bad[:5]}; expected a state dict, optionally with a "
             f"`learning_rate` entry or nested under `model_state_dict`.{optimizer}"
         )
-    if _AVERAGED in state and all(n.startswith(DATA_PARALLEL_PREFIX) for n in state if n != _AVERAGED):
-        state = {n: t for n, t in state.items() if n != _AVERAGED}  # (torch's AveragedModel: its average's count)
+    if AVERAGED_COUNT in state and all(n.startswith(DATA_PARALLEL_PREFIX) for n in state if n != AVERAGED_COUNT):
+        state = {n: t for n, t in state.items() if n != AVERAGED_COUNT}
     stripped = unprefixed(list(state))
     return dict(zip(stripped, state.values())) if stripped is not None else dict(state), lr
 

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from torch.optim.swa_utils import AveragedModel
 
 from ._checkpoints import (
+    AVERAGED_COUNT,
     COMPILED_INSIDE,
     LR_KEYS,
     Checkpoint,
@@ -66,8 +67,8 @@ class ModelSpec(NamedTuple):
     # unsaved floating buffers in a dtype of the model's parameters, converted with them (a float32 ``inv_freq``
     # kept in a bfloat16 model is not)
     following: frozenset[str] = frozenset()
-    # state-dict entries of modules' ``get_extra_state()`` and of no parameter or buffer (a quantized layer's packed
-    # weights), the model's own: no functional call can set them
+    # state-dict entries no functional call can set, the model's own: modules' ``get_extra_state()``, a quantized
+    # layer's packed weights (``_settable``)
     extra: Mapping[str, Any] = {}
     counts: frozenset[str] = frozenset()  # counters no output reads (``_counts``): taken from the model where missing
     hooked: frozenset[str] = frozenset()  # parameters with a gradient hook (``register_hook``): refused if scored
@@ -577,9 +578,6 @@ def _extra_state_names(model: nn.Module) -> list[str]:
     ]
 
 
-_AVERAGED = "n_averaged"  # torch's ``AveragedModel``'s count of the models averaged
-
-
 def _counts(model: nn.Module) -> Iterator[str]:
     """Counters no output reads: BatchNorm's step counts, and the number of models torch's ``AveragedModel`` (EMA,
     SWA) has averaged, which ``tc.load_checkpoints`` drops from its files (not where a subclass's forward is its own:
@@ -588,7 +586,7 @@ def _counts(model: nn.Module) -> Iterator[str]:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None:
             yield f"{path}.num_batches_tracked" if path else "num_batches_tracked"
         elif isinstance(m, AveragedModel) and type(m).forward is AveragedModel.forward:
-            yield f"{path}.{_AVERAGED}" if path else _AVERAGED
+            yield f"{path}.{AVERAGED_COUNT}" if path else AVERAGED_COUNT
 
 
 def _names(names: list[str], limit: int = 10) -> str:
@@ -679,7 +677,7 @@ def checked_state(
         missing = [n for n in missing if n not in spec.counts]
         if unexpected or (missing and strict):
             # (a count the forward reads, missing, is not the model's to take: no `strict=False` offered)
-            strict_fix = not unexpected and _AVERAGED not in missing
+            strict_fix = not unexpected and AVERAGED_COUNT not in missing
             fix = ", or pass `strict=False` to take missing entries from the model" if strict_fix else ""
             unsaved = [n for n in unexpected if n in spec.unsaved]
             if unsaved:
@@ -687,8 +685,8 @@ def checked_state(
                     f" ({_names(unsaved)}: buffers the model registers with `persistent=False`, which it does not "
                     f"save and scoring takes from the model; drop them from the checkpoint)"
                 )
-            averaged = "n_averaged" in unexpected  # (torch's AveragedModel: EMA / SWA weights, its count beside them)
-            stripped = unprefixed([n for n in unexpected if n != "n_averaged"])
+            averaged = AVERAGED_COUNT in unexpected  # (torch's AveragedModel: EMA / SWA weights, its count beside them)
+            stripped = unprefixed([n for n in unexpected if n != AVERAGED_COUNT])
             inside = any(COMPILED_INSIDE in n for n in unexpected)  # (a compiled submodule's)
             if stripped is not None and set(stripped) <= spec.expected:
                 fix = (
@@ -704,9 +702,9 @@ def checked_state(
                     "`tc.load_checkpoints`, which takes them)"
                 )
             fix = fix or _prefix_hint(missing, unexpected, spec.expected, strict)
-            if _AVERAGED in missing:  # (a subclass's forward reading it: not a count taken from the model)
+            if AVERAGED_COUNT in missing:  # (a subclass's forward reading it: not a count taken from the model)
                 fix += (
-                    f" (`{_AVERAGED}`: an `AveragedModel`'s count, which this one's forward reads and "
+                    f" (`{AVERAGED_COUNT}`: an `AveragedModel`'s count, which this one's forward reads and "
                     f"`tc.load_checkpoints` drops from its files: load them with `torch.load`, or give it in the "
                     f"checkpoint)"
                 )
@@ -779,7 +777,7 @@ def _wrapped_child_names(state: dict[str, Any], expected: frozenset[str], counts
     ``state``."""
     if not state or expected.intersection(state):
         return state
-    own = {n for n in (*counts, _AVERAGED) if "." not in n}  # (the wrapper's own entries, unprefixed)
+    own = {n for n in (*counts, AVERAGED_COUNT) if "." not in n}  # (the wrapper's own entries, unprefixed)
     prefix = wrapper_prefix(state, expected - own)
     return state if prefix is None else {prefix + n: t for n, t in state.items()}
 
