@@ -1503,6 +1503,29 @@ class ParametrizedWeights(nn.Module):
         return self.fc2(torch.tanh(self.fc1(torch.tanh(self.conv(x)).flatten(1))))
 
 
+class _FromBasis(nn.Module):
+    """A steerable layer's weight: a learned combination of fixed basis tensors, whatever the weight it replaces."""
+
+    def __init__(self, shape, k=3):
+        super().__init__()
+        self.c = nn.Parameter(torch.randn(k))
+        self.register_buffer("basis", torch.randn(k, *shape))
+
+    def forward(self, _):
+        return torch.einsum("k,k...->...", self.c, self.basis)
+
+
+def test_a_parametrization_not_reading_its_original_gives_it_zero_gradients():
+    """A weight computed from a basis alone (a steerable layer) leaves the parametrization's `original` unread: the
+    vector-Jacobian product raised autograd's "appears to not have been used in the graph" (a review helper's). Its
+    gradients are zero; exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    nn.utils.parametrize.register_parametrization(model[0], "weight", _FromBasis((5, 4)).double(), unsafe=True)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    _exact_and_explained(model, (x, y), (x[:2], y[:2]))
+
+
 def test_parametrized_weights_are_factor_sites():
     """Each example's gradient of the weight a parametrization computes follows from the layer's factors, and of the
     parametrization's tensors by its vector-Jacobian product: one batched pass (every such layer took vmap(grad) for

@@ -865,10 +865,13 @@ def through_parametrization(
     @torch.compiler.disable
     def mapped(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         grads = dict(grads)
-        per_example = torch.autograd.grad(
-            weight, list(leaves.values()), grads.pop(site.weight), retain_graph=True, is_grads_batched=True
-        )
-        return {**{prefix + k: g for k, g in zip(leaves, per_example)}, **grads}
+        at_weight = grads.pop(site.weight)
+        per_example = torch.autograd.grad(  # (a tensor the weight's computation does not read: zeros, a steerable
+            weight, list(leaves.values()), at_weight, retain_graph=True, is_grads_batched=True, allow_unused=True
+        )  # layer's `original`, its weight a combination of fixed basis tensors)
+        unread = lambda t: at_weight.new_zeros(len(at_weight), *t.shape)  # noqa: E731
+        of_leaves = {prefix + k: unread(t) if g is None else g for (k, t), g in zip(leaves.items(), per_example)}
+        return {**of_leaves, **grads}
 
     return mapped
 
