@@ -679,6 +679,12 @@ def checked_state(
             # (a count the forward reads, missing, is not the model's to take: no `strict=False` offered)
             strict_fix = not unexpected and AVERAGED_COUNT not in missing
             fix = ", or pass `strict=False` to take missing entries from the model" if strict_fix else ""
+            if strict_fix and set(missing) - set(spec.diff_names):  # (escnn's filter, registered by `model.eval()`)
+                fix += (
+                    " (each then holds the model's value at every checkpoint: a buffer the model computes from its "
+                    "parameters, a cache `model.eval()` fills, would score every checkpoint at the model's own and "
+                    "give those parameters no gradient)"
+                )
             unsaved = [n for n in unexpected if n in spec.unsaved]
             if unsaved:
                 fix += (
