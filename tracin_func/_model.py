@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
-from torch.optim.swa_utils import AveragedModel
 
 from ._checkpoints import (
     AVERAGED_COUNT,
@@ -579,14 +578,11 @@ def _extra_state_names(model: nn.Module) -> list[str]:
 
 
 def _counts(model: nn.Module) -> Iterator[str]:
-    """Counters no output reads: BatchNorm's step counts, and the number of models torch's ``AveragedModel`` (EMA,
-    SWA) has averaged, which ``tc.load_checkpoints`` drops from its files (not where a subclass's forward is its own:
-    a debiased average divides by ``1 - decay ** n_averaged``)."""
+    """Counters no output reads: BatchNorm's step counts. (Not an ``AveragedModel``'s ``n_averaged``: a debiased
+    average divides by ``1 - decay ** n_averaged``, in a subclass, a forward set on it or a module around it.)"""
     for path, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None:
             yield f"{path}.num_batches_tracked" if path else "num_batches_tracked"
-        elif isinstance(m, AveragedModel) and type(m).forward is AveragedModel.forward:
-            yield f"{path}.{AVERAGED_COUNT}" if path else AVERAGED_COUNT
 
 
 def _names(names: list[str], limit: int = 10) -> str:
@@ -664,7 +660,7 @@ def checked_state(
             f"checkpoints must hold the same entries, or it would compute with some that are not differentiated."
         )
     if spec.expected is not None:
-        state = _wrapped_child_names(state, spec.expected, spec.counts)
+        state = _wrapped_child_names(state, spec.expected)
         _refuse_other_extra_state(state, spec.extra, where)
         state = {n: t for n, t in state.items() if n not in spec.extra}
         # a tied tensor saved under its other name only (GPT-2's lm_head.weight): it is the first name's value
@@ -673,13 +669,11 @@ def checked_state(
         unexpected = sorted(set(state) - spec.expected)
         missing = sorted(spec.expected - set(state) - set(spec.aliases))
         # (a BatchNorm's step count, which older or converted checkpoints lack: torch's loading keeps the model's
-        # too, and it never changes an output in eval mode; an AveragedModel's count, which loading drops)
+        # too, and it never changes an output in eval mode)
         missing = [n for n in missing if n not in spec.counts]
         if unexpected or (missing and strict):
-            # (a count the forward reads, missing, is not the model's to take: no `strict=False` offered)
-            strict_fix = not unexpected and AVERAGED_COUNT not in missing
-            fix = ", or pass `strict=False` to take missing entries from the model" if strict_fix else ""
-            if strict_fix and set(missing) - set(spec.diff_names):  # (escnn's filter, registered by `model.eval()`)
+            fix = "" if unexpected else ", or pass `strict=False` to take missing entries from the model"
+            if not unexpected and set(missing) - set(spec.diff_names):  # (escnn's filter, set by `model.eval()`)
                 fix += (
                     " (each then holds the model's value at every checkpoint: a buffer the model computes from its "
                     "parameters, a cache `model.eval()` fills, would score every checkpoint at the model's own and "
@@ -708,11 +702,14 @@ def checked_state(
                     "`tc.load_checkpoints`, which takes them)"
                 )
             fix = fix or _prefix_hint(missing, unexpected, spec.expected, strict)
-            if AVERAGED_COUNT in missing:  # (a subclass's forward reading it: not a count taken from the model)
-                fix += (
-                    f" (`{AVERAGED_COUNT}`: an `AveragedModel`'s count, which this one's forward reads and "
-                    f"`tc.load_checkpoints` drops from its files: load them with `torch.load`, or give it in the "
-                    f"checkpoint)"
+            # (an AveragedModel's files as tc.load_checkpoints reads them, scored with it: its count, which a debiased
+            # average's forward reads, is not the model's to take)
+            averaged_files = unexpected and wrapper_prefix(unexpected, spec.expected - {AVERAGED_COUNT})
+            if AVERAGED_COUNT in missing and averaged_files:
+                fix = (
+                    f" (an `AveragedModel`'s entries without its `module.` prefix and its `{AVERAGED_COUNT}` count, "
+                    f"as `tc.load_checkpoints` reads its files: score the net it averages with them, "
+                    f"`averaged.module`, or give the `AveragedModel` its own `state_dict()` (`torch.load`))"
                 )
             if set(missing) & set(LR_KEYS):
                 fix += (
@@ -776,15 +773,13 @@ def checked_state(
     return state
 
 
-def _wrapped_child_names(state: dict[str, Any], expected: frozenset[str], counts: Collection[str]) -> dict[str, Any]:
+def _wrapped_child_names(state: dict[str, Any], expected: frozenset[str]) -> dict[str, Any]:
     """``state`` named as the model does where the model's names all carry a wrapper's prefix the checkpoint's lack
     (a model whose only child is named ``module``, an EMA wrapper's: ``tc.load_checkpoints`` strips that prefix from
-    files, as it strips DataParallel's), but for its own counts (an ``AveragedModel``'s ``n_averaged``), else
-    ``state``."""
+    files, as it strips DataParallel's), else ``state``."""
     if not state or expected.intersection(state):
         return state
-    own = {n for n in (*counts, AVERAGED_COUNT) if "." not in n}  # (the wrapper's own entries, unprefixed)
-    prefix = wrapper_prefix(state, expected - own)
+    prefix = wrapper_prefix(state, expected)
     return state if prefix is None else {prefix + n: t for n, t in state.items()}
 
 
