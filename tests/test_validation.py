@@ -1513,6 +1513,9 @@ def test_an_op_of_one_dtype_under_dtype_float64_is_named():
     ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
     with pytest.raises(RuntimeError, match=r"found Double\. The call computes in torch.float64 .* one dtype only"):
         tc.self_influence(model, ckpts, data, loss_fn=CE, dtype=torch.float64)
+    from tracin_func._validate import floating_dtypes_met  # (a converted quantized model's words: a sweep's)
+
+    assert floating_dtypes_met("Quantize only works on Float Tensor, got Double")
 
 
 class GroupedExperts(nn.Module):
@@ -1762,9 +1765,10 @@ class _InnerStep(nn.Module):
     parameters, `create_graph=True`), then the stepped net on its query; ``leaves``: parameters not requiring grad
     made leaves first."""
 
-    def __init__(self, leaves):
+    def __init__(self, leaves, first_order=False):
         super().__init__()
         self.net, self.leaves = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)), leaves
+        self.first_order = first_order
 
     def forward(self, xs, ys, xq):
         params = dict(self.net.named_parameters())
@@ -1774,7 +1778,7 @@ class _InnerStep(nn.Module):
         for i in range(xs.shape[0]):
             with torch.enable_grad():
                 inner = (functional_call(self.net, params, (xs[i],)).squeeze(-1) - ys[i]).square().mean()
-                steps = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+                steps = torch.autograd.grad(inner, list(params.values()), create_graph=not self.first_order)
             stepped = {k: v - 0.1 * step for (k, v), step in zip(params.items(), steps)}
             out.append(functional_call(self.net, stepped, (xq[i : i + 1],)))
         return torch.cat(out)
@@ -1786,8 +1790,8 @@ def test_a_forward_differentiating_its_parameters_is_told_how_and_then_scored():
     layers' outputs (a review helper's). The message names the parameters' fix, and then the call is exact."""
     torch.manual_seed(0)
     data = tuple(torch.randn(*shape, dtype=torch.float64) for shape in ((5, 4, 2), (5, 4), (5, 2), (5, 1)))
-    for leaves in (False, True):
-        model = _InnerStep(leaves).double().eval()
+    for leaves, first_order in ((False, False), (True, False), (True, True)):  # (first-order: a raw error, a sweep's)
+        model = _InnerStep(leaves, first_order).double().eval()
         ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.1)]
         if not leaves:
             with pytest.raises(RuntimeError, match=r"a MAML inner step\), of those made leaves where they need it"):
@@ -1821,9 +1825,23 @@ def test_a_dynamically_quantized_layers_packed_weights_are_the_models_own():
         other = [tc.Checkpoint(quantized[1].state_dict(), 0.1)]
         with pytest.raises(ValueError, match=r"_packed_params'\]` holds a value the model keeps outside its param"):
             tc.self_influence(model, other, (x, y), loss_fn=nn.CrossEntropyLoss())
+    recurrent = torch.ao.quantization.quantize_dynamic(_LastStep().eval(), {nn.LSTM})  # (its own packed weights,
+    x_seq = torch.randn(7, 5, 6)  # whose `==` raises: refused as another's, a sweep's find)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tc.self_influence(recurrent, [tc.Checkpoint(recurrent.state_dict(), 0.1)], (x_seq, y), loss_fn=CE)
     whole = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(6, 3)))  # (no parameter left)
     with pytest.raises(ValueError, match=r"its quantized layers \(\['0'\]\) hold packed integer weights, not para"):
         tc.self_influence(whole, [tc.Checkpoint(whole.state_dict(), 0.1)], (x, y), loss_fn=nn.CrossEntropyLoss())
+
+
+class _LastStep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(6, 4, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
 
 
 class _SavesItsScale(nn.Linear):

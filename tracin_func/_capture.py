@@ -600,7 +600,12 @@ class _BeyondFactors(TorchFunctionMode):
         saving = saving_hooks()
         if saving is not None and getattr(saving[0], "__module__", "") not in _SAVED_AS_THEY_WERE:
             self.why = self.why or _SAVES_OTHERWISE
-        return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError:  # (a derivative of the layers' outputs discovery detaches: a first-order MAML step's)
+            if signature is not None:
+                self.why = self.why or _DIFFERENTIATES
+            raise
 
 
 _SAVED_AS_THEY_WERE = ("torch.autograd.graph", "torch.utils.checkpoint")  # (save_on_cpu; checkpointing: refused)

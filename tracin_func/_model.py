@@ -561,9 +561,9 @@ def _settable(model: nn.Module, name: str, value: Any) -> bool:
     a quantized layer's packed weights or a float it saves as a tensor."""
     path, _, attribute = name.rpartition(".")
     try:
-        held = getattr(model.get_submodule(path), attribute, None)
-    except AttributeError:
-        return False
+        held = getattr(model.get_submodule(path), attribute)
+    except AttributeError:  # (a name no module holds, one a state-dict hook renamed: refused as unexpected)
+        return True
     return isinstance(value, torch.Tensor) and isinstance(held, torch.Tensor)
 
 
@@ -832,12 +832,17 @@ def _refuse_other_extra_state(state: Mapping[str, Any], extra: Mapping[str, Any]
 
 
 def _same_values(a: Any, b: Any) -> bool:
-    """Whether two values (tensors, or containers of tensors and plain values) are equal, leaf by leaf."""
+    """Whether two values (tensors, or containers of tensors and plain values) are equal, leaf by leaf (the same
+    object too: a dynamically quantized LSTM's packed weights, whose `==` raises)."""
+    if a is b:
+        return True
     leaves_a, tree_a = optree.tree_flatten(a, none_is_leaf=True)
     leaves_b, tree_b = optree.tree_flatten(b, none_is_leaf=True)
     if tree_a != tree_b:
         return False
     for x, y in zip(leaves_a, leaves_b):
+        if x is y:
+            continue
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape):
                 return False

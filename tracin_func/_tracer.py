@@ -563,11 +563,12 @@ def _structure(model: torch.nn.Module) -> tuple[Any, ...]:
     return (*modules, global_hook_ids())
 
 
-def _set_methods(module: torch.nn.Module) -> tuple[tuple[str, int], ...]:
+def _set_methods(module: torch.nn.Module) -> tuple[tuple[str, Any], ...]:
     """The methods set on a module instance (``forward``, ``_conv_forward``: any callable; others: methods bound to a
-    module), by identity."""
+    module), themselves: held by the plan's key, none is freed and its id given to the next (a stale plan reused,
+    83-99% off), and a method bound again each call (``self._impl = self._plain``) equals the last."""
     return tuple(
-        (k, id(v)) for k, v in vars(module).items()
+        (k, v) for k, v in vars(module).items()
         if k in INSTANCE_OVERRIDES and callable(v) or isinstance(v, types.MethodType) and isinstance(v.__self__,
                                                                                                       torch.nn.Module)
     )  # fmt: skip
