@@ -519,6 +519,12 @@ def test_an_averaged_models_state_and_an_optimizers_file_are_named(tmp_path):
         tc.load_checkpoints([tmp_path / "optimizer.pt"], lr=0.1)
 
 
+def _refusal(model, state, x, y) -> str:
+    with pytest.raises(ValueError) as refused:
+        tc.self_influence(model.eval(), [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=nn.CrossEntropyLoss())
+    return str(refused.value)
+
+
 def test_an_averaged_models_files_given_to_the_averaged_model_name_the_net_it_averages(tmp_path):
     """Files of an `AveragedModel` loaded with `tc.load_checkpoints` (its `module.` prefix and `n_averaged` count
     dropped) given with the `AveragedModel` were refused, "Save the model's `state_dict()`", which is what was saved
@@ -578,6 +584,11 @@ def test_a_compiled_submodules_names_are_read_and_a_wrapper_inside_names_is_name
     ref = reference_scores(net, [tc.Checkpoint(dict(net.state_dict()), 0.1)], (x, y), loss_fn=nn.CrossEntropyLoss())
     scores = tc.self_influence(Wrapper(net).eval(), [ckpt], (x, y), loss_fn=nn.CrossEntropyLoss())
     assert_close(scores, ref.self_influence, 1e-12)
+    compiled = {f"module.model._orig_mod.{k}": v for k, v in net.state_dict().items()}  # (DDP around it: the hint's
+    hint = re.search(r"pass `(\{k.*?\})`", _refusal(Wrapper(net), compiled, x, y)).group(1)  # dict kept `module.`)
+    state = eval(hint, {}, {"state": compiled})
+    assert_close(tc.self_influence(Wrapper(net).eval(), [tc.Checkpoint(state, 0.1)], (x, y),
+                                   loss_fn=nn.CrossEntropyLoss()), ref.self_influence, 1e-12)  # fmt: skip
     inside = {f"model.module.{k}": v for k, v in net.state_dict().items()}
     fix = re.escape("pass `{('model.' + k.removeprefix('model.module.') if k.startswith('model.module.') else k): v")
     with pytest.raises(ValueError, match=rf"carry the prefix 'model.module.' where the model's carry 'model.': {fix}"):

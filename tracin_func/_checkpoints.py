@@ -262,11 +262,18 @@ def unprefixed(names: Sequence[str]) -> list[str] | None:
     ``torch.compile``'s ``_orig_mod.``, nested in either order), and without ``_orig_mod.`` inside a name (a compiled
     submodule's, ``self.model = torch.compile(net)``: a module of that name is torch's, which scoring refuses), else
     None."""
-    stripped = list(names)
-    while stripped and (prefix := next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) for n in stripped)), None)):
-        stripped = [n[len(prefix) :] for n in stripped]
-    stripped = [n.replace(COMPILED_INSIDE, ".") for n in stripped]
+    cut = sum(map(len, leading_wrappers(names)))
+    stripped = [n[cut:].replace(COMPILED_INSIDE, ".") for n in names]
     return stripped if stripped != list(names) else None
+
+
+def leading_wrappers(names: Sequence[str]) -> list[str]:
+    """The wrappers' prefixes every one of ``names`` starts with, outermost first."""
+    leading, names = [], list(names)
+    while names and (prefix := next((p for p in WRAPPER_PREFIXES if all(n.startswith(p) for n in names)), None)):
+        leading.append(prefix)
+        names = [n[len(prefix) :] for n in names]
+    return leading
 
 
 COMPILED_INSIDE = "._orig_mod."

@@ -25,6 +25,7 @@ from ._checkpoints import (
     Checkpoint,
     check_lr,
     leading_prefixes,
+    leading_wrappers,
     unprefixed,
     wrapper_prefix,
 )
@@ -689,8 +690,9 @@ def checked_state(
             stripped = unprefixed([n for n in unexpected if n != AVERAGED_COUNT])
             inside = any(COMPILED_INSIDE in n for n in unexpected)  # (a compiled submodule's)
             if stripped is not None and set(stripped) <= spec.expected:
+                leading = "".join(f".removeprefix({p!r})" for p in leading_wrappers(unexpected))
                 fix = (
-                    f" (its names carry torch.compile's `_orig_mod.` inside them: pass `{{k.replace("
+                    f" (its names carry torch.compile's `_orig_mod.` inside them: pass `{{k{leading}.replace("
                     f"{COMPILED_INSIDE!r}, '.'): v for k, v in state.items()}}`, or load the files with "
                     f"`tc.load_checkpoints`, which strips it)"
                     if inside else
