@@ -561,6 +561,13 @@ def test_an_averaged_models_files_given_to_the_averaged_model_name_the_net_it_av
     assert_close(tc.influence(Wrapper(model).eval(), loaded, (x, y), (x, y), loss_fn=nn.CrossEntropyLoss()),
                  ref.influence, 1e-12)  # fmt: skip
 
+    class Debiased(AveragedModel):  # (its forward reads the count: the net it averages is not it, a sweep's find)
+        def forward(self, x):
+            return self.module(x) / (1 - 0.9 ** self.n_averaged.double())
+
+    with pytest.raises(ValueError, match=r"reads its files: give the `AveragedModel` its own `state_dict\(\)`"):
+        tc.influence(Debiased(model).eval(), loaded, (x, y), (x, y), loss_fn=nn.CrossEntropyLoss())
+
 
 def test_a_compiled_submodules_names_are_read_and_a_wrapper_inside_names_is_named(tmp_path):
     """A LightningModule-style wrapper whose net was compiled (`self.model = torch.compile(net)`) saves

@@ -275,6 +275,20 @@ def test_the_factorys_update_follows_hooks_and_layers_changed_since_planning():
                                 idx, loss_fn=ce)  # fmt: skip  (plan: 83-99% off, a sweep's find)
         assert torch.equal(tracer.update(tracer.init(), params, 1.0, batch, idx).scores, want.scores)
         del model[2].forward
+    conv = nn.Conv1d(1, 1, 1).double()  # (an unhashable callable set as `_conv_forward`: the key raised TypeError)
+    conv._conv_forward = _Unhashable(conv._conv_forward)
+    tc.tracer(nn.Sequential(conv, nn.Flatten(), nn.Linear(4, 3)).double().eval(), (x[:2, None], y[:2]), n_train=6,
+              loss_fn=ce, dtype=DTYPE)  # fmt: skip
+
+
+class _Unhashable:
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
 
 
 class _HalvedLinear(nn.Linear):

@@ -1880,3 +1880,46 @@ def test_a_tensor_attribute_a_layer_saves_itself_is_the_checkpoints():
 
     assert _same_values({"s": torch.tensor([math.nan, 1.0])}, {"s": torch.tensor([math.nan, 1.0])})
     assert not _same_values({"s": torch.tensor([math.nan, 1.0])}, {"s": torch.tensor([1.0, math.nan])})
+
+
+class _SavesUnderOtherNames(nn.Linear):
+    """A layer saving tensors under names no attribute of its holds (bitsandbytes' `SCB`, `weight.absmax`) and a
+    non-tensor version entry, as quantized-layer libraries do; ``renamed``: its scale saved as `SCB` and read back."""
+
+    def __init__(self, *args, renamed=False):
+        super().__init__(*args)
+        self.renamed, self.scale = renamed, torch.ones((), dtype=torch.float64)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.renamed:
+            destination[prefix + "SCB"] = self.scale
+        else:
+            destination[prefix + "weight.absmax"], destination[prefix + "format_version"] = self.weight.abs().max(), 2
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        self.scale = state_dict.pop(prefix + "SCB", self.scale)
+        for key in ("weight.absmax", "format_version"):
+            state_dict.pop(prefix + key, None)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_entries_saved_under_names_no_attribute_holds_are_the_models_own():
+    """Entries no module attribute holds (saved by a layer's own code) cannot be set by a functional call: taken for
+    settable, one passing through a parameter's name crashed, a non-tensor one crashed, and a layer's scale saved as
+    `SCB` was set where the forward never reads it, every checkpoint scored at the model's scale, 48% off, silently
+    (a sweep's finds). They are the model's own: alike, scored exactly; unlike, refused naming them."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(2, (5,))
+    for renamed in (False, True):
+        model = nn.Sequential(_SavesUnderOtherNames(3, 4, renamed=renamed), nn.Tanh(), nn.Linear(4, 2)).double().eval()
+        state = model.state_dict()
+        ref = reference_scores(model, [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=CE)
+        assert_close(tc.self_influence(model, [tc.Checkpoint(state, 0.1)], (x, y), loss_fn=CE), ref.self_influence,
+                     1e-12)  # fmt: skip
+    other = {**state, "0.SCB": torch.tensor(2.0, dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"'0.SCB'\]` holds a value the model keeps outside its parameters and buf"):
+        tc.self_influence(model, [tc.Checkpoint(other, 0.1)], (x, y), loss_fn=CE)

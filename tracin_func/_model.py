@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
+from torch.optim.swa_utils import AveragedModel
 
 from ._checkpoints import (
     AVERAGED_COUNT,
@@ -561,10 +562,10 @@ def _settable(model: nn.Module, name: str, value: Any) -> bool:
     holds under that name (a parameter, a buffer, or a tensor attribute its own ``_save_to_state_dict`` saves), not
     a quantized layer's packed weights or a float it saves as a tensor."""
     path, _, attribute = name.rpartition(".")
-    try:
+    try:  # (a name no module attribute holds: a hook's or a layer's own saving, `SCB`, `weight.absmax`, set by none)
         held = getattr(model.get_submodule(path), attribute)
-    except AttributeError:  # (a name no module holds, one a state-dict hook renamed: refused as unexpected)
-        return True
+    except AttributeError:
+        return False
     return isinstance(value, torch.Tensor) and isinstance(held, torch.Tensor)
 
 
@@ -707,11 +708,13 @@ def checked_state(
             # (an AveragedModel's files as tc.load_checkpoints reads them, scored with it: its count, which a debiased
             # average's forward reads, is not the model's to take)
             averaged_files = unexpected and wrapper_prefix(unexpected, spec.expected - {AVERAGED_COUNT})
-            if AVERAGED_COUNT in missing and averaged_files:
+            if AVERAGED_COUNT in missing and averaged_files:  # (the net it averages: where its forward is torch's)
+                plain = isinstance(spec.module, AveragedModel) and type(spec.module).forward is AveragedModel.forward
+                net = "score the net it averages with them, `averaged.module`, or " if plain else ""
                 fix = (
                     f" (an `AveragedModel`'s entries without its `module.` prefix and its `{AVERAGED_COUNT}` count, "
-                    f"as `tc.load_checkpoints` reads its files: score the net it averages with them, "
-                    f"`averaged.module`, or give the `AveragedModel` its own `state_dict()` (`torch.load`))"
+                    f"as `tc.load_checkpoints` reads its files: {net}give the `AveragedModel` its own `state_dict()` "
+                    f"(`torch.load`))"
                 )
             if set(missing) & set(LR_KEYS):
                 fix += (
@@ -826,7 +829,8 @@ def _refuse_other_extra_state(state: Mapping[str, Any], extra: Mapping[str, Any]
         if not _same_values(state[name], extra[name]):
             raise ValueError(
                 f"`{where}[{name!r}]` holds a value the model keeps outside its parameters and buffers (a module's "
-                f"extra state, `get_extra_state()`; a quantized layer's packed weights) other than the model's, and "
+                f"extra state, `get_extra_state()`; a quantized layer's packed weights; a name a layer or a state-dict "
+                f"hook saves in place of its own) other than the model's, and "
                 f"scoring, which runs the model with each checkpoint's tensors, cannot set it. Load that checkpoint "
                 f"into the model (`model.load_state_dict`) and score it alone (scores add up over checkpoints), or "
                 f"drop the entry to score with the model's."

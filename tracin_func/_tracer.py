@@ -568,10 +568,33 @@ def _set_methods(module: torch.nn.Module) -> tuple[tuple[str, Any], ...]:
     module), themselves: held by the plan's key, none is freed and its id given to the next (a stale plan reused,
     83-99% off), and a method bound again each call (``self._impl = self._plain``) equals the last."""
     return tuple(
-        (k, v) for k, v in vars(module).items()
+        (k, v if _hashable(v) else _Held(v)) for k, v in vars(module).items()
         if k in INSTANCE_OVERRIDES and callable(v) or isinstance(v, types.MethodType) and isinstance(v.__self__,
                                                                                                       torch.nn.Module)
     )  # fmt: skip
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+class _Held:
+    """An unhashable callable in a plan's key (a dataclass instance set as `_conv_forward`): held, by identity."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Held) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
 
 
 def _switches(model: torch.nn.Module) -> tuple[Any, ...]:
