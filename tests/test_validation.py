@@ -1923,3 +1923,28 @@ def test_entries_saved_under_names_no_attribute_holds_are_the_models_own():
     other = {**state, "0.SCB": torch.tensor(2.0, dtype=torch.float64)}
     with pytest.raises(ValueError, match=r"'0.SCB'\]` holds a value the model keeps outside its parameters and buf"):
         tc.self_influence(model, [tc.Checkpoint(other, 0.1)], (x, y), loss_fn=CE)
+
+
+class _CachedClasses(nn.Module):
+    """A zero-shot head caching its class embeddings in eval mode, from a trainable tower over a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.tower, self._cache = nn.Linear(3, 4), None
+        self.register_buffer("classes", torch.randn(5, 3))
+
+    def forward(self, x):
+        if self._cache is None or self.training:
+            self._cache = self.tower(self.classes)
+        return x @ self._cache.T
+
+
+def test_a_cache_filled_before_a_float64_call_is_named_among_the_dtype_causes():
+    """A cache of class embeddings filled before the call meets the float64 inputs: the refusal blamed a cast in the
+    model and told to pass its dtype, which scores every checkpoint with the cache, 93% off (a review helper's). It
+    names such a cache and to clear it."""
+    model = _CachedClasses().eval()
+    x, y = torch.randn(6, 4), torch.randint(5, (6,))
+    model(x)  # (the user's own evaluation, before scoring)
+    with pytest.raises(RuntimeError, match=r"or holds one an earlier forward computed \(a cache of class embeddings"):
+        tc.self_influence(model, [tc.Checkpoint(model.state_dict(), 0.1)], (x, y), loss_fn=CE, dtype=torch.float64)

@@ -400,8 +400,10 @@ def naming_failures(
                         f". The call computes in {setup.dtype} (`dtype=`: parameters and inputs converted), and the "
                         f"model makes a tensor of another dtype itself (a mask, a `.float()` / `.double()` cast) "
                         f"or runs an op that takes one dtype only (quantization's fake-quant, a grouped matrix "
-                        f"product as transformers' `grouped_mm` experts run: float32): pass the dtype the model "
-                        f"computes in, or have it follow its input's (Mixture-of-experts models of transformers: "
+                        f"product as transformers' `grouped_mm` experts run: float32), or holds one an earlier "
+                        f"forward computed (a cache of class embeddings filled before the call: clear it first, or "
+                        f"every checkpoint would be scored with it): pass the dtype the model computes in, or have it "
+                        f"follow its input's (Mixture-of-experts models of transformers: "
                         f"`model.config._experts_implementation = 'eager'` for float64)"
                     )
                 try:
