@@ -110,10 +110,10 @@ def _modules_within(value: Any, depth: int = 4, budget: int = 10_000, each: int 
                 continue
             try:
                 inner = _held_by(v)
-                items = [] if inner is None else list(inner)
+                items = None if inner is None else list(inner)
             except Exception:
                 continue
-            if inner is None:
+            if items is None:
                 continue
             opened.add(id(v))
             others = 0

@@ -487,7 +487,7 @@ class Factored(NamedTuple):
         a, g = self.a, self.g
         if self.site.kind == "embedding":
             return _same_token(a[:, :, None], a[:, None, :]).to(g.dtype), _lifted_bmm(g, g)
-        if shared is None:
+        if shared is None:  # (no lookup by where factors lie here: `dot` and `sq_norm` run inside compiled code)
             ka = a @ a.transpose(1, 2)
             return ka.add_(1) if self.site.bias is not None else ka, _lifted_bmm(g, g)
         ka = _shared(shared, a, lambda: a @ a.transpose(1, 2))

@@ -75,8 +75,7 @@ def floating_dtypes_met(error: str) -> bool:
     and Float", an op of one dtype's "expected scalar type Float but found Double", a convolution's "Input type (float)
     and bias type (double)", a grouped matrix product's "Expected mat_a to be Float32, BFloat16 or Float16 matrix, got
     Double", a per-channel fake-quantize's "Scale must be Float or BFloat16, found Double", a quantized model's
-    "Quantize only works on Float Tensor, got Double"; not "expected scalar type
-    Long but found Float", a target's)."""
+    "Quantize only works on Float Tensor, got Double"; not "expected scalar type Long but found Float", a target's)."""
     named = {word.lower() for word in re.findall(r"(?i)\b(double|float|half|bfloat16)\b", error)}
     expected = re.search("(?i)expected .+ to be|must be .+ found|only works on .+ got", error)
     said = expected or any(k in error.lower() for k in ("dtype", "scalar type", "type ("))
