@@ -699,7 +699,7 @@ class Pooled(nn.Module):
     "case, lengths, batching",
     [
         # the first batch sorted by length: the order is the identity there, and the watch sees its use
-        ("first_steps", [6, 5, 4, 3, 1, 3, 6, 2], "it reorders the examples of its batch by a sort"),
+        ("first_steps", [6, 5, 4, 3, 1, 3, 6, 2], "it indexes the rows of its batch by a sort"),
         # ... but the lengths unpacking puts back in the batch's order are no order (the padded length, 4, is the
         # batch's: read as a sort's, they were refused)
         ("last_step", [4, 2, 3, 1, 6, 2, 5, 3], BATCHED),

@@ -3190,6 +3190,37 @@ def test_7p_a_batch_reordered_inside_the_model_is_refused(how):
     assert refusals.get(how, "by a sort") in batching, batching
 
 
+class NeighboursAcrossTheBatch(nn.Module):
+    """A nearest-neighbour search over the batch's points flattened together (the batch index forgotten): an example's
+    neighbours may be another's."""
+
+    def __init__(self):
+        super().__init__()
+        self.edge, self.fc = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        flat = x.reshape(b * n, c)
+        near = torch.cdist(flat, flat).topk(2, largest=False).indices
+        edges = torch.cat([flat[near] - flat[:, None], flat[:, None].expand(-1, 2, -1)], -1)
+        return self.fc(torch.relu(self.edge(edges)).amax(1).view(b, n, -1).amax(1))
+
+
+def test_7p_a_search_across_the_batch_is_told_as_one():
+    """Regression (a review helper's trial): a top-k's neighbours indexing the batch's rows was refused as "RNN code
+    sorting a batch by length"; it is told as a search across the batch. Each example is scored on its own."""
+    torch.manual_seed(0)
+    model = NeighboursAcrossTheBatch().double().eval()
+    ckpts = make_ckpts(model)
+    x, y = torch.randn(6, 4, 3, dtype=F64), torch.randint(0, 3, (6,))
+    x[3] = x[4] + 0.01  # overlapping points: run together, example 3's neighbours are example 4's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the slow-path note
+        check_against_reference(model, ckpts, (x, y), (x[2:5], y[2:5]), factored_modes=(None,))
+        batching = tc.explain(model, ckpts, (x, y), loss_fn=CE).batching
+    assert "by a top-k over them (a nearest-neighbour search across the whole batch" in batching, batching
+
+
 @pytest.mark.parametrize("batch_size", [2, 4])
 def test_7p_a_reversal_of_two_first_examples_is_refused(batch_size):
     """Regression (found by fuzzing): a batch reversed inside the model and planned on two examples (a first batch

@@ -339,7 +339,7 @@ def batched_factors(
     its output gradient is each example's own; planning checks on the first examples that the model treats that row
     like any batched one (``_batching.batching_refused``).
     ``refuse_recomputing`` (planning's check): refuse a forward that recomputes layers in the backward pass, or that
-    reorders the examples of its batch by a sort (``_PlanningWatch``).
+    indexes the rows of its batch by a sort's or a top-k's order (``_PlanningWatch``).
     ``compiled``: under ``torch.compile``, whose autograd nodes are the compiled graph's: the checks that read them
     (inputs changed in place, hooks on outputs, merged rows' provenance) are planning's, on the eager first examples.
     ``witness``: called after the backward with the state, the batch and what the forward gave its examples,
@@ -651,7 +651,7 @@ class FoldMismatch(ValueError, RuntimeError):
     ``RuntimeError`` too: planning's batching check refuses the batched path on it, as on any failed batched run)."""
 
 
-SORTED_BATCH = "it reorders the examples of its batch by a sort"  # (``_PlanningWatch``'s refusal)
+SORTED_BATCH = "it indexes the rows of its batch by"  # (``_PlanningWatch``'s refusal: a sort's or a top-k's order)
 _GRADIENT_HOOK = (  # (a clip of the batch's gradient by its norm: 29-43% off, silently; a review helper's trial)
     "a gradient hook on a tensor the forward computes (`register_hook`) may change its examples' gradients together "
     "(a clip by the batch's norm), which no comparison of outputs shows"
@@ -704,13 +704,15 @@ class _PlanningWatch(TorchFunctionMode):
       into a dimension as long as the batch (``x[order]``, ``x[:, order]``, ``index_select``, ``gather``,
       ``take_along_dim``, ``index_copy``, ``scatter``, ...), except torch's packing code's own (``_PACKING_CODE``).
       An order made outside torch (Python's ``sorted``, numpy) is not seen. Other reorderings of the batch
-      (``flip``, ``roll``) change the first examples' factors, which the batching check refuses.
+      (``flip``, ``roll``) change the first examples' factors, which the batching check refuses. A ``topk``'s
+      indices so used are a search across the batch's rows (nearest neighbours over a flattened batch), told as one.
     """
 
     def __init__(self, sizes: set[int]) -> None:
         super().__init__()
         self.sizes = sizes  # batch-dimension sizes: examples, and rows of a folded batch
         self.orders: dict[int, torch.Tensor] = {}  # integer tensors computed from a sort, by id (kept alive here)
+        self.searched: set[int] = set()  # those computed from a top-k (a search, not a reordering: its own words)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         refuse_checkpointing(args, kwargs)
@@ -720,12 +722,16 @@ class _PlanningWatch(TorchFunctionMode):
             if args[0].requires_grad:
                 raise Unbatchable(_PARAMETER_HOOK, "`factored=False`", factorless=True)
         kwargs = kwargs or {}
-        ordered = self.orders and any(id(t) in self.orders for t in _tensors((args, kwargs)))
+        ordered = bool(self.orders) and any(id(t) in self.orders for t in _tensors((args, kwargs)))
         trusted = (ordered or func in _SORTS) and sys._getframe(1).f_code.co_filename.endswith(_PACKING_CODE)
+        searched = ordered and any(id(t) in self.searched for t in _tensors((args, kwargs)))
         if ordered and not trusted and _reorders(func, args, kwargs, self.orders, self.sizes):
             raise Unbatchable(
-                f"{SORTED_BATCH} (RNN code sorting a batch by length, say), so a layer's rows in the batched pass "
-                f"would be other examples'",
+                f"{SORTED_BATCH} a top-k over them (a nearest-neighbour search across the whole batch rather than "
+                f"within each example, say), so its examples' rows may mix" if searched else
+                f"{SORTED_BATCH} a sort (RNN code sorting a batch by length, say), so a layer's rows in the batched "
+                f"pass would be other examples'",
+                "`factored=False`, or search within each example" if searched else
                 "`factored=False`, or sort the batch before the model (in the data loader)",
             )
         out = func(*args, **kwargs)
@@ -734,6 +740,8 @@ class _PlanningWatch(TorchFunctionMode):
                 # (sort's values are not an order, nor are the lengths packing puts in the batch's order)
                 if not t.is_floating_point() and (not trusted or _is_permutation(t)):
                     self.orders[id(t)] = t
+                    if searched or func in (torch.topk, torch.Tensor.topk):
+                        self.searched.add(id(t))
         return out
 
 
