@@ -301,3 +301,19 @@ class EmbedNormNet(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(self.emb(tokens.long())).mean(1))
+
+
+class ComplexGain(nn.Module):
+    """A complex gain on a signal's Fourier modes, held complex (``real=False``) or as a real ``[..., 2]`` tensor
+    viewed as complex."""
+
+    def __init__(self, real: bool):
+        super().__init__()
+        gain = torch.randn(5, 2, dtype=DTYPE)
+        self.real = real
+        self.gain = nn.Parameter(gain if real else torch.view_as_complex(gain))
+        self.head = nn.Linear(8, 3).to(DTYPE)
+
+    def forward(self, x):
+        gain = torch.view_as_complex(self.gain) if self.real else self.gain
+        return self.head(torch.fft.irfft(torch.fft.rfft(x) * gain, n=8))

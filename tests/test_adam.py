@@ -22,7 +22,7 @@ from torch import nn
 
 import tracin_func as tc
 from tests.conftest import assert_close, assert_differs, assert_topk
-from tests.models import DTYPE, MLP, TinyTransformer
+from tests.models import DTYPE, MLP, ComplexGain, TinyTransformer
 from tests.reference import reference_grads
 
 N_TRAIN, N_TEST = 12, 5
@@ -687,3 +687,26 @@ def test_moments_matched_by_position_are_not_warned_of_for_the_parameters_a_last
         tc.self_influence(model, [ckpt], (x, y), loss_fn=LOSS, method="last_layer")
     with pytest.warns(UserWarning, match="'0.weight' and '2.weight' have one shape"):
         tc.self_influence(model, [ckpt], (x, y), loss_fn=LOSS)
+
+
+def test_a_complex_parameters_moments_are_read_for_its_real_view():
+    """Regression (a review helper's trial): trained complex, then held real as the refusal asks, the Adam state's
+    complex moments were refused as of another shape (blamed on the parameters' ids). Torch's Adam steps a complex
+    parameter as its real view: the scores equal those of the same run trained on the real view."""
+    x, y = torch.randn(12, 8, dtype=DTYPE), torch.randint(0, 3, (12,))
+    ckpts = []
+    for real in (False, True):
+        torch.manual_seed(0)
+        model = ComplexGain(real)
+        opt = torch.optim.Adam(model.named_parameters(), lr=1e-2)
+        for _ in range(3):
+            opt.zero_grad()
+            LOSS(model(x), y).backward()
+            opt.step()
+        state = {k: (torch.view_as_real(v) if v.is_complex() else v).detach().clone()
+                 for k, v in model.state_dict().items()}
+        ckpts.append([tc.Checkpoint(state, 1e-2, optimizer_state=copy.deepcopy(opt.state_dict()))])
+    assert opt.state_dict()["state"][0]["exp_avg"].shape == (5, 2)  # (the real run's moments: of the real view)
+    model = ComplexGain(real=True).eval()
+    trained_complex, trained_real = (tc.influence(model, c, (x, y), (x[:3], y[:3]), loss_fn=LOSS) for c in ckpts)
+    assert_close(trained_complex, trained_real)

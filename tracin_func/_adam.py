@@ -307,6 +307,7 @@ def adam_states(
                 f"not Adam's 'exp_avg', 'exp_avg_sq' and 'step'; only Adam and AdamW states are supported."
             )
         shape = tuple(shapes[name])
+        entry = {k: _as_real(v, shape) for k, v in entry.items()}
         if entry:
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 if key in entry and tuple(entry[key].shape) != shape:
@@ -344,6 +345,15 @@ def adam_states(
         if scored is None or name in scored:
             _check_moments(states[name], pid, name, where)
     return states
+
+
+def _as_real(moment: Any, shape: tuple[int, ...]) -> Any:
+    """A complex parameter's moment for its real view ``[..., 2]`` (held real, as the refusal of complex parameters
+    asks): torch's Adam steps a complex parameter as ``torch.view_as_real`` of it, its gradient and its moments, so
+    this view is what it stepped (the moments were refused as of another shape, blamed on the parameters' ids)."""
+    if isinstance(moment, torch.Tensor) and moment.is_complex() and tuple(moment.shape) + (2,) == shape:
+        return torch.view_as_real(moment)
+    return moment
 
 
 def _check_state_keys(state: Mapping[Any, Any], by_id: Mapping[Any, Any], where: str) -> None:
