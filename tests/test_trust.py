@@ -497,6 +497,40 @@ def test_1b4b_a_torchscript_module_is_refused_untouched(make):
     assert {name: id(m) for name, m in model.named_modules()} == before
 
 
+class Swish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+def test_1b4b_a_scripted_layer_holding_no_tensors_is_told_to_be_a_scripted_function():
+    """A scripted activation (a review helper's trial) is refused as any TorchScript module is; the refusal says to
+    call the scripted function its forward computes (which is scored)."""
+    model = nn.Sequential(nn.Linear(4, 5), torch.jit.script(Swish()), nn.Linear(5, 3)).double().eval()
+    with pytest.raises(ValueError, match=r"module '1' .* holds no tensors, so script the function its forward"):
+        tc.self_influence(model, make_ckpts(model), data(4, seed=1), loss_fn=CE)
+
+
+@pytest.mark.parametrize("make", ["script", "trace"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_1b4b_a_torchscript_criterion_is_scored(make, reduction):
+    """Regression (a review helper's trial): a `torch.jit.script`ed criterion crashed every call with torch's raw
+    TypeError (its state, in TorchScript's wrappers, read as a Python dict's); one weighted by class with the mean is
+    refused as the Python module is (TorchScript runs no torch function mode: read from its attributes), where its
+    reduction is kept (a traced one's graph holds it: the loss of each example alone, as it computes it)."""
+    torch.manual_seed(0)
+    model = MLP().double().eval()
+    train, test = data(4, seed=1), data(4, n=3, seed=2)
+    for weight in (None, torch.tensor([1.0, 2.0, 3.0], dtype=F64)):
+        criterion = nn.CrossEntropyLoss(weight=weight, reduction=reduction)
+        example = (model(train[0]), train[1])
+        loss = torch.jit.script(criterion) if make == "script" else torch.jit.trace(criterion, example)
+        if make == "script" and weight is not None and reduction == "mean":
+            with pytest.raises(ValueError, match=r"CrossEntropyLoss\(weight=...\) with reduction='mean' divides"):
+                tc.influence(model, make_ckpts(model), train, test, loss_fn=loss)
+            continue
+        check_against_reference(model, make_ckpts(model), train, test, loss_fn=loss, factored_modes=(None, False))
+
+
 def test_1b5_parametrization_cache_is_refused():
     """Inside ``parametrize.cached()``, a parametrized weight is computed once for every checkpoint (found by review:
     52-114% off, silently, and the user's cache left holding a checkpoint's weight)."""

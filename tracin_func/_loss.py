@@ -556,7 +556,7 @@ class CriterionLoss(NamedTuple):
         """The criterion's loss of one example's output and target (a batch of one)."""
         if torch.compiler.is_compiling():  # (checked where planning ran it, eagerly)
             return self.criterion(output, target).sum()
-        with naming_a_dropped_batch(output, target), _CancellingWeights(self.name, self.criterion):
+        with naming_a_dropped_batch(output, target), _CancellingWeights(self.name, self.criterion, target):
             return self.criterion(output, target).sum()
 
 
@@ -580,34 +580,42 @@ class _CancellingWeights(TorchFunctionMode):
     """Refuses cross-entropy / NLL weighted by class with reduction "mean" on one class index: it divides the loss by
     the example's own weight, so on one example the weights cancel and every loss is unweighted. Watched as the
     criterion calls them: a module, a ``functools.partial`` of ``F.cross_entropy``, a lambda or a wrapper (only the
-    first was refused: the others scored the unweighted loss, silently)."""
+    first was refused: the others scored the unweighted loss, silently); a TorchScript module, which runs no torch
+    function mode, by its attributes."""
 
     _WATCHED = {F.cross_entropy: inspect.signature(F.cross_entropy), F.nll_loss: inspect.signature(F.nll_loss)}
 
-    def __init__(self, name: str, criterion: Any) -> None:
+    def __init__(self, name: str, criterion: Any, target: Any) -> None:
         super().__init__()
         self.name, self.criterion = name, criterion
+        if isinstance(criterion, torch.jit.ScriptModule) and criterion.original_name in ("CrossEntropyLoss", "NLLLoss"):
+            held = {"weight": getattr(criterion, "weight", None), "target": target,  # (a traced one keeps no
+                    "reduction": getattr(criterion, "reduction", None),  # reduction: its graph has it, unread)
+                    "label_smoothing": getattr(criterion, "label_smoothing", 0.0)}  # fmt: skip
+            self._refuse_cancelling(criterion.original_name, held)
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         signature = self._WATCHED.get(func)
         if signature is not None:
-            given = signature.bind(*args, **kwargs).arguments
-            target = given.get("target")
-            one_index = isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel() == 1
-            legacy = given.get("size_average") is not None or given.get("reduce") is not None  # (their own reduction)
-            mean = given.get("reduction", "mean") == "mean" and not legacy
-            if given.get("weight") is not None and mean and one_index:
-                c = self.criterion
-                what = type(c).__name__ if isinstance(c, (nn.CrossEntropyLoss, nn.NLLLoss)) else f"F.{func.__name__}"
-                smoothed = " (and divides label smoothing's term by it)" if given.get("label_smoothing") else ""
-                raise ValueError(
-                    f"`{self.name}`: {what}(weight=...) with reduction='mean' divides an example's loss by its own "
-                    f"class weight, so on one example the weight cancels from its cross-entropy{smoothed}, which is "
-                    f"then unweighted. Pass reduction='sum' for losses weighted by class (as they weigh in training), "
-                    f"or leave weight= out."
-                )
+            c = self.criterion
+            what = type(c).__name__ if isinstance(c, (nn.CrossEntropyLoss, nn.NLLLoss)) else f"F.{func.__name__}"
+            self._refuse_cancelling(what, signature.bind(*args, **kwargs).arguments)
         return func(*args, **kwargs)
+
+    def _refuse_cancelling(self, what: str, given: Mapping[str, Any]) -> None:
+        target = given.get("target")
+        one_index = isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel() == 1
+        legacy = given.get("size_average") is not None or given.get("reduce") is not None  # (their own reduction)
+        mean = given.get("reduction", "mean") == "mean" and not legacy
+        if given.get("weight") is not None and mean and one_index:
+            smoothed = " (and divides label smoothing's term by it)" if given.get("label_smoothing") else ""
+            raise ValueError(
+                f"`{self.name}`: {what}(weight=...) with reduction='mean' divides an example's loss by its own "
+                f"class weight, so on one example the weight cancels from its cross-entropy{smoothed}, which is "
+                f"then unweighted. Pass reduction='sum' for losses weighted by class (as they weigh in training), "
+                f"or leave weight= out."
+            )
 
 
 def floating_leaves(tree: Any) -> list[torch.Tensor]:

@@ -115,6 +115,8 @@ def layer_state(module: nn.Module | None) -> LayerState:
     ``functional_call`` restores only for the names it is given) and its hooks, to restore after a run."""
     taken, dicts = [], []
     for m in module.modules() if module is not None else ():
+        if isinstance(m, torch.jit.ScriptModule):  # (its state is TorchScript's, in wrappers of no Python dict: a
+            continue  # scripted criterion crashed every call; a Python run cannot rebind it)
         values = own_attributes(m)
         structures = {k: _structure(v) for k, v in values.items() if isinstance(v, CONTAINERS)}
         contents = {k: c for k, c in structures.items() if isinstance(c, _Taken)}
