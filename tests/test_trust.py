@@ -510,6 +510,39 @@ def test_1b4b_a_scripted_layer_holding_no_tensors_is_told_to_be_a_scripted_funct
         tc.self_influence(model, make_ckpts(model), data(4, seed=1), loss_fn=CE)
 
 
+@torch.jit.script
+def _running_mean(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    mean.mul_(0.9).add_(0.1 * x.mean(0))
+    return x - mean
+
+
+@torch.jit.script
+def _dropped(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.dropout(x, 0.3, True)
+
+
+class ScriptedStep(MLP):
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+        self.register_buffer("mean", torch.zeros(6))
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(_running_mean(h, self.mean) if self.step == "write" else _dropped(h))
+
+
+@pytest.mark.parametrize("step", ["write", "draw"])
+def test_1b4b_a_refusal_inside_a_scripted_function_keeps_its_words(step):
+    """Regression (a review helper's trial): a write into a buffer or a random draw inside a `torch.jit.script`ed
+    function called in the forward was refused as TorchScript re-raised it: a RuntimeError whose message ended empty,
+    blamed on the first test example. The refusal is the one the same Python code gets."""
+    model = ScriptedStep(step).double().eval()
+    said = r"writes into the checkpoint's tensor 'mean'" if step == "write" else r"draws random numbers"
+    with pytest.raises(ValueError, match=said):
+        tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=2, seed=2), loss_fn=CE)
+
+
 @pytest.mark.parametrize("make", ["script", "trace"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_1b4b_a_torchscript_criterion_is_scored(make, reduction):

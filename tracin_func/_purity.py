@@ -222,9 +222,16 @@ class _Watch(TorchDispatchMode):
         # the storages of tensors this run allocated (not views of others'), while alive: a tensor wrapping one (an
         # `nn.Parameter` of a layer the forward builds) is fresh too
         self.allocated: dict[int, StorageWeakRef] = {}
+        self.refused: ValueError | None = None  # what it raised last
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
+        try:
+            return self._watched(func, args, kwargs or {})
+        except ValueError as err:  # (kept: TorchScript's interpreter re-raises it as a RuntimeError with no message)
+            self.refused = err
+            raise
+
+    def _watched(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         seeded, writes, outs = _inspected(func)
         inputs = op_tensors(args, kwargs)
         # (autocast's casts are made before this mode sees an op, its state then off: its lowered inputs are seen;
@@ -669,6 +676,8 @@ def _watched_run(
         try:
             _run(loss, state, example, _ModelTensorsRead.of(module, differentiated, states, loss))
         except (RuntimeError, ValueError) as err:  # (torch's recurrent layers refuse an input's dtype by ValueError)
+            if watch.refused is not None and err is not watch.refused:  # (its refusal in a scripted function: the
+                raise watch.refused from None  # user saw TorchScript's traceback, ending in an empty message)
             if isinstance(err, RuntimeError) and not isinstance(loss, CriterionLoss):  # (a criterion's: where it
                 _refuse_held_dtype(loss, err, state)  # fails itself, not in the forward)
             if not refusal(err):
