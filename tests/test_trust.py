@@ -1784,6 +1784,61 @@ def test_3h_activation_checkpointing_written_by_hand(middle, style):
 
 
 
+class HandCheckpointedWeights(nn.Module):
+    """Checkpointing written by hand around a block reading its weights directly (``F.linear(h, self.w1)``), the
+    region given only its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.w1, self.w2 = nn.Parameter(torch.randn(5, 5) / 3), nn.Parameter(torch.randn(5, 5) / 3)
+
+    def block(self, h):
+        return h + F.linear(torch.tanh(F.linear(h, self.w1)), self.w2)
+
+    def forward(self, x):
+        return self.b(_Recomputed.apply(self.block, torch.tanh(self.a(x))))
+
+
+class _OwnLinear(torch.autograd.Function):
+    """A custom kernel: its weight given as an input, its gradient its own."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w.T
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w, g.T @ x
+
+
+class OwnKernel(HandCheckpointedWeights):
+    def forward(self, x):
+        return self.b(torch.tanh(_OwnLinear.apply(torch.tanh(self.a(x)), self.w1)))
+
+
+@pytest.mark.parametrize("params", [None, ["a.weight", "a.bias", "b.weight", "b.bias"]], ids=["all", "outside"])
+def test_3h_checkpointing_by_hand_around_weights_read_directly(params):
+    """Regression (a review helper's trial): a custom Function's forward reading weights none of its inputs hold
+    (`F.linear(h, self.w1)`) was no checkpointing: the weights were planned as unused (scored 0), and the backward
+    ran the region again with the module's own weights, so the layers before it were off too (9.5%; 3.3% with those
+    weights left out of the scores), silently. Refused; a Function given its weight as an input is its own kernel,
+    scored exactly."""
+    torch.manual_seed(0)
+    model = HandCheckpointedWeights().double().eval()
+    ckpts, train, test = make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2)
+    opts = {} if params is None else {"params": params}
+    for factored in (None, True, False):
+        with pytest.raises(ValueError, match="or reading the model's tensors there other than as its inputs"):
+            tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored, **opts)
+    model = OwnKernel().double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.func cannot vmap the Function: the loop, warned)
+        check_against_reference(model, make_ckpts(model), train, test, params=params)
+
+
 class _StraightThrough(torch.autograd.Function):
     """Rounds a parameterless layer's output in the forward; the backward passes the gradient straight through."""
 

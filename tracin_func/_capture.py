@@ -41,6 +41,7 @@ from ._grads import (
     batch_of_one,
     example_at,
     lasting_edge,
+    memory_of,
     reentrant_checkpointing,
     refuse_checkpointing,
     refuse_recomputed,
@@ -445,7 +446,8 @@ def batched_factors(
             root = meetings.follow(state[site.path], f"parameter {site.path!r}", weight=True)
             roots[site.path].append((root, probe))
         hooks = {s.path: hook_for(s) for s in layers}
-        watch = _PlanningWatch({n, rows}) if refuse_recomputing else nullcontext()
+        held = {memory_of(t) for t in state.values()}
+        watch = _PlanningWatch({n, rows}, held) if refuse_recomputing else nullcontext()
         norms = _NormsOfCopies({id(copies[n]): shapes[n] for n in copies}) if _calls(module, expanded, _NORMS) else None
         rows_of = frozenset(id(copies[n]) for n in copies if len(shapes[n]) >= 2 and shapes[n][0] == 1)  # (rows)
         repeats = _RepeatsOfCopies(rows_of) if rows_of and _calls(module, expanded, {"repeat", "tile"}) else None
@@ -708,14 +710,15 @@ class _PlanningWatch(TorchFunctionMode):
       indices so used are a search across the batch's rows (nearest neighbours over a flattened batch), told as one.
     """
 
-    def __init__(self, sizes: set[int]) -> None:
+    def __init__(self, sizes: set[int], held: set[int]) -> None:
         super().__init__()
         self.sizes = sizes  # batch-dimension sizes: examples, and rows of a folded batch
+        self.held = held  # where the state's tensors lie (``refuse_checkpointing``)
         self.orders: dict[int, torch.Tensor] = {}  # integer tensors computed from a sort, by id (kept alive here)
         self.searched: set[int] = set()  # those computed from a top-k (a search, not a reordering: its own words)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        refuse_checkpointing(args, kwargs)
+        refuse_checkpointing(args, kwargs, self.held)
         if func is torch.Tensor.register_hook:  # (a leaf needing a gradient in this pass: a differentiated parameter)
             if getattr(args[0], "grad_fn", None) is not None:
                 raise Unbatchable(_GRADIENT_HOOK, "`factored=False`")

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import optree
@@ -151,7 +151,8 @@ def plain_grad(f: Callable[..., Any], argnums: int | tuple[int, ...] = 0, has_au
         args = tuple(
             optree.tree_map(lambda t: t.detach().requires_grad_(), a) if i in nums else a for i, a in enumerate(args)
         )
-        with torch.enable_grad(), _RefuseCheckpointing():
+        held = {memory_of(t) for t in optree.tree_leaves(args[:-1]) if isinstance(t, torch.Tensor)}  # (the state)
+        with torch.enable_grad(), _RefuseCheckpointing(held):
             out = f(*args)
         value, aux = out if has_aux else (out, None)
         leaves, spec = optree.tree_flatten(tuple(args[i] for i in nums))
@@ -219,7 +220,8 @@ CHECKPOINTED = (
 REENTRANT = (
     "`model`: its forward runs a region that reads a tensor needing gradients (a parameter being scored, or an input "
     "of the region) under reentrant activation checkpointing (`torch.utils.checkpoint.checkpoint(..., "
-    "use_reentrant=True)`, or a custom `autograd.Function` calling layers in its forward), which runs the region "
+    "use_reentrant=True)`, or a custom `autograd.Function` calling layers in its forward, or reading the model's "
+    "tensors there other than as its inputs), which runs the region "
     "without gradients (its parameters get none unless an input of the region requires one, and then its backward "
     "runs it again with the model's own tensors, not the checkpoint's): their scores would be 0, wrong or fail. "
     "Switch checkpointing off for scoring (Hugging Face: "
@@ -297,16 +299,48 @@ _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
 _MODULE_CALLS = (torch.nn.Module._call_impl.__code__, torch.nn.Module._wrapped_call_impl.__code__)
 
 
-def refuse_checkpointing(args: Any, kwargs: Any) -> None:
+def refuse_checkpointing(args: Any, kwargs: Any, held: Collection[int] = ()) -> None:
     """Raises where an op of a forward runs in a checkpointed region it cannot be scored through: a non-reentrant
     one (``checkpointing``), or a reentrant one reading a tensor that requires gradients (a parameter being scored,
-    or a region input that does)."""
+    or a region input that does), or a custom ``autograd.Function``'s forward reading a tensor of the call's state
+    (``held``, by identity) or one requiring gradients that is none of its inputs (``_read_in_a_function``)."""
     if checkpointing():
         raise ValueError(CHECKPOINTED)
+    if torch.is_grad_enabled():
+        return
+    tensors = [t for t in optree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     if reentrant_checkpointing():
-        tensors = [t for t in optree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         if any(t.requires_grad for t in tensors):
             raise ValueError(REENTRANT)
+    elif tensors and _read_in_a_function(tensors, held):
+        raise ValueError(REENTRANT)
+
+
+def _read_in_a_function(tensors: Sequence[torch.Tensor], held: Collection[int]) -> bool:
+    """Whether ``tensors``, read by an op of a custom ``autograd.Function``'s forward, include one that is none of
+    its inputs and is a tensor of the call's state (``held``) or requires gradients, where the Function's output
+    will have a gradient: checkpointing written by hand around weights read directly (``F.linear(h, self.w)``, not
+    a layer's call), whose backward runs the region again with the module's own tensors, not the checkpoint's, and
+    gives the weights no gradient of their own (scored 0, the layers before it 3-10% off, silently; a review
+    helper's). A Function's op on its inputs alone (a custom kernel, a straight-through estimator) is its own."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code is not _FUNCTION_APPLY:
+        frame = frame.f_back
+    if frame is None:
+        return False
+    given = [t for t in optree.tree_leaves((frame.f_locals.get("args"), frame.f_locals.get("kwargs")))
+             if isinstance(t, torch.Tensor)]  # fmt: skip
+    inputs = {memory_of(t) for t in given}  # (a view of an input, `w.T`, is the input's)
+    outside = [t for t in tensors if memory_of(t) not in inputs and (t.requires_grad or memory_of(t) in held)]
+    return bool(outside) and any(t.requires_grad for t in (*outside, *given))
+
+
+def memory_of(t: torch.Tensor) -> int:
+    """Where ``t``'s elements lie (its storage's address; its identity where it has none): its views' too."""
+    try:
+        return t.untyped_storage().data_ptr() or id(t)
+    except (RuntimeError, NotImplementedError):  # (a tensor subclass or a functorch wrapper without storage)
+        return id(t)
 
 
 _CHECKPOINT_CODE = os.path.join("torch", "utils", "checkpoint.py")
@@ -333,8 +367,12 @@ class _RefuseCheckpointing(TorchFunctionMode):
     checkpoint's would get wrong gradients, silently (35-84% off); torch.func refuses such regions itself, which is how
     a model gets here. A reentrant one runs without gradients, so its parameters would silently get none."""
 
+    def __init__(self, held: Collection[int]) -> None:
+        super().__init__()
+        self.held = held  # the call's state (``refuse_checkpointing``)
+
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        refuse_checkpointing(args, kwargs)
+        refuse_checkpointing(args, kwargs, self.held)
         return func(*args, **(kwargs or {}))
 
 
