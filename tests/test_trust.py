@@ -1723,6 +1723,26 @@ def test_3h_activation_checkpointing(middle, reentrant, dtype):
                 pytest.fail(f"{name} with factored={factored} ran")
 
 
+class CheckpointedLargeBatches(Checkpointed):
+    """Checkpointing switched on for batches above a size (a memory rule), which planning's examples stay below."""
+
+    def forward(self, x):
+        return self.b(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False) if len(x) > 6 else
+                      self.block(x))  # fmt: skip
+
+
+def test_3h_checkpointing_on_large_batches_only_is_refused():
+    """Regression (a review helper's trial): non-reentrant checkpointing that only large batches run was never met
+    by planning, and the batched pass scored through its recomputation, 10-14% off, silently. Each layer's call
+    refuses it; examples alone (`factored=False`) run no checkpointing, exactly."""
+    model = CheckpointedLargeBatches(reentrant=False).double().eval()
+    ckpts, train, test = make_ckpts(model), data(4, n=12, seed=1), data(4, n=3, seed=2)
+    for factored in (None, True):
+        with pytest.raises(ValueError, match="runs under activation checkpointing"):
+            tc.self_influence(model, ckpts, train, loss_fn=CE, factored=factored)
+    check_against_reference(model, ckpts, train, test, factored_modes=(False,))
+
+
 class _Recomputed(torch.autograd.Function):
     """Activation checkpointing written by hand (fairscale's, DeepSpeed's style): the region runs without gradients,
     and again in the backward pass, differentiated there."""

@@ -35,10 +35,12 @@ from torch.utils.hooks import RemovableHandle
 from ._batch_free import NORM_ARGS, Meetings, norm_parts, per_example_outputs
 from ._encoders import on_traced_path
 from ._grads import (
+    CHECKPOINTED,
     REENTRANT,
     Mapper,
     Tensors,
     batch_of_one,
+    checkpointing,
     example_at,
     lasting_edge,
     memory_of,
@@ -376,6 +378,8 @@ def batched_factors(
         def hook(layer: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor | None:
             if reentrant_checkpointing():  # (its output would get no gradient: the layer's scores 0)
                 raise ValueError(REENTRANT)
+            if not torch.compiler.is_compiling() and checkpointing():  # (planning's watch refuses it; a region
+                raise ValueError(CHECKPOINTED)  # run on large batches only, planning's below, was 10-14% off, silently)
             if _without_gradient(args):
                 return None
             refuse_autocast(site, output)
