@@ -88,7 +88,8 @@ def _state_of(model: Any, ckpt: tc.Checkpoint, params: Names) -> tuple[dict[str,
         names = _selected(list(named), default, params)
         for n in names:
             named[n].requires_grad_(True)
-        return module.state_dict(keep_vars=True), names, lambda state, *inputs: module(*inputs)
+        # (the parameters under their own names too: a state-dict hook may save them under others)
+        return {**module.state_dict(keep_vars=True), **named}, names, lambda state, *inputs: module(*inputs)
     floating = [k for k, v in ckpt.params.items() if v.is_floating_point()]
     names = _selected(list(ckpt.params), floating, params)
     state = {

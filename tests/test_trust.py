@@ -1723,6 +1723,28 @@ def test_3h_activation_checkpointing(middle, reentrant, dtype):
                 pytest.fail(f"{name} with factored={factored} ran")
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+def test_3h_a_block_in_torchs_offload_wrapper_is_scored_under_its_saved_names():
+    """Regression (a review helper's trial): torch's `offload_wrapper` (`save_on_cpu`, exact) saves its block's
+    tensors without `_checkpoint_wrapped_module.` (a state-dict hook); the model's own `state_dict()` was refused,
+    naming as unexpected the names it does not hold. Scored under either name."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import offload_wrapper
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(4, 5), nn.Tanh())
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), offload_wrapper(block), nn.Linear(5, 3)).double().eval()
+    gen = torch.Generator().manual_seed(0)
+    own = [tc.Checkpoint({k: p.detach() + 0.5 * torch.randn(p.shape, generator=gen, dtype=F64)
+                          for k, p in model.named_parameters()}, lr) for lr in LRS]  # fmt: skip
+    assert "2._checkpoint_wrapped_module.0.weight" in own[0].params  # (the tensors' own names)
+    saved = [tc.Checkpoint({k.replace("_checkpoint_wrapped_module.", ""): v for k, v in c.params.items()}, c.lr)
+             for c in own]  # fmt: skip
+    assert set(saved[0].params) == set(model.state_dict())
+    train, test = data(4, seed=1), data(4, n=3, seed=2)
+    check_against_reference(model, saved, train, test)
+    assert_close(tc.influence(model, saved, train, test, loss_fn=CE), tc.influence(model, own, train, test, loss_fn=CE))
+
+
 class CheckpointedLargeBatches(Checkpointed):
     """Checkpointing switched on for batches above a size (a memory rule), which planning's examples stay below."""
 

@@ -527,8 +527,11 @@ def model_spec(
             untied = {**state, **{alias: state[first] for alias, first in aliases.items() if first in state}}
             return functional_call(module, untied, inputs, tie_weights=False)
 
-        defaults = {n: t.detach() for n, t in state.items() if n not in aliases}
-        expected = frozenset(state)
+        # a tensor a state-dict hook saves under another name than its own (torch's `checkpoint_wrapper` drops
+        # `_checkpoint_wrapped_module.`), taken as a tied tensor's second name (its own was refused as unexpected)
+        renamed = {first: state[alias] for alias, first in aliases.items() if first not in state}
+        defaults = {n: t.detach() for n, t in {**renamed, **state}.items() if n not in aliases}
+        expected = frozenset(state) | frozenset(renamed)
         hooked = frozenset(n for n, p in named.items() if p._backward_hooks)  # (a private copy holds none)
         return ModelSpec(
             forward, module, diff, expected, aliases, defaults, unsaved, private, following, extra, counts, hooked
