@@ -1991,3 +1991,28 @@ def test_a_tensor_saved_in_another_form_is_refused_and_a_saved_property_is_the_m
     ckpts = [tc.Checkpoint(model.state_dict(), 0.1)]
     ref = reference_scores(model, [tc.Checkpoint(dict(model.named_parameters()), 0.1)], (x, y), loss_fn=CE)
     assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE), ref.self_influence, 1e-12)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(4, 2)
+
+    def forward(self, x1, x2):
+        return self.a(x1) + self.b(x2)
+
+
+def test_a_batch_of_nested_inputs_given_alone_is_told_to_be_given_as_a_list():
+    """A survival-style batch `((x1, x2), y)` given alone reads as two batches (a review helper's trial): the model's
+    missing input, or the dict batch's missing per-example loss, was all the error said; it names the reading and
+    `[batch]`, which is scored."""
+    model = TwoInputs().double()
+    x1, x2 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (5,))
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.1)]
+    with pytest.raises(TypeError, match=r"reads as two batches: give it as `\[batch\]`"):
+        tc.self_influence(model, ckpts, ((x1, x2), (y,)), loss_fn=CE)
+    with pytest.raises(TypeError, match=r"reads as batches, one the dict; give it as `\[batch\]`"):
+        tc.self_influence(model, ckpts, ({"x1": x1, "x2": x2}, (y,)), loss_fn=CE)
+    assert_close(tc.self_influence(model, ckpts, [(x1, x2, y)], loss_fn=CE),
+                 reference_scores(model, ckpts, (x1, x2, y), loss_fn=CE).self_influence)  # fmt: skip

@@ -192,7 +192,9 @@ def check_batch_structure(batch: Batch, where: str, *, needs_target: bool) -> No
     if isinstance(batch, Mapping):
         raise TypeError(
             f"{where}: a dict batch (keys {list(batch)[:6]}) needs a per-example loss; wrap your loss as "
-            f"`tc.ExampleLoss(lambda params, batch: ...)`, or pass tuples `(x1, ..., xk, y)`."
+            f"`tc.ExampleLoss(lambda params, batch: ...)`, or pass tuples `(x1, ..., xk, y)` (a batch given alone "
+            f"holds a tensor at its top level: `(inputs, y)` with a dict of inputs reads as batches, one the dict; "
+            f"give it as `[batch]`)."
         )
     if not isinstance(batch, (tuple, list)):
         hint = _object_hint([batch])

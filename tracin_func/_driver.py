@@ -570,7 +570,9 @@ _HOOK_WITHOUT_GRADIENT = (
 _POSITIONAL_INPUTS = (
     "A criterion's batch `(x1, ..., xk, y)` gives the model every element but the last, positionally: inputs it "
     "takes by keyword (`mask=`) need a dict batch and a `tc.BatchLoss` / `tc.ExampleLoss` calling it, and values no "
-    "input takes (metadata) must be left out of the batch (by the `collate_fn`)"
+    "input takes (metadata) must be left out of the batch (by the `collate_fn`); a batch given alone holds a tensor "
+    "at its top level, so one of nested inputs and targets, `((x1, x2), (y1, y2))`, reads as two batches: give it as "
+    "`[batch]` or `(x1, x2, (y1, y2))`"
 )
 
 # a criterion of more arguments than outputs and targets
