@@ -3870,6 +3870,8 @@ def test_rows_of_examples_merged_into_the_batch_dimension(order):
     if order == "frame":
         assert explained.batching.startswith("vmap(grad) over examples: a batched forward changed the first examples' "
                                              "factors at 'conv.weight'"), explained.batching  # fmt: skip
+        # (told as examples interacting alone before: a review helper's)
+        assert "other than example by example (frames time-major" in explained.batching, explained.batching
         assert why.startswith("'conv' sees 2 rows for one example"), why
         return
     assert why.startswith("followed: used outside a factor site's call ('conv' sees 2 rows for one example"), why

@@ -349,6 +349,9 @@ def _compared(
                     {},
                     factorless=True,
                 )
+        # (a convolution over frames folded into the batch, its weight followed: time-major frames were told as
+        # examples interacting, a review helper's)
+        merging = {site.path for site in plan.sites if site.kind == "followed"} if plan.fold == 1 else set(together)
         for path, (xs, gs) in together.items():
             singles = alike[path]
             per_example = all(t.shape[0] == len(order) for t in xs + gs)  # not: rows that did not split into examples
@@ -373,7 +376,11 @@ def _compared(
                     "its output gradients, its inputs alike: examples interact after it, in a later layer (e.g. "
                     "through batch statistics, or one holding the batch in a dimension other than the first, or the "
                     "second in every call: sequence-first) or in the loss (a batch mean, in-batch negatives: each "
-                    "example's loss is its own, computed alone)"
+                    "example's loss is its own, computed alone)" + (
+                        "; or the model folds rows of each example into the batch dimension other than example by "
+                        "example (frames time-major, `x.transpose(0, 1).reshape(T * B, ...)`, where "
+                        "`x.reshape(B * T, ...)` keeps each example's rows together)" if path in merging else ""
+                    )
                     if inputs_alike
                     else "examples interact, e.g. through batch statistics; the model reorders its batch by an order "
                     "made outside torch, such as Python's `sorted`; or the layer's input holds the batch in a "
