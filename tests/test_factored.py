@@ -3846,6 +3846,29 @@ class FramesInBatch(nn.Module):
         return self.fc(self.conv(video.transpose(0, 1).flatten(0, 1)).mean((2, 3)).reshape(-1, b, 3).mean(0))
 
 
+class ConvPerExample(nn.Module):
+    """A convolution called on each example without a batch dimension (a loop over the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 6, 3, padding=1), nn.Linear(6, 3)
+
+    def forward(self, images):
+        return self.fc(torch.stack([torch.tanh(self.conv(image)).flatten(1).mean(1) for image in images]))
+
+
+def test_a_layer_called_on_unbatched_inputs_is_named_so():
+    """A convolution called example by example on `[C, H, W]` (a review helper's trial) was said to see its output
+    channels as rows of one example, and following its weight failed with torch's shape error as the cause: it is
+    named as called without a batch dimension, and left to vmap(grad), exact."""
+    torch.manual_seed(0)
+    images = (torch.randn(5, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    explained = _exact_and_explained(ConvPerExample().double().eval(), images, images)
+    why = {r.parameter: r.reason for r in explained.routes}["conv.weight"]
+    assert why == "'conv' is called on an input without a batch dimension (a loop over the batch's examples, say)"
+    assert "failed" not in explained.batching, explained.batching
+
+
 @pytest.mark.parametrize("order", ["example", "frame"])
 def test_rows_of_examples_merged_into_the_batch_dimension(order):
     """A token-wise layer fed ``[B T, d]`` gets its rows split per example (checked example-major on the first

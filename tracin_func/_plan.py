@@ -379,6 +379,7 @@ def make_plan(
     modules = dict(module.named_modules()) if module is not None else {}
     truth: list[dict[str, torch.Tensor]] = []  # per loss: the first example's gradients of "expanded" parameters
     idle: dict[str, Site] = {}  # modules holding a tied tensor that no loss calls: its other uses are its sites
+    unfollowed: set[str] = set()  # parameters of layers called on inputs without a batch dimension: never followed
     unused = set(names)  # parameters no loss reaches: not even through a site's call
     called: set[str] = set()  # sites called under some loss so far
     first_calls: dict[str, list[tuple[int, ...] | None]] = {}  # the first loss's output shapes per site
@@ -416,7 +417,11 @@ def make_plan(
                 sites[path] = site = site._replace(rank=len(calls[path][0] or ()))
             elif calls[path] and not token_wise(modules.get(path), site) and any(s[0] != 1 for s in calls[path]):
                 rows = next(s[0] for s in calls[path] if s[0] != 1)
-                _drop(sites, site, f"sees {rows} rows for one example (the model merges the batch with another "
+                unbatched = site.kind in ("linear", "conv") and min(map(len, calls[path])) < len(site.weight_shape)
+                unfollowed |= set(site.names) if unbatched else set()  # (followed, torch's shape error was the cause)
+                _drop(sites, site, "is called on an input without a batch dimension (a loop over the batch's "
+                                   "examples, say)" if unbatched else  # (its channels were told as rows: a review's)
+                                   f"sees {rows} rows for one example (the model merges the batch with another "
                                    f"dimension)", reasons)  # fmt: skip
                 continue
             elif (i == 0 or path in idle) and _idle_tied_use(site, sites, calls, reached):
@@ -458,7 +463,8 @@ def make_plan(
     unused &= set(dense) if sites else set()
     reasons.update({n: _UNUSED_ON_VMAP for n in unused})  # unless the call is batched (below)
     left = [n for n in dense if n not in unused]
-    followed = _followed(module, left, diff) if left and sites and all(map(_batchable, losses)) else {}
+    followable = [n for n in left if n not in unfollowed]
+    followed = _followed(module, followable, diff) if left and sites and all(map(_batchable, losses)) else {}
     if left and len(followed) == len(left):  # all or none: with one left to vmap(grad), following gains nothing
         sites.update(followed)
         dense = _not_in_sites(names, sites.values())
