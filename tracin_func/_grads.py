@@ -323,6 +323,9 @@ def _read_in_a_function(tensors: Sequence[torch.Tensor], held: Collection[int]) 
     a layer's call), whose backward runs the region again with the module's own tensors, not the checkpoint's, and
     gives the weights no gradient of their own (scored 0, the layers before it 3-10% off, silently; a review
     helper's). A Function's op on its inputs alone (a custom kernel, a straight-through estimator) is its own."""
+    candidates = [t for t in tensors if t.requires_grad or memory_of(t) in held]
+    if not candidates:  # (an op on what the forward computed under no_grad: no stack walked)
+        return False
     frame = sys._getframe(2)
     while frame is not None and frame.f_code is not _FUNCTION_APPLY:
         frame = frame.f_back
@@ -331,7 +334,7 @@ def _read_in_a_function(tensors: Sequence[torch.Tensor], held: Collection[int]) 
     given = [t for t in optree.tree_leaves((frame.f_locals.get("args"), frame.f_locals.get("kwargs")))
              if isinstance(t, torch.Tensor)]  # fmt: skip
     inputs = {memory_of(t) for t in given}  # (a view of an input, `w.T`, is the input's)
-    outside = [t for t in tensors if memory_of(t) not in inputs and (t.requires_grad or memory_of(t) in held)]
+    outside = [t for t in candidates if memory_of(t) not in inputs]
     return bool(outside) and any(t.requires_grad for t in (*outside, *given))
 
 
