@@ -303,7 +303,8 @@ def refuse_checkpointing(args: Any, kwargs: Any, held: Collection[int] = ()) -> 
     """Raises where an op of a forward runs in a checkpointed region it cannot be scored through: a non-reentrant
     one (``checkpointing``), or a reentrant one reading a tensor that requires gradients (a parameter being scored,
     or a region input that does), or a custom ``autograd.Function``'s forward reading a tensor of the call's state
-    (``held``, by identity) or one requiring gradients that is none of its inputs (``_read_in_a_function``)."""
+    (``held``: where they lie, ``memory_of``) or one requiring gradients that is none of its inputs
+    (``_read_in_a_function``)."""
     if checkpointing():
         raise ValueError(CHECKPOINTED)
     if torch.is_grad_enabled():
