@@ -737,6 +737,12 @@ def checked_state(
                     "`tc.load_checkpoints`, which takes them)"
                 )
             fix = fix or _prefix_hint(missing, unexpected, spec.expected, strict)
+            if not fix and not missing:  # (a GraphModule of the net the checkpoints were saved from: a review's)
+                fix = (
+                    " (entries of tensors the model does not hold: a `torch.fx` GraphModule keeps only the modules its "
+                    "graph calls, a head used in training only may be left out; drop them, `{k: v for k, v in "
+                    "state.items() if k in model.state_dict()}`, where the model computes what was trained)"
+                )
             # (an AveragedModel's files as tc.load_checkpoints reads them, scored with it: its count, which a debiased
             # average's forward reads, is not the model's to take)
             averaged_files = unexpected and wrapper_prefix(unexpected, spec.expected - {AVERAGED_COUNT})
