@@ -200,9 +200,17 @@ def _read_file(path: str, *, map_location: Any, weights_only: bool) -> Mapping[s
         raise _unreadable(path, err, map_location) from err
     except Exception as err:  # a corrupt pickle fails with any error type
         raise _unreadable(path, err, map_location) from err
+    if isinstance(obj, torch.jit.ScriptModule):
+        raise TypeError(_SCRIPTED.format(path=path))
     if not isinstance(obj, Mapping):
         raise TypeError(f"Checkpoint file {path!r} holds a {type(obj).__name__}, expected a state dict (a mapping).")
     return obj
+
+
+_SCRIPTED = (  # (torch's advice, `weights_only=False`, then met a refusal of the module: a review helper's)
+    "Checkpoint file {path!r} is a TorchScript archive (`torch.jit.save`), not a state dict: from a trusted source, "
+    "give its tensors as `tc.Checkpoint(params=torch.jit.load(path).state_dict(), lr=...)`."
+)
 
 
 _NOT_CHECKPOINTS = (".json", ".txt", ".md", ".yaml", ".yml", ".csv", ".log")  # (a model folder's other files)
@@ -216,6 +224,8 @@ def _unreadable(path: str, err: BaseException, map_location: Any) -> ValueError:
             f"holds `config.json` too)."
         )
     cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "TorchScript archives" in cause:
+        return ValueError(_SCRIPTED.format(path=path))
     if isinstance(err, RuntimeError) and ("CUDA" in cause or "device" in cause):  # (a valid file, no such device)
         return ValueError(
             f"Checkpoint file {path!r} could not be loaded onto `map_location`={map_location!r} ({cause}); pass a "
