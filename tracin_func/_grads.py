@@ -226,7 +226,8 @@ REENTRANT = (
     "runs it again with the model's own tensors, not the checkpoint's): their scores would be 0, wrong or fail. "
     "Switch checkpointing off for scoring (Hugging Face: "
     "`model.gradient_checkpointing_disable()`; your own code: call the checkpointed function directly); the scores "
-    "are the same, only memory grows."
+    "are the same, only memory grows. (A straight-through estimator's Function calling a layer that holds tensors, a "
+    "fake quantizer's scale, cannot be told from it: write it as `x + (f(x) - x).detach()`.)"
 )
 
 
