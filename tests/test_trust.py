@@ -1838,8 +1838,33 @@ class HandCheckpointedWeights(nn.Module):
     def block(self, h):
         return h + F.linear(torch.tanh(F.linear(h, self.w1)), self.w2)
 
+    passed = False  # the weights given to the Function too (DeepSpeed's, fairscale's): each read also directly
+
     def forward(self, x):
-        return self.b(_Recomputed.apply(self.block, torch.tanh(self.a(x))))
+        weights = (self.w1, self.w2) if self.passed else ()
+        return self.b(_Recomputed.apply(self.block, torch.tanh(self.a(x)), *weights))
+
+
+class _QuantizedStraightThrough(torch.autograd.Function):
+    """Rounds to a quantizer's step (a buffer it reads, given the quantizer); the gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx, x, quantizer):
+        return torch.round(x / quantizer.step) * quantizer.step
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class QuantizedStraightThrough(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.register_buffer("step", torch.tensor(0.25))
+
+    def forward(self, x):
+        return self.b(_QuantizedStraightThrough.apply(torch.tanh(self.a(x)), self))
 
 
 class _OwnLinear(torch.autograd.Function):
@@ -1861,24 +1886,28 @@ class OwnKernel(HandCheckpointedWeights):
         return self.b(torch.tanh(_OwnLinear.apply(torch.tanh(self.a(x)), self.w1)))
 
 
+@pytest.mark.parametrize("passed", [False, True], ids=["read", "passed_and_read"])
 @pytest.mark.parametrize("params", [None, ["a.weight", "a.bias", "b.weight", "b.bias"]], ids=["all", "outside"])
-def test_3h_checkpointing_by_hand_around_weights_read_directly(params):
-    """Regression (a review helper's trial): a custom Function's forward reading weights none of its inputs hold
+def test_3h_checkpointing_by_hand_around_weights_read_directly(params, passed):
+    """Regression (review helpers' trials): a custom Function's forward reading weights directly
     (`F.linear(h, self.w1)`) was no checkpointing: the weights were planned as unused (scored 0), and the backward
     ran the region again with the module's own weights, so the layers before it were off too (9.5%; 3.3% with those
-    weights left out of the scores), silently. Refused; a Function given its weight as an input is its own kernel,
-    scored exactly."""
+    weights left out of the scores), silently; given to the Function as well (DeepSpeed's style), 45% off on
+    `factored=False`. Refused, the Function given a region to run (a method of the model); a Function given its
+    weight as an input is its own kernel, and one reading a quantizer's buffer its own straight-through estimator,
+    each scored exactly."""
     torch.manual_seed(0)
     model = HandCheckpointedWeights().double().eval()
+    model.passed = passed
     ckpts, train, test = make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2)
     opts = {} if params is None else {"params": params}
     for factored in (None, True, False):
         with pytest.raises(ValueError, match="or reading the model's tensors there other than as its inputs"):
             tc.influence(model, ckpts, train, test, loss_fn=CE, factored=factored, **opts)
-    model = OwnKernel().double().eval()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # (torch.func cannot vmap the Function: the loop, warned)
-        check_against_reference(model, make_ckpts(model), train, test, params=params)
+        warnings.simplefilter("ignore")  # (torch.func cannot vmap the Functions: the loop, warned)
+        for model in (OwnKernel().double().eval(), QuantizedStraightThrough().double().eval()):
+            check_against_reference(model, make_ckpts(model), train, test, params=params)
 
 
 class _StraightThrough(torch.autograd.Function):

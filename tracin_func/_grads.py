@@ -319,12 +319,14 @@ def refuse_checkpointing(args: Any, kwargs: Any, held: Collection[int] = ()) -> 
 
 
 def _read_in_a_function(tensors: Sequence[torch.Tensor], held: Collection[int]) -> bool:
-    """Whether ``tensors``, read by an op of a custom ``autograd.Function``'s forward, include one that is none of
-    its inputs and is a tensor of the call's state (``held``) or requires gradients, where the Function's output
-    will have a gradient: checkpointing written by hand around weights read directly (``F.linear(h, self.w)``, not
-    a layer's call), whose backward runs the region again with the module's own tensors, not the checkpoint's, and
-    gives the weights no gradient of their own (scored 0, the layers before it 3-10% off, silently; a review
-    helper's). A Function's op on its inputs alone (a custom kernel, a straight-through estimator) is its own."""
+    """Whether an op of a custom ``autograd.Function``'s forward reading ``tensors`` is checkpointing written by
+    hand around weights read directly (``F.linear(h, self.w)``, not a layer's call), whose backward runs the region
+    again with the module's own tensors, not the checkpoint's, so that the weights get no gradient of their own
+    (scored 0, the layers before it 3-45% off, silently; review helpers'): the op reads a tensor needing gradients
+    that is none of the Function's inputs, or the Function is given a region to run (a method of a module holding
+    tensors, ``_region``) and the op reads a tensor of the call's state (``held``) or one needing gradients. A
+    Function's op on its inputs (a custom kernel, a straight-through estimator, one reading a quantizer's buffer)
+    is its own."""
     candidates = [t for t in tensors if t.requires_grad or memory_of(t) in held]
     if not candidates:  # (an op on what the forward computed under no_grad: no stack walked)
         return False
@@ -333,11 +335,19 @@ def _read_in_a_function(tensors: Sequence[torch.Tensor], held: Collection[int]) 
         frame = frame.f_back
     if frame is None:
         return False
-    given = [t for t in optree.tree_leaves((frame.f_locals.get("args"), frame.f_locals.get("kwargs")))
-             if isinstance(t, torch.Tensor)]  # fmt: skip
-    inputs = {memory_of(t) for t in given}  # (a view of an input, `w.T`, is the input's)
-    outside = [t for t in candidates if memory_of(t) not in inputs]
-    return bool(outside) and any(t.requires_grad for t in (*outside, *given))
+    given = optree.tree_leaves((frame.f_locals.get("args"), frame.f_locals.get("kwargs")), none_is_leaf=True)
+    inputs = [t for t in given if isinstance(t, torch.Tensor)]
+    if any(map(_region, given)):
+        return any(t.requires_grad for t in (*candidates, *inputs))
+    within = {memory_of(t) for t in inputs}  # (a view of an input, `w.T`, is the input's)
+    return any(t.requires_grad and memory_of(t) not in within for t in candidates)
+
+
+def _region(given: Any) -> bool:
+    """Whether an argument of a Function is a region to run: a method of a module holding parameters (a hand-written
+    checkpoint's ``run_function``)."""
+    owner = getattr(given, "__self__", None)
+    return isinstance(owner, torch.nn.Module) and next(owner.parameters(), None) is not None
 
 
 def memory_of(t: torch.Tensor) -> int:
