@@ -543,6 +543,23 @@ def test_1b4b_a_refusal_inside_a_scripted_function_keeps_its_words(step):
         tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=2, seed=2), loss_fn=CE)
 
 
+class CatchesItsWrite(ScriptedStep):
+    def forward(self, x):
+        try:  # (an optional cache write, its failure ignored)
+            self.mean.copy_(x[0, :1].expand(6))
+        except Exception:
+            pass
+        return self.fc2(x)  # (a bug: fc2 takes 6 features, x has 4)
+
+
+def test_1b4b_a_refusal_the_model_caught_is_not_raised_for_another_error():
+    """Regression (a sweep): the refusal kept for TorchScript's sake was raised for any later error, here the model's
+    own shape error after it caught the refusal of its write."""
+    model = CatchesItsWrite("write").double().eval()
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        tc.influence(model, make_ckpts(model), data(4, seed=1), data(4, n=2, seed=2), loss_fn=CE)
+
+
 @pytest.mark.parametrize("make", ["script", "trace"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_1b4b_a_torchscript_criterion_is_scored(make, reduction):

@@ -676,7 +676,7 @@ def _watched_run(
         try:
             _run(loss, state, example, _ModelTensorsRead.of(module, differentiated, states, loss))
         except (RuntimeError, ValueError) as err:  # (torch's recurrent layers refuse an input's dtype by ValueError)
-            if watch.refused is not None and err is not watch.refused:  # (its refusal in a scripted function: the
+            if watch.refused is not None and _TORCHSCRIPT in str(err):  # (its refusal in a scripted function: the
                 raise watch.refused from None  # user saw TorchScript's traceback, ending in an empty message)
             if isinstance(err, RuntimeError) and not isinstance(loss, CriterionLoss):  # (a criterion's: where it
                 _refuse_held_dtype(loss, err, state)  # fails itself, not in the forward)
@@ -685,6 +685,11 @@ def _watched_run(
             raise
     watch.refuse_kept(state, module, before)
     return watch
+
+
+# TorchScript's words as it re-raises an error of an op it ran (the watch's refusal among them, its message lost);
+# another error, after a refusal the model caught itself, is its own
+_TORCHSCRIPT = "The following operation failed in the TorchScript interpreter"
 
 
 def _run(
