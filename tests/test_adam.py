@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import re
 import warnings
 
 import pytest
@@ -710,3 +711,22 @@ def test_a_complex_parameters_moments_are_read_for_its_real_view():
     model = ComplexGain(real=True).eval()
     trained_complex, trained_real = (tc.influence(model, c, (x, y), (x[:3], y[:3]), loss_fn=LOSS) for c in ckpts)
     assert_close(trained_complex, trained_real)
+
+
+def test_a_groups_parameters_are_named_whole_in_the_refusal():
+    """Regression (a review helper's trial): the refusal of groups of different learning rates named `params=` the
+    group's first five parameters only, which, copied, scored part of the group (28% off, silently)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 2))
+    model = model.to(DTYPE)
+    named = list(model.named_parameters())
+    opt = torch.optim.Adam([{"params": named[:6], "lr": 0.01}, {"params": named[6:], "lr": 0.1}])
+    x, y = torch.randn(6, 3, dtype=DTYPE), torch.randint(0, 2, (6,))
+    opt.zero_grad()
+    LOSS(model(x), y).backward()
+    opt.step()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ckpt = tc.Checkpoint(state, 0.01, optimizer_state=copy.deepcopy(opt.state_dict()))
+    first = [n for n, _ in named[:6]]
+    with pytest.raises(ValueError, match=re.escape(f"`params={first}`")):
+        tc.self_influence(model.eval(), [ckpt], (x, y), loss_fn=LOSS)

@@ -264,8 +264,16 @@ def check_one_lr(adam: Sequence[Mapping[str, AdamParam] | None], scored: Collect
             f"moves each parameter by its group's lr, but a checkpoint weighs every parameter by its one `lr`. Score "
             f"each group in a call of its own, with checkpoints of that group's lr at each checkpoint and `params=` "
             f"its parameters (e.g. `tc.load_checkpoints(paths, lr=lrs)`, `lrs` the group's `param_groups[{group}]"
-            f"['lr']` of each file in turn, {lr:g} in this one, and `params={names[:5]}`), and sum the scores."
+            f"['lr']` of each file in turn, {lr:g} in this one, and {_group_names(names, group)}), and sum "
+            f"the scores."
         )
+
+
+def _group_names(names: list[str], group: int) -> str:
+    """A group's parameter names for ``params=``, whole (the first five, copied, scored part of the group: 28% off,
+    silently; a review helper's), or where they are many, where they are listed."""
+    many = f"`params=` its {len(names)} parameters (`param_groups[{group}]`'s)"
+    return f"`params={names}`" if len(names) <= 20 else many
 
 
 def adam_states(
