@@ -3857,6 +3857,30 @@ class ConvPerExample(nn.Module):
         return self.fc(torch.stack([torch.tanh(self.conv(image)).flatten(1).mean(1) for image in images]))
 
 
+class FilmOfOneTask(nn.Module):
+    """A FiLM of one task's embedding, looked up by a 0-d index, applied to every example."""
+
+    def __init__(self):
+        super().__init__()
+        self.task, self.film = nn.Embedding(3, 4), nn.Linear(4, 10)
+        self.a, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        scale, shift = self.film(self.task(torch.tensor(1))).chunk(2)
+        return self.head(torch.tanh(self.a(x) * scale + shift))
+
+
+def test_an_embedding_looked_up_by_a_0d_index_is_scored():
+    """Regression (a review helper's hypernetwork): an Embedding looked up by a 0-d index crashed every call with a
+    raw IndexError (its rows split per example); it is no site, its weight followed to the batch."""
+    torch.manual_seed(0)
+    x = (torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    explained = _exact_and_explained(FilmOfOneTask().double().eval(), x, x)
+    why = {r.parameter: r.reason for r in explained.routes}["task.weight"]
+    assert "'task' is called on an input without a batch dimension (a lookup of one 0-d index)" in why, why
+    assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
+
+
 def test_a_layer_called_on_unbatched_inputs_is_named_so():
     """A convolution called example by example on `[C, H, W]` (a review helper's trial) was said to see its output
     channels as rows of one example, and following its weight failed with torch's shape error as the cause: it is

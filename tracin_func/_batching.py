@@ -601,7 +601,15 @@ def _allowed(y: torch.Tensor) -> torch.Tensor:
     is 1, is about 1e-19 in float64, batched and alone; on its own scale it was refused as mixing)."""
     scale = y.abs().reshape(len(y), -1).amax(1)
     floor = float(scale.max()) * _ROUNDING * torch.finfo(y.dtype).eps if len(scale) else 0.0
-    return (1e-4 * scale).clamp(min=floor)
+    return (mixing(y.dtype) * scale).clamp(min=floor)
+
+
+def mixing(dtype: torch.dtype) -> float:
+    """The least relative difference taken for examples mixing, not rounding: 1e-4 (a million float32 eps is more:
+    a batched GEMM's order, softmax's and norms' reductions round far below it), a million float64 eps in float64
+    (at 1e-4, a margin head folding its batch's feature norms into its running statistics at AdaFace's rate, 7e-5
+    of the outputs, was scored batched, 0.75% off, silently; a review helper's)."""
+    return min(1e-4, 1e6 * torch.finfo(dtype).eps)
 
 
 def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -612,7 +620,7 @@ def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
     if not x.is_floating_point() or torch.equal(x, y):
         return torch.equal(x, y)
     d = _differences(x, y)
-    return d is not None and bool(d.abs().max() <= 1e-4 * y.nan_to_num(0, 0, 0).abs().max())
+    return d is not None and bool(d.abs().max() <= mixing(y.dtype) * y.nan_to_num(0, 0, 0).abs().max())
 
 
 def checking_batches(

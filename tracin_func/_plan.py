@@ -415,6 +415,11 @@ def make_plan(
                     reasons.update({n: why for n in site.names})
                     continue
                 sites[path] = site = site._replace(rank=len(calls[path][0] or ()))
+            elif calls[path] and site.kind == "embedding" and min(map(len, calls[path])) < 2:  # (a 0-d index: a raw
+                # IndexError before, splitting its rows)
+                _drop(sites, site, "is called on an input without a batch dimension (a lookup of one 0-d index)",
+                      reasons)  # fmt: skip
+                continue
             elif calls[path] and not token_wise(modules.get(path), site) and any(s[0] != 1 for s in calls[path]):
                 rows = next(s[0] for s in calls[path] if s[0] != 1)
                 unbatched = site.kind in ("linear", "conv") and min(map(len, calls[path])) < len(site.weight_shape)
