@@ -605,11 +605,20 @@ def _allowed(y: torch.Tensor) -> torch.Tensor:
 
 
 def mixing(dtype: torch.dtype) -> float:
-    """The least relative difference taken for examples mixing, not rounding: 1e-4 (a million float32 eps is more:
-    a batched GEMM's order, softmax's and norms' reductions round far below it), a million float64 eps in float64
-    (at 1e-4, a margin head folding its batch's feature norms into its running statistics at AdaFace's rate, 7e-5
-    of the outputs, was scored batched, 0.75% off, silently; a review helper's)."""
-    return min(1e-4, 1e6 * torch.finfo(dtype).eps)
+    """The least relative difference taken for examples mixing, not rounding: 1e-4, or 1e9 float64 eps (2.2e-7)
+    where the model computes in float64 throughout (``COMPUTED_IN``, planning's: at 1e-4, a margin head folding its
+    batch's feature norms into its running statistics at AdaFace's rate, 7e-5 of the outputs, was scored batched,
+    0.75% off, silently; a review helper's). Rounding reaches far above eps where a row's entries cancel (MobileViT's
+    attention gradients in float64, 7e-9 of their row); GPT-Neo's attention computes in float32 in a float64
+    model."""
+    coarsest = COMPUTED_IN.get()
+    if not (dtype.is_floating_point or dtype.is_complex) or coarsest is None:
+        return 1e-4
+    return min(1e-4, 1e9 * max(torch.finfo(dtype).eps, torch.finfo(coarsest).eps))
+
+
+# the coarsest floating dtype the model's ops compute in (``_purity.ForwardBytes.precision``), where planning knows
+COMPUTED_IN: ContextVar[torch.dtype | None] = ContextVar("COMPUTED_IN", default=None)
 
 
 def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -954,17 +963,19 @@ def _witnessed(
 
 
 def _alike_alone(
-    together: Witnessed, alone: Witnessed, n: int, i: int, loosely: bool = False, within: float = 1e-4
+    together: Witnessed, alone: Witnessed, n: int, i: int, loosely: bool = False, within: float | None = None
 ) -> bool:
     """Whether what example ``i`` gets alone is close to a part of the batch's that may hold it (``_example_parts``),
-    each output and its losses within ``within`` of the example's own scale (``_scale``) or of their own size;
-    ``loosely``, of the batch's scale (losses: or 1). Outputs whose shapes tell no part are not compared."""
+    each output and its losses within ``within`` (by default ``mixing`` of their dtype) of the example's own scale
+    (``_scale``) or of their own size; ``loosely``, of the batch's scale (losses: or 1). Outputs whose shapes tell no
+    part are not compared."""
     for t, a, least in _pairs(together, alone):
         parts = list(_example_parts(t, a.shape, n, i))
         if not parts or not a.numel():
             continue
         scale = max(least, _scale(t)) if loosely else _scale(a)
-        if not any(_close_within(a, part, scale, relative=True, within=within) for part in parts):
+        near = mixing(a.dtype) if within is None else within
+        if not any(_close_within(a, part, scale, relative=True, within=near) for part in parts):
             return False
     return True
 

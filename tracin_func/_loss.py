@@ -533,8 +533,24 @@ def example_loss(forward: Forward, loss_fn: Any, name: str) -> ExampleLossFn:
         batchmean = reduction == "batchmean"
         same = " (on one example, `KLDivLoss`'s 'batchmean' is its 'sum': pass that)" if batchmean else ""
         raise ValueError(f"`{name}.reduction` must be 'none', 'sum' or 'mean', got {reduction!r}{same}.")
-
+    _refuse_trained_criterion(loss_fn, name)
     return CriterionLoss(forward, loss_fn, name)
+
+
+def _refuse_trained_criterion(criterion: Any, name: str) -> None:
+    """Refuse a criterion holding parameters that need gradients (a margin head inside the loss, as
+    pytorch-metric-learning's ``ArcFaceLoss`` holds its class weights): training stepped them, but no checkpoint
+    holds them and no score differentiates them, so every checkpoint was scored at their value now (52% off,
+    silently; a review helper's)."""
+    held = criterion.named_parameters() if isinstance(criterion, nn.Module) else ()
+    trained = [n for n, p in held if p.requires_grad]
+    if trained:
+        raise ValueError(
+            f"`{name}` holds parameters that need gradients ({trained[:5]}): training steps them, but no checkpoint "
+            f"holds them and no score differentiates them, so every checkpoint would be scored at their value now. "
+            f"Move them into the model (a head returning the logits the criterion takes), its checkpoints holding "
+            f"them, or freeze them (`{name}.requires_grad_(False)`) to score the model at their value now."
+        )
 
 
 class CriterionLoss(NamedTuple):
@@ -588,11 +604,19 @@ class _CancellingWeights(TorchFunctionMode):
     def __init__(self, name: str, criterion: Any, target: Any) -> None:
         super().__init__()
         self.name, self.criterion = name, criterion
-        if isinstance(criterion, torch.jit.ScriptModule) and criterion.original_name in ("CrossEntropyLoss", "NLLLoss"):
-            held = {"weight": getattr(criterion, "weight", None), "target": target,  # (a traced one keeps no
-                    "reduction": getattr(criterion, "reduction", None),  # reduction: its graph has it, unread)
-                    "label_smoothing": getattr(criterion, "label_smoothing", 0.0)}  # fmt: skip
-            self._refuse_cancelling(criterion.original_name, held)
+        for layer in criterion.modules() if isinstance(criterion, torch.jit.ScriptModule) else ():
+            if layer.original_name not in ("CrossEntropyLoss", "NLLLoss") or getattr(layer, "weight", None) is None:
+                continue
+            if not hasattr(layer, "reduction"):  # (traced: its graph holds its reduction, which no attribute says)
+                raise ValueError(
+                    f"`{name}`: a traced {layer.original_name}(weight=...) keeps no reduction to read, and with "
+                    f"'mean' it divides an example's loss by its own class weight, which then cancels on one "
+                    f"example. Pass the Python module (or a scripted one), with reduction='sum' for losses weighted "
+                    f"by class."
+                )
+            held = {"weight": layer.weight, "target": target, "reduction": layer.reduction,
+                    "label_smoothing": getattr(layer, "label_smoothing", 0.0)}  # fmt: skip
+            self._refuse_cancelling(layer.original_name, held)
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

@@ -18,6 +18,7 @@ from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, 
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._bags import PRODUCT as BAG_PRODUCT
 from ._batching import (
+    COMPUTED_IN,
     FAILURES,
     BatchingCheck,
     batching_refused,
@@ -153,10 +154,15 @@ def plan_call(
     lowered = any(m.lowered for m in made) and setup.dtype not in LOWER
     if lowered:  # each example's gradient as autograd takes it alone: batched kernels (the factors', vmap's) round
         factored, mapper.loop, mapper.plain = False, True, True  # a lower precision otherwise (1e-3 off in bfloat16)
-    plan = make_plan(
-        module, names, losses, *checked_at, batch, mapper, factored=factored, self_only=self_only, partners=partners,
-        scored=scored, pool=pool,
-    )
+    precisions = [m.precision for m in made if m.precision is not None]
+    token = COMPUTED_IN.set(max(precisions, key=lambda d: torch.finfo(d).eps) if precisions else None)
+    try:
+        plan = make_plan(
+            module, names, losses, *checked_at, batch, mapper, factored=factored, self_only=self_only,
+            partners=partners, scored=scored, pool=pool,
+        )
+    finally:
+        COMPUTED_IN.reset(token)
     if lowered:
         plan = plan._replace(batching=LOWERED_LOOP)
         warn(f"This call runs {LOWERED_LOOP}.", SlowPathWarning)

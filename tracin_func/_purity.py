@@ -119,6 +119,14 @@ def _draws_random(values: Mapping[str, Any]) -> bool:
     return values.get("train", values.get("training")) is not False  # (RReLU's flag: `training`)
 
 
+def _on_meta(inputs: Sequence[torch.Tensor], values: Mapping[str, Any]) -> bool:
+    """Whether an op runs on the ``meta`` device only: its numbers, drawn or not, are never made (a placeholder
+    module built in the forward under ``torch.device("meta")``, for ``functional_call`` over stacked members' weights,
+    was refused as drawing random numbers)."""
+    device = values.get("device")
+    return all(t.device.type == "meta" for t in inputs) if inputs else device is not None and str(device) == "meta"
+
+
 _PASS_DRAWN = (
     "draw such values once, pass them in each example of the data (a column of the batch tuple, a key of a dict batch)"
 )
@@ -210,6 +218,7 @@ class _Watch(TorchDispatchMode):
         self.largest = 0  # bytes of the largest tensor made from the example (views and in-place ops make none)
         self.held = 0  # bytes of the largest made from the checkpoint alone (a graph's messages a node's loss reads)
         self.lowered = False  # an op ran on float16 / bfloat16 tensors (the model's own autocast, or its casts)
+        self.coarsest: set[torch.dtype] = set()  # the floating dtypes ops computed in (``ForwardBytes.precision``)
         self.made: dict[int, weakref.ref] = {}  # tensors this run made (alive: an identity may be reused)
         self.read: set[int] = set()  # tensors an op read
         self.kept: dict[str, tuple[nn.Module, set[int]]] = {}  # innermost module -> kept tensors it read
@@ -236,15 +245,17 @@ class _Watch(TorchDispatchMode):
         inputs = op_tensors(args, kwargs)
         # (autocast's casts are made before this mode sees an op, its state then off: its lowered inputs are seen;
         # a cast or a view computes nothing: a mask cast to float16 and back sent a call to the loop, 33x slower)
-        self.lowered = self.lowered or func not in _EXACT and not _is_view(func) and any(t.dtype in LOWER
-                                                                                          for t in inputs)
+        computes = func not in _EXACT and not _is_view(func)
+        self.lowered = self.lowered or computes and any(t.dtype in LOWER for t in inputs)
+        if computes:  # (float32 inside a float64 model: GPT-Neo's attention, upcast only so far)
+            self.coarsest.update(t.dtype for t in inputs if t.is_floating_point())
         fresh = func in _LIFTS  # a constant the forward creates (``torch.tensor``, ``from_numpy``): not kept
         kept = {id(t) for t in inputs if id(t) not in self.given and not self._own(t)} if not fresh else set()
         self.kept_storages.update(s for t in inputs if id(t) in kept and (s := _storage(t)) is not None)  # (views too)
         draws = False
         if seeded or writes:
             values = _bound(func, args, kwargs)
-            draws = seeded and _draws_random(values)
+            draws = seeded and _draws_random(values) and not _on_meta(inputs, values)
             if draws and (writes or not _makes_tensors(func)) and not self._into_fresh(writes, values):
                 self._refuse(f"draws random numbers ({func}), so its scores would be random", self._drawer(), True)
             for name in writes if _writes(func, values) else ():
@@ -590,7 +601,7 @@ def check_forward(
         raise
     if left and examples_in(batch) > 1:
         _refuse_carried(module, loss, state, batch, left, exact)
-    return ForwardBytes(watch.largest, watch.held, watch.lowered)
+    return ForwardBytes(watch.largest, watch.held, watch.lowered, max(watch.coarsest, key=_eps, default=None))
 
 
 class ForwardBytes(NamedTuple):
@@ -598,11 +609,17 @@ class ForwardBytes(NamedTuple):
     checkpoint alone (made once for a batched pass; under vmap(grad) each example's backward holds its gradient: a
     graph's messages, 2 MB, sized at 12 bytes, took a 1 GB batch); and whether it computes in float16 or bfloat16
     somewhere (``torch.autocast`` it enters itself, its own casts), a precision whose batched kernels round otherwise
-    than one example's (``_plan.plan_call``)."""
+    than one example's (``_plan.plan_call``); and the coarsest floating dtype its ops compute in, whose rounding the
+    batching check allows (``_batching.mixing``)."""
 
     example: int
     held: int
     lowered: bool = False
+    precision: torch.dtype | None = None
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
 
 
 def _refuse_carried(
@@ -919,8 +936,10 @@ def _check_output(output: Any, name: str) -> None:
     keys = f" with keys {list(output)[:6]}" if isinstance(output, Mapping) else ""
     raise TypeError(
         f"`{name}`: the model returns a {kind}{keys}, but `{name}` is a criterion `{name}(outputs, targets)` "
-        f"that needs the output tensor. Pass `{name}=tc.ExampleLoss(lambda params, batch: ...)` that picks the "
-        f"output (e.g. `out[0]` or `out['logits']`), or make the model return a tensor."
+        f"that needs the output tensor. Pass `{name}=tc.BatchLoss(lambda params, batch: ...)` returning each "
+        f"example's loss from the output (`out['logits']`, several heads' losses summed; the model run once per "
+        f"batch, `functional_call(model, params, ...)`), or a `tc.ExampleLoss` of one example, or make the model "
+        f"return a tensor."
     )
 
 
