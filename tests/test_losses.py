@@ -799,3 +799,30 @@ class _Tempered(nn.Module):
 
     def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(out * self.log_t.exp(), y)
+
+
+class _MarginLoss(nn.Module):
+    """A margin head inside the criterion (pytorch-metric-learning's ArcFaceLoss style): class weights of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+
+    def forward(self, embedding, target):
+        return nn.functional.cross_entropy(embedding @ self.W.T, target, reduction="sum")
+
+
+def test_a_criterion_holding_trained_parameters_is_refused():
+    """Regression (a review helper's trial): a criterion holding parameters that need gradients was scored at their
+    value now at every checkpoint, and never differentiated (52% off the training's run, silently). Refused; frozen,
+    the model is scored at their value."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh()).double()
+    criterion = _MarginLoss()
+    ckpts = [tc.Checkpoint({k: v.detach() + 0.1 for k, v in model.state_dict().items()}, 0.1)]
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"`loss_fn` holds parameters that need gradients \(\['W'\]\)"):
+        tc.self_influence(model, ckpts, (x, y), loss_fn=criterion)
+    criterion.requires_grad_(False)
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=criterion),
+                 reference_scores(model, ckpts, (x, y), loss_fn=criterion).self_influence)  # fmt: skip

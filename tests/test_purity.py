@@ -973,3 +973,32 @@ def test_a_process_forked_while_another_thread_holds_the_model_scores_it():
         done.set()
         holder.join()
     assert not hung and child.exitcode == 0
+
+
+class _StackedMembers(nn.Module):
+    """Members' weights stacked, run through a placeholder member built in the forward on the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        members = [nn.Linear(4, 3) for _ in range(3)]
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in members]))
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in members]))
+
+    def forward(self, x):
+        with torch.device("meta"):
+            base = nn.Linear(4, 3)  # (its initialisation draws no numbers on the meta device)
+        run = lambda w, b: torch.func.functional_call(base, {"weight": w, "bias": b}, (x,))  # noqa: E731
+        return torch.vmap(run)(self.weight, self.bias).mean(0)
+
+
+def test_a_placeholder_module_built_on_the_meta_device_draws_nothing():
+    """Regression (a review helper's ensemble): a placeholder built in the forward under `torch.device("meta")` was
+    refused as drawing random numbers (its initialisation's `uniform_`, which the meta device never runs)."""
+    torch.manual_seed(0)
+    model = _StackedMembers().double().eval()
+    ckpts = [tc.Checkpoint({k: v.detach() + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items()}, 0.1)]
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the slow-path note)
+        got = tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
+    assert_close(got, reference_scores(model, ckpts, (x, y), loss_fn=CE).self_influence)
