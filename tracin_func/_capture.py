@@ -413,7 +413,10 @@ def batched_factors(
                         factorless=True,
                     )
                 merged.add(output.grad_fn)
-            broadcast = not seq_first and output.dim() > 1 and x.dim() > 1 and output.shape[0] == x.shape[0] == 1
+            # (a lookup of one id `[1]`, a task's embedding for every example, is one row too: its FiLM was refused
+            # as fed merged rows)
+            one_row = x.dim() > 1 or site.kind == "embedding" and x.dim() == 1
+            broadcast = not seq_first and output.dim() > 1 and one_row and output.shape[0] == x.shape[0] == 1
             if rows > 1 and broadcast:
                 inputs[site.path][-1] = x.expand(n, *x.shape[1:])  # one row for the whole batch: each example's
                 probe = output.new_zeros((rows, *output.shape[1:])).requires_grad_()  # copy of it and of its gradient
