@@ -415,7 +415,9 @@ class Meetings(TorchFunctionMode):
             raise RuntimeError(
                 f"{self._named(followed)} meets the batch in {name} (only elementwise ops, not in place, selections "
                 f"by a condition of the batch, matrix products and convolutions (transposed too) with a tensor whose "
-                f"first dimension is the batch's, and the additive mask of scaled_dot_product_attention are followed)"
+                f"first dimension is the batch's, and the additive mask of scaled_dot_product_attention are followed; "
+                f"a product with a batch `[B, d]` of two dimensions only where a parameter is read directly as its "
+                f"weight, not a tensor computed from one: a hypernetwork's)"
             )
         probes = {id(t): self._probed(t, rank, rows) for t in followed}
 
