@@ -303,9 +303,9 @@ _MODULE_CALLS = (torch.nn.Module._call_impl.__code__, torch.nn.Module._wrapped_c
 def refuse_checkpointing(args: Any, kwargs: Any, held: Collection[int] = ()) -> None:
     """Raises where an op of a forward runs in a checkpointed region it cannot be scored through: a non-reentrant
     one (``checkpointing``), or a reentrant one reading a tensor that requires gradients (a parameter being scored,
-    or a region input that does), or a custom ``autograd.Function``'s forward reading a tensor of the call's state
-    (``held``: where they lie, ``memory_of``) or one requiring gradients that is none of its inputs
-    (``_read_in_a_function``)."""
+    or a region input that does), or an op of a custom ``autograd.Function``'s forward that is checkpointing written
+    by hand around weights read directly (``_read_in_a_function``; ``held``: where the call's state lies,
+    ``memory_of``)."""
     if checkpointing():
         raise ValueError(CHECKPOINTED)
     if torch.is_grad_enabled():
