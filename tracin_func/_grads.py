@@ -322,11 +322,11 @@ def _read_in_a_function(tensors: Sequence[torch.Tensor], held: Collection[int]) 
     """Whether an op of a custom ``autograd.Function``'s forward reading ``tensors`` is checkpointing written by
     hand around weights read directly (``F.linear(h, self.w)``, not a layer's call), whose backward runs the region
     again with the module's own tensors, not the checkpoint's, so that the weights get no gradient of their own
-    (scored 0, the layers before it 3-45% off, silently; review helpers'): the op reads a tensor needing gradients
-    that is none of the Function's inputs, or the Function is given a region to run (a method of a module holding
-    tensors, ``_region``) and the op reads a tensor of the call's state (``held``) or one needing gradients. A
-    Function's op on its inputs (a custom kernel, a straight-through estimator, one reading a quantizer's buffer)
-    is its own."""
+    (scored 0, the layers before them 3-45% off, silently; review helpers'): the op reads a tensor needing gradients
+    that is none of the Function's inputs, or the Function is given a region to run (a function, a method, a lambda:
+    ``_region``) and the op reads a tensor of the call's state (``held``; given as an input too), with gradients
+    needed. A Function's op on its inputs (a custom kernel, a straight-through estimator given its quantizer, module
+    or method, reading the quantizer's buffer or none) is its own."""
     candidates = [t for t in tensors if t.requires_grad or memory_of(t) in held]
     if not candidates:  # (an op on what the forward computed under no_grad: no stack walked)
         return False
@@ -337,17 +337,17 @@ def _read_in_a_function(tensors: Sequence[torch.Tensor], held: Collection[int]) 
         return False
     given = optree.tree_leaves((frame.f_locals.get("args"), frame.f_locals.get("kwargs")), none_is_leaf=True)
     inputs = [t for t in given if isinstance(t, torch.Tensor)]
-    if any(map(_region, given)):
-        return any(t.requires_grad for t in (*candidates, *inputs))
     within = {memory_of(t) for t in inputs}  # (a view of an input, `w.T`, is the input's)
-    return any(t.requires_grad and memory_of(t) not in within for t in candidates)
+    if any(t.requires_grad and memory_of(t) not in within for t in candidates):
+        return True
+    state = any(memory_of(t) in held for t in candidates)
+    return state and any(map(_region, given)) and any(t.requires_grad for t in (*candidates, *inputs))
 
 
 def _region(given: Any) -> bool:
-    """Whether an argument of a Function is a region to run: a method of a module holding parameters (a hand-written
-    checkpoint's ``run_function``)."""
-    owner = getattr(given, "__self__", None)
-    return isinstance(owner, torch.nn.Module) and next(owner.parameters(), None) is not None
+    """Whether an argument of a Function is a region to run (a hand-written checkpoint's ``run_function``): a
+    callable other than a module (a straight-through estimator's quantizer) or a class."""
+    return callable(given) and not isinstance(given, (torch.nn.Module, type, torch.Tensor))
 
 
 def memory_of(t: torch.Tensor) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -533,23 +534,24 @@ def example_loss(forward: Forward, loss_fn: Any, name: str) -> ExampleLossFn:
         batchmean = reduction == "batchmean"
         same = " (on one example, `KLDivLoss`'s 'batchmean' is its 'sum': pass that)" if batchmean else ""
         raise ValueError(f"`{name}.reduction` must be 'none', 'sum' or 'mean', got {reduction!r}{same}.")
-    _refuse_trained_criterion(loss_fn, name)
+    _warn_trained_criterion(loss_fn, name)
     return CriterionLoss(forward, loss_fn, name)
 
 
-def _refuse_trained_criterion(criterion: Any, name: str) -> None:
-    """Refuse a criterion holding parameters that need gradients (a margin head inside the loss, as
-    pytorch-metric-learning's ``ArcFaceLoss`` holds its class weights): training stepped them, but no checkpoint
-    holds them and no score differentiates them, so every checkpoint was scored at their value now (52% off,
-    silently; a review helper's)."""
+def _warn_trained_criterion(criterion: Any, name: str) -> None:
+    """Warn of a criterion holding parameters that need gradients: a margin head inside the loss (as
+    pytorch-metric-learning's ``ArcFaceLoss`` holds its class weights), which training steps, was scored at its value
+    now at every checkpoint and never differentiated (52% off, silently; a review helper's). A teacher run under
+    ``no_grad`` in a distillation loss holds such parameters too, never stepped (refused, it was falsely: a sweep's)."""
     held = criterion.named_parameters() if isinstance(criterion, nn.Module) else ()
     trained = [n for n, p in held if p.requires_grad]
     if trained:
-        raise ValueError(
-            f"`{name}` holds parameters that need gradients ({trained[:5]}): training steps them, but no checkpoint "
-            f"holds them and no score differentiates them, so every checkpoint would be scored at their value now. "
-            f"Move them into the model (a head returning the logits the criterion takes), its checkpoints holding "
-            f"them, or freeze them (`{name}.requires_grad_(False)`) to score the model at their value now."
+        warn(
+            f"`{name}` holds parameters that need gradients ({trained[:5]}), which no checkpoint holds and no score "
+            f"differentiates: every checkpoint is scored at their value now. Where training steps them (a margin head "
+            f"inside the loss), move them into the model, its checkpoints holding them; where it does not (a frozen "
+            f"teacher), `{name}.requires_grad_(False)` says so.",
+            UserWarning,
         )
 
 
@@ -604,19 +606,9 @@ class _CancellingWeights(TorchFunctionMode):
     def __init__(self, name: str, criterion: Any, target: Any) -> None:
         super().__init__()
         self.name, self.criterion = name, criterion
-        for layer in criterion.modules() if isinstance(criterion, torch.jit.ScriptModule) else ():
-            if layer.original_name not in ("CrossEntropyLoss", "NLLLoss") or getattr(layer, "weight", None) is None:
-                continue
-            if not hasattr(layer, "reduction"):  # (traced: its graph holds its reduction, which no attribute says)
-                raise ValueError(
-                    f"`{name}`: a traced {layer.original_name}(weight=...) keeps no reduction to read, and with "
-                    f"'mean' it divides an example's loss by its own class weight, which then cancels on one "
-                    f"example. Pass the Python module (or a scripted one), with reduction='sum' for losses weighted "
-                    f"by class."
-                )
-            held = {"weight": layer.weight, "target": target, "reduction": layer.reduction,
-                    "label_smoothing": getattr(layer, "label_smoothing", 0.0)}  # fmt: skip
-            self._refuse_cancelling(layer.original_name, held)
+        if isinstance(criterion, torch.jit.ScriptModule):
+            for what, weight, reduction in _scripted_losses(criterion):
+                self._refuse_cancelling(what, {"weight": weight, "target": target, "reduction": reduction})
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -640,6 +632,41 @@ class _CancellingWeights(TorchFunctionMode):
                 f"then unweighted. Pass reduction='sum' for losses weighted by class (as they weigh in training), "
                 f"or leave weight= out."
             )
+
+
+_TRACED_LOSSES = {"aten::cross_entropy_loss": "CrossEntropyLoss", "aten::nll_loss": "NLLLoss",
+                  "aten::nll_loss_nd": "NLLLoss", "aten::nll_loss2d": "NLLLoss"}  # fmt: skip
+_REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # (torch's enum, as a traced graph holds it)
+
+
+def _scripted_losses(criterion: torch.jit.ScriptModule) -> list[tuple[str, Any, Any]]:
+    """``(name, weight, reduction)`` of the class-weighted cross-entropy / NLL a TorchScript criterion computes:
+    a scripted module's by its attributes, a traced one's by its graph's ops, whose reduction is a constant there
+    (no attribute keeps it: refused whatever it was, then; a sweep's)."""
+    if criterion not in _TRACED:  # (its graph read once: 0.3 ms a read, each example's)
+        _TRACED[criterion] = _traced_losses(criterion)
+    scripted = [
+        (layer.original_name, layer.weight, layer.reduction)
+        for layer in criterion.modules()
+        if layer.original_name in ("CrossEntropyLoss", "NLLLoss") and getattr(layer, "weight", None) is not None
+        and hasattr(layer, "reduction")
+    ]
+    return scripted + _TRACED[criterion]
+
+
+_TRACED: weakref.WeakKeyDictionary[Any, list[tuple[str, Any, Any]]] = weakref.WeakKeyDictionary()
+
+
+def _traced_losses(criterion: torch.jit.ScriptModule) -> list[tuple[str, Any, Any]]:
+    found = []
+    for node in criterion.inlined_graph.nodes():
+        what = _TRACED_LOSSES.get(node.kind())
+        inputs = list(node.inputs())
+        if what is not None and len(inputs) > 3 and not isinstance(inputs[2].type(), torch._C.NoneType):
+            reduction = inputs[3].toIValue()  # (None where a scripted module computes it: read from its attributes)
+            if reduction is not None:
+                found.append((what, True, _REDUCTIONS.get(reduction)))
+    return found
 
 
 def floating_leaves(tree: Any) -> list[torch.Tensor]:

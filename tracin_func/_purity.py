@@ -123,8 +123,10 @@ def _on_meta(inputs: Sequence[torch.Tensor], values: Mapping[str, Any]) -> bool:
     """Whether an op runs on the ``meta`` device only: its numbers, drawn or not, are never made (a placeholder
     module built in the forward under ``torch.device("meta")``, for ``functional_call`` over stacked members' weights,
     was refused as drawing random numbers)."""
-    device = values.get("device")
-    return all(t.device.type == "meta" for t in inputs) if inputs else device is not None and str(device) == "meta"
+    device = values.get("device")  # (where given, the output's: `randn_like(meta_template, device=x.device)` draws)
+    if device is not None:
+        return torch.device(device).type == "meta"
+    return bool(inputs) and all(t.device.type == "meta" for t in inputs)
 
 
 _PASS_DRAWN = (
