@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 from ._code import closure_values, loaded_globals, names_read
 from ._state import MODULE_SLOTS
@@ -424,6 +425,8 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
                 shape = tuple(next(iter(expanded.values())).shape)
                 sites[path] = Site(path, "expanded", None, None, shape, others=others)
             continue
+        if kind and parametrize.is_parametrized(module) and not _parametrized_apart(model, path, module):
+            continue
         computed = dict(module.parametrizations.weight.named_parameters()) if kind and reparametrized(module) else {}
         shared += [p for p in computed.values() if len(owners[id(p)]) > 1 or listed[id(p)] > 1]  # (another's too)
         holders = [m for p in shared for m in owners[id(p)] if site_kind(m) is None]
@@ -439,6 +442,38 @@ def factorable_sites(model: nn.Module, diff_names: Sequence[str]) -> dict[str, S
             sites[path] = Site(path, kind, weight, bias, shape, conv1d, groups, bool(shared), reparam=reparam,
                                adjoint=adjoint)  # fmt: skip
     return sites
+
+
+def _parametrized_apart(model: nn.Module, path: str, module: nn.Module) -> bool:
+    """Whether a layer's parametrized weight is computed from its parametrization's own tensors alone, none of them
+    another module's: the vector-Jacobian product ``through_parametrization`` takes holds nothing else. A
+    parametrization reading the layer's own bias, another layer's weight, or holding a layer the model also calls
+    (a tied autoencoder's encoder, its weight transposed) gave those no gradient of that use (0.2-50% off, silently;
+    a review helper's): no site then, every use differentiated by vmap(grad)."""
+    listed = module.parametrizations.weight
+    inside = f"{path}.parametrizations.weight." if path else "parametrizations.weight."
+    held = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    elsewhere = {id(t) for name, t in held if not name.startswith(inside)}
+    own = {n: t for n, t in [*listed.named_parameters(), *listed.named_buffers()]}
+    if any(id(t) in elsewhere for t in own.values()):
+        return False
+    reads = _Reads()
+    with torch.no_grad(), reads:  # (on copies of its tensors: a power iteration's in-place steps leave the layer's)
+        functional_call(listed, {n: t.clone() for n, t in own.items()}, ())
+    return not (reads.ids & elsewhere)
+
+
+class _Reads(TorchFunctionMode):
+    """The identities of the tensors the ops run within it read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[int] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        self.ids.update(id(t) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+        return func(*args, **kwargs)
 
 
 # how a module's code may read its parameters other than by their names

@@ -285,8 +285,17 @@ def check_runnable(
 ) -> None:
     """Raise where the model cannot be scored as it stands: a ``torch.compile`` wrapper (``compile_fix``: how to
     compile instead), training mode (``eval_fix``: what the refusal advises), backward hooks, or a
-    ``torch.nn.utils.parametrize.cached()`` block around the call."""
+    ``torch.nn.utils.parametrize.cached()`` block around the call (a function's too, whose modules are not seen: one
+    calling a parametrized module was scored at one cached weight, 30-45% off, silently; a review helper's)."""
     if not isinstance(model, nn.Module):
+        if parametrize._cache_enabled:
+            raise ValueError(
+                "`model` is a function and the call runs inside `torch.nn.utils.parametrize.cached()`, whose cache "
+                "keeps one value per "
+                "parametrized tensor (the first checkpoint's, or one computed before the call) for every checkpoint: "
+                "a function calling a parametrized module would be scored at it. Call the scorer outside the "
+                "`cached()` block."
+            )
         return
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         raise ValueError(
@@ -501,8 +510,8 @@ def model_spec(
     ``private``: run a private copy of the module tree (see ``private_copy``). Not possible when a user's loss
     calls the module itself (``tc.ExampleLoss``): then the call runs on the user's module, under its lock.
     """
+    check_runnable(model)
     if isinstance(model, nn.Module):
-        check_runnable(model)
         with holding(model):  # not while a call on the user's module (its loss calls it) has swapped tensors in
             named = dict(model.named_parameters())  # de-duplicated: a tied tensor appears under its first name
             state = model.state_dict(keep_vars=True)
@@ -694,7 +703,7 @@ def checked_state(
             f"checkpoints must hold the same entries, or it would compute with some that are not differentiated."
         )
     if spec.expected is not None:
-        state = _wrapped_child_names(state, spec.expected)
+        state = _weight_norm_names(_wrapped_child_names(state, spec.expected), spec.expected)
         _refuse_other_extra_state(state, spec.extra, where)
         state = {n: t for n, t in state.items() if n not in spec.extra}
         # a tied tensor saved under its other name only (GPT-2's lm_head.weight): it is the first name's value
@@ -816,6 +825,21 @@ def checked_state(
             )
 
     return state
+
+
+def _weight_norm_names(state: dict[str, Any], expected: frozenset[str]) -> dict[str, Any]:
+    """``state`` with ``torch.nn.utils.weight_norm``'s ``{name}_g`` / ``{name}_v`` entries named as
+    ``parametrizations.weight_norm`` holds them, ``parametrizations.{name}.original0`` / ``original1``, where the
+    model holds those, as its loading's compatibility hook does (a checkpoint of the old API was refused)."""
+    renamed = {}
+    for key in state:
+        if key.endswith("_g") and key not in expected:
+            prefix, _, name = key[:-2].rpartition(".")
+            prefix = f"{prefix}." if prefix else ""
+            v, new = f"{prefix}{name}_v", f"{prefix}parametrizations.{name}.original"
+            if v in state and v not in expected and {new + "0", new + "1"} <= expected:
+                renamed.update({key: new + "0", v: new + "1"})
+    return {renamed.get(k, k): t for k, t in state.items()} if renamed else state
 
 
 def _wrapped_child_names(state: dict[str, Any], expected: frozenset[str]) -> dict[str, Any]:
