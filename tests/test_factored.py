@@ -1572,6 +1572,75 @@ def test_the_deprecated_weight_norm_hook_names_the_parametrization():
     assert "torch.nn.utils.weight_norm's hook" in route.reason and "parametrizations.weight_norm" in route.reason
 
 
+class _ShiftedByBias(nn.Module):
+    """A parametrization reading its layer's own bias (held by reference)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = [layer]  # (a list: no submodule)
+
+    def forward(self, w):
+        return w + self.layer[0].bias[:, None]
+
+
+class _TiedTransposed(nn.Module):
+    """A tied autoencoder's decoder weight: the encoder's, transposed (the encoder a submodule of it)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, _):
+        return self.encoder.weight.T
+
+
+class TiedAutoencoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(6, 4), nn.Linear(4, 6)
+        nn.utils.parametrize.register_parametrization(self.dec, "weight", _TiedTransposed(self.enc), unsafe=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.dec(torch.tanh(self.enc(x)))))
+
+
+@pytest.mark.parametrize("reads", ["bias", "tied"])
+def test_a_parametrization_reading_other_tensors_is_no_site(reads):
+    """Regression (a review helper's trials): a parametrization reading its layer's bias, or holding a layer the model
+    calls too (a tied autoencoder's encoder), was taken as computing the weight from its own tensors alone: those
+    uses got no gradient (21-50% off, silently). No site then: exact on every path."""
+    torch.manual_seed(0)
+    if reads == "bias":
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+        nn.utils.parametrize.register_parametrization(model[0], "weight", _ShiftedByBias(model[0]))
+    else:
+        model = TiedAutoencoder().double().eval()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    assert not any(s.reparam for s in _plan(model, (x, y)).sites)
+
+
+def test_checkpoints_of_the_deprecated_weight_norm_score_its_parametrization():
+    """A checkpoint of `torch.nn.utils.weight_norm` (`weight_g`, `weight_v`) for the same net under
+    `parametrizations.weight_norm`, which its loading takes (a compatibility hook), was refused (a review helper's):
+    read as `original0` / `original1`, scored as that net's own."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (deprecated)
+        old = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3)).double()
+    new = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 5)), nn.Tanh(), nn.Linear(5, 3))
+    new = new.double().eval()
+    saved = [tc.Checkpoint({k: v.detach() + 0.1 * i for k, v in old.state_dict().items()}, 0.1) for i in (1, 2)]
+    assert "0.weight_g" in saved[0].params
+    as_new = []
+    for ckpt in saved:
+        new.load_state_dict(ckpt.params)  # (torch's own reading of them)
+        as_new.append(tc.Checkpoint({k: v.detach().clone() for k, v in new.state_dict().items()}, ckpt.lr))
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    assert_close(tc.self_influence(new, saved, (x, y), loss_fn=CE), tc.self_influence(new, as_new, (x, y), loss_fn=CE))
+
+
 class ScaledBy(nn.Module):
     """A parametrization scaling its tensor by a parameter of its own."""
 
@@ -3878,6 +3947,23 @@ def test_an_embedding_looked_up_by_a_0d_index_is_scored():
     explained = _exact_and_explained(FilmOfOneTask().double().eval(), x, x)
     why = {r.parameter: r.reason for r in explained.routes}["task.weight"]
     assert "'task' is called on an input without a batch dimension (a lookup of one 0-d index)" in why, why
+    assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
+
+
+class FilmOfOneTaskRow(FilmOfOneTask):
+    """The task's id given as `[1]` (a row), its FiLM `[1, 10]` broadcast over the batch."""
+
+    def forward(self, x):
+        scale, shift = self.film(self.task(torch.tensor([1]))).chunk(2, -1)
+        return self.head(torch.tanh(self.a(x) * scale + shift))
+
+
+def test_a_lookup_of_one_id_broadcast_over_the_batch_runs_batched():
+    """Regression (a review helper's FiLM): an Embedding given one id `[1]` for the whole batch was no broadcast row
+    (only `[1, T]` ids were), and the layer after it was refused as fed merged rows (vmap(grad)). Exact and batched."""
+    torch.manual_seed(0)
+    x = (torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    explained = _exact_and_explained(FilmOfOneTaskRow().double().eval(), x, x)
     assert explained.batching == "one batched forward / backward gives every layer's factors", explained.batching
 
 
