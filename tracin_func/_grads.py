@@ -3,11 +3,13 @@ fails."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
 import sys
 import traceback
+import types
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -345,9 +347,15 @@ def _read_in_a_function(tensors: Sequence[torch.Tensor], held: Collection[int]) 
 
 
 def _region(given: Any) -> bool:
-    """Whether an argument of a Function is a region to run (a hand-written checkpoint's ``run_function``): a
-    callable other than a module (a straight-through estimator's quantizer) or a class."""
-    return callable(given) and not isinstance(given, (torch.nn.Module, type, torch.Tensor))
+    """Whether an argument of a Function is a region to run (a hand-written checkpoint's ``run_function``): a Python
+    function (a lambda, a closure), a method of a module holding parameters, or a partial of one. Not torch's ops
+    (``torch.round``), a module (a straight-through estimator's quantizer) or a method of one holding none."""
+    if isinstance(given, functools.partial):
+        return _region(given.func)
+    if isinstance(given, types.MethodType):
+        owner = given.__self__
+        return not isinstance(owner, torch.nn.Module) or next(owner.parameters(), None) is not None
+    return isinstance(given, types.FunctionType)
 
 
 def memory_of(t: torch.Tensor) -> int:

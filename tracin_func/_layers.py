@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
+import optree
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -472,7 +473,8 @@ class _Reads(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        self.ids.update(id(t) for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+        self.ids.update(id(t) for t in optree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))  # (a
+        # list of them too: `torch.stack([w, other.weight])`; a sweep's)
         return func(*args, **kwargs)
 
 

@@ -606,7 +606,7 @@ class _CancellingWeights(TorchFunctionMode):
     def __init__(self, name: str, criterion: Any, target: Any) -> None:
         super().__init__()
         self.name, self.criterion = name, criterion
-        if isinstance(criterion, torch.jit.ScriptModule):
+        if isinstance(criterion, (torch.jit.ScriptModule, torch.jit.ScriptFunction)):
             for what, weight, reduction in _scripted_losses(criterion):
                 self._refuse_cancelling(what, {"weight": weight, "target": target, "reduction": reduction})
 
@@ -639,15 +639,15 @@ _TRACED_LOSSES = {"aten::cross_entropy_loss": "CrossEntropyLoss", "aten::nll_los
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # (torch's enum, as a traced graph holds it)
 
 
-def _scripted_losses(criterion: torch.jit.ScriptModule) -> list[tuple[str, Any, Any]]:
+def _scripted_losses(criterion: torch.jit.ScriptModule | torch.jit.ScriptFunction) -> list[tuple[str, Any, Any]]:
     """``(name, weight, reduction)`` of the class-weighted cross-entropy / NLL a TorchScript criterion computes:
-    a scripted module's by its attributes, a traced one's by its graph's ops, whose reduction is a constant there
-    (no attribute keeps it: refused whatever it was, then; a sweep's)."""
+    a scripted module's by its attributes, a traced one's (a traced function's too) by its graph's ops, whose
+    reduction is a constant there (no attribute keeps it: refused whatever it was, then; a sweep's)."""
     if criterion not in _TRACED:  # (its graph read once: 0.3 ms a read, each example's)
         _TRACED[criterion] = _traced_losses(criterion)
     scripted = [
         (layer.original_name, layer.weight, layer.reduction)
-        for layer in criterion.modules()
+        for layer in (criterion.modules() if isinstance(criterion, torch.jit.ScriptModule) else ())
         if layer.original_name in ("CrossEntropyLoss", "NLLLoss") and getattr(layer, "weight", None) is not None
         and hasattr(layer, "reduction")
     ]
@@ -657,7 +657,7 @@ def _scripted_losses(criterion: torch.jit.ScriptModule) -> list[tuple[str, Any, 
 _TRACED: weakref.WeakKeyDictionary[Any, list[tuple[str, Any, Any]]] = weakref.WeakKeyDictionary()
 
 
-def _traced_losses(criterion: torch.jit.ScriptModule) -> list[tuple[str, Any, Any]]:
+def _traced_losses(criterion: torch.jit.ScriptModule | torch.jit.ScriptFunction) -> list[tuple[str, Any, Any]]:
     found = []
     for node in criterion.inlined_graph.nodes():
         what = _TRACED_LOSSES.get(node.kind())

@@ -837,7 +837,8 @@ def _weight_norm_names(state: dict[str, Any], expected: frozenset[str]) -> dict[
             prefix, _, name = key[:-2].rpartition(".")
             prefix = f"{prefix}." if prefix else ""
             v, new = f"{prefix}{name}_v", f"{prefix}parametrizations.{name}.original"
-            if v in state and v not in expected and {new + "0", new + "1"} <= expected:
+            unheld = not {new + "0", new + "1"} & set(state)  # (beside them: left to the refusal of extra entries)
+            if v in state and v not in expected and {new + "0", new + "1"} <= expected and unheld:
                 renamed.update({key: new + "0", v: new + "1"})
     return {renamed.get(k, k): t for k, t in state.items()} if renamed else state
 
