@@ -1639,6 +1639,31 @@ def test_checkpoints_of_the_deprecated_weight_norm_score_its_parametrization():
         as_new.append(tc.Checkpoint({k: v.detach().clone() for k, v in new.state_dict().items()}, ckpt.lr))
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     assert_close(tc.self_influence(new, saved, (x, y), loss_fn=CE), tc.self_influence(new, as_new, (x, y), loss_fn=CE))
+    both = [tc.Checkpoint({**c.params, **a.params}, c.lr) for c, a in zip(saved, as_new)]  # (a sweep: renamed over
+    with pytest.raises(ValueError, match=r"unexpected \['0.weight_g', '0.weight_v'\]"):  # the new names, silently)
+        tc.self_influence(new, both, (x, y), loss_fn=CE)
+
+
+class _StackedWith(nn.Module):
+    """A parametrization stacking its tensor with another layer's weight (a list argument)."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.other = [other]
+
+    def forward(self, w):
+        return torch.stack([w, self.other[0].weight]).sum(0)
+
+
+def test_a_parametrization_reading_another_weight_in_a_list_is_no_site():
+    """Regression (a sweep): the tensors a parametrization reads were looked for among an op's arguments, not inside
+    a list of them (`torch.stack([w, other.weight])`: 11% off, silently)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).double().eval()
+    nn.utils.parametrize.register_parametrization(model[2], "weight", _StackedWith(model[0]))
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    _assert_paths_agree(model, (x, y), (x[:3], y[:3]))
+    assert not any(s.reparam for s in _plan(model, (x, y)).sites)
 
 
 class ScaledBy(nn.Module):

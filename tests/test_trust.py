@@ -581,6 +581,20 @@ def test_1b4b_a_torchscript_criterion_is_scored(make, reduction):
         check_against_reference(model, make_ckpts(model), train, test, loss_fn=loss, factored_modes=(None, False))
 
 
+def test_1b4b_a_traced_function_criterion_weighted_by_class_with_the_mean_is_refused():
+    """Regression (a sweep): a traced function (not a module) computing a class-weighted mean cross-entropy was
+    scored unweighted, silently: its graph's op is read as a traced module's is."""
+    model = MLP().double().eval()
+    train = data(4, seed=1)
+    weight = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+    def weighted(outputs, targets):
+        return F.cross_entropy(outputs, targets, weight=weight)
+
+    traced = torch.jit.trace(weighted, (model(train[0]), train[1]))
+    with pytest.raises(ValueError, match=r"CrossEntropyLoss\(weight=...\) with reduction='mean' divides"):
+        tc.self_influence(model, make_ckpts(model), train, loss_fn=traced)
+
+
 def test_1b5_parametrization_cache_is_refused():
     """Inside ``parametrize.cached()``, a parametrized weight is computed once for every checkpoint (found by review:
     52-114% off, silently, and the user's cache left holding a checkpoint's weight)."""
@@ -1913,6 +1927,51 @@ class QuantizedByMethod(QuantizedStraightThrough):
 
     def forward(self, x):
         return self.b(_RoundedStraightThrough.apply(torch.tanh(self.a(x)), self.quantize))
+
+
+class _StepStraightThrough(torch.autograd.Function):
+    """Rounds ``x / step`` by the function given (torch's op, a partial of it); straight through."""
+
+    @staticmethod
+    def forward(ctx, x, step, rounding):
+        return rounding(x / step) * step
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+class _Quantizer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(0.25))
+
+    def quantize(self, x):
+        return torch.round(x / self.scale) * self.scale
+
+
+class StraightThroughGiven(QuantizedStraightThrough):
+    def __init__(self, given):
+        super().__init__()
+        self.given, self.q = given, _Quantizer()
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.given == "method":  # (a method of a module holding no parameters, reading its buffer)
+            return self.b(_RoundedStraightThrough.apply(h, self.q.quantize))
+        rounding = torch.round if self.given == "op" else functools.partial(torch.round, decimals=0)
+        return self.b(_StepStraightThrough.apply(h, self.step, rounding))
+
+
+@pytest.mark.parametrize("given", ["op", "partial", "method"])
+def test_3h_a_straight_through_estimator_given_a_rounding_is_its_own(given):
+    """Regression (a sweep): a Function given torch's op, a partial of it, or a quantizer's method reading its
+    buffer, was taken for checkpointing by hand, given a region (exact before)."""
+    torch.manual_seed(0)
+    model = StraightThroughGiven(given).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the loop, warned)
+        check_against_reference(model, make_ckpts(model), data(4, seed=1), data(4, n=3, seed=2))
 
 
 class _OwnLinear(torch.autograd.Function):
