@@ -272,24 +272,25 @@ def reentrant_checkpointing() -> bool:
     return False
 
 
-def _holds_tensors(module: Any) -> bool:
-    """Whether ``module`` (a layer being called) or one of its sublayers holds a tensor: a parameter, a buffer, or in
-    an attribute, containers and layers there too (a layer reaching another's weight through a list, recomputed by
-    the Function's backward with the model's own: 37% off per example, silently). Each layer looked at once (one
-    holding its parent in a list)."""
+def _holds_tensors(module: Any, parameters: bool = False) -> bool:
+    """Whether ``module`` (a layer being called) or one of its sublayers holds a tensor (``parameters``: a parameter):
+    a parameter, a buffer, or in an attribute, containers and layers there too (a layer reaching another's weight
+    through a list, recomputed by the Function's backward with the model's own: 37% off per example, silently). Each
+    layer looked at once (one holding its parent in a list)."""
     if not isinstance(module, torch.nn.Module):
         return True  # (unknown: taken as holding some)
     seen: set[int] = set()
 
     def holds(value: Any, depth: int) -> bool:
         if isinstance(value, torch.Tensor):
-            return True
+            return not parameters or isinstance(value, torch.nn.Parameter)
         if isinstance(value, torch.nn.Module):
             if id(value) in seen:
                 return False
             seen.add(id(value))
             own = [v for k, v in vars(value).items() if k not in MODULE_SLOTS] + list(value._modules.values())
-            return bool(value._parameters or value._buffers) or any(holds(v, NESTING) for v in own)
+            held = value._parameters or not parameters and value._buffers
+            return bool(held) or any(holds(v, NESTING) for v in own)
         if depth and isinstance(value, (list, tuple, dict)) and len(value) <= FLAT_ABOVE:
             return any(holds(v, depth - 1) for v in (value.values() if isinstance(value, dict) else value))
         return False
@@ -347,15 +348,26 @@ def _read_in_a_function(tensors: Sequence[torch.Tensor], held: Collection[int]) 
 
 
 def _region(given: Any) -> bool:
-    """Whether an argument of a Function is a region to run (a hand-written checkpoint's ``run_function``): a Python
-    function (a lambda, a closure), a method of a module holding parameters, or a partial of one. Not torch's ops
-    (``torch.round``), a module (a straight-through estimator's quantizer) or a method of one holding none."""
+    """Whether an argument of a Function is a region to run (a hand-written checkpoint's ``run_function``): anything
+    callable (a lambda, a callable object, a partial of one), but torch's own ops and functions (``torch.round``,
+    ``F.hardtanh``), a class, a module (a straight-through estimator's quantizer, reading its buffer) and a module's
+    method reaching no parameter (a sweep found a callable object, a staticmethod and a method reaching weights
+    through a list missed as regions, 30% off, silently)."""
     if isinstance(given, functools.partial):
         return _region(given.func)
-    if isinstance(given, types.MethodType):
-        owner = given.__self__
-        return not isinstance(owner, torch.nn.Module) or next(owner.parameters(), None) is not None
-    return isinstance(given, types.FunctionType)
+    if isinstance(given, (torch.Tensor, type, torch.nn.Module, *_TORCH_OPS)):
+        return False
+    if isinstance(getattr(given, "__self__", None), torch.nn.Module):
+        return _holds_tensors(given.__self__, parameters=True)
+    if isinstance(given, types.FunctionType) and (given.__module__ or "").split(".")[0] == "torch":
+        return False
+    return callable(given)
+
+
+# torch's ops given to a Function: C functions and methods (``torch.round``, ``Tensor.round``)
+_TORCH_OPS = (
+    types.BuiltinFunctionType, types.BuiltinMethodType, types.MethodDescriptorType, types.WrapperDescriptorType,
+)  # fmt: skip
 
 
 def memory_of(t: torch.Tensor) -> int:
