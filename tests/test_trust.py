@@ -2011,9 +2011,9 @@ def test_3h_checkpointing_by_hand_around_weights_read_directly(params, how):
     ran the region again with the module's own weights, so the layers before it were off too (9.5%; 3.3% with those
     weights left out of the scores), silently; given to the Function as well (DeepSpeed's style), 45% off on
     `factored=False`; given as a lambda, 19% off with them left out of the scores (a callable object, 30%). Refused,
-    the Function given a region to run (a method, a lambda, a callable object) that reads the state; a Function given its weight as an input is its own
-    kernel, and one reading a quantizer's buffer, or given a method reading none, its own straight-through estimator,
-    each scored exactly (a sweep found the last refused)."""
+    the Function given a region to run (a method, a lambda, a callable object) that reads the state; a Function given
+    its weight as an input is its own kernel, and one reading a quantizer's buffer, or given a method reading none,
+    its own straight-through estimator, each scored exactly (a sweep found the last refused)."""
     torch.manual_seed(0)
     model = HandCheckpointedWeights().double().eval()
     model.how = how
