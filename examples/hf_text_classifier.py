@@ -11,9 +11,9 @@ flipped labels first, and ``tc.top_k`` gives each test sentence's proponents (wh
 
     python examples/hf_text_classifier.py          # needs transformers (pip install -e ".[test]")
 
-Seeds 0-3 of the defaults: test accuracy 0.975-1.00; 80-100% of the flipped labels among the top 40 self-influence
-scores (seeds 1 and 3: all, with one or two threads); proponents of every test sentence's label, opponents of the
-other.
+Seeds 0-3 of the defaults: test accuracy 0.975-1.00; 70-100% of the flipped labels among the top 40 self-influence
+scores (seeds 1 and 3: all, with one or two threads; seed 0: 80% with one thread, 70% with two, whose training rounds
+otherwise); proponents of every test sentence's label, opponents of the other.
 """
 
 from __future__ import annotations
