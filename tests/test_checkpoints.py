@@ -445,7 +445,7 @@ def test_a_torchscript_archive_is_told_how_to_read_its_tensors(tmp_path):
     """A `torch.jit.save`d model (a per-epoch habit; a review helper's trial) was "empty, truncated or not a
     checkpoint" with torch's advice of `weights_only=False`, which then refused the module: both name the archive and
     the line that reads its tensors, which scores."""
-    model = torch.nn.Linear(3, 2)
+    model = torch.nn.Linear(3, 2).double()
     torch.jit.save(torch.jit.script(model), tmp_path / "epoch0.pt")
     said = r"is a TorchScript archive .*`tc.Checkpoint\(params=torch.jit.load\(path\).state_dict\(\), lr=...\)`"
     with pytest.raises(ValueError, match=said):
@@ -453,8 +453,10 @@ def test_a_torchscript_archive_is_told_how_to_read_its_tensors(tmp_path):
     with pytest.raises(TypeError, match=said):
         tc.load_checkpoints([tmp_path / "epoch0.pt"], lr=0.1, weights_only=False)
     ckpt = tc.Checkpoint(params=torch.jit.load(tmp_path / "epoch0.pt").state_dict(), lr=0.1)
-    x, y = torch.randn(4, 3), torch.randn(4, 2)
-    assert tc.self_influence(model, [ckpt], (x, y), loss_fn=torch.nn.MSELoss()).shape == (4,)
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    loss = torch.nn.MSELoss(reduction="sum")
+    expected = reference_scores(model, [ckpt], (x, y), loss_fn=loss).self_influence
+    assert_close(tc.self_influence(model, [ckpt], (x, y), loss_fn=loss), expected)
 
 
 # --- source errors -----------------------------------------------------------------------------------------------

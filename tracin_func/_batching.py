@@ -963,19 +963,17 @@ def _witnessed(
 
 
 def _alike_alone(
-    together: Witnessed, alone: Witnessed, n: int, i: int, loosely: bool = False, within: float | None = None
+    together: Witnessed, alone: Witnessed, n: int, i: int, loosely: bool = False, within: float = 1e-4
 ) -> bool:
     """Whether what example ``i`` gets alone is close to a part of the batch's that may hold it (``_example_parts``),
-    each output and its losses within ``within`` (by default ``mixing`` of their dtype) of the example's own scale
-    (``_scale``) or of their own size; ``loosely``, of the batch's scale (losses: or 1). Outputs whose shapes tell no
-    part are not compared."""
+    each output and its losses within ``within`` of the example's own scale (``_scale``) or of their own size;
+    ``loosely``, of the batch's scale (losses: or 1). Outputs whose shapes tell no part are not compared."""
     for t, a, least in _pairs(together, alone):
         parts = list(_example_parts(t, a.shape, n, i))
         if not parts or not a.numel():
             continue
         scale = max(least, _scale(t)) if loosely else _scale(a)
-        near = mixing(a.dtype) if within is None else within
-        if not any(_close_within(a, part, scale, relative=True, within=near) for part in parts):
+        if not any(_close_within(a, part, scale, relative=True, within=within) for part in parts):
             return False
     return True
 

@@ -348,15 +348,11 @@ def check_not_scripted(model: nn.Module) -> None:
                 f"`model` module {name or '(root)'!r} ({type(module).__name__}) is a TorchScript module "
                 f"(`torch.jit.script` / `torch.jit.trace`), whose compiled forward cannot run a checkpoint's tensors "
                 f"under torch.func. Score the Python module it was made from (a scripted function called in `forward` "
-                f"is fine{_SCRIPT_ITS_FUNCTION if not _holds_tensors(module) else ''})."
+                f"is fine{'' if module.state_dict() else _SCRIPT_ITS_FUNCTION})."
             )
 
 
 _SCRIPT_ITS_FUNCTION = ": this one holds no tensors, so script the function its forward computes and call that"
-
-
-def _holds_tensors(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 def check_no_backward_hooks(model: Any) -> None:

@@ -46,7 +46,7 @@ from ._layers import (
     why_not_a_site,
 )
 from ._loss import BatchedLoss, CriterionLoss, ExampleLossFn
-from ._purity import LOWER, ForwardBytes, check_forward, check_reads
+from ._purity import LOWER, ForwardBytes, check_forward, check_reads, coarsest
 from ._recurrent import UNROLLED_KINDS, packed_calls, recurrent_sites, why_not_run_unrolled
 from ._representations import Representation
 from ._setup import Setup
@@ -154,8 +154,7 @@ def plan_call(
     lowered = any(m.lowered for m in made) and setup.dtype not in LOWER
     if lowered:  # each example's gradient as autograd takes it alone: batched kernels (the factors', vmap's) round
         factored, mapper.loop, mapper.plain = False, True, True  # a lower precision otherwise (1e-3 off in bfloat16)
-    precisions = [m.precision for m in made if m.precision is not None]
-    token = COMPUTED_IN.set(max(precisions, key=lambda d: torch.finfo(d).eps) if precisions else None)
+    token = COMPUTED_IN.set(coarsest(m.precision for m in made))
     try:
         plan = make_plan(
             module, names, losses, *checked_at, batch, mapper, factored=factored, self_only=self_only,

@@ -18,7 +18,7 @@ import functools
 import random
 import sys
 import weakref
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
@@ -603,7 +603,7 @@ def check_forward(
         raise
     if left and examples_in(batch) > 1:
         _refuse_carried(module, loss, state, batch, left, exact)
-    return ForwardBytes(watch.largest, watch.held, watch.lowered, max(watch.coarsest, key=_eps, default=None))
+    return ForwardBytes(watch.largest, watch.held, watch.lowered, coarsest(watch.coarsest))
 
 
 class ForwardBytes(NamedTuple):
@@ -620,8 +620,9 @@ class ForwardBytes(NamedTuple):
     precision: torch.dtype | None = None
 
 
-def _eps(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps
+def coarsest(dtypes: Iterable[torch.dtype | None]) -> torch.dtype | None:
+    """The floating dtype of the largest eps among ``dtypes`` (None: none given)."""
+    return max((d for d in dtypes if d is not None), key=lambda d: torch.finfo(d).eps, default=None)
 
 
 def _refuse_carried(
