@@ -646,7 +646,9 @@ def test_ids_are_matched_to_the_scored_parameters_where_those_were_trained():
     state = _stepped(model, [p for n, p in model.named_parameters() if n in trained])
     ckpt = tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.1, state)
     x, y = _data(model, 6, 4)
-    got = tc.influence(model, [ckpt], (x, y), (x[:3], y[:3]), loss_fn=LOSS, params=trained)
+    matched = r"holds 2 parameters without names, as many as the scored ones .+ not the model's 4"
+    with pytest.warns(UserWarning, match=matched):  # (one built from others, a warm-up's head: 46% off, unwarned)
+        got = tc.influence(model, [ckpt], (x, y), (x[:3], y[:3]), loss_fn=LOSS, params=trained)
     named = copy.deepcopy(state)
     named["param_groups"][0]["param_names"] = trained  # (the reference matches unnamed ids to the trainable ones)
     reference = AdamReference(model, [tc.Checkpoint(ckpt.params, 0.1, named)], (x, y), (x[:3], y[:3]), params=trained)
@@ -658,7 +660,8 @@ def test_ids_are_matched_to_the_scored_parameters_where_those_were_trained():
 
     entries = {**{k: v.detach().clone() for k, v in model.named_parameters()}, "scale": torch.tensor(1.0, dtype=DTYPE)}
     function_ckpt = tc.Checkpoint(entries, 0.1, state)
-    by_function = tc.influence(f, [function_ckpt], (x, y), (x[:3], y[:3]), loss_fn=LOSS, params=trained)
+    with pytest.warns(UserWarning, match=r"as many as the scored ones .+ not the model's 5"):
+        by_function = tc.influence(f, [function_ckpt], (x, y), (x[:3], y[:3]), loss_fn=LOSS, params=trained)
     assert_close(by_function, got)
 
 
@@ -730,3 +733,45 @@ def test_a_groups_parameters_are_named_whole_in_the_refusal():
     first = [n for n, _ in named[:6]]
     with pytest.raises(ValueError, match=re.escape(f"`params={first}`")):
         tc.self_influence(model.eval(), [ckpt], (x, y), loss_fn=LOSS)
+
+
+def test_a_files_learning_rate_beside_param_groups_of_different_ones_is_refused(tmp_path):
+    """Regression (a review helper's, 88% off, silently): a file saving its first group's lr as `learning_rate`
+    beside an optimizer of groups at different lrs (discriminative fine-tuning) was weighed by it throughout, where
+    the same file without the entry was refused. Refused naming the groups; `lr=` per group still loads it."""
+    torch.manual_seed(0)
+    model = MLP().to(DTYPE)
+    opt = _two_lrs(list(model.named_parameters()))
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "learning_rate": 1e-3}, path)
+    with pytest.raises(ValueError, match=r"param groups have different ones \(param_groups\[0\] lr=0.001 .+; the "
+                       r"learning rate it stores, 0.001, is one group's at most\)"):  # fmt: skip
+        tc.load_checkpoints([path])
+    assert tc.load_checkpoints([path], lr=0.1)[0].lr == 0.1
+
+
+def test_a_parameter_the_optimizer_never_stepped_while_others_took_steps_is_warned_of():
+    """Regression (a review helper's staged fine-tune, 115% off unwarned): a backbone frozen during warm-up has no
+    Adam state at a warm-up checkpoint while the head took steps; scored, it takes Adam's first step for it, which
+    a backbone still frozen after the checkpoint never took. Warned of, naming it; an optimizer that took no step
+    yet (a run's first checkpoint) is not."""
+    torch.manual_seed(0)
+    model = MLP().to(DTYPE).eval()
+    opt = torch.optim.Adam(list(model.named_parameters()), lr=0.1)
+    fresh = copy.deepcopy(opt.state_dict())
+    x, y = _data(model, 6, 3)
+    model.fc1.requires_grad_(False)
+    for _ in range(2):
+        LOSS(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    model.fc1.requires_grad_(True)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ckpt = tc.Checkpoint(state, 0.1, copy.deepcopy(opt.state_dict()))
+    unstepped = r"of checkpoints\[0\] holds no step of the scored \['fc1.weight', 'fc1.bias'\] while other"
+    with pytest.warns(UserWarning, match=unstepped):
+        tc.self_influence(model, [ckpt], (x, y), loss_fn=LOSS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tc.self_influence(model, [tc.Checkpoint(state, 0.1, fresh)], (x, y), loss_fn=LOSS)
+        tc.self_influence(model, [ckpt], (x, y), loss_fn=LOSS, params=["fc2.weight", "fc2.bias"])

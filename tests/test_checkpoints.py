@@ -789,3 +789,54 @@ def test_a_missing_checkpoint_file_is_said_to_be_missing(tmp_path):
     """A path that does not exist was reported as a file "empty, truncated or not a checkpoint"."""
     with pytest.raises(FileNotFoundError, match=r"Checkpoint file '.*ck.pt' does not exist"):
         tc.load_checkpoints([str(tmp_path / "ck.pt")], lr=0.1)
+
+
+def test_a_directory_of_files_and_model_folders_is_refused_naming_both(tmp_path):
+    """Regression (a review helper's): a directory holding a Trainer's `checkpoint-N` folders beside a final file was
+    read file by file, its folders left out, silently. Refused, naming both."""
+    from safetensors.torch import save_file
+
+    model = _model()
+    for name in ("checkpoint-100", "checkpoint-200"):
+        (tmp_path / name).mkdir()
+        weights = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp_path / name / "model.safetensors"))
+    torch.save(model.state_dict(), tmp_path / "final.pt")
+    with pytest.raises(ValueError, match=r"holds checkpoint files \(\['final.pt'\]\) and model folders "
+                       r"\(\['checkpoint-100', 'checkpoint-200'\]\)"):  # fmt: skip
+        tc.load_checkpoints(tmp_path, lr=0.1)
+    (tmp_path / "logs").mkdir()  # (a folder of no model: not a checkpoint)
+    (tmp_path / "checkpoint-100" / "model.safetensors").unlink()
+    (tmp_path / "checkpoint-200" / "model.safetensors").unlink()
+    assert len(tc.load_checkpoints(tmp_path, lr=0.1)) == 1
+
+
+@pytest.mark.parametrize("layout", ["nested", "flat"])
+def test_a_training_files_dict_given_as_a_checkpoint_is_refused_with_the_way_to_give_it(layout):
+    """A `{"model", "optimizer", "epoch"}` file, or a flat state with its `learning_rate`, given to `tc.Checkpoint`
+    as it was loaded: the refusal said only to save the model's `state_dict()` (a float lr: blamed on a GraphModule)."""
+    model = _model()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    state = dict(model.state_dict())
+    saved = {"model": state, "optimizer": {}, "epoch": 3} if layout == "nested" else {**state, "learning_rate": 0.1}
+    nested = r"pass `tc.Checkpoint\(saved\['model'\], lr\)`"
+    fix = nested if layout == "nested" else r"'learning_rate' is a learning rate"
+    with pytest.raises(ValueError, match=fix):
+        tc.self_influence(model, [tc.Checkpoint(saved, 0.1)], (x, y), loss_fn=nn.CrossEntropyLoss())
+
+
+def test_strict_false_names_the_checkpoints_lacking_a_parameter():
+    """Regression (a review helper's class-incremental head): where only some checkpoints lacked a parameter, the
+    warning said it was scored at the model's values at every checkpoint; the others are scored at their own."""
+    model = _model()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    states = _states(3, model)
+    del states[0]["2.weight"], states[0]["2.bias"]
+    ckpts = [tc.Checkpoint(s, 0.1) for s in states]
+    with pytest.warns(UserWarning, match=r"`checkpoints\[0\]` lacks the differentiated parameters \['2.weight', "
+                      r"'2.bias'\]: scored at the model's own values \(`strict=False`\) there, at the"):  # fmt: skip
+        tc.self_influence(model, ckpts, (x, y), loss_fn=nn.CrossEntropyLoss(), strict=False)
+    for s in states[1:]:
+        del s["2.weight"], s["2.bias"]
+    with pytest.warns(UserWarning, match=r"`checkpoints` lack the .+, the same at every checkpoint"):
+        tc.self_influence(model, ckpts, (x, y), loss_fn=nn.CrossEntropyLoss(), strict=False)

@@ -1002,3 +1002,41 @@ def test_a_placeholder_module_built_on_the_meta_device_draws_nothing():
         warnings.simplefilter("ignore")  # (the slow-path note)
         got = tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
     assert_close(got, reference_scores(model, ckpts, (x, y), loss_fn=CE).self_influence)
+
+
+class BuiltAndMoved(nn.Module):
+    """A layer built in the forward and moved with `.to()` (a copy of its random initial weights), then given the
+    model's weights: its random numbers are copied, never read."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b, self.out = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6)), nn.Linear(6, 3)
+
+    def forward(self, x):
+        layer = nn.Linear(4, 6).to(x.dtype)
+        del layer.weight, layer.bias
+        layer.weight, layer.bias = self.w, self.b
+        return self.out(torch.tanh(layer(x)))
+
+
+def test_random_numbers_copied_and_never_read_are_not_refused():
+    """Regression (a review helper's, as `.to(x.device)` is on a GPU): a copy of random numbers was a read of them,
+    refused as a random forward. A copy carries them: read, it is refused as they are."""
+    torch.manual_seed(0)
+    model = BuiltAndMoved().double().eval()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.1)]
+    want = reference_scores(model, ckpts, (x, y), (x[:2], y[:2]), loss_fn=nn.CrossEntropyLoss()).self_influence
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=nn.CrossEntropyLoss()), want)
+
+    class ReadsACopy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.layer(x + torch.randn(4).to(x.dtype).clone())
+
+    noisy = ReadsACopy().double().eval()
+    with pytest.raises(ValueError, match=r"draws random numbers \(aten.randn.default\) that are read \(aten.add"):
+        tc.self_influence(noisy, [tc.Checkpoint(dict(noisy.state_dict()), 0.1)], (x, y), loss_fn=nn.CrossEntropyLoss())

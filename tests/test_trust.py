@@ -5834,3 +5834,216 @@ def test_examples_mixing_below_1e4_of_the_outputs_are_seen_in_float64():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (the slow-path note)
         check_against_reference(model, make_ckpts(model), data(4, n=8, seed=1), data(4, n=3, seed=2))
+
+
+@torch.jit.script
+def _scripted_input_grad(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    grad_outputs: list[torch.Tensor | None] = [torch.ones_like(out)]
+    g = torch.autograd.grad([out], [x], grad_outputs=grad_outputs, create_graph=True)[0]
+    assert g is not None
+    return g
+
+
+class ScriptedForces(nn.Module):
+    """An energy and its forces, -dE/dx, taken by a TorchScript helper."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            energy = self.b(torch.tanh(self.a(x))).squeeze(-1)
+            return torch.cat([energy[:, None], -_scripted_input_grad(energy, x)], 1)
+
+
+def test_a_derivative_taken_by_a_torchscript_function_is_seen():
+    """Regression (a review helper's WGAN-GP / forces model, 61-97% off, silently): a derivative taken inside a
+    TorchScript function was not seen (its `torch.autograd.grad` is no Python call), so the layers' factors missed
+    the gradient's part through it. Seen as ops an autograd node runs with gradients on: every gradient per example."""
+    torch.manual_seed(0)
+    model = ScriptedForces().double().eval()
+    x = torch.randn(10, 4, dtype=F64)
+    train, test = (x[:7], torch.randn(7, 5, dtype=F64)), (x[7:], torch.randn(3, 5, dtype=F64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the slow-path note)
+        check_against_reference(model, make_ckpts(model), train, test, loss_fn=nn.MSELoss(reduction="sum"))
+
+
+class PenalisedOnRealOnly(nn.Module):
+    """A discriminator's logit and its R1 penalty (the input gradient's squared norm), taken on real examples only
+    (the input's last column flags them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 1)
+
+    def score(self, x):
+        return self.b(torch.tanh(self.a(x))).squeeze(-1)
+
+    def forward(self, inputs):
+        x, real = inputs[:, :4], inputs[:, 4] > 0
+        penalty = torch.zeros_like(x[:, 0])
+        if real.any():
+            with torch.enable_grad():
+                x_ = x.detach().requires_grad_()
+                (g,) = torch.autograd.grad(self.score(x_).sum(), x_, create_graph=True)
+            penalty = torch.where(real, (g**2).sum(1), penalty)
+        return torch.stack([self.score(x), penalty], 1)
+
+
+def test_a_derivative_taken_for_later_examples_only_is_refused_by_their_batch():
+    """Regression (a review helper's, 7-24% off, silently): a penalty differentiating for real examples only, the
+    first examples fake, was planned on them as factored. A batch's spot check runs its example watching for
+    derivatives too: refused, naming the derivative and `factored=False`, which is exact."""
+    torch.manual_seed(0)
+    model = PenalisedOnRealOnly().double().eval()
+    real = (torch.arange(12) >= 6).to(F64)
+    inputs = torch.cat([torch.randn(12, 4, dtype=F64), real[:, None]], 1)
+    targets = torch.stack([real, torch.zeros(12, dtype=F64)], 1)
+    ckpts, loss = make_ckpts(model), nn.MSELoss(reduction="sum")
+    with pytest.raises(ValueError, match=r"differentiates \(`torch.autograd.grad` with .+`factored=False`"):
+        tc.self_influence(model, ckpts, (inputs, targets), loss_fn=loss)
+    want = reference(model, ckpts, (inputs, targets), None, loss_fn=loss)[1]
+    assert_close(tc.self_influence(model, ckpts, (inputs, targets), loss_fn=loss, factored=False), want)
+
+
+class SolvedToBatchTolerance(nn.Module):
+    """A deep equilibrium layer solved without a graph until the batch's largest change is below a tolerance (a DEQ
+    solver's usual rule), then one step with gradients: an example's solution depends on its batch, by the
+    tolerance. Examples with a first input of 0 converge at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.u, self.w, self.head = nn.Linear(6, 8), nn.Linear(8, 8, bias=False), nn.Linear(8, 3)
+
+    def forward(self, x):
+        ux, contraction = self.u(x), x[:, :1].abs()
+        with torch.no_grad():
+            z = torch.zeros_like(ux)
+            for _ in range(500):
+                z, before = torch.tanh(contraction * self.w(z) + ux), z
+                if (z - before).abs().max() < 1e-3:
+                    break
+        return self.head(torch.tanh(contraction * self.w(z) + ux))
+
+
+def test_a_batch_mixing_its_examples_below_1e4_is_seen_by_its_spot_check_in_float64():
+    """Regression (a review helper's DEQ, 2e-4 off, silently): a batch's spot check took differences below 1e-4 of an
+    example's outputs for rounding where planning's check, in a model computing in float64 throughout, takes them
+    down to 2.2e-7. Planned on examples that converge alike alone and in a batch, the later ones are refused."""
+    torch.manual_seed(0)
+    model = SolvedToBatchTolerance().double().eval()
+    x, y = torch.randn(40, 6, dtype=F64), torch.randint(0, 3, (40,))
+    x[:20, 0], x[20:, 0] = 0.0, 0.9
+    ckpts = make_ckpts(model, scale=0.0)
+    with pytest.raises(ValueError, match=r"example \d+ of a batch of 40 got other outputs in the batch than alone"):
+        tc.self_influence(model, ckpts, (x, y), loss_fn=CE)
+    want = reference(model, ckpts, (x, y), None)[1]
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE, factored=False), want)
+
+
+class AttachedWhenScored(nn.Module):
+    """A fixed point found without a graph, one step with gradients taken only where its input needs them (skipped
+    at inference), and a hook-free branch on the same test."""
+
+    def __init__(self):
+        super().__init__()
+        self.u, self.w, self.head = nn.Linear(6, 8), nn.Linear(8, 8, bias=False), nn.Linear(8, 3)
+
+    def forward(self, x):
+        ux = self.u(x)
+        with torch.no_grad():
+            z = torch.zeros_like(ux)
+            for _ in range(30):
+                z = torch.tanh(0.5 * self.w(z) + ux)
+        if ux.requires_grad:
+            z = torch.tanh(0.5 * self.w(z) + ux)
+        return self.head(z)
+
+
+def test_a_branch_on_whether_a_layer_output_needs_gradients_is_planned_as_scored():
+    """Regression (a review helper's DEQ, refused blaming the example): planning ran its first example with each
+    layer's own parameter use detached, so a layer's output needed no gradient there, and a branch on
+    `requires_grad` (a DEQ's step attached only in training) skipped a layer the scored run calls."""
+    torch.manual_seed(0)
+    model = AttachedWhenScored().double().eval()
+    check_against_reference(model, make_ckpts(model, scale=0.1), data(6, n=8, seed=1), data(6, n=3, seed=2))
+
+
+class SolvedLinearly(nn.Module):
+    """An implicit linear layer: `z = M^-1 U x`, `M` made from a parameter and met by each example's column."""
+
+    def __init__(self):
+        super().__init__()
+        self.u, self.a, self.head = nn.Linear(5, 7), nn.Parameter(0.1 * torch.randn(7, 7)), nn.Linear(7, 3)
+
+    def forward(self, x):
+        m = torch.eye(7, dtype=x.dtype) - 0.5 * torch.tanh(self.a)
+        return self.head(torch.relu(torch.linalg.solve(m, self.u(x).unsqueeze(-1)).squeeze(-1)))
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_a_batching_rule_of_torchs_giving_wrong_results_sends_the_call_to_the_loop(loss):
+    """Regression (a review helper's, 255x off silently with `reduction='sum'`, a raw shape error with cross entropy):
+    torch 2.13's vmap rule for `linalg.solve` with an unbatched matrix gives each example the batch's rows. vmap's
+    first example is checked against its run alone: they differ, so examples run in a loop, warned of."""
+    torch.manual_seed(0)
+    model = SolvedLinearly().double().eval()
+    x = torch.randn(8, 5, dtype=F64)
+    y = torch.randn(8, 3, dtype=F64) if loss == "mse" else torch.randint(0, 3, (8,))
+    criterion = nn.MSELoss(reduction="sum") if loss == "mse" else CE
+    ckpts = make_ckpts(model)
+    want = reference(model, ckpts, (x, y), None, loss_fn=criterion)[1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = tc.self_influence(model, ckpts, (x, y), loss_fn=criterion, factored=False)
+    assert_close(got, want)
+    said = " ".join(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))
+    assert "a loop by plain autograd" in said, said
+
+
+class SavedUnderOldNames(nn.Module):
+    """A layer its state-dict hook saves under an older name (a refactor keeping its checkpoints' names), loaded
+    back by a pre-hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 3)
+        self._register_state_dict_hook(SavedUnderOldNames._old_names)
+        self._register_load_state_dict_pre_hook(SavedUnderOldNames._new_names)
+
+    @staticmethod
+    def _old_names(module, state, prefix, local_metadata):
+        for k in [k for k in state if k.startswith(prefix + "fc.")]:
+            state[prefix + "encoder.dense." + k[len(prefix + "fc.") :]] = state.pop(k)
+
+    @staticmethod
+    def _new_names(state, prefix, *args):
+        for k in [k for k in state if k.startswith(prefix + "encoder.dense.")]:
+            state[prefix + "fc." + k[len(prefix + "encoder.dense.") :]] = state.pop(k)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x)))
+
+
+def test_a_parameter_its_state_dict_saves_under_another_name_is_scored_under_either():
+    """Regression (a review helper's): a state-dict hook saving `fc.*` as `encoder.dense.*` (no module of that path)
+    made those entries values the model keeps outside its parameters (refused, falsely), or, equal to the model's,
+    left `fc.*` missing (a `strict=False` warning at `strict=True`, then a refusal). Scored under either name, and
+    `method="last_layer"` takes the head, tied to nothing."""
+    torch.manual_seed(0)
+    model = SavedUnderOldNames().double().eval()
+    assert set(model.state_dict()) == {"out.weight", "out.bias", "encoder.dense.weight", "encoder.dense.bias"}
+    gen = torch.Generator().manual_seed(0)
+    own = [tc.Checkpoint({k: p.detach() + 0.5 * torch.randn(p.shape, generator=gen, dtype=F64)
+                          for k, p in model.named_parameters()}, lr) for lr in LRS]  # fmt: skip
+    saved = [tc.Checkpoint({k.replace("fc.", "encoder.dense."): v for k, v in c.params.items()}, c.lr) for c in own]
+    train, test = data(4, seed=1), data(4, n=3, seed=2)
+    want_influence, want_self = reference(model, own, train, test)
+    for factored in (None, False):
+        assert_close(tc.influence(model, saved, train, test, loss_fn=CE, factored=factored), want_influence)
+        assert_close(tc.self_influence(model, saved, train, loss_fn=CE, factored=factored), want_self)
+    last = tc.self_influence(model, saved, train, loss_fn=CE, method="last_layer")
+    assert_close(last, tc.self_influence(model, saved, train, loss_fn=CE, params=["out.weight", "out.bias"]))

@@ -200,6 +200,8 @@ def _ids_to_names(
         )
     for candidate in (order, trainable, scored):
         if len(ids) == len(candidate):
+            if candidate is scored:  # (a warm-up's head-only optimizer matched to a backbone scored: 46% off)
+                _warn_matched_to_scored(len(ids), len(order), len(trainable))
             return {i: (n, g) for (i, g), n in zip(ids, candidate)}
     raise ValueError(
         f"`optimizer_state` of {where} holds {len(ids)} parameters but the model has {len(order)} "
@@ -208,6 +210,45 @@ def _ids_to_names(
         f"grad, or those scored (`params=`). Name them in a copy of the state: `state['param_groups'][0]"
         f"['param_names'] = [...]`, the names in the optimizer's order (as torch >= 2.6 saves them for an optimizer "
         f"built from `model.named_parameters()`)."
+    )
+
+
+def warn_unstepped(states: Sequence[Mapping[str, AdamParam]], scored: Collection[str]) -> None:
+    """Warn where a checkpoint's Adam state holds no step of a scored parameter while others took steps: frozen
+    until then (a staged fine-tune's backbone), it is scored by Adam's first step for it, which a parameter still
+    frozen after the checkpoint never took (115% off, unwarned until 2026-12-07)."""
+    behind = {}  # checkpoint index -> its unstepped scored parameters
+    for i, named in enumerate(states):
+        if any(float(s.step) > 0 for s in named.values()):
+            behind[i] = [n for n in scored if n in named and float(named[n].step) == 0]
+    behind = {i: names for i, names in behind.items() if names}
+    if behind:
+        (i, names), *_ = behind.items()
+        others = f" (checkpoints[{i}]'s; of checkpoints{sorted(behind)[:10]} in all)" if len(behind) > 1 else ""
+        warn(
+            f"`optimizer_state` of checkpoints[{i}] holds no step of the scored {_listed(names)}{others} while other "
+            f"parameters took steps there: frozen until then, or reached by no gradient, they are scored by the "
+            f"first step Adam would take for them. A parameter still frozen after a "
+            f"checkpoint never took that step: score such parameters (`params=`) in a call of their own over the "
+            f"checkpoints after which they trained, the others in another, and add the scores.",
+            UserWarning,
+        )
+
+
+def _listed(names: Sequence[str]) -> str:
+    return f"{list(names)[:5]}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
+
+
+def _warn_matched_to_scored(held: int, parameters: int, trainable: int) -> None:
+    warn(
+        f"`optimizer_state` holds {held} parameters without names, as many as the scored ones (`params=`) but not "
+        f"the model's {parameters} ({trainable} requiring grad): its moments are matched to the scored parameters "
+        f"by position, as an optimizer built from just those holds them. One built from others (a warm-up's head, "
+        f"the model unfrozen since) gives them other parameters' moments, unseen where the shapes agree. Name them in "
+        f"a copy of the state to have them matched by name: `state['param_groups'][0]['param_names'] = [...]`, the "
+        f"names in the optimizer's order (as torch >= 2.6 saves them for an optimizer built from "
+        f"`model.named_parameters()`).",
+        UserWarning,
     )
 
 
@@ -491,4 +532,5 @@ def with_adam_states(
         for i, c in enumerate(checkpoints)
     ]
     warn_aliased_moments(checkpoints, states, order if scored is None else scored)
+    warn_unstepped(states, order if scored is None else scored)
     return [ready._replace(adam=on_device(s, device, dtype)) for ready, s in zip(prepared, states)]

@@ -30,6 +30,7 @@ from ._capture import (
     batched_factors,
     discover,
     gradients_at,
+    refusing_derivatives,
 )
 from ._checkpoints import same_values
 from ._context import lowered_note
@@ -806,10 +807,15 @@ def checked_as(*, test_in_front: int = 0, rows: Sequence[int] = (), every: bool 
 
 
 def spot_check(
-    loss: BatchableLoss, states: Sequence[Tensors], names: Collection[str], module: nn.Module | None
+    loss: BatchableLoss,
+    states: Sequence[Tensors],
+    names: Collection[str],
+    module: nn.Module | None,
+    within: float = 1e-4,
 ) -> Witness:
     """A ``Witness`` (``batched_factors``) that runs one example of each batch of two or more alone and refuses the
-    call where the batch gave it other outputs or losses (``_alike_alone``) by more than rounding (``_rounding_only``).
+    call where the batch gave it other outputs or losses (``_alike_alone``, ``within`` of their scale: planning's
+    ``mixing``) by more than rounding (``_rounding_only``).
     Planning's check runs a few first examples at the last checkpoint, which cannot show mixing that depends on the
     batch (statistics over larger batches, a maximum the first examples share, NaNs they lack) or on another
     checkpoint (a frozen gate, zero at the last; a branch on a batch statistic of activations the weights grow).
@@ -866,10 +872,11 @@ def spot_check(
             one = torch.tensor([i])
             with on_traced_path(encoders):
                 alone = _witnessed(loss, state, names, select_rows(batch, one), bool(together[2]))
-                alike = _alike_alone(together, alone, n, i)
+                alike = _alike_alone(together, alone, n, i, within=within)
                 if alike or _rounding_only(loss, state, names, batch, one, together, alone):
                     continue
-            if together[0] and _alike_alone((together[0], None, []), (alone[0], None, []), n, i):  # (outputs alike)
+            outputs = (together[0], None, []), (alone[0], None, [])
+            if together[0] and _alike_alone(*outputs, n, i, within=within):  # (outputs alike)
                 raise MixedBatch(
                     f"`{loss.name}`: example {i} of a batch of {n} got another loss or gradient at its outputs from "
                     f"the criterion run on the whole batch than alone, so the criterion mixes a batch's examples (hard "
@@ -949,7 +956,7 @@ def _witnessed(
     outputs too, as the batch's witness has it (its losses holding no part per example)."""
     as_found()  # (each run, alone or the batch, from the model as the call found it: `_state.as_found`)
     state = {k: t.detach().requires_grad_() if k in names else t for k, t in state.items()}
-    with torch.enable_grad():
+    with torch.enable_grad(), refusing_derivatives():
         if isinstance(loss, BatchedLoss):
             return [], loss.per_example(state, batch).detach(), []
         out = loss.forward(state, *batch[:-1])

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import GradientEdge
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.hooks import RemovableHandle
 
 from ._batch_free import NORM_ARGS, Meetings, norm_parts, per_example_outputs
@@ -266,7 +267,11 @@ def discover(
             if _runs_foreign_tensors(layer, site, state):  # (its use kept: the gradient it passes on leaks)
                 foreign.add(site.path)
                 return None
-            return layer_output(layer, site, args[0], output.shape, detach=True)
+            detached = layer_output(layer, site, args[0], output.shape, detach=True)
+            if output.requires_grad and not detached.requires_grad:  # (still needing gradients, as it is scored: a
+                zero = torch.zeros((), dtype=detached.dtype, device=detached.device, requires_grad=True)
+                detached = detached + zero  # DEQ's `if z.requires_grad:` branch was planned without: a review's)
+            return detached
 
         return hook
 
@@ -275,7 +280,7 @@ def discover(
     leaves = {n: t.detach().requires_grad_() for n, t in diff.items()}
     state = {**frozen, **leaves}
     try:
-        with torch.enable_grad(), hooked(module, {s.path: hook_for(s) for s in sites}), beyond:
+        with torch.enable_grad(), hooked(module, {s.path: hook_for(s) for s in sites}), beyond, _Differentiated(beyond):
             if not whole:
                 total = scalar_loss(loss, state, batch_of_one(example_at(batch, 0)))
             elif isinstance(loss, BatchedLoss):
@@ -615,6 +620,33 @@ class _BeyondFactors(TorchFunctionMode):
             if signature is not None:
                 self.why = self.why or _DIFFERENTIATES
             raise
+
+
+@contextmanager
+def refusing_derivatives() -> Iterator[None]:
+    """Refuse (``BeyondFactors``, once the block ends) a forward or loss run in it that differentiates
+    (``_BeyondFactors``): a batch's spot check, where a model doing so for some examples only (a penalty on real
+    images alone) was not seen by planning's first example (7-24% off, silently)."""
+    beyond = _BeyondFactors()
+    with beyond, _Differentiated(beyond):
+        yield
+    if beyond.why:
+        raise BeyondFactors(beyond.why, "`factored=False`", factorless=True)
+
+
+class _Differentiated(TorchDispatchMode):
+    """Notes (in ``beyond``) a backward pass keeping its graph that ``_BeyondFactors`` cannot see called: a
+    TorchScript function's ``torch.autograd.grad`` (a gradient penalty's helper; 61-97% off, silently), seen as an op
+    an autograd node runs with gradients on."""
+
+    def __init__(self, beyond: _BeyondFactors) -> None:
+        super().__init__()
+        self.beyond = beyond
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        if torch.is_grad_enabled() and torch._C._current_autograd_node() is not None:
+            self.beyond.why = self.beyond.why or _DIFFERENTIATES
+        return func(*args, **(kwargs or {}))
 
 
 _SAVED_AS_THEY_WERE = ("torch.autograd.graph", "torch.utils.checkpoint")  # (save_on_cpu; checkpointing: refused)

@@ -124,6 +124,15 @@ def _list_directory(directory: str) -> list[str]:
     files = checkpoint_files(directory)
     if not files:
         raise ValueError(f"`source` directory {directory!r} contains no checkpoint files{_in_folders(directory)}.")
+    held = _model_folders(directory)
+    if held:  # (read file by file, a Trainer's `checkpoint-N` folders beside a final file were left out, silently)
+        names = [os.path.basename(f) for f in held]
+        raise ValueError(
+            f"`source` directory {directory!r} holds checkpoint files ({[os.path.basename(f) for f in files][:3]}) "
+            f"and model folders ({names[:3]}{' ...' if len(names) > 3 else ''}), whose files a directory's reading "
+            f"leaves out. Pass the checkpoints to score as a list, in training order (a folder: its model's "
+            f"weights), `tc.load_checkpoints([...], lr=...)`."
+        )
     return files
 
 
@@ -158,12 +167,22 @@ def _merged_shards(index: str, *, map_location: Any, weights_only: bool) -> dict
     return merged
 
 
+def _folders(directory: str) -> list[str]:
+    """``directory``'s non-hidden folders, in natural order."""
+    folders = [e.path for e in os.scandir(directory) if e.is_dir() and not e.name.startswith(".")]
+    return sorted(folders, key=_natural_key)
+
+
+def _model_folders(directory: str) -> list[str]:
+    """``directory``'s folders holding a model's weights (a Trainer's ``checkpoint-N``), in natural order."""
+    return [f for f in _folders(directory) if _model_file(f) is not None]
+
+
 def _in_folders(directory: str) -> str:
     """How to load the checkpoints of ``directory``'s folders, where it has some (a Trainer's ``checkpoint-N``)."""
-    folders = [e.path for e in os.scandir(directory) if e.is_dir() and not e.name.startswith(".")]
+    folders = _folders(directory)
     if not folders:
         return ""
-    folders.sort(key=_natural_key)
     if any(_model_file(f) is None for f in folders):
         names = [os.path.basename(f) for f in folders]
         return f", only folders ({names[:5]}{' ...' if len(names) > 5 else ''}): pass the files in them, in order"
@@ -333,8 +352,9 @@ def load_checkpoints(
     """Load checkpoints from files into memory.
 
     Args:
-        source: a directory (every non-hidden file in it, in natural order: ``ckpt-2`` before ``ckpt-10``), a list
-            of paths (kept in the given order), or an iterator of paths. The iterator is consumed once and its
+        source: a directory (every non-hidden file in it, in natural order: ``ckpt-2`` before ``ckpt-10``; one
+            holding model folders beside its files is refused), a list of paths (kept in the given order), or an
+            iterator of paths. The iterator is consumed once and its
             checkpoints are materialised in memory: scoring visits every checkpoint once per training block.
         lr: learning rate for all checkpoints, or one per checkpoint. Overrides the one stored in a file. When
             ``None``, each file must store one (``learning_rate`` or ``lr``, or its optimizer's). A checkpoint's is
@@ -426,15 +446,17 @@ def load_checkpoints(
         # TracIn for SGD scores them (kept, every scorer refused it as not Adam's)
         raw_optimizer, optimizer = optimizer, optimizer if _adam_like(optimizer) else None
         ckpt_lr = given_lr if given_lr is not None else stored_lr
+        groups = _group_lrs(raw_optimizer) if given_lr is None else ""
+        if groups:  # (a file's own `learning_rate` beside them is one group's: it weighed every parameter, 88% off)
+            stored = "" if ckpt_lr is None else f"{float(ckpt_lr):g}"
+            entry = f"; the learning rate it stores, {stored}, is one group's at most" if stored else ""
+            raise ValueError(
+                f"Checkpoint {path!r} stores no one learning rate: its optimizer's param groups have different ones "
+                f"({groups}{entry}), and a checkpoint weighs every parameter by one `lr`. Score each group in a call "
+                f"of its own: load the files with that group's `lr=` (a list, each file's group lr in turn) and pass "
+                f"`params=` its parameters, then sum the scores."
+            )
         if ckpt_lr is None:
-            groups = _group_lrs(raw_optimizer)
-            if groups:
-                raise ValueError(
-                    f"Checkpoint {path!r} stores no one learning rate: its optimizer's param groups have different "
-                    f"ones ({groups}), and a checkpoint weighs every parameter by one `lr`. Score each group in a call "
-                    f"of its own: load the files with that group's `lr=` (a list, each file's group lr in turn) and "
-                    f"pass `params=` its parameters, then sum the scores."
-                )
             raise ValueError(
                 f"Checkpoint {path!r} stores no learning rate; pass `lr=` (one value or one per checkpoint) or save "
                 f"it as a `learning_rate` entry."

@@ -87,14 +87,24 @@ class Mapper:
         # (found by review), and it runs models torch.func cannot run (an autograd.Function without setup_context)
         each = one if plain is None else plain
 
+        checked = []  # whether the first batch's first example was run in two copies too (``_mixed_by_vmap``)
+
         def mapped(*args: Any) -> Any:
             if self.loop:
                 return _looped(each, args)
             try:
                 with _MathAttention():
-                    return fast(*args)
-            except Exception as vmap_error:
-                if not isinstance(vmap_error, (RuntimeError, NotImplementedError)) and not in_dynamo(vmap_error):
+                    result = fast(*args)
+                if not checked:
+                    checked.append(True)
+                    differs = _mixed_by_vmap(result, fast, args)
+                    if differs:
+                        raise VmapDiffers(differs)
+                return result
+            except Exception as vmap_error:  # (a ValueError: a criterion given a wrong batching rule's shape)
+                if not isinstance(vmap_error, (RuntimeError, NotImplementedError, ValueError)) and not in_dynamo(
+                    vmap_error
+                ):
                     raise  # (dynamo compiling the user's loss under vmap fails on its own assertion: looped too)
                 result = _looped(each, args)  # a genuine error in the loss raises here, from the loop
                 self.loop, self.plain = True, plain is not None
@@ -104,9 +114,10 @@ class Mapper:
                     "the same scores run under vmap"
                     if "with arguments from the 'Sparse" in str(vmap_error) else ""
                 )  # fmt: skip
+                failed = "mixed the examples of a batch" if isinstance(vmap_error, VmapDiffers) else "failed"
                 warn(
-                    f"torch.func.vmap failed on {looped} one example at a time, in a loop{how}, instead (same results, "
-                    f"slower)"
+                    f"torch.func.vmap {failed} on {looped} one example at a time, in a loop{how}, instead (same "
+                    f"results, slower)"
                     f"{in_model_code(vmap_error)}{sparse}. The cause, in full: {cause_of(vmap_error)}",
                     RuntimeWarning,
                 )
@@ -125,6 +136,42 @@ class Mapper:
                 return transformed(*args)  # reads, needing gradients, kept the scores in a graph of it, returned
 
         return self.over_batch(detached, n_static, plain=plain_grad(f, argnums, has_aux), runs_model=True)
+
+
+class VmapDiffers(RuntimeError):
+    """``torch.func.vmap`` gave an example other results in its batch than in two copies of it (``_mixed_by_vmap``)."""
+
+
+@torch.compiler.disable  # (eager: a check, once a call)
+def _mixed_by_vmap(result: Any, fast: Callable[..., Any], args: tuple[Any, ...]) -> str:
+    """How vmap's ``result`` for the first example of ``args``' batch differs from what vmap gives it in a batch of
+    two copies of it (beyond 1e-4 of each tensor's largest entry and 1e-8 of all's), else ``""``: a batching rule of
+    torch's can mix the examples where an unbatched operand meets a batched one (``torch.linalg.solve(M, b)`` gave
+    each example the batch's rows: 255x off, silently; a review helper's). Not checked against the example run alone
+    by plain autograd: torch's CPU BatchNorm backward is wrong for a batch of one (``_TokensConvNorm``), vmap's
+    right."""
+    *static, batch = args
+    copies = optree.tree_map(lambda t: t[[0, 0]] if isinstance(t, torch.Tensor) else t, batch, none_is_leaf=True)
+    with _MathAttention():
+        again = fast(*static, copies)
+    pairs = [(got[0].detach(), own[0].detach()) for got, own in zip(*(optree.tree_leaves(r, none_is_leaf=True)
+             for r in (result, again))) if isinstance(own, torch.Tensor) and own.is_floating_point()]  # fmt: skip
+    overall = max((_largest(own) for _, own in pairs), default=0.0)  # (CvT's gradients of 1e-25: rounding alone)
+    for got, own in pairs:
+        if got.shape != own.shape:
+            return f"{_MIXED}: a result of shape {list(got.shape)} in the batch, {list(own.shape)} in two copies of it"
+        scale = _largest(own)
+        if not torch.allclose(got, own, rtol=0, atol=1e-4 * scale + 1e-8 * overall, equal_nan=True):
+            off = float((got - own).abs().nan_to_num(0, 0, 0).max())
+            return f"{_MIXED}: results {off:.3g} apart in the batch and in two copies of it (the largest {scale:.3g})"
+    return ""
+
+
+_MIXED = "a batching rule of torch's mixes an example with the others of its batch"
+
+
+def _largest(t: torch.Tensor) -> float:
+    return float(t.abs().nan_to_num(0, 0, 0).max()) if t.numel() else 0.0
 
 
 def _as_found_first(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -89,7 +89,9 @@ def last_layer_params(
             f"`requires_grad=False`), so training never moved it. Select the layers you trained with `layers=[...]` "
             f"and the default `method='exact'`."
         )
-    aliases = {a: f for a, f in aliases.items() if not all(_owner(module, n) is layer for n in (a, f))}
+    # (a second name held by no module is a state-dict hook's for the tensor, no tie)
+    aliases = {a: f for a, f in aliases.items()
+               if _owner(module, a) is not None and not all(_owner(module, n) is layer for n in (a, f))}  # fmt: skip
     tied = [n for n in scored if n in aliases or n in aliases.values()]  # (its tensor's second name, or first)
     if tied:
         first = aliases.get(tied[0], tied[0])
@@ -102,8 +104,11 @@ def last_layer_params(
     return scored
 
 
-def _owner(module: nn.Module, name: str) -> nn.Module:
-    return module.get_submodule(name.rpartition(".")[0])
+def _owner(module: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(name.rpartition(".")[0])
+    except AttributeError:  # (a name a state-dict hook saves the tensor under)
+        return None
 
 
 class _Reads(TorchFunctionMode):

@@ -23,6 +23,7 @@ from ._checkpoints import (
     AVERAGED_COUNT,
     COMPILED_INSIDE,
     LR_KEYS,
+    STATE_KEYS,
     Checkpoint,
     check_lr,
     leading_prefixes,
@@ -514,8 +515,11 @@ def model_spec(
             _refuse_saved_otherwise(model, state)
             extra = {n: state.pop(n) for n in _extra_state_names(model) if n in state}
             # (entries no functional call can set, a layer's own `_save_to_state_dict`'s: a quantized layer's packed
-            # weights and scale, which it runs with as it holds them)
-            extra.update({n: state.pop(n) for n in [n for n, v in state.items() if not _settable(model, n, v)]})
+            # weights, and scale, which it runs with as it holds them; not a parameter itself under another name, a
+            # state-dict hook's renaming: taken below as its second name)
+            own = {id(p) for p in named.values()}
+            unsettable = [n for n, v in state.items() if not _settable(model, n, v) and id(v) not in own]
+            extra.update({n: state.pop(n) for n in unsettable})
             counts = frozenset(_counts(model))
             unsaved = {n: t for n, t in model.named_buffers() if n not in state}  # (persistent=False)
             floating = {t.dtype for t in named.values() if t.is_floating_point()}
@@ -525,11 +529,12 @@ def model_spec(
         aliases = {n: first_name[id(t)] for n, t in state.items() if n not in named and id(t) in first_name}
         trainable = [n for n, p in named.items() if p.requires_grad]
         diff = select_params(list(named), trainable, params, layers, model, aliases)
+        held = {a: f for a, f in aliases.items() if _settable(model, a, state[a])}  # (not a hook's name for it)
 
         def forward(state: Mapping[str, torch.Tensor], *inputs: Any) -> Any:
             # each tied name given its first name's tensor here, so that functional_call need not find the ties by
             # walking every module at every forward (MobileNet's 244 tensors: 0.97 against 0.51 ms a call)
-            untied = {**state, **{alias: state[first] for alias, first in aliases.items() if first in state}}
+            untied = {**state, **{alias: state[first] for alias, first in held.items() if first in state}}
             return functional_call(module, untied, inputs, tie_weights=False)
 
         # a tensor a state-dict hook saves under another name than its own (torch's `checkpoint_wrapper` drops
@@ -672,8 +677,9 @@ def computation_dtype(states: Sequence[Mapping[str, torch.Tensor]], saved: Seque
 
 def checked_state(
     spec: ModelSpec, ckpt: Checkpoint, where: str, *, shapes: Mapping[str, tuple[int, ...]], strict: bool
-) -> dict[str, torch.Tensor]:
-    """The full state of one checkpoint, validated against the model: names, tensors on a real device, shapes.
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The full state of one checkpoint, validated against the model: names, tensors on a real device, shapes; and
+    the differentiated parameters it lacks, taken from the model (``warn_taken_from_model``).
     ``where``: the argument messages name (``checkpoints[0]``; a tracer's ``params``).
 
     ``shapes``: the shape every tensor must have (the model's own; for a pure function, the first checkpoint's).
@@ -698,6 +704,7 @@ def checked_state(
             f"`{where}` holds other names than `checkpoints[0]` ({_names(differ)} in one of them only): a function's "
             f"checkpoints must hold the same entries, or it would compute with some that are not differentiated."
         )
+    taken: list[str] = []
     if spec.expected is not None:
         state = _weight_norm_names(_wrapped_child_names(state, spec.expected), spec.expected)
         _refuse_other_extra_state(state, spec.extra, where)
@@ -741,7 +748,7 @@ def checked_state(
                     "their count `n_averaged`; pass `averaged.module.state_dict()`, or load its files with "
                     "`tc.load_checkpoints`, which takes them)"
                 )
-            fix = fix or _prefix_hint(missing, unexpected, spec.expected, strict)
+            fix = fix or _prefix_hint(missing, unexpected, spec.expected, strict) or _file_hint(state, unexpected)
             if not fix and not missing:  # (a GraphModule of the net the checkpoints were saved from: a review's)
                 fix = (
                     " (entries of tensors the model does not hold: a `torch.fx` GraphModule keeps only the modules its "
@@ -771,13 +778,6 @@ def checked_state(
                 f"{_names(unexpected)}. Save the model's `state_dict()`{fix}."
             )
         taken = [n for n in spec.diff_names if n not in state]
-        if taken:  # (said once for a call's checkpoints: one message)
-            warn(
-                f"`{where.split('[')[0]}` lack the differentiated parameters {_names(taken)}: scored at the model's "
-                f"own values (`strict=False`), the same at every checkpoint. Leave them out of `params=` to score only "
-                f"what the checkpoints hold.",
-                UserWarning,
-            )
         state = {**{n: spec.defaults[n] for n in spec.defaults if n not in state}, **state}
         for alias, first in spec.aliases.items():
             if alias in state and state[alias] is not state[first] and not torch.equal(state[alias], state[first]):
@@ -820,7 +820,46 @@ def checked_state(
                 f"wrong scores silently)."
             )
 
-    return state
+    return state, taken
+
+
+def _file_hint(params: Mapping[str, Any], unexpected: Sequence[str]) -> str:
+    """How to give a training file's dict as a checkpoint (its state dict nested under ``model``, a flat learning
+    rate beside it), where ``params`` is one, else ``""``."""
+    nested = next((k for k in STATE_KEYS if k in unexpected and isinstance(params[k], Mapping)), None)
+    if nested is not None:
+        return (
+            f" (a training file's dict, its state dict under {nested!r}: pass `tc.Checkpoint(saved[{nested!r}], lr)`, "
+            f"or load the files with `tc.load_checkpoints`, which reads that layout)"
+        )
+    rates = [k for k in LR_KEYS if k in unexpected and not (isinstance(params[k], torch.Tensor) and params[k].dim())]
+    if rates:
+        return (
+            f" ({rates[0]!r} is a learning rate, not a tensor of the model: pass it as `lr=` and leave it out of the "
+            f"state, or load the files with `tc.load_checkpoints`, which reads it)"
+        )
+    return ""
+
+
+def warn_taken_from_model(taken: Sequence[list[str]], where: str) -> None:
+    """Warn, once for a call, of the differentiated parameters checkpoints lack (``taken``: each one's, from
+    ``checked_state``), scored at the model's own values (``strict=False``); ``where``: the checkpoints' argument."""
+    lacking = [i for i, names in enumerate(taken) if names]
+    if not lacking:
+        return
+    names = list(dict.fromkeys(n for i in lacking for n in taken[i]))
+    fix = "Leave them out of `params=` to score only what the checkpoints hold"
+    if len(lacking) == len(taken):
+        which, there = f"`{where}` lack", ", the same at every checkpoint"
+    else:  # (a class-incremental head: the checkpoints holding it are scored at theirs)
+        which = f"`{where}{lacking[:10]}` lack{'s' if len(lacking) == 1 else ''}"
+        there = " there, at the others the checkpoint's own"
+        fix += ", and score them (`params=`) in a call of their own over the checkpoints holding them, adding up"
+    warn(
+        f"{which} the differentiated parameters {_names(names)}: scored at the model's own values (`strict=False`)"
+        f"{there}. {fix}.",
+        UserWarning,
+    )
 
 
 def _weight_norm_names(state: dict[str, Any], expected: frozenset[str]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from ._batching import (
     batching_refused,
     checked_rows,
     checking_batches,
+    mixing,
     refused_on,
     shows_batching,
     spot_check,
@@ -160,7 +161,8 @@ def plan_call(
             module, names, losses, *checked_at, batch, mapper, factored=factored, self_only=self_only,
             partners=partners, scored=scored, pool=pool,
         )
-    finally:
+        within = mixing(setup.dtype)  # (each batch's spot check: at 1e-4, a DEQ's solve stopped on its batch's
+    finally:  # largest residual was scored batched in float64, 2e-4 off, silently; a review helper's)
         COMPUTED_IN.reset(token)
     if lowered:
         plan = plan._replace(batching=LOWERED_LOOP)
@@ -186,7 +188,8 @@ def plan_call(
         )
     reps = {}
     for loss in losses:
-        witness = spot_check(loss, [c.state for c in setup.checkpoints], names, module) if plan.batched else None
+        states = [c.state for c in setup.checkpoints]
+        witness = spot_check(loss, states, names, module, within) if plan.batched else None
         reps[id(loss)] = representation_fn(module, loss, plan, mapper, compiled=setup.compile, witness=witness)
         if plan.batched:  # (checked on the examples planned on, or left to the first batch that can show it; off it,
             rep = reps[id(loss)]  # each example's or chunk's run starts from the model as found: ``Mapper``)

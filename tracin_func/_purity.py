@@ -176,6 +176,7 @@ LOWER = (torch.float16, torch.bfloat16)
 _EXACT = frozenset(  # ops whose values are their input's, whatever its dtype
     getattr(torch.ops.aten, name).default for name in ("_to_copy", "clone", "detach", "alias", "copy_", "lift_fresh")
 )
+_COPIES = frozenset(getattr(torch.ops.aten, name).default for name in ("_to_copy", "clone", "copy_"))
 # in-place ops that write their first argument whole without reading it
 _OVERWRITES = frozenset(
     (torch.ops.aten.copy_.default, torch.ops.aten.fill_.Scalar, torch.ops.aten.fill_.Tensor,
@@ -290,6 +291,7 @@ class _Watch(TorchDispatchMode):
         # a review helper's), nor are out arguments (`nn.init.eye_`'s `torch.eye(out=w)`, `torch.max(x, 0, out=(v,
         # i))`); a source is, whatever tensor it is (`r.copy_(r)`)
         overwritten = [args[0]] if self.drawn and func in _OVERWRITES else []
+        carried = None  # a copy's source of random numbers: the copy holds them too
         if self.drawn and func.overloadpacket not in _SHAPE_ONLY and not _is_view(func):
             sources = list(inputs[1:] if overwritten and inputs and inputs[0] is overwritten[0] else inputs)
             for written in (t for name in outs for t in _listed(values.get(name))):  # (`values`: bound, as written)
@@ -299,6 +301,9 @@ class _Watch(TorchDispatchMode):
             for t in sources:
                 drawn = self.drawn.get(_storage(t))
                 if drawn is not None and not drawn[0].expired():
+                    if func in _COPIES:  # (read where the copy is: a layer built in the forward, moved with `.to()`,
+                        carried = drawn  # then given its weights: a review helper's)
+                        continue
                     self._refuse(f"draws random numbers ({drawn[2]}) that are read ({func})", drawn[1], True)
         read = {id(t) for t in inputs}  # (tensors by identity: views are made by ops too)
         self.read |= read
@@ -333,11 +338,11 @@ class _Watch(TorchDispatchMode):
                 self.largest = max(self.largest, made)
             else:
                 self.held = max(self.held, made)
-        if draws:
-            drawer = self._drawer()
+        if draws or carried is not None:
+            drawer, op = (self._drawer(), func) if carried is None else carried[1:]
             for t in outputs:
                 if (key := _storage(t)) is not None:
-                    self.drawn[key] = (StorageWeakRef(_unwrapped(t).untyped_storage()), drawer, func)
+                    self.drawn[key] = (StorageWeakRef(_unwrapped(t).untyped_storage()), drawer, op)
         return out
 
     def _made(self, t: torch.Tensor) -> bool:

@@ -29,6 +29,7 @@ from ._model import (
     converted,
     exclusive_use,
     model_spec,
+    warn_taken_from_model,
 )
 from ._validate import boolean, positive_int
 
@@ -221,10 +222,12 @@ def make_setup(
     if target.type == "cpu":
         keep_freed_batches()
     shapes = {n: tuple(t.shape) for n, t in (spec.defaults or first.params).items() if isinstance(t, torch.Tensor)}
-    states = [
+    checked = [
         checked_state(spec, c, checkpoints_as or f"checkpoints[{i}]", shapes=shapes, strict=strict)
         for i, c in enumerate(checkpoints)
     ]
+    states = [state for state, _ in checked]
+    warn_taken_from_model([taken for _, taken in checked], checkpoints_as or "checkpoints")
     dtype = dtype or computation_dtype(states, [c.params for c in checkpoints])
     check_precision(dtype, target, "tensors are converted for the call, never changed")
     bar = tqdm(zip(states, checkpoints), total=len(states), desc="preparing checkpoints", unit="ckpt",
