@@ -775,3 +775,53 @@ def test_a_parameter_the_optimizer_never_stepped_while_others_took_steps_is_warn
         warnings.simplefilter("error")
         tc.self_influence(model, [tc.Checkpoint(state, 0.1, fresh)], (x, y), loss_fn=LOSS)
         tc.self_influence(model, [ckpt], (x, y), loss_fn=LOSS, params=["fc2.weight", "fc2.bias"])
+
+
+@pytest.mark.parametrize("setting", ["bias_correction", "caution", "adam_w_mode", "8-bit", "dict"])
+def test_other_libraries_adam_states_are_read_as_their_steps_or_refused(setting):
+    """Regression (a review helper's): a DeepSpeed Adam state without bias correction was scored with torch's (81%
+    off), 8-bit codes as moments (98% off), silently, and a moment held as a dict raised a raw AttributeError.
+    DeepSpeed's `adam_w_mode` is its AdamW's decoupled decay (left out)."""
+    model, ckpts, train, test, ref = _run("adamw")
+    state = copy.deepcopy(ckpts[0].optimizer_state)
+    group, moments = state["param_groups"][0], state["state"][0]
+    if setting == "adam_w_mode":
+        group["adam_w_mode"] = group.pop("decoupled_weight_decay")
+        edited = [tc.Checkpoint(ckpts[0].params, ckpts[0].lr, state), *ckpts[1:]]
+        assert_close(tc.influence(model, edited, train, test, loss_fn=LOSS), ref.influence)
+        return
+    if setting in ("bias_correction", "caution"):
+        group[setting] = setting == "caution"
+    elif setting == "8-bit":
+        moments["exp_avg"] = torch.zeros(moments["exp_avg"].shape, dtype=torch.uint8)
+    else:
+        moments["exp_avg"] = {"codes": torch.zeros(3, dtype=torch.uint8), "absmax": torch.ones(1)}
+    refusal = {
+        "bias_correction": r"has bias_correction=False \(DeepSpeed's or apex's Adam without bias correction\)",
+        "caution": r"has caution=True \(timm's cautious Adam",
+        "8-bit": r"the saved exp_avg of parameter 0 \('fc1.weight'\) is a torch.uint8, not Adam's floating moments",
+        "dict": r"the saved exp_avg of parameter 0 \('fc1.weight'\) is a dict, not Adam's floating moments",
+    }[setting]
+    with pytest.raises(ValueError, match=refusal):
+        tc.influence(model, [tc.Checkpoint(ckpts[0].params, ckpts[0].lr, state)], train, test, loss_fn=LOSS)
+
+
+def test_a_parameter_no_gradient_reaches_is_not_warned_of_as_unstepped():
+    """A sweep's find: a head the forward never uses has no Adam step beside parameters that took some; its updates
+    are zero, and the unstepped warning for it was noise. Warned of only where planning finds it used."""
+    torch.manual_seed(0)
+
+    class WithUnusedHead(MLP):
+        def __init__(self):
+            super().__init__()
+            self.aux = nn.Linear(6, 2)
+
+    model = WithUnusedHead().to(DTYPE).eval()
+    opt = torch.optim.Adam(list(model.named_parameters()), lr=0.1)
+    x, y = _data(model, 6, 3)
+    LOSS(model(x), y).backward()
+    opt.step()
+    ckpt = tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.1, opt.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tc.self_influence(model, [ckpt], (x, y), loss_fn=LOSS)

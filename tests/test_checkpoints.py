@@ -840,3 +840,29 @@ def test_strict_false_names_the_checkpoints_lacking_a_parameter():
         del s["2.weight"], s["2.bias"]
     with pytest.warns(UserWarning, match=r"`checkpoints` lack the .+, the same at every checkpoint"):
         tc.self_influence(model, ckpts, (x, y), loss_fn=nn.CrossEntropyLoss(), strict=False)
+
+
+def test_a_files_learning_rates_as_a_schedulers_list_are_read(tmp_path):
+    """Regression (a review helper's): `'lr': scheduler.get_last_lr()`, a list of one rate per param group, was
+    refused as not a number; one rate is read, several different ones refused as the groups' are."""
+    model = _model()
+    torch.save({"model": model.state_dict(), "lr": [0.05]}, tmp_path / "ckpt-1.pt")
+    assert tc.load_checkpoints(tmp_path)[0].lr == 0.05
+    torch.save({"model": model.state_dict(), "lr": [0.05, 0.5]}, tmp_path / "ckpt-1.pt")
+    with pytest.raises(ValueError, match=r"stores one learning rate per param group \(\[0.05, 0.5\]\)"):
+        tc.load_checkpoints(tmp_path)
+
+
+def test_an_optimizer_stepping_by_gradient_ascent_is_refused_and_several_lightning_states_warned_of(tmp_path):
+    """Regression (a review helper's): an SGD of `maximize=True` (its state left out) was scored as loss descent,
+    silently; a Lightning file of two Adam optimizers' states scored plain TracIn, unwarned."""
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, maximize=True)
+    torch.save({"model": model.state_dict(), "optimizer": sgd.state_dict()}, tmp_path / "ascent.pt")
+    with pytest.raises(ValueError, match=r"its optimizer has maximize=True \(gradient ascent\)"):
+        tc.load_checkpoints([tmp_path / "ascent.pt"])
+    adams = [torch.optim.Adam([p], lr=0.1).state_dict() for p in model.parameters()]
+    torch.save({"state_dict": model.state_dict(), "optimizer_states": adams[:2]}, tmp_path / "two.ckpt")
+    with pytest.warns(UserWarning, match=r"holds 2 optimizers' states .+ scores plain TracIn"):
+        (ckpt,) = tc.load_checkpoints([tmp_path / "two.ckpt"], lr=0.1)
+    assert ckpt.optimizer_state is None

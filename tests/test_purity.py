@@ -1040,3 +1040,67 @@ def test_random_numbers_copied_and_never_read_are_not_refused():
     noisy = ReadsACopy().double().eval()
     with pytest.raises(ValueError, match=r"draws random numbers \(aten.randn.default\) that are read \(aten.add"):
         tc.self_influence(noisy, [tc.Checkpoint(dict(noisy.state_dict()), 0.1)], (x, y), loss_fn=nn.CrossEntropyLoss())
+
+
+class EnqueuedForBatches(nn.Module):
+    """MoCo's negatives queue, enqueued in place by a forward of two examples or more (skipped for one alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(4, 3)
+        self.register_buffer("queue", torch.randn(3, 8))
+        self.register_buffer("pointer", torch.zeros(1, dtype=torch.long))
+
+    def forward(self, x):
+        q = self.encoder(x)
+        logits = q @ self.queue.clone()
+        if q.shape[0] > 1:
+            with torch.no_grad():
+                at = int(self.pointer)
+                self.queue[:, at : at + q.shape[0]] = q.detach().T[:, : 8 - at]
+                self.pointer[0] = (at + q.shape[0]) % 8
+        return logits
+
+
+def test_a_write_a_forward_makes_for_batches_only_is_refused_before_it_is_made():
+    """Regression (a review helper's MoCo): planning's watch ran one example, which skips the enqueue; every batched
+    pass then wrote into the caller's checkpoint tensors (a retry as advised, on them: 13-16% off, silently). A run
+    of the first two examples together is watched too: refused, naming the tensor, nothing written."""
+    torch.manual_seed(0)
+    model = EnqueuedForBatches().double().eval()
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    saved = {k: v.clone() for k, v in ckpts[0].params.items()}
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 8, (8,))
+    with pytest.raises(ValueError, match=r"writes into the checkpoint's tensor 'queue' .+ in a batch of two examples"):
+        tc.self_influence(model, ckpts, (x, y), loss_fn=nn.CrossEntropyLoss(), batch_size=4)
+    assert all(torch.equal(ckpts[0].params[k], v) for k, v in saved.items())
+
+
+class CentredByItsBatch(nn.Module):
+    """DINO's teacher centre, rebound (not written in place) after its use by a running mean of the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.student = nn.Linear(4, 3)
+        self.register_buffer("center", torch.randn(1, 3))
+
+    def forward(self, x):
+        out = self.student(x) - self.center
+        with torch.no_grad():
+            self.center = 0.9 * self.center + 0.1 * out.mean(0, keepdim=True)
+        return out
+
+
+def test_a_loss_calling_functional_call_on_a_forward_rebinding_a_buffer_is_scored():
+    """Regression (a review helper's): `torch.func.functional_call` writes a buffer the forward rebinds back into the
+    dict it is given, here the call's own state, which the next run then took (refused as random numbers, blaming
+    nothing named). A loss is given a copy of the state: scored as the criterion path scores it."""
+    torch.manual_seed(0)
+    model = CentredByItsBatch().double().eval()
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    ce = nn.CrossEntropyLoss()
+    want = tc.self_influence(model, ckpts, (x, y), loss_fn=ce)
+    by_example = tc.ExampleLoss(lambda p, b: ce(torch.func.functional_call(model, p, (b[0],)), b[1]))
+    assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=by_example), want)
+    assert torch.equal(model.center, ckpts[0].params["center"])

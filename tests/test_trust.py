@@ -6047,3 +6047,73 @@ def test_a_parameter_its_state_dict_saves_under_another_name_is_scored_under_eit
         assert_close(tc.self_influence(model, saved, train, loss_fn=CE, factored=factored), want_self)
     last = tc.self_influence(model, saved, train, loss_fn=CE, method="last_layer")
     assert_close(last, tc.self_influence(model, saved, train, loss_fn=CE, params=["out.weight", "out.bias"]))
+
+
+class AdaptiveSoftmaxHead(nn.Module):
+    """An encoder and `nn.AdaptiveLogSoftmaxWithLoss` of two tail clusters: an example reaches the head and at most
+    one of the clusters, by its target."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(6, 8)
+        self.softmax = nn.AdaptiveLogSoftmaxWithLoss(8, 12, cutoffs=[4, 8], div_value=2.0)
+
+    def forward(self, x, y):
+        return self.softmax(torch.tanh(self.encoder(x)), y).output
+
+
+def test_a_parameter_the_first_example_leaves_unused_and_the_first_examples_reach_runs_vmap():
+    """Regression (a review helper's, with `tc.explain` too): a tail cluster unused by the first example was planned
+    unused, and the first batch reaching it refused the call. Planning's batching check runs the first examples
+    together with those parameters watched: reached, the call runs vmap(grad), exact."""
+    torch.manual_seed(0)
+    model = AdaptiveSoftmaxHead().double().eval()
+    x, y = torch.randn(12, 6, dtype=F64), torch.tensor([1, 5, 9, 2, 6, 10] * 2)
+    ckpts = make_ckpts(model, scale=0.1)
+    loss = tc.BatchLoss(lambda p, b: -functional_call(model, p, (b[0], b[1])))
+    want = reference(model, ckpts, (x, y), None, loss_fn=tc.ExampleLoss(lambda p, b: loss.fn(p, b).sum()))[1]
+    with pytest.warns(tc.SlowPathWarning, match=r"parameter 'softmax.tail.0.0.weight' was not used .+ on the first"):
+        assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=loss), want)
+    assert "vmap(grad) over examples" in tc.explain(model, ckpts, (x, y), loss_fn=loss).batching
+
+
+class InducingPoints(nn.Module):
+    """A sparse Gaussian process's predictive mean: an RBF kernel by `torch.cdist` between the inputs and learned
+    inducing points, and among the inducing points themselves (a tensor of the parameters alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.z, self.mean = nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(5, 2))
+
+    def forward(self, x):
+        k_xz = torch.exp(-0.5 * torch.cdist(x, self.z) ** 2)
+        k_zz = torch.exp(-0.5 * torch.cdist(self.z, self.z) ** 2) + 1e-2 * torch.eye(5, dtype=x.dtype)
+        return k_xz @ torch.linalg.solve(k_zz, self.mean)
+
+
+def test_a_batching_rule_of_torchs_wrong_for_all_but_the_first_example_sends_the_call_to_the_loop():
+    """Regression (a review helper's sparse GP, 73% off, silently, `factored=False` too): torch 2.13's vmap(grad) of
+    `torch.cdist` between two tensors of the parameters alone gives every example but the first the first's
+    gradient. The check of vmap's last example against two copies of it sees it: the loop, warned of, exact."""
+    torch.manual_seed(0)
+    model = InducingPoints().double().eval()
+    x, y = torch.randn(8, 3, dtype=F64), torch.randint(0, 2, (8,))
+    ckpts = make_ckpts(model, scale=0.1)
+    want = reference(model, ckpts, (x, y), None)[1]
+    for factored in (None, False):
+        with pytest.warns(RuntimeWarning, match="torch.func.vmap mixed the examples of a batch"):
+            assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE, factored=factored), want)
+
+
+def test_gradients_cancelling_to_rounding_are_not_taken_for_vmap_mixing_the_examples():
+    """A sweep's find: a convolution's bias before an instance norm has a gradient of rounding alone (4e-8 in
+    float32), all of its size apart in two vmap runs; taken for a batching rule of torch's mixing the examples, the
+    call ran the loop, 4x slower, warning so. Rounding is 1000 eps of the largest of all the results."""
+    torch.manual_seed(0)
+    blocks = [m for d in (3, 16) for m in (nn.Conv2d(d, 16, 3, padding=1), nn.GroupNorm(16, 16), nn.ReLU())]
+    model = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    ckpts = [tc.Checkpoint({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.1)]
+    x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        tc.self_influence(model, ckpts, (x, y), loss_fn=CE, factored=False)

@@ -82,7 +82,14 @@ def _group_of(groups: Sequence[Mapping[str, Any]], index: int, where: str) -> Ma
             f"`optimizer_state` of {where}: param_groups[{index}] has maximize=True (gradient ascent); TracIn scores "
             f"loss descent. Drop `optimizer_state`, or save the state of a minimising optimizer."
         )
-    if group.get("weight_decay", 0) and "decoupled_weight_decay" not in group:
+    changed = _not_adams_step(group)
+    if changed:
+        raise ValueError(
+            f"`optimizer_state` of {where}: param_groups[{index}] has {changed}, so its steps are not torch Adam's, "
+            f"which Adam-aware scores follow. Drop `optimizer_state` to score with plain gradients "
+            f"(`[tc.Checkpoint(c.params, c.lr) for c in checkpoints]`)."
+        )
+    if group.get("weight_decay", 0) and "decoupled_weight_decay" not in group and "adam_w_mode" not in group:
         raise ValueError(
             f"`optimizer_state` of {where}: param_groups[{index}] has weight_decay={group['weight_decay']} but no "
             f"'decoupled_weight_decay' entry (torch < 2.6), so Adam (L2 decay, part of the gradient) cannot be told "
@@ -90,6 +97,22 @@ def _group_of(groups: Sequence[Mapping[str, Any]], index: int, where: str) -> Ma
             f"(Adam) in the saved state."
         )
     return group
+
+
+def _not_adams_step(group: Mapping[str, Any]) -> str:
+    """A param group's setting of another library's Adam that changes its step from torch's (an 81% off score, read
+    as torch's: a review helper's DeepSpeed state), in words, else ``""``."""
+    if not group.get("bias_correction", True):
+        return "bias_correction=False (DeepSpeed's or apex's Adam without bias correction)"
+    if group.get("caution", False):
+        return "caution=True (timm's cautious Adam, masking its step where it disagrees with the gradient)"
+    return ""
+
+
+def decoupled(group: Mapping[str, Any]) -> bool:
+    """Whether a param group's weight decay is decoupled (AdamW's): torch's ``decoupled_weight_decay``, DeepSpeed's
+    and apex's ``adam_w_mode``."""
+    return bool(group.get("decoupled_weight_decay", group.get("adam_w_mode", False)))
 
 
 def _ends_of(names: Sequence[str], order: Sequence[str]) -> dict[str, str] | None:
@@ -213,13 +236,14 @@ def _ids_to_names(
     )
 
 
-def warn_unstepped(states: Sequence[Mapping[str, AdamParam]], scored: Collection[str]) -> None:
+def warn_unstepped(states: Sequence[Mapping[str, AdamParam] | None], scored: Collection[str]) -> None:
     """Warn where a checkpoint's Adam state holds no step of a scored parameter while others took steps: frozen
     until then (a staged fine-tune's backbone), it is scored by Adam's first step for it, which a parameter still
-    frozen after the checkpoint never took (115% off, unwarned until 2026-12-07)."""
+    frozen after the checkpoint never took (115% off, unwarned until 2026-12-07). ``scored``: those the call's plan
+    differentiates and finds used (an unused head's updates are zero: no warning)."""
     behind = {}  # checkpoint index -> its unstepped scored parameters
     for i, named in enumerate(states):
-        if any(float(s.step) > 0 for s in named.values()):
+        if named and any(float(s.step) > 0 for s in named.values()):
             behind[i] = [n for n in scored if n in named and float(named[n].step) == 0]
     behind = {i: names for i, names in behind.items() if names}
     if behind:
@@ -356,6 +380,16 @@ def adam_states(
                 f"not Adam's 'exp_avg', 'exp_avg_sq' and 'step'; only Adam and AdamW states are supported."
             )
         shape = tuple(shapes[name])
+        coded = [k for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if k in entry and not _moment(entry[k])]
+        if coded:  # (8-bit codes read as moments: 98% off, silently; a review helper's)
+            held = entry[coded[0]]
+            what = held.dtype if isinstance(held, torch.Tensor) else type(held).__name__
+            raise ValueError(
+                f"`optimizer_state` of {where}: the saved {coded[0]} of parameter {pid} ({name!r}) is a {what}, not "
+                f"Adam's floating moments (a quantized optimizer's state: bitsandbytes', torchao's 8-bit Adam); only "
+                f"torch.optim.Adam and AdamW states are supported. Drop `optimizer_state` to score with plain "
+                f"gradients."
+            )
         entry = {k: _as_real(v, shape) for k, v in entry.items()}
         if entry:
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
@@ -377,7 +411,7 @@ def adam_states(
                 f"(`param_groups[{g}]['eps']`), or without `optimizer_state`."
             )
         b1, b2 = (float(b) for b in group["betas"])
-        decay = 0.0 if group.get("decoupled_weight_decay", False) else float(group.get("weight_decay", 0))
+        decay = 0.0 if decoupled(group) else float(group.get("weight_decay", 0))
         states[name] = AdamParam(
             entry.get("exp_avg", zeros),
             entry.get("exp_avg_sq", zeros),
@@ -394,6 +428,11 @@ def adam_states(
         if scored is None or name in scored:
             _check_moments(states[name], pid, name, where)
     return states
+
+
+def _moment(value: Any) -> bool:
+    """Whether a saved moment is a floating (or complex) tensor, as torch's Adam keeps them."""
+    return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
 
 
 def _as_real(moment: Any, shape: tuple[int, ...]) -> Any:
@@ -519,7 +558,9 @@ def with_adam_states(
         raise ValueError(
             f"`checkpoints[{with_}]` carries an `optimizer_state` but `checkpoints[{without}]` does not: Adam-aware "
             f"and plain TracIn terms would be mixed in one score. Give every checkpoint its optimizer state (an empty "
-            f"optimizer's `state_dict()` before the first step), or none."
+            f"optimizer's `state_dict()` before the first step), or none; where the run changed optimizers (Adam, "
+            f"then SGD: `tc.load_checkpoints` keeps Adam's states, leaves out others'), score each part in a call of "
+            f"its own and add the scores."
         )
     if isinstance(model, torch.nn.Module):
         named = list(model.named_parameters())
@@ -532,5 +573,4 @@ def with_adam_states(
         for i, c in enumerate(checkpoints)
     ]
     warn_aliased_moments(checkpoints, states, order if scored is None else scored)
-    warn_unstepped(states, order if scored is None else scored)
     return [ready._replace(adam=on_device(s, device, dtype)) for ready, s in zip(prepared, states)]

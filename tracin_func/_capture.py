@@ -858,14 +858,17 @@ def _reorders(
 
 def _refuse_reached(unused: Iterable[str], grads: Sequence[torch.Tensor | None]) -> None:
     """Refuse a batch that reaches a parameter planned as unused: its gradients were taken as zero, and a batch whose
-    structure differs from the planned one may also mix its examples (a branch on the whole batch)."""
+    structure differs from the planned one may also mix its examples (a branch on the whole batch). ``Unbatchable``:
+    planning's batching check, its examples reaching it, scores the call by vmap(grad) (an adaptive softmax's tail
+    clusters, one reached per example, were refused with `tc.explain` too; a review helper's)."""
     for name, g in zip(unused, grads):
         if g is not None:
-            raise ValueError(
-                f"`model`: parameter {name!r} was not used by the forward pass or the loss on the first example the "
-                f"call was planned on (for influence, top-k and a tracer: the first test example), so its gradients "
-                f"were taken as zero; this batch uses it. The model's computation depends on the example: pass "
-                f"`factored=False`, or leave the parameter out with `params=` if it should not count."
+            raise Unbatchable(
+                f"parameter {name!r} was not used by the forward pass or the loss on the first example the call was "
+                f"planned on (for influence, top-k and a tracer: the first test example), so its gradients were taken "
+                f"as zero; this batch uses it: the model's computation depends on the example",
+                "`factored=False`, or leave the parameter out with `params=` if it should not count",
+                factorless=True,  # (layers run per example's values: no factors planned once fit)
             )
 
 

@@ -16,6 +16,8 @@ import optree
 import torch
 from safetensors.torch import load_file
 
+from ._warn import warn
+
 NAMESPACE = "tracin_func"
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -438,10 +440,11 @@ def load_checkpoints(
     for path, given_lr in zip(paths, lrs):
         obj = dict(_read_file(path, map_location=map_location, weights_only=weights_only))
         key = next((k for k in OPTIMIZER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        optimizer = obj.pop(key) if key is not None else _lightning_optimizer(obj)
+        optimizer = obj.pop(key) if key is not None else _lightning_optimizer(obj, path)
         state, stored_lr = split_state_and_lr(obj, repr(path))
         optimizer = _named_as_state(optimizer, state)
-        stored_lr = stored_lr if stored_lr is not None else _optimizer_lr(optimizer)
+        stored_lr = _one_rate(stored_lr, path) if stored_lr is not None else _optimizer_lr(optimizer)
+        _refuse_ascent(optimizer, path)
         # another optimizer's state (SGD's momentum, in Captum's tutorial files) is not kept: plain gradients, as
         # TracIn for SGD scores them (kept, every scorer refused it as not Adam's)
         raw_optimizer, optimizer = optimizer, optimizer if _adam_like(optimizer) else None
@@ -467,14 +470,48 @@ def load_checkpoints(
     return checkpoints
 
 
-def _lightning_optimizer(obj: dict[str, Any]) -> Mapping[str, Any] | None:
+def _lightning_optimizer(obj: dict[str, Any], path: str) -> Mapping[str, Any] | None:
     """The one optimizer state of a PyTorch Lightning checkpoint (``optimizer_states``: a list, one per optimizer;
-    left out, its Adam state scored plain TracIn and its lr was not found), taken out of ``obj``; else None."""
+    left out, its Adam state scored plain TracIn and its lr was not found), taken out of ``obj``; else None. Several,
+    Adam's among them, are warned of: left out, plain TracIn."""
     states = obj.get("optimizer_states")
+    if isinstance(states, list) and len(states) > 1 and any(map(_adam_like, states)):
+        warn(
+            f"Checkpoint {path!r} holds {len(states)} optimizers' states (`optimizer_states`), Adam's among them: "
+            f"Adam-aware scores read one optimizer's, so they are left out and the checkpoint scores plain TracIn. "
+            f"Merge them into one state (its param groups side by side, ids renumbered) and pass it as "
+            f"`tc.Checkpoint(params, lr, optimizer_state=...)` for Adam-aware scores.",
+            UserWarning,
+        )
     if not (isinstance(states, list) and len(states) == 1 and isinstance(states[0], Mapping)):
         return None
     del obj["optimizer_states"]
     return states[0]
+
+
+def _one_rate(lr: Any, path: str) -> Any:
+    """A file's stored learning rate, one value: a list of one (a scheduler's ``get_last_lr()``, refused as not a
+    number) or of equal ones taken as it; one of several param groups' refused, as their optimizer's are."""
+    if not isinstance(lr, (list, tuple)) or not lr or not all(isinstance(r, numbers.Real) for r in lr):
+        return lr
+    if len(set(map(float, lr))) > 1:
+        raise ValueError(
+            f"Checkpoint {path!r} stores one learning rate per param group ({list(lr)}), and a checkpoint weighs every "
+            f"parameter by one `lr`. Score each group in a call of its own: load the files with that group's `lr=` "
+            f"(a list, each file's group lr in turn) and pass `params=` its parameters, then sum the scores."
+        )
+    return lr[0]
+
+
+def _refuse_ascent(optimizer: Mapping[str, Any] | None, path: str) -> None:
+    """Refuse an optimizer's state stepping by gradient ascent (``maximize=True``): TracIn scores loss descent (an
+    SGD's, whose state is left out, was scored as descent, its signs flipped, silently)."""
+    groups = optimizer.get("param_groups") if optimizer is not None else None
+    if isinstance(groups, Sequence) and any(isinstance(g, Mapping) and g.get("maximize", False) for g in groups):
+        raise ValueError(
+            f"Checkpoint {path!r}: its optimizer has maximize=True (gradient ascent), and TracIn scores loss descent. "
+            f"Score a model trained to minimise its loss (its loss negated, where it was maximised)."
+        )
 
 
 def refuse_copies(paths: Sequence[str], checkpoints: Sequence[Checkpoint], argument: str = "source") -> None:

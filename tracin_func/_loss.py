@@ -84,7 +84,7 @@ class BatchedLoss(NamedTuple):
     name: str  # the argument it came from, for messages
 
     def per_example(self, state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        losses = self.fn(state, batch)
+        losses = self.fn(dict(state), batch)  # (a copy: `functional_call` writes a buffer its forward rebinds into it)
         n = optree.tree_leaves(batch, none_is_leaf=True)[0].shape[0]
         if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (n,):
             got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
@@ -109,7 +109,8 @@ class OneExampleLoss(NamedTuple):
     name: str  # the argument it came from, for messages
 
     def __call__(self, state: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
-        loss = self.fn(state, batch)
+        loss = self.fn(dict(state), batch)  # (a copy: `functional_call` writes a buffer its forward rebinds into it:
+        # the next run took it, DINO's centre, refused as random; a review helper's)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:  # (a [1] tensor, a batch of one's, is one loss)
             got = f"tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ._adam import check_one_lr, warn_matched_by_position
+from ._adam import check_one_lr, warn_matched_by_position, warn_unstepped
 from ._assemble import RepresentationFn, representation_fn, rows_with_gradient, worth_dropping
 from ._attention import PRODUCT as ATTENTION_PRODUCT
 from ._bags import PRODUCT as BAG_PRODUCT
@@ -164,6 +164,8 @@ def plan_call(
         within = mixing(setup.dtype)  # (each batch's spot check: at 1e-4, a DEQ's solve stopped on its batch's
     finally:  # largest residual was scored batched in float64, 2e-4 off, silently; a review helper's)
         COMPUTED_IN.reset(token)
+    unused = {n for n, why in plan.reasons.items() if why in (_UNUSED, _UNUSED_ON_VMAP)}
+    warn_unstepped([c.adam for c in setup.checkpoints], [n for n in names if n not in unused])
     if lowered:
         plan = plan._replace(batching=LOWERED_LOOP)
         warn(f"This call runs {LOWERED_LOOP}.", SlowPathWarning)
@@ -516,6 +518,9 @@ def make_plan(
             return refused_on(module, losses[0], plan, diff, frozen, head, mapper)
         return batching_refused(module, losses, plan, {**frozen, **diff}, examples, mapper, truth)
 
+    # (checked unused: the first examples together reaching one, the call runs vmap(grad); an adaptive softmax's
+    # tail clusters, one reached per example, were refused at the first batch: a review helper's)
+    plan = plan._replace(unused=tuple(n for n in names if n in unused))
     readings = _readings(plan, sites, first_calls, modules)
     plan, check = readings[0], checked_on(readings[0])
     for reading in readings[1:]:  # fewer layers read sequence-first, while refused
@@ -540,9 +545,9 @@ def make_plan(
     plan = plan._replace(batch_free=frozenset(check.batch_free))
     unchecked = check.unshown if batch_shows or head_shows else "batching"
     shown = check.shown if batch_shows or head_shows else None
-    if refused:
+    if refused:  # (unused: checked only; per example, vmap(grad) takes every gradient, zero or not)
         unbatched = _factorless(plan) if check.factorless else _unpacked(_unexpanded(plan), packed)
-        return unbatched._replace(batching=f"vmap(grad) over examples: {refused}")
+        return unbatched._replace(batching=f"vmap(grad) over examples: {refused}", unused=())
     trimmed = set()
     for site in plan.sites:  # rows of zero output gradient (ignored by the loss) are dropped per batch
         if site.kind != "linear" or site.owner is not None or not _called(seen, site.path):

@@ -30,7 +30,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._data import examples_in
+from ._data import examples_in, slice_batch
 from ._grads import INFERENCE_FORWARD, Tensors, batch_of_one, example_at
 from ._loss import CriterionLoss, ExampleLossFn, floating_leaves, naming_a_dropped_batch
 from ._loss_dtype import CAST_FROM, refuse_held_dtype
@@ -608,7 +608,55 @@ def check_forward(
         raise
     if left and examples_in(batch) > 1:
         _refuse_carried(module, loss, state, batch, left, exact)
+    if examples_in(batch) > 1:
+        _refuse_batch_writes(module, loss, state, batch)
     return ForwardBytes(watch.largest, watch.held, watch.lowered, coarsest(watch.coarsest))
+
+
+def _refuse_batch_writes(module: nn.Module | None, loss: ExampleLossFn, state: Tensors, batch: Any) -> None:
+    """Refuse a forward writing into the checkpoint's or the model's tensors for a batch only: MoCo's queue, its
+    enqueue skipped for one example, was written by every batched pass, into the caller's checkpoints (a retry of
+    the call on them 13-16% off, silently; a review helper's). Run on the first two examples together, a write
+    refused before it is made; a run failing otherwise (a model of one example at a time) is left to the batching
+    check."""
+    pair = slice_batch(batch, 0, 2)
+    with leaving_no_trace(module), torch.no_grad(), _running_modules(module) as stack:
+        try:
+            with _BatchWrites(_protected(module, state, pair), stack):
+                _run(loss, state, pair)
+        except _WrittenInBatch as refused:
+            raise ValueError(str(refused)) from None
+        except Exception:  # noqa: BLE001  (not a write: the batching check runs batches and names what fails)
+            pass
+
+
+class _WrittenInBatch(Exception):
+    """``_BatchWrites``'s refusal, told apart from the model's own errors."""
+
+
+class _BatchWrites(TorchDispatchMode):
+    """Raises ``_WrittenInBatch`` before an op writes into a ``protected`` storage (``_protected``), naming the
+    innermost module running (``modules``: ``_running_modules``' stack)."""
+
+    def __init__(self, protected: Mapping[int, str], modules: list[tuple[str, nn.Module]]) -> None:
+        super().__init__()
+        self.protected, self.modules = protected, modules
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        writes = _inspected(func)[1]
+        values = _bound(func, args, kwargs) if writes else {}
+        for t in (t for name in writes if _writes(func, values) for t in _listed(values.get(name))):
+            target = self.protected.get(_storage(t)) if isinstance(t, torch.Tensor) else None
+            if target is not None:
+                path, m = self.modules[-1] if self.modules else ("", None)
+                who = f"module {path or '(root)'!r} ({type(m).__name__})" if m is not None else "the model"
+                raise _WrittenInBatch(
+                    f"`model`: {who} writes into {target} ({func}) in a batch of two examples, not for one alone (a "
+                    f"queue enqueued for batches, say), which would change it and make scores depend on order. Make "
+                    f"the write in training only (`if self.training:`), or into a copy."
+                )
+        return func(*args, **kwargs)
 
 
 class ForwardBytes(NamedTuple):
