@@ -5871,44 +5871,6 @@ def test_a_derivative_taken_by_a_torchscript_function_is_seen():
         check_against_reference(model, make_ckpts(model), train, test, loss_fn=nn.MSELoss(reduction="sum"))
 
 
-class PenalisedOnRealOnly(nn.Module):
-    """A discriminator's logit and its R1 penalty (the input gradient's squared norm), taken on real examples only
-    (the input's last column flags them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 1)
-
-    def score(self, x):
-        return self.b(torch.tanh(self.a(x))).squeeze(-1)
-
-    def forward(self, inputs):
-        x, real = inputs[:, :4], inputs[:, 4] > 0
-        penalty = torch.zeros_like(x[:, 0])
-        if real.any():
-            with torch.enable_grad():
-                x_ = x.detach().requires_grad_()
-                (g,) = torch.autograd.grad(self.score(x_).sum(), x_, create_graph=True)
-            penalty = torch.where(real, (g**2).sum(1), penalty)
-        return torch.stack([self.score(x), penalty], 1)
-
-
-def test_a_derivative_taken_for_later_examples_only_is_refused_by_their_batch():
-    """Regression (a review helper's, 7-24% off, silently): a penalty differentiating for real examples only, the
-    first examples fake, was planned on them as factored. A batch's spot check runs its example watching for
-    derivatives too: refused, naming the derivative and `factored=False`, which is exact."""
-    torch.manual_seed(0)
-    model = PenalisedOnRealOnly().double().eval()
-    real = (torch.arange(12) >= 6).to(F64)
-    inputs = torch.cat([torch.randn(12, 4, dtype=F64), real[:, None]], 1)
-    targets = torch.stack([real, torch.zeros(12, dtype=F64)], 1)
-    ckpts, loss = make_ckpts(model), nn.MSELoss(reduction="sum")
-    with pytest.raises(ValueError, match=r"differentiates \(`torch.autograd.grad` with .+`factored=False`"):
-        tc.self_influence(model, ckpts, (inputs, targets), loss_fn=loss)
-    want = reference(model, ckpts, (inputs, targets), None, loss_fn=loss)[1]
-    assert_close(tc.self_influence(model, ckpts, (inputs, targets), loss_fn=loss, factored=False), want)
-
-
 class SolvedToBatchTolerance(nn.Module):
     """A deep equilibrium layer solved without a graph until the batch's largest change is below a tolerance (a DEQ
     solver's usual rule), then one step with gradients: an example's solution depends on its batch, by the

@@ -30,7 +30,6 @@ from ._capture import (
     batched_factors,
     discover,
     gradients_at,
-    refusing_derivatives,
 )
 from ._checkpoints import same_values
 from ._context import lowered_note
@@ -956,7 +955,7 @@ def _witnessed(
     outputs too, as the batch's witness has it (its losses holding no part per example)."""
     as_found()  # (each run, alone or the batch, from the model as the call found it: `_state.as_found`)
     state = {k: t.detach().requires_grad_() if k in names else t for k, t in state.items()}
-    with torch.enable_grad(), refusing_derivatives():
+    with torch.enable_grad():
         if isinstance(loss, BatchedLoss):
             return [], loss.per_example(state, batch).detach(), []
         out = loss.forward(state, *batch[:-1])

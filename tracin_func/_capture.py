@@ -622,18 +622,6 @@ class _BeyondFactors(TorchFunctionMode):
             raise
 
 
-@contextmanager
-def refusing_derivatives() -> Iterator[None]:
-    """Refuse (``BeyondFactors``, once the block ends) a forward or loss run in it that differentiates
-    (``_BeyondFactors``): a batch's spot check, where a model doing so for some examples only (a penalty on real
-    images alone) was not seen by planning's first example (7-24% off, silently)."""
-    beyond = _BeyondFactors()
-    with beyond, _Differentiated(beyond):
-        yield
-    if beyond.why:
-        raise BeyondFactors(beyond.why, "`factored=False`", factorless=True)
-
-
 class _Differentiated(TorchDispatchMode):
     """Notes (in ``beyond``) a backward pass keeping its graph that ``_BeyondFactors`` cannot see called: a
     TorchScript function's ``torch.autograd.grad`` (a gradient penalty's helper; 61-97% off, silently), seen as an op
