@@ -866,3 +866,23 @@ def test_an_optimizer_stepping_by_gradient_ascent_is_refused_and_several_lightni
     with pytest.warns(UserWarning, match=r"holds 2 optimizers' states .+ scores plain TracIn"):
         (ckpt,) = tc.load_checkpoints([tmp_path / "two.ckpt"], lr=0.1)
     assert ckpt.optimizer_state is None
+
+
+def test_checkpoints_of_a_wrapped_net_are_told_the_wrappers_prefix_beside_its_own_entries():
+    """A review helper's: checkpoints of a net scored through a temperature-scaling wrapper (`self.model`, its own
+    `temperature`) were refused naming the keys alone: the prefix hint asked every missing name to carry it."""
+
+    class WithTemperature(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.model, self.temperature = net, nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return self.model(x) / self.temperature
+
+    net = _model()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    wrapped = WithTemperature(net).double()
+    with pytest.raises(ValueError, match=r"the model's names carry the prefix 'model.', its do not: .+ it lacks "
+                       r"\['temperature'\] beside them"):  # fmt: skip
+        tc.self_influence(wrapped, [tc.Checkpoint(dict(net.state_dict()), 0.1)], (x, y), loss_fn=nn.CrossEntropyLoss())

@@ -904,12 +904,14 @@ def _prefix_hint(
                 f" (its names all carry the prefix {prefix!r}, the model's do not: pass "
                 f"`{{k.removeprefix({prefix!r}): v for k, v in state.items()}}`)"
             )
-    for prefix in leading_prefixes(missing[0]) if missing and unexpected else []:  # the model's names carry it
-        under = {n[len(prefix) :] for n in expected if n.startswith(prefix)}
-        if all(n.startswith(prefix) for n in missing) and set(unexpected) <= under:
+    for prefix in dict.fromkeys(p for n in missing for p in leading_prefixes(n)) if unexpected else []:  # the
+        under = {n[len(prefix) :] for n in expected if n.startswith(prefix)}  # model's names carry it
+        if set(unexpected) <= under:  # (beside names of the wrapper's own: a temperature-scaling wrapper's `T`)
+            others = [n for n in missing if not n.startswith(prefix)]
+            beside = f"; it lacks {others[:3]} beside them" if others else ""
             return (
                 f" (the model's names carry the prefix {prefix!r}, its do not: it was saved from that submodule; "
-                f"pass `{{{prefix!r} + k: v for k, v in state.items()}}`, or score the submodule)"
+                f"pass `{{{prefix!r} + k: v for k, v in state.items()}}`, or score the submodule{beside})"
             )
     for theirs in leading_prefixes(unexpected[0]) if missing and unexpected else []:  # one prefix for another (a
         for ours in leading_prefixes(missing[0]):  # wrapper saved around a submodule: `model.module.` for `model.`)

@@ -161,8 +161,10 @@ def plan_call(
             module, names, losses, *checked_at, batch, mapper, factored=factored, self_only=self_only,
             partners=partners, scored=scored, pool=pool,
         )
-        within = mixing(setup.dtype)  # (each batch's spot check: at 1e-4, a DEQ's solve stopped on its batch's
-    finally:  # largest residual was scored batched in float64, 2e-4 off, silently; a review helper's)
+        # each batch's spot check's tolerance, as planning's (at 1e-4, a DEQ solved to its batch's largest residual
+        # was scored batched in float64, 2e-4 off, silently; a review helper's)
+        within = mixing(setup.dtype)
+    finally:
         COMPUTED_IN.reset(token)
     unused = {n for n, why in plan.reasons.items() if why in (_UNUSED, _UNUSED_ON_VMAP)}
     warn_unstepped([c.adam for c in setup.checkpoints], [n for n in names if n not in unused])
