@@ -777,19 +777,13 @@ def test_a_parameter_the_optimizer_never_stepped_while_others_took_steps_is_warn
         tc.self_influence(model, [ckpt], (x, y), loss_fn=LOSS, params=["fc2.weight", "fc2.bias"])
 
 
-@pytest.mark.parametrize("setting", ["bias_correction", "caution", "adam_w_mode", "8-bit", "dict"])
-def test_other_libraries_adam_states_are_read_as_their_steps_or_refused(setting):
+@pytest.mark.parametrize("setting", ["bias_correction", "caution", "8-bit", "dict"])
+def test_other_libraries_adam_states_whose_steps_are_not_torchs_are_refused(setting):
     """Regression (a review helper's): a DeepSpeed Adam state without bias correction was scored with torch's (81%
-    off), 8-bit codes as moments (98% off), silently, and a moment held as a dict raised a raw AttributeError.
-    DeepSpeed's `adam_w_mode` is its AdamW's decoupled decay (left out)."""
-    model, ckpts, train, test, ref = _run("adamw")
+    off), 8-bit codes as moments (98% off), silently, and a moment held as a dict raised a raw AttributeError."""
+    model, ckpts, train, test, _ = _run("adamw")
     state = copy.deepcopy(ckpts[0].optimizer_state)
     group, moments = state["param_groups"][0], state["state"][0]
-    if setting == "adam_w_mode":
-        group["adam_w_mode"] = group.pop("decoupled_weight_decay")
-        edited = [tc.Checkpoint(ckpts[0].params, ckpts[0].lr, state), *ckpts[1:]]
-        assert_close(tc.influence(model, edited, train, test, loss_fn=LOSS), ref.influence)
-        return
     if setting in ("bias_correction", "caution"):
         group[setting] = setting == "caution"
     elif setting == "8-bit":

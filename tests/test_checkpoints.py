@@ -886,3 +886,9 @@ def test_checkpoints_of_a_wrapped_net_are_told_the_wrappers_prefix_beside_its_ow
     with pytest.raises(ValueError, match=r"the model's names carry the prefix 'model.', its do not: .+ it lacks "
                        r"\['temperature'\] beside them"):  # fmt: skip
         tc.self_influence(wrapped, [tc.Checkpoint(dict(net.state_dict()), 0.1)], (x, y), loss_fn=nn.CrossEntropyLoss())
+
+
+def test_a_files_learning_rates_per_group_are_not_read_where_lr_is_given(tmp_path):
+    """A sweep's find: a file's `'lr': [0.05, 0.5]` was refused even with `lr=` given, as its refusal advises."""
+    torch.save({"model": _model().state_dict(), "lr": [0.05, 0.5]}, tmp_path / "ckpt-1.pt")
+    assert tc.load_checkpoints(tmp_path, lr=0.05)[0].lr == 0.05

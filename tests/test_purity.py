@@ -1104,3 +1104,56 @@ def test_a_loss_calling_functional_call_on_a_forward_rebinding_a_buffer_is_score
     by_example = tc.ExampleLoss(lambda p, b: ce(torch.func.functional_call(model, p, (b[0],)), b[1]))
     assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=by_example), want)
     assert torch.equal(model.center, ckpts[0].params["center"])
+
+
+@torch.jit.script
+def _enqueued(queue: torch.Tensor, q: torch.Tensor) -> None:
+    if q.shape[0] > 1:
+        queue[:, : q.shape[0]] = q.t()
+
+
+class EnqueuedByAScriptedFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(4, 3)
+        self.register_buffer("queue", torch.randn(3, 8))
+
+    def forward(self, x):
+        q = self.encoder(x)
+        logits = q @ self.queue.clone()
+        with torch.no_grad():
+            _enqueued(self.queue, q.detach())
+        return logits
+
+
+class QueueingLoss(nn.Module):
+    """A criterion keeping a queue of the batch's logits, enqueued for batches only."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("queue", torch.zeros(8, 8, dtype=torch.float64))
+
+    def forward(self, logits, y):
+        if logits.shape[0] > 1:
+            self.queue[: logits.shape[0]] = logits.detach()
+        return nn.functional.cross_entropy(logits - self.queue.mean(), y)
+
+
+@pytest.mark.parametrize("where", ["scripted", "criterion"])
+def test_writes_for_batches_in_a_scripted_function_or_the_criterion_are_refused_before_they_are_made(where):
+    """A sweep's finds: the write in a TorchScript function (which re-raised the refusal as its own error, swallowed)
+    and the criterion's own queue (not protected: 41% off, silently, the user's criterion changed) were missed; and a
+    call in batches of one planned on one example, its batching check's runs of several writing, ran no watch. A
+    batch of one is watched as two copies of its example."""
+    torch.manual_seed(0)
+    model = (EnqueuedByAScriptedFunction() if where == "scripted" else nn.Linear(4, 8)).double().eval()
+    loss = nn.CrossEntropyLoss() if where == "scripted" else QueueingLoss()
+    ckpts = [tc.Checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    held = {k: v.clone() for k, v in {**ckpts[0].params, **loss.state_dict()}.items()}
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 8, (8,))
+    target = "the checkpoint's tensor 'queue'" if where == "scripted" else "`loss_fn`'s tensor 'queue'"
+    for batch_size in (4, 1):
+        with pytest.raises(ValueError, match=rf"writes into {target} .+ in a batch of two examples"):
+            tc.self_influence(model, ckpts, (x, y), loss_fn=loss, batch_size=batch_size)
+    now = {**ckpts[0].params, **loss.state_dict()}
+    assert all(torch.equal(now[k], v) for k, v in held.items())

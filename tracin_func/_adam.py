@@ -89,7 +89,7 @@ def _group_of(groups: Sequence[Mapping[str, Any]], index: int, where: str) -> Ma
             f"which Adam-aware scores follow. Drop `optimizer_state` to score with plain gradients "
             f"(`[tc.Checkpoint(c.params, c.lr) for c in checkpoints]`)."
         )
-    if group.get("weight_decay", 0) and "decoupled_weight_decay" not in group and "adam_w_mode" not in group:
+    if group.get("weight_decay", 0) and "decoupled_weight_decay" not in group:
         raise ValueError(
             f"`optimizer_state` of {where}: param_groups[{index}] has weight_decay={group['weight_decay']} but no "
             f"'decoupled_weight_decay' entry (torch < 2.6), so Adam (L2 decay, part of the gradient) cannot be told "
@@ -107,12 +107,6 @@ def _not_adams_step(group: Mapping[str, Any]) -> str:
     if group.get("caution", False):
         return "caution=True (timm's cautious Adam, masking its step where it disagrees with the gradient)"
     return ""
-
-
-def decoupled(group: Mapping[str, Any]) -> bool:
-    """Whether a param group's weight decay is decoupled (AdamW's): torch's ``decoupled_weight_decay``, DeepSpeed's
-    and apex's ``adam_w_mode``."""
-    return bool(group.get("decoupled_weight_decay", group.get("adam_w_mode", False)))
 
 
 def _ends_of(names: Sequence[str], order: Sequence[str]) -> dict[str, str] | None:
@@ -411,7 +405,7 @@ def adam_states(
                 f"(`param_groups[{g}]['eps']`), or without `optimizer_state`."
             )
         b1, b2 = (float(b) for b in group["betas"])
-        decay = 0.0 if decoupled(group) else float(group.get("weight_decay", 0))
+        decay = 0.0 if group.get("decoupled_weight_decay", False) else float(group.get("weight_decay", 0))
         states[name] = AdamParam(
             entry.get("exp_avg", zeros),
             entry.get("exp_avg_sq", zeros),

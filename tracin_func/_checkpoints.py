@@ -443,7 +443,8 @@ def load_checkpoints(
         optimizer = obj.pop(key) if key is not None else _lightning_optimizer(obj, path)
         state, stored_lr = split_state_and_lr(obj, repr(path))
         optimizer = _named_as_state(optimizer, state)
-        stored_lr = _one_rate(stored_lr, path) if stored_lr is not None else _optimizer_lr(optimizer)
+        if given_lr is None:  # (`lr=` given: the file's own, a list per group, is not read)
+            stored_lr = _one_rate(stored_lr, path) if stored_lr is not None else _optimizer_lr(optimizer)
         _refuse_ascent(optimizer, path)
         # another optimizer's state (SGD's momentum, in Captum's tutorial files) is not kept: plain gradients, as
         # TracIn for SGD scores them (kept, every scorer refused it as not Adam's)

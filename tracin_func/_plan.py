@@ -166,8 +166,7 @@ def plan_call(
         within = mixing(setup.dtype)
     finally:
         COMPUTED_IN.reset(token)
-    unused = {n for n, why in plan.reasons.items() if why in (_UNUSED, _UNUSED_ON_VMAP)}
-    warn_unstepped([c.adam for c in setup.checkpoints], [n for n in names if n not in unused])
+    warn_unstepped([c.adam for c in setup.checkpoints], [n for n in names if n not in plan.unused])
     if lowered:
         plan = plan._replace(batching=LOWERED_LOOP)
         warn(f"This call runs {LOWERED_LOOP}.", SlowPathWarning)

@@ -30,7 +30,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._data import examples_in, slice_batch
+from ._data import examples_in, select_rows, slice_batch
 from ._grads import INFERENCE_FORWARD, Tensors, batch_of_one, example_at
 from ._loss import CriterionLoss, ExampleLossFn, floating_leaves, naming_a_dropped_batch
 from ._loss_dtype import CAST_FROM, refuse_held_dtype
@@ -608,8 +608,7 @@ def check_forward(
         raise
     if left and examples_in(batch) > 1:
         _refuse_carried(module, loss, state, batch, left, exact)
-    if examples_in(batch) > 1:
-        _refuse_batch_writes(module, loss, state, batch)
+    _refuse_batch_writes(module, loss, state, batch)
     return ForwardBytes(watch.largest, watch.held, watch.lowered, coarsest(watch.coarsest))
 
 
@@ -618,29 +617,28 @@ def _refuse_batch_writes(module: nn.Module | None, loss: ExampleLossFn, state: T
     enqueue skipped for one example, was written by every batched pass, into the caller's checkpoints (a retry of
     the call on them 13-16% off, silently; a review helper's). Run on the first two examples together, a write
     refused before it is made; a run failing otherwise (a model of one example at a time) is left to the batching
-    check."""
-    pair = slice_batch(batch, 0, 2)
+    check. A batch of one is run as two copies of its example (the batching check's runs of several wrote too)."""
+    pair = slice_batch(batch, 0, 2) if examples_in(batch) > 1 else select_rows(batch, torch.tensor([0, 0]))
+    criterion = loss.criterion if isinstance(loss, CriterionLoss) and isinstance(loss.criterion, nn.Module) else None
+    held = {ptr: name.replace("the model's", "`loss_fn`'s") for ptr, name in _protected(criterion, {}, ()).items()}
     with leaving_no_trace(module), torch.no_grad(), _running_modules(module) as stack:
+        writes = _BatchWrites({**held, **_protected(module, state, pair)}, stack)
         try:
-            with _BatchWrites(_protected(module, state, pair), stack):
+            with writes:
                 _run(loss, state, pair)
-        except _WrittenInBatch as refused:
-            raise ValueError(str(refused)) from None
-        except Exception:  # noqa: BLE001  (not a write: the batching check runs batches and names what fails)
+        except Exception:  # noqa: BLE001, S110  (not a write: the batching check runs batches and names what fails)
             pass
-
-
-class _WrittenInBatch(Exception):
-    """``_BatchWrites``'s refusal, told apart from the model's own errors."""
+    if writes.refused:  # (raised in a TorchScript function, which re-raises it as its own error; or caught)
+        raise ValueError(writes.refused)
 
 
 class _BatchWrites(TorchDispatchMode):
-    """Raises ``_WrittenInBatch`` before an op writes into a ``protected`` storage (``_protected``), naming the
-    innermost module running (``modules``: ``_running_modules``' stack)."""
+    """Raises before an op writes into a ``protected`` storage (``_protected``), naming the innermost module running
+    (``modules``: ``_running_modules``' stack), and keeps its words (``refused``)."""
 
     def __init__(self, protected: Mapping[int, str], modules: list[tuple[str, nn.Module]]) -> None:
         super().__init__()
-        self.protected, self.modules = protected, modules
+        self.protected, self.modules, self.refused = protected, modules, ""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -651,11 +649,12 @@ class _BatchWrites(TorchDispatchMode):
             if target is not None:
                 path, m = self.modules[-1] if self.modules else ("", None)
                 who = f"module {path or '(root)'!r} ({type(m).__name__})" if m is not None else "the model"
-                raise _WrittenInBatch(
+                self.refused = (
                     f"`model`: {who} writes into {target} ({func}) in a batch of two examples, not for one alone (a "
                     f"queue enqueued for batches, say), which would change it and make scores depend on order. Make "
                     f"the write in training only (`if self.training:`), or into a copy."
                 )
+                raise ValueError(self.refused)
         return func(*args, **kwargs)
 
 
