@@ -6053,18 +6053,24 @@ class InducingPoints(nn.Module):
         return k_xz @ torch.linalg.solve(k_zz, self.mean)
 
 
-def test_a_batching_rule_of_torchs_wrong_for_all_but_the_first_example_sends_the_call_to_the_loop():
-    """Regression (a review helper's sparse GP, 73% off, silently, `factored=False` too): torch 2.13's vmap(grad) of
+@pytest.mark.parametrize("form", ["batch", "first batch of one", "duplicate last"])
+def test_a_batching_rule_of_torchs_wrong_for_all_but_the_first_example_sends_the_call_to_the_loop(form):
+    """Regression (review helpers' sparse GP, 73% off, silently, `factored=False` too): torch 2.13's vmap(grad) of
     `torch.cdist` between two tensors of the parameters alone gives every example but the first the first's
-    gradient. The check of vmap's last example against two copies of it sees it: the loop, warned of, exact."""
+    gradient. The first batch of two or more runs its largest and smallest results again as a batch of their own,
+    in either order: they differ, so the loop, warned of, exact. (A check of the last example against two copies
+    of it missed a first batch of one, a last example duplicating the first, zero gradients at both ends.)"""
     torch.manual_seed(0)
     model = InducingPoints().double().eval()
     x, y = torch.randn(8, 3, dtype=F64), torch.randint(0, 2, (8,))
+    if form == "duplicate last":
+        x[7], y[7] = x[0], y[0]
     ckpts = make_ckpts(model, scale=0.1)
     want = reference(model, ckpts, (x, y), None)[1]
+    data = [(x[:1], y[:1]), (x[1:], y[1:])] if form == "first batch of one" else (x, y)
     for factored in (None, False):
         with pytest.warns(RuntimeWarning, match="torch.func.vmap mixed the examples of a batch"):
-            assert_close(tc.self_influence(model, ckpts, (x, y), loss_fn=CE, factored=factored), want)
+            assert_close(tc.self_influence(model, ckpts, data, loss_fn=CE, factored=factored), want)
 
 
 def test_gradients_cancelling_to_rounding_are_not_taken_for_vmap_mixing_the_examples():

@@ -22,6 +22,7 @@ from torch.func import grad, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointError, CheckpointFunction
 
+from ._data import examples_in
 from ._loss import ExampleLossFn
 from ._state import FLAT_ABOVE, MODULE_SLOTS, NESTING, as_found
 from ._validate import cause_of, in_model_code
@@ -87,7 +88,7 @@ class Mapper:
         # (found by review), and it runs models torch.func cannot run (an autograd.Function without setup_context)
         each = one if plain is None else plain
 
-        checked = []  # whether the first batch's last example was run in two copies too (``_mixed_by_vmap``)
+        checked = []  # whether a first batch of two or more was checked for a batching rule mixing it
 
         def mapped(*args: Any) -> Any:
             if self.loop:
@@ -95,7 +96,7 @@ class Mapper:
             try:
                 with _MathAttention():
                     result = fast(*args)
-                if not checked:
+                if not checked and examples_in(args[-1]) > 1:  # (a batch of one shows no mixing)
                     checked.append(True)
                     differs = _mixed_by_vmap(result, fast, args)
                     if differs:
@@ -144,35 +145,44 @@ class VmapDiffers(RuntimeError):
 
 @torch.compiler.disable  # (eager: a check, once a call)
 def _mixed_by_vmap(result: Any, fast: Callable[..., Any], args: tuple[Any, ...]) -> str:
-    """How vmap's ``result`` for the last example of ``args``' batch differs from what vmap gives each of two copies
-    of it (beyond 1e-4 of each tensor's largest entry and 1000 eps of all's), else ``""``: a batching rule of torch's
-    can mix the examples where an unbatched operand meets a batched one (``torch.linalg.solve(M, b)`` gave each
-    example the batch's rows: 255x off), or give every example but the first the first's part (``torch.cdist`` of two
-    tensors of the parameters alone, a sparse GP's inducing points: 73% off), silently (review helpers'). Not checked
-    against the example run alone by plain autograd: torch's CPU BatchNorm backward is wrong for a batch of one
-    (``_TokensConvNorm``), vmap's right."""
+    """How vmap's ``result`` for two examples of ``args``' batch of two or more (its largest result and its smallest)
+    differs from what vmap gives them as a batch of their own, in either order (beyond 1e-4 of each tensor's largest
+    entry and 1000 eps of all's), else ``""``: a batching rule of torch's can mix the examples where an unbatched
+    operand meets a batched one (``torch.linalg.solve(M, b)`` gave each example the batch's rows: 255x off), or give
+    every example but the first the first's part (``torch.cdist`` of two tensors of the parameters alone, a sparse
+    GP's inducing points: 73% off; unseen where the examples compared had one part, zero gradients of a hinge loss,
+    a duplicate), silently (review helpers'). Not checked against an example run alone by plain autograd: torch's
+    CPU BatchNorm backward is wrong for a batch of one (``_TokensConvNorm``), vmap's right."""
     *static, batch = args
-    last = optree.tree_leaves(batch)[0].shape[0] - 1
-    copies = optree.tree_map(lambda t: t[[last, last]] if isinstance(t, torch.Tensor) else t, batch, none_is_leaf=True)
-    with _MathAttention():
-        again = fast(*static, copies)
-    pairs = [(got[last].detach(), own.detach()) for got, own in zip(*(optree.tree_leaves(r, none_is_leaf=True)
-             for r in (result, again))) if isinstance(own, torch.Tensor) and own.is_floating_point()]  # fmt: skip
+    results = [t.detach() for t in optree.tree_leaves(result, none_is_leaf=True)
+               if isinstance(t, torch.Tensor) and t.is_floating_point()]  # fmt: skip
+    sizes = sum(t.reshape(len(t), -1).nan_to_num(0, 0, 0).double().square().sum(1) for t in results)
+    a = int(sizes.argmax())
+    b = next(i for i in sizes.argsort().tolist() if i != a)
     # rounding: of each tensor's size, and of all's, a thousand eps (gradients that cancel to rounding, CvT's 1e-25
     # in float64, an instance norm's bias's 4e-8 in float32, differ by all of their size)
-    overall = max((_largest(own) * 1e3 * torch.finfo(own.dtype).eps for _, own in pairs), default=0.0)
-    for got, own in pairs:
-        if (got.shape, got.dim() + 1) != (own.shape[1:], own.dim()):
-            return f"{_MIXED}: a result of shape {list(got.shape)} in the batch, {list(own.shape[1:])} in two copies"
-        scale = _largest(own)
-        for copy in own:
-            if not torch.allclose(got, copy, rtol=0, atol=1e-4 * scale + overall, equal_nan=True):
-                off = float((got - copy).abs().nan_to_num(0, 0, 0).max())
-                return f"{_MIXED}: results {off:.3g} apart in the batch and in two copies (the largest {scale:.3g})"
+    overall = max((_largest(t) * 1e3 * torch.finfo(t.dtype).eps for t in results), default=0.0)
+    for order in ([a, b], [b, a]):
+        rows = optree.tree_map(functools.partial(_rows, order), batch, none_is_leaf=True)
+        with _MathAttention():
+            again = fast(*static, rows)
+        pairs = [t.detach() for t in optree.tree_leaves(again, none_is_leaf=True)
+                 if isinstance(t, torch.Tensor) and t.is_floating_point()]  # fmt: skip
+        for got, own in zip(results, pairs):
+            if got.shape[1:] != own.shape[1:]:
+                return f"{_MIXED}: a result of shape {list(got.shape[1:])} in the batch, {list(own.shape[1:])} alone"
+            for i, row in zip(order, own):
+                if not torch.allclose(got[i], row, rtol=0, atol=1e-4 * _largest(got[i]) + overall, equal_nan=True):
+                    off = float((got[i] - row).abs().nan_to_num(0, 0, 0).max())
+                    return f"{_MIXED}: results {off:.3g} apart in the batch and in a batch of two examples of it"
     return ""
 
 
 _MIXED = "a batching rule of torch's mixes the examples of a batch"
+
+
+def _rows(at: list[int], t: Any) -> Any:
+    return t[at] if isinstance(t, torch.Tensor) else t
 
 
 def _largest(t: torch.Tensor) -> float:
