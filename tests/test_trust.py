@@ -6053,18 +6053,34 @@ class InducingPoints(nn.Module):
         return k_xz @ torch.linalg.solve(k_zz, self.mean)
 
 
-@pytest.mark.parametrize("form", ["batch", "first batch of one", "duplicate last"])
+class GatedInducingPoints(InducingPoints):
+    """``InducingPoints`` behind a hard gate (the first input positive) beside a linear path."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.linear(x) + (x[:, :1] > 0).to(x.dtype) * super().forward(x)
+
+
+@pytest.mark.parametrize("form", ["batch", "first batch of one", "duplicate last", "gated"])
 def test_a_batching_rule_of_torchs_wrong_for_all_but_the_first_example_sends_the_call_to_the_loop(form):
     """Regression (review helpers' sparse GP, 73% off, silently, `factored=False` too): torch 2.13's vmap(grad) of
     `torch.cdist` between two tensors of the parameters alone gives every example but the first the first's
-    gradient. The first batch of two or more runs its largest and smallest results again as a batch of their own,
-    in either order: they differ, so the loop, warned of, exact. (A check of the last example against two copies
-    of it missed a first batch of one, a last example duplicating the first, zero gradients at both ends.)"""
+    gradient. The first batch of two or more runs its last example, its largest and smallest results again as a
+    batch of their own: they differ, so the loop, warned of, exact. (A check of the last example against two copies
+    of it missed a first batch of one, a last example duplicating the first, zero gradients at both ends; the
+    largest and smallest results alone, the first, largest and smallest gated off.) Each example checked runs first
+    in turn."""
     torch.manual_seed(0)
-    model = InducingPoints().double().eval()
+    model = (GatedInducingPoints() if form == "gated" else InducingPoints()).double().eval()
     x, y = torch.randn(8, 3, dtype=F64), torch.randint(0, 2, (8,))
     if form == "duplicate last":
         x[7], y[7] = x[0], y[0]
+    if form == "gated":  # (gated on but the first, the largest and the smallest)
+        x[:, 0] = x[:, 0].abs()
+        x[0, 0], x[3], x[5] = -1.0, torch.tensor([-8.0, 6.0, 6.0]), torch.tensor([-1e-3, 1e-3, 1e-3])
     ckpts = make_ckpts(model, scale=0.1)
     want = reference(model, ckpts, (x, y), None)[1]
     data = [(x[:1], y[:1]), (x[1:], y[1:])] if form == "first batch of one" else (x, y)

@@ -145,36 +145,41 @@ class VmapDiffers(RuntimeError):
 
 @torch.compiler.disable  # (eager: a check, once a call)
 def _mixed_by_vmap(result: Any, fast: Callable[..., Any], args: tuple[Any, ...]) -> str:
-    """How vmap's ``result`` for two examples of ``args``' batch of two or more (its largest result and its smallest)
-    differs from what vmap gives them as a batch of their own, in either order (beyond 1e-4 of each tensor's largest
-    entry and 1000 eps of all's), else ``""``: a batching rule of torch's can mix the examples where an unbatched
-    operand meets a batched one (``torch.linalg.solve(M, b)`` gave each example the batch's rows: 255x off), or give
-    every example but the first the first's part (``torch.cdist`` of two tensors of the parameters alone, a sparse
-    GP's inducing points: 73% off; unseen where the examples compared had one part, zero gradients of a hinge loss,
-    a duplicate), silently (review helpers'). Not checked against an example run alone by plain autograd: torch's
-    CPU BatchNorm backward is wrong for a batch of one (``_TokensConvNorm``), vmap's right."""
+    """How vmap's ``result`` for a few examples of ``args``' batch of two or more (its last, its largest result, its
+    smallest) differs from what vmap gives them as a batch of their own, each first in turn (beyond 1e-4 of each
+    tensor's largest entry and 1000 eps of all's), else ``""``: a batching rule of torch's can mix the examples where
+    an unbatched operand meets a batched one (``torch.linalg.solve(M, b)`` gave each example the batch's rows: 255x
+    off), or give every example but the first the first's part (``torch.cdist`` of two tensors of the parameters
+    alone, a sparse GP's inducing points: 73% off; unseen where the examples compared had the first's part, zero
+    gradients of a hinge loss or a gate, a duplicate), silently (review helpers'). Not checked against an example run
+    alone by plain autograd: torch's CPU BatchNorm backward is wrong for a batch of one (``_TokensConvNorm``), vmap's
+    right."""
     *static, batch = args
     results = [t.detach() for t in optree.tree_leaves(result, none_is_leaf=True)
-               if isinstance(t, torch.Tensor) and t.is_floating_point()]  # fmt: skip
-    sizes = sum(t.reshape(len(t), -1).nan_to_num(0, 0, 0).double().square().sum(1) for t in results)
-    a = int(sizes.argmax())
-    b = next(i for i in sizes.argsort().tolist() if i != a)
+               if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]  # fmt: skip
+    if not results:
+        return ""
+    n = len(results[0])
+    sizes = sum(torch.linalg.vector_norm(t.reshape(n, -1), dim=1).double().nan_to_num(0, 0, 0) for t in results)
+    picked = list(dict.fromkeys([n - 1, int(sizes.argmax()), int(sizes.argmin())]))
+    picked = picked if len(picked) > 1 else [0, n - 1]
     # rounding: of each tensor's size, and of all's, a thousand eps (gradients that cancel to rounding, CvT's 1e-25
     # in float64, an instance norm's bias's 4e-8 in float32, differ by all of their size)
-    overall = max((_largest(t) * 1e3 * torch.finfo(t.dtype).eps for t in results), default=0.0)
-    for order in ([a, b], [b, a]):
+    overall = max(_largest(t) * 1e3 * torch.finfo(t.dtype).eps for t in results)
+    for k in range(len(picked)):
+        order = picked[k:] + picked[:k]
         rows = optree.tree_map(functools.partial(_rows, order), batch, none_is_leaf=True)
         with _MathAttention():
             again = fast(*static, rows)
-        pairs = [t.detach() for t in optree.tree_leaves(again, none_is_leaf=True)
-                 if isinstance(t, torch.Tensor) and t.is_floating_point()]  # fmt: skip
-        for got, own in zip(results, pairs):
+        alone = [t.detach() for t in optree.tree_leaves(again, none_is_leaf=True)
+                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]  # fmt: skip
+        for got, own in zip(results, alone):
             if got.shape[1:] != own.shape[1:]:
-                return f"{_MIXED}: a result of shape {list(got.shape[1:])} in the batch, {list(own.shape[1:])} alone"
+                return f"{_MIXED}: a result of shape {list(got.shape[1:])} in the batch, {list(own.shape[1:])} in a few"
             for i, row in zip(order, own):
                 if not torch.allclose(got[i], row, rtol=0, atol=1e-4 * _largest(got[i]) + overall, equal_nan=True):
                     off = float((got[i] - row).abs().nan_to_num(0, 0, 0).max())
-                    return f"{_MIXED}: results {off:.3g} apart in the batch and in a batch of two examples of it"
+                    return f"{_MIXED}: results {off:.3g} apart in the batch and in a batch of a few examples of it"
     return ""
 
 
@@ -186,7 +191,11 @@ def _rows(at: list[int], t: Any) -> Any:
 
 
 def _largest(t: torch.Tensor) -> float:
-    return float(t.abs().nan_to_num(0, 0, 0).max()) if t.numel() else 0.0
+    """A tensor's largest magnitude, NaNs and infinities left out (no copy of it: a batch's gradients are large)."""
+    if not t.numel():
+        return 0.0
+    largest = float(torch.linalg.vector_norm(t, ord=math.inf))
+    return largest if math.isfinite(largest) else float(t.abs().nan_to_num(0, 0, 0).max())
 
 
 def _as_found_first(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -620,7 +620,7 @@ def _refuse_batch_writes(module: nn.Module | None, loss: ExampleLossFn, state: T
     check. A batch of one is run as two copies of its example (the batching check's runs of several wrote too)."""
     pair = slice_batch(batch, 0, 2) if examples_in(batch) > 1 else select_rows(batch, torch.tensor([0, 0]))
     criterion = loss.criterion if isinstance(loss, CriterionLoss) and isinstance(loss.criterion, nn.Module) else None
-    held = {ptr: name.replace("the model's", "`loss_fn`'s") for ptr, name in _protected(criterion, {}, ()).items()}
+    held = {ptr: name.replace("the model's", "its") for ptr, name in _protected(criterion, {}, ()).items()}
     with leaving_no_trace(module), torch.no_grad(), _running_modules(module) as stack:
         writes = _BatchWrites({**held, **_protected(module, state, pair)}, stack)
         try:
@@ -648,11 +648,16 @@ class _BatchWrites(TorchDispatchMode):
             target = self.protected.get(_storage(t)) if isinstance(t, torch.Tensor) else None
             if target is not None:
                 path, m = self.modules[-1] if self.modules else ("", None)
-                who = f"module {path or '(root)'!r} ({type(m).__name__})" if m is not None else "the model"
+                criterion = target.startswith("its ")  # (`_refuse_batch_writes`' names of the criterion's tensors)
+                running = f"module {path or '(root)'!r} ({type(m).__name__})" if m is not None else "the model"
+                who = "`loss_fn`" if criterion else f"`model`: {running}"
+                fix = (  # (a criterion is in training mode unless put out of it: `self.training` guards nothing)
+                    "Make the write into a copy" if criterion else
+                    "Make the write in training only (`if self.training:`), or into a copy"
+                )  # fmt: skip
                 self.refused = (
-                    f"`model`: {who} writes into {target} ({func}) in a batch of two examples, not for one alone (a "
-                    f"queue enqueued for batches, say), which would change it and make scores depend on order. Make "
-                    f"the write in training only (`if self.training:`), or into a copy."
+                    f"{who} writes into {target} ({func}) in a batch of two examples, not for one alone (a queue "
+                    f"enqueued for batches, say), which would change it and make scores depend on order. {fix}."
                 )
                 raise ValueError(self.refused)
         return func(*args, **kwargs)
