@@ -44,4 +44,6 @@ def test_batches_freed_after_keep_freed_batches_stay_with_the_process():
         befores.append(before)
         if before < 8 << 20:  # handed back to the OS, to be faulted in again page by page
             return
-    raise AssertionError(f"every fresh interpreter kept its freed batches before the call: {befores}")
+    # (the premise, not the property: the first run of a fresh clone's suite once kept ~44 MB in all five, the next
+    # run none; `after` was asserted in each)
+    pytest.skip(f"every fresh interpreter kept its freed batches before the call, nothing to show: {befores}")
