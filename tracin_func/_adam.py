@@ -233,7 +233,7 @@ def _ids_to_names(
 def warn_unstepped(states: Sequence[Mapping[str, AdamParam] | None], scored: Collection[str]) -> None:
     """Warn where a checkpoint's Adam state holds no step of a scored parameter while others took steps: frozen
     until then (a staged fine-tune's backbone), it is scored by Adam's first step for it, which a parameter still
-    frozen after the checkpoint never took (115% off, unwarned until 2026-12-07). ``scored``: those the call's plan
+    frozen after the checkpoint never took (115% off, unwarned until 2026-12-08). ``scored``: those the call's plan
     differentiates and finds used (an unused head's updates are zero: no warning)."""
     behind = {}  # checkpoint index -> its unstepped scored parameters
     for i, named in enumerate(states):

@@ -155,8 +155,7 @@ def _mixed_by_vmap(result: Any, fast: Callable[..., Any], args: tuple[Any, ...])
     alone by plain autograd: torch's CPU BatchNorm backward is wrong for a batch of one (``_TokensConvNorm``), vmap's
     right."""
     *static, batch = args
-    results = [t.detach() for t in optree.tree_leaves(result, none_is_leaf=True)
-               if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]  # fmt: skip
+    results = _floating_rows(result)
     if not results:
         return ""
     n = len(results[0])
@@ -171,9 +170,7 @@ def _mixed_by_vmap(result: Any, fast: Callable[..., Any], args: tuple[Any, ...])
         rows = optree.tree_map(functools.partial(_rows, order), batch, none_is_leaf=True)
         with _MathAttention():
             again = fast(*static, rows)
-        alone = [t.detach() for t in optree.tree_leaves(again, none_is_leaf=True)
-                 if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]  # fmt: skip
-        for got, own in zip(results, alone):
+        for got, own in zip(results, _floating_rows(again)):
             if got.shape[1:] != own.shape[1:]:
                 return f"{_MIXED}: a result of shape {list(got.shape[1:])} in the batch, {list(own.shape[1:])} in a few"
             for i, row in zip(order, own):
@@ -184,6 +181,12 @@ def _mixed_by_vmap(result: Any, fast: Callable[..., Any], args: tuple[Any, ...])
 
 
 _MIXED = "a batching rule of torch's mixes the examples of a batch"
+
+
+def _floating_rows(tree: Any) -> list[torch.Tensor]:
+    """A vmapped result's floating tensors, each ``[B, ...]``, detached."""
+    return [t.detach() for t in optree.tree_leaves(tree, none_is_leaf=True)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()]  # fmt: skip
 
 
 def _rows(at: list[int], t: Any) -> Any:
